@@ -1,0 +1,86 @@
+"""Static peers: for networks where multicast does not reach (`--peer`, `ZEROMESH_PEERS`).
+
+A static peer is only an address: its id, name and version are learned when the
+mesh greets it over ZeroMQ. So this backend emits one `PeerFound` per URL with an
+empty id, and never a `PeerGone` (liveness is the heartbeats' business).
+
+URLs are validated when the backend is built, not when it starts, so a typo on
+the command line is a clear `InvalidRecord` and exit status 2 before anything
+binds a socket. An IPv4 literal is preferred; a host name must resolve (to IPv4)
+through the system resolver at construction.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Sequence
+from typing import Final
+
+from ._base import EventSink
+from ._events import PeerFound, PeerInfo
+from ._txt import check_ipv4, check_mesh, split_tcp_url
+from .errors import InvalidRecord
+
+_HOSTNAME_RE: Final = re.compile(
+    r"(?=.{1,253}\Z)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?"
+)
+_IPV4_LIKE_RE: Final = re.compile(r"[0-9.]+")
+
+
+def parse_peer_urls(text: str) -> list[str]:
+    """Split a comma-separated `ZEROMESH_PEERS` value; blanks are skipped, nothing is validated."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def check_peer_url(url: str) -> str:
+    """Return `url` if it is ``tcp://host:port`` with a usable host, else raise `InvalidRecord`."""
+    host, port = split_tcp_url(url)
+    if _IPV4_LIKE_RE.fullmatch(host):
+        check_ipv4(host)
+        return url
+    if not _HOSTNAME_RE.fullmatch(host):
+        raise InvalidRecord(f"peer {url!r}: host must be an IPv4 address or a host name")
+    try:
+        socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise InvalidRecord(f"peer {url!r}: cannot resolve {host!r} to IPv4 ({exc})") from None
+    return url
+
+
+class StaticDiscovery:
+    """A `DiscoveryBackend` that reports a fixed list of peer URLs."""
+
+    def __init__(self, urls: Sequence[str], *, mesh: str) -> None:
+        self._mesh = check_mesh(mesh)
+        seen: dict[str, None] = {}
+        for url in urls:
+            seen[check_peer_url(url)] = None
+        self._urls: tuple[str, ...] = tuple(seen)
+        self._started = False
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The validated URLs, duplicates removed, in the order given."""
+        return self._urls
+
+    async def start(self, me: PeerInfo, sink: EventSink) -> None:
+        """Report every URL once as a `PeerFound` with `source="static"`."""
+        if self._started:
+            raise RuntimeError("StaticDiscovery already started")
+        self._started = True
+        own = set(me.endpoints)
+        for url in self._urls:
+            if url in own:
+                continue
+            info = PeerInfo(
+                id="", name="", mesh=self._mesh, version=0, endpoints=(url,), source="static"
+            )
+            sink(PeerFound(info))
+
+    async def aclose(self) -> None:
+        """Nothing to withdraw: static peers were never announced."""
+        self._started = False
+
+    def __repr__(self) -> str:
+        return f"StaticDiscovery({list(self._urls)!r}, mesh={self._mesh!r})"
