@@ -1,0 +1,37 @@
+"""ZeroMQ pattern wrappers for zeromesh: pub/sub, the control channel, topic logic.
+
+Imports neither `mesh` nor `discovery`.
+"""
+
+from ._control import Inbox, Outbox
+from ._pubsub import MARKER_PREFIX, Publisher, Subscriber
+from ._socket import DEFAULT_MAX_MESSAGE_SIZE, Context
+from ._topics import (
+    MAX_TOPIC_BYTES,
+    TopicPattern,
+    topic_from_key,
+    topic_key,
+    validate_pattern,
+    validate_topic,
+)
+from .errors import InvalidName, PatternError, SocketClosed, WouldBlock
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "MARKER_PREFIX",
+    "MAX_TOPIC_BYTES",
+    "Context",
+    "Inbox",
+    "InvalidName",
+    "Outbox",
+    "PatternError",
+    "Publisher",
+    "SocketClosed",
+    "Subscriber",
+    "TopicPattern",
+    "WouldBlock",
+    "topic_from_key",
+    "topic_key",
+    "validate_pattern",
+    "validate_topic",
+]

@@ -1,0 +1,61 @@
+"""The control channel: each node binds one ROUTER inbox and keeps a DEALER outbox per peer.
+
+Control traffic (hello, heartbeats, goodbye) is small and idempotent, so
+outboxes never block: when a peer is unreachable its queue fills to a small
+high-water mark and further messages are dropped; the next heartbeat says the
+same thing anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import zmq
+
+from ._socket import Context, Socket
+from .errors import WouldBlock
+
+_OUTBOX_HWM: Final[int] = 64
+_INBOX_HWM: Final[int] = 10_000
+
+
+class Inbox:
+    """The node's ROUTER: receives control messages from every peer's outbox."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._sock: Socket = ctx.socket(zmq.ROUTER, rcvhwm=_INBOX_HWM,
+                                        max_message_size=64 * 1024)
+        self.endpoints: list[str] = []
+
+    def bind(self, host: str, port: int = 0) -> str:
+        endpoint = self._sock.bind(host, port)
+        self.endpoints.append(endpoint)
+        return endpoint
+
+    async def recv_many(self) -> list[list[bytes]]:
+        """Return queued messages without the ROUTER's routing-id frame."""
+        return [frames[1:] for frames in await self._sock.recv_many()]
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class Outbox:
+    """A DEALER connected to one peer's inbox."""
+
+    def __init__(self, ctx: Context, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._sock = ctx.socket(zmq.DEALER, sndhwm=_OUTBOX_HWM)
+        self._sock.connect(endpoint)
+
+    def send(self, frames: Sequence[bytes]) -> bool:
+        """Queue a message; False if the peer's queue is full (dropped)."""
+        try:
+            self._sock.send(frames)
+        except WouldBlock:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._sock.close()
