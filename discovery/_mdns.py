@@ -96,6 +96,10 @@ class MdnsDiscovery:
         return self._interfaces
 
     @property
+    def mesh(self) -> str:
+        return self._mesh
+
+    @property
     def peers(self) -> tuple[PeerInfo, ...]:
         """Peers currently announced (and reported), in discovery order."""
         return tuple(self._known.values())
