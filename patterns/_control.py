@@ -37,8 +37,9 @@ class Inbox:
         """Return queued messages without the ROUTER's routing-id frame."""
         return [frames[1:] for frames in await self._sock.recv_many()]
 
-    def close(self) -> None:
-        self._sock.close()
+    def close(self, linger: float = 0.0) -> None:
+        """Close; with `linger` > 0, queued messages (a goodbye) get that long to leave."""
+        self._sock.close(linger)
 
 
 class Outbox:
@@ -57,5 +58,6 @@ class Outbox:
             return False
         return True
 
-    def close(self) -> None:
-        self._sock.close()
+    def close(self, linger: float = 0.0) -> None:
+        """Close; with `linger` > 0, queued messages (a goodbye) get that long to leave."""
+        self._sock.close(linger)

@@ -28,7 +28,7 @@ class Context:
 
     def __init__(self) -> None:
         self._ctx = zmq.asyncio.Context()
-        self._sockets: list[Socket] = []
+        self._sockets: set[Socket] = set()
 
     def socket(self, kind: int, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                sndhwm: int | None = None, rcvhwm: int | None = None) -> Socket:
@@ -43,22 +43,27 @@ class Context:
             raw.setsockopt(zmq.SNDHWM, sndhwm)
         if rcvhwm is not None:
             raw.setsockopt(zmq.RCVHWM, rcvhwm)
-        sock = Socket(raw)
-        self._sockets.append(sock)
+        sock = Socket(raw, self._sockets)
+        self._sockets.add(sock)
         return sock
 
     def close(self) -> None:
-        for sock in self._sockets:
+        """Close what is still open and end the context.
+
+        Blocks while lingering sockets flush (bounded by their linger): call it
+        off the event loop.
+        """
+        for sock in list(self._sockets):
             sock.close()
-        self._sockets.clear()
         self._ctx.term()
 
 
 class Socket:
     """A zmq socket seen as frames of bytes, with non-blocking sends."""
 
-    def __init__(self, raw: zmq.asyncio.Socket) -> None:
+    def __init__(self, raw: zmq.asyncio.Socket, registry: set[Socket]) -> None:
         self._async = raw
+        self._registry = registry
         self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(raw.underlying)
         self._closed = False
 
@@ -117,7 +122,8 @@ class Socket:
                 raise SocketClosed(str(exc)) from exc
         return out
 
-    def close(self) -> None:
+    def close(self, linger: float = 0.0) -> None:
         if not self._closed:
             self._closed = True
-            self._async.close(linger=0)
+            self._registry.discard(self)
+            self._async.close(linger=int(linger * 1000))

@@ -1,0 +1,106 @@
+"""Node settings: one typed struct, filled from arguments, then environment, then defaults.
+
+Durations are seconds as floats. Names are validated here, so a bad setting
+fails at start with the key and the reason (`ConfigError`), never later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Mapping
+from typing import Final
+
+import msgspec
+
+from discovery import InvalidRecord, StaticDiscovery, parse_peer_urls
+
+from .errors import ConfigError
+
+DEFAULT_MESH: Final[str] = "default"
+DEFAULT_INTERFACE: Final[str] = "127.0.0.1"
+_MESH_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
+_NAME_MAX: Final[int] = 63
+
+
+class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything a node needs to start. Every field has a CLI flag and an env variable."""
+
+    name: str = ""
+    """Human name; defaults to the host name."""
+    mesh: str = DEFAULT_MESH
+    """Nodes of different meshes never see each other."""
+    interfaces: list[str] = msgspec.field(default_factory=lambda: [DEFAULT_INTERFACE])
+    """IPv4 addresses to bind and announce on. Loopback unless you choose a LAN interface."""
+    peers: list[str] = msgspec.field(default_factory=list)
+    """Static peers' control endpoints, ``tcp://host:port``."""
+    data_dir: str | None = None
+    """Where the node id (and later the spool) live; None = ephemeral identity."""
+    port: int = 0
+    """Control port (0 = any free port); fix it for static peering."""
+    mdns: bool = True
+    """Announce and browse with mDNS."""
+    heartbeat_interval: float = 0.25
+    suspect_after: float = 0.75
+    lost_after: float = 1.5
+    max_message_size: int = 1024 * 1024
+    pub_hwm: int = 10_000
+    sub_hwm: int = 10_000
+
+    def validated(self) -> NodeConfig:
+        """Return a copy with defaults resolved; raise ConfigError on the first bad key."""
+        name = self.name or socket.gethostname().split(".")[0] or "node"
+        if len(name.encode()) > _NAME_MAX or not name.isprintable():
+            raise ConfigError("name", f"must be printable and at most {_NAME_MAX} bytes")
+        if not _MESH_RE.match(self.mesh):
+            raise ConfigError("mesh", "use 1-63 of A-Z a-z 0-9 . _ -")
+        if not self.interfaces:
+            raise ConfigError("interfaces", "at least one IPv4 address is needed")
+        for iface in self.interfaces:
+            try:
+                addr = ipaddress.IPv4Address(iface)
+            except ValueError:
+                raise ConfigError("interfaces", f"{iface!r} is not an IPv4 address") from None
+            if addr.is_unspecified or addr.is_multicast:
+                raise ConfigError("interfaces", f"{iface} cannot be bound: choose an interface")
+        try:
+            StaticDiscovery(self.peers, mesh=self.mesh)
+        except InvalidRecord as exc:
+            raise ConfigError("peers", str(exc)) from None
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port", "must be 0-65535")
+        if self.heartbeat_interval <= 0:
+            raise ConfigError("heartbeat_interval", "must be > 0")
+        if not self.heartbeat_interval < self.suspect_after <= self.lost_after:
+            raise ConfigError("lost_after",
+                              "need heartbeat_interval < suspect_after <= lost_after")
+        if self.max_message_size <= 0:
+            raise ConfigError("max_message_size", "must be > 0")
+        return msgspec.structs.replace(self, name=name)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> NodeConfig:
+        """Defaults < ZEROMESH_* environment < explicit overrides (None means 'not given')."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        if env.get("ZEROMESH_MESH"):
+            values["mesh"] = env["ZEROMESH_MESH"]
+        if env.get("ZEROMESH_NAME"):
+            values["name"] = env["ZEROMESH_NAME"]
+        if env.get("ZEROMESH_INTERFACES"):
+            values["interfaces"] = [s.strip() for s in env["ZEROMESH_INTERFACES"].split(",")
+                                    if s.strip()]
+        if env.get("ZEROMESH_PEERS"):
+            try:
+                values["peers"] = parse_peer_urls(env["ZEROMESH_PEERS"])
+            except InvalidRecord as exc:
+                raise ConfigError("ZEROMESH_PEERS", str(exc)) from None
+        if env.get("ZEROMESH_DATA_DIR"):
+            values["data_dir"] = env["ZEROMESH_DATA_DIR"]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return msgspec.convert(values, cls)
+        except msgspec.ValidationError as exc:
+            raise ConfigError("config", str(exc)) from None

@@ -1,0 +1,242 @@
+"""Membership: the control channel, the hello handshake and heartbeats.
+
+Each node binds one ROUTER inbox and opens one DEALER link per peer control
+endpoint it learns of (from mDNS, a static `--peer`, or a peer's hello or
+heartbeat). A link whose peer has not greeted us yet sends `Hello(reply=True)`
+every tick until it does; a known peer gets a `Heartbeat` every tick. Any
+message from a peer counts as a sign of life (see `_peers`). The hello carries
+what the peer subscribes to; a heartbeat carries the version of that list, so
+a lost update is noticed and re-requested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Final
+
+from discovery import DiscoveryEvent, PeerFound, PeerInfo
+from patterns import Context, Inbox, InvalidName, Outbox, SocketClosed, TopicPattern
+
+from . import _wire
+from ._peers import PeerEvent, PeerRecord, PeerTable
+from ._quiet import QuietLog
+from .errors import ProtocolError
+
+_log = logging.getLogger("mesh.node")
+_PENDING_LINK_TTL: Final[float] = 30.0
+_MAX_SUBS: Final[int] = 10_000
+_MAX_ENDPOINT_LEN: Final[int] = 64
+
+
+class Membership:
+    """Owns the inbox, the per-peer links and the peer table of one node."""
+
+    def __init__(self, ctx: Context, *, me: Callable[[bool], _wire.Hello], mesh: str,
+                 heartbeat_interval: float, suspect_after: float, lost_after: float,
+                 on_event: Callable[[PeerEvent], None],
+                 on_connect: Callable[[PeerRecord, PeerRecord | None], None],
+                 on_disconnect: Callable[[PeerRecord], None],
+                 on_change: Callable[[], None], quiet: QuietLog) -> None:
+        self._ctx = ctx
+        self._me = me
+        self._mesh = mesh
+        self._interval = heartbeat_interval
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._on_change = on_change
+        self._quiet = quiet
+        self.table = PeerTable(suspect_after=suspect_after, lost_after=lost_after,
+                               on_event=on_event)
+        self.inbox = Inbox(ctx)
+        self._links: dict[str, Outbox] = {}
+        self._link_born: dict[str, float] = {}
+        self._static: set[str] = set()
+        self._departed: dict[str, int] = {}
+        """id -> incarnation of peers that said goodbye: their stragglers are ignored."""
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def bind(self, interfaces: list[str], port: int) -> list[str]:
+        return [self.inbox.bind(host, port) for host in interfaces]
+
+    async def run(self) -> None:
+        """Read control messages and tick heartbeats until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._read())
+            tg.create_task(self._tick_forever())
+
+    def say_goodbye(self, my_id: str) -> None:
+        frames = _wire.encode_control(_wire.Bye(my_id))
+        for link in self._links.values():
+            link.send(frames)
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.close(linger=0.5)
+        self._links.clear()
+        self.inbox.close()
+
+    # -- discovery ---------------------------------------------------------------
+
+    def on_discovery(self, event: DiscoveryEvent) -> None:
+        """Connect to a peer a discovery backend found; its hello does the rest."""
+        if not isinstance(event, PeerFound):
+            return  # a goodbye in mDNS proves nothing: liveness is by heartbeat
+        info: PeerInfo = event.info
+        rec = self.table.get(info.id) if info.id else None
+        if rec is not None and rec.ctl in info.endpoints:
+            return
+        if not info.endpoints:
+            return
+        if info.source == "static":
+            self._static.add(info.endpoints[0])
+        self._greet(info.endpoints[0])
+
+    # -- sending -----------------------------------------------------------------
+
+    def _link(self, endpoint: str) -> Outbox:
+        link = self._links.get(endpoint)
+        if link is None:
+            link = self._links[endpoint] = Outbox(self._ctx, endpoint)
+            self._link_born[endpoint] = time.monotonic()
+        return link
+
+    def _greet(self, endpoint: str, *, reply: bool = True) -> None:
+        self._link(endpoint).send(_wire.encode_control(self._me(reply)))
+
+    def _drop_link(self, endpoint: str) -> None:
+        if endpoint in self._static:
+            return
+        link = self._links.pop(endpoint, None)
+        self._link_born.pop(endpoint, None)
+        if link is not None:
+            link.close(linger=0)
+
+    def broadcast_hello(self) -> None:
+        """Tell every known peer our subscriptions changed."""
+        frames = _wire.encode_control(self._me(False))
+        for rec in self.table.records():
+            self._link(rec.ctl).send(frames)
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self.tick()
+
+    def tick(self) -> None:
+        if self.table.tick():
+            self._on_change()
+        me = self._me(True)
+        beat = _wire.encode_control(
+            _wire.Heartbeat(me.id, me.incarnation, me.subs_version, me.ctl))
+        known = set()
+        for rec in self.table.records():
+            known.add(rec.ctl)
+            self._link(rec.ctl).send(beat)
+        hello = _wire.encode_control(me)
+        now = time.monotonic()
+        for endpoint in [e for e in self._links if e not in known]:
+            if endpoint not in self._static and now - self._link_born[endpoint] > _PENDING_LINK_TTL:
+                self._drop_link(endpoint)
+            else:
+                self._links[endpoint].send(hello)
+
+    # -- receiving ---------------------------------------------------------------
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                batch = await self.inbox.recv_many()
+            except SocketClosed:
+                return
+            for frames in batch:
+                try:
+                    msg = _wire.decode_control(frames)
+                    self._handle(msg)
+                except ProtocolError as exc:
+                    self._quiet.drop("control", exc.reason)
+
+    def _handle(self, msg: _wire.Control) -> None:
+        if isinstance(msg, _wire.Heartbeat):
+            self._on_heartbeat(msg)
+        elif isinstance(msg, _wire.Hello):
+            self._on_hello(msg)
+        else:
+            self._on_bye(msg)
+
+    def _on_hello(self, hello: _wire.Hello) -> None:
+        me = self._me(False)
+        if hello.id == me.id:
+            return  # a static peer entry pointing at ourselves
+        if hello.mesh != self._mesh:
+            self._quiet.drop("other_mesh", f"hello from mesh {hello.mesh[:64]!r}")
+            return
+        ctl, pub = _first_endpoint(hello.ctl), _first_endpoint(hello.pub)
+        if ctl is None or pub is None:
+            raise ProtocolError("hello without usable endpoints")
+        if self._departed.get(hello.id) == hello.incarnation:
+            return
+        rec = self.table.get(hello.id)
+        if (rec is None or rec.incarnation != hello.incarnation
+                or rec.ctl != ctl or rec.pub != pub):
+            new = PeerRecord(hello.id, hello.name[:64], hello.incarnation, ctl, pub)
+            self._set_subs(new, hello)
+            if rec is not None and rec.ctl != ctl:
+                self._drop_link(rec.ctl)
+            self._link(ctl)
+            self._on_connect(new, rec)
+            self.table.add(new)
+        else:
+            self._set_subs(rec, hello)
+            self.table.heard(rec)
+        if hello.reply:
+            self._greet(ctl, reply=False)
+        self._on_change()
+
+    def _set_subs(self, rec: PeerRecord, hello: _wire.Hello) -> None:
+        if hello.subs_version == rec.subs_version:
+            return
+        subs = []
+        for pattern in hello.subs[:_MAX_SUBS]:
+            try:
+                subs.append(TopicPattern(pattern))
+            except InvalidName as exc:
+                self._quiet.drop("bad_subscription", str(exc))
+        rec.subs = tuple(subs)
+        rec.subs_version = hello.subs_version
+
+    def _on_heartbeat(self, beat: _wire.Heartbeat) -> None:
+        rec = self.table.get(beat.id)
+        if rec is None or rec.incarnation != beat.incarnation:
+            if self._departed.get(beat.id) == beat.incarnation:
+                return
+            ctl = _first_endpoint(beat.ctl)
+            if ctl is not None:
+                self._greet(ctl)
+            return
+        was = rec.state
+        self.table.heard(rec)
+        if beat.subs_version != rec.subs_version:
+            self._greet(rec.ctl)
+        if was is not rec.state:
+            self._on_change()
+
+    def _on_bye(self, bye: _wire.Bye) -> None:
+        rec = self.table.remove(bye.id)
+        if rec is not None:
+            if len(self._departed) >= _MAX_SUBS:
+                self._departed.clear()
+            self._departed[rec.id] = rec.incarnation
+            self._on_disconnect(rec)
+            self._drop_link(rec.ctl)
+            self._on_change()
+
+
+def _first_endpoint(endpoints: list[str]) -> str | None:
+    for endpoint in endpoints:
+        if endpoint.startswith("tcp://") and len(endpoint) <= _MAX_ENDPOINT_LEN:
+            return endpoint
+    return None

@@ -1,0 +1,29 @@
+"""Drop, count and log once: how the node treats input it cannot use.
+
+Hostile or broken input must never crash a reader or flood the log. Each
+reason is counted forever and logged at WARNING the first time, then at DEBUG.
+Memory is bounded by the number of distinct reasons, which is small and fixed
+by our code, not by the sender.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+_log = logging.getLogger("mesh.node")
+
+
+class QuietLog:
+    """Counts dropped input by reason; warns once per reason."""
+
+    def __init__(self) -> None:
+        self.dropped: Counter[str] = Counter()
+
+    def drop(self, reason: str, detail: str) -> None:
+        self.dropped[reason] += 1
+        if self.dropped[reason] == 1:
+            _log.warning("dropped %s input: %s (further ones are logged at debug)", reason,
+                         detail)
+        else:
+            _log.debug("dropped %s input: %s", reason, detail)

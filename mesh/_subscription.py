@@ -1,0 +1,130 @@
+"""A subscription: a bounded queue of messages, consumed as an async iterator.
+
+The node's reader task hands over whole batches (`_deliver`), so a burst costs
+one wake-up, not one per message. A consumer that falls more than
+`max_pending` messages behind loses the oldest ones; they are counted in
+`dropped` and reported once in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Final
+
+from ._message import Message
+from .errors import ClosedError
+
+if TYPE_CHECKING:
+    from patterns import TopicPattern
+
+_log = logging.getLogger("mesh.node")
+DEFAULT_MAX_PENDING: Final[int] = 100_000
+
+Callback = Callable[[Message], None]
+
+
+class Subscription:
+    """Messages matching one pattern, in arrival order."""
+
+    def __init__(self, pattern: TopicPattern, *, max_pending: int = DEFAULT_MAX_PENDING,
+                 callback: Callback | None = None,
+                 on_close: Callable[[Subscription], None] | None = None) -> None:
+        self.pattern = pattern
+        self.max_pending = max_pending
+        self.dropped = 0
+        self.received = 0
+        self._queue: deque[Message] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._callback = callback
+        self._on_close = on_close
+        self._closed = False
+        self._reported_slow = False
+
+    @property
+    def subject(self) -> str:
+        """The pattern this subscription matches, as given."""
+        return self.pattern.pattern
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _deliver(self, messages: Iterable[Message]) -> None:
+        if self._closed:
+            return
+        if self._callback is not None:
+            for msg in messages:
+                self.received += 1
+                try:
+                    self._callback(msg)
+                except Exception:
+                    _log.exception("subscription callback for %s failed", self.subject)
+            return
+        before = len(self._queue)
+        self._queue.extend(messages)
+        self.received += len(self._queue) - before
+        overflow = len(self._queue) - self.max_pending
+        if overflow > 0:
+            for _ in range(overflow):
+                self._queue.popleft()
+            self.dropped += overflow
+            if not self._reported_slow:
+                self._reported_slow = True
+                _log.warning("slow consumer on %s: dropping oldest messages (max_pending=%d)",
+                             self.subject, self.max_pending)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.next()
+        except ClosedError:
+            raise StopAsyncIteration from None
+
+    async def next(self, timeout: float | None = None) -> Message:
+        """The next message.
+
+        Raises:
+            TimeoutError: none arrived within `timeout` seconds.
+            ClosedError: the subscription (or its node) was closed.
+        """
+        while not self._queue:
+            if self._closed:
+                raise ClosedError("subscription is closed")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            finally:
+                self._waiter = None
+        return self._queue.popleft()
+
+    def _close(self) -> None:
+        self._closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def aclose(self) -> None:
+        """Stop receiving; queued messages remain readable until drained."""
+        if not self._closed:
+            self._close()
+            if self._on_close is not None:
+                self._on_close(self)
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,256 @@
+"""Node: the blocking twin of `AsyncNode`, for programs without an event loop.
+
+The async node runs on a private loop thread that owns every socket; calls
+cross over with `run_coroutine_threadsafe` and get typed results and
+exceptions back. `publish` does not wait for the loop: messages are handed
+over in bulk with one wake-up per batch, and the caller is held back only
+when the loop falls far behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Coroutine, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+from ._config import NodeConfig
+from ._message import Message
+from ._node import AsyncNode
+from ._peers import Peer, PeerEvent
+from ._subscription import Subscription
+from .errors import ClosedError, MessageTooLarge
+
+T = TypeVar("T")
+_HANDOFF_LIMIT: Final[int] = 50_000
+_CLOSED: Final = object()
+
+
+class Node:
+    """A zeromesh node with a blocking API. Use ``with Node(...) as node:``.
+
+    Takes the same arguments as `AsyncNode`.
+    """
+
+    def __init__(self, config: NodeConfig | None = None, **settings: Any) -> None:
+        self._node = AsyncNode(config, **settings)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Condition()
+        self._handoff: list[tuple[str, bytes | str, Mapping[str, str] | None]] = []
+        self._wake_pending = False
+        self._sync_subs: list[SyncSubscription] = []
+
+    @property
+    def id(self) -> str:
+        return self._node.id
+
+    @property
+    def name(self) -> str:
+        return self._node.name
+
+    @property
+    def mesh(self) -> str:
+        return self._node.mesh
+
+    @property
+    def endpoints(self) -> dict[str, list[str]]:
+        return self._node.endpoints
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self._node.stats
+
+    def start(self) -> None:
+        """Start the loop thread and the node.
+
+        Raises:
+            ConfigError: a setting cannot be used.
+        """
+        if self._thread is not None:
+            return
+        loop = self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, name="zeromesh-loop",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            self._call(self._node.start())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def close(self) -> None:
+        """Leave the mesh gracefully and stop the loop thread."""
+        if self._loop is None:
+            return
+        try:
+            self._call(self._drain_then_close())
+        finally:
+            self._stop_loop()
+            for sub in self._sync_subs:
+                sub._inbox.put(_CLOSED)
+            self._sync_subs.clear()
+
+    async def _drain_then_close(self) -> None:
+        self._drain()
+        await self._node.aclose()
+
+    def _stop_loop(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if self._loop is None:
+            coro.close()
+            raise ClosedError("node is not running (use `with Node(...)` or `start()`)")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # -- API ---------------------------------------------------------------------
+
+    def publish(self, topic: str, data: bytes | str, *,
+                headers: Mapping[str, str] | None = None) -> None:
+        """Publish best-effort; see `AsyncNode.publish`.
+
+        Raises:
+            ConfigError: `topic` is invalid.
+            MessageTooLarge: `data` exceeds ``max_message_size``.
+            ClosedError: the node is not running.
+        """
+        loop = self._loop
+        if loop is None:
+            raise ClosedError("node is not running")
+        self._node._key(topic)
+        size = len(data.encode()) if isinstance(data, str) else len(data)
+        if size > self._node.config.max_message_size:
+            raise MessageTooLarge(size, self._node.config.max_message_size)
+        with self._lock:
+            while len(self._handoff) >= _HANDOFF_LIMIT and self._loop is not None:
+                self._lock.wait(1.0)
+            self._handoff.append((topic, data, headers))
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch, self._handoff = self._handoff, []
+            self._wake_pending = False
+            self._lock.notify_all()
+        publish = self._node.publish_nowait
+        for topic, data, headers in batch:
+            publish(topic, data, headers=headers)
+
+    def subscribe(self, pattern: str, *, max_pending: int = 100_000) -> SyncSubscription:
+        """Receive messages on topics matching `pattern`; iterate the result.
+
+        Raises:
+            ConfigError: `pattern` is invalid.
+        """
+        inbox: queue.SimpleQueue[Message | object] = queue.SimpleQueue()
+        sub = self._call(self._node.subscribe(pattern, callback=inbox.put,
+                                              max_pending=max_pending))
+        sync_sub = SyncSubscription(self, sub, inbox)
+        self._sync_subs.append(sync_sub)
+        return sync_sub
+
+    def peers(self) -> list[Peer]:
+        return self._call(_value(self._node.peers))
+
+    def wait_for_peers(self, count: int, *, timeout: float = 10.0) -> list[Peer]:
+        """See `AsyncNode.wait_for_peers`."""
+        return self._call(self._node.wait_for_peers(count, timeout=timeout))
+
+    def wait_for_subscribers(self, topic: str, count: int = 1, *,
+                             timeout: float = 10.0) -> None:
+        """See `AsyncNode.wait_for_subscribers`."""
+        self._call(self._node.wait_for_subscribers(topic, count, timeout=timeout))
+
+    def events(self) -> Iterator[PeerEvent]:
+        """Peer events from now on, blocking between them; ends when the node closes."""
+        inbox: queue.SimpleQueue[PeerEvent | object] = queue.SimpleQueue()
+
+        async def pump() -> None:
+            stream = self._node.events()
+            async for event in stream:
+                inbox.put(event)
+            inbox.put(_CLOSED)
+
+        loop = self._loop
+        if loop is None:
+            raise ClosedError("node is not running")
+        asyncio.run_coroutine_threadsafe(pump(), loop)
+        while True:
+            item = inbox.get()
+            if item is _CLOSED:
+                return
+            assert isinstance(item, PeerEvent)  # noqa: S101
+            yield item
+
+
+class SyncSubscription:
+    """Messages for one pattern, read with blocking `next()` or iteration."""
+
+    def __init__(self, node: Node, sub: Subscription,
+                 inbox: queue.SimpleQueue[Message | object]) -> None:
+        self._node = node
+        self._sub = sub
+        self._inbox = inbox
+
+    @property
+    def subject(self) -> str:
+        return self._sub.subject
+
+    def next(self, timeout: float | None = None) -> Message:
+        """The next message.
+
+        Raises:
+            TimeoutError: none arrived within `timeout` seconds.
+            ClosedError: the subscription was closed.
+        """
+        try:
+            item = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no message on {self.subject!r} within {timeout} s") from None
+        if item is _CLOSED:
+            self._inbox.put(_CLOSED)
+            raise ClosedError("subscription is closed")
+        assert isinstance(item, Message)  # noqa: S101
+        return item
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            try:
+                yield self.next()
+            except ClosedError:
+                return
+
+    def close(self) -> None:
+        if self._node._loop is not None:
+            self._node._call(self._sub.aclose())
+        self._inbox.put(_CLOSED)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _value(fn: Any) -> Any:
+    return fn()
