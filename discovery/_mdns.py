@@ -15,9 +15,12 @@ Why it looks like this:
   queries from inside those networks are answered as usual.
 * **No probing.** Ids are unique and the host name is derived from the id
   (``zm-<id[:12]>.local.``), so we register with ``cooperating_responders=True``:
-  zeroconf skips the RFC 6762 probe (~0.5-1.5 s of random delay and three
-  probes) and announces at once. A running browser sees a new node within
-  milliseconds on loopback.
+  zeroconf 0.154 returns from `async_check_service` before probing (which
+  would cost a 150-250 ms random delay plus three probes 500 ms apart, ~1.2 s)
+  and announces at once. A running browser sees a new node in a few
+  milliseconds on loopback (see tests/discovery/test_mdns.py latency test).
+* **Known gap.** Sockets zeroconf would add later through
+  `async_update_interfaces` would not be filtered; we never call it.
 * **Strangers are untrusted.** Each resolved record goes through `_txt`; records
   of another mesh, malformed TXT, endpoints outside our interfaces' networks
   and our own record are dropped and counted in `dropped` by reason, logged as
