@@ -53,6 +53,7 @@ from .errors import DiscoveryError, InvalidRecord
 SERVICE_TYPE: Final[str] = "_zeromesh._tcp.local."
 
 log: Final = logging.getLogger("discovery.mdns")
+_EXPECTED: Final = frozenset({"self", "other_mesh"})
 
 _RESOLVE_TIMEOUT: Final[float] = 1.0
 _RESOLVE_ATTEMPTS: Final[int] = 3

@@ -122,13 +122,19 @@ class Membership:
             self._link(rec.ctl).send(frames)
 
     async def _tick_forever(self) -> None:
+        """Beat every interval; check liveness exactly when a peer's silence runs out."""
+        next_beat = time.monotonic() + self._interval
         while True:
-            await asyncio.sleep(self._interval)
-            self.tick()
+            deadline = self.table.next_deadline()
+            wake = next_beat if deadline is None else min(next_beat, deadline)
+            await asyncio.sleep(max(0.0, wake - time.monotonic()))
+            if self.table.tick():
+                self._on_change()
+            if time.monotonic() >= next_beat:
+                next_beat += self._interval
+                self.beat()
 
-    def tick(self) -> None:
-        if self.table.tick():
-            self._on_change()
+    def beat(self) -> None:
         me = self._me(True)
         beat = _wire.encode_control(
             _wire.Heartbeat(me.id, me.incarnation, me.subs_version, me.ctl))

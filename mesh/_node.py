@@ -46,6 +46,7 @@ _FLUSH_COUNT: Final[int] = 512
 _FLUSH_BYTES: Final[int] = 256 * 1024
 _CACHE_LIMIT: Final[int] = 10_000
 _WIRE_OVERHEAD: Final[int] = 64 * 1024
+_PUB_LINGER: Final[float] = 2.0
 
 
 class AsyncNode:
@@ -208,9 +209,10 @@ class AsyncNode:
         self._changed()
         if self._membership is not None:
             self._membership.close()
-        for sock in (self._publisher, self._subscriber):
-            if sock is not None:
-                sock.close()
+        if self._publisher is not None:
+            self._publisher.close(linger=_PUB_LINGER)  # let the last batches leave
+        if self._subscriber is not None:
+            self._subscriber.close()
         if self._ctx is not None:
             await asyncio.to_thread(self._ctx.close)
             self._ctx = None
@@ -262,6 +264,28 @@ class AsyncNode:
         await self._wait(lambda: self.subscriber_count(topic) >= count, timeout,
                          f"waiting for {count} subscribers of {topic!r}")
 
+    async def wait_for_known_subscribers(self, topic: str, *, timeout: float = 10.0) -> int:
+        """Wait until every alive peer known to subscribe to `topic` is ready; return how many.
+
+        Raises:
+            RequestTimeout: some were still not ready when the timeout came.
+        """
+        self._key(topic)
+        await self._wait(lambda: self.subscriber_count(topic) >= self._known_count(topic),
+                         timeout, f"waiting for the subscribers of {topic!r}")
+        return self.subscriber_count(topic)
+
+    def _known_count(self, topic: str) -> int:
+        return sum(1 for rec in self._alive() if any(p.matches(topic) for p in rec.subs))
+
+    def check_topic(self, topic: str) -> None:
+        """Validate a topic name.
+
+        Raises:
+            ConfigError: it is not a valid topic.
+        """
+        self._key(topic)
+
     def subscriber_count(self, topic: str) -> int:
         """Peers whose subscriptions matching `topic` are in force at our publisher."""
         n = 0
@@ -303,7 +327,7 @@ class AsyncNode:
             stream._deliver(event)
 
     def _on_peer_connect(self, new: PeerRecord, old: PeerRecord | None) -> None:
-        assert self._subscriber is not None  # noqa: S101 - only called while running
+        assert self._subscriber is not None
         if old is not None and old.pub != new.pub:
             self._subscriber.disconnect(old.pub)
         self._subscriber.connect(new.pub)
@@ -424,7 +448,7 @@ class AsyncNode:
                            on_close=self._unsubscribe)
         self._subs.append(sub)
         self._match_cache.clear()
-        assert self._subscriber is not None  # noqa: S101 - running
+        assert self._subscriber is not None
         self._subscriber.add_prefix(parsed.prefix)
         self._subs_changed()
         return sub
@@ -439,7 +463,7 @@ class AsyncNode:
 
     def _subs_changed(self) -> None:
         self._subs_version += 1
-        assert self._subscriber is not None and self._membership is not None  # noqa: S101
+        assert self._subscriber is not None and self._membership is not None
         self._subscriber.set_marker(self._marker())
         self._membership.broadcast_hello()
 
@@ -456,7 +480,7 @@ class AsyncNode:
         return subs
 
     async def _read_data(self) -> None:
-        assert self._subscriber is not None  # noqa: S101
+        assert self._subscriber is not None
         recv = self._subscriber.recv_many
         while True:
             try:
@@ -503,7 +527,7 @@ class AsyncNode:
         return topic
 
     async def _read_markers(self) -> None:
-        assert self._publisher is not None  # noqa: S101
+        assert self._publisher is not None
         while True:
             try:
                 markers = await self._publisher.markers()

@@ -145,5 +145,12 @@ class PeerTable:
                 self._emit(PeerEventKind.LOST, rec)
         return changed
 
+    def next_deadline(self) -> float | None:
+        """Monotonic time of the next possible state change, if any peer can change."""
+        deadlines = [rec.last_heard + (self.suspect_after if rec.state is PeerState.ALIVE
+                                       else self.lost_after)
+                     for rec in self._peers.values() if rec.state is not PeerState.LOST]
+        return min(deadlines, default=None)
+
     def _emit(self, kind: PeerEventKind, rec: PeerRecord) -> None:
         self._on_event(PeerEvent(kind, rec.snapshot()))

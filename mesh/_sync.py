@@ -199,7 +199,7 @@ class Node:
             item = inbox.get()
             if item is _CLOSED:
                 return
-            assert isinstance(item, PeerEvent)  # noqa: S101
+            assert isinstance(item, PeerEvent)
             yield item
 
 
@@ -230,7 +230,7 @@ class SyncSubscription:
         if item is _CLOSED:
             self._inbox.put(_CLOSED)
             raise ClosedError("subscription is closed")
-        assert isinstance(item, Message)  # noqa: S101
+        assert isinstance(item, Message)
         return item
 
     def __iter__(self) -> Iterator[Message]:

@@ -1,0 +1,146 @@
+"""The CLI's node commands. Each runs its own short-lived node: a peer like any other."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, Final
+
+from ._node import AsyncNode
+from ._peers import PeerEvent
+from .errors import ConfigError, RequestTimeout
+
+_DISCOVERY_WINDOW: Final[float] = 0.25
+"""How long `pub` without --wait-subscribers listens before publishing."""
+
+
+def _node(args: argparse.Namespace) -> AsyncNode:
+    settings = {k: getattr(args, k, None) for k in
+                ("mesh", "name", "interfaces", "peers", "data_dir", "port", "mdns")}
+    return AsyncNode(**settings)
+
+
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    for sig in sigs:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+
+
+async def agent(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    async with _node(args) as node:
+        ep = node.endpoints
+        _out(f"ready name={node.name} id={node.id} mesh={node.mesh} "
+             f"ctl={','.join(ep['ctl'])} pub={','.join(ep['pub'])}")
+        events = node.events()
+
+        async def report() -> None:
+            async for event in events:
+                _out(_event_line(event))
+
+        with _stop_on_signals(stop):
+            reporter = asyncio.create_task(report())
+            await stop.wait()
+            reporter.cancel()
+    _out("stopped")
+    return 0
+
+
+def _event_line(event: PeerEvent) -> str:
+    return f"{event.kind.value} name={event.peer.name} id={event.peer.id}"
+
+
+async def peers(args: argparse.Namespace) -> int:
+    async with _node(args) as node:
+        await asyncio.sleep(args.wait)  # the contract: listen this long, then list
+        found = node.peers()
+    if args.json:
+        _out(json.dumps([p.to_dict() for p in found]))
+    else:
+        for p in found:
+            _out(f"{p.name:<20} {p.id[:8]}  {p.state.value:<7} {p.endpoints[0]}  "
+                 f"subs={','.join(p.subscriptions) or '-'}")
+    return 0 if found else 1
+
+
+def _headers(pairs: list[str]) -> dict[str, str] | None:
+    headers = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError("--header", f"expected K=V, got {pair!r}")
+        headers[key] = value
+    return headers or None
+
+
+async def pub(args: argparse.Namespace) -> int:
+    headers = _headers(args.header)
+    async with _node(args) as node:
+        node.check_topic(args.topic)
+        try:
+            if args.wait_subscribers:
+                await node.wait_for_subscribers(args.topic, args.wait_subscribers,
+                                                timeout=args.timeout)
+            else:
+                await asyncio.sleep(_DISCOVERY_WINDOW)
+                await node.wait_for_known_subscribers(args.topic, timeout=args.timeout)
+        except RequestTimeout as exc:
+            print(f"zeromesh pub: {exc}; nothing published", file=sys.stderr)
+            return 1
+        if args.data is not None:
+            await node.publish(args.topic, args.data, headers=headers)
+            return 0
+        while line := await asyncio.to_thread(sys.stdin.buffer.readline):
+            await node.publish(args.topic, line.rstrip(b"\r\n"), headers=headers)
+    return 0
+
+
+async def sub(args: argparse.Namespace) -> int:
+    received = 0
+    stop = asyncio.Event()
+    async with _node(args) as node:
+        subscription = await node.subscribe(args.pattern)
+
+        async def consume() -> None:
+            nonlocal received
+            async for msg in subscription:
+                _out(json.dumps(msg.to_dict()) if args.json else f"{msg.topic} {msg.text}")
+                received += 1
+                if args.count is not None and received >= args.count:
+                    return
+
+        with _stop_on_signals(stop):
+            consumer = asyncio.create_task(consume())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({consumer, stopper}, timeout=args.timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for task in (consumer, stopper):
+                task.cancel()
+    if args.count is not None:
+        return 0 if received >= args.count else 1
+    return 0 if received else 1
+
+
+HANDLERS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]]] = {
+    "agent": agent,
+    "peers": peers,
+    "pub": pub,
+    "sub": sub,
+}

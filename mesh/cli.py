@@ -1,0 +1,130 @@
+"""The `zeromesh` command line: argument parsing, logging setup and exit codes.
+
+Exit status: 0 success, 1 timeout or nothing received, 2 bad usage or
+config — always with a one-line reason on stderr, never a traceback. This is
+the only module that configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from . import _commands, _demo
+from .errors import ConfigError, MeshError
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("node")
+    g.add_argument("--mesh", help="mesh name (env ZEROMESH_MESH; default 'default')")
+    g.add_argument("--name", help="node name (env ZEROMESH_NAME; default: host name)")
+    g.add_argument("--interface", action="append", dest="interfaces", metavar="IP",
+                   help="IPv4 address to bind and announce on; repeatable "
+                        "(env ZEROMESH_INTERFACES, comma-separated; default 127.0.0.1)")
+    g.add_argument("--peer", action="append", dest="peers", metavar="URL",
+                   help="static peer control endpoint tcp://host:port; repeatable "
+                        "(env ZEROMESH_PEERS)")
+    g.add_argument("--data-dir", help="keeps the node id (env ZEROMESH_DATA_DIR)")
+    g.add_argument("--port", type=int, help="control port (default: any free port)")
+    g.add_argument("--no-mdns", dest="mdns", action="store_false", default=None,
+                   help="do not announce or browse with mDNS (static peers only)")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="zeromesh", description="A brokerless messaging mesh.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="run a small mesh on this machine, showing pub/sub")
+    p.add_argument("--interface", default="127.0.0.1", metavar="IP",
+                   help="address for the demo nodes (default 127.0.0.1)")
+
+    p = sub.add_parser("agent", help="run a node until SIGINT/SIGTERM")
+    _common(p)
+
+    p = sub.add_parser("peers", help="list the peers of the mesh")
+    _common(p)
+    p.add_argument("--wait", type=_positive, default=1.0, metavar="S",
+                   help="seconds to listen before listing (default 1)")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
+    p = sub.add_parser("pub", help="publish a message (no DATA: one per stdin line)")
+    _common(p)
+    p.add_argument("topic")
+    p.add_argument("data", nargs="?")
+    p.add_argument("--wait-subscribers", type=_count, metavar="N",
+                   help="publish only once N matching subscribers are connected")
+    p.add_argument("--timeout", type=_positive, default=10.0, metavar="S",
+                   help="how long to wait for subscribers (default 10)")
+    p.add_argument("--header", action="append", default=[], metavar="K=V",
+                   help="message header; repeatable")
+
+    p = sub.add_parser("sub", help="print messages on topics matching PATTERN")
+    _common(p)
+    p.add_argument("pattern")
+    p.add_argument("--count", type=_count, metavar="N", help="exit 0 after N messages")
+    p.add_argument("--timeout", type=_positive, metavar="S", help="bound the whole run")
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    return parser
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(getattr(args, "verbose", 0))
+    try:
+        if args.command == "demo":
+            return _demo.run(args.interface)
+        handler = _commands.HANDLERS[args.command]
+        code: int = asyncio.run(handler(args))
+        return code
+    except ConfigError as exc:
+        print(f"zeromesh {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MeshError as exc:
+        print(f"zeromesh {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
