@@ -12,7 +12,7 @@ from ._message import Headers, Message
 from ._node import AsyncNode
 from ._peers import Peer, PeerEvent, PeerEventKind, PeerState
 from ._subscription import Subscription
-from ._sync import Node, SyncSubscription
+from ._sync import Node, SyncPeerEvents, SyncSubscription
 from .errors import (
     ClosedError,
     ConfigError,
@@ -51,6 +51,7 @@ __all__ = [
     "RequestTimeout",
     "SpoolFullError",
     "Subscription",
+    "SyncPeerEvents",
     "SyncSubscription",
     "__version__",
 ]

@@ -181,26 +181,57 @@ class Node:
         """See `AsyncNode.wait_for_subscribers`."""
         self._call(self._node.wait_for_subscribers(topic, count, timeout=timeout))
 
-    def events(self) -> Iterator[PeerEvent]:
-        """Peer events from now on, blocking between them; ends when the node closes."""
+    def events(self) -> SyncPeerEvents:
+        """Peer events from now on; iterate, or call `next(timeout)`. Ends when the node closes."""
+        loop = self._loop
+        if loop is None:
+            raise ClosedError("node is not running")
         inbox: queue.SimpleQueue[PeerEvent | object] = queue.SimpleQueue()
 
         async def pump() -> None:
             stream = self._node.events()
+            ready.set()
             async for event in stream:
                 inbox.put(event)
             inbox.put(_CLOSED)
 
-        loop = self._loop
-        if loop is None:
-            raise ClosedError("node is not running")
+        ready = threading.Event()
         asyncio.run_coroutine_threadsafe(pump(), loop)
-        while True:
-            item = inbox.get()
-            if item is _CLOSED:
-                return
-            assert isinstance(item, PeerEvent)
-            yield item
+        ready.wait(5.0)  # subscribed before we return: no event is missed
+        return SyncPeerEvents(inbox)
+
+
+class SyncPeerEvents:
+    """Blocking iterator over peer events."""
+
+    def __init__(self, inbox: queue.SimpleQueue[PeerEvent | object]) -> None:
+        self._inbox = inbox
+
+    def next(self, timeout: float | None = None) -> PeerEvent:
+        """The next event.
+
+        Raises:
+            TimeoutError: nothing happened within `timeout` seconds.
+            ClosedError: the node was closed.
+        """
+        try:
+            item = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no peer event within {timeout} s") from None
+        if item is _CLOSED:
+            self._inbox.put(_CLOSED)
+            raise ClosedError("node is closed")
+        assert isinstance(item, PeerEvent)  # noqa: S101
+        return item
+
+    def __iter__(self) -> Iterator[PeerEvent]:
+        return self
+
+    def __next__(self) -> PeerEvent:
+        try:
+            return self.next()
+        except ClosedError:
+            raise StopIteration from None
 
 
 class SyncSubscription:

@@ -1,0 +1,37 @@
+"""Fixtures for in-process node tests: unique mesh per test, nodes closed even on failure."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from mesh import AsyncNode
+
+FAST = {"heartbeat_interval": 0.05, "suspect_after": 0.15, "lost_after": 0.3}
+
+
+@pytest.fixture
+def mesh_name() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def make_node(mesh_name: str) -> AsyncIterator[Callable[..., Any]]:
+    """Start AsyncNodes on 127.0.0.1 in this test's mesh; all are closed at teardown."""
+    nodes: list[AsyncNode] = []
+
+    async def make(name: str, **settings: Any) -> AsyncNode:
+        settings = {"mesh": mesh_name, "interfaces": ["127.0.0.1"], **FAST, **settings}
+        node = AsyncNode(name=name, **settings)
+        await node.start()
+        nodes.append(node)
+        return node
+
+    try:
+        yield make
+    finally:
+        for node in nodes:
+            await node.aclose()

@@ -1,0 +1,313 @@
+"""AsyncNode in one process: discovery, pub/sub semantics, peers, identity, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from mesh import (
+    AsyncNode,
+    ClosedError,
+    ConfigError,
+    MessageTooLarge,
+    Node,
+    PeerEventKind,
+    PeerState,
+    RequestTimeout,
+)
+from mesh import _wire as wire
+from tests.helpers import aeventually
+
+from .conftest import FAST
+
+
+async def test_nodes_discover_each_other_by_mdns(make_node) -> None:
+    """Two nodes on loopback see each other alive, never themselves."""
+    a = await make_node("a")
+    b = await make_node("b")
+    async with asyncio.timeout(5):
+        await a.wait_for_peers(1)
+        await b.wait_for_peers(1)
+    assert [p.name for p in a.peers()] == ["b"]
+    assert [p.id for p in b.peers()] == [a.id]
+    assert a.peers()[0].state is PeerState.ALIVE
+
+
+async def test_wildcard_subscriptions_receive_exactly_their_topics(make_node) -> None:
+    """'*' matches one segment, '>' the rest; other topics are filtered out."""
+    pub = await make_node("pub")
+    sub_node = await make_node("sub")
+    one = await sub_node.subscribe("sensors.*.temp")
+    rest = await sub_node.subscribe("sensors.>")
+    exact = await sub_node.subscribe("sensors.kitchen")
+    await pub.wait_for_subscribers("sensors.x.temp", 1, timeout=5)
+    await pub.wait_for_subscribers("sensors.kitchen", 1, timeout=5)
+    for topic in ["sensors.kitchen.temp", "sensors.kitchen.hum", "sensors.kitchenette",
+                  "sensors.kitchen", "sensors.a.b.temp", "other.kitchen.temp", "sensors"]:
+        await pub.publish(topic, topic.encode())
+    await pub.publish("end.marker", b"")
+    got_one = [(await one.next(timeout=5)).topic]
+    got_rest = [(await rest.next(timeout=5)).topic for _ in range(5)]
+    got_exact = [(await exact.next(timeout=5)).topic]
+    assert got_one == ["sensors.kitchen.temp"]
+    assert got_rest == ["sensors.kitchen.temp", "sensors.kitchen.hum", "sensors.kitchenette",
+                        "sensors.kitchen", "sensors.a.b.temp"]
+    assert got_exact == ["sensors.kitchen"]
+    await asyncio.sleep(0.05)  # not a wait for a condition: proves nothing *else* arrives
+    assert (one.pending, rest.pending, exact.pending) == (0, 0, 0)
+
+
+async def test_message_carries_id_source_timestamp_and_headers(make_node) -> None:
+    """Payload bytes and headers (e.g. traceparent) pass through untouched."""
+    pub = await make_node("pub")
+    sub_node = await make_node("sub")
+    sub = await sub_node.subscribe("t")
+    await pub.wait_for_subscribers("t", 1, timeout=5)
+    payload = bytes(range(256))
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    before = time.time()
+    await pub.publish("t", payload, headers={"traceparent": tp})
+    msg = await sub.next(timeout=5)
+    assert msg.data == payload
+    assert msg.headers == {"traceparent": tp}
+    assert msg.source == "pub" and msg.source_id == pub.id
+    assert msg.id == f"{pub.id}-{msg.seq}"
+    assert before <= msg.timestamp <= time.time()
+
+
+async def test_no_slow_joiner_loss_after_wait_for_subscribers(make_node) -> None:
+    """A message published right after wait_for_subscribers reaches a brand-new subscriber, every time."""
+    pub = await make_node("pub")
+    for i in range(15):
+        sub_node = await make_node(f"sub{i}")
+        sub = await sub_node.subscribe(f"round.{i}")
+        await pub.wait_for_subscribers(f"round.{i}", 1, timeout=5)
+        await pub.publish(f"round.{i}", b"first")
+        assert (await sub.next(timeout=5)).data == b"first"
+        await sub_node.aclose()
+
+
+async def test_wait_for_subscribers_times_out_without_subscribers(make_node) -> None:
+    """No matching subscriber: RequestTimeout (a TimeoutError), nothing hangs."""
+    pub = await make_node("pub")
+    other = await make_node("other")
+    await other.subscribe("not.this")
+    with pytest.raises(RequestTimeout) as info:
+        await pub.wait_for_subscribers("this.topic", 1, timeout=0.3)
+    assert isinstance(info.value, TimeoutError)
+
+
+async def test_connected_subscriber_that_keeps_up_loses_nothing(make_node) -> None:
+    """20,000 messages at default HWMs all arrive, in order, with no drops counted."""
+    pub = await make_node("pub")
+    sub_node = await make_node("sub")
+    sub = await sub_node.subscribe("bulk.>")
+    await pub.wait_for_subscribers("bulk.a", 1, timeout=5)
+    n = 20_000
+    for i in range(n):
+        await pub.publish("bulk.a" if i % 2 else "bulk.b", str(i))
+    seen = [int((await sub.next(timeout=5)).data) for _ in range(n)]
+    assert sorted(seen) == list(range(n))
+    assert [s for s in seen if s % 2] == list(range(1, n, 2))  # per-topic order kept
+    assert sub_node.stats["dropped"] == 0
+
+
+def test_drops_at_the_high_water_mark_are_counted() -> None:
+    """A subscriber whose loop stalls loses messages past the HWM, and counts every one."""
+    import uuid
+    mesh = "t" + uuid.uuid4().hex[:12]
+    common = {"mesh": mesh, "interfaces": ["127.0.0.1"], **FAST}
+    with Node(name="sub", sub_hwm=1, **common) as sub_node, \
+            Node(name="pub", pub_hwm=1, **common) as pub:
+        sub = sub_node.subscribe("flood")
+        pub.wait_for_subscribers("flood", 1, timeout=5)
+        stall = sub_node._loop
+        assert stall is not None
+        stall.call_soon_threadsafe(time.sleep, 0.5)  # the receiving node stops reading
+        n = 5_000
+        for i in range(n):
+            pub.publish("flood", str(i))
+        pub.publish("flood.done", b"")
+        got = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                sub.next(timeout=0.5)
+                got += 1
+            except TimeoutError:
+                if got + sub_node.stats["dropped"] >= n:
+                    break
+        assert sub_node.stats["dropped"] > 0
+        assert got + sub_node.stats["dropped"] == n
+
+
+async def test_own_publishes_reach_own_subscribers(make_node) -> None:
+    """Two apps sharing one node (sidecar) see each other's messages, once."""
+    node = await make_node("solo")
+    sub = await node.subscribe("local.*")
+    await node.publish("local.x", b"hi")
+    msg = await sub.next(timeout=1)
+    assert (msg.topic, msg.data, msg.source_id) == ("local.x", b"hi", node.id)
+    with pytest.raises(TimeoutError):
+        await sub.next(timeout=0.1)
+
+
+async def test_nodes_of_other_meshes_are_invisible(make_node, mesh_name) -> None:
+    """Same LAN, different mesh: never listed, never delivered to."""
+    a = await make_node("a")
+    stranger = await make_node("stranger", mesh=mesh_name + "x")
+    b = await make_node("b")
+    strange_sub = await stranger.subscribe(">")
+    await a.wait_for_peers(1, timeout=5)
+    await a.wait_for_subscribers("x", 0, timeout=1)
+    await b.subscribe(">")
+    await a.wait_for_subscribers("x", 1, timeout=5)
+    await a.publish("x", b"for my mesh only")
+    assert {p.name for p in a.peers()} == {"b"}
+    assert {p.name for p in stranger.peers()} == set()
+    with pytest.raises(TimeoutError):
+        await strange_sub.next(timeout=0.2)
+
+
+async def test_graceful_leave_is_an_event_and_removes_the_peer(make_node) -> None:
+    """aclose() says goodbye: peers see 'left' at once, not 'lost' later."""
+    a = await make_node("a")
+    events = a.events()
+    b = await make_node("b")
+    joined = await events.next(timeout=5)
+    assert (joined.kind, joined.peer.name) == (PeerEventKind.JOINED, "b")
+    started = time.monotonic()
+    await b.aclose()
+    left = await events.next(timeout=5)
+    assert (left.kind, left.peer.id) == (PeerEventKind.LEFT, b.id)
+    assert time.monotonic() - started < FAST["lost_after"]
+    assert a.peers() == []
+
+
+async def test_static_peers_without_mdns(make_node) -> None:
+    """--peer works where multicast does not: one side knowing the other is enough."""
+    a = await make_node("a", mdns=False)
+    b = await make_node("b", mdns=False, peers=a.endpoints["ctl"])
+    await a.wait_for_peers(1, timeout=5)
+    await b.wait_for_peers(1, timeout=5)
+    sub = await a.subscribe("s")
+    await b.wait_for_subscribers("s", 1, timeout=5)
+    await b.publish("s", b"static")
+    assert (await sub.next(timeout=5)).data == b"static"
+
+
+async def test_node_id_is_stable_across_restarts_with_a_data_dir(make_node, tmp_path) -> None:
+    """The id lives in the data dir: a restarted node is the same node."""
+    first = await make_node("n", data_dir=str(tmp_path))
+    node_id = first.id
+    await first.aclose()
+    second = await make_node("n", data_dir=str(tmp_path))
+    assert second.id == node_id
+    other = await make_node("n2")
+    assert other.id != node_id
+
+
+async def test_garbage_on_the_control_port_is_dropped_and_counted(make_node) -> None:
+    """Random bytes, wrong versions and unknown tags never crash the node."""
+    a = await make_node("a")
+    ctx = zmq.asyncio.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(a.endpoints["ctl"][0])
+        for frames in ([b"garbage"], [b"ZM\x09C", b"\x93\x01"], [wire.CONTROL_HEADER, b"\xc1"],
+                       [wire.CONTROL_HEADER, b"\x92\x63\x01"], [b"a", b"b", b"c"]):
+            await dealer.send_multipart(frames)
+        await aeventually(lambda: a.dropped_input.get("control", 0) >= 5, timeout=5)
+        b = await make_node("b")
+        sub = await b.subscribe("still.works")
+        await a.wait_for_subscribers("still.works", 1, timeout=5)
+        await a.publish("still.works", b"yes")
+        assert (await sub.next(timeout=5)).data == b"yes"
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def test_garbage_from_a_publishing_peer_is_dropped_and_counted(make_node, mesh_name) -> None:
+    """A peer whose data frames are malformed is counted; good frames still flow."""
+    node = await make_node("victim", mdns=False)
+    sub = await node.subscribe(">")
+    ctx = zmq.asyncio.Context()
+    try:
+        pub = ctx.socket(zmq.XPUB)
+        pub.linger = 0
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(node.endpoints["ctl"][0])
+        fake_id = "f" * 32
+        hello = wire.Hello(fake_id, "fake", mesh_name, 1, ["tcp://127.0.0.1:1"],
+                           [f"tcp://127.0.0.1:{port}"], [], 0)
+        await dealer.send_multipart(wire.encode_control(hello))
+        await asyncio.wait_for(pub.recv(), 5)  # the victim's SUB has subscribed to us
+        await pub.send_multipart([b"x\x00", b"ZM\x01D", b"\xc1"])
+        await pub.send_multipart([b"\xff\xfe", wire.DATA_HEADER, b"\x90"])
+        await pub.send_multipart([b"only one frame"])
+        good = wire.encode_batch(wire.Batch(fake_id, "fake", 0, [wire.Item(0, 1.0, None, b"ok")]))
+        await pub.send_multipart([b"x\x00", wire.DATA_HEADER, good])
+        msg = await sub.next(timeout=5)
+        assert (msg.topic, msg.data, msg.source) == ("x", b"ok", "fake")
+        assert node.dropped_input["data"] == 3
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def test_bad_names_and_sizes_are_clear_errors(make_node) -> None:
+    """Invalid topics/patterns raise ConfigError; oversized payloads MessageTooLarge."""
+    node = await make_node("n", max_message_size=1000)
+    for topic in ["", "a..b", "a.*", "a b", "a.>"]:
+        with pytest.raises(ConfigError, match="topic"):
+            await node.publish(topic, b"x")
+    for pattern in ["", "a.>.b", "a*"]:
+        with pytest.raises(ConfigError, match="pattern"):
+            await node.subscribe(pattern)
+    with pytest.raises(MessageTooLarge, match="1001 bytes"):
+        await node.publish("ok", b"x" * 1001)
+
+
+async def test_bad_settings_fail_at_construction() -> None:
+    """Interfaces, mesh names and timings are validated before anything binds."""
+    for settings, key in [({"interfaces": ["0.0.0.0"]}, "interfaces"),
+                          ({"interfaces": ["not-an-ip"]}, "interfaces"),
+                          ({"mesh": "bad mesh"}, "mesh"),
+                          ({"lost_after": 0.1}, "lost_after"),
+                          ({"peers": ["http://x"]}, "peers")]:
+        with pytest.raises(ConfigError, match=key):
+            AsyncNode(**settings)
+
+
+async def test_calls_on_a_closed_node_raise_closed_error(make_node) -> None:
+    """Using a node after aclose() is a ClosedError, not a zmq error."""
+    node = await make_node("n")
+    await node.aclose()
+    with pytest.raises(ClosedError):
+        await node.publish("t", b"x")
+    with pytest.raises(ClosedError):
+        await node.subscribe("t")
+
+
+def test_sync_node_round_trip_and_events() -> None:
+    """The blocking Node has the same API and sees the same events."""
+    import uuid
+    mesh = "t" + uuid.uuid4().hex[:12]
+    common = {"mesh": mesh, "interfaces": ["127.0.0.1"], **FAST}
+    with Node(name="a", **common) as a:
+        events = a.events()
+        with Node(name="b", **common) as b:
+            sub = b.subscribe("greet.*")
+            a.wait_for_subscribers("greet.you", 1, timeout=5)
+            a.publish("greet.you", "hello")
+            msg = sub.next(timeout=5)
+            assert (msg.topic, msg.text, msg.source) == ("greet.you", "hello", "a")
+            assert [p.name for p in a.peers()] == ["b"]
+        kinds = [events.next(timeout=5).kind, events.next(timeout=5).kind]
+        assert kinds == [PeerEventKind.JOINED, PeerEventKind.LEFT]
