@@ -221,7 +221,7 @@ class SyncPeerEvents:
         if item is _CLOSED:
             self._inbox.put(_CLOSED)
             raise ClosedError("node is closed")
-        assert isinstance(item, PeerEvent)  # noqa: S101
+        assert isinstance(item, PeerEvent)
         return item
 
     def __iter__(self) -> Iterator[PeerEvent]:

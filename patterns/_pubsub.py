@@ -22,7 +22,7 @@ from typing import Final
 
 import zmq
 
-from ._socket import Context, Socket
+from ._socket import Context
 
 MARKER_PREFIX: Final[bytes] = b"\xff"
 DEFAULT_PUB_HWM: Final[int] = 10_000
@@ -56,8 +56,9 @@ class Publisher:
                 out.append((frame[0] == 1, frame[2:]))
         return out
 
-    def close(self) -> None:
-        self._sock.close()
+    def close(self, linger: float = 0.0) -> None:
+        """Close; with `linger` > 0 queued messages get that long to reach subscribers."""
+        self._sock.close(linger)
 
 
 class Subscriber:

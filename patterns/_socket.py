@@ -8,6 +8,7 @@ costs one await, not one per message.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Final
 
@@ -78,17 +79,15 @@ class Socket:
         """Bind `tcp://host:port` (0 = OS-assigned) and return the real endpoint."""
         self._sync.bind(f"tcp://{host}:{port}")
         endpoint = self._sync.getsockopt(zmq.LAST_ENDPOINT)
-        assert isinstance(endpoint, bytes)  # getsockopt of a string option  # noqa: S101
+        assert isinstance(endpoint, bytes)  # getsockopt of a string option
         return endpoint.decode()
 
     def connect(self, endpoint: str) -> None:
         self._sync.connect(endpoint)
 
     def disconnect(self, endpoint: str) -> None:
-        try:
+        with contextlib.suppress(zmq.ZMQError):  # not connected: nothing to undo
             self._sync.disconnect(endpoint)
-        except zmq.ZMQError:
-            pass  # not connected: nothing to undo
 
     def send(self, frames: Sequence[bytes]) -> None:
         """Queue a multipart message without blocking.
