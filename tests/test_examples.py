@@ -1,0 +1,71 @@
+"""The examples and the pub/sub benchmark run as users run them: as programs, on loopback.
+
+Each runs in a subprocess with ``ZEROMESH_INTERFACES=127.0.0.1`` and a
+timeout, must exit 0 and print what its docstring promises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def run(script: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ZEROMESH_INTERFACES": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+    env.pop("ZEROMESH_PEERS", None)
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, f"{script.name} exited {proc.returncode}:\n{proc.stderr}"
+    return proc
+
+
+@pytest.mark.parametrize("name", ["pubsub_async.py", "pubsub_sync.py"])
+def test_pubsub_example_delivers_matching_topics_only(name: str) -> None:
+    """The wildcard subscriber gets every temperature and not the humidity reading."""
+    out = run(EXAMPLES / name).stdout
+    assert "sensors.kitchen.temp = 21.5 (from sensor)" in out
+    assert "sensors.attic.temp = 27.25 (from sensor)" in out
+    assert "received 3 temperatures" in out
+    assert "humidity" not in out
+
+
+def test_peer_events_example_reports_join_then_leave() -> None:
+    """The watcher sees the visitor join, then leave, in that order."""
+    out = run(EXAMPLES / "peer_events.py").stdout
+    lines = out.splitlines()
+    joined = next(i for i, line in enumerate(lines) if line.startswith("joined: visitor"))
+    left = next(i for i, line in enumerate(lines) if line.startswith("left: visitor"))
+    assert joined < left
+    assert lines[-1] == "peers now: none"
+
+
+def test_every_example_is_tested() -> None:
+    """A new example needs a test here."""
+    assert {p.name for p in EXAMPLES.glob("*.py")} == {
+        "pubsub_async.py", "pubsub_sync.py", "peer_events.py"}
+
+
+@pytest.mark.timeout(120)
+def test_pubsub_benchmark_quick_run_is_lossless() -> None:
+    """``benchmarks/pubsub.py --quick`` completes with nothing lost, raw and zeromesh."""
+    out = run(BENCHMARKS / "pubsub.py", "--quick", "--json", "--timeout", "40",
+              timeout=100).stdout
+    report = json.loads(out)
+    assert [r["size"] for r in report["results"]] == [64, 1024]
+    for row in report["results"]:
+        for side in ("raw", "zeromesh"):
+            result = row[side]
+            assert result["lost"] == 0, (side, row)
+            assert result["received"] == row["count"], (side, row)
+            assert result["corrupt"] == 0, (side, row)
+            assert result["error"] == "", (side, row)
+            assert result["msgs_per_s"] > 0, (side, row)
