@@ -45,17 +45,17 @@ def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
 
 async def agent(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
-    async with _node(args) as node:
-        ep = node.endpoints
-        _out(f"ready name={node.name} id={node.id} mesh={node.mesh} "
-             f"ctl={','.join(ep['ctl'])} pub={','.join(ep['pub'])}")
-        events = node.events()
+    with _stop_on_signals(stop):  # before `ready`: a signal right after it must be graceful
+        async with _node(args) as node:
+            events = node.events()
+            ep = node.endpoints
+            _out(f"ready name={node.name} id={node.id} mesh={node.mesh} "
+                 f"ctl={','.join(ep['ctl'])} pub={','.join(ep['pub'])}")
 
-        async def report() -> None:
-            async for event in events:
-                _out(_event_line(event))
+            async def report() -> None:
+                async for event in events:
+                    _out(_event_line(event))
 
-        with _stop_on_signals(stop):
             reporter = asyncio.create_task(report())
             await stop.wait()
             reporter.cancel()
@@ -115,18 +115,18 @@ async def pub(args: argparse.Namespace) -> int:
 async def sub(args: argparse.Namespace) -> int:
     received = 0
     stop = asyncio.Event()
-    async with _node(args) as node:
-        subscription = await node.subscribe(args.pattern)
+    with _stop_on_signals(stop):
+        async with _node(args) as node:
+            subscription = await node.subscribe(args.pattern)
 
-        async def consume() -> None:
-            nonlocal received
-            async for msg in subscription:
-                _out(json.dumps(msg.to_dict()) if args.json else f"{msg.topic} {msg.text}")
-                received += 1
-                if args.count is not None and received >= args.count:
-                    return
+            async def consume() -> None:
+                nonlocal received
+                async for msg in subscription:
+                    _out(json.dumps(msg.to_dict()) if args.json else f"{msg.topic} {msg.text}")
+                    received += 1
+                    if args.count is not None and received >= args.count:
+                        return
 
-        with _stop_on_signals(stop):
             consumer = asyncio.create_task(consume())
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({consumer, stopper}, timeout=args.timeout,

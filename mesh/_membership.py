@@ -160,7 +160,9 @@ class Membership:
                 return
             for frames in batch:
                 try:
-                    msg = _wire.decode_control(frames)
+                    if len(frames) != 1:
+                        raise ProtocolError(f"control message of {len(frames)} frames")
+                    msg = _wire.decode_control(frames[0])
                     self._handle(msg)
                 except ProtocolError as exc:
                     self._quiet.drop("control", exc.reason)

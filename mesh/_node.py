@@ -417,9 +417,10 @@ class AsyncNode:
         for topic, items in self._outgoing.items():
             first = self._topic_seq.get(topic, 0)
             self._topic_seq[topic] = first + len(items)
-            body = _wire.encode_batch(_wire.Batch(self._id, self.name, first, items))
+            key = self._topic_keys.get(topic) or topic_key(topic)
+            frame = _wire.encode_data(key, _wire.Batch(self._id, self.name, first, items))
             try:
-                send((self._topic_keys.get(topic) or topic_key(topic), _wire.DATA_HEADER, body))
+                send(frame)
             except SocketClosed:
                 return
         self._outgoing = {}
@@ -492,10 +493,14 @@ class AsyncNode:
 
     def _on_data(self, frames: list[bytes]) -> None:
         try:
-            batch = _wire.decode_batch(frames, self._config.max_message_size + _WIRE_OVERHEAD)
-            topic = self._key_topics.get(frames[0])
+            if len(frames) != 1:
+                raise ProtocolError(f"data message of {len(frames)} frames")
+            frame = frames[0]
+            key, offset = _wire.split_data(frame)
+            batch = _wire.decode_data(frame, offset, self._config.max_message_size + _WIRE_OVERHEAD)
+            topic = self._key_topics.get(key)
             if topic is None:
-                topic = self._topic_of(frames[0])
+                topic = self._topic_of(key)
         except ProtocolError as exc:
             self._quiet.drop("data", exc.reason)
             return

@@ -1,7 +1,11 @@
 """The zeromesh wire protocol: frame layout, msgspec envelopes, version and size checks.
 
-Every message is a ZeroMQ multipart message. The first frame a receiver
-inspects is a 4-byte header, checked before anything is decoded:
+Every message is a single ZeroMQ frame. Multipart messages are avoided on
+purpose: libzmq (4.3.5) can abort the process on an assertion (``!_more`` in
+fq.cpp) when a peer's pipe terminates while a multipart message is half read,
+which happens when a publisher exits mid-stream. One frame also costs less.
+
+Each frame carries a 4-byte header, checked before anything is decoded:
 
 ======  ========  =====================================================
 bytes   value     meaning
@@ -11,17 +15,18 @@ bytes   value     meaning
 3       ``D|C``   kind: data batch or control message
 ======  ========  =====================================================
 
-Data (PUB -> SUB), frames ``[topic key, header, Batch]``:
+Data (PUB -> SUB): ``topic key | header | Batch``.
 
-- *topic key* is the UTF-8 topic plus a NUL, so libzmq's prefix filter
-  selects exact topics exactly and wildcard patterns by their literal prefix;
+- *topic key* is the UTF-8 topic plus a NUL, first so that libzmq's prefix
+  filter selects exact topics exactly and wildcard patterns by their literal
+  prefix;
 - ``Batch`` (msgpack array) = ``[source id, source name, topic seq, items]``
   where each item is ``[seq, timestamp, headers | nil, payload]``. All items
   share one topic; ``topic seq`` numbers the first item, the rest follow
   contiguously, so a receiver sees publisher-side drops as gaps.
 
-Control (DEALER -> ROUTER), frames ``[header, Control]``, ``Control`` a
-tagged msgpack array (tag first):
+Control (DEALER -> ROUTER): ``header | Control``, ``Control`` a tagged
+msgpack array (tag first):
 
 ===  =========  ==========================================================
 tag  message    fields
@@ -50,6 +55,8 @@ KIND_CONTROL: Final[bytes] = b"C"
 DATA_HEADER: Final[bytes] = MAGIC + bytes([PROTOCOL_VERSION]) + KIND_DATA
 CONTROL_HEADER: Final[bytes] = MAGIC + bytes([PROTOCOL_VERSION]) + KIND_CONTROL
 MAX_CONTROL_SIZE: Final[int] = 64 * 1024
+MAX_KEY_SIZE: Final[int] = 257
+"""A topic (at most 255 bytes) plus its NUL, with one byte to spare."""
 
 
 class Item(msgspec.Struct, array_like=True, gc=False):
@@ -110,12 +117,18 @@ _batch_decoder: Final = msgspec.msgpack.Decoder(Batch)
 _control_decoder: Final = msgspec.msgpack.Decoder(Control)
 
 
-def encode_batch(batch: Batch) -> bytes:
-    return _encoder.encode(batch)
+def encode_data(key: bytes, batch: Batch) -> bytearray:
+    """One data frame; msgspec writes straight after the prefix (no extra copy)."""
+    buf = bytearray(key)
+    buf += DATA_HEADER
+    _encoder.encode_into(batch, buf, len(buf))
+    return buf
 
 
-def encode_control(msg: Control) -> list[bytes]:
-    return [CONTROL_HEADER, _encoder.encode(msg)]
+def encode_control(msg: Control) -> bytearray:
+    buf = bytearray(CONTROL_HEADER)
+    _encoder.encode_into(msg, buf, len(buf))
+    return buf
 
 
 def _check_header(header: bytes, expected: bytes) -> None:
@@ -128,37 +141,44 @@ def _check_header(header: bytes, expected: bytes) -> None:
     raise ProtocolError("unexpected message kind")
 
 
-def decode_batch(frames: list[bytes], max_size: int) -> Batch:
-    """Decode a data message, checking header and size first.
+def split_data(frame: bytes) -> tuple[bytes, int]:
+    """The topic key of a data frame and where its header starts.
+
+    Raises:
+        ProtocolError: no NUL-terminated key within the topic size limit.
+    """
+    end = frame.find(b"\x00", 0, MAX_KEY_SIZE)
+    if end < 1:
+        raise ProtocolError("data frame without a topic key")
+    return frame[: end + 1], end + 1
+
+
+def decode_data(frame: bytes, offset: int, max_size: int) -> Batch:
+    """Decode the batch of a data frame whose key ends at `offset`, checking header and size first.
 
     Raises:
         ProtocolError: anything malformed; the caller drops and counts it.
     """
-    if len(frames) != 3:
-        raise ProtocolError(f"data message with {len(frames)} frames")
-    _check_header(frames[1], DATA_HEADER)
-    body = frames[2]
-    if len(body) > max_size:
-        raise ProtocolError(f"data message of {len(body)} bytes exceeds {max_size}")
+    if len(frame) - offset > max_size:
+        raise ProtocolError(f"data frame of {len(frame)} bytes exceeds {max_size}")
+    _check_header(frame[offset : offset + 4], DATA_HEADER)
     try:
-        return _batch_decoder.decode(body)
+        return _batch_decoder.decode(memoryview(frame)[offset + 4 :])
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"undecodable data: {exc}") from exc
 
 
-def decode_control(frames: list[bytes]) -> Control:
-    """Decode a control message, checking header and size first.
+def decode_control(frame: bytes) -> Control:
+    """Decode a control frame, checking header and size first.
 
     Raises:
         ProtocolError: anything malformed; the caller drops and counts it.
     """
-    if len(frames) != 2:
-        raise ProtocolError(f"control message with {len(frames)} frames")
-    _check_header(frames[0], CONTROL_HEADER)
-    if len(frames[1]) > MAX_CONTROL_SIZE:
+    if len(frame) > MAX_CONTROL_SIZE:
         raise ProtocolError("control message too large")
+    _check_header(frame[:4], CONTROL_HEADER)
     try:
-        msg: Control = _control_decoder.decode(frames[1])
+        msg: Control = _control_decoder.decode(memoryview(frame)[4:])
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"undecodable control: {exc}") from exc
     return msg

@@ -8,7 +8,6 @@ same thing anyway.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Final
 
 import zmq
@@ -50,10 +49,10 @@ class Outbox:
         self._sock = ctx.socket(zmq.DEALER, sndhwm=_OUTBOX_HWM)
         self._sock.connect(endpoint)
 
-    def send(self, frames: Sequence[bytes]) -> bool:
+    def send(self, frame: bytes | bytearray) -> bool:
         """Queue a message; False if the peer's queue is full (dropped)."""
         try:
-            self._sock.send(frames)
+            self._sock.send(frame)
         except WouldBlock:
             return False
         return True

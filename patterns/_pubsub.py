@@ -17,7 +17,6 @@ count the gaps.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from typing import Final
 
 import zmq
@@ -43,9 +42,9 @@ class Publisher:
         self.endpoints.append(endpoint)
         return endpoint
 
-    def send(self, frames: Sequence[bytes]) -> None:
+    def send(self, frame: bytes | bytearray) -> None:
         """Fan a message out to matching subscribers; never blocks (PUB drops)."""
-        self._sock.send(frames)
+        self._sock.send(frame)
 
     async def markers(self) -> list[tuple[bool, bytes]]:
         """Wait for subscription traffic; return (subscribed?, marker) for readiness markers."""

@@ -9,7 +9,6 @@ costs one await, not one per message.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from typing import Final
 
 import zmq
@@ -89,15 +88,15 @@ class Socket:
         with contextlib.suppress(zmq.ZMQError):  # not connected: nothing to undo
             self._sync.disconnect(endpoint)
 
-    def send(self, frames: Sequence[bytes]) -> None:
-        """Queue a multipart message without blocking.
+    def send(self, frame: bytes | bytearray) -> None:
+        """Queue a single-frame message without blocking.
 
         Raises:
             WouldBlock: the peer's queue is at its high-water mark.
             SocketClosed: the socket was closed.
         """
         try:
-            self._sync.send_multipart(frames, zmq.NOBLOCK, copy=True)
+            self._sync.send(frame, zmq.NOBLOCK, copy=True)
         except zmq.Again as exc:
             raise WouldBlock() from exc
         except zmq.ZMQError as exc:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -58,3 +59,9 @@ def _no_leaked_namespaces() -> Iterator[None]:
     for name in leaked:
         netns.destroy_netns(name)
     assert not leaked, f"network namespaces leaked by this test run (now deleted): {leaked}"
+
+
+@pytest.fixture
+def mesh_name() -> str:
+    """A mesh of its own for each test, so parallel runs never see each other."""
+    return "t" + uuid.uuid4().hex[:12]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -11,11 +10,6 @@ import pytest
 from mesh import AsyncNode
 
 FAST = {"heartbeat_interval": 0.05, "suspect_after": 0.15, "lost_after": 0.3}
-
-
-@pytest.fixture
-def mesh_name() -> str:
-    return "t" + uuid.uuid4().hex[:12]
 
 
 @pytest.fixture

@@ -30,8 +30,10 @@ controls = st.one_of(
 @given(batches)
 def test_batch_round_trips_with_payload_bytes_untouched(batch: wire.Batch) -> None:
     """A data batch decodes to exactly what was encoded, payloads byte for byte."""
-    frames = [b"t\x00", wire.DATA_HEADER, wire.encode_batch(batch)]
-    decoded = wire.decode_batch(frames, max_size=10**7)
+    frame = bytes(wire.encode_data(b"a.b\x00", batch))
+    key, offset = wire.split_data(frame)
+    assert key == b"a.b\x00"
+    decoded = wire.decode_data(frame, offset, max_size=10**7)
     assert decoded == batch
     assert [i.payload for i in decoded.items] == [i.payload for i in batch.items]
 
@@ -39,47 +41,60 @@ def test_batch_round_trips_with_payload_bytes_untouched(batch: wire.Batch) -> No
 @given(controls)
 def test_control_messages_round_trip(msg: wire.Control) -> None:
     """Every control message kind survives encode/decode."""
-    assert wire.decode_control(wire.encode_control(msg)) == msg
+    assert wire.decode_control(bytes(wire.encode_control(msg))) == msg
 
 
-@given(st.lists(st.binary(max_size=200), min_size=0, max_size=4))
-def test_garbage_frames_raise_only_protocol_error(frames: list[bytes]) -> None:
+def _decode_data(frame: bytes) -> wire.Batch:
+    _, offset = wire.split_data(frame)
+    return wire.decode_data(frame, offset, max_size=10**6)
+
+
+@given(st.binary(max_size=300) | st.binary(max_size=40).map(lambda b: b"t\x00ZM\x01D" + b)
+       | st.binary(max_size=40).map(lambda b: b"ZM\x01C" + b))
+def test_garbage_frames_raise_only_protocol_error(frame: bytes) -> None:
     """Random frames never raise anything but ProtocolError (never crash a reader)."""
-    for decode in (lambda f: wire.decode_batch(f, max_size=10**6), wire.decode_control):
+    for decode in (_decode_data, wire.decode_control):
         with contextlib.suppress(ProtocolError):
-            decode(frames)
+            decode(frame)
 
 
 @given(st.binary(max_size=300))
 def test_garbage_body_with_valid_header_raises_protocol_error(body: bytes) -> None:
     """A correct header does not make an undecodable body acceptable."""
     with pytest.raises(ProtocolError):
-        wire.decode_control([wire.CONTROL_HEADER, body + b"\xc1"])  # 0xc1 is never valid msgpack
+        wire.decode_control(wire.CONTROL_HEADER + body + b"\xc1")  # 0xc1 is never valid msgpack
 
 
 def test_unknown_protocol_version_is_rejected_before_decoding() -> None:
     """A future version is refused by its header, whatever the body."""
     future = wire.MAGIC + bytes([wire.PROTOCOL_VERSION + 1]) + wire.KIND_CONTROL
-    body = wire.encode_control(wire.Bye("ab" * 16))[1]
+    body = bytes(wire.encode_control(wire.Bye("ab" * 16)))[4:]
     with pytest.raises(ProtocolError, match="unsupported protocol version"):
-        wire.decode_control([future, body])
+        wire.decode_control(future + body)
 
 
 def test_bad_magic_is_rejected() -> None:
     """Frames from something that is not zeromesh are refused by magic."""
     with pytest.raises(ProtocolError, match="bad magic"):
-        wire.decode_batch([b"t\x00", b"XX\x01D", b""], max_size=100)
+        _decode_data(b"t\x00XX\x01D")
 
 
 def test_oversized_data_is_rejected_before_decoding() -> None:
     """The size limit is checked before msgspec sees the bytes."""
-    body = wire.encode_batch(wire.Batch("ab" * 16, "n", 0, [wire.Item(0, 0.0, None, b"x" * 500)]))
+    frame = bytes(wire.encode_data(
+        b"t\x00", wire.Batch("ab" * 16, "n", 0, [wire.Item(0, 0.0, None, b"x" * 500)])))
     with pytest.raises(ProtocolError, match="exceeds"):
-        wire.decode_batch([b"t\x00", wire.DATA_HEADER, body], max_size=100)
+        wire.decode_data(frame, 2, max_size=100)
+
+
+def test_frame_without_topic_key_is_rejected() -> None:
+    """No NUL within the topic limit means no topic: refused before decoding."""
+    with pytest.raises(ProtocolError, match="topic key"):
+        wire.split_data(b"x" * 400)
 
 
 def test_unknown_control_tag_is_a_protocol_error() -> None:
     """A newer peer's new message kind is dropped by older peers, not crashed on."""
     body = msgspec.msgpack.encode([99, "x"])
     with pytest.raises(ProtocolError):
-        wire.decode_control([wire.CONTROL_HEADER, body])
+        wire.decode_control(wire.CONTROL_HEADER + body)

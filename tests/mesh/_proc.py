@@ -1,0 +1,75 @@
+"""`python -m mesh ...` as a child process on 127.0.0.1, read line by line with deadlines."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+
+class Cli:
+    """A CLI child; every process started here is killed in `close()` (SIGKILL, our PID only)."""
+
+    def __init__(self, args: Sequence[str], *, mesh: str, stdin: bool = False) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ZEROMESH_")}
+        env.update(ZEROMESH_INTERFACES="127.0.0.1", ZEROMESH_MESH=mesh, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh", *args], env=env, text=True,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.stdout: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def line(self, startswith: str = "", timeout: float = 10.0) -> str:
+        """The next stdout line starting with `startswith` (others are kept in .stdout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self._lines.get(timeout=max(left, 0.001))
+            except queue.Empty:
+                raise AssertionError(f"no line {startswith!r} within {timeout} s; "
+                                     f"got {self.stdout}") from None
+            if line is None:
+                raise AssertionError(f"exited before {startswith!r}; got {self.stdout}")
+            self.stdout.append(line)
+            if line.startswith(startswith):
+                return line
+
+    def wait(self, timeout: float = 15.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
+    def term(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        for stream in (self.proc.stdout, self.proc.stderr, self.proc.stdin):
+            if stream is not None:
+                stream.close()
+
+
+def run(args: Sequence[str], *, mesh: str, input: str | None = None,
+        timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZEROMESH_")}
+    env.update(ZEROMESH_INTERFACES="127.0.0.1", ZEROMESH_MESH=mesh, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "mesh", *args], env=env, text=True,
+                          input=input, capture_output=True, timeout=timeout, check=False)

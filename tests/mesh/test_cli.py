@@ -1,0 +1,153 @@
+"""The zeromesh CLI end to end on 127.0.0.1: real processes, exit codes, output formats."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ._proc import Cli, run
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Cli]]:
+    started: list[Cli] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            proc.close()
+
+
+def start(procs: list[Cli], *args: str, mesh: str, stdin: bool = False) -> Cli:
+    proc = Cli(args, mesh=mesh, stdin=stdin)
+    procs.append(proc)
+    return proc
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["pub"], "the following arguments are required: topic"),
+    (["sub", "a..b"], "empty segment"),
+    (["pub", "a.*", "x"], "topic"),
+    (["sub", ">", "--timeout", "-1"], "must be > 0"),
+    (["sub", ">", "--count", "zero"], "not an integer"),
+    (["pub", "t", "x", "--interface", "0.0.0.0"], "interfaces"),
+    (["pub", "t", "x", "--peer", "http://nope"], "peers"),
+    (["pub", "t", "x", "--header", "novalue"], "K=V"),
+    (["agent", "--mesh", "has space"], "mesh"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_usage_exits_2_with_one_line_and_no_traceback(args, reason, mesh_name) -> None:
+    """Every user error is exit 2 and a single line on stderr naming the problem."""
+    result = run(args, mesh=mesh_name)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert reason in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_agent_prints_ready_and_stops_gracefully_on_sigterm(procs, mesh_name) -> None:
+    """The ready line carries id and endpoints; SIGTERM is a goodbye and exit 0."""
+    agent = start(procs, "agent", "--name", "a1", mesh=mesh_name)
+    ready = agent.line("ready", timeout=10)
+    assert re.match(rf"ready name=a1 id=[0-9a-f]{{32}} mesh={mesh_name} "
+                    r"ctl=tcp://127\.0\.0\.1:\d+ pub=tcp://127\.0\.0\.1:\d+$", ready)
+    agent.term()
+    assert agent.wait() == 0
+    assert agent.line("stopped") == "stopped"
+
+
+def test_sub_json_receives_stdin_lines_published_with_wait_subscribers(procs, mesh_name) -> None:
+    """pub without DATA sends one message per stdin line; sub --json prints one object each."""
+    sub = start(procs, "sub", "logs.>", "--count", "3", "--json", "--timeout", "20",
+                mesh=mesh_name)
+    result = run(["pub", "logs.app", "--wait-subscribers", "1", "--name", "writer"],
+                 mesh=mesh_name, input="one\ntwo\nthree\n")
+    assert result.returncode == 0, result.stderr
+    assert sub.wait() == 0
+    objs = [json.loads(sub.line("{")) for _ in range(3)]
+    assert [o["data"] for o in objs] == ["one", "two", "three"]
+    assert {o["topic"] for o in objs} == {"logs.app"}
+    assert {o["source"] for o in objs} == {"writer"}
+    assert len({o["id"] for o in objs}) == 3
+
+
+def test_pub_without_wait_reaches_a_running_subscriber(procs, mesh_name) -> None:
+    """Plain `pub TOPIC DATA` finds already-running subscribers before it sends."""
+    agent = start(procs, "agent", mesh=mesh_name)
+    agent.line("ready")
+    sub = start(procs, "sub", "news", "--count", "1", mesh=mesh_name)
+    agent.line("joined")  # the subscriber is up and in the mesh
+    result = run(["pub", "news", "hello world"], mesh=mesh_name)
+    assert result.returncode == 0, result.stderr
+    assert sub.wait() == 0
+    assert sub.line("news") == "news hello world"
+
+
+def test_pub_exits_1_and_publishes_nothing_without_enough_subscribers(mesh_name) -> None:
+    """--wait-subscribers N that never come: exit 1, reason on stderr."""
+    started = time.monotonic()
+    result = run(["pub", "t", "x", "--wait-subscribers", "1", "--timeout", "0.5"], mesh=mesh_name)
+    assert result.returncode == 1
+    assert "nothing published" in result.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_sub_exits_1_when_the_timeout_comes_first(mesh_name) -> None:
+    """--count N not reached within --timeout: exit 1."""
+    result = run(["sub", ">", "--count", "1", "--timeout", "0.5"], mesh=mesh_name)
+    assert result.returncode == 1
+    assert result.stdout == ""
+
+
+def test_peers_json_lists_others_never_itself(procs, mesh_name) -> None:
+    """`peers --json` is a list of objects with the contract's fields."""
+    agent = start(procs, "agent", "--name", "listed", mesh=mesh_name)
+    agent.line("ready")
+    result = run(["peers", "--wait", "0.5", "--json", "--name", "asker"], mesh=mesh_name)
+    assert result.returncode == 0, result.stderr
+    peers = json.loads(result.stdout)
+    assert [p["name"] for p in peers] == ["listed"]
+    assert {"id", "name", "state", "endpoints", "last_seen"} <= set(peers[0])
+    assert peers[0]["state"] == "alive"
+
+
+def test_peers_exits_1_when_alone(mesh_name) -> None:
+    """Nobody out there: empty list and exit 1."""
+    result = run(["peers", "--wait", "0.3", "--json"], mesh=mesh_name)
+    assert result.returncode == 1
+    assert json.loads(result.stdout) == []
+
+
+def test_sigkilled_agent_is_reported_lost_within_the_threshold(procs, mesh_name) -> None:
+    """No goodbye after SIGKILL: heartbeats stop and the peer is lost within 1.5 s."""
+    watcher = start(procs, "agent", "--name", "watcher", mesh=mesh_name)
+    watcher.line("ready")
+    victim = start(procs, "agent", "--name", "victim", mesh=mesh_name)
+    victim.line("ready")
+    watcher.line("joined name=victim")
+    killed = time.monotonic()
+    victim.proc.kill()
+    watcher.line("lost name=victim", timeout=5)
+    took = time.monotonic() - killed
+    print(f"loss detected {took:.3f} s after SIGKILL")
+    assert took <= 1.5 + 0.2  # 0.2 s for reading the line across processes
+
+
+def test_restarted_agent_rejoins_with_the_same_id(procs, mesh_name, tmp_path) -> None:
+    """Same data dir after a crash: same id, and peers see it join again."""
+    watcher = start(procs, "agent", "--name", "watcher", mesh=mesh_name)
+    watcher.line("ready")
+    first = start(procs, "agent", "--name", "phoenix", "--data-dir", str(tmp_path), mesh=mesh_name)
+    node_id = re.search(r"id=(\w+)", first.line("ready")).group(1)
+    watcher.line("joined name=phoenix")
+    first.proc.kill()
+    watcher.line("lost name=phoenix", timeout=5)
+    second = start(procs, "agent", "--name", "phoenix", "--data-dir", str(tmp_path),
+                   mesh=mesh_name)
+    assert f"id={node_id}" in second.line("ready")
+    assert f"id={node_id}" in watcher.line("joined name=phoenix", timeout=5)
