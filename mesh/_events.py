@@ -7,6 +7,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ._peers import PeerEvent
+from .errors import ClosedError
 
 
 class PeerEvents:
@@ -33,11 +34,11 @@ class PeerEvents:
 
         Raises:
             TimeoutError: nothing happened within `timeout` seconds.
-            StopAsyncIteration: the stream or its node was closed.
+            ClosedError: the stream or its node was closed.
         """
         while not self._queue:
             if self._closed:
-                raise StopAsyncIteration
+                raise ClosedError("peer event stream is closed")
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout(timeout):
@@ -50,7 +51,10 @@ class PeerEvents:
         return self
 
     async def __anext__(self) -> PeerEvent:
-        return await self.next()
+        try:
+            return await self.next()
+        except ClosedError:
+            raise StopAsyncIteration from None
 
     async def aclose(self) -> None:
         self._close()

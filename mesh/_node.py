@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -87,7 +88,6 @@ class AsyncNode:
         self._outgoing_count = 0
         self._outgoing_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
-        self._topic_keys: dict[str, bytes] = {}
         # subscribing
         self._subs: list[Subscription] = []
         self._subs_version = 0
@@ -366,28 +366,30 @@ class AsyncNode:
     def publish_nowait(self, topic: str, data: bytes | str, *,
                        headers: Mapping[str, str] | None = None) -> bool:
         """`publish` without the await; True when it flushed a full batch."""
-        self._check_running()
-        key = self._key(topic)
-        payload = data.encode() if isinstance(data, str) else bytes(data)
-        if len(payload) > self._config.max_message_size:
-            raise MessageTooLarge(len(payload), self._config.max_message_size)
+        if not self._running:
+            self._check_running()
+        pending = self._outgoing.get(topic)
+        if pending is None:
+            self._key(topic)
+            pending = self._outgoing[topic] = []
+        if type(data) is not bytes:
+            data = data.encode() if isinstance(data, str) else bytes(data)
+        size = len(data)
+        if size > self._config.max_message_size:
+            raise MessageTooLarge(size, self._config.max_message_size)
         hdrs = dict(headers) if headers else None
         seq = self._seq
         self._seq = seq + 1
-        item = _wire.Item(seq, time.time(), hdrs, payload)
-        pending = self._outgoing.get(topic)
-        if pending is None:
-            pending = self._outgoing[topic] = []
-            self._topic_keys.setdefault(topic, key)
+        item = _wire.Item(seq, time.time(), hdrs, data)
         pending.append(item)
         self._outgoing_count += 1
-        self._outgoing_bytes += len(payload)
-        self.stats["published"] += 1
-        local = self._matching(topic)
-        if local:
-            msg = Message(topic, payload, self.name, self._id, seq, item.ts, hdrs)
-            for sub in local:
-                sub._deliver((msg,))
+        self._outgoing_bytes += size
+        if self._subs:
+            local = self._matching(topic)
+            if local:
+                msg = Message(topic, data, self.name, self._id, seq, item.ts, hdrs)
+                for sub in local:
+                    sub._deliver((msg,))
         if self._outgoing_count >= _FLUSH_COUNT or self._outgoing_bytes >= _FLUSH_BYTES:
             self._flush()
             return True
@@ -396,16 +398,7 @@ class AsyncNode:
         return False
 
     def _key(self, topic: str) -> bytes:
-        key = self._topic_keys.get(topic)
-        if key is None:
-            try:
-                validate_topic(topic)
-            except InvalidName as exc:
-                raise ConfigError("topic", exc.reason + f" in {topic!r}") from None
-            if len(self._topic_keys) >= _CACHE_LIMIT:
-                self._topic_keys.clear()
-            key = self._topic_keys[topic] = topic_key(topic)
-        return key
+        return checked_topic_key(topic)
 
     def _flush(self) -> None:
         if self._flush_handle is not None:
@@ -414,10 +407,11 @@ class AsyncNode:
         if not self._outgoing or self._publisher is None:
             return
         send = self._publisher.send
+        self.stats["published"] += self._outgoing_count
         for topic, items in self._outgoing.items():
             first = self._topic_seq.get(topic, 0)
             self._topic_seq[topic] = first + len(items)
-            key = self._topic_keys.get(topic) or topic_key(topic)
+            key = checked_topic_key(topic)
             frame = _wire.encode_data(key, _wire.Batch(self._id, self.name, first, items))
             try:
                 send(frame)
@@ -552,6 +546,20 @@ class AsyncNode:
     def _check_running(self) -> None:
         if not self._running:
             raise ClosedError("node is not running (use `async with` or `await start()`)")
+
+
+@functools.lru_cache(maxsize=_CACHE_LIMIT)
+def checked_topic_key(topic: str) -> bytes:
+    """The wire key of a valid topic (cached, thread-safe).
+
+    Raises:
+        ConfigError: the topic is invalid.
+    """
+    try:
+        validate_topic(topic)
+    except InvalidName as exc:
+        raise ConfigError("topic", exc.reason + f" in {topic!r}") from None
+    return topic_key(topic)
 
 
 def _struct_items(config: NodeConfig) -> dict[str, Any]:

@@ -27,7 +27,10 @@ Callback = Callable[[Message], None]
 
 
 class Subscription:
-    """Messages matching one pattern, in arrival order."""
+    """Messages matching one pattern, in arrival order.
+
+    `max_pending` bounds the queue (0 = unbounded, like a ZeroMQ HWM of 0).
+    """
 
     def __init__(self, pattern: TopicPattern, *, max_pending: int = DEFAULT_MAX_PENDING,
                  callback: Callback | None = None,
@@ -71,7 +74,7 @@ class Subscription:
         self._queue.extend(messages)
         self.received += len(self._queue) - before
         overflow = len(self._queue) - self.max_pending
-        if overflow > 0:
+        if overflow > 0 and self.max_pending:
             for _ in range(overflow):
                 self._queue.popleft()
             self.dropped += overflow
@@ -87,6 +90,8 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Message:
+        if self._queue:  # the common case under load: no waiter, no inner coroutine
+            return self._queue.popleft()
         try:
             return await self.next()
         except ClosedError:

@@ -18,7 +18,7 @@ from typing import Any, Final, Self, TypeVar
 
 from ._config import NodeConfig
 from ._message import Message
-from ._node import AsyncNode
+from ._node import AsyncNode, checked_topic_key
 from ._peers import Peer, PeerEvent
 from ._subscription import Subscription
 from .errors import ClosedError, MessageTooLarge
@@ -134,7 +134,7 @@ class Node:
         loop = self._loop
         if loop is None:
             raise ClosedError("node is not running")
-        self._node._key(topic)
+        checked_topic_key(topic)
         size = len(data.encode()) if isinstance(data, str) else len(data)
         if size > self._node.config.max_message_size:
             raise MessageTooLarge(size, self._node.config.max_message_size)
@@ -163,9 +163,8 @@ class Node:
             ConfigError: `pattern` is invalid.
         """
         inbox: queue.SimpleQueue[Message | object] = queue.SimpleQueue()
-        sub = self._call(self._node.subscribe(pattern, callback=inbox.put,
-                                              max_pending=max_pending))
-        sync_sub = SyncSubscription(self, sub, inbox)
+        sync_sub = SyncSubscription(self, inbox, max_pending)
+        sync_sub._sub = self._call(self._node.subscribe(pattern, callback=sync_sub._put))
         self._sync_subs.append(sync_sub)
         return sync_sub
 
@@ -237,15 +236,28 @@ class SyncPeerEvents:
 class SyncSubscription:
     """Messages for one pattern, read with blocking `next()` or iteration."""
 
-    def __init__(self, node: Node, sub: Subscription,
-                 inbox: queue.SimpleQueue[Message | object]) -> None:
+    def __init__(self, node: Node, inbox: queue.SimpleQueue[Message | object],
+                 max_pending: int) -> None:
         self._node = node
-        self._sub = sub
+        self._sub: Subscription | None = None
         self._inbox = inbox
+        self.max_pending = max_pending
+        self.dropped = 0
+        """Messages lost because the reader fell more than `max_pending` behind."""
+
+    def _put(self, msg: Message) -> None:
+        if self.max_pending and self._inbox.qsize() >= self.max_pending:
+            self.dropped += 1  # newest lost: the queue cannot drop its oldest
+        else:
+            self._inbox.put(msg)
 
     @property
     def subject(self) -> str:
-        return self._sub.subject
+        return self._sub.subject if self._sub is not None else ""
+
+    @property
+    def pending(self) -> int:
+        return self._inbox.qsize()
 
     def next(self, timeout: float | None = None) -> Message:
         """The next message.
@@ -272,7 +284,7 @@ class SyncSubscription:
                 return
 
     def close(self) -> None:
-        if self._node._loop is not None:
+        if self._node._loop is not None and self._sub is not None:
             self._node._call(self._sub.aclose())
         self._inbox.put(_CLOSED)
 
