@@ -18,7 +18,15 @@ from collections.abc import Callable
 from typing import Final
 
 from discovery import DiscoveryEvent, PeerFound, PeerInfo
-from patterns import Context, Inbox, InvalidName, Outbox, SocketClosed, TopicPattern
+from patterns import (
+    Context,
+    Inbox,
+    InvalidName,
+    Outbox,
+    SocketClosed,
+    TopicPattern,
+    validate_topic,
+)
 
 from . import _wire
 from ._peers import PeerEvent, PeerRecord, PeerTable
@@ -190,7 +198,9 @@ class Membership:
         rec = self.table.get(hello.id)
         if (rec is None or rec.incarnation != hello.incarnation
                 or rec.ctl != ctl or rec.pub != pub):
-            new = PeerRecord(hello.id, hello.name[:64], hello.incarnation, ctl, pub)
+            new = PeerRecord(hello.id, hello.name[:64], hello.incarnation, ctl, pub,
+                             pull=_first_endpoint(hello.pull) or "",
+                             rtr=_first_endpoint(hello.rtr) or "")
             self._set_subs(new, hello)
             if rec is not None and rec.ctl != ctl:
                 self._drop_link(rec.ctl)
@@ -214,6 +224,8 @@ class Membership:
             except InvalidName as exc:
                 self._quiet.drop("bad_subscription", str(exc))
         rec.subs = tuple(subs)
+        rec.queues = frozenset(_names(hello.queues, "queue", self._quiet))
+        rec.services = frozenset(_names(hello.services, "service", self._quiet))
         rec.subs_version = hello.subs_version
 
     def _on_heartbeat(self, beat: _wire.Heartbeat) -> None:
@@ -241,6 +253,18 @@ class Membership:
             self._on_disconnect(rec)
             self._drop_link(rec.ctl)
             self._on_change()
+
+
+def _names(names: list[str], kind: str, quiet: QuietLog) -> list[str]:
+    valid = []
+    for name in names[:_MAX_SUBS]:
+        try:
+            validate_topic(name)
+        except InvalidName as exc:
+            quiet.drop(f"bad_{kind}", str(exc))
+        else:
+            valid.append(name)
+    return valid
 
 
 def _first_endpoint(endpoints: list[str]) -> str | None:

@@ -77,6 +77,10 @@ class PeerRecord:
     last_heard: float = field(default_factory=time.monotonic)
     subs: tuple[TopicPattern, ...] = ()
     subs_version: int = -1
+    pull: str = ""
+    queues: frozenset[str] = frozenset()
+    rtr: str = ""
+    services: frozenset[str] = frozenset()
 
     def snapshot(self) -> Peer:
         last_seen = time.time() - (time.monotonic() - self.last_heard)

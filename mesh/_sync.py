@@ -18,8 +18,9 @@ from typing import Any, Final, Self, TypeVar
 
 from ._config import NodeConfig
 from ._message import Message
-from ._node import AsyncNode, checked_topic_key
+from ._node import AsyncNode
 from ._peers import Peer, PeerEvent
+from ._pubsub import checked_topic_key
 from ._subscription import Subscription
 from .errors import ClosedError, MessageTooLarge
 

@@ -31,7 +31,8 @@ msgpack array (tag first):
 ===  =========  ==========================================================
 tag  message    fields
 ===  =========  ==========================================================
-1    Hello      id, name, mesh, incarnation, ctl, pub, subs, subs_version, reply
+1    Hello      id, name, mesh, incarnation, ctl, pub, subs, subs_version, reply,
+               pull, queues, rtr, services
 2    Heartbeat  id, incarnation, subs_version, ctl
 3    Bye        id
 ===  =========  ==========================================================
@@ -92,7 +93,16 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
     pub: list[str]
     subs: list[str]
     subs_version: int
+    """Version of everything this node announces interest in (subs, queues, services)."""
     reply: bool = False
+    pull: list[str] = []
+    """Work-queue (PULL) endpoints."""
+    queues: list[str] = []
+    """Work queues this node pulls from."""
+    rtr: list[str] = []
+    """Service (ROUTER) endpoints."""
+    services: list[str] = []
+    """Services this node serves."""
 
 
 class Heartbeat(msgspec.Struct, frozen=True, array_like=True, tag=2):

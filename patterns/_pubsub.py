@@ -71,6 +71,10 @@ class Subscriber:
         self._marker: bytes | None = None
         self._connected: set[str] = set()
 
+    @property
+    def closed(self) -> bool:
+        return self._sock.closed
+
     def connect(self, endpoint: str) -> None:
         if endpoint not in self._connected:
             self._connected.add(endpoint)

@@ -1,0 +1,311 @@
+"""Pub/sub for one node: batching publishes, dispatching received batches, readiness.
+
+Publishing never awaits the network: messages are appended to a per-topic
+batch that is flushed at the end of the current loop iteration (or sooner,
+when it grows large), so a lone message goes out at once and a burst costs one
+encode and one ZeroMQ send per topic per flush, not one per message.
+
+Receiving: one SUB socket is connected to every peer's publisher. A batch is
+decoded once, matched once per topic (cached), and handed to each matching
+subscription as a list. Per-(source, topic) sequence numbers reveal messages
+the publisher dropped at its high-water mark; they are counted per peer and
+reported once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import Final
+
+from patterns import (
+    Context,
+    InvalidName,
+    Publisher,
+    SocketClosed,
+    Subscriber,
+    TopicPattern,
+    topic_from_key,
+    topic_key,
+    validate_topic,
+)
+
+from . import _wire
+from ._config import NodeConfig
+from ._message import Message
+from ._peers import PeerRecord
+from ._quiet import QuietLog
+from ._subscription import Callback, Subscription
+from .errors import ConfigError, MessageTooLarge, ProtocolError
+
+_log = logging.getLogger("mesh.pubsub")
+_FLUSH_COUNT: Final[int] = 512
+_FLUSH_BYTES: Final[int] = 256 * 1024
+CACHE_LIMIT: Final[int] = 10_000
+WIRE_OVERHEAD: Final[int] = 64 * 1024
+_PUB_LINGER: Final[float] = 2.0
+
+
+@functools.lru_cache(maxsize=CACHE_LIMIT)
+def checked_topic_key(topic: str) -> bytes:
+    """The wire key of a valid topic (cached, thread-safe).
+
+    Raises:
+        ConfigError: the topic is invalid.
+    """
+    try:
+        validate_topic(topic)
+    except InvalidName as exc:
+        raise ConfigError("topic", exc.reason + f" in {topic!r}") from None
+    return topic_key(topic)
+
+
+def parse_pattern(pattern: str) -> TopicPattern:
+    """Raises ConfigError for an invalid subscription pattern."""
+    try:
+        return TopicPattern(pattern)
+    except InvalidName as exc:
+        raise ConfigError("pattern", exc.reason + f" in {pattern!r}") from None
+
+
+class PubSub:
+    """The pub/sub side of a node; owns its PUB and SUB sockets."""
+
+    def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
+                 stats: Counter[str], on_subs_changed: Callable[[], None],
+                 on_ready_changed: Callable[[], None]) -> None:
+        self._config = config
+        self._quiet = quiet
+        self._stats = stats
+        self._on_subs_changed = on_subs_changed
+        self._on_ready_changed = on_ready_changed
+        self._max_wire = config.max_message_size + WIRE_OVERHEAD
+        self._publisher = Publisher(ctx, hwm=config.pub_hwm)
+        self._subscriber = Subscriber(ctx, hwm=config.sub_hwm, max_message_size=self._max_wire)
+        self.endpoints: list[str] = []
+        self.node_id = ""
+        self.version = 0
+        # publishing
+        self._seq = 0
+        self._topic_seq: dict[str, int] = {}
+        self._outgoing: dict[str, list[_wire.Item]] = {}
+        self._outgoing_count = 0
+        self._outgoing_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
+        # subscribing
+        self._subs: list[Subscription] = []
+        self._match_cache: dict[str, tuple[Subscription, ...]] = {}
+        self._key_topics: dict[bytes, str] = {}
+        self._expected_seq: dict[tuple[str, str], int] = {}
+        self.dropped_by_peer: Counter[str] = Counter()
+        self._confirmed: dict[str, int] = {}
+
+    def bind(self, interfaces: Iterable[str]) -> list[str]:
+        self.endpoints = [self._publisher.bind(host) for host in interfaces]
+        return self.endpoints
+
+    def start(self, node_id: str) -> list[asyncio.Task[None]]:
+        self.node_id = node_id
+        self._subscriber.set_marker(self._marker())
+        loop = asyncio.get_running_loop()
+        return [loop.create_task(self._read_data(), name="zeromesh-data"),
+                loop.create_task(self._read_markers(), name="zeromesh-markers")]
+
+    def close(self) -> None:
+        self.flush()
+        for sub in self._subs:
+            sub._close()
+        self._publisher.close(linger=_PUB_LINGER)  # let the last batches leave
+        self._subscriber.close()
+
+    @property
+    def patterns(self) -> list[str]:
+        return sorted({s.subject for s in self._subs})
+
+    # -- peers ------------------------------------------------------------------
+
+    def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
+        if old is not None and old.pub != new.pub:
+            self._subscriber.disconnect(old.pub)
+        self._subscriber.connect(new.pub)
+
+    def peer_gone(self, rec: PeerRecord) -> None:
+        self._subscriber.disconnect(rec.pub)
+        self._confirmed.pop(rec.id, None)
+
+    def is_ready(self, rec: PeerRecord) -> bool:
+        """Its subscriptions as announced are in force at our publisher."""
+        return self._confirmed.get(rec.id, -1) >= rec.subs_version
+
+    # -- publishing -------------------------------------------------------------
+
+    def publish(self, topic: str, data: bytes | str, headers: Mapping[str, str] | None,
+                name: str) -> bool:
+        """Queue one message; True when a full batch was flushed (the caller may yield)."""
+        pending = self._outgoing.get(topic)
+        if pending is None:
+            checked_topic_key(topic)
+            pending = self._outgoing[topic] = []
+        if type(data) is not bytes:
+            data = data.encode() if isinstance(data, str) else bytes(data)
+        size = len(data)
+        if size > self._config.max_message_size:
+            raise MessageTooLarge(size, self._config.max_message_size)
+        hdrs = dict(headers) if headers else None
+        seq = self._seq
+        self._seq = seq + 1
+        item = _wire.Item(seq, time.time(), hdrs, data)
+        pending.append(item)
+        self._outgoing_count += 1
+        self._outgoing_bytes += size
+        if self._subs:
+            local = self._matching(topic)
+            if local:
+                msg = Message(topic, data, name, self.node_id, seq, item.ts, hdrs)
+                for sub in local:
+                    sub._deliver((msg,))
+        if self._outgoing_count >= _FLUSH_COUNT or self._outgoing_bytes >= _FLUSH_BYTES:
+            self.flush(name)
+            return True
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush, name)
+        return False
+
+    def flush(self, name: str = "") -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._outgoing:
+            return
+        send = self._publisher.send
+        self._stats["published"] += self._outgoing_count
+        outgoing, self._outgoing = self._outgoing, {}
+        self._outgoing_count = self._outgoing_bytes = 0
+        for topic, items in outgoing.items():
+            first = self._topic_seq.get(topic, 0)
+            self._topic_seq[topic] = first + len(items)
+            frame = _wire.encode_data(checked_topic_key(topic),
+                                      _wire.Batch(self.node_id, name, first, items))
+            try:
+                send(frame)
+            except SocketClosed:
+                return
+
+    # -- subscribing ------------------------------------------------------------
+
+    def subscribe(self, pattern: str, callback: Callback | None,
+                  max_pending: int) -> Subscription:
+        parsed = parse_pattern(pattern)
+        sub = Subscription(parsed, max_pending=max_pending, callback=callback,
+                           on_close=self._unsubscribe)
+        self._subs.append(sub)
+        self._match_cache.clear()
+        self._subscriber.add_prefix(parsed.prefix)
+        self._on_subs_changed()
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+            self._match_cache.clear()
+            if not self._subscriber.closed:
+                self._subscriber.remove_prefix(sub.pattern.prefix)
+                self._on_subs_changed()
+
+    def interest_changed(self, version: int) -> None:
+        """Our announced interest moved to `version`: re-mark readiness for publishers."""
+        self.version = version
+        self._subscriber.set_marker(self._marker())
+
+    def _marker(self) -> bytes:
+        return f"{self.node_id}:{self.version}".encode()
+
+    def _matching(self, topic: str) -> tuple[Subscription, ...]:
+        subs = self._match_cache.get(topic)
+        if subs is None:
+            if len(self._match_cache) >= CACHE_LIMIT:
+                self._match_cache.clear()
+            subs = self._match_cache[topic] = tuple(
+                s for s in self._subs if s.pattern.matches(topic))
+        return subs
+
+    async def _read_data(self) -> None:
+        recv = self._subscriber.recv_many
+        while True:
+            try:
+                batches = await recv()
+            except SocketClosed:
+                return
+            for frames in batches:
+                self._on_data(frames)
+
+    def _on_data(self, frames: list[bytes]) -> None:
+        try:
+            if len(frames) != 1:
+                raise ProtocolError(f"data message of {len(frames)} frames")
+            frame = frames[0]
+            key, offset = _wire.split_data(frame)
+            batch = _wire.decode_data(frame, offset, self._max_wire)
+            topic = self._key_topics.get(key)
+            if topic is None:
+                topic = self._topic_of(key)
+        except ProtocolError as exc:
+            self._quiet.drop("data", exc.reason)
+            return
+        items = batch.items
+        stream = (batch.source, topic)
+        expected = self._expected_seq.get(stream)
+        if expected is not None and batch.topic_seq > expected:
+            self._count_gap(batch, batch.topic_seq - expected)
+        self._expected_seq[stream] = batch.topic_seq + len(items)
+        self._stats["received"] += len(items)
+        subs = self._matching(topic)
+        if not subs:
+            return
+        name, source = batch.name, batch.source
+        msgs = [Message(topic, it.payload, name, source, it.seq, it.ts, it.headers)
+                for it in items]
+        for sub in subs:
+            sub._deliver(msgs)
+
+    def _count_gap(self, batch: _wire.Batch, lost: int) -> None:
+        self._stats["dropped"] += lost
+        first = batch.source not in self.dropped_by_peer
+        self.dropped_by_peer[batch.source] += lost
+        if first:
+            _log.warning("publisher %s (%s) dropped messages for us at its high-water mark; "
+                         "this subscriber is too slow (counted in stats, reported once)",
+                         batch.name, batch.source[:8])
+
+    def _topic_of(self, key: bytes) -> str:
+        try:
+            topic = topic_from_key(key)
+        except InvalidName as exc:
+            raise ProtocolError(f"bad topic key: {exc}") from None
+        if len(self._key_topics) >= CACHE_LIMIT:
+            self._key_topics.clear()
+        self._key_topics[key] = topic
+        return topic
+
+    async def _read_markers(self) -> None:
+        while True:
+            try:
+                markers = await self._publisher.markers()
+            except SocketClosed:
+                return
+            for subscribed, marker in markers:
+                peer_id, _, version = marker.decode("ascii", "replace").partition(":")
+                if not version.isdigit():
+                    self._quiet.drop("marker", "malformed readiness marker")
+                    continue
+                if subscribed:
+                    if len(self._confirmed) >= CACHE_LIMIT:
+                        self._confirmed.clear()  # bounded against marker floods
+                    self._confirmed[peer_id] = int(version)
+                elif self._confirmed.get(peer_id) == int(version):
+                    del self._confirmed[peer_id]
+            self._on_ready_changed()
