@@ -12,7 +12,8 @@ from ._message import Headers, Message
 from ._node import AsyncNode
 from ._peers import Peer, PeerEvent, PeerEventKind, PeerState
 from ._subscription import Subscription
-from ._sync import Node, SyncPeerEvents, SyncSubscription
+from ._sync import Node, SyncPeerEvents, SyncPull, SyncSubscription
+from ._workqueue import Pull
 from .errors import (
     ClosedError,
     ConfigError,
@@ -21,6 +22,7 @@ from .errors import (
     MessageTooLarge,
     NoRespondersError,
     ProtocolError,
+    RemoteError,
     RequestTimeout,
     SpoolFullError,
 )
@@ -47,11 +49,14 @@ __all__ = [
     "PeerEventKind",
     "PeerEvents",
     "PeerState",
+    "Pull",
     "ProtocolError",
+    "RemoteError",
     "RequestTimeout",
     "SpoolFullError",
     "Subscription",
     "SyncPeerEvents",
+    "SyncPull",
     "SyncSubscription",
     "__version__",
 ]

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Final
 
+from ._message import Message
 from ._node import AsyncNode
 from ._peers import PeerEvent
 from .errors import ConfigError, RequestTimeout
@@ -138,9 +139,65 @@ async def sub(args: argparse.Namespace) -> int:
     return 0 if received else 1
 
 
+async def push(args: argparse.Namespace) -> int:
+    headers = _headers(args.header)
+    async with _node(args) as node:
+        node.check_queue(args.queue)
+        try:
+            if args.wait_workers:
+                await node.wait_for_workers(args.queue, args.wait_workers, timeout=args.timeout)
+            else:
+                await asyncio.sleep(_DISCOVERY_WINDOW)
+        except RequestTimeout as exc:
+            print(f"zeromesh push: {exc}; nothing pushed", file=sys.stderr)
+            return 1
+        if args.data is not None:
+            await node.push(args.queue, args.data, headers=headers, timeout=args.timeout)
+            return 0
+        while line := await asyncio.to_thread(sys.stdin.buffer.readline):
+            await node.push(args.queue, line.rstrip(b"\r\n"), headers=headers,
+                            timeout=args.timeout)
+    return 0
+
+
+async def pull(args: argparse.Namespace) -> int:
+    received = 0
+    stop = asyncio.Event()
+    with _stop_on_signals(stop):
+        async with _node(args) as node:
+            work = await node.pull(args.queue, prefetch=args.prefetch)
+
+            async def consume() -> None:
+                nonlocal received
+                async for msg in work:
+                    _out(json.dumps(_queue_dict(msg)) if args.json else msg.text)
+                    received += 1
+                    if args.count is not None and received >= args.count:
+                        return
+
+            consumer = asyncio.create_task(consume())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({consumer, stopper}, timeout=args.timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for task in (consumer, stopper):
+                task.cancel()
+            await work.aclose()  # what we did not print goes back to the pushers
+    if args.count is not None:
+        return 0 if received >= args.count else 1
+    return 0 if received else 1
+
+
+def _queue_dict(msg: Message) -> dict[str, object]:
+    out = msg.to_dict()
+    out["queue"] = out.pop("topic")
+    return out
+
+
 HANDLERS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]]] = {
     "agent": agent,
     "peers": peers,
     "pub": pub,
     "sub": sub,
+    "push": push,
+    "pull": pull,
 }

@@ -37,6 +37,7 @@ _log = logging.getLogger("mesh.node")
 _PENDING_LINK_TTL: Final[float] = 30.0
 _MAX_SUBS: Final[int] = 10_000
 _MAX_ENDPOINT_LEN: Final[int] = 64
+_MAX_WINDOW: Final[int] = 1_000_000
 
 
 class Membership:
@@ -47,7 +48,10 @@ class Membership:
                  on_event: Callable[[PeerEvent], None],
                  on_connect: Callable[[PeerRecord, PeerRecord | None], None],
                  on_disconnect: Callable[[PeerRecord], None],
-                 on_change: Callable[[], None], quiet: QuietLog) -> None:
+                 on_change: Callable[[], None], quiet: QuietLog,
+                 on_update: Callable[[PeerRecord], None] | None = None,
+                 on_message: Callable[[_wire.Control], None] | None = None,
+                 on_beat: Callable[[], None] | None = None) -> None:
         self._ctx = ctx
         self._me = me
         self._mesh = mesh
@@ -55,6 +59,9 @@ class Membership:
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
         self._on_change = on_change
+        self._on_update = on_update
+        self._on_message = on_message
+        self._on_beat = on_beat
         self._quiet = quiet
         self.table = PeerTable(suspect_after=suspect_after, lost_after=lost_after,
                                on_event=on_event)
@@ -123,6 +130,13 @@ class Membership:
         if link is not None:
             link.close(linger=0)
 
+    def send_to(self, peer_id: str, msg: _wire.Control) -> bool:
+        """Send a control message to a known peer; False if unknown or its queue is full."""
+        rec = self.table.get(peer_id)
+        if rec is None:
+            return False
+        return self._link(rec.ctl).send(_wire.encode_control(msg))
+
     def broadcast_hello(self) -> None:
         """Tell every known peer our subscriptions changed."""
         frames = _wire.encode_control(self._me(False))
@@ -141,6 +155,8 @@ class Membership:
             if time.monotonic() >= next_beat:
                 next_beat += self._interval
                 self.beat()
+                if self._on_beat is not None:
+                    self._on_beat()
 
     def beat(self) -> None:
         me = self._me(True)
@@ -180,8 +196,10 @@ class Membership:
             self._on_heartbeat(msg)
         elif isinstance(msg, _wire.Hello):
             self._on_hello(msg)
-        else:
+        elif isinstance(msg, _wire.Bye):
             self._on_bye(msg)
+        elif self._on_message is not None:
+            self._on_message(msg)  # pattern traffic (credits, ...) for the components
 
     def _on_hello(self, hello: _wire.Hello) -> None:
         me = self._me(False)
@@ -208,15 +226,17 @@ class Membership:
             self._on_connect(new, rec)
             self.table.add(new)
         else:
-            self._set_subs(rec, hello)
+            if self._set_subs(rec, hello) and self._on_update is not None:
+                self._on_update(rec)
             self.table.heard(rec)
         if hello.reply:
             self._greet(ctl, reply=False)
         self._on_change()
 
-    def _set_subs(self, rec: PeerRecord, hello: _wire.Hello) -> None:
+    def _set_subs(self, rec: PeerRecord, hello: _wire.Hello) -> bool:
+        """Take the peer's announced interest; True if it changed."""
         if hello.subs_version == rec.subs_version:
-            return
+            return False
         subs = []
         for pattern in hello.subs[:_MAX_SUBS]:
             try:
@@ -224,9 +244,11 @@ class Membership:
             except InvalidName as exc:
                 self._quiet.drop("bad_subscription", str(exc))
         rec.subs = tuple(subs)
-        rec.queues = frozenset(_names(hello.queues, "queue", self._quiet))
+        rec.queues = {q: max(1, min(w, _MAX_WINDOW)) for q, w in hello.queues.items()
+                      if q in set(_names(list(hello.queues), "queue", self._quiet))}
         rec.services = frozenset(_names(hello.services, "service", self._quiet))
         rec.subs_version = hello.subs_version
+        return True
 
     def _on_heartbeat(self, beat: _wire.Heartbeat) -> None:
         rec = self.table.get(beat.id)

@@ -26,10 +26,11 @@ from ._config import NodeConfig
 from ._events import PeerEvents
 from ._identity import load_or_create_id
 from ._membership import Membership
-from ._peers import Peer, PeerEvent, PeerRecord, PeerState
+from ._peers import Peer, PeerEvent, PeerEventKind, PeerRecord, PeerState
 from ._pubsub import PubSub, checked_topic_key
 from ._quiet import QuietLog
 from ._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
+from ._workqueue import DEFAULT_PREFETCH, Handler, Pull, WorkQueues, checked_queue_key
 from .errors import ClosedError, ConfigError, RequestTimeout
 
 _log = logging.getLogger("mesh.node")
@@ -60,6 +61,7 @@ class AsyncNode:
         self._ctx: Context | None = None
         self._membership: Membership | None = None
         self._pubsub: PubSub | None = None
+        self._work: WorkQueues | None = None
         self._discovery: list[DiscoveryBackend] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._ctl_endpoints: list[str] = []
@@ -120,12 +122,19 @@ class AsyncNode:
                 heartbeat_interval=cfg.heartbeat_interval, suspect_after=cfg.suspect_after,
                 lost_after=cfg.lost_after, on_event=self._on_peer_event,
                 on_connect=self._on_peer_connect, on_disconnect=self._on_peer_disconnect,
-                on_change=self._changed, quiet=self._quiet)
+                on_change=self._changed, quiet=self._quiet,
+                on_update=self._on_peer_update, on_message=self._on_control,
+                on_beat=self._on_beat)
             self._pubsub = PubSub(ctx, cfg, self._quiet, self.stats,
                                   on_subs_changed=self._interest_changed,
                                   on_ready_changed=self._changed)
+            self._work = WorkQueues(ctx, cfg, self._quiet, self.stats,
+                                    alive_peers=self._alive,
+                                    send_control=self._membership.send_to,
+                                    on_interest_changed=self._interest_changed)
             self._ctl_endpoints = self._membership.bind(cfg.interfaces, cfg.port)
             self._pubsub.bind(cfg.interfaces)
+            self._work.bind(cfg.interfaces)
         except Exception as exc:
             await self._teardown()
             if isinstance(exc, ConfigError):
@@ -134,7 +143,8 @@ class AsyncNode:
         self._running = True
         self._tasks = [asyncio.get_running_loop().create_task(self._membership.run(),
                                                               name="zeromesh-control"),
-                       *self._pubsub.start(self._id)]
+                       *self._pubsub.start(self._id),
+                       *self._work.start(self._id, cfg.name)]
         if cfg.peers:
             self._discovery.append(StaticDiscovery(cfg.peers, mesh=cfg.mesh))
         if cfg.mdns:
@@ -152,6 +162,8 @@ class AsyncNode:
         if self._pubsub is not None:
             self._pubsub.flush(self.name)
         await self._cancel_tasks()  # no heartbeat may follow the goodbye
+        if self._work is not None:
+            self._work.prepare_leave()  # final credits travel before the goodbye
         if self._membership is not None:
             self._membership.say_goodbye(self._id)
         for backend in self._discovery:
@@ -179,6 +191,8 @@ class AsyncNode:
             self._membership.close()
         if self._pubsub is not None:
             self._pubsub.close()
+        if self._work is not None:
+            self._work.close()
         if self._ctx is not None:
             await asyncio.to_thread(self._ctx.close)  # blocks while the last batches leave
             self._ctx = None
@@ -237,6 +251,8 @@ class AsyncNode:
             raise RequestTimeout(what, timeout) from exc
 
     def _changed(self) -> None:
+        if self._work is not None:
+            self._work.peers_changed()
         for fut in self._watchers:
             if not fut.done():
                 fut.set_result(None)
@@ -245,6 +261,8 @@ class AsyncNode:
         _log.info("peer %s (%s) %s", event.peer.name, event.peer.id[:8], event.kind.value)
         for stream in self._event_streams:
             stream._deliver(event)
+        if event.kind is PeerEventKind.LOST and self._work is not None:
+            self._work.peer_gone(event.peer.id, graceful=False)
 
     def _on_peer_connect(self, new: PeerRecord, old: PeerRecord | None) -> None:
         if self._pubsub is not None:
@@ -253,6 +271,20 @@ class AsyncNode:
     def _on_peer_disconnect(self, rec: PeerRecord) -> None:
         if self._pubsub is not None:
             self._pubsub.peer_gone(rec)
+        if self._work is not None:
+            self._work.peer_gone(rec.id, graceful=True)
+
+    def _on_beat(self) -> None:
+        if self._work is not None:
+            self._work.tick()
+
+    def _on_peer_update(self, rec: PeerRecord) -> None:
+        if self._work is not None:
+            self._work.peer_updated(rec)
+
+    def _on_control(self, msg: _wire.Control) -> None:
+        if isinstance(msg, _wire.Credit) and self._work is not None:
+            self._work.on_credit(msg)
 
     def _interest_changed(self) -> None:
         """Our subscriptions (or queues, services) changed: tell everyone."""
@@ -263,10 +295,12 @@ class AsyncNode:
             self._membership.broadcast_hello()
 
     def _hello(self, reply: bool) -> _wire.Hello:
-        pubsub = self._pubsub
+        pubsub, work = self._pubsub, self._work
         return _wire.Hello(self._id, self.name, self.mesh, self._incarnation,
                            self._ctl_endpoints, pubsub.endpoints if pubsub else [],
-                           pubsub.patterns if pubsub else [], self._interest_version, reply)
+                           pubsub.patterns if pubsub else [], self._interest_version, reply,
+                           pull=work.endpoints if work else [],
+                           queues=work.queues if work else {})
 
     def _peer_info(self) -> PeerInfo:
         return PeerInfo(id=self._id, name=self.name, mesh=self.mesh,
@@ -360,6 +394,65 @@ class AsyncNode:
         """
         checked_topic_key(topic)
 
+
+    # -- work queues -------------------------------------------------------------
+
+    async def push(self, queue: str, data: bytes | str, *,
+                   headers: Mapping[str, str] | None = None, timeout: float = 10.0) -> None:
+        """Hand a message to exactly one live worker of `queue`, anywhere in the mesh.
+
+        Returns once a worker with free credit was chosen; waits (up to
+        `timeout`) while every worker is busy, so it never drops.
+
+        Raises:
+            ConfigError: `queue` is invalid.
+            MessageTooLarge: `data` exceeds ``max_message_size``.
+            NoRespondersError: no worker of `queue` appeared within `timeout`.
+            RequestTimeout: workers exist but none had credit within `timeout`.
+            ClosedError: the node is not running.
+        """
+        self._check_running()
+        assert self._work is not None
+        await self._work.push(queue, data, headers, timeout, lambda: not self._running)
+
+    async def pull(self, queue: str, *, prefetch: int = DEFAULT_PREFETCH,
+                   handler: Handler | None = None) -> Pull:
+        """Become a worker of `queue`: iterate the result, or pass `handler`.
+
+        `prefetch` is how many of each pusher's messages this node holds
+        unprocessed; small values follow speed differences more closely.
+
+        Raises:
+            ConfigError: `queue` or `prefetch` is invalid.
+            ClosedError: the node is not running.
+        """
+        self._check_running()
+        assert self._work is not None
+        return self._work.pull(queue, prefetch, handler)
+
+    async def wait_for_workers(self, queue: str, count: int = 1, *,
+                               timeout: float = 10.0) -> None:
+        """Wait until `count` workers of `queue` (this node included) are alive.
+
+        Raises:
+            ConfigError: `queue` is invalid.
+            RequestTimeout: fewer were there when the timeout came.
+        """
+        checked_queue_key(queue)
+        await self._wait(lambda: self.worker_count(queue) >= count, timeout,
+                         f"waiting for {count} workers of {queue!r}")
+
+    def check_queue(self, queue: str) -> None:
+        """Validate a queue name.
+
+        Raises:
+            ConfigError: it is not a valid queue name.
+        """
+        checked_queue_key(queue)
+
+    def worker_count(self, queue: str) -> int:
+        """Live workers of `queue` known to this node (itself included)."""
+        return self._work.worker_count(queue) if self._work is not None else 0
 
 def _struct_items(config: NodeConfig) -> dict[str, Any]:
     return {f: getattr(config, f) for f in config.__struct_fields__}

@@ -78,7 +78,8 @@ class PeerRecord:
     subs: tuple[TopicPattern, ...] = ()
     subs_version: int = -1
     pull: str = ""
-    queues: frozenset[str] = frozenset()
+    queues: dict[str, int] = field(default_factory=dict)
+    """Queue name -> credit window this peer grants each pusher."""
     rtr: str = ""
     services: frozenset[str] = frozenset()
 

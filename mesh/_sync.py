@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
 from ._config import NodeConfig
 from ._message import Message
 from ._node import AsyncNode
+from ._workqueue import DEFAULT_PREFETCH, Pull
 from ._peers import Peer, PeerEvent
 from ._pubsub import checked_topic_key
 from ._subscription import Subscription
@@ -176,6 +177,28 @@ class Node:
         """See `AsyncNode.wait_for_peers`."""
         return self._call(self._node.wait_for_peers(count, timeout=timeout))
 
+    def push(self, queue: str, data: bytes | str, *,
+             headers: Mapping[str, str] | None = None, timeout: float = 10.0) -> None:
+        """See `AsyncNode.push`; blocks until a worker with credit takes the message."""
+        self._call(self._node.push(queue, data, headers=headers, timeout=timeout))
+
+    def pull(self, queue: str, *, prefetch: int = DEFAULT_PREFETCH,
+             handler: Callable[[Message], object] | None = None) -> SyncPull:
+        """See `AsyncNode.pull`. A `handler` runs in a worker thread, so it may block."""
+        async_handler = None
+        if handler is not None:
+            blocking = handler
+
+            async def async_handler(msg: Message) -> None:
+                await asyncio.to_thread(blocking, msg)
+
+        return SyncPull(self, self._call(self._node.pull(queue, prefetch=prefetch,
+                                                         handler=async_handler)))
+
+    def wait_for_workers(self, queue: str, count: int = 1, *, timeout: float = 10.0) -> None:
+        """See `AsyncNode.wait_for_workers`."""
+        self._call(self._node.wait_for_workers(queue, count, timeout=timeout))
+
     def wait_for_subscribers(self, topic: str, count: int = 1, *,
                              timeout: float = 10.0) -> None:
         """See `AsyncNode.wait_for_subscribers`."""
@@ -232,6 +255,44 @@ class SyncPeerEvents:
             return self.next()
         except ClosedError:
             raise StopIteration from None
+
+
+class SyncPull:
+    """Work messages of one queue, read with blocking `next()` or iteration."""
+
+    def __init__(self, node: Node, pull: Pull) -> None:
+        self._node = node
+        self._pull = pull
+
+    @property
+    def queue(self) -> str:
+        return self._pull.queue
+
+    def next(self, timeout: float | None = None) -> Message:
+        """The next work message (the previous one counts as processed).
+
+        Raises:
+            TimeoutError: none arrived within `timeout` seconds.
+            ClosedError: the pull or its node was closed.
+        """
+        return self._node._call(self._pull.next(timeout))
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            try:
+                yield self.next()
+            except ClosedError:
+                return
+
+    def close(self) -> None:
+        if self._node._loop is not None:
+            self._node._call(self._pull.aclose())
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class SyncSubscription:

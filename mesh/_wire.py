@@ -12,7 +12,7 @@ bytes   value     meaning
 ======  ========  =====================================================
 0-1     ``ZM``    magic
 2       1         protocol version (``PROTOCOL_VERSION``)
-3       ``D|C``   kind: data batch or control message
+3       ``D|C|R`` kind: data batch, control message, service request/reply
 ======  ========  =====================================================
 
 Data (PUB -> SUB): ``topic key | header | Batch``.
@@ -35,7 +35,22 @@ tag  message    fields
                pull, queues, rtr, services
 2    Heartbeat  id, incarnation, subs_version, ctl
 3    Bye        id
+4    Credit     id, queue, consumed: a worker has consumed this many of a pusher's
+               messages on a queue (a running total, so a lost one is superseded)
 ===  =========  ==========================================================
+
+Service (DEALER -> ROUTER requests, ROUTER -> DEALER replies): ``header |
+ServiceFrame``, a tagged msgpack array; the ROUTER's routing-id frame is added
+and stripped by ZeroMQ, so each side still reads a single frame:
+
+===  =======  ==============================================================
+tag  message  fields
+===  =======  ==============================================================
+1    Request  id (correlation, per requester), service, source id, source
+              name, timestamp, headers | nil, payload
+2    Reply    id, status (0 ok, 1 handler error, 2 not served here, 3 busy),
+              timestamp, payload, error text
+===  =======  ==============================================================
 
 Evolution: fields are only appended, with defaults; new message kinds get new
 tags, which older peers drop and count as malformed.
@@ -53,6 +68,7 @@ MAGIC: Final[bytes] = b"ZM"
 PROTOCOL_VERSION: Final[int] = 1
 KIND_DATA: Final[bytes] = b"D"
 KIND_CONTROL: Final[bytes] = b"C"
+KIND_SERVICE: Final[bytes] = b"R"
 DATA_HEADER: Final[bytes] = MAGIC + bytes([PROTOCOL_VERSION]) + KIND_DATA
 CONTROL_HEADER: Final[bytes] = MAGIC + bytes([PROTOCOL_VERSION]) + KIND_CONTROL
 MAX_CONTROL_SIZE: Final[int] = 64 * 1024
@@ -97,8 +113,8 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
     reply: bool = False
     pull: list[str] = []
     """Work-queue (PULL) endpoints."""
-    queues: list[str] = []
-    """Work queues this node pulls from."""
+    queues: dict[str, int] = {}
+    """Work queues this node pulls from, with the credit window it grants each pusher."""
     rtr: list[str] = []
     """Service (ROUTER) endpoints."""
     services: list[str] = []
@@ -120,7 +136,15 @@ class Bye(msgspec.Struct, frozen=True, array_like=True, tag=3):
     id: str
 
 
-Control = Hello | Heartbeat | Bye
+class Credit(msgspec.Struct, frozen=True, array_like=True, tag=4):
+    """Worker -> pusher: messages consumed so far on `queue` (frees that much window)."""
+
+    id: str
+    queue: str
+    consumed: int
+
+
+Control = Hello | Heartbeat | Bye | Credit
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _batch_decoder: Final = msgspec.msgpack.Decoder(Batch)
@@ -191,4 +215,68 @@ def decode_control(frame: bytes) -> Control:
         msg: Control = _control_decoder.decode(memoryview(frame)[4:])
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"undecodable control: {exc}") from exc
+    return msg
+
+
+# -- services -------------------------------------------------------------------
+
+SERVICE_HEADER: Final[bytes] = MAGIC + bytes([PROTOCOL_VERSION]) + KIND_SERVICE
+REPLY_OK: Final[int] = 0
+REPLY_ERROR: Final[int] = 1
+"""The handler raised; `error` carries its message."""
+REPLY_NOT_SERVED: Final[int] = 2
+"""The server does not (or no longer) serve this service: try another."""
+REPLY_BUSY: Final[int] = 3
+"""The server's backlog for the service is full: try another."""
+
+
+class Request(msgspec.Struct, frozen=True, array_like=True, gc=False, tag=1):
+    """One request to a service."""
+
+    id: int
+    """Correlation id, unique per requester node."""
+    service: str
+    source: str
+    """Requester node id."""
+    name: str
+    """Requester node name."""
+    ts: float
+    headers: dict[str, str] | None
+    payload: bytes
+
+
+class Reply(msgspec.Struct, frozen=True, array_like=True, gc=False, tag=2):
+    """The answer to the request with the same `id`."""
+
+    id: int
+    status: int
+    ts: float
+    payload: bytes
+    error: str = ""
+
+
+ServiceFrame = Request | Reply
+
+_service_decoder: Final = msgspec.msgpack.Decoder(ServiceFrame)
+
+
+def encode_service(msg: ServiceFrame) -> bytearray:
+    buf = bytearray(SERVICE_HEADER)
+    _encoder.encode_into(msg, buf, len(buf))
+    return buf
+
+
+def decode_service(frame: bytes, max_size: int) -> ServiceFrame:
+    """Decode a service frame, checking size and header first.
+
+    Raises:
+        ProtocolError: anything malformed; the caller drops and counts it.
+    """
+    if len(frame) > max_size:
+        raise ProtocolError(f"service frame of {len(frame)} bytes exceeds {max_size}")
+    _check_header(frame[:4], SERVICE_HEADER)
+    try:
+        msg: ServiceFrame = _service_decoder.decode(memoryview(frame)[4:])
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable service frame: {exc}") from exc
     return msg

@@ -100,6 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_count, metavar="N", help="exit 0 after N messages")
     p.add_argument("--timeout", type=_positive, metavar="S", help="bound the whole run")
     p.add_argument("--json", action="store_true", help="one JSON object per message")
+
+    p = sub.add_parser("push", help="hand a message to one worker of QUEUE (no DATA: stdin lines)")
+    _common(p)
+    p.add_argument("queue")
+    p.add_argument("data", nargs="?")
+    p.add_argument("--wait-workers", type=_count, metavar="N",
+                   help="push only once N workers of the queue are connected")
+    p.add_argument("--timeout", type=_positive, default=10.0, metavar="S",
+                   help="how long to wait for workers (default 10)")
+    p.add_argument("--header", action="append", default=[], metavar="K=V",
+                   help="message header; repeatable")
+
+    p = sub.add_parser("pull", help="work on QUEUE: print each message given to this worker")
+    _common(p)
+    p.add_argument("queue")
+    p.add_argument("--count", type=_count, metavar="N", help="exit 0 after N messages")
+    p.add_argument("--timeout", type=_positive, metavar="S", help="bound the whole run")
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.add_argument("--prefetch", type=_count, default=16, metavar="N",
+                   help="messages held per pusher before they are printed (default 16)")
     return parser
 
 

@@ -1,0 +1,48 @@
+"""Push/pull over ZeroMQ: one PULL socket bound per worker node, one PUSH socket per worker.
+
+A pusher keeps a separate PUSH socket (one pipe) per worker instead of one
+socket connected to all of them: libzmq's own round robin cannot see how busy
+a worker is, so the mesh decides which worker gets each message (by credit)
+and sends it down that worker's pipe. The send queue is unbounded because the
+mesh's credit window, not the high-water mark, bounds what is in flight.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from ._socket import Context
+
+
+class Puller:
+    """The worker node's PULL socket; every pusher's pipe ends here."""
+
+    def __init__(self, ctx: Context, *, max_message_size: int) -> None:
+        self._sock = ctx.socket(zmq.PULL, rcvhwm=0, max_message_size=max_message_size)
+        self.endpoints: list[str] = []
+
+    def bind(self, host: str, port: int = 0) -> str:
+        endpoint = self._sock.bind(host, port)
+        self.endpoints.append(endpoint)
+        return endpoint
+
+    async def recv_many(self, limit: int = 256) -> list[list[bytes]]:
+        return await self._sock.recv_many(limit)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class Pusher:
+    """A PUSH socket connected to exactly one worker."""
+
+    def __init__(self, ctx: Context, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._sock = ctx.socket(zmq.PUSH, sndhwm=0)
+        self._sock.connect(endpoint)
+
+    def send(self, frame: bytes | bytearray) -> None:
+        self._sock.send(frame)
+
+    def close(self, linger: float = 0.0) -> None:
+        self._sock.close(linger)
