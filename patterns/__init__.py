@@ -5,6 +5,7 @@ Imports neither `mesh` nor `discovery`.
 
 from ._control import Inbox, Outbox
 from ._pubsub import MARKER_PREFIX, Publisher, Subscriber
+from ._pushpull import Puller, Pusher
 from ._socket import DEFAULT_MAX_MESSAGE_SIZE, Context
 from ._topics import (
     MAX_TOPIC_BYTES,
@@ -26,6 +27,8 @@ __all__ = [
     "Outbox",
     "PatternError",
     "Publisher",
+    "Puller",
+    "Pusher",
     "SocketClosed",
     "Subscriber",
     "TopicPattern",
