@@ -10,7 +10,8 @@ pyzmq, zeroconf and msgspec never escape the public API::
     ├── ProtocolError                 a peer sent something we cannot read (internal; dropped)
     ├── DeliveryError                 a message could not be delivered
     │   ├── RequestTimeout (TimeoutError)   .timeout
-    │   └── NoRespondersError         .name: no live peer serves it
+    │   ├── NoRespondersError         .name: no live peer serves it
+    │   └── RemoteError               .service, .message: the service's handler failed
     └── SpoolFullError                .quota, .used
 """
 
@@ -72,6 +73,15 @@ class NoRespondersError(DeliveryError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"no responders for {name!r}")
+
+
+class RemoteError(DeliveryError):
+    """The service's handler raised; `message` is its error text (the server keeps serving)."""
+
+    def __init__(self, service: str, message: str) -> None:
+        self.service = service
+        self.message = message
+        super().__init__(f"service {service!r} failed: {message}")
 
 
 class SpoolFullError(MeshError):
