@@ -199,7 +199,7 @@ class Pull:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._owner._detach(self._local)
+        self._owner._detach(self, self._local)
 
     async def __aenter__(self) -> Pull:
         return self
@@ -252,6 +252,7 @@ class WorkQueues:
         self._streams: dict[tuple[str, str], _InStream] = {}
         self._credit_handle: asyncio.Handle | None = None
         self._credit_dirty: set[_InStream] = set()
+        self._handles: set[Pull] = set()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -270,6 +271,8 @@ class WorkQueues:
 
     def prepare_leave(self) -> None:
         """Before the goodbye: flush pushes and report final credits, in that order."""
+        for handle in list(self._handles):
+            handle._done()  # the message in the application's hands counts as processed
         self._flush()
         self._send_credits(force=False)
 
@@ -439,7 +442,7 @@ class WorkQueues:
     def peers_changed(self) -> None:
         """Someone joined, left, was lost or changed interest: recompute targets."""
         self._target_cache.clear()
-        for queue in list(self._waiters):
+        for queue in {*self._waiters, *(q for q, b in self._backlog.items() if b)}:
             self._wake(queue)
 
     def peer_updated(self, rec: PeerRecord) -> None:
@@ -486,6 +489,7 @@ class WorkQueues:
         local.window = max(local.window, prefetch)
         local.handles += 1
         pull = Pull(self, local)
+        self._handles.add(pull)
         if handler is not None:
             pull._task = asyncio.get_running_loop().create_task(pull._run(handler))
         self._target_cache.pop(queue, None)
@@ -493,7 +497,8 @@ class WorkQueues:
             self._on_interest_changed()
         return pull
 
-    def _detach(self, local: _LocalQueue) -> None:
+    def _detach(self, pull: Pull, local: _LocalQueue) -> None:
+        self._handles.discard(pull)
         local.handles -= 1
         if local.handles > 0:
             return

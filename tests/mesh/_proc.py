@@ -48,6 +48,20 @@ class Cli:
             if line.startswith(startswith):
                 return line
 
+    def all_lines(self, timeout: float = 10.0) -> list[str]:
+        """Every stdout line, once the process has exited and its pipe is drained."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                break
+            if line is None:
+                self._lines.put(None)
+                return self.stdout
+            self.stdout.append(line)
+        raise AssertionError(f"stdout not closed within {timeout} s")
+
     def wait(self, timeout: float = 15.0) -> int:
         return self.proc.wait(timeout)
 

@@ -1,0 +1,204 @@
+"""Work queues: exactly one worker per message, fair, speed-adaptive, nothing lost on a graceful leave."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+import pytest
+
+from mesh import NoRespondersError, Node, RequestTimeout
+from tests.helpers import aeventually
+
+from ._proc import Cli
+from .conftest import FAST
+
+
+async def _drain_until(counter: collections.Counter, total: int, timeout: float = 10) -> None:
+    await aeventually(lambda: sum(counter.values()) >= total, timeout=timeout,
+                      message=f"{total} messages processed (got {counter})")
+
+
+async def test_equal_workers_share_the_work_fairly(make_node) -> None:
+    """3 workers, 3,000 messages: each gets 1,000 ± 20 %, each message exactly once."""
+    pusher = await make_node("pusher")
+    got: collections.Counter = collections.Counter()
+    seen: list[bytes] = []
+    for i in range(3):
+        worker = await make_node(f"w{i}")
+        await worker.pull("jobs", handler=lambda m, n=f"w{i}": (got.update([n]), seen.append(m.data)))
+    await pusher.wait_for_workers("jobs", 3, timeout=5)
+    for i in range(3000):
+        await pusher.push("jobs", str(i))
+    await _drain_until(got, 3000)
+    print("fairness split:", dict(got))
+    assert sorted(seen) == sorted(str(i).encode() for i in range(3000))
+    assert all(800 <= n <= 1200 for n in got.values()), got
+
+
+async def test_a_slow_worker_gets_proportionally_fewer(make_node) -> None:
+    """A worker 10x slower is not queued up: it gets about a tenth of what the fast one gets."""
+    pusher = await make_node("pusher")
+    got: collections.Counter = collections.Counter()
+
+    def worker(name: str, delay: float):
+        async def handle(msg) -> None:
+            await asyncio.sleep(delay)
+            got[name] += 1
+        return handle
+
+    fast, slow = await make_node("fast"), await make_node("slow")
+    await fast.pull("jobs", prefetch=4, handler=worker("fast", 0.001))
+    await slow.pull("jobs", prefetch=4, handler=worker("slow", 0.010))
+    await pusher.wait_for_workers("jobs", 2, timeout=5)
+    started = time.monotonic()
+    for i in range(1000):
+        await pusher.push("jobs", str(i), timeout=10)
+    await _drain_until(got, 1000, timeout=20)
+    took = time.monotonic() - started
+    print(f"speed split: {dict(got)} in {took:.2f} s")
+    # The slow worker got no more than it could process in that time plus its window:
+    # nothing waited in a queue behind it while the fast one was free.
+    assert got["slow"] <= took / 0.010 + 4 + 1, got
+    assert got["fast"] > 3 * got["slow"] > 0, got
+
+
+async def test_graceful_leave_mid_stream_loses_nothing(make_node) -> None:
+    """A worker that stops pulling mid-stream hands its unprocessed messages back."""
+    pusher = await make_node("pusher")
+    leaver, stayer = await make_node("leaver"), await make_node("stayer")
+    seen: list[bytes] = []
+    leaving = await leaver.pull("jobs", prefetch=200)
+    await stayer.pull("jobs", prefetch=200, handler=lambda m: seen.append(m.data))
+    await pusher.wait_for_workers("jobs", 2, timeout=5)
+
+    async def produce() -> None:
+        for i in range(2000):
+            await pusher.push("jobs", str(i), timeout=10)
+
+    producer = asyncio.create_task(produce())
+    for _ in range(100):
+        seen.append((await leaving.next(timeout=5)).data)
+    await leaving.aclose()  # 100 processed; whatever else it held goes back
+    await producer
+    await aeventually(lambda: len(seen) >= 2000, timeout=10)
+    assert sorted(seen) == sorted(str(i).encode() for i in range(2000))
+    assert pusher.stats["redelivered"] > 0
+    assert pusher.stats["lost_in_flight"] == 0
+
+
+async def test_a_worker_node_closing_hands_back_its_backlog(make_node) -> None:
+    """Node shutdown (goodbye) also returns unprocessed messages to the pusher."""
+    pusher = await make_node("pusher")
+    closing, stayer = await make_node("closing"), await make_node("stayer")
+    took = await closing.pull("jobs", prefetch=50)
+    await pusher.wait_for_workers("jobs", 1, timeout=5)
+    for i in range(50):
+        await pusher.push("jobs", str(i))
+    first = await took.next(timeout=5)
+    seen = [first.data]
+    await stayer.pull("jobs", handler=lambda m: seen.append(m.data))
+    await closing.aclose()
+    await aeventually(lambda: len(seen) >= 50, timeout=10)
+    assert sorted(seen) == sorted(str(i).encode() for i in range(50))
+
+
+async def test_a_worker_joining_mid_stream_gets_a_share(make_node) -> None:
+    """Workers that appear while messages flow start receiving at once."""
+    pusher = await make_node("pusher")
+    got: collections.Counter = collections.Counter()
+    first = await make_node("first")
+    await first.pull("jobs", prefetch=8, handler=lambda m: got.update(["first"]))
+    await pusher.wait_for_workers("jobs", 1, timeout=5)
+    for i in range(200):
+        await pusher.push("jobs", str(i))
+    late = await make_node("late")
+    await late.pull("jobs", prefetch=8, handler=lambda m: got.update(["late"]))
+    await pusher.wait_for_workers("jobs", 2, timeout=5)
+    for i in range(400):
+        await pusher.push("jobs", str(i))
+    await _drain_until(got, 600)
+    assert got["late"] >= 100, got
+
+
+async def test_no_worker_raises_no_responders_after_the_timeout(make_node) -> None:
+    """Nobody pulls the queue: the pusher waits its timeout, then NoRespondersError."""
+    pusher = await make_node("pusher")
+    started = time.monotonic()
+    with pytest.raises(NoRespondersError, match="jobs"):
+        await pusher.push("jobs", b"x", timeout=0.3)
+    assert 0.3 <= time.monotonic() - started < 2
+
+
+async def test_busy_workers_make_push_wait_not_drop(make_node) -> None:
+    """Every worker at its credit window: push waits, then times out (nothing dropped)."""
+    pusher = await make_node("pusher")
+    worker = await make_node("worker")
+    work = await worker.pull("jobs", prefetch=2)
+    await pusher.wait_for_workers("jobs", 1, timeout=5)
+    await pusher.push("jobs", b"1")
+    await pusher.push("jobs", b"2")
+    with pytest.raises(RequestTimeout, match="busy"):
+        await pusher.push("jobs", b"3", timeout=0.3)
+    assert (await work.next(timeout=5)).data == b"1"
+    assert (await work.next(timeout=5)).data == b"2"  # message 1 is now processed: credit back
+    await pusher.push("jobs", b"3", timeout=5)
+    assert (await work.next(timeout=5)).data == b"3"
+
+
+async def test_local_workers_and_shared_handles(make_node) -> None:
+    """A node's own pushes reach its own workers; two handles on one queue share it."""
+    node = await make_node("solo")
+    a = await node.pull("jobs")
+    b = await node.pull("jobs")
+    for i in range(4):
+        await node.push("jobs", str(i))
+    got = [(await a.next(timeout=1)).data, (await b.next(timeout=1)).data,
+           (await a.next(timeout=1)).data, (await b.next(timeout=1)).data]
+    assert sorted(got) == [b"0", b"1", b"2", b"3"]
+
+
+async def test_sigkilled_worker_loses_only_its_in_flight_messages(make_node, mesh_name) -> None:
+    """SIGKILL a worker process mid-stream: the survivor keeps getting work; losses are counted."""
+    pusher = await make_node("pusher")
+    survivor = await make_node("survivor")
+    got: list[bytes] = []
+    await survivor.pull("jobs", prefetch=20, handler=lambda m: got.append(m.data))
+    victim = Cli(["pull", "jobs", "--prefetch", "20", "--name", "victim"], mesh=mesh_name)
+    try:
+        await pusher.wait_for_workers("jobs", 2, timeout=10)
+        for i in range(300):
+            await pusher.push("jobs", str(i), timeout=10)
+        await asyncio.to_thread(victim.line, "", 10)  # it is working
+        victim.proc.kill()
+        await asyncio.to_thread(victim.wait, 10)
+        for i in range(300, 600):
+            await pusher.push("jobs", str(i), timeout=10)
+        await aeventually(lambda: pusher.worker_count("jobs") == 1, timeout=5)
+    finally:
+        victim.close()
+    printed = len(victim.all_lines())
+    await aeventually(lambda: len(got) + pusher.stats["lost_in_flight"] + printed >= 600, timeout=10)
+    assert pusher.stats["lost_in_flight"] <= 20  # at most one credit window
+    assert len(set(got)) == len(got)
+    assert {str(i).encode() for i in range(500, 600)} <= set(got)
+
+
+def test_sync_node_push_and_pull(mesh_name) -> None:
+    """The blocking facade: push blocks until taken; pull iterates; handlers may block."""
+    common = {"mesh": mesh_name, "interfaces": ["127.0.0.1"], **FAST}
+    with Node(name="w", **common) as w, Node(name="p", **common) as p:
+        work = w.pull("jobs")
+        p.wait_for_workers("jobs", 1, timeout=5)
+        p.push("jobs", "hello")
+        msg = work.next(timeout=5)
+        assert (msg.topic, msg.text, msg.source) == ("jobs", "hello", "p")
+        done: list[str] = []
+        w.pull("blocking", handler=lambda m: (time.sleep(0.05), done.append(m.text)))
+        p.wait_for_workers("blocking", 1, timeout=5)
+        p.push("blocking", "slow is fine")
+        deadline = time.monotonic() + 5
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert done == ["slow is fine"]
