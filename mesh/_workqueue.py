@@ -98,8 +98,15 @@ class _Target:
 class _InStream:
     """A worker's view of one pusher's stream on one queue: how much it consumed."""
 
-    __slots__ = ("changed_at", "consumed", "pusher_id", "queue", "received", "retired",
-                 "reported")
+    __slots__ = (
+        "changed_at",
+        "consumed",
+        "pusher_id",
+        "queue",
+        "received",
+        "reported",
+        "retired",
+    )
 
     def __init__(self, pusher_id: str, queue: str, position: int) -> None:
         self.pusher_id = pusher_id

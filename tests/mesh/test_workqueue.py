@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mesh import NoRespondersError, Node, RequestTimeout
+from mesh import Node, NoRespondersError, RequestTimeout
 from tests.helpers import aeventually
 
 from ._proc import Cli
