@@ -138,6 +138,7 @@ def test_drops_at_the_high_water_mark_are_counted() -> None:
             got += 1
         assert first.data != b"end"
         assert sub_node.stats["dropped"] > 0
+        assert sub_node._node.dropped_by_peer == {pub.id: sub_node.stats["dropped"]}
         assert got + sub_node.stats["dropped"] == n
 
 
