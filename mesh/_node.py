@@ -98,6 +98,11 @@ class AsyncNode:
         return {"ctl": list(self._ctl_endpoints), "pub": list(pub)}
 
     @property
+    def dropped_by_peer(self) -> Mapping[str, int]:
+        """Pub/sub messages publishers dropped for us at their high-water mark, by peer id."""
+        return dict(self._pubsub.dropped_by_peer) if self._pubsub is not None else {}
+
+    @property
     def dropped_input(self) -> Mapping[str, int]:
         """Malformed or foreign input dropped, by reason."""
         return dict(self._quiet.dropped)
