@@ -1,0 +1,345 @@
+"""SpoolStore: a crash-safe, group-committed, quota-bounded log of pending messages.
+
+One writer thread owns the files. Appends from the event loop are queued to
+it; it writes everything queued as one `write` and then fsyncs once (policy
+``batch``, the default: group commit with no fixed delay, so a lone message
+waits one fsync and a burst shares it), fsyncs per record (``always``) or
+leaves flushing to the OS (``off``). An append's future resolves only after
+its bytes are written (and synced, per policy): a reliable send that returns
+is on disk.
+
+Pending (unacknowledged) messages are also kept in memory, bounded by the
+quota, so delivery never reads the disk; the files are for surviving
+crashes. Acknowledgements are records too, written lazily with the next batch
+(losing one to a crash only means a redelivery, which receivers deduplicate).
+
+Reclaiming space: segments roll at `segment_bytes`; the oldest segment is
+deleted as soon as every message in it is acknowledged. Deleting only from the
+front keeps it safe: an ack always lives in the same or a later segment than
+the message it settles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Final
+
+from ..errors import ClosedError, MeshError, SpoolFullError
+from ._segment import HEADER_SIZE, RecordKind, RecoveryReport, encode, scan
+
+_log = logging.getLogger("mesh.spool")
+_SUFFIX: Final[str] = ".seg"
+DEFAULT_QUOTA: Final[int] = 256 * 1024 * 1024
+DEFAULT_SEGMENT: Final[int] = 16 * 1024 * 1024
+
+
+class FsyncPolicy(enum.Enum):
+    """When appended bytes are forced to disk."""
+
+    ALWAYS = "always"
+    """fsync after every record: slowest, each send pays a full fsync."""
+    BATCH = "batch"
+    """group commit: one fsync covers everything queued meanwhile (default)."""
+    OFF = "off"
+    """no fsync: survives a process crash, not a power cut."""
+
+
+@dataclass(slots=True)
+class _Segment:
+    path: Path
+    first_id: int
+    size: int = 0
+    live: int = 0
+    """DATA records in it not yet acknowledged."""
+
+
+_STOP: Final = object()
+"""Queued after the last write: the writer finishes what is queued, then ends."""
+
+
+class SpoolStore:
+    """The pending messages of one spool directory."""
+
+    def __init__(self, path: str | os.PathLike[str], *,
+                 fsync: FsyncPolicy = FsyncPolicy.BATCH, quota_bytes: int = DEFAULT_QUOTA,
+                 segment_bytes: int = DEFAULT_SEGMENT) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self.quota_bytes = quota_bytes
+        self.segment_bytes = segment_bytes
+        self._segments: list[_Segment] = []
+        self._firsts: list[int] = []
+        self._pending: dict[int, bytes] = {}
+        self._where: dict[int, _Segment] = {}
+        self._next_id = 1
+        self._queued_bytes = 0
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.report = RecoveryReport()
+
+    # -- opening -----------------------------------------------------------------
+
+    def open(self) -> RecoveryReport:
+        """Recover from the files (blocking: call it off the loop). Never raises on damage."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        report = self.report = RecoveryReport()
+        acked: set[int] = set()
+        files = sorted(self.path.glob(f"*{_SUFFIX}"))
+        for index, file in enumerate(files):
+            try:
+                first = int(file.stem)
+            except ValueError:
+                report.problems.append(f"{file.name}: not a segment name, ignored")
+                continue
+            data = file.read_bytes()
+            seg = _Segment(file, first, len(data))
+            good_end = 0
+            for rec in scan(data, report, file.name):
+                good_end = rec.offset + HEADER_SIZE + len(rec.payload)
+                self._next_id = max(self._next_id, rec.id + 1)
+                if rec.kind is RecordKind.DATA:
+                    self._pending[rec.id] = rec.payload
+                    self._where[rec.id] = seg
+                    seg.live += 1
+                elif rec.kind is RecordKind.ACK:
+                    acked.add(rec.id)
+            if good_end < len(data) and index == len(files) - 1 and report.torn_bytes:
+                with open(file, "r+b") as fh:  # cut the torn tail so appends continue cleanly
+                    fh.truncate(good_end)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                seg.size = good_end
+            self._segments.append(seg)
+        for record_id in acked:
+            self._settle(record_id)
+        self._firsts = [s.first_id for s in self._segments]
+        self._drop_settled_prefix()
+        if not report.clean:
+            _log.warning("spool %s recovered with damage: %s", self.path,
+                         "; ".join(report.problems[:5]))
+        return report
+
+    async def start(self) -> RecoveryReport:
+        """Recover, then start the writer thread."""
+        report = await asyncio.to_thread(self.open)
+        self._loop = asyncio.get_running_loop()
+        if not self._segments:
+            self._segments.append(_Segment(self.path / f"{self._next_id:020d}{_SUFFIX}",
+                                           self._next_id))
+            self._firsts.append(self._next_id)
+        self._thread = threading.Thread(target=self._write_forever, name="zeromesh-spool",
+                                        daemon=True)
+        self._thread.start()
+        return report
+
+    # -- the API the loop uses -----------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.size for s in self._segments) + self._queued_bytes
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def pending(self) -> list[tuple[int, bytes]]:
+        """Unacknowledged messages, oldest first."""
+        return sorted(self._pending.items())
+
+    def get(self, record_id: int) -> bytes | None:
+        return self._pending.get(record_id)
+
+    async def append(self, payload: bytes) -> int:
+        """Store one message; returns its id once it is on disk (per the fsync policy).
+
+        Raises:
+            SpoolFullError: the quota (or the disk) is full; nothing is stored.
+            ClosedError: the store is closed.
+        """
+        return (await self.append_many((payload,)))[0]
+
+    async def append_many(self, payloads: Iterable[bytes]) -> list[int]:
+        """Store several messages with one wait (one group commit)."""
+        if self._closed or self._loop is None:
+            raise ClosedError("spool is closed")
+        records, ids = [], []
+        payload_list = list(payloads)
+        for payload in payload_list:
+            record_id = self._next_id
+            self._next_id += 1
+            records.append(encode(RecordKind.DATA, record_id, payload))
+            ids.append(record_id)
+        size = sum(len(r) for r in records)
+        used = self.used_bytes
+        if used + size > self.quota_bytes:
+            raise SpoolFullError(self.quota_bytes, used)
+        self._queued_bytes += size
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._queue.put(_Write(records, ids, payload_list, fut, size))
+        await fut
+        return ids
+
+    def ack(self, record_ids: Iterable[int]) -> None:
+        """Mark messages done; written with the next batch, space reclaimed by segment."""
+        records = []
+        for record_id in record_ids:
+            if record_id in self._pending:
+                records.append(encode(RecordKind.ACK, record_id, b""))
+                self._settle(record_id)
+        if records and not self._closed:
+            size = sum(len(r) for r in records)
+            self._queued_bytes += size
+            self._queue.put(_Write(records, [], [], None, size))
+            self._drop_settled_prefix()
+
+    async def aclose(self) -> None:
+        """Finish queued writes and stop the writer."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._thread.join, 10)
+
+    # -- bookkeeping ---------------------------------------------------------------
+
+    def _settle(self, record_id: int) -> None:
+        if self._pending.pop(record_id, None) is not None:
+            seg = self._where.pop(record_id, None)
+            if seg is not None:
+                with self._lock:
+                    seg.live -= 1
+
+    def _drop_settled_prefix(self) -> None:
+        """Delete fully acknowledged segments from the front (never the one being written)."""
+        with self._lock:
+            while len(self._segments) > 1 and self._segments[0].live <= 0:
+                seg = self._segments.pop(0)
+                self._firsts.pop(0)
+                try:
+                    seg.path.unlink(missing_ok=True)
+                except OSError as exc:
+                    _log.warning("cannot delete spool segment %s: %s", seg.path, exc)
+
+    # -- the writer thread -----------------------------------------------------------
+
+    def _write_forever(self) -> None:
+        seg = self._segments[-1]
+        fh: BinaryIO = open(seg.path, "ab")  # noqa: SIM115 - owned by this thread until it ends
+        try:
+            while True:
+                batch = [self._queue.get()]
+                while True:  # group commit: take everything queued meanwhile
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                writes = [b for b in batch if isinstance(b, _Write)]
+                if writes:
+                    fh, seg = self._write_batch(writes, fh, seg)
+                if any(b is _STOP for b in batch):
+                    return
+        finally:
+            fh.close()
+
+    def _write_batch(self, writes: list[_Write], fh: BinaryIO,
+                     seg: _Segment) -> tuple[BinaryIO, _Segment]:
+        placed: list[tuple[_Write, _Segment]] = []
+        error: BaseException | None = None
+        start_size = seg.size
+        chunks: list[bytes] = []
+        try:
+            for write in writes:
+                if seg.size > 0 and seg.size + write.size > self.segment_bytes:
+                    self._flush(fh, chunks)
+                    fh.close()
+                    seg = self._roll(write.ids[0] if write.ids else self._next_id)
+                    fh = open(seg.path, "ab")  # noqa: SIM115
+                    chunks, start_size = [], 0
+                chunks.extend(write.records)
+                with self._lock:
+                    seg.size += write.size
+                    seg.live += len(write.ids)
+                placed.append((write, seg))
+            self._flush(fh, chunks)
+        except OSError as exc:
+            error = _write_error(exc, self.quota_bytes, self.used_bytes)
+            _log.error("spool write failed: %s", exc)
+            self._undo(fh, seg, start_size, placed)
+        loop = self._loop
+        assert loop is not None
+        loop.call_soon_threadsafe(self._resolve, placed, error)
+        return fh, seg
+
+    def _undo(self, fh: BinaryIO, seg: _Segment, size: int,
+              placed: list[tuple[_Write, _Segment]]) -> None:
+        """A failed write stores nothing: cut the file back and forget the batch."""
+        with self._lock:
+            for write, where in placed:
+                where.live -= len(write.ids)
+            seg.size = size
+        try:
+            fh.truncate(size)
+        except OSError as exc:
+            _log.error("cannot cut back spool segment %s: %s", seg.path, exc)
+
+    def _resolve(self, placed: list[tuple[_Write, _Segment]], error: BaseException | None) -> None:
+        for write, seg in placed:
+            self._queued_bytes -= write.size
+            if error is None:
+                for record_id, payload in zip(write.ids, write.payloads, strict=True):
+                    self._pending[record_id] = payload
+                    self._where[record_id] = seg
+            fut = write.future
+            if fut is not None and not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+
+    def _flush(self, fh: BinaryIO, chunks: list[bytes]) -> None:
+        if not chunks:
+            return
+        if self.fsync is FsyncPolicy.ALWAYS:
+            for chunk in chunks:
+                fh.write(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return
+        fh.write(b"".join(chunks))
+        fh.flush()
+        if self.fsync is FsyncPolicy.BATCH:
+            os.fsync(fh.fileno())
+
+    def _roll(self, first_id: int) -> _Segment:
+        seg = _Segment(self.path / f"{first_id:020d}{_SUFFIX}", first_id)
+        with self._lock:
+            self._segments.append(seg)
+            self._firsts.append(first_id)
+        return seg
+
+
+@dataclass(slots=True)
+class _Write:
+    records: list[bytes]
+    ids: list[int]
+    payloads: list[bytes]
+    future: asyncio.Future[None] | None
+    size: int
+
+
+def _write_error(exc: OSError, quota: int, used: int) -> MeshError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFullError(quota, used)
+    return MeshError(f"spool write failed: {exc.strerror or exc}")

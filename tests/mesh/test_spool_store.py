@@ -1,0 +1,172 @@
+"""The spool store on a real disk: recovery, reclaiming, damage, quota, SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mesh import SpoolFullError
+from mesh._spool import FsyncPolicy, SpoolStore
+
+
+async def _open(path, **kw) -> SpoolStore:
+    store = SpoolStore(path, **kw)
+    await store.start()
+    return store
+
+
+async def test_pending_messages_survive_reopen_and_ids_keep_growing(tmp_path) -> None:
+    """What was appended and not acked is pending again after a restart, in order."""
+    store = await _open(tmp_path)
+    ids = [await store.append(f"m{i}".encode()) for i in range(5)]
+    store.ack(ids[:2])
+    await store.aclose()
+    again = await _open(tmp_path)
+    try:
+        assert again.pending() == [(i, f"m{n}".encode()) for n, i in enumerate(ids) if n >= 2]
+        assert await again.append(b"next") > ids[-1]
+        assert again.report.clean
+    finally:
+        await again.aclose()
+
+
+@pytest.mark.parametrize("policy", list(FsyncPolicy))
+async def test_concurrent_appends_share_commits_under_every_policy(tmp_path, policy) -> None:
+    """Many appends in flight at once all complete and all come back after reopen."""
+    store = await _open(tmp_path, fsync=policy)
+    ids = await asyncio.gather(*(store.append(b"x" * 100) for _ in range(500)))
+    await store.aclose()
+    again = await _open(tmp_path, fsync=policy)
+    try:
+        assert [i for i, _ in again.pending()] == sorted(ids)
+    finally:
+        await again.aclose()
+
+
+async def test_acknowledged_segments_are_deleted(tmp_path) -> None:
+    """Once everything in the oldest segments is acked, their files go away."""
+    store = await _open(tmp_path, segment_bytes=4096)
+    ids = [await store.append(b"y" * 500) for _ in range(40)]
+    segments_before = len(list(tmp_path.glob("*.seg")))
+    assert segments_before >= 4
+    store.ack(ids)
+    await store.append(b"keeps the writer busy")
+    await store.aclose()
+    assert len(list(tmp_path.glob("*.seg"))) <= 2
+    again = await _open(tmp_path, segment_bytes=4096)
+    try:
+        assert [p for _, p in again.pending()] == [b"keeps the writer busy"]
+    finally:
+        await again.aclose()
+
+
+async def test_torn_tail_is_reported_cut_and_every_intact_record_kept(tmp_path) -> None:
+    """A crash mid-write leaves half a record: reported, cut off, the rest kept."""
+    store = await _open(tmp_path)
+    for i in range(10):
+        await store.append(f"record-{i}".encode() * 10)
+    await store.aclose()
+    (seg,) = tmp_path.glob("*.seg")
+    with open(seg, "r+b") as fh:
+        fh.truncate(os.path.getsize(seg) - 7)
+    again = await _open(tmp_path)
+    try:
+        assert again.report.torn_bytes > 0 and not again.report.clean
+        assert [p for _, p in again.pending()] == [f"record-{i}".encode() * 10 for i in range(9)]
+        await again.append(b"after repair")
+    finally:
+        await again.aclose()
+    third = await _open(tmp_path)
+    try:
+        assert third.report.clean
+        assert [p for _, p in third.pending()][-1] == b"after repair"
+    finally:
+        await third.aclose()
+
+
+async def test_flipped_bytes_cost_one_record_not_the_rest(tmp_path) -> None:
+    """Corruption inside the file is skipped by resynchronising on the next record."""
+    store = await _open(tmp_path)
+    for i in range(10):
+        await store.append(f"payload-{i:02d}".encode() * 5)
+    await store.aclose()
+    (seg,) = tmp_path.glob("*.seg")
+    data = bytearray(seg.read_bytes())
+    where = data.index(b"payload-04")
+    data[where + 3] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    again = await _open(tmp_path)
+    try:
+        kept = [p for _, p in again.pending()]
+        assert kept == [f"payload-{i:02d}".encode() * 5 for i in range(10) if i != 4]
+        assert again.report.corrupt_records == 1
+    finally:
+        await again.aclose()
+
+
+async def test_quota_is_a_clear_error_and_earlier_data_survives(tmp_path) -> None:
+    """Past the quota: SpoolFullError to the sender; everything accepted before is intact."""
+    store = await _open(tmp_path, quota_bytes=10_000)
+    accepted = []
+    with pytest.raises(SpoolFullError, match="spool full"):
+        for i in range(1000):
+            accepted.append(await store.append(f"{i:04d}".encode() * 25))
+    assert 50 < len(accepted) < 1000
+    await store.aclose()
+    again = await _open(tmp_path, quota_bytes=10_000)
+    try:
+        assert [i for i, _ in again.pending()] == accepted
+    finally:
+        await again.aclose()
+
+
+_WRITER = textwrap.dedent("""
+    import asyncio, sys
+    from mesh._spool import FsyncPolicy, SpoolStore
+    async def main():
+        store = SpoolStore(sys.argv[1], fsync=FsyncPolicy(sys.argv[2]))
+        await store.start()
+        n = 0
+        while n < 1_000_000:
+            ids = await asyncio.gather(*(store.append(b"m%d" % (n + k)) for k in range(50)))
+            n += 50
+            sys.stdout.write(" ".join(map(str, ids)) + "\\n")
+            sys.stdout.flush()
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.parametrize("policy", ["batch", "always"])
+def test_every_append_that_returned_survives_sigkill(tmp_path, policy) -> None:
+    """Guarantee 1: an append that returned is on disk, even if the process is SIGKILLed."""
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), policy],
+                            stdout=subprocess.PIPE, text=True)
+    confirmed: list[int] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            confirmed.extend(int(x) for x in line.split())
+            if len(confirmed) >= 2000:
+                break
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert len(confirmed) >= 2000
+
+    async def check() -> None:
+        store = await _open(tmp_path)
+        try:
+            survived = {i for i, _ in store.pending()}
+            assert set(confirmed) <= survived
+        finally:
+            await store.aclose()
+
+    asyncio.run(check())
