@@ -103,6 +103,7 @@ class PubSub:
         self._expected_seq: dict[tuple[str, str], int] = {}
         self.dropped_by_peer: Counter[str] = Counter()
         self._confirmed: dict[str, int] = {}
+        self._disconnects: dict[str, asyncio.TimerHandle] = {}
 
     def bind(self, interfaces: Iterable[str]) -> list[str]:
         self.endpoints = [self._publisher.bind(host) for host in interfaces]
@@ -117,6 +118,9 @@ class PubSub:
 
     def close(self) -> None:
         self.flush()
+        for handle in self._disconnects.values():
+            handle.cancel()
+        self._disconnects.clear()
         for sub in self._subs:
             sub._close()
         self._publisher.close(linger=_PUB_LINGER)  # let the last batches leave
@@ -129,13 +133,28 @@ class PubSub:
     # -- peers ------------------------------------------------------------------
 
     def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
+        pending = self._disconnects.pop(new.pub, None)
+        if pending is not None:
+            pending.cancel()
         if old is not None and old.pub != new.pub:
             self._subscriber.disconnect(old.pub)
         self._subscriber.connect(new.pub)
 
     def peer_gone(self, rec: PeerRecord) -> None:
-        self._subscriber.disconnect(rec.pub)
+        """A peer said goodbye. Its last batches may still be in flight on the data
+        connection (the goodbye travels on another one, and can overtake them), and
+        libzmq discards what is queued from a disconnected endpoint: so disconnect
+        only after the peer's publisher linger has passed."""
         self._confirmed.pop(rec.id, None)
+        if rec.pub in self._disconnects:
+            return
+        self._disconnects[rec.pub] = asyncio.get_running_loop().call_later(
+            _PUB_LINGER + 1.0, self._disconnect, rec.pub)
+
+    def _disconnect(self, endpoint: str) -> None:
+        self._disconnects.pop(endpoint, None)
+        if not self._subscriber.closed:
+            self._subscriber.disconnect(endpoint)
 
     def is_ready(self, rec: PeerRecord) -> bool:
         """Its subscriptions as announced are in force at our publisher."""
