@@ -6,6 +6,7 @@ Imports neither `mesh` nor `discovery`.
 from ._control import Inbox, Outbox
 from ._pubsub import MARKER_PREFIX, Publisher, Subscriber
 from ._pushpull import Puller, Pusher
+from ._reqrep import DEFAULT_SERVICE_HWM, ServiceDealer, ServiceRouter
 from ._socket import DEFAULT_MAX_MESSAGE_SIZE, Context
 from ._topics import (
     MAX_TOPIC_BYTES,
@@ -19,6 +20,7 @@ from .errors import InvalidName, PatternError, SocketClosed, WouldBlock
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_SERVICE_HWM",
     "MARKER_PREFIX",
     "MAX_TOPIC_BYTES",
     "Context",
@@ -29,6 +31,8 @@ __all__ = [
     "Publisher",
     "Puller",
     "Pusher",
+    "ServiceDealer",
+    "ServiceRouter",
     "SocketClosed",
     "Subscriber",
     "TopicPattern",

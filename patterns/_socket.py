@@ -8,7 +8,10 @@ costs one await, not one per message.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import sys
+from collections.abc import Callable
 from typing import Final
 
 import zmq
@@ -21,6 +24,12 @@ _HEARTBEAT_IVL_MS: Final[int] = 1000
 _HEARTBEAT_TIMEOUT_MS: Final[int] = 3000
 _RECONNECT_IVL_MS: Final[int] = 100
 _RECONNECT_IVL_MAX_MS: Final[int] = 1000
+_DISPATCH_ROUNDS: Final[int] = 8
+# Plain ints: pyzmq's enum flags cost microseconds per operation on the hot path.
+_EVENTS: Final[int] = int(zmq.EVENTS)
+_POLLIN: Final[int] = int(zmq.POLLIN)
+_POLLOUT: Final[int] = int(zmq.POLLOUT)
+_NOBLOCK: Final[int] = int(zmq.NOBLOCK)
 
 
 class Context:
@@ -66,10 +75,122 @@ class Socket:
         self._registry = registry
         self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(raw.underlying)
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
+        self._want_read: asyncio.Future[None] | None = None
+        self._want_write: asyncio.Future[None] | None = None
+        self._on_readable: Callable[[], None] | None = None
+        self._dispatching = False
+        self._drained = False
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def watch(self, on_readable: Callable[[], None] | None = None) -> None:
+        """Wait for readiness with our own reader on the ZeroMQ FD (call on the loop).
+
+        For sockets that other tasks send on while a reader waits: the ZeroMQ
+        FD is edge-triggered, and a send can consume the edge of an incoming
+        message, leaving a plain poll asleep forever. A watched socket checks
+        ``EVENTS`` again after each of our sends. With `on_readable`, that
+        callback is called on the loop whenever messages are waiting and must
+        drain them with `recv_nowait` (no task, no future: the lowest latency);
+        otherwise `recv_many` waits as usual. Close a watched socket on the loop.
+        """
+        loop = self._loop = asyncio.get_running_loop()
+        fd = self._sync.getsockopt(zmq.FD)
+        assert isinstance(fd, int)
+        self._fd = fd
+        self._on_readable = on_readable
+        loop.add_reader(fd, self._check_events)
+        if on_readable is not None:
+            loop.call_soon(self._check_events)
+
+    def _check_events(self) -> None:
+        if self._closed or self._dispatching:
+            return
+        get = self._sync.getsockopt
+        for _ in range(_DISPATCH_ROUNDS):
+            events = get(_EVENTS)
+            assert isinstance(events, int)
+            if events & _POLLOUT and self._want_write is not None:
+                if not self._want_write.done():
+                    self._want_write.set_result(None)
+                self._want_write = None
+            if not events & _POLLIN:
+                return
+            if self._on_readable is None:
+                if self._want_read is not None:
+                    if not self._want_read.done():
+                        self._want_read.set_result(None)
+                    self._want_read = None
+                return
+            self._dispatching = True
+            self._drained = False
+            try:
+                self._on_readable()
+            finally:
+                self._dispatching = False
+            if self.closed:  # the callback closed us (a property: mypy must not narrow)
+                return
+            if self._drained and self._want_write is None:
+                return  # the drain saw no more input, and nothing was sent since
+        assert self._loop is not None
+        self._loop.call_soon(self._check_events)  # a flood: let other work run first
+
+    def _after_send(self) -> None:
+        """A send may have eaten the FD edge of incoming messages: look once more, soon."""
+        self._drained = False
+        if self._dispatching:
+            return  # the dispatch loop looks again itself
+        events = self._sync.getsockopt(_EVENTS)
+        assert isinstance(events, int)
+        if ((events & _POLLIN and (self._on_readable or self._want_read))
+                or (events & _POLLOUT and self._want_write)):
+            assert self._loop is not None
+            self._loop.call_soon(self._check_events)
+
+    def recv_nowait(self, limit: int = 256) -> list[list[bytes]]:
+        """Up to `limit` queued messages, without waiting (maybe none).
+
+        Checks ``EVENTS`` before each receive rather than ending on ``EAGAIN``:
+        a raised ``zmq.Again`` costs more than the check.
+
+        Raises:
+            SocketClosed: the socket was closed.
+        """
+        out: list[list[bytes]] = []
+        recv = self._sync.recv_multipart
+        get = self._sync.getsockopt
+        try:
+            while len(out) < limit:
+                events = get(_EVENTS)
+                assert isinstance(events, int)
+                if not events & _POLLIN:
+                    self._drained = True
+                    break
+                out.append(recv(_NOBLOCK))
+        except zmq.ZMQError as exc:  # Again after all (a race), or closed
+            if not out and not isinstance(exc, zmq.Again):
+                raise SocketClosed(str(exc)) from exc
+        return out
+
+    async def _ready(self, flag: int) -> None:
+        assert self._loop is not None
+        while True:
+            if self._closed:
+                raise SocketClosed("socket closed")
+            events = self._sync.getsockopt(zmq.EVENTS)
+            assert isinstance(events, int)
+            if events & flag:
+                return
+            fut = self._loop.create_future()
+            if flag == zmq.POLLIN:
+                self._want_read = fut
+            else:
+                self._want_write = fut
+            await fut
 
     def set_option(self, option: int, value: int | bytes) -> None:
         self._sync.setsockopt(option, value)
@@ -101,13 +222,70 @@ class Socket:
             raise WouldBlock() from exc
         except zmq.ZMQError as exc:
             raise SocketClosed(str(exc)) from exc
+        if self._loop is not None:
+            self._after_send()
+
+    def send_routed(self, identity: bytes, frame: bytes | bytearray) -> None:
+        """ROUTER only: queue `frame` for the peer `identity` (ROUTER strips the id frame).
+
+        A peer that is gone or full drops it silently (ROUTER semantics).
+
+        Raises:
+            SocketClosed: the socket was closed.
+        """
+        try:
+            self._sync.send_multipart((identity, frame), zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            pass  # only with ROUTER_MANDATORY, which we do not set
+        except zmq.ZMQError as exc:
+            raise SocketClosed(str(exc)) from exc
+        if self._loop is not None:
+            self._after_send()
+
+    async def wait_writable(self) -> None:
+        """Wait until a send would not block.
+
+        Raises:
+            SocketClosed: the socket was closed.
+        """
+        if self._loop is not None:
+            await self._ready(zmq.POLLOUT)
+            return
+        try:
+            await self._async.poll(None, zmq.POLLOUT)  # type: ignore[call-arg]
+        except zmq.ZMQError as exc:
+            raise SocketClosed(str(exc)) from exc
+
+    def monitor(self, events: int) -> Socket:
+        """A PAIR socket receiving this socket's `events` (see `monitor_events`)."""
+        pair = self._async.get_monitor_socket(events)
+        sock = Socket(pair, self._registry)
+        self._registry.add(sock)
+        return sock
+
+    def stop_monitor(self) -> None:
+        if not self._closed:
+            with contextlib.suppress(zmq.ZMQError):
+                self._async.disable_monitor()
+
+    async def monitor_events(self) -> list[int]:
+        """On a monitor socket: wait for events, return their ids (e.g. ``EVENT_DISCONNECTED``).
+
+        Raises:
+            SocketClosed: the monitor was closed.
+        """
+        return [int.from_bytes(frames[0][:2], sys.byteorder)
+                for frames in await self.recv_many() if len(frames[0]) == 6]
 
     async def recv_many(self, limit: int = 256) -> list[list[bytes]]:
         """Wait until a message is readable, then return up to `limit` queued ones."""
-        try:
-            await self._async.poll(None, zmq.POLLIN)  # type: ignore[call-arg]
-        except zmq.ZMQError as exc:
-            raise SocketClosed(str(exc)) from exc
+        if self._loop is not None:
+            await self._ready(zmq.POLLIN)
+        else:
+            try:
+                await self._async.poll(None, zmq.POLLIN)  # type: ignore[call-arg]
+            except zmq.ZMQError as exc:
+                raise SocketClosed(str(exc)) from exc
         out: list[list[bytes]] = []
         recv = self._sync.recv_multipart
         try:
@@ -124,4 +302,9 @@ class Socket:
         if not self._closed:
             self._closed = True
             self._registry.discard(self)
+            if self._loop is not None:
+                self._loop.remove_reader(self._fd)
+                for fut in (self._want_read, self._want_write):
+                    if fut is not None and not fut.done():
+                        fut.set_exception(SocketClosed("socket closed"))
             self._async.close(linger=int(linger * 1000))

@@ -1,0 +1,325 @@
+"""Request/reply: raw pyzmq DEALER/ROUTER against zeromesh, two processes on 127.0.0.1.
+
+Both sides run the same two phases against an echo server in another process,
+with a 64-byte payload:
+
+* **latency**: one request in flight; p50 and p99 of the round trip, over N
+  requests after a warm-up;
+* **throughput**: 64 requests in flight; replies per second over M requests.
+
+The sides:
+
+* **raw**: pyzmq's blocking API. The server is a ROUTER bound on
+  ``tcp://127.0.0.1:<random>`` answering ``[id, body]`` with ``[id, body]``;
+  the client a DEALER sending single frames. Throughput keeps 64 sends
+  outstanding (a reply frees a slot).
+* **zeromesh**: a server process (`AsyncNode`, ``serve("bench.echo", handler)``
+  with a plain-function handler returning the body) and a client process
+  (`AsyncNode`, ``await node.request(...)``; for throughput 64 coroutines each
+  with one request in flight). Static peering, no mDNS.
+
+Every reply is checked against its request. Each phase has a hard timeout and
+its processes are killed if they overrun.
+
+Run::
+
+    python benchmarks/reqrep.py                # 10,000 latency samples, 100,000 for throughput
+    python benchmarks/reqrep.py --quick --json # a small run, machine-readable
+
+Everything binds 127.0.0.1 only (``ZEROMESH_INTERFACES`` is forced to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import queue
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+LOOPBACK: Final[str] = "127.0.0.1"
+SIZE: Final[int] = 64
+IN_FLIGHT: Final[int] = 64
+WARMUP: Final[int] = 500
+DEFAULT_LATENCY_COUNT: Final[int] = 10_000
+DEFAULT_THROUGHPUT_COUNT: Final[int] = 100_000
+QUICK_LATENCY_COUNT: Final[int] = 1_000
+QUICK_THROUGHPUT_COUNT: Final[int] = 5_000
+SERVICE: Final[str] = "bench.echo"
+
+os.environ["ZEROMESH_INTERFACES"] = LOOPBACK  # inherited by the spawned processes
+
+
+def payload(i: int) -> bytes:
+    """A 64-byte body that names its request, so a mixed-up reply is caught."""
+    return f"{i:012d}".encode().ljust(SIZE, b".")
+
+
+@dataclass
+class Result:
+    """What one client measured."""
+
+    p50_us: float = 0.0
+    p99_us: float = 0.0
+    mean_us: float = 0.0
+    requests_per_s: float = 0.0
+    latency_count: int = 0
+    throughput_count: int = 0
+    wrong: int = 0
+    error: str = ""
+    samples: list[float] = field(default_factory=list, repr=False)
+
+
+def _summarize(res: Result, rtts: list[float]) -> None:
+    rtts.sort()
+    res.latency_count = len(rtts)
+    res.p50_us = rtts[len(rtts) // 2] * 1e6
+    res.p99_us = rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))] * 1e6
+    res.mean_us = statistics.fmean(rtts) * 1e6
+
+
+# -- raw pyzmq -----------------------------------------------------------------
+
+
+def raw_server(ports: mp.Queue[Any], done: Any, deadline: float) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    ports.put(router.bind_to_random_port(f"tcp://{LOOPBACK}"))
+    try:
+        while not done.is_set() and time.monotonic() < deadline:
+            if router.poll(100):
+                while True:
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    router.send_multipart(frames)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def raw_client(port: int, n_lat: int, n_tput: int, out: mp.Queue[Any], done: Any,
+               deadline: float) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, int(max(0.1, deadline - time.monotonic()) * 1000))
+    dealer.connect(f"tcp://{LOOPBACK}:{port}")
+    res = Result()
+    try:
+        send, recv, clock = dealer.send, dealer.recv, time.perf_counter
+        for i in range(WARMUP):
+            send(payload(i))
+            res.wrong += recv() != payload(i)
+        rtts = []
+        for i in range(n_lat):
+            body = payload(i)
+            t0 = clock()
+            send(body)
+            reply = recv()
+            rtts.append(clock() - t0)
+            res.wrong += reply != body
+        _summarize(res, rtts)
+        sent = received = 0
+        t0 = clock()
+        while sent < min(IN_FLIGHT, n_tput):
+            send(payload(sent))
+            sent += 1
+        expected = set(range(sent))
+        while received < n_tput:
+            reply = recv()
+            received += 1
+            idx = int(reply[:12])
+            if idx not in expected:
+                res.wrong += 1
+            expected.discard(idx)
+            if sent < n_tput:
+                send(payload(sent))
+                expected.add(sent)
+                sent += 1
+        res.requests_per_s = n_tput / (clock() - t0)
+        res.throughput_count = received
+    except Exception as exc:
+        res.error = f"raw client: {exc!r}"
+    finally:
+        out.put(res)
+        done.set()
+        ctx.destroy(linger=0)
+
+
+# -- zeromesh ------------------------------------------------------------------
+
+
+def mesh_server(mesh_name: str, ports: mp.Queue[Any], done: Any, deadline: float) -> None:
+    asyncio.run(_mesh_server(mesh_name, ports, done, deadline))
+
+
+async def _mesh_server(mesh_name: str, ports: mp.Queue[Any], done: Any,
+                       deadline: float) -> None:
+    from mesh import AsyncNode, Message
+
+    def echo(msg: Message) -> bytes:
+        return msg.data
+
+    async with AsyncNode(name="bench-server", mesh=mesh_name, interfaces=[LOOPBACK],
+                         mdns=False) as node:
+        await node.serve(SERVICE, echo)
+        ports.put(node.endpoints["ctl"][0])
+        while not done.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+
+def mesh_client(mesh_name: str, peer: str, n_lat: int, n_tput: int, out: mp.Queue[Any],
+                done: Any, deadline: float) -> None:
+    res = Result()
+    try:
+        asyncio.run(_mesh_client(mesh_name, peer, n_lat, n_tput, res, deadline))
+    except Exception as exc:
+        res.error = f"zeromesh client: {exc!r}"
+    finally:
+        out.put(res)
+        done.set()
+
+
+async def _mesh_client(mesh_name: str, peer: str, n_lat: int, n_tput: int, res: Result,
+                       deadline: float) -> None:
+    from mesh import AsyncNode
+
+    async with AsyncNode(name="bench-client", mesh=mesh_name, interfaces=[LOOPBACK],
+                         mdns=False, peers=[peer]) as node:
+        async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+            await node.wait_for_service(SERVICE, timeout=10)
+            request, clock = node.request, time.perf_counter
+            for i in range(WARMUP):
+                res.wrong += (await request(SERVICE, payload(i))).data != payload(i)
+            rtts = []
+            for i in range(n_lat):
+                body = payload(i)
+                t0 = clock()
+                reply = await request(SERVICE, body)
+                rtts.append(clock() - t0)
+                res.wrong += reply.data != body
+            _summarize(res, rtts)
+
+            async def worker(w: int) -> int:
+                wrong = 0
+                for i in range(w, n_tput, IN_FLIGHT):  # n_tput in all, 64 in flight
+                    body = payload(i)
+                    wrong += (await request(SERVICE, body)).data != body
+                return wrong
+
+            t0 = clock()
+            wrongs = await asyncio.gather(*(worker(w) for w in range(IN_FLIGHT)))
+            elapsed = clock() - t0
+            res.wrong += sum(wrongs)
+            res.throughput_count = n_tput
+            res.requests_per_s = res.throughput_count / elapsed
+
+
+# -- orchestration ---------------------------------------------------------------
+
+
+def _run(side: str, n_lat: int, n_tput: int, timeout: float) -> Result:
+    ctx = mp.get_context("spawn")
+    out: mp.Queue[Any] = ctx.Queue()
+    ports: mp.Queue[Any] = ctx.Queue()
+    done = ctx.Event()
+    deadline = time.monotonic() + timeout
+    mesh_name = "bench-" + uuid.uuid4().hex[:12]
+    if side == "raw":
+        server = ctx.Process(target=raw_server, args=(ports, done, deadline), daemon=True)
+    else:
+        server = ctx.Process(target=mesh_server, args=(mesh_name, ports, done, deadline),
+                             daemon=True)
+    server.start()
+    procs = [server]
+    try:
+        try:
+            address = ports.get(timeout=timeout)
+        except queue.Empty:
+            return Result(error=f"{side} server did not start")
+        if side == "raw":
+            client = ctx.Process(target=raw_client,
+                                 args=(address, n_lat, n_tput, out, done, deadline), daemon=True)
+        else:
+            client = ctx.Process(target=mesh_client,
+                                 args=(mesh_name, address, n_lat, n_tput, out, done, deadline),
+                                 daemon=True)
+        client.start()
+        procs.append(client)
+        try:
+            res: Result = out.get(timeout=max(0.1, deadline - time.monotonic()) + 1)
+        except queue.Empty:
+            return Result(error=f"{side} client gave no result within {timeout:g} s")
+        return res
+    finally:
+        done.set()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency-count", type=int, help="requests timed one at a time")
+    parser.add_argument("--throughput-count", type=int, help="requests with 64 in flight")
+    parser.add_argument("--quick", action="store_true", help="a small run (a smoke test)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="hard limit per side, s")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    args = parser.parse_args(argv)
+    n_lat = args.latency_count or (QUICK_LATENCY_COUNT if args.quick else DEFAULT_LATENCY_COUNT)
+    n_tput = args.throughput_count or (QUICK_THROUGHPUT_COUNT if args.quick
+                                       else DEFAULT_THROUGHPUT_COUNT)
+    if n_lat < 1 or n_tput < IN_FLIGHT:
+        parser.error(f"need --latency-count >= 1 and --throughput-count >= {IN_FLIGHT}")
+
+    raw = _run("raw", n_lat, n_tput, args.timeout)
+    zm = _run("zeromesh", n_lat, n_tput, args.timeout)
+    ratios = {"p50": _ratio(zm.p50_us, raw.p50_us), "p99": _ratio(zm.p99_us, raw.p99_us),
+              "requests_per_s": _ratio(zm.requests_per_s, raw.requests_per_s)}
+    ok = all(not r.error and not r.wrong for r in (raw, zm))
+    if args.json:
+        print(json.dumps({"benchmark": "reqrep", "transport": f"tcp://{LOOPBACK}",
+                          "payload": SIZE, "in_flight": IN_FLIGHT,
+                          "python": sys.version.split()[0],
+                          "raw": asdict(raw), "zeromesh": asdict(zm), "ratios": ratios},
+                         indent=2))
+    else:
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}"
+
+        head = f"{'':<22}{'raw pyzmq':>14}{'zeromesh':>14}{'zm/raw':>9}"
+        print(head)
+        print("-" * len(head))
+        print(f"{'p50 latency (us)':<22}{raw.p50_us:>14.1f}{zm.p50_us:>14.1f}"
+              f"{fmt(ratios['p50']):>9}")
+        print(f"{'p99 latency (us)':<22}{raw.p99_us:>14.1f}{zm.p99_us:>14.1f}"
+              f"{fmt(ratios['p99']):>9}")
+        print(f"{'requests/s (64 in fl.)':<22}{raw.requests_per_s:>14,.0f}"
+              f"{zm.requests_per_s:>14,.0f}{fmt(ratios['requests_per_s']):>9}")
+        for name, r in (("raw", raw), ("zeromesh", zm)):
+            if r.error or r.wrong:
+                print(f"  {name}: wrong replies={r.wrong} error={r.error or '-'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,652 @@
+"""Services for one node: serving named services and making requests to them.
+
+Serving: the node binds one ROUTER. A request names its service; the handler
+serving it gets a `Message` and returns the reply body. A sync handler runs
+inline on the loop (it must not block); an async one runs in its own task, at
+most `concurrency` at a time per service, the rest waiting in a bounded
+backlog (beyond it the server answers *busy* and the requester tries another
+server). A handler that raises produces an error reply (`RemoteError` at the
+requester); the server keeps serving.
+
+Requesting: one DEALER per server peer, opened on first use. Each request
+gets a correlation id and a future in the pending map; a reply whose id is no
+longer pending (its request timed out) is discarded and counted. A server is
+chosen among the live peers announcing the service (and this node itself,
+served without the network): not yet tried by this request first, then
+least outstanding requests, then least recently used (round robin).
+
+Retries are one layer: tenacity wraps the whole attempt (bounded attempts,
+exponential backoff with jitter), each attempt picking another server when
+there is one. An attempt gets an equal share of the time left, so `timeout`
+covers finding a server and all retries. When a server's connection drops (a
+socket monitor sees it at once), or its peer is lost or leaves, its requests
+in flight fail over immediately instead of waiting out their timeout. A
+request may therefore run twice when a server dies after handling it: make
+handlers idempotent, or use `retries=0`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import itertools
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import Any, Final, NoReturn, Self
+
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from patterns import (
+    Context,
+    InvalidName,
+    ServiceDealer,
+    ServiceRouter,
+    SocketClosed,
+    validate_topic,
+)
+
+from . import _wire
+from ._config import NodeConfig
+from ._message import Message
+from ._peers import PeerRecord, PeerState
+from ._quiet import QuietLog
+from .errors import (
+    ClosedError,
+    ConfigError,
+    DeliveryError,
+    MessageTooLarge,
+    NoRespondersError,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+)
+
+_log = logging.getLogger("mesh.services")
+
+ReplyBody = bytes | bytearray | memoryview | str | None
+ServiceHandler = Callable[[Message], ReplyBody | Awaitable[ReplyBody]]
+"""Takes the request, returns the reply body (None = empty); sync or async."""
+Wait = Callable[[Callable[[], bool], float, str], Awaitable[None]]
+
+DISCOVERY_GRACE: Final[float] = 0.5
+"""After start, a request waits this long at most for a server to be discovered."""
+DEFAULT_CONCURRENCY: Final[int] = 64
+SYNC_SERVE_CONCURRENCY: Final[int] = 8
+"""The blocking `Node` runs plain handlers in threads: fewer at once by default."""
+_BACKLOG_LIMIT: Final[int] = 10_000
+_CLOSE_GRACE: Final[float] = 2.0
+_MAX_ERROR_TEXT: Final[int] = 4096
+_WIRE_OVERHEAD: Final[int] = 64 * 1024
+_RETRY_INITIAL: Final[float] = 0.01
+_RETRY_MAX: Final[float] = 0.25
+_RETRY_JITTER: Final[float] = 0.02
+
+
+class _ServerGone(DeliveryError):
+    """Internal: the chosen server went away or declined; another one may answer."""
+
+
+def _checked_service(service: str) -> None:
+    try:
+        validate_topic(service)
+    except InvalidName as exc:
+        raise ConfigError("service", f"{exc.reason} in {service!r}") from None
+
+
+class Service:
+    """A service this node serves; stop serving with `aclose()`."""
+
+    def __init__(self, name: str, handler: ServiceHandler, concurrency: int,
+                 owner: Services) -> None:
+        self._name = name
+        self._handler = handler
+        self._is_async = is_async_handler(handler)
+        self._concurrency = concurrency
+        self._owner = owner
+        self._backlog: deque[tuple[Message, Callable[[_wire.Reply], None]]] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.outstanding = 0
+        self.last_used = 0
+        self.handled = 0
+        """Requests answered with a reply."""
+        self.failed = 0
+        """Requests whose handler raised (answered with an error)."""
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"<Service {self._name!r} handled={self.handled} failed={self.failed}>"
+
+    async def aclose(self) -> None:
+        """Stop serving: new and queued requests are declined (requesters fail over at once);
+        handlers already running get a short grace to finish."""
+        if self._closed:
+            return
+        self._closed = True
+        self._owner._unserve(self)
+        while self._backlog:
+            msg, reply = self._backlog.popleft()
+            reply(_wire.Reply(msg.seq, _wire.REPLY_NOT_SERVED, time.time(), b""))
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=_CLOSE_GRACE)
+        await self._cancel()
+
+    async def _cancel(self) -> None:
+        self._closed = True
+        tasks = set(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- dispatch ---------------------------------------------------------------
+
+    def submit(self, msg: Message, reply: Callable[[_wire.Reply], None]) -> None:
+        """Handle one request; `reply` is called exactly once (unless the node closes)."""
+        if self._closed:
+            reply(_wire.Reply(msg.seq, _wire.REPLY_NOT_SERVED, time.time(), b""))
+        elif not self._is_async:
+            try:
+                result = self._handler(msg)
+            except Exception as exc:
+                self._fail(msg, reply, exc)
+                return
+            if inspect.isawaitable(result):
+                self._spawn(msg, reply, result)
+            else:
+                self._ok(msg, reply, result)
+        elif len(self._tasks) < self._concurrency:
+            self._spawn(msg, reply, None)
+        elif len(self._backlog) < _BACKLOG_LIMIT:
+            self._backlog.append((msg, reply))
+        else:
+            reply(_wire.Reply(msg.seq, _wire.REPLY_BUSY, time.time(), b""))
+
+    def _spawn(self, msg: Message, reply: Callable[[_wire.Reply], None],
+               pending: Awaitable[ReplyBody] | None) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(msg, reply, pending))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, msg: Message, reply: Callable[[_wire.Reply], None],
+                   pending: Awaitable[ReplyBody] | None) -> None:
+        """Run one request, then keep draining the backlog (one task per concurrency slot)."""
+        while True:
+            try:
+                result = await (pending if pending is not None else _awaited(self._handler, msg))
+            except asyncio.CancelledError:
+                reply(_wire.Reply(msg.seq, _wire.REPLY_NOT_SERVED, time.time(), b""))
+                raise
+            except Exception as exc:
+                self._fail(msg, reply, exc)
+            else:
+                self._ok(msg, reply, result)
+            if not self._backlog or self._closed:
+                return
+            msg, reply = self._backlog.popleft()
+            pending = None
+
+    def _ok(self, msg: Message, reply: Callable[[_wire.Reply], None], result: object) -> None:
+        if isinstance(result, str):
+            body = result.encode()
+        elif isinstance(result, bytes):
+            body = result
+        elif isinstance(result, (bytearray, memoryview)):
+            body = bytes(result)
+        elif result is None:
+            body = b""
+        else:
+            self._fail(msg, reply, TypeError(
+                f"handler returned {type(result).__name__}, expected bytes or str"))
+            return
+        limit = self._owner.max_message_size
+        if len(body) > limit:
+            self._fail(msg, reply, MessageTooLarge(len(body), limit))
+            return
+        self.handled += 1
+        reply(_wire.Reply(msg.seq, _wire.REPLY_OK, time.time(), body))
+
+    def _fail(self, msg: Message, reply: Callable[[_wire.Reply], None], exc: Exception) -> None:
+        self.failed += 1
+        if self.failed == 1:
+            _log.warning("handler of service %r raised (replied with the error; further ones "
+                         "are logged at debug)", self._name, exc_info=exc)
+        else:
+            _log.debug("handler of service %r raised", self._name, exc_info=exc)
+        text = (str(exc) or type(exc).__name__)[:_MAX_ERROR_TEXT]
+        reply(_wire.Reply(msg.seq, _wire.REPLY_ERROR, time.time(), b"", text))
+
+
+class SyncService:
+    """The blocking twin of `Service`: ``close()`` stops serving."""
+
+    def __init__(self, service: Service,
+                 call: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+        self._service = service
+        self._call = call
+
+    @property
+    def name(self) -> str:
+        return self._service.name
+
+    @property
+    def handled(self) -> int:
+        return self._service.handled
+
+    @property
+    def failed(self) -> int:
+        return self._service.failed
+
+    def close(self) -> None:
+        self._call(self._service.aclose())
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Link:
+    """Our DEALER to one server peer."""
+
+    __slots__ = ("dealer", "last_used", "outstanding", "peer", "tasks", "up")
+
+    def __init__(self, peer: PeerRecord, make_dealer: Callable[[_Link], ServiceDealer]) -> None:
+        self.peer = peer
+        self.outstanding: set[int] = set()
+        self.up = True
+        self.last_used = 0
+        self.tasks: list[asyncio.Task[None]] = []
+        self.dealer = make_dealer(self)
+
+
+class Services:
+    """The router/dealer side of a node; owns the ROUTER and the per-server DEALERs."""
+
+    def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
+                 stats: Counter[str], *, peers: Callable[[], Iterable[PeerRecord]],
+                 wait: Wait, on_services_changed: Callable[[], None]) -> None:
+        self._ctx = ctx
+        self._quiet = quiet
+        self._stats = stats
+        self._peers = peers
+        self._wait = wait
+        self._on_services_changed = on_services_changed
+        self.max_message_size = config.max_message_size
+        self._max_wire = config.max_message_size + _WIRE_OVERHEAD
+        self._router = ServiceRouter(ctx, self._on_requests, max_message_size=self._max_wire)
+        self.endpoints: list[str] = []
+        self._node_id = ""
+        self._name = config.name
+        self._served: dict[str, Service] = {}
+        self._links: dict[str, _Link] = {}
+        self._pending: dict[int, tuple[asyncio.Future[_wire.Reply], _Link | None]] = {}
+        self._ids = itertools.count(1)
+        self._uses = itertools.count(1)
+        self._grace_end = 0.0
+        self._closed = False
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def bind(self, interfaces: Iterable[str]) -> list[str]:
+        self.endpoints = [self._router.bind(host) for host in interfaces]
+        return self.endpoints
+
+    def start(self, node_id: str) -> list[asyncio.Task[None]]:
+        self._node_id = node_id
+        self._grace_end = asyncio.get_running_loop().time() + DISCOVERY_GRACE
+        self._router.start()
+        return []
+
+    async def aclose(self) -> None:
+        """Stop serving, fail pending requests with ClosedError, close every socket."""
+        self._closed = True
+        for svc in list(self._served.values()):
+            await svc._cancel()
+        self._served.clear()
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ClosedError("node closed while the request was in flight"))
+        for link in list(self._links.values()):
+            await self._drop_link(link, "node closed")
+        if self._closing:
+            await asyncio.wait(set(self._closing))
+        self._router.close()
+
+    @property
+    def names(self) -> list[str]:
+        """The services this node serves."""
+        return sorted(self._served)
+
+    @staticmethod
+    def check_name(service: str) -> None:
+        _checked_service(service)
+
+    def has_server(self, service: str) -> bool:
+        return self._choose(service, ()) is not None
+
+    # -- peers ------------------------------------------------------------------
+
+    def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
+        if old is not None:  # a new incarnation or new endpoints: the old connection is stale
+            link = self._links.get(old.id)
+            if link is not None:
+                self._close_soon(link, "server restarted")
+
+    def peer_gone(self, rec: PeerRecord) -> None:
+        link = self._links.get(rec.id)
+        if link is not None:
+            self._close_soon(link, "server left")
+
+    def peer_lost(self, peer_id: str) -> None:
+        link = self._links.get(peer_id)
+        if link is not None:
+            self._fail_over(link, "server lost")
+
+    def _close_soon(self, link: _Link, why: str) -> None:
+        self._fail_over(link, why)
+        if self._links.get(link.peer.id) is link:
+            del self._links[link.peer.id]
+        task = asyncio.get_running_loop().create_task(self._drop_link(link, why))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _drop_link(self, link: _Link, why: str) -> None:
+        self._fail_over(link, why)
+        if self._links.get(link.peer.id) is link:
+            del self._links[link.peer.id]
+        for task in link.tasks:
+            task.cancel()
+        if link.tasks:
+            await asyncio.wait(link.tasks)
+        link.dealer.close()
+
+    def _fail_over(self, link: _Link, why: str) -> None:
+        for cid in list(link.outstanding):
+            entry = self._pending.get(cid)
+            if entry is not None and not entry[0].done():
+                entry[0].set_exception(_ServerGone(why))
+
+    # -- serving ----------------------------------------------------------------
+
+    def serve(self, service: str, handler: ServiceHandler, concurrency: int) -> Service:
+        _checked_service(service)
+        if concurrency < 1:
+            raise ConfigError("concurrency", "must be >= 1")
+        if service in self._served:
+            raise ConfigError("service", f"{service!r} is already served by this node")
+        svc = self._served[service] = Service(service, handler, concurrency, self)
+        self._on_services_changed()
+        return svc
+
+    def _unserve(self, svc: Service) -> None:
+        if self._served.get(svc.name) is svc:
+            del self._served[svc.name]
+            if not self._closed:
+                self._on_services_changed()
+
+    def _on_requests(self, batch: list[list[bytes]]) -> None:
+        for frames in batch:
+            try:
+                if len(frames) != 2:
+                    raise ProtocolError(f"service request of {len(frames) - 1} frames")
+                req = _wire.decode_service(frames[1], self._max_wire)
+                if not isinstance(req, _wire.Request):
+                    raise ProtocolError("reply sent to a service router")
+            except ProtocolError as exc:
+                self._quiet.drop("service", exc.reason)
+                continue
+            self._on_request(frames[0], req)
+
+    def _on_request(self, identity: bytes, req: _wire.Request) -> None:
+        self._stats["requests_served"] += 1
+        svc = self._served.get(req.service)
+        if svc is None:
+            self._send_reply(identity, _wire.Reply(req.id, _wire.REPLY_NOT_SERVED,
+                                                   time.time(), b""))
+            return
+        msg = Message(req.service, req.payload, req.name, req.source, req.id, req.ts,
+                      req.headers)
+        svc.submit(msg, functools.partial(self._send_reply, identity))
+
+    def _send_reply(self, identity: bytes, reply: _wire.Reply) -> None:
+        # the node is closing when SocketClosed: the requester fails over on our goodbye
+        with contextlib.suppress(SocketClosed):
+            self._router.reply(identity, _wire.encode_service(reply))
+
+    # -- requesting -------------------------------------------------------------
+
+    async def request(self, service: str, data: bytes | str, *, timeout: float, retries: int,
+                      headers: Mapping[str, str] | None) -> Message:
+        _checked_service(service)
+        if timeout <= 0:
+            raise ConfigError("timeout", "must be > 0")
+        if retries < 0:
+            raise ConfigError("retries", "must be >= 0")
+        payload = data.encode() if isinstance(data, str) else bytes(data)
+        if len(payload) > self.max_message_size:
+            raise MessageTooLarge(len(payload), self.max_message_size)
+        hdrs = dict(headers) if headers else None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        attempts = retries + 1
+        tried: list[str] = []
+        # The first attempt runs before tenacity is set up (it costs ~50 us, more than a
+        # loopback round trip); if it fails retryably, tenacity takes over with that
+        # failure as its attempt 1, so one policy still governs every attempt.
+        try:
+            return await self._attempt(service, payload, hdrs, deadline, attempts, tried)
+        except (RequestTimeout, _ServerGone) as exc:
+            if retries == 0 or loop.time() >= deadline:
+                self._raise_final(service, timeout, exc)
+            first: BaseException | None = exc
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for attempt in AsyncRetrying(
+                        stop=stop_after_attempt(attempts),
+                        retry=retry_if_exception_type((RequestTimeout, _ServerGone)),
+                        wait=wait_exponential_jitter(multiplier=_RETRY_INITIAL, max=_RETRY_MAX,
+                                                     jitter=_RETRY_JITTER),
+                        reraise=True):
+                    with attempt:
+                        if first is not None:
+                            failed, first = first, None
+                            raise failed
+                        left = attempts - attempt.retry_state.attempt_number + 1
+                        return await self._attempt(service, payload, hdrs, deadline, left,
+                                                   tried)
+        except (RequestTimeout, _ServerGone) as exc:
+            self._raise_final(service, timeout, exc)
+        except TimeoutError as exc:
+            self._raise_final(service, timeout, exc)
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    def _raise_final(self, service: str, timeout: float, exc: BaseException) -> NoReturn:
+        if isinstance(exc, _ServerGone):
+            raise NoRespondersError(service) from exc
+        self._stats["request_timeouts"] += 1
+        raise RequestTimeout(f"request to {service!r}", timeout) from exc
+
+    async def _attempt(self, service: str, payload: bytes, headers: dict[str, str] | None,
+                       deadline: float, attempts_left: int, tried: list[str]) -> Message:
+        loop = asyncio.get_running_loop()
+        target = self._choose(service, tried)
+        if target is None:
+            grace_left = min(self._grace_end, deadline) - loop.time()
+            if grace_left <= 0:
+                raise NoRespondersError(service)
+            try:  # just started: give discovery a moment
+                await self._wait(lambda: self._choose(service, tried) is not None, grace_left,
+                                 f"waiting for a server of {service!r}")
+            except RequestTimeout:
+                raise NoRespondersError(service) from None
+            target = self._choose(service, tried)
+            if target is None:
+                raise NoRespondersError(service)
+        share = (deadline - loop.time()) / attempts_left
+        cid = next(self._ids)
+        fut: asyncio.Future[_wire.Reply] = loop.create_future()
+        use = next(self._uses)
+        self._stats["requests"] += 1
+        if isinstance(target, Service):
+            tried.append("")
+            return await self._call_local(target, service, payload, headers, cid, fut, share,
+                                          use)
+        link = self._links.get(target.id)
+        if link is None:
+            link = self._open_link(target)
+        tried.append(target.id)
+        frame = _wire.encode_service(_wire.Request(cid, service, self._node_id, self._name,
+                                                   time.time(), headers, payload))
+        if len(frame) > self._max_wire:
+            raise MessageTooLarge(len(frame), self._max_wire)
+        self._pending[cid] = (fut, link)
+        link.outstanding.add(cid)
+        link.last_used = use
+        # A bare timer, not asyncio.timeout(): this is the hot path.
+        timer = loop.call_at(loop.time() + share, _expire, fut)
+        try:
+            if not link.dealer.try_send(frame):
+                async with asyncio.timeout(share):  # the server's queue is full: wait
+                    await link.dealer.send(frame)
+            reply = await fut
+        except TimeoutError:
+            raise RequestTimeout(f"request to {service!r} at {link.peer.name}", share) from None
+        finally:
+            timer.cancel()
+            self._pending.pop(cid, None)
+            link.outstanding.discard(cid)
+        return self._result(service, reply, link.peer.name, link.peer.id)
+
+    async def _call_local(self, svc: Service, service: str, payload: bytes,
+                          headers: dict[str, str] | None, cid: int,
+                          fut: asyncio.Future[_wire.Reply], share: float, use: int) -> Message:
+        def reply(rep: _wire.Reply) -> None:
+            if not fut.done():
+                fut.set_result(rep)
+
+        self._pending[cid] = (fut, None)
+        svc.outstanding += 1
+        svc.last_used = use
+        try:
+            svc.submit(Message(service, payload, self._name, self._node_id, cid, time.time(),
+                               headers), reply)
+            async with asyncio.timeout(share):
+                rep = await fut
+        except TimeoutError:
+            raise RequestTimeout(f"request to {service!r} on this node", share) from None
+        finally:
+            self._pending.pop(cid, None)
+            svc.outstanding -= 1
+        return self._result(service, rep, self._name, self._node_id)
+
+    def _result(self, service: str, reply: _wire.Reply, name: str, source: str) -> Message:
+        if reply.status == _wire.REPLY_OK:
+            return Message(service, reply.payload, name, source, reply.id, reply.ts)
+        if reply.status == _wire.REPLY_ERROR:
+            self._stats["remote_errors"] += 1
+            raise RemoteError(service, reply.error)
+        if reply.status in (_wire.REPLY_NOT_SERVED, _wire.REPLY_BUSY):
+            raise _ServerGone(f"{name} declined ({reply.status})")
+        raise RemoteError(service, f"unknown reply status {reply.status}")
+
+    def _choose(self, service: str, tried: Iterable[str]) -> Service | PeerRecord | None:
+        """The best server: untried, alive, connected, least outstanding, least recently used."""
+        best: Service | PeerRecord | None = None
+        best_key: tuple[bool, bool, bool, int, int] | None = None
+        local = self._served.get(service)
+        if local is not None and not local.closed:
+            best, best_key = local, ("" in tried, False, False, local.outstanding,
+                                     local.last_used)
+        for rec in self._peers():
+            if rec.state is PeerState.LOST or not rec.rtr or service not in rec.services:
+                continue
+            link = self._links.get(rec.id)
+            key = (rec.id in tried, rec.state is not PeerState.ALIVE,
+                   link is not None and not link.up,
+                   len(link.outstanding) if link is not None else 0,
+                   link.last_used if link is not None else 0)
+            if best_key is None or key < best_key:
+                best, best_key = rec, key
+        return best
+
+    def _open_link(self, rec: PeerRecord) -> _Link:
+        def make_dealer(link: _Link) -> ServiceDealer:
+            return ServiceDealer(self._ctx, rec.rtr,
+                                 functools.partial(self._on_replies, link),
+                                 max_message_size=self._max_wire)
+
+        link = self._links[rec.id] = _Link(rec, make_dealer)
+        link.tasks = [asyncio.get_running_loop().create_task(self._watch(link),
+                                                             name="zeromesh-service-link")]
+        return link
+
+    def _on_replies(self, link: _Link, batch: list[list[bytes]]) -> None:
+        for frames in batch:
+            try:
+                if len(frames) != 1:
+                    raise ProtocolError(f"service reply of {len(frames)} frames")
+                reply = _wire.decode_service(frames[0], self._max_wire)
+                if not isinstance(reply, _wire.Reply):
+                    raise ProtocolError("request sent to a requester")
+            except ProtocolError as exc:
+                self._quiet.drop("service", exc.reason)
+                continue
+            entry = self._pending.get(reply.id)
+            if entry is None or entry[1] is not link or entry[0].done():
+                self._stats["late_replies"] += 1  # its request timed out or failed over
+                continue
+            entry[0].set_result(reply)
+
+    async def _watch(self, link: _Link) -> None:
+        while True:
+            try:
+                events = await link.dealer.connection_events()
+            except SocketClosed:
+                return
+            for up in events:
+                link.up = up
+                if not up:
+                    _log.debug("service connection to %s dropped", link.peer.name)
+                    self._fail_over(link, "connection to the server dropped")
+
+
+def _expire(fut: asyncio.Future[_wire.Reply]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+def is_async_handler(handler: object) -> bool:
+    if inspect.iscoroutinefunction(handler):
+        return True
+    call = getattr(handler, "__call__", None)  # noqa: B004 - a callable object's method
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+async def _awaited(handler: ServiceHandler, msg: Message) -> ReplyBody:
+    result = handler(msg)
+    if inspect.isawaitable(result):
+        return await result
+    return result
