@@ -200,7 +200,8 @@ class MdnsDiscovery:
     def _drop(self, reason: str, instance: str, detail: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         key = (reason, instance)
-        if reason != "self" and key not in self._warned and len(self._warned) < _MAX_WARNED:
+        # Our own record and other meshes sharing the LAN are normal, not suspicious.
+        if reason not in _EXPECTED and key not in self._warned and len(self._warned) < _MAX_WARNED:
             self._warned.add(key)
             log.warning("dropping mDNS record %s (%s): %s", instance, reason, detail)
         else:

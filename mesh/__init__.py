@@ -13,7 +13,7 @@ from ._node import AsyncNode
 from ._peers import Peer, PeerEvent, PeerEventKind, PeerState
 from ._subscription import Subscription
 from ._sync import Node, SyncPeerEvents, SyncPull, SyncSubscription
-from ._workqueue import Pull
+from ._worker import Pull
 from .errors import (
     ClosedError,
     ConfigError,

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterator
@@ -14,7 +16,7 @@ from typing import Any, Final
 from ._message import Message
 from ._node import AsyncNode
 from ._peers import PeerEvent
-from .errors import ConfigError, RequestTimeout
+from .errors import ConfigError, NoRespondersError, RequestTimeout
 
 _DISCOVERY_WINDOW: Final[float] = 0.25
 """How long `pub` without --wait-subscribers listens before publishing."""
@@ -193,11 +195,88 @@ def _queue_dict(msg: Message) -> dict[str, object]:
     return out
 
 
+# -- services ---------------------------------------------------------------------
+
+
+async def serve(args: argparse.Namespace) -> int:
+    handler = _echo if args.echo else _exec_handler(args.exec, args.exec_timeout)
+    stop = asyncio.Event()
+    with _stop_on_signals(stop):
+        async with _node(args) as node:
+            service = await node.serve(args.service, handler, concurrency=args.concurrency)
+            ep = node.endpoints
+            _out(f"ready service={args.service} name={node.name} id={node.id} mesh={node.mesh} "
+                 f"ctl={','.join(ep['ctl'])} rtr={','.join(ep['rtr'])}")
+            await stop.wait()
+            await service.aclose()
+    _out(f"stopped handled={service.handled} failed={service.failed}")
+    return 0
+
+
+def _echo(msg: Message) -> bytes:
+    return msg.data
+
+
+def _exec_handler(command: str, timeout: float) -> Callable[[Message], Coroutine[Any, Any, bytes]]:
+    """Run `command` per request (split like a shell, no shell): body on stdin, reply = stdout."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise ConfigError("--exec", f"{exc} in {command!r}") from None
+    if not argv:
+        raise ConfigError("--exec", "empty command")
+    if shutil.which(argv[0]) is None:
+        raise ConfigError("--exec", f"command not found: {argv[0]}")
+
+    async def run(msg: Message) -> bytes:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            async with asyncio.timeout(timeout):
+                out, err = await proc.communicate(msg.data)
+        except BaseException:  # timed out or cancelled: the child must not outlive the request
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            reason = err.decode("utf-8", "replace").strip()
+            raise RuntimeError(reason or f"{argv[0]} exited with status {proc.returncode}")
+        return out
+
+    return run
+
+
+async def req(args: argparse.Namespace) -> int:
+    headers = _headers(args.header)
+    async with _node(args) as node:
+        node.check_service(args.service)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.timeout
+        try:  # the contract: --timeout covers finding a server too
+            await node.wait_for_service(args.service, timeout=args.timeout)
+        except RequestTimeout:
+            raise NoRespondersError(args.service) from None
+        try:
+            reply = await node.request(args.service, args.data, headers=headers,
+                                       timeout=max(deadline - loop.time(), 0.001),
+                                       retries=args.retries)
+        except RequestTimeout as exc:  # report the user's --timeout, not what was left of it
+            raise RequestTimeout(f"request to {args.service!r}", args.timeout) from exc
+    out = sys.stdout.buffer
+    out.write(reply.data if reply.data.endswith(b"\n") else reply.data + b"\n")
+    out.flush()
+    return 0
+
+
 HANDLERS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]]] = {
     "agent": agent,
     "peers": peers,
     "pub": pub,
     "sub": sub,
+    "serve": serve,
+    "req": req,
     "push": push,
     "pull": pull,
 }

@@ -46,6 +46,16 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     suspect_after: float = 0.75
     lost_after: float = 1.5
     max_message_size: int = 1024 * 1024
+    fsync: str = "batch"
+    """Spool fsync policy: ``always`` | ``batch`` (group commit) | ``off``."""
+    spool_quota: int = 256 * 1024 * 1024
+    """Bytes the outbox spool may hold; past it a reliable send raises SpoolFullError."""
+    max_attempts: int = 5
+    """Failed deliveries of a reliable message before it is dead-lettered."""
+    ack_timeout: float = 30.0
+    """A worker holding reliable messages this long without progress loses them to others."""
+    retry_backoff: float = 0.5
+    """First redelivery delay; doubles per attempt (capped at 30 s)."""
     pub_hwm: int = 10_000
     sub_hwm: int = 10_000
 
@@ -76,6 +86,12 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if not self.heartbeat_interval < self.suspect_after <= self.lost_after:
             raise ConfigError("lost_after",
                               "need heartbeat_interval < suspect_after <= lost_after")
+        if self.fsync not in ("always", "batch", "off"):
+            raise ConfigError("fsync", "use always, batch or off")
+        if self.spool_quota <= 0 or self.max_attempts < 1:
+            raise ConfigError("spool_quota", "spool_quota and max_attempts must be positive")
+        if self.ack_timeout <= 0 or self.retry_backoff < 0:
+            raise ConfigError("ack_timeout", "must be > 0 (retry_backoff >= 0)")
         if self.max_message_size <= 0:
             raise ConfigError("max_message_size", "must be > 0")
         return msgspec.structs.replace(self, name=name)

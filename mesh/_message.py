@@ -7,7 +7,7 @@ class, and it never holds references that could form cycles.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -33,6 +33,24 @@ class Message(msgspec.Struct, frozen=True, gc=False):
     """Publisher wall clock, seconds since the epoch."""
     headers: Headers | None = None
     """Application headers, or None when the publisher sent none."""
+    reliable: bool = False
+    """It came through the sender's spool: at-least-once, deduplicated, acknowledged."""
+    _receipt: Callable[[Message, bool], None] | None = None
+
+    def ack(self) -> None:
+        """Mark a work or durable message processed now (it otherwise is when you ask for the
+        next one, or when your handler returns)."""
+        if self._receipt is not None:
+            self._receipt(self, True)
+
+    def nack(self) -> None:
+        """Processing failed: a reliable message is redelivered later (after N attempts it
+        goes to the dead-letter spool); a best-effort one is just dropped."""
+        if self._receipt is not None:
+            self._receipt(self, False)
+
+    def with_receipt(self, receipt: Callable[[Message, bool], None]) -> Message:
+        return msgspec.structs.replace(self, _receipt=receipt)
 
     @property
     def id(self) -> str:

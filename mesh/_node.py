@@ -26,11 +26,15 @@ from ._config import NodeConfig
 from ._events import PeerEvents
 from ._identity import load_or_create_id
 from ._membership import Membership
+from ._message import Message
 from ._peers import Peer, PeerEvent, PeerEventKind, PeerRecord, PeerState
 from ._pubsub import PubSub, checked_topic_key
 from ._quiet import QuietLog
+from ._services import DEFAULT_CONCURRENCY, Service, ServiceHandler, Services
 from ._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
-from ._workqueue import DEFAULT_PREFETCH, Handler, Pull, WorkQueues, checked_queue_key
+from ._reliable import Outbox, open_spools
+from ._worker import Handler, Pull
+from ._workqueue import DEFAULT_PREFETCH, WorkQueues, checked_queue_key
 from .errors import ClosedError, ConfigError, RequestTimeout
 
 _log = logging.getLogger("mesh.node")
@@ -61,7 +65,9 @@ class AsyncNode:
         self._ctx: Context | None = None
         self._membership: Membership | None = None
         self._pubsub: PubSub | None = None
+        self._services: Services | None = None
         self._work: WorkQueues | None = None
+        self._outbox: Outbox | None = None
         self._discovery: list[DiscoveryBackend] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._ctl_endpoints: list[str] = []
@@ -95,7 +101,8 @@ class AsyncNode:
     def endpoints(self) -> dict[str, list[str]]:
         """Bound endpoints by role: ``ctl`` (control, for ``--peer``) and ``pub``."""
         pub = self._pubsub.endpoints if self._pubsub is not None else []
-        return {"ctl": list(self._ctl_endpoints), "pub": list(pub)}
+        rtr = self._services.endpoints if self._services is not None else []
+        return {"ctl": list(self._ctl_endpoints), "pub": list(pub), "rtr": list(rtr)}
 
     @property
     def dropped_by_peer(self) -> Mapping[str, int]:
@@ -120,6 +127,9 @@ class AsyncNode:
         cfg = self._config
         self._id = load_or_create_id(cfg.data_dir)
         self._incarnation = time.time_ns()
+        dedup = None
+        if cfg.data_dir is not None:
+            self._outbox, dedup = await open_spools(cfg.data_dir, cfg, self.stats)
         ctx = self._ctx = Context()
         try:
             self._membership = Membership(
@@ -136,9 +146,14 @@ class AsyncNode:
             self._work = WorkQueues(ctx, cfg, self._quiet, self.stats,
                                     alive_peers=self._alive,
                                     send_control=self._membership.send_to,
-                                    on_interest_changed=self._interest_changed)
+                                    on_interest_changed=self._interest_changed,
+                                    outbox=self._outbox, dedup=dedup)
             self._ctl_endpoints = self._membership.bind(cfg.interfaces, cfg.port)
             self._pubsub.bind(cfg.interfaces)
+            self._services = Services(ctx, cfg, self._quiet, self.stats,
+                                      peers=self._membership.table.records, wait=self._wait,
+                                      on_services_changed=self._interest_changed)
+            self._services.bind(cfg.interfaces)
             self._work.bind(cfg.interfaces)
         except Exception as exc:
             await self._teardown()
@@ -149,6 +164,7 @@ class AsyncNode:
         self._tasks = [asyncio.get_running_loop().create_task(self._membership.run(),
                                                               name="zeromesh-control"),
                        *self._pubsub.start(self._id),
+                       *self._services.start(self._id),
                        *self._work.start(self._id, cfg.name)]
         if cfg.peers:
             self._discovery.append(StaticDiscovery(cfg.peers, mesh=cfg.mesh))
@@ -189,6 +205,8 @@ class AsyncNode:
 
     async def _teardown(self) -> None:
         await self._cancel_tasks()
+        if self._services is not None:
+            await self._services.aclose()
         for stream in self._event_streams:
             stream._close()
         self._changed()
@@ -201,6 +219,9 @@ class AsyncNode:
         if self._ctx is not None:
             await asyncio.to_thread(self._ctx.close)  # blocks while the last batches leave
             self._ctx = None
+        if self._outbox is not None:
+            await self._outbox.aclose()
+            self._outbox = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -266,16 +287,24 @@ class AsyncNode:
         _log.info("peer %s (%s) %s", event.peer.name, event.peer.id[:8], event.kind.value)
         for stream in self._event_streams:
             stream._deliver(event)
+        if event.kind is PeerEventKind.LOST and self._services is not None:
+            self._services.peer_lost(event.peer.id)  # fail its requests over now
         if event.kind is PeerEventKind.LOST and self._work is not None:
             self._work.peer_gone(event.peer.id, graceful=False)
 
     def _on_peer_connect(self, new: PeerRecord, old: PeerRecord | None) -> None:
         if self._pubsub is not None:
             self._pubsub.peer_connected(new, old)
+        if old is not None and old.incarnation != new.incarnation and self._work is not None:
+            self._work.peer_gone(old.id, graceful=False)  # restarted: its old pipe is dead
+        if self._services is not None:
+            self._services.peer_connected(new, old)
 
     def _on_peer_disconnect(self, rec: PeerRecord) -> None:
         if self._pubsub is not None:
             self._pubsub.peer_gone(rec)
+        if self._services is not None:
+            self._services.peer_gone(rec)
         if self._work is not None:
             self._work.peer_gone(rec.id, graceful=True)
 
@@ -288,8 +317,12 @@ class AsyncNode:
             self._work.peer_updated(rec)
 
     def _on_control(self, msg: _wire.Control) -> None:
-        if isinstance(msg, _wire.Credit) and self._work is not None:
+        if self._work is None:
+            return
+        if isinstance(msg, _wire.Credit):
             self._work.on_credit(msg)
+        elif isinstance(msg, _wire.Nack):
+            self._work.on_nack(msg)
 
     def _interest_changed(self) -> None:
         """Our subscriptions (or queues, services) changed: tell everyone."""
@@ -305,7 +338,9 @@ class AsyncNode:
                            self._ctl_endpoints, pubsub.endpoints if pubsub else [],
                            pubsub.patterns if pubsub else [], self._interest_version, reply,
                            pull=work.endpoints if work else [],
-                           queues=work.queues if work else {})
+                           queues=work.queues if work else {},
+                           rtr=self._services.endpoints if self._services else [],
+                           services=self._services.names if self._services else [])
 
     def _peer_info(self) -> PeerInfo:
         return PeerInfo(id=self._id, name=self.name, mesh=self.mesh,
@@ -403,22 +438,28 @@ class AsyncNode:
     # -- work queues -------------------------------------------------------------
 
     async def push(self, queue: str, data: bytes | str, *,
-                   headers: Mapping[str, str] | None = None, timeout: float = 10.0) -> None:
+                   headers: Mapping[str, str] | None = None, timeout: float = 10.0,
+                   reliable: bool = False) -> None:
         """Hand a message to exactly one live worker of `queue`, anywhere in the mesh.
 
-        Returns once a worker with free credit was chosen; waits (up to
-        `timeout`) while every worker is busy, so it never drops.
+        Best effort: returns once a worker with free credit was chosen; waits
+        (up to `timeout`) while every worker is busy, so it never drops.
+        ``reliable=True``: returns once the message is in this node's spool
+        (needs a data dir); it is delivered at least once, whenever a worker
+        is there, also after restarts.
 
         Raises:
             ConfigError: `queue` is invalid.
             MessageTooLarge: `data` exceeds ``max_message_size``.
             NoRespondersError: no worker of `queue` appeared within `timeout`.
             RequestTimeout: workers exist but none had credit within `timeout`.
+            SpoolFullError: (reliable) the spool quota or the disk is full.
             ClosedError: the node is not running.
         """
         self._check_running()
         assert self._work is not None
-        await self._work.push(queue, data, headers, timeout, lambda: not self._running)
+        await self._work.push(queue, data, headers, timeout, lambda: not self._running,
+                              reliable)
 
     async def pull(self, queue: str, *, prefetch: int = DEFAULT_PREFETCH,
                    handler: Handler | None = None) -> Pull:
@@ -458,6 +499,80 @@ class AsyncNode:
     def worker_count(self, queue: str) -> int:
         """Live workers of `queue` known to this node (itself included)."""
         return self._work.worker_count(queue) if self._work is not None else 0
+
+    # -- services ----------------------------------------------------------------
+
+    async def serve(self, service: str, handler: ServiceHandler, *,
+                    concurrency: int = DEFAULT_CONCURRENCY) -> Service:
+        """Answer requests to `service`: `handler` gets each request and returns the reply.
+
+        The handler takes a `Message` (``data``, ``headers``, ``source``...) and
+        returns the reply body (bytes or str; None = empty). A plain function
+        runs inline on the event loop, so it must not block (the blocking
+        `Node` runs it in a worker thread instead); a coroutine function runs
+        up to `concurrency` requests at once. If it raises, the requester gets
+        `RemoteError` with the exception's text and this node keeps serving.
+        Stop with ``await service.aclose()`` (or ``async with``).
+
+        Raises:
+            ConfigError: `service` is invalid, already served here, or
+                `concurrency` < 1.
+            ClosedError: the node is not running.
+        """
+        self._check_running()
+        assert self._services is not None
+        return self._services.serve(service, handler, concurrency)
+
+    async def request(self, service: str, data: bytes | str, *, timeout: float = 5.0,
+                      retries: int = 2, headers: Mapping[str, str] | None = None) -> Message:
+        """Send a request to one live server of `service` and return its reply.
+
+        Servers are load balanced (least outstanding, then round robin); this
+        node serves its own services without the network. A timed-out attempt
+        is retried on another server when there is one, up to `retries` times
+        with a short jittered backoff; a server that dies or leaves fails its
+        requests over at once. `timeout` covers finding a server and every
+        attempt. A request can run twice if its server dies after handling it.
+
+        Returns:
+            The reply: ``data`` is the body, ``source`` the server's name.
+
+        Raises:
+            ConfigError: `service`, `timeout` or `retries` is invalid.
+            MessageTooLarge: `data` exceeds ``max_message_size`` (nothing sent).
+            NoRespondersError: no live server (after a short discovery grace
+                right after start), or every server went away.
+            RequestTimeout: no reply within `timeout`.
+            RemoteError: the server's handler raised.
+            ClosedError: the node is not running or closed meanwhile.
+        """
+        self._check_running()
+        assert self._services is not None
+        return await self._services.request(service, data, timeout=timeout, retries=retries,
+                                            headers=headers)
+
+    async def wait_for_service(self, service: str, *, timeout: float = 10.0) -> None:
+        """Wait until a live server of `service` (this node included) is known.
+
+        Raises:
+            ConfigError: `service` is invalid.
+            RequestTimeout: none appeared within the timeout.
+        """
+        self._check_running()
+        services = self._services
+        assert services is not None
+        services.check_name(service)
+        await self._wait(lambda: services.has_server(service), timeout,
+                         f"waiting for a server of {service!r}")
+
+    def check_service(self, service: str) -> None:
+        """Validate a service name (the rules of topic names).
+
+        Raises:
+            ConfigError: it is not a valid service name.
+        """
+        Services.check_name(service)
+
 
 def _struct_items(config: NodeConfig) -> dict[str, Any]:
     return {f: getattr(config, f) for f in config.__struct_fields__}

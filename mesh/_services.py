@@ -95,7 +95,9 @@ class _ServerGone(DeliveryError):
     """Internal: the chosen server went away or declined; another one may answer."""
 
 
+@functools.lru_cache(maxsize=4096)
 def _checked_service(service: str) -> None:
+    """Raises ConfigError for an invalid service name (cached: checked on every request)."""
     try:
         validate_topic(service)
     except InvalidName as exc:

@@ -10,6 +10,7 @@ when the loop falls far behind.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -19,9 +20,17 @@ from typing import Any, Final, Self, TypeVar
 from ._config import NodeConfig
 from ._message import Message
 from ._node import AsyncNode
-from ._workqueue import DEFAULT_PREFETCH, Pull
+from ._worker import Pull
+from ._workqueue import DEFAULT_PREFETCH
 from ._peers import Peer, PeerEvent
 from ._pubsub import checked_topic_key
+from ._services import (
+    SYNC_SERVE_CONCURRENCY,
+    ReplyBody,
+    ServiceHandler,
+    SyncService,
+    is_async_handler,
+)
 from ._subscription import Subscription
 from .errors import ClosedError, MessageTooLarge
 
@@ -203,6 +212,36 @@ class Node:
                              timeout: float = 10.0) -> None:
         """See `AsyncNode.wait_for_subscribers`."""
         self._call(self._node.wait_for_subscribers(topic, count, timeout=timeout))
+
+    # -- services ----------------------------------------------------------------
+
+    def serve(self, service: str, handler: ServiceHandler, *,
+              concurrency: int = SYNC_SERVE_CONCURRENCY) -> SyncService:
+        """See `AsyncNode.serve`. A plain-function handler runs in a worker thread, so it
+        may block; up to `concurrency` requests are handled at once. Stop with ``close()``.
+
+        Raises:
+            ConfigError: `service` is invalid or already served here.
+            ClosedError: the node is not running.
+        """
+        run = handler
+        if not is_async_handler(handler):
+            async def run(msg: Message) -> ReplyBody:
+                result = await asyncio.to_thread(handler, msg)
+                return await result if inspect.isawaitable(result) else result
+
+        service_handle = self._call(self._node.serve(service, run, concurrency=concurrency))
+        return SyncService(service_handle, self._call)
+
+    def request(self, service: str, data: bytes | str, *, timeout: float = 5.0,
+                retries: int = 2, headers: Mapping[str, str] | None = None) -> Message:
+        """See `AsyncNode.request`; blocks until the reply (or the error) arrives."""
+        return self._call(self._node.request(service, data, timeout=timeout, retries=retries,
+                                             headers=headers))
+
+    def wait_for_service(self, service: str, *, timeout: float = 10.0) -> None:
+        """See `AsyncNode.wait_for_service`."""
+        self._call(self._node.wait_for_service(service, timeout=timeout))
 
     def events(self) -> SyncPeerEvents:
         """Peer events from now on; iterate, or call `next(timeout)`. Ends when the node closes."""

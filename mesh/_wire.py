@@ -37,6 +37,7 @@ tag  message    fields
 3    Bye        id
 4    Credit     id, queue, consumed: a worker has consumed this many of a pusher's
                messages on a queue (a running total, so a lost one is superseded)
+5    Nack       id, queue, seqs: these consumed messages failed (redeliver later)
 ===  =========  ==========================================================
 
 Service (DEALER -> ROUTER requests, ROUTER -> DEALER replies): ``header |
@@ -87,6 +88,24 @@ class Item(msgspec.Struct, array_like=True, gc=False):
     """Free application headers (e.g. ``traceparent``), passed through untouched."""
     payload: bytes
     """The user's bytes."""
+    reliable: bool = False
+    """Spooled by its sender: the receiver deduplicates it and its ack settles the spool."""
+
+
+class Spooled(msgspec.Struct, array_like=True, gc=False):
+    """A reliable message as kept in the sender's spool (also the dead-letter record)."""
+
+    kind: str
+    """``q`` work queue, ``t`` topic (to durables)."""
+    name: str
+    """Queue or topic."""
+    item: Item
+    dests: list[str] = []
+    """For topics: the durable queues it still has to reach."""
+    attempts: int = 0
+    """Failed deliveries so far (nack, lost worker, ack timeout)."""
+    reason: str = ""
+    """Why it was dead-lettered."""
 
 
 class Batch(msgspec.Struct, array_like=True, gc=False):
@@ -96,6 +115,8 @@ class Batch(msgspec.Struct, array_like=True, gc=False):
     name: str
     topic_seq: int
     items: list[Item]
+    epoch: int = 0
+    """Work queues: which of the pusher's streams to this worker (credits quote it back)."""
 
 
 class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
@@ -142,13 +163,38 @@ class Credit(msgspec.Struct, frozen=True, array_like=True, tag=4):
     id: str
     queue: str
     consumed: int
+    epoch: int = 0
 
 
-Control = Hello | Heartbeat | Bye | Credit
+class Nack(msgspec.Struct, frozen=True, array_like=True, tag=5):
+    """Worker -> pusher: these reliable messages failed; sent before the credit covering them."""
+
+    id: str
+    queue: str
+    seqs: list[int]
+    epoch: int = 0
+
+
+Control = Hello | Heartbeat | Bye | Credit | Nack
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _batch_decoder: Final = msgspec.msgpack.Decoder(Batch)
 _control_decoder: Final = msgspec.msgpack.Decoder(Control)
+
+
+_spooled_decoder: Final = msgspec.msgpack.Decoder(Spooled)
+
+
+def encode_spooled(msg: Spooled) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_spooled(data: bytes) -> Spooled:
+    """Raises ProtocolError for a record that is not a spooled message."""
+    try:
+        return _spooled_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable spool record: {exc}") from exc
 
 
 def encode_data(key: bytes, batch: Batch) -> bytearray:

@@ -120,7 +120,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per message")
     p.add_argument("--prefetch", type=_count, default=16, metavar="N",
                    help="messages held per pusher before they are printed (default 16)")
+
+    p = sub.add_parser("serve", help="answer requests to SERVICE until SIGINT/SIGTERM")
+    _common(p)
+    p.add_argument("service")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--echo", action="store_true", help="reply with the request body")
+    how.add_argument("--exec", metavar="CMD",
+                     help="run CMD per request (no shell): body on stdin, reply = stdout; "
+                          "a non-zero exit is an error reply with its stderr")
+    p.add_argument("--exec-timeout", type=_positive, default=30.0, metavar="S",
+                   help="kill CMD after S seconds and reply with an error (default 30)")
+    p.add_argument("--concurrency", type=_count, default=16, metavar="N",
+                   help="requests handled at once (default 16)")
+
+    p = sub.add_parser("req", help="send DATA to SERVICE and print the reply body")
+    _common(p)
+    p.add_argument("service")
+    p.add_argument("data")
+    p.add_argument("--timeout", type=_positive, default=5.0, metavar="S",
+                   help="covers finding a server and all retries (default 5)")
+    p.add_argument("--retries", type=_retries, default=2, metavar="N",
+                   help="retries on another server after a timeout (default 2)")
+    p.add_argument("--header", action="append", default=[], metavar="K=V",
+                   help="request header; repeatable")
     return parser
+
+
+def _retries(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
 
 
 def _configure_logging(verbose: int) -> None:

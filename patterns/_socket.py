@@ -154,16 +154,18 @@ class Socket:
     def recv_nowait(self, limit: int = 256) -> list[list[bytes]]:
         """Up to `limit` queued messages, without waiting (maybe none).
 
-        Checks ``EVENTS`` before each receive rather than ending on ``EAGAIN``:
-        a raised ``zmq.Again`` costs more than the check.
+        Meant for the `watch` callback, which has just seen input waiting; after
+        the first message it checks ``EVENTS`` before each receive rather than
+        ending on ``EAGAIN`` (a raised ``zmq.Again`` costs more than the check).
 
         Raises:
             SocketClosed: the socket was closed.
         """
-        out: list[list[bytes]] = []
         recv = self._sync.recv_multipart
         get = self._sync.getsockopt
+        out: list[list[bytes]] = []
         try:
+            out.append(recv(_NOBLOCK))
             while len(out) < limit:
                 events = get(_EVENTS)
                 assert isinstance(events, int)

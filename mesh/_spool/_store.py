@@ -88,6 +88,7 @@ class SpoolStore:
         self._lock = threading.Lock()
         self._closed = False
         self.report = RecoveryReport()
+        self._meta: list[bytes] = []
 
     # -- opening -----------------------------------------------------------------
 
@@ -115,6 +116,8 @@ class SpoolStore:
                     seg.live += 1
                 elif rec.kind is RecordKind.ACK:
                     acked.add(rec.id)
+                else:
+                    self._meta.append(rec.payload)
             if good_end < len(data) and index == len(files) - 1 and report.torn_bytes:
                 with open(file, "r+b") as fh:  # cut the torn tail so appends continue cleanly
                     fh.truncate(good_end)
@@ -189,6 +192,19 @@ class SpoolStore:
         self._queue.put(_Write(records, ids, payload_list, fut, size))
         await fut
         return ids
+
+    def meta(self) -> list[bytes]:
+        """META records found at recovery, oldest first (handed over once)."""
+        meta, self._meta = self._meta, []
+        return meta
+
+    def note(self, kind: RecordKind, payload: bytes) -> None:
+        """Queue a record without waiting for it (written with the next commit)."""
+        if self._closed:
+            return
+        record = encode(kind, 0, payload)
+        self._queued_bytes += len(record)
+        self._queue.put(_Write([record], [], [], None, len(record)))
 
     def ack(self, record_ids: Iterable[int]) -> None:
         """Mark messages done; written with the next batch, space reclaimed by segment."""

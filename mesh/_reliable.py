@@ -1,0 +1,162 @@
+"""The sender's side of at-least-once: spooling, settling, retrying, dead-lettering.
+
+A reliable message is appended to the node's outbox spool before the send
+returns (guarantee 1), and stays there until every destination consumed it:
+the worker that processed a pushed message, or each durable subscription a
+published one was meant for. A failed delivery (nack, lost worker, ack
+timeout) counts an attempt and goes again after an exponential backoff; after
+``max_attempts`` the message moves to the dead-letter spool with the reason,
+where ``zeromesh spool`` shows and replays it.
+
+After a restart, everything still in the spool is delivered again; receivers
+drop the duplicates by (sender id, sequence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from . import _wire
+from ._config import NodeConfig
+from ._dedup import Dedup
+from ._spool import FsyncPolicy, SpoolStore
+from .errors import ConfigError, ProtocolError
+
+_log = logging.getLogger("mesh.spool")
+_BACKOFF_CAP: Final[float] = 30.0
+
+
+class Tracked:
+    """A spooled message on its way: its spool id and what it still has to reach."""
+
+    __slots__ = ("pending", "spool_id", "spooled")
+
+    def __init__(self, spool_id: int, spooled: _wire.Spooled) -> None:
+        self.spool_id = spool_id
+        self.spooled = spooled
+        self.pending: set[str] = set(spooled.dests) if spooled.kind == "t" else {spooled.name}
+
+
+Requeue = Callable[..., None]
+
+
+class Outbox:
+    """The outbox spool of one node and the bookkeeping of its reliable messages."""
+
+    def __init__(self, store: SpoolStore, dead: SpoolStore, stats: Counter[str], *,
+                 max_attempts: int, ack_timeout: float, retry_backoff: float) -> None:
+        self.store = store
+        self.dead = dead
+        self._stats = stats
+        self.max_attempts = max_attempts
+        self.ack_timeout = ack_timeout
+        self.retry_backoff = retry_backoff
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self.inbox: SpoolStore | None = None
+        """The receiving side's dedup marks live here (closed with the rest)."""
+
+    async def spool_push(self, queue: str, item: _wire.Item) -> Tracked:
+        """Put a reliable push on disk; returns once it is there."""
+        spooled = _wire.Spooled("q", queue, item)
+        spool_id = await self.store.append(_wire.encode_spooled(spooled))
+        self._stats["spooled"] += 1
+        return Tracked(spool_id, spooled)
+
+    def recovered_pushes(self) -> list[tuple[str, tuple[_wire.Item, Tracked]]]:
+        """Pushes still in the spool after a restart, oldest first."""
+        out = []
+        for spool_id, payload in self.store.pending():
+            try:
+                spooled = _wire.decode_spooled(payload)
+            except ProtocolError as exc:
+                _log.warning("skipping unreadable spool record %d: %s", spool_id, exc)
+                continue
+            if spooled.kind == "q":
+                out.append((spooled.name, (spooled.item, Tracked(spool_id, spooled))))
+        if out:
+            _log.info("resuming %d spooled pushes", len(out))
+        return out
+
+    def delivered(self, tracked: Tracked, dest: str) -> None:
+        tracked.pending.discard(dest)
+        if not tracked.pending:
+            self.store.ack((tracked.spool_id,))
+            self._stats["acked"] += 1
+
+    def failed(self, tracked: Tracked, reason: str, requeue: Requeue) -> None:
+        """One delivery attempt failed: retry after a backoff, or dead-letter it."""
+        spooled = tracked.spooled
+        spooled.attempts += 1
+        self._stats["redelivered"] += 1
+        if spooled.attempts >= self.max_attempts:
+            spooled.reason = reason
+            task = asyncio.get_running_loop().create_task(self._bury(tracked))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        delay = min(_BACKOFF_CAP, self.retry_backoff * 2 ** (spooled.attempts - 1))
+        handle = asyncio.get_running_loop().call_later(
+            delay, self._retry, requeue, spooled.name, (spooled.item, tracked))
+        self._timers.add(handle)
+
+    def _retry(self, requeue: Requeue, name: str, sent: tuple[_wire.Item, Tracked]) -> None:
+        self._timers = {t for t in self._timers if not t.cancelled() and t.when() > 0}
+        requeue(name, sent)
+
+    async def _bury(self, tracked: Tracked) -> None:
+        spooled = tracked.spooled
+        try:
+            await self.dead.append(_wire.encode_spooled(spooled))
+        except Exception:
+            _log.exception("cannot move message %d to the dead-letter spool; it stays queued",
+                           tracked.spool_id)
+            return
+        self.store.ack((tracked.spool_id,))
+        self._stats["dead_lettered"] += 1
+        _log.warning("message %d on %s dead-lettered after %d attempts: %s", tracked.spool_id,
+                     spooled.name, spooled.attempts, spooled.reason)
+
+    async def aclose(self) -> None:
+        for handle in self._timers:
+            handle.cancel()
+        for task in list(self._tasks):
+            await task
+        await self.store.aclose()
+        await self.dead.aclose()
+        if self.inbox is not None:
+            await self.inbox.aclose()
+
+
+async def open_spools(data_dir: str, config: NodeConfig, stats: Counter[str]
+                      ) -> tuple[Outbox, Dedup]:
+    """The outbox, dead-letter and inbox (dedup) spools under `data_dir`/spool.
+
+    Raises:
+        ConfigError: the directory cannot be used.
+    """
+    root = Path(data_dir) / "spool"
+    policy = FsyncPolicy(config.fsync)
+    out = SpoolStore(root / "out", fsync=policy, quota_bytes=config.spool_quota)
+    dead = SpoolStore(root / "dead", fsync=policy, quota_bytes=config.spool_quota)
+    inbox = SpoolStore(root / "in", fsync=FsyncPolicy.OFF, quota_bytes=config.spool_quota)
+    try:
+        for store in (out, dead, inbox):
+            report = await store.start()
+            if not report.clean:
+                stats["spool_damage"] += report.corrupt_records + (1 if report.torn_bytes else 0)
+    except OSError as exc:
+        for store in (out, dead, inbox):
+            await store.aclose()
+        raise ConfigError("data_dir", f"spool unusable: {exc.strerror or exc}") from None
+    dedup = Dedup(inbox)
+    dedup.load()
+    outbox = Outbox(out, dead, stats, max_attempts=config.max_attempts,
+                    ack_timeout=config.ack_timeout, retry_backoff=config.retry_backoff)
+    outbox.inbox = inbox
+    return outbox, dedup

@@ -1,0 +1,363 @@
+"""The worker side of work queues: receiving, handing out, crediting, deduplicating.
+
+One PULL socket receives every pusher's batches. Each queue this node pulls
+from is one FIFO (`_LocalQueue`) shared by all its `Pull` handles, so
+consumption is in arrival order and a running count per pusher stream is an
+exact acknowledgement. A message counts as consumed when `ack()`/`nack()` is
+called on it, when its handle asks for the next one, or when its handler
+returns (a handler that raises nacks it). Consumption goes back to the pusher
+as a running total (`Credit`), coalesced per loop iteration and repeated on
+heartbeat ticks so a lost credit is superseded by the next; a `Nack` for
+failed reliable messages always travels before the credit that covers them.
+
+Reliable messages are deduplicated by (sender id, sequence) before the
+application sees them (`_dedup`); a duplicate is credited at once and never
+delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final, Protocol
+
+from patterns import Context, Puller, SocketClosed
+
+from . import _wire
+from ._dedup import Dedup
+from ._message import Message
+from ._quiet import QuietLog
+from .errors import ClosedError, ProtocolError
+
+_log = logging.getLogger("mesh.workqueue")
+_CREDIT_RESEND_FOR: Final[float] = 3.0
+
+Handler = Callable[[Message], Awaitable[object] | object]
+
+
+class Settle(Protocol):
+    """Where a consumed message's acknowledgement goes."""
+
+    def settle(self, msg: Message, ok: bool) -> None: ...
+
+
+class _InStream:
+    """A worker's view of one pusher stream on one queue: how much it consumed."""
+
+    __slots__ = ("changed_at", "consumed", "epoch", "nacks", "pusher_id", "queue", "reported")
+
+    def __init__(self, pusher_id: str, queue: str, epoch: int, position: int) -> None:
+        self.pusher_id = pusher_id
+        self.queue = queue
+        self.epoch = epoch
+        self.consumed = position
+        self.reported = position
+        self.nacks: list[int] = []
+        self.changed_at = time.monotonic()
+
+
+class LocalQueue:
+    """This node's worker side of one queue: one FIFO shared by every `Pull` on it."""
+
+    def __init__(self, name: str, window: int) -> None:
+        self.name = name
+        self.window = window
+        self.items: deque[tuple[Message, Settle]] = deque()
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.handles = 0
+        self.closed = False
+
+    def put(self, entries: Iterable[tuple[Message, Settle]]) -> None:
+        self.items.extend(entries)
+        self.wake()
+
+    def wake(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+
+class Pull:
+    """Work messages of one queue; async iterator.
+
+    Each message is processed when you call ``msg.ack()`` (or ``msg.nack()``
+    to have a reliable one redelivered later), or implicitly when you ask for
+    the next one.
+    """
+
+    def __init__(self, local: LocalQueue, on_close: Callable[[Pull], None]) -> None:
+        self._local = local
+        self._on_close = on_close
+        self._current: tuple[Message, Settle] | None = None
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self.received = 0
+
+    @property
+    def queue(self) -> str:
+        return self._local.name
+
+    def _settle_current(self, ok: bool = True) -> None:
+        current, self._current = self._current, None
+        if current is not None:
+            current[1].settle(current[0], ok)
+
+    def _settle(self, msg: Message, ok: bool) -> None:
+        if self._current is not None and self._current[0] is msg:
+            self._settle_current(ok)
+
+    async def next(self, timeout: float | None = None) -> Message:
+        """The next work message (the previous one counts as processed).
+
+        Raises:
+            TimeoutError: none arrived within `timeout` seconds.
+            ClosedError: this handle or its node was closed.
+        """
+        self._settle_current()
+        local = self._local
+        while not local.items:
+            if self._closed or local.closed:
+                raise ClosedError(f"pull on {local.name!r} is closed")
+            waiter = asyncio.get_running_loop().create_future()
+            local.waiters.append(waiter)
+            try:
+                async with asyncio.timeout(timeout):
+                    await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+        msg, settle = local.items.popleft()
+        msg = msg.with_receipt(self._settle)
+        self._current = (msg, settle)
+        self.received += 1
+        if local.items:
+            local.wake()  # another handle may be waiting too
+        return msg
+
+    def __aiter__(self) -> Pull:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.next()
+        except ClosedError:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        """Stop pulling; the message in hand counts as processed, the rest go to other workers."""
+        if self._closed:
+            return
+        self._closed = True
+        self._settle_current()
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._on_close(self)
+
+    async def __aenter__(self) -> Pull:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _run(self, handler: Handler) -> None:
+        """The handler form: one message at a time; return = ack, raise = nack."""
+        async for msg in self:
+            try:
+                result = handler(msg)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                _log.exception("handler for queue %s failed", self.queue)
+                self._settle_current(ok=False)
+            else:
+                self._settle_current(ok=True)
+
+
+class Workers:
+    """The PULL socket and every queue this node works on."""
+
+    def __init__(self, ctx: Context, quiet: QuietLog, stats: Counter[str], *, max_wire: int,
+                 send_control: Callable[[str, _wire.Control], bool], dedup: Dedup) -> None:
+        self._quiet = quiet
+        self._stats = stats
+        self._max_wire = max_wire
+        self._send_control = send_control
+        self._dedup = dedup
+        self._puller = Puller(ctx, max_message_size=max_wire)
+        self.endpoints: list[str] = []
+        self.node_id = ""
+        self.local: dict[str, LocalQueue] = {}
+        self.handles: set[Pull] = set()
+        self._streams: dict[tuple[str, str, int], _InStream] = {}
+        self._credit_handle: asyncio.Handle | None = None
+        self._credit_dirty: set[_InStream] = set()
+        self._in_hand: set[tuple[str, int]] = set()
+        """Reliable messages delivered and not yet settled: a copy arriving now is a duplicate."""
+
+    def bind(self, interfaces: Iterable[str]) -> list[str]:
+        self.endpoints = [self._puller.bind(host) for host in interfaces]
+        return self.endpoints
+
+    def start(self, node_id: str) -> asyncio.Task[None]:
+        self.node_id = node_id
+        return asyncio.get_running_loop().create_task(self._read(), name="zeromesh-pull")
+
+    def close(self) -> None:
+        for local in self.local.values():
+            local.closed = True
+            for waiter in local.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        self._puller.close()
+
+    @property
+    def queues(self) -> dict[str, int]:
+        """What we announce: queue name -> credit window per pusher."""
+        return {name: q.window for name, q in self.local.items() if q.handles}
+
+    def open(self, queue: str, prefetch: int, handler: Handler | None,
+             on_close: Callable[[Pull], None]) -> tuple[Pull, bool]:
+        """A new handle on `queue`; True if this node just started pulling it."""
+        local = self.local.get(queue)
+        if local is None or local.closed:
+            local = self.local[queue] = LocalQueue(queue, prefetch)
+        local.window = max(local.window, prefetch)
+        local.handles += 1
+        pull = Pull(local, on_close)
+        self.handles.add(pull)
+        if handler is not None:
+            pull._task = asyncio.get_running_loop().create_task(pull._run(handler))
+        return pull, local.handles == 1
+
+    def detach(self, pull: Pull) -> LocalQueue | None:
+        """Forget a handle; returns its queue if nobody on this node pulls it any more."""
+        self.handles.discard(pull)
+        local = pull._local
+        local.handles -= 1
+        if local.handles > 0:
+            return None
+        local.closed = True
+        self.local.pop(local.name, None)
+        for msg, _ in local.items:  # handed back unprocessed: a redelivery is not a duplicate
+            self._in_hand.discard((msg.source_id, msg.seq))
+        return local
+
+    def settle_in_hand(self) -> None:
+        """Before leaving: the messages in the application's hands count as processed."""
+        for handle in list(self.handles):
+            handle._settle_current()
+
+    # -- crediting ---------------------------------------------------------------
+
+    def consumed(self, stream: _InStream, msg: Message, ok: bool) -> None:
+        if msg.reliable:
+            self._in_hand.discard((msg.source_id, msg.seq))
+            if ok:
+                self._dedup.mark(msg.source_id, msg.seq)
+            else:
+                stream.nacks.append(msg.seq)
+        self._credit(stream)
+
+    def _credit(self, stream: _InStream) -> None:
+        stream.consumed += 1
+        stream.changed_at = time.monotonic()
+        self._credit_dirty.add(stream)
+        if self._credit_handle is None:
+            self._credit_handle = asyncio.get_running_loop().call_soon(self.send_credits)
+
+    def send_credits(self, force: bool = False) -> None:
+        """Report consumption to pushers; `force` repeats recent totals (lost-credit cover)."""
+        self._credit_handle = None
+        self._dedup.save()
+        dirty, self._credit_dirty = self._credit_dirty, set()
+        if force:
+            now = time.monotonic()
+            dirty.update(s for s in self._streams.values()
+                         if now - s.changed_at < _CREDIT_RESEND_FOR)
+        for stream in dirty:
+            if stream.nacks:
+                nacks, stream.nacks = stream.nacks, []
+                self._send_control(stream.pusher_id, _wire.Nack(
+                    self.node_id, stream.queue, nacks, stream.epoch))
+            if stream.consumed == stream.reported and not force:
+                continue
+            stream.reported = stream.consumed
+            self._send_control(stream.pusher_id, _wire.Credit(
+                self.node_id, stream.queue, stream.consumed, stream.epoch))
+
+    # -- receiving ---------------------------------------------------------------
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                batches = await self._puller.recv_many()
+            except SocketClosed:
+                return
+            for frames in batches:
+                self._on_work(frames)
+
+    def _on_work(self, frames: list[bytes]) -> None:
+        try:
+            if len(frames) != 1:
+                raise ProtocolError(f"work message of {len(frames)} frames")
+            frame = frames[0]
+            key, offset = _wire.split_data(frame)
+            batch = _wire.decode_data(frame, offset, self._max_wire)
+            queue = key[:-1].decode()
+        except (ProtocolError, UnicodeDecodeError) as exc:
+            self._quiet.drop("work", str(exc))
+            return
+        local = self.local.get(queue)
+        if local is None:
+            return  # we stopped pulling it; the pusher re-queues what we did not consume
+        stream_key = (batch.source, queue, batch.epoch)
+        stream = self._streams.get(stream_key)
+        if stream is None:
+            if len(self._streams) > 10_000:
+                self._forget_idle_streams()
+            stream = self._streams[stream_key] = _InStream(batch.source, queue, batch.epoch,
+                                                           batch.topic_seq)
+        name, source = batch.name, batch.source
+        self._stats["pulled"] += len(batch.items)
+        receipt = _StreamReceipt(self, stream)
+        fresh = []
+        for it in batch.items:
+            msg = Message(queue, it.payload, name, source, it.seq, it.ts, it.headers,
+                          reliable=it.reliable)
+            if it.reliable:
+                key = (source, it.seq)
+                if key in self._in_hand or self._dedup.seen(source, it.seq):
+                    self._stats["duplicates"] += 1
+                    self._credit(stream)  # processed or being processed: credit, do not deliver
+                    continue
+                self._in_hand.add(key)
+            fresh.append((msg, receipt))
+        local.put(fresh)
+
+    def _forget_idle_streams(self) -> None:
+        now = time.monotonic()
+        for key, stream in list(self._streams.items()):
+            if now - stream.changed_at > 60 and stream.consumed == stream.reported:
+                del self._streams[key]
+
+
+class _StreamReceipt:
+    """Settles a received message against the pusher stream it came on."""
+
+    __slots__ = ("_stream", "_workers")
+
+    def __init__(self, workers: Workers, stream: _InStream) -> None:
+        self._workers = workers
+        self._stream = stream
+
+    def settle(self, msg: Message, ok: bool) -> None:
+        self._workers.consumed(self._stream, msg, ok)

@@ -1,0 +1,151 @@
+"""Reliable work queues: on disk before return, delivered when workers come, retried, dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from mesh import SpoolFullError
+from mesh import _wire as wire
+from mesh._spool import SpoolStore
+from tests.helpers import aeventually
+
+from ._proc import Cli
+
+
+async def test_reliable_push_waits_for_no_worker_and_is_delivered_later(make_node, tmp_path) -> None:
+    """Guarantee 2: the worker is not there yet; it gets the message when it comes."""
+    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"))
+    for i in range(20):
+        await pusher.push("jobs", f"m{i}", reliable=True)
+    worker = await make_node("worker")
+    work = await worker.pull("jobs")
+    got = [await work.next(timeout=10) for _ in range(20)]
+    assert [m.text for m in got] == [f"m{i}" for i in range(20)]
+    assert all(m.reliable for m in got)
+    await aeventually(lambda: pusher.stats["acked"] == 19, timeout=5)  # the last is in hand
+    got[-1].ack()
+    await aeventually(lambda: pusher.stats["acked"] == 20, timeout=5)
+
+
+async def test_spooled_pushes_survive_a_pusher_restart(make_node, tmp_path) -> None:
+    """Guarantee 2, sender side: pushed, pusher restarted, then the worker appears."""
+    first = await make_node("pusher", data_dir=str(tmp_path / "p"))
+    for i in range(50):
+        await first.push("jobs", f"m{i}", reliable=True)
+    await first.aclose()
+    await make_node("pusher", data_dir=str(tmp_path / "p"))  # same id, same spool
+    worker = await make_node("worker")
+    got: list[str] = []
+    await worker.pull("jobs", handler=lambda m: got.append(m.text))
+    await aeventually(lambda: len(got) >= 50, timeout=10)
+    assert sorted(got) == sorted(f"m{i}" for i in range(50))
+
+
+async def test_nacked_messages_come_back_then_go_to_the_dead_letter_spool(make_node, tmp_path) -> None:
+    """Guarantee 5: a message that keeps failing is dead-lettered after max_attempts."""
+    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), max_attempts=3,
+                             retry_backoff=0.01)
+    worker = await make_node("worker")
+    attempts: list[str] = []
+
+    def fail(msg) -> None:
+        attempts.append(msg.text)
+        raise RuntimeError("cannot process")
+
+    await worker.pull("jobs", handler=fail)
+    await pusher.push("jobs", "poison", reliable=True)
+    await aeventually(lambda: pusher.stats["dead_lettered"] == 1, timeout=10)
+    assert attempts == ["poison"] * 3
+    await pusher.aclose()
+    dead = SpoolStore(tmp_path / "p" / "spool" / "dead")
+    await dead.start()
+    try:
+        (record,) = [wire.decode_spooled(p) for _, p in dead.pending()]
+        assert (record.name, record.item.payload, record.attempts) == ("jobs", b"poison", 3)
+        assert "nack" in record.reason
+    finally:
+        await dead.aclose()
+
+
+async def test_explicit_nack_redelivers_and_ack_settles(make_node, tmp_path) -> None:
+    """msg.nack() brings a reliable message back; msg.ack() settles it in the spool."""
+    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), retry_backoff=0.01)
+    worker = await make_node("worker")
+    work = await worker.pull("jobs")
+    await pusher.push("jobs", "again", reliable=True)
+    first = await work.next(timeout=5)
+    assert first.reliable
+    first.nack()
+    second = await work.next(timeout=5)
+    assert (second.text, second.seq) == ("again", first.seq)
+    second.ack()
+    await aeventually(lambda: pusher.stats["acked"] == 1, timeout=5)
+
+
+async def test_worker_sigkilled_before_ack_gets_its_messages_redelivered(make_node, mesh_name,
+                                                                         tmp_path) -> None:
+    """Guarantee 3: what a killed worker had not acknowledged goes to another worker."""
+    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"))
+    victim = Cli(["pull", "jobs", "--prefetch", "50", "--name", "victim"], mesh=mesh_name)
+    try:
+        await pusher.wait_for_workers("jobs", 1, timeout=10)
+        for i in range(100):
+            await pusher.push("jobs", f"m{i}", reliable=True)
+        await asyncio.to_thread(victim.line, "", 10)
+        victim.proc.kill()
+        await asyncio.to_thread(victim.wait, 10)
+    finally:
+        victim.close()
+    printed = set(victim.all_lines())
+    survivor = await make_node("survivor")
+    got: list[str] = []
+    await survivor.pull("jobs", handler=lambda m: got.append(m.text))
+    everything = {f"m{i}" for i in range(100)}
+    await aeventually(lambda: printed | set(got) == everything, timeout=15)
+    assert pusher.stats["lost_in_flight"] == 0
+
+
+async def test_duplicates_are_dropped_by_sender_and_sequence_across_restarts(
+        make_node, mesh_name, tmp_path) -> None:
+    """Guarantee 4: the same (sender, seq) twice reaches the application once, even after a restart."""
+    ctx = zmq.asyncio.Context()
+    try:
+        for round_ in range(2):
+            worker = await make_node("worker", data_dir=str(tmp_path / "w"))
+            work = await worker.pull("jobs")
+            push = ctx.socket(zmq.PUSH)
+            push.linger = 0
+            push.connect(worker._work.endpoints[0])
+            item = wire.Item(7, 1.0, None, b"once", True)
+            for epoch in (1, 2):  # two streams: as if redelivered after a lost ack
+                batch = wire.Batch("f" * 32, "fake", 0, [item], epoch)
+                await push.send(wire.encode_data(b"jobs\x00", batch))
+            if round_ == 0:
+                assert (await work.next(timeout=5)).data == b"once"
+            with pytest.raises(TimeoutError):
+                await work.next(timeout=0.3)
+            expected = 1 if round_ == 0 else 2
+            await aeventually(lambda w=worker, n=expected: w.stats["duplicates"] >= n, timeout=5)
+            push.close()
+            await worker.aclose()
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def test_spool_quota_is_a_clear_error_to_the_sender(make_node, tmp_path) -> None:
+    """Guarantee 7: past the quota, SpoolFullError; what was accepted is still delivered."""
+    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), spool_quota=20_000)
+    accepted = 0
+    with pytest.raises(SpoolFullError):
+        for i in range(10_000):
+            await pusher.push("jobs", f"{i:06d}" * 20, reliable=True)
+            accepted += 1
+    worker = await make_node("worker")
+    got: list[bytes] = []
+    await worker.pull("jobs", handler=lambda m: got.append(m.data))
+    await aeventually(lambda: len(got) == accepted, timeout=10)
+    assert got == [f"{i:06d}".encode() * 20 for i in range(accepted)]
