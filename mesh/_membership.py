@@ -247,6 +247,7 @@ class Membership:
         rec.queues = {q: max(1, min(w, _MAX_WINDOW)) for q, w in hello.queues.items()
                       if q in set(_names(list(hello.queues), "queue", self._quiet))}
         rec.services = frozenset(_names(hello.services, "service", self._quiet))
+        rec.durables = dict(list(hello.durables.items())[:_MAX_SUBS])
         rec.subs_version = hello.subs_version
         return True
 

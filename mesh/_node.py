@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import Counter
@@ -23,16 +24,17 @@ from patterns import Context
 
 from . import _wire
 from ._config import NodeConfig
+from ._durable import KnownDurables, durable_queue
 from ._events import PeerEvents
 from ._identity import load_or_create_id
 from ._membership import Membership
 from ._message import Message
 from ._peers import Peer, PeerEvent, PeerEventKind, PeerRecord, PeerState
-from ._pubsub import PubSub, checked_topic_key
+from ._pubsub import PubSub, checked_topic_key, parse_pattern
 from ._quiet import QuietLog
+from ._reliable import Outbox, open_spools
 from ._services import DEFAULT_CONCURRENCY, Service, ServiceHandler, Services
 from ._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
-from ._reliable import Outbox, open_spools
 from ._worker import Handler, Pull
 from ._workqueue import DEFAULT_PREFETCH, WorkQueues, checked_queue_key
 from .errors import ClosedError, ConfigError, RequestTimeout
@@ -68,6 +70,8 @@ class AsyncNode:
         self._services: Services | None = None
         self._work: WorkQueues | None = None
         self._outbox: Outbox | None = None
+        self._durables = KnownDurables(self._config.data_dir)
+        self._my_durables: dict[str, str] = {}
         self._discovery: list[DiscoveryBackend] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._ctl_endpoints: list[str] = []
@@ -130,6 +134,7 @@ class AsyncNode:
         dedup = None
         if cfg.data_dir is not None:
             self._outbox, dedup = await open_spools(cfg.data_dir, cfg, self.stats)
+            self._durables.load()
         ctx = self._ctx = Context()
         try:
             self._membership = Membership(
@@ -140,14 +145,18 @@ class AsyncNode:
                 on_change=self._changed, quiet=self._quiet,
                 on_update=self._on_peer_update, on_message=self._on_control,
                 on_beat=self._on_beat)
+            # One sequence for everything this node sends; starting at the clock in
+            # microseconds keeps (node id, seq) unique across restarts, which the
+            # receivers' deduplication relies on.
+            next_seq = itertools.count(time.time_ns() // 1000).__next__
             self._pubsub = PubSub(ctx, cfg, self._quiet, self.stats,
                                   on_subs_changed=self._interest_changed,
-                                  on_ready_changed=self._changed)
+                                  on_ready_changed=self._changed, next_seq=next_seq)
             self._work = WorkQueues(ctx, cfg, self._quiet, self.stats,
                                     alive_peers=self._alive,
                                     send_control=self._membership.send_to,
                                     on_interest_changed=self._interest_changed,
-                                    outbox=self._outbox, dedup=dedup)
+                                    next_seq=next_seq, outbox=self._outbox, dedup=dedup)
             self._ctl_endpoints = self._membership.bind(cfg.interfaces, cfg.port)
             self._pubsub.bind(cfg.interfaces)
             self._services = Services(ctx, cfg, self._quiet, self.stats,
@@ -295,6 +304,7 @@ class AsyncNode:
     def _on_peer_connect(self, new: PeerRecord, old: PeerRecord | None) -> None:
         if self._pubsub is not None:
             self._pubsub.peer_connected(new, old)
+        self._learn_durables(new)
         if old is not None and old.incarnation != new.incarnation and self._work is not None:
             self._work.peer_gone(old.id, graceful=False)  # restarted: its old pipe is dead
         if self._services is not None:
@@ -312,7 +322,12 @@ class AsyncNode:
         if self._work is not None:
             self._work.tick()
 
+    def _learn_durables(self, rec: PeerRecord) -> None:
+        if rec.durables:
+            self._durables.learn(rec.durables)
+
     def _on_peer_update(self, rec: PeerRecord) -> None:
+        self._learn_durables(rec)
         if self._work is not None:
             self._work.peer_updated(rec)
 
@@ -340,7 +355,8 @@ class AsyncNode:
                            pull=work.endpoints if work else [],
                            queues=work.queues if work else {},
                            rtr=self._services.endpoints if self._services else [],
-                           services=self._services.names if self._services else [])
+                           services=self._services.names if self._services else [],
+                           durables=self._my_durables)
 
     def _peer_info(self) -> PeerInfo:
         return PeerInfo(id=self._id, name=self.name, mesh=self.mesh,
@@ -353,26 +369,44 @@ class AsyncNode:
     # -- pub/sub -----------------------------------------------------------------
 
     async def publish(self, topic: str, data: bytes | str, *,
-                      headers: Mapping[str, str] | None = None) -> None:
-        """Publish best-effort to every matching subscriber in the mesh (and on this node).
+                      headers: Mapping[str, str] | None = None, reliable: bool = False) -> None:
+        """Publish to every matching subscriber in the mesh (and on this node).
 
-        Returns as soon as the message is queued; it leaves at the end of this
-        loop iteration.
+        Best effort: returns as soon as the message is queued; it leaves at the
+        end of this loop iteration. ``reliable=True`` (needs a data dir): also
+        returns only once the message is in this node's spool for every
+        durable subscription it matches, each of which gets it at least once,
+        online or not, across restarts of either side.
 
         Raises:
             ConfigError: `topic` is invalid.
             MessageTooLarge: `data` exceeds ``max_message_size``.
+            SpoolFullError: (reliable) the spool quota or the disk is full.
             ClosedError: the node is not running.
         """
-        if self.publish_nowait(topic, data, headers=headers):
-            await asyncio.sleep(0)  # a large batch just left: let readers and timers run
+        if not reliable:
+            if self.publish_nowait(topic, data, headers=headers):
+                await asyncio.sleep(0)  # a large batch just left: let readers and timers run
+            return
+        if self._outbox is None:
+            raise ConfigError("reliable", "needs a data dir (the spool lives there)")
+        if not self._running or self._pubsub is None or self._work is None:
+            raise ClosedError("node is not running (use `async with` or `await start()`)")
+        item = self._pubsub.publish(topic, data, headers, self._config.name, reliable=True)
+        assert item is not None
+        dests = self._durables.matching(topic)
+        if dests:
+            tracked = await self._outbox.spool_publish(topic, item, dests)
+            for dest in dests:
+                self._work.requeue(dest, (item, tracked))
 
     def publish_nowait(self, topic: str, data: bytes | str, *,
                        headers: Mapping[str, str] | None = None) -> bool:
-        """`publish` without the await, for use on the loop; True when it flushed a batch."""
+        """Best-effort `publish` without the await, for use on the loop; True when it
+        flushed a batch (a good moment to yield)."""
         if not self._running or self._pubsub is None:
             raise ClosedError("node is not running (use `async with` or `await start()`)")
-        return self._pubsub.publish(topic, data, headers, self._config.name)
+        return self._pubsub.publish(topic, data, headers, self._config.name) is not None
 
     async def subscribe(self, pattern: str, *, callback: Callback | None = None,
                         max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
@@ -388,6 +422,41 @@ class AsyncNode:
         self._check_running()
         assert self._pubsub is not None
         return self._pubsub.subscribe(pattern, callback, max_pending)
+
+    async def subscribe_durable(self, pattern: str, name: str, *,
+                                prefetch: int = DEFAULT_PREFETCH) -> Pull:
+        """A durable subscription: kept in this node's data dir under `name`.
+
+        Publishers that have seen it spool every reliable message matching
+        `pattern` for it, online or not; restarting with the same data dir and
+        name resumes it. Best-effort messages arrive too while it runs.
+        Acknowledge with ``msg.ack()`` (or implicitly by asking for the next).
+
+        Raises:
+            ConfigError: `pattern` or `name` is invalid, or there is no data dir.
+            ClosedError: the node is not running.
+        """
+        self._check_running()
+        assert self._pubsub is not None and self._work is not None
+        if self._outbox is None:
+            raise ConfigError("durable", "needs a data dir (its state lives there)")
+        if not name or "." in name:
+            raise ConfigError("durable", f"{name!r}: use a single name segment")
+        queue = durable_queue(self._id, name)
+        checked_queue_key(queue)
+        parse_pattern(pattern)
+        self._my_durables[queue] = pattern
+        self._durables.learn({queue: pattern})
+        pull = self._work.pull(queue, prefetch, None)
+        local = self._work.workers.local[queue]
+
+        def live(msg: Message) -> None:
+            if not msg.reliable:  # reliable ones come through the durable queue instead
+                local.put(((msg, _UNTRACKED),))
+
+        sub = self._pubsub.subscribe(pattern, live, 0)
+        pull.on_closed(sub.aclose)
+        return pull
 
     async def wait_for_subscribers(self, topic: str, count: int = 1, *,
                                    timeout: float = 10.0) -> None:
@@ -572,6 +641,16 @@ class AsyncNode:
             ConfigError: it is not a valid service name.
         """
         Services.check_name(service)
+
+
+class _Untracked:
+    """Settles nothing: a best-effort message in a durable subscription."""
+
+    def settle(self, msg: Message, ok: bool) -> None:
+        pass
+
+
+_UNTRACKED = _Untracked()
 
 
 def _struct_items(config: NodeConfig) -> dict[str, Any]:

@@ -81,6 +81,7 @@ class PeerRecord:
     queues: dict[str, int] = field(default_factory=dict)
     """Queue name -> credit window this peer grants each pusher."""
     rtr: str = ""
+    durables: dict[str, str] = field(default_factory=dict)
     services: frozenset[str] = frozenset()
 
     def snapshot(self) -> Peer:

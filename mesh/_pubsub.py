@@ -77,7 +77,8 @@ class PubSub:
 
     def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
                  stats: Counter[str], on_subs_changed: Callable[[], None],
-                 on_ready_changed: Callable[[], None]) -> None:
+                 on_ready_changed: Callable[[], None], next_seq: Callable[[], int]) -> None:
+        self._next_seq = next_seq
         self._config = config
         self._quiet = quiet
         self._stats = stats
@@ -90,7 +91,6 @@ class PubSub:
         self.node_id = ""
         self.version = 0
         # publishing
-        self._seq = 0
         self._topic_seq: dict[str, int] = {}
         self._outgoing: dict[str, list[_wire.Item]] = {}
         self._outgoing_count = 0
@@ -163,8 +163,9 @@ class PubSub:
     # -- publishing -------------------------------------------------------------
 
     def publish(self, topic: str, data: bytes | str, headers: Mapping[str, str] | None,
-                name: str) -> bool:
-        """Queue one message; True when a full batch was flushed (the caller may yield)."""
+                name: str, reliable: bool = False) -> _wire.Item | None:
+        """Queue one message; returns it when a full batch was flushed (the caller may
+        yield) or when it is reliable (the caller spools it), else None."""
         pending = self._outgoing.get(topic)
         if pending is None:
             checked_topic_key(topic)
@@ -175,24 +176,24 @@ class PubSub:
         if size > self._config.max_message_size:
             raise MessageTooLarge(size, self._config.max_message_size)
         hdrs = dict(headers) if headers else None
-        seq = self._seq
-        self._seq = seq + 1
-        item = _wire.Item(seq, time.time(), hdrs, data)
+        seq = self._next_seq()
+        item = _wire.Item(seq, time.time(), hdrs, data, reliable)
         pending.append(item)
         self._outgoing_count += 1
         self._outgoing_bytes += size
         if self._subs:
             local = self._matching(topic)
             if local:
-                msg = Message(topic, data, name, self.node_id, seq, item.ts, hdrs)
+                msg = Message(topic, data, name, self.node_id, seq, item.ts, hdrs,
+                              reliable=reliable)
                 for sub in local:
                     sub._deliver((msg,))
         if self._outgoing_count >= _FLUSH_COUNT or self._outgoing_bytes >= _FLUSH_BYTES:
             self.flush(name)
-            return True
+            return item
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush, name)
-        return False
+        return item if reliable else None
 
     def flush(self, name: str = "") -> None:
         if self._flush_handle is not None:
@@ -286,7 +287,7 @@ class PubSub:
         if not subs:
             return
         name, source = batch.name, batch.source
-        msgs = [Message(topic, it.payload, name, source, it.seq, it.ts, it.headers)
+        msgs = [Message(topic, it.payload, name, source, it.seq, it.ts, it.headers, it.reliable)
                 for it in items]
         for sub in subs:
             sub._deliver(msgs)

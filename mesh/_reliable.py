@@ -68,8 +68,15 @@ class Outbox:
         self._stats["spooled"] += 1
         return Tracked(spool_id, spooled)
 
-    def recovered_pushes(self) -> list[tuple[str, tuple[_wire.Item, Tracked]]]:
-        """Pushes still in the spool after a restart, oldest first."""
+    async def spool_publish(self, topic: str, item: _wire.Item, dests: list[str]) -> Tracked:
+        """Put a reliable publish for these durables on disk; returns once it is there."""
+        spooled = _wire.Spooled("t", topic, item, dests)
+        spool_id = await self.store.append(_wire.encode_spooled(spooled))
+        self._stats["spooled"] += 1
+        return Tracked(spool_id, spooled)
+
+    def recovered(self) -> list[tuple[str, tuple[_wire.Item, Tracked]]]:
+        """(destination queue, message) for everything still in the spool, oldest first."""
         out = []
         for spool_id, payload in self.store.pending():
             try:
@@ -77,8 +84,9 @@ class Outbox:
             except ProtocolError as exc:
                 _log.warning("skipping unreadable spool record %d: %s", spool_id, exc)
                 continue
-            if spooled.kind == "q":
-                out.append((spooled.name, (spooled.item, Tracked(spool_id, spooled))))
+            tracked = Tracked(spool_id, spooled)
+            for dest in tracked.pending:
+                out.append((dest, (spooled.item, tracked)))
         if out:
             _log.info("resuming %d spooled pushes", len(out))
         return out
@@ -89,8 +97,9 @@ class Outbox:
             self.store.ack((tracked.spool_id,))
             self._stats["acked"] += 1
 
-    def failed(self, tracked: Tracked, reason: str, requeue: Requeue) -> None:
-        """One delivery attempt failed: retry after a backoff, or dead-letter it."""
+    def failed(self, tracked: Tracked, reason: str, requeue: Requeue, dest: str) -> None:
+        """One delivery attempt to `dest` (a queue) failed: retry after a backoff, or
+        dead-letter it."""
         spooled = tracked.spooled
         spooled.attempts += 1
         self._stats["redelivered"] += 1
@@ -102,12 +111,13 @@ class Outbox:
             return
         delay = min(_BACKOFF_CAP, self.retry_backoff * 2 ** (spooled.attempts - 1))
         handle = asyncio.get_running_loop().call_later(
-            delay, self._retry, requeue, spooled.name, (spooled.item, tracked))
+            delay, self._retry, requeue, dest, (spooled.item, tracked))
         self._timers.add(handle)
 
-    def _retry(self, requeue: Requeue, name: str, sent: tuple[_wire.Item, Tracked]) -> None:
-        self._timers = {t for t in self._timers if not t.cancelled() and t.when() > 0}
-        requeue(name, sent)
+    def _retry(self, requeue: Requeue, dest: str, sent: tuple[_wire.Item, Tracked]) -> None:
+        now = asyncio.get_running_loop().time()
+        self._timers = {t for t in self._timers if t.when() > now}
+        requeue(dest, sent)
 
     async def _bury(self, tracked: Tracked) -> None:
         spooled = tracked.spooled

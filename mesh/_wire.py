@@ -140,6 +140,8 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
     """Service (ROUTER) endpoints."""
     services: list[str] = []
     """Services this node serves."""
+    durables: dict[str, str] = {}
+    """Durable subscriptions of this node: their queue -> pattern."""
 
 
 class Heartbeat(msgspec.Struct, frozen=True, array_like=True, tag=2):

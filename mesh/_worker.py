@@ -98,7 +98,12 @@ class Pull:
         self._current: tuple[Message, Settle] | None = None
         self._closed = False
         self._task: asyncio.Task[None] | None = None
+        self._also_close: list[Callable[[], Awaitable[None]]] = []
         self.received = 0
+
+    def on_closed(self, aclose: Callable[[], Awaitable[None]]) -> None:
+        """Close something else (a live subscription feeding this) together with it."""
+        self._also_close.append(aclose)
 
     @property
     def queue(self) -> str:
@@ -156,6 +161,8 @@ class Pull:
             return
         self._closed = True
         self._settle_current()
+        for aclose in self._also_close:
+            await aclose()
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -334,12 +341,12 @@ class Workers:
             msg = Message(queue, it.payload, name, source, it.seq, it.ts, it.headers,
                           reliable=it.reliable)
             if it.reliable:
-                key = (source, it.seq)
-                if key in self._in_hand or self._dedup.seen(source, it.seq):
+                ref = (source, it.seq)
+                if ref in self._in_hand or self._dedup.seen(source, it.seq):
                     self._stats["duplicates"] += 1
                     self._credit(stream)  # processed or being processed: credit, do not deliver
                     continue
-                self._in_hand.add(key)
+                self._in_hand.add(ref)
             fresh.append((msg, receipt))
         local.put(fresh)
 

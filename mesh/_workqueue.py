@@ -114,7 +114,9 @@ class WorkQueues:
                  *, alive_peers: Callable[[], list[PeerRecord]],
                  send_control: Callable[[str, _wire.Control], bool],
                  on_interest_changed: Callable[[], None],
-                 outbox: Outbox | None = None, dedup: Dedup | None = None) -> None:
+                 next_seq: Callable[[], int], outbox: Outbox | None = None,
+                 dedup: Dedup | None = None) -> None:
+        self._next_seq = next_seq
         self._ctx = ctx
         self._config = config
         self._stats = stats
@@ -125,7 +127,6 @@ class WorkQueues:
                                send_control=send_control, dedup=dedup or Dedup())
         self.node_id = ""
         self.name = ""
-        self._seq = 0
         self._epoch = time.time_ns()
         self._pushers: dict[str, Pusher] = {}
         self._targets: dict[tuple[str, str], _Target] = {}
@@ -152,7 +153,7 @@ class WorkQueues:
     def start(self, node_id: str, name: str) -> list[asyncio.Task[None]]:
         self.node_id, self.name = node_id, name
         if self._outbox is not None:
-            for queue, sent in self._outbox.recovered_pushes():
+            for queue, sent in self._outbox.recovered():
                 self._backlog.setdefault(queue, deque()).append(sent)
         return [self.workers.start(node_id)]
 
@@ -189,9 +190,7 @@ class WorkQueues:
             data = data.encode() if isinstance(data, str) else bytes(data)
         if len(data) > self._config.max_message_size:
             raise MessageTooLarge(len(data), self._config.max_message_size)
-        seq = self._seq
-        self._seq = seq + 1
-        item = _wire.Item(seq, time.time(), dict(headers) if headers else None, data, reliable)
+        item = _wire.Item(self._next_seq(), time.time(), dict(headers) if headers else None, data, reliable)
         if reliable:
             if self._outbox is None:
                 raise ConfigError("reliable", "needs a data dir (the spool lives there)")
@@ -356,7 +355,8 @@ class WorkQueues:
                 target.nacked.discard(item.seq)
             if tracked is not None and self._outbox is not None:
                 if failed:
-                    self._outbox.failed(tracked, "nacked by the worker", self.requeue)
+                    self._outbox.failed(tracked, "nacked by the worker", self.requeue,
+                                        target.queue)
                 else:
                     self._outbox.delivered(tracked, target.queue)
         self._wake(target.queue)
@@ -407,7 +407,7 @@ class WorkQueues:
         for sent in target.inflight:
             tracked = sent[1]
             if tracked is not None and self._outbox is not None:
-                self._outbox.failed(tracked, reason, self.requeue)
+                self._outbox.failed(tracked, reason, self.requeue, target.queue)
             else:
                 lost += 1
         if lost:
