@@ -34,53 +34,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing as mp
-import os
-import queue
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Final
 
-LOOPBACK: Final[str] = "127.0.0.1"
+import _harness as h
+from _harness import LOOPBACK, SAMPLE_EVERY, STALL_SECONDS, Link, Result, make_payload
+
 SIZES: Final[tuple[int, ...]] = (64, 1024)
 DEFAULT_COUNTS: Final[dict[int, int]] = {64: 1_000_000, 1024: 300_000}
 QUICK_COUNT: Final[int] = 5_000
 TOPIC: Final[str] = "bench.data"
-SAMPLE_EVERY: Final[int] = 997  # check the payload of every 997th message (and the last)
 PROBE: Final[bytes] = b"\x00probe"
-STALL_SECONDS: Final[float] = 10.0
-
-os.environ["ZEROMESH_INTERFACES"] = LOOPBACK  # inherited by the spawned processes
-
-
-def make_payload(size: int) -> bytes:
-    """A fixed, recognisable payload of `size` bytes."""
-    pattern = b"zeromesh-bench-"
-    return (pattern * (size // len(pattern) + 1))[:size]
-
-
-@dataclass
-class Result:
-    """One receiver's and one publisher's view of a run."""
-
-    received: int = 0
-    corrupt: int = 0
-    recv_seconds: float = 0.0
-    send_seconds: float = 0.0
-    error: str = ""
-
-    @property
-    def recv_rate(self) -> float:
-        return (self.received - 1) / self.recv_seconds if self.recv_seconds > 0 else 0.0
 
 
 # -- raw pyzmq -----------------------------------------------------------------
 
 
-def raw_publisher(size: int, count: int, out: mp.Queue[Any], ready_port: mp.Queue[Any],
-                  deadline: float) -> None:
+def raw_publisher(size: int, count: int, link: Link) -> None:
     import zmq
 
     ctx = zmq.Context()
@@ -91,11 +64,11 @@ def raw_publisher(size: int, count: int, out: mp.Queue[Any], ready_port: mp.Queu
     ack = ctx.socket(zmq.PULL)
     ack.setsockopt(zmq.LINGER, 0)
     ack_port = ack.bind_to_random_port(f"tcp://{LOOPBACK}")
-    ready_port.put((port, ack_port))
+    link.ready.put((port, ack_port))
     try:
         # Probe until the subscriber has seen one: its subscription is in force.
         while not ack.poll(10):
-            if time.monotonic() > deadline:
+            if time.monotonic() > link.deadline:
                 raise TimeoutError("subscriber never acknowledged a probe")
             pub.send(PROBE)
         ack.recv()
@@ -104,17 +77,16 @@ def raw_publisher(size: int, count: int, out: mp.Queue[Any], ready_port: mp.Queu
         t0 = time.perf_counter()
         for _ in range(count):
             send(payload)
-        out.put(("send_seconds", time.perf_counter() - t0))
+        link.report("send_seconds", time.perf_counter() - t0)
         # Linger is 0: stay up until the subscriber says it is done.
-        ack.poll(max(0.0, deadline - time.monotonic()) * 1000)
+        ack.poll(link.left() * 1000)
     except Exception as exc:
-        out.put(("error", f"raw publisher: {exc!r}"))
+        link.report("error", f"raw publisher: {exc!r}")
     finally:
         ctx.destroy(linger=0)
 
 
-def raw_subscriber(size: int, count: int, out: mp.Queue[Any], ports: tuple[int, int],
-                   deadline: float) -> None:
+def raw_subscriber(size: int, count: int, ports: tuple[int, int], link: Link) -> None:
     import zmq
 
     ctx = zmq.Context()
@@ -129,7 +101,7 @@ def raw_subscriber(size: int, count: int, out: mp.Queue[Any], ports: tuple[int, 
     payload = make_payload(size)
     res = Result()
     try:
-        if not sub.poll(max(0.0, deadline - time.monotonic()) * 1000):
+        if not sub.poll(link.left() * 1000):
             raise TimeoutError("no probe arrived")
         sub.recv()
         ack.send(b"ready")
@@ -154,7 +126,7 @@ def raw_subscriber(size: int, count: int, out: mp.Queue[Any], ports: tuple[int, 
     except Exception as exc:
         res.error = f"raw subscriber: {exc!r}"
     finally:
-        out.put(("result", res))
+        link.report("result", res)
         ack.send(b"done")
         ctx.destroy(linger=1000)
 
@@ -162,13 +134,11 @@ def raw_subscriber(size: int, count: int, out: mp.Queue[Any], ports: tuple[int, 
 # -- zeromesh ------------------------------------------------------------------
 
 
-def mesh_subscriber(size: int, count: int, mesh_name: str, out: mp.Queue[Any],
-                    ctl: mp.Queue[Any], done: Any, deadline: float) -> None:
-    asyncio.run(_mesh_subscriber(size, count, mesh_name, out, ctl, done, deadline))
+def mesh_subscriber(size: int, count: int, mesh_name: str, link: Link) -> None:
+    asyncio.run(_mesh_subscriber(size, count, mesh_name, link))
 
 
-async def _mesh_subscriber(size: int, count: int, mesh_name: str, out: mp.Queue[Any],
-                           ctl: mp.Queue[Any], done: Any, deadline: float) -> None:
+async def _mesh_subscriber(size: int, count: int, mesh_name: str, link: Link) -> None:
     from mesh import AsyncNode
 
     payload = make_payload(size)
@@ -177,8 +147,8 @@ async def _mesh_subscriber(size: int, count: int, mesh_name: str, out: mp.Queue[
         async with AsyncNode(name="bench-sub", mesh=mesh_name, interfaces=[LOOPBACK],
                              mdns=False, pub_hwm=0, sub_hwm=0) as node:
             sub = await node.subscribe("bench.>", max_pending=count + 1)
-            ctl.put(node.endpoints["ctl"][0])
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            link.ready.put(node.endpoints["ctl"][0])
+            async with asyncio.timeout(link.left()):
                 first = await sub.next()
                 t0 = time.perf_counter()
                 received, corrupt = 1, int(first.data != payload)
@@ -199,163 +169,72 @@ async def _mesh_subscriber(size: int, count: int, mesh_name: str, out: mp.Queue[
     except Exception as exc:
         res.error = f"zeromesh subscriber: {exc!r}"
     finally:
-        out.put(("result", res))
-        done.set()
+        link.report("result", res)
+        link.done.set()
 
 
-def mesh_publisher(size: int, count: int, mesh_name: str, peer: str, out: mp.Queue[Any],
-                   done: Any, deadline: float) -> None:
-    asyncio.run(_mesh_publisher(size, count, mesh_name, peer, out, done, deadline))
+def mesh_publisher(size: int, count: int, mesh_name: str, peer: str, link: Link) -> None:
+    asyncio.run(_mesh_publisher(size, count, mesh_name, peer, link))
 
 
 async def _mesh_publisher(size: int, count: int, mesh_name: str, peer: str,
-                          out: mp.Queue[Any], done: Any, deadline: float) -> None:
+                          link: Link) -> None:
     from mesh import AsyncNode
 
     payload = make_payload(size)
     try:
         async with AsyncNode(name="bench-pub", mesh=mesh_name, interfaces=[LOOPBACK],
                              mdns=False, peers=[peer], pub_hwm=0, sub_hwm=0) as node:
-            await node.wait_for_subscribers(TOPIC, 1, timeout=max(0.1, deadline - time.monotonic()))
+            await node.wait_for_subscribers(TOPIC, 1, timeout=link.left(0.1))
             publish = node.publish
             t0 = time.perf_counter()
             for _ in range(count):
                 await publish(TOPIC, payload)
             await asyncio.sleep(0)  # the last partial batch leaves here
-            out.put(("send_seconds", time.perf_counter() - t0))
+            link.report("send_seconds", time.perf_counter() - t0)
             # Sockets close with linger 0: stay up until the subscriber is done.
-            while not done.is_set() and time.monotonic() < deadline:
+            while not link.done.is_set() and time.monotonic() < link.deadline:
                 await asyncio.sleep(0.05)
     except Exception as exc:
-        out.put(("error", f"zeromesh publisher: {exc!r}"))
+        link.report("error", f"zeromesh publisher: {exc!r}")
 
 
 # -- orchestration ---------------------------------------------------------------
 
 
-def _collect(out: mp.Queue[Any], procs: list[mp.process.BaseProcess],
-             deadline: float) -> Result:
-    """Gather reports from the processes until all exit or the deadline passes."""
-    res: Result | None = None
-    send_seconds = 0.0
-    errors: list[str] = []
-    while True:
-        try:
-            kind, value = out.get(timeout=0.1)
-        except queue.Empty:
-            if all(not p.is_alive() for p in procs) or time.monotonic() > deadline:
-                break
-            continue
-        if kind == "result":
-            res = value
-        elif kind == "send_seconds":
-            send_seconds = value
-        else:
-            errors.append(value)
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5)
-            errors.append(f"{p.name} killed at the deadline")
-    if res is None:
-        res = Result()
-        errors.append("no result from the receiver")
-    res.send_seconds = send_seconds
-    res.error = "; ".join(e for e in (res.error, *errors) if e)
-    return res
-
-
 def run_raw(size: int, count: int, timeout: float) -> Result:
-    ctx = mp.get_context("spawn")
-    out: mp.Queue[Any] = ctx.Queue()
-    ports: mp.Queue[Any] = ctx.Queue()
-    deadline = time.monotonic() + timeout
-    pub = ctx.Process(target=raw_publisher, args=(size, count, out, ports, deadline),
-                      name="raw-pub", daemon=True)
-    pub.start()
-    try:
-        port_pair = ports.get(timeout=timeout)
-    except queue.Empty:
-        pub.kill()
-        return Result(error="raw publisher did not start")
-    sub = ctx.Process(target=raw_subscriber, args=(size, count, out, port_pair, deadline),
-                      name="raw-sub", daemon=True)
-    sub.start()
-    return _collect(out, [sub, pub], deadline)
+    return h.run_pair(raw_publisher, (size, count), raw_subscriber, (size, count),
+                      timeout=timeout, names=("raw-pub", "raw-sub"))
 
 
 def run_mesh(size: int, count: int, timeout: float) -> Result:
-    ctx = mp.get_context("spawn")
-    out: mp.Queue[Any] = ctx.Queue()
-    ctl: mp.Queue[Any] = ctx.Queue()
-    done = ctx.Event()
     mesh_name = uuid.uuid4().hex[:12]
-    deadline = time.monotonic() + timeout
-    sub = ctx.Process(target=mesh_subscriber,
-                      args=(size, count, mesh_name, out, ctl, done, deadline),
-                      name="mesh-sub", daemon=True)
-    sub.start()
-    try:
-        endpoint = ctl.get(timeout=timeout)
-    except queue.Empty:
-        sub.kill()
-        return Result(error="zeromesh subscriber did not start")
-    pub = ctx.Process(target=mesh_publisher,
-                      args=(size, count, mesh_name, endpoint, out, done, deadline),
-                      name="mesh-pub", daemon=True)
-    pub.start()
-    return _collect(out, [sub, pub], deadline)
-
-
-def _side(res: Result | None, count: int) -> dict[str, Any] | None:
-    if res is None:
-        return None
-    return {**asdict(res), "msgs_per_s": res.recv_rate,
-            "send_msgs_per_s": count / res.send_seconds if res.send_seconds else 0.0,
-            "lost": count - res.received}
+    return h.run_pair(mesh_subscriber, (size, count, mesh_name),
+                      mesh_publisher, (size, count, mesh_name),
+                      timeout=timeout, names=("mesh-sub", "mesh-pub"))
 
 
 def _row(size: int, count: int, raw: Result | None, zm: Result | None) -> dict[str, Any]:
-    ratio = zm.recv_rate / raw.recv_rate if raw and zm and raw.recv_rate else None
-    return {"size": size, "count": count, "raw": _side(raw, count),
-            "zeromesh": _side(zm, count), "ratio": ratio}
+    return {"size": size, "count": count, "raw": h.side(raw, count),
+            "zeromesh": h.side(zm, count), "ratio": h.ratio(zm, raw)}
 
 
-def _fmt(side: dict[str, Any] | None, key: str, spec: str) -> str:
-    return "-" if side is None else format(side[key], spec)
+COLUMNS: Final = (("size", 6), ("count", 9), ("raw msg/s", 12), ("zeromesh msg/s", 15),
+                  ("ratio", 6), ("raw lost", 9), ("zm lost", 8), ("raw send/s", 12),
+                  ("zm send/s", 12))
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    head = (f"{'size':>6} {'count':>9} {'raw msg/s':>12} {'zeromesh msg/s':>15} {'ratio':>6} "
-            f"{'raw lost':>9} {'zm lost':>8} {'raw send/s':>12} {'zm send/s':>12}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        raw, zm = r["raw"], r["zeromesh"]
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        print(f"{r['size']:>5}B {r['count']:>9} {_fmt(raw, 'msgs_per_s', ',.0f'):>12} "
-              f"{_fmt(zm, 'msgs_per_s', ',.0f'):>15} {ratio:>6} {_fmt(raw, 'lost', 'd'):>9} "
-              f"{_fmt(zm, 'lost', 'd'):>8} {_fmt(raw, 'send_msgs_per_s', ',.0f'):>12} "
-              f"{_fmt(zm, 'send_msgs_per_s', ',.0f'):>12}")
+    fmt = h.fmt
+    h.print_table(COLUMNS, [
+        [f"{r['size']}B", str(r["count"]), fmt(r["raw"], "msgs_per_s", ",.0f"),
+         fmt(r["zeromesh"], "msgs_per_s", ",.0f"), h.fmt_ratio(r["ratio"]),
+         fmt(r["raw"], "lost", "d"), fmt(r["zeromesh"], "lost", "d"),
+         fmt(r["raw"], "send_msgs_per_s", ",.0f"), fmt(r["zeromesh"], "send_msgs_per_s", ",.0f")]
+        for r in rows])
     for r in rows:
         for side in ("raw", "zeromesh"):
-            if r[side] is not None and (r[side]["error"] or r[side]["corrupt"]):
-                print(f"  {r['size']} B {side}: corrupt={r[side]['corrupt']} "
-                      f"error={r[side]['error'] or '-'}")
-
-
-def _median(run: Any, size: int, count: int, args: argparse.Namespace) -> Result:
-    """Run `repeat` times; a failed run wins (so it is reported), else the median rate."""
-    repeat = args.repeat or (1 if args.quick else 3)
-    results = []
-    for _ in range(repeat):
-        res = run(size, count, args.timeout)
-        if res.error or res.corrupt or res.received != count:
-            return res
-        results.append(res)
-    results.sort(key=lambda r: r.recv_rate)
-    return results[len(results) // 2]
+            h.print_problems(f"{r['size']} B {side}", r[side])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,8 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for size in args.sizes:
         count = args.count or (QUICK_COUNT if args.quick else DEFAULT_COUNTS.get(size, 300_000))
-        raw = _median(run_raw, size, count, args) if args.only != "zeromesh" else None
-        zm = _median(run_mesh, size, count, args) if args.only != "raw" else None
+        repeat = args.repeat or (1 if args.quick else 3)
+        raw = zm = None
+        if args.only != "zeromesh":
+            raw = h.median_of(partial(run_raw, size, count, args.timeout), repeat, count)
+        if args.only != "raw":
+            zm = h.median_of(partial(run_mesh, size, count, args.timeout), repeat, count)
         rows.append(_row(size, count, raw, zm))
     if args.json:
         print(json.dumps({"benchmark": "pubsub", "transport": f"tcp://{LOOPBACK}",
@@ -390,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                           "python": sys.version.split()[0], "results": rows}, indent=2))
     else:
         _print_table(rows)
-    ok = all(r[s]["lost"] == 0 and not r[s]["error"] and not r[s]["corrupt"]
-             for r in rows for s in ("raw", "zeromesh") if r[s] is not None)
-    return 0 if ok else 1
+    return 0 if all(h.ok(r[s]) for r in rows for s in ("raw", "zeromesh")) else 1
 
 
 if __name__ == "__main__":

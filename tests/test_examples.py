@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,10 +50,34 @@ def test_peer_events_example_reports_join_then_leave() -> None:
     assert lines[-1] == "peers now: none"
 
 
+def test_worker_pool_example_splits_by_speed_and_does_each_job_once() -> None:
+    """The two fast workers share the jobs about equally, the slow one gets far fewer, none twice."""
+    started = time.monotonic()
+    out = run(EXAMPLES / "worker_pool.py", timeout=20).stdout
+    assert time.monotonic() - started < 10, out
+    assert "all 300 jobs done, each exactly once" in out
+    split = {m["name"]: int(m["jobs"]) for m in re.finditer(
+        r"^\s+(?P<name>\S+)\s+\d+ ms/job:\s+(?P<jobs>\d+) jobs", out, re.MULTILINE)}
+    assert set(split) == {"fast-1", "fast-2", "slow"}, out
+    assert sum(split.values()) == 300, out
+    assert split["slow"] < min(split["fast-1"], split["fast-2"]) / 2, out
+
+
+def test_service_failover_example_answers_every_request_across_a_server_stop() -> None:
+    """Both servers answer before the stop, only "b" after it, and no request fails."""
+    out = run(EXAMPLES / "service_failover.py", timeout=20).stdout
+    lines = out.splitlines()
+    stop = lines.index("server a stopped")
+    assert any(line.endswith("(from a)") for line in lines[:stop])
+    assert all(not line.endswith("(from a)") for line in lines[stop:])
+    assert re.fullmatch(r"200 requests, 200 replies: a=\d+, b=\d+", lines[-1]), lines[-1]
+
+
 def test_every_example_is_tested() -> None:
     """A new example needs a test here."""
     assert {p.name for p in EXAMPLES.glob("*.py")} == {
-        "pubsub_async.py", "pubsub_sync.py", "peer_events.py"}
+        "pubsub_async.py", "pubsub_sync.py", "peer_events.py", "worker_pool.py",
+        "service_failover.py"}
 
 
 @pytest.mark.timeout(120)

@@ -1,0 +1,201 @@
+"""What every two-process benchmark here shares: payloads, results, spawning, reports.
+
+A benchmark runs one *pair* of processes per measurement: the first starts,
+binds, and puts the address the second needs on ``link.ready``; the second is
+then started with that address. Both report over ``link.out`` with
+`Link.report` (``"result"`` from the receiver, ``"send_seconds"`` from the
+sender, ``"error"`` from either); `run_pair` gathers those under a hard
+deadline and kills whatever overruns, so a hung side ends the phase with an
+error instead of hanging the benchmark.
+
+Benchmarks are run as scripts (``python benchmarks/x.py``), so their own
+directory is first on ``sys.path`` and they import this module as
+``import _harness``; spawned children inherit that path.
+
+Importing this module forces ``ZEROMESH_INTERFACES=127.0.0.1`` for this
+process and every child: benchmarks never touch another interface.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+LOOPBACK: Final[str] = "127.0.0.1"
+SAMPLE_EVERY: Final[int] = 997
+"""Receivers check the payload of every 997th message (and the last)."""
+STALL_SECONDS: Final[float] = 10.0
+"""A raw receiver that gets nothing for this long ends its run with an error."""
+
+os.environ["ZEROMESH_INTERFACES"] = LOOPBACK  # inherited by the spawned processes
+
+
+def make_payload(size: int) -> bytes:
+    """A fixed, recognisable payload of `size` bytes."""
+    pattern = b"zeromesh-bench-"
+    return (pattern * (size // len(pattern) + 1))[:size]
+
+
+@dataclass
+class Result:
+    """One receiver's and one sender's view of a run."""
+
+    received: int = 0
+    corrupt: int = 0
+    recv_seconds: float = 0.0
+    """From the first to the last message at the receiver."""
+    send_seconds: float = 0.0
+    """The sender's own send loop."""
+    error: str = ""
+
+    @property
+    def recv_rate(self) -> float:
+        return (self.received - 1) / self.recv_seconds if self.recv_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Link:
+    """The channels of one pair of processes (picklable into spawned children)."""
+
+    out: mp.Queue[Any]
+    """Reports: ``(kind, value)``; see `report`."""
+    ready: mp.Queue[Any]
+    """The first process's address for the second."""
+    done: Any
+    """An `Event` the receiver sets when it is finished (senders stay up until then)."""
+    deadline: float
+    """`time.monotonic()` by which everything must be over."""
+
+    def report(self, kind: str, value: Any) -> None:
+        """``"result"`` (a `Result`), ``"send_seconds"`` (float) or ``"error"`` (str)."""
+        self.out.put((kind, value))
+
+    def left(self, floor: float = 0.0) -> float:
+        """Seconds until the deadline, at least `floor`."""
+        return max(floor, self.deadline - time.monotonic())
+
+
+def collect(out: mp.Queue[Any], procs: Sequence[mp.process.BaseProcess],
+            deadline: float) -> Result:
+    """Gather reports from the processes until all exit or the deadline passes."""
+    res: Result | None = None
+    send_seconds = 0.0
+    errors: list[str] = []
+    while True:
+        try:
+            kind, value = out.get(timeout=0.1)
+        except queue.Empty:
+            if all(not p.is_alive() for p in procs) or time.monotonic() > deadline:
+                break
+            continue
+        if kind == "result":
+            res = value
+        elif kind == "send_seconds":
+            send_seconds = value
+        else:
+            errors.append(value)
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+            errors.append(f"{p.name} killed at the deadline")
+    if res is None:
+        res = Result()
+        errors.append("no result from the receiver")
+    res.send_seconds = send_seconds
+    res.error = "; ".join(e for e in (res.error, *errors) if e)
+    return res
+
+
+def run_pair(first: Callable[..., None], first_args: tuple[Any, ...],
+             second: Callable[..., None], second_args: tuple[Any, ...], *,
+             timeout: float, names: tuple[str, str]) -> Result:
+    """One measurement: ``first(*first_args, link)``, then ``second(*second_args, address, link)``.
+
+    `first` must put the address `second` needs on ``link.ready``. Both are
+    module-level functions (spawned, so picklable by name).
+    """
+    ctx = mp.get_context("spawn")
+    link = Link(ctx.Queue(), ctx.Queue(), ctx.Event(), time.monotonic() + timeout)
+    p1 = ctx.Process(target=first, args=(*first_args, link), name=names[0], daemon=True)
+    p1.start()
+    while True:  # until it is ready, dies, or the deadline passes
+        try:
+            address = link.ready.get(timeout=0.1)
+            break
+        except queue.Empty:
+            if not p1.is_alive() or time.monotonic() > link.deadline:
+                why = f"exited {p1.exitcode}" if not p1.is_alive() else "timed out"
+                p1.kill()
+                p1.join(timeout=5)
+                return Result(error=f"{names[0]} did not start ({why})")
+    p2 = ctx.Process(target=second, args=(*second_args, address, link), name=names[1],
+                     daemon=True)
+    p2.start()
+    return collect(link.out, [p1, p2], link.deadline)
+
+
+def failed(res: Result, count: int) -> bool:
+    """The run lost, corrupted or errored."""
+    return bool(res.error or res.corrupt or res.received != count)
+
+
+def median_of(run: Callable[[], Result], repeat: int, count: int) -> Result:
+    """Run `repeat` times; a failed run wins (so it is reported), else the median receive rate."""
+    results = []
+    for _ in range(repeat):
+        res = run()
+        if failed(res, count):
+            return res
+        results.append(res)
+    results.sort(key=lambda r: r.recv_rate)
+    return results[len(results) // 2]
+
+
+def side(res: Result | None, count: int) -> dict[str, Any] | None:
+    """One side of a report row, for JSON and tables."""
+    if res is None:
+        return None
+    return {**asdict(res), "msgs_per_s": res.recv_rate,
+            "send_msgs_per_s": count / res.send_seconds if res.send_seconds else 0.0,
+            "lost": count - res.received}
+
+
+def ratio(res: Result | None, base: Result | None) -> float | None:
+    """`res`'s receive rate over `base`'s, when both ran."""
+    return res.recv_rate / base.recv_rate if res and base and base.recv_rate else None
+
+
+def fmt(side_: dict[str, Any] | None, key: str, spec: str) -> str:
+    """``side_[key]`` formatted, or ``-`` when that side did not run."""
+    return "-" if side_ is None else format(side_[key], spec)
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def print_table(columns: Sequence[tuple[str, int]], rows: Sequence[Sequence[str]]) -> None:
+    """A header, a rule, then each row's cells right-aligned to the column widths."""
+    head = " ".join(title.rjust(width) for title, width in columns)
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        print(" ".join(cell.rjust(width) for cell, (_, width) in zip(row, columns, strict=True)))
+
+
+def print_problems(label: str, side_: dict[str, Any] | None) -> None:
+    """One line for a side that errored or saw corrupt payloads; nothing otherwise."""
+    if side_ is not None and (side_["error"] or side_["corrupt"]):
+        print(f"  {label}: corrupt={side_['corrupt']} error={side_['error'] or '-'}")
+
+
+def ok(side_: dict[str, Any] | None) -> bool:
+    """A side that did not run, or ran lossless, intact and without error."""
+    return side_ is None or (side_["lost"] == 0 and not side_["error"] and not side_["corrupt"])
