@@ -10,7 +10,7 @@ import shlex
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, Final
 
 from ._message import Message
@@ -22,9 +22,14 @@ _DISCOVERY_WINDOW: Final[float] = 0.25
 """How long `pub` without --wait-subscribers listens before publishing."""
 
 
+def node_for(args: argparse.Namespace) -> AsyncNode:
+    """A node from the common flags (and ZEROMESH_* variables)."""
+    return _node(args)
+
+
 def _node(args: argparse.Namespace) -> AsyncNode:
     settings = {k: getattr(args, k, None) for k in
-                ("mesh", "name", "interfaces", "peers", "data_dir", "port", "mdns")}
+                ("mesh", "name", "interfaces", "peers", "data_dir", "port", "mdns", "fsync")}
     return AsyncNode(**settings)
 
 
@@ -107,12 +112,29 @@ async def pub(args: argparse.Namespace) -> int:
         except RequestTimeout as exc:
             print(f"zeromesh pub: {exc}; nothing published", file=sys.stderr)
             return 1
-        if args.data is not None:
-            await node.publish(args.topic, args.data, headers=headers)
-            return 0
-        while line := await asyncio.to_thread(sys.stdin.buffer.readline):
-            await node.publish(args.topic, line.rstrip(b"\r\n"), headers=headers)
+        async for payload in _payloads(args.data):
+            await node.publish(args.topic, payload, headers=headers, reliable=args.reliable)
+        if args.reliable:
+            await _settle_spool(node, args.timeout, "pub")
     return 0
+
+
+async def _payloads(data: str | None) -> AsyncIterator[bytes | str]:
+    """DATA if given, else one payload per stdin line."""
+    if data is not None:
+        yield data
+        return
+    while line := await asyncio.to_thread(sys.stdin.buffer.readline):
+        yield line.rstrip(b"\r\n")
+
+
+async def _settle_spool(node: AsyncNode, timeout: float, command: str) -> None:
+    """Stay up while online receivers take what we spooled; what is left stays on disk."""
+    try:
+        await node.wait_for_spool(timeout=timeout)
+    except RequestTimeout:
+        print(f"zeromesh {command}: {node.spool_pending} message(s) kept in the spool for "
+              "receivers not online; they go out when this data dir runs again", file=sys.stderr)
 
 
 async def sub(args: argparse.Namespace) -> int:
@@ -120,7 +142,11 @@ async def sub(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     with _stop_on_signals(stop):
         async with _node(args) as node:
-            subscription = await node.subscribe(args.pattern)
+            subscription: AsyncIterator[Message]
+            if args.durable:
+                subscription = await node.subscribe_durable(args.pattern, args.durable)
+            else:
+                subscription = await node.subscribe(args.pattern)
 
             async def consume() -> None:
                 nonlocal received
@@ -153,12 +179,11 @@ async def push(args: argparse.Namespace) -> int:
         except RequestTimeout as exc:
             print(f"zeromesh push: {exc}; nothing pushed", file=sys.stderr)
             return 1
-        if args.data is not None:
-            await node.push(args.queue, args.data, headers=headers, timeout=args.timeout)
-            return 0
-        while line := await asyncio.to_thread(sys.stdin.buffer.readline):
-            await node.push(args.queue, line.rstrip(b"\r\n"), headers=headers,
-                            timeout=args.timeout)
+        async for payload in _payloads(args.data):
+            await node.push(args.queue, payload, headers=headers, timeout=args.timeout,
+                            reliable=args.reliable)
+        if args.reliable:
+            await _settle_spool(node, args.timeout, "push")
     return 0
 
 

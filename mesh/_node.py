@@ -27,6 +27,7 @@ from ._config import NodeConfig
 from ._durable import KnownDurables, durable_queue
 from ._events import PeerEvents
 from ._identity import load_or_create_id
+from ._locking import DataDirLock
 from ._membership import Membership
 from ._message import Message
 from ._peers import Peer, PeerEvent, PeerEventKind, PeerRecord, PeerState
@@ -71,6 +72,7 @@ class AsyncNode:
         self._work: WorkQueues | None = None
         self._outbox: Outbox | None = None
         self._durables = KnownDurables(self._config.data_dir)
+        self._lock: DataDirLock | None = None
         self._my_durables: dict[str, str] = {}
         self._discovery: list[DiscoveryBackend] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -133,7 +135,14 @@ class AsyncNode:
         self._incarnation = time.time_ns()
         dedup = None
         if cfg.data_dir is not None:
-            self._outbox, dedup = await open_spools(cfg.data_dir, cfg, self.stats)
+            self._lock = DataDirLock(cfg.data_dir)
+            self._lock.acquire()
+            try:
+                self._outbox, dedup = await open_spools(cfg.data_dir, cfg, self.stats)
+            except BaseException:
+                self._lock.release()
+                raise
+            self._outbox.on_change = self._changed
             self._durables.load()
         ctx = self._ctx = Context()
         try:
@@ -231,6 +240,9 @@ class AsyncNode:
         if self._outbox is not None:
             await self._outbox.aclose()
             self._outbox = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -422,6 +434,33 @@ class AsyncNode:
         self._check_running()
         assert self._pubsub is not None
         return self._pubsub.subscribe(pattern, callback, max_pending)
+
+    async def replay_dead_letters(self, ids: set[int] | None = None) -> int:
+        """Give dead letters (all, or those spool `ids`) a new round of delivery attempts.
+
+        Returns:
+            How many went back into the outbox.
+
+        Raises:
+            ConfigError: the node has no data dir.
+        """
+        self._check_running()
+        if self._outbox is None or self._work is None:
+            raise ConfigError("data_dir", "dead letters live in a data dir; none is set")
+        return await self._outbox.replay(ids, self._work.requeue)
+
+    @property
+    def spool_pending(self) -> int:
+        """Reliable messages in this node's spool not yet delivered everywhere."""
+        return len(self._outbox.store) if self._outbox is not None else 0
+
+    async def wait_for_spool(self, *, timeout: float = 10.0) -> None:
+        """Wait until every spooled message has been delivered (and acknowledged).
+
+        Raises:
+            RequestTimeout: some were still pending when the timeout came.
+        """
+        await self._wait(lambda: self.spool_pending == 0, timeout, "waiting for the spool")
 
     async def subscribe_durable(self, pattern: str, name: str, *,
                                 prefetch: int = DEFAULT_PREFETCH) -> Pull:

@@ -177,7 +177,7 @@ class PubSub:
             raise MessageTooLarge(size, self._config.max_message_size)
         hdrs = dict(headers) if headers else None
         seq = self._next_seq()
-        item = _wire.Item(seq, time.time(), hdrs, data, reliable)
+        item = _wire.Item(seq, time.time(), hdrs, data, reliable, topic if reliable else "")
         pending.append(item)
         self._outgoing_count += 1
         self._outgoing_bytes += size

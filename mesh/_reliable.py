@@ -58,6 +58,8 @@ class Outbox:
         self.retry_backoff = retry_backoff
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
+        self.on_change: Callable[[], None] = lambda: None
+        """Called when a message left the spool (delivered or dead-lettered)."""
         self.inbox: SpoolStore | None = None
         """The receiving side's dedup marks live here (closed with the rest)."""
 
@@ -96,6 +98,7 @@ class Outbox:
         if not tracked.pending:
             self.store.ack((tracked.spool_id,))
             self._stats["acked"] += 1
+            self.on_change()
 
     def failed(self, tracked: Tracked, reason: str, requeue: Requeue, dest: str) -> None:
         """One delivery attempt to `dest` (a queue) failed: retry after a backoff, or
@@ -129,8 +132,28 @@ class Outbox:
             return
         self.store.ack((tracked.spool_id,))
         self._stats["dead_lettered"] += 1
+        self.on_change()
         _log.warning("message %d on %s dead-lettered after %d attempts: %s", tracked.spool_id,
                      spooled.name, spooled.attempts, spooled.reason)
+
+    async def replay(self, ids: set[int] | None, requeue: Requeue) -> int:
+        """Move dead letters (all, or those `ids`) back into the outbox; how many moved."""
+        moved = 0
+        for record_id, payload in self.dead.pending():
+            if ids is not None and record_id not in ids:
+                continue
+            try:
+                spooled = _wire.decode_spooled(payload)
+            except ProtocolError:
+                continue
+            spooled.attempts, spooled.reason = 0, ""
+            spool_id = await self.store.append(_wire.encode_spooled(spooled))
+            tracked = Tracked(spool_id, spooled)
+            self.dead.ack((record_id,))
+            for dest in tracked.pending:
+                requeue(dest, (spooled.item, tracked))
+            moved += 1
+        return moved
 
     async def aclose(self) -> None:
         for handle in self._timers:

@@ -20,8 +20,6 @@ from typing import Any, Final, Self, TypeVar
 from ._config import NodeConfig
 from ._message import Message
 from ._node import AsyncNode
-from ._worker import Pull
-from ._workqueue import DEFAULT_PREFETCH
 from ._peers import Peer, PeerEvent
 from ._pubsub import checked_topic_key
 from ._services import (
@@ -32,6 +30,8 @@ from ._services import (
     is_async_handler,
 )
 from ._subscription import Subscription
+from ._worker import Pull
+from ._workqueue import DEFAULT_PREFETCH
 from .errors import ClosedError, MessageTooLarge
 
 T = TypeVar("T")

@@ -90,6 +90,8 @@ class Item(msgspec.Struct, array_like=True, gc=False):
     """The user's bytes."""
     reliable: bool = False
     """Spooled by its sender: the receiver deduplicates it and its ack settles the spool."""
+    topic: str = ""
+    """The topic of a reliable publish (its batch may travel on a durable's queue)."""
 
 
 class Spooled(msgspec.Struct, array_like=True, gc=False):

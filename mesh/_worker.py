@@ -338,8 +338,8 @@ class Workers:
         receipt = _StreamReceipt(self, stream)
         fresh = []
         for it in batch.items:
-            msg = Message(queue, it.payload, name, source, it.seq, it.ts, it.headers,
-                          reliable=it.reliable)
+            msg = Message(it.topic or queue, it.payload, name, source, it.seq, it.ts,
+                          it.headers, reliable=it.reliable)
             if it.reliable:
                 ref = (source, it.seq)
                 if ref in self._in_hand or self._dedup.seen(source, it.seq):

@@ -190,7 +190,8 @@ class WorkQueues:
             data = data.encode() if isinstance(data, str) else bytes(data)
         if len(data) > self._config.max_message_size:
             raise MessageTooLarge(len(data), self._config.max_message_size)
-        item = _wire.Item(self._next_seq(), time.time(), dict(headers) if headers else None, data, reliable)
+        item = _wire.Item(self._next_seq(), time.time(), dict(headers) if headers else None,
+                          data, reliable)
         if reliable:
             if self._outbox is None:
                 raise ConfigError("reliable", "needs a data dir (the spool lives there)")
@@ -283,8 +284,8 @@ class WorkQueues:
         if target.local:
             local = self.workers.local.get(target.queue)
             if local is not None:
-                msg = Message(target.queue, item.payload, self.name, self.node_id, item.seq,
-                              item.ts, item.headers, reliable=item.reliable)
+                msg = Message(item.topic or target.queue, item.payload, self.name, self.node_id,
+                              item.seq, item.ts, item.headers, reliable=item.reliable)
                 local.put(((msg, target),))
             return
         target.outgoing.append(item)

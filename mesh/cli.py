@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import _commands, _demo
+from . import _commands, _demo, _spool_cli
 from .errors import ConfigError, MeshError
 
 EXIT_OK = 0
@@ -43,6 +43,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, help="control port (default: any free port)")
     g.add_argument("--no-mdns", dest="mdns", action="store_false", default=None,
                    help="do not announce or browse with mDNS (static peers only)")
+    g.add_argument("--fsync", choices=["always", "batch", "off"],
+                   help="spool fsync policy (default batch: group commit)")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
 
 
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("topic")
     p.add_argument("data", nargs="?")
+    p.add_argument("--reliable", action="store_true",
+                   help="spool to disk first; at-least-once to durable subscriptions "
+                        "(needs --data-dir)")
     p.add_argument("--wait-subscribers", type=_count, metavar="N",
                    help="publish only once N matching subscribers are connected")
     p.add_argument("--timeout", type=_positive, default=10.0, metavar="S",
@@ -100,11 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_count, metavar="N", help="exit 0 after N messages")
     p.add_argument("--timeout", type=_positive, metavar="S", help="bound the whole run")
     p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.add_argument("--durable", metavar="NAME",
+                   help="a durable subscription kept in --data-dir; restart to resume it")
 
     p = sub.add_parser("push", help="hand a message to one worker of QUEUE (no DATA: stdin lines)")
     _common(p)
     p.add_argument("queue")
     p.add_argument("data", nargs="?")
+    p.add_argument("--reliable", action="store_true",
+                   help="spool to disk first; at-least-once, even if no worker is up "
+                        "(needs --data-dir)")
     p.add_argument("--wait-workers", type=_count, metavar="N",
                    help="push only once N workers of the queue are connected")
     p.add_argument("--timeout", type=_positive, default=10.0, metavar="S",
@@ -144,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retries on another server after a timeout (default 2)")
     p.add_argument("--header", action="append", default=[], metavar="K=V",
                    help="request header; repeatable")
+    _add_spool(sub)
     return parser
 
 
@@ -163,12 +174,47 @@ def _configure_logging(verbose: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _spool(args: argparse.Namespace) -> int:
+    if args.action == "ls":
+        return _spool_cli.ls(args)
+    if args.action == "show":
+        return _spool_cli.show(args)
+    if args.action == "purge":
+        return asyncio.run(_spool_cli.purge(args))
+    code: int = asyncio.run(_spool_cli.replay(args, _commands.node_for(args)))
+    return code
+
+
+def _add_spool(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("spool", help="inspect, replay or purge a node's spools")
+    actions = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for name, text in [("ls", "count what is in the outbox and the dead letters"),
+                       ("show", "print dead letters (or --outbox messages)"),
+                       ("replay", "deliver dead letters again, showing progress"),
+                       ("purge", "delete the dead letters (or --outbox); node must be stopped")]:
+        a = actions.add_parser(name, help=text)
+        _common(a)
+        if name in ("ls", "show"):
+            a.add_argument("--json", action="store_true")
+        if name in ("show", "purge"):
+            a.add_argument("--outbox", action="store_true", help="the outbox, not dead letters")
+        if name == "show":
+            a.add_argument("--limit", type=_count, default=1000, metavar="N")
+        if name == "replay":
+            a.add_argument("ids", nargs="*", type=int, metavar="ID",
+                           help="spool ids to replay (default: all)")
+            a.add_argument("--timeout", type=_positive, default=30.0, metavar="S",
+                           help="how long to wait for delivery (default 30)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(getattr(args, "verbose", 0))
     try:
         if args.command == "demo":
             return _demo.run(args.interface)
+        if args.command == "spool":
+            return _spool(args)
         handler = _commands.HANDLERS[args.command]
         code: int = asyncio.run(handler(args))
         return code

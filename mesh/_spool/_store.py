@@ -92,6 +92,26 @@ class SpoolStore:
 
     # -- opening -----------------------------------------------------------------
 
+    @staticmethod
+    def peek(path: str | os.PathLike[str]) -> tuple[list[tuple[int, bytes]], int]:
+        """Pending records and bytes on disk, read-only (safe while a node runs)."""
+        pending: dict[int, bytes] = {}
+        acked: set[int] = set()
+        size = 0
+        report = RecoveryReport()
+        for file in sorted(Path(path).glob(f"*{_SUFFIX}")):
+            try:
+                data = file.read_bytes()
+            except OSError:
+                continue
+            size += len(data)
+            for rec in scan(data, report, file.name):
+                if rec.kind is RecordKind.DATA:
+                    pending[rec.id] = rec.payload
+                elif rec.kind is RecordKind.ACK:
+                    acked.add(rec.id)
+        return sorted((i, p) for i, p in pending.items() if i not in acked), size
+
     def open(self) -> RecoveryReport:
         """Recover from the files (blocking: call it off the loop). Never raises on damage."""
         self.path.mkdir(parents=True, exist_ok=True)
