@@ -175,6 +175,9 @@ class PubSub:
         size = len(data)
         if size > self._config.max_message_size:
             raise MessageTooLarge(size, self._config.max_message_size)
+        if pending and self._outgoing_bytes + size > _FLUSH_BYTES:
+            self.flush(name)  # keep every frame under the receivers' size limit
+            pending = self._outgoing[topic] = []
         hdrs = dict(headers) if headers else None
         seq = self._next_seq()
         item = _wire.Item(seq, time.time(), hdrs, data, reliable, topic if reliable else "")

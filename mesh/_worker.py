@@ -49,9 +49,12 @@ class Settle(Protocol):
 class _InStream:
     """A worker's view of one pusher stream on one queue: how much it consumed."""
 
-    __slots__ = ("changed_at", "consumed", "epoch", "nacks", "pusher_id", "queue", "reported")
+    __slots__ = ("changed_at", "consumed", "credit_at", "epoch", "nacks", "pusher_id", "queue",
+                 "reported")
 
-    def __init__(self, pusher_id: str, queue: str, epoch: int, position: int) -> None:
+    def __init__(self, pusher_id: str, queue: str, epoch: int, position: int,
+                 window: int) -> None:
+        self.credit_at = max(1, window // 2)
         self.pusher_id = pusher_id
         self.queue = queue
         self.epoch = epoch
@@ -276,18 +279,25 @@ class Workers:
 
     def _credit(self, stream: _InStream) -> None:
         stream.consumed += 1
-        stream.changed_at = time.monotonic()
+        if stream.consumed - stream.reported >= stream.credit_at:
+            self._credit_dirty.add(stream)
+            self.send_credits()  # half a window done: let the pusher refill while we work
+            return
         self._credit_dirty.add(stream)
         if self._credit_handle is None:
             self._credit_handle = asyncio.get_running_loop().call_soon(self.send_credits)
 
     def send_credits(self, force: bool = False) -> None:
         """Report consumption to pushers; `force` repeats recent totals (lost-credit cover)."""
-        self._credit_handle = None
+        if self._credit_handle is not None:
+            self._credit_handle.cancel()
+            self._credit_handle = None
         self._dedup.save()
         dirty, self._credit_dirty = self._credit_dirty, set()
+        now = time.monotonic()
+        for stream in dirty:
+            stream.changed_at = now
         if force:
-            now = time.monotonic()
             dirty.update(s for s in self._streams.values()
                          if now - s.changed_at < _CREDIT_RESEND_FOR)
         for stream in dirty:
@@ -332,7 +342,7 @@ class Workers:
             if len(self._streams) > 10_000:
                 self._forget_idle_streams()
             stream = self._streams[stream_key] = _InStream(batch.source, queue, batch.epoch,
-                                                           batch.topic_seq)
+                                                           batch.topic_seq, local.window)
         name, source = batch.name, batch.source
         self._stats["pulled"] += len(batch.items)
         receipt = _StreamReceipt(self, stream)

@@ -57,6 +57,8 @@ from .errors import (
 _log = logging.getLogger("mesh.workqueue")
 DEFAULT_PREFETCH: Final[int] = 256
 _PUSH_LINGER: Final[float] = 2.0
+_BATCH_BYTES: Final[int] = 256 * 1024
+"""A batch frame holds at most this much payload (or one larger message)."""
 
 Sent = tuple[_wire.Item, Tracked | None]
 
@@ -76,8 +78,9 @@ def checked_queue_key(queue: str) -> bytes:
 class _Target:
     """One worker of one queue as its pusher sees it: window, positions, in-flight copies."""
 
-    __slots__ = ("acked", "epoch", "flushed", "inflight", "local", "nacked", "outgoing",
-                 "owner_ack", "peer_id", "progress_at", "pusher", "queue", "sent", "window")
+    __slots__ = ("acked", "batch_at", "epoch", "flushed", "inflight", "local", "nacked",
+                 "outgoing", "outgoing_bytes", "owner_ack", "peer_id", "progress_at", "pusher",
+                 "queue", "sent", "window")
 
     def __init__(self, peer_id: str, queue: str, window: int, epoch: int,
                  pusher: Pusher | None, local: bool) -> None:
@@ -92,6 +95,8 @@ class _Target:
         self.acked = 0
         self.inflight: deque[Sent] = deque()
         self.outgoing: list[_wire.Item] = []
+        self.outgoing_bytes = 0
+        self.batch_at = max(1, window // 4)
         self.nacked: set[int] = set()
         self.progress_at = time.monotonic()
         self.owner_ack: Callable[[_Target, int], None] = lambda target, n: None
@@ -238,6 +243,7 @@ class WorkQueues:
             target.owner_ack = self._ack
             self._targets[(peer_id, queue)] = target
         target.window = window
+        target.batch_at = max(1, window // 4)
         return target
 
     def _pick(self, queue: str) -> _Target | None:
@@ -288,7 +294,14 @@ class WorkQueues:
                               item.seq, item.ts, item.headers, reliable=item.reliable)
                 local.put(((msg, target),))
             return
+        size = len(item.payload)
+        if target.outgoing and target.outgoing_bytes + size > _BATCH_BYTES:
+            self._send(target)  # keep every frame under the receiver's size limit
         target.outgoing.append(item)
+        target.outgoing_bytes += size
+        if len(target.outgoing) >= target.batch_at:
+            self._send(target)  # pipeline: the worker starts while we fill the rest
+            return
         self._dirty.add(target)
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
@@ -297,14 +310,17 @@ class WorkQueues:
         self._flush_handle = None
         dirty, self._dirty = self._dirty, set()
         for target in dirty:
-            items, target.outgoing = target.outgoing, []
-            if not items or target.pusher is None:
-                continue
-            frame = _wire.encode_data(checked_topic_key(target.queue), _wire.Batch(
-                self.node_id, self.name, target.flushed, items, target.epoch))
-            target.flushed += len(items)
-            with contextlib.suppress(SocketClosed):
-                target.pusher.send(frame)
+            self._send(target)
+
+    def _send(self, target: _Target) -> None:
+        items, target.outgoing, target.outgoing_bytes = target.outgoing, [], 0
+        if not items or target.pusher is None:
+            return
+        frame = _wire.encode_data(checked_topic_key(target.queue), _wire.Batch(
+            self.node_id, self.name, target.flushed, items, target.epoch))
+        target.flushed += len(items)
+        with contextlib.suppress(SocketClosed):
+            target.pusher.send(frame)
 
     def _wake(self, queue: str) -> None:
         if self._backlog.get(queue):
