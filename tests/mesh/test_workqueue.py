@@ -202,3 +202,29 @@ def test_sync_node_push_and_pull(mesh_name) -> None:
         while not done and time.monotonic() < deadline:
             time.sleep(0.01)
         assert done == ["slow is fine"]
+
+
+async def test_large_messages_are_split_into_frames_the_worker_accepts(make_node) -> None:
+    """A window of 8 KiB messages exceeds one frame's limit: it is sent in several, none lost."""
+    pusher = await make_node("pusher")
+    worker = await make_node("worker")
+    work = await worker.pull("jobs")
+    await pusher.wait_for_workers("jobs", 1, timeout=5)
+    for i in range(200):
+        await pusher.push("jobs", bytes([i % 256]) * 8192)
+    got = [await work.next(timeout=5) for _ in range(200)]
+    assert [m.data[0] for m in got] == [i % 256 for i in range(200)]
+    assert all(len(m.data) == 8192 for m in got)
+
+
+async def test_large_publishes_are_split_into_frames_subscribers_accept(make_node) -> None:
+    """Pub/sub batches stay under the receivers' limit too, even next to a 1 MiB message."""
+    pub = await make_node("pub")
+    sub_node = await make_node("sub")
+    sub = await sub_node.subscribe("big")
+    await pub.wait_for_subscribers("big", 1, timeout=5)
+    sizes = [200_000, 200_000, 1024 * 1024, 10]
+    for size in sizes:
+        pub.publish_nowait("big", b"x" * size)
+    got = [len((await sub.next(timeout=5)).data) for _ in sizes]
+    assert got == sizes
