@@ -31,6 +31,14 @@ _log = logging.getLogger("mesh.spool")
 _BACKOFF_CAP: Final[float] = 30.0
 
 
+class _Batch:
+    __slots__ = ("done", "records")
+
+    def __init__(self, done: asyncio.Future[list[int]]) -> None:
+        self.done = done
+        self.records: list[bytes] = []
+
+
 class Tracked:
     """A spooled message on its way: its spool id and what it still has to reach."""
 
@@ -58,6 +66,7 @@ class Outbox:
         self.retry_backoff = retry_backoff
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
+        self._batch: _Batch | None = None
         self.on_change: Callable[[], None] = lambda: None
         """Called when a message left the spool (delivered or dead-lettered)."""
         self.inbox: SpoolStore | None = None
@@ -65,17 +74,40 @@ class Outbox:
 
     async def spool_push(self, queue: str, item: _wire.Item) -> Tracked:
         """Put a reliable push on disk; returns once it is there."""
-        spooled = _wire.Spooled("q", queue, item)
-        spool_id = await self.store.append(_wire.encode_spooled(spooled))
-        self._stats["spooled"] += 1
-        return Tracked(spool_id, spooled)
+        return await self._spool(_wire.Spooled("q", queue, item))
 
     async def spool_publish(self, topic: str, item: _wire.Item, dests: list[str]) -> Tracked:
         """Put a reliable publish for these durables on disk; returns once it is there."""
-        spooled = _wire.Spooled("t", topic, item, dests)
-        spool_id = await self.store.append(_wire.encode_spooled(spooled))
+        return await self._spool(_wire.Spooled("t", topic, item, dests))
+
+    async def _spool(self, spooled: _wire.Spooled) -> Tracked:
+        """Everything spooled in one loop iteration goes to disk as one append (one commit)."""
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch(asyncio.get_running_loop().create_future())
+            asyncio.get_running_loop().call_soon(self._commit, batch)
+        index = len(batch.records)
+        batch.records.append(_wire.encode_spooled(spooled))
+        ids = await asyncio.shield(batch.done)
         self._stats["spooled"] += 1
-        return Tracked(spool_id, spooled)
+        return Tracked(ids[index], spooled)
+
+    def _commit(self, batch: _Batch) -> None:
+        self._batch = None
+        task = asyncio.get_running_loop().create_task(self._write(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, batch: _Batch) -> None:
+        try:
+            ids = await self.store.append_many(batch.records)
+        except BaseException as exc:
+            if not batch.done.done():
+                batch.done.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        batch.done.set_result(ids)
 
     def recovered(self) -> list[tuple[str, tuple[_wire.Item, Tracked]]]:
         """(destination queue, message) for everything still in the spool, oldest first."""
