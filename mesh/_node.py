@@ -335,8 +335,8 @@ class AsyncNode:
             self._work.tick()
 
     def _learn_durables(self, rec: PeerRecord) -> None:
-        if rec.durables:
-            self._durables.learn(rec.durables)
+        if rec.durables and self._durables.learn(rec.durables):
+            self._changed()
 
     def _on_peer_update(self, rec: PeerRecord) -> None:
         self._learn_durables(rec)
@@ -461,6 +461,18 @@ class AsyncNode:
             RequestTimeout: some were still pending when the timeout came.
         """
         await self._wait(lambda: self.spool_pending == 0, timeout, "waiting for the spool")
+
+    async def wait_for_durables(self, topic: str, count: int = 1, *,
+                                timeout: float = 10.0) -> None:
+        """Wait until this node knows `count` durable subscriptions matching `topic`
+        (from then on its reliable publishes are spooled for them, online or not).
+
+        Raises:
+            RequestTimeout: fewer were known when the timeout came.
+        """
+        checked_topic_key(topic)
+        await self._wait(lambda: len(self._durables.matching(topic)) >= count, timeout,
+                         f"waiting for {count} durable subscriptions of {topic!r}")
 
     async def subscribe_durable(self, pattern: str, name: str, *,
                                 prefetch: int = DEFAULT_PREFETCH) -> Pull:

@@ -232,10 +232,16 @@ class WorkQueues:
 
     def _target(self, peer_id: str, queue: str, window: int, endpoint: str | None) -> _Target:
         target = self._targets.get((peer_id, queue))
+        if target is not None and target.pusher is not None and target.pusher.endpoint != endpoint:
+            self._drop_target(target, "worker restarted")  # its old pipe leads nowhere
+            target = None
         if target is None:
             pusher = None
             if endpoint is not None:
                 pusher = self._pushers.get(peer_id)
+                if pusher is not None and pusher.endpoint != endpoint:
+                    pusher.close(linger=0)
+                    pusher = None
                 if pusher is None:
                     pusher = self._pushers[peer_id] = Pusher(self._ctx, endpoint)
             self._epoch += 1
