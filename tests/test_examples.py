@@ -73,11 +73,26 @@ def test_service_failover_example_answers_every_request_across_a_server_stop() -
     assert re.fullmatch(r"200 requests, 200 replies: a=\d+, b=\d+", lines[-1]), lines[-1]
 
 
+def test_iot_sensor_example_loses_nothing_across_a_consumer_outage() -> None:
+    """Readings published during the dashboard's 2 s outage all arrive after it restarts."""
+    out = run(EXAMPLES / "iot_sensor.py", "--outage", "2", timeout=40).stdout
+    lines = out.splitlines()
+    stop = next(i for i, line in enumerate(lines) if line.startswith("dashboard stopped"))
+    back = next(i for i, line in enumerate(lines) if line.startswith("dashboard restarted"))
+    assert stop < back, out
+    waiting = re.search(r"; (\d+) readings waiting", lines[back])
+    assert waiting is not None and int(waiting.group(1)) > 0, out
+    summary = re.search(r"sensor sent (\d+) readings, dashboard got (\d+)", out)
+    assert summary is not None and summary.group(1) == summary.group(2), out
+    assert int(summary.group(1)) >= 60, out  # 4 s of readings, one every 50 ms
+    assert lines[-1] == "nothing lost: every reading arrived intact", out
+
+
 def test_every_example_is_tested() -> None:
     """A new example needs a test here."""
     assert {p.name for p in EXAMPLES.glob("*.py")} == {
         "pubsub_async.py", "pubsub_sync.py", "peer_events.py", "worker_pool.py",
-        "service_failover.py"}
+        "service_failover.py", "iot_sensor.py"}
 
 
 @pytest.mark.timeout(120)
