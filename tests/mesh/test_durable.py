@@ -1,0 +1,199 @@
+"""Durable subscriptions and the spool at node level: offline delivery, restarts, damage, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mesh import ConfigError
+from tests.helpers import aeventually
+
+from ._proc import Cli, run
+
+
+async def _durable_pair(make_node, tmp_path, name="audit"):
+    pub = await make_node("pub", data_dir=str(tmp_path / "p"))
+    sub_node = await make_node("sub", data_dir=str(tmp_path / "s"))
+    durable = await sub_node.subscribe_durable("orders.>", name)
+    await pub.wait_for_durables("orders.x", 1, timeout=5)
+    return pub, sub_node, durable
+
+
+async def test_online_durable_gets_reliable_and_best_effort_messages_once(make_node,
+                                                                          tmp_path) -> None:
+    """While it runs, a durable sees both kinds, each once, with the real topic."""
+    pub, _, durable = await _durable_pair(make_node, tmp_path)
+    await pub.wait_for_subscribers("orders.new", 1, timeout=5)
+    await pub.publish("orders.new", "safe", reliable=True)
+    await pub.publish("orders.new", "fast")
+    got = sorted([(await durable.next(timeout=5)).text, (await durable.next(timeout=5)).text])
+    assert got == ["fast", "safe"]
+    with pytest.raises(TimeoutError):
+        await durable.next(timeout=0.3)
+    await pub.publish("orders.paid", "topic kept", reliable=True)
+    assert (await durable.next(timeout=5)).topic == "orders.paid"
+
+
+async def test_offline_durable_gets_everything_after_both_sides_restart(make_node,
+                                                                        tmp_path) -> None:
+    """Guarantee 2: subscriber down, publisher restarted in between: all arrive on return."""
+    pub, sub_node, _ = await _durable_pair(make_node, tmp_path)
+    await sub_node.aclose()
+    for i in range(30):
+        await pub.publish("orders.new", f"o{i}", reliable=True)
+    await pub.publish("elsewhere.x", "not for it", reliable=True)
+    assert pub.spool_pending == 30
+    await pub.aclose()
+    await make_node("pub", data_dir=str(tmp_path / "p"))  # remembers the durable and the spool
+    back = await make_node("sub", data_dir=str(tmp_path / "s"))
+    durable = await back.subscribe_durable("orders.>", "audit")
+    got = [(await durable.next(timeout=10)).text for _ in range(30)]
+    assert sorted(got) == sorted(f"o{i}" for i in range(30))
+
+
+_SUBSCRIBER = textwrap.dedent("""
+    import asyncio, sys
+    from mesh import AsyncNode
+    async def main():
+        async with AsyncNode(name="sub", data_dir=sys.argv[1], interfaces=["127.0.0.1"]) as n:
+            d = await n.subscribe_durable("orders.>", "audit", prefetch=100)
+            print("ready", flush=True)
+            async for msg in d:
+                print(msg.text, flush=True)
+                if msg.text == "o9":
+                    await asyncio.Event().wait()  # hold o10.. unacknowledged until killed
+    asyncio.run(main())
+""")
+
+
+async def test_durable_killed_before_ack_gets_the_rest_again(make_node, mesh_name,
+                                                             tmp_path) -> None:
+    """Guarantee 3 and 4: what a SIGKILLed durable had not acked comes again; acked ones don't."""
+    pub = await make_node("pub", data_dir=str(tmp_path / "p"))
+    env = {**os.environ, "ZEROMESH_MESH": mesh_name, "ZEROMESH_INTERFACES": "127.0.0.1"}
+    proc = subprocess.Popen([sys.executable, "-c", _SUBSCRIBER, str(tmp_path / "s")],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert (await asyncio.to_thread(proc.stdout.readline)).strip() == "ready"
+        await pub.wait_for_durables("orders.x", 1, timeout=10)
+        for i in range(50):
+            await pub.publish("orders.new", f"o{i}", reliable=True)
+        seen = [(await asyncio.to_thread(proc.stdout.readline)).strip() for _ in range(10)]
+        assert seen == [f"o{i}" for i in range(10)]
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    back = await make_node("sub", data_dir=str(tmp_path / "s"))
+    durable = await back.subscribe_durable("orders.>", "audit")
+    got = [(await durable.next(timeout=10)).text for _ in range(41)]
+    assert set(got) == {f"o{i}" for i in range(9, 50)}  # o9 was in hand, never acked
+    with pytest.raises(TimeoutError):
+        await durable.next(timeout=0.5)
+
+
+async def test_a_damaged_spool_is_reported_and_intact_records_delivered(make_node,
+                                                                        tmp_path) -> None:
+    """Guarantee 6: a torn tail does not stop the node; every intact record still goes out."""
+    pub, sub_node, _ = await _durable_pair(make_node, tmp_path)
+    await sub_node.aclose()
+    for i in range(10):
+        await pub.publish("orders.new", f"o{i}", reliable=True)
+    await pub.aclose()
+    (segment,) = (tmp_path / "p" / "spool" / "out").glob("*.seg")
+    with open(segment, "r+b") as fh:
+        fh.truncate(os.path.getsize(segment) - 5)
+    restarted = await make_node("pub", data_dir=str(tmp_path / "p"))
+    assert restarted.stats["spool_damage"] == 1
+    assert restarted.spool_pending == 9
+    back = await make_node("sub", data_dir=str(tmp_path / "s"))
+    durable = await back.subscribe_durable("orders.>", "audit")
+    assert sorted([(await durable.next(timeout=10)).text for _ in range(9)]) == \
+        sorted(f"o{i}" for i in range(9))
+
+
+async def test_durables_need_a_data_dir_and_one_process_per_dir(make_node, tmp_path) -> None:
+    """Clear errors: no data dir for a durable; a data dir already in use."""
+    node = await make_node("plain")
+    with pytest.raises(ConfigError, match="data dir"):
+        await node.subscribe_durable("a.>", "x")
+    with pytest.raises(ConfigError, match="data dir"):
+        await node.publish("a.b", "x", reliable=True)
+    await make_node("one", data_dir=str(tmp_path / "d"))
+    with pytest.raises(ConfigError, match="in use"):
+        await make_node("two", data_dir=str(tmp_path / "d"))
+
+
+def test_cli_durable_sub_and_reliable_pub(mesh_name, tmp_path) -> None:
+    """`sub --durable` + `pub --reliable`: offline messages arrive when the sub comes back."""
+    first = Cli(["sub", "orders.>", "--durable", "audit", "--data-dir", str(tmp_path / "s"),
+                 "--count", "1", "--json", "--timeout", "20"], mesh=mesh_name)
+    try:
+        result = run(["pub", "orders.new", "one", "--reliable", "--data-dir",
+                      str(tmp_path / "p"), "--timeout", "10"], mesh=mesh_name)
+        assert result.returncode == 0, result.stderr
+        assert first.wait() == 0
+        assert json.loads(first.all_lines()[0])["data"] == "one"
+    finally:
+        first.close()
+    # subscriber offline: pub keeps it in its spool and says so
+    result = run(["pub", "orders.new", "two", "--reliable", "--data-dir", str(tmp_path / "p"),
+                  "--timeout", "1"], mesh=mesh_name)
+    assert result.returncode == 0
+    assert "kept in the spool" in result.stderr
+    agent = Cli(["agent", "--data-dir", str(tmp_path / "p")], mesh=mesh_name)  # the publisher's node
+    try:
+        agent.line("ready")
+        back = run(["sub", "orders.>", "--durable", "audit", "--data-dir", str(tmp_path / "s"),
+                    "--count", "1", "--timeout", "15"], mesh=mesh_name)
+        assert back.returncode == 0, back.stderr
+        assert back.stdout.strip() == "orders.new two"
+    finally:
+        agent.close()
+
+
+async def test_cli_spool_show_and_replay_dead_letters(make_node, mesh_name, tmp_path) -> None:
+    """Guarantee 5 from the CLI: dead letters are listed, and replay delivers them."""
+    data = tmp_path / "p"
+    pusher = await make_node("pusher", data_dir=str(data), max_attempts=2, retry_backoff=0.01)
+    worker = await make_node("worker")
+
+    def fail(msg) -> None:
+        raise RuntimeError("not today")
+
+    await worker.pull("jobs", handler=fail)
+    for i in range(3):
+        await pusher.push("jobs", f"job{i}", reliable=True)
+    await aeventually(lambda: pusher.stats["dead_lettered"] == 3, timeout=10)
+    await pusher.aclose()
+    await worker.aclose()
+    listed = await asyncio.to_thread(run, ["spool", "ls", "--data-dir", str(data), "--json"],
+                                     mesh=mesh_name)
+    assert json.loads(listed.stdout)["dead"]["messages"] == 3
+    shown = await asyncio.to_thread(run, ["spool", "show", "--data-dir", str(data), "--json"],
+                                    mesh=mesh_name)
+    rows = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert [r["data"] for r in rows] == ["job0", "job1", "job2"]
+    assert all(r["attempts"] == 2 and "nacked" in r["reason"] for r in rows)
+    puller = Cli(["pull", "jobs", "--count", "3", "--timeout", "20"], mesh=mesh_name)
+    try:
+        replay = await asyncio.to_thread(
+            run, ["spool", "replay", "--data-dir", str(data), "--timeout", "15"], mesh=mesh_name)
+        assert replay.returncode == 0, replay.stderr
+        assert "replaying 3 dead letter(s)" in replay.stdout
+        assert "3/3 delivered" in replay.stdout
+        assert await asyncio.to_thread(puller.wait) == 0
+        assert sorted(puller.all_lines()) == ["job0", "job1", "job2"]
+    finally:
+        puller.close()
+    purge = await asyncio.to_thread(run, ["spool", "purge", "--data-dir", str(data)],
+                                    mesh=mesh_name)
+    assert purge.returncode == 0
