@@ -20,7 +20,8 @@ SETTINGS = {"interfaces": ["127.0.0.1"], "max_attempts": 10_000, "retry_backoff"
 async def publisher(name: str, mesh: str, data_dir: str, progress: str, count: int) -> None:
     start = 0
     if os.path.exists(progress):
-        done = open(progress).read().split()
+        with open(progress) as fh:
+            done = fh.read().split()
         start = int(done[-1]) + 1 if done else 0
     async with AsyncNode(name=name, mesh=mesh, data_dir=data_dir, **SETTINGS) as node:
         await node.wait_for_durables(f"chaos.{name}", 1, timeout=10)
