@@ -40,7 +40,7 @@ class Dedup:
         for payload in self._store.meta():
             try:
                 sender, seqs = _decode(payload)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError):
                 continue
             for seq in seqs:
                 self._remember(sender, seq)

@@ -197,7 +197,7 @@ def decode_spooled(data: bytes) -> Spooled:
     """Raises ProtocolError for a record that is not a spooled message."""
     try:
         return _spooled_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"undecodable spool record: {exc}") from exc
 
 
@@ -248,7 +248,7 @@ def decode_data(frame: bytes, offset: int, max_size: int) -> Batch:
     _check_header(frame[offset : offset + 4], DATA_HEADER)
     try:
         return _batch_decoder.decode(memoryview(frame)[offset + 4 :])
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"undecodable data: {exc}") from exc
 
 
@@ -263,7 +263,7 @@ def decode_control(frame: bytes) -> Control:
     _check_header(frame[:4], CONTROL_HEADER)
     try:
         msg: Control = _control_decoder.decode(memoryview(frame)[4:])
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"undecodable control: {exc}") from exc
     return msg
 
@@ -327,6 +327,6 @@ def decode_service(frame: bytes, max_size: int) -> ServiceFrame:
     _check_header(frame[:4], SERVICE_HEADER)
     try:
         msg: ServiceFrame = _service_decoder.decode(memoryview(frame)[4:])
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"undecodable service frame: {exc}") from exc
     return msg

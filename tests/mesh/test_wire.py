@@ -98,3 +98,11 @@ def test_unknown_control_tag_is_a_protocol_error() -> None:
     body = msgspec.msgpack.encode([99, "x"])
     with pytest.raises(ProtocolError):
         wire.decode_control(wire.CONTROL_HEADER + body)
+
+
+def test_invalid_utf8_in_a_string_field_is_a_protocol_error() -> None:
+    """msgspec raises UnicodeDecodeError (not DecodeError) for bad UTF-8: still ProtocolError."""
+    with pytest.raises(ProtocolError):
+        _decode_data(b"\x01\x00ZM\x01D\x94\xa3\x00\x00\x80")
+    with pytest.raises(ProtocolError):
+        wire.decode_control(wire.CONTROL_HEADER + b"\x92\x03\xa2\xff\xfe")
