@@ -131,7 +131,7 @@ class NodeCore:
             except BaseException:
                 self._lock.release()
                 raise
-            self._outbox.on_change = self._changed
+            self._outbox.on_change = self._wake_watchers
             self._durables.load()
         ctx = self._ctx = Context()
         try:
@@ -287,8 +287,13 @@ class NodeCore:
             raise RequestTimeout(what, timeout) from exc
 
     def _changed(self) -> None:
+        """Peers or their interest changed: recompute routes, wake whoever waits."""
         if self._work is not None:
             self._work.peers_changed()
+        self._wake_watchers()
+
+    def _wake_watchers(self) -> None:
+        """Something a `_wait` may be waiting on changed (cheap: no routing work)."""
         for fut in self._watchers:
             if not fut.done():
                 fut.set_result(None)

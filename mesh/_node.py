@@ -7,7 +7,7 @@ node's lifecycle and peer view are in `_core`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from ._core import NodeCore
 from ._durable import durable_queue
@@ -66,6 +66,35 @@ class AsyncNode(NodeCore):
             tracked = await self._outbox.spool_publish(topic, item, dests)
             for dest in dests:
                 self._work.requeue(dest, (item, tracked))
+
+    async def publish_many(self, topic: str, payloads: Iterable[bytes | str], *,
+                           headers: Mapping[str, str] | None = None,
+                           reliable: bool = False) -> None:
+        """Publish several messages on one topic; with ``reliable=True`` they reach disk
+        with a single wait (one group commit), which is how to go fast reliably.
+
+        Raises:
+            Same as `publish`.
+        """
+        if not reliable:
+            for data in payloads:
+                await self.publish(topic, data, headers=headers)
+            return
+        if self._outbox is None:
+            raise ConfigError("reliable", "needs a data dir (the spool lives there)")
+        if not self._running or self._pubsub is None or self._work is None:
+            raise ClosedError("node is not running (use `async with` or `await start()`)")
+        publish, name = self._pubsub.publish, self._config.name
+        items = [publish(topic, data, headers, name, reliable=True) for data in payloads]
+        dests = self._durables.matching(topic)
+        if not dests:
+            return
+        tracked = await self._outbox.spool_publish_many(
+            topic, [item for item in items if item is not None], dests)
+        requeue = self._work.requeue
+        for one in tracked:
+            for dest in dests:
+                requeue(dest, (one.spooled.item, one))
 
     def publish_nowait(self, topic: str, data: bytes | str, *,
                        headers: Mapping[str, str] | None = None) -> bool:

@@ -67,6 +67,7 @@ class Outbox:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._batch: _Batch | None = None
+        self._acks: list[int] = []
         self.on_change: Callable[[], None] = lambda: None
         """Called when a message left the spool (delivered or dead-lettered)."""
         self.inbox: SpoolStore | None = None
@@ -80,17 +81,27 @@ class Outbox:
         """Put a reliable publish for these durables on disk; returns once it is there."""
         return await self._spool(_wire.Spooled("t", topic, item, dests))
 
+    async def spool_publish_many(self, topic: str, items: list[_wire.Item],
+                                 dests: list[str]) -> list[Tracked]:
+        """Several reliable publishes on disk with one wait."""
+        return await self._spool_many([_wire.Spooled("t", topic, item, dests)
+                                       for item in items])
+
     async def _spool(self, spooled: _wire.Spooled) -> Tracked:
+        return (await self._spool_many([spooled]))[0]
+
+    async def _spool_many(self, spooleds: list[_wire.Spooled]) -> list[Tracked]:
         """Everything spooled in one loop iteration goes to disk as one append (one commit)."""
         batch = self._batch
         if batch is None:
             batch = self._batch = _Batch(asyncio.get_running_loop().create_future())
             asyncio.get_running_loop().call_soon(self._commit, batch)
-        index = len(batch.records)
-        batch.records.append(_wire.encode_spooled(spooled))
+        first = len(batch.records)
+        encode = _wire.encode_spooled
+        batch.records.extend(encode(s) for s in spooleds)
         ids = await asyncio.shield(batch.done)
-        self._stats["spooled"] += 1
-        return Tracked(ids[index], spooled)
+        self._stats["spooled"] += len(spooleds)
+        return [Tracked(ids[first + i], s) for i, s in enumerate(spooleds)]
 
     def _commit(self, batch: _Batch) -> None:
         self._batch = None
@@ -128,9 +139,16 @@ class Outbox:
     def delivered(self, tracked: Tracked, dest: str) -> None:
         tracked.pending.discard(dest)
         if not tracked.pending:
-            self.store.ack((tracked.spool_id,))
-            self._stats["acked"] += 1
-            self.on_change()
+            self._acks.append(tracked.spool_id)
+            if len(self._acks) == 1:
+                asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        """One ack record batch per loop iteration, however many messages settled."""
+        acks, self._acks = self._acks, []
+        self.store.ack(acks)
+        self._stats["acked"] += len(acks)
+        self.on_change()
 
     def failed(self, tracked: Tracked, reason: str, requeue: Requeue, dest: str) -> None:
         """One delivery attempt to `dest` (a queue) failed: retry after a backoff, or
@@ -188,6 +206,8 @@ class Outbox:
         return moved
 
     async def aclose(self) -> None:
+        if self._acks:
+            self._flush_acks()
         for handle in self._timers:
             handle.cancel()
         for task in list(self._tasks):
