@@ -134,14 +134,20 @@ class Node:
     # -- API ---------------------------------------------------------------------
 
     def publish(self, topic: str, data: bytes | str, *,
-                headers: Mapping[str, str] | None = None) -> None:
-        """Publish best-effort; see `AsyncNode.publish`.
+                headers: Mapping[str, str] | None = None, reliable: bool = False) -> None:
+        """See `AsyncNode.publish`. Best effort does not wait for the loop; reliable
+        blocks until the message is in the spool.
 
         Raises:
             ConfigError: `topic` is invalid.
             MessageTooLarge: `data` exceeds ``max_message_size``.
+            SpoolFullError: (reliable) the spool is full.
             ClosedError: the node is not running.
         """
+        if reliable:
+            self._call(self._drained_then(self._node.publish(topic, data, headers=headers,
+                                                             reliable=True)))
+            return
         loop = self._loop
         if loop is None:
             raise ClosedError("node is not running")
@@ -187,9 +193,27 @@ class Node:
         return self._call(self._node.wait_for_peers(count, timeout=timeout))
 
     def push(self, queue: str, data: bytes | str, *,
-             headers: Mapping[str, str] | None = None, timeout: float = 10.0) -> None:
-        """See `AsyncNode.push`; blocks until a worker with credit takes the message."""
-        self._call(self._node.push(queue, data, headers=headers, timeout=timeout))
+             headers: Mapping[str, str] | None = None, timeout: float = 10.0,
+             reliable: bool = False) -> None:
+        """See `AsyncNode.push`; blocks until a worker with credit takes the message
+        (reliable: until it is in the spool)."""
+        self._call(self._node.push(queue, data, headers=headers, timeout=timeout,
+                                   reliable=reliable))
+
+    def subscribe_durable(self, pattern: str, name: str, *,
+                          prefetch: int = DEFAULT_PREFETCH) -> SyncPull:
+        """See `AsyncNode.subscribe_durable`."""
+        return SyncPull(self, self._call(self._node.subscribe_durable(pattern, name,
+                                                                      prefetch=prefetch)))
+
+    def wait_for_durables(self, topic: str, count: int = 1, *, timeout: float = 10.0) -> None:
+        """See `AsyncNode.wait_for_durables`."""
+        self._call(self._node.wait_for_durables(topic, count, timeout=timeout))
+
+    async def _drained_then(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Best-effort publishes handed over earlier go first: keep the caller's order."""
+        self._drain()
+        return await coro
 
     def pull(self, queue: str, *, prefetch: int = DEFAULT_PREFETCH,
              handler: Callable[[Message], object] | None = None) -> SyncPull:

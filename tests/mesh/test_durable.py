@@ -197,3 +197,29 @@ async def test_cli_spool_show_and_replay_dead_letters(make_node, mesh_name, tmp_
     purge = await asyncio.to_thread(run, ["spool", "purge", "--data-dir", str(data)],
                                     mesh=mesh_name)
     assert purge.returncode == 0
+
+
+async def test_publish_many_reliable_is_one_wait_for_many_messages(make_node, tmp_path) -> None:
+    """publish_many spools a whole batch with one commit; each message arrives once."""
+    pub, _, durable = await _durable_pair(make_node, tmp_path)
+    await pub.publish_many("orders.bulk", [f"b{i}" for i in range(500)], reliable=True)
+    got = [(await durable.next(timeout=10)).text for _ in range(500)]
+    assert sorted(got) == sorted(f"b{i}" for i in range(500))
+    assert pub.stats["spooled"] == 500
+
+
+def test_sync_node_reliable_publish_and_durable(mesh_name, tmp_path) -> None:
+    """The blocking facade: subscribe_durable, publish(reliable=True), push(reliable=True)."""
+    from mesh import Node
+
+    common = {"mesh": mesh_name, "interfaces": ["127.0.0.1"]}
+    with Node(name="s", data_dir=str(tmp_path / "s"), **common) as s, \
+            Node(name="p", data_dir=str(tmp_path / "p"), **common) as p:
+        durable = s.subscribe_durable("orders.>", "audit")
+        p.wait_for_durables("orders.x", 1, timeout=5)
+        p.publish("orders.new", "sync and safe", reliable=True)
+        msg = durable.next(timeout=5)
+        assert (msg.topic, msg.text, msg.reliable) == ("orders.new", "sync and safe", True)
+        work = s.pull("jobs")
+        p.push("jobs", "queued safely", reliable=True)
+        assert work.next(timeout=5).text == "queued safely"
