@@ -138,32 +138,42 @@ async def _settle_spool(node: AsyncNode, timeout: float, command: str) -> None:
 
 
 async def sub(args: argparse.Namespace) -> int:
+    async with _node(args) as node:
+        subscription: AsyncIterator[Message]
+        if args.durable:
+            subscription = await node.subscribe_durable(args.pattern, args.durable)
+        else:
+            subscription = await node.subscribe(args.pattern)
+
+        def show(msg: Message) -> str:
+            return json.dumps(msg.to_dict()) if args.json else f"{msg.topic} {msg.text}"
+
+        return await _print_messages(subscription, show, args.count, args.timeout)
+
+
+async def _print_messages(messages: AsyncIterator[Message], show: Callable[[Message], str],
+                          count: int | None, timeout: float | None) -> int:
+    """Print until `count` messages, the timeout or a signal; the exit status of sub/pull."""
     received = 0
     stop = asyncio.Event()
+
+    async def consume() -> None:
+        nonlocal received
+        async for msg in messages:
+            _out(show(msg))
+            received += 1
+            if count is not None and received >= count:
+                return
+
     with _stop_on_signals(stop):
-        async with _node(args) as node:
-            subscription: AsyncIterator[Message]
-            if args.durable:
-                subscription = await node.subscribe_durable(args.pattern, args.durable)
-            else:
-                subscription = await node.subscribe(args.pattern)
-
-            async def consume() -> None:
-                nonlocal received
-                async for msg in subscription:
-                    _out(json.dumps(msg.to_dict()) if args.json else f"{msg.topic} {msg.text}")
-                    received += 1
-                    if args.count is not None and received >= args.count:
-                        return
-
-            consumer = asyncio.create_task(consume())
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({consumer, stopper}, timeout=args.timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
-            for task in (consumer, stopper):
-                task.cancel()
-    if args.count is not None:
-        return 0 if received >= args.count else 1
+        consumer = asyncio.create_task(consume())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({consumer, stopper}, timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        for task in (consumer, stopper):
+            task.cancel()
+    if count is not None:
+        return 0 if received >= count else 1
     return 0 if received else 1
 
 
@@ -188,30 +198,15 @@ async def push(args: argparse.Namespace) -> int:
 
 
 async def pull(args: argparse.Namespace) -> int:
-    received = 0
-    stop = asyncio.Event()
-    with _stop_on_signals(stop):
-        async with _node(args) as node:
-            work = await node.pull(args.queue, prefetch=args.prefetch)
+    async with _node(args) as node:
+        work = await node.pull(args.queue, prefetch=args.prefetch)
 
-            async def consume() -> None:
-                nonlocal received
-                async for msg in work:
-                    _out(json.dumps(_queue_dict(msg)) if args.json else msg.text)
-                    received += 1
-                    if args.count is not None and received >= args.count:
-                        return
+        def show(msg: Message) -> str:
+            return json.dumps(_queue_dict(msg)) if args.json else msg.text
 
-            consumer = asyncio.create_task(consume())
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({consumer, stopper}, timeout=args.timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
-            for task in (consumer, stopper):
-                task.cancel()
-            await work.aclose()  # what we did not print goes back to the pushers
-    if args.count is not None:
-        return 0 if received >= args.count else 1
-    return 0 if received else 1
+        code = await _print_messages(work, show, args.count, args.timeout)
+        await work.aclose()  # what we did not print goes back to the pushers
+    return code
 
 
 def _queue_dict(msg: Message) -> dict[str, object]:
