@@ -300,13 +300,7 @@ class SyncPeerEvents:
             TimeoutError: nothing happened within `timeout` seconds.
             ClosedError: the node was closed.
         """
-        try:
-            item = self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no peer event within {timeout} s") from None
-        if item is _CLOSED:
-            self._inbox.put(_CLOSED)
-            raise ClosedError("node is closed")
+        item = _take(self._inbox, timeout, "peer event")
         assert isinstance(item, PeerEvent)
         return item
 
@@ -391,13 +385,7 @@ class SyncSubscription:
             TimeoutError: none arrived within `timeout` seconds.
             ClosedError: the subscription was closed.
         """
-        try:
-            item = self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no message on {self.subject!r} within {timeout} s") from None
-        if item is _CLOSED:
-            self._inbox.put(_CLOSED)
-            raise ClosedError("subscription is closed")
+        item = _take(self._inbox, timeout, f"message on {self.subject!r}")
         assert isinstance(item, Message)
         return item
 
@@ -422,3 +410,20 @@ class SyncSubscription:
 
 async def _value(fn: Any) -> Any:
     return fn()
+
+
+def _take(inbox: queue.SimpleQueue[Any], timeout: float | None, what: str) -> object:
+    """The next item handed over by the loop thread; the end marker stays for the next reader.
+
+    Raises:
+        TimeoutError: nothing within `timeout` seconds.
+        ClosedError: the stream ended (its node or subscription closed).
+    """
+    try:
+        item = inbox.get(timeout=timeout)
+    except queue.Empty:
+        raise TimeoutError(f"no {what} within {timeout} s") from None
+    if item is _CLOSED:
+        inbox.put(_CLOSED)
+        raise ClosedError(f"no more {what}: closed")
+    return item
