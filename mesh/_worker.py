@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 import time
 from collections import Counter, deque
@@ -47,13 +48,17 @@ class Settle(Protocol):
 
 
 class _InStream:
-    """A worker's view of one pusher stream on one queue: how much it consumed."""
+    """A worker's view of one pusher stream on one queue: how much it consumed.
+
+    It is also the `Settle` of every message that came on it.
+    """
 
     __slots__ = ("changed_at", "consumed", "credit_at", "epoch", "nacks", "pusher_id", "queue",
-                 "reported")
+                 "reported", "workers")
 
-    def __init__(self, pusher_id: str, queue: str, epoch: int, position: int,
+    def __init__(self, workers: Workers, pusher_id: str, queue: str, epoch: int, position: int,
                  window: int) -> None:
+        self.workers = workers
         self.credit_at = max(1, window // 2)
         self.pusher_id = pusher_id
         self.queue = queue
@@ -63,21 +68,54 @@ class _InStream:
         self.nacks: list[int] = []
         self.changed_at = time.monotonic()
 
+    def settle(self, msg: Message, ok: bool) -> None:
+        """One of our messages was consumed (processed, failed, or handed back at leave)."""
+        if msg.reliable:
+            self.workers.settled_reliable(self, msg, ok)
+        self.workers.credit(self)
+
 
 class LocalQueue:
-    """This node's worker side of one queue: one FIFO shared by every `Pull` on it."""
+    """This node's worker side of one queue: one FIFO shared by every `Pull` on it.
+
+    Messages put here carry `receipt` already (no copy per message when a
+    handle takes one); ``msg.ack()`` finds the handle that holds it.
+    """
 
     def __init__(self, name: str, window: int) -> None:
         self.name = name
         self.window = window
-        self.items: deque[tuple[Message, Settle]] = deque()
+        self.items: deque[Message] = deque()
+        self.settles: deque[Settle] = deque()
+        """Where each of `items` is acknowledged (in step with it; no tuple per message)."""
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.handles = 0
+        self.pulls: list[Pull] = []
         self.closed = False
+        self.receipt: Callable[[Message, bool], None] = self._receipt
+        """What ``msg.ack()``/``msg.nack()`` of our messages call (one bound method, reused)."""
+
+    def _receipt(self, msg: Message, ok: bool) -> None:
+        for pull in self.pulls:
+            if pull._current is msg:
+                pull._settle_current(ok)
+                return
 
     def put(self, entries: Iterable[tuple[Message, Settle]]) -> None:
-        self.items.extend(entries)
+        for msg, settle in entries:
+            self.items.append(msg)
+            self.settles.append(settle)
         self.wake()
+
+    def put_many(self, msgs: list[Message], settle: Settle) -> None:
+        """Messages that all settle the same way (one batch of one stream)."""
+        self.items.extend(msgs)
+        self.settles.extend(itertools.repeat(settle, len(msgs)))
+        self.wake()
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.settles.clear()
 
     def wake(self) -> None:
         while self.waiters:
@@ -98,7 +136,9 @@ class Pull:
     def __init__(self, local: LocalQueue, on_close: Callable[[Pull], None]) -> None:
         self._local = local
         self._on_close = on_close
-        self._current: tuple[Message, Settle] | None = None
+        self._current: Message | None = None
+        """The message in hand; `_current_settle` takes its acknowledgement."""
+        self._current_settle: Settle = _NO_SETTLE
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._also_close: list[Callable[[], Awaitable[None]]] = []
@@ -113,13 +153,24 @@ class Pull:
         return self._local.name
 
     def _settle_current(self, ok: bool = True) -> None:
-        current, self._current = self._current, None
+        current = self._current
         if current is not None:
-            current[1].settle(current[0], ok)
+            self._current = None
+            self._current_settle.settle(current, ok)
 
-    def _settle(self, msg: Message, ok: bool) -> None:
-        if self._current is not None and self._current[0] is msg:
-            self._settle_current(ok)
+    def _take(self) -> Message:
+        """Hand out the head of the (non-empty) queue."""
+        local = self._local
+        msg = local.items.popleft()
+        settle = local.settles.popleft()
+        if msg._receipt is not local.receipt:  # put by someone else (live durable messages)
+            msg = msg.with_receipt(local.receipt)
+        self._current = msg
+        self._current_settle = settle
+        self.received += 1
+        if local.waiters and local.items:
+            local.wake()  # another handle may be waiting too
+        return msg
 
     async def next(self, timeout: float | None = None) -> Message:
         """The next work message (the previous one counts as processed).
@@ -141,18 +192,18 @@ class Pull:
             finally:
                 if not waiter.done():
                     waiter.cancel()
-        msg, settle = local.items.popleft()
-        msg = msg.with_receipt(self._settle)
-        self._current = (msg, settle)
-        self.received += 1
-        if local.items:
-            local.wake()  # another handle may be waiting too
-        return msg
+        return self._take()
 
     def __aiter__(self) -> Pull:
         return self
 
     async def __anext__(self) -> Message:
+        if self._local.items:  # the common case under load: no inner coroutine, no waiter
+            current = self._current
+            if current is not None:  # _settle_current(), inlined
+                self._current = None
+                self._current_settle.settle(current, True)  # (it never empties the queue)
+            return self._take()
         try:
             return await self.next()
         except ClosedError:
@@ -243,6 +294,7 @@ class Workers:
         local.window = max(local.window, prefetch)
         local.handles += 1
         pull = Pull(local, on_close)
+        local.pulls.append(pull)
         self.handles.add(pull)
         if handler is not None:
             pull._task = asyncio.get_running_loop().create_task(pull._run(handler))
@@ -252,12 +304,14 @@ class Workers:
         """Forget a handle; returns its queue if nobody on this node pulls it any more."""
         self.handles.discard(pull)
         local = pull._local
+        with contextlib.suppress(ValueError):
+            local.pulls.remove(pull)
         local.handles -= 1
         if local.handles > 0:
             return None
         local.closed = True
         self.local.pop(local.name, None)
-        for msg, _ in local.items:  # handed back unprocessed: a redelivery is not a duplicate
+        for msg in local.items:  # handed back unprocessed: a redelivery is not a duplicate
             self._in_hand.discard((msg.source_id, msg.seq))
         return local
 
@@ -268,23 +322,20 @@ class Workers:
 
     # -- crediting ---------------------------------------------------------------
 
-    def consumed(self, stream: _InStream, msg: Message, ok: bool) -> None:
-        if msg.reliable:
-            self._in_hand.discard((msg.source_id, msg.seq))
-            if ok:
-                self._dedup.mark(msg.source_id, msg.seq)
-            else:
-                stream.nacks.append(msg.seq)
-        self._credit(stream)
+    def settled_reliable(self, stream: _InStream, msg: Message, ok: bool) -> None:
+        self._in_hand.discard((msg.source_id, msg.seq))
+        if ok:
+            self._dedup.mark(msg.source_id, msg.seq)
+        else:
+            stream.nacks.append(msg.seq)
 
-    def _credit(self, stream: _InStream) -> None:
+    def credit(self, stream: _InStream) -> None:
+        """One more message of `stream` consumed."""
         stream.consumed += 1
-        if stream.consumed - stream.reported >= stream.credit_at:
-            self._credit_dirty.add(stream)
-            self.send_credits()  # half a window done: let the pusher refill while we work
-            return
         self._credit_dirty.add(stream)
-        if self._credit_handle is None:
+        if stream.consumed - stream.reported >= stream.credit_at:
+            self.send_credits()  # half a window done: let the pusher refill while we work
+        elif self._credit_handle is None:
             self._credit_handle = asyncio.get_running_loop().call_soon(self.send_credits)
 
     def send_credits(self, force: bool = False) -> None:
@@ -341,24 +392,31 @@ class Workers:
         if stream is None:
             if len(self._streams) > 10_000:
                 self._forget_idle_streams()
-            stream = self._streams[stream_key] = _InStream(batch.source, queue, batch.epoch,
-                                                           batch.topic_seq, local.window)
-        name, source = batch.name, batch.source
-        self._stats["pulled"] += len(batch.items)
-        receipt = _StreamReceipt(self, stream)
-        fresh = []
-        for it in batch.items:
-            msg = Message(it.topic or queue, it.payload, name, source, it.seq, it.ts,
-                          it.headers, reliable=it.reliable)
+            stream = self._streams[stream_key] = _InStream(
+                self, batch.source, queue, batch.epoch, batch.topic_seq, local.window)
+        name, source, items, receipt = batch.name, batch.source, batch.items, local.receipt
+        self._stats["pulled"] += len(items)
+        msgs = [Message(it.topic or queue, it.payload, name, source, it.seq, it.ts, it.headers,
+                        it.reliable, receipt) for it in items]
+        for it in items:
             if it.reliable:
-                ref = (source, it.seq)
-                if ref in self._in_hand or self._dedup.seen(source, it.seq):
+                msgs = self._fresh(msgs, stream)
+                break
+        local.put_many(msgs, stream)
+
+    def _fresh(self, msgs: list[Message], stream: _InStream) -> list[Message]:
+        """Drop the reliable duplicates (credited at once, never delivered)."""
+        fresh = []
+        for msg in msgs:
+            if msg.reliable:
+                ref = (msg.source_id, msg.seq)
+                if ref in self._in_hand or self._dedup.seen(*ref):
                     self._stats["duplicates"] += 1
-                    self._credit(stream)  # processed or being processed: credit, do not deliver
+                    self.credit(stream)  # processed or being processed: credit, do not deliver
                     continue
                 self._in_hand.add(ref)
-            fresh.append((msg, receipt))
-        local.put(fresh)
+            fresh.append(msg)
+        return fresh
 
     def _forget_idle_streams(self) -> None:
         now = time.monotonic()
@@ -367,14 +425,9 @@ class Workers:
                 del self._streams[key]
 
 
-class _StreamReceipt:
-    """Settles a received message against the pusher stream it came on."""
-
-    __slots__ = ("_stream", "_workers")
-
-    def __init__(self, workers: Workers, stream: _InStream) -> None:
-        self._workers = workers
-        self._stream = stream
-
+class _NoSettle:
     def settle(self, msg: Message, ok: bool) -> None:
-        self._workers.consumed(self._stream, msg, ok)
+        pass
+
+
+_NO_SETTLE: Final = _NoSettle()

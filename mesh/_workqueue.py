@@ -42,7 +42,7 @@ from ._config import NodeConfig
 from ._dedup import Dedup
 from ._message import Message
 from ._peers import PeerRecord
-from ._pubsub import WIRE_OVERHEAD, checked_topic_key
+from ._pubsub import CACHE_LIMIT, WIRE_OVERHEAD, checked_topic_key
 from ._quiet import QuietLog
 from ._reliable import Outbox, Tracked
 from ._worker import Handler, Pull, Workers
@@ -59,6 +59,8 @@ DEFAULT_PREFETCH: Final[int] = 256
 _PUSH_LINGER: Final[float] = 2.0
 _BATCH_BYTES: Final[int] = 256 * 1024
 """A batch frame holds at most this much payload (or one larger message)."""
+_TURN: Final[int] = 256
+"""A worker's turn in the round robin: at most this many messages (and its batch, its credit)."""
 
 Sent = tuple[_wire.Item, Tracked | None]
 
@@ -78,14 +80,15 @@ def checked_queue_key(queue: str) -> bytes:
 class _Target:
     """One worker of one queue as its pusher sees it: window, positions, in-flight copies."""
 
-    __slots__ = ("acked", "batch_at", "epoch", "flushed", "inflight", "local", "nacked",
+    __slots__ = ("acked", "batch_at", "epoch", "flushed", "inflight", "key", "local", "nacked",
                  "outgoing", "outgoing_bytes", "owner_ack", "peer_id", "progress_at", "pusher",
-                 "queue", "sent", "window")
+                 "queue", "run", "sent", "tracked", "window")
 
     def __init__(self, peer_id: str, queue: str, window: int, epoch: int,
                  pusher: Pusher | None, local: bool) -> None:
         self.peer_id = peer_id
         self.queue = queue
+        self.key = checked_topic_key(queue)
         self.window = window
         self.epoch = epoch
         self.pusher = pusher
@@ -93,10 +96,15 @@ class _Target:
         self.sent = 0
         self.flushed = 0
         self.acked = 0
-        self.inflight: deque[Sent] = deque()
+        self.inflight: deque[_wire.Item] = deque()
+        """Sent and not yet consumed, in order (bare items: no tuple per message to collect)."""
+        self.tracked: dict[int, Tracked] = {}
+        """The spool entries of the reliable ones among them, by sequence number."""
         self.outgoing: list[_wire.Item] = []
         self.outgoing_bytes = 0
         self.batch_at = max(1, window // 4)
+        self.run = 0
+        """Messages push() may still give it without choosing again (never above its credit)."""
         self.nacked: set[int] = set()
         self.progress_at = time.monotonic()
         self.owner_ack: Callable[[_Target, int], None] = lambda target, n: None
@@ -137,6 +145,10 @@ class WorkQueues:
         self._targets: dict[tuple[str, str], _Target] = {}
         self._rr: dict[str, int] = {}
         self._target_cache: dict[str, list[_Target]] = {}
+        self._current: dict[str, _Target] = {}
+        """Per queue, the target of the current round-robin turn (see `_pick`)."""
+        self._queue_keys: dict[str, bytes] = {}
+        self._max_size = config.max_message_size
         self._backlog: dict[str, deque[Sent]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._flush_handle: asyncio.Handle | None = None
@@ -190,11 +202,12 @@ class WorkQueues:
 
     async def push(self, queue: str, data: bytes | str, headers: Mapping[str, str] | None,
                    timeout: float, closed: Callable[[], bool], reliable: bool = False) -> None:
-        checked_queue_key(queue)
+        if queue not in self._queue_keys:
+            self._check_queue(queue)
         if type(data) is not bytes:
             data = data.encode() if isinstance(data, str) else bytes(data)
-        if len(data) > self._config.max_message_size:
-            raise MessageTooLarge(len(data), self._config.max_message_size)
+        if len(data) > self._max_size:
+            raise MessageTooLarge(len(data), self._max_size)
         item = _wire.Item(self._next_seq(), time.time(), dict(headers) if headers else None,
                           data, reliable)
         if reliable:
@@ -207,11 +220,39 @@ class WorkQueues:
             return
         if self._backlog.get(queue):
             self._pump(queue)
-        target = self._pick(queue)
-        if target is None:
-            target = await self._wait_for_target(queue, timeout, closed)
-        self._assign(target, (item, None))
+        target = self._current.get(queue)
+        if target is None or target.run <= 0:
+            target = self._pick(queue)
+            if target is None:
+                target = await self._wait_for_target(queue, timeout, closed)
+        if target.local:
+            self._assign(target, (item, None))
+        else:  # _assign, inlined for the common case
+            target.run -= 1
+            target.sent += 1
+            inflight = target.inflight
+            if not inflight:
+                target.progress_at = time.monotonic()
+            inflight.append(item)
+            outgoing = target.outgoing
+            if outgoing and target.outgoing_bytes + len(data) > _BATCH_BYTES:
+                self._send(target)
+                outgoing = target.outgoing
+            outgoing.append(item)
+            target.outgoing_bytes += len(data)
+            if len(outgoing) >= target.batch_at:
+                self._send(target)
+            elif len(outgoing) == 1:
+                self._dirty.add(target)
+                if self._flush_handle is None:
+                    self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
         self._stats["pushed"] += 1
+
+    def _check_queue(self, queue: str) -> None:
+        key = checked_queue_key(queue)
+        if len(self._queue_keys) >= CACHE_LIMIT:
+            self._queue_keys.clear()
+        self._queue_keys[queue] = key
 
     def worker_count(self, queue: str) -> int:
         return len(self._targets_for(queue))
@@ -253,13 +294,23 @@ class WorkQueues:
         return target
 
     def _pick(self, queue: str) -> _Target | None:
+        """The next worker with credit, round robin; it gets a turn of up to a batch.
+
+        A turn never exceeds the target's credit, and every assignment counts
+        against both, so `push` may skip choosing while the turn lasts. Short
+        turns (`_TURN`, or a quarter window) keep the split even over many
+        messages whatever the window.
+        """
         targets = self._targets_for(queue)
         n = len(targets)
         start = self._rr.get(queue, 0)
         for i in range(n):
             target = targets[(start + i) % n]
-            if target.credit > 0:
+            credit = target.credit
+            if credit > 0:
                 self._rr[queue] = (start + i + 1) % n
+                target.run = min(credit, target.batch_at, _TURN)
+                self._current[queue] = target
                 return target
         return None
 
@@ -288,17 +339,20 @@ class WorkQueues:
             raise RequestTimeout(f"push to {queue!r}: every worker is busy", timeout) from None
 
     def _assign(self, target: _Target, sent: Sent) -> None:
+        target.run -= 1
         target.sent += 1
         if not target.inflight:
             target.progress_at = time.monotonic()
-        target.inflight.append(sent)
-        item = sent[0]
+        item, tracked = sent
+        target.inflight.append(item)
+        if tracked is not None:
+            target.tracked[item.seq] = tracked
         if target.local:
             local = self.workers.local.get(target.queue)
             if local is not None:
                 msg = Message(item.topic or target.queue, item.payload, self.name, self.node_id,
-                              item.seq, item.ts, item.headers, reliable=item.reliable)
-                local.put(((msg, target),))
+                              item.seq, item.ts, item.headers, item.reliable, local.receipt)
+                local.put_many([msg], target)
             return
         size = len(item.payload)
         if target.outgoing and target.outgoing_bytes + size > _BATCH_BYTES:
@@ -307,10 +361,10 @@ class WorkQueues:
         target.outgoing_bytes += size
         if len(target.outgoing) >= target.batch_at:
             self._send(target)  # pipeline: the worker starts while we fill the rest
-            return
-        self._dirty.add(target)
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        elif len(target.outgoing) == 1:  # (a target with outgoing items is always dirty)
+            self._dirty.add(target)
+            if self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -322,7 +376,7 @@ class WorkQueues:
         items, target.outgoing, target.outgoing_bytes = target.outgoing, [], 0
         if not items or target.pusher is None:
             return
-        frame = _wire.encode_data(checked_topic_key(target.queue), _wire.Batch(
+        frame = _wire.encode_data(target.key, _wire.Batch(
             self.node_id, self.name, target.flushed, items, target.epoch))
         target.flushed += len(items)
         with contextlib.suppress(SocketClosed):
@@ -371,8 +425,18 @@ class WorkQueues:
             return
         target.acked += n
         target.progress_at = time.monotonic()
-        for _ in range(min(n, len(target.inflight))):
-            item, tracked = target.inflight.popleft()
+        inflight = target.inflight
+        done = min(n, len(inflight))
+        if not target.nacked and not target.tracked:  # nothing to settle: just forget them
+            if done == len(inflight):
+                inflight.clear()
+            else:
+                for _ in range(done):
+                    inflight.popleft()
+            done = 0
+        for _ in range(done):
+            item = inflight.popleft()
+            tracked = target.tracked.pop(item.seq, None)
             failed = item.seq in target.nacked
             if failed:
                 target.nacked.discard(item.seq)
@@ -387,8 +451,7 @@ class WorkQueues:
     def _check_ack_timeouts(self, ack_timeout: float) -> None:
         now = time.monotonic()
         for target in list(self._targets.values()):
-            if target.inflight and now - target.progress_at > ack_timeout and any(
-                    t is not None for _, t in target.inflight):
+            if target.tracked and now - target.progress_at > ack_timeout:
                 _log.warning("worker %s took no message of %s for %.1f s: redelivering",
                              target.peer_id[:8], target.queue, ack_timeout)
                 self._drop_target(target, "ack timeout")
@@ -398,6 +461,7 @@ class WorkQueues:
     def peers_changed(self) -> None:
         """Someone joined, left, was lost or changed interest: recompute targets."""
         self._target_cache.clear()
+        self._current.clear()
         for queue in {*self._waiters, *(q for q, b in self._backlog.items() if b)}:
             self._wake(queue)
 
@@ -421,14 +485,18 @@ class WorkQueues:
             pusher.close(linger=0)
         self.peers_changed()
 
+    def _forget_targets(self, queue: str) -> None:
+        self._target_cache.pop(queue, None)
+        self._current.pop(queue, None)
+
     def _drop_target(self, target: _Target, reason: str) -> None:
         """Give up on a stream: reliable messages go again, best-effort ones are lost."""
         del self._targets[(target.peer_id, target.queue)]
         self._dirty.discard(target)
-        self._target_cache.pop(target.queue, None)
+        self._forget_targets(target.queue)
         lost = 0
-        for sent in target.inflight:
-            tracked = sent[1]
+        for item in target.inflight:
+            tracked = target.tracked.get(item.seq)
             if tracked is not None and self._outbox is not None:
                 self._outbox.failed(tracked, reason, self.requeue, target.queue)
             else:
@@ -441,10 +509,11 @@ class WorkQueues:
     def _requeue_target(self, target: _Target) -> None:
         del self._targets[(target.peer_id, target.queue)]
         self._dirty.discard(target)
-        self._target_cache.pop(target.queue, None)
+        self._forget_targets(target.queue)
         if target.inflight:
             backlog = self._backlog.setdefault(target.queue, deque())
-            backlog.extendleft(reversed(target.inflight))
+            backlog.extendleft((item, target.tracked.get(item.seq))
+                               for item in reversed(target.inflight))
             self._stats["redelivered"] += len(target.inflight)
 
     # -- worker side -------------------------------------------------------------
@@ -454,7 +523,7 @@ class WorkQueues:
         if prefetch < 1:
             raise ConfigError("prefetch", "must be >= 1")
         pull, first = self.workers.open(queue, prefetch, handler, self._detach)
-        self._target_cache.pop(queue, None)
+        self._forget_targets(queue)
         if first:
             self._on_interest_changed()
         return pull
@@ -463,9 +532,9 @@ class WorkQueues:
         local = self.workers.detach(pull)
         if local is None:
             return
-        self._target_cache.pop(local.name, None)
-        own = {s for _, s in local.items if isinstance(s, _Target)}
-        local.items.clear()
+        self._forget_targets(local.name)
+        own = {s for s in local.settles if isinstance(s, _Target)}
+        local.clear()
         for target in own:  # our own pushes to ourselves go back to the pusher side
             if self._targets.get((target.peer_id, target.queue)) is target:
                 self._requeue_target(target)
