@@ -12,7 +12,7 @@ The same N messages of 64 B go from one process to another, once per variant:
   asked for) and a pusher process (`AsyncNode`, ``wait_for_workers`` then
   ``await node.push(...)`` N times). Static peering, no mDNS. One row per
   prefetch (credit window) value: the library default and ``--prefetch``
-  extras (default 1024), so the choice can be made from numbers.
+  extras (default 1024 and 4096), so the choice can be made from numbers.
 
 Receivers time the run from the first to the last of the N messages (that
 rate, ``msgs/s``, is what ``ratio`` compares with raw), check that every
@@ -263,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, help=f"messages per run (default {DEFAULT_COUNT})")
     parser.add_argument("--size", type=int, default=SIZE, help="payload bytes (default 64)")
-    parser.add_argument("--prefetch", type=_prefetches, default=[1024],
+    parser.add_argument("--prefetch", type=_prefetches, default=[1024, 4096],
                         help="comma-separated extra prefetch values for zeromesh rows, after "
-                             "the library default (default 1024; '' for the default only)")
+                             "the library default (default 1024,4096; '' for the default only)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_COUNT} messages")
     parser.add_argument("--timeout", type=float, default=120.0, help="hard limit per run, s")
     parser.add_argument("--only", choices=["raw", "zeromesh"], help="run one side only")
