@@ -13,7 +13,8 @@ from ._core import NodeCore
 from ._durable import durable_queue
 from ._message import Message
 from ._pubsub import checked_topic_key, parse_pattern
-from ._services import DEFAULT_CONCURRENCY, Service, ServiceHandler, Services
+from ._service import DEFAULT_CONCURRENCY, Service, ServiceHandler
+from ._services import Services
 from ._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
 from ._worker import Handler, Pull
 from ._workqueue import DEFAULT_PREFETCH, checked_queue_key

@@ -22,7 +22,7 @@ from ._message import Message
 from ._node import AsyncNode
 from ._peers import Peer, PeerEvent
 from ._pubsub import checked_topic_key
-from ._services import (
+from ._service import (
     SYNC_SERVE_CONCURRENCY,
     ReplyBody,
     ServiceHandler,
