@@ -32,8 +32,9 @@ def test_pushpull_benchmark_quick_run_is_lossless() -> None:
     assert report["benchmark"] == "pushpull"
     assert report["size"] == 64
     rows = report["results"]
-    assert [r["side"] for r in rows] == ["raw", "zeromesh", "zeromesh"]
-    assert rows[1]["default_prefetch"] and not rows[2]["default_prefetch"]
+    assert [r["side"] for r in rows] == ["raw"] + ["zeromesh"] * (len(rows) - 1)
+    assert len(rows) >= 3
+    assert rows[1]["default_prefetch"] and not any(r["default_prefetch"] for r in rows[2:])
     for row in rows:
         assert row["lost"] == 0, row
         assert row["received"] == report["count"], row
