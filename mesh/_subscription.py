@@ -8,12 +8,11 @@ one wake-up, not one per message. A consumer that falls more than
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
+from ._mailbox import Mailbox
 from ._message import Message
 from .errors import ClosedError
 
@@ -26,7 +25,7 @@ DEFAULT_MAX_PENDING: Final[int] = 100_000
 Callback = Callable[[Message], None]
 
 
-class Subscription:
+class Subscription(Mailbox[Message]):
     """Messages matching one pattern, in arrival order.
 
     `max_pending` bounds the queue (0 = unbounded, like a ZeroMQ HWM of 0).
@@ -35,15 +34,13 @@ class Subscription:
     def __init__(self, pattern: TopicPattern, *, max_pending: int = DEFAULT_MAX_PENDING,
                  callback: Callback | None = None,
                  on_close: Callable[[Subscription], None] | None = None) -> None:
+        super().__init__()
         self.pattern = pattern
         self.max_pending = max_pending
         self.dropped = 0
         self.received = 0
-        self._queue: deque[Message] = deque()
-        self._waiter: asyncio.Future[None] | None = None
         self._callback = callback
         self._on_close = on_close
-        self._closed = False
         self._reported_slow = False
 
     @property
@@ -82,9 +79,7 @@ class Subscription:
                 self._reported_slow = True
                 _log.warning("slow consumer on %s: dropping oldest messages (max_pending=%d)",
                              self.subject, self.max_pending)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def __aiter__(self) -> Subscription:
         return self
@@ -104,22 +99,7 @@ class Subscription:
             TimeoutError: none arrived within `timeout` seconds.
             ClosedError: the subscription (or its node) was closed.
         """
-        while not self._queue:
-            if self._closed:
-                raise ClosedError("subscription is closed")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._waiter
-            finally:
-                self._waiter = None
-        return self._queue.popleft()
-
-    def _close(self) -> None:
-        self._closed = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        return await self._take(timeout, "subscription")
 
     async def aclose(self) -> None:
         """Stop receiving; queued messages remain readable until drained."""
