@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from mesh import AsyncNode
+
+from ._proc import Cli
 
 FAST = {"heartbeat_interval": 0.05, "suspect_after": 0.15, "lost_after": 0.3}
 
@@ -29,3 +31,14 @@ async def make_node(mesh_name: str) -> AsyncIterator[Callable[..., Any]]:
     finally:
         for node in nodes:
             await node.aclose()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Cli]]:
+    """CLI processes a test starts; each is SIGKILLed (if still running) at teardown."""
+    started: list[Cli] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            proc.close()

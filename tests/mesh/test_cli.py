@@ -5,21 +5,10 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from ._proc import Cli, run
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Cli]]:
-    started: list[Cli] = []
-    try:
-        yield started
-    finally:
-        for proc in started:
-            proc.close()
 
 
 def start(procs: list[Cli], *args: str, mesh: str, stdin: bool = False) -> Cli:

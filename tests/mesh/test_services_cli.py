@@ -11,23 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from tests import netns
 
 from ._proc import Cli, run
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Cli]]:
-    started: list[Cli] = []
-    try:
-        yield started
-    finally:
-        for proc in started:
-            proc.close()
 
 
 def serve(procs: list[Cli], mesh: str, *args: str) -> Cli:
