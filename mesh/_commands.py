@@ -33,13 +33,13 @@ def _node(args: argparse.Namespace) -> AsyncNode:
     return AsyncNode(**settings)
 
 
-def _out(line: str) -> None:
+def out(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
     loop = asyncio.get_running_loop()
     sigs = (signal.SIGINT, signal.SIGTERM)
     for sig in sigs:
@@ -51,27 +51,7 @@ def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-async def agent(args: argparse.Namespace) -> int:
-    stop = asyncio.Event()
-    with _stop_on_signals(stop):  # before `ready`: a signal right after it must be graceful
-        async with _node(args) as node:
-            events = node.events()
-            ep = node.endpoints
-            _out(f"ready name={node.name} id={node.id} mesh={node.mesh} "
-                 f"ctl={','.join(ep['ctl'])} pub={','.join(ep['pub'])}")
-
-            async def report() -> None:
-                async for event in events:
-                    _out(_event_line(event))
-
-            reporter = asyncio.create_task(report())
-            await stop.wait()
-            reporter.cancel()
-    _out("stopped")
-    return 0
-
-
-def _event_line(event: PeerEvent) -> str:
+def event_line(event: PeerEvent) -> str:
     return f"{event.kind.value} name={event.peer.name} id={event.peer.id}"
 
 
@@ -80,10 +60,10 @@ async def peers(args: argparse.Namespace) -> int:
         await asyncio.sleep(args.wait)  # the contract: listen this long, then list
         found = node.peers()
     if args.json:
-        _out(json.dumps([p.to_dict() for p in found]))
+        out(json.dumps([p.to_dict() for p in found]))
     else:
         for p in found:
-            _out(f"{p.name:<20} {p.id[:8]}  {p.state.value:<7} {p.endpoints[0]}  "
+            out(f"{p.name:<20} {p.id[:8]}  {p.state.value:<7} {p.endpoints[0]}  "
                  f"subs={','.join(p.subscriptions) or '-'}")
     return 0 if found else 1
 
@@ -160,12 +140,12 @@ async def _print_messages(messages: AsyncIterator[Message], show: Callable[[Mess
     async def consume() -> None:
         nonlocal received
         async for msg in messages:
-            _out(show(msg))
+            out(show(msg))
             received += 1
             if count is not None and received >= count:
                 return
 
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop):
         consumer = asyncio.create_task(consume())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({consumer, stopper}, timeout=timeout,
@@ -221,15 +201,15 @@ def _queue_dict(msg: Message) -> dict[str, object]:
 async def serve(args: argparse.Namespace) -> int:
     handler = _echo if args.echo else _exec_handler(args.exec, args.exec_timeout)
     stop = asyncio.Event()
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop):
         async with _node(args) as node:
             service = await node.serve(args.service, handler, concurrency=args.concurrency)
             ep = node.endpoints
-            _out(f"ready service={args.service} name={node.name} id={node.id} mesh={node.mesh} "
+            out(f"ready service={args.service} name={node.name} id={node.id} mesh={node.mesh} "
                  f"ctl={','.join(ep['ctl'])} rtr={','.join(ep['rtr'])}")
             await stop.wait()
             await service.aclose()
-    _out(f"stopped handled={service.handled} failed={service.failed}")
+    out(f"stopped handled={service.handled} failed={service.failed}")
     return 0
 
 
@@ -291,7 +271,6 @@ async def req(args: argparse.Namespace) -> int:
 
 
 HANDLERS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]]] = {
-    "agent": agent,
     "peers": peers,
     "pub": pub,
     "sub": sub,

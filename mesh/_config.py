@@ -11,7 +11,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, TypeVar
 
 import msgspec
 
@@ -23,6 +23,7 @@ DEFAULT_MESH: Final[str] = "default"
 DEFAULT_INTERFACE: Final[str] = "127.0.0.1"
 _MESH_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 _NAME_MAX: Final[int] = 63
+_S = TypeVar("_S")
 
 
 class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -99,24 +100,64 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> NodeConfig:
         """Defaults < ZEROMESH_* environment < explicit overrides (None means 'not given')."""
-        env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        if env.get("ZEROMESH_MESH"):
-            values["mesh"] = env["ZEROMESH_MESH"]
-        if env.get("ZEROMESH_NAME"):
-            values["name"] = env["ZEROMESH_NAME"]
-        if env.get("ZEROMESH_INTERFACES"):
-            values["interfaces"] = [s.strip() for s in env["ZEROMESH_INTERFACES"].split(",")
-                                    if s.strip()]
-        if env.get("ZEROMESH_PEERS"):
-            try:
-                values["peers"] = parse_peer_urls(env["ZEROMESH_PEERS"])
-            except InvalidRecord as exc:
-                raise ConfigError("ZEROMESH_PEERS", str(exc)) from None
-        if env.get("ZEROMESH_DATA_DIR"):
-            values["data_dir"] = env["ZEROMESH_DATA_DIR"]
+        values = env_values(cls, os.environ if env is None else env)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        return convert(values, cls)
+
+
+def env_var(field: str) -> str:
+    """The environment variable of a setting: ``data_dir`` -> ``ZEROMESH_DATA_DIR``."""
+    return f"ZEROMESH_{field.upper()}"
+
+
+def env_values(cls: type[msgspec.Struct], env: Mapping[str, str]) -> dict[str, object]:
+    """Every ``ZEROMESH_<FIELD>`` that is set, typed (lists are comma-separated).
+
+    Raises:
+        ConfigError: a variable does not parse; the variable is the key.
+    """
+    values: dict[str, object] = {}
+    for field in msgspec.structs.fields(cls):
+        var = env_var(field.name)
+        raw = env.get(var, "").strip()
+        if not raw:
+            continue
+        value: object = raw
+        if field.name == "peers":
+            try:
+                value = parse_peer_urls(raw)
+            except InvalidRecord as exc:
+                raise ConfigError(var, str(exc)) from None
+        elif field.type == list[str]:
+            value = [part.strip() for part in raw.split(",") if part.strip()]
         try:
-            return msgspec.convert(values, cls)
+            values[field.name] = msgspec.convert(value, field.type, strict=False)
         except msgspec.ValidationError as exc:
-            raise ConfigError("config", str(exc)) from None
+            raise ConfigError(var, _reason(str(exc))) from None
+    return values
+
+
+def convert(values: Mapping[str, object], cls: type[_S]) -> _S:
+    """Typed settings from plain values; the error names the offending key.
+
+    Raises:
+        ConfigError: a value has the wrong type or a key is unknown.
+    """
+    try:
+        return msgspec.convert(values, cls)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        where = _WHERE_RE.search(text)
+        key = where.group(1) if where else "config"
+        if key == "config" and "unknown field" in text.lower():
+            found = re.search(r"`(.+?)`", text)
+            key = found.group(1) if found else key
+        raise ConfigError(key, _reason(text)) from None
+
+
+_WHERE_RE: Final = re.compile(r" - at `\$\.?(.+?)`$")
+
+
+def _reason(text: str) -> str:
+    """msgspec's message without its ``- at `$.x``` suffix (the key says where)."""
+    return _WHERE_RE.sub("", text)

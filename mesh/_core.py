@@ -35,6 +35,7 @@ from ._pubsub import PubSub
 from ._quiet import QuietLog
 from ._reliable import Outbox, open_spools
 from ._services import Services
+from ._tally import Traffic
 from ._workqueue import WorkQueues
 from .errors import ClosedError, ConfigError, RequestTimeout
 
@@ -54,6 +55,7 @@ class NodeCore:
         self._id = ""
         self._incarnation = 0
         self._interest_version = 0
+        self._next_seq: Callable[[], int] = lambda: 0
         self._ctx: Context | None = None
         self._membership: Membership | None = None
         self._pubsub: PubSub | None = None
@@ -87,6 +89,11 @@ class NodeCore:
     @property
     def mesh(self) -> str:
         return self._config.mesh
+
+    @property
+    def running(self) -> bool:
+        """Started and not yet closed."""
+        return self._running
 
     @property
     def config(self) -> NodeConfig:
@@ -146,7 +153,7 @@ class NodeCore:
             # One sequence for everything this node sends; starting at the clock in
             # microseconds keeps (node id, seq) unique across restarts, which the
             # receivers' deduplication relies on.
-            next_seq = itertools.count(time.time_ns() // 1000).__next__
+            next_seq = self._next_seq = itertools.count(time.time_ns() // 1000).__next__
             self._pubsub = PubSub(ctx, cfg, self._quiet, self.stats,
                                   on_subs_changed=self._interest_changed,
                                   on_ready_changed=self._changed, next_seq=next_seq)
@@ -248,6 +255,21 @@ class NodeCore:
         if self._membership is None:
             return []
         return self._membership.table.snapshot()
+
+    def traffic(self) -> Traffic:
+        """Counters for monitoring: node-wide totals plus per-topic and per-peer tallies
+        (peers by id; at most 1000 names each, the rest under ``_other``)."""
+        pubsub, outbox = self._pubsub, self._outbox
+        return Traffic(
+            totals=dict(self.stats),
+            published_by_topic=dict(pubsub.published_by_topic) if pubsub else {},
+            delivered_by_topic=dict(pubsub.delivered_by_topic) if pubsub else {},
+            received_by_peer=dict(pubsub.received_by_peer) if pubsub else {},
+            dropped_by_peer=dict(pubsub.dropped_by_peer) if pubsub else {},
+            spool_messages=len(outbox.store) if outbox else 0,
+            spool_bytes=outbox.store.used_bytes if outbox else 0,
+            dead_letters=len(outbox.dead) if outbox else 0,
+        )
 
     def events(self) -> PeerEvents:
         """A stream of peer events (joined, left, lost) from now on."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping
 
+from . import _wire
 from ._core import NodeCore
 from ._durable import durable_queue
 from ._message import Message
@@ -133,6 +134,27 @@ class AsyncNode(NodeCore):
         if self._outbox is None or self._work is None:
             raise ConfigError("data_dir", "dead letters live in a data dir; none is set")
         return await self._outbox.replay(ids, self._work.requeue)
+
+    async def dead_letter(self, queue: str, msg: Message, *, reason: str,
+                          attempts: int) -> None:
+        """Keep a message this node's application gave up on in the dead-letter spool.
+
+        Replaying it (`replay_dead_letters`, ``zeromesh spool replay``) pushes
+        it to `queue` again as a reliable message from this node, with a new
+        sequence number so the receiver's dedup lets it through.
+
+        Raises:
+            ConfigError: no data dir, or `queue` is invalid.
+            SpoolFullError: the dead-letter spool is full.
+        """
+        if self._outbox is None:
+            raise ConfigError("dead_letter", "needs a data dir (the spool lives there)")
+        checked_queue_key(queue)
+        item = _wire.Item(self._next_seq(), msg.timestamp, dict(msg.headers or {}) or None,
+                          msg.data, True, msg.topic)
+        record = _wire.Spooled("q", queue, item, attempts=attempts, reason=reason)
+        await self._outbox.dead.append(_wire.encode_spooled(record))
+        self.stats["dead_lettered"] += 1
 
     @property
     def spool_pending(self) -> int:

@@ -40,6 +40,7 @@ from ._message import Message
 from ._peers import PeerRecord
 from ._quiet import QuietLog
 from ._subscription import Callback, Subscription
+from ._tally import Tally
 from .errors import ConfigError, MessageTooLarge, ProtocolError
 
 _log = logging.getLogger("mesh.pubsub")
@@ -102,6 +103,11 @@ class PubSub:
         self._key_topics: dict[bytes, str] = {}
         self._expected_seq: dict[tuple[str, str], int] = {}
         self.dropped_by_peer: Counter[str] = Counter()
+        self.received_by_peer = Tally()
+        """Messages received from each publisher (by node id)."""
+        self.published_by_topic = Tally()
+        self.delivered_by_topic = Tally()
+        """Messages handed to this node's subscriptions, once per message."""
         self._confirmed: dict[str, int] = {}
         self._disconnects: dict[str, asyncio.TimerHandle] = {}
 
@@ -191,6 +197,7 @@ class PubSub:
                               reliable=reliable)
                 for sub in local:
                     sub._deliver((msg,))
+                self.delivered_by_topic.add(topic)
         if self._outgoing_count >= _FLUSH_COUNT or self._outgoing_bytes >= _FLUSH_BYTES:
             self.flush(name)
             return item
@@ -211,6 +218,7 @@ class PubSub:
         for topic, items in outgoing.items():
             first = self._topic_seq.get(topic, 0)
             self._topic_seq[topic] = first + len(items)
+            self.published_by_topic.add(topic, len(items))
             frame = _wire.encode_data(checked_topic_key(topic),
                                       _wire.Batch(self.node_id, name, first, items))
             try:
@@ -286,9 +294,11 @@ class PubSub:
             self._count_gap(batch, batch.topic_seq - expected)
         self._expected_seq[stream] = batch.topic_seq + len(items)
         self._stats["received"] += len(items)
+        self.received_by_peer.add(batch.source, len(items))
         subs = self._matching(topic)
         if not subs:
             return
+        self.delivered_by_topic.add(topic, len(items))
         name, source = batch.name, batch.source
         msgs = [Message(topic, it.payload, name, source, it.seq, it.ts, it.headers, it.reliable)
                 for it in items]

@@ -101,6 +101,11 @@ class Subscription(Mailbox[Message]):
         """
         return await self._take(timeout, "subscription")
 
+    def drain(self, limit: int) -> list[Message]:
+        """Up to `limit` queued messages, without waiting (for writers that batch)."""
+        queue = self._queue
+        return [queue.popleft() for _ in range(min(limit, len(queue)))]
+
     async def aclose(self) -> None:
         """Stop receiving; queued messages remain readable until drained."""
         if not self._closed:

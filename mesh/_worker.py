@@ -223,6 +223,26 @@ class Pull:
                 await self._task
         self._on_close(self)
 
+    async def take(self, timeout: float | None = None) -> tuple[Message, Callable[[bool], None]]:
+        """The next message and its settle function (``settle(True)`` = processed).
+
+        For consumers that work on several messages at once: asking for the
+        next one does not settle this one; only calling `settle` does.
+
+        Raises:
+            TimeoutError: none arrived within `timeout` seconds.
+            ClosedError: this handle or its node was closed.
+        """
+        msg = await self.next(timeout)
+        settle = self._current_settle
+        self._current, self._current_settle = None, _NO_SETTLE
+        return msg, lambda ok: settle.settle(msg, ok)
+
+    @property
+    def pending(self) -> int:
+        """Messages waiting in this node's queue (shared with other handles on it)."""
+        return len(self._local.items)
+
     async def __aenter__(self) -> Pull:
         return self
 

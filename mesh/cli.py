@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import _commands, _demo, _spool_cli
+from ._agent import _cli as _agent_cli
 from .errors import ConfigError, MeshError
 
 EXIT_OK = 0
@@ -76,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interface", default="127.0.0.1", metavar="IP",
                    help="address for the demo nodes (default 127.0.0.1)")
 
-    p = sub.add_parser("agent", help="run a node until SIGINT/SIGTERM")
+    p = sub.add_parser("agent", help="run a sidecar node with an HTTP API until SIGINT/SIGTERM")
     _common(p)
+    _agent_cli.add_arguments(p)
 
     p = sub.add_parser("peers", help="list the peers of the mesh")
     _common(p)
@@ -215,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo.run(args.interface)
         if args.command == "spool":
             return _spool(args)
+        if args.command == "agent":
+            return asyncio.run(_agent_cli.run(args))
         handler = _commands.HANDLERS[args.command]
         code: int = asyncio.run(handler(args))
         return code

@@ -21,6 +21,7 @@ from tests import netns
 @pytest.fixture(autouse=True)
 def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ZEROMESH_INTERFACES", "127.0.0.1")
+    monkeypatch.setenv("ZEROMESH_HTTP", "127.0.0.1:0")  # agents: never the shared default port
 
 
 @functools.cache

@@ -12,12 +12,19 @@ import time
 from collections.abc import Sequence
 
 
+def child_env(mesh: str) -> dict[str, str]:
+    """No stray ZEROMESH_* settings; loopback only; an agent's HTTP API on a free port."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZEROMESH_")}
+    env.update(ZEROMESH_INTERFACES="127.0.0.1", ZEROMESH_MESH=mesh, ZEROMESH_HTTP="127.0.0.1:0",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
 class Cli:
     """A CLI child; every process started here is killed in `close()` (SIGKILL, our PID only)."""
 
     def __init__(self, args: Sequence[str], *, mesh: str, stdin: bool = False) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ZEROMESH_")}
-        env.update(ZEROMESH_INTERFACES="127.0.0.1", ZEROMESH_MESH=mesh, PYTHONUNBUFFERED="1")
+        env = child_env(mesh)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mesh", *args], env=env, text=True,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -83,7 +90,5 @@ class Cli:
 
 def run(args: Sequence[str], *, mesh: str, input: str | None = None,
         timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZEROMESH_")}
-    env.update(ZEROMESH_INTERFACES="127.0.0.1", ZEROMESH_MESH=mesh, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "mesh", *args], env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "mesh", *args], env=child_env(mesh), text=True,
                           input=input, capture_output=True, timeout=timeout, check=False)

@@ -44,7 +44,8 @@ def test_agent_prints_ready_and_stops_gracefully_on_sigterm(procs, mesh_name) ->
     agent = start(procs, "agent", "--name", "a1", mesh=mesh_name)
     ready = agent.line("ready", timeout=10)
     assert re.match(rf"ready name=a1 id=[0-9a-f]{{32}} mesh={mesh_name} "
-                    r"ctl=tcp://127\.0\.0\.1:\d+ pub=tcp://127\.0\.0\.1:\d+$", ready)
+                    r"ctl=tcp://127\.0\.0\.1:\d+ pub=tcp://127\.0\.0\.1:\d+ "
+                    r"http=http://127\.0\.0\.1:\d+$", ready)
     agent.term()
     assert agent.wait() == 0
     assert agent.line("stopped") == "stopped"

@@ -1,0 +1,56 @@
+"""`zeromesh agent`: the sidecar process, its config and its status lines.
+
+Lines on stdout, one per event, flushed at once (scripts and tests read them):
+``ready name=.. id=.. mesh=.. ctl=.. pub=.. http=..``, then ``joined``/``left``/
+``lost name=.. id=..`` per peer event, and ``stopped`` at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+import msgspec
+
+from .._commands import event_line, out, stop_on_signals
+from ._config import load
+from ._server import Agent
+
+FLAGS = ("mesh", "name", "interfaces", "peers", "data_dir", "port", "mdns", "fsync", "http")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="HTTP API address (env ZEROMESH_HTTP; default 127.0.0.1:7474)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML config file (env ZEROMESH_CONFIG); flags and env override it")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective config as JSON and exit")
+
+
+async def run(args: argparse.Namespace) -> int:
+    path = args.config or os.environ.get("ZEROMESH_CONFIG") or None
+    config = load(path, os.environ, {k: getattr(args, k, None) for k in FLAGS})
+    if args.print_config:
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(config)).decode() + "\n")
+        return 0
+    stop = asyncio.Event()
+    with stop_on_signals(stop):  # before `ready`: a signal right after it must be graceful
+        async with Agent(config) as agent:
+            node = agent.node
+            events = node.events()
+            ep = node.endpoints
+            out(f"ready name={node.name} id={node.id} mesh={node.mesh} "
+                f"ctl={','.join(ep['ctl'])} pub={','.join(ep['pub'])} http={agent.http_url}")
+
+            async def report() -> None:
+                async for event in events:
+                    out(event_line(event))
+
+            reporter = asyncio.create_task(report())
+            await stop.wait()
+            reporter.cancel()
+    out("stopped")
+    return 0

@@ -1,0 +1,141 @@
+"""The agent's settings: the node's, plus the HTTP listener and webhooks, from TOML.
+
+Precedence is flag > ``ZEROMESH_*`` environment > config file > default, the
+order a sidecar's operator expects: the file is the deployment, env and flags
+are the overrides. Every key is checked at start; a bad file stops the agent
+with the key and the reason (exit 2), never later at the first message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+from urllib.parse import urlsplit
+
+import msgspec
+
+from .._config import NodeConfig, convert, env_values
+from .._pubsub import parse_pattern
+from .._workqueue import checked_queue_key
+from ..errors import ConfigError
+
+DEFAULT_HTTP: Final[str] = "127.0.0.1:7474"
+
+
+class Webhook(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Deliver a topic pattern or a work queue to the app by HTTP POST; 2xx = ack."""
+
+    url: str
+    pattern: str | None = None
+    """Topics to deliver (``*`` one segment, ``>`` the rest)."""
+    queue: str | None = None
+    """A work queue to be a worker of (exactly one of pattern/queue)."""
+    durable: str | None = None
+    """Durable subscription name for a pattern (needs data_dir): reliable messages
+    published while the agent is down are delivered when it returns."""
+    concurrency: int = 1
+    """POSTs in flight at once; 1 keeps each publisher's order."""
+    timeout: float = 5.0
+    """Seconds one POST may take."""
+    attempts: int = 5
+    """POSTs per message before it goes to the dead-letter spool."""
+    backoff: float = 0.2
+    """First retry delay in seconds; grows exponentially with jitter."""
+
+    @property
+    def source(self) -> str:
+        return f"queue {self.queue}" if self.queue else f"pattern {self.pattern}"
+
+
+class AgentConfig(NodeConfig, kw_only=True, forbid_unknown_fields=True):
+    """Everything `zeromesh agent` needs; top-level keys are the node's settings."""
+
+    http: str = DEFAULT_HTTP
+    """HOST:PORT of the HTTP API (port 0 = any free port)."""
+    max_body: int = 0
+    """Largest HTTP request body; 0 = max_message_size."""
+    webhooks: list[Webhook] = msgspec.field(default_factory=list)
+
+    def validated(self) -> AgentConfig:
+        config = super().validated()
+        assert isinstance(config, AgentConfig)
+        http_address(config.http)
+        if config.max_body < 0:
+            raise ConfigError("max_body", "must be >= 0")
+        for i, hook in enumerate(config.webhooks):
+            _check_webhook(f"webhooks[{i}]", hook, config.data_dir)
+        return config
+
+    def node_config(self) -> NodeConfig:
+        return NodeConfig(**{f: getattr(self, f) for f in NodeConfig.__struct_fields__})
+
+    @property
+    def body_limit(self) -> int:
+        return self.max_body or self.max_message_size
+
+
+def http_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` with a literal IP (the agent binds exactly there).
+
+    Raises:
+        ConfigError: not an IP address and a port.
+    """
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        raise ConfigError("http", f"{text!r}: use IP:PORT, e.g. {DEFAULT_HTTP}") from None
+    if not sep or not 0 <= number <= 65535:
+        raise ConfigError("http", f"{text!r}: use IP:PORT, e.g. {DEFAULT_HTTP}")
+    return host, number
+
+
+def _check_webhook(key: str, hook: Webhook, data_dir: str | None) -> None:
+    if (hook.pattern is None) == (hook.queue is None):
+        raise ConfigError(key, "give exactly one of pattern or queue")
+    url = urlsplit(hook.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"{key}.url", f"{hook.url!r} is not an http(s) URL")
+    try:
+        if hook.pattern is not None:
+            parse_pattern(hook.pattern)
+        else:
+            checked_queue_key(hook.queue or "")
+    except ConfigError as exc:
+        raise ConfigError(f"{key}.{exc.key}", exc.reason) from None
+    if hook.durable is not None:
+        if hook.pattern is None:
+            raise ConfigError(f"{key}.durable", "only a pattern webhook can be durable")
+        if data_dir is None:
+            raise ConfigError(f"{key}.durable", "a durable webhook needs data_dir")
+        if not hook.durable or "." in hook.durable:
+            raise ConfigError(f"{key}.durable", "use a single name segment")
+    if hook.concurrency < 1 or hook.attempts < 1:
+        raise ConfigError(key, "concurrency and attempts must be >= 1")
+    if hook.timeout <= 0 or hook.backoff < 0:
+        raise ConfigError(key, "timeout must be > 0 and backoff >= 0")
+
+
+def load(path: str | None, env: Mapping[str, str], flags: Mapping[str, object]
+         ) -> AgentConfig:
+    """The effective config: flags > env > file > defaults, validated.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or a key is bad.
+    """
+    values: dict[str, object] = {}
+    if path:
+        try:
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError("config", f"{path}: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError("config", f"{path}: {exc}") from None
+    values.update(env_values(AgentConfig, env))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return convert(values, AgentConfig).validated()

@@ -1,0 +1,69 @@
+"""Message headers <-> HTTP headers.
+
+What an app sets on its HTTP request travels with the message: the content
+type, W3C trace context (``traceparent``, ``tracestate``, ``baggage``) and
+every ``X-`` header; transport headers (Host, Content-Length, ...) do not.
+Names are lower-cased, as HTTP/2 and most tracing libraries expect. On the way
+out (webhooks, replies) the same headers come back, plus ours: ``X-Zeromesh-Id``,
+``-Topic``/``-Queue`` and ``-Source``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+from .._message import Message
+
+CONTENT_TYPE: Final[str] = "content-type"
+DEFAULT_CONTENT_TYPE: Final[str] = "application/octet-stream"
+OURS: Final[str] = "x-zeromesh-"
+_PASSED: Final = frozenset({CONTENT_TYPE, "traceparent", "tracestate", "baggage"})
+_NOT_PASSED_PREFIXES: Final = ("x-forwarded-", "x-real-ip", OURS)
+_TOKEN_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+MAX_HEADERS: Final[int] = 64
+MAX_VALUE: Final[int] = 4096
+
+
+class BadHeader(ValueError):
+    """A header the agent will not carry (too many, too long)."""
+
+
+def from_http(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The message headers an HTTP request carries.
+
+    Raises:
+        BadHeader: more than MAX_HEADERS of them, or a value over MAX_VALUE bytes.
+    """
+    out: dict[str, str] = {}
+    for name, value in items:
+        key = name.lower()
+        if key not in _PASSED and not (
+                key.startswith("x-") and not key.startswith(_NOT_PASSED_PREFIXES)):
+            continue
+        if len(value) > MAX_VALUE:
+            raise BadHeader(f"header {name} is longer than {MAX_VALUE} bytes")
+        out[key] = value
+        if len(out) > MAX_HEADERS:
+            raise BadHeader(f"more than {MAX_HEADERS} message headers")
+    return out
+
+
+def to_http(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """HTTP headers for a message's headers (names that are not HTTP tokens, or values
+    with line breaks, cannot be sent and are left out); a content type is always set."""
+    out = {CONTENT_TYPE: DEFAULT_CONTENT_TYPE}
+    for key, value in (headers or {}).items():
+        if _TOKEN_RE.match(key) and "\r" not in value and "\n" not in value:
+            out[key] = value
+    return out
+
+
+def for_delivery(msg: Message, kind: str) -> dict[str, str]:
+    """What a webhook POST carries: the message's headers and its identity."""
+    out = to_http(msg.headers)
+    out[OURS + "id"] = msg.id
+    out[OURS + kind] = msg.topic
+    out[OURS + "source"] = msg.source
+    return out

@@ -1,0 +1,111 @@
+"""The agent's request/response routes: publish, push, request, peers, health, metrics.
+
+Bodies are the payload byte for byte; headers travel as described in
+`_headers`. Path parameters arrive URL-decoded (``acc.%3E`` is ``acc.>``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+from aiohttp import web
+
+from .._node import AsyncNode
+from ..errors import NoRespondersError, RemoteError, RequestTimeout
+from . import _http
+from ._headers import OURS, from_http, to_http
+from ._metrics import CONTENT_TYPE, AgentMetrics
+
+DEFAULT_REQUEST_TIMEOUT: Final[float] = 5.0
+DEFAULT_PUSH_TIMEOUT: Final[float] = 10.0
+MAX_RETRIES: Final[int] = 10
+
+
+class Routes:
+    """Handlers bound to one node."""
+
+    def __init__(self, node: AsyncNode, metrics: AgentMetrics) -> None:
+        self._node = node
+        self._metrics = metrics
+
+    def add_to(self, app: web.Application) -> None:
+        app.add_routes([
+            web.post("/v1/publish/{topic}", self.publish),
+            web.post("/v1/push/{queue}", self.push),
+            web.post("/v1/request/{service}", self.request),
+            web.get("/v1/peers", self.peers),
+            web.get("/healthz", self.healthz),
+            web.get("/metrics", self.metrics),
+        ])
+
+    async def publish(self, request: web.Request) -> web.Response:
+        params = _http.query(request, ("reliable",))
+        topic = request.match_info["topic"]
+        self._node.check_topic(topic)
+        reliable = _http.flag(params, "reliable")
+        headers = from_http(request.headers.items())
+        body = await request.read()
+        await self._node.publish(topic, body, headers=headers or None, reliable=reliable)
+        return web.json_response({"topic": topic, "reliable": reliable}, status=202)
+
+    async def push(self, request: web.Request) -> web.Response:
+        params = _http.query(request, ("reliable", "timeout"))
+        queue = request.match_info["queue"]
+        self._node.check_queue(queue)
+        reliable = _http.flag(params, "reliable")
+        timeout = _http.seconds(params, "timeout", DEFAULT_PUSH_TIMEOUT)
+        headers = from_http(request.headers.items())
+        body = await request.read()
+        await self._node.push(queue, body, headers=headers or None, timeout=timeout,
+                              reliable=reliable)
+        self._metrics.pushed.labels(queue).inc()
+        return web.json_response({"queue": queue, "reliable": reliable}, status=202)
+
+    async def request(self, request: web.Request) -> web.Response:
+        params = _http.query(request, ("timeout", "retries"))
+        service = request.match_info["service"]
+        self._node.check_service(service)
+        timeout = _http.seconds(params, "timeout", DEFAULT_REQUEST_TIMEOUT)
+        retries = _http.count(params, "retries", 2, MAX_RETRIES)
+        headers = from_http(request.headers.items())
+        body = await request.read()
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            reply = await self._node.request(service, body, timeout=timeout, retries=retries,
+                                             headers=headers or None)
+            outcome = "ok"
+        except RequestTimeout:
+            outcome = "timeout"
+            raise
+        except NoRespondersError:
+            outcome = "no_responders"
+            raise
+        except RemoteError:
+            outcome = "remote_error"
+            raise
+        finally:
+            self._metrics.requests.labels(service, outcome).inc()
+            if outcome == "ok":
+                self._metrics.latency.labels(service).observe(time.perf_counter() - started)
+        out = to_http(reply.headers)
+        out[OURS + "source"] = reply.source
+        return web.Response(body=reply.data, headers=out)
+
+    async def peers(self, request: web.Request) -> web.Response:
+        _http.query(request, ())
+        return web.json_response([p.to_dict() for p in self._node.peers()])
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        _http.query(request, ())
+        node = self._node
+        if not node.running:
+            return _http.error(503, "node is not running")
+        return web.json_response({"status": "ok", "id": node.id, "name": node.name,
+                                  "mesh": node.mesh, "peers": len(node.peers())})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        _http.query(request, ())
+        return web.Response(body=self._metrics.render(),
+                            headers={"Content-Type": CONTENT_TYPE})

@@ -1,0 +1,98 @@
+"""The agent: a node, its HTTP API and its webhooks, in one event loop.
+
+The HTTP server (aiohttp) runs in the node's own loop, so a request costs no
+thread hop; aiohttp also gives the webhook client and cancels a handler when
+its client disconnects (an SSE stream ends with its connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Final, Self
+
+import aiohttp
+from aiohttp import web
+
+from .._node import AsyncNode
+from ..errors import ConfigError
+from . import _http
+from ._config import AgentConfig, http_address
+from ._metrics import AgentMetrics
+from ._routes import Routes
+from ._sse import Streams
+from ._webhooks import WebhookRunner
+
+_log = logging.getLogger("mesh.agent")
+_SHUTDOWN_GRACE: Final[float] = 2.0
+
+
+class Agent:
+    """``async with Agent(config) as agent:`` runs until the block ends."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.node = AsyncNode(config.node_config())
+        self.metrics = AgentMetrics(self.node)
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._hooks: list[asyncio.Task[None]] = []
+        self.http_url = ""
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.body_limit,
+                              middlewares=[_http.middleware(self._count)])
+        Routes(self.node, self.metrics).add_to(app)
+        Streams(self.node, self.metrics).add_to(app)
+        return app
+
+    def _count(self, route: str, status: int) -> None:
+        self.metrics.http.labels(route, str(status)).inc()
+
+    async def __aenter__(self) -> Self:
+        host, port = http_address(self.config.http)
+        await self.node.start()
+        try:
+            self._runner = web.AppRunner(self.app(), access_log=None,
+                                         handler_cancellation=True,
+                                         shutdown_timeout=_SHUTDOWN_GRACE)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, host, port, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ConfigError("http", f"cannot listen on {host}:{port}: "
+                                          f"{exc.strerror or exc}") from None
+            bound = self._runner.addresses[0]
+            shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+            self.http_url = f"http://{shown}:{bound[1]}"
+            self._session = aiohttp.ClientSession()
+            for i, hook in enumerate(self.config.webhooks):
+                runner = WebhookRunner(self.node, hook, i, self._session, self.metrics)
+                self._hooks.append(asyncio.get_running_loop().create_task(
+                    runner.run(), name=f"zeromesh-webhook-{i}"))
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for task in self._hooks:
+            task.cancel()
+        for task in self._hooks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if not task.cancelled() and task.exception() is not None:
+                _log.error("webhook task failed: %s", task.exception())
+        self._hooks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.node.aclose()

@@ -1,0 +1,156 @@
+"""``GET /v1/subscribe/{pattern}``: messages as Server-Sent Events.
+
+Plain streams are best effort: they exist while the client is connected.
+With ``?durable=NAME`` the stream is the node's durable subscription NAME:
+while no client is connected, publishers keep reliable messages for it in
+their spools. A durable event counts as delivered once written to the
+connection; the agent remembers the last `RECENT` events of each durable, so
+a client that reconnects with ``Last-Event-ID`` also gets those it may have
+lost in flight. Events queued for a client but not yet written go back to
+the publishers when it disconnects.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+import msgspec
+from aiohttp import web
+
+from .._message import Message
+from .._node import AsyncNode
+from .._worker import Pull
+from ..errors import ClosedError
+from . import _http
+from ._metrics import AgentMetrics
+
+KEEPALIVE: Final[float] = 15.0
+"""Seconds between comment lines on an idle stream (proxies and clients time out)."""
+BATCH: Final[int] = 512
+"""Events written at once; many small messages cost one write."""
+RECENT: Final[int] = 1024
+MAX_PENDING: Final[int] = 100_000
+"""Queued messages for one slow plain stream before the oldest are dropped."""
+_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                   "X-Accel-Buffering": "no"}
+_encode = msgspec.json.Encoder().encode
+
+Settle = Callable[[bool], None]
+
+
+def event(msg: Message) -> bytes:
+    """One SSE event: ``id:`` is the message id, ``data:`` its JSON (base64 if binary)."""
+    body = msg.to_dict()
+    try:
+        body["data"] = msg.data.decode("utf-8")
+    except UnicodeDecodeError:
+        body["data"] = base64.b64encode(msg.data).decode("ascii")
+        body["encoding"] = "base64"
+    return b"id: %s\ndata: %s\n\n" % (msg.id.encode(), _encode(body))
+
+
+class Streams:
+    """Every SSE stream of one agent."""
+
+    def __init__(self, node: AsyncNode, metrics: AgentMetrics) -> None:
+        self._node = node
+        self._metrics = metrics
+        self._attached: set[str] = set()
+        self._recent: dict[str, deque[tuple[str, bytes]]] = {}
+
+    def add_to(self, app: web.Application) -> None:
+        app.add_routes([web.get("/v1/subscribe/{pattern}", self.subscribe)])
+
+    async def subscribe(self, request: web.Request) -> web.StreamResponse:
+        params = _http.query(request, ("durable",))
+        pattern = request.match_info["pattern"]
+        durable = params.get("durable")
+        if durable is None:
+            return await self._plain(request, pattern)
+        if durable in self._attached:
+            return _http.error(409, f"durable {durable!r} already has a stream on this agent")
+        self._attached.add(durable)
+        try:
+            return await self._durable(request, pattern, durable)
+        finally:
+            self._attached.discard(durable)
+
+    async def _plain(self, request: web.Request, pattern: str) -> web.StreamResponse:
+        sub = await self._node.subscribe(pattern, max_pending=MAX_PENDING)
+        counter = self._metrics.sse.labels(pattern)
+        try:
+            response = await _open(request)
+            while True:
+                try:
+                    first = await sub.next(timeout=KEEPALIVE)
+                except TimeoutError:
+                    await response.write(b": keepalive\n\n")
+                    continue
+                except ClosedError:
+                    return response
+                msgs = [first, *sub.drain(BATCH - 1)]
+                await response.write(b"".join(event(m) for m in msgs))
+                counter.inc(len(msgs))
+        finally:
+            await sub.aclose()
+
+    async def _durable(self, request: web.Request, pattern: str,
+                       name: str) -> web.StreamResponse:
+        pull = await self._node.subscribe_durable(pattern, name)
+        recent = self._recent.setdefault(name, deque(maxlen=RECENT))
+        try:
+            response = await _open(request)
+            missed = _after(recent, request.headers.get("Last-Event-ID"))
+            if missed:
+                await response.write(b"".join(missed))
+            await self._pump(response, pull, recent, self._metrics.sse.labels(pattern).inc)
+            return response
+        finally:
+            await pull.aclose()
+
+    @staticmethod
+    async def _pump(response: web.StreamResponse, pull: Pull,
+                    recent: deque[tuple[str, bytes]], count: Callable[[int], None]) -> None:
+        while True:
+            try:
+                taken = [await pull.take(timeout=KEEPALIVE)]
+            except TimeoutError:
+                await response.write(b": keepalive\n\n")
+                continue
+            except ClosedError:
+                return
+            while pull.pending and len(taken) < BATCH:
+                taken.append(await pull.take())
+            events = [(msg.id, event(msg)) for msg, _ in taken]
+            try:
+                await response.write(b"".join(e for _, e in events))
+            except BaseException:
+                for _, settle in taken:
+                    settle(False)
+                raise
+            for _, settle in taken:
+                settle(True)
+            recent.extend(events)
+            count(len(events))
+
+
+async def _open(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers=_HEADERS)
+    await response.prepare(request)
+    await response.write(b": subscribed\n\n")  # the subscription is in place from here on
+    return response
+
+
+def _after(recent: deque[tuple[str, bytes]], last_id: str | None) -> list[bytes]:
+    """The remembered events after `last_id` (none if it is unknown)."""
+    if not last_id:
+        return []
+    ids = [event_id for event_id, _ in recent]
+    try:
+        start = ids.index(last_id.strip()) + 1
+    except ValueError:
+        return []
+    return [data for _, data in list(recent)[start:]]

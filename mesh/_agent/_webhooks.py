@@ -1,0 +1,165 @@
+"""Webhook subscriptions: each message POSTed to the app; a 2xx is the ack.
+
+A failed POST (other status, connection error, timeout) is retried with
+exponential backoff and jitter (tenacity) up to the webhook's `attempts`;
+then the message goes to the node's dead-letter spool (queue and durable
+webhooks, with a data dir: ``zeromesh spool replay`` sends it to the queue
+again), or, for a best-effort pattern webhook, is dropped and counted.
+`concurrency` bounds POSTs in flight; with 1, each message waits for the one
+before it, so each publisher's order is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Final
+
+import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from .._durable import durable_queue
+from .._message import Message
+from .._node import AsyncNode
+from ..errors import ClosedError, MeshError
+from ._config import Webhook
+from ._headers import for_delivery
+from ._metrics import AgentMetrics
+
+_log = logging.getLogger("mesh.agent.webhook")
+_MAX_BACKOFF: Final[float] = 30.0
+
+Settle = Callable[[bool], None]
+
+
+class _Refused(Exception):
+    """The app did not take the message (status, error or timeout)."""
+
+
+def _settle_nothing(ok: bool) -> None:
+    pass
+
+
+class WebhookRunner:
+    """Feeds one webhook from its subscription or queue."""
+
+    def __init__(self, node: AsyncNode, hook: Webhook, index: int,
+                 session: aiohttp.ClientSession, metrics: AgentMetrics) -> None:
+        self._node = node
+        self._hook = hook
+        self.label = f"{index}:{hook.queue or hook.pattern}"
+        self._session = session
+        self._metrics = metrics
+        self._slots = asyncio.Semaphore(hook.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dead_queue = hook.queue
+        self._kind = "queue" if hook.queue else "topic"
+
+    async def run(self) -> None:
+        """Deliver until cancelled (the agent stopping) or the node closes."""
+        try:
+            async for msg, settle in self._messages():
+                await self._slots.acquire()
+                task = asyncio.get_running_loop().create_task(self._deliver(msg, settle))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                if self._hook.concurrency == 1:
+                    await asyncio.shield(task)  # in order: the next waits for this one
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            for task in list(self._tasks):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _messages(self) -> AsyncIterator[tuple[Message, Settle]]:
+        hook, node = self._hook, self._node
+        if hook.pattern is not None and hook.durable is None:
+            async with await node.subscribe(hook.pattern, max_pending=0) as sub:
+                async for msg in sub:
+                    yield msg, _settle_nothing
+            return
+        if hook.queue is not None:
+            pull = await node.pull(hook.queue, prefetch=max(8, 2 * hook.concurrency))
+        else:
+            assert hook.pattern is not None and hook.durable is not None
+            pull = await node.subscribe_durable(hook.pattern, hook.durable)
+            self._dead_queue = durable_queue(node.id, hook.durable)
+        async with pull:
+            while True:
+                try:
+                    yield await pull.take()
+                except ClosedError:
+                    return
+
+    async def _deliver(self, msg: Message, settle: Settle) -> None:
+        try:
+            try:
+                await self._post_with_retries(msg)
+            except _Refused as exc:
+                await self._give_up(msg, settle, str(exc))
+            else:
+                self._metrics.webhooks.labels(self.label, "ok").inc()
+                settle(True)
+        except asyncio.CancelledError:
+            settle(False)  # the agent is stopping: a reliable message comes back later
+            raise
+        finally:
+            self._slots.release()
+
+    async def _post_with_retries(self, msg: Message) -> None:
+        hook = self._hook
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(hook.attempts),
+            wait=wait_exponential_jitter(initial=hook.backoff, max=_MAX_BACKOFF,
+                                         jitter=hook.backoff),
+            retry=retry_if_exception_type(_Refused),
+            before_sleep=self._count_retry,
+            reraise=True)
+        async for attempt in retrying:
+            with attempt:
+                await self._post(msg)
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        self._metrics.webhooks.labels(self.label, "retry").inc()
+
+    async def _post(self, msg: Message) -> None:
+        hook = self._hook
+        try:
+            async with self._session.post(
+                    hook.url, data=msg.data, headers=for_delivery(msg, self._kind),
+                    timeout=aiohttp.ClientTimeout(total=hook.timeout)) as response:
+                await response.read()
+                if not 200 <= response.status < 300:
+                    raise _Refused(f"{hook.url} answered {response.status}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _Refused(f"{hook.url}: {type(exc).__name__} {exc}".rstrip()) from None
+
+    async def _give_up(self, msg: Message, settle: Settle, reason: str) -> None:
+        attempts = self._hook.attempts
+        if self._dead_queue is None or (not msg.reliable and self._hook.queue is None):
+            _log.warning("webhook %s: dropped message %s after %d attempts: %s",
+                         self.label, msg.id, attempts, reason)
+            self._metrics.webhooks.labels(self.label, "dropped").inc()
+            settle(True)
+            return
+        try:
+            await self._node.dead_letter(self._dead_queue, msg, reason=reason,
+                                         attempts=attempts)
+        except MeshError as exc:  # no data dir, or the spool is full: the sender retries
+            _log.warning("webhook %s: cannot dead-letter %s here (%s); handing it back",
+                         self.label, msg.id, exc)
+            settle(False)
+            return
+        _log.warning("webhook %s: message %s dead-lettered after %d attempts: %s",
+                     self.label, msg.id, attempts, reason)
+        self._metrics.webhooks.labels(self.label, "dead_letter").inc()
+        settle(True)
