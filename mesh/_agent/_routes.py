@@ -35,6 +35,7 @@ class Routes:
             web.post("/v1/push/{queue}", self.push),
             web.post("/v1/request/{service}", self.request),
             web.get("/v1/peers", self.peers),
+            web.post("/v1/dead-letters/replay", self.replay),
             web.get("/healthz", self.healthz),
             web.get("/metrics", self.metrics),
         ])
@@ -92,6 +93,14 @@ class Routes:
         out = to_http(reply.headers)
         out[OURS + "source"] = reply.source
         return web.Response(body=reply.data, headers=out)
+
+    async def replay(self, request: web.Request) -> web.Response:
+        """Dead letters (all, or ``?id=N``) get a new round of delivery attempts: the way to
+        retry a webhook's failures once the app is fixed, while the agent runs."""
+        params = _http.query(request, ("id",))
+        ids = {_http.count(params, "id", 0, 2**63 - 1)} if "id" in params else None
+        moved = await self._node.replay_dead_letters(ids)
+        return web.json_response({"replayed": moved}, status=202)
 
     async def peers(self, request: web.Request) -> web.Response:
         _http.query(request, ())

@@ -23,8 +23,9 @@ def child_env(mesh: str) -> dict[str, str]:
 class Cli:
     """A CLI child; every process started here is killed in `close()` (SIGKILL, our PID only)."""
 
-    def __init__(self, args: Sequence[str], *, mesh: str, stdin: bool = False) -> None:
-        env = child_env(mesh)
+    def __init__(self, args: Sequence[str], *, mesh: str, stdin: bool = False,
+                 env: dict[str, str] | None = None) -> None:
+        env = {**child_env(mesh), **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mesh", *args], env=env, text=True,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,

@@ -1,0 +1,93 @@
+"""Agents as real processes for the HTTP tests, and a small SSE reader.
+
+Agents get the in-process nodes' fast heartbeat timings (through the
+``ZEROMESH_*`` variables), so a fast node never takes a default-timed agent
+for dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from ._proc import Cli
+
+FAST_ENV = {"ZEROMESH_HEARTBEAT_INTERVAL": "0.05", "ZEROMESH_SUSPECT_AFTER": "0.15",
+            "ZEROMESH_LOST_AFTER": "0.3"}
+
+
+@dataclass
+class AgentProc:
+    cli: Cli
+    url: str
+    id: str
+
+
+def start_agent(procs: list[Cli], *args: str, mesh: str, name: str = "agent",
+                config: str | None = None, tmp: Path | None = None,
+                env: dict[str, str] | None = None) -> AgentProc:
+    """``zeromesh agent`` on 127.0.0.1 with its HTTP API on a free port; waits for `ready`."""
+    argv = ["agent", "--name", name, *args]
+    if config is not None:
+        assert tmp is not None
+        path = tmp / f"{name}.toml"
+        path.write_text(config)
+        argv += ["--config", str(path)]
+    cli = Cli(argv, mesh=mesh, env={**FAST_ENV, **(env or {})})
+    procs.append(cli)
+    ready = cli.line("ready", timeout=15)
+    found = re.search(r" id=(\w+) .* http=(\S+)$", ready)
+    assert found, ready
+    return AgentProc(cli, found.group(2), found.group(1))
+
+
+class SseStream:
+    """Events of one ``GET /v1/subscribe/...`` response, parsed as they arrive."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+
+    async def subscribed(self, timeout: float = 10.0) -> None:
+        """Wait for the agent's ``: subscribed`` comment (the subscription is in place)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await self.response.content.readline()
+                assert line, "stream ended before ': subscribed'"
+                if line.startswith(b": subscribed"):
+                    return
+
+    async def events(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The next `count` events: each ``{"id": ..., **data}``."""
+        out: list[dict[str, Any]] = []
+        event_id, data = "", ""
+        async with asyncio.timeout(timeout):
+            while len(out) < count:
+                raw = await self.response.content.readline()
+                assert raw, f"stream ended after {len(out)} events"
+                line = raw.decode().rstrip("\n")
+                if line.startswith("id: "):
+                    event_id = line[4:]
+                elif line.startswith("data: "):
+                    data = line[6:]
+                elif not line and data:
+                    out.append({"event_id": event_id, **json.loads(data)})
+                    event_id, data = "", ""
+        return out
+
+
+async def wait_status(session: aiohttp.ClientSession, method: str, url: str, want: int, *,
+                      timeout: float = 10.0, **kwargs: Any) -> aiohttp.ClientResponse:
+    """Repeat a request until it answers `want` (e.g. until discovery found a server)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            response = await session.request(method, url, **kwargs)
+            await response.read()
+            if response.status == want:
+                return response
+            await asyncio.sleep(0.05)

@@ -1,0 +1,232 @@
+"""The agent's HTTP API end to end: a real agent process, real HTTP clients (aiohttp, curl),
+real peers."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import subprocess
+import time
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ._agent import SseStream, start_agent, wait_status
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_publish_reaches_own_sse_subscriber_with_headers_and_content_type(
+        procs, mesh_name) -> None:
+    """Two apps may share one sidecar: its own publishes reach its own SSE streams, and
+    headers (traceparent, X-*) and the content type pass through untouched."""
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{agent.url}/v1/subscribe/orders.%3E") as stream_response:
+        assert stream_response.headers["Content-Type"] == "text/event-stream"
+        stream = SseStream(stream_response)
+        await stream.subscribed()
+        headers = {"Content-Type": "application/json",
+                   "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                   "X-Tenant": "acme", "User-Agent": "not-carried"}
+        for i in range(3):
+            async with http.post(f"{agent.url}/v1/publish/orders.eu", headers=headers,
+                                 data=b'{"n": %d}' % i) as r:
+                assert r.status == 202, await r.text()
+        events = await stream.events(3)
+    assert [e["data"] for e in events] == ['{"n": 0}', '{"n": 1}', '{"n": 2}']
+    first = events[0]
+    assert first["topic"] == "orders.eu" and first["source"] == "side"
+    assert first["event_id"] == first["id"] and first["source_id"] == agent.id
+    assert first["headers"] == {"content-type": "application/json",
+                                "traceparent": headers["traceparent"], "x-tenant": "acme"}
+    assert len({e["id"] for e in events}) == 3
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_publishes_and_reads_sse_with_an_encoded_wildcard(procs, mesh_name) -> None:
+    """A shell service needs only curl; ``acc.%3E`` is the pattern ``acc.>``."""
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    sse = subprocess.Popen(["curl", "-sN", "--max-time", "20", f"{agent.url}/v1/subscribe/acc.%3E"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert sse.stdout is not None
+        assert sse.stdout.readline().startswith(": subscribed")
+        done = subprocess.run(["curl", "-s", "-w", " %{http_code}", "-X", "POST",
+                               "--data-binary", "credit 42", f"{agent.url}/v1/publish/acc.eu.7"],
+                              capture_output=True, text=True, timeout=10, check=True)
+        assert done.stdout.endswith(" 202"), done.stdout
+        line = ""
+        while not line.startswith("id: "):  # after the comment's blank line
+            line = sse.stdout.readline()
+            assert line, "curl's stream ended"
+        lines = [line.rstrip("\n")] + [sse.stdout.readline().rstrip("\n") for _ in range(2)]
+    finally:
+        sse.kill()
+        sse.wait(5)
+        if sse.stdout is not None:
+            sse.stdout.close()
+    assert lines[0].startswith("id: ")
+    assert '"topic":"acc.eu.7"' in lines[1] and '"data":"credit 42"' in lines[1]
+    assert lines[2] == ""
+
+
+async def test_publish_through_one_agent_reaches_sse_on_another(procs, mesh_name) -> None:
+    """Across sidecars: the subscriber's agent streams what the publisher's agent took."""
+    pub_agent = start_agent(procs, mesh=mesh_name, name="pubside")
+    sub_agent = start_agent(procs, mesh=mesh_name, name="subside")
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{sub_agent.url}/v1/subscribe/metrics.*") as response:
+        stream = SseStream(response)
+        await stream.subscribed()
+        # PUB semantics: until the publisher's agent has the subscription, a publish is not
+        # for us. Probe until one arrives, then send the real messages.
+        async with asyncio.timeout(10):
+            while True:
+                await http.post(f"{pub_agent.url}/v1/publish/metrics.probe", data=b"?")
+                try:
+                    await stream.events(1, timeout=0.2)
+                    break
+                except TimeoutError:
+                    continue
+        for i in range(20):
+            await http.post(f"{pub_agent.url}/v1/publish/metrics.cpu", data=str(i))
+        events = await stream.events(20)
+    real = [e for e in events if e["topic"] == "metrics.cpu"]
+    probes = [e for e in events if e["topic"] == "metrics.probe"]
+    assert [e["data"] for e in real] == [str(i) for i in range(len(real))]
+    assert len(real) + len(probes) == 20 and len(real) >= 20 - len(probes)
+    assert real[0]["source"] == "pubside"
+
+
+async def test_request_statuses_reply_timeout_remote_error_and_no_responders(
+        procs, mesh_name, make_node) -> None:
+    """200 with the reply body, 502 with the handler's message, 504 on timeout, 503 fast
+    when nobody serves."""
+    server = await make_node("server")
+
+    async def handler(msg):
+        if msg.data == b"boom":
+            raise ValueError("cannot boom")
+        if msg.data == b"slow":
+            await asyncio.sleep(2)
+        return msg.data.upper() + b" " + msg.headers.get("x-request", "").encode()
+
+    await server.serve("upper", handler)
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    url = f"{agent.url}/v1/request/upper"
+    async with aiohttp.ClientSession() as http:
+        ok = await wait_status(http, "POST", url, 200, data=b"hello",
+                               headers={"X-Request": "r1"})
+        assert await ok.read() == b"HELLO r1"
+        assert ok.headers["X-Zeromesh-Source"] == "server"
+        async with http.post(url, data=b"boom") as r:
+            assert r.status == 502 and "cannot boom" in (await r.json())["error"]
+        started = time.monotonic()
+        async with http.post(url + "?timeout=0.3&retries=0", data=b"slow") as r:
+            assert r.status == 504, await r.text()
+        assert time.monotonic() - started < 1.5
+        started = time.monotonic()
+        async with http.post(f"{agent.url}/v1/request/nobody?timeout=5", data=b"x") as r:
+            assert r.status == 503 and "nobody" in (await r.json())["error"]
+        assert time.monotonic() - started < 2.0
+
+
+async def test_push_reaches_a_worker_with_headers(procs, mesh_name, make_node) -> None:
+    worker = await make_node("worker")
+    pull = await worker.pull("jobs")
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    async with aiohttp.ClientSession() as http:
+        for i in range(5):
+            async with http.post(f"{agent.url}/v1/push/jobs?timeout=10", data=f"job {i}",
+                                 headers={"X-Job": str(i)}) as r:
+                assert r.status == 202, await r.text()
+    got = [await pull.next(timeout=10) for _ in range(5)]
+    assert [m.text for m in got] == [f"job {i}" for i in range(5)]
+    assert [m.headers["x-job"] for m in got] == [str(i) for i in range(5)]
+    assert got[0].source == "side"
+
+
+async def test_peers_and_healthz(procs, mesh_name, make_node) -> None:
+    """The peer list has the documented fields and never the agent itself."""
+    await make_node("other")
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    async with aiohttp.ClientSession() as http:
+        async with asyncio.timeout(10):
+            while True:
+                async with http.get(f"{agent.url}/v1/peers") as r:
+                    peers = await r.json()
+                if peers:
+                    break
+                await asyncio.sleep(0.05)
+        async with http.get(f"{agent.url}/healthz") as r:
+            health = await r.json()
+    assert [p["name"] for p in peers] == ["other"]
+    peer = peers[0]
+    assert peer["state"] == "alive" and len(peer["id"]) == 32
+    assert peer["endpoints"] and peer["last_seen"] > time.time() - 60
+    assert health["status"] == "ok" and health["id"] == agent.id
+
+
+@pytest.mark.parametrize("method, path, body, status, reason", [
+    ("POST", "/v1/publish/a..b", b"x", 400, "empty segment"),
+    ("POST", "/v1/publish/a.*", b"x", 400, "topic"),
+    ("POST", "/v1/publish/a?colour=red", b"x", 400, "unknown query parameter 'colour'"),
+    ("POST", "/v1/publish/a?reliable=maybe", b"x", 400, "reliable must be true or false"),
+    ("POST", "/v1/publish/a?reliable=true", b"x", 400, "data dir"),
+    ("POST", "/v1/publish/a", b"x" * (2 * 1024 * 1024), 413, "too large"),
+    ("POST", "/v1/request/svc?timeout=-1", b"x", 400, "timeout must be > 0"),
+    ("POST", "/v1/request/svc?retries=many", b"x", 400, "retries must be an integer"),
+    ("POST", "/v1/push/a.>", b"x", 400, "queue"),
+    ("GET", "/v1/subscribe/a..", b"", 400, "pattern"),
+    ("GET", "/v1/nothing", b"", 404, "no such route"),
+    ("DELETE", "/v1/peers", b"", 405, "Method Not Allowed"),
+])
+async def test_bad_requests_get_4xx_with_a_json_reason(procs, mesh_name, method, path, body,
+                                                       status, reason) -> None:
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    async with aiohttp.ClientSession() as http, \
+            http.request(method, agent.url + path, data=io.BytesIO(body) if body else None) as r:
+        assert r.status == status
+        assert reason in (await r.json())["error"]
+        async with http.get(f"{agent.url}/healthz") as health:
+            assert health.status == 200
+
+
+async def test_metrics_count_what_happened(procs, mesh_name, make_node) -> None:
+    """/metrics parses with the Prometheus client's own parser, and the counts are right."""
+    server = await make_node("server")
+    await server.serve("echo", lambda msg: msg.data)
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    async with aiohttp.ClientSession() as http:
+        await wait_status(http, "POST", f"{agent.url}/v1/request/echo", 200, data=b"x")
+        async with http.get(f"{agent.url}/v1/subscribe/a.%3E") as response:
+            stream = SseStream(response)
+            await stream.subscribed()
+            for topic, n in (("a.b", 5), ("a.c", 3)):
+                for _ in range(n):
+                    await http.post(f"{agent.url}/v1/publish/{topic}", data=b"m")
+            await stream.events(8)
+        await http.post(f"{agent.url}/v1/publish/a..", data=b"m")
+        async with http.get(f"{agent.url}/metrics") as r:
+            assert r.status == 200
+            text = await r.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    assert samples[("zeromesh_messages_published_total", (("topic", "a.b"),))] == 5
+    assert samples[("zeromesh_messages_published_total", (("topic", "a.c"),))] == 3
+    assert samples[("zeromesh_messages_received_total", (("topic", "a.b"),))] == 5
+    assert samples[("zeromesh_sse_events_total", (("pattern", "a.>"),))] == 8
+    assert samples[("zeromesh_http_requests_total",
+                    (("route", "/v1/publish/{topic}"), ("status", "202")))] == 8
+    assert samples[("zeromesh_http_requests_total",
+                    (("route", "/v1/publish/{topic}"), ("status", "400")))] == 1
+    assert samples[("zeromesh_requests_total", (("outcome", "ok"), ("service", "echo")))] == 1
+    assert samples[("zeromesh_request_duration_seconds_count", (("service", "echo"),))] == 1
+    assert samples[("zeromesh_peers", (("state", "alive"),))] == 1
+    assert samples[("zeromesh_spool_messages", ())] == 0
+    assert ("zeromesh_messages_dropped_total", ()) not in samples
