@@ -1,0 +1,57 @@
+"""A durable SSE stream survives disconnects: reconnecting with Last-Event-ID resumes it."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from ._agent import SseStream, start_agent
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_reconnect_with_last_event_id_resumes_without_gaps(
+        procs, mesh_name, make_node, tmp_path) -> None:
+    """Messages published while the client is away arrive on reconnect, and those after
+    its Last-Event-ID are sent again (they may have been lost in flight)."""
+    publisher = await make_node("pub", data_dir=str(tmp_path / "pub"))
+    agent = start_agent(procs, "--data-dir", str(tmp_path / "agent"), mesh=mesh_name,
+                        name="side")
+    url = f"{agent.url}/v1/subscribe/orders.%3E?durable=app"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as response:
+            stream = SseStream(response)
+            await stream.subscribed()
+            await publisher.wait_for_durables("orders.eu", 1, timeout=10)
+            await publisher.publish_many("orders.eu", [f"m{i}" for i in range(5)],
+                                         reliable=True)
+            first = await stream.events(5)
+        assert [e["data"] for e in first] == [f"m{i}" for i in range(5)]
+        # Away: the publisher keeps these in its spool for the durable.
+        await publisher.publish_many("orders.eu", [f"m{i}" for i in range(5, 10)],
+                                     reliable=True)
+        async with http.get(url, headers={"Last-Event-ID": first[2]["id"]}) as response:
+            stream = SseStream(response)
+            await stream.subscribed()
+            resumed = await stream.events(7)
+        assert [e["data"] for e in resumed] == [f"m{i}" for i in range(3, 10)]
+        await publisher.wait_for_spool(timeout=10)  # every one was acknowledged
+
+
+async def test_one_stream_per_durable_at_a_time(procs, mesh_name, tmp_path) -> None:
+    agent = start_agent(procs, "--data-dir", str(tmp_path / "agent"), mesh=mesh_name,
+                        name="side")
+    url = f"{agent.url}/v1/subscribe/a.%3E?durable=app"
+    async with aiohttp.ClientSession() as http, http.get(url) as first:
+        await SseStream(first).subscribed()
+        async with http.get(url) as second:
+            assert second.status == 409
+            assert "already has a stream" in (await second.json())["error"]
+
+
+async def test_a_durable_stream_needs_a_data_dir(procs, mesh_name) -> None:
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{agent.url}/v1/subscribe/a?durable=app") as response:
+        assert response.status == 400
+        assert "data dir" in (await response.json())["error"]
