@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import _commands, _demo, _spool_cli
-from ._agent import _cli as _agent_cli
 from .errors import ConfigError, MeshError
 
 EXIT_OK = 0
@@ -79,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("agent", help="run a sidecar node with an HTTP API until SIGINT/SIGTERM")
     _common(p)
-    _agent_cli.add_arguments(p)
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="HTTP API address (env ZEROMESH_HTTP; default 127.0.0.1:7474)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML config file (env ZEROMESH_CONFIG); flags and env override it")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective config as JSON and exit")
 
     p = sub.add_parser("peers", help="list the peers of the mesh")
     _common(p)
@@ -217,8 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo.run(args.interface)
         if args.command == "spool":
             return _spool(args)
-        if args.command == "agent":
-            return asyncio.run(_agent_cli.run(args))
+        if args.command == "agent":  # imported here: the HTTP stack costs ~0.4 s to load
+            from ._agent import _cli as agent_cli
+            return asyncio.run(agent_cli.run(args))
         handler = _commands.HANDLERS[args.command]
         code: int = asyncio.run(handler(args))
         return code

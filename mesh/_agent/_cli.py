@@ -21,15 +21,6 @@ from ._server import Agent
 FLAGS = ("mesh", "name", "interfaces", "peers", "data_dir", "port", "mdns", "fsync", "http")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--http", metavar="HOST:PORT",
-                   help="HTTP API address (env ZEROMESH_HTTP; default 127.0.0.1:7474)")
-    p.add_argument("--config", metavar="FILE",
-                   help="TOML config file (env ZEROMESH_CONFIG); flags and env override it")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the effective config as JSON and exit")
-
-
 async def run(args: argparse.Namespace) -> int:
     path = args.config or os.environ.get("ZEROMESH_CONFIG") or None
     config = load(path, os.environ, {k: getattr(args, k, None) for k in FLAGS})

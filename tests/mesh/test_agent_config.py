@@ -1,0 +1,114 @@
+"""The agent's config: TOML file, ZEROMESH_* env, flags; flag > env > file > default; a bad
+file stops it at start with the key and the reason (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from mesh._agent import load
+from mesh.errors import ConfigError
+
+from ._proc import child_env
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def agent(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full = {**child_env("cfg"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mesh", "agent", *args], env=full, text=True,
+                          capture_output=True, timeout=20, check=False)
+
+
+def effective(*args: str, env: dict[str, str] | None = None) -> dict[str, object]:
+    done = agent("--print-config", *args, env=env)
+    assert done.returncode == 0, done.stderr
+    config: dict[str, object] = json.loads(done.stdout)
+    return config
+
+
+def test_precedence_is_flag_then_env_then_file_then_default(tmp_path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('name = "from-file"\nfsync = "off"\nlost_after = 3.0\n'
+                    'http = "127.0.0.1:7600"\n')
+    cfg = str(path)
+    assert effective("--config", cfg, "--name", "from-flag",
+                     env={"ZEROMESH_NAME": "from-env"})["name"] == "from-flag"
+    assert effective("--config", cfg, env={"ZEROMESH_NAME": "from-env"})["name"] == "from-env"
+    from_file = effective("--config", cfg, env={"ZEROMESH_HTTP": ""})
+    assert from_file["name"] == "from-file" and from_file["fsync"] == "off"
+    assert from_file["lost_after"] == 3.0 and from_file["http"] == "127.0.0.1:7600"
+    default = effective(env={"ZEROMESH_HTTP": ""})
+    assert default["name"] == socket.gethostname().split(".")[0]
+    assert default["http"] == "127.0.0.1:7474" and default["fsync"] == "batch"
+    assert effective(env={"ZEROMESH_CONFIG": cfg})["name"] == "from-file"
+    assert effective("--config", cfg, env={"ZEROMESH_LOST_AFTER": "2.5",
+                                            "ZEROMESH_MDNS": "false"})["lost_after"] == 2.5
+
+
+def test_print_config_shows_webhooks(tmp_path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('data_dir = "/tmp/x"\n[[webhooks]]\nurl = "http://127.0.0.1:9/h"\n'
+                    'pattern = "a.>"\ndurable = "app"\nconcurrency = 4\n')
+    hooks = effective("--config", str(path))["webhooks"]
+    assert hooks == [{"url": "http://127.0.0.1:9/h", "pattern": "a.>", "queue": None,
+                      "durable": "app", "concurrency": 4, "timeout": 5.0, "attempts": 5,
+                      "backoff": 0.2}]
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('colour = "red"\n', "unknown field `colour`"),
+    ('port = "x"\n', "port: Expected `int`, got `str`"),
+    ('fsync = "sometimes"\n', "fsync: use always, batch or off"),
+    ('http = "localhost:80"\n', "http: 'localhost:80': use IP:PORT"),
+    ('interfaces = ["0.0.0.0"]\n', "interfaces: 0.0.0.0 cannot be bound"),
+    ("name = \n", "config:"),
+    ('[[webhooks]]\nurl = "ftp://x/y"\npattern = "a"\n', "webhooks[0].url: 'ftp://x/y'"),
+    ('[[webhooks]]\nurl = "http://127.0.0.1:1/"\n', "webhooks[0]: give exactly one of"),
+    ('[[webhooks]]\nurl = "http://127.0.0.1:1/"\npattern = "a..b"\n',
+     "webhooks[0].pattern: empty segment"),
+    ('[[webhooks]]\nurl = "http://127.0.0.1:1/"\npattern = "a"\ndurable = "d"\n',
+     "webhooks[0].durable: a durable webhook needs data_dir"),
+    ('[[webhooks]]\nurl = "http://127.0.0.1:1/"\nqueue = "q"\nconcurrency = 0\n',
+     "webhooks[0]: concurrency and attempts must be >= 1"),
+    ('[[webhooks]]\nurl = "http://127.0.0.1:1/"\nqueue = "q"\nretries = 3\n',
+     "unknown field `retries`"),
+])
+def test_a_bad_file_is_rejected_with_key_and_reason(tmp_path, text, reason) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load(str(path), env={}, flags={})
+    assert reason in str(caught.value)
+
+
+def test_a_bad_file_stops_the_agent_with_one_line_and_exit_2(tmp_path) -> None:
+    """--print-config validates exactly as a start does, and never starts a node."""
+    path = tmp_path / "agent.toml"
+    path.write_text('[[webhooks]]\nurl = "http://127.0.0.1:1/"\nqueue = "a..b"\n')
+    for args in (["--print-config", "--config", str(path)], ["--config", str(path)]):
+        done = agent(*args)
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert lines == ["zeromesh agent: webhooks[0].queue: empty segment in 'a..b'"]
+
+
+def test_missing_file_and_bad_env_are_usage_errors(tmp_path) -> None:
+    done = agent("--config", str(tmp_path / "nope.toml"))
+    assert done.returncode == 2 and "No such file" in done.stderr
+    done = agent(env={"ZEROMESH_PORT": "eighty"})
+    assert done.returncode == 2 and "ZEROMESH_PORT: Expected `int`" in done.stderr
+
+
+def test_the_http_port_in_use_is_a_clear_error(tmp_path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = agent("--http", f"127.0.0.1:{port}")
+    assert done.returncode == 2
+    assert f"http: cannot listen on 127.0.0.1:{port}" in done.stderr
