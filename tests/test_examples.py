@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -92,7 +93,7 @@ def test_every_example_is_tested() -> None:
     """A new example needs a test here."""
     assert {p.name for p in EXAMPLES.glob("*.py")} == {
         "pubsub_async.py", "pubsub_sync.py", "peer_events.py", "worker_pool.py",
-        "service_failover.py", "iot_sensor.py"}
+        "service_failover.py", "iot_sensor.py", "webhook_consumer.py"}
 
 
 @pytest.mark.timeout(120)
@@ -110,3 +111,68 @@ def test_pubsub_benchmark_quick_run_is_lossless() -> None:
             assert result["corrupt"] == 0, (side, row)
             assert result["error"] == "", (side, row)
             assert result["msgs_per_s"] > 0, (side, row)
+
+
+def _running_with(marker: str) -> list[str]:
+    """Command lines of this machine's processes with `marker` as an argument (or a URL in it)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        if any(arg == marker.encode() or arg.startswith(f"{marker}/".encode()) for arg in args):
+            found.append(" ".join(a.decode(errors="replace") for a in args))
+    return found
+
+
+@pytest.mark.timeout(90)
+def test_curl_service_example_publishes_subscribes_and_requests_with_curl_only() -> None:
+    """Three 202s, the three events back over SSE with their traceparent, an echo reply, a 503;
+    and nothing it started is left running."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    env = {**os.environ, "ZEROMESH_INTERFACES": "127.0.0.1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("ZEROMESH_PEERS", None)
+    proc = subprocess.run(["sh", str(EXAMPLES / "curl_service.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=80, check=False)
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    lines = proc.stdout.splitlines()
+    up = re.fullmatch(r"agent up: (http://127\.0\.0\.1:\d+) \(mesh (\S+)\)", lines[0])
+    assert up is not None, proc.stdout
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert lines[1:] == [
+        "subscribed to orders.>",
+        "published: order 1 tea (202)",
+        "published: order 2 coffee (202)",
+        "published: order 3 cake (202)",
+        f"event: orders.created = order 1 tea (traceparent {trace})",
+        f"event: orders.created = order 2 coffee (traceparent {trace})",
+        f"event: orders.created = order 3 cake (traceparent {trace})",
+        "reply from demo.echo (200): ping from sh",
+        "request to demo.nobody (503): no responders for 'demo.nobody'",
+        "done"], proc.stdout
+    assert _running_with(up.group(2)) == [], "the agent or the echo service outlived the script"
+    assert _running_with(up.group(1)) == [], "the SSE curl outlived the script"
+
+
+@pytest.mark.timeout(60)
+def test_webhook_consumer_example_retries_the_refused_post_and_keeps_order() -> None:
+    """The first POST gets 503, is retried, and the app ends with all three orders in order,
+    each with its topic, id and traceparent; the agent counted 1 retry and 3 acks."""
+    out = run(EXAMPLES / "webhook_consumer.py", timeout=50).stdout
+    lines = out.splitlines()
+    refused = lines.index("app: 503 for 'order 1: tea' (refused on purpose)")
+    got = [m for m in (re.fullmatch(r"app: got '(.+)' topic=(\S+) id=(\S+) traceparent=(\S+)",
+                                    line) for line in lines) if m]
+    assert [m.group(1) for m in got] == ["order 1: tea", "order 2: coffee", "order 3: cake"], out
+    assert refused < lines.index(got[0].group(0)), out
+    for m in got:
+        assert m.group(2) == "orders.created", out
+        assert m.group(4) == "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", out
+    assert len({m.group(3) for m in got}) == 3, out
+    counters = dict(re.findall(r'^metrics: zeromesh_webhook_deliveries_total\{outcome="(\w+)",'
+                               r'webhook="0:orders\.>"\} (\S+)$', out, re.MULTILINE))
+    assert counters == {"retry": "1.0", "ok": "3.0"}, out
+    assert lines[-1] == "app received 3 of 3 orders in 4 POSTs, in order", out
