@@ -259,8 +259,8 @@ def sse_reader(size: int, count: int, url: str, agent_ctl: str, link: Link) -> N
 
 def _intact(event: bytes, payload: str) -> bool:
     """A sampled event's topic and data are what was published."""
-    body = json.loads(event.partition(b"\ndata: ")[2])
-    return body.get("topic") == TOPIC and body.get("data") == payload
+    body: dict[str, Any] = json.loads(event.partition(b"\ndata: ")[2])
+    return bool(body.get("topic") == TOPIC and body.get("data") == payload)
 
 
 async def _sse_reader(size: int, count: int, url: str, agent_ctl: str, link: Link) -> None:
