@@ -65,6 +65,9 @@ class AgentMetrics:
                                 ["webhook", "outcome"], registry=r)
         self.sse = Counter("zeromesh_sse_events", "Messages sent to SSE streams, per pattern.",
                            ["pattern"], registry=r)
+        self.sse_dropped = Counter("zeromesh_sse_dropped",
+                                   "Messages an SSE client was too slow for (oldest dropped), "
+                                   "per pattern.", ["pattern"], registry=r)
         r.register(_NodeCollector(node))
 
     def render(self) -> bytes:

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from .._message import Message
 from .._node import AsyncNode
+from .._subscription import Subscription
 from .._worker import Pull
 from ..errors import ClosedError
 from . import _http
@@ -60,9 +61,16 @@ class Streams:
         self._metrics = metrics
         self._attached: set[str] = set()
         self._recent: dict[str, deque[tuple[str, bytes]]] = {}
+        self._open: set[Subscription | Pull] = set()
 
     def add_to(self, app: web.Application) -> None:
         app.add_routes([web.get("/v1/subscribe/{pattern}", self.subscribe)])
+        app.on_shutdown.append(self._shutdown)
+
+    async def _shutdown(self, app: web.Application) -> None:
+        """End every stream cleanly (its handler returns, the response ends) at stop."""
+        for source in list(self._open):
+            await source.aclose()
 
     async def subscribe(self, request: web.Request) -> web.StreamResponse:
         params = _http.query(request, ("durable",))
@@ -80,7 +88,9 @@ class Streams:
 
     async def _plain(self, request: web.Request, pattern: str) -> web.StreamResponse:
         sub = await self._node.subscribe(pattern, max_pending=MAX_PENDING)
+        self._open.add(sub)
         counter = self._metrics.sse.labels(pattern)
+        dropped, reported = self._metrics.sse_dropped.labels(pattern), 0
         try:
             response = await _open(request)
             while True:
@@ -94,12 +104,17 @@ class Streams:
                 msgs = [first, *sub.drain(BATCH - 1)]
                 await response.write(b"".join(event(m) for m in msgs))
                 counter.inc(len(msgs))
+                if sub.dropped != reported:  # a client slower than the stream loses the oldest
+                    dropped.inc(sub.dropped - reported)
+                    reported = sub.dropped
         finally:
+            self._open.discard(sub)
             await sub.aclose()
 
     async def _durable(self, request: web.Request, pattern: str,
                        name: str) -> web.StreamResponse:
         pull = await self._node.subscribe_durable(pattern, name)
+        self._open.add(pull)
         recent = self._recent.setdefault(name, deque(maxlen=RECENT))
         try:
             response = await _open(request)
@@ -109,6 +124,7 @@ class Streams:
             await self._pump(response, pull, recent, self._metrics.sse.labels(pattern).inc)
             return response
         finally:
+            self._open.discard(pull)
             await pull.aclose()
 
     @staticmethod
