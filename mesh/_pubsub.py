@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -47,6 +48,8 @@ _log = logging.getLogger("mesh.pubsub")
 _FLUSH_COUNT: Final[int] = 512
 _FLUSH_BYTES: Final[int] = 256 * 1024
 CACHE_LIMIT: Final[int] = 10_000
+_MARKER_RE: Final = re.compile(rb"[0-9A-Za-z]{1,64}:[0-9]{1,19}")
+"""A readiness marker: ``<node id>:<interest version>``."""
 WIRE_OVERHEAD: Final[int] = 64 * 1024
 _PUB_LINGER: Final[float] = 2.0
 
@@ -331,10 +334,12 @@ class PubSub:
             except SocketClosed:
                 return
             for subscribed, marker in markers:
-                peer_id, _, version = marker.decode("ascii", "replace").partition(":")
-                if not version.isdigit():
+                # Any SUB can send any subscription: check before int() (which raises on
+                # more than 4300 digits) and before keeping the id.
+                if not _MARKER_RE.fullmatch(marker):
                     self._quiet.drop("marker", "malformed readiness marker")
                     continue
+                peer_id, _, version = marker.decode("ascii").partition(":")
                 if subscribed:
                     if len(self._confirmed) >= CACHE_LIMIT:
                         self._confirmed.clear()  # bounded against marker floods
