@@ -57,6 +57,10 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A worker holding reliable messages this long without progress loses them to others."""
     retry_backoff: float = 0.5
     """First redelivery delay; doubles per attempt (capped at 30 s)."""
+    secret_key: str | None = None
+    """CURVE secret key file (``zeromesh keygen``): encrypt and authenticate every socket."""
+    allow: str | None = None
+    """CURVE allowlist: a directory of public key files (``*.key``) or one such file."""
     pub_hwm: int = 10_000
     sub_hwm: int = 10_000
 
@@ -93,6 +97,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError("spool_quota", "spool_quota and max_attempts must be positive")
         if self.ack_timeout <= 0 or self.retry_backoff < 0:
             raise ConfigError("ack_timeout", "must be > 0 (retry_backoff >= 0)")
+        if (self.secret_key is None) != (self.allow is None):
+            raise ConfigError("secret_key" if self.secret_key is None else "allow",
+                              "CURVE needs both secret_key and allow (the allowlist)")
         if self.max_message_size <= 0:
             raise ConfigError("max_message_size", "must be > 0")
         return msgspec.structs.replace(self, name=name)

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from discovery import DiscoveryBackend, MdnsDiscovery, PeerInfo, StaticDiscovery
-from patterns import Context
+from patterns import Context, Curve, KeyFileError, load_allowlist, load_secret
 
 from . import _wire
 from ._config import NodeConfig
@@ -56,6 +56,7 @@ class NodeCore:
         self._incarnation = 0
         self._interest_version = 0
         self._next_seq: Callable[[], int] = lambda: 0
+        self._curve: Curve | None = None
         self._ctx: Context | None = None
         self._membership: Membership | None = None
         self._pubsub: PubSub | None = None
@@ -127,6 +128,7 @@ class NodeCore:
         if self._running:
             return
         cfg = self._config
+        self._curve = _load_curve(cfg)
         self._id = load_or_create_id(cfg.data_dir)
         self._incarnation = time.time_ns()
         dedup = None
@@ -140,7 +142,7 @@ class NodeCore:
                 raise
             self._outbox.on_change = self._wake_watchers
             self._durables.load()
-        ctx = self._ctx = Context()
+        ctx = self._ctx = Context(self._curve)
         try:
             self._membership = Membership(
                 ctx, me=self._hello, mesh=cfg.mesh,
@@ -384,11 +386,13 @@ class NodeCore:
                            queues=work.queues if work else {},
                            rtr=self._services.endpoints if self._services else [],
                            services=self._services.names if self._services else [],
-                           durables=self._my_durables)
+                           durables=self._my_durables,
+                           key=self._curve.public.decode() if self._curve else "")
 
     def _peer_info(self) -> PeerInfo:
         return PeerInfo(id=self._id, name=self.name, mesh=self.mesh,
-                        version=_wire.PROTOCOL_VERSION, endpoints=tuple(self._ctl_endpoints))
+                        version=_wire.PROTOCOL_VERSION, endpoints=tuple(self._ctl_endpoints),
+                        key=self._curve.public.decode() if self._curve else "")
 
     def _check_running(self) -> None:
         if not self._running:
@@ -397,3 +401,22 @@ class NodeCore:
 
 def _struct_items(config: NodeConfig) -> dict[str, Any]:
     return {f: getattr(config, f) for f in config.__struct_fields__}
+
+
+def _load_curve(cfg: NodeConfig) -> Curve | None:
+    """The node's CURVE identity and allowlist, if it is configured secure.
+
+    Raises:
+        ConfigError: a key file or the allowlist cannot be used.
+    """
+    if cfg.secret_key is None or cfg.allow is None:
+        return None
+    try:
+        public, secret = load_secret(cfg.secret_key)
+    except KeyFileError as exc:
+        raise ConfigError("secret_key", str(exc)) from None
+    try:
+        allowed = load_allowlist(cfg.allow)
+    except KeyFileError as exc:
+        raise ConfigError("allow", str(exc)) from None
+    return Curve(public, secret, allowed)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from discovery import DiscoveryEvent, PeerFound, PeerInfo
@@ -106,9 +106,34 @@ class Membership:
             return
         if not info.endpoints:
             return
+        if not self._admit(info.id, info.name, info.key, info.endpoints[:1]):
+            return
         if info.source == "static":
             self._static.add(info.endpoints[0])
         self._greet(info.endpoints[0])
+
+    def _admit(self, peer_id: str, name: str, key: str, endpoints: Sequence[str]) -> bool:
+        """Fail closed: a secure node talks only to allowlisted keys, a plain node only to
+        plain peers; never a silent downgrade. Admitted endpoints are pinned to the key."""
+        curve = self._ctx.curve
+        who = f"{name[:64]!r} ({peer_id[:8]})"
+        if curve is None:
+            if key:
+                self._quiet.refuse("secure_peer", peer_id, f"ignoring peer {who}: it requires "
+                                   "CURVE and this node has no key (--secret-key, --allow)")
+                return False
+            return True
+        if not key:
+            self._quiet.refuse("plain_peer", peer_id, f"ignoring peer {who}: it has no CURVE "
+                               "key and this node accepts only CURVE peers")
+            return False
+        if not curve.allows(key):
+            self._quiet.refuse("unknown_key", peer_id, f"ignoring peer {who}: its CURVE key "
+                               f"{key[:40]} is not in the allowlist")
+            return False
+        for endpoint in endpoints:
+            curve.trust(endpoint, key)
+        return True
 
     # -- sending -----------------------------------------------------------------
 
@@ -212,6 +237,9 @@ class Membership:
         if ctl is None or pub is None:
             raise ProtocolError("hello without usable endpoints")
         if self._departed.get(hello.id) == hello.incarnation:
+            return
+        if not self._admit(hello.id, hello.name, hello.key,
+                           [*hello.ctl, *hello.pub, *hello.pull, *hello.rtr]):
             return
         rec = self.table.get(hello.id)
         if (rec is None or rec.incarnation != hello.incarnation

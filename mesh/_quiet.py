@@ -12,6 +12,7 @@ import logging
 from collections import Counter
 
 _log = logging.getLogger("mesh.node")
+_MAX_WARNED = 1000
 
 
 class QuietLog:
@@ -19,6 +20,16 @@ class QuietLog:
 
     def __init__(self) -> None:
         self.dropped: Counter[str] = Counter()
+        self._warned: set[tuple[str, str]] = set()
+
+    def refuse(self, reason: str, who: str, detail: str) -> None:
+        """Like `drop`, but warned once per (reason, sender): each refused peer is named once."""
+        self.dropped[reason] += 1
+        if (reason, who) in self._warned or len(self._warned) >= _MAX_WARNED:
+            _log.debug("refused %s: %s", reason, detail)
+            return
+        self._warned.add((reason, who))
+        _log.warning("%s", detail)
 
     def drop(self, reason: str, detail: str) -> None:
         self.dropped[reason] += 1

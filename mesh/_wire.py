@@ -144,6 +144,8 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
     """Services this node serves."""
     durables: dict[str, str] = {}
     """Durable subscriptions of this node: their queue -> pattern."""
+    key: str = ""
+    """The node's CURVE public key (Z85) when it is secure."""
 
 
 class Heartbeat(msgspec.Struct, frozen=True, array_like=True, tag=2):

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from patterns import KeyFileError, generate_keypair
+
 from . import _commands, _demo, _spool_cli
 from .errors import ConfigError, MeshError
 
@@ -45,6 +47,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="do not announce or browse with mDNS (static peers only)")
     g.add_argument("--fsync", choices=["always", "batch", "off"],
                    help="spool fsync policy (default batch: group commit)")
+    g.add_argument("--secret-key", metavar="FILE",
+                   help="CURVE secret key file from `zeromesh keygen`: encrypt and "
+                        "authenticate everything (env ZEROMESH_SECRET_KEY; needs --allow)")
+    g.add_argument("--allow", metavar="PATH",
+                   help="CURVE allowlist: a directory of *.key public key files, or one "
+                        "(env ZEROMESH_ALLOW)")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
 
 
@@ -84,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML config file (env ZEROMESH_CONFIG); flags and env override it")
     p.add_argument("--print-config", action="store_true",
                    help="print the effective config as JSON and exit")
+
+    p = sub.add_parser("keygen", help="write a CURVE keypair (NAME.key, NAME.key_secret)")
+    p.add_argument("--out", default=".", metavar="DIR",
+                   help="directory for the key files (default: here)")
+    p.add_argument("--name", default="node", help="file name stem (default: node)")
 
     p = sub.add_parser("peers", help="list the peers of the mesh")
     _common(p)
@@ -191,6 +204,17 @@ def _spool(args: argparse.Namespace) -> int:
     return code
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    try:
+        public, secret = generate_keypair(args.out, args.name)
+    except KeyFileError as exc:
+        raise ConfigError("--out", str(exc)) from None
+    key = public.read_text().split('public-key = "')[1].split('"')[0]
+    print(f"public key {key}\nwrote {public} (share it: peers put it in their allowlist)\n"
+          f"wrote {secret} (mode 0600: keep it secret)")
+    return EXIT_OK
+
+
 def _add_spool(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("spool", help="inspect, replay or purge a node's spools")
     actions = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -221,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo.run(args.interface)
         if args.command == "spool":
             return _spool(args)
+        if args.command == "keygen":
+            return _keygen(args)
         if args.command == "agent":  # imported here: the HTTP stack costs ~0.4 s to load
             from ._agent import _cli as agent_cli
             return asyncio.run(agent_cli.run(args))

@@ -7,6 +7,7 @@ from ._control import Inbox, Outbox
 from ._pubsub import MARKER_PREFIX, Publisher, Subscriber
 from ._pushpull import Puller, Pusher
 from ._reqrep import DEFAULT_SERVICE_HWM, ServiceDealer, ServiceRouter
+from ._security import Curve, KeyFileError, generate_keypair, load_allowlist, load_secret
 from ._socket import DEFAULT_MAX_MESSAGE_SIZE, Context
 from ._topics import (
     MAX_TOPIC_BYTES,
@@ -24,8 +25,10 @@ __all__ = [
     "MARKER_PREFIX",
     "MAX_TOPIC_BYTES",
     "Context",
+    "Curve",
     "Inbox",
     "InvalidName",
+    "KeyFileError",
     "Outbox",
     "PatternError",
     "Publisher",
@@ -37,6 +40,9 @@ __all__ = [
     "Subscriber",
     "TopicPattern",
     "WouldBlock",
+    "generate_keypair",
+    "load_allowlist",
+    "load_secret",
     "topic_from_key",
     "topic_key",
     "validate_pattern",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import Callable
 from typing import Final
@@ -17,7 +18,10 @@ from typing import Final
 import zmq
 import zmq.asyncio
 
+from ._security import ZAP_DOMAIN, Curve, ZapHandler
 from .errors import SocketClosed, WouldBlock
+
+_log = logging.getLogger("patterns.socket")
 
 DEFAULT_MAX_MESSAGE_SIZE: Final[int] = 16 * 1024 * 1024
 _HEARTBEAT_IVL_MS: Final[int] = 1000
@@ -33,11 +37,16 @@ _NOBLOCK: Final[int] = int(zmq.NOBLOCK)
 
 
 class Context:
-    """Owns the ZeroMQ context of one node; close it last."""
+    """Owns the ZeroMQ context of one node; close it last.
 
-    def __init__(self) -> None:
+    With `curve`, every socket is encrypted and authenticated (see `_security`).
+    """
+
+    def __init__(self, curve: Curve | None = None) -> None:
         self._ctx = zmq.asyncio.Context()
         self._sockets: set[Socket] = set()
+        self.curve = curve
+        self._zap = ZapHandler(self._ctx, curve) if curve is not None else None
 
     def socket(self, kind: int, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                sndhwm: int | None = None, rcvhwm: int | None = None) -> Socket:
@@ -52,7 +61,7 @@ class Context:
             raw.setsockopt(zmq.SNDHWM, sndhwm)
         if rcvhwm is not None:
             raw.setsockopt(zmq.RCVHWM, rcvhwm)
-        sock = Socket(raw, self._sockets)
+        sock = Socket(raw, self._sockets, self.curve)
         self._sockets.add(sock)
         return sock
 
@@ -64,15 +73,19 @@ class Context:
         """
         for sock in list(self._sockets):
             sock.close()
+        if self._zap is not None:
+            self._zap.stop()
         self._ctx.term()
 
 
 class Socket:
     """A zmq socket seen as frames of bytes, with non-blocking sends."""
 
-    def __init__(self, raw: zmq.asyncio.Socket, registry: set[Socket]) -> None:
+    def __init__(self, raw: zmq.asyncio.Socket, registry: set[Socket],
+                 curve: Curve | None = None) -> None:
         self._async = raw
         self._registry = registry
+        self._curve = curve
         self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(raw.underlying)
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -199,12 +212,31 @@ class Socket:
 
     def bind(self, host: str, port: int = 0) -> str:
         """Bind `tcp://host:port` (0 = OS-assigned) and return the real endpoint."""
+        curve = self._curve
+        if curve is not None:  # a CURVE server: only allowlisted clients get through ZAP
+            sync = self._sync
+            sync.setsockopt(zmq.CURVE_SERVER, 1)
+            sync.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
+            sync.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
         self._sync.bind(f"tcp://{host}:{port}")
         endpoint = self._sync.getsockopt(zmq.LAST_ENDPOINT)
         assert isinstance(endpoint, bytes)  # getsockopt of a string option
         return endpoint.decode()
 
     def connect(self, endpoint: str) -> None:
+        """Connect; on a secure context only as a CURVE client of the key trusted for
+        `endpoint` — with none known, not at all (fail closed, logged once)."""
+        curve = self._curve
+        if curve is not None:
+            server_key = curve.server_key(endpoint)
+            if server_key is None:
+                _log.warning("not connecting to %s: no trusted CURVE key for it", endpoint)
+                return
+            sync = self._sync
+            sync.setsockopt(zmq.CURVE_SERVER, 0)
+            sync.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+            sync.setsockopt(zmq.CURVE_PUBLICKEY, curve.public)
+            sync.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
         self._sync.connect(endpoint)
 
     def disconnect(self, endpoint: str) -> None:

@@ -18,7 +18,8 @@ from .._commands import event_line, out, stop_on_signals
 from ._config import load
 from ._server import Agent
 
-FLAGS = ("mesh", "name", "interfaces", "peers", "data_dir", "port", "mdns", "fsync", "http")
+FLAGS = ("mesh", "name", "interfaces", "peers", "data_dir", "port", "mdns", "fsync", "http",
+         "secret_key", "allow")
 
 
 async def run(args: argparse.Namespace) -> int:
