@@ -99,6 +99,7 @@ class MeshProc:
         for raw in self.proc.stderr:
             with self._cond:
                 self.stderr_lines.append(raw.rstrip("\n"))
+                self._cond.notify_all()
 
     # -- waiting ----------------------------------------------------------------
 
@@ -122,6 +123,21 @@ class MeshProc:
                 if self._eof or left <= 0:
                     why = "output ended" if self._eof else f"not within {timeout} s"
                     raise AssertionError(f"{pattern!r}: {why}\n{self.describe()}")
+                self._cond.wait(left)
+
+    def wait_stderr(self, pattern: str, timeout: float) -> str:
+        """The first stderr line matching regex ``pattern`` (e.g. a log line)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.stderr_lines:
+                    if regex.search(line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no stderr line {pattern!r} within {timeout} s\n"
+                                         + self.describe())
                 self._cond.wait(left)
 
     def matching(self, pattern: str, *, start: int = 0) -> list[Line]:
