@@ -271,6 +271,8 @@ class NodeCore:
             spool_messages=len(outbox.store) if outbox else 0,
             spool_bytes=outbox.store.used_bytes if outbox else 0,
             dead_letters=len(outbox.dead) if outbox else 0,
+            input_dropped=dict(self._quiet.dropped),
+            curve_refused=sum(self._curve.denied.values()) if self._curve else 0,
         )
 
     def events(self) -> PeerEvents:

@@ -46,3 +46,7 @@ class Traffic:
     spool_messages: int
     spool_bytes: int
     dead_letters: int
+    input_dropped: dict[str, int]
+    """Undecodable or refused input, by reason (bad frames, wrong mesh, unknown key...)."""
+    curve_refused: int
+    """Connections the CURVE allowlist turned away."""

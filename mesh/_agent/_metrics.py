@@ -116,6 +116,15 @@ class _NodeCollector(Collector):
             dropped.add_metric([names.get(peer_id, ""), peer_id], n)
         yield dropped
 
+        rejected = CounterMetricFamily(
+            "zeromesh_input_dropped",
+            "Malformed or foreign input this node dropped unread, by reader or reason "
+            "(control, data, work, service, marker, other_mesh, bad_*).",
+            labels=["reason"])
+        for reason, n in node.dropped_input.items():
+            rejected.add_metric([reason], n)
+        yield rejected
+
         for key, name, text in _NODE_TOTALS:
             family = CounterMetricFamily(name, text)
             family.add_metric([], traffic.totals.get(key, 0))
@@ -135,3 +144,15 @@ class _NodeCollector(Collector):
                                 value=traffic.spool_bytes)
         yield GaugeMetricFamily("zeromesh_dead_letters", "Messages in the dead-letter spool.",
                                 value=traffic.dead_letters)
+
+        dropped_input = CounterMetricFamily(
+            "zeromesh_input_dropped",
+            "Input dropped without harm, by reason (undecodable frames, other meshes, "
+            "refused peers...).", labels=["reason"])
+        for reason, n in traffic.input_dropped.items():
+            dropped_input.add_metric([reason], n)
+        yield dropped_input
+        refused = CounterMetricFamily("zeromesh_curve_refused",
+                                      "Connections refused: CURVE key not in the allowlist.")
+        refused.add_metric([], traffic.curve_refused)
+        yield refused

@@ -1,0 +1,78 @@
+"""CURVE on loopback: the allowlist admits, refuses and counts; raw sockets cannot get in."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+
+import pytest
+import zmq
+
+from patterns import generate_keypair
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def keyring(tmp_path):
+    for name in ("a", "b", "c"):
+        generate_keypair(tmp_path, name)
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(tmp_path / f"{name}.key", allow)
+    return lambda name: {"secret_key": str(tmp_path / f"{name}.key_secret"),
+                         "allow": str(allow if name != "c" else tmp_path)}
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def test_allowed_peers_talk_strangers_are_refused_and_counted(make_node, keyring) -> None:
+    a = await make_node("a", **keyring("a"))
+    b = await make_node("b", **keyring("b"))
+    c = await make_node("c", **keyring("c"))
+    d = await make_node("d")
+    await a.wait_for_peers(1)
+    sub = await b.subscribe("s.>")
+    await a.wait_for_subscribers("s.x", 1)
+    await a.publish("s.x", b"for b")
+    assert (await sub.next(timeout=5)).data == b"for b"
+    await b.serve("echo", lambda m: m.data)
+    await a.wait_for_service("echo")
+    assert (await a.request("echo", b"ping")).data == b"ping"
+    # c allows a, so it tries to connect: a's ZAP handler refuses and counts it.
+    await until(lambda: a.traffic().curve_refused >= 1)
+    await until(lambda: a.traffic().input_dropped.get("plain_peer", 0) >= 1)
+    await until(lambda: d.traffic().input_dropped.get("secure_peer", 0) >= 1)
+    await until(lambda: c.traffic().input_dropped.get("plain_peer", 0) >= 1)
+    assert [p.name for p in a.peers()] == ["b"]
+    assert c.peers() == [] and d.peers() == []
+
+
+async def test_a_raw_plain_socket_gets_nothing_from_a_secure_node(make_node, keyring) -> None:
+    """Connecting by hand to the published endpoints (known from mDNS) yields no data."""
+    a = await make_node("a", **keyring("a"))
+    ctx = zmq.Context()
+    try:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.connect(a.endpoints["pub"][0])
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(a.endpoints["ctl"][0])
+        with contextlib.suppress(zmq.Again):  # no handshake, so usually nowhere to queue
+            dealer.send(b"\x00garbage", zmq.NOBLOCK)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            await a.publish("s.x", b"secret")
+            assert sub.poll(20) == 0  # the CURVE handshake never completes: nothing arrives
+    finally:
+        ctx.destroy(linger=0)
+    assert a.running
