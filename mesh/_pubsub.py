@@ -183,6 +183,7 @@ class PubSub:
             data = data.encode() if isinstance(data, str) else bytes(data)
         size = len(data)
         if size > self._config.max_message_size:
+            self._stats["oversized"] += 1
             raise MessageTooLarge(size, self._config.max_message_size)
         if pending and self._outgoing_bytes + size > _FLUSH_BYTES:
             self.flush(name)  # keep every frame under the receivers' size limit

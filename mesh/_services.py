@@ -276,6 +276,7 @@ class Services:
             raise ConfigError("retries", "must be >= 0")
         payload = data.encode() if isinstance(data, str) else bytes(data)
         if len(payload) > self.max_message_size:
+            self._stats["oversized"] += 1
             raise MessageTooLarge(len(payload), self.max_message_size)
         hdrs = dict(headers) if headers else None
         loop = asyncio.get_running_loop()
@@ -350,6 +351,7 @@ class Services:
         frame = _wire.encode_service(_wire.Request(cid, service, self._node_id, self._name,
                                                    time.time(), headers, payload))
         if len(frame) > self._max_wire:
+            self._stats["oversized"] += 1
             raise MessageTooLarge(len(frame), self._max_wire)
         self._pending[cid] = (fut, link)
         link.outstanding.add(cid)

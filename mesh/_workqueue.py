@@ -212,6 +212,7 @@ class WorkQueues:
         if type(data) is not bytes:
             data = data.encode() if isinstance(data, str) else bytes(data)
         if len(data) > self._max_size:
+            self._stats["oversized"] += 1
             raise MessageTooLarge(len(data), self._max_size)
         item = _wire.Item(self._next_seq(), time.time(), dict(headers) if headers else None,
                           data, reliable)

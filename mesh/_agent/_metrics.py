@@ -39,6 +39,8 @@ _NODE_TOTALS: Final = (
     ("lost_in_flight", "zeromesh_messages_lost_in_flight",
      "Best-effort work messages in the pipe of a worker that died."),
     ("duplicates", "zeromesh_messages_duplicate", "Reliable duplicates dropped by dedup."),
+    ("oversized", "zeromesh_messages_oversized",
+     "Sends refused before sending: larger than max_message_size."),
 )
 
 

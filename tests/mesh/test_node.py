@@ -277,6 +277,9 @@ async def test_bad_names_and_sizes_are_clear_errors(make_node) -> None:
             await node.subscribe(pattern)
     with pytest.raises(MessageTooLarge, match="1001 bytes"):
         await node.publish("ok", b"x" * 1001)
+    with pytest.raises(MessageTooLarge, match="1001 bytes"):
+        await node.push("q", b"x" * 1001, timeout=0.1)
+    assert node.traffic().totals["oversized"] == 2  # refused before sending, and counted
 
 
 async def test_bad_settings_fail_at_construction() -> None:

@@ -154,6 +154,7 @@ async def test_an_oversized_request_raises_before_anything_is_sent(make_node) ->
         await client.request("svc.big", b"x" * 1001)
     assert (await client.request("svc.big", b"x" * 1000)).data == b""
     assert len(calls) == 1
+    assert client.traffic().totals["oversized"] == 1  # refused and counted
 
 
 async def test_an_oversized_reply_is_a_remote_error(make_node) -> None:
