@@ -118,15 +118,6 @@ class _NodeCollector(Collector):
             dropped.add_metric([names.get(peer_id, ""), peer_id], n)
         yield dropped
 
-        rejected = CounterMetricFamily(
-            "zeromesh_input_dropped",
-            "Malformed or foreign input this node dropped unread, by reader or reason "
-            "(control, data, work, service, marker, other_mesh, bad_*).",
-            labels=["reason"])
-        for reason, n in node.dropped_input.items():
-            rejected.add_metric([reason], n)
-        yield rejected
-
         for key, name, text in _NODE_TOTALS:
             family = CounterMetricFamily(name, text)
             family.add_metric([], traffic.totals.get(key, 0))
