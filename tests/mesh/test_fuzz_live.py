@@ -4,13 +4,32 @@ must not be able to crash it, end one of its reader tasks, or stop it from deliv
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+import contextlib
+import os
+import random
+import re
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
 
+import aiohttp
 import pytest
 import zmq
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from zmq.utils.monitor import recv_monitor_message
 
 from mesh import AsyncNode
+from mesh import _wire as wire
+
+from . import _zmtp
+from ._agent import start_agent
+from ._proc import Cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,3 +67,450 @@ async def test_huge_readiness_marker_is_dropped_and_markers_keep_working(
         sub.close()
         ctx.term()
     await pub.aclose()  # used to re-raise the marker reader's ValueError
+
+
+# -- a live agent under raw-socket fuzzing ---------------------------------------------------
+
+TIMING = {"heartbeat_interval": 0.1, "suspect_after": 1.0, "lost_after": 3.0}
+"""Slower than the usual test timings: a fuzzed agent is busy, and the point is not liveness."""
+SEED = 20261125
+MAX_MESSAGE_SIZE = 256 * 1024
+MAX_WIRE = MAX_MESSAGE_SIZE + 64 * 1024
+"""The agent's receive limit (ZMQ_MAXMSGSIZE) on its SUB, PULL and service ROUTER."""
+CONTROL_LIMIT = 64 * 1024
+"""The control ROUTER's receive limit."""
+
+
+def listening_ports(pid: int) -> list[int]:
+    """Every TCP port process `pid` listens on (its socket inodes against /proc/net/tcp)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports = set()
+    with open(f"/proc/{pid}/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+class StderrLog:
+    """The agent's stderr, read as it comes (so the pipe never fills), waitable."""
+
+    def __init__(self, cli: Cli) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        stream = cli.proc.stderr
+        assert stream is not None
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if needle in line:
+                        return line
+                left = deadline - time.monotonic()
+                assert left > 0, f"{needle!r} not on the agent's stderr:\n" + "\n".join(
+                    self.lines[-40:])
+                self._cond.wait(left)
+
+
+class Sink:
+    """The webhook target: what the agent POSTs, by path."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes]] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/{kind}", self._post)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def _post(self, request: web.Request) -> web.Response:
+        self.got.append((request.match_info["kind"], await request.read()))
+        return web.Response(status=204)
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+async def _eventually(action: Callable[[], Awaitable[object]], check: Callable[[], bool],
+                      timeout: float, what: str) -> None:
+    """Repeat `action` until `check` holds (a best-effort publish may precede readiness)."""
+    async with asyncio.timeout(timeout):
+        while not check():
+            await action()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    while not check():
+                        await asyncio.sleep(0.01)
+    assert check(), what
+
+
+async def _dropped_input(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """``zeromesh_input_dropped_total`` from the agent's /metrics, by reason."""
+    async with http.get(f"{url}/metrics") as r:
+        text = await r.text()
+    found = re.findall(r'^zeromesh_input_dropped_total\{reason="([^"]+)"\} (\S+)$', text, re.M)
+    return {reason: float(value) for reason, value in found}
+
+
+def _raw_request(rtr: str, service: str, timeout: float = 5.0) -> wire.Reply:
+    """A well-formed request from a fresh DEALER straight to the agent's service ROUTER."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
+    try:
+        dealer.connect(rtr)
+        dealer.send(bytes(wire.encode_service(
+            wire.Request(7, service, "ab" * 16, "raw", time.time(), None, b"?"))))
+        reply = wire.decode_service(dealer.recv(), MAX_WIRE)
+    finally:
+        dealer.close()
+    assert isinstance(reply, wire.Reply)
+    return reply
+
+
+async def test_live_agent_survives_raw_fuzzing(mesh_name: str, tmp_path: Path,
+                                               make_node: Callable[..., Any],
+                                               procs: list[Cli]) -> None:
+    """A real ``zeromesh agent``: every port it listens on gets random bytes, malformed ZMTP
+    greetings, and valid ZMTP carrying garbage; it stays up, counts and logs the drops,
+    and still publishes, receives, pulls and answers afterwards."""
+    sink = Sink()
+    await sink.start()
+    try:
+        config = "\n".join([
+            f"max_message_size = {MAX_MESSAGE_SIZE}",
+            "[[webhooks]]", f'url = "{sink.url}/topic"', 'pattern = "fz.>"',
+            "[[webhooks]]", f'url = "{sink.url}/queue"', 'queue = "jobs"'])
+        env = {f"ZEROMESH_{k.upper()}": str(v) for k, v in TIMING.items()}
+        agent = start_agent(procs, "--no-mdns", mesh=mesh_name, name="fuzzed", config=config,
+                            tmp=tmp_path, env=env)
+        stderr = StderrLog(agent.cli)
+        ready = agent.cli.stdout[-1]
+        ctl = ready.split(" ctl=")[1].split()[0]
+        pub = ready.split(" pub=")[1].split()[0]
+        http_port = int(agent.url.rsplit(":", 1)[1])
+        ports = listening_ports(agent.cli.proc.pid)
+        kinds = {port: _zmtp.socket_type_of(port) for port in ports if port != http_port}
+        by_kind = {kind: port for port, kind in kinds.items() if kind != "ROUTER"}
+        routers = [port for port, kind in kinds.items() if kind == "ROUTER"]
+        assert sorted(kinds.values(), key=str) == ["PULL", "ROUTER", "ROUTER", "XPUB"], kinds
+        assert pub == f"tcp://127.0.0.1:{by_kind['XPUB']}"
+        ctl_port = int(ctl.rsplit(":", 1)[1])
+        rtr_port = next(p for p in routers if p != ctl_port)
+        rtr = f"tcp://127.0.0.1:{rtr_port}"
+        print(f"\nagent pid {agent.cli.proc.pid} listens on {ports}: ctl {ctl_port} "
+              f"rtr {rtr_port} pull {by_kind['PULL']} pub {by_kind['XPUB']} http {http_port}")
+
+        honest: AsyncNode = await make_node("honest", peers=[ctl], mdns=False, **TIMING)
+        got: list[bytes] = []
+        await honest.subscribe("hz.>", callback=lambda m: got.append(m.data))
+        await honest.serve("echo", lambda m: m.data)
+
+        async with aiohttp.ClientSession() as http:
+
+            async def healthy(tag: str) -> None:
+                async with http.get(f"{agent.url}/healthz") as r:
+                    assert r.status == 200, await r.text()
+                await honest.wait_for_peers(1, timeout=10)
+                # the agent's XPUB still publishes to an honest subscriber
+                body = f"pub {tag}".encode()
+
+                async def publish() -> None:
+                    async with http.post(f"{agent.url}/v1/publish/hz.{tag}", data=body) as r:
+                        assert r.status == 202, await r.text()
+
+                await _eventually(publish, lambda: body in got, 10, "agent publish lost")
+                # its SUB (webhook pattern) and PULL (webhook queue) still receive
+                await honest.wait_for_subscribers(f"fz.{tag}", 1, timeout=10)
+                await honest.publish(f"fz.{tag}", f"topic {tag}")
+                await honest.wait_for_workers("jobs", 1, timeout=10)
+                await honest.push("jobs", f"queue {tag}", timeout=10)
+                await _until(lambda: ("topic", f"topic {tag}".encode()) in sink.got
+                             and ("queue", f"queue {tag}".encode()) in sink.got, 10,
+                             f"webhooks got {sink.got}")
+                # requests through the agent still succeed
+                async with http.post(f"{agent.url}/v1/request/echo", data=body) as r:
+                    assert r.status == 200 and await r.read() == body, await r.text()
+                # and its own service ROUTER still answers (nothing served: status 2)
+                reply = await asyncio.to_thread(_raw_request, rtr, "nothing")
+                assert reply.status == wire.REPLY_NOT_SERVED and reply.id == 7
+
+            await healthy("before")
+            before = await _dropped_input(http, agent.url)
+            started = time.monotonic()
+            sent = await asyncio.to_thread(
+                _fuzz, ctl_port, rtr_port, by_kind["PULL"], by_kind["XPUB"], http_port,
+                mesh_name, random.Random(SEED))
+            took = time.monotonic() - started
+            assert agent.cli.proc.poll() is None, "the agent died under fuzzing"
+            await healthy("after")
+            # every garbage message a reader got is counted under its reader's reason (a
+            # handful of slack: hypothesis may generate a message that happens to be valid)
+            expected = {reason: sum(n for k, n in sent.items() if k.startswith(prefix)) - 5
+                        for reason, prefix in (("control", "ctl:"), ("service", "rtr:"),
+                                               ("work", "pull:"), ("data", "sub (as a peer):"))}
+            expected["control"] -= sent["ctl: other mesh"]
+            expected.update(other_mesh=1, marker=100)
+            after: dict[str, float] = {}
+
+            def counted() -> bool:
+                return all(after.get(k, 0) - before.get(k, 0) >= n for k, n in expected.items())
+
+            async def scrape() -> None:
+                after.update(await _dropped_input(http, agent.url))
+
+            await _eventually(scrape, counted, 10, "drops not counted")
+        total = sum(v for k, v in sent.items() if not k.startswith("outcome"))
+        print(f"fuzz cases sent to the live agent: {total} in {took:.1f} s")
+        for key in sorted(sent):
+            print(f"  {key}: {sent[key]}")
+        print(f"  zeromesh_input_dropped_total before {before}, after {after}")
+        for reason in ("control", "service", "work", "data", "marker"):
+            print("  log:", stderr.wait_for(f"dropped {reason} input", 5))
+        bad = [ln for ln in stderr.lines if "Traceback" in ln or " ERROR " in ln
+               or "CRITICAL" in ln or "exception" in ln.lower()]
+        assert not bad, "\n".join(stderr.lines[-60:])
+        assert sent["oversized:disconnected"] == sent["oversized"] == 4, sent
+    finally:
+        await sink.close()
+        for cli in procs:  # SIGKILL our agent (its PID only), as the brief's crash test
+            if cli.proc.poll() is None:
+                os.kill(cli.proc.pid, signal.SIGKILL)
+
+
+# -- the fuzzer (runs in a thread: the test's loop keeps the honest node beating) ------------
+
+_HUGE = (b"\xdd\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff",
+         b"\xdf\xff\xff\xff\xff", b"\xdc\xff\xff", b"\x94\xdb\x7f\xff\xff\xff")
+"""msgpack heads declaring ~4 G elements/bytes (array32, str32, bin32, map32, array16 ...)."""
+
+
+def _garbage(rng: random.Random, header: bytes, valid: bytes) -> list[tuple[str, list[bytes]]]:
+    """Garbage messages for one reader: `header` is its 4-byte wire header, `valid` a
+    well-formed frame it would accept. Each is (category, frames)."""
+    body = valid[len(header):]
+    wrong = [header[:2] + bytes([v]) + header[3:] for v in (0, 2, 9, 255)]
+    out: list[tuple[str, list[bytes]]] = []
+    for _ in range(1000):
+        out.append(("random frame", [rng.randbytes(rng.choice((0, 1, 3, 4, 5, 17, 200, 3000)))]))
+    for _ in range(300):
+        out.append(("right header, random body", [header + rng.randbytes(rng.randrange(0, 300))]))
+    for head in wrong:
+        out.append(("right magic, wrong version", [head + body]))
+    out += [("wrong magic", [b"MZ" + header[2:] + body]), ("wrong kind", [header[:3] + b"X" + body])]
+    out += [("truncated msgpack", [header + body[:cut]]) for cut in range(len(body))]
+    out += [("huge declared length", [header + head + rng.randbytes(8)]) for head in _HUGE]
+    out += [("huge declared length", [header + b"\x92\x01" + head]) for head in _HUGE]
+    for parts in range(2, 6):
+        out.append(("multipart", [valid] * parts))
+        out.append(("multipart", [rng.randbytes(20) for _ in range(parts)]))
+    out.append(("multipart", [valid, b""]))
+    out.append(("multipart", [b"", valid]))
+    return out
+
+
+def _send_all(sock: zmq.Socket[bytes], cases: list[tuple[str, list[bytes]]],
+              sent: Counter[str], prefix: str) -> None:
+    for category, frames in cases:
+        sock.send_multipart(frames)
+        sent[f"{prefix}: {category}"] += 1
+
+
+def _zsock(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str) -> zmq.Socket[bytes]:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 2000)  # fuzz frames are flushed before close
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.connect(endpoint)
+    return sock
+
+
+def _wait_event(monitor: zmq.Socket[bytes], event: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if monitor.poll(int(left * 1000)) and recv_monitor_message(monitor)["event"] == event:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _monitored(sock: zmq.Socket[bytes]) -> Iterator[zmq.Socket[bytes]]:
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    try:
+        yield monitor
+    finally:
+        sock.disable_monitor()
+        monitor.close()
+
+
+def _send_oversized(monitor: zmq.Socket[bytes], send: Callable[[], object],
+                    sent: Counter[str]) -> None:
+    """One message over the receiver's MAXMSGSIZE: libzmq must drop the connection."""
+    send()
+    sent["oversized"] += 1
+    if _wait_event(monitor, zmq.EVENT_DISCONNECTED, 5):
+        sent["oversized:disconnected"] += 1
+
+
+def _oversized(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str, frame: bytes,
+               sent: Counter[str]) -> None:
+    with ctx.socket(kind) as sock, _monitored(sock) as monitor:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        assert _wait_event(monitor, zmq.EVENT_HANDSHAKE_SUCCEEDED, 5), endpoint
+        _send_oversized(monitor, lambda: sock.send(frame), sent)
+
+
+def _hypothesis_frames(sock: zmq.Socket[bytes], header: bytes, sent: Counter[str],
+                       prefix: str) -> None:
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(st.binary(max_size=600) | st.binary(max_size=600).map(lambda b: header + b)
+           | st.lists(st.binary(max_size=50), min_size=2, max_size=4).map(b"".join))
+    def one(frame: bytes) -> None:
+        sock.send(frame)
+        sent[f"{prefix}: hypothesis frame"] += 1
+
+    one()
+
+
+def _fuzz(ctl_port: int, rtr_port: int, pull_port: int, pub_port: int, http_port: int,
+          mesh: str, rng: random.Random) -> Counter[str]:
+    sent: Counter[str] = Counter()
+    zmtp_ports = (ctl_port, rtr_port, pull_port, pub_port)
+
+    def outcome(kinds: list[str], results: list[str]) -> None:
+        for kind, result in zip(kinds, results, strict=True):
+            sent[f"outcome: {kind}: {result}"] += 1
+
+    # (a) random bytes on every port, one connection each
+    for port in (*zmtp_ports, http_port):
+        payloads = [rng.randbytes(rng.choice((1, 10, 64, 100, 1000, 5000))) for _ in range(40)]
+        payloads += [_zmtp.greeting()[:10] + rng.randbytes(200) for _ in range(10)]  # past sig
+        payloads += [_zmtp.greeting() + rng.randbytes(300) for _ in range(10)]  # past greeting
+        sent["raw: random bytes"] += len(payloads)
+        outcome(["random bytes"] * len(payloads), _zmtp.blast(port, payloads, wait=0.3))
+    # (b) malformed greetings and first commands
+    for port in zmtp_ports:
+        cases = _zmtp.malformed_greetings(rng) + _zmtp.malformed_greetings(rng)
+        for kind, _ in cases:
+            sent[f"greeting: {kind}"] += 1
+        outcome([kind for kind, _ in cases],
+                _zmtp.blast(port, [data for _, data in cases], wait=0.3))
+
+    # (c) valid ZMTP 3 (NULL) carrying garbage
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        ctl, rtr = f"tcp://127.0.0.1:{ctl_port}", f"tcp://127.0.0.1:{rtr_port}"
+        pull, pub = f"tcp://127.0.0.1:{pull_port}", f"tcp://127.0.0.1:{pub_port}"
+        stranger = "cd" * 16
+        hello = bytes(wire.encode_control(wire.Hello(
+            stranger, "stranger", mesh, 1, ["tcp://127.0.0.1:1"], ["tcp://127.0.0.1:1"], [], 0)))
+        other_mesh = bytes(wire.encode_control(wire.Hello(
+            stranger, "x", mesh + "-other", 1, ["tcp://127.0.0.1:1"], ["tcp://127.0.0.1:1"],
+            [], 0)))
+        no_endpoints = bytes(wire.encode_control(wire.Hello(
+            stranger, "x", mesh, 1, ["udp://x"], ["http://y"], [], 0)))
+        request = bytes(wire.encode_service(
+            wire.Request(1, "echo", stranger, "stranger", 0.0, {"a": "b"}, b"payload")))
+        reply = bytes(wire.encode_service(wire.Reply(1, 0, 0.0, b"x")))
+        batch = wire.Batch(stranger, "stranger", 0, [wire.Item(0, 0.0, None, b"work")])
+        work = bytes(wire.encode_data(b"jobs\x00", batch))
+
+        with _zsock(ctx, zmq.DEALER, ctl) as dealer:
+            _send_all(dealer, _garbage(rng, wire.CONTROL_HEADER, hello), sent, "ctl")
+            _send_all(dealer, [("other mesh", [other_mesh]), ("no endpoints", [no_endpoints]),
+                               ("unknown tag", [wire.CONTROL_HEADER + b"\x92\x63\xa1x"]),
+                               ("service frame", [request]), ("data frame", [work])],
+                      sent, "ctl")
+            _hypothesis_frames(dealer, wire.CONTROL_HEADER, sent, "ctl")
+            dealer.send(bytes(wire.encode_control(wire.Bye(stranger))))
+        with _zsock(ctx, zmq.DEALER, rtr) as dealer:
+            _send_all(dealer, _garbage(rng, wire.SERVICE_HEADER, request), sent, "rtr")
+            _send_all(dealer, [("reply to a router", [reply]), ("control frame", [hello])],
+                      sent, "rtr")
+            _hypothesis_frames(dealer, wire.SERVICE_HEADER, sent, "rtr")
+        with _zsock(ctx, zmq.PUSH, pull) as push:
+            _send_all(push, _garbage(rng, b"jobs\x00" + wire.DATA_HEADER, work), sent, "pull")
+            _send_all(push, [("non-UTF-8 queue", [b"\xff\xfe\x00" + work[5:]]),
+                             ("no key", [work[5:]]), ("key too long", [b"j" * 300 + work[4:]])],
+                      sent, "pull")
+            _hypothesis_frames(push, b"jobs\x00" + wire.DATA_HEADER, sent, "pull")
+        with _zsock(ctx, zmq.SUB, pub) as sub:
+            subs = [rng.randbytes(rng.randrange(0, 300)) for _ in range(100)]
+            subs += [b"\xff" + rng.randbytes(rng.randrange(0, 80)) for _ in range(100)]
+            subs += [b"\xff" + b"ab" * 16 + b":" + b"9" * n for n in (0, 5000, 20000)]
+            subs += [b"\xffab:-1", b"\xffab:1:2", b"\xff\x00:1", b"\xff" + "é:1".encode()]
+            for prefix in subs:
+                sub.setsockopt(zmq.SUBSCRIBE, prefix)
+                if rng.random() < 0.3:
+                    sub.setsockopt(zmq.UNSUBSCRIBE, prefix)
+            sent["pub: garbage subscription"] += len(subs)
+        with _zsock(ctx, zmq.XSUB, pub) as xsub:  # upstream frames that are not subscriptions
+            _send_all(xsub, _garbage(rng, wire.DATA_HEADER, work), sent, "pub")
+            _send_all(xsub, [("unsubscribe unknown", [b"\x00nothing"]),
+                             ("subscribe multipart", [b"\x01a", b"\x01b"])], sent, "pub")
+        _inject_data(ctx, ctl, mesh, rng, sent)
+
+        # oversized: over MAXMSGSIZE, the connection goes
+        _oversized(ctx, zmq.DEALER, ctl, wire.CONTROL_HEADER + bytes(CONTROL_LIMIT), sent)
+        _oversized(ctx, zmq.DEALER, rtr, wire.SERVICE_HEADER + bytes(MAX_WIRE), sent)
+        _oversized(ctx, zmq.PUSH, pull, b"jobs\x00" + wire.DATA_HEADER + bytes(MAX_WIRE), sent)
+    finally:
+        ctx.destroy(linger=2000)
+    return sent
+
+
+def _inject_data(ctx: zmq.Context[zmq.Socket[bytes]], ctl: str, mesh: str,
+                 rng: random.Random, sent: Counter[str]) -> None:
+    """Pose as a peer (no CURVE: a hello is all it takes) so the agent's SUB connects to our
+    XPUB, then feed it garbage data frames under its webhook's prefix; say goodbye after."""
+    stranger = "ef" * 16
+    with ctx.socket(zmq.XPUB) as xpub, _zsock(ctx, zmq.DEALER, ctl) as dealer:
+        xpub.setsockopt(zmq.LINGER, 2000)
+        xpub.setsockopt(zmq.SNDHWM, 100_000)
+        endpoint = f"tcp://127.0.0.1:{xpub.bind_to_random_port('tcp://127.0.0.1')}"
+        dealer.send(bytes(wire.encode_control(wire.Hello(
+            stranger, "impostor", mesh, 1, ["tcp://127.0.0.1:1"], [endpoint], [], 0))))
+        prefix = b""
+        deadline = time.monotonic() + 10
+        while not prefix.startswith(b"\x01fz."):
+            assert time.monotonic() < deadline, "the agent never subscribed to our XPUB"
+            if xpub.poll(100):
+                prefix = xpub.recv()
+        key = prefix[1:] + b"x\x00"
+        batch = wire.Batch(stranger, "impostor", 0, [wire.Item(0, 0.0, None, b"data")])
+        valid = bytes(wire.encode_data(key, batch))
+        cases = _garbage(rng, key + wire.DATA_HEADER, valid)
+        cases = [(c, [prefix[1:] + f for f in frames]) if not frames[0].startswith(prefix[1:])
+                 else (c, frames) for c, frames in cases]  # under the prefix, or XPUB filters it
+        cases += [("bad topic key", [prefix[1:] + b"\xff\x00" + valid[len(key):]]),
+                  ("no topic key", [prefix[1:] + b"y" * 300])]
+        _send_all(xpub, cases, sent, "sub (as a peer)")
+        over = key + wire.DATA_HEADER + bytes(MAX_WIRE)
+        with _monitored(xpub) as monitor:
+            _send_oversized(monitor, lambda: xpub.send(over), sent)
+        dealer.send(bytes(wire.encode_control(wire.Bye(stranger))))
