@@ -134,18 +134,21 @@ def raw_subscriber(size: int, count: int, ports: tuple[int, int], link: Link) ->
 # -- zeromesh ------------------------------------------------------------------
 
 
-def mesh_subscriber(size: int, count: int, mesh_name: str, link: Link) -> None:
-    asyncio.run(_mesh_subscriber(size, count, mesh_name, link))
+def mesh_subscriber(size: int, count: int, mesh_name: str, link: Link,
+                    opts: dict[str, Any] | None = None) -> None:
+    """`opts`: extra `AsyncNode` settings, overriding the ones below."""
+    asyncio.run(_mesh_subscriber(size, count, mesh_name, link, opts or {}))
 
 
-async def _mesh_subscriber(size: int, count: int, mesh_name: str, link: Link) -> None:
+async def _mesh_subscriber(size: int, count: int, mesh_name: str, link: Link,
+                           opts: dict[str, Any]) -> None:
     from mesh import AsyncNode
 
     payload = make_payload(size)
     res = Result()
     try:
-        async with AsyncNode(name="bench-sub", mesh=mesh_name, interfaces=[LOOPBACK],
-                             mdns=False, pub_hwm=0, sub_hwm=0) as node:
+        async with AsyncNode(**{"name": "bench-sub", "mesh": mesh_name, "interfaces": [LOOPBACK],
+                                "mdns": False, "pub_hwm": 0, "sub_hwm": 0, **opts}) as node:
             sub = await node.subscribe("bench.>", max_pending=count + 1)
             link.ready.put(node.endpoints["ctl"][0])
             async with asyncio.timeout(link.left()):
@@ -173,18 +176,21 @@ async def _mesh_subscriber(size: int, count: int, mesh_name: str, link: Link) ->
         link.done.set()
 
 
-def mesh_publisher(size: int, count: int, mesh_name: str, peer: str, link: Link) -> None:
-    asyncio.run(_mesh_publisher(size, count, mesh_name, peer, link))
+def mesh_publisher(size: int, count: int, mesh_name: str, peer: str, link: Link,
+                   opts: dict[str, Any] | None = None) -> None:
+    """`opts`: extra `AsyncNode` settings, overriding the ones below."""
+    asyncio.run(_mesh_publisher(size, count, mesh_name, peer, link, opts or {}))
 
 
 async def _mesh_publisher(size: int, count: int, mesh_name: str, peer: str,
-                          link: Link) -> None:
+                          link: Link, opts: dict[str, Any]) -> None:
     from mesh import AsyncNode
 
     payload = make_payload(size)
     try:
-        async with AsyncNode(name="bench-pub", mesh=mesh_name, interfaces=[LOOPBACK],
-                             mdns=False, peers=[peer], pub_hwm=0, sub_hwm=0) as node:
+        async with AsyncNode(**{"name": "bench-pub", "mesh": mesh_name, "interfaces": [LOOPBACK],
+                                "mdns": False, "peers": [peer], "pub_hwm": 0, "sub_hwm": 0,
+                                **opts}) as node:
             await node.wait_for_subscribers(TOPIC, 1, timeout=link.left(0.1))
             publish = node.publish
             t0 = time.perf_counter()
@@ -207,10 +213,12 @@ def run_raw(size: int, count: int, timeout: float) -> Result:
                       timeout=timeout, names=("raw-pub", "raw-sub"))
 
 
-def run_mesh(size: int, count: int, timeout: float) -> Result:
+def run_mesh(size: int, count: int, timeout: float, sub_opts: dict[str, Any] | None = None,
+             pub_opts: dict[str, Any] | None = None) -> Result:
+    """`sub_opts`, `pub_opts`: extra `AsyncNode` settings for each side (e.g. CURVE keys)."""
     mesh_name = uuid.uuid4().hex[:12]
-    return h.run_pair(mesh_subscriber, (size, count, mesh_name),
-                      mesh_publisher, (size, count, mesh_name),
+    return h.run_pair(partial(mesh_subscriber, opts=sub_opts), (size, count, mesh_name),
+                      partial(mesh_publisher, opts=pub_opts), (size, count, mesh_name),
                       timeout=timeout, names=("mesh-sub", "mesh-pub"))
 
 

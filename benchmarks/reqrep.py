@@ -162,19 +162,21 @@ def raw_client(port: int, n_lat: int, n_tput: int, out: mp.Queue[Any], done: Any
 # -- zeromesh ------------------------------------------------------------------
 
 
-def mesh_server(mesh_name: str, ports: mp.Queue[Any], done: Any, deadline: float) -> None:
-    asyncio.run(_mesh_server(mesh_name, ports, done, deadline))
+def mesh_server(mesh_name: str, ports: mp.Queue[Any], done: Any, deadline: float,
+                opts: dict[str, Any] | None = None) -> None:
+    """`opts`: extra `AsyncNode` settings, overriding the ones below."""
+    asyncio.run(_mesh_server(mesh_name, ports, done, deadline, opts or {}))
 
 
 async def _mesh_server(mesh_name: str, ports: mp.Queue[Any], done: Any,
-                       deadline: float) -> None:
+                       deadline: float, opts: dict[str, Any]) -> None:
     from mesh import AsyncNode, Message
 
     def echo(msg: Message) -> bytes:
         return msg.data
 
-    async with AsyncNode(name="bench-server", mesh=mesh_name, interfaces=[LOOPBACK],
-                         mdns=False) as node:
+    async with AsyncNode(**{"name": "bench-server", "mesh": mesh_name,
+                            "interfaces": [LOOPBACK], "mdns": False, **opts}) as node:
         await node.serve(SERVICE, echo)
         ports.put(node.endpoints["ctl"][0])
         while not done.is_set() and time.monotonic() < deadline:
@@ -182,10 +184,11 @@ async def _mesh_server(mesh_name: str, ports: mp.Queue[Any], done: Any,
 
 
 def mesh_client(mesh_name: str, peer: str, n_lat: int, n_tput: int, out: mp.Queue[Any],
-                done: Any, deadline: float) -> None:
+                done: Any, deadline: float, opts: dict[str, Any] | None = None) -> None:
+    """`opts`: extra `AsyncNode` settings, overriding the ones below."""
     res = Result()
     try:
-        asyncio.run(_mesh_client(mesh_name, peer, n_lat, n_tput, res, deadline))
+        asyncio.run(_mesh_client(mesh_name, peer, n_lat, n_tput, res, deadline, opts or {}))
     except Exception as exc:
         res.error = f"zeromesh client: {exc!r}"
     finally:
@@ -194,11 +197,12 @@ def mesh_client(mesh_name: str, peer: str, n_lat: int, n_tput: int, out: mp.Queu
 
 
 async def _mesh_client(mesh_name: str, peer: str, n_lat: int, n_tput: int, res: Result,
-                       deadline: float) -> None:
+                       deadline: float, opts: dict[str, Any]) -> None:
     from mesh import AsyncNode
 
-    async with AsyncNode(name="bench-client", mesh=mesh_name, interfaces=[LOOPBACK],
-                         mdns=False, peers=[peer]) as node:
+    async with AsyncNode(**{"name": "bench-client", "mesh": mesh_name,
+                            "interfaces": [LOOPBACK], "mdns": False, "peers": [peer],
+                            **opts}) as node:
         async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
             await node.wait_for_service(SERVICE, timeout=10)
             request, clock = node.request, time.perf_counter
@@ -231,7 +235,10 @@ async def _mesh_client(mesh_name: str, peer: str, n_lat: int, n_tput: int, res: 
 # -- orchestration ---------------------------------------------------------------
 
 
-def _run(side: str, n_lat: int, n_tput: int, timeout: float) -> Result:
+def _run(side: str, n_lat: int, n_tput: int, timeout: float,
+         server_opts: dict[str, Any] | None = None,
+         client_opts: dict[str, Any] | None = None) -> Result:
+    """`server_opts`, `client_opts`: extra `AsyncNode` settings (zeromesh side only)."""
     ctx = mp.get_context("spawn")
     out: mp.Queue[Any] = ctx.Queue()
     ports: mp.Queue[Any] = ctx.Queue()
@@ -241,8 +248,8 @@ def _run(side: str, n_lat: int, n_tput: int, timeout: float) -> Result:
     if side == "raw":
         server = ctx.Process(target=raw_server, args=(ports, done, deadline), daemon=True)
     else:
-        server = ctx.Process(target=mesh_server, args=(mesh_name, ports, done, deadline),
-                             daemon=True)
+        server = ctx.Process(target=mesh_server,
+                             args=(mesh_name, ports, done, deadline, server_opts), daemon=True)
     server.start()
     procs = [server]
     try:
@@ -255,8 +262,8 @@ def _run(side: str, n_lat: int, n_tput: int, timeout: float) -> Result:
                                  args=(address, n_lat, n_tput, out, done, deadline), daemon=True)
         else:
             client = ctx.Process(target=mesh_client,
-                                 args=(mesh_name, address, n_lat, n_tput, out, done, deadline),
-                                 daemon=True)
+                                 args=(mesh_name, address, n_lat, n_tput, out, done, deadline,
+                                       client_opts), daemon=True)
         client.start()
         procs.append(client)
         try:
