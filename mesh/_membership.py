@@ -12,7 +12,9 @@ a lost update is noticed and re-requested.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -36,7 +38,7 @@ from .errors import ProtocolError
 _log = logging.getLogger("mesh.node")
 _PENDING_LINK_TTL: Final[float] = 30.0
 _MAX_SUBS: Final[int] = 10_000
-_MAX_ENDPOINT_LEN: Final[int] = 64
+_ENDPOINT_RE: Final = re.compile(r"tcp://([0-9.]{7,15}):([0-9]{1,5})")
 _MAX_WINDOW: Final[int] = 1_000_000
 
 
@@ -319,7 +321,15 @@ def _names(names: list[str], kind: str, quiet: QuietLog) -> list[str]:
 
 
 def _first_endpoint(endpoints: list[str]) -> str | None:
+    """The first ``tcp://<IPv4>:<port>`` (what nodes bind): anything else would make libzmq's
+    connect raise (``tcp://x``), ending the reader, or resolve a host name by DNS."""
     for endpoint in endpoints:
-        if endpoint.startswith("tcp://") and len(endpoint) <= _MAX_ENDPOINT_LEN:
-            return endpoint
+        found = _ENDPOINT_RE.fullmatch(endpoint)
+        if found is None or not 0 < int(found[2]) < 65536:
+            continue
+        try:
+            ipaddress.IPv4Address(found[1])
+        except ValueError:
+            continue
+        return endpoint
     return None

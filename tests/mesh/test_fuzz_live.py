@@ -69,6 +69,74 @@ async def test_huge_readiness_marker_is_dropped_and_markers_keep_working(
     await pub.aclose()  # used to re-raise the marker reader's ValueError
 
 
+
+# Endpoints a hostile hello may carry: a well-formed one where nothing listens (port 1), and
+# garbage that libzmq refuses without resolving anything (no port, a bad port, a broken
+# bracket): never a DNS lookup, never another process's port.
+_endpoints = st.lists(st.one_of(
+    st.just("tcp://127.0.0.1:1"),
+    st.sampled_from(["tcp://x", "tcp://", "tcp://127.0.0.1:notaport", "tcp://[::1",
+                     "tcp://127.0.0.1:0", "tcp://127.0.0.1:99999", "tcp://*:5", "udp://x:1",
+                     "tcp://127.0.0.1", "tcp://:" + "9" * 40, "tcp://\x00:1"])), max_size=3)
+_names = st.one_of(st.text(max_size=20), st.sampled_from(["a.b", "a.>", "*", ">", "", "é" * 90]))
+_ids = st.one_of(st.text("0123456789abcdef", min_size=32, max_size=32), st.text(max_size=40))
+_ints = st.integers(-(2**63), 2**64 - 1)
+
+
+def _controls(mesh: str) -> st.SearchStrategy[wire.Control]:
+    meshes = st.sampled_from([mesh, mesh + "x", ""])
+    return st.one_of(
+        st.builds(wire.Hello, _ids, st.text(max_size=80), meshes, _ints, _endpoints, _endpoints,
+                  st.lists(_names, max_size=4), _ints, st.booleans(), _endpoints,
+                  st.dictionaries(_names, _ints, max_size=3), _endpoints,
+                  st.lists(_names, max_size=3), st.dictionaries(_names, _names, max_size=2)),
+        st.builds(wire.Heartbeat, _ids, _ints, _ints, _endpoints),
+        st.builds(wire.Bye, _ids),
+        st.builds(wire.Credit, _ids, _names, _ints, _ints),
+        st.builds(wire.Nack, _ids, _names, st.lists(_ints, max_size=4), _ints))
+
+
+async def test_well_formed_hostile_control_messages_never_end_a_reader(
+        make_node: Callable[..., Any]) -> None:
+    """Decodable but hostile control messages (bad endpoints, foreign ids, odd names, extreme
+    numbers) sent to a node's control port: it keeps reading, joins an honest peer after, and
+    closes cleanly. Regression: a hello or heartbeat whose control endpoint was ``tcp://x``
+    made libzmq's connect raise, which ended the control reader (and the node's close
+    re-raised it)."""
+    target: AsyncNode = await make_node("target", mdns=False)
+    ctl = target.endpoints["ctl"][0]
+    sent = 0
+
+    def fuzz() -> None:
+        nonlocal sent
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        with ctx.socket(zmq.DEALER) as dealer:
+            dealer.setsockopt(zmq.LINGER, 2000)
+            dealer.connect(ctl)
+
+            @settings(max_examples=400, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(_controls(target.mesh))
+            def one(msg: wire.Control) -> None:
+                nonlocal sent
+                dealer.send(bytes(wire.encode_control(msg)))
+                sent += 1
+
+            one()
+        ctx.term()
+
+    await asyncio.to_thread(fuzz)
+    print(f"\nwell-formed hostile control messages: {sent}; dropped {target.dropped_input}")
+    honest: AsyncNode = await make_node("honest", peers=[ctl], mdns=False)
+    got: list[bytes] = []
+    await target.subscribe("ok.>", callback=lambda m: got.append(m.data))
+    await honest.wait_for_subscribers("ok.x", 1, timeout=10)
+    await honest.publish("ok.x", b"fine")
+    await _until(lambda: got == [b"fine"], 10, "no delivery after hostile hellos")
+    assert any(p.id == honest.id for p in target.peers())
+    await target.aclose()  # re-raised what ended a reader
+
+
 # -- a live agent under raw-socket fuzzing ---------------------------------------------------
 
 TIMING = {"heartbeat_interval": 0.1, "suspect_after": 1.0, "lost_after": 3.0}
