@@ -16,7 +16,7 @@ from typing import NoReturn
 
 from patterns import KeyFileError, generate_keypair
 
-from . import _commands, _demo, _spool_cli
+from . import _bench, _commands, _demo, _spool_cli
 from .errors import ConfigError, MeshError
 
 EXIT_OK = 0
@@ -174,7 +174,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--header", action="append", default=[], metavar="K=V",
                    help="request header; repeatable")
     _add_spool(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("bench", help="measure msgs/s, MB/s, latency and drops of a pattern",
+                       description="Both ends on this machine (a child process runs the "
+                                   "other), or with --role one end against a peer by mesh "
+                                   "name. Latency is one way from a send timestamp in each "
+                                   "message (across hosts it depends on their clock sync); "
+                                   "reqrep: the round trip.")
+    _common(p)
+    p.add_argument("pattern", choices=["pubsub", "pushpull", "reqrep", "spool"])
+    p.add_argument("--role", choices=["pub", "sub", "push", "pull", "req", "rep"],
+                   help="run only this end (pubsub/spool: pub|sub, pushpull: push|pull, "
+                        "reqrep: req|rep)")
+    p.add_argument("--count", type=_count, default=100_000, metavar="N",
+                   help="messages (requests) to send (default 100000)")
+    p.add_argument("--size", type=_count, default=64, metavar="B",
+                   help="payload bytes, at least 8 (default 64)")
+    p.add_argument("--in-flight", type=_count, metavar="N",
+                   help="reqrep: requests outstanding at once (default 1)")
+    p.add_argument("--timeout", type=_positive, default=60.0, metavar="S",
+                   help="bound the whole run; exit 1 if it comes first (default 60)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
 
 
 def _retries(text: str) -> int:
@@ -247,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _spool(args)
         if args.command == "keygen":
             return _keygen(args)
+        if args.command == "bench":
+            return _bench.run(args)
         if args.command == "agent":  # imported here: the HTTP stack costs ~0.4 s to load
             from ._agent import _cli as agent_cli
             return asyncio.run(agent_cli.run(args))

@@ -1,0 +1,93 @@
+"""`zeromesh bench` end to end on 127.0.0.1: both ends as real processes, JSON, table, exit codes."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from ._proc import run
+
+pytestmark = pytest.mark.timeout(45)
+
+
+def _processes_naming(text: str) -> list[str]:
+    """Command lines of running processes that contain `text` (Linux /proc)."""
+    found = []
+    for cmdline in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+@pytest.mark.parametrize("pattern, extra", [
+    ("pubsub", []),
+    ("pushpull", []),
+    ("reqrep", ["--in-flight", "4"]),
+    ("spool", ["--fsync", "off"]),
+])
+def test_each_pattern_runs_both_ends_and_reports_json(pattern, extra, mesh_name) -> None:
+    """A lossless local run: every message counted, plausible rates and ordered percentiles,
+    and the child end is gone when the command returns."""
+    result = run(["bench", pattern, "--count", "500", "--json", "--timeout", "30", *extra],
+                 mesh=mesh_name, timeout=40)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["pattern"] == pattern
+    assert report["count"] == 500 and report["size"] == 64
+    assert report["received"] == 500
+    assert report["drops"] == 0
+    assert report["msgs_per_s"] > 0 and report["mb_per_s"] > 0
+    lat = report["latency_us"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    if pattern == "reqrep":
+        assert report["in_flight"] == 4
+    else:
+        assert report["sent"] == 500 and report["send_msgs_per_s"] > 0
+    if pattern == "spool":
+        assert report["fsync"] == "off"
+    if pathlib.Path("/proc/self").exists():
+        assert _processes_naming(report["mesh"]) == []
+
+
+def test_table_has_the_header_and_a_row_per_end(mesh_name) -> None:
+    """Without --json: a title, the column header, the sender's and the receiver's rows."""
+    result = run(["bench", "pushpull", "--count", "300", "--timeout", "30"], mesh=mesh_name,
+                 timeout=40)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("zeromesh bench pushpull: 300 msgs x 64 B")
+    assert lines[1].split() == ["msgs/s", "MB/s", "p50", "us", "p90", "us", "p99", "us",
+                                "max", "us", "drops"]
+    assert lines[2].split()[0] == "push" and lines[3].split()[0] == "pull"
+    assert lines[3].split()[-1] == "0"
+    assert result.stderr == ""  # no progress line when stderr is not a terminal
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["bench", "pubsub", "--role", "req"], "--role"),
+    (["bench", "pubsub", "--size", "4"], "--size"),
+    (["bench", "pushpull", "--in-flight", "2"], "--in-flight"),
+    (["bench", "pubsub", "--count", "0"], "must be >= 1"),
+    (["bench", "mqtt"], "invalid choice"),
+])
+def test_bad_usage_exits_2_with_one_line(args, reason, mesh_name) -> None:
+    result = run(args, mesh=mesh_name)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and reason in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def test_a_lone_sub_end_exits_1_at_its_timeout(mesh_name) -> None:
+    """--role sub with no publisher in its mesh: nothing received within --timeout."""
+    result = run(["bench", "pubsub", "--role", "sub", "--timeout", "0.5"], mesh=mesh_name)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "timed out after 0.5 s" in lines[0], result.stderr
