@@ -137,6 +137,68 @@ async def test_well_formed_hostile_control_messages_never_end_a_reader(
     await target.aclose()  # re-raised what ended a reader
 
 
+
+_headers = st.none() | st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3)
+_items = st.builds(wire.Item, _ints, st.floats(), _headers, st.binary(max_size=40),
+                   st.booleans(), st.one_of(st.just(""), _names))
+
+
+async def test_well_formed_hostile_requests_and_work_never_end_a_reader(
+        make_node: Callable[..., Any]) -> None:
+    """Decodable but hostile service frames (odd service names, replies sent to a router,
+    extreme ids) to a node's service ROUTER and work batches (foreign sources, reliable
+    items, extreme sequence numbers and epochs, unknown queues) to its PULL: it keeps
+    serving and pulling honest traffic, and closes cleanly."""
+    target: AsyncNode = await make_node("target", mdns=False)
+    await target.serve("echo", lambda m: m.data)
+    jobs: list[bytes] = []
+    await target.pull("jobs", handler=lambda m: jobs.append(m.data))
+    rtr, pull = target.endpoints["rtr"][0], target._work.endpoints[0]  # type: ignore[union-attr]
+    keys = st.sampled_from([b"jobs\x00", b"other\x00", b"j\x00", b"\xff\x00"])
+    services = st.one_of(
+        st.builds(wire.Request, _ints, st.one_of(st.just("echo"), _names), _ids,
+                  st.text(max_size=80), st.floats(), _headers, st.binary(max_size=100)),
+        st.builds(wire.Reply, _ints, _ints, st.floats(), st.binary(max_size=20),
+                  st.text(max_size=20)))
+    batches = st.tuples(keys, st.builds(wire.Batch, _ids, st.text(max_size=80), _ints,
+                                        st.lists(_items, max_size=4), _ints))
+    sent = 0
+
+    def fuzz() -> None:
+        nonlocal sent
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        with ctx.socket(zmq.DEALER) as dealer, ctx.socket(zmq.PUSH) as push:
+            for sock, endpoint in ((dealer, rtr), (push, pull)):
+                sock.setsockopt(zmq.LINGER, 2000)
+                sock.connect(endpoint)
+
+            @settings(max_examples=300, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(services, batches)
+            def one(frame: wire.ServiceFrame, batch: tuple[bytes, wire.Batch]) -> None:
+                nonlocal sent
+                dealer.send(bytes(wire.encode_service(frame)))
+                push.send(bytes(wire.encode_data(*batch)))
+                sent += 2
+
+            one()
+            while dealer.poll(100):  # the replies it sent us
+                dealer.recv()
+        ctx.term()
+
+    await asyncio.to_thread(fuzz)
+    print(f"\nwell-formed hostile service frames and work batches: {sent}; "
+          f"dropped {target.dropped_input}")
+    honest: AsyncNode = await make_node("honest", peers=[target.endpoints["ctl"][0]],
+                                        mdns=False)
+    await honest.wait_for_service("echo", timeout=10)
+    assert (await honest.request("echo", b"still", timeout=5)).data == b"still"
+    await honest.wait_for_workers("jobs", 1, timeout=10)
+    await honest.push("jobs", b"work", timeout=10)
+    await _until(lambda: b"work" in jobs, 10, "no work pulled after the hostile batches")
+    await target.aclose()  # re-raised what ended a reader
+
+
 # -- a live agent under raw-socket fuzzing ---------------------------------------------------
 
 TIMING = {"heartbeat_interval": 0.1, "suspect_after": 1.0, "lost_after": 3.0}
