@@ -27,6 +27,8 @@ from ._stats import Meter
 HEADER: Final[int] = 8
 """Bytes of send timestamp at the head of every payload (so --size is at least this)."""
 _STAMP = struct.Struct("<q")
+_unpack = _STAMP.unpack_from
+_now = time.time_ns
 _END: Final[str] = "zeromesh-bench"
 _SETTLE: Final[float] = 0.5
 """After the end marker, how long with no message means the rest were dropped."""
@@ -73,23 +75,29 @@ class _Receiver:
     """Records each message; notices the end marker; says when the run is complete."""
 
     def __init__(self, plan: Plan, meter: Meter) -> None:
-        self.plan = plan
         self.meter = meter
+        self.target = plan.count
+        """Messages that complete the run: `count` until the end marker tells."""
         self.done = asyncio.Event()
         self.marked = False
+        self._append = meter.latencies.append
 
     def __call__(self, msg: Message) -> None:
+        """The hot path, so `Meter.record` is inlined with bound methods."""
         meter = self.meter
-        if msg.headers is not None and _END in msg.headers:
-            meter.sent = int(msg.headers.get("sent", "0"))
+        if msg.headers is None or _END not in msg.headers:
+            now = _now()
+            self._append(now - _unpack(msg.data)[0])
+            if not meter.received:
+                meter.first_ns = now
+            meter.last_ns = now
+            meter.received += 1
+        else:
+            meter.sent = self.target = int(msg.headers.get("sent", "0"))
             meter.send_ns = int(msg.headers.get("send-ns", "0")) or None
             self.marked = True
             msg.ack()  # a durable's last message: its sender waits for this ack
-        else:
-            now = time.time_ns()
-            meter.record(now, now - _STAMP.unpack_from(msg.data)[0])
-        target = meter.sent if self.marked and meter.sent is not None else self.plan.count
-        if meter.received >= target:
+        if meter.received >= self.target:
             self.done.set()
 
     async def run(self, source: _Closable) -> None:
