@@ -199,6 +199,52 @@ async def test_well_formed_hostile_requests_and_work_never_end_a_reader(
     await target.aclose()  # re-raised what ended a reader
 
 
+
+async def test_well_formed_hostile_data_batches_never_end_the_subscriber(
+        make_node: Callable[..., Any]) -> None:
+    """A stranger poses as a peer (a hello is all it takes without CURVE), so the node's SUB
+    connects to it; it then publishes decodable but hostile batches (odd topics under the
+    subscribed prefix, forged sources, extreme and repeated sequence numbers). The node
+    delivers or drops each, keeps receiving from an honest publisher, and closes cleanly."""
+    target: AsyncNode = await make_node("target", mdns=False)
+    got: list[bytes] = []
+    await target.subscribe("fz.>", callback=lambda m: got.append(m.data))
+    keys = st.one_of(st.sampled_from([b"fz.a\x00", b"fz.\x00", b"fz..\x00", b"fz.\xff\x00",
+                                      b"fz.*\x00", b"fz.>\x00", b"fz.a b\x00"]),
+                     st.binary(max_size=20).map(lambda b: b"fz." + b.replace(b"\x00", b"") + b"\x00"))
+    batches = st.tuples(keys, st.builds(wire.Batch, _ids, st.text(max_size=80), _ints,
+                                        st.lists(_items, max_size=4), _ints))
+    sent = 0
+
+    def fuzz() -> None:
+        nonlocal sent
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        with _posing_as_peer(ctx, target.endpoints["ctl"][0], target.mesh, "ab" * 16,
+                             b"fz.") as (xpub, dealer, _prefix):
+
+            @settings(max_examples=300, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(batches)
+            def one(batch: tuple[bytes, wire.Batch]) -> None:
+                nonlocal sent
+                xpub.send(bytes(wire.encode_data(*batch)))
+                sent += 1
+
+            one()
+            dealer.send(bytes(wire.encode_control(wire.Bye("ab" * 16))))
+        ctx.term()
+
+    await asyncio.to_thread(fuzz)
+    print(f"\nwell-formed hostile data batches: {sent}; delivered {len(got)}; "
+          f"dropped {target.dropped_input}")
+    honest: AsyncNode = await make_node("honest", peers=[target.endpoints["ctl"][0]],
+                                        mdns=False)
+    await honest.wait_for_subscribers("fz.ok", 1, timeout=10)
+    await honest.publish("fz.ok", b"honest")
+    await _until(lambda: b"honest" in got, 10, "no delivery after the hostile batches")
+    await target.aclose()  # re-raised what ended a reader
+
+
 # -- a live agent under raw-socket fuzzing ---------------------------------------------------
 
 TIMING = {"heartbeat_interval": 0.1, "suspect_after": 1.0, "lost_after": 3.0}
@@ -614,11 +660,11 @@ def _fuzz(ctl_port: int, rtr_port: int, pull_port: int, pub_port: int, http_port
     return sent
 
 
-def _inject_data(ctx: zmq.Context[zmq.Socket[bytes]], ctl: str, mesh: str,
-                 rng: random.Random, sent: Counter[str]) -> None:
-    """Pose as a peer (no CURVE: a hello is all it takes) so the agent's SUB connects to our
-    XPUB, then feed it garbage data frames under its webhook's prefix; say goodbye after."""
-    stranger = "ef" * 16
+@contextlib.contextmanager
+def _posing_as_peer(ctx: zmq.Context[zmq.Socket[bytes]], ctl: str, mesh: str, stranger: str,
+                    wanted: bytes) -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes], bytes]]:
+    """A hello with our XPUB as its publisher; yields (xpub, dealer, the node's subscription
+    message starting with `wanted`) once the node's SUB has subscribed to us."""
     with ctx.socket(zmq.XPUB) as xpub, _zsock(ctx, zmq.DEALER, ctl) as dealer:
         xpub.setsockopt(zmq.LINGER, 2000)
         xpub.setsockopt(zmq.SNDHWM, 100_000)
@@ -627,10 +673,19 @@ def _inject_data(ctx: zmq.Context[zmq.Socket[bytes]], ctl: str, mesh: str,
             stranger, "impostor", mesh, 1, ["tcp://127.0.0.1:1"], [endpoint], [], 0))))
         prefix = b""
         deadline = time.monotonic() + 10
-        while not prefix.startswith(b"\x01fz."):
-            assert time.monotonic() < deadline, "the agent never subscribed to our XPUB"
+        while not prefix.startswith(b"\x01" + wanted):
+            assert time.monotonic() < deadline, "the node never subscribed to our XPUB"
             if xpub.poll(100):
                 prefix = xpub.recv()
+        yield xpub, dealer, prefix
+
+
+def _inject_data(ctx: zmq.Context[zmq.Socket[bytes]], ctl: str, mesh: str,
+                 rng: random.Random, sent: Counter[str]) -> None:
+    """Pose as a peer (no CURVE: a hello is all it takes) so the agent's SUB connects to our
+    XPUB, then feed it garbage data frames under its webhook's prefix; say goodbye after."""
+    stranger = "ef" * 16
+    with _posing_as_peer(ctx, ctl, mesh, stranger, b"fz.") as (xpub, dealer, prefix):
         key = prefix[1:] + b"x\x00"
         batch = wire.Batch(stranger, "impostor", 0, [wire.Item(0, 0.0, None, b"data")])
         valid = bytes(wire.encode_data(key, batch))
