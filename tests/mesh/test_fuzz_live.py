@@ -81,6 +81,9 @@ _endpoints = st.lists(st.one_of(
 _names = st.one_of(st.text(max_size=20), st.sampled_from(["a.b", "a.>", "*", ">", "", "é" * 90]))
 _ids = st.one_of(st.text("0123456789abcdef", min_size=32, max_size=32), st.text(max_size=40))
 _ints = st.integers(-(2**63), 2**64 - 1)
+HOSTILE = settings(max_examples=300, deadline=None, database=None,
+                   suppress_health_check=list(HealthCheck))
+"""Hypothesis settings of the structured fuzzers (each example is sent to a running node)."""
 
 
 def _controls(mesh: str) -> st.SearchStrategy[wire.Control]:
@@ -114,8 +117,7 @@ async def test_well_formed_hostile_control_messages_never_end_a_reader(
             dealer.setsockopt(zmq.LINGER, 2000)
             dealer.connect(ctl)
 
-            @settings(max_examples=400, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))
+            @HOSTILE
             @given(_controls(target.mesh))
             def one(msg: wire.Control) -> None:
                 nonlocal sent
@@ -143,6 +145,11 @@ _items = st.builds(wire.Item, _ints, st.floats(), _headers, st.binary(max_size=4
                    st.booleans(), st.one_of(st.just(""), _names))
 
 
+def _batches(keys: st.SearchStrategy[bytes]) -> st.SearchStrategy[tuple[bytes, wire.Batch]]:
+    return st.tuples(keys, st.builds(wire.Batch, _ids, st.text(max_size=80), _ints,
+                                     st.lists(_items, max_size=4), _ints))
+
+
 async def test_well_formed_hostile_requests_and_work_never_end_a_reader(
         make_node: Callable[..., Any]) -> None:
     """Decodable but hostile service frames (odd service names, replies sent to a router,
@@ -160,8 +167,7 @@ async def test_well_formed_hostile_requests_and_work_never_end_a_reader(
                   st.text(max_size=80), st.floats(), _headers, st.binary(max_size=100)),
         st.builds(wire.Reply, _ints, _ints, st.floats(), st.binary(max_size=20),
                   st.text(max_size=20)))
-    batches = st.tuples(keys, st.builds(wire.Batch, _ids, st.text(max_size=80), _ints,
-                                        st.lists(_items, max_size=4), _ints))
+    batches = _batches(keys)
     sent = 0
 
     def fuzz() -> None:
@@ -172,8 +178,7 @@ async def test_well_formed_hostile_requests_and_work_never_end_a_reader(
                 sock.setsockopt(zmq.LINGER, 2000)
                 sock.connect(endpoint)
 
-            @settings(max_examples=300, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))
+            @HOSTILE
             @given(services, batches)
             def one(frame: wire.ServiceFrame, batch: tuple[bytes, wire.Batch]) -> None:
                 nonlocal sent
@@ -212,8 +217,7 @@ async def test_well_formed_hostile_data_batches_never_end_the_subscriber(
     keys = st.one_of(st.sampled_from([b"fz.a\x00", b"fz.\x00", b"fz..\x00", b"fz.\xff\x00",
                                       b"fz.*\x00", b"fz.>\x00", b"fz.a b\x00"]),
                      st.binary(max_size=20).map(lambda b: b"fz." + b.replace(b"\x00", b"") + b"\x00"))
-    batches = st.tuples(keys, st.builds(wire.Batch, _ids, st.text(max_size=80), _ints,
-                                        st.lists(_items, max_size=4), _ints))
+    batches = _batches(keys)
     sent = 0
 
     def fuzz() -> None:
@@ -222,8 +226,7 @@ async def test_well_formed_hostile_data_batches_never_end_the_subscriber(
         with _posing_as_peer(ctx, target.endpoints["ctl"][0], target.mesh, "ab" * 16,
                              b"fz.") as (xpub, dealer, _prefix):
 
-            @settings(max_examples=300, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))
+            @HOSTILE
             @given(batches)
             def one(batch: tuple[bytes, wire.Batch]) -> None:
                 nonlocal sent
