@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh import ProtocolError
@@ -106,3 +107,94 @@ def test_invalid_utf8_in_a_string_field_is_a_protocol_error() -> None:
         _decode_data(b"\x01\x00ZM\x01D\x94\xa3\x00\x00\x80")
     with pytest.raises(ProtocolError):
         wire.decode_control(wire.CONTROL_HEADER + b"\x92\x03\xa2\xff\xfe")
+
+
+# -- service frames, spool records, and structured garbage for every decoder ------------------
+
+requests = st.builds(wire.Request, st.integers(0, 2**63), texts, ids, texts,
+                     st.floats(allow_nan=False), headers, st.binary(max_size=200))
+replies = st.builds(wire.Reply, st.integers(0, 2**63), st.integers(0, 3),
+                    st.floats(allow_nan=False), st.binary(max_size=200), texts)
+
+
+@given(requests | replies)
+def test_service_frames_round_trip(msg: wire.ServiceFrame) -> None:
+    """Requests and replies survive encode/decode."""
+    assert wire.decode_service(bytes(wire.encode_service(msg)), 10**6) == msg
+
+
+#: any msgpack value: what a peer that speaks msgpack but not our schema could send
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | texts
+    | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(texts, inner, max_size=4),
+    max_leaves=20)
+
+
+def _decoders() -> list[tuple[bytes, Callable[[bytes], object]]]:
+    return [(b"t\x00" + wire.DATA_HEADER, _decode_data),
+            (wire.CONTROL_HEADER, wire.decode_control),
+            (wire.SERVICE_HEADER, lambda f: wire.decode_service(f, 10**6)),
+            (b"", wire.decode_spooled)]
+
+
+@settings(max_examples=400)
+@given(msgpack_values, st.lists(st.integers(0, 20), max_size=3))
+def test_msgpack_of_the_wrong_shape_raises_only_protocol_error(
+        value: object, tags: list[int]) -> None:
+    """Valid msgpack that is not our schema (any shape, a known tag first or not) behind a
+    correct header: a value of the declared type or ProtocolError, nothing else."""
+    bodies = [msgspec.msgpack.encode(value), msgspec.msgpack.encode([*tags, value]),
+              msgspec.msgpack.encode(tags)]
+    for header, decode in _decoders():
+        for body in bodies:
+            with contextlib.suppress(ProtocolError):
+                decoded = decode(header + body)
+                assert isinstance(decoded, wire.Batch | wire.Hello | wire.Heartbeat | wire.Bye
+                                  | wire.Credit | wire.Nack | wire.Request | wire.Reply
+                                  | wire.Spooled)
+
+
+@settings(max_examples=400)
+@given(controls | requests | replies, st.data())
+def test_mutated_valid_frames_raise_only_protocol_error(msg: object, data: st.DataObject) -> None:
+    """A real frame with bytes flipped, cut, inserted or its length heads inflated: decoders
+    return a value or raise ProtocolError, never anything else."""
+    if isinstance(msg, wire.Request | wire.Reply):
+        frame = bytearray(wire.encode_service(msg))
+    else:
+        assert isinstance(msg, wire.Hello | wire.Heartbeat | wire.Bye)
+        frame = bytearray(wire.encode_control(msg))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(frame) - 1))
+        action = data.draw(st.sampled_from(["flip", "cut", "insert", "inflate"]))
+        if action == "flip":
+            frame[at] ^= data.draw(st.integers(1, 255))
+        elif action == "cut":
+            del frame[at:]
+            if not frame:
+                break
+        elif action == "insert":
+            frame[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+        else:
+            frame[at:at] = b"\xdb\xff\xff\xff\xff"  # a str32 head declaring ~4 GB
+    for _header, decode in _decoders():
+        with contextlib.suppress(ProtocolError):
+            decode(bytes(frame))
+
+
+@given(st.binary(max_size=400))
+def test_garbage_service_frames_and_spool_records_raise_only_protocol_error(
+        frame: bytes) -> None:
+    """The service decoder and the spool record decoder are as total as the others."""
+    for candidate in (frame, wire.SERVICE_HEADER + frame):
+        with contextlib.suppress(ProtocolError):
+            wire.decode_service(candidate, 10**6)
+        with contextlib.suppress(ProtocolError):
+            wire.decode_spooled(candidate)
+
+
+def test_service_size_limit_is_checked_before_decoding() -> None:
+    """An oversized service frame is refused by its length, whatever it holds."""
+    with pytest.raises(ProtocolError, match="exceeds"):
+        wire.decode_service(wire.SERVICE_HEADER + b"\xc1" * 200, 100)
