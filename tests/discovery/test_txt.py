@@ -212,3 +212,34 @@ def test_size_limit() -> None:
         "k" * 40,
     )
     assert txt_size(txt_from_peer(big)) <= MAX_TXT_BYTES
+
+
+@settings(max_examples=200)
+@given(st.dictionaries(st.sampled_from([b"id", b"name", b"mesh", b"v", b"ep", b"key", b"x" * 200]),
+                       st.none() | st.binary(max_size=1500)))
+def test_large_garbage_values_never_escape(props: dict[bytes, bytes | None]) -> None:
+    """Values up to 1500 bytes on the known keys: InvalidRecord, or a record within limits."""
+    try:
+        info = peer_from_txt(props)
+    except InvalidRecord as exc:
+        assert exc.reason
+        return
+    assert txt_size(txt_from_peer(info)) <= MAX_TXT_BYTES
+
+
+@settings(max_examples=300)
+@given(peers, st.data())
+def test_byte_flips_in_a_valid_record(info: PeerInfo, data: st.DataObject) -> None:
+    """One byte of one value of a real record changed: rejected, or still a fully valid
+    record (a flip inside a name or an id can yield another valid one)."""
+    props = txt_from_peer(info)
+    key = data.draw(st.sampled_from(sorted(props)))
+    value = bytearray(props[key] or b"")
+    if value:
+        value[data.draw(st.integers(0, len(value) - 1))] ^= data.draw(st.integers(1, 255))
+    props[key] = bytes(value)
+    try:
+        parsed = peer_from_txt(props)
+    except InvalidRecord:
+        return
+    assert peer_from_txt(txt_from_peer(parsed)) == parsed
