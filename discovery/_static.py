@@ -7,7 +7,9 @@ empty id, and never a `PeerGone` (liveness is the heartbeats' business).
 URLs are validated when the backend is built, not when it starts, so a typo on
 the command line is a clear `InvalidRecord` and exit status 2 before anything
 binds a socket. An IPv4 literal is preferred; a host name must resolve (to IPv4)
-through the system resolver at construction.
+through the system resolver at construction. For a CURVE mesh the peer's public
+key follows the URL after ``#`` (``tcp://10.0.0.5:7700#<40 Z85 chars>``): a
+secure node connects only to an endpoint whose key it knows.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Final
 
 from ._base import EventSink
 from ._events import PeerFound, PeerInfo
-from ._txt import check_ipv4, check_mesh, split_tcp_url
+from ._txt import check_ipv4, check_key, check_mesh, split_tcp_url
 from .errors import InvalidRecord
 
 _HOSTNAME_RE: Final = re.compile(
@@ -33,9 +35,29 @@ def parse_peer_urls(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def split_key(url: str) -> tuple[str, str]:
+    """``tcp://host:port#KEY`` -> (URL, KEY); no ``#``: an empty key.
+
+    Raises:
+        InvalidRecord: the part after ``#`` is not a CURVE public key.
+    """
+    base, sep, key = url.partition("#")  # a URL has no '#'; a Z85 key may
+    if not sep:
+        return url, ""
+    if not key:
+        raise InvalidRecord(f"peer {url!r}: nothing after '#' (give the peer's public key)")
+    try:
+        check_key(key)
+    except InvalidRecord as exc:
+        raise InvalidRecord(f"peer {base!r}: {exc}") from None
+    return base, key
+
+
 def check_peer_url(url: str) -> str:
-    """Return `url` if it is ``tcp://host:port`` with a usable host, else raise `InvalidRecord`."""
-    host, port = split_tcp_url(url)
+    """Return `url` if it is ``tcp://host:port[#KEY]`` with a usable host, else raise
+    `InvalidRecord`."""
+    base, _ = split_key(url)
+    host, port = split_tcp_url(base)
     if _IPV4_LIKE_RE.fullmatch(host):
         check_ipv4(host)
         return url
@@ -71,11 +93,11 @@ class StaticDiscovery:
         self._started = True
         own = set(me.endpoints)
         for url in self._urls:
-            if url in own:
+            base, key = split_key(url)
+            if base in own:
                 continue
-            info = PeerInfo(
-                id="", name="", mesh=self._mesh, version=0, endpoints=(url,), source="static"
-            )
+            info = PeerInfo(id="", name="", mesh=self._mesh, version=0, endpoints=(base,),
+                            key=key, source="static")
             sink(PeerFound(info))
 
     async def aclose(self) -> None:

@@ -118,7 +118,7 @@ class Membership:
         """Fail closed: a secure node talks only to allowlisted keys, a plain node only to
         plain peers; never a silent downgrade. Admitted endpoints are pinned to the key."""
         curve = self._ctx.curve
-        who = f"{name[:64]!r} ({peer_id[:8]})"
+        who = f"{name[:64]!r} ({peer_id[:8]})" if peer_id else f"at {endpoints[0]}"
         if curve is None:
             if key:
                 self._quiet.refuse("secure_peer", peer_id, f"ignoring peer {who}: it requires "
@@ -126,8 +126,10 @@ class Membership:
                 return False
             return True
         if not key:
-            self._quiet.refuse("plain_peer", peer_id, f"ignoring peer {who}: it has no CURVE "
-                               "key and this node accepts only CURVE peers")
+            self._quiet.refuse("plain_peer", peer_id or endpoints[0],
+                               f"ignoring peer {who}: it has no CURVE key and this node "
+                               "accepts only CURVE peers (a static peer's key goes after "
+                               "'#' in its URL)")
             return False
         if not curve.allows(key):
             self._quiet.refuse("unknown_key", peer_id, f"ignoring peer {who}: its CURVE key "

@@ -76,3 +76,18 @@ async def test_a_raw_plain_socket_gets_nothing_from_a_secure_node(make_node, key
     finally:
         ctx.destroy(linger=0)
     assert a.running
+
+
+async def test_static_peers_carry_the_key_after_a_hash(make_node, keyring, tmp_path) -> None:
+    """Without multicast a secure node needs the peer's key in the URL; without it, fail
+    closed."""
+    a = await make_node("a", mdns=False, **keyring("a"))
+    await a.serve("echo", lambda m: m.data)
+    public = (tmp_path / "a.key").read_text().split('public-key = "')[1].split('"')[0]
+    ctl = a.endpoints["ctl"][0]
+    b = await make_node("b", mdns=False, peers=[f"{ctl}#{public}"], **keyring("b"))
+    await b.wait_for_service("echo", timeout=10)
+    assert (await b.request("echo", b"static")).data == b"static"
+    keyless = await make_node("b2", mdns=False, peers=[ctl], **keyring("b"))
+    await until(lambda: keyless.traffic().input_dropped.get("plain_peer", 0) >= 1)
+    assert keyless.peers() == []
