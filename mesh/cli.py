@@ -190,8 +190,9 @@ def _add_bench(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--role", choices=["pub", "sub", "push", "pull", "req", "rep"],
                    help="run only this end (pubsub/spool: pub|sub, pushpull: push|pull, "
                         "reqrep: req|rep)")
-    p.add_argument("--count", type=_count, default=100_000, metavar="N",
-                   help="messages (requests) to send (default 100000)")
+    p.add_argument("--count", type=_count, metavar="N",
+                   help="messages (requests) to send (default: pubsub 200000, pushpull and "
+                        "spool 100000, reqrep 10000)")
     p.add_argument("--size", type=_count, default=64, metavar="B",
                    help="payload bytes, at least 8 (default 64)")
     p.add_argument("--in-flight", type=_count, metavar="N",

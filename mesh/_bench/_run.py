@@ -32,6 +32,9 @@ from ._stats import Meter, Summary, summarize
 
 _CHILD_GRACE: Final[float] = 2.0
 """How long a child gets to leave on SIGTERM before SIGKILL."""
+DEFAULT_COUNTS: Final[dict[str, int]] = {"pubsub": 200_000, "pushpull": 100_000,
+                                         "reqrep": 10_000, "spool": 100_000}
+"""A few seconds each on a small machine: long enough to be steady, short enough to rerun."""
 _FORWARD: Final[tuple[str, ...]] = ("fsync", "secret_key", "allow")
 
 
@@ -58,7 +61,8 @@ def _plan(args: argparse.Namespace) -> Plan:
         raise ConfigError("--size", f"at least {HEADER} bytes (the send timestamp)")
     if args.in_flight is not None and args.pattern != "reqrep":
         raise ConfigError("--in-flight", "only for reqrep")
-    return Plan(args.pattern, args.count, args.size, args.in_flight or 1)
+    return Plan(args.pattern, args.count or DEFAULT_COUNTS[args.pattern], args.size,
+                args.in_flight or 1)
 
 
 async def _main(args: argparse.Namespace, plan: Plan) -> int:
@@ -74,9 +78,9 @@ async def _main(args: argparse.Namespace, plan: Plan) -> int:
     with stop_on_signals(stop), _data_dirs(args, plan) as dirs:
         node = node_for(_settings(args, dirs[0]))
         async with node:
-            child = None if args.role else await _spawn(args, node, dirs[1], left())
+            child = None if args.role else await _spawn(args, plan, node, dirs[1], left())
             try:
-                with _report.Progress(f"bench {plan.pattern} {role}", lambda: _done(meter),
+                with _report.Progress(f"bench {plan.pattern} {role}", lambda: _progress(meter),
                                       plan.count):
                     outcome = await _race(ROLES[plan.pattern][role](node, plan, meter, left),
                                           child, stop, left())
@@ -88,7 +92,7 @@ async def _main(args: argparse.Namespace, plan: Plan) -> int:
     return _finish(args, plan, role, node.mesh, meter, outcome)
 
 
-def _done(meter: Meter) -> int:
+def _progress(meter: Meter) -> int:
     return meter.received or meter.sent or 0
 
 
@@ -146,12 +150,12 @@ class _Child:
         await self.reader
 
 
-async def _spawn(args: argparse.Namespace, node: AsyncNode, data_dir: str | None,
+async def _spawn(args: argparse.Namespace, plan: Plan, node: AsyncNode, data_dir: str | None,
                  left: float) -> _Child:
     """Start the partner end, pointed at this node; it outlives us by no more than a grace."""
-    other = list(ROLES[args.pattern])[1]
-    argv = [sys.executable, "-m", "mesh", "bench", args.pattern, "--role", other,
-            "--count", str(args.count), "--size", str(args.size),
+    other = list(ROLES[plan.pattern])[1]
+    argv = [sys.executable, "-m", "mesh", "bench", plan.pattern, "--role", other,
+            "--count", str(plan.count), "--size", str(plan.size),
             "--timeout", f"{left + _CHILD_GRACE:.3f}", "--mesh", node.mesh,
             "--name", f"bench-{other}", "--peer", node.endpoints["ctl"][0], "--no-mdns"]
     for iface in args.interfaces or ():

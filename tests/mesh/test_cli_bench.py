@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from ._proc import run
+from ._proc import Cli, run
 
 pytestmark = pytest.mark.timeout(45)
 
@@ -91,3 +91,30 @@ def test_a_lone_sub_end_exits_1_at_its_timeout(mesh_name) -> None:
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "timed out after 0.5 s" in lines[0], result.stderr
+
+
+def test_one_end_each_meets_the_other_by_mesh_name(procs, mesh_name) -> None:
+    """--role sub and --role pub as separate commands find each other (mDNS on 127.0.0.1);
+    the subscriber learns the sent count from the publisher's end marker."""
+    sub = Cli(["bench", "pubsub", "--role", "sub", "--count", "400", "--json",
+               "--timeout", "30"], mesh=mesh_name)
+    procs.append(sub)
+    pub = run(["bench", "pubsub", "--role", "pub", "--count", "400", "--json",
+               "--timeout", "30"], mesh=mesh_name, timeout=40)
+    assert pub.returncode == 0, pub.stderr
+    sent = json.loads(pub.stdout)
+    assert sent["role"] == "pub" and sent["sent"] == 400 and sent["received"] is None
+    assert sub.wait(30) == 0, sub.stderr()
+    got = json.loads(sub.line("{"))
+    assert got["role"] == "sub" and got["received"] == 400 and got["drops"] == 0
+    assert got["sent"] == 400 and got["send_msgs_per_s"] > 0
+
+
+def test_a_failing_other_end_is_one_line_and_exit_1(mesh_name) -> None:
+    """The child end cannot send (payload over the node's limit): its reason, relayed."""
+    result = run(["bench", "pushpull", "--size", str(2 * 1024 * 1024), "--count", "3",
+                  "--timeout", "20"], mesh=mesh_name, timeout=30)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the other end exited" in lines[0], result.stderr
+    assert "exceeds the limit" in lines[0]
