@@ -48,6 +48,8 @@ _log = logging.getLogger("mesh.pubsub")
 _FLUSH_COUNT: Final[int] = 512
 _FLUSH_BYTES: Final[int] = 256 * 1024
 CACHE_LIMIT: Final[int] = 10_000
+MAX_SUBSCRIPTION: Final[int] = 4096
+"""Largest subscription message a publisher accepts (a topic key is at most 257 bytes)."""
 _MARKER_RE: Final = re.compile(rb"[0-9A-Za-z]{1,64}:[0-9]{1,19}")
 """A readiness marker: ``<node id>:<interest version>``."""
 WIRE_OVERHEAD: Final[int] = 64 * 1024
@@ -89,7 +91,9 @@ class PubSub:
         self._on_subs_changed = on_subs_changed
         self._on_ready_changed = on_ready_changed
         self._max_wire = config.max_message_size + WIRE_OVERHEAD
-        self._publisher = Publisher(ctx, hwm=config.pub_hwm)
+        # inbound on the XPUB is only subscriptions (a topic key or a readiness marker): a
+        # small limit keeps a stranger from parking megabytes in its subscription trie
+        self._publisher = Publisher(ctx, hwm=config.pub_hwm, max_message_size=MAX_SUBSCRIPTION)
         self._subscriber = Subscriber(ctx, hwm=config.sub_hwm, max_message_size=self._max_wire)
         self.endpoints: list[str] = []
         self.node_id = ""
