@@ -23,6 +23,8 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from patterns import load_secret
+
 from .._commands import node_for, stop_on_signals
 from .._node import AsyncNode
 from ..errors import ConfigError, RequestTimeout
@@ -87,8 +89,13 @@ async def _main(args: argparse.Namespace, plan: Plan) -> int:
             except RequestTimeout:  # raised only while waiting for the other end
                 outcome = f"timed out after {args.timeout:g} s waiting for the other end"
             finally:
+                said = child.tail[-1] if child is not None and child.tail else ""
                 if child is not None:
                     await child.stop()
+    outcome = {"timeout": f"timed out after {args.timeout:g} s",
+               "stopped": "stopped by a signal"}.get(outcome, outcome)
+    if outcome != "done" and said:
+        outcome += f" (the other end said: {said})"
     return _finish(args, plan, role, node.mesh, meter, outcome)
 
 
@@ -154,10 +161,14 @@ async def _spawn(args: argparse.Namespace, plan: Plan, node: AsyncNode, data_dir
                  left: float) -> _Child:
     """Start the partner end, pointed at this node; it outlives us by no more than a grace."""
     other = list(ROLES[plan.pattern])[1]
+    peer = node.endpoints["ctl"][0]
+    secret = args.secret_key or os.environ.get("ZEROMESH_SECRET_KEY")
+    if secret:  # a secure mesh: the child must know our key to reach us without mDNS
+        peer += "#" + load_secret(secret)[0].decode()
     argv = [sys.executable, "-m", "mesh", "bench", plan.pattern, "--role", other,
             "--count", str(plan.count), "--size", str(plan.size),
             "--timeout", f"{left + _CHILD_GRACE:.3f}", "--mesh", node.mesh,
-            "--name", f"bench-{other}", "--peer", node.endpoints["ctl"][0], "--no-mdns"]
+            "--name", f"bench-{other}", "--peer", peer, "--no-mdns"]
     for iface in args.interfaces or ():
         argv += ["--interface", iface]
     for key in _FORWARD:
@@ -228,8 +239,7 @@ def _finish(args: argparse.Namespace, plan: Plan, role: str, mesh: str, meter: M
     if outcome != "done":
         got = f"{meter.received:,} of {plan.count:,} received" if receiver else \
             f"{meter.sent or 0:,} of {plan.count:,} sent"
-        why = f"timed out after {args.timeout:g} s" if outcome == "timeout" else outcome
-        print(f"zeromesh bench: {why}; {got}", file=sys.stderr)
+        print(f"zeromesh bench: {outcome}; {got}", file=sys.stderr)
         return 1
     return 0 if meter.received or not receiver else 1
 

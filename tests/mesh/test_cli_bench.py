@@ -118,3 +118,14 @@ def test_a_failing_other_end_is_one_line_and_exit_1(mesh_name) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "the other end exited" in lines[0], result.stderr
     assert "exceeds the limit" in lines[0]
+
+
+def test_a_secure_local_run_peers_its_child_by_key(tmp_path, mesh_name) -> None:
+    """With CURVE on and no mDNS, the child reaches us only with our key in its --peer URL."""
+    keys = run(["keygen", "--out", str(tmp_path)], mesh=mesh_name)
+    assert keys.returncode == 0, keys.stderr
+    result = run(["bench", "pushpull", "--count", "300", "--json", "--timeout", "30",
+                  "--secret-key", str(tmp_path / "node.key_secret"), "--allow", str(tmp_path)],
+                 mesh=mesh_name, timeout=40)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["received"] == 300
