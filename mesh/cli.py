@@ -16,7 +16,7 @@ from typing import NoReturn
 
 from patterns import KeyFileError, generate_keypair
 
-from . import _bench, _commands, _demo, _spool_cli
+from . import _commands, _demo, _spool_cli
 from .errors import ConfigError, MeshError
 
 EXIT_OK = 0
@@ -272,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _spool(args)
         if args.command == "keygen":
             return _keygen(args)
-        if args.command == "bench":
+        if args.command == "bench":  # imported here: only bench needs it
+            from . import _bench
             return _bench.run(args)
         if args.command == "agent":  # imported here: the HTTP stack costs ~0.4 s to load
             from ._agent import _cli as agent_cli
