@@ -93,13 +93,15 @@ def test_a_lone_sub_end_exits_1_at_its_timeout(mesh_name) -> None:
     assert len(lines) == 1 and "timed out after 0.5 s" in lines[0], result.stderr
 
 
-def test_one_end_each_meets_the_other_by_mesh_name(procs, mesh_name) -> None:
+@pytest.mark.parametrize("pattern", ["pubsub", "spool"])
+def test_one_end_each_meets_the_other_by_mesh_name(pattern, procs, mesh_name) -> None:
     """--role sub and --role pub as separate commands find each other (mDNS on 127.0.0.1);
-    the subscriber learns the sent count from the publisher's end marker."""
-    sub = Cli(["bench", "pubsub", "--role", "sub", "--count", "400", "--json",
+    the subscriber learns the sent count from the publisher's end marker, and a reliable
+    publisher exits 0 only once the durable acknowledged everything, the marker too."""
+    sub = Cli(["bench", pattern, "--role", "sub", "--count", "400", "--json",
                "--timeout", "30"], mesh=mesh_name)
     procs.append(sub)
-    pub = run(["bench", "pubsub", "--role", "pub", "--count", "400", "--json",
+    pub = run(["bench", pattern, "--role", "pub", "--count", "400", "--json",
                "--timeout", "30"], mesh=mesh_name, timeout=40)
     assert pub.returncode == 0, pub.stderr
     sent = json.loads(pub.stdout)
