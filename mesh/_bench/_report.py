@@ -43,16 +43,15 @@ class Progress:
             self.stream.flush()
 
     async def _run(self) -> None:
-        last_n, last_t = 0, time.monotonic()
-        while True:
-            await asyncio.sleep(_TICK)
-            n, t = self.count(), time.monotonic()
-            rate = (n - last_n) / (t - last_t)
-            last_n, last_t = n, t
+        n, rate, last_t = self.count(), 0.0, time.monotonic()
+        while True:  # at once (the other end may take a while to start), then every tick
             self.stream.write(f"\r\x1b[K{self.label}: {n:,} / {self.total:,} msgs  "
                               f"{rate:,.0f} msgs/s")
             self.stream.flush()
-
+            await asyncio.sleep(_TICK)
+            now_n, t = self.count(), time.monotonic()
+            rate = (now_n - n) / (t - last_t)
+            n, last_t = now_n, t
 
 def to_json(info: dict[str, Any], summary: Summary) -> str:
     """One object; every key always present (null where this end cannot know it)."""

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import pty
+import subprocess
+import sys
 
 import pytest
 
-from ._proc import Cli, run
+from ._proc import Cli, child_env, run
 
 pytestmark = pytest.mark.timeout(45)
 
@@ -66,7 +70,7 @@ def test_table_has_the_header_and_a_row_per_end(mesh_name) -> None:
                                 "max", "us", "drops"]
     assert lines[2].split()[0] == "push" and lines[3].split()[0] == "pull"
     assert lines[3].split()[-1] == "0"
-    assert result.stderr == ""  # no progress line when stderr is not a terminal
+    assert "\r" not in result.stderr and "msgs/s" not in result.stderr  # no progress: not a TTY
 
 
 @pytest.mark.parametrize("args, reason", [
@@ -131,3 +135,30 @@ def test_a_secure_local_run_peers_its_child_by_key(tmp_path, mesh_name) -> None:
                  mesh=mesh_name, timeout=40)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["received"] == 300
+
+
+def test_progress_is_one_rewritten_line_on_a_terminal(mesh_name) -> None:
+    """stderr on a TTY: a line rewritten with \\r showing count and rate, cleared at the end."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "mesh", "bench", "pubsub", "--count",
+                                 "20000", "--timeout", "30"], env=child_env(mesh_name),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        out, _ = proc.communicate(timeout=40)
+        seen = b""
+        while True:  # the child is gone: what it wrote is in the pty's buffer
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: nothing more
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    text = seen.decode(errors="replace")
+    assert "\r" in text and "bench pubsub sub:" in text and "msgs/s" in text
+    assert "\n" not in text.replace("\r\n", "")  # never a new line: always the same one
+    assert b"msgs/s" in out
