@@ -11,6 +11,7 @@ import re
 import signal
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -351,7 +352,10 @@ async def _eventually(action: Callable[[], Awaitable[object]], check: Callable[[
 async def _dropped_input(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
     """``zeromesh_input_dropped_total`` from the agent's /metrics, by reason."""
     async with http.get(f"{url}/metrics") as r:
-        text = await r.text()
+        return _parse_dropped(await r.text())
+
+
+def _parse_dropped(text: str) -> dict[str, float]:
     found = re.findall(r'^zeromesh_input_dropped_total\{reason="([^"]+)"\} (\S+)$', text, re.M)
     return {reason: float(value) for reason, value in found}
 
@@ -464,7 +468,10 @@ async def test_live_agent_survives_raw_fuzzing(mesh_name: str, tmp_path: Path,
             async def scrape() -> None:
                 after.update(await _dropped_input(http, agent.url))
 
-            await _eventually(scrape, counted, 10, "drops not counted")
+            with contextlib.suppress(TimeoutError):
+                await _eventually(scrape, counted, 10, "drops not counted")
+            assert counted(), f"drops not counted: want {expected} more than {before}, " \
+                              f"got {after}; agent's stderr:\n" + "\n".join(stderr.lines[-30:])
         total = sum(v for k, v in sent.items() if not k.startswith("outcome"))
         print(f"fuzz cases sent to the live agent: {total} in {took:.1f} s")
         for key in sorted(sent):
@@ -522,10 +529,14 @@ def _send_all(sock: zmq.Socket[bytes], cases: list[tuple[str, list[bytes]]],
 
 
 def _zsock(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str) -> zmq.Socket[bytes]:
+    """Connected and past the handshake: a socket closed before that never sends what it
+    queued (a SUB's subscriptions least of all)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 2000)  # fuzz frames are flushed before close
     sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.connect(endpoint)
+    with _monitored(sock) as monitor:
+        sock.connect(endpoint)
+        assert _wait_event(monitor, zmq.EVENT_HANDSHAKE_SUCCEEDED, 5), endpoint
     return sock
 
 
@@ -581,6 +592,11 @@ def _hypothesis_frames(sock: zmq.Socket[bytes], header: bytes, sent: Counter[str
 def _fuzz(ctl_port: int, rtr_port: int, pull_port: int, pub_port: int, http_port: int,
           mesh: str, rng: random.Random) -> Counter[str]:
     sent: Counter[str] = Counter()
+
+    def dropped() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
+            return _parse_dropped(r.read().decode())
+
     zmtp_ports = (ctl_port, rtr_port, pull_port, pub_port)
 
     def outcome(kinds: list[str], results: list[str]) -> None:
@@ -645,11 +661,16 @@ def _fuzz(ctl_port: int, rtr_port: int, pull_port: int, pub_port: int, http_port
             subs += [b"\xff" + rng.randbytes(rng.randrange(0, 80)) for _ in range(100)]
             subs += [b"\xff" + b"ab" * 16 + b":" + b"9" * n for n in (0, 30, 4000)]
             subs += [b"\xffab:-1", b"\xffab:1:2", b"\xff\x00:1", b"\xff" + "é:1".encode()]
+            markers_before = dropped().get("marker", 0)
             for prefix in subs:
                 sub.setsockopt(zmq.SUBSCRIBE, prefix)
                 if rng.random() < 0.3:
                     sub.setsockopt(zmq.UNSUBSCRIBE, prefix)
             sent["pub: garbage subscription"] += len(subs)
+            deadline = time.monotonic() + 10  # stay connected until the node has read them
+            while dropped().get("marker", 0) - markers_before < 100:
+                assert time.monotonic() < deadline, f"subscriptions unread: {dropped()}"
+                time.sleep(0.05)
         with _zsock(ctx, zmq.XSUB, pub) as xsub:  # upstream frames that are not subscriptions
             _send_all(xsub, _garbage(rng, wire.DATA_HEADER, work), sent, "pub")
             _send_all(xsub, [("unsubscribe unknown", [b"\x00nothing"]),
