@@ -114,8 +114,8 @@ class NodeCore:
 
     @property
     def dropped_input(self) -> Mapping[str, int]:
-        """Malformed or foreign input dropped, by reason."""
-        return dict(self._quiet.dropped)
+        """Malformed or foreign input dropped, by reason (mDNS reasons prefixed ``mdns_``)."""
+        return self._dropped_input()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -271,9 +271,17 @@ class NodeCore:
             spool_messages=len(outbox.store) if outbox else 0,
             spool_bytes=outbox.store.used_bytes if outbox else 0,
             dead_letters=len(outbox.dead) if outbox else 0,
-            input_dropped=dict(self._quiet.dropped),
+            input_dropped=self._dropped_input(),
             curve_refused=sum(self._curve.denied.values()) if self._curve else 0,
         )
+
+    def _dropped_input(self) -> dict[str, int]:
+        """Everything dropped unharmed, by reason; discovery's reasons prefixed ``mdns_``."""
+        dropped = dict(self._quiet.dropped)
+        for backend in self._discovery:
+            for reason, n in getattr(backend, "dropped", {}).items():
+                dropped[f"mdns_{reason}"] = dropped.get(f"mdns_{reason}", 0) + n
+        return dropped
 
     def events(self) -> PeerEvents:
         """A stream of peer events (joined, left, lost) from now on."""

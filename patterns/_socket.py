@@ -24,6 +24,8 @@ from .errors import SocketClosed, WouldBlock
 _log = logging.getLogger("patterns.socket")
 
 DEFAULT_MAX_MESSAGE_SIZE: Final[int] = 16 * 1024 * 1024
+_HANDSHAKE_MS: Final[int] = 5000
+"""A peer that has not finished the ZMTP handshake by then is dropped (libzmq: 30 s)."""
 _HEARTBEAT_IVL_MS: Final[int] = 1000
 _HEARTBEAT_TIMEOUT_MS: Final[int] = 3000
 _RECONNECT_IVL_MS: Final[int] = 100
@@ -53,6 +55,7 @@ class Context:
         raw = self._ctx.socket(kind)
         raw.setsockopt(zmq.LINGER, 0)
         raw.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        raw.setsockopt(zmq.HANDSHAKE_IVL, _HANDSHAKE_MS)  # a stalled greeting frees its slot
         raw.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
         raw.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
         raw.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)

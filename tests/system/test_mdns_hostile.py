@@ -93,6 +93,8 @@ def test_hostile_mdns_is_dropped_and_the_real_peer_kept(lan: netns.Lan) -> None:
     print(f"control messages the stranger received at its spoofed endpoint: {len(hellos)}")
     for line in hellos[:3]:
         print("  ", line.text[:400])
+    # the node's own drop counts (and so /metrics) include discovery's, prefixed mdns_
+    assert after["input_dropped"].get("mdns_bad_txt", 0) >= len(bad_kinds), after
     assert [(p["id"], p["state"]) for p in after["peers"]] == [(honest_id, "alive")], after
     assert after["peers"][0]["endpoints"][0] == honest_ctl, after
     assert {p["id"] for p in after["mdns_peers"]} <= {honest_id}, after
