@@ -37,7 +37,7 @@ die() { echo "curl_service: $*" >&2; exit 1; }
 # wait_for FILE PATTERN WHAT [COUNT]: until FILE has COUNT lines matching PATTERN (10 s at most)
 wait_for() {
     tries=0
-    while [ "$(grep -c -- "$2" "$1" 2>/dev/null || true)" -lt "${4:-1}" ]; do
+    while n=$(grep -c -- "$2" "$1" 2>/dev/null); [ "${n:-0}" -lt "${4:-1}" ]; do  # no file yet: 0
         tries=$((tries + 1))
         [ "$tries" -le 100 ] || die "no $3 within 10 s"
         sleep 0.1

@@ -58,8 +58,9 @@ async def main() -> None:
 
         streams = [asyncio.create_task(stream(k)) for k in range(STREAMS)]
         await half_done.wait()
+        before = ", ".join(f"{k}={v}" for k, v in sorted(answered_by.items()))
         await servers[0].aclose()  # requests are in flight on it right now
-        print("server a stopped")
+        print(f"server a stopped (answered so far: {before})")
         await asyncio.gather(*streams)
         await servers[1].aclose()
         print(f"{REQUESTS} requests, {sum(answered_by.values())} replies: "

@@ -68,9 +68,10 @@ def test_service_failover_example_answers_every_request_across_a_server_stop() -
     """Both servers answer before the stop, only "b" after it, and no request fails."""
     out = run(EXAMPLES / "service_failover.py", timeout=20).stdout
     lines = out.splitlines()
-    stop = lines.index("server a stopped")
-    assert any(line.endswith("(from a)") for line in lines[:stop])
-    assert all(not line.endswith("(from a)") for line in lines[stop:])
+    (stop,) = [i for i, line in enumerate(lines) if line.startswith("server a stopped")]
+    before = re.fullmatch(r"server a stopped \(answered so far: a=(\d+), b=(\d+)\)", lines[stop])
+    assert before and int(before.group(1)) > 0 and int(before.group(2)) > 0, lines[stop]
+    assert all(not line.endswith("(from a)") for line in lines[stop + 1:])
     assert re.fullmatch(r"200 requests, 200 replies: a=\d+, b=\d+", lines[-1]), lines[-1]
 
 
