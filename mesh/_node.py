@@ -292,8 +292,10 @@ class AsyncNode(NodeCore):
                    handler: Handler | None = None) -> Pull:
         """Become a worker of `queue`: iterate the result, or pass `handler`.
 
-        `prefetch` is how many of each pusher's messages this node holds
-        unprocessed; small values follow speed differences more closely.
+        `prefetch` is the most of each pusher's messages this node holds
+        unprocessed. The window in use adapts below it to about 20 ms of this
+        worker's work (never below 16, or `prefetch` if smaller), so a slow
+        worker holds few and a fast one is not held back by credit round trips.
 
         Raises:
             ConfigError: `queue` or `prefetch` is invalid.

@@ -55,12 +55,12 @@ from .errors import (
 )
 
 _log = logging.getLogger("mesh.workqueue")
-DEFAULT_PREFETCH: Final[int] = 256
-"""Credit window per pusher: how many unprocessed messages a worker may hold from each
-pusher (and, best effort, lose if it is killed). Small keeps slow workers from hoarding;
-throughput wants more, because a credit's trip back (a millisecond or more on a busy host)
-stalls the pusher once the window is used up: 64 B push/pull measured 0.15-0.30x raw pyzmq
-at 256, 0.23-0.53x at 1024 and 0.36-0.69x at 4096 (benchmarks/pushpull.py)."""
+DEFAULT_PREFETCH: Final[int] = 8192
+"""The most unprocessed messages a worker may hold from each pusher (and, best effort,
+lose if it is killed). The window in use adapts below it (`_window`): about 20 ms of the
+worker's own work, so a slow worker holds a few and a fast one enough to cover a credit's
+trip back. A fixed 256 measured 0.15-0.30x raw pyzmq on 64 B push/pull, the round trip
+stalling the pusher once the window was used up (benchmarks/pushpull.py)."""
 _PUSH_LINGER: Final[float] = 2.0
 _BATCH_BYTES: Final[int] = 256 * 1024
 """A batch frame holds at most this much payload (or one larger message)."""
@@ -85,16 +85,17 @@ def checked_queue_key(queue: str) -> bytes:
 class _Target:
     """One worker of one queue as its pusher sees it: window, positions, in-flight copies."""
 
-    __slots__ = ("acked", "batch_at", "epoch", "flushed", "inflight", "key", "local", "nacked",
-                 "outgoing", "outgoing_bytes", "owner_ack", "peer_id", "progress_at", "pusher",
-                 "queue", "run", "sent", "tracked", "window")
+    __slots__ = ("acked", "announced", "batch_at", "epoch", "flushed", "inflight", "key",
+                 "local", "nacked", "outgoing", "outgoing_bytes", "owner_ack", "peer_id",
+                 "progress_at", "pusher", "queue", "run", "sent", "tracked", "window")
 
     def __init__(self, peer_id: str, queue: str, window: int, epoch: int,
                  pusher: Pusher | None, local: bool) -> None:
         self.peer_id = peer_id
         self.queue = queue
         self.key = checked_topic_key(queue)
-        self.window = window
+        self.announced = window
+        self.resize(window)
         self.epoch = epoch
         self.pusher = pusher
         self.local = local
@@ -107,7 +108,6 @@ class _Target:
         """The spool entries of the reliable ones among them, by sequence number."""
         self.outgoing: list[_wire.Item] = []
         self.outgoing_bytes = 0
-        self.batch_at = max(1, window // 4)
         self.run = 0
         """Messages push() may still give it without choosing again (never above its credit)."""
         self.nacked: set[int] = set()
@@ -117,6 +117,10 @@ class _Target:
     @property
     def credit(self) -> int:
         return self.window - (self.sent - self.acked)
+
+    def resize(self, window: int) -> None:
+        self.window = window
+        self.batch_at = max(1, window // 4)
 
     def settle(self, msg: Message, ok: bool) -> None:
         """A local worker consumed one of our own pushes (no network in between)."""
@@ -295,8 +299,9 @@ class WorkQueues:
             target = _Target(peer_id, queue, window, self._epoch, pusher, endpoint is None)
             target.owner_ack = self._ack
             self._targets[(peer_id, queue)] = target
-        target.window = window
-        target.batch_at = max(1, window // 4)
+        if window != target.announced:  # else keep what its credits said since
+            target.announced = window
+            target.resize(window)
         return target
 
     def _pick(self, queue: str) -> _Target | None:
@@ -383,7 +388,7 @@ class WorkQueues:
         if not items or target.pusher is None:
             return
         frame = _wire.encode_data(target.key, _wire.Batch(
-            self.node_id, self.name, target.flushed, items, target.epoch))
+            self.node_id, self.name, target.flushed, items, target.epoch, target.credit <= 0))
         target.flushed += len(items)
         with contextlib.suppress(SocketClosed):
             target.pusher.send(frame)
@@ -419,7 +424,13 @@ class WorkQueues:
         target = self._targets.get((credit.id, credit.queue))
         if target is None or target.epoch != credit.epoch:
             return  # a stream we already gave up on
-        self._ack(target, min(credit.consumed, target.flushed) - target.acked)
+        n = min(credit.consumed, target.flushed) - target.acked
+        if credit.window > 0 and credit.window != target.window:
+            grew = credit.window > target.window
+            target.resize(credit.window)
+            if grew and n <= 0:
+                self._wake(target.queue)
+        self._ack(target, n)
 
     def on_nack(self, nack: _wire.Nack) -> None:
         target = self._targets.get((nack.id, nack.queue))
