@@ -31,7 +31,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Final, Protocol
 
-from patterns import Context, Puller, SocketClosed
+from patterns import Context, Puller
 
 from . import _window, _wire
 from ._dedup import Dedup
@@ -318,9 +318,13 @@ class Workers:
         self.endpoints = [self._puller.bind(host) for host in interfaces]
         return self.endpoints
 
-    def start(self, node_id: str) -> asyncio.Task[None]:
+    def start(self, node_id: str) -> None:
         self.node_id = node_id
-        return asyncio.get_running_loop().create_task(self._read(), name="zeromesh-pull")
+        self._puller.start(self._on_batches)
+
+    def stop(self) -> None:
+        """Take no more work (before leaving: pushers take back what we did not consume)."""
+        self._puller.stop()
 
     def close(self) -> None:
         for local in self.local.values():
@@ -416,14 +420,9 @@ class Workers:
 
     # -- receiving ---------------------------------------------------------------
 
-    async def _read(self) -> None:
-        while True:
-            try:
-                batches = await self._puller.recv_many()
-            except SocketClosed:
-                return
-            for frames in batches:
-                self._on_work(frames)
+    def _on_batches(self, batches: list[list[bytes]]) -> None:
+        for frames in batches:
+            self._on_work(frames)
 
     def _on_work(self, frames: list[bytes]) -> None:
         try:

@@ -181,10 +181,12 @@ class WorkQueues:
         if self._outbox is not None:
             for queue, sent in self._outbox.recovered():
                 self._backlog.setdefault(queue, deque()).append(sent)
-        return [self.workers.start(node_id)]
+        self.workers.start(node_id)
+        return []
 
     def prepare_leave(self) -> None:
         """Before the goodbye: flush pushes and report final credits, in that order."""
+        self.workers.stop()
         self.workers.settle_in_hand()
         self._flush()
         self.workers.send_credits()

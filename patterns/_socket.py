@@ -124,6 +124,12 @@ class Socket:
         if on_readable is not None:
             loop.call_soon(self._check_events)
 
+    def unwatch(self) -> None:
+        """Stop calling the `watch` callback (on the loop); the socket stays open."""
+        if self._loop is not None and self._on_readable is not None and not self._closed:
+            self._loop.remove_reader(self._fd)
+            self._on_readable = None
+
     def _check_events(self) -> None:
         if self._closed or self._dispatching:
             return
