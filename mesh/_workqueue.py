@@ -67,6 +67,8 @@ _BATCH_BYTES: Final[int] = 256 * 1024
 _TURN: Final[int] = 256
 """A worker's turn in the round robin: at most this many messages (and its batch, its credit)."""
 
+_wall_clock: Final = time.time
+
 Sent = tuple[_wire.Item, Tracked | None]
 
 
@@ -94,8 +96,6 @@ class _Target:
         self.peer_id = peer_id
         self.queue = queue
         self.key = checked_topic_key(queue)
-        self.announced = window
-        self.resize(window)
         self.epoch = epoch
         self.pusher = pusher
         self.local = local
@@ -110,6 +110,8 @@ class _Target:
         self.outgoing_bytes = 0
         self.run = 0
         """Messages push() may still give it without choosing again (never above its credit)."""
+        self.announced = window
+        self.resize(window)
         self.nacked: set[int] = set()
         self.progress_at = time.monotonic()
         self.owner_ack: Callable[[_Target, int], None] = lambda target, n: None
@@ -121,6 +123,8 @@ class _Target:
     def resize(self, window: int) -> None:
         self.window = window
         self.batch_at = max(1, window // 4)
+        if self.run > self.credit:  # a turn never outlasts the credit (push relies on it)
+            self.run = max(0, self.credit)
 
     def settle(self, msg: Message, ok: bool) -> None:
         """A local worker consumed one of our own pushes (no network in between)."""
@@ -213,51 +217,64 @@ class WorkQueues:
 
     async def push(self, queue: str, data: bytes | str, headers: Mapping[str, str] | None,
                    timeout: float, closed: Callable[[], bool], reliable: bool = False) -> None:
-        if queue not in self._queue_keys:
-            self._check_queue(queue)
         if type(data) is not bytes:
             data = data.encode() if isinstance(data, str) else bytes(data)
-        if len(data) > self._max_size:
+        size = len(data)
+        if size > self._max_size:
             self._stats["oversized"] += 1
-            raise MessageTooLarge(len(data), self._max_size)
-        item = _wire.Item(self._next_seq(), time.time(), dict(headers) if headers else None,
-                          data, reliable)
-        if reliable:
-            if self._outbox is None:
-                raise ConfigError("reliable", "needs a data dir (the spool lives there)")
-            tracked = await self._outbox.spool_push(queue, item)
-            self._backlog.setdefault(queue, deque()).append((item, tracked))
-            self._pump(queue)
-            self._stats["pushed"] += 1
-            return
-        if self._backlog.get(queue):
-            self._pump(queue)
+            raise MessageTooLarge(size, self._max_size)
+        # The common case first: the current turn's worker still has messages to take.
+        # (A turn never outlasts its credit, and a backlog only waits while no worker has
+        # credit, so a live turn also means there is no backlog to go first.)
         target = self._current.get(queue)
-        if target is None or target.run <= 0:
+        if reliable or target is None or target.run <= 0:
+            if queue not in self._queue_keys:
+                self._check_queue(queue)
+            if reliable:
+                await self._push_reliable(queue, data, headers)
+                return
+            if self._backlog.get(queue):
+                self._pump(queue)
             target = self._pick(queue)
             if target is None:
                 target = await self._wait_for_target(queue, timeout, closed)
+        item = _wire.Item(self._next_seq(), _wall_clock(), dict(headers) if headers else None,
+                          data)
+        self._stats["pushed"] += 1
         if target.local:
             self._assign(target, (item, None))
-        else:  # _assign, inlined for the common case
-            target.run -= 1
-            target.sent += 1
-            inflight = target.inflight
-            if not inflight:
-                target.progress_at = time.monotonic()
-            inflight.append(item)
-            outgoing = target.outgoing
-            if outgoing and target.outgoing_bytes + len(data) > _BATCH_BYTES:
-                self._send(target)
-                outgoing = target.outgoing
-            outgoing.append(item)
-            target.outgoing_bytes += len(data)
-            if len(outgoing) >= target.batch_at:
-                self._send(target)
-            elif len(outgoing) == 1:
-                self._dirty.add(target)
-                if self._flush_handle is None:
-                    self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            return
+        # _assign, inlined for the common case
+        target.run -= 1
+        target.sent += 1
+        inflight = target.inflight
+        if not inflight:
+            target.progress_at = time.monotonic()
+        inflight.append(item)
+        outgoing = target.outgoing
+        nbytes = target.outgoing_bytes + size
+        if nbytes > _BATCH_BYTES and outgoing:
+            self._send(target)
+            outgoing, nbytes = target.outgoing, size
+        outgoing.append(item)
+        target.outgoing_bytes = nbytes
+        n = len(outgoing)
+        if n >= target.batch_at:
+            self._send(target)
+        elif n == 1:
+            self._dirty.add(target)
+            if self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _push_reliable(self, queue: str, data: bytes,
+                             headers: Mapping[str, str] | None) -> None:
+        if self._outbox is None:
+            raise ConfigError("reliable", "needs a data dir (the spool lives there)")
+        item = _wire.Item(self._next_seq(), _wall_clock(), dict(headers) if headers else None,
+                          data, True)
+        tracked = await self._outbox.spool_push(queue, item)
+        self._backlog.setdefault(queue, deque()).append((item, tracked))
+        self._pump(queue)
         self._stats["pushed"] += 1
 
     def _check_queue(self, queue: str) -> None:
