@@ -58,8 +58,8 @@ class _InStream:
     """
 
     __slots__ = ("adapted_at", "changed_at", "consumed", "consumed_mark", "credit_at",
-                 "credit_out", "dry_mark", "epoch", "local", "nacks", "pusher_id", "queue",
-                 "reported", "window", "workers")
+                 "credit_out", "dry_mark", "epoch", "local", "nacks", "pending", "pusher_id",
+                 "queue", "reported", "window", "workers")
 
     def __init__(self, workers: Workers, local: LocalQueue, pusher_id: str, epoch: int,
                  position: int) -> None:
@@ -78,6 +78,8 @@ class _InStream:
         self.dry_mark = local.dry
         self.credit_out = False
         """The pusher said a batch used up its credit (it had more to send)."""
+        self.pending = False
+        """A credit report including this stream is scheduled (see `Workers.credit`)."""
 
     def adapt(self, now: float) -> None:
         """Resize the window from the rate consumed since the last time (see `_window`)."""
@@ -93,7 +95,9 @@ class _InStream:
         """One of our messages was consumed (processed, failed, or handed back at leave)."""
         if msg.reliable:
             self.workers.settled_reliable(self, msg, ok)
-        self.workers.credit(self)
+        self.consumed += 1
+        if not self.pending or self.consumed - self.reported >= self.credit_at:
+            self.workers.credit(self)  # (else a report is already on its way this iteration)
 
 
 class LocalQueue:
@@ -384,8 +388,9 @@ class Workers:
             stream.nacks.append(msg.seq)
 
     def credit(self, stream: _InStream) -> None:
-        """One more message of `stream` consumed."""
-        stream.consumed += 1
+        """`stream` consumed more: report it at the end of this loop iteration, or now if
+        half its window is done."""
+        stream.pending = True
         self._credit_dirty.add(stream)
         if stream.consumed - stream.reported >= stream.credit_at:
             self.send_credits()  # half a window done: let the pusher refill while we work
@@ -402,6 +407,7 @@ class Workers:
         now = time.monotonic()
         for stream in dirty:
             stream.changed_at = now
+            stream.pending = False
             if now - stream.adapted_at >= _window.ADAPT_EVERY:
                 stream.adapt(now)
         if force:
@@ -465,6 +471,7 @@ class Workers:
                 ref = (msg.source_id, msg.seq)
                 if ref in self._in_hand or self._dedup.seen(*ref):
                     self._stats["duplicates"] += 1
+                    stream.consumed += 1
                     self.credit(stream)  # processed or being processed: credit, do not deliver
                     continue
                 self._in_hand.add(ref)
