@@ -15,6 +15,7 @@ from mesh import (
     ConfigError,
     MessageTooLarge,
     Node,
+    NodeConfig,
     NoRespondersError,
     RemoteError,
     RequestTimeout,
@@ -383,3 +384,4 @@ async def test_service_hwm_is_a_setting_and_a_full_queue_waits_instead_of_droppi
     assert (router.getsockopt(zmq.RCVHWM), router.getsockopt(zmq.SNDHWM)) == (1, 0)
     with pytest.raises(ConfigError, match="service_hwm"):
         await make_node("bad", service_hwm=-1)
+    assert NodeConfig.from_env({"ZEROMESH_SERVICE_HWM": "7"}).service_hwm == 7
