@@ -59,8 +59,10 @@ DEFAULT_PREFETCH: Final[int] = 8192
 """The most unprocessed messages a worker may hold from each pusher (and, best effort,
 lose if it is killed). The window in use adapts below it (`_window`): about 20 ms of the
 worker's own work, so a slow worker holds a few and a fast one enough to cover a credit's
-trip back. A fixed 256 measured 0.15-0.30x raw pyzmq on 64 B push/pull, the round trip
-stalling the pusher once the window was used up (benchmarks/pushpull.py)."""
+trip back. A fixed 256 measured 0.13-0.30x raw pyzmq on 64 B push/pull, the round trip
+stalling the pusher once the window was used up; adaptive with this cap, 0.26-0.56x on the
+same loaded host (median 0.50), the pusher's CPU (~2x raw's per message) being the limit
+(benchmarks/pushpull.py)."""
 _PUSH_LINGER: Final[float] = 2.0
 _BATCH_BYTES: Final[int] = 256 * 1024
 """A batch frame holds at most this much payload (or one larger message)."""
