@@ -11,8 +11,9 @@ The same N messages of 64 B go from one process to another, once per variant:
   consumed with ``async for``, so each message is credited when the next is
   asked for) and a pusher process (`AsyncNode`, ``wait_for_workers`` then
   ``await node.push(...)`` N times). Static peering, no mDNS. One row per
-  prefetch (credit window) value: the library default and ``--prefetch``
-  extras (default 1024 and 4096), so the choice can be made from numbers.
+  prefetch value (the most the worker's adaptive credit window may grow
+  to): the library default and ``--prefetch`` extras (default 1024 and
+  4096), so the choice can be made from numbers.
 
 Receivers time the run from the first to the last of the N messages (that
 rate, ``msgs/s``, is what ``ratio`` compares with raw), check that every

@@ -62,7 +62,12 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allow: str | None = None
     """CURVE allowlist: a directory of public key files (``*.key``) or one such file."""
     pub_hwm: int = 10_000
+    """Messages queued per subscriber before PUB drops (0 = unbounded)."""
     sub_hwm: int = 10_000
+    """Messages queued per publisher on the SUB side before ZeroMQ drops (0 = unbounded)."""
+    service_hwm: int = 10_000
+    """Service ROUTER/DEALER queue limit each way (0 = unbounded); a full one makes
+    ``request`` wait, never drop."""
 
     def validated(self) -> NodeConfig:
         """Return a copy with defaults resolved; raise ConfigError on the first bad key."""
@@ -102,6 +107,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                               "CURVE needs both secret_key and allow (the allowlist)")
         if self.max_message_size <= 0:
             raise ConfigError("max_message_size", "must be > 0")
+        for key in ("pub_hwm", "sub_hwm", "service_hwm"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, "must be >= 0 (0 = unbounded)")
         return msgspec.structs.replace(self, name=name)
 
     @classmethod

@@ -7,7 +7,8 @@ node's lifecycle and peer view are in `_core`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
+from typing import Any
 
 from . import _wire
 from ._core import NodeCore
@@ -264,9 +265,9 @@ class AsyncNode(NodeCore):
 
     # -- work queues -------------------------------------------------------------
 
-    async def push(self, queue: str, data: bytes | str, *,
-                   headers: Mapping[str, str] | None = None, timeout: float = 10.0,
-                   reliable: bool = False) -> None:
+    def push(self, queue: str, data: bytes | str, *,
+             headers: Mapping[str, str] | None = None, timeout: float = 10.0,
+             reliable: bool = False) -> Coroutine[Any, Any, None]:
         """Hand a message to exactly one live worker of `queue`, anywhere in the mesh.
 
         Best effort: returns once a worker with free credit was chosen; waits
@@ -283,17 +284,27 @@ class AsyncNode(NodeCore):
             SpoolFullError: (reliable) the spool quota or the disk is full.
             ClosedError: the node is not running.
         """
+        # A plain function returning the queue's own coroutine: one coroutine per
+        # message, not two (the pusher's CPU is what limits push/pull throughput).
+        work = self._work
+        if work is None or not self._running:
+            return self._not_running()
+        return work.push(queue, data, headers, timeout, self._closed, reliable)
+
+    def _closed(self) -> bool:
+        return not self._running
+
+    async def _not_running(self) -> None:
         self._check_running()
-        assert self._work is not None
-        await self._work.push(queue, data, headers, timeout, lambda: not self._running,
-                              reliable)
 
     async def pull(self, queue: str, *, prefetch: int = DEFAULT_PREFETCH,
                    handler: Handler | None = None) -> Pull:
         """Become a worker of `queue`: iterate the result, or pass `handler`.
 
-        `prefetch` is how many of each pusher's messages this node holds
-        unprocessed; small values follow speed differences more closely.
+        `prefetch` is the most of each pusher's messages this node holds
+        unprocessed. The window in use adapts below it to about 20 ms of this
+        worker's work (never below 16, or `prefetch` if smaller), so a slow
+        worker holds few and a fast one is not held back by credit round trips.
 
         Raises:
             ConfigError: `queue` or `prefetch` is invalid.

@@ -126,7 +126,9 @@ class Services:
         self._on_services_changed = on_services_changed
         self.max_message_size = config.max_message_size
         self._max_wire = config.max_message_size + _WIRE_OVERHEAD
-        self._router = ServiceRouter(ctx, self._on_requests, max_message_size=self._max_wire)
+        self._hwm = config.service_hwm
+        self._router = ServiceRouter(ctx, self._on_requests, hwm=self._hwm,
+                                     max_message_size=self._max_wire)
         self.endpoints: list[str] = []
         self._node_id = ""
         self._name = config.name
@@ -427,7 +429,7 @@ class Services:
         def make_dealer(link: _Link) -> ServiceDealer:
             return ServiceDealer(self._ctx, rec.rtr,
                                  functools.partial(self._on_replies, link),
-                                 max_message_size=self._max_wire)
+                                 hwm=self._hwm, max_message_size=self._max_wire)
 
         link = self._links[rec.id] = _Link(rec, make_dealer)
         link.tasks = [asyncio.get_running_loop().create_task(self._watch(link),

@@ -20,7 +20,8 @@ Data (PUB -> SUB): ``topic key | header | Batch``.
 - *topic key* is the UTF-8 topic plus a NUL, first so that libzmq's prefix
   filter selects exact topics exactly and wildcard patterns by their literal
   prefix;
-- ``Batch`` (msgpack array) = ``[source id, source name, topic seq, items]``
+- ``Batch`` (msgpack array) = ``[source id, source name, topic seq, items,
+  epoch, credit out]`` (the last two for work queues)
   where each item is ``[seq, timestamp, headers | nil, payload]``. All items
   share one topic; ``topic seq`` numbers the first item, the rest follow
   contiguously, so a receiver sees publisher-side drops as gaps.
@@ -35,8 +36,9 @@ tag  message    fields
                pull, queues, rtr, services
 2    Heartbeat  id, incarnation, subs_version, ctl
 3    Bye        id
-4    Credit     id, queue, consumed: a worker has consumed this many of a pusher's
-               messages on a queue (a running total, so a lost one is superseded)
+4    Credit     id, queue, consumed, epoch, window: a worker has consumed this many of
+               a pusher's messages on a queue (a running total, so a lost one is
+               superseded) and now grants it this window
 5    Nack       id, queue, seqs: these consumed messages failed (redeliver later)
 ===  =========  ==========================================================
 
@@ -119,6 +121,9 @@ class Batch(msgspec.Struct, array_like=True, gc=False):
     items: list[Item]
     epoch: int = 0
     """Work queues: which of the pusher's streams to this worker (credits quote it back)."""
+    credit_out: bool = False
+    """Work queues: this batch used up the worker's credit and the pusher has more (the
+    worker grows a window it drains fast; see `_window`)."""
 
 
 class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
@@ -170,6 +175,8 @@ class Credit(msgspec.Struct, frozen=True, array_like=True, tag=4):
     queue: str
     consumed: int
     epoch: int = 0
+    window: int = 0
+    """The window the worker now grants (0: unchanged)."""
 
 
 class Nack(msgspec.Struct, frozen=True, array_like=True, tag=5):

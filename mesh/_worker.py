@@ -10,6 +10,10 @@ as a running total (`Credit`), coalesced per loop iteration and repeated on
 heartbeat ticks so a lost credit is superseded by the next; a `Nack` for
 failed reliable messages always travels before the credit that covers them.
 
+Each credit also carries the window the worker now grants that pusher,
+sized from its measured rate (`_window`), so a fast worker is not held back
+by the credit round trip and a slow one holds little.
+
 Reliable messages are deduplicated by (sender id, sequence) before the
 application sees them (`_dedup`); a duplicate is credited at once and never
 delivered.
@@ -27,9 +31,9 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Final, Protocol
 
-from patterns import Context, Puller, SocketClosed
+from patterns import Context, Puller
 
-from . import _wire
+from . import _window, _wire
 from ._dedup import Dedup
 from ._message import Message
 from ._quiet import QuietLog
@@ -53,26 +57,47 @@ class _InStream:
     It is also the `Settle` of every message that came on it.
     """
 
-    __slots__ = ("changed_at", "consumed", "credit_at", "epoch", "nacks", "pusher_id", "queue",
-                 "reported", "workers")
+    __slots__ = ("adapted_at", "changed_at", "consumed", "consumed_mark", "credit_at",
+                 "credit_out", "dry_mark", "epoch", "local", "nacks", "pending", "pusher_id",
+                 "queue", "reported", "window", "workers")
 
-    def __init__(self, workers: Workers, pusher_id: str, queue: str, epoch: int, position: int,
-                 window: int) -> None:
+    def __init__(self, workers: Workers, local: LocalQueue, pusher_id: str, epoch: int,
+                 position: int) -> None:
         self.workers = workers
-        self.credit_at = max(1, window // 2)
+        self.local = local
+        self.window = local.window
+        self.credit_at = max(1, self.window // 2)
         self.pusher_id = pusher_id
-        self.queue = queue
+        self.queue = local.name
         self.epoch = epoch
         self.consumed = position
         self.reported = position
         self.nacks: list[int] = []
-        self.changed_at = time.monotonic()
+        self.changed_at = self.adapted_at = time.monotonic()
+        self.consumed_mark = position
+        self.dry_mark = local.dry
+        self.credit_out = False
+        """The pusher said a batch used up its credit (it had more to send)."""
+        self.pending = False
+        """A credit report including this stream is scheduled (see `Workers.credit`)."""
+
+    def adapt(self, now: float) -> None:
+        """Resize the window from the rate consumed since the last time (see `_window`)."""
+        local = self.local
+        rate = (self.consumed - self.consumed_mark) / (now - self.adapted_at)
+        starved = self.credit_out and local.dry != self.dry_mark
+        self.window = _window.next_window(self.window, rate, starved, local.prefetch)
+        self.credit_at = max(1, self.window // 2)
+        self.adapted_at, self.consumed_mark, self.dry_mark = now, self.consumed, local.dry
+        self.credit_out = False
 
     def settle(self, msg: Message, ok: bool) -> None:
         """One of our messages was consumed (processed, failed, or handed back at leave)."""
         if msg.reliable:
             self.workers.settled_reliable(self, msg, ok)
-        self.workers.credit(self)
+        self.consumed += 1
+        if not self.pending or self.consumed - self.reported >= self.credit_at:
+            self.workers.credit(self)  # (else a report is already on its way this iteration)
 
 
 class LocalQueue:
@@ -82,9 +107,12 @@ class LocalQueue:
     handle takes one); ``msg.ack()`` finds the handle that holds it.
     """
 
-    def __init__(self, name: str, window: int) -> None:
+    def __init__(self, name: str, prefetch: int) -> None:
         self.name = name
-        self.window = window
+        self.prefetch = prefetch
+        """The most each pusher's window may grow to."""
+        self.dry = 0
+        """How often a handle found the queue empty and had to wait."""
         self.items: deque[Message] = deque()
         self.settles: deque[Settle] = deque()
         """Where each of `items` is acknowledged (in step with it; no tuple per message)."""
@@ -94,6 +122,11 @@ class LocalQueue:
         self.closed = False
         self.receipt: Callable[[Message, bool], None] = self._receipt
         """What ``msg.ack()``/``msg.nack()`` of our messages call (one bound method, reused)."""
+
+    @property
+    def window(self) -> int:
+        """The window announced (and granted to a new pusher) before any measurement."""
+        return _window.initial(self.prefetch)
 
     def _receipt(self, msg: Message, ok: bool) -> None:
         for pull in self.pulls:
@@ -184,6 +217,7 @@ class Pull:
         while not local.items:
             if self._closed or local.closed:
                 raise ClosedError(f"pull on {local.name!r} is closed")
+            local.dry += 1
             waiter = asyncio.get_running_loop().create_future()
             local.waiters.append(waiter)
             try:
@@ -288,9 +322,13 @@ class Workers:
         self.endpoints = [self._puller.bind(host) for host in interfaces]
         return self.endpoints
 
-    def start(self, node_id: str) -> asyncio.Task[None]:
+    def start(self, node_id: str) -> None:
         self.node_id = node_id
-        return asyncio.get_running_loop().create_task(self._read(), name="zeromesh-pull")
+        self._puller.start(self._on_batches)
+
+    def stop(self) -> None:
+        """Take no more work (before leaving: pushers take back what we did not consume)."""
+        self._puller.stop()
 
     def close(self) -> None:
         for local in self.local.values():
@@ -302,7 +340,7 @@ class Workers:
 
     @property
     def queues(self) -> dict[str, int]:
-        """What we announce: queue name -> credit window per pusher."""
+        """What we announce: queue name -> initial credit window per pusher."""
         return {name: q.window for name, q in self.local.items() if q.handles}
 
     def open(self, queue: str, prefetch: int, handler: Handler | None,
@@ -311,7 +349,7 @@ class Workers:
         local = self.local.get(queue)
         if local is None or local.closed:
             local = self.local[queue] = LocalQueue(queue, prefetch)
-        local.window = max(local.window, prefetch)
+        local.prefetch = max(local.prefetch, prefetch)
         local.handles += 1
         pull = Pull(local, on_close)
         local.pulls.append(pull)
@@ -350,8 +388,9 @@ class Workers:
             stream.nacks.append(msg.seq)
 
     def credit(self, stream: _InStream) -> None:
-        """One more message of `stream` consumed."""
-        stream.consumed += 1
+        """`stream` consumed more: report it at the end of this loop iteration, or now if
+        half its window is done."""
+        stream.pending = True
         self._credit_dirty.add(stream)
         if stream.consumed - stream.reported >= stream.credit_at:
             self.send_credits()  # half a window done: let the pusher refill while we work
@@ -368,6 +407,9 @@ class Workers:
         now = time.monotonic()
         for stream in dirty:
             stream.changed_at = now
+            stream.pending = False
+            if now - stream.adapted_at >= _window.ADAPT_EVERY:
+                stream.adapt(now)
         if force:
             dirty.update(s for s in self._streams.values()
                          if now - s.changed_at < _CREDIT_RESEND_FOR)
@@ -380,18 +422,13 @@ class Workers:
                 continue
             stream.reported = stream.consumed
             self._send_control(stream.pusher_id, _wire.Credit(
-                self.node_id, stream.queue, stream.consumed, stream.epoch))
+                self.node_id, stream.queue, stream.consumed, stream.epoch, stream.window))
 
     # -- receiving ---------------------------------------------------------------
 
-    async def _read(self) -> None:
-        while True:
-            try:
-                batches = await self._puller.recv_many()
-            except SocketClosed:
-                return
-            for frames in batches:
-                self._on_work(frames)
+    def _on_batches(self, batches: list[list[bytes]]) -> None:
+        for frames in batches:
+            self._on_work(frames)
 
     def _on_work(self, frames: list[bytes]) -> None:
         try:
@@ -413,7 +450,9 @@ class Workers:
             if len(self._streams) > 10_000:
                 self._forget_idle_streams()
             stream = self._streams[stream_key] = _InStream(
-                self, batch.source, queue, batch.epoch, batch.topic_seq, local.window)
+                self, local, batch.source, batch.epoch, batch.topic_seq)
+        if batch.credit_out:
+            stream.credit_out = True
         name, source, items, receipt = batch.name, batch.source, batch.items, local.receipt
         self._stats["pulled"] += len(items)
         msgs = [Message(it.topic or queue, it.payload, name, source, it.seq, it.ts, it.headers,
@@ -432,6 +471,7 @@ class Workers:
                 ref = (msg.source_id, msg.seq)
                 if ref in self._in_hand or self._dedup.seen(*ref):
                     self._stats["duplicates"] += 1
+                    stream.consumed += 1
                     self.credit(stream)  # processed or being processed: credit, do not deliver
                     continue
                 self._in_hand.add(ref)

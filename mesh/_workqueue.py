@@ -55,17 +55,21 @@ from .errors import (
 )
 
 _log = logging.getLogger("mesh.workqueue")
-DEFAULT_PREFETCH: Final[int] = 256
-"""Credit window per pusher: how many unprocessed messages a worker may hold from each
-pusher (and, best effort, lose if it is killed). Small keeps slow workers from hoarding;
-throughput wants more, because a credit's trip back (a millisecond or more on a busy host)
-stalls the pusher once the window is used up: 64 B push/pull measured 0.15-0.30x raw pyzmq
-at 256, 0.23-0.53x at 1024 and 0.36-0.69x at 4096 (benchmarks/pushpull.py)."""
+DEFAULT_PREFETCH: Final[int] = 8192
+"""The most unprocessed messages a worker may hold from each pusher (and, best effort,
+lose if it is killed). The window in use adapts below it (`_window`): about 20 ms of the
+worker's own work, so a slow worker holds a few and a fast one enough to cover a credit's
+trip back. A fixed 256 measured 0.13-0.30x raw pyzmq on 64 B push/pull, the round trip
+stalling the pusher once the window was used up; adaptive with this cap, 0.26-0.56x on the
+same loaded host (median 0.50), the pusher's CPU (~2x raw's per message) being the limit
+(benchmarks/pushpull.py)."""
 _PUSH_LINGER: Final[float] = 2.0
 _BATCH_BYTES: Final[int] = 256 * 1024
 """A batch frame holds at most this much payload (or one larger message)."""
 _TURN: Final[int] = 256
 """A worker's turn in the round robin: at most this many messages (and its batch, its credit)."""
+
+_wall_clock: Final = time.time
 
 Sent = tuple[_wire.Item, Tracked | None]
 
@@ -85,16 +89,15 @@ def checked_queue_key(queue: str) -> bytes:
 class _Target:
     """One worker of one queue as its pusher sees it: window, positions, in-flight copies."""
 
-    __slots__ = ("acked", "batch_at", "epoch", "flushed", "inflight", "key", "local", "nacked",
-                 "outgoing", "outgoing_bytes", "owner_ack", "peer_id", "progress_at", "pusher",
-                 "queue", "run", "sent", "tracked", "window")
+    __slots__ = ("acked", "announced", "batch_at", "epoch", "flushed", "inflight", "key",
+                 "local", "nacked", "outgoing", "outgoing_bytes", "owner_ack", "peer_id",
+                 "progress_at", "pusher", "queue", "run", "sent", "tracked", "window")
 
     def __init__(self, peer_id: str, queue: str, window: int, epoch: int,
                  pusher: Pusher | None, local: bool) -> None:
         self.peer_id = peer_id
         self.queue = queue
         self.key = checked_topic_key(queue)
-        self.window = window
         self.epoch = epoch
         self.pusher = pusher
         self.local = local
@@ -107,9 +110,10 @@ class _Target:
         """The spool entries of the reliable ones among them, by sequence number."""
         self.outgoing: list[_wire.Item] = []
         self.outgoing_bytes = 0
-        self.batch_at = max(1, window // 4)
         self.run = 0
         """Messages push() may still give it without choosing again (never above its credit)."""
+        self.announced = window
+        self.resize(window)
         self.nacked: set[int] = set()
         self.progress_at = time.monotonic()
         self.owner_ack: Callable[[_Target, int], None] = lambda target, n: None
@@ -117,6 +121,12 @@ class _Target:
     @property
     def credit(self) -> int:
         return self.window - (self.sent - self.acked)
+
+    def resize(self, window: int) -> None:
+        self.window = window
+        self.batch_at = max(1, window // 4)
+        if self.run > self.credit:  # a turn never outlasts the credit (push relies on it)
+            self.run = max(0, self.credit)
 
     def settle(self, msg: Message, ok: bool) -> None:
         """A local worker consumed one of our own pushes (no network in between)."""
@@ -177,10 +187,12 @@ class WorkQueues:
         if self._outbox is not None:
             for queue, sent in self._outbox.recovered():
                 self._backlog.setdefault(queue, deque()).append(sent)
-        return [self.workers.start(node_id)]
+        self.workers.start(node_id)
+        return []
 
     def prepare_leave(self) -> None:
         """Before the goodbye: flush pushes and report final credits, in that order."""
+        self.workers.stop()
         self.workers.settle_in_hand()
         self._flush()
         self.workers.send_credits()
@@ -207,51 +219,64 @@ class WorkQueues:
 
     async def push(self, queue: str, data: bytes | str, headers: Mapping[str, str] | None,
                    timeout: float, closed: Callable[[], bool], reliable: bool = False) -> None:
-        if queue not in self._queue_keys:
-            self._check_queue(queue)
         if type(data) is not bytes:
             data = data.encode() if isinstance(data, str) else bytes(data)
-        if len(data) > self._max_size:
+        size = len(data)
+        if size > self._max_size:
             self._stats["oversized"] += 1
-            raise MessageTooLarge(len(data), self._max_size)
-        item = _wire.Item(self._next_seq(), time.time(), dict(headers) if headers else None,
-                          data, reliable)
-        if reliable:
-            if self._outbox is None:
-                raise ConfigError("reliable", "needs a data dir (the spool lives there)")
-            tracked = await self._outbox.spool_push(queue, item)
-            self._backlog.setdefault(queue, deque()).append((item, tracked))
-            self._pump(queue)
-            self._stats["pushed"] += 1
-            return
-        if self._backlog.get(queue):
-            self._pump(queue)
+            raise MessageTooLarge(size, self._max_size)
+        # The common case first: the current turn's worker still has messages to take.
+        # (A turn never outlasts its credit, and a backlog only waits while no worker has
+        # credit, so a live turn also means there is no backlog to go first.)
         target = self._current.get(queue)
-        if target is None or target.run <= 0:
+        if reliable or target is None or target.run <= 0:
+            if queue not in self._queue_keys:
+                self._check_queue(queue)
+            if reliable:
+                await self._push_reliable(queue, data, headers)
+                return
+            if self._backlog.get(queue):
+                self._pump(queue)
             target = self._pick(queue)
             if target is None:
                 target = await self._wait_for_target(queue, timeout, closed)
+        item = _wire.Item(self._next_seq(), _wall_clock(), dict(headers) if headers else None,
+                          data)
+        self._stats["pushed"] += 1
         if target.local:
             self._assign(target, (item, None))
-        else:  # _assign, inlined for the common case
-            target.run -= 1
-            target.sent += 1
-            inflight = target.inflight
-            if not inflight:
-                target.progress_at = time.monotonic()
-            inflight.append(item)
-            outgoing = target.outgoing
-            if outgoing and target.outgoing_bytes + len(data) > _BATCH_BYTES:
-                self._send(target)
-                outgoing = target.outgoing
-            outgoing.append(item)
-            target.outgoing_bytes += len(data)
-            if len(outgoing) >= target.batch_at:
-                self._send(target)
-            elif len(outgoing) == 1:
-                self._dirty.add(target)
-                if self._flush_handle is None:
-                    self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            return
+        # _assign, inlined for the common case
+        target.run -= 1
+        target.sent += 1
+        inflight = target.inflight
+        if not inflight:
+            target.progress_at = time.monotonic()
+        inflight.append(item)
+        outgoing = target.outgoing
+        nbytes = target.outgoing_bytes + size
+        if nbytes > _BATCH_BYTES and outgoing:
+            self._send(target)
+            outgoing, nbytes = target.outgoing, size
+        outgoing.append(item)
+        target.outgoing_bytes = nbytes
+        n = len(outgoing)
+        if n >= target.batch_at:
+            self._send(target)
+        elif n == 1:
+            self._dirty.add(target)
+            if self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _push_reliable(self, queue: str, data: bytes,
+                             headers: Mapping[str, str] | None) -> None:
+        if self._outbox is None:
+            raise ConfigError("reliable", "needs a data dir (the spool lives there)")
+        item = _wire.Item(self._next_seq(), _wall_clock(), dict(headers) if headers else None,
+                          data, True)
+        tracked = await self._outbox.spool_push(queue, item)
+        self._backlog.setdefault(queue, deque()).append((item, tracked))
+        self._pump(queue)
         self._stats["pushed"] += 1
 
     def _check_queue(self, queue: str) -> None:
@@ -295,8 +320,9 @@ class WorkQueues:
             target = _Target(peer_id, queue, window, self._epoch, pusher, endpoint is None)
             target.owner_ack = self._ack
             self._targets[(peer_id, queue)] = target
-        target.window = window
-        target.batch_at = max(1, window // 4)
+        if window != target.announced:  # else keep what its credits said since
+            target.announced = window
+            target.resize(window)
         return target
 
     def _pick(self, queue: str) -> _Target | None:
@@ -383,7 +409,7 @@ class WorkQueues:
         if not items or target.pusher is None:
             return
         frame = _wire.encode_data(target.key, _wire.Batch(
-            self.node_id, self.name, target.flushed, items, target.epoch))
+            self.node_id, self.name, target.flushed, items, target.epoch, target.credit <= 0))
         target.flushed += len(items)
         with contextlib.suppress(SocketClosed):
             target.pusher.send(frame)
@@ -419,7 +445,13 @@ class WorkQueues:
         target = self._targets.get((credit.id, credit.queue))
         if target is None or target.epoch != credit.epoch:
             return  # a stream we already gave up on
-        self._ack(target, min(credit.consumed, target.flushed) - target.acked)
+        n = min(credit.consumed, target.flushed) - target.acked
+        if credit.window > 0 and credit.window != target.window:
+            grew = credit.window > target.window
+            target.resize(credit.window)
+            if grew and n <= 0:
+                self._wake(target.queue)
+        self._ack(target, n)
 
     def on_nack(self, nack: _wire.Nack) -> None:
         target = self._targets.get((nack.id, nack.queue))

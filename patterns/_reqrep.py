@@ -14,6 +14,12 @@ when the TCP connection to the server drops — the server process died, or
 ZMTP heartbeats timed out — `connection_events()` says so at once. Requests in
 flight on that connection can never be answered (a reconnect gets a new
 routing id), so the caller fails them over without waiting for their timeout.
+
+The high-water mark (``hwm``) bounds the request direction only (DEALER send,
+ROUTER receive), where a full queue makes the requester wait. Replies are
+unbounded: a ROUTER drops what it cannot queue, which would turn a burst of
+replies into timeouts and retries, and they are bounded anyway by the requests
+the server accepted.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ class ServiceRouter:
     def __init__(self, ctx: Context, on_requests: Frames, *, hwm: int = DEFAULT_SERVICE_HWM,
                  max_message_size: int | None = None) -> None:
         kw = {} if max_message_size is None else {"max_message_size": max_message_size}
-        self._sock = ctx.socket(zmq.ROUTER, sndhwm=hwm, rcvhwm=hwm, **kw)
+        self._sock = ctx.socket(zmq.ROUTER, sndhwm=0, rcvhwm=hwm, **kw)
         self._on_requests = on_requests
         self.endpoints: list[str] = []
 
@@ -77,7 +83,7 @@ class ServiceDealer:
                  hwm: int = DEFAULT_SERVICE_HWM, max_message_size: int | None = None) -> None:
         kw = {} if max_message_size is None else {"max_message_size": max_message_size}
         self.endpoint = endpoint
-        self._sock = ctx.socket(zmq.DEALER, sndhwm=hwm, rcvhwm=hwm, **kw)
+        self._sock = ctx.socket(zmq.DEALER, sndhwm=hwm, rcvhwm=0, **kw)
         self._on_replies = on_replies
         self._monitor = self._sock.monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED
                                            | zmq.EVENT_DISCONNECTED)

@@ -93,8 +93,9 @@ class Socket:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
-        self._want_read: asyncio.Future[None] | None = None
-        self._want_write: asyncio.Future[None] | None = None
+        self._want_read: list[asyncio.Future[None]] = []
+        self._want_write: list[asyncio.Future[None]] = []
+        """Tasks waiting for readiness: every one of them (many requests may wait to send)."""
         self._on_readable: Callable[[], None] | None = None
         self._dispatching = False
         self._drained = False
@@ -123,6 +124,12 @@ class Socket:
         if on_readable is not None:
             loop.call_soon(self._check_events)
 
+    def unwatch(self) -> None:
+        """Stop calling the `watch` callback (on the loop); the socket stays open."""
+        if self._loop is not None and self._on_readable is not None and not self._closed:
+            self._loop.remove_reader(self._fd)
+            self._on_readable = None
+
     def _check_events(self) -> None:
         if self._closed or self._dispatching:
             return
@@ -130,17 +137,12 @@ class Socket:
         for _ in range(_DISPATCH_ROUNDS):
             events = get(_EVENTS)
             assert isinstance(events, int)
-            if events & _POLLOUT and self._want_write is not None:
-                if not self._want_write.done():
-                    self._want_write.set_result(None)
-                self._want_write = None
+            if events & _POLLOUT and self._want_write:
+                _wake_all(self._want_write)
             if not events & _POLLIN:
                 return
             if self._on_readable is None:
-                if self._want_read is not None:
-                    if not self._want_read.done():
-                        self._want_read.set_result(None)
-                    self._want_read = None
+                _wake_all(self._want_read)
                 return
             self._dispatching = True
             self._drained = False
@@ -150,7 +152,7 @@ class Socket:
                 self._dispatching = False
             if self.closed:  # the callback closed us (a property: mypy must not narrow)
                 return
-            if self._drained and self._want_write is None:
+            if self._drained and not self._want_write:
                 return  # the drain saw no more input, and nothing was sent since
         assert self._loop is not None
         self._loop.call_soon(self._check_events)  # a flood: let other work run first
@@ -204,11 +206,13 @@ class Socket:
             if events & flag:
                 return
             fut = self._loop.create_future()
-            if flag == zmq.POLLIN:
-                self._want_read = fut
-            else:
-                self._want_write = fut
-            await fut
+            waiting = self._want_read if flag == zmq.POLLIN else self._want_write
+            waiting.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in waiting:  # cancelled before it was woken: forget it
+                    waiting.remove(fut)
 
     def set_option(self, option: int, value: int | bytes) -> None:
         self._sync.setsockopt(option, value)
@@ -341,7 +345,16 @@ class Socket:
             self._registry.discard(self)
             if self._loop is not None:
                 self._loop.remove_reader(self._fd)
-                for fut in (self._want_read, self._want_write):
-                    if fut is not None and not fut.done():
+                for fut in (*self._want_read, *self._want_write):
+                    if not fut.done():
                         fut.set_exception(SocketClosed("socket closed"))
+                self._want_read.clear()
+                self._want_write.clear()
             self._async.close(linger=int(linger * 1000))
+
+
+def _wake_all(waiting: list[asyncio.Future[None]]) -> None:
+    for fut in waiting:
+        if not fut.done():
+            fut.set_result(None)
+    waiting.clear()

@@ -15,6 +15,7 @@ from mesh import (
     ConfigError,
     MessageTooLarge,
     Node,
+    NodeConfig,
     NoRespondersError,
     RemoteError,
     RequestTimeout,
@@ -358,3 +359,29 @@ async def test_requests_survive_a_server_process_sigkilled_mid_stream(mesh_name)
     finally:
         for srv in servers:
             srv.close()
+
+
+async def test_service_hwm_is_a_setting_and_a_full_queue_waits_instead_of_dropping(
+        make_node) -> None:
+    """``service_hwm`` bounds queued requests; at 1, 300 requests in flight all succeed.
+
+    Requesters wait on the full queue; replies are never dropped (unbounded).
+    """
+    client = await make_node("client", service_hwm=1)
+    server = await make_node("s0", service_hwm=1)
+
+    async def handler(msg):
+        await asyncio.sleep(0)
+        return msg.data[::-1]
+
+    await server.serve("svc.tiny", handler)
+    await client.wait_for_service("svc.tiny", timeout=5)
+    async with asyncio.timeout(20):
+        replies = await asyncio.gather(*(client.request("svc.tiny", f"r{i}", timeout=15)
+                                         for i in range(300)))
+    assert [r.data for r in replies] == [f"r{i}".encode()[::-1] for i in range(300)]
+    router = server._services._router._sock._sync
+    assert (router.getsockopt(zmq.RCVHWM), router.getsockopt(zmq.SNDHWM)) == (1, 0)
+    with pytest.raises(ConfigError, match="service_hwm"):
+        await make_node("bad", service_hwm=-1)
+    assert NodeConfig.from_env({"ZEROMESH_SERVICE_HWM": "7"}).service_hwm == 7

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from mesh import Node, NoRespondersError, RequestTimeout
+from mesh._window import MIN_WINDOW
 from tests.helpers import aeventually
 
 from ._proc import Cli
@@ -37,10 +38,12 @@ async def test_equal_workers_share_the_work_fairly(make_node) -> None:
     assert all(800 <= n <= 1200 for n in got.values()), got
 
 
-async def test_a_slow_worker_gets_proportionally_fewer(make_node) -> None:
-    """A worker 10x slower is not queued up: it gets about a tenth of what the fast one gets."""
+async def _fast_and_slow(make_node, got: collections.Counter, count: int, **options):
+    """A pusher, a worker taking 1 ms per message and one taking 10 ms; `count` pushed.
+
+    Returns the three nodes and the seconds from the first push until all were processed.
+    """
     pusher = await make_node("pusher")
-    got: collections.Counter = collections.Counter()
 
     def worker(name: str, delay: float):
         async def handle(msg) -> None:
@@ -49,18 +52,35 @@ async def test_a_slow_worker_gets_proportionally_fewer(make_node) -> None:
         return handle
 
     fast, slow = await make_node("fast"), await make_node("slow")
-    await fast.pull("jobs", prefetch=4, handler=worker("fast", 0.001))
-    await slow.pull("jobs", prefetch=4, handler=worker("slow", 0.010))
+    await fast.pull("jobs", handler=worker("fast", 0.001), **options)
+    await slow.pull("jobs", handler=worker("slow", 0.010), **options)
     await pusher.wait_for_workers("jobs", 2, timeout=5)
     started = time.monotonic()
-    for i in range(1000):
+    for i in range(count):
         await pusher.push("jobs", str(i), timeout=10)
-    await _drain_until(got, 1000, timeout=20)
-    took = time.monotonic() - started
+    await _drain_until(got, count, timeout=30)
+    return pusher, fast, slow, time.monotonic() - started
+
+
+async def test_a_slow_worker_gets_proportionally_fewer(make_node) -> None:
+    """A worker 10x slower is not queued up: it gets about a tenth of what the fast one gets."""
+    got: collections.Counter = collections.Counter()
+    *_, took = await _fast_and_slow(make_node, got, 1000, prefetch=4)
     print(f"speed split: {dict(got)} in {took:.2f} s")
     # The slow worker got no more than it could process in that time plus its window:
     # nothing waited in a queue behind it while the fast one was free.
     assert got["slow"] <= took / 0.010 + 4 + 1, got
+    assert got["fast"] > 3 * got["slow"] > 0, got
+
+
+async def test_at_the_default_prefetch_a_slow_workers_window_shrinks(make_node) -> None:
+    """The default window adapts: a 10x slower worker ends at the floor and gets far fewer."""
+    got: collections.Counter = collections.Counter()
+    pusher, fast, slow, _ = await _fast_and_slow(make_node, got, 2000)
+    windows = {name: pusher._work._targets[(node.id, "jobs")].window
+               for name, node in (("fast", fast), ("slow", slow))}
+    print(f"speed split: {dict(got)}, windows {windows}")
+    assert windows["slow"] == MIN_WINDOW, windows
     assert got["fast"] > 3 * got["slow"] > 0, got
 
 
