@@ -43,8 +43,17 @@ def initial(prefetch: int) -> int:
     return min(prefetch, INITIAL_WINDOW)
 
 
-def next_window(window: int, rate: float, starved: bool, prefetch: int) -> int:
+GROW_AFTER: Final[int] = 4 * INITIAL_WINDOW
+"""A stream grows its window only after this many messages: equal workers sharing a short
+burst keep equal windows (the first to measure would otherwise take more than its share),
+while a slow worker's window still shrinks at once."""
+
+
+def next_window(window: int, rate: float, starved: bool, prefetch: int,
+                may_grow: bool = True) -> int:
     """The window after one measurement: `rate` messages/s, `starved` = dry while credit-bound."""
     want = int(rate * HORIZON)
     want = max(want, 2 * window) if starved else max(want, window // 2)
+    if not may_grow:
+        want = min(want, window)
     return max(floor(prefetch), min(prefetch, want))

@@ -57,7 +57,7 @@ class _InStream:
     It is also the `Settle` of every message that came on it.
     """
 
-    __slots__ = ("adapted_at", "changed_at", "consumed", "consumed_mark", "credit_at",
+    __slots__ = ("adapted_at", "born", "changed_at", "consumed", "consumed_mark", "credit_at",
                  "credit_out", "dry_mark", "epoch", "local", "nacks", "pending", "pusher_id",
                  "queue", "reported", "window", "workers")
 
@@ -71,6 +71,7 @@ class _InStream:
         self.queue = local.name
         self.epoch = epoch
         self.consumed = position
+        self.born = position
         self.reported = position
         self.nacks: list[int] = []
         self.changed_at = self.adapted_at = time.monotonic()
@@ -86,7 +87,8 @@ class _InStream:
         local = self.local
         rate = (self.consumed - self.consumed_mark) / (now - self.adapted_at)
         starved = self.credit_out and local.dry != self.dry_mark
-        self.window = _window.next_window(self.window, rate, starved, local.prefetch)
+        may_grow = self.consumed - self.born >= _window.GROW_AFTER
+        self.window = _window.next_window(self.window, rate, starved, local.prefetch, may_grow)
         self.credit_at = max(1, self.window // 2)
         self.adapted_at, self.consumed_mark, self.dry_mark = now, self.consumed, local.dry
         self.credit_out = False

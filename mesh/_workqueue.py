@@ -66,7 +66,7 @@ same loaded host (median 0.50), the pusher's CPU (~2x raw's per message) being t
 _PUSH_LINGER: Final[float] = 2.0
 _BATCH_BYTES: Final[int] = 256 * 1024
 """A batch frame holds at most this much payload (or one larger message)."""
-_TURN: Final[int] = 256
+_TURN: Final[int] = 64
 """A worker's turn in the round robin: at most this many messages (and its batch, its credit)."""
 
 _wall_clock: Final = time.time
