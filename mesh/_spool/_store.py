@@ -34,7 +34,16 @@ from pathlib import Path
 from typing import BinaryIO, Final
 
 from ..errors import ClosedError, MeshError, SpoolFullError
-from ._segment import HEADER_SIZE, RecordKind, RecoveryReport, encode, scan
+from ._segment import (
+    HEADER_SIZE,
+    RecordKind,
+    RecoveryReport,
+    acked_ids,
+    encode,
+    encode_acks,
+    encode_data,
+    scan,
+)
 
 _log = logging.getLogger("mesh.spool")
 _SUFFIX: Final[str] = ".seg"
@@ -53,7 +62,7 @@ class FsyncPolicy(enum.Enum):
     """no fsync: survives a process crash, not a power cut."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: a segment is a file, and a dict key
 class _Segment:
     path: Path
     first_id: int
@@ -109,7 +118,7 @@ class SpoolStore:
                 if rec.kind is RecordKind.DATA:
                     pending[rec.id] = rec.payload
                 elif rec.kind is RecordKind.ACK:
-                    acked.add(rec.id)
+                    acked.update(acked_ids(rec))
         return sorted((i, p) for i, p in pending.items() if i not in acked), size
 
     def open(self) -> RecoveryReport:
@@ -135,7 +144,7 @@ class SpoolStore:
                     self._where[rec.id] = seg
                     seg.live += 1
                 elif rec.kind is RecordKind.ACK:
-                    acked.add(rec.id)
+                    acked.update(acked_ids(rec))
                 else:
                     self._meta.append(rec.payload)
             if good_end < len(data) and index == len(files) - 1 and report.torn_bytes:
@@ -145,8 +154,7 @@ class SpoolStore:
                     os.fsync(fh.fileno())
                 seg.size = good_end
             self._segments.append(seg)
-        for record_id in acked:
-            self._settle(record_id)
+        self._settle_many(list(acked))
         self._firsts = [s.first_id for s in self._segments]
         self._drop_settled_prefix()
         if not report.clean:
@@ -196,17 +204,15 @@ class SpoolStore:
         """Store several messages with one wait (one group commit)."""
         if self._closed or self._loop is None:
             raise ClosedError("spool is closed")
-        records, ids = [], []
         payload_list = list(payloads)
-        for payload in payload_list:
-            record_id = self._next_id
-            self._next_id += 1
-            records.append(encode(RecordKind.DATA, record_id, payload))
-            ids.append(record_id)
-        size = sum(len(r) for r in records)
+        first = self._next_id
+        records = encode_data(first, payload_list)
+        ids = list(range(first, first + len(records)))
+        size = sum(map(len, records))
         used = self.used_bytes
         if used + size > self.quota_bytes:
             raise SpoolFullError(self.quota_bytes, used)
+        self._next_id += len(records)
         self._queued_bytes += size
         fut: asyncio.Future[None] = self._loop.create_future()
         self._queue.put(_Write(records, ids, payload_list, fut, size))
@@ -227,12 +233,12 @@ class SpoolStore:
         self._queue.put(_Write([record], [], [], None, len(record)))
 
     def ack(self, record_ids: Iterable[int]) -> None:
-        """Mark messages done; written with the next batch, space reclaimed by segment."""
-        records = []
-        for record_id in record_ids:
-            if record_id in self._pending:
-                records.append(encode(RecordKind.ACK, record_id, b""))
-                self._settle(record_id)
+        """Mark messages done; written with the next batch (one record per run of
+        consecutive ids), space reclaimed by segment."""
+        pending = self._pending
+        settled = sorted(i for i in record_ids if i in pending)
+        self._settle_many(settled)
+        records = encode_acks(settled)
         if records and not self._closed:
             size = sum(len(r) for r in records)
             self._queued_bytes += size
@@ -250,12 +256,19 @@ class SpoolStore:
 
     # -- bookkeeping ---------------------------------------------------------------
 
-    def _settle(self, record_id: int) -> None:
-        if self._pending.pop(record_id, None) is not None:
-            seg = self._where.pop(record_id, None)
+    def _settle_many(self, record_ids: list[int]) -> None:
+        """Forget these ids as pending; count them off their segments (one lock for all)."""
+        pending_pop, where_pop = self._pending.pop, self._where.pop
+        gone: dict[_Segment, int] = {}
+        for record_id in record_ids:
+            pending_pop(record_id, None)
+            seg = where_pop(record_id, None)
             if seg is not None:
-                with self._lock:
-                    seg.live -= 1
+                gone[seg] = gone.get(seg, 0) + 1
+        if gone:
+            with self._lock:
+                for seg, n in gone.items():
+                    seg.live -= n
 
     def _drop_settled_prefix(self) -> None:
         """Delete fully acknowledged segments from the front (never the one being written)."""
@@ -333,10 +346,9 @@ class SpoolStore:
     def _resolve(self, placed: list[tuple[_Write, _Segment]], error: BaseException | None) -> None:
         for write, seg in placed:
             self._queued_bytes -= write.size
-            if error is None:
-                for record_id, payload in zip(write.ids, write.payloads, strict=True):
-                    self._pending[record_id] = payload
-                    self._where[record_id] = seg
+            if error is None and write.ids:
+                self._pending.update(zip(write.ids, write.payloads, strict=True))
+                self._where.update(dict.fromkeys(write.ids, seg))
             fut = write.future
             if fut is not None and not fut.done():
                 if error is None:

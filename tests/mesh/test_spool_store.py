@@ -35,6 +35,23 @@ async def test_pending_messages_survive_reopen_and_ids_keep_growing(tmp_path) ->
         await again.aclose()
 
 
+async def test_acks_in_runs_and_singles_survive_reopen(tmp_path) -> None:
+    """Acks of consecutive ids (one record per run) and scattered ones settle exactly those."""
+    store = await _open(tmp_path)
+    ids = await store.append_many([f"m{i}".encode() for i in range(20)])
+    acked = {*ids[2:9], ids[11], *ids[13:15], ids[19]}
+    store.ack(sorted(acked, reverse=True))  # any order; repeats and unknown ids are ignored
+    store.ack([ids[3], 10_000])
+    assert [i for i, _ in store.pending()] == [i for i in ids if i not in acked]
+    await store.aclose()
+    again = await _open(tmp_path)
+    try:
+        assert [i for i, _ in again.pending()] == [i for i in ids if i not in acked]
+        assert again.report.clean
+    finally:
+        await again.aclose()
+
+
 @pytest.mark.parametrize("policy", list(FsyncPolicy))
 async def test_concurrent_appends_share_commits_under_every_policy(tmp_path, policy) -> None:
     """Many appends in flight at once all complete and all come back after reopen."""
