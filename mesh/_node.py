@@ -94,10 +94,9 @@ class AsyncNode(NodeCore):
             return
         tracked = await self._outbox.spool_publish_many(
             topic, [item for item in items if item is not None], dests)
-        requeue = self._work.requeue
-        for one in tracked:
-            for dest in dests:
-                requeue(dest, (one.spooled.item, one))
+        sents = [(one.spooled.item, one) for one in tracked]
+        for dest in dests:
+            self._work.requeue_many(dest, sents)
 
     def publish_nowait(self, topic: str, data: bytes | str, *,
                        headers: Mapping[str, str] | None = None) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final
 
@@ -136,12 +136,18 @@ class Outbox:
             _log.info("resuming %d spooled pushes", len(out))
         return out
 
-    def delivered(self, tracked: Tracked, dest: str) -> None:
-        tracked.pending.discard(dest)
-        if not tracked.pending:
-            self._acks.append(tracked.spool_id)
-            if len(self._acks) == 1:
-                asyncio.get_running_loop().call_soon(self._flush_acks)
+    def delivered(self, tracked: Iterable[Tracked], dest: str) -> None:
+        """These messages reached `dest`; those that reached every destination are acked
+        in the spool at the end of this loop iteration (one batch of ack records)."""
+        acks = self._acks
+        had = len(acks)
+        for one in tracked:
+            pending = one.pending
+            pending.discard(dest)
+            if not pending:
+                acks.append(one.spool_id)
+        if not had and acks:
+            asyncio.get_running_loop().call_soon(self._flush_acks)
 
     def _flush_acks(self) -> None:
         """One ack record batch per loop iteration, however many messages settled."""
