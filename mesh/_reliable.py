@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final
 
+import msgspec
+
 from . import _wire
 from ._config import NodeConfig
 from ._dedup import Dedup
@@ -39,15 +41,22 @@ class _Batch:
         self.records: list[bytes] = []
 
 
-class Tracked:
-    """A spooled message on its way: its spool id and what it still has to reach."""
+class Tracked(msgspec.Struct, gc=False):
+    """A spooled message on its way: its spool id and what it still has to reach.
 
-    __slots__ = ("pending", "spool_id", "spooled")
+    One is made per reliable message, so it is a Struct without GC tracking
+    (cheaper to build than a class with ``__init__``; it holds no cycles).
+    """
 
-    def __init__(self, spool_id: int, spooled: _wire.Spooled) -> None:
-        self.spool_id = spool_id
-        self.spooled = spooled
-        self.pending: set[str] = set(spooled.dests) if spooled.kind == "t" else {spooled.name}
+    spool_id: int
+    spooled: _wire.Spooled
+    pending: set[str]
+
+
+def track(spool_id: int, spooled: _wire.Spooled) -> Tracked:
+    """A freshly spooled (or recovered) message, pending for all its destinations."""
+    return Tracked(spool_id, spooled,
+                   set(spooled.dests) if spooled.kind == "t" else {spooled.name})
 
 
 Requeue = Callable[..., None]
@@ -101,7 +110,7 @@ class Outbox:
         batch.records.extend(encode(s) for s in spooleds)
         ids = await asyncio.shield(batch.done)
         self._stats["spooled"] += len(spooleds)
-        return [Tracked(ids[first + i], s) for i, s in enumerate(spooleds)]
+        return list(map(track, ids[first:first + len(spooleds)], spooleds))
 
     def _commit(self, batch: _Batch) -> None:
         self._batch = None
@@ -129,7 +138,7 @@ class Outbox:
             except ProtocolError as exc:
                 _log.warning("skipping unreadable spool record %d: %s", spool_id, exc)
                 continue
-            tracked = Tracked(spool_id, spooled)
+            tracked = track(spool_id, spooled)
             for dest in tracked.pending:
                 out.append((dest, (spooled.item, tracked)))
         if out:
@@ -204,7 +213,7 @@ class Outbox:
                 continue
             spooled.attempts, spooled.reason = 0, ""
             spool_id = await self.store.append(_wire.encode_spooled(spooled))
-            tracked = Tracked(spool_id, spooled)
+            tracked = track(spool_id, spooled)
             self.dead.ack((record_id,))
             for dest in tracked.pending:
                 requeue(dest, (spooled.item, tracked))
