@@ -213,6 +213,7 @@ class AsyncNode(NodeCore):
                 local.put(((msg, _UNTRACKED),))
 
         sub = self._pubsub.subscribe(pattern, live, 0)
+        sub.best_effort_only = True
         pull.on_closed(sub.aclose)
         return pull
 
