@@ -43,10 +43,13 @@ _decode = msgspec.msgpack.Decoder(_Marks).decode
 
 def runs_of(seqs: Iterable[int]) -> list[int]:
     """Sequences as flattened ``[start, end)`` runs, in ascending order."""
+    ordered = sorted(set(seqs))
+    if ordered and ordered[-1] - ordered[0] == len(ordered) - 1:
+        return [ordered[0], ordered[-1] + 1]  # the usual case: one run, found in C
     flat: list[int] = []
-    for seq in sorted(seqs):
-        if flat and flat[-1] >= seq:
-            flat[-1] = max(flat[-1], seq + 1)
+    for seq in ordered:
+        if flat and flat[-1] == seq:
+            flat[-1] = seq + 1
         else:
             flat += (seq, seq + 1)
     return flat
@@ -129,13 +132,10 @@ class Dedup:
     def mark_many(self, sender: str, seqs: Iterable[int]) -> None:
         """These sequences of `sender` were processed (persisted with the next `save`)."""
         runs = self._runs(sender)
-        add, ends = runs.add_run, runs.ends
         seqs = list(seqs)
-        for seq in seqs:
-            if ends and ends[-1] == seq:  # in order: the last run grows
-                ends[-1] = seq + 1
-            else:
-                add(seq, seq + 1)
+        flat = runs_of(seqs)
+        for i in range(0, len(flat), 2):
+            runs.add_run(flat[i], flat[i + 1])
         runs.trim(self._window)
         if self._store is not None:
             self._unsaved.setdefault(sender, []).extend(seqs)
