@@ -162,7 +162,8 @@ class Outbox:
         for one in tracked:
             pending = one.pending
             if dest in pending:
-                one.pending = pending = tuple(d for d in pending if d != dest)
+                one.pending = pending = (() if len(pending) == 1 else
+                                         tuple(d for d in pending if d != dest))
             if not pending:
                 acks.append(one.spool_id)
         if not had and acks:
