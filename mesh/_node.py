@@ -88,13 +88,13 @@ class AsyncNode(NodeCore):
         if not self._running or self._pubsub is None or self._work is None:
             raise ClosedError("node is not running (use `async with` or `await start()`)")
         publish, name = self._pubsub.publish, self._config.name
-        items = [publish(topic, data, headers, name, reliable=True) for data in payloads]
+        items = [item for item in (publish(topic, data, headers, name, True) for data in payloads)
+                 if item is not None]  # (never None when reliable)
         dests = self._durables.matching(topic)
         if not dests:
             return
-        tracked = await self._outbox.spool_publish_many(
-            topic, [item for item in items if item is not None], dests)
-        sents = [(one.spooled.item, one) for one in tracked]
+        tracked = await self._outbox.spool_publish_many(topic, items, dests)
+        sents = list(zip(items, tracked, strict=True))
         for dest in dests:
             self._work.requeue_many(dest, sents)
 

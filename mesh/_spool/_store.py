@@ -34,8 +34,10 @@ import logging
 import os
 import queue
 import threading
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Final
 
@@ -241,8 +243,7 @@ class SpoolStore:
     def ack(self, record_ids: Iterable[int]) -> None:
         """Mark messages done; written with the next batch (one record per run of
         consecutive ids), space reclaimed by segment."""
-        pending = self._pending
-        settled = sorted(i for i in record_ids if i in pending)
+        settled = sorted(filter(self._pending.__contains__, record_ids))
         self._settle_many(settled)
         records = encode_acks(settled)
         if records and not self._closed:
@@ -264,17 +265,13 @@ class SpoolStore:
 
     def _settle_many(self, record_ids: list[int]) -> None:
         """Forget these ids as pending; count them off their segments (one lock for all)."""
-        pending_pop, where_pop = self._pending.pop, self._where.pop
-        gone: dict[_Segment, int] = {}
-        for record_id in record_ids:
-            pending_pop(record_id, None)
-            seg = where_pop(record_id, None)
-            if seg is not None:
-                gone[seg] = gone.get(seg, 0) + 1
+        deque(map(self._pending.pop, record_ids, repeat(None)), maxlen=0)  # (loops in C)
+        gone = Counter(map(self._where.pop, record_ids, repeat(None)))
         if gone:
             with self._lock:
                 for seg, n in gone.items():
-                    seg.live -= n
+                    if seg is not None:
+                        seg.live -= n
 
     def _drop_settled_prefix(self) -> None:
         """Delete fully acknowledged segments from the front (never the one being written)."""
