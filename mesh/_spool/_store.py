@@ -16,8 +16,9 @@ is on disk.
 
 Pending (unacknowledged) messages are also kept in memory, bounded by the
 quota, so delivery never reads the disk; the files are for surviving
-crashes. Acknowledgements are records too, written lazily with the next batch
-(losing one to a crash only means a redelivery, which receivers deduplicate).
+crashes. Acknowledgements are records too, written lazily with the next
+append's commit or within 50 ms (losing one to a crash only means a
+redelivery, which receivers deduplicate).
 
 Reclaiming space: segments roll at `segment_bytes`; the oldest segment is
 deleted as soon as every message in it is acknowledged. Deleting only from the
@@ -57,6 +58,8 @@ _log = logging.getLogger("mesh.spool")
 _SUFFIX: Final[str] = ".seg"
 DEFAULT_QUOTA: Final[int] = 256 * 1024 * 1024
 DEFAULT_SEGMENT: Final[int] = 16 * 1024 * 1024
+_LAZY_ACKS: Final[float] = 0.05
+"""Longest an ack record waits for an append to share its commit."""
 
 
 class FsyncPolicy(enum.Enum):
@@ -99,6 +102,9 @@ class SpoolStore:
         self._where: dict[int, _Segment] = {}
         self._next_id = 1
         self._queued_bytes = 0
+        self._lazy: list[bytes] = []
+        """Ack records not yet handed to the writer: they ride along with the next commit."""
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -223,6 +229,7 @@ class SpoolStore:
         self._next_id += len(records)
         self._queued_bytes += size
         fut: asyncio.Future[None] = self._loop.create_future()
+        self._hand_over_lazy()  # same group commit, no write of its own
         self._queue.put(_Write(records, ids, payload_list, fut, size))
         await fut
         return ids
@@ -241,22 +248,37 @@ class SpoolStore:
         self._queue.put(_Write([record], [], [], None, len(record)))
 
     def ack(self, record_ids: Iterable[int]) -> None:
-        """Mark messages done; written with the next batch (one record per run of
-        consecutive ids), space reclaimed by segment."""
+        """Mark messages done; space is reclaimed by segment.
+
+        The ack records (one per run of consecutive ids) are written with the
+        next append's commit, or after `_LAZY_ACKS` when none comes: an ack
+        never costs a disk flush of its own. Losing them to a crash means only
+        a redelivery, which receivers deduplicate.
+        """
         settled = sorted(filter(self._pending.__contains__, record_ids))
         self._settle_many(settled)
         records = encode_acks(settled)
         if records and not self._closed:
-            size = sum(len(r) for r in records)
-            self._queued_bytes += size
-            self._queue.put(_Write(records, [], [], None, size))
+            self._queued_bytes += sum(map(len, records))
+            self._lazy += records
+            if self._lazy_timer is None and self._loop is not None:
+                self._lazy_timer = self._loop.call_later(_LAZY_ACKS, self._hand_over_lazy)
             self._drop_settled_prefix()
+
+    def _hand_over_lazy(self) -> None:
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        if self._lazy:
+            records, self._lazy = self._lazy, []
+            self._queue.put(_Write(records, [], [], None, sum(map(len, records))))
 
     async def aclose(self) -> None:
         """Finish queued writes and stop the writer."""
         if self._closed:
             return
         self._closed = True
+        self._hand_over_lazy()
         if self._thread is not None:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._thread.join, 10)

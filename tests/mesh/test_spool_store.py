@@ -12,6 +12,7 @@ import pytest
 
 from mesh import SpoolFullError
 from mesh._spool import FsyncPolicy, SpoolStore
+from tests.helpers import aeventually
 
 
 async def _open(path, **kw) -> SpoolStore:
@@ -50,6 +51,18 @@ async def test_acks_in_runs_and_singles_survive_reopen(tmp_path) -> None:
         assert again.report.clean
     finally:
         await again.aclose()
+
+
+async def test_acks_reach_the_files_without_a_later_append(tmp_path) -> None:
+    """Acks wait for the next commit to ride along, but not forever when none comes."""
+    store = await _open(tmp_path)
+    try:
+        ids = await store.append_many([b"a", b"b", b"c"])
+        store.ack(ids[:2])
+        await aeventually(lambda: [i for i, _ in SpoolStore.peek(tmp_path)[0]] == ids[2:],
+                          message="acks written to the segment")
+    finally:
+        await store.aclose()
 
 
 @pytest.mark.parametrize("policy", list(FsyncPolicy))
