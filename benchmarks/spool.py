@@ -19,7 +19,10 @@ For each fsync policy (``batch``, ``always``, ``off``) N reliable messages of
 Reported per policy: ``publish/s`` (N over the publisher's publish loop: every
 message on disk in its spool), ``e2e/s`` (N over the time from the first
 publish to the last message at the subscriber), ``drained/s`` (N over the time
-until the publisher's spool was empty), loss and duplicates.
+until the publisher's spool was empty), CPU µs per message on each side
+(``time.process_time``, every thread of the process: the publisher from its
+first publish until drained, the subscriber while it received; on a shared
+machine this is steadier than wall clock), loss and duplicates.
 
 In the same run, the **raw floor** on the same file system, 128 B records in a
 plain file, no framing, no checksum:
@@ -90,6 +93,10 @@ class SpoolResult(Result):
     """From the publisher's first publish to the last new message here."""
     drain_seconds: float = 0.0
     """From the publisher's first publish until its spool was empty."""
+    sub_cpu_seconds: float = 0.0
+    """CPU time (all threads) of the subscriber process while it received."""
+    pub_cpu_seconds: float = 0.0
+    """CPU time (all threads) of the publisher from its first publish until drained."""
 
 
 # -- zeromesh --------------------------------------------------------------------
@@ -115,6 +122,7 @@ async def _durable_subscriber(policy: str, count: int, mesh_name: str, data_dir:
             link.ready.put((node.endpoints["ctl"][0], node.id))
             received = corrupt = duplicates = 0
             t_first = t_last = 0.0
+            cpu0 = time.process_time()
             async with asyncio.timeout(link.left()):
                 while received < count:
                     msg = await durable.next(timeout=STALL_SECONDS)
@@ -137,10 +145,12 @@ async def _durable_subscriber(policy: str, count: int, mesh_name: str, data_dir:
                         corrupt += data[_INDEX.size:] != tail
                 t_last = time.monotonic()
                 msg.ack()  # the last one (the others were acknowledged by asking for the next)
+                res.sub_cpu_seconds = time.process_time() - cpu0
             res.received, res.corrupt, res.duplicates = received, corrupt, duplicates
             res.recv_seconds = t_last - t_first
             # The publisher hands over when it started and when its spool was empty.
-            t0, drained = await asyncio.to_thread(link.ready.get, True, link.left(0.1))
+            t0, drained, res.pub_cpu_seconds = await asyncio.to_thread(
+                link.ready.get, True, link.left(0.1))
             res.e2e_seconds = t_last - t0
             res.drain_seconds = drained - t0 if drained else 0.0
     except TimeoutError:
@@ -164,7 +174,7 @@ async def _reliable_publisher(policy: str, count: int, window: int, mesh_name: s
     endpoint, durable_node = peer
     base = make_payload(SIZE)
     payloads = [indexed_payload(base, i) for i in range(count)]
-    t0, drained = time.monotonic(), 0.0
+    t0, drained, cpu = time.monotonic(), 0.0, 0.0
     try:
         async with AsyncNode(name="bench-pub", mesh=mesh_name, interfaces=[LOOPBACK],
                              mdns=False, peers=[endpoint], data_dir=data_dir,
@@ -172,15 +182,16 @@ async def _reliable_publisher(policy: str, count: int, window: int, mesh_name: s
             await node.wait_for_workers(f"_durable.{durable_node}.{DURABLE}", 1,
                                         timeout=link.left(0.1))
             publish_many = node.publish_many
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), time.process_time()
             for start in range(0, count, window):  # each window: on disk before the next
                 await publish_many(TOPIC, payloads[start:start + window], reliable=True)
             link.report("send_seconds", time.monotonic() - t0)
             try:
                 await node.wait_for_spool(timeout=link.left(0.1))
                 drained = time.monotonic()
+                cpu = time.process_time() - cpu0
             finally:
-                link.ready.put((t0, drained))
+                link.ready.put((t0, drained, cpu))
                 # Stay up until the subscriber is done (its last ack must land).
                 while not link.done.is_set() and time.monotonic() < link.deadline:
                     await asyncio.sleep(0.05)
@@ -304,6 +315,8 @@ def _row(policy: str, count: int, window: int, res: SpoolResult) -> dict[str, An
             "publish_msgs_per_s": rate(res.send_seconds),
             "e2e_msgs_per_s": rate(res.e2e_seconds),
             "drained_msgs_per_s": rate(res.drain_seconds),
+            "pub_cpu_us_per_msg": res.pub_cpu_seconds * 1e6 / count,
+            "sub_cpu_us_per_msg": res.sub_cpu_seconds * 1e6 / count,
             "recv_msgs_per_s": res.recv_rate,
             "send_seconds": res.send_seconds, "e2e_seconds": res.e2e_seconds,
             "drain_seconds": res.drain_seconds, "recv_seconds": res.recv_seconds}
@@ -314,7 +327,8 @@ def _ok(row: dict[str, Any]) -> bool:
 
 
 COLUMNS: Final = (("fsync", 7), ("count", 8), ("publish/s", 11), ("e2e/s", 10),
-                  ("drained/s", 10), ("lost", 5), ("dups", 5))
+                  ("drained/s", 10), ("pub µs/msg", 10), ("sub µs/msg", 10), ("lost", 5),
+                  ("dups", 5))
 FLOOR_COLUMNS: Final = (("raw floor (128 B)", 18), ("records/s", 11), ("fsyncs/s", 10),
                         ("records/fsync", 14), ("ms/fsync", 9))
 
@@ -322,7 +336,8 @@ FLOOR_COLUMNS: Final = (("raw floor (128 B)", 18), ("records/s", 11), ("fsyncs/s
 def _print_report(rows: list[dict[str, Any]], floor: dict[str, Any] | None) -> None:
     h.print_table(COLUMNS, [
         [r["policy"], str(r["count"]), f"{r['publish_msgs_per_s']:,.0f}",
-         f"{r['e2e_msgs_per_s']:,.0f}", f"{r['drained_msgs_per_s']:,.0f}", str(r["lost"]),
+         f"{r['e2e_msgs_per_s']:,.0f}", f"{r['drained_msgs_per_s']:,.0f}",
+         f"{r['pub_cpu_us_per_msg']:.1f}", f"{r['sub_cpu_us_per_msg']:.1f}", str(r["lost"]),
          str(r["duplicates"])] for r in rows])
     for r in rows:
         if r["error"] or r["corrupt"]:

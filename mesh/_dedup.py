@@ -1,16 +1,22 @@
 """Receiver-side deduplication of reliable messages by (sender id, sequence).
 
-Each sender's recent sequence numbers are remembered, up to a bounded window
-per sender (redeliveries come from a sender's spool, which its quota bounds).
-Marks are persisted as records in the node's inbox spool, written with the
-next group commit, so a restarted receiver still recognises what it already
-processed; the last marks before a crash may be lost, which costs a duplicate,
-never a loss (at-least-once).
+Each sender's processed sequence numbers are kept as sorted, disjoint runs
+``[start, end)``: a sender's messages mostly arrive in order, so a whole
+stream is one run that grows by one per message (no entry per message), and a
+membership test is a comparison or a bisection. At most `WINDOW` runs are
+kept per sender, dropping the lowest first (redeliveries come from a sender's
+spool, which its quota bounds).
+
+Marks are persisted as records in the node's inbox spool, also as runs,
+written with the next group commit, so a restarted receiver still recognises
+what it already processed; the last marks before a crash may be lost, which
+costs a duplicate, never a loss (at-least-once).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from bisect import bisect_right
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import msgspec
@@ -18,10 +24,73 @@ import msgspec
 from ._spool import RecordKind, SpoolStore
 
 WINDOW: Final[int] = 200_000
-"""Sequences remembered per sender."""
+"""Runs of sequences remembered per sender."""
+
+
+class _Marks(msgspec.Struct, array_like=True, gc=False):
+    """One inbox record: a sender's newly processed sequences."""
+
+    sender: str
+    seqs: list[int]
+    """Single sequences (how older versions wrote every mark)."""
+    runs: list[int] = []
+    """Runs, flattened: ``start, end, start, end...`` (end exclusive)."""
+
 
 _encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder(tuple[str, list[int]]).decode
+_decode = msgspec.msgpack.Decoder(_Marks).decode
+
+
+def runs_of(seqs: Iterable[int]) -> list[int]:
+    """Sequences as flattened ``[start, end)`` runs, in ascending order."""
+    ordered = sorted(set(seqs))
+    if ordered and ordered[-1] - ordered[0] == len(ordered) - 1:
+        return [ordered[0], ordered[-1] + 1]  # the usual case: one run, found in C
+    flat: list[int] = []
+    for seq in ordered:
+        if flat and flat[-1] == seq:
+            flat[-1] = seq + 1
+        else:
+            flat += (seq, seq + 1)
+    return flat
+
+
+class _Runs:
+    """One sender's sequences as sorted, disjoint ``[start, end)`` runs."""
+
+    __slots__ = ("ends", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def __contains__(self, seq: int) -> bool:
+        ends = self.ends
+        if not ends or seq >= ends[-1]:
+            return False  # the common case: newer than anything seen
+        i = bisect_right(self.starts, seq) - 1
+        return i >= 0 and seq < ends[i]
+
+    def add_run(self, start: int, end: int) -> None:
+        starts, ends = self.starts, self.ends
+        if not ends or start > ends[-1]:
+            starts.append(start)
+            ends.append(end)
+            return
+        if start >= starts[-1]:  # overlaps or touches the last run (in-order arrival)
+            if end > ends[-1]:
+                ends[-1] = end
+            return
+        lo = bisect_right(ends, start - 1)  # first run that ends at or after `start`
+        hi = bisect_right(starts, end)  # runs from `lo` to `hi` touch [start, end)
+        if lo < hi:
+            start, end = min(start, starts[lo]), max(end, ends[hi - 1])
+        starts[lo:hi] = [start]
+        ends[lo:hi] = [end]
+
+    def trim(self, window: int) -> None:
+        if len(self.starts) > window:
+            del self.starts[:-window], self.ends[:-window]
 
 
 class Dedup:
@@ -30,7 +99,7 @@ class Dedup:
     def __init__(self, store: SpoolStore | None = None, window: int = WINDOW) -> None:
         self._store = store
         self._window = window
-        self._seen: dict[str, OrderedDict[int, None]] = {}
+        self._seen: dict[str, _Runs] = {}
         self._unsaved: dict[str, list[int]] = {}
 
     def load(self) -> None:
@@ -39,20 +108,37 @@ class Dedup:
             return
         for payload in self._store.meta():
             try:
-                sender, seqs = _decode(payload)
+                marks = _decode(payload)
             except (msgspec.DecodeError, UnicodeDecodeError):
                 continue
-            for seq in seqs:
-                self._remember(sender, seq)
+            runs = self._runs(marks.sender)
+            for seq in marks.seqs:
+                runs.add_run(seq, seq + 1)
+            for i in range(0, len(marks.runs) - 1, 2):
+                runs.add_run(marks.runs[i], marks.runs[i + 1])
+            runs.trim(self._window)
 
     def seen(self, sender: str, seq: int) -> bool:
-        seqs = self._seen.get(sender)
-        return seqs is not None and seq in seqs
+        runs = self._seen.get(sender)
+        return runs is not None and seq in runs
+
+    def checker(self, sender: str) -> Callable[[int], bool]:
+        """`seen` for one sender, for testing a batch of its sequences."""
+        return self._runs(sender).__contains__
 
     def mark(self, sender: str, seq: int) -> None:
-        self._remember(sender, seq)
+        self.mark_many(sender, (seq,))
+
+    def mark_many(self, sender: str, seqs: Iterable[int]) -> None:
+        """These sequences of `sender` were processed (persisted with the next `save`)."""
+        runs = self._runs(sender)
+        seqs = list(seqs)
+        flat = runs_of(seqs)
+        for i in range(0, len(flat), 2):
+            runs.add_run(flat[i], flat[i + 1])
+        runs.trim(self._window)
         if self._store is not None:
-            self._unsaved.setdefault(sender, []).append(seq)
+            self._unsaved.setdefault(sender, []).extend(seqs)
 
     def save(self) -> None:
         """Queue the new marks for the next commit (no wait: losing them costs a duplicate)."""
@@ -60,12 +146,10 @@ class Dedup:
             return
         unsaved, self._unsaved = self._unsaved, {}
         for sender, seqs in unsaved.items():
-            self._store.note(RecordKind.META, _encode((sender, seqs)))
+            self._store.note(RecordKind.META, _encode(_Marks(sender, [], runs_of(seqs))))
 
-    def _remember(self, sender: str, seq: int) -> None:
-        seqs = self._seen.get(sender)
-        if seqs is None:
-            seqs = self._seen[sender] = OrderedDict()
-        seqs[seq] = None
-        if len(seqs) > self._window:
-            seqs.popitem(last=False)
+    def _runs(self, sender: str) -> _Runs:
+        runs = self._seen.get(sender)
+        if runs is None:
+            runs = self._seen[sender] = _Runs()
+        return runs

@@ -88,16 +88,15 @@ class AsyncNode(NodeCore):
         if not self._running or self._pubsub is None or self._work is None:
             raise ClosedError("node is not running (use `async with` or `await start()`)")
         publish, name = self._pubsub.publish, self._config.name
-        items = [publish(topic, data, headers, name, reliable=True) for data in payloads]
+        items = [item for item in (publish(topic, data, headers, name, True) for data in payloads)
+                 if item is not None]  # (never None when reliable)
         dests = self._durables.matching(topic)
         if not dests:
             return
-        tracked = await self._outbox.spool_publish_many(
-            topic, [item for item in items if item is not None], dests)
-        requeue = self._work.requeue
-        for one in tracked:
-            for dest in dests:
-                requeue(dest, (one.spooled.item, one))
+        tracked = await self._outbox.spool_publish_many(topic, items, dests)
+        sents = list(zip(items, tracked, strict=True))
+        for dest in dests:
+            self._work.requeue_many(dest, sents)
 
     def publish_nowait(self, topic: str, data: bytes | str, *,
                        headers: Mapping[str, str] | None = None) -> bool:
@@ -214,6 +213,7 @@ class AsyncNode(NodeCore):
                 local.put(((msg, _UNTRACKED),))
 
         sub = self._pubsub.subscribe(pattern, live, 0)
+        sub.best_effort_only = True
         pull.on_closed(sub.aclose)
         return pull
 

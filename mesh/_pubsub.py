@@ -307,6 +307,10 @@ class PubSub:
         if not subs:
             return
         self.delivered_by_topic.add(topic, len(items))
+        if all(sub.best_effort_only for sub in subs):  # no Message for what none of them wants
+            items = [it for it in items if not it.reliable]
+            if not items:
+                return
         name, source = batch.name, batch.source
         msgs = [Message(topic, it.payload, name, source, it.seq, it.ts, it.headers, it.reliable)
                 for it in items]

@@ -42,6 +42,8 @@ class Subscription(Mailbox[Message]):
         self._callback = callback
         self._on_close = on_close
         self._reported_slow = False
+        self.best_effort_only = False
+        """Reliable messages reach it another way (a durable's live feed): skip them."""
 
     @property
     def subject(self) -> str:

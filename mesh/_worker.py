@@ -58,8 +58,8 @@ class _InStream:
     """
 
     __slots__ = ("adapted_at", "born", "changed_at", "consumed", "consumed_mark", "credit_at",
-                 "credit_out", "dry_mark", "epoch", "local", "nacks", "pending", "pusher_id",
-                 "queue", "reported", "window", "workers")
+                 "credit_out", "done", "dry_mark", "epoch", "local", "nacks", "pending",
+                 "pusher_id", "queue", "reported", "window", "workers")
 
     def __init__(self, workers: Workers, local: LocalQueue, pusher_id: str, epoch: int,
                  position: int) -> None:
@@ -74,6 +74,8 @@ class _InStream:
         self.born = position
         self.reported = position
         self.nacks: list[int] = []
+        self.done: list[int] = []
+        """Reliable messages processed, to be marked in dedup before the next credit."""
         self.changed_at = self.adapted_at = time.monotonic()
         self.consumed_mark = position
         self.dry_mark = local.dry
@@ -96,7 +98,10 @@ class _InStream:
     def settle(self, msg: Message, ok: bool) -> None:
         """One of our messages was consumed (processed, failed, or handed back at leave)."""
         if msg.reliable:
-            self.workers.settled_reliable(self, msg, ok)
+            if ok:
+                self.done.append(msg.seq)
+            else:
+                self.workers.nacked(self, msg)
         self.consumed += 1
         if not self.pending or self.consumed - self.reported >= self.credit_at:
             self.workers.credit(self)  # (else a report is already on its way this iteration)
@@ -317,8 +322,9 @@ class Workers:
         self._streams: dict[tuple[str, str, int], _InStream] = {}
         self._credit_handle: asyncio.Handle | None = None
         self._credit_dirty: set[_InStream] = set()
-        self._in_hand: set[tuple[str, int]] = set()
-        """Reliable messages delivered and not yet settled: a copy arriving now is a duplicate."""
+        self._in_hand: dict[str, set[int]] = {}
+        """Per sender, reliable messages delivered and not yet marked in dedup: a copy
+        arriving now is a duplicate."""
 
     def bind(self, interfaces: Iterable[str]) -> list[str]:
         self.endpoints = [self._puller.bind(host) for host in interfaces]
@@ -372,7 +378,7 @@ class Workers:
         local.closed = True
         self.local.pop(local.name, None)
         for msg in local.items:  # handed back unprocessed: a redelivery is not a duplicate
-            self._in_hand.discard((msg.source_id, msg.seq))
+            self._in_hand.get(msg.source_id, set()).discard(msg.seq)
         return local
 
     def settle_in_hand(self) -> None:
@@ -382,12 +388,17 @@ class Workers:
 
     # -- crediting ---------------------------------------------------------------
 
-    def settled_reliable(self, stream: _InStream, msg: Message, ok: bool) -> None:
-        self._in_hand.discard((msg.source_id, msg.seq))
-        if ok:
-            self._dedup.mark(msg.source_id, msg.seq)
-        else:
-            stream.nacks.append(msg.seq)
+    def nacked(self, stream: _InStream, msg: Message) -> None:
+        self._in_hand.get(msg.source_id, set()).discard(msg.seq)
+        stream.nacks.append(msg.seq)
+
+    def _mark_done(self, streams: Iterable[_InStream]) -> None:
+        """Processed reliable messages go from in hand to dedup, a stream's worth at a time."""
+        for stream in streams:
+            if stream.done:
+                done, stream.done = stream.done, []
+                self._dedup.mark_many(stream.pusher_id, done)
+                self._in_hand.get(stream.pusher_id, set()).difference_update(done)
 
     def credit(self, stream: _InStream) -> None:
         """`stream` consumed more: report it at the end of this loop iteration, or now if
@@ -404,8 +415,9 @@ class Workers:
         if self._credit_handle is not None:
             self._credit_handle.cancel()
             self._credit_handle = None
-        self._dedup.save()
         dirty, self._credit_dirty = self._credit_dirty, set()
+        self._mark_done(dirty)
+        self._dedup.save()
         now = time.monotonic()
         for stream in dirty:
             stream.changed_at = now
@@ -468,15 +480,17 @@ class Workers:
     def _fresh(self, msgs: list[Message], stream: _InStream) -> list[Message]:
         """Drop the reliable duplicates (credited at once, never delivered)."""
         fresh = []
+        in_hand = self._in_hand.setdefault(stream.pusher_id, set())  # (one sender per batch)
+        seen = self._dedup.checker(stream.pusher_id)
         for msg in msgs:
             if msg.reliable:
-                ref = (msg.source_id, msg.seq)
-                if ref in self._in_hand or self._dedup.seen(*ref):
+                seq = msg.seq
+                if seq in in_hand or seen(seq):
                     self._stats["duplicates"] += 1
                     stream.consumed += 1
                     self.credit(stream)  # processed or being processed: credit, do not deliver
                     continue
-                self._in_hand.add(ref)
+                in_hand.add(seq)
             fresh.append(msg)
         return fresh
 

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
 from patterns import Context, Pusher, SocketClosed
@@ -371,29 +371,41 @@ class WorkQueues:
             raise RequestTimeout(f"push to {queue!r}: every worker is busy", timeout) from None
 
     def _assign(self, target: _Target, sent: Sent) -> None:
-        target.run -= 1
-        target.sent += 1
+        self._assign_many(target, (sent,))
+
+    def _assign_many(self, target: _Target, sents: Sequence[Sent]) -> None:
+        """Give `target` these messages (at most its turn): in flight, then out in batches."""
+        n = len(sents)
+        target.run -= n
+        target.sent += n
         if not target.inflight:
             target.progress_at = time.monotonic()
-        item, tracked = sent
-        target.inflight.append(item)
-        if tracked is not None:
-            target.tracked[item.seq] = tracked
+        items = [item for item, _ in sents]
+        target.inflight.extend(items)
+        tracked = target.tracked
+        for item, one in sents:
+            if one is not None:
+                tracked[item.seq] = one
         if target.local:
             local = self.workers.local.get(target.queue)
             if local is not None:
-                msg = Message(item.topic or target.queue, item.payload, self.name, self.node_id,
-                              item.seq, item.ts, item.headers, item.reliable, local.receipt)
-                local.put_many([msg], target)
+                queue, name, node_id, receipt = target.queue, self.name, self.node_id, local.receipt
+                local.put_many([Message(item.topic or queue, item.payload, name, node_id,
+                                        item.seq, item.ts, item.headers, item.reliable, receipt)
+                                for item in items], target)
             return
-        size = len(item.payload)
-        if target.outgoing and target.outgoing_bytes + size > _BATCH_BYTES:
-            self._send(target)  # keep every frame under the receiver's size limit
-        target.outgoing.append(item)
-        target.outgoing_bytes += size
-        if len(target.outgoing) >= target.batch_at:
+        outgoing, size = target.outgoing, target.outgoing_bytes
+        for item in items:
+            if outgoing and size + len(item.payload) > _BATCH_BYTES:
+                target.outgoing_bytes = size
+                self._send(target)  # keep every frame under the receiver's size limit
+                outgoing, size = target.outgoing, 0
+            outgoing.append(item)
+            size += len(item.payload)
+        target.outgoing_bytes = size
+        if len(outgoing) >= target.batch_at:
             self._send(target)  # pipeline: the worker starts while we fill the rest
-        elif len(target.outgoing) == 1:  # (a target with outgoing items is always dirty)
+        elif outgoing:  # (a target with outgoing items is always dirty)
             self._dirty.add(target)
             if self._flush_handle is None:
                 self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
@@ -429,7 +441,8 @@ class WorkQueues:
             target = self._pick(queue)
             if target is None:
                 return
-            self._assign(target, backlog.popleft())
+            popleft = backlog.popleft
+            self._assign_many(target, [popleft() for _ in range(min(target.run, len(backlog)))])
 
     def requeue(self, queue: str, sent: Sent, *, front: bool = False) -> None:
         backlog = self._backlog.setdefault(queue, deque())
@@ -437,6 +450,11 @@ class WorkQueues:
             backlog.appendleft(sent)
         else:
             backlog.append(sent)
+        self._pump(queue)
+
+    def requeue_many(self, queue: str, sents: Iterable[Sent]) -> None:
+        """`requeue` several at the back, handed out in turns rather than one by one."""
+        self._backlog.setdefault(queue, deque()).extend(sents)
         self._pump(queue)
 
     # -- acknowledgements ------------------------------------------------------------
@@ -472,8 +490,20 @@ class WorkQueues:
                 for _ in range(done):
                     inflight.popleft()
             done = 0
+        if target.nacked:
+            self._settle_one_by_one(target, done)
+        else:
+            popleft, pop_tracked = inflight.popleft, target.tracked.pop
+            settled = [one for one in (pop_tracked(popleft().seq, None) for _ in range(done))
+                       if one is not None]
+            if settled and self._outbox is not None:
+                self._outbox.delivered(settled, target.queue)
+        self._wake(target.queue)
+
+    def _settle_one_by_one(self, target: _Target, done: int) -> None:
+        """The `done` oldest in-flight messages were consumed, some of them nacked."""
         for _ in range(done):
-            item = inflight.popleft()
+            item = target.inflight.popleft()
             tracked = target.tracked.pop(item.seq, None)
             failed = item.seq in target.nacked
             if failed:
@@ -483,8 +513,7 @@ class WorkQueues:
                     self._outbox.failed(tracked, "nacked by the worker", self.requeue,
                                         target.queue)
                 else:
-                    self._outbox.delivered(tracked, target.queue)
-        self._wake(target.queue)
+                    self._outbox.delivered((tracked,), target.queue)
 
     def _check_ack_timeouts(self, ack_timeout: float) -> None:
         now = time.monotonic()

@@ -17,6 +17,12 @@ Record layout (little endian)::
     id               u64       record id (a message's spool id, or the id an ack refers to)
     payload          length bytes
 
+An ACK record settles `id` alone (empty payload) or, with a u64 `count` as
+payload, the run ``id .. id + count - 1``: a group of acknowledgements costs
+one record, not one per message. (A reader that knew only single acks would
+settle just the first of a run and deliver the rest again: duplicates, which
+receivers drop, never a loss.)
+
 A record is intact only if its magic, length and CRC agree. A scan that meets
 a bad record looks for the next magic whose record checks out, so one flipped
 byte costs one record, never the rest of the file; bytes that end before a
@@ -50,9 +56,48 @@ class RecordKind(enum.IntEnum):
     """Small state the spool's owner keeps with the data (payload is its own)."""
 
 
+_COUNT: Final = struct.Struct("<Q")
+
+
 def encode(kind: RecordKind, record_id: int, payload: bytes) -> bytes:
     crc = zlib.crc32(payload, zlib.crc32(_CRC_PART.pack(kind, record_id, len(payload))))
     return _HEAD.pack(MAGIC, len(payload), crc, kind, record_id) + payload
+
+
+def encode_data(first_id: int, payloads: list[bytes]) -> list[bytes]:
+    """DATA records for `payloads`, numbered from `first_id` (`encode`, without a call
+    per record: this is the reliable send's hot path)."""
+    pack_head, pack_crc, crc32 = _HEAD.pack, _CRC_PART.pack, zlib.crc32
+    kind = int(RecordKind.DATA)
+    out = []
+    record_id = first_id
+    for payload in payloads:
+        size = len(payload)
+        crc = crc32(payload, crc32(pack_crc(kind, record_id, size)))
+        out.append(pack_head(MAGIC, size, crc, kind, record_id) + payload)
+        record_id += 1
+    return out
+
+
+def encode_acks(ids: list[int]) -> list[bytes]:
+    """ACK records for sorted `ids`: one per run of consecutive ids."""
+    out = []
+    i, n = 0, len(ids)
+    while i < n:
+        first = ids[i]
+        j = i + 1
+        while j < n and ids[j] == first + (j - i):
+            j += 1
+        count = j - i
+        out.append(encode(RecordKind.ACK, first, _COUNT.pack(count) if count > 1 else b""))
+        i = j
+    return out
+
+
+def acked_ids(record: Record) -> range:
+    """The ids an ACK record settles."""
+    count = _COUNT.unpack(record.payload)[0] if len(record.payload) == _COUNT.size else 1
+    return range(record.id, record.id + count)
 
 
 @dataclass(slots=True)

@@ -1,17 +1,24 @@
 """SpoolStore: a crash-safe, group-committed, quota-bounded log of pending messages.
 
 One writer thread owns the files. Appends from the event loop are queued to
-it; it writes everything queued as one `write` and then fsyncs once (policy
-``batch``, the default: group commit with no fixed delay, so a lone message
-waits one fsync and a burst shares it), fsyncs per record (``always``) or
-leaves flushing to the OS (``off``). An append's future resolves only after
+it; it writes everything queued as one synchronous `write` (policy ``batch``,
+the default: group commit with no fixed delay, so a lone message waits one
+disk flush and a burst shares it), one synchronous `write` per record
+(``always``) or leaves flushing to the OS (``off``). Synchronous means the
+file is opened ``O_DSYNC``: each write returns once its data (and the file
+size) are on stable storage, as a write followed by ``fdatasync`` would,
+but in one system call, so the writer thread gives up and retakes the GIL
+once per commit instead of three times; each retake can wait for the busy
+event loop thread to yield it, and that wait was most of a commit's latency.
+A new segment file is made durable by syncing its directory. An append's future resolves only after
 its bytes are written (and synced, per policy): a reliable send that returns
 is on disk.
 
 Pending (unacknowledged) messages are also kept in memory, bounded by the
 quota, so delivery never reads the disk; the files are for surviving
-crashes. Acknowledgements are records too, written lazily with the next batch
-(losing one to a crash only means a redelivery, which receivers deduplicate).
+crashes. Acknowledgements are records too, written lazily with the next
+append's commit or within 50 ms (losing one to a crash only means a
+redelivery, which receivers deduplicate).
 
 Reclaiming space: segments roll at `segment_bytes`; the oldest segment is
 deleted as soon as every message in it is acknowledged. Deleting only from the
@@ -28,18 +35,31 @@ import logging
 import os
 import queue
 import threading
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Final
 
 from ..errors import ClosedError, MeshError, SpoolFullError
-from ._segment import HEADER_SIZE, RecordKind, RecoveryReport, encode, scan
+from ._segment import (
+    HEADER_SIZE,
+    RecordKind,
+    RecoveryReport,
+    acked_ids,
+    encode,
+    encode_acks,
+    encode_data,
+    scan,
+)
 
 _log = logging.getLogger("mesh.spool")
 _SUFFIX: Final[str] = ".seg"
 DEFAULT_QUOTA: Final[int] = 256 * 1024 * 1024
 DEFAULT_SEGMENT: Final[int] = 16 * 1024 * 1024
+_LAZY_ACKS: Final[float] = 0.05
+"""Longest an ack record waits for an append to share its commit."""
 
 
 class FsyncPolicy(enum.Enum):
@@ -53,7 +73,7 @@ class FsyncPolicy(enum.Enum):
     """no fsync: survives a process crash, not a power cut."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: a segment is a file, and a dict key
 class _Segment:
     path: Path
     first_id: int
@@ -82,6 +102,9 @@ class SpoolStore:
         self._where: dict[int, _Segment] = {}
         self._next_id = 1
         self._queued_bytes = 0
+        self._lazy: list[bytes] = []
+        """Ack records not yet handed to the writer: they ride along with the next commit."""
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -109,7 +132,7 @@ class SpoolStore:
                 if rec.kind is RecordKind.DATA:
                     pending[rec.id] = rec.payload
                 elif rec.kind is RecordKind.ACK:
-                    acked.add(rec.id)
+                    acked.update(acked_ids(rec))
         return sorted((i, p) for i, p in pending.items() if i not in acked), size
 
     def open(self) -> RecoveryReport:
@@ -135,7 +158,7 @@ class SpoolStore:
                     self._where[rec.id] = seg
                     seg.live += 1
                 elif rec.kind is RecordKind.ACK:
-                    acked.add(rec.id)
+                    acked.update(acked_ids(rec))
                 else:
                     self._meta.append(rec.payload)
             if good_end < len(data) and index == len(files) - 1 and report.torn_bytes:
@@ -145,8 +168,7 @@ class SpoolStore:
                     os.fsync(fh.fileno())
                 seg.size = good_end
             self._segments.append(seg)
-        for record_id in acked:
-            self._settle(record_id)
+        self._settle_many(list(acked))
         self._firsts = [s.first_id for s in self._segments]
         self._drop_settled_prefix()
         if not report.clean:
@@ -196,19 +218,18 @@ class SpoolStore:
         """Store several messages with one wait (one group commit)."""
         if self._closed or self._loop is None:
             raise ClosedError("spool is closed")
-        records, ids = [], []
         payload_list = list(payloads)
-        for payload in payload_list:
-            record_id = self._next_id
-            self._next_id += 1
-            records.append(encode(RecordKind.DATA, record_id, payload))
-            ids.append(record_id)
-        size = sum(len(r) for r in records)
+        first = self._next_id
+        records = encode_data(first, payload_list)
+        ids = list(range(first, first + len(records)))
+        size = sum(map(len, records))
         used = self.used_bytes
         if used + size > self.quota_bytes:
             raise SpoolFullError(self.quota_bytes, used)
+        self._next_id += len(records)
         self._queued_bytes += size
         fut: asyncio.Future[None] = self._loop.create_future()
+        self._hand_over_lazy()  # same group commit, no write of its own
         self._queue.put(_Write(records, ids, payload_list, fut, size))
         await fut
         return ids
@@ -227,35 +248,52 @@ class SpoolStore:
         self._queue.put(_Write([record], [], [], None, len(record)))
 
     def ack(self, record_ids: Iterable[int]) -> None:
-        """Mark messages done; written with the next batch, space reclaimed by segment."""
-        records = []
-        for record_id in record_ids:
-            if record_id in self._pending:
-                records.append(encode(RecordKind.ACK, record_id, b""))
-                self._settle(record_id)
+        """Mark messages done; space is reclaimed by segment.
+
+        The ack records (one per run of consecutive ids) are written with the
+        next append's commit, or after `_LAZY_ACKS` when none comes: an ack
+        never costs a disk flush of its own. Losing them to a crash means only
+        a redelivery, which receivers deduplicate.
+        """
+        settled = sorted(filter(self._pending.__contains__, record_ids))
+        self._settle_many(settled)
+        records = encode_acks(settled)
         if records and not self._closed:
-            size = sum(len(r) for r in records)
-            self._queued_bytes += size
-            self._queue.put(_Write(records, [], [], None, size))
+            self._queued_bytes += sum(map(len, records))
+            self._lazy += records
+            if self._lazy_timer is None and self._loop is not None:
+                self._lazy_timer = self._loop.call_later(_LAZY_ACKS, self._hand_over_lazy)
             self._drop_settled_prefix()
+
+    def _hand_over_lazy(self) -> None:
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        if self._lazy:
+            records, self._lazy = self._lazy, []
+            self._queue.put(_Write(records, [], [], None, sum(map(len, records))))
 
     async def aclose(self) -> None:
         """Finish queued writes and stop the writer."""
         if self._closed:
             return
         self._closed = True
+        self._hand_over_lazy()
         if self._thread is not None:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._thread.join, 10)
 
     # -- bookkeeping ---------------------------------------------------------------
 
-    def _settle(self, record_id: int) -> None:
-        if self._pending.pop(record_id, None) is not None:
-            seg = self._where.pop(record_id, None)
-            if seg is not None:
-                with self._lock:
-                    seg.live -= 1
+    def _settle_many(self, record_ids: list[int]) -> None:
+        """Forget these ids as pending; count them off their segments (one lock for all)."""
+        deque(map(self._pending.pop, record_ids, repeat(None)), maxlen=0)  # (loops in C)
+        gone = Counter(map(self._where.pop, record_ids, repeat(None)))
+        if gone:
+            with self._lock:
+                for seg, n in gone.items():
+                    if seg is not None:
+                        seg.live -= n
 
     def _drop_settled_prefix(self) -> None:
         """Delete fully acknowledged segments from the front (never the one being written)."""
@@ -270,9 +308,23 @@ class SpoolStore:
 
     # -- the writer thread -----------------------------------------------------------
 
+    def _open_segment(self, seg: _Segment) -> int:
+        """The segment's file for appending (synchronous writes unless the policy is off)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        if self.fsync is not FsyncPolicy.OFF:
+            flags |= os.O_DSYNC
+        fd = os.open(seg.path, flags, 0o600)
+        if seg.size == 0 and self.fsync is not FsyncPolicy.OFF:
+            dir_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)  # the new file's name survives a power cut too
+            finally:
+                os.close(dir_fd)
+        return fd
+
     def _write_forever(self) -> None:
         seg = self._segments[-1]
-        fh: BinaryIO = open(seg.path, "ab")  # noqa: SIM115 - owned by this thread until it ends
+        fd = self._open_segment(seg)  # owned by this thread until it ends
         try:
             while True:
                 batch = [self._queue.get()]
@@ -283,14 +335,14 @@ class SpoolStore:
                         break
                 writes = [b for b in batch if isinstance(b, _Write)]
                 if writes:
-                    fh, seg = self._write_batch(writes, fh, seg)
+                    fd, seg = self._write_batch(writes, fd, seg)
                 if any(b is _STOP for b in batch):
                     return
         finally:
-            fh.close()
+            os.close(fd)
 
-    def _write_batch(self, writes: list[_Write], fh: BinaryIO,
-                     seg: _Segment) -> tuple[BinaryIO, _Segment]:
+    def _write_batch(self, writes: list[_Write], fd: int,
+                     seg: _Segment) -> tuple[int, _Segment]:
         placed: list[tuple[_Write, _Segment]] = []
         error: BaseException | None = None
         start_size = seg.size
@@ -298,27 +350,27 @@ class SpoolStore:
         try:
             for write in writes:
                 if seg.size > 0 and seg.size + write.size > self.segment_bytes:
-                    self._flush(fh, chunks)
-                    fh.close()
+                    self._flush(fd, chunks)
+                    os.close(fd)
                     seg = self._roll(write.ids[0] if write.ids else self._next_id)
-                    fh = open(seg.path, "ab")  # noqa: SIM115
+                    fd = self._open_segment(seg)
                     chunks, start_size = [], 0
                 chunks.extend(write.records)
                 with self._lock:
                     seg.size += write.size
                     seg.live += len(write.ids)
                 placed.append((write, seg))
-            self._flush(fh, chunks)
+            self._flush(fd, chunks)
         except OSError as exc:
             error = _write_error(exc, self.quota_bytes, self.used_bytes)
             _log.error("spool write failed: %s", exc)
-            self._undo(fh, seg, start_size, placed)
+            self._undo(fd, seg, start_size, placed)
         loop = self._loop
         assert loop is not None
         loop.call_soon_threadsafe(self._resolve, placed, error)
-        return fh, seg
+        return fd, seg
 
-    def _undo(self, fh: BinaryIO, seg: _Segment, size: int,
+    def _undo(self, fd: int, seg: _Segment, size: int,
               placed: list[tuple[_Write, _Segment]]) -> None:
         """A failed write stores nothing: cut the file back and forget the batch."""
         with self._lock:
@@ -326,17 +378,16 @@ class SpoolStore:
                 where.live -= len(write.ids)
             seg.size = size
         try:
-            fh.truncate(size)
+            os.ftruncate(fd, size)
         except OSError as exc:
             _log.error("cannot cut back spool segment %s: %s", seg.path, exc)
 
     def _resolve(self, placed: list[tuple[_Write, _Segment]], error: BaseException | None) -> None:
         for write, seg in placed:
             self._queued_bytes -= write.size
-            if error is None:
-                for record_id, payload in zip(write.ids, write.payloads, strict=True):
-                    self._pending[record_id] = payload
-                    self._where[record_id] = seg
+            if error is None and write.ids:
+                self._pending.update(zip(write.ids, write.payloads, strict=True))
+                self._where.update(dict.fromkeys(write.ids, seg))
             fut = write.future
             if fut is not None and not fut.done():
                 if error is None:
@@ -344,19 +395,14 @@ class SpoolStore:
                 else:
                     fut.set_exception(error)
 
-    def _flush(self, fh: BinaryIO, chunks: list[bytes]) -> None:
+    def _flush(self, fd: int, chunks: list[bytes]) -> None:
         if not chunks:
             return
         if self.fsync is FsyncPolicy.ALWAYS:
             for chunk in chunks:
-                fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
+                _write_all(fd, chunk)
             return
-        fh.write(b"".join(chunks))
-        fh.flush()
-        if self.fsync is FsyncPolicy.BATCH:
-            os.fsync(fh.fileno())
+        _write_all(fd, b"".join(chunks))
 
     def _roll(self, first_id: int) -> _Segment:
         seg = _Segment(self.path / f"{first_id:020d}{_SUFFIX}", first_id)
@@ -373,6 +419,15 @@ class _Write:
     payloads: list[bytes]
     future: asyncio.Future[None] | None
     size: int
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """`os.write` until every byte is written (a short write is legal, if rare)."""
+    done = os.write(fd, data)
+    if done < len(data):
+        view = memoryview(data)
+        while done < len(data):
+            done += os.write(fd, view[done:])
 
 
 def _write_error(exc: OSError, quota: int, used: int) -> MeshError:

@@ -12,6 +12,7 @@ import pytest
 
 from mesh import SpoolFullError
 from mesh._spool import FsyncPolicy, SpoolStore
+from tests.helpers import aeventually
 
 
 async def _open(path, **kw) -> SpoolStore:
@@ -33,6 +34,35 @@ async def test_pending_messages_survive_reopen_and_ids_keep_growing(tmp_path) ->
         assert again.report.clean
     finally:
         await again.aclose()
+
+
+async def test_acks_in_runs_and_singles_survive_reopen(tmp_path) -> None:
+    """Acks of consecutive ids (one record per run) and scattered ones settle exactly those."""
+    store = await _open(tmp_path)
+    ids = await store.append_many([f"m{i}".encode() for i in range(20)])
+    acked = {*ids[2:9], ids[11], *ids[13:15], ids[19]}
+    store.ack(sorted(acked, reverse=True))  # any order; repeats and unknown ids are ignored
+    store.ack([ids[3], 10_000])
+    assert [i for i, _ in store.pending()] == [i for i in ids if i not in acked]
+    await store.aclose()
+    again = await _open(tmp_path)
+    try:
+        assert [i for i, _ in again.pending()] == [i for i in ids if i not in acked]
+        assert again.report.clean
+    finally:
+        await again.aclose()
+
+
+async def test_acks_reach_the_files_without_a_later_append(tmp_path) -> None:
+    """Acks wait for the next commit to ride along, but not forever when none comes."""
+    store = await _open(tmp_path)
+    try:
+        ids = await store.append_many([b"a", b"b", b"c"])
+        store.ack(ids[:2])
+        await aeventually(lambda: [i for i, _ in SpoolStore.peek(tmp_path)[0]] == ids[2:],
+                          message="acks written to the segment")
+    finally:
+        await store.aclose()
 
 
 @pytest.mark.parametrize("policy", list(FsyncPolicy))

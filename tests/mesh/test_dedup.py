@@ -1,0 +1,61 @@
+"""Receiver dedup: runs of sequences behave like a set, persist, and stay bounded."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+
+from mesh._dedup import Dedup, runs_of
+from mesh._spool import RecordKind, SpoolStore
+
+
+def test_runs_answer_like_a_set_for_any_arrival_order() -> None:
+    """Marks in random order (with repeats) are seen exactly when a plain set says so."""
+    rng = random.Random(7)
+    dedup = Dedup()
+    marked: set[int] = set()
+    for _ in range(3_000):
+        seqs = [rng.randrange(2_000) for _ in range(rng.randrange(1, 5))]
+        dedup.mark_many("a", seqs)
+        marked.update(seqs)
+        probe = rng.randrange(2_100)
+        assert dedup.seen("a", probe) == (probe in marked)
+    assert all(dedup.seen("a", s) == (s in marked) for s in range(2_100))
+    assert not dedup.seen("b", next(iter(marked)))
+
+
+def test_in_order_marks_are_one_run_and_the_window_drops_the_lowest_runs() -> None:
+    """A stream in order costs one run; beyond the window, the oldest runs are forgotten."""
+    dedup = Dedup(window=3)
+    dedup.mark_many("a", range(1, 10_001))
+    assert dedup.seen("a", 1) and dedup.seen("a", 10_000) and not dedup.seen("a", 10_001)
+    for seq in (20_000, 30_000, 40_000):  # three more runs: the first is dropped
+        dedup.mark("a", seq)
+    assert not dedup.seen("a", 5)
+    assert all(dedup.seen("a", s) for s in (20_000, 30_000, 40_000))
+
+
+def test_runs_of_merges_neighbours_and_repeats() -> None:
+    assert runs_of([5, 1, 2, 3, 3, 9, 6]) == [1, 4, 5, 7, 9, 10]
+
+
+async def test_marks_survive_a_restart_also_in_the_older_single_sequence_form(tmp_path) -> None:
+    """Saved runs and records written by older versions (sender, [seq...]) both load."""
+    store = SpoolStore(tmp_path)
+    await store.start()
+    store.note(RecordKind.META, msgspec.msgpack.encode(("old", [3, 4, 8])))
+    dedup = Dedup(store)
+    dedup.mark_many("new", [*range(100, 200), 500])
+    dedup.save()
+    await store.aclose()
+    again = SpoolStore(tmp_path)
+    await again.start()
+    try:
+        loaded = Dedup(again)
+        loaded.load()
+        assert [s for s in range(10) if loaded.seen("old", s)] == [3, 4, 8]
+        assert all(loaded.seen("new", s) for s in (100, 199, 500))
+        assert not any(loaded.seen("new", s) for s in (99, 200, 499, 501))
+    finally:
+        await again.aclose()
