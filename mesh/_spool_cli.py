@@ -102,8 +102,9 @@ async def replay(args: argparse.Namespace, node: AsyncNode) -> int:
             if left == 0:
                 return 0
             await asyncio.sleep(0.1)  # a progress display: poll the count while waiting
-    print(f"zeromesh spool replay: {node.spool_pending} not delivered within "
-          f"{args.timeout:g} s; they stay in the outbox", file=sys.stderr)
+        left = node.spool_pending  # (read while the node is open: closed, it has no spool)
+    print(f"zeromesh spool replay: {left} not delivered within {args.timeout:g} s; "
+          "they stay in the outbox", file=sys.stderr)
     return 1
 
 
