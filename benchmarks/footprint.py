@@ -75,6 +75,15 @@ async def _node(mesh_name: str, peer: str, ready: Any, stop: Any) -> None:
             await asyncio.sleep(0.05)
 
 
+async def stop_child(proc: Any, stop: Any) -> None:
+    """Ask the child to end; kill it (our own child only) if it does not within 10 s."""
+    stop.set()
+    await asyncio.to_thread(proc.join, 10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+
+
 async def measure(mode: str, settle: float, samples: int = 5) -> dict[str, float]:
     from mesh import AsyncNode
 
@@ -98,11 +107,7 @@ async def measure(mode: str, settle: float, samples: int = 5) -> dict[str, float
                 await asyncio.sleep(settle / samples)
             peers = len(here.peers())
         finally:
-            stop.set()
-            await asyncio.to_thread(proc.join, 10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+            await stop_child(proc, stop)
     return {"rss_mb": statistics.median(v[0] for v in values),
             "peak_mb": max(v[1] for v in values), "peers_seen_by_parent": peers}
 
@@ -151,11 +156,7 @@ async def idle_cpu(window: float, n_peers: int = 10) -> dict[str, float]:
         used, elapsed = cpu_seconds(proc.pid or 0) - before, time.monotonic() - started
         seen = min(len(p.peers()) for p in peers)
     finally:
-        stop.set()
-        await asyncio.to_thread(proc.join, 10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
+        await stop_child(proc, stop)
         for peer in peers:
             await peer.aclose()
     return {"cpu_percent": 100 * used / elapsed, "peers": n_peers, "window_s": elapsed,
