@@ -199,3 +199,21 @@ def print_problems(label: str, side_: dict[str, Any] | None) -> None:
 def ok(side_: dict[str, Any] | None) -> bool:
     """A side that did not run, or ran lossless, intact and without error."""
     return side_ is None or (side_["lost"] == 0 and not side_["error"] and not side_["corrupt"])
+
+
+def add_run_flags(parser: Any, *, quick: str = "a small run (smoke test)") -> None:
+    """The flags every benchmark here takes: --quick, --timeout, --repeat, --json."""
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--timeout", type=float, default=120.0, help="hard limit per phase, s")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="runs per figure; the median is reported (default 3, 1 with --quick)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def check_run_flags(parser: Any, args: Any) -> None:
+    """Usage errors (exit 2) for a bad --count or --repeat."""
+    if getattr(args, "count", None) is not None and args.count < 1:
+        parser.error("--count must be at least 1")
+    if args.repeat is not None and args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+

@@ -377,17 +377,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="messages per row (default 20k HTTP, 50k SSE, 200k library)")
     parser.add_argument("--in-flight", type=lambda s: [int(x) for x in s.split(",")],
                         default=list(IN_FLIGHT), help="comma-separated (default 1,16)")
-    parser.add_argument("--quick", action="store_true", help="a small run (smoke test)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="hard limit per phase, s")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="runs per row; the median by receive rate is reported "
-                             "(default 3, 1 with --quick)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    h.add_run_flags(parser, quick="a small run (smoke test)")
     args = parser.parse_args(argv)
-    if args.count is not None and args.count < 1:
-        parser.error("--count must be at least 1")
-    if args.repeat is not None and args.repeat < 1:
-        parser.error("--repeat must be at least 1")
+    h.check_run_flags(parser, args)
     if not args.in_flight or min(args.in_flight) < 1:
         parser.error("--in-flight must be positive")
     counts = {k: args.count or v

@@ -188,12 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests timed one at a time")
     parser.add_argument("--throughput-count", dest="n_tput", type=int,
                         help=f"requests with {reqrep.IN_FLIGHT} in flight")
-    parser.add_argument("--quick", action="store_true", help="a small run (a smoke test)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="hard limit per phase, s")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="runs per setting and figure; the median is reported "
-                             "(default 3, 1 with --quick)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    h.add_run_flags(parser, quick="a small run (a smoke test)")
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.n_lat = args.n_lat or (reqrep.QUICK_LATENCY_COUNT if args.quick

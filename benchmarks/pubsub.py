@@ -251,18 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="messages per size (default 1M at 64 B, 300k at 1 KiB)")
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
                         default=list(SIZES), help="comma-separated payload sizes in bytes")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_COUNT} messages per size")
-    parser.add_argument("--timeout", type=float, default=120.0, help="hard limit per phase, s")
     parser.add_argument("--only", choices=["raw", "zeromesh"], help="run one side only")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="runs per side and size; the median by receive rate is reported "
-                             "(default 3, 1 with --quick)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    h.add_run_flags(parser, quick=f"{QUICK_COUNT} messages per size")
     args = parser.parse_args(argv)
-    if args.count is not None and args.count < 1:
-        parser.error("--count must be at least 1")
-    if args.repeat is not None and args.repeat < 1:
-        parser.error("--repeat must be at least 1")
+    h.check_run_flags(parser, args)
 
     rows = []
     for size in args.sizes:

@@ -267,18 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefetch", type=_prefetches, default=[1024, 4096],
                         help="comma-separated extra prefetch values for zeromesh rows, after "
                              "the library default (default 1024,4096; '' for the default only)")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_COUNT} messages")
-    parser.add_argument("--timeout", type=float, default=120.0, help="hard limit per run, s")
     parser.add_argument("--only", choices=["raw", "zeromesh"], help="run one side only")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="runs per row; the median by receive rate is reported "
-                             "(default 3, 1 with --quick)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    h.add_run_flags(parser, quick=f"{QUICK_COUNT} messages")
     args = parser.parse_args(argv)
-    if args.count is not None and args.count < 1:
-        parser.error("--count must be at least 1")
-    if args.repeat is not None and args.repeat < 1:
-        parser.error("--repeat must be at least 1")
+    h.check_run_flags(parser, args)
     if args.size < 1:
         parser.error("--size must be at least 1")
 
