@@ -36,6 +36,9 @@ from ._metrics import AgentMetrics
 
 _log = logging.getLogger("mesh.agent.webhook")
 _MAX_BACKOFF: Final[float] = 30.0
+_MAX_PENDING: Final[int] = 100_000
+"""Best-effort messages queued for a slow app before the oldest are dropped (logged once):
+a plain pattern webhook is best effort, and must not grow the agent without bound."""
 
 Settle = Callable[[bool], None]
 
@@ -83,7 +86,7 @@ class WebhookRunner:
     async def _messages(self) -> AsyncIterator[tuple[Message, Settle]]:
         hook, node = self._hook, self._node
         if hook.pattern is not None and hook.durable is None:
-            async with await node.subscribe(hook.pattern, max_pending=0) as sub:
+            async with await node.subscribe(hook.pattern, max_pending=_MAX_PENDING) as sub:
                 async for msg in sub:
                     yield msg, _settle_nothing
             return
