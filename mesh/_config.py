@@ -66,8 +66,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sub_hwm: int = 10_000
     """Messages queued per publisher on the SUB side before ZeroMQ drops (0 = unbounded)."""
     service_hwm: int = 10_000
-    """Service ROUTER/DEALER queue limit each way (0 = unbounded); a full one makes
-    ``request`` wait, never drop."""
+    """Request frames queued towards a server (0 = unbounded); the requests of one loop
+    iteration share a frame. A full queue makes ``request`` wait, never drop."""
 
     def validated(self) -> NodeConfig:
         """Return a copy with defaults resolved; raise ConfigError on the first bad key."""

@@ -8,6 +8,10 @@ backlog (beyond it the server answers *busy* and the requester tries another
 server). A handler that raises produces an error reply (`RemoteError` at the
 requester); the server keeps serving.
 
+Requests to one server, and replies to one requester, made in the same loop
+iteration travel as one frame (`_coalesce`): the first at once, the rest
+when the iteration ends.
+
 Requesting: one DEALER per server peer, opened on first use. Each request
 gets a correlation id and a future in the pending map; a reply whose id is no
 longer pending (its request timed out) is discarded and counted. A server is
@@ -33,8 +37,8 @@ import functools
 import itertools
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Final, NoReturn
 
 from tenacity import (
@@ -54,6 +58,7 @@ from patterns import (
 )
 
 from . import _wire
+from ._coalesce import Coalescer
 from ._config import NodeConfig
 from ._message import Message
 from ._peers import PeerRecord, PeerState
@@ -83,6 +88,9 @@ _WIRE_OVERHEAD: Final[int] = 64 * 1024
 _RETRY_INITIAL: Final[float] = 0.01
 _RETRY_MAX: Final[float] = 0.25
 _RETRY_JITTER: Final[float] = 0.02
+_FRAME_BYTES: Final[int] = 256 * 1024
+"""Requests (or replies) share a frame up to this many payload bytes (one larger travels alone)."""
+_ITEM_OVERHEAD: Final[int] = 64
 
 
 class _ServerGone(DeliveryError):
@@ -101,7 +109,7 @@ def _checked_service(service: str) -> None:
 class _Link:
     """Our DEALER to one server peer."""
 
-    __slots__ = ("dealer", "last_used", "outstanding", "peer", "tasks", "up")
+    __slots__ = ("blocked", "dealer", "last_used", "outstanding", "peer", "tasks", "up")
 
     def __init__(self, peer: PeerRecord, make_dealer: Callable[[_Link], ServiceDealer]) -> None:
         self.peer = peer
@@ -109,7 +117,23 @@ class _Link:
         self.up = True
         self.last_used = 0
         self.tasks: list[asyncio.Task[None]] = []
+        self.blocked: deque[bytearray] = deque()
+        """Request frames waiting for room in the server's queue (sent in order)."""
         self.dealer = make_dealer(self)
+
+    def send(self, frame: bytearray) -> None:
+        if self.blocked or not self.dealer.try_send(frame):
+            self.blocked.append(frame)
+            if len(self.blocked) == 1:
+                self.tasks.append(asyncio.get_running_loop().create_task(
+                    self._send_blocked(), name="zeromesh-service-send"))
+
+    async def _send_blocked(self) -> None:
+        """The server's queue is full: wait for room rather than drop (requests time out)."""
+        with contextlib.suppress(SocketClosed):
+            while self.blocked:
+                await self.dealer.send(self.blocked[0])
+                self.blocked.popleft()
 
 
 class Services:
@@ -126,6 +150,7 @@ class Services:
         self._on_services_changed = on_services_changed
         self.max_message_size = config.max_message_size
         self._max_wire = config.max_message_size + _WIRE_OVERHEAD
+        self._frame_budget = min(_FRAME_BYTES, config.max_message_size)
         self._hwm = config.service_hwm
         self._router = ServiceRouter(ctx, self._on_requests, hwm=self._hwm,
                                      max_message_size=self._max_wire)
@@ -138,6 +163,8 @@ class Services:
         self._ids = itertools.count(1)
         self._uses = itertools.count(1)
         self._grace_end = 0.0
+        self._requests: Coalescer[_Link, _wire.Request] = Coalescer(self._send_requests)
+        self._replies: Coalescer[bytes, _wire.Reply] = Coalescer(self._send_replies)
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -243,13 +270,16 @@ class Services:
             try:
                 if len(frames) != 2:
                     raise ProtocolError(f"service request of {len(frames) - 1} frames")
-                req = _wire.decode_service(frames[1], self._max_wire)
-                if not isinstance(req, _wire.Request):
-                    raise ProtocolError("reply sent to a service router")
+                reqs = _wire.decode_service(frames[1], self._max_wire)
             except ProtocolError as exc:
                 self._quiet.drop("service", exc.reason)
                 continue
-            self._on_request(frames[0], req)
+            for req in reqs:
+                if isinstance(req, _wire.Request):
+                    self._on_request(frames[0], req)
+                else:
+                    self._quiet.drop("service", "reply sent to a service router")
+        self._replies.flush()  # sync handlers answered: one frame per requester now
 
     def _on_request(self, identity: bytes, req: _wire.Request) -> None:
         self._stats["requests_served"] += 1
@@ -263,9 +293,17 @@ class Services:
         svc.submit(msg, functools.partial(self._send_reply, identity))
 
     def _send_reply(self, identity: bytes, reply: _wire.Reply) -> None:
+        self._replies.add(identity, reply)
+
+    def _send_replies(self, identity: bytes, replies: list[_wire.Reply]) -> None:
         # the node is closing when SocketClosed: the requester fails over on our goodbye
         with contextlib.suppress(SocketClosed):
-            self._router.reply(identity, _wire.encode_service(reply))
+            for frame in _frames(replies, self._frame_budget):
+                self._router.reply(identity, frame)
+
+    def _send_requests(self, link: _Link, requests: list[_wire.Request]) -> None:
+        for frame in _frames(requests, self._frame_budget):
+            link.send(frame)
 
     # -- requesting -------------------------------------------------------------
 
@@ -350,20 +388,19 @@ class Services:
         if link is None:
             link = self._open_link(target)
         tried.append(target.id)
-        frame = _wire.encode_service(_wire.Request(cid, service, self._node_id, self._name,
-                                                   time.time(), headers, payload))
-        if len(frame) > self._max_wire:
-            self._stats["oversized"] += 1
-            raise MessageTooLarge(len(frame), self._max_wire)
+        if headers:
+            size = _size(payload, headers) + len(service) + _ITEM_OVERHEAD
+            if size > self._max_wire:
+                self._stats["oversized"] += 1
+                raise MessageTooLarge(size, self._max_wire)
         self._pending[cid] = (fut, link)
         link.outstanding.add(cid)
         link.last_used = use
         # A bare timer, not asyncio.timeout(): this is the hot path.
         timer = loop.call_at(loop.time() + share, _expire, fut)
+        self._requests.add(link, _wire.Request(cid, service, self._node_id, self._name,
+                                               time.time(), headers, payload))
         try:
-            if not link.dealer.try_send(frame):
-                async with asyncio.timeout(share):  # the server's queue is full: wait
-                    await link.dealer.send(frame)
             reply = await fut
         except TimeoutError:
             raise RequestTimeout(f"request to {service!r} at {link.peer.name}", share) from None
@@ -437,21 +474,24 @@ class Services:
         return link
 
     def _on_replies(self, link: _Link, batch: list[list[bytes]]) -> None:
+        pending = self._pending
         for frames in batch:
             try:
                 if len(frames) != 1:
                     raise ProtocolError(f"service reply of {len(frames)} frames")
-                reply = _wire.decode_service(frames[0], self._max_wire)
-                if not isinstance(reply, _wire.Reply):
-                    raise ProtocolError("request sent to a requester")
+                replies = _wire.decode_service(frames[0], self._max_wire)
             except ProtocolError as exc:
                 self._quiet.drop("service", exc.reason)
                 continue
-            entry = self._pending.get(reply.id)
-            if entry is None or entry[1] is not link or entry[0].done():
-                self._stats["late_replies"] += 1  # its request timed out or failed over
-                continue
-            entry[0].set_result(reply)
+            for reply in replies:
+                if not isinstance(reply, _wire.Reply):
+                    self._quiet.drop("service", "request sent to a requester")
+                    continue
+                entry = pending.get(reply.id)
+                if entry is None or entry[1] is not link or entry[0].done():
+                    self._stats["late_replies"] += 1  # its request timed out or failed over
+                    continue
+                entry[0].set_result(reply)
 
     async def _watch(self, link: _Link) -> None:
         while True:
@@ -464,6 +504,31 @@ class Services:
                 if not up:
                     _log.debug("service connection to %s dropped", link.peer.name)
                     self._fail_over(link, "connection to the server dropped")
+
+
+def _size(payload: bytes, headers: dict[str, str] | None) -> int:
+    if not headers:
+        return len(payload)
+    return len(payload) + sum(len(k) + len(v) for k, v in headers.items())
+
+
+def _frames(msgs: Sequence[_wire.ServiceFrame], budget: int) -> Iterator[bytearray]:
+    """`msgs` as frames of at most `budget` payload bytes each (a larger one alone), so a
+    frame stays within the receiver's limit (``max_message_size`` plus overhead)."""
+    if len(msgs) == 1:
+        yield _wire.encode_service(msgs)
+        return
+    start, size = 0, 0
+    for i, msg in enumerate(msgs):
+        if isinstance(msg, _wire.Request):
+            more = _size(msg.payload, msg.headers) + _ITEM_OVERHEAD
+        else:
+            more = len(msg.payload) + len(msg.error) + _ITEM_OVERHEAD
+        if size and size + more > budget:
+            yield _wire.encode_service(msgs[start:i])
+            start, size = i, 0
+        size += more
+    yield _wire.encode_service(msgs[start:])
 
 
 def _expire(fut: asyncio.Future[_wire.Reply]) -> None:

@@ -43,8 +43,10 @@ tag  message    fields
 ===  =========  ==========================================================
 
 Service (DEALER -> ROUTER requests, ROUTER -> DEALER replies): ``header |
-ServiceFrame``, a tagged msgpack array; the ROUTER's routing-id frame is added
-and stripped by ZeroMQ, so each side still reads a single frame:
+[ServiceFrame, ...]``, a msgpack array of one or more tagged arrays (the
+requests, or replies, of one loop iteration to one peer travel together); the
+ROUTER's routing-id frame is added and stripped by ZeroMQ, so each side still
+reads a single frame:
 
 ===  =======  ==============================================================
 tag  message  fields
@@ -61,6 +63,7 @@ tags, which older peers drop and count as malformed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import msgspec
@@ -316,17 +319,18 @@ class Reply(msgspec.Struct, frozen=True, array_like=True, gc=False, tag=2):
 
 ServiceFrame = Request | Reply
 
-_service_decoder: Final = msgspec.msgpack.Decoder(ServiceFrame)
+_service_decoder: Final = msgspec.msgpack.Decoder(list[ServiceFrame])
 
 
-def encode_service(msg: ServiceFrame) -> bytearray:
+def encode_service(msgs: Sequence[ServiceFrame]) -> bytearray:
+    """One frame carrying `msgs` (requests to one server, or replies to one requester)."""
     buf = bytearray(SERVICE_HEADER)
-    _encoder.encode_into(msg, buf, len(buf))
+    _encoder.encode_into(msgs, buf, len(buf))
     return buf
 
 
-def decode_service(frame: bytes, max_size: int) -> ServiceFrame:
-    """Decode a service frame, checking size and header first.
+def decode_service(frame: bytes, max_size: int) -> list[ServiceFrame]:
+    """Decode a service frame (never empty), checking size and header first.
 
     Raises:
         ProtocolError: anything malformed; the caller drops and counts it.
@@ -335,7 +339,9 @@ def decode_service(frame: bytes, max_size: int) -> ServiceFrame:
         raise ProtocolError(f"service frame of {len(frame)} bytes exceeds {max_size}")
     _check_header(frame[:4], SERVICE_HEADER)
     try:
-        msg: ServiceFrame = _service_decoder.decode(memoryview(frame)[4:])
+        msgs: list[ServiceFrame] = _service_decoder.decode(memoryview(frame)[4:])
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"undecodable service frame: {exc}") from exc
-    return msg
+    if not msgs:
+        raise ProtocolError("empty service frame")
+    return msgs

@@ -185,7 +185,7 @@ async def test_well_formed_hostile_requests_and_work_never_end_a_reader(
             @given(services, batches)
             def one(frame: wire.ServiceFrame, batch: tuple[bytes, wire.Batch]) -> None:
                 nonlocal sent
-                dealer.send(bytes(wire.encode_service(frame)))
+                dealer.send(bytes(wire.encode_service([frame])))
                 push.send(bytes(wire.encode_data(*batch)))
                 sent += 2
 
@@ -369,8 +369,8 @@ def _raw_request(rtr: str, service: str, timeout: float = 5.0) -> wire.Reply:
     try:
         dealer.connect(rtr)
         dealer.send(bytes(wire.encode_service(
-            wire.Request(7, service, "ab" * 16, "raw", time.time(), None, b"?"))))
-        reply = wire.decode_service(dealer.recv(), MAX_WIRE)
+            [wire.Request(7, service, "ab" * 16, "raw", time.time(), None, b"?")])))
+        [reply] = wire.decode_service(dealer.recv(), MAX_WIRE)
     finally:
         dealer.close()
     assert isinstance(reply, wire.Reply)
@@ -633,8 +633,8 @@ def _fuzz(ctl_port: int, rtr_port: int, pull_port: int, pub_port: int, http_port
         no_endpoints = bytes(wire.encode_control(wire.Hello(
             stranger, "x", mesh, 1, ["udp://x"], ["http://y"], [], 0)))
         request = bytes(wire.encode_service(
-            wire.Request(1, "echo", stranger, "stranger", 0.0, {"a": "b"}, b"payload")))
-        reply = bytes(wire.encode_service(wire.Reply(1, 0, 0.0, b"x")))
+            [wire.Request(1, "echo", stranger, "stranger", 0.0, {"a": "b"}, b"payload")]))
+        reply = bytes(wire.encode_service([wire.Reply(1, 0, 0.0, b"x")]))
         batch = wire.Batch(stranger, "stranger", 0, [wire.Item(0, 0.0, None, b"work")])
         work = bytes(wire.encode_data(b"jobs\x00", batch))
 

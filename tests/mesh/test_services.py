@@ -80,6 +80,22 @@ async def test_1000_concurrent_requests_to_two_servers_are_all_answered_correctl
     assert min(served.values()) >= 300, served  # least-outstanding balancing uses both
 
 
+async def test_concurrent_requests_share_frames_within_the_size_limit(make_node) -> None:
+    """Requests made together travel together, split so no frame exceeds the receiver's limit:
+    60 KB and tiny requests mixed, 120 in flight, max_message_size 100 KB, all answered."""
+    client = await make_node("client", max_message_size=100_000)
+    server = await make_node("s0", max_message_size=100_000)
+    await server.serve("svc.len", lambda m: b"%d:%s" % (len(m.data), m.data[:4]))
+    await client.wait_for_service("svc.len", timeout=5)
+    bodies = [(b"%04d" % i) * (15_000 if i % 3 == 0 else 1) for i in range(120)]
+    async with asyncio.timeout(20):
+        replies = await asyncio.gather(*(client.request("svc.len", body, timeout=15)
+                                         for body in bodies))
+    assert [r.data for r in replies] == [b"%d:%s" % (len(b), b[:4]) for b in bodies]
+    assert server.stats["requests_served"] == 120
+    assert "service" not in server.dropped_input, server.dropped_input
+
+
 async def test_sequential_requests_alternate_between_servers(make_node) -> None:
     """With one request at a time, servers take turns (round robin on ties)."""
     client = await make_node("client")

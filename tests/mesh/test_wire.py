@@ -117,10 +117,16 @@ replies = st.builds(wire.Reply, st.integers(0, 2**63), st.integers(0, 3),
                     st.floats(allow_nan=False), st.binary(max_size=200), texts)
 
 
-@given(requests | replies)
-def test_service_frames_round_trip(msg: wire.ServiceFrame) -> None:
-    """Requests and replies survive encode/decode."""
-    assert wire.decode_service(bytes(wire.encode_service(msg)), 10**6) == msg
+@given(st.lists(requests | replies, min_size=1, max_size=5))
+def test_service_frames_round_trip(msgs: list[wire.ServiceFrame]) -> None:
+    """Requests and replies, one or several to a frame, survive encode/decode in order."""
+    assert wire.decode_service(bytes(wire.encode_service(msgs)), 10**6) == msgs
+
+
+def test_an_empty_service_frame_is_refused() -> None:
+    """A frame must carry at least one request or reply."""
+    with pytest.raises(ProtocolError, match="empty"):
+        wire.decode_service(bytes(wire.encode_service([])), 10**6)
 
 
 #: any msgpack value: what a peer that speaks msgpack but not our schema could send
@@ -150,6 +156,10 @@ def test_msgpack_of_the_wrong_shape_raises_only_protocol_error(
         for body in bodies:
             with contextlib.suppress(ProtocolError):
                 decoded = decode(header + body)
+                if isinstance(decoded, list):  # service frames hold a list
+                    assert decoded and all(isinstance(m, wire.Request | wire.Reply)
+                                           for m in decoded)
+                    continue
                 assert isinstance(decoded, wire.Batch | wire.Hello | wire.Heartbeat | wire.Bye
                                   | wire.Credit | wire.Nack | wire.Request | wire.Reply
                                   | wire.Spooled)
@@ -161,7 +171,7 @@ def test_mutated_valid_frames_raise_only_protocol_error(msg: object, data: st.Da
     """A real frame with bytes flipped, cut, inserted or its length heads inflated: decoders
     return a value or raise ProtocolError, never anything else."""
     if isinstance(msg, wire.Request | wire.Reply):
-        frame = bytearray(wire.encode_service(msg))
+        frame = bytearray(wire.encode_service([msg]))
     else:
         assert isinstance(msg, wire.Hello | wire.Heartbeat | wire.Bye)
         frame = bytearray(wire.encode_control(msg))
