@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import Counter, deque
@@ -168,6 +169,7 @@ class WorkQueues:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._dirty: set[_Target] = set()
+        self._uncounted = 0
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -242,10 +244,11 @@ class WorkQueues:
                 target = await self._wait_for_target(queue, timeout, closed)
         item = _wire.Item(self._next_seq(), _wall_clock(), dict(headers) if headers else None,
                           data)
-        self._stats["pushed"] += 1
         if target.local:
+            self._stats["pushed"] += 1
             self._assign(target, (item, None))
             return
+        self._uncounted += 1  # into stats when its batch leaves (a Counter += costs 0.2 us)
         # _assign, inlined for the common case
         target.run -= 1
         target.sent += 1
@@ -417,6 +420,9 @@ class WorkQueues:
             self._send(target)
 
     def _send(self, target: _Target) -> None:
+        if self._uncounted:
+            self._stats["pushed"] += self._uncounted
+            self._uncounted = 0
         items, target.outgoing, target.outgoing_bytes = target.outgoing, [], 0
         if not items or target.pusher is None:
             return
@@ -486,6 +492,8 @@ class WorkQueues:
         if not target.nacked and not target.tracked:  # nothing to settle: just forget them
             if done == len(inflight):
                 inflight.clear()
+            elif done > len(inflight) // 2:  # copy the rest in C rather than pop in Python
+                target.inflight = deque(itertools.islice(inflight, done, None))
             else:
                 for _ in range(done):
                     inflight.popleft()
