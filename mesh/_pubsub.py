@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
 from patterns import (
@@ -126,8 +126,8 @@ class PubSub:
         self.node_id = node_id
         self._subscriber.set_marker(self._marker())
         loop = asyncio.get_running_loop()
-        return [loop.create_task(self._read_data(), name="zeromesh-data"),
-                loop.create_task(self._read_markers(), name="zeromesh-markers")]
+        self._subscriber.start(self._on_batches)
+        return [loop.create_task(self._read_markers(), name="zeromesh-markers")]
 
     def close(self) -> None:
         self.flush()
@@ -222,13 +222,16 @@ class PubSub:
         send = self._publisher.send
         self._stats["published"] += self._outgoing_count
         outgoing, self._outgoing = self._outgoing, {}
+        # one topic (the common case): its size is known, so its buffer is allocated once
+        hint = (self._outgoing_bytes + _wire.ITEM_OVERHEAD * self._outgoing_count + 256
+                if len(outgoing) == 1 else 0)
         self._outgoing_count = self._outgoing_bytes = 0
         for topic, items in outgoing.items():
             first = self._topic_seq.get(topic, 0)
             self._topic_seq[topic] = first + len(items)
             self.published_by_topic.add(topic, len(items))
             frame = _wire.encode_data(checked_topic_key(topic),
-                                      _wire.Batch(self.node_id, name, first, items))
+                                      _wire.Batch(self.node_id, name, first, items), hint)
             try:
                 send(frame)
             except SocketClosed:
@@ -272,17 +275,11 @@ class PubSub:
                 s for s in self._subs if s.pattern.matches(topic))
         return subs
 
-    async def _read_data(self) -> None:
-        recv = self._subscriber.recv_many
-        while True:
-            try:
-                batches = await recv()
-            except SocketClosed:
-                return
-            for frames in batches:
-                self._on_data(frames)
+    def _on_batches(self, batches: list[list[memoryview]]) -> None:
+        for frames in batches:
+            self._on_data(frames)
 
-    def _on_data(self, frames: list[bytes]) -> None:
+    def _on_data(self, frames: Sequence[bytes | memoryview]) -> None:
         try:
             if len(frames) != 1:
                 raise ProtocolError(f"data message of {len(frames)} frames")

@@ -440,11 +440,11 @@ class Workers:
 
     # -- receiving ---------------------------------------------------------------
 
-    def _on_batches(self, batches: list[list[bytes]]) -> None:
+    def _on_batches(self, batches: list[list[memoryview]]) -> None:
         for frames in batches:
             self._on_work(frames)
 
-    def _on_work(self, frames: list[bytes]) -> None:
+    def _on_work(self, frames: list[memoryview]) -> None:
         try:
             if len(frames) != 1:
                 raise ProtocolError(f"work message of {len(frames)} frames")

@@ -423,11 +423,13 @@ class WorkQueues:
         if self._uncounted:
             self._stats["pushed"] += self._uncounted
             self._uncounted = 0
-        items, target.outgoing, target.outgoing_bytes = target.outgoing, [], 0
+        items, nbytes = target.outgoing, target.outgoing_bytes
+        target.outgoing, target.outgoing_bytes = [], 0
         if not items or target.pusher is None:
             return
         frame = _wire.encode_data(target.key, _wire.Batch(
-            self.node_id, self.name, target.flushed, items, target.epoch, target.credit <= 0))
+            self.node_id, self.name, target.flushed, items, target.epoch, target.credit <= 0),
+            nbytes + _wire.ITEM_OVERHEAD * len(items) + 256)
         target.flushed += len(items)
         with contextlib.suppress(SocketClosed):
             target.pusher.send(frame)

@@ -17,6 +17,7 @@ count the gaps.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Final
 
 import zmq
@@ -26,6 +27,8 @@ from ._socket import Context
 MARKER_PREFIX: Final[bytes] = b"\xff"
 DEFAULT_PUB_HWM: Final[int] = 10_000
 DEFAULT_SUB_HWM: Final[int] = 10_000
+_DRAIN_LIMIT: Final[int] = 256
+"""Frames taken per readiness callback before other work on the loop gets a turn."""
 
 
 class Publisher:
@@ -105,8 +108,17 @@ class Subscriber:
         if old is not None and old != marker:
             self._sock.set_option(zmq.UNSUBSCRIBE, MARKER_PREFIX + old)
 
-    async def recv_many(self, limit: int = 256) -> list[list[bytes]]:
-        return await self._sock.recv_many(limit)
+    def start(self, on_frames: Callable[[list[list[memoryview]]], None]) -> None:
+        """Hand every batch of received messages to `on_frames`, on the running loop.
+
+        A callback on the socket's FD with views of ZeroMQ's buffers (no task, no
+        copy of the frame): with 256 KiB batches the copy cost the subscriber as
+        much as decoding.
+        """
+        def drain() -> None:
+            on_frames(self._sock.recv_views_nowait(_DRAIN_LIMIT))
+
+        self._sock.watch(drain)
 
     def close(self) -> None:
         self._sock.close()

@@ -25,7 +25,7 @@ class Puller:
 
     def __init__(self, ctx: Context, *, max_message_size: int) -> None:
         self._sock = ctx.socket(zmq.PULL, rcvhwm=0, max_message_size=max_message_size)
-        self._on_frames: Callable[[list[list[bytes]]], None] = lambda frames: None
+        self._on_frames: Callable[[list[list[memoryview]]], None] = lambda frames: None
         self.endpoints: list[str] = []
 
     def bind(self, host: str, port: int = 0) -> str:
@@ -33,7 +33,7 @@ class Puller:
         self.endpoints.append(endpoint)
         return endpoint
 
-    def start(self, on_frames: Callable[[list[list[bytes]]], None]) -> None:
+    def start(self, on_frames: Callable[[list[list[memoryview]]], None]) -> None:
         """Hand every batch of received messages to `on_frames`, on the running loop.
 
         A callback on the socket's FD (`Socket.watch`), not a task awaiting
@@ -43,7 +43,7 @@ class Puller:
         self._sock.watch(self._drain)
 
     def _drain(self) -> None:
-        self._on_frames(self._sock.recv_nowait(_DRAIN_LIMIT))
+        self._on_frames(self._sock.recv_views_nowait(_DRAIN_LIMIT))
 
     def stop(self) -> None:
         """Receive nothing more (what is queued stays with the pusher's credit accounting)."""
