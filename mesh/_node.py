@@ -54,8 +54,11 @@ class AsyncNode(NodeCore):
             SpoolFullError: (reliable) the spool quota or the disk is full.
             ClosedError: the node is not running.
         """
-        if not reliable:
-            if self.publish_nowait(topic, data, headers=headers):
+        if not reliable:  # `publish_nowait`, inlined: this is the hot path
+            pubsub = self._pubsub
+            if not self._running or pubsub is None:
+                raise ClosedError("node is not running (use `async with` or `await start()`)")
+            if pubsub.publish(topic, data, headers, self._config.name) is not None:
                 await asyncio.sleep(0)  # a large batch just left: let readers and timers run
             return
         if self._outbox is None:

@@ -60,6 +60,7 @@ from patterns import (
 from . import _wire
 from ._coalesce import Coalescer
 from ._config import NodeConfig
+from ._deadlines import Deadlines
 from ._message import Message
 from ._peers import PeerRecord, PeerState
 from ._quiet import QuietLog
@@ -163,6 +164,7 @@ class Services:
         self._ids = itertools.count(1)
         self._uses = itertools.count(1)
         self._grace_end = 0.0
+        self._deadlines = Deadlines()
         self._requests: Coalescer[_Link, _wire.Request] = Coalescer(self._send_requests)
         self._replies: Coalescer[bytes, _wire.Reply] = Coalescer(self._send_replies)
         self._closed = False
@@ -191,6 +193,7 @@ class Services:
             await self._drop_link(link, "node closed")
         if self._closing:
             await asyncio.wait(set(self._closing))
+        self._deadlines.close()
         self._router.close()
 
     @property
@@ -396,8 +399,7 @@ class Services:
         self._pending[cid] = (fut, link)
         link.outstanding.add(cid)
         link.last_used = use
-        # A bare timer, not asyncio.timeout(): this is the hot path.
-        timer = loop.call_at(loop.time() + share, _expire, fut)
+        self._deadlines.add(cid, fut, loop.time() + share)  # not asyncio.timeout(): hot path
         self._requests.add(link, _wire.Request(cid, service, self._node_id, self._name,
                                                time.time(), headers, payload))
         try:
@@ -405,7 +407,7 @@ class Services:
         except TimeoutError:
             raise RequestTimeout(f"request to {service!r} at {link.peer.name}", share) from None
         finally:
-            timer.cancel()
+            self._deadlines.discard(cid)
             self._pending.pop(cid, None)
             link.outstanding.discard(cid)
         return self._result(service, reply, link.peer.name, link.peer.id)
@@ -531,6 +533,3 @@ def _frames(msgs: Sequence[_wire.ServiceFrame], budget: int) -> Iterator[bytearr
     yield _wire.encode_service(msgs[start:])
 
 
-def _expire(fut: asyncio.Future[_wire.Reply]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())

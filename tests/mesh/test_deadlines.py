@@ -1,0 +1,50 @@
+"""One timer for many request deadlines (`mesh._deadlines`), on a real event loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mesh._deadlines import Deadlines
+
+pytestmark = pytest.mark.timeout(10)
+
+
+async def test_each_future_fails_at_its_own_deadline_and_discarded_ones_never() -> None:
+    """Deadlines added out of order fire in order; a discarded one is left alone."""
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines()
+    start = loop.time()
+    futs = {key: loop.create_future() for key in range(4)}
+    failed_at: dict[int, float] = {}
+    for key, fut in futs.items():
+        fut.add_done_callback(lambda f, k=key: failed_at.setdefault(k, loop.time() - start))
+    deadlines.add(0, futs[0], start + 0.30)
+    deadlines.add(1, futs[1], start + 0.10)  # earlier than the armed one: re-arms
+    deadlines.add(2, futs[2], start + 0.20)
+    deadlines.add(3, futs[3], start + 0.15)
+    deadlines.discard(3)
+    async with asyncio.timeout(5):
+        await asyncio.wait([futs[0], futs[1], futs[2]])
+    assert sorted(failed_at, key=failed_at.__getitem__) == [1, 2, 0]
+    for key, due in ((1, 0.10), (2, 0.20), (0, 0.30)):
+        assert isinstance(futs[key].exception(), TimeoutError)
+        assert due - 0.002 <= failed_at[key] < due + 0.5, (key, failed_at[key])
+    assert not futs[3].done()
+    deadlines.close()
+
+
+async def test_an_answered_future_is_not_touched_and_close_stops_the_timer() -> None:
+    """A future already resolved keeps its result; after close nothing fires."""
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines()
+    done, later = loop.create_future(), loop.create_future()
+    deadlines.add(1, done, loop.time() + 0.05)
+    deadlines.add(2, later, loop.time() + 0.10)
+    done.set_result("reply")
+    await asyncio.sleep(0.08)
+    assert done.result() == "reply"
+    deadlines.close()
+    await asyncio.sleep(0.1)
+    assert not later.done()
