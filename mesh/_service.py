@@ -110,10 +110,10 @@ class Service:
             except Exception as exc:
                 self._fail(msg, reply, exc)
                 return
-            if inspect.isawaitable(result):
-                self._spawn(msg, reply, result)
-            else:
+            if type(result) is bytes or not inspect.isawaitable(result):  # (an ABC check)
                 self._ok(msg, reply, result)
+            else:
+                self._spawn(msg, reply, result)
         elif len(self._tasks) < self._concurrency:
             self._spawn(msg, reply, None)
         elif len(self._backlog) < BACKLOG_LIMIT:

@@ -269,20 +269,23 @@ class Services:
                 self._on_services_changed()
 
     def _on_requests(self, batch: list[list[bytes]]) -> None:
-        for frames in batch:
-            try:
-                if len(frames) != 2:
-                    raise ProtocolError(f"service request of {len(frames) - 1} frames")
-                reqs = _wire.decode_service(frames[1], self._max_wire)
-            except ProtocolError as exc:
-                self._quiet.drop("service", exc.reason)
-                continue
-            for req in reqs:
-                if isinstance(req, _wire.Request):
-                    self._on_request(frames[0], req)
-                else:
-                    self._quiet.drop("service", "reply sent to a service router")
-        self._replies.flush()  # sync handlers answered: one frame per requester now
+        self._replies.hold()
+        try:
+            for frames in batch:
+                try:
+                    if len(frames) != 2:
+                        raise ProtocolError(f"service request of {len(frames) - 1} frames")
+                    reqs = _wire.decode_service(frames[1], self._max_wire)
+                except ProtocolError as exc:
+                    self._quiet.drop("service", exc.reason)
+                    continue
+                for req in reqs:
+                    if isinstance(req, _wire.Request):
+                        self._on_request(frames[0], req)
+                    else:
+                        self._quiet.drop("service", "reply sent to a service router")
+        finally:
+            self._replies.flush()  # sync handlers answered: one frame per requester now
 
     def _on_request(self, identity: bytes, req: _wire.Request) -> None:
         self._stats["requests_served"] += 1
