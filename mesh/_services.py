@@ -39,7 +39,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Final, NoReturn
+from typing import Final, NoReturn, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -92,6 +92,9 @@ _RETRY_JITTER: Final[float] = 0.02
 _FRAME_BYTES: Final[int] = 256 * 1024
 """Requests (or replies) share a frame up to this many payload bytes (one larger travels alone)."""
 _ITEM_OVERHEAD: Final[int] = 64
+
+
+_Frame = TypeVar("_Frame", _wire.Request, _wire.Reply)
 
 
 class _ServerGone(DeliveryError):
@@ -271,19 +274,8 @@ class Services:
     def _on_requests(self, batch: list[list[bytes]]) -> None:
         self._replies.hold()
         try:
-            for frames in batch:
-                try:
-                    if len(frames) != 2:
-                        raise ProtocolError(f"service request of {len(frames) - 1} frames")
-                    reqs = _wire.decode_service(frames[1], self._max_wire)
-                except ProtocolError as exc:
-                    self._quiet.drop("service", exc.reason)
-                    continue
-                for req in reqs:
-                    if isinstance(req, _wire.Request):
-                        self._on_request(frames[0], req)
-                    else:
-                        self._quiet.drop("service", "reply sent to a service router")
+            for frames, req in self._decoded(batch, 2, _wire.Request):
+                self._on_request(frames[0], req)
         finally:
             self._replies.flush()  # sync handlers answered: one frame per requester now
 
@@ -480,23 +472,30 @@ class Services:
 
     def _on_replies(self, link: _Link, batch: list[list[bytes]]) -> None:
         pending = self._pending
+        for _, reply in self._decoded(batch, 1, _wire.Reply):
+            entry = pending.get(reply.id)
+            if entry is None or entry[1] is not link or entry[0].done():
+                self._stats["late_replies"] += 1  # its request timed out or failed over
+                continue
+            entry[0].set_result(reply)
+
+    def _decoded(self, batch: list[list[bytes]], parts: int,
+                 kind: type[_Frame]) -> Iterator[tuple[list[bytes], _Frame]]:
+        """Each `kind` message of each well-formed frame; anything else dropped and counted."""
         for frames in batch:
             try:
-                if len(frames) != 1:
-                    raise ProtocolError(f"service reply of {len(frames)} frames")
-                replies = _wire.decode_service(frames[0], self._max_wire)
+                if len(frames) != parts:
+                    raise ProtocolError(f"service message of {len(frames)} frames")
+                msgs = _wire.decode_service(frames[-1], self._max_wire)
             except ProtocolError as exc:
                 self._quiet.drop("service", exc.reason)
                 continue
-            for reply in replies:
-                if not isinstance(reply, _wire.Reply):
-                    self._quiet.drop("service", "request sent to a requester")
-                    continue
-                entry = pending.get(reply.id)
-                if entry is None or entry[1] is not link or entry[0].done():
-                    self._stats["late_replies"] += 1  # its request timed out or failed over
-                    continue
-                entry[0].set_result(reply)
+            for msg in msgs:
+                if isinstance(msg, kind):
+                    yield frames, msg
+                else:
+                    self._quiet.drop("service", f"a {type(msg).__name__} where a "
+                                                f"{kind.__name__} belongs")
 
     async def _watch(self, link: _Link) -> None:
         while True:
