@@ -4,6 +4,12 @@ Every message is a single ZeroMQ frame. Multipart messages are avoided on
 purpose: libzmq (4.3.5) can abort the process on an assertion (``!_more`` in
 fq.cpp) when a peer's pipe terminates while a multipart message is half read,
 which happens when a publisher exits mid-stream. One frame also costs less.
+So a large payload travels inside its batch: batch frames leave and arrive
+without a copy of the frame (zero-copy send, views of ZeroMQ's buffer on
+receive), so a payload is copied once into its batch and once out of it, as
+raw pyzmq copies once on send and once on receive. Sending large payloads as
+frames of their own (no copy at the sender) worked, but brings back the
+multipart abort above, so it was dropped.
 
 Each frame carries a 4-byte header, checked before anything is decoded:
 
