@@ -20,10 +20,15 @@ crashes. Acknowledgements are records too, written lazily with the next
 append's commit or within 50 ms (losing one to a crash only means a
 redelivery, which receivers deduplicate).
 
+An `append_many` of several messages is one RUN record (policies ``batch``
+and ``off``): one header and one CRC for the group instead of one per message.
+
 Reclaiming space: segments roll at `segment_bytes`; the oldest segment is
 deleted as soon as every message in it is acknowledged. Deleting only from the
 front keeps it safe: an ack always lives in the same or a later segment than
-the message it settles.
+the message it settles. META records (the inbox's dedup marks) also keep
+their segment, until the owner writes its state again, compacted, with
+`rewrite_meta` (into a new segment, synced before the older ones go).
 """
 
 from __future__ import annotations
@@ -45,12 +50,15 @@ from typing import Final
 from ..errors import ClosedError, MeshError, SpoolFullError
 from ._segment import (
     HEADER_SIZE,
+    Record,
     RecordKind,
     RecoveryReport,
     acked_ids,
     encode,
     encode_acks,
     encode_data,
+    encode_run,
+    messages,
     scan,
 )
 
@@ -79,7 +87,9 @@ class _Segment:
     first_id: int
     size: int = 0
     live: int = 0
-    """DATA records in it not yet acknowledged."""
+    """Messages in it not yet acknowledged."""
+    meta: int = 0
+    """META records in it: they keep it until the owner rewrote its state (`rewrite_meta`)."""
 
 
 _STOP: Final = object()
@@ -129,10 +139,10 @@ class SpoolStore:
                 continue
             size += len(data)
             for rec in scan(data, report, file.name):
-                if rec.kind is RecordKind.DATA:
-                    pending[rec.id] = rec.payload
-                elif rec.kind is RecordKind.ACK:
+                if rec.kind is RecordKind.ACK:
                     acked.update(acked_ids(rec))
+                elif rec.kind is not RecordKind.META:
+                    pending.update(_messages(rec, report, file.name))
         return sorted((i, p) for i, p in pending.items() if i not in acked), size
 
     def open(self) -> RecoveryReport:
@@ -153,14 +163,18 @@ class SpoolStore:
             for rec in scan(data, report, file.name):
                 good_end = rec.offset + HEADER_SIZE + len(rec.payload)
                 self._next_id = max(self._next_id, rec.id + 1)
-                if rec.kind is RecordKind.DATA:
-                    self._pending[rec.id] = rec.payload
-                    self._where[rec.id] = seg
-                    seg.live += 1
-                elif rec.kind is RecordKind.ACK:
+                if rec.kind is RecordKind.ACK:
                     acked.update(acked_ids(rec))
-                else:
+                elif rec.kind is RecordKind.META:
                     self._meta.append(rec.payload)
+                    seg.meta += 1
+                else:
+                    found = _messages(rec, report, file.name)
+                    self._pending.update(found)
+                    self._where.update((record_id, seg) for record_id, _ in found)
+                    seg.live += len(found)
+                    if found:
+                        self._next_id = max(self._next_id, found[-1][0] + 1)
             if good_end < len(data) and index == len(files) - 1 and report.torn_bytes:
                 with open(file, "r+b") as fh:  # cut the torn tail so appends continue cleanly
                     fh.truncate(good_end)
@@ -220,13 +234,16 @@ class SpoolStore:
             raise ClosedError("spool is closed")
         payload_list = list(payloads)
         first = self._next_id
-        records = encode_data(first, payload_list)
-        ids = list(range(first, first + len(records)))
+        if len(payload_list) > 1 and self.fsync is not FsyncPolicy.ALWAYS:
+            records = [encode_run(first, payload_list)]  # one header, one CRC
+        else:
+            records = encode_data(first, payload_list)
+        ids = list(range(first, first + len(payload_list)))
         size = sum(map(len, records))
         used = self.used_bytes
         if used + size > self.quota_bytes:
             raise SpoolFullError(self.quota_bytes, used)
-        self._next_id += len(records)
+        self._next_id += len(ids)
         self._queued_bytes += size
         fut: asyncio.Future[None] = self._loop.create_future()
         self._hand_over_lazy()  # same group commit, no write of its own
@@ -245,7 +262,23 @@ class SpoolStore:
             return
         record = encode(kind, 0, payload)
         self._queued_bytes += len(record)
-        self._queue.put(_Write([record], [], [], None, len(record)))
+        self._queue.put(_Write([record], [], [], None, len(record),
+                               meta=int(kind is RecordKind.META)))
+
+    def rewrite_meta(self, payloads: list[bytes]) -> None:
+        """Replace every META record so far by these (the owner's state, compacted).
+
+        They go to a new segment, synced before the older META records are
+        released, so a crash at any point leaves either set complete; segments
+        left with nothing pending are then deleted. Call it before noting
+        anything new (what is queued earlier is released with the old).
+        """
+        if self._closed:
+            return
+        records = [encode(RecordKind.META, 0, payload) for payload in payloads]
+        size = sum(map(len, records))
+        self._queued_bytes += size
+        self._queue.put(_Write(records, [], [], None, size, meta=len(records), compact=True))
 
     def ack(self, record_ids: Iterable[int]) -> None:
         """Mark messages done; space is reclaimed by segment.
@@ -298,7 +331,8 @@ class SpoolStore:
     def _drop_settled_prefix(self) -> None:
         """Delete fully acknowledged segments from the front (never the one being written)."""
         with self._lock:
-            while len(self._segments) > 1 and self._segments[0].live <= 0:
+            while (len(self._segments) > 1 and self._segments[0].live <= 0
+                   and not self._segments[0].meta):
                 seg = self._segments.pop(0)
                 self._firsts.pop(0)
                 try:
@@ -349,7 +383,8 @@ class SpoolStore:
         chunks: list[bytes] = []
         try:
             for write in writes:
-                if seg.size > 0 and seg.size + write.size > self.segment_bytes:
+                if seg.size > 0 and (write.compact
+                                     or seg.size + write.size > self.segment_bytes):
                     self._flush(fd, chunks)
                     os.close(fd)
                     seg = self._roll(write.ids[0] if write.ids else self._next_id)
@@ -359,7 +394,13 @@ class SpoolStore:
                 with self._lock:
                     seg.size += write.size
                     seg.live += len(write.ids)
+                    seg.meta += write.meta
                 placed.append((write, seg))
+                if write.compact:
+                    self._flush(fd, chunks)
+                    chunks = []
+                    os.fsync(fd)  # the new state is durable before the old is released
+                    self._release_meta(seg)
             self._flush(fd, chunks)
         except OSError as exc:
             error = _write_error(exc, self.quota_bytes, self.used_bytes)
@@ -404,7 +445,19 @@ class SpoolStore:
             return
         _write_all(fd, b"".join(chunks))
 
+    def _release_meta(self, keep: _Segment) -> None:
+        """META records before `keep` are superseded: their segments may go."""
+        with self._lock:
+            for seg in self._segments:
+                if seg is keep:
+                    break
+                seg.meta = 0
+        self._drop_settled_prefix()
+
     def _roll(self, first_id: int) -> _Segment:
+        # Named after its first message; a segment that starts with other records
+        # (META) still needs a name of its own that sorts after the last one.
+        first_id = max(first_id, self._segments[-1].first_id + 1)
         seg = _Segment(self.path / f"{first_id:020d}{_SUFFIX}", first_id)
         with self._lock:
             self._segments.append(seg)
@@ -419,6 +472,19 @@ class _Write:
     payloads: list[bytes]
     future: asyncio.Future[None] | None
     size: int
+    meta: int = 0
+    """META records among `records`."""
+    compact: bool = False
+    """`rewrite_meta`: starts a new segment and releases the META records before it."""
+
+
+def _messages(record: Record, report: RecoveryReport, name: str) -> list[tuple[int, bytes]]:
+    try:
+        return messages(record)
+    except ValueError as exc:
+        report.corrupt_records += 1
+        report.problems.append(f"{name}: {exc}")
+        return []
 
 
 def _write_all(fd: int, data: bytes) -> None:

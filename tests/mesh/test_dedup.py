@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import AsyncIterator
 
 import msgspec
 
 from mesh._dedup import Dedup, runs_of
 from mesh._spool import RecordKind, SpoolStore
+from tests.helpers import aeventually
 
 
 def test_runs_answer_like_a_set_for_any_arrival_order() -> None:
@@ -59,3 +62,36 @@ async def test_marks_survive_a_restart_also_in_the_older_single_sequence_form(tm
         assert not any(loaded.seen("new", s) for s in (99, 200, 499, 501))
     finally:
         await again.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _loaded(path, **kw) -> AsyncIterator[Dedup]:
+    """A started store and the dedup loaded from it; the store is closed on the way out."""
+    store = SpoolStore(path, **kw)
+    await store.start()
+    try:
+        dedup = Dedup(store)
+        dedup.load()
+        yield dedup
+    finally:
+        await store.aclose()
+
+
+async def test_marks_survive_two_restarts_and_the_inbox_is_compacted(tmp_path) -> None:
+    """Marks written over many segments are all still known after a second and a third
+    start, and each start leaves them compacted in one new segment (the older go)."""
+    expected: set[int] = set()
+    for start in range(3):
+        async with _loaded(tmp_path, segment_bytes=512) as dedup:  # a few marks per segment
+            assert all(dedup.seen("a", s) for s in expected), f"start {start}: marks lost"
+            assert not dedup.seen("a", 10_000 * start + 9_999)
+            for seq in range(10_000 * start, 10_000 * start + 2_000, 7):  # one run each
+                dedup.mark("a", seq)
+                dedup.save()
+                expected.add(seq)
+        assert len(list(tmp_path.glob("*.seg"))) > 3  # the marks rolled over segments
+    async with _loaded(tmp_path, segment_bytes=512) as dedup:
+        assert all(dedup.seen("a", s) for s in expected)
+        await aeventually(lambda: len(list(tmp_path.glob("*.seg"))) == 1, timeout=10)
+    async with _loaded(tmp_path) as dedup:
+        assert all(dedup.seen("a", s) for s in expected)

@@ -119,6 +119,31 @@ async def test_torn_tail_is_reported_cut_and_every_intact_record_kept(tmp_path) 
         await third.aclose()
 
 
+async def test_a_group_is_one_record_and_a_torn_one_loses_only_its_own_append(tmp_path) -> None:
+    """append_many writes one RUN record; ids, acks, peek and recovery see each message,
+    and a torn last group costs that group alone (its append never returned)."""
+    store = await _open(tmp_path)
+    first = await store.append_many([f"a{i}".encode() for i in range(5)])
+    single = await store.append(b"single")
+    store.ack(first[1:3])  # (its record rides along with the next append's commit)
+    last = await store.append_many([f"b{i}".encode() * 20 for i in range(4)])
+    await store.aclose()
+    assert first == list(range(first[0], first[0] + 5)) and last[0] == single + 1
+    expected = [(first[0], b"a0"), *((i, f"a{n}".encode()) for n, i in enumerate(first) if n > 2),
+                (single, b"single"), *((i, f"b{n}".encode() * 20) for n, i in enumerate(last))]
+    assert SpoolStore.peek(tmp_path)[0] == expected
+    (seg,) = tmp_path.glob("*.seg")
+    with open(seg, "r+b") as fh:
+        fh.truncate(os.path.getsize(seg) - 3)
+    again = await _open(tmp_path)
+    try:
+        assert again.report.torn_bytes > 0
+        assert again.pending() == expected[:-4]
+        assert (await again.append_many([b"x", b"y"]))[0] > single
+    finally:
+        await again.aclose()
+
+
 async def test_flipped_bytes_cost_one_record_not_the_rest(tmp_path) -> None:
     """Corruption inside the file is skipped by resynchronising on the next record."""
     store = await _open(tmp_path)
