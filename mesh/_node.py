@@ -212,8 +212,7 @@ class AsyncNode(NodeCore):
             if not msg.reliable:  # reliable ones come through the durable queue instead
                 local.put(((msg, _UNTRACKED),))
 
-        sub = self._pubsub.subscribe(pattern, live, 0)
-        sub.best_effort_only = True
+        sub = self._pubsub.subscribe(pattern, live, 0, best_effort_only=True)
         pull.on_closed(sub.aclose)
         return pull
 

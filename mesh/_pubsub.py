@@ -83,8 +83,10 @@ class PubSub:
 
     def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
                  stats: Counter[str], on_subs_changed: Callable[[], None],
-                 on_ready_changed: Callable[[], None], next_seq: Callable[[], int]) -> None:
+                 on_ready_changed: Callable[[], None], next_seq: Callable[[], int],
+                 reliable_wanted: Callable[[str], bool] = lambda topic: True) -> None:
         self._next_seq = next_seq
+        self._reliable_wanted = reliable_wanted
         self._config = config
         self._quiet = quiet
         self._stats = stats
@@ -143,6 +145,12 @@ class PubSub:
     def patterns(self) -> list[str]:
         return sorted({s.subject for s in self._subs})
 
+    @property
+    def feeds(self) -> list[str]:
+        """Patterns whose every subscription takes best-effort messages only."""
+        plain = {s.subject for s in self._subs if not s.best_effort_only}
+        return sorted({s.subject for s in self._subs} - plain)
+
     # -- peers ------------------------------------------------------------------
 
     def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
@@ -195,9 +203,14 @@ class PubSub:
         hdrs = dict(headers) if headers else None
         seq = self._next_seq()
         item = _wire.Item(seq, time.time(), hdrs, data, reliable, topic if reliable else "")
-        pending.append(item)
-        self._outgoing_count += 1
-        self._outgoing_bytes += size
+        if reliable and not self._reliable_wanted(topic):
+            # Only durables want it, and their queues carry it: no pub/sub copy.
+            self._stats["published"] += 1
+            self.published_by_topic.add(topic)
+        else:
+            pending.append(item)
+            self._outgoing_count += 1
+            self._outgoing_bytes += size
         if self._subs:
             local = self._matching(topic)
             if local:
@@ -236,11 +249,12 @@ class PubSub:
 
     # -- subscribing ------------------------------------------------------------
 
-    def subscribe(self, pattern: str, callback: Callback | None,
-                  max_pending: int) -> Subscription:
+    def subscribe(self, pattern: str, callback: Callback | None, max_pending: int, *,
+                  best_effort_only: bool = False) -> Subscription:
         parsed = parse_pattern(pattern)
         sub = Subscription(parsed, max_pending=max_pending, callback=callback,
                            on_close=self._unsubscribe)
+        sub.best_effort_only = best_effort_only  # (before the hello announces it)
         self._subs.append(sub)
         self._match_cache.clear()
         self._subscriber.add_prefix(parsed.prefix)

@@ -40,6 +40,29 @@ async def test_online_durable_gets_reliable_and_best_effort_messages_once(make_n
     assert (await durable.next(timeout=5)).topic == "orders.paid"
 
 
+async def test_reliable_messages_skip_pub_sub_for_a_durables_live_view_only(make_node,
+                                                                            tmp_path) -> None:
+    """A peer whose only subscription is a durable's live view gets reliable messages by
+    its queue alone (no pub/sub copy to decode and drop); a plain subscriber still gets
+    them by pub/sub, and the durable still exactly once."""
+    pub, sub_node, durable = await _durable_pair(make_node, tmp_path)
+    await pub.wait_for_subscribers("orders.new", 1, timeout=5)
+    await pub.publish_many("orders.new", [f"r{i}" for i in range(5)], reliable=True)
+    await pub.publish("orders.new", "fast")
+    got = sorted([(await durable.next(timeout=5)).text for _ in range(6)])
+    assert got == ["fast", *(f"r{i}" for i in range(5))]
+    await aeventually(lambda: sub_node.stats["received"] == 1)  # "fast" alone by pub/sub
+
+    plain_node = await make_node("plain")
+    plain = await plain_node.subscribe("orders.>")
+    await pub.wait_for_subscribers("orders.new", 2, timeout=5)
+    await pub.publish("orders.new", "both", reliable=True)
+    assert (await plain.next(timeout=5)).text == "both"
+    assert (await durable.next(timeout=5)).text == "both"
+    with pytest.raises(TimeoutError):
+        await durable.next(timeout=0.3)
+
+
 async def test_offline_durable_gets_everything_after_both_sides_restart(make_node,
                                                                         tmp_path) -> None:
     """Guarantee 2: subscriber down, publisher restarted in between: all arrive on return."""
