@@ -62,8 +62,7 @@ class AsyncNode(NodeCore):
             raise ConfigError("reliable", "needs a data dir (the spool lives there)")
         if not self._running or self._pubsub is None or self._work is None:
             raise ClosedError("node is not running (use `async with` or `await start()`)")
-        item = self._pubsub.publish(topic, data, headers, self._config.name, reliable=True)
-        assert item is not None
+        (item,) = self._pubsub.publish_reliable(topic, (data,), headers, self._config.name)
         dests = self._durables.matching(topic)
         if dests:
             tracked = await self._outbox.spool_publish(topic, item, dests)
@@ -87,9 +86,7 @@ class AsyncNode(NodeCore):
             raise ConfigError("reliable", "needs a data dir (the spool lives there)")
         if not self._running or self._pubsub is None or self._work is None:
             raise ClosedError("node is not running (use `async with` or `await start()`)")
-        publish, name = self._pubsub.publish, self._config.name
-        items = [item for item in (publish(topic, data, headers, name, True) for data in payloads)
-                 if item is not None]  # (never None when reliable)
+        items = self._pubsub.publish_reliable(topic, payloads, headers, self._config.name)
         dests = self._durables.matching(topic)
         if not dests:
             return

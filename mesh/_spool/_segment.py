@@ -116,8 +116,11 @@ def messages(record: Record) -> list[tuple[int, bytes]]:
 
 def encode_acks(ids: list[int]) -> list[bytes]:
     """ACK records for sorted `ids`: one per run of consecutive ids."""
+    n = len(ids)
+    if n and ids[-1] - ids[0] == n - 1:  # the usual case, one run: found without a loop
+        return [encode(RecordKind.ACK, ids[0], _COUNT.pack(n) if n > 1 else b"")]
     out = []
-    i, n = 0, len(ids)
+    i = 0
     while i < n:
         first = ids[i]
         j = i + 1

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from mesh import ConfigError
+from mesh import ConfigError, MessageTooLarge
 from tests.helpers import aeventually
 
 from ._proc import Cli, run
@@ -231,6 +231,12 @@ async def test_publish_many_reliable_is_one_wait_for_many_messages(make_node, tm
     got = [(await durable.next(timeout=10)).text for _ in range(500)]
     assert sorted(got) == sorted(f"b{i}" for i in range(500))
     assert pub.stats["spooled"] == 500
+    with pytest.raises(MessageTooLarge):  # one too large: none of the batch is taken
+        await pub.publish_many("orders.bulk", ["fine", "x" * (pub.config.max_message_size + 1)],
+                               reliable=True)
+    assert pub.stats["spooled"] == 500
+    with pytest.raises(TimeoutError):
+        await durable.next(timeout=0.3)
 
 
 def test_sync_node_reliable_publish_and_durable(mesh_name, tmp_path) -> None:
