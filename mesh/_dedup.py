@@ -8,7 +8,8 @@ kept per sender, dropping the lowest first (redeliveries come from a sender's
 spool, which its quota bounds).
 
 Marks are persisted as records in the node's inbox spool, also as runs,
-written with the next group commit, so a restarted receiver still recognises
+written with the next group commit or within 50 ms (they never wake the
+spool's writer thread by themselves), so a restarted receiver still recognises
 what it already processed; the last marks before a crash may be lost, which
 costs a duplicate, never a loss (at-least-once). On start, once replayed, the
 marks are written again as one record per sender (`SpoolStore.rewrite_meta`)
@@ -151,12 +152,14 @@ class Dedup:
             self._unsaved.setdefault(sender, []).extend(seqs)
 
     def save(self) -> None:
-        """Queue the new marks for the next commit (no wait: losing them costs a duplicate)."""
+        """Queue the new marks for the next commit, or for within 50 ms (no wait: losing
+        them to a crash costs a duplicate)."""
         if self._store is None or not self._unsaved:
             return
         unsaved, self._unsaved = self._unsaved, {}
         for sender, seqs in unsaved.items():
-            self._store.note(RecordKind.META, _encode(_Marks(sender, [], runs_of(seqs))))
+            self._store.note(RecordKind.META, _encode(_Marks(sender, [], runs_of(seqs))),
+                             lazy=True)
 
     def _runs(self, sender: str) -> _Runs:
         runs = self._seen.get(sender)

@@ -113,7 +113,10 @@ class SpoolStore:
         self._next_id = 1
         self._queued_bytes = 0
         self._lazy: list[bytes] = []
-        """Ack records not yet handed to the writer: they ride along with the next commit."""
+        """Ack (and lazy META) records not yet handed to the writer: they ride along with
+        the next commit."""
+        self._lazy_meta = 0
+        """META records among `_lazy`."""
         self._lazy_timer: asyncio.TimerHandle | None = None
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -256,14 +259,24 @@ class SpoolStore:
         meta, self._meta = self._meta, []
         return meta
 
-    def note(self, kind: RecordKind, payload: bytes) -> None:
-        """Queue a record without waiting for it (written with the next commit)."""
+    def note(self, kind: RecordKind, payload: bytes, *, lazy: bool = False) -> None:
+        """Queue a record without waiting for it (written with the next commit).
+
+        `lazy`: like an ack, it waits up to `_LAZY_ACKS` for a commit to ride
+        along with instead of waking the writer thread for itself (each wake-up
+        costs the event loop a GIL hand-off).
+        """
         if self._closed:
             return
         record = encode(kind, 0, payload)
         self._queued_bytes += len(record)
-        self._queue.put(_Write([record], [], [], None, len(record),
-                               meta=int(kind is RecordKind.META)))
+        meta = int(kind is RecordKind.META)
+        if lazy:
+            self._lazy.append(record)
+            self._lazy_meta += meta
+            self._start_lazy_timer()
+            return
+        self._queue.put(_Write([record], [], [], None, len(record), meta=meta))
 
     def rewrite_meta(self, payloads: list[bytes]) -> None:
         """Replace every META record so far by these (the owner's state, compacted).
@@ -294,9 +307,12 @@ class SpoolStore:
         if records and not self._closed:
             self._queued_bytes += sum(map(len, records))
             self._lazy += records
-            if self._lazy_timer is None and self._loop is not None:
-                self._lazy_timer = self._loop.call_later(_LAZY_ACKS, self._hand_over_lazy)
+            self._start_lazy_timer()
             self._drop_settled_prefix()
+
+    def _start_lazy_timer(self) -> None:
+        if self._lazy_timer is None and self._loop is not None:
+            self._lazy_timer = self._loop.call_later(_LAZY_ACKS, self._hand_over_lazy)
 
     def _hand_over_lazy(self) -> None:
         if self._lazy_timer is not None:
@@ -304,7 +320,8 @@ class SpoolStore:
             self._lazy_timer = None
         if self._lazy:
             records, self._lazy = self._lazy, []
-            self._queue.put(_Write(records, [], [], None, sum(map(len, records))))
+            meta, self._lazy_meta = self._lazy_meta, 0
+            self._queue.put(_Write(records, [], [], None, sum(map(len, records)), meta=meta))
 
     async def aclose(self) -> None:
         """Finish queued writes and stop the writer."""
