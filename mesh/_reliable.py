@@ -27,10 +27,15 @@ from . import _wire
 from ._config import NodeConfig
 from ._dedup import Dedup
 from ._spool import FsyncPolicy, SpoolStore
-from .errors import ConfigError, ProtocolError
+from .errors import ClosedError, ConfigError, ProtocolError
 
 _log = logging.getLogger("mesh.spool")
 _BACKOFF_CAP: Final[float] = 30.0
+_COMMIT_NOW: Final[int] = 64
+"""A spooling call of this many messages commits at once, with whatever the same loop
+iteration gathered before it, instead of waiting for the end of the iteration: it
+needs no company to fill a commit, and the rest of the iteration (acks, sends) can
+take milliseconds, which it would otherwise wait on top of the disk."""
 
 
 class _Batch:
@@ -109,7 +114,8 @@ class Outbox:
 
     async def _spool_many(self, spooleds: list[_wire.Spooled],
                           dests: tuple[str, ...]) -> list[Tracked]:
-        """Everything spooled in one loop iteration goes to disk as one append (one commit)."""
+        """Everything spooled in one loop iteration goes to disk as one append (one commit),
+        handed to the spool at the end of the iteration or, for a big group, at once."""
         batch = self._batch
         if batch is None:
             batch = self._batch = _Batch(asyncio.get_running_loop().create_future())
@@ -117,26 +123,32 @@ class Outbox:
         first = len(batch.records)
         encode = _wire.encode_spooled
         batch.records.extend(encode(s) for s in spooleds)
+        if len(spooleds) >= _COMMIT_NOW:
+            self._commit(batch)
         ids = await asyncio.shield(batch.done)
         self._stats["spooled"] += len(spooleds)
         return list(map(tracker(dests), ids[first:first + len(spooleds)], spooleds))
 
     def _commit(self, batch: _Batch) -> None:
+        if self._batch is not batch:
+            return  # committed already (a big group came)
         self._batch = None
-        task = asyncio.get_running_loop().create_task(self._write(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _write(self, batch: _Batch) -> None:
         try:
-            ids = await self.store.append_many(batch.records)
-        except BaseException as exc:
-            if not batch.done.done():
-                batch.done.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
+            ids, written = self.store.submit(batch.records)
+        except Exception as exc:
+            batch.done.set_exception(exc)
             return
-        batch.done.set_result(ids)
+
+        def settle(written: asyncio.Future[None]) -> None:
+            if batch.done.done():
+                return
+            exc = None if written.cancelled() else written.exception()
+            if written.cancelled() or exc is not None:
+                batch.done.set_exception(exc or ClosedError("spool is closed"))
+            else:
+                batch.done.set_result(ids)
+
+        written.add_done_callback(settle)
 
     def recovered(self) -> list[tuple[str, tuple[_wire.Item, Tracked]]]:
         """(destination queue, message) for everything still in the spool, oldest first."""

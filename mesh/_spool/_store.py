@@ -233,6 +233,18 @@ class SpoolStore:
 
     async def append_many(self, payloads: Iterable[bytes]) -> list[int]:
         """Store several messages with one wait (one group commit)."""
+        ids, fut = self.submit(payloads)
+        await fut
+        return ids
+
+    def submit(self, payloads: Iterable[bytes]) -> tuple[list[int], asyncio.Future[None]]:
+        """`append_many` without the wait: their ids, and a future that resolves once
+        they are on disk (per the fsync policy). Handed to the writer at once.
+
+        Raises:
+            SpoolFullError: the quota is full; nothing is stored.
+            ClosedError: the store is closed.
+        """
         if self._closed or self._loop is None:
             raise ClosedError("spool is closed")
         payload_list = list(payloads)
@@ -251,8 +263,7 @@ class SpoolStore:
         fut: asyncio.Future[None] = self._loop.create_future()
         self._hand_over_lazy()  # same group commit, no write of its own
         self._queue.put(_Write(records, ids, payload_list, fut, size))
-        await fut
-        return ids
+        return ids, fut
 
     def meta(self) -> list[bytes]:
         """META records found at recovery, oldest first (handed over once)."""
