@@ -40,10 +40,10 @@ import logging
 import os
 import queue
 import threading
-from collections import Counter, deque
+from bisect import bisect_left, bisect_right
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 from typing import Final
 
@@ -88,8 +88,22 @@ class _Segment:
     size: int = 0
     live: int = 0
     """Messages in it not yet acknowledged."""
+    lo: int = 0
+    hi: int = -1
+    """Ids of its first and last message (none while ``hi < lo``). Ids are given out
+    in the order writes are queued, and the writer places them in that order, so
+    each segment holds one range of ids and later segments higher ones: settling
+    counts ids per segment by bisection, with no map from each id to its segment."""
     meta: int = 0
     """META records in it: they keep it until the owner rewrote its state (`rewrite_meta`)."""
+
+
+    def add_ids(self, lo: int, hi: int) -> None:
+        """Messages `lo` .. `hi` (consecutive, above any before) are now in it."""
+        if self.hi < self.lo:
+            self.lo = lo
+        self.hi = hi
+        self.live += hi - lo + 1
 
 
 _STOP: Final = object()
@@ -109,7 +123,6 @@ class SpoolStore:
         self._segments: list[_Segment] = []
         self._firsts: list[int] = []
         self._pending: dict[int, bytes] = {}
-        self._where: dict[int, _Segment] = {}
         self._next_id = 1
         self._queued_bytes = 0
         self._lazy: list[bytes] = []
@@ -174,9 +187,8 @@ class SpoolStore:
                 else:
                     found = _messages(rec, report, file.name)
                     self._pending.update(found)
-                    self._where.update((record_id, seg) for record_id, _ in found)
-                    seg.live += len(found)
                     if found:
+                        seg.add_ids(found[0][0], found[-1][0])
                         self._next_id = max(self._next_id, found[-1][0] + 1)
             if good_end < len(data) and index == len(files) - 1 and report.torn_bytes:
                 with open(file, "r+b") as fh:  # cut the torn tail so appends continue cleanly
@@ -185,7 +197,7 @@ class SpoolStore:
                     os.fsync(fh.fileno())
                 seg.size = good_end
             self._segments.append(seg)
-        self._settle_many(list(acked))
+        self._settle_many(acked)
         self._firsts = [s.first_id for s in self._segments]
         self._drop_settled_prefix()
         if not report.clean:
@@ -312,9 +324,7 @@ class SpoolStore:
         never costs a disk flush of its own. Losing them to a crash means only
         a redelivery, which receivers deduplicate.
         """
-        settled = sorted(filter(self._pending.__contains__, record_ids))
-        self._settle_many(settled)
-        records = encode_acks(settled)
+        records = encode_acks(self._settle_many(record_ids))
         if records and not self._closed:
             self._queued_bytes += sum(map(len, records))
             self._lazy += records
@@ -346,15 +356,22 @@ class SpoolStore:
 
     # -- bookkeeping ---------------------------------------------------------------
 
-    def _settle_many(self, record_ids: list[int]) -> None:
-        """Forget these ids as pending; count them off their segments (one lock for all)."""
-        deque(map(self._pending.pop, record_ids, repeat(None)), maxlen=0)  # (loops in C)
-        gone = Counter(map(self._where.pop, record_ids, repeat(None)))
-        if gone:
-            with self._lock:
-                for seg, n in gone.items():
-                    if seg is not None:
-                        seg.live -= n
+    def _settle_many(self, record_ids: Iterable[int]) -> list[int]:
+        """Forget those of these ids that are pending; count them off their segments (one
+        lock for all). Returns them, sorted."""
+        settled = sorted(self._pending.keys() & set(record_ids))  # (loops in C)
+        if not settled:
+            return settled
+        deque(map(self._pending.pop, settled), maxlen=0)
+        first, last = settled[0], settled[-1]
+        with self._lock:
+            for seg in self._segments:
+                if seg.hi < first or seg.hi < seg.lo:
+                    continue
+                if seg.lo > last:
+                    break
+                seg.live -= bisect_right(settled, seg.hi) - bisect_left(settled, seg.lo)
+        return settled
 
     def _drop_settled_prefix(self) -> None:
         """Delete fully acknowledged segments from the front (never the one being written)."""
@@ -421,8 +438,9 @@ class SpoolStore:
                 chunks.extend(write.records)
                 with self._lock:
                     seg.size += write.size
-                    seg.live += len(write.ids)
                     seg.meta += write.meta
+                    if write.ids:
+                        seg.add_ids(write.ids[0], write.ids[-1])
                 placed.append((write, seg))
                 if write.compact:
                     self._flush(fd, chunks)
@@ -452,11 +470,10 @@ class SpoolStore:
             _log.error("cannot cut back spool segment %s: %s", seg.path, exc)
 
     def _resolve(self, placed: list[tuple[_Write, _Segment]], error: BaseException | None) -> None:
-        for write, seg in placed:
+        for write, _ in placed:
             self._queued_bytes -= write.size
             if error is None and write.ids:
                 self._pending.update(zip(write.ids, write.payloads, strict=True))
-                self._where.update(dict.fromkeys(write.ids, seg))
             fut = write.future
             if fut is not None and not fut.done():
                 if error is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -91,6 +92,38 @@ async def test_acknowledged_segments_are_deleted(tmp_path) -> None:
     again = await _open(tmp_path, segment_bytes=4096)
     try:
         assert [p for _, p in again.pending()] == [b"keeps the writer busy"]
+    finally:
+        await again.aclose()
+
+
+async def test_a_segment_goes_exactly_when_its_last_message_is_acked(tmp_path) -> None:
+    """Groups and singles over many segments, acked in random order (with repeats and
+    unknown ids): a segment is deleted once all of its messages are acked, never
+    before, also after a restart."""
+    rng = random.Random(5)
+    store = await _open(tmp_path, segment_bytes=512)
+    ids = []
+    for n in range(30):
+        if n % 3:
+            ids += await store.append_many([f"{n}-{i}".encode() * 30 for i in range(3)])
+        else:
+            ids.append(await store.append(f"{n}".encode() * 90))
+    assert len(list(tmp_path.glob("*.seg"))) >= 10
+    order = ids[:]
+    rng.shuffle(order)
+    for cut in range(0, len(order), 7):
+        store.ack([*order[cut:cut + 7], order[0], 99_999])
+        acked = set(order[:cut + 7])
+        first_pending = min(set(ids) - acked, default=None)
+        segments = sorted(tmp_path.glob("*.seg"))
+        if first_pending is not None:  # the oldest file left holds the oldest pending one
+            assert int(segments[0].stem) <= first_pending
+            assert len(segments) == 1 or int(segments[1].stem) > first_pending
+    assert store.pending() == []
+    await store.aclose()
+    again = await _open(tmp_path, segment_bytes=512)
+    try:
+        assert again.pending() == [] and len(list(tmp_path.glob("*.seg"))) == 1
     finally:
         await again.aclose()
 
