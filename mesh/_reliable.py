@@ -102,10 +102,6 @@ class Outbox:
         """Put a reliable push on disk; returns once it is there."""
         return (await self._spool_many([_wire.Spooled("q", queue, item)], (queue,)))[0]
 
-    async def spool_publish(self, topic: str, item: _wire.Item, dests: list[str]) -> Tracked:
-        """Put a reliable publish for these durables on disk; returns once it is there."""
-        return (await self.spool_publish_many(topic, [item], dests))[0]
-
     async def spool_publish_many(self, topic: str, items: list[_wire.Item],
                                  dests: list[str]) -> list[Tracked]:
         """Several reliable publishes on disk with one wait."""
