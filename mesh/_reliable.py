@@ -10,6 +10,15 @@ where ``zeromesh spool`` shows and replays it.
 
 After a restart, everything still in the spool is delivered again; receivers
 drop the duplicates by (sender id, sequence).
+
+The fast path (``publish_many(..., reliable=True)``): the messages are made
+at once, spooled as one RUN record (one header, one CRC; see `_spool`) handed
+to the spool's writer thread at once rather than at the end of the loop
+iteration, and handed to the durables' queues one loop iteration after their
+commit, so a caller's next batch goes to disk while this one is sent. No
+pub/sub copy is made of a reliable message for a peer whose only matching
+subscription is a durable's live view (`Hello.feeds`): its queue carries it.
+Smaller spooling calls in one iteration still share one commit.
 """
 
 from __future__ import annotations
