@@ -31,7 +31,7 @@ from ._identity import load_or_create_id
 from ._locking import DataDirLock
 from ._membership import Membership
 from ._peers import Peer, PeerEvent, PeerEventKind, PeerRecord, PeerState
-from ._pubsub import PubSub
+from ._pubsub import CACHE_LIMIT, PubSub
 from ._quiet import QuietLog
 from ._reliable import Outbox, open_spools
 from ._services import Services
@@ -66,6 +66,9 @@ class NodeCore:
         self._durables = KnownDurables(self._config.data_dir)
         self._lock: DataDirLock | None = None
         self._my_durables: dict[str, str] = {}
+        self._reliable_copies: dict[str, bool] = {}
+        """Per topic: does any peer want reliable messages by pub/sub (see
+        `_wants_reliable_copies`)? Cleared whenever peers or their interest change."""
         self._discovery: list[DiscoveryBackend] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._ctl_endpoints: list[str] = []
@@ -158,7 +161,8 @@ class NodeCore:
             next_seq = self._next_seq = itertools.count(time.time_ns() // 1000).__next__
             self._pubsub = PubSub(ctx, cfg, self._quiet, self.stats,
                                   on_subs_changed=self._interest_changed,
-                                  on_ready_changed=self._changed, next_seq=next_seq)
+                                  on_ready_changed=self._changed, next_seq=next_seq,
+                                  reliable_wanted=self._wants_reliable_copies)
             self._work = WorkQueues(ctx, cfg, self._quiet, self.stats,
                                     alive_peers=self._alive,
                                     send_control=self._membership.send_to,
@@ -322,9 +326,24 @@ class NodeCore:
 
     def _changed(self) -> None:
         """Peers or their interest changed: recompute routes, wake whoever waits."""
+        self._reliable_copies.clear()
         if self._work is not None:
             self._work.peers_changed()
         self._wake_watchers()
+
+    def _wants_reliable_copies(self, topic: str) -> bool:
+        """Does a peer subscribe to `topic` other than for a durable's live view (which
+        takes best-effort messages only)? If not, reliable messages on it need not go
+        out by pub/sub at all: the durables' queues carry them."""
+        wanted = self._reliable_copies.get(topic)
+        if wanted is None:
+            if len(self._reliable_copies) >= CACHE_LIMIT:
+                self._reliable_copies.clear()
+            records = self._membership.table.records() if self._membership else []
+            wanted = self._reliable_copies[topic] = any(
+                p.pattern not in rec.feeds and p.matches(topic)
+                for rec in records for p in rec.subs)
+        return wanted
 
     def _wake_watchers(self) -> None:
         """Something a `_wait` may be waiting on changed (cheap: no routing work)."""
@@ -397,7 +416,8 @@ class NodeCore:
                            rtr=self._services.endpoints if self._services else [],
                            services=self._services.names if self._services else [],
                            durables=self._my_durables,
-                           key=self._curve.public.decode() if self._curve else "")
+                           key=self._curve.public.decode() if self._curve else "",
+                           feeds=pubsub.feeds if pubsub else [])
 
     def _peer_info(self) -> PeerInfo:
         return PeerInfo(id=self._id, name=self.name, mesh=self.mesh,

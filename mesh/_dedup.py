@@ -8,9 +8,13 @@ kept per sender, dropping the lowest first (redeliveries come from a sender's
 spool, which its quota bounds).
 
 Marks are persisted as records in the node's inbox spool, also as runs,
-written with the next group commit, so a restarted receiver still recognises
+written with the next group commit or within 50 ms (they never wake the
+spool's writer thread by themselves), so a restarted receiver still recognises
 what it already processed; the last marks before a crash may be lost, which
-costs a duplicate, never a loss (at-least-once).
+costs a duplicate, never a loss (at-least-once). On start, once replayed, the
+marks are written again as one record per sender (`SpoolStore.rewrite_meta`)
+and the older records are released: the inbox stays about the size of what is
+remembered, however often the node restarts.
 """
 
 from __future__ import annotations
@@ -103,10 +107,12 @@ class Dedup:
         self._unsaved: dict[str, list[int]] = {}
 
     def load(self) -> None:
-        """Replay persisted marks (call after the store recovered)."""
+        """Replay persisted marks, then compact them (call after the store started,
+        before any new mark)."""
         if self._store is None:
             return
-        for payload in self._store.meta():
+        payloads = self._store.meta()
+        for payload in payloads:
             try:
                 marks = _decode(payload)
             except (msgspec.DecodeError, UnicodeDecodeError):
@@ -117,6 +123,11 @@ class Dedup:
             for i in range(0, len(marks.runs) - 1, 2):
                 runs.add_run(marks.runs[i], marks.runs[i + 1])
             runs.trim(self._window)
+        if payloads:
+            self._store.rewrite_meta([
+                _encode(_Marks(sender, [], [n for run in zip(runs.starts, runs.ends, strict=True)
+                                            for n in run]))
+                for sender, runs in self._seen.items()])
 
     def seen(self, sender: str, seq: int) -> bool:
         runs = self._seen.get(sender)
@@ -141,12 +152,14 @@ class Dedup:
             self._unsaved.setdefault(sender, []).extend(seqs)
 
     def save(self) -> None:
-        """Queue the new marks for the next commit (no wait: losing them costs a duplicate)."""
+        """Queue the new marks for the next commit, or for within 50 ms (no wait: losing
+        them to a crash costs a duplicate)."""
         if self._store is None or not self._unsaved:
             return
         unsaved, self._unsaved = self._unsaved, {}
         for sender, seqs in unsaved.items():
-            self._store.note(RecordKind.META, _encode(_Marks(sender, [], runs_of(seqs))))
+            self._store.note(RecordKind.META, _encode(_Marks(sender, [], runs_of(seqs))),
+                             lazy=True)
 
     def _runs(self, sender: str) -> _Runs:
         runs = self._seen.get(sender)

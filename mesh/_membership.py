@@ -276,6 +276,7 @@ class Membership:
             except InvalidName as exc:
                 self._quiet.drop("bad_subscription", str(exc))
         rec.subs = tuple(subs)
+        rec.feeds = frozenset(hello.feeds[:_MAX_SUBS]).intersection(p.pattern for p in subs)
         rec.queues = {q: max(1, min(w, _MAX_WINDOW)) for q, w in hello.queues.items()
                       if q in set(_names(list(hello.queues), "queue", self._quiet))}
         rec.services = frozenset(_names(hello.services, "service", self._quiet))

@@ -7,7 +7,7 @@ node's lifecycle and peer view are in `_core`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 from . import _wire
@@ -19,7 +19,7 @@ from ._service import DEFAULT_CONCURRENCY, Service, ServiceHandler
 from ._services import Services
 from ._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
 from ._worker import Handler, Pull
-from ._workqueue import DEFAULT_PREFETCH, checked_queue_key
+from ._workqueue import DEFAULT_PREFETCH, Sent, checked_queue_key
 from .errors import ClosedError, ConfigError
 
 
@@ -61,17 +61,7 @@ class AsyncNode(NodeCore):
             if pubsub.publish(topic, data, headers, self._config.name) is not None:
                 await asyncio.sleep(0)  # a large batch just left: let readers and timers run
             return
-        if self._outbox is None:
-            raise ConfigError("reliable", "needs a data dir (the spool lives there)")
-        if not self._running or self._pubsub is None or self._work is None:
-            raise ClosedError("node is not running (use `async with` or `await start()`)")
-        item = self._pubsub.publish(topic, data, headers, self._config.name, reliable=True)
-        assert item is not None
-        dests = self._durables.matching(topic)
-        if dests:
-            tracked = await self._outbox.spool_publish(topic, item, dests)
-            for dest in dests:
-                self._work.requeue(dest, (item, tracked))
+        await self.publish_many(topic, (data,), headers=headers, reliable=True)
 
     async def publish_many(self, topic: str, payloads: Iterable[bytes | str], *,
                            headers: Mapping[str, str] | None = None,
@@ -90,16 +80,23 @@ class AsyncNode(NodeCore):
             raise ConfigError("reliable", "needs a data dir (the spool lives there)")
         if not self._running or self._pubsub is None or self._work is None:
             raise ClosedError("node is not running (use `async with` or `await start()`)")
-        publish, name = self._pubsub.publish, self._config.name
-        items = [item for item in (publish(topic, data, headers, name, True) for data in payloads)
-                 if item is not None]  # (never None when reliable)
+        items = self._pubsub.publish_reliable(topic, payloads, headers, self._config.name)
         dests = self._durables.matching(topic)
         if not dests:
             return
         tracked = await self._outbox.spool_publish_many(topic, items, dests)
-        sents = list(zip(items, tracked, strict=True))
-        for dest in dests:
-            self._work.requeue_many(dest, sents)
+        # Handed to the durables' queues at the next loop iteration rather than here: a
+        # caller publishing batch after batch has its next one on the way to disk
+        # meanwhile, so that commit overlaps these sends instead of following them.
+        asyncio.get_running_loop().call_soon(self._hand_out, dests,
+                                             list(zip(items, tracked, strict=True)))
+
+    def _hand_out(self, dests: list[str], sents: Sequence[Sent]) -> None:
+        """Spooled messages go to their durables' queues (in spooling order: call_soon is
+        FIFO). A node closed meanwhile has them in its spool for its next start."""
+        if self._running and self._work is not None:
+            for dest in dests:
+                self._work.requeue_many(dest, sents)
 
     def publish_nowait(self, topic: str, data: bytes | str, *,
                        headers: Mapping[str, str] | None = None) -> bool:
@@ -215,8 +212,7 @@ class AsyncNode(NodeCore):
             if not msg.reliable:  # reliable ones come through the durable queue instead
                 local.put(((msg, _UNTRACKED),))
 
-        sub = self._pubsub.subscribe(pattern, live, 0)
-        sub.best_effort_only = True
+        sub = self._pubsub.subscribe(pattern, live, 0, best_effort_only=True)
         pull.on_closed(sub.aclose)
         return pull
 

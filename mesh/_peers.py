@@ -82,6 +82,8 @@ class PeerRecord:
     """Queue name -> credit window this peer grants each pusher."""
     rtr: str = ""
     durables: dict[str, str] = field(default_factory=dict)
+    feeds: frozenset[str] = frozenset()
+    """Patterns of `subs` that want best-effort messages only (durables' live views)."""
     services: frozenset[str] = frozenset()
 
     def snapshot(self) -> Peer:

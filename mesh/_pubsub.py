@@ -83,8 +83,10 @@ class PubSub:
 
     def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
                  stats: Counter[str], on_subs_changed: Callable[[], None],
-                 on_ready_changed: Callable[[], None], next_seq: Callable[[], int]) -> None:
+                 on_ready_changed: Callable[[], None], next_seq: Callable[[], int],
+                 reliable_wanted: Callable[[str], bool] = lambda topic: True) -> None:
         self._next_seq = next_seq
+        self._reliable_wanted = reliable_wanted
         self._config = config
         self._quiet = quiet
         self._stats = stats
@@ -143,6 +145,12 @@ class PubSub:
     def patterns(self) -> list[str]:
         return sorted({s.subject for s in self._subs})
 
+    @property
+    def feeds(self) -> list[str]:
+        """Patterns whose every subscription takes best-effort messages only."""
+        plain = {s.subject for s in self._subs if not s.best_effort_only}
+        return sorted({s.subject for s in self._subs} - plain)
+
     # -- peers ------------------------------------------------------------------
 
     def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
@@ -176,9 +184,9 @@ class PubSub:
     # -- publishing -------------------------------------------------------------
 
     def publish(self, topic: str, data: bytes | str, headers: Mapping[str, str] | None,
-                name: str, reliable: bool = False) -> _wire.Item | None:
-        """Queue one message; returns it when a full batch was flushed (the caller may
-        yield) or when it is reliable (the caller spools it), else None."""
+                name: str) -> _wire.Item | None:
+        """Queue one best-effort message; returns it when a full batch was flushed (the
+        caller may yield), else None."""
         pending = self._outgoing.get(topic)
         if pending is None:
             checked_topic_key(topic)
@@ -194,15 +202,14 @@ class PubSub:
             pending = self._outgoing[topic] = []
         hdrs = dict(headers) if headers else None
         seq = self._next_seq()
-        item = _wire.Item(seq, time.time(), hdrs, data, reliable, topic if reliable else "")
+        item = _wire.Item(seq, time.time(), hdrs, data)
         pending.append(item)
         self._outgoing_count += 1
         self._outgoing_bytes += size
         if self._subs:
             local = self._matching(topic)
             if local:
-                msg = Message(topic, data, name, self.node_id, seq, item.ts, hdrs,
-                              reliable=reliable)
+                msg = Message(topic, data, name, self.node_id, seq, item.ts, hdrs)
                 for sub in local:
                     sub._deliver((msg,))
                 self.delivered_by_topic.add(topic)
@@ -211,7 +218,59 @@ class PubSub:
             return item
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush, name)
-        return item if reliable else None
+        return None
+
+    def publish_reliable(self, topic: str, payloads: Iterable[bytes | str],
+                         headers: Mapping[str, str] | None, name: str) -> list[_wire.Item]:
+        """Make reliable messages on one topic, all at once, for the caller to spool.
+
+        They are delivered to this node's subscriptions, and go out by pub/sub
+        only when a peer wants them that way (`reliable_wanted`): a durable's
+        live view does not, its queue carries them.
+
+        Raises:
+            ConfigError: `topic` is invalid.
+            MessageTooLarge: one of them is too large (none is made).
+        """
+        checked_topic_key(topic)
+        datas = [d if type(d) is bytes else d.encode() if isinstance(d, str) else bytes(d)
+                 for d in payloads]
+        limit = self._config.max_message_size
+        largest = max(map(len, datas), default=0)
+        if largest > limit:
+            self._stats["oversized"] += 1
+            raise MessageTooLarge(largest, limit)
+        next_seq, ts, make = self._next_seq, time.time(), _wire.Item
+        items = [make(next_seq(), ts, dict(headers) if headers else None, data, True, topic)
+                 for data in datas]
+        if self._reliable_wanted(topic):
+            self._enqueue(topic, items, name)
+        else:
+            self._stats["published"] += len(items)
+            self.published_by_topic.add(topic, len(items))
+        local = self._matching(topic) if self._subs else ()
+        if local:
+            node_id = self.node_id
+            msgs = [Message(topic, it.payload, name, node_id, it.seq, ts, it.headers,
+                            reliable=True) for it in items]
+            for sub in local:
+                sub._deliver(msgs)
+            self.delivered_by_topic.add(topic, len(msgs))
+        return items
+
+    def _enqueue(self, topic: str, items: list[_wire.Item], name: str) -> None:
+        """Queue items for the next flush, flushing whenever a batch is full."""
+        for item in items:
+            size = len(item.payload)
+            if self._outgoing_count and self._outgoing_bytes + size > _FLUSH_BYTES:
+                self.flush(name)  # keep every frame under the receivers' size limit
+            self._outgoing.setdefault(topic, []).append(item)
+            self._outgoing_count += 1
+            self._outgoing_bytes += size
+            if self._outgoing_count >= _FLUSH_COUNT:
+                self.flush(name)
+        if self._outgoing and self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush, name)
 
     def flush(self, name: str = "") -> None:
         if self._flush_handle is not None:
@@ -239,11 +298,12 @@ class PubSub:
 
     # -- subscribing ------------------------------------------------------------
 
-    def subscribe(self, pattern: str, callback: Callback | None,
-                  max_pending: int) -> Subscription:
+    def subscribe(self, pattern: str, callback: Callback | None, max_pending: int, *,
+                  best_effort_only: bool = False) -> Subscription:
         parsed = parse_pattern(pattern)
         sub = Subscription(parsed, max_pending=max_pending, callback=callback,
                            on_close=self._unsubscribe)
+        sub.best_effort_only = best_effort_only  # (before the hello announces it)
         self._subs.append(sub)
         self._match_cache.clear()
         self._subscriber.add_prefix(parsed.prefix)

@@ -39,7 +39,8 @@ msgpack array (tag first):
 tag  message    fields
 ===  =========  ==========================================================
 1    Hello      id, name, mesh, incarnation, ctl, pub, subs, subs_version, reply,
-               pull, queues, rtr, services
+               pull, queues, rtr, services, durables, key, feeds (the subs that
+               only feed durables' live views: no reliable messages by pub/sub)
 2    Heartbeat  id, incarnation, subs_version, ctl
 3    Bye        id
 4    Credit     id, queue, consumed, epoch, window: a worker has consumed this many of
@@ -160,6 +161,10 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
     """Durable subscriptions of this node: their queue -> pattern."""
     key: str = ""
     """The node's CURVE public key (Z85) when it is secure."""
+    feeds: list[str] = []
+    """Those of `subs` that only feed durables' live views: they take best-effort
+    messages alone (the durable queue brings the reliable ones), so a publisher may
+    leave its reliable messages out of pub/sub for them."""
 
 
 class Heartbeat(msgspec.Struct, frozen=True, array_like=True, tag=2):

@@ -20,10 +20,15 @@ crashes. Acknowledgements are records too, written lazily with the next
 append's commit or within 50 ms (losing one to a crash only means a
 redelivery, which receivers deduplicate).
 
+An `append_many` of several messages is one RUN record (policies ``batch``
+and ``off``): one header and one CRC for the group instead of one per message.
+
 Reclaiming space: segments roll at `segment_bytes`; the oldest segment is
 deleted as soon as every message in it is acknowledged. Deleting only from the
 front keeps it safe: an ack always lives in the same or a later segment than
-the message it settles.
+the message it settles. META records (the inbox's dedup marks) also keep
+their segment, until the owner writes its state again, compacted, with
+`rewrite_meta` (into a new segment, synced before the older ones go).
 """
 
 from __future__ import annotations
@@ -35,22 +40,25 @@ import logging
 import os
 import queue
 import threading
-from collections import Counter, deque
+from bisect import bisect_left, bisect_right
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 from typing import Final
 
 from ..errors import ClosedError, MeshError, SpoolFullError
 from ._segment import (
     HEADER_SIZE,
+    Record,
     RecordKind,
     RecoveryReport,
     acked_ids,
     encode,
     encode_acks,
     encode_data,
+    encode_run,
+    messages,
     scan,
 )
 
@@ -79,7 +87,23 @@ class _Segment:
     first_id: int
     size: int = 0
     live: int = 0
-    """DATA records in it not yet acknowledged."""
+    """Messages in it not yet acknowledged."""
+    lo: int = 0
+    hi: int = -1
+    """Ids of its first and last message (none while ``hi < lo``). Ids are given out
+    in the order writes are queued, and the writer places them in that order, so
+    each segment holds one range of ids and later segments higher ones: settling
+    counts ids per segment by bisection, with no map from each id to its segment."""
+    meta: int = 0
+    """META records in it: they keep it until the owner rewrote its state (`rewrite_meta`)."""
+
+
+    def add_ids(self, lo: int, hi: int) -> None:
+        """Messages `lo` .. `hi` (consecutive, above any before) are now in it."""
+        if self.hi < self.lo:
+            self.lo = lo
+        self.hi = hi
+        self.live += hi - lo + 1
 
 
 _STOP: Final = object()
@@ -99,11 +123,13 @@ class SpoolStore:
         self._segments: list[_Segment] = []
         self._firsts: list[int] = []
         self._pending: dict[int, bytes] = {}
-        self._where: dict[int, _Segment] = {}
         self._next_id = 1
         self._queued_bytes = 0
         self._lazy: list[bytes] = []
-        """Ack records not yet handed to the writer: they ride along with the next commit."""
+        """Ack (and lazy META) records not yet handed to the writer: they ride along with
+        the next commit."""
+        self._lazy_meta = 0
+        """META records among `_lazy`."""
         self._lazy_timer: asyncio.TimerHandle | None = None
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -129,10 +155,10 @@ class SpoolStore:
                 continue
             size += len(data)
             for rec in scan(data, report, file.name):
-                if rec.kind is RecordKind.DATA:
-                    pending[rec.id] = rec.payload
-                elif rec.kind is RecordKind.ACK:
+                if rec.kind is RecordKind.ACK:
                     acked.update(acked_ids(rec))
+                elif rec.kind is not RecordKind.META:
+                    pending.update(_messages(rec, report, file.name))
         return sorted((i, p) for i, p in pending.items() if i not in acked), size
 
     def open(self) -> RecoveryReport:
@@ -153,14 +179,17 @@ class SpoolStore:
             for rec in scan(data, report, file.name):
                 good_end = rec.offset + HEADER_SIZE + len(rec.payload)
                 self._next_id = max(self._next_id, rec.id + 1)
-                if rec.kind is RecordKind.DATA:
-                    self._pending[rec.id] = rec.payload
-                    self._where[rec.id] = seg
-                    seg.live += 1
-                elif rec.kind is RecordKind.ACK:
+                if rec.kind is RecordKind.ACK:
                     acked.update(acked_ids(rec))
-                else:
+                elif rec.kind is RecordKind.META:
                     self._meta.append(rec.payload)
+                    seg.meta += 1
+                else:
+                    found = _messages(rec, report, file.name)
+                    self._pending.update(found)
+                    if found:
+                        seg.add_ids(found[0][0], found[-1][0])
+                        self._next_id = max(self._next_id, found[-1][0] + 1)
             if good_end < len(data) and index == len(files) - 1 and report.torn_bytes:
                 with open(file, "r+b") as fh:  # cut the torn tail so appends continue cleanly
                     fh.truncate(good_end)
@@ -168,7 +197,7 @@ class SpoolStore:
                     os.fsync(fh.fileno())
                 seg.size = good_end
             self._segments.append(seg)
-        self._settle_many(list(acked))
+        self._settle_many(acked)
         self._firsts = [s.first_id for s in self._segments]
         self._drop_settled_prefix()
         if not report.clean:
@@ -216,36 +245,76 @@ class SpoolStore:
 
     async def append_many(self, payloads: Iterable[bytes]) -> list[int]:
         """Store several messages with one wait (one group commit)."""
+        ids, fut = self.submit(payloads)
+        await fut
+        return ids
+
+    def submit(self, payloads: Iterable[bytes]) -> tuple[list[int], asyncio.Future[None]]:
+        """`append_many` without the wait: their ids, and a future that resolves once
+        they are on disk (per the fsync policy). Handed to the writer at once.
+
+        Raises:
+            SpoolFullError: the quota is full; nothing is stored.
+            ClosedError: the store is closed.
+        """
         if self._closed or self._loop is None:
             raise ClosedError("spool is closed")
         payload_list = list(payloads)
         first = self._next_id
-        records = encode_data(first, payload_list)
-        ids = list(range(first, first + len(records)))
+        if len(payload_list) > 1 and self.fsync is not FsyncPolicy.ALWAYS:
+            records = [encode_run(first, payload_list)]  # one header, one CRC
+        else:
+            records = encode_data(first, payload_list)
+        ids = list(range(first, first + len(payload_list)))
         size = sum(map(len, records))
         used = self.used_bytes
         if used + size > self.quota_bytes:
             raise SpoolFullError(self.quota_bytes, used)
-        self._next_id += len(records)
+        self._next_id += len(ids)
         self._queued_bytes += size
         fut: asyncio.Future[None] = self._loop.create_future()
         self._hand_over_lazy()  # same group commit, no write of its own
         self._queue.put(_Write(records, ids, payload_list, fut, size))
-        await fut
-        return ids
+        return ids, fut
 
     def meta(self) -> list[bytes]:
         """META records found at recovery, oldest first (handed over once)."""
         meta, self._meta = self._meta, []
         return meta
 
-    def note(self, kind: RecordKind, payload: bytes) -> None:
-        """Queue a record without waiting for it (written with the next commit)."""
+    def note(self, kind: RecordKind, payload: bytes, *, lazy: bool = False) -> None:
+        """Queue a record without waiting for it (written with the next commit).
+
+        `lazy`: like an ack, it waits up to `_LAZY_ACKS` for a commit to ride
+        along with instead of waking the writer thread for itself (each wake-up
+        costs the event loop a GIL hand-off).
+        """
         if self._closed:
             return
         record = encode(kind, 0, payload)
         self._queued_bytes += len(record)
-        self._queue.put(_Write([record], [], [], None, len(record)))
+        meta = int(kind is RecordKind.META)
+        if lazy:
+            self._lazy.append(record)
+            self._lazy_meta += meta
+            self._start_lazy_timer()
+            return
+        self._queue.put(_Write([record], [], [], None, len(record), meta=meta))
+
+    def rewrite_meta(self, payloads: list[bytes]) -> None:
+        """Replace every META record so far by these (the owner's state, compacted).
+
+        They go to a new segment, synced before the older META records are
+        released, so a crash at any point leaves either set complete; segments
+        left with nothing pending are then deleted. Call it before noting
+        anything new (what is queued earlier is released with the old).
+        """
+        if self._closed:
+            return
+        records = [encode(RecordKind.META, 0, payload) for payload in payloads]
+        size = sum(map(len, records))
+        self._queued_bytes += size
+        self._queue.put(_Write(records, [], [], None, size, meta=len(records), compact=True))
 
     def ack(self, record_ids: Iterable[int]) -> None:
         """Mark messages done; space is reclaimed by segment.
@@ -255,15 +324,16 @@ class SpoolStore:
         never costs a disk flush of its own. Losing them to a crash means only
         a redelivery, which receivers deduplicate.
         """
-        settled = sorted(filter(self._pending.__contains__, record_ids))
-        self._settle_many(settled)
-        records = encode_acks(settled)
+        records = encode_acks(self._settle_many(record_ids))
         if records and not self._closed:
             self._queued_bytes += sum(map(len, records))
             self._lazy += records
-            if self._lazy_timer is None and self._loop is not None:
-                self._lazy_timer = self._loop.call_later(_LAZY_ACKS, self._hand_over_lazy)
+            self._start_lazy_timer()
             self._drop_settled_prefix()
+
+    def _start_lazy_timer(self) -> None:
+        if self._lazy_timer is None and self._loop is not None:
+            self._lazy_timer = self._loop.call_later(_LAZY_ACKS, self._hand_over_lazy)
 
     def _hand_over_lazy(self) -> None:
         if self._lazy_timer is not None:
@@ -271,7 +341,8 @@ class SpoolStore:
             self._lazy_timer = None
         if self._lazy:
             records, self._lazy = self._lazy, []
-            self._queue.put(_Write(records, [], [], None, sum(map(len, records))))
+            meta, self._lazy_meta = self._lazy_meta, 0
+            self._queue.put(_Write(records, [], [], None, sum(map(len, records)), meta=meta))
 
     async def aclose(self) -> None:
         """Finish queued writes and stop the writer."""
@@ -285,20 +356,28 @@ class SpoolStore:
 
     # -- bookkeeping ---------------------------------------------------------------
 
-    def _settle_many(self, record_ids: list[int]) -> None:
-        """Forget these ids as pending; count them off their segments (one lock for all)."""
-        deque(map(self._pending.pop, record_ids, repeat(None)), maxlen=0)  # (loops in C)
-        gone = Counter(map(self._where.pop, record_ids, repeat(None)))
-        if gone:
-            with self._lock:
-                for seg, n in gone.items():
-                    if seg is not None:
-                        seg.live -= n
+    def _settle_many(self, record_ids: Iterable[int]) -> list[int]:
+        """Forget those of these ids that are pending; count them off their segments (one
+        lock for all). Returns them, sorted."""
+        settled = sorted(self._pending.keys() & set(record_ids))  # (loops in C)
+        if not settled:
+            return settled
+        deque(map(self._pending.pop, settled), maxlen=0)
+        first, last = settled[0], settled[-1]
+        with self._lock:
+            for seg in self._segments:
+                if seg.hi < first or seg.hi < seg.lo:
+                    continue
+                if seg.lo > last:
+                    break
+                seg.live -= bisect_right(settled, seg.hi) - bisect_left(settled, seg.lo)
+        return settled
 
     def _drop_settled_prefix(self) -> None:
         """Delete fully acknowledged segments from the front (never the one being written)."""
         with self._lock:
-            while len(self._segments) > 1 and self._segments[0].live <= 0:
+            while (len(self._segments) > 1 and self._segments[0].live <= 0
+                   and not self._segments[0].meta):
                 seg = self._segments.pop(0)
                 self._firsts.pop(0)
                 try:
@@ -349,7 +428,8 @@ class SpoolStore:
         chunks: list[bytes] = []
         try:
             for write in writes:
-                if seg.size > 0 and seg.size + write.size > self.segment_bytes:
+                if seg.size > 0 and (write.compact
+                                     or seg.size + write.size > self.segment_bytes):
                     self._flush(fd, chunks)
                     os.close(fd)
                     seg = self._roll(write.ids[0] if write.ids else self._next_id)
@@ -358,8 +438,15 @@ class SpoolStore:
                 chunks.extend(write.records)
                 with self._lock:
                     seg.size += write.size
-                    seg.live += len(write.ids)
+                    seg.meta += write.meta
+                    if write.ids:
+                        seg.add_ids(write.ids[0], write.ids[-1])
                 placed.append((write, seg))
+                if write.compact:
+                    self._flush(fd, chunks)
+                    chunks = []
+                    os.fsync(fd)  # the new state is durable before the old is released
+                    self._release_meta(seg)
             self._flush(fd, chunks)
         except OSError as exc:
             error = _write_error(exc, self.quota_bytes, self.used_bytes)
@@ -383,11 +470,10 @@ class SpoolStore:
             _log.error("cannot cut back spool segment %s: %s", seg.path, exc)
 
     def _resolve(self, placed: list[tuple[_Write, _Segment]], error: BaseException | None) -> None:
-        for write, seg in placed:
+        for write, _ in placed:
             self._queued_bytes -= write.size
             if error is None and write.ids:
                 self._pending.update(zip(write.ids, write.payloads, strict=True))
-                self._where.update(dict.fromkeys(write.ids, seg))
             fut = write.future
             if fut is not None and not fut.done():
                 if error is None:
@@ -404,7 +490,19 @@ class SpoolStore:
             return
         _write_all(fd, b"".join(chunks))
 
+    def _release_meta(self, keep: _Segment) -> None:
+        """META records before `keep` are superseded: their segments may go."""
+        with self._lock:
+            for seg in self._segments:
+                if seg is keep:
+                    break
+                seg.meta = 0
+        self._drop_settled_prefix()
+
     def _roll(self, first_id: int) -> _Segment:
+        # Named after its first message; a segment that starts with other records
+        # (META) still needs a name of its own that sorts after the last one.
+        first_id = max(first_id, self._segments[-1].first_id + 1)
         seg = _Segment(self.path / f"{first_id:020d}{_SUFFIX}", first_id)
         with self._lock:
             self._segments.append(seg)
@@ -419,6 +517,19 @@ class _Write:
     payloads: list[bytes]
     future: asyncio.Future[None] | None
     size: int
+    meta: int = 0
+    """META records among `records`."""
+    compact: bool = False
+    """`rewrite_meta`: starts a new segment and releases the META records before it."""
+
+
+def _messages(record: Record, report: RecoveryReport, name: str) -> list[tuple[int, bytes]]:
+    try:
+        return messages(record)
+    except ValueError as exc:
+        report.corrupt_records += 1
+        report.problems.append(f"{name}: {exc}")
+        return []
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import AsyncIterator
 
 import msgspec
 
 from mesh._dedup import Dedup, runs_of
-from mesh._spool import RecordKind, SpoolStore
+from mesh._spool import RecordKind, SpoolStore, _store
+from tests.helpers import aeventually
 
 
 def test_runs_answer_like_a_set_for_any_arrival_order() -> None:
@@ -59,3 +62,40 @@ async def test_marks_survive_a_restart_also_in_the_older_single_sequence_form(tm
         assert not any(loaded.seen("new", s) for s in (99, 200, 499, 501))
     finally:
         await again.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _loaded(path, **kw) -> AsyncIterator[tuple[SpoolStore, Dedup]]:
+    """A started store and the dedup loaded from it; the store is closed on the way out."""
+    store = SpoolStore(path, **kw)
+    await store.start()
+    try:
+        dedup = Dedup(store)
+        dedup.load()
+        yield store, dedup
+    finally:
+        await store.aclose()
+
+
+async def test_marks_survive_two_restarts_and_the_inbox_is_compacted(tmp_path,
+                                                                     monkeypatch) -> None:
+    """Marks written over many segments are all still known after a second and a third
+    start, and each start leaves them compacted in one new segment (the older go)."""
+    monkeypatch.setattr(_store, "_LAZY_ACKS", 0.0)  # each save is written at once
+    expected: set[int] = set()
+    for start in range(3):
+        async with _loaded(tmp_path, segment_bytes=512) as (store, dedup):
+            assert all(dedup.seen("a", s) for s in expected), f"start {start}: marks lost"
+            assert not dedup.seen("a", 10_000 * start + 9_999)
+            for first in range(10_000 * start, 10_000 * start + 2_000, 100):
+                seqs = range(first, first + 100, 7)  # runs of one
+                dedup.mark_many("a", seqs)
+                dedup.save()
+                expected.update(seqs)
+                await aeventually(lambda: not store._lazy)
+        assert len(list(tmp_path.glob("*.seg"))) > 3  # the marks rolled over segments
+    async with _loaded(tmp_path, segment_bytes=512) as (_, dedup):
+        assert all(dedup.seen("a", s) for s in expected)
+    assert len(list(tmp_path.glob("*.seg"))) == 1
+    async with _loaded(tmp_path) as (_, dedup):
+        assert all(dedup.seen("a", s) for s in expected)

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from mesh import ConfigError
+from mesh import ConfigError, MessageTooLarge
 from tests.helpers import aeventually
 
 from ._proc import Cli, run
@@ -38,6 +38,29 @@ async def test_online_durable_gets_reliable_and_best_effort_messages_once(make_n
         await durable.next(timeout=0.3)
     await pub.publish("orders.paid", "topic kept", reliable=True)
     assert (await durable.next(timeout=5)).topic == "orders.paid"
+
+
+async def test_reliable_messages_skip_pub_sub_for_a_durables_live_view_only(make_node,
+                                                                            tmp_path) -> None:
+    """A peer whose only subscription is a durable's live view gets reliable messages by
+    its queue alone (no pub/sub copy to decode and drop); a plain subscriber still gets
+    them by pub/sub, and the durable still exactly once."""
+    pub, sub_node, durable = await _durable_pair(make_node, tmp_path)
+    await pub.wait_for_subscribers("orders.new", 1, timeout=5)
+    await pub.publish_many("orders.new", [f"r{i}" for i in range(5)], reliable=True)
+    await pub.publish("orders.new", "fast")
+    got = sorted([(await durable.next(timeout=5)).text for _ in range(6)])
+    assert got == ["fast", *(f"r{i}" for i in range(5))]
+    await aeventually(lambda: sub_node.stats["received"] == 1)  # "fast" alone by pub/sub
+
+    plain_node = await make_node("plain")
+    plain = await plain_node.subscribe("orders.>")
+    await pub.wait_for_subscribers("orders.new", 2, timeout=5)
+    await pub.publish("orders.new", "both", reliable=True)
+    assert (await plain.next(timeout=5)).text == "both"
+    assert (await durable.next(timeout=5)).text == "both"
+    with pytest.raises(TimeoutError):
+        await durable.next(timeout=0.3)
 
 
 async def test_offline_durable_gets_everything_after_both_sides_restart(make_node,
@@ -208,6 +231,12 @@ async def test_publish_many_reliable_is_one_wait_for_many_messages(make_node, tm
     got = [(await durable.next(timeout=10)).text for _ in range(500)]
     assert sorted(got) == sorted(f"b{i}" for i in range(500))
     assert pub.stats["spooled"] == 500
+    with pytest.raises(MessageTooLarge):  # one too large: none of the batch is taken
+        await pub.publish_many("orders.bulk", ["fine", "x" * (pub.config.max_message_size + 1)],
+                               reliable=True)
+    assert pub.stats["spooled"] == 500
+    with pytest.raises(TimeoutError):
+        await durable.next(timeout=0.3)
 
 
 def test_sync_node_reliable_publish_and_durable(mesh_name, tmp_path) -> None:

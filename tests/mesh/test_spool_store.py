@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -95,6 +96,38 @@ async def test_acknowledged_segments_are_deleted(tmp_path) -> None:
         await again.aclose()
 
 
+async def test_a_segment_goes_exactly_when_its_last_message_is_acked(tmp_path) -> None:
+    """Groups and singles over many segments, acked in random order (with repeats and
+    unknown ids): a segment is deleted once all of its messages are acked, never
+    before, also after a restart."""
+    rng = random.Random(5)
+    store = await _open(tmp_path, segment_bytes=512)
+    ids = []
+    for n in range(30):
+        if n % 3:
+            ids += await store.append_many([f"{n}-{i}".encode() * 30 for i in range(3)])
+        else:
+            ids.append(await store.append(f"{n}".encode() * 90))
+    assert len(list(tmp_path.glob("*.seg"))) >= 10
+    order = ids[:]
+    rng.shuffle(order)
+    for cut in range(0, len(order), 7):
+        store.ack([*order[cut:cut + 7], order[0], 99_999])
+        acked = set(order[:cut + 7])
+        first_pending = min(set(ids) - acked, default=None)
+        segments = sorted(tmp_path.glob("*.seg"))
+        if first_pending is not None:  # the oldest file left holds the oldest pending one
+            assert int(segments[0].stem) <= first_pending
+            assert len(segments) == 1 or int(segments[1].stem) > first_pending
+    assert store.pending() == []
+    await store.aclose()
+    again = await _open(tmp_path, segment_bytes=512)
+    try:
+        assert again.pending() == [] and len(list(tmp_path.glob("*.seg"))) == 1
+    finally:
+        await again.aclose()
+
+
 async def test_torn_tail_is_reported_cut_and_every_intact_record_kept(tmp_path) -> None:
     """A crash mid-write leaves half a record: reported, cut off, the rest kept."""
     store = await _open(tmp_path)
@@ -117,6 +150,31 @@ async def test_torn_tail_is_reported_cut_and_every_intact_record_kept(tmp_path) 
         assert [p for _, p in third.pending()][-1] == b"after repair"
     finally:
         await third.aclose()
+
+
+async def test_a_group_is_one_record_and_a_torn_one_loses_only_its_own_append(tmp_path) -> None:
+    """append_many writes one RUN record; ids, acks, peek and recovery see each message,
+    and a torn last group costs that group alone (its append never returned)."""
+    store = await _open(tmp_path)
+    first = await store.append_many([f"a{i}".encode() for i in range(5)])
+    single = await store.append(b"single")
+    store.ack(first[1:3])  # (its record rides along with the next append's commit)
+    last = await store.append_many([f"b{i}".encode() * 20 for i in range(4)])
+    await store.aclose()
+    assert first == list(range(first[0], first[0] + 5)) and last[0] == single + 1
+    expected = [(first[0], b"a0"), *((i, f"a{n}".encode()) for n, i in enumerate(first) if n > 2),
+                (single, b"single"), *((i, f"b{n}".encode() * 20) for n, i in enumerate(last))]
+    assert SpoolStore.peek(tmp_path)[0] == expected
+    (seg,) = tmp_path.glob("*.seg")
+    with open(seg, "r+b") as fh:
+        fh.truncate(os.path.getsize(seg) - 3)
+    again = await _open(tmp_path)
+    try:
+        assert again.report.torn_bytes > 0
+        assert again.pending() == expected[:-4]
+        assert (await again.append_many([b"x", b"y"]))[0] > single
+    finally:
+        await again.aclose()
 
 
 async def test_flipped_bytes_cost_one_record_not_the_rest(tmp_path) -> None:
