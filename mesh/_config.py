@@ -43,9 +43,14 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Control port (0 = any free port); fix it for static peering."""
     mdns: bool = True
     """Announce and browse with mDNS."""
-    heartbeat_interval: float = 0.25
-    suspect_after: float = 0.75
+    heartbeat_interval: float = 0.5
+    """Seconds between heartbeats to each peer (beats fall on the wall clock's
+    multiples of it, so nodes with agreeing clocks beat together)."""
+    suspect_after: float = 1.0
+    """A peer silent this long is suspect (no event; work and requests go to alive
+    peers first)."""
     lost_after: float = 1.5
+    """A peer silent this long is lost (an event; it joins again when heard)."""
     max_message_size: int = 1024 * 1024
     fsync: str = "batch"
     """Spool fsync policy: ``always`` | ``batch`` (group commit) | ``off``."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,6 @@ from patterns import (
     Inbox,
     InvalidName,
     Outbox,
-    SocketClosed,
     TopicPattern,
     validate_topic,
 )
@@ -66,13 +66,15 @@ class Membership:
         self._on_beat = on_beat
         self._quiet = quiet
         self.table = PeerTable(suspect_after=suspect_after, lost_after=lost_after,
-                               on_event=on_event)
+                               on_event=on_event, on_change=on_change)
         self.inbox = Inbox(ctx)
         self._links: dict[str, Outbox] = {}
         self._link_born: dict[str, float] = {}
         self._static: set[str] = set()
         self._departed: dict[str, int] = {}
         """id -> incarnation of peers that said goodbye: their stragglers are ignored."""
+        self._heartbeat: bytes | bytearray | None = None
+        """Our encoded heartbeat, the same for every peer until our interest changes."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -80,10 +82,13 @@ class Membership:
         return [self.inbox.bind(host, port) for host in interfaces]
 
     async def run(self) -> None:
-        """Read control messages and tick heartbeats until cancelled."""
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._read())
-            tg.create_task(self._tick_forever())
+        """Handle control messages and tick heartbeats until cancelled."""
+        self.inbox.start(self._on_messages)
+        try:
+            await self._tick_forever()
+        finally:
+            self.inbox.stop()
+            self.table.stop()
 
     def say_goodbye(self, my_id: str) -> None:
         frames = _wire.encode_control(_wire.Bye(my_id))
@@ -167,58 +172,64 @@ class Membership:
         return self._link(rec.ctl).send(_wire.encode_control(msg))
 
     def broadcast_hello(self) -> None:
-        """Tell every known peer our subscriptions changed."""
+        """Tell every known peer our subscriptions changed (a new interest version,
+        which our heartbeats carry from now on)."""
+        self._heartbeat = None
         frames = _wire.encode_control(self._me(False))
         for rec in self.table.records():
             self._link(rec.ctl).send(frames)
 
     async def _tick_forever(self) -> None:
-        """Beat every interval; check liveness exactly when a peer's silence runs out."""
-        next_beat = time.monotonic() + self._interval
+        """Beat every interval, on the wall clock's multiples of it.
+
+        Nodes whose clocks agree (one host, or NTP) then beat together, and a
+        node wakes about once per interval for all its peers' heartbeats rather
+        than once for each of them and once more for its own. The wall clock is
+        the only clock nodes share; the wait itself is on the loop's monotonic
+        clock and always between half and one and a half intervals, so a jump of
+        the wall clock moves one beat by at most half an interval. Liveness has
+        its own timers (see `PeerTable`).
+        """
+        interval = self._interval
         while True:
-            deadline = self.table.next_deadline()
-            wake = next_beat if deadline is None else min(next_beat, deadline)
-            await asyncio.sleep(max(0.0, wake - time.monotonic()))
-            if self.table.tick():
-                self._on_change()
-            if time.monotonic() >= next_beat:
-                next_beat += self._interval
-                self.beat()
-                if self._on_beat is not None:
-                    self._on_beat()
+            await asyncio.sleep(_until_next_beat(time.time(), interval))
+            self.beat()
+            if self._on_beat is not None:
+                self._on_beat()
 
     def beat(self) -> None:
-        me = self._me(True)
-        beat = _wire.encode_control(
-            _wire.Heartbeat(me.id, me.incarnation, me.subs_version, me.ctl))
+        """One heartbeat to every known peer, one hello to every link still unanswered."""
+        beat = self._heartbeat
+        if beat is None:
+            me = self._me(True)
+            beat = self._heartbeat = _wire.encode_control(
+                _wire.Heartbeat(me.id, me.incarnation, me.subs_version, me.ctl))
+        links = self._links
         known = set()
         for rec in self.table.records():
             known.add(rec.ctl)
             self._link(rec.ctl).send(beat)
-        hello = _wire.encode_control(me)
+        if len(known) == len(links):
+            return
+        hello = _wire.encode_control(self._me(True))
         now = time.monotonic()
-        for endpoint in [e for e in self._links if e not in known]:
+        for endpoint in [e for e in links if e not in known]:
             if endpoint not in self._static and now - self._link_born[endpoint] > _PENDING_LINK_TTL:
                 self._drop_link(endpoint)
             else:
-                self._links[endpoint].send(hello)
+                links[endpoint].send(hello)
 
     # -- receiving ---------------------------------------------------------------
 
-    async def _read(self) -> None:
-        while True:
+    def _on_messages(self, batch: list[list[bytes]]) -> None:
+        for frames in batch:
             try:
-                batch = await self.inbox.recv_many()
-            except SocketClosed:
-                return
-            for frames in batch:
-                try:
-                    if len(frames) != 1:
-                        raise ProtocolError(f"control message of {len(frames)} frames")
-                    msg = _wire.decode_control(frames[0])
-                    self._handle(msg)
-                except ProtocolError as exc:
-                    self._quiet.drop("control", exc.reason)
+                if len(frames) != 1:
+                    raise ProtocolError(f"control message of {len(frames)} frames")
+                msg = _wire.decode_control(frames[0])
+                self._handle(msg)
+            except ProtocolError as exc:
+                self._quiet.drop("control", exc.reason)
 
     def _handle(self, msg: _wire.Control) -> None:
         if isinstance(msg, _wire.Heartbeat):
@@ -309,6 +320,13 @@ class Membership:
             self._on_disconnect(rec)
             self._drop_link(rec.ctl)
             self._on_change()
+
+
+def _until_next_beat(now: float, interval: float) -> float:
+    """Seconds from `now` to the first multiple of `interval` at least half an interval
+    away: about one interval between beats, and never two beats for one multiple (the
+    loop's monotonic timer may wake us a hair before the wall clock gets there)."""
+    return (math.floor(now / interval + 0.5) + 1) * interval - now
 
 
 def _names(names: list[str], kind: str, quiet: QuietLog) -> list[str]:

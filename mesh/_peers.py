@@ -6,16 +6,28 @@ silent for `suspect_after` seconds is *suspect* (no event); silent for
 `lost_after` it is *lost* (event). A lost peer stays in the table and its
 connections stay open, so when its heartbeats resume it *joins* again by
 itself. A peer that says goodbye is *left* and removed at once.
+
+Each peer has one timer on the loop, set for the moment its silence runs out
+and moved on when it is heard: the loop wakes for a peer only if it really
+went quiet, never to find that everyone is still talking. (A single timer at
+the earliest deadline woke up to twice per heartbeat interval for nothing,
+since by then that peer had been heard again.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from patterns import TopicPattern
+
+_REARM_SLACK: Final[float] = 0.1
+"""Fraction of `suspect_after` a peer's timer may run early rather than be moved at
+each of a burst of messages (it then finds the peer heard and moves on)."""
 
 
 class PeerState(enum.Enum):
@@ -85,6 +97,10 @@ class PeerRecord:
     feeds: frozenset[str] = frozenset()
     """Patterns of `subs` that want best-effort messages only (durables' live views)."""
     services: frozenset[str] = frozenset()
+    timer: asyncio.TimerHandle | None = None
+    """When its silence runs out next (see `PeerTable`)."""
+    armed_at: float = 0.0
+    """`last_heard` when `timer` was set."""
 
     def snapshot(self) -> Peer:
         last_seen = time.time() - (time.monotonic() - self.last_heard)
@@ -93,13 +109,17 @@ class PeerRecord:
 
 
 class PeerTable:
-    """Peers by id, with the liveness state machine; emits events through `on_event`."""
+    """Peers by id, with the liveness state machine; emits events through `on_event` and
+    calls `on_change` when a silence timeout changed a peer's state. Use it on the loop."""
 
     def __init__(self, *, suspect_after: float, lost_after: float,
-                 on_event: Callable[[PeerEvent], None]) -> None:
+                 on_event: Callable[[PeerEvent], None],
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.suspect_after = suspect_after
         self.lost_after = lost_after
         self._on_event = on_event
+        self._on_change = on_change
+        self._slack = suspect_after * _REARM_SLACK
         self._peers: dict[str, PeerRecord] = {}
 
     def __len__(self) -> int:
@@ -119,46 +139,70 @@ class PeerTable:
         old = self._peers.get(rec.id)
         self._peers[rec.id] = rec
         rec.last_heard = time.monotonic()
+        if old is not None and old is not rec:
+            _disarm(old)
+        self._arm(rec)
         if old is None or old.state is PeerState.LOST or old.incarnation != rec.incarnation:
             self._emit(PeerEventKind.JOINED, rec)
 
     def heard(self, rec: PeerRecord) -> None:
         """Any message from the peer: it is alive."""
-        rec.last_heard = time.monotonic()
+        now = rec.last_heard = time.monotonic()
         if rec.state is not PeerState.ALIVE:
             was = rec.state
             rec.state = PeerState.ALIVE
+            self._arm(rec)
             if was is PeerState.LOST:
                 self._emit(PeerEventKind.JOINED, rec)
+        elif rec.timer is None or now - rec.armed_at >= self._slack:
+            self._arm(rec)
 
     def remove(self, peer_id: str) -> PeerRecord | None:
         """The peer said goodbye."""
         rec = self._peers.pop(peer_id, None)
         if rec is not None:
+            _disarm(rec)
             self._emit(PeerEventKind.LEFT, rec)
         return rec
 
-    def tick(self) -> bool:
-        """Apply silence timeouts; True if any state changed."""
-        now = time.monotonic()
-        changed = False
+    def stop(self) -> None:
+        """No more silence timeouts (the node is closing)."""
         for rec in self._peers.values():
-            silent = now - rec.last_heard
-            if rec.state is PeerState.ALIVE and silent >= self.suspect_after:
-                rec.state = PeerState.SUSPECT
-                changed = True
-            if rec.state is PeerState.SUSPECT and silent >= self.lost_after:
-                rec.state = PeerState.LOST
-                changed = True
-                self._emit(PeerEventKind.LOST, rec)
-        return changed
+            _disarm(rec)
 
-    def next_deadline(self) -> float | None:
-        """Monotonic time of the next possible state change, if any peer can change."""
-        deadlines = [rec.last_heard + (self.suspect_after if rec.state is PeerState.ALIVE
-                                       else self.lost_after)
-                     for rec in self._peers.values() if rec.state is not PeerState.LOST]
-        return min(deadlines, default=None)
+    def _arm(self, rec: PeerRecord) -> None:
+        """Set the peer's timer for when its silence runs out next (none once lost)."""
+        _disarm(rec)
+        if rec.state is PeerState.LOST:
+            return
+        after = self.suspect_after if rec.state is PeerState.ALIVE else self.lost_after
+        delay = rec.last_heard + after - time.monotonic()
+        rec.armed_at = rec.last_heard
+        rec.timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._expire, rec)
+
+    def _expire(self, rec: PeerRecord) -> None:
+        """The peer's timer ran out: apply the silence timeouts, set the next one."""
+        rec.timer = None
+        if self._peers.get(rec.id) is not rec:
+            return
+        silent = time.monotonic() - rec.last_heard
+        changed = False
+        if rec.state is PeerState.ALIVE and silent >= self.suspect_after:
+            rec.state = PeerState.SUSPECT
+            changed = True
+        if rec.state is PeerState.SUSPECT and silent >= self.lost_after:
+            rec.state = PeerState.LOST
+            changed = True
+            self._emit(PeerEventKind.LOST, rec)
+        self._arm(rec)
+        if changed:
+            self._on_change()
 
     def _emit(self, kind: PeerEventKind, rec: PeerRecord) -> None:
         self._on_event(PeerEvent(kind, rec.snapshot()))
+
+
+def _disarm(rec: PeerRecord) -> None:
+    if rec.timer is not None:
+        rec.timer.cancel()
+        rec.timer = None

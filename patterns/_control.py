@@ -8,12 +8,13 @@ same thing anyway.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import zmq
 
 from ._socket import Context, Socket
-from .errors import WouldBlock
+from .errors import SocketClosed, WouldBlock
 
 _OUTBOX_HWM: Final[int] = 64
 _INBOX_HWM: Final[int] = 10_000
@@ -32,9 +33,26 @@ class Inbox:
         self.endpoints.append(endpoint)
         return endpoint
 
-    async def recv_many(self) -> list[list[bytes]]:
-        """Return queued messages without the ROUTER's routing-id frame."""
-        return [frames[1:] for frames in await self._sock.recv_many()]
+    def start(self, on_messages: Callable[[list[list[bytes]]], None]) -> None:
+        """Hand every batch of queued messages (without the ROUTER's routing-id frame)
+        to `on_messages`, on the running loop, as soon as they arrive.
+
+        A callback on the socket's FD (`Socket.watch`), not a task awaiting pyzmq's
+        asyncio poller: an idle node wakes for each batch of heartbeats, and the
+        poller's futures and callbacks were most of what such a wake cost.
+        """
+        def drain() -> None:
+            try:
+                batch = self._sock.recv_nowait()
+            except SocketClosed:
+                return
+            on_messages([frames[1:] for frames in batch])
+
+        self._sock.watch(drain)
+
+    def stop(self) -> None:
+        """Stop handing over messages (on the loop); the socket stays open."""
+        self._sock.unwatch()
 
     def close(self, linger: float = 0.0) -> None:
         """Close; with `linger` > 0, queued messages (a goodbye) get that long to leave."""

@@ -26,8 +26,13 @@ _log = logging.getLogger("patterns.socket")
 DEFAULT_MAX_MESSAGE_SIZE: Final[int] = 16 * 1024 * 1024
 _HANDSHAKE_MS: Final[int] = 5000
 """A peer that has not finished the ZMTP handshake by then is dropped (libzmq: 30 s)."""
-_HEARTBEAT_IVL_MS: Final[int] = 1000
+_HEARTBEAT_IVL_MS: Final[int] = 10_000
+"""ZMTP PING on every connection this often: a backstop that drops half-open TCP
+connections (a peer host gone without a FIN). Who is alive is the mesh's own
+heartbeats' business; at 1 s, PING/PONG on the 4 connections per peer were most
+of what the ZeroMQ I/O thread of an idle node did."""
 _HEARTBEAT_TIMEOUT_MS: Final[int] = 3000
+"""No traffic this long after a PING: the connection is dropped (and reconnects)."""
 _RECONNECT_IVL_MS: Final[int] = 100
 _RECONNECT_IVL_MAX_MS: Final[int] = 1000
 _DISPATCH_ROUNDS: Final[int] = 8

@@ -30,9 +30,10 @@ async def run(args: argparse.Namespace) -> int:
         return 0
     stop = asyncio.Event()
     with stop_on_signals(stop):  # before `ready`: a signal right after it must be graceful
-        async with Agent(config) as agent:
+        agent = Agent(config)
+        events = agent.node.events()  # opened before start: peers may greet us while it runs
+        async with agent:
             node = agent.node
-            events = node.events()
             ep = node.endpoints
             out(f"ready name={node.name} id={node.id} mesh={node.mesh} "
                 f"ctl={','.join(ep['ctl'])} pub={','.join(ep['pub'])} http={agent.http_url}")

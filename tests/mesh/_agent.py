@@ -17,9 +17,7 @@ from typing import Any
 import aiohttp
 
 from ._proc import Cli
-
-FAST_ENV = {"ZEROMESH_HEARTBEAT_INTERVAL": "0.05", "ZEROMESH_SUSPECT_AFTER": "0.15",
-            "ZEROMESH_LOST_AFTER": "0.3"}
+from .conftest import FAST_ENV
 
 
 @dataclass

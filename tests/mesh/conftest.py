@@ -12,6 +12,9 @@ from mesh import AsyncNode
 from ._proc import Cli
 
 FAST = {"heartbeat_interval": 0.05, "suspect_after": 0.15, "lost_after": 0.3}
+FAST_ENV = {f"ZEROMESH_{key.upper()}": str(value) for key, value in FAST.items()}
+"""`FAST` for a CLI child (``env=FAST_ENV``) in a mesh with FAST in-process nodes, which
+would otherwise take it for lost between two of its default-timed heartbeats."""
 
 
 @pytest.fixture

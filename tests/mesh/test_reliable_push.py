@@ -14,6 +14,7 @@ from mesh._spool import SpoolStore
 from tests.helpers import aeventually
 
 from ._proc import Cli
+from .conftest import FAST_ENV
 
 
 async def test_reliable_push_waits_for_no_worker_and_is_delivered_later(make_node, tmp_path) -> None:
@@ -90,7 +91,8 @@ async def test_worker_sigkilled_before_ack_gets_its_messages_redelivered(make_no
                                                                          tmp_path) -> None:
     """Guarantee 3: what a killed worker had not acknowledged goes to another worker."""
     pusher = await make_node("pusher", data_dir=str(tmp_path / "p"))
-    victim = Cli(["pull", "jobs", "--prefetch", "50", "--name", "victim"], mesh=mesh_name)
+    victim = Cli(["pull", "jobs", "--prefetch", "50", "--name", "victim"], mesh=mesh_name,
+                 env=FAST_ENV)
     try:
         await pusher.wait_for_workers("jobs", 1, timeout=10)
         for i in range(100):

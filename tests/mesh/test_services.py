@@ -23,7 +23,7 @@ from mesh import (
 from tests.helpers import aeventually
 
 from ._proc import Cli
-from .conftest import FAST
+from .conftest import FAST, FAST_ENV
 
 
 async def _servers(make_node, client, service, handlers):
@@ -327,7 +327,8 @@ async def test_requests_survive_a_server_process_sigkilled_mid_stream(mesh_name)
     """Two `zeromesh serve --echo` processes; one is SIGKILLed mid-stream; every request succeeds."""
     from mesh import AsyncNode
 
-    servers = [Cli(["serve", "svc.fo", "--echo", "--name", f"srv{i}"], mesh=mesh_name)
+    servers = [Cli(["serve", "svc.fo", "--echo", "--name", f"srv{i}"], mesh=mesh_name,
+                   env=FAST_ENV)
                for i in range(2)]
     try:
         ctls = []

@@ -13,7 +13,7 @@ from mesh._window import MIN_WINDOW
 from tests.helpers import aeventually
 
 from ._proc import Cli
-from .conftest import FAST
+from .conftest import FAST, FAST_ENV
 
 
 async def _drain_until(counter: collections.Counter, total: int, timeout: float = 10) -> None:
@@ -185,7 +185,8 @@ async def test_sigkilled_worker_loses_only_its_in_flight_messages(make_node, mes
     survivor = await make_node("survivor")
     got: list[bytes] = []
     await survivor.pull("jobs", prefetch=20, handler=lambda m: got.append(m.data))
-    victim = Cli(["pull", "jobs", "--prefetch", "20", "--name", "victim"], mesh=mesh_name)
+    victim = Cli(["pull", "jobs", "--prefetch", "20", "--name", "victim"], mesh=mesh_name,
+                 env=FAST_ENV)
     try:
         await pusher.wait_for_workers("jobs", 2, timeout=10)
         for i in range(300):

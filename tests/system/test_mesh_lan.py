@@ -30,7 +30,7 @@ from tests.system._meshproc import (
 
 pytestmark = pytest.mark.netns
 
-HEARTBEAT: Final[float] = 0.25
+HEARTBEAT: Final[float] = 0.5
 LOST_AFTER: Final[float] = 1.5
 """Defaults (DESIGN: a silent peer is lost after 1.5 s)."""
 LOSS_MARGIN: Final[float] = 0.35

@@ -1,0 +1,95 @@
+"""Heartbeats and silence timeouts: when a node beats, when it wakes, when a peer is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from mesh import PeerEventKind, PeerState
+from mesh import _membership as membership
+from mesh import _wire as wire
+from mesh._peers import PeerTable
+from tests.helpers import aeventually
+
+
+@pytest.mark.parametrize("interval", [0.05, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("now", [1_700_000_000.0, 1_700_000_000.001, 1_699_999_999.999,
+                                 1_700_000_000.2, 1_700_000_000.37, 12.5])
+def test_beats_fall_on_multiples_of_the_interval(now: float, interval: float) -> None:
+    """The next beat is on a multiple of the interval, half to one and a half intervals away."""
+    delay = membership._until_next_beat(now, interval)
+    assert interval / 2 - 1e-6 <= delay < 1.5 * interval + 1e-6
+    at = now + delay
+    assert abs(at - round(at / interval) * interval) < 1e-5  # (float spacing near 1.7e9 s)
+
+
+def test_a_beat_that_wakes_a_hair_early_is_not_repeated() -> None:
+    """Woken just before the multiple (monotonic vs wall clock), the next beat is the one after."""
+    assert membership._until_next_beat(99.9999, 0.5) == pytest.approx(0.5001)
+    assert membership._until_next_beat(100.0001, 0.5) == pytest.approx(0.4999)
+
+
+async def test_talking_peers_never_wake_the_silence_timer(make_node, monkeypatch) -> None:
+    """Peers that keep beating move their silence timer on: it never runs out while they talk."""
+    expired: list[str] = []
+    original = PeerTable._expire
+
+    def spy(self: PeerTable, rec) -> None:
+        expired.append(rec.name)
+        original(self, rec)
+
+    monkeypatch.setattr(PeerTable, "_expire", spy)
+    timing = {"heartbeat_interval": 0.05, "suspect_after": 1.0, "lost_after": 2.0, "mdns": False}
+    a = await make_node("a", **timing)
+    b = await make_node("b", peers=a.endpoints["ctl"], **timing)
+    c = await make_node("c", peers=a.endpoints["ctl"], **timing)
+    await a.wait_for_peers(2, timeout=5)
+    await b.wait_for_peers(1, timeout=5)
+    await c.wait_for_peers(1, timeout=5)
+    beats = 20
+    await asyncio.sleep(beats * 0.05)  # the observation window: 20 heartbeats from each peer
+    assert expired == []
+    assert {p.state for p in a.peers()} == {PeerState.ALIVE}
+
+
+async def test_a_peer_that_goes_silent_is_suspect_then_lost_on_time(make_node) -> None:
+    """A peer whose heartbeats stop (no goodbye) is lost `lost_after` after it was last heard."""
+    timing = {"heartbeat_interval": 0.05, "suspect_after": 0.2, "lost_after": 0.4, "mdns": False}
+    a = await make_node("a", **timing)
+    b = await make_node("b", peers=a.endpoints["ctl"], **timing)
+    events = a.events()
+    await a.wait_for_peers(1, timeout=5)
+    assert (await events.next(timeout=5)).kind is PeerEventKind.JOINED
+    await b._cancel_tasks()  # b's heartbeats stop, as in a crash: no goodbye
+    silent_from = time.monotonic()
+    await aeventually(lambda: a.peers()[0].state is PeerState.SUSPECT, timeout=5)
+    lost = await events.next(timeout=5)
+    took = time.monotonic() - silent_from
+    assert (lost.kind, lost.peer.name) == (PeerEventKind.LOST, "b")
+    assert a.peers()[0].state is PeerState.LOST
+    # heard at most one interval (plus scheduling) before the cut; lost 0.4 s after that
+    assert 0.4 - 0.05 - 0.05 <= took <= 0.4 + 0.2, took
+
+
+async def test_heartbeat_carries_the_new_interest_version(make_node) -> None:
+    """After a subscription the cached heartbeat is rebuilt: peers can notice a lost hello."""
+    a = await make_node("a", mdns=False)
+    b = await make_node("b", mdns=False, peers=a.endpoints["ctl"])
+    await a.wait_for_peers(1, timeout=5)
+    await b.wait_for_peers(1, timeout=5)
+
+    def beat_version() -> int:
+        frame = a._membership._heartbeat
+        if frame is None:
+            return -1
+        beat = wire.decode_control(bytes(frame))
+        assert isinstance(beat, wire.Heartbeat)
+        return beat.subs_version
+
+    await aeventually(lambda: beat_version() >= 0)
+    before = beat_version()
+    await a.subscribe("liveness.x")
+    await aeventually(lambda: beat_version() > before)
+    assert beat_version() == a._interest_version
