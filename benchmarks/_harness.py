@@ -201,8 +201,32 @@ def ok(side_: dict[str, Any] | None) -> bool:
     return side_ is None or (side_["lost"] == 0 and not side_["error"] and not side_["corrupt"])
 
 
+def add_loop_flag(parser: Any) -> None:
+    """--loop: the event loop of the zeromesh processes (`mesh.run`'s choice by default)."""
+    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                        help="event loop of the zeromesh processes: auto = uvloop when "
+                             "installed (what `mesh.run`, the CLI and Node use), asyncio = "
+                             "the standard loop (what a plain asyncio.run application has)")
+
+
+def apply_loop_flag(args: Any) -> str:
+    """Hand --loop to the child processes (through ``ZEROMESH_LOOP``); the loop in use."""
+    os.environ["ZEROMESH_LOOP"] = args.loop
+    from mesh._loop import loop_factory
+
+    return "uvloop" if loop_factory().__module__.startswith("uvloop") else "asyncio"
+
+
+def mesh_run(main: Any) -> Any:
+    """Run a zeromesh process's coroutine on the loop --loop chose."""
+    from mesh import run
+
+    return run(main)
+
+
 def add_run_flags(parser: Any, *, quick: str = "a small run (smoke test)") -> None:
-    """The flags every benchmark here takes: --quick, --timeout, --repeat, --json."""
+    """The flags every benchmark here takes: --quick, --timeout, --repeat, --json, --loop."""
+    add_loop_flag(parser)
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--timeout", type=float, default=120.0, help="hard limit per phase, s")
     parser.add_argument("--repeat", type=int, default=None,

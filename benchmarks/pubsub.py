@@ -137,7 +137,7 @@ def raw_subscriber(size: int, count: int, ports: tuple[int, int], link: Link) ->
 def mesh_subscriber(size: int, count: int, mesh_name: str, link: Link,
                     opts: dict[str, Any] | None = None) -> None:
     """`opts`: extra `AsyncNode` settings, overriding the ones below."""
-    asyncio.run(_mesh_subscriber(size, count, mesh_name, link, opts or {}))
+    h.mesh_run(_mesh_subscriber(size, count, mesh_name, link, opts or {}))
 
 
 async def _mesh_subscriber(size: int, count: int, mesh_name: str, link: Link,
@@ -179,7 +179,7 @@ async def _mesh_subscriber(size: int, count: int, mesh_name: str, link: Link,
 def mesh_publisher(size: int, count: int, mesh_name: str, peer: str, link: Link,
                    opts: dict[str, Any] | None = None) -> None:
     """`opts`: extra `AsyncNode` settings, overriding the ones below."""
-    asyncio.run(_mesh_publisher(size, count, mesh_name, peer, link, opts or {}))
+    h.mesh_run(_mesh_publisher(size, count, mesh_name, peer, link, opts or {}))
 
 
 async def _mesh_publisher(size: int, count: int, mesh_name: str, peer: str,
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_run_flags(parser, quick=f"{QUICK_COUNT} messages per size")
     args = parser.parse_args(argv)
     h.check_run_flags(parser, args)
+    loop = h.apply_loop_flag(args)
 
     rows = []
     for size in args.sizes:
@@ -267,11 +268,12 @@ def main(argv: list[str] | None = None) -> int:
             zm = h.median_of(partial(run_mesh, size, count, args.timeout), repeat, count)
         rows.append(_row(size, count, raw, zm))
     if args.json:
-        print(json.dumps({"benchmark": "pubsub", "transport": f"tcp://{LOOPBACK}",
+        print(json.dumps({"benchmark": "pubsub", "transport": f"tcp://{LOOPBACK}", "loop": loop,
                           "raw_framing": "single frame send(payload)",
                           "repeat": args.repeat or (1 if args.quick else 3), "statistic": "median",
                           "python": sys.version.split()[0], "results": rows}, indent=2))
     else:
+        print(f"zeromesh event loop: {loop}")
         _print_table(rows)
     return 0 if all(h.ok(r[s]) for r in rows for s in ("raw", "zeromesh")) else 1
 

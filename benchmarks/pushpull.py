@@ -135,7 +135,7 @@ def raw_pusher(size: int, count: int, ports: tuple[int, int], link: Link) -> Non
 
 def mesh_worker(size: int, count: int, mesh_name: str, prefetch: int | None,
                 link: Link) -> None:
-    asyncio.run(_mesh_worker(size, count, mesh_name, prefetch, link))
+    h.mesh_run(_mesh_worker(size, count, mesh_name, prefetch, link))
 
 
 async def _mesh_worker(size: int, count: int, mesh_name: str, prefetch: int | None,
@@ -174,7 +174,7 @@ async def _mesh_worker(size: int, count: int, mesh_name: str, prefetch: int | No
 
 
 def mesh_pusher(size: int, count: int, mesh_name: str, peer: str, link: Link) -> None:
-    asyncio.run(_mesh_pusher(size, count, mesh_name, peer, link))
+    h.mesh_run(_mesh_pusher(size, count, mesh_name, peer, link))
 
 
 async def _mesh_pusher(size: int, count: int, mesh_name: str, peer: str, link: Link) -> None:
@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_run_flags(parser, quick=f"{QUICK_COUNT} messages")
     args = parser.parse_args(argv)
     h.check_run_flags(parser, args)
+    loop = h.apply_loop_flag(args)
     if args.size < 1:
         parser.error("--size must be at least 1")
 
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                               repeat, count)
             rows.append(_row("zeromesh", prefetch, count, res, raw))
     if args.json:
-        print(json.dumps({"benchmark": "pushpull", "transport": f"tcp://{LOOPBACK}",
+        print(json.dumps({"benchmark": "pushpull", "transport": f"tcp://{LOOPBACK}", "loop": loop,
                           "size": args.size, "count": count,
                           "raw_framing": "single frame send(payload)",
                           "repeat": repeat, "statistic": "median",

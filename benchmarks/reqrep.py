@@ -44,6 +44,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+import _harness as h
+
 LOOPBACK: Final[str] = "127.0.0.1"
 SIZE: Final[int] = 64
 IN_FLIGHT: Final[int] = 64
@@ -165,7 +167,7 @@ def raw_client(port: int, n_lat: int, n_tput: int, out: mp.Queue[Any], done: Any
 def mesh_server(mesh_name: str, ports: mp.Queue[Any], done: Any, deadline: float,
                 opts: dict[str, Any] | None = None) -> None:
     """`opts`: extra `AsyncNode` settings, overriding the ones below."""
-    asyncio.run(_mesh_server(mesh_name, ports, done, deadline, opts or {}))
+    h.mesh_run(_mesh_server(mesh_name, ports, done, deadline, opts or {}))
 
 
 async def _mesh_server(mesh_name: str, ports: mp.Queue[Any], done: Any,
@@ -188,7 +190,7 @@ def mesh_client(mesh_name: str, peer: str, n_lat: int, n_tput: int, out: mp.Queu
     """`opts`: extra `AsyncNode` settings, overriding the ones below."""
     res = Result()
     try:
-        asyncio.run(_mesh_client(mesh_name, peer, n_lat, n_tput, res, deadline, opts or {}))
+        h.mesh_run(_mesh_client(mesh_name, peer, n_lat, n_tput, res, deadline, opts or {}))
     except Exception as exc:
         res.error = f"zeromesh client: {exc!r}"
     finally:
@@ -291,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small run (a smoke test)")
     parser.add_argument("--timeout", type=float, default=120.0, help="hard limit per side, s")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    h.add_loop_flag(parser)
     args = parser.parse_args(argv)
+    loop = h.apply_loop_flag(args)
     n_lat = args.latency_count or (QUICK_LATENCY_COUNT if args.quick else DEFAULT_LATENCY_COUNT)
     n_tput = args.throughput_count or (QUICK_THROUGHPUT_COUNT if args.quick
                                        else DEFAULT_THROUGHPUT_COUNT)
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
               "requests_per_s": _ratio(zm.requests_per_s, raw.requests_per_s)}
     ok = all(not r.error and not r.wrong for r in (raw, zm))
     if args.json:
-        print(json.dumps({"benchmark": "reqrep", "transport": f"tcp://{LOOPBACK}",
+        print(json.dumps({"benchmark": "reqrep", "transport": f"tcp://{LOOPBACK}", "loop": loop,
                           "payload": SIZE, "in_flight": IN_FLIGHT,
                           "python": sys.version.split()[0],
                           "raw": asdict(raw), "zeromesh": asdict(zm), "ratios": ratios},
@@ -314,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             return "-" if v is None else f"{v:.2f}"
 
         head = f"{'':<22}{'raw pyzmq':>14}{'zeromesh':>14}{'zm/raw':>9}"
+        print(f"zeromesh event loop: {loop}")
         print(head)
         print("-" * len(head))
         print(f"{'p50 latency (us)':<22}{raw.p50_us:>14.1f}{zm.p50_us:>14.1f}"

@@ -104,7 +104,7 @@ class SpoolResult(Result):
 
 def durable_subscriber(policy: str, count: int, mesh_name: str, data_dir: str,
                        link: Link) -> None:
-    asyncio.run(_durable_subscriber(policy, count, mesh_name, data_dir, link))
+    h.mesh_run(_durable_subscriber(policy, count, mesh_name, data_dir, link))
 
 
 async def _durable_subscriber(policy: str, count: int, mesh_name: str, data_dir: str,
@@ -164,7 +164,7 @@ async def _durable_subscriber(policy: str, count: int, mesh_name: str, data_dir:
 
 def reliable_publisher(policy: str, count: int, window: int, mesh_name: str, data_dir: str,
                        peer: tuple[str, str], link: Link) -> None:
-    asyncio.run(_reliable_publisher(policy, count, window, mesh_name, data_dir, peer, link))
+    h.mesh_run(_reliable_publisher(policy, count, window, mesh_name, data_dir, peer, link))
 
 
 async def _reliable_publisher(policy: str, count: int, window: int, mesh_name: str,
@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int,
                         help="messages per policy (default 200k; 20k for always)")
+    h.add_loop_flag(parser)
     parser.add_argument("--policies", type=_policies, default=list(POLICIES),
                         help="comma-separated fsync policies (default batch,always,off)")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
@@ -382,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=180.0, help="hard limit per policy, s")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args(argv)
+    loop = h.apply_loop_flag(args)
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
     if args.window < 1:
@@ -396,11 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(_row(policy, count, args.window,
                          run_mesh(policy, count, args.window, args.timeout)))
     if args.json:
-        print(json.dumps({"benchmark": "spool", "transport": f"tcp://{LOOPBACK}",
+        print(json.dumps({"benchmark": "spool", "transport": f"tcp://{LOOPBACK}", "loop": loop,
                           "size": SIZE, "target_batch_e2e_msgs_per_s": TARGET,
                           "python": sys.version.split()[0], "cpus": os.cpu_count(),
                           "results": rows, "floor": floor}, indent=2))
     else:
+        print(f"zeromesh event loop: {loop}")
         _print_report(rows, floor)
     return 0 if all(_ok(r) for r in rows) else 1
 

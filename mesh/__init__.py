@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._config import NodeConfig
 from ._events import PeerEvents
+from ._loop import run
 from ._message import Headers, Message
 from ._node import AsyncNode
 from ._peers import Peer, PeerEvent, PeerEventKind, PeerState
@@ -59,6 +60,7 @@ __all__ = [
     "SyncPull",
     "SyncSubscription",
     "__version__",
+    "run",
 ]
 
 for _name in __all__:

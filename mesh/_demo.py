@@ -18,6 +18,7 @@ import tempfile
 import time
 from typing import Final
 
+from . import _loop
 from ._node import AsyncNode
 from ._peers import PeerEvent, PeerEventKind
 
@@ -133,7 +134,7 @@ def run(interface: str) -> int:
     with tempfile.TemporaryDirectory(prefix="zeromesh-demo-") as tmp:
         demo = _Demo(interface, tmp)
         try:
-            return asyncio.run(_run(demo))
+            return _loop.run(_run(demo))
         except TimeoutError:
             print("zeromesh demo: a step timed out", file=sys.stderr)
             return 1

@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
+from . import _loop
 from ._config import NodeConfig
 from ._message import Message
 from ._node import AsyncNode
@@ -82,7 +83,7 @@ class Node:
         """
         if self._thread is not None:
             return
-        loop = self._loop = asyncio.new_event_loop()
+        loop = self._loop = _loop.new_event_loop()
         self._thread = threading.Thread(target=loop.run_forever, name="zeromesh-loop",
                                         daemon=True)
         self._thread.start()

@@ -8,7 +8,6 @@ the only module that configures logging.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from typing import NoReturn
 
 from patterns import KeyFileError, generate_keypair
 
-from . import _commands, _demo, _spool_cli
+from . import _commands, _demo, _loop, _spool_cli
 from .errors import ConfigError, MeshError
 
 EXIT_OK = 0
@@ -224,8 +223,8 @@ def _spool(args: argparse.Namespace) -> int:
     if args.action == "show":
         return _spool_cli.show(args)
     if args.action == "purge":
-        return asyncio.run(_spool_cli.purge(args))
-    code: int = asyncio.run(_spool_cli.replay(args, _commands.node_for(args)))
+        return _loop.run(_spool_cli.purge(args))
+    code: int = _loop.run(_spool_cli.replay(args, _commands.node_for(args)))
     return code
 
 
@@ -277,9 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench.run(args)
         if args.command == "agent":  # imported here: the HTTP stack costs ~0.4 s to load
             from ._agent import _cli as agent_cli
-            return asyncio.run(agent_cli.run(args))
+            return _loop.run(agent_cli.run(args))
         handler = _commands.HANDLERS[args.command]
-        code: int = asyncio.run(handler(args))
+        code: int = _loop.run(handler(args))
         return code
     except ConfigError as exc:
         print(f"zeromesh {args.command}: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ from typing import Any, Final
 
 from patterns import load_secret
 
+from .. import _loop
 from .._commands import node_for, stop_on_signals
 from .._node import AsyncNode
 from ..errors import ConfigError, RequestTimeout
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     """Exit status per DESIGN: 0 done, 1 timeout or nothing received (2 is a ConfigError)."""
     plan = _plan(args)
     try:
-        return asyncio.run(_main(args, plan))
+        return _loop.run(_main(args, plan))
     except BenchFailed as exc:
         print(f"zeromesh bench: {exc}", file=sys.stderr)
         return 1
