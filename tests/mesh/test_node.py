@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -134,10 +135,14 @@ def test_drops_at_the_high_water_mark_are_counted() -> None:
         pub.wait_for_subscribers("flood", 1, timeout=5)
         stall = sub_node._loop
         assert stall is not None
-        stall.call_soon_threadsafe(time.sleep, 0.5)  # the receiving node stops reading
+        release = threading.Event()
+        stall.call_soon_threadsafe(release.wait, 20)  # the receiving node stops reading...
         n = 5_000
-        for i in range(n):
-            pub.publish("flood", str(i))
+        try:
+            for i in range(n):
+                pub.publish("flood", str(i))
+        finally:
+            release.set()  # ...until everything was published, however slow the machine
         first = sub.next(timeout=10)  # the stalled loop is reading again
         pub.publish("flood", "end")  # a later message on the topic reveals any tail gap
         got = 1
