@@ -89,15 +89,15 @@ def test_a_command_past_its_exec_timeout_is_killed_and_reported(procs, mesh_name
     assert time.monotonic() - started < 8
 
 
-def test_req_without_a_server_exits_1_long_before_its_timeout(mesh_name) -> None:
-    """No responders: exit 1, one line, after the short discovery grace rather than the
-    30 s --timeout (the bound leaves room for a loaded machine's start-up)."""
+def test_req_without_a_server_exits_1_within_its_timeout(mesh_name) -> None:
+    """No responders: exit 1, one line, once --timeout (which covers finding a server) has
+    passed, plus start-up (the bound leaves a loaded machine room for that)."""
     started = time.monotonic()
-    result = run(["req", "svc.nobody", "x", "--timeout", "30"], mesh=mesh_name, timeout=60)
+    result = run(["req", "svc.nobody", "x", "--timeout", "1"], mesh=mesh_name, timeout=60)
     took = time.monotonic() - started
     assert result.returncode == 1
     assert result.stderr.strip() == "zeromesh req: no responders for 'svc.nobody'"
-    assert took < 15, took
+    assert 1 <= took < 15, took
 
 
 def test_req_times_out_with_exit_1(procs, mesh_name) -> None:
