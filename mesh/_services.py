@@ -300,8 +300,11 @@ class Services:
                 self._router.reply(identity, frame)
 
     def _send_requests(self, link: _Link, requests: list[_wire.Request]) -> None:
-        for frame in _frames(requests, self._frame_budget):
-            link.send(frame)
+        try:
+            for frame in _frames(requests, self._frame_budget):
+                link.send(frame)
+        except SocketClosed:  # the link was dropped meanwhile: its requests go elsewhere
+            self._fail_over(link, "connection to the server closed")
 
     # -- requesting -------------------------------------------------------------
 
@@ -395,9 +398,9 @@ class Services:
         link.outstanding.add(cid)
         link.last_used = use
         self._deadlines.add(cid, fut, loop.time() + share)  # not asyncio.timeout(): hot path
-        self._requests.add(link, _wire.Request(cid, service, self._node_id, self._name,
-                                               time.time(), headers, payload))
         try:
+            self._requests.add(link, _wire.Request(cid, service, self._node_id, self._name,
+                                                   time.time(), headers, payload))
             reply = await fut
         except TimeoutError:
             raise RequestTimeout(f"request to {service!r} at {link.peer.name}", share) from None
