@@ -129,8 +129,10 @@ class _Link:
         if self.blocked or not self.dealer.try_send(frame):
             self.blocked.append(frame)
             if len(self.blocked) == 1:
-                self.tasks.append(asyncio.get_running_loop().create_task(
-                    self._send_blocked(), name="zeromesh-service-send"))
+                task = asyncio.get_running_loop().create_task(self._send_blocked(),
+                                                              name="zeromesh-service-send")
+                self.tasks.append(task)
+                task.add_done_callback(self.tasks.remove)  # a link may block many times
 
     async def _send_blocked(self) -> None:
         """The server's queue is full: wait for room rather than drop (requests time out)."""

@@ -14,7 +14,7 @@ from typing import Final
 import zmq
 
 from ._socket import Context, Socket
-from .errors import SocketClosed, WouldBlock
+from .errors import WouldBlock
 
 _OUTBOX_HWM: Final[int] = 64
 _INBOX_HWM: Final[int] = 10_000
@@ -41,14 +41,7 @@ class Inbox:
         asyncio poller: an idle node wakes for each batch of heartbeats, and the
         poller's futures and callbacks were most of what such a wake cost.
         """
-        def drain() -> None:
-            try:
-                batch = self._sock.recv_nowait()
-            except SocketClosed:
-                return
-            on_messages([frames[1:] for frames in batch])
-
-        self._sock.watch(drain)
+        self._sock.deliver(lambda batch: on_messages([frames[1:] for frames in batch]))
 
     def stop(self) -> None:
         """Stop handing over messages (on the loop); the socket stays open."""

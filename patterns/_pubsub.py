@@ -27,8 +27,6 @@ from ._socket import Context
 MARKER_PREFIX: Final[bytes] = b"\xff"
 DEFAULT_PUB_HWM: Final[int] = 10_000
 DEFAULT_SUB_HWM: Final[int] = 10_000
-_DRAIN_LIMIT: Final[int] = 256
-"""Frames taken per readiness callback before other work on the loop gets a turn."""
 
 
 class Publisher:
@@ -115,10 +113,7 @@ class Subscriber:
         copy of the frame): with 256 KiB batches the copy cost the subscriber as
         much as decoding.
         """
-        def drain() -> None:
-            on_frames(self._sock.recv_views_nowait(_DRAIN_LIMIT))
-
-        self._sock.watch(drain)
+        self._sock.deliver_views(on_frames)
 
     def close(self) -> None:
         self._sock.close()

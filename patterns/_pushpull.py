@@ -10,14 +10,10 @@ mesh's credit window, not the high-water mark, bounds what is in flight.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
 
 import zmq
 
 from ._socket import Context
-
-_DRAIN_LIMIT: Final[int] = 256
-"""Frames taken per readiness callback before other work on the loop gets a turn."""
 
 
 class Puller:
@@ -25,7 +21,6 @@ class Puller:
 
     def __init__(self, ctx: Context, *, max_message_size: int) -> None:
         self._sock = ctx.socket(zmq.PULL, rcvhwm=0, max_message_size=max_message_size)
-        self._on_frames: Callable[[list[list[memoryview]]], None] = lambda frames: None
         self.endpoints: list[str] = []
 
     def bind(self, host: str, port: int = 0) -> str:
@@ -39,11 +34,7 @@ class Puller:
         A callback on the socket's FD (`Socket.watch`), not a task awaiting
         pyzmq's asyncio poll: that path cost the worker about a fifth of its CPU.
         """
-        self._on_frames = on_frames
-        self._sock.watch(self._drain)
-
-    def _drain(self) -> None:
-        self._on_frames(self._sock.recv_views_nowait(_DRAIN_LIMIT))
+        self._sock.deliver_views(on_frames)
 
     def stop(self) -> None:
         """Receive nothing more (what is queued stays with the pusher's credit accounting)."""

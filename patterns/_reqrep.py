@@ -49,7 +49,7 @@ class ServiceRouter:
                  max_message_size: int | None = None) -> None:
         kw = {} if max_message_size is None else {"max_message_size": max_message_size}
         self._sock = ctx.socket(zmq.ROUTER, sndhwm=0, rcvhwm=hwm, **kw)
-        self._on_requests = on_requests
+        self._on_requests = on_requests  # handed over from `start`, not before
         self.endpoints: list[str] = []
 
     def bind(self, host: str, port: int = 0) -> str:
@@ -59,10 +59,7 @@ class ServiceRouter:
 
     def start(self) -> None:
         """Begin delivering requests (on the running loop)."""
-        self._sock.watch(self._drain)
-
-    def _drain(self) -> None:
-        self._on_requests(self._sock.recv_nowait())
+        self._sock.deliver(self._on_requests)
 
     def reply(self, identity: bytes, frame: bytes | bytearray) -> None:
         """Queue a reply; dropped if the requester is gone (it retries or times out)."""
@@ -84,14 +81,10 @@ class ServiceDealer:
         kw = {} if max_message_size is None else {"max_message_size": max_message_size}
         self.endpoint = endpoint
         self._sock = ctx.socket(zmq.DEALER, sndhwm=hwm, rcvhwm=0, **kw)
-        self._on_replies = on_replies
         self._monitor = self._sock.monitor(zmq.EVENT_HANDSHAKE_SUCCEEDED
                                            | zmq.EVENT_DISCONNECTED)
         self._sock.connect(endpoint)
-        self._sock.watch(self._drain)
-
-    def _drain(self) -> None:
-        self._on_replies(self._sock.recv_nowait())
+        self._sock.deliver(on_replies)
 
     def try_send(self, frame: bytes | bytearray) -> bool:
         """Queue one request frame; False when the server's queue is full."""

@@ -36,6 +36,8 @@ _HEARTBEAT_TIMEOUT_MS: Final[int] = 3000
 _RECONNECT_IVL_MS: Final[int] = 100
 _RECONNECT_IVL_MAX_MS: Final[int] = 1000
 _DISPATCH_ROUNDS: Final[int] = 8
+_DRAIN_LIMIT: Final[int] = 256
+"""Messages taken per readiness callback before other work on the loop gets a turn."""
 # Plain ints: pyzmq's enum flags cost microseconds per operation on the hot path.
 _EVENTS: Final[int] = int(zmq.EVENTS)
 _POLLIN: Final[int] = int(zmq.POLLIN)
@@ -130,6 +132,28 @@ class Socket:
         loop.add_reader(fd, self._check_events)
         if on_readable is not None:
             loop.call_soon(self._check_events)
+
+    def deliver(self, on_messages: Callable[[list[list[bytes]]], None],
+                limit: int = _DRAIN_LIMIT) -> None:
+        """Hand every batch of waiting messages (up to `limit` at a time) to
+        `on_messages`, on the running loop, as soon as they arrive (`watch`)."""
+        self._deliver(self.recv_nowait, on_messages, limit)
+
+    def deliver_views(self, on_messages: Callable[[list[list[memoryview]]], None],
+                      limit: int = _DRAIN_LIMIT) -> None:
+        """`deliver` with views of ZeroMQ's buffers (`recv_views_nowait`)."""
+        self._deliver(self.recv_views_nowait, on_messages, limit)
+
+    def _deliver(self, take: Callable[[int], list[_M]], on_messages: Callable[[list[_M]], None],
+                 limit: int) -> None:
+        def drain() -> None:
+            try:
+                batch = take(limit)
+            except SocketClosed:  # closed by another callback of this loop iteration
+                return
+            on_messages(batch)
+
+        self.watch(drain)
 
     def unwatch(self) -> None:
         """Stop calling the `watch` callback (on the loop); the socket stays open."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -36,15 +37,25 @@ async def test_each_future_fails_at_its_own_deadline_and_discarded_ones_never() 
 
 
 async def test_an_answered_future_is_not_touched_and_close_stops_the_timer() -> None:
-    """A future already resolved keeps its result; after close nothing fires."""
+    """A future already resolved keeps its result when its deadline passes; after close,
+    a later deadline passes without failing its future."""
     loop = asyncio.get_running_loop()
     deadlines = Deadlines()
-    done, later = loop.create_future(), loop.create_future()
-    deadlines.add(1, done, loop.time() + 0.05)
-    deadlines.add(2, later, loop.time() + 0.10)
+    done, later, probe = loop.create_future(), loop.create_future(), loop.create_future()
+    start = loop.time()
+    deadlines.add(1, done, start + 0.05)
+    deadlines.add(2, probe, start + 0.06)  # fails just after 1's deadline has been handled
     done.set_result("reply")
-    await asyncio.sleep(0.08)
+    async with asyncio.timeout(5):
+        with contextlib.suppress(TimeoutError):
+            await probe
+    assert isinstance(probe.exception(), TimeoutError)
     assert done.result() == "reply"
+    due = loop.time() + 0.05
+    deadlines.add(3, later, due)
     deadlines.close()
-    await asyncio.sleep(0.1)
+    passed = loop.create_future()
+    loop.call_at(due + 0.05, passed.set_result, None)  # the loop's own timer, past 3's deadline
+    async with asyncio.timeout(5):
+        await passed
     assert not later.done()

@@ -20,6 +20,7 @@ from mesh import (
     RemoteError,
     RequestTimeout,
 )
+from mesh import _wire as wire
 from tests.helpers import aeventually
 
 from ._proc import Cli
@@ -94,6 +95,47 @@ async def test_concurrent_requests_share_frames_within_the_size_limit(make_node)
     assert [r.data for r in replies] == [b"%d:%s" % (len(b), b[:4]) for b in bodies]
     assert server.stats["requests_served"] == 120
     assert "service" not in server.dropped_input, server.dropped_input
+
+
+async def test_requests_made_together_leave_together_and_replies_come_back_together(
+        make_node) -> None:
+    """Requester side: 200 requests made in one loop iteration leave as a handful of frames
+    (the first at once, the rest together), all answered. Server side: one frame holding 3
+    requests from a raw DEALER is answered by one frame holding the 3 replies, in order."""
+    client = await make_node("client")
+    server = await make_node("s0")
+    await server.serve("svc.up", lambda m: m.data.upper())
+    await client.wait_for_service("svc.up", timeout=5)
+    await client.request("svc.up", b"warm")  # the link to the server exists from here on
+    [link] = client._services._links.values()
+    frames = 0
+    real_send = link.dealer.try_send
+
+    def counting_send(frame):  # observes the real send, which still happens
+        nonlocal frames
+        frames += 1
+        return real_send(frame)
+
+    link.dealer.try_send = counting_send
+    async with asyncio.timeout(20):
+        replies = await asyncio.gather(*(client.request("svc.up", b"r%d" % i, timeout=15)
+                                         for i in range(200)))
+    assert [r.data for r in replies] == [b"R%d" % i for i in range(200)]
+    assert 2 <= frames <= 10, frames
+
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(server.endpoints["rtr"][0])
+        requests = [wire.Request(i, "svc.up", "ab" * 16, "raw", 0.0, None, b"x%d" % i)
+                    for i in range(3)]
+        dealer.send(bytes(wire.encode_service(requests)))
+        assert await asyncio.to_thread(dealer.poll, 5000), "no reply frame"
+        answered = wire.decode_service(dealer.recv(), 10**6)
+    finally:
+        dealer.close()
+    assert [(r.id, r.payload) for r in answered] == [(0, b"X0"), (1, b"X1"), (2, b"X2")]
 
 
 async def test_sequential_requests_alternate_between_servers(make_node) -> None:
