@@ -92,6 +92,11 @@ class _Runs:
         starts[lo:hi] = [start]
         ends[lo:hi] = [end]
 
+    def add_flat(self, flat: list[int]) -> None:
+        """Add flattened runs (``start, end, start, end...``; an odd last one is ignored)."""
+        for i in range(0, len(flat) - 1, 2):
+            self.add_run(flat[i], flat[i + 1])
+
     def trim(self, window: int) -> None:
         if len(self.starts) > window:
             del self.starts[:-window], self.ends[:-window]
@@ -120,8 +125,7 @@ class Dedup:
             runs = self._runs(marks.sender)
             for seq in marks.seqs:
                 runs.add_run(seq, seq + 1)
-            for i in range(0, len(marks.runs) - 1, 2):
-                runs.add_run(marks.runs[i], marks.runs[i + 1])
+            runs.add_flat(marks.runs)
             runs.trim(self._window)
         if payloads:
             self._store.rewrite_meta([
@@ -144,9 +148,7 @@ class Dedup:
         """These sequences of `sender` were processed (persisted with the next `save`)."""
         runs = self._runs(sender)
         seqs = list(seqs)
-        flat = runs_of(seqs)
-        for i in range(0, len(flat), 2):
-            runs.add_run(flat[i], flat[i + 1])
+        runs.add_flat(runs_of(seqs))
         runs.trim(self._window)
         if self._store is not None:
             self._unsaved.setdefault(sender, []).extend(seqs)
