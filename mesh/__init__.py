@@ -7,14 +7,14 @@ method names.
 from importlib.metadata import PackageNotFoundError, version
 
 from ._config import NodeConfig
-from ._events import PeerEvents
 from ._loop import run
+from ._membership._events import PeerEvents
+from ._membership._peers import Peer, PeerEvent, PeerEventKind, PeerState
 from ._message import Headers, Message
 from ._node import AsyncNode
-from ._peers import Peer, PeerEvent, PeerEventKind, PeerState
-from ._subscription import Subscription
+from ._pubsub._subscription import Subscription
 from ._sync import Node, SyncPeerEvents, SyncPull, SyncSubscription
-from ._worker import Pull
+from ._work._worker import Pull
 from .errors import (
     ClosedError,
     ConfigError,

@@ -1,5 +1,5 @@
 """`python -m mesh` is the `zeromesh` command."""
 
-from .cli import main
+from .cli._main import main
 
 raise SystemExit(main())

@@ -25,18 +25,18 @@ from patterns import Context, Curve, KeyFileError, load_allowlist, load_secret
 
 from . import _wire
 from ._config import NodeConfig
-from ._durable import KnownDurables
-from ._events import PeerEvents
-from ._identity import load_or_create_id
-from ._locking import DataDirLock
-from ._membership import Membership
-from ._peers import Peer, PeerEvent, PeerEventKind, PeerRecord, PeerState
-from ._pubsub import CACHE_LIMIT, PubSub
-from ._quiet import QuietLog
-from ._reliable import Outbox, open_spools
-from ._services import Services
-from ._tally import Traffic
-from ._workqueue import WorkQueues
+from ._membership._control import Membership
+from ._membership._events import PeerEvents
+from ._membership._identity import load_or_create_id
+from ._membership._peers import Peer, PeerEvent, PeerEventKind, PeerRecord, PeerState
+from ._pubsub._engine import CACHE_LIMIT, PubSub
+from ._reliable._durables import KnownDurables
+from ._reliable._outbox import Outbox, open_spools
+from ._services._services import Services
+from ._spool._lock import DataDirLock
+from ._support._quiet import QuietLog
+from ._support._tally import Traffic
+from ._work._queues import WorkQueues
 from .errors import ClosedError, ConfigError, RequestTimeout
 
 _log = logging.getLogger("mesh.node")

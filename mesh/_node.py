@@ -12,14 +12,14 @@ from typing import Any
 
 from . import _wire
 from ._core import NodeCore
-from ._durable import durable_queue
 from ._message import Message
-from ._pubsub import checked_topic_key, parse_pattern
-from ._service import DEFAULT_CONCURRENCY, Service, ServiceHandler
-from ._services import Services
-from ._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
-from ._worker import Handler, Pull
-from ._workqueue import DEFAULT_PREFETCH, Sent, checked_queue_key
+from ._pubsub._engine import checked_topic_key, parse_pattern
+from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
+from ._reliable._durables import durable_queue
+from ._services._server import DEFAULT_CONCURRENCY, Service, ServiceHandler
+from ._services._services import Services
+from ._work._queues import DEFAULT_PREFETCH, Sent, checked_queue_key
+from ._work._worker import Handler, Pull
 from .errors import ClosedError, ConfigError
 
 

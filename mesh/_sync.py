@@ -19,20 +19,20 @@ from typing import Any, Final, Self, TypeVar
 
 from . import _loop
 from ._config import NodeConfig
+from ._membership._peers import Peer, PeerEvent
 from ._message import Message
 from ._node import AsyncNode
-from ._peers import Peer, PeerEvent
-from ._pubsub import checked_topic_key
-from ._service import (
+from ._pubsub._engine import checked_topic_key
+from ._pubsub._subscription import Subscription
+from ._services._server import (
     SYNC_SERVE_CONCURRENCY,
     ReplyBody,
     ServiceHandler,
     SyncService,
     is_async_handler,
 )
-from ._subscription import Subscription
-from ._worker import Pull
-from ._workqueue import DEFAULT_PREFETCH
+from ._work._queues import DEFAULT_PREFETCH
+from ._work._worker import Pull
 from .errors import ClosedError, MessageTooLarge
 
 T = TypeVar("T")

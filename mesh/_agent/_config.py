@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import msgspec
 
 from .._config import NodeConfig, convert, env_values
-from .._pubsub import parse_pattern
-from .._workqueue import checked_queue_key
+from .._pubsub._engine import parse_pattern
+from .._work._queues import checked_queue_key
 from ..errors import ConfigError
 
 DEFAULT_HTTP: Final[str] = "127.0.0.1:7474"

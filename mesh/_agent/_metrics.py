@@ -21,8 +21,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .._membership._peers import PeerState
 from .._node import AsyncNode
-from .._peers import PeerState
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double the output and nobody graphs them
 

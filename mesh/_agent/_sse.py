@@ -22,8 +22,8 @@ from aiohttp import web
 
 from .._message import Message
 from .._node import AsyncNode
-from .._subscription import Subscription
-from .._worker import Pull
+from .._pubsub._subscription import Subscription
+from .._work._worker import Pull
 from ..errors import ClosedError
 from . import _http
 from ._metrics import AgentMetrics

@@ -26,9 +26,9 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from .._durable import durable_queue
 from .._message import Message
 from .._node import AsyncNode
+from .._reliable._durables import durable_queue
 from ..errors import ClosedError, MeshError
 from ._config import Webhook
 from ._headers import for_delivery

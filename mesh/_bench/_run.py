@@ -26,8 +26,8 @@ from typing import Any, Final
 from patterns import load_secret
 
 from .. import _loop
-from .._commands import node_for, stop_on_signals
 from .._node import AsyncNode
+from ..cli._commands import node_for, stop_on_signals
 from ..errors import ConfigError, RequestTimeout
 from . import _report
 from ._roles import HEADER, RECEIVERS, ROLES, Plan

@@ -1,4 +1,4 @@
-"""Coalescing sends per destination (`mesh._coalesce`), on a real event loop."""
+"""Coalescing sends per destination (`mesh._services._coalesce`), on a real event loop."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from mesh._coalesce import Coalescer
+from mesh._services._coalesce import Coalescer
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -1,4 +1,4 @@
-"""One timer for many request deadlines (`mesh._deadlines`), on a real event loop."""
+"""One timer for many request deadlines (`mesh._services._deadlines`), on a real event loop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from mesh._deadlines import Deadlines
+from mesh._services._deadlines import Deadlines
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from mesh._dedup import Dedup, runs_of
+from mesh._reliable._dedup import Dedup, runs_of
 from mesh._spool import RecordKind, SpoolStore, _store
 from tests.helpers import aeventually
 

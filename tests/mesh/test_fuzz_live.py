@@ -27,7 +27,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from mesh import AsyncNode
 from mesh import _wire as wire
-from mesh._pubsub import MAX_SUBSCRIPTION
+from mesh._pubsub._engine import MAX_SUBSCRIPTION
 
 from . import _zmtp
 from ._agent import start_agent

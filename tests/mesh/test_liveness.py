@@ -8,9 +8,9 @@ import time
 import pytest
 
 from mesh import PeerEventKind, PeerState
-from mesh import _membership as membership
 from mesh import _wire as wire
-from mesh._peers import PeerTable
+from mesh._membership import _control as membership
+from mesh._membership._peers import PeerTable
 from tests.helpers import aeventually
 
 

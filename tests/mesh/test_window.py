@@ -1,8 +1,8 @@
-"""The adaptive credit window (`mesh._window`): pure sizing rules."""
+"""The adaptive credit window (`mesh._work._window`): pure sizing rules."""
 
 from __future__ import annotations
 
-from mesh._window import HORIZON, MIN_WINDOW, initial, next_window
+from mesh._work._window import HORIZON, MIN_WINDOW, initial, next_window
 
 
 def test_a_slow_worker_shrinks_by_half_per_step_down_to_the_floor() -> None:

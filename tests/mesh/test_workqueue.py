@@ -9,7 +9,7 @@ import time
 import pytest
 
 from mesh import Node, NoRespondersError, RequestTimeout
-from mesh._window import MIN_WINDOW
+from mesh._work._window import MIN_WINDOW
 from tests.helpers import aeventually
 
 from ._proc import Cli

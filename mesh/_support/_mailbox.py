@@ -11,7 +11,7 @@ import asyncio
 from collections import deque
 from typing import Generic, TypeVar
 
-from .errors import ClosedError
+from ..errors import ClosedError
 
 T = TypeVar("T")
 

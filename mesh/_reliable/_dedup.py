@@ -25,7 +25,7 @@ from typing import Final
 
 import msgspec
 
-from ._spool import RecordKind, SpoolStore
+from .._spool import RecordKind, SpoolStore
 
 WINDOW: Final[int] = 200_000
 """Runs of sequences remembered per sender."""

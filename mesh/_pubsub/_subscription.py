@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
-from ._mailbox import Mailbox
-from ._message import Message
-from .errors import ClosedError
+from .._message import Message
+from .._support._mailbox import Mailbox
+from ..errors import ClosedError
 
 if TYPE_CHECKING:
     from patterns import TopicPattern

@@ -18,9 +18,9 @@ import tempfile
 import time
 from typing import Final
 
-from . import _loop
-from ._node import AsyncNode
-from ._peers import PeerEvent, PeerEventKind
+from .. import _loop
+from .._membership._peers import PeerEvent, PeerEventKind
+from .._node import AsyncNode
 
 _STEP_TIMEOUT: Final[float] = 8.0
 

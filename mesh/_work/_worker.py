@@ -33,11 +33,12 @@ from typing import Final, Protocol
 
 from patterns import Context, Puller
 
-from . import _window, _wire
-from ._dedup import Dedup
-from ._message import Message
-from ._quiet import QuietLog
-from .errors import ClosedError, ProtocolError
+from .. import _wire
+from .._message import Message
+from .._reliable._dedup import Dedup
+from .._support._quiet import QuietLog
+from ..errors import ClosedError, ProtocolError
+from . import _window
 
 _log = logging.getLogger("mesh.workqueue")
 _CREDIT_RESEND_FOR: Final[float] = 3.0

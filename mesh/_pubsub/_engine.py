@@ -35,14 +35,14 @@ from patterns import (
     validate_topic,
 )
 
-from . import _wire
-from ._config import NodeConfig
-from ._message import Message
-from ._peers import PeerRecord
-from ._quiet import QuietLog
+from .. import _wire
+from .._config import NodeConfig
+from .._membership._peers import PeerRecord
+from .._message import Message
+from .._support._quiet import QuietLog
+from .._support._tally import Tally
+from ..errors import ConfigError, MessageTooLarge, ProtocolError
 from ._subscription import Callback, Subscription
-from ._tally import Tally
-from .errors import ConfigError, MessageTooLarge, ProtocolError
 
 _log = logging.getLogger("mesh.pubsub")
 _FLUSH_COUNT: Final[int] = 512

@@ -38,22 +38,16 @@ from typing import Final
 
 from patterns import Context, Pusher, SocketClosed
 
-from . import _wire
-from ._config import NodeConfig
-from ._dedup import Dedup
-from ._message import Message
-from ._peers import PeerRecord
-from ._pubsub import CACHE_LIMIT, WIRE_OVERHEAD, checked_topic_key
-from ._quiet import QuietLog
-from ._reliable import Outbox, Tracked
+from .. import _wire
+from .._config import NodeConfig
+from .._membership._peers import PeerRecord
+from .._message import Message
+from .._pubsub._engine import CACHE_LIMIT, WIRE_OVERHEAD, checked_topic_key
+from .._reliable._dedup import Dedup
+from .._reliable._outbox import Outbox, Tracked
+from .._support._quiet import QuietLog
+from ..errors import ClosedError, ConfigError, MessageTooLarge, NoRespondersError, RequestTimeout
 from ._worker import Handler, Pull, Workers
-from .errors import (
-    ClosedError,
-    ConfigError,
-    MessageTooLarge,
-    NoRespondersError,
-    RequestTimeout,
-)
 
 _log = logging.getLogger("mesh.workqueue")
 DEFAULT_PREFETCH: Final[int] = 8192

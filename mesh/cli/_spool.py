@@ -16,11 +16,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from . import _wire
-from ._locking import DataDirLock
-from ._node import AsyncNode
-from ._spool import SpoolStore
-from .errors import ConfigError, ProtocolError
+from .. import _wire
+from .._node import AsyncNode
+from .._spool import SpoolStore
+from .._spool._lock import DataDirLock
+from ..errors import ConfigError, ProtocolError
 
 _SPOOLS = ("out", "dead")
 

@@ -14,9 +14,9 @@ import sys
 
 import msgspec
 
-from .._commands import event_line, out, stop_on_signals
-from ._config import load
-from ._server import Agent
+from .._agent._config import load
+from .._agent._server import Agent
+from ._commands import event_line, out, stop_on_signals
 
 FLAGS = ("mesh", "name", "interfaces", "peers", "data_dir", "port", "mdns", "fsync", "http",
          "secret_key", "allow")

@@ -30,10 +30,10 @@ from patterns import (
     validate_topic,
 )
 
-from . import _wire
+from .. import _wire
+from .._support._quiet import QuietLog
+from ..errors import ProtocolError
 from ._peers import PeerEvent, PeerRecord, PeerTable
-from ._quiet import QuietLog
-from .errors import ProtocolError
 
 _log = logging.getLogger("mesh.node")
 _PENDING_LINK_TTL: Final[float] = 30.0

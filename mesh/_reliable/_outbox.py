@@ -32,11 +32,11 @@ from typing import Final
 
 import msgspec
 
-from . import _wire
-from ._config import NodeConfig
+from .. import _wire
+from .._config import NodeConfig
+from .._spool import FsyncPolicy, SpoolStore
+from ..errors import ClosedError, ConfigError, ProtocolError
 from ._dedup import Dedup
-from ._spool import FsyncPolicy, SpoolStore
-from .errors import ClosedError, ConfigError, ProtocolError
 
 _log = logging.getLogger("mesh.spool")
 _BACKOFF_CAP: Final[float] = 30.0

@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 from typing import Final
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _ID_FILE: Final[str] = "node_id"
 _ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ._mailbox import Mailbox
+from .._support._mailbox import Mailbox
+from ..errors import ClosedError
 from ._peers import PeerEvent
-from .errors import ClosedError
 
 
 class PeerEvents(Mailbox[PeerEvent]):

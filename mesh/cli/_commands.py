@@ -13,10 +13,10 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, Final
 
-from ._message import Message
-from ._node import AsyncNode
-from ._peers import PeerEvent
-from .errors import ConfigError, NoRespondersError, RequestTimeout
+from .._membership._peers import PeerEvent
+from .._message import Message
+from .._node import AsyncNode
+from ..errors import ConfigError, NoRespondersError, RequestTimeout
 
 _DISCOVERY_WINDOW: Final[float] = 0.25
 """How long `pub` without --wait-subscribers listens before publishing."""

@@ -15,8 +15,10 @@ from typing import NoReturn
 
 from patterns import KeyFileError, generate_keypair
 
-from . import _commands, _demo, _loop, _spool_cli
-from .errors import ConfigError, MeshError
+from .. import _loop
+from ..errors import ConfigError, MeshError
+from . import _commands, _demo
+from . import _spool as spool_commands
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -219,12 +221,12 @@ def _configure_logging(verbose: int) -> None:
 
 def _spool(args: argparse.Namespace) -> int:
     if args.action == "ls":
-        return _spool_cli.ls(args)
+        return spool_commands.ls(args)
     if args.action == "show":
-        return _spool_cli.show(args)
+        return spool_commands.show(args)
     if args.action == "purge":
-        return _loop.run(_spool_cli.purge(args))
-    code: int = _loop.run(_spool_cli.replay(args, _commands.node_for(args)))
+        return _loop.run(spool_commands.purge(args))
+    code: int = _loop.run(spool_commands.replay(args, _commands.node_for(args)))
     return code
 
 
@@ -272,10 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "keygen":
             return _keygen(args)
         if args.command == "bench":  # imported here: only bench needs it
-            from . import _bench
+            from .. import _bench
             return _bench.run(args)
         if args.command == "agent":  # imported here: the HTTP stack costs ~0.4 s to load
-            from ._agent import _cli as agent_cli
+            from . import _agent as agent_cli
             return _loop.run(agent_cli.run(args))
         handler = _commands.HANDLERS[args.command]
         code: int = _loop.run(handler(args))

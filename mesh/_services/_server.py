@@ -18,9 +18,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Self
 
-from . import _wire
-from ._message import Message
-from .errors import MessageTooLarge
+from .. import _wire
+from .._message import Message
+from ..errors import MessageTooLarge
 
 if TYPE_CHECKING:
     from ._services import Services

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 class DataDirLock:

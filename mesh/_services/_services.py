@@ -57,18 +57,12 @@ from patterns import (
     validate_topic,
 )
 
-from . import _wire
-from ._coalesce import Coalescer
-from ._config import NodeConfig
-from ._deadlines import Deadlines
-from ._message import Message
-from ._peers import PeerRecord, PeerState
-from ._quiet import QuietLog
-from ._service import (
-    Service,
-    ServiceHandler,
-)
-from .errors import (
+from .. import _wire
+from .._config import NodeConfig
+from .._membership._peers import PeerRecord, PeerState
+from .._message import Message
+from .._support._quiet import QuietLog
+from ..errors import (
     ClosedError,
     ConfigError,
     DeliveryError,
@@ -78,6 +72,9 @@ from .errors import (
     RemoteError,
     RequestTimeout,
 )
+from ._coalesce import Coalescer
+from ._deadlines import Deadlines
+from ._server import Service, ServiceHandler
 
 _log = logging.getLogger("mesh.services")
 

@@ -1,0 +1,3 @@
+"""Topic fan-out:
+batching publishes to every peer, dispatching received batches to subscriptions.
+"""

@@ -1,0 +1,3 @@
+"""Named services:
+serving requests with a handler, and making requests with timeouts and failover.
+"""
