@@ -16,6 +16,7 @@ from typing import NoReturn
 from patterns import KeyFileError, generate_keypair
 
 from .. import _loop
+from .._spool import FsyncPolicy
 from ..errors import ConfigError, MeshError
 from . import _commands, _demo
 from . import _spool as spool_commands
@@ -46,7 +47,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, help="control port (default: any free port)")
     g.add_argument("--no-mdns", dest="mdns", action="store_false", default=None,
                    help="do not announce or browse with mDNS (static peers only)")
-    g.add_argument("--fsync", choices=["always", "batch", "off"],
+    g.add_argument("--fsync", choices=[p.value for p in FsyncPolicy],
                    help="spool fsync policy (default batch: group commit)")
     g.add_argument("--secret-key", metavar="FILE",
                    help="CURVE secret key file from `zeromesh keygen`: encrypt and "

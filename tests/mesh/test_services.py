@@ -34,7 +34,7 @@ async def _servers(make_node, client, service, handlers):
         node = await make_node(f"s{i}")
         await node.serve(service, handler)
         nodes.append(node)
-    await aeventually(lambda: sum(service in p.services for p in client._membership.table.records()
+    await aeventually(lambda: sum(service in p.services for p in client._live().membership.table.records()
                                   if p.state.value == "alive") == len(handlers),
                       message=f"{len(handlers)} servers of {service} known")
     return nodes
@@ -107,7 +107,7 @@ async def test_requests_made_together_leave_together_and_replies_come_back_toget
     await server.serve("svc.up", lambda m: m.data.upper())
     await client.wait_for_service("svc.up", timeout=5)
     await client.request("svc.up", b"warm")  # the link to the server exists from here on
-    [link] = client._services._links.values()
+    [link] = client._live().requests._links.values()
     frames = 0
     real_send = link.dealer.try_send
 
@@ -282,7 +282,7 @@ async def test_a_server_that_stops_serving_fails_its_queued_requests_over_at_onc
     other = await make_node("other")
     await other.serve("svc.move", lambda m: b"other")
     await aeventually(lambda: sum("svc.move" in p.services
-                                  for p in client._membership.table.records()) == 2)
+                                  for p in client._live().membership.table.records()) == 2)
     closing = asyncio.create_task(handle.aclose())  # 1 running (blocked), 4 queued
     done, _ = await asyncio.wait(pending, timeout=1.5)  # their timeout is 10 s
     assert len(done) == 4, "the queued ones failed over at once"
@@ -380,7 +380,7 @@ async def test_requests_survive_a_server_process_sigkilled_mid_stream(mesh_name)
         async with AsyncNode(name="client", mesh=mesh_name, interfaces=["127.0.0.1"],
                              peers=ctls, mdns=False, **FAST) as client:
             await aeventually(lambda: sum("svc.fo" in p.services
-                                          for p in client._membership.table.records()) == 2,
+                                          for p in client._live().membership.table.records()) == 2,
                               timeout=10, message="both servers known")
             stop = asyncio.Event()
             durations: list[tuple[float, float]] = []  # (start, seconds)
@@ -439,7 +439,7 @@ async def test_service_hwm_is_a_setting_and_a_full_queue_waits_instead_of_droppi
         replies = await asyncio.gather(*(client.request("svc.tiny", f"r{i}", timeout=15)
                                          for i in range(300)))
     assert [r.data for r in replies] == [f"r{i}".encode()[::-1] for i in range(300)]
-    router = server._services._router._sock._sync
+    router = server._live().serving._router._sock._sync
     assert (router.getsockopt(zmq.RCVHWM), router.getsockopt(zmq.SNDHWM)) == (1, 0)
     with pytest.raises(ConfigError, match="service_hwm"):
         await make_node("bad", service_hwm=-1)
