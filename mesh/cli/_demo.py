@@ -59,6 +59,8 @@ class _Child:
         self.proc = proc
         self.lines: list[str] = []
         self.pump: asyncio.Task[None] | None = None
+        self.expected_exit = False
+        """The demo stopped or killed it: its exit is part of a scene, not a failure."""
 
 
 class _Demo:
@@ -75,6 +77,9 @@ class _Demo:
         self.started: list[_Child] = []
         """Every process ever started, restarted ones included: all are cleaned up."""
         self.current = "starting"
+        self.crash = ""
+        """Why a child exited when no scene asked it to: every wait fails with it."""
+        self.closing = False
         self.events: list[PeerEvent] = []
         self.narrate_events = True
         self._news = asyncio.Event()
@@ -100,6 +105,8 @@ class _Demo:
         try:
             async with asyncio.timeout(timeout):
                 while not ready():
+                    if self.crash:
+                        raise SceneFailed(self.crash)
                     await self._news.wait()
         except TimeoutError:
             raise SceneFailed(f"no {what} within {timeout:g} s") from None
@@ -165,6 +172,10 @@ class _Demo:
             if not line.startswith(_PEER_KINDS):  # the agent's view of peers: the demo's is shown
                 self.say(child.name, line)
             self._notify()
+        status = await child.proc.wait()
+        if not (child.expected_exit or self.closing or self.crash):
+            self.crash = f"{child.name} exited unexpectedly (status {status})"
+            self._notify()
 
     async def ready(self, *names: str) -> None:
         await self.until(lambda: all(self.lines(n, "ready ") for n in names),
@@ -174,7 +185,9 @@ class _Demo:
 
     async def stop(self, name: str) -> None:
         """Graceful: SIGTERM, the node says goodbye; SIGKILL if it has not exited in time."""
-        proc = self.children[name].proc
+        child = self.children[name]
+        child.expected_exit = True
+        proc = child.proc
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
         try:
@@ -184,12 +197,15 @@ class _Demo:
             raise SceneFailed(f"{name} did not exit within {_STOP_GRACE:g} s of SIGTERM") from None
 
     async def kill(self, name: str) -> None:
-        proc = self.children[name].proc
+        child = self.children[name]
+        child.expected_exit = True
+        proc = child.proc
         proc.kill()
         await asyncio.wait_for(proc.wait(), _STOP_GRACE)
 
     async def cleanup(self) -> None:
         """Every child gone and its output drained, whatever happened before."""
+        self.closing = True
         for child in self.started:
             if child.proc.returncode is None:
                 child.proc.kill()
@@ -203,12 +219,12 @@ class _Demo:
 
 
 @contextlib.contextmanager
-def _failing_as(what: str) -> Iterator[None]:
+def _failing_as(what: str = "") -> Iterator[None]:
     """A mesh error or a timeout inside a scene becomes its one-line reason."""
     try:
         yield
     except MeshError as exc:
-        raise SceneFailed(f"{what}: {exc}") from None
+        raise SceneFailed(f"{what}: {exc}" if what else str(exc)) from None
     except TimeoutError:
         raise SceneFailed(f"{what}: timed out after {_STEP_TIMEOUT:g} s") from None
 
@@ -233,7 +249,7 @@ async def _pubsub(demo: _Demo, node: AsyncNode) -> None:
     demo.scene(1, "pub/sub with wildcards")
     sent = [("sensors.kitchen.temp", "21.5 C"), ("sensors.garage.temp", "9.0 C"),
             ("sensors.kitchen.humidity", "41 %")]
-    with _failing_as("waiting for the subscribers"):
+    with _failing_as():
         await node.wait_for_subscribers("sensors.kitchen.temp", 2, timeout=_STEP_TIMEOUT)
         await node.wait_for_subscribers("sensors.kitchen.humidity", 1, timeout=_STEP_TIMEOUT)
     for topic, data in sent:
@@ -253,7 +269,7 @@ async def _pubsub(demo: _Demo, node: AsyncNode) -> None:
 async def _work_queue(demo: _Demo, node: AsyncNode) -> None:
     demo.scene(2, "a work queue shared by two workers")
     jobs = [f"job-{i}" for i in range(1, 7)]
-    with _failing_as("pushing to the queue"):
+    with _failing_as("push"):
         await node.wait_for_workers("jobs", 2, timeout=_STEP_TIMEOUT)
         demo.say("demo", f"push {len(jobs)} jobs to queue 'jobs'")
         for job in jobs:
@@ -292,7 +308,7 @@ async def _failover(demo: _Demo, node: AsyncNode) -> None:
         victim = demo.lines("clock-1", "handling ")[0]
         demo.say("demo", f"kill clock-1 (SIGKILL) while it handles {victim}")
         await demo.kill("clock-1")
-        with _failing_as("request during failover"):
+        with _failing_as("the requests during failover"):
             async with asyncio.timeout(_STEP_TIMEOUT):
                 replies = await asyncio.gather(*calls)
     finally:
@@ -309,7 +325,7 @@ async def _failover(demo: _Demo, node: AsyncNode) -> None:
 
 async def _reliable(demo: _Demo, node: AsyncNode) -> None:
     demo.scene(4, "a reliable message survives a receiver restart")
-    with _failing_as("waiting for the durable subscription"):
+    with _failing_as():
         await node.wait_for_durables("orders.new", 1, timeout=_STEP_TIMEOUT)
     first_id = demo.lines("orders", "ready ")[0].split()[0]
     demo.say("demo", "stop orders (SIGTERM); it keeps its id and durable in its data dir")
@@ -325,7 +341,7 @@ async def _reliable(demo: _Demo, node: AsyncNode) -> None:
     await demo.spawn_role("orders", "durable", "orders.>", "orders")
     await demo.until(lambda: any("'order #42'" in line for line in demo.lines("orders", "got ")),
                      "order #42 at the restarted orders")
-    with _failing_as("waiting for the acknowledgement"):
+    with _failing_as():
         await node.wait_for_spool(timeout=_STEP_TIMEOUT)
     again_id = demo.lines("orders", "ready ")[-1].split()[0]
     same = "same" if again_id == first_id else "a NEW"
@@ -341,7 +357,8 @@ async def _presence(demo: _Demo) -> None:
         try:
             body = await asyncio.wait_for(asyncio.to_thread(_get, f"{url}/v1/peers"), 3.0)
             names = sorted(str(p.get("name")) for p in json.loads(body))
-            demo.say("demo", f"GET {url}/v1/peers -> {', '.join(names)}")
+            demo.say("demo", f"sidecar's HTTP API is on a free port: GET {url}/v1/peers "
+                     f"-> {', '.join(names)}")
         except (OSError, TimeoutError, ValueError) as exc:
             demo.say("demo", f"GET {url}/v1/peers failed: {exc}")
     demo.say("demo", "sidecar exits gracefully (SIGTERM)")
@@ -412,11 +429,17 @@ async def _run(demo: _Demo) -> None:
         async with asyncio.timeout(_DEADLINE):
             await _play(demo)
     except TimeoutError:
-        raise SceneFailed(f"{demo.current}: the demo took longer than {_DEADLINE:g} s") from None
+        raise SceneFailed(_reason(demo, f"the demo took longer than {_DEADLINE:g} s")) from None
     except SceneFailed as exc:
-        raise SceneFailed(f"{demo.current}: {exc}") from None
+        raise SceneFailed(_reason(demo, str(exc))) from None
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+
+
+def _reason(demo: _Demo, why: str) -> str:
+    """One line: the scene, what did not happen, and a child's crash if that is why."""
+    crash = f" ({demo.crash})" if demo.crash and demo.crash not in why else ""
+    return f"{demo.current}: {why}{crash}"
 
 
 def run(interface: str) -> int:
