@@ -76,10 +76,12 @@ class _Demo:
         """The latest process of each node name."""
         self.started: list[_Child] = []
         """Every process ever started, restarted ones included: all are cleaned up."""
-        self.current = "starting"
+        self.current = "start"
         self.crash = ""
         """Why a child exited when no scene asked it to: every wait fails with it."""
         self.closing = False
+        self.output_closed = False
+        self.main: asyncio.Task[None] | None = None
         self.events: list[PeerEvent] = []
         self.narrate_events = True
         self._news = asyncio.Event()
@@ -89,11 +91,26 @@ class _Demo:
     # -- narration and waiting ---------------------------------------------------
 
     def say(self, who: str, text: str) -> None:
-        print(f"[{time.monotonic() - self.t0:5.2f}s] {who:<10} | {text}", flush=True)
+        self._print(f"[{time.monotonic() - self.t0:5.2f}s] {who:<10} | {text}")
 
     def scene(self, number: int, title: str) -> None:
         self.current = f"scene {number} ({title})"
-        print(f"\n== {number}. {title} ==", flush=True)
+        self._print(f"\n== {number}. {title} ==")
+
+    def blank(self) -> None:
+        self._print("")
+
+    def _print(self, line: str) -> None:
+        """A line out at once; if nobody reads any more (`| head`), the demo ends quietly."""
+        if self.output_closed:
+            return
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:
+            self.output_closed = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+            if self.main is not None:
+                self.main.cancel()
 
     def _notify(self) -> None:
         self._news.set()
@@ -201,7 +218,10 @@ class _Demo:
         child.expected_exit = True
         proc = child.proc
         proc.kill()
-        await asyncio.wait_for(proc.wait(), _STOP_GRACE)
+        try:
+            await asyncio.wait_for(proc.wait(), _STOP_GRACE)
+        except TimeoutError:
+            raise SceneFailed(f"{name} still ran {_STOP_GRACE:g} s after SIGKILL") from None
 
     async def cleanup(self) -> None:
         """Every child gone and its output drained, whatever happened before."""
@@ -213,8 +233,7 @@ class _Demo:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(child.proc.wait(), _STOP_GRACE)
             if child.pump is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(child.pump), 1.0)
+                await asyncio.wait([child.pump], timeout=1.0)  # its last lines, then EOF
                 child.pump.cancel()
 
 
@@ -294,8 +313,10 @@ async def _failover(demo: _Demo, node: AsyncNode) -> None:
         async with asyncio.timeout(_STEP_TIMEOUT):
             while answered != {"clock-1", "clock-2"}:  # both servers known to us
                 reply = await node.request("clock", "ping", timeout=_STEP_TIMEOUT)
-                if reply.source not in answered:
-                    demo.say("demo", f"request 'ping' -> {reply.text!r}")
+                if reply.source in answered:
+                    await asyncio.sleep(0.05)  # the other server is not announced to us yet
+                    continue
+                demo.say("demo", f"request 'ping' -> {reply.text!r}")
                 answered.add(reply.source)
     requests = ["what time is it? #1", "what time is it? #2"]
     demo.say("demo", "two slow requests at once (1 s of work each), one per server")
@@ -388,7 +409,7 @@ async def _finish(demo: _Demo) -> None:
 async def _play(demo: _Demo) -> None:
     config = NodeConfig(name="demo", mesh=demo.mesh, interfaces=[demo.interface],
                         data_dir=demo.data_dir("demo"), mdns=False)
-    with _failing_as("starting the demo node"):
+    with _failing_as():
         node = AsyncNode(config)
         await node.start()
     try:
@@ -409,7 +430,7 @@ async def _play(demo: _Demo) -> None:
             await _failover(demo, node)
             await _reliable(demo, node)
             await _presence(demo)
-            print(flush=True)
+            demo.blank()
             await _finish(demo)
         finally:
             watcher.cancel()
@@ -423,6 +444,7 @@ async def _run(demo: _Demo) -> None:
     """The demo under its deadline; SIGTERM stops it as Ctrl-C does."""
     task = asyncio.current_task()
     assert task is not None
+    demo.main = task
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
@@ -445,12 +467,20 @@ def _reason(demo: _Demo, why: str) -> str:
 def run(interface: str) -> int:
     """Run the demo; 0 when every scene happened, 1 (with the reason) when one did not."""
     with tempfile.TemporaryDirectory(prefix="zeromesh-demo-") as tmp:
+        demo = _Demo(interface, tmp)
         try:
-            run_loop(_run(_Demo(interface, tmp)))
+            run_loop(_run(demo))
         except SceneFailed as exc:
             print(f"zeromesh demo: {exc}", file=sys.stderr, flush=True)
             return 1
         except asyncio.CancelledError:
+            if demo.output_closed:
+                return 0  # as every command does when its reader goes away
             print("zeromesh demo: stopped", file=sys.stderr, flush=True)
             return 143
+        except BrokenPipeError:
+            raise  # the reader went away (`| head`): the CLI's own quiet exit
+        except OSError as exc:  # e.g. a child process could not be started
+            print(f"zeromesh demo: {exc}", file=sys.stderr, flush=True)
+            return 1
     return 0
