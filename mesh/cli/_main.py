@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="zeromesh", description="A brokerless messaging mesh.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("demo", help="run a small mesh on this machine, showing pub/sub")
+    p = sub.add_parser("demo", help="run a small mesh on this machine, showing every pattern")
     p.add_argument("--interface", default="127.0.0.1", metavar="IP",
                    help="address for the demo nodes (default 127.0.0.1)")
 
