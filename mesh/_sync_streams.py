@@ -45,12 +45,15 @@ class _Handoff(Generic[T]):
 
     def __init__(self) -> None:
         self._queue: deque[T] = deque()
-        self._ready = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        """Held to add (the loop thread) or to wait; a reader pops without it when there is
+        something to pop (deque's append and popleft are atomic)."""
+        self._ready = threading.Condition(self._lock)
         self._readers = 0
         self._closed = False
 
     def _put(self, item: T) -> None:
-        with self._ready:
+        with self._lock:
             if not self._closed:
                 self._queue.append(item)
                 if self._readers:  # (notify costs more than the append)
@@ -68,6 +71,10 @@ class _Handoff(Generic[T]):
             TimeoutError: nothing within `timeout` seconds.
             ClosedError: closed and drained.
         """
+        try:
+            return self._queue.popleft()  # the common case under load: no lock, no wait
+        except IndexError:
+            pass
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._ready:
             while not self._queue:
@@ -116,13 +123,13 @@ class SyncSubscription(_Handoff[Message]):
 
     def _put(self, item: Message) -> None:
         """On the loop thread: queue it, dropping the oldest past `max_pending`."""
-        with self._ready:
+        with self._lock:
             if self._closed:
                 return
             queue = self._queue
             queue.append(item)
             self.received += 1
-            overflow = bool(self.max_pending) and len(queue) > self.max_pending
+            overflow = 0 < self.max_pending < len(queue)
             if overflow:
                 queue.popleft()
                 self.dropped += 1
@@ -175,7 +182,7 @@ class SyncSubscription(_Handoff[Message]):
 
     def drain(self, limit: int) -> list[Message]:
         """Up to `limit` queued messages, without waiting (for writers that batch)."""
-        with self._ready:
+        with self._lock:
             queue = self._queue
             return [queue.popleft() for _ in range(min(limit, len(queue)))]
 
