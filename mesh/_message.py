@@ -50,14 +50,14 @@ class Message(msgspec.Struct, _Settleable, frozen=True, gc=False):
     def ack(self) -> None:
         """Mark a work or durable message processed now (it otherwise is when you ask for the
         next one, or when your handler returns)."""
-        receipt: Receipt | None = getattr(self, "_receipt", None)
+        receipt = receipt_of(self)
         if receipt is not None:
             receipt(self, True)
 
     def nack(self) -> None:
         """Processing failed: a reliable message is redelivered later (after N attempts it
         goes to the dead-letter spool); a best-effort one is just dropped."""
-        receipt: Receipt | None = getattr(self, "_receipt", None)
+        receipt = receipt_of(self)
         if receipt is not None:
             receipt(self, False)
 
@@ -87,3 +87,9 @@ class Message(msgspec.Struct, _Settleable, frozen=True, gc=False):
 def attach_receipt(msg: Message, receipt: Receipt) -> None:
     """Make ``msg.ack()``/``msg.nack()`` call `receipt` (set in place: no copy per message)."""
     msgspec.structs.force_setattr(msg, "_receipt", receipt)
+
+
+def receipt_of(msg: Message) -> Receipt | None:
+    """Where ``msg.ack()``/``msg.nack()`` go, if anywhere."""
+    receipt: Receipt | None = getattr(msg, "_receipt", None)
+    return receipt

@@ -1,28 +1,32 @@
 """Node: the blocking twin of `AsyncNode`, for programs without an event loop.
 
-The async node runs on a private loop thread that owns every socket; calls
-cross over with `run_coroutine_threadsafe` and get typed results and
-exceptions back. `publish` does not wait for the loop: messages are handed
-over in bulk with one wake-up per batch, and the caller is held back only
-when the loop falls far behind.
+It has every public member of `AsyncNode` under the same name, with the same
+parameters and meaning (``close`` for ``aclose``; tests/mesh/test_parity.py
+holds them to it): coroutines become blocking calls, streams become the
+blocking iterators of `_sync_streams`. The async node runs on a private
+loop thread that owns every socket; calls cross over with
+`run_coroutine_threadsafe` and get typed results and exceptions back, and
+values the loop keeps changing are read on it. Best-effort publishes do not
+wait for the loop: they are handed over in bulk with one wake-up per batch,
+and the caller is held back only when the loop falls far behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
-import queue
 import threading
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
 from . import _loop, _names
 from ._config import NodeConfig
-from ._membership._peers import Peer, PeerEvent
-from ._message import Message
+from ._membership._peers import Peer
+from ._message import Message, attach_receipt, receipt_of
 from ._node import AsyncNode
-from ._pubsub._subscription import Subscription
+from ._pubsub._subscription import DEFAULT_MAX_PENDING
 from ._services._server import (
     SYNC_SERVE_CONCURRENCY,
     ReplyBody,
@@ -30,13 +34,16 @@ from ._services._server import (
     SyncService,
     is_async_handler,
 )
-from ._work._pull import Pull
+from ._support._tally import Traffic
+from ._sync_streams import SyncPeerEvents, SyncPull, SyncSubscription
 from ._work._queues import DEFAULT_PREFETCH
 from .errors import ClosedError, MessageTooLarge
 
+__all__ = ["Node", "SyncPeerEvents", "SyncPull", "SyncSubscription"]
+
 T = TypeVar("T")
 _HANDOFF_LIMIT: Final[int] = 50_000
-_CLOSED: Final = object()
+_JOIN_CALLBACKS_FOR: Final[float] = 5.0
 
 
 class Node:
@@ -52,10 +59,15 @@ class Node:
         self._lock = threading.Condition()
         self._handoff: list[tuple[str, bytes | str, Mapping[str, str] | None]] = []
         self._wake_pending = False
-        self._sync_subs: list[SyncSubscription] = []
+        self._streams: list[SyncSubscription | SyncPeerEvents] = []
+        """Open streams, ended when the node closes."""
+        self._pumps: set[asyncio.Task[None]] = set()
+
+    # -- identity and figures ------------------------------------------------------
 
     @property
     def id(self) -> str:
+        """Stable node id (32 hex chars); kept in the data dir across restarts."""
         return self._node.id
 
     @property
@@ -67,12 +79,44 @@ class Node:
         return self._node.mesh
 
     @property
+    def running(self) -> bool:
+        """Started and not yet closed."""
+        return self._node.running
+
+    @property
+    def config(self) -> NodeConfig:
+        return self._node.config
+
+    @property
     def endpoints(self) -> dict[str, list[str]]:
-        return self._node.endpoints
+        """Bound endpoints by role: ``ctl`` (control, for ``--peer``), ``pub``, ``rtr``."""
+        return self._read(lambda: self._node.endpoints)
 
     @property
     def stats(self) -> dict[str, int]:
+        """Message counts: published, received, dropped (gaps seen from publishers)."""
         return self._node.stats
+
+    @property
+    def dropped_by_peer(self) -> Mapping[str, int]:
+        """Pub/sub messages publishers dropped for us at their high-water mark, by peer id."""
+        return self._read(lambda: self._node.dropped_by_peer)
+
+    @property
+    def dropped_input(self) -> Mapping[str, int]:
+        """Malformed or foreign input dropped, by reason (mDNS reasons prefixed ``mdns_``)."""
+        return self._read(lambda: self._node.dropped_input)
+
+    @property
+    def spool_pending(self) -> int:
+        """Reliable messages in this node's spool not yet delivered everywhere."""
+        return self._read(lambda: self._node.spool_pending)
+
+    def traffic(self) -> Traffic:
+        """See `AsyncNode.traffic`."""
+        return self._read(self._node.traffic)
+
+    # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the loop thread and the node.
@@ -100,13 +144,21 @@ class Node:
             self._call(self._drain_then_close())
         finally:
             self._stop_loop()
-            for sub in self._sync_subs:
-                sub._inbox.put(_CLOSED)
-            self._sync_subs.clear()
+            streams, self._streams = self._streams, []
+            for stream in streams:
+                stream._close()
+            for stream in streams:  # callbacks run what was queued, then their threads end
+                if isinstance(stream, SyncSubscription):
+                    stream._join(_JOIN_CALLBACKS_FOR)
 
     async def _drain_then_close(self) -> None:
         self._drain()
         await self._node.aclose()
+        for pump in self._pumps:  # (they end with the node's event streams)
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        self._pumps.clear()
 
     def _stop_loop(self) -> None:
         loop, thread = self._loop, self._thread
@@ -131,7 +183,31 @@ class Node:
             raise ClosedError("node is not running (use `with Node(...)` or `start()`)")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    # -- API ---------------------------------------------------------------------
+    def _read(self, value: Callable[[], T]) -> T:
+        """A value the loop keeps changing, read on the loop (never mid-change); read
+        directly when the node is not running, so it means what it means on `AsyncNode`."""
+        if self._loop is None:
+            return value()
+        return self._call(_value(value))
+
+    def _threadsafe(self, msg: Message) -> Message:
+        """`msg` with ``ack``/``nack`` that hop onto the loop: safe from any thread."""
+        receipt, loop = receipt_of(msg), self._loop
+        if receipt is None or loop is None:
+            return msg
+
+        def hop(_: Message, ok: bool) -> None:
+            with contextlib.suppress(RuntimeError):  # the node closed meanwhile: nothing to do
+                loop.call_soon_threadsafe(receipt, msg, ok)
+
+        attach_receipt(msg, hop)  # in place: the handle holding it knows it by identity
+        return msg
+
+    def _forget(self, stream: SyncSubscription | SyncPeerEvents) -> None:
+        with contextlib.suppress(ValueError):
+            self._streams.remove(stream)
+
+    # -- pub/sub -----------------------------------------------------------------------
 
     def publish(self, topic: str, data: bytes | str, *,
                 headers: Mapping[str, str] | None = None, reliable: bool = False) -> None:
@@ -148,6 +224,34 @@ class Node:
             self._call(self._drained_then(self._node.publish(topic, data, headers=headers,
                                                              reliable=True)))
             return
+        self.publish_nowait(topic, data, headers=headers)
+
+    def publish_many(self, topic: str, payloads: Iterable[bytes | str], *,
+                     headers: Mapping[str, str] | None = None,
+                     reliable: bool = False) -> None:
+        """See `AsyncNode.publish_many`: with ``reliable=True`` the messages reach disk with
+        one wait (one group commit); it returns once they are there.
+
+        Raises:
+            Same as `publish`.
+        """
+        if not reliable:
+            for data in payloads:
+                self.publish_nowait(topic, data, headers=headers)
+            return
+        batch = list(payloads)  # consumed here, not on the loop thread
+        self._call(self._drained_then(self._node.publish_many(topic, batch, headers=headers,
+                                                              reliable=True)))
+
+    def publish_nowait(self, topic: str, data: bytes | str, *,
+                       headers: Mapping[str, str] | None = None) -> bool:
+        """Best-effort `publish`: hands the message to the loop without waiting for it to
+        leave (held back only while the loop is far behind). True when this call handed
+        a new batch over (woke the loop), the twin of `AsyncNode.publish_nowait` flushing one.
+
+        Raises:
+            Same as `publish` (best effort).
+        """
         loop = self._loop
         if loop is None:
             raise ClosedError("node is not running")
@@ -163,6 +267,7 @@ class Node:
             self._wake_pending = True
         if wake:
             loop.call_soon_threadsafe(self._drain)
+        return wake
 
     def _drain(self) -> None:
         with self._lock:
@@ -173,24 +278,48 @@ class Node:
         for topic, data, headers in batch:
             publish(topic, data, headers=headers)
 
-    def subscribe(self, pattern: str, *, max_pending: int = 100_000) -> SyncSubscription:
-        """Receive messages on topics matching `pattern`; iterate the result.
+    def subscribe(self, pattern: str, *, callback: Callable[[Message], None] | None = None,
+                  max_pending: int = DEFAULT_MAX_PENDING) -> SyncSubscription:
+        """See `AsyncNode.subscribe`; iterate the result. A `callback` runs in a thread of
+        the subscription's own, one message at a time in order, so it may block; past
+        `max_pending` messages behind, the oldest are dropped (and counted) as when iterating.
 
         Raises:
             ConfigError: `pattern` is invalid.
+            ClosedError: the node is not running.
         """
-        inbox: queue.SimpleQueue[Message | object] = queue.SimpleQueue()
-        sync_sub = SyncSubscription(self, inbox, max_pending)
-        sync_sub._sub = self._call(self._node.subscribe(pattern, callback=sync_sub._put))
-        self._sync_subs.append(sync_sub)
+        sync_sub = SyncSubscription(self, max_pending, callback)
+        sync_sub._start(self._call(self._node.subscribe(pattern, callback=sync_sub._put,
+                                                        max_pending=max_pending)))
+        self._streams.append(sync_sub)
         return sync_sub
 
-    def peers(self) -> list[Peer]:
-        return self._call(_value(self._node.peers))
+    def replay_dead_letters(self, ids: set[int] | None = None) -> int:
+        """See `AsyncNode.replay_dead_letters`; returns how many went back into the outbox.
 
-    def wait_for_peers(self, count: int, *, timeout: float = 10.0) -> list[Peer]:
-        """See `AsyncNode.wait_for_peers`."""
-        return self._call(self._node.wait_for_peers(count, timeout=timeout))
+        Raises:
+            ConfigError: the node has no data dir.
+            ClosedError: the node is not running.
+        """
+        return self._call(self._node.replay_dead_letters(ids))
+
+    def dead_letter(self, queue: str, msg: Message, *, reason: str, attempts: int) -> None:
+        """See `AsyncNode.dead_letter`; returns once the message is in the dead-letter spool.
+
+        Raises:
+            ConfigError: no data dir, or `queue` is invalid.
+            SpoolFullError: the dead-letter spool is full.
+            ClosedError: the node is not running.
+        """
+        self._call(self._node.dead_letter(queue, msg, reason=reason, attempts=attempts))
+
+    def wait_for_spool(self, *, timeout: float = 10.0) -> None:
+        """See `AsyncNode.wait_for_spool`.
+
+        Raises:
+            RequestTimeout: some were still pending when the timeout came.
+        """
+        self._call(self._node.wait_for_spool(timeout=timeout))
 
     def push(self, queue: str, data: bytes | str, *,
              headers: Mapping[str, str] | None = None, timeout: float = 10.0,
@@ -210,6 +339,18 @@ class Node:
         """See `AsyncNode.wait_for_durables`."""
         self._call(self._node.wait_for_durables(topic, count, timeout=timeout))
 
+    def wait_for_known_subscribers(self, topic: str, *, timeout: float = 10.0) -> int:
+        """See `AsyncNode.wait_for_known_subscribers`."""
+        return self._call(self._node.wait_for_known_subscribers(topic, timeout=timeout))
+
+    def subscriber_count(self, topic: str) -> int:
+        """Peers whose subscriptions matching `topic` are in force at our publisher."""
+        return self._read(lambda: self._node.subscriber_count(topic))
+
+    def check_topic(self, topic: str) -> None:
+        """See `AsyncNode.check_topic`."""
+        self._node.check_topic(topic)
+
     async def _drained_then(self, coro: Coroutine[Any, Any, T]) -> T:
         """Best-effort publishes handed over earlier go first: keep the caller's order."""
         self._drain()
@@ -223,7 +364,7 @@ class Node:
             blocking = handler
 
             async def async_handler(msg: Message) -> None:
-                await asyncio.to_thread(blocking, msg)
+                await asyncio.to_thread(blocking, self._threadsafe(msg))
 
         return SyncPull(self, self._call(self._node.pull(queue, prefetch=prefetch,
                                                          handler=async_handler)))
@@ -231,6 +372,14 @@ class Node:
     def wait_for_workers(self, queue: str, count: int = 1, *, timeout: float = 10.0) -> None:
         """See `AsyncNode.wait_for_workers`."""
         self._call(self._node.wait_for_workers(queue, count, timeout=timeout))
+
+    def worker_count(self, queue: str) -> int:
+        """Live workers of `queue` known to this node (itself included)."""
+        return self._read(lambda: self._node.worker_count(queue))
+
+    def check_queue(self, queue: str) -> None:
+        """See `AsyncNode.check_queue`."""
+        self._node.check_queue(queue)
 
     def wait_for_subscribers(self, topic: str, count: int = 1, *,
                              timeout: float = 10.0) -> None:
@@ -267,163 +416,34 @@ class Node:
         """See `AsyncNode.wait_for_service`."""
         self._call(self._node.wait_for_service(service, timeout=timeout))
 
+    def check_service(self, service: str) -> None:
+        """See `AsyncNode.check_service`."""
+        self._node.check_service(service)
+
+    # -- peers ---------------------------------------------------------------------
+
+    def peers(self) -> list[Peer]:
+        """Known peers (never this node), with their liveness state."""
+        return self._read(self._node.peers)
+
+    def wait_for_peers(self, count: int, *, timeout: float = 10.0) -> list[Peer]:
+        """See `AsyncNode.wait_for_peers`."""
+        return self._call(self._node.wait_for_peers(count, timeout=timeout))
+
     def events(self) -> SyncPeerEvents:
-        """Peer events from now on; iterate, or call `next(timeout)`. Ends when the node closes."""
+        """Peer events from now on; iterate, or call `next(timeout)`. Ends when the node closes.
+
+        Raises:
+            ClosedError: the node is not running.
+        """
         loop = self._loop
         if loop is None:
-            raise ClosedError("node is not running")
-        inbox: queue.SimpleQueue[PeerEvent | object] = queue.SimpleQueue()
-
-        async def pump() -> None:
-            stream = self._node.events()
-            ready.set()
-            async for event in stream:
-                inbox.put(event)
-            inbox.put(_CLOSED)
-
-        ready = threading.Event()
-        asyncio.run_coroutine_threadsafe(pump(), loop)
-        ready.wait(5.0)  # subscribed before we return: no event is missed
-        return SyncPeerEvents(inbox)
+            raise ClosedError("node is not running (use `with Node(...)` or `start()`)")
+        events = SyncPeerEvents(self)
+        self._pumps.add(self._call(_value(lambda: events._open(loop))))  # subscribed now
+        self._streams.append(events)
+        return events
 
 
-class SyncPeerEvents:
-    """Blocking iterator over peer events."""
-
-    def __init__(self, inbox: queue.SimpleQueue[PeerEvent | object]) -> None:
-        self._inbox = inbox
-
-    def next(self, timeout: float | None = None) -> PeerEvent:
-        """The next event.
-
-        Raises:
-            TimeoutError: nothing happened within `timeout` seconds.
-            ClosedError: the node was closed.
-        """
-        item = _take(self._inbox, timeout, "peer event")
-        assert isinstance(item, PeerEvent)
-        return item
-
-    def __iter__(self) -> Iterator[PeerEvent]:
-        return self
-
-    def __next__(self) -> PeerEvent:
-        try:
-            return self.next()
-        except ClosedError:
-            raise StopIteration from None
-
-
-class SyncPull:
-    """Work messages of one queue, read with blocking `next()` or iteration."""
-
-    def __init__(self, node: Node, pull: Pull) -> None:
-        self._node = node
-        self._pull = pull
-
-    @property
-    def queue(self) -> str:
-        return self._pull.queue
-
-    def next(self, timeout: float | None = None) -> Message:
-        """The next work message (the previous one counts as processed).
-
-        Raises:
-            TimeoutError: none arrived within `timeout` seconds.
-            ClosedError: the pull or its node was closed.
-        """
-        return self._node._call(self._pull.next(timeout))
-
-    def __iter__(self) -> Iterator[Message]:
-        while True:
-            try:
-                yield self.next()
-            except ClosedError:
-                return
-
-    def close(self) -> None:
-        if self._node._loop is not None:
-            self._node._call(self._pull.aclose())
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class SyncSubscription:
-    """Messages for one pattern, read with blocking `next()` or iteration."""
-
-    def __init__(self, node: Node, inbox: queue.SimpleQueue[Message | object],
-                 max_pending: int) -> None:
-        self._node = node
-        self._sub: Subscription | None = None
-        self._inbox = inbox
-        self.max_pending = max_pending
-        self.dropped = 0
-        """Messages lost because the reader fell more than `max_pending` behind."""
-
-    def _put(self, msg: Message) -> None:
-        if self.max_pending and self._inbox.qsize() >= self.max_pending:
-            self.dropped += 1  # newest lost: the queue cannot drop its oldest
-        else:
-            self._inbox.put(msg)
-
-    @property
-    def subject(self) -> str:
-        return self._sub.subject if self._sub is not None else ""
-
-    @property
-    def pending(self) -> int:
-        return self._inbox.qsize()
-
-    def next(self, timeout: float | None = None) -> Message:
-        """The next message.
-
-        Raises:
-            TimeoutError: none arrived within `timeout` seconds.
-            ClosedError: the subscription was closed.
-        """
-        item = _take(self._inbox, timeout, f"message on {self.subject!r}")
-        assert isinstance(item, Message)
-        return item
-
-    def __iter__(self) -> Iterator[Message]:
-        while True:
-            try:
-                yield self.next()
-            except ClosedError:
-                return
-
-    def close(self) -> None:
-        if self._node._loop is not None and self._sub is not None:
-            self._node._call(self._sub.aclose())
-        self._inbox.put(_CLOSED)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-async def _value(fn: Any) -> Any:
+async def _value(fn: Callable[[], T]) -> T:
     return fn()
-
-
-def _take(inbox: queue.SimpleQueue[Any], timeout: float | None, what: str) -> object:
-    """The next item handed over by the loop thread; the end marker stays for the next reader.
-
-    Raises:
-        TimeoutError: nothing within `timeout` seconds.
-        ClosedError: the stream ended (its node or subscription closed).
-    """
-    try:
-        item = inbox.get(timeout=timeout)
-    except queue.Empty:
-        raise TimeoutError(f"no {what} within {timeout} s") from None
-    if item is _CLOSED:
-        inbox.put(_CLOSED)
-        raise ClosedError(f"no more {what}: closed")
-    return item

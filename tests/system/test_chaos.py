@@ -30,16 +30,19 @@ class Proc:
                      str(base / f"{name}.out"), *extra]
         self.name = name
         self.out = base / f"{name}.out"
+        self.err = base / f"{name}.err"
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
         env = {**os.environ, "ZEROMESH_INTERFACES": "127.0.0.1", "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-        self.proc = subprocess.Popen(self.args, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
+        with self.err.open("a") as err:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.args, env=env, stdout=subprocess.PIPE,
+                                         stderr=err, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # bounded: the test's timeout covers a hang
-        assert line.strip() == "ready", f"{self.name} did not start: {line!r}"
+        assert line.strip() == "ready", (f"{self.name} did not start: {line!r}; its stderr "
+                                         f"ends:\n{self.err.read_text()[-3000:]}")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
