@@ -17,7 +17,8 @@ from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
 from ._reliable._durables import durable_queue
 from ._services._server import DEFAULT_CONCURRENCY, Service, ServiceHandler
 from ._work._pull import Handler, Pull
-from ._work._queues import DEFAULT_PREFETCH, Sent
+from ._work._queues import DEFAULT_PREFETCH
+from ._work._target import Sent
 from .errors import ClosedError, ConfigError
 
 

@@ -18,12 +18,13 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, Self, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
 from ._membership._events import PeerEvents
 from ._membership._peers import PeerEvent
 from ._message import Message
+from ._node import AsyncNode
 from ._pubsub._subscription import Subscription
 from ._work._pull import Pull
 from .errors import ClosedError
@@ -31,10 +32,27 @@ from .errors import ClosedError
 if TYPE_CHECKING:
     from patterns import TopicPattern
 
-    from ._sync import Node
-
 T = TypeVar("T")
 _log = logging.getLogger("mesh.node")
+
+
+class Node(Protocol):
+    """What a blocking stream needs from the blocking `Node` that opened it (said as a
+    protocol, so this module does not import `_sync`, which imports it)."""
+
+    _node: AsyncNode
+    _loop: asyncio.AbstractEventLoop | None
+
+    @property
+    def running(self) -> bool: ...
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T: ...
+
+    def _read(self, value: Callable[[], T]) -> T: ...
+
+    def _threadsafe(self, msg: Message) -> Message: ...
+
+    def _forget(self, stream: SyncSubscription | SyncPeerEvents) -> None: ...
 
 
 class _Handoff(Generic[T]):

@@ -1,4 +1,10 @@
-"""DESIGN's one-way arrows: mesh -> patterns, mesh -> discovery, and nothing back."""
+"""DESIGN's one-way arrows: mesh -> patterns, mesh -> discovery, and nothing back.
+
+Inside `mesh` the same holds between its parts: every module, subpackages
+included, sits in a layer and imports only from its own layer or below, and
+no import cycle exists between modules (type-checking-only imports count:
+a cycle there is still a design cycle).
+"""
 
 from __future__ import annotations
 
@@ -45,11 +51,109 @@ def test_cross_package_imports_use_the_package_root_only(package) -> None:
             assert not (top in others and rest), f"{path.name} imports {name}"
 
 
-@pytest.mark.parametrize("module", [
-    p.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
-    for pkg in ("mesh", "patterns", "discovery") for p in sorted((ROOT / pkg).glob("*.py"))
-    if p.name != "__main__.py"
-])
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = sorted(_module_name(p) for pkg in ("mesh", "patterns", "discovery")
+                 for p in (ROOT / pkg).rglob("*.py") if p.name != "__main__.py")
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_every_module_imports_on_its_own(module) -> None:
     """No circular import hides behind a lucky import order."""
     subprocess.run([sys.executable, "-c", f"import {module}"], check=True, timeout=60, cwd=ROOT)
+
+
+LAYERS: list[tuple[str, ...]] = [
+    ("mesh.errors", "mesh._support", "mesh._spool", "mesh._loop"),
+    ("mesh._wire", "mesh._message", "mesh._names", "mesh._config"),
+    ("mesh._membership", "mesh._parts"),
+    ("mesh._reliable", "mesh._pubsub", "mesh._services", "mesh._work"),
+    ("mesh._core", "mesh._node"),
+    ("mesh._sync", "mesh._sync_streams", "mesh"),
+    ("mesh._agent", "mesh._bench", "mesh.cli", "mesh.__main__"),
+]
+"""The layers of `mesh`, lowest first: a module imports from its own layer or below."""
+
+
+def _layer(module: str) -> int:
+    best, found = -1, -1
+    for rank, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), rank
+    assert found >= 0, f"{module} is in no layer: add it to LAYERS"
+    return found
+
+
+def _mesh_imports(path: pathlib.Path) -> set[str]:
+    """The `mesh` modules `path` imports, relative imports resolved, `from x import m`
+    counted as the module ``x.m`` when it is one."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("mesh"):
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.add(sub if sub in MESH_MODULES else target)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("mesh"))
+    found.discard(module)
+    return found
+
+
+MESH_FILES = {_module_name(p): p for p in (ROOT / "mesh").rglob("*.py")}
+MESH_MODULES = set(MESH_FILES)
+
+
+def test_every_mesh_module_imports_only_its_layer_or_below() -> None:
+    """The folder's layers hold: no part reaches up into the node, the CLI or the agent."""
+    against = [f"{module} -> {target}"
+               for module, path in sorted(MESH_FILES.items())
+               for target in sorted(_mesh_imports(path))
+               if target in MESH_MODULES and _layer(target) > _layer(module)]
+    assert against == []
+
+
+def test_no_import_cycle_between_mesh_modules() -> None:
+    """Tarjan's strongly connected components over the module graph: all of size one."""
+    graph = {m: {t for t in _mesh_imports(p) if t in MESH_MODULES and t != "mesh"}
+             for m, p in MESH_FILES.items() if m != "mesh"}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    assert cycles == []

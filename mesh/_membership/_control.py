@@ -98,6 +98,10 @@ class Membership:
         """Our control endpoints (once bound)."""
         return self._announcement.ctl
 
+    def links(self) -> list[str]:
+        """The control endpoints this node holds a link to (known peers and pending ones)."""
+        return sorted(self._links)
+
     @property
     def interest_version(self) -> int:
         """The version of what this node offers, as its hellos and heartbeats carry it."""

@@ -63,8 +63,8 @@ class Tracked(msgspec.Struct, gc=False):
     container: it is a Struct without GC tracking (it holds no cycles), and
     `pending` is a tuple, shared by every message of a group until one of
     them is delivered somewhere. (With a set per message, the garbage
-    collector's passes over hundreds of thousands of live sets were a tenth of
-    the publisher's time.)
+    collector's passes over hundreds of thousands of live sets showed in the
+    publisher's profile.)
     """
 
     spool_id: int

@@ -152,6 +152,10 @@ class Requests:
             await asyncio.wait(set(self._closing))
         self._deadlines.close()
 
+    def links(self) -> list[str]:
+        """Ids of the servers this node holds a connection to."""
+        return sorted(self._links)
+
     def has_server(self, service: str) -> bool:
         return self._choose(service, ()) is not None
 
@@ -228,7 +232,7 @@ class Requests:
         deadline = loop.time() + timeout
         attempts = retries + 1
         tried: list[str] = []
-        # The first attempt runs before tenacity is set up (it costs ~50 us, more than a
+        # The first attempt runs before tenacity is set up (that costs more than a
         # loopback round trip); if it fails retryably, tenacity takes over with that
         # failure as its attempt 1, so one policy still governs every attempt.
         try:

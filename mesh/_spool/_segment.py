@@ -2,8 +2,8 @@
 
 Why an append-only segmented log (and not SQLite or LMDB): every reliable send
 is one sequential append, which group commit turns into one write and one
-fsync for everything that arrived meanwhile (measured here: ~6-7 k fsyncs/s,
-so ~500 k records/s at 1 ms per commit); reclaiming acknowledged data is
+fsync for everything that arrived meanwhile (benchmarks/README.md has the
+figures); reclaiming acknowledged data is
 deleting whole files; and recovery is a linear scan that can step over damage.
 SQLite in WAL mode pays a B-tree update and index per message, and LMDB's
 copy-on-write pages fsync more than the data written.

@@ -2,7 +2,7 @@
 
 Pusher side (this module). Every worker announces, per queue, a credit
 window: how many of one pusher's messages it will hold unprocessed. A pusher
-keeps a `_Target` per (worker, queue) and sends only while that target has
+keeps a `Target` per (worker, queue) and sends only while that target has
 credit, so messages are never queued up behind a slow worker: a worker 10x
 slower gets about 10x fewer. Among workers with credit the choice is round
 robin, so equal workers share equally. With no worker at all, a best-effort
@@ -10,7 +10,8 @@ robin, so equal workers share equally. With no worker at all, a best-effort
 silently drops. Each target is one numbered stream (an *epoch*); credits name
 the epoch, so a credit from a stream we gave up on can never settle another.
 
-Worker side: see `_worker`.
+Worker side: see `_credit` (receiving, crediting) and `_pull` (the application's
+handles); one worker as the pusher sees it: `_target`.
 
 Departures. A worker that leaves gracefully first sends its final credits,
 then its goodbye (or a hello without the queue) on the same ordered control
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections import Counter, deque
@@ -45,80 +45,27 @@ from .._membership._peers import PeerRecord, PeerState, PeerTable
 from .._message import Message
 from .._parts import Announcer
 from .._reliable._dedup import Dedup
-from .._reliable._outbox import Outbox, Tracked
+from .._reliable._outbox import Outbox
 from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
 from ..errors import ClosedError, ConfigError, MessageTooLarge, NoRespondersError, RequestTimeout
 from ._credit import Workers
 from ._pull import Handler, Pull
+from ._target import Sent, Target
 
 _log = logging.getLogger("mesh.workqueue")
 DEFAULT_PREFETCH: Final[int] = 8192
 """The most unprocessed messages a worker may hold from each pusher (and, best effort,
 lose if it is killed). The window in use adapts below it (`_window`): about 20 ms of the
 worker's own work, so a slow worker holds a few and a fast one enough to cover a credit's
-trip back. A fixed 256 measured 0.13-0.30x raw pyzmq on 64 B push/pull, the round trip
-stalling the pusher once the window was used up; adaptive with this cap, 0.26-0.56x on the
-same loaded host (median 0.50), the pusher's CPU (~2x raw's per message) being the limit
-(benchmarks/pushpull.py)."""
+trip back (a fixed window stalls the pusher for a round trip each time it is used up; see
+benchmarks/README.md)."""
 _PUSH_LINGER: Final[float] = 2.0
 """A batch frame holds at most this much payload (or one larger message)."""
 _TURN: Final[int] = 64
 """A worker's turn in the round robin: at most this many messages (and its batch, its credit)."""
 
 _wall_clock: Final = time.time
-
-Sent = tuple[_wire.Item, Tracked | None]
-
-
-class _Target:
-    """One worker of one queue as its pusher sees it: window, positions, in-flight copies."""
-
-    __slots__ = ("acked", "announced", "batch_at", "epoch", "flushed", "inflight", "key",
-                 "local", "nacked", "outgoing", "outgoing_bytes", "owner_ack", "peer_id",
-                 "progress_at", "pusher", "queue", "run", "sent", "tracked", "window")
-
-    def __init__(self, peer_id: str, queue: str, window: int, epoch: int,
-                 pusher: Pusher | None, local: bool) -> None:
-        self.peer_id = peer_id
-        self.queue = queue
-        self.key = _names.queue(queue)
-        self.epoch = epoch
-        self.pusher = pusher
-        self.local = local
-        self.sent = 0
-        self.flushed = 0
-        self.acked = 0
-        self.inflight: deque[_wire.Item] = deque()
-        """Sent and not yet consumed, in order (bare items: no tuple per message to collect)."""
-        self.tracked: dict[int, Tracked] = {}
-        """The spool entries of the reliable ones among them, by sequence number."""
-        self.outgoing: list[_wire.Item] = []
-        self.outgoing_bytes = 0
-        self.run = 0
-        """Messages push() may still give it without choosing again (never above its credit)."""
-        self.announced = window
-        self.resize(window)
-        self.nacked: set[int] = set()
-        self.progress_at = time.monotonic()
-        self.owner_ack: Callable[[_Target, int], None] = lambda target, n: None
-
-    @property
-    def credit(self) -> int:
-        return self.window - (self.sent - self.acked)
-
-    def resize(self, window: int) -> None:
-        self.window = window
-        self.batch_at = max(1, window // 4)
-        if self.run > self.credit:  # a turn never outlasts the credit (push relies on it)
-            self.run = max(0, self.credit)
-
-    def settle(self, msg: Message, ok: bool) -> None:
-        """A local worker consumed one of our own pushes (no network in between)."""
-        if not ok:
-            self.nacked.add(msg.seq)
-        self.owner_ack(self, 1)
-
 
 class WorkQueues:
     """Push/pull for one node: pusher-side dispatch plus the worker side (`Workers`)."""
@@ -140,17 +87,17 @@ class WorkQueues:
         self.name = ""
         self._epoch = time.time_ns()
         self._pushers: dict[str, Pusher] = {}
-        self._targets: dict[tuple[str, str], _Target] = {}
+        self._targets: dict[tuple[str, str], Target] = {}
         self._rr: dict[str, int] = {}
-        self._target_cache: dict[str, list[_Target]] = {}
-        self._current: dict[str, _Target] = {}
+        self._target_cache: dict[str, list[Target]] = {}
+        self._current: dict[str, Target] = {}
         """Per queue, the target of the current round-robin turn (see `_pick`)."""
         self._queue_keys: BoundedDict[str, bytes] = BoundedDict()
         self._max_size = config.max_message_size
         self._backlog: dict[str, deque[Sent]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._flush_handle: asyncio.Handle | None = None
-        self._dirty: set[_Target] = set()
+        self._dirty: set[Target] = set()
         self._uncounted = 0
 
     # -- lifecycle ---------------------------------------------------------------
@@ -237,7 +184,7 @@ class WorkQueues:
             self._stats["pushed"] += 1
             self._assign(target, (item, None))
             return
-        self._uncounted += 1  # into stats when its batch leaves (a Counter += costs 0.2 us)
+        self._uncounted += 1  # into stats when its batch leaves (not a Counter += per push)
         # _assign, inlined for the common case
         target.run -= 1
         target.sent += 1
@@ -278,7 +225,7 @@ class WorkQueues:
     def worker_count(self, queue: str) -> int:
         return len(self._targets_for(queue))
 
-    def _targets_for(self, queue: str) -> list[_Target]:
+    def _targets_for(self, queue: str) -> list[Target]:
         targets = self._target_cache.get(queue)
         if targets is None:
             targets = []
@@ -294,7 +241,7 @@ class WorkQueues:
             self._target_cache[queue] = targets
         return targets
 
-    def _target(self, peer_id: str, queue: str, window: int, endpoint: str | None) -> _Target:
+    def _target(self, peer_id: str, queue: str, window: int, endpoint: str | None) -> Target:
         target = self._targets.get((peer_id, queue))
         if target is not None and target.pusher is not None and target.pusher.endpoint != endpoint:
             self._drop_target(target, "worker restarted")  # its old pipe leads nowhere
@@ -309,7 +256,7 @@ class WorkQueues:
                 if pusher is None:
                     pusher = self._pushers[peer_id] = Pusher(self._ctx, endpoint)
             self._epoch += 1
-            target = _Target(peer_id, queue, window, self._epoch, pusher, endpoint is None)
+            target = Target(peer_id, queue, window, self._epoch, pusher, endpoint is None)
             target.owner_ack = self._ack
             self._targets[(peer_id, queue)] = target
         if window != target.announced:  # else keep what its credits said since
@@ -317,7 +264,7 @@ class WorkQueues:
             target.resize(window)
         return target
 
-    def _pick(self, queue: str) -> _Target | None:
+    def _pick(self, queue: str) -> Target | None:
         """The next worker with credit, round robin; it gets a turn of up to a batch.
 
         A turn never exceeds the target's credit, and every assignment counts
@@ -339,7 +286,7 @@ class WorkQueues:
         return None
 
     async def _wait_for_target(self, queue: str, timeout: float,
-                               closed: Callable[[], bool]) -> _Target:
+                               closed: Callable[[], bool]) -> Target:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
@@ -362,10 +309,10 @@ class WorkQueues:
                 raise NoRespondersError(queue) from None
             raise RequestTimeout(f"push to {queue!r}: every worker is busy", timeout) from None
 
-    def _assign(self, target: _Target, sent: Sent) -> None:
+    def _assign(self, target: Target, sent: Sent) -> None:
         self._assign_many(target, (sent,))
 
-    def _assign_many(self, target: _Target, sents: Sequence[Sent]) -> None:
+    def _assign_many(self, target: Target, sents: Sequence[Sent]) -> None:
         """Give `target` these messages (at most its turn): in flight, then out in batches."""
         n = len(sents)
         target.run -= n
@@ -408,7 +355,7 @@ class WorkQueues:
         for target in dirty:
             self._send(target)
 
-    def _send(self, target: _Target) -> None:
+    def _send(self, target: Target) -> None:
         if self._uncounted:
             self._stats["pushed"] += self._uncounted
             self._uncounted = 0
@@ -473,46 +420,10 @@ class WorkQueues:
         if target is not None and target.epoch == nack.epoch:
             target.nacked.update(nack.seqs[:10_000])
 
-    def _ack(self, target: _Target, n: int) -> None:
-        if n <= 0:
-            return
-        target.acked += n
-        target.progress_at = time.monotonic()
-        inflight = target.inflight
-        done = min(n, len(inflight))
-        if not target.nacked and not target.tracked:  # nothing to settle: just forget them
-            if done == len(inflight):
-                inflight.clear()
-            elif done > len(inflight) // 2:  # copy the rest in C rather than pop in Python
-                target.inflight = deque(itertools.islice(inflight, done, None))
-            else:
-                for _ in range(done):
-                    inflight.popleft()
-            done = 0
-        if target.nacked:
-            self._settle_one_by_one(target, done)
-        else:
-            popleft, pop_tracked = inflight.popleft, target.tracked.pop
-            settled = [one for one in (pop_tracked(popleft().seq, None) for _ in range(done))
-                       if one is not None]
-            if settled and self._outbox is not None:
-                self._outbox.delivered(settled, target.queue)
-        self._wake(target.queue)
-
-    def _settle_one_by_one(self, target: _Target, done: int) -> None:
-        """The `done` oldest in-flight messages were consumed, some of them nacked."""
-        for _ in range(done):
-            item = target.inflight.popleft()
-            tracked = target.tracked.pop(item.seq, None)
-            failed = item.seq in target.nacked
-            if failed:
-                target.nacked.discard(item.seq)
-            if tracked is not None and self._outbox is not None:
-                if failed:
-                    self._outbox.failed(tracked, "nacked by the worker", self.requeue,
-                                        target.queue)
-                else:
-                    self._outbox.delivered((tracked,), target.queue)
+    def _ack(self, target: Target, n: int) -> None:
+        if n > 0:
+            target.consume(n, self._outbox, self.requeue)
+            self._wake(target.queue)
 
     def _check_ack_timeouts(self, ack_timeout: float) -> None:
         now = time.monotonic()
@@ -565,31 +476,23 @@ class WorkQueues:
         self._target_cache.pop(queue, None)
         self._current.pop(queue, None)
 
-    def _drop_target(self, target: _Target, reason: str) -> None:
+    def _drop_target(self, target: Target, reason: str) -> None:
         """Give up on a stream: reliable messages go again, best-effort ones are lost."""
         del self._targets[(target.peer_id, target.queue)]
         self._dirty.discard(target)
         self._forget_targets(target.queue)
-        lost = 0
-        for item in target.inflight:
-            tracked = target.tracked.get(item.seq)
-            if tracked is not None and self._outbox is not None:
-                self._outbox.failed(tracked, reason, self.requeue, target.queue)
-            else:
-                lost += 1
+        lost = target.give_up(reason, self._outbox, self.requeue)
         if lost:
             self._stats["lost_in_flight"] += lost
             _log.warning("%s: %d best-effort messages of queue %s lost with worker %s",
                          reason, lost, target.queue, target.peer_id[:8])
 
-    def _requeue_target(self, target: _Target) -> None:
+    def _requeue_target(self, target: Target) -> None:
         del self._targets[(target.peer_id, target.queue)]
         self._dirty.discard(target)
         self._forget_targets(target.queue)
         if target.inflight:
-            backlog = self._backlog.setdefault(target.queue, deque())
-            backlog.extendleft((item, target.tracked.get(item.seq))
-                               for item in reversed(target.inflight))
+            self._backlog.setdefault(target.queue, deque()).extendleft(target.unconsumed())
             self._stats["redelivered"] += len(target.inflight)
 
     # -- worker side -------------------------------------------------------------
@@ -609,7 +512,7 @@ class WorkQueues:
         if local is None:
             return
         self._forget_targets(local.name)
-        own = {s for s in local.settles if isinstance(s, _Target)}
+        own = {s for s in local.settles if isinstance(s, Target)}
         local.clear()
         for target in own:  # our own pushes to ourselves go back to the pusher side
             if self._targets.get((target.peer_id, target.queue)) is target:

@@ -13,6 +13,9 @@ from mesh._membership import _control as membership
 from mesh._membership._peers import PeerTable
 from tests.helpers import aeventually
 
+from ._proc import Cli
+from .conftest import FAST_ENV
+
 
 @pytest.mark.parametrize("interval", [0.05, 0.25, 0.5, 1.0])
 @pytest.mark.parametrize("now", [1_700_000_000.0, 1_700_000_000.001, 1_699_999_999.999,
@@ -94,3 +97,43 @@ async def test_heartbeat_carries_the_new_interest_version(make_node) -> None:
     await a.subscribe("liveness.x")
     await aeventually(lambda: beat_version() > before)
     assert beat_version() == a._live().membership.interest_version
+
+
+async def test_a_killed_peer_is_forgotten_after_forget_after(make_node, procs, mesh_name) -> None:
+    """SIGKILLed: lost after `lost_after`, then gone from peers() with its connections
+    closed once it has been lost for `forget_after` seconds."""
+    a = await make_node("a", mdns=False, forget_after=0.5)
+    server = Cli(["serve", "svc", "--echo", "--peer", a.endpoints["ctl"][0]], mesh=mesh_name,
+                 env={**FAST_ENV, "ZEROMESH_MDNS": "false"})
+    procs.append(server)
+    server.line("ready", timeout=20)
+    await a.wait_for_service("svc", timeout=10)
+    assert (await a.request("svc", b"hi", timeout=5)).data == b"hi"
+    [peer] = a.peers()
+    run = a._live()
+    assert run.requests.links() == [peer.id]  # the connection a request opened
+    events = a.events()
+    server.proc.kill()
+    lost = await events.next(timeout=5)
+    lost_at = time.monotonic()
+    assert (lost.kind, lost.peer.id) == (PeerEventKind.LOST, peer.id)
+    await aeventually(lambda: a.peers() == [], timeout=5)
+    assert time.monotonic() - lost_at >= 0.5 - 0.1  # not before forget_after
+    assert run.requests.links() == []
+    assert peer.endpoints[0] not in run.membership.links()
+
+
+async def test_a_forgotten_peer_that_returns_joins_as_new(make_node) -> None:
+    """Forgotten is not banned: when its heartbeats resume it joins again."""
+    timing = {"mdns": False, "forget_after": 0.2}
+    a = await make_node("a", **timing)
+    b = await make_node("b", peers=a.endpoints["ctl"], **timing)
+    await a.wait_for_peers(1, timeout=5)
+    events = a.events()
+    await b._live().tasks.cancel()  # b's heartbeats stop, as in a crash: no goodbye
+    assert (await events.next(timeout=5)).kind is PeerEventKind.LOST
+    await aeventually(lambda: a.peers() == [], timeout=5)
+    b._live().tasks.spawn(b._live().membership.run(), "zeromesh-control")  # b wakes up
+    joined = await events.next(timeout=5)
+    assert (joined.kind, joined.peer.name) == (PeerEventKind.JOINED, "b")
+    await aeventually(lambda: [p.state for p in a.peers()] == [PeerState.ALIVE], timeout=5)
