@@ -79,7 +79,7 @@ def raw_publisher(size: int, count: int, link: Link) -> None:
             send(payload)
         link.report("send_seconds", time.perf_counter() - t0)
         # Linger is 0: stay up until the subscriber says it is done.
-        ack.poll(link.left() * 1000)
+        ack.poll(link.left_ms())
     except Exception as exc:
         link.report("error", f"raw publisher: {exc!r}")
     finally:
@@ -101,7 +101,7 @@ def raw_subscriber(size: int, count: int, ports: tuple[int, int], link: Link) ->
     payload = make_payload(size)
     res = Result()
     try:
-        if not sub.poll(link.left() * 1000):
+        if not sub.poll(link.left_ms()):
             raise TimeoutError("no probe arrived")
         sub.recv()
         ack.send(b"ready")
