@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -25,6 +26,14 @@ class AgentProc:
     cli: Cli
     url: str
     id: str
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of its HTTP API."""
+        url = urlsplit(self.url)
+        assert url.hostname is not None, self.url
+        assert url.port is not None, self.url
+        return url.hostname, url.port
 
 
 def start_agent(procs: list[Cli], *args: str, mesh: str, name: str = "agent",

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -15,6 +16,7 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from ._agent import start_agent
+from ._proc import Cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,7 +55,7 @@ class App:
             self.in_flight -= 1
             self.changed.set()
 
-    async def wait_until(self, condition, timeout: float = 15.0) -> None:
+    async def wait_until(self, condition: Callable[[], bool], timeout: float = 15.0) -> None:
         async with asyncio.timeout(timeout):
             while not condition():
                 self.changed.clear()
@@ -97,7 +99,7 @@ async def metric(http: aiohttp.ClientSession, base: str, name: str, **labels: st
 
 
 async def test_failed_posts_are_retried_then_acked_in_publish_order(
-        procs, mesh_name, tmp_path, app) -> None:
+        procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
     """Each message is POSTed until a 2xx; with concurrency 1 the app sees the publish order,
     and each message is accepted exactly once."""
     app.fail_first = 2
@@ -128,7 +130,7 @@ async def test_failed_posts_are_retried_then_acked_in_publish_order(
 
 
 async def test_a_webhook_that_always_fails_dead_letters_then_replay_delivers(
-        procs, mesh_name, tmp_path, app) -> None:
+        procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
     """After `attempts` POSTs the message is in the dead-letter spool; once the app is
     fixed, replaying delivers it."""
     app.always_fail = True
@@ -157,7 +159,7 @@ async def test_a_webhook_that_always_fails_dead_letters_then_replay_delivers(
         assert await metric(http, agent.url, "zeromesh_dead_letters") == 0
 
 
-async def test_concurrency_bounds_posts_in_flight(procs, mesh_name, tmp_path, app) -> None:
+async def test_concurrency_bounds_posts_in_flight(procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
     app.hold = asyncio.Event()
     config = hook_config(app.url, pattern="load.*", concurrency=3, attempts=1)
     agent = start_agent(procs, mesh=mesh_name, name="side", config=config, tmp=tmp_path)

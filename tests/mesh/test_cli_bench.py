@@ -8,6 +8,7 @@ import pathlib
 import pty
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +36,8 @@ def _processes_naming(text: str) -> list[str]:
     ("reqrep", ["--in-flight", "4"]),
     ("spool", ["--fsync", "off"]),
 ])
-def test_each_pattern_runs_both_ends_and_reports_json(pattern, extra, mesh_name) -> None:
+def test_each_pattern_runs_both_ends_and_reports_json(pattern: str, extra: list[str],
+                                                      mesh_name: str) -> None:
     """A lossless local run: every message counted, plausible rates and ordered percentiles,
     and the child end is gone when the command returns."""
     result = run(["bench", pattern, "--count", "500", "--json", "--timeout", "30", *extra],
@@ -59,7 +61,7 @@ def test_each_pattern_runs_both_ends_and_reports_json(pattern, extra, mesh_name)
         assert _processes_naming(report["mesh"]) == []
 
 
-def test_table_has_the_header_and_a_row_per_end(mesh_name) -> None:
+def test_table_has_the_header_and_a_row_per_end(mesh_name: str) -> None:
     """Without --json: a title, the column header, the sender's and the receiver's rows."""
     result = run(["bench", "pushpull", "--count", "300", "--timeout", "30"], mesh=mesh_name,
                  timeout=40)
@@ -80,7 +82,7 @@ def test_table_has_the_header_and_a_row_per_end(mesh_name) -> None:
     (["bench", "pubsub", "--count", "0"], "must be >= 1"),
     (["bench", "mqtt"], "invalid choice"),
 ])
-def test_bad_usage_exits_2_with_one_line(args, reason, mesh_name) -> None:
+def test_bad_usage_exits_2_with_one_line(args: list[str], reason: str, mesh_name: str) -> None:
     result = run(args, mesh=mesh_name)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -88,7 +90,7 @@ def test_bad_usage_exits_2_with_one_line(args, reason, mesh_name) -> None:
     assert result.stdout == ""
 
 
-def test_a_lone_sub_end_exits_1_at_its_timeout(mesh_name) -> None:
+def test_a_lone_sub_end_exits_1_at_its_timeout(mesh_name: str) -> None:
     """--role sub with no publisher in its mesh: nothing received within --timeout."""
     result = run(["bench", "pubsub", "--role", "sub", "--timeout", "0.5"], mesh=mesh_name)
     assert result.returncode == 1
@@ -98,7 +100,7 @@ def test_a_lone_sub_end_exits_1_at_its_timeout(mesh_name) -> None:
 
 
 @pytest.mark.parametrize("pattern", ["pubsub", "spool"])
-def test_one_end_each_meets_the_other_by_mesh_name(pattern, procs, mesh_name) -> None:
+def test_one_end_each_meets_the_other_by_mesh_name(pattern: str, procs: list[Cli], mesh_name: str) -> None:
     """--role sub and --role pub as separate commands find each other (mDNS on 127.0.0.1);
     the subscriber learns the sent count from the publisher's end marker, and a reliable
     publisher exits 0 only once the durable acknowledged everything, the marker too."""
@@ -116,7 +118,7 @@ def test_one_end_each_meets_the_other_by_mesh_name(pattern, procs, mesh_name) ->
     assert got["sent"] == 400 and got["send_msgs_per_s"] > 0
 
 
-def test_a_failing_other_end_is_one_line_and_exit_1(mesh_name) -> None:
+def test_a_failing_other_end_is_one_line_and_exit_1(mesh_name: str) -> None:
     """The child end cannot send (payload over the node's limit): its reason, relayed."""
     result = run(["bench", "pushpull", "--size", str(2 * 1024 * 1024), "--count", "3",
                   "--timeout", "20"], mesh=mesh_name, timeout=30)
@@ -126,7 +128,7 @@ def test_a_failing_other_end_is_one_line_and_exit_1(mesh_name) -> None:
     assert "exceeds the limit" in lines[0]
 
 
-def test_a_secure_local_run_peers_its_child_by_key(tmp_path, mesh_name) -> None:
+def test_a_secure_local_run_peers_its_child_by_key(tmp_path: Path, mesh_name: str) -> None:
     """With CURVE on and no mDNS, the child reaches us only with our key in its --peer URL."""
     keys = run(["keygen", "--out", str(tmp_path)], mesh=mesh_name)
     assert keys.returncode == 0, keys.stderr
@@ -137,7 +139,7 @@ def test_a_secure_local_run_peers_its_child_by_key(tmp_path, mesh_name) -> None:
     assert json.loads(result.stdout)["received"] == 300
 
 
-def test_progress_is_one_rewritten_line_on_a_terminal(mesh_name) -> None:
+def test_progress_is_one_rewritten_line_on_a_terminal(mesh_name: str) -> None:
     """stderr on a TTY: a line rewritten with \\r showing count and rate, cleared at the end."""
     master, slave = pty.openpty()
     try:

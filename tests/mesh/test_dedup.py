@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import msgspec
+import pytest
 
 from mesh._reliable._dedup import Dedup, runs_of
 from mesh._spool import RecordKind, SpoolStore, _store
@@ -43,7 +46,7 @@ def test_runs_of_merges_neighbours_and_repeats() -> None:
     assert runs_of([5, 1, 2, 3, 3, 9, 6]) == [1, 4, 5, 7, 9, 10]
 
 
-async def test_marks_survive_a_restart_also_in_the_older_single_sequence_form(tmp_path) -> None:
+async def test_marks_survive_a_restart_also_in_the_older_single_sequence_form(tmp_path: Path) -> None:
     """Saved runs and records written by older versions (sender, [seq...]) both load."""
     store = SpoolStore(tmp_path)
     await store.start()
@@ -65,7 +68,7 @@ async def test_marks_survive_a_restart_also_in_the_older_single_sequence_form(tm
 
 
 @contextlib.asynccontextmanager
-async def _loaded(path, **kw) -> AsyncIterator[tuple[SpoolStore, Dedup]]:
+async def _loaded(path: Path, **kw: Any) -> AsyncIterator[tuple[SpoolStore, Dedup]]:
     """A started store and the dedup loaded from it; the store is closed on the way out."""
     store = SpoolStore(path, **kw)
     await store.start()
@@ -77,8 +80,8 @@ async def _loaded(path, **kw) -> AsyncIterator[tuple[SpoolStore, Dedup]]:
         await store.aclose()
 
 
-async def test_marks_survive_two_restarts_and_the_inbox_is_compacted(tmp_path,
-                                                                     monkeypatch) -> None:
+async def test_marks_survive_two_restarts_and_the_inbox_is_compacted(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Marks written over many segments are all still known after a second and a third
     start, and each start leaves them compacted in one new segment (the older go)."""
     monkeypatch.setattr(_store, "_LAZY_ACKS", 0.0)  # each save is written at once

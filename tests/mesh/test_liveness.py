@@ -10,8 +10,10 @@ import pytest
 from mesh import PeerEventKind, PeerState
 from mesh import _wire as wire
 from mesh._membership import _control as membership
-from mesh._membership._peers import PeerTable
+from mesh._membership._peers import PeerRecord, PeerTable
 from tests.helpers import aeventually
+
+from .conftest import MakeNode
 
 
 @pytest.mark.parametrize("interval", [0.05, 0.25, 0.5, 1.0])
@@ -31,12 +33,12 @@ def test_a_beat_that_wakes_a_hair_early_is_not_repeated() -> None:
     assert membership._until_next_beat(100.0001, 0.5) == pytest.approx(0.4999)
 
 
-async def test_talking_peers_never_wake_the_silence_timer(make_node, monkeypatch) -> None:
+async def test_talking_peers_never_wake_the_silence_timer(make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
     """Peers that keep beating move their silence timer on: it never runs out while they talk."""
     expired: list[str] = []
     original = PeerTable._expire
 
-    def spy(self: PeerTable, rec) -> None:
+    def spy(self: PeerTable, rec: PeerRecord) -> None:
         expired.append(rec.name)
         original(self, rec)
 
@@ -55,7 +57,7 @@ async def test_talking_peers_never_wake_the_silence_timer(make_node, monkeypatch
     assert {p.state for p in a.peers()} == {PeerState.ALIVE}
 
 
-async def test_a_peer_that_goes_silent_is_suspect_then_lost_on_time(make_node) -> None:
+async def test_a_peer_that_goes_silent_is_suspect_then_lost_on_time(make_node: MakeNode) -> None:
     """A peer whose heartbeats stop (no goodbye) is lost `lost_after` after it was last heard."""
     timing = {"heartbeat_interval": 0.05, "suspect_after": 0.2, "lost_after": 0.4, "mdns": False}
     a = await make_node("a", **timing)
@@ -74,15 +76,18 @@ async def test_a_peer_that_goes_silent_is_suspect_then_lost_on_time(make_node) -
     assert 0.4 - 0.05 - 0.05 <= took <= 0.4 + 0.2, took
 
 
-async def test_heartbeat_carries_the_new_interest_version(make_node) -> None:
+async def test_heartbeat_carries_the_new_interest_version(make_node: MakeNode) -> None:
     """After a subscription the cached heartbeat is rebuilt: peers can notice a lost hello."""
     a = await make_node("a", mdns=False)
     b = await make_node("b", mdns=False, peers=a.endpoints["ctl"])
     await a.wait_for_peers(1, timeout=5)
     await b.wait_for_peers(1, timeout=5)
 
+    membership = a._membership
+    assert membership is not None
+
     def beat_version() -> int:
-        frame = a._membership._heartbeat
+        frame = membership._heartbeat
         if frame is None:
             return -1
         beat = wire.decode_control(bytes(frame))

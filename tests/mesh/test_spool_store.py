@@ -8,6 +8,8 @@ import random
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,13 +18,13 @@ from mesh._spool import FsyncPolicy, SpoolStore
 from tests.helpers import aeventually
 
 
-async def _open(path, **kw) -> SpoolStore:
+async def _open(path: Path, **kw: Any) -> SpoolStore:
     store = SpoolStore(path, **kw)
     await store.start()
     return store
 
 
-async def test_pending_messages_survive_reopen_and_ids_keep_growing(tmp_path) -> None:
+async def test_pending_messages_survive_reopen_and_ids_keep_growing(tmp_path: Path) -> None:
     """What was appended and not acked is pending again after a restart, in order."""
     store = await _open(tmp_path)
     ids = [await store.append(f"m{i}".encode()) for i in range(5)]
@@ -37,7 +39,7 @@ async def test_pending_messages_survive_reopen_and_ids_keep_growing(tmp_path) ->
         await again.aclose()
 
 
-async def test_acks_in_runs_and_singles_survive_reopen(tmp_path) -> None:
+async def test_acks_in_runs_and_singles_survive_reopen(tmp_path: Path) -> None:
     """Acks of consecutive ids (one record per run) and scattered ones settle exactly those."""
     store = await _open(tmp_path)
     ids = await store.append_many([f"m{i}".encode() for i in range(20)])
@@ -54,7 +56,7 @@ async def test_acks_in_runs_and_singles_survive_reopen(tmp_path) -> None:
         await again.aclose()
 
 
-async def test_acks_reach_the_files_without_a_later_append(tmp_path) -> None:
+async def test_acks_reach_the_files_without_a_later_append(tmp_path: Path) -> None:
     """Acks wait for the next commit to ride along, but not forever when none comes."""
     store = await _open(tmp_path)
     try:
@@ -67,7 +69,8 @@ async def test_acks_reach_the_files_without_a_later_append(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("policy", list(FsyncPolicy))
-async def test_concurrent_appends_share_commits_under_every_policy(tmp_path, policy) -> None:
+async def test_concurrent_appends_share_commits_under_every_policy(tmp_path: Path,
+                                                                   policy: FsyncPolicy) -> None:
     """Many appends in flight at once all complete and all come back after reopen."""
     store = await _open(tmp_path, fsync=policy)
     ids = await asyncio.gather(*(store.append(b"x" * 100) for _ in range(500)))
@@ -79,7 +82,7 @@ async def test_concurrent_appends_share_commits_under_every_policy(tmp_path, pol
         await again.aclose()
 
 
-async def test_acknowledged_segments_are_deleted(tmp_path) -> None:
+async def test_acknowledged_segments_are_deleted(tmp_path: Path) -> None:
     """Once everything in the oldest segments is acked, their files go away."""
     store = await _open(tmp_path, segment_bytes=4096)
     ids = [await store.append(b"y" * 500) for _ in range(40)]
@@ -96,7 +99,7 @@ async def test_acknowledged_segments_are_deleted(tmp_path) -> None:
         await again.aclose()
 
 
-async def test_a_segment_goes_exactly_when_its_last_message_is_acked(tmp_path) -> None:
+async def test_a_segment_goes_exactly_when_its_last_message_is_acked(tmp_path: Path) -> None:
     """Groups and singles over many segments, acked in random order (with repeats and
     unknown ids): a segment is deleted once all of its messages are acked, never
     before, also after a restart."""
@@ -128,7 +131,7 @@ async def test_a_segment_goes_exactly_when_its_last_message_is_acked(tmp_path) -
         await again.aclose()
 
 
-async def test_torn_tail_is_reported_cut_and_every_intact_record_kept(tmp_path) -> None:
+async def test_torn_tail_is_reported_cut_and_every_intact_record_kept(tmp_path: Path) -> None:
     """A crash mid-write leaves half a record: reported, cut off, the rest kept."""
     store = await _open(tmp_path)
     for i in range(10):
@@ -152,7 +155,7 @@ async def test_torn_tail_is_reported_cut_and_every_intact_record_kept(tmp_path) 
         await third.aclose()
 
 
-async def test_a_group_is_one_record_and_a_torn_one_loses_only_its_own_append(tmp_path) -> None:
+async def test_a_group_is_one_record_and_a_torn_one_loses_only_its_own_append(tmp_path: Path) -> None:
     """append_many writes one RUN record; ids, acks, peek and recovery see each message,
     and a torn last group costs that group alone (its append never returned)."""
     store = await _open(tmp_path)
@@ -177,7 +180,7 @@ async def test_a_group_is_one_record_and_a_torn_one_loses_only_its_own_append(tm
         await again.aclose()
 
 
-async def test_flipped_bytes_cost_one_record_not_the_rest(tmp_path) -> None:
+async def test_flipped_bytes_cost_one_record_not_the_rest(tmp_path: Path) -> None:
     """Corruption inside the file is skipped by resynchronising on the next record."""
     store = await _open(tmp_path)
     for i in range(10):
@@ -197,7 +200,7 @@ async def test_flipped_bytes_cost_one_record_not_the_rest(tmp_path) -> None:
         await again.aclose()
 
 
-async def test_quota_is_a_clear_error_and_earlier_data_survives(tmp_path) -> None:
+async def test_quota_is_a_clear_error_and_earlier_data_survives(tmp_path: Path) -> None:
     """Past the quota: SpoolFullError to the sender; everything accepted before is intact."""
     store = await _open(tmp_path, quota_bytes=10_000)
     accepted = []
@@ -230,7 +233,7 @@ _WRITER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("policy", ["batch", "always"])
-def test_every_append_that_returned_survives_sigkill(tmp_path, policy) -> None:
+def test_every_append_that_returned_survives_sigkill(tmp_path: Path, policy: str) -> None:
     """Guarantee 1: an append that returned is on disk, even if the process is SIGKILLed."""
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), policy],
                             stdout=subprocess.PIPE, text=True)

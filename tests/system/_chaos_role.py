@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from typing import Any
 
 from mesh import AsyncNode
 
-SETTINGS = {"interfaces": ["127.0.0.1"], "max_attempts": 10_000, "retry_backoff": 0.05,
-            "ack_timeout": 5.0}
+SETTINGS: dict[str, Any] = {"interfaces": ["127.0.0.1"], "max_attempts": 10_000,
+                            "retry_backoff": 0.05, "ack_timeout": 5.0}
 
 
 async def publisher(name: str, mesh: str, data_dir: str, progress: str, count: int) -> None:

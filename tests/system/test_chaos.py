@@ -54,7 +54,7 @@ class Proc:
 
 
 @pytest.mark.timeout(240)
-def test_reliable_delivery_survives_ten_random_sigkills(tmp_path) -> None:
+def test_reliable_delivery_survives_ten_random_sigkills(tmp_path: Path) -> None:
     """10,000 reliable messages, 10 SIGKILLs and restarts: every message arrives."""
     mesh = "chaos" + uuid.uuid4().hex[:8]
     durable = Proc("durable", "sub", mesh, tmp_path)

@@ -50,7 +50,7 @@ def keys(tmp_path: Path) -> dict[str, list[str]]:
     }
 
 
-def test_only_allowed_keys_exchange_messages(lan4: netns.Lan, keys) -> None:
+def test_only_allowed_keys_exchange_messages(lan4: netns.Lan, keys: dict[str, list[str]]) -> None:
     h1, h2, h3, h4 = lan4.hosts
     mesh = unique("sec")
     agents = {role: Agent(host, mesh, f"{role}-{host.name}", extra=keys[role])
