@@ -174,7 +174,8 @@ async def test_well_formed_hostile_requests_and_work_never_end_a_reader(
     await target.serve("echo", lambda m: m.data)
     jobs: list[bytes] = []
     await target.pull("jobs", handler=lambda m: jobs.append(m.data))
-    rtr, pull = target.endpoints["rtr"][0], target._work.endpoints[0]  # type: ignore[union-attr]
+    assert target._work is not None
+    rtr, pull = target.endpoints["rtr"][0], target._work.endpoints[0]
     keys = st.sampled_from([b"jobs\x00", b"other\x00", b"j\x00", b"\xff\x00"])
     services = st.one_of(
         st.builds(wire.Request, _ints, st.one_of(st.just("echo"), _names), _ids,
@@ -338,7 +339,7 @@ class Sink:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = self.runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
 
     async def _post(self, request: web.Request) -> web.Response:
