@@ -18,6 +18,7 @@ process and every child: benchmarks never touch another interface.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import os
 import queue
@@ -82,6 +83,14 @@ class Link:
     def left_ms(self) -> int:
         """`left()` in whole milliseconds, as zmq's ``poll`` takes it."""
         return int(self.left() * 1000)
+
+    async def wait_done(self) -> bool:
+        """Until the receiver has set `done` (True) or the deadline passed (False).
+
+        `done` is a multiprocessing Event: it is waited for in a worker thread, so
+        the loop (and the node's background sends) keeps running meanwhile.
+        """
+        return bool(await asyncio.to_thread(self.done.wait, self.left()))
 
 
 def collect(out: mp.Queue[Any], procs: Sequence[mp.process.BaseProcess],

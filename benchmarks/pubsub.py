@@ -199,8 +199,7 @@ async def _mesh_publisher(size: int, count: int, mesh_name: str, peer: str,
             await asyncio.sleep(0)  # the last partial batch leaves here
             link.report("send_seconds", time.perf_counter() - t0)
             # Sockets close with linger 0: stay up until the subscriber is done.
-            while not link.done.is_set() and time.monotonic() < link.deadline:
-                await asyncio.sleep(0.05)
+            await link.wait_done()
     except Exception as exc:
         link.report("error", f"zeromesh publisher: {exc!r}")
 

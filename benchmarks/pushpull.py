@@ -192,8 +192,7 @@ async def _mesh_pusher(size: int, count: int, mesh_name: str, peer: str, link: L
             await asyncio.sleep(0)  # the last partial batch leaves here
             link.report("send_seconds", time.perf_counter() - t0)
             # Stay up until the worker is done: its credits come back to us.
-            while not link.done.is_set() and time.monotonic() < link.deadline:
-                await asyncio.sleep(0.05)
+            await link.wait_done()
             if node.stats["lost_in_flight"]:
                 link.report("error", f"zeromesh pusher: node counted "
                                      f"{node.stats['lost_in_flight']} lost in flight")

@@ -195,8 +195,7 @@ async def _reliable_publisher(policy: str, count: int, window: int, mesh_name: s
             finally:
                 link.ready.put((t0, drained, cpu))
                 # Stay up until the subscriber is done (its last ack must land).
-                while not link.done.is_set() and time.monotonic() < link.deadline:
-                    await asyncio.sleep(0.05)
+                await link.wait_done()
     except Exception as exc:
         link.report("error", f"reliable publisher: {exc!r}")
 
