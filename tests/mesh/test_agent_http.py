@@ -41,8 +41,10 @@ async def test_publish_reaches_own_sse_subscriber_with_headers_and_content_type(
         events = await stream.events(3)
     assert [e["data"] for e in events] == ['{"n": 0}', '{"n": 1}', '{"n": 2}']
     first = events[0]
-    assert first["topic"] == "orders.eu" and first["source"] == "side"
-    assert first["event_id"] == first["id"] and first["source_id"] == agent.id
+    assert first["topic"] == "orders.eu"
+    assert first["source"] == "side"
+    assert first["event_id"] == first["id"]
+    assert first["source_id"] == agent.id
     assert first["headers"] == {"content-type": "application/json",
                                 "traceparent": headers["traceparent"], "x-tenant": "acme"}
     assert len({e["id"] for e in events}) == 3
@@ -72,7 +74,8 @@ def test_curl_publishes_and_reads_sse_with_an_encoded_wildcard(procs: list[Cli],
         if sse.stdout is not None:
             sse.stdout.close()
     assert lines[0].startswith("id: ")
-    assert '"topic":"acc.eu.7"' in lines[1] and '"data":"credit 42"' in lines[1]
+    assert '"topic":"acc.eu.7"' in lines[1]
+    assert '"data":"credit 42"' in lines[1]
     assert lines[2] == ""
 
 
@@ -90,7 +93,8 @@ async def test_publish_through_one_agent_reaches_sse_on_another(procs: list[Cli]
             while True:
                 await http.post(f"{pub_agent.url}/v1/publish/metrics.probe", data=b"?")
                 try:
-                    await stream.events(1, timeout=0.2)
+                    async with asyncio.timeout(0.2):
+                        await stream.events(1)
                     break
                 except TimeoutError:
                     continue
@@ -125,14 +129,16 @@ async def test_request_statuses_reply_timeout_remote_error_and_no_responders(
         assert await ok.read() == b"HELLO r1"
         assert ok.headers["X-Zeromesh-Source"] == "server"
         async with http.post(url, data=b"boom") as r:
-            assert r.status == 502 and "cannot boom" in (await r.json())["error"]
+            assert r.status == 502
+            assert "cannot boom" in (await r.json())["error"]
         started = time.monotonic()
         async with http.post(url + "?timeout=0.3&retries=0", data=b"slow") as r:
             assert r.status == 504, await r.text()
         assert time.monotonic() - started < 1.5
         started = time.monotonic()
         async with http.post(f"{agent.url}/v1/request/nobody?timeout=5", data=b"x") as r:
-            assert r.status == 503 and "nobody" in (await r.json())["error"]
+            assert r.status == 503
+            assert "nobody" in (await r.json())["error"]
         assert time.monotonic() - started < 2.0
 
 
@@ -167,12 +173,15 @@ async def test_peers_and_healthz(procs: list[Cli], mesh_name: str, make_node: Ma
             health = await r.json()
     assert [p["name"] for p in peers] == ["other"]
     peer = peers[0]
-    assert peer["state"] == "alive" and len(peer["id"]) == 32
-    assert peer["endpoints"] and peer["last_seen"] > time.time() - 60
-    assert health["status"] == "ok" and health["id"] == agent.id
+    assert peer["state"] == "alive"
+    assert len(peer["id"]) == 32
+    assert peer["endpoints"]
+    assert peer["last_seen"] > time.time() - 60
+    assert health["status"] == "ok"
+    assert health["id"] == agent.id
 
 
-@pytest.mark.parametrize("method, path, body, status, reason", [
+@pytest.mark.parametrize(("method", "path", "body", "status", "reason"), [
     ("POST", "/v1/publish/a..b", b"x", 400, "empty segment"),
     ("POST", "/v1/publish/a.*", b"x", 400, "topic"),
     ("POST", "/v1/publish/a?colour=red", b"x", 400, "unknown query parameter 'colour'"),

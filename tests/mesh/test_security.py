@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import time
@@ -13,6 +12,7 @@ import pytest
 import zmq
 
 from patterns import generate_keypair
+from tests.helpers import aeventually
 
 from .conftest import MakeNode
 
@@ -34,12 +34,6 @@ def keyring(tmp_path: Path) -> Keyring:
                          "allow": str(allow if name != "c" else tmp_path)}
 
 
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
-
-
 async def test_allowed_peers_talk_strangers_are_refused_and_counted(make_node: MakeNode, keyring: Keyring) -> None:
     a = await make_node("a", **keyring("a"))
     b = await make_node("b", **keyring("b"))
@@ -54,12 +48,13 @@ async def test_allowed_peers_talk_strangers_are_refused_and_counted(make_node: M
     await a.wait_for_service("echo")
     assert (await a.request("echo", b"ping")).data == b"ping"
     # c allows a, so it tries to connect: a's ZAP handler refuses and counts it.
-    await until(lambda: a.traffic().curve_refused >= 1)
-    await until(lambda: a.traffic().input_dropped.get("plain_peer", 0) >= 1)
-    await until(lambda: d.traffic().input_dropped.get("secure_peer", 0) >= 1)
-    await until(lambda: c.traffic().input_dropped.get("plain_peer", 0) >= 1)
+    await aeventually(lambda: a.traffic().curve_refused >= 1, timeout=10)
+    await aeventually(lambda: a.traffic().input_dropped.get("plain_peer", 0) >= 1, timeout=10)
+    await aeventually(lambda: d.traffic().input_dropped.get("secure_peer", 0) >= 1, timeout=10)
+    await aeventually(lambda: c.traffic().input_dropped.get("plain_peer", 0) >= 1, timeout=10)
     assert [p.name for p in a.peers()] == ["b"]
-    assert c.peers() == [] and d.peers() == []
+    assert c.peers() == []
+    assert d.peers() == []
 
 
 async def test_a_raw_plain_socket_gets_nothing_from_a_secure_node(make_node: MakeNode, keyring: Keyring) -> None:
@@ -96,5 +91,5 @@ async def test_static_peers_carry_the_key_after_a_hash(make_node: MakeNode, keyr
     await b.wait_for_service("echo", timeout=10)
     assert (await b.request("echo", b"static")).data == b"static"
     keyless = await make_node("b2", mdns=False, peers=[ctl], **keyring("b"))
-    await until(lambda: keyless.traffic().input_dropped.get("plain_peer", 0) >= 1)
+    await aeventually(lambda: keyless.traffic().input_dropped.get("plain_peer", 0) >= 1, timeout=10)
     assert keyless.peers() == []

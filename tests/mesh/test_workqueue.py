@@ -18,9 +18,9 @@ from ._proc import Cli
 from .conftest import FAST, FAST_ENV, MakeNode
 
 
-async def _drain_until(counter: collections.Counter[str], total: int, timeout: float = 10) -> None:
-    await aeventually(lambda: sum(counter.values()) >= total, timeout=timeout,
-                      message=f"{total} messages processed (got {counter})")
+def _processed(counter: collections.Counter[str], total: int) -> Callable[[], bool]:
+    """For `aeventually`: `total` messages processed, by all workers together."""
+    return lambda: sum(counter.values()) >= total
 
 
 def _recorder(name: str, got: collections.Counter[str], seen: list[bytes]
@@ -43,7 +43,7 @@ async def test_equal_workers_share_the_work_fairly(make_node: MakeNode) -> None:
     await pusher.wait_for_workers("jobs", 3, timeout=5)
     for i in range(3000):
         await pusher.push("jobs", str(i))
-    await _drain_until(got, 3000)
+    await aeventually(_processed(got, 3000), timeout=10, message="3000 messages processed")
     print("fairness split:", dict(got))
     assert sorted(seen) == sorted(str(i).encode() for i in range(3000))
     assert all(800 <= n <= 1200 for n in got.values()), got
@@ -70,7 +70,7 @@ async def _fast_and_slow(make_node: MakeNode, got: collections.Counter[str], cou
     started = time.monotonic()
     for i in range(count):
         await pusher.push("jobs", str(i), timeout=10)
-    await _drain_until(got, count, timeout=30)
+    await aeventually(_processed(got, count), timeout=30, message=f"{count} messages processed")
     return pusher, fast, slow, time.monotonic() - started
 
 
@@ -151,7 +151,7 @@ async def test_a_worker_joining_mid_stream_gets_a_share(make_node: MakeNode) -> 
     await pusher.wait_for_workers("jobs", 2, timeout=5)
     for i in range(400):
         await pusher.push("jobs", str(i))
-    await _drain_until(got, 600)
+    await aeventually(_processed(got, 600), timeout=10, message="600 messages processed")
     assert got["late"] >= 100, got
 
 
