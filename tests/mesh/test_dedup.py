@@ -13,7 +13,7 @@ import pytest
 
 from mesh._reliable._dedup import Dedup, runs_of
 from mesh._spool import RecordKind, SpoolStore, _store
-from tests.helpers import aeventually
+from tests.helpers import aeventually, files
 
 
 def test_runs_answer_like_a_set_for_any_arrival_order() -> None:
@@ -35,7 +35,9 @@ def test_in_order_marks_are_one_run_and_the_window_drops_the_lowest_runs() -> No
     """A stream in order costs one run; beyond the window, the oldest runs are forgotten."""
     dedup = Dedup(window=3)
     dedup.mark_many("a", range(1, 10_001))
-    assert dedup.seen("a", 1) and dedup.seen("a", 10_000) and not dedup.seen("a", 10_001)
+    assert dedup.seen("a", 1)
+    assert dedup.seen("a", 10_000)
+    assert not dedup.seen("a", 10_001)
     for seq in (20_000, 30_000, 40_000):  # three more runs: the first is dropped
         dedup.mark("a", seq)
     assert not dedup.seen("a", 5)
@@ -96,9 +98,9 @@ async def test_marks_survive_two_restarts_and_the_inbox_is_compacted(tmp_path: P
                 dedup.save()
                 expected.update(seqs)
                 await aeventually(lambda: not store._lazy)
-        assert len(list(tmp_path.glob("*.seg"))) > 3  # the marks rolled over segments
+        assert len(await files(tmp_path, "*.seg")) > 3  # the marks rolled over segments
     async with _loaded(tmp_path, segment_bytes=512) as (_, dedup):
         assert all(dedup.seen("a", s) for s in expected)
-    assert len(list(tmp_path.glob("*.seg"))) == 1
+    assert len(await files(tmp_path, "*.seg")) == 1
     async with _loaded(tmp_path) as (_, dedup):
         assert all(dedup.seen("a", s) for s in expected)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 
 from mesh import AsyncNode, ConfigError, Message, MessageTooLarge, Pull
-from tests.helpers import aeventually
+from tests.helpers import aeventually, cut_tail, files
 
 from ._proc import Cli, run
 from .conftest import MakeNode
@@ -104,21 +103,27 @@ async def test_durable_killed_before_ack_gets_the_rest_again(make_node: MakeNode
     """Guarantee 3 and 4: what a SIGKILLed durable had not acked comes again; acked ones don't."""
     pub = await make_node("pub", data_dir=str(tmp_path / "p"))
     env = {**os.environ, "ZEROMESH_MESH": mesh_name, "ZEROMESH_INTERFACES": "127.0.0.1"}
-    proc = subprocess.Popen([sys.executable, "-c", _SUBSCRIBER, str(tmp_path / "s")],
-                            env=env, stdout=subprocess.PIPE, text=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SUBSCRIBER, str(tmp_path / "s"), env=env,
+        stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
-        assert (await asyncio.to_thread(proc.stdout.readline)).strip() == "ready"
+        out = proc.stdout
+
+        async def line() -> str:
+            return (await out.readline()).decode().strip()
+
+        assert await line() == "ready"
         await pub.wait_for_durables("orders.x", 1, timeout=10)
         for i in range(50):
             await pub.publish("orders.new", f"o{i}", reliable=True)
-        seen = [(await asyncio.to_thread(proc.stdout.readline)).strip() for _ in range(10)]
+        seen = [await line() for _ in range(10)]
         assert seen == [f"o{i}" for i in range(10)]
     finally:
-        proc.kill()
-        proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if proc.returncode is None:
+            proc.kill()
+        async with asyncio.timeout(10):
+            await proc.wait()
     back = await make_node("sub", data_dir=str(tmp_path / "s"))
     durable = await back.subscribe_durable("orders.>", "audit")
     got = [(await durable.next(timeout=10)).text for _ in range(41)]
@@ -135,9 +140,8 @@ async def test_a_damaged_spool_is_reported_and_intact_records_delivered(make_nod
     for i in range(10):
         await pub.publish("orders.new", f"o{i}", reliable=True)
     await pub.aclose()
-    (segment,) = (tmp_path / "p" / "spool" / "out").glob("*.seg")
-    with open(segment, "r+b") as fh:
-        fh.truncate(os.path.getsize(segment) - 5)
+    (segment,) = await files(tmp_path / "p" / "spool" / "out", "*.seg")
+    await cut_tail(segment, 5)
     restarted = await make_node("pub", data_dir=str(tmp_path / "p"))
     assert restarted.stats["spool_damage"] == 1
     assert restarted.spool_pending == 9
