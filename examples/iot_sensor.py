@@ -78,7 +78,8 @@ class Dashboard:
             msg.ack()  # after recording it: a stop before this means a redelivery, not a loss
 
     async def stop(self) -> None:
-        assert self.node is not None and self._task is not None
+        assert self.node is not None
+        assert self._task is not None
         await self.node.aclose()  # ends the iteration
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(self._task, 5)

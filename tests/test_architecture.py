@@ -12,7 +12,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("package, forbidden", [
+@pytest.mark.parametrize(("package", "forbidden"), [
     ("patterns", {"mesh", "discovery"}),
     ("discovery", {"mesh", "patterns"}),
 ])

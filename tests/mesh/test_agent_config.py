@@ -41,11 +41,14 @@ def test_precedence_is_flag_then_env_then_file_then_default(tmp_path: Path) -> N
                      env={"ZEROMESH_NAME": "from-env"})["name"] == "from-flag"
     assert effective("--config", cfg, env={"ZEROMESH_NAME": "from-env"})["name"] == "from-env"
     from_file = effective("--config", cfg, env={"ZEROMESH_HTTP": ""})
-    assert from_file["name"] == "from-file" and from_file["fsync"] == "off"
-    assert from_file["lost_after"] == 3.0 and from_file["http"] == "127.0.0.1:7600"
+    assert from_file["name"] == "from-file"
+    assert from_file["fsync"] == "off"
+    assert from_file["lost_after"] == 3.0
+    assert from_file["http"] == "127.0.0.1:7600"
     default = effective(env={"ZEROMESH_HTTP": ""})
     assert default["name"] == socket.gethostname().split(".")[0]
-    assert default["http"] == "127.0.0.1:7474" and default["fsync"] == "batch"
+    assert default["http"] == "127.0.0.1:7474"
+    assert default["fsync"] == "batch"
     assert effective(env={"ZEROMESH_CONFIG": cfg})["name"] == "from-file"
     assert effective("--config", cfg, env={"ZEROMESH_LOST_AFTER": "2.5",
                                             "ZEROMESH_MDNS": "false"})["lost_after"] == 2.5
@@ -61,7 +64,7 @@ def test_print_config_shows_webhooks(tmp_path: Path) -> None:
                       "backoff": 0.2}]
 
 
-@pytest.mark.parametrize("text, reason", [
+@pytest.mark.parametrize(("text", "reason"), [
     ('colour = "red"\n', "unknown field `colour`"),
     ('port = "x"\n', "port: Expected `int`, got `str`"),
     ('fsync = "sometimes"\n', "fsync: use always, batch or off"),
@@ -100,9 +103,11 @@ def test_a_bad_file_stops_the_agent_with_one_line_and_exit_2(tmp_path: Path) -> 
 
 def test_missing_file_and_bad_env_are_usage_errors(tmp_path: Path) -> None:
     done = agent("--config", str(tmp_path / "nope.toml"))
-    assert done.returncode == 2 and "No such file" in done.stderr
+    assert done.returncode == 2
+    assert "No such file" in done.stderr
     done = agent(env={"ZEROMESH_PORT": "eighty"})
-    assert done.returncode == 2 and "ZEROMESH_PORT: Expected `int`" in done.stderr
+    assert done.returncode == 2
+    assert "ZEROMESH_PORT: Expected `int`" in done.stderr
 
 
 def test_the_http_port_in_use_is_a_clear_error(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ def start(procs: list[Cli], *args: str, mesh: str, stdin: bool = False) -> Cli:
     return proc
 
 
-@pytest.mark.parametrize("args, reason", [
+@pytest.mark.parametrize(("args", "reason"), [
     (["pub"], "the following arguments are required: topic"),
     (["sub", "a..b"], "empty segment"),
     (["pub", "a.*", "x"], "topic"),

@@ -30,7 +30,7 @@ def _processes_naming(text: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("pattern, extra", [
+@pytest.mark.parametrize(("pattern", "extra"), [
     ("pubsub", []),
     ("pushpull", []),
     ("reqrep", ["--in-flight", "4"]),
@@ -45,16 +45,19 @@ def test_each_pattern_runs_both_ends_and_reports_json(pattern: str, extra: list[
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["pattern"] == pattern
-    assert report["count"] == 500 and report["size"] == 64
+    assert report["count"] == 500
+    assert report["size"] == 64
     assert report["received"] == 500
     assert report["drops"] == 0
-    assert report["msgs_per_s"] > 0 and report["mb_per_s"] > 0
+    assert report["msgs_per_s"] > 0
+    assert report["mb_per_s"] > 0
     lat = report["latency_us"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     if pattern == "reqrep":
         assert report["in_flight"] == 4
     else:
-        assert report["sent"] == 500 and report["send_msgs_per_s"] > 0
+        assert report["sent"] == 500
+        assert report["send_msgs_per_s"] > 0
     if pattern == "spool":
         assert report["fsync"] == "off"
     if pathlib.Path("/proc/self").exists():
@@ -70,12 +73,14 @@ def test_table_has_the_header_and_a_row_per_end(mesh_name: str) -> None:
     assert lines[0].startswith("zeromesh bench pushpull: 300 msgs x 64 B")
     assert lines[1].split() == ["msgs/s", "MB/s", "p50", "us", "p90", "us", "p99", "us",
                                 "max", "us", "drops"]
-    assert lines[2].split()[0] == "push" and lines[3].split()[0] == "pull"
+    assert lines[2].split()[0] == "push"
+    assert lines[3].split()[0] == "pull"
     assert lines[3].split()[-1] == "0"
-    assert "\r" not in result.stderr and "msgs/s" not in result.stderr  # no progress: not a TTY
+    assert "\r" not in result.stderr
+    assert "msgs/s" not in result.stderr  # no progress: not a TTY
 
 
-@pytest.mark.parametrize("args, reason", [
+@pytest.mark.parametrize(("args", "reason"), [
     (["bench", "pubsub", "--role", "req"], "--role"),
     (["bench", "pubsub", "--size", "4"], "--size"),
     (["bench", "pushpull", "--in-flight", "2"], "--in-flight"),
@@ -86,7 +91,8 @@ def test_bad_usage_exits_2_with_one_line(args: list[str], reason: str, mesh_name
     result = run(args, mesh=mesh_name)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and reason in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert reason in lines[0], result.stderr
     assert result.stdout == ""
 
 
@@ -96,7 +102,8 @@ def test_a_lone_sub_end_exits_1_at_its_timeout(mesh_name: str) -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "timed out after 0.5 s" in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "timed out after 0.5 s" in lines[0], result.stderr
 
 
 @pytest.mark.parametrize("pattern", ["pubsub", "spool"])
@@ -111,11 +118,16 @@ def test_one_end_each_meets_the_other_by_mesh_name(pattern: str, procs: list[Cli
                "--timeout", "30"], mesh=mesh_name, timeout=40)
     assert pub.returncode == 0, pub.stderr
     sent = json.loads(pub.stdout)
-    assert sent["role"] == "pub" and sent["sent"] == 400 and sent["received"] is None
+    assert sent["role"] == "pub"
+    assert sent["sent"] == 400
+    assert sent["received"] is None
     assert sub.wait(30) == 0, sub.stderr()
     got = json.loads(sub.line("{"))
-    assert got["role"] == "sub" and got["received"] == 400 and got["drops"] == 0
-    assert got["sent"] == 400 and got["send_msgs_per_s"] > 0
+    assert got["role"] == "sub"
+    assert got["received"] == 400
+    assert got["drops"] == 0
+    assert got["sent"] == 400
+    assert got["send_msgs_per_s"] > 0
 
 
 def test_a_failing_other_end_is_one_line_and_exit_1(mesh_name: str) -> None:
@@ -124,7 +136,8 @@ def test_a_failing_other_end_is_one_line_and_exit_1(mesh_name: str) -> None:
                   "--timeout", "20"], mesh=mesh_name, timeout=30)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "the other end exited" in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "the other end exited" in lines[0], result.stderr
     assert "exceeds the limit" in lines[0]
 
 
@@ -161,6 +174,8 @@ def test_progress_is_one_rewritten_line_on_a_terminal(mesh_name: str) -> None:
         os.close(master)
     assert proc.returncode == 0
     text = seen.decode(errors="replace")
-    assert "\r" in text and "bench pubsub sub:" in text and "msgs/s" in text
+    assert "\r" in text
+    assert "bench pubsub sub:" in text
+    assert "msgs/s" in text
     assert "\n" not in text.replace("\r\n", "")  # never a new line: always the same one
     assert b"msgs/s" in out

@@ -85,7 +85,8 @@ async def test_message_carries_id_source_timestamp_and_headers(make_node: MakeNo
     msg = await sub.next(timeout=5)
     assert msg.data == payload
     assert msg.headers == {"traceparent": tp}
-    assert msg.source == "pub" and msg.source_id == pub.id
+    assert msg.source == "pub"
+    assert msg.source_id == pub.id
     assert msg.id == f"{pub.id}-{msg.seq}"
     assert before <= msg.timestamp <= time.time()
 

@@ -149,10 +149,15 @@ async def test_spool_quota_is_a_clear_error_to_the_sender(make_node: MakeNode, t
     """Guarantee 7: past the quota, SpoolFullError; what was accepted is still delivered."""
     pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), spool_quota=20_000)
     accepted = 0
-    with pytest.raises(SpoolFullError):
+
+    async def push_until_refused() -> None:
+        nonlocal accepted
         for i in range(10_000):
             await pusher.push("jobs", f"{i:06d}" * 20, reliable=True)
             accepted += 1
+
+    with pytest.raises(SpoolFullError):
+        await push_until_refused()
     worker = await make_node("worker")
     got: list[bytes] = []
     await worker.pull("jobs", handler=lambda m: got.append(m.data))

@@ -26,7 +26,7 @@ def serve(procs: list[Cli], mesh: str, *args: str) -> Cli:
     return proc
 
 
-@pytest.mark.parametrize("args, reason", [
+@pytest.mark.parametrize(("args", "reason"), [
     (["serve", "svc"], "one of the arguments --echo --exec is required"),
     (["serve", "svc", "--echo", "--exec", "cat"], "not allowed with"),
     (["serve", "svc", "--exec", "no-such-command-zm"], "command not found"),

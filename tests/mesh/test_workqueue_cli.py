@@ -47,4 +47,5 @@ def test_bad_queue_name_is_usage_error(mesh_name: str) -> None:
     """Wildcards are not queue names: exit 2, one line."""
     result = run(["push", "jobs.*", "x"], mesh=mesh_name)
     assert result.returncode == 2
-    assert "queue" in result.stderr and "Traceback" not in result.stderr
+    assert "queue" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -97,4 +97,5 @@ def test_reliable_delivery_survives_ten_random_sigkills(tmp_path: Path) -> None:
           f"{len(missing_sub) + len(missing_work)}")
     assert not missing_sub, f"durable subscriber never got {sorted(missing_sub)[:10]}..."
     assert not missing_work, f"workers never got {sorted(missing_work)[:10]}..."
-    assert set(sub_lines) <= expected and set(work_lines) <= expected
+    assert set(sub_lines) <= expected
+    assert set(work_lines) <= expected
