@@ -14,7 +14,7 @@ from ._message import Headers, Message
 from ._node import AsyncNode
 from ._pubsub._subscription import Subscription
 from ._sync import Node, SyncPeerEvents, SyncPull, SyncSubscription
-from ._work._worker import Pull
+from ._work._pull import Pull
 from .errors import (
     ClosedError,
     ConfigError,

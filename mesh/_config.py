@@ -2,21 +2,25 @@
 
 Durations are seconds as floats. Names are validated here, so a bad setting
 fails at start with the key and the reason (`ConfigError`), never later.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: `NodeConfig` is shown as
+``mesh.NodeConfig``, and msgspec resolves string annotations in the module
+a type claims to be from, where `FsyncPolicy` is not a name.
+"""
 
 import ipaddress
 import os
 import re
 import socket
 from collections.abc import Mapping
+from enum import Enum
 from typing import Final, TypeVar
 
 import msgspec
 
 from discovery import InvalidRecord, StaticDiscovery, parse_peer_urls
 
+from ._spool._store import FsyncPolicy
 from .errors import ConfigError
 
 DEFAULT_MESH: Final[str] = "default"
@@ -51,8 +55,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     peers first)."""
     lost_after: float = 1.5
     """A peer silent this long is lost (an event; it joins again when heard)."""
+    forget_after: float = 60.0
+    """A peer lost this long is forgotten: its connections closed, gone from ``peers()``;
+    if it comes back it joins as new."""
     max_message_size: int = 1024 * 1024
-    fsync: str = "batch"
+    fsync: FsyncPolicy = FsyncPolicy.BATCH
     """Spool fsync policy: ``always`` | ``batch`` (group commit) | ``off``."""
     spool_quota: int = 256 * 1024 * 1024
     """Bytes the outbox spool may hold; past it a reliable send raises SpoolFullError."""
@@ -74,7 +81,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Request frames queued towards a server (0 = unbounded); the requests of one loop
     iteration share a frame. A full queue makes ``request`` wait, never drop."""
 
-    def validated(self) -> NodeConfig:
+    def validated(self) -> "NodeConfig":
         """Return a copy with defaults resolved; raise ConfigError on the first bad key."""
         name = self.name or socket.gethostname().split(".")[0] or "node"
         if len(name.encode()) > _NAME_MAX or not name.isprintable():
@@ -101,8 +108,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if not self.heartbeat_interval < self.suspect_after <= self.lost_after:
             raise ConfigError("lost_after",
                               "need heartbeat_interval < suspect_after <= lost_after")
-        if self.fsync not in ("always", "batch", "off"):
-            raise ConfigError("fsync", "use always, batch or off")
+        if self.forget_after <= 0:
+            raise ConfigError("forget_after", "must be > 0")
         if self.spool_quota <= 0 or self.max_attempts < 1:
             raise ConfigError("spool_quota", "spool_quota and max_attempts must be positive")
         if self.ack_timeout <= 0 or self.retry_backoff < 0:
@@ -118,7 +125,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return msgspec.structs.replace(self, name=name)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> NodeConfig:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "NodeConfig":
         """Defaults < ZEROMESH_* environment < explicit overrides (None means 'not given')."""
         values = env_values(cls, os.environ if env is None else env)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -172,7 +179,18 @@ def convert(values: Mapping[str, object], cls: type[_S]) -> _S:
         if key == "config" and "unknown field" in text.lower():
             found = re.search(r"`(.+?)`", text)
             key = found.group(1) if found else key
-        raise ConfigError(key, _reason(text)) from None
+        raise ConfigError(key, _choices(cls, key) or _reason(text)) from None
+
+
+def _choices(cls: type, key: str) -> str | None:
+    """For a setting with fixed choices (an Enum), the reason lists them."""
+    if not issubclass(cls, msgspec.Struct):
+        return None
+    for field in msgspec.structs.fields(cls):
+        if field.name == key and isinstance(field.type, type) and issubclass(field.type, Enum):
+            names = [str(member.value) for member in field.type]
+            return f"use {', '.join(names[:-1])} or {names[-1]}"
+    return None
 
 
 _WHERE_RE: Final = re.compile(r" - at `\$\.?(.+?)`$")

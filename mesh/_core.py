@@ -1,11 +1,16 @@
 """NodeCore: what every node is before any pattern: identity, lifecycle, peers, wiring.
 
-It binds and announces, says goodbye, keeps the peer view and lets callers
-wait on it; it builds each pattern component (`_pubsub`, `_workqueue`,
-`_services`, the spool in `_reliable`) and wires them to membership: peers'
-announcements reach the components, and the components' interest
-(subscriptions, queues, services, durables) goes into our hello. The public
-pattern methods live on `AsyncNode` (`_node`).
+`start` builds the node's parts — membership, pub/sub, work queues, services,
+the spool — each with the typed collaborators it needs (`_parts`,
+`_membership._listener`), inside one `AsyncExitStack`: every step that
+acquires something (the data-dir lock, the spool, the ZeroMQ context, each
+socket, each task, each discovery backend) registers its undo at once, so a
+failure at any step unwinds exactly what was started and re-raises a clear
+error. `aclose` says goodbye, then unwinds the same stack. The running parts
+live in one `_Running` value that exists only between the two: nothing is
+half-built or `None` while the node runs.
+
+The public pattern methods live on `AsyncNode` (`_node`).
 """
 
 from __future__ import annotations
@@ -17,34 +22,63 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
-from discovery import DiscoveryBackend, MdnsDiscovery, PeerInfo, StaticDiscovery
+from discovery import (
+    DiscoveryBackend,
+    DiscoveryError,
+    MdnsDiscovery,
+    PeerInfo,
+    StaticDiscovery,
+)
 from patterns import Context, Curve, KeyFileError, load_allowlist, load_secret
 
 from . import _wire
 from ._config import NodeConfig
 from ._membership._control import Membership
-from ._membership._events import PeerEvents
+from ._membership._events import EventStreams, PeerEvents
+from ._membership._hello import Announcement, Identity
 from ._membership._identity import load_or_create_id
-from ._membership._peers import Peer, PeerEvent, PeerEventKind, PeerRecord, PeerState
-from ._pubsub._engine import CACHE_LIMIT, PubSub
+from ._membership._peers import Peer, PeerRecord, PeerState
+from ._pubsub._engine import PubSub
 from ._reliable._durables import KnownDurables
 from ._reliable._outbox import Outbox, open_spools
-from ._services._services import Services
+from ._services._requests import Requests
+from ._services._serving import Serving
 from ._spool._lock import DataDirLock
 from ._support._quiet import QuietLog
 from ._support._tally import Traffic
+from ._support._tasks import TaskSet
+from ._support._watch import Watchers
 from ._work._queues import WorkQueues
-from .errors import ClosedError, ConfigError, RequestTimeout
+from .errors import ClosedError, ConfigError
 
 _log = logging.getLogger("mesh.node")
 
 
+@dataclass(frozen=True, slots=True)
+class _Running:
+    """The parts of a running node; exists from a successful `start` to `aclose`."""
+
+    identity: Identity
+    curve: Curve | None
+    membership: Membership
+    pubsub: PubSub
+    work: WorkQueues
+    serving: Serving
+    requests: Requests
+    outbox: Outbox | None
+    """The spool's sending side; None when the node has no data dir."""
+    discovery: tuple[DiscoveryBackend, ...]
+    tasks: TaskSet
+    stack: contextlib.AsyncExitStack
+    """Undoes everything `start` did, in reverse."""
+
+
 class NodeCore:
     """Lifecycle, identity and the peer view of one node (see `AsyncNode`)."""
-
 
     def __init__(self, config: NodeConfig | None = None, **settings: Any) -> None:
         if config is None:
@@ -53,29 +87,13 @@ class NodeCore:
             config = NodeConfig.from_env({}, **{**_struct_items(config), **settings})
         self._config = config.validated()
         self._id = ""
-        self._incarnation = 0
-        self._interest_version = 0
         self._next_seq: Callable[[], int] = lambda: 0
-        self._curve: Curve | None = None
-        self._ctx: Context | None = None
-        self._membership: Membership | None = None
-        self._pubsub: PubSub | None = None
-        self._services: Services | None = None
-        self._work: WorkQueues | None = None
-        self._outbox: Outbox | None = None
         self._durables = KnownDurables(self._config.data_dir)
-        self._lock: DataDirLock | None = None
-        self._my_durables: dict[str, str] = {}
-        self._reliable_copies: dict[str, bool] = {}
-        """Per topic: does any peer want reliable messages by pub/sub (see
-        `_wants_reliable_copies`)? Cleared whenever peers or their interest change."""
-        self._discovery: list[DiscoveryBackend] = []
-        self._tasks: list[asyncio.Task[None]] = []
-        self._ctl_endpoints: list[str] = []
-        self._running = False
         self._quiet = QuietLog()
-        self._watchers: set[asyncio.Future[None]] = set()
-        self._event_streams: set[PeerEvents] = set()
+        self._watchers = Watchers()
+        self._events = EventStreams()
+        self._run: _Running | None = None
+        self._closing = False
         self.stats: Counter[str] = Counter(published=0, received=0, dropped=0)
         """Message counts: published, received, dropped (gaps seen from publishers)."""
 
@@ -97,7 +115,7 @@ class NodeCore:
     @property
     def running(self) -> bool:
         """Started and not yet closed."""
-        return self._running
+        return self._run is not None and not self._closing
 
     @property
     def config(self) -> NodeConfig:
@@ -105,15 +123,17 @@ class NodeCore:
 
     @property
     def endpoints(self) -> dict[str, list[str]]:
-        """Bound endpoints by role: ``ctl`` (control, for ``--peer``) and ``pub``."""
-        pub = self._pubsub.endpoints if self._pubsub is not None else []
-        rtr = self._services.endpoints if self._services is not None else []
-        return {"ctl": list(self._ctl_endpoints), "pub": list(pub), "rtr": list(rtr)}
+        """Bound endpoints by role: ``ctl`` (control, for ``--peer``), ``pub``, ``rtr``."""
+        run = self._run
+        if run is None:
+            return {"ctl": [], "pub": [], "rtr": []}
+        return {"ctl": list(run.membership.endpoints), "pub": list(run.pubsub.endpoints),
+                "rtr": list(run.serving.endpoints)}
 
     @property
     def dropped_by_peer(self) -> Mapping[str, int]:
         """Pub/sub messages publishers dropped for us at their high-water mark, by peer id."""
-        return dict(self._pubsub.dropped_by_peer) if self._pubsub is not None else {}
+        return dict(self._run.pubsub.dropped_by_peer) if self._run is not None else {}
 
     @property
     def dropped_input(self) -> Mapping[str, int]:
@@ -125,126 +145,129 @@ class NodeCore:
     async def start(self) -> None:
         """Bind, announce and start talking to peers.
 
+        On failure nothing is left running: every socket, task, lock and
+        discovery backend started so far is closed again before the error is
+        raised.
+
         Raises:
-            ConfigError: the data dir or an interface cannot be used.
+            ConfigError: the data dir, a key file, an interface or discovery cannot be
+                used.
         """
-        if self._running:
+        if self._run is not None:
             return
-        cfg = self._config
-        self._curve = _load_curve(cfg)
-        self._id = load_or_create_id(cfg.data_dir)
-        self._incarnation = time.time_ns()
-        dedup = None
-        if cfg.data_dir is not None:
-            self._lock = DataDirLock(cfg.data_dir)
-            self._lock.acquire()
-            try:
-                self._outbox, dedup = await open_spools(cfg.data_dir, cfg, self.stats)
-            except BaseException:
-                self._lock.release()
-                raise
-            self._outbox.on_change = self._wake_watchers
-            self._durables.load()
-        ctx = self._ctx = Context(self._curve)
+        stack = contextlib.AsyncExitStack()
         try:
-            self._membership = Membership(
-                ctx, me=self._hello, mesh=cfg.mesh,
-                heartbeat_interval=cfg.heartbeat_interval, suspect_after=cfg.suspect_after,
-                lost_after=cfg.lost_after, on_event=self._on_peer_event,
-                on_connect=self._on_peer_connect, on_disconnect=self._on_peer_disconnect,
-                on_change=self._changed, quiet=self._quiet,
-                on_update=self._on_peer_update, on_message=self._on_control,
-                on_beat=self._on_beat)
-            # One sequence for everything this node sends; starting at the clock in
-            # microseconds keeps (node id, seq) unique across restarts, which the
-            # receivers' deduplication relies on.
-            next_seq = self._next_seq = itertools.count(time.time_ns() // 1000).__next__
-            self._pubsub = PubSub(ctx, cfg, self._quiet, self.stats,
-                                  on_subs_changed=self._interest_changed,
-                                  on_ready_changed=self._changed, next_seq=next_seq,
-                                  reliable_wanted=self._wants_reliable_copies)
-            self._work = WorkQueues(ctx, cfg, self._quiet, self.stats,
-                                    alive_peers=self._alive,
-                                    send_control=self._membership.send_to,
-                                    on_interest_changed=self._interest_changed,
-                                    next_seq=next_seq, outbox=self._outbox, dedup=dedup)
-            self._ctl_endpoints = self._membership.bind(cfg.interfaces, cfg.port)
-            self._pubsub.bind(cfg.interfaces)
-            self._services = Services(ctx, cfg, self._quiet, self.stats,
-                                      peers=self._membership.table.records, wait=self._wait,
-                                      on_services_changed=self._interest_changed)
-            self._services.bind(cfg.interfaces)
-            self._work.bind(cfg.interfaces)
-        except Exception as exc:
-            await self._teardown()
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError("interfaces", f"cannot bind: {exc}") from exc
-        self._running = True
-        self._tasks = [asyncio.get_running_loop().create_task(self._membership.run(),
-                                                              name="zeromesh-control"),
-                       *self._pubsub.start(self._id),
-                       *self._services.start(self._id),
-                       *self._work.start(self._id, cfg.name)]
-        if cfg.peers:
-            self._discovery.append(StaticDiscovery(cfg.peers, mesh=cfg.mesh))
-        if cfg.mdns:
-            self._discovery.append(MdnsDiscovery(cfg.interfaces, mesh=cfg.mesh))
-        for backend in self._discovery:
-            await backend.start(self._peer_info(), self._membership.on_discovery)
+            run = await self._build(stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._run = run
+        self._closing = False
+        self._watchers.open()
+        cfg = self._config
         _log.info("node %s (%s) up in mesh %s: ctl %s", cfg.name, self._id[:8], cfg.mesh,
-                  ",".join(self._ctl_endpoints))
+                  ",".join(run.membership.endpoints))
+
+    async def _build(self, stack: contextlib.AsyncExitStack) -> _Running:
+        """Every step of `start`, each registering its undo on `stack` as it succeeds."""
+        cfg = self._config
+        curve = _load_curve(cfg)
+        self._id = load_or_create_id(cfg.data_dir)
+        identity = Identity(self._id, cfg.name, cfg.mesh, time.time_ns(),
+                            curve.public.decode() if curve else "")
+        outbox, dedup = None, None
+        if cfg.data_dir is not None:
+            lock = DataDirLock(cfg.data_dir)
+            lock.acquire()
+            stack.callback(lock.release)
+            outbox, dedup = await open_spools(cfg.data_dir, cfg, self.stats, self._watchers)
+            stack.push_async_callback(outbox.aclose)
+            self._durables.load()
+        ctx = Context(curve)
+        stack.push_async_callback(asyncio.to_thread, ctx.close)  # the last batches leave
+        # One sequence for everything this node sends; starting at the clock in
+        # microseconds keeps (node id, seq) unique across restarts, which the
+        # receivers' deduplication relies on.
+        next_seq = self._next_seq = itertools.count(time.time_ns() // 1000).__next__
+        announcement = Announcement(identity)
+        membership = Membership(ctx, cfg, self._quiet, announcement)
+        stack.callback(membership.close)
+        peers = membership.table
+        pubsub = PubSub(ctx, cfg, self._quiet, self.stats, peers=peers,
+                        announcer=membership, waiter=self._watchers, next_seq=next_seq)
+        stack.callback(pubsub.close)
+        work = WorkQueues(ctx, cfg, self._quiet, self.stats, peers=peers, control=membership,
+                          announcer=membership, next_seq=next_seq, outbox=outbox, dedup=dedup)
+        stack.callback(work.close)
+        serving = Serving(ctx, cfg, self._quiet, self.stats, membership)
+        stack.push_async_callback(serving.aclose)
+        requests = Requests(ctx, cfg, self._quiet, self.stats, peers=peers, local=serving,
+                            waiter=self._watchers)
+        stack.push_async_callback(requests.aclose)
+        announcement.parts = (pubsub, work, serving, self._durables)
+        membership.attach(listeners=(self._durables, pubsub, work, requests,
+                                     _WakeOnPeers(self._watchers)),
+                          events=(self._events,), routes=work.control_routes, tickers=(work,))
+        stack.callback(self._events.close)
+        stack.callback(self._watchers.close)
+        try:
+            membership.bind(cfg.interfaces, cfg.port)
+            pubsub.bind(cfg.interfaces)
+            serving.bind(cfg.interfaces)
+            work.bind(cfg.interfaces)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError("interfaces", f"cannot bind: {exc}") from exc
+        tasks = TaskSet()
+        stack.push_async_callback(tasks.cancel)
+        tasks.spawn(membership.run(), "zeromesh-control")
+        pubsub.start(self._id)
+        tasks.spawn(pubsub.read_markers(), "zeromesh-markers")
+        serving.start()
+        requests.start(self._id)
+        work.start(self._id, cfg.name)
+        discovery = await self._start_discovery(stack, membership, identity)
+        return _Running(identity, curve, membership, pubsub, work, serving, requests, outbox,
+                        discovery, tasks, stack)
+
+    async def _start_discovery(self, stack: contextlib.AsyncExitStack,
+                               membership: Membership, identity: Identity
+                               ) -> tuple[DiscoveryBackend, ...]:
+        cfg = self._config
+        backends: list[DiscoveryBackend] = []
+        if cfg.peers:
+            backends.append(StaticDiscovery(cfg.peers, mesh=cfg.mesh))
+        if cfg.mdns:
+            backends.append(MdnsDiscovery(cfg.interfaces, mesh=cfg.mesh))
+        me = PeerInfo(id=identity.id, name=identity.name, mesh=identity.mesh,
+                      version=_wire.PROTOCOL_VERSION, endpoints=tuple(membership.endpoints),
+                      key=identity.key)
+        for backend in backends:
+            key = "peers" if isinstance(backend, StaticDiscovery) else "mdns"
+            try:
+                await backend.start(me, membership.on_discovery)
+            except (OSError, DiscoveryError) as exc:
+                # a backend that raised may hold threads or sockets: it closes too
+                await _close_backend(backend)
+                raise ConfigError(key, f"discovery cannot start: {exc}") from exc
+            stack.push_async_callback(_close_backend, backend)
+        return tuple(backends)
 
     async def aclose(self) -> None:
         """Say goodbye to peers and mDNS, then release every socket."""
-        if not self._running:
+        run = self._run
+        if run is None or self._closing:
             return
-        self._running = False
-        if self._pubsub is not None:
-            self._pubsub.flush(self.name)
-        await self._cancel_tasks()  # no heartbeat may follow the goodbye
-        if self._work is not None:
-            self._work.prepare_leave()  # final credits travel before the goodbye
-        if self._membership is not None:
-            self._membership.say_goodbye(self._id)
-        for backend in self._discovery:
-            try:
-                await backend.aclose()
-            except Exception:
-                _log.exception("discovery backend failed to close")
-        self._discovery.clear()
-        await self._teardown()
-
-    async def _cancel_tasks(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-
-    async def _teardown(self) -> None:
-        await self._cancel_tasks()
-        if self._services is not None:
-            await self._services.aclose()
-        for stream in self._event_streams:
-            stream._close()
-        self._changed()
-        if self._membership is not None:
-            self._membership.close()
-        if self._pubsub is not None:
-            self._pubsub.close()
-        if self._work is not None:
-            self._work.close()
-        if self._ctx is not None:
-            await asyncio.to_thread(self._ctx.close)  # blocks while the last batches leave
-            self._ctx = None
-        if self._outbox is not None:
-            await self._outbox.aclose()
-            self._outbox = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        self._closing = True
+        run.pubsub.flush(self.name)
+        await run.tasks.cancel()  # no heartbeat may follow the goodbye
+        run.work.prepare_leave()  # final credits travel before the goodbye
+        run.membership.say_goodbye()
+        try:
+            await run.stack.aclose()
+        finally:
+            self._run = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -254,18 +277,31 @@ class NodeCore:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.aclose()
 
+    def _live(self) -> _Running:
+        """The running parts.
+
+        Raises:
+            ClosedError: the node is not running.
+        """
+        run = self._run
+        if run is None or self._closing:
+            raise ClosedError("node is not running (use `async with` or `await start()`)")
+        return run
+
     # -- peers -------------------------------------------------------------------
 
     def peers(self) -> list[Peer]:
         """Known peers (never this node), with their liveness state."""
-        if self._membership is None:
-            return []
-        return self._membership.table.snapshot()
+        run = self._run
+        return run.membership.table.snapshot() if run is not None else []
 
     def traffic(self) -> Traffic:
         """Counters for monitoring: node-wide totals plus per-topic and per-peer tallies
         (peers by id; at most 1000 names each, the rest under ``_other``)."""
-        pubsub, outbox = self._pubsub, self._outbox
+        run = self._run
+        pubsub = run.pubsub if run is not None else None
+        outbox = run.outbox if run is not None else None
+        curve = run.curve if run is not None else None
         return Traffic(
             totals=dict(self.stats),
             published_by_topic=dict(pubsub.published_by_topic) if pubsub else {},
@@ -276,157 +312,75 @@ class NodeCore:
             spool_bytes=outbox.store.used_bytes if outbox else 0,
             dead_letters=len(outbox.dead) if outbox else 0,
             input_dropped=self._dropped_input(),
-            curve_refused=sum(self._curve.denied.values()) if self._curve else 0,
+            curve_refused=sum(curve.denied.values()) if curve else 0,
         )
 
     def _dropped_input(self) -> dict[str, int]:
         """Everything dropped unharmed, by reason; discovery's reasons prefixed ``mdns_``."""
         dropped = dict(self._quiet.dropped)
-        for backend in self._discovery:
+        backends = self._run.discovery if self._run is not None else ()
+        for backend in backends:
             for reason, n in getattr(backend, "dropped", {}).items():
                 dropped[f"mdns_{reason}"] = dropped.get(f"mdns_{reason}", 0) + n
         return dropped
 
     def events(self) -> PeerEvents:
         """A stream of peer events (joined, left, lost) from now on."""
-        stream = PeerEvents(self._event_streams.discard)
-        self._event_streams.add(stream)
-        return stream
+        return self._events.open()
 
     async def wait_for_peers(self, count: int, *, timeout: float = 10.0) -> list[Peer]:
         """Wait until at least `count` peers are alive.
 
         Raises:
             RequestTimeout: fewer were alive when the timeout came.
+            ClosedError: the node is not running.
         """
         await self._wait(lambda: len(self._alive()) >= count, timeout,
                          f"waiting for {count} peers")
         return [r.snapshot() for r in self._alive()]
 
     def _alive(self) -> list[PeerRecord]:
-        if self._membership is None:
+        run = self._run
+        if run is None:
             return []
-        return [r for r in self._membership.table.records() if r.state is PeerState.ALIVE]
+        return [r for r in run.membership.table.records() if r.state is PeerState.ALIVE]
 
     async def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
-        self._check_running()
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                while not ready():
-                    self._check_running()
-                    fut = loop.create_future()
-                    self._watchers.add(fut)
-                    try:
-                        await fut
-                    finally:
-                        self._watchers.discard(fut)
-        except TimeoutError as exc:
-            raise RequestTimeout(what, timeout) from exc
-
-    def _changed(self) -> None:
-        """Peers or their interest changed: recompute routes, wake whoever waits."""
-        self._reliable_copies.clear()
-        if self._work is not None:
-            self._work.peers_changed()
-        self._wake_watchers()
-
-    def _wants_reliable_copies(self, topic: str) -> bool:
-        """Does a peer subscribe to `topic` other than for a durable's live view (which
-        takes best-effort messages only)? If not, reliable messages on it need not go
-        out by pub/sub at all: the durables' queues carry them."""
-        wanted = self._reliable_copies.get(topic)
-        if wanted is None:
-            if len(self._reliable_copies) >= CACHE_LIMIT:
-                self._reliable_copies.clear()
-            records = self._membership.table.records() if self._membership else []
-            wanted = self._reliable_copies[topic] = any(
-                p.pattern not in rec.feeds and p.matches(topic)
-                for rec in records for p in rec.subs)
-        return wanted
-
-    def _wake_watchers(self) -> None:
-        """Something a `_wait` may be waiting on changed (cheap: no routing work)."""
-        for fut in self._watchers:
-            if not fut.done():
-                fut.set_result(None)
-
-    def _on_peer_event(self, event: PeerEvent) -> None:
-        _log.info("peer %s (%s) %s", event.peer.name, event.peer.id[:8], event.kind.value)
-        for stream in self._event_streams:
-            stream._deliver(event)
-        if event.kind is PeerEventKind.LOST and self._services is not None:
-            self._services.peer_lost(event.peer.id)  # fail its requests over now
-        if event.kind is PeerEventKind.LOST and self._work is not None:
-            self._work.peer_gone(event.peer.id, graceful=False)
-
-    def _on_peer_connect(self, new: PeerRecord, old: PeerRecord | None) -> None:
-        if self._pubsub is not None:
-            self._pubsub.peer_connected(new, old)
-        self._learn_durables(new)
-        if old is not None and old.incarnation != new.incarnation and self._work is not None:
-            self._work.peer_gone(old.id, graceful=False)  # restarted: its old pipe is dead
-        if self._services is not None:
-            self._services.peer_connected(new, old)
-
-    def _on_peer_disconnect(self, rec: PeerRecord) -> None:
-        if self._pubsub is not None:
-            self._pubsub.peer_gone(rec)
-        if self._services is not None:
-            self._services.peer_gone(rec)
-        if self._work is not None:
-            self._work.peer_gone(rec.id, graceful=True)
-
-    def _on_beat(self) -> None:
-        if self._work is not None:
-            self._work.tick()
-
-    def _learn_durables(self, rec: PeerRecord) -> None:
-        if rec.durables and self._durables.learn(rec.durables):
-            self._changed()
-
-    def _on_peer_update(self, rec: PeerRecord) -> None:
-        self._learn_durables(rec)
-        if self._work is not None:
-            self._work.peer_updated(rec)
-
-    def _on_control(self, msg: _wire.Control) -> None:
-        if self._work is None:
-            return
-        if isinstance(msg, _wire.Credit):
-            self._work.on_credit(msg)
-        elif isinstance(msg, _wire.Nack):
-            self._work.on_nack(msg)
-
-    def _interest_changed(self) -> None:
-        """Our subscriptions (or queues, services) changed: tell everyone."""
-        self._interest_version += 1
-        if self._pubsub is not None:
-            self._pubsub.interest_changed(self._interest_version)
-        if self._membership is not None:
-            self._membership.broadcast_hello()
-
-    def _hello(self, reply: bool) -> _wire.Hello:
-        pubsub, work = self._pubsub, self._work
-        return _wire.Hello(self._id, self.name, self.mesh, self._incarnation,
-                           self._ctl_endpoints, pubsub.endpoints if pubsub else [],
-                           pubsub.patterns if pubsub else [], self._interest_version, reply,
-                           pull=work.endpoints if work else [],
-                           queues=work.queues if work else {},
-                           rtr=self._services.endpoints if self._services else [],
-                           services=self._services.names if self._services else [],
-                           durables=self._my_durables,
-                           key=self._curve.public.decode() if self._curve else "",
-                           feeds=pubsub.feeds if pubsub else [])
-
-    def _peer_info(self) -> PeerInfo:
-        return PeerInfo(id=self._id, name=self.name, mesh=self.mesh,
-                        version=_wire.PROTOCOL_VERSION, endpoints=tuple(self._ctl_endpoints),
-                        key=self._curve.public.decode() if self._curve else "")
+        await self._watchers.wait(ready, timeout, what)
 
     def _check_running(self) -> None:
-        if not self._running:
-            raise ClosedError("node is not running (use `async with` or `await start()`)")
+        self._live()
+
+
+class _WakeOnPeers:
+    """Wakes the node's waits whenever peers or their interest change."""
+
+    def __init__(self, watchers: Watchers) -> None:
+        self._watchers = watchers
+
+    def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
+        pass  # `peers_changed` follows
+
+    def peer_updated(self, rec: PeerRecord) -> None:
+        pass
+
+    def peer_lost(self, rec: PeerRecord) -> None:
+        pass
+
+    def peer_gone(self, rec: PeerRecord) -> None:
+        pass
+
+    def peers_changed(self) -> None:
+        self._watchers.wake()
+
+
+async def _close_backend(backend: DiscoveryBackend) -> None:
+    """Close a discovery backend; its failure is logged, never raised (the rest of the
+    node still has to close)."""
+    try:
+        await backend.aclose()
+    except Exception:
+        _log.exception("discovery backend failed to close")
 
 
 def _struct_items(config: NodeConfig) -> dict[str, Any]:

@@ -16,7 +16,18 @@ Headers = Mapping[str, str]
 """Free per-message headers; zeromesh passes them through untouched (e.g. ``traceparent``)."""
 
 
-class Message(msgspec.Struct, frozen=True, gc=False):
+Receipt = Callable[["Message", bool], None]
+"""Settles a message handed out by a work queue or durable: ``(message, processed)``."""
+
+
+class _Settleable:
+    """Holds where `Message.ack` goes in a slot rather than a field, so that it takes no
+    part in equality, encoding or type hints: a pulled message equals its copy."""
+
+    __slots__ = ("_receipt",)
+
+
+class Message(msgspec.Struct, _Settleable, frozen=True, gc=False):
     """A received message."""
 
     topic: str
@@ -35,22 +46,20 @@ class Message(msgspec.Struct, frozen=True, gc=False):
     """Application headers, or None when the publisher sent none."""
     reliable: bool = False
     """It came through the sender's spool: at-least-once, deduplicated, acknowledged."""
-    _receipt: Callable[[Message, bool], None] | None = None
 
     def ack(self) -> None:
         """Mark a work or durable message processed now (it otherwise is when you ask for the
         next one, or when your handler returns)."""
-        if self._receipt is not None:
-            self._receipt(self, True)
+        receipt: Receipt | None = getattr(self, "_receipt", None)
+        if receipt is not None:
+            receipt(self, True)
 
     def nack(self) -> None:
         """Processing failed: a reliable message is redelivered later (after N attempts it
         goes to the dead-letter spool); a best-effort one is just dropped."""
-        if self._receipt is not None:
-            self._receipt(self, False)
-
-    def with_receipt(self, receipt: Callable[[Message, bool], None]) -> Message:
-        return msgspec.structs.replace(self, _receipt=receipt)
+        receipt: Receipt | None = getattr(self, "_receipt", None)
+        if receipt is not None:
+            receipt(self, False)
 
     @property
     def id(self) -> str:
@@ -73,3 +82,8 @@ class Message(msgspec.Struct, frozen=True, gc=False):
             "timestamp": self.timestamp,
             "headers": dict(self.headers or {}),
         }
+
+
+def attach_receipt(msg: Message, receipt: Receipt) -> None:
+    """Make ``msg.ack()``/``msg.nack()`` call `receipt` (set in place: no copy per message)."""
+    msgspec.structs.force_setattr(msg, "_receipt", receipt)

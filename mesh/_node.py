@@ -10,16 +10,14 @@ import asyncio
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
-from . import _wire
+from . import _names, _wire
 from ._core import NodeCore
 from ._message import Message
-from ._pubsub._engine import checked_topic_key, parse_pattern
 from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
 from ._reliable._durables import durable_queue
 from ._services._server import DEFAULT_CONCURRENCY, Service, ServiceHandler
-from ._services._services import Services
-from ._work._queues import DEFAULT_PREFETCH, Sent, checked_queue_key
-from ._work._worker import Handler, Pull
+from ._work._pull import Handler, Pull
+from ._work._queues import DEFAULT_PREFETCH, Sent
 from .errors import ClosedError, ConfigError
 
 
@@ -55,10 +53,10 @@ class AsyncNode(NodeCore):
             ClosedError: the node is not running.
         """
         if not reliable:  # `publish_nowait`, inlined: this is the hot path
-            pubsub = self._pubsub
-            if not self._running or pubsub is None:
+            run = self._run
+            if run is None or self._closing:
                 raise ClosedError("node is not running (use `async with` or `await start()`)")
-            if pubsub.publish(topic, data, headers, self._config.name) is not None:
+            if run.pubsub.publish(topic, data, headers, self._config.name) is not None:
                 await asyncio.sleep(0)  # a large batch just left: let readers and timers run
             return
         await self.publish_many(topic, (data,), headers=headers, reliable=True)
@@ -76,15 +74,15 @@ class AsyncNode(NodeCore):
             for data in payloads:
                 await self.publish(topic, data, headers=headers)
             return
-        if self._outbox is None:
+        if self._config.data_dir is None:
             raise ConfigError("reliable", "needs a data dir (the spool lives there)")
-        if not self._running or self._pubsub is None or self._work is None:
-            raise ClosedError("node is not running (use `async with` or `await start()`)")
-        items = self._pubsub.publish_reliable(topic, payloads, headers, self._config.name)
+        run = self._live()
+        assert run.outbox is not None  # (a data dir has an outbox)
+        items = run.pubsub.publish_reliable(topic, payloads, headers, self._config.name)
         dests = self._durables.matching(topic)
         if not dests:
             return
-        tracked = await self._outbox.spool_publish_many(topic, items, dests)
+        tracked = await run.outbox.spool_publish_many(topic, items, dests)
         # Handed to the durables' queues at the next loop iteration rather than here: a
         # caller publishing batch after batch has its next one on the way to disk
         # meanwhile, so that commit overlaps these sends instead of following them.
@@ -94,17 +92,16 @@ class AsyncNode(NodeCore):
     def _hand_out(self, dests: list[str], sents: Sequence[Sent]) -> None:
         """Spooled messages go to their durables' queues (in spooling order: call_soon is
         FIFO). A node closed meanwhile has them in its spool for its next start."""
-        if self._running and self._work is not None:
+        if self.running:
+            work = self._live().work
             for dest in dests:
-                self._work.requeue_many(dest, sents)
+                work.requeue_many(dest, sents)
 
     def publish_nowait(self, topic: str, data: bytes | str, *,
                        headers: Mapping[str, str] | None = None) -> bool:
         """Best-effort `publish` without the await, for use on the loop; True when it
         flushed a batch (a good moment to yield)."""
-        if not self._running or self._pubsub is None:
-            raise ClosedError("node is not running (use `async with` or `await start()`)")
-        return self._pubsub.publish(topic, data, headers, self._config.name) is not None
+        return self._live().pubsub.publish(topic, data, headers, self._config.name) is not None
 
     async def subscribe(self, pattern: str, *, callback: Callback | None = None,
                         max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
@@ -117,9 +114,7 @@ class AsyncNode(NodeCore):
             ConfigError: `pattern` is invalid.
             ClosedError: the node is not running.
         """
-        self._check_running()
-        assert self._pubsub is not None
-        return self._pubsub.subscribe(pattern, callback, max_pending)
+        return self._live().pubsub.subscribe(pattern, callback, max_pending)
 
     async def replay_dead_letters(self, ids: set[int] | None = None) -> int:
         """Give dead letters (all, or those spool `ids`) a new round of delivery attempts.
@@ -130,10 +125,10 @@ class AsyncNode(NodeCore):
         Raises:
             ConfigError: the node has no data dir.
         """
-        self._check_running()
-        if self._outbox is None or self._work is None:
+        run = self._live()
+        if run.outbox is None:
             raise ConfigError("data_dir", "dead letters live in a data dir; none is set")
-        return await self._outbox.replay(ids, self._work.requeue)
+        return await run.outbox.replay(ids, run.work.requeue)
 
     async def dead_letter(self, queue: str, msg: Message, *, reason: str,
                           attempts: int) -> None:
@@ -147,19 +142,21 @@ class AsyncNode(NodeCore):
             ConfigError: no data dir, or `queue` is invalid.
             SpoolFullError: the dead-letter spool is full.
         """
-        if self._outbox is None:
+        outbox = self._live().outbox
+        if outbox is None:
             raise ConfigError("dead_letter", "needs a data dir (the spool lives there)")
-        checked_queue_key(queue)
+        _names.queue(queue)
         item = _wire.Item(self._next_seq(), msg.timestamp, dict(msg.headers or {}) or None,
                           msg.data, True, msg.topic)
         record = _wire.Spooled("q", queue, item, attempts=attempts, reason=reason)
-        await self._outbox.dead.append(_wire.encode_spooled(record))
+        await outbox.dead.append(_wire.encode_spooled(record))
         self.stats["dead_lettered"] += 1
 
     @property
     def spool_pending(self) -> int:
         """Reliable messages in this node's spool not yet delivered everywhere."""
-        return len(self._outbox.store) if self._outbox is not None else 0
+        outbox = self._run.outbox if self._run is not None else None
+        return len(outbox.store) if outbox is not None else 0
 
     async def wait_for_spool(self, *, timeout: float = 10.0) -> None:
         """Wait until every spooled message has been delivered (and acknowledged).
@@ -177,7 +174,7 @@ class AsyncNode(NodeCore):
         Raises:
             RequestTimeout: fewer were known when the timeout came.
         """
-        checked_topic_key(topic)
+        _names.topic(topic)
         await self._wait(lambda: len(self._durables.matching(topic)) >= count, timeout,
                          f"waiting for {count} durable subscriptions of {topic!r}")
 
@@ -194,25 +191,22 @@ class AsyncNode(NodeCore):
             ConfigError: `pattern` or `name` is invalid, or there is no data dir.
             ClosedError: the node is not running.
         """
-        self._check_running()
-        assert self._pubsub is not None and self._work is not None
-        if self._outbox is None:
+        run = self._live()
+        if run.outbox is None:
             raise ConfigError("durable", "needs a data dir (its state lives there)")
-        if not name or "." in name:
-            raise ConfigError("durable", f"{name!r}: use a single name segment")
-        queue = durable_queue(self._id, name)
-        checked_queue_key(queue)
-        parse_pattern(pattern)
-        self._my_durables[queue] = pattern
+        queue = durable_queue(self._id, _names.durable(name))
+        _names.queue(queue)
+        _names.pattern(pattern)
+        self._durables.mine[queue] = pattern
         self._durables.learn({queue: pattern})
-        pull = self._work.pull(queue, prefetch, None)
-        local = self._work.workers.local[queue]
+        pull = run.work.pull(queue, prefetch, None)
+        local = run.work.workers.local[queue]
 
         def live(msg: Message) -> None:
             if not msg.reliable:  # reliable ones come through the durable queue instead
                 local.put(((msg, _UNTRACKED),))
 
-        sub = self._pubsub.subscribe(pattern, live, 0, best_effort_only=True)
+        sub = run.pubsub.subscribe(pattern, live, 0, best_effort_only=True)
         pull.on_closed(sub.aclose)
         return pull
 
@@ -227,7 +221,7 @@ class AsyncNode(NodeCore):
             ConfigError: `topic` is not a valid topic.
             RequestTimeout: fewer were ready when the timeout came.
         """
-        checked_topic_key(topic)
+        _names.topic(topic)
         await self._wait(lambda: self.subscriber_count(topic) >= count, timeout,
                          f"waiting for {count} subscribers of {topic!r}")
 
@@ -237,7 +231,7 @@ class AsyncNode(NodeCore):
         Raises:
             RequestTimeout: some were still not ready when the timeout came.
         """
-        checked_topic_key(topic)
+        _names.topic(topic)
         await self._wait(lambda: self.subscriber_count(topic) >= self._known_count(topic),
                          timeout, f"waiting for the subscribers of {topic!r}")
         return self.subscriber_count(topic)
@@ -247,9 +241,9 @@ class AsyncNode(NodeCore):
 
     def subscriber_count(self, topic: str) -> int:
         """Peers whose subscriptions matching `topic` are in force at our publisher."""
-        pubsub = self._pubsub
-        if pubsub is None:
+        if self._run is None:
             return 0
+        pubsub = self._run.pubsub
         return sum(1 for rec in self._alive()
                    if pubsub.is_ready(rec) and any(p.matches(topic) for p in rec.subs))
 
@@ -259,7 +253,7 @@ class AsyncNode(NodeCore):
         Raises:
             ConfigError: it is not a valid topic.
         """
-        checked_topic_key(topic)
+        _names.topic(topic)
 
 
     # -- work queues -------------------------------------------------------------
@@ -285,13 +279,13 @@ class AsyncNode(NodeCore):
         """
         # A plain function returning the queue's own coroutine: one coroutine per
         # message, not two (the pusher's CPU is what limits push/pull throughput).
-        work = self._work
-        if work is None or not self._running:
+        run = self._run
+        if run is None or self._closing:
             return self._not_running()
-        return work.push(queue, data, headers, timeout, self._closed, reliable)
+        return run.work.push(queue, data, headers, timeout, self._closed, reliable)
 
     def _closed(self) -> bool:
-        return not self._running
+        return not self.running
 
     async def _not_running(self) -> None:
         self._check_running()
@@ -309,9 +303,7 @@ class AsyncNode(NodeCore):
             ConfigError: `queue` or `prefetch` is invalid.
             ClosedError: the node is not running.
         """
-        self._check_running()
-        assert self._work is not None
-        return self._work.pull(queue, prefetch, handler)
+        return self._live().work.pull(queue, prefetch, handler)
 
     async def wait_for_workers(self, queue: str, count: int = 1, *,
                                timeout: float = 10.0) -> None:
@@ -321,7 +313,7 @@ class AsyncNode(NodeCore):
             ConfigError: `queue` is invalid.
             RequestTimeout: fewer were there when the timeout came.
         """
-        checked_queue_key(queue)
+        _names.queue(queue)
         await self._wait(lambda: self.worker_count(queue) >= count, timeout,
                          f"waiting for {count} workers of {queue!r}")
 
@@ -331,11 +323,11 @@ class AsyncNode(NodeCore):
         Raises:
             ConfigError: it is not a valid queue name.
         """
-        checked_queue_key(queue)
+        _names.queue(queue)
 
     def worker_count(self, queue: str) -> int:
         """Live workers of `queue` known to this node (itself included)."""
-        return self._work.worker_count(queue) if self._work is not None else 0
+        return self._run.work.worker_count(queue) if self._run is not None else 0
 
     # -- services ----------------------------------------------------------------
 
@@ -356,9 +348,7 @@ class AsyncNode(NodeCore):
                 `concurrency` < 1.
             ClosedError: the node is not running.
         """
-        self._check_running()
-        assert self._services is not None
-        return self._services.serve(service, handler, concurrency)
+        return self._live().serving.serve(service, handler, concurrency)
 
     async def request(self, service: str, data: bytes | str, *, timeout: float = 5.0,
                       retries: int = 2, headers: Mapping[str, str] | None = None) -> Message:
@@ -383,10 +373,8 @@ class AsyncNode(NodeCore):
             RemoteError: the server's handler raised.
             ClosedError: the node is not running or closed meanwhile.
         """
-        self._check_running()
-        assert self._services is not None
-        return await self._services.request(service, data, timeout=timeout, retries=retries,
-                                            headers=headers)
+        return await self._live().requests.request(service, data, timeout=timeout,
+                                                   retries=retries, headers=headers)
 
     async def wait_for_service(self, service: str, *, timeout: float = 10.0) -> None:
         """Wait until a live server of `service` (this node included) is known.
@@ -395,11 +383,9 @@ class AsyncNode(NodeCore):
             ConfigError: `service` is invalid.
             RequestTimeout: none appeared within the timeout.
         """
-        self._check_running()
-        services = self._services
-        assert services is not None
-        services.check_name(service)
-        await self._wait(lambda: services.has_server(service), timeout,
+        requests = self._live().requests
+        _names.service(service)
+        await self._wait(lambda: requests.has_server(service), timeout,
                          f"waiting for a server of {service!r}")
 
     def check_service(self, service: str) -> None:
@@ -408,7 +394,7 @@ class AsyncNode(NodeCore):
         Raises:
             ConfigError: it is not a valid service name.
         """
-        Services.check_name(service)
+        _names.service(service)
 
 class _Untracked:
     """Settles nothing: a best-effort message in a durable subscription."""

@@ -17,12 +17,11 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
-from . import _loop
+from . import _loop, _names
 from ._config import NodeConfig
 from ._membership._peers import Peer, PeerEvent
 from ._message import Message
 from ._node import AsyncNode
-from ._pubsub._engine import checked_topic_key
 from ._pubsub._subscription import Subscription
 from ._services._server import (
     SYNC_SERVE_CONCURRENCY,
@@ -31,8 +30,8 @@ from ._services._server import (
     SyncService,
     is_async_handler,
 )
+from ._work._pull import Pull
 from ._work._queues import DEFAULT_PREFETCH
-from ._work._worker import Pull
 from .errors import ClosedError, MessageTooLarge
 
 T = TypeVar("T")
@@ -152,7 +151,7 @@ class Node:
         loop = self._loop
         if loop is None:
             raise ClosedError("node is not running")
-        checked_topic_key(topic)
+        _names.topic(topic)
         size = len(data.encode()) if isinstance(data, str) else len(data)
         if size > self._node.config.max_message_size:
             raise MessageTooLarge(size, self._node.config.max_message_size)

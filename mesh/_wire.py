@@ -70,7 +70,7 @@ tags, which older peers drop and count as malformed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Final
 
 import msgspec
@@ -87,6 +87,22 @@ CONTROL_HEADER: Final[bytes] = MAGIC + bytes([PROTOCOL_VERSION]) + KIND_CONTROL
 MAX_CONTROL_SIZE: Final[int] = 64 * 1024
 MAX_KEY_SIZE: Final[int] = 257
 """A topic (at most 255 bytes) plus its NUL, with one byte to spare."""
+
+FRAME_BYTES: Final[int] = 256 * 1024
+"""Payload bytes a batch (pub/sub, work, service) collects before it leaves; a larger
+message travels alone."""
+WIRE_OVERHEAD: Final[int] = 64 * 1024
+"""What a frame may carry beyond ``max_message_size`` (header, topic key, envelope)."""
+ITEM_OVERHEAD: Final[int] = 32
+"""About what a data item adds to its payload once encoded (for `encode_data`'s hint)."""
+SERVICE_ITEM_OVERHEAD: Final[int] = 64
+"""What a request or reply adds to its payload and headers, at most, besides the
+service name (a request's source id and name, correlation id, timestamp)."""
+
+
+def max_frame(max_message_size: int) -> int:
+    """The largest frame a node accepts: its largest message plus the envelope."""
+    return max_message_size + WIRE_OVERHEAD
 
 
 class Item(msgspec.Struct, array_like=True, gc=False):
@@ -224,10 +240,6 @@ def decode_spooled(data: bytes) -> Spooled:
         raise ProtocolError(f"undecodable spool record: {exc}") from exc
 
 
-ITEM_OVERHEAD: Final[int] = 32
-"""About what an item adds to its payload once encoded (for `encode_data`'s size hint)."""
-
-
 def encode_data(key: bytes, batch: Batch, size_hint: int = 0) -> bytearray:
     """One data frame; msgspec writes straight after the prefix (no extra copy).
 
@@ -284,6 +296,31 @@ def decode_data(frame: bytes | memoryview, offset: int, max_size: int) -> Batch:
         return _batch_decoder.decode(memoryview(frame)[offset + 4 :])
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"undecodable data: {exc}") from exc
+
+
+def decode_data_message(frames: Sequence[bytes | memoryview], max_size: int
+                        ) -> tuple[bytes, Batch]:
+    """The topic key and batch of a received data message (pub/sub or work).
+
+    Raises:
+        ProtocolError: anything malformed; the caller drops and counts it.
+    """
+    if len(frames) != 1:
+        raise ProtocolError(f"data message of {len(frames)} frames")
+    frame = frames[0]
+    key, offset = split_data(frame)
+    return key, decode_data(frame, offset, max_size)
+
+
+def decode_control_message(frames: Sequence[bytes]) -> Control:
+    """The control message of one received control message.
+
+    Raises:
+        ProtocolError: anything malformed; the caller drops and counts it.
+    """
+    if len(frames) != 1:
+        raise ProtocolError(f"control message of {len(frames)} frames")
+    return decode_control(frames[0])
 
 
 def decode_control(frame: bytes) -> Control:
@@ -367,3 +404,42 @@ def decode_service(frame: bytes, max_size: int) -> list[ServiceFrame]:
     if not msgs:
         raise ProtocolError("empty service frame")
     return msgs
+
+
+def decode_service_message(frames: Sequence[bytes], parts: int, max_size: int
+                           ) -> list[ServiceFrame]:
+    """The requests or replies of one received service message of `parts` frames (a
+    ROUTER sees the requester's routing id first).
+
+    Raises:
+        ProtocolError: anything malformed; the caller drops and counts it.
+    """
+    if len(frames) != parts:
+        raise ProtocolError(f"service message of {len(frames)} frames")
+    return decode_service(frames[-1], max_size)
+
+
+def service_payload_size(payload: bytes, headers: dict[str, str] | None) -> int:
+    """Bytes of a request's or reply's payload and headers."""
+    if not headers:
+        return len(payload)
+    return len(payload) + sum(len(k) + len(v) for k, v in headers.items())
+
+
+def service_frames(msgs: Sequence[ServiceFrame], budget: int) -> Iterator[bytearray]:
+    """`msgs` as frames of at most `budget` payload bytes each (a larger one alone), so a
+    frame stays within the receiver's limit (`max_frame`)."""
+    if len(msgs) == 1:
+        yield encode_service(msgs)
+        return
+    start, size = 0, 0
+    for i, msg in enumerate(msgs):
+        if isinstance(msg, Request):
+            more = service_payload_size(msg.payload, msg.headers) + SERVICE_ITEM_OVERHEAD
+        else:
+            more = len(msg.payload) + len(msg.error) + SERVICE_ITEM_OVERHEAD
+        if size and size + more > budget:
+            yield encode_service(msgs[start:i])
+            start, size = i, 0
+        size += more
+    yield encode_service(msgs[start:])

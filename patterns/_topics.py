@@ -66,20 +66,22 @@ def _check_text(kind: str, name: object) -> str:
     return name
 
 
-def validate_topic(topic: str) -> None:
+def validate_topic(topic: str, kind: str = "topic") -> None:
     """Checks that ``topic`` is a valid concrete topic (no wildcards).
 
     Args:
         topic: The topic, e.g. ``"sensors.kitchen.temp"``.
+        kind: What the name is to the caller (queue and service names follow topic
+            rules); it names the thing in the error.
 
     Raises:
-        InvalidName: With ``kind="topic"`` and the reason, e.g. ``"empty segment"``.
+        InvalidName: With ``kind`` and the reason, e.g. ``"empty segment"``.
     """
-    _check_text("topic", topic)
+    _check_text(kind, topic)
     wild = _WILDCARD_CHAR.search(topic)
     if wild is not None:
         raise InvalidName(
-            "topic", topic, f"wildcard {wild.group()!r} not allowed in a topic (only in patterns)"
+            kind, topic, f"wildcard {wild.group()!r} not allowed in a {kind} (only in patterns)"
         )
 
 

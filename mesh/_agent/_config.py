@@ -17,9 +17,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from .. import _names
 from .._config import NodeConfig, convert, env_values
-from .._pubsub._engine import parse_pattern
-from .._work._queues import checked_queue_key
 from ..errors import ConfigError
 
 DEFAULT_HTTP: Final[str] = "127.0.0.1:7474"
@@ -103,9 +102,9 @@ def _check_webhook(key: str, hook: Webhook, data_dir: str | None) -> None:
         raise ConfigError(f"{key}.url", f"{hook.url!r} is not an http(s) URL")
     try:
         if hook.pattern is not None:
-            parse_pattern(hook.pattern)
+            _names.pattern(hook.pattern)
         else:
-            checked_queue_key(hook.queue or "")
+            _names.queue(hook.queue or "")
     except ConfigError as exc:
         raise ConfigError(f"{key}.{exc.key}", exc.reason) from None
     if hook.durable is not None:

@@ -23,7 +23,7 @@ from aiohttp import web
 from .._message import Message
 from .._node import AsyncNode
 from .._pubsub._subscription import Subscription
-from .._work._worker import Pull
+from .._work._pull import Pull
 from ..errors import ClosedError
 from . import _http
 from ._metrics import AgentMetrics

@@ -27,6 +27,7 @@ from patterns import load_secret
 
 from .. import _loop
 from .._node import AsyncNode
+from .._spool import FsyncPolicy
 from ..cli._commands import node_for, stop_on_signals
 from ..errors import ConfigError, RequestTimeout
 from . import _report
@@ -232,7 +233,8 @@ def _finish(args: argparse.Namespace, plan: Plan, role: str, mesh: str, meter: M
             info = {"pattern": plan.pattern, "role": role, "mesh": mesh, "count": plan.count,
                     "size": plan.size,
                     "in_flight": plan.in_flight if plan.pattern == "reqrep" else None,
-                    "fsync": (args.fsync or "batch") if plan.pattern == "spool" else None}
+                    "fsync": (args.fsync or FsyncPolicy.BATCH.value)
+                    if plan.pattern == "spool" else None}
             _out(_report.to_json(info, summary))
         else:
             note = _NOTES[plan.pattern == "reqrep"] if receiver else ""
@@ -256,7 +258,7 @@ def _title(args: argparse.Namespace, plan: Plan, mesh: str) -> str:
     if plan.pattern == "reqrep":
         extra = f", {plan.in_flight} in flight"
     elif plan.pattern == "spool":
-        extra = f", fsync {args.fsync or 'batch'}"
+        extra = f", fsync {args.fsync or FsyncPolicy.BATCH.value}"
     return f"zeromesh bench {plan.pattern}: {plan.count:,} msgs x {plan.size} B{extra}, mesh {mesh}"
 
 

@@ -5,8 +5,13 @@ endpoint it learns of (from mDNS, a static `--peer`, or a peer's hello or
 heartbeat). A link whose peer has not greeted us yet sends `Hello(reply=True)`
 every tick until it does; a known peer gets a `Heartbeat` every tick. Any
 message from a peer counts as a sign of life (see `_peers`). The hello carries
-what the peer subscribes to; a heartbeat carries the version of that list, so
-a lost update is noticed and re-requested.
+what the peer offers (see `_hello`); a heartbeat carries the version of that,
+so a lost update is noticed and re-requested.
+
+What it learns goes to the node's parts through `_listener`'s protocols:
+every `PeerListener` hears of peers connecting, changing, being lost and
+going; the `EventSink` gets joined/left/lost events; control messages that
+are not membership's own go to their owner by type (`ControlRoutes`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Final
 
 from discovery import DiscoveryEvent, PeerFound, PeerInfo
@@ -31,9 +36,13 @@ from patterns import (
 )
 
 from .. import _wire
+from .._config import NodeConfig
+from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
 from ..errors import ProtocolError
-from ._peers import PeerEvent, PeerRecord, PeerTable
+from ._hello import Announcement
+from ._listener import ControlRoutes, EventSink, PeerListener, Ticker
+from ._peers import PeerEvent, PeerEventKind, PeerRecord, PeerTable
 
 _log = logging.getLogger("mesh.node")
 _PENDING_LINK_TTL: Final[float] = 30.0
@@ -43,43 +52,60 @@ _MAX_WINDOW: Final[int] = 1_000_000
 
 
 class Membership:
-    """Owns the inbox, the per-peer links and the peer table of one node."""
+    """Owns the inbox, the per-peer links and the peer table of one node.
 
-    def __init__(self, ctx: Context, *, me: Callable[[bool], _wire.Hello], mesh: str,
-                 heartbeat_interval: float, suspect_after: float, lost_after: float,
-                 on_event: Callable[[PeerEvent], None],
-                 on_connect: Callable[[PeerRecord, PeerRecord | None], None],
-                 on_disconnect: Callable[[PeerRecord], None],
-                 on_change: Callable[[], None], quiet: QuietLog,
-                 on_update: Callable[[PeerRecord], None] | None = None,
-                 on_message: Callable[[_wire.Control], None] | None = None,
-                 on_beat: Callable[[], None] | None = None) -> None:
+    It is also the node's `Announcer` (parts report changes of what they offer
+    here) and its `ControlSender`.
+    """
+
+    def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
+                 announcement: Announcement) -> None:
         self._ctx = ctx
-        self._me = me
-        self._mesh = mesh
-        self._interval = heartbeat_interval
-        self._on_connect = on_connect
-        self._on_disconnect = on_disconnect
-        self._on_change = on_change
-        self._on_update = on_update
-        self._on_message = on_message
-        self._on_beat = on_beat
+        self._announcement = announcement
+        self._id = announcement.identity.id
+        self._mesh = config.mesh
+        self._interval = config.heartbeat_interval
         self._quiet = quiet
-        self.table = PeerTable(suspect_after=suspect_after, lost_after=lost_after,
-                               on_event=on_event, on_change=on_change)
+        self._listeners: tuple[PeerListener, ...] = ()
+        self._events: tuple[EventSink, ...] = ()
+        self._routes: ControlRoutes = {}
+        self._tickers: tuple[Ticker, ...] = ()
+        self.table = PeerTable(suspect_after=config.suspect_after,
+                               lost_after=config.lost_after,
+                               forget_after=config.forget_after, observer=self)
         self.inbox = Inbox(ctx)
         self._links: dict[str, Outbox] = {}
         self._link_born: dict[str, float] = {}
         self._static: set[str] = set()
-        self._departed: dict[str, int] = {}
+        self._departed: BoundedDict[str, int] = BoundedDict(_MAX_SUBS)
         """id -> incarnation of peers that said goodbye: their stragglers are ignored."""
         self._heartbeat: bytes | bytearray | None = None
         """Our encoded heartbeat, the same for every peer until our interest changes."""
 
+    def attach(self, *, listeners: Sequence[PeerListener], events: Sequence[EventSink],
+               routes: ControlRoutes, tickers: Sequence[Ticker]) -> None:
+        """Who hears what membership learns (the parts exist only once membership does:
+        some of them send through it)."""
+        self._listeners = tuple(listeners)
+        self._events = tuple(events)
+        self._routes = routes
+        self._tickers = tuple(tickers)
+
     # -- lifecycle -------------------------------------------------------------
 
+    @property
+    def endpoints(self) -> list[str]:
+        """Our control endpoints (once bound)."""
+        return self._announcement.ctl
+
+    @property
+    def interest_version(self) -> int:
+        """The version of what this node offers, as its hellos and heartbeats carry it."""
+        return self._announcement.version
+
     def bind(self, interfaces: list[str], port: int) -> list[str]:
-        return [self.inbox.bind(host, port) for host in interfaces]
+        ctl = self._announcement.ctl = [self.inbox.bind(host, port) for host in interfaces]
+        return ctl
 
     async def run(self) -> None:
         """Handle control messages and tick heartbeats until cancelled."""
@@ -90,8 +116,8 @@ class Membership:
             self.inbox.stop()
             self.table.stop()
 
-    def say_goodbye(self, my_id: str) -> None:
-        frames = _wire.encode_control(_wire.Bye(my_id))
+    def say_goodbye(self) -> None:
+        frames = _wire.encode_control(_wire.Bye(self._id))
         for link in self._links.values():
             link.send(frames)
 
@@ -154,7 +180,7 @@ class Membership:
         return link
 
     def _greet(self, endpoint: str, *, reply: bool = True) -> None:
-        self._link(endpoint).send(_wire.encode_control(self._me(reply)))
+        self._link(endpoint).send(_wire.encode_control(self._announcement.hello(reply)))
 
     def _drop_link(self, endpoint: str) -> None:
         if endpoint in self._static:
@@ -171,11 +197,12 @@ class Membership:
             return False
         return self._link(rec.ctl).send(_wire.encode_control(msg))
 
-    def broadcast_hello(self) -> None:
-        """Tell every known peer our subscriptions changed (a new interest version,
-        which our heartbeats carry from now on)."""
+    def interest_changed(self) -> None:
+        """What a part offers changed: a new interest version, announced to every known
+        peer now (and carried by our heartbeats from now on)."""
+        self._announcement.version += 1
         self._heartbeat = None
-        frames = _wire.encode_control(self._me(False))
+        frames = _wire.encode_control(self._announcement.hello(False))
         for rec in self.table.records():
             self._link(rec.ctl).send(frames)
 
@@ -194,16 +221,16 @@ class Membership:
         while True:
             await asyncio.sleep(_until_next_beat(time.time(), interval))
             self.beat()
-            if self._on_beat is not None:
-                self._on_beat()
+            for ticker in self._tickers:
+                ticker.tick()
 
     def beat(self) -> None:
         """One heartbeat to every known peer, one hello to every link still unanswered."""
         beat = self._heartbeat
         if beat is None:
-            me = self._me(True)
-            beat = self._heartbeat = _wire.encode_control(
-                _wire.Heartbeat(me.id, me.incarnation, me.subs_version, me.ctl))
+            me = self._announcement
+            beat = self._heartbeat = _wire.encode_control(_wire.Heartbeat(
+                self._id, me.identity.incarnation, me.version, me.ctl))
         links = self._links
         known = set()
         for rec in self.table.records():
@@ -211,7 +238,7 @@ class Membership:
             self._link(rec.ctl).send(beat)
         if len(known) == len(links):
             return
-        hello = _wire.encode_control(self._me(True))
+        hello = _wire.encode_control(self._announcement.hello(True))
         now = time.monotonic()
         for endpoint in [e for e in links if e not in known]:
             if endpoint not in self._static and now - self._link_born[endpoint] > _PENDING_LINK_TTL:
@@ -224,9 +251,7 @@ class Membership:
     def _on_messages(self, batch: list[list[bytes]]) -> None:
         for frames in batch:
             try:
-                if len(frames) != 1:
-                    raise ProtocolError(f"control message of {len(frames)} frames")
-                msg = _wire.decode_control(frames[0])
+                msg = _wire.decode_control_message(frames)
                 self._handle(msg)
             except ProtocolError as exc:
                 self._quiet.drop("control", exc.reason)
@@ -238,12 +263,14 @@ class Membership:
             self._on_hello(msg)
         elif isinstance(msg, _wire.Bye):
             self._on_bye(msg)
-        elif self._on_message is not None:
-            self._on_message(msg)  # pattern traffic (credits, ...) for the components
+        else:
+            route = self._routes.get(type(msg))
+            if route is None:
+                raise ProtocolError(f"no part handles {type(msg).__name__}")
+            route(msg)  # pattern traffic (credits, ...) for the part that owns it
 
     def _on_hello(self, hello: _wire.Hello) -> None:
-        me = self._me(False)
-        if hello.id == me.id:
+        if hello.id == self._id:
             return  # a static peer entry pointing at ourselves
         if hello.mesh != self._mesh:
             self._quiet.drop("other_mesh", f"hello from mesh {hello.mesh[:64]!r}")
@@ -266,15 +293,17 @@ class Membership:
             if rec is not None and rec.ctl != ctl:
                 self._drop_link(rec.ctl)
             self._link(ctl)
-            self._on_connect(new, rec)
+            for listener in self._listeners:
+                listener.peer_connected(new, rec)
             self.table.add(new)
         else:
-            if self._set_subs(rec, hello) and self._on_update is not None:
-                self._on_update(rec)
+            if self._set_subs(rec, hello):
+                for listener in self._listeners:
+                    listener.peer_updated(rec)
             self.table.heard(rec)
         if hello.reply:
             self._greet(ctl, reply=False)
-        self._on_change()
+        self._peers_changed()
 
     def _set_subs(self, rec: PeerRecord, hello: _wire.Hello) -> bool:
         """Take the peer's announced interest; True if it changed."""
@@ -309,17 +338,42 @@ class Membership:
         if beat.subs_version != rec.subs_version:
             self._greet(rec.ctl)
         if was is not rec.state:
-            self._on_change()
+            self._peers_changed()
 
     def _on_bye(self, bye: _wire.Bye) -> None:
         rec = self.table.remove(bye.id)
         if rec is not None:
-            if len(self._departed) >= _MAX_SUBS:
-                self._departed.clear()
-            self._departed[rec.id] = rec.incarnation
-            self._on_disconnect(rec)
+            self._departed.put(rec.id, rec.incarnation)
+            for listener in self._listeners:
+                listener.peer_gone(rec)
             self._drop_link(rec.ctl)
-            self._on_change()
+            self._peers_changed()
+
+    # -- the peer table's decisions (TableObserver) --------------------------------
+
+    def peer_event(self, event: PeerEvent) -> None:
+        for sink in self._events:
+            sink.peer_event(event)
+        if event.kind is PeerEventKind.LOST:
+            rec = self.table.get(event.peer.id)
+            if rec is not None:
+                for listener in self._listeners:
+                    listener.peer_lost(rec)  # fail its requests and work over now
+
+    def peer_state_changed(self, rec: PeerRecord) -> None:
+        self._peers_changed()
+
+    def peer_forgotten(self, rec: PeerRecord) -> None:
+        _log.info("peer %s (%s) forgotten: lost for %.0f s", rec.name, rec.id[:8],
+                  self.table.forget_after)
+        for listener in self._listeners:
+            listener.peer_gone(rec)
+        self._drop_link(rec.ctl)
+        self._peers_changed()
+
+    def _peers_changed(self) -> None:
+        for listener in self._listeners:
+            listener.peers_changed()
 
 
 def _until_next_beat(now: float, interval: float) -> float:

@@ -1,12 +1,19 @@
-"""A stream of peer events for one listener: an async iterator with `aclose()`."""
+"""Peer events for applications: one stream per listener, an async iterator with `aclose()`.
+
+`EventStreams` is where membership's events go (an `EventSink`): each is
+logged once and handed to every open stream.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from .._support._mailbox import Mailbox
 from ..errors import ClosedError
 from ._peers import PeerEvent
+
+_log = logging.getLogger("mesh.node")
 
 
 class PeerEvents(Mailbox[PeerEvent]):
@@ -41,3 +48,25 @@ class PeerEvents(Mailbox[PeerEvent]):
     async def aclose(self) -> None:
         self._close()
         self._on_close(self)
+
+
+class EventStreams:
+    """Every open `PeerEvents` stream of one node."""
+
+    def __init__(self) -> None:
+        self._streams: set[PeerEvents] = set()
+
+    def open(self) -> PeerEvents:
+        stream = PeerEvents(self._streams.discard)
+        self._streams.add(stream)
+        return stream
+
+    def peer_event(self, event: PeerEvent) -> None:
+        _log.info("peer %s (%s) %s", event.peer.name, event.peer.id[:8], event.kind.value)
+        for stream in self._streams:
+            stream._deliver(event)
+
+    def close(self) -> None:
+        """The node closed: every stream ends."""
+        for stream in self._streams:
+            stream._close()

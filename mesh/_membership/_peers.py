@@ -5,7 +5,9 @@ Liveness is ours, by heartbeat: mDNS records outlive crashed peers by up to
 silent for `suspect_after` seconds is *suspect* (no event); silent for
 `lost_after` it is *lost* (event). A lost peer stays in the table and its
 connections stay open, so when its heartbeats resume it *joins* again by
-itself. A peer that says goodbye is *left* and removed at once.
+itself, until it has been lost for `forget_after`: then it is forgotten
+(removed, its connections closed) and, should it return, joins as new. A
+peer that says goodbye is *left* and removed at once.
 
 Each peer has one timer on the loop, set for the moment its silence runs out
 and moved on when it is heard: the loop wakes for a peer only if it really
@@ -19,9 +21,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from patterns import TopicPattern
 
@@ -108,17 +109,29 @@ class PeerRecord:
                     tuple(p.pattern for p in self.subs))
 
 
-class PeerTable:
-    """Peers by id, with the liveness state machine; emits events through `on_event` and
-    calls `on_change` when a silence timeout changed a peer's state. Use it on the loop."""
+class TableObserver(Protocol):
+    """Who hears what the peer table's state machine decides."""
 
-    def __init__(self, *, suspect_after: float, lost_after: float,
-                 on_event: Callable[[PeerEvent], None],
-                 on_change: Callable[[], None] = lambda: None) -> None:
+    def peer_event(self, event: PeerEvent) -> None:
+        """A peer joined, left or was lost."""
+
+    def peer_state_changed(self, rec: PeerRecord) -> None:
+        """A silence timeout changed a peer's state (suspect or lost)."""
+
+    def peer_forgotten(self, rec: PeerRecord) -> None:
+        """A peer lost for ``forget_after`` seconds was removed from the table."""
+
+
+class PeerTable:
+    """Peers by id, with the liveness state machine; tells its `TableObserver` what
+    changed. Use it on the loop."""
+
+    def __init__(self, *, suspect_after: float, lost_after: float, forget_after: float,
+                 observer: TableObserver) -> None:
         self.suspect_after = suspect_after
         self.lost_after = lost_after
-        self._on_event = on_event
-        self._on_change = on_change
+        self.forget_after = forget_after
+        self._observer = observer
         self._slack = suspect_after * _REARM_SLACK
         self._peers: dict[str, PeerRecord] = {}
 
@@ -171,11 +184,11 @@ class PeerTable:
             _disarm(rec)
 
     def _arm(self, rec: PeerRecord) -> None:
-        """Set the peer's timer for when its silence runs out next (none once lost)."""
+        """Set the peer's timer for when its silence runs out next."""
         _disarm(rec)
-        if rec.state is PeerState.LOST:
-            return
-        after = self.suspect_after if rec.state is PeerState.ALIVE else self.lost_after
+        after = (self.suspect_after if rec.state is PeerState.ALIVE else
+                 self.lost_after if rec.state is PeerState.SUSPECT else
+                 self.lost_after + self.forget_after)
         delay = rec.last_heard + after - time.monotonic()
         rec.armed_at = rec.last_heard
         rec.timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._expire, rec)
@@ -194,12 +207,16 @@ class PeerTable:
             rec.state = PeerState.LOST
             changed = True
             self._emit(PeerEventKind.LOST, rec)
+        if rec.state is PeerState.LOST and silent >= self.lost_after + self.forget_after:
+            del self._peers[rec.id]
+            self._observer.peer_forgotten(rec)
+            return
         self._arm(rec)
         if changed:
-            self._on_change()
+            self._observer.peer_state_changed(rec)
 
     def _emit(self, kind: PeerEventKind, rec: PeerRecord) -> None:
-        self._on_event(PeerEvent(kind, rec.snapshot()))
+        self._observer.peer_event(PeerEvent(kind, rec.snapshot()))
 
 
 def _disarm(rec: PeerRecord) -> None:

@@ -15,13 +15,12 @@ reported once.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 from patterns import (
     Context,
@@ -29,70 +28,46 @@ from patterns import (
     Publisher,
     SocketClosed,
     Subscriber,
-    TopicPattern,
     topic_from_key,
-    topic_key,
-    validate_topic,
 )
 
-from .. import _wire
+from .. import _names, _wire
 from .._config import NodeConfig
-from .._membership._peers import PeerRecord
+from .._membership._peers import PeerRecord, PeerTable
 from .._message import Message
+from .._parts import Announcer, Waiter
+from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
 from .._support._tally import Tally
-from ..errors import ConfigError, MessageTooLarge, ProtocolError
+from ..errors import MessageTooLarge, ProtocolError
 from ._subscription import Callback, Subscription
 
 _log = logging.getLogger("mesh.pubsub")
 _FLUSH_COUNT: Final[int] = 512
-_FLUSH_BYTES: Final[int] = 256 * 1024
-CACHE_LIMIT: Final[int] = 10_000
 MAX_SUBSCRIPTION: Final[int] = 4096
 """Largest subscription message a publisher accepts (a topic key is at most 257 bytes)."""
 _MARKER_RE: Final = re.compile(rb"[0-9A-Za-z]{1,64}:[0-9]{1,19}")
 """A readiness marker: ``<node id>:<interest version>``."""
-WIRE_OVERHEAD: Final[int] = 64 * 1024
 _PUB_LINGER: Final[float] = 2.0
-
-
-@functools.lru_cache(maxsize=CACHE_LIMIT)
-def checked_topic_key(topic: str) -> bytes:
-    """The wire key of a valid topic (cached, thread-safe).
-
-    Raises:
-        ConfigError: the topic is invalid.
-    """
-    try:
-        validate_topic(topic)
-    except InvalidName as exc:
-        raise ConfigError("topic", exc.reason + f" in {topic!r}") from None
-    return topic_key(topic)
-
-
-def parse_pattern(pattern: str) -> TopicPattern:
-    """Raises ConfigError for an invalid subscription pattern."""
-    try:
-        return TopicPattern(pattern)
-    except InvalidName as exc:
-        raise ConfigError("pattern", exc.reason + f" in {pattern!r}") from None
 
 
 class PubSub:
     """The pub/sub side of a node; owns its PUB and SUB sockets."""
 
     def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
-                 stats: Counter[str], on_subs_changed: Callable[[], None],
-                 on_ready_changed: Callable[[], None], next_seq: Callable[[], int],
-                 reliable_wanted: Callable[[str], bool] = lambda topic: True) -> None:
+                 stats: Counter[str], *, peers: PeerTable, announcer: Announcer,
+                 waiter: Waiter, next_seq: Callable[[], int]) -> None:
         self._next_seq = next_seq
-        self._reliable_wanted = reliable_wanted
         self._config = config
         self._quiet = quiet
         self._stats = stats
-        self._on_subs_changed = on_subs_changed
-        self._on_ready_changed = on_ready_changed
-        self._max_wire = config.max_message_size + WIRE_OVERHEAD
+        self._peers = peers
+        self._announcer = announcer
+        self._waiter = waiter
+        self._reliable_copies: BoundedDict[str, bool] = BoundedDict()
+        """Per topic: does any peer want reliable messages by pub/sub (see
+        `_reliable_wanted`)? Cleared whenever peers or their interest change."""
+        self._max_wire = _wire.max_frame(config.max_message_size)
         # inbound on the XPUB is only subscriptions (a topic key or a readiness marker): a
         # small limit keeps a stranger from parking megabytes in its subscription trie
         self._publisher = Publisher(ctx, hwm=config.pub_hwm, max_message_size=MAX_SUBSCRIPTION)
@@ -108,8 +83,8 @@ class PubSub:
         self._flush_handle: asyncio.Handle | None = None
         # subscribing
         self._subs: list[Subscription] = []
-        self._match_cache: dict[str, tuple[Subscription, ...]] = {}
-        self._key_topics: dict[bytes, str] = {}
+        self._match_cache: BoundedDict[str, tuple[Subscription, ...]] = BoundedDict()
+        self._key_topics: BoundedDict[bytes, str] = BoundedDict()
         self._expected_seq: dict[tuple[str, str], int] = {}
         self.dropped_by_peer: Counter[str] = Counter()
         self.received_by_peer = Tally()
@@ -117,19 +92,18 @@ class PubSub:
         self.published_by_topic = Tally()
         self.delivered_by_topic = Tally()
         """Messages handed to this node's subscriptions, once per message."""
-        self._confirmed: dict[str, int] = {}
+        self._confirmed: BoundedDict[str, int] = BoundedDict()
         self._disconnects: dict[str, asyncio.TimerHandle] = {}
 
     def bind(self, interfaces: Iterable[str]) -> list[str]:
         self.endpoints = [self._publisher.bind(host) for host in interfaces]
         return self.endpoints
 
-    def start(self, node_id: str) -> list[asyncio.Task[None]]:
+    def start(self, node_id: str) -> None:
+        """Start receiving; the caller runs `read_markers` as a task."""
         self.node_id = node_id
         self._subscriber.set_marker(self._marker())
-        loop = asyncio.get_running_loop()
         self._subscriber.start(self._on_batches)
-        return [loop.create_task(self._read_markers(), name="zeromesh-markers")]
 
     def close(self) -> None:
         self.flush()
@@ -145,13 +119,19 @@ class PubSub:
     def patterns(self) -> list[str]:
         return sorted({s.subject for s in self._subs})
 
+    def hello_fields(self, version: int) -> Mapping[str, Any]:
+        if version != self.version:  # what we announce now is marked with its version
+            self.version = version
+            self._subscriber.set_marker(self._marker())
+        return {"pub": self.endpoints, "subs": self.patterns, "feeds": self.feeds}
+
     @property
     def feeds(self) -> list[str]:
         """Patterns whose every subscription takes best-effort messages only."""
         plain = {s.subject for s in self._subs if not s.best_effort_only}
         return sorted({s.subject for s in self._subs} - plain)
 
-    # -- peers ------------------------------------------------------------------
+    # -- peers (PeerListener) -----------------------------------------------------
 
     def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
         pending = self._disconnects.pop(new.pub, None)
@@ -161,11 +141,20 @@ class PubSub:
             self._subscriber.disconnect(old.pub)
         self._subscriber.connect(new.pub)
 
+    def peer_updated(self, rec: PeerRecord) -> None:
+        pass  # its subscriptions are read from its record (see `peers_changed`)
+
+    def peer_lost(self, rec: PeerRecord) -> None:
+        pass  # stay connected: it joins again by itself when it comes back
+
+    def peers_changed(self) -> None:
+        self._reliable_copies.clear()
+
     def peer_gone(self, rec: PeerRecord) -> None:
-        """A peer said goodbye. Its last batches may still be in flight on the data
-        connection (the goodbye travels on another one, and can overtake them), and
-        libzmq discards what is queued from a disconnected endpoint: so disconnect
-        only after the peer's publisher linger has passed."""
+        """A peer said goodbye (or was forgotten). Its last batches may still be in
+        flight on the data connection (the goodbye travels on another one, and can
+        overtake them), and libzmq discards what is queued from a disconnected
+        endpoint: so disconnect only after the peer's publisher linger has passed."""
         self._confirmed.pop(rec.id, None)
         if rec.pub in self._disconnects:
             return
@@ -189,7 +178,7 @@ class PubSub:
         caller may yield), else None."""
         pending = self._outgoing.get(topic)
         if pending is None:
-            checked_topic_key(topic)
+            _names.topic(topic)
             pending = self._outgoing[topic] = []
         if type(data) is not bytes:
             data = data.encode() if isinstance(data, str) else bytes(data)
@@ -197,7 +186,7 @@ class PubSub:
         if size > self._config.max_message_size:
             self._stats["oversized"] += 1
             raise MessageTooLarge(size, self._config.max_message_size)
-        if pending and self._outgoing_bytes + size > _FLUSH_BYTES:
+        if pending and self._outgoing_bytes + size > _wire.FRAME_BYTES:
             self.flush(name)  # keep every frame under the receivers' size limit
             pending = self._outgoing[topic] = []
         hdrs = dict(headers) if headers else None
@@ -213,7 +202,7 @@ class PubSub:
                 for sub in local:
                     sub._deliver((msg,))
                 self.delivered_by_topic.add(topic)
-        if self._outgoing_count >= _FLUSH_COUNT or self._outgoing_bytes >= _FLUSH_BYTES:
+        if self._outgoing_count >= _FLUSH_COUNT or self._outgoing_bytes >= _wire.FRAME_BYTES:
             self.flush(name)
             return item
         if self._flush_handle is None:
@@ -232,7 +221,7 @@ class PubSub:
             ConfigError: `topic` is invalid.
             MessageTooLarge: one of them is too large (none is made).
         """
-        checked_topic_key(topic)
+        _names.topic(topic)
         datas = [d if type(d) is bytes else d.encode() if isinstance(d, str) else bytes(d)
                  for d in payloads]
         limit = self._config.max_message_size
@@ -262,7 +251,7 @@ class PubSub:
         """Queue items for the next flush, flushing whenever a batch is full."""
         for item in items:
             size = len(item.payload)
-            if self._outgoing_count and self._outgoing_bytes + size > _FLUSH_BYTES:
+            if self._outgoing_count and self._outgoing_bytes + size > _wire.FRAME_BYTES:
                 self.flush(name)  # keep every frame under the receivers' size limit
             self._outgoing.setdefault(topic, []).append(item)
             self._outgoing_count += 1
@@ -289,7 +278,7 @@ class PubSub:
             first = self._topic_seq.get(topic, 0)
             self._topic_seq[topic] = first + len(items)
             self.published_by_topic.add(topic, len(items))
-            frame = _wire.encode_data(checked_topic_key(topic),
+            frame = _wire.encode_data(_names.topic(topic),
                                       _wire.Batch(self.node_id, name, first, items), hint)
             try:
                 send(frame)
@@ -300,14 +289,14 @@ class PubSub:
 
     def subscribe(self, pattern: str, callback: Callback | None, max_pending: int, *,
                   best_effort_only: bool = False) -> Subscription:
-        parsed = parse_pattern(pattern)
+        parsed = _names.pattern(pattern)
         sub = Subscription(parsed, max_pending=max_pending, callback=callback,
                            on_close=self._unsubscribe)
         sub.best_effort_only = best_effort_only  # (before the hello announces it)
         self._subs.append(sub)
         self._match_cache.clear()
         self._subscriber.add_prefix(parsed.prefix)
-        self._on_subs_changed()
+        self._announcer.interest_changed()
         return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
@@ -316,12 +305,18 @@ class PubSub:
             self._match_cache.clear()
             if not self._subscriber.closed:
                 self._subscriber.remove_prefix(sub.pattern.prefix)
-                self._on_subs_changed()
+                self._announcer.interest_changed()
 
-    def interest_changed(self, version: int) -> None:
-        """Our announced interest moved to `version`: re-mark readiness for publishers."""
-        self.version = version
-        self._subscriber.set_marker(self._marker())
+    def _reliable_wanted(self, topic: str) -> bool:
+        """Does a peer subscribe to `topic` other than for a durable's live view (which
+        takes best-effort messages only)? If not, reliable messages on it need not go
+        out by pub/sub at all: the durables' queues carry them."""
+        wanted = self._reliable_copies.get(topic)
+        if wanted is None:
+            wanted = self._reliable_copies.put(topic, any(
+                p.pattern not in rec.feeds and p.matches(topic)
+                for rec in self._peers.records() for p in rec.subs))
+        return wanted
 
     def _marker(self) -> bytes:
         return f"{self.node_id}:{self.version}".encode()
@@ -329,10 +324,8 @@ class PubSub:
     def _matching(self, topic: str) -> tuple[Subscription, ...]:
         subs = self._match_cache.get(topic)
         if subs is None:
-            if len(self._match_cache) >= CACHE_LIMIT:
-                self._match_cache.clear()
-            subs = self._match_cache[topic] = tuple(
-                s for s in self._subs if s.pattern.matches(topic))
+            subs = self._match_cache.put(topic, tuple(
+                s for s in self._subs if s.pattern.matches(topic)))
         return subs
 
     def _on_batches(self, batches: list[list[memoryview]]) -> None:
@@ -341,11 +334,7 @@ class PubSub:
 
     def _on_data(self, frames: Sequence[bytes | memoryview]) -> None:
         try:
-            if len(frames) != 1:
-                raise ProtocolError(f"data message of {len(frames)} frames")
-            frame = frames[0]
-            key, offset = _wire.split_data(frame)
-            batch = _wire.decode_data(frame, offset, self._max_wire)
+            key, batch = _wire.decode_data_message(frames, self._max_wire)
             topic = self._key_topics.get(key)
             if topic is None:
                 topic = self._topic_of(key)
@@ -388,12 +377,11 @@ class PubSub:
             topic = topic_from_key(key)
         except InvalidName as exc:
             raise ProtocolError(f"bad topic key: {exc}") from None
-        if len(self._key_topics) >= CACHE_LIMIT:
-            self._key_topics.clear()
-        self._key_topics[key] = topic
+        self._key_topics.put(key, topic)
         return topic
 
-    async def _read_markers(self) -> None:
+    async def read_markers(self) -> None:
+        """Follow which peers' subscriptions are in force here, until the socket closes."""
         while True:
             try:
                 markers = await self._publisher.markers()
@@ -407,9 +395,7 @@ class PubSub:
                     continue
                 peer_id, _, version = marker.decode("ascii").partition(":")
                 if subscribed:
-                    if len(self._confirmed) >= CACHE_LIMIT:
-                        self._confirmed.clear()  # bounded against marker floods
-                    self._confirmed[peer_id] = int(version)
+                    self._confirmed.put(peer_id, int(version))  # bounded: marker floods
                 elif self._confirmed.get(peer_id) == int(version):
                     del self._confirmed[peer_id]
-            self._on_ready_changed()
+            self._waiter.wake()

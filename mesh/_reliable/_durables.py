@@ -14,9 +14,12 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from patterns import InvalidName, TopicPattern
+
+from .._membership._peers import PeerRecord
+from .._support._cache import BoundedDict
 
 _log = logging.getLogger("mesh.spool")
 PREFIX: Final[str] = "_durable"
@@ -29,12 +32,38 @@ def durable_queue(node_id: str, name: str) -> str:
 
 
 class KnownDurables:
-    """Queue name -> pattern of every durable seen, persisted in the data dir."""
+    """Queue name -> pattern of every durable seen, persisted in the data dir; and this
+    node's own durables, which its hello announces.
+
+    It learns from peers' hellos as a `PeerListener`.
+    """
 
     def __init__(self, data_dir: str | None) -> None:
         self._path = Path(data_dir) / _FILE if data_dir is not None else None
         self._patterns: dict[str, TopicPattern] = {}
-        self._cache: dict[str, list[str]] = {}
+        self._cache: BoundedDict[str, list[str]] = BoundedDict()
+        self.mine: dict[str, str] = {}
+        """This node's own durable subscriptions: queue -> pattern."""
+
+    def hello_fields(self, version: int) -> Mapping[str, Any]:
+        return {"durables": self.mine}
+
+    def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
+        if new.durables:
+            self.learn(new.durables)
+
+    def peer_updated(self, rec: PeerRecord) -> None:
+        if rec.durables:
+            self.learn(rec.durables)
+
+    def peer_lost(self, rec: PeerRecord) -> None:
+        pass  # a publisher spools for a durable whether its node is there or not
+
+    def peer_gone(self, rec: PeerRecord) -> None:
+        pass
+
+    def peers_changed(self) -> None:
+        pass
 
     def load(self) -> None:
         if self._path is None or not self._path.exists():
@@ -70,10 +99,8 @@ class KnownDurables:
         """The durable queues a reliable message on `topic` must reach."""
         queues = self._cache.get(topic)
         if queues is None:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            queues = self._cache[topic] = [q for q, p in self._patterns.items()
-                                           if p.matches(topic)]
+            queues = self._cache.put(topic, [q for q, p in self._patterns.items()
+                                             if p.matches(topic)])
         return queues
 
     def _save(self) -> None:

@@ -34,6 +34,7 @@ import msgspec
 
 from .. import _wire
 from .._config import NodeConfig
+from .._parts import Waiter
 from .._spool import FsyncPolicy, SpoolStore
 from ..errors import ClosedError, ConfigError, ProtocolError
 from ._dedup import Dedup
@@ -90,8 +91,9 @@ Requeue = Callable[..., None]
 class Outbox:
     """The outbox spool of one node and the bookkeeping of its reliable messages."""
 
-    def __init__(self, store: SpoolStore, dead: SpoolStore, stats: Counter[str], *,
-                 max_attempts: int, ack_timeout: float, retry_backoff: float) -> None:
+    def __init__(self, store: SpoolStore, dead: SpoolStore, stats: Counter[str],
+                 waiter: Waiter, *, max_attempts: int, ack_timeout: float,
+                 retry_backoff: float) -> None:
         self.store = store
         self.dead = dead
         self._stats = stats
@@ -102,8 +104,8 @@ class Outbox:
         self._timers: set[asyncio.TimerHandle] = set()
         self._batch: _Batch | None = None
         self._acks: list[int] = []
-        self.on_change: Callable[[], None] = lambda: None
-        """Called when a message left the spool (delivered or dead-lettered)."""
+        self._waiter = waiter
+        """Woken when a message left the spool (delivered or dead-lettered)."""
         self.inbox: SpoolStore | None = None
         """The receiving side's dedup marks live here (closed with the rest)."""
 
@@ -191,7 +193,7 @@ class Outbox:
         acks, self._acks = self._acks, []
         self.store.ack(acks)
         self._stats["acked"] += len(acks)
-        self.on_change()
+        self._waiter.wake()
 
     def failed(self, tracked: Tracked, reason: str, requeue: Requeue, dest: str) -> None:
         """One delivery attempt to `dest` (a queue) failed: retry after a backoff, or
@@ -225,7 +227,7 @@ class Outbox:
             return
         self.store.ack((tracked.spool_id,))
         self._stats["dead_lettered"] += 1
-        self.on_change()
+        self._waiter.wake()
         _log.warning("message %d on %s dead-lettered after %d attempts: %s", tracked.spool_id,
                      spooled.name, spooled.attempts, spooled.reason)
 
@@ -261,15 +263,15 @@ class Outbox:
             await self.inbox.aclose()
 
 
-async def open_spools(data_dir: str, config: NodeConfig, stats: Counter[str]
-                      ) -> tuple[Outbox, Dedup]:
+async def open_spools(data_dir: str, config: NodeConfig, stats: Counter[str],
+                      waiter: Waiter) -> tuple[Outbox, Dedup]:
     """The outbox, dead-letter and inbox (dedup) spools under `data_dir`/spool.
 
     Raises:
         ConfigError: the directory cannot be used.
     """
     root = Path(data_dir) / "spool"
-    policy = FsyncPolicy(config.fsync)
+    policy = config.fsync
     out = SpoolStore(root / "out", fsync=policy, quota_bytes=config.spool_quota)
     dead = SpoolStore(root / "dead", fsync=policy, quota_bytes=config.spool_quota)
     inbox = SpoolStore(root / "in", fsync=FsyncPolicy.OFF, quota_bytes=config.spool_quota)
@@ -284,7 +286,7 @@ async def open_spools(data_dir: str, config: NodeConfig, stats: Counter[str]
         raise ConfigError("data_dir", f"spool unusable: {exc.strerror or exc}") from None
     dedup = Dedup(inbox)
     dedup.load()
-    outbox = Outbox(out, dead, stats, max_attempts=config.max_attempts,
+    outbox = Outbox(out, dead, stats, waiter, max_attempts=config.max_attempts,
                     ack_timeout=config.ack_timeout, retry_backoff=config.retry_backoff)
     outbox.inbox = inbox
     return outbox, dedup

@@ -4,8 +4,8 @@ A sync handler runs inline on the loop (it must not block); an async one runs
 in its own task, at most `concurrency` at a time, the rest waiting in a
 bounded backlog (beyond it the server answers *busy* and the requester tries
 another server). A handler that raises produces an error reply (`RemoteError`
-at the requester); the server keeps serving. Routing requests to servers is
-`_services`.
+at the requester); the server keeps serving. Receiving requests and sending
+replies is `_serving`.
 """
 
 from __future__ import annotations
@@ -16,14 +16,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import Any, Final, Protocol, Self
 
 from .. import _wire
 from .._message import Message
 from ..errors import MessageTooLarge
-
-if TYPE_CHECKING:
-    from ._services import Services
 
 _log = logging.getLogger("mesh.services")
 
@@ -39,11 +36,22 @@ _CLOSE_GRACE: Final[float] = 2.0
 _MAX_ERROR_TEXT: Final[int] = 4096
 
 
+class ServiceHost(Protocol):
+    """What a served service needs from the node that serves it."""
+
+    @property
+    def max_message_size(self) -> int:
+        """The largest reply body a handler may return."""
+
+    def unserve(self, service: Service) -> None:
+        """`service` closed: stop routing requests to it."""
+
+
 class Service:
     """A service this node serves; stop serving with `aclose()`."""
 
     def __init__(self, name: str, handler: ServiceHandler, concurrency: int,
-                 owner: Services) -> None:
+                 owner: ServiceHost) -> None:
         self._name = name
         self._handler = handler
         self._is_async = is_async_handler(handler)
@@ -76,15 +84,16 @@ class Service:
         if self._closed:
             return
         self._closed = True
-        self._owner._unserve(self)
+        self._owner.unserve(self)
         while self._backlog:
             msg, reply = self._backlog.popleft()
             reply(_wire.Reply(msg.seq, _wire.REPLY_NOT_SERVED, time.time(), b""))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=_CLOSE_GRACE)
-        await self._cancel()
+        await self.cancel()
 
-    async def _cancel(self) -> None:
+    async def cancel(self) -> None:
+        """Stop at once: running handlers are cancelled (the node is closing)."""
         self._closed = True
         tasks = set(self._tasks)
         for task in tasks:

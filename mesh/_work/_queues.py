@@ -34,20 +34,23 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 from patterns import Context, Pusher, SocketClosed
 
-from .. import _wire
+from .. import _names, _wire
 from .._config import NodeConfig
-from .._membership._peers import PeerRecord
+from .._membership._listener import ControlRoutes, ControlSender
+from .._membership._peers import PeerRecord, PeerState, PeerTable
 from .._message import Message
-from .._pubsub._engine import CACHE_LIMIT, WIRE_OVERHEAD, checked_topic_key
+from .._parts import Announcer
 from .._reliable._dedup import Dedup
 from .._reliable._outbox import Outbox, Tracked
+from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
 from ..errors import ClosedError, ConfigError, MessageTooLarge, NoRespondersError, RequestTimeout
-from ._worker import Handler, Pull, Workers
+from ._credit import Workers
+from ._pull import Handler, Pull
 
 _log = logging.getLogger("mesh.workqueue")
 DEFAULT_PREFETCH: Final[int] = 8192
@@ -59,7 +62,6 @@ stalling the pusher once the window was used up; adaptive with this cap, 0.26-0.
 same loaded host (median 0.50), the pusher's CPU (~2x raw's per message) being the limit
 (benchmarks/pushpull.py)."""
 _PUSH_LINGER: Final[float] = 2.0
-_BATCH_BYTES: Final[int] = 256 * 1024
 """A batch frame holds at most this much payload (or one larger message)."""
 _TURN: Final[int] = 64
 """A worker's turn in the round robin: at most this many messages (and its batch, its credit)."""
@@ -67,18 +69,6 @@ _TURN: Final[int] = 64
 _wall_clock: Final = time.time
 
 Sent = tuple[_wire.Item, Tracked | None]
-
-
-def checked_queue_key(queue: str) -> bytes:
-    """Queue names follow topic rules (no wildcards).
-
-    Raises:
-        ConfigError: the name is invalid.
-    """
-    try:
-        return checked_topic_key(queue)
-    except ConfigError as exc:
-        raise ConfigError("queue", exc.reason.replace("topic", "queue")) from None
 
 
 class _Target:
@@ -92,7 +82,7 @@ class _Target:
                  pusher: Pusher | None, local: bool) -> None:
         self.peer_id = peer_id
         self.queue = queue
-        self.key = checked_topic_key(queue)
+        self.key = _names.queue(queue)
         self.epoch = epoch
         self.pusher = pusher
         self.local = local
@@ -134,20 +124,18 @@ class WorkQueues:
     """Push/pull for one node: pusher-side dispatch plus the worker side (`Workers`)."""
 
     def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog, stats: Counter[str],
-                 *, alive_peers: Callable[[], list[PeerRecord]],
-                 send_control: Callable[[str, _wire.Control], bool],
-                 on_interest_changed: Callable[[], None],
+                 *, peers: PeerTable, control: ControlSender, announcer: Announcer,
                  next_seq: Callable[[], int], outbox: Outbox | None = None,
                  dedup: Dedup | None = None) -> None:
         self._next_seq = next_seq
         self._ctx = ctx
         self._config = config
         self._stats = stats
-        self._alive_peers = alive_peers
-        self._on_interest_changed = on_interest_changed
+        self._peers = peers
+        self._announcer = announcer
         self._outbox = outbox
-        self.workers = Workers(ctx, quiet, stats, max_wire=config.max_message_size + WIRE_OVERHEAD,
-                               send_control=send_control, dedup=dedup or Dedup())
+        self.workers = Workers(ctx, quiet, stats, max_wire=_wire.max_frame(config.max_message_size),
+                               control=control, dedup=dedup or Dedup())
         self.node_id = ""
         self.name = ""
         self._epoch = time.time_ns()
@@ -157,7 +145,7 @@ class WorkQueues:
         self._target_cache: dict[str, list[_Target]] = {}
         self._current: dict[str, _Target] = {}
         """Per queue, the target of the current round-robin turn (see `_pick`)."""
-        self._queue_keys: dict[str, bytes] = {}
+        self._queue_keys: BoundedDict[str, bytes] = BoundedDict()
         self._max_size = config.max_message_size
         self._backlog: dict[str, deque[Sent]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -178,13 +166,20 @@ class WorkQueues:
     def bind(self, interfaces: Iterable[str]) -> list[str]:
         return self.workers.bind(interfaces)
 
-    def start(self, node_id: str, name: str) -> list[asyncio.Task[None]]:
+    def hello_fields(self, version: int) -> Mapping[str, Any]:
+        return {"pull": self.endpoints, "queues": self.queues}
+
+    @property
+    def control_routes(self) -> ControlRoutes:
+        """The control messages this part handles."""
+        return {_wire.Credit: self.on_credit, _wire.Nack: self.on_nack}
+
+    def start(self, node_id: str, name: str) -> None:
         self.node_id, self.name = node_id, name
         if self._outbox is not None:
             for queue, sent in self._outbox.recovered():
                 self._backlog.setdefault(queue, deque()).append(sent)
         self.workers.start(node_id)
-        return []
 
     def prepare_leave(self) -> None:
         """Before the goodbye: flush pushes and report final credits, in that order."""
@@ -252,7 +247,7 @@ class WorkQueues:
         inflight.append(item)
         outgoing = target.outgoing
         nbytes = target.outgoing_bytes + size
-        if nbytes > _BATCH_BYTES and outgoing:
+        if nbytes > _wire.FRAME_BYTES and outgoing:
             self._send(target)
             outgoing, nbytes = target.outgoing, size
         outgoing.append(item)
@@ -277,10 +272,8 @@ class WorkQueues:
         self._stats["pushed"] += 1
 
     def _check_queue(self, queue: str) -> None:
-        key = checked_queue_key(queue)
-        if len(self._queue_keys) >= CACHE_LIMIT:
-            self._queue_keys.clear()
-        self._queue_keys[queue] = key
+        key = _names.queue(queue)
+        self._queue_keys.put(queue, key)
 
     def worker_count(self, queue: str) -> int:
         return len(self._targets_for(queue))
@@ -289,7 +282,9 @@ class WorkQueues:
         targets = self._target_cache.get(queue)
         if targets is None:
             targets = []
-            for rec in self._alive_peers():
+            for rec in self._peers.records():
+                if rec.state is not PeerState.ALIVE:
+                    continue
                 window = rec.queues.get(queue)
                 if window and rec.pull:
                     targets.append(self._target(rec.id, queue, window, rec.pull))
@@ -386,14 +381,14 @@ class WorkQueues:
         if target.local:
             local = self.workers.local.get(target.queue)
             if local is not None:
-                queue, name, node_id, receipt = target.queue, self.name, self.node_id, local.receipt
+                queue, name, node_id = target.queue, self.name, self.node_id
                 local.put_many([Message(item.topic or queue, item.payload, name, node_id,
-                                        item.seq, item.ts, item.headers, item.reliable, receipt)
+                                        item.seq, item.ts, item.headers, item.reliable)
                                 for item in items], target)
             return
         outgoing, size = target.outgoing, target.outgoing_bytes
         for item in items:
-            if outgoing and size + len(item.payload) > _BATCH_BYTES:
+            if outgoing and size + len(item.payload) > _wire.FRAME_BYTES:
                 target.outgoing_bytes = size
                 self._send(target)  # keep every frame under the receiver's size limit
                 outgoing, size = target.outgoing, 0
@@ -527,7 +522,17 @@ class WorkQueues:
                              target.peer_id[:8], target.queue, ack_timeout)
                 self._drop_target(target, "ack timeout")
 
-    # -- peers -------------------------------------------------------------------
+    # -- peers (PeerListener) -----------------------------------------------------
+
+    def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
+        if old is not None and old.incarnation != new.incarnation:
+            self._forget_peer(old.id, graceful=False)  # restarted: its old pipe is dead
+
+    def peer_lost(self, rec: PeerRecord) -> None:
+        self._forget_peer(rec.id, graceful=False)
+
+    def peer_gone(self, rec: PeerRecord) -> None:
+        self._forget_peer(rec.id, graceful=True)
 
     def peers_changed(self) -> None:
         """Someone joined, left, was lost or changed interest: recompute targets."""
@@ -543,7 +548,7 @@ class WorkQueues:
                 self._requeue_target(target)
         self.peers_changed()
 
-    def peer_gone(self, peer_id: str, *, graceful: bool) -> None:
+    def _forget_peer(self, peer_id: str, *, graceful: bool) -> None:
         for (pid, _queue), target in list(self._targets.items()):
             if pid != peer_id:
                 continue
@@ -590,13 +595,13 @@ class WorkQueues:
     # -- worker side -------------------------------------------------------------
 
     def pull(self, queue: str, prefetch: int, handler: Handler | None) -> Pull:
-        checked_queue_key(queue)
+        _names.queue(queue)
         if prefetch < 1:
             raise ConfigError("prefetch", "must be >= 1")
         pull, first = self.workers.open(queue, prefetch, handler, self._detach)
         self._forget_targets(queue)
         if first:
-            self._on_interest_changed()
+            self._announcer.interest_changed()
         return pull
 
     def _detach(self, pull: Pull) -> None:
@@ -610,4 +615,4 @@ class WorkQueues:
             if self._targets.get((target.peer_id, target.queue)) is target:
                 self._requeue_target(target)
         self.workers.send_credits()  # final totals travel before the new hello
-        self._on_interest_changed()
+        self._announcer.interest_changed()

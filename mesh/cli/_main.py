@@ -16,6 +16,7 @@ from typing import NoReturn
 from patterns import KeyFileError, generate_keypair
 
 from .. import _loop
+from .._spool import FsyncPolicy
 from ..errors import ConfigError, MeshError
 from . import _commands, _demo
 from . import _spool as spool_commands
@@ -46,7 +47,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, help="control port (default: any free port)")
     g.add_argument("--no-mdns", dest="mdns", action="store_false", default=None,
                    help="do not announce or browse with mDNS (static peers only)")
-    g.add_argument("--fsync", choices=["always", "batch", "off"],
+    g.add_argument("--fsync", choices=[p.value for p in FsyncPolicy],
                    help="spool fsync policy (default batch: group commit)")
     g.add_argument("--secret-key", metavar="FILE",
                    help="CURVE secret key file from `zeromesh keygen`: encrypt and "
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="zeromesh", description="A brokerless messaging mesh.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("demo", help="run a small mesh on this machine, showing pub/sub")
+    p = sub.add_parser("demo", help="run a small mesh on this machine, showing every pattern")
     p.add_argument("--interface", default="127.0.0.1", metavar="IP",
                    help="address for the demo nodes (default 127.0.0.1)")
 

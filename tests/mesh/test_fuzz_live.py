@@ -170,8 +170,7 @@ async def test_well_formed_hostile_requests_and_work_never_end_a_reader(
     await target.serve("echo", lambda m: m.data)
     jobs: list[bytes] = []
     await target.pull("jobs", handler=lambda m: jobs.append(m.data))
-    assert target._work is not None
-    rtr, pull = target.endpoints["rtr"][0], target._work.endpoints[0]
+    rtr, pull = target.endpoints["rtr"][0], target._live().work.endpoints[0]
     keys = st.sampled_from([b"jobs\x00", b"other\x00", b"j\x00", b"\xff\x00"])
     services = st.one_of(
         st.builds(wire.Request, _ints, st.one_of(st.just("echo"), _names), _ids,

@@ -65,7 +65,7 @@ async def test_a_peer_that_goes_silent_is_suspect_then_lost_on_time(make_node: M
     events = a.events()
     await a.wait_for_peers(1, timeout=5)
     assert (await events.next(timeout=5)).kind is PeerEventKind.JOINED
-    await b._cancel_tasks()  # b's heartbeats stop, as in a crash: no goodbye
+    await b._live().tasks.cancel()  # b's heartbeats stop, as in a crash: no goodbye
     silent_from = time.monotonic()
     await aeventually(lambda: a.peers()[0].state is PeerState.SUSPECT, timeout=5)
     lost = await events.next(timeout=5)
@@ -83,11 +83,8 @@ async def test_heartbeat_carries_the_new_interest_version(make_node: MakeNode) -
     await a.wait_for_peers(1, timeout=5)
     await b.wait_for_peers(1, timeout=5)
 
-    membership = a._membership
-    assert membership is not None
-
     def beat_version() -> int:
-        frame = membership._heartbeat
+        frame = a._live().membership._heartbeat
         if frame is None:
             return -1
         beat = wire.decode_control(bytes(frame))
@@ -98,4 +95,4 @@ async def test_heartbeat_carries_the_new_interest_version(make_node: MakeNode) -
     before = beat_version()
     await a.subscribe("liveness.x")
     await aeventually(lambda: beat_version() > before)
-    assert beat_version() == a._interest_version
+    assert beat_version() == a._live().membership.interest_version

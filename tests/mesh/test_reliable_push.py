@@ -127,8 +127,7 @@ async def test_duplicates_are_dropped_by_sender_and_sequence_across_restarts(
             work = await worker.pull("jobs")
             push = ctx.socket(zmq.PUSH)
             push.linger = 0
-            assert worker._work is not None
-            push.connect(worker._work.endpoints[0])
+            push.connect(worker._live().work.endpoints[0])
             item = wire.Item(7, 1.0, None, b"once", True)
             for epoch in (1, 2):  # two streams: as if redelivered after a lost ack
                 batch = wire.Batch("f" * 32, "fake", 0, [item], epoch)

@@ -34,9 +34,7 @@ from .conftest import FAST, FAST_ENV, MakeNode
 
 def _servers_known(node: AsyncNode, service: str, *, alive_only: bool = False) -> int:
     """How many peers `node` knows as servers of `service` (the alive ones, if `alive_only`)."""
-    membership = node._membership
-    assert membership is not None, "the node is not started"
-    return sum(service in p.services for p in membership.table.records()
+    return sum(service in p.services for p in node._live().membership.table.records()
                if not alive_only or p.state is PeerState.ALIVE)
 
 
@@ -120,8 +118,7 @@ async def test_requests_made_together_leave_together_and_replies_come_back_toget
     await server.serve("svc.up", lambda m: m.data.upper())
     await client.wait_for_service("svc.up", timeout=5)
     await client.request("svc.up", b"warm")  # the link to the server exists from here on
-    assert client._services is not None
-    [link] = client._services._links.values()
+    [link] = client._live().requests._links.values()
     frames = 0
     real_send = link.dealer.try_send
 
@@ -454,8 +451,7 @@ async def test_service_hwm_is_a_setting_and_a_full_queue_waits_instead_of_droppi
         replies = await asyncio.gather(*(client.request("svc.tiny", f"r{i}", timeout=15)
                                          for i in range(300)))
     assert [r.data for r in replies] == [f"r{i}".encode()[::-1] for i in range(300)]
-    assert server._services is not None
-    router = server._services._router._sock._sync
+    router = server._live().serving._router._sock._sync
     assert (router.getsockopt(zmq.RCVHWM), router.getsockopt(zmq.SNDHWM)) == (1, 0)
     with pytest.raises(ConfigError, match="service_hwm"):
         await make_node("bad", service_hwm=-1)

@@ -89,8 +89,7 @@ async def test_at_the_default_prefetch_a_slow_workers_window_shrinks(make_node: 
     """The default window adapts: a 10x slower worker ends at the floor and gets far fewer."""
     got: collections.Counter[str] = collections.Counter()
     pusher, fast, slow, _ = await _fast_and_slow(make_node, got, 2000)
-    assert pusher._work is not None
-    windows = {name: pusher._work._targets[(node.id, "jobs")].window
+    windows = {name: pusher._live().work._targets[(node.id, "jobs")].window
                for name, node in (("fast", fast), ("slow", slow))}
     print(f"speed split: {dict(got)}, windows {windows}")
     assert windows["slow"] == MIN_WINDOW, windows

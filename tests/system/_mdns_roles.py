@@ -69,7 +69,7 @@ async def node(interface: str, mesh: str, name: str) -> None:
         while line := await loop.run_in_executor(None, sys.stdin.readline):
             words = line.split()
             if words == ["status"]:
-                mdns = [d for d in n._discovery if isinstance(d, MdnsDiscovery)]
+                mdns = [d for d in n._live().discovery if isinstance(d, MdnsDiscovery)]
                 out(json.dumps({
                     "peers": [{"id": p.id, "name": p.name, "state": p.state.value,
                                "endpoints": list(p.endpoints)} for p in n.peers()],

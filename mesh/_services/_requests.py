@@ -1,23 +1,13 @@
-"""Services for one node: serving named services and making requests to them.
+"""Requests to named services: choosing a server, retrying, failing over.
 
-Serving: the node binds one ROUTER. A request names its service; the handler
-serving it gets a `Message` and returns the reply body. A sync handler runs
-inline on the loop (it must not block); an async one runs in its own task, at
-most `concurrency` at a time per service, the rest waiting in a bounded
-backlog (beyond it the server answers *busy* and the requester tries another
-server). A handler that raises produces an error reply (`RemoteError` at the
-requester); the server keeps serving.
-
-Requests to one server, and replies to one requester, made in the same loop
-iteration travel as one frame (`_coalesce`): the first at once, the rest
-when the iteration ends.
-
-Requesting: one DEALER per server peer, opened on first use. Each request
-gets a correlation id and a future in the pending map; a reply whose id is no
-longer pending (its request timed out) is discarded and counted. A server is
-chosen among the live peers announcing the service (and this node itself,
-served without the network): not yet tried by this request first, then
-least outstanding requests, then least recently used (round robin).
+One DEALER per server peer, opened on first use. Each request gets a
+correlation id and a future in the pending map; a reply whose id is no longer
+pending (its request timed out) is discarded and counted. A server is chosen
+among the live peers announcing the service (and this node itself, served
+without the network): not yet tried by this request first, then least
+outstanding requests, then least recently used (round robin). Requests to
+one server made in the same loop iteration travel as one frame (`_coalesce`):
+the first at once, the rest when the iteration ends.
 
 Retries are one layer: tenacity wraps the whole attempt (bounded attempts,
 exponential backoff with jitter), each attempt picking another server when
@@ -38,8 +28,8 @@ import itertools
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Final, NoReturn, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Final, NoReturn
 
 from tenacity import (
     AsyncRetrying,
@@ -50,17 +40,15 @@ from tenacity import (
 
 from patterns import (
     Context,
-    InvalidName,
     ServiceDealer,
-    ServiceRouter,
     SocketClosed,
-    validate_topic,
 )
 
-from .. import _wire
+from .. import _names, _wire
 from .._config import NodeConfig
-from .._membership._peers import PeerRecord, PeerState
+from .._membership._peers import PeerRecord, PeerState, PeerTable
 from .._message import Message
+from .._parts import Waiter
 from .._support._quiet import QuietLog
 from ..errors import (
     ClosedError,
@@ -74,37 +62,20 @@ from ..errors import (
 )
 from ._coalesce import Coalescer
 from ._deadlines import Deadlines
-from ._server import Service, ServiceHandler
+from ._server import Service
+from ._serving import Serving
 
 _log = logging.getLogger("mesh.services")
 
-Wait = Callable[[Callable[[], bool], float, str], Awaitable[None]]
-
 DISCOVERY_GRACE: Final[float] = 0.5
 """After start, a request waits this long at most for a server to be discovered."""
-_WIRE_OVERHEAD: Final[int] = 64 * 1024
 _RETRY_INITIAL: Final[float] = 0.01
 _RETRY_MAX: Final[float] = 0.25
 _RETRY_JITTER: Final[float] = 0.02
-_FRAME_BYTES: Final[int] = 256 * 1024
-"""Requests (or replies) share a frame up to this many payload bytes (one larger travels alone)."""
-_ITEM_OVERHEAD: Final[int] = 64
-
-
-_Frame = TypeVar("_Frame", _wire.Request, _wire.Reply)
 
 
 class _ServerGone(DeliveryError):
     """Internal: the chosen server went away or declined; another one may answer."""
-
-
-@functools.lru_cache(maxsize=4096)
-def _checked_service(service: str) -> None:
-    """Raises ConfigError for an invalid service name (cached: checked on every request)."""
-    try:
-        validate_topic(service)
-    except InvalidName as exc:
-        raise ConfigError("service", f"{exc.reason} in {service!r}") from None
 
 
 class _Link:
@@ -139,28 +110,24 @@ class _Link:
                 self.blocked.popleft()
 
 
-class Services:
-    """The router/dealer side of a node; owns the ROUTER and the per-server DEALERs."""
+class Requests:
+    """The requesting side of a node: a DEALER per server peer, requests in flight."""
 
     def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
-                 stats: Counter[str], *, peers: Callable[[], Iterable[PeerRecord]],
-                 wait: Wait, on_services_changed: Callable[[], None]) -> None:
+                 stats: Counter[str], *, peers: PeerTable, local: Serving,
+                 waiter: Waiter) -> None:
         self._ctx = ctx
         self._quiet = quiet
         self._stats = stats
         self._peers = peers
-        self._wait = wait
-        self._on_services_changed = on_services_changed
-        self.max_message_size = config.max_message_size
-        self._max_wire = config.max_message_size + _WIRE_OVERHEAD
-        self._frame_budget = min(_FRAME_BYTES, config.max_message_size)
-        self._hwm = config.service_hwm
-        self._router = ServiceRouter(ctx, self._on_requests, hwm=self._hwm,
-                                     max_message_size=self._max_wire)
-        self.endpoints: list[str] = []
-        self._node_id = ""
+        self._local = local
+        self._waiter = waiter
         self._name = config.name
-        self._served: dict[str, Service] = {}
+        self._max_message_size = config.max_message_size
+        self._max_wire = _wire.max_frame(config.max_message_size)
+        self._frame_budget = min(_wire.FRAME_BYTES, config.max_message_size)
+        self._hwm = config.service_hwm
+        self._node_id = ""
         self._links: dict[str, _Link] = {}
         self._pending: dict[int, tuple[asyncio.Future[_wire.Reply], _Link | None]] = {}
         self._ids = itertools.count(1)
@@ -168,26 +135,14 @@ class Services:
         self._grace_end = 0.0
         self._deadlines = Deadlines()
         self._requests: Coalescer[_Link, _wire.Request] = Coalescer(self._send_requests)
-        self._replies: Coalescer[bytes, _wire.Reply] = Coalescer(self._send_replies)
-        self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
 
-    def bind(self, interfaces: Iterable[str]) -> list[str]:
-        self.endpoints = [self._router.bind(host) for host in interfaces]
-        return self.endpoints
-
-    def start(self, node_id: str) -> list[asyncio.Task[None]]:
+    def start(self, node_id: str) -> None:
         self._node_id = node_id
         self._grace_end = asyncio.get_running_loop().time() + DISCOVERY_GRACE
-        self._router.start()
-        return []
 
     async def aclose(self) -> None:
-        """Stop serving, fail pending requests with ClosedError, close every socket."""
-        self._closed = True
-        for svc in list(self._served.values()):
-            await svc._cancel()
-        self._served.clear()
+        """Fail pending requests with ClosedError, close every DEALER."""
         for fut, _ in self._pending.values():
             if not fut.done():
                 fut.set_exception(ClosedError("node closed while the request was in flight"))
@@ -196,21 +151,11 @@ class Services:
         if self._closing:
             await asyncio.wait(set(self._closing))
         self._deadlines.close()
-        self._router.close()
-
-    @property
-    def names(self) -> list[str]:
-        """The services this node serves."""
-        return sorted(self._served)
-
-    @staticmethod
-    def check_name(service: str) -> None:
-        _checked_service(service)
 
     def has_server(self, service: str) -> bool:
         return self._choose(service, ()) is not None
 
-    # -- peers ------------------------------------------------------------------
+    # -- peers (PeerListener) ----------------------------------------------------
 
     def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
         if old is not None:  # a new incarnation or new endpoints: the old connection is stale
@@ -218,15 +163,21 @@ class Services:
             if link is not None:
                 self._close_soon(link, "server restarted")
 
+    def peer_updated(self, rec: PeerRecord) -> None:
+        pass  # the services it serves are read from its record at each choice
+
+    def peer_lost(self, rec: PeerRecord) -> None:
+        link = self._links.get(rec.id)
+        if link is not None:
+            self._fail_over(link, "server lost")  # now, not at each request's timeout
+
     def peer_gone(self, rec: PeerRecord) -> None:
         link = self._links.get(rec.id)
         if link is not None:
             self._close_soon(link, "server left")
 
-    def peer_lost(self, peer_id: str) -> None:
-        link = self._links.get(peer_id)
-        if link is not None:
-            self._fail_over(link, "server lost")
+    def peers_changed(self) -> None:
+        pass
 
     def _close_soon(self, link: _Link, why: str) -> None:
         self._fail_over(link, why)
@@ -252,55 +203,9 @@ class Services:
             if entry is not None and not entry[0].done():
                 entry[0].set_exception(_ServerGone(why))
 
-    # -- serving ----------------------------------------------------------------
-
-    def serve(self, service: str, handler: ServiceHandler, concurrency: int) -> Service:
-        _checked_service(service)
-        if concurrency < 1:
-            raise ConfigError("concurrency", "must be >= 1")
-        if service in self._served:
-            raise ConfigError("service", f"{service!r} is already served by this node")
-        svc = self._served[service] = Service(service, handler, concurrency, self)
-        self._on_services_changed()
-        return svc
-
-    def _unserve(self, svc: Service) -> None:
-        if self._served.get(svc.name) is svc:
-            del self._served[svc.name]
-            if not self._closed:
-                self._on_services_changed()
-
-    def _on_requests(self, batch: list[list[bytes]]) -> None:
-        self._replies.hold()
-        try:
-            for frames, req in self._decoded(batch, 2, _wire.Request):
-                self._on_request(frames[0], req)
-        finally:
-            self._replies.flush()  # sync handlers answered: one frame per requester now
-
-    def _on_request(self, identity: bytes, req: _wire.Request) -> None:
-        self._stats["requests_served"] += 1
-        svc = self._served.get(req.service)
-        if svc is None:
-            self._send_reply(identity, _wire.Reply(req.id, _wire.REPLY_NOT_SERVED,
-                                                   time.time(), b""))
-            return
-        msg = Message(req.service, req.payload, req.name, req.source, req.id, req.ts,
-                      req.headers)
-        svc.submit(msg, functools.partial(self._send_reply, identity))
-
-    def _send_reply(self, identity: bytes, reply: _wire.Reply) -> None:
-        self._replies.add(identity, reply)
-
-    def _send_replies(self, identity: bytes, replies: list[_wire.Reply]) -> None:
-        # the node is closing when SocketClosed: the requester fails over on our goodbye
-        with contextlib.suppress(SocketClosed):
-            for frame in _frames(replies, self._frame_budget):
-                self._router.reply(identity, frame)
-
     def _send_requests(self, link: _Link, requests: list[_wire.Request]) -> None:
         try:
-            for frame in _frames(requests, self._frame_budget):
+            for frame in _wire.service_frames(requests, self._frame_budget):
                 link.send(frame)
         except SocketClosed:  # the link was dropped meanwhile: its requests go elsewhere
             self._fail_over(link, "connection to the server closed")
@@ -309,15 +214,15 @@ class Services:
 
     async def request(self, service: str, data: bytes | str, *, timeout: float, retries: int,
                       headers: Mapping[str, str] | None) -> Message:
-        _checked_service(service)
+        _names.service(service)
         if timeout <= 0:
             raise ConfigError("timeout", "must be > 0")
         if retries < 0:
             raise ConfigError("retries", "must be >= 0")
         payload = data.encode() if isinstance(data, str) else bytes(data)
-        if len(payload) > self.max_message_size:
+        if len(payload) > self._max_message_size:
             self._stats["oversized"] += 1
-            raise MessageTooLarge(len(payload), self.max_message_size)
+            raise MessageTooLarge(len(payload), self._max_message_size)
         hdrs = dict(headers) if headers else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -368,8 +273,8 @@ class Services:
             if grace_left <= 0:
                 raise NoRespondersError(service)
             try:  # just started: give discovery a moment
-                await self._wait(lambda: self._choose(service, tried) is not None, grace_left,
-                                 f"waiting for a server of {service!r}")
+                await self._waiter.wait(lambda: self._choose(service, tried) is not None,
+                                        grace_left, f"waiting for a server of {service!r}")
             except RequestTimeout:
                 raise NoRespondersError(service) from None
             target = self._choose(service, tried)
@@ -389,7 +294,8 @@ class Services:
             link = self._open_link(target)
         tried.append(target.id)
         if headers:
-            size = _size(payload, headers) + len(service) + _ITEM_OVERHEAD
+            size = (_wire.service_payload_size(payload, headers) + len(service)
+                    + _wire.SERVICE_ITEM_OVERHEAD)
             if size > self._max_wire:
                 self._stats["oversized"] += 1
                 raise MessageTooLarge(size, self._max_wire)
@@ -445,11 +351,11 @@ class Services:
         """The best server: untried, alive, connected, least outstanding, least recently used."""
         best: Service | PeerRecord | None = None
         best_key: tuple[bool, bool, bool, int, int] | None = None
-        local = self._served.get(service)
-        if local is not None and not local.closed:
+        local = self._local.get(service)
+        if local is not None:
             best, best_key = local, ("" in tried, False, False, local.outstanding,
                                      local.last_used)
-        for rec in self._peers():
+        for rec in self._peers.records():
             if rec.state is PeerState.LOST or not rec.rtr or service not in rec.services:
                 continue
             link = self._links.get(rec.id)
@@ -474,30 +380,21 @@ class Services:
 
     def _on_replies(self, link: _Link, batch: list[list[bytes]]) -> None:
         pending = self._pending
-        for _, reply in self._decoded(batch, 1, _wire.Reply):
-            entry = pending.get(reply.id)
-            if entry is None or entry[1] is not link or entry[0].done():
-                self._stats["late_replies"] += 1  # its request timed out or failed over
-                continue
-            entry[0].set_result(reply)
-
-    def _decoded(self, batch: list[list[bytes]], parts: int,
-                 kind: type[_Frame]) -> Iterator[tuple[list[bytes], _Frame]]:
-        """Each `kind` message of each well-formed frame; anything else dropped and counted."""
         for frames in batch:
             try:
-                if len(frames) != parts:
-                    raise ProtocolError(f"service message of {len(frames)} frames")
-                msgs = _wire.decode_service(frames[-1], self._max_wire)
+                replies = _wire.decode_service_message(frames, 1, self._max_wire)
             except ProtocolError as exc:
                 self._quiet.drop("service", exc.reason)
                 continue
-            for msg in msgs:
-                if isinstance(msg, kind):
-                    yield frames, msg
-                else:
-                    self._quiet.drop("service", f"a {type(msg).__name__} where a "
-                                                f"{kind.__name__} belongs")
+            for reply in replies:
+                if not isinstance(reply, _wire.Reply):
+                    self._quiet.drop("service", "a request where a reply belongs")
+                    continue
+                entry = pending.get(reply.id)
+                if entry is None or entry[1] is not link or entry[0].done():
+                    self._stats["late_replies"] += 1  # its request timed out or failed over
+                    continue
+                entry[0].set_result(reply)
 
     async def _watch(self, link: _Link) -> None:
         while True:
@@ -510,30 +407,3 @@ class Services:
                 if not up:
                     _log.debug("service connection to %s dropped", link.peer.name)
                     self._fail_over(link, "connection to the server dropped")
-
-
-def _size(payload: bytes, headers: dict[str, str] | None) -> int:
-    if not headers:
-        return len(payload)
-    return len(payload) + sum(len(k) + len(v) for k, v in headers.items())
-
-
-def _frames(msgs: Sequence[_wire.ServiceFrame], budget: int) -> Iterator[bytearray]:
-    """`msgs` as frames of at most `budget` payload bytes each (a larger one alone), so a
-    frame stays within the receiver's limit (``max_message_size`` plus overhead)."""
-    if len(msgs) == 1:
-        yield _wire.encode_service(msgs)
-        return
-    start, size = 0, 0
-    for i, msg in enumerate(msgs):
-        if isinstance(msg, _wire.Request):
-            more = _size(msg.payload, msg.headers) + _ITEM_OVERHEAD
-        else:
-            more = len(msg.payload) + len(msg.error) + _ITEM_OVERHEAD
-        if size and size + more > budget:
-            yield _wire.encode_service(msgs[start:i])
-            start, size = i, 0
-        size += more
-    yield _wire.encode_service(msgs[start:])
-
-

@@ -1,14 +1,11 @@
-"""The worker side of work queues: receiving, handing out, crediting, deduplicating.
+"""The worker's side of the credit protocol: receiving work, crediting pushers, dedup.
 
-One PULL socket receives every pusher's batches. Each queue this node pulls
-from is one FIFO (`_LocalQueue`) shared by all its `Pull` handles, so
-consumption is in arrival order and a running count per pusher stream is an
-exact acknowledgement. A message counts as consumed when `ack()`/`nack()` is
-called on it, when its handle asks for the next one, or when its handler
-returns (a handler that raises nacks it). Consumption goes back to the pusher
-as a running total (`Credit`), coalesced per loop iteration and repeated on
-heartbeat ticks so a lost credit is superseded by the next; a `Nack` for
-failed reliable messages always travels before the credit that covers them.
+One PULL socket receives every pusher's batches into the queues' FIFOs
+(`_pull`). Consumption there goes back to the pusher as a running total per
+stream (`Credit`), so a running count is an exact acknowledgement; credits
+are coalesced per loop iteration and repeated on heartbeat ticks so a lost
+credit is superseded by the next; a `Nack` for failed reliable messages
+always travels before the credit that covers them.
 
 Each credit also carries the window the worker now grants that pusher,
 sized from its measured rate (`_window`), so a fast worker is not held back
@@ -23,33 +20,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
-import itertools
 import logging
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Final, Protocol
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Final
 
 from patterns import Context, Puller
 
 from .. import _wire
+from .._membership._listener import ControlSender
 from .._message import Message
 from .._reliable._dedup import Dedup
 from .._support._quiet import QuietLog
-from ..errors import ClosedError, ProtocolError
+from ..errors import ProtocolError
 from . import _window
+from ._pull import Handler, LocalQueue, Pull
 
 _log = logging.getLogger("mesh.workqueue")
 _CREDIT_RESEND_FOR: Final[float] = 3.0
-
-Handler = Callable[[Message], Awaitable[object] | object]
-
-
-class Settle(Protocol):
-    """Where a consumed message's acknowledgement goes."""
-
-    def settle(self, msg: Message, ok: bool) -> None: ...
 
 
 class _InStream:
@@ -108,212 +97,16 @@ class _InStream:
             self.workers.credit(self)  # (else a report is already on its way this iteration)
 
 
-class LocalQueue:
-    """This node's worker side of one queue: one FIFO shared by every `Pull` on it.
-
-    Messages put here carry `receipt` already (no copy per message when a
-    handle takes one); ``msg.ack()`` finds the handle that holds it.
-    """
-
-    def __init__(self, name: str, prefetch: int) -> None:
-        self.name = name
-        self.prefetch = prefetch
-        """The most each pusher's window may grow to."""
-        self.dry = 0
-        """How often a handle found the queue empty and had to wait."""
-        self.items: deque[Message] = deque()
-        self.settles: deque[Settle] = deque()
-        """Where each of `items` is acknowledged (in step with it; no tuple per message)."""
-        self.waiters: deque[asyncio.Future[None]] = deque()
-        self.handles = 0
-        self.pulls: list[Pull] = []
-        self.closed = False
-        self.receipt: Callable[[Message, bool], None] = self._receipt
-        """What ``msg.ack()``/``msg.nack()`` of our messages call (one bound method, reused)."""
-
-    @property
-    def window(self) -> int:
-        """The window announced (and granted to a new pusher) before any measurement."""
-        return _window.initial(self.prefetch)
-
-    def _receipt(self, msg: Message, ok: bool) -> None:
-        for pull in self.pulls:
-            if pull._current is msg:
-                pull._settle_current(ok)
-                return
-
-    def put(self, entries: Iterable[tuple[Message, Settle]]) -> None:
-        for msg, settle in entries:
-            self.items.append(msg)
-            self.settles.append(settle)
-        self.wake()
-
-    def put_many(self, msgs: list[Message], settle: Settle) -> None:
-        """Messages that all settle the same way (one batch of one stream)."""
-        self.items.extend(msgs)
-        self.settles.extend(itertools.repeat(settle, len(msgs)))
-        self.wake()
-
-    def clear(self) -> None:
-        self.items.clear()
-        self.settles.clear()
-
-    def wake(self) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
-
-
-class Pull:
-    """Work messages of one queue; async iterator.
-
-    Each message is processed when you call ``msg.ack()`` (or ``msg.nack()``
-    to have a reliable one redelivered later), or implicitly when you ask for
-    the next one.
-    """
-
-    def __init__(self, local: LocalQueue, on_close: Callable[[Pull], None]) -> None:
-        self._local = local
-        self._on_close = on_close
-        self._current: Message | None = None
-        """The message in hand; `_current_settle` takes its acknowledgement."""
-        self._current_settle: Settle = _NO_SETTLE
-        self._closed = False
-        self._task: asyncio.Task[None] | None = None
-        self._also_close: list[Callable[[], Awaitable[None]]] = []
-        self.received = 0
-
-    def on_closed(self, aclose: Callable[[], Awaitable[None]]) -> None:
-        """Close something else (a live subscription feeding this) together with it."""
-        self._also_close.append(aclose)
-
-    @property
-    def queue(self) -> str:
-        return self._local.name
-
-    def _settle_current(self, ok: bool = True) -> None:
-        current = self._current
-        if current is not None:
-            self._current = None
-            self._current_settle.settle(current, ok)
-
-    def _take(self) -> Message:
-        """Hand out the head of the (non-empty) queue."""
-        local = self._local
-        msg = local.items.popleft()
-        settle = local.settles.popleft()
-        if msg._receipt is not local.receipt:  # put by someone else (live durable messages)
-            msg = msg.with_receipt(local.receipt)
-        self._current = msg
-        self._current_settle = settle
-        self.received += 1
-        if local.waiters and local.items:
-            local.wake()  # another handle may be waiting too
-        return msg
-
-    async def next(self, timeout: float | None = None) -> Message:
-        """The next work message (the previous one counts as processed).
-
-        Raises:
-            TimeoutError: none arrived within `timeout` seconds.
-            ClosedError: this handle or its node was closed.
-        """
-        self._settle_current()
-        local = self._local
-        while not local.items:
-            if self._closed or local.closed:
-                raise ClosedError(f"pull on {local.name!r} is closed")
-            local.dry += 1
-            waiter = asyncio.get_running_loop().create_future()
-            local.waiters.append(waiter)
-            try:
-                async with asyncio.timeout(timeout):
-                    await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
-        return self._take()
-
-    def __aiter__(self) -> Pull:
-        return self
-
-    async def __anext__(self) -> Message:
-        if self._local.items:  # the common case under load: no inner coroutine, no waiter
-            current = self._current
-            if current is not None:  # _settle_current(), inlined
-                self._current = None
-                self._current_settle.settle(current, True)  # (it never empties the queue)
-            return self._take()
-        try:
-            return await self.next()
-        except ClosedError:
-            raise StopAsyncIteration from None
-
-    async def aclose(self) -> None:
-        """Stop pulling; the message in hand counts as processed, the rest go to other workers."""
-        if self._closed:
-            return
-        self._closed = True
-        self._settle_current()
-        for aclose in self._also_close:
-            await aclose()
-        if self._task is not None and self._task is not asyncio.current_task():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._on_close(self)
-
-    async def take(self, timeout: float | None = None) -> tuple[Message, Callable[[bool], None]]:
-        """The next message and its settle function (``settle(True)`` = processed).
-
-        For consumers that work on several messages at once: asking for the
-        next one does not settle this one; only calling `settle` does.
-
-        Raises:
-            TimeoutError: none arrived within `timeout` seconds.
-            ClosedError: this handle or its node was closed.
-        """
-        msg = await self.next(timeout)
-        settle = self._current_settle
-        self._current, self._current_settle = None, _NO_SETTLE
-        return msg, lambda ok: settle.settle(msg, ok)
-
-    @property
-    def pending(self) -> int:
-        """Messages waiting in this node's queue (shared with other handles on it)."""
-        return len(self._local.items)
-
-    async def __aenter__(self) -> Pull:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def _run(self, handler: Handler) -> None:
-        """The handler form: one message at a time; return = ack, raise = nack."""
-        async for msg in self:
-            try:
-                result = handler(msg)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                _log.exception("handler for queue %s failed", self.queue)
-                self._settle_current(ok=False)
-            else:
-                self._settle_current(ok=True)
-
 
 class Workers:
     """The PULL socket and every queue this node works on."""
 
     def __init__(self, ctx: Context, quiet: QuietLog, stats: Counter[str], *, max_wire: int,
-                 send_control: Callable[[str, _wire.Control], bool], dedup: Dedup) -> None:
+                 control: ControlSender, dedup: Dedup) -> None:
         self._quiet = quiet
         self._stats = stats
         self._max_wire = max_wire
-        self._send_control = send_control
+        self._control = control
         self._dedup = dedup
         self._puller = Puller(ctx, max_message_size=max_wire)
         self.endpoints: list[str] = []
@@ -431,12 +224,12 @@ class Workers:
         for stream in dirty:
             if stream.nacks:
                 nacks, stream.nacks = stream.nacks, []
-                self._send_control(stream.pusher_id, _wire.Nack(
+                self._control.send_to(stream.pusher_id, _wire.Nack(
                     self.node_id, stream.queue, nacks, stream.epoch))
             if stream.consumed == stream.reported and not force:
                 continue
             stream.reported = stream.consumed
-            self._send_control(stream.pusher_id, _wire.Credit(
+            self._control.send_to(stream.pusher_id, _wire.Credit(
                 self.node_id, stream.queue, stream.consumed, stream.epoch, stream.window))
 
     # -- receiving ---------------------------------------------------------------
@@ -447,11 +240,7 @@ class Workers:
 
     def _on_work(self, frames: list[memoryview]) -> None:
         try:
-            if len(frames) != 1:
-                raise ProtocolError(f"work message of {len(frames)} frames")
-            frame = frames[0]
-            key, offset = _wire.split_data(frame)
-            batch = _wire.decode_data(frame, offset, self._max_wire)
+            key, batch = _wire.decode_data_message(frames, self._max_wire)
             queue = key[:-1].decode()
         except (ProtocolError, UnicodeDecodeError) as exc:
             self._quiet.drop("work", str(exc))
@@ -468,10 +257,10 @@ class Workers:
                 self, local, batch.source, batch.epoch, batch.topic_seq)
         if batch.credit_out:
             stream.credit_out = True
-        name, source, items, receipt = batch.name, batch.source, batch.items, local.receipt
+        name, source, items = batch.name, batch.source, batch.items
         self._stats["pulled"] += len(items)
         msgs = [Message(it.topic or queue, it.payload, name, source, it.seq, it.ts, it.headers,
-                        it.reliable, receipt) for it in items]
+                        it.reliable) for it in items]
         for it in items:
             if it.reliable:
                 msgs = self._fresh(msgs, stream)
@@ -500,11 +289,3 @@ class Workers:
         for key, stream in list(self._streams.items()):
             if now - stream.changed_at > 60 and stream.consumed == stream.reported:
                 del self._streams[key]
-
-
-class _NoSettle:
-    def settle(self, msg: Message, ok: bool) -> None:
-        pass
-
-
-_NO_SETTLE: Final = _NoSettle()

@@ -1,0 +1,129 @@
+"""Serving named services: this node's ROUTER and the `Service`s behind it.
+
+A request names its service; the `Service` serving it runs the handler and
+answers (see `_server`). A request for a service not served here is declined
+at once, so the requester fails over to another server. The replies to one
+requester made while handling one received frame of requests travel back as
+one frame (`_coalesce`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from patterns import Context, ServiceRouter, SocketClosed
+
+from .. import _names, _wire
+from .._config import NodeConfig
+from .._message import Message
+from .._parts import Announcer
+from .._support._quiet import QuietLog
+from ..errors import ConfigError, ProtocolError
+from ._coalesce import Coalescer
+from ._server import Service, ServiceHandler
+
+
+class Serving:
+    """The ROUTER side of a node: the services it serves, and their replies."""
+
+    def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
+                 stats: Counter[str], announcer: Announcer) -> None:
+        self._quiet = quiet
+        self._stats = stats
+        self._announcer = announcer
+        self.max_message_size = config.max_message_size
+        self._max_wire = _wire.max_frame(config.max_message_size)
+        self._frame_budget = min(_wire.FRAME_BYTES, config.max_message_size)
+        self._router = ServiceRouter(ctx, self._on_requests, hwm=config.service_hwm,
+                                     max_message_size=self._max_wire)
+        self._served: dict[str, Service] = {}
+        self._replies: Coalescer[bytes, _wire.Reply] = Coalescer(self._send_replies)
+        self._closed = False
+        self.endpoints: list[str] = []
+
+    def bind(self, interfaces: Iterable[str]) -> list[str]:
+        self.endpoints = [self._router.bind(host) for host in interfaces]
+        return self.endpoints
+
+    def start(self) -> None:
+        self._router.start()
+
+    async def aclose(self) -> None:
+        """Stop every service (their running handlers are cancelled), close the ROUTER."""
+        self._closed = True
+        for svc in list(self._served.values()):
+            await svc.cancel()
+        self._served.clear()
+        self._router.close()
+
+    @property
+    def names(self) -> list[str]:
+        """The services this node serves."""
+        return sorted(self._served)
+
+    def hello_fields(self, version: int) -> Mapping[str, Any]:
+        return {"rtr": self.endpoints, "services": self.names}
+
+    def get(self, service: str) -> Service | None:
+        """The open local server of `service`, if this node serves it."""
+        svc = self._served.get(service)
+        return svc if svc is not None and not svc.closed else None
+
+    def serve(self, service: str, handler: ServiceHandler, concurrency: int) -> Service:
+        _names.service(service)
+        if concurrency < 1:
+            raise ConfigError("concurrency", "must be >= 1")
+        if service in self._served:
+            raise ConfigError("service", f"{service!r} is already served by this node")
+        svc = self._served[service] = Service(service, handler, concurrency, self)
+        self._announcer.interest_changed()
+        return svc
+
+    def unserve(self, svc: Service) -> None:
+        """`svc` closed: forget it and tell peers (unless the node is closing anyway)."""
+        if self._served.get(svc.name) is svc:
+            del self._served[svc.name]
+            if not self._closed:
+                self._announcer.interest_changed()
+
+    def _on_requests(self, batch: list[list[bytes]]) -> None:
+        self._replies.hold()
+        try:
+            for frames in batch:
+                try:
+                    requests = _wire.decode_service_message(frames, 2, self._max_wire)
+                except ProtocolError as exc:
+                    self._quiet.drop("service", exc.reason)
+                    continue
+                for req in requests:
+                    if isinstance(req, _wire.Request):
+                        self._on_request(frames[0], req)
+                    else:
+                        self._quiet.drop("service", "a reply where a request belongs")
+        finally:
+            self._replies.flush()  # sync handlers answered: one frame per requester now
+
+    def _on_request(self, identity: bytes, req: _wire.Request) -> None:
+        self._stats["requests_served"] += 1
+        svc = self._served.get(req.service)
+        if svc is None:
+            self._send_reply(identity, _wire.Reply(req.id, _wire.REPLY_NOT_SERVED,
+                                                   time.time(), b""))
+            return
+        msg = Message(req.service, req.payload, req.name, req.source, req.id, req.ts,
+                      req.headers)
+        svc.submit(msg, functools.partial(self._send_reply, identity))
+
+    def _send_reply(self, identity: bytes, reply: _wire.Reply) -> None:
+        self._replies.add(identity, reply)
+
+    def _send_replies(self, identity: bytes, replies: list[_wire.Reply]) -> None:
+        # the node is closing when SocketClosed: the requester fails over on our goodbye
+        with contextlib.suppress(SocketClosed):
+            for frame in _wire.service_frames(replies, self._frame_budget):
+                self._router.reply(identity, frame)
