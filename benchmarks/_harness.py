@@ -18,6 +18,7 @@ process and every child: benchmarks never touch another interface.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import os
 import queue
@@ -79,6 +80,18 @@ class Link:
         """Seconds until the deadline, at least `floor`."""
         return max(floor, self.deadline - time.monotonic())
 
+    def left_ms(self) -> int:
+        """`left()` in whole milliseconds, as zmq's ``poll`` takes it."""
+        return int(self.left() * 1000)
+
+    async def wait_done(self) -> bool:
+        """Until the receiver has set `done` (True) or the deadline passed (False).
+
+        `done` is a multiprocessing Event: it is waited for in a worker thread, so
+        the loop (and the node's background sends) keeps running meanwhile.
+        """
+        return bool(await asyncio.to_thread(self.done.wait, self.left()))
+
 
 def collect(out: mp.Queue[Any], procs: Sequence[mp.process.BaseProcess],
             deadline: float) -> Result:
@@ -125,10 +138,10 @@ def run_pair(first: Callable[..., None], first_args: tuple[Any, ...],
     link = Link(ctx.Queue(), ctx.Queue(), ctx.Event(), time.monotonic() + timeout)
     p1 = ctx.Process(target=first, args=(*first_args, link), name=names[0], daemon=True)
     p1.start()
-    while True:  # until it is ready, dies, or the deadline passes
+    address: Any = None  # what the first process puts on `ready` (never None)
+    while address is None:  # until it is ready, dies, or the deadline passes
         try:
             address = link.ready.get(timeout=0.1)
-            break
         except queue.Empty:
             if not p1.is_alive() or time.monotonic() > link.deadline:
                 why = f"exited {p1.exitcode}" if not p1.is_alive() else "timed out"

@@ -242,8 +242,8 @@ async def _http_publisher(size: int, count: int, in_flight: int, url: str,
             t0 = time.perf_counter()
             await asyncio.gather(*(worker(session) for _ in range(in_flight)))
             link.report("send_seconds", time.perf_counter() - t0)
-            while not link.done.is_set():  # the agent and its subscriber finish first
-                await asyncio.sleep(0.05)
+            if not await link.wait_done():  # the agent and its subscriber finish first
+                raise TimeoutError
     except TimeoutError:
         link.report("error", f"HTTP publisher: timed out after {sent} of {count} requests")
     except Exception as exc:

@@ -122,8 +122,8 @@ def measure_reqrep(args: argparse.Namespace, keys: Path, progress: Callable[[str
                    ) -> dict[str, dict[str, dict[str, Any]]]:
     """Figure -> setting -> p50, p99 or requests/s, each the median over the runs."""
     n_lat, n_tput = args.n_lat, args.n_tput
-    runs = interleaved(lambda setting: reqrep._run("zeromesh", n_lat, n_tput, args.timeout,
-                                                   *node_opts(setting, keys)),
+    runs = interleaved(lambda setting: reqrep.run_side("zeromesh", n_lat, n_tput,
+                                                       args.timeout, *node_opts(setting, keys)),
                        lambda res: bool(reqrep_problem(res, n_lat, n_tput)), args.repeat,
                        progress, f"req/rep {n_lat} timed + {n_tput} in flight")
     out: dict[str, dict[str, dict[str, Any]]] = {}

@@ -79,7 +79,7 @@ def raw_publisher(size: int, count: int, link: Link) -> None:
             send(payload)
         link.report("send_seconds", time.perf_counter() - t0)
         # Linger is 0: stay up until the subscriber says it is done.
-        ack.poll(link.left() * 1000)
+        ack.poll(link.left_ms())
     except Exception as exc:
         link.report("error", f"raw publisher: {exc!r}")
     finally:
@@ -101,7 +101,7 @@ def raw_subscriber(size: int, count: int, ports: tuple[int, int], link: Link) ->
     payload = make_payload(size)
     res = Result()
     try:
-        if not sub.poll(link.left() * 1000):
+        if not sub.poll(link.left_ms()):
             raise TimeoutError("no probe arrived")
         sub.recv()
         ack.send(b"ready")
@@ -199,8 +199,7 @@ async def _mesh_publisher(size: int, count: int, mesh_name: str, peer: str,
             await asyncio.sleep(0)  # the last partial batch leaves here
             link.report("send_seconds", time.perf_counter() - t0)
             # Sockets close with linger 0: stay up until the subscriber is done.
-            while not link.done.is_set() and time.monotonic() < link.deadline:
-                await asyncio.sleep(0.05)
+            await link.wait_done()
     except Exception as exc:
         link.report("error", f"zeromesh publisher: {exc!r}")
 

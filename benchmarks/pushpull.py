@@ -71,7 +71,7 @@ def raw_puller(size: int, count: int, link: Link) -> None:
     payload = make_payload(size)
     res = Result()
     try:
-        if not pull.poll(link.left() * 1000):
+        if not pull.poll(link.left_ms()):
             raise TimeoutError("no probe arrived")
         if pull.recv() != PROBE:
             raise RuntimeError("the first message was not the probe")
@@ -113,7 +113,7 @@ def raw_pusher(size: int, count: int, ports: tuple[int, int], link: Link) -> Non
     ack.connect(f"tcp://{LOOPBACK}:{ports[1]}")
     try:
         push.send(PROBE)
-        if not ack.poll(link.left() * 1000):
+        if not ack.poll(link.left_ms()):
             raise TimeoutError("puller never acknowledged the probe")
         ack.recv()
         payload = make_payload(size)
@@ -123,7 +123,7 @@ def raw_pusher(size: int, count: int, ports: tuple[int, int], link: Link) -> Non
             send(payload)
         link.report("send_seconds", time.perf_counter() - t0)
         # Linger is 0: stay up until the puller says it is done.
-        ack.poll(link.left() * 1000)
+        ack.poll(link.left_ms())
     except Exception as exc:
         link.report("error", f"raw pusher: {exc!r}")
     finally:
@@ -147,8 +147,8 @@ async def _mesh_worker(size: int, count: int, mesh_name: str, prefetch: int | No
     try:
         async with AsyncNode(name="bench-worker", mesh=mesh_name, interfaces=[LOOPBACK],
                              mdns=False) as node:
-            options = {} if prefetch is None else {"prefetch": prefetch}
-            work = await node.pull(QUEUE, **options)
+            work = await (node.pull(QUEUE) if prefetch is None
+                          else node.pull(QUEUE, prefetch=prefetch))
             link.ready.put(node.endpoints["ctl"][0])
             async with asyncio.timeout(link.left()):
                 first = await work.next()
@@ -192,8 +192,7 @@ async def _mesh_pusher(size: int, count: int, mesh_name: str, peer: str, link: L
             await asyncio.sleep(0)  # the last partial batch leaves here
             link.report("send_seconds", time.perf_counter() - t0)
             # Stay up until the worker is done: its credits come back to us.
-            while not link.done.is_set() and time.monotonic() < link.deadline:
-                await asyncio.sleep(0.05)
+            await link.wait_done()
             if node.stats["lost_in_flight"]:
                 link.report("error", f"zeromesh pusher: node counted "
                                      f"{node.stats['lost_in_flight']} lost in flight")

@@ -181,8 +181,8 @@ async def _mesh_server(mesh_name: str, ports: mp.Queue[Any], done: Any,
                             "interfaces": [LOOPBACK], "mdns": False, **opts}) as node:
         await node.serve(SERVICE, echo)
         ports.put(node.endpoints["ctl"][0])
-        while not done.is_set() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        # (`done` is a multiprocessing Event: waited for in a thread, the loop serves on)
+        await asyncio.to_thread(done.wait, max(0.0, deadline - time.monotonic()))
 
 
 def mesh_client(mesh_name: str, peer: str, n_lat: int, n_tput: int, out: mp.Queue[Any],
@@ -237,10 +237,13 @@ async def _mesh_client(mesh_name: str, peer: str, n_lat: int, n_tput: int, res: 
 # -- orchestration ---------------------------------------------------------------
 
 
-def _run(side: str, n_lat: int, n_tput: int, timeout: float,
-         server_opts: dict[str, Any] | None = None,
-         client_opts: dict[str, Any] | None = None) -> Result:
-    """`server_opts`, `client_opts`: extra `AsyncNode` settings (zeromesh side only)."""
+def run_side(side: str, n_lat: int, n_tput: int, timeout: float,
+             server_opts: dict[str, Any] | None = None,
+             client_opts: dict[str, Any] | None = None) -> Result:
+    """Both phases against one side, ``"raw"`` or ``"zeromesh"``.
+
+    `server_opts`, `client_opts`: extra `AsyncNode` settings (zeromesh side only).
+    """
     ctx = mp.get_context("spawn")
     out: mp.Queue[Any] = ctx.Queue()
     ports: mp.Queue[Any] = ctx.Queue()
@@ -302,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     if n_lat < 1 or n_tput < IN_FLIGHT:
         parser.error(f"need --latency-count >= 1 and --throughput-count >= {IN_FLIGHT}")
 
-    raw = _run("raw", n_lat, n_tput, args.timeout)
-    zm = _run("zeromesh", n_lat, n_tput, args.timeout)
+    raw = run_side("raw", n_lat, n_tput, args.timeout)
+    zm = run_side("zeromesh", n_lat, n_tput, args.timeout)
     ratios = {"p50": _ratio(zm.p50_us, raw.p50_us), "p99": _ratio(zm.p99_us, raw.p99_us),
               "requests_per_s": _ratio(zm.requests_per_s, raw.requests_per_s)}
     ok = all(not r.error and not r.wrong for r in (raw, zm))

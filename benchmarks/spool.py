@@ -109,12 +109,13 @@ def durable_subscriber(policy: str, count: int, mesh_name: str, data_dir: str,
 
 async def _durable_subscriber(policy: str, count: int, mesh_name: str, data_dir: str,
                               link: Link) -> None:
-    from mesh import AsyncNode
+    from mesh import AsyncNode, Message
 
     base = make_payload(SIZE)
     tail = base[_INDEX.size:]
     res = SpoolResult()
     seen = bytearray(count)
+    msg: Message | None = None
     try:
         async with AsyncNode(name="bench-durable", mesh=mesh_name, interfaces=[LOOPBACK],
                              mdns=False, data_dir=data_dir, fsync=policy) as node:
@@ -144,7 +145,8 @@ async def _durable_subscriber(policy: str, count: int, mesh_name: str, data_dir:
                     if received % SAMPLE_EVERY == 0 or received == count:
                         corrupt += data[_INDEX.size:] != tail
                 t_last = time.monotonic()
-                msg.ack()  # the last one (the others were acknowledged by asking for the next)
+                if msg is not None:  # the last one; asking for the next acknowledged the others
+                    msg.ack()
                 res.sub_cpu_seconds = time.process_time() - cpu0
             res.received, res.corrupt, res.duplicates = received, corrupt, duplicates
             res.recv_seconds = t_last - t_first
@@ -193,8 +195,7 @@ async def _reliable_publisher(policy: str, count: int, window: int, mesh_name: s
             finally:
                 link.ready.put((t0, drained, cpu))
                 # Stay up until the subscriber is done (its last ack must land).
-                while not link.done.is_set() and time.monotonic() < link.deadline:
-                    await asyncio.sleep(0.05)
+                await link.wait_done()
     except Exception as exc:
         link.report("error", f"reliable publisher: {exc!r}")
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Final
 
 from zeroconf import DNSQuestionType, IPVersion, ServiceListener, Zeroconf
@@ -126,7 +126,7 @@ class MdnsDiscovery:
             self._browser = AsyncServiceBrowser(
                 aiozc.zeroconf,
                 SERVICE_TYPE,
-                listener=_Listener(self),
+                listener=_Listener(self._on_seen, self._on_removed),
                 question_type=DNSQuestionType.QM,
             )
             announced = await aiozc.async_register_service(info, cooperating_responders=True)
@@ -312,20 +312,22 @@ class MdnsDiscovery:
 class _Listener(ServiceListener):
     """zeroconf's callback surface; runs on the loop and only schedules work."""
 
-    def __init__(self, owner: MdnsDiscovery) -> None:
-        self._owner = owner
+    def __init__(self, on_seen: Callable[[str], None],
+                 on_removed: Callable[[str], None]) -> None:
+        self._on_seen = on_seen
+        self._on_removed = on_removed
 
     def add_service(self, zc: Zeroconf, type_: str, name: str) -> None:
         with _never_raise(name):
-            self._owner._on_seen(name)
+            self._on_seen(name)
 
     def update_service(self, zc: Zeroconf, type_: str, name: str) -> None:
         with _never_raise(name):
-            self._owner._on_seen(name)
+            self._on_seen(name)
 
     def remove_service(self, zc: Zeroconf, type_: str, name: str) -> None:
         with _never_raise(name):
-            self._owner._on_removed(name)
+            self._on_removed(name)
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from mesh import AsyncNode, Message
 
@@ -51,7 +52,7 @@ class Dashboard:
     """The consumer: one durable subscription; the node can be stopped and started again."""
 
     def __init__(self, mesh: str, data_dir: str, sensor: list[str]) -> None:
-        self._settings = {"name": "dashboard", "mesh": mesh, "interfaces": LOOPBACK,
+        self._settings: dict[str, Any] = {"name": "dashboard", "mesh": mesh, "interfaces": LOOPBACK,
                           "mdns": False, "peers": sensor, "data_dir": data_dir}
         self.node: AsyncNode | None = None
         self.received: dict[int, str] = {}
@@ -77,7 +78,8 @@ class Dashboard:
             msg.ack()  # after recording it: a stop before this means a redelivery, not a loss
 
     async def stop(self) -> None:
-        assert self.node is not None and self._task is not None
+        assert self.node is not None
+        assert self._task is not None
         await self.node.aclose()  # ends the iteration
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(self._task, 5)

@@ -1,18 +1,23 @@
-"""Test helpers: wait for a condition instead of sleeping.
+"""Test helpers: wait for a condition instead of sleeping; touch files off the event loop.
 
 `eventually` polls a predicate until it returns something truthy and returns
 that value, or raises AssertionError at the deadline (with the last value or
 exception in the message). `aeventually` is the asyncio twin; its predicate may
 be a plain function or return an awaitable.
+
+`files` and `cut_tail` list and damage files (spool segments) from async tests,
+in a worker thread, so the loop under test never blocks on the disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import TypeVar, overload
 
 T = TypeVar("T")
 
@@ -53,6 +58,28 @@ def eventually(
         time.sleep(interval)
 
 
+# The deadline is the helper's own (hence the ASYNC109 exceptions): at it, the failure names
+# the predicate and its last result, which a caller's asyncio.timeout() would cut off.
+@overload
+async def aeventually(
+    predicate: Callable[[], Awaitable[T]],
+    timeout: float = ...,
+    interval: float = ...,
+    *,
+    message: str | None = ...,
+) -> T: ...
+
+
+@overload
+async def aeventually(
+    predicate: Callable[[], T],
+    timeout: float = ...,
+    interval: float = ...,
+    *,
+    message: str | None = ...,
+) -> T: ...
+
+
 async def aeventually(
     predicate: Callable[[], T | Awaitable[T]],
     timeout: float = 5.0,
@@ -87,3 +114,15 @@ async def aeventually(
                 f"not true within {timeout} s: {_describe(predicate, message)} (last {last})"
             ) from error
         await asyncio.sleep(interval)
+
+
+async def files(directory: Path, pattern: str) -> list[Path]:
+    """The files in `directory` matching the glob `pattern`, sorted."""
+    return await asyncio.to_thread(lambda: sorted(directory.glob(pattern)))
+
+
+async def cut_tail(path: Path, nbytes: int) -> None:
+    """Cut the last `nbytes` off the file at `path`, as a write torn by a crash would."""
+    def cut() -> None:
+        os.truncate(path, path.stat().st_size - nbytes)
+    await asyncio.to_thread(cut)

@@ -148,7 +148,7 @@ class Host:
         """
         kw["start_new_session"] = True
         proc: subprocess.Popen[Any] = subprocess.Popen(self._argv(argv), env=self._env(env), **kw)
-        self.lan._track(proc)
+        self.lan.track(proc)
         return proc
 
     def run(
@@ -304,7 +304,9 @@ class Lan:
     def __repr__(self) -> str:
         return f"<Lan {self.tag} {self.subnet} hosts={[h.name for h in self.hosts]}>"
 
-    def _track(self, proc: subprocess.Popen[Any]) -> None:
+    def track(self, proc: subprocess.Popen[Any]) -> None:
+        """Kill `proc` (its process group) when the LAN closes; if it is closed already, now,
+        and raise NetnsError."""
         with self._lock:
             if self._closed:
                 _kill_group(proc)

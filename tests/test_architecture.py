@@ -18,11 +18,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("package, forbidden", [
+@pytest.mark.parametrize(("package", "forbidden"), [
     ("patterns", {"mesh", "discovery"}),
     ("discovery", {"mesh", "patterns"}),
 ])
-def test_lower_packages_do_not_import_upward_or_sideways(package, forbidden) -> None:
+def test_lower_packages_do_not_import_upward_or_sideways(package: str, forbidden: set[str]) -> None:
     """Importing a lower package in a fresh interpreter loads neither of the others."""
     code = f"import sys, {package}; print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(forbidden)!r}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -42,7 +42,7 @@ def _imports(path: pathlib.Path) -> list[str]:
 
 
 @pytest.mark.parametrize("package", ["mesh", "patterns", "discovery"])
-def test_cross_package_imports_use_the_package_root_only(package) -> None:
+def test_cross_package_imports_use_the_package_root_only(package: str) -> None:
     """No module reaches into another package's private modules."""
     others = {"mesh", "patterns", "discovery"} - {package}
     for path in (ROOT / package).rglob("*.py"):
@@ -61,7 +61,7 @@ MODULES = sorted(_module_name(p) for pkg in ("mesh", "patterns", "discovery")
 
 
 @pytest.mark.parametrize("module", MODULES)
-def test_every_module_imports_on_its_own(module) -> None:
+def test_every_module_imports_on_its_own(module: str) -> None:
     """No circular import hides behind a lucky import order."""
     subprocess.run([sys.executable, "-c", f"import {module}"], check=True, timeout=60, cwd=ROOT)
 

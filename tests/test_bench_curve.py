@@ -33,11 +33,13 @@ def test_curve_benchmark_quick_run_reports_off_on_and_ratio_for_every_figure() -
             figure = row[setting]
             assert figure["ok"], (name, setting, figure)
             assert figure["value"] > 0, (name, setting, figure)
-        assert row["ratio"] is not None and row["ratio"] > 0, row
+        assert row["ratio"] is not None, row
+        assert row["ratio"] > 0, row
     for size in (64, 1024):
         for setting in ("off", "on"):
             detail = rows[f"pubsub_{size}"][setting]["detail"]
-            assert detail["lost"] == 0 and detail["corrupt"] == 0, detail
+            assert detail["lost"] == 0, detail
+            assert detail["corrupt"] == 0, detail
             assert detail["received"] == rows[f"pubsub_{size}"][setting]["count"], detail
     assert rows["reqrep_p50_us"]["off"]["value"] <= rows["reqrep_p99_us"]["off"]["value"]
     assert rows["reqrep_p50_us"]["on"]["value"] <= rows["reqrep_p99_us"]["on"]["value"]

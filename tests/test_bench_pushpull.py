@@ -34,7 +34,8 @@ def test_pushpull_benchmark_quick_run_is_lossless() -> None:
     rows = report["results"]
     assert [r["side"] for r in rows] == ["raw"] + ["zeromesh"] * (len(rows) - 1)
     assert len(rows) >= 3
-    assert rows[1]["default_prefetch"] and not any(r["default_prefetch"] for r in rows[2:])
+    assert rows[1]["default_prefetch"]
+    assert not any(r["default_prefetch"] for r in rows[2:])
     for row in rows:
         assert row["lost"] == 0, row
         assert row["received"] == report["count"], row
@@ -42,4 +43,5 @@ def test_pushpull_benchmark_quick_run_is_lossless() -> None:
         assert row["error"] == "", row
         assert row["msgs_per_s"] > 0, row
     for row in rows[1:]:
-        assert row["ratio"] is not None and row["ratio"] > 0, row
+        assert row["ratio"] is not None, row
+        assert row["ratio"] > 0, row

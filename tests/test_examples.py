@@ -70,7 +70,9 @@ def test_service_failover_example_answers_every_request_across_a_server_stop() -
     lines = out.splitlines()
     (stop,) = [i for i, line in enumerate(lines) if line.startswith("server a stopped")]
     before = re.fullmatch(r"server a stopped \(answered so far: a=(\d+), b=(\d+)\)", lines[stop])
-    assert before and int(before.group(1)) > 0 and int(before.group(2)) > 0, lines[stop]
+    assert before, lines[stop]
+    assert int(before.group(1)) > 0, lines[stop]
+    assert int(before.group(2)) > 0, lines[stop]
     assert all(not line.endswith("(from a)") for line in lines[stop + 1:])
     assert re.fullmatch(r"200 requests, 200 replies: a=\d+, b=\d+", lines[-1]), lines[-1]
 
@@ -83,9 +85,11 @@ def test_iot_sensor_example_loses_nothing_across_a_consumer_outage() -> None:
     back = next(i for i, line in enumerate(lines) if line.startswith("dashboard restarted"))
     assert stop < back, out
     waiting = re.search(r"; (\d+) readings waiting", lines[back])
-    assert waiting is not None and int(waiting.group(1)) > 0, out
+    assert waiting is not None, out
+    assert int(waiting.group(1)) > 0, out
     summary = re.search(r"sensor sent (\d+) readings, dashboard got (\d+)", out)
-    assert summary is not None and summary.group(1) == summary.group(2), out
+    assert summary is not None, out
+    assert summary.group(1) == summary.group(2), out
     assert int(summary.group(1)) >= 60, out  # 4 s of readings, one every 50 ms
     assert lines[-1] == "nothing lost: every reading arrived intact", out
 

@@ -93,7 +93,8 @@ class WebhookRunner:
         if hook.queue is not None:
             pull = await node.pull(hook.queue, prefetch=max(8, 2 * hook.concurrency))
         else:
-            assert hook.pattern is not None and hook.durable is not None
+            assert hook.pattern is not None
+            assert hook.durable is not None
             pull = await node.subscribe_durable(hook.pattern, hook.durable)
             self._dead_queue = durable_queue(node.id, hook.durable)
         async with pull:

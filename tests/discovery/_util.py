@@ -1,24 +1,14 @@
-"""Bounded waiting for discovery tests: poll a condition until a deadline, never sleep blindly."""
+"""Discovery test helpers: made-up peers and an event sink that records what it is told.
+
+(To wait for a condition, use `tests.helpers.aeventually`.)
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import Callable
 
 from discovery import DiscoveryEvent, PeerFound, PeerGone, PeerInfo
-
-
-async def eventually(
-    condition: Callable[[], object], *, timeout: float = 5.0, interval: float = 0.005
-) -> None:
-    """Return as soon as `condition()` is truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 def new_peer(mesh: str, name: str = "node", port: int = 5000) -> PeerInfo:

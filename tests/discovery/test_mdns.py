@@ -18,8 +18,9 @@ from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from discovery import SERVICE_TYPE, InvalidRecord, MdnsDiscovery, PeerFound, PeerInfo
+from tests.helpers import aeventually
 
-from ._util import Recorder, eventually, new_peer
+from ._util import Recorder, new_peer
 
 LOOPBACK = ["127.0.0.1"]
 Factory = Callable[[str], MdnsDiscovery]
@@ -74,9 +75,9 @@ async def test_two_nodes_see_each_other_not_other_mesh(make: Factory, mesh: str)
         await a.start(me_a, sink_a)
         await b.start(me_b, sink_b)
         await c.start(me_c, sink_c)
-        await eventually(lambda: sink_a.found(me_b.id) and sink_b.found(me_a.id))
-        await eventually(lambda: a.dropped.get("other_mesh") and b.dropped.get("other_mesh"))
-        await eventually(lambda: c.dropped.get("other_mesh", 0) >= 2)
+        await aeventually(lambda: sink_a.found(me_b.id) and sink_b.found(me_a.id))
+        await aeventually(lambda: a.dropped.get("other_mesh") and b.dropped.get("other_mesh"))
+        await aeventually(lambda: c.dropped.get("other_mesh", 0) >= 2)
         assert sink_a.ids() == {me_b.id}
         assert sink_b.ids() == {me_a.id}
         assert sink_c.ids() == set()
@@ -94,11 +95,11 @@ async def test_goodbye_is_peer_gone(make: Factory, mesh: str) -> None:
         me_b = new_peer(mesh, "leaving")
         await a.start(new_peer(mesh), sink)
         await b.start(me_b, Recorder())
-        await eventually(lambda: sink.found(me_b.id))
+        await aeventually(lambda: sink.found(me_b.id))
         started = time.monotonic()
         await b.aclose()
         assert time.monotonic() - started < 1.0, "aclose must not linger"
-        await eventually(lambda: sink.gone(me_b.id))
+        await aeventually(lambda: sink.gone(me_b.id))
         assert a.peers == ()
         await b.aclose()  # idempotent
 
@@ -110,14 +111,14 @@ async def test_update_reannounces(make: Factory, mesh: str) -> None:
         me_b = new_peer(mesh, "mover", 6000)
         await a.start(new_peer(mesh), sink)
         await b.start(me_b, Recorder())
-        await eventually(lambda: sink.found(me_b.id))
+        await aeventually(lambda: sink.found(me_b.id))
         moved = PeerInfo(me_b.id, "mover", mesh, 2, ("tcp://127.0.0.1:6001",))
         await b.update(moved)
 
         def seen_moved() -> bool:
             return any(isinstance(e, PeerFound) and e.info == moved for _, e in sink.events)
 
-        await eventually(seen_moved)
+        await aeventually(seen_moved)
 
 
 async def _register_raw(aiozc: AsyncZeroconf, label: str, props: dict[bytes, bytes | None]) -> None:
@@ -153,14 +154,14 @@ async def test_garbage_records_dropped_and_counted(
                 b"ep": b"tcp://10.9.8.7:5000",
             },
         )
-        await eventually(lambda: a.dropped.get("bad_txt", 0) >= 2)
-        await eventually(lambda: a.dropped.get("unroutable", 0) >= 1)
+        await aeventually(lambda: a.dropped.get("bad_txt", 0) >= 2)
+        await aeventually(lambda: a.dropped.get("unroutable", 0) >= 1)
         assert sink.events == []
         # still alive and reporting after the garbage
         b = make(mesh)
         me_b = new_peer(mesh, "after")
         await b.start(me_b, Recorder())
-        await eventually(lambda: sink.found(me_b.id))
+        await aeventually(lambda: sink.found(me_b.id))
 
 
 async def test_sink_errors_do_not_break_discovery(make: Factory, mesh: str) -> None:
@@ -178,7 +179,7 @@ async def test_sink_errors_do_not_break_discovery(make: Factory, mesh: str) -> N
         me1, me2 = new_peer(mesh, "one"), new_peer(mesh, "two")
         await first.start(me1, Recorder())
         await second.start(me2, Recorder())
-        await eventually(lambda: {me1.id, me2.id} <= set(seen))
+        await aeventually(lambda: {me1.id, me2.id} <= set(seen))
 
 
 async def test_discovery_latency(make: Factory, mesh: str) -> None:
@@ -194,7 +195,7 @@ async def test_discovery_latency(make: Factory, mesh: str) -> None:
             started = time.monotonic()
             await node.start(me, Recorder())
             node_id = me.id
-            await eventually(functools.partial(sink.found, node_id), timeout=3.0, interval=0.001)
+            await aeventually(functools.partial(sink.found, node_id), timeout=3.0, interval=0.001)
             found_at = sink.found(node_id)
             assert found_at is not None
             latencies.append(found_at - started)

@@ -116,7 +116,8 @@ def test_foreign_sources_get_no_answer(two_namespaces: tuple[str, str]) -> None:
         text=True,
     )
     try:
-        assert node.stdout is not None and node.stdin is not None
+        assert node.stdout is not None
+        assert node.stdin is not None
         assert node.stdout.readline().strip() == "ready"
 
         def ask(source: str, destination: str) -> str:

@@ -12,12 +12,16 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from ._proc import Cli
 from .conftest import FAST_ENV
+
+WAIT: Final = 10.0
+"""Seconds any one wait here may take (a caller wanting less wraps it in asyncio.timeout)."""
 
 
 @dataclass
@@ -25,6 +29,14 @@ class AgentProc:
     cli: Cli
     url: str
     id: str
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of its HTTP API."""
+        url = urlsplit(self.url)
+        assert url.hostname is not None, self.url
+        assert url.port is not None, self.url
+        return url.hostname, url.port
 
 
 def start_agent(procs: list[Cli], *args: str, mesh: str, name: str = "agent",
@@ -51,20 +63,20 @@ class SseStream:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.response = response
 
-    async def subscribed(self, timeout: float = 10.0) -> None:
+    async def subscribed(self) -> None:
         """Wait for the agent's ``: subscribed`` comment (the subscription is in place)."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(WAIT):
             while True:
                 line = await self.response.content.readline()
                 assert line, "stream ended before ': subscribed'"
                 if line.startswith(b": subscribed"):
                     return
 
-    async def events(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    async def events(self, count: int) -> list[dict[str, Any]]:
         """The next `count` events: each ``{"id": ..., **data}``."""
         out: list[dict[str, Any]] = []
         event_id, data = "", ""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(WAIT):
             while len(out) < count:
                 raw = await self.response.content.readline()
                 assert raw, f"stream ended after {len(out)} events"
@@ -79,10 +91,10 @@ class SseStream:
         return out
 
 
-async def wait_status(session: aiohttp.ClientSession, method: str, url: str, want: int, *,
-                      timeout: float = 10.0, **kwargs: Any) -> aiohttp.ClientResponse:
+async def wait_status(session: aiohttp.ClientSession, method: str, url: str, want: int,
+                      **kwargs: Any) -> aiohttp.ClientResponse:
     """Repeat a request until it answers `want` (e.g. until discovery found a server)."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(WAIT):
         while True:
             response = await session.request(method, url, **kwargs)
             await response.read()

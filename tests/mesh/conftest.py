@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Protocol
 
 import pytest
 
@@ -11,14 +11,20 @@ from mesh import AsyncNode
 
 from ._proc import Cli
 
-FAST = {"heartbeat_interval": 0.05, "suspect_after": 0.15, "lost_after": 0.3}
+FAST: dict[str, Any] = {"heartbeat_interval": 0.05, "suspect_after": 0.15, "lost_after": 0.3}
 FAST_ENV = {f"ZEROMESH_{key.upper()}": str(value) for key, value in FAST.items()}
 """`FAST` for a CLI child (``env=FAST_ENV``) in a mesh with FAST in-process nodes, which
 would otherwise take it for lost between two of its default-timed heartbeats."""
 
 
+class MakeNode(Protocol):
+    """The `make_node` fixture: ``await make_node(name, **settings)`` -> a started AsyncNode."""
+
+    async def __call__(self, name: str, **settings: Any) -> AsyncNode: ...
+
+
 @pytest.fixture
-async def make_node(mesh_name: str) -> AsyncIterator[Callable[..., Any]]:
+async def make_node(mesh_name: str) -> AsyncIterator[MakeNode]:
     """Start AsyncNodes on 127.0.0.1 in this test's mesh; all are closed at teardown."""
     nodes: list[AsyncNode] = []
 

@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +32,7 @@ def effective(*args: str, env: dict[str, str] | None = None) -> dict[str, object
     return config
 
 
-def test_precedence_is_flag_then_env_then_file_then_default(tmp_path) -> None:
+def test_precedence_is_flag_then_env_then_file_then_default(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_text('name = "from-file"\nfsync = "off"\nlost_after = 3.0\n'
                     'http = "127.0.0.1:7600"\n')
@@ -40,17 +41,20 @@ def test_precedence_is_flag_then_env_then_file_then_default(tmp_path) -> None:
                      env={"ZEROMESH_NAME": "from-env"})["name"] == "from-flag"
     assert effective("--config", cfg, env={"ZEROMESH_NAME": "from-env"})["name"] == "from-env"
     from_file = effective("--config", cfg, env={"ZEROMESH_HTTP": ""})
-    assert from_file["name"] == "from-file" and from_file["fsync"] == "off"
-    assert from_file["lost_after"] == 3.0 and from_file["http"] == "127.0.0.1:7600"
+    assert from_file["name"] == "from-file"
+    assert from_file["fsync"] == "off"
+    assert from_file["lost_after"] == 3.0
+    assert from_file["http"] == "127.0.0.1:7600"
     default = effective(env={"ZEROMESH_HTTP": ""})
     assert default["name"] == socket.gethostname().split(".")[0]
-    assert default["http"] == "127.0.0.1:7474" and default["fsync"] == "batch"
+    assert default["http"] == "127.0.0.1:7474"
+    assert default["fsync"] == "batch"
     assert effective(env={"ZEROMESH_CONFIG": cfg})["name"] == "from-file"
     assert effective("--config", cfg, env={"ZEROMESH_LOST_AFTER": "2.5",
                                             "ZEROMESH_MDNS": "false"})["lost_after"] == 2.5
 
 
-def test_print_config_shows_webhooks(tmp_path) -> None:
+def test_print_config_shows_webhooks(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_text('data_dir = "/tmp/x"\n[[webhooks]]\nurl = "http://127.0.0.1:9/h"\n'
                     'pattern = "a.>"\ndurable = "app"\nconcurrency = 4\n')
@@ -60,7 +64,7 @@ def test_print_config_shows_webhooks(tmp_path) -> None:
                       "backoff": 0.2}]
 
 
-@pytest.mark.parametrize("text, reason", [
+@pytest.mark.parametrize(("text", "reason"), [
     ('colour = "red"\n', "unknown field `colour`"),
     ('port = "x"\n', "port: Expected `int`, got `str`"),
     ('fsync = "sometimes"\n', "fsync: use always, batch or off"),
@@ -78,7 +82,7 @@ def test_print_config_shows_webhooks(tmp_path) -> None:
     ('[[webhooks]]\nurl = "http://127.0.0.1:1/"\nqueue = "q"\nretries = 3\n',
      "unknown field `retries`"),
 ])
-def test_a_bad_file_is_rejected_with_key_and_reason(tmp_path, text, reason) -> None:
+def test_a_bad_file_is_rejected_with_key_and_reason(tmp_path: Path, text: str, reason: str) -> None:
     path = tmp_path / "agent.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as caught:
@@ -86,7 +90,7 @@ def test_a_bad_file_is_rejected_with_key_and_reason(tmp_path, text, reason) -> N
     assert reason in str(caught.value)
 
 
-def test_a_bad_file_stops_the_agent_with_one_line_and_exit_2(tmp_path) -> None:
+def test_a_bad_file_stops_the_agent_with_one_line_and_exit_2(tmp_path: Path) -> None:
     """--print-config validates exactly as a start does, and never starts a node."""
     path = tmp_path / "agent.toml"
     path.write_text('[[webhooks]]\nurl = "http://127.0.0.1:1/"\nqueue = "a..b"\n')
@@ -97,14 +101,16 @@ def test_a_bad_file_stops_the_agent_with_one_line_and_exit_2(tmp_path) -> None:
         assert lines == ["zeromesh agent: webhooks[0].queue: empty segment in 'a..b'"]
 
 
-def test_missing_file_and_bad_env_are_usage_errors(tmp_path) -> None:
+def test_missing_file_and_bad_env_are_usage_errors(tmp_path: Path) -> None:
     done = agent("--config", str(tmp_path / "nope.toml"))
-    assert done.returncode == 2 and "No such file" in done.stderr
+    assert done.returncode == 2
+    assert "No such file" in done.stderr
     done = agent(env={"ZEROMESH_PORT": "eighty"})
-    assert done.returncode == 2 and "ZEROMESH_PORT: Expected `int`" in done.stderr
+    assert done.returncode == 2
+    assert "ZEROMESH_PORT: Expected `int`" in done.stderr
 
 
-def test_the_http_port_in_use_is_a_clear_error(tmp_path) -> None:
+def test_the_http_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp
 import pytest
 
 from ._agent import SseStream, start_agent
+from ._proc import Cli
+from .conftest import MakeNode
 
 pytestmark = pytest.mark.timeout(60)
 
 
 async def test_reconnect_with_last_event_id_resumes_without_gaps(
-        procs, mesh_name, make_node, tmp_path) -> None:
+        procs: list[Cli], mesh_name: str, make_node: MakeNode, tmp_path: Path) -> None:
     """Messages published while the client is away arrive on reconnect, and those after
     its Last-Event-ID are sent again (they may have been lost in flight)."""
     publisher = await make_node("pub", data_dir=str(tmp_path / "pub"))
@@ -38,7 +42,7 @@ async def test_reconnect_with_last_event_id_resumes_without_gaps(
         await publisher.wait_for_spool(timeout=10)  # every one was acknowledged
 
 
-async def test_one_stream_per_durable_at_a_time(procs, mesh_name, tmp_path) -> None:
+async def test_one_stream_per_durable_at_a_time(procs: list[Cli], mesh_name: str, tmp_path: Path) -> None:
     agent = start_agent(procs, "--data-dir", str(tmp_path / "agent"), mesh=mesh_name,
                         name="side")
     url = f"{agent.url}/v1/subscribe/a.%3E?durable=app"
@@ -49,7 +53,7 @@ async def test_one_stream_per_durable_at_a_time(procs, mesh_name, tmp_path) -> N
             assert "already has a stream" in (await second.json())["error"]
 
 
-async def test_a_durable_stream_needs_a_data_dir(procs, mesh_name) -> None:
+async def test_a_durable_stream_needs_a_data_dir(procs: list[Cli], mesh_name: str) -> None:
     agent = start_agent(procs, mesh=mesh_name, name="side")
     async with aiohttp.ClientSession() as http, \
             http.get(f"{agent.url}/v1/subscribe/a?durable=app") as response:

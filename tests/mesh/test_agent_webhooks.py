@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -14,7 +15,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import aeventually
+
 from ._agent import start_agent
+from ._proc import Cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,8 +57,9 @@ class App:
             self.in_flight -= 1
             self.changed.set()
 
-    async def wait_until(self, condition, timeout: float = 15.0) -> None:
-        async with asyncio.timeout(timeout):
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Until `condition()` holds, checked after each change (15 s at most)."""
+        async with asyncio.timeout(15):
             while not condition():
                 self.changed.clear()
                 await self.changed.wait()
@@ -97,7 +102,7 @@ async def metric(http: aiohttp.ClientSession, base: str, name: str, **labels: st
 
 
 async def test_failed_posts_are_retried_then_acked_in_publish_order(
-        procs, mesh_name, tmp_path, app) -> None:
+        procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
     """Each message is POSTed until a 2xx; with concurrency 1 the app sees the publish order,
     and each message is accepted exactly once."""
     app.fail_first = 2
@@ -114,7 +119,8 @@ async def test_failed_posts_are_retried_then_acked_in_publish_order(
                 assert r.status == 202, await r.text()
         await app.wait_until(lambda: len(app.accepted) == 10)
         assert [body for _, body, _ in app.accepted] == [f"order {i}".encode() for i in range(10)]
-        assert all(n == 3 for n in app.attempts.values()) and len(app.attempts) == 10
+        assert all(n == 3 for n in app.attempts.values())
+        assert len(app.attempts) == 10
         _, _, headers = app.accepted[4]
         assert headers["Content-Type"] == "text/plain"
         assert headers["traceparent"] == f"00-{4:032x}-{4:016x}-01"
@@ -128,7 +134,7 @@ async def test_failed_posts_are_retried_then_acked_in_publish_order(
 
 
 async def test_a_webhook_that_always_fails_dead_letters_then_replay_delivers(
-        procs, mesh_name, tmp_path, app) -> None:
+        procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
     """After `attempts` POSTs the message is in the dead-letter spool; once the app is
     fixed, replaying delivers it."""
     app.always_fail = True
@@ -140,24 +146,30 @@ async def test_a_webhook_that_always_fails_dead_letters_then_replay_delivers(
         for i in range(2):
             async with http.post(f"{agent.url}/v1/push/jobs", data=f"job {i}") as r:
                 assert r.status == 202, await r.text()
-        async with asyncio.timeout(15):
-            while await metric(http, agent.url, "zeromesh_dead_letters") < 2:
-                await asyncio.sleep(0.05)
-        assert sum(app.attempts.values()) == 6 and not app.accepted
+
+        async def both_dead_lettered() -> bool:
+            return await metric(http, agent.url, "zeromesh_dead_letters") >= 2
+
+        await aeventually(both_dead_lettered, timeout=15, interval=0.05)
+        assert sum(app.attempts.values()) == 6
+        assert not app.accepted
         assert await metric(http, agent.url, "zeromesh_webhook_deliveries_total",
                             outcome="dead_letter") == 2
         app.always_fail = False
         async with http.post(f"{agent.url}/v1/dead-letters/replay") as r:
-            assert r.status == 202 and (await r.json())["replayed"] == 2
+            assert r.status == 202
+            assert (await r.json())["replayed"] == 2
         await app.wait_until(lambda: len(app.accepted) == 2)
         assert sorted(body for _, body, _ in app.accepted) == [b"job 0", b"job 1"]
-        async with asyncio.timeout(10):
-            while await metric(http, agent.url, "zeromesh_spool_messages") > 0:
-                await asyncio.sleep(0.05)
+
+        async def spool_empty() -> bool:
+            return await metric(http, agent.url, "zeromesh_spool_messages") == 0
+
+        await aeventually(spool_empty, timeout=10, interval=0.05)
         assert await metric(http, agent.url, "zeromesh_dead_letters") == 0
 
 
-async def test_concurrency_bounds_posts_in_flight(procs, mesh_name, tmp_path, app) -> None:
+async def test_concurrency_bounds_posts_in_flight(procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
     app.hold = asyncio.Event()
     config = hook_config(app.url, pattern="load.*", concurrency=3, attempts=1)
     agent = start_agent(procs, mesh=mesh_name, name="side", config=config, tmp=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ def start(procs: list[Cli], *args: str, mesh: str, stdin: bool = False) -> Cli:
     return proc
 
 
-@pytest.mark.parametrize("args, reason", [
+@pytest.mark.parametrize(("args", "reason"), [
     (["pub"], "the following arguments are required: topic"),
     (["sub", "a..b"], "empty segment"),
     (["pub", "a.*", "x"], "topic"),
@@ -29,7 +30,8 @@ def start(procs: list[Cli], *args: str, mesh: str, stdin: bool = False) -> Cli:
     (["agent", "--mesh", "has space"], "mesh"),
     (["frobnicate"], "invalid choice"),
 ])
-def test_bad_usage_exits_2_with_one_line_and_no_traceback(args, reason, mesh_name) -> None:
+def test_bad_usage_exits_2_with_one_line_and_no_traceback(args: list[str], reason: str,
+                                                          mesh_name: str) -> None:
     """Every user error is exit 2 and a single line on stderr naming the problem."""
     result = run(args, mesh=mesh_name)
     assert result.returncode == 2, result.stderr
@@ -39,7 +41,7 @@ def test_bad_usage_exits_2_with_one_line_and_no_traceback(args, reason, mesh_nam
     assert "Traceback" not in result.stderr
 
 
-def test_agent_prints_ready_and_stops_gracefully_on_sigterm(procs, mesh_name) -> None:
+def test_agent_prints_ready_and_stops_gracefully_on_sigterm(procs: list[Cli], mesh_name: str) -> None:
     """The ready line carries id and endpoints; SIGTERM is a goodbye and exit 0."""
     agent = start(procs, "agent", "--name", "a1", mesh=mesh_name)
     ready = agent.line("ready", timeout=10)
@@ -51,7 +53,7 @@ def test_agent_prints_ready_and_stops_gracefully_on_sigterm(procs, mesh_name) ->
     assert agent.line("stopped") == "stopped"
 
 
-def test_sub_json_receives_stdin_lines_published_with_wait_subscribers(procs, mesh_name) -> None:
+def test_sub_json_receives_stdin_lines_published_with_wait_subscribers(procs: list[Cli], mesh_name: str) -> None:
     """pub without DATA sends one message per stdin line; sub --json prints one object each."""
     sub = start(procs, "sub", "logs.>", "--count", "3", "--json", "--timeout", "20",
                 mesh=mesh_name)
@@ -66,7 +68,7 @@ def test_sub_json_receives_stdin_lines_published_with_wait_subscribers(procs, me
     assert len({o["id"] for o in objs}) == 3
 
 
-def test_pub_without_wait_reaches_a_running_subscriber(procs, mesh_name) -> None:
+def test_pub_without_wait_reaches_a_running_subscriber(procs: list[Cli], mesh_name: str) -> None:
     """Plain `pub TOPIC DATA` finds already-running subscribers before it sends."""
     agent = start(procs, "agent", mesh=mesh_name)
     agent.line("ready")
@@ -78,7 +80,7 @@ def test_pub_without_wait_reaches_a_running_subscriber(procs, mesh_name) -> None
     assert sub.line("news") == "news hello world"
 
 
-def test_pub_exits_1_and_publishes_nothing_without_enough_subscribers(mesh_name) -> None:
+def test_pub_exits_1_and_publishes_nothing_without_enough_subscribers(mesh_name: str) -> None:
     """--wait-subscribers N that never come: exit 1, reason on stderr."""
     started = time.monotonic()
     result = run(["pub", "t", "x", "--wait-subscribers", "1", "--timeout", "0.5"], mesh=mesh_name)
@@ -87,14 +89,14 @@ def test_pub_exits_1_and_publishes_nothing_without_enough_subscribers(mesh_name)
     assert time.monotonic() - started < 10
 
 
-def test_sub_exits_1_when_the_timeout_comes_first(mesh_name) -> None:
+def test_sub_exits_1_when_the_timeout_comes_first(mesh_name: str) -> None:
     """--count N not reached within --timeout: exit 1."""
     result = run(["sub", ">", "--count", "1", "--timeout", "0.5"], mesh=mesh_name)
     assert result.returncode == 1
     assert result.stdout == ""
 
 
-def test_peers_json_lists_others_never_itself(procs, mesh_name) -> None:
+def test_peers_json_lists_others_never_itself(procs: list[Cli], mesh_name: str) -> None:
     """`peers --json` is a list of objects with the contract's fields."""
     agent = start(procs, "agent", "--name", "listed", mesh=mesh_name)
     agent.line("ready")
@@ -106,14 +108,14 @@ def test_peers_json_lists_others_never_itself(procs, mesh_name) -> None:
     assert peers[0]["state"] == "alive"
 
 
-def test_peers_exits_1_when_alone(mesh_name) -> None:
+def test_peers_exits_1_when_alone(mesh_name: str) -> None:
     """Nobody out there: empty list and exit 1."""
     result = run(["peers", "--wait", "0.3", "--json"], mesh=mesh_name)
     assert result.returncode == 1
     assert json.loads(result.stdout) == []
 
 
-def test_sigkilled_agent_is_reported_lost_within_the_threshold(procs, mesh_name) -> None:
+def test_sigkilled_agent_is_reported_lost_within_the_threshold(procs: list[Cli], mesh_name: str) -> None:
     """No goodbye after SIGKILL: heartbeats stop and the peer is lost within 1.5 s."""
     watcher = start(procs, "agent", "--name", "watcher", mesh=mesh_name)
     watcher.line("ready")
@@ -128,12 +130,14 @@ def test_sigkilled_agent_is_reported_lost_within_the_threshold(procs, mesh_name)
     assert took <= 1.5 + 0.2  # 0.2 s for reading the line across processes
 
 
-def test_restarted_agent_rejoins_with_the_same_id(procs, mesh_name, tmp_path) -> None:
+def test_restarted_agent_rejoins_with_the_same_id(procs: list[Cli], mesh_name: str, tmp_path: Path) -> None:
     """Same data dir after a crash: same id, and peers see it join again."""
     watcher = start(procs, "agent", "--name", "watcher", mesh=mesh_name)
     watcher.line("ready")
     first = start(procs, "agent", "--name", "phoenix", "--data-dir", str(tmp_path), mesh=mesh_name)
-    node_id = re.search(r"id=(\w+)", first.line("ready")).group(1)
+    found = re.search(r"id=(\w+)", first.line("ready"))
+    assert found is not None
+    node_id = found.group(1)
     watcher.line("joined name=phoenix")
     first.proc.kill()
     watcher.line("lost name=phoenix", timeout=5)

@@ -8,6 +8,7 @@ import pathlib
 import pty
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,13 +30,14 @@ def _processes_naming(text: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("pattern, extra", [
+@pytest.mark.parametrize(("pattern", "extra"), [
     ("pubsub", []),
     ("pushpull", []),
     ("reqrep", ["--in-flight", "4"]),
     ("spool", ["--fsync", "off"]),
 ])
-def test_each_pattern_runs_both_ends_and_reports_json(pattern, extra, mesh_name) -> None:
+def test_each_pattern_runs_both_ends_and_reports_json(pattern: str, extra: list[str],
+                                                      mesh_name: str) -> None:
     """A lossless local run: every message counted, plausible rates and ordered percentiles,
     and the child end is gone when the command returns."""
     result = run(["bench", pattern, "--count", "500", "--json", "--timeout", "30", *extra],
@@ -43,23 +45,26 @@ def test_each_pattern_runs_both_ends_and_reports_json(pattern, extra, mesh_name)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["pattern"] == pattern
-    assert report["count"] == 500 and report["size"] == 64
+    assert report["count"] == 500
+    assert report["size"] == 64
     assert report["received"] == 500
     assert report["drops"] == 0
-    assert report["msgs_per_s"] > 0 and report["mb_per_s"] > 0
+    assert report["msgs_per_s"] > 0
+    assert report["mb_per_s"] > 0
     lat = report["latency_us"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     if pattern == "reqrep":
         assert report["in_flight"] == 4
     else:
-        assert report["sent"] == 500 and report["send_msgs_per_s"] > 0
+        assert report["sent"] == 500
+        assert report["send_msgs_per_s"] > 0
     if pattern == "spool":
         assert report["fsync"] == "off"
     if pathlib.Path("/proc/self").exists():
         assert _processes_naming(report["mesh"]) == []
 
 
-def test_table_has_the_header_and_a_row_per_end(mesh_name) -> None:
+def test_table_has_the_header_and_a_row_per_end(mesh_name: str) -> None:
     """Without --json: a title, the column header, the sender's and the receiver's rows."""
     result = run(["bench", "pushpull", "--count", "300", "--timeout", "30"], mesh=mesh_name,
                  timeout=40)
@@ -68,37 +73,41 @@ def test_table_has_the_header_and_a_row_per_end(mesh_name) -> None:
     assert lines[0].startswith("zeromesh bench pushpull: 300 msgs x 64 B")
     assert lines[1].split() == ["msgs/s", "MB/s", "p50", "us", "p90", "us", "p99", "us",
                                 "max", "us", "drops"]
-    assert lines[2].split()[0] == "push" and lines[3].split()[0] == "pull"
+    assert lines[2].split()[0] == "push"
+    assert lines[3].split()[0] == "pull"
     assert lines[3].split()[-1] == "0"
-    assert "\r" not in result.stderr and "msgs/s" not in result.stderr  # no progress: not a TTY
+    assert "\r" not in result.stderr
+    assert "msgs/s" not in result.stderr  # no progress: not a TTY
 
 
-@pytest.mark.parametrize("args, reason", [
+@pytest.mark.parametrize(("args", "reason"), [
     (["bench", "pubsub", "--role", "req"], "--role"),
     (["bench", "pubsub", "--size", "4"], "--size"),
     (["bench", "pushpull", "--in-flight", "2"], "--in-flight"),
     (["bench", "pubsub", "--count", "0"], "must be >= 1"),
     (["bench", "mqtt"], "invalid choice"),
 ])
-def test_bad_usage_exits_2_with_one_line(args, reason, mesh_name) -> None:
+def test_bad_usage_exits_2_with_one_line(args: list[str], reason: str, mesh_name: str) -> None:
     result = run(args, mesh=mesh_name)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and reason in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert reason in lines[0], result.stderr
     assert result.stdout == ""
 
 
-def test_a_lone_sub_end_exits_1_at_its_timeout(mesh_name) -> None:
+def test_a_lone_sub_end_exits_1_at_its_timeout(mesh_name: str) -> None:
     """--role sub with no publisher in its mesh: nothing received within --timeout."""
     result = run(["bench", "pubsub", "--role", "sub", "--timeout", "0.5"], mesh=mesh_name)
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "timed out after 0.5 s" in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "timed out after 0.5 s" in lines[0], result.stderr
 
 
 @pytest.mark.parametrize("pattern", ["pubsub", "spool"])
-def test_one_end_each_meets_the_other_by_mesh_name(pattern, procs, mesh_name) -> None:
+def test_one_end_each_meets_the_other_by_mesh_name(pattern: str, procs: list[Cli], mesh_name: str) -> None:
     """--role sub and --role pub as separate commands find each other (mDNS on 127.0.0.1);
     the subscriber learns the sent count from the publisher's end marker, and a reliable
     publisher exits 0 only once the durable acknowledged everything, the marker too."""
@@ -109,24 +118,30 @@ def test_one_end_each_meets_the_other_by_mesh_name(pattern, procs, mesh_name) ->
                "--timeout", "30"], mesh=mesh_name, timeout=40)
     assert pub.returncode == 0, pub.stderr
     sent = json.loads(pub.stdout)
-    assert sent["role"] == "pub" and sent["sent"] == 400 and sent["received"] is None
+    assert sent["role"] == "pub"
+    assert sent["sent"] == 400
+    assert sent["received"] is None
     assert sub.wait(30) == 0, sub.stderr()
     got = json.loads(sub.line("{"))
-    assert got["role"] == "sub" and got["received"] == 400 and got["drops"] == 0
-    assert got["sent"] == 400 and got["send_msgs_per_s"] > 0
+    assert got["role"] == "sub"
+    assert got["received"] == 400
+    assert got["drops"] == 0
+    assert got["sent"] == 400
+    assert got["send_msgs_per_s"] > 0
 
 
-def test_a_failing_other_end_is_one_line_and_exit_1(mesh_name) -> None:
+def test_a_failing_other_end_is_one_line_and_exit_1(mesh_name: str) -> None:
     """The child end cannot send (payload over the node's limit): its reason, relayed."""
     result = run(["bench", "pushpull", "--size", str(2 * 1024 * 1024), "--count", "3",
                   "--timeout", "20"], mesh=mesh_name, timeout=30)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "the other end exited" in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "the other end exited" in lines[0], result.stderr
     assert "exceeds the limit" in lines[0]
 
 
-def test_a_secure_local_run_peers_its_child_by_key(tmp_path, mesh_name) -> None:
+def test_a_secure_local_run_peers_its_child_by_key(tmp_path: Path, mesh_name: str) -> None:
     """With CURVE on and no mDNS, the child reaches us only with our key in its --peer URL."""
     keys = run(["keygen", "--out", str(tmp_path)], mesh=mesh_name)
     assert keys.returncode == 0, keys.stderr
@@ -137,7 +152,7 @@ def test_a_secure_local_run_peers_its_child_by_key(tmp_path, mesh_name) -> None:
     assert json.loads(result.stdout)["received"] == 300
 
 
-def test_progress_is_one_rewritten_line_on_a_terminal(mesh_name) -> None:
+def test_progress_is_one_rewritten_line_on_a_terminal(mesh_name: str) -> None:
     """stderr on a TTY: a line rewritten with \\r showing count and rate, cleared at the end."""
     master, slave = pty.openpty()
     try:
@@ -159,6 +174,8 @@ def test_progress_is_one_rewritten_line_on_a_terminal(mesh_name) -> None:
         os.close(master)
     assert proc.returncode == 0
     text = seen.decode(errors="replace")
-    assert "\r" in text and "bench pubsub sub:" in text and "msgs/s" in text
+    assert "\r" in text
+    assert "bench pubsub sub:" in text
+    assert "msgs/s" in text
     assert "\n" not in text.replace("\r\n", "")  # never a new line: always the same one
     assert b"msgs/s" in out

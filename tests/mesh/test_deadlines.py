@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import pytest
 
@@ -17,10 +18,16 @@ async def test_each_future_fails_at_its_own_deadline_and_discarded_ones_never() 
     loop = asyncio.get_running_loop()
     deadlines = Deadlines()
     start = loop.time()
-    futs = {key: loop.create_future() for key in range(4)}
+    futs: dict[int, asyncio.Future[None]] = {key: loop.create_future() for key in range(4)}
     failed_at: dict[int, float] = {}
+
+    def note_failure(key: int) -> Callable[[asyncio.Future[None]], None]:
+        def note(_: asyncio.Future[None]) -> None:
+            failed_at.setdefault(key, loop.time() - start)
+        return note
+
     for key, fut in futs.items():
-        fut.add_done_callback(lambda f, k=key: failed_at.setdefault(k, loop.time() - start))
+        fut.add_done_callback(note_failure(key))
     deadlines.add(0, futs[0], start + 0.30)
     deadlines.add(1, futs[1], start + 0.10)  # earlier than the armed one: re-arms
     deadlines.add(2, futs[2], start + 0.20)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import msgspec
+import pytest
 
 from mesh._reliable._dedup import Dedup, runs_of
 from mesh._spool import RecordKind, SpoolStore, _store
-from tests.helpers import aeventually
+from tests.helpers import aeventually, files
 
 
 def test_runs_answer_like_a_set_for_any_arrival_order() -> None:
@@ -32,7 +35,9 @@ def test_in_order_marks_are_one_run_and_the_window_drops_the_lowest_runs() -> No
     """A stream in order costs one run; beyond the window, the oldest runs are forgotten."""
     dedup = Dedup(window=3)
     dedup.mark_many("a", range(1, 10_001))
-    assert dedup.seen("a", 1) and dedup.seen("a", 10_000) and not dedup.seen("a", 10_001)
+    assert dedup.seen("a", 1)
+    assert dedup.seen("a", 10_000)
+    assert not dedup.seen("a", 10_001)
     for seq in (20_000, 30_000, 40_000):  # three more runs: the first is dropped
         dedup.mark("a", seq)
     assert not dedup.seen("a", 5)
@@ -43,7 +48,7 @@ def test_runs_of_merges_neighbours_and_repeats() -> None:
     assert runs_of([5, 1, 2, 3, 3, 9, 6]) == [1, 4, 5, 7, 9, 10]
 
 
-async def test_marks_survive_a_restart_also_in_the_older_single_sequence_form(tmp_path) -> None:
+async def test_marks_survive_a_restart_also_in_the_older_single_sequence_form(tmp_path: Path) -> None:
     """Saved runs and records written by older versions (sender, [seq...]) both load."""
     store = SpoolStore(tmp_path)
     await store.start()
@@ -65,7 +70,7 @@ async def test_marks_survive_a_restart_also_in_the_older_single_sequence_form(tm
 
 
 @contextlib.asynccontextmanager
-async def _loaded(path, **kw) -> AsyncIterator[tuple[SpoolStore, Dedup]]:
+async def _loaded(path: Path, **kw: Any) -> AsyncIterator[tuple[SpoolStore, Dedup]]:
     """A started store and the dedup loaded from it; the store is closed on the way out."""
     store = SpoolStore(path, **kw)
     await store.start()
@@ -77,8 +82,8 @@ async def _loaded(path, **kw) -> AsyncIterator[tuple[SpoolStore, Dedup]]:
         await store.aclose()
 
 
-async def test_marks_survive_two_restarts_and_the_inbox_is_compacted(tmp_path,
-                                                                     monkeypatch) -> None:
+async def test_marks_survive_two_restarts_and_the_inbox_is_compacted(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Marks written over many segments are all still known after a second and a third
     start, and each start leaves them compacted in one new segment (the older go)."""
     monkeypatch.setattr(_store, "_LAZY_ACKS", 0.0)  # each save is written at once
@@ -93,9 +98,9 @@ async def test_marks_survive_two_restarts_and_the_inbox_is_compacted(tmp_path,
                 dedup.save()
                 expected.update(seqs)
                 await aeventually(lambda: not store._lazy)
-        assert len(list(tmp_path.glob("*.seg"))) > 3  # the marks rolled over segments
+        assert len(await files(tmp_path, "*.seg")) > 3  # the marks rolled over segments
     async with _loaded(tmp_path, segment_bytes=512) as (_, dedup):
         assert all(dedup.seen("a", s) for s in expected)
-    assert len(list(tmp_path.glob("*.seg"))) == 1
+    assert len(await files(tmp_path, "*.seg")) == 1
     async with _loaded(tmp_path) as (_, dedup):
         assert all(dedup.seen("a", s) for s in expected)

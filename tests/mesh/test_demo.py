@@ -111,7 +111,8 @@ def test_demo_shows_every_scene_and_exits_0_within_30_s() -> None:
     # 2. work queue: six jobs, each taken exactly once, by both workers
     taken = {w: [t.split()[1] for ww, t in said if ww == w and t.startswith("took ")]
              for w in ("worker-1", "worker-2")}
-    assert taken["worker-1"] and taken["worker-2"], taken
+    assert taken["worker-1"], taken
+    assert taken["worker-2"], taken
     assert sorted(taken["worker-1"] + taken["worker-2"]) == [f"job-{i}" for i in range(1, 7)]
 
     # 3. failover: the request clock-1 was handling when killed is answered by clock-2
@@ -127,7 +128,8 @@ def test_demo_shows_every_scene_and_exits_0_within_30_s() -> None:
     readies = [t.split()[1] for w, t in said if w == "orders" and t.startswith("ready ")]
     received = _index(said, "orders", "got orders.new 'order #42'")
     assert left < published < received
-    assert len(readies) == 2 and readies[0] == readies[1], readies  # same node, restarted
+    assert len(readies) == 2, readies
+    assert readies[0] == readies[1], readies  # same node, restarted
 
     # 5. presence: a graceful exit is 'left', a SIGKILL is 'lost'
     assert ("demo", "peer sidecar left") in texts
@@ -146,7 +148,8 @@ def test_demo_works_when_port_7474_is_taken() -> None:
         code, out, err, _ = _run_demo()
     assert code == 0, f"exit {code}: {err}\n{out}"
     urls = re.findall(r"http=(http://\S+)", out)
-    assert urls and all(url.startswith("http://127.0.0.1:") for url in urls), urls
+    assert urls, urls
+    assert all(url.startswith("http://127.0.0.1:") for url in urls), urls
     assert not any(url.endswith(":7474") for url in urls)
 
 
@@ -154,18 +157,21 @@ def test_demo_works_when_port_7474_is_taken() -> None:
 def test_ctrl_c_stops_every_child_and_removes_the_temp_dir() -> None:
     """SIGINT mid-demo: exit 130, no traceback, no child left running, no temp dir left."""
     with _demo() as proc:
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
         seen = ""
         deadline = time.monotonic() + _PROMISE
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
             while "== 2." not in seen:
-                assert time.monotonic() < deadline and proc.poll() is None, seen
+                assert time.monotonic() < deadline, seen
+                assert proc.poll() is None, seen
                 if sel.select(timeout=0.5):  # the raw fd: no text buffer hiding a line from select
                     seen += os.read(proc.stdout.fileno(), 65536).decode(errors="replace")
         children = _children(proc.pid)
         tmp = re.search(r"files in (\S+)", seen)
-        assert children and tmp, seen
+        assert children, seen
+        assert tmp, seen
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 130
         assert "Traceback" not in proc.stderr.read()

@@ -5,19 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mesh import ConfigError, MessageTooLarge
-from tests.helpers import aeventually
+from mesh import AsyncNode, ConfigError, Message, MessageTooLarge, Pull
+from tests.helpers import aeventually, cut_tail, files
 
 from ._proc import Cli, run
+from .conftest import MakeNode
 
 
-async def _durable_pair(make_node, tmp_path, name="audit"):
+async def _durable_pair(make_node: MakeNode, tmp_path: Path, name: str = "audit"
+                        ) -> tuple[AsyncNode, AsyncNode, Pull]:
     pub = await make_node("pub", data_dir=str(tmp_path / "p"))
     sub_node = await make_node("sub", data_dir=str(tmp_path / "s"))
     durable = await sub_node.subscribe_durable("orders.>", name)
@@ -25,8 +28,8 @@ async def _durable_pair(make_node, tmp_path, name="audit"):
     return pub, sub_node, durable
 
 
-async def test_online_durable_gets_reliable_and_best_effort_messages_once(make_node,
-                                                                          tmp_path) -> None:
+async def test_online_durable_gets_reliable_and_best_effort_messages_once(make_node: MakeNode,
+                                                                          tmp_path: Path) -> None:
     """While it runs, a durable sees both kinds, each once, with the real topic."""
     pub, _, durable = await _durable_pair(make_node, tmp_path)
     await pub.wait_for_subscribers("orders.new", 1, timeout=5)
@@ -40,8 +43,8 @@ async def test_online_durable_gets_reliable_and_best_effort_messages_once(make_n
     assert (await durable.next(timeout=5)).topic == "orders.paid"
 
 
-async def test_reliable_messages_skip_pub_sub_for_a_durables_live_view_only(make_node,
-                                                                            tmp_path) -> None:
+async def test_reliable_messages_skip_pub_sub_for_a_durables_live_view_only(make_node: MakeNode,
+                                                                            tmp_path: Path) -> None:
     """A peer whose only subscription is a durable's live view gets reliable messages by
     its queue alone (no pub/sub copy to decode and drop); a plain subscriber still gets
     them by pub/sub, and the durable still exactly once."""
@@ -63,8 +66,8 @@ async def test_reliable_messages_skip_pub_sub_for_a_durables_live_view_only(make
         await durable.next(timeout=0.3)
 
 
-async def test_offline_durable_gets_everything_after_both_sides_restart(make_node,
-                                                                        tmp_path) -> None:
+async def test_offline_durable_gets_everything_after_both_sides_restart(make_node: MakeNode,
+                                                                        tmp_path: Path) -> None:
     """Guarantee 2: subscriber down, publisher restarted in between: all arrive on return."""
     pub, sub_node, _ = await _durable_pair(make_node, tmp_path)
     await sub_node.aclose()
@@ -95,26 +98,32 @@ _SUBSCRIBER = textwrap.dedent("""
 """)
 
 
-async def test_durable_killed_before_ack_gets_the_rest_again(make_node, mesh_name,
-                                                             tmp_path) -> None:
+async def test_durable_killed_before_ack_gets_the_rest_again(make_node: MakeNode, mesh_name: str,
+                                                             tmp_path: Path) -> None:
     """Guarantee 3 and 4: what a SIGKILLed durable had not acked comes again; acked ones don't."""
     pub = await make_node("pub", data_dir=str(tmp_path / "p"))
     env = {**os.environ, "ZEROMESH_MESH": mesh_name, "ZEROMESH_INTERFACES": "127.0.0.1"}
-    proc = subprocess.Popen([sys.executable, "-c", _SUBSCRIBER, str(tmp_path / "s")],
-                            env=env, stdout=subprocess.PIPE, text=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SUBSCRIBER, str(tmp_path / "s"), env=env,
+        stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
-        assert (await asyncio.to_thread(proc.stdout.readline)).strip() == "ready"
+        out = proc.stdout
+
+        async def line() -> str:
+            return (await out.readline()).decode().strip()
+
+        assert await line() == "ready"
         await pub.wait_for_durables("orders.x", 1, timeout=10)
         for i in range(50):
             await pub.publish("orders.new", f"o{i}", reliable=True)
-        seen = [(await asyncio.to_thread(proc.stdout.readline)).strip() for _ in range(10)]
+        seen = [await line() for _ in range(10)]
         assert seen == [f"o{i}" for i in range(10)]
     finally:
-        proc.kill()
-        proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if proc.returncode is None:
+            proc.kill()
+        async with asyncio.timeout(10):
+            await proc.wait()
     back = await make_node("sub", data_dir=str(tmp_path / "s"))
     durable = await back.subscribe_durable("orders.>", "audit")
     got = [(await durable.next(timeout=10)).text for _ in range(41)]
@@ -123,17 +132,16 @@ async def test_durable_killed_before_ack_gets_the_rest_again(make_node, mesh_nam
         await durable.next(timeout=0.5)
 
 
-async def test_a_damaged_spool_is_reported_and_intact_records_delivered(make_node,
-                                                                        tmp_path) -> None:
+async def test_a_damaged_spool_is_reported_and_intact_records_delivered(make_node: MakeNode,
+                                                                        tmp_path: Path) -> None:
     """Guarantee 6: a torn tail does not stop the node; every intact record still goes out."""
     pub, sub_node, _ = await _durable_pair(make_node, tmp_path)
     await sub_node.aclose()
     for i in range(10):
         await pub.publish("orders.new", f"o{i}", reliable=True)
     await pub.aclose()
-    (segment,) = (tmp_path / "p" / "spool" / "out").glob("*.seg")
-    with open(segment, "r+b") as fh:
-        fh.truncate(os.path.getsize(segment) - 5)
+    (segment,) = await files(tmp_path / "p" / "spool" / "out", "*.seg")
+    await cut_tail(segment, 5)
     restarted = await make_node("pub", data_dir=str(tmp_path / "p"))
     assert restarted.stats["spool_damage"] == 1
     assert restarted.spool_pending == 9
@@ -143,7 +151,7 @@ async def test_a_damaged_spool_is_reported_and_intact_records_delivered(make_nod
         sorted(f"o{i}" for i in range(9))
 
 
-async def test_durables_need_a_data_dir_and_one_process_per_dir(make_node, tmp_path) -> None:
+async def test_durables_need_a_data_dir_and_one_process_per_dir(make_node: MakeNode, tmp_path: Path) -> None:
     """Clear errors: no data dir for a durable; a data dir already in use."""
     node = await make_node("plain")
     with pytest.raises(ConfigError, match="data dir"):
@@ -155,7 +163,7 @@ async def test_durables_need_a_data_dir_and_one_process_per_dir(make_node, tmp_p
         await make_node("two", data_dir=str(tmp_path / "d"))
 
 
-def test_cli_durable_sub_and_reliable_pub(mesh_name, tmp_path) -> None:
+def test_cli_durable_sub_and_reliable_pub(mesh_name: str, tmp_path: Path) -> None:
     """`sub --durable` + `pub --reliable`: offline messages arrive when the sub comes back."""
     first = Cli(["sub", "orders.>", "--durable", "audit", "--data-dir", str(tmp_path / "s"),
                  "--count", "1", "--json", "--timeout", "20"], mesh=mesh_name)
@@ -184,13 +192,13 @@ def test_cli_durable_sub_and_reliable_pub(mesh_name, tmp_path) -> None:
 
 
 @pytest.mark.timeout(120)  # generous: one CI run saw the replay not finish within 15 s
-async def test_cli_spool_show_and_replay_dead_letters(make_node, mesh_name, tmp_path) -> None:
+async def test_cli_spool_show_and_replay_dead_letters(make_node: MakeNode, mesh_name: str, tmp_path: Path) -> None:
     """Guarantee 5 from the CLI: dead letters are listed, and replay delivers them."""
     data = tmp_path / "p"
     pusher = await make_node("pusher", data_dir=str(data), max_attempts=2, retry_backoff=0.01)
     worker = await make_node("worker")
 
-    def fail(msg) -> None:
+    def fail(msg: Message) -> None:
         raise RuntimeError("not today")
 
     await worker.pull("jobs", handler=fail)
@@ -224,7 +232,7 @@ async def test_cli_spool_show_and_replay_dead_letters(make_node, mesh_name, tmp_
     assert purge.returncode == 0
 
 
-async def test_publish_many_reliable_is_one_wait_for_many_messages(make_node, tmp_path) -> None:
+async def test_publish_many_reliable_is_one_wait_for_many_messages(make_node: MakeNode, tmp_path: Path) -> None:
     """publish_many spools a whole batch with one commit; each message arrives once."""
     pub, _, durable = await _durable_pair(make_node, tmp_path)
     await pub.publish_many("orders.bulk", [f"b{i}" for i in range(500)], reliable=True)
@@ -239,11 +247,11 @@ async def test_publish_many_reliable_is_one_wait_for_many_messages(make_node, tm
         await durable.next(timeout=0.3)
 
 
-def test_sync_node_reliable_publish_and_durable(mesh_name, tmp_path) -> None:
+def test_sync_node_reliable_publish_and_durable(mesh_name: str, tmp_path: Path) -> None:
     """The blocking facade: subscribe_durable, publish(reliable=True), push(reliable=True)."""
     from mesh import Node
 
-    common = {"mesh": mesh_name, "interfaces": ["127.0.0.1"]}
+    common: dict[str, Any] = {"mesh": mesh_name, "interfaces": ["127.0.0.1"]}
     with Node(name="s", data_dir=str(tmp_path / "s"), **common) as s, \
             Node(name="p", data_dir=str(tmp_path / "p"), **common) as p:
         durable = s.subscribe_durable("orders.>", "audit")

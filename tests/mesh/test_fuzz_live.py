@@ -28,6 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from mesh import AsyncNode
 from mesh import _wire as wire
 from mesh._pubsub._engine import MAX_SUBSCRIPTION
+from tests.helpers import aeventually
 
 from . import _zmtp
 from ._agent import start_agent
@@ -42,13 +43,6 @@ def _loop_errors() -> list[dict[str, Any]]:
     errors: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
     return errors
-
-
-async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
-    assert check(), what
 
 
 async def test_huge_readiness_marker_is_dropped_and_markers_keep_working(
@@ -66,14 +60,16 @@ async def test_huge_readiness_marker_is_dropped_and_markers_keep_working(
         for marker in (b"\xff" + b"a" * 32 + b":" + b"1" * 4000, b"\xff" + b"x" * 4000 + b":1",
                        b"\xff:", b"\xffid:\xff\xfe", b"\xff" + "ab:²".encode()):
             sub.setsockopt(zmq.SUBSCRIBE, marker)
-        await _until(lambda: pub.dropped_input.get("marker", 0) >= 5, 5, "markers not dropped")
+        await aeventually(lambda: pub.dropped_input.get("marker", 0) >= 5, 5,
+                          message="markers not dropped")
         # an honest subscriber's readiness still reaches the publisher
         other: AsyncNode = await make_node("sub", peers=pub.endpoints["ctl"], mdns=False)
         got: list[bytes] = []
         await other.subscribe("fz.>", callback=lambda m: got.append(m.data))
         await pub.wait_for_subscribers("fz.ok", 1, timeout=10)
         await pub.publish("fz.ok", b"still delivering")
-        await _until(lambda: got == [b"still delivering"], 10, "no delivery after bad markers")
+        await aeventually(lambda: got == [b"still delivering"], 10,
+                          message="no delivery after bad markers")
     finally:
         sub.close()
         ctx.term()
@@ -146,7 +142,7 @@ async def test_well_formed_hostile_control_messages_never_end_a_reader(
     await target.subscribe("ok.>", callback=lambda m: got.append(m.data))
     await honest.wait_for_subscribers("ok.x", 1, timeout=10)
     await honest.publish("ok.x", b"fine")
-    await _until(lambda: got == [b"fine"], 10, "no delivery after hostile hellos")
+    await aeventually(lambda: got == [b"fine"], 10, message="no delivery after hostile hellos")
     assert any(p.id == honest.id for p in target.peers())
     await target.aclose()  # a reader task would re-raise what ended it
     assert not errors, errors  # a reader callback's exception went to the loop
@@ -214,7 +210,8 @@ async def test_well_formed_hostile_requests_and_work_never_end_a_reader(
     assert (await honest.request("echo", b"still", timeout=5)).data == b"still"
     await honest.wait_for_workers("jobs", 1, timeout=10)
     await honest.push("jobs", b"work", timeout=10)
-    await _until(lambda: b"work" in jobs, 10, "no work pulled after the hostile batches")
+    await aeventually(lambda: b"work" in jobs, 10,
+                      message="no work pulled after the hostile batches")
     await target.aclose()  # a reader task would re-raise what ended it
     assert not errors, errors  # a reader callback's exception went to the loop
 
@@ -260,7 +257,8 @@ async def test_well_formed_hostile_data_batches_never_end_the_subscriber(
                                         mdns=False)
     await honest.wait_for_subscribers("fz.ok", 1, timeout=10)
     await honest.publish("fz.ok", b"honest")
-    await _until(lambda: b"honest" in got, 10, "no delivery after the hostile batches")
+    await aeventually(lambda: b"honest" in got, 10,
+                      message="no delivery after the hostile batches")
     await target.aclose()  # a reader task would re-raise what ended it
     assert not errors, errors  # a reader callback's exception went to the loop
 
@@ -338,7 +336,7 @@ class Sink:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = self.runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
 
     async def _post(self, request: web.Request) -> web.Response:
@@ -350,17 +348,16 @@ class Sink:
             await self.runner.cleanup()
 
 
-async def _eventually(action: Callable[[], Awaitable[object]], check: Callable[[], bool],
-                      timeout: float, what: str) -> None:
-    """Repeat `action` until `check` holds (a best-effort publish may precede readiness)."""
-    async with asyncio.timeout(timeout):
-        while not check():
+def _after(action: Callable[[], Awaitable[object]], check: Callable[[], bool]
+           ) -> Callable[[], Awaitable[bool]]:
+    """For `aeventually`: unless `check` holds, do `action` and give `check` 0.3 s to hold
+    (repeated, a best-effort publish may precede readiness)."""
+    async def attempt() -> bool:
+        if not check():
             await action()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.3):
-                    while not check():
-                        await asyncio.sleep(0.01)
-    assert check(), what
+            await aeventually(check, timeout=0.3)
+        return True
+    return attempt
 
 
 async def _dropped_input(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
@@ -442,21 +439,24 @@ async def test_live_agent_survives_raw_fuzzing(mesh_name: str, tmp_path: Path,
                     async with http.post(f"{agent.url}/v1/publish/hz.{tag}", data=body) as r:
                         assert r.status == 202, await r.text()
 
-                await _eventually(publish, lambda: body in got, 10, "agent publish lost")
+                await aeventually(_after(publish, lambda: body in got), 10,
+                                  message="agent publish lost")
                 # its SUB (webhook pattern) and PULL (webhook queue) still receive
                 await honest.wait_for_subscribers(f"fz.{tag}", 1, timeout=10)
                 await honest.publish(f"fz.{tag}", f"topic {tag}")
                 await honest.wait_for_workers("jobs", 1, timeout=10)
                 await honest.push("jobs", f"queue {tag}", timeout=10)
-                await _until(lambda: ("topic", f"topic {tag}".encode()) in sink.got
-                             and ("queue", f"queue {tag}".encode()) in sink.got, 10,
-                             f"webhooks got {sink.got}")
+                await aeventually(lambda: ("topic", f"topic {tag}".encode()) in sink.got
+                                  and ("queue", f"queue {tag}".encode()) in sink.got, 10,
+                                  message="the webhooks' topic and queue deliveries")
                 # requests through the agent still succeed
                 async with http.post(f"{agent.url}/v1/request/echo", data=body) as r:
-                    assert r.status == 200 and await r.read() == body, await r.text()
+                    assert r.status == 200, await r.text()
+                    assert await r.read() == body, await r.text()
                 # and its own service ROUTER still answers (nothing served: status 2)
                 reply = await asyncio.to_thread(_raw_request, rtr, "nothing")
-                assert reply.status == wire.REPLY_NOT_SERVED and reply.id == 7
+                assert reply.status == wire.REPLY_NOT_SERVED
+                assert reply.id == 7
 
             await healthy("before")
             before = await _dropped_input(http, agent.url)
@@ -482,8 +482,8 @@ async def test_live_agent_survives_raw_fuzzing(mesh_name: str, tmp_path: Path,
             async def scrape() -> None:
                 after.update(await _dropped_input(http, agent.url))
 
-            with contextlib.suppress(TimeoutError):
-                await _eventually(scrape, counted, 10, "drops not counted")
+            with contextlib.suppress(AssertionError):  # the assert below says what is missing
+                await aeventually(_after(scrape, counted), 10)
             assert counted(), f"drops not counted: want {expected} more than {before}, " \
                               f"got {after}; agent's stderr:\n" + "\n".join(stderr.lines[-30:])
         total = sum(v for k, v in sent.items()

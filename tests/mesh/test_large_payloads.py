@@ -8,6 +8,8 @@ import hashlib
 
 import pytest
 
+from .conftest import MakeNode
+
 pytestmark = pytest.mark.timeout(60)
 
 SIZES = [10, 70_000, 5, 1_000_000, 65_536, 65_535, 300_000, 1, 2_000_000, 64]
@@ -18,7 +20,7 @@ def _payload(i: int, size: int) -> bytes:
     return (seed * (size // len(seed) + 1))[:size]
 
 
-async def test_pubsub_mixes_large_and_small_payloads_in_order(make_node) -> None:
+async def test_pubsub_mixes_large_and_small_payloads_in_order(make_node: MakeNode) -> None:
     """Ten rounds of small and large (up to 2 MB) messages published back to back in one
     loop iteration: the subscriber gets all 100, in order, byte for byte, headers kept."""
     sub_node = await make_node("sub", max_message_size=4_000_000)
@@ -30,7 +32,7 @@ async def test_pubsub_mixes_large_and_small_payloads_in_order(make_node) -> None
     for tag, data in sent:
         pub.publish_nowait("blobs.x", data, headers={"tag": tag})
     await asyncio.sleep(0)
-    got = []
+    got: list[tuple[str | None, bytes]] = []
     async with asyncio.timeout(30):
         while len(got) < len(sent):
             msg = await sub.next()
@@ -40,7 +42,7 @@ async def test_pubsub_mixes_large_and_small_payloads_in_order(make_node) -> None
     assert "data" not in sub_node.dropped_input, sub_node.dropped_input
 
 
-async def test_push_pull_mixes_large_and_small_payloads_in_order(make_node) -> None:
+async def test_push_pull_mixes_large_and_small_payloads_in_order(make_node: MakeNode) -> None:
     """The same through a work queue to one worker: all arrive once, in push order."""
     worker = await make_node("worker", max_message_size=4_000_000)
     pusher = await make_node("pusher", max_message_size=4_000_000)
@@ -49,7 +51,7 @@ async def test_push_pull_mixes_large_and_small_payloads_in_order(make_node) -> N
     sent = [_payload(r * 100 + i, size) for r in range(5) for i, size in enumerate(SIZES)]
     for data in sent:
         await pusher.push("blobs", data)
-    got = []
+    got: list[bytes] = []
     async with asyncio.timeout(30):
         while len(got) < len(sent):
             got.append((await work.next()).data)

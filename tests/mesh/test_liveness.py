@@ -10,11 +10,11 @@ import pytest
 from mesh import PeerEventKind, PeerState
 from mesh import _wire as wire
 from mesh._membership import _control as membership
-from mesh._membership._peers import PeerTable
+from mesh._membership._peers import PeerRecord, PeerTable
 from tests.helpers import aeventually
 
 from ._proc import Cli
-from .conftest import FAST_ENV
+from .conftest import FAST_ENV, MakeNode
 
 
 @pytest.mark.parametrize("interval", [0.05, 0.25, 0.5, 1.0])
@@ -34,12 +34,12 @@ def test_a_beat_that_wakes_a_hair_early_is_not_repeated() -> None:
     assert membership._until_next_beat(100.0001, 0.5) == pytest.approx(0.4999)
 
 
-async def test_talking_peers_never_wake_the_silence_timer(make_node, monkeypatch) -> None:
+async def test_talking_peers_never_wake_the_silence_timer(make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
     """Peers that keep beating move their silence timer on: it never runs out while they talk."""
     expired: list[str] = []
     original = PeerTable._expire
 
-    def spy(self: PeerTable, rec) -> None:
+    def spy(self: PeerTable, rec: PeerRecord) -> None:
         expired.append(rec.name)
         original(self, rec)
 
@@ -58,7 +58,7 @@ async def test_talking_peers_never_wake_the_silence_timer(make_node, monkeypatch
     assert {p.state for p in a.peers()} == {PeerState.ALIVE}
 
 
-async def test_a_peer_that_goes_silent_is_suspect_then_lost_on_time(make_node) -> None:
+async def test_a_peer_that_goes_silent_is_suspect_then_lost_on_time(make_node: MakeNode) -> None:
     """A peer whose heartbeats stop (no goodbye) is lost `lost_after` after it was last heard."""
     timing = {"heartbeat_interval": 0.05, "suspect_after": 0.2, "lost_after": 0.4, "mdns": False}
     a = await make_node("a", **timing)
@@ -77,7 +77,7 @@ async def test_a_peer_that_goes_silent_is_suspect_then_lost_on_time(make_node) -
     assert 0.4 - 0.05 - 0.05 <= took <= 0.4 + 0.2, took
 
 
-async def test_heartbeat_carries_the_new_interest_version(make_node) -> None:
+async def test_heartbeat_carries_the_new_interest_version(make_node: MakeNode) -> None:
     """After a subscription the cached heartbeat is rebuilt: peers can notice a lost hello."""
     a = await make_node("a", mdns=False)
     b = await make_node("b", mdns=False, peers=a.endpoints["ctl"])
@@ -99,7 +99,9 @@ async def test_heartbeat_carries_the_new_interest_version(make_node) -> None:
     assert beat_version() == a._live().membership.interest_version
 
 
-async def test_a_killed_peer_is_forgotten_after_forget_after(make_node, procs, mesh_name) -> None:
+async def test_a_killed_peer_is_forgotten_after_forget_after(make_node: MakeNode,
+                                                              procs: list[Cli],
+                                                              mesh_name: str) -> None:
     """SIGKILLed: lost after `lost_after`, then gone from peers() with its connections
     closed once it has been lost for `forget_after` seconds."""
     a = await make_node("a", mdns=False, forget_after=0.5)
@@ -123,7 +125,7 @@ async def test_a_killed_peer_is_forgotten_after_forget_after(make_node, procs, m
     assert peer.endpoints[0] not in run.membership.links()
 
 
-async def test_a_forgotten_peer_that_returns_joins_as_new(make_node) -> None:
+async def test_a_forgotten_peer_that_returns_joins_as_new(make_node: MakeNode) -> None:
     """Forgotten is not banned: when its heartbeats resume it joins again."""
     timing = {"mdns": False, "forget_after": 0.2}
     a = await make_node("a", **timing)

@@ -23,7 +23,7 @@ async def _loop_module() -> str:
     return type(asyncio.get_running_loop()).__module__
 
 
-def test_auto_runs_on_uvloop_and_asyncio_opts_out(monkeypatch) -> None:
+def test_auto_runs_on_uvloop_and_asyncio_opts_out(monkeypatch: pytest.MonkeyPatch) -> None:
     """`mesh.run` picks uvloop by default; ZEROMESH_LOOP=asyncio gives the standard loop."""
     monkeypatch.delenv("ZEROMESH_LOOP", raising=False)
     assert mesh.run(_loop_module()).startswith("uvloop")
@@ -38,7 +38,7 @@ def test_an_unknown_choice_is_a_config_error_naming_the_variable() -> None:
         loop_factory({"ZEROMESH_LOOP": "tokio"})
 
 
-def test_the_blocking_node_runs_its_loop_on_uvloop(mesh_name) -> None:
+def test_the_blocking_node_runs_its_loop_on_uvloop(mesh_name: str) -> None:
     """`Node` runs its private loop thread on the chosen loop, and works on it."""
     with Node(name="n", mesh=mesh_name, interfaces=["127.0.0.1"], mdns=False) as node:
         assert node._call(_loop_module(), 5).startswith("uvloop")
@@ -47,7 +47,7 @@ def test_the_blocking_node_runs_its_loop_on_uvloop(mesh_name) -> None:
         assert sub.next(timeout=5).data == b"on uvloop"
 
 
-def test_the_cli_refuses_an_unknown_loop_with_exit_2(mesh_name) -> None:
+def test_the_cli_refuses_an_unknown_loop_with_exit_2(mesh_name: str) -> None:
     """One line naming the variable, exit 2, and nothing else on stderr."""
     env = {**child_env(mesh_name), "ZEROMESH_LOOP": "tokio"}
     done = subprocess.run([sys.executable, "-m", "mesh", "peers"], env=env, text=True,

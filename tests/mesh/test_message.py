@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -17,13 +18,16 @@ import mesh
 from mesh import Message
 from tests.helpers import aeventually
 
+from .conftest import MakeNode
+
 
 def test_type_hints_of_message_resolve_in_a_fresh_interpreter() -> None:
     """The check the issue names, exactly as a user would type it."""
     code = "import mesh, typing; print(sorted(typing.get_type_hints(mesh.Message)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout
-    assert "topic" in out and "_receipt" not in out
+    assert "topic" in out
+    assert "_receipt" not in out
 
 
 @pytest.mark.parametrize("name", [n for n in mesh.__all__ if isinstance(getattr(mesh, n), type)])
@@ -40,7 +44,8 @@ def test_message_converts_and_has_a_json_schema() -> None:
     assert "_receipt" not in str(schema)
 
 
-async def test_a_pulled_message_equals_its_copy_and_encodes(make_node, tmp_path) -> None:
+async def test_a_pulled_message_equals_its_copy_and_encodes(make_node: MakeNode,
+                                                             tmp_path: Path) -> None:
     """A work message with a receipt attached compares and encodes by its fields alone."""
     pusher = await make_node("pusher", data_dir=str(tmp_path / "p"))
     worker = await make_node("worker")

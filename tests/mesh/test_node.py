@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -20,14 +22,15 @@ from mesh import (
     PeerEventKind,
     PeerState,
     RequestTimeout,
+    Subscription,
 )
 from mesh import _wire as wire
 from tests.helpers import aeventually
 
-from .conftest import FAST
+from .conftest import FAST, MakeNode
 
 
-async def test_nodes_discover_each_other_by_mdns(make_node) -> None:
+async def test_nodes_discover_each_other_by_mdns(make_node: MakeNode) -> None:
     """Two nodes on loopback see each other alive, never themselves."""
     a = await make_node("a")
     b = await make_node("b")
@@ -39,7 +42,7 @@ async def test_nodes_discover_each_other_by_mdns(make_node) -> None:
     assert a.peers()[0].state is PeerState.ALIVE
 
 
-async def test_wildcard_subscriptions_receive_exactly_their_topics(make_node) -> None:
+async def test_wildcard_subscriptions_receive_exactly_their_topics(make_node: MakeNode) -> None:
     """'*' matches one segment, '>' the rest; other topics are filtered out."""
     pub = await make_node("pub")
     sub_node = await make_node("sub")
@@ -55,7 +58,7 @@ async def test_wildcard_subscriptions_receive_exactly_their_topics(make_node) ->
     await pub.publish("sensors.end.temp", b"end")  # matches `*.temp` and `>`
     await pub.publish("sensors.kitchen", b"end")
 
-    async def until_end(sub) -> list[str]:
+    async def until_end(sub: Subscription) -> list[str]:
         topics = []
         while (msg := await sub.next(timeout=5)).data != b"end":
             topics.append(msg.topic)
@@ -70,7 +73,7 @@ async def test_wildcard_subscriptions_receive_exactly_their_topics(make_node) ->
     assert await until_end(exact) == ["sensors.kitchen"]
 
 
-async def test_message_carries_id_source_timestamp_and_headers(make_node) -> None:
+async def test_message_carries_id_source_timestamp_and_headers(make_node: MakeNode) -> None:
     """Payload bytes and headers (e.g. traceparent) pass through untouched."""
     pub = await make_node("pub")
     sub_node = await make_node("sub")
@@ -83,12 +86,13 @@ async def test_message_carries_id_source_timestamp_and_headers(make_node) -> Non
     msg = await sub.next(timeout=5)
     assert msg.data == payload
     assert msg.headers == {"traceparent": tp}
-    assert msg.source == "pub" and msg.source_id == pub.id
+    assert msg.source == "pub"
+    assert msg.source_id == pub.id
     assert msg.id == f"{pub.id}-{msg.seq}"
     assert before <= msg.timestamp <= time.time()
 
 
-async def test_no_slow_joiner_loss_after_wait_for_subscribers(make_node) -> None:
+async def test_no_slow_joiner_loss_after_wait_for_subscribers(make_node: MakeNode) -> None:
     """A message published right after wait_for_subscribers reaches a brand-new subscriber, every time."""
     pub = await make_node("pub")
     for i in range(15):
@@ -100,7 +104,7 @@ async def test_no_slow_joiner_loss_after_wait_for_subscribers(make_node) -> None
         await sub_node.aclose()
 
 
-async def test_wait_for_subscribers_times_out_without_subscribers(make_node) -> None:
+async def test_wait_for_subscribers_times_out_without_subscribers(make_node: MakeNode) -> None:
     """No matching subscriber: RequestTimeout (a TimeoutError), nothing hangs."""
     pub = await make_node("pub")
     other = await make_node("other")
@@ -110,7 +114,7 @@ async def test_wait_for_subscribers_times_out_without_subscribers(make_node) -> 
     assert isinstance(info.value, TimeoutError)
 
 
-async def test_connected_subscriber_that_keeps_up_loses_nothing(make_node) -> None:
+async def test_connected_subscriber_that_keeps_up_loses_nothing(make_node: MakeNode) -> None:
     """20,000 messages at default HWMs all arrive, in order, with no drops counted."""
     pub = await make_node("pub")
     sub_node = await make_node("sub")
@@ -129,7 +133,7 @@ def test_drops_at_the_high_water_mark_are_counted() -> None:
     """A subscriber whose loop stalls loses messages past the HWM, and counts every one."""
     import uuid
     mesh = "t" + uuid.uuid4().hex[:12]
-    common = {"mesh": mesh, "interfaces": ["127.0.0.1"], **FAST}
+    common: dict[str, Any] = {"mesh": mesh, "interfaces": ["127.0.0.1"], **FAST}
     with Node(name="sub", sub_hwm=1, **common) as sub_node, \
             Node(name="pub", pub_hwm=1, **common) as pub:
         sub = sub_node.subscribe("flood")
@@ -166,7 +170,7 @@ def test_drops_at_the_high_water_mark_are_counted() -> None:
         assert got + sub_node.stats["dropped"] == n + seen  # the ends before it were dropped
 
 
-async def test_own_publishes_reach_own_subscribers(make_node) -> None:
+async def test_own_publishes_reach_own_subscribers(make_node: MakeNode) -> None:
     """Two apps sharing one node (sidecar) see each other's messages, once."""
     node = await make_node("solo")
     sub = await node.subscribe("local.*")
@@ -177,7 +181,7 @@ async def test_own_publishes_reach_own_subscribers(make_node) -> None:
         await sub.next(timeout=0.1)
 
 
-async def test_nodes_of_other_meshes_are_invisible(make_node, mesh_name) -> None:
+async def test_nodes_of_other_meshes_are_invisible(make_node: MakeNode, mesh_name: str) -> None:
     """Same LAN, different mesh: never listed, never delivered to."""
     a = await make_node("a")
     stranger = await make_node("stranger", mesh=mesh_name + "x")
@@ -193,7 +197,7 @@ async def test_nodes_of_other_meshes_are_invisible(make_node, mesh_name) -> None
         await strange_sub.next(timeout=0.2)
 
 
-async def test_graceful_leave_is_an_event_and_removes_the_peer(make_node) -> None:
+async def test_graceful_leave_is_an_event_and_removes_the_peer(make_node: MakeNode) -> None:
     """aclose() says goodbye: peers see 'left' at once, not 'lost' later."""
     a = await make_node("a")
     events = a.events()
@@ -210,7 +214,7 @@ async def test_graceful_leave_is_an_event_and_removes_the_peer(make_node) -> Non
     assert a.peers() == []
 
 
-async def test_static_peers_without_mdns(make_node) -> None:
+async def test_static_peers_without_mdns(make_node: MakeNode) -> None:
     """--peer works where multicast does not: one side knowing the other is enough."""
     a = await make_node("a", mdns=False)
     b = await make_node("b", mdns=False, peers=a.endpoints["ctl"])
@@ -222,7 +226,7 @@ async def test_static_peers_without_mdns(make_node) -> None:
     assert (await sub.next(timeout=5)).data == b"static"
 
 
-async def test_node_id_is_stable_across_restarts_with_a_data_dir(make_node, tmp_path) -> None:
+async def test_node_id_is_stable_across_restarts_with_a_data_dir(make_node: MakeNode, tmp_path: Path) -> None:
     """The id lives in the data dir: a restarted node is the same node."""
     first = await make_node("n", data_dir=str(tmp_path))
     node_id = first.id
@@ -233,7 +237,7 @@ async def test_node_id_is_stable_across_restarts_with_a_data_dir(make_node, tmp_
     assert other.id != node_id
 
 
-async def test_garbage_on_the_control_port_is_dropped_and_counted(make_node) -> None:
+async def test_garbage_on_the_control_port_is_dropped_and_counted(make_node: MakeNode) -> None:
     """Random bytes, wrong versions and unknown tags never crash the node."""
     a = await make_node("a")
     ctx = zmq.asyncio.Context()
@@ -254,7 +258,7 @@ async def test_garbage_on_the_control_port_is_dropped_and_counted(make_node) -> 
         ctx.destroy(linger=0)
 
 
-async def test_garbage_from_a_publishing_peer_is_dropped_and_counted(make_node, mesh_name) -> None:
+async def test_garbage_from_a_publishing_peer_is_dropped_and_counted(make_node: MakeNode, mesh_name: str) -> None:
     """A peer whose data frames are malformed is counted; good frames still flow."""
     node = await make_node("victim", mdns=False)
     sub = await node.subscribe(">")
@@ -285,7 +289,7 @@ async def test_garbage_from_a_publishing_peer_is_dropped_and_counted(make_node, 
         ctx.destroy(linger=0)
 
 
-async def test_bad_names_and_sizes_are_clear_errors(make_node) -> None:
+async def test_bad_names_and_sizes_are_clear_errors(make_node: MakeNode) -> None:
     """Invalid topics/patterns raise ConfigError; oversized payloads MessageTooLarge."""
     node = await make_node("n", max_message_size=1000)
     for topic in ["", "a..b", "a.*", "a b", "a.>"]:
@@ -303,16 +307,17 @@ async def test_bad_names_and_sizes_are_clear_errors(make_node) -> None:
 
 async def test_bad_settings_fail_at_construction() -> None:
     """Interfaces, mesh names and timings are validated before anything binds."""
-    for settings, key in [({"interfaces": ["0.0.0.0"]}, "interfaces"),
-                          ({"interfaces": ["not-an-ip"]}, "interfaces"),
-                          ({"mesh": "bad mesh"}, "mesh"),
-                          ({"lost_after": 0.1}, "lost_after"),
-                          ({"peers": ["http://x"]}, "peers")]:
+    cases: list[tuple[dict[str, Any], str]] = [({"interfaces": ["0.0.0.0"]}, "interfaces"),
+                                               ({"interfaces": ["not-an-ip"]}, "interfaces"),
+                                               ({"mesh": "bad mesh"}, "mesh"),
+                                               ({"lost_after": 0.1}, "lost_after"),
+                                               ({"peers": ["http://x"]}, "peers")]
+    for settings, key in cases:
         with pytest.raises(ConfigError, match=key):
             AsyncNode(**settings)
 
 
-async def test_calls_on_a_closed_node_raise_closed_error(make_node) -> None:
+async def test_calls_on_a_closed_node_raise_closed_error(make_node: MakeNode) -> None:
     """Using a node after aclose() is a ClosedError, not a zmq error."""
     node = await make_node("n")
     await node.aclose()
@@ -326,7 +331,7 @@ def test_sync_node_round_trip_and_events() -> None:
     """The blocking Node has the same API and sees the same events."""
     import uuid
     mesh = "t" + uuid.uuid4().hex[:12]
-    common = {"mesh": mesh, "interfaces": ["127.0.0.1"], **FAST}
+    common: dict[str, Any] = {"mesh": mesh, "interfaces": ["127.0.0.1"], **FAST}
     with Node(name="a", **common) as a:
         events = a.events()
         with Node(name="b", **common) as b:

@@ -156,7 +156,8 @@ def test_sync_pubsub_members_on_two_nodes(mesh_name: str) -> None:
         assert a.spool_pending == 0
         b.pull("jobs")
         a.wait_for_workers("jobs", 1, timeout=5)
-        assert a.worker_count("jobs") == 1 and a.worker_count("none") == 0
+        assert a.worker_count("jobs") == 1
+        assert a.worker_count("none") == 0
         for check, bad in ((a.check_topic, "a b"), (a.check_queue, ""), (a.check_service, "x y")):
             with pytest.raises(ConfigError):
                 check(bad)
@@ -250,7 +251,8 @@ def test_sync_streams_close_like_their_async_twins(mesh_name: str) -> None:
         work = a.pull("q")
         a.push("q", "one")
         eventually(lambda: work.pending == 1, timeout=5)
-        assert work.next(timeout=5).text == "one" and work.received == 1
+        assert work.next(timeout=5).text == "one"
+        assert work.received == 1
         later = a.events()
     with pytest.raises(ClosedError):
         later.next(timeout=5)

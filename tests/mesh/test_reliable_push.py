@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from pathlib import Path
 
 import pytest
 import zmq
 import zmq.asyncio
 
-from mesh import SpoolFullError
+from mesh import AsyncNode, Message, SpoolFullError
 from mesh import _wire as wire
 from mesh._spool import SpoolStore
 from tests.helpers import aeventually
 
 from ._proc import Cli
-from .conftest import FAST_ENV
+from .conftest import FAST_ENV, MakeNode
 
 
-async def test_reliable_push_waits_for_no_worker_and_is_delivered_later(make_node, tmp_path) -> None:
+async def test_reliable_push_waits_for_no_worker_and_is_delivered_later(make_node: MakeNode, tmp_path: Path) -> None:
     """Guarantee 2: the worker is not there yet; it gets the message when it comes."""
     pusher = await make_node("pusher", data_dir=str(tmp_path / "p"))
     for i in range(20):
@@ -32,7 +34,7 @@ async def test_reliable_push_waits_for_no_worker_and_is_delivered_later(make_nod
     await aeventually(lambda: pusher.stats["acked"] == 20, timeout=5)
 
 
-async def test_spooled_pushes_survive_a_pusher_restart(make_node, tmp_path) -> None:
+async def test_spooled_pushes_survive_a_pusher_restart(make_node: MakeNode, tmp_path: Path) -> None:
     """Guarantee 2, sender side: pushed, pusher restarted, then the worker appears."""
     first = await make_node("pusher", data_dir=str(tmp_path / "p"))
     for i in range(50):
@@ -46,14 +48,14 @@ async def test_spooled_pushes_survive_a_pusher_restart(make_node, tmp_path) -> N
     assert sorted(got) == sorted(f"m{i}" for i in range(50))
 
 
-async def test_nacked_messages_come_back_then_go_to_the_dead_letter_spool(make_node, tmp_path) -> None:
+async def test_nacked_messages_come_back_then_go_to_the_dead_letter_spool(make_node: MakeNode, tmp_path: Path) -> None:
     """Guarantee 5: a message that keeps failing is dead-lettered after max_attempts."""
     pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), max_attempts=3,
                              retry_backoff=0.01)
     worker = await make_node("worker")
     attempts: list[str] = []
 
-    def fail(msg) -> None:
+    def fail(msg: Message) -> None:
         attempts.append(msg.text)
         raise RuntimeError("cannot process")
 
@@ -72,7 +74,7 @@ async def test_nacked_messages_come_back_then_go_to_the_dead_letter_spool(make_n
         await dead.aclose()
 
 
-async def test_explicit_nack_redelivers_and_ack_settles(make_node, tmp_path) -> None:
+async def test_explicit_nack_redelivers_and_ack_settles(make_node: MakeNode, tmp_path: Path) -> None:
     """msg.nack() brings a reliable message back; msg.ack() settles it in the spool."""
     pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), retry_backoff=0.01)
     worker = await make_node("worker")
@@ -87,8 +89,8 @@ async def test_explicit_nack_redelivers_and_ack_settles(make_node, tmp_path) -> 
     await aeventually(lambda: pusher.stats["acked"] == 1, timeout=5)
 
 
-async def test_worker_sigkilled_before_ack_gets_its_messages_redelivered(make_node, mesh_name,
-                                                                         tmp_path) -> None:
+async def test_worker_sigkilled_before_ack_gets_its_messages_redelivered(make_node: MakeNode, mesh_name: str,
+                                                                         tmp_path: Path) -> None:
     """Guarantee 3: what a killed worker had not acknowledged goes to another worker."""
     pusher = await make_node("pusher", data_dir=str(tmp_path / "p"))
     victim = Cli(["pull", "jobs", "--prefetch", "50", "--name", "victim"], mesh=mesh_name,
@@ -111,8 +113,12 @@ async def test_worker_sigkilled_before_ack_gets_its_messages_redelivered(make_no
     assert pusher.stats["lost_in_flight"] == 0
 
 
+def _has_duplicates(node: AsyncNode, count: int) -> bool:
+    return node.stats["duplicates"] >= count
+
+
 async def test_duplicates_are_dropped_by_sender_and_sequence_across_restarts(
-        make_node, mesh_name, tmp_path) -> None:
+        make_node: MakeNode, mesh_name: str, tmp_path: Path) -> None:
     """Guarantee 4: the same (sender, seq) twice reaches the application once, even after a restart."""
     ctx = zmq.asyncio.Context()
     try:
@@ -131,21 +137,26 @@ async def test_duplicates_are_dropped_by_sender_and_sequence_across_restarts(
             with pytest.raises(TimeoutError):
                 await work.next(timeout=0.3)
             expected = 1 if round_ == 0 else 2
-            await aeventually(lambda w=worker, n=expected: w.stats["duplicates"] >= n, timeout=5)
+            await aeventually(functools.partial(_has_duplicates, worker, expected), timeout=5)
             push.close()
             await worker.aclose()
     finally:
         ctx.destroy(linger=0)
 
 
-async def test_spool_quota_is_a_clear_error_to_the_sender(make_node, tmp_path) -> None:
+async def test_spool_quota_is_a_clear_error_to_the_sender(make_node: MakeNode, tmp_path: Path) -> None:
     """Guarantee 7: past the quota, SpoolFullError; what was accepted is still delivered."""
     pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), spool_quota=20_000)
     accepted = 0
-    with pytest.raises(SpoolFullError):
+
+    async def push_until_refused() -> None:
+        nonlocal accepted
         for i in range(10_000):
             await pusher.push("jobs", f"{i:06d}" * 20, reliable=True)
             accepted += 1
+
+    with pytest.raises(SpoolFullError):
+        await push_until_refused()
     worker = await make_node("worker")
     got: list[bytes] = []
     await worker.pull("jobs", handler=lambda m: got.append(m.data))

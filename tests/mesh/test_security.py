@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import zmq
 
 from patterns import generate_keypair
+from tests.helpers import aeventually
+
+from .conftest import MakeNode
 
 pytestmark = pytest.mark.timeout(30)
 
+Keyring = Callable[[str], dict[str, str]]
+"""The `keyring` fixture: node name -> its ``secret_key`` and ``allow`` settings."""
+
 
 @pytest.fixture
-def keyring(tmp_path):
+def keyring(tmp_path: Path) -> Keyring:
     for name in ("a", "b", "c"):
         generate_keypair(tmp_path, name)
     allow = tmp_path / "allow"
@@ -27,13 +34,7 @@ def keyring(tmp_path):
                          "allow": str(allow if name != "c" else tmp_path)}
 
 
-async def until(condition, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
-
-
-async def test_allowed_peers_talk_strangers_are_refused_and_counted(make_node, keyring) -> None:
+async def test_allowed_peers_talk_strangers_are_refused_and_counted(make_node: MakeNode, keyring: Keyring) -> None:
     a = await make_node("a", **keyring("a"))
     b = await make_node("b", **keyring("b"))
     c = await make_node("c", **keyring("c"))
@@ -47,15 +48,16 @@ async def test_allowed_peers_talk_strangers_are_refused_and_counted(make_node, k
     await a.wait_for_service("echo")
     assert (await a.request("echo", b"ping")).data == b"ping"
     # c allows a, so it tries to connect: a's ZAP handler refuses and counts it.
-    await until(lambda: a.traffic().curve_refused >= 1)
-    await until(lambda: a.traffic().input_dropped.get("plain_peer", 0) >= 1)
-    await until(lambda: d.traffic().input_dropped.get("secure_peer", 0) >= 1)
-    await until(lambda: c.traffic().input_dropped.get("plain_peer", 0) >= 1)
+    await aeventually(lambda: a.traffic().curve_refused >= 1, timeout=10)
+    await aeventually(lambda: a.traffic().input_dropped.get("plain_peer", 0) >= 1, timeout=10)
+    await aeventually(lambda: d.traffic().input_dropped.get("secure_peer", 0) >= 1, timeout=10)
+    await aeventually(lambda: c.traffic().input_dropped.get("plain_peer", 0) >= 1, timeout=10)
     assert [p.name for p in a.peers()] == ["b"]
-    assert c.peers() == [] and d.peers() == []
+    assert c.peers() == []
+    assert d.peers() == []
 
 
-async def test_a_raw_plain_socket_gets_nothing_from_a_secure_node(make_node, keyring) -> None:
+async def test_a_raw_plain_socket_gets_nothing_from_a_secure_node(make_node: MakeNode, keyring: Keyring) -> None:
     """Connecting by hand to the published endpoints (known from mDNS) yields no data."""
     a = await make_node("a", **keyring("a"))
     ctx = zmq.Context()
@@ -78,7 +80,7 @@ async def test_a_raw_plain_socket_gets_nothing_from_a_secure_node(make_node, key
     assert a.running
 
 
-async def test_static_peers_carry_the_key_after_a_hash(make_node, keyring, tmp_path) -> None:
+async def test_static_peers_carry_the_key_after_a_hash(make_node: MakeNode, keyring: Keyring, tmp_path: Path) -> None:
     """Without multicast a secure node needs the peer's key in the URL; without it, fail
     closed."""
     a = await make_node("a", mdns=False, **keyring("a"))
@@ -89,5 +91,5 @@ async def test_static_peers_carry_the_key_after_a_hash(make_node, keyring, tmp_p
     await b.wait_for_service("echo", timeout=10)
     assert (await b.request("echo", b"static")).data == b"static"
     keyless = await make_node("b2", mdns=False, peers=[ctl], **keyring("b"))
-    await until(lambda: keyless.traffic().input_dropped.get("plain_peer", 0) >= 1)
+    await aeventually(lambda: keyless.traffic().input_dropped.get("plain_peer", 0) >= 1, timeout=10)
     assert keyless.peers() == []

@@ -6,17 +6,22 @@ import asyncio
 import collections
 import threading
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import zmq
 import zmq.asyncio
 
 from mesh import (
+    AsyncNode,
     ConfigError,
+    Message,
     MessageTooLarge,
     Node,
     NodeConfig,
     NoRespondersError,
+    PeerState,
     RemoteError,
     RequestTimeout,
 )
@@ -24,23 +29,29 @@ from mesh import _wire as wire
 from tests.helpers import aeventually
 
 from ._proc import Cli
-from .conftest import FAST, FAST_ENV
+from .conftest import FAST, FAST_ENV, MakeNode
 
 
-async def _servers(make_node, client, service, handlers):
+def _servers_known(node: AsyncNode, service: str, *, alive_only: bool = False) -> int:
+    """How many peers `node` knows as servers of `service` (the alive ones, if `alive_only`)."""
+    return sum(service in p.services for p in node._live().membership.table.records()
+               if not alive_only or p.state is PeerState.ALIVE)
+
+
+async def _servers(make_node: MakeNode, client: AsyncNode, service: str,
+                   handlers: list[Callable[[Message], Any]]) -> list[AsyncNode]:
     """Start one node per handler serving `service`; wait until `client` sees them all."""
     nodes = []
     for i, handler in enumerate(handlers):
         node = await make_node(f"s{i}")
         await node.serve(service, handler)
         nodes.append(node)
-    await aeventually(lambda: sum(service in p.services for p in client._live().membership.table.records()
-                                  if p.state.value == "alive") == len(handlers),
+    await aeventually(lambda: _servers_known(client, service, alive_only=True) == len(handlers),
                       message=f"{len(handlers)} servers of {service} known")
     return nodes
 
 
-async def test_a_request_gets_its_reply_with_headers_passed_through(make_node) -> None:
+async def test_a_request_gets_its_reply_with_headers_passed_through(make_node: MakeNode) -> None:
     """The handler sees data, headers and requester; the reply names the server."""
     client = await make_node("client")
     seen = []
@@ -59,13 +70,13 @@ async def test_a_request_gets_its_reply_with_headers_passed_through(make_node) -
     assert seen[0].source_id == client.id
 
 
-async def test_1000_concurrent_requests_to_two_servers_are_all_answered_correctly(make_node) -> None:
+async def test_1000_concurrent_requests_to_two_servers_are_all_answered_correctly(make_node: MakeNode) -> None:
     """1,000 requests in flight at once: each gets its own reply, and both servers work."""
     client = await make_node("client")
-    served: collections.Counter = collections.Counter()
+    served: collections.Counter[str] = collections.Counter()
 
-    def handler(name):
-        async def handle(msg):
+    def handler(name: str) -> Callable[[Message], Awaitable[bytes]]:
+        async def handle(msg: Message) -> bytes:
             served[name] += 1
             await asyncio.sleep(0.001)
             return msg.data[::-1]
@@ -81,7 +92,7 @@ async def test_1000_concurrent_requests_to_two_servers_are_all_answered_correctl
     assert min(served.values()) >= 300, served  # least-outstanding balancing uses both
 
 
-async def test_concurrent_requests_share_frames_within_the_size_limit(make_node) -> None:
+async def test_concurrent_requests_share_frames_within_the_size_limit(make_node: MakeNode) -> None:
     """Requests made together travel together, split so no frame exceeds the receiver's limit:
     60 KB and tiny requests mixed, 120 in flight, max_message_size 100 KB, all answered."""
     client = await make_node("client", max_message_size=100_000)
@@ -98,7 +109,7 @@ async def test_concurrent_requests_share_frames_within_the_size_limit(make_node)
 
 
 async def test_requests_made_together_leave_together_and_replies_come_back_together(
-        make_node) -> None:
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
     """Requester side: 200 requests made in one loop iteration leave as a handful of frames
     (the first at once, the rest together), all answered. Server side: one frame holding 3
     requests from a raw DEALER is answered by one frame holding the 3 replies, in order."""
@@ -111,19 +122,19 @@ async def test_requests_made_together_leave_together_and_replies_come_back_toget
     frames = 0
     real_send = link.dealer.try_send
 
-    def counting_send(frame):  # observes the real send, which still happens
+    def counting_send(frame: bytes | bytearray) -> bool:  # observes the real send, which still happens
         nonlocal frames
         frames += 1
         return real_send(frame)
 
-    link.dealer.try_send = counting_send
+    monkeypatch.setattr(link.dealer, "try_send", counting_send)
     async with asyncio.timeout(20):
         replies = await asyncio.gather(*(client.request("svc.up", b"r%d" % i, timeout=15)
                                          for i in range(200)))
     assert [r.data for r in replies] == [b"R%d" % i for i in range(200)]
     assert 2 <= frames <= 10, frames
 
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     try:
@@ -138,7 +149,7 @@ async def test_requests_made_together_leave_together_and_replies_come_back_toget
     assert [(r.id, r.payload) for r in answered] == [(0, b"X0"), (1, b"X1"), (2, b"X2")]
 
 
-async def test_sequential_requests_alternate_between_servers(make_node) -> None:
+async def test_sequential_requests_alternate_between_servers(make_node: MakeNode) -> None:
     """With one request at a time, servers take turns (round robin on ties)."""
     client = await make_node("client")
     await _servers(make_node, client, "svc.who", [lambda m: "s0", lambda m: "s1"])
@@ -146,7 +157,7 @@ async def test_sequential_requests_alternate_between_servers(make_node) -> None:
     assert collections.Counter(sources) == {"s0": 10, "s1": 10}, sources
 
 
-async def test_a_handler_past_the_timeout_raises_and_its_late_reply_is_discarded(make_node) -> None:
+async def test_a_handler_past_the_timeout_raises_and_its_late_reply_is_discarded(make_node: MakeNode) -> None:
     """RequestTimeout comes at the timeout; the late reply never reaches the next request."""
     client = await make_node("client")
 
@@ -167,7 +178,7 @@ async def test_a_handler_past_the_timeout_raises_and_its_late_reply_is_discarded
     await aeventually(lambda: client.stats["late_replies"] == 1, message="late reply counted")
 
 
-async def test_a_handler_error_is_a_remote_error_and_the_server_keeps_serving(make_node) -> None:
+async def test_a_handler_error_is_a_remote_error_and_the_server_keeps_serving(make_node: MakeNode) -> None:
     """The requester gets RemoteError with the handler's message; the next request works."""
     client = await make_node("client")
 
@@ -184,7 +195,7 @@ async def test_a_handler_error_is_a_remote_error_and_the_server_keeps_serving(ma
     assert (await client.request("svc.parse", b"good")).data == b"ok"
 
 
-async def test_no_responders_fails_fast_not_after_the_timeout(make_node) -> None:
+async def test_no_responders_fails_fast_not_after_the_timeout(make_node: MakeNode) -> None:
     """Past the discovery grace after start, a service nobody serves fails at once."""
     client = await make_node("client")
     await _servers(make_node, client, "svc.other", [lambda m: b""])
@@ -195,7 +206,7 @@ async def test_no_responders_fails_fast_not_after_the_timeout(make_node) -> None
     assert time.monotonic() - started < 0.1
 
 
-async def test_right_after_start_a_request_waits_briefly_for_discovery(make_node) -> None:
+async def test_right_after_start_a_request_waits_briefly_for_discovery(make_node: MakeNode) -> None:
     """A node that just started finds an existing server instead of failing."""
     server = await make_node("server")
     await server.serve("svc.early", lambda m: b"found")
@@ -204,11 +215,16 @@ async def test_right_after_start_a_request_waits_briefly_for_discovery(make_node
     assert reply.data == b"found"
 
 
-async def test_an_oversized_request_raises_before_anything_is_sent(make_node) -> None:
+async def test_an_oversized_request_raises_before_anything_is_sent(make_node: MakeNode) -> None:
     """MessageTooLarge at the requester; the server never sees it."""
     client = await make_node("client", max_message_size=1000)
-    calls = []
-    await _servers(make_node, client, "svc.big", [lambda m: calls.append(m) or b""])
+    calls: list[Message] = []
+
+    def record(msg: Message) -> bytes:
+        calls.append(msg)
+        return b""
+
+    await _servers(make_node, client, "svc.big", [record])
     with pytest.raises(MessageTooLarge):
         await client.request("svc.big", b"x" * 1001)
     assert (await client.request("svc.big", b"x" * 1000)).data == b""
@@ -216,7 +232,7 @@ async def test_an_oversized_request_raises_before_anything_is_sent(make_node) ->
     assert client.traffic().totals["oversized"] == 1  # refused and counted
 
 
-async def test_an_oversized_reply_is_a_remote_error(make_node) -> None:
+async def test_an_oversized_reply_is_a_remote_error(make_node: MakeNode) -> None:
     """A handler returning more than max_message_size gets an error reply, not a hang."""
     client = await make_node("client")
     server = await make_node("server", max_message_size=100)
@@ -226,7 +242,7 @@ async def test_an_oversized_reply_is_a_remote_error(make_node) -> None:
         await client.request("svc.huge", b"")
 
 
-async def test_a_node_serves_its_own_requests_without_the_network(make_node) -> None:
+async def test_a_node_serves_its_own_requests_without_the_network(make_node: MakeNode) -> None:
     """A local service answers requests from the same node."""
     node = await make_node("solo")
     await node.serve("svc.local", lambda m: m.text.upper())
@@ -234,7 +250,7 @@ async def test_a_node_serves_its_own_requests_without_the_network(make_node) -> 
     assert (await node.request("svc.local", "abc")).source_id == node.id
 
 
-async def test_a_timed_out_attempt_is_retried_on_another_server(make_node) -> None:
+async def test_a_timed_out_attempt_is_retried_on_another_server(make_node: MakeNode) -> None:
     """One server hangs: each request still succeeds, by failover to the other one."""
     client = await make_node("client")
     hung = asyncio.Event()
@@ -252,7 +268,7 @@ async def test_a_timed_out_attempt_is_retried_on_another_server(make_node) -> No
     assert [r.data for r in replies] == [b"ok"] * 4
 
 
-async def test_retries_zero_means_one_attempt(make_node) -> None:
+async def test_retries_zero_means_one_attempt(make_node: MakeNode) -> None:
     """With retries=0 a hung server is a timeout, not a failover."""
     client = await make_node("client")
 
@@ -264,7 +280,7 @@ async def test_retries_zero_means_one_attempt(make_node) -> None:
         await client.request("svc.hang", b"", timeout=0.3, retries=0)
 
 
-async def test_a_server_that_stops_serving_fails_its_queued_requests_over_at_once(make_node) -> None:
+async def test_a_server_that_stops_serving_fails_its_queued_requests_over_at_once(make_node: MakeNode) -> None:
     """Closing a service declines its backlog: those requests move on without a timeout."""
     client = await make_node("client")
     release = asyncio.Event()
@@ -281,8 +297,7 @@ async def test_a_server_that_stops_serving_fails_its_queued_requests_over_at_onc
     await aeventually(lambda: first.stats["requests_served"] == 5, message="5 at the server")
     other = await make_node("other")
     await other.serve("svc.move", lambda m: b"other")
-    await aeventually(lambda: sum("svc.move" in p.services
-                                  for p in client._live().membership.table.records()) == 2)
+    await aeventually(lambda: _servers_known(client, "svc.move") == 2)
     closing = asyncio.create_task(handle.aclose())  # 1 running (blocked), 4 queued
     done, _ = await asyncio.wait(pending, timeout=1.5)  # their timeout is 10 s
     assert len(done) == 4, "the queued ones failed over at once"
@@ -292,7 +307,7 @@ async def test_a_server_that_stops_serving_fails_its_queued_requests_over_at_onc
     assert {(await t).data for t in pending} == {b"slow", b"other"}
 
 
-async def test_malformed_frames_to_the_service_router_are_dropped_and_counted(make_node) -> None:
+async def test_malformed_frames_to_the_service_router_are_dropped_and_counted(make_node: MakeNode) -> None:
     """Garbage on the ROUTER is counted once per frame; the node keeps serving."""
     server = await make_node("server")
     await server.serve("svc.safe", lambda m: b"fine")
@@ -316,7 +331,7 @@ async def test_malformed_frames_to_the_service_router_are_dropped_and_counted(ma
     assert (await client.request("svc.safe", b"")).data == b"fine"
 
 
-async def test_bad_arguments_are_config_errors(make_node) -> None:
+async def test_bad_arguments_are_config_errors(make_node: MakeNode) -> None:
     """Invalid names, timeouts, retries, concurrency and double serving are ConfigError."""
     node = await make_node("n")
     with pytest.raises(ConfigError, match="service"):
@@ -334,9 +349,9 @@ async def test_bad_arguments_are_config_errors(make_node) -> None:
         await node.request("a.*", b"")
 
 
-def test_the_blocking_node_serves_a_blocking_handler_in_threads(mesh_name) -> None:
+def test_the_blocking_node_serves_a_blocking_handler_in_threads(mesh_name: str) -> None:
     """`Node.serve` runs a plain handler in worker threads: blocking calls are fine."""
-    settings = {"mesh": mesh_name, "interfaces": ["127.0.0.1"], **FAST}
+    settings: dict[str, Any] = {"mesh": mesh_name, "interfaces": ["127.0.0.1"], **FAST}
     threads = set()
 
     def handler(msg):
@@ -365,10 +380,8 @@ def test_the_blocking_node_serves_a_blocking_handler_in_threads(mesh_name) -> No
 
 
 @pytest.mark.timeout(90)
-async def test_requests_survive_a_server_process_sigkilled_mid_stream(mesh_name) -> None:
+async def test_requests_survive_a_server_process_sigkilled_mid_stream(mesh_name: str) -> None:
     """Two `zeromesh serve --echo` processes; one is SIGKILLed mid-stream; every request succeeds."""
-    from mesh import AsyncNode
-
     servers = [Cli(["serve", "svc.fo", "--echo", "--name", f"srv{i}"], mesh=mesh_name,
                    env=FAST_ENV)
                for i in range(2)]
@@ -379,12 +392,11 @@ async def test_requests_survive_a_server_process_sigkilled_mid_stream(mesh_name)
             ctls.append(dict(f.split("=", 1) for f in ready.split()[1:])["ctl"])
         async with AsyncNode(name="client", mesh=mesh_name, interfaces=["127.0.0.1"],
                              peers=ctls, mdns=False, **FAST) as client:
-            await aeventually(lambda: sum("svc.fo" in p.services
-                                          for p in client._live().membership.table.records()) == 2,
+            await aeventually(lambda: _servers_known(client, "svc.fo") == 2,
                               timeout=10, message="both servers known")
             stop = asyncio.Event()
             durations: list[tuple[float, float]] = []  # (start, seconds)
-            by_server: collections.Counter = collections.Counter()
+            by_server: collections.Counter[str] = collections.Counter()
 
             async def stream(k: int) -> int:
                 n = 0
@@ -421,7 +433,7 @@ async def test_requests_survive_a_server_process_sigkilled_mid_stream(mesh_name)
 
 
 async def test_service_hwm_is_a_setting_and_a_full_queue_waits_instead_of_dropping(
-        make_node) -> None:
+        make_node: MakeNode) -> None:
     """``service_hwm`` bounds queued requests; at 1, 300 requests in flight all succeed.
 
     Requesters wait on the full queue; replies are never dropped (unbounded).

@@ -26,7 +26,7 @@ def serve(procs: list[Cli], mesh: str, *args: str) -> Cli:
     return proc
 
 
-@pytest.mark.parametrize("args, reason", [
+@pytest.mark.parametrize(("args", "reason"), [
     (["serve", "svc"], "one of the arguments --echo --exec is required"),
     (["serve", "svc", "--echo", "--exec", "cat"], "not allowed with"),
     (["serve", "svc", "--exec", "no-such-command-zm"], "command not found"),
@@ -37,7 +37,7 @@ def serve(procs: list[Cli], mesh: str, *args: str) -> Cli:
     (["req", "svc", "x", "--timeout", "0"], "must be > 0"),
     (["req", "a.*", "x"], "service"),
 ])
-def test_bad_usage_exits_2_with_one_line(args, reason, mesh_name) -> None:
+def test_bad_usage_exits_2_with_one_line(args: list[str], reason: str, mesh_name: str) -> None:
     """Usage and config errors: exit 2, one line on stderr, no traceback."""
     result = run(args, mesh=mesh_name)
     assert result.returncode == 2, result.stderr
@@ -46,7 +46,7 @@ def test_bad_usage_exits_2_with_one_line(args, reason, mesh_name) -> None:
     assert reason in lines[0]
 
 
-def test_serve_echo_answers_req_and_stops_on_sigterm(procs, mesh_name) -> None:
+def test_serve_echo_answers_req_and_stops_on_sigterm(procs: list[Cli], mesh_name: str) -> None:
     """`req` prints the reply body; `serve` says ready, then stops gracefully with counts."""
     server = Cli(["serve", "svc.echo", "--echo", "--name", "echoer"], mesh=mesh_name)
     procs.append(server)
@@ -61,7 +61,7 @@ def test_serve_echo_answers_req_and_stops_on_sigterm(procs, mesh_name) -> None:
     assert server.line("stopped") == "stopped handled=1 failed=0"
 
 
-def test_serve_exec_pipes_the_body_through_a_command(procs, mesh_name) -> None:
+def test_serve_exec_pipes_the_body_through_a_command(procs: list[Cli], mesh_name: str) -> None:
     """`serve --exec 'tr a-z A-Z'`: the body goes to stdin, the reply is its stdout."""
     serve(procs, mesh_name, "svc.upper", "--exec", "tr a-z A-Z")
     result = run(["req", "svc.upper", "make me loud"], mesh=mesh_name)
@@ -69,7 +69,7 @@ def test_serve_exec_pipes_the_body_through_a_command(procs, mesh_name) -> None:
     assert result.stdout == "MAKE ME LOUD\n"
 
 
-def test_a_failing_command_is_an_error_reply_with_its_stderr(procs, mesh_name) -> None:
+def test_a_failing_command_is_an_error_reply_with_its_stderr(procs: list[Cli], mesh_name: str) -> None:
     """Non-zero exit: `req` exits 1 with the command's stderr; the server keeps serving."""
     serve(procs, mesh_name, "svc.fail", "--exec",
           "sh -c 'cat >/dev/null; echo \"disk on fire\" >&2; exit 3'")
@@ -79,7 +79,7 @@ def test_a_failing_command_is_an_error_reply_with_its_stderr(procs, mesh_name) -
     assert run(["req", "svc.fail", "y"], mesh=mesh_name).returncode == 1  # still serving
 
 
-def test_a_command_past_its_exec_timeout_is_killed_and_reported(procs, mesh_name) -> None:
+def test_a_command_past_its_exec_timeout_is_killed_and_reported(procs: list[Cli], mesh_name: str) -> None:
     """`--exec-timeout` bounds each run: the request fails, the server lives on."""
     serve(procs, mesh_name, "svc.sleepy", "--exec", "sleep 30", "--exec-timeout", "0.3")
     started = time.monotonic()
@@ -89,7 +89,7 @@ def test_a_command_past_its_exec_timeout_is_killed_and_reported(procs, mesh_name
     assert time.monotonic() - started < 8
 
 
-def test_req_without_a_server_exits_1_within_its_timeout(mesh_name) -> None:
+def test_req_without_a_server_exits_1_within_its_timeout(mesh_name: str) -> None:
     """No responders: exit 1, one line, once --timeout (which covers finding a server) has
     passed, plus start-up (the bound leaves a loaded machine room for that)."""
     started = time.monotonic()
@@ -100,7 +100,7 @@ def test_req_without_a_server_exits_1_within_its_timeout(mesh_name) -> None:
     assert 1 <= took < 15, took
 
 
-def test_req_times_out_with_exit_1(procs, mesh_name) -> None:
+def test_req_times_out_with_exit_1(procs: list[Cli], mesh_name: str) -> None:
     """A server slower than --timeout: exit 1 with a timeout message."""
     serve(procs, mesh_name, "svc.slow", "--exec", "sleep 5")
     result = run(["req", "svc.slow", "x", "--timeout", "1"], mesh=mesh_name)
@@ -109,7 +109,7 @@ def test_req_times_out_with_exit_1(procs, mesh_name) -> None:
 
 
 @pytest.mark.netns
-def test_req_on_one_host_reaches_serve_on_another(lan: netns.Lan, mesh_name) -> None:
+def test_req_on_one_host_reaches_serve_on_another(lan: netns.Lan, mesh_name: str) -> None:
     """Across the namespace LAN: `serve --echo` on h2, `req` on h1, discovered by mDNS."""
     h1, h2 = lan.hosts[0], lan.hosts[1]
 

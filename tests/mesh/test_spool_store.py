@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mesh import SpoolFullError
 from mesh._spool import FsyncPolicy, SpoolStore
-from tests.helpers import aeventually
+from tests.helpers import aeventually, cut_tail, files
 
 
-async def _open(path, **kw) -> SpoolStore:
+async def _open(path: Path, **kw: Any) -> SpoolStore:
     store = SpoolStore(path, **kw)
     await store.start()
     return store
 
 
-async def test_pending_messages_survive_reopen_and_ids_keep_growing(tmp_path) -> None:
+async def test_pending_messages_survive_reopen_and_ids_keep_growing(tmp_path: Path) -> None:
     """What was appended and not acked is pending again after a restart, in order."""
     store = await _open(tmp_path)
     ids = [await store.append(f"m{i}".encode()) for i in range(5)]
@@ -37,7 +38,7 @@ async def test_pending_messages_survive_reopen_and_ids_keep_growing(tmp_path) ->
         await again.aclose()
 
 
-async def test_acks_in_runs_and_singles_survive_reopen(tmp_path) -> None:
+async def test_acks_in_runs_and_singles_survive_reopen(tmp_path: Path) -> None:
     """Acks of consecutive ids (one record per run) and scattered ones settle exactly those."""
     store = await _open(tmp_path)
     ids = await store.append_many([f"m{i}".encode() for i in range(20)])
@@ -54,7 +55,7 @@ async def test_acks_in_runs_and_singles_survive_reopen(tmp_path) -> None:
         await again.aclose()
 
 
-async def test_acks_reach_the_files_without_a_later_append(tmp_path) -> None:
+async def test_acks_reach_the_files_without_a_later_append(tmp_path: Path) -> None:
     """Acks wait for the next commit to ride along, but not forever when none comes."""
     store = await _open(tmp_path)
     try:
@@ -67,7 +68,8 @@ async def test_acks_reach_the_files_without_a_later_append(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("policy", list(FsyncPolicy))
-async def test_concurrent_appends_share_commits_under_every_policy(tmp_path, policy) -> None:
+async def test_concurrent_appends_share_commits_under_every_policy(tmp_path: Path,
+                                                                   policy: FsyncPolicy) -> None:
     """Many appends in flight at once all complete and all come back after reopen."""
     store = await _open(tmp_path, fsync=policy)
     ids = await asyncio.gather(*(store.append(b"x" * 100) for _ in range(500)))
@@ -79,16 +81,16 @@ async def test_concurrent_appends_share_commits_under_every_policy(tmp_path, pol
         await again.aclose()
 
 
-async def test_acknowledged_segments_are_deleted(tmp_path) -> None:
+async def test_acknowledged_segments_are_deleted(tmp_path: Path) -> None:
     """Once everything in the oldest segments is acked, their files go away."""
     store = await _open(tmp_path, segment_bytes=4096)
     ids = [await store.append(b"y" * 500) for _ in range(40)]
-    segments_before = len(list(tmp_path.glob("*.seg")))
+    segments_before = len(await files(tmp_path, "*.seg"))
     assert segments_before >= 4
     store.ack(ids)
     await store.append(b"keeps the writer busy")
     await store.aclose()
-    assert len(list(tmp_path.glob("*.seg"))) <= 2
+    assert len(await files(tmp_path, "*.seg")) <= 2
     again = await _open(tmp_path, segment_bytes=4096)
     try:
         assert [p for _, p in again.pending()] == [b"keeps the writer busy"]
@@ -96,7 +98,7 @@ async def test_acknowledged_segments_are_deleted(tmp_path) -> None:
         await again.aclose()
 
 
-async def test_a_segment_goes_exactly_when_its_last_message_is_acked(tmp_path) -> None:
+async def test_a_segment_goes_exactly_when_its_last_message_is_acked(tmp_path: Path) -> None:
     """Groups and singles over many segments, acked in random order (with repeats and
     unknown ids): a segment is deleted once all of its messages are acked, never
     before, also after a restart."""
@@ -108,14 +110,14 @@ async def test_a_segment_goes_exactly_when_its_last_message_is_acked(tmp_path) -
             ids += await store.append_many([f"{n}-{i}".encode() * 30 for i in range(3)])
         else:
             ids.append(await store.append(f"{n}".encode() * 90))
-    assert len(list(tmp_path.glob("*.seg"))) >= 10
+    assert len(await files(tmp_path, "*.seg")) >= 10
     order = ids[:]
     rng.shuffle(order)
     for cut in range(0, len(order), 7):
         store.ack([*order[cut:cut + 7], order[0], 99_999])
         acked = set(order[:cut + 7])
         first_pending = min(set(ids) - acked, default=None)
-        segments = sorted(tmp_path.glob("*.seg"))
+        segments = await files(tmp_path, "*.seg")
         if first_pending is not None:  # the oldest file left holds the oldest pending one
             assert int(segments[0].stem) <= first_pending
             assert len(segments) == 1 or int(segments[1].stem) > first_pending
@@ -123,23 +125,24 @@ async def test_a_segment_goes_exactly_when_its_last_message_is_acked(tmp_path) -
     await store.aclose()
     again = await _open(tmp_path, segment_bytes=512)
     try:
-        assert again.pending() == [] and len(list(tmp_path.glob("*.seg"))) == 1
+        assert again.pending() == []
+        assert len(await files(tmp_path, "*.seg")) == 1
     finally:
         await again.aclose()
 
 
-async def test_torn_tail_is_reported_cut_and_every_intact_record_kept(tmp_path) -> None:
+async def test_torn_tail_is_reported_cut_and_every_intact_record_kept(tmp_path: Path) -> None:
     """A crash mid-write leaves half a record: reported, cut off, the rest kept."""
     store = await _open(tmp_path)
     for i in range(10):
         await store.append(f"record-{i}".encode() * 10)
     await store.aclose()
-    (seg,) = tmp_path.glob("*.seg")
-    with open(seg, "r+b") as fh:
-        fh.truncate(os.path.getsize(seg) - 7)
+    (seg,) = await files(tmp_path, "*.seg")
+    await cut_tail(seg, 7)
     again = await _open(tmp_path)
     try:
-        assert again.report.torn_bytes > 0 and not again.report.clean
+        assert again.report.torn_bytes > 0
+        assert not again.report.clean
         assert [p for _, p in again.pending()] == [f"record-{i}".encode() * 10 for i in range(9)]
         await again.append(b"after repair")
     finally:
@@ -152,7 +155,7 @@ async def test_torn_tail_is_reported_cut_and_every_intact_record_kept(tmp_path) 
         await third.aclose()
 
 
-async def test_a_group_is_one_record_and_a_torn_one_loses_only_its_own_append(tmp_path) -> None:
+async def test_a_group_is_one_record_and_a_torn_one_loses_only_its_own_append(tmp_path: Path) -> None:
     """append_many writes one RUN record; ids, acks, peek and recovery see each message,
     and a torn last group costs that group alone (its append never returned)."""
     store = await _open(tmp_path)
@@ -161,13 +164,13 @@ async def test_a_group_is_one_record_and_a_torn_one_loses_only_its_own_append(tm
     store.ack(first[1:3])  # (its record rides along with the next append's commit)
     last = await store.append_many([f"b{i}".encode() * 20 for i in range(4)])
     await store.aclose()
-    assert first == list(range(first[0], first[0] + 5)) and last[0] == single + 1
+    assert first == list(range(first[0], first[0] + 5))
+    assert last[0] == single + 1
     expected = [(first[0], b"a0"), *((i, f"a{n}".encode()) for n, i in enumerate(first) if n > 2),
                 (single, b"single"), *((i, f"b{n}".encode() * 20) for n, i in enumerate(last))]
     assert SpoolStore.peek(tmp_path)[0] == expected
-    (seg,) = tmp_path.glob("*.seg")
-    with open(seg, "r+b") as fh:
-        fh.truncate(os.path.getsize(seg) - 3)
+    (seg,) = await files(tmp_path, "*.seg")
+    await cut_tail(seg, 3)
     again = await _open(tmp_path)
     try:
         assert again.report.torn_bytes > 0
@@ -177,17 +180,17 @@ async def test_a_group_is_one_record_and_a_torn_one_loses_only_its_own_append(tm
         await again.aclose()
 
 
-async def test_flipped_bytes_cost_one_record_not_the_rest(tmp_path) -> None:
+async def test_flipped_bytes_cost_one_record_not_the_rest(tmp_path: Path) -> None:
     """Corruption inside the file is skipped by resynchronising on the next record."""
     store = await _open(tmp_path)
     for i in range(10):
         await store.append(f"payload-{i:02d}".encode() * 5)
     await store.aclose()
-    (seg,) = tmp_path.glob("*.seg")
-    data = bytearray(seg.read_bytes())
+    (seg,) = await files(tmp_path, "*.seg")
+    data = bytearray(await asyncio.to_thread(seg.read_bytes))
     where = data.index(b"payload-04")
     data[where + 3] ^= 0xFF
-    seg.write_bytes(bytes(data))
+    await asyncio.to_thread(seg.write_bytes, bytes(data))
     again = await _open(tmp_path)
     try:
         kept = [p for _, p in again.pending()]
@@ -197,13 +200,17 @@ async def test_flipped_bytes_cost_one_record_not_the_rest(tmp_path) -> None:
         await again.aclose()
 
 
-async def test_quota_is_a_clear_error_and_earlier_data_survives(tmp_path) -> None:
+async def test_quota_is_a_clear_error_and_earlier_data_survives(tmp_path: Path) -> None:
     """Past the quota: SpoolFullError to the sender; everything accepted before is intact."""
     store = await _open(tmp_path, quota_bytes=10_000)
-    accepted = []
-    with pytest.raises(SpoolFullError, match="spool full"):
+    accepted: list[int] = []
+
+    async def append_until_refused() -> None:
         for i in range(1000):
             accepted.append(await store.append(f"{i:04d}".encode() * 25))
+
+    with pytest.raises(SpoolFullError, match="spool full"):
+        await append_until_refused()
     assert 50 < len(accepted) < 1000
     await store.aclose()
     again = await _open(tmp_path, quota_bytes=10_000)
@@ -230,7 +237,7 @@ _WRITER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("policy", ["batch", "always"])
-def test_every_append_that_returned_survives_sigkill(tmp_path, policy) -> None:
+def test_every_append_that_returned_survives_sigkill(tmp_path: Path, policy: str) -> None:
     """Guarantee 1: an append that returned is on disk, even if the process is SIGKILLed."""
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), policy],
                             stdout=subprocess.PIPE, text=True)

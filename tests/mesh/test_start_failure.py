@@ -97,7 +97,8 @@ async def _fails_cleanly(settings: dict[str, Any], key: str) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts open files in /proc")
-async def test_a_control_port_in_use_unwinds_everything(settings, taken_port) -> None:
+async def test_a_control_port_in_use_unwinds_everything(settings: dict[str, Any],
+                                                        taken_port: int) -> None:
     """A real bind failure: the spool and lock taken before it are released."""
     await _fails_cleanly({**settings, "port": taken_port}, "interfaces")
     async with AsyncNode(**settings) as node:  # the data dir is free again
@@ -124,8 +125,9 @@ STEPS = [
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts open files in /proc")
 @pytest.mark.parametrize(("owner", "method", "error", "key"), STEPS)
-async def test_a_failure_at_each_step_unwinds_everything(settings, monkeypatch, owner, method,
-                                                         error, key, mesh_name) -> None:
+async def test_a_failure_at_each_step_unwinds_everything(
+        settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch, owner: type, method: str,
+        error: OSError, key: str) -> None:
     """Whatever step fails, what the steps before it started is closed again."""
     original = getattr(owner, method)
 
@@ -147,8 +149,8 @@ async def test_a_failure_at_each_step_unwinds_everything(settings, monkeypatch, 
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts open files in /proc")
-async def test_an_agent_whose_http_port_is_taken_closes_its_node(settings, taken_port,
-                                                                 tmp_path) -> None:
+async def test_an_agent_whose_http_port_is_taken_closes_its_node(settings: dict[str, Any],
+                                                                 taken_port: int) -> None:
     """The last step of an agent's start is listening; its node is unwound when it fails."""
     before = Baseline.now()
     config = load(None, env={}, flags={

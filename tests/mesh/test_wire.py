@@ -157,7 +157,8 @@ def test_msgpack_of_the_wrong_shape_raises_only_protocol_error(
             with contextlib.suppress(ProtocolError):
                 decoded = decode(header + body)
                 if isinstance(decoded, list):  # service frames hold a list
-                    assert decoded and all(isinstance(m, wire.Request | wire.Reply)
+                    assert decoded
+                    assert all(isinstance(m, wire.Request | wire.Reply)
                                            for m in decoded)
                     continue
                 assert isinstance(decoded, wire.Batch | wire.Hello | wire.Heartbeat | wire.Bye

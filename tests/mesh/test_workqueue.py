@@ -5,48 +5,60 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
-from mesh import Node, NoRespondersError, RequestTimeout
+from mesh import AsyncNode, Message, Node, NoRespondersError, RequestTimeout
 from mesh._work._window import MIN_WINDOW
 from tests.helpers import aeventually
 
 from ._proc import Cli
-from .conftest import FAST, FAST_ENV
+from .conftest import FAST, FAST_ENV, MakeNode
 
 
-async def _drain_until(counter: collections.Counter, total: int, timeout: float = 10) -> None:
-    await aeventually(lambda: sum(counter.values()) >= total, timeout=timeout,
-                      message=f"{total} messages processed (got {counter})")
+def _processed(counter: collections.Counter[str], total: int) -> Callable[[], bool]:
+    """For `aeventually`: `total` messages processed, by all workers together."""
+    return lambda: sum(counter.values()) >= total
 
 
-async def test_equal_workers_share_the_work_fairly(make_node) -> None:
+def _recorder(name: str, got: collections.Counter[str], seen: list[bytes]
+              ) -> Callable[[Message], None]:
+    """A handler counting each message under `name` in `got` and its data in `seen`."""
+    def handle(msg: Message) -> None:
+        got[name] += 1
+        seen.append(msg.data)
+    return handle
+
+
+async def test_equal_workers_share_the_work_fairly(make_node: MakeNode) -> None:
     """3 workers, 3,000 messages: each gets 1,000 ± 20 %, each message exactly once."""
     pusher = await make_node("pusher")
-    got: collections.Counter = collections.Counter()
+    got: collections.Counter[str] = collections.Counter()
     seen: list[bytes] = []
     for i in range(3):
         worker = await make_node(f"w{i}")
-        await worker.pull("jobs", handler=lambda m, n=f"w{i}": (got.update([n]), seen.append(m.data)))
+        await worker.pull("jobs", handler=_recorder(f"w{i}", got, seen))
     await pusher.wait_for_workers("jobs", 3, timeout=5)
     for i in range(3000):
         await pusher.push("jobs", str(i))
-    await _drain_until(got, 3000)
+    await aeventually(_processed(got, 3000), timeout=10, message="3000 messages processed")
     print("fairness split:", dict(got))
     assert sorted(seen) == sorted(str(i).encode() for i in range(3000))
     assert all(800 <= n <= 1200 for n in got.values()), got
 
 
-async def _fast_and_slow(make_node, got: collections.Counter, count: int, **options):
+async def _fast_and_slow(make_node: MakeNode, got: collections.Counter[str], count: int,
+                         **options: int) -> tuple[AsyncNode, AsyncNode, AsyncNode, float]:
     """A pusher, a worker taking 1 ms per message and one taking 10 ms; `count` pushed.
 
     Returns the three nodes and the seconds from the first push until all were processed.
     """
     pusher = await make_node("pusher")
 
-    def worker(name: str, delay: float):
-        async def handle(msg) -> None:
+    def worker(name: str, delay: float) -> Callable[[Message], Awaitable[None]]:
+        async def handle(msg: Message) -> None:
             await asyncio.sleep(delay)
             got[name] += 1
         return handle
@@ -58,13 +70,13 @@ async def _fast_and_slow(make_node, got: collections.Counter, count: int, **opti
     started = time.monotonic()
     for i in range(count):
         await pusher.push("jobs", str(i), timeout=10)
-    await _drain_until(got, count, timeout=30)
+    await aeventually(_processed(got, count), timeout=30, message=f"{count} messages processed")
     return pusher, fast, slow, time.monotonic() - started
 
 
-async def test_a_slow_worker_gets_proportionally_fewer(make_node) -> None:
+async def test_a_slow_worker_gets_proportionally_fewer(make_node: MakeNode) -> None:
     """A worker 10x slower is not queued up: it gets about a tenth of what the fast one gets."""
-    got: collections.Counter = collections.Counter()
+    got: collections.Counter[str] = collections.Counter()
     *_, took = await _fast_and_slow(make_node, got, 1000, prefetch=4)
     print(f"speed split: {dict(got)} in {took:.2f} s")
     # The slow worker got no more than it could process in that time plus its window:
@@ -73,9 +85,9 @@ async def test_a_slow_worker_gets_proportionally_fewer(make_node) -> None:
     assert got["fast"] > 3 * got["slow"] > 0, got
 
 
-async def test_at_the_default_prefetch_a_slow_workers_window_shrinks(make_node) -> None:
+async def test_at_the_default_prefetch_a_slow_workers_window_shrinks(make_node: MakeNode) -> None:
     """The default window adapts: a 10x slower worker ends at the floor and gets far fewer."""
-    got: collections.Counter = collections.Counter()
+    got: collections.Counter[str] = collections.Counter()
     pusher, fast, slow, _ = await _fast_and_slow(make_node, got, 2000)
     windows = {name: pusher._live().work._targets[(node.id, "jobs")].window
                for name, node in (("fast", fast), ("slow", slow))}
@@ -84,7 +96,7 @@ async def test_at_the_default_prefetch_a_slow_workers_window_shrinks(make_node) 
     assert got["fast"] > 3 * got["slow"] > 0, got
 
 
-async def test_graceful_leave_mid_stream_loses_nothing(make_node) -> None:
+async def test_graceful_leave_mid_stream_loses_nothing(make_node: MakeNode) -> None:
     """A worker that stops pulling mid-stream hands its unprocessed messages back."""
     pusher = await make_node("pusher")
     leaver, stayer = await make_node("leaver"), await make_node("stayer")
@@ -108,7 +120,7 @@ async def test_graceful_leave_mid_stream_loses_nothing(make_node) -> None:
     assert pusher.stats["lost_in_flight"] == 0
 
 
-async def test_a_worker_node_closing_hands_back_its_backlog(make_node) -> None:
+async def test_a_worker_node_closing_hands_back_its_backlog(make_node: MakeNode) -> None:
     """Node shutdown (goodbye) also returns unprocessed messages to the pusher."""
     pusher = await make_node("pusher")
     closing, stayer = await make_node("closing"), await make_node("stayer")
@@ -124,10 +136,10 @@ async def test_a_worker_node_closing_hands_back_its_backlog(make_node) -> None:
     assert sorted(seen) == sorted(str(i).encode() for i in range(50))
 
 
-async def test_a_worker_joining_mid_stream_gets_a_share(make_node) -> None:
+async def test_a_worker_joining_mid_stream_gets_a_share(make_node: MakeNode) -> None:
     """Workers that appear while messages flow start receiving at once."""
     pusher = await make_node("pusher")
-    got: collections.Counter = collections.Counter()
+    got: collections.Counter[str] = collections.Counter()
     first = await make_node("first")
     await first.pull("jobs", prefetch=8, handler=lambda m: got.update(["first"]))
     await pusher.wait_for_workers("jobs", 1, timeout=5)
@@ -138,11 +150,11 @@ async def test_a_worker_joining_mid_stream_gets_a_share(make_node) -> None:
     await pusher.wait_for_workers("jobs", 2, timeout=5)
     for i in range(400):
         await pusher.push("jobs", str(i))
-    await _drain_until(got, 600)
+    await aeventually(_processed(got, 600), timeout=10, message="600 messages processed")
     assert got["late"] >= 100, got
 
 
-async def test_no_worker_raises_no_responders_after_the_timeout(make_node) -> None:
+async def test_no_worker_raises_no_responders_after_the_timeout(make_node: MakeNode) -> None:
     """Nobody pulls the queue: the pusher waits its timeout, then NoRespondersError."""
     pusher = await make_node("pusher")
     started = time.monotonic()
@@ -151,7 +163,7 @@ async def test_no_worker_raises_no_responders_after_the_timeout(make_node) -> No
     assert 0.3 <= time.monotonic() - started < 2
 
 
-async def test_busy_workers_make_push_wait_not_drop(make_node) -> None:
+async def test_busy_workers_make_push_wait_not_drop(make_node: MakeNode) -> None:
     """Every worker at its credit window: push waits, then times out (nothing dropped)."""
     pusher = await make_node("pusher")
     worker = await make_node("worker")
@@ -167,7 +179,7 @@ async def test_busy_workers_make_push_wait_not_drop(make_node) -> None:
     assert (await work.next(timeout=5)).data == b"3"
 
 
-async def test_local_workers_and_shared_handles(make_node) -> None:
+async def test_local_workers_and_shared_handles(make_node: MakeNode) -> None:
     """A node's own pushes reach its own workers; two handles on one queue share it."""
     node = await make_node("solo")
     a = await node.pull("jobs")
@@ -179,7 +191,7 @@ async def test_local_workers_and_shared_handles(make_node) -> None:
     assert sorted(got) == [b"0", b"1", b"2", b"3"]
 
 
-async def test_sigkilled_worker_loses_only_its_in_flight_messages(make_node, mesh_name) -> None:
+async def test_sigkilled_worker_loses_only_its_in_flight_messages(make_node: MakeNode, mesh_name: str) -> None:
     """SIGKILL a worker process mid-stream: the survivor keeps getting work; losses are counted."""
     pusher = await make_node("pusher")
     survivor = await make_node("survivor")
@@ -206,9 +218,9 @@ async def test_sigkilled_worker_loses_only_its_in_flight_messages(make_node, mes
     assert {str(i).encode() for i in range(500, 600)} <= set(got)
 
 
-def test_sync_node_push_and_pull(mesh_name) -> None:
+def test_sync_node_push_and_pull(mesh_name: str) -> None:
     """The blocking facade: push blocks until taken; pull iterates; handlers may block."""
-    common = {"mesh": mesh_name, "interfaces": ["127.0.0.1"], **FAST}
+    common: dict[str, Any] = {"mesh": mesh_name, "interfaces": ["127.0.0.1"], **FAST}
     with Node(name="w", **common) as w, Node(name="p", **common) as p:
         work = w.pull("jobs")
         p.wait_for_workers("jobs", 1, timeout=5)
@@ -216,7 +228,12 @@ def test_sync_node_push_and_pull(mesh_name) -> None:
         msg = work.next(timeout=5)
         assert (msg.topic, msg.text, msg.source) == ("jobs", "hello", "p")
         done: list[str] = []
-        w.pull("blocking", handler=lambda m: (time.sleep(0.05), done.append(m.text)))
+
+        def slow_handler(msg: Message) -> None:
+            time.sleep(0.05)
+            done.append(msg.text)
+
+        w.pull("blocking", handler=slow_handler)
         p.wait_for_workers("blocking", 1, timeout=5)
         p.push("blocking", "slow is fine")
         deadline = time.monotonic() + 5
@@ -225,7 +242,7 @@ def test_sync_node_push_and_pull(mesh_name) -> None:
         assert done == ["slow is fine"]
 
 
-async def test_large_messages_are_split_into_frames_the_worker_accepts(make_node) -> None:
+async def test_large_messages_are_split_into_frames_the_worker_accepts(make_node: MakeNode) -> None:
     """A window of 8 KiB messages exceeds one frame's limit: it is sent in several, none lost."""
     pusher = await make_node("pusher")
     worker = await make_node("worker")
@@ -238,7 +255,7 @@ async def test_large_messages_are_split_into_frames_the_worker_accepts(make_node
     assert all(len(m.data) == 8192 for m in got)
 
 
-async def test_large_publishes_are_split_into_frames_subscribers_accept(make_node) -> None:
+async def test_large_publishes_are_split_into_frames_subscribers_accept(make_node: MakeNode) -> None:
     """Pub/sub batches stay under the receivers' limit too, even next to a 1 MiB message."""
     pub = await make_node("pub")
     sub_node = await make_node("sub")

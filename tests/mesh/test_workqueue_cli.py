@@ -7,7 +7,7 @@ import json
 from ._proc import Cli, run
 
 
-def test_each_line_goes_to_exactly_one_pull_worker(mesh_name) -> None:
+def test_each_line_goes_to_exactly_one_pull_worker(mesh_name: str) -> None:
     """Two workers with --count 2, four stdin lines pushed: each worker prints two, none twice."""
     workers = [Cli(["pull", "jobs", "--count", "2", "--json", "--prefetch", "1",
                     "--timeout", "20"], mesh=mesh_name) for _ in range(2)]
@@ -29,7 +29,7 @@ def test_each_line_goes_to_exactly_one_pull_worker(mesh_name) -> None:
     assert {obj["source"] for o in outputs for obj in o} == {"boss"}
 
 
-def test_push_without_workers_exits_1_with_no_responders(mesh_name) -> None:
+def test_push_without_workers_exits_1_with_no_responders(mesh_name: str) -> None:
     """No worker ever appears: exit 1 and the reason on one line."""
     result = run(["push", "jobs", "x", "--timeout", "0.5"], mesh=mesh_name)
     assert result.returncode == 1
@@ -37,14 +37,15 @@ def test_push_without_workers_exits_1_with_no_responders(mesh_name) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_pull_exits_1_when_nothing_arrives(mesh_name) -> None:
+def test_pull_exits_1_when_nothing_arrives(mesh_name: str) -> None:
     """--count not reached within --timeout: exit 1."""
     result = run(["pull", "jobs", "--count", "1", "--timeout", "0.5"], mesh=mesh_name)
     assert result.returncode == 1
 
 
-def test_bad_queue_name_is_usage_error(mesh_name) -> None:
+def test_bad_queue_name_is_usage_error(mesh_name: str) -> None:
     """Wildcards are not queue names: exit 2, one line."""
     result = run(["push", "jobs.*", "x"], mesh=mesh_name)
     assert result.returncode == 2
-    assert "queue" in result.stderr and "Traceback" not in result.stderr
+    assert "queue" in result.stderr
+    assert "Traceback" not in result.stderr

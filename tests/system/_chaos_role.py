@@ -10,54 +10,62 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from typing import Any, TextIO
 
 from mesh import AsyncNode
 
-SETTINGS = {"interfaces": ["127.0.0.1"], "max_attempts": 10_000, "retry_backoff": 0.05,
-            "ack_timeout": 5.0}
+SETTINGS: dict[str, Any] = {"interfaces": ["127.0.0.1"], "max_attempts": 10_000,
+                            "retry_backoff": 0.05, "ack_timeout": 5.0}
 
 
-async def publisher(name: str, mesh: str, data_dir: str, progress: str, count: int) -> None:
-    start = 0
-    if os.path.exists(progress):
-        with open(progress) as fh:
-            done = fh.read().split()
-        start = int(done[-1]) + 1 if done else 0
+def next_to_publish(progress: str) -> int:
+    """The first index not yet recorded in the progress file of an earlier run."""
+    if not os.path.exists(progress):
+        return 0
+    with open(progress) as fh:
+        done = fh.read().split()
+    return int(done[-1]) + 1 if done else 0
+
+
+async def publisher(name: str, mesh: str, data_dir: str, progress: TextIO, start: int,
+                    count: int) -> None:
     async with AsyncNode(name=name, mesh=mesh, data_dir=data_dir, **SETTINGS) as node:
         await node.wait_for_durables(f"chaos.{name}", 1, timeout=10)
         print("ready", flush=True)
-        with open(progress, "a") as out:
-            for i in range(start, count):
-                await node.publish(f"chaos.{name}", f"{name}-{i}", reliable=True)
-                await node.push("chaos.jobs", f"{name}-{i}", reliable=True)
-                out.write(f"{i}\n")
-                out.flush()
+        for i in range(start, count):
+            await node.publish(f"chaos.{name}", f"{name}-{i}", reliable=True)
+            await node.push("chaos.jobs", f"{name}-{i}", reliable=True)
+            progress.write(f"{i}\n")
+            progress.flush()
         print("published", flush=True)
         await asyncio.Event().wait()  # keep delivering until the driver stops us
 
 
-async def receiver(role: str, name: str, mesh: str, data_dir: str, out_file: str) -> None:
+async def receiver(role: str, name: str, mesh: str, data_dir: str, out: TextIO) -> None:
     async with AsyncNode(name=name, mesh=mesh, data_dir=data_dir, **SETTINGS) as node:
         if role == "durable":
             messages = await node.subscribe_durable("chaos.>", "chaos", prefetch=64)
         else:
             messages = await node.pull("chaos.jobs", prefetch=64)
         print("ready", flush=True)
-        with open(out_file, "a") as out:
-            async for msg in messages:
-                if not msg.reliable:
-                    continue
-                out.write(msg.text + "\n")
-                out.flush()
-                msg.ack()
+        async for msg in messages:
+            if not msg.reliable:
+                continue
+            out.write(msg.text + "\n")
+            out.flush()
+            msg.ack()
 
 
 def main() -> None:
+    """Run one role; its file is read and opened before the event loop starts."""
     role, name, mesh, data_dir, out_file = sys.argv[1:6]
     if role == "publisher":
-        asyncio.run(publisher(name, mesh, data_dir, out_file, int(sys.argv[6])))
+        start = next_to_publish(out_file)
+        with open(out_file, "a") as progress:
+            asyncio.run(publisher(name, mesh, data_dir, progress, start, int(sys.argv[6])))
     else:
-        asyncio.run(receiver(role, name, mesh, data_dir, out_file))
+        with open(out_file, "a") as out:
+            asyncio.run(receiver(role, name, mesh, data_dir, out))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ class Proc:
 
 
 @pytest.mark.timeout(240)
-def test_reliable_delivery_survives_ten_random_sigkills(tmp_path) -> None:
+def test_reliable_delivery_survives_ten_random_sigkills(tmp_path: Path) -> None:
     """10,000 reliable messages, 10 SIGKILLs and restarts: every message arrives."""
     mesh = "chaos" + uuid.uuid4().hex[:8]
     durable = Proc("durable", "sub", mesh, tmp_path)
@@ -100,4 +100,5 @@ def test_reliable_delivery_survives_ten_random_sigkills(tmp_path) -> None:
           f"{len(missing_sub) + len(missing_work)}")
     assert not missing_sub, f"durable subscriber never got {sorted(missing_sub)[:10]}..."
     assert not missing_work, f"workers never got {sorted(missing_work)[:10]}..."
-    assert set(sub_lines) <= expected and set(work_lines) <= expected
+    assert set(sub_lines) <= expected
+    assert set(work_lines) <= expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +35,7 @@ _PUBLISHER = textwrap.dedent("""
 
 @pytest.mark.netns
 @pytest.mark.timeout(120)
-def test_durable_subscriber_link_cut_for_10_s_gets_everything(lan: netns.Lan, tmp_path) -> None:
+def test_durable_subscriber_link_cut_for_10_s_gets_everything(lan: netns.Lan, tmp_path: Path) -> None:
     """Cable pulled from the subscriber's host mid-stream for 10 s: nothing is lost."""
     h1, h2 = lan[0], lan[1]
     mesh = unique("dur")

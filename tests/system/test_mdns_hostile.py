@@ -100,7 +100,8 @@ def test_hostile_mdns_is_dropped_and_the_real_peer_kept(lan: netns.Lan) -> None:
     assert {p["id"] for p in after["mdns_peers"]} <= {honest_id}, after
     joined = target.matching(r"^(joined|left|lost) ")
     assert [ln.text for ln in joined] == [f"joined name=honest id={honest_id}"], joined
-    assert target.proc.poll() is None and honest.proc.poll() is None
+    assert target.proc.poll() is None
+    assert honest.proc.poll() is None
     # what the duplicate-id spoof earned the stranger: the target greets the spoofed control
     # endpoint with its own hello (what any stranger gets by asking its advertised control
     # port); nothing else, and its peer record and links stay the real node's

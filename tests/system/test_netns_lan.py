@@ -156,7 +156,8 @@ def test_run_timeout_kills_the_command(lan: netns.Lan) -> None:
 def test_close_cleans_up_even_when_the_body_raises(netns_ok: None) -> None:
     """After an exception in the body, processes (and their children) are dead, namespaces gone."""
     before = root_links()
-    with pytest.raises(Boom), netns.make_lan(2) as lan:
+    # The body is the test: Boom must pass through make_lan's __exit__ after it has started things.
+    with pytest.raises(Boom), netns.make_lan(2) as lan:  # noqa: PT012
         names = lan.namespaces
         assert len(names) == 3
         sleeper = lan[0].popen(["sleep", "60"])

@@ -50,7 +50,7 @@ def keys(tmp_path: Path) -> dict[str, list[str]]:
     }
 
 
-def test_only_allowed_keys_exchange_messages(lan4: netns.Lan, keys) -> None:
+def test_only_allowed_keys_exchange_messages(lan4: netns.Lan, keys: dict[str, list[str]]) -> None:
     h1, h2, h3, h4 = lan4.hosts
     mesh = unique("sec")
     agents = {role: Agent(host, mesh, f"{role}-{host.name}", extra=keys[role])
@@ -113,7 +113,8 @@ def test_bad_key_settings_are_usage_errors(tmp_path: Path) -> None:
     for args, reason in cases:
         done = subprocess.run([*base, *args], capture_output=True, text=True, timeout=20,
                               check=False)
-        assert done.returncode == 2 and reason in done.stderr, done.stderr
+        assert done.returncode == 2, done.stderr
+        assert reason in done.stderr, done.stderr
     (tmp_path / "n.key_secret").chmod(0o644)
     (tmp_path / "empty").mkdir()
     cases = [
@@ -125,10 +126,13 @@ def test_bad_key_settings_are_usage_errors(tmp_path: Path) -> None:
     for args, reason in cases:
         done = subprocess.run([sys.executable, "-m", "mesh", "sub", "x", "--timeout", "1",
                                *args], capture_output=True, text=True, timeout=20, check=False)
-        assert done.returncode == 2 and reason in done.stderr, done.stderr
+        assert done.returncode == 2, done.stderr
+        assert reason in done.stderr, done.stderr
     (tmp_path / "n.key_secret").chmod(0o600)
     done = subprocess.run([sys.executable, "-m", "mesh", "sub", "x", "--timeout", "1",
                            "--secret-key", str(tmp_path / "n.key_secret"),
                            "--allow", str(tmp_path / "empty")],
                           capture_output=True, text=True, timeout=20, check=False)
-    assert done.returncode == 2 and "allow: " in done.stderr and "no public keys" in done.stderr
+    assert done.returncode == 2
+    assert "allow: " in done.stderr
+    assert "no public keys" in done.stderr
