@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
@@ -36,6 +37,8 @@ def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 _THREAD_GRACE: Final[float] = 2.0
+_LOOP_ERRORS_SHOWN: Final[int] = 5
+"""Loop errors shown in full; the rest are counted by message and exception."""
 """How long, in all, the threads a test started get to end after it (teardown included)."""
 
 
@@ -127,12 +130,15 @@ def _loop_and_thread_guard(request: pytest.FixtureRequest) -> Iterator[None]:
             outlived.append(thread)
     problems = []
     if errors and request.node.get_closest_marker("loop_errors_expected") is None:
+        shown = [f"[{n}] " + _describe_loop_error(*error)
+                 for n, error in enumerate(errors[:_LOOP_ERRORS_SHOWN], 1)]
+        rest = Counter(f"{context.get('message')}: {context.get('exception')!r}"
+                       for _loop, _thread, context in errors[_LOOP_ERRORS_SHOWN:])
+        shown.extend(f"... and {count} more: {what}" for what, count in rest.most_common())
         problems.append(
             f"an event loop's exception handler fired {len(errors)} time(s) during this test "
             "(an exception in a callback; mark the test loop_errors_expected if that is "
-            "what it checks):\n"
-            + "\n".join(f"[{n}] " + _describe_loop_error(*error)
-                        for n, error in enumerate(errors, 1)))
+            "what it checks):\n" + "\n".join(shown))
     if outlived:
         problems.append(
             f"{len(outlived)} thread(s) started during this test still alive "

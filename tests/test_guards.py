@@ -33,6 +33,13 @@ async def test_callback_raises_on_the_test_loop() -> None:
     await asyncio.sleep(0)
 
 
+async def test_callback_raises_eight_times() -> None:
+    for _ in range(8):
+        asyncio.get_running_loop().call_soon(_boom)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
 def test_callback_raises_on_a_private_loop_thread() -> None:
     """What a blocking `mesh.Node` does: its own loop (uvloop here) in a thread."""
     loop = mesh._loop.new_event_loop()
@@ -112,6 +119,15 @@ def test_a_callback_exception_on_the_test_loop_fails_the_test(
     assert "Exception in callback _boom()" in text, text
     assert "ValueError('boom in a callback')" in text, text
     assert "in _boom" in text, text  # the traceback
+
+
+def test_many_callback_exceptions_are_shown_in_part_and_counted(
+        child_report: dict[str, tuple[str, str]]) -> None:
+    """The first few are shown in full, the rest counted by message and exception."""
+    outcome, text = child_report["test_callback_raises_eight_times"]
+    assert outcome == "error", (outcome, text)
+    assert "fired 8 time(s)" in text and "[5] " in text and "[6] " not in text, text
+    assert "... and 3 more: Exception in callback _boom()" in text, text
 
 
 def test_a_callback_exception_on_a_uvloop_thread_fails_the_test(
