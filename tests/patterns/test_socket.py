@@ -267,10 +267,13 @@ async def test_a_raising_callback_does_not_leave_the_socket_deaf(ctx: Context) -
             raised = True
             raise RuntimeError("a bug in a reader")
 
+    # Consume the edge first, so that the only look in the first turn is `watch`'s own: the
+    # FD's reader queued in the same turn would drain what the raising look left behind.
+    a._sync.getsockopt(zmq.EVENTS)
     a.deliver(on_messages, limit=1)
     await aeventually(lambda: raised)
     b.send(b"later")
-    await aeventually(lambda: len(got) == 11, timeout=3)
+    await aeventually(lambda: len(got) == 11, timeout=2)
 
 
 # -- closing ----------------------------------------------------------------------------
@@ -363,6 +366,39 @@ async def test_close_wakes_an_unwatched_receiver_with_socket_closed(ctx: Context
     async with asyncio.timeout(5):
         with pytest.raises(SocketClosed):
             await receiving
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="send on a closed Socket goes through its sync shadow, whose handle "
+                   "libzmq has freed: once the memory is reused by a new socket, the send "
+                   "succeeds on that one (reported)")
+async def test_a_send_on_a_closed_socket_never_leaves_through_a_newer_one(ctx: Context) -> None:
+    """`send` after `close` raises SocketClosed, always: the mesh relies on it for a link it
+    dropped (``except SocketClosed``). Today the shadow socket is not marked closed, so the
+    send reaches libzmq with the old handle; once libzmq's reaper has freed that socket and
+    a new socket took its memory, the send succeeds — on the new socket. Tried for a
+    bounded window (the reaper frees a closed socket within a millisecond or two)."""
+    sink = ctx.socket(zmq.ROUTER)
+    endpoint = sink.bind("127.0.0.1")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 1.0
+    tries = escaped = 0
+    while loop.time() < deadline and not escaped:
+        tries += 1
+        old = ctx.socket(zmq.DEALER)
+        old.connect(endpoint)
+        old.close()
+        await asyncio.sleep(0.002)  # a poll interval: give the reaper a chance to free it
+        new = ctx.socket(zmq.DEALER)
+        new.connect(endpoint)
+        try:
+            old.send(b"on a closed socket")
+        except SocketClosed:
+            pass
+        else:
+            escaped += 1
+        new.close()
+    assert not escaped, f"a send on a closed socket went out on a newer one (try {tries})"
 
 
 async def test_context_close_closes_every_socket_it_made() -> None:
