@@ -179,6 +179,11 @@ class Socket:
             self._drained = False
             try:
                 self._on_readable()
+            except BaseException:
+                # The drain took the FD's signal: without a look later, what is still
+                # queued (and all that follows on this pipe) would never be delivered.
+                self._loop.call_soon(self._check_events)  # type: ignore[union-attr]
+                raise
             finally:
                 self._dispatching = False
             if self.closed:  # the callback closed us (a property: mypy must not narrow)
@@ -224,6 +229,8 @@ class Socket:
         return self._take(recv, limit)
 
     def _take(self, recv: Callable[[int], _M], limit: int) -> list[_M]:
+        if self._closed:  # its libzmq handle is gone and may be reused by another socket
+            raise SocketClosed("socket closed")
         get = self._sync.getsockopt
         out: list[_M] = []
         try:
@@ -301,6 +308,8 @@ class Socket:
             WouldBlock: the peer's queue is at its high-water mark.
             SocketClosed: the socket was closed.
         """
+        if self._closed:  # its libzmq handle is gone and may be reused by another socket
+            raise SocketClosed("socket closed")
         try:
             self._sync.send(frame, zmq.NOBLOCK, copy=False)
         except zmq.Again as exc:
@@ -318,6 +327,8 @@ class Socket:
         Raises:
             SocketClosed: the socket was closed.
         """
+        if self._closed:  # its libzmq handle is gone and may be reused by another socket
+            raise SocketClosed("socket closed")
         try:
             self._sync.send_multipart((identity, frame), zmq.NOBLOCK, copy=True)
         except zmq.Again:
@@ -336,10 +347,20 @@ class Socket:
         if self._loop is not None:
             await self._ready(zmq.POLLOUT)
             return
+        await self._poll(zmq.POLLOUT)
+
+    async def _poll(self, event: int) -> None:
+        """pyzmq's poll on an unwatched socket; closing the socket cancels its future,
+        which is our SocketClosed unless the waiting task itself is being cancelled."""
         try:
-            await self._async.poll(None, zmq.POLLOUT)  # type: ignore[call-arg]
+            await self._async.poll(None, event)  # type: ignore[call-arg]
         except zmq.ZMQError as exc:
             raise SocketClosed(str(exc)) from exc
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if self._closed and (task is None or not task.cancelling()):
+                raise SocketClosed("socket closed") from exc
+            raise
 
     def monitor(self, events: int) -> Socket:
         """A PAIR socket receiving this socket's `events` (see `monitor_events`)."""
@@ -367,10 +388,7 @@ class Socket:
         if self._loop is not None:
             await self._ready(zmq.POLLIN)
         else:
-            try:
-                await self._async.poll(None, zmq.POLLIN)  # type: ignore[call-arg]
-            except zmq.ZMQError as exc:
-                raise SocketClosed(str(exc)) from exc
+            await self._poll(zmq.POLLIN)
         out: list[list[bytes]] = []
         recv = self._sync.recv_multipart
         try:
