@@ -1,7 +1,30 @@
 """zeromesh: a brokerless messaging mesh — mDNS discovery, ZeroMQ patterns, no broker.
 
 The asyncio core is `AsyncNode`; `Node` is its blocking twin with the same
-method names.
+method names. This module only re-exports; the layout, lowest layer first
+(a module imports from its own layer or below; tests/test_architecture.py)::
+
+    errors.py         the exception tree (public)
+    _support/         drop-and-count logging, mailboxes, tallies, bounded memos, waits, tasks
+    _spool/           the disk log behind at-least-once: record format, store, data-dir lock
+    _loop.py          the event loop our entry points run on (uvloop when installed)
+    _wire.py          frame layout, msgspec envelopes, size limits and frame budgets
+    _message.py       Message and Headers, what applications receive
+    _names.py         topic, pattern, queue, service and durable names: one check each
+    _config.py        NodeConfig: arguments, then environment, then defaults
+    _membership/      who is out there: identity, peer table (alive/suspect/lost/forgotten),
+                      control channel (hello, heartbeats, bye), peer events, hello parts
+    _parts.py         what parts need from the node (Announcer, Waiter)
+    _pubsub/          topic fan-out: batching publishes, dispatching to subscriptions
+    _work/            work queues: pushers' targets and credit, workers' pulls, the window
+    _services/        request/reply: serving (ROUTER, Service) and requesting (retries, failover)
+    _reliable/        at-least-once on the spool: the outbox, receiver dedup, durables
+    _core.py          NodeCore: builds the parts, starts and closes them as one
+    _node.py          AsyncNode: the public asyncio API over the parts
+    _sync.py          Node: the blocking twin (+ _sync_streams.py, its iterators)
+    _agent/           the HTTP sidecar: routes, SSE, webhooks, metrics
+    cli/              the `zeromesh` command: node commands, spool CLI, agent, demo
+    _bench/           `zeromesh bench`
 """
 
 from importlib.metadata import PackageNotFoundError, version
