@@ -42,6 +42,8 @@ from ._membership._events import EventStreams, PeerEvents
 from ._membership._hello import Announcement, Identity
 from ._membership._identity import load_or_create_id
 from ._membership._peers import Peer, PeerRecord, PeerState
+from ._memory._retained import RetainedStore
+from ._memory._snapshot import RetainedValues
 from ._pubsub._engine import PubSub
 from ._reliable._durables import KnownDurables
 from ._reliable._outbox import Outbox, open_spools
@@ -69,6 +71,7 @@ class _Running:
     work: WorkQueues
     serving: Serving
     requests: Requests
+    retained: RetainedValues
     outbox: Outbox | None
     """The spool's sending side; None when the node has no data dir."""
     discovery: tuple[DiscoveryBackend, ...]
@@ -204,7 +207,14 @@ class NodeCore:
         requests = Requests(ctx, cfg, self._quiet, self.stats, peers=peers, local=serving,
                             waiter=self._watchers)
         stack.push_async_callback(requests.aclose)
-        announcement.parts = (pubsub, work, serving, self._durables)
+        store = RetainedStore(cfg.data_dir, membership)
+        store.load()
+        stack.callback(store.close)
+        retained = RetainedValues(store, peers=peers, pubsub=pubsub, serving=serving,
+                                  requests=requests, waiter=self._watchers,
+                                  max_message_size=cfg.max_message_size)
+        stack.push_async_callback(retained.aclose)
+        announcement.parts = (pubsub, work, serving, self._durables, store)
         membership.attach(listeners=(self._durables, pubsub, work, requests,
                                      _WakeOnPeers(self._watchers)),
                           events=(self._events,), routes=work.control_routes, tickers=(work,))
@@ -226,10 +236,11 @@ class NodeCore:
         tasks.spawn(pubsub.read_markers(), "zeromesh-markers")
         serving.start()
         requests.start(self._id)
+        retained.start(self._id, cfg.name)
         work.start(self._id, cfg.name)
         discovery = await self._start_discovery(stack, membership, identity)
-        return _Running(identity, curve, membership, pubsub, work, serving, requests, outbox,
-                        discovery, tasks, stack)
+        return _Running(identity, curve, membership, pubsub, work, serving, requests, retained,
+                        outbox, discovery, tasks, stack)
 
     async def _start_discovery(self, stack: contextlib.AsyncExitStack,
                                membership: Membership, identity: Identity

@@ -38,14 +38,18 @@ class AsyncNode(NodeCore):
     # -- pub/sub -----------------------------------------------------------------
 
     async def publish(self, topic: str, data: bytes | str, *,
-                      headers: Mapping[str, str] | None = None, reliable: bool = False) -> None:
+                      headers: Mapping[str, str] | None = None, reliable: bool = False,
+                      retain: bool = False) -> None:
         """Publish to every matching subscriber in the mesh (and on this node).
 
         Best effort: returns as soon as the message is queued; it leaves at the
         end of this loop iteration. ``reliable=True`` (needs a data dir): also
         returns only once the message is in this node's spool for every
         durable subscription it matches, each of which gets it at least once,
-        online or not, across restarts of either side.
+        online or not, across restarts of either side. ``retain=True``: it
+        also becomes its topic's retained value here (kept in the data dir
+        when there is one), which every later subscription receives first;
+        an empty retained message clears the topic.
 
         Raises:
             ConfigError: `topic` is invalid.
@@ -53,6 +57,15 @@ class AsyncNode(NodeCore):
             SpoolFullError: (reliable) the spool quota or the disk is full.
             ClosedError: the node is not running.
         """
+        if retain:
+            if reliable:
+                await self.publish_many(topic, (data,), headers=headers, reliable=True,
+                                        retain=True)
+                return
+            live = self._live()
+            live.retained.store.put(topic, live.pubsub.publish_retained(topic, data, headers,
+                                                                        self._config.name))
+            return
         if not reliable:  # `publish_nowait`, inlined: this is the hot path
             run = self._run
             if run is None or self._closing:
@@ -64,13 +77,22 @@ class AsyncNode(NodeCore):
 
     async def publish_many(self, topic: str, payloads: Iterable[bytes | str], *,
                            headers: Mapping[str, str] | None = None,
-                           reliable: bool = False) -> None:
+                           reliable: bool = False, retain: bool = False) -> None:
         """Publish several messages on one topic; with ``reliable=True`` they reach disk
         with a single wait (one group commit), which is how to go fast reliably.
+        With ``retain=True`` the last one is the topic's retained value.
 
         Raises:
             Same as `publish`.
         """
+        if retain and not reliable:
+            run = self._live()
+            item = None
+            for data in payloads:
+                item = run.pubsub.publish_retained(topic, data, headers, self._config.name)
+            if item is not None:
+                run.retained.store.put(topic, item)
+            return
         if not reliable:
             for data in payloads:
                 await self.publish(topic, data, headers=headers)
@@ -80,6 +102,8 @@ class AsyncNode(NodeCore):
         run = self._live()
         assert run.outbox is not None  # (a data dir has an outbox)
         items = run.pubsub.publish_reliable(topic, payloads, headers, self._config.name)
+        if retain and items:
+            run.retained.store.put(topic, items[-1])
         dests = self._durables.matching(topic)
         if not dests:
             return
@@ -105,17 +129,42 @@ class AsyncNode(NodeCore):
         return self._live().pubsub.publish(topic, data, headers, self._config.name) is not None
 
     async def subscribe(self, pattern: str, *, callback: Callback | None = None,
-                        max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
+                        max_pending: int = DEFAULT_MAX_PENDING,
+                        retained: bool = True) -> Subscription:
         """Receive messages on topics matching `pattern` (``*`` one segment, ``>`` the rest).
 
-        With `callback`, each message is passed to it on the loop instead of
-        being queued for iteration. `max_pending` bounds the queue (0 = no bound).
+        First comes the retained value of every matching topic in the mesh (for
+        each topic the newest across its publishers), then live messages, with
+        no gap and no duplicate between the two; ``retained=False`` starts with
+        live messages only. With `callback`, each message is passed to it on
+        the loop instead of being queued for iteration. `max_pending` bounds
+        the queue (0 = no bound).
 
         Raises:
             ConfigError: `pattern` is invalid.
             ClosedError: the node is not running.
         """
-        return self._live().pubsub.subscribe(pattern, callback, max_pending)
+        run = self._live()
+        sub = run.pubsub.subscribe(pattern, callback, max_pending)
+        if retained:
+            run.retained.fill(sub, run.membership.interest_version)
+        return sub
+
+    async def last(self, pattern: str, *, timeout: float = 5.0) -> list[Message]:
+        """The retained value of every topic matching `pattern` in the mesh (for each topic
+        the newest across its publishers, this node included), in topic order.
+
+        A publisher that does not answer within `timeout` is left out.
+
+        Raises:
+            ConfigError: `pattern` is invalid or `timeout` is not positive.
+            ClosedError: the node is not running.
+        """
+        if timeout <= 0:
+            raise ConfigError("timeout", "must be > 0")
+        parsed = _names.pattern(pattern)
+        values, _ = await self._live().retained.gather(parsed, timeout=timeout)
+        return values
 
     async def replay_dead_letters(self, ids: set[int] | None = None) -> int:
         """Give dead letters (all, or those spool `ids`) a new round of delivery attempts.

@@ -210,9 +210,10 @@ class Node:
     # -- pub/sub -----------------------------------------------------------------------
 
     def publish(self, topic: str, data: bytes | str, *,
-                headers: Mapping[str, str] | None = None, reliable: bool = False) -> None:
+                headers: Mapping[str, str] | None = None, reliable: bool = False,
+                retain: bool = False) -> None:
         """See `AsyncNode.publish`. Best effort does not wait for the loop; reliable
-        blocks until the message is in the spool.
+        blocks until the message is in the spool, retained until it is the topic's value.
 
         Raises:
             ConfigError: `topic` is invalid.
@@ -220,28 +221,30 @@ class Node:
             SpoolFullError: (reliable) the spool is full.
             ClosedError: the node is not running.
         """
-        if reliable:
+        if reliable or retain:
             self._call(self._drained_then(self._node.publish(topic, data, headers=headers,
-                                                             reliable=True)))
+                                                             reliable=reliable,
+                                                             retain=retain)))
             return
         self.publish_nowait(topic, data, headers=headers)
 
     def publish_many(self, topic: str, payloads: Iterable[bytes | str], *,
                      headers: Mapping[str, str] | None = None,
-                     reliable: bool = False) -> None:
+                     reliable: bool = False, retain: bool = False) -> None:
         """See `AsyncNode.publish_many`: with ``reliable=True`` the messages reach disk with
         one wait (one group commit); it returns once they are there.
 
         Raises:
             Same as `publish`.
         """
-        if not reliable:
+        if not reliable and not retain:
             for data in payloads:
                 self.publish_nowait(topic, data, headers=headers)
             return
         batch = list(payloads)  # consumed here, not on the loop thread
         self._call(self._drained_then(self._node.publish_many(topic, batch, headers=headers,
-                                                              reliable=True)))
+                                                              reliable=reliable,
+                                                              retain=retain)))
 
     def publish_nowait(self, topic: str, data: bytes | str, *,
                        headers: Mapping[str, str] | None = None) -> bool:
@@ -279,7 +282,8 @@ class Node:
             publish(topic, data, headers=headers)
 
     def subscribe(self, pattern: str, *, callback: Callable[[Message], None] | None = None,
-                  max_pending: int = DEFAULT_MAX_PENDING) -> SyncSubscription:
+                  max_pending: int = DEFAULT_MAX_PENDING,
+                  retained: bool = True) -> SyncSubscription:
         """See `AsyncNode.subscribe`; iterate the result. A `callback` runs in a thread of
         the subscription's own, one message at a time in order, so it may block; past
         `max_pending` messages behind, the oldest are dropped (and counted) as when iterating.
@@ -290,9 +294,19 @@ class Node:
         """
         sync_sub = SyncSubscription(self, max_pending, callback)
         sync_sub._start(self._call(self._node.subscribe(pattern, callback=sync_sub._put,
-                                                        max_pending=max_pending)))
+                                                        max_pending=max_pending,
+                                                        retained=retained)))
         self._streams.append(sync_sub)
         return sync_sub
+
+    def last(self, pattern: str, *, timeout: float = 5.0) -> list[Message]:
+        """See `AsyncNode.last`: the mesh's retained values matching `pattern`.
+
+        Raises:
+            ConfigError: `pattern` is invalid or `timeout` is not positive.
+            ClosedError: the node is not running.
+        """
+        return self._call(self._node.last(pattern, timeout=timeout))
 
     def replay_dead_letters(self, ids: set[int] | None = None) -> int:
         """See `AsyncNode.replay_dead_letters`; returns how many went back into the outbox.

@@ -94,11 +94,24 @@ def test_iot_sensor_example_loses_nothing_across_a_consumer_outage() -> None:
     assert lines[-1] == "nothing lost: every reading arrived intact", out
 
 
+def test_retained_dashboard_example_shows_every_current_reading_then_live() -> None:
+    """A late dashboard gets each room's retained reading, then the live one."""
+    out = run(EXAMPLES / "retained_dashboard.py", timeout=30).stdout
+    lines = out.splitlines()
+    assert lines[0] == ("last: home.attic.temp=27.25, home.garage.temp=9.0, "
+                        "home.kitchen.temp=21.5"), out
+    assert lines[1:4] == ["retained home.attic.temp 27.25 from sensor-attic",
+                          "retained home.garage.temp 9.0 from sensor-garage",
+                          "retained home.kitchen.temp 21.5 from sensor-kitchen"], out
+    assert lines[4] == "live home.kitchen.temp 22.0 from sensor-kitchen", out
+
+
 def test_every_example_is_tested() -> None:
     """A new example needs a test here."""
     assert {p.name for p in EXAMPLES.glob("*.py")} == {
         "pubsub_async.py", "pubsub_sync.py", "peer_events.py", "worker_pool.py",
-        "service_failover.py", "iot_sensor.py", "webhook_consumer.py"}
+        "service_failover.py", "iot_sensor.py", "webhook_consumer.py",
+        "retained_dashboard.py"}
 
 
 @pytest.mark.timeout(120)

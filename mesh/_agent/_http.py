@@ -52,8 +52,10 @@ def query(request: web.Request, allowed: Collection[str]) -> dict[str, str]:
     return out
 
 
-def flag(params: dict[str, str], key: str) -> bool:
-    value = params.get(key, "false").lower()
+def flag(params: dict[str, str], key: str, default: bool = False) -> bool:
+    if key not in params:
+        return default
+    value = params[key].lower()
     if value in ("true", "1", "yes", ""):
         return True
     if value in ("false", "0", "no"):

@@ -34,6 +34,7 @@ class Routes:
             web.post("/v1/publish/{topic}", self.publish),
             web.post("/v1/push/{queue}", self.push),
             web.post("/v1/request/{service}", self.request),
+            web.get("/v1/last/{pattern}", self.last),
             web.get("/v1/peers", self.peers),
             web.post("/v1/dead-letters/replay", self.replay),
             web.get("/healthz", self.healthz),
@@ -41,14 +42,24 @@ class Routes:
         ])
 
     async def publish(self, request: web.Request) -> web.Response:
-        params = _http.query(request, ("reliable",))
+        params = _http.query(request, ("reliable", "retain"))
         topic = request.match_info["topic"]
         self._node.check_topic(topic)
         reliable = _http.flag(params, "reliable")
+        retain = _http.flag(params, "retain")
         headers = from_http(request.headers.items())
         body = await request.read()
-        await self._node.publish(topic, body, headers=headers or None, reliable=reliable)
-        return web.json_response({"topic": topic, "reliable": reliable}, status=202)
+        await self._node.publish(topic, body, headers=headers or None, reliable=reliable,
+                                 retain=retain)
+        return web.json_response({"topic": topic, "reliable": reliable, "retain": retain},
+                                 status=202)
+
+    async def last(self, request: web.Request) -> web.Response:
+        """The retained values matching the pattern, gathered from the mesh."""
+        params = _http.query(request, ("timeout",))
+        timeout = _http.seconds(params, "timeout", DEFAULT_REQUEST_TIMEOUT)
+        values = await self._node.last(request.match_info["pattern"], timeout=timeout)
+        return web.json_response([m.to_dict() for m in values])
 
     async def push(self, request: web.Request) -> web.Response:
         params = _http.query(request, ("reliable", "timeout"))

@@ -73,11 +73,12 @@ class Streams:
             await source.aclose()
 
     async def subscribe(self, request: web.Request) -> web.StreamResponse:
-        params = _http.query(request, ("durable",))
+        params = _http.query(request, ("durable", "retained"))
         pattern = request.match_info["pattern"]
         durable = params.get("durable")
+        retained = _http.flag(params, "retained", default=True)
         if durable is None:
-            return await self._plain(request, pattern)
+            return await self._plain(request, pattern, retained)
         if durable in self._attached:
             return _http.error(409, f"durable {durable!r} already has a stream on this agent")
         self._attached.add(durable)
@@ -86,8 +87,9 @@ class Streams:
         finally:
             self._attached.discard(durable)
 
-    async def _plain(self, request: web.Request, pattern: str) -> web.StreamResponse:
-        sub = await self._node.subscribe(pattern, max_pending=MAX_PENDING)
+    async def _plain(self, request: web.Request, pattern: str,
+                     retained: bool) -> web.StreamResponse:
+        sub = await self._node.subscribe(pattern, max_pending=MAX_PENDING, retained=retained)
         self._open.add(sub)
         counter = self._metrics.sse.labels(pattern)
         dropped, reported = self._metrics.sse_dropped.labels(pattern), 0

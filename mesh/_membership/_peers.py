@@ -95,6 +95,8 @@ class PeerRecord:
     """Queue name -> credit window this peer grants each pusher."""
     rtr: str = ""
     durables: dict[str, str] = field(default_factory=dict)
+    retains: bool = False
+    """It holds retained values (see `_memory`)."""
     feeds: frozenset[str] = frozenset()
     """Patterns of `subs` that want best-effort messages only (durables' live views)."""
     services: frozenset[str] = frozenset()

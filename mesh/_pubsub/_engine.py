@@ -166,6 +166,11 @@ class PubSub:
         if not self._subscriber.closed:
             self._subscriber.disconnect(endpoint)
 
+    def confirmed_version(self, peer_id: str) -> int:
+        """The newest interest version of `peer_id` whose subscriptions are in force at our
+        publisher (-1: none yet)."""
+        return self._confirmed.get(peer_id, -1)
+
     def is_ready(self, rec: PeerRecord) -> bool:
         """Its subscriptions as announced are in force at our publisher."""
         return self._confirmed.get(rec.id, -1) >= rec.subs_version
@@ -208,6 +213,30 @@ class PubSub:
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush, name)
         return None
+
+    def publish_retained(self, topic: str, data: bytes | str,
+                         headers: Mapping[str, str] | None, name: str) -> _wire.Item:
+        """Publish one best-effort message and return it, to be retained.
+
+        Raises:
+            ConfigError: `topic` is invalid.
+            MessageTooLarge: `data` is too large.
+        """
+        _names.topic(topic)
+        payload = data.encode() if isinstance(data, str) else bytes(data)
+        if len(payload) > self._config.max_message_size:
+            self._stats["oversized"] += 1
+            raise MessageTooLarge(len(payload), self._config.max_message_size)
+        item = _wire.Item(self._next_seq(), time.time(), dict(headers) if headers else None,
+                          payload)
+        self._enqueue(topic, [item], name)
+        local = self._matching(topic) if self._subs else ()
+        if local:
+            msg = Message(topic, payload, name, self.node_id, item.seq, item.ts, item.headers)
+            for sub in local:
+                sub._deliver((msg,))
+            self.delivered_by_topic.add(topic)
+        return item
 
     def publish_reliable(self, topic: str, payloads: Iterable[bytes | str],
                          headers: Mapping[str, str] | None, name: str) -> list[_wire.Item]:

@@ -4,6 +4,12 @@ The node's reader task hands over whole batches (`_deliver`), so a burst costs
 one wake-up, not one per message. A consumer that falls more than
 `max_pending` messages behind loses the oldest ones; they are counted in
 `dropped` and reported once in the log.
+
+A subscription that starts with retained values (the ZeroMQ guide's Clone
+pattern) holds live messages back while the values are gathered, then takes
+the values, then what it held, then live messages; a live message its
+publisher's value already covers (same publisher and topic, not newer) is
+dropped, so there is neither a gap nor a duplicate between the two.
 """
 
 from __future__ import annotations
@@ -44,6 +50,11 @@ class Subscription(Mailbox[Message]):
         self._reported_slow = False
         self.best_effort_only = False
         """Reliable messages reach it another way (a durable's live feed): skip them."""
+        self._held: list[Message] | None = None
+        """Live messages held back while retained values are gathered (None: live)."""
+        self._covered: dict[tuple[str, str], int] = {}
+        """(publisher id, topic) -> the sequence of the value it gave us: its live
+        messages up to that one are already covered."""
 
     @property
     def subject(self) -> str:
@@ -58,9 +69,24 @@ class Subscription(Mailbox[Message]):
     def closed(self) -> bool:
         return self._closed
 
-    def _deliver(self, messages: Iterable[Message]) -> None:
+    def _hold(self) -> None:
+        """Hold live messages back until `_release` (retained values are on their way)."""
+        self._held = []
+
+    def _release(self, retained: list[Message], covered: dict[tuple[str, str], int]) -> None:
+        """Deliver the retained values, then what was held, then go live."""
+        held, self._held = self._held or [], None
+        self._covered = covered
+        self._deliver([*retained, *held], retained=len(retained))
+
+    def _deliver(self, messages: Iterable[Message], retained: int = 0) -> None:
         if self._closed:
             return
+        if self._held is not None:
+            self._held.extend(messages)
+            return
+        if self._covered:
+            messages = self._uncovered(messages, retained)
         if self._callback is not None:
             for msg in messages:
                 self.received += 1
@@ -82,6 +108,21 @@ class Subscription(Mailbox[Message]):
                 _log.warning("slow consumer on %s: dropping oldest messages (max_pending=%d)",
                              self.subject, self.max_pending)
         self._wake()
+
+    def _uncovered(self, messages: Iterable[Message], retained: int) -> list[Message]:
+        """Drop live messages a retained value already covered (the first `retained` are
+        those values themselves)."""
+        covered = self._covered
+        out = []
+        for i, msg in enumerate(messages):
+            if i >= retained:
+                seq = covered.get((msg.source_id, msg.topic))
+                if seq is not None:
+                    if msg.seq <= seq:
+                        continue
+                    del covered[(msg.source_id, msg.topic)]  # past it: nothing more to drop
+            out.append(msg)
+        return out
 
     def __aiter__(self) -> Subscription:
         return self

@@ -152,6 +152,39 @@ class Requests:
             await asyncio.wait(set(self._closing))
         self._deadlines.close()
 
+    async def ask(self, rec: PeerRecord, service: str, payload: bytes, *,
+                  timeout: float) -> Message:
+        """One request to this very peer: no choice of server, no retry. For the node's
+        internal services, which every node answers without announcing them.
+
+        Raises:
+            RequestTimeout: no reply within `timeout`.
+            NoRespondersError: the peer does not answer `service`, or went away.
+            RemoteError: its handler raised.
+        """
+        loop = asyncio.get_running_loop()
+        link = self._links.get(rec.id)
+        if link is None:
+            link = self._open_link(rec)
+        cid = next(self._ids)
+        fut: asyncio.Future[_wire.Reply] = loop.create_future()
+        self._pending[cid] = (fut, link)
+        link.outstanding.add(cid)
+        self._deadlines.add(cid, fut, loop.time() + timeout)
+        try:
+            self._requests.add(link, _wire.Request(cid, service, self._node_id, self._name,
+                                                   time.time(), None, payload))
+            reply = await fut
+            return self._result(service, reply, rec.name, rec.id)
+        except TimeoutError:
+            raise RequestTimeout(f"{service!r} at {rec.name}", timeout) from None
+        except _ServerGone as exc:
+            raise NoRespondersError(service) from exc
+        finally:
+            self._deadlines.discard(cid)
+            self._pending.pop(cid, None)
+            link.outstanding.discard(cid)
+
     def links(self) -> list[str]:
         """Ids of the servers this node holds a connection to."""
         return sorted(self._links)

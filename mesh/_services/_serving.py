@@ -42,6 +42,9 @@ class Serving:
         self._router = ServiceRouter(ctx, self._on_requests, hwm=config.service_hwm,
                                      max_message_size=self._max_wire)
         self._served: dict[str, Service] = {}
+        self._internal: dict[str, Service] = {}
+        """The node's own services (retained values...): served by every node, announced
+        by none, listed nowhere."""
         self._replies: Coalescer[bytes, _wire.Reply] = Coalescer(self._send_replies)
         self._closed = False
         self.endpoints: list[str] = []
@@ -56,9 +59,10 @@ class Serving:
     async def aclose(self) -> None:
         """Stop every service (their running handlers are cancelled), close the ROUTER."""
         self._closed = True
-        for svc in list(self._served.values()):
+        for svc in [*self._served.values(), *self._internal.values()]:
             await svc.cancel()
         self._served.clear()
+        self._internal.clear()
         self._router.close()
 
     @property
@@ -83,6 +87,10 @@ class Serving:
         svc = self._served[service] = Service(service, handler, concurrency, self)
         self._announcer.interest_changed()
         return svc
+
+    def serve_internal(self, service: str, handler: ServiceHandler, concurrency: int) -> None:
+        """Answer `service` on this node without announcing it (every node does)."""
+        self._internal[service] = Service(service, handler, concurrency, self)
 
     def unserve(self, svc: Service) -> None:
         """`svc` closed: forget it and tell peers (unless the node is closing anyway)."""
@@ -110,7 +118,7 @@ class Serving:
 
     def _on_request(self, identity: bytes, req: _wire.Request) -> None:
         self._stats["requests_served"] += 1
-        svc = self._served.get(req.service)
+        svc = self._served.get(req.service) or self._internal.get(req.service)
         if svc is None:
             self._send_reply(identity, _wire.Reply(req.id, _wire.REPLY_NOT_SERVED,
                                                    time.time(), b""))

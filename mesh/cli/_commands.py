@@ -94,10 +94,23 @@ async def pub(args: argparse.Namespace) -> int:
             print(f"zeromesh pub: {exc}; nothing published", file=sys.stderr)
             return 1
         async for payload in _payloads(args.data):
-            await node.publish(args.topic, payload, headers=headers, reliable=args.reliable)
+            await node.publish(args.topic, payload, headers=headers, reliable=args.reliable,
+                               retain=args.retain)
         if args.reliable:
             await _settle_spool(node, args.timeout, "pub")
     return 0
+
+
+async def last(args: argparse.Namespace) -> int:
+    async with _node(args) as node:
+        await asyncio.sleep(_DISCOVERY_WINDOW)  # let the publishers be found first
+        values = await node.last(args.pattern, timeout=args.timeout)
+    if args.json:
+        out(json.dumps([m.to_dict() for m in values]))
+    else:
+        for msg in values:
+            out(f"{msg.topic} {msg.text}")
+    return 0 if values else 1
 
 
 async def _payloads(data: str | None) -> AsyncIterator[bytes | str]:
@@ -124,7 +137,7 @@ async def sub(args: argparse.Namespace) -> int:
         if args.durable:
             subscription = await node.subscribe_durable(args.pattern, args.durable)
         else:
-            subscription = await node.subscribe(args.pattern)
+            subscription = await node.subscribe(args.pattern, retained=args.retained)
 
         def show(msg: Message) -> str:
             return json.dumps(msg.to_dict()) if args.json else f"{msg.topic} {msg.text}"
@@ -275,6 +288,7 @@ HANDLERS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int
     "peers": peers,
     "pub": pub,
     "sub": sub,
+    "last": last,
     "serve": serve,
     "req": req,
     "push": push,

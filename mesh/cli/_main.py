@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reliable", action="store_true",
                    help="spool to disk first; at-least-once to durable subscriptions "
                         "(needs --data-dir)")
+    p.add_argument("--retain", action="store_true",
+                   help="make it the topic's retained value here (empty DATA clears it)")
     p.add_argument("--wait-subscribers", type=_count, metavar="N",
                    help="publish only once N matching subscribers are connected")
     p.add_argument("--timeout", type=_positive, default=10.0, metavar="S",
@@ -128,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per message")
     p.add_argument("--durable", metavar="NAME",
                    help="a durable subscription kept in --data-dir; restart to resume it")
+    p.add_argument("--no-retained", dest="retained", action="store_false",
+                   help="start with live messages (skip the topics' retained values)")
+
+    p = sub.add_parser("last", help="print the retained values matching PATTERN")
+    _common(p)
+    p.add_argument("pattern")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--timeout", type=_positive, default=5.0, metavar="S",
+                   help="how long to wait for each publisher's answer (default 5)")
 
     p = sub.add_parser("push", help="hand a message to one worker of QUEUE (no DATA: stdin lines)")
     _common(p)

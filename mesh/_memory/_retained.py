@@ -1,0 +1,209 @@
+"""Retained values: the newest retained publish of each topic, kept by its publisher.
+
+A retained publish overwrites its topic's value (an empty one clears it): a
+dict entry, not a log append per message. With a data dir the values survive
+a restart, a SIGKILL included: the topics changed during one loop iteration
+are appended to ``retained.log`` together (one write for a burst), and the log
+is rewritten compactly at start and whenever it has grown to several times
+what it holds. A torn tail (a crash mid-write) is cut at the last whole
+record. Writes are not fsynced: a power cut may lose the last values, a
+process crash does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+from bisect import bisect_right
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO, Final
+
+import msgspec
+
+from patterns import TopicPattern
+
+from .. import _wire
+from .._parts import Announcer
+
+_log = logging.getLogger("mesh.node")
+_FILE: Final[str] = "retained.log"
+_LEN: Final = struct.Struct("<I")
+_REWRITE_FACTOR: Final[int] = 4
+_REWRITE_SLACK: Final[int] = 1 << 20
+
+
+class _Record(msgspec.Struct, array_like=True, frozen=True):
+    topic: str
+    item: _wire.Item | None
+    """None: the topic was cleared."""
+
+
+_encoder: Final = msgspec.msgpack.Encoder()
+_decoder: Final = msgspec.msgpack.Decoder(_Record)
+
+
+class RetainedStore:
+    """This node's retained values, by topic; a `HelloPart` (peers learn whether to ask)."""
+
+    def __init__(self, data_dir: str | None, announcer: Announcer) -> None:
+        self._path = Path(data_dir) / _FILE if data_dir is not None else None
+        self._announcer = announcer
+        self._values: dict[str, _wire.Item] = {}
+        self._topics: list[str] | None = None
+        """The topics, sorted (for paging); None when a change made it stale."""
+        self._dirty: dict[str, _wire.Item | None] = {}
+        self._flush: asyncio.Handle | None = None
+        self._file: BinaryIO | None = None
+        self._written = 0
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def hello_fields(self, version: int) -> Mapping[str, Any]:
+        return {"retains": bool(self._values)}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read what an earlier run retained and rewrite the log compactly."""
+        if self._path is None:
+            return
+        if self._path.exists():
+            self._values = _read(self._path)
+        self._rewrite()
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # -- values ----------------------------------------------------------------------
+
+    def put(self, topic: str, item: _wire.Item) -> None:
+        """`item` is `topic`'s value now; an empty payload clears it."""
+        had = bool(self._values)
+        if item.payload:
+            if topic not in self._values:
+                self._topics = None
+            self._values[topic] = item
+        elif self._values.pop(topic, None) is not None:
+            self._topics = None
+        if self._path is not None:
+            self._dirty[topic] = item if item.payload else None
+            if self._flush is None:
+                self._flush = asyncio.get_running_loop().call_soon(self.flush)
+        if had != bool(self._values):
+            self._announcer.interest_changed()  # our hello's `retains` flag flips
+
+    def matching(self, pattern: TopicPattern) -> list[_wire.Item]:
+        """Every value whose topic matches, in topic order, each with its `topic` set."""
+        return [_with_topic(t, self._values[t]) for t in self._sorted() if pattern.matches(t)]
+
+    def page(self, pattern: TopicPattern, after: str, budget: int) -> tuple[list[_wire.Item], str]:
+        """Values matching `pattern` with topics after `after`, up to about `budget` bytes;
+        and the topic to continue after ("" when none is left)."""
+        topics = self._sorted()
+        items: list[_wire.Item] = []
+        size = 0
+        for topic in topics[bisect_right(topics, after) if after else 0:]:
+            if not pattern.matches(topic):
+                continue
+            item = self._values[topic]
+            more = len(item.payload) + len(topic) + _wire.ITEM_OVERHEAD
+            if items and size + more > budget:
+                return items, items[-1].topic
+            items.append(_with_topic(topic, item))
+            size += more
+        return items, ""
+
+    def _sorted(self) -> list[str]:
+        if self._topics is None:
+            self._topics = sorted(self._values)
+        return self._topics
+
+    # -- disk ------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Append the topics changed since the last flush to the log, in one write."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if not self._dirty or self._path is None:
+            return
+        dirty, self._dirty = self._dirty, {}
+        chunks = []
+        for topic, item in dirty.items():
+            body = _encoder.encode(_Record(topic, None if item is None else
+                                           _with_topic(topic, item)))
+            chunks.append(_LEN.pack(len(body)) + body)
+        data = b"".join(chunks)
+        try:
+            if self._file is None:
+                self._file = self._path.open("ab")
+            self._file.write(data)
+            self._file.flush()
+        except OSError as exc:
+            _log.warning("cannot save retained values to %s: %s", self._path, exc)
+            return
+        self._written += len(data)
+        live = sum(len(i.payload) + len(i.topic) + 64 for i in self._values.values())
+        if self._written > _REWRITE_FACTOR * live + _REWRITE_SLACK:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        """The log holds exactly the current values (written aside, then renamed)."""
+        assert self._path is not None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        tmp = self._path.with_suffix(".tmp")
+        data = b"".join(_LEN.pack(len(body)) + body for body in (
+            _encoder.encode(_Record(topic, item)) for topic, item in self._values.items()))
+        try:
+            with tmp.open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._path)
+        except OSError as exc:
+            _log.warning("cannot rewrite %s: %s", self._path, exc)
+        self._written = len(data)
+
+
+def _with_topic(topic: str, item: _wire.Item) -> _wire.Item:
+    """The item as it travels alone (in a query's answer, on disk): with its topic, and
+    best effort (a retained value is a view, whatever way the message first went)."""
+    if item.topic == topic and not item.reliable:
+        return item
+    return _wire.Item(item.seq, item.ts, item.headers, item.payload, False, topic)
+
+
+def _read(path: Path) -> dict[str, _wire.Item]:
+    """The values a log holds; a torn or damaged tail ends the read (reported once)."""
+    values: dict[str, _wire.Item] = {}
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+        if pos + _LEN.size > len(data):
+            break
+        (size,) = _LEN.unpack_from(data, pos)
+        body = data[pos + _LEN.size: pos + _LEN.size + size]
+        if len(body) < size:
+            break
+        try:
+            record = _decoder.decode(body)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            break
+        if record.item is None:
+            values.pop(record.topic, None)
+        else:
+            values[record.topic] = record.item
+        pos += _LEN.size + size
+    if pos < len(data):
+        _log.warning("%s: %d bytes at the end were torn or damaged and are dropped",
+                     path, len(data) - pos)
+    return values

@@ -1,0 +1,286 @@
+"""Retained values: a late subscriber gets each topic's newest value, then live messages.
+
+On 127.0.0.1 with real nodes: the values come first, newest across publishers;
+`retained=False` skips them; an empty retained publish clears a topic; `last`
+gathers them; and between the values and the live stream nothing is lost or
+repeated while the topic is published to at full speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mesh import ConfigError, Message, Subscription
+from tests.helpers import aeventually
+
+from ._proc import Cli, child_env, run
+from .conftest import FAST, FAST_ENV, MakeNode
+
+
+async def _values(sub: Subscription, n: int) -> list[Message]:
+    return [await sub.next(timeout=5) for _ in range(n)]
+
+
+async def test_a_late_subscriber_gets_the_newest_values_then_live(make_node: MakeNode) -> None:
+    """Values first (in topic order), then what is published after, once each."""
+    pub = await make_node("pub", mdns=False)
+    await pub.publish("room.a.temp", b"19", retain=True)
+    await pub.publish("room.a.temp", b"20", retain=True)
+    await pub.publish("room.b.temp", b"18", retain=True)
+    await pub.publish("room.b.hum", b"40", retain=True)  # not matched below
+    sub_node = await make_node("sub", mdns=False, peers=pub.endpoints["ctl"])
+    await sub_node.wait_for_peers(1, timeout=5)
+    sub = await sub_node.subscribe("room.*.temp")
+    first = await _values(sub, 2)
+    assert [(m.topic, m.data, m.source) for m in first] == [
+        ("room.a.temp", b"20", "pub"), ("room.b.temp", b"18", "pub")]
+    await pub.wait_for_subscribers("room.a.temp", 1, timeout=5)
+    await pub.publish("room.a.temp", b"21")
+    live = await sub.next(timeout=5)
+    assert (live.topic, live.data) == ("room.a.temp", b"21")
+    with pytest.raises(TimeoutError):
+        await sub.next(timeout=0.2)
+
+
+async def test_retained_false_skips_the_values(make_node: MakeNode) -> None:
+    pub = await make_node("pub", mdns=False)
+    await pub.publish("cfg.mode", b"eco", retain=True)
+    sub_node = await make_node("sub", mdns=False, peers=pub.endpoints["ctl"])
+    await sub_node.wait_for_peers(1, timeout=5)
+    sub = await sub_node.subscribe("cfg.>", retained=False)
+    await pub.wait_for_subscribers("cfg.mode", 1, timeout=5)
+    await pub.publish("cfg.mode", b"boost")
+    assert (await sub.next(timeout=5)).data == b"boost"
+
+
+async def test_newest_wins_across_publishers_and_an_empty_value_clears(
+        make_node: MakeNode) -> None:
+    """Two publishers retain the same topic: the later timestamp wins; clearing one
+    leaves the other's; `last` shows the same as a subscription."""
+    a = await make_node("a", mdns=False)
+    b = await make_node("b", mdns=False, peers=a.endpoints["ctl"])
+    await a.publish("door", b"open", retain=True)
+    await asyncio.sleep(0.01)  # distinct timestamps: the rule is newest first
+    await b.publish("door", b"closed", retain=True)
+    await b.publish("light", b"on", retain=True)
+    c = await make_node("c", mdns=False, peers=a.endpoints["ctl"] + b.endpoints["ctl"])
+    await c.wait_for_peers(2, timeout=5)
+    values = await c.last(">")
+    assert [(m.topic, m.data, m.source) for m in values] == [
+        ("door", b"closed", "b"), ("light", b"on", "b")]
+    await b.publish("door", b"", retain=True)  # clears b's value: a's is what remains
+    assert [(m.data, m.source) for m in await c.last("door")] == [(b"open", "a")]
+    await a.publish("door", b"", retain=True)
+    assert await c.last("door") == []
+
+
+async def test_a_publisher_sees_its_own_values(make_node: MakeNode) -> None:
+    """An agent's own retained publishes reach its own later subscribers too."""
+    node = await make_node("solo", mdns=False)
+    await node.publish("x.y", b"1", retain=True)
+    sub = await node.subscribe("x.*")
+    msg = await sub.next(timeout=5)
+    assert (msg.topic, msg.data, msg.source_id) == ("x.y", b"1", node.id)
+    assert [m.data for m in await node.last("x.y")] == [b"1"]
+
+
+async def test_no_gap_and_no_duplicate_while_the_topic_is_published_at_full_speed(
+        make_node: MakeNode) -> None:
+    """The Clone pattern's promise: joining mid-stream, the subscriber's sequence from
+    the publisher is consecutive from its first (retained) value on."""
+    pub = await make_node("pub", mdns=False, pub_hwm=0, sub_hwm=0)
+    stop = asyncio.Event()
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            for _ in range(50):
+                sent += 1
+                await pub.publish("flood.x", str(sent), retain=True)
+            await asyncio.sleep(0)  # let the node's own readers and timers run
+
+    flooding = asyncio.create_task(flood())
+    try:
+        await aeventually(lambda: sent > 2000, timeout=10)
+        sub_node = await make_node("sub", mdns=False, pub_hwm=0, sub_hwm=0,
+                                   peers=pub.endpoints["ctl"])
+        await sub_node.wait_for_peers(1, timeout=5)
+        sub = await sub_node.subscribe("flood.*", max_pending=0)
+        first = int((await sub.next(timeout=10)).data)
+        got = [first]
+        target = sent + 3000
+        await aeventually(lambda: sent > target, timeout=20)
+    finally:
+        stop.set()
+        await flooding
+    last = sent
+    while got[-1] < last:
+        got.append(int((await sub.next(timeout=10)).data))
+    assert first > 1, "the subscriber joined mid-stream"
+    assert got == list(range(first, last + 1))
+
+
+def test_values_survive_a_sigkill_and_a_cleared_topic_stays_cleared(tmp_path: Path,
+                                                                    mesh_name: str) -> None:
+    """With a data dir, retained values are on disk: a SIGKILLed publisher restarted on
+    it still answers with them."""
+    data = tmp_path / "pub"
+    env = {**child_env(mesh_name), **FAST_ENV, "ZEROMESH_MDNS": "false"}
+
+    def serve_values(mode: str) -> subprocess.Popen[str]:
+        code = ("import asyncio, sys\n"
+                "from mesh import AsyncNode\n"
+                "async def main():\n"
+                f"    async with AsyncNode(name='pub', data_dir={str(data)!r}, port=0) as n:\n"
+                "        if sys.argv[1] == 'write':\n"
+                "            await n.publish('keep.a', 'A', retain=True)\n"
+                "            await n.publish('keep.b', 'B', retain=True)\n"
+                "            await n.publish('keep.b', '', retain=True)\n"
+                "            await n.publish('keep.c', 'C', retain=True)\n"
+                "            await asyncio.sleep(0)\n"
+                "        print('ready', n.endpoints['ctl'][0], flush=True)\n"
+                "        await asyncio.Event().wait()\n"
+                "asyncio.run(main())\n")
+        return subprocess.Popen([sys.executable, "-c", code, mode], env=env, text=True,
+                                stdout=subprocess.PIPE)
+
+    for mode in ("write", "read"):
+        proc = serve_values(mode)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().split()
+            assert line[0] == "ready", line
+            got = run(["last", "keep.>", "--json", "--peer", line[1], "--no-mdns"],
+                      mesh=mesh_name)
+            assert got.returncode == 0, got.stderr
+            values = json.loads(got.stdout)
+            assert [(v["topic"], v["data"]) for v in values] == [("keep.a", "A"),
+                                                                 ("keep.c", "C")]
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+async def test_cli_pub_retain_then_sub_and_last(make_node: MakeNode, procs: list[Cli],
+                                                mesh_name: str) -> None:
+    """A long-lived `pub --retain` holds the value (it lives with its publisher); `last`
+    and `sub` find it there, `sub --no-retained` does not."""
+    seed = await make_node("seed", mdns=False)
+    publisher = Cli(["pub", "sensors.t", "--retain", "--peer", seed.endpoints["ctl"][0],
+                     "--no-mdns"], mesh=mesh_name, env={**FAST_ENV, "ZEROMESH_MDNS": "false"},
+                    stdin=True)
+    procs.append(publisher)
+    assert publisher.proc.stdin is not None
+    publisher.proc.stdin.write("22.0\n")
+    publisher.proc.stdin.flush()
+    await aeventually(lambda: _data(seed.last("sensors.>")), timeout=20)
+    [peer] = seed.peers()
+    ctl = peer.endpoints[0]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run([*args, "--peer", ctl, "--no-mdns"], mesh=mesh_name)
+
+    last = await asyncio.to_thread(cli, "last", "sensors.>", "--json")
+    assert last.returncode == 0, last.stderr
+    assert [(v["topic"], v["data"]) for v in json.loads(last.stdout)] == [("sensors.t", "22.0")]
+    sub = await asyncio.to_thread(cli, "sub", "sensors.*", "--count", "1", "--timeout", "10")
+    assert (sub.returncode, sub.stdout) == (0, "sensors.t 22.0\n")
+    skip = await asyncio.to_thread(cli, "sub", "sensors.*", "--no-retained", "--count", "1",
+                                   "--timeout", "2")
+    assert skip.returncode == 1
+    publisher.proc.stdin.close()  # `pub` ends at the end of its input
+    assert await asyncio.to_thread(publisher.wait, 15) == 0
+
+
+async def _data(values: Awaitable[list[Message]]) -> bool:
+    return [m.data for m in await values] == [b"22.0"]
+
+
+def test_retain_reliable_without_a_data_dir_is_a_usage_error(mesh_name: str) -> None:
+    got = run(["pub", "t", "x", "--retain", "--reliable", "--no-mdns"], mesh=mesh_name)
+    assert got.returncode == 2
+    assert got.stderr.count("\n") == 1
+    assert "data dir" in got.stderr
+
+
+async def test_last_rejects_bad_input(make_node: MakeNode) -> None:
+    node = await make_node("n", mdns=False)
+    with pytest.raises(ConfigError):
+        await node.last("a..b")
+    with pytest.raises(ConfigError):
+        await node.last("a", timeout=0)
+
+
+async def test_the_blocking_node_retains_and_reads_back(mesh_name: str) -> None:
+    from mesh import Node
+
+    def work() -> list[bytes]:
+        with Node(name="b", mesh=mesh_name, interfaces=["127.0.0.1"], mdns=False,
+                  **FAST) as node:
+            node.publish("sync.t", b"1", retain=True)
+            node.publish_many("sync.t", [b"2", b"3"], retain=True)
+            sub = node.subscribe("sync.*")
+            first = sub.next(timeout=5).data
+            return [first, *(m.data for m in node.last("sync.>"))]
+
+    assert await asyncio.to_thread(work) == [b"3", b"3"]
+
+
+async def test_agent_http_retain_last_and_sse_retained_false(make_node: MakeNode,
+                                                             mesh_name: str) -> None:
+    """`?retain=true`, `GET /v1/last/{pattern}` and `?retained=false` over real HTTP."""
+    from mesh._agent import Agent, load
+    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name,
+                                        "interfaces": ["127.0.0.1"], "mdns": False,
+                                        "http": "127.0.0.1:0", **FAST})
+    async with Agent(config) as agent, aiohttp.ClientSession() as http:
+        url = agent.http_url
+        async with http.post(f"{url}/v1/publish/home.temp?retain=true", data=b"20") as r:
+            assert r.status == 202
+        async with http.get(f"{url}/v1/last/home.%3E") as r:
+            assert r.status == 200
+            values = await r.json()
+        assert [(v["topic"], v["data"], v["source"]) for v in values] == [
+            ("home.temp", "20", "agent")]
+        async with http.get(f"{url}/v1/last/home..x") as r:
+            assert r.status == 400
+        async with http.get(f"{url}/v1/subscribe/home.*") as stream:
+            line = await _sse_data(stream)
+            assert json.loads(line)["data"] == "20"
+        async with http.get(f"{url}/v1/subscribe/home.*?retained=false") as stream:
+            await agent.node.publish("home.temp", b"21")
+            line = await _sse_data(stream)
+            assert json.loads(line)["data"] == "21"
+        async with http.get(f"{url}/v1/subscribe/home.*?retained=maybe") as r:
+            assert r.status == 400
+
+
+async def _sse_data(stream: aiohttp.ClientResponse) -> str:
+    """The data of the next SSE event (bounded)."""
+    async with asyncio.timeout(10):
+        async for raw in stream.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("data: "):
+                return line[len("data: "):]
+    raise AssertionError("stream ended")
+
+
+async def test_a_reliable_retained_publish_is_retained_as_a_plain_value(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """`reliable=True, retain=True` spools it and retains it; the value reads best effort."""
+    node = await make_node("n", mdns=False, data_dir=str(tmp_path / "n"))
+    await node.publish("r.t", b"v", reliable=True, retain=True)
+    [value] = await node.last("r.t")
+    assert (value.topic, value.data, value.reliable) == ("r.t", b"v", False)
