@@ -42,8 +42,11 @@ READY_TIMEOUT: Final[float] = 2.0
 answers anyway."""
 _CONCURRENCY: Final[int] = 16
 DISCOVERY_GRACE: Final[float] = 0.5
-"""A node that just started gathers retained values only this long after its start, so
-the publishers discovery is about to find are asked too."""
+"""A node that just started and knows no peer yet waits up to this long after its start
+for discovery before it gathers retained values (so a fresh `zeromesh sub` asks the
+publishers it is about to find)."""
+SETTLE: Final[float] = 0.05
+"""...and, once peers appear, until none has joined for this long (they come in a burst)."""
 
 Covered = dict[tuple[str, str], int]
 
@@ -119,13 +122,26 @@ class RetainedValues:
                      timeout: float = ASK_TIMEOUT) -> tuple[list[Message], Covered]:
         """The newest retained value of every matching topic across the mesh (this node
         included), in topic order; and what each publisher's values cover."""
-        await asyncio.sleep(max(0.0, self._grace_end - asyncio.get_running_loop().time()))
+        await self._discovered()
         mine = [_message(item, self._name, self._node_id) for item in self.store.matching(pattern)]
         asked = [rec for rec in self._peers.records()
                  if rec.retains and rec.rtr and rec.state is not PeerState.LOST]
         pages = await asyncio.gather(*(self._ask(rec, pattern, version, timeout)
                                        for rec in asked))
         return _merge([mine, *pages])
+
+    async def _discovered(self) -> None:
+        """Within the discovery grace after start: wait for the first peers to be found,
+        and for their burst to end (bounded by the grace; polled, it is short)."""
+        loop = asyncio.get_running_loop()
+        seen, since = -1, loop.time()
+        while loop.time() < self._grace_end:
+            alive = sum(1 for rec in self._peers.records() if rec.state is PeerState.ALIVE)
+            if alive != seen:
+                seen, since = alive, loop.time()
+            elif alive and loop.time() - since >= SETTLE:
+                return
+            await asyncio.sleep(0.01)
 
     async def _ask(self, rec: PeerRecord, pattern: TopicPattern, version: int,
                    timeout: float) -> list[Message]:
