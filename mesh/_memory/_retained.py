@@ -5,21 +5,17 @@ dict entry, not a log append per message. With a data dir the values survive
 a restart, a SIGKILL included: the topics changed during one loop iteration
 are appended to ``retained.log`` together (one write for a burst), and the log
 is rewritten compactly at start and whenever it has grown to several times
-what it holds. A torn tail (a crash mid-write) is cut at the last whole
-record. Writes are not fsynced: a power cut may lose the last values, a
-process crash does not.
+what it holds (see `_log` for what a crash can cost).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import struct
 from bisect import bisect_right
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import Any, Final
 
 import msgspec
 
@@ -27,10 +23,10 @@ from patterns import TopicPattern
 
 from .. import _wire
 from .._parts import Announcer
+from ._log import RecordLog
 
 _log = logging.getLogger("mesh.node")
 _FILE: Final[str] = "retained.log"
-_LEN: Final = struct.Struct("<I")
 _REWRITE_FACTOR: Final[int] = 4
 _REWRITE_SLACK: Final[int] = 1 << 20
 
@@ -49,15 +45,13 @@ class RetainedStore:
     """This node's retained values, by topic; a `HelloPart` (peers learn whether to ask)."""
 
     def __init__(self, data_dir: str | None, announcer: Announcer) -> None:
-        self._path = Path(data_dir) / _FILE if data_dir is not None else None
+        self._file = RecordLog(Path(data_dir) / _FILE) if data_dir is not None else None
         self._announcer = announcer
         self._values: dict[str, _wire.Item] = {}
         self._topics: list[str] | None = None
         """The topics, sorted (for paging); None when a change made it stale."""
         self._dirty: dict[str, _wire.Item | None] = {}
         self._flush: asyncio.Handle | None = None
-        self._file: BinaryIO | None = None
-        self._written = 0
 
     def __len__(self) -> int:
         return len(self._values)
@@ -69,17 +63,15 @@ class RetainedStore:
 
     def load(self) -> None:
         """Read what an earlier run retained and rewrite the log compactly."""
-        if self._path is None:
+        if self._file is None:
             return
-        if self._path.exists():
-            self._values = _read(self._path)
+        self._values = _read(self._file)
         self._rewrite()
 
     def close(self) -> None:
         self.flush()
         if self._file is not None:
             self._file.close()
-            self._file = None
 
     # -- values ----------------------------------------------------------------------
 
@@ -92,7 +84,7 @@ class RetainedStore:
             self._values[topic] = item
         elif self._values.pop(topic, None) is not None:
             self._topics = None
-        if self._path is not None:
+        if self._file is not None:
             self._dirty[topic] = item if item.payload else None
             if self._flush is None:
                 self._flush = asyncio.get_running_loop().call_soon(self.flush)
@@ -132,46 +124,21 @@ class RetainedStore:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        if not self._dirty or self._path is None:
+        if not self._dirty or self._file is None:
             return
         dirty, self._dirty = self._dirty, {}
-        chunks = []
-        for topic, item in dirty.items():
-            body = _encoder.encode(_Record(topic, None if item is None else
-                                           _with_topic(topic, item)))
-            chunks.append(_LEN.pack(len(body)) + body)
-        data = b"".join(chunks)
-        try:
-            if self._file is None:
-                self._file = self._path.open("ab")
-            self._file.write(data)
-            self._file.flush()
-        except OSError as exc:
-            _log.warning("cannot save retained values to %s: %s", self._path, exc)
-            return
-        self._written += len(data)
-        live = sum(len(i.payload) + len(i.topic) + 64 for i in self._values.values())
-        if self._written > _REWRITE_FACTOR * live + _REWRITE_SLACK:
+        self._file.append(_encoder.encode(_Record(topic, None if item is None else
+                                                 _with_topic(topic, item)))
+                         for topic, item in dirty.items())
+        live = sum(len(i.payload) + len(t) + 64 for t, i in self._values.items())
+        if self._file.size > _REWRITE_FACTOR * live + _REWRITE_SLACK:
             self._rewrite()
 
     def _rewrite(self) -> None:
-        """The log holds exactly the current values (written aside, then renamed)."""
-        assert self._path is not None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        tmp = self._path.with_suffix(".tmp")
-        data = b"".join(_LEN.pack(len(body)) + body for body in (
-            _encoder.encode(_Record(topic, item)) for topic, item in self._values.items()))
-        try:
-            with tmp.open("wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._path)
-        except OSError as exc:
-            _log.warning("cannot rewrite %s: %s", self._path, exc)
-        self._written = len(data)
+        """The log holds exactly the current values."""
+        assert self._file is not None
+        self._file.rewrite(_encoder.encode(_Record(topic, _with_topic(topic, item)))
+                          for topic, item in self._values.items())
 
 
 def _with_topic(topic: str, item: _wire.Item) -> _wire.Item:
@@ -182,28 +149,17 @@ def _with_topic(topic: str, item: _wire.Item) -> _wire.Item:
     return _wire.Item(item.seq, item.ts, item.headers, item.payload, False, topic)
 
 
-def _read(path: Path) -> dict[str, _wire.Item]:
-    """The values a log holds; a torn or damaged tail ends the read (reported once)."""
+def _read(records: RecordLog) -> dict[str, _wire.Item]:
+    """The values a log holds; an undecodable record ends the read (reported once)."""
     values: dict[str, _wire.Item] = {}
-    data = path.read_bytes()
-    pos = 0
-    while pos < len(data):
-        if pos + _LEN.size > len(data):
-            break
-        (size,) = _LEN.unpack_from(data, pos)
-        body = data[pos + _LEN.size: pos + _LEN.size + size]
-        if len(body) < size:
-            break
+    for body in records.read():
         try:
             record = _decoder.decode(body)
         except (msgspec.DecodeError, UnicodeDecodeError):
+            _log.warning("%s: an undecodable record ends what is read", records.path)
             break
         if record.item is None:
             values.pop(record.topic, None)
         else:
             values[record.topic] = record.item
-        pos += _LEN.size + size
-    if pos < len(data):
-        _log.warning("%s: %d bytes at the end were torn or damaged and are dropped",
-                     path, len(data) - pos)
     return values
