@@ -19,6 +19,7 @@ from typing import Final, TypeVar
 import msgspec
 
 from discovery import InvalidRecord, StaticDiscovery, parse_peer_urls
+from patterns import InvalidName, TopicPattern
 
 from ._spool._store import FsyncPolicy
 from .errors import ConfigError
@@ -55,6 +56,13 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     peers first)."""
     lost_after: float = 1.5
     """A peer silent this long is lost (an event; it joins again when heard)."""
+    history: list[str] = msgspec.field(default_factory=list)
+    """Patterns of the topics whose messages this node keeps for late subscribers
+    (``subscribe(..., since=, last=)``)."""
+    history_max_age: float = 3600.0
+    """History older than this many seconds is dropped."""
+    history_max_bytes: int = 64 * 1024 * 1024
+    """History beyond this many bytes drops its oldest messages."""
     forget_after: float = 60.0
     """A peer lost this long is forgotten: its connections closed, gone from ``peers()``;
     if it comes back it joins as new."""
@@ -110,6 +118,14 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                               "need heartbeat_interval < suspect_after <= lost_after")
         if self.forget_after <= 0:
             raise ConfigError("forget_after", "must be > 0")
+        if self.history_max_age <= 0 or self.history_max_bytes <= 0:
+            raise ConfigError("history_max_age" if self.history_max_age <= 0
+                              else "history_max_bytes", "must be > 0")
+        for pattern in self.history:
+            try:
+                TopicPattern(pattern)
+            except InvalidName as exc:
+                raise ConfigError("history", f"{exc.reason} in {pattern!r}") from None
         if self.spool_quota <= 0 or self.max_attempts < 1:
             raise ConfigError("spool_quota", "spool_quota and max_attempts must be positive")
         if self.ack_timeout <= 0 or self.retry_backoff < 0:

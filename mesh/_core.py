@@ -35,15 +35,17 @@ from discovery import (
 )
 from patterns import Context, Curve, KeyFileError, load_allowlist, load_secret
 
-from . import _wire
+from . import _names, _wire
 from ._config import NodeConfig
 from ._membership._control import Membership
 from ._membership._events import EventStreams, PeerEvents
 from ._membership._hello import Announcement, Identity
 from ._membership._identity import load_or_create_id
 from ._membership._peers import Peer, PeerRecord, PeerState
+from ._memory._history import History
+from ._memory._replay import HistoryReplay
 from ._memory._retained import RetainedStore
-from ._memory._snapshot import RetainedValues
+from ._memory._snapshot import Discovery, RetainedValues
 from ._pubsub._engine import PubSub
 from ._reliable._durables import KnownDurables
 from ._reliable._outbox import Outbox, open_spools
@@ -72,6 +74,7 @@ class _Running:
     serving: Serving
     requests: Requests
     retained: RetainedValues
+    history: HistoryReplay
     outbox: Outbox | None
     """The spool's sending side; None when the node has no data dir."""
     discovery: tuple[DiscoveryBackend, ...]
@@ -207,14 +210,24 @@ class NodeCore:
         requests = Requests(ctx, cfg, self._quiet, self.stats, peers=peers, local=serving,
                             waiter=self._watchers)
         stack.push_async_callback(requests.aclose)
+        discovered = Discovery(peers)
         store = RetainedStore(cfg.data_dir, membership)
         store.load()
         stack.callback(store.close)
         retained = RetainedValues(store, peers=peers, pubsub=pubsub, serving=serving,
                                   requests=requests, waiter=self._watchers,
-                                  max_message_size=cfg.max_message_size)
+                                  discovery=discovered, max_message_size=cfg.max_message_size)
         stack.push_async_callback(retained.aclose)
-        announcement.parts = (pubsub, work, serving, self._durables, store)
+        kept = History([_names.pattern(p) for p in cfg.history], max_age=cfg.history_max_age,
+                       max_bytes=cfg.history_max_bytes, data_dir=cfg.data_dir)
+        kept.load()
+        stack.callback(kept.close)
+        history = HistoryReplay(kept, peers=peers, pubsub=pubsub, serving=serving,
+                                requests=requests, waiter=self._watchers, discovery=discovered,
+                                max_message_size=cfg.max_message_size)
+        stack.push_async_callback(history.aclose)
+        pubsub.history = kept if kept.patterns else None
+        announcement.parts = (pubsub, work, serving, self._durables, store, kept)
         membership.attach(listeners=(self._durables, pubsub, work, requests,
                                      _WakeOnPeers(self._watchers)),
                           events=(self._events,), routes=work.control_routes, tickers=(work,))
@@ -236,11 +249,13 @@ class NodeCore:
         tasks.spawn(pubsub.read_markers(), "zeromesh-markers")
         serving.start()
         requests.start(self._id)
+        discovered.start()
         retained.start(self._id, cfg.name)
+        history.start(self._id, cfg.name)
         work.start(self._id, cfg.name)
         discovery = await self._start_discovery(stack, membership, identity)
         return _Running(identity, curve, membership, pubsub, work, serving, requests, retained,
-                        outbox, discovery, tasks, stack)
+                        history, outbox, discovery, tasks, stack)
 
     async def _start_discovery(self, stack: contextlib.AsyncExitStack,
                                membership: Membership, identity: Identity

@@ -7,7 +7,9 @@ node's lifecycle and peer view are in `_core`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from . import _names, _wire
@@ -130,23 +132,34 @@ class AsyncNode(NodeCore):
 
     async def subscribe(self, pattern: str, *, callback: Callback | None = None,
                         max_pending: int = DEFAULT_MAX_PENDING,
-                        retained: bool = True) -> Subscription:
+                        retained: bool = True, since: float | datetime | None = None,
+                        last: int | None = None) -> Subscription:
         """Receive messages on topics matching `pattern` (``*`` one segment, ``>`` the rest).
 
         First comes the retained value of every matching topic in the mesh (for
         each topic the newest across its publishers), then live messages, with
         no gap and no duplicate between the two; ``retained=False`` starts with
-        live messages only. With `callback`, each message is passed to it on
-        the loop instead of being queued for iteration. `max_pending` bounds
-        the queue (0 = no bound).
+        live messages only. With `since` (seconds ago, or a `datetime`) and/or
+        `last` (the newest N of each topic), it starts instead with the history
+        every live publisher kept of matching topics (see ``history`` in
+        `NodeConfig`), merged in timestamp order and in order per publisher,
+        then goes live, again with no gap and no duplicate. With `callback`,
+        each message is passed to it on the loop instead of being queued for
+        iteration. `max_pending` bounds the queue (0 = no bound).
 
         Raises:
             ConfigError: `pattern` is invalid.
             ClosedError: the node is not running.
         """
+        start = _since(since)
+        if last is not None and last < 1:
+            raise ConfigError("last", "must be >= 1")
         run = self._live()
         sub = run.pubsub.subscribe(pattern, callback, max_pending)
-        if retained:
+        if start is not None or last is not None:
+            run.history.fill(sub, run.membership.interest_version, since=start or 0.0,
+                             last=last or 0)
+        elif retained:
             run.retained.fill(sub, run.membership.interest_version)
         return sub
 
@@ -445,6 +458,25 @@ class AsyncNode(NodeCore):
             ConfigError: it is not a valid service name.
         """
         _names.service(service)
+
+def _since(since: float | datetime | None) -> float | None:
+    """`since` as a wall-clock timestamp.
+
+    Raises:
+        ConfigError: it is in the future (or not a positive number of seconds ago).
+    """
+    if since is None:
+        return None
+    now = time.time()
+    if isinstance(since, datetime):
+        start = since.timestamp()  # (a naive one is local time, as Python takes it)
+        if start > now:
+            raise ConfigError("since", f"{since.isoformat()} is in the future")
+        return start
+    if since <= 0:
+        raise ConfigError("since", "must be a positive number of seconds ago")
+    return now - since
+
 
 class _Untracked:
     """Settles nothing: a best-effort message in a durable subscription."""

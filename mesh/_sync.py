@@ -18,6 +18,7 @@ import contextlib
 import inspect
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
@@ -283,7 +284,8 @@ class Node:
 
     def subscribe(self, pattern: str, *, callback: Callable[[Message], None] | None = None,
                   max_pending: int = DEFAULT_MAX_PENDING,
-                  retained: bool = True) -> SyncSubscription:
+                  retained: bool = True, since: float | datetime | None = None,
+                  last: int | None = None) -> SyncSubscription:
         """See `AsyncNode.subscribe`; iterate the result. A `callback` runs in a thread of
         the subscription's own, one message at a time in order, so it may block; past
         `max_pending` messages behind, the oldest are dropped (and counted) as when iterating.
@@ -295,7 +297,8 @@ class Node:
         sync_sub = SyncSubscription(self, max_pending, callback)
         sync_sub._start(self._call(self._node.subscribe(pattern, callback=sync_sub._put,
                                                         max_pending=max_pending,
-                                                        retained=retained)))
+                                                        retained=retained, since=since,
+                                                        last=last)))
         self._streams.append(sync_sub)
         return sync_sub
 

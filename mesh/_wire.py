@@ -41,7 +41,7 @@ tag  message    fields
 1    Hello      id, name, mesh, incarnation, ctl, pub, subs, subs_version, reply,
                pull, queues, rtr, services, durables, key, feeds (the subs that
                only feed durables' live views: no reliable messages by pub/sub),
-               retains (it holds retained values)
+               retains (it holds retained values), history (its history patterns)
 2    Heartbeat  id, incarnation, subs_version, ctl
 3    Bye        id
 4    Credit     id, queue, consumed, epoch, window: a worker has consumed this many of
@@ -69,7 +69,10 @@ Retained values travel as the payload of a request to the internal service
 ``_zeromesh.retained``, which every node serves without announcing it: a
 ``RetainedQuery`` (pattern, the asker's interest version, a cursor) answered
 by a ``RetainedPage`` (the publisher's name, items with their topics, the
-cursor of the next page or "" at the end), both msgpack arrays.
+cursor of the next page or "" at the end), both msgpack arrays. History
+likewise on ``_zeromesh.history``: a ``HistoryQuery`` (pattern, since, last,
+version, after, upto) answered by ``HistoryPage`` s (name, items in publishing
+order, next, upto, and the publisher's history patterns).
 
 Evolution: fields are only appended, with defaults; new message kinds get new
 tags, which older peers drop and count as malformed.
@@ -190,6 +193,8 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
     leave its reliable messages out of pub/sub for them."""
     retains: bool = False
     """This node holds retained values: a new subscription asks it for them."""
+    history: list[str] = []
+    """The patterns of the topics whose messages this node keeps as history."""
 
 
 class Heartbeat(msgspec.Struct, frozen=True, array_like=True, tag=2):
@@ -243,13 +248,13 @@ def encode_spooled(msg: Spooled) -> bytes:
 
 def decode_spooled(data: bytes) -> Spooled:
     """Raises ProtocolError for a record that is not a spooled message."""
-    return _decoded(_spooled_decoder, data, "spool record")
+    return decode_with(_spooled_decoder, data, "spool record")
 
 
 _T = TypeVar("_T")
 
 
-def _decoded(decoder: msgspec.msgpack.Decoder[_T], data: bytes, what: str) -> _T:
+def decode_with(decoder: msgspec.msgpack.Decoder[_T], data: bytes, what: str) -> _T:
     """`data` decoded, or ProtocolError naming `what` it should have been."""
     try:
         return decoder.decode(data)
@@ -460,46 +465,3 @@ def service_frames(msgs: Sequence[ServiceFrame], budget: int) -> Iterator[bytear
             start, size = i, 0
         size += more
     yield encode_service(msgs[start:])
-
-
-RETAINED_SERVICE: Final[str] = "_zeromesh.retained"
-"""The internal service every node answers retained-value queries on."""
-
-
-class RetainedQuery(msgspec.Struct, array_like=True, frozen=True):
-    """Which retained values the asker wants, and from where on."""
-
-    pattern: str
-    version: int = 0
-    """The asker's interest version: answer once its subscription of that version is in
-    force at our publisher (0: do not wait), so nothing falls between snapshot and live."""
-    after: str = ""
-    """Only topics sorting after this one (paging)."""
-
-
-class RetainedPage(msgspec.Struct, array_like=True, frozen=True):
-    """Some of a publisher's retained values, in topic order."""
-
-    name: str
-    items: list[Item]
-    """Each with its `topic` set."""
-    next: str = ""
-    """Ask again with ``after=next`` for more; "" when this was the last page."""
-
-
-_query_decoder: Final = msgspec.msgpack.Decoder(RetainedQuery)
-_page_decoder: Final = msgspec.msgpack.Decoder(RetainedPage)
-
-
-def encode_retained(msg: RetainedQuery | RetainedPage) -> bytes:
-    return _encoder.encode(msg)
-
-
-def decode_retained_query(data: bytes) -> RetainedQuery:
-    """Raises ProtocolError for anything but a query."""
-    return _decoded(_query_decoder, data, "retained query")
-
-
-def decode_retained_page(data: bytes) -> RetainedPage:
-    """Raises ProtocolError for anything but a page."""
-    return _decoded(_page_decoder, data, "retained page")

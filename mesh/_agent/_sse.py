@@ -73,12 +73,16 @@ class Streams:
             await source.aclose()
 
     async def subscribe(self, request: web.Request) -> web.StreamResponse:
-        params = _http.query(request, ("durable", "retained"))
+        params = _http.query(request, ("durable", "retained", "since", "last"))
         pattern = request.match_info["pattern"]
         durable = params.get("durable")
         retained = _http.flag(params, "retained", default=True)
+        since = _http.seconds(params, "since", 0.0) or None
+        last = _http.count(params, "last", 0, 1_000_000) or None
+        if "last" in params and last is None:
+            return _http.error(400, "last must be >= 1")
         if durable is None:
-            return await self._plain(request, pattern, retained)
+            return await self._plain(request, pattern, retained, since, last)
         if durable in self._attached:
             return _http.error(409, f"durable {durable!r} already has a stream on this agent")
         self._attached.add(durable)
@@ -87,9 +91,10 @@ class Streams:
         finally:
             self._attached.discard(durable)
 
-    async def _plain(self, request: web.Request, pattern: str,
-                     retained: bool) -> web.StreamResponse:
-        sub = await self._node.subscribe(pattern, max_pending=MAX_PENDING, retained=retained)
+    async def _plain(self, request: web.Request, pattern: str, retained: bool,
+                     since: float | None, last: int | None) -> web.StreamResponse:
+        sub = await self._node.subscribe(pattern, max_pending=MAX_PENDING, retained=retained,
+                                         since=since, last=last)
         self._open.add(sub)
         counter = self._metrics.sse.labels(pattern)
         dropped, reported = self._metrics.sse_dropped.labels(pattern), 0

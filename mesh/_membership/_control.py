@@ -326,6 +326,7 @@ class Membership:
         rec.services = frozenset(_names(hello.services, "service", self._quiet))
         rec.durables = dict(list(hello.durables.items())[:_MAX_SUBS])
         rec.retains = hello.retains
+        rec.history = tuple(hello.history[:_MAX_SUBS])
         rec.subs_version = hello.subs_version
         return True
 

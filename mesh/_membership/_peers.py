@@ -97,6 +97,8 @@ class PeerRecord:
     durables: dict[str, str] = field(default_factory=dict)
     retains: bool = False
     """It holds retained values (see `_memory`)."""
+    history: tuple[str, ...] = ()
+    """Its history patterns (see `_memory`)."""
     feeds: frozenset[str] = frozenset()
     """Patterns of `subs` that want best-effort messages only (durables' live views)."""
     services: frozenset[str] = frozenset()

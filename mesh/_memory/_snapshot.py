@@ -30,6 +30,7 @@ from .._pubsub._subscription import Subscription
 from .._services._requests import Requests
 from .._services._serving import Serving
 from ..errors import DeliveryError, ProtocolError, RequestTimeout
+from . import _queries
 from ._retained import RetainedStore
 
 _log = logging.getLogger("mesh.node")
@@ -51,12 +52,57 @@ SETTLE: Final[float] = 0.05
 Covered = dict[tuple[str, str], int]
 
 
+class Discovery:
+    """When a node that just started has found the peers it is about to find."""
+
+    def __init__(self, peers: PeerTable) -> None:
+        self._peers = peers
+        self._grace_end = 0.0
+
+    def start(self) -> None:
+        self._grace_end = asyncio.get_running_loop().time() + DISCOVERY_GRACE
+
+    async def settled(self) -> None:
+        """Within the discovery grace after start: wait for the first peers to be found,
+        and for their burst to end (bounded by the grace; polled, it is short)."""
+        loop = asyncio.get_running_loop()
+        seen, since = -1, loop.time()
+        while loop.time() < self._grace_end:
+            alive = sum(1 for rec in self._peers.records() if rec.state is PeerState.ALIVE)
+            if alive != seen:
+                seen, since = alive, loop.time()
+            elif alive and loop.time() - since >= SETTLE:
+                return
+            await asyncio.sleep(0.01)
+
+
+_warned_unready: set[str] = set()
+
+
+async def in_force(waiter: Waiter, pubsub: PubSub, request: Message, version: int) -> None:
+    """Wait (bounded) until the asker's subscription of interest `version` is in force at
+    our publisher, so nothing falls between an answer taken now and the live stream."""
+    if version <= 0:
+        return
+    try:
+        await waiter.wait(lambda: pubsub.confirmed_version(request.source_id) >= version,
+                          READY_TIMEOUT, "waiting for the subscription to be in force")
+    except RequestTimeout:
+        level = logging.DEBUG if request.source_id in _warned_unready else logging.WARNING
+        if len(_warned_unready) < 10_000:
+            _warned_unready.add(request.source_id)
+        _log.log(level, "answered %r before its subscription was in force here: a message "
+                 "may fall between what it asked for and its live messages",
+                 request.source[:64])
+
+
 class RetainedValues:
     """This node's part in retained values: serving its own, gathering everyone's."""
 
     def __init__(self, store: RetainedStore, *, peers: PeerTable, pubsub: PubSub,
-                 serving: Serving, requests: Requests, waiter: Waiter,
+                 serving: Serving, requests: Requests, waiter: Waiter, discovery: Discovery,
                  max_message_size: int) -> None:
+        self._discovery = discovery
         self.store = store
         self._peers = peers
         self._pubsub = pubsub
@@ -66,14 +112,12 @@ class RetainedValues:
         self._budget = max(1024, max_message_size // 2)
         self._node_id = ""
         self._name = ""
-        self._grace_end = 0.0
         self._filling: set[asyncio.Task[None]] = set()
         self._warned: set[tuple[str, str]] = set()
 
     def start(self, node_id: str, name: str) -> None:
         self._node_id, self._name = node_id, name
-        self._grace_end = asyncio.get_running_loop().time() + DISCOVERY_GRACE
-        self._serving.serve_internal(_wire.RETAINED_SERVICE, self._answer, _CONCURRENCY)
+        self._serving.serve_internal(_queries.RETAINED_SERVICE, self._answer, _CONCURRENCY)
 
     async def aclose(self) -> None:
         tasks, self._filling = set(self._filling), set()
@@ -85,20 +129,12 @@ class RetainedValues:
     # -- answering -------------------------------------------------------------------
 
     async def _answer(self, request: Message) -> bytes:
-        query = _wire.decode_retained_query(request.data)
+        query = _queries.decode_retained_query(request.data)
         pattern = _names.pattern(query.pattern)
-        if query.version > 0 and query.after == "":
-            try:  # nothing may fall between this snapshot and the live stream
-                await self._waiter.wait(
-                    lambda: self._pubsub.confirmed_version(request.source_id) >= query.version,
-                    READY_TIMEOUT, "waiting for the subscription to be in force")
-            except RequestTimeout:
-                self._warn_once("unready", request.source_id,
-                                "answered %r before its subscription was in force here: a "
-                                "message may fall between its retained values and live ones",
-                                request.source[:64])
+        if query.after == "":
+            await in_force(self._waiter, self._pubsub, request, query.version)
         items, after = self.store.page(pattern, query.after, self._budget)
-        return _wire.encode_retained(_wire.RetainedPage(self._name, items, after))
+        return _queries.encode_retained(_queries.RetainedPage(self._name, items, after))
 
     # -- gathering -------------------------------------------------------------------
 
@@ -122,26 +158,14 @@ class RetainedValues:
                      timeout: float = ASK_TIMEOUT) -> tuple[list[Message], Covered]:
         """The newest retained value of every matching topic across the mesh (this node
         included), in topic order; and what each publisher's values cover."""
-        await self._discovered()
-        mine = [_message(item, self._name, self._node_id) for item in self.store.matching(pattern)]
+        await self._discovery.settled()
+        mine = [message_of(item, self._name, self._node_id)
+                for item in self.store.matching(pattern)]
         asked = [rec for rec in self._peers.records()
                  if rec.retains and rec.rtr and rec.state is not PeerState.LOST]
         pages = await asyncio.gather(*(self._ask(rec, pattern, version, timeout)
                                        for rec in asked))
         return _merge([mine, *pages])
-
-    async def _discovered(self) -> None:
-        """Within the discovery grace after start: wait for the first peers to be found,
-        and for their burst to end (bounded by the grace; polled, it is short)."""
-        loop = asyncio.get_running_loop()
-        seen, since = -1, loop.time()
-        while loop.time() < self._grace_end:
-            alive = sum(1 for rec in self._peers.records() if rec.state is PeerState.ALIVE)
-            if alive != seen:
-                seen, since = alive, loop.time()
-            elif alive and loop.time() - since >= SETTLE:
-                return
-            await asyncio.sleep(0.01)
 
     async def _ask(self, rec: PeerRecord, pattern: TopicPattern, version: int,
                    timeout: float) -> list[Message]:
@@ -149,16 +173,16 @@ class RetainedValues:
         out: list[Message] = []
         after = ""
         while True:
-            query = _wire.RetainedQuery(pattern.pattern, version, after)
+            query = _queries.RetainedQuery(pattern.pattern, version, after)
             try:
-                reply = await self._requests.ask(rec, _wire.RETAINED_SERVICE,
-                                                 _wire.encode_retained(query), timeout=timeout)
-                page = _wire.decode_retained_page(reply.data)
+                reply = await self._requests.ask(rec, _queries.RETAINED_SERVICE,
+                                                 _queries.encode_retained(query), timeout=timeout)
+                page = _queries.decode_retained_page(reply.data)
             except (DeliveryError, ProtocolError) as exc:
                 self._warn_once("unanswered", rec.id, "no retained values from %r: %s",
                                 rec.name, exc)
                 return out
-            out.extend(_message(item, page.name[:64], rec.id) for item in page.items
+            out.extend(message_of(item, page.name[:64], rec.id) for item in page.items
                        if item.topic and pattern.matches(item.topic))
             if not page.next or page.next <= after:
                 return out
@@ -173,7 +197,7 @@ class RetainedValues:
             _log.debug(text, *args)
 
 
-def _message(item: _wire.Item, name: str, source_id: str) -> Message:
+def message_of(item: _wire.Item, name: str, source_id: str) -> Message:
     return Message(item.topic, item.payload, name, source_id, item.seq, item.ts, item.headers,
                    item.reliable)
 

@@ -20,7 +20,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from patterns import (
     Context,
@@ -51,6 +51,14 @@ _MARKER_RE: Final = re.compile(rb"[0-9A-Za-z]{1,64}:[0-9]{1,19}")
 _PUB_LINGER: Final[float] = 2.0
 
 
+class Recorder(Protocol):
+    """Keeps what this node publishes on some topics (the node's history)."""
+
+    def keeps(self, topic: str) -> bool: ...
+
+    def add(self, topic: str, items: Sequence[_wire.Item]) -> None: ...
+
+
 class PubSub:
     """The pub/sub side of a node; owns its PUB and SUB sockets."""
 
@@ -64,6 +72,8 @@ class PubSub:
         self._peers = peers
         self._announcer = announcer
         self._waiter = waiter
+        self.history: Recorder | None = None
+        """Where what we publish on history topics is kept (None: no history)."""
         self._reliable_copies: BoundedDict[str, bool] = BoundedDict()
         """Per topic: does any peer want reliable messages by pub/sub (see
         `_reliable_wanted`)? Cleared whenever peers or their interest change."""
@@ -198,6 +208,9 @@ class PubSub:
         seq = self._next_seq()
         item = _wire.Item(seq, time.time(), hdrs, data)
         pending.append(item)
+        history = self.history
+        if history is not None and history.keeps(topic):
+            history.add(topic, (item,))
         self._outgoing_count += 1
         self._outgoing_bytes += size
         if self._subs:
@@ -230,6 +243,8 @@ class PubSub:
         item = _wire.Item(self._next_seq(), time.time(), dict(headers) if headers else None,
                           payload)
         self._enqueue(topic, [item], name)
+        if self.history is not None and self.history.keeps(topic):
+            self.history.add(topic, (item,))
         local = self._matching(topic) if self._subs else ()
         if local:
             msg = Message(topic, payload, name, self.node_id, item.seq, item.ts, item.headers)
@@ -261,6 +276,8 @@ class PubSub:
         next_seq, ts, make = self._next_seq, time.time(), _wire.Item
         items = [make(next_seq(), ts, dict(headers) if headers else None, data, True, topic)
                  for data in datas]
+        if self.history is not None and self.history.keeps(topic):
+            self.history.add(topic, items)
         if self._reliable_wanted(topic):
             self._enqueue(topic, items, name)
         else:

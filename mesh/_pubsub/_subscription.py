@@ -5,11 +5,13 @@ one wake-up, not one per message. A consumer that falls more than
 `max_pending` messages behind loses the oldest ones; they are counted in
 `dropped` and reported once in the log.
 
-A subscription that starts with retained values (the ZeroMQ guide's Clone
-pattern) holds live messages back while the values are gathered, then takes
-the values, then what it held, then live messages; a live message its
-publisher's value already covers (same publisher and topic, not newer) is
-dropped, so there is neither a gap nor a duplicate between the two.
+A subscription that starts with retained values or history (the ZeroMQ
+guide's Clone pattern) holds live messages back while those are gathered,
+then takes them, then what it held, then live messages; a live message they
+already cover is dropped — for a retained value, the same publisher's older
+messages on its topic; for history, the publisher's messages on its history
+topics up to the sequence its answer covered — so there is neither a gap nor
+a duplicate between the two.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Subscription(Mailbox[Message]):
         self._covered: dict[tuple[str, str], int] = {}
         """(publisher id, topic) -> the sequence of the value it gave us: its live
         messages up to that one are already covered."""
+        self._replayed: dict[str, tuple[tuple[TopicPattern, ...], int]] = {}
+        """Publisher id -> (its history patterns, the sequence its history went up to)."""
 
     @property
     def subject(self) -> str:
@@ -73,10 +77,13 @@ class Subscription(Mailbox[Message]):
         """Hold live messages back until `_release` (retained values are on their way)."""
         self._held = []
 
-    def _release(self, retained: list[Message], covered: dict[tuple[str, str], int]) -> None:
-        """Deliver the retained values, then what was held, then go live."""
+    def _release(self, retained: list[Message], covered: dict[tuple[str, str], int],
+                 replayed: dict[str, tuple[tuple[TopicPattern, ...], int]] | None = None
+                 ) -> None:
+        """Deliver the retained values (or history), then what was held, then go live."""
         held, self._held = self._held or [], None
         self._covered = covered
+        self._replayed = replayed or {}
         self._deliver([*retained, *held], retained=len(retained))
 
     def _deliver(self, messages: Iterable[Message], retained: int = 0) -> None:
@@ -85,7 +92,7 @@ class Subscription(Mailbox[Message]):
         if self._held is not None:
             self._held.extend(messages)
             return
-        if self._covered:
+        if self._covered or self._replayed:
             messages = self._uncovered(messages, retained)
         if self._callback is not None:
             for msg in messages:
@@ -112,7 +119,7 @@ class Subscription(Mailbox[Message]):
     def _uncovered(self, messages: Iterable[Message], retained: int) -> list[Message]:
         """Drop live messages a retained value already covered (the first `retained` are
         those values themselves)."""
-        covered = self._covered
+        covered, replayed = self._covered, self._replayed
         out = []
         for i, msg in enumerate(messages):
             if i >= retained:
@@ -121,6 +128,12 @@ class Subscription(Mailbox[Message]):
                     if msg.seq <= seq:
                         continue
                     del covered[(msg.source_id, msg.topic)]  # past it: nothing more to drop
+                cover = replayed.get(msg.source_id)
+                if cover is not None:
+                    if msg.seq > cover[1]:
+                        del replayed[msg.source_id]  # its history is behind us now
+                    elif any(p.matches(msg.topic) for p in cover[0]):
+                        continue
             out.append(msg)
         return out
 

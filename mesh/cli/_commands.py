@@ -30,7 +30,7 @@ def node_for(args: argparse.Namespace) -> AsyncNode:
 def _node(args: argparse.Namespace) -> AsyncNode:
     settings = {k: getattr(args, k, None) for k in
                 ("mesh", "name", "interfaces", "peers", "data_dir", "port", "mdns", "fsync",
-                 "secret_key", "allow")}
+                 "secret_key", "allow", "history")}
     return AsyncNode(**settings)
 
 
@@ -137,7 +137,8 @@ async def sub(args: argparse.Namespace) -> int:
         if args.durable:
             subscription = await node.subscribe_durable(args.pattern, args.durable)
         else:
-            subscription = await node.subscribe(args.pattern, retained=args.retained)
+            subscription = await node.subscribe(args.pattern, retained=args.retained,
+                                                since=args.since, last=args.last)
 
         def show(msg: Message) -> str:
             return json.dumps(msg.to_dict()) if args.json else f"{msg.topic} {msg.text}"

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
-from typing import NoReturn
+from datetime import datetime
+from typing import Final, NoReturn
 
 from patterns import KeyFileError, generate_keypair
 
@@ -47,6 +49,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, help="control port (default: any free port)")
     g.add_argument("--no-mdns", dest="mdns", action="store_false", default=None,
                    help="do not announce or browse with mDNS (static peers only)")
+    g.add_argument("--history", action="append", metavar="PATTERN",
+                   help="keep what this node publishes on matching topics for late "
+                        "subscribers (`sub --since/--last`); repeatable")
     g.add_argument("--fsync", choices=[p.value for p in FsyncPolicy],
                    help="spool fsync policy (default batch: group commit)")
     g.add_argument("--secret-key", metavar="FILE",
@@ -56,6 +61,28 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="CURVE allowlist: a directory of *.key public key files, or one "
                         "(env ZEROMESH_ALLOW)")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+
+
+_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _since(text: str) -> float | datetime:
+    """Seconds ago (``90``, ``30s``, ``10m``, ``2h``, ``1d``) or an ISO 8601 time."""
+    unit = _UNITS.get(text[-1:].lower())
+    try:
+        value = float(text[:-1] if unit else text) * (unit or 1.0)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a duration (90, 30s, 10m, 2h, 1d) or an ISO 8601 time: {text!r}") from None
+        if when.timestamp() > time.time():
+            raise argparse.ArgumentTypeError(f"in the future: {text!r}") from None
+        return when
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive duration: {text!r}")
+    return value
 
 
 def _positive(text: str) -> float:
@@ -132,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a durable subscription kept in --data-dir; restart to resume it")
     p.add_argument("--no-retained", dest="retained", action="store_false",
                    help="start with live messages (skip the topics' retained values)")
+    p.add_argument("--since", type=_since, metavar="S|TIME",
+                   help="first replay the publishers' history from S ago (90, 30s, 10m, "
+                        "2h, 1d) or from an ISO 8601 time, then go live")
+    p.add_argument("--last", type=_count, metavar="N",
+                   help="first replay the newest N messages of each topic from history")
 
     p = sub.add_parser("last", help="print the retained values matching PATTERN")
     _common(p)

@@ -1,4 +1,4 @@
-"""Retained values across hosts of a namespace LAN, found by mDNS.
+"""Retained values and history across hosts of a namespace LAN, found by mDNS.
 
 Publishers on h1 and h2 (long-lived `zeromesh pub --retain` reading stdin)
 hold values; a late joiner on h3 gets, for each topic, the newest across
@@ -63,3 +63,40 @@ def test_a_late_joiner_on_another_host_gets_the_newest_values(lan: netns.Lan) ->
     finally:
         for proc in (p1, p2):
             proc.finish()
+
+
+def test_sub_since_replays_three_hosts_history_in_order_then_live(lan: netns.Lan) -> None:
+    """Publishers on h1..h3 keep history; `sub --since` on h1 gets every message of the
+    window exactly once, in order per publisher, then live."""
+    hosts = lan.hosts
+    mesh = unique("history")
+    pubs = [StdinPub(host, mesh, f"hist.{host.name}", "--history", "hist.>")
+            for host in hosts]
+    try:
+        for n in range(5):
+            for pub in pubs:
+                pub.write(f"{n}\n")
+        want = {f"hist.{h.name} {n}" for h in hosts for n in range(5)}
+        deadline = time.monotonic() + 30
+        while True:  # each `pub` publishes once it found its peers: poll its history
+            got = hosts[0].run(mesh_argv("sub", hosts[0], mesh, "hist.>", "--since", "10m",
+                                         "--count", "15", "--timeout", "5"), 30,
+                               env=host_env(hosts[0]))
+            if got.returncode == 0 or time.monotonic() > deadline:
+                break
+        lines = got.stdout.splitlines()
+        assert set(lines) == want, got.stdout
+        for host in hosts:
+            mine = [line for line in lines if line.startswith(f"hist.{host.name} ")]
+            assert mine == [f"hist.{host.name} {n}" for n in range(5)]
+        sub = MeshProc(hosts[2], mesh_argv("sub", hosts[2], mesh, "hist.>", "--since", "10m",
+                                           "--count", "16", "--timeout", "30"))
+        for line in sorted(want):
+            sub.wait_line(rf"^{line}$", 30)
+        pubs[0].write("live\n")
+        sub.wait_line(rf"^hist\.{hosts[0].name} live$", 30)
+        assert sub.wait_exit(30) == 0
+        assert len(sub.texts()) == 16
+    finally:
+        for pub in pubs:
+            pub.finish()

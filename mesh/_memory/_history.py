@@ -1,0 +1,160 @@
+"""History: what this node published on its `history` topics, kept for late subscribers.
+
+A node keeps every message it publishes on a topic matching one of its
+``history`` patterns, oldest first, bounded by age (``history_max_age``) and
+size (``history_max_bytes``); with a data dir the log is ``history.log``,
+appended once per loop iteration and compacted when it has grown to twice
+what is kept, so it survives a restart. A subscription that asks
+(``since=``, ``last=``) gets the matching part, a page at a time, in the
+order it was published; the answer says up to which sequence it covers, so
+the subscriber can drop the live copies of what history already gave it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from patterns import TopicPattern
+
+from .. import _wire
+from .._support._cache import BoundedDict
+from ._log import RecordLog
+
+_FILE: Final[str] = "history.log"
+_decoder: Final = msgspec.msgpack.Decoder(_wire.Item)
+_encoder: Final = msgspec.msgpack.Encoder()
+
+
+class History:
+    """This node's history; a `HelloPart` (peers learn which topics it keeps)."""
+
+    def __init__(self, patterns: Sequence[TopicPattern], *, max_age: float, max_bytes: int,
+                 data_dir: str | None) -> None:
+        self.patterns = tuple(patterns)
+        self._max_age = max_age
+        self._max_bytes = max_bytes
+        self._items: deque[_wire.Item] = deque()
+        """Oldest first, each with its topic set; seqs increase (one sequence per node)."""
+        self._seqs: deque[int] = deque()
+        self._bytes = 0
+        self._kept: BoundedDict[str, bool] = BoundedDict()
+        self._file = RecordLog(Path(data_dir) / _FILE) if data_dir is not None else None
+        self._unwritten: list[_wire.Item] = []
+        self._flush: asyncio.Handle | None = None
+
+    def hello_fields(self, version: int) -> Mapping[str, Any]:
+        return {"history": [p.pattern for p in self.patterns]}
+
+    def keeps(self, topic: str) -> bool:
+        """Does history keep what is published on `topic`?"""
+        kept = self._kept.get(topic)
+        if kept is None:
+            kept = self._kept.put(topic, any(p.matches(topic) for p in self.patterns))
+        return kept
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def load(self) -> None:
+        if self._file is None:
+            return
+        for body in self._file.read():
+            try:
+                self._append(_decoder.decode(body))
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                break
+        self._trim()
+        self._file.rewrite(_encoder.encode(item) for item in self._items)
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+
+    # -- recording -------------------------------------------------------------------
+
+    def add(self, topic: str, items: Sequence[_wire.Item]) -> None:
+        """Keep `items`, just published on `topic` (which `keeps`)."""
+        for item in items:
+            kept = _wire.Item(item.seq, item.ts, item.headers, item.payload, False, topic)
+            self._append(kept)
+            if self._file is not None:
+                self._unwritten.append(kept)
+        self._trim()
+        if self._unwritten and self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self.flush)
+
+    def _append(self, item: _wire.Item) -> None:
+        self._items.append(item)
+        self._seqs.append(item.seq)
+        self._bytes += len(item.payload) + len(item.topic) + _wire.ITEM_OVERHEAD
+
+    def _trim(self) -> None:
+        horizon = time.time() - self._max_age
+        items = self._items
+        while items and (self._bytes > self._max_bytes or items[0].ts < horizon):
+            old = items.popleft()
+            self._seqs.popleft()
+            self._bytes -= len(old.payload) + len(old.topic) + _wire.ITEM_OVERHEAD
+
+    def flush(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self._file is None or not self._unwritten:
+            return
+        items, self._unwritten = self._unwritten, []
+        self._file.append(_encoder.encode(item) for item in items)
+        if self._file.size > 2 * self._bytes + (1 << 20):
+            self._file.rewrite(_encoder.encode(item) for item in self._items)
+
+    # -- answering -------------------------------------------------------------------
+
+    @property
+    def newest_seq(self) -> int:
+        return self._seqs[-1] if self._seqs else 0
+
+    def page(self, pattern: TopicPattern, *, since: float, last: int, after: int,
+             upto: int, budget: int) -> tuple[list[_wire.Item], int]:
+        """Kept items on topics matching `pattern` with seq in (`after`, `upto`], published
+        at or after `since`, and (when `last` > 0) among the newest `last` of their topic;
+        up to about `budget` bytes; and where to go on from (0 when done)."""
+        self._trim()
+        start = bisect_right(self._seqs, after)
+        allowed = self._newest(pattern, last, upto) if last > 0 else None
+        out: list[_wire.Item] = []
+        size = 0
+        for item in itertools.islice(self._items, start, None):
+            if item.seq > upto:
+                break
+            if item.ts < since or not pattern.matches(item.topic):
+                continue
+            if allowed is not None and item.seq not in allowed:
+                continue
+            more = len(item.payload) + len(item.topic) + _wire.ITEM_OVERHEAD
+            if out and size + more > budget:
+                return out, out[-1].seq
+            out.append(item)
+            size += more
+        return out, 0
+
+    def _newest(self, pattern: TopicPattern, last: int, upto: int) -> set[int]:
+        """The seqs of the newest `last` kept items of each matching topic, up to `upto`."""
+        counts: dict[str, int] = {}
+        seqs: set[int] = set()
+        for item in reversed(self._items):
+            if item.seq > upto or not pattern.matches(item.topic):
+                continue
+            n = counts.get(item.topic, 0)
+            if n < last:
+                counts[item.topic] = n + 1
+                seqs.add(item.seq)
+        return seqs

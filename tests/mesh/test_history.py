@@ -1,0 +1,163 @@
+"""History replay: `since=` and `last=` give what publishers kept, then live, exactly once.
+
+Real nodes on 127.0.0.1; a publisher keeps what it publishes on its
+``history`` topics; a late subscriber asks for a window of it, merged across
+publishers in timestamp order and in order per publisher, then continues
+live with no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from mesh import ConfigError, Message, Subscription
+from tests.helpers import aeventually
+
+from ._proc import child_env, run
+from .conftest import FAST_ENV, MakeNode
+
+
+async def _take(sub: Subscription, n: int) -> list[Message]:
+    return [await sub.next(timeout=10) for _ in range(n)]
+
+
+async def test_since_replays_the_window_then_goes_live(make_node: MakeNode) -> None:
+    pub = await make_node("pub", mdns=False, history=["sensors.>"])
+    for i in range(50):
+        await pub.publish(f"sensors.t{i % 3}", str(i))
+    await pub.publish("other.x", "not kept")
+    sub_node = await make_node("sub", mdns=False, peers=pub.endpoints["ctl"])
+    await sub_node.wait_for_peers(1, timeout=5)
+    sub = await sub_node.subscribe("sensors.>", since=60)
+    got = await _take(sub, 50)
+    assert [m.text for m in got] == [str(i) for i in range(50)]
+    assert [m.topic for m in got[:3]] == ["sensors.t0", "sensors.t1", "sensors.t2"]
+    await pub.wait_for_subscribers("sensors.t0", 1, timeout=5)
+    await pub.publish("sensors.t0", "live")
+    assert (await sub.next(timeout=5)).text == "live"
+    with pytest.raises(TimeoutError):
+        await sub.next(timeout=0.2)
+
+
+async def test_last_gives_the_newest_n_of_each_topic(make_node: MakeNode) -> None:
+    pub = await make_node("pub", mdns=False, history=["s.>"])
+    for i in range(10):
+        await pub.publish("s.a", f"a{i}")
+        await pub.publish("s.b", f"b{i}")
+    sub_node = await make_node("sub", mdns=False, peers=pub.endpoints["ctl"])
+    await sub_node.wait_for_peers(1, timeout=5)
+    sub = await sub_node.subscribe("s.*", last=2)
+    assert [m.text for m in await _take(sub, 4)] == ["a8", "b8", "a9", "b9"]
+
+
+async def test_three_publishers_merge_in_time_order_each_in_its_own_order(
+        make_node: MakeNode) -> None:
+    pubs = [await make_node(f"p{i}", mdns=False, history=["m.>"]) for i in range(3)]
+    for round_ in range(20):
+        for i, pub in enumerate(pubs):
+            await pub.publish(f"m.p{i}", f"{i}-{round_}")
+    seeds = [p.endpoints["ctl"][0] for p in pubs]
+    sub_node = await make_node("sub", mdns=False, peers=seeds)
+    await sub_node.wait_for_peers(3, timeout=5)
+    sub = await sub_node.subscribe("m.>", since=60)
+    got = await _take(sub, 60)
+    assert sorted(m.text for m in got) == sorted(f"{i}-{r}" for i in range(3) for r in range(20))
+    for i in range(3):
+        mine = [m.text for m in got if m.text.startswith(f"{i}-")]
+        assert mine == [f"{i}-{r}" for r in range(20)]
+    stamps = [m.timestamp for m in got]
+    assert stamps == sorted(stamps)
+
+
+async def test_no_gap_and_no_duplicate_between_history_and_live(make_node: MakeNode) -> None:
+    """Joining while the topic is published at full speed: every message exactly once."""
+    pub = await make_node("pub", mdns=False, pub_hwm=0, sub_hwm=0, history=["flood.>"])
+    stop = asyncio.Event()
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            for _ in range(50):
+                sent += 1
+                await pub.publish("flood.x", str(sent))
+            await asyncio.sleep(0)
+
+    flooding = asyncio.create_task(flood())
+    try:
+        await aeventually(lambda: sent > 2000, timeout=10)
+        sub_node = await make_node("sub", mdns=False, pub_hwm=0, sub_hwm=0,
+                                   peers=pub.endpoints["ctl"])
+        await sub_node.wait_for_peers(1, timeout=5)
+        sub = await sub_node.subscribe("flood.*", since=3600, max_pending=0)
+        target = sent + 3000
+        await aeventually(lambda: sent > target, timeout=20)
+    finally:
+        stop.set()
+        await flooding
+    last = sent
+    got = [int((await sub.next(timeout=10)).data)]
+    while got[-1] < last:
+        got.append(int((await sub.next(timeout=10)).data))
+    assert got == list(range(1, last + 1))
+
+
+async def test_bad_since_and_last_are_rejected(make_node: MakeNode) -> None:
+    node = await make_node("n", mdns=False)
+    for kwargs in ({"since": 0}, {"since": -5},
+                   {"since": datetime.now().astimezone() + timedelta(hours=1)}, {"last": 0}):
+        with pytest.raises(ConfigError):
+            await node.subscribe("a.b", **kwargs)
+
+
+@pytest.mark.parametrize("args", [["--since", "tomorrow"], ["--since", "2999-01-01T00:00:00"],
+                                  ["--since", "-5m"], ["--last", "0"]])
+def test_cli_rejects_bad_since_and_last(args: list[str], mesh_name: str) -> None:
+    got = run(["sub", "a.b", *args, "--no-mdns", "--timeout", "1"], mesh=mesh_name)
+    assert got.returncode == 2
+    assert got.stderr.count("\n") == 1
+
+
+def test_history_survives_a_sigkill_and_cli_since_replays_it(tmp_path: Path,
+                                                             mesh_name: str) -> None:
+    """A publisher with a data dir keeps its history on disk: killed and restarted, it still
+    answers `zeromesh sub --since`."""
+    data = tmp_path / "pub"
+    env = {**child_env(mesh_name), **FAST_ENV, "ZEROMESH_MDNS": "false"}
+    code = ("import asyncio, sys\n"
+            "from mesh import AsyncNode\n"
+            "async def main():\n"
+            f"    async with AsyncNode(name='pub', data_dir={str(data)!r},\n"
+            "                         history=['log.>']) as n:\n"
+            "        if sys.argv[1] == 'write':\n"
+            "            for i in range(5):\n"
+            "                await n.publish('log.line', f'line {i}')\n"
+            "            await asyncio.sleep(0)\n"
+            "        print('ready', n.endpoints['ctl'][0], flush=True)\n"
+            "        await asyncio.Event().wait()\n"
+            "asyncio.run(main())\n")
+    for mode in ("write", "read"):
+        proc = subprocess.Popen([sys.executable, "-c", code, mode], env=env, text=True,
+                                stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().split()
+            assert line[0] == "ready", line
+            got = run(["sub", "log.>", "--since", "1h", "--count", "5", "--json", "--timeout",
+                       "15", "--peer", line[1], "--no-mdns"], mesh=mesh_name)
+            assert got.returncode == 0, got.stderr
+            assert [json.loads(x)["data"] for x in got.stdout.splitlines()] == [
+                f"line {i}" for i in range(5)]
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
