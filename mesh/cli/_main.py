@@ -49,6 +49,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="do not announce or browse with mDNS (static peers only)")
     g.add_argument("--fsync", choices=[p.value for p in FsyncPolicy],
                    help="spool fsync policy (default batch: group commit)")
+    g.add_argument("--durable-expiry", type=float, metavar="S",
+                   help="forget a durable subscription no peer announced for S seconds, "
+                        "and its backlog (env ZEROMESH_DURABLE_EXPIRY; default 604800 = "
+                        "7 days)")
     g.add_argument("--secret-key", metavar="FILE",
                    help="CURVE secret key file from `zeromesh keygen`: encrypt and "
                         "authenticate everything (env ZEROMESH_SECRET_KEY; needs --allow)")
