@@ -36,6 +36,7 @@ from ._membership._peers import Peer, PeerEvent, PeerEventKind, PeerState
 from ._message import Headers, Message
 from ._node import AsyncNode
 from ._pubsub._subscription import Subscription
+from ._reliable._durables import DurableInfo
 from ._sync import Node, SyncPeerEvents, SyncPull, SyncSubscription
 from ._work._pull import Pull
 from .errors import (
@@ -61,6 +62,7 @@ __all__ = [
     "ClosedError",
     "ConfigError",
     "DeliveryError",
+    "DurableInfo",
     "Headers",
     "MeshError",
     "Message",
