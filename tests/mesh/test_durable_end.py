@@ -19,6 +19,7 @@ import pytest
 
 from mesh import AsyncNode, ConfigError, DurableInfo, Node
 from mesh._agent._config import load as load_agent_config
+from mesh._reliable._durables import KnownDurables
 from tests.helpers import aeventually
 
 from ._proc import child_env, run
@@ -280,3 +281,64 @@ def test_forget_needs_the_data_dir_lock(mesh_name: str, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "in use" in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+async def test_forgetting_a_durable_whose_owner_is_online_learns_it_again(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """Its owner still announces it: the backlog goes, but the durable is learned again at
+    once, so its live subscriber keeps getting reliable messages (its live view takes
+    best-effort ones only: without its queue it would miss them)."""
+    pub = await make_node("pub", data_dir=str(tmp_path / "p"))
+    sub = await make_node("sub", data_dir=str(tmp_path / "s"))
+    durable = await sub.subscribe_durable("orders.>", "audit")
+    await pub.wait_for_durables("orders.x", 1, timeout=5)
+    await pub.publish("orders.new", "before", reliable=True)
+    (await durable.next(timeout=5)).ack()
+    await pub.wait_for_spool(timeout=5)  # its ack is back: no backlog
+    assert await pub.forget_durable("audit") == 0
+    assert [d.name for d in pub.durables()] == ["audit"]
+    await pub.publish("orders.new", "after", reliable=True)
+    msg = await durable.next(timeout=5)
+    assert (msg.text, msg.reliable) == ("after", True)
+    msg.ack()
+    await pub.wait_for_spool(timeout=5)
+
+
+def _known_with(tmp_path: Path, silent: float, clock: list[float]) -> KnownDurables:
+    queue = "_durable." + "b" * 32 + ".audit"
+    (tmp_path / "durables.json").write_text(json.dumps(
+        {"v": 2, "durables": {queue: {"pattern": "a.>", "last_seen": time.time() - silent}}}))
+    known = KnownDurables(str(tmp_path), clock=lambda: clock[0])
+    known.load()
+    known.start_clock()
+    return known
+
+
+def test_silence_carries_over_a_restart_but_owners_get_a_minute_to_say_hello(
+        tmp_path: Path) -> None:
+    """A durable last seen 8 days before a restart does not expire at once (the node could
+    not hear its owner while down): only after the first minute, unless announced in it;
+    one seen 1 day before has 6 days left."""
+    day, clock = 86400.0, [1000.0]
+    known = _known_with(tmp_path, 8 * day, clock)
+    (queue,) = known.matching("a.b")
+    assert known.stale(7 * day) == []
+    clock[0] += 59.0
+    assert known.stale(7 * day) == []
+    clock[0] += 2.0
+    assert [q for q, _ in known.stale(7 * day)] == [queue]
+    assert known.stale(7 * day)[0][1] >= 8 * day
+
+    clock[0] = 1000.0
+    known = _known_with(tmp_path, 8 * day, clock)
+    clock[0] += 30.0
+    known.heard([queue])  # its owner said hello in time
+    clock[0] += 60.0
+    assert known.stale(7 * day) == []
+
+    clock[0] = 1000.0
+    known = _known_with(tmp_path, 1 * day, clock)
+    clock[0] += 6 * day - 10
+    assert known.stale(7 * day) == []
+    clock[0] += 20
+    assert [q for q, _ in known.stale(7 * day)] == [queue]
