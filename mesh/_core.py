@@ -45,7 +45,7 @@ from ._membership._peers import Peer, PeerRecord, PeerState
 from ._memory._retained import RetainedStore
 from ._memory._snapshot import RetainedValues
 from ._pubsub._engine import PubSub
-from ._reliable._durables import KnownDurables, log_expired
+from ._reliable._durables import KnownDurables, log_expired, log_forgotten
 from ._reliable._outbox import Outbox, open_spools
 from ._services._requests import Requests
 from ._services._serving import Serving
@@ -383,6 +383,28 @@ class NodeCore:
         durables.heard(present)
         for queue, silent in durables.stale(self._config.durable_expiry):
             log_expired(queue, silent, self._drop_durable(run, queue))
+
+    async def _forget_durable(self, name: str) -> int:
+        """`AsyncNode.forget_durable`: forget it, then learn it again at once if its owner
+        still announces it (or it is this node's own), so a live subscriber keeps getting
+        reliable messages."""
+        run = self._live()
+        if run.outbox is None:
+            raise ConfigError("data_dir", "durables are spooled for in a data dir; none is set")
+        queue = self._durables.resolve(name)
+        await asyncio.sleep(0)  # messages spooled just now reach its queue first (_hand_out)
+        run = self._live()
+        if not self._durables.knows(queue):
+            return 0  # forgotten meanwhile
+        pattern = self._durables.pattern_of(queue)
+        freed = self._drop_durable(run, queue)
+        announced = {q: p for rec in self._alive() for q, p in rec.durables.items()}
+        again = queue in self._durables.mine or queue in announced
+        log_forgotten(queue, freed, again=again)
+        if again:
+            self._durables.learn({queue: self._durables.mine.get(queue)
+                                  or announced.get(queue, pattern)})
+        return freed
 
     def _drop_durable(self, run: _Running, queue: str) -> int:
         """Forget durable `queue` and free its backlog; how many messages waited for it."""

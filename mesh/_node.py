@@ -14,7 +14,7 @@ from . import _names, _wire
 from ._core import NodeCore
 from ._message import Message
 from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
-from ._reliable._durables import DurableInfo, durable_queue, log_forgotten
+from ._reliable._durables import DurableInfo, durable_queue
 from ._services._server import DEFAULT_CONCURRENCY, Service, ServiceHandler
 from ._work._pull import Handler, Pull
 from ._work._queues import DEFAULT_PREFETCH
@@ -263,23 +263,7 @@ class AsyncNode(NodeCore):
                 message lists them), or the node has no data dir.
             ClosedError: the node is not running.
         """
-        run = self._live()
-        if run.outbox is None:
-            raise ConfigError("data_dir", "durables are spooled for in a data dir; none is set")
-        queue = self._durables.resolve(name)
-        await asyncio.sleep(0)  # messages spooled just now reach its queue first (_hand_out)
-        run = self._live()
-        if not self._durables.knows(queue):
-            return 0  # forgotten meanwhile
-        pattern = self._durables.pattern_of(queue)
-        freed = self._drop_durable(run, queue)
-        announced = {q: p for rec in self._alive() for q, p in rec.durables.items()}
-        again = queue in self._durables.mine or queue in announced
-        log_forgotten(queue, freed, again=again)
-        if again:
-            self._durables.learn({queue: self._durables.mine.get(queue)
-                                  or announced.get(queue, pattern)})
-        return freed
+        return await self._forget_durable(name)
 
     async def subscribe_durable(self, pattern: str, name: str, *,
                                 prefetch: int = DEFAULT_PREFETCH) -> Pull:
