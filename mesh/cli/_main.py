@@ -262,7 +262,8 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _add_spool(sub: argparse._SubParsersAction[_Parser]) -> None:
-    p = sub.add_parser("spool", help="inspect, replay or purge a node's spools")
+    p = sub.add_parser("spool", help="inspect, replay or purge a node's spools; list or forget "
+                                     "the durables it spools for")
     actions = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     for name, text in [("ls", "count what is in the outbox and the dead letters"),
                        ("show", "print dead letters (or --outbox messages)"),
