@@ -20,9 +20,9 @@ import pytest
 from mesh import AsyncNode, ConfigError, DurableInfo, Node
 from mesh._agent._config import load as load_agent_config
 from mesh._reliable._durables import KnownDurables
-from tests.helpers import aeventually
+from tests.helpers import aeventually, eventually
 
-from ._proc import child_env, run
+from ._proc import Cli, child_env, run
 from .conftest import FAST, MakeNode
 
 _PAYLOAD = "x" * 1000
@@ -342,3 +342,39 @@ def test_silence_carries_over_a_restart_but_owners_get_a_minute_to_say_hello(
     assert known.stale(7 * day) == []
     clock[0] += 20
     assert [q for q, _ in known.stale(7 * day)] == [queue]
+
+
+@pytest.mark.timeout(60)
+def test_an_agent_forgets_an_abandoned_durable_after_durable_expiry(
+        mesh_name: str, tmp_path: Path, procs: list[Cli]) -> None:
+    """Real processes: `zeromesh agent --durable-expiry 1` learns a `sub --durable` that
+    then exits, forgets it a second later (durables.json shows the tombstone, `spool
+    durables` read while the agent runs lists nothing) and logs it once on stderr."""
+    data = tmp_path / "p"
+    agent = Cli(["agent", "--data-dir", str(data), "--durable-expiry", "1"], mesh=mesh_name)
+    procs.append(agent)
+    agent.line("ready")
+    subscriber = Cli(["sub", "orders.>", "--durable", "audit", "--data-dir",
+                      str(tmp_path / "s"), "--timeout", "30"], mesh=mesh_name)
+    procs.append(subscriber)
+    (queue,) = eventually(lambda: list(_stored(data).get("durables", {})), timeout=15)
+    assert queue.endswith(".audit")
+    subscriber.term()  # a graceful goodbye: gone from the agent's peers at once
+    assert subscriber.wait() in (0, 1)
+    eventually(lambda: queue in _stored(data).get("forgotten", ()), timeout=15)
+    listed = run(["spool", "durables", "--data-dir", str(data), "--json"], mesh=mesh_name)
+    assert json.loads(listed.stdout) == []
+    agent.term()
+    assert agent.wait() == 0
+    lines = [line for line in agent.stderr().splitlines() if "not announced" in line]
+    assert len(lines) == 1, lines
+    assert queue in lines[0]
+    assert "WARNING" in lines[0]
+
+
+def _stored(data: Path) -> dict[str, Any]:
+    try:
+        stored: dict[str, Any] = json.loads((data / "durables.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored
