@@ -18,7 +18,7 @@ method names. This module only re-exports; the layout, lowest layer first
     _pubsub/          topic fan-out: batching publishes, dispatching to subscriptions
     _work/            work queues: pushers' targets and credit, workers' pulls, the window
     _services/        request/reply: serving (ROUTER, Service) and requesting (retries, failover)
-    _reliable/        at-least-once on the spool: the outbox, receiver dedup, durables
+    _reliable/        at-least-once on the spool: the outbox, receiver dedup, durables, their end
     _core.py          NodeCore: builds the parts, starts and closes them as one
     _node.py          AsyncNode: the public asyncio API over the parts
     _sync.py          Node: the blocking twin (+ _sync_streams.py, its iterators)
@@ -36,6 +36,7 @@ from ._membership._peers import Peer, PeerEvent, PeerEventKind, PeerState
 from ._message import Headers, Message
 from ._node import AsyncNode
 from ._pubsub._subscription import Subscription
+from ._reliable._durables import DurableInfo
 from ._sync import Node, SyncPeerEvents, SyncPull, SyncSubscription
 from ._work._pull import Pull
 from .errors import (
@@ -61,6 +62,7 @@ __all__ = [
     "ClosedError",
     "ConfigError",
     "DeliveryError",
+    "DurableInfo",
     "Headers",
     "MeshError",
     "Message",

@@ -77,6 +77,10 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A worker holding reliable messages this long without progress loses them to others."""
     retry_backoff: float = 0.5
     """First redelivery delay; doubles per attempt (capped at 30 s)."""
+    durable_expiry: float = 7 * 24 * 3600.0
+    """A durable subscription no peer has announced for this long (seconds; default 7
+    days) is forgotten by this publisher: no more spooling for it, its backlog freed. If
+    it comes back it is learned again as new; what was published meanwhile is lost to it."""
     secret_key: str | None = None
     """CURVE secret key file (``zeromesh keygen``): encrypt and authenticate every socket."""
     allow: str | None = None
@@ -130,6 +134,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError("spool_quota", "spool_quota and max_attempts must be positive")
         if self.ack_timeout <= 0 or self.retry_backoff < 0:
             raise ConfigError("ack_timeout", "must be > 0 (retry_backoff >= 0)")
+        if not self.durable_expiry > 0:  # (also rejects NaN)
+            raise ConfigError("durable_expiry", "must be > 0 seconds")
         if (self.secret_key is None) != (self.allow is None):
             raise ConfigError("secret_key" if self.secret_key is None else "allow",
                               "CURVE needs both secret_key and allow (the allowlist)")

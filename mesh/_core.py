@@ -47,7 +47,7 @@ from ._memory._replay import HistoryReplay
 from ._memory._retained import RetainedStore
 from ._memory._snapshot import Discovery, RetainedValues
 from ._pubsub._engine import PubSub
-from ._reliable._durables import KnownDurables
+from ._reliable._durables import KnownDurables, log_expired, log_forgotten
 from ._reliable._outbox import Outbox, open_spools
 from ._services._requests import Requests
 from ._services._serving import Serving
@@ -186,9 +186,11 @@ class NodeCore:
             lock = DataDirLock(cfg.data_dir)
             lock.acquire()
             stack.callback(lock.release)
-            outbox, dedup = await open_spools(cfg.data_dir, cfg, self.stats, self._watchers)
-            stack.push_async_callback(outbox.aclose)
             self._durables.load()
+            stack.callback(self._durables.save)  # last_seen as of the close
+            outbox, dedup = await open_spools(cfg.data_dir, cfg, self.stats, self._watchers,
+                                              self._durables.forgotten)
+            stack.push_async_callback(outbox.aclose)
         ctx = Context(curve)
         stack.push_async_callback(asyncio.to_thread, ctx.close)  # the last batches leave
         # One sequence for everything this node sends; starting at the clock in
@@ -230,7 +232,8 @@ class NodeCore:
         announcement.parts = (pubsub, work, serving, self._durables, store, kept)
         membership.attach(listeners=(self._durables, pubsub, work, requests,
                                      _WakeOnPeers(self._watchers)),
-                          events=(self._events,), routes=work.control_routes, tickers=(work,))
+                          events=(self._events,), routes=work.control_routes,
+                          tickers=(work, _Every(self._expire_durables)))
         stack.callback(self._events.close)
         stack.callback(self._watchers.close)
         try:
@@ -253,6 +256,9 @@ class NodeCore:
         retained.start(self._id, cfg.name)
         history.start(self._id, cfg.name)
         work.start(self._id, cfg.name)
+        if outbox is not None:
+            self._durables.keep_forgotten(outbox.forgotten)
+        self._durables.start_clock()
         discovery = await self._start_discovery(stack, membership, identity)
         return _Running(identity, curve, membership, pubsub, work, serving, requests, retained,
                         history, outbox, discovery, tasks, stack)
@@ -376,6 +382,68 @@ class NodeCore:
 
     def _check_running(self) -> None:
         self._live()
+
+    # -- durables' end -------------------------------------------------------------
+
+    def _expire_durables(self) -> None:
+        """Every heartbeat: the durables peers announce are heard now; those none
+        announced for ``durable_expiry`` seconds are forgotten, each logged once."""
+        run, durables = self._run, self._durables
+        if run is None or run.outbox is None:
+            return  # nothing is spooled without a data dir
+        present = set(durables.mine)
+        for rec in run.membership.table.records():
+            if rec.durables and rec.state is not PeerState.LOST:
+                present.update(rec.durables)
+        durables.heard(present)
+        for queue, silent in durables.stale(self._config.durable_expiry):
+            log_expired(queue, silent, self._drop_durable(run, queue))
+
+    async def _forget_durable(self, name: str) -> int:
+        """`AsyncNode.forget_durable`: forget it, then learn it again at once if its owner
+        still announces it (or it is this node's own), so a live subscriber keeps getting
+        reliable messages."""
+        run = self._live()
+        if run.outbox is None:
+            raise ConfigError("data_dir", "durables are spooled for in a data dir; none is set")
+        queue = self._durables.resolve(name)
+        await asyncio.sleep(0)  # messages spooled just now reach its queue first (_hand_out)
+        run = self._live()
+        if not self._durables.knows(queue):
+            return 0  # forgotten meanwhile
+        pattern = self._durables.pattern_of(queue)
+        freed = self._drop_durable(run, queue)
+        announced = {q: p for rec in self._alive() for q, p in rec.durables.items()}
+        again = queue in self._durables.mine or queue in announced
+        log_forgotten(queue, freed, again=again)
+        if again:
+            self._durables.learn({queue: self._durables.mine.get(queue)
+                                  or announced.get(queue, pattern)})
+        return freed
+
+    def _drop_durable(self, run: _Running, queue: str) -> int:
+        """Forget durable `queue` and free its backlog; how many messages waited for it."""
+        if self._durables.forget(queue):
+            self.stats["durables_forgotten"] += 1
+        if run.outbox is None:
+            return 0
+        return run.outbox.abandon(queue, run.work.take(queue))
+
+    def _durable_backlog(self, queue: str) -> int:
+        run = self._run
+        if run is None or run.outbox is None:
+            return 0
+        return run.work.held(queue) + run.outbox.retrying(queue)
+
+
+class _Every:
+    """A `Ticker` that calls a function once per heartbeat."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn = fn
+
+    def tick(self) -> None:
+        self._fn()
 
 
 class _WakeOnPeers:

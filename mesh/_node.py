@@ -16,7 +16,7 @@ from . import _names, _wire
 from ._core import NodeCore
 from ._message import Message
 from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
-from ._reliable._durables import durable_queue
+from ._reliable._durables import DurableInfo, durable_queue
 from ._services._server import DEFAULT_CONCURRENCY, Service, ServiceHandler
 from ._work._pull import Handler, Pull
 from ._work._queues import DEFAULT_PREFETCH
@@ -118,11 +118,15 @@ class AsyncNode(NodeCore):
 
     def _hand_out(self, dests: list[str], sents: Sequence[Sent]) -> None:
         """Spooled messages go to their durables' queues (in spooling order: call_soon is
-        FIFO). A node closed meanwhile has them in its spool for its next start."""
+        FIFO). A node closed meanwhile has them in its spool for its next start; a durable
+        forgotten meanwhile does not get them."""
         if self.running:
-            work = self._live().work
+            run = self._live()
             for dest in dests:
-                work.requeue_many(dest, sents)
+                if self._durables.knows(dest):
+                    run.work.requeue_many(dest, sents)
+                elif run.outbox is not None:
+                    run.outbox.abandon(dest, [t for _, t in sents if t is not None])
 
     def publish_nowait(self, topic: str, data: bytes | str, *,
                        headers: Mapping[str, str] | None = None) -> bool:
@@ -240,6 +244,39 @@ class AsyncNode(NodeCore):
         _names.topic(topic)
         await self._wait(lambda: len(self._durables.matching(topic)) >= count, timeout,
                          f"waiting for {count} durable subscriptions of {topic!r}")
+
+    def durables(self) -> list[DurableInfo]:
+        """The durable subscriptions this node spools reliable messages for (learned from
+        peers' hellos, kept in its data dir), by queue name, with their backlogs (messages
+        spooled in this loop iteration count from the next one, when they reach the
+        durables' queues)."""
+        return self._durables.infos(self._durable_backlog)
+
+    async def forget_durable(self, name: str) -> int:
+        """Stop spooling for a durable subscription and free its backlog at once.
+
+        For a durable its subscriber abandoned: every publisher spools for a
+        known durable until it comes back (or until ``durable_expiry``, 7
+        days by default, without any peer announcing it). Its spooled
+        messages leave the spool unless other durables still wait for them,
+        and the disk space of the spool segments emptied comes back. If the
+        durable is announced again — now, because its owner is online, or
+        later — it is learned again as new: messages published while it was
+        forgotten are not spooled for it and are lost to it.
+
+        Args:
+            name: Its queue name (``_durable.<owner id>.<name>``, as `durables`
+                lists it), or just its name when only one owner has one of that name.
+
+        Returns:
+            How many spooled messages were waiting for it.
+
+        Raises:
+            ConfigError: no known durable has that name, or several do (the
+                message lists them), or the node has no data dir.
+            ClosedError: the node is not running.
+        """
+        return await self._forget_durable(name)
 
     async def subscribe_durable(self, pattern: str, name: str, *,
                                 prefetch: int = DEFAULT_PREFETCH) -> Pull:

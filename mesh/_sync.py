@@ -28,6 +28,7 @@ from ._membership._peers import Peer
 from ._message import Message, attach_receipt, receipt_of
 from ._node import AsyncNode
 from ._pubsub._subscription import DEFAULT_MAX_PENDING
+from ._reliable._durables import DurableInfo
 from ._services._server import (
     SYNC_SERVE_CONCURRENCY,
     ReplyBody,
@@ -355,6 +356,19 @@ class Node:
     def wait_for_durables(self, topic: str, count: int = 1, *, timeout: float = 10.0) -> None:
         """See `AsyncNode.wait_for_durables`."""
         self._call(self._node.wait_for_durables(topic, count, timeout=timeout))
+
+    def durables(self) -> list[DurableInfo]:
+        """See `AsyncNode.durables`."""
+        return self._read(self._node.durables)
+
+    def forget_durable(self, name: str) -> int:
+        """See `AsyncNode.forget_durable`; returns how many spooled messages waited for it.
+
+        Raises:
+            ConfigError: no known durable has that name, or several do, or no data dir.
+            ClosedError: the node is not running.
+        """
+        return self._call(self._node.forget_durable(name))
 
     def wait_for_known_subscribers(self, topic: str, *, timeout: float = 10.0) -> int:
         """See `AsyncNode.wait_for_known_subscribers`."""

@@ -41,6 +41,10 @@ _NODE_TOTALS: Final = (
     ("duplicates", "zeromesh_messages_duplicate", "Reliable duplicates dropped by dedup."),
     ("oversized", "zeromesh_messages_oversized",
      "Sends refused before sending: larger than max_message_size."),
+    ("abandoned", "zeromesh_messages_abandoned",
+     "Spooled messages freed because every durable they waited for was forgotten."),
+    ("durables_forgotten", "zeromesh_durables_forgotten",
+     "Durable subscriptions this node forgot while running (forget_durable, durable_expiry)."),
 )
 
 

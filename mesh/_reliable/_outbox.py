@@ -11,6 +11,10 @@ where ``zeromesh spool`` shows and replays it.
 After a restart, everything still in the spool is delivered again; receivers
 drop the duplicates by (sender id, sequence).
 
+A forgotten durable (`_durables`) is no destination any more: `abandon`
+takes it off every message waiting for it, and those that waited for nothing
+else leave the spool at once, their segments' disk space with them.
+
 The fast path (``publish_many(..., reliable=True)``): the messages are made
 at once, spooled as one RUN record (one header, one CRC; see `_spool`) handed
 to the spool's writer thread at once rather than at the end of the loop
@@ -26,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Final
 
@@ -93,7 +97,7 @@ class Outbox:
 
     def __init__(self, store: SpoolStore, dead: SpoolStore, stats: Counter[str],
                  waiter: Waiter, *, max_attempts: int, ack_timeout: float,
-                 retry_backoff: float) -> None:
+                 retry_backoff: float, forgotten: Collection[str] = ()) -> None:
         self.store = store
         self.dead = dead
         self._stats = stats
@@ -101,7 +105,11 @@ class Outbox:
         self.ack_timeout = ack_timeout
         self.retry_backoff = retry_backoff
         self._tasks: set[asyncio.Task[None]] = set()
-        self._timers: set[asyncio.TimerHandle] = set()
+        self._retrying: dict[asyncio.TimerHandle, tuple[str, Tracked]] = {}
+        """Failed deliveries waiting for their next attempt: (destination, message)."""
+        self.forgotten = frozenset(forgotten)
+        """Durables forgotten: recovered messages do not wait for them (after `recovered`:
+        those of them some spooled message still names)."""
         self._batch: _Batch | None = None
         self._acks: list[int] = []
         self._waiter = waiter
@@ -158,8 +166,11 @@ class Outbox:
         written.add_done_callback(settle)
 
     def recovered(self) -> list[tuple[str, tuple[_wire.Item, Tracked]]]:
-        """(destination queue, message) for everything still in the spool, oldest first."""
+        """(destination queue, message) for everything still in the spool, oldest first;
+        forgotten durables are no destination (a message only for them leaves the spool)."""
         out = []
+        named: set[str] = set()
+        unwanted: list[int] = []
         for spool_id, payload in self.store.pending():
             try:
                 spooled = _wire.decode_spooled(payload)
@@ -167,8 +178,16 @@ class Outbox:
                 _log.warning("skipping unreadable spool record %d: %s", spool_id, exc)
                 continue
             tracked = track(spool_id, spooled)
+            if self.forgotten and spooled.kind == "t":
+                named.update(self.forgotten.intersection(tracked.pending))
+                tracked.pending = tuple(d for d in tracked.pending if d not in self.forgotten)
+                if not tracked.pending:
+                    unwanted.append(spool_id)
             for dest in tracked.pending:
                 out.append((dest, (spooled.item, tracked)))
+        self.forgotten = frozenset(named)
+        if unwanted:
+            self.store.ack(unwanted)
         if out:
             _log.info("resuming %d spooled pushes", len(out))
         return out
@@ -210,12 +229,48 @@ class Outbox:
         delay = min(_BACKOFF_CAP, self.retry_backoff * 2 ** (spooled.attempts - 1))
         handle = asyncio.get_running_loop().call_later(
             delay, self._retry, requeue, dest, (spooled.item, tracked))
-        self._timers.add(handle)
+        self._retrying[handle] = (dest, tracked)
 
     def _retry(self, requeue: Requeue, dest: str, sent: tuple[_wire.Item, Tracked]) -> None:
         now = asyncio.get_running_loop().time()
-        self._timers = {t for t in self._timers if t.when() > now}
+        self._retrying = {h: r for h, r in self._retrying.items() if h.when() > now}
         requeue(dest, sent)
+
+    def retrying(self, dest: str) -> int:
+        """Messages for `dest` waiting for their next attempt."""
+        return sum(1 for d, _ in self._retrying.values() if d == dest)
+
+    def abandon(self, dest: str, held: Iterable[Tracked]) -> int:
+        """Stop delivering to `dest` (a forgotten durable's queue).
+
+        These messages (its backlog, taken from the work queues) and those
+        waiting to be retried there no longer wait for it; each that waited
+        for nothing else leaves the spool now, and the disk space of segments
+        left with nothing pending comes back (`SpoolStore.reclaim`).
+
+        Returns:
+            How many messages were waiting for `dest`.
+        """
+        taken = list(held)
+        for handle, (where, one) in list(self._retrying.items()):
+            if where == dest:
+                handle.cancel()
+                del self._retrying[handle]
+                taken.append(one)
+        waited, acks = 0, []
+        for one in taken:
+            if dest not in one.pending:
+                continue  # delivered there already, or counted once
+            waited += 1
+            one.pending = tuple(d for d in one.pending if d != dest)
+            if not one.pending:
+                acks.append(one.spool_id)
+        if acks:
+            self.store.ack(acks)
+            self._stats["abandoned"] += len(acks)
+            self._waiter.wake()
+        self.store.reclaim()
+        return waited
 
     async def _bury(self, tracked: Tracked) -> None:
         spooled = tracked.spooled
@@ -253,7 +308,7 @@ class Outbox:
     async def aclose(self) -> None:
         if self._acks:
             self._flush_acks()
-        for handle in self._timers:
+        for handle in self._retrying:
             handle.cancel()
         for task in list(self._tasks):
             await task
@@ -264,8 +319,9 @@ class Outbox:
 
 
 async def open_spools(data_dir: str, config: NodeConfig, stats: Counter[str],
-                      waiter: Waiter) -> tuple[Outbox, Dedup]:
-    """The outbox, dead-letter and inbox (dedup) spools under `data_dir`/spool.
+                      waiter: Waiter, forgotten: Collection[str] = ()) -> tuple[Outbox, Dedup]:
+    """The outbox, dead-letter and inbox (dedup) spools under `data_dir`/spool; messages
+    in it no longer wait for the `forgotten` durables.
 
     Raises:
         ConfigError: the directory cannot be used.
@@ -287,6 +343,7 @@ async def open_spools(data_dir: str, config: NodeConfig, stats: Counter[str],
     dedup = Dedup(inbox)
     dedup.load()
     outbox = Outbox(out, dead, stats, waiter, max_attempts=config.max_attempts,
-                    ack_timeout=config.ack_timeout, retry_backoff=config.retry_backoff)
+                    ack_timeout=config.ack_timeout, retry_backoff=config.retry_backoff,
+                    forgotten=forgotten)
     outbox.inbox = inbox
     return outbox, dedup

@@ -26,9 +26,13 @@ and ``off``): one header and one CRC for the group instead of one per message.
 Reclaiming space: segments roll at `segment_bytes`; the oldest segment is
 deleted as soon as every message in it is acknowledged. Deleting only from the
 front keeps it safe: an ack always lives in the same or a later segment than
-the message it settles. META records (the inbox's dedup marks) also keep
-their segment, until the owner writes its state again, compacted, with
-`rewrite_meta` (into a new segment, synced before the older ones go).
+the message it settles. `reclaim` lets the segment being written go as well
+when nothing in it is pending. Ids are never reused, even once every segment
+that held them is gone (recovery starts above every id a file names), since a
+surviving ack would settle a new message of the same id. META records (the
+inbox's dedup marks) also keep their segment, until the owner writes its state
+again, compacted, with `rewrite_meta` (into a new segment, synced before the
+older ones go).
 """
 
 from __future__ import annotations
@@ -175,12 +179,18 @@ class SpoolStore:
                 continue
             data = file.read_bytes()
             seg = _Segment(file, first, len(data))
+            # Ids are never given out twice, not even those of deleted segments: an ack
+            # outlives its message's segment, and would settle a new message of its id.
+            self._next_id = max(self._next_id, first)
             good_end = 0
             for rec in scan(data, report, file.name):
                 good_end = rec.offset + HEADER_SIZE + len(rec.payload)
                 self._next_id = max(self._next_id, rec.id + 1)
                 if rec.kind is RecordKind.ACK:
-                    acked.update(acked_ids(rec))
+                    settles = acked_ids(rec)
+                    acked.update(settles)
+                    if settles:
+                        self._next_id = max(self._next_id, settles[-1] + 1)
                 elif rec.kind is RecordKind.META:
                     self._meta.append(rec.payload)
                     seg.meta += 1
@@ -331,6 +341,20 @@ class SpoolStore:
             self._start_lazy_timer()
             self._drop_settled_prefix()
 
+    def reclaim(self) -> None:
+        """Let the segment being written go too, if it holds nothing pending.
+
+        The writer starts a new segment if the current one has no pending
+        message (and no META record), so the settled one is deleted at once
+        instead of when it fills up: after a mass settle (a purge, a forgotten
+        durable's backlog) the disk space comes back now. Ack records not yet
+        written go first. Without effect while anything in it is pending.
+        """
+        if self._closed or self._thread is None:
+            return
+        self._hand_over_lazy()
+        self._queue.put(_Write([], [], [], None, 0, roll=True))
+
     def _start_lazy_timer(self) -> None:
         if self._lazy_timer is None and self._loop is not None:
             self._lazy_timer = self._loop.call_later(_LAZY_ACKS, self._hand_over_lazy)
@@ -429,7 +453,8 @@ class SpoolStore:
         try:
             for write in writes:
                 if seg.size > 0 and (write.compact
-                                     or seg.size + write.size > self.segment_bytes):
+                                     or seg.size + write.size > self.segment_bytes
+                                     or (write.roll and seg.live <= 0 and not seg.meta)):
                     self._flush(fd, chunks)
                     os.close(fd)
                     seg = self._roll(write.ids[0] if write.ids else self._next_id)
@@ -448,6 +473,8 @@ class SpoolStore:
                     os.fsync(fd)  # the new state is durable before the old is released
                     self._release_meta(seg)
             self._flush(fd, chunks)
+            if any(write.roll for write in writes):
+                self._drop_settled_prefix()
         except OSError as exc:
             error = _write_error(exc, self.quota_bytes, self.used_bytes)
             _log.error("spool write failed: %s", exc)
@@ -521,6 +548,8 @@ class _Write:
     """META records among `records`."""
     compact: bool = False
     """`rewrite_meta`: starts a new segment and releases the META records before it."""
+    roll: bool = False
+    """`reclaim`: starts a new segment if the current one holds nothing pending."""
 
 
 def _messages(record: Record, report: RecoveryReport, name: str) -> list[tuple[int, bytes]]:

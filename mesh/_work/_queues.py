@@ -45,7 +45,7 @@ from .._membership._peers import PeerRecord, PeerState, PeerTable
 from .._message import Message
 from .._parts import Announcer
 from .._reliable._dedup import Dedup
-from .._reliable._outbox import Outbox
+from .._reliable._outbox import Outbox, Tracked
 from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
 from ..errors import ClosedError, ConfigError, MessageTooLarge, NoRespondersError, RequestTimeout
@@ -400,6 +400,25 @@ class WorkQueues:
         """`requeue` several at the back, handed out in turns rather than one by one."""
         self._backlog.setdefault(queue, deque()).extend(sents)
         self._pump(queue)
+
+    def held(self, queue: str) -> int:
+        """Reliable messages waiting for a worker of `queue` or in flight to one."""
+        return (sum(1 for _, t in self._backlog.get(queue, ()) if t is not None)
+                + sum(len(t.tracked) for (_, q), t in self._targets.items() if q == queue))
+
+    def take(self, queue: str) -> list[Tracked]:
+        """Drop every message waiting for or in flight to `queue` (a forgotten durable's);
+        returns the spool entries of the reliable ones, for the outbox to settle."""
+        taken = [t for _, t in self._backlog.pop(queue, ()) if t is not None]
+        for key, target in list(self._targets.items()):
+            if key[1] == queue:
+                del self._targets[key]
+                self._dirty.discard(target)
+                taken.extend(target.tracked.values())
+                target.tracked.clear()  # late credits for this stream settle nothing
+                target.inflight.clear()
+        self._forget_targets(queue)
+        return taken
 
     # -- acknowledgements ------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from .._agent._server import Agent
 from ._commands import event_line, out, stop_on_signals
 
 FLAGS = ("mesh", "name", "interfaces", "peers", "data_dir", "port", "mdns", "fsync", "http",
-         "secret_key", "allow", "history")
+         "durable_expiry", "secret_key", "allow", "history")
 
 
 async def run(args: argparse.Namespace) -> int:

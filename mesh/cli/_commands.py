@@ -30,7 +30,7 @@ def node_for(args: argparse.Namespace) -> AsyncNode:
 def _node(args: argparse.Namespace) -> AsyncNode:
     settings = {k: getattr(args, k, None) for k in
                 ("mesh", "name", "interfaces", "peers", "data_dir", "port", "mdns", "fsync",
-                 "secret_key", "allow", "history")}
+                 "durable_expiry", "secret_key", "allow", "history")}
     return AsyncNode(**settings)
 
 

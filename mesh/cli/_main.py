@@ -54,6 +54,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "subscribers (`sub --since/--last`); repeatable")
     g.add_argument("--fsync", choices=[p.value for p in FsyncPolicy],
                    help="spool fsync policy (default batch: group commit)")
+    g.add_argument("--durable-expiry", type=float, metavar="S",
+                   help="forget a durable subscription no peer announced for S seconds, "
+                        "and its backlog (env ZEROMESH_DURABLE_EXPIRY; default 604800 = "
+                        "7 days)")
     g.add_argument("--secret-key", metavar="FILE",
                    help="CURVE secret key file from `zeromesh keygen`: encrypt and "
                         "authenticate everything (env ZEROMESH_SECRET_KEY; needs --allow)")
@@ -270,6 +274,10 @@ def _spool(args: argparse.Namespace) -> int:
         return spool_commands.show(args)
     if args.action == "purge":
         return _loop.run(spool_commands.purge(args))
+    if args.action == "durables":
+        return spool_commands.durables(args)
+    if args.action == "forget":
+        return _loop.run(spool_commands.forget(args))
     code: int = _loop.run(spool_commands.replay(args, _commands.node_for(args)))
     return code
 
@@ -286,16 +294,24 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _add_spool(sub: argparse._SubParsersAction[_Parser]) -> None:
-    p = sub.add_parser("spool", help="inspect, replay or purge a node's spools")
+    p = sub.add_parser("spool", help="inspect, replay or purge a node's spools; list or forget "
+                                     "the durables it spools for")
     actions = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     for name, text in [("ls", "count what is in the outbox and the dead letters"),
                        ("show", "print dead letters (or --outbox messages)"),
                        ("replay", "deliver dead letters again, showing progress"),
-                       ("purge", "delete the dead letters (or --outbox); node must be stopped")]:
+                       ("purge", "delete the dead letters (or --outbox); node must be stopped"),
+                       ("durables", "list the durable subscriptions spooled for, with backlogs"),
+                       ("forget", "stop spooling for a durable and free its backlog; node "
+                                  "must be stopped")]:
         a = actions.add_parser(name, help=text)
         _common(a)
-        if name in ("ls", "show"):
+        if name in ("ls", "show", "durables"):
             a.add_argument("--json", action="store_true")
+        if name == "forget":
+            a.add_argument("durable", metavar="NAME",
+                           help="the durable's queue (_durable.<node id>.<name>), or its "
+                                "name alone when no other owner has one of that name")
         if name in ("show", "purge"):
             a.add_argument("--outbox", action="store_true", help="the outbox, not dead letters")
         if name == "show":

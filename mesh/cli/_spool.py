@@ -1,8 +1,10 @@
-"""`zeromesh spool {ls,show,replay,purge}`: look into and act on a node's spools.
+"""`zeromesh spool {ls,show,replay,purge,durables,forget}`: look into and act on a node's spools.
 
-`ls` and `show` only read the files, so they are safe while the node runs.
-`replay` runs the node itself (it must not be running elsewhere: the data dir
-is locked) and reports delivery as it happens; `purge` also needs the lock.
+`ls`, `show` and `durables` only read the files, so they are safe while the
+node runs (`durables`: last_seen as of the node's last save, at most a minute
+old). `replay` runs the node itself (it must not be running elsewhere: the
+data dir is locked) and reports delivery as it happens; `purge` and `forget`
+also need the lock.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import json
 import sys
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .. import _wire
 from .._node import AsyncNode
+from .._reliable._durables import KnownDurables
 from .._spool import SpoolStore
 from .._spool._lock import DataDirLock
 from ..errors import ConfigError, ProtocolError
@@ -118,8 +122,87 @@ async def purge(args: argparse.Namespace) -> int:
         await store.start()
         ids = [record_id for record_id, _ in store.pending()]
         store.ack(ids)
+        store.reclaim()
         await store.aclose()
     finally:
         lock.release()
     print(f"purged {len(ids)} message(s) from the {'outbox' if args.outbox else 'dead letters'}")
+    return 0
+
+
+def _dests(spooled: _wire.Spooled) -> list[str]:
+    """The queues a spooled message is for (a publish: the durables it was spooled for)."""
+    return list(spooled.dests) if spooled.kind == "t" else [spooled.name]
+
+
+def _known(path: Path) -> KnownDurables:
+    known = KnownDurables(str(path))
+    known.load()
+    return known
+
+
+def _disk_bytes(spool: Path) -> int:
+    return sum(f.stat().st_size for f in spool.glob("*.seg"))
+
+
+def durables(args: argparse.Namespace) -> int:
+    path = _data_dir(args)
+    backlog: Counter[str] = Counter()
+    for _, spooled in _records(path, "out"):
+        if spooled is not None:
+            backlog.update(_dests(spooled))
+    infos = _known(path).infos(backlog.__getitem__)
+    if args.json:
+        print(json.dumps([info.to_dict() for info in infos]))
+        return 0
+    if not infos:
+        print("no durable subscriptions known")
+    for info in infos:
+        print(f"{info.name:<20} {info.owner[:8]}  {info.pattern:<24} {info.backlog:>8} "
+              f"waiting  last seen {_when(info.last_seen)}  {info.queue}")
+    return 0
+
+
+def _when(wall: float | None) -> str:
+    if wall is None:
+        return "unknown"
+    stamp = datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{stamp} ({max(0.0, time.time() - wall) / 3600:.1f} h ago)"
+
+
+async def forget(args: argparse.Namespace) -> int:
+    path = _data_dir(args)
+    spool = path / "spool" / "out"
+    lock = DataDirLock(str(path))
+    lock.acquire()
+    try:
+        known = _known(path)
+        queue = known.resolve(args.durable)
+        pattern = known.pattern_of(queue)
+        gone = known.forgotten | {queue}
+        before = await asyncio.to_thread(_disk_bytes, spool)
+        store = SpoolStore(spool)
+        await store.start()
+        try:
+            waited, freed = 0, []
+            for record_id, payload in store.pending():
+                try:
+                    dests = _dests(_wire.decode_spooled(payload))
+                except ProtocolError:
+                    continue
+                if queue in dests:
+                    waited += 1
+                    if gone.issuperset(dests):
+                        freed.append(record_id)
+            known.forget(queue)  # first: a crash now leaves a tombstone, and a restart frees
+            store.ack(freed)
+            store.reclaim()
+        finally:
+            await store.aclose()
+        after = await asyncio.to_thread(_disk_bytes, spool)
+    finally:
+        lock.release()
+    kept = f" ({waited - len(freed)} stay for other durables)" if waited > len(freed) else ""
+    print(f"forgot {queue} ({pattern}): freed {len(freed)} message(s){kept}, "
+          f"{max(0, before - after)} bytes on disk")
     return 0

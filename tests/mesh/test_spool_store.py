@@ -131,6 +131,60 @@ async def test_a_segment_goes_exactly_when_its_last_message_is_acked(tmp_path: P
         await again.aclose()
 
 
+async def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in await files(path, "*.seg"))
+
+
+async def test_reclaim_deletes_the_settled_segment_being_written(tmp_path: Path) -> None:
+    """After everything is acked, `reclaim` gives the last segment's bytes back at once;
+    with a message still pending in it, it keeps the segment (and the message)."""
+    store = await _open(tmp_path)
+    ids = await store.append_many([b"z" * 1000 for _ in range(50)])
+    keep = await store.append(b"still pending")
+    before = await _disk_bytes(tmp_path)
+    store.ack(ids)
+    store.reclaim()
+    await store.aclose()
+    assert await _disk_bytes(tmp_path) >= before  # `keep` holds the segment
+    store = await _open(tmp_path)
+    try:
+        assert store.pending() == [(keep, b"still pending")]
+        store.ack([keep])
+        store.reclaim()
+        await aeventually(lambda: store.used_bytes == 0)
+    finally:
+        await store.aclose()
+    assert await _disk_bytes(tmp_path) == 0
+    again = await _open(tmp_path)
+    try:
+        assert again.pending() == []
+        assert await again.append(b"after") > keep  # ids go on from where they were
+    finally:
+        await again.aclose()
+
+
+async def test_ids_are_not_reused_when_only_an_ack_run_survives(tmp_path: Path) -> None:
+    """A segment left holding only the ack of a run (its data's segment deleted) still
+    makes new ids start above that run: a reused id would be settled by the old ack at the
+    next restart, losing a message that was reported stored."""
+    store = await _open(tmp_path, segment_bytes=3200)
+    ids = await store.append_many([b"x" * 100 for _ in range(31)])  # one RUN, near full
+    store.ack(ids)  # the ack rolls to a new segment
+    await store.aclose()
+    store = await _open(tmp_path, segment_bytes=3200)  # drops the settled data segment
+    await store.aclose()
+    assert len(await files(tmp_path, "*.seg")) == 1  # the ack's alone
+    store = await _open(tmp_path, segment_bytes=3200)
+    new = await store.append(b"must survive")
+    await store.aclose()
+    assert new > ids[-1]
+    again = await _open(tmp_path, segment_bytes=3200)
+    try:
+        assert again.pending() == [(new, b"must survive")]
+    finally:
+        await again.aclose()
+
+
 async def test_torn_tail_is_reported_cut_and_every_intact_record_kept(tmp_path: Path) -> None:
     """A crash mid-write leaves half a record: reported, cut off, the rest kept."""
     store = await _open(tmp_path)
