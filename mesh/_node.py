@@ -7,18 +7,18 @@ node's lifecycle and peer view are in `_core`.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from . import _names, _wire
 from ._core import NodeCore
+from ._memory._history import start_of
 from ._message import Message
 from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
 from ._reliable._durables import DurableInfo, durable_queue
 from ._services._server import DEFAULT_CONCURRENCY, Service, ServiceHandler
-from ._work._pull import Handler, Pull
+from ._work._pull import NO_SETTLE, Handler, Pull
 from ._work._queues import DEFAULT_PREFETCH
 from ._work._target import Sent
 from .errors import ClosedError, ConfigError
@@ -155,7 +155,7 @@ class AsyncNode(NodeCore):
             ConfigError: `pattern` is invalid.
             ClosedError: the node is not running.
         """
-        start = _since(since)
+        start = start_of(since)
         if last is not None and last < 1:
             raise ConfigError("last", "must be >= 1")
         run = self._live()
@@ -279,18 +279,27 @@ class AsyncNode(NodeCore):
         return await self._forget_durable(name)
 
     async def subscribe_durable(self, pattern: str, name: str, *,
-                                prefetch: int = DEFAULT_PREFETCH) -> Pull:
+                                prefetch: int = DEFAULT_PREFETCH,
+                                since: float | datetime | None = None,
+                                last: int | None = None) -> Pull:
         """A durable subscription: kept in this node's data dir under `name`.
 
         Publishers that have seen it spool every reliable message matching
         `pattern` for it, online or not; restarting with the same data dir and
-        name resumes it. Best-effort messages arrive too while it runs.
+        name resumes it. Best-effort messages arrive too while it runs; with
+        `since` / `last` (as in `subscribe`) it first gets the best-effort
+        messages the publishers kept in their history (reliable ones come
+        through its spooled queue, as always, once each).
         Acknowledge with ``msg.ack()`` (or implicitly by asking for the next).
 
         Raises:
-            ConfigError: `pattern` or `name` is invalid, or there is no data dir.
+            ConfigError: `pattern`, `name`, `since` or `last` is invalid, or there is no
+                data dir.
             ClosedError: the node is not running.
         """
+        start = start_of(since)
+        if last is not None and last < 1:
+            raise ConfigError("last", "must be >= 1")
         run = self._live()
         if run.outbox is None:
             raise ConfigError("durable", "needs a data dir (its state lives there)")
@@ -304,9 +313,12 @@ class AsyncNode(NodeCore):
 
         def live(msg: Message) -> None:
             if not msg.reliable:  # reliable ones come through the durable queue instead
-                local.put(((msg, _UNTRACKED),))
+                local.put(((msg, NO_SETTLE),))
 
         sub = run.pubsub.subscribe(pattern, live, 0, best_effort_only=True)
+        if start is not None or last is not None:
+            run.history.fill(sub, run.membership.interest_version, since=start or 0.0,
+                             last=last or 0)
         pull.on_closed(sub.aclose)
         return pull
 
@@ -495,32 +507,3 @@ class AsyncNode(NodeCore):
             ConfigError: it is not a valid service name.
         """
         _names.service(service)
-
-def _since(since: float | datetime | None) -> float | None:
-    """`since` as a wall-clock timestamp.
-
-    Raises:
-        ConfigError: it is in the future (or not a positive number of seconds ago).
-    """
-    if since is None:
-        return None
-    now = time.time()
-    if isinstance(since, datetime):
-        start = since.timestamp()  # (a naive one is local time, as Python takes it)
-        if start > now:
-            raise ConfigError("since", f"{since.isoformat()} is in the future")
-        return start
-    if since <= 0:
-        raise ConfigError("since", "must be a positive number of seconds ago")
-    return now - since
-
-
-class _Untracked:
-    """Settles nothing: a best-effort message in a durable subscription."""
-
-    def settle(self, msg: Message, ok: bool) -> None:
-        pass
-
-
-_UNTRACKED = _Untracked()
-

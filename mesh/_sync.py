@@ -348,10 +348,12 @@ class Node:
                                    reliable=reliable))
 
     def subscribe_durable(self, pattern: str, name: str, *,
-                          prefetch: int = DEFAULT_PREFETCH) -> SyncPull:
+                          prefetch: int = DEFAULT_PREFETCH,
+                          since: float | datetime | None = None,
+                          last: int | None = None) -> SyncPull:
         """See `AsyncNode.subscribe_durable`."""
-        return SyncPull(self, self._call(self._node.subscribe_durable(pattern, name,
-                                                                      prefetch=prefetch)))
+        return SyncPull(self, self._call(self._node.subscribe_durable(
+            pattern, name, prefetch=prefetch, since=since, last=last)))
 
     def wait_for_durables(self, topic: str, count: int = 1, *, timeout: float = 10.0) -> None:
         """See `AsyncNode.wait_for_durables`."""

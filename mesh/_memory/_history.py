@@ -18,6 +18,7 @@ import time
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,6 +28,7 @@ from patterns import TopicPattern
 
 from .. import _wire
 from .._support._cache import BoundedDict
+from ..errors import ConfigError
 from ._log import RecordLog
 
 _FILE: Final[str] = "history.log"
@@ -84,7 +86,8 @@ class History:
     def add(self, topic: str, items: Sequence[_wire.Item]) -> None:
         """Keep `items`, just published on `topic` (which `keeps`)."""
         for item in items:
-            kept = _wire.Item(item.seq, item.ts, item.headers, item.payload, False, topic)
+            kept = _wire.Item(item.seq, item.ts, item.headers, item.payload, item.reliable,
+                              topic)
             self._append(kept)
             if self._file is not None:
                 self._unwritten.append(kept)
@@ -158,3 +161,22 @@ class History:
                 counts[item.topic] = n + 1
                 seqs.add(item.seq)
         return seqs
+
+
+def start_of(since: float | datetime | None) -> float | None:
+    """`since` as a wall-clock timestamp.
+
+    Raises:
+        ConfigError: it is in the future (or not a positive number of seconds ago).
+    """
+    if since is None:
+        return None
+    now = time.time()
+    if isinstance(since, datetime):
+        start = since.timestamp()  # (a naive one is local time, as Python takes it)
+        if start > now:
+            raise ConfigError("since", f"{since.isoformat()} is in the future")
+        return start
+    if since <= 0:
+        raise ConfigError("since", "must be a positive number of seconds ago")
+    return now - since

@@ -100,7 +100,7 @@ class Pull:
         self._on_close = on_close
         self._current: Message | None = None
         """The message in hand; `_current_settle` takes its acknowledgement."""
-        self._current_settle: Settle = _NO_SETTLE
+        self._current_settle: Settle = NO_SETTLE
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._also_close: list[Callable[[], Awaitable[None]]] = []
@@ -202,7 +202,7 @@ class Pull:
         """
         msg = await self.next(timeout)
         settle = self._current_settle
-        self._current, self._current_settle = None, _NO_SETTLE
+        self._current, self._current_settle = None, NO_SETTLE
         return msg, lambda ok: settle.settle(msg, ok)
 
     @property
@@ -232,8 +232,10 @@ class Pull:
 
 
 class _NoSettle:
+    """Settles nothing: a message no one waits to hear about (best effort)."""
+
     def settle(self, msg: Message, ok: bool) -> None:
         pass
 
 
-_NO_SETTLE: Final = _NoSettle()
+NO_SETTLE: Final = _NoSettle()

@@ -135,7 +135,8 @@ async def sub(args: argparse.Namespace) -> int:
     async with _node(args) as node:
         subscription: AsyncIterator[Message]
         if args.durable:
-            subscription = await node.subscribe_durable(args.pattern, args.durable)
+            subscription = await node.subscribe_durable(args.pattern, args.durable,
+                                                        since=args.since, last=args.last)
         else:
             subscription = await node.subscribe(args.pattern, retained=args.retained,
                                                 since=args.since, last=args.last)

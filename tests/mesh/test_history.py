@@ -161,3 +161,25 @@ def test_history_survives_a_sigkill_and_cli_since_replays_it(tmp_path: Path,
             proc.wait(10)
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+async def test_a_durable_starts_from_history_and_gets_reliable_ones_once(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """`subscribe_durable(..., since=)`: the best-effort history first, then live; a reliable
+    message in the history comes once, through the durable's queue."""
+    pub = await make_node("pub", mdns=False, history=["orders.>"],
+                          data_dir=str(tmp_path / "pub"))
+    for i in range(3):
+        await pub.publish("orders.new", f"seen {i}")
+    sub_node = await make_node("sub", mdns=False, peers=pub.endpoints["ctl"],
+                               data_dir=str(tmp_path / "sub"))
+    await sub_node.wait_for_peers(1, timeout=5)
+    durable = await sub_node.subscribe_durable("orders.>", "book", since=600)
+    got = [await durable.next(timeout=10) for _ in range(3)]
+    assert [m.text for m in got] == ["seen 0", "seen 1", "seen 2"]
+    await pub.wait_for_durables("orders.new", 1, timeout=10)
+    await pub.publish("orders.new", "paid", reliable=True)
+    msg = await durable.next(timeout=10)
+    assert (msg.text, msg.reliable) == ("paid", True)
+    with pytest.raises(TimeoutError):
+        await durable.next(timeout=0.3)
