@@ -9,6 +9,7 @@ then live traffic.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -100,3 +101,24 @@ def test_sub_since_replays_three_hosts_history_in_order_then_live(lan: netns.Lan
     finally:
         for pub in pubs:
             pub.finish()
+
+
+def test_joining_across_hosts_during_a_10k_per_s_flood_has_no_gap_no_duplicate(
+        lan: netns.Lan) -> None:
+    """The publisher on h1 retains ``flood.x`` ~10,000 times a second; a subscriber joining
+    from h2 gets the retained value, then every later message exactly once."""
+    h1, h2, _ = lan.hosts
+    mesh = unique("flood")
+    role = [sys.executable, "-m", "tests.system._memory_roles"]
+    pub = MeshProc(h1, [*role, "flood", h1.ip, mesh, "10000"], stdin=True)
+    try:
+        pub.wait_line(r"^ready ", 20)
+        join = MeshProc(h2, [*role, "join", h2.ip, mesh, "20000"])
+        line = join.wait_line(r"^\[", 60)
+        got = json.loads(line.text)
+        assert got[0] > 1, "joined mid-stream"
+        assert got == list(range(got[0], got[0] + len(got)))
+        assert join.wait_exit(20) == 0
+    finally:
+        pub.close_stdin()
+        pub.wait_exit(20)
