@@ -93,3 +93,19 @@ async def test_static_peers_carry_the_key_after_a_hash(make_node: MakeNode, keyr
     keyless = await make_node("b2", mdns=False, peers=[ctl], **keyring("b"))
     await aeventually(lambda: keyless.traffic().input_dropped.get("plain_peer", 0) >= 1, timeout=10)
     assert keyless.peers() == []
+
+
+async def test_retained_values_and_history_travel_between_allowed_peers_only(
+        make_node: MakeNode, keyring: Keyring) -> None:
+    """With CURVE on, a late subscriber gets retained values and history from an allowed
+    publisher; a node outside the allowlist learns nothing of them."""
+    a = await make_node("a", history=["h.>"], **keyring("a"))
+    await a.publish("r.x", b"kept", retain=True)
+    await a.publish("h.x", b"past")
+    b = await make_node("b", **keyring("b"))
+    await b.wait_for_peers(1)
+    assert [m.data for m in await b.last("r.>")] == [b"kept"]
+    sub = await b.subscribe("h.>", since=60)
+    assert (await sub.next(timeout=5)).data == b"past"
+    d = await make_node("d")
+    assert await d.last("r.>") == []
