@@ -3,7 +3,7 @@
 Imports neither `mesh` nor `discovery`.
 """
 
-from ._control import Inbox, Outbox
+from ._control import ControlDealer, ControlRouter
 from ._pubsub import MARKER_PREFIX, Publisher, Subscriber
 from ._pushpull import Puller, Pusher
 from ._reqrep import DEFAULT_SERVICE_HWM, ServiceDealer, ServiceRouter
@@ -25,11 +25,11 @@ __all__ = [
     "MARKER_PREFIX",
     "MAX_TOPIC_BYTES",
     "Context",
+    "ControlDealer",
+    "ControlRouter",
     "Curve",
-    "Inbox",
     "InvalidName",
     "KeyFileError",
-    "Outbox",
     "PatternError",
     "Publisher",
     "Puller",

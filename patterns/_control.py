@@ -1,4 +1,5 @@
-"""The control channel: each node binds one ROUTER inbox and keeps a DEALER outbox per peer.
+"""The control channel: each node binds one ROUTER (`ControlRouter`) and keeps a DEALER
+(`ControlDealer`) per peer.
 
 Control traffic (hello, heartbeats, goodbye) is small and idempotent, so
 outboxes never block: when a peer is unreachable its queue fills to a small
@@ -20,8 +21,8 @@ _OUTBOX_HWM: Final[int] = 64
 _INBOX_HWM: Final[int] = 10_000
 
 
-class Inbox:
-    """The node's ROUTER: receives control messages from every peer's outbox."""
+class ControlRouter:
+    """The node's ROUTER: receives control messages from every peer's `ControlDealer`."""
 
     def __init__(self, ctx: Context) -> None:
         self._sock: Socket = ctx.socket(zmq.ROUTER, rcvhwm=_INBOX_HWM,
@@ -52,8 +53,8 @@ class Inbox:
         self._sock.close(linger)
 
 
-class Outbox:
-    """A DEALER connected to one peer's inbox."""
+class ControlDealer:
+    """A DEALER connected to one peer's `ControlRouter` (our control link to it)."""
 
     def __init__(self, ctx: Context, endpoint: str) -> None:
         self.endpoint = endpoint

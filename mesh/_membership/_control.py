@@ -1,6 +1,6 @@
 """Membership: the control channel, the hello handshake and heartbeats.
 
-Each node binds one ROUTER inbox and opens one DEALER link per peer control
+Each node binds one ROUTER and opens one DEALER link per peer control
 endpoint it learns of (from mDNS, a static `--peer`, or a peer's hello or
 heartbeat). A link whose peer has not greeted us yet sends `Hello(reply=True)`
 every tick until it does; a known peer gets a `Heartbeat` every tick. Any
@@ -28,9 +28,9 @@ from typing import Final
 from discovery import DiscoveryEvent, PeerFound, PeerInfo
 from patterns import (
     Context,
-    Inbox,
+    ControlDealer,
+    ControlRouter,
     InvalidName,
-    Outbox,
     TopicPattern,
     validate_topic,
 )
@@ -52,7 +52,7 @@ _MAX_WINDOW: Final[int] = 1_000_000
 
 
 class Membership:
-    """Owns the inbox, the per-peer links and the peer table of one node.
+    """Owns the control ROUTER, the per-peer links and the peer table of one node.
 
     It is also the node's `Announcer` (parts report changes of what they offer
     here) and its `ControlSender`.
@@ -73,8 +73,8 @@ class Membership:
         self.table = PeerTable(suspect_after=config.suspect_after,
                                lost_after=config.lost_after,
                                forget_after=config.forget_after, observer=self)
-        self.inbox = Inbox(ctx)
-        self._links: dict[str, Outbox] = {}
+        self.router = ControlRouter(ctx)
+        self._links: dict[str, ControlDealer] = {}
         self._link_born: dict[str, float] = {}
         self._static: set[str] = set()
         self._departed: BoundedDict[str, int] = BoundedDict(_MAX_SUBS)
@@ -108,16 +108,16 @@ class Membership:
         return self._announcement.version
 
     def bind(self, interfaces: list[str], port: int) -> list[str]:
-        ctl = self._announcement.ctl = [self.inbox.bind(host, port) for host in interfaces]
+        ctl = self._announcement.ctl = [self.router.bind(host, port) for host in interfaces]
         return ctl
 
     async def run(self) -> None:
         """Handle control messages and tick heartbeats until cancelled."""
-        self.inbox.start(self._on_messages)
+        self.router.start(self._on_messages)
         try:
             await self._tick_forever()
         finally:
-            self.inbox.stop()
+            self.router.stop()
             self.table.stop()
 
     def say_goodbye(self) -> None:
@@ -129,7 +129,7 @@ class Membership:
         for link in self._links.values():
             link.close(linger=0.5)
         self._links.clear()
-        self.inbox.close()
+        self.router.close()
 
     # -- discovery ---------------------------------------------------------------
 
@@ -176,10 +176,10 @@ class Membership:
 
     # -- sending -----------------------------------------------------------------
 
-    def _link(self, endpoint: str) -> Outbox:
+    def _link(self, endpoint: str) -> ControlDealer:
         link = self._links.get(endpoint)
         if link is None:
-            link = self._links[endpoint] = Outbox(self._ctx, endpoint)
+            link = self._links[endpoint] = ControlDealer(self._ctx, endpoint)
             self._link_born[endpoint] = time.monotonic()
         return link
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from patterns import Context, Inbox, Outbox
+from patterns import Context, ControlDealer, ControlRouter
 from tests.helpers import aeventually
 
 
@@ -12,8 +12,8 @@ async def test_inbox_hands_every_message_to_its_callback_until_stopped() -> None
     """Messages from several outboxes arrive in order per sender, without the routing id;
     after `stop` the callback gets nothing more."""
     ctx = Context()
-    inbox = Inbox(ctx)
-    outboxes: list[Outbox] = []
+    inbox = ControlRouter(ctx)
+    outboxes: list[ControlDealer] = []
     try:
         endpoint = inbox.bind("127.0.0.1")
         got: list[bytes] = []
@@ -24,7 +24,7 @@ async def test_inbox_hands_every_message_to_its_callback_until_stopped() -> None
                 got.append(frames[0])
 
         inbox.start(on_messages)
-        outboxes = [Outbox(ctx, endpoint) for _ in range(3)]
+        outboxes = [ControlDealer(ctx, endpoint) for _ in range(3)]
         for i in range(50):  # under the outbox high-water mark, connected or not
             for n, outbox in enumerate(outboxes):
                 assert outbox.send(f"{n}:{i}".encode())

@@ -19,8 +19,8 @@ import zmq
 
 from patterns import (
     Context,
-    Inbox,
-    Outbox,
+    ControlDealer,
+    ControlRouter,
     Publisher,
     Puller,
     Pusher,
@@ -455,14 +455,14 @@ async def test_outbox_drops_beyond_its_small_high_water_mark(ctx: Context,
                                                              free_endpoint: str) -> None:
     """An outbox to an unreachable peer queues 64 control messages, then `send` says False
     (dropped) instead of raising or blocking; the next heartbeat repeats the news anyway."""
-    outbox = Outbox(ctx, free_endpoint)
+    outbox = ControlDealer(ctx, free_endpoint)
     results = [outbox.send(b"heartbeat %d" % i) for i in range(100)]
     assert results == [True] * 64 + [False] * 36
 
 
 async def test_inbox_closed_inside_its_callback_delivers_nothing_more(ctx: Context) -> None:
-    inbox = Inbox(ctx)
-    outbox = Outbox(ctx, inbox.bind("127.0.0.1"))
+    inbox = ControlRouter(ctx)
+    outbox = ControlDealer(ctx, inbox.bind("127.0.0.1"))
     for i in range(50):
         assert outbox.send(b"%d" % i)
     assert fd_readable(fd_of(inbox._sock), timeout=5)
