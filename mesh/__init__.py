@@ -19,6 +19,8 @@ method names. This module only re-exports; the layout, lowest layer first
     _work/            work queues: pushers' targets and credit, workers' pulls, the window
     _services/        request/reply: serving (ROUTER, Service) and requesting (retries, failover)
     _reliable/        at-least-once on the spool: the outbox, receiver dedup, durables, their end
+    _memory/          what the mesh remembers: retained values and history, kept by each
+                      publisher, gathered by new subscriptions with no gap and no duplicate
     _core.py          NodeCore: builds the parts, starts and closes them as one
     _node.py          AsyncNode: the public asyncio API over the parts
     _sync.py          Node: the blocking twin (+ _sync_streams.py, its iterators)
