@@ -12,11 +12,13 @@ method names. This module only re-exports; the layout, lowest layer first
     _message.py       Message and Headers, what applications receive
     _names.py         topic, pattern, queue, service and durable names: one check each
     _config.py        NodeConfig: arguments, then environment, then defaults
+    _ttl.py           message expiry: checking a ttl, has an item expired
     _membership/      who is out there: identity, peer table (alive/suspect/lost/forgotten),
                       control channel (hello, heartbeats, bye), peer events, hello parts
     _parts.py         what parts need from the node (Announcer, Waiter)
     _pubsub/          topic fan-out: batching publishes, dispatching to subscriptions
-    _work/            work queues: pushers' targets and credit, workers' pulls, the window
+    _work/            work queues: pushers' targets and credit, workers' pulls, the window,
+                      expiry in backlogs
     _services/        request/reply: serving (ROUTER, Service) and requesting (retries, failover)
     _reliable/        at-least-once on the spool: the outbox, receiver dedup, durables, their end
     _memory/          what the mesh remembers: retained values and history, kept by each

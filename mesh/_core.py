@@ -100,8 +100,9 @@ class NodeCore:
         self._events = EventStreams()
         self._run: _Running | None = None
         self._closing = False
-        self.stats: Counter[str] = Counter(published=0, received=0, dropped=0)
-        """Message counts: published, received, dropped (gaps seen from publishers)."""
+        self.stats: Counter[str] = Counter(published=0, received=0, dropped=0, expired=0)
+        """Message counts: published, received, dropped (gaps seen from publishers),
+        expired (copies dropped here because their ttl passed before delivery)..."""
 
     # -- identity ----------------------------------------------------------------
 

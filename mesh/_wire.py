@@ -28,9 +28,14 @@ Data (PUB -> SUB): ``topic key | header | Batch``.
   prefix;
 - ``Batch`` (msgpack array) = ``[source id, source name, topic seq, items,
   epoch, credit out]`` (the last two for work queues)
-  where each item is ``[seq, timestamp, headers | nil, payload]``. All items
+  where each item is ``[seq, timestamp, headers | nil, payload, reliable,
+  topic, expires | nil]`` (``reliable`` and ``topic`` for spooled messages;
+  ``expires``, the sender's wall-clock time after which the item must not be
+  delivered: its timestamp plus the ``ttl`` it was sent with). All items
   share one topic; ``topic seq`` numbers the first item, the rest follow
-  contiguously, so a receiver sees publisher-side drops as gaps.
+  contiguously, so a receiver sees publisher-side drops as gaps. A receiver
+  drops an item whose ``expires`` has passed (work items are still credited),
+  counting it as expired; a peer predating ``expires`` ignores it.
 
 Control (DEALER -> ROUTER): ``header | Control``, ``Control`` a tagged
 msgpack array (tag first):
@@ -130,6 +135,9 @@ class Item(msgspec.Struct, array_like=True, gc=False):
     """Spooled by its sender: the receiver deduplicates it and its ack settles the spool."""
     topic: str = ""
     """The topic of a reliable publish (its batch may travel on a durable's queue)."""
+    expires: float | None = None
+    """Publisher wall clock after which it must not be delivered (`ts` plus its ttl);
+    None: never. Spooled records carry it too, so it survives restarts."""
 
 
 class Spooled(msgspec.Struct, array_like=True, gc=False):

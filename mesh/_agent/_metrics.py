@@ -39,6 +39,9 @@ _NODE_TOTALS: Final = (
     ("lost_in_flight", "zeromesh_messages_lost_in_flight",
      "Best-effort work messages in the pipe of a worker that died."),
     ("duplicates", "zeromesh_messages_duplicate", "Reliable duplicates dropped by dedup."),
+    ("expired", "zeromesh_messages_expired",
+     "Messages dropped undelivered because their ttl passed: on arrival here, or waiting "
+     "in this node's queues or spool."),
     ("oversized", "zeromesh_messages_oversized",
      "Sends refused before sending: larger than max_message_size."),
     ("abandoned", "zeromesh_messages_abandoned",

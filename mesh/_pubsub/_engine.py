@@ -31,7 +31,7 @@ from patterns import (
     topic_from_key,
 )
 
-from .. import _names, _wire
+from .. import _names, _ttl, _wire
 from .._config import NodeConfig
 from .._membership._peers import PeerRecord, PeerTable
 from .._message import Message
@@ -188,9 +188,9 @@ class PubSub:
     # -- publishing -------------------------------------------------------------
 
     def publish(self, topic: str, data: bytes | str, headers: Mapping[str, str] | None,
-                name: str) -> _wire.Item | None:
-        """Queue one best-effort message; returns it when a full batch was flushed (the
-        caller may yield), else None."""
+                name: str, ttl: float | None = None) -> _wire.Item | None:
+        """Queue one best-effort message (`ttl` checked by the caller); returns it when a
+        full batch was flushed (the caller may yield), else None."""
         pending = self._outgoing.get(topic)
         if pending is None:
             _names.topic(topic)
@@ -206,7 +206,11 @@ class PubSub:
             pending = self._outgoing[topic] = []
         hdrs = dict(headers) if headers else None
         seq = self._next_seq()
-        item = _wire.Item(seq, time.time(), hdrs, data)
+        if ttl is None:
+            item = _wire.Item(seq, time.time(), hdrs, data)
+        else:
+            ts = time.time()
+            item = _wire.Item(seq, ts, hdrs, data, expires=ts + ttl)
         pending.append(item)
         history = self.history
         if history is not None and history.keeps(topic):
@@ -254,7 +258,8 @@ class PubSub:
         return item
 
     def publish_reliable(self, topic: str, payloads: Iterable[bytes | str],
-                         headers: Mapping[str, str] | None, name: str) -> list[_wire.Item]:
+                         headers: Mapping[str, str] | None, name: str,
+                         ttl: float | None = None) -> list[_wire.Item]:
         """Make reliable messages on one topic, all at once, for the caller to spool.
 
         They are delivered to this node's subscriptions, and go out by pub/sub
@@ -274,8 +279,9 @@ class PubSub:
             self._stats["oversized"] += 1
             raise MessageTooLarge(largest, limit)
         next_seq, ts, make = self._next_seq, time.time(), _wire.Item
-        items = [make(next_seq(), ts, dict(headers) if headers else None, data, True, topic)
-                 for data in datas]
+        expires = None if ttl is None else ts + ttl
+        items = [make(next_seq(), ts, dict(headers) if headers else None, data, True, topic,
+                      expires) for data in datas]
         if self.history is not None and self.history.keeps(topic):
             self.history.add(topic, items)
         if self._reliable_wanted(topic):
@@ -398,14 +404,18 @@ class PubSub:
         subs = self._matching(topic)
         if not subs:
             return
-        self.delivered_by_topic.add(topic, len(items))
+        delivered = len(items)
         if all(sub.best_effort_only for sub in subs):  # no Message for what none of them wants
             items = [it for it in items if not it.reliable]
-            if not items:
-                return
-        name, source = batch.name, batch.source
+        name, source, now = batch.name, batch.source, time.time()
         msgs = [Message(topic, it.payload, name, source, it.seq, it.ts, it.headers, it.reliable)
-                for it in items]
+                for it in items if it.expires is None or it.expires > now]
+        if len(msgs) != len(items):  # their ttl passed on the way (or in our socket's queue)
+            self._stats[_ttl.EXPIRED] += len(items) - len(msgs)
+            delivered -= len(items) - len(msgs)
+        self.delivered_by_topic.add(topic, delivered)
+        if not msgs:
+            return
         for sub in subs:
             sub._deliver(msgs)
 

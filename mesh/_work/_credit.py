@@ -28,7 +28,7 @@ from typing import Final
 
 from patterns import Context, Puller
 
-from .. import _wire
+from .. import _ttl, _wire
 from .._membership._listener import ControlSender
 from .._message import Message
 from .._reliable._dedup import Dedup
@@ -257,15 +257,29 @@ class Workers:
                 self, local, batch.source, batch.epoch, batch.topic_seq)
         if batch.credit_out:
             stream.credit_out = True
-        name, source, items = batch.name, batch.source, batch.items
+        name, source, items, now = batch.name, batch.source, batch.items, time.time()
         self._stats["pulled"] += len(items)
         msgs = [Message(it.topic or queue, it.payload, name, source, it.seq, it.ts, it.headers,
-                        it.reliable) for it in items]
+                        it.reliable) for it in items if it.expires is None or it.expires > now]
+        if len(msgs) != len(items):
+            self._expired(stream, len(items) - len(msgs))
+            if not msgs:
+                return
         for it in items:
             if it.reliable:
                 msgs = self._fresh(msgs, stream)
                 break
         local.put_many(msgs, stream)
+
+    def _expired(self, stream: _InStream, n: int) -> None:
+        """`n` messages of `stream` arrived after their ttl: consumed at once (credited,
+        so the pusher settles them; a reliable one leaves its spool), never delivered.
+
+        Like a duplicate, it is credited ahead of any earlier message of the stream
+        still waiting here (a credit is a running count)."""
+        self._stats[_ttl.EXPIRED] += n
+        stream.consumed += n
+        self.credit(stream)
 
     def _fresh(self, msgs: list[Message], stream: _InStream) -> list[Message]:
         """Drop the reliable duplicates (credited at once, never delivered)."""

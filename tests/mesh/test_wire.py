@@ -17,7 +17,8 @@ ids = st.text(alphabet="0123456789abcdef", min_size=32, max_size=32)
 texts = st.text(max_size=40)
 headers = st.none() | st.dictionaries(texts, texts, max_size=4)
 items = st.builds(wire.Item, st.integers(0, 2**63 - 1),
-                  st.floats(allow_nan=False, allow_infinity=False), headers, st.binary(max_size=300))
+                  st.floats(allow_nan=False, allow_infinity=False), headers, st.binary(max_size=300),
+                  expires=st.none() | st.floats(allow_nan=False, allow_infinity=False))
 batches = st.builds(wire.Batch, ids, texts, st.integers(0, 2**63 - 1), st.lists(items, max_size=20))
 endpoints = st.lists(st.text(max_size=30), max_size=3)
 controls = st.one_of(
@@ -209,3 +210,27 @@ def test_service_size_limit_is_checked_before_decoding() -> None:
     """An oversized service frame is refused by its length, whatever it holds."""
     with pytest.raises(ProtocolError, match="exceeds"):
         wire.decode_service(wire.SERVICE_HEADER + b"\xc1" * 200, 100)
+
+
+class _ItemBeforeExpiry(msgspec.Struct, array_like=True, gc=False):
+    """`wire.Item` as peers (and spools) before ``expires`` know it."""
+
+    seq: int
+    ts: float
+    headers: dict[str, str] | None
+    payload: bytes
+    reliable: bool = False
+    topic: str = ""
+
+
+def test_expires_is_appended_so_older_and_newer_items_read_each_other() -> None:
+    """Evolution: an older peer ignores ``expires``; an older item or spool record reads as
+    one without expiry."""
+    new = wire.Item(5, 1.5, {"k": "v"}, b"p", True, "t", 99.5)
+    old = msgspec.msgpack.decode(msgspec.msgpack.encode(new), type=_ItemBeforeExpiry)
+    assert (old.seq, old.payload, old.reliable, old.topic) == (5, b"p", True, "t")
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(old), type=wire.Item)
+    assert back.expires is None
+    record = msgspec.msgpack.encode(["q", "jobs", old, [], 0, ""])
+    assert wire.decode_spooled(record).item.expires is None
+    assert wire.decode_spooled(wire.encode_spooled(wire.Spooled("q", "jobs", new))).item == new
