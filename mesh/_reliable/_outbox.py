@@ -15,6 +15,13 @@ A forgotten durable (`_durables`) is no destination any more: `abandon`
 takes it off every message waiting for it, and those that waited for nothing
 else leave the spool at once, their segments' disk space with them.
 
+Expiry (``ttl``): a message whose ttl passed before it was delivered
+somewhere leaves the spool as a delivered one does, but is counted in
+``stats["expired"]`` (once per destination it missed) instead of acked; it
+is never retried or dead-lettered. That happens when the pusher side finds
+it in a queue's backlog (`_work._expiry`), when a failed delivery would
+retry it, and on recovery at start.
+
 The fast path (``publish_many(..., reliable=True)``): the messages are made
 at once, spooled as one RUN record (one header, one CRC; see `_spool`) handed
 to the spool's writer thread at once rather than at the end of the loop
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
@@ -36,7 +44,7 @@ from typing import Final
 
 import msgspec
 
-from .. import _wire
+from .. import _ttl, _wire
 from .._config import NodeConfig
 from .._parts import Waiter
 from .._spool import FsyncPolicy, SpoolStore
@@ -167,10 +175,13 @@ class Outbox:
 
     def recovered(self) -> list[tuple[str, tuple[_wire.Item, Tracked]]]:
         """(destination queue, message) for everything still in the spool, oldest first;
-        forgotten durables are no destination (a message only for them leaves the spool)."""
+        forgotten durables are no destination (a message only for them leaves the spool),
+        and the expired ones leave the spool instead."""
         out = []
         named: set[str] = set()
         unwanted: list[int] = []
+        expired: list[Tracked] = []
+        now = time.time()
         for spool_id, payload in self.store.pending():
             try:
                 spooled = _wire.decode_spooled(payload)
@@ -183,14 +194,44 @@ class Outbox:
                 tracked.pending = tuple(d for d in tracked.pending if d not in self.forgotten)
                 if not tracked.pending:
                     unwanted.append(spool_id)
+            if tracked.pending and _ttl.has_expired(spooled.item, now):
+                expired.append(tracked)
+                continue
             for dest in tracked.pending:
                 out.append((dest, (spooled.item, tracked)))
         self.forgotten = frozenset(named)
         if unwanted:
             self.store.ack(unwanted)
+        if expired:
+            self._drop_expired(expired)
+            _log.info("dropped %d spooled messages whose ttl passed while this node was down",
+                      len(expired))
         if out:
             _log.info("resuming %d spooled pushes", len(out))
         return out
+
+    def expired(self, tracked: Iterable[Tracked], dest: str) -> None:
+        """These messages' ttl passed before they reached `dest` (a queue): they will not,
+        and those with no destination left leave the spool (not as acked)."""
+        done = []
+        for one in tracked:
+            pending = one.pending
+            if dest in pending:
+                one.pending = pending = tuple(d for d in pending if d != dest)
+                self._stats[_ttl.EXPIRED] += 1
+                if not pending:
+                    done.append(one.spool_id)
+        if done:
+            self.store.ack(done)
+            self._waiter.wake()
+
+    def _drop_expired(self, tracked: list[Tracked]) -> None:
+        """Expired for every destination left (recovery)."""
+        self._stats[_ttl.EXPIRED] += sum(len(one.pending) for one in tracked)
+        for one in tracked:
+            one.pending = ()
+        self.store.ack([one.spool_id for one in tracked])
+        self._waiter.wake()
 
     def delivered(self, tracked: Iterable[Tracked], dest: str) -> None:
         """These messages reached `dest`; those that reached every destination are acked
@@ -218,6 +259,9 @@ class Outbox:
         """One delivery attempt to `dest` (a queue) failed: retry after a backoff, or
         dead-letter it."""
         spooled = tracked.spooled
+        if _ttl.has_expired(spooled.item):  # no retry, no dead letter: it is over
+            self.expired((tracked,), dest)
+            return
         spooled.attempts += 1
         self._stats["redelivered"] += 1
         if spooled.attempts >= self.max_attempts:

@@ -23,7 +23,8 @@ Reliable pushes (``reliable=True``) go through the pusher's spool first and
 return once on disk, worker or not. They stay in the spool until a worker
 consumed them; a lost worker, a ``nack`` or an ack timeout sends them again
 (with backoff) to a live worker, and after ``max_attempts`` they move to the
-dead-letter spool.
+dead-letter spool. A message with a ttl is never handed out once it has
+expired (`_expiry`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any, Final
 
 from patterns import Context, Pusher, SocketClosed
 
-from .. import _names, _wire
+from .. import _names, _ttl, _wire
 from .._config import NodeConfig
 from .._membership._listener import ControlRoutes, ControlSender
 from .._membership._peers import PeerRecord, PeerState, PeerTable
@@ -50,6 +51,7 @@ from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
 from ..errors import ClosedError, ConfigError, MessageTooLarge, NoRespondersError, RequestTimeout
 from ._credit import Workers
+from ._expiry import BacklogExpiry
 from ._pull import Handler, Pull
 from ._target import Sent, Target
 
@@ -95,6 +97,7 @@ class WorkQueues:
         self._queue_keys: BoundedDict[str, bytes] = BoundedDict()
         self._max_size = config.max_message_size
         self._backlog: dict[str, deque[Sent]] = {}
+        self._expiry = BacklogExpiry(outbox, stats)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._dirty: set[Target] = set()
@@ -126,6 +129,7 @@ class WorkQueues:
         if self._outbox is not None:
             for queue, sent in self._outbox.recovered():
                 self._backlog.setdefault(queue, deque()).append(sent)
+                self._expiry.note_one(queue, sent)
         self.workers.start(node_id)
 
     def prepare_leave(self) -> None:
@@ -152,11 +156,15 @@ class WorkQueues:
         self.workers.send_credits(force=True)
         if self._outbox is not None:
             self._check_ack_timeouts(self._outbox.ack_timeout)
+        self._expiry.sweep_due(self._backlog)
 
     # -- pushing -----------------------------------------------------------------
 
     async def push(self, queue: str, data: bytes | str, headers: Mapping[str, str] | None,
-                   timeout: float, closed: Callable[[], bool], reliable: bool = False) -> None:
+                   timeout: float, closed: Callable[[], bool], reliable: bool = False,
+                   ttl: float | None = None) -> None:
+        if ttl is not None:
+            ttl = _ttl.check(ttl)
         if type(data) is not bytes:
             data = data.encode() if isinstance(data, str) else bytes(data)
         size = len(data)
@@ -171,7 +179,7 @@ class WorkQueues:
             if queue not in self._queue_keys:
                 self._check_queue(queue)
             if reliable:
-                await self._push_reliable(queue, data, headers)
+                await self._push_reliable(queue, data, headers, ttl)
                 return
             if self._backlog.get(queue):
                 self._pump(queue)
@@ -180,6 +188,8 @@ class WorkQueues:
                 target = await self._wait_for_target(queue, timeout, closed)
         item = _wire.Item(self._next_seq(), _wall_clock(), dict(headers) if headers else None,
                           data)
+        if ttl is not None:
+            item.expires = item.ts + ttl
         if target.local:
             self._stats["pushed"] += 1
             self._assign(target, (item, None))
@@ -208,14 +218,14 @@ class WorkQueues:
                 self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     async def _push_reliable(self, queue: str, data: bytes,
-                             headers: Mapping[str, str] | None) -> None:
+                             headers: Mapping[str, str] | None, ttl: float | None) -> None:
         if self._outbox is None:
             raise ConfigError("reliable", "needs a data dir (the spool lives there)")
-        item = _wire.Item(self._next_seq(), _wall_clock(), dict(headers) if headers else None,
-                          data, True)
+        ts = _wall_clock()
+        item = _wire.Item(self._next_seq(), ts, dict(headers) if headers else None, data, True,
+                          expires=None if ttl is None else ts + ttl)
         tracked = await self._outbox.spool_push(queue, item)
-        self._backlog.setdefault(queue, deque()).append((item, tracked))
-        self._pump(queue)
+        self.requeue(queue, (item, tracked))
         self._stats["pushed"] += 1
 
     def _check_queue(self, queue: str) -> None:
@@ -381,6 +391,8 @@ class WorkQueues:
     def _pump(self, queue: str) -> None:
         """Hand queued messages (reliable ones, and those of departed workers) out, in order."""
         backlog = self._backlog.get(queue)
+        if backlog:
+            self._expiry.check(queue, backlog)
         while backlog:
             target = self._pick(queue)
             if target is None:
@@ -389,6 +401,7 @@ class WorkQueues:
             self._assign_many(target, [popleft() for _ in range(min(target.run, len(backlog)))])
 
     def requeue(self, queue: str, sent: Sent, *, front: bool = False) -> None:
+        self._expiry.note_one(queue, sent)
         backlog = self._backlog.setdefault(queue, deque())
         if front:
             backlog.appendleft(sent)
@@ -396,8 +409,9 @@ class WorkQueues:
             backlog.append(sent)
         self._pump(queue)
 
-    def requeue_many(self, queue: str, sents: Iterable[Sent]) -> None:
+    def requeue_many(self, queue: str, sents: Sequence[Sent]) -> None:
         """`requeue` several at the back, handed out in turns rather than one by one."""
+        self._expiry.note(queue, sents)
         self._backlog.setdefault(queue, deque()).extend(sents)
         self._pump(queue)
 
@@ -511,7 +525,9 @@ class WorkQueues:
         self._dirty.discard(target)
         self._forget_targets(target.queue)
         if target.inflight:
-            self._backlog.setdefault(target.queue, deque()).extendleft(target.unconsumed())
+            unconsumed = target.unconsumed()
+            self._expiry.note(target.queue, unconsumed)
+            self._backlog.setdefault(target.queue, deque()).extendleft(unconsumed)
             self._stats["redelivered"] += len(target.inflight)
 
     # -- worker side -------------------------------------------------------------
