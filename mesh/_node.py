@@ -11,7 +11,7 @@ from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from . import _names, _wire
+from . import _names, _ttl, _wire
 from ._core import NodeCore
 from ._memory._history import start_of
 from ._message import Message
@@ -41,7 +41,7 @@ class AsyncNode(NodeCore):
 
     async def publish(self, topic: str, data: bytes | str, *,
                       headers: Mapping[str, str] | None = None, reliable: bool = False,
-                      retain: bool = False) -> None:
+                      retain: bool = False, ttl: float | None = None) -> None:
         """Publish to every matching subscriber in the mesh (and on this node).
 
         Best effort: returns as soon as the message is queued; it leaves at the
@@ -53,8 +53,12 @@ class AsyncNode(NodeCore):
         when there is one), which every later subscription receives first;
         an empty retained message clears the topic.
 
+        ``ttl=S``: a copy not delivered within S seconds of the message's
+        timestamp is never delivered (and leaves every spool), counted in
+        ``stats["expired"]`` where it was dropped.
+
         Raises:
-            ConfigError: `topic` is invalid.
+            ConfigError: `topic` is invalid, or `ttl` is not a number > 0.
             MessageTooLarge: `data` exceeds ``max_message_size``.
             SpoolFullError: (reliable) the spool quota or the disk is full.
             ClosedError: the node is not running.
@@ -62,24 +66,28 @@ class AsyncNode(NodeCore):
         if retain:
             if reliable:
                 await self.publish_many(topic, (data,), headers=headers, reliable=True,
-                                        retain=True)
+                                        retain=True, ttl=ttl)
                 return
             live = self._live()
-            live.retained.store.put(topic, live.pubsub.publish_retained(topic, data, headers,
-                                                                        self._config.name))
+            item = live.pubsub.publish_retained(topic, data, headers, self._config.name,
+                                                _ttl.check(ttl))
+            live.retained.store.put(topic, item)
             return
         if not reliable:  # `publish_nowait`, inlined: this is the hot path
             run = self._run
             if run is None or self._closing:
                 raise ClosedError("node is not running (use `async with` or `await start()`)")
-            if run.pubsub.publish(topic, data, headers, self._config.name) is not None:
+            if ttl is not None:
+                ttl = _ttl.check(ttl)
+            if run.pubsub.publish(topic, data, headers, self._config.name, ttl) is not None:
                 await asyncio.sleep(0)  # a large batch just left: let readers and timers run
             return
-        await self.publish_many(topic, (data,), headers=headers, reliable=True)
+        await self.publish_many(topic, (data,), headers=headers, reliable=True, ttl=ttl)
 
     async def publish_many(self, topic: str, payloads: Iterable[bytes | str], *,
                            headers: Mapping[str, str] | None = None,
-                           reliable: bool = False, retain: bool = False) -> None:
+                           reliable: bool = False, retain: bool = False,
+                           ttl: float | None = None) -> None:
         """Publish several messages on one topic; with ``reliable=True`` they reach disk
         with a single wait (one group commit), which is how to go fast reliably.
         With ``retain=True`` the last one is the topic's retained value.
@@ -87,23 +95,24 @@ class AsyncNode(NodeCore):
         Raises:
             Same as `publish`.
         """
+        ttl = _ttl.check(ttl)
         if retain and not reliable:
             run = self._live()
             item = None
             for data in payloads:
-                item = run.pubsub.publish_retained(topic, data, headers, self._config.name)
+                item = run.pubsub.publish_retained(topic, data, headers, self._config.name, ttl)
             if item is not None:
                 run.retained.store.put(topic, item)
             return
         if not reliable:
             for data in payloads:
-                await self.publish(topic, data, headers=headers)
+                await self.publish(topic, data, headers=headers, ttl=ttl)
             return
         if self._config.data_dir is None:
             raise ConfigError("reliable", "needs a data dir (the spool lives there)")
         run = self._live()
         assert run.outbox is not None  # (a data dir has an outbox)
-        items = run.pubsub.publish_reliable(topic, payloads, headers, self._config.name)
+        items = run.pubsub.publish_reliable(topic, payloads, headers, self._config.name, ttl)
         if retain and items:
             run.retained.store.put(topic, items[-1])
         dests = self._durables.matching(topic)
@@ -129,10 +138,14 @@ class AsyncNode(NodeCore):
                     run.outbox.abandon(dest, [t for _, t in sents if t is not None])
 
     def publish_nowait(self, topic: str, data: bytes | str, *,
-                       headers: Mapping[str, str] | None = None) -> bool:
+                       headers: Mapping[str, str] | None = None,
+                       ttl: float | None = None) -> bool:
         """Best-effort `publish` without the await, for use on the loop; True when it
         flushed a batch (a good moment to yield)."""
-        return self._live().pubsub.publish(topic, data, headers, self._config.name) is not None
+        if ttl is not None:
+            ttl = _ttl.check(ttl)
+        return self._live().pubsub.publish(topic, data, headers, self._config.name,
+                                           ttl) is not None
 
     async def subscribe(self, pattern: str, *, callback: Callback | None = None,
                         max_pending: int = DEFAULT_MAX_PENDING,
@@ -372,17 +385,19 @@ class AsyncNode(NodeCore):
 
     def push(self, queue: str, data: bytes | str, *,
              headers: Mapping[str, str] | None = None, timeout: float = 10.0,
-             reliable: bool = False) -> Coroutine[Any, Any, None]:
+             reliable: bool = False, ttl: float | None = None) -> Coroutine[Any, Any, None]:
         """Hand a message to exactly one live worker of `queue`, anywhere in the mesh.
 
         Best effort: returns once a worker with free credit was chosen; waits
         (up to `timeout`) while every worker is busy, so it never drops.
         ``reliable=True``: returns once the message is in this node's spool
         (needs a data dir); it is delivered at least once, whenever a worker
-        is there, also after restarts.
+        is there, also after restarts. ``ttl=S``: unless a worker gets it
+        within S seconds of its timestamp, it is never delivered (and leaves
+        the spool), counted in ``stats["expired"]``.
 
         Raises:
-            ConfigError: `queue` is invalid.
+            ConfigError: `queue` is invalid, or `ttl` is not a number > 0.
             MessageTooLarge: `data` exceeds ``max_message_size``.
             NoRespondersError: no worker of `queue` appeared within `timeout`.
             RequestTimeout: workers exist but none had credit within `timeout`.
@@ -394,7 +409,7 @@ class AsyncNode(NodeCore):
         run = self._run
         if run is None or self._closing:
             return self._not_running()
-        return run.work.push(queue, data, headers, timeout, self._closed, reliable)
+        return run.work.push(queue, data, headers, timeout, self._closed, reliable, ttl)
 
     def _closed(self) -> bool:
         return not self.running

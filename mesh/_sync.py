@@ -22,7 +22,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
-from . import _loop, _names
+from . import _loop, _names, _ttl
 from ._config import NodeConfig
 from ._membership._peers import Peer
 from ._message import Message, attach_receipt, receipt_of
@@ -59,7 +59,8 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Condition()
-        self._handoff: list[tuple[str, bytes | str, Mapping[str, str] | None]] = []
+        self._handoff: list[tuple[str, bytes | str, Mapping[str, str] | None,
+                                  float | None]] = []
         self._wake_pending = False
         self._streams: list[SyncSubscription | SyncPeerEvents] = []
         """Open streams, ended when the node closes."""
@@ -213,12 +214,12 @@ class Node:
 
     def publish(self, topic: str, data: bytes | str, *,
                 headers: Mapping[str, str] | None = None, reliable: bool = False,
-                retain: bool = False) -> None:
+                retain: bool = False, ttl: float | None = None) -> None:
         """See `AsyncNode.publish`. Best effort does not wait for the loop; reliable
         blocks until the message is in the spool, retained until it is the topic's value.
 
         Raises:
-            ConfigError: `topic` is invalid.
+            ConfigError: `topic` is invalid, or `ttl` is not a number > 0.
             MessageTooLarge: `data` exceeds ``max_message_size``.
             SpoolFullError: (reliable) the spool is full.
             ClosedError: the node is not running.
@@ -226,13 +227,14 @@ class Node:
         if reliable or retain:
             self._call(self._drained_then(self._node.publish(topic, data, headers=headers,
                                                              reliable=reliable,
-                                                             retain=retain)))
+                                                             retain=retain, ttl=ttl)))
             return
-        self.publish_nowait(topic, data, headers=headers)
+        self.publish_nowait(topic, data, headers=headers, ttl=ttl)
 
     def publish_many(self, topic: str, payloads: Iterable[bytes | str], *,
                      headers: Mapping[str, str] | None = None,
-                     reliable: bool = False, retain: bool = False) -> None:
+                     reliable: bool = False, retain: bool = False,
+                     ttl: float | None = None) -> None:
         """See `AsyncNode.publish_many`: with ``reliable=True`` the messages reach disk with
         one wait (one group commit); it returns once they are there.
 
@@ -241,15 +243,16 @@ class Node:
         """
         if not reliable and not retain:
             for data in payloads:
-                self.publish_nowait(topic, data, headers=headers)
+                self.publish_nowait(topic, data, headers=headers, ttl=ttl)
             return
         batch = list(payloads)  # consumed here, not on the loop thread
         self._call(self._drained_then(self._node.publish_many(topic, batch, headers=headers,
                                                               reliable=reliable,
-                                                              retain=retain)))
+                                                              retain=retain, ttl=ttl)))
 
     def publish_nowait(self, topic: str, data: bytes | str, *,
-                       headers: Mapping[str, str] | None = None) -> bool:
+                       headers: Mapping[str, str] | None = None,
+                       ttl: float | None = None) -> bool:
         """Best-effort `publish`: hands the message to the loop without waiting for it to
         leave (held back only while the loop is far behind). True when this call handed
         a new batch over (woke the loop), the twin of `AsyncNode.publish_nowait` flushing one.
@@ -261,13 +264,15 @@ class Node:
         if loop is None:
             raise ClosedError("node is not running")
         _names.topic(topic)
+        if ttl is not None:
+            ttl = _ttl.check(ttl)
         size = len(data.encode()) if isinstance(data, str) else len(data)
         if size > self._node.config.max_message_size:
             raise MessageTooLarge(size, self._node.config.max_message_size)
         with self._lock:
             while len(self._handoff) >= _HANDOFF_LIMIT and self._loop is not None:
                 self._lock.wait(1.0)
-            self._handoff.append((topic, data, headers))
+            self._handoff.append((topic, data, headers, ttl))
             wake = not self._wake_pending
             self._wake_pending = True
         if wake:
@@ -280,8 +285,8 @@ class Node:
             self._wake_pending = False
             self._lock.notify_all()
         publish = self._node.publish_nowait
-        for topic, data, headers in batch:
-            publish(topic, data, headers=headers)
+        for topic, data, headers, ttl in batch:
+            publish(topic, data, headers=headers, ttl=ttl)
 
     def subscribe(self, pattern: str, *, callback: Callable[[Message], None] | None = None,
                   max_pending: int = DEFAULT_MAX_PENDING,
@@ -341,11 +346,11 @@ class Node:
 
     def push(self, queue: str, data: bytes | str, *,
              headers: Mapping[str, str] | None = None, timeout: float = 10.0,
-             reliable: bool = False) -> None:
+             reliable: bool = False, ttl: float | None = None) -> None:
         """See `AsyncNode.push`; blocks until a worker with credit takes the message
         (reliable: until it is in the spool)."""
         self._call(self._node.push(queue, data, headers=headers, timeout=timeout,
-                                   reliable=reliable))
+                                   reliable=reliable, ttl=ttl))
 
     def subscribe_durable(self, pattern: str, name: str, *,
                           prefetch: int = DEFAULT_PREFETCH,

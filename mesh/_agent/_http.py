@@ -75,6 +75,19 @@ def seconds(params: dict[str, str], key: str, default: float) -> float:
     return value
 
 
+def ttl(params: dict[str, str]) -> float | None:
+    """``?ttl=S``: seconds a message may wait for delivery (absent: forever)."""
+    if "ttl" not in params:
+        return None
+    try:
+        value = float(params["ttl"])
+    except ValueError:
+        raise _bad(f"ttl must be a number of seconds, not {params['ttl']!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise _bad(f"ttl must be a finite number of seconds > 0, not {params['ttl']!r}")
+    return value
+
+
 def count(params: dict[str, str], key: str, default: int, top: int) -> int:
     if key not in params:
         return default

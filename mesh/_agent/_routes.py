@@ -42,15 +42,16 @@ class Routes:
         ])
 
     async def publish(self, request: web.Request) -> web.Response:
-        params = _http.query(request, ("reliable", "retain"))
+        params = _http.query(request, ("reliable", "retain", "ttl"))
         topic = request.match_info["topic"]
         self._node.check_topic(topic)
         reliable = _http.flag(params, "reliable")
         retain = _http.flag(params, "retain")
+        ttl = _http.ttl(params)
         headers = from_http(request.headers.items())
         body = await request.read()
         await self._node.publish(topic, body, headers=headers or None, reliable=reliable,
-                                 retain=retain)
+                                 retain=retain, ttl=ttl)
         return web.json_response({"topic": topic, "reliable": reliable, "retain": retain},
                                  status=202)
 
@@ -62,15 +63,16 @@ class Routes:
         return web.json_response([m.to_dict() for m in values])
 
     async def push(self, request: web.Request) -> web.Response:
-        params = _http.query(request, ("reliable", "timeout"))
+        params = _http.query(request, ("reliable", "timeout", "ttl"))
         queue = request.match_info["queue"]
         self._node.check_queue(queue)
         reliable = _http.flag(params, "reliable")
         timeout = _http.seconds(params, "timeout", DEFAULT_PUSH_TIMEOUT)
+        ttl = _http.ttl(params)
         headers = from_http(request.headers.items())
         body = await request.read()
         await self._node.push(queue, body, headers=headers or None, timeout=timeout,
-                              reliable=reliable)
+                              reliable=reliable, ttl=ttl)
         self._metrics.pushed.labels(queue).inc()
         return web.json_response({"queue": queue, "reliable": reliable}, status=202)
 

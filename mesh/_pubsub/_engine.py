@@ -232,7 +232,8 @@ class PubSub:
         return None
 
     def publish_retained(self, topic: str, data: bytes | str,
-                         headers: Mapping[str, str] | None, name: str) -> _wire.Item:
+                         headers: Mapping[str, str] | None, name: str,
+                         ttl: float | None = None) -> _wire.Item:
         """Publish one best-effort message and return it, to be retained.
 
         Raises:
@@ -244,8 +245,9 @@ class PubSub:
         if len(payload) > self._config.max_message_size:
             self._stats["oversized"] += 1
             raise MessageTooLarge(len(payload), self._config.max_message_size)
-        item = _wire.Item(self._next_seq(), time.time(), dict(headers) if headers else None,
-                          payload)
+        ts = time.time()
+        item = _wire.Item(self._next_seq(), ts, dict(headers) if headers else None, payload,
+                          expires=None if ttl is None else ts + ttl)
         self._enqueue(topic, [item], name)
         if self.history is not None and self.history.keeps(topic):
             self.history.add(topic, (item,))

@@ -95,7 +95,7 @@ async def pub(args: argparse.Namespace) -> int:
             return 1
         async for payload in _payloads(args.data):
             await node.publish(args.topic, payload, headers=headers, reliable=args.reliable,
-                               retain=args.retain)
+                               retain=args.retain, ttl=args.ttl)
         if args.reliable:
             await _settle_spool(node, args.timeout, "pub")
     return 0
@@ -187,7 +187,7 @@ async def push(args: argparse.Namespace) -> int:
             return 1
         async for payload in _payloads(args.data):
             await node.push(args.queue, payload, headers=headers, timeout=args.timeout,
-                            reliable=args.reliable)
+                            reliable=args.reliable, ttl=args.ttl)
         if args.reliable:
             await _settle_spool(node, args.timeout, "push")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -99,6 +100,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _ttl(text: str) -> float:
+    value = _positive(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds: {text!r}")
+    return value
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -146,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs --data-dir)")
     p.add_argument("--retain", action="store_true",
                    help="make it the topic's retained value here (empty DATA clears it)")
+    p.add_argument("--ttl", type=_ttl, metavar="S",
+                   help="drop each message not delivered within S seconds (from any spool too)")
     p.add_argument("--wait-subscribers", type=_count, metavar="N",
                    help="publish only once N matching subscribers are connected")
     p.add_argument("--timeout", type=_positive, default=10.0, metavar="S",
@@ -183,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reliable", action="store_true",
                    help="spool to disk first; at-least-once, even if no worker is up "
                         "(needs --data-dir)")
+    p.add_argument("--ttl", type=_ttl, metavar="S",
+                   help="drop each message no worker got within S seconds (from the spool too)")
     p.add_argument("--wait-workers", type=_count, metavar="N",
                    help="push only once N workers of the queue are connected")
     p.add_argument("--timeout", type=_positive, default=10.0, metavar="S",

@@ -84,6 +84,8 @@ def show(args: argparse.Namespace) -> int:
                    "name": spooled.name, "attempts": spooled.attempts,
                    "reason": spooled.reason, "seq": spooled.item.seq,
                    "data": spooled.item.payload.decode("utf-8", "replace")}
+            if spooled.item.expires is not None:  # (a dead letter keeps it; replayed, it counts)
+                row["expires"] = spooled.item.expires
         if args.json:
             print(json.dumps(row), flush=True)
         else:
