@@ -191,6 +191,8 @@ async def test_peers_and_healthz(procs: list[Cli], mesh_name: str, make_node: Ma
     ("POST", "/v1/request/svc?timeout=-1", b"x", 400, "timeout must be > 0"),
     ("POST", "/v1/request/svc?retries=many", b"x", 400, "retries must be an integer"),
     ("POST", "/v1/push/a.>", b"x", 400, "queue"),
+    ("POST", "/v1/publish/a?ttl=0", b"x", 400, "ttl must be a finite number of seconds > 0"),
+    ("POST", "/v1/push/a?ttl=soon", b"x", 400, "ttl must be a number of seconds"),
     ("GET", "/v1/subscribe/a..", b"", 400, "pattern"),
     ("GET", "/v1/nothing", b"", 404, "no such route"),
     ("DELETE", "/v1/peers", b"", 405, "Method Not Allowed"),

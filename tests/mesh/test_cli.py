@@ -27,6 +27,10 @@ def start(procs: list[Cli], *args: str, mesh: str, stdin: bool = False) -> Cli:
     (["pub", "t", "x", "--interface", "0.0.0.0"], "interfaces"),
     (["pub", "t", "x", "--peer", "http://nope"], "peers"),
     (["pub", "t", "x", "--header", "novalue"], "K=V"),
+    (["pub", "t", "x", "--ttl", "0"], "must be > 0"),
+    (["pub", "t", "x", "--ttl", "x"], "not a number"),
+    (["push", "q", "x", "--ttl", "-1"], "must be > 0"),
+    (["push", "q", "x", "--ttl", "inf"], "finite"),
     (["agent", "--mesh", "has space"], "mesh"),
     (["frobnicate"], "invalid choice"),
 ])
