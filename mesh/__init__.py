@@ -18,7 +18,7 @@ method names. This module only re-exports; the layout, lowest layer first
     _parts.py         what parts need from the node (Announcer, Waiter)
     _pubsub/          topic fan-out: batching publishes, dispatching to subscriptions
     _work/            work queues: pushers' targets and credit, workers' pulls, the window,
-                      expiry in backlogs
+                      pushers' backlogs (and their expiry)
     _services/        request/reply: serving (ROUTER, Service) and requesting (retries, failover)
     _reliable/        at-least-once on the spool: the outbox, receiver dedup, durables, their end
     _memory/          what the mesh remembers: retained values and history, kept by each

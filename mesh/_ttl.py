@@ -5,7 +5,7 @@ in its sender's wall clock: a message not delivered within S seconds of its
 timestamp is never delivered. Where it is enforced: a receiver drops expired
 items before any application sees them (`_pubsub._engine`, `_work._credit`);
 a pusher never hands one out and settles reliable ones out of its spool
-(`_work._expiry`, `_reliable._outbox`). Each copy dropped counts once in
+(`_work._backlog`, `_reliable._outbox`). Each copy dropped counts once in
 ``stats["expired"]``.
 
 Comparing two hosts' wall clocks is inherent to "S seconds of its

@@ -19,7 +19,7 @@ Expiry (``ttl``): a message whose ttl passed before it was delivered
 somewhere leaves the spool as a delivered one does, but is counted in
 ``stats["expired"]`` (once per destination it missed) instead of acked; it
 is never retried or dead-lettered. That happens when the pusher side finds
-it in a queue's backlog (`_work._expiry`), when a failed delivery would
+it in a queue's backlog (`_work._backlog`), when a failed delivery would
 retry it, and on recovery at start.
 
 The fast path (``publish_many(..., reliable=True)``): the messages are made

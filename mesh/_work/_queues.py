@@ -23,8 +23,8 @@ Reliable pushes (``reliable=True``) go through the pusher's spool first and
 return once on disk, worker or not. They stay in the spool until a worker
 consumed them; a lost worker, a ``nack`` or an ack timeout sends them again
 (with backoff) to a live worker, and after ``max_attempts`` they move to the
-dead-letter spool. A message with a ttl is never handed out once it has
-expired (`_expiry`).
+dead-letter spool. A message with a ttl is never handed out once expired
+(`_backlog`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
@@ -50,8 +50,8 @@ from .._reliable._outbox import Outbox, Tracked
 from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
 from ..errors import ClosedError, ConfigError, MessageTooLarge, NoRespondersError, RequestTimeout
+from ._backlog import Backlogs
 from ._credit import Workers
-from ._expiry import BacklogExpiry
 from ._pull import Handler, Pull
 from ._target import Sent, Target
 
@@ -96,8 +96,7 @@ class WorkQueues:
         """Per queue, the target of the current round-robin turn (see `_pick`)."""
         self._queue_keys: BoundedDict[str, bytes] = BoundedDict()
         self._max_size = config.max_message_size
-        self._backlog: dict[str, deque[Sent]] = {}
-        self._expiry = BacklogExpiry(outbox, stats)
+        self._backlog = Backlogs(outbox, stats)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._dirty: set[Target] = set()
@@ -128,8 +127,7 @@ class WorkQueues:
         self.node_id, self.name = node_id, name
         if self._outbox is not None:
             for queue, sent in self._outbox.recovered():
-                self._backlog.setdefault(queue, deque()).append(sent)
-                self._expiry.note_one(queue, sent)
+                self._backlog.add(queue, sent)
         self.workers.start(node_id)
 
     def prepare_leave(self) -> None:
@@ -145,7 +143,7 @@ class WorkQueues:
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
-        stranded = sum(1 for b in self._backlog.values() for _, t in b if t is None)
+        stranded = self._backlog.stranded()
         if stranded:
             _log.warning("closing with %d best-effort pushes no worker took", stranded)
             self._stats["lost_in_flight"] += stranded
@@ -156,7 +154,7 @@ class WorkQueues:
         self.workers.send_credits(force=True)
         if self._outbox is not None:
             self._check_ack_timeouts(self._outbox.ack_timeout)
-        self._expiry.sweep_due(self._backlog)
+        self._backlog.sweep_due()
 
     # -- pushing -----------------------------------------------------------------
 
@@ -390,9 +388,7 @@ class WorkQueues:
 
     def _pump(self, queue: str) -> None:
         """Hand queued messages (reliable ones, and those of departed workers) out, in order."""
-        backlog = self._backlog.get(queue)
-        if backlog:
-            self._expiry.check(queue, backlog)
+        backlog = self._backlog.ready(queue)
         while backlog:
             target = self._pick(queue)
             if target is None:
@@ -401,29 +397,23 @@ class WorkQueues:
             self._assign_many(target, [popleft() for _ in range(min(target.run, len(backlog)))])
 
     def requeue(self, queue: str, sent: Sent, *, front: bool = False) -> None:
-        self._expiry.note_one(queue, sent)
-        backlog = self._backlog.setdefault(queue, deque())
-        if front:
-            backlog.appendleft(sent)
-        else:
-            backlog.append(sent)
+        self._backlog.add(queue, sent, front=front)
         self._pump(queue)
 
     def requeue_many(self, queue: str, sents: Sequence[Sent]) -> None:
         """`requeue` several at the back, handed out in turns rather than one by one."""
-        self._expiry.note(queue, sents)
-        self._backlog.setdefault(queue, deque()).extend(sents)
+        self._backlog.extend(queue, sents)
         self._pump(queue)
 
     def held(self, queue: str) -> int:
         """Reliable messages waiting for a worker of `queue` or in flight to one."""
-        return (sum(1 for _, t in self._backlog.get(queue, ()) if t is not None)
+        return (sum(1 for _, t in self._backlog.get(queue) or () if t is not None)
                 + sum(len(t.tracked) for (_, q), t in self._targets.items() if q == queue))
 
     def take(self, queue: str) -> list[Tracked]:
         """Drop every message waiting for or in flight to `queue` (a forgotten durable's);
         returns the spool entries of the reliable ones, for the outbox to settle."""
-        taken = [t for _, t in self._backlog.pop(queue, ()) if t is not None]
+        taken = [t for _, t in self._backlog.pop(queue) if t is not None]
         for key, target in list(self._targets.items()):
             if key[1] == queue:
                 del self._targets[key]
@@ -482,7 +472,7 @@ class WorkQueues:
         """Someone joined, left, was lost or changed interest: recompute targets."""
         self._target_cache.clear()
         self._current.clear()
-        for queue in {*self._waiters, *(q for q, b in self._backlog.items() if b)}:
+        for queue in {*self._waiters, *self._backlog.waiting()}:
             self._wake(queue)
 
     def peer_updated(self, rec: PeerRecord) -> None:
@@ -525,9 +515,7 @@ class WorkQueues:
         self._dirty.discard(target)
         self._forget_targets(target.queue)
         if target.inflight:
-            unconsumed = target.unconsumed()
-            self._expiry.note(target.queue, unconsumed)
-            self._backlog.setdefault(target.queue, deque()).extendleft(unconsumed)
+            self._backlog.extend(target.queue, target.unconsumed(), front=True)
             self._stats["redelivered"] += len(target.inflight)
 
     # -- worker side -------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -19,8 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mesh import AsyncNode, ConfigError, Node
 from mesh import _wire as wire
-from mesh._work._expiry import BacklogExpiry
-from mesh._work._target import Sent
+from mesh._work._backlog import Backlogs
 from tests.helpers import aeventually
 
 from ._agent import start_agent
@@ -232,26 +231,30 @@ def _item(seq: int, expires: float | None) -> wire.Item:
     return wire.Item(seq, 0.0, None, b"", expires=expires)
 
 
-def test_a_backlog_sweep_keeps_order_and_knows_the_next_expiry() -> None:
-    """Only what expired leaves (best effort counted here); the rest keep their order, and
-    the backlog is not walked again before its soonest expiry."""
+def test_a_backlog_drops_only_what_expired_keeps_order_and_knows_the_next_expiry() -> None:
+    """Expired messages leave (best effort counted here), the rest keep their order, and a
+    backlog is not walked again before its soonest expiry."""
     stats: Counter[str] = Counter()
-    expiry = BacklogExpiry(None, stats)
+    backlogs = Backlogs(None, stats)
     now = time.time()
-    backlog: deque[Sent] = deque((_item(i, e), None) for i, e in
-                                 enumerate([None, now - 1, now + 60, now - 2, now + 30, None]))
-    expiry.note("q", list(backlog))
-    expiry.check("q", backlog)
-    assert [item.seq for item, _ in backlog] == [0, 2, 4, 5]
-    assert stats["expired"] == 2
-    later = deque(backlog)
-    expiry.check("q", backlog)  # nothing due before now + 30: not walked
-    assert backlog == later
-    expiry.sweep_due({"q": backlog})
-    assert backlog == later
-    plain = BacklogExpiry(None, stats)
-    plain.note("r", [(_item(1, None), None)])
-    plain.sweep_due({})  # no queue with a ttl: nothing to do
+    backlogs.extend("q", [(_item(i, e), None) for i, e in
+                          enumerate([None, now - 1, now + 60, now - 2, now + 30])])
+    backlogs.add("q", (_item(5, None), None))
+    backlogs.add("q", (_item(6, now - 3), None), front=True)
+    assert [item.seq for item, _ in backlogs.ready("q") or ()] == [0, 2, 4, 5]
+    assert stats["expired"] == 3
+    before = list(backlogs.get("q") or ())
+    backlogs.extend("q", [(_item(8, now - 4), None), (_item(7, None), None)], front=True)
+    assert [item.seq for item, _ in backlogs.get("q") or ()] == [7, 8, 0, 2, 4, 5]
+    backlogs.sweep_due()  # (a tick)
+    assert list(backlogs.get("q") or ()) == [(_item(7, None), None), *before]
+    assert stats["expired"] == 4
+    assert backlogs.stranded() == 5
+    assert list(backlogs.waiting()) == ["q"]
+    plain = Backlogs(None, stats)
+    plain.extend("r", [(_item(1, None), None)])
+    plain.sweep_due()  # no message with a ttl: nothing to walk
+    assert plain.ready("r") is plain.get("r")
 
 
 async def test_agent_ttl_parameter_expires_a_spooled_push_and_exports_the_count(
