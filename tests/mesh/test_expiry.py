@@ -282,8 +282,8 @@ async def test_agent_ttl_parameter_expires_a_spooled_push_and_exports_the_count(
     assert samples["zeromesh_spool_messages"] == 0
 
 
-def test_cli_push_ttl_empties_the_spool_and_bad_ttls_are_usage_errors(mesh_name: str,
-                                                                       tmp_path: Path) -> None:
+def test_cli_push_ttl_lets_an_unclaimed_message_leave_the_spool(mesh_name: str,
+                                                                 tmp_path: Path) -> None:
     """``push --reliable --ttl`` with no worker: the message expires and leaves the spool,
     so the command need not wait out its timeout to keep it."""
     data = str(tmp_path / "d")
