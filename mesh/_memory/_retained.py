@@ -6,12 +6,17 @@ a restart, a SIGKILL included: the topics changed during one loop iteration
 are appended to ``retained.log`` together (one write for a burst), and the log
 is rewritten compactly at start and whenever it has grown to several times
 what it holds (see `_log` for what a crash can cost).
+
+A value published with a ttl stops being the topic's value once its ttl has
+passed: it is never handed out again and is cleared (in the log too) when a
+query or the next start comes across it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from bisect import bisect_right
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +26,7 @@ import msgspec
 
 from patterns import TopicPattern
 
-from .. import _wire
+from .. import _ttl, _wire
 from .._parts import Announcer
 from ._log import RecordLog
 
@@ -65,7 +70,9 @@ class RetainedStore:
         """Read what an earlier run retained and rewrite the log compactly."""
         if self._file is None:
             return
-        self._values = _read(self._file)
+        now = time.time()
+        self._values = {topic: item for topic, item in _read(self._file).items()
+                        if not _ttl.has_expired(item, now)}
         self._rewrite()
 
     def close(self) -> None:
@@ -93,24 +100,54 @@ class RetainedStore:
 
     def matching(self, pattern: TopicPattern) -> list[_wire.Item]:
         """Every value whose topic matches, in topic order, each with its `topic` set."""
-        return [_with_topic(t, self._values[t]) for t in self._sorted() if pattern.matches(t)]
+        items, expired, now = [], [], time.time()
+        for topic in self._sorted():
+            if pattern.matches(topic):
+                item = self._values[topic]
+                if _ttl.has_expired(item, now):
+                    expired.append(topic)
+                else:
+                    items.append(_with_topic(topic, item))
+        self._clear_expired(expired)
+        return items
 
     def page(self, pattern: TopicPattern, after: str, budget: int) -> tuple[list[_wire.Item], str]:
         """Values matching `pattern` with topics after `after`, up to about `budget` bytes;
         and the topic to continue after ("" when none is left)."""
         topics = self._sorted()
         items: list[_wire.Item] = []
-        size = 0
+        expired: list[str] = []
+        size, now, rest = 0, time.time(), ""
         for topic in topics[bisect_right(topics, after) if after else 0:]:
             if not pattern.matches(topic):
                 continue
             item = self._values[topic]
+            if _ttl.has_expired(item, now):
+                expired.append(topic)
+                continue
             more = len(item.payload) + len(topic) + _wire.ITEM_OVERHEAD
             if items and size + more > budget:
-                return items, items[-1].topic
+                rest = items[-1].topic
+                break
             items.append(_with_topic(topic, item))
             size += more
-        return items, ""
+        self._clear_expired(expired)
+        return items, rest
+
+    def _clear_expired(self, topics: list[str]) -> None:
+        """These values' ttl passed: their topics are cleared, as by an empty publish."""
+        if not topics:
+            return
+        had = bool(self._values)
+        for topic in topics:
+            del self._values[topic]
+            if self._file is not None:
+                self._dirty[topic] = None
+        self._topics = None
+        if self._dirty and self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self.flush)
+        if had and not self._values:
+            self._announcer.interest_changed()  # our hello's `retains` flag flips
 
     def _sorted(self) -> list[str]:
         if self._topics is None:
@@ -146,7 +183,7 @@ def _with_topic(topic: str, item: _wire.Item) -> _wire.Item:
     best effort (a retained value is a view, whatever way the message first went)."""
     if item.topic == topic and not item.reliable:
         return item
-    return _wire.Item(item.seq, item.ts, item.headers, item.payload, False, topic)
+    return _wire.Item(item.seq, item.ts, item.headers, item.payload, False, topic, item.expires)
 
 
 def _read(records: RecordLog) -> dict[str, _wire.Item]:

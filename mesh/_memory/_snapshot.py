@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import Final
 
 from patterns import TopicPattern
 
-from .. import _names, _wire
+from .. import _names, _ttl, _wire
 from .._membership._peers import PeerRecord, PeerState, PeerTable
 from .._message import Message
 from .._parts import Waiter
@@ -182,8 +183,10 @@ class RetainedValues:
                 self._warn_once("unanswered", rec.id, "no retained values from %r: %s",
                                 rec.name, exc)
                 return out
+            now = time.time()  # (a value whose ttl passed on its way is not one any more)
             out.extend(message_of(item, page.name[:64], rec.id) for item in page.items
-                       if item.topic and pattern.matches(item.topic))
+                       if item.topic and pattern.matches(item.topic)
+                       and not _ttl.has_expired(item, now))
             if not page.next or page.next <= after:
                 return out
             after = page.next

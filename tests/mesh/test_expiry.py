@@ -55,6 +55,7 @@ async def test_a_ttl_must_be_a_finite_number_of_seconds_above_zero(make_node: Ma
     node = await make_node("n", data_dir=str(tmp_path / "n"))
     sends = [node.publish("t", "x", ttl=ttl),  # type: ignore[arg-type]
              node.publish("t", "x", ttl=ttl, reliable=True),  # type: ignore[arg-type]
+             node.publish("t", "x", ttl=ttl, retain=True),  # type: ignore[arg-type]
              node.publish_many("t", ["x"], ttl=ttl),  # type: ignore[arg-type]
              node.push("q", "x", ttl=ttl, timeout=0.1),  # type: ignore[arg-type]
              node.push("q", "x", ttl=ttl, reliable=True)]  # type: ignore[arg-type]
@@ -211,6 +212,31 @@ async def test_an_expired_message_is_never_dead_lettered(make_node: MakeNode, tm
     assert pusher.spool_pending == 0
     assert pusher.stats["dead_lettered"] == 0
     assert nacked  # it was tried, and failed, until its ttl ran out
+
+
+async def test_a_retained_value_with_a_ttl_stops_being_the_value_once_it_expires(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """Until its ttl passes a retained value is served like any other; after, no new
+    subscription or `last` gets it, and a restart does not bring it back."""
+    pub = await make_node("pub", mdns=False, data_dir=str(tmp_path / "p"))
+    await pub.publish("room.a", b"brief", retain=True, ttl=0.5)
+    await pub.publish("room.b", b"lasting", retain=True)
+    deadline = time.time() + 0.5
+    sub_node = await make_node("sub", mdns=False, peers=pub.endpoints["ctl"])
+    await sub_node.wait_for_peers(1, timeout=5)
+    assert [m.data for m in await sub_node.last("room.>")] == [b"brief", b"lasting"]
+    await _until(deadline)
+    assert [m.data for m in await sub_node.last("room.>")] == [b"lasting"]
+    sub = await sub_node.subscribe("room.>")
+    assert (await sub.next(timeout=5)).data == b"lasting"
+    with pytest.raises(TimeoutError):
+        await sub.next(timeout=0.3)
+    await pub.publish("room.c", b"soon gone", retain=True, ttl=0.3)
+    deadline = time.time() + 0.3
+    await pub.aclose()
+    await _until(deadline)
+    again = await make_node("pub", mdns=False, data_dir=str(tmp_path / "p"))
+    assert [m.data for m in await again.last("room.>")] == [b"lasting"]
 
 
 def test_the_blocking_node_takes_a_ttl_too(mesh_name: str) -> None:
