@@ -78,7 +78,7 @@ async def test_reliable_push_expires_in_the_backlog_and_leaves_the_outbox(make_n
     await pusher.push("jobs", "short", reliable=True, ttl=0.3)
     await pusher.push("jobs", "long", reliable=True, ttl=60)
     await pusher.push("jobs", "after", reliable=True)
-    assert pusher.spool_pending == 4
+    assert pusher.stats["spooled"] == 4
     await _expired(pusher, 1)  # swept from the backlog with no worker in sight
     assert pusher.spool_pending == 3
     worker = await make_node("worker")
@@ -102,10 +102,10 @@ async def test_expired_work_is_credited_not_delivered_and_leaves_the_spool(make_
     worker = await make_node("worker", **PATIENT)
     work = await worker.pull("jobs", prefetch=2)
     await pusher.wait_for_workers("jobs", timeout=10)
-    await pusher.push("jobs", "reliable late", reliable=True, ttl=0.2)
-    await pusher.push("jobs", "best effort late", ttl=0.2)
+    await pusher.push("jobs", "reliable late", reliable=True, ttl=0.5)
+    await pusher.push("jobs", "best effort late", ttl=0.5)
     await asyncio.sleep(0)  # their batch leaves (it is flushed at the end of an iteration)
-    _freeze_loop(0.4)
+    _freeze_loop(0.8)
     await _expired(worker, 2)
     await aeventually(lambda: pusher.spool_pending == 0, timeout=10)
     for i in range(2):  # the window of 2 is free again (else these would wait): credited
@@ -150,22 +150,22 @@ async def test_durable_down_gets_only_unexpired_messages_after_both_sides_restar
         make_node: MakeNode, tmp_path: Path) -> None:
     """Durable down, publisher restarted after some ttls passed: those are dropped at
     its start (counted, out of the spool); the rest reach the durable when it returns."""
-    pub = await make_node("pub", data_dir=str(tmp_path / "p"))
+    first = pub = await make_node("pub", data_dir=str(tmp_path / "p"))
     sub_node = await make_node("sub", data_dir=str(tmp_path / "s"))
     await sub_node.subscribe_durable("orders.>", "audit")
     await pub.wait_for_durables("orders.x", 1, timeout=10)
     await sub_node.aclose()
-    await pub.publish_many("orders.new", ["s0", "s1", "s2"], reliable=True, ttl=0.3)
+    await pub.publish_many("orders.new", ["s0", "s1", "s2"], reliable=True, ttl=0.5)
     await pub.publish("orders.new", "kept", reliable=True)
     await pub.publish("orders.new", "long", reliable=True, ttl=60)
-    deadline = time.time() + 0.3
-    assert pub.spool_pending == 5
+    deadline = time.time() + 0.5
+    assert pub.stats["spooled"] == 5
     await pub.aclose()
     await _until(deadline)
 
     pub = await make_node("pub", data_dir=str(tmp_path / "p"))
     assert pub.spool_pending == 2  # dropped as the spool was recovered
-    assert pub.stats["expired"] == 3
+    assert first.stats["expired"] + pub.stats["expired"] == 3  # (the first, if it was slow)
     back = await make_node("sub", data_dir=str(tmp_path / "s"))
     durable = await back.subscribe_durable("orders.>", "audit")
     got = [(await durable.next(timeout=10)).text for _ in range(2)]
@@ -219,9 +219,9 @@ async def test_a_retained_value_with_a_ttl_stops_being_the_value_once_it_expires
     """Until its ttl passes a retained value is served like any other; after, no new
     subscription or `last` gets it, and a restart does not bring it back."""
     pub = await make_node("pub", mdns=False, data_dir=str(tmp_path / "p"))
-    await pub.publish("room.a", b"brief", retain=True, ttl=0.5)
+    await pub.publish("room.a", b"brief", retain=True, ttl=1.5)
     await pub.publish("room.b", b"lasting", retain=True)
-    deadline = time.time() + 0.5
+    deadline = time.time() + 1.5
     sub_node = await make_node("sub", mdns=False, peers=pub.endpoints["ctl"])
     await sub_node.wait_for_peers(1, timeout=5)
     assert [m.data for m in await sub_node.last("room.>")] == [b"brief", b"lasting"]
