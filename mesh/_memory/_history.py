@@ -7,7 +7,9 @@ appended once per loop iteration and compacted when it has grown to twice
 what is kept, so it survives a restart. A subscription that asks
 (``since=``, ``last=``) gets the matching part, a page at a time, in the
 order it was published; the answer says up to which sequence it covers, so
-the subscriber can drop the live copies of what history already gave it.
+the subscriber can drop the live copies of what history already gave it. A
+message published with a ttl is not replayed once its ttl has passed (nor
+counted among a topic's newest ``last``); it leaves with the age bound.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import msgspec
 
 from patterns import TopicPattern
 
-from .. import _wire
+from .. import _ttl, _wire
 from .._support._cache import BoundedDict
 from ..errors import ConfigError
 from ._log import RecordLog
@@ -87,7 +89,7 @@ class History:
         """Keep `items`, just published on `topic` (which `keeps`)."""
         for item in items:
             kept = _wire.Item(item.seq, item.ts, item.headers, item.payload, item.reliable,
-                              topic)
+                              topic, item.expires)
             self._append(kept)
             if self._file is not None:
                 self._unwritten.append(kept)
@@ -134,11 +136,11 @@ class History:
         start = bisect_right(self._seqs, after)
         allowed = self._newest(pattern, last, upto) if last > 0 else None
         out: list[_wire.Item] = []
-        size = 0
+        size, now = 0, time.time()
         for item in itertools.islice(self._items, start, None):
             if item.seq > upto:
                 break
-            if item.ts < since or not pattern.matches(item.topic):
+            if item.ts < since or not pattern.matches(item.topic) or _ttl.has_expired(item, now):
                 continue
             if allowed is not None and item.seq not in allowed:
                 continue
@@ -153,8 +155,9 @@ class History:
         """The seqs of the newest `last` kept items of each matching topic, up to `upto`."""
         counts: dict[str, int] = {}
         seqs: set[int] = set()
+        now = time.time()
         for item in reversed(self._items):
-            if item.seq > upto or not pattern.matches(item.topic):
+            if item.seq > upto or not pattern.matches(item.topic) or _ttl.has_expired(item, now):
                 continue
             n = counts.get(item.topic, 0)
             if n < last:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
 from collections.abc import Sequence
 from typing import Final
 
 from patterns import TopicPattern
 
-from .. import _names
+from .. import _names, _ttl
 from .._membership._peers import PeerRecord, PeerState, PeerTable
 from .._message import Message
 from .._parts import Waiter
@@ -137,8 +138,10 @@ class HistoryReplay:
                 _log.warning("no history from %r: %s", rec.name, exc)
                 return msgs, None
             upto = page.upto
+            now = time.time()  # (what expired on its way is not replayed)
             msgs.extend(message_of(item, page.name[:64], rec.id) for item in page.items
-                        if item.topic and pattern.matches(item.topic))
+                        if item.topic and pattern.matches(item.topic)
+                        and not _ttl.has_expired(item, now))
             if not page.next or page.next <= after:
                 return msgs, (patterns, upto)
             after = page.next

@@ -239,6 +239,25 @@ async def test_a_retained_value_with_a_ttl_stops_being_the_value_once_it_expires
     assert [m.data for m in await again.last("room.>")] == [b"lasting"]
 
 
+async def test_history_does_not_replay_a_message_whose_ttl_passed(make_node: MakeNode) -> None:
+    """A late subscriber's replay (``since=``, ``last=``) leaves expired messages out, as
+    if they had not been kept; the others come in order, then live."""
+    pub = await make_node("pub", mdns=False, history=["s.>"])
+    await pub.publish("s.a", "old")
+    await pub.publish("s.a", "brief", ttl=0.3)
+    await pub.publish("s.b", "kept")
+    deadline = time.time() + 0.3
+    await _until(deadline)
+    sub_node = await make_node("sub", mdns=False, peers=pub.endpoints["ctl"])
+    await sub_node.wait_for_peers(1, timeout=5)
+    since = await sub_node.subscribe("s.>", since=60)
+    assert [m.text for m in [await since.next(timeout=10) for _ in range(2)]] == ["old", "kept"]
+    newest = await sub_node.subscribe("s.>", last=1, retained=False)
+    assert [m.text for m in [await newest.next(timeout=10) for _ in range(2)]] == ["old", "kept"]
+    with pytest.raises(TimeoutError):
+        await since.next(timeout=0.3)
+
+
 def test_the_blocking_node_takes_a_ttl_too(mesh_name: str) -> None:
     """`Node.publish`/`push` take ``ttl`` like their async twins and check it the same way."""
     with Node(name="a", mesh=mesh_name, interfaces=["127.0.0.1"], **FAST) as a, \
