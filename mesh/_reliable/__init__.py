@@ -27,6 +27,10 @@ Glossary — the words the delivery path uses, each for one thing:
   (`Dedup`), which happens before the credit that reports them.
 - **dead letter**: a message that failed ``max_attempts`` times, kept in the
   dead-letter spool until replayed or purged.
+- **expired**: a message whose ttl passed before a destination consumed it: never
+  handed to an application, it leaves the outbox like a delivered one but is
+  counted as expired, never retried or dead-lettered (`Outbox.expired`; a pusher's
+  backlog, `_work._backlog`; a worker credits one that arrives late).
 - **durable**: a named, per-node queue (``_durable.<node id>.<name>``) that
   publishers remember and spool for, online or not, until it is forgotten
   (`_durables`).
