@@ -21,7 +21,7 @@ import msgspec
 from discovery import InvalidRecord, StaticDiscovery, parse_peer_urls
 from patterns import InvalidName, TopicPattern
 
-from ._spool._store import FsyncPolicy
+from ._spool._files import FsyncPolicy
 from .errors import ConfigError
 
 DEFAULT_MESH: Final[str] = "default"

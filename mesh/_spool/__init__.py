@@ -1,6 +1,7 @@
 """The local disk spool that turns any send into at-least-once delivery."""
 
+from ._files import FsyncPolicy
 from ._segment import RecordKind, RecoveryReport
-from ._store import FsyncPolicy, SpoolStore
+from ._store import SpoolStore
 
 __all__ = ["FsyncPolicy", "RecordKind", "RecoveryReport", "SpoolStore"]

@@ -38,8 +38,6 @@ older ones go).
 from __future__ import annotations
 
 import asyncio
-import enum
-import errno
 import logging
 import os
 import queue
@@ -47,11 +45,11 @@ import threading
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from ..errors import ClosedError, MeshError, SpoolFullError
+from ..errors import ClosedError, SpoolFullError
+from ._files import FsyncPolicy, Segment, Write, write_all, write_error
 from ._segment import (
     HEADER_SIZE,
     Record,
@@ -74,42 +72,6 @@ _LAZY_ACKS: Final[float] = 0.05
 """Longest an ack record waits for an append to share its commit."""
 
 
-class FsyncPolicy(enum.Enum):
-    """When appended bytes are forced to disk."""
-
-    ALWAYS = "always"
-    """fsync after every record: slowest, each send pays a full fsync."""
-    BATCH = "batch"
-    """group commit: one fsync covers everything queued meanwhile (default)."""
-    OFF = "off"
-    """no fsync: survives a process crash, not a power cut."""
-
-
-@dataclass(slots=True, eq=False)  # identity: a segment is a file, and a dict key
-class _Segment:
-    path: Path
-    first_id: int
-    size: int = 0
-    live: int = 0
-    """Messages in it not yet acknowledged."""
-    lo: int = 0
-    hi: int = -1
-    """Ids of its first and last message (none while ``hi < lo``). Ids are given out
-    in the order writes are queued, and the writer places them in that order, so
-    each segment holds one range of ids and later segments higher ones: settling
-    counts ids per segment by bisection, with no map from each id to its segment."""
-    meta: int = 0
-    """META records in it: they keep it until the owner rewrote its state (`rewrite_meta`)."""
-
-
-    def add_ids(self, lo: int, hi: int) -> None:
-        """Messages `lo` .. `hi` (consecutive, above any before) are now in it."""
-        if self.hi < self.lo:
-            self.lo = lo
-        self.hi = hi
-        self.live += hi - lo + 1
-
-
 _STOP: Final = object()
 """Queued after the last write: the writer finishes what is queued, then ends."""
 
@@ -124,7 +86,7 @@ class SpoolStore:
         self.fsync = fsync
         self.quota_bytes = quota_bytes
         self.segment_bytes = segment_bytes
-        self._segments: list[_Segment] = []
+        self._segments: list[Segment] = []
         self._firsts: list[int] = []
         self._pending: dict[int, bytes] = {}
         self._next_id = 1
@@ -178,7 +140,7 @@ class SpoolStore:
                 report.problems.append(f"{file.name}: not a segment name, ignored")
                 continue
             data = file.read_bytes()
-            seg = _Segment(file, first, len(data))
+            seg = Segment(file, first, len(data))
             # Ids are never given out twice, not even those of deleted segments: an ack
             # outlives its message's segment, and would settle a new message of its id.
             self._next_id = max(self._next_id, first)
@@ -220,7 +182,7 @@ class SpoolStore:
         report = await asyncio.to_thread(self.open)
         self._loop = asyncio.get_running_loop()
         if not self._segments:
-            self._segments.append(_Segment(self.path / f"{self._next_id:020d}{_SUFFIX}",
+            self._segments.append(Segment(self.path / f"{self._next_id:020d}{_SUFFIX}",
                                            self._next_id))
             self._firsts.append(self._next_id)
         self._thread = threading.Thread(target=self._write_forever, name="zeromesh-spool",
@@ -284,7 +246,7 @@ class SpoolStore:
         self._queued_bytes += size
         fut: asyncio.Future[None] = self._loop.create_future()
         self._hand_over_lazy()  # same group commit, no write of its own
-        self._queue.put(_Write(records, ids, payload_list, fut, size))
+        self._queue.put(Write(records, ids, payload_list, fut, size))
         return ids, fut
 
     def meta(self) -> list[bytes]:
@@ -309,7 +271,7 @@ class SpoolStore:
             self._lazy_meta += meta
             self._start_lazy_timer()
             return
-        self._queue.put(_Write([record], [], [], None, len(record), meta=meta))
+        self._queue.put(Write([record], [], [], None, len(record), meta=meta))
 
     def rewrite_meta(self, payloads: list[bytes]) -> None:
         """Replace every META record so far by these (the owner's state, compacted).
@@ -324,7 +286,7 @@ class SpoolStore:
         records = [encode(RecordKind.META, 0, payload) for payload in payloads]
         size = sum(map(len, records))
         self._queued_bytes += size
-        self._queue.put(_Write(records, [], [], None, size, meta=len(records), compact=True))
+        self._queue.put(Write(records, [], [], None, size, meta=len(records), compact=True))
 
     def ack(self, record_ids: Iterable[int]) -> None:
         """Mark messages done; space is reclaimed by segment.
@@ -353,7 +315,7 @@ class SpoolStore:
         if self._closed or self._thread is None:
             return
         self._hand_over_lazy()
-        self._queue.put(_Write([], [], [], None, 0, roll=True))
+        self._queue.put(Write([], [], [], None, 0, roll=True))
 
     def _start_lazy_timer(self) -> None:
         if self._lazy_timer is None and self._loop is not None:
@@ -366,7 +328,7 @@ class SpoolStore:
         if self._lazy:
             records, self._lazy = self._lazy, []
             meta, self._lazy_meta = self._lazy_meta, 0
-            self._queue.put(_Write(records, [], [], None, sum(map(len, records)), meta=meta))
+            self._queue.put(Write(records, [], [], None, sum(map(len, records)), meta=meta))
 
     async def aclose(self) -> None:
         """Finish queued writes and stop the writer."""
@@ -411,7 +373,7 @@ class SpoolStore:
 
     # -- the writer thread -----------------------------------------------------------
 
-    def _open_segment(self, seg: _Segment) -> int:
+    def _open_segment(self, seg: Segment) -> int:
         """The segment's file for appending (synchronous writes unless the policy is off)."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         if self.fsync is not FsyncPolicy.OFF:
@@ -436,7 +398,7 @@ class SpoolStore:
                         batch.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
-                writes = [b for b in batch if isinstance(b, _Write)]
+                writes = [b for b in batch if isinstance(b, Write)]
                 if writes:
                     fd, seg = self._write_batch(writes, fd, seg)
                 if any(b is _STOP for b in batch):
@@ -444,9 +406,9 @@ class SpoolStore:
         finally:
             os.close(fd)
 
-    def _write_batch(self, writes: list[_Write], fd: int,
-                     seg: _Segment) -> tuple[int, _Segment]:
-        placed: list[tuple[_Write, _Segment]] = []
+    def _write_batch(self, writes: list[Write], fd: int,
+                     seg: Segment) -> tuple[int, Segment]:
+        placed: list[tuple[Write, Segment]] = []
         error: BaseException | None = None
         start_size = seg.size
         chunks: list[bytes] = []
@@ -476,7 +438,7 @@ class SpoolStore:
             if any(write.roll for write in writes):
                 self._drop_settled_prefix()
         except OSError as exc:
-            error = _write_error(exc, self.quota_bytes, self.used_bytes)
+            error = write_error(exc, self.quota_bytes, self.used_bytes)
             _log.error("spool write failed: %s", exc)
             self._undo(fd, seg, start_size, placed)
         loop = self._loop
@@ -484,8 +446,8 @@ class SpoolStore:
         loop.call_soon_threadsafe(self._resolve, placed, error)
         return fd, seg
 
-    def _undo(self, fd: int, seg: _Segment, size: int,
-              placed: list[tuple[_Write, _Segment]]) -> None:
+    def _undo(self, fd: int, seg: Segment, size: int,
+              placed: list[tuple[Write, Segment]]) -> None:
         """A failed write stores nothing: cut the file back and forget the batch."""
         with self._lock:
             for write, where in placed:
@@ -496,7 +458,7 @@ class SpoolStore:
         except OSError as exc:
             _log.error("cannot cut back spool segment %s: %s", seg.path, exc)
 
-    def _resolve(self, placed: list[tuple[_Write, _Segment]], error: BaseException | None) -> None:
+    def _resolve(self, placed: list[tuple[Write, Segment]], error: BaseException | None) -> None:
         for write, _ in placed:
             self._queued_bytes -= write.size
             if error is None and write.ids:
@@ -513,11 +475,11 @@ class SpoolStore:
             return
         if self.fsync is FsyncPolicy.ALWAYS:
             for chunk in chunks:
-                _write_all(fd, chunk)
+                write_all(fd, chunk)
             return
-        _write_all(fd, b"".join(chunks))
+        write_all(fd, b"".join(chunks))
 
-    def _release_meta(self, keep: _Segment) -> None:
+    def _release_meta(self, keep: Segment) -> None:
         """META records before `keep` are superseded: their segments may go."""
         with self._lock:
             for seg in self._segments:
@@ -526,30 +488,15 @@ class SpoolStore:
                 seg.meta = 0
         self._drop_settled_prefix()
 
-    def _roll(self, first_id: int) -> _Segment:
+    def _roll(self, first_id: int) -> Segment:
         # Named after its first message; a segment that starts with other records
         # (META) still needs a name of its own that sorts after the last one.
         first_id = max(first_id, self._segments[-1].first_id + 1)
-        seg = _Segment(self.path / f"{first_id:020d}{_SUFFIX}", first_id)
+        seg = Segment(self.path / f"{first_id:020d}{_SUFFIX}", first_id)
         with self._lock:
             self._segments.append(seg)
             self._firsts.append(first_id)
         return seg
-
-
-@dataclass(slots=True)
-class _Write:
-    records: list[bytes]
-    ids: list[int]
-    payloads: list[bytes]
-    future: asyncio.Future[None] | None
-    size: int
-    meta: int = 0
-    """META records among `records`."""
-    compact: bool = False
-    """`rewrite_meta`: starts a new segment and releases the META records before it."""
-    roll: bool = False
-    """`reclaim`: starts a new segment if the current one holds nothing pending."""
 
 
 def _messages(record: Record, report: RecoveryReport, name: str) -> list[tuple[int, bytes]]:
@@ -559,18 +506,3 @@ def _messages(record: Record, report: RecoveryReport, name: str) -> list[tuple[i
         report.corrupt_records += 1
         report.problems.append(f"{name}: {exc}")
         return []
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """`os.write` until every byte is written (a short write is legal, if rare)."""
-    done = os.write(fd, data)
-    if done < len(data):
-        view = memoryview(data)
-        while done < len(data):
-            done += os.write(fd, view[done:])
-
-
-def _write_error(exc: OSError, quota: int, used: int) -> MeshError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return SpoolFullError(quota, used)
-    return MeshError(f"spool write failed: {exc.strerror or exc}")

@@ -1,0 +1,84 @@
+"""What the spool store's files hold and how they are written: segments, writes, fsync.
+
+`SpoolStore` (`_store`) owns the policy and the bookkeeping; these are the
+pieces its writer thread handles — a segment file and the range of ids in it,
+one queued write, writing every byte, and what a failed write means to the
+sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import MeshError, SpoolFullError
+
+
+class FsyncPolicy(enum.Enum):
+    """When appended bytes are forced to disk."""
+
+    ALWAYS = "always"
+    """fsync after every record: slowest, each send pays a full fsync."""
+    BATCH = "batch"
+    """group commit: one fsync covers everything queued meanwhile (default)."""
+    OFF = "off"
+    """no fsync: survives a process crash, not a power cut."""
+
+
+@dataclass(slots=True, eq=False)  # identity: a segment is a file, and a dict key
+class Segment:
+    path: Path
+    first_id: int
+    size: int = 0
+    live: int = 0
+    """Messages in it not yet acknowledged."""
+    lo: int = 0
+    hi: int = -1
+    """Ids of its first and last message (none while ``hi < lo``). Ids are given out
+    in the order writes are queued, and the writer places them in that order, so
+    each segment holds one range of ids and later segments higher ones: settling
+    counts ids per segment by bisection, with no map from each id to its segment."""
+    meta: int = 0
+    """META records in it: they keep it until the owner rewrote its state (`rewrite_meta`)."""
+
+
+    def add_ids(self, lo: int, hi: int) -> None:
+        """Messages `lo` .. `hi` (consecutive, above any before) are now in it."""
+        if self.hi < self.lo:
+            self.lo = lo
+        self.hi = hi
+        self.live += hi - lo + 1
+
+
+@dataclass(slots=True)
+class Write:
+    records: list[bytes]
+    ids: list[int]
+    payloads: list[bytes]
+    future: asyncio.Future[None] | None
+    size: int
+    meta: int = 0
+    """META records among `records`."""
+    compact: bool = False
+    """`rewrite_meta`: starts a new segment and releases the META records before it."""
+    roll: bool = False
+    """`reclaim`: starts a new segment if the current one holds nothing pending."""
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """`os.write` until every byte is written (a short write is legal, if rare)."""
+    done = os.write(fd, data)
+    if done < len(data):
+        view = memoryview(data)
+        while done < len(data):
+            done += os.write(fd, view[done:])
+
+
+def write_error(exc: OSError, quota: int, used: int) -> MeshError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFullError(quota, used)
+    return MeshError(f"spool write failed: {exc.strerror or exc}")
