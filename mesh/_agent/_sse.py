@@ -87,7 +87,7 @@ class Streams:
             return _http.error(409, f"durable {durable!r} already has a stream on this agent")
         self._attached.add(durable)
         try:
-            return await self._durable(request, pattern, durable)
+            return await self._durable(request, pattern, durable, since, last)
         finally:
             self._attached.discard(durable)
 
@@ -118,9 +118,9 @@ class Streams:
             self._open.discard(sub)
             await sub.aclose()
 
-    async def _durable(self, request: web.Request, pattern: str,
-                       name: str) -> web.StreamResponse:
-        pull = await self._node.subscribe_durable(pattern, name)
+    async def _durable(self, request: web.Request, pattern: str, name: str,
+                       since: float | None, last: int | None) -> web.StreamResponse:
+        pull = await self._node.subscribe_durable(pattern, name, since=since, last=last)
         self._open.add(pull)
         recent = self._recent.setdefault(name, deque(maxlen=RECENT))
         try:

@@ -183,3 +183,29 @@ async def test_a_durable_starts_from_history_and_gets_reliable_ones_once(
     assert (msg.text, msg.reliable) == ("paid", True)
     with pytest.raises(TimeoutError):
         await durable.next(timeout=0.3)
+
+
+async def test_agent_sse_since_replays_history_and_rejects_last_zero(
+        mesh_name: str, tmp_path: Path) -> None:
+    """`GET /v1/subscribe/{pattern}?since=S` (plain and durable) starts with history;
+    `?last=0` is a 400."""
+    import aiohttp
+
+    from mesh._agent import Agent, load
+
+    from .conftest import FAST
+    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        "history": ["ev.>"], "data_dir": str(tmp_path / "a"),
+                                        **FAST})
+    async with Agent(config) as agent, aiohttp.ClientSession() as http:
+        await agent.node.publish("ev.one", b"first")
+        for query in ("since=600", "durable=d1&since=600", "last=1"):
+            async with http.get(f"{agent.http_url}/v1/subscribe/ev.%3E?{query}") as stream:
+                async with asyncio.timeout(10):
+                    async for raw in stream.content:
+                        if raw.startswith(b"data: "):
+                            assert json.loads(raw[len(b"data: "):])["data"] == "first"
+                            break
+        async with http.get(f"{agent.http_url}/v1/subscribe/ev.%3E?last=0") as r:
+            assert r.status == 400
