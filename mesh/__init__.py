@@ -24,7 +24,8 @@ method names. This module only re-exports; the layout, lowest layer first
     _memory/          what the mesh remembers: retained values and history, kept by each
                       publisher, gathered by new subscriptions with no gap and no duplicate
     _core.py          NodeCore: builds the parts, starts and closes them as one
-    _node.py          AsyncNode: the public asyncio API over the parts
+    _node.py          AsyncNode: the public asyncio API over the parts (+ _node_p2p.py,
+                      its work-queue and service methods)
     _sync.py          Node: the blocking twin (+ _sync_streams.py, its iterators)
     _agent/           the HTTP sidecar: routes, SSE, webhooks, metrics
     cli/              the `zeromesh` command: node commands, spool CLI, agent, demo

@@ -7,24 +7,22 @@ node's lifecycle and peer view are in `_core`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
 
 from . import _names, _ttl, _wire
-from ._core import NodeCore
 from ._memory._history import start_of
 from ._message import Message
+from ._node_p2p import WorkAndServices
 from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
 from ._reliable._durables import DurableInfo, durable_queue
-from ._services._server import DEFAULT_CONCURRENCY, Service, ServiceHandler
-from ._work._pull import NO_SETTLE, Handler, Pull
+from ._work._pull import NO_SETTLE, Pull
 from ._work._queues import DEFAULT_PREFETCH
 from ._work._target import Sent
 from .errors import ClosedError, ConfigError
 
 
-class AsyncNode(NodeCore):
+class AsyncNode(WorkAndServices):
     """A zeromesh node on asyncio. Use ``async with AsyncNode(...) as node:``.
 
     Args:
@@ -379,146 +377,3 @@ class AsyncNode(NodeCore):
             ConfigError: it is not a valid topic.
         """
         _names.topic(topic)
-
-
-    # -- work queues -------------------------------------------------------------
-
-    def push(self, queue: str, data: bytes | str, *,
-             headers: Mapping[str, str] | None = None, timeout: float = 10.0,
-             reliable: bool = False, ttl: float | None = None) -> Coroutine[Any, Any, None]:
-        """Hand a message to exactly one live worker of `queue`, anywhere in the mesh.
-
-        Best effort: returns once a worker with free credit was chosen; waits
-        (up to `timeout`) while every worker is busy, so it never drops.
-        ``reliable=True``: returns once the message is in this node's spool
-        (needs a data dir); it is delivered at least once, whenever a worker
-        is there, also after restarts. ``ttl=S``: unless a worker gets it
-        within S seconds of its timestamp, it is never delivered (and leaves
-        the spool), counted in ``stats["expired"]``.
-
-        Raises:
-            ConfigError: `queue` is invalid, or `ttl` is not a number > 0.
-            MessageTooLarge: `data` exceeds ``max_message_size``.
-            NoRespondersError: no worker of `queue` appeared within `timeout`.
-            RequestTimeout: workers exist but none had credit within `timeout`.
-            SpoolFullError: (reliable) the spool quota or the disk is full.
-            ClosedError: the node is not running.
-        """
-        # A plain function returning the queue's own coroutine: one coroutine per
-        # message, not two (the pusher's CPU is what limits push/pull throughput).
-        run = self._run
-        if run is None or self._closing:
-            return self._not_running()
-        return run.work.push(queue, data, headers, timeout, self._closed, reliable, ttl)
-
-    def _closed(self) -> bool:
-        return not self.running
-
-    async def _not_running(self) -> None:
-        self._check_running()
-
-    async def pull(self, queue: str, *, prefetch: int = DEFAULT_PREFETCH,
-                   handler: Handler | None = None) -> Pull:
-        """Become a worker of `queue`: iterate the result, or pass `handler`.
-
-        `prefetch` is the most of each pusher's messages this node holds
-        unprocessed. The window in use adapts below it to about 20 ms of this
-        worker's work (never below 16, or `prefetch` if smaller), so a slow
-        worker holds few and a fast one is not held back by credit round trips.
-
-        Raises:
-            ConfigError: `queue` or `prefetch` is invalid.
-            ClosedError: the node is not running.
-        """
-        return self._live().work.pull(queue, prefetch, handler)
-
-    async def wait_for_workers(self, queue: str, count: int = 1, *,
-                               timeout: float = 10.0) -> None:
-        """Wait until `count` workers of `queue` (this node included) are alive.
-
-        Raises:
-            ConfigError: `queue` is invalid.
-            RequestTimeout: fewer were there when the timeout came.
-        """
-        _names.queue(queue)
-        await self._wait(lambda: self.worker_count(queue) >= count, timeout,
-                         f"waiting for {count} workers of {queue!r}")
-
-    def check_queue(self, queue: str) -> None:
-        """Validate a queue name.
-
-        Raises:
-            ConfigError: it is not a valid queue name.
-        """
-        _names.queue(queue)
-
-    def worker_count(self, queue: str) -> int:
-        """Live workers of `queue` known to this node (itself included)."""
-        return self._run.work.worker_count(queue) if self._run is not None else 0
-
-    # -- services ----------------------------------------------------------------
-
-    async def serve(self, service: str, handler: ServiceHandler, *,
-                    concurrency: int = DEFAULT_CONCURRENCY) -> Service:
-        """Answer requests to `service`: `handler` gets each request and returns the reply.
-
-        The handler takes a `Message` (``data``, ``headers``, ``source``...) and
-        returns the reply body (bytes or str; None = empty). A plain function
-        runs inline on the event loop, so it must not block (the blocking
-        `Node` runs it in a worker thread instead); a coroutine function runs
-        up to `concurrency` requests at once. If it raises, the requester gets
-        `RemoteError` with the exception's text and this node keeps serving.
-        Stop with ``await service.aclose()`` (or ``async with``).
-
-        Raises:
-            ConfigError: `service` is invalid, already served here, or
-                `concurrency` < 1.
-            ClosedError: the node is not running.
-        """
-        return self._live().serving.serve(service, handler, concurrency)
-
-    async def request(self, service: str, data: bytes | str, *, timeout: float = 5.0,
-                      retries: int = 2, headers: Mapping[str, str] | None = None) -> Message:
-        """Send a request to one live server of `service` and return its reply.
-
-        Servers are load balanced (least outstanding, then round robin); this
-        node serves its own services without the network. A timed-out attempt
-        is retried on another server when there is one, up to `retries` times
-        with a short jittered backoff; a server that dies or leaves fails its
-        requests over at once. `timeout` covers finding a server and every
-        attempt. A request can run twice if its server dies after handling it.
-
-        Returns:
-            The reply: ``data`` is the body, ``source`` the server's name.
-
-        Raises:
-            ConfigError: `service`, `timeout` or `retries` is invalid.
-            MessageTooLarge: `data` exceeds ``max_message_size`` (nothing sent).
-            NoRespondersError: no live server (after a short discovery grace
-                right after start), or every server went away.
-            RequestTimeout: no reply within `timeout`.
-            RemoteError: the server's handler raised.
-            ClosedError: the node is not running or closed meanwhile.
-        """
-        return await self._live().requests.request(service, data, timeout=timeout,
-                                                   retries=retries, headers=headers)
-
-    async def wait_for_service(self, service: str, *, timeout: float = 10.0) -> None:
-        """Wait until a live server of `service` (this node included) is known.
-
-        Raises:
-            ConfigError: `service` is invalid.
-            RequestTimeout: none appeared within the timeout.
-        """
-        requests = self._live().requests
-        _names.service(service)
-        await self._wait(lambda: requests.has_server(service), timeout,
-                         f"waiting for a server of {service!r}")
-
-    def check_service(self, service: str) -> None:
-        """Validate a service name (the rules of topic names).
-
-        Raises:
-            ConfigError: it is not a valid service name.
-        """
-        _names.service(service)
