@@ -63,11 +63,12 @@ worker's own work, so a slow worker holds a few and a fast one enough to cover a
 trip back (a fixed window stalls the pusher for a round trip each time it is used up; see
 benchmarks/README.md)."""
 _PUSH_LINGER: Final[float] = 2.0
-"""A batch frame holds at most this much payload (or one larger message)."""
+"""How long a closing node's pushers may still take to send what is queued."""
 _TURN: Final[int] = 64
 """A worker's turn in the round robin: at most this many messages (and its batch, its credit)."""
 
 _wall_clock: Final = time.time
+
 
 class WorkQueues:
     """Push/pull for one node: pusher-side dispatch plus the worker side (`Workers`)."""
