@@ -85,7 +85,7 @@ tags, which older peers drop and count as malformed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, TypeVar
 
 import msgspec
@@ -436,17 +436,28 @@ def decode_service(frame: bytes, max_size: int) -> list[ServiceFrame]:
     return msgs
 
 
-def decode_service_message(frames: Sequence[bytes], parts: int, max_size: int
-                           ) -> list[ServiceFrame]:
-    """The requests or replies of one received service message of `parts` frames (a
-    ROUTER sees the requester's routing id first).
+_Frame = TypeVar("_Frame", Request, Reply)
 
-    Raises:
-        ProtocolError: anything malformed; the caller drops and counts it.
-    """
-    if len(frames) != parts:
-        raise ProtocolError(f"service message of {len(frames)} frames")
-    return decode_service(frames[-1], max_size)
+
+def service_messages(batch: Iterable[Sequence[bytes]], parts: int, kind: type[_Frame],
+                     max_size: int, drop: Callable[[str], None]
+                     ) -> Iterator[tuple[Sequence[bytes], _Frame]]:
+    """Each `kind` message (with its frames) of every well-formed service message of
+    `parts` frames in `batch` (a ROUTER sees the requester's routing id first); the
+    reason anything else is left out goes to `drop`, which counts and logs it."""
+    for frames in batch:
+        try:
+            if len(frames) != parts:
+                raise ProtocolError(f"service message of {len(frames)} frames")
+            msgs = decode_service(frames[-1], max_size)
+        except ProtocolError as exc:
+            drop(exc.reason)
+            continue
+        for msg in msgs:
+            if isinstance(msg, kind):
+                yield frames, msg
+            else:
+                drop(f"a {type(msg).__name__} where a {kind.__name__} belongs")
 
 
 def service_payload_size(payload: bytes, headers: dict[str, str] | None) -> int:

@@ -56,7 +56,6 @@ from ..errors import (
     DeliveryError,
     MessageTooLarge,
     NoRespondersError,
-    ProtocolError,
     RemoteError,
     RequestTimeout,
 )
@@ -162,28 +161,39 @@ class Requests:
             NoRespondersError: the peer does not answer `service`, or went away.
             RemoteError: its handler raised.
         """
-        loop = asyncio.get_running_loop()
         link = self._links.get(rec.id)
         if link is None:
             link = self._open_link(rec)
-        cid = next(self._ids)
-        fut: asyncio.Future[_wire.Reply] = loop.create_future()
-        self._pending[cid] = (fut, link)
-        link.outstanding.add(cid)
-        self._deadlines.add(cid, fut, loop.time() + timeout)
+        cid, fut = self._send(link, service, payload, None, timeout)
         try:
-            self._requests.add(link, _wire.Request(cid, service, self._node_id, self._name,
-                                                   time.time(), None, payload))
-            reply = await fut
-            return self._result(service, reply, rec.name, rec.id)
+            return self._result(service, await fut, rec.name, rec.id)
         except TimeoutError:
             raise RequestTimeout(f"{service!r} at {rec.name}", timeout) from None
         except _ServerGone as exc:
             raise NoRespondersError(service) from exc
         finally:
-            self._deadlines.discard(cid)
-            self._pending.pop(cid, None)
-            link.outstanding.discard(cid)
+            self._settled(cid, link)
+
+    def _send(self, link: _Link, service: str, payload: bytes,
+              headers: dict[str, str] | None, timeout: float
+              ) -> tuple[int, asyncio.Future[_wire.Reply]]:
+        """Queue one request on `link`; its future gets the reply, or TimeoutError after
+        `timeout`, or `_ServerGone` on failover. The caller ends with `_settled`."""
+        loop = asyncio.get_running_loop()
+        cid = next(self._ids)
+        fut: asyncio.Future[_wire.Reply] = loop.create_future()
+        self._pending[cid] = (fut, link)
+        link.outstanding.add(cid)
+        self._deadlines.add(cid, fut, loop.time() + timeout)  # not asyncio.timeout(): hot path
+        self._requests.add(link, _wire.Request(cid, service, self._node_id, self._name,
+                                               time.time(), headers, payload))
+        return cid, fut
+
+    def _settled(self, cid: int, link: _Link) -> None:
+        """Request `cid` on `link` is over: forget it everywhere."""
+        self._deadlines.discard(cid)
+        self._pending.pop(cid, None)
+        link.outstanding.discard(cid)
 
     def links(self) -> list[str]:
         """Ids of the servers this node holds a connection to."""
@@ -318,14 +328,11 @@ class Requests:
             if target is None:
                 raise NoRespondersError(service)
         share = (deadline - loop.time()) / attempts_left
-        cid = next(self._ids)
-        fut: asyncio.Future[_wire.Reply] = loop.create_future()
         use = next(self._uses)
         self._stats["requests"] += 1
         if isinstance(target, Service):
             tried.append("")
-            return await self._call_local(target, service, payload, headers, cid, fut, share,
-                                          use)
+            return await self._call_local(target, service, payload, headers, share, use)
         link = self._links.get(target.id)
         if link is None:
             link = self._open_link(target)
@@ -336,25 +343,20 @@ class Requests:
             if size > self._max_wire:
                 self._stats["oversized"] += 1
                 raise MessageTooLarge(size, self._max_wire)
-        self._pending[cid] = (fut, link)
-        link.outstanding.add(cid)
         link.last_used = use
-        self._deadlines.add(cid, fut, loop.time() + share)  # not asyncio.timeout(): hot path
+        cid, fut = self._send(link, service, payload, headers, share)
         try:
-            self._requests.add(link, _wire.Request(cid, service, self._node_id, self._name,
-                                                   time.time(), headers, payload))
             reply = await fut
         except TimeoutError:
             raise RequestTimeout(f"request to {service!r} at {link.peer.name}", share) from None
         finally:
-            self._deadlines.discard(cid)
-            self._pending.pop(cid, None)
-            link.outstanding.discard(cid)
+            self._settled(cid, link)
         return self._result(service, reply, link.peer.name, link.peer.id)
 
     async def _call_local(self, svc: Service, service: str, payload: bytes,
-                          headers: dict[str, str] | None, cid: int,
-                          fut: asyncio.Future[_wire.Reply], share: float, use: int) -> Message:
+                          headers: dict[str, str] | None, share: float, use: int) -> Message:
+        cid = next(self._ids)
+        fut: asyncio.Future[_wire.Reply] = asyncio.get_running_loop().create_future()
         def reply(rep: _wire.Reply) -> None:
             if not fut.done():
                 fut.set_result(rep)
@@ -417,21 +419,16 @@ class Requests:
 
     def _on_replies(self, link: _Link, batch: list[list[bytes]]) -> None:
         pending = self._pending
-        for frames in batch:
-            try:
-                replies = _wire.decode_service_message(frames, 1, self._max_wire)
-            except ProtocolError as exc:
-                self._quiet.drop("service", exc.reason)
+        for _, reply in _wire.service_messages(batch, 1, _wire.Reply, self._max_wire,
+                                               self._drop):
+            entry = pending.get(reply.id)
+            if entry is None or entry[1] is not link or entry[0].done():
+                self._stats["late_replies"] += 1  # its request timed out or failed over
                 continue
-            for reply in replies:
-                if not isinstance(reply, _wire.Reply):
-                    self._quiet.drop("service", "a request where a reply belongs")
-                    continue
-                entry = pending.get(reply.id)
-                if entry is None or entry[1] is not link or entry[0].done():
-                    self._stats["late_replies"] += 1  # its request timed out or failed over
-                    continue
-                entry[0].set_result(reply)
+            entry[0].set_result(reply)
+
+    def _drop(self, reason: str) -> None:
+        self._quiet.drop("service", reason)
 
     async def _watch(self, link: _Link) -> None:
         while True:

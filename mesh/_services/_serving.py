@@ -23,7 +23,7 @@ from .._config import NodeConfig
 from .._message import Message
 from .._parts import Announcer
 from .._support._quiet import QuietLog
-from ..errors import ConfigError, ProtocolError
+from ..errors import ConfigError
 from ._coalesce import Coalescer
 from ._server import Service, ServiceHandler
 
@@ -102,19 +102,14 @@ class Serving:
     def _on_requests(self, batch: list[list[bytes]]) -> None:
         self._replies.hold()
         try:
-            for frames in batch:
-                try:
-                    requests = _wire.decode_service_message(frames, 2, self._max_wire)
-                except ProtocolError as exc:
-                    self._quiet.drop("service", exc.reason)
-                    continue
-                for req in requests:
-                    if isinstance(req, _wire.Request):
-                        self._on_request(frames[0], req)
-                    else:
-                        self._quiet.drop("service", "a reply where a request belongs")
+            for frames, req in _wire.service_messages(batch, 2, _wire.Request,
+                                                      self._max_wire, self._drop):
+                self._on_request(frames[0], req)
         finally:
             self._replies.flush()  # sync handlers answered: one frame per requester now
+
+    def _drop(self, reason: str) -> None:
+        self._quiet.drop("service", reason)
 
     def _on_request(self, identity: bytes, req: _wire.Request) -> None:
         self._stats["requests_served"] += 1
