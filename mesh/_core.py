@@ -43,9 +43,10 @@ from ._membership._hello import Announcement, Identity
 from ._membership._identity import load_or_create_id
 from ._membership._peers import Peer, PeerRecord, PeerState
 from ._memory._history import History
+from ._memory._recall import Recall
 from ._memory._replay import HistoryReplay
 from ._memory._retained import RetainedStore
-from ._memory._snapshot import Discovery, RetainedValues
+from ._memory._snapshot import RetainedValues
 from ._pubsub._engine import PubSub
 from ._reliable._durables import KnownDurables, log_expired, log_forgotten
 from ._reliable._outbox import Outbox, open_spools
@@ -213,22 +214,18 @@ class NodeCore:
         requests = Requests(ctx, cfg, self._quiet, self.stats, peers=peers, local=serving,
                             waiter=self._watchers)
         stack.push_async_callback(requests.aclose)
-        discovered = Discovery(peers)
+        recall = Recall(peers=peers, pubsub=pubsub, serving=serving, requests=requests,
+                        waiter=self._watchers, max_message_size=cfg.max_message_size)
+        stack.push_async_callback(recall.aclose)
         store = RetainedStore(cfg.data_dir, membership)
         store.load()
         stack.callback(store.close)
-        retained = RetainedValues(store, peers=peers, pubsub=pubsub, serving=serving,
-                                  requests=requests, waiter=self._watchers,
-                                  discovery=discovered, max_message_size=cfg.max_message_size)
-        stack.push_async_callback(retained.aclose)
+        retained = RetainedValues(store, recall)
         kept = History([_names.pattern(p) for p in cfg.history], max_age=cfg.history_max_age,
                        max_bytes=cfg.history_max_bytes, data_dir=cfg.data_dir)
         kept.load()
         stack.callback(kept.close)
-        history = HistoryReplay(kept, peers=peers, pubsub=pubsub, serving=serving,
-                                requests=requests, waiter=self._watchers, discovery=discovered,
-                                max_message_size=cfg.max_message_size)
-        stack.push_async_callback(history.aclose)
+        history = HistoryReplay(kept, recall)
         pubsub.history = kept if kept.patterns else None
         announcement.parts = (pubsub, work, serving, self._durables, store, kept)
         membership.attach(listeners=(self._durables, pubsub, work, requests,
@@ -253,9 +250,9 @@ class NodeCore:
         tasks.spawn(pubsub.read_markers(), "zeromesh-markers")
         serving.start()
         requests.start(self._id)
-        discovered.start()
-        retained.start(self._id, cfg.name)
-        history.start(self._id, cfg.name)
+        recall.start(self._id, cfg.name)
+        retained.start()
+        history.start()
         work.start(self._id, cfg.name)
         if outbox is not None:
             self._durables.keep_forgotten(outbox.forgotten)

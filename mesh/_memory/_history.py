@@ -48,7 +48,6 @@ class History:
         self._max_bytes = max_bytes
         self._items: deque[_wire.Item] = deque()
         """Oldest first, each with its topic set; seqs increase (one sequence per node)."""
-        self._seqs: deque[int] = deque()
         self._bytes = 0
         self._kept: BoundedDict[str, bool] = BoundedDict()
         self._file = RecordLog(Path(data_dir) / _FILE) if data_dir is not None else None
@@ -99,7 +98,6 @@ class History:
 
     def _append(self, item: _wire.Item) -> None:
         self._items.append(item)
-        self._seqs.append(item.seq)
         self._bytes += len(item.payload) + len(item.topic) + _wire.ITEM_OVERHEAD
 
     def _trim(self) -> None:
@@ -107,7 +105,6 @@ class History:
         items = self._items
         while items and (self._bytes > self._max_bytes or items[0].ts < horizon):
             old = items.popleft()
-            self._seqs.popleft()
             self._bytes -= len(old.payload) + len(old.topic) + _wire.ITEM_OVERHEAD
 
     def flush(self) -> None:
@@ -125,7 +122,7 @@ class History:
 
     @property
     def newest_seq(self) -> int:
-        return self._seqs[-1] if self._seqs else 0
+        return self._items[-1].seq if self._items else 0
 
     def page(self, pattern: TopicPattern, *, since: float, last: int, after: int,
              upto: int, budget: int) -> tuple[list[_wire.Item], int]:
@@ -133,7 +130,7 @@ class History:
         at or after `since`, and (when `last` > 0) among the newest `last` of their topic;
         up to about `budget` bytes; and where to go on from (0 when done)."""
         self._trim()
-        start = bisect_right(self._seqs, after)
+        start = bisect_right(self._items, after, key=_seq)  # (seqs increase)
         allowed = self._newest(pattern, last, upto) if last > 0 else None
         out: list[_wire.Item] = []
         size, now = 0, time.time()
@@ -164,6 +161,10 @@ class History:
                 counts[item.topic] = n + 1
                 seqs.add(item.seq)
         return seqs
+
+
+def _seq(item: _wire.Item) -> int:
+    return item.seq
 
 
 def start_of(since: float | datetime | None) -> float | None:

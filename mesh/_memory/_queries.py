@@ -7,11 +7,12 @@ which every node answers without announcing them (see the protocol table in
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, TypeVar
 
 import msgspec
 
 from .. import _wire
+from ..errors import ProtocolError
 
 _encoder: Final = msgspec.msgpack.Encoder()
 
@@ -41,22 +42,6 @@ class RetainedPage(msgspec.Struct, array_like=True, frozen=True):
     """Ask again with ``after=next`` for more; "" when this was the last page."""
 
 
-_query_decoder: Final = msgspec.msgpack.Decoder(RetainedQuery)
-_page_decoder: Final = msgspec.msgpack.Decoder(RetainedPage)
-
-
-def encode_retained(msg: RetainedQuery | RetainedPage) -> bytes:
-    return _encoder.encode(msg)
-
-
-def decode_retained_query(data: bytes) -> RetainedQuery:
-    """Raises ProtocolError for anything but a query."""
-    return _wire.decode_with(_query_decoder, data, "retained query")
-
-
-def decode_retained_page(data: bytes) -> RetainedPage:
-    """Raises ProtocolError for anything but a page."""
-    return _wire.decode_with(_page_decoder, data, "retained page")
 
 
 HISTORY_SERVICE: Final[str] = "_zeromesh.history"
@@ -93,19 +78,21 @@ class HistoryPage(msgspec.Struct, array_like=True, frozen=True):
     """The publisher's history patterns (what `upto` covers)."""
 
 
-_history_query_decoder: Final = msgspec.msgpack.Decoder(HistoryQuery)
-_history_page_decoder: Final = msgspec.msgpack.Decoder(HistoryPage)
+Query = RetainedQuery | RetainedPage | HistoryQuery | HistoryPage
+_Q = TypeVar("_Q", RetainedQuery, RetainedPage, HistoryQuery, HistoryPage)
 
 
-def encode_history(msg: HistoryQuery | HistoryPage) -> bytes:
+def encode(msg: Query) -> bytes:
     return _encoder.encode(msg)
 
 
-def decode_history_query(data: bytes) -> HistoryQuery:
-    """Raises ProtocolError for anything but a query."""
-    return _wire.decode_with(_history_query_decoder, data, "history query")
+def decode(data: bytes, kind: type[_Q]) -> _Q:
+    """`data` as a `kind`.
 
-
-def decode_history_page(data: bytes) -> HistoryPage:
-    """Raises ProtocolError for anything but a page."""
-    return _wire.decode_with(_history_page_decoder, data, "history page")
+    Raises:
+        ProtocolError: it is not one.
+    """
+    try:
+        return msgspec.msgpack.decode(data, type=kind)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"undecodable {kind.__name__}: {exc}") from exc

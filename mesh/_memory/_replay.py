@@ -2,19 +2,17 @@
 
 Every node answers the internal service ``_zeromesh.history`` from its
 `History`, a page at a time, once the asking subscription is in force at its
-publisher (as for retained values). A subscription with ``since=`` or
-``last=`` (`fill`) holds live messages back, asks every live peer that keeps
-history, merges what they answer in timestamp order (each publisher's own
-messages staying in the order it published them), and releases: history
-first, then what it held minus what history covered — each publisher's
-messages on its history topics up to the sequence its answer went to.
+publisher (see `_recall`). A subscription with ``since=`` or ``last=`` asks
+every live peer that keeps history and merges the answers in timestamp order
+(each publisher's own messages staying in the order it published them), then
+goes live; what history covered — each publisher's messages on its history
+topics up to the sequence its answer went to — is not delivered twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
-import logging
 import time
 from collections.abc import Sequence
 from typing import Final
@@ -22,96 +20,65 @@ from typing import Final
 from patterns import TopicPattern
 
 from .. import _names, _ttl
-from .._membership._peers import PeerRecord, PeerState, PeerTable
+from .._membership._peers import PeerRecord
 from .._message import Message
-from .._parts import Waiter
-from .._pubsub._engine import PubSub
 from .._pubsub._subscription import Subscription
-from .._services._requests import Requests
-from .._services._serving import Serving
-from ..errors import ConfigError, DeliveryError, ProtocolError
+from ..errors import ConfigError, ProtocolError
 from . import _queries
 from ._history import History
-from ._snapshot import ASK_TIMEOUT, Discovery, in_force, message_of
+from ._recall import Gathered, Recall, Replayed, message_of
 
-_log = logging.getLogger("mesh.node")
 _CONCURRENCY: Final[int] = 8
 
-Replayed = dict[str, tuple[tuple[TopicPattern, ...], int]]
+Cover = tuple[tuple[TopicPattern, ...], int]
 
 
 class HistoryReplay:
     """This node's part in history: serving its own, replaying everyone's."""
 
-    def __init__(self, history: History, *, peers: PeerTable, pubsub: PubSub,
-                 serving: Serving, requests: Requests, waiter: Waiter, discovery: Discovery,
-                 max_message_size: int) -> None:
+    def __init__(self, history: History, recall: Recall) -> None:
         self.history = history
-        self._peers = peers
-        self._pubsub = pubsub
-        self._serving = serving
-        self._requests = requests
-        self._waiter = waiter
-        self._discovery = discovery
-        self._budget = max(1024, max_message_size // 2)
-        self._node_id = ""
-        self._name = ""
-        self._filling: set[asyncio.Task[None]] = set()
+        self._recall = recall
 
-    def start(self, node_id: str, name: str) -> None:
-        self._node_id, self._name = node_id, name
-        self._serving.serve_internal(_queries.HISTORY_SERVICE, self._answer, _CONCURRENCY)
-
-    async def aclose(self) -> None:
-        tasks, self._filling = set(self._filling), set()
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+    def start(self) -> None:
+        self._recall.serve(_queries.HISTORY_SERVICE, self._answer, _CONCURRENCY)
 
     async def _answer(self, request: Message) -> bytes:
-        query = _queries.decode_history_query(request.data)
+        query = _queries.decode(request.data, _queries.HistoryQuery)
         pattern = _names.pattern(query.pattern)
         if query.after == 0:
-            await in_force(self._waiter, self._pubsub, request, query.version)
+            await self._recall.in_force(request, query.version)
         upto = query.upto or self.history.newest_seq
         items, after = self.history.page(pattern, since=query.since, last=query.last,
-                                         after=query.after, upto=upto, budget=self._budget)
-        return _queries.encode_history(_queries.HistoryPage(
-            self._name, items, after, upto, [p.pattern for p in self.history.patterns]))
+                                         after=query.after, upto=upto,
+                                         budget=self._recall.budget)
+        return _queries.encode(_queries.HistoryPage(
+            self._recall.name, items, after, upto, [p.pattern for p in self.history.patterns]))
 
     def fill(self, sub: Subscription, version: int, *, since: float, last: int) -> None:
         """Give `sub` the mesh's matching history first, then its live messages."""
-        sub._hold()
-        task = asyncio.get_running_loop().create_task(self._fill(sub, version, since, last),
-                                                      name="zeromesh-history")
-        self._filling.add(task)
-        task.add_done_callback(self._filling.discard)
+        self._recall.fill(sub, self._gathered(sub.pattern, version, since, last))
 
-    async def _fill(self, sub: Subscription, version: int, since: float, last: int) -> None:
-        replay: list[Message] = []
-        replayed: Replayed = {}
-        try:
-            replay, replayed = await self.gather(sub.pattern, version, since=since, last=last)
-        finally:  # (cancelled at close: what was held is still delivered)
-            sub._release(replay, {}, replayed)
+    async def _gathered(self, pattern: TopicPattern, version: int, since: float,
+                        last: int) -> Gathered:
+        replay, replayed = await self.gather(pattern, version, since=since, last=last)
+        return replay, {}, replayed
 
     async def gather(self, pattern: TopicPattern, version: int, *, since: float,
                      last: int) -> tuple[list[Message], Replayed]:
         """The matching history of every live publisher (this node included), merged."""
-        await self._discovery.settled()
+        asked = await self._recall.peers_to_ask(lambda rec: bool(rec.history))
+        recall = self._recall
         upto = self.history.newest_seq
         mine, _ = self.history.page(pattern, since=since, last=last, after=0, upto=upto,
                                     budget=1 << 62)
         replayed: Replayed = {}
         if self.history.patterns:
-            replayed[self._node_id] = (self.history.patterns, upto)
-        streams = [[message_of(item, self._name, self._node_id) for item in mine]]
-        asked = [rec for rec in self._peers.records()
-                 if rec.history and rec.rtr and rec.state is not PeerState.LOST]
-        for rec, (msgs, cover) in zip(asked, await asyncio.gather(
-                *(self._ask(rec, pattern, version, since, last) for rec in asked)),
-                                      strict=True):
+            replayed[recall.node_id] = (self.history.patterns, upto)
+        streams = [[message_of(item, recall.name, recall.node_id) for item in mine]]
+        answers = await asyncio.gather(*(self._ask(rec, pattern, version, since, last)
+                                         for rec in asked))
+        for rec, (msgs, cover) in zip(asked, answers, strict=True):
             streams.append(msgs)
             if cover is not None:
                 replayed[rec.id] = cover
@@ -119,7 +86,7 @@ class HistoryReplay:
         return (_newest(merged, last) if last > 0 else merged), replayed
 
     async def _ask(self, rec: PeerRecord, pattern: TopicPattern, version: int, since: float,
-                   last: int) -> tuple[list[Message], tuple[tuple[TopicPattern, ...], int] | None]:
+                   last: int) -> tuple[list[Message], Cover | None]:
         """All of one peer's matching history, and what it covers (None if it could not
         answer: then nothing of its live stream is dropped)."""
         msgs: list[Message] = []
@@ -127,15 +94,16 @@ class HistoryReplay:
         patterns: tuple[TopicPattern, ...] = ()
         while True:
             query = _queries.HistoryQuery(pattern.pattern, since, last, version, after, upto)
+            data = await self._recall.ask(rec, _queries.HISTORY_SERVICE,
+                                          _queries.encode(query))
+            if data is None:
+                return msgs, None
             try:
-                reply = await self._requests.ask(rec, _queries.HISTORY_SERVICE,
-                                                 _queries.encode_history(query),
-                                                 timeout=ASK_TIMEOUT)
-                page = _queries.decode_history_page(reply.data)
-                if not patterns:
-                    patterns = tuple(_names.pattern(p) for p in page.patterns[:1000])
-            except (DeliveryError, ProtocolError, ConfigError) as exc:
-                _log.warning("no history from %r: %s", rec.name, exc)
+                page = _queries.decode(data, _queries.HistoryPage)
+                patterns = patterns or tuple(_names.pattern(p) for p in page.patterns[:1000])
+            except (ProtocolError, ConfigError) as exc:
+                self._recall.warn_once("history", rec.id, "bad history from %r: %s",
+                                       rec.name, exc)
                 return msgs, None
             upto = page.upto
             now = time.time()  # (what expired on its way is not replayed)

@@ -53,6 +53,8 @@ class RetainedStore:
         self._file = RecordLog(Path(data_dir) / _FILE) if data_dir is not None else None
         self._announcer = announcer
         self._values: dict[str, _wire.Item] = {}
+        self._live = 0
+        """About the bytes the values take in the log (when to compact it)."""
         self._topics: list[str] | None = None
         """The topics, sorted (for paging); None when a change made it stale."""
         self._dirty: dict[str, _wire.Item | None] = {}
@@ -73,6 +75,7 @@ class RetainedStore:
         now = time.time()
         self._values = {topic: item for topic, item in _read(self._file).items()
                         if not _ttl.has_expired(item, now)}
+        self._live = sum(_size(topic, item) for topic, item in self._values.items())
         self._rewrite()
 
     def close(self) -> None:
@@ -85,18 +88,29 @@ class RetainedStore:
     def put(self, topic: str, item: _wire.Item) -> None:
         """`item` is `topic`'s value now; an empty payload clears it."""
         had = bool(self._values)
-        if item.payload:
-            if topic not in self._values:
-                self._topics = None
+        self._set(topic, item if item.payload else None)
+        self._changed(had)
+
+    def _set(self, topic: str, item: _wire.Item | None) -> None:
+        """`topic`'s value (None: cleared), in memory and, at the next flush, on disk."""
+        old = self._values.pop(topic, None) if item is None else self._values.get(topic)
+        if old is not None:
+            self._live -= _size(topic, old)
+        if item is not None:
             self._values[topic] = item
-        elif self._values.pop(topic, None) is not None:
+            self._live += _size(topic, item)
+        if (old is None) != (item is None):
             self._topics = None
         if self._file is not None:
-            self._dirty[topic] = item if item.payload else None
-            if self._flush is None:
-                self._flush = asyncio.get_running_loop().call_soon(self.flush)
+            self._dirty[topic] = item
+
+    def _changed(self, had: bool) -> None:
+        """After `_set`s: flush at the end of this loop iteration; tell peers when we go
+        from holding no value to some, or back (our hello's `retains` flag)."""
+        if self._dirty and self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self.flush)
         if had != bool(self._values):
-            self._announcer.interest_changed()  # our hello's `retains` flag flips
+            self._announcer.interest_changed()
 
     def matching(self, pattern: TopicPattern) -> list[_wire.Item]:
         """Every value whose topic matches, in topic order, each with its `topic` set."""
@@ -140,14 +154,8 @@ class RetainedStore:
             return
         had = bool(self._values)
         for topic in topics:
-            del self._values[topic]
-            if self._file is not None:
-                self._dirty[topic] = None
-        self._topics = None
-        if self._dirty and self._flush is None:
-            self._flush = asyncio.get_running_loop().call_soon(self.flush)
-        if had and not self._values:
-            self._announcer.interest_changed()  # our hello's `retains` flag flips
+            self._set(topic, None)
+        self._changed(had)
 
     def _sorted(self) -> list[str]:
         if self._topics is None:
@@ -167,8 +175,7 @@ class RetainedStore:
         self._file.append(_encoder.encode(_Record(topic, None if item is None else
                                                  _with_topic(topic, item)))
                          for topic, item in dirty.items())
-        live = sum(len(i.payload) + len(t) + 64 for t, i in self._values.items())
-        if self._file.size > _REWRITE_FACTOR * live + _REWRITE_SLACK:
+        if self._file.size > _REWRITE_FACTOR * self._live + _REWRITE_SLACK:
             self._rewrite()
 
     def _rewrite(self) -> None:
@@ -176,6 +183,11 @@ class RetainedStore:
         assert self._file is not None
         self._file.rewrite(_encoder.encode(_Record(topic, _with_topic(topic, item)))
                           for topic, item in self._values.items())
+
+
+def _size(topic: str, item: _wire.Item) -> int:
+    """About what a value takes in the log."""
+    return len(item.payload) + len(topic) + _wire.ITEM_OVERHEAD
 
 
 def _with_topic(topic: str, item: _wire.Item) -> _wire.Item:

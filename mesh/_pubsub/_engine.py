@@ -234,30 +234,15 @@ class PubSub:
     def publish_retained(self, topic: str, data: bytes | str,
                          headers: Mapping[str, str] | None, name: str,
                          ttl: float | None = None) -> _wire.Item:
-        """Publish one best-effort message and return it, to be retained.
+        """`publish`, returning the message's item (to be retained) whether or not its
+        batch left at once.
 
         Raises:
             ConfigError: `topic` is invalid.
             MessageTooLarge: `data` is too large.
         """
-        _names.topic(topic)
-        payload = data.encode() if isinstance(data, str) else bytes(data)
-        if len(payload) > self._config.max_message_size:
-            self._stats["oversized"] += 1
-            raise MessageTooLarge(len(payload), self._config.max_message_size)
-        ts = time.time()
-        item = _wire.Item(self._next_seq(), ts, dict(headers) if headers else None, payload,
-                          expires=None if ttl is None else ts + ttl)
-        self._enqueue(topic, [item], name)
-        if self.history is not None and self.history.keeps(topic):
-            self.history.add(topic, (item,))
-        local = self._matching(topic) if self._subs else ()
-        if local:
-            msg = Message(topic, payload, name, self.node_id, item.seq, item.ts, item.headers)
-            for sub in local:
-                sub._deliver((msg,))
-            self.delivered_by_topic.add(topic)
-        return item
+        flushed = self.publish(topic, data, headers, name, ttl)
+        return flushed if flushed is not None else self._outgoing[topic][-1]
 
     def publish_reliable(self, topic: str, payloads: Iterable[bytes | str],
                          headers: Mapping[str, str] | None, name: str,
