@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from mesh import ConfigError, Message, Subscription
-from tests.helpers import aeventually
 
+from ._flood import join_during_flood
 from ._proc import child_env, run
 from .conftest import FAST_ENV, MakeNode
 
@@ -79,35 +79,11 @@ async def test_three_publishers_merge_in_time_order_each_in_its_own_order(
 
 async def test_no_gap_and_no_duplicate_between_history_and_live(make_node: MakeNode) -> None:
     """Joining while the topic is published at full speed: every message exactly once."""
-    pub = await make_node("pub", mdns=False, pub_hwm=0, sub_hwm=0, history=["flood.>"])
-    stop = asyncio.Event()
-    sent = 0
-
-    async def flood() -> None:
-        nonlocal sent
-        while not stop.is_set():
-            for _ in range(50):
-                sent += 1
-                await pub.publish("flood.x", str(sent))
-            await asyncio.sleep(0)
-
-    flooding = asyncio.create_task(flood())
-    try:
-        await aeventually(lambda: sent > 2000, timeout=10)
-        sub_node = await make_node("sub", mdns=False, pub_hwm=0, sub_hwm=0,
-                                   peers=pub.endpoints["ctl"])
-        await sub_node.wait_for_peers(1, timeout=5)
-        sub = await sub_node.subscribe("flood.*", since=3600, max_pending=0)
-        target = sent + 3000
-        await aeventually(lambda: sent > target, timeout=20)
-    finally:
-        stop.set()
-        await flooding
-    last = sent
-    got = [int((await sub.next(timeout=10)).data)]
-    while got[-1] < last:
-        got.append(int((await sub.next(timeout=10)).data))
-    assert got == list(range(1, last + 1))
+    joined, got = await join_during_flood(make_node, retain=False,
+                                          publisher={"history": ["flood.>"]},
+                                          subscribe={"since": 3600})
+    assert got == list(range(1, len(got) + 1))
+    assert got[-1] > joined  # history, then live
 
 
 async def test_bad_since_and_last_are_rejected(make_node: MakeNode) -> None:

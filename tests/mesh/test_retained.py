@@ -22,6 +22,7 @@ import pytest
 from mesh import ConfigError, Message, Subscription
 from tests.helpers import aeventually
 
+from ._flood import join_during_flood
 from ._proc import Cli, child_env, run
 from .conftest import FAST, FAST_ENV, MakeNode
 
@@ -97,37 +98,9 @@ async def test_no_gap_and_no_duplicate_while_the_topic_is_published_at_full_spee
         make_node: MakeNode) -> None:
     """The Clone pattern's promise: joining mid-stream, the subscriber's sequence from
     the publisher is consecutive from its first (retained) value on."""
-    pub = await make_node("pub", mdns=False, pub_hwm=0, sub_hwm=0)
-    stop = asyncio.Event()
-    sent = 0
-
-    async def flood() -> None:
-        nonlocal sent
-        while not stop.is_set():
-            for _ in range(50):
-                sent += 1
-                await pub.publish("flood.x", str(sent), retain=True)
-            await asyncio.sleep(0)  # let the node's own readers and timers run
-
-    flooding = asyncio.create_task(flood())
-    try:
-        await aeventually(lambda: sent > 2000, timeout=10)
-        sub_node = await make_node("sub", mdns=False, pub_hwm=0, sub_hwm=0,
-                                   peers=pub.endpoints["ctl"])
-        await sub_node.wait_for_peers(1, timeout=5)
-        sub = await sub_node.subscribe("flood.*", max_pending=0)
-        first = int((await sub.next(timeout=10)).data)
-        got = [first]
-        target = sent + 3000
-        await aeventually(lambda: sent > target, timeout=20)
-    finally:
-        stop.set()
-        await flooding
-    last = sent
-    while got[-1] < last:
-        got.append(int((await sub.next(timeout=10)).data))
-    assert first > 1, "the subscriber joined mid-stream"
-    assert got == list(range(first, last + 1))
+    joined, got = await join_during_flood(make_node, retain=True, publisher={}, subscribe={})
+    assert got[0] >= joined, "the first is the value retained when it joined, or later"
+    assert got == list(range(got[0], got[0] + len(got)))
 
 
 def test_values_survive_a_sigkill_and_a_cleared_topic_stays_cleared(tmp_path: Path,
@@ -209,6 +182,8 @@ async def _data(values: Awaitable[list[Message]]) -> bool:
 
 
 def test_retain_reliable_without_a_data_dir_is_a_usage_error(mesh_name: str) -> None:
+    """`--retain` alone needs no data dir; with `--reliable` (the spool) it does."""
+    assert run(["pub", "t", "x", "--retain", "--no-mdns"], mesh=mesh_name).returncode == 0
     got = run(["pub", "t", "x", "--retain", "--reliable", "--no-mdns"], mesh=mesh_name)
     assert got.returncode == 2
     assert got.stderr.count("\n") == 1
@@ -284,3 +259,29 @@ async def test_a_reliable_retained_publish_is_retained_as_a_plain_value(
     await node.publish("r.t", b"v", reliable=True, retain=True)
     [value] = await node.last("r.t")
     assert (value.topic, value.data, value.reliable) == ("r.t", b"v", False)
+
+
+async def test_an_answer_waits_until_the_askers_subscription_is_in_force(
+        make_node: MakeNode) -> None:
+    """The publisher answers a query naming interest version V only once the asker's
+    subscriptions of version V reached its publisher: before that, a message published
+    after the answer could miss the subscriber."""
+    from mesh._memory import _queries
+
+    pub = await make_node("pub", mdns=False)
+    await pub.publish("w.x", b"v", retain=True)
+    sub_node = await make_node("sub", mdns=False, peers=pub.endpoints["ctl"])
+    await sub_node.wait_for_peers(1, timeout=5)
+    run = sub_node._live()
+    [rec] = run.membership.table.records()
+    version = run.membership.interest_version + 1  # what its next subscription announces
+    query = _queries.encode(_queries.RetainedQuery("w.>", version))
+    asking = asyncio.create_task(run.requests.ask(rec, _queries.RETAINED_SERVICE, query,
+                                                  timeout=5))
+    done, _ = await asyncio.wait({asking}, timeout=0.5)
+    assert not done, "answered before the subscription existed"
+    await sub_node.subscribe("w.>", retained=False)
+    async with asyncio.timeout(5):
+        reply = await asking
+    page = _queries.decode(reply.data, _queries.RetainedPage)
+    assert [(i.topic, i.payload) for i in page.items] == [("w.x", b"v")]
