@@ -67,9 +67,10 @@ class AsyncNode(WorkAndServices):
                                         retain=True, ttl=ttl)
                 return
             live = self._live()
-            item = live.pubsub.publish_retained(topic, data, headers, self._config.name,
-                                                _ttl.check(ttl))
-            live.retained.store.put(topic, item)
+            if ttl is not None:
+                ttl = _ttl.check(ttl)
+            live.retained.store.put(topic, live.pubsub.publish_retained(
+                topic, data, headers, self._config.name, ttl))
             return
         if not reliable:  # `publish_nowait`, inlined: this is the hot path
             run = self._run

@@ -5,7 +5,7 @@ dict entry, not a log append per message. With a data dir the values survive
 a restart, a SIGKILL included: the topics changed during one loop iteration
 are appended to ``retained.log`` together (one write for a burst), and the log
 is rewritten compactly at start and whenever it has grown to several times
-what it holds (see `_log` for what a crash can cost).
+its size after the last rewrite (see `_log` for what a crash can cost).
 
 A value published with a ttl stops being the topic's value once its ttl has
 passed: it is never handed out again and is cleared (in the log too) when a
@@ -43,6 +43,8 @@ class _Record(msgspec.Struct, array_like=True, frozen=True):
 
 
 _encoder: Final = msgspec.msgpack.Encoder()
+_CLEARED: Final = _wire.Item(0, 0.0, None, b"")
+"""An empty value: putting it clears a topic."""
 _decoder: Final = msgspec.msgpack.Decoder(_Record)
 
 
@@ -53,8 +55,8 @@ class RetainedStore:
         self._file = RecordLog(Path(data_dir) / _FILE) if data_dir is not None else None
         self._announcer = announcer
         self._values: dict[str, _wire.Item] = {}
-        self._live = 0
-        """About the bytes the values take in the log (when to compact it)."""
+        self._compacted = 0
+        """The log's size right after it was last rewritten: what the values took then."""
         self._topics: list[str] | None = None
         """The topics, sorted (for paging); None when a change made it stale."""
         self._dirty: dict[str, _wire.Item | None] = {}
@@ -75,7 +77,6 @@ class RetainedStore:
         now = time.time()
         self._values = {topic: item for topic, item in _read(self._file).items()
                         if not _ttl.has_expired(item, now)}
-        self._live = sum(_size(topic, item) for topic, item in self._values.items())
         self._rewrite()
 
     def close(self) -> None:
@@ -86,31 +87,22 @@ class RetainedStore:
     # -- values ----------------------------------------------------------------------
 
     def put(self, topic: str, item: _wire.Item) -> None:
-        """`item` is `topic`'s value now; an empty payload clears it."""
-        had = bool(self._values)
-        self._set(topic, item if item.payload else None)
-        self._changed(had)
-
-    def _set(self, topic: str, item: _wire.Item | None) -> None:
-        """`topic`'s value (None: cleared), in memory and, at the next flush, on disk."""
-        old = self._values.pop(topic, None) if item is None else self._values.get(topic)
-        if old is not None:
-            self._live -= _size(topic, old)
-        if item is not None:
-            self._values[topic] = item
-            self._live += _size(topic, item)
-        if (old is None) != (item is None):
+        """`item` is `topic`'s value now; an empty payload clears it. (On every retained
+        publish: a dict entry and, with a data dir, a note for the next flush.)"""
+        values = self._values
+        had = bool(values)
+        if item.payload:
+            if topic not in values:
+                self._topics = None
+            values[topic] = item
+        elif values.pop(topic, None) is not None:
             self._topics = None
         if self._file is not None:
-            self._dirty[topic] = item
-
-    def _changed(self, had: bool) -> None:
-        """After `_set`s: flush at the end of this loop iteration; tell peers when we go
-        from holding no value to some, or back (our hello's `retains` flag)."""
-        if self._dirty and self._flush is None:
-            self._flush = asyncio.get_running_loop().call_soon(self.flush)
-        if had != bool(self._values):
-            self._announcer.interest_changed()
+            self._dirty[topic] = item if item.payload else None
+            if self._flush is None:
+                self._flush = asyncio.get_running_loop().call_soon(self.flush)
+        if had != bool(values):
+            self._announcer.interest_changed()  # our hello's `retains` flag flips
 
     def matching(self, pattern: TopicPattern) -> list[_wire.Item]:
         """Every value whose topic matches, in topic order, each with its `topic` set."""
@@ -152,10 +144,8 @@ class RetainedStore:
         """These values' ttl passed: their topics are cleared, as by an empty publish."""
         if not topics:
             return
-        had = bool(self._values)
         for topic in topics:
-            self._set(topic, None)
-        self._changed(had)
+            self.put(topic, _CLEARED)
 
     def _sorted(self) -> list[str]:
         if self._topics is None:
@@ -175,7 +165,7 @@ class RetainedStore:
         self._file.append(_encoder.encode(_Record(topic, None if item is None else
                                                  _with_topic(topic, item)))
                          for topic, item in dirty.items())
-        if self._file.size > _REWRITE_FACTOR * self._live + _REWRITE_SLACK:
+        if self._file.size > _REWRITE_FACTOR * self._compacted + _REWRITE_SLACK:
             self._rewrite()
 
     def _rewrite(self) -> None:
@@ -183,11 +173,7 @@ class RetainedStore:
         assert self._file is not None
         self._file.rewrite(_encoder.encode(_Record(topic, _with_topic(topic, item)))
                           for topic, item in self._values.items())
-
-
-def _size(topic: str, item: _wire.Item) -> int:
-    """About what a value takes in the log."""
-    return len(item.payload) + len(topic) + _wire.ITEM_OVERHEAD
+        self._compacted = self._file.size
 
 
 def _with_topic(topic: str, item: _wire.Item) -> _wire.Item:
