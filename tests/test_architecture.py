@@ -74,6 +74,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mesh._memory",),
     ("mesh._core", "mesh._node_p2p", "mesh._node"),
     ("mesh._sync", "mesh._sync_streams", "mesh"),
+    ("mesh._uplink",),
     ("mesh._agent", "mesh._bench", "mesh.cli", "mesh.__main__"),
 ]
 """The layers of `mesh`, lowest first: a module imports from its own layer or below."""

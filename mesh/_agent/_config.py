@@ -19,6 +19,8 @@ import msgspec
 
 from .. import _names
 from .._config import NodeConfig, convert, env_values
+from .._uplink._settings import UplinkSettings
+from .._uplink._settings import check as check_uplink
 from ..errors import ConfigError
 
 DEFAULT_HTTP: Final[str] = "127.0.0.1:7474"
@@ -57,6 +59,8 @@ class AgentConfig(NodeConfig, kw_only=True, forbid_unknown_fields=True):
     max_body: int = 0
     """Largest HTTP request body; 0 = max_message_size."""
     webhooks: list[Webhook] = msgspec.field(default_factory=list)
+    uplinks: list[UplinkSettings] = msgspec.field(default_factory=list, name="uplink")
+    """``[[uplink]]``: links to NATS JetStream or MQTT 5 brokers (need data_dir)."""
 
     def validated(self) -> AgentConfig:
         config = super().validated()
@@ -66,6 +70,11 @@ class AgentConfig(NodeConfig, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError("max_body", "must be >= 0")
         for i, hook in enumerate(config.webhooks):
             _check_webhook(f"webhooks[{i}]", hook, config.data_dir)
+        for i, link in enumerate(config.uplinks):
+            check_uplink(f"uplink[{i}]", link)
+            if config.data_dir is None:
+                raise ConfigError(f"uplink[{i}]", "an uplink needs data_dir (its backlog "
+                                                  "lives there)")
         return config
 
     def node_config(self) -> NodeConfig:

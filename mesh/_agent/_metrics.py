@@ -23,6 +23,8 @@ from prometheus_client.registry import Collector
 
 from .._membership._peers import PeerState
 from .._node import AsyncNode
+from .._uplink._link import LinkState
+from .._uplink._links import Uplinks
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double the output and nobody graphs them
 
@@ -54,7 +56,7 @@ _NODE_TOTALS: Final = (
 class AgentMetrics:
     """Every metric one agent exposes."""
 
-    def __init__(self, node: AsyncNode) -> None:
+    def __init__(self, node: AsyncNode, uplinks: Uplinks) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.http = Counter("zeromesh_http_requests", "HTTP requests by route and status.",
@@ -78,6 +80,7 @@ class AgentMetrics:
                                    "Messages an SSE client was too slow for (oldest dropped), "
                                    "per pattern.", ["pattern"], registry=r)
         r.register(_NodeCollector(node))
+        r.register(_UplinkCollector(uplinks))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -156,3 +159,47 @@ class _NodeCollector(Collector):
                                       "Connections refused: CURVE key not in the allowlist.")
         refused.add_metric([], traffic.curve_refused)
         yield refused
+
+
+_UPLINK_TOTALS: Final = (
+    ("exported", "Messages the hub acknowledged."),
+    ("imported", "Hub messages published into the mesh."),
+    ("failed", "Messages given up on (refused by the hub repeatedly, or unmappable)."),
+    ("dropped", "Best-effort messages not exported: the backlog quota was full."),
+    ("duplicates", "Hub redeliveries recognised and not published again."),
+    ("looped", "Messages not sent back to the hub they came from."),
+    ("connects", "Connections made to the hub."),
+)
+
+
+class _UplinkCollector(Collector):
+    """`zeromesh_uplink_*`, per uplink (labelled by url and prefix), read at scrape time."""
+
+    def __init__(self, uplinks: Uplinks) -> None:
+        self._uplinks = uplinks
+
+    def collect(self) -> Iterator[Metric]:
+        links = self._uplinks.links
+        labels = ["url", "prefix"]
+        for key, text in _UPLINK_TOTALS:
+            family = CounterMetricFamily(f"zeromesh_uplink_{key}", text, labels=labels)
+            for link in links:
+                family.add_metric([link.settings.shown_url, link.settings.prefix],
+                                  getattr(link.counts, key))
+            yield family
+        backlog = GaugeMetricFamily("zeromesh_uplink_backlog",
+                                    "Exported messages not yet acknowledged by the hub.",
+                                    labels=labels)
+        age = GaugeMetricFamily("zeromesh_uplink_oldest_pending_seconds",
+                                "Age of the oldest message waiting for the hub.", labels=labels)
+        state = GaugeMetricFamily("zeromesh_uplink_state",
+                                  "1 for the uplink's current state.", labels=[*labels, "state"])
+        for link in links:
+            at = [link.settings.shown_url, link.settings.prefix]
+            backlog.add_metric(at, len(link.backlog))
+            age.add_metric(at, link.backlog.oldest_age())
+            for each in LinkState:
+                state.add_metric([*at, each.value], float(link.state is each))
+        yield backlog
+        yield age
+        yield state

@@ -12,6 +12,7 @@ from typing import Final
 from aiohttp import web
 
 from .._node import AsyncNode
+from .._uplink._links import Uplinks
 from ..errors import NoRespondersError, RemoteError, RequestTimeout
 from . import _http
 from ._headers import OURS, from_http, to_http
@@ -25,9 +26,10 @@ MAX_RETRIES: Final[int] = 10
 class Routes:
     """Handlers bound to one node."""
 
-    def __init__(self, node: AsyncNode, metrics: AgentMetrics) -> None:
+    def __init__(self, node: AsyncNode, metrics: AgentMetrics, uplinks: Uplinks) -> None:
         self._node = node
         self._metrics = metrics
+        self._uplinks = uplinks
 
     def add_to(self, app: web.Application) -> None:
         app.add_routes([
@@ -36,6 +38,7 @@ class Routes:
             web.post("/v1/request/{service}", self.request),
             web.get("/v1/last/{pattern}", self.last),
             web.get("/v1/peers", self.peers),
+            web.get("/v1/uplinks", self.uplinks),
             web.post("/v1/dead-letters/replay", self.replay),
             web.get("/healthz", self.healthz),
             web.get("/metrics", self.metrics),
@@ -118,6 +121,11 @@ class Routes:
     async def peers(self, request: web.Request) -> web.Response:
         _http.query(request, ())
         return web.json_response([p.to_dict() for p in self._node.peers()])
+
+    async def uplinks(self, request: web.Request) -> web.Response:
+        """Each uplink's state, backlog and counters."""
+        _http.query(request, ())
+        return web.json_response(self._uplinks.statuses())
 
     async def healthz(self, request: web.Request) -> web.Response:
         _http.query(request, ())

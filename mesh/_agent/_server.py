@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from .._node import AsyncNode
+from .._uplink._links import Uplinks
 from ..errors import ConfigError
 from . import _http
 from ._config import AgentConfig, http_address
@@ -34,7 +35,9 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.node = AsyncNode(config.node_config())
-        self.metrics = AgentMetrics(self.node)
+        self.uplinks = Uplinks(self.node, config.data_dir, fsync=config.fsync,
+                               quota=config.spool_quota)
+        self.metrics = AgentMetrics(self.node, self.uplinks)
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._hooks: list[asyncio.Task[None]] = []
@@ -43,7 +46,7 @@ class Agent:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.body_limit,
                               middlewares=[_http.middleware(self._count)])
-        Routes(self.node, self.metrics).add_to(app)
+        Routes(self.node, self.metrics, self.uplinks).add_to(app)
         Streams(self.node, self.metrics).add_to(app)
         return app
 
@@ -67,6 +70,7 @@ class Agent:
             bound = self._runner.addresses[0]
             shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
             self.http_url = f"http://{shown}:{bound[1]}"
+            await self.uplinks.apply(self.config.uplinks)
             self._session = aiohttp.ClientSession()
             for i, hook in enumerate(self.config.webhooks):
                 runner = WebhookRunner(self.node, hook, i, self._session, self.metrics)
@@ -80,7 +84,18 @@ class Agent:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    async def reload(self, config: AgentConfig) -> None:
+        """Apply a re-read config (SIGHUP): the uplinks change; other keys need a restart.
+
+        Raises:
+            ConfigError: the new uplinks cannot run (the running ones are kept).
+        """
+        await self.uplinks.apply(config.uplinks)
+        self.config.uplinks = config.uplinks
+        _log.info("config reloaded: %d uplink(s)", len(config.uplinks))
+
     async def aclose(self) -> None:
+        await self.uplinks.aclose()
         for task in self._hooks:
             task.cancel()
         for task in self._hooks:

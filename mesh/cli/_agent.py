@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator, Mapping
 
 import msgspec
 
 from .._agent._config import load
 from .._agent._server import Agent
+from ..errors import ConfigError
 from ._commands import event_line, out, stop_on_signals
+
+_log = logging.getLogger("mesh.agent")
 
 FLAGS = ("mesh", "name", "interfaces", "peers", "data_dir", "port", "mdns", "fsync", "http",
          "durable_expiry", "secret_key", "allow", "history")
@@ -43,7 +50,39 @@ async def run(args: argparse.Namespace) -> int:
                     out(event_line(event))
 
             reporter = asyncio.create_task(report())
-            await stop.wait()
+            with reload_on_hangup(agent, path, {k: getattr(args, k, None) for k in FLAGS}):
+                await stop.wait()
             reporter.cancel()
     out("stopped")
     return 0
+
+
+@contextlib.contextmanager
+def reload_on_hangup(agent: Agent, path: str | None, flags: Mapping[str, object]
+                     ) -> Iterator[None]:
+    """SIGHUP re-reads the config file and applies its uplinks; a bad file is logged
+    (one line with the key and reason) and the running config is kept."""
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        try:
+            config = load(path, os.environ, flags)
+            await agent.reload(config)
+        except ConfigError as exc:
+            _log.error("config not reloaded: %s", exc)
+        else:
+            out("reloaded")
+
+    def hangup() -> None:
+        task = loop.create_task(reload())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        for task in pending:
+            task.cancel()

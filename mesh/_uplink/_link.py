@@ -1,0 +1,363 @@
+"""One uplink: the export intake, the export sender, the importer and the link's state.
+
+The intake takes messages from a durable subscription per export pattern
+(reliable ones were spooled for it by their publishers; best-effort ones
+arrive while the agent runs) and acknowledges them on the mesh side only
+once they are in the uplink's backlog. The sender keeps a window of them in
+flight to the hub and lets one leave the backlog only on the hub's
+acknowledgement; on a new connection it starts again from the oldest one not
+acknowledged, so after an outage the backlog drains in order (the hub drops
+the resent ones it already has, by message id). The importer publishes what
+the hub's durable consumer delivers into the mesh reliably, then
+acknowledges it on the hub.
+
+The connection loop never gives up: `connecting` retries with exponential
+backoff and jitter, `down` (the hub refused us) retries slowly, and each state
+change is one log line, not one per attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from .._message import Message
+from .._node import AsyncNode
+from .._work._pull import Pull
+from ..errors import ClosedError, MessageTooLarge, SpoolFullError
+from ._backlog import Backlog, Exported
+from ._hub import ORIGIN_HEADER, Hub, HubRefused, HubUnreachable, Incoming
+from ._settings import UplinkSettings
+
+_log = logging.getLogger("mesh.uplink")
+
+INTAKE_PREFETCH: Final[int] = 2048
+INTAKE_BATCH: Final[int] = 1024
+IMPORT_BATCH: Final[int] = 256
+ACK_TIMEOUT: Final[float] = 10.0
+"""A hub acknowledgement later than this means the connection is gone, whatever TCP says."""
+RETRY_FIRST: Final[float] = 0.2
+RETRY_MAX: Final[float] = 10.0
+DOWN_RETRY: Final[float] = 30.0
+"""Between attempts once the hub has refused us: a wrong password is not hammered."""
+MAX_ATTEMPTS: Final[int] = 5
+"""Times the hub may refuse one message before it is counted failed and dropped."""
+_DROPPED_HEADERS: Final = frozenset({"Nats-Msg-Id", "Nats-Expected-Stream"})
+
+
+class LinkState(enum.StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DOWN = "down"
+
+
+@dataclass(slots=True)
+class Counts:
+    """What one uplink has done since the agent started."""
+
+    exported: int = 0
+    imported: int = 0
+    failed: int = 0
+    """Messages given up on: refused by the hub MAX_ATTEMPTS times, or unmappable."""
+    dropped: int = 0
+    """Best-effort messages not exported because the backlog's quota was full."""
+    duplicates: int = 0
+    """Hub redeliveries recognised and not published again."""
+    looped: int = 0
+    """Messages not sent back where they came from (origin header)."""
+    connects: int = 0
+    attempts: int = 0
+    """Connection attempts, failed ones included (a refused hub is not hammered)."""
+    by_state: dict[str, float] = field(default_factory=dict)
+
+
+class Uplink:
+    """Runs one ``[[uplink]]`` until cancelled."""
+
+    def __init__(self, node: AsyncNode, settings: UplinkSettings, hub: Callable[[], Hub],
+                 backlog: Backlog) -> None:
+        self.settings = settings
+        self._node = node
+        self._new_hub = hub
+        self.backlog = backlog
+        self.counts = Counts()
+        self.state = LinkState.CONNECTING
+        self.last_error = ""
+        self._more = asyncio.Event()
+        """Set when the backlog grows or an acknowledgement frees the window."""
+        self._full_logged = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Intake and connection loops until cancelled; the backlog stays on disk."""
+        async with asyncio.TaskGroup() as tasks:
+            for i, pattern in enumerate(self.settings.export):
+                tasks.create_task(self._intake(pattern, durable_name(self.settings, i)),
+                                  name=f"zeromesh-uplink-intake-{pattern}")
+            tasks.create_task(self._connect_forever(), name="zeromesh-uplink-link")
+
+    def _set_state(self, state: LinkState, error: str = "") -> None:
+        if error:
+            self.last_error = error
+        if state is self.state:
+            return
+        self.state = state
+        name = f"{self.settings.shown_url} ({self.settings.prefix})"
+        if state is LinkState.CONNECTED:
+            _log.warning("uplink %s: connected", name)
+        else:
+            _log.warning("uplink %s: %s%s", name, state.value, f": {error}" if error else "")
+
+    # -- export intake ----------------------------------------------------------------------
+
+    async def _intake(self, pattern: str, durable: str) -> None:
+        pull = await self._node.subscribe_durable(pattern, durable, prefetch=INTAKE_PREFETCH)
+        async with pull:
+            while True:
+                try:
+                    batch = await _take_batch(pull)
+                except ClosedError:
+                    return
+                await self._admit(batch)
+
+    async def _admit(self, batch: list[tuple[Message, Callable[[bool], None]]]) -> None:
+        prefix = self.settings.prefix
+        keep: list[tuple[Message, Callable[[bool], None]]] = []
+        for msg, settle in batch:
+            if msg.headers is not None and msg.headers.get(ORIGIN_HEADER) == prefix:
+                self.counts.looped += 1  # it came from this hub: never back
+                settle(True)
+            else:
+                keep.append((msg, settle))
+        if not keep:
+            return
+        exports = [Exported(m.id, m.topic, m.data, {**(m.headers or {}), ORIGIN_HEADER: prefix},
+                            m.timestamp) for m, _ in keep]
+        while True:
+            try:
+                await self.backlog.add(exports)
+            except SpoolFullError as exc:
+                if not self._full_logged:
+                    self._full_logged = True
+                    _log.error("uplink %s: export backlog full (%s); reliable messages wait "
+                               "in their senders' spools, best-effort ones are dropped",
+                               self.settings.shown_url, exc)
+                reliable = [(m, s) for m, s in keep if m.reliable]
+                self.counts.dropped += len(keep) - len(reliable)
+                for msg, settle in keep:
+                    settle(not msg.reliable)  # reliable: its sender redelivers it later
+                return
+            except ClosedError:
+                for _, settle in keep:
+                    settle(False)
+                raise
+            else:
+                if self._full_logged:
+                    self._full_logged = False
+                    _log.warning("uplink %s: export backlog has room again",
+                                 self.settings.shown_url)
+                for _, settle in keep:
+                    settle(True)
+                self._more.set()
+                return
+
+    # -- the connection -----------------------------------------------------------------
+
+    async def _connect_forever(self) -> None:
+        delay = RETRY_FIRST
+        while True:
+            hub = self._new_hub()
+            self.counts.attempts += 1
+            try:
+                await hub.connect()
+            except HubRefused as exc:
+                await hub.close()
+                self._set_state(LinkState.DOWN, str(exc))
+                await asyncio.sleep(DOWN_RETRY * random.uniform(0.8, 1.2))
+                continue
+            except HubUnreachable as exc:
+                await hub.close()
+                self._set_state(LinkState.CONNECTING, str(exc))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            delay = RETRY_FIRST
+            self.counts.connects += 1
+            self._set_state(LinkState.CONNECTED)
+            try:
+                reason = await self._while_connected(hub)
+            finally:
+                await hub.close()
+                self.backlog.rewind()
+            if isinstance(reason, HubRefused):
+                self._set_state(LinkState.DOWN, str(reason))
+                await asyncio.sleep(DOWN_RETRY * random.uniform(0.8, 1.2))
+            else:
+                self._set_state(LinkState.CONNECTING, str(reason))
+                await asyncio.sleep(RETRY_FIRST * random.uniform(0.5, 1.0))
+
+    async def _while_connected(self, hub: Hub) -> BaseException:
+        """Send and import until the connection fails; returns why it ended."""
+        sender = asyncio.ensure_future(self._send(hub))
+        workers = [sender, asyncio.ensure_future(_resolved(hub.lost))]
+        if self.settings.imports:
+            workers.append(asyncio.ensure_future(self._import(hub)))
+        try:
+            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in workers:
+                task.cancel()
+            for task in workers:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        first = done.pop()
+        if first.cancelled():
+            return HubUnreachable("cancelled")
+        error = first.exception()
+        if error is not None and not isinstance(error, (HubRefused, HubUnreachable)):
+            _log.error("uplink %s: %s", self.settings.shown_url, error, exc_info=error)
+        return error or first.result()
+
+    # -- export sender ------------------------------------------------------------------
+
+    async def _send(self, hub: Hub) -> BaseException:
+        """Keep `window` messages in flight until the connection fails.
+
+        A message the hub refuses (its future fails with HubRefused: too large,
+        a stream limit) is tried again from the oldest unacknowledged one after a
+        pause, up to MAX_ATTEMPTS, then counted failed and dropped with a log line.
+        """
+        backlog = self.backlog
+        window = self.settings.window
+        in_flight: dict[int, tuple[asyncio.Future[None], float]] = {}
+        attempts: dict[int, int] = {}
+        failure: list[BaseException] = []
+
+        def settled(record_id: int, fut: asyncio.Future[None]) -> None:
+            in_flight.pop(record_id, None)
+            self._more.set()
+            if fut.cancelled():
+                return
+            error = fut.exception()
+            if error is None:
+                backlog.done((record_id,))
+                self.counts.exported += 1
+                if attempts:
+                    attempts.pop(record_id, None)
+            elif isinstance(error, HubRefused):
+                tries = attempts[record_id] = attempts.get(record_id, 0) + 1
+                if tries >= MAX_ATTEMPTS:
+                    del attempts[record_id]
+                    backlog.done((record_id,))
+                    self.counts.failed += 1
+                    _log.error("uplink %s: the hub refused message %s %d times, dropped: %s",
+                               self.settings.shown_url, record_id, tries, error)
+                failure.append(error)
+            else:
+                failure.append(error)
+
+        while True:
+            while len(in_flight) < window and not failure:
+                item = backlog.take_unsent()
+                if item is None:
+                    break
+                record_id, msg = item
+                fut = hub.send(msg.topic, msg.data, msg.headers, msg.id)
+                in_flight[record_id] = (fut, time.monotonic())
+                fut.add_done_callback(functools.partial(settled, record_id))
+            if failure:
+                for fut, _ in list(in_flight.values()):
+                    fut.cancel()
+                error = failure[0]
+                if not isinstance(error, HubRefused):
+                    return error
+                self.last_error = str(error)
+                await asyncio.sleep(1.0)
+                failure.clear()
+                backlog.rewind()  # in order again, from the oldest not acknowledged
+                continue
+            if in_flight:
+                oldest = min(t for _, t in in_flight.values())
+                if time.monotonic() - oldest > ACK_TIMEOUT:
+                    return HubUnreachable(f"no acknowledgement within {ACK_TIMEOUT:g} s")
+            self._more.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._more.wait()
+
+    # -- import -------------------------------------------------------------------------
+
+    async def _import(self, hub: Hub) -> BaseException:
+        backlog, node, prefix = self.backlog, self._node, self.settings.prefix
+        while True:
+            batch = await hub.receive(IMPORT_BATCH, 1.0)
+            fresh: list[Incoming] = []
+            for incoming in batch:
+                if backlog.seen(incoming.key):
+                    self.counts.duplicates += 1
+                    hub.settle(incoming)
+                elif incoming.headers.get(ORIGIN_HEADER) == prefix:
+                    self.counts.looped += 1  # our own export, seen by our own consumer
+                    hub.settle(incoming)
+                else:
+                    fresh.append(incoming)
+            done: list[Incoming] = []
+            try:
+                for incoming in fresh:
+                    headers = {k: v for k, v in incoming.headers.items()
+                               if k not in _DROPPED_HEADERS}
+                    headers[ORIGIN_HEADER] = prefix
+                    try:
+                        await node.publish(incoming.topic, incoming.data, headers=headers,
+                                           reliable=True)
+                    except MessageTooLarge as exc:
+                        self.counts.failed += 1
+                        _log.error("uplink %s: cannot import %s: %s",
+                                   self.settings.shown_url, incoming.key, exc)
+                    except (SpoolFullError, ClosedError) as exc:
+                        # Not acknowledged: the hub delivers it again after its ack wait.
+                        return HubUnreachable(f"import paused: {exc}")
+                    else:
+                        self.counts.imported += 1
+                    done.append(incoming)
+            finally:
+                backlog.mark([incoming.key for incoming in done])
+                for incoming in done:
+                    hub.settle(incoming)
+
+    # -- what /v1/uplinks shows ---------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        s, c = self.settings, self.counts
+        return {"url": s.shown_url, "kind": s.kind, "prefix": s.prefix, "state": self.state.value,
+                "backlog": len(self.backlog), "backlog_bytes": self.backlog.used_bytes,
+                "oldest_pending_age": round(self.backlog.oldest_age(), 3),
+                "exported": c.exported, "imported": c.imported, "failed": c.failed,
+                "dropped": c.dropped, "duplicates": c.duplicates, "looped": c.looped,
+                "connects": c.connects, "attempts": c.attempts, "last_error": self.last_error,
+                "export": list(s.export), "import": list(s.imports)}
+
+
+def durable_name(settings: UplinkSettings, index: int) -> str:
+    """The durable subscription an export pattern is read through."""
+    return f"uplink-{settings.slug}-{index}"
+
+
+async def _take_batch(pull: Pull) -> list[tuple[Message, Callable[[bool], None]]]:
+    batch = [await pull.take()]
+    while pull.pending and len(batch) < INTAKE_BATCH:
+        batch.append(await pull.take())
+    return batch
+
+
+async def _resolved(fut: asyncio.Future[BaseException]) -> BaseException:
+    return await asyncio.shield(fut)

@@ -1,0 +1,126 @@
+"""The agent's uplinks as a set: started with the agent, changed on SIGHUP.
+
+A reload compares each ``[[uplink]]`` with the running ones: an unchanged
+one keeps running (its connection and counters too), a changed or removed
+one stops (its backlog stays on disk under its name, and is sent when an
+uplink of the same url and prefix runs again), a new one starts. Export
+patterns no longer configured have their durable subscriptions forgotten,
+so no publisher keeps spooling for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from .._node import AsyncNode
+from .._spool import FsyncPolicy
+from ..errors import ConfigError, MeshError
+from ._backlog import Backlog
+from ._hub import Hub
+from ._link import Uplink, durable_name
+from ._settings import UplinkSettings
+
+_log = logging.getLogger("mesh.uplink")
+
+
+def new_hub(settings: UplinkSettings, node_name: str) -> Hub:
+    """The adapter for the url's scheme (imported here: the uplink extra is optional)."""
+    if settings.kind == "nats":
+        from ._nats import NatsHub
+        return NatsHub(settings, node_name)
+    from ._mqtt import MqttHub
+    return MqttHub(settings, node_name)
+
+
+class Uplinks:
+    """Every running uplink of one agent."""
+
+    def __init__(self, node: AsyncNode, data_dir: str | None, *, fsync: FsyncPolicy,
+                 quota: int) -> None:
+        self._node = node
+        self._data_dir = data_dir
+        self._fsync = fsync
+        self._quota = quota
+        self._running: dict[str, tuple[Uplink, asyncio.Task[None]]] = {}
+        """By slug (url and prefix), with the settings they run with."""
+
+    @property
+    def links(self) -> list[Uplink]:
+        return [link for link, _ in self._running.values()]
+
+    def statuses(self) -> list[dict[str, object]]:
+        return [link.status() for link in self.links]
+
+    async def apply(self, wanted: list[UplinkSettings]) -> None:
+        """Run exactly these uplinks (see the module docstring).
+
+        Raises:
+            ConfigError: an uplink without a data dir, or two with the same url and prefix.
+        """
+        if wanted and self._data_dir is None:
+            raise ConfigError("uplink", "an uplink needs data_dir (its backlog lives there)")
+        by_slug: dict[str, UplinkSettings] = {}
+        for settings in wanted:
+            if settings.slug in by_slug:
+                raise ConfigError("uplink", f"two uplinks to {settings.shown_url} with prefix "
+                                            f"{settings.prefix!r}")
+            by_slug[settings.slug] = settings
+        for slug, (link, _) in list(self._running.items()):
+            if by_slug.get(slug) != link.settings:
+                await self._stop(slug)
+                await self._forget_unused(link.settings, by_slug.get(slug))
+        for slug, settings in by_slug.items():
+            if slug not in self._running:
+                await self._start(settings)
+
+    async def _start(self, settings: UplinkSettings) -> None:
+        assert self._data_dir is not None
+        quota = settings.quota or self._quota
+        backlog = Backlog(Path(self._data_dir) / "uplinks" / settings.slug, fsync=self._fsync,
+                          quota=quota)
+        try:
+            await backlog.open()
+        except OSError as exc:
+            await backlog.aclose()
+            raise ConfigError("uplink", f"{settings.shown_url}: backlog unusable: "
+                                        f"{exc.strerror or exc}") from None
+        name = self._node.name
+        link = Uplink(self._node, settings, lambda: new_hub(settings, name), backlog)
+        task = asyncio.get_running_loop().create_task(self._run(link),
+                                                      name=f"zeromesh-uplink-{settings.slug}")
+        self._running[settings.slug] = (link, task)
+        _log.info("uplink %s (%s): started, export %s, import %s, %d waiting from before",
+                  settings.shown_url, settings.prefix, settings.export, settings.imports,
+                  len(backlog))
+
+    async def _run(self, link: Uplink) -> None:
+        try:
+            await link.run()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a bug: say so loudly, the agent goes on
+            _log.error("uplink %s stopped: %r", link.settings.shown_url, exc, exc_info=exc)
+            raise
+
+    async def _stop(self, slug: str) -> None:
+        link, task = self._running.pop(slug)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await link.backlog.aclose()
+
+    async def _forget_unused(self, old: UplinkSettings, new: UplinkSettings | None) -> None:
+        kept = set(new.export if new is not None else ())
+        for i, pattern in enumerate(old.export):
+            if pattern in kept and new is not None and new.export.index(pattern) == i:
+                continue
+            with contextlib.suppress(MeshError):
+                await self._node.forget_durable(
+                    f"_durable.{self._node.id}.{durable_name(old, i)}")
+
+    async def aclose(self) -> None:
+        for slug in list(self._running):
+            await self._stop(slug)

@@ -1,0 +1,276 @@
+"""The NATS JetStream adapter (nats-py, NATS's own asyncio client).
+
+Export publishes through `publish_async` (a window of PubAcks in flight on
+one reply subscription) with ``Nats-Msg-Id`` = the mesh message id, so the
+stream drops a message sent twice within its duplicate window. Import is one
+durable pull consumer per import pattern (nats-server 2.9 has one filter
+subject per consumer), created if missing, delivering from the start of the
+stream, acknowledged explicitly.
+
+The client's own reconnection is off: the uplink core reconnects (forever,
+with backoff), so a lost connection fails the PubAcks in flight at once and
+the core resends from its backlog, instead of waiting on futures that a
+reconnected client would never resolve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import ssl
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, Final
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from ._hub import HubRefused, HubUnreachable, Incoming
+from ._settings import UplinkSettings
+from ._subjects import Subjects
+
+_log = logging.getLogger("mesh.uplink.nats")
+CONNECT_TIMEOUT: Final[float] = 5.0
+API_TIMEOUT: Final[float] = 5.0
+ACK_WAIT: Final[float] = 30.0
+"""Seconds JetStream waits for our ack before delivering an import again."""
+_REFUSALS: Final = ("authorization", "authentication", "permissions", "user credentials")
+
+
+class NatsHub:
+    """One connection to a NATS server with JetStream."""
+
+    kind = "nats"
+
+    def __init__(self, settings: UplinkSettings, node_name: str) -> None:
+        self._settings = settings
+        self._node_name = node_name
+        self._subjects = Subjects("nats", settings.prefix)
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._subs: list[JetStreamContext.PullSubscription] = []
+        self._lost: asyncio.Future[BaseException] | None = None
+        self._outgoing: deque[tuple[str, bytes, dict[str, str], asyncio.Future[None]]] = deque()
+        self._wake = asyncio.Event()
+        self._acks: list[Msg] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._fetched: deque[Msg] = deque()
+        self._turn = 0
+
+    @property
+    def lost(self) -> asyncio.Future[BaseException]:
+        assert self._lost is not None, "connect() first"
+        return self._lost
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._lost = loop.create_future()
+        s = self._settings
+        try:
+            self._nc = await nats.connect(**self._options())
+        except nats.errors.NoServersError as exc:  # (the one server refused or timed out)
+            raise HubUnreachable(f"nats: cannot connect to {s.shown_url}") from exc
+        except (OSError, TimeoutError, nats.errors.Error) as exc:
+            raise _classify(exc) from exc
+        self._js = self._nc.jetstream(timeout=API_TIMEOUT,
+                                      publish_async_max_pending=max(1, s.window))
+        try:
+            await self._ensure_stream()
+            for pattern in s.imports:
+                self._subs.append(await self._js.pull_subscribe(
+                    self._subjects.outbound(pattern), durable=consumer_name(s, pattern),
+                    stream=s.stream, config=api.ConsumerConfig(
+                        ack_policy=api.AckPolicy.EXPLICIT,
+                        deliver_policy=api.DeliverPolicy.ALL, ack_wait=ACK_WAIT,
+                        max_ack_pending=4096)))
+        except (OSError, TimeoutError, nats.errors.Error) as exc:
+            raise _classify(exc) from exc
+        self._writer = loop.create_task(self._write(), name="zeromesh-uplink-nats-writer")
+
+    def _options(self) -> dict[str, Any]:
+        s = self._settings
+        scheme = "tls" if s.tls else "nats"
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        options: dict[str, Any] = {
+            "servers": [f"{scheme}://{host}:{s.port}"], "allow_reconnect": False,
+            "connect_timeout": CONNECT_TIMEOUT, "name": f"zeromesh-{s.prefix}-{self._node_name}",
+            "disconnected_cb": self._disconnected, "closed_cb": self._disconnected,
+            "error_cb": self._error, "pending_size": 64 * 1024 * 1024,
+            "user": s.username(), "password": s.secret(), "token": s.token}
+        if s.creds:
+            options["user_credentials"] = s.creds
+        if s.nkey:
+            options["nkeys_seed"] = s.nkey
+        if s.tls:
+            context = ssl.create_default_context(cafile=s.tls_ca)
+            if s.tls_cert and s.tls_key:
+                context.load_cert_chain(s.tls_cert, s.tls_key)
+            options["tls"] = context
+        return {k: v for k, v in options.items() if v is not None}
+
+    async def _ensure_stream(self) -> None:
+        """The stream exists and holds ``<prefix>.>`` (added to its subjects if not)."""
+        assert self._js is not None
+        s = self._settings
+        wanted = self._subjects.outbound(">")
+        try:
+            info = await self._js.stream_info(s.stream)
+        except nats.js.errors.NotFoundError:
+            await self._js.add_stream(name=s.stream, subjects=[wanted],
+                                      storage=api.StorageType.FILE)
+            _log.info("created JetStream stream %s for %s", s.stream, wanted)
+            return
+        subjects = list(info.config.subjects or [])
+        if wanted not in subjects and ">" not in subjects:
+            info.config.subjects = [*subjects, wanted]
+            await self._js.update_stream(info.config)
+            _log.info("added %s to JetStream stream %s", wanted, s.stream)
+
+    async def _disconnected(self) -> None:
+        self._lose(HubUnreachable(f"nats: connection to {self._settings.shown_url} lost"))
+
+    async def _error(self, error: Exception) -> None:
+        if isinstance(error, nats.errors.AuthorizationError) or _is_refusal(error):
+            self._lose(HubRefused(f"nats: {str(error) or type(error).__name__}"))
+
+    def _lose(self, reason: BaseException) -> None:
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(reason)
+        while self._outgoing:
+            fut = self._outgoing.popleft()[3]
+            if not fut.done():
+                fut.set_exception(HubUnreachable(str(reason)))
+        self._wake.set()
+
+    # -- export --------------------------------------------------------------------------
+
+    def send(self, topic: str, data: bytes, headers: Mapping[str, str], msg_id: str
+             ) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._lost is None or self._lost.done():
+            fut.set_exception(HubUnreachable("nats: not connected"))
+            return fut
+        hdr = dict(headers)
+        hdr["Nats-Msg-Id"] = msg_id
+        self._outgoing.append((self._subjects.outbound(topic), data, hdr, fut))
+        self._wake.set()
+        return fut
+
+    async def _write(self) -> None:
+        """Hands queued publishes and import acks to the client, in order."""
+        js = self._js
+        assert js is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            acks, self._acks = self._acks, []
+            try:
+                for msg in acks:
+                    await msg.ack()
+                while self._outgoing:
+                    subject, data, hdr, fut = self._outgoing.popleft()
+                    if fut.done():
+                        continue
+                    try:
+                        ack = await js.publish_async(subject, data, headers=hdr)
+                    except (nats.errors.MaxPayloadError, nats.errors.BadSubjectError) as exc:
+                        fut.set_exception(HubRefused(f"nats: {type(exc).__name__} {exc}"))
+                        continue
+                    ack.add_done_callback(_chain(fut))
+            except (OSError, nats.errors.Error) as exc:
+                self._lose(HubUnreachable(f"nats: {type(exc).__name__} {exc}"))
+                return
+
+    # -- import --------------------------------------------------------------------------
+
+    async def receive(self, limit: int, timeout: float) -> list[Incoming]:
+        if self._lost is not None and self._lost.done():
+            raise HubUnreachable("nats: not connected")
+        if not self._subs:
+            await asyncio.sleep(timeout)
+            return []
+        self._turn = (self._turn + 1) % len(self._subs)
+        sub = self._subs[self._turn]
+        try:
+            msgs = await sub.fetch(limit, timeout=max(timeout, 0.05))
+        except nats.errors.TimeoutError:
+            return []
+        except (OSError, nats.errors.Error) as exc:
+            raise HubUnreachable(f"nats: {type(exc).__name__} {exc}") from exc
+        out: list[Incoming] = []
+        for msg in msgs:
+            topic = self._subjects.inbound(msg.subject)
+            if topic is None:
+                _log.warning("nats: %r has no mesh topic; acknowledged and skipped", msg.subject)
+                self._acks.append(msg)
+                continue
+            out.append(Incoming(key=_key(msg), topic=topic, data=msg.data,
+                                headers=dict(msg.headers or {}), token=msg))
+        if self._acks:
+            self._wake.set()
+        return out
+
+    def settle(self, incoming: Incoming) -> None:
+        if self._lost is None or self._lost.done():
+            return  # not acknowledged: the consumer delivers it again
+        assert isinstance(incoming.token, Msg)
+        self._acks.append(incoming.token)
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._lose(HubUnreachable("nats: closed"))
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        self._subs = []
+
+
+def consumer_name(settings: UplinkSettings, pattern: str) -> str:
+    """The durable consumer of one import pattern (stable across restarts)."""
+    digest = hashlib.blake2s(pattern.encode(), digest_size=4).hexdigest()
+    return f"zeromesh_{settings.prefix.replace('.', '_')}_{digest}"
+
+
+def _key(msg: Msg) -> str:
+    meta = msg.metadata
+    return f"{meta.stream}:{meta.sequence.stream}"
+
+
+def _chain(fut: asyncio.Future[None]) -> Any:
+    def done(ack: asyncio.Future[Any]) -> None:
+        if fut.done():
+            return
+        if ack.cancelled():
+            fut.set_exception(HubUnreachable("nats: publish cancelled"))
+        elif (error := ack.exception()) is not None:
+            refused = isinstance(error, nats.js.errors.APIError)
+            fut.set_exception(HubRefused(f"nats: {error}") if refused
+                              else HubUnreachable(f"nats: {error}"))
+        else:
+            fut.set_result(None)
+    return done
+
+
+def _is_refusal(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(word in text for word in _REFUSALS)
+
+
+def _classify(error: BaseException) -> Exception:
+    if isinstance(error, nats.errors.AuthorizationError) or _is_refusal(error):
+        return HubRefused(f"nats: {str(error) or type(error).__name__}")
+    if isinstance(error, nats.js.errors.APIError):
+        return HubRefused(f"nats: JetStream: {error}")
+    return HubUnreachable(f"nats: {type(error).__name__} {error}".rstrip())
