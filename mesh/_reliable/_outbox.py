@@ -258,10 +258,20 @@ class Outbox:
     def failed(self, tracked: Tracked, reason: str, requeue: Requeue, dest: str) -> None:
         """One delivery attempt to `dest` (a queue) failed: retry after a backoff, or
         dead-letter it."""
+        if not self.attempt_failed(tracked, reason, dest):
+            return
+        delay = min(_BACKOFF_CAP, self.retry_backoff * 2 ** (tracked.spooled.attempts - 1))
+        handle = asyncio.get_running_loop().call_later(
+            delay, self._retry, requeue, dest, (tracked.spooled.item, tracked))
+        self._retrying[handle] = (dest, tracked)
+
+    def attempt_failed(self, tracked: Tracked, reason: str, dest: str) -> bool:
+        """Count one failed attempt to `dest`; False when the message is done with (its
+        ttl passed, or it goes to the dead-letter spool now), True when it is to go again."""
         spooled = tracked.spooled
         if _ttl.has_expired(spooled.item):  # no retry, no dead letter: it is over
             self.expired((tracked,), dest)
-            return
+            return False
         spooled.attempts += 1
         self._stats["redelivered"] += 1
         if spooled.attempts >= self.max_attempts:
@@ -269,11 +279,8 @@ class Outbox:
             task = asyncio.get_running_loop().create_task(self._bury(tracked))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            return
-        delay = min(_BACKOFF_CAP, self.retry_backoff * 2 ** (spooled.attempts - 1))
-        handle = asyncio.get_running_loop().call_later(
-            delay, self._retry, requeue, dest, (spooled.item, tracked))
-        self._retrying[handle] = (dest, tracked)
+            return False
+        return True
 
     def _retry(self, requeue: Requeue, dest: str, sent: tuple[_wire.Item, Tracked]) -> None:
         now = asyncio.get_running_loop().time()

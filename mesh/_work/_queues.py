@@ -46,6 +46,7 @@ from .._membership._peers import PeerRecord, PeerState, PeerTable
 from .._message import Message
 from .._parts import Announcer
 from .._reliable._dedup import Dedup
+from .._reliable._durables import PREFIX as _DURABLE_PREFIX
 from .._reliable._outbox import Outbox, Tracked
 from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
@@ -54,6 +55,8 @@ from ._backlog import Backlogs
 from ._credit import Workers
 from ._pull import Handler, Pull
 from ._target import Sent, Target
+
+_DURABLE_QUEUES: Final[str] = _DURABLE_PREFIX + "."
 
 _log = logging.getLogger("mesh.workqueue")
 DEFAULT_PREFETCH: Final[int] = 8192
@@ -81,6 +84,7 @@ class WorkQueues:
         self._ctx = ctx
         self._config = config
         self._stats = stats
+        self._closed = False
         self._peers = peers
         self._announcer = announcer
         self._outbox = outbox
@@ -139,6 +143,7 @@ class WorkQueues:
         self.workers.send_credits()
 
     def close(self) -> None:
+        self._closed = True
         self.workers.close()
         for waiters in self._waiters.values():
             for fut in waiters:
@@ -397,6 +402,10 @@ class WorkQueues:
             popleft = backlog.popleft
             self._assign_many(target, [popleft() for _ in range(min(target.run, len(backlog)))])
 
+    def _pump_unless_closed(self, queue: str) -> None:
+        if not self._closed:
+            self._pump(queue)
+
     def requeue(self, queue: str, sent: Sent, *, front: bool = False) -> None:
         self._backlog.add(queue, sent, front=front)
         self._pump(queue)
@@ -461,7 +470,12 @@ class WorkQueues:
 
     def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
         if old is not None and old.incarnation != new.incarnation:
-            self._forget_peer(old.id, graceful=False)  # restarted: its old pipe is dead
+            # Restarted: its old pipe is dead. Its new record is in the table only once
+            # this returns, so the hand-out waits until then (not to its old endpoint).
+            self._forget_peer(old.id, graceful=False, wake=False)
+            self._target_cache.clear()
+            self._current.clear()
+            asyncio.get_running_loop().call_soon(self._peers_changed_unless_closed)
 
     def peer_lost(self, rec: PeerRecord) -> None:
         self._forget_peer(rec.id, graceful=False)
@@ -483,7 +497,11 @@ class WorkQueues:
                 self._requeue_target(target)
         self.peers_changed()
 
-    def _forget_peer(self, peer_id: str, *, graceful: bool) -> None:
+    def _peers_changed_unless_closed(self) -> None:
+        if not self._closed:
+            self.peers_changed()
+
+    def _forget_peer(self, peer_id: str, *, graceful: bool, wake: bool = True) -> None:
         for (pid, _queue), target in list(self._targets.items()):
             if pid != peer_id:
                 continue
@@ -494,7 +512,8 @@ class WorkQueues:
         pusher = self._pushers.pop(peer_id, None)
         if pusher is not None:
             pusher.close(linger=0)
-        self.peers_changed()
+        if wake:
+            self.peers_changed()
 
     def _forget_targets(self, queue: str) -> None:
         self._target_cache.pop(queue, None)
@@ -505,7 +524,11 @@ class WorkQueues:
         del self._targets[(target.peer_id, target.queue)]
         self._dirty.discard(target)
         self._forget_targets(target.queue)
-        lost = target.give_up(reason, self._outbox, self.requeue)
+        again: list[Sent] | None = [] if target.queue.startswith(_DURABLE_QUEUES) else None
+        lost = target.give_up(reason, self._outbox, self.requeue, again=again)
+        if again:  # (not pumped from here: this may run while a target list is being built)
+            self._backlog.extend(target.queue, again, front=True)
+            asyncio.get_running_loop().call_soon(self._pump_unless_closed, target.queue)
         if lost:
             self._stats["lost_in_flight"] += lost
             _log.warning("%s: %d best-effort messages of queue %s lost with worker %s",

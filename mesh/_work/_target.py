@@ -117,16 +117,28 @@ class Target:
                 else:
                     outbox.delivered((tracked,), self.queue)
 
-    def give_up(self, reason: str, outbox: Outbox | None, requeue: Requeue) -> int:
+    def give_up(self, reason: str, outbox: Outbox | None, requeue: Requeue, *,
+                again: list[Sent] | None = None) -> int:
         """The stream ends unsettled: its reliable messages fail (to be sent again);
-        returns how many best-effort ones are lost with it."""
+        returns how many best-effort ones are lost with it.
+
+        With `again` (a durable's queue: one consumer, which expects each publisher's
+        order) those to be sent again are put there, oldest last, for the caller to put
+        back in front of the queue at once, instead of each going after its own backoff
+        behind newer messages. No backoff is lost: nothing is sent until the consumer
+        has a stream again.
+        """
         lost = 0
         for item in self.inflight:
             tracked = self.tracked.get(item.seq)
-            if tracked is not None and outbox is not None:
-                outbox.failed(tracked, reason, requeue, self.queue)
-            else:
+            if tracked is None or outbox is None:
                 lost += 1
+            elif again is None:
+                outbox.failed(tracked, reason, requeue, self.queue)
+            elif outbox.attempt_failed(tracked, reason, self.queue):
+                again.append((item, tracked))
+        if again:
+            again.reverse()
         return lost
 
     def unconsumed(self) -> list[Sent]:

@@ -128,6 +128,7 @@ async def test_durable_killed_before_ack_gets_the_rest_again(make_node: MakeNode
     durable = await back.subscribe_durable("orders.>", "audit")
     got = [(await durable.next(timeout=10)).text for _ in range(41)]
     assert set(got) == {f"o{i}" for i in range(9, 50)}  # o9 was in hand, never acked
+    assert got == [f"o{i}" for i in range(9, 50)]  # and in the publisher's order
     with pytest.raises(TimeoutError):
         await durable.next(timeout=0.5)
 

@@ -57,6 +57,8 @@ def test_durable_subscriber_link_cut_for_10_s_gets_everything(lan: netns.Lan, tm
     last = sub.matching(r"^lan\.readings r")[-1]
     got = [line.text.split()[1] for line in sub.matching(r"^lan\.readings r")]
     assert set(got) == {f"r{i}" for i in range(COUNT)}, sub.describe()
+    order = [int(r[1:]) for r in dict.fromkeys(got)]
+    assert order == sorted(order), "not in the publisher's order"
     print(f"\nlink cut 10 s: {len(got)} delivered ({len(got) - len(set(got))} duplicates); "
           f"backlog drained {last.at - restored_at:.2f} s after the link came back")
     pub.wait_line(r"^all delivered", timeout=30)
