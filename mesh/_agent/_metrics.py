@@ -167,6 +167,7 @@ _UPLINK_TOTALS: Final = (
     ("failed", "Messages given up on (refused by the hub repeatedly, or unmappable)."),
     ("dropped", "Best-effort messages not exported: the backlog quota was full."),
     ("duplicates", "Hub redeliveries recognised and not published again."),
+    ("hub_duplicates", "Resends the hub already had and dropped by message id."),
     ("looped", "Messages not sent back to the hub they came from."),
     ("connects", "Connections made to the hub."),
 )

@@ -58,11 +58,13 @@ class Hub(Protocol):
         ...
 
     def send(self, topic: str, data: bytes, headers: Mapping[str, str], msg_id: str
-             ) -> asyncio.Future[None]:
+             ) -> asyncio.Future[bool]:
         """Publish one exported message (mesh topic; the adapter maps it).
 
-        The future resolves once the hub has it (PubAck, PUBACK) and fails with
-        HubUnreachable/HubRefused when it will not be acknowledged on this connection.
+        The future resolves once the hub has it (PubAck, PUBACK) — True when the
+        hub says it had it already (a resend it dropped by id) — and fails with
+        HubUnreachable (this connection will not acknowledge it) or HubRefused
+        (the hub will not take this message).
         """
         ...
 

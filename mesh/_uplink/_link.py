@@ -71,6 +71,8 @@ class Counts:
     """Best-effort messages not exported because the backlog's quota was full."""
     duplicates: int = 0
     """Hub redeliveries recognised and not published again."""
+    hub_duplicates: int = 0
+    """Resends the hub already had and dropped by message id (NATS reports them)."""
     looped: int = 0
     """Messages not sent back where they came from (origin header)."""
     connects: int = 0
@@ -238,11 +240,11 @@ class Uplink:
         """
         backlog = self.backlog
         window = self.settings.window
-        in_flight: dict[int, tuple[asyncio.Future[None], float]] = {}
+        in_flight: dict[int, tuple[asyncio.Future[bool], float]] = {}
         attempts: dict[int, int] = {}
         failure: list[BaseException] = []
 
-        def settled(record_id: int, fut: asyncio.Future[None]) -> None:
+        def settled(record_id: int, fut: asyncio.Future[bool]) -> None:
             in_flight.pop(record_id, None)
             self._more.set()
             if fut.cancelled():
@@ -251,6 +253,8 @@ class Uplink:
             if error is None:
                 backlog.done((record_id,))
                 self.counts.exported += 1
+                if fut.result():
+                    self.counts.hub_duplicates += 1
                 if attempts:
                     attempts.pop(record_id, None)
             elif isinstance(error, HubRefused):
@@ -342,7 +346,8 @@ class Uplink:
                 "backlog": len(self.backlog), "backlog_bytes": self.backlog.used_bytes,
                 "oldest_pending_age": round(self.backlog.oldest_age(), 3),
                 "exported": c.exported, "imported": c.imported, "failed": c.failed,
-                "dropped": c.dropped, "duplicates": c.duplicates, "looped": c.looped,
+                "dropped": c.dropped, "duplicates": c.duplicates,
+                "hub_duplicates": c.hub_duplicates, "looped": c.looped,
                 "connects": c.connects, "attempts": c.attempts, "last_error": self.last_error,
                 "export": list(s.export), "import": list(s.imports)}
 

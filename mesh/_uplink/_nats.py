@@ -40,6 +40,8 @@ CONNECT_TIMEOUT: Final[float] = 5.0
 API_TIMEOUT: Final[float] = 5.0
 ACK_WAIT: Final[float] = 30.0
 """Seconds JetStream waits for our ack before delivering an import again."""
+PING_INTERVAL: Final[int] = 5
+"""A silent link (cut cable) is noticed within about three of these."""
 _REFUSALS: Final = ("authorization", "authentication", "permissions", "user credentials")
 
 
@@ -56,7 +58,7 @@ class NatsHub:
         self._js: JetStreamContext | None = None
         self._subs: list[JetStreamContext.PullSubscription] = []
         self._lost: asyncio.Future[BaseException] | None = None
-        self._outgoing: deque[tuple[str, bytes, dict[str, str], asyncio.Future[None]]] = deque()
+        self._outgoing: deque[tuple[str, bytes, dict[str, str], asyncio.Future[bool]]] = deque()
         self._wake = asyncio.Event()
         self._acks: list[Msg] = []
         self._writer: asyncio.Task[None] | None = None
@@ -102,6 +104,7 @@ class NatsHub:
             "connect_timeout": CONNECT_TIMEOUT, "name": f"zeromesh-{s.prefix}-{self._node_name}",
             "disconnected_cb": self._disconnected, "closed_cb": self._disconnected,
             "error_cb": self._error, "pending_size": 64 * 1024 * 1024,
+            "ping_interval": PING_INTERVAL, "max_outstanding_pings": 2,
             "user": s.username(), "password": s.secret(), "token": s.token}
         if s.creds:
             options["user_credentials"] = s.creds
@@ -151,8 +154,8 @@ class NatsHub:
     # -- export --------------------------------------------------------------------------
 
     def send(self, topic: str, data: bytes, headers: Mapping[str, str], msg_id: str
-             ) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+             ) -> asyncio.Future[bool]:
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if self._lost is None or self._lost.done():
             fut.set_exception(HubUnreachable("nats: not connected"))
             return fut
@@ -248,7 +251,7 @@ def _key(msg: Msg) -> str:
     return f"{meta.stream}:{meta.sequence.stream}"
 
 
-def _chain(fut: asyncio.Future[None]) -> Any:
+def _chain(fut: asyncio.Future[bool]) -> Any:
     def done(ack: asyncio.Future[Any]) -> None:
         if fut.done():
             return
@@ -259,7 +262,7 @@ def _chain(fut: asyncio.Future[None]) -> Any:
             fut.set_exception(HubRefused(f"nats: {error}") if refused
                               else HubUnreachable(f"nats: {error}"))
         else:
-            fut.set_result(None)
+            fut.set_result(bool(ack.result().duplicate))
     return done
 
 
