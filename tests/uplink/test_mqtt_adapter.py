@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from mesh._uplink import _mqtt
-from mesh._uplink._hub import ID_HEADER, HubRefused, HubUnreachable, Incoming
+from mesh._uplink._hub import ID_HEADER, Hub, HubRefused, HubUnreachable, Incoming
 from mesh._uplink._mqtt import MqttHub
 from mesh._uplink._settings import UplinkSettings
 
@@ -346,6 +346,8 @@ async def test_callback_exception_resolves_lost(broker: Mosquitto, hubs: Hubs,
 
 def test_client_id() -> None:
     settings = UplinkSettings(url="mqtt://127.0.0.1", prefix="site.eu", export=[">"])
+    hub: Hub = MqttHub(settings, "host 1/a")  # mypy checks MqttHub is a Hub
+    assert hub.kind == "mqtt"
     assert MqttHub(settings, "host 1/a").client_id == "zeromesh-site-eu-host-1-a"
     long = MqttHub(settings, "n" * 100).client_id
     assert len(long) == 64
