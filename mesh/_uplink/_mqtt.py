@@ -1,0 +1,438 @@
+"""The MQTT 5 adapter: paho-mqtt driven by the asyncio loop, with manual acks.
+
+paho is used directly (not aiomqtt) for ``manual_ack``: an imported message
+is PUBACKed only when the core settles it, i.e. once it is in the mesh. The
+loop integration follows paho's asyncio example (a reader and a writer on the
+socket calling ``loop_read``/``loop_write``, a 1 s timer calling
+``loop_misc``); only the blocking TCP/TLS connect runs in a worker thread, and
+the socket is handed to the loop once that thread is done, so no paho call
+ever runs on two threads at once.
+
+Each `connect` uses a fresh paho client: what the old one still held
+(unacknowledged publishes) is the core's to resend, not paho's. The session
+itself (subscriptions, imports queued while away, unacked imports redelivered
+with DUP) is the broker's, kept by ``clean_start=False`` and the session
+expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import re
+import secrets
+import ssl
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, Concatenate, Final, NamedTuple, ParamSpec
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ._backlog import MARKS
+from ._hub import ID_HEADER, HubRefused, HubUnreachable, Incoming
+from ._settings import UplinkSettings
+from ._subjects import Subjects
+
+_log = logging.getLogger("mesh.uplink")
+
+CONNECT_TIMEOUT: Final[float] = 5.0
+"""Seconds for TCP, TLS, CONNACK and SUBACK together."""
+KEEPALIVE: Final[int] = 10
+"""Seconds: a broker gone silent is noticed within about twice this (paho's PINGREQ)."""
+CLOSE_WAIT: Final[float] = 1.0
+"""Seconds `close` waits for the DISCONNECT to leave before it just closes the socket."""
+_TRANSIENT: Final = frozenset({136, 137, 159})
+"""CONNACK codes worth a quick retry: server unavailable, busy, connection rate exceeded."""
+
+_P = ParamSpec("_P")
+
+
+class _Token(NamedTuple):
+    """What `settle` needs: the client (connection) that received the message, and its mid."""
+
+    client: paho.Client
+    mid: int
+    qos: int
+
+
+def client_id(prefix: str, node_name: str) -> str:
+    """``zeromesh-<prefix>-<node>``, in characters every broker takes; hashed when long,
+    as some brokers cap client ids (at 23, 64 or 128 characters)."""
+    raw = f"zeromesh-{prefix}-{node_name}"
+    clean = re.sub(r"[^0-9A-Za-z_-]", "-", raw)
+    if len(clean) > 64:
+        clean = clean[:55] + "-" + hashlib.blake2s(raw.encode(), digest_size=4).hexdigest()
+    return clean
+
+
+def _guarded(method: Callable[Concatenate[MqttHub, _P], None]
+             ) -> Callable[Concatenate[MqttHub, _P], None]:
+    """For paho callbacks: paho re-raises a callback's exception out of ``loop_read``,
+    where only the loop's exception handler would see it. Here it ends the connection
+    (resolves `lost` with it) instead."""
+    @functools.wraps(method)
+    def run(self: MqttHub, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            method(self, *args, **kwargs)
+        except Exception as exc:
+            _log.exception("mqtt uplink %s: %s failed", self.client_id, method.__name__)
+            self._gone(exc)
+    return run
+
+
+class MqttHub:
+    """One MQTT 5 broker connection at a time (the `Hub` protocol)."""
+
+    kind = "mqtt"
+
+    def __init__(self, settings: UplinkSettings, node_name: str) -> None:
+        self.settings = settings
+        self.subjects = Subjects("mqtt", settings.prefix)
+        self.client_id = settings.client_id or client_id(settings.prefix, node_name)
+        self.unmapped = 0
+        """Imported messages whose topic has no mesh spelling: acknowledged and dropped."""
+        self._client: paho.Client | None = None
+        self._sock: paho.SocketLike | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._lost: asyncio.Future[BaseException] | None = None
+        self._closed = asyncio.Event()
+        self._connack: asyncio.Future[None] | None = None
+        self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
+        self._sent: dict[int, tuple[asyncio.Future[None], str]] = {}
+        """mid -> the future `send` returned, and the topic (for a refusal's message)."""
+        self._early: dict[int, ReasonCode] = {}
+        self._inbox: deque[Incoming] = deque()
+        self._arrived = asyncio.Event()
+        self._keys: dict[str, str] = {}
+        """Import key base (mid and hash) -> the key last given for it (the latest MARKS)."""
+        self._nonce = secrets.token_hex(4)
+        self._fresh = 0
+
+    @property
+    def lost(self) -> asyncio.Future[BaseException]:
+        if self._lost is None:
+            self._lost = asyncio.get_running_loop().create_future()
+        return self._lost
+
+    async def connect(self) -> None:
+        await self.close()
+        if self.lost.done():
+            self._lost = None
+        client = self._client = self._new_client()
+        self._connack = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await self._open(client)
+                await self._connack
+                if self.settings.imports:
+                    await self._subscribe(client)
+        except BaseException as exc:
+            await self.close()
+            where = self.settings.shown_url
+            if isinstance(exc, TimeoutError):
+                raise HubUnreachable(f"mqtt: {where}: no answer within {CONNECT_TIMEOUT} s"
+                                     ) from None
+            if isinstance(exc, OSError):
+                raise HubUnreachable(f"mqtt: {where}: {exc}") from exc
+            raise
+
+    def _new_client(self) -> paho.Client:
+        s = self.settings
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False,
+                             manual_ack=True)
+        client.connect_timeout = CONNECT_TIMEOUT
+        client.max_inflight_messages_set(s.window)
+        client.max_queued_messages_set(0)  # unbounded: the core keeps to its window
+        if s.username() is not None:
+            client.username_pw_set(s.username(), s.secret())
+        if s.tls:
+            client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key)
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
+        return client
+
+    async def _open(self, client: paho.Client) -> None:
+        """TCP (and TLS) in a thread, CONNECT written there too (no loop callbacks are set
+        yet, so paho writes it at once); then the loop takes the socket over."""
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.session_expiry
+        props.ReceiveMaximum = min(self.settings.window, 65535)  # unsettled imports at most
+        opening = asyncio.ensure_future(asyncio.to_thread(
+            client.connect, self.settings.host, self.settings.port, KEEPALIVE,
+            clean_start=False, properties=props))
+        try:
+            rc = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # the thread ends within connect_timeout: close after
+            opening.add_done_callback(functools.partial(_abandon, client))
+            raise
+        sock = client.socket()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or sock is None:
+            raise HubUnreachable(f"mqtt: {self.settings.shown_url}: {paho.error_string(rc)}")
+        loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._closed.clear()
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        loop.add_reader(sock, self._read)
+        if client.want_write():
+            loop.add_writer(sock, self._write)
+        self._timer = loop.call_later(1.0, self._tick)
+
+    async def _subscribe(self, client: paho.Client) -> None:
+        """One SUBSCRIBE for every import pattern, QoS 1; no-local, so what we export
+        never comes back; retained messages only when the subscription is new, not again
+        at every reconnect."""
+        options = SubscribeOptions(qos=1, noLocal=True,
+                                   retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        filters = [self.subjects.outbound(p) for p in self.settings.imports]
+        rc, mid = client.subscribe([(f, options) for f in filters])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise HubUnreachable(f"mqtt: subscribe: {paho.error_string(rc)}")
+        waiter = self._subacks[mid] = asyncio.get_running_loop().create_future()
+        for pattern, code in zip(filters, await waiter, strict=False):
+            if code.is_failure:
+                raise HubRefused(f"mqtt: subscribe {pattern}: {code}")
+
+    def send(self, topic: str, data: bytes, headers: Mapping[str, str], msg_id: str
+             ) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        client = self._client
+        if client is None or self.lost.done():
+            future.set_exception(HubUnreachable("mqtt: not connected"))
+            return future
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.UserProperty = [*headers.items(), (ID_HEADER, msg_id)]
+        try:
+            info = client.publish(self.subjects.outbound(topic), data, qos=1, properties=props)
+        except ValueError as exc:  # a payload over 256 MB, a topic paho will not take
+            future.set_exception(HubRefused(f"mqtt: {topic}: {exc}"))
+            return future
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            future.set_exception(HubUnreachable(f"mqtt: publish: {paho.error_string(info.rc)}"))
+            return future
+        early = self._early.pop(info.mid, None)
+        if early is None:
+            self._sent[info.mid] = (future, topic)
+        else:
+            _resolve(future, early, topic)
+        return future
+
+    async def receive(self, limit: int, timeout: float) -> list[Incoming]:
+        if not self._inbox:
+            self._raise_if_lost()
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return []
+            if not self._inbox:
+                self._raise_if_lost()
+        return [self._inbox.popleft() for _ in range(min(limit, len(self._inbox)))]
+
+    def _raise_if_lost(self) -> None:
+        if self.lost.done():
+            raise HubUnreachable(_why(self.lost.result()))
+
+    def settle(self, incoming: Incoming) -> None:
+        token = incoming.token
+        assert isinstance(token, _Token)
+        if token.client is self._client and token.client.is_connected():
+            token.client.ack(token.mid, token.qos)
+
+    async def close(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        if self._sock is not None and client.is_connected():
+            client.disconnect(ReasonCode(PacketTypes.DISCONNECT, "Normal disconnection"))
+            try:
+                async with asyncio.timeout(CLOSE_WAIT):
+                    await self._closed.wait()
+            except TimeoutError:
+                _log.warning("mqtt uplink %s: DISCONNECT not sent within %s s",
+                             self.client_id, CLOSE_WAIT)
+        self._unwatch()
+        client.on_socket_close = client.on_socket_register_write = None
+        client.on_socket_unregister_write = None
+        _abandon(client)  # when the DISCONNECT did not go (or was not sent): paho forgets it
+        self._client = None
+        self._gone(HubUnreachable("mqtt: closed"))
+
+    def _unwatch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._sock is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._sock)
+            loop.remove_writer(self._sock)
+            self._sock = None
+            self._closed.set()
+
+    def _gone(self, reason: BaseException) -> None:
+        """The connection is over: `lost` says why, every waiter fails, reading stops."""
+        self._unwatch()
+        if not self.lost.done():
+            self.lost.set_result(reason)
+        waiters: list[asyncio.Future[Any]] = [f for f, _ in self._sent.values()]
+        waiters.extend(self._subacks.values())
+        if self._connack is not None:
+            waiters.append(self._connack)
+        self._sent.clear()
+        self._subacks.clear()
+        self._early.clear()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(HubUnreachable(_why(reason)))
+                waiter.exception()  # `lost` reports it: a caller may drop the future
+        self._arrived.set()
+
+    # paho's callbacks, all run by the loop (reader, writer, timer) ---------------------
+
+    @_guarded
+    def _read(self) -> None:
+        """Over TLS, what the SSL object holds decrypted wakes no reader: read it too."""
+        while self._client is not None and self._sock is not None:
+            self._client.loop_read()
+            if not (isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()):
+                break
+
+    @_guarded
+    def _write(self) -> None:
+        if self._client is not None:
+            self._client.loop_write()
+
+    @_guarded
+    def _tick(self) -> None:
+        if self._client is not None and self._sock is not None:
+            self._client.loop_misc()
+            if self._sock is not None:
+                self._timer = asyncio.get_running_loop().call_later(1.0, self._tick)
+
+    @_guarded
+    def _on_socket_close(self, *_: object) -> None:
+        self._unwatch()
+
+    @_guarded
+    def _on_register_write(self, _c: paho.Client, _u: object, sock: paho.SocketLike) -> None:
+        asyncio.get_running_loop().add_writer(sock, self._write)
+
+    @_guarded
+    def _on_unregister_write(self, _c: paho.Client, _u: object, sock: paho.SocketLike
+                             ) -> None:
+        asyncio.get_running_loop().remove_writer(sock)
+
+    @_guarded
+    def _on_connect(self, _c: paho.Client, _u: object, _f: paho.ConnectFlags,
+                    reason: ReasonCode, _p: Properties | None) -> None:
+        if self._connack is None or self._connack.done():
+            return
+        if not reason.is_failure:
+            self._connack.set_result(None)
+        elif reason.value in _TRANSIENT:
+            self._connack.set_exception(HubUnreachable(f"mqtt: {reason}"))
+        else:
+            self._connack.set_exception(HubRefused(f"mqtt: {reason}"))
+
+    @_guarded
+    def _on_subscribe(self, _c: paho.Client, _u: object, mid: int, codes: list[ReasonCode],
+                      _p: Properties | None) -> None:
+        waiter = self._subacks.pop(mid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(codes)
+
+    @_guarded
+    def _on_publish(self, _c: paho.Client, _u: object, mid: int, reason: ReasonCode,
+                    _p: Properties) -> None:
+        if self.lost.done():  # its future has failed already
+            return
+        sent = self._sent.pop(mid, None)
+        if sent is None:  # PUBACK before `send` had the mid (paho's loop on another thread)
+            self._early[mid] = reason
+        else:
+            _resolve(sent[0], reason, sent[1])
+
+    @_guarded
+    def _on_message(self, client: paho.Client, _u: object, message: paho.MQTTMessage
+                    ) -> None:
+        if self.lost.done():  # not acknowledged: the broker sends it again
+            return
+        try:
+            subject: str | None = message.topic
+        except UnicodeDecodeError:
+            subject = None
+        topic = None if subject is None else self.subjects.inbound(subject)
+        if subject is None or topic is None:
+            client.ack(message.mid, message.qos)
+            self.unmapped += 1
+            if self.unmapped == 1:
+                _log.warning("mqtt uplink %s: dropping messages on topics with no mesh "
+                             "spelling (first: %r)", self.client_id, subject)
+            return
+        headers = dict(getattr(message.properties, "UserProperty", None) or ())
+        key = headers.get(ID_HEADER) or self._key(message, subject)
+        self._inbox.append(Incoming(key, topic, bytes(message.payload), headers,
+                                    _Token(client, message.mid, message.qos)))
+        self._arrived.set()
+
+    def _key(self, message: paho.MQTTMessage, subject: str) -> str:
+        """``mqtt:<mid>:<hash of topic and payload>``: a DUP redelivery gets the key its
+        first delivery got. A first delivery is never a redelivery, so when its key was
+        given out already (the mid wrapped, same topic and payload; or QoS 0, mid 0) it
+        gets a fresh one, ``...:<nonce>.<n>``, rather than being dropped as seen."""
+        digest = hashlib.blake2s(subject.encode() + b"\0" + message.payload,
+                                 digest_size=16).hexdigest()
+        base = f"mqtt:{message.mid}:{digest}"
+        if message.dup:
+            return self._keys.get(base, base)
+        key = base
+        if self._keys.pop(base, None) is not None:
+            self._fresh += 1
+            key = f"{base}:{self._nonce}.{self._fresh}"
+        self._keys[base] = key
+        if len(self._keys) > MARKS:
+            del self._keys[next(iter(self._keys))]
+        return key
+
+    @_guarded
+    def _on_disconnect(self, _c: paho.Client, _u: object, flags: paho.DisconnectFlags,
+                       reason: ReasonCode, _p: Properties | None) -> None:
+        what = (f"the broker disconnected us ({reason})" if flags.is_disconnect_packet_from_server
+                else "disconnected" if reason.value == 0 else "connection lost")
+        self._gone(HubUnreachable(f"mqtt: {self.settings.shown_url}: {what}"))
+
+
+def _resolve(future: asyncio.Future[None], reason: ReasonCode, topic: str) -> None:
+    if future.done():
+        return
+    if reason.is_failure:  # "No matching subscribers" (16) is a success
+        future.set_exception(HubRefused(f"mqtt: {topic} refused: {reason}"))
+    else:
+        future.set_result(None)
+
+
+def _abandon(client: paho.Client, opening: asyncio.Future[MQTTErrorCode] | None = None
+             ) -> None:
+    """Close the socket of a client we are done with (`opening`: once the connect thread,
+    given up on, has finished)."""
+    if opening is None or (not opening.cancelled() and opening.exception() is None):
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
+
+
+def _why(reason: BaseException) -> str:
+    return str(reason) if isinstance(reason, HubUnreachable | HubRefused) else f"mqtt: {reason!r}"
