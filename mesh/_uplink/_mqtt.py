@@ -105,7 +105,7 @@ class MqttHub:
         self._closed = asyncio.Event()
         self._connack: asyncio.Future[None] | None = None
         self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
-        self._sent: dict[int, tuple[asyncio.Future[None], str]] = {}
+        self._sent: dict[int, tuple[asyncio.Future[bool], str]] = {}
         """mid -> the future `send` returned, and the topic (for a refusal's message)."""
         self._early: dict[int, ReasonCode] = {}
         self._inbox: deque[Incoming] = deque()
@@ -206,8 +206,8 @@ class MqttHub:
                 raise HubRefused(f"mqtt: subscribe {pattern}: {code}")
 
     def send(self, topic: str, data: bytes, headers: Mapping[str, str], msg_id: str
-             ) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+             ) -> asyncio.Future[bool]:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         client = self._client
         if client is None or self.lost.done():
             future.set_exception(HubUnreachable("mqtt: not connected"))
@@ -415,13 +415,13 @@ class MqttHub:
         self._gone(HubUnreachable(f"mqtt: {self.settings.shown_url}: {what}"))
 
 
-def _resolve(future: asyncio.Future[None], reason: ReasonCode, topic: str) -> None:
+def _resolve(future: asyncio.Future[bool], reason: ReasonCode, topic: str) -> None:
     if future.done():
         return
     if reason.is_failure:  # "No matching subscribers" (16) is a success
         future.set_exception(HubRefused(f"mqtt: {topic} refused: {reason}"))
     else:
-        future.set_result(None)
+        future.set_result(False)  # (MQTT does not say whether it had it already)
 
 
 def _abandon(client: paho.Client, opening: asyncio.Future[MQTTErrorCode] | None = None

@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, Final
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -74,13 +73,14 @@ class NatsHub:
         loop = asyncio.get_running_loop()
         self._lost = loop.create_future()
         s = self._settings
+        nc = self._nc = Client()
         try:
-            self._nc = await nats.connect(**self._options())
+            await nc.connect(**self._options())
         except nats.errors.NoServersError as exc:  # (the one server refused or timed out)
             raise HubUnreachable(f"nats: cannot connect to {s.shown_url}") from exc
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             raise _classify(exc) from exc
-        self._js = self._nc.jetstream(timeout=API_TIMEOUT,
+        self._js = nc.jetstream(timeout=API_TIMEOUT,
                                       publish_async_max_pending=max(1, s.window))
         try:
             await self._ensure_stream()
@@ -101,6 +101,9 @@ class NatsHub:
         host = f"[{s.host}]" if ":" in s.host else s.host
         options: dict[str, Any] = {
             "servers": [f"{scheme}://{host}:{s.port}"], "allow_reconnect": False,
+            # One attempt per connect() (the default tries 60 times, 2 s apart): the
+            # uplink core owns the retrying, with its backoff and its states.
+            "max_reconnect_attempts": 1, "reconnect_time_wait": 0.1,
             "connect_timeout": CONNECT_TIMEOUT, "name": f"zeromesh-{s.prefix}-{self._node_name}",
             "disconnected_cb": self._disconnected, "closed_cb": self._disconnected,
             "error_cb": self._error, "pending_size": 64 * 1024 * 1024,
@@ -234,7 +237,7 @@ class NatsHub:
                 await self._writer
             self._writer = None
         nc, self._nc = self._nc, None
-        if nc is not None and not nc.is_closed:
+        if nc is not None and not nc.is_closed:  # (a refused connect leaves a socket too)
             with contextlib.suppress(Exception):
                 await nc.close()
         self._subs = []

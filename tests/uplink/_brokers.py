@@ -22,6 +22,8 @@ from typing import Final
 
 import pytest
 
+from ._binaries import require_binary
+
 WAIT: Final[float] = 10.0
 """Seconds any one wait here may take."""
 READY_PROBE: Final = "zeromesh-test/ready"
@@ -29,10 +31,8 @@ READY_PROBE: Final = "zeromesh-test/ready"
 
 def mosquitto_binary() -> str:
     """The broker's path, or skip the test."""
-    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/sbin")
-    if found is None or shutil.which("mosquitto_pub") is None:
-        pytest.skip("mosquitto not installed (apt-get install mosquitto mosquitto-clients)")
-    return found
+    require_binary("mosquitto_pub", "mosquitto-clients")
+    return require_binary("mosquitto", "mosquitto")
 
 
 def free_port() -> int:
