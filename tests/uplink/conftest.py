@@ -34,4 +34,4 @@ def nats_server() -> Iterator[StartNats]:
 
 
 # The agent-process fixtures of tests/mesh, for the uplink tests that run agents.
-from tests.mesh.conftest import procs  # noqa: E402, F401
+from tests.mesh.conftest import make_node, procs  # noqa: E402, F401
