@@ -206,3 +206,25 @@ def test_a_bad_url_in_a_reloaded_config_keeps_the_running_uplinks(
     agent.cli.term()
     assert agent.cli.wait(timeout=max(1.0, deadline - time.monotonic() + 10)) == 0
     assert "config not reloaded" in agent.cli.stderr()
+
+
+async def test_a_full_backlog_is_counted_and_logged_once(
+        procs: list[Cli], mesh_name: str, tmp_path: Path) -> None:
+    """The hub is away and the backlog's quota fills: best-effort messages beyond it are
+    dropped and counted, with one log line, never silently."""
+    agent = start_agent(procs, mesh=mesh_name, name="edge", tmp=tmp_path,
+                        config=config(tmp_path, f"nats://127.0.0.1:{free_port()}",
+                                      export=["sensors.>"], more="quota = 65536\n"))
+    async with aiohttp.ClientSession() as http:
+        for _ in range(40):
+            async with http.post(f"{agent.url}/v1/publish/sensors.big",
+                                 data=b"x" * 4000) as response:
+                assert response.status == 202
+        status = await until(http, agent, lambda s: s["backlog"] + s["dropped"] == 40,
+                             "every message kept or counted")
+    assert status["dropped"] > 0, status
+    assert status["backlog"] * 4000 <= 65536, status
+    agent.cli.term()
+    assert agent.cli.wait(timeout=WAIT) == 0
+    log = agent.cli.stderr()
+    assert log.count("export backlog full") == 1, log
