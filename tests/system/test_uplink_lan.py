@@ -6,7 +6,6 @@ stored twice."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Final
 import pytest
 
 from tests import netns
+from tests.uplink._binaries import require_binary
 
 from ._meshproc import MeshProc, mesh_argv, unique
 
@@ -67,9 +67,7 @@ class HubServer:
     """nats-server with JetStream on one LAN host, started and SIGKILLed by PID."""
 
     def __init__(self, host: netns.Host, tmp: Path) -> None:
-        binary = shutil.which("nats-server")
-        if binary is None:
-            pytest.skip("nats-server not installed (apt-get install nats-server)")
+        binary = require_binary("nats-server", "nats-server")
         self.host = host
         tmp.mkdir(parents=True, exist_ok=True)
         self.config = tmp / "nats.conf"
