@@ -145,17 +145,24 @@ def _check_stream(rows: list[list[str]], names: tuple[str, ...]) -> None:
         assert got == sorted(got), f"{name}: out of order"
 
 
-def test_export_survives_hub_kills_and_a_cut_link(hub_lan: netns.Lan, tmp_path: Path) -> None:
-    hub_host, site, other = hub_lan[0], hub_lan[1], hub_lan[2]
-    hub = HubServer(hub_host, tmp_path / "hub")
+def _site(lan: netns.Lan, tmp_path: Path, *, pace: float
+          ) -> tuple[HubServer, MeshProc, list[MeshProc]]:
+    """The hub on h1; the uplink agent on h2; publishers on h2 and h3, publishing."""
+    hub = HubServer(lan[0], tmp_path / "hub")
     mesh = unique("up")
-    agent = _agent(site, mesh, tmp_path / "a", hub.url)
+    agent = _agent(lan[1], mesh, tmp_path / "a", hub.url)
     agent.wait_line(r"^ready ", timeout=30)
     pubs = [MeshProc(host, [sys.executable, "-c", _PUBLISHER, mesh, str(tmp_path / name), name,
-                            str(PER_PUBLISHER), "0.004"])
-            for host, name in ((site, "pa"), (other, "pb"))]
+                            str(PER_PUBLISHER), str(pace)])
+            for host, name in ((lan[1], "pa"), (lan[2], "pb"))]
     for pub in pubs:
         pub.wait_line(r"^publishing", timeout=30)
+    return hub, agent, pubs
+
+
+def test_export_survives_hub_kills_and_a_cut_link(hub_lan: netns.Lan, tmp_path: Path) -> None:
+    hub, agent, pubs = _site(hub_lan, tmp_path, pace=0.004)
+    site = hub_lan[1]
     pubs[0].wait_line(r"^sent 300$", timeout=30)
     for _ in range(2):  # the hub dies and comes back, twice
         hub.kill()
@@ -179,21 +186,12 @@ def test_export_survives_hub_kills_and_a_cut_link(hub_lan: netns.Lan, tmp_path: 
 
 def test_agent_sigkill_loses_nothing_and_the_hub_drops_resends(hub_lan: netns.Lan,
                                                                tmp_path: Path) -> None:
-    hub_host, site, other = hub_lan[0], hub_lan[1], hub_lan[2]
-    hub = HubServer(hub_host, tmp_path / "hub")
-    mesh = unique("up")
-    agent = _agent(site, mesh, tmp_path / "a", hub.url)
-    agent.wait_line(r"^ready ", timeout=30)
-    pubs = [MeshProc(host, [sys.executable, "-c", _PUBLISHER, mesh, str(tmp_path / name), name,
-                            str(PER_PUBLISHER), "0.002"])
-            for host, name in ((site, "pa"), (other, "pb"))]
-    for pub in pubs:
-        pub.wait_line(r"^publishing", timeout=30)
+    hub, agent, pubs = _site(hub_lan, tmp_path, pace=0.002)
     pubs[0].wait_line(r"^sent 1000$", timeout=30)
     agent.send_signal(signal.SIGKILL)
     agent.wait_exit(timeout=10)
     pubs[0].wait_line(r"^sent 1500$", timeout=30)
-    agent = _agent(site, mesh, tmp_path / "a", hub.url)
+    agent = MeshProc(agent.host, agent.argv)  # the same agent again: same config, same data
     agent.wait_line(r"^ready ", timeout=30)
     for pub in pubs:
         pub.wait_line(r"^all delivered", timeout=150)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.mesh._agent import AgentProc, SseStream, start_agent
 from tests.mesh._proc import Cli
 
-from ._brokers import free_port
+from ._brokers import free_port, make_certificate
 from ._nats_server import stream_messages
 from .conftest import StartNats
 
@@ -228,3 +229,26 @@ async def test_a_full_backlog_is_counted_and_logged_once(
     assert agent.cli.wait(timeout=WAIT) == 0
     log = agent.cli.stderr()
     assert log.count("export backlog full") == 1, log
+
+
+async def test_tls_with_a_private_ca(nats_server: StartNats, procs: list[Cli], mesh_name: str,
+                                     tmp_path: Path) -> None:
+    """nats+tls:// with tls_ca: the hub's certificate is checked against our CA file."""
+    cert, key = make_certificate(tmp_path)
+    hub = nats_server(tls=(cert, key))
+    url = f"nats+tls://127.0.0.1:{hub.port}"
+    agent = start_agent(procs, mesh=mesh_name, name="edge", tmp=tmp_path,
+                        config=config(tmp_path, url, export=["sensors.>"],
+                                      more=f'tls_ca = "{cert}"\n'))
+    async with aiohttp.ClientSession() as http:
+        await until(http, agent, connected, "connected over TLS")
+        async with http.post(f"{agent.url}/v1/publish/sensors.t", data=b"secret") as response:
+            assert response.status == 202
+        await until(http, agent, lambda s: s["exported"] == 1, "exported")
+    context = ssl.create_default_context(cafile=str(cert))
+    nc = await nats.connect(f"tls://127.0.0.1:{hub.port}", tls=context, allow_reconnect=False)
+    try:
+        msg = await nc.jetstream().get_msg("ZEROMESH", 1)
+    finally:
+        await nc.close()
+    assert (msg.subject, msg.data) == ("site1.sensors.t", b"secret")
