@@ -320,9 +320,21 @@ class Uplink:
                     headers = {k: v for k, v in incoming.headers.items()
                                if k not in _DROPPED_HEADERS}
                     headers[ORIGIN_HEADER] = prefix
+                    publishing = asyncio.ensure_future(node.publish(
+                        incoming.topic, incoming.data, headers=headers, reliable=True))
                     try:
-                        await node.publish(incoming.topic, incoming.data, headers=headers,
-                                           reliable=True)
+                        await asyncio.shield(publishing)
+                    except asyncio.CancelledError:
+                        # A reliable publish cancelled half-way may be in the spool (and
+                        # delivered) all the same, so it is shielded and finished: a message
+                        # now in the mesh is marked and acknowledged on the hub before the
+                        # importer stops, not delivered again by the hub after a restart and
+                        # imported a second time under a new id.
+                        await asyncio.wait([publishing])
+                        if not publishing.cancelled() and publishing.exception() is None:
+                            self.counts.imported += 1
+                            done.append(incoming)
+                        raise
                     except MessageTooLarge as exc:
                         self.counts.failed += 1
                         _log.error("uplink %s: cannot import %s: %s",
