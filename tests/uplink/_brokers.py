@@ -59,7 +59,8 @@ class Mosquitto:
     """One mosquitto on 127.0.0.1 with persistence; a context manager that stops it."""
 
     def __init__(self, workdir: Path, *, users: Mapping[str, str] | None = None,
-                 acl: str | None = None, tls: bool = False) -> None:
+                 acl: str | None = None, tls: bool = False,
+                 options: Iterable[str] = ()) -> None:
         self.binary = mosquitto_binary()
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -69,6 +70,8 @@ class Mosquitto:
         self.tls = tls
         """A second listener, on `tls_port`: TLS with a self-signed certificate for
         127.0.0.1 (`ca`, the file that trusts it)."""
+        self.options = list(options)
+        """More lines for its config file (e.g. ``max_queued_messages 0``)."""
         self.port = self.tls_port = 0
         self.ca, self.key = make_certificate(self.workdir) if tls else (Path(), Path())
         self.proc: subprocess.Popen[bytes] | None = None
@@ -99,6 +102,7 @@ class Mosquitto:
         if self.acl is not None:
             (self.workdir / "acl").write_text(self.acl)
             lines.append(f"acl_file {self.workdir / 'acl'}")
+        lines += self.options
         path = self.workdir / "mosquitto.conf"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -199,14 +203,21 @@ async def pub(port: int, topic: str, payloads: Iterable[str],
 
 
 class Sub:
-    """``mosquitto_sub`` printing ``topic|user properties|payload`` lines to a file."""
+    """``mosquitto_sub`` printing ``topic|user properties|payload`` lines to a file.
 
-    def __init__(self, port: int, topic: str, out: Path) -> None:
+    With `client_id`, a persistent session (``-c -i``, never expiring): the broker keeps
+    its subscription and queues for it across a broker restart (mosquitto_sub reconnects
+    by itself) and while it is away; a new `Sub` with that id resumes it, appending to the
+    same `out`."""
+
+    def __init__(self, port: int, topic: str, out: Path, *, client_id: str | None = None
+                 ) -> None:
         self.port = port
         self.out = out
-        args = ["mosquitto_sub", *_client_args(port), "-q", "1", "-t", topic,
+        session = ["-c", "-i", client_id] if client_id is not None else []
+        args = ["mosquitto_sub", *_client_args(port), "-q", "1", *session, "-t", topic,
                 "-t", READY_PROBE, "-F", "%t|%P|%p"]
-        with out.open("wb") as sink:
+        with out.open("ab") as sink:
             self.proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.DEVNULL)
 
     def read(self) -> list[str]:
