@@ -308,7 +308,7 @@ class Uplink:
             batch = await hub.receive(IMPORT_BATCH, 1.0)
             fresh: list[Incoming] = []
             for incoming in batch:
-                if backlog.seen(incoming.key):
+                if incoming.maybe_seen and backlog.seen(incoming.key):
                     self.counts.duplicates += 1
                     hub.settle(incoming)
                 elif incoming.headers.get(ORIGIN_HEADER) == prefix:

@@ -396,9 +396,11 @@ class MqttHub:
                              "spelling (first: %r)", self.client_id, subject)
             return
         headers = dict(getattr(message.properties, "UserProperty", None) or ())
-        key = headers.get(ID_HEADER) or self._key(message, subject)
+        own_id = headers.get(ID_HEADER)
+        key = own_id or self._key(message, subject)
         self._inbox.append(Incoming(key, topic, bytes(message.payload), headers,
-                                    _Token(client, message.mid, message.qos)))
+                                    _Token(client, message.mid, message.qos),
+                                    maybe_seen=bool(own_id) or bool(message.dup)))
         self._arrived.set()
 
     def _key(self, message: paho.MQTTMessage, subject: str) -> str:
