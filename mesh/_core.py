@@ -325,6 +325,25 @@ class NodeCore:
         run = self._run
         return run.membership.table.snapshot() if run is not None else []
 
+    def reload_allowlist(self) -> int:
+        """Read the CURVE allowlist (``allow``) again: keys added there are admitted
+        from their next connection, keys removed are refused from theirs (a peer refused
+        before is admitted when it connects again: ZeroMQ does not retry a connection
+        the allowlist refused). Returns how many keys it holds.
+
+        Raises:
+            ConfigError: the node is not secure, or the allowlist cannot be read.
+        """
+        run = self._live()
+        if run.curve is None or self._config.allow is None:
+            raise ConfigError("allow", "this node has no CURVE allowlist")
+        try:
+            allowed = load_allowlist(self._config.allow)
+        except KeyFileError as exc:
+            raise ConfigError("allow", str(exc)) from None
+        run.curve.replace_allowlist(allowed)
+        return len(allowed)
+
     def traffic(self) -> Traffic:
         """Counters for monitoring: node-wide totals plus per-topic and per-peer tallies
         (peers by id; at most 1000 names each, the rest under ``_other``)."""

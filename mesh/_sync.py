@@ -119,6 +119,10 @@ class Node:
         """See `AsyncNode.traffic`."""
         return self._read(self._node.traffic)
 
+    def reload_allowlist(self) -> int:
+        """See `AsyncNode.reload_allowlist`."""
+        return self._read(self._node.reload_allowlist)
+
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
