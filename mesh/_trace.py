@@ -27,7 +27,16 @@ Spans (attributes: ``messaging.system`` = ``zeromesh``,
   subscription's queue, or when a worker takes one from its queue by
   iteration, ``next`` or ``take`` (``receive``, a point in time: an app
   iterating continues the trace from ``msg.headers`` itself, with
-  ``opentelemetry.propagate.extract``).
+  ``opentelemetry.propagate.extract``). A worker's handler has both: the
+  take, then its ``process`` span. The blocking `Node`'s subscriptions are
+  fed by a callback on the loop: their ``process`` span is the hand-over to
+  the node's thread, not the application's work.
+- the agent adds a CONSUMER span per message it forwards: around a webhook's
+  delivery (its retries included), whose context each POST's ``traceparent``
+  carries, and when an SSE stream has written it.
+
+Only what the application sends and receives is traced: the mesh's own
+traffic (hellos, credit, acknowledgements, retained and history queries) is not.
 """
 
 from __future__ import annotations
