@@ -13,6 +13,7 @@ method names. This module only re-exports; the layout, lowest layer first
     _names.py         topic, pattern, queue, service and durable names: one check each
     _config.py        NodeConfig: arguments, then environment, then defaults
     _ttl.py           message expiry: checking a ttl, has an item expired
+    _trace.py         OpenTelemetry spans for sends and receipts (off: one module bool)
     _membership/      who is out there: identity, peer table (alive/suspect/lost/forgotten),
                       control channel (hello, heartbeats, bye), peer events, hello parts
     _parts.py         what parts need from the node (Announcer, Waiter)

@@ -35,7 +35,7 @@ from discovery import (
 )
 from patterns import Context, Curve, KeyFileError, load_allowlist, load_secret
 
-from . import _names, _wire
+from . import _names, _trace, _wire
 from ._config import NodeConfig
 from ._membership._control import Membership
 from ._membership._events import EventStreams, PeerEvents
@@ -163,6 +163,7 @@ class NodeCore:
         """
         if self._run is not None:
             return
+        _trace.refresh()  # is an OpenTelemetry SDK configured (now)?
         stack = contextlib.AsyncExitStack()
         try:
             run = await self._build(stack)

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
-from . import _names, _ttl, _wire
+from . import _names, _trace, _ttl, _wire
 from ._memory._history import start_of
 from ._message import Message
 from ._node_p2p import WorkAndServices
@@ -69,8 +69,14 @@ class AsyncNode(WorkAndServices):
             live = self._live()
             if ttl is not None:
                 ttl = _ttl.check(ttl)
-            live.retained.store.put(topic, live.pubsub.publish_retained(
-                topic, data, headers, self._config.name, ttl))
+            if _trace.ON:
+                with _trace.producing("publish", topic, headers) as headers:
+                    item = live.pubsub.publish_retained(topic, data, headers,
+                                                        self._config.name, ttl)
+            else:
+                item = live.pubsub.publish_retained(topic, data, headers, self._config.name,
+                                                    ttl)
+            live.retained.store.put(topic, item)
             return
         if not reliable:  # `publish_nowait`, inlined: this is the hot path
             run = self._run
@@ -78,7 +84,12 @@ class AsyncNode(WorkAndServices):
                 raise ClosedError("node is not running (use `async with` or `await start()`)")
             if ttl is not None:
                 ttl = _ttl.check(ttl)
-            if run.pubsub.publish(topic, data, headers, self._config.name, ttl) is not None:
+            if _trace.ON:
+                with _trace.producing("publish", topic, headers) as headers:
+                    flushed = run.pubsub.publish(topic, data, headers, self._config.name, ttl)
+                if flushed is not None:
+                    await asyncio.sleep(0)
+            elif run.pubsub.publish(topic, data, headers, self._config.name, ttl) is not None:
                 await asyncio.sleep(0)  # a large batch just left: let readers and timers run
             return
         await self.publish_many(topic, (data,), headers=headers, reliable=True, ttl=ttl)
@@ -95,6 +106,16 @@ class AsyncNode(WorkAndServices):
             Same as `publish`.
         """
         ttl = _ttl.check(ttl)
+        if _trace.ON and (reliable or retain):  # one span for the batch (see `_trace`)
+            payloads = list(payloads)
+            with _trace.producing("publish", topic, headers, len(payloads)) as headers:
+                await self._publish_many(topic, payloads, headers, reliable, retain, ttl)
+            return
+        await self._publish_many(topic, payloads, headers, reliable, retain, ttl)
+
+    async def _publish_many(self, topic: str, payloads: Iterable[bytes | str],
+                            headers: Mapping[str, str] | None, reliable: bool, retain: bool,
+                            ttl: float | None) -> None:
         if retain and not reliable:
             run = self._live()
             item = None
@@ -143,6 +164,10 @@ class AsyncNode(WorkAndServices):
         flushed a batch (a good moment to yield)."""
         if ttl is not None:
             ttl = _ttl.check(ttl)
+        if _trace.ON:
+            with _trace.producing("publish", topic, headers) as headers:
+                return self._live().pubsub.publish(topic, data, headers, self._config.name,
+                                                   ttl) is not None
         return self._live().pubsub.publish(topic, data, headers, self._config.name,
                                            ttl) is not None
 
@@ -171,6 +196,8 @@ class AsyncNode(WorkAndServices):
         if last is not None and last < 1:
             raise ConfigError("last", "must be >= 1")
         run = self._live()
+        if callback is not None and _trace.ON:
+            callback = _trace.traced(callback, "deliver", subscription=pattern)
         sub = run.pubsub.subscribe(pattern, callback, max_pending)
         if start is not None or last is not None:
             run.history.fill(sub, run.membership.interest_version, since=start or 0.0,
