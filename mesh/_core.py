@@ -20,7 +20,6 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -54,7 +53,7 @@ from ._services._requests import Requests
 from ._services._serving import Serving
 from ._spool._lock import DataDirLock
 from ._support._quiet import QuietLog
-from ._support._tally import Traffic
+from ._support._tally import Stats, Traffic
 from ._support._tasks import TaskSet
 from ._support._watch import Watchers
 from ._work._queues import WorkQueues
@@ -101,9 +100,10 @@ class NodeCore:
         self._events = EventStreams()
         self._run: _Running | None = None
         self._closing = False
-        self.stats: Counter[str] = Counter(published=0, received=0, dropped=0, expired=0)
+        self.stats = Stats(self._config.metrics_names)
         """Message counts: published, received, dropped (gaps seen from publishers),
-        expired (copies dropped here because their ttl passed before delivery)..."""
+        expired (copies dropped here because their ttl passed before delivery)...; the
+        same per topic, queue, service and peer (`Stats`)."""
 
     # -- identity ----------------------------------------------------------------
 
@@ -347,7 +347,8 @@ class NodeCore:
 
     def traffic(self) -> Traffic:
         """Counters for monitoring: node-wide totals plus per-topic and per-peer tallies
-        (peers by id; at most 1000 names each, the rest under ``_other``)."""
+        (peers by id; at most `NodeConfig.metrics_names` names each, the rest under
+        ``_other``), and the sampled delivery latency."""
         run = self._run
         pubsub = run.pubsub if run is not None else None
         outbox = run.outbox if run is not None else None
@@ -363,6 +364,10 @@ class NodeCore:
             dead_letters=len(outbox.dead) if outbox else 0,
             input_dropped=self._dropped_input(),
             curve_refused=sum(curve.denied.values()) if curve else 0,
+            by_name={kind: tallies.snapshot() for kind, tallies in (
+                ("topic", self.stats.topics), ("queue", self.stats.queues),
+                ("service", self.stats.services), ("peer", self.stats.peers))},
+            latency={kind: each.snapshot() for kind, each in self.stats.latency.items()},
         )
 
     def _dropped_input(self) -> dict[str, int]:

@@ -257,6 +257,7 @@ class AsyncNode(WorkAndServices):
         record = _wire.Spooled("q", queue, item, attempts=attempts, reason=reason)
         await outbox.dead.append(_wire.encode_spooled(record))
         self.stats["dead_lettered"] += 1
+        self.stats.queues["dead_lettered"].add(queue)
 
     @property
     def spool_pending(self) -> int:

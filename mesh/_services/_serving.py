@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -23,6 +22,7 @@ from .._config import NodeConfig
 from .._message import Message
 from .._parts import Announcer
 from .._support._quiet import QuietLog
+from .._support._tally import Stats
 from ..errors import ConfigError
 from ._coalesce import Coalescer
 from ._server import Service, ServiceHandler
@@ -32,7 +32,7 @@ class Serving:
     """The ROUTER side of a node: the services it serves, and their replies."""
 
     def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
-                 stats: Counter[str], announcer: Announcer) -> None:
+                 stats: Stats, announcer: Announcer) -> None:
         self._quiet = quiet
         self._stats = stats
         self._announcer = announcer
@@ -113,8 +113,12 @@ class Serving:
 
     def _on_request(self, identity: bytes, req: _wire.Request) -> None:
         self._stats["requests_served"] += 1
+        stats = self._stats
+        stats.services["received"].add(req.service)
+        stats.peers["received"].add(req.source)
         svc = self._served.get(req.service) or self._internal.get(req.service)
-        if svc is None:
+        if svc is None:  # not (or no longer) served here: the requester tries another
+            stats.services["dropped"].add(req.service)
             self._send_reply(identity, _wire.Reply(req.id, _wire.REPLY_NOT_SERVED,
                                                    time.time(), b""))
             return

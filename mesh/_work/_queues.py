@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
@@ -50,6 +49,7 @@ from .._reliable._durables import PREFIX as _DURABLE_PREFIX
 from .._reliable._outbox import Outbox, Tracked
 from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
+from .._support._tally import Stats
 from ..errors import ClosedError, ConfigError, MessageTooLarge, NoRespondersError, RequestTimeout
 from ._backlog import Backlogs
 from ._credit import Workers
@@ -76,7 +76,7 @@ _wall_clock: Final = time.time
 class WorkQueues:
     """Push/pull for one node: pusher-side dispatch plus the worker side (`Workers`)."""
 
-    def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog, stats: Counter[str],
+    def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog, stats: Stats,
                  *, peers: PeerTable, control: ControlSender, announcer: Announcer,
                  next_seq: Callable[[], int], outbox: Outbox | None = None,
                  dedup: Dedup | None = None) -> None:
@@ -84,6 +84,8 @@ class WorkQueues:
         self._ctx = ctx
         self._config = config
         self._stats = stats
+        self._sent = stats.queues["sent"]
+        self._sent_to = stats.peers["sent"]
         self._closed = False
         self._peers = peers
         self._announcer = announcer
@@ -342,6 +344,9 @@ class WorkQueues:
         if target.local:
             local = self.workers.local.get(target.queue)
             if local is not None:
+                queues = self._stats.queues
+                queues["sent"].add(target.queue, n)
+                queues["received"].add(target.queue, n)
                 queue, name, node_id = target.queue, self.name, self.node_id
                 local.put_many([Message(item.topic or queue, item.payload, name, node_id,
                                         item.seq, item.ts, item.headers, item.reliable)
@@ -381,6 +386,8 @@ class WorkQueues:
             self.node_id, self.name, target.flushed, items, target.epoch, target.credit <= 0),
             nbytes + _wire.ITEM_OVERHEAD * len(items) + 256)
         target.flushed += len(items)
+        self._sent.add(target.queue, len(items))
+        self._sent_to.add(target.peer_id, len(items))
         with contextlib.suppress(SocketClosed):
             target.pusher.send(frame)
 
@@ -531,6 +538,8 @@ class WorkQueues:
             asyncio.get_running_loop().call_soon(self._pump_unless_closed, target.queue)
         if lost:
             self._stats["lost_in_flight"] += lost
+            self._stats.queues["dropped"].add(target.queue, lost)
+            self._stats.peers["dropped"].add(target.peer_id, lost)
             _log.warning("%s: %d best-effort messages of queue %s lost with worker %s",
                          reason, lost, target.queue, target.peer_id[:8])
 
@@ -541,6 +550,7 @@ class WorkQueues:
         if target.inflight:
             self._backlog.extend(target.queue, target.unconsumed(), front=True)
             self._stats["redelivered"] += len(target.inflight)
+            self._stats.queues["redelivered"].add(target.queue, len(target.inflight))
 
     # -- worker side -------------------------------------------------------------
 
