@@ -37,13 +37,13 @@ from patterns import Context, Curve, KeyFileError, load_allowlist, load_secret
 
 from . import _names, _wire
 from ._config import NodeConfig
+from ._figures._mesh import MeshFigures
+from ._figures._own import OwnFigures
+from ._figures._report import Report
 from ._membership._control import Membership
 from ._membership._events import EventStreams, PeerEvents
 from ._membership._hello import Announcement, Identity
 from ._membership._identity import load_or_create_id
-from ._figures._mesh import MeshFigures
-from ._figures._own import OwnFigures
-from ._figures._report import Report
 from ._membership._peers import Peer, PeerRecord, PeerState
 from ._memory._history import History
 from ._memory._recall import Recall

@@ -62,7 +62,7 @@ def topics(reports: Sequence[Report]) -> list[dict[str, Any]]:
                 delivered[fig.topic] = max(delivered.get(fig.topic, 0), fig.delivered_per_s)
                 _max(sub_spark.setdefault(fig.topic, [0] * WINDOW), fig.spark)
     patterns = [[_pattern(p) for p in report.subs] for report in reports]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for topic in sorted(set(published) | set(delivered)):
         rate = published[topic] if topic in published else delivered[topic]
         spark = pub_spark[topic] if topic in published else sub_spark[topic]
@@ -74,13 +74,12 @@ def topics(reports: Sequence[Report]) -> list[dict[str, Any]]:
     if len(rows) <= MAX_TOPICS:
         return rows
     kept, rest = rows[:MAX_TOPICS - 1], rows[MAX_TOPICS - 1:]
-    other = {"topic": OTHER, "msgs_per_s": 0, "bytes_per_s": 0, "subscribers": 0,
-             "dropped": 0, "spark": [0] * WINDOW}
+    spark = [0] * WINDOW
     for row in rest:
-        other["msgs_per_s"] += row["msgs_per_s"]
-        other["dropped"] += row["dropped"]
-        _add(other["spark"], row["spark"])
-    return [*kept, other]
+        _add(spark, row["spark"])
+    return [*kept, {"topic": OTHER, "msgs_per_s": sum(r["msgs_per_s"] for r in rest),
+                    "bytes_per_s": 0, "subscribers": 0,
+                    "dropped": sum(r["dropped"] for r in rest), "spark": spark}]
 
 
 def _pattern(text: str) -> TopicPattern | None:

@@ -35,23 +35,25 @@ class MeshFigures:
         self._requests = requests
         self._reports: dict[str, _report.Report] = {}
         self._at = -FRESH
-        self._gathering: asyncio.Future[list[_report.Report]] | None = None
+        self._gathering: asyncio.Future[None] | None = None
 
     async def gather(self) -> list[_report.Report]:
         """This node's report first, then the last known of each peer in the table."""
         loop = asyncio.get_running_loop()
         if loop.time() - self._at < FRESH:
             return self._current()
-        if self._gathering is None:
-            self._gathering = loop.create_future()
-            try:
-                await self._ask_all()
-                self._at = loop.time()
-            finally:
-                done, self._gathering = self._gathering, None
-                done.set_result(self._current())
-            return done.result()
-        return await asyncio.shield(self._gathering)
+        gathering = self._gathering
+        if gathering is not None:  # one round at a time; the others wait for it
+            await asyncio.shield(gathering)
+            return self._current()
+        gathering = self._gathering = loop.create_future()
+        try:
+            await self._ask_all()
+            self._at = loop.time()
+        finally:
+            self._gathering = None
+            gathering.set_result(None)
+        return self._current()
 
     async def _ask_all(self) -> None:
         records = self._peers.records()

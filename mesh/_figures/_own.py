@@ -89,7 +89,7 @@ class OwnFigures:
         peers = [_report.NodeState(r.id, r.name, r.state.value) for r in records]
         links: list[_report.Link] = []
         received = self._pubsub.received_by_peer
-        linked = set(self._requests.linked())
+        asked = self._requests.sent_by_peer
         pushed = set(self.pushed.names())
         for rec in records:
             beats = self._beats if rec.state is PeerState.ALIVE else 0
@@ -98,10 +98,10 @@ class OwnFigures:
                 links.append(_report.Link(rec.id, me, "pubsub", self.received.per_s(rec.id)))
             if rec.id in pushed:
                 links.append(_report.Link(me, rec.id, "work", self.pushed.per_s(rec.id)))
-            if rec.id in linked:
+            if rec.id in asked:
                 links.append(_report.Link(me, rec.id, "service", self.asked.per_s(rec.id)))
         return _report.Report(me, self.name, time.time(), peers, links,
-                              self._pubsub.patterns(), self._topics(), self._queues(),
+                              self._pubsub.patterns, self._topics(), self._queues(),
                               self._services())
 
     def _topics(self) -> list[_report.TopicFigure]:

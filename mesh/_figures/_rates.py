@@ -31,15 +31,15 @@ class Rates:
                     del self._rings[name]
                     self._last.pop(name, None)
         for name, total in totals.items():
-            ring = self._rings.get(name)
-            if ring is None:
+            found = self._rings.get(name)
+            if found is None:
                 if len(self._rings) >= MAX_NAMES:
                     continue
-                ring = self._rings[name] = deque([0] * WINDOW, maxlen=WINDOW)
+                found = self._rings[name] = deque([0] * WINDOW, maxlen=WINDOW)
                 previous = 0  # counters start at zero: all of it is this second's
             else:
                 previous = self._last.get(name, total)
-            ring.append(max(0, total - previous))
+            found.append(max(0, total - previous))
             self._last[name] = total
 
     def per_s(self, name: str) -> int:

@@ -156,10 +156,6 @@ class Requests:
             await asyncio.wait(set(self._closing))
         self._deadlines.close()
 
-    def linked(self) -> list[str]:
-        """The ids of the peers this node holds a service link to."""
-        return list(self._links)
-
     async def ask(self, rec: PeerRecord, service: str, payload: bytes, *,
                   timeout: float) -> Message:
         """One request to this very peer: no choice of server, no retry. For the node's
