@@ -24,6 +24,8 @@ method names. This module only re-exports; the layout, lowest layer first
     _reliable/        at-least-once on the spool: the outbox, receiver dedup, durables, their end
     _memory/          what the mesh remembers: retained values and history, kept by each
                       publisher, gathered by new subscriptions with no gap and no duplicate
+    _figures/         what a node reports about itself (links, rates, queues, services),
+                      served to peers as an internal service; the mesh's, gathered and merged
     _core.py          NodeCore: builds the parts, starts and closes them as one
     _node.py          AsyncNode: the public asyncio API over the parts (+ _node_p2p.py,
                       its work-queue and service methods)
