@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from . import _http
 from ._config import AgentConfig, http_address
 from ._metrics import AgentMetrics
+from ._page import Page
 from ._routes import Routes
 from ._sse import Streams
 from ._webhooks import WebhookRunner
@@ -48,6 +49,7 @@ class Agent:
                               middlewares=[_http.middleware(self._count)])
         Routes(self.node, self.metrics, self.uplinks).add_to(app)
         Streams(self.node, self.metrics).add_to(app)
+        Page().add_to(app)
         return app
 
     def _count(self, route: str, status: int) -> None:
