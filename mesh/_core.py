@@ -37,6 +37,9 @@ from patterns import Context, Curve, KeyFileError, load_allowlist, load_secret
 
 from . import _names, _wire
 from ._config import NodeConfig
+from ._figures._mesh import MeshFigures
+from ._figures._own import OwnFigures
+from ._figures._report import Report
 from ._membership._control import Membership
 from ._membership._events import EventStreams, PeerEvents
 from ._membership._hello import Announcement, Identity
@@ -78,6 +81,7 @@ class _Running:
     history: HistoryReplay
     outbox: Outbox | None
     """The spool's sending side; None when the node has no data dir."""
+    figures: MeshFigures
     discovery: tuple[DiscoveryBackend, ...]
     tasks: TaskSet
     stack: contextlib.AsyncExitStack
@@ -226,6 +230,9 @@ class NodeCore:
         kept.load()
         stack.callback(kept.close)
         history = HistoryReplay(kept, recall)
+        own = OwnFigures(peers=peers, pubsub=pubsub, work=work, serving=serving,
+                         requests=requests, heartbeat_interval=cfg.heartbeat_interval)
+        figures = MeshFigures(own, peers, requests)
         pubsub.history = kept if kept.patterns else None
         announcement.parts = (pubsub, work, serving, self._durables, store, kept)
         membership.attach(listeners=(self._durables, pubsub, work, requests,
@@ -254,12 +261,14 @@ class NodeCore:
         retained.start()
         history.start()
         work.start(self._id, cfg.name)
+        own.start(self._id, cfg.name)
+        tasks.spawn(own.run(), "zeromesh-figures")
         if outbox is not None:
             self._durables.keep_forgotten(outbox.forgotten)
         self._durables.start_clock()
         discovery = await self._start_discovery(stack, membership, identity)
         return _Running(identity, curve, membership, pubsub, work, serving, requests, retained,
-                        history, outbox, discovery, tasks, stack)
+                        history, outbox, figures, discovery, tasks, stack)
 
     async def _start_discovery(self, stack: contextlib.AsyncExitStack,
                                membership: Membership, identity: Identity
@@ -344,6 +353,24 @@ class NodeCore:
             input_dropped=self._dropped_input(),
             curve_refused=sum(curve.denied.values()) if curve else 0,
         )
+
+    def figures(self) -> Report:
+        """This node's own figures: its links, topics, queues and services, with the
+        rates of the last second (see `mesh._figures`).
+
+        Raises:
+            ClosedError: the node is not running.
+        """
+        return self._live().figures.own_report()
+
+    async def gather_figures(self) -> list[Report]:
+        """Every reachable node's figures, this node's first; peers that are suspect or
+        lost keep their last report (their state: `peers`).
+
+        Raises:
+            ClosedError: the node is not running.
+        """
+        return await self._live().figures.gather()
 
     def _dropped_input(self) -> dict[str, int]:
         """Everything dropped unharmed, by reason; discovery's reasons prefixed ``mdns_``."""

@@ -7,14 +7,16 @@ node's lifecycle and peer view are in `_core`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 from . import _names, _ttl, _wire
 from ._memory._history import start_of
 from ._message import Message
 from ._node_p2p import WorkAndServices
 from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
+from ._reliable import _dead
 from ._reliable._durables import DurableInfo, durable_queue
 from ._work._pull import NO_SETTLE, Pull
 from ._work._queues import DEFAULT_PREFETCH
@@ -208,6 +210,22 @@ class AsyncNode(WorkAndServices):
         if run.outbox is None:
             raise ConfigError("data_dir", "dead letters live in a data dir; none is set")
         return await run.outbox.replay(ids, run.work.requeue)
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """The dead letters in this node's spool, oldest first (see `_reliable._dead`;
+        empty without a data dir)."""
+        outbox = self._live().outbox
+        return _dead.dead_letters(outbox) if outbox is not None else []
+
+    def purge_dead_letters(self, ids: Collection[int] | None = None) -> int:
+        """Delete dead letters (all, or those spool `ids`); how many went."""
+        outbox = self._live().outbox
+        return _dead.purge(outbox, ids) if outbox is not None else 0
+
+    def spool_figures(self) -> dict[str, Any]:
+        """The spool's depth, bytes, quota, oldest age, fsync policy and dead letters."""
+        cfg = self.config
+        return _dead.spool_figures(self._live().outbox, cfg.spool_quota, cfg.fsync.value)
 
     async def dead_letter(self, queue: str, msg: Message, *, reason: str,
                           attempts: int) -> None:

@@ -71,7 +71,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mesh._wire", "mesh._message", "mesh._names", "mesh._config", "mesh._ttl"),
     ("mesh._membership", "mesh._parts"),
     ("mesh._reliable", "mesh._pubsub", "mesh._services", "mesh._work"),
-    ("mesh._memory",),
+    ("mesh._memory", "mesh._figures"),
     ("mesh._core", "mesh._node_p2p", "mesh._node"),
     ("mesh._sync", "mesh._sync_streams", "mesh"),
     ("mesh._uplink",),

@@ -23,6 +23,7 @@ from ._config import AgentConfig, http_address
 from ._metrics import AgentMetrics
 from ._page import Page
 from ._routes import Routes
+from ._seeing import Seeing
 from ._sse import Streams
 from ._webhooks import WebhookRunner
 
@@ -49,6 +50,7 @@ class Agent:
                               middlewares=[_http.middleware(self._count)])
         Routes(self.node, self.metrics, self.uplinks).add_to(app)
         Streams(self.node, self.metrics).add_to(app)
+        Seeing(self.node, self.uplinks).add_to(app)
         Page().add_to(app)
         return app
 

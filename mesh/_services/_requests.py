@@ -50,6 +50,7 @@ from .._membership._peers import PeerRecord, PeerState, PeerTable
 from .._message import Message
 from .._parts import Waiter
 from .._support._quiet import QuietLog
+from .._support._tally import Tally
 from ..errors import (
     ClosedError,
     ConfigError,
@@ -135,6 +136,10 @@ class Requests:
         self._deadlines = Deadlines()
         self._requests: Coalescer[_Link, _wire.Request] = Coalescer(self._send_requests)
         self._closing: set[asyncio.Task[None]] = set()
+        self.timeouts_by_service = Tally()
+        """Requests that timed out (after every retry), by service."""
+        self.sent_by_peer = Tally()
+        """Requests sent to each peer (by id), for the node's figures."""
 
     def start(self, node_id: str) -> None:
         self._node_id = node_id
@@ -309,6 +314,7 @@ class Requests:
         if isinstance(exc, _ServerGone):
             raise NoRespondersError(service) from exc
         self._stats["request_timeouts"] += 1
+        self.timeouts_by_service.add(service)
         raise RequestTimeout(f"request to {service!r}", timeout) from exc
 
     async def _attempt(self, service: str, payload: bytes, headers: dict[str, str] | None,
@@ -337,6 +343,7 @@ class Requests:
         if link is None:
             link = self._open_link(target)
         tried.append(target.id)
+        self.sent_by_peer.add(target.id)
         if headers:
             size = (_wire.service_payload_size(payload, headers) + len(service)
                     + _wire.SERVICE_ITEM_OVERHEAD)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from patterns import Context, ServiceRouter, SocketClosed
 
@@ -26,6 +26,9 @@ from .._support._quiet import QuietLog
 from ..errors import ConfigError
 from ._coalesce import Coalescer
 from ._server import Service, ServiceHandler
+
+_TIMINGS: Final[int] = 1024
+"""Answer times kept per served service (for its p50 and p99)."""
 
 
 class Serving:
@@ -47,6 +50,8 @@ class Serving:
         by none, listed nowhere."""
         self._replies: Coalescer[bytes, _wire.Reply] = Coalescer(self._send_replies)
         self._closed = False
+        self.timings: dict[str, deque[float]] = {}
+        """Seconds the latest requests of each served service took to answer (its figures)."""
         self.endpoints: list[str] = []
 
     def bind(self, interfaces: Iterable[str]) -> list[str]:
@@ -96,6 +101,7 @@ class Serving:
         """`svc` closed: forget it and tell peers (unless the node is closing anyway)."""
         if self._served.get(svc.name) is svc:
             del self._served[svc.name]
+            self.timings.pop(svc.name, None)
             if not self._closed:
                 self._announcer.interest_changed()
 
@@ -120,7 +126,22 @@ class Serving:
             return
         msg = Message(req.service, req.payload, req.name, req.source, req.id, req.ts,
                       req.headers)
-        svc.submit(msg, functools.partial(self._send_reply, identity))
+        if svc is self._served.get(req.service):
+            svc.submit(msg, functools.partial(self._timed_reply, identity, req.service,
+                                              time.perf_counter()))
+        else:
+            svc.submit(msg, functools.partial(self._send_reply, identity))
+
+    def _timed_reply(self, identity: bytes, service: str, started: float,
+                     reply: _wire.Reply) -> None:
+        timings = self.timings.get(service)
+        if timings is None:
+            if service not in self._served:
+                self._send_reply(identity, reply)
+                return
+            timings = self.timings[service] = deque(maxlen=_TIMINGS)
+        timings.append(time.perf_counter() - started)
+        self._send_reply(identity, reply)
 
     def _send_reply(self, identity: bytes, reply: _wire.Reply) -> None:
         self._replies.add(identity, reply)

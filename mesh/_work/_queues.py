@@ -35,6 +35,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from patterns import Context, Pusher, SocketClosed
@@ -71,6 +72,20 @@ _TURN: Final[int] = 64
 """A worker's turn in the round robin: at most this many messages (and its batch, its credit)."""
 
 _wall_clock: Final = time.time
+
+
+_MAX_FIGURES: Final[int] = 1000
+
+
+@dataclass(slots=True)
+class QueueCounts:
+    """One queue as this node sees it (see `WorkQueues.figures`)."""
+
+    workers: int
+    in_flight: int
+    backlog: int
+    sent: int
+    """Messages this node handed to the queue's workers so far (a running total)."""
 
 
 class WorkQueues:
@@ -238,6 +253,31 @@ class WorkQueues:
 
     def worker_count(self, queue: str) -> int:
         return len(self._targets_for(queue))
+
+    def figures(self) -> tuple[dict[str, QueueCounts], dict[str, int]]:
+        """Each queue this node pushes to, waits on or works for, and the messages sent
+        to each peer (by id, a running total per live target) for the node's figures."""
+        queues: dict[str, QueueCounts] = {}
+        by_peer: dict[str, int] = {}
+        names = {q for _, q in self._targets} | set(self._backlog.waiting()) | set(self.queues)
+        for queue in sorted(names)[:_MAX_FIGURES]:
+            backlog = len(self._backlog.get(queue) or ())
+            queues[queue] = QueueCounts(self._workers_of(queue), 0, backlog, 0)
+        for (peer_id, queue), target in self._targets.items():
+            counts = queues.get(queue)
+            if counts is not None:
+                counts.in_flight += len(target.inflight)
+                counts.sent += target.sent
+            if not target.local:
+                by_peer[peer_id] = by_peer.get(peer_id, 0) + target.sent
+        return queues, by_peer
+
+    def _workers_of(self, queue: str) -> int:
+        """`worker_count` without making targets (no socket is opened to count)."""
+        local = self.workers.local.get(queue)
+        return (sum(1 for rec in self._peers.records() if rec.state is PeerState.ALIVE
+                    and rec.pull and rec.queues.get(queue))
+                + (1 if local is not None and local.handles else 0))
 
     def _targets_for(self, queue: str) -> list[Target]:
         targets = self._target_cache.get(queue)
