@@ -358,6 +358,11 @@ class Browser:
 
         self.run(go, timeout)
 
+    def leave(self) -> None:
+        """Navigates away (about:blank): the page's streams end before their agent does,
+        which would otherwise log the cut stream as a console error."""
+        self.navigate("about:blank")
+
     def evaluate(self, expression: str, timeout: float = 15.0) -> Any:
         """The JSON value of ``expression`` in the page (a promise is awaited)."""
 

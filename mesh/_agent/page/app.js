@@ -482,16 +482,16 @@ async function refreshDead() {
   dead.shown = shown;
   fill("dead-letters", letters, (d) => el("tr", { "data-id": d.id },
     el("td", { class: "mono" }, String(d.id)),
+    el("td", { class: "actions" },
+      el("button", { type: "button", class: "replay", "data-id": d.id }, "Replay"),
+      el("button", { type: "button", class: "purge danger", "data-id": d.id }, "Purge")),
     el("td", { class: "name mono" }, d.queue || d.topic || "–",
       d.queue && d.topic && d.topic !== d.queue ? el("small", {}, " " + d.topic) : null),
     el("td", { class: "reason" }, d.reason || "–"),
     num(count(d.attempts)),
     el("td", { title: d.time ? new Date(d.time * 1000).toISOString() : null }, when(d.time)),
     num(bytes(d.size)),
-    el("td", { class: "mono preview" }, d.data_preview ?? ""),
-    el("td", { class: "actions" },
-      el("button", { type: "button", class: "replay", "data-id": d.id }, "Replay"),
-      el("button", { type: "button", class: "purge danger", "data-id": d.id }, "Purge"))));
+    el("td", { class: "mono preview" }, d.data_preview ?? "")));
 }
 
 async function post(path, body) {
@@ -543,7 +543,7 @@ function onPurgeAll() {
   clearTimeout(dead.armed);
   dead.armed = null;
   button.textContent = "Purge all";
-  act("purge all", () => post("/v1/dead-letters/purge", {}));
+  act("purge all", () => post("/v1/dead-letters/purge"));  // no body: all
 }
 
 // ---- the stream, and reconnecting to an agent that restarted -------------------------
