@@ -183,10 +183,15 @@ class _LoopThread:
         self._thread = threading.Thread(target=self._main, name="devtools-loop", daemon=True)
         self._thread.start()
         self._started.wait(10)
-        if self._failure is not None:
+        failure = self._failed()
+        if failure is not None:
             self._thread.join(5)
             self.loop.close()
-            raise self._failure
+            raise failure
+
+    def _failed(self) -> BaseException | None:
+        """What stopped the thread entering its namespace, if anything (set by the thread)."""
+        return self._failure
 
     def _main(self) -> None:
         try:
@@ -378,10 +383,12 @@ class Browser:
     def wait_for(self, expression: str, timeout: float, what: str = "") -> Any:
         """The first truthy value of ``expression``, re-evaluated in the page every 50 ms
         until ``timeout`` s; on timeout a screenshot is written and the test fails."""
-        script = ("new Promise((done) => { const end = performance.now() + %d;"
-                  " const tick = () => { let v; try { v = (%s); } catch (e) { v = null; }"
-                  " if (v) done(v instanceof Node ? true : v); else if (performance.now() > end) done(null);"
-                  " else setTimeout(tick, 50); }; tick(); })" % (timeout * 1000, expression))
+        script = (
+            f"new Promise((done) => {{ const end = performance.now() + {timeout * 1000:.0f};"
+            f" const tick = () => {{ let v; try {{ v = ({expression}); }} catch (e) {{ v = null; }}"
+            " if (v) done(v instanceof Node ? true : v);"
+            " else if (performance.now() > end) done(null);"
+            " else setTimeout(tick, 50); }; tick(); })")
         value = self.evaluate(script, timeout + 10)
         if not value:
             shot = self.screenshot(f"timeout-{int(time.time() * 1000)}.png")
@@ -392,9 +399,10 @@ class Browser:
     def click(self, selector: str) -> None:
         """A real mouse click (press and release) at the centre of ``selector``'s element."""
         box = self.evaluate(
-            "(() => { const e = document.querySelector(%s); if (!e) return null;"
-            " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
-            " return [r.x + r.width / 2, r.y + r.height / 2]; })()" % json.dumps(selector))
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+            " if (!e) return null; e.scrollIntoView({block: 'center'});"
+            " const r = e.getBoundingClientRect();"
+            " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
         assert box, f"nothing matches {selector!r}"
 
         async def go() -> None:

@@ -81,10 +81,11 @@ def test_states_are_told_by_shape_and_words_not_colour_alone(page: Browser) -> N
     assert state[PEERS[2][0]][:2] == ["lost", "lost"]
     assert state[PEERS[1][0]][2] != "none"
     assert state[PEERS[2][0]][2] not in ("none", state[PEERS[1][0]][2])
+    busy = PEERS[0][0]
     widths = page.evaluate(
         "Object.fromEntries([...document.querySelectorAll('#topology line.link')].map(l =>"
-        " [l.dataset.target === '%s' || l.dataset.source === '%s' ? 'busy' : l.dataset.state,"
-        " parseFloat(l.style.strokeWidth)]))" % (PEERS[0][0], PEERS[0][0]))
+        f" [l.dataset.target === '{busy}' || l.dataset.source === '{busy}' ? 'busy'"
+        " : l.dataset.state, parseFloat(l.style.strokeWidth)]))")
     assert widths["busy"] > widths["lost"]
     badges = page.evaluate("[...document.querySelectorAll('#peers .badge.state')]"
                            ".map(b => b.textContent)")

@@ -226,8 +226,8 @@ function showSpool(spool) {
   setText("spool-messages", count(spool.messages));
   setText("spool-bytes", bytes(spool.bytes));
   const pct = spool.quota_pct;
-  setText("spool-quota", pct === null || pct === undefined
-    ? (spool.quota_bytes ? "of " + bytes(spool.quota_bytes) : "no quota")
+  setText("spool-quota", !spool.quota_bytes ? "no quota"
+    : pct === null || pct === undefined ? "of " + bytes(spool.quota_bytes)
     : `${pct < 10 ? pct.toFixed(1) : Math.round(pct)} % of ${bytes(spool.quota_bytes)}`);
   $("spool-meter").value = pct || 0;
   setText("spool-oldest", spool.oldest_age_s ? duration(spool.oldest_age_s) : "–");
@@ -370,7 +370,7 @@ function fitView(nodes) {
   const pad = 60;
   let x0 = Math.min(...xs) - pad, x1 = Math.max(...xs) + pad;
   let y0 = Math.min(...ys) - pad / 1.5, y1 = Math.max(...ys) + pad;
-  const w = Math.max(360, x1 - x0), h = Math.max(200, y1 - y0);
+  const w = Math.max(560, x1 - x0), h = Math.max(330, y1 - y0);
   const cx = (x0 + x1) / 2, cy = (y0 + y1) / 2;
   $("topology").setAttribute("viewBox",
     `${(cx - w / 2).toFixed(0)} ${(cy - h / 2).toFixed(0)} ${w.toFixed(0)} ${h.toFixed(0)}`);
