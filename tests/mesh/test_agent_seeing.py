@@ -39,11 +39,14 @@ def test_events_tell_joined_left_lost_in_order_and_stats_every_second(
     curls.append(events)
     _, first, at1 = events.next(["stats"], 10)
     _, second, at2 = events.next(["stats"], 10)
-    assert set(first) == STATS_KEYS and set(second) == STATS_KEYS
+    assert set(first) == STATS_KEYS
+    assert set(second) == STATS_KEYS
     assert 0.5 < at2 - at1 < 1.6, at2 - at1
     assert 0.5 < second["time"] - first["time"] < 1.6
-    assert first["node"]["id"] == watcher.id and first["node"]["health"] == "ok"
-    assert len(first["topics"]) == 0 and first["spool"]["fsync"] == "batch"
+    assert first["node"]["id"] == watcher.id
+    assert first["node"]["health"] == "ok"
+    assert len(first["topics"]) == 0
+    assert first["spool"]["fsync"] == "batch"
 
     graceful = start_agent(procs, mesh=mesh_name, name="graceful")
     kind, data, _ = events.next(["joined", "left", "lost"], 15)
@@ -60,8 +63,10 @@ def test_events_tell_joined_left_lost_in_order_and_stats_every_second(
     stats = events.stats_until(lambda s: any(p["id"] == killed.id and p["rtt_ms"] is not None
                                              for p in s["peers"]), 10)
     (peer,) = [p for p in stats["peers"] if p["id"] == killed.id]
-    assert peer["name"] == "killed" and peer["state"] == "alive"
-    assert 0 <= peer["rtt_ms"] < 1000 and peer["last_seen_s"] < 5
+    assert peer["name"] == "killed"
+    assert peer["state"] == "alive"
+    assert 0 <= peer["rtt_ms"] < 1000
+    assert peer["last_seen_s"] < 5
     killed.cli.proc.send_signal(signal.SIGKILL)
     kind, data, _ = events.next(["joined", "left", "lost"], 15)
     assert (kind, data) == ("lost", {"id": killed.id, "name": "killed", "state": "lost"})
@@ -77,7 +82,7 @@ def test_a_topic_nobody_subscribes_to_has_a_rate(procs: list[Cli], curls: list[C
     deadline = time.monotonic() + 20
 
     def rate(stats: dict[str, object]) -> int:
-        rows = [t for t in stats["topics"] if t["topic"] == "lonely.topic"]  # type: ignore[attr-defined, index]
+        rows = [t for t in stats["topics"] if t["topic"] == "lonely.topic"]  # type: ignore[attr-defined]
         return int(rows[0]["msgs_per_s"]) if rows else 0
 
     stats: dict[str, object] = {}
@@ -89,7 +94,9 @@ def test_a_topic_nobody_subscribes_to_has_a_rate(procs: list[Cli], curls: list[C
             break
     assert rate(stats) > 0, stats
     (row,) = [t for t in stats["topics"] if t["topic"] == "lonely.topic"]  # type: ignore[attr-defined]
-    assert row["subscribers"] == 0 and len(row["spark"]) == 60 and row["spark"][-1] > 0
+    assert row["subscribers"] == 0
+    assert len(row["spark"]) == 60
+    assert row["spark"][-1] > 0
 
 
 async def _bury(data_dir: Path, n: int) -> None:
@@ -119,7 +126,8 @@ async def test_dead_letters_listed_purged_and_cross_origin_posts_refused(
         same = {"Origin": agent.url, "Sec-Fetch-Site": "same-origin"}
         async with http.post(f"{agent.url}/v1/dead-letters/purge", headers=same,
                              json={"ids": [listed[0]["id"]]}) as response:
-            assert response.status == 200 and await response.json() == {"purged": 1}
+            assert response.status == 200
+            assert await response.json() == {"purged": 1}
         async with http.get(f"{agent.url}/v1/dead-letters") as response:
             assert [d["data_preview"] for d in await response.json()] == ["job 1", "job 2"]
         refused = await asyncio.to_thread(
@@ -142,6 +150,7 @@ async def test_topology_of_two_agents_and_a_publisher(procs: list[Cli], mesh_nam
     async with aiohttp.ClientSession() as http:
         deadline = time.monotonic() + 15
         topology: dict[str, list[dict[str, object]]] = {}
+        kinds: set[tuple[object, object, object]] = set()
         while time.monotonic() < deadline:
             async with http.get(f"{a.url}/v1/topology") as response:
                 topology = await response.json()
