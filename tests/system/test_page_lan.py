@@ -187,9 +187,8 @@ def test_page_lists_a_topic_nobody_subscribes_with_its_rate(lan: netns.Lan,
         assert got, "the subscribers received the traffic"
         browser.screenshot("traffic.png")
         if os.environ.get(SHOT_ENV):  # the picture for the docs: a few seconds of traffic
-            browser.wait_for("[...document.querySelectorAll(\"#topics tr[data-topic='orders."
-                             "created'] svg.spark polyline\")].some(p => p.getAttribute("
-                             "'points').split(' ').length >= 10)", 20, "ten seconds of spark")
+            browser.wait_for("document.body.dataset.snapshots >= 15", 25,
+                             "fifteen seconds of figures")
             browser.screenshot("", to=Path(os.environ[SHOT_ENV]))
     finally:
         browser.run(stop)
