@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from . import _http
 from ._config import AgentConfig, Webhook, http_address
 from ._metrics import AgentMetrics
+from ._page import Page
 from ._routes import Routes
 from ._seeing import Seeing
 from ._sse import Streams
@@ -52,6 +53,7 @@ class Agent:
         Routes(self.node, self.metrics, self.uplinks).add_to(app)
         Streams(self.node, self.metrics).add_to(app)
         Seeing(self.node, self.uplinks).add_to(app)
+        Page().add_to(app)
         return app
 
     def _count(self, route: str, status: int) -> None:
