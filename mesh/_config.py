@@ -94,7 +94,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     iteration share a frame. A full queue makes ``request`` wait, never drop."""
     metrics_names: int = 1000
     """Names (topics, queues, services, peers) each per-name counter keeps apart; the
-    rest are counted together as ``_other`` (the busiest names keep their own), so a
+    rest are counted together as ``other`` (the busiest names keep their own), so a
     topic explosion cannot exhaust memory or a metrics server."""
 
     def validated(self) -> "NodeConfig":

@@ -357,7 +357,7 @@ class NodeCore:
     def traffic(self) -> Traffic:
         """Counters for monitoring: node-wide totals plus per-topic and per-peer tallies
         (peers by id; at most `NodeConfig.metrics_names` names each, the rest under
-        ``_other``), and the sampled delivery latency."""
+        ``other``), and the sampled delivery latency."""
         run = self._run
         pubsub = run.pubsub if run is not None else None
         outbox = run.outbox if run is not None else None

@@ -4,7 +4,7 @@ Node counters are read when scraped (a collector over `AsyncNode.traffic()`),
 so the message path pays one dict increment per batch and nothing per scrape
 interval. Per-name families (``zeromesh_topic_messages_*``, ``..._queue_...``,
 ``zeromesh_service_requests_*``, ``zeromesh_peer_messages_*``) have at most
-`NodeConfig.metrics_names` label values each, the rest summed under ``_other``;
+`NodeConfig.metrics_names` label values each, the rest summed under ``other``;
 the delivery latency histogram is labelled by kind only (``pubsub``, ``work``):
 per name it would be a score of series per topic, and the per-name counters
 already say where the traffic is. What only the agent sees (HTTP routes, requests, webhooks, pushes)
@@ -74,6 +74,8 @@ _BY_NAME: Final = (
         ("dropped", "a publisher dropped for this node at its high-water mark"),
         ("expired", "dropped undelivered here because their ttl passed"),
         *_SPOOL_EVENTS)),
+    ("topic", "bytes", (
+        ("sent", "of payload published by this node"),)),
     ("queue", "messages", (
         ("sent", "sent to workers by this node (a redelivery again)"),
         ("received", "taken by this node's workers"),
@@ -224,7 +226,8 @@ def _by_name(by_name: dict[str, dict[str, dict[str, int]]],
             family = CounterMetricFamily(f"zeromesh_{kind}_{what}_{event}",
                                          f"{what.capitalize()} {text}, per {kind}.",
                                          labels=labels)
-            for name, n in counts.get(event, {}).items():
+            key = event if what != "bytes" else f"bytes_{event}"
+            for name, n in counts.get(key, {}).items():
                 if kind == "peer":
                     family.add_metric([OTHER if name == OTHER else names.get(name, ""), name],
                                       n)

@@ -17,6 +17,7 @@ own figures; peers are this node's view, with its traffic to and from each.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any, Final
 
 from .. import __version__
@@ -42,7 +43,7 @@ class Stats:
         reports = await node.gather_figures()
         spool = node.spool_figures()
         return {"time": round(time.time(), 3), "node": self._me(spool),
-                "peers": self._peers(reports[0]), "topics": _merge.topics(reports),
+                "peers": self._peers(reports), "topics": _merge.topics(reports),
                 "queues": _merge.queues(reports), "services": _merge.services(reports),
                 "spool": spool, "uplinks": self._uplinks.statuses()}
 
@@ -58,17 +59,24 @@ class Stats:
         return {"id": node.id, "name": node.name, "mesh": node.mesh, "version": __version__,
                 "uptime_s": round(time.monotonic() - self._started, 1), "health": health}
 
-    def _peers(self, mine: Report) -> list[dict[str, Any]]:
-        me, now = mine.id, time.time()
+    def _peers(self, reports: Sequence[Report]) -> list[dict[str, Any]]:
+        """Each peer with its traffic to and from this node, from every report's links:
+        a subscriber's report counts what this node's PUB socket sent it (which this
+        node cannot tell by itself); each link is counted once, by whoever reports it."""
+        me, now = reports[0].id, time.time()
         into: dict[str, int] = {}
         out: dict[str, int] = {}
-        for link in mine.links:
-            if link.kind == "control":
-                continue
-            if link.target == me:
-                into[link.source] = into.get(link.source, 0) + link.msgs_per_s
-            else:
-                out[link.target] = out.get(link.target, 0) + link.msgs_per_s
+        seen: set[tuple[str, str, str]] = set()
+        for report in reports:
+            for link in report.links:
+                key = (link.source, link.target, link.kind)
+                if link.kind == "control" or key in seen:
+                    continue
+                seen.add(key)
+                if link.target == me:
+                    into[link.source] = into.get(link.source, 0) + link.msgs_per_s
+                elif link.source == me:
+                    out[link.target] = out.get(link.target, 0) + link.msgs_per_s
         dropped = self._node.dropped_by_peer
         return [{"id": p.id, "name": p.name, "state": p.state.value,
                  "last_seen_s": round(max(0.0, now - p.last_seen), 3),

@@ -50,6 +50,7 @@ def topics(reports: Sequence[Report]) -> list[dict[str, Any]]:
     """Every topic any node published or received, busiest first, at most `MAX_TOPICS`
     (the rest summed as ``other``)."""
     published: dict[str, int] = {}
+    published_bytes: dict[str, int] = {}
     delivered: dict[str, int] = {}
     pub_spark: dict[str, list[int]] = {}
     sub_spark: dict[str, list[int]] = {}
@@ -57,6 +58,8 @@ def topics(reports: Sequence[Report]) -> list[dict[str, Any]]:
         for fig in report.topics:
             if fig.publishes:
                 published[fig.topic] = published.get(fig.topic, 0) + fig.published_per_s
+                published_bytes[fig.topic] = (published_bytes.get(fig.topic, 0)
+                                              + fig.bytes_per_s)
                 _add(pub_spark.setdefault(fig.topic, [0] * WINDOW), fig.spark)
             else:
                 delivered[fig.topic] = max(delivered.get(fig.topic, 0), fig.delivered_per_s)
@@ -68,7 +71,8 @@ def topics(reports: Sequence[Report]) -> list[dict[str, Any]]:
         spark = pub_spark[topic] if topic in published else sub_spark[topic]
         subscribers = sum(1 for mine in patterns
                           if any(p is not None and p.matches(topic) for p in mine))
-        rows.append({"topic": topic, "msgs_per_s": rate, "bytes_per_s": 0,
+        rows.append({"topic": topic, "msgs_per_s": rate,
+                     "bytes_per_s": published_bytes.get(topic, 0),
                      "subscribers": subscribers, "dropped": 0, "spark": spark})
     rows.sort(key=lambda r: (-r["msgs_per_s"], -sum(r["spark"]), r["topic"]))
     if len(rows) <= MAX_TOPICS:
@@ -78,7 +82,7 @@ def topics(reports: Sequence[Report]) -> list[dict[str, Any]]:
     for row in rest:
         _add(spark, row["spark"])
     return [*kept, {"topic": OTHER, "msgs_per_s": sum(r["msgs_per_s"] for r in rest),
-                    "bytes_per_s": 0, "subscribers": 0,
+                    "bytes_per_s": sum(r["bytes_per_s"] for r in rest), "subscribers": 0,
                     "dropped": sum(r["dropped"] for r in rest), "spark": spark}]
 
 

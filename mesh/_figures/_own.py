@@ -41,6 +41,7 @@ class OwnFigures:
         self.node_id = ""
         self.name = ""
         self.published = Rates()
+        self.published_bytes = Rates()
         self.delivered = Rates()
         self.received = Rates()
         """Pub/sub messages received from each peer (by id)."""
@@ -67,6 +68,7 @@ class OwnFigures:
     def sample(self) -> None:
         pubsub = self._pubsub
         self.published.sample(pubsub.published_by_topic)
+        self.published_bytes.sample(pubsub.published_bytes_by_topic)
         self.delivered.sample(pubsub.delivered_by_topic)
         self.received.sample(pubsub.received_by_peer)
         queues, by_peer = self._work.figures()
@@ -111,7 +113,7 @@ class OwnFigures:
             spark = (self.published if topic in published else self.delivered).spark(topic)
             out.append(_report.TopicFigure(topic, self.published.per_s(topic),
                                            self.delivered.per_s(topic), topic in published,
-                                           spark))
+                                           spark, self.published_bytes.per_s(topic)))
         return out
 
     def _queues(self) -> list[_report.QueueFigure]:

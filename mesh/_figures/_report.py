@@ -47,6 +47,8 @@ class TopicFigure(msgspec.Struct, array_like=True, frozen=True):
     """This node published on it (since it started)."""
     spark: list[int]
     """Published (or, if it does not publish it, delivered) per second, oldest first."""
+    bytes_per_s: int = 0
+    """Payload bytes this node published on it in the last second."""
 
 
 class QueueFigure(msgspec.Struct, array_like=True, frozen=True):

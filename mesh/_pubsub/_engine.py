@@ -100,6 +100,8 @@ class PubSub:
         self.received_by_peer = Tally()
         """Messages received from each publisher (by node id)."""
         self.published_by_topic = stats.topics["sent"]
+        self.published_bytes_by_topic = stats.topics["bytes_sent"]
+        """Payload bytes this node published, per topic (counted per flushed batch)."""
         self.delivered_by_topic = stats.topics["received"]
         """Messages handed to this node's subscriptions, once per message."""
         self._from_peer = stats.peers["received"]
@@ -314,13 +316,17 @@ class PubSub:
         self._stats["published"] += self._outgoing_count
         outgoing, self._outgoing = self._outgoing, {}
         # one topic (the common case): its size is known, so its buffer is allocated once
+        single = len(outgoing) == 1
         hint = (self._outgoing_bytes + _wire.ITEM_OVERHEAD * self._outgoing_count + 256
-                if len(outgoing) == 1 else 0)
+                if single else 0)
+        payload_bytes = self._outgoing_bytes
         self._outgoing_count = self._outgoing_bytes = 0
         for topic, items in outgoing.items():
             first = self._topic_seq.get(topic, 0)
             self._topic_seq[topic] = first + len(items)
             self.published_by_topic.add(topic, len(items))
+            self.published_bytes_by_topic.add(
+                topic, payload_bytes if single else sum(len(i.payload) for i in items))
             frame = _wire.encode_data(_names.topic(topic),
                                       _wire.Batch(self.node_id, name, first, items), hint)
             try:

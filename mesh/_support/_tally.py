@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Final
 
-OTHER: Final[str] = "_other"
+OTHER: Final[str] = "other"
 """The name everything past the limit is counted under (``_`` keeps it apart from the
 usual user names)."""
 DEFAULT_LIMIT: Final[int] = 1000

@@ -1,5 +1,5 @@
 """Metrics complete: per topic, queue, service and peer families from a real agent, label
-sets bounded by `metrics_names` (the rest as ``_other``), sampled delivery latency."""
+sets bounded by `metrics_names` (the rest as ``other``), sampled delivery latency."""
 
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ async def test_every_family_is_there_with_its_labels_after_traffic_of_each_kind(
 
 async def test_ten_thousand_topics_leave_the_configured_number_of_label_sets(
         procs: list[Cli], mesh_name: str) -> None:
-    """With metrics_names=100, 10,000 topics show as 100 names and ``_other``, which holds
+    """With metrics_names=100, 10,000 topics show as 100 names and ``other``, which holds
     the rest: the sum over the label sets is every message."""
     agent = start_agent(procs, mesh=mesh_name, name="side",
                         env={"ZEROMESH_METRICS_NAMES": "100"})
@@ -191,8 +191,8 @@ def test_a_tally_keeps_at_most_its_limit_and_the_sum() -> None:
 
 
 def test_a_busy_newcomer_takes_the_place_of_a_quiet_name_and_equals_do_not_churn() -> None:
-    """A name counted under _other that gets busy is promoted at a review (its past stays
-    in _other), a kept name that went quiet is folded into _other; the sum never changes."""
+    """A name counted under other that gets busy is promoted at a review (its past stays
+    in other), a kept name that went quiet is folded into other; the sum never changes."""
     tally = Tally(limit=4)
     for name in "abcd":
         tally.add(name, 5)
