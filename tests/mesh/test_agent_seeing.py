@@ -97,6 +97,28 @@ def test_a_topic_nobody_subscribes_to_has_a_rate(procs: list[Cli], curls: list[C
     assert row["subscribers"] == 0
     assert len(row["spark"]) == 60
     assert row["spark"][-1] > 0
+    assert row["bytes_per_s"] == row["msgs_per_s"]  # each message is one line, "x"
+
+
+def test_peer_rates_count_what_a_publisher_sent_each_subscriber(
+        procs: list[Cli], curls: list[CurlEvents], mesh_name: str) -> None:
+    """The publisher's own page shows its traffic out to a subscriber (which its PUB
+    socket cannot attribute; the subscriber's report does)."""
+    publisher = start_agent(procs, mesh=mesh_name, name="publisher")
+    subscriber = Cli(["sub", "busy.>", "--name", "sub"], mesh=mesh_name, env=FAST_ENV)
+    procs.append(subscriber)
+    events = CurlEvents(f"{publisher.url}/v1/events")
+    curls.append(events)
+    deadline = time.monotonic() + 20
+    out = 0
+    while time.monotonic() < deadline and not out:
+        for _ in range(20):
+            subprocess.run(["curl", "-sf", "-X", "POST", f"{publisher.url}/v1/publish/busy.x",
+                            "-d", "payload"], check=True, timeout=10, capture_output=True)
+        _, stats, _ = events.next(["stats"], 5)
+        rows = [p for p in stats["peers"] if p["name"] == "sub"]  # type: ignore[attr-defined]
+        out = int(rows[0]["out_per_s"]) if rows else 0
+    assert out > 0
 
 
 async def _bury(data_dir: Path, n: int) -> None:
