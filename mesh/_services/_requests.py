@@ -136,8 +136,8 @@ class Requests:
         self._deadlines = Deadlines()
         self._requests: Coalescer[_Link, _wire.Request] = Coalescer(self._send_requests)
         self._closing: set[asyncio.Task[None]] = set()
-        self.timeouts_by_service = Tally()
-        """Requests that timed out (after every retry), by service."""
+        self.timeouts_by_service = self._stats.services["timed_out"]
+        """Requests that timed out (after every retry), by service (the metrics' tally)."""
         self.sent_by_peer = Tally()
         """Requests sent to each peer (by id), for the node's figures."""
 
@@ -314,7 +314,6 @@ class Requests:
         if isinstance(exc, _ServerGone):
             raise NoRespondersError(service) from exc
         self._stats["request_timeouts"] += 1
-        self._stats.services["timed_out"].add(service)
         self.timeouts_by_service.add(service)
         raise RequestTimeout(f"request to {service!r}", timeout) from exc
 
