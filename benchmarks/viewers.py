@@ -143,7 +143,8 @@ def find_chromium() -> str | None:
 async def chromium_tabs(program: str, url: str, n: int) -> AsyncIterator[list[dict[str, Any]]]:
     """A headless chromium with `n` page targets on `url`; yields /json/list's pages."""
     profile = Path(tempfile.mkdtemp(prefix="zm-viewers-"))
-    log = open(profile.parent / f"{profile.name}.log", "w")  # noqa: SIM115, ASYNC230
+    log_path = profile / "chromium.log"  # removed with the profile; quoted on failure
+    log = open(log_path, "w")  # noqa: SIM115, ASYNC230
     proc = subprocess.Popen(  # noqa: ASYNC220 - one fork, before anything is measured
         [program, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
          "--window-size=1366,900", "about:blank"],
@@ -153,7 +154,8 @@ async def chromium_tabs(program: str, url: str, n: int) -> AsyncIterator[list[di
         port = 0
         while not port and time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"chromium exited with {proc.returncode}")
+                raise RuntimeError(f"chromium exited with {proc.returncode}: "
+                                   f"{log_path.read_text()[-500:]}")
             with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
                 port = int((profile / "DevToolsActivePort").read_text().splitlines()[0])
             if not port:
