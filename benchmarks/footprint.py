@@ -16,10 +16,16 @@
   parent's subscriber receiving it (interpreter start, import, node start,
   discovery, subscription handshake, delivery), with static peering and with
   mDNS; median of ``--repeat``. Target: <= 0.5 s.
+* **Idle agent with viewers** (`viewers`, benchmarks/viewers.py): an idle
+  ``zeromesh agent`` with two idle peers, its CPU with nobody watching (the
+  baseline), with 3 SSE clients on ``/v1/events`` and with 3 headless chromium
+  tabs on its mesh page (skipped, with the reason, without chromium). Target:
+  3 tabs <= 2 % of a core.
 
 Linux only (reads /proc). Run::
 
-    python benchmarks/footprint.py [--settle 3] [--cpu-window 30] [--repeat 5] [--json]
+    python benchmarks/footprint.py [--settle 3] [--cpu-window 30] [--repeat 5]
+                                   [--viewers-window 20] [--no-tabs] [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -205,12 +211,16 @@ async def cold_start(discovery: str, repeat: int) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
-async def amain(settle: float, window: float, repeat: int) -> dict[str, Any]:
+async def amain(settle: float, window: float, repeat: int, viewers_window: float,
+                viewers_settle: float, tabs: bool) -> dict[str, Any]:
     out: dict[str, Any] = {mode: await measure(mode, settle)
                            for mode in ("bare", "import", "node")}
     out["idle_cpu"] = await idle_cpu(window)
     out["cold_start_static"] = await cold_start("static", repeat)
     out["cold_start_mdns"] = await cold_start("mdns", repeat)
+    import viewers  # here, not at the top: the spawned children import this module
+
+    out["viewers"] = await viewers.amain(viewers_window, viewers_settle, tabs)
     return out
 
 
@@ -221,12 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-window", type=float, default=30.0,
                         help="seconds over which idle CPU is measured")
     parser.add_argument("--repeat", type=int, default=5, help="cold starts per discovery mode")
+    parser.add_argument("--viewers-window", type=float, default=20.0,
+                        help="seconds of agent CPU per viewers phase (>= 10)")
+    parser.add_argument("--no-tabs", action="store_true", help="skip the chromium tabs")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: 1 s settle, 10 s windows, 2 cold starts")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if not os.path.exists("/proc/self/status"):
         print("footprint: needs Linux /proc", file=sys.stderr)
         return 2
-    result = asyncio.run(amain(args.settle, args.cpu_window, args.repeat))
+    if args.quick:
+        args.settle, args.cpu_window, args.repeat, args.viewers_window = 1.0, 10.0, 2, 10.0
+    result = asyncio.run(amain(args.settle, args.cpu_window, args.repeat, args.viewers_window,
+                               2.0 if args.quick else 4.0, not args.no_tabs))
     if args.json:
         print(json.dumps({"benchmark": "footprint", **result}, indent=2))
         return 0
@@ -244,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         cold = result[f"cold_start_{mode}"]
         print(f"{'cold start -> first delivery, ' + mode:<34} {cold['median_s']:6.3f} s median "
               f"({cold['min_s']:.3f}-{cold['max_s']:.3f})   (target <= 0.5 s)")
+    import viewers
+
+    print("\n".join(viewers.report(result["viewers"])))
     return 0
 
 
