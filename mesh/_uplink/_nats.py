@@ -1,11 +1,15 @@
 """The NATS JetStream adapter (nats-py, NATS's own asyncio client).
 
-Export publishes through `publish_async` (a window of PubAcks in flight on
-one reply subscription) with ``Nats-Msg-Id`` = the mesh message id, so the
-stream drops a message sent twice within its duplicate window. Import is one
-durable pull consumer per import pattern (nats-server 2.9 has one filter
-subject per consumer), created if missing, delivering from the start of the
-stream, acknowledged explicitly.
+Export publishes with the client's plain `publish`, each with a reply subject
+of its own under one inbox subscription of ours where the stream's PubAcks
+come back (what `publish_async` does, without its per-message semaphore,
+NUID, random token, chained futures and JSON decoding of every ack; the core
+keeps the window, and an ack is decoded as JSON only when it is an error),
+with ``Nats-Msg-Id`` = the mesh message id, so the stream drops a message
+sent twice within its duplicate window. Import is one durable pull consumer
+per import pattern (nats-server 2.9 has one filter subject per consumer),
+created if missing, delivering from the start of the stream, acknowledged
+explicitly.
 
 The client's own reconnection is off: the uplink core reconnects (forever,
 with backoff), so a lost connection fails the PubAcks in flight at once and
@@ -18,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
+import json
 import logging
 import ssl
 from collections import deque
@@ -41,6 +47,7 @@ ACK_WAIT: Final[float] = 30.0
 """Seconds JetStream waits for our ack before delivering an import again."""
 PING_INTERVAL: Final[int] = 5
 """A silent link (cut cable) is noticed within about three of these."""
+_NO_RESPONDERS: Final[str] = "503"
 _REFUSALS: Final = ("authorization", "authentication", "permissions", "user credentials")
 
 
@@ -58,6 +65,11 @@ class NatsHub:
         self._subs: list[JetStreamContext.PullSubscription] = []
         self._lost: asyncio.Future[BaseException] | None = None
         self._outgoing: deque[tuple[str, bytes, dict[str, str], asyncio.Future[bool]]] = deque()
+        self._reply_prefix = ""
+        """``_INBOX.<nuid>.``: a publish's reply subject is this and its token."""
+        self._waiting: dict[str, asyncio.Future[bool]] = {}
+        """Published and not acknowledged yet, by reply token."""
+        self._tokens = itertools.count()
         self._wake = asyncio.Event()
         self._acks: list[Msg] = []
         self._writer: asyncio.Task[None] | None = None
@@ -80,10 +92,11 @@ class NatsHub:
             raise HubUnreachable(f"nats: cannot connect to {s.shown_url}") from exc
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             raise _classify(exc) from exc
-        self._js = nc.jetstream(timeout=API_TIMEOUT,
-                                      publish_async_max_pending=max(1, s.window))
+        self._js = nc.jetstream(timeout=API_TIMEOUT)
         try:
             await self._ensure_stream()
+            self._reply_prefix = f"{nc.new_inbox()}."
+            await nc.subscribe(f"{self._reply_prefix}*", cb=self._on_puback)
             for pattern in s.imports:
                 self._subs.append(await self._js.pull_subscribe(
                     self._subjects.outbound(pattern), durable=consumer_name(s, pattern),
@@ -148,8 +161,11 @@ class NatsHub:
     def _lose(self, reason: BaseException) -> None:
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(reason)
-        while self._outgoing:
-            fut = self._outgoing.popleft()[3]
+        waiting = [entry[3] for entry in self._outgoing]
+        waiting.extend(self._waiting.values())
+        self._outgoing.clear()
+        self._waiting.clear()
+        for fut in waiting:
             if not fut.done():
                 fut.set_exception(HubUnreachable(str(reason)))
         self._wake.set()
@@ -170,8 +186,10 @@ class NatsHub:
 
     async def _write(self) -> None:
         """Hands queued publishes and import acks to the client, in order."""
-        js = self._js
-        assert js is not None
+        nc = self._nc
+        assert nc is not None
+        publish, prefix = nc.publish, self._reply_prefix
+        waiting, tokens = self._waiting, self._tokens
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -183,15 +201,43 @@ class NatsHub:
                     subject, data, hdr, fut = self._outgoing.popleft()
                     if fut.done():
                         continue
+                    token = str(next(tokens))
+                    waiting[token] = fut
                     try:
-                        ack = await js.publish_async(subject, data, headers=hdr)
-                    except (nats.errors.MaxPayloadError, nats.errors.BadSubjectError) as exc:
+                        await publish(subject, data, reply=prefix + token, headers=hdr)
+                    except (nats.errors.MaxPayloadError, nats.errors.BadSubjectError,
+                            nats.errors.BadHeaderError) as exc:
+                        del waiting[token]
                         fut.set_exception(HubRefused(f"nats: {type(exc).__name__} {exc}"))
-                        continue
-                    ack.add_done_callback(_chain(fut))
             except (OSError, nats.errors.Error) as exc:
                 self._lose(HubUnreachable(f"nats: {type(exc).__name__} {exc}"))
                 return
+
+    async def _on_puback(self, msg: Msg) -> None:
+        """The stream's answer to one publish: ``{"stream":..,"seq":..}`` (with
+        ``"duplicate": true`` when it had that message id already), one with an
+        ``"error"`` (the stream will not take it: refused), or a 503 status (no stream
+        for the subject: it went away, and the next connection creates it again)."""
+        fut = self._waiting.pop(msg.subject[len(self._reply_prefix):], None)
+        if fut is None or fut.done():
+            return
+        data = msg.data
+        if msg.headers and msg.headers.get(api.Header.STATUS) == _NO_RESPONDERS:
+            fut.set_exception(HubUnreachable("nats: no stream took the message (503)"))
+        elif b'"error"' in data or b'"duplicate"' in data:  # (rare: decoded only then)
+            try:
+                answer = json.loads(data)
+            except ValueError:
+                answer = {"error": {"description": data.decode(errors="replace")}}
+            error = answer.get("error")
+            if isinstance(error, dict):
+                fut.set_exception(HubRefused(
+                    f"nats: JetStream: {error.get('description')} (code {error.get('code')}, "
+                    f"err_code {error.get('err_code')})"))
+            else:
+                fut.set_result(answer.get("duplicate") is True)
+        else:
+            fut.set_result(False)
 
     # -- import --------------------------------------------------------------------------
 
@@ -252,21 +298,6 @@ def consumer_name(settings: UplinkSettings, pattern: str) -> str:
 def _key(msg: Msg) -> str:
     meta = msg.metadata
     return f"{meta.stream}:{meta.sequence.stream}"
-
-
-def _chain(fut: asyncio.Future[bool]) -> Any:
-    def done(ack: asyncio.Future[Any]) -> None:
-        if fut.done():
-            return
-        if ack.cancelled():
-            fut.set_exception(HubUnreachable("nats: publish cancelled"))
-        elif (error := ack.exception()) is not None:
-            refused = isinstance(error, nats.js.errors.APIError)
-            fut.set_exception(HubRefused(f"nats: {error}") if refused
-                              else HubUnreachable(f"nats: {error}"))
-        else:
-            fut.set_result(bool(ack.result().duplicate))
-    return done
 
 
 def _is_refusal(error: BaseException) -> bool:
