@@ -212,11 +212,11 @@ class MqttHub:
         if client is None or self.lost.done():
             future.set_exception(HubUnreachable("mqtt: not connected"))
             return future
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.UserProperty = [*headers.items(), (ID_HEADER, msg_id)]
         try:
+            props = _UserProperties(headers, msg_id)
             info = client.publish(self.subjects.outbound(topic), data, qos=1, properties=props)
-        except ValueError as exc:  # a payload over 256 MB, a topic paho will not take
+        except ValueError as exc:  # a payload over 256 MB, a topic paho will not take, a
+            # header over 64 KiB
             future.set_exception(HubRefused(f"mqtt: {topic}: {exc}"))
             return future
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -413,6 +413,41 @@ class MqttHub:
         what = (f"the broker disconnected us ({reason})" if flags.is_disconnect_packet_from_server
                 else "disconnected" if reason.value == 0 else "connection lost")
         self._gone(HubUnreachable(f"mqtt: {self.settings.shown_url}: {what}"))
+
+
+class _UserProperties(Properties):
+    """A PUBLISH's properties: the message's headers and its id as MQTT user properties,
+    encoded here once. paho's own `Properties` costs more per message than the rest of
+    the export (a table of every property name built per instance, a name search per
+    attribute, then `pack`); paho only calls `pack` on a PUBLISH's properties."""
+
+    def __init__(self, headers: Mapping[str, str], msg_id: str) -> None:  # (no super: unused)
+        parts: list[bytes] = []
+        for key, value in (*headers.items(), (ID_HEADER, msg_id)):
+            k, v = key.encode(), value.encode()
+            if len(k) > 0xFFFF or len(v) > 0xFFFF:
+                raise ValueError(f"header {key[:40]!r}: over 65,535 bytes")
+            parts.append(b"\x26%b%b%b%b" % (len(k).to_bytes(2, "big"), k,
+                                               len(v).to_bytes(2, "big"), v))
+        body = b"".join(parts)
+        object.__setattr__(self, "_packed", _varint(len(body)) + body)
+
+    def pack(self) -> bytes:
+        packed: bytes = self.__dict__["_packed"]
+        return packed
+
+    def __str__(self) -> str:  # (paho's debug log line)
+        return f"[user properties, {len(self.__dict__['_packed'])} bytes]"
+
+
+def _varint(n: int) -> bytes:
+    """An MQTT Variable Byte Integer."""
+    out = bytearray()
+    while True:
+        n, byte = n >> 7, n & 0x7F
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def _resolve(future: asyncio.Future[bool], reason: ReasonCode, topic: str) -> None:
