@@ -149,8 +149,10 @@ class MqttHub:
                              protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False,
                              manual_ack=True)
         client.connect_timeout = CONNECT_TIMEOUT
-        client.max_inflight_messages_set(s.window)
-        client.max_queued_messages_set(0)  # unbounded: the core keeps to its window
+        # No cap of paho's own: the core keeps to its window already, and with a cap paho
+        # walks every message in flight after each PUBACK looking for one to send.
+        client.max_inflight_messages_set(0)
+        client.max_queued_messages_set(0)
         if s.username() is not None:
             client.username_pw_set(s.username(), s.secret())
         if s.tls:
