@@ -18,6 +18,7 @@ expiry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -48,6 +49,8 @@ KEEPALIVE: Final[int] = 10
 """Seconds: a broker gone silent is noticed within about twice this (paho's PINGREQ)."""
 CLOSE_WAIT: Final[float] = 1.0
 """Seconds `close` waits for the DISCONNECT to leave before it just closes the socket."""
+_READ_AHEAD: Final[int] = 64 * 1024
+"""Bytes a read takes from the socket at most (paho then reads from them)."""
 _TRANSIENT: Final = frozenset({136, 137, 159})
 """CONNACK codes worth a quick retry: server unavailable, busy, connection rate exceeded."""
 
@@ -70,6 +73,76 @@ def client_id(prefix: str, node_name: str) -> str:
     if len(clean) > 64:
         clean = clean[:55] + "-" + hashlib.blake2s(raw.encode(), digest_size=4).hexdigest()
     return clean
+
+
+class _Client(paho.Client):
+    """paho's client with its socket I/O buffered once the loop drives it.
+
+    paho reads a packet with a `recv` per byte of its fixed header and one for the rest
+    (three system calls per PUBACK) and writes each packet with a `send` of its own.
+    Here a read takes what the socket has (up to `_READ_AHEAD`) and hands it to paho
+    from memory, and the packets one `loop_write` produces leave in one `send`. What is
+    left unsent counts as wanting to write, so paho keeps the writer registered for it;
+    a close sends what it can first (the DISCONNECT). The CONNECT, written by the
+    thread that connects before the loop takes over, goes straight out."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffering = False
+        """Set when the loop takes the socket over."""
+        self._rbuf = b""
+        self._rpos = 0
+        self._wbuf = bytearray()
+
+    def buffered(self) -> int:
+        """Bytes read from the socket that paho has not taken yet."""
+        return len(self._rbuf) - self._rpos
+
+    def want_write(self) -> bool:
+        return bool(self._wbuf) or super().want_write()
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        buf, pos = self._rbuf, self._rpos
+        if pos >= len(buf):
+            if bufsize >= _READ_AHEAD:
+                return super()._sock_recv(bufsize)
+            buf, pos = super()._sock_recv(_READ_AHEAD), 0  # (raises when there is nothing)
+            self._rbuf = buf
+        end = min(pos + bufsize, len(buf))
+        self._rpos = end
+        return buf[pos:end]
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if not self.buffering:
+            return super()._sock_send(buf)
+        self._wbuf += buf
+        return len(buf)
+
+    def _packet_write(self) -> MQTTErrorCode:
+        rc = super()._packet_write()
+        if self._wbuf and self._sock is not None:
+            try:
+                self._flush()
+            except BlockingIOError:  # (paho has registered the writer for the rest)
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError as exc:
+                self._easy_log(paho.MQTT_LOG_ERR, "failed to send on socket: %s", exc)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        return rc
+
+    def _flush(self) -> None:
+        wbuf = self._wbuf
+        while wbuf:
+            sent = super()._sock_send(wbuf)
+            del wbuf[:sent]
+
+    def _sock_close(self) -> None:
+        if self._wbuf and self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._flush()
+        self._wbuf.clear()
+        self._rbuf, self._rpos = b"", 0
+        super()._sock_close()
 
 
 def _guarded(method: Callable[Concatenate[MqttHub, _P], None]
@@ -98,7 +171,7 @@ class MqttHub:
         self.client_id = settings.client_id or client_id(settings.prefix, node_name)
         self.unmapped = 0
         """Imported messages whose topic has no mesh spelling: acknowledged and dropped."""
-        self._client: paho.Client | None = None
+        self._client: _Client | None = None
         self._sock: paho.SocketLike | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._lost: asyncio.Future[BaseException] | None = None
@@ -143,9 +216,9 @@ class MqttHub:
                 raise HubUnreachable(f"mqtt: {where}: {exc}") from exc
             raise
 
-    def _new_client(self) -> paho.Client:
+    def _new_client(self) -> _Client:
         s = self.settings
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+        client = _Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False,
                              manual_ack=True)
         client.connect_timeout = CONNECT_TIMEOUT
@@ -164,7 +237,7 @@ class MqttHub:
         client.on_disconnect = self._on_disconnect
         return client
 
-    async def _open(self, client: paho.Client) -> None:
+    async def _open(self, client: _Client) -> None:
         """TCP (and TLS) in a thread, CONNECT written there too (no loop callbacks are set
         yet, so paho writes it at once); then the loop takes the socket over."""
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -183,6 +256,7 @@ class MqttHub:
             raise HubUnreachable(f"mqtt: {self.settings.shown_url}: {paho.error_string(rc)}")
         loop = asyncio.get_running_loop()
         self._sock = sock
+        client.buffering = True
         self._closed.clear()
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
@@ -306,10 +380,12 @@ class MqttHub:
 
     @_guarded
     def _read(self) -> None:
-        """Over TLS, what the SSL object holds decrypted wakes no reader: read it too."""
-        while self._client is not None and self._sock is not None:
-            self._client.loop_read()
-            if not (isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()):
+        """What the client has read ahead, and over TLS what the SSL object holds
+        decrypted, wake no reader: read them too."""
+        while (client := self._client) is not None and self._sock is not None:
+            client.loop_read()
+            if not (client.buffered()
+                    or (isinstance(self._sock, ssl.SSLSocket) and self._sock.pending())):
                 break
 
     @_guarded
