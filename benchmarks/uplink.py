@@ -93,6 +93,10 @@ START_TIMEOUT: Final[float] = 30.0
 PATHS: Final[tuple[str, ...]] = ("best_effort", "reliable")
 PROFILE_ENV: Final[str] = "ZM_UPLINK_PROFILE"
 PAYLOAD: Final[bytes] = base.PAYLOAD
+QUICK_SECONDS: Final[float] = 0.3
+QUICK_COUNT: Final[int] = 5_000
+WINDOW: Final[int] = 256
+"""The uplink's default window (messages in flight to the hub)."""
 
 
 @dataclass
@@ -179,7 +183,8 @@ def _ready_fields(proc: subprocess.Popen[str], timeout: float) -> dict[str, str]
 
 
 @contextlib.contextmanager
-def running_agent(workdir: Path, mesh: str, hub_url: str, fsync: str) -> Iterator[Agent]:
+def running_agent(workdir: Path, mesh: str, hub_url: str, fsync: str, window: int
+                  ) -> Iterator[Agent]:
     """A ``zeromesh agent`` exporting ``bench.>`` to `hub_url`, for the block; always stopped
     (SIGTERM, then SIGKILL, by PID)."""
     config = workdir / "agent.toml"
@@ -187,7 +192,8 @@ def running_agent(workdir: Path, mesh: str, hub_url: str, fsync: str) -> Iterato
         f'name = "bench-agent"\nmesh = "{mesh}"\ninterfaces = ["{LOOPBACK}"]\nmdns = false\n'
         f'data_dir = "{workdir / "agent"}"\nhttp = "{LOOPBACK}:0"\nfsync = "{fsync}"\n'
         f"pub_hwm = 0\nsub_hwm = 0\n\n"
-        f'[[uplink]]\nurl = "{hub_url}"\nprefix = "{PREFIX}"\nexport = ["{PREFIX}.>"]\n')
+        f'[[uplink]]\nurl = "{hub_url}"\nprefix = "{PREFIX}"\nexport = ["{PREFIX}.>"]\n'
+        f"window = {window}\n")
     argv = ["-m", "mesh", "agent", "--config", str(config)]
     profile = os.environ.get(PROFILE_ENV)
     if profile:
@@ -428,7 +434,7 @@ class Repetition:
 
 
 def measure(kind: str, repeat: int, seconds: float, max_count: int, fsync: str,
-            timeout: float, report: Callable[[str, int, Repetition], None] | None,
+            window: int, timeout: float, report: Callable[[str, int, Repetition], None] | None,
             paths: tuple[str, ...] = PATHS) -> list[Repetition]:
     """`repeat` repetitions on one broker: its baseline, then zeromesh's paths."""
     workdir = Path(tempfile.mkdtemp(prefix="zm-uplink-bench-"))
@@ -438,7 +444,7 @@ def measure(kind: str, repeat: int, seconds: float, max_count: int, fsync: str,
         with (base.nats_server() if kind == "nats" else base.mosquitto()) as port:
             broker = base.STARTED[-1][1]
             url = f"{'nats' if kind == 'nats' else 'mqtt'}://{LOOPBACK}:{port}"
-            with running_agent(workdir, mesh, url, fsync) as agent, \
+            with running_agent(workdir, mesh, url, fsync, window) as agent, \
                     running_publisher(mesh, agent, workdir / "publisher") as pub:
                 for n in range(1, repeat + 1):
                     rep = Repetition({}, {})
@@ -547,38 +553,44 @@ def _print_summary(kind: str, reps: list[Repetition], fsync: str, loop: str) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    _harness.add_run_flags(parser, quick="a small run: 0.5 s, 1 repetition (smoke test)")
+    _harness.add_run_flags(parser, quick=f"a small run: {QUICK_SECONDS:g} s or {QUICK_COUNT:,} "
+                                         "messages per run, 1 repetition (smoke test)")
     parser.add_argument("--seconds", type=float, default=None,
                         help=f"publishing time per run (default {base.SECONDS})")
-    parser.add_argument("--max-count", type=int, default=base.MAX_COUNT,
-                        help="messages per run at the most")
+    parser.add_argument("--max-count", type=int, default=None,
+                        help=f"messages per run at the most (default {base.MAX_COUNT:,})")
     parser.add_argument("--only", choices=("nats", "mqtt"), default=None)
     parser.add_argument("--path", choices=PATHS, default=None,
                         help="measure zeromesh's one path only (default both)")
     parser.add_argument("--fsync", choices=("batch", "off", "always"), default="batch",
                         help="the agent's spool fsync policy (default batch, the agent's)")
+    parser.add_argument("--window", type=int, default=WINDOW,
+                        help=f"the uplink's window (default {WINDOW}, the uplink's)")
     args = parser.parse_args()
     _harness.check_run_flags(parser, args)
-    if args.max_count < 1:
-        parser.error("--max-count must be at least 1")
-    seconds = args.seconds if args.seconds is not None else 0.5 if args.quick else base.SECONDS
+    if args.max_count is None:
+        args.max_count = QUICK_COUNT if args.quick else base.MAX_COUNT
+    if args.max_count < 1 or args.window < 1:
+        parser.error("--max-count and --window must be at least 1")
+    seconds = (args.seconds if args.seconds is not None else QUICK_SECONDS if args.quick
+               else base.SECONDS)
     repeat = args.repeat or (1 if args.quick else 3)
     loop = _harness.apply_loop_flag(args)
     report = None if args.json else _print_rep
     paths = PATHS if args.path is None else (args.path,)
     if not args.json:
         print(f"{SIZE} B messages, {seconds:g} s per run, {repeat} repetition(s); zeromesh: "
-              f"agent fsync={args.fsync}, uplink window 256, loop {loop}; baselines 64 in "
-              "flight", flush=True)
+              f"agent fsync={args.fsync}, uplink window {args.window}, loop {loop}; "
+              f"baselines {base.WINDOW} in flight", flush=True)
     result: dict[str, Any] = {"benchmark": "uplink", "size": SIZE, "seconds": seconds,
                               "repeat": repeat, "loop": loop, "fsync": args.fsync,
-                              "window": 256, "baseline_window": base.WINDOW,
+                              "window": args.window, "baseline_window": base.WINDOW,
                               "outstanding": OUTSTANDING}
     for kind in ("nats", "mqtt"):
         if args.only not in (None, kind):
             continue
-        reps = measure(kind, repeat, seconds, args.max_count, args.fsync, args.timeout,
-                       report, paths)
+        reps = measure(kind, repeat, seconds, args.max_count, args.fsync, args.window,
+                       args.timeout, report, paths)
         result[kind] = summary(reps)
         if not args.json:
             _print_summary(kind, reps, args.fsync, loop)
