@@ -13,6 +13,7 @@ import nats
 import pytest
 from nats.js import api
 
+from mesh._uplink import _nats
 from mesh._uplink._hub import HubRefused, HubUnreachable
 from mesh._uplink._nats import NatsHub
 from mesh._uplink._settings import UplinkSettings
@@ -38,8 +39,13 @@ class Hubs:
         return hub
 
 
-@pytest.fixture
-async def hubs() -> AsyncIterator[Hubs]:
+@pytest.fixture(params=["framed", "publish"])
+async def hubs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+               ) -> AsyncIterator[Hubs]:
+    """Each test runs twice: with the adapter writing HPUB frames into nats-py's buffer
+    itself, and with the `publish` it falls back to when nats-py's internals differ."""
+    if request.param == "publish":
+        monkeypatch.setattr(_nats, "_can_frame", lambda nc: False)
     made = Hubs()
     yield made
     for hub in made.made:
@@ -51,7 +57,8 @@ async def test_exports_are_acknowledged_in_order_and_a_resent_id_is_a_duplicate(
     server = nats_server()
     hub = hubs(server.url)
     await hub.connect()
-    futures = [hub.send(f"orders.eu{i % 3}", b"m%d" % i, {"n": str(i)}, f"id{i}")
+    futures = [hub.send(f"orders.eu{i % 3}", b"m%d" % i,
+                        {"n": f" {i}\r\n", "Nats-Msg-Id": "not this"}, f"id{i}")
                for i in range(300)]
     async with asyncio.timeout(WAIT):
         assert await asyncio.gather(*futures) == [False] * 300
