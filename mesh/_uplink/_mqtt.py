@@ -27,7 +27,7 @@ import secrets
 import ssl
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, Concatenate, Final, NamedTuple, ParamSpec
+from typing import Any, Concatenate, Final, Literal, NamedTuple, ParamSpec
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -49,6 +49,10 @@ KEEPALIVE: Final[int] = 10
 """Seconds: a broker gone silent is noticed within about twice this (paho's PINGREQ)."""
 CLOSE_WAIT: Final[float] = 1.0
 """Seconds `close` waits for the DISCONNECT to leave before it just closes the socket."""
+FAST_PUBLISH: Final[bool] = all(
+    callable(getattr(paho.Client, name, None))
+    for name in ("_mid_generate", "_packet_queue", "_handle_pubackcomp"))
+"""Whether this paho has what `_Client.publish_qos1` uses (else paho's `publish` is)."""
 _READ_AHEAD: Final[int] = 64 * 1024
 """Bytes a read takes from the socket at most (paho then reads from them)."""
 _TRANSIENT: Final = frozenset({136, 137, 159})
@@ -93,6 +97,49 @@ class _Client(paho.Client):
         self._rbuf = b""
         self._rpos = 0
         self._wbuf = bytearray()
+        self.on_puback: Callable[[int, int], None] | None = None
+        """Called with the mid and the reason code of each `publish_qos1`'s PUBACK."""
+        self._ours: set[int] = set()
+        """The mids of `publish_qos1`'s PUBLISHes not acknowledged yet."""
+
+    def publish_qos1(self, topic: bytes, payload: bytes, properties: bytes) -> int:
+        """Queue a QoS 1 PUBLISH built here; returns its mid (0: not connected).
+
+        What paho's `publish` does for QoS 1, without what it keeps per message for
+        its own retries and waiting (an MQTTMessage, an MQTTMessageInfo with a
+        threading.Condition: a third of the adapter's CPU per export): the core
+        keeps the window and resends after a reconnect, which is a new client. The
+        PUBACK goes to `on_puback`. Uses paho's `_mid_generate` and `_packet_queue`
+        (`FAST_PUBLISH` says whether this paho has them).
+
+        Raises:
+            ValueError: a topic paho would refuse (a wildcard, over 64 KiB), too large.
+        """
+        if self._sock is None:
+            return 0
+        if b"+" in topic or b"#" in topic:
+            raise ValueError("Publish topic cannot contain wildcards.")
+        if len(topic) > 0xFFFF:
+            raise ValueError("Publish topic is too long.")
+        remaining = 4 + len(topic) + len(properties) + len(payload)
+        if remaining > 268_435_455:
+            raise ValueError("Payload too large.")
+        mid = self._mid_generate()
+        packet = b"\x32%b%b%b%b%b%b" % (_varint(remaining), len(topic).to_bytes(2, "big"), topic,
+                                        mid.to_bytes(2, "big"), properties, payload)
+        self._ours.add(mid)
+        self._packet_queue(paho.PUBLISH, packet, mid, 1)
+        return mid
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd == "PUBACK" and len(packet) >= 2:
+            mid = int.from_bytes(packet[:2], "big")
+            if mid in self._ours and self.on_puback is not None:
+                self._ours.discard(mid)
+                self.on_puback(mid, packet[2] if len(packet) > 2 else 0)
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._handle_pubackcomp(cmd)
 
     def buffered(self) -> int:
         """Bytes read from the socket that paho has not taken yet."""
@@ -233,6 +280,7 @@ class MqttHub:
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
+        client.on_puback = self._on_puback
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
         return client
@@ -289,8 +337,16 @@ class MqttHub:
             future.set_exception(HubUnreachable("mqtt: not connected"))
             return future
         try:
-            props = _UserProperties(headers, msg_id)
-            info = client.publish(self.subjects.outbound(topic), data, qos=1, properties=props)
+            props = _user_properties(headers, msg_id)
+            if FAST_PUBLISH:
+                mid = client.publish_qos1(self.subjects.outbound(topic).encode(), data, props)
+                if not mid:
+                    future.set_exception(HubUnreachable("mqtt: publish: not connected"))
+                else:
+                    self._sent[mid] = (future, topic)
+                return future
+            info = client.publish(self.subjects.outbound(topic), data, qos=1,
+                                  properties=_UserProperties(props))
         except ValueError as exc:  # a payload over 256 MB, a topic paho will not take, a
             # header over 64 KiB
             future.set_exception(HubRefused(f"mqtt: {topic}: {exc}"))
@@ -444,6 +500,20 @@ class MqttHub:
             _resolve(sent[0], reason, sent[1])
 
     @_guarded
+    def _on_puback(self, mid: int, code: int) -> None:
+        """The PUBACK of a `publish_qos1`: 0x80 and up is a refusal ("No matching
+        subscribers", 16, is a success)."""
+        if self.lost.done():  # its future has failed already
+            return
+        sent = self._sent.pop(mid, None)
+        if sent is not None and not sent[0].done():
+            if code >= 0x80:
+                reason = ReasonCode(PacketTypes.PUBACK, identifier=code)
+                sent[0].set_exception(HubRefused(f"mqtt: {sent[1]} refused: {reason}"))
+            else:
+                sent[0].set_result(False)  # (MQTT does not say whether it had it already)
+
+    @_guarded
     def _on_message(self, client: paho.Client, _u: object, message: paho.MQTTMessage
                     ) -> None:
         if self.lost.done():  # not acknowledged: the broker sends it again
@@ -493,22 +563,31 @@ class MqttHub:
         self._gone(HubUnreachable(f"mqtt: {self.settings.shown_url}: {what}"))
 
 
-class _UserProperties(Properties):
-    """A PUBLISH's properties: the message's headers and its id as MQTT user properties,
-    encoded here once. paho's own `Properties` costs more per message than the rest of
-    the export (a table of every property name built per instance, a name search per
-    attribute, then `pack`); paho only calls `pack` on a PUBLISH's properties."""
+def _user_properties(headers: Mapping[str, str], msg_id: str) -> bytes:
+    """A PUBLISH's properties, encoded: the message's headers and its id as MQTT user
+    properties (the bytes paho's `Properties.pack` makes, at a fourteenth of the cost:
+    paho builds a table of every property name per instance and searches it per
+    attribute).
 
-    def __init__(self, headers: Mapping[str, str], msg_id: str) -> None:  # (no super: unused)
-        parts: list[bytes] = []
-        for key, value in (*headers.items(), (ID_HEADER, msg_id)):
-            k, v = key.encode(), value.encode()
-            if len(k) > 0xFFFF or len(v) > 0xFFFF:
-                raise ValueError(f"header {key[:40]!r}: over 65,535 bytes")
-            parts.append(b"\x26%b%b%b%b" % (len(k).to_bytes(2, "big"), k,
-                                               len(v).to_bytes(2, "big"), v))
-        body = b"".join(parts)
-        object.__setattr__(self, "_packed", _varint(len(body)) + body)
+    Raises:
+        ValueError: a header name or value over 65,535 bytes.
+    """
+    parts: list[bytes] = []
+    for key, value in (*headers.items(), (ID_HEADER, msg_id)):
+        k, v = key.encode(), value.encode()
+        if len(k) > 0xFFFF or len(v) > 0xFFFF:
+            raise ValueError(f"header {key[:40]!r}: over 65,535 bytes")
+        parts.append(b"\x26%b%b%b%b" % (len(k).to_bytes(2, "big"), k, len(v).to_bytes(2, "big"), v))
+    body = b"".join(parts)
+    return _varint(len(body)) + body
+
+
+class _UserProperties(Properties):
+    """Encoded PUBLISH properties for paho's `publish` (the fallback without
+    `FAST_PUBLISH`), which calls only `pack` on them."""
+
+    def __init__(self, packed: bytes) -> None:  # (no super: paho's tables are not used)
+        object.__setattr__(self, "_packed", packed)
 
     def pack(self) -> bytes:
         packed: bytes = self.__dict__["_packed"]
