@@ -52,8 +52,9 @@ _NO_RESPONDERS: Final[str] = "503"
 _BAD_SUBJECT: Final = re.compile(r"[ \t\r\n]")
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NEWLINES: Final = str.maketrans({"\r": " ", "\n": " "})
-_GOOD_NAMES: set[str] = set()
-"""Header names seen to be tokens (a bounded cache: the same few names come again)."""
+_HEADS: dict[tuple[tuple[str, str], ...], bytes] = {}
+"""Header blocks (without the id) by headers: the same few come again and again (the
+origin header alone, mostly); emptied when it holds 256."""
 _Outgoing = tuple[str, bytes, Mapping[str, str], str, "asyncio.Future[bool]"]
 """Hub subject, payload, headers, message id, and the future `send` returned."""
 _REFUSALS: Final = ("authorization", "authentication", "permissions", "user credentials")
@@ -267,8 +268,8 @@ class NatsHub:
                 head, data)
             frames.append(frame)
             size += len(frame)
-        if frames:
-            nc._pending.extend(frames)  # noqa: SLF001
+        if frames:  # one buffer: the transport's writelines costs per buffer it is given
+            nc._pending.append(b"".join(frames))  # noqa: SLF001
             nc._pending_data_size += size  # noqa: SLF001
             nc.stats["out_msgs"] += len(frames)
         return len(frames)
@@ -362,20 +363,23 @@ def _header_block(headers: Mapping[str, str], msg_id: str) -> bytes:
     Raises:
         nats.errors.BadHeaderError: a name NATS cannot carry (not an RFC 7230 token).
     """
-    lines = [b"NATS/1.0\r\n"]
-    for key, value in headers.items():
-        name = key.strip()
-        if not name or key == "Nats-Msg-Id":  # (ours is the message's id)
-            continue
-        if name not in _GOOD_NAMES:
+    items = tuple(headers.items())
+    head = _HEADS.get(items)
+    if head is None:
+        lines = [b"NATS/1.0\r\n"]
+        for key, value in items:
+            name = key.strip()
+            if not name or key == "Nats-Msg-Id":  # (ours is the message's id)
+                continue
             if not _HEADER_NAME.fullmatch(name):
                 raise nats.errors.BadHeaderError(name)
-            if len(_GOOD_NAMES) < 1024:
-                _GOOD_NAMES.add(name)
-        lines.append(b"%b: %b\r\n" % (name.encode(),
-                                        value.strip().translate(_NEWLINES).encode()))
-    lines.append(b"Nats-Msg-Id: %b\r\n\r\n" % msg_id.strip().translate(_NEWLINES).encode())
-    return b"".join(lines)
+            lines.append(b"%b: %b\r\n" % (name.encode(),
+                                            value.strip().translate(_NEWLINES).encode()))
+        head = b"".join(lines)
+        if len(_HEADS) >= 256:
+            _HEADS.clear()
+        _HEADS[items] = head
+    return b"%bNats-Msg-Id: %b\r\n\r\n" % (head, msg_id.strip().translate(_NEWLINES).encode())
 
 
 def consumer_name(settings: UplinkSettings, pattern: str) -> str:
