@@ -288,6 +288,14 @@ class Uplink:
                 counts.exported += len(acked)
                 acked.clear()
 
+        loop = asyncio.get_running_loop()
+        ticker: list[asyncio.TimerHandle] = []
+
+        def tick() -> None:  # a look at the ack timeout at least once a second
+            more.set()
+            ticker[:] = [loop.call_later(1.0, tick)]
+
+        tick()
         try:
             while True:
                 release()
@@ -319,10 +327,9 @@ class Uplink:
                 more.clear()
                 if acked:
                     continue  # acknowledged while sending: released at the top
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await more.wait()
+                await more.wait()  # (an ack, more to send, or the ticker)
         finally:
+            ticker[0].cancel()
             finished = True
             release()
 
