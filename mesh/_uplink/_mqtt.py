@@ -232,6 +232,8 @@ class MqttHub:
         self._arrived = asyncio.Event()
         self._keys: dict[str, str] = {}
         """Import key base (mid and hash) -> the key last given for it (the latest MARKS)."""
+        self._subjects_out: dict[str, bytes] = {}
+        """Hub topics (encoded) by mesh topic, for `publish_qos1`; emptied at 4096."""
         self._nonce = secrets.token_hex(4)
         self._fresh = 0
 
@@ -339,7 +341,12 @@ class MqttHub:
         try:
             props = _user_properties(headers, msg_id)
             if FAST_PUBLISH:
-                mid = client.publish_qos1(self.subjects.outbound(topic).encode(), data, props)
+                subject = self._subjects_out.get(topic)
+                if subject is None:  # (str.translate costs per character: once per topic)
+                    if len(self._subjects_out) >= 4096:
+                        self._subjects_out.clear()
+                    subject = self._subjects_out[topic] = self.subjects.outbound(topic).encode()
+                mid = client.publish_qos1(subject, data, props)
                 if not mid:
                     future.set_exception(HubUnreachable("mqtt: publish: not connected"))
                 else:
