@@ -80,7 +80,11 @@ class Mosquitto:
     def _config(self) -> Path:
         lines = [f"listener {self.port} 127.0.0.1", "persistence true",
                  f"persistence_location {self.workdir}/", f"log_dest file {self.log_path}",
-                 "log_type all"]
+                 "log_type all",
+                 # No cap on the QoS 1 messages queued for a subscriber (default 1,000, then
+                 # "Outgoing messages are being dropped"): the exporter PUBACKed 2,000 in a
+                 # burst faster than a checking mosquitto_sub took them.
+                 "max_queued_messages 0"]
         if self.tls:
             lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {self.ca}",
                       f"certfile {self.ca}", f"keyfile {self.key}"]
