@@ -13,6 +13,7 @@ method names. This module only re-exports; the layout, lowest layer first
     _names.py         topic, pattern, queue, service and durable names: one check each
     _config.py        NodeConfig: arguments, then environment, then defaults
     _ttl.py           message expiry: checking a ttl, has an item expired
+    _trace.py         OpenTelemetry spans for sends and receipts (off: one module bool)
     _membership/      who is out there: identity, peer table (alive/suspect/lost/forgotten),
                       control channel (hello, heartbeats, bye), peer events, hello parts
     _parts.py         what parts need from the node (Announcer, Waiter)
@@ -23,6 +24,8 @@ method names. This module only re-exports; the layout, lowest layer first
     _reliable/        at-least-once on the spool: the outbox, receiver dedup, durables, their end
     _memory/          what the mesh remembers: retained values and history, kept by each
                       publisher, gathered by new subscriptions with no gap and no duplicate
+    _figures/         what a node reports about itself (links, rates, queues, services),
+                      served to peers as an internal service; the mesh's, gathered and merged
     _core.py          NodeCore: builds the parts, starts and closes them as one
     _node.py          AsyncNode: the public asyncio API over the parts (+ _node_p2p.py,
                       its work-queue and service methods)

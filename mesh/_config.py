@@ -92,6 +92,10 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     service_hwm: int = 10_000
     """Request frames queued towards a server (0 = unbounded); the requests of one loop
     iteration share a frame. A full queue makes ``request`` wait, never drop."""
+    metrics_names: int = 1000
+    """Names (topics, queues, services, peers) each per-name counter keeps apart; the
+    rest are counted together as ``other`` (the busiest names keep their own), so a
+    topic explosion cannot exhaust memory or a metrics server."""
 
     def validated(self) -> "NodeConfig":
         """Return a copy with defaults resolved; raise ConfigError on the first bad key."""
@@ -141,6 +145,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                               "CURVE needs both secret_key and allow (the allowlist)")
         if self.max_message_size <= 0:
             raise ConfigError("max_message_size", "must be > 0")
+        if self.metrics_names < 1:
+            raise ConfigError("metrics_names", "must be >= 1")
         for key in ("pub_hwm", "sub_hwm", "service_hwm"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, "must be >= 0 (0 = unbounded)")

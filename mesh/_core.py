@@ -20,7 +20,6 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -35,8 +34,11 @@ from discovery import (
 )
 from patterns import Context, Curve, KeyFileError, load_allowlist, load_secret
 
-from . import _names, _wire
+from . import _names, _trace, _wire
 from ._config import NodeConfig
+from ._figures._mesh import MeshFigures
+from ._figures._own import OwnFigures
+from ._figures._report import Report
 from ._membership._control import Membership
 from ._membership._events import EventStreams, PeerEvents
 from ._membership._hello import Announcement, Identity
@@ -54,7 +56,7 @@ from ._services._requests import Requests
 from ._services._serving import Serving
 from ._spool._lock import DataDirLock
 from ._support._quiet import QuietLog
-from ._support._tally import Traffic
+from ._support._tally import Stats, Traffic
 from ._support._tasks import TaskSet
 from ._support._watch import Watchers
 from ._work._queues import WorkQueues
@@ -78,6 +80,7 @@ class _Running:
     history: HistoryReplay
     outbox: Outbox | None
     """The spool's sending side; None when the node has no data dir."""
+    figures: MeshFigures
     discovery: tuple[DiscoveryBackend, ...]
     tasks: TaskSet
     stack: contextlib.AsyncExitStack
@@ -101,9 +104,10 @@ class NodeCore:
         self._events = EventStreams()
         self._run: _Running | None = None
         self._closing = False
-        self.stats: Counter[str] = Counter(published=0, received=0, dropped=0, expired=0)
+        self.stats = Stats(self._config.metrics_names)
         """Message counts: published, received, dropped (gaps seen from publishers),
-        expired (copies dropped here because their ttl passed before delivery)..."""
+        expired (copies dropped here because their ttl passed before delivery)...; the
+        same per topic, queue, service and peer (`Stats`)."""
 
     # -- identity ----------------------------------------------------------------
 
@@ -163,6 +167,7 @@ class NodeCore:
         """
         if self._run is not None:
             return
+        _trace.refresh()  # is an OpenTelemetry SDK configured (now)?
         stack = contextlib.AsyncExitStack()
         try:
             run = await self._build(stack)
@@ -226,6 +231,9 @@ class NodeCore:
         kept.load()
         stack.callback(kept.close)
         history = HistoryReplay(kept, recall)
+        own = OwnFigures(peers=peers, pubsub=pubsub, work=work, serving=serving,
+                         requests=requests, heartbeat_interval=cfg.heartbeat_interval)
+        figures = MeshFigures(own, peers, requests)
         pubsub.history = kept if kept.patterns else None
         announcement.parts = (pubsub, work, serving, self._durables, store, kept)
         membership.attach(listeners=(self._durables, pubsub, work, requests,
@@ -254,12 +262,14 @@ class NodeCore:
         retained.start()
         history.start()
         work.start(self._id, cfg.name)
+        own.start(self._id, cfg.name)
+        tasks.spawn(own.run(), "zeromesh-figures")
         if outbox is not None:
             self._durables.keep_forgotten(outbox.forgotten)
         self._durables.start_clock()
         discovery = await self._start_discovery(stack, membership, identity)
         return _Running(identity, curve, membership, pubsub, work, serving, requests, retained,
-                        history, outbox, discovery, tasks, stack)
+                        history, outbox, figures, discovery, tasks, stack)
 
     async def _start_discovery(self, stack: contextlib.AsyncExitStack,
                                membership: Membership, identity: Identity
@@ -325,9 +335,29 @@ class NodeCore:
         run = self._run
         return run.membership.table.snapshot() if run is not None else []
 
+    def reload_allowlist(self) -> int:
+        """Read the CURVE allowlist (``allow``) again: keys added there are admitted
+        from their next connection, keys removed are refused from theirs (a peer refused
+        before is admitted when it connects again: ZeroMQ does not retry a connection
+        the allowlist refused). Returns how many keys it holds.
+
+        Raises:
+            ConfigError: the node is not secure, or the allowlist cannot be read.
+        """
+        run = self._live()
+        if run.curve is None or self._config.allow is None:
+            raise ConfigError("allow", "this node has no CURVE allowlist")
+        try:
+            allowed = load_allowlist(self._config.allow)
+        except KeyFileError as exc:
+            raise ConfigError("allow", str(exc)) from None
+        run.curve.replace_allowlist(allowed)
+        return len(allowed)
+
     def traffic(self) -> Traffic:
         """Counters for monitoring: node-wide totals plus per-topic and per-peer tallies
-        (peers by id; at most 1000 names each, the rest under ``_other``)."""
+        (peers by id; at most `NodeConfig.metrics_names` names each, the rest under
+        ``other``), and the sampled delivery latency."""
         run = self._run
         pubsub = run.pubsub if run is not None else None
         outbox = run.outbox if run is not None else None
@@ -343,7 +373,29 @@ class NodeCore:
             dead_letters=len(outbox.dead) if outbox else 0,
             input_dropped=self._dropped_input(),
             curve_refused=sum(curve.denied.values()) if curve else 0,
+            by_name={kind: tallies.snapshot() for kind, tallies in (
+                ("topic", self.stats.topics), ("queue", self.stats.queues),
+                ("service", self.stats.services), ("peer", self.stats.peers))},
+            latency={kind: each.snapshot() for kind, each in self.stats.latency.items()},
         )
+
+    def figures(self) -> Report:
+        """This node's own figures: its links, topics, queues and services, with the
+        rates of the last second (see `mesh._figures`).
+
+        Raises:
+            ClosedError: the node is not running.
+        """
+        return self._live().figures.own_report()
+
+    async def gather_figures(self) -> list[Report]:
+        """Every reachable node's figures, this node's first; peers that are suspect or
+        lost keep their last report (their state: `peers`).
+
+        Raises:
+            ClosedError: the node is not running.
+        """
+        return await self._live().figures.gather()
 
     def _dropped_input(self) -> dict[str, int]:
         """Everything dropped unharmed, by reason; discovery's reasons prefixed ``mdns_``."""

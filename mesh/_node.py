@@ -7,14 +7,16 @@ node's lifecycle and peer view are in `_core`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
-from . import _names, _ttl, _wire
+from . import _names, _trace, _ttl, _wire
 from ._memory._history import start_of
 from ._message import Message
 from ._node_p2p import WorkAndServices
 from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
+from ._reliable import _dead
 from ._reliable._durables import DurableInfo, durable_queue
 from ._work._pull import NO_SETTLE, Pull
 from ._work._queues import DEFAULT_PREFETCH
@@ -69,8 +71,14 @@ class AsyncNode(WorkAndServices):
             live = self._live()
             if ttl is not None:
                 ttl = _ttl.check(ttl)
-            live.retained.store.put(topic, live.pubsub.publish_retained(
-                topic, data, headers, self._config.name, ttl))
+            if _trace.ON:
+                with _trace.producing("publish", topic, headers) as headers:
+                    item = live.pubsub.publish_retained(topic, data, headers,
+                                                        self._config.name, ttl)
+            else:
+                item = live.pubsub.publish_retained(topic, data, headers, self._config.name,
+                                                    ttl)
+            live.retained.store.put(topic, item)
             return
         if not reliable:  # `publish_nowait`, inlined: this is the hot path
             run = self._run
@@ -78,7 +86,12 @@ class AsyncNode(WorkAndServices):
                 raise ClosedError("node is not running (use `async with` or `await start()`)")
             if ttl is not None:
                 ttl = _ttl.check(ttl)
-            if run.pubsub.publish(topic, data, headers, self._config.name, ttl) is not None:
+            if _trace.ON:
+                with _trace.producing("publish", topic, headers) as headers:
+                    flushed = run.pubsub.publish(topic, data, headers, self._config.name, ttl)
+                if flushed is not None:
+                    await asyncio.sleep(0)
+            elif run.pubsub.publish(topic, data, headers, self._config.name, ttl) is not None:
                 await asyncio.sleep(0)  # a large batch just left: let readers and timers run
             return
         await self.publish_many(topic, (data,), headers=headers, reliable=True, ttl=ttl)
@@ -95,6 +108,16 @@ class AsyncNode(WorkAndServices):
             Same as `publish`.
         """
         ttl = _ttl.check(ttl)
+        if _trace.ON and (reliable or retain):  # one span for the batch (see `_trace`)
+            payloads = list(payloads)
+            with _trace.producing("publish", topic, headers, len(payloads)) as headers:
+                await self._publish_many(topic, payloads, headers, reliable, retain, ttl)
+            return
+        await self._publish_many(topic, payloads, headers, reliable, retain, ttl)
+
+    async def _publish_many(self, topic: str, payloads: Iterable[bytes | str],
+                            headers: Mapping[str, str] | None, reliable: bool, retain: bool,
+                            ttl: float | None) -> None:
         if retain and not reliable:
             run = self._live()
             item = None
@@ -143,6 +166,10 @@ class AsyncNode(WorkAndServices):
         flushed a batch (a good moment to yield)."""
         if ttl is not None:
             ttl = _ttl.check(ttl)
+        if _trace.ON:
+            with _trace.producing("publish", topic, headers) as headers:
+                return self._live().pubsub.publish(topic, data, headers, self._config.name,
+                                                   ttl) is not None
         return self._live().pubsub.publish(topic, data, headers, self._config.name,
                                            ttl) is not None
 
@@ -171,6 +198,8 @@ class AsyncNode(WorkAndServices):
         if last is not None and last < 1:
             raise ConfigError("last", "must be >= 1")
         run = self._live()
+        if callback is not None and _trace.ON:
+            callback = _trace.traced(callback, "deliver", subscription=pattern)
         sub = run.pubsub.subscribe(pattern, callback, max_pending)
         if start is not None or last is not None:
             run.history.fill(sub, run.membership.interest_version, since=start or 0.0,
@@ -209,6 +238,22 @@ class AsyncNode(WorkAndServices):
             raise ConfigError("data_dir", "dead letters live in a data dir; none is set")
         return await run.outbox.replay(ids, run.work.requeue)
 
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """The dead letters in this node's spool, oldest first (see `_reliable._dead`;
+        empty without a data dir)."""
+        outbox = self._live().outbox
+        return _dead.dead_letters(outbox) if outbox is not None else []
+
+    def purge_dead_letters(self, ids: Collection[int] | None = None) -> int:
+        """Delete dead letters (all, or those spool `ids`); how many went."""
+        outbox = self._live().outbox
+        return _dead.purge(outbox, ids) if outbox is not None else 0
+
+    def spool_figures(self) -> dict[str, Any]:
+        """The spool's depth, bytes, quota, oldest age, fsync policy and dead letters."""
+        cfg = self.config
+        return _dead.spool_figures(self._live().outbox, cfg.spool_quota, cfg.fsync.value)
+
     async def dead_letter(self, queue: str, msg: Message, *, reason: str,
                           attempts: int) -> None:
         """Keep a message this node's application gave up on in the dead-letter spool.
@@ -230,6 +275,7 @@ class AsyncNode(WorkAndServices):
         record = _wire.Spooled("q", queue, item, attempts=attempts, reason=reason)
         await outbox.dead.append(_wire.encode_spooled(record))
         self.stats["dead_lettered"] += 1
+        self.stats.queues["dead_lettered"].add(queue)
 
     @property
     def spool_pending(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
-from . import _names
+from . import _names, _trace
 from ._core import NodeCore
 from ._message import Message
 from ._services._server import DEFAULT_CONCURRENCY, Service, ServiceHandler
@@ -49,7 +49,16 @@ class WorkAndServices(NodeCore):
         run = self._run
         if run is None or self._closing:
             return self._not_running()
+        if _trace.ON:
+            return self._push_traced(queue, data, headers, timeout, reliable, ttl)
         return run.work.push(queue, data, headers, timeout, self._closed, reliable, ttl)
+
+    async def _push_traced(self, queue: str, data: bytes | str,
+                           headers: Mapping[str, str] | None, timeout: float, reliable: bool,
+                           ttl: float | None) -> None:
+        with _trace.producing("push", queue, headers) as headers:
+            await self._live().work.push(queue, data, headers, timeout, self._closed,
+                                         reliable, ttl)
 
     def _closed(self) -> bool:
         return not self.running
@@ -70,6 +79,8 @@ class WorkAndServices(NodeCore):
             ConfigError: `queue` or `prefetch` is invalid.
             ClosedError: the node is not running.
         """
+        if handler is not None and _trace.ON:
+            handler = _trace.traced(handler, "pull", destination=queue)
         return self._live().work.pull(queue, prefetch, handler)
 
     async def wait_for_workers(self, queue: str, count: int = 1, *,
@@ -115,6 +126,8 @@ class WorkAndServices(NodeCore):
                 `concurrency` < 1.
             ClosedError: the node is not running.
         """
+        if _trace.ON:
+            handler = _trace.traced(handler, "serve", destination=service)
         return self._live().serving.serve(service, handler, concurrency)
 
     async def request(self, service: str, data: bytes | str, *, timeout: float = 5.0,
@@ -140,6 +153,10 @@ class WorkAndServices(NodeCore):
             RemoteError: the server's handler raised.
             ClosedError: the node is not running or closed meanwhile.
         """
+        if _trace.ON:
+            with _trace.producing("request", service, headers) as headers:
+                return await self._live().requests.request(service, data, timeout=timeout,
+                                                           retries=retries, headers=headers)
         return await self._live().requests.request(service, data, timeout=timeout,
                                                    retries=retries, headers=headers)
 

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
 from . import _loop, _names, _ttl
 from ._config import NodeConfig
+from ._figures._report import Report
 from ._membership._peers import Peer
 from ._message import Message, attach_receipt, receipt_of
 from ._node import AsyncNode
@@ -118,6 +120,10 @@ class Node:
     def traffic(self) -> Traffic:
         """See `AsyncNode.traffic`."""
         return self._read(self._node.traffic)
+
+    def reload_allowlist(self) -> int:
+        """See `AsyncNode.reload_allowlist`."""
+        return self._read(self._node.reload_allowlist)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -363,6 +369,26 @@ class Node:
     def wait_for_durables(self, topic: str, count: int = 1, *, timeout: float = 10.0) -> None:
         """See `AsyncNode.wait_for_durables`."""
         self._call(self._node.wait_for_durables(topic, count, timeout=timeout))
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """See `AsyncNode.dead_letters`."""
+        return self._read(self._node.dead_letters)
+
+    def purge_dead_letters(self, ids: Collection[int] | None = None) -> int:
+        """See `AsyncNode.purge_dead_letters`."""
+        return self._read(functools.partial(self._node.purge_dead_letters, ids))
+
+    def spool_figures(self) -> dict[str, Any]:
+        """See `AsyncNode.spool_figures`."""
+        return self._read(self._node.spool_figures)
+
+    def figures(self) -> Report:
+        """See `AsyncNode.figures`."""
+        return self._read(self._node.figures)
+
+    def gather_figures(self) -> list[Report]:
+        """See `AsyncNode.gather_figures`."""
+        return self._call(self._node.gather_figures())
 
     def durables(self) -> list[DurableInfo]:
         """See `AsyncNode.durables`."""

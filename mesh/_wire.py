@@ -47,7 +47,8 @@ tag  message    fields
                pull, queues, rtr, services, durables, key, feeds (the subs that
                only feed durables' live views: no reliable messages by pub/sub),
                retains (it holds retained values), history (its history patterns)
-2    Heartbeat  id, incarnation, subs_version, ctl
+2    Heartbeat  id, incarnation, subs_version, ctl, sent, echo, held (the round trip:
+               a peer echoes our last `sent` and how long it held it)
 3    Bye        id
 4    Credit     id, queue, consumed, epoch, window: a worker has consumed this many of
                a pusher's messages on a queue (a running total, so a lost one is
@@ -212,6 +213,13 @@ class Heartbeat(msgspec.Struct, frozen=True, array_like=True, tag=2):
     incarnation: int
     subs_version: int
     ctl: list[str]
+    sent: float = 0.0
+    """The sender's monotonic clock at sending (only the sender reads it, echoed)."""
+    echo: float = 0.0
+    """The `sent` of the receiver's last heartbeat to us (0: none yet)."""
+    held: float = 0.0
+    """Seconds between our receiving that heartbeat and sending this one: the receiver's
+    round trip is its clock now minus `echo` minus `held`."""
 
 
 class Bye(msgspec.Struct, frozen=True, array_like=True, tag=3):

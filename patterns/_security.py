@@ -131,6 +131,11 @@ class Curve:
         public, secret = load_secret(secret_key)
         return cls(public, secret, load_allowlist(allow))
 
+    def replace_allowlist(self, allowed: frozenset[bytes]) -> None:
+        """A new allowlist (a config reload): new connections and hellos are checked
+        against it (one reference swap, safe for the ZAP thread reading it)."""
+        self.allowed = allowed | {self.public}
+
     def allows(self, key: str | bytes) -> bool:
         raw = key.encode("ascii", "replace") if isinstance(key, str) else key
         return raw in self.allowed

@@ -68,10 +68,11 @@ def test_every_module_imports_on_its_own(module: str) -> None:
 
 LAYERS: list[tuple[str, ...]] = [
     ("mesh.errors", "mesh._support", "mesh._spool", "mesh._loop"),
-    ("mesh._wire", "mesh._message", "mesh._names", "mesh._config", "mesh._ttl"),
+    ("mesh._wire", "mesh._message", "mesh._names", "mesh._config", "mesh._ttl",
+     "mesh._trace"),
     ("mesh._membership", "mesh._parts"),
     ("mesh._reliable", "mesh._pubsub", "mesh._services", "mesh._work"),
-    ("mesh._memory",),
+    ("mesh._memory", "mesh._figures"),
     ("mesh._core", "mesh._node_p2p", "mesh._node"),
     ("mesh._sync", "mesh._sync_streams", "mesh"),
     ("mesh._uplink",),

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.uplink._binaries import require_binary
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 BENCHMARKS = ROOT / "benchmarks"
@@ -111,7 +113,27 @@ def test_every_example_is_tested() -> None:
     assert {p.name for p in EXAMPLES.glob("*.py")} == {
         "pubsub_async.py", "pubsub_sync.py", "peer_events.py", "worker_pool.py",
         "service_failover.py", "iot_sensor.py", "webhook_consumer.py",
-        "retained_dashboard.py"}
+        "retained_dashboard.py", "uplink_hub.py"}
+
+
+def test_uplink_example_crosses_both_hubs_both_ways() -> None:
+    """A reading reaches a plain NATS client and mosquitto_sub with its trace context; a
+    command from each hub reaches the mesh; both uplinks end connected with nothing waiting."""
+    for name, package in (("nats-server", "nats-server"), ("mosquitto", "mosquitto"),
+                          ("mosquitto_sub", "mosquitto-clients")):
+        require_binary(name, package)
+    out = run(EXAMPLES / "uplink_hub.py", timeout=60).stdout
+    lines = out.splitlines()
+    assert any(re.fullmatch(r"nats client: site1\.sensors\.kitchen\.temp 21\.5 traceparent="
+                            r"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 "
+                            r"Nats-Msg-Id=\w+-\d+", line) for line in lines), out
+    assert "mosquitto_sub: site1/sensors/kitchen/temp 21.5" in lines, out
+    assert "mesh: cmd.kitchen.light on (origin site1)" in lines, out
+    assert "mesh: cmd.kitchen.heater off (origin site1)" in lines, out
+    finals = [line for line in lines if line.startswith("uplink ")]
+    assert len(finals) == 2, out
+    for line in finals:
+        assert line.endswith(": connected, exported 1, imported 1, backlog 0"), out
 
 
 @pytest.mark.timeout(120)

@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Collection
 from typing import Final
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -164,3 +165,22 @@ def _from_http_exception(exc: web.HTTPException) -> web.StreamResponse:
     if exc.status == 405 and "Allow" in exc.headers:
         response.headers["Allow"] = exc.headers["Allow"]
     return response
+
+
+def cross_origin(request: web.Request) -> web.Response | None:
+    """A 403 for a request a browser made on behalf of a page of another origin (a
+    state-changing POST must not be a cross-site form or fetch), else None.
+
+    Browsers say where a request comes from: ``Sec-Fetch-Site`` (same-origin, same-site,
+    cross-site, none) and ``Origin``; clients that are not browsers send neither."""
+    site = request.headers.get("Sec-Fetch-Site", "").strip().lower()
+    if site and site not in ("same-origin", "none"):
+        return error(403, f"cross-origin request refused (Sec-Fetch-Site: {site[:32]})")
+    origin = request.headers.get("Origin", "").strip()
+    if origin:
+        parsed = urlsplit(origin)
+        host = request.headers.get("Host", "").strip().lower()
+        if origin == "null" or parsed.scheme not in ("http", "https") or \
+                parsed.netloc.lower() != host:
+            return error(403, f"cross-origin request refused (Origin: {origin[:64]})")
+    return None

@@ -2,7 +2,12 @@
 
 Node counters are read when scraped (a collector over `AsyncNode.traffic()`),
 so the message path pays one dict increment per batch and nothing per scrape
-interval. What only the agent sees (HTTP routes, requests, webhooks, pushes)
+interval. Per-name families (``zeromesh_topic_messages_*``, ``..._queue_...``,
+``zeromesh_service_requests_*``, ``zeromesh_peer_messages_*``) have at most
+`NodeConfig.metrics_names` label values each, the rest summed under ``other``;
+the delivery latency histogram is labelled by kind only (``pubsub``, ``work``):
+per name it would be a score of series per topic, and the per-name counters
+already say where the traffic is. What only the agent sees (HTTP routes, requests, webhooks, pushes)
 uses the client's own counters in a registry private to this agent.
 """
 
@@ -18,11 +23,17 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from .._membership._peers import PeerState
 from .._node import AsyncNode
+from .._support._tally import OTHER, SAMPLE_EVERY, LatencySnapshot
 from .._uplink._link import LinkState
 from .._uplink._links import Uplinks
 
@@ -51,6 +62,40 @@ _NODE_TOTALS: Final = (
     ("durables_forgotten", "zeromesh_durables_forgotten",
      "Durable subscriptions this node forgot while running (forget_durable, durable_expiry)."),
 )
+_SPOOL_EVENTS: Final = (
+    ("spooled", "written to the outbox spool (reliable)"),
+    ("redelivered", "failed and scheduled again (reliable)"),
+    ("dead_lettered", "moved to the dead-letter spool"),
+)
+_BY_NAME: Final = (
+    ("topic", "messages", (
+        ("sent", "published by this node"),
+        ("received", "handed to this node's subscriptions (once per message)"),
+        ("dropped", "a publisher dropped for this node at its high-water mark"),
+        ("expired", "dropped undelivered here because their ttl passed"),
+        *_SPOOL_EVENTS)),
+    ("topic", "bytes", (
+        ("sent", "of payload published by this node"),)),
+    ("queue", "messages", (
+        ("sent", "sent to workers by this node (a redelivery again)"),
+        ("received", "taken by this node's workers"),
+        ("dropped", "best-effort, lost in the pipe of a worker that died"),
+        ("expired", "dropped undelivered here because their ttl passed"),
+        *_SPOOL_EVENTS)),
+    ("service", "requests", (
+        ("sent", "sent by this node (each attempt)"),
+        ("received", "served by this node"),
+        ("dropped", "that reached this node for a service it does not serve"),
+        ("redelivered", "attempts after the first (another server)"),
+        ("timed_out", "given up on: no reply in time"),
+        ("remote_errors", "answered with an error by the server"))),
+    ("peer", "messages", (
+        ("sent", "sent to the peer (work, requests)"),
+        ("received", "received from the peer (pub/sub, work, requests)"),
+        ("dropped", "lost on the way: high-water mark gaps and work lost with the peer"))),
+)
+"""Per kind of name: (kind, what is counted, (event, help)). Each event is its own
+family, ``zeromesh_<kind>_<what>_<event>_total``, labelled by the kind (and ``peer_id``)."""
 
 
 class AgentMetrics:
@@ -148,6 +193,16 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily("zeromesh_dead_letters", "Messages in the dead-letter spool.",
                                 value=traffic.dead_letters)
 
+        yield from _by_name(traffic.by_name, names)
+        latency = HistogramMetricFamily(
+            "zeromesh_delivery_latency_seconds",
+            f"Publish to delivery, sampled (the oldest message of one received batch in "
+            f"{SAMPLE_EVERY}), by kind (pubsub, work); from the sender's clock.",
+            labels=["kind"])
+        for kind, snapshot in sorted(traffic.latency.items()):
+            latency.add_metric([kind], _buckets(snapshot), snapshot.total)
+        yield latency
+
         dropped_input = CounterMetricFamily(
             "zeromesh_input_dropped",
             "Input dropped without harm, by reason (undecodable frames, other meshes, "
@@ -159,6 +214,35 @@ class _NodeCollector(Collector):
                                       "Connections refused: CURVE key not in the allowlist.")
         refused.add_metric([], traffic.curve_refused)
         yield refused
+
+
+def _by_name(by_name: dict[str, dict[str, dict[str, int]]],
+              names: dict[str, str]) -> Iterator[Metric]:
+    """Every per-name family, present (if empty) whether or not its event happened yet."""
+    for kind, what, events in _BY_NAME:
+        counts = by_name.get(kind, {})
+        labels = ["peer", "peer_id"] if kind == "peer" else [kind]
+        for event, text in events:
+            family = CounterMetricFamily(f"zeromesh_{kind}_{what}_{event}",
+                                         f"{what.capitalize()} {text}, per {kind}.",
+                                         labels=labels)
+            key = event if what != "bytes" else f"bytes_{event}"
+            for name, n in counts.get(key, {}).items():
+                if kind == "peer":
+                    family.add_metric([OTHER if name == OTHER else names.get(name, ""), name],
+                                      n)
+                else:
+                    family.add_metric([name], n)
+            yield family
+
+
+def _buckets(snapshot: LatencySnapshot) -> list[tuple[str, float]]:
+    """Cumulative buckets as Prometheus wants them, ending with +Inf."""
+    out, running = [], 0
+    for bound, n in zip([*map(repr, snapshot.bounds), "+Inf"], snapshot.counts, strict=True):
+        running += n
+        out.append((bound, float(running)))
+    return out
 
 
 _UPLINK_TOTALS: Final = (

@@ -13,15 +13,18 @@ import logging
 from typing import Final, Self
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from .._node import AsyncNode
 from .._uplink._links import Uplinks
 from ..errors import ConfigError
 from . import _http
-from ._config import AgentConfig, http_address
+from ._config import AgentConfig, Webhook, http_address
 from ._metrics import AgentMetrics
+from ._page import Page
 from ._routes import Routes
+from ._seeing import Seeing
 from ._sse import Streams
 from ._webhooks import WebhookRunner
 
@@ -40,7 +43,8 @@ class Agent:
         self.metrics = AgentMetrics(self.node, self.uplinks)
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._hooks: list[asyncio.Task[None]] = []
+        self._hooks: dict[bytes, asyncio.Task[None]] = {}
+        """Running webhooks, by their settings (encoded): a reload keeps the unchanged."""
         self.http_url = ""
 
     def app(self) -> web.Application:
@@ -48,6 +52,8 @@ class Agent:
                               middlewares=[_http.middleware(self._count)])
         Routes(self.node, self.metrics, self.uplinks).add_to(app)
         Streams(self.node, self.metrics).add_to(app)
+        Seeing(self.node, self.uplinks).add_to(app)
+        Page().add_to(app)
         return app
 
     def _count(self, route: str, status: int) -> None:
@@ -72,10 +78,7 @@ class Agent:
             self.http_url = f"http://{shown}:{bound[1]}"
             await self.uplinks.apply(self.config.uplinks)
             self._session = aiohttp.ClientSession()
-            for i, hook in enumerate(self.config.webhooks):
-                runner = WebhookRunner(self.node, hook, i, self._session, self.metrics)
-                self._hooks.append(asyncio.get_running_loop().create_task(
-                    runner.run(), name=f"zeromesh-webhook-{i}"))
+            await self._apply_webhooks(self.config.webhooks)
         except BaseException:
             await self.aclose()
             raise
@@ -85,25 +88,41 @@ class Agent:
         await self.aclose()
 
     async def reload(self, config: AgentConfig) -> None:
-        """Apply a re-read config (SIGHUP): the uplinks change; other keys need a restart.
+        """Apply a re-read config (SIGHUP): webhooks, uplinks and the CURVE allowlist
+        change now; any other key that changed is named in one log line (it needs a
+        restart) and keeps its running value.
 
         Raises:
-            ConfigError: the new uplinks cannot run (the running ones are kept).
+            ConfigError: the new allowlist or uplinks cannot be used (what runs is kept).
         """
+        if config.allow is not None and config.allow == self.config.allow:
+            self.node.reload_allowlist()
         await self.uplinks.apply(config.uplinks)
-        self.config.uplinks = config.uplinks
-        _log.info("config reloaded: %d uplink(s)", len(config.uplinks))
+        await self._apply_webhooks(config.webhooks)
+        self.config.webhooks, self.config.uplinks = config.webhooks, config.uplinks
+        later = [key for key in AgentConfig.__struct_fields__
+                 if key not in _RELOADED and getattr(config, key) != getattr(self.config, key)]
+        if later:
+            _log.warning("config reloaded; changed keys that need a restart: %s",
+                         ", ".join(later))
+
+    async def _apply_webhooks(self, hooks: list[Webhook]) -> None:
+        """Run exactly these webhooks: unchanged ones keep running (and their queues)."""
+        wanted = {msgspec.json.encode(hook): (i, hook) for i, hook in enumerate(hooks)}
+        for key in [k for k in self._hooks if k not in wanted]:
+            await _stopped(self._hooks.pop(key))
+        assert self._session is not None
+        for key, (i, hook) in wanted.items():
+            if key not in self._hooks:
+                runner = WebhookRunner(self.node, hook, i, self._session, self.metrics)
+                self._hooks[key] = asyncio.get_running_loop().create_task(
+                    runner.run(), name=f"zeromesh-webhook-{i}")
 
     async def aclose(self) -> None:
         await self.uplinks.aclose()
-        for task in self._hooks:
-            task.cancel()
-        for task in self._hooks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            if not task.cancelled() and task.exception() is not None:
-                _log.error("webhook task failed: %s", task.exception())
-        self._hooks = []
+        hooks, self._hooks = list(self._hooks.values()), {}
+        for task in hooks:
+            await _stopped(task)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -111,3 +130,16 @@ class Agent:
             await self._runner.cleanup()
             self._runner = None
         await self.node.aclose()
+
+
+_RELOADED: Final = frozenset({"webhooks", "uplinks"})
+"""What SIGHUP changes in a running agent; besides, the files of an unchanged ``allow``
+path are read again."""
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    if not task.cancelled() and task.exception() is not None:
+        _log.error("webhook task failed: %s", task.exception())

@@ -20,6 +20,7 @@ from typing import Final
 import msgspec
 from aiohttp import web
 
+from .. import _trace
 from .._message import Message
 from .._node import AsyncNode
 from .._pubsub._subscription import Subscription
@@ -110,6 +111,8 @@ class Streams:
                     return response
                 msgs = [first, *sub.drain(BATCH - 1)]
                 await response.write(b"".join(event(m) for m in msgs))
+                if _trace.ON:
+                    _trace.received(msgs, "sse", subscription=pattern, operation="process")
                 counter.inc(len(msgs))
                 if sub.dropped != reported:  # a client slower than the stream loses the oldest
                     dropped.inc(sub.dropped - reported)
@@ -156,6 +159,8 @@ class Streams:
                 raise
             for _, settle in taken:
                 settle(True)
+            if _trace.ON:
+                _trace.received((m for m, _ in taken), "sse", operation="process")
             recent.extend(events)
             count(len(events))
 

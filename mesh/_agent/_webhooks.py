@@ -26,6 +26,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from .. import _trace
 from .._message import Message
 from .._node import AsyncNode
 from .._reliable._durables import durable_queue
@@ -71,7 +72,8 @@ class WebhookRunner:
         try:
             async for msg, settle in self._messages():
                 await self._slots.acquire()
-                task = asyncio.get_running_loop().create_task(self._deliver(msg, settle))
+                task = asyncio.get_running_loop().create_task(
+                    self._deliver_traced(msg, settle) if _trace.ON else self._deliver(msg, settle))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 if self._hook.concurrency == 1:
@@ -103,6 +105,12 @@ class WebhookRunner:
                     yield await pull.take()
                 except ClosedError:
                     return
+
+    async def _deliver_traced(self, msg: Message, settle: Settle) -> None:
+        """`_deliver` in a CONSUMER span, which each POST's ``traceparent`` names."""
+        with _trace.processing(msg, "webhook", destination=self._hook.queue,
+                               subscription=self._hook.pattern):
+            await self._deliver(msg, settle)
 
     async def _deliver(self, msg: Message, settle: Settle) -> None:
         try:
@@ -137,9 +145,12 @@ class WebhookRunner:
 
     async def _post(self, msg: Message) -> None:
         hook = self._hook
+        headers = for_delivery(msg, self._kind)
+        if _trace.ON:
+            _trace.inject(headers)  # the webhook span (current): the app's spans nest under it
         try:
             async with self._session.post(
-                    hook.url, data=msg.data, headers=for_delivery(msg, self._kind),
+                    hook.url, data=msg.data, headers=headers,
                     timeout=aiohttp.ClientTimeout(total=hook.timeout)) as response:
                 await response.read()
                 if not 200 <= response.status < 300:

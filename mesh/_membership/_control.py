@@ -25,6 +25,8 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+import msgspec
+
 from discovery import DiscoveryEvent, PeerFound, PeerInfo
 from patterns import (
     Context,
@@ -79,8 +81,9 @@ class Membership:
         self._static: set[str] = set()
         self._departed: BoundedDict[str, int] = BoundedDict(_MAX_SUBS)
         """id -> incarnation of peers that said goodbye: their stragglers are ignored."""
-        self._heartbeat: bytes | bytearray | None = None
-        """Our encoded heartbeat, the same for every peer until our interest changes."""
+        self._heartbeat: _wire.Heartbeat | None = None
+        """Our heartbeat, the same for every peer until our interest changes (but for
+        the round-trip stamps)."""
 
     def attach(self, *, listeners: Sequence[PeerListener], events: Sequence[EventSink],
                routes: ControlRoutes, tickers: Sequence[Ticker]) -> None:
@@ -229,21 +232,26 @@ class Membership:
                 ticker.tick()
 
     def beat(self) -> None:
-        """One heartbeat to every known peer, one hello to every link still unanswered."""
-        beat = self._heartbeat
-        if beat is None:
-            me = self._announcement
-            beat = self._heartbeat = _wire.encode_control(_wire.Heartbeat(
-                self._id, me.identity.incarnation, me.version, me.ctl))
+        """One heartbeat to every known peer, one hello to every link still unanswered.
+
+        Each peer's heartbeat echoes the stamp of its last one to us, and how long we
+        held it, so it measures its round trip to us (`PeerRecord.rtt`) for free."""
+        me = self._announcement
+        base = self._heartbeat
+        if base is None:
+            base = self._heartbeat = _wire.Heartbeat(self._id, me.identity.incarnation,
+                                                     me.version, me.ctl)
         links = self._links
         known = set()
+        now = time.monotonic()
         for rec in self.table.records():
             known.add(rec.ctl)
-            self._link(rec.ctl).send(beat)
+            held = now - rec.their_beat_at if rec.their_beat else 0.0
+            beat = msgspec.structs.replace(base, sent=now, echo=rec.their_beat, held=held)
+            self._link(rec.ctl).send(_wire.encode_control(beat))
         if len(known) == len(links):
             return
         hello = _wire.encode_control(self._announcement.hello(True))
-        now = time.monotonic()
         for endpoint in [e for e in links if e not in known]:
             if endpoint not in self._static and now - self._link_born[endpoint] > _PENDING_LINK_TTL:
                 self._drop_link(endpoint)
@@ -341,6 +349,12 @@ class Membership:
             return
         was = rec.state
         self.table.heard(rec)
+        now = rec.last_heard
+        rec.their_beat, rec.their_beat_at = beat.sent, now
+        if beat.echo and 0.0 <= beat.held < 3600.0:
+            rtt = now - beat.echo - beat.held
+            if 0.0 <= rtt < 3600.0:
+                rec.rtt = rtt
         if beat.subs_version != rec.subs_version:
             self._greet(rec.ctl)
         if was is not rec.state:

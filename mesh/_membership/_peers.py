@@ -62,6 +62,8 @@ class Peer:
     """Wall-clock time (epoch seconds) of the last message from it."""
     subscriptions: tuple[str, ...] = ()
     """The patterns it subscribes to."""
+    rtt: float | None = None
+    """Seconds of the last heartbeat round trip to it (None until measured)."""
 
     def to_dict(self) -> dict[str, object]:
         return {"id": self.id, "name": self.name, "state": self.state.value,
@@ -106,11 +108,17 @@ class PeerRecord:
     """When its silence runs out next (see `PeerTable`)."""
     armed_at: float = 0.0
     """`last_heard` when `timer` was set."""
+    rtt: float | None = None
+    """Seconds of the last heartbeat round trip (None until one was measured)."""
+    their_beat: float = 0.0
+    """The `sent` stamp of its last heartbeat, echoed back in ours."""
+    their_beat_at: float = 0.0
+    """Our monotonic clock when that heartbeat arrived."""
 
     def snapshot(self) -> Peer:
         last_seen = time.time() - (time.monotonic() - self.last_heard)
         return Peer(self.id, self.name, self.state, (self.ctl, self.pub), last_seen,
-                    tuple(p.pattern for p in self.subs))
+                    tuple(p.pattern for p in self.subs), self.rtt)
 
 
 class TableObserver(Protocol):

@@ -38,7 +38,7 @@ from .._message import Message
 from .._parts import Announcer, Waiter
 from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
-from .._support._tally import Tally
+from .._support._tally import Stats, Tally
 from ..errors import MessageTooLarge, ProtocolError
 from ._subscription import Callback, Subscription
 
@@ -63,7 +63,7 @@ class PubSub:
     """The pub/sub side of a node; owns its PUB and SUB sockets."""
 
     def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
-                 stats: Counter[str], *, peers: PeerTable, announcer: Announcer,
+                 stats: Stats, *, peers: PeerTable, announcer: Announcer,
                  waiter: Waiter, next_seq: Callable[[], int]) -> None:
         self._next_seq = next_seq
         self._config = config
@@ -99,9 +99,15 @@ class PubSub:
         self.dropped_by_peer: Counter[str] = Counter()
         self.received_by_peer = Tally()
         """Messages received from each publisher (by node id)."""
-        self.published_by_topic = Tally()
-        self.delivered_by_topic = Tally()
+        self.published_by_topic = stats.topics["sent"]
+        self.published_bytes_by_topic = stats.topics["bytes_sent"]
+        """Payload bytes this node published, per topic (counted per flushed batch)."""
+        self.delivered_by_topic = stats.topics["received"]
         """Messages handed to this node's subscriptions, once per message."""
+        self._from_peer = stats.peers["received"]
+        """Messages of every kind received from each peer (pub/sub's share counted here)."""
+        self._expired_by_topic = stats.topics[_ttl.EXPIRED]
+        self._latency = stats.latency["pubsub"]
         self._confirmed: BoundedDict[str, int] = BoundedDict()
         self._disconnects: dict[str, asyncio.TimerHandle] = {}
 
@@ -310,13 +316,17 @@ class PubSub:
         self._stats["published"] += self._outgoing_count
         outgoing, self._outgoing = self._outgoing, {}
         # one topic (the common case): its size is known, so its buffer is allocated once
+        single = len(outgoing) == 1
         hint = (self._outgoing_bytes + _wire.ITEM_OVERHEAD * self._outgoing_count + 256
-                if len(outgoing) == 1 else 0)
+                if single else 0)
+        payload_bytes = self._outgoing_bytes
         self._outgoing_count = self._outgoing_bytes = 0
         for topic, items in outgoing.items():
             first = self._topic_seq.get(topic, 0)
             self._topic_seq[topic] = first + len(items)
             self.published_by_topic.add(topic, len(items))
+            self.published_bytes_by_topic.add(
+                topic, payload_bytes if single else sum(len(i.payload) for i in items))
             frame = _wire.encode_data(_names.topic(topic),
                                       _wire.Batch(self.node_id, name, first, items), hint)
             try:
@@ -384,10 +394,15 @@ class PubSub:
         stream = (batch.source, topic)
         expected = self._expected_seq.get(stream)
         if expected is not None and batch.topic_seq > expected:
-            self._count_gap(batch, batch.topic_seq - expected)
+            self._count_gap(batch, topic, batch.topic_seq - expected)
         self._expected_seq[stream] = batch.topic_seq + len(items)
         self._stats["received"] += len(items)
         self.received_by_peer.add(batch.source, len(items))
+        self._from_peer.add(batch.source, len(items))
+        latency = self._latency
+        latency.left -= 1
+        if latency.left <= 0 and items:  # sampled: the oldest of the batch, never flattering
+            latency.sample(time.time() - items[0].ts)
         subs = self._matching(topic)
         if not subs:
             return
@@ -399,6 +414,7 @@ class PubSub:
                 for it in items if it.expires is None or it.expires > now]
         if len(msgs) != len(items):  # their ttl passed on the way (or in our socket's queue)
             self._stats[_ttl.EXPIRED] += len(items) - len(msgs)
+            self._expired_by_topic.add(topic, len(items) - len(msgs))
             delivered -= len(items) - len(msgs)
         self.delivered_by_topic.add(topic, delivered)
         if not msgs:
@@ -406,8 +422,10 @@ class PubSub:
         for sub in subs:
             sub._deliver(msgs)
 
-    def _count_gap(self, batch: _wire.Batch, lost: int) -> None:
+    def _count_gap(self, batch: _wire.Batch, topic: str, lost: int) -> None:
         self._stats["dropped"] += lost
+        self._stats.topics["dropped"].add(topic, lost)
+        self._stats.peers["dropped"].add(batch.source, lost)
         first = batch.source not in self.dropped_by_peer
         self.dropped_by_peer[batch.source] += lost
         if first:

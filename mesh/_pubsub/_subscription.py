@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
+from .. import _trace
 from .._message import Message
 from .._support._mailbox import Mailbox
 from ..errors import ClosedError
@@ -102,6 +103,9 @@ class Subscription(Mailbox[Message]):
                 except Exception:
                     _log.exception("subscription callback for %s failed", self.subject)
             return
+        if _trace.ON:
+            messages = list(messages)
+            _trace.received(messages, "deliver", subscription=self.subject)
         before = len(self._queue)
         self._queue.extend(messages)
         self.received += len(self._queue) - before

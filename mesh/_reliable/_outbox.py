@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Final
@@ -48,6 +47,7 @@ from .. import _ttl, _wire
 from .._config import NodeConfig
 from .._parts import Waiter
 from .._spool import FsyncPolicy, SpoolStore
+from .._support._tally import Stats, Tallies
 from ..errors import ClosedError, ConfigError, ProtocolError
 from ._dedup import Dedup
 
@@ -103,7 +103,7 @@ Requeue = Callable[..., None]
 class Outbox:
     """The outbox spool of one node and the bookkeeping of its reliable messages."""
 
-    def __init__(self, store: SpoolStore, dead: SpoolStore, stats: Counter[str],
+    def __init__(self, store: SpoolStore, dead: SpoolStore, stats: Stats,
                  waiter: Waiter, *, max_attempts: int, ack_timeout: float,
                  retry_backoff: float, forgotten: Collection[str] = ()) -> None:
         self.store = store
@@ -150,6 +150,8 @@ class Outbox:
             self._commit(batch)
         ids = await asyncio.shield(batch.done)
         self._stats["spooled"] += len(spooleds)
+        if spooleds:  # (one topic or one queue per call)
+            self._by_name(spooleds[0])["spooled"].add(spooleds[0].name, len(spooleds))
         return list(map(tracker(dests), ids[first:first + len(spooleds)], spooleds))
 
     def _commit(self, batch: _Batch) -> None:
@@ -219,6 +221,7 @@ class Outbox:
             if dest in pending:
                 one.pending = pending = tuple(d for d in pending if d != dest)
                 self._stats[_ttl.EXPIRED] += 1
+                self._by_name(one.spooled)[_ttl.EXPIRED].add(one.spooled.name)
                 if not pending:
                     done.append(one.spool_id)
         if done:
@@ -229,6 +232,7 @@ class Outbox:
         """Expired for every destination left (recovery)."""
         self._stats[_ttl.EXPIRED] += sum(len(one.pending) for one in tracked)
         for one in tracked:
+            self._by_name(one.spooled)[_ttl.EXPIRED].add(one.spooled.name, len(one.pending))
             one.pending = ()
         self.store.ack([one.spool_id for one in tracked])
         self._waiter.wake()
@@ -274,6 +278,7 @@ class Outbox:
             return False
         spooled.attempts += 1
         self._stats["redelivered"] += 1
+        self._by_name(spooled)["redelivered"].add(spooled.name)
         if spooled.attempts >= self.max_attempts:
             spooled.reason = reason
             task = asyncio.get_running_loop().create_task(self._bury(tracked))
@@ -281,6 +286,11 @@ class Outbox:
             task.add_done_callback(self._tasks.discard)
             return False
         return True
+
+    def _by_name(self, spooled: _wire.Spooled) -> Tallies:
+        """Where a spooled message's events are counted by name: its topic or its queue
+        (a durable's deliveries count on the topic, which is the name people know)."""
+        return self._stats.topics if spooled.kind == "t" else self._stats.queues
 
     def _retry(self, requeue: Requeue, dest: str, sent: tuple[_wire.Item, Tracked]) -> None:
         now = asyncio.get_running_loop().time()
@@ -333,6 +343,7 @@ class Outbox:
             return
         self.store.ack((tracked.spool_id,))
         self._stats["dead_lettered"] += 1
+        self._by_name(spooled)["dead_lettered"].add(spooled.name)
         self._waiter.wake()
         _log.warning("message %d on %s dead-lettered after %d attempts: %s", tracked.spool_id,
                      spooled.name, spooled.attempts, spooled.reason)
@@ -369,7 +380,7 @@ class Outbox:
             await self.inbox.aclose()
 
 
-async def open_spools(data_dir: str, config: NodeConfig, stats: Counter[str],
+async def open_spools(data_dir: str, config: NodeConfig, stats: Stats,
                       waiter: Waiter, forgotten: Collection[str] = ()) -> tuple[Outbox, Dedup]:
     """The outbox, dead-letter and inbox (dedup) spools under `data_dir`/spool; messages
     in it no longer wait for the `forgotten` durables.

@@ -27,7 +27,7 @@ import functools
 import itertools
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final, NoReturn
 
@@ -50,6 +50,7 @@ from .._membership._peers import PeerRecord, PeerState, PeerTable
 from .._message import Message
 from .._parts import Waiter
 from .._support._quiet import QuietLog
+from .._support._tally import Stats, Tally
 from ..errors import (
     ClosedError,
     ConfigError,
@@ -113,7 +114,7 @@ class Requests:
     """The requesting side of a node: a DEALER per server peer, requests in flight."""
 
     def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
-                 stats: Counter[str], *, peers: PeerTable, local: Serving,
+                 stats: Stats, *, peers: PeerTable, local: Serving,
                  waiter: Waiter) -> None:
         self._ctx = ctx
         self._quiet = quiet
@@ -135,6 +136,10 @@ class Requests:
         self._deadlines = Deadlines()
         self._requests: Coalescer[_Link, _wire.Request] = Coalescer(self._send_requests)
         self._closing: set[asyncio.Task[None]] = set()
+        self.timeouts_by_service = self._stats.services["timed_out"]
+        """Requests that timed out (after every retry), by service (the metrics' tally)."""
+        self.sent_by_peer = Tally()
+        """Requests sent to each peer (by id), for the node's figures."""
 
     def start(self, node_id: str) -> None:
         self._node_id = node_id
@@ -309,6 +314,7 @@ class Requests:
         if isinstance(exc, _ServerGone):
             raise NoRespondersError(service) from exc
         self._stats["request_timeouts"] += 1
+        self.timeouts_by_service.add(service)
         raise RequestTimeout(f"request to {service!r}", timeout) from exc
 
     async def _attempt(self, service: str, payload: bytes, headers: dict[str, str] | None,
@@ -330,6 +336,10 @@ class Requests:
         share = (deadline - loop.time()) / attempts_left
         use = next(self._uses)
         self._stats["requests"] += 1
+        services = self._stats.services
+        services["sent"].add(service)
+        if tried:  # another server, after a timeout or a server that went away
+            services["redelivered"].add(service)
         if isinstance(target, Service):
             tried.append("")
             return await self._call_local(target, service, payload, headers, share, use)
@@ -337,6 +347,8 @@ class Requests:
         if link is None:
             link = self._open_link(target)
         tried.append(target.id)
+        self._stats.peers["sent"].add(target.id)
+        self.sent_by_peer.add(target.id)
         if headers:
             size = (_wire.service_payload_size(payload, headers) + len(service)
                     + _wire.SERVICE_ITEM_OVERHEAD)
@@ -364,6 +376,7 @@ class Requests:
         self._pending[cid] = (fut, None)
         svc.outstanding += 1
         svc.last_used = use
+        self._stats.services["received"].add(service)  # (served here: no frame to count it)
         try:
             svc.submit(Message(service, payload, self._name, self._node_id, cid, time.time(),
                                headers), reply)
@@ -381,6 +394,7 @@ class Requests:
             return Message(service, reply.payload, name, source, reply.id, reply.ts)
         if reply.status == _wire.REPLY_ERROR:
             self._stats["remote_errors"] += 1
+            self._stats.services["remote_errors"].add(service)
             raise RemoteError(service, reply.error)
         if reply.status in (_wire.REPLY_NOT_SERVED, _wire.REPLY_BUSY):
             raise _ServerGone(f"{name} declined ({reply.status})")

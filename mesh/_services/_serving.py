@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections import Counter
+from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from patterns import Context, ServiceRouter, SocketClosed
 
@@ -23,16 +23,20 @@ from .._config import NodeConfig
 from .._message import Message
 from .._parts import Announcer
 from .._support._quiet import QuietLog
+from .._support._tally import Stats
 from ..errors import ConfigError
 from ._coalesce import Coalescer
 from ._server import Service, ServiceHandler
+
+_TIMINGS: Final[int] = 1024
+"""Answer times kept per served service (for its p50 and p99)."""
 
 
 class Serving:
     """The ROUTER side of a node: the services it serves, and their replies."""
 
     def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
-                 stats: Counter[str], announcer: Announcer) -> None:
+                 stats: Stats, announcer: Announcer) -> None:
         self._quiet = quiet
         self._stats = stats
         self._announcer = announcer
@@ -47,6 +51,8 @@ class Serving:
         by none, listed nowhere."""
         self._replies: Coalescer[bytes, _wire.Reply] = Coalescer(self._send_replies)
         self._closed = False
+        self.timings: dict[str, deque[float]] = {}
+        """Seconds the latest requests of each served service took to answer (its figures)."""
         self.endpoints: list[str] = []
 
     def bind(self, interfaces: Iterable[str]) -> list[str]:
@@ -96,6 +102,7 @@ class Serving:
         """`svc` closed: forget it and tell peers (unless the node is closing anyway)."""
         if self._served.get(svc.name) is svc:
             del self._served[svc.name]
+            self.timings.pop(svc.name, None)
             if not self._closed:
                 self._announcer.interest_changed()
 
@@ -113,14 +120,33 @@ class Serving:
 
     def _on_request(self, identity: bytes, req: _wire.Request) -> None:
         self._stats["requests_served"] += 1
+        stats = self._stats
+        stats.services["received"].add(req.service)
+        stats.peers["received"].add(req.source)
         svc = self._served.get(req.service) or self._internal.get(req.service)
-        if svc is None:
+        if svc is None:  # not (or no longer) served here: the requester tries another
+            stats.services["dropped"].add(req.service)
             self._send_reply(identity, _wire.Reply(req.id, _wire.REPLY_NOT_SERVED,
                                                    time.time(), b""))
             return
         msg = Message(req.service, req.payload, req.name, req.source, req.id, req.ts,
                       req.headers)
-        svc.submit(msg, functools.partial(self._send_reply, identity))
+        if svc is self._served.get(req.service):
+            svc.submit(msg, functools.partial(self._timed_reply, identity, req.service,
+                                              time.perf_counter()))
+        else:
+            svc.submit(msg, functools.partial(self._send_reply, identity))
+
+    def _timed_reply(self, identity: bytes, service: str, started: float,
+                     reply: _wire.Reply) -> None:
+        timings = self.timings.get(service)
+        if timings is None:
+            if service not in self._served:
+                self._send_reply(identity, reply)
+                return
+            timings = self.timings[service] = deque(maxlen=_TIMINGS)
+        timings.append(time.perf_counter() - started)
+        self._send_reply(identity, reply)
 
     def _send_reply(self, identity: bytes, reply: _wire.Reply) -> None:
         self._replies.add(identity, reply)

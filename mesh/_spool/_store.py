@@ -206,6 +206,10 @@ class SpoolStore:
     def get(self, record_id: int) -> bytes | None:
         return self._pending.get(record_id)
 
+    def first(self) -> bytes | None:
+        """The oldest unacknowledged message still kept (in the order they were stored)."""
+        return next(iter(self._pending.values()), None)
+
     async def append(self, payload: bytes) -> int:
         """Store one message; returns its id once it is on disk (per the fsync policy).
 

@@ -1,25 +1,49 @@
-"""Per-name message counts with a bounded number of names.
+"""Per-name message counts with a bounded number of names, and sampled latency.
 
 Topics come from senders, so a counter keyed by topic must not grow without
 limit: past `limit` distinct names, new names are counted under ``OTHER``.
-Counting happens once per batch on the hot path, so this is a plain dict.
+So that the first names seen do not keep their places for ever, the names
+counted under ``OTHER`` are reviewed every `limit` such counts: one that was
+clearly busier meanwhile than a kept name takes its place (the kept name's
+count folds into ``OTHER``, so the sum over all names stays the total).
+
+Counting happens once per batch on the hot path, so a tally is a plain dict
+and a name already kept costs one dict increment; only the misses pay more.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import Counter
 from dataclasses import dataclass
 from typing import Final
 
-OTHER: Final[str] = "_other"
+OTHER: Final[str] = "other"
+"""The name everything past the limit is counted under (``_`` keeps it apart from the
+usual user names)."""
 DEFAULT_LIMIT: Final[int] = 1000
+_MIN_REVIEW: Final[int] = 64
+"""Misses between reviews at least, so a tiny limit does not review on every miss."""
+LATENCY_BUCKETS: Final[tuple[float, ...]] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Upper bounds in seconds: from loopback batches up to minutes in a spool."""
+SAMPLE_EVERY: Final[int] = 16
+"""One received batch in this many has its oldest message's age measured: a batch
+holds up to hundreds of messages, so the cost per message is a decrement."""
 
 
 class Tally(dict[str, int]):
-    """Counts by name (topic, queue, service, peer), at most `limit` names."""
+    """Counts by name (topic, queue, service, peer), at most `limit` names (+ ``OTHER``)."""
 
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         super().__init__()
         self.limit = limit
+        self._rising: dict[str, int] = {}
+        """Names counted under OTHER since the last review, and how much (bounded too)."""
+        self._marks: dict[str, int] = {}
+        """The kept names' counts at the last review (what they did since is the difference)."""
+        self._misses = 0
 
     def add(self, name: str, n: int = 1) -> None:
         if name in self:
@@ -27,7 +51,102 @@ class Tally(dict[str, int]):
         elif len(self) < self.limit:
             self[name] = n
         else:
-            self[OTHER] = self.get(OTHER, 0) + n
+            self._miss(name, n)
+
+    def _miss(self, name: str, n: int) -> None:
+        self[OTHER] = self.get(OTHER, 0) + n
+        rising = self._rising
+        if name in rising:
+            rising[name] += n
+        elif len(rising) < self.limit:
+            rising[name] = n
+        self._misses += 1
+        if self._misses >= max(self.limit, _MIN_REVIEW):
+            self.review()
+
+    def review(self) -> None:
+        """Let the busiest names lately counted under OTHER replace the least busy kept
+        ones, when at least twice as busy since the last review (no churn between equals).
+        A promoted name counts from 0: what it had stays in OTHER (counters only grow)."""
+        marks = self._marks
+        kept = sorted((n - marks.get(k, 0), k) for k, n in self.items() if k != OTHER)
+        rising = sorted(((n, k) for k, n in self._rising.items()), reverse=True)
+        other = self.get(OTHER, 0)
+        for (busy, newcomer), (quiet, name) in zip(rising, kept, strict=False):
+            if busy <= 2 * quiet + 1:
+                break
+            other += self.pop(name)
+            self[newcomer] = 0
+        if other:
+            self[OTHER] = other
+        self._rising.clear()
+        self._marks = dict(self)
+        self._misses = 0
+
+
+class Tallies(dict[str, Tally]):
+    """The tallies of one kind of name (topics, queues...), one per event (sent, ...)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __missing__(self, event: str) -> Tally:
+        tally = self[event] = Tally(self.limit)
+        return tally
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        return {event: dict(tally) for event, tally in self.items() if tally}
+
+
+class Latency:
+    """A histogram of sampled delivery latencies (seconds), read at scrape time."""
+
+    __slots__ = ("counts", "left", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        """Per bucket (not cumulative), the last one past the largest bound."""
+        self.total = 0.0
+        self.left = SAMPLE_EVERY
+        """Batches until the next sample: the receiver decrements it, samples at 0."""
+
+    def sample(self, seconds: float) -> None:
+        """Count one latency and start the next wait (a negative age, from clocks that
+        disagree across hosts, counts as 0)."""
+        self.left = SAMPLE_EVERY
+        seconds = max(seconds, 0.0)
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def snapshot(self) -> LatencySnapshot:
+        return LatencySnapshot(LATENCY_BUCKETS, tuple(self.counts), self.total)
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySnapshot:
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    """Per bucket, not cumulative; one more than `bounds` (the +Inf bucket)."""
+    total: float
+    """Sum of the sampled latencies."""
+
+
+class Stats(Counter[str]):
+    """A node's message counts: node-wide totals (the Counter itself, as before), the same
+    events per name (`topics`, `queues`, `services`, `peers`: event -> Tally) and the
+    sampled delivery latency per kind (``pubsub``, ``work``).
+
+    One object handed to every part, so each counts where the event happens."""
+
+    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+        super().__init__(published=0, received=0, dropped=0, expired=0)
+        self.topics = Tallies(limit)
+        self.queues = Tallies(limit)
+        self.services = Tallies(limit)
+        self.peers = Tallies(limit)
+        """By peer id."""
+        self.latency = {"pubsub": Latency(), "work": Latency()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +169,8 @@ class Traffic:
     """Undecodable or refused input, by reason (bad frames, wrong mesh, unknown key...)."""
     curve_refused: int
     """Connections the CURVE allowlist turned away."""
+    by_name: dict[str, dict[str, dict[str, int]]]
+    """Kind (``topic``, ``queue``, ``service``, ``peer``) -> event -> name -> count; each
+    name set bounded (`Tally`), the rest under ``OTHER``."""
+    latency: dict[str, LatencySnapshot]
+    """Sampled delivery latency by kind (``pubsub``, ``work``)."""

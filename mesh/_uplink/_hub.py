@@ -40,6 +40,11 @@ class Incoming:
     headers: dict[str, str]
     token: object
     """The adapter's handle for `settle`."""
+    maybe_seen: bool = False
+    """The key may have been imported before: a redelivery (NATS delivered more than
+    once, MQTT's DUP flag), or a key that is the message's own id. Only then is it
+    looked up: a first delivery of a key made from broker fields (an MQTT packet id
+    wraps) is never taken for an old one."""
 
 
 class Hub(Protocol):

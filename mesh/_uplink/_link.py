@@ -42,6 +42,8 @@ _log = logging.getLogger("mesh.uplink")
 INTAKE_PREFETCH: Final[int] = 2048
 INTAKE_BATCH: Final[int] = 1024
 IMPORT_BATCH: Final[int] = 256
+IMPORT_GRACE: Final[float] = 5.0
+"""Longest a stopping agent waits for the imports it is publishing to reach its spool."""
 ACK_TIMEOUT: Final[float] = 10.0
 """A hub acknowledgement later than this means the connection is gone, whatever TCP says."""
 RETRY_FIRST: Final[float] = 0.2
@@ -336,12 +338,12 @@ class Uplink:
     # -- import -------------------------------------------------------------------------
 
     async def _import(self, hub: Hub) -> BaseException:
-        backlog, node, prefix = self.backlog, self._node, self.settings.prefix
+        backlog, prefix = self.backlog, self.settings.prefix
         while True:
             batch = await hub.receive(IMPORT_BATCH, 1.0)
             fresh: list[Incoming] = []
             for incoming in batch:
-                if backlog.seen(incoming.key):
+                if incoming.maybe_seen and backlog.seen(incoming.key):
                     self.counts.duplicates += 1
                     hub.settle(incoming)
                 elif incoming.headers.get(ORIGIN_HEADER) == prefix:
@@ -349,29 +351,48 @@ class Uplink:
                     hub.settle(incoming)
                 else:
                     fresh.append(incoming)
-            done: list[Incoming] = []
+            if not fresh:
+                continue
+            # Shielded: a message in the outbox must be marked and acknowledged, even when
+            # the agent stops meanwhile, or the hub's redelivery would be a duplicate.
+            bringing = asyncio.ensure_future(self._bring_in(hub, fresh))
             try:
-                for incoming in fresh:
-                    headers = {k: v for k, v in incoming.headers.items()
-                               if k not in _DROPPED_HEADERS}
-                    headers[ORIGIN_HEADER] = prefix
-                    try:
-                        await node.publish(incoming.topic, incoming.data, headers=headers,
-                                           reliable=True)
-                    except MessageTooLarge as exc:
-                        self.counts.failed += 1
-                        _log.error("uplink %s: cannot import %s: %s",
-                                   self.settings.shown_url, incoming.key, exc)
-                    except (SpoolFullError, ClosedError) as exc:
-                        # Not acknowledged: the hub delivers it again after its ack wait.
-                        return HubUnreachable(f"import paused: {exc}")
-                    else:
-                        self.counts.imported += 1
-                    done.append(incoming)
-            finally:
-                backlog.mark([incoming.key for incoming in done])
-                for incoming in done:
-                    hub.settle(incoming)
+                error = await asyncio.shield(bringing)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(IMPORT_GRACE):
+                        await bringing
+                raise
+            if error is not None:
+                return error
+
+    async def _bring_in(self, hub: Hub, fresh: list[Incoming]) -> BaseException | None:
+        """Publish into the mesh reliably, then mark and acknowledge what went in."""
+        done: list[Incoming] = []
+        prefix = self.settings.prefix
+        try:
+            for incoming in fresh:
+                headers = {k: v for k, v in incoming.headers.items()
+                           if k not in _DROPPED_HEADERS}
+                headers[ORIGIN_HEADER] = prefix
+                try:
+                    await self._node.publish(incoming.topic, incoming.data, headers=headers,
+                                             reliable=True)
+                except MessageTooLarge as exc:
+                    self.counts.failed += 1
+                    _log.error("uplink %s: cannot import %s: %s",
+                               self.settings.shown_url, incoming.key, exc)
+                except (SpoolFullError, ClosedError) as exc:
+                    # Not acknowledged: the hub delivers it again after its ack wait.
+                    return HubUnreachable(f"import paused: {exc}")
+                else:
+                    self.counts.imported += 1
+                done.append(incoming)
+        finally:
+            self.backlog.mark([incoming.key for incoming in done])
+            for incoming in done:
+                hub.settle(incoming)
+        return None
 
     # -- what /v1/uplinks shows ---------------------------------------------------------
 

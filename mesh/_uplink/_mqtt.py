@@ -22,8 +22,10 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import re
 import secrets
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -396,6 +398,12 @@ class MqttHub:
         if client is None:
             return
         if self._sock is not None and client.is_connected():
+            # paho closes its socket as soon as the DISCONNECT is written. With the broker's
+            # packets still unread in it, that close is a reset, and the broker throws away
+            # what it had not read yet: the PUBACKs of the last imports (redelivered after
+            # the next connect) and the DISCONNECT. So the connection is held open past
+            # paho's close by a second descriptor, and ended by `_linger`.
+            held = _hold(self._sock)
             client.disconnect(ReasonCode(PacketTypes.DISCONNECT, "Normal disconnection"))
             try:
                 async with asyncio.timeout(CLOSE_WAIT):
@@ -403,6 +411,11 @@ class MqttHub:
             except TimeoutError:
                 _log.warning("mqtt uplink %s: DISCONNECT not sent within %s s",
                              self.client_id, CLOSE_WAIT)
+                if held is not None:
+                    held.close()
+            else:
+                if held is not None:
+                    await _linger(held)
         self._unwatch()
         client.on_socket_close = client.on_socket_register_write = None
         client.on_socket_unregister_write = None
@@ -538,9 +551,11 @@ class MqttHub:
                              "spelling (first: %r)", self.client_id, subject)
             return
         headers = dict(getattr(message.properties, "UserProperty", None) or ())
-        key = headers.get(ID_HEADER) or self._key(message, subject)
+        own_id = headers.get(ID_HEADER)
+        key = own_id or self._key(message, subject)
         self._inbox.append(Incoming(key, topic, bytes(message.payload), headers,
-                                    _Token(client, message.mid, message.qos)))
+                                    _Token(client, message.mid, message.qos),
+                                    maybe_seen=bool(own_id) or bool(message.dup)))
         self._arrived.set()
 
     def _key(self, message: paho.MQTTMessage, subject: str) -> str:
@@ -631,6 +646,34 @@ def _abandon(client: paho.Client, opening: asyncio.Future[MQTTErrorCode] | None 
         sock = client.socket()
         if sock is not None:
             sock.close()
+
+
+def _hold(sock: paho.SocketLike) -> socket.socket | None:
+    """A second descriptor of `sock`'s connection (an SSL socket's too: only its TCP is
+    used), so that closing `sock` does not end the connection."""
+    if not isinstance(sock, socket.socket):
+        return None
+    try:
+        held = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+    except OSError:
+        return None
+    held.setblocking(False)
+    return held
+
+
+async def _linger(held: socket.socket) -> None:
+    """End a connection whose DISCONNECT is written: our FIN after it, then what the broker
+    still sends is read and dropped until it closes its side (it does on DISCONNECT), or
+    for CLOSE_WAIT s; then the close is no reset, and the broker has read all we sent."""
+    try:
+        held.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(CLOSE_WAIT):
+            while await asyncio.get_running_loop().sock_recv(held, 65536):
+                pass
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        held.close()
 
 
 def _why(reason: BaseException) -> str:

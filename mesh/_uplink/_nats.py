@@ -324,7 +324,8 @@ class NatsHub:
                 self._acks.append(msg)
                 continue
             out.append(Incoming(key=_key(msg), topic=topic, data=msg.data,
-                                headers=dict(msg.headers or {}), token=msg))
+                                headers=dict(msg.headers or {}), token=msg,
+                                maybe_seen=msg.metadata.num_delivered > 1))
         if self._acks:
             self._wake.set()
         return out

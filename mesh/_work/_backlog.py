@@ -15,11 +15,12 @@ while no worker ever comes.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 from .. import _ttl
 from .._reliable._outbox import Outbox, Tracked
+from .._support._tally import Stats
 from ._target import Sent
 
 
@@ -28,7 +29,7 @@ class Backlogs:
 
     __slots__ = ("_outbox", "_queues", "_soonest", "_stats")
 
-    def __init__(self, outbox: Outbox | None, stats: Counter[str]) -> None:
+    def __init__(self, outbox: Outbox | None, stats: Stats) -> None:
         self._outbox = outbox
         self._stats = stats
         self._queues: dict[str, deque[Sent]] = {}
@@ -126,5 +127,6 @@ class Backlogs:
         backlog.extend(keep)
         if best_effort:
             self._stats[_ttl.EXPIRED] += best_effort
+            self._stats.queues[_ttl.EXPIRED].add(queue, best_effort)
         if expired and self._outbox is not None:
             self._outbox.expired(expired, queue)

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Final
 
@@ -33,6 +32,7 @@ from .._membership._listener import ControlSender
 from .._message import Message
 from .._reliable._dedup import Dedup
 from .._support._quiet import QuietLog
+from .._support._tally import Stats
 from ..errors import ProtocolError
 from . import _window
 from ._pull import Handler, LocalQueue, Pull
@@ -101,10 +101,13 @@ class _InStream:
 class Workers:
     """The PULL socket and every queue this node works on."""
 
-    def __init__(self, ctx: Context, quiet: QuietLog, stats: Counter[str], *, max_wire: int,
+    def __init__(self, ctx: Context, quiet: QuietLog, stats: Stats, *, max_wire: int,
                  control: ControlSender, dedup: Dedup) -> None:
         self._quiet = quiet
         self._stats = stats
+        self._received = stats.queues["received"]
+        self._from_peer = stats.peers["received"]
+        self._latency = stats.latency["work"]
         self._max_wire = max_wire
         self._control = control
         self._dedup = dedup
@@ -259,9 +262,16 @@ class Workers:
             stream.credit_out = True
         name, source, items, now = batch.name, batch.source, batch.items, time.time()
         self._stats["pulled"] += len(items)
+        self._received.add(queue, len(items))
+        self._from_peer.add(source, len(items))
+        latency = self._latency
+        latency.left -= 1
+        if latency.left <= 0 and items:  # sampled: the oldest of the batch, never flattering
+            latency.sample(now - items[0].ts)
         msgs = [Message(it.topic or queue, it.payload, name, source, it.seq, it.ts, it.headers,
                         it.reliable) for it in items if it.expires is None or it.expires > now]
         if len(msgs) != len(items):
+            self._stats.queues[_ttl.EXPIRED].add(queue, len(items) - len(msgs))
             self._expired(stream, len(items) - len(msgs))
             if not msgs:
                 return

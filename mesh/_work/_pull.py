@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Final, Protocol
 
+from .. import _trace
 from .._message import Message, attach_receipt
 from ..errors import ClosedError
 from . import _window
@@ -136,6 +137,8 @@ class Pull:
         self.received += 1
         if local.waiters and local.items:
             local.wake()  # another handle may be waiting too
+        if _trace.ON:
+            _trace.received((msg,), "pull", destination=local.name)
         return msg
 
     async def next(self, timeout: float | None = None) -> Message:

@@ -33,8 +33,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from patterns import Context, Pusher, SocketClosed
@@ -50,6 +50,7 @@ from .._reliable._durables import PREFIX as _DURABLE_PREFIX
 from .._reliable._outbox import Outbox, Tracked
 from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
+from .._support._tally import Stats
 from ..errors import ClosedError, ConfigError, MessageTooLarge, NoRespondersError, RequestTimeout
 from ._backlog import Backlogs
 from ._credit import Workers
@@ -73,10 +74,24 @@ _TURN: Final[int] = 64
 _wall_clock: Final = time.time
 
 
+_MAX_FIGURES: Final[int] = 1000
+
+
+@dataclass(slots=True)
+class QueueCounts:
+    """One queue as this node sees it (see `WorkQueues.figures`)."""
+
+    workers: int
+    in_flight: int
+    backlog: int
+    sent: int
+    """Messages this node handed to the queue's workers so far (a running total)."""
+
+
 class WorkQueues:
     """Push/pull for one node: pusher-side dispatch plus the worker side (`Workers`)."""
 
-    def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog, stats: Counter[str],
+    def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog, stats: Stats,
                  *, peers: PeerTable, control: ControlSender, announcer: Announcer,
                  next_seq: Callable[[], int], outbox: Outbox | None = None,
                  dedup: Dedup | None = None) -> None:
@@ -84,6 +99,8 @@ class WorkQueues:
         self._ctx = ctx
         self._config = config
         self._stats = stats
+        self._sent = stats.queues["sent"]
+        self._sent_to = stats.peers["sent"]
         self._closed = False
         self._peers = peers
         self._announcer = announcer
@@ -239,6 +256,31 @@ class WorkQueues:
     def worker_count(self, queue: str) -> int:
         return len(self._targets_for(queue))
 
+    def figures(self) -> tuple[dict[str, QueueCounts], dict[str, int]]:
+        """Each queue this node pushes to, waits on or works for, and the messages sent
+        to each peer (by id, a running total per live target) for the node's figures."""
+        queues: dict[str, QueueCounts] = {}
+        by_peer: dict[str, int] = {}
+        names = {q for _, q in self._targets} | set(self._backlog.waiting()) | set(self.queues)
+        for queue in sorted(names)[:_MAX_FIGURES]:
+            backlog = len(self._backlog.get(queue) or ())
+            queues[queue] = QueueCounts(self._workers_of(queue), 0, backlog, 0)
+        for (peer_id, queue), target in self._targets.items():
+            counts = queues.get(queue)
+            if counts is not None:
+                counts.in_flight += len(target.inflight)
+                counts.sent += target.sent
+            if not target.local:
+                by_peer[peer_id] = by_peer.get(peer_id, 0) + target.sent
+        return queues, by_peer
+
+    def _workers_of(self, queue: str) -> int:
+        """`worker_count` without making targets (no socket is opened to count)."""
+        local = self.workers.local.get(queue)
+        return (sum(1 for rec in self._peers.records() if rec.state is PeerState.ALIVE
+                    and rec.pull and rec.queues.get(queue))
+                + (1 if local is not None and local.handles else 0))
+
     def _targets_for(self, queue: str) -> list[Target]:
         targets = self._target_cache.get(queue)
         if targets is None:
@@ -342,6 +384,9 @@ class WorkQueues:
         if target.local:
             local = self.workers.local.get(target.queue)
             if local is not None:
+                queues = self._stats.queues
+                queues["sent"].add(target.queue, n)
+                queues["received"].add(target.queue, n)
                 queue, name, node_id = target.queue, self.name, self.node_id
                 local.put_many([Message(item.topic or queue, item.payload, name, node_id,
                                         item.seq, item.ts, item.headers, item.reliable)
@@ -381,6 +426,8 @@ class WorkQueues:
             self.node_id, self.name, target.flushed, items, target.epoch, target.credit <= 0),
             nbytes + _wire.ITEM_OVERHEAD * len(items) + 256)
         target.flushed += len(items)
+        self._sent.add(target.queue, len(items))
+        self._sent_to.add(target.peer_id, len(items))
         with contextlib.suppress(SocketClosed):
             target.pusher.send(frame)
 
@@ -531,6 +578,8 @@ class WorkQueues:
             asyncio.get_running_loop().call_soon(self._pump_unless_closed, target.queue)
         if lost:
             self._stats["lost_in_flight"] += lost
+            self._stats.queues["dropped"].add(target.queue, lost)
+            self._stats.peers["dropped"].add(target.peer_id, lost)
             _log.warning("%s: %d best-effort messages of queue %s lost with worker %s",
                          reason, lost, target.queue, target.peer_id[:8])
 
@@ -541,6 +590,7 @@ class WorkQueues:
         if target.inflight:
             self._backlog.extend(target.queue, target.unconsumed(), front=True)
             self._stats["redelivered"] += len(target.inflight)
+            self._stats.queues["redelivered"].add(target.queue, len(target.inflight))
 
     # -- worker side -------------------------------------------------------------
 

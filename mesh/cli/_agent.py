@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import msgspec
 
@@ -39,7 +39,8 @@ async def run(args: argparse.Namespace) -> int:
     with stop_on_signals(stop):  # before `ready`: a signal right after it must be graceful
         agent = Agent(config)
         events = agent.node.events()  # opened before start: peers may greet us while it runs
-        async with agent:
+        flags = {k: getattr(args, k, None) for k in FLAGS}
+        async with agent, reload_on_hangup(agent, path, flags):  # SIGHUP too, before `ready`
             node = agent.node
             ep = node.endpoints
             out(f"ready name={node.name} id={node.id} mesh={node.mesh} "
@@ -50,16 +51,15 @@ async def run(args: argparse.Namespace) -> int:
                     out(event_line(event))
 
             reporter = asyncio.create_task(report())
-            with reload_on_hangup(agent, path, {k: getattr(args, k, None) for k in FLAGS}):
-                await stop.wait()
+            await stop.wait()
             reporter.cancel()
     out("stopped")
     return 0
 
 
-@contextlib.contextmanager
-def reload_on_hangup(agent: Agent, path: str | None, flags: Mapping[str, object]
-                     ) -> Iterator[None]:
+@contextlib.asynccontextmanager
+async def reload_on_hangup(agent: Agent, path: str | None, flags: Mapping[str, object]
+                     ) -> AsyncIterator[None]:
     """SIGHUP re-reads the config file and applies its uplinks; a bad file is logged
     (one line with the key and reason) and the running config is kept."""
     loop = asyncio.get_running_loop()
@@ -86,3 +86,4 @@ def reload_on_hangup(agent: Agent, path: str | None, flags: Mapping[str, object]
         loop.remove_signal_handler(signal.SIGHUP)
         for task in pending:
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)

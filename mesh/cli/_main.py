@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true",
                    help="print the effective config as JSON and exit")
 
+    p = sub.add_parser("top", help="live peers, topics, queues and services from an agent")
+    p.add_argument("--agent", default="http://127.0.0.1:7474", metavar="URL",
+                   help="the agent's HTTP address (default http://127.0.0.1:7474)")
+
     p = sub.add_parser("keygen", help="write a CURVE keypair (NAME.key, NAME.key_secret)")
     p.add_argument("--out", default=".", metavar="DIR",
                    help="directory for the key files (default: here)")
@@ -348,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":  # imported here: only bench needs it
             from .. import _bench
             return _bench.run(args)
+        if args.command == "top":  # imported here: aiohttp is only needed by top
+            from . import _top
+            return _loop.run(_top.run(args))
         if args.command == "agent":  # imported here: the HTTP stack costs ~0.4 s to load
             from . import _agent as agent_cli
             return _loop.run(agent_cli.run(args))

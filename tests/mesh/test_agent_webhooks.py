@@ -4,6 +4,7 @@ bounded concurrency."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -184,3 +185,32 @@ async def test_concurrency_bounds_posts_in_flight(procs: list[Cli], mesh_name: s
         app.hold.set()
         await app.wait_until(lambda: len(app.accepted) == 8)
     assert app.most_in_flight == 3
+
+
+async def test_sighup_adds_a_webhook_and_a_broken_file_keeps_the_running_config(
+        procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
+    """SIGHUP re-reads the file: a webhook added starts receiving; a changed key that needs
+    a restart is named in one log line; a broken file is logged and changes nothing."""
+    agent = start_agent(procs, mesh=mesh_name, name="side", tmp=tmp_path,
+                        config='name = "side"\n')
+    path = tmp_path / "side.toml"
+    path.write_text('max_body = 4096\n' + hook_config(app.url, pattern="orders.>"))
+    agent.cli.proc.send_signal(signal.SIGHUP)
+    assert agent.cli.line("reloaded", timeout=15) == "reloaded"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{agent.url}/v1/publish/orders.new", data=b"one") as r:
+            assert r.status == 202
+        await app.wait_until(lambda: len(app.accepted) == 1)
+        path.write_text("this is [not toml\n")
+        agent.cli.proc.send_signal(signal.SIGHUP)
+        async with http.post(f"{agent.url}/v1/publish/orders.new", data=b"two") as r:
+            assert r.status == 202
+        await app.wait_until(lambda: len(app.accepted) == 2)  # the webhook still runs
+        async with http.get(f"{agent.url}/v1/peers") as r:
+            assert r.status == 200
+    agent.cli.term()
+    assert agent.cli.wait(timeout=15) == 0
+    log = agent.cli.stderr()
+    assert "changed keys that need a restart: max_body" in log, log
+    assert "config not reloaded" in log, log
+    assert [body for _, body, _ in app.accepted] == [b"one", b"two"]

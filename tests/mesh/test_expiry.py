@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mesh import AsyncNode, ConfigError, Node
 from mesh import _wire as wire
+from mesh._support._tally import Stats
 from mesh._work._backlog import Backlogs
 from tests.helpers import aeventually
 
@@ -279,7 +279,7 @@ def _item(seq: int, expires: float | None) -> wire.Item:
 def test_a_backlog_drops_only_what_expired_keeps_order_and_knows_the_next_expiry() -> None:
     """Expired messages leave (best effort counted here), the rest keep their order, and a
     backlog is not walked again before its soonest expiry."""
-    stats: Counter[str] = Counter()
+    stats = Stats()
     backlogs = Backlogs(None, stats)
     now = time.time()
     backlogs.extend("q", [(_item(i, e), None) for i, e in
@@ -294,6 +294,7 @@ def test_a_backlog_drops_only_what_expired_keeps_order_and_knows_the_next_expiry
     backlogs.sweep_due()  # (a tick)
     assert list(backlogs.get("q") or ()) == [(_item(7, None), None), *before]
     assert stats["expired"] == 4
+    assert stats.queues["expired"] == {"q": 4}
     assert backlogs.stranded() == 5
     assert list(backlogs.waiting()) == ["q"]
     plain = Backlogs(None, stats)

@@ -109,3 +109,18 @@ async def test_retained_values_and_history_travel_between_allowed_peers_only(
     assert (await sub.next(timeout=5)).data == b"past"
     d = await make_node("d")
     assert await d.last("r.>") == []
+
+
+async def test_a_key_added_to_the_allowlist_is_admitted_after_a_reload(
+        make_node: MakeNode, keyring: Keyring, tmp_path: Path) -> None:
+    a = await make_node("a", **keyring("a"))
+    c = await make_node("c", **keyring("c"))  # c allows a; a does not allow c yet
+    await aeventually(lambda: a.traffic().curve_refused >= 1, timeout=10)
+    assert a.peers() == []
+    await c.aclose()
+    shutil.copy(tmp_path / "c.key", tmp_path / "allow")
+    assert a.reload_allowlist() == 3  # a, b and c
+    again = await make_node("c", **keyring("c"))  # the same key, connecting anew
+    await a.wait_for_peers(1, timeout=10)
+    assert [p.name for p in a.peers()] == ["c"]
+    await again.wait_for_peers(1, timeout=10)

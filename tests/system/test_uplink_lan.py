@@ -6,7 +6,6 @@ stored twice."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Final
 import pytest
 
 from tests import netns
+from tests.uplink._binaries import require_binary
 
 from ._meshproc import MeshProc, mesh_argv, unique
 
@@ -67,9 +67,7 @@ class HubServer:
     """nats-server with JetStream on one LAN host, started and SIGKILLed by PID."""
 
     def __init__(self, host: netns.Host, tmp: Path) -> None:
-        binary = shutil.which("nats-server")
-        if binary is None:
-            pytest.skip("nats-server not installed (apt-get install nats-server)")
+        binary = require_binary("nats-server", "nats-server")
         self.host = host
         tmp.mkdir(parents=True, exist_ok=True)
         self.config = tmp / "nats.conf"
@@ -147,17 +145,24 @@ def _check_stream(rows: list[list[str]], names: tuple[str, ...]) -> None:
         assert got == sorted(got), f"{name}: out of order"
 
 
-def test_export_survives_hub_kills_and_a_cut_link(hub_lan: netns.Lan, tmp_path: Path) -> None:
-    hub_host, site, other = hub_lan[0], hub_lan[1], hub_lan[2]
-    hub = HubServer(hub_host, tmp_path / "hub")
+def _site(lan: netns.Lan, tmp_path: Path, *, pace: float
+          ) -> tuple[HubServer, MeshProc, list[MeshProc]]:
+    """The hub on h1; the uplink agent on h2; publishers on h2 and h3, publishing."""
+    hub = HubServer(lan[0], tmp_path / "hub")
     mesh = unique("up")
-    agent = _agent(site, mesh, tmp_path / "a", hub.url)
+    agent = _agent(lan[1], mesh, tmp_path / "a", hub.url)
     agent.wait_line(r"^ready ", timeout=30)
     pubs = [MeshProc(host, [sys.executable, "-c", _PUBLISHER, mesh, str(tmp_path / name), name,
-                            str(PER_PUBLISHER), "0.004"])
-            for host, name in ((site, "pa"), (other, "pb"))]
+                            str(PER_PUBLISHER), str(pace)])
+            for host, name in ((lan[1], "pa"), (lan[2], "pb"))]
     for pub in pubs:
         pub.wait_line(r"^publishing", timeout=30)
+    return hub, agent, pubs
+
+
+def test_export_survives_hub_kills_and_a_cut_link(hub_lan: netns.Lan, tmp_path: Path) -> None:
+    hub, agent, pubs = _site(hub_lan, tmp_path, pace=0.004)
+    site = hub_lan[1]
     pubs[0].wait_line(r"^sent 300$", timeout=30)
     for _ in range(2):  # the hub dies and comes back, twice
         hub.kill()
@@ -181,21 +186,12 @@ def test_export_survives_hub_kills_and_a_cut_link(hub_lan: netns.Lan, tmp_path: 
 
 def test_agent_sigkill_loses_nothing_and_the_hub_drops_resends(hub_lan: netns.Lan,
                                                                tmp_path: Path) -> None:
-    hub_host, site, other = hub_lan[0], hub_lan[1], hub_lan[2]
-    hub = HubServer(hub_host, tmp_path / "hub")
-    mesh = unique("up")
-    agent = _agent(site, mesh, tmp_path / "a", hub.url)
-    agent.wait_line(r"^ready ", timeout=30)
-    pubs = [MeshProc(host, [sys.executable, "-c", _PUBLISHER, mesh, str(tmp_path / name), name,
-                            str(PER_PUBLISHER), "0.002"])
-            for host, name in ((site, "pa"), (other, "pb"))]
-    for pub in pubs:
-        pub.wait_line(r"^publishing", timeout=30)
+    hub, agent, pubs = _site(hub_lan, tmp_path, pace=0.002)
     pubs[0].wait_line(r"^sent 1000$", timeout=30)
     agent.send_signal(signal.SIGKILL)
     agent.wait_exit(timeout=10)
     pubs[0].wait_line(r"^sent 1500$", timeout=30)
-    agent = _agent(site, mesh, tmp_path / "a", hub.url)
+    agent = MeshProc(agent.host, agent.argv)  # the same agent again: same config, same data
     agent.wait_line(r"^ready ", timeout=30)
     for pub in pubs:
         pub.wait_line(r"^all delivered", timeout=150)
@@ -211,3 +207,50 @@ def _next_hundred(proc: MeshProc, ahead: int) -> int:
     """The `sent N` line `ahead` messages after the last one seen."""
     last = proc.matching(r"^sent \d+$")[-1]
     return int(last.text.split()[1]) + ahead
+
+
+_COMMANDER = textwrap.dedent("""
+    import asyncio, sys
+    import nats
+    async def main():
+        nc = await nats.connect(sys.argv[1], allow_reconnect=False)
+        js = nc.jetstream()
+        for i in range(int(sys.argv[2])):
+            await js.publish(f"site1.cmd.c{i % 7}", f"c{i}".encode())
+        await nc.close()
+        print("published", flush=True)
+    asyncio.run(main())
+""")
+COMMANDS: Final = 1000
+
+
+def test_commands_from_the_hub_arrive_once_across_an_agent_restart(hub_lan: netns.Lan,
+                                                                   tmp_path: Path) -> None:
+    hub_host, site, other = hub_lan[0], hub_lan[1], hub_lan[2]
+    hub = HubServer(hub_host, tmp_path / "hub")
+    mesh = unique("up")
+    sub = MeshProc(other, mesh_argv("sub", other, mesh, "cmd.>", "--durable", "app",
+                                    "--data-dir", str(tmp_path / "s"), "--count", str(COMMANDS),
+                                    "--timeout", "100"))
+    config = tmp_path / "a" / "agent.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(f'data_dir = "{tmp_path / "a" / "data"}"\nhttp = "127.0.0.1:0"\n'
+                      f'[[uplink]]\nurl = "{hub.url}"\nprefix = "site1"\nimport = ["cmd.>"]\n')
+    argv = mesh_argv("agent", site, mesh, "--name", "uplink", "--config", str(config))
+    agent = MeshProc(site, argv)
+    agent.wait_line(r"^joined name=", timeout=30)  # it knows the durable from the hello
+    commander = hub_host.run([sys.executable, "-c", _COMMANDER, hub.url, str(COMMANDS)], 60)
+    assert commander.returncode == 0, commander.stderr
+    sub.wait_line(r"^cmd\.c\d c300$", timeout=60)
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait_exit(timeout=20) == 0, agent.describe()
+    agent = MeshProc(site, argv)
+    agent.wait_line(r"^ready ", timeout=30)
+    assert sub.wait_exit(timeout=90) == 0, sub.describe()
+    got = [line.text.split()[1] for line in sub.matching(r"^cmd\.c\d c")]
+    assert len(got) == COMMANDS, f"{len(got)} lines"
+    assert set(got) == {f"c{i}" for i in range(COMMANDS)}, "missing or duplicated"
+    status = _uplink_status(agent)
+    print(f"\nimport across an agent restart: {COMMANDS} published on the hub, {len(got)} "
+          f"received once each; after the restart imported {status['imported']}, redeliveries "
+          f"dropped {status['duplicates']}")

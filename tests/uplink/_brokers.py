@@ -59,7 +59,8 @@ class Mosquitto:
     """One mosquitto on 127.0.0.1 with persistence; a context manager that stops it."""
 
     def __init__(self, workdir: Path, *, users: Mapping[str, str] | None = None,
-                 acl: str | None = None, tls: bool = False) -> None:
+                 acl: str | None = None, tls: bool = False,
+                 options: Iterable[str] = ()) -> None:
         self.binary = mosquitto_binary()
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -69,6 +70,8 @@ class Mosquitto:
         self.tls = tls
         """A second listener, on `tls_port`: TLS with a self-signed certificate for
         127.0.0.1 (`ca`, the file that trusts it)."""
+        self.options = list(options)
+        """More lines for its config file (e.g. ``max_queued_messages 0``)."""
         self.port = self.tls_port = 0
         self.ca, self.key = make_certificate(self.workdir) if tls else (Path(), Path())
         self.proc: subprocess.Popen[bytes] | None = None
@@ -80,11 +83,7 @@ class Mosquitto:
     def _config(self) -> Path:
         lines = [f"listener {self.port} 127.0.0.1", "persistence true",
                  f"persistence_location {self.workdir}/", f"log_dest file {self.log_path}",
-                 "log_type all",
-                 # No cap on the QoS 1 messages queued for a subscriber (default 1,000, then
-                 # "Outgoing messages are being dropped"): the exporter PUBACKed 2,000 in a
-                 # burst faster than a checking mosquitto_sub took them.
-                 "max_queued_messages 0"]
+                 "log_type all"]
         if self.tls:
             lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {self.ca}",
                       f"certfile {self.ca}", f"keyfile {self.key}"]
@@ -103,6 +102,7 @@ class Mosquitto:
         if self.acl is not None:
             (self.workdir / "acl").write_text(self.acl)
             lines.append(f"acl_file {self.workdir / 'acl'}")
+        lines += self.options
         path = self.workdir / "mosquitto.conf"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -203,19 +203,28 @@ async def pub(port: int, topic: str, payloads: Iterable[str],
 
 
 class Sub:
-    """``mosquitto_sub`` printing ``topic|user properties|payload`` lines to a file."""
+    """``mosquitto_sub`` printing ``topic|user properties|payload`` lines to a file.
 
-    def __init__(self, port: int, topic: str, out: Path) -> None:
+    With `client_id`, a persistent session (``-c -i``, never expiring): the broker keeps
+    its subscription and queues for it across a broker restart (mosquitto_sub reconnects
+    by itself) and while it is away; a new `Sub` with that id resumes it, appending to the
+    same `out`."""
+
+    def __init__(self, port: int, topic: str, out: Path, *, client_id: str | None = None
+                 ) -> None:
         self.port = port
         self.out = out
-        args = ["mosquitto_sub", *_client_args(port), "-q", "1", "-t", topic,
+        session = ["-c", "-i", client_id] if client_id is not None else []
+        args = ["mosquitto_sub", *_client_args(port), "-q", "1", *session, "-t", topic,
                 "-t", READY_PROBE, "-F", "%t|%P|%p"]
-        with out.open("wb") as sink:
+        with out.open("ab") as sink:
             self.proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.DEVNULL)
 
     def read(self) -> list[str]:
-        """Every line so far, the readiness probes left out."""
+        """Every line so far, the readiness probes left out; a last line that
+        mosquitto_sub is still writing (no newline yet) is left for the next read."""
         text = self.out.read_text(errors="replace")
+        text = text[:text.rfind("\n") + 1]
         return [line for line in text.splitlines() if not line.startswith(READY_PROBE)]
 
     async def ready(self) -> None:

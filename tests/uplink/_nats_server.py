@@ -108,7 +108,8 @@ class NatsServer:
     def __init__(self, *, host: str = LOOPBACK, port: int | None = None,
                  user: str | None = None, password: str | None = None,
                  argv_prefix: Sequence[str] = (), workdir: Path | None = None,
-                 ready_timeout: float = READY_TIMEOUT) -> None:
+                 ready_timeout: float = READY_TIMEOUT,
+                 tls: tuple[Path, Path] | None = None) -> None:
         if (user is None) != (password is None):
             raise ValueError("give both user and password, or neither")
         self.binary: Final[str] = require_binary("nats-server", "nats-server")
@@ -116,6 +117,8 @@ class NatsServer:
         self.user: Final[str | None] = user
         self.password: Final[str | None] = password
         self.argv_prefix: Final[tuple[str, ...]] = tuple(argv_prefix)
+        self.tls: Final[tuple[Path, Path] | None] = tls
+        """(certificate, key): clients must speak TLS (``nats+tls://``)."""
         self.ready_timeout = ready_timeout
         self.name: Final[str] = f"zm-nats-{secrets.token_hex(4)}"
         self._own_workdir = workdir is None
@@ -266,6 +269,9 @@ class NatsServer:
             f"  store_dir: {_quote(str(self.store_dir))}",
             "}",
         ]
+        if self.tls is not None:
+            lines += ["tls {", f"  cert_file: {_quote(str(self.tls[0]))}",
+                      f"  key_file: {_quote(str(self.tls[1]))}", "}"]
         if self.user is not None and self.password is not None:
             lines += ["authorization {", f"  user: {_quote(self.user)}",
                       f"  password: {_quote(self.password)}", "}"]

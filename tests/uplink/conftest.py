@@ -31,3 +31,7 @@ def nats_server() -> Iterator[StartNats]:
             return server.start()
 
         yield start
+
+
+# The agent-process fixtures of tests/mesh, for the uplink tests that run agents.
+from tests.mesh.conftest import make_node, procs  # noqa: E402, F401

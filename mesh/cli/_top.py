@@ -1,0 +1,142 @@
+"""`zeromesh top`: the mesh live in the terminal, from an agent's ``GET /v1/events``.
+
+Each ``stats`` event redraws the screen in place (plain ANSI: home, clear);
+peer events are shown in a short log under it. ``q`` (or Ctrl-C) quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import termios
+import tty
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Final
+
+import aiohttp
+
+DEFAULT_AGENT: Final[str] = "http://127.0.0.1:7474"
+_CLEAR: Final[str] = "\x1b[H\x1b[2J"
+_ROWS: Final[int] = 15
+"""Rows shown per table (the busiest first)."""
+
+
+async def run(args: argparse.Namespace) -> int:
+    url = args.agent.rstrip("/") + "/v1/events"
+    log: deque[str] = deque(maxlen=5)
+    quit_pressed = asyncio.Event()
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.get(url) as response:
+            if response.status != 200:
+                print(f"zeromesh top: {url} answered {response.status}", file=sys.stderr)
+                return 1
+            with _keys(quit_pressed):
+                reader = asyncio.ensure_future(_show(_events(response), log))
+                quitting = asyncio.ensure_future(quit_pressed.wait())
+                await asyncio.wait({reader, quitting}, return_when=asyncio.FIRST_COMPLETED)
+                for task in (reader, quitting):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                if not quit_pressed.is_set():
+                    print(f"zeromesh top: the agent at {args.agent} ended the stream",
+                          file=sys.stderr)
+                    return 1
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        print(f"zeromesh top: cannot reach the agent at {args.agent}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Any]]:
+    kind, data = "message", list[str]()
+    async for raw in response.content:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield kind, json.loads("\n".join(data))
+            kind, data = "message", list[str]()
+        elif line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+
+
+async def _show(events: AsyncIterator[tuple[str, Any]], log: deque[str]) -> None:
+    async for kind, data in events:
+        if kind == "stats":
+            sys.stdout.write(_CLEAR + "\r\n".join(render(data, log)) + "\r\n")
+            sys.stdout.flush()
+        elif kind in ("joined", "left", "lost"):
+            log.append(f"{kind:<7} {data.get('name', '?')} ({str(data.get('id', ''))[:8]})")
+
+
+def render(stats: dict[str, Any], log: deque[str] | None = None) -> list[str]:
+    """The screen for one stats snapshot."""
+    node = stats.get("node", {})
+    spool = stats.get("spool", {})
+    lines = [f"zeromesh top — {node.get('name')} ({str(node.get('id', ''))[:8]}) mesh "
+             f"{node.get('mesh')}  v{node.get('version')}  up {node.get('uptime_s')} s  "
+             f"{node.get('health')}   (q quits)",
+             f"spool {spool.get('messages', 0)} msgs {spool.get('bytes', 0)} B "
+             f"({spool.get('quota_pct', 0)}% of quota)  dead letters "
+             f"{spool.get('dead_letters', 0)}", ""]
+    peers = stats.get("peers", [])
+    lines.append(f"PEERS ({len(peers)})  {'name':<20} {'state':<8} {'rtt ms':>8} {'in/s':>8} "
+                 f"{'out/s':>8} {'dropped':>8}")
+    for p in peers[:_ROWS]:
+        rtt = "-" if p.get("rtt_ms") is None else f"{p['rtt_ms']:.2f}"
+        lines.append(f"  {str(p.get('id', ''))[:8]:<10} {p.get('name', '')[:20]:<20} "
+                     f"{p.get('state', ''):<8} {rtt:>8} {p.get('in_per_s', 0):>8} "
+                     f"{p.get('out_per_s', 0):>8} {p.get('dropped', 0):>8}")
+    lines += ["", f"{'TOPIC':<40} {'msgs/s':>8} {'subs':>5} {'dropped':>8}"]
+    for t in stats.get("topics", [])[:_ROWS]:
+        lines.append(f"{t.get('topic', '')[:40]:<40} {t.get('msgs_per_s', 0):>8} "
+                     f"{t.get('subscribers', 0):>5} {t.get('dropped', 0):>8}")
+    lines += ["", f"{'QUEUE':<40} {'workers':>8} {'flight':>8} {'backlog':>8} {'msgs/s':>8}"]
+    for q in stats.get("queues", [])[:_ROWS]:
+        lines.append(f"{q.get('queue', '')[:40]:<40} {q.get('workers', 0):>8} "
+                     f"{q.get('in_flight', 0):>8} {q.get('backlog', 0):>8} "
+                     f"{q.get('msgs_per_s', 0):>8}")
+    lines += ["", f"{'SERVICE':<40} {'servers':>8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}"]
+    for s in stats.get("services", [])[:_ROWS]:
+        lines.append(f"{s.get('service', '')[:40]:<40} {s.get('servers', 0):>8} "
+                     f"{_ms(s.get('p50_ms')):>8} {_ms(s.get('p99_ms')):>8} "
+                     f"{s.get('per_s', 0):>8}")
+    if log:
+        lines += ["", "EVENTS", *log]
+    return lines
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+@contextlib.contextmanager
+def _keys(pressed: asyncio.Event) -> Iterator[None]:
+    """Read single keys from a terminal stdin while inside; `q` sets `pressed`."""
+    fd = sys.stdin.fileno() if sys.stdin is not None else -1
+    if fd < 0 or not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    loop = asyncio.get_running_loop()
+
+    def on_key() -> None:
+        if os.read(fd, 32).lower().startswith(b"q") or not os.isatty(fd):
+            pressed.set()
+
+    tty.setcbreak(fd)
+    loop.add_reader(fd, on_key)
+    try:
+        yield
+    finally:
+        loop.remove_reader(fd)
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)

@@ -1,0 +1,97 @@
+"""`zeromesh top` in a real terminal (tmux): it shows a peer and a topic's rate, `q` quits."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ._agent import start_agent
+from ._proc import Cli, child_env, run
+from .conftest import FAST_ENV
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class Tmux:
+    """A private tmux server (its own socket) with one window; killed at the end."""
+
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True,
+                              text=True, timeout=10, check=False)
+
+    def screen(self) -> str:
+        return self("capture-pane", "-p", "-t", "top").stdout
+
+    def wait_for(self, pattern: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            if re.search(pattern, screen, re.MULTILINE):
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} on screen within {timeout} s:\n{screen}")
+            time.sleep(0.1)  # polling a screen: nothing to wait on, bounded by the deadline
+
+
+@pytest.fixture
+def tmux(mesh_name: str) -> Iterator[Tmux]:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (.ci/run installs it)")
+    server = Tmux(f"zeromesh-{mesh_name}")
+    yield server
+    server("kill-server")
+
+
+def _command(argv: list[str], env: dict[str, str], rc_file: Path) -> str:
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()
+                       if k.startswith(("ZEROMESH_", "PYTHON", "PATH")))
+    return (f"env {exports} {shlex.quote(sys.executable)} -m mesh "
+            f"{' '.join(shlex.quote(a) for a in argv)}; echo $? > {shlex.quote(str(rc_file))}")
+
+
+def test_top_shows_a_peer_and_a_topic_rate_and_quits_on_q(
+        procs: list[Cli], mesh_name: str, tmux: Tmux, tmp_path: Path) -> None:
+    agent = start_agent(procs, mesh=mesh_name, name="watched")
+    publisher = Cli(["pub", "top.demo", "--name", "busy-pub"], mesh=mesh_name, stdin=True,
+                    env=FAST_ENV)
+    procs.append(publisher)
+    rc_file = tmp_path / "rc"
+    command = _command(["top", "--agent", agent.url], child_env(mesh_name), rc_file)
+    started = tmux("new-session", "-d", "-s", "top", "-x", "150", "-y", "45", command)
+    assert started.returncode == 0, started.stderr
+    deadline = time.monotonic() + 30
+    screen = ""
+    while time.monotonic() < deadline:
+        publisher.proc.stdin.write("x\n" * 20)  # type: ignore[union-attr]
+        publisher.proc.stdin.flush()  # type: ignore[union-attr]
+        screen = tmux.wait_for(r"^zeromesh top", 15)
+        if re.search(r"busy-pub\s+alive", screen) and re.search(r"^top\.demo\s+[1-9]",
+                                                                screen, re.MULTILINE):
+            break
+        time.sleep(0.3)  # the next redraw comes within a second; bounded by the deadline
+    assert re.search(r"busy-pub\s+alive", screen), screen
+    assert re.search(r"^top\.demo\s+[1-9]", screen, re.MULTILINE), screen
+    tmux("send-keys", "-t", "top", "q")
+    deadline = time.monotonic() + 10
+    while not rc_file.exists() or not rc_file.read_text().strip():
+        assert time.monotonic() < deadline, tmux.screen()
+        time.sleep(0.05)  # waiting for the shell to write top's status, bounded
+    assert rc_file.read_text().strip() == "0"
+
+
+def test_top_without_an_agent_is_one_line_and_status_1(mesh_name: str) -> None:
+    done = run(["top", "--agent", "http://127.0.0.1:9"], mesh=mesh_name, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("zeromesh top: cannot reach the agent at http://127.0.0.1:9")
