@@ -144,7 +144,9 @@ class Uplink:
                 keep.append((msg, settle))
         if not keep:
             return
-        exports = [Exported(m.id, m.topic, m.data, {**(m.headers or {}), ORIGIN_HEADER: prefix},
+        origin = {ORIGIN_HEADER: prefix}  # shared by the messages without headers of their own
+        exports = [Exported(m.id, m.topic, m.data,
+                            {**m.headers, ORIGIN_HEADER: prefix} if m.headers else origin,
                             m.timestamp) for m, _ in keep]
         while True:
             try:
@@ -239,24 +241,35 @@ class Uplink:
         A message the hub refuses (its future fails with HubRefused: too large,
         a stream limit) is tried again from the oldest unacknowledged one after a
         pause, up to MAX_ATTEMPTS, then counted failed and dropped with a log line.
+
+        The hub's acknowledgements are collected as they come and leave the backlog
+        together, once per turn of this loop (one ack record for a run of them, not
+        one each), and always before it returns; one that comes after that leaves
+        at once.
         """
         backlog = self.backlog
         window = self.settings.window
         in_flight: dict[int, tuple[asyncio.Future[bool], float]] = {}
+        """In the order sent: the first is the oldest unacknowledged."""
         attempts: dict[int, int] = {}
         failure: list[BaseException] = []
+        acked: list[int] = []
+        counts = self.counts
+        more = self._more
+        finished = False
 
         def settled(record_id: int, fut: asyncio.Future[bool]) -> None:
             in_flight.pop(record_id, None)
-            self._more.set()
+            more.set()
             if fut.cancelled():
                 return
             error = fut.exception()
             if error is None:
-                backlog.done((record_id,))
-                self.counts.exported += 1
+                acked.append(record_id)
+                if finished:
+                    release()
                 if fut.result():
-                    self.counts.hub_duplicates += 1
+                    counts.hub_duplicates += 1
                 if attempts:
                     attempts.pop(record_id, None)
             elif isinstance(error, HubRefused):
@@ -264,41 +277,63 @@ class Uplink:
                 if tries >= MAX_ATTEMPTS:
                     del attempts[record_id]
                     backlog.done((record_id,))
-                    self.counts.failed += 1
+                    counts.failed += 1
                     _log.error("uplink %s: the hub refused message %s %d times, dropped: %s",
                                self.settings.shown_url, record_id, tries, error)
                 failure.append(error)
             else:
                 failure.append(error)
 
-        while True:
-            while len(in_flight) < window and not failure:
-                item = backlog.take_unsent()
-                if item is None:
-                    break
-                record_id, msg = item
-                fut = hub.send(msg.topic, msg.data, msg.headers, msg.id)
-                in_flight[record_id] = (fut, time.monotonic())
-                fut.add_done_callback(functools.partial(settled, record_id))
-            if failure:
-                for fut, _ in list(in_flight.values()):
-                    fut.cancel()
-                error = failure[0]
-                if not isinstance(error, HubRefused):
-                    return error
-                self.last_error = str(error)
-                await asyncio.sleep(1.0)
-                failure.clear()
-                backlog.rewind()  # in order again, from the oldest not acknowledged
-                continue
-            if in_flight:
-                oldest = min(t for _, t in in_flight.values())
-                if time.monotonic() - oldest > ACK_TIMEOUT:
-                    return HubUnreachable(f"no acknowledgement within {ACK_TIMEOUT:g} s")
-            self._more.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self._more.wait()
+        def release() -> None:
+            if acked:
+                backlog.done(acked)
+                counts.exported += len(acked)
+                acked.clear()
+
+        loop = asyncio.get_running_loop()
+        ticker: list[asyncio.TimerHandle] = []
+
+        def tick() -> None:  # a look at the ack timeout at least once a second
+            more.set()
+            ticker[:] = [loop.call_later(1.0, tick)]
+
+        tick()
+        try:
+            while True:
+                release()
+                while len(in_flight) < window and not failure:
+                    item = backlog.take_unsent()
+                    if item is None:
+                        break
+                    record_id, msg = item
+                    fut = hub.send(msg.topic, msg.data, msg.headers, msg.id)
+                    in_flight[record_id] = (fut, time.monotonic())
+                    fut.add_done_callback(functools.partial(settled, record_id))
+                if failure:
+                    for fut, _ in list(in_flight.values()):
+                        fut.cancel()
+                    error = failure[0]
+                    if not isinstance(error, HubRefused):
+                        return error
+                    self.last_error = str(error)
+                    release()
+                    await asyncio.sleep(1.0)
+                    failure.clear()
+                    release()
+                    backlog.rewind()  # in order again, from the oldest not acknowledged
+                    continue
+                if in_flight:
+                    oldest = next(iter(in_flight.values()))[1]
+                    if time.monotonic() - oldest > ACK_TIMEOUT:
+                        return HubUnreachable(f"no acknowledgement within {ACK_TIMEOUT:g} s")
+                more.clear()
+                if acked:
+                    continue  # acknowledged while sending: released at the top
+                await more.wait()  # (an ack, more to send, or the ticker)
+        finally:
+            ticker[0].cancel()
+            finished = True
+            release()
 
     # -- import -------------------------------------------------------------------------
 

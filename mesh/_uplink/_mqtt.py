@@ -18,6 +18,7 @@ expiry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -28,7 +29,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, Concatenate, Final, NamedTuple, ParamSpec
+from typing import Any, Concatenate, Final, Literal, NamedTuple, ParamSpec
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -50,6 +51,12 @@ KEEPALIVE: Final[int] = 10
 """Seconds: a broker gone silent is noticed within about twice this (paho's PINGREQ)."""
 CLOSE_WAIT: Final[float] = 1.0
 """Seconds `close` waits for the DISCONNECT to leave before it just closes the socket."""
+FAST_PUBLISH: Final[bool] = all(
+    callable(getattr(paho.Client, name, None))
+    for name in ("_mid_generate", "_packet_queue", "_handle_pubackcomp"))
+"""Whether this paho has what `_Client.publish_qos1` uses (else paho's `publish` is)."""
+_READ_AHEAD: Final[int] = 64 * 1024
+"""Bytes a read takes from the socket at most (paho then reads from them)."""
 _TRANSIENT: Final = frozenset({136, 137, 159})
 """CONNACK codes worth a quick retry: server unavailable, busy, connection rate exceeded."""
 
@@ -72,6 +79,119 @@ def client_id(prefix: str, node_name: str) -> str:
     if len(clean) > 64:
         clean = clean[:55] + "-" + hashlib.blake2s(raw.encode(), digest_size=4).hexdigest()
     return clean
+
+
+class _Client(paho.Client):
+    """paho's client with its socket I/O buffered once the loop drives it.
+
+    paho reads a packet with a `recv` per byte of its fixed header and one for the rest
+    (three system calls per PUBACK) and writes each packet with a `send` of its own.
+    Here a read takes what the socket has (up to `_READ_AHEAD`) and hands it to paho
+    from memory, and the packets one `loop_write` produces leave in one `send`. What is
+    left unsent counts as wanting to write, so paho keeps the writer registered for it;
+    a close sends what it can first (the DISCONNECT). The CONNECT, written by the
+    thread that connects before the loop takes over, goes straight out."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffering = False
+        """Set when the loop takes the socket over."""
+        self._rbuf = b""
+        self._rpos = 0
+        self._wbuf = bytearray()
+        self.on_puback: Callable[[int, int], None] | None = None
+        """Called with the mid and the reason code of each `publish_qos1`'s PUBACK."""
+        self._ours: set[int] = set()
+        """The mids of `publish_qos1`'s PUBLISHes not acknowledged yet."""
+
+    def publish_qos1(self, topic: bytes, payload: bytes, properties: bytes) -> int:
+        """Queue a QoS 1 PUBLISH built here; returns its mid (0: not connected).
+
+        What paho's `publish` does for QoS 1, without what it keeps per message for
+        its own retries and waiting (an MQTTMessage, an MQTTMessageInfo with a
+        threading.Condition: a third of the adapter's CPU per export): the core
+        keeps the window and resends after a reconnect, which is a new client. The
+        PUBACK goes to `on_puback`. Uses paho's `_mid_generate` and `_packet_queue`
+        (`FAST_PUBLISH` says whether this paho has them).
+
+        Raises:
+            ValueError: a topic paho would refuse (a wildcard, over 64 KiB), too large.
+        """
+        if self._sock is None:
+            return 0
+        if b"+" in topic or b"#" in topic:
+            raise ValueError("Publish topic cannot contain wildcards.")
+        if len(topic) > 0xFFFF:
+            raise ValueError("Publish topic is too long.")
+        remaining = 4 + len(topic) + len(properties) + len(payload)
+        if remaining > 268_435_455:
+            raise ValueError("Payload too large.")
+        mid = self._mid_generate()
+        packet = b"\x32%b%b%b%b%b%b" % (_varint(remaining), len(topic).to_bytes(2, "big"), topic,
+                                        mid.to_bytes(2, "big"), properties, payload)
+        self._ours.add(mid)
+        self._packet_queue(paho.PUBLISH, packet, mid, 1)
+        return mid
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd == "PUBACK" and len(packet) >= 2:
+            mid = int.from_bytes(packet[:2], "big")
+            if mid in self._ours and self.on_puback is not None:
+                self._ours.discard(mid)
+                self.on_puback(mid, packet[2] if len(packet) > 2 else 0)
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._handle_pubackcomp(cmd)
+
+    def buffered(self) -> int:
+        """Bytes read from the socket that paho has not taken yet."""
+        return len(self._rbuf) - self._rpos
+
+    def want_write(self) -> bool:
+        return bool(self._wbuf) or super().want_write()
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        buf, pos = self._rbuf, self._rpos
+        if pos >= len(buf):
+            if bufsize >= _READ_AHEAD:
+                return super()._sock_recv(bufsize)
+            buf, pos = super()._sock_recv(_READ_AHEAD), 0  # (raises when there is nothing)
+            self._rbuf = buf
+        end = min(pos + bufsize, len(buf))
+        self._rpos = end
+        return buf[pos:end]
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if not self.buffering:
+            return super()._sock_send(buf)
+        self._wbuf += buf
+        return len(buf)
+
+    def _packet_write(self) -> MQTTErrorCode:
+        rc = super()._packet_write()
+        if self._wbuf and self._sock is not None:
+            try:
+                self._flush()
+            except BlockingIOError:  # (paho has registered the writer for the rest)
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError as exc:
+                self._easy_log(paho.MQTT_LOG_ERR, "failed to send on socket: %s", exc)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        return rc
+
+    def _flush(self) -> None:
+        wbuf = self._wbuf
+        while wbuf:
+            sent = super()._sock_send(wbuf)
+            del wbuf[:sent]
+
+    def _sock_close(self) -> None:
+        if self._wbuf and self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._flush()
+        self._wbuf.clear()
+        self._rbuf, self._rpos = b"", 0
+        super()._sock_close()
 
 
 def _guarded(method: Callable[Concatenate[MqttHub, _P], None]
@@ -100,7 +220,7 @@ class MqttHub:
         self.client_id = settings.client_id or client_id(settings.prefix, node_name)
         self.unmapped = 0
         """Imported messages whose topic has no mesh spelling: acknowledged and dropped."""
-        self._client: paho.Client | None = None
+        self._client: _Client | None = None
         self._sock: paho.SocketLike | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._lost: asyncio.Future[BaseException] | None = None
@@ -114,6 +234,8 @@ class MqttHub:
         self._arrived = asyncio.Event()
         self._keys: dict[str, str] = {}
         """Import key base (mid and hash) -> the key last given for it (the latest MARKS)."""
+        self._subjects_out: dict[str, bytes] = {}
+        """Hub topics (encoded) by mesh topic, for `publish_qos1`; emptied at 4096."""
         self._nonce = secrets.token_hex(4)
         self._fresh = 0
 
@@ -145,14 +267,16 @@ class MqttHub:
                 raise HubUnreachable(f"mqtt: {where}: {exc}") from exc
             raise
 
-    def _new_client(self) -> paho.Client:
+    def _new_client(self) -> _Client:
         s = self.settings
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+        client = _Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False,
                              manual_ack=True)
         client.connect_timeout = CONNECT_TIMEOUT
-        client.max_inflight_messages_set(s.window)
-        client.max_queued_messages_set(0)  # unbounded: the core keeps to its window
+        # No cap of paho's own: the core keeps to its window already, and with a cap paho
+        # walks every message in flight after each PUBACK looking for one to send.
+        client.max_inflight_messages_set(0)
+        client.max_queued_messages_set(0)
         if s.username() is not None:
             client.username_pw_set(s.username(), s.secret())
         if s.tls:
@@ -160,11 +284,12 @@ class MqttHub:
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
+        client.on_puback = self._on_puback
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
         return client
 
-    async def _open(self, client: paho.Client) -> None:
+    async def _open(self, client: _Client) -> None:
         """TCP (and TLS) in a thread, CONNECT written there too (no loop callbacks are set
         yet, so paho writes it at once); then the loop takes the socket over."""
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -183,6 +308,7 @@ class MqttHub:
             raise HubUnreachable(f"mqtt: {self.settings.shown_url}: {paho.error_string(rc)}")
         loop = asyncio.get_running_loop()
         self._sock = sock
+        client.buffering = True
         self._closed.clear()
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
@@ -214,11 +340,24 @@ class MqttHub:
         if client is None or self.lost.done():
             future.set_exception(HubUnreachable("mqtt: not connected"))
             return future
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.UserProperty = [*headers.items(), (ID_HEADER, msg_id)]
         try:
-            info = client.publish(self.subjects.outbound(topic), data, qos=1, properties=props)
-        except ValueError as exc:  # a payload over 256 MB, a topic paho will not take
+            props = _user_properties(headers, msg_id)
+            if FAST_PUBLISH:
+                subject = self._subjects_out.get(topic)
+                if subject is None:  # (str.translate costs per character: once per topic)
+                    if len(self._subjects_out) >= 4096:
+                        self._subjects_out.clear()
+                    subject = self._subjects_out[topic] = self.subjects.outbound(topic).encode()
+                mid = client.publish_qos1(subject, data, props)
+                if not mid:
+                    future.set_exception(HubUnreachable("mqtt: publish: not connected"))
+                else:
+                    self._sent[mid] = (future, topic)
+                return future
+            info = client.publish(self.subjects.outbound(topic), data, qos=1,
+                                  properties=_UserProperties(props))
+        except ValueError as exc:  # a payload over 256 MB, a topic paho will not take, a
+            # header over 64 KiB
             future.set_exception(HubRefused(f"mqtt: {topic}: {exc}"))
             return future
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -317,10 +456,12 @@ class MqttHub:
 
     @_guarded
     def _read(self) -> None:
-        """Over TLS, what the SSL object holds decrypted wakes no reader: read it too."""
-        while self._client is not None and self._sock is not None:
-            self._client.loop_read()
-            if not (isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()):
+        """What the client has read ahead, and over TLS what the SSL object holds
+        decrypted, wake no reader: read them too."""
+        while (client := self._client) is not None and self._sock is not None:
+            client.loop_read()
+            if not (client.buffered()
+                    or (isinstance(self._sock, ssl.SSLSocket) and self._sock.pending())):
                 break
 
     @_guarded
@@ -379,6 +520,20 @@ class MqttHub:
             _resolve(sent[0], reason, sent[1])
 
     @_guarded
+    def _on_puback(self, mid: int, code: int) -> None:
+        """The PUBACK of a `publish_qos1`: 0x80 and up is a refusal ("No matching
+        subscribers", 16, is a success)."""
+        if self.lost.done():  # its future has failed already
+            return
+        sent = self._sent.pop(mid, None)
+        if sent is not None and not sent[0].done():
+            if code >= 0x80:
+                reason = ReasonCode(PacketTypes.PUBACK, identifier=code)
+                sent[0].set_exception(HubRefused(f"mqtt: {sent[1]} refused: {reason}"))
+            else:
+                sent[0].set_result(False)  # (MQTT does not say whether it had it already)
+
+    @_guarded
     def _on_message(self, client: paho.Client, _u: object, message: paho.MQTTMessage
                     ) -> None:
         if self.lost.done():  # not acknowledged: the broker sends it again
@@ -428,6 +583,50 @@ class MqttHub:
         what = (f"the broker disconnected us ({reason})" if flags.is_disconnect_packet_from_server
                 else "disconnected" if reason.value == 0 else "connection lost")
         self._gone(HubUnreachable(f"mqtt: {self.settings.shown_url}: {what}"))
+
+
+def _user_properties(headers: Mapping[str, str], msg_id: str) -> bytes:
+    """A PUBLISH's properties, encoded: the message's headers and its id as MQTT user
+    properties (the bytes paho's `Properties.pack` makes, at a fourteenth of the cost:
+    paho builds a table of every property name per instance and searches it per
+    attribute).
+
+    Raises:
+        ValueError: a header name or value over 65,535 bytes.
+    """
+    parts: list[bytes] = []
+    for key, value in (*headers.items(), (ID_HEADER, msg_id)):
+        k, v = key.encode(), value.encode()
+        if len(k) > 0xFFFF or len(v) > 0xFFFF:
+            raise ValueError(f"header {key[:40]!r}: over 65,535 bytes")
+        parts.append(b"\x26%b%b%b%b" % (len(k).to_bytes(2, "big"), k, len(v).to_bytes(2, "big"), v))
+    body = b"".join(parts)
+    return _varint(len(body)) + body
+
+
+class _UserProperties(Properties):
+    """Encoded PUBLISH properties for paho's `publish` (the fallback without
+    `FAST_PUBLISH`), which calls only `pack` on them."""
+
+    def __init__(self, packed: bytes) -> None:  # (no super: paho's tables are not used)
+        object.__setattr__(self, "_packed", packed)
+
+    def pack(self) -> bytes:
+        packed: bytes = self.__dict__["_packed"]
+        return packed
+
+    def __str__(self) -> str:  # (paho's debug log line)
+        return f"[user properties, {len(self.__dict__['_packed'])} bytes]"
+
+
+def _varint(n: int) -> bytes:
+    """An MQTT Variable Byte Integer."""
+    out = bytearray()
+    while True:
+        n, byte = n >> 7, n & 0x7F
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def _resolve(future: asyncio.Future[bool], reason: ReasonCode, topic: str) -> None:

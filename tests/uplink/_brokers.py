@@ -221,8 +221,10 @@ class Sub:
             self.proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.DEVNULL)
 
     def read(self) -> list[str]:
-        """Every line so far, the readiness probes left out."""
+        """Every line so far, the readiness probes left out; a last line that
+        mosquitto_sub is still writing (no newline yet) is left for the next read."""
         text = self.out.read_text(errors="replace")
+        text = text[:text.rfind("\n") + 1]
         return [line for line in text.splitlines() if not line.startswith(READY_PROBE)]
 
     async def ready(self) -> None:

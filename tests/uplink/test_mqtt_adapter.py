@@ -27,7 +27,10 @@ pytestmark = pytest.mark.timeout(30)
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path / "mosquitto") as running:
+    # No cap on the QoS 1 messages queued for a subscriber (default 1,000, then "Outgoing
+    # messages are being dropped"): the exporter has 2,000 PUBACKed in a burst faster
+    # than the checking mosquitto_sub takes them.
+    with Mosquitto(tmp_path / "mosquitto", options=["max_queued_messages 0"]) as running:
         yield running
 
 
@@ -53,6 +56,16 @@ async def hubs() -> AsyncIterator[Hubs]:
         await hub.close()
 
 
+@pytest.fixture(params=["publish_qos1", "paho publish"])
+def publish_way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """For the export tests: the adapter's own QoS 1 PUBLISH and PUBACK handling, and
+    paho's `publish` it falls back to when paho's internals differ."""
+    if request.param == "paho publish":
+        monkeypatch.setattr(_mqtt, "FAST_PUBLISH", False)
+    way: str = request.param
+    return way
+
+
 async def receive(hub: MqttHub, count: int, *, settle: bool = False) -> list[Incoming]:
     """`count` imports (settling each batch, if asked, as the uplink core does)."""
     got: list[Incoming] = []
@@ -66,7 +79,8 @@ async def receive(hub: MqttHub, count: int, *, settle: bool = False) -> list[Inc
 
 
 async def test_export_arrives_in_order_with_user_properties(broker: Mosquitto, hubs: Hubs,
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path,
+                                                            publish_way: str) -> None:
     sub = Sub(broker.port, "site1/#", tmp_path / "sub.txt")
     try:
         await sub.ready()
@@ -261,7 +275,8 @@ async def test_connack_refusals(hubs: Hubs, code: int, error: type[Exception], n
             await hubs(f"mqtt://127.0.0.1:{port}").connect()
 
 
-async def test_refused_publish_fails_its_future(tmp_path: Path, hubs: Hubs) -> None:
+async def test_refused_publish_fails_its_future(tmp_path: Path, hubs: Hubs,
+                                                publish_way: str) -> None:
     with Mosquitto(tmp_path / "acl", acl="topic read site1/#\n") as broker:
         hub = hubs(broker.url())
         await hub.connect()
@@ -290,7 +305,8 @@ async def test_silent_listener_times_out(hubs: Hubs, monkeypatch: pytest.MonkeyP
 
 
 async def test_killed_broker_resolves_lost_and_fails_pending_sends(broker: Mosquitto,
-                                                                   hubs: Hubs) -> None:
+                                                                   hubs: Hubs,
+                                                                   publish_way: str) -> None:
     hub = hubs(broker.url(), imports=["cmd.>"])
     await hub.connect()
     await hub.send("a", b"acked", {}, "id0")
@@ -354,3 +370,85 @@ def test_client_id() -> None:
     assert long != MqttHub(settings, "n" * 99).client_id
     settings.client_id = "mine"
     assert MqttHub(settings, "host").client_id == "mine"
+
+
+def test_publish_user_properties_are_the_bytes_paho_would_send() -> None:
+    """The adapter encodes a PUBLISH's user properties itself (paho's `Properties` cost
+    more than the rest of an export); the bytes are paho's."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    for headers in ({}, {"zeromesh-origin": "site1"}, {"a": "é" * 40, "long": "x" * 300}):
+        theirs = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        theirs.UserProperty = [*headers.items(), (ID_HEADER, "id-1")]
+        expected = theirs.pack()  # type: ignore[no-untyped-call]
+        assert _mqtt._user_properties(headers, "id-1") == expected, headers
+        assert _mqtt._UserProperties(expected).pack() == expected  # (the fallback's)
+
+
+async def test_a_header_over_64_kib_is_refused_and_the_link_lives_on(broker: Mosquitto,
+                                                                     hubs: Hubs,
+                                                                     publish_way: str) -> None:
+    hub = hubs(broker.url())
+    await hub.connect()
+    async with asyncio.timeout(WAIT):
+        with pytest.raises(HubRefused, match="65,535"):
+            await hub.send("a", b"x", {"big": "v" * 70_000}, "id1")
+        assert await hub.send("a", b"x", {"small": "v"}, "id2") is False
+    assert not hub.lost.done()
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    """An MQTT packet: its first byte, the remaining length (variable byte integer), body."""
+    length, n = bytearray(), len(body)
+    while True:
+        n, byte = n >> 7, n & 0x7F
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes([first]) + bytes(length) + body
+
+
+async def test_packets_written_together_and_a_large_one_are_all_read(hubs: Hubs) -> None:
+    """The client reads ahead (what the socket has, up to 64 KiB) and hands paho packets
+    from memory: a SUBACK and five PUBLISHes in one write all arrive, and so does a
+    200 KB PUBLISH, longer than one read."""
+    big = bytes(range(256)) * 800
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)  # CONNECT
+        writer.write(bytes([0x20, 3, 0, 0, 0]))  # CONNACK: success
+        await reader.read(1024)  # SUBSCRIBE, mid 1
+        payloads = [b"m%d" % i for i in range(5)] + [big]
+        writer.write(bytes([0x90, 4, 0, 1, 0, 1]) + b"".join(
+            _packet(0x32, len(b"site1/cmd/x").to_bytes(2, "big") + b"site1/cmd/x"
+                    + (100 + i).to_bytes(2, "big") + b"\0" + payload)
+            for i, payload in enumerate(payloads)))
+
+    async with stand_in(answer) as port:
+        hub = hubs(f"mqtt://127.0.0.1:{port}", imports=["cmd.>"])
+        await hub.connect()
+        got = await receive(hub, 6)
+        assert [m.data for m in got] == [b"m%d" % i for i in range(5)] + [big]
+        await hub.close()
+
+
+async def test_close_sends_its_disconnect(hubs: Hubs) -> None:
+    """What the client writes leaves together once per loop turn; a close still sends its
+    DISCONNECT before the socket goes."""
+    received = bytearray()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)  # CONNECT
+        writer.write(bytes([0x20, 3, 0, 0, 0]))  # CONNACK: success
+        while chunk := await reader.read(65536):  # until the client closes
+            received.extend(chunk)
+
+    async with stand_in(answer) as port:
+        hub = hubs(f"mqtt://127.0.0.1:{port}")
+        await hub.connect()
+        futures = [hub.send("a", b"m%d" % i, {}, f"id{i}") for i in range(3)]
+        await asyncio.sleep(0.2)
+        await hub.close()
+    assert received.count(b"m") >= 3  # the three PUBLISHes (never acknowledged)
+    assert received.endswith(bytes([0xE0, 1, 0])), received[-8:].hex()  # normal disconnect
+    assert all(f.done() for f in futures)
