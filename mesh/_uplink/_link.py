@@ -50,6 +50,9 @@ RETRY_FIRST: Final[float] = 0.2
 RETRY_MAX: Final[float] = 10.0
 DOWN_RETRY: Final[float] = 30.0
 """Between attempts once the hub has refused us: a wrong password is not hammered."""
+ROOM_AGAIN: Final[float] = 0.5
+"""A full backlog counts as having room again (a new episode may be logged) once it has
+drained below this share of its quota."""
 MAX_ATTEMPTS: Final[int] = 5
 """Times the hub may refuse one message before it is counted failed and dropped."""
 _DROPPED_HEADERS: Final = frozenset({"Nats-Msg-Id", "Nats-Expected-Stream"})
@@ -148,33 +151,49 @@ class Uplink:
         exports = [Exported(m.id, m.topic, m.data,
                             {**m.headers, ORIGIN_HEADER: prefix} if m.headers else origin,
                             m.timestamp) for m, _ in keep]
-        while True:
+        try:
+            stored = await self._store(exports)
+        except ClosedError:
+            for _, settle in keep:
+                settle(False)
+            raise
+        for _, settle in keep[:stored]:
+            settle(True)
+        if stored:
+            self._more.set()
+        if stored == len(keep):
+            store = self.backlog.store
+            if self._full_logged and store.used_bytes < ROOM_AGAIN * store.quota_bytes:
+                self._full_logged = False  # (not at the first batch that fits: one episode,
+                _log.warning("uplink %s: export backlog has room again",  # one line)
+                             self.settings.shown_url)
+            return
+        refused = keep[stored:]
+        if not self._full_logged:
+            self._full_logged = True
+            _log.error("uplink %s: export backlog full (%d of %d bytes); reliable messages "
+                       "wait in their senders' spools, best-effort ones are dropped",
+                       self.settings.shown_url, self.backlog.used_bytes,
+                       self.backlog.store.quota_bytes)
+        self.counts.dropped += sum(1 for m, _ in refused if not m.reliable)
+        for msg, settle in refused:
+            settle(not msg.reliable)  # reliable: its sender redelivers it later
+
+    async def _store(self, exports: list[Exported]) -> int:
+        """Into the backlog: all at once, or, when the quota is near, as many as fit
+        (in order); returns how many were stored."""
+        try:
+            await self.backlog.add(exports)
+            return len(exports)
+        except SpoolFullError:
+            if len(exports) == 1:
+                return 0
+        for stored, one in enumerate(exports):
             try:
-                await self.backlog.add(exports)
-            except SpoolFullError as exc:
-                if not self._full_logged:
-                    self._full_logged = True
-                    _log.error("uplink %s: export backlog full (%s); reliable messages wait "
-                               "in their senders' spools, best-effort ones are dropped",
-                               self.settings.shown_url, exc)
-                reliable = [(m, s) for m, s in keep if m.reliable]
-                self.counts.dropped += len(keep) - len(reliable)
-                for msg, settle in keep:
-                    settle(not msg.reliable)  # reliable: its sender redelivers it later
-                return
-            except ClosedError:
-                for _, settle in keep:
-                    settle(False)
-                raise
-            else:
-                if self._full_logged:
-                    self._full_logged = False
-                    _log.warning("uplink %s: export backlog has room again",
-                                 self.settings.shown_url)
-                for _, settle in keep:
-                    settle(True)
-                self._more.set()
-                return
+                await self.backlog.add([one])
+            except SpoolFullError:
+                return stored
+        return len(exports)
 
     # -- the connection -----------------------------------------------------------------
 
