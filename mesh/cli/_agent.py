@@ -24,6 +24,9 @@ from ..errors import ConfigError
 from ._commands import event_line, out, stop_on_signals
 
 _log = logging.getLogger("mesh.agent")
+_SECRETS = ("password", "token")
+"""Uplink settings --print-config shows as ``***`` (a url's own password is not kept
+apart: put it in `password`)."""
 
 FLAGS = ("mesh", "name", "interfaces", "peers", "data_dir", "port", "mdns", "fsync", "http",
          "durable_expiry", "secret_key", "allow", "history")
@@ -33,7 +36,12 @@ async def run(args: argparse.Namespace) -> int:
     path = args.config or os.environ.get("ZEROMESH_CONFIG") or None
     config = load(path, os.environ, {k: getattr(args, k, None) for k in FLAGS})
     if args.print_config:
-        sys.stdout.write(msgspec.json.format(msgspec.json.encode(config)).decode() + "\n")
+        shown = msgspec.to_builtins(config)
+        for link in shown.get("uplink", []):  # secrets are not for terminals and CI logs
+            for key in _SECRETS:
+                if link.get(key):
+                    link[key] = "***"
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(shown)).decode() + "\n")
         return 0
     stop = asyncio.Event()
     with stop_on_signals(stop):  # before `ready`: a signal right after it must be graceful

@@ -144,3 +144,17 @@ async def test_a_full_backlog_refuses_and_stores_nothing(tmp_path: Path) -> None
         assert len(backlog) == 0
     finally:
         await backlog.aclose()
+
+
+def test_print_config_hides_uplink_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(f'data_dir = "{tmp_path}"\n[[uplink]]\nurl = "nats://127.0.0.1"\n'
+                    'prefix = "s"\nexport = ["a"]\nuser = "site"\npassword = "hunter2"\n'
+                    'token = "tok"\n')
+    done = subprocess.run([sys.executable, "-m", "mesh", "agent", "--config", str(path),
+                           "--print-config"], env=child_env("uplinkcfg"), text=True,
+                          capture_output=True, timeout=20, check=True)
+    assert "hunter2" not in done.stdout
+    assert '"tok"' not in done.stdout
+    assert '"password": "***"' in done.stdout
+    assert '"user": "site"' in done.stdout
