@@ -22,6 +22,8 @@ import asyncio
 import multiprocessing as mp
 import os
 import queue
+import selectors
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +36,28 @@ STALL_SECONDS: Final[float] = 10.0
 """A raw receiver that gets nothing for this long ends its run with an error."""
 
 os.environ["ZEROMESH_INTERFACES"] = LOOPBACK  # inherited by the spawned processes
+
+
+def ready_fields(proc: subprocess.Popen[str], timeout: float,
+                 error: type[Exception] = RuntimeError) -> dict[str, str]:
+    """The ``key=value`` fields of a CLI process's ``ready`` line, read under a deadline.
+
+    Raises:
+        error: the process exited first, or was not ready within `timeout`.
+    """
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not sel.select(left):
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                raise error(f"exited {proc.wait(5)} before it was ready")
+            if line.startswith("ready "):
+                return dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
+    raise error(f"not ready within {timeout:.0f} s")
 
 
 def make_payload(size: int) -> bytes:

@@ -44,7 +44,6 @@ import contextlib
 import json
 import os
 import queue
-import selectors
 import subprocess
 import sys
 import tempfile
@@ -93,23 +92,6 @@ def _agent_env() -> dict[str, str]:
     return env
 
 
-def _ready_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, str]:
-    """The ``key=value`` fields of the agent's ``ready`` line, read under a deadline."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while (left := deadline - time.monotonic()) > 0:
-            if not sel.select(left):
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                raise AgentFailed(f"agent exited {proc.wait(5)} before it was ready")
-            if line.startswith("ready "):
-                return dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
-    raise AgentFailed(f"agent not ready within {timeout:.0f} s")
-
-
 @contextlib.contextmanager
 def running_agent(mesh: str, *peers: str) -> Iterator[AgentAddress]:
     """A ``zeromesh agent`` on 127.0.0.1 (any free port) for the ``with`` block; always stopped."""
@@ -121,7 +103,7 @@ def running_agent(mesh: str, *peers: str) -> Iterator[AgentAddress]:
                                 env=_agent_env())
         try:
             try:
-                fields = _ready_line(proc, AGENT_START_SECONDS)
+                fields = h.ready_fields(proc, AGENT_START_SECONDS, AgentFailed)
             except AgentFailed as exc:
                 stderr.seek(0)
                 raise AgentFailed(f"{exc}: {stderr.read()[-500:].strip()}") from None

@@ -59,7 +59,6 @@ import multiprocessing as mp
 import os
 import queue
 import resource
-import selectors
 import shutil
 import statistics
 import subprocess
@@ -165,23 +164,6 @@ def _agent_env() -> dict[str, str]:
     return env
 
 
-def _ready_fields(proc: subprocess.Popen[str], timeout: float) -> dict[str, str]:
-    """The ``key=value`` fields of the agent's ``ready`` line, read under a deadline."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while (left := deadline - time.monotonic()) > 0:
-            if not sel.select(left):
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the agent exited {proc.wait(5)} before it was ready")
-            if line.startswith("ready "):
-                return dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
-    raise RuntimeError(f"the agent was not ready within {timeout:.0f} s")
-
-
 @contextlib.contextmanager
 def running_agent(workdir: Path, mesh: str, hub_url: str, fsync: str, window: int
                   ) -> Iterator[Agent]:
@@ -204,7 +186,7 @@ def running_agent(workdir: Path, mesh: str, hub_url: str, fsync: str, window: in
         base.STARTED.append(("zeromesh agent", proc.pid))
         try:
             try:
-                fields = _ready_fields(proc, START_TIMEOUT)
+                fields = _harness.ready_fields(proc, START_TIMEOUT)
             except RuntimeError as exc:
                 stderr.seek(0)
                 raise RuntimeError(f"{exc}: {stderr.read()[-1000:].strip()}") from None

@@ -10,7 +10,7 @@ from typing import Final
 
 import msgspec
 
-from ..errors import ProtocolError
+from .. import _wire
 
 FIGURES_SERVICE: Final[str] = "_zeromesh.figures"
 """The internal service every node answers with its own figures."""
@@ -90,6 +90,9 @@ class Report(msgspec.Struct, array_like=True, frozen=True):
 _encoder: Final = msgspec.msgpack.Encoder()
 
 
+_decoder: Final = msgspec.msgpack.Decoder(Report)
+
+
 def encode(report: Report) -> bytes:
     return _encoder.encode(report)
 
@@ -100,7 +103,4 @@ def decode(data: bytes) -> Report:
     Raises:
         ProtocolError: it is not one.
     """
-    try:
-        return msgspec.msgpack.decode(data, type=Report)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"undecodable figures: {exc}") from exc
+    return _wire.decode_with(_decoder, data, "figures")

@@ -31,17 +31,6 @@ T = TypeVar("T")
 
 
 @pytest.fixture
-def procs() -> Iterator[list[Cli]]:
-    """CLI processes a test starts; each is SIGKILLed (if still running) at teardown."""
-    started: list[Cli] = []
-    try:
-        yield started
-    finally:
-        for proc in started:
-            proc.close()
-
-
-@pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     """mosquitto with no cap on what it queues for an offline persistent session (its
     default, 1000, drops the rest: a subscriber away during a restart would miss them)."""
