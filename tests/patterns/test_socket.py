@@ -185,6 +185,13 @@ async def test_deliver_batches_a_flood_and_lets_other_callbacks_run(ctx: Context
     assert other_ran_at[0] <= 2 * sockmod._DISPATCH_ROUNDS * limit, other_ran_at
 
 
+# A send eats the FD's edge only when no later command reaches the mailbox in between,
+# which the I/O thread may do on a loaded machine: such a round still checks delivery,
+# and the test goes on (bounded) until the edge case itself has happened often enough.
+_EDGE_ROUNDS = 10
+_MAX_EDGE_ROUNDS = 60
+
+
 async def test_a_send_that_ate_the_edge_does_not_strand_waiting_messages(ctx: Context) -> None:
     """ZMQ_FD is edge-triggered: messages arrive, then the watched side sends before its
     reader has run; the send processes the "messages arrived" command and the FD falls
@@ -196,15 +203,19 @@ async def test_a_send_that_ate_the_edge_does_not_strand_waiting_messages(ctx: Co
     b.send(b"hello")  # the connection is up and the pipe has been read empty once
     await aeventually(lambda: got == [b"hello"])
     fd = fd_of(a)
-    for round_ in range(10):
+    edges_eaten = 0
+    for round_ in range(_MAX_EDGE_ROUNDS):
         expected = [b"%d.%d" % (round_, i) for i in range(10)]
         for message in expected:
             b.send(message)
         assert fd_readable(fd, timeout=5), "the messages never signalled"
         a.send(b"reply before reading")  # on the loop's thread: the reader has not run
-        assert not fd_readable(fd), "precondition: the send consumed the FD's edge"
+        edges_eaten += not fd_readable(fd)
         await aeventually(_tail_is(got, expected), timeout=5,
                           message=f"round {round_}: messages stranded after a send")
+        if edges_eaten == _EDGE_ROUNDS:
+            break
+    assert edges_eaten == _EDGE_ROUNDS, f"precondition: a send ate the edge {edges_eaten} times"
 
 
 async def test_a_send_that_ate_the_edge_still_wakes_a_waiting_receiver(ctx: Context) -> None:
@@ -213,16 +224,20 @@ async def test_a_send_that_ate_the_edge_still_wakes_a_waiting_receiver(ctx: Cont
     a, b = await _pair(ctx)
     a.watch()
     fd = fd_of(a)
-    for round_ in range(10):
+    edges_eaten = 0
+    for round_ in range(_MAX_EDGE_ROUNDS):
         waiting = asyncio.create_task(a.recv_many())
         await asyncio.sleep(0)  # one turn: the task is now waiting for readability
         assert not waiting.done()
         b.send(b"%d" % round_)
         assert fd_readable(fd, timeout=5), "the message never signalled"
         a.send(b"reply before reading")
-        assert not fd_readable(fd), "precondition: the send consumed the FD's edge"
+        edges_eaten += not fd_readable(fd)
         async with asyncio.timeout(5):
             assert await waiting == [[b"%d" % round_]]
+        if edges_eaten == _EDGE_ROUNDS:
+            break
+    assert edges_eaten == _EDGE_ROUNDS, f"precondition: a send ate the edge {edges_eaten} times"
 
 
 async def test_unwatch_stops_the_callback_and_keeps_the_messages(ctx: Context) -> None:
