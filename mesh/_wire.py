@@ -204,6 +204,14 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
     """This node holds retained values: a new subscription asks it for them."""
     history: list[str] = []
     """The patterns of the topics whose messages this node keeps as history."""
+    pubs: list[str] = []
+    """What this node publishes on (topics, or patterns covering them): a subscriber
+    connects to its publisher only where these meet its subscriptions."""
+    seq: int = 0
+    """The member's alive counter: it raises it to refute news that it was lost."""
+    digest: int = 0
+    """A summary of the sender's membership view (see `_membership._gossip`): equal
+    digests mean nothing to exchange."""
 
 
 class Heartbeat(msgspec.Struct, frozen=True, array_like=True, tag=2):
@@ -220,6 +228,13 @@ class Heartbeat(msgspec.Struct, frozen=True, array_like=True, tag=2):
     held: float = 0.0
     """Seconds between our receiving that heartbeat and sending this one: the receiver's
     round trip is its clock now minus `echo` minus `held`."""
+    seq: int = 0
+    """The sender's alive counter (see `Hello.seq`)."""
+    digest: int = 0
+    """The sender's membership digest (see `Hello.digest`)."""
+    watching: bool = True
+    """False: the sender stops beating us (we were a neighbour or a partner of its and
+    are no more): stop watching its silence; it stays a member."""
 
 
 class Bye(msgspec.Struct, frozen=True, array_like=True, tag=3):
