@@ -232,8 +232,9 @@ async def test_each_node_keeps_a_bounded_set_of_links(make_node: MakeNode) -> No
     await aeventually(lambda: all(len(_names(n)) == 23 for n in nodes), timeout=10)
 
     def most_watched() -> int:
-        return max(n._live().membership.figures()["watched"] for n in nodes)
+        return max(n.traffic().membership["watched"] for n in nodes)
 
     # the neighbours of the join storm linger 5 s before they are let go
     await aeventually(lambda: most_watched() <= 12, timeout=20)
-    assert max(len(n._live().membership.links()) for n in nodes) <= 14
+    assert max(n.traffic().membership["links"] for n in nodes) <= 14
+    assert {n.traffic().membership["members"] for n in nodes} == {23}
