@@ -385,13 +385,15 @@ class AsyncNode(WorkAndServices):
         """Wait until `count` peers subscribed to `topic` are connected and ready.
 
         Once this returns, a message published on `topic` reaches those peers
-        (no slow-joiner loss).
+        (no slow-joiner loss). Subscribers connect to a publisher only for what
+        it publishes on: this node announces `topic` as such from now on.
 
         Raises:
             ConfigError: `topic` is not a valid topic.
             RequestTimeout: fewer were ready when the timeout came.
         """
         _names.topic(topic)
+        self._live().pubsub.offer(topic)
         await self._wait(lambda: self.subscriber_count(topic) >= count, timeout,
                          f"waiting for {count} subscribers of {topic!r}")
 
@@ -402,6 +404,7 @@ class AsyncNode(WorkAndServices):
             RequestTimeout: some were still not ready when the timeout came.
         """
         _names.topic(topic)
+        self._live().pubsub.offer(topic)  # (see `wait_for_subscribers`)
         await self._wait(lambda: self.subscriber_count(topic) >= self._known_count(topic),
                          timeout, f"waiting for the subscribers of {topic!r}")
         return self.subscriber_count(topic)
