@@ -10,7 +10,7 @@ it publishes on, and its one SUB socket connects to a peer's publisher only
 where that peer's topics meet its subscriptions. A topic announced for the
 first time while a peer that subscribes to it is not yet ready here (it
 connects now that it learns of the topic) is held back, in order, until those
-peers are ready or `HOLD_TIME` passes: a publish after a subscription is in
+peers are ready or a bound passes (`_interest.Holds`): a publish after a subscription is in
 force still reaches it.
 
 Receiving: a batch is decoded once, matched once per topic (cached), and handed to each matching
@@ -27,7 +27,6 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from patterns import (
@@ -49,7 +48,7 @@ from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
 from .._support._tally import Stats, Tally
 from ..errors import MessageTooLarge, ProtocolError
-from ._interest import Links, Offers
+from ._interest import Holds, Links, Offers
 from ._subscription import Callback, Subscription
 
 _log = logging.getLogger("mesh.pubsub")
@@ -59,11 +58,6 @@ MAX_SUBSCRIPTION: Final[int] = 4096
 _MARKER_RE: Final = re.compile(rb"[0-9A-Za-z]{1,64}:[0-9]{1,19}")
 """A readiness marker: ``<node id>:<interest version>``."""
 _PUB_LINGER: Final[float] = 2.0
-HOLD_TIME: Final[float] = 1.0
-"""Longest a new topic's messages wait for its subscribers to be ready here."""
-_HOLD_COUNT: Final[int] = 10_000
-_HOLD_BYTES: Final[int] = 16 * 1024 * 1024
-"""...and most messages (payload bytes) one topic holds meanwhile: past either, they go."""
 
 
 class Recorder(Protocol):
@@ -72,15 +66,6 @@ class Recorder(Protocol):
     def keeps(self, topic: str) -> bool: ...
 
     def add(self, topic: str, items: Sequence[_wire.Item]) -> None: ...
-
-
-@dataclass(slots=True)
-class _Held:
-    """A new topic's messages, waiting for its subscribers (see the module doc)."""
-
-    timer: asyncio.TimerHandle
-    items: list[_wire.Item] = field(default_factory=list)
-    size: int = 0
 
 
 class PubSub:
@@ -136,8 +121,7 @@ class PubSub:
         self._links = Links(self._subscriber, peers, _PUB_LINGER + 1.0)
         # what we publish on (announced), and new topics held for their subscribers
         self._offers = Offers()
-        self._held: dict[str, _Held] = {}
-        self._held_name = ""
+        self._holds = Holds(self._unready, self._send_held)
         self._announce_handle: asyncio.Handle | None = None
 
     def bind(self, interfaces: Iterable[str]) -> list[str]:
@@ -153,8 +137,7 @@ class PubSub:
     def close(self) -> None:
         if self._announce_handle is not None:
             self._announce_handle.cancel()
-        for topic in list(self._held):  # (older than what is still to flush)
-            self._release(topic)
+        self._holds.release_all()  # (older than what is still to flush)
         self.flush()
         self._links.close()
         for sub in self._subs:
@@ -192,8 +175,8 @@ class PubSub:
 
     def peers_changed(self) -> None:
         self._reliable_copies.clear()
-        if self._held:
-            self._check_holds()
+        if self._holds.topics:
+            self._holds.check()
 
     def peer_gone(self, rec: PeerRecord) -> None:
         """A peer said goodbye (or was forgotten). Its last batches may still be in
@@ -342,8 +325,10 @@ class PubSub:
             self._flush_handle = None
         if not self._outgoing:
             return
-        if self._held:
-            self._hold_back(name)
+        if self._holds.topics:
+            count, size = self._holds.take(self._outgoing)
+            self._outgoing_count -= count
+            self._outgoing_bytes -= size
             if not self._outgoing:
                 return
         self._stats["published"] += self._outgoing_count
@@ -383,11 +368,9 @@ class PubSub:
         messages held for them (see the module doc)."""
         if not self._offers.add(topic):
             return
-        loop = asyncio.get_running_loop()
         if self._announce_handle is None:  # one announcement for a burst of new topics
-            self._announce_handle = loop.call_soon(self._announce)
-        if topic not in self._held and self._unready(topic):
-            self._held[topic] = _Held(loop.call_later(HOLD_TIME, self._release, topic))
+            self._announce_handle = asyncio.get_running_loop().call_soon(self._announce)
+        self._holds.hold(topic)
 
     def announces(self, pattern: TopicPattern) -> bool:
         """Does what we announce meet `pattern` (can a subscription to it hear us)?"""
@@ -403,46 +386,21 @@ class PubSub:
                    and any(p.matches(topic) for p in rec.subs)
                    for rec in self._peers.records())
 
-    def _check_holds(self) -> None:
-        for topic in [t for t in self._held if not self._unready(t)]:
-            self._release(topic)
-
-    def _hold_back(self, name: str) -> None:
-        """Set the held topics' new messages aside (flushing); a full hold goes now."""
-        self._held_name = name or self._held_name
-        full = []
-        for topic, held in self._held.items():
-            items = self._outgoing.pop(topic, None)
-            if items:
-                size = sum(len(i.payload) for i in items)
-                held.items += items
-                held.size += size
-                self._outgoing_count -= len(items)
-                self._outgoing_bytes -= size
-                if len(held.items) >= _HOLD_COUNT or held.size >= _HOLD_BYTES:
-                    full.append(topic)
-        for topic in full:
-            self._release(topic)
-
-    def _release(self, topic: str) -> None:
-        """Send what `topic` held (its subscribers are ready, or the bound passed)."""
-        held = self._held.pop(topic, None)
-        if held is None:
-            return
-        held.timer.cancel()
-        self._stats["published"] += len(held.items)
+    def _send_held(self, topic: str, items: list[_wire.Item]) -> None:
+        """Send what a hold kept, in batches of the usual bounds."""
+        self._stats["published"] += len(items)
         chunk: list[_wire.Item] = []
         size = 0
-        for item in held.items:
+        for item in items:
             if chunk and (size + len(item.payload) > _wire.FRAME_BYTES
                           or len(chunk) >= _FLUSH_COUNT):
-                if not self._send(topic, chunk, self._held_name, 0, size):
+                if not self._send(topic, chunk, self._config.name, 0, size):
                     return
                 chunk, size = [], 0
             chunk.append(item)
             size += len(item.payload)
         if chunk:
-            self._send(topic, chunk, self._held_name, 0, size)
+            self._send(topic, chunk, self._config.name, 0, size)
 
     # -- subscribing ------------------------------------------------------------
 
@@ -576,6 +534,6 @@ class PubSub:
                     self._confirmed.put(peer_id, int(version))  # bounded: marker floods
                 elif self._confirmed.get(peer_id) == int(version):
                     del self._confirmed[peer_id]
-            if self._held:
-                self._check_holds()
+            if self._holds.topics:
+                self._holds.check()
             self._waiter.wake()

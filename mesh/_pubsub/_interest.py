@@ -1,4 +1,5 @@
-"""Connections by interest: what this node publishes on, and which publishers to hear.
+"""Connections by interest: what this node publishes on, which publishers to hear, and
+new topics held for their subscribers.
 
 A node announces the topics it publishes on in its hello (`pubs`); a
 subscriber connects its SUB to a publisher's PUB only where those meet its
@@ -9,22 +10,34 @@ The announcement is bounded (`_wire.MAX_PUBS` entries): past that, the
 topics sharing a first segment are replaced by ``seg.>``, and as a last
 resort everything by ``>`` (`generalise`). A topic an entry already covers
 announces nothing new; the publish path only asks `Offers.known`, a set.
+
+A subscriber connects to a publisher only once it learns that the publisher
+publishes a topic it wants, so the first messages on a new topic would be
+lost to it. `Holds` keeps them, in order, while a live peer that subscribes
+to the topic is not ready at our publisher (its readiness marker has not
+arrived), for at most `HOLD_TIME` and `_HOLD_COUNT` messages / `_HOLD_BYTES`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 from patterns import Subscriber, TopicPattern
 
 from .._membership._peers import PeerRecord, PeerTable
-from .._wire import MAX_PUBS
+from .._wire import MAX_PUBS, Item
 
 _KNOWN_MAX: Final[int] = 10_000
 """Topics remembered as covered (a cache: past this it starts over)."""
 ALL: Final[str] = ">"
+HOLD_TIME: Final[float] = 1.0
+"""Longest a new topic's messages wait for its subscribers to be ready."""
+_HOLD_COUNT: Final[int] = 10_000
+_HOLD_BYTES: Final[int] = 16 * 1024 * 1024
+"""...and most messages (payload bytes) one topic holds meanwhile: past either, they go."""
 
 
 class Offers:
@@ -166,3 +179,66 @@ class Links:
         self._disconnects.pop(endpoint, None)
         if not self._subscriber.closed:
             self._subscriber.disconnect(endpoint)
+
+
+@dataclass(slots=True)
+class _Held:
+    timer: asyncio.TimerHandle
+    items: list[Item] = field(default_factory=list)
+    size: int = 0
+
+
+class Holds:
+    """New topics' messages, held while their subscribers are not ready (module doc).
+
+    `unready(topic)`: is a live peer that subscribes to it not ready yet?
+    `send(topic, items)`: send what a hold kept.
+    """
+
+    def __init__(self, unready: Callable[[str], bool],
+                 send: Callable[[str, list[Item]], None]) -> None:
+        self._unready = unready
+        self._send = send
+        self.topics: dict[str, _Held] = {}
+        """The topics held now."""
+
+    def hold(self, topic: str) -> None:
+        """`topic` was just announced: hold it if a subscriber of it is not ready."""
+        if topic not in self.topics and self._unready(topic):
+            timer = asyncio.get_running_loop().call_later(HOLD_TIME, self.release, topic)
+            self.topics[topic] = _Held(timer)
+
+    def take(self, outgoing: dict[str, list[Item]]) -> tuple[int, int]:
+        """Take the held topics' messages out of `outgoing` (a flush); returns how many
+        messages and payload bytes it took. A hold past its bounds goes at once."""
+        count = size = 0
+        full = []
+        for topic, held in self.topics.items():
+            items = outgoing.pop(topic, None)
+            if items:
+                n = sum(len(i.payload) for i in items)
+                held.items += items
+                held.size += n
+                count += len(items)
+                size += n
+                if len(held.items) >= _HOLD_COUNT or held.size >= _HOLD_BYTES:
+                    full.append(topic)
+        for topic in full:
+            self.release(topic)
+        return count, size
+
+    def check(self) -> None:
+        """Peers or readiness changed: release the topics no one waits for any more."""
+        for topic in [t for t in self.topics if not self._unready(t)]:
+            self.release(topic)
+
+    def release_all(self) -> None:
+        for topic in list(self.topics):
+            self.release(topic)
+
+    def release(self, topic: str) -> None:
+        held = self.topics.pop(topic, None)
+        if held is not None:
+            held.timer.cancel()
+            if held.items:
+                self._send(topic, held.items)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
+import zmq
+import zmq.asyncio
 
 from mesh import AsyncNode
-from mesh._pubsub._interest import generalise
+from mesh import _wire as wire
+from mesh._pubsub._interest import HOLD_TIME, generalise
 from patterns import TopicPattern, patterns_overlap
 from tests.helpers import aeventually
 
@@ -152,3 +156,38 @@ async def test_unsubscribing_lets_go_of_the_publisher(make_node: MakeNode) -> No
     await aeventually(lambda: hears(sub_node, pub), timeout=5)
     await sub.aclose()
     await aeventually(lambda: not hears(sub_node, pub), timeout=10)
+
+
+async def test_a_hold_for_a_subscriber_that_never_gets_ready_ends(
+        make_node: MakeNode, mesh_name: str) -> None:
+    """A known subscriber that never connects delays a new topic by HOLD_TIME at most, and
+    a hold that outgrows its count bound goes at once."""
+    pub = await make_node("pub", suspect_after=30.0, lost_after=60.0)
+    ctx = zmq.asyncio.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(pub.endpoints["ctl"][0])
+        ghost = "g" * 32  # subscribes, but its SUB never connects
+        await dealer.send(wire.encode_control(wire.Hello(
+            ghost, "ghost", mesh_name, 1, ["tcp://127.0.0.1:1"], ["tcp://127.0.0.1:2"],
+            ["h.>"], 1, pubs=[])))
+        await aeventually(lambda: pub._live().membership.table.get(ghost) is not None,
+                          timeout=5)
+        holds = pub._live().pubsub._holds.topics
+        before = pub.stats["published"]
+        start = time.monotonic()
+        await pub.publish("h.1", b"x")
+        await asyncio.sleep(0)  # (its flush)
+        assert "h.1" in holds
+        assert pub.stats["published"] == before
+        await aeventually(lambda: pub.stats["published"] == before + 1, timeout=5)
+        assert time.monotonic() - start >= HOLD_TIME * 0.9
+        assert "h.1" not in holds
+        for _ in range(20_000):
+            pub.publish_nowait("h.2", b"y")
+        await asyncio.sleep(0)
+        assert "h.2" not in holds
+        await aeventually(lambda: pub.stats["published"] == before + 20_001, timeout=5)
+    finally:
+        ctx.destroy(linger=0)
