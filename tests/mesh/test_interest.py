@@ -191,3 +191,17 @@ async def test_a_hold_for_a_subscriber_that_never_gets_ready_ends(
         await aeventually(lambda: pub.stats["published"] == before + 20_001, timeout=5)
     finally:
         ctx.destroy(linger=0)
+
+
+async def test_a_retained_query_a_publisher_cannot_meet_is_answered_at_once(
+        make_node: MakeNode, caplog: pytest.LogCaptureFixture) -> None:
+    """A node that retains values, none of whose topics meets a new subscription, answers
+    it without waiting for that subscriber to connect (it never will)."""
+    keeper = await make_node("keeper")
+    await keeper.publish("x.1", b"kept", retain=True)
+    sub_node = await make_node("sub")
+    await aeventually(lambda: announced(sub_node, keeper) == ["x.1"], timeout=5)
+    sub = await sub_node.subscribe("y.>")
+    await aeventually(lambda: sub._held is None, timeout=5)  # its retained values came
+    assert not hears(sub_node, keeper)
+    assert "before its subscription was in force" not in caplog.text
