@@ -393,7 +393,7 @@ class AsyncNode(WorkAndServices):
             RequestTimeout: fewer were ready when the timeout came.
         """
         _names.topic(topic)
-        self._live().pubsub.offer(topic)
+        self._offer(topic)
         await self._wait(lambda: self.subscriber_count(topic) >= count, timeout,
                          f"waiting for {count} subscribers of {topic!r}")
 
@@ -404,10 +404,15 @@ class AsyncNode(WorkAndServices):
             RequestTimeout: some were still not ready when the timeout came.
         """
         _names.topic(topic)
-        self._live().pubsub.offer(topic)  # (see `wait_for_subscribers`)
+        self._offer(topic)
         await self._wait(lambda: self.subscriber_count(topic) >= self._known_count(topic),
                          timeout, f"waiting for the subscribers of {topic!r}")
         return self.subscriber_count(topic)
+
+    def _offer(self, topic: str) -> None:
+        """Announce `topic` as one we publish on, so its subscribers connect to us."""
+        if self._run is not None and not self._closing:
+            self._run.pubsub.offer(topic)
 
     def _known_count(self, topic: str) -> int:
         return sum(1 for rec in self._alive() if any(p.matches(topic) for p in rec.subs))
