@@ -104,6 +104,10 @@ MAX_CONTROL_SIZE: Final[int] = 64 * 1024
 MAX_KEY_SIZE: Final[int] = 257
 """A topic (at most 255 bytes) plus its NUL, with one byte to spare."""
 
+MAX_PUBS: Final[int] = 64
+"""Entries of a hello's `pubs` at most: past that a node announces patterns covering its
+topics (``seg.>``, at last ``>``); a receiver takes a longer list as ``>``."""
+
 FRAME_BYTES: Final[int] = 256 * 1024
 """Payload bytes a batch (pub/sub, work, service) collects before it leaves; a larger
 message travels alone."""
@@ -204,9 +208,10 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
     """This node holds retained values: a new subscription asks it for them."""
     history: list[str] = []
     """The patterns of the topics whose messages this node keeps as history."""
-    pubs: list[str] = []
+    pubs: list[str] | None = None
     """What this node publishes on (topics, or patterns covering them): a subscriber
-    connects to its publisher only where these meet its subscriptions."""
+    connects to its publisher only where these meet its subscriptions. None: a node that
+    predates it, taken as publishing on everything (``>``)."""
     seq: int = 0
     """The member's alive counter: it raises it to refute news that it was lost."""
     digest: int = 0
