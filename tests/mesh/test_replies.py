@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -28,16 +28,6 @@ from .conftest import FAST, MakeNode
 from .test_services import _servers
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-
-
-@pytest.fixture
-async def release() -> AsyncIterator[asyncio.Event]:
-    """Set at teardown: what slow handlers wait for, so none outlives its test."""
-    event = asyncio.Event()
-    try:
-        yield event
-    finally:
-        event.set()
 
 
 def _slow(release: asyncio.Event) -> Callable[[Message], Awaitable[bytes]]:
