@@ -34,10 +34,13 @@ MAX_TIMEOUT: Final[float] = 3600.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def message_json(msg: Message) -> dict[str, object]:
+def message_json(msg: Message, topic_key: str = "topic") -> dict[str, object]:
     """A message as the agent's JSON shows it: ``data`` as text, or base64 with
-    ``"encoding": "base64"`` when it is not UTF-8 (SSE events, gathered replies)."""
+    ``"encoding": "base64"`` when it is not UTF-8 (SSE events, gathered replies, whose
+    topic is their ``service``)."""
     body = msg.to_dict()
+    if topic_key != "topic":
+        body[topic_key] = body.pop("topic")
     try:
         body["data"] = msg.data.decode("utf-8")
     except UnicodeDecodeError:

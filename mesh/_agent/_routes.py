@@ -138,7 +138,7 @@ class Routes:
         self._metrics.requests.labels(service, outcome).inc()
         if replies:
             self._metrics.latency.labels(service).observe(time.perf_counter() - started)
-        return web.json_response([_http.message_json(reply) for reply in replies])
+        return web.json_response([_http.message_json(reply, "service") for reply in replies])
 
     async def replay(self, request: web.Request) -> web.Response:
         """Dead letters (all, or ``?id=N``) get a new round of delivery attempts: the way to

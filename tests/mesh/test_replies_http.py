@@ -127,6 +127,7 @@ async def test_agent_request_all_returns_the_json_list(
             replies = sorted(await r.json(), key=lambda e: e["source"])
         assert [(e["source"], e["data"], e["headers"]) for e in replies] == [
             ("s0", "re:q", {"x-n": "1"}), ("s2", "re:q", {"x-n": "1"})]
+        assert {e["service"] for e in replies} == {"all.svc"}
         async with asyncio.timeout(1.5):  # well before the 20 s timeout
             async with http.post(url + "?all=true&max_replies=1&timeout=20",
                                  data=b"\xff") as r:
