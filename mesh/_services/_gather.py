@@ -19,6 +19,7 @@ from typing import Self
 
 from .. import _wire
 from .._message import Message
+from ..errors import ClosedError
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,8 @@ class Replies:
     """Every live server's reply to one request: ``async for reply in replies``.
 
     The request goes out when iteration starts. Stop early with ``aclose()``
-    (or ``async with``): replies still due are then ignored.
+    (or ``async with``): replies still due are then ignored. Raises ClosedError
+    when the node closes meanwhile.
     """
 
     def __init__(self, service: str, start: Start, convert: Convert,
@@ -80,7 +82,13 @@ class Replies:
             if asked is None:
                 continue
             asked.settle()
-            if fut.cancelled() or fut.exception() is not None:  # timed out, or gone
+            if fut.cancelled():
+                continue
+            exc = fut.exception()
+            if isinstance(exc, ClosedError):  # the node closed: no more replies will come
+                await self.aclose()
+                raise exc
+            if exc is not None:  # timed out, or the server went away
                 continue
             msg = self._convert(fut.result(), asked)
             if msg is not None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from mesh import (
+    ClosedError,
     ConfigError,
     Message,
     Node,
@@ -186,6 +187,20 @@ async def test_the_stream_yields_replies_as_they_arrive(make_node: MakeNode,
             assert (first.source, first.data) == ("s0", b"fast:q")
         assert replies.received == 1
         assert [r async for r in replies] == []  # closed: nothing more
+
+
+async def test_closing_the_node_ends_a_gathering_with_closed_error(
+        make_node: MakeNode, release: asyncio.Event) -> None:
+    """A node closing while it gathers: ClosedError, as `request` raises, not a short list."""
+    client = await make_node("client")
+    await _servers(make_node, client, "all.closing", [_named("a"), _slow(release)])
+    async with asyncio.timeout(10):
+        replies = client.request_all_stream("all.closing", b"q", timeout=30)
+        assert (await anext(replies)).source == "s0"
+        waiting = asyncio.ensure_future(anext(replies))
+        await client.aclose()
+        with pytest.raises(ClosedError):
+            await waiting
 
 
 async def test_request_all_rejects_bad_arguments(make_node: MakeNode) -> None:
