@@ -9,6 +9,7 @@ with the key and the reason (exit 2), never later at the first message.
 from __future__ import annotations
 
 import ipaddress
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,6 +52,18 @@ class Webhook(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return f"queue {self.queue}" if self.queue else f"pattern {self.pattern}"
 
 
+class ServiceApp(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``[[service]]``: serve the mesh service `name` by POSTing each request to the app."""
+
+    name: str
+    url: str
+    """Where each request is POSTed; a 2xx body is the reply."""
+    concurrency: int = 16
+    """Requests in flight to the app at once; the rest wait in the node's serving backlog."""
+    timeout: float = 10.0
+    """Seconds one POST may take before the requester gets an error."""
+
+
 class AgentConfig(NodeConfig, kw_only=True, forbid_unknown_fields=True):
     """Everything `zeromesh agent` needs; top-level keys are the node's settings."""
 
@@ -61,6 +74,8 @@ class AgentConfig(NodeConfig, kw_only=True, forbid_unknown_fields=True):
     webhooks: list[Webhook] = msgspec.field(default_factory=list)
     uplinks: list[UplinkSettings] = msgspec.field(default_factory=list, name="uplink")
     """``[[uplink]]``: links to NATS JetStream or MQTT 5 brokers (need data_dir)."""
+    services: list[ServiceApp] = msgspec.field(default_factory=list, name="service")
+    """``[[service]]``: mesh services answered by an app over HTTP."""
 
     def validated(self) -> AgentConfig:
         config = super().validated()
@@ -70,6 +85,9 @@ class AgentConfig(NodeConfig, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError("max_body", "must be >= 0")
         for i, hook in enumerate(config.webhooks):
             _check_webhook(f"webhooks[{i}]", hook, config.data_dir)
+        seen: set[str] = set()
+        for i, svc in enumerate(config.services):
+            _check_service(f"service[{i}]", svc, seen)
         for i, link in enumerate(config.uplinks):
             check_uplink(f"uplink[{i}]", link)
             if config.data_dir is None:
@@ -127,6 +145,23 @@ def _check_webhook(key: str, hook: Webhook, data_dir: str | None) -> None:
         raise ConfigError(key, "concurrency and attempts must be >= 1")
     if hook.timeout <= 0 or hook.backoff < 0:
         raise ConfigError(key, "timeout must be > 0 and backoff >= 0")
+
+
+def _check_service(key: str, svc: ServiceApp, seen: set[str]) -> None:
+    try:
+        _names.service(svc.name)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}.name", exc.reason) from None
+    if svc.name in seen:
+        raise ConfigError(f"{key}.name", f"service {svc.name!r} is configured twice")
+    seen.add(svc.name)
+    url = urlsplit(svc.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"{key}.url", f"{svc.url!r} is not an http(s) URL")
+    if svc.concurrency < 1:
+        raise ConfigError(f"{key}.concurrency", "must be >= 1")
+    if not 0 < svc.timeout <= 3600 or math.isnan(svc.timeout):
+        raise ConfigError(f"{key}.timeout", "must be > 0 and <= 3600 seconds")
 
 
 def load(path: str | None, env: Mapping[str, str], flags: Mapping[str, object]

@@ -76,6 +76,42 @@ def reply_to_http(headers: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
+def for_app(msg: Message) -> dict[str, str]:
+    """What a ``[[service]]`` POST carries: the request's headers by the scheme of
+    `reply_to_http` (so an app reads the same names a requester's agent would show),
+    plus ``X-Zeromesh-Id``, ``-Service`` and ``-Source``."""
+    out = reply_to_http(msg.headers)
+    out[OURS + "id"] = msg.id
+    out[OURS + "service"] = msg.topic
+    out[OURS + "source"] = msg.source
+    return out
+
+
+def from_app(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """A ``[[service]]`` app's response headers as reply headers: the inverse of
+    `reply_to_http` (``X-Zeromesh-Header-<name>`` is ``<name>``; other ``X-Zeromesh-``
+    and transport headers stay behind).
+
+    Raises:
+        BadHeader: more than MAX_HEADERS of them, or a value over MAX_VALUE bytes.
+    """
+    out: dict[str, str] = {}
+    for name, value in items:
+        key = name.lower()
+        if key.startswith(REPLY_HEADER):
+            key = key[len(REPLY_HEADER):]
+            if not key:
+                continue
+        elif not _passed(key):
+            continue
+        if len(value) > MAX_VALUE:
+            raise BadHeader(f"header {name} is longer than {MAX_VALUE} bytes")
+        out[key] = value
+        if len(out) > MAX_HEADERS:
+            raise BadHeader(f"more than {MAX_HEADERS} message headers")
+    return out
+
+
 def to_http(headers: Mapping[str, str] | None) -> dict[str, str]:
     """HTTP headers for a message's headers (names that are not HTTP tokens, or values
     with line breaks, cannot be sent and are left out); a content type is always set."""

@@ -27,6 +27,7 @@ from ..errors import (
     SpoolFullError,
 )
 from ._headers import BadHeader
+from ._service_apps import APP_STATUS
 
 _log = logging.getLogger("mesh.agent")
 MAX_TIMEOUT: Final[float] = 3600.0
@@ -162,7 +163,7 @@ async def _call(request: web.Request, handler: Handler) -> web.StreamResponse:
     except (RequestTimeout, TimeoutError) as exc:
         return error(504, str(exc) or "timed out")
     except RemoteError as exc:
-        return error(502, str(exc))
+        return remote_error(exc)
     except ClosedError as exc:
         return error(503, str(exc))
     except (web.HTTPException, ConnectionError):
@@ -170,6 +171,17 @@ async def _call(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception as exc:
         _log.exception("%s %s failed", request.method, request.path)
         return error(500, f"internal error: {type(exc).__name__}")
+
+
+def remote_error(exc: RemoteError) -> web.Response:
+    """502 for a server that failed; a ``[[service]]`` app's non-2xx answer also gives
+    its ``status`` and ``body``."""
+    body: dict[str, object] = {"error": str(exc), "service": exc.service}
+    found = APP_STATUS.match(exc.message)
+    if found:
+        body["status"] = int(found.group(1))
+        body["body"] = found.group(2)
+    return web.json_response(body, status=502)
 
 
 def _from_http_exception(exc: web.HTTPException) -> web.StreamResponse:

@@ -119,6 +119,10 @@ class AgentMetrics:
                                 "Webhook POSTs per webhook and outcome "
                                 "(ok, retry, dead_letter, dropped).",
                                 ["webhook", "outcome"], registry=r)
+        self.service_apps = Counter("zeromesh_service_app_requests",
+                                    "Requests POSTed to a [[service]] app, per service and "
+                                    "outcome (ok, status, timeout, unreachable, error).",
+                                    ["service", "outcome"], registry=r)
         self.sse = Counter("zeromesh_sse_events", "Messages sent to SSE streams, per pattern.",
                            ["pattern"], registry=r)
         self.sse_dropped = Counter("zeromesh_sse_dropped",

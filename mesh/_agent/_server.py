@@ -25,6 +25,7 @@ from ._metrics import AgentMetrics
 from ._page import Page
 from ._routes import Routes
 from ._seeing import Seeing
+from ._service_apps import AppServices
 from ._sse import Streams
 from ._webhooks import WebhookRunner
 
@@ -43,6 +44,8 @@ class Agent:
         self.metrics = AgentMetrics(self.node, self.uplinks)
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.services = AppServices(self.node, self.metrics)
+        """``[[service]]`` entries: mesh services answered by apps over HTTP."""
         self._hooks: dict[bytes, asyncio.Task[None]] = {}
         """Running webhooks, by their settings (encoded): a reload keeps the unchanged."""
         self.http_url = ""
@@ -79,6 +82,7 @@ class Agent:
             await self.uplinks.apply(self.config.uplinks)
             self._session = aiohttp.ClientSession()
             await self._apply_webhooks(self.config.webhooks)
+            await self.services.apply(self.config.services)
         except BaseException:
             await self.aclose()
             raise
@@ -88,7 +92,7 @@ class Agent:
         await self.aclose()
 
     async def reload(self, config: AgentConfig) -> None:
-        """Apply a re-read config (SIGHUP): webhooks, uplinks and the CURVE allowlist
+        """Apply a re-read config (SIGHUP): webhooks, services, uplinks and the CURVE allowlist
         change now; any other key that changed is named in one log line (it needs a
         restart) and keeps its running value.
 
@@ -99,7 +103,9 @@ class Agent:
             self.node.reload_allowlist()
         await self.uplinks.apply(config.uplinks)
         await self._apply_webhooks(config.webhooks)
+        await self.services.apply(config.services)
         self.config.webhooks, self.config.uplinks = config.webhooks, config.uplinks
+        self.config.services = config.services
         later = [key for key in AgentConfig.__struct_fields__
                  if key not in _RELOADED and getattr(config, key) != getattr(self.config, key)]
         if later:
@@ -119,6 +125,7 @@ class Agent:
                     runner.run(), name=f"zeromesh-webhook-{i}")
 
     async def aclose(self) -> None:
+        await self.services.aclose()
         await self.uplinks.aclose()
         hooks, self._hooks = list(self._hooks.values()), {}
         for task in hooks:
@@ -132,7 +139,7 @@ class Agent:
         await self.node.aclose()
 
 
-_RELOADED: Final = frozenset({"webhooks", "uplinks"})
+_RELOADED: Final = frozenset({"webhooks", "uplinks", "services"})
 """What SIGHUP changes in a running agent; besides, the files of an unchanged ``allow``
 path are read again."""
 

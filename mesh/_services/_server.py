@@ -37,6 +37,11 @@ _CLOSE_GRACE: Final[float] = 2.0
 _MAX_ERROR_TEXT: Final[int] = 4096
 
 
+class Declined(Exception):
+    """Raised by a handler that cannot take this request now (the app behind it is down):
+    the requester tries another server, as for a busy one, instead of getting an error."""
+
+
 class ServiceHost(Protocol):
     """What a served service needs from the node that serves it."""
 
@@ -67,6 +72,8 @@ class Service:
         """Requests answered with a reply."""
         self.failed = 0
         """Requests whose handler raised (answered with an error)."""
+        self.declined = 0
+        """Requests the handler declined (`Declined`: the requester tried elsewhere)."""
 
     @property
     def name(self) -> str:
@@ -117,6 +124,10 @@ class Service:
         elif not self._is_async:
             try:
                 result = self._handler(msg)
+            except Declined:
+                self.declined += 1
+                reply(_wire.Reply(msg.seq, _wire.REPLY_BUSY, time.time(), b""))
+                return
             except Exception as exc:
                 self._fail(msg, reply, exc)
                 return
@@ -146,6 +157,9 @@ class Service:
             except asyncio.CancelledError:
                 reply(_wire.Reply(msg.seq, _wire.REPLY_NOT_SERVED, time.time(), b""))
                 raise
+            except Declined:
+                self.declined += 1
+                reply(_wire.Reply(msg.seq, _wire.REPLY_BUSY, time.time(), b""))
             except Exception as exc:
                 self._fail(msg, reply, exc)
             else:
