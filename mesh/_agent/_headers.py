@@ -17,7 +17,7 @@ they round-trip; any other name, which could clash with HTTP's own
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from .._message import Message
@@ -44,10 +44,24 @@ def from_http(items: Iterable[tuple[str, str]]) -> dict[str, str]:
     Raises:
         BadHeader: more than MAX_HEADERS of them, or a value over MAX_VALUE bytes.
     """
+    return _collect(items, _own_name)
+
+
+def _own_name(key: str) -> str | None:
+    return key if _passed(key) else None
+
+
+def _collect(items: Iterable[tuple[str, str]],
+             name_of: Callable[[str], str | None]) -> dict[str, str]:
+    """Headers under the name `name_of` gives each lower-cased HTTP name (None: left out).
+
+    Raises:
+        BadHeader: more than MAX_HEADERS of them, or a value over MAX_VALUE bytes.
+    """
     out: dict[str, str] = {}
     for name, value in items:
-        key = name.lower()
-        if not _passed(key):
+        key = name_of(name.lower())
+        if key is None:
             continue
         if len(value) > MAX_VALUE:
             raise BadHeader(f"header {name} is longer than {MAX_VALUE} bytes")
@@ -95,21 +109,13 @@ def from_app(items: Iterable[tuple[str, str]]) -> dict[str, str]:
     Raises:
         BadHeader: more than MAX_HEADERS of them, or a value over MAX_VALUE bytes.
     """
-    out: dict[str, str] = {}
-    for name, value in items:
-        key = name.lower()
-        if key.startswith(REPLY_HEADER):
-            key = key[len(REPLY_HEADER):]
-            if not key:
-                continue
-        elif not _passed(key):
-            continue
-        if len(value) > MAX_VALUE:
-            raise BadHeader(f"header {name} is longer than {MAX_VALUE} bytes")
-        out[key] = value
-        if len(out) > MAX_HEADERS:
-            raise BadHeader(f"more than {MAX_HEADERS} message headers")
-    return out
+    return _collect(items, _app_name)
+
+
+def _app_name(key: str) -> str | None:
+    if key.startswith(REPLY_HEADER):
+        return key[len(REPLY_HEADER):] or None
+    return key if _passed(key) else None
 
 
 def to_http(headers: Mapping[str, str] | None) -> dict[str, str]:

@@ -14,7 +14,7 @@ from aiohttp import web
 from .._node import AsyncNode
 from .._uplink._links import Uplinks
 from ..errors import NoRespondersError, RemoteError, RequestTimeout
-from . import _http
+from . import _bulk, _http
 from ._headers import OURS, from_http, reply_to_http
 from ._metrics import CONTENT_TYPE, AgentMetrics
 
@@ -34,6 +34,7 @@ class Routes:
 
     def add_to(self, app: web.Application) -> None:
         app.add_routes([
+            web.post("/v1/publish", self.publish_bulk),
             web.post("/v1/publish/{topic}", self.publish),
             web.post("/v1/push/{queue}", self.push),
             web.post("/v1/request/{service}", self.request),
@@ -58,6 +59,19 @@ class Routes:
                                  retain=retain, ttl=ttl)
         return web.json_response({"topic": topic, "reliable": reliable, "retain": retain},
                                  status=202)
+
+    async def publish_bulk(self, request: web.Request) -> web.Response:
+        """Many messages, one NDJSON line each; all are checked before any is published."""
+        _http.query(request, ())
+        body = await request.read()
+        node = self._node
+        try:
+            items = _bulk.parse(body, node.config.max_message_size,
+                                node.config.data_dir is not None)
+        except _bulk.BadLine as exc:
+            return web.json_response({"error": str(exc), "line": exc.number}, status=400)
+        await _bulk.publish(node, items)
+        return web.json_response({"published": len(items)}, status=202)
 
     async def last(self, request: web.Request) -> web.Response:
         """The retained values matching the pattern, gathered from the mesh."""
