@@ -60,6 +60,16 @@ def ready_fields(proc: subprocess.Popen[str], timeout: float,
     raise error(f"not ready within {timeout:.0f} s")
 
 
+def stop(proc: subprocess.Popen[str]) -> None:
+    """Stop a child this program started: SIGTERM, then SIGKILL if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
 def make_payload(size: int) -> bytes:
     """A fixed, recognisable payload of `size` bytes."""
     pattern = b"zeromesh-bench-"

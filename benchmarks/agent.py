@@ -109,12 +109,7 @@ def running_agent(mesh: str, *peers: str) -> Iterator[AgentAddress]:
                 raise AgentFailed(f"{exc}: {stderr.read()[-500:].strip()}") from None
             yield AgentAddress(fields["http"], fields["ctl"].split(",")[0])
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            h.stop(proc)
 
 
 # -- receivers ----------------------------------------------------------------------
