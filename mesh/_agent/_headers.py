@@ -44,31 +44,53 @@ def from_http(items: Iterable[tuple[str, str]]) -> dict[str, str]:
     Raises:
         BadHeader: more than MAX_HEADERS of them, or a value over MAX_VALUE bytes.
     """
-    return _collect(items, _own_name)
+    return _OWN_NAMES.collect(items)
 
 
-def _own_name(key: str) -> str | None:
-    return key if _passed(key) else None
+class _Names:
+    """Maps HTTP header names to message header names ("" = left out), remembering each
+    name as sent: a request's headers cost one dict lookup each, not string tests."""
+
+    def __init__(self, name_of: Callable[[str], str]) -> None:
+        self._name_of = name_of
+        self._known: dict[str, str] = {}
+
+    def collect(self, items: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """Raises:
+            BadHeader: more than MAX_HEADERS of them, or a value over MAX_VALUE bytes.
+        """
+        known = self._known
+        out: dict[str, str] = {}
+        for name, value in items:
+            key = known.get(name)
+            if key is None:
+                key = self._name_of(name.lower())
+                if len(known) >= _KNOWN_NAMES:
+                    known.clear()
+                known[name] = key
+            if not key:
+                continue
+            if len(value) > MAX_VALUE:
+                raise BadHeader(f"header {name} is longer than {MAX_VALUE} bytes")
+            out[key] = value
+            if len(out) > MAX_HEADERS:
+                raise BadHeader(f"more than {MAX_HEADERS} message headers")
+        return out
 
 
-def _collect(items: Iterable[tuple[str, str]],
-             name_of: Callable[[str], str | None]) -> dict[str, str]:
-    """Headers under the name `name_of` gives each lower-cased HTTP name (None: left out).
+def _own_name(key: str) -> str:
+    return key if _passed(key) else ""
 
-    Raises:
-        BadHeader: more than MAX_HEADERS of them, or a value over MAX_VALUE bytes.
-    """
-    out: dict[str, str] = {}
-    for name, value in items:
-        key = name_of(name.lower())
-        if key is None:
-            continue
-        if len(value) > MAX_VALUE:
-            raise BadHeader(f"header {name} is longer than {MAX_VALUE} bytes")
-        out[key] = value
-        if len(out) > MAX_HEADERS:
-            raise BadHeader(f"more than {MAX_HEADERS} message headers")
-    return out
+
+def _app_name(key: str) -> str:
+    if key.startswith(REPLY_HEADER):
+        return key[len(REPLY_HEADER):]
+    return key if _passed(key) else ""
+
+
+_KNOWN_NAMES: Final[int] = 4096
+_OWN_NAMES: Final = _Names(_own_name)
+_APP_NAMES: Final = _Names(_app_name)
 
 
 def _passed(key: str) -> bool:
@@ -109,13 +131,7 @@ def from_app(items: Iterable[tuple[str, str]]) -> dict[str, str]:
     Raises:
         BadHeader: more than MAX_HEADERS of them, or a value over MAX_VALUE bytes.
     """
-    return _collect(items, _app_name)
-
-
-def _app_name(key: str) -> str | None:
-    if key.startswith(REPLY_HEADER):
-        return key[len(REPLY_HEADER):] or None
-    return key if _passed(key) else None
+    return _APP_NAMES.collect(items)
 
 
 def to_http(headers: Mapping[str, str] | None) -> dict[str, str]:

@@ -39,7 +39,7 @@ class Page:
         self._files = {name: (folder / name).read_bytes() for name in ASSETS}
 
     def add_to(self, app: web.Application) -> None:
-        app.add_routes([web.get("/", self.index), web.get("/page/{name}", self.asset)])
+        _http.add_routes(app, [web.get("/", self.index), web.get("/page/{name}", self.asset)])
 
     async def index(self, request: web.Request) -> web.Response:
         _http.query(request, ())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Final
 
+import msgspec
 from aiohttp import web
 
 from .._node import AsyncNode
@@ -24,6 +25,19 @@ MAX_RETRIES: Final[int] = 10
 MAX_REPLIES: Final[int] = 10_000
 
 
+class _Accepted(msgspec.Struct):
+    """What a publish answers (encoded by msgspec: this is the hot path)."""
+
+    topic: str
+    reliable: bool
+    retain: bool
+
+
+def _accepted(body: object) -> web.Response:
+    return web.Response(body=msgspec.json.encode(body), status=202,
+                        content_type="application/json")
+
+
 class Routes:
     """Handlers bound to one node."""
 
@@ -33,7 +47,7 @@ class Routes:
         self._uplinks = uplinks
 
     def add_to(self, app: web.Application) -> None:
-        app.add_routes([
+        _http.add_routes(app, [
             web.post("/v1/publish", self.publish_bulk),
             web.post("/v1/publish/{topic}", self.publish),
             web.post("/v1/push/{queue}", self.push),
@@ -57,8 +71,7 @@ class Routes:
         body = await request.read()
         await self._node.publish(topic, body, headers=headers or None, reliable=reliable,
                                  retain=retain, ttl=ttl)
-        return web.json_response({"topic": topic, "reliable": reliable, "retain": retain},
-                                 status=202)
+        return _accepted(_Accepted(topic, reliable, retain))
 
     async def publish_bulk(self, request: web.Request) -> web.Response:
         """Many messages, one NDJSON line each; all are checked before any is published."""
@@ -71,7 +84,7 @@ class Routes:
         except _bulk.BadLine as exc:
             return web.json_response({"error": str(exc), "line": exc.number}, status=400)
         await _bulk.publish(node, items)
-        return web.json_response({"published": len(items)}, status=202)
+        return _accepted({"published": len(items)})
 
     async def last(self, request: web.Request) -> web.Response:
         """The retained values matching the pattern, gathered from the mesh."""

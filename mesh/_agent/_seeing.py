@@ -47,7 +47,7 @@ class Seeing:
         self._streams: set[asyncio.Task[Any]] = set()
 
     def add_to(self, app: web.Application) -> None:
-        app.add_routes([
+        _http.add_routes(app, [
             web.get("/v1/events", self.events),
             web.get("/v1/topology", self.topology),
             web.get("/v1/dead-letters", self.dead_letters),

@@ -15,6 +15,7 @@ from typing import Final, Self
 import aiohttp
 import msgspec
 from aiohttp import web
+from prometheus_client import Counter
 
 from .._node import AsyncNode
 from .._uplink._links import Uplinks
@@ -49,18 +50,24 @@ class Agent:
         self._hooks: dict[bytes, asyncio.Task[None]] = {}
         """Running webhooks, by their settings (encoded): a reload keeps the unchanged."""
         self.http_url = ""
+        self._http_counters: dict[tuple[str, int], Counter] = {}
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.body_limit,
-                              middlewares=[_http.middleware(self._count)])
+        app = web.Application(client_max_size=self.config.body_limit)
+        app[_http.COUNT] = self._count
         Routes(self.node, self.metrics, self.uplinks).add_to(app)
         Streams(self.node, self.metrics).add_to(app)
         Seeing(self.node, self.uplinks).add_to(app)
         Page().add_to(app)
+        _http.add_fallback(app)
         return app
 
     def _count(self, route: str, status: int) -> None:
-        self.metrics.http.labels(route, str(status)).inc()
+        counter = self._http_counters.get((route, status))
+        if counter is None:  # (routes and statuses are few: this stays small)
+            counter = self._http_counters[route, status] = self.metrics.http.labels(
+                route, str(status))
+        counter.inc()
 
     async def __aenter__(self) -> Self:
         host, port = http_address(self.config.http)

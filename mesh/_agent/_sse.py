@@ -58,7 +58,7 @@ class Streams:
         self._open: set[Subscription | Pull] = set()
 
     def add_to(self, app: web.Application) -> None:
-        app.add_routes([web.get("/v1/subscribe/{pattern}", self.subscribe)])
+        _http.add_routes(app, [web.get("/v1/subscribe/{pattern}", self.subscribe)])
         app.on_shutdown.append(self._shutdown)
 
     async def _shutdown(self, app: web.Application) -> None:
