@@ -104,8 +104,9 @@ class AgentMetrics:
     def __init__(self, node: AsyncNode, uplinks: Uplinks) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.http = Counter("zeromesh_http_requests", "HTTP requests by route and status.",
-                            ["route", "status"], registry=r)
+        self.http: dict[tuple[str, int], int] = {}
+        """HTTP requests by (route, status): a plain dict, as every request counts here
+        (a prometheus Counter's lock and label lookup cost more than the increment)."""
         self.pushed = Counter("zeromesh_messages_pushed",
                               "Work messages pushed through this agent, per queue.",
                               ["queue"], registry=r)
@@ -128,11 +129,27 @@ class AgentMetrics:
         self.sse_dropped = Counter("zeromesh_sse_dropped",
                                    "Messages an SSE client was too slow for (oldest dropped), "
                                    "per pattern.", ["pattern"], registry=r)
+        r.register(_HttpCollector(self.http))
         r.register(_NodeCollector(node))
         r.register(_UplinkCollector(uplinks))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _HttpCollector(Collector):
+    """``zeromesh_http_requests_total{route, status}`` from the agent's dict."""
+
+    def __init__(self, counts: dict[tuple[str, int], int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("zeromesh_http_requests",
+                                     "HTTP requests by route and status.",
+                                     labels=["route", "status"])
+        for (route, status), value in sorted(self._counts.items()):
+            family.add_metric([route, str(status)], value)
+        yield family
 
 
 class _NodeCollector(Collector):

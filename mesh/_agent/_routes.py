@@ -61,12 +61,15 @@ class Routes:
         ])
 
     async def publish(self, request: web.Request) -> web.Response:
-        params = _http.query(request, ("reliable", "retain", "ttl"))
         topic = request.match_info["topic"]
         self._node.check_topic(topic)
-        reliable = _http.flag(params, "reliable")
-        retain = _http.flag(params, "retain")
-        ttl = _http.ttl(params)
+        reliable = retain = False
+        ttl = None
+        if request.query_string:  # (most publishes have none: no parsing then)
+            params = _http.query(request, ("reliable", "retain", "ttl"))
+            reliable = _http.flag(params, "reliable")
+            retain = _http.flag(params, "retain")
+            ttl = _http.ttl(params)
         headers = from_http(request.headers.items())
         body = await request.read()
         await self._node.publish(topic, body, headers=headers or None, reliable=reliable,

@@ -15,7 +15,6 @@ from typing import Final, Self
 import aiohttp
 import msgspec
 from aiohttp import web
-from prometheus_client import Counter
 
 from .._node import AsyncNode
 from .._uplink._links import Uplinks
@@ -50,7 +49,6 @@ class Agent:
         self._hooks: dict[bytes, asyncio.Task[None]] = {}
         """Running webhooks, by their settings (encoded): a reload keeps the unchanged."""
         self.http_url = ""
-        self._http_counters: dict[tuple[str, int], Counter] = {}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.body_limit)
@@ -63,11 +61,8 @@ class Agent:
         return app
 
     def _count(self, route: str, status: int) -> None:
-        counter = self._http_counters.get((route, status))
-        if counter is None:  # (routes and statuses are few: this stays small)
-            counter = self._http_counters[route, status] = self.metrics.http.labels(
-                route, str(status))
-        counter.inc()
+        counts = self.metrics.http  # (routes and statuses are few: this stays small)
+        counts[route, status] = counts.get((route, status), 0) + 1
 
     async def __aenter__(self) -> Self:
         host, port = http_address(self.config.http)
