@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -120,3 +121,29 @@ async def test_a_body_over_the_limit_is_413_and_blank_lines_are_skipped(
         async with http.post(f"{agent.url}/v1/publish", data=b"") as r:
             assert (r.status, await r.json()) == (202, {"published": 0})
     assert [(await _next(sub)).topic for _ in range(2)] == ["bulk.big", "bulk.two"]
+
+
+async def test_reliable_and_retained_lines_go_through_the_spool_in_order(
+        procs: list[Cli], mesh_name: str, make_node: MakeNode, tmp_path: Path) -> None:
+    """Reliable lines (grouped per topic, one spool commit) mixed with best-effort ones:
+    each topic's messages arrive in order; the last retained line is its topic's value."""
+    _, sub = await _subscriber(make_node)
+    agent = start_agent(procs, "--data-dir", str(tmp_path / "side"), mesh=mesh_name,
+                        name="side")
+    lines: list[dict[str, object]] = []
+    for i in range(300):
+        topic = ("bulk.a", "bulk.b", "bulk.c")[i // 10 % 3]
+        lines.append({"topic": topic, "data": str(i), "reliable": topic != "bulk.c",
+                      "retain": topic == "bulk.b"})
+    async with aiohttp.ClientSession() as http:
+        await _connected(http, agent, sub)
+        async with http.post(f"{agent.url}/v1/publish", data=ndjson(lines)) as r:
+            assert (r.status, await r.json()) == (202, {"published": 300})
+        got = [await _next(sub) for _ in range(300)]
+        for topic in ("bulk.a", "bulk.b", "bulk.c"):
+            assert [m.data for m in got if m.topic == topic] == [
+                str(line["data"]).encode() for line in lines if line["topic"] == topic]
+        async with http.get(f"{agent.url}/v1/last/bulk.b") as r:
+            [last] = await r.json()
+    assert last["data"] == str(max(i for i, line in enumerate(lines)
+                                   if line["topic"] == "bulk.b"))
