@@ -129,13 +129,17 @@ COUNT: Final[web.AppKey[CountRequest]] = web.AppKey("zeromesh_count_request")
 UNMATCHED: Final[str] = "unmatched"
 
 
+def _not_counted(route: str, status: int) -> None:
+    """An app without ``app[COUNT]`` (a page served alone, in tests) counts nothing."""
+
+
 def add_routes(app: web.Application, routes: list[web.RouteDef]) -> None:
     """Add routes whose failures become JSON errors and whose requests are counted by
-    route template and status (``app[COUNT]``).
+    route template and status (``app[COUNT]``, when set).
 
     Each handler is wrapped where it is added, rather than by an aiohttp middleware,
     which costs every request a few microseconds more (see benchmarks/README.md)."""
-    count = app[COUNT]
+    count = app.get(COUNT, _not_counted)
     app.add_routes([web.route(r.method, r.path, _guarded(cast(Handler, r.handler), r.path,
                                                          count), **r.kwargs)
                     for r in routes])
@@ -143,7 +147,7 @@ def add_routes(app: web.Application, routes: list[web.RouteDef]) -> None:
 
 def add_fallback(app: web.Application) -> None:
     """A JSON 404 (no such route) or 405 (with Allow) for what no route takes; add last."""
-    count = app[COUNT]
+    count = app.get(COUNT, _not_counted)
 
     async def unmatched(request: web.Request) -> web.StreamResponse:
         allowed: set[str] = set()
