@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
-from . import _names, _trace
+from . import _codec, _names, _trace
+from ._codec import Payload
 from ._core import NodeCore
 from ._message import Message
 from ._services._server import DEFAULT_CONCURRENCY, Service, ServiceHandler
@@ -23,7 +24,7 @@ class WorkAndServices(NodeCore):
 
     # -- work queues -------------------------------------------------------------
 
-    def push(self, queue: str, data: bytes | str, *,
+    def push(self, queue: str, data: Payload, *,
              headers: Mapping[str, str] | None = None, timeout: float = 10.0,
              reliable: bool = False, ttl: float | None = None) -> Coroutine[Any, Any, None]:
         """Hand a message to exactly one live worker of `queue`, anywhere in the mesh.
@@ -34,7 +35,8 @@ class WorkAndServices(NodeCore):
         (needs a data dir); it is delivered at least once, whenever a worker
         is there, also after restarts. ``ttl=S``: unless a worker gets it
         within S seconds of its timestamp, it is never delivered (and leaves
-        the spool), counted in ``stats["expired"]``.
+        the spool), counted in ``stats["expired"]``. A `data` that is not
+        bytes/str is encoded and labelled as in `publish`.
 
         Raises:
             ConfigError: `queue` is invalid, or `ttl` is not a number > 0.
@@ -49,6 +51,8 @@ class WorkAndServices(NodeCore):
         run = self._run
         if run is None or self._closing:
             return self._not_running()
+        if type(data) is not bytes and type(data) is not str:
+            data, headers = _codec.prepared(data, headers)
         if _trace.ON:
             return self._push_traced(queue, data, headers, timeout, reliable, ttl)
         return run.work.push(queue, data, headers, timeout, self._closed, reliable, ttl)
@@ -130,7 +134,7 @@ class WorkAndServices(NodeCore):
             handler = _trace.traced(handler, "serve", destination=service)
         return self._live().serving.serve(service, handler, concurrency)
 
-    async def request(self, service: str, data: bytes | str, *, timeout: float = 5.0,
+    async def request(self, service: str, data: Payload, *, timeout: float = 5.0,
                       retries: int = 2, headers: Mapping[str, str] | None = None) -> Message:
         """Send a request to one live server of `service` and return its reply.
 
@@ -140,6 +144,8 @@ class WorkAndServices(NodeCore):
         with a short jittered backoff; a server that dies or leaves fails its
         requests over at once. `timeout` covers finding a server and every
         attempt. A request can run twice if its server dies after handling it.
+        A `data` that is not bytes/str is encoded and labelled as in `publish`
+        (the server reads it with ``msg.decode(T)``).
 
         Returns:
             The reply: ``data`` is the body, ``source`` the server's name.
@@ -151,8 +157,11 @@ class WorkAndServices(NodeCore):
                 right after start), or every server went away.
             RequestTimeout: no reply within `timeout`.
             RemoteError: the server's handler raised.
+            TypeError: msgspec cannot encode `data`.
             ClosedError: the node is not running or closed meanwhile.
         """
+        if type(data) is not bytes and type(data) is not str:
+            data, headers = _codec.prepared(data, headers)
         if _trace.ON:
             with _trace.producing("request", service, headers) as headers:
                 return await self._live().requests.request(service, data, timeout=timeout,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 from ._membership._events import PeerEvents
 from ._membership._peers import PeerEvent
 from ._message import Message
+from ._message import T as V
 from ._node import AsyncNode
 from ._pubsub._subscription import Subscription
 from ._work._pull import Pull
@@ -112,7 +113,7 @@ class _Handoff(Generic[T]):
                     self._readers -= 1
 
 
-class SyncSubscription(_Handoff[Message]):
+class SyncSubscription(_Handoff[Message[V]]):
     """The blocking twin of `Subscription`: iterate, or call `next(timeout)`.
 
     A reader more than `max_pending` messages behind loses the oldest ones,
@@ -121,10 +122,10 @@ class SyncSubscription(_Handoff[Message]):
     """
 
     def __init__(self, node: Node, max_pending: int,
-                 callback: Callable[[Message], None] | None = None) -> None:
+                 callback: Callable[[Message[V]], None] | None = None) -> None:
         super().__init__()
         self._node = node
-        self._sub: Subscription | None = None
+        self._sub: Subscription[V] | None = None
         """The async subscription feeding this one (set by `Node.subscribe`)."""
         self.max_pending = max_pending
         self.dropped = 0
@@ -137,12 +138,12 @@ class SyncSubscription(_Handoff[Message]):
             self._dispatcher = threading.Thread(target=self._dispatch, args=(callback,),
                                                 name="zeromesh-callback", daemon=True)
 
-    def _start(self, sub: Subscription) -> None:
+    def _start(self, sub: Subscription[V]) -> None:
         self._sub = sub
         if self._dispatcher is not None:
             self._dispatcher.start()
 
-    def _put(self, item: Message) -> None:
+    def _put(self, item: Message[V]) -> None:
         """On the loop thread: queue it, dropping the oldest past `max_pending`."""
         queue, lock = self._queue, self._lock
         lock.acquire()  # (not `with`: about half the cost on 3.11, once per message)
@@ -171,7 +172,7 @@ class SyncSubscription(_Handoff[Message]):
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             thread.join(timeout)
 
-    def _dispatch(self, callback: Callable[[Message], None]) -> None:
+    def _dispatch(self, callback: Callable[[Message[V]], None]) -> None:
         for msg in self:
             try:
                 callback(msg)
@@ -193,10 +194,15 @@ class SyncSubscription(_Handoff[Message]):
         return len(self._queue)
 
     @property
+    def decode_errors(self) -> int:
+        """Messages skipped because they did not decode as the subscription's type."""
+        return self._sub.decode_errors if self._sub is not None else 0
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
-    def next(self, timeout: float | None = None) -> Message:
+    def next(self, timeout: float | None = None) -> Message[V]:
         """The next message.
 
         Raises:
@@ -208,7 +214,7 @@ class SyncSubscription(_Handoff[Message]):
         except IndexError:
             return self._take(timeout, "subscription")
 
-    def drain(self, limit: int) -> list[Message]:
+    def drain(self, limit: int) -> list[Message[V]]:
         """Up to `limit` queued messages, without waiting (for writers that batch)."""
         with self._lock:
             queue = self._queue
@@ -217,7 +223,7 @@ class SyncSubscription(_Handoff[Message]):
     def __iter__(self) -> Self:
         return self
 
-    def __next__(self) -> Message:
+    def __next__(self) -> Message[V]:
         try:
             return self._queue.popleft()
         except IndexError:

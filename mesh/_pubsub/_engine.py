@@ -34,7 +34,7 @@ from patterns import (
 from .. import _names, _ttl, _wire
 from .._config import NodeConfig
 from .._membership._peers import PeerRecord, PeerTable
-from .._message import Message
+from .._message import Message, T
 from .._parts import Announcer, Waiter
 from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
@@ -336,11 +336,12 @@ class PubSub:
 
     # -- subscribing ------------------------------------------------------------
 
-    def subscribe(self, pattern: str, callback: Callback | None, max_pending: int, *,
-                  best_effort_only: bool = False) -> Subscription:
+    def subscribe(self, pattern: str, callback: Callback[T] | None, max_pending: int, *,
+                  best_effort_only: bool = False, type: type[T] | None = None
+                  ) -> Subscription[T]:
         parsed = _names.pattern(pattern)
         sub = Subscription(parsed, max_pending=max_pending, callback=callback,
-                           on_close=self._unsubscribe)
+                           on_close=self._unsubscribe, type=type, stats=self._stats)
         sub.best_effort_only = best_effort_only  # (before the hello announces it)
         self._subs.append(sub)
         self._match_cache.clear()
@@ -348,7 +349,7 @@ class PubSub:
         self._announcer.interest_changed()
         return sub
 
-    def _unsubscribe(self, sub: Subscription) -> None:
+    def _unsubscribe(self, sub: Subscription[Any]) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
             self._match_cache.clear()

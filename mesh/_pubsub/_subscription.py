@@ -12,16 +12,25 @@ already cover is dropped — for a retained value, the same publisher's older
 messages on its topic; for history, the publisher's messages on its history
 topics up to the sequence its answer covered — so there is neither a gap nor
 a duplicate between the two.
+
+A typed subscription (``type=T``) decodes each message as it arrives, by its
+content type, into a `Message[T]` whose `value` is the decoded payload. A
+message that is not a T is skipped and counted (`decode_errors`, and the
+node's ``decode_errors`` total), reported once in the log: one bad publisher
+must not stop the good messages behind it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from .. import _trace
-from .._message import Message
+import msgspec
+
+from .. import _codec, _trace
+from .._message import Message, T
 from .._support._mailbox import Mailbox
 from ..errors import ClosedError
 
@@ -31,23 +40,34 @@ if TYPE_CHECKING:
 _log = logging.getLogger("mesh.node")
 DEFAULT_MAX_PENDING: Final[int] = 100_000
 
-Callback = Callable[[Message], None]
+_CONTENT_TYPES: Final[int] = 16
+"""Decoders a typed subscription keeps at hand, by content type."""
+
+Callback = Callable[[Message[T]], None]
 
 
-class Subscription(Mailbox[Message]):
-    """Messages matching one pattern, in arrival order.
+class Subscription(Mailbox[Message[T]]):
+    """Messages matching one pattern, in arrival order; `Message[T]` with ``type=T``.
 
     `max_pending` bounds the queue (0 = unbounded, like a ZeroMQ HWM of 0).
     """
 
     def __init__(self, pattern: TopicPattern, *, max_pending: int = DEFAULT_MAX_PENDING,
-                 callback: Callback | None = None,
-                 on_close: Callable[[Subscription], None] | None = None) -> None:
+                 callback: Callback[T] | None = None,
+                 on_close: Callable[[Subscription[Any]], None] | None = None,
+                 type: type[T] | None = None, stats: Counter[str] | None = None) -> None:
         super().__init__()
         self.pattern = pattern
         self.max_pending = max_pending
         self.dropped = 0
         self.received = 0
+        self.decode_errors = 0
+        """Messages skipped because they did not decode as the subscription's type."""
+        self._type = type
+        self._decoders: dict[str | None, Callable[[bytes], T]] = {}
+        """By content type: the decoders of `_type` in use (`_codec.decoder`'s, at hand)."""
+        self._stats = stats
+        self._reported_undecodable = False
         self._callback = callback
         self._on_close = on_close
         self._reported_slow = False
@@ -95,6 +115,8 @@ class Subscription(Mailbox[Message]):
             return
         if self._covered or self._replayed:
             messages = self._uncovered(messages, retained)
+        if self._type is not None:
+            messages = self._decoded(messages)
         if self._callback is not None:
             for msg in messages:
                 self.received += 1
@@ -141,10 +163,48 @@ class Subscription(Mailbox[Message]):
             out.append(msg)
         return out
 
-    def __aiter__(self) -> Subscription:
+    def _decoded(self, messages: Iterable[Message]) -> list[Message[T]]:
+        """Each message as a `Message[T]`, those that are not a T left out (counted)."""
+        out: list[Message[T]] = []
+        decoders = self._decoders
+        for msg in messages:
+            headers = msg.headers
+            content_type = headers.get(_codec.CONTENT_TYPE) if headers else None
+            decode = decoders.get(content_type)
+            if decode is None:
+                decode = self._decoder(content_type)
+            try:
+                typed: Message[T] = Message(msg.topic, msg.data, msg.source, msg.source_id,
+                                            msg.seq, msg.timestamp, headers, msg.reliable)
+                msgspec.structs.force_setattr(typed, "_value", decode(msg.data))
+            except msgspec.DecodeError as exc:  # (ValidationError is one)
+                self._undecodable(msg, exc)
+                continue
+            out.append(typed)
+        return out
+
+    def _decoder(self, content_type: str | None) -> Callable[[bytes], T]:
+        assert self._type is not None
+        if len(self._decoders) >= _CONTENT_TYPES:  # (senders inventing labels)
+            self._decoders.clear()
+        found = self._decoders[content_type] = _codec.decoder(self._type, content_type)
+        return found
+
+    def _undecodable(self, msg: Message, exc: msgspec.DecodeError) -> None:
+        self.decode_errors += 1
+        if self._stats is not None:
+            self._stats["decode_errors"] += 1
+        if not self._reported_undecodable:
+            self._reported_undecodable = True
+            _log.warning("subscription %s: skipped message %s from %s on %s, not a %s (%s); "
+                         "such messages are counted in decode_errors", self.subject, msg.id,
+                         msg.source, msg.topic, getattr(self._type, "__name__", self._type),
+                         exc)
+
+    def __aiter__(self) -> Subscription[T]:
         return self
 
-    async def __anext__(self) -> Message:
+    async def __anext__(self) -> Message[T]:
         if self._queue:  # the common case under load: no waiter, no inner coroutine
             return self._queue.popleft()
         try:
@@ -152,7 +212,7 @@ class Subscription(Mailbox[Message]):
         except ClosedError:
             raise StopAsyncIteration from None
 
-    async def next(self, timeout: float | None = None) -> Message:
+    async def next(self, timeout: float | None = None) -> Message[T]:
         """The next message.
 
         Raises:
@@ -161,7 +221,7 @@ class Subscription(Mailbox[Message]):
         """
         return await self._take(timeout, "subscription")
 
-    def drain(self, limit: int) -> list[Message]:
+    def drain(self, limit: int) -> list[Message[T]]:
         """Up to `limit` queued messages, without waiting (for writers that batch)."""
         queue = self._queue
         return [queue.popleft() for _ in range(min(limit, len(queue)))]
@@ -173,7 +233,7 @@ class Subscription(Mailbox[Message]):
             if self._on_close is not None:
                 self._on_close(self)
 
-    async def __aenter__(self) -> Subscription:
+    async def __aenter__(self) -> Subscription[T]:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
