@@ -12,8 +12,10 @@ the node's own internals, keep writing plain `Message`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Generic
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Generic
 
 import msgspec
 
@@ -28,6 +30,10 @@ else:
 
     T = TypeVar("T")
 U = TypeVar("U")
+
+_log = logging.getLogger("mesh.node")
+_CONTENT_TYPES: Final[int] = 16
+"""Decoders a `Decoding` keeps at hand, by content type."""
 
 Headers = Mapping[str, str]
 """Free per-message headers; zeromesh passes them through untouched (e.g. ``traceparent``)."""
@@ -128,13 +134,62 @@ def attach_receipt(msg: Message, receipt: Receipt) -> None:
     msgspec.structs.force_setattr(msg, "_receipt", receipt)
 
 
-def with_value(msg: Message, value: U) -> Message[U]:
-    """A copy of `msg` carrying its decoded `value` (a copy: one received message is
-    shared by every subscription it matches, each may want another type)."""
-    typed: Message[U] = Message(msg.topic, msg.data, msg.source, msg.source_id, msg.seq,
-                                msg.timestamp, msg.headers, msg.reliable)
-    msgspec.structs.force_setattr(typed, "_value", value)
-    return typed
+class Decoding(Generic[U]):
+    """Makes the `Message[U]`s of one typed subscription or pull, and counts the misses.
+
+    Each is a copy carrying its decoded value: one received message is shared by
+    every subscription it matches, and each may want another type. A message
+    that is not a U is left out, counted (`errors`, the node's
+    ``decode_errors``) and reported once in the log.
+    """
+
+    def __init__(self, of: type[U], where: str, stats: Counter[str] | None) -> None:
+        self.of = of
+        self.errors = 0
+        self._where = where
+        self._stats = stats
+        self._decoders: dict[str | None, Callable[[bytes], U]] = {}
+        """By content type: the decoders in use (`_codec.decoder`'s, at hand)."""
+        self._reported = False
+
+    def many(self, messages: Iterable[Message]) -> list[Message[U]]:
+        out: list[Message[U]] = []
+        decoders, set_value = self._decoders, msgspec.structs.force_setattr
+        for msg in messages:  # (`one`, inlined: a received batch is hundreds)
+            headers = msg.headers
+            content_type = headers.get(_codec.CONTENT_TYPE) if headers else None
+            decode = decoders.get(content_type) or self._decoder(content_type)
+            try:
+                value = decode(msg.data)
+            except msgspec.DecodeError as exc:  # (ValidationError is one)
+                self._miss(msg, exc)
+                continue
+            typed: Message[U] = Message(msg.topic, msg.data, msg.source, msg.source_id,
+                                        msg.seq, msg.timestamp, headers, msg.reliable)
+            set_value(typed, "_value", value)
+            out.append(typed)
+        return out
+
+    def one(self, msg: Message) -> Message[U] | None:
+        """`msg` as a `Message[U]`, or None (counted) when it is not a U."""
+        typed = self.many((msg,))
+        return typed[0] if typed else None
+
+    def _decoder(self, content_type: str | None) -> Callable[[bytes], U]:
+        if len(self._decoders) >= _CONTENT_TYPES:  # (senders inventing labels)
+            self._decoders.clear()
+        found = self._decoders[content_type] = _codec.decoder(self.of, content_type)
+        return found
+
+    def _miss(self, msg: Message, exc: msgspec.DecodeError) -> None:
+        self.errors += 1
+        if self._stats is not None:
+            self._stats["decode_errors"] += 1
+        if not self._reported:
+            self._reported = True
+            _log.warning("%s: skipped message %s from %s on %s, not a %s (%s); such "
+                         "messages are counted in decode_errors", self._where, msg.id,
+                         msg.source, msg.topic, getattr(self.of, "__name__", self.of), exc)
 
 
 def receipt_of(msg: Message) -> Receipt | None:

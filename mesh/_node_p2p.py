@@ -13,7 +13,7 @@ from typing import Any
 from . import _codec, _names, _trace
 from ._codec import Payload
 from ._core import NodeCore
-from ._message import Message
+from ._message import Message, T
 from ._services._server import DEFAULT_CONCURRENCY, Service, ServiceHandler
 from ._work._pull import Handler, Pull
 from ._work._queues import DEFAULT_PREFETCH
@@ -70,9 +70,15 @@ class WorkAndServices(NodeCore):
     async def _not_running(self) -> None:
         self._check_running()
 
-    async def pull(self, queue: str, *, prefetch: int = DEFAULT_PREFETCH,
-                   handler: Handler | None = None) -> Pull:
+    async def pull(self, queue: str, *, type: type[T] | None = None,
+                   prefetch: int = DEFAULT_PREFETCH,
+                   handler: Handler[T] | None = None) -> Pull[T]:
         """Become a worker of `queue`: iterate the result, or pass `handler`.
+
+        With ``type=T`` each message is a `Message[T]` whose ``value`` is the
+        payload decoded as T (as in `subscribe`); one that is not a T is
+        nacked — a reliable one ends in the dead-letter spool after
+        ``max_attempts`` — counted in ``decode_errors``, and skipped.
 
         `prefetch` is the most of each pusher's messages this node holds
         unprocessed. The window in use adapts below it to about 20 ms of this
@@ -85,7 +91,7 @@ class WorkAndServices(NodeCore):
         """
         if handler is not None and _trace.ON:
             handler = _trace.traced(handler, "pull", destination=queue)
-        return self._live().work.pull(queue, prefetch, handler)
+        return self._live().work.pull(queue, prefetch, handler, type)
 
     async def wait_for_workers(self, queue: str, count: int = 1, *,
                                timeout: float = 10.0) -> None:

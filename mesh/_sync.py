@@ -201,7 +201,7 @@ class Node:
             return value()
         return self._call(_value(value))
 
-    def _threadsafe(self, msg: Message) -> Message:
+    def _threadsafe(self, msg: Message[V]) -> Message[V]:
         """`msg` with ``ack``/``nack`` that hop onto the loop: safe from any thread."""
         receipt, loop = receipt_of(msg), self._loop
         if receipt is None or loop is None:
@@ -426,17 +426,18 @@ class Node:
         self._drain()
         return await coro
 
-    def pull(self, queue: str, *, prefetch: int = DEFAULT_PREFETCH,
-             handler: Callable[[Message], object] | None = None) -> SyncPull:
+    def pull(self, queue: str, *, type: type[V] | None = None,
+             prefetch: int = DEFAULT_PREFETCH,
+             handler: Callable[[Message[V]], object] | None = None) -> SyncPull[V]:
         """See `AsyncNode.pull`. A `handler` runs in a worker thread, so it may block."""
         async_handler = None
         if handler is not None:
             blocking = handler
 
-            async def async_handler(msg: Message) -> None:
+            async def async_handler(msg: Message[V]) -> None:
                 await asyncio.to_thread(blocking, self._threadsafe(msg))
 
-        return SyncPull(self, self._call(self._node.pull(queue, prefetch=prefetch,
+        return SyncPull(self, self._call(self._node.pull(queue, type=type, prefetch=prefetch,
                                                          handler=async_handler)))
 
     def wait_for_workers(self, queue: str, count: int = 1, *, timeout: float = 10.0) -> None:

@@ -51,7 +51,7 @@ class Node(Protocol):
 
     def _read(self, value: Callable[[], T]) -> T: ...
 
-    def _threadsafe(self, msg: Message) -> Message: ...
+    def _threadsafe(self, msg: Message[V]) -> Message[V]: ...
 
     def _forget(self, stream: SyncSubscription | SyncPeerEvents) -> None: ...
 
@@ -248,20 +248,25 @@ class SyncSubscription(_Handoff[Message[V]]):
         self.close()
 
 
-class SyncPull:
+class SyncPull(Generic[V]):
     """The blocking twin of `Pull`: work messages of one queue, by `next()` or iteration.
 
     Each message is processed when you call ``msg.ack()`` (or ``msg.nack()``),
     or implicitly when you ask for the next one.
     """
 
-    def __init__(self, node: Node, pull: Pull) -> None:
+    def __init__(self, node: Node, pull: Pull[V]) -> None:
         self._node = node
         self._pull = pull
 
     @property
     def queue(self) -> str:
         return self._pull.queue
+
+    @property
+    def decode_errors(self) -> int:
+        """Messages nacked and skipped because they did not decode as the pull's type."""
+        return self._pull.decode_errors
 
     @property
     def pending(self) -> int:
@@ -272,7 +277,7 @@ class SyncPull:
     def received(self) -> int:
         return self._pull.received
 
-    def next(self, timeout: float | None = None) -> Message:
+    def next(self, timeout: float | None = None) -> Message[V]:
         """The next work message (the previous one counts as processed).
 
         Raises:
@@ -281,7 +286,7 @@ class SyncPull:
         """
         return self._node._threadsafe(self._node._call(self._pull.next(timeout)))
 
-    def take(self, timeout: float | None = None) -> tuple[Message, Callable[[bool], None]]:
+    def take(self, timeout: float | None = None) -> tuple[Message[V], Callable[[bool], None]]:
         """The next message and its settle function (``settle(True)`` = processed); asking
         for the next one does not settle this one. Either may be called from any thread.
 
@@ -302,7 +307,7 @@ class SyncPull:
     def __iter__(self) -> Self:
         return self
 
-    def __next__(self) -> Message:
+    def __next__(self) -> Message[V]:
         try:
             return self.next()
         except ClosedError:

@@ -27,10 +27,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-import msgspec
-
-from .. import _codec, _trace
-from .._message import Message, T
+from .. import _trace
+from .._message import Decoding, Message, T
 from .._support._mailbox import Mailbox
 from ..errors import ClosedError
 
@@ -39,9 +37,6 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("mesh.node")
 DEFAULT_MAX_PENDING: Final[int] = 100_000
-
-_CONTENT_TYPES: Final[int] = 16
-"""Decoders a typed subscription keeps at hand, by content type."""
 
 Callback = Callable[[Message[T]], None]
 
@@ -61,13 +56,8 @@ class Subscription(Mailbox[Message[T]]):
         self.max_pending = max_pending
         self.dropped = 0
         self.received = 0
-        self.decode_errors = 0
-        """Messages skipped because they did not decode as the subscription's type."""
-        self._type = type
-        self._decoders: dict[str | None, Callable[[bytes], T]] = {}
-        """By content type: the decoders of `_type` in use (`_codec.decoder`'s, at hand)."""
-        self._stats = stats
-        self._reported_undecodable = False
+        self._decoding = (None if type is None else
+                          Decoding(type, f"subscription {pattern.pattern}", stats))
         self._callback = callback
         self._on_close = on_close
         self._reported_slow = False
@@ -89,6 +79,11 @@ class Subscription(Mailbox[Message[T]]):
     @property
     def pending(self) -> int:
         return len(self._queue)
+
+    @property
+    def decode_errors(self) -> int:
+        """Messages skipped because they did not decode as the subscription's type."""
+        return self._decoding.errors if self._decoding is not None else 0
 
     @property
     def closed(self) -> bool:
@@ -115,8 +110,8 @@ class Subscription(Mailbox[Message[T]]):
             return
         if self._covered or self._replayed:
             messages = self._uncovered(messages, retained)
-        if self._type is not None:
-            messages = self._decoded(messages)
+        if self._decoding is not None:
+            messages = self._decoding.many(messages)
         if self._callback is not None:
             for msg in messages:
                 self.received += 1
@@ -162,44 +157,6 @@ class Subscription(Mailbox[Message[T]]):
                         continue
             out.append(msg)
         return out
-
-    def _decoded(self, messages: Iterable[Message]) -> list[Message[T]]:
-        """Each message as a `Message[T]`, those that are not a T left out (counted)."""
-        out: list[Message[T]] = []
-        decoders = self._decoders
-        for msg in messages:
-            headers = msg.headers
-            content_type = headers.get(_codec.CONTENT_TYPE) if headers else None
-            decode = decoders.get(content_type)
-            if decode is None:
-                decode = self._decoder(content_type)
-            try:
-                typed: Message[T] = Message(msg.topic, msg.data, msg.source, msg.source_id,
-                                            msg.seq, msg.timestamp, headers, msg.reliable)
-                msgspec.structs.force_setattr(typed, "_value", decode(msg.data))
-            except msgspec.DecodeError as exc:  # (ValidationError is one)
-                self._undecodable(msg, exc)
-                continue
-            out.append(typed)
-        return out
-
-    def _decoder(self, content_type: str | None) -> Callable[[bytes], T]:
-        assert self._type is not None
-        if len(self._decoders) >= _CONTENT_TYPES:  # (senders inventing labels)
-            self._decoders.clear()
-        found = self._decoders[content_type] = _codec.decoder(self._type, content_type)
-        return found
-
-    def _undecodable(self, msg: Message, exc: msgspec.DecodeError) -> None:
-        self.decode_errors += 1
-        if self._stats is not None:
-            self._stats["decode_errors"] += 1
-        if not self._reported_undecodable:
-            self._reported_undecodable = True
-            _log.warning("subscription %s: skipped message %s from %s on %s, not a %s (%s); "
-                         "such messages are counted in decode_errors", self.subject, msg.id,
-                         msg.source, msg.topic, getattr(self._type, "__name__", self._type),
-                         exc)
 
     def __aiter__(self) -> Subscription[T]:
         return self

@@ -8,6 +8,7 @@ count what is not a T, and keep delivering.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -15,7 +16,7 @@ import msgspec
 import pytest
 
 from mesh import AsyncNode, Message, Node
-from tests.helpers import eventually
+from tests.helpers import aeventually, eventually
 
 from .conftest import FAST, MakeNode
 
@@ -119,6 +120,22 @@ async def test_a_typed_callback_gets_decoded_messages(make_node: MakeNode) -> No
     assert [m.value for m in got] == [Reading("c", 5.0)]
 
 
+async def test_a_reliable_work_message_that_is_not_a_t_ends_in_the_dead_letters(
+        make_node: MakeNode, tmp_path: Any) -> None:
+    """Nacked at each attempt: after max_attempts it is a dead letter, to be looked at."""
+    node = await make_node("solo", data_dir=str(tmp_path), max_attempts=2, retry_backoff=0.0)
+    typed = await node.pull("r", type=Reading)
+    await node.push("r", {"sensor": 1}, reliable=True)
+    await node.push("r", Reading("ok", 1.0), reliable=True)
+    assert (await typed.next(timeout=5)).value == Reading("ok", 1.0)
+    asking = asyncio.ensure_future(typed.next())  # (redeliveries are decoded when asked for)
+    try:
+        await aeventually(lambda: len(node.dead_letters()) == 1, timeout=10)
+    finally:
+        asking.cancel()
+    assert typed.decode_errors == 2
+
+
 async def test_retained_and_reliable_typed_values(make_node: MakeNode, tmp_path: Any) -> None:
     """A typed retained value is labelled too; a reliable batch may mix bytes and values."""
     node = await make_node("solo", data_dir=str(tmp_path))
@@ -149,6 +166,15 @@ async def test_push_and_request_with_a_struct(make_node: MakeNode) -> None:
     await client.push("jobs", Reading("job", 4.0))
     job = await pull.next(timeout=5)
     assert (job.decode(Reading), job.headers) == (Reading("job", 4.0), MSGPACK)
+    await pull.aclose()
+
+    typed = await worker.pull("typed", type=Reading)
+    await client.wait_for_workers("typed", 1, timeout=5)
+    await client.push("typed", b"not msgpack \xc1")
+    await client.push("typed", Reading("job", 5.0))
+    good = await typed.next(timeout=5)
+    assert good.value == Reading("job", 5.0)
+    assert typed.decode_errors == 1
 
     def double(msg: Message) -> bytes:
         reading = msg.decode(Reading)
@@ -177,6 +203,11 @@ def test_blocking_node_typed_subscribe(mesh_name: str) -> None:
         a.wait_for_subscribers("cb", 1, timeout=5)
         a.publish("cb", Reading("cb", 1.0), headers=JSON)
         eventually(lambda: got == [Reading("cb", 1.0)], timeout=5)
+        work = b.pull("w", type=Point)
+        a.wait_for_workers("w", 1, timeout=5)
+        a.push("w", Point(3, 4), timeout=5)
+        assert work.next(timeout=5).value == Point(3, 4)
+        assert work.decode_errors == 0
         b.serve("echo", lambda msg: msg.data)
         a.wait_for_service("echo", timeout=5)
         assert a.request("echo", Reading("e", 1.0), timeout=5).decode(Reading) == Reading("e", 1.0)
