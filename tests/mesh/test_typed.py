@@ -9,15 +9,21 @@ count what is not a T, and keep delivering.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import json
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
 
 from mesh import AsyncNode, Message, Node
+from mesh._agent._headers import as_json, wants_json
 from tests.helpers import aeventually, eventually
 
+from ._agent import SseStream, start_agent
+from ._proc import Cli
 from .conftest import FAST, MakeNode
 
 MSGPACK = {"content-type": "application/msgpack"}
@@ -211,3 +217,41 @@ def test_blocking_node_typed_subscribe(mesh_name: str) -> None:
         b.serve("echo", lambda msg: msg.data)
         a.wait_for_service("echo", timeout=5)
         assert a.request("echo", Reading("e", 1.0), timeout=5).decode(Reading) == Reading("e", 1.0)
+
+
+async def test_agent_sse_gives_json_to_apps_that_accept_it(
+        procs: list[Cli], mesh_name: str, make_node: MakeNode) -> None:
+    """With ``Accept: application/json`` a MessagePack payload arrives as JSON text (labelled
+    so); without, the stream is as before (the payload's bytes, base64 when not UTF-8)."""
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    node = await make_node("py")
+    url = f"{agent.url}/v1/subscribe/sensors.%3E"
+    async with aiohttp.ClientSession() as http, \
+            http.get(url, headers={"Accept": "text/event-stream, application/json"}) as j, \
+            http.get(url) as plain:
+        json_stream, plain_stream = SseStream(j), SseStream(plain)
+        await json_stream.subscribed()
+        await plain_stream.subscribed()
+        await node.wait_for_subscribers("sensors.k1", 1, timeout=10)
+        await node.publish("sensors.k1", Reading("k1", 21.5))
+        await node.publish("sensors.k1", b"raw")
+        as_json, as_is = await json_stream.events(2), await plain_stream.events(2)
+    assert json.loads(as_json[0]["data"]) == {"sensor": "k1", "celsius": 21.5}
+    assert as_json[0]["headers"] == {"content-type": "application/json"}
+    assert as_json[1]["data"] == "raw"
+    assert as_is[0]["headers"] == MSGPACK
+    assert base64.b64decode(as_is[0]["data"]) == msgspec.msgpack.encode(Reading("k1", 21.5))
+
+
+def test_as_json_leaves_other_payloads_alone() -> None:
+    """Only MessagePack-labelled payloads that convert are changed."""
+    def msg(data: bytes, headers: dict[str, str] | None) -> Message:
+        return Message("t", data, "s", "id", 1, 0.0, headers)
+
+    packed = msg(msgspec.msgpack.encode({"a": [1, b"x"]}), MSGPACK)
+    assert as_json(packed).data == b'{"a":[1,"eA=="]}'
+    assert as_json(packed).headers == JSON
+    for same in (msg(b"\x91\xc1", MSGPACK), msg(b"raw", None), msg(b"{}", JSON)):
+        assert as_json(same) is same
+    assert wants_json("application/json; q=0.9")
+    assert not wants_json("text/event-stream")
