@@ -28,6 +28,8 @@ _DECODERS: Final[int] = 256
 """Decoders kept, one per type and content type in use (a program has a handful; more,
 e.g. senders inventing labels, only empties the memo now and then)."""
 
+_BYTES_LIKE: Final = (bytes, str, bytearray, memoryview)
+"""Payloads sent byte for byte (str as UTF-8), with no content type added."""
 U = TypeVar("U")
 
 
@@ -69,11 +71,13 @@ def prepared(data: object, headers: Mapping[str, str] | None
     Raises:
         TypeError: as `encode`.
     """
+    if not isinstance(data, _BYTES_LIKE):
+        if headers is None:  # (`encode`'s common case, inlined: this is per message)
+            return _msgpack_encode(data), {CONTENT_TYPE: MSGPACK}
+        return encode(data, headers)
     if isinstance(data, bytes | str):
         return data, headers
-    if isinstance(data, bytearray | memoryview):
-        return bytes(data), headers
-    return encode(data, headers)
+    return bytes(data), headers
 
 
 def encode(value: object, headers: Mapping[str, str] | None

@@ -152,7 +152,9 @@ class Decoding(Generic[U]):
         """By content type: the decoders in use (`_codec.decoder`'s, at hand)."""
         self._reported = False
 
-    def many(self, messages: Iterable[Message]) -> list[Message[U]]:
+    def many(self, messages: Iterable[Message], shared: bool = True) -> list[Message[U]]:
+        """The `Message[U]`s of `messages`; with ``shared=False`` (no one else holds
+        them) each gets its value in place rather than in a copy."""
         out: list[Message[U]] = []
         decoders, set_value = self._decoders, msgspec.structs.force_setattr
         for msg in messages:  # (`one`, inlined: a received batch is hundreds)
@@ -164,10 +166,11 @@ class Decoding(Generic[U]):
             except msgspec.DecodeError as exc:  # (ValidationError is one)
                 self._miss(msg, exc)
                 continue
-            typed: Message[U] = Message(msg.topic, msg.data, msg.source, msg.source_id,
-                                        msg.seq, msg.timestamp, headers, msg.reliable)
-            set_value(typed, "_value", value)
-            out.append(typed)
+            if shared:
+                msg = Message(msg.topic, msg.data, msg.source, msg.source_id, msg.seq,
+                              msg.timestamp, headers, msg.reliable)
+            set_value(msg, "_value", value)
+            out.append(msg)
         return out
 
     def one(self, msg: Message) -> Message[U] | None:

@@ -420,6 +420,9 @@ class PubSub:
         self.delivered_by_topic.add(topic, delivered)
         if not msgs:
             return
+        if len(subs) == 1:  # its own messages: a typed one may decode into them in place
+            subs[0]._deliver(msgs, shared=False)
+            return
         for sub in subs:
             sub._deliver(msgs)
 

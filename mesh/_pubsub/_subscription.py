@@ -102,7 +102,9 @@ class Subscription(Mailbox[Message[T]]):
         self._replayed = replayed or {}
         self._deliver([*retained, *held], retained=len(retained))
 
-    def _deliver(self, messages: Iterable[Message], retained: int = 0) -> None:
+    def _deliver(self, messages: Iterable[Message], retained: int = 0, *,
+                 shared: bool = True) -> None:
+        """Take a batch; ``shared=False``: no one else holds these messages."""
         if self._closed:
             return
         if self._held is not None:
@@ -111,7 +113,7 @@ class Subscription(Mailbox[Message[T]]):
         if self._covered or self._replayed:
             messages = self._uncovered(messages, retained)
         if self._decoding is not None:
-            messages = self._decoding.many(messages)
+            messages = self._decoding.many(messages, shared)
         if self._callback is not None:
             for msg in messages:
                 self.received += 1

@@ -63,6 +63,19 @@ async def test_a_struct_arrives_decoded_and_labelled(make_node: MakeNode) -> Non
     assert (sub.decode_errors, raw.decode_errors) == (0, 0)
 
 
+async def test_subscriptions_of_different_types_share_a_topic(make_node: MakeNode) -> None:
+    """Each typed subscription gets its own value; an untyped one still gets the bytes."""
+    pub, sub_node = await _pair(make_node)
+    as_struct = await sub_node.subscribe("s", type=Reading)
+    as_dict = await sub_node.subscribe("s", type=dict[str, Any])
+    raw = await sub_node.subscribe("s")
+    await pub.wait_for_subscribers("s", 1, timeout=5)
+    await pub.publish("s", Reading("k", 1.0))
+    assert (await as_struct.next(timeout=5)).value == Reading("k", 1.0)
+    assert (await as_dict.next(timeout=5)).value == {"sensor": "k", "celsius": 1.0}
+    assert isinstance((await raw.next(timeout=5)).value, bytes)
+
+
 async def test_a_dataclass_a_dict_and_a_list_too(make_node: MakeNode) -> None:
     """Anything msgspec encodes; the type may be a generic alias."""
     node = await make_node("solo")
