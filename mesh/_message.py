@@ -34,6 +34,8 @@ U = TypeVar("U")
 _log = logging.getLogger("mesh.node")
 _CONTENT_TYPES: Final[int] = 16
 """Decoders a `Decoding` keeps at hand, by content type."""
+_NONE: Final = object()
+"""No content type seen yet (None is one: no header)."""
 
 Headers = Mapping[str, str]
 """Free per-message headers; zeromesh passes them through untouched (e.g. ``traceparent``)."""
@@ -156,11 +158,15 @@ class Decoding(Generic[U]):
         """The `Message[U]`s of `messages`; with ``shared=False`` (no one else holds
         them) each gets its value in place rather than in a copy."""
         out: list[Message[U]] = []
-        decoders, set_value = self._decoders, msgspec.structs.force_setattr
+        keep, set_value = out.append, msgspec.structs.force_setattr
+        label: object = _NONE
+        decode = self._decoder(None)
         for msg in messages:  # (`one`, inlined: a received batch is hundreds)
             headers = msg.headers
             content_type = headers.get(_codec.CONTENT_TYPE) if headers else None
-            decode = decoders.get(content_type) or self._decoder(content_type)
+            if content_type != label:  # (a batch mostly has one label: no lookup then)
+                label = content_type
+                decode = self._decoders.get(content_type) or self._decoder(content_type)
             try:
                 value = decode(msg.data)
             except msgspec.DecodeError as exc:  # (ValidationError is one)
@@ -170,7 +176,7 @@ class Decoding(Generic[U]):
                 msg = Message(msg.topic, msg.data, msg.source, msg.source_id, msg.seq,
                               msg.timestamp, headers, msg.reliable)
             set_value(msg, "_value", value)
-            out.append(msg)
+            keep(msg)
         return out
 
     def one(self, msg: Message) -> Message[U] | None:
@@ -179,6 +185,9 @@ class Decoding(Generic[U]):
         return typed[0] if typed else None
 
     def _decoder(self, content_type: str | None) -> Callable[[bytes], U]:
+        found = self._decoders.get(content_type)
+        if found is not None:
+            return found
         if len(self._decoders) >= _CONTENT_TYPES:  # (senders inventing labels)
             self._decoders.clear()
         found = self._decoders[content_type] = _codec.decoder(self.of, content_type)

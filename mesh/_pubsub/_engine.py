@@ -31,7 +31,7 @@ from patterns import (
     topic_from_key,
 )
 
-from .. import _names, _ttl, _wire
+from .. import _codec, _names, _ttl, _wire
 from .._config import NodeConfig
 from .._membership._peers import PeerRecord, PeerTable
 from .._message import Message, T
@@ -210,7 +210,7 @@ class PubSub:
         if pending and self._outgoing_bytes + size > _wire.FRAME_BYTES:
             self.flush(name)  # keep every frame under the receivers' size limit
             pending = self._outgoing[topic] = []
-        hdrs = dict(headers) if headers else None
+        hdrs = (headers if headers is _codec.LABEL else dict(headers)) if headers else None
         seq = self._next_seq()
         if ttl is None:
             item = _wire.Item(seq, time.time(), hdrs, data)

@@ -137,6 +137,9 @@ async def test_a_typed_callback_gets_decoded_messages(make_node: MakeNode) -> No
     await node.publish("c", [1, 2])  # not a Reading: skipped
     await node.publish("c", Reading("c", 5.0))
     assert [m.value for m in got] == [Reading("c", 5.0)]
+    assert got[0].headers == MSGPACK
+    with pytest.raises(TypeError):  # (one label shared by every typed message: read-only)
+        got[0].headers["x"] = "y"  # type: ignore[index]
 
 
 async def test_a_reliable_work_message_that_is_not_a_t_ends_in_the_dead_letters(
