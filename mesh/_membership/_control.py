@@ -111,8 +111,10 @@ class Membership:
         self._static: set[str] = set()
         self._watching: dict[str, float] = {}
         """Ids we beat by choice (neighbours, partners) -> until when (monotonic)."""
-        self._watchers: set[str] = set()
-        """Ids that beat us: we beat them back."""
+        self._watchers: dict[str, float] = {}
+        """Ids that beat us -> when they last did: we beat them back (so they can watch us),
+        but only those we watch ourselves can be declared lost by us (a watcher that stops
+        beating us may just have let us go, and its notice may not have come)."""
         self._neighbours: frozenset[str] = frozenset()
         self._view_changed = True
         self._departed: BoundedDict[str, int] = BoundedDict(_MAX_SUBS)
@@ -323,18 +325,18 @@ class Membership:
         held it, so it measures its round trip to us (`PeerRecord.rtt`) for free."""
         now = time.monotonic()
         stopped = self._refresh_watching(now)
-        me = self._announcement
-        base = _wire.Heartbeat(self._id, self._incarnation, me.version, me.ctl,
-                               seq=me.seq, digest=self._digest())
+        gone = now - self.table.lost_after
+        for peer_id in [w for w, at in self._watchers.items() if at < gone]:
+            del self._watchers[peer_id]
+        base = self._heartbeat()
         needed: set[str] = set()
         for peer_id in self._targets():
             rec = self.table.get(peer_id)
             if rec is None:
                 continue
             needed.add(rec.ctl)
-            held = now - rec.their_beat_at if rec.their_beat else 0.0
-            self._send(rec.ctl, msgspec.structs.replace(base, sent=now, echo=rec.their_beat,
-                                                        held=held))
+            self._beat_to(rec, base, now)
+        me = self._announcement
         for rec in stopped:
             self._send(rec.ctl, msgspec.structs.replace(base, watching=False))
         joined = self._joined()
@@ -354,6 +356,16 @@ class Membership:
                 self._send(endpoint, hello)
         for endpoint in [e for e in self._links if e not in needed]:
             self._drop_link(endpoint, linger=0.5)
+
+    def _heartbeat(self) -> _wire.Heartbeat:
+        me = self._announcement
+        return _wire.Heartbeat(self._id, self._incarnation, me.version, me.ctl, seq=me.seq,
+                               digest=self._digest())
+
+    def _beat_to(self, rec: PeerRecord, base: _wire.Heartbeat, now: float) -> None:
+        held = now - rec.their_beat_at if rec.their_beat else 0.0
+        self._send(rec.ctl, msgspec.structs.replace(base, sent=now, echo=rec.their_beat,
+                                                    held=held))
 
     def _joined(self) -> bool:
         return any(rec.state is not PeerState.LOST for rec in self.table.records())
@@ -382,8 +394,8 @@ class Membership:
                 del self._watching[peer_id]
             elif until < now and rec.state is not PeerState.LOST:
                 del self._watching[peer_id]  # a lost one is beaten until forgotten
+                self.table.unwatch(rec)
                 if peer_id not in self._watchers:
-                    self.table.unwatch(rec)
                     stopped.append(rec)
             else:
                 self.table.watch(rec)
@@ -595,16 +607,14 @@ class Membership:
                 self._greet_new(ctl)
             return
         if not beat.watching:
-            self._watchers.discard(rec.id)
-            if rec.id not in self._watching:
-                self.table.unwatch(rec)
+            self._watchers.pop(rec.id, None)
             return
-        if rec.id not in self._watchers:
-            self._watchers.add(rec.id)
-            self.table.watch(rec)
         was = rec.state
         self._heard_directly(rec)
         now = rec.last_heard
+        if self._watchers.get(rec.id) is None:  # a new watcher: let it hear us at once
+            self._beat_to(rec, self._heartbeat(), now)
+        self._watchers[rec.id] = now
         rec.their_beat, rec.their_beat_at = beat.sent, now
         if beat.echo and 0.0 <= beat.held < 3600.0:
             rtt = now - beat.echo - beat.held
@@ -724,7 +734,7 @@ class Membership:
 
     def _unlink(self, rec: PeerRecord) -> None:
         self._watching.pop(rec.id, None)
-        self._watchers.discard(rec.id)
+        self._watchers.pop(rec.id, None)
         self._mismatch.pop(rec.id, None)
         self._synced_at.pop(rec.id, None)
         self._view_changed = True
