@@ -72,6 +72,8 @@ _NEWS_BUDGET: Final[int] = 48 * 1024
 _NEIGHBOUR_LINGER: Final[float] = 5.0
 """A member that stops being a neighbour is watched this much longer (a join storm
 reshuffles neighbours many times a second: links are not opened and closed at that pace)."""
+_RING_GRACE: Final[float] = 10.0
+"""Seconds a lost member keeps its place on the ring (its neighbours watch it on)."""
 _PARTNER_LINGER: Final[float] = 10.0
 """A partner is watched this long after the last sign of data exchanged with it."""
 _SYNC_AFTER: Final[int] = 2
@@ -376,10 +378,14 @@ class Membership:
 
     def _refresh_watching(self, now: float) -> list[PeerRecord]:
         """Renew neighbours and partners; return the members we stop beating."""
-        if self._view_changed:
+        if self._view_changed or any(r.state is PeerState.LOST for r in self.table.records()):
+            # a member lost only a short while stays on the ring: a stalled member that
+            # refutes its loss (CPU starvation does that to many at once) costs no new links
             self._view_changed = False
+            settled = now - self.table.lost_after - _RING_GRACE
             self._neighbours = _neighbours.choose(
-                self._id, [r.id for r in self.table.records() if r.state is not PeerState.LOST])
+                self._id, [r.id for r in self.table.records()
+                           if r.state is not PeerState.LOST or r.last_heard > settled])
         for peer_id in self._neighbours:
             self._watching[peer_id] = max(self._watching.get(peer_id, 0.0),
                                           now + _NEIGHBOUR_LINGER)
@@ -492,9 +498,16 @@ class Membership:
         if rec is None:
             return
         self._heard_directly(rec)
-        if hello.reply:
-            self._greet(rec.ctl, reply=False)
-        if hello.digest != self._digest():
+        if not hello.reply:
+            return
+        self._greet(rec.ctl, reply=False)
+        now = time.monotonic()
+        # a greeter may be new to the mesh: it gets our whole view (once in a while: a
+        # member greeting us again, e.g. to learn a changed record, must not set off an
+        # exchange of whole views each time — digests differ all along while news spreads)
+        if (hello.digest != self._digest()
+                and now - self._synced_at.get(rec.id, -_SYNC_EVERY) >= _SYNC_EVERY):
+            self._synced_at[rec.id] = now
             self._send_view(rec.ctl, self._view(), sync=True)
 
     def _heard_directly(self, rec: PeerRecord) -> None:
