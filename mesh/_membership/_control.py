@@ -72,6 +72,8 @@ _NEWS_BUDGET: Final[int] = 48 * 1024
 _NEIGHBOUR_LINGER: Final[float] = 5.0
 """A member that stops being a neighbour is watched this much longer (a join storm
 reshuffles neighbours many times a second: links are not opened and closed at that pace)."""
+_CONFIRM: Final[float] = 0.5
+"""Seconds news of a loss leaves the member suspect before it is taken (time to refute)."""
 _RING_GRACE: Final[float] = 10.0
 """Seconds a lost member keeps its place on the ring (its neighbours watch it on)."""
 _PARTNER_LINGER: Final[float] = 10.0
@@ -129,6 +131,8 @@ class Membership:
         self._flush: asyncio.Handle | None = None
         self._mismatch: dict[str, int] = {}
         self._synced_at: dict[str, float] = {}
+        self._confirming: dict[str, asyncio.TimerHandle] = {}
+        """Members news said were lost, still suspect: when the news is taken as true."""
         self._announced: dict[str, object] = {}
         """Our interest as last announced (changes are sent as deltas against it)."""
         self.sent = 0
@@ -181,6 +185,8 @@ class Membership:
         finally:
             self.router.stop()
             self.table.stop()
+            for handle in self._confirming.values():
+                handle.cancel()
             if self._flush is not None:
                 self._flush.cancel()
 
@@ -514,6 +520,7 @@ class Membership:
         """A message from the member itself. If we had it lost, others may still: tell it,
         so it refutes the news for everyone."""
         was_lost = rec.state is PeerState.LOST
+        self._unsuspect(rec)
         self.table.heard(rec)
         rec.heard_directly = rec.last_heard
         if was_lost:
@@ -574,9 +581,10 @@ class Membership:
                 for listener in self._listeners:
                     listener.peer_updated(rec)
             self._stamp(rec)
-            if was_lost and refuted and not direct:
+            if refuted and rec.state is not PeerState.ALIVE and not direct:
+                self._unsuspect(rec)
                 self.table.heard(rec)  # it refuted the news: it is back
-                self._view_changed = True
+                self._view_changed = was_lost or self._view_changed
         self._pending.pop(ctl, None)
         if news:
             self._spread(record, came_from)
@@ -691,12 +699,33 @@ class Membership:
             # we hear it ourselves: it is not lost; let it refute the news for everyone
             self._send(rec.ctl, _wire.Gossip(self._id, [down]))
             return
+        if rec.id in self._confirming:
+            return
+        # Suspect until the news is confirmed: a member that was only stalled refutes
+        # within this window, and one false suspicion does not become a loss everywhere.
         rec.seq = down.seq
+        if rec.state is PeerState.ALIVE:
+            rec.state = PeerState.SUSPECT
+        self._confirming[rec.id] = asyncio.get_running_loop().call_later(
+            _CONFIRM, self._confirm_lost, rec, down)
+        self._spread(down, came_from)
+        self._peers_changed()
+
+    def _confirm_lost(self, rec: PeerRecord, down: _wire.Down) -> None:
+        self._confirming.pop(rec.id, None)
+        if (self.table.get(rec.id) is not rec or rec.state is not PeerState.SUSPECT
+                or rec.seq > down.seq
+                or time.monotonic() - rec.heard_directly < self.table.suspect_after):
+            return  # refuted, heard, or gone meanwhile
         self.table.declare_lost(rec)
         self._stamp(rec)
         self._view_changed = True
-        self._spread(down, came_from)
         self._peers_changed()
+
+    def _unsuspect(self, rec: PeerRecord) -> None:
+        handle = self._confirming.pop(rec.id, None)
+        if handle is not None:
+            handle.cancel()
 
     def _on_change(self, change: _wire.Change, came_from: str) -> None:
         rec = self.table.get(change.id)
