@@ -1,0 +1,106 @@
+"""Nodes for the scale benchmark and test: ``python _scale_node.py --mesh M [--seed URL]
+[--port P] NAME [NAME ...]``.
+
+Runs one `AsyncNode` per NAME in this one process, all on the address in
+``ZEROMESH_INTERFACES`` (each on ports of its own), mDNS off, each given only ``--seed``
+as a static peer (issue 16: a seed, not a list). With ``--port``, the first NAME is the
+seed: it binds its control port there and has no static peer of its own (``--seed``
+should then name it, for the process's other nodes). Lines on stdout, flushed at
+once, each starting with the node it is about::
+
+    NAME ready
+    NAME joined|left|lost OTHER
+    figures {"pid": .., "nodes": {NAME: {"members": .., "links": .., ...}}}
+
+``ready`` comes once every node of the process has started; a ``figures`` line answers
+each ``figures`` line on stdin (`AsyncNode.membership_figures` where the library has it;
+else only ``members``, the alive peers). End of stdin closes the nodes gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+from mesh import AsyncNode, PeerState, run
+
+
+def figures(node: AsyncNode) -> dict[str, Any]:
+    """The node's membership figures; ``members`` alone where the library has no more."""
+    own = getattr(node, "membership_figures", None)
+    if own is not None:
+        return dict(own())
+    return {"members": sum(1 for p in node.peers() if p.state is PeerState.ALIVE)}
+
+
+async def report(node: AsyncNode) -> None:
+    async for event in node.events():
+        print(f"{node.name} {event.kind.value} {event.peer.name}", flush=True)
+
+
+async def commands(nodes: list[AsyncNode]) -> None:
+    """Answers ``figures`` lines on stdin until end of input."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue()
+    fd = sys.stdin.fileno()
+
+    def readable() -> None:
+        chunk = os.read(fd, 4096).decode()
+        lines.put_nowait(chunk)
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+    buffered = ""
+    try:
+        while True:
+            chunk = await lines.get()
+            if not chunk:
+                return
+            buffered += chunk
+            *whole, buffered = buffered.split("\n")
+            for line in whole:
+                if line.strip() == "figures":
+                    out = {"pid": os.getpid(), "nodes": {n.name: figures(n) for n in nodes}}
+                    print("figures " + json.dumps(out), flush=True)
+    finally:
+        loop.remove_reader(fd)
+
+
+async def main(args: argparse.Namespace) -> None:
+    seeds = [args.seed] if args.seed else []
+    nodes = [AsyncNode(name=name, mesh=args.mesh, mdns=False,
+                       peers=[] if i == 0 and args.port else seeds,
+                       port=args.port if i == 0 and args.port else 0,
+                       lost_after=args.lost_after, suspect_after=args.lost_after * 2 / 3)
+             for i, name in enumerate(args.names)]
+    reporters = []
+    try:
+        for node in nodes:
+            await node.start()
+            reporters.append(asyncio.create_task(report(node)))
+        for node in nodes:
+            print(f"{node.name} ready", flush=True)
+        await commands(nodes)
+    finally:
+        for task in reporters:
+            task.cancel()
+        for node in nodes:
+            await node.aclose()
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mesh", required=True)
+    parser.add_argument("--seed", default="", help="the one static peer, tcp://host:port")
+    parser.add_argument("--port", type=int, default=0, help="control port of the first node")
+    parser.add_argument("--lost-after", type=float, default=1.5)
+    parser.add_argument("names", nargs="+")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run(main(parse(sys.argv[1:])))
