@@ -1,11 +1,11 @@
-"""Nodes for the scale benchmark and test: ``python _scale_node.py --mesh M [--seed URL]
+"""Nodes for the scale benchmark and test: ``python _scale_node.py --mesh M [--seed URL]...
 [--port P] NAME [NAME ...]``.
 
 Runs one `AsyncNode` per NAME in this one process, all on the address in
-``ZEROMESH_INTERFACES`` (each on ports of its own), mDNS off, each given only ``--seed``
-as a static peer (issue 16: a seed, not a list). With ``--port``, the first NAME is the
-seed: it binds its control port there and has no static peer of its own (``--seed``
-should then name it, for the process's other nodes). Lines on stdout, flushed at
+``ZEROMESH_INTERFACES`` (each on ports of its own), mDNS off, each given the ``--seed``
+URLs as its static peers (issue 16: seeds, not a list of members). With ``--port``, the
+first NAME binds its control port there (so others can name it as a seed) and leaves its
+own URL out of its seeds. Lines on stdout, flushed at
 once, each starting with the node it is about::
 
     NAME ready
@@ -71,9 +71,10 @@ async def commands(nodes: list[AsyncNode]) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    seeds = [args.seed] if args.seed else []
+    interface = os.environ.get("ZEROMESH_INTERFACES", "127.0.0.1").split(",")[0]
+    own = f"tcp://{interface}:{args.port}"
     nodes = [AsyncNode(name=name, mesh=args.mesh, mdns=False,
-                       peers=[] if i == 0 and args.port else seeds,
+                       peers=[s for s in args.seed if not (i == 0 and args.port and s == own)],
                        port=args.port if i == 0 and args.port else 0,
                        lost_after=args.lost_after, suspect_after=args.lost_after * 2 / 3)
              for i, name in enumerate(args.names)]
@@ -95,7 +96,8 @@ async def main(args: argparse.Namespace) -> None:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mesh", required=True)
-    parser.add_argument("--seed", default="", help="the one static peer, tcp://host:port")
+    parser.add_argument("--seed", action="append", default=[],
+                        help="a static peer, tcp://host:port; repeatable")
     parser.add_argument("--port", type=int, default=0, help="control port of the first node")
     parser.add_argument("--lost-after", type=float, default=1.5)
     parser.add_argument("names", nargs="+")

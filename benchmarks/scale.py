@@ -3,8 +3,10 @@
 For each N (``--sizes``, default 10, 30 and 100) a fresh namespace LAN
 (`tests.netns.make_lan`, N hosts, root needed) runs one ``_scale_node.py`` process per host,
 one node each (``--per-host`` more), mDNS off, every node given only the first host's node
-as its seed (a static peer). Measured, from each node's time-stamped ``joined`` / ``lost``
-lines and from /proc and ``ss`` in the hosts' namespaces:
+as its seed (a static peer; ``--seeds all``: every host's node, the full list of static
+peers that today's all-to-all membership needs for a full view without multicast).
+Measured, from each node's time-stamped ``joined`` / ``lost`` lines and from /proc and
+``ss`` in the hosts' namespaces:
 
 * **full view**: from the last node ready until every node has seen the N-1 others
   joined (bounded by ``--view-timeout``; if some never did, the median view size is
@@ -96,17 +98,17 @@ class Row:
     errors: list[str] = field(default_factory=list)
 
 
-def measure(n: int, per_host: int, idle: float, view_timeout: float) -> Row:
+def measure(n: int, per_host: int, idle: float, view_timeout: float, all_seeds: bool) -> Row:
     hosts = max(1, n // per_host)
     row = Row(nodes=hosts * per_host, processes=hosts)
     names = node_names(row.nodes)
     everyone = set(names)
     mesh = unique("scale")
     with netns.make_lan(hosts) as lan:
-        seed = seed_url(lan)
+        seeds = [seed_url(host) for host in (lan.hosts if all_seeds else lan.hosts[:1])]
         started = time.monotonic()
-        groups = [Group(host, mesh, names[i * per_host:(i + 1) * per_host], seed_of=seed,
-                        seed=i == 0, lost_after=LOST_AFTER)
+        groups = [Group(host, mesh, names[i * per_host:(i + 1) * per_host], seeds=seeds,
+                        lost_after=LOST_AFTER)
                   for i, host in enumerate(lan.hosts)]
         ready = [g.wait_ready(max(0.1, started + READY_TIMEOUT - time.monotonic()))
                  for g in groups]
@@ -230,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                              "the baseline for the ratios")
     parser.add_argument("--per-host", type=int, default=1,
                         help="nodes per process (one process per host; default 1)")
+    parser.add_argument("--seeds", choices=("first", "all"), default="first",
+                        help="first: every node is given the first host's node as its one "
+                             "seed (issue 16); all: every host's first node is a static peer "
+                             "of every node (how a full view is had without gossip)")
     parser.add_argument("--idle", type=float, default=5.0, help="idle window, s (default 5)")
     parser.add_argument("--view-timeout", type=float, default=30.0,
                         help="how long after the last ready a full view may take, s")
@@ -252,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         if not args.json:
             print(f"N={n} ...", file=sys.stderr, flush=True)
-        rows.append(measure(n, args.per_host, args.idle, args.view_timeout))
+        rows.append(measure(n, args.per_host, args.idle, args.view_timeout,
+                            args.seeds == "all"))
     if args.json:
-        print(json.dumps({"per_host": args.per_host, "rows": [asdict(r) for r in rows]}))
+        print(json.dumps({"per_host": args.per_host, "seeds": args.seeds,
+                          "rows": [asdict(r) for r in rows]}))
     else:
         report(rows)
     return 0

@@ -2,7 +2,8 @@
 benchmarks/scale.py.
 
 A `Group` is one ``benchmarks/_scale_node.py`` process on one host running one or more
-nodes (mDNS off, the LAN's first node as the only static peer). Its stdout lines
+nodes (mDNS off, seeds as static peers: usually the LAN's first node); the first node of
+each binds `SEED_PORT`, so any of them can be named as a seed. Its stdout lines
 (``NAME ready``, ``NAME joined|left|lost OTHER``) are time-stamped on arrival by
 `MeshProc`, so every figure here is read off the lines: when each node's view became
 full, when each observer saw a victim lost. Every wait is bounded.
@@ -24,7 +25,8 @@ from tests.system._meshproc import Line, MeshProc
 
 ROLE: Final[str] = str(Path(__file__).resolve().parents[2] / "benchmarks" / "_scale_node.py")
 SEED_PORT: Final[int] = 7390
-"""The seed's control port (in its own host's namespace: nothing else is there)."""
+"""The control port of each process's first node (every host is a namespace of its own,
+so they never collide)."""
 _CLK_TCK: Final[int] = os.sysconf("SC_CLK_TCK")
 
 
@@ -32,20 +34,21 @@ def node_names(count: int) -> list[str]:
     return [f"n{i:03d}" for i in range(count)]
 
 
-def seed_url(lan: netns.Lan) -> str:
-    return f"tcp://{lan.hosts[0].ip}:{SEED_PORT}"
+def seed_url(host: netns.Host) -> str:
+    """The control endpoint of the first node on ``host``."""
+    return f"tcp://{host.ip}:{SEED_PORT}"
 
 
 class Group(MeshProc):
-    """One process on ``host`` running the nodes ``names``; the seed's process when
-    ``seed`` (its first node binds `SEED_PORT`)."""
+    """One process on ``host`` running the nodes ``names``, each with static peers
+    ``seeds`` (the first node leaves itself out)."""
 
-    def __init__(self, host: netns.Host, mesh: str, names: Sequence[str], *, seed_of: str,
-                 seed: bool = False, lost_after: float = 1.5) -> None:
+    def __init__(self, host: netns.Host, mesh: str, names: Sequence[str], *,
+                 seeds: Sequence[str], lost_after: float = 1.5) -> None:
         self.names = list(names)
-        argv = [ROLE, "--mesh", mesh, "--seed", seed_of, "--lost-after", str(lost_after)]
-        if seed:
-            argv += ["--port", str(SEED_PORT)]
+        argv = [ROLE, "--mesh", mesh, "--port", str(SEED_PORT), "--lost-after", str(lost_after)]
+        for url in seeds:
+            argv += ["--seed", url]
         super().__init__(host, [sys.executable, *argv, *self.names], stdin=True)
 
     def wait_ready(self, timeout: float) -> float | None:

@@ -49,9 +49,9 @@ def test_hundred_nodes_with_one_seed_see_each_other_and_notice_a_crash(
     mesh = unique("scale")
     names = node_names(N)
     everyone = set(names)
-    seed = seed_url(lan20)
-    groups = [Group(host, mesh, names[i * PER_HOST:(i + 1) * PER_HOST], seed_of=seed,
-                    seed=i == 0, lost_after=LOST_AFTER)
+    seeds = [seed_url(lan20.hosts[0])]
+    groups = [Group(host, mesh, names[i * PER_HOST:(i + 1) * PER_HOST], seeds=seeds,
+                    lost_after=LOST_AFTER)
               for i, host in enumerate(lan20.hosts)]
     started = time.monotonic()
     ready = [g.wait_ready(max(0.1, started + READY_WITHIN - time.monotonic())) for g in groups]
