@@ -62,13 +62,27 @@ def seed_of(host: netns.Host) -> str:
     return f"tcp://{host.ip}:{SEED_PORT}"
 
 
-def alive_listed(agent: Agent) -> dict[str, str]:
-    """Name -> state of every peer the agent's ``GET /v1/peers`` lists (curl in its host)."""
+def one_seed(lan: netns.Lan, mesh: str) -> tuple[Agent, list[Agent]]:
+    """An agent on every host, all ready: the seed on the first, every other seeded with it."""
+    seed = seed_agent(lan.hosts[0], mesh).wait_ready()
+    others = [seeded(host, mesh, seed.ctl) for host in lan.hosts[1:]]
+    for agent in others:
+        agent.wait_ready()
+    return seed, others
+
+
+def get(agent: Agent, path: str) -> str:
+    """``GET path`` from the agent's HTTP API (curl in its host's namespace)."""
     assert agent.ready is not None
     http = dict(p.split("=", 1) for p in agent.ready.text.split()[1:])["http"]
-    done = agent.host.run(["curl", "-sf", "--max-time", "5", f"{http}/v1/peers"], 10)
-    assert done.returncode == 0, done.stderr
-    return {p["name"]: p["state"] for p in json.loads(done.stdout)}
+    done = agent.host.run(["curl", "-sf", "--max-time", "5", f"{http}{path}"], 10)
+    assert done.returncode == 0, (path, done.stderr)
+    return done.stdout
+
+
+def alive_listed(agent: Agent) -> dict[str, str]:
+    """Name -> state of every peer the agent's ``GET /v1/peers`` lists."""
+    return {p["name"]: p["state"] for p in json.loads(get(agent, "/v1/peers"))}
 
 
 def all_see_all(agents: Sequence[Agent], timeout: float) -> float:
@@ -127,10 +141,7 @@ def traffic(mesh: str, a: Agent, b: Agent) -> None:
 
 def test_six_hosts_with_one_seed_see_each_other_and_outlive_the_seed(lan6: netns.Lan) -> None:
     mesh = unique("seeds")
-    seed = seed_agent(lan6.hosts[0], mesh).wait_ready()
-    others = [seeded(host, mesh, seed.ctl) for host in lan6.hosts[1:]]
-    for agent in others:
-        agent.wait_ready()
+    seed, others = one_seed(lan6, mesh)
     agents = [seed, *others]
     last_ready = max(a.ready.at for a in agents if a.ready is not None)
 
@@ -183,24 +194,18 @@ def test_a_node_whose_seed_is_down_at_start_joins_when_it_comes_up(lan: netns.La
 
 def test_a_node_stopped_for_a_second_is_lost_to_nobody(lan6: netns.Lan) -> None:
     mesh = unique("seeds")
-    seed = seed_agent(lan6.hosts[0], mesh).wait_ready()
-    others = [seeded(host, mesh, seed.ctl) for host in lan6.hosts[1:]]
-    for agent in others:
-        agent.wait_ready()
+    seed, others = one_seed(lan6, mesh)
     agents = [seed, *others]
     all_see_all(agents, ALL_SEEN_WITHIN + 10)
 
     frozen = others[2]
-    assert frozen.ready is not None
-    http = dict(p.split("=", 1) for p in frozen.ready.text.split()[1:])["http"]
     marks = [len(a.lines) for a in agents]
     for _ in range(STOPS):
         frozen.send_signal(signal.SIGSTOP)
         time.sleep(STOPPED)  # the scenario: frozen this long
         frozen.send_signal(signal.SIGCONT)
         # it runs again once it answers; then a beat or two before the next freeze
-        up = frozen.host.run(["curl", "-sf", "--max-time", "5", f"{http}/healthz"], 10)
-        assert up.returncode == 0, up.stderr
+        get(frozen, "/healthz")
         time.sleep(STOPPED)
     time.sleep(LOST_AFTER + 0.5)  # the window in which a late false `lost` would show
     no_lost_but(agents, set(), marks)
