@@ -239,7 +239,8 @@ class NodeCore:
         membership.attach(listeners=(self._durables, pubsub, work, requests,
                                      _WakeOnPeers(self._watchers)),
                           events=(self._events,), routes=work.control_routes,
-                          tickers=(work, _Every(self._expire_durables)))
+                          tickers=(work, _Every(self._expire_durables)),
+                          partners=(work, requests))
         stack.callback(self._events.close)
         stack.callback(self._watchers.close)
         try:

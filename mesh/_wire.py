@@ -87,7 +87,7 @@ tags, which older peers drop and count as malformed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -263,9 +263,55 @@ class Nack(msgspec.Struct, frozen=True, array_like=True, tag=5):
     epoch: int = 0
 
 
-Control = Hello | Heartbeat | Bye | Credit | Nack
+class Down(msgspec.Struct, frozen=True, array_like=True, tag=10):
+    """News: a member was lost (silent to the members that watch it) or left."""
+
+    id: str
+    incarnation: int
+    seq: int
+    left: bool = False
+
+
+class Change(msgspec.Struct, frozen=True, array_like=True, tag=11):
+    """News: a member's interest changed from version `base` to `version` (only what
+    changed: fields set whole, names added to and removed from set fields)."""
+
+    id: str
+    incarnation: int
+    base: int
+    version: int
+    set: dict[str, Any] = {}
+    added: dict[str, list[str]] = {}
+    removed: dict[str, list[str]] = {}
+
+
+News = Hello | Down | Change
+"""Gossip's news: a member's whole record (alive), its end, or a change of its interest."""
+
+
+class Gossip(msgspec.Struct, frozen=True, array_like=True, tag=6):
+    """Membership news, passed on by each member that learns something from it.
+
+    `sync`: this is the sender's whole view (it saw our digest differ); answer with
+    whatever of ours is newer."""
+
+    id: str
+    news: list[News]
+    sync: bool = False
+
+
+class Want(msgspec.Struct, frozen=True, array_like=True, tag=7):
+    """Send me these members' whole records (a change came that I could not apply)."""
+
+    id: str
+    ids: list[str]
+
+
+Control = Hello | Heartbeat | Bye | Credit | Nack | Gossip | Want
 
 _encoder: Final = msgspec.msgpack.Encoder()
+ENCODER: Final = _encoder
+HELLO_DECODER: Final = msgspec.msgpack.Decoder(Hello)
 _batch_decoder: Final = msgspec.msgpack.Decoder(Batch)
 _control_decoder: Final = msgspec.msgpack.Decoder(Control)
 

@@ -1,12 +1,21 @@
-"""Membership: the control channel, the hello handshake and heartbeats.
+"""Membership: the control channel, hellos, heartbeats and gossip.
 
-Each node binds one ROUTER and opens one DEALER link per peer control
-endpoint it learns of (from mDNS, a static `--peer`, or a peer's hello or
-heartbeat). A link whose peer has not greeted us yet sends `Hello(reply=True)`
-every tick until it does; a known peer gets a `Heartbeat` every tick. Any
-message from a peer counts as a sign of life (see `_peers`). The hello carries
-what the peer offers (see `_hello`); a heartbeat carries the version of that,
-so a lost update is noticed and re-requested.
+Each node binds one ROUTER and opens DEALER links to a bounded set of members:
+its neighbours (see `_neighbours`), the peers it exchanges data with (parts
+say who, see `PartnerSource`; whoever we send control messages to counts too),
+whoever watches us (a watched node beats back), and endpoints still to be
+greeted (a seed, an mDNS find, an unknown heartbeat's sender). A link whose
+peer has not greeted us yet sends `Hello(reply=True)` every tick until it
+does; a watched member gets a `Heartbeat` every tick and is lost when silent
+for `lost_after` (see `_peers`).
+
+Everything else a node knows of the mesh comes by gossip (see `_gossip`): a
+member learns every other member (its record: endpoints, key, what it offers)
+from the seed or mDNS find that greeted it, and news — a member joined,
+refuted, was lost, left, changed its interest — is passed on once by each
+member that learns something from it, along the links above, so it reaches
+all in O(log N) hops. Heartbeats carry a digest of the sender's view; views
+that stay different are exchanged whole, so nothing missed is missed for long.
 
 What it learns goes to the node's parts through `_listener`'s protocols:
 every `PeerListener` hears of peers connecting, changing, being lost and
@@ -22,7 +31,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 import msgspec
@@ -42,19 +51,35 @@ from .._config import NodeConfig
 from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
 from ..errors import ProtocolError
+from . import _gossip, _neighbours
 from ._hello import Announcement
-from ._listener import ControlRoutes, EventSink, PeerListener, Ticker
-from ._peers import PeerEvent, PeerEventKind, PeerRecord, PeerTable
+from ._listener import ControlRoutes, EventSink, PartnerSource, PeerListener, Ticker
+from ._peers import PeerEvent, PeerEventKind, PeerRecord, PeerState, PeerTable
 
 _log = logging.getLogger("mesh.node")
 _PENDING_LINK_TTL: Final[float] = 30.0
 _MAX_SUBS: Final[int] = 10_000
 _ENDPOINT_RE: Final = re.compile(r"tcp://([0-9.]{7,15}):([0-9]{1,5})")
 _MAX_WINDOW: Final[int] = 1_000_000
+_MAX_MEMBERS: Final[int] = 10_000
+"""Members one node keeps; news of more is dropped (a hostile or broken sender)."""
+_MAX_NEWS: Final[int] = 4096
+"""News in one gossip message (a whole view is sent in chunks well under this)."""
+_NEWS_BUDGET: Final[int] = 48 * 1024
+"""Encoded bytes of news per gossip message (a control message is at most 64 KiB)."""
+_NEIGHBOUR_LINGER: Final[float] = 5.0
+"""A member that stops being a neighbour is watched this much longer (a join storm
+reshuffles neighbours many times a second: links are not opened and closed at that pace)."""
+_PARTNER_LINGER: Final[float] = 10.0
+"""A partner is watched this long after the last sign of data exchanged with it."""
+_SYNC_AFTER: Final[int] = 2
+"""Heartbeats in a row with a different digest before views are exchanged whole."""
+_SYNC_EVERY: Final[float] = 2.0
+"""Seconds between two whole exchanges with one member."""
 
 
 class Membership:
-    """Owns the control ROUTER, the per-peer links and the peer table of one node.
+    """Owns the control ROUTER, the links, the peer table and the gossip of one node.
 
     It is also the node's `Announcer` (parts report changes of what they offer
     here) and its `ControlSender`.
@@ -65,6 +90,7 @@ class Membership:
         self._ctx = ctx
         self._announcement = announcement
         self._id = announcement.identity.id
+        self._incarnation = announcement.identity.incarnation
         self._mesh = config.mesh
         self._interval = config.heartbeat_interval
         self._quiet = quiet
@@ -72,27 +98,47 @@ class Membership:
         self._events: tuple[EventSink, ...] = ()
         self._routes: ControlRoutes = {}
         self._tickers: tuple[Ticker, ...] = ()
+        self._partner_sources: tuple[PartnerSource, ...] = ()
         self.table = PeerTable(suspect_after=config.suspect_after,
                                lost_after=config.lost_after,
                                forget_after=config.forget_after, observer=self)
         self.router = ControlRouter(ctx)
         self._links: dict[str, ControlDealer] = {}
-        self._link_born: dict[str, float] = {}
+        self._pending: dict[str, float] = {}
+        """Endpoints we greet until they answer: when we started."""
         self._static: set[str] = set()
+        self._watching: dict[str, float] = {}
+        """Ids we beat by choice (neighbours, partners) -> until when (monotonic)."""
+        self._watchers: set[str] = set()
+        """Ids that beat us: we beat them back."""
+        self._neighbours: frozenset[str] = frozenset()
+        self._view_changed = True
         self._departed: BoundedDict[str, int] = BoundedDict(_MAX_SUBS)
-        """id -> incarnation of peers that said goodbye: their stragglers are ignored."""
-        self._heartbeat: _wire.Heartbeat | None = None
-        """Our heartbeat, the same for every peer until our interest changes (but for
-        the round-trip stamps)."""
+        """id -> incarnation of members that said goodbye: news of them is stale."""
+        self._forgotten: BoundedDict[str, tuple[int, int]] = BoundedDict(_MAX_SUBS)
+        """id -> (incarnation, seq) of members forgotten after being lost: only news
+        they refuted brings them back."""
+        self._outgoing: list[tuple[_wire.News, str]] = []
+        """News to pass on at the end of this loop turn, with whom it came from."""
+        self._flush: asyncio.Handle | None = None
+        self._mismatch: dict[str, int] = {}
+        self._synced_at: dict[str, float] = {}
+        self._announced: dict[str, object] = {}
+        """Our interest as last announced (changes are sent as deltas against it)."""
+        self.sent = 0
+        """Control messages sent (for figures)."""
+        self.received = 0
 
     def attach(self, *, listeners: Sequence[PeerListener], events: Sequence[EventSink],
-               routes: ControlRoutes, tickers: Sequence[Ticker]) -> None:
+               routes: ControlRoutes, tickers: Sequence[Ticker],
+               partners: Sequence[PartnerSource] = ()) -> None:
         """Who hears what membership learns (the parts exist only once membership does:
         some of them send through it)."""
         self._listeners = tuple(listeners)
         self._events = tuple(events)
         self._routes = routes
         self._tickers = tuple(tickers)
+        self._partner_sources = tuple(partners)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -105,6 +151,12 @@ class Membership:
         """The control endpoints this node holds a link to (known peers and pending ones)."""
         return sorted(self._links)
 
+    def figures(self) -> dict[str, int]:
+        """How big this node's share of membership is (for benchmarks and metrics)."""
+        return {"members": sum(1 for r in self.table.records() if r.state is not PeerState.LOST),
+                "links": len(self._links), "watched": len(self._targets()),
+                "control_sent": self.sent, "control_received": self.received}
+
     @property
     def interest_version(self) -> int:
         """The version of what this node offers, as its hellos and heartbeats carry it."""
@@ -116,17 +168,26 @@ class Membership:
 
     async def run(self) -> None:
         """Handle control messages and tick heartbeats until cancelled."""
+        self._announced = _gossip.interest(self._announcement.hello(False))
         self.router.start(self._on_messages)
         try:
             await self._tick_forever()
         finally:
             self.router.stop()
             self.table.stop()
+            if self._flush is not None:
+                self._flush.cancel()
 
     def say_goodbye(self) -> None:
+        """Tell every member we hold a link to (they pass it on) that we leave."""
         frames = _wire.encode_control(_wire.Bye(self._id))
-        for link in self._links.values():
-            link.send(frames)
+        endpoints = set(self._links)  # pending ones too: they may know us already
+        for peer_id in self._targets():
+            rec = self.table.get(peer_id)
+            if rec is not None:
+                endpoints.add(rec.ctl)
+        for endpoint in endpoints:
+            self._link(endpoint).send(frames)
 
     def close(self) -> None:
         for link in self._links.values():
@@ -137,7 +198,7 @@ class Membership:
     # -- discovery ---------------------------------------------------------------
 
     def on_discovery(self, event: DiscoveryEvent) -> None:
-        """Connect to a peer a discovery backend found; its hello does the rest."""
+        """Greet a peer a discovery backend found, unless gossip already told us of it."""
         if not isinstance(event, PeerFound):
             return  # a goodbye in mDNS proves nothing: liveness is by heartbeat
         info: PeerInfo = event.info
@@ -150,11 +211,13 @@ class Membership:
             return
         if info.source == "static":
             self._static.add(info.endpoints[0])
+        self._pending.setdefault(info.endpoints[0], time.monotonic())
         self._greet(info.endpoints[0])
 
     def _admit(self, peer_id: str, name: str, key: str, endpoints: Sequence[str]) -> bool:
         """Fail closed: a secure node talks only to allowlisted keys, a plain node only to
-        plain peers; never a silent downgrade. Admitted endpoints are pinned to the key."""
+        plain peers; never a silent downgrade. Admitted endpoints are pinned to the key.
+        Members learned by gossip pass here too: gossip is no way around the allowlist."""
         curve = self._ctx.curve
         who = f"{name[:64]!r} ({peer_id[:8]})" if peer_id else f"at {endpoints[0]}"
         if curve is None:
@@ -183,35 +246,45 @@ class Membership:
         link = self._links.get(endpoint)
         if link is None:
             link = self._links[endpoint] = ControlDealer(self._ctx, endpoint)
-            self._link_born[endpoint] = time.monotonic()
         return link
 
-    def _greet(self, endpoint: str, *, reply: bool = True) -> None:
-        self._link(endpoint).send(_wire.encode_control(self._announcement.hello(reply)))
+    def _send(self, endpoint: str, msg: _wire.Control) -> bool:
+        self.sent += 1
+        return self._link(endpoint).send(_wire.encode_control(msg))
 
-    def _drop_link(self, endpoint: str) -> None:
-        if endpoint in self._static:
+    def _greet(self, endpoint: str, *, reply: bool = True) -> None:
+        self._send(endpoint, self._announcement.hello(reply, self._digest()))
+
+    def _drop_link(self, endpoint: str, linger: float = 0.0) -> None:
+        self._pending.pop(endpoint, None)
+        if endpoint in self._static and not self._joined():
             return
         link = self._links.pop(endpoint, None)
-        self._link_born.pop(endpoint, None)
         if link is not None:
-            link.close(linger=0)
+            link.close(linger=linger)
 
     def send_to(self, peer_id: str, msg: _wire.Control) -> bool:
-        """Send a control message to a known peer; False if unknown or its queue is full."""
+        """Send a control message to a known peer; False if unknown or its queue is full.
+        The peer is a partner from now on (its silence is watched)."""
         rec = self.table.get(peer_id)
         if rec is None:
             return False
-        return self._link(rec.ctl).send(_wire.encode_control(msg))
+        if peer_id not in self._watching:
+            self.table.watch(rec)
+        self._watching[peer_id] = max(self._watching.get(peer_id, 0.0),
+                                      time.monotonic() + _PARTNER_LINGER)
+        return self._send(rec.ctl, msg)
 
     def interest_changed(self) -> None:
-        """What a part offers changed: a new interest version, announced to every known
-        peer now (and carried by our heartbeats from now on)."""
-        self._announcement.version += 1
-        self._heartbeat = None
-        frames = _wire.encode_control(self._announcement.hello(False))
-        for rec in self.table.records():
-            self._link(rec.ctl).send(frames)
+        """What a part offers changed: a new interest version, announced as a delta to the
+        members we talk to, who pass it on (and carried by our heartbeats from now on)."""
+        me = self._announcement
+        me.version += 1
+        after = _gossip.interest(me.hello(False))
+        set_, added, removed = _gossip.delta(self._announced, after)
+        self._announced = after
+        self._spread(_wire.Change(self._id, self._incarnation, me.version - 1, me.version,
+                                  set_, added, removed), "")
 
     async def _tick_forever(self) -> None:
         """Beat every interval, on the wall clock's multiples of it.
@@ -232,35 +305,136 @@ class Membership:
                 ticker.tick()
 
     def beat(self) -> None:
-        """One heartbeat to every known peer, one hello to every link still unanswered.
+        """One heartbeat to every member we watch or that watches us, one hello to every
+        endpoint still unanswered; links nobody needs any more are closed.
 
         Each peer's heartbeat echoes the stamp of its last one to us, and how long we
         held it, so it measures its round trip to us (`PeerRecord.rtt`) for free."""
-        me = self._announcement
-        base = self._heartbeat
-        if base is None:
-            base = self._heartbeat = _wire.Heartbeat(self._id, me.identity.incarnation,
-                                                     me.version, me.ctl)
-        links = self._links
-        known = set()
         now = time.monotonic()
-        for rec in self.table.records():
-            known.add(rec.ctl)
+        stopped = self._refresh_watching(now)
+        me = self._announcement
+        base = _wire.Heartbeat(self._id, self._incarnation, me.version, me.ctl,
+                               seq=me.seq, digest=self._digest())
+        needed: set[str] = set()
+        for peer_id in self._targets():
+            rec = self.table.get(peer_id)
+            if rec is None:
+                continue
+            needed.add(rec.ctl)
             held = now - rec.their_beat_at if rec.their_beat else 0.0
-            beat = msgspec.structs.replace(base, sent=now, echo=rec.their_beat, held=held)
-            self._link(rec.ctl).send(_wire.encode_control(beat))
-        if len(known) == len(links):
-            return
-        hello = _wire.encode_control(self._announcement.hello(True))
-        for endpoint in [e for e in links if e not in known]:
-            if endpoint not in self._static and now - self._link_born[endpoint] > _PENDING_LINK_TTL:
-                self._drop_link(endpoint)
+            self._send(rec.ctl, msgspec.structs.replace(base, sent=now, echo=rec.their_beat,
+                                                        held=held))
+        for rec in stopped:
+            self._send(rec.ctl, msgspec.structs.replace(base, watching=False))
+        joined = self._joined()
+        if not joined:
+            for endpoint in self._static:
+                self._pending.setdefault(endpoint, now)
+        hello: _wire.Hello | None = None
+        for endpoint, born in list(self._pending.items()):
+            answered = endpoint in needed
+            given_up = (joined if endpoint in self._static
+                        else now - born > _PENDING_LINK_TTL)
+            if answered or given_up:
+                del self._pending[endpoint]
             else:
-                links[endpoint].send(hello)
+                needed.add(endpoint)
+                hello = hello or me.hello(True, base.digest)
+                self._send(endpoint, hello)
+        for endpoint in [e for e in self._links if e not in needed]:
+            self._drop_link(endpoint, linger=0.5)
+
+    def _joined(self) -> bool:
+        return any(rec.state is not PeerState.LOST for rec in self.table.records())
+
+    def _targets(self) -> set[str]:
+        """Whom we beat: those we watch and those watching us."""
+        return {*self._watching, *self._watchers}
+
+    def _refresh_watching(self, now: float) -> list[PeerRecord]:
+        """Renew neighbours and partners; return the members we stop beating."""
+        if self._view_changed:
+            self._view_changed = False
+            self._neighbours = _neighbours.choose(
+                self._id, [r.id for r in self.table.records() if r.state is not PeerState.LOST])
+        for peer_id in self._neighbours:
+            self._watching[peer_id] = max(self._watching.get(peer_id, 0.0),
+                                          now + _NEIGHBOUR_LINGER)
+        for source in self._partner_sources:
+            for peer_id in source.partners():
+                self._watching[peer_id] = max(self._watching.get(peer_id, 0.0),
+                                              now + _PARTNER_LINGER)
+        stopped: list[PeerRecord] = []
+        for peer_id, until in list(self._watching.items()):
+            rec = self.table.get(peer_id)
+            if rec is None:
+                del self._watching[peer_id]
+            elif until < now and rec.state is not PeerState.LOST:
+                del self._watching[peer_id]  # a lost one is beaten until forgotten
+                if peer_id not in self._watchers:
+                    self.table.unwatch(rec)
+                    stopped.append(rec)
+            else:
+                self.table.watch(rec)
+        return stopped
+
+    # -- gossip out --------------------------------------------------------------
+
+    def _digest(self) -> int:
+        me = self._announcement
+        digest = _gossip.digest_part(self._id, self._incarnation, me.seq, _gossip.ALIVE,
+                                     me.version)
+        for rec in self.table.records():
+            digest ^= rec.digest_part
+        return digest
+
+    def _spread(self, news: _wire.News, came_from: str) -> None:
+        """Pass `news` on to every member we beat but the one it came from, at the end of
+        this loop turn (news learned together travels together)."""
+        self._outgoing.append((news, came_from))
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self._send_news)
+
+    def _send_news(self) -> None:
+        self._flush = None
+        outgoing, self._outgoing = self._outgoing, []
+        for peer_id in self._targets():
+            rec = self.table.get(peer_id)
+            if rec is None or rec.state is PeerState.LOST:
+                continue
+            news = [item for item, came_from in outgoing if came_from != peer_id]
+            for chunk in _gossip.chunks(news, _NEWS_BUDGET):
+                self._send(rec.ctl, _wire.Gossip(self._id, chunk))
+
+    def _view(self) -> list[_wire.News]:
+        """Everything we know, as news: ours and every member's record, and the lost ones'
+        ends."""
+        news: list[_wire.News] = [self._announcement.hello(False)]
+        for rec in self.table.records():
+            if rec.hello is None:
+                continue
+            news.append(rec.hello)
+            if rec.state is PeerState.LOST:
+                news.append(_wire.Down(rec.id, rec.incarnation, rec.seq))
+        return news
+
+    def _send_view(self, endpoint: str, news: list[_wire.News], *, sync: bool) -> None:
+        for chunk in _gossip.chunks(news, _NEWS_BUDGET):
+            self._send(endpoint, _wire.Gossip(self._id, chunk, sync))
+
+    def _refute(self, seq: int) -> None:
+        """News says we were lost at `seq`: we are not, and say so with a higher one."""
+        me = self._announcement
+        if seq < me.seq:
+            return
+        me.seq = seq + 1
+        _log.info("refuting news that this node was lost (alive counter now %d)", me.seq)
+        self._spread(me.hello(False), "")
 
     # -- receiving ---------------------------------------------------------------
 
     def _on_messages(self, batch: list[list[bytes]]) -> None:
+        self.received += len(batch)
         for frames in batch:
             try:
                 msg = _wire.decode_control_message(frames)
@@ -271,10 +445,14 @@ class Membership:
     def _handle(self, msg: _wire.Control) -> None:
         if isinstance(msg, _wire.Heartbeat):
             self._on_heartbeat(msg)
+        elif isinstance(msg, _wire.Gossip):
+            self._on_gossip(msg)
         elif isinstance(msg, _wire.Hello):
             self._on_hello(msg)
         elif isinstance(msg, _wire.Bye):
             self._on_bye(msg)
+        elif isinstance(msg, _wire.Want):
+            self._on_want(msg)
         else:
             route = self._routes.get(type(msg))
             if route is None:
@@ -282,40 +460,97 @@ class Membership:
             route(msg)  # pattern traffic (credits, ...) for the part that owns it
 
     def _on_hello(self, hello: _wire.Hello) -> None:
+        """A member greeted us itself: whatever news said, it is alive."""
         if hello.id == self._id:
             return  # a static peer entry pointing at ourselves
-        if hello.mesh != self._mesh:
-            self._quiet.drop("other_mesh", f"hello from mesh {hello.mesh[:64]!r}")
-            return
-        ctl, pub = _first_endpoint(hello.ctl), _first_endpoint(hello.pub)
-        if ctl is None or pub is None:
-            raise ProtocolError("hello without usable endpoints")
-        if self._departed.get(hello.id) == hello.incarnation:
-            return
-        if not self._admit(hello.id, hello.name, hello.key,
-                           [*hello.ctl, *hello.pub, *hello.pull, *hello.rtr]):
+        if not self._learn(hello, "", direct=True):
             return
         rec = self.table.get(hello.id)
+        if rec is None:
+            return
+        self._heard_directly(rec)
+        if hello.reply:
+            self._greet(rec.ctl, reply=False)
+        if hello.digest != self._digest():
+            self._send_view(rec.ctl, self._view(), sync=True)
+
+    def _heard_directly(self, rec: PeerRecord) -> None:
+        """A message from the member itself. If we had it lost, others may still: tell it,
+        so it refutes the news for everyone."""
+        was_lost = rec.state is PeerState.LOST
+        self.table.heard(rec)
+        rec.heard_directly = rec.last_heard
+        if was_lost:
+            self._send(rec.ctl, _wire.Gossip(self._id, [_wire.Down(rec.id, rec.incarnation,
+                                                                   rec.seq)]))
+            self._view_changed = True
+            self._peers_changed()
+
+    def _learn(self, hello: _wire.Hello, came_from: str, *, direct: bool = False) -> bool:
+        """Take a member's record (from itself, or passed on); True if it told us
+        something new (then it is passed on)."""
+        if hello.id == self._id:
+            if hello.incarnation != self._incarnation:
+                self._quiet.drop("self_claim", "news of a member with this node's id")
+            return False
+        if hello.mesh != self._mesh:
+            self._quiet.drop("other_mesh", f"hello from mesh {hello.mesh[:64]!r}")
+            return False
+        if self._departed.get(hello.id) == hello.incarnation:
+            return False
+        tomb = self._forgotten.get(hello.id)
+        if not direct and tomb is not None and (hello.incarnation, hello.seq) <= tomb:
+            return False
+        rec = self.table.get(hello.id)
+        news = rec is None or _is_newer(hello, rec)
+        if not news and not direct:
+            return False
+        ctl, pub = _first_endpoint(hello.ctl), _first_endpoint(hello.pub)
+        if ctl is None or pub is None:
+            self._quiet.drop("bad_member", f"member {hello.id[:8]} without usable endpoints")
+            return False
+        if rec is None and len(self.table) >= _MAX_MEMBERS:
+            self._quiet.drop("too_many_members", f"more than {_MAX_MEMBERS} members")
+            return False
+        if not self._admit(hello.id, hello.name, hello.key,
+                           [*hello.ctl, *hello.pub, *hello.pull, *hello.rtr]):
+            return False
+        record = msgspec.structs.replace(hello, reply=False, digest=0)
         if (rec is None or rec.incarnation != hello.incarnation
                 or rec.ctl != ctl or rec.pub != pub):
             new = PeerRecord(hello.id, hello.name[:64], hello.incarnation, ctl, pub,
                              pull=_first_endpoint(hello.pull) or "",
                              rtr=_first_endpoint(hello.rtr) or "")
+            new.seq, new.key, new.hello = hello.seq, hello.key, record
             self._set_subs(new, hello)
             if rec is not None and rec.ctl != ctl:
                 self._drop_link(rec.ctl)
-            self._link(ctl)
+            self._stamp(new)
             for listener in self._listeners:
                 listener.peer_connected(new, rec)
             self.table.add(new)
+            self._view_changed = True
         else:
+            was_lost = rec.state is PeerState.LOST
+            refuted = hello.seq > rec.seq
+            rec.seq, rec.hello = max(rec.seq, hello.seq), record
             if self._set_subs(rec, hello):
                 for listener in self._listeners:
                     listener.peer_updated(rec)
-            self.table.heard(rec)
-        if hello.reply:
-            self._greet(ctl, reply=False)
-        self._peers_changed()
+            self._stamp(rec)
+            if was_lost and refuted and not direct:
+                self.table.heard(rec)  # it refuted the news: it is back
+                self._view_changed = True
+        self._pending.pop(ctl, None)
+        if news:
+            self._spread(record, came_from)
+            self._peers_changed()
+        return True
+
+    def _stamp(self, rec: PeerRecord) -> None:
+        status = _gossip.LOST if rec.state is PeerState.LOST else _gossip.ALIVE
+        rec.digest_part = _gossip.digest_part(rec.id, rec.incarnation, rec.seq, status,
+                                              rec.subs_version)
 
     def _set_subs(self, rec: PeerRecord, hello: _wire.Hello) -> bool:
         """Take the peer's announced interest; True if it changed."""
@@ -345,29 +580,144 @@ class Membership:
                 return
             ctl = _first_endpoint(beat.ctl)
             if ctl is not None:
+                self._pending.setdefault(ctl, time.monotonic())
                 self._greet(ctl)
             return
+        if not beat.watching:
+            self._watchers.discard(rec.id)
+            if rec.id not in self._watching:
+                self.table.unwatch(rec)
+            return
+        if rec.id not in self._watchers:
+            self._watchers.add(rec.id)
+            self.table.watch(rec)
         was = rec.state
-        self.table.heard(rec)
+        self._heard_directly(rec)
         now = rec.last_heard
         rec.their_beat, rec.their_beat_at = beat.sent, now
         if beat.echo and 0.0 <= beat.held < 3600.0:
             rtt = now - beat.echo - beat.held
             if 0.0 <= rtt < 3600.0:
                 rec.rtt = rtt
-        if beat.subs_version != rec.subs_version:
+        if beat.subs_version != rec.subs_version or beat.seq > rec.seq:
             self._greet(rec.ctl)
+        elif beat.digest != self._digest():
+            self._compare_views(rec)
+        else:
+            self._mismatch.pop(rec.id, None)
         if was is not rec.state:
             self._peers_changed()
 
-    def _on_bye(self, bye: _wire.Bye) -> None:
-        rec = self.table.remove(bye.id)
-        if rec is not None:
-            self._departed.put(rec.id, rec.incarnation)
+    def _compare_views(self, rec: PeerRecord) -> None:
+        """Its view differs from ours: if it stays so (news in flight settle within a beat
+        or two), the lower id of the two sends its whole view, and hears back what it lacks."""
+        count = self._mismatch[rec.id] = self._mismatch.get(rec.id, 0) + 1
+        now = time.monotonic()
+        if (count >= _SYNC_AFTER and self._id < rec.id
+                and now - self._synced_at.get(rec.id, 0.0) >= _SYNC_EVERY):
+            self._synced_at[rec.id] = now
+            self._mismatch.pop(rec.id, None)
+            self._send_view(rec.ctl, self._view(), sync=True)
+
+    def _on_gossip(self, gossip: _wire.Gossip) -> None:
+        if len(gossip.news) > _MAX_NEWS:
+            raise ProtocolError(f"gossip with {len(gossip.news)} pieces of news")
+        sender = self.table.get(gossip.id)
+        for item in gossip.news:
+            if isinstance(item, _wire.Hello):
+                self._learn(item, gossip.id)
+            elif isinstance(item, _wire.Down):
+                self._on_down(item, gossip.id)
+            else:
+                self._on_change(item, gossip.id)
+        if gossip.sync and sender is not None:
+            theirs = _held(gossip.news)
+            newer = [item for item in self._view() if _key(item) > theirs.get(item.id, _NONE)]
+            if newer:
+                self._send_view(sender.ctl, newer, sync=False)
+
+    def _on_down(self, down: _wire.Down, came_from: str) -> None:
+        if down.id == self._id:
+            if down.incarnation == self._incarnation and not down.left:
+                self._refute(down.seq)
+            return
+        rec = self.table.get(down.id)
+        if down.left:
+            if rec is not None and rec.incarnation == down.incarnation:
+                self._end(rec)
+                self._spread(down, came_from)
+            elif rec is None and self._departed.get(down.id) != down.incarnation:
+                self._departed.put(down.id, down.incarnation)
+                self._spread(down, came_from)
+            return
+        if (rec is None or rec.state is PeerState.LOST
+                or (down.incarnation, down.seq) < (rec.incarnation, rec.seq)):
+            return
+        if time.monotonic() - rec.heard_directly < self.table.suspect_after:
+            # we hear it ourselves: it is not lost; let it refute the news for everyone
+            self._send(rec.ctl, _wire.Gossip(self._id, [down]))
+            return
+        rec.seq = down.seq
+        self.table.declare_lost(rec)
+        self._stamp(rec)
+        self._view_changed = True
+        self._spread(down, came_from)
+        self._peers_changed()
+
+    def _on_change(self, change: _wire.Change, came_from: str) -> None:
+        rec = self.table.get(change.id)
+        if (rec is None or rec.hello is None or rec.incarnation != change.incarnation
+                or change.version <= rec.subs_version):
+            return
+        if change.base != rec.subs_version:
+            sender = self.table.get(came_from)
+            if sender is not None:  # a change went missing: ask for the whole record
+                self._send(sender.ctl, _wire.Want(self._id, [change.id]))
+            return
+        hello = _gossip.apply_change(rec.hello, change)
+        rec.hello = hello
+        if self._set_subs(rec, hello):
             for listener in self._listeners:
-                listener.peer_gone(rec)
-            self._drop_link(rec.ctl)
-            self._peers_changed()
+                listener.peer_updated(rec)
+        self._stamp(rec)
+        self._spread(change, came_from)
+        self._peers_changed()
+
+    def _on_want(self, want: _wire.Want) -> None:
+        sender = self.table.get(want.id)
+        if sender is None:
+            return
+        records: list[_wire.News] = []
+        for peer_id in want.ids[:_MAX_NEWS]:
+            rec = self.table.get(peer_id)
+            if rec is not None and rec.hello is not None:
+                records.append(rec.hello)
+            elif peer_id == self._id:
+                records.append(self._announcement.hello(False))
+        self._send_view(sender.ctl, records, sync=False)
+
+    def _on_bye(self, bye: _wire.Bye) -> None:
+        rec = self.table.get(bye.id)
+        if rec is not None:
+            self._end(rec)
+            self._spread(_wire.Down(rec.id, rec.incarnation, rec.seq, left=True), rec.id)
+
+    def _end(self, rec: PeerRecord) -> None:
+        """The member left: drop it now, and keep its news from bringing it back."""
+        self.table.remove(rec.id)
+        self._departed.put(rec.id, rec.incarnation)
+        for listener in self._listeners:
+            listener.peer_gone(rec)
+        self._unlink(rec)
+        self._peers_changed()
+
+    def _unlink(self, rec: PeerRecord) -> None:
+        self._watching.pop(rec.id, None)
+        self._watchers.discard(rec.id)
+        self._mismatch.pop(rec.id, None)
+        self._synced_at.pop(rec.id, None)
+        self._view_changed = True
+        self._drop_link(rec.ctl)
 
     # -- the peer table's decisions (TableObserver) --------------------------------
 
@@ -381,19 +731,55 @@ class Membership:
                     listener.peer_lost(rec)  # fail its requests and work over now
 
     def peer_state_changed(self, rec: PeerRecord) -> None:
+        if rec.state is PeerState.LOST:  # we watched it go silent: tell everyone
+            self._stamp(rec)
+            self._view_changed = True
+            self._spread(_wire.Down(rec.id, rec.incarnation, rec.seq), "")
         self._peers_changed()
 
     def peer_forgotten(self, rec: PeerRecord) -> None:
         _log.info("peer %s (%s) forgotten: lost for %.0f s", rec.name, rec.id[:8],
                   self.table.forget_after)
+        self._forgotten.put(rec.id, (rec.incarnation, rec.seq))
         for listener in self._listeners:
             listener.peer_gone(rec)
-        self._drop_link(rec.ctl)
+        self._unlink(rec)
         self._peers_changed()
 
     def _peers_changed(self) -> None:
         for listener in self._listeners:
             listener.peers_changed()
+
+
+_NONE: Final[tuple[int, int, int, int]] = (-1, -1, -1, -1)
+
+
+def _key(item: _wire.News) -> tuple[int, int, int, int]:
+    """How new a piece of news is: (incarnation, seq, status, interest version)."""
+    if isinstance(item, _wire.Hello):
+        return (item.incarnation, item.seq, _gossip.ALIVE, item.subs_version)
+    if isinstance(item, _wire.Down):
+        return (item.incarnation, item.seq, _gossip.LEFT if item.left else _gossip.LOST, 0)
+    return (item.incarnation, -1, _gossip.ALIVE, item.version)
+
+
+def _held(news: Iterable[_wire.News]) -> dict[str, tuple[int, int, int, int]]:
+    """The newest of each member's news in a view."""
+    held: dict[str, tuple[int, int, int, int]] = {}
+    for item in news:
+        key = _key(item)
+        if key > held.get(item.id, _NONE):
+            held[item.id] = key
+    return held
+
+
+def _is_newer(hello: _wire.Hello, rec: PeerRecord) -> bool:
+    """Whether a record passed on tells more than what we hold of that member."""
+    if hello.incarnation != rec.incarnation:
+        return hello.incarnation > rec.incarnation
+    if rec.state is PeerState.LOST:
+        return hello.seq > rec.seq  # only the member's own refutation brings it back
+    return (hello.seq, hello.subs_version) > (rec.seq, rec.subs_version)
 
 
 def _until_next_beat(now: float, interval: float) -> float:

@@ -41,12 +41,14 @@ class Announcement:
         """Our control endpoints (known once bound)."""
         self.version = 0
         """The interest version: one more at each change of what a part offers."""
+        self.seq = 0
+        """Our alive counter: raised to refute news that we were lost (see `_gossip`)."""
 
-    def hello(self, reply: bool) -> _wire.Hello:
+    def hello(self, reply: bool, digest: int = 0) -> _wire.Hello:
         me = self.identity
         fields: dict[str, Any] = {}
         for part in self.parts:
             fields.update(part.hello_fields(self.version))
         return _wire.Hello(id=me.id, name=me.name, mesh=me.mesh, incarnation=me.incarnation,
                            ctl=self.ctl, subs_version=self.version, reply=reply, key=me.key,
-                           **fields)
+                           seq=self.seq, digest=digest, **fields)

@@ -8,7 +8,7 @@ the control messages it does not handle itself to their owner by type.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from .. import _wire
@@ -48,6 +48,14 @@ class HelloPart(Protocol):
     def hello_fields(self, version: int) -> Mapping[str, Any]:
         """Its fields of `_wire.Hello`, by name, announcing what it offers as of the
         interest `version` (pub/sub marks its subscriptions' readiness with it)."""
+
+
+class PartnerSource(Protocol):
+    """A part that exchanges data with some peers: membership watches their silence
+    itself (and they ours), so a partner's death is noticed within `lost_after`."""
+
+    def partners(self) -> Iterable[str]:
+        """Ids of the peers it holds data connections to now."""
 
 
 class Ticker(Protocol):

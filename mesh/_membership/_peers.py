@@ -1,19 +1,26 @@
 """The peer table: who is in the mesh, and whether they are alive.
 
 Liveness is ours, by heartbeat: mDNS records outlive crashed peers by up to
-75 minutes. Any control message from a peer counts as a sign of life. A peer
-silent for `suspect_after` seconds is *suspect* (no event); silent for
-`lost_after` it is *lost* (event). A lost peer stays in the table and its
-connections stay open, so when its heartbeats resume it *joins* again by
-itself, until it has been lost for `forget_after`: then it is forgotten
-(removed, its connections closed) and, should it return, joins as new. A
-peer that says goodbye is *left* and removed at once.
+75 minutes. A node watches only some members' silence — its neighbours and
+the peers it exchanges data with (see `_control`); what it knows of the
+others comes from gossip news (see `_gossip`). For a watched peer, any
+control message from it counts as a sign of life: silent for `suspect_after`
+seconds it is *suspect* (no event); silent for `lost_after` it is *lost*
+(event). An unwatched member is lost when news says so. A lost peer stays in
+the table and its connections stay open, so when it is heard again it *joins*
+again by itself, until it has been lost for `forget_after`: then it is
+forgotten (removed, its connections closed) and, should it return, joins as
+new. A peer that says goodbye is *left* and removed at once.
 
-Each peer has one timer on the loop, set for the moment its silence runs out
-and moved on when it is heard: the loop wakes for a peer only if it really
-went quiet, never to find that everyone is still talking. (A single timer at
-the earliest deadline woke up to twice per heartbeat interval for nothing,
-since by then that peer had been heard again.)
+Each watched peer has one timer on the loop, set for the moment its silence
+runs out and moved on when it is heard: the loop wakes for a peer only if it
+really went quiet, never to find that everyone is still talking. (A single
+timer at the earliest deadline woke up to twice per heartbeat interval for
+nothing, since by then that peer had been heard again.) A timer that fires
+much later than it was set for means our own loop was stalled (CPU
+starvation, SIGSTOP): the silence it measured is ours as much as the peer's,
+so the peer gets a grace period to be heard before anything is decided (the
+local health awareness of Lifeguard).
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from patterns import TopicPattern
 
+_STALL: Final[float] = 0.25
+"""A timer this many seconds late means our loop, not the peer, was stalled."""
 _REARM_SLACK: Final[float] = 0.1
 """Fraction of `suspect_after` a peer's timer may run early rather than be moved at
 each of a burst of messages (it then finds the peer heard and moves on)."""
@@ -114,6 +123,18 @@ class PeerRecord:
     """The `sent` stamp of its last heartbeat, echoed back in ours."""
     their_beat_at: float = 0.0
     """Our monotonic clock when that heartbeat arrived."""
+    seq: int = 0
+    """Its alive counter as we last learned it (it raises it to refute news it was lost)."""
+    key: str = ""
+    """Its CURVE public key (empty for a plain mesh)."""
+    hello: Any = None
+    """Its latest record as announced (a `_wire.Hello`): what gossip passes on."""
+    heard_directly: float = 0.0
+    """Our monotonic clock when a message from the member itself last came."""
+    watched: bool = False
+    """We watch its silence ourselves (a neighbour or a partner); else news decides."""
+    digest_part: int = 0
+    """Its share of our membership digest (see `_gossip.digest_part`)."""
 
     def snapshot(self) -> Peer:
         last_seen = time.time() - (time.monotonic() - self.last_heard)
@@ -128,7 +149,8 @@ class TableObserver(Protocol):
         """A peer joined, left or was lost."""
 
     def peer_state_changed(self, rec: PeerRecord) -> None:
-        """A silence timeout changed a peer's state (suspect or lost)."""
+        """A silence timeout changed a watched peer's state (suspect or lost): news
+        saying it was lost goes through `PeerTable.declare_lost` and is not told here."""
 
     def peer_forgotten(self, rec: PeerRecord) -> None:
         """A peer lost for ``forget_after`` seconds was removed from the table."""
@@ -160,27 +182,57 @@ class PeerTable:
         return [rec.snapshot() for rec in self._peers.values()]
 
     def add(self, rec: PeerRecord) -> None:
-        """A peer greeted us (new, or a new incarnation replacing the old)."""
+        """A peer greeted us, or news of a new member came (new, or a new incarnation
+        replacing the old)."""
         old = self._peers.get(rec.id)
         self._peers[rec.id] = rec
         rec.last_heard = time.monotonic()
         if old is not None and old is not rec:
             _disarm(old)
-        self._arm(rec)
+            rec.watched = old.watched
+        if rec.watched:
+            self._arm(rec)
         if old is None or old.state is PeerState.LOST or old.incarnation != rec.incarnation:
             self._emit(PeerEventKind.JOINED, rec)
 
     def heard(self, rec: PeerRecord) -> None:
-        """Any message from the peer: it is alive."""
+        """Any message from the peer, or news that it refuted being lost: it is alive."""
         now = rec.last_heard = time.monotonic()
         if rec.state is not PeerState.ALIVE:
             was = rec.state
             rec.state = PeerState.ALIVE
-            self._arm(rec)
+            self._arm_or_disarm(rec)
             if was is PeerState.LOST:
                 self._emit(PeerEventKind.JOINED, rec)
-        elif rec.timer is None or now - rec.armed_at >= self._slack:
+        elif rec.watched and (rec.timer is None or now - rec.armed_at >= self._slack):
             self._arm(rec)
+
+    def watch(self, rec: PeerRecord) -> None:
+        """Time its silence ourselves from now on: from when it was last heard itself, or
+        from now if only news of it came so far."""
+        if not rec.watched:
+            rec.watched = True
+            if rec.state is not PeerState.LOST:
+                rec.last_heard = rec.heard_directly or time.monotonic()
+            self._arm(rec)
+
+    def unwatch(self, rec: PeerRecord) -> None:
+        """News decides its state from now on (a lost one is still forgotten in time)."""
+        if rec.watched:
+            rec.watched = False
+            if rec.state is PeerState.SUSPECT:
+                rec.state = PeerState.ALIVE
+            self._arm_or_disarm(rec)
+
+    def declare_lost(self, rec: PeerRecord) -> bool:
+        """News says it was lost; False if it already was."""
+        if rec.state is PeerState.LOST:
+            return False
+        rec.state = PeerState.LOST
+        rec.last_heard = min(rec.last_heard, time.monotonic() - self.lost_after)
+        self._arm(rec)
+        self._emit(PeerEventKind.LOST, rec)
+        return True
 
     def remove(self, peer_id: str) -> PeerRecord | None:
         """The peer said goodbye."""
@@ -195,23 +247,39 @@ class PeerTable:
         for rec in self._peers.values():
             _disarm(rec)
 
+    def _arm_or_disarm(self, rec: PeerRecord) -> None:
+        if rec.watched or rec.state is PeerState.LOST:
+            self._arm(rec)
+        else:
+            _disarm(rec)
+
     def _arm(self, rec: PeerRecord) -> None:
         """Set the peer's timer for when its silence runs out next."""
         _disarm(rec)
         after = (self.suspect_after if rec.state is PeerState.ALIVE else
                  self.lost_after if rec.state is PeerState.SUSPECT else
                  self.lost_after + self.forget_after)
-        delay = rec.last_heard + after - time.monotonic()
+        delay = max(0.0, rec.last_heard + after - time.monotonic())
         rec.armed_at = rec.last_heard
-        rec.timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._expire, rec)
+        loop = asyncio.get_running_loop()
+        rec.timer = loop.call_later(delay, self._expire, rec, loop.time() + delay)
 
-    def _expire(self, rec: PeerRecord) -> None:
+    def _expire(self, rec: PeerRecord, due: float) -> None:
         """The peer's timer ran out: apply the silence timeouts, set the next one."""
         rec.timer = None
         if self._peers.get(rec.id) is not rec:
             return
-        silent = time.monotonic() - rec.last_heard
+        now = time.monotonic()
+        late = asyncio.get_running_loop().time() - due
+        if late > _STALL and rec.state is not PeerState.LOST:
+            # our loop was stalled: the silence it measured is ours as much as the peer's
+            rec.last_heard = min(now, rec.last_heard + late)
+            self._arm(rec)
+            return
+        silent = now - rec.last_heard
         changed = False
+        if not rec.watched and rec.state is not PeerState.LOST:
+            return  # news decides its state
         if rec.state is PeerState.ALIVE and silent >= self.suspect_after:
             rec.state = PeerState.SUSPECT
             changed = True

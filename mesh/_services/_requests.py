@@ -209,6 +209,11 @@ class Requests:
 
     # -- peers (PeerListener) ----------------------------------------------------
 
+    def partners(self) -> Iterable[str]:
+        """The servers we hold connections to (PartnerSource)."""
+        return self._links.keys()
+
+
     def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
         if old is not None:  # a new incarnation or new endpoints: the old connection is stale
             link = self._links.get(old.id)

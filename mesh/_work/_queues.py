@@ -515,6 +515,11 @@ class WorkQueues:
 
     # -- peers (PeerListener) -----------------------------------------------------
 
+    def partners(self) -> Iterable[str]:
+        """Workers we push to and pushers pushing to us (PartnerSource)."""
+        return {*self._pushers, *(peer_id for peer_id, _ in self._targets)}
+
+
     def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
         if old is not None and old.incarnation != new.incarnation:
             # Restarted: its old pipe is dead. Its new record is in the table only once

@@ -38,9 +38,9 @@ async def test_talking_peers_never_wake_the_silence_timer(make_node: MakeNode, m
     expired: list[str] = []
     original = PeerTable._expire
 
-    def spy(self: PeerTable, rec: PeerRecord) -> None:
+    def spy(self: PeerTable, rec: PeerRecord, due: float) -> None:
         expired.append(rec.name)
-        original(self, rec)
+        original(self, rec, due)
 
     monkeypatch.setattr(PeerTable, "_expire", spy)
     timing = {"heartbeat_interval": 0.05, "suspect_after": 1.0, "lost_after": 2.0, "mdns": False}
@@ -76,24 +76,29 @@ async def test_a_peer_that_goes_silent_is_suspect_then_lost_on_time(make_node: M
     assert 0.4 - 0.05 - 0.05 <= took <= 0.4 + 0.2, took
 
 
-async def test_heartbeat_carries_the_new_interest_version(make_node: MakeNode) -> None:
-    """After a subscription the cached heartbeat is rebuilt: peers can notice a lost hello."""
+async def test_an_interest_change_reaches_a_peer_as_a_change(make_node: MakeNode) -> None:
+    """A subscription is announced as a delta against the version before (not a whole
+    hello): the peer's record of us follows it, version and all."""
     a = await make_node("a", mdns=False)
     b = await make_node("b", mdns=False, peers=a.endpoints["ctl"])
     await a.wait_for_peers(1, timeout=5)
     await b.wait_for_peers(1, timeout=5)
-
-    def beat_version() -> int:
-        beat = a._live().membership._heartbeat
-        if beat is None:
-            return -1
-        return beat.subs_version
-
-    await aeventually(lambda: beat_version() >= 0)
-    before = beat_version()
+    greeted = a._live().membership.received
     await a.subscribe("liveness.x")
-    await aeventually(lambda: beat_version() > before)
-    assert beat_version() == a._live().membership.interest_version
+    version = a._live().membership.interest_version
+
+    def b_knows() -> bool:
+        rec = b._live().membership.table.get(a.id)
+        return rec is not None and rec.subs_version == version
+
+    await aeventually(b_knows)
+    rec = b._live().membership.table.get(a.id)
+    assert rec is not None
+    assert [p.pattern for p in rec.subs] == ["liveness.x"]
+    assert rec.hello is not None
+    assert rec.hello.subs == ["liveness.x"]
+    # b did not have to ask for a's whole record (a hello in reply costs a's router a hello)
+    assert a._live().membership.received - greeted < 10
 
 
 async def test_a_killed_peer_is_forgotten_after_forget_after(make_node: MakeNode,
