@@ -75,14 +75,17 @@ def test_hundred_nodes_with_one_seed_see_each_other_and_notice_a_crash(
     all_seen = max(full_at) - last_ready
     print(f"all saw all {N - 1} others {all_seen:.2f} s after the last was ready "
           f"(median node {statistics.median(full_at) - last_ready:.2f} s)")
-    assert all_seen <= ALL_SEEN_WITHIN, all_seen
+    over = []  # limits are checked at the end, so that one run prints every figure
+    if all_seen > ALL_SEEN_WITHIN:
+        over.append(f"full view {all_seen:.2f} s > {ALL_SEEN_WITHIN} s")
 
     # 2. connections at idle: bounded per node, not one per member
     time.sleep(IDLE)  # the mesh idles this long before the count
     tcp = [established(host) for host in lan20.hosts]
     print(f"TCP connections established per host ({PER_HOST} nodes): median "
           f"{statistics.median(tcp):.0f}, max {max(tcp)}")
-    assert max(tcp) <= TCP_PER_NODE * PER_HOST, tcp
+    if max(tcp) > TCP_PER_NODE * PER_HOST:
+        over.append(f"up to {max(tcp)} TCP connections on a host > {TCP_PER_NODE} per node")
 
     # 3. a crash of one process: its 5 nodes are seen lost by all 95 others
     victim = groups[-1]
@@ -99,10 +102,14 @@ def test_hundred_nodes_with_one_seed_see_each_other_and_notice_a_crash(
     detect = [at - killed for at in seen.values() if at is not None]
     print(f"SIGKILL of {len(victims)} nodes: seen lost by all {len(detect)} others after "
           f"{min(detect):.2f}-{max(detect):.2f} s (median {statistics.median(detect):.2f} s)")
-    assert max(detect) <= LOST_AFTER + LOSS_MARGIN, sorted(detect)[-5:]
+    if max(detect) > LOST_AFTER + LOSS_MARGIN:
+        over.append(f"lost seen after up to {max(detect):.2f} s > {LOST_AFTER + LOSS_MARGIN} s:"
+                    f" {sorted(detect)[-5:]}")
 
     # 4. nobody was ever taken for lost but the victims, and none of them said goodbye
     false = [(node, other) for g in groups for node, other in g.events("lost")
              if other not in victims]
-    assert not false, false[:10]
+    assert not false, f"{len(false)} false losses, by {sorted({n for n, _ in false})[:10]}: " \
+        f"{false[:10]}"
     assert not [e for g in groups for e in g.events("left") if e[1] in victims]
+    assert not over, over
