@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import sys
@@ -96,6 +97,11 @@ class Row:
     cpu_pct_median: float = 0.0
     """Idle CPU per process, % of one core."""
     cpu_pct_max: float = 0.0
+    join_cpu_s: float = 0.0
+    """CPU seconds per process (median) from its start until the end of the view phase
+    (interpreter start-up included: about 0.4 s)."""
+    load: float = 0.0
+    """The machine's 1-minute load average when this N started (it is shared)."""
     errors: list[str] = field(default_factory=list)
 
 
@@ -106,6 +112,7 @@ def measure(n: int, per_host: int, idle: float, view_timeout: float, all_seeds: 
     names = node_names(row.nodes)
     everyone = set(names)
     mesh = unique("scale")
+    row.load = os.getloadavg()[0]
     with netns.make_lan(hosts) as lan:
         seeds = [seed_url(host) for host in (lan.hosts if all_seeds else lan.hosts[:1])]
         started = time.monotonic()
@@ -131,6 +138,7 @@ def measure(n: int, per_host: int, idle: float, view_timeout: float, all_seeds: 
             row.nodes - 1 if isinstance(v, float) else v for v in views.values())
         if len(full) == row.nodes:
             row.full_view_s = max(full) - last_ready
+        row.join_cpu_s = statistics.median(cpu_seconds(g.proc.pid) for g in groups)
 
         measure_idle(row, lan, groups, idle)
 
@@ -203,14 +211,15 @@ def report(rows: list[Row]) -> None:
     columns = [("N", 4), ("procs", 5), ("start s", 7), ("full view s", 11),
                ("full/N", 7), ("med view", 8), ("lost by all s", 13), ("seen by", 7),
                ("false lost", 10), ("TCP/host med", 12), ("max", 4), ("ctl msg/s/node", 14),
-               ("links", 5), ("RSS MB med", 10), ("CPU % med", 9), ("CPU % max", 9)]
+               ("links", 5), ("RSS MB med", 10), ("CPU % med", 9), ("CPU % max", 9),
+               ("join CPU s", 10), ("load", 5)]
     _harness.print_table(columns, [[
         str(r.nodes), str(r.processes), f"{r.start_s:.1f}", fmt(r.full_view_s, ".2f"),
         f"{r.full_nodes}/{r.nodes}", f"{r.median_view:.0f}", fmt(r.lost_all_s, ".2f"),
         f"{r.lost_seen_by}/{r.nodes - r.nodes // r.processes}", str(r.false_lost),
         f"{r.tcp_median:.0f}", str(r.tcp_max), fmt(r.ctl_per_s, ".1f"),
         fmt(r.links_median, ".0f"), f"{r.rss_mb_median:.1f}", f"{r.cpu_pct_median:.2f}",
-        f"{r.cpu_pct_max:.2f}"] for r in rows])
+        f"{r.cpu_pct_max:.2f}", f"{r.join_cpu_s:.2f}", f"{r.load:.1f}"] for r in rows])
     for r in rows:
         for error in r.errors:
             print(f"  N={r.nodes}: {error}")
@@ -218,9 +227,9 @@ def report(rows: list[Row]) -> None:
         return
     print(f"\ngrowth against N={rows[0].nodes} (the baseline row of this run):")
     gcols = [("N", 4), ("N ratio", 7), ("N^2 ratio", 9), ("full view", 9), ("lost by all", 11),
-             ("TCP/host", 8), ("ctl msg/s", 9), ("RSS", 6), ("CPU", 6)]
+             ("TCP/host", 8), ("ctl msg/s", 9), ("RSS", 6), ("CPU", 6), ("join CPU", 8)]
     keys = ["full_view_s", "lost_all_s", "tcp_median", "ctl_per_s", "rss_mb_median",
-            "cpu_pct_median"]
+            "cpu_pct_median", "join_cpu_s"]
     cols = [growth(rows, key) for key in keys]
     _harness.print_table(gcols, [
         [str(r.nodes), f"{r.nodes / rows[0].nodes:.1f}x", f"{(r.nodes / rows[0].nodes) ** 2:.0f}x",
