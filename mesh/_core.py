@@ -378,6 +378,7 @@ class NodeCore:
                 ("topic", self.stats.topics), ("queue", self.stats.queues),
                 ("service", self.stats.services), ("peer", self.stats.peers))},
             latency={kind: each.snapshot() for kind, each in self.stats.latency.items()},
+            membership=run.membership.figures() if run is not None else {},
         )
 
     def figures(self) -> Report:

@@ -214,6 +214,28 @@ class _NodeCollector(Collector):
                                       "Connections refused: CURVE key not in the allowlist.")
         refused.add_metric([], traffic.curve_refused)
         yield refused
+        yield from _membership(traffic.membership)
+
+
+def _membership(figures: dict[str, int]) -> Iterator[Metric]:
+    members = GaugeMetricFamily("zeromesh_members",
+                                "Members this node knows alive (gossip included), itself not.")
+    members.add_metric([], figures.get("members", 0))
+    yield members
+    links = GaugeMetricFamily("zeromesh_control_links",
+                              "Control links held: neighbours, partners, pending greetings.")
+    links.add_metric([], figures.get("links", 0))
+    yield links
+    watched = GaugeMetricFamily("zeromesh_watched_members",
+                                "Members this node heartbeats and watches itself.")
+    watched.add_metric([], figures.get("watched", 0))
+    yield watched
+    control = CounterMetricFamily("zeromesh_control_messages",
+                                  "Control messages (heartbeats, gossip, hellos, credits).",
+                                  labels=["direction"])
+    control.add_metric(["sent"], figures.get("control_sent", 0))
+    control.add_metric(["received"], figures.get("control_received", 0))
+    yield control
 
 
 def _by_name(by_name: dict[str, dict[str, dict[str, int]]],

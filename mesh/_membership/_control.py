@@ -63,6 +63,8 @@ _ENDPOINT_RE: Final = re.compile(r"tcp://([0-9.]{7,15}):([0-9]{1,5})")
 _MAX_WINDOW: Final[int] = 1_000_000
 _MAX_MEMBERS: Final[int] = 10_000
 """Members one node keeps; news of more is dropped (a hostile or broken sender)."""
+_MAX_PENDING: Final[int] = 256
+"""Endpoints greeted at once that have not answered yet."""
 _MAX_NEWS: Final[int] = 4096
 """News in one gossip message (a whole view is sent in chunks well under this)."""
 _NEWS_BUDGET: Final[int] = 48 * 1024
@@ -211,8 +213,7 @@ class Membership:
             return
         if info.source == "static":
             self._static.add(info.endpoints[0])
-        self._pending.setdefault(info.endpoints[0], time.monotonic())
-        self._greet(info.endpoints[0])
+        self._greet_new(info.endpoints[0])
 
     def _admit(self, peer_id: str, name: str, key: str, endpoints: Sequence[str]) -> bool:
         """Fail closed: a secure node talks only to allowlisted keys, a plain node only to
@@ -254,6 +255,16 @@ class Membership:
 
     def _greet(self, endpoint: str, *, reply: bool = True) -> None:
         self._send(endpoint, self._announcement.hello(reply, self._digest()))
+
+    def _greet_new(self, endpoint: str) -> None:
+        """Greet an endpoint not known as a member's yet, until it answers (a bounded
+        number at once: a flood of strangers opens no flood of connections)."""
+        if endpoint not in self._pending and len(self._pending) >= _MAX_PENDING:
+            self._quiet.drop("too_many_strangers", f"{_MAX_PENDING} endpoints greeted and "
+                             "not answering yet")
+            return
+        self._pending.setdefault(endpoint, time.monotonic())
+        self._greet(endpoint)
 
     def _drop_link(self, endpoint: str, linger: float = 0.0) -> None:
         self._pending.pop(endpoint, None)
@@ -580,8 +591,7 @@ class Membership:
                 return
             ctl = _first_endpoint(beat.ctl)
             if ctl is not None:
-                self._pending.setdefault(ctl, time.monotonic())
-                self._greet(ctl)
+                self._greet_new(ctl)
             return
         if not beat.watching:
             self._watchers.discard(rec.id)

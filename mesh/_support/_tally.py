@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 OTHER: Final[str] = "other"
@@ -174,3 +174,6 @@ class Traffic:
     name set bounded (`Tally`), the rest under ``OTHER``."""
     latency: dict[str, LatencySnapshot]
     """Sampled delivery latency by kind (``pubsub``, ``work``)."""
+    membership: dict[str, int] = field(default_factory=dict)
+    """This node's share of membership: ``members`` it knows alive, ``links`` (control
+    links held), ``watched`` (members it beats), ``control_sent``/``control_received``."""

@@ -16,6 +16,7 @@ import zmq
 
 from mesh import AsyncNode, PeerEventKind, PeerState
 from mesh import _wire as wire
+from mesh._membership import _control as control
 from patterns import generate_keypair
 from tests.helpers import aeventually
 
@@ -232,8 +233,25 @@ async def test_each_node_keeps_a_bounded_set_of_links(make_node: MakeNode) -> No
     await aeventually(lambda: all(len(_names(n)) == 23 for n in nodes), timeout=10)
 
     def most_watched() -> int:
-        return max(n._live().membership.figures()["watched"] for n in nodes)
+        return max(n.traffic().membership["watched"] for n in nodes)
 
     # the neighbours of the join storm linger 5 s before they are let go
     await aeventually(lambda: most_watched() <= 12, timeout=20)
-    assert max(len(n._live().membership.links()) for n in nodes) <= 14
+    assert max(n.traffic().membership["links"] for n in nodes) <= 14
+    assert {n.traffic().membership["members"] for n in nodes} == {23}
+
+
+async def test_heartbeats_from_many_strangers_open_a_bounded_number_of_links(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each unknown sender of a heartbeat is greeted back, but only so many at once."""
+    monkeypatch.setattr(control, "_MAX_PENDING", 4)
+    a = await make_node("a", mdns=False)
+    membership = a._live().membership
+    with _dealer(a.endpoints["ctl"][0]) as dealer:
+        for i in range(20):
+            dealer.send(wire.encode_control(wire.Heartbeat(
+                f"stranger{i}", 1, 0, [f"tcp://127.0.0.1:{_free_port()}"])))
+        await aeventually(
+            lambda: a.traffic().input_dropped.get("too_many_strangers", 0) >= 16, timeout=5)
+    assert len(membership.links()) == 4
+    assert a.peers() == []
