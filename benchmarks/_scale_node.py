@@ -13,8 +13,7 @@ once, each starting with the node it is about::
     figures {"pid": .., "nodes": {NAME: {"members": .., "links": .., ...}}}
 
 ``ready`` comes once every node of the process has started; a ``figures`` line answers
-each ``figures`` line on stdin (`AsyncNode.membership_figures` where the library has it;
-else only ``members``, the alive peers). End of stdin closes the nodes gracefully.
+each ``figures`` line on stdin (see `figures`). End of stdin closes the nodes gracefully.
 """
 
 from __future__ import annotations
@@ -30,10 +29,15 @@ from mesh import AsyncNode, PeerState, run
 
 
 def figures(node: AsyncNode) -> dict[str, Any]:
-    """The node's membership figures; ``members`` alone where the library has no more."""
+    """The node's membership figures (``members``, ``links``, ``watched``,
+    ``control_sent``, ``control_received``: ``traffic().membership``, or
+    ``membership_figures()``); ``members`` alone where the library has neither."""
     own = getattr(node, "membership_figures", None)
     if own is not None:
         return dict(own())
+    membership = getattr(node.traffic(), "membership", None)
+    if membership:
+        return dict(membership)
     return {"members": sum(1 for p in node.peers() if p.state is PeerState.ALIVE)}
 
 
