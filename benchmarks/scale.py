@@ -14,8 +14,8 @@ Measured, from each node's time-stamped ``joined`` / ``lost`` lines and from /pr
 * **idle**, over a ``--idle`` s window after that: TCP connections established per host
   (``ss -Htn state established``; a connection between two hosts counts at both), control
   messages (sent + received) per second per node and control links held
-  (``traffic().membership``), RSS and CPU per process (``/proc/<pid>/status`` VmRSS, ``/proc/<pid>/stat`` utime +
-  stime);
+  (``traffic().membership``), RSS and CPU per process (``/proc/<pid>/status`` VmRSS,
+  ``/proc/<pid>/stat`` utime + stime);
 * **lost by all**: the last host's process is SIGKILLed; from the kill until the last of the
   others printed ``lost`` for each of its nodes (bounded); ``false lost`` counts every other
   ``lost`` line of the whole run.
