@@ -154,7 +154,7 @@ def measure(n: int, per_host: int, idle: float, view_timeout: float, all_seeds: 
         row.lost_seen_by = len(at)
         if at and len(at) == len(seen):
             row.lost_all_s = max(at) - killed
-        row.false_lost = sum(1 for g in groups for node, other in g.events("lost")
+        row.false_lost = sum(1 for g in groups for _, other, _ in g.events("lost")
                              if other not in victims)
         for g in groups[:-1]:
             g.close_stdin()

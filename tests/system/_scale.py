@@ -83,12 +83,12 @@ class Group(MeshProc):
         found = self.wait_for(check, timeout)
         return found if found is not None else _lost_at(self.lines[since:], observers, victims)
 
-    def events(self, kind: str) -> list[tuple[str, str]]:
-        """Every ``(node, other)`` of ``NAME <kind> OTHER`` lines so far."""
+    def events(self, kind: str) -> list[tuple[str, str, float]]:
+        """Every ``(node, other, arrival time)`` of ``NAME <kind> OTHER`` lines so far."""
         out = []
         for line in self.matching(rf"^\S+ {kind} \S+$"):
             node, _, other = line.text.split()
-            out.append((node, other))
+            out.append((node, other, line.at))
         return out
 
     def figures(self, timeout: float = 10.0) -> dict[str, Any]:
