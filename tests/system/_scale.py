@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -160,14 +158,3 @@ def rss_mb(pid: int) -> float:
         pass
     return 0.0
 
-
-@dataclass(frozen=True)
-class Spread:
-    """The median and the maximum of some per-node figure."""
-
-    median: float
-    max: float
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Spread | None:
-        return cls(statistics.median(values), max(values)) if values else None
