@@ -574,6 +574,7 @@ class Membership:
             except InvalidName as exc:
                 self._quiet.drop("bad_subscription", str(exc))
         rec.subs = tuple(subs)
+        rec.pubs = _pubs(hello.pubs, self._quiet)
         rec.feeds = frozenset(hello.feeds[:_MAX_SUBS]).intersection(p.pattern for p in subs)
         rec.queues = {q: max(1, min(w, _MAX_WINDOW)) for q, w in hello.queues.items()
                       if q in set(_names(list(hello.queues), "queue", self._quiet))}
@@ -809,6 +810,21 @@ def _names(names: list[str], kind: str, quiet: QuietLog) -> list[str]:
         else:
             valid.append(name)
     return valid
+
+
+def _pubs(pubs: list[str] | None, quiet: QuietLog) -> tuple[TopicPattern, ...]:
+    """A peer's announced topics (invalid ones dropped and counted); none announced (an
+    older node) or more than a node announces is taken as ``>`` (all), which can only
+    cost a connection."""
+    if pubs is None or len(pubs) > _wire.MAX_PUBS:
+        return (TopicPattern(">"),)
+    valid = []
+    for pattern in pubs:
+        try:
+            valid.append(TopicPattern(pattern))
+        except InvalidName as exc:
+            quiet.drop("bad_pubs", str(exc))
+    return tuple(valid)
 
 
 def _first_endpoint(endpoints: list[str]) -> str | None:

@@ -101,6 +101,9 @@ class PeerRecord:
     last_heard: float = field(default_factory=time.monotonic)
     subs: tuple[TopicPattern, ...] = ()
     subs_version: int = -1
+    pubs: tuple[TopicPattern, ...] = ()
+    """What it publishes on (topics, or patterns covering them): our SUB connects to
+    its PUB only where these meet our subscriptions."""
     pull: str = ""
     queues: dict[str, int] = field(default_factory=dict)
     """Queue name -> credit window this peer grants each pusher."""
