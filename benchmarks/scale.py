@@ -178,7 +178,11 @@ def measure_idle(row: Row, lan: netns.Lan, groups: list[Group], idle: float) -> 
     row.rss_mb_median, row.rss_mb_max = statistics.median(rss), max(rss)
     row.cpu_pct_median, row.cpu_pct_max = statistics.median(cpu), max(cpu)
     rates, links, members = [], [], []
+    unanswered = 0
     for b, a in zip(before, after, strict=True):
+        if a is None or b is None:
+            unanswered += 1
+            continue
         for name, fig in a["nodes"].items():
             members.append(fig.get("members", 0))
             if "links" in fig:
@@ -188,6 +192,8 @@ def measure_idle(row: Row, lan: netns.Lan, groups: list[Group], idle: float) -> 
                 sent = fig["control_sent"] - old.get("control_sent", 0)
                 received = fig["control_received"] - old.get("control_received", 0)
                 rates.append((sent + received) / elapsed)
+    if unanswered:
+        row.errors.append(f"{unanswered} processes did not answer `figures` within 10 s")
     row.members_median = statistics.median(members) if members else None
     row.links_median = statistics.median(links) if links else None
     row.ctl_per_s = statistics.median(rates) if rates else None

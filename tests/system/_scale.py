@@ -89,11 +89,18 @@ class Group(MeshProc):
             out.append((node, other, line.at))
         return out
 
-    def figures(self, timeout: float = 10.0) -> dict[str, Any]:
-        """Asks for and returns its ``figures`` line (``pid`` and ``nodes``)."""
+    def figures(self, timeout: float = 10.0) -> dict[str, Any] | None:
+        """Asks for and returns its ``figures`` line (``pid`` and ``nodes``); None if it
+        did not come within ``timeout`` (a process too busy to answer)."""
         start = len(self.lines)
-        self.write("figures\n")
-        line = self.wait_line(r"^figures ", timeout, start=start)
+        try:
+            self.write("figures\n")
+        except OSError:  # it has exited
+            return None
+        line = self.wait_for(lambda lines: next(
+            (ln for ln in lines[start:] if ln.text.startswith("figures ")), None), timeout)
+        if line is None:
+            return None
         found: dict[str, Any] = json.loads(line.text.split(" ", 1)[1])
         return found
 
