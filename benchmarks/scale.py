@@ -38,6 +38,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -171,10 +172,12 @@ def measure_idle(row: Row, lan: netns.Lan, groups: list[Group], idle: float) -> 
     cpu1 = [cpu_seconds(pid) for pid in pids]
     elapsed = time.monotonic() - t0
     after = [g.figures() for g in groups]
-    tcp = [established(host) for host in lan.hosts]
+    tcp = [n for n in map(count_established, lan.hosts) if n is not None]
+    if len(tcp) < len(lan.hosts):
+        row.errors.append(f"`ss` timed out on {len(lan.hosts) - len(tcp)} hosts")
     rss = [rss_mb(pid) for pid in pids]
     cpu = [100 * (b - a) / elapsed for a, b in zip(cpu0, cpu1, strict=True)]
-    row.tcp_median, row.tcp_max = statistics.median(tcp), max(tcp)
+    row.tcp_median, row.tcp_max = statistics.median(tcp or [0]), max(tcp or [0])
     row.rss_mb_median, row.rss_mb_max = statistics.median(rss), max(rss)
     row.cpu_pct_median, row.cpu_pct_max = statistics.median(cpu), max(cpu)
     rates, links, members = [], [], []
@@ -197,6 +200,15 @@ def measure_idle(row: Row, lan: netns.Lan, groups: list[Group], idle: float) -> 
     row.members_median = statistics.median(members) if members else None
     row.links_median = statistics.median(links) if links else None
     row.ctl_per_s = statistics.median(rates) if rates else None
+
+
+def count_established(host: netns.Host) -> int | None:
+    """`established` on ``host``, or None when ``ss`` did not answer in time (a host so
+    loaded that ``ip netns exec`` stalls)."""
+    try:
+        return established(host)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def fmt(value: float | None, spec: str) -> str:
