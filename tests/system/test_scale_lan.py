@@ -82,11 +82,14 @@ def test_hundred_nodes_with_one_seed_see_each_other_and_notice_a_crash(
     # 2. connections at idle: bounded per node, not one per member
     time.sleep(IDLE)  # the mesh idles this long before the count
     tcp = [established(host) for host in lan20.hosts]
-    busiest = lan20.hosts[tcp.index(max(tcp))].name
+    busiest = tcp.index(max(tcp))
+    figures = groups[busiest].figures() or {}
+    links = {name: fig.get("links") for name, fig in figures.get("nodes", {}).items()}
     print(f"TCP connections established per host ({PER_HOST} nodes): median "
-          f"{statistics.median(tcp):.0f}, max {max(tcp)} (on {busiest}; the seed is on h1)")
+          f"{statistics.median(tcp):.0f}, max {max(tcp)} on h{busiest + 1} (the seed is on "
+          f"h1), whose nodes hold control links: {links}")
     if max(tcp) > TCP_PER_NODE * PER_HOST:
-        over.append(f"{max(tcp)} TCP connections on {busiest} > {TCP_PER_NODE} per node")
+        over.append(f"{max(tcp)} TCP connections on h{busiest + 1} > {TCP_PER_NODE} per node")
 
     # 3. a crash of one process: its 5 nodes are seen lost by all 95 others
     victim = groups[-1]
