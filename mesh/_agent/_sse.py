@@ -12,7 +12,6 @@ the publishers when it disconnects.
 
 from __future__ import annotations
 
-import base64
 from collections import deque
 from collections.abc import Callable
 from typing import Final
@@ -45,13 +44,7 @@ Settle = Callable[[bool], None]
 
 def event(msg: Message) -> bytes:
     """One SSE event: ``id:`` is the message id, ``data:`` its JSON (base64 if binary)."""
-    body = msg.to_dict()
-    try:
-        body["data"] = msg.data.decode("utf-8")
-    except UnicodeDecodeError:
-        body["data"] = base64.b64encode(msg.data).decode("ascii")
-        body["encoding"] = "base64"
-    return b"id: %s\ndata: %s\n\n" % (msg.id.encode(), _encode(body))
+    return b"id: %s\ndata: %s\n\n" % (msg.id.encode(), _encode(_http.message_json(msg)))
 
 
 class Streams:
