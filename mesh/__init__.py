@@ -42,11 +42,12 @@ from ._config import NodeConfig
 from ._loop import run
 from ._membership._events import PeerEvents
 from ._membership._peers import Peer, PeerEvent, PeerEventKind, PeerState
-from ._message import Headers, Message
+from ._message import Headers, Message, Reply
 from ._node import AsyncNode
 from ._pubsub._subscription import Subscription
 from ._reliable._durables import DurableInfo
-from ._sync import Node, SyncPeerEvents, SyncPull, SyncSubscription
+from ._services._gather import Replies
+from ._sync import Node, SyncPeerEvents, SyncPull, SyncReplies, SyncSubscription
 from ._work._pull import Pull
 from .errors import (
     ClosedError,
@@ -87,11 +88,14 @@ __all__ = [
     "ProtocolError",
     "Pull",
     "RemoteError",
+    "Replies",
+    "Reply",
     "RequestTimeout",
     "SpoolFullError",
     "Subscription",
     "SyncPeerEvents",
     "SyncPull",
+    "SyncReplies",
     "SyncSubscription",
     "__version__",
     "run",

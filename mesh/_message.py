@@ -72,6 +72,9 @@ class Message(msgspec.Struct, _Settleable, Generic[T], frozen=True, gc=False):
     """Application headers, or None when the publisher sent none."""
     reliable: bool = False
     """It came through the sender's spool: at-least-once, deduplicated, acknowledged."""
+    error: str | None = None
+    """Only on a reply gathered by ``request_all``: the server's handler raised this (its
+    text; ``data`` is empty). ``request`` raises `RemoteError` instead."""
 
     def ack(self) -> None:
         """Mark a work or durable message processed now (it otherwise is when you ask for the
@@ -120,7 +123,7 @@ class Message(msgspec.Struct, _Settleable, Generic[T], frozen=True, gc=False):
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape used by the CLI and the agent."""
-        return {
+        out: dict[str, Any] = {
             "topic": self.topic,
             "data": self.text,
             "source": self.source,
@@ -129,6 +132,23 @@ class Message(msgspec.Struct, _Settleable, Generic[T], frozen=True, gc=False):
             "timestamp": self.timestamp,
             "headers": dict(self.headers or {}),
         }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+class Reply(msgspec.Struct, frozen=True):
+    """What a service handler may return to answer with headers as well as a body.
+
+    Returning plain bytes or str stays the short form of ``Reply(data)``. The
+    headers reach the requester as the reply `Message`'s ``headers`` (a
+    ``traceparent`` set here joins the requester's trace to the server's).
+    """
+
+    data: bytes | bytearray | memoryview | str | None = b""
+    """The reply body (str is sent as UTF-8; None = empty)."""
+    headers: Headers | None = None
+    """Reply headers: str names to str values."""
 
 
 def attach_receipt(msg: Message, receipt: Receipt) -> None:

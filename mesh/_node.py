@@ -421,13 +421,15 @@ class AsyncNode(WorkAndServices):
         """Wait until `count` peers subscribed to `topic` are connected and ready.
 
         Once this returns, a message published on `topic` reaches those peers
-        (no slow-joiner loss).
+        (no slow-joiner loss). Subscribers connect to a publisher only for what
+        it publishes on: this node announces `topic` as such from now on.
 
         Raises:
             ConfigError: `topic` is not a valid topic.
             RequestTimeout: fewer were ready when the timeout came.
         """
         _names.topic(topic)
+        self._offer(topic)
         await self._wait(lambda: self.subscriber_count(topic) >= count, timeout,
                          f"waiting for {count} subscribers of {topic!r}")
 
@@ -438,9 +440,15 @@ class AsyncNode(WorkAndServices):
             RequestTimeout: some were still not ready when the timeout came.
         """
         _names.topic(topic)
+        self._offer(topic)
         await self._wait(lambda: self.subscriber_count(topic) >= self._known_count(topic),
                          timeout, f"waiting for the subscribers of {topic!r}")
         return self.subscriber_count(topic)
+
+    def _offer(self, topic: str) -> None:
+        """Announce `topic` as one we publish on, so its subscribers connect to us."""
+        if self._run is not None and not self._closing:
+            self._run.pubsub.offer(topic)
 
     def _known_count(self, topic: str) -> int:
         return sum(1 for rec in self._alive() if any(p.matches(topic) for p in rec.subs))

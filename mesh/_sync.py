@@ -41,11 +41,11 @@ from ._services._server import (
     is_async_handler,
 )
 from ._support._tally import Traffic
-from ._sync_streams import SyncPeerEvents, SyncPull, SyncSubscription
+from ._sync_streams import SyncPeerEvents, SyncPull, SyncReplies, SyncSubscription
 from ._work._queues import DEFAULT_PREFETCH
 from .errors import ClosedError, MessageTooLarge
 
-__all__ = ["Node", "SyncPeerEvents", "SyncPull", "SyncSubscription"]
+__all__ = ["Node", "SyncPeerEvents", "SyncPull", "SyncReplies", "SyncSubscription"]
 
 T = TypeVar("T")
 _HANDOFF_LIMIT: Final[int] = 50_000
@@ -483,9 +483,25 @@ class Node:
         return self._call(self._node.request(service, data, timeout=timeout, retries=retries,
                                              headers=headers))
 
-    def wait_for_service(self, service: str, *, timeout: float = 10.0) -> None:
+    def request_all_stream(self, service: str, data: Payload, *, timeout: float = 5.0,
+                           max_replies: int | None = None,
+                           headers: Mapping[str, str] | None = None) -> SyncReplies:
+        """See `AsyncNode.request_all_stream`: ``for reply in node.request_all_stream(...)``."""
+        replies = self._read(lambda: self._node.request_all_stream(
+            service, data, timeout=timeout, max_replies=max_replies, headers=headers))
+        return SyncReplies(self, replies)
+
+    def request_all(self, service: str, data: Payload, *, timeout: float = 5.0,
+                    max_replies: int | None = None,
+                    headers: Mapping[str, str] | None = None) -> list[Message]:
+        """See `AsyncNode.request_all`; blocks until the gathering ends."""
+        return self._call(self._node.request_all(service, data, timeout=timeout,
+                                                 max_replies=max_replies, headers=headers))
+
+    def wait_for_service(self, service: str, count: int = 1, *,
+                         timeout: float = 10.0) -> None:
         """See `AsyncNode.wait_for_service`."""
-        self._call(self._node.wait_for_service(service, timeout=timeout))
+        self._call(self._node.wait_for_service(service, count, timeout=timeout))
 
     def check_service(self, service: str) -> None:
         """See `AsyncNode.check_service`."""

@@ -1,7 +1,7 @@
-"""The blocking twins of the node's streams: subscriptions, pulls and peer events.
+"""The blocking twins of the node's streams: subscriptions, pulls, replies and peer events.
 
 Each has the public members of its async original (`Subscription`, `Pull`,
-`PeerEvents`), with ``close``/``__iter__``/``__next__``/``__enter__`` for
+`Replies`, `PeerEvents`), with ``close``/``__iter__``/``__next__``/``__enter__`` for
 ``aclose``/``__aiter__``/``__anext__``/``__aenter__``. Items cross from the
 loop thread to the reader's thread through `_Handoff`, the thread-side twin of
 `Mailbox`. A subscription drops its oldest messages past `max_pending`,
@@ -27,6 +27,7 @@ from ._message import Message
 from ._message import T as V
 from ._node import AsyncNode
 from ._pubsub._subscription import Subscription
+from ._services._gather import Replies
 from ._work._pull import Pull
 from .errors import ClosedError
 
@@ -317,6 +318,43 @@ class SyncPull(Generic[V]):
         """Stop pulling; the message in hand counts as processed, the rest go to other workers."""
         if self._node.running:
             self._node._call(self._pull.aclose())
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SyncReplies:
+    """The blocking twin of `Replies`: every live server's reply to one request, by
+    iteration (the request goes out when it starts)."""
+
+    def __init__(self, node: Node, replies: Replies) -> None:
+        self._node = node
+        self._replies = replies
+
+    @property
+    def service(self) -> str:
+        return self._replies.service
+
+    @property
+    def received(self) -> int:
+        return self._replies.received
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Message:
+        try:
+            return self._node._call(self._replies.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """Stop gathering: replies still due are dropped when they come."""
+        if self._node.running:
+            self._node._call(self._replies.aclose())
 
     def __enter__(self) -> Self:
         return self

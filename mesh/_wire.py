@@ -46,14 +46,23 @@ tag  message    fields
 1    Hello      id, name, mesh, incarnation, ctl, pub, subs, subs_version, reply,
                pull, queues, rtr, services, durables, key, feeds (the subs that
                only feed durables' live views: no reliable messages by pub/sub),
-               retains (it holds retained values), history (its history patterns)
+               retains (it holds retained values), history (its history patterns),
+               pubs (the topics it publishes on; nil from an older node: all),
+               seq (its alive counter), digest (a summary of its membership view)
 2    Heartbeat  id, incarnation, subs_version, ctl, sent, echo, held (the round trip:
-               a peer echoes our last `sent` and how long it held it)
+               a peer echoes our last `sent` and how long it held it), seq, digest,
+               watching (false: the sender stops beating us)
 3    Bye        id
 4    Credit     id, queue, consumed, epoch, window: a worker has consumed this many of
                a pusher's messages on a queue (a running total, so a lost one is
                superseded) and now grants it this window
 5    Nack       id, queue, seqs: these consumed messages failed (redeliver later)
+6    Gossip     id, news, sync: membership news passed on; each piece a member's
+               record (a Hello, tag 1), a Down (tag 10: id, incarnation, seq, left —
+               lost or left) or a Change (tag 11: id, incarnation, base, version,
+               set, added, removed — an interest delta); sync: the sender's whole
+               view, answered with what of ours is newer
+7    Want       id, ids: send me these members' whole records
 ===  =========  ==========================================================
 
 Service (DEALER -> ROUTER requests, ROUTER -> DEALER replies): ``header |
@@ -68,7 +77,7 @@ tag  message  fields
 1    Request  id (correlation, per requester), service, source id, source
               name, timestamp, headers | nil, payload
 2    Reply    id, status (0 ok, 1 handler error, 2 not served here, 3 busy),
-              timestamp, payload, error text
+              timestamp, payload, error text, headers | nil (the handler's)
 ===  =======  ==============================================================
 
 Retained values travel as the payload of a request to the internal service
@@ -103,6 +112,10 @@ CONTROL_HEADER: Final[bytes] = MAGIC + bytes([PROTOCOL_VERSION]) + KIND_CONTROL
 MAX_CONTROL_SIZE: Final[int] = 64 * 1024
 MAX_KEY_SIZE: Final[int] = 257
 """A topic (at most 255 bytes) plus its NUL, with one byte to spare."""
+
+MAX_PUBS: Final[int] = 64
+"""Entries of a hello's `pubs` at most: past that a node announces patterns covering its
+topics (``seg.>``, at last ``>``); a receiver takes a longer list as ``>``."""
 
 FRAME_BYTES: Final[int] = 256 * 1024
 """Payload bytes a batch (pub/sub, work, service) collects before it leaves; a larger
@@ -204,9 +217,10 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
     """This node holds retained values: a new subscription asks it for them."""
     history: list[str] = []
     """The patterns of the topics whose messages this node keeps as history."""
-    pubs: list[str] = []
+    pubs: list[str] | None = None
     """What this node publishes on (topics, or patterns covering them): a subscriber
-    connects to its publisher only where these meet its subscriptions."""
+    connects to its publisher only where these meet its subscriptions. None: a node that
+    predates it, taken as publishing on everything (``>``)."""
     seq: int = 0
     """The member's alive counter: it raises it to refute news that it was lost."""
     digest: int = 0
@@ -473,6 +487,8 @@ class Reply(msgspec.Struct, frozen=True, array_like=True, gc=False, tag=2):
     ts: float
     payload: bytes
     error: str = ""
+    headers: dict[str, str] | None = None
+    """The handler's reply headers (a peer predating them ignores them)."""
 
 
 ServiceFrame = Request | Reply
@@ -547,7 +563,8 @@ def service_frames(msgs: Sequence[ServiceFrame], budget: int) -> Iterator[bytear
         if isinstance(msg, Request):
             more = service_payload_size(msg.payload, msg.headers) + SERVICE_ITEM_OVERHEAD
         else:
-            more = len(msg.payload) + len(msg.error) + SERVICE_ITEM_OVERHEAD
+            more = (service_payload_size(msg.payload, msg.headers) + len(msg.error)
+                    + SERVICE_ITEM_OVERHEAD)
         if size and size + more > budget:
             yield encode_service(msgs[start:i])
             start, size = i, 0

@@ -12,6 +12,7 @@ from ._socket import DEFAULT_MAX_MESSAGE_SIZE, Context
 from ._topics import (
     MAX_TOPIC_BYTES,
     TopicPattern,
+    patterns_overlap,
     topic_from_key,
     topic_key,
     validate_pattern,
@@ -43,6 +44,7 @@ __all__ = [
     "generate_keypair",
     "load_allowlist",
     "load_secret",
+    "patterns_overlap",
     "topic_from_key",
     "topic_key",
     "validate_pattern",

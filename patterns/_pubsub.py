@@ -1,4 +1,5 @@
-"""Pub/sub over ZeroMQ: one publisher bound per node, one subscriber connected to every peer.
+"""Pub/sub over ZeroMQ: one publisher bound per node, one subscriber connected to the peers'
+publishers it needs (the node decides which).
 
 The publisher is an XPUB so it can see subscriptions arrive. A subscriber
 follows its real prefixes with a *readiness marker*, a subscription to
@@ -62,7 +63,7 @@ class Publisher:
 
 
 class Subscriber:
-    """One SUB socket connected to every peer's publisher; prefixes are refcounted."""
+    """One SUB socket connected to the publishers its node chooses; prefixes are refcounted."""
 
     def __init__(self, ctx: Context, *, hwm: int = DEFAULT_SUB_HWM,
                  max_message_size: int | None = None) -> None:
@@ -75,6 +76,11 @@ class Subscriber:
     @property
     def closed(self) -> bool:
         return self._sock.closed
+
+    @property
+    def connected(self) -> frozenset[str]:
+        """The publisher endpoints this socket is connected to."""
+        return frozenset(self._connected)
 
     def connect(self, endpoint: str) -> None:
         if endpoint not in self._connected:

@@ -173,6 +173,8 @@ class TopicPattern:
     _checks: tuple[tuple[int, str], ...] = field(init=False, compare=False, repr=False)
     _rest: bool = field(init=False, compare=False, repr=False)
     _tail_only: bool = field(init=False, compare=False, repr=False)
+    segments: tuple[str, ...] = field(init=False, compare=False, repr=False)
+    """The pattern split at ``.`` (for comparing patterns with each other)."""
 
     def __post_init__(self) -> None:
         segments = _split_pattern(self.pattern)
@@ -188,6 +190,7 @@ class TopicPattern:
         setattr_(self, "_rest", rest)
         setattr_(self, "_tail_only", rest and first_wild == len(segments) - 1)
         setattr_(self, "_count", len(fixed))
+        setattr_(self, "segments", tuple(segments))
         # Segments still to compare after the head matched: literal ones only.
         setattr_(
             self,
@@ -217,5 +220,30 @@ class TopicPattern:
             return False
         return all(segments[index] == segment for index, segment in self._checks)
 
+    def overlaps(self, other: TopicPattern) -> bool:
+        """Tells whether some topic matches both this pattern and ``other``.
+
+        What a subscriber needs to decide, from a publisher's announced
+        patterns, whether connecting to it can bring anything it wants.
+        """
+        return patterns_overlap(self, other)
+
     def __str__(self) -> str:
         return self.pattern
+
+
+def patterns_overlap(a: TopicPattern, b: TopicPattern) -> bool:
+    """Tells whether some topic matches both ``a`` and ``b`` (a pattern meets a pattern).
+
+    Segment by segment: two literals must be equal, ``*`` meets any one
+    segment, and a ``>`` meets whatever the other has from there on (one
+    segment at least, which the other has since it reached that position).
+    Without a ``>`` both must be equally long: ``a.>`` does not meet ``a``.
+    """
+    sa, sb = a.segments, b.segments
+    for x, y in zip(sa, sb, strict=False):
+        if x == REST or y == REST:
+            return True
+        if x != y and x != ONE and y != ONE:
+            return False
+    return len(sa) == len(sb)

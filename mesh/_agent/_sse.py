@@ -16,7 +16,6 @@ published as JSON (see `_headers.as_json`).
 
 from __future__ import annotations
 
-import base64
 from collections import deque
 from collections.abc import Callable
 from typing import Final
@@ -53,13 +52,7 @@ def event(msg: Message, json: bool = False) -> bytes:
     with `json`, a MessagePack payload is converted to JSON first."""
     if json:
         msg = as_json(msg)
-    body = msg.to_dict()
-    try:
-        body["data"] = msg.data.decode("utf-8")
-    except UnicodeDecodeError:
-        body["data"] = base64.b64encode(msg.data).decode("ascii")
-        body["encoding"] = "base64"
-    return b"id: %s\ndata: %s\n\n" % (msg.id.encode(), _encode(body))
+    return b"id: %s\ndata: %s\n\n" % (msg.id.encode(), _encode(_http.message_json(msg)))
 
 
 class Streams:

@@ -90,7 +90,7 @@ def apply_change(hello: _wire.Hello, change: _wire.Change) -> _wire.Hello:
     for name in {*change.added, *change.removed}:
         if name not in SET_FIELDS:
             raise ProtocolError(f"a change adding to {name!r}, which is not a set")
-        current = set(getattr(hello, name))
+        current = set(getattr(hello, name) or ())  # None: an older node's pubs
         current |= set(change.added.get(name, ()))
         current -= set(change.removed.get(name, ()))
         fields[name] = sorted(current)

@@ -88,10 +88,12 @@ class Recall:
 
     # -- answering -------------------------------------------------------------------
 
-    async def in_force(self, request: Message, version: int) -> None:
+    async def in_force(self, request: Message, version: int, pattern: TopicPattern) -> None:
         """Wait (bounded) until the asker's subscription of interest `version` is in force
-        at our publisher (nothing to wait for when `version` is 0)."""
-        if version <= 0:
+        at our publisher (nothing to wait for when `version` is 0, nor when we announce no
+        topic `pattern` meets: the asker does not connect to us for it, and a topic we
+        publish on later is held for it until it has)."""
+        if version <= 0 or not self._pubsub.announces(pattern):
             return
         try:
             await self._waiter.wait(

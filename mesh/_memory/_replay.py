@@ -47,7 +47,7 @@ class HistoryReplay:
         query = _queries.decode(request.data, _queries.HistoryQuery)
         pattern = _names.pattern(query.pattern)
         if query.after == 0:
-            await self._recall.in_force(request, query.version)
+            await self._recall.in_force(request, query.version, pattern)
         upto = query.upto or self.history.newest_seq
         items, after = self.history.page(pattern, since=query.since, last=query.last,
                                          after=query.after, upto=upto,

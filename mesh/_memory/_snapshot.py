@@ -44,7 +44,7 @@ class RetainedValues:
         query = _queries.decode(request.data, _queries.RetainedQuery)
         pattern = _names.pattern(query.pattern)
         if query.after == "":
-            await self._recall.in_force(request, query.version)
+            await self._recall.in_force(request, query.version, pattern)
         items, after = self.store.page(pattern, query.after, self._recall.budget)
         return _queries.encode(_queries.RetainedPage(self._recall.name, items, after))
 

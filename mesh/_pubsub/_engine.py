@@ -5,8 +5,15 @@ batch that is flushed at the end of the current loop iteration (or sooner,
 when it grows large), so a lone message goes out at once and a burst costs one
 encode and one ZeroMQ send per topic per flush, not one per message.
 
-Receiving: one SUB socket is connected to every peer's publisher. A batch is
-decoded once, matched once per topic (cached), and handed to each matching
+Connections follow interest (see `_interest`): the node announces the topics
+it publishes on, and its one SUB socket connects to a peer's publisher only
+where that peer's topics meet its subscriptions. A topic announced for the
+first time while a peer that subscribes to it is not yet ready here (it
+connects now that it learns of the topic) is held back, in order, until those
+peers are ready or a bound passes (`_interest.Holds`): a publish after a subscription is in
+force still reaches it.
+
+Receiving: a batch is decoded once, matched once per topic (cached), and handed to each matching
 subscription as a list. Per-(source, topic) sequence numbers reveal messages
 the publisher dropped at its high-water mark; they are counted per peer and
 reported once.
@@ -28,18 +35,20 @@ from patterns import (
     Publisher,
     SocketClosed,
     Subscriber,
+    TopicPattern,
     topic_from_key,
 )
 
 from .. import _codec, _names, _ttl, _wire
 from .._config import NodeConfig
-from .._membership._peers import PeerRecord, PeerTable
+from .._membership._peers import PeerRecord, PeerState, PeerTable
 from .._message import Message, T
 from .._parts import Announcer, Waiter
 from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
 from .._support._tally import Stats, Tally
 from ..errors import MessageTooLarge, ProtocolError
+from ._interest import Holds, Links, Offers
 from ._subscription import Callback, Subscription
 
 _log = logging.getLogger("mesh.pubsub")
@@ -109,7 +118,11 @@ class PubSub:
         self._expired_by_topic = stats.topics[_ttl.EXPIRED]
         self._latency = stats.latency["pubsub"]
         self._confirmed: BoundedDict[str, int] = BoundedDict()
-        self._disconnects: dict[str, asyncio.TimerHandle] = {}
+        self._links = Links(self._subscriber, peers, _PUB_LINGER + 1.0)
+        # what we publish on (announced), and new topics held for their subscribers
+        self._offers = Offers()
+        self._holds = Holds(self._unready, self._send_held)
+        self._announce_handle: asyncio.Handle | None = None
 
     def bind(self, interfaces: Iterable[str]) -> list[str]:
         self.endpoints = [self._publisher.bind(host) for host in interfaces]
@@ -122,10 +135,11 @@ class PubSub:
         self._subscriber.start(self._on_batches)
 
     def close(self) -> None:
+        if self._announce_handle is not None:
+            self._announce_handle.cancel()
+        self._holds.release_all()  # (older than what is still to flush)
         self.flush()
-        for handle in self._disconnects.values():
-            handle.cancel()
-        self._disconnects.clear()
+        self._links.close()
         for sub in self._subs:
             sub._close()
         self._publisher.close(linger=_PUB_LINGER)  # let the last batches leave
@@ -139,7 +153,8 @@ class PubSub:
         if version != self.version:  # what we announce now is marked with its version
             self.version = version
             self._subscriber.set_marker(self._marker())
-        return {"pub": self.endpoints, "subs": self.patterns, "feeds": self.feeds}
+        return {"pub": self.endpoints, "subs": self.patterns, "feeds": self.feeds,
+                "pubs": self._offers.announced}
 
     @property
     def feeds(self) -> list[str]:
@@ -150,21 +165,18 @@ class PubSub:
     # -- peers (PeerListener) -----------------------------------------------------
 
     def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
-        pending = self._disconnects.pop(new.pub, None)
-        if pending is not None:
-            pending.cancel()
-        if old is not None and old.pub != new.pub:
-            self._subscriber.disconnect(old.pub)
-        self._subscriber.connect(new.pub)
+        self._links.peer_connected(new, old)
 
     def peer_updated(self, rec: PeerRecord) -> None:
-        pass  # its subscriptions are read from its record (see `peers_changed`)
+        self._links.update(rec)  # (its subscriptions are read from its record)
 
     def peer_lost(self, rec: PeerRecord) -> None:
         pass  # stay connected: it joins again by itself when it comes back
 
     def peers_changed(self) -> None:
         self._reliable_copies.clear()
+        if self._holds.topics:
+            self._holds.check()
 
     def peer_gone(self, rec: PeerRecord) -> None:
         """A peer said goodbye (or was forgotten). Its last batches may still be in
@@ -172,15 +184,12 @@ class PubSub:
         overtake them), and libzmq discards what is queued from a disconnected
         endpoint: so disconnect only after the peer's publisher linger has passed."""
         self._confirmed.pop(rec.id, None)
-        if rec.pub in self._disconnects:
-            return
-        self._disconnects[rec.pub] = asyncio.get_running_loop().call_later(
-            _PUB_LINGER + 1.0, self._disconnect, rec.pub)
+        self._links.gone(rec)
 
-    def _disconnect(self, endpoint: str) -> None:
-        self._disconnects.pop(endpoint, None)
-        if not self._subscriber.closed:
-            self._subscriber.disconnect(endpoint)
+    @property
+    def connected_publishers(self) -> frozenset[str]:
+        """The peers' publisher endpoints our SUB is connected to."""
+        return self._links.connected
 
     def confirmed_version(self, peer_id: str) -> int:
         """The newest interest version of `peer_id` whose subscriptions are in force at our
@@ -200,6 +209,8 @@ class PubSub:
         pending = self._outgoing.get(topic)
         if pending is None:
             _names.topic(topic)
+            if topic not in self._offers.known:
+                self.offer(topic)
             pending = self._outgoing[topic] = []
         if type(data) is not bytes:
             data = data.encode() if isinstance(data, str) else bytes(data)
@@ -264,6 +275,8 @@ class PubSub:
             MessageTooLarge: one of them is too large (none is made).
         """
         _names.topic(topic)
+        if topic not in self._offers.known:
+            self.offer(topic)
         datas = [d if type(d) is bytes else d.encode() if isinstance(d, str) else bytes(d)
                  for d in payloads]
         limit = self._config.max_message_size
@@ -312,7 +325,12 @@ class PubSub:
             self._flush_handle = None
         if not self._outgoing:
             return
-        send = self._publisher.send
+        if self._holds.topics:
+            count, size = self._holds.take(self._outgoing)
+            self._outgoing_count -= count
+            self._outgoing_bytes -= size
+            if not self._outgoing:
+                return
         self._stats["published"] += self._outgoing_count
         outgoing, self._outgoing = self._outgoing, {}
         # one topic (the common case): its size is known, so its buffer is allocated once
@@ -322,17 +340,67 @@ class PubSub:
         payload_bytes = self._outgoing_bytes
         self._outgoing_count = self._outgoing_bytes = 0
         for topic, items in outgoing.items():
-            first = self._topic_seq.get(topic, 0)
-            self._topic_seq[topic] = first + len(items)
-            self.published_by_topic.add(topic, len(items))
-            self.published_bytes_by_topic.add(
-                topic, payload_bytes if single else sum(len(i.payload) for i in items))
-            frame = _wire.encode_data(_names.topic(topic),
-                                      _wire.Batch(self.node_id, name, first, items), hint)
-            try:
-                send(frame)
-            except SocketClosed:
+            if not self._send(topic, items, name, hint, payload_bytes if single else
+                              sum(len(i.payload) for i in items)):
                 return
+
+    def _send(self, topic: str, items: list[_wire.Item], name: str, hint: int,
+              size: int) -> bool:
+        """One batch on one topic (`size` payload bytes); False if the socket is closed."""
+        first = self._topic_seq.get(topic, 0)
+        self._topic_seq[topic] = first + len(items)
+        self.published_by_topic.add(topic, len(items))
+        self.published_bytes_by_topic.add(topic, size)
+        frame = _wire.encode_data(_names.topic(topic),
+                                  _wire.Batch(self.node_id, name, first, items), hint)
+        try:
+            self._publisher.send(frame)
+        except SocketClosed:
+            return False
+        return True
+
+    # -- announcing what we publish, holding new topics for their subscribers ---------
+
+    def offer(self, topic: str) -> None:
+        """Announce that we publish on `topic` (valid), unless what we announce covers it:
+        its subscribers connect to us. At a topic's first publish, and when a wait for its
+        subscribers starts. Peers that subscribe to it and are not ready here get its
+        messages held for them (see the module doc)."""
+        if not self._offers.add(topic):
+            return
+        if self._announce_handle is None:  # one announcement for a burst of new topics
+            self._announce_handle = asyncio.get_running_loop().call_soon(self._announce)
+        self._holds.hold(topic)
+
+    def announces(self, pattern: TopicPattern) -> bool:
+        """Does what we announce meet `pattern` (can a subscription to it hear us)?"""
+        return self._offers.meets(pattern)
+
+    def _announce(self) -> None:
+        self._announce_handle = None
+        self._announcer.interest_changed()
+
+    def _unready(self, topic: str) -> bool:
+        """Is some live peer that subscribes to `topic` not ready at our publisher?"""
+        return any(rec.state is PeerState.ALIVE and not self.is_ready(rec)
+                   and any(p.matches(topic) for p in rec.subs)
+                   for rec in self._peers.records())
+
+    def _send_held(self, topic: str, items: list[_wire.Item]) -> None:
+        """Send what a hold kept, in batches of the usual bounds."""
+        self._stats["published"] += len(items)
+        chunk: list[_wire.Item] = []
+        size = 0
+        for item in items:
+            if chunk and (size + len(item.payload) > _wire.FRAME_BYTES
+                          or len(chunk) >= _FLUSH_COUNT):
+                if not self._send(topic, chunk, self._config.name, 0, size):
+                    return
+                chunk, size = [], 0
+            chunk.append(item)
+            size += len(item.payload)
+        if chunk:
+            self._send(topic, chunk, self._config.name, 0, size)
 
     # -- subscribing ------------------------------------------------------------
 
@@ -343,10 +411,14 @@ class PubSub:
         sub = Subscription(parsed, max_pending=max_pending, callback=callback,
                            on_close=self._unsubscribe, type=type, stats=self._stats)
         sub.best_effort_only = best_effort_only  # (before the hello announces it)
+        new = parsed not in self._links.mine
         self._subs.append(sub)
         self._match_cache.clear()
         self._subscriber.add_prefix(parsed.prefix)
-        self._announcer.interest_changed()
+        self._announcer.interest_changed()  # (our readiness marker moves on: set it first)
+        if new:
+            self._links.mine = (*self._links.mine, parsed)
+            self._links.added(parsed)
         return sub
 
     def _unsubscribe(self, sub: Subscription[Any]) -> None:
@@ -356,6 +428,9 @@ class PubSub:
             if not self._subscriber.closed:
                 self._subscriber.remove_prefix(sub.pattern.prefix)
                 self._announcer.interest_changed()
+                if all(s.pattern != sub.pattern for s in self._subs):
+                    self._links.mine = tuple(p for p in self._links.mine if p != sub.pattern)
+                    self._links.removed(sub.pattern)
 
     def _reliable_wanted(self, topic: str) -> bool:
         """Does a peer subscribe to `topic` other than for a durable's live view (which
@@ -463,4 +538,6 @@ class PubSub:
                     self._confirmed.put(peer_id, int(version))  # bounded: marker floods
                 elif self._confirmed.get(peer_id) == int(version):
                     del self._confirmed[peer_id]
+            if self._holds.topics:
+                self._holds.check()
             self._waiter.wake()

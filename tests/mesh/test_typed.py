@@ -206,6 +206,8 @@ async def test_push_and_request_with_a_struct(make_node: MakeNode) -> None:
     await client.wait_for_service("double", timeout=5)
     reply = await client.request("double", Reading("q", 1.5), timeout=5)
     assert reply.decode(Reading) == Reading("q", 3.0)
+    replies = await client.request_all("double", Reading("all", 2.0), timeout=5)
+    assert [r.decode(Reading) for r in replies] == [Reading("all", 4.0)]
 
 
 def test_blocking_node_typed_subscribe(mesh_name: str) -> None:

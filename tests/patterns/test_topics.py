@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from patterns._topics import (
     MAX_TOPIC_BYTES,
     TopicPattern,
+    patterns_overlap,
     topic_from_key,
     topic_key,
     validate_pattern,
@@ -400,3 +401,65 @@ def test_valid_random_patterns_agree_with_reference(text: str, topic: str) -> No
     assert parsed.matches(topic) is reference_match(text, topic)
     if parsed.matches(topic):
         assert topic_key(topic).startswith(parsed.prefix)
+
+
+# --------------------------------------------------------------------------- overlap
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ("a.*", "a.b", True),
+        ("a.>", "*.c", True),
+        (">", "a", True),
+        (">", "a.b.c", True),
+        (">", "*.*", True),
+        (">", ">", True),
+        ("a.b", "a.c", False),
+        ("a.b", "a.b", True),
+        ("a.>", "a", False),
+        ("a.*", "a", False),
+        ("a.*", "a.b.c", False),
+        ("a.*.c", "a.b.*", True),
+        ("a.*.c", "a.b.d", False),
+        ("*.b.>", "a.*.c.d", True),
+        ("*", "a.>", False),
+        ("b.>", "a.>", False),
+    ],
+)
+def test_overlap_table(a: str, b: str, expected: bool) -> None:
+    """Two patterns overlap when some topic matches both, whichever comes first."""
+    pa, pb = TopicPattern(a), TopicPattern(b)
+    assert patterns_overlap(pa, pb) is expected
+    assert patterns_overlap(pb, pa) is expected
+    assert pa.overlaps(pb) is expected
+
+
+def witness(a: str, b: str) -> str | None:
+    """A topic matching both patterns, built segment by segment, or None."""
+    out: list[str] = []
+    sa, sb = a.split("."), b.split(".")
+    for x, y in zip(sa, sb, strict=False):
+        if x == ">" or y == ">":
+            rest = sb[len(out):] if x == ">" else sa[len(out):]
+            out.extend("z" if s in ("*", ">") else s for s in rest)
+            return ".".join(out)
+        if x != y and "*" not in (x, y):
+            return None
+        out.append(y if x == "*" else x)
+    out = ["z" if s == "*" else s for s in out]
+    return ".".join(out) if len(sa) == len(sb) else None
+
+
+@given(st.one_of(patterns(), topics), st.one_of(patterns(), topics), topics)
+def test_overlap_agrees_with_matching(a: str, b: str, topic: str) -> None:
+    """A topic matching both proves an overlap; an overlap has a topic matching both."""
+    pa, pb = TopicPattern(a), TopicPattern(b)
+    overlap = patterns_overlap(pa, pb)
+    if pa.matches(topic) and pb.matches(topic):
+        assert overlap
+    found = witness(a, b)
+    assert overlap is (found is not None)
+    if found is not None:
+        assert pa.matches(found)
+        assert pb.matches(found)
