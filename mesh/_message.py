@@ -159,8 +159,9 @@ def attach_receipt(msg: Message, receipt: Receipt) -> None:
 class Decoding(Generic[U]):
     """Makes the `Message[U]`s of one typed subscription or pull, and counts the misses.
 
-    Each is a copy carrying its decoded value: one received message is shared by
-    every subscription it matches, and each may want another type. A message
+    Each carries its decoded value: a copy when the received message is shared
+    (by every subscription it matches, each may want another type), the message
+    itself when no one else holds it. A message
     that is not a U is left out, counted (`errors`, the node's
     ``decode_errors``) and reported once in the log.
     """
