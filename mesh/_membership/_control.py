@@ -371,9 +371,12 @@ class Membership:
                                digest=self._digest())
 
     def _beat_to(self, rec: PeerRecord, base: _wire.Heartbeat, now: float) -> None:
+        """`watching` says whether we chose to watch it (then it beats us back); a beat
+        back to a watcher says False, or two members would keep each other forever."""
         held = now - rec.their_beat_at if rec.their_beat else 0.0
         self._send(rec.ctl, msgspec.structs.replace(base, sent=now, echo=rec.their_beat,
-                                                    held=held))
+                                                    held=held,
+                                                    watching=rec.id in self._watching))
 
     def _joined(self) -> bool:
         return any(rec.state is not PeerState.LOST for rec in self.table.records())
@@ -627,15 +630,15 @@ class Membership:
             if ctl is not None:
                 self._greet_new(ctl)
             return
-        if not beat.watching:
-            self._watchers.pop(rec.id, None)
-            return
         was = rec.state
         self._heard_directly(rec)
         now = rec.last_heard
-        if self._watchers.get(rec.id) is None:  # a new watcher: let it hear us at once
-            self._beat_to(rec, self._heartbeat(), now)
-        self._watchers[rec.id] = now
+        if not beat.watching:
+            self._watchers.pop(rec.id, None)
+        else:
+            if rec.id not in self._watchers:  # a new watcher: let it hear us at once
+                self._beat_to(rec, self._heartbeat(), now)
+            self._watchers[rec.id] = now
         rec.their_beat, rec.their_beat_at = beat.sent, now
         if beat.echo and 0.0 <= beat.held < 3600.0:
             rtt = now - beat.echo - beat.held
