@@ -33,8 +33,9 @@ LOST_AFTER: Final[float] = 1.5
 LOSS_MARGIN: Final[float] = 1.0
 TCP_PER_NODE: Final[int] = 20
 READY_WITHIN: Final[float] = 60.0
-IDLE: Final[float] = 2.0
-"""Seconds of idle before connections are counted (links still being trimmed settle)."""
+IDLE: Final[float] = 6.0
+"""Seconds of idle before connections are counted: a member that stopped being a neighbour
+during the join is still watched for 5 s (membership's neighbour linger)."""
 
 
 @pytest.fixture
