@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
@@ -137,6 +138,8 @@ class SourceFilter(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         source = addr[0] if addr else None
+        if len(addr) > 3 and addr[3]:  # IPv6 link-local: the zone comes as an index
+            source = f"{source}%{_zone(int(addr[3]))}"
         if source not in self._allowed:
             self._on_drop(str(source))
             return
@@ -150,6 +153,15 @@ class SourceFilter(asyncio.DatagramProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._inner.connection_lost(exc)
+
+
+@functools.lru_cache(maxsize=64)
+def _zone(index: int) -> str:
+    """An interface index as a zone name (``eth0``), as the networks name zones."""
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return str(index)
 
 
 def install_source_filter(

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -86,7 +87,22 @@ def test_source_filter() -> None:
     guard.datagram_received(b"b", ("192.0.2.7", 40000))
     guard.datagram_received(b"c", ("fe80::1", 5353, 0, 2))
     assert inner.got == [(b"a", ("127.0.0.1", 5353))]
-    assert dropped == ["192.0.2.7", "fe80::1"]
+    assert dropped[0] == "192.0.2.7"
+    assert dropped[1].startswith("fe80::1%")  # the zone named, as a name or an index
+
+
+def test_source_filter_zones_link_local_sources() -> None:
+    """A link-local source's zone comes as the address tuple's index: it must be lo's."""
+    inner = FakeProtocol()
+    dropped: list[str] = []
+    lo = socket.if_nametoindex("lo")
+    nets = NetworkSet(interface_networks(["fe80::77:1%lo"]))
+    guard = SourceFilter(inner, nets, dropped.append)
+    guard.datagram_received(b"a", ("fe80::77:2", 5353, 0, lo))
+    guard.datagram_received(b"b", ("fe80::77:2", 5353, 0, lo + 1000))
+    guard.datagram_received(b"c", ("fe80::77:2", 5353, 0, 0))
+    assert inner.got == [(b"a", ("fe80::77:2", 5353, 0, lo))]
+    assert dropped == [f"fe80::77:2%{lo + 1000}", "fe80::77:2"]
 
 
 async def test_legacy_unicast_query_is_answered_on_loopback() -> None:
