@@ -57,14 +57,17 @@ def split_key(url: str) -> tuple[str, str]:
 
 def check_peer_url(url: str) -> str:
     """Return `url` if it is ``tcp://host:port[#KEY]`` with a usable host, else raise
-    `InvalidRecord`."""
-    base, _ = split_key(url)
+    `InvalidRecord`. An IPv6 address comes back compressed (``[fd00:0::5]`` ->
+    ``[fd00::5]``), as the peer's own hellos spell it: one peer, one link."""
+    base, key = split_key(url)
     host, port = split_tcp_url(base)
     if ":" in host or _IPV4_LIKE_RE.fullmatch(host):
         try:
-            check_ip(host)
+            ip = check_ip(host)
         except InvalidRecord as exc:
             raise InvalidRecord(f"peer {url!r}: {exc}") from None
+        if ip.version == 6:
+            return f"tcp://[{ip}]:{port}" + (f"#{key}" if key else "")
         return url
     if not _HOSTNAME_RE.fullmatch(host):
         raise InvalidRecord(f"peer {url!r}: host must be an IP address or a host name")

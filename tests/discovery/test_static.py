@@ -55,6 +55,8 @@ def test_ipv6_urls() -> None:
     urls = ["tcp://[::1]:5000", "tcp://[fd77::2]:7700", "tcp://[fe80::2%eth0]:7700",
             f"tcp://[fd77::3]:7700#{key}"]
     assert StaticDiscovery(urls, mesh="m").urls == tuple(urls)
+    assert StaticDiscovery(["tcp://[FD77:0:0::3]:7700", f"tcp://[fd77::3]:7700#{key}"],
+                           mesh="m").urls == ("tcp://[fd77::3]:7700", urls[3])
 
 
 def test_bad_mesh() -> None:

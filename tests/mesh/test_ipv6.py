@@ -4,15 +4,20 @@ an IPv4 node and a dual one meshed, and clear errors for IPv6 input that cannot 
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import socket
+import urllib.request
+from pathlib import Path
 
 import pytest
 
 from mesh import AsyncNode, ConfigError, Message
 from mesh._membership._control import _first_endpoint
+from patterns import generate_keypair
 from tests.helpers import aeventually
 
-from ._proc import run
+from ._proc import Cli, run
 from .conftest import MakeNode
 
 
@@ -91,6 +96,28 @@ async def test_static_peer_url_in_brackets(make_node: MakeNode) -> None:
     b = await make_node("b", interfaces=["::1"], mdns=False, peers=[f"tcp://[::1]:{port}"])
     await a.wait_for_peers(1, timeout=5)
     await b.wait_for_peers(1, timeout=5)
+
+
+async def test_static_ipv6_peer_with_a_curve_key(make_node: MakeNode, tmp_path: Path) -> None:
+    """``tcp://[::1]:port#KEY``: a secure node dials an IPv6 seed only with its key."""
+    for name in ("a", "b"):
+        generate_keypair(tmp_path, name)
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(tmp_path / f"{name}.key", allow)
+
+    def keys(name: str) -> dict[str, str]:
+        return {"secret_key": str(tmp_path / f"{name}.key_secret"), "allow": str(allow)}
+
+    a = await make_node("a", interfaces=["::1"], mdns=False, **keys("a"))
+    await a.serve("echo6", lambda m: m.data)
+    public = (tmp_path / "a.key").read_text().split('public-key = "')[1].split('"')[0]
+    (ctl,) = a.endpoints["ctl"]
+    b = await make_node("b", interfaces=["::1"], mdns=False, peers=[f"{ctl}#{public}"],
+                        **keys("b"))
+    await b.wait_for_service("echo6", timeout=10)
+    assert (await b.request("echo6", b"secure six", timeout=5)).data == b"secure six"
 
 
 async def test_a_dual_node_links_an_ipv4_node_and_an_ipv6_node(make_node: MakeNode) -> None:
@@ -172,3 +199,20 @@ def test_cli_bad_ipv6_input_exits_2_with_one_line(args: list[str], reason: str,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert reason in lines[0]
+
+
+def test_agent_on_ipv6_loopback(procs: list[Cli], mesh_name: str) -> None:
+    """``agent --interface ::1 --http [::1]:0``: IPv6 endpoints, and the HTTP API on ::1."""
+    agent = Cli(["agent", "--name", "a6", "--interface", "::1", "--http", "[::1]:0",
+                 "--no-mdns"], mesh=mesh_name)
+    procs.append(agent)
+    ready = agent.line("ready", timeout=30)
+    fields = dict(part.split("=", 1) for part in ready.split()[1:])
+    assert fields["ctl"].startswith("tcp://[::1]:"), ready
+    assert fields["http"].startswith("http://[::1]:"), ready
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+    with direct.open(f"{fields['http']}/v1/peers", timeout=10) as reply:
+        assert reply.status == 200
+        assert json.loads(reply.read()) == []
+    agent.term()
+    assert agent.wait() == 0
