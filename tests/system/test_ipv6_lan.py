@@ -28,6 +28,38 @@ _JOBS: Final[int] = 5
 """Jobs each edge pushes (tests/system/_ipv6_role.py)."""
 
 
+_RESOLVE: Final[str] = r'''
+import asyncio, json, sys
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+from discovery import SERVICE_TYPE
+
+IFACE, MESH = sys.argv[1], sys.argv[2]
+
+async def main():
+    names = asyncio.Queue()
+    aiozc = AsyncZeroconf(interfaces=[IFACE], ip_version=IPVersion.V6Only)
+    browser = AsyncServiceBrowser(aiozc.zeroconf, SERVICE_TYPE,
+                                  handlers=[lambda **kw: names.put_nowait(kw["name"])])
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                info = AsyncServiceInfo(SERVICE_TYPE, await names.get())
+                if (await info.async_request(aiozc.zeroconf, 3000)
+                        and info.properties.get(b"mesh") == MESH.encode()):
+                    print(json.dumps({"v6": info.parsed_addresses(IPVersion.V6Only),
+                                      "v4": info.parsed_addresses(IPVersion.V4Only),
+                                      "ep": info.properties[b"ep"].decode()}), flush=True)
+                    return
+    finally:
+        await browser.async_cancel()
+        await aiozc.async_close()
+
+asyncio.run(main())
+'''
+"""A plain zeroconf browser on an IPv6 interface: the first record of mesh MESH, resolved."""
+
+
 @pytest.fixture
 def lan6() -> Iterator[netns.Lan]:
     """A fresh 3-host LAN with IPv6 addresses, torn down after the test."""
@@ -132,3 +164,19 @@ def test_link_local_nodes_mesh_by_mdns(lan6: netns.Lan) -> None:
     (seen,) = event(edge, "peers")["peers"]
     assert seen["endpoints"][0].startswith(f"tcp://[{h1.ll6}]:")
     run_mesh(hub, [edge])
+
+
+@pytest.mark.timeout(120)
+def test_mdns_over_ipv6_announces_aaaa_records(lan6: netns.Lan) -> None:
+    """Any DNS-SD browser on IPv6 resolves an IPv6-only node to its AAAA address, and its
+    TXT ``ep`` to IPv6 endpoints."""
+    h1, h2, _ = lan6.hosts
+    mesh = unique("aaaa")
+    hub = role(h1, "hub", mesh, "hub", [h1.ip6], 0)
+    (ctl,) = event(hub, "ready")["endpoints"]["ctl"]
+    done = h2.run([sys.executable, "-c", _RESOLVE, str(h2.ip6), mesh], 60)
+    assert done.returncode == 0, done.stderr
+    resolved = json.loads(done.stdout)
+    assert resolved == {"v6": [h1.ip6], "v4": [], "ep": ctl}, resolved
+    hub.close_stdin()
+    assert hub.wait_exit(20) == 0, hub.describe()
