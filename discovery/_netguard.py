@@ -138,8 +138,8 @@ class SourceFilter(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         source = addr[0] if addr else None
-        if len(addr) > 3 and addr[3]:  # IPv6 link-local: the zone comes as an index
-            source = f"{source}%{_zone(int(addr[3]))}"
+        if len(addr) > 3 and addr[3] and "%" not in str(source):
+            source = f"{source}%{_zone(int(addr[3]))}"  # IPv6 link-local: zone as an index
         if source not in self._allowed:
             self._on_drop(str(source))
             return
