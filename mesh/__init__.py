@@ -9,6 +9,7 @@ method names. This module only re-exports; the layout, lowest layer first
     _spool/           the disk log behind at-least-once: record format, store, data-dir lock
     _loop.py          the event loop our entry points run on (uvloop when installed)
     _wire.py          frame layout, msgspec envelopes, size limits and frame budgets
+    _codec.py         typed payloads: values to labelled msgspec bytes and back, cached codecs
     _message.py       Message and Headers, what applications receive
     _names.py         topic, pattern, queue, service and durable names: one check each
     _config.py        NodeConfig: arguments, then environment, then defaults
@@ -41,11 +42,12 @@ from ._config import NodeConfig
 from ._loop import run
 from ._membership._events import PeerEvents
 from ._membership._peers import Peer, PeerEvent, PeerEventKind, PeerState
-from ._message import Headers, Message
+from ._message import Headers, Message, Reply
 from ._node import AsyncNode
 from ._pubsub._subscription import Subscription
 from ._reliable._durables import DurableInfo
-from ._sync import Node, SyncPeerEvents, SyncPull, SyncSubscription
+from ._services._gather import Replies
+from ._sync import Node, SyncPeerEvents, SyncPull, SyncReplies, SyncSubscription
 from ._work._pull import Pull
 from .errors import (
     ClosedError,
@@ -86,11 +88,14 @@ __all__ = [
     "ProtocolError",
     "Pull",
     "RemoteError",
+    "Replies",
+    "Reply",
     "RequestTimeout",
     "SpoolFullError",
     "Subscription",
     "SyncPeerEvents",
     "SyncPull",
+    "SyncReplies",
     "SyncSubscription",
     "__version__",
     "run",

@@ -1,7 +1,7 @@
-"""The blocking twins of the node's streams: subscriptions, pulls and peer events.
+"""The blocking twins of the node's streams: subscriptions, pulls, replies and peer events.
 
 Each has the public members of its async original (`Subscription`, `Pull`,
-`PeerEvents`), with ``close``/``__iter__``/``__next__``/``__enter__`` for
+`Replies`, `PeerEvents`), with ``close``/``__iter__``/``__next__``/``__enter__`` for
 ``aclose``/``__aiter__``/``__anext__``/``__aenter__``. Items cross from the
 loop thread to the reader's thread through `_Handoff`, the thread-side twin of
 `Mailbox`. A subscription drops its oldest messages past `max_pending`,
@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 from ._membership._events import PeerEvents
 from ._membership._peers import PeerEvent
 from ._message import Message
+from ._message import T as V
 from ._node import AsyncNode
 from ._pubsub._subscription import Subscription
+from ._services._gather import Replies
 from ._work._pull import Pull
 from .errors import ClosedError
 
@@ -50,7 +52,7 @@ class Node(Protocol):
 
     def _read(self, value: Callable[[], T]) -> T: ...
 
-    def _threadsafe(self, msg: Message) -> Message: ...
+    def _threadsafe(self, msg: Message[V]) -> Message[V]: ...
 
     def _forget(self, stream: SyncSubscription | SyncPeerEvents) -> None: ...
 
@@ -112,7 +114,7 @@ class _Handoff(Generic[T]):
                     self._readers -= 1
 
 
-class SyncSubscription(_Handoff[Message]):
+class SyncSubscription(_Handoff[Message[V]]):
     """The blocking twin of `Subscription`: iterate, or call `next(timeout)`.
 
     A reader more than `max_pending` messages behind loses the oldest ones,
@@ -121,10 +123,10 @@ class SyncSubscription(_Handoff[Message]):
     """
 
     def __init__(self, node: Node, max_pending: int,
-                 callback: Callable[[Message], None] | None = None) -> None:
+                 callback: Callable[[Message[V]], None] | None = None) -> None:
         super().__init__()
         self._node = node
-        self._sub: Subscription | None = None
+        self._sub: Subscription[V] | None = None
         """The async subscription feeding this one (set by `Node.subscribe`)."""
         self.max_pending = max_pending
         self.dropped = 0
@@ -137,12 +139,12 @@ class SyncSubscription(_Handoff[Message]):
             self._dispatcher = threading.Thread(target=self._dispatch, args=(callback,),
                                                 name="zeromesh-callback", daemon=True)
 
-    def _start(self, sub: Subscription) -> None:
+    def _start(self, sub: Subscription[V]) -> None:
         self._sub = sub
         if self._dispatcher is not None:
             self._dispatcher.start()
 
-    def _put(self, item: Message) -> None:
+    def _put(self, item: Message[V]) -> None:
         """On the loop thread: queue it, dropping the oldest past `max_pending`."""
         queue, lock = self._queue, self._lock
         lock.acquire()  # (not `with`: about half the cost on 3.11, once per message)
@@ -171,7 +173,7 @@ class SyncSubscription(_Handoff[Message]):
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             thread.join(timeout)
 
-    def _dispatch(self, callback: Callable[[Message], None]) -> None:
+    def _dispatch(self, callback: Callable[[Message[V]], None]) -> None:
         for msg in self:
             try:
                 callback(msg)
@@ -193,10 +195,15 @@ class SyncSubscription(_Handoff[Message]):
         return len(self._queue)
 
     @property
+    def decode_errors(self) -> int:
+        """Messages skipped because they did not decode as the subscription's type."""
+        return self._sub.decode_errors if self._sub is not None else 0
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
-    def next(self, timeout: float | None = None) -> Message:
+    def next(self, timeout: float | None = None) -> Message[V]:
         """The next message.
 
         Raises:
@@ -208,7 +215,7 @@ class SyncSubscription(_Handoff[Message]):
         except IndexError:
             return self._take(timeout, "subscription")
 
-    def drain(self, limit: int) -> list[Message]:
+    def drain(self, limit: int) -> list[Message[V]]:
         """Up to `limit` queued messages, without waiting (for writers that batch)."""
         with self._lock:
             queue = self._queue
@@ -217,7 +224,7 @@ class SyncSubscription(_Handoff[Message]):
     def __iter__(self) -> Self:
         return self
 
-    def __next__(self) -> Message:
+    def __next__(self) -> Message[V]:
         try:
             return self._queue.popleft()
         except IndexError:
@@ -242,20 +249,25 @@ class SyncSubscription(_Handoff[Message]):
         self.close()
 
 
-class SyncPull:
+class SyncPull(Generic[V]):
     """The blocking twin of `Pull`: work messages of one queue, by `next()` or iteration.
 
     Each message is processed when you call ``msg.ack()`` (or ``msg.nack()``),
     or implicitly when you ask for the next one.
     """
 
-    def __init__(self, node: Node, pull: Pull) -> None:
+    def __init__(self, node: Node, pull: Pull[V]) -> None:
         self._node = node
         self._pull = pull
 
     @property
     def queue(self) -> str:
         return self._pull.queue
+
+    @property
+    def decode_errors(self) -> int:
+        """Messages nacked and skipped because they did not decode as the pull's type."""
+        return self._pull.decode_errors
 
     @property
     def pending(self) -> int:
@@ -266,7 +278,7 @@ class SyncPull:
     def received(self) -> int:
         return self._pull.received
 
-    def next(self, timeout: float | None = None) -> Message:
+    def next(self, timeout: float | None = None) -> Message[V]:
         """The next work message (the previous one counts as processed).
 
         Raises:
@@ -275,7 +287,7 @@ class SyncPull:
         """
         return self._node._threadsafe(self._node._call(self._pull.next(timeout)))
 
-    def take(self, timeout: float | None = None) -> tuple[Message, Callable[[bool], None]]:
+    def take(self, timeout: float | None = None) -> tuple[Message[V], Callable[[bool], None]]:
         """The next message and its settle function (``settle(True)`` = processed); asking
         for the next one does not settle this one. Either may be called from any thread.
 
@@ -296,7 +308,7 @@ class SyncPull:
     def __iter__(self) -> Self:
         return self
 
-    def __next__(self) -> Message:
+    def __next__(self) -> Message[V]:
         try:
             return self.next()
         except ClosedError:
@@ -306,6 +318,43 @@ class SyncPull:
         """Stop pulling; the message in hand counts as processed, the rest go to other workers."""
         if self._node.running:
             self._node._call(self._pull.aclose())
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SyncReplies:
+    """The blocking twin of `Replies`: every live server's reply to one request, by
+    iteration (the request goes out when it starts)."""
+
+    def __init__(self, node: Node, replies: Replies) -> None:
+        self._node = node
+        self._replies = replies
+
+    @property
+    def service(self) -> str:
+        return self._replies.service
+
+    @property
+    def received(self) -> int:
+        return self._replies.received
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Message:
+        try:
+            return self._node._call(self._replies.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """Stop gathering: replies still due are dropped when they come."""
+        if self._node.running:
+            self._node._call(self._replies.aclose())
 
     def __enter__(self) -> Self:
         return self

@@ -77,7 +77,7 @@ tag  message  fields
 1    Request  id (correlation, per requester), service, source id, source
               name, timestamp, headers | nil, payload
 2    Reply    id, status (0 ok, 1 handler error, 2 not served here, 3 busy),
-              timestamp, payload, error text
+              timestamp, payload, error text, headers | nil (the handler's)
 ===  =======  ==============================================================
 
 Retained values travel as the payload of a request to the internal service
@@ -487,6 +487,8 @@ class Reply(msgspec.Struct, frozen=True, array_like=True, gc=False, tag=2):
     ts: float
     payload: bytes
     error: str = ""
+    headers: dict[str, str] | None = None
+    """The handler's reply headers (a peer predating them ignores them)."""
 
 
 ServiceFrame = Request | Reply
@@ -561,7 +563,8 @@ def service_frames(msgs: Sequence[ServiceFrame], budget: int) -> Iterator[bytear
         if isinstance(msg, Request):
             more = service_payload_size(msg.payload, msg.headers) + SERVICE_ITEM_OVERHEAD
         else:
-            more = len(msg.payload) + len(msg.error) + SERVICE_ITEM_OVERHEAD
+            more = (service_payload_size(msg.payload, msg.headers) + len(msg.error)
+                    + SERVICE_ITEM_OVERHEAD)
         if size and size + more > budget:
             yield encode_service(msgs[start:i])
             start, size = i, 0

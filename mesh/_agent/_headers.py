@@ -6,6 +6,17 @@ every ``X-`` header; transport headers (Host, Content-Length, ...) do not.
 Names are lower-cased, as HTTP/2 and most tracing libraries expect. On the way
 out (webhooks, replies) the same headers come back, plus ours: ``X-Zeromesh-Id``,
 ``-Topic``/``-Queue`` and ``-Source``.
+
+A service's reply headers (`reply_to_http`) come back under their own name when
+an app could have sent that name in (content type, trace context, ``X-``), so
+they round-trip; any other name, which could clash with HTTP's own
+(Content-Length, Date, Server, Set-Cookie...), comes back as
+``X-Zeromesh-Header-<name>``.
+
+An app that asks with ``Accept: application/json`` (SSE streams, request
+replies) gets MessagePack payloads — what typed sends from Python make — as
+JSON, labelled ``content-type: application/json``: HTTP apps in any language
+read JSON, few read MessagePack.
 """
 
 from __future__ import annotations
@@ -14,11 +25,16 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Final
 
+import msgspec
+
+from .. import _codec
 from .._message import Message
 
 CONTENT_TYPE: Final[str] = "content-type"
 DEFAULT_CONTENT_TYPE: Final[str] = "application/octet-stream"
 OURS: Final[str] = "x-zeromesh-"
+REPLY_HEADER: Final[str] = OURS + "header-"
+"""The prefix of a reply header that cannot travel under its own name."""
 _PASSED: Final = frozenset({CONTENT_TYPE, "traceparent", "tracestate", "baggage"})
 _NOT_PASSED_PREFIXES: Final = ("x-forwarded-", "x-real-ip", OURS)
 _TOKEN_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
@@ -39,14 +55,32 @@ def from_http(items: Iterable[tuple[str, str]]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in items:
         key = name.lower()
-        if key not in _PASSED and not (
-                key.startswith("x-") and not key.startswith(_NOT_PASSED_PREFIXES)):
+        if not _passed(key):
             continue
         if len(value) > MAX_VALUE:
             raise BadHeader(f"header {name} is longer than {MAX_VALUE} bytes")
         out[key] = value
         if len(out) > MAX_HEADERS:
             raise BadHeader(f"more than {MAX_HEADERS} message headers")
+    return out
+
+
+def _passed(key: str) -> bool:
+    """An HTTP header (lower-cased) that travels as a message header of the same name."""
+    return key in _PASSED or (key.startswith("x-") and not key.startswith(_NOT_PASSED_PREFIXES))
+
+
+def reply_to_http(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """HTTP headers for a service reply's headers: those `from_http` takes in under their
+    own (lower-cased) name, the rest as ``x-zeromesh-header-<name>``; names that are not
+    HTTP tokens, and values with line breaks, are left out."""
+    out = {CONTENT_TYPE: DEFAULT_CONTENT_TYPE}
+    for key, value in (headers or {}).items():
+        name = key.lower()
+        if not _passed(name):
+            name = REPLY_HEADER + name
+        if _TOKEN_RE.match(name) and "\r" not in value and "\n" not in value:
+            out[name] = value
     return out
 
 
@@ -67,3 +101,18 @@ def for_delivery(msg: Message, kind: str) -> dict[str, str]:
     out[OURS + kind] = msg.topic
     out[OURS + "source"] = msg.source
     return out
+
+
+def wants_json(accept: str | None) -> bool:
+    """Does an ``Accept`` header ask for JSON?"""
+    return accept is not None and _codec.JSON in accept.lower()
+
+
+def as_json(msg: Message) -> Message:
+    """`msg` with a MessagePack payload turned into JSON (and labelled so); any other
+    message, or one that does not convert, as it is."""
+    converted = _codec.as_json(msg.data, msg.headers)
+    if converted is None:
+        return msg
+    return msgspec.structs.replace(msg, data=converted,
+                                   headers={**(msg.headers or {}), CONTENT_TYPE: _codec.JSON})

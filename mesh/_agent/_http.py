@@ -7,6 +7,7 @@ timeout, 502 remote error). Nothing a client sends ends the agent.
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 from collections.abc import Awaitable, Callable, Collection
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from .._message import Message
 from ..errors import (
     ClosedError,
     ConfigError,
@@ -30,6 +32,21 @@ _log = logging.getLogger("mesh.agent")
 MAX_TIMEOUT: Final[float] = 3600.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def message_json(msg: Message, topic_key: str = "topic") -> dict[str, object]:
+    """A message as the agent's JSON shows it: ``data`` as text, or base64 with
+    ``"encoding": "base64"`` when it is not UTF-8 (SSE events, gathered replies, whose
+    topic is their ``service``)."""
+    body = msg.to_dict()
+    if topic_key != "topic":
+        body[topic_key] = body.pop("topic")
+    try:
+        body["data"] = msg.data.decode("utf-8")
+    except UnicodeDecodeError:
+        body["data"] = base64.b64encode(msg.data).decode("ascii")
+        body["encoding"] = "base64"
+    return body
 
 
 def error(status: int, reason: str) -> web.Response:

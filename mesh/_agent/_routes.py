@@ -1,7 +1,8 @@
 """The agent's request/response routes: publish, push, request, peers, health, metrics.
 
-Bodies are the payload byte for byte; headers travel as described in
-`_headers`. Path parameters arrive URL-decoded (``acc.%3E`` is ``acc.>``).
+Bodies are the payload byte for byte (a MessagePack reply as JSON for a
+requester that accepts JSON); headers travel as described in `_headers`.
+Path parameters arrive URL-decoded (``acc.%3E`` is ``acc.>``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from .._node import AsyncNode
 from .._uplink._links import Uplinks
 from ..errors import NoRespondersError, RemoteError, RequestTimeout
 from . import _http
-from ._headers import OURS, from_http, to_http
+from ._headers import OURS, as_json, from_http, reply_to_http, wants_json
 from ._metrics import CONTENT_TYPE, AgentMetrics
 
 DEFAULT_REQUEST_TIMEOUT: Final[float] = 5.0
 DEFAULT_PUSH_TIMEOUT: Final[float] = 10.0
 MAX_RETRIES: Final[int] = 10
+MAX_REPLIES: Final[int] = 10_000
 
 
 class Routes:
@@ -80,12 +82,27 @@ class Routes:
         return web.json_response({"queue": queue, "reliable": reliable}, status=202)
 
     async def request(self, request: web.Request) -> web.Response:
-        params = _http.query(request, ("timeout", "retries"))
+        """One server's reply (its headers as HTTP headers, see `_headers`); with
+        ``?all=true`` every live server's, as a JSON list."""
+        params = _http.query(request, ("timeout", "retries", "all", "max_replies"))
         service = request.match_info["service"]
         self._node.check_service(service)
         timeout = _http.seconds(params, "timeout", DEFAULT_REQUEST_TIMEOUT)
-        retries = _http.count(params, "retries", 2, MAX_RETRIES)
         headers = from_http(request.headers.items())
+        if _http.flag(params, "all"):
+            if "retries" in params:
+                return _http.error(400, "retries make no sense with all=true "
+                                        "(every server is asked once)")
+            max_replies = None
+            if "max_replies" in params:
+                max_replies = _http.count(params, "max_replies", 1, MAX_REPLIES)
+                if max_replies < 1:
+                    return _http.error(400, "max_replies must be >= 1")
+            return await self._request_all(service, await request.read(), timeout, headers,
+                                           max_replies)
+        if "max_replies" in params:
+            return _http.error(400, "max_replies needs all=true")
+        retries = _http.count(params, "retries", 2, MAX_RETRIES)
         body = await request.read()
         started = time.perf_counter()
         outcome = "error"
@@ -106,9 +123,25 @@ class Routes:
             self._metrics.requests.labels(service, outcome).inc()
             if outcome == "ok":
                 self._metrics.latency.labels(service).observe(time.perf_counter() - started)
-        out = to_http(reply.headers)
+        if wants_json(request.headers.get("Accept")):
+            reply = as_json(reply)
+        out = reply_to_http(reply.headers)
         out[OURS + "source"] = reply.source
         return web.Response(body=reply.data, headers=out)
+
+    async def _request_all(self, service: str, body: bytes, timeout: float,
+                           headers: dict[str, str], max_replies: int | None) -> web.Response:
+        """Scatter-gather: 200 with the JSON list of replies (empty when no server is there:
+        a list is the answer, not an error); a failed server's entry has ``error``."""
+        started = time.perf_counter()
+        replies = await self._node.request_all(service, body, timeout=timeout,
+                                               max_replies=max_replies,
+                                               headers=headers or None)
+        outcome = "ok" if replies else "no_responders"
+        self._metrics.requests.labels(service, outcome).inc()
+        if replies:
+            self._metrics.latency.labels(service).observe(time.perf_counter() - started)
+        return web.json_response([_http.message_json(reply, "service") for reply in replies])
 
     async def replay(self, request: web.Request) -> web.Response:
         """Dead letters (all, or ``?id=N``) get a new round of delivery attempts: the way to

@@ -62,6 +62,7 @@ from ..errors import (
 )
 from ._coalesce import Coalescer
 from ._deadlines import Deadlines
+from ._gather import Asked, Replies
 from ._server import Service
 from ._serving import Serving
 
@@ -207,6 +208,14 @@ class Requests:
     def has_server(self, service: str) -> bool:
         return self._choose(service, ()) is not None
 
+    def servers(self, service: str) -> list[Service | PeerRecord]:
+        """Every live server of `service` known here (this node's own first)."""
+        local = self._local.get(service)
+        found: list[Service | PeerRecord] = [local] if local is not None else []
+        found += [rec for rec in self._peers.records() if rec.state is not PeerState.LOST
+                  and rec.rtr and service in rec.services]
+        return found
+
     # -- peers (PeerListener) ----------------------------------------------------
 
     def partners(self) -> Iterable[str]:
@@ -269,17 +278,22 @@ class Requests:
 
     # -- requesting -------------------------------------------------------------
 
-    async def request(self, service: str, data: bytes | str, *, timeout: float, retries: int,
-                      headers: Mapping[str, str] | None) -> Message:
+    def _checked(self, service: str, data: bytes | str, timeout: float) -> bytes:
+        """The payload of a request, once the request is known to be valid."""
         _names.service(service)
         if timeout <= 0:
             raise ConfigError("timeout", "must be > 0")
-        if retries < 0:
-            raise ConfigError("retries", "must be >= 0")
         payload = data.encode() if isinstance(data, str) else bytes(data)
         if len(payload) > self._max_message_size:
             self._stats["oversized"] += 1
             raise MessageTooLarge(len(payload), self._max_message_size)
+        return payload
+
+    async def request(self, service: str, data: bytes | str, *, timeout: float, retries: int,
+                      headers: Mapping[str, str] | None) -> Message:
+        if retries < 0:
+            raise ConfigError("retries", "must be >= 0")
+        payload = self._checked(service, data, timeout)
         hdrs = dict(headers) if headers else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -355,11 +369,7 @@ class Requests:
         self._stats.peers["sent"].add(target.id)
         self.sent_by_peer.add(target.id)
         if headers:
-            size = (_wire.service_payload_size(payload, headers) + len(service)
-                    + _wire.SERVICE_ITEM_OVERHEAD)
-            if size > self._max_wire:
-                self._stats["oversized"] += 1
-                raise MessageTooLarge(size, self._max_wire)
+            self._check_wire_size(service, payload, headers)
         link.last_used = use
         cid, fut = self._send(link, service, payload, headers, share)
         try:
@@ -369,6 +379,94 @@ class Requests:
         finally:
             self._settled(cid, link)
         return self._result(service, reply, link.peer.name, link.peer.id)
+
+    def _check_wire_size(self, service: str, payload: bytes, headers: dict[str, str]) -> None:
+        size = (_wire.service_payload_size(payload, headers) + len(service)
+                + _wire.SERVICE_ITEM_OVERHEAD)
+        if size > self._max_wire:
+            self._stats["oversized"] += 1
+            raise MessageTooLarge(size, self._max_wire)
+
+    # -- scatter-gather ------------------------------------------------------------
+
+    def scatter(self, service: str, data: bytes | str, *, timeout: float,
+                max_replies: int | None, headers: Mapping[str, str] | None) -> Replies:
+        """The replies of every live server of `service` (see `_gather`); the request
+        goes out when they are first awaited."""
+        payload = self._checked(service, data, timeout)
+        if max_replies is not None and max_replies < 1:
+            raise ConfigError("max_replies", "must be >= 1 (or None: every server)")
+        hdrs = dict(headers) if headers else None
+        if hdrs:
+            self._check_wire_size(service, payload, hdrs)
+        deadline = asyncio.get_running_loop().time() + timeout
+
+        async def start() -> list[Asked]:
+            return await self._ask_all(service, payload, hdrs, deadline)
+
+        return Replies(service, start, functools.partial(self._gathered, service),
+                       max_replies)
+
+    async def _ask_all(self, service: str, payload: bytes, headers: dict[str, str] | None,
+                       deadline: float) -> list[Asked]:
+        loop = asyncio.get_running_loop()
+        servers = self.servers(service)
+        grace_left = min(self._grace_end, deadline) - loop.time()
+        if not servers and grace_left > 0:  # just started: give discovery a moment
+            with contextlib.suppress(RequestTimeout):
+                await self._waiter.wait(lambda: bool(self.servers(service)), grace_left,
+                                        f"waiting for a server of {service!r}")
+            servers = self.servers(service)
+        asked = []
+        for target in servers:
+            self._stats["requests"] += 1
+            self._stats.services["sent"].add(service)
+            if isinstance(target, Service):
+                asked.append(self._ask_local(target, service, payload, headers, deadline))
+                continue
+            link = self._links.get(target.id)
+            if link is None:
+                link = self._open_link(target)
+            self._stats.peers["sent"].add(target.id)
+            self.sent_by_peer.add(target.id)
+            link.last_used = next(self._uses)
+            cid, fut = self._send(link, service, payload, headers, deadline - loop.time())
+            asked.append(Asked(fut, target.name, target.id,
+                               functools.partial(self._settled, cid, link)))
+        return asked
+
+    def _ask_local(self, svc: Service, service: str, payload: bytes,
+                   headers: dict[str, str] | None, deadline: float) -> Asked:
+        cid = next(self._ids)
+        fut: asyncio.Future[_wire.Reply] = asyncio.get_running_loop().create_future()
+
+        def reply(rep: _wire.Reply) -> None:
+            if not fut.done():
+                fut.set_result(rep)
+
+        def settle() -> None:
+            if self._pending.pop(cid, None) is not None:
+                self._deadlines.discard(cid)
+                svc.outstanding -= 1
+
+        self._pending[cid] = (fut, None)
+        self._deadlines.add(cid, fut, deadline)
+        svc.outstanding += 1
+        svc.last_used = next(self._uses)
+        self._stats.services["received"].add(service)  # (served here: no frame to count it)
+        svc.submit(Message(service, payload, self._name, self._node_id, cid, time.time(),
+                           headers), reply)
+        return Asked(fut, self._name, self._node_id, settle)
+
+    def _gathered(self, service: str, reply: _wire.Reply, asked: Asked) -> Message | None:
+        """A gathered reply as the app sees it; None for a server that declined."""
+        try:
+            return self._result(service, reply, asked.name, asked.id)
+        except RemoteError as exc:
+            return Message(service, b"", asked.name, asked.id, reply.id, reply.ts,
+                           error=exc.message)
+        except _ServerGone:
+            return None
 
     async def _call_local(self, svc: Service, service: str, payload: bytes,
                           headers: dict[str, str] | None, share: float, use: int) -> Message:
@@ -396,7 +494,8 @@ class Requests:
 
     def _result(self, service: str, reply: _wire.Reply, name: str, source: str) -> Message:
         if reply.status == _wire.REPLY_OK:
-            return Message(service, reply.payload, name, source, reply.id, reply.ts)
+            return Message(service, reply.payload, name, source, reply.id, reply.ts,
+                           reply.headers)
         if reply.status == _wire.REPLY_ERROR:
             self._stats["remote_errors"] += 1
             self._stats.services["remote_errors"].add(service)

@@ -15,18 +15,19 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Final, Protocol, Self
 
 from .. import _wire
-from .._message import Message
+from .._message import Message, Reply
 from ..errors import MessageTooLarge
 
 _log = logging.getLogger("mesh.services")
 
-ReplyBody = bytes | bytearray | memoryview | str | None
+ReplyBody = bytes | bytearray | memoryview | str | Reply | None
 ServiceHandler = Callable[[Message], ReplyBody | Awaitable[ReplyBody]]
-"""Takes the request, returns the reply body (None = empty); sync or async."""
+"""Takes the request, returns the reply body (None = empty) or a `Reply` with headers;
+sync or async."""
 
 DEFAULT_CONCURRENCY: Final[int] = 64
 SYNC_SERVE_CONCURRENCY: Final[int] = 8
@@ -155,6 +156,14 @@ class Service:
             pending = None
 
     def _ok(self, msg: Message, reply: Callable[[_wire.Reply], None], result: object) -> None:
+        headers: dict[str, str] | None = None
+        if isinstance(result, Reply):
+            try:
+                headers = _reply_headers(result.headers)
+            except TypeError as exc:
+                self._fail(msg, reply, exc)
+                return
+            result = result.data
         if isinstance(result, str):
             body = result.encode()
         elif isinstance(result, bytes):
@@ -165,14 +174,15 @@ class Service:
             body = b""
         else:
             self._fail(msg, reply, TypeError(
-                f"handler returned {type(result).__name__}, expected bytes or str"))
+                f"handler returned {type(result).__name__}, expected bytes, str or Reply"))
             return
         limit = self._owner.max_message_size
-        if len(body) > limit:
-            self._fail(msg, reply, MessageTooLarge(len(body), limit))
+        size = len(body) if headers is None else _wire.service_payload_size(body, headers)
+        if size > limit:
+            self._fail(msg, reply, MessageTooLarge(size, limit))
             return
         self.handled += 1
-        reply(_wire.Reply(msg.seq, _wire.REPLY_OK, time.time(), body))
+        reply(_wire.Reply(msg.seq, _wire.REPLY_OK, time.time(), body, "", headers))
 
     def _fail(self, msg: Message, reply: Callable[[_wire.Reply], None], exc: Exception) -> None:
         self.failed += 1
@@ -213,6 +223,23 @@ class SyncService:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reply_headers(headers: object) -> dict[str, str] | None:
+    """A `Reply`'s headers as they travel (None when empty).
+
+    Raises:
+        TypeError: not a mapping of str to str (caught here, not by the requester's decoder).
+    """
+    if not headers:
+        return None
+    if not isinstance(headers, Mapping):
+        raise TypeError(f"Reply headers must be a mapping, not {type(headers).__name__}")
+    out = dict(headers)
+    for key, value in out.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"Reply header {key!r} must map a str to a str")
+    return out
 
 
 def is_async_handler(handler: object) -> bool:

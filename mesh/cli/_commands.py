@@ -198,16 +198,17 @@ async def pull(args: argparse.Namespace) -> int:
         work = await node.pull(args.queue, prefetch=args.prefetch)
 
         def show(msg: Message) -> str:
-            return json.dumps(_queue_dict(msg)) if args.json else msg.text
+            return json.dumps(_named_dict(msg, "queue")) if args.json else msg.text
 
         code = await _print_messages(work, show, args.count, args.timeout)
         await work.aclose()  # what we did not print goes back to the pushers
     return code
 
 
-def _queue_dict(msg: Message) -> dict[str, object]:
+def _named_dict(msg: Message, key: str) -> dict[str, object]:
+    """`msg` as JSON, its topic under `key` (``queue``, ``service``)."""
     out = msg.to_dict()
-    out["queue"] = out.pop("topic")
+    out[key] = out.pop("topic")
     return out
 
 
@@ -266,6 +267,8 @@ def _exec_handler(command: str, timeout: float) -> Callable[[Message], Coroutine
 
 async def req(args: argparse.Namespace) -> int:
     headers = _headers(args.header)
+    if args.all and args.retries is not None:
+        raise ConfigError("--retries", "makes no sense with --all (every server is asked once)")
     async with _node(args) as node:
         node.check_service(args.service)
         loop = asyncio.get_running_loop()
@@ -273,17 +276,59 @@ async def req(args: argparse.Namespace) -> int:
         try:  # the contract: --timeout covers finding a server too
             await node.wait_for_service(args.service, timeout=args.timeout)
         except RequestTimeout:
+            if args.all:
+                print(f"zeromesh req: no server of {args.service!r}", file=sys.stderr)
+                return 1
             raise NoRespondersError(args.service) from None
+        if args.all:
+            return await _req_all(node, args, headers, deadline)
         try:
             reply = await node.request(args.service, args.data, headers=headers,
                                        timeout=max(deadline - loop.time(), 0.001),
-                                       retries=args.retries)
+                                       retries=2 if args.retries is None else args.retries)
         except RequestTimeout as exc:  # report the user's --timeout, not what was left of it
             raise RequestTimeout(f"request to {args.service!r}", args.timeout) from exc
-    out = sys.stdout.buffer
-    out.write(reply.data if reply.data.endswith(b"\n") else reply.data + b"\n")
-    out.flush()
+    if args.json:
+        out(json.dumps(_named_dict(reply, "service")))
+        return 0
+    stdout = sys.stdout.buffer
+    stdout.write(reply.data if reply.data.endswith(b"\n") else reply.data + b"\n")
+    stdout.flush()
     return 0
+
+
+async def _req_all(node: AsyncNode, args: argparse.Namespace, headers: dict[str, str] | None,
+                   deadline: float) -> int:
+    """`req --all`: let discovery find the other servers, then print each reply as it comes;
+    0 if at least one server answered without an error."""
+    loop = asyncio.get_running_loop()
+    known = 1
+    while True:  # until no new server turned up for a discovery window (or time is up)
+        window = min(_DISCOVERY_WINDOW, deadline - loop.time())
+        if window <= 0:
+            break
+        try:
+            await node.wait_for_service(args.service, known + 1, timeout=window)
+        except RequestTimeout:
+            break
+        known += 1
+    ok = 0
+    async with node.request_all_stream(args.service, args.data, headers=headers,
+                                       timeout=max(deadline - loop.time(), 0.001)) as replies:
+        async for reply in replies:
+            ok += reply.error is None
+            if args.json:
+                out(json.dumps(_named_dict(reply, "service")))
+            elif reply.error is not None:
+                out(f"{reply.source} error: {reply.error}")
+            else:
+                out(f"{reply.source} {reply.text.rstrip()}")
+    if not ok:
+        print(f"zeromesh req: no reply from a server of {args.service!r} within "
+              f"{args.timeout:g} s", file=sys.stderr)
+    return 0 if ok else 1
+
+
 
 
 HANDLERS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]]] = {

@@ -236,8 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data")
     p.add_argument("--timeout", type=_positive, default=5.0, metavar="S",
                    help="covers finding a server and all retries (default 5)")
-    p.add_argument("--retries", type=_retries, default=2, metavar="N",
-                   help="retries on another server after a timeout (default 2)")
+    p.add_argument("--retries", type=_retries, metavar="N",
+                   help="retries on another server after a timeout (default 2; not with --all)")
+    p.add_argument("--all", action="store_true",
+                   help="ask every live server and print each reply as it comes, one line "
+                        "'SOURCE DATA' each, until all answered or --timeout; exit 1 if none "
+                        "answered without an error")
+    p.add_argument("--json", action="store_true",
+                   help="print each reply as one JSON object (service, data, source, headers, "
+                        "error when the server failed)")
     p.add_argument("--header", action="append", default=[], metavar="K=V",
                    help="request header; repeatable")
     _add_spool(sub)

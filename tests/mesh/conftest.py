@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
 
@@ -51,3 +52,14 @@ def procs() -> Iterator[list[Cli]]:
     finally:
         for proc in started:
             proc.close()
+
+
+@pytest.fixture
+async def release() -> AsyncIterator[asyncio.Event]:
+    """An event set at teardown: slow service handlers wait on it (instead of sleeping), so
+    none outlives its test."""
+    event = asyncio.Event()
+    try:
+        yield event
+    finally:
+        event.set()

@@ -94,11 +94,15 @@ def test_node_has_every_public_member_of_async_node(mesh_name: str) -> None:
 
 
 def test_blocking_streams_have_every_public_member_of_their_async_twins(mesh_name: str) -> None:
-    """Subscription, Pull and PeerEvents each have a blocking twin with the same surface."""
+    """Subscription, Pull, Replies and PeerEvents each have a blocking twin with the same
+    surface."""
     with Node(name="n", **_common(mesh_name)) as node:
         sub, pull, events = node.subscribe("s"), node.pull("q"), node.events()
-        for sync_obj, async_obj in ((sub, sub._sub), (pull, pull._pull), (events, events._stream)):
+        replies = node.request_all_stream("svc", b"")
+        for sync_obj, async_obj in ((sub, sub._sub), (pull, pull._pull), (events, events._stream),
+                                    (replies, replies._replies)):
             assert surface_differences(async_obj, sync_obj) == [], type(sync_obj).__name__
+        replies.close()
 
 
 def test_a_missing_or_different_twin_fails_the_surface_check(mesh_name: str) -> None:
