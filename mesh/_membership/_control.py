@@ -59,7 +59,9 @@ from ._peers import PeerEvent, PeerEventKind, PeerRecord, PeerState, PeerTable
 _log = logging.getLogger("mesh.node")
 _PENDING_LINK_TTL: Final[float] = 30.0
 _MAX_SUBS: Final[int] = 10_000
-_ENDPOINT_RE: Final = re.compile(r"tcp://([0-9.]{7,15}):([0-9]{1,5})")
+_ENDPOINT_RE: Final = re.compile(
+    r"tcp://(?:([0-9.]{7,15})|\[([0-9A-Fa-f:.]{2,45})(?:%([A-Za-z0-9_.-]{1,15}))?\]):([0-9]{1,5})")
+_BOTH: Final = frozenset({4, 6})
 _MAX_WINDOW: Final[int] = 1_000_000
 _MAX_MEMBERS: Final[int] = 10_000
 """Members one node keeps; news of more is dropped (a hostile or broken sender)."""
@@ -99,6 +101,8 @@ class Membership:
         self._incarnation = announcement.identity.incarnation
         self._mesh = config.mesh
         self._interval = config.heartbeat_interval
+        self._reach = frozenset(6 if ":" in iface else 4 for iface in config.interfaces)
+        """The IP versions of our interfaces: a member is dialled on one of those."""
         self._quiet = quiet
         self._listeners: tuple[PeerListener, ...] = ()
         self._events: tuple[EventSink, ...] = ()
@@ -551,7 +555,7 @@ class Membership:
         news = rec is None or _is_newer(hello, rec)
         if not news and not direct:
             return False
-        ctl, pub = _first_endpoint(hello.ctl), _first_endpoint(hello.pub)
+        ctl, pub = _first_endpoint(hello.ctl, self._reach), _first_endpoint(hello.pub, self._reach)
         if ctl is None or pub is None:
             self._quiet.drop("bad_member", f"member {hello.id[:8]} without usable endpoints")
             return False
@@ -565,8 +569,8 @@ class Membership:
         if (rec is None or rec.incarnation != hello.incarnation
                 or rec.ctl != ctl or rec.pub != pub):
             new = PeerRecord(hello.id, hello.name[:64], hello.incarnation, ctl, pub,
-                             pull=_first_endpoint(hello.pull) or "",
-                             rtr=_first_endpoint(hello.rtr) or "")
+                             pull=_first_endpoint(hello.pull, self._reach) or "",
+                             rtr=_first_endpoint(hello.rtr, self._reach) or "")
             new.seq, new.key, new.hello = hello.seq, hello.key, record
             self._set_subs(new, hello)
             if rec is not None and rec.ctl != ctl:
@@ -626,7 +630,7 @@ class Membership:
         if rec is None or rec.incarnation != beat.incarnation:
             if self._departed.get(beat.id) == beat.incarnation:
                 return
-            ctl = _first_endpoint(beat.ctl)
+            ctl = _first_endpoint(beat.ctl, self._reach)
             if ctl is not None:
                 self._greet_new(ctl)
             return
@@ -882,16 +886,25 @@ def _pubs(pubs: list[str] | None, quiet: QuietLog) -> tuple[TopicPattern, ...]:
     return tuple(valid)
 
 
-def _first_endpoint(endpoints: list[str]) -> str | None:
-    """The first ``tcp://<IPv4>:<port>`` (what nodes bind): anything else would make libzmq's
-    connect raise (``tcp://x``), ending the reader, or resolve a host name by DNS."""
+def _first_endpoint(endpoints: list[str], reach: frozenset[int] = _BOTH) -> str | None:
+    """The first ``tcp://<IPv4>:<port>`` or ``tcp://[<IPv6>]:<port>`` (what nodes bind) of an
+    IP version in `reach` (those of our interfaces: an IPv4-only node cannot dial IPv6).
+    Anything else would make libzmq's connect raise (``tcp://x``), ending the reader, or
+    resolve a host name by DNS; a link-local IPv6 address must name its zone."""
     for endpoint in endpoints:
         found = _ENDPOINT_RE.fullmatch(endpoint)
-        if found is None or not 0 < int(found[2]) < 65536:
+        if found is None or not 0 < int(found[4]) < 65536:
             continue
         try:
-            ipaddress.IPv4Address(found[1])
+            if found[1] is not None:
+                ipaddress.IPv4Address(found[1])
+                usable = 4 in reach
+            else:
+                ip = ipaddress.IPv6Address(found[2])
+                usable = (6 in reach and not (ip.is_unspecified or ip.is_multicast)
+                          and ip.ipv4_mapped is None and ip.is_link_local == bool(found[3]))
         except ValueError:
             continue
-        return endpoint
+        if usable:
+            return endpoint
     return None
