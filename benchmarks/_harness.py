@@ -87,6 +87,11 @@ class Result:
     send_seconds: float = 0.0
     """The sender's own send loop."""
     error: str = ""
+    recv_cpu_seconds: float = 0.0
+    """CPU time of the receiving process over `recv_seconds`, when it measures it: less
+    swayed than wall time by other jobs on a shared machine."""
+    send_cpu_seconds: float = 0.0
+    """CPU time of the sending process over its send loop, when it reports it."""
 
     @property
     def recv_rate(self) -> float:
@@ -107,7 +112,8 @@ class Link:
     """`time.monotonic()` by which everything must be over."""
 
     def report(self, kind: str, value: Any) -> None:
-        """``"result"`` (a `Result`), ``"send_seconds"`` (float) or ``"error"`` (str)."""
+        """``"result"`` (a `Result`), ``"send_seconds"`` or ``"send_cpu_seconds"`` (float),
+        or ``"error"`` (str)."""
         self.out.put((kind, value))
 
     def left(self, floor: float = 0.0) -> float:
@@ -131,7 +137,7 @@ def collect(out: mp.Queue[Any], procs: Sequence[mp.process.BaseProcess],
             deadline: float) -> Result:
     """Gather reports from the processes until all exit or the deadline passes."""
     res: Result | None = None
-    send_seconds = 0.0
+    send_seconds = send_cpu_seconds = 0.0
     errors: list[str] = []
     while True:
         try:
@@ -144,6 +150,8 @@ def collect(out: mp.Queue[Any], procs: Sequence[mp.process.BaseProcess],
             res = value
         elif kind == "send_seconds":
             send_seconds = value
+        elif kind == "send_cpu_seconds":
+            send_cpu_seconds = value
         else:
             errors.append(value)
     for p in procs:
@@ -156,6 +164,7 @@ def collect(out: mp.Queue[Any], procs: Sequence[mp.process.BaseProcess],
         res = Result()
         errors.append("no result from the receiver")
     res.send_seconds = send_seconds
+    res.send_cpu_seconds = send_cpu_seconds
     res.error = "; ".join(e for e in (res.error, *errors) if e)
     return res
 

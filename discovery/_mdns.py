@@ -2,10 +2,16 @@
 
 Why it looks like this:
 
-* **Explicit interfaces only.** zeroconf is always built with the given IPv4
-  addresses and ``IPVersion.V4Only``; there is no "all interfaces" mode, so a
-  test on 127.0.0.1 cannot leak onto the LAN.
-* **Unicast safety.** zeroconf's listen socket is bound to 0.0.0.0:5353 and
+* **Explicit interfaces only.** zeroconf is always built with the given
+  addresses and the IP version they call for (``V4Only``, ``V6Only``, or
+  ``All`` for a mix: A records on IPv4 interfaces, AAAA on IPv6 ones, queries
+  to 224.0.0.251 and ff02::fb); there is no "all interfaces" mode, so a test
+  on 127.0.0.1 cannot leak onto the LAN.
+* **IPv6 link-local endpoints** (``tcp://[fe80::1%eth0]:port``) carry the
+  announcer's zone, its interface name, which means nothing here: with one
+  link-local interface of our own we dial the address on our zone; with more
+  we keep only endpoints whose zone names one of ours.
+* **Unicast safety.** zeroconf's listen socket is bound to 0.0.0.0:5353 (or [::]:5353) and
   answers legacy/QU queries by unicast to the sender. Before anything is
   registered we put a source-address filter in front of every zeroconf reader
   transport (`_netguard.SourceFilter`, via asyncio's ``transport.set_protocol``):
@@ -115,7 +121,8 @@ class MdnsDiscovery:
         info = self._service_info(me)
         self._allowed = NetworkSet(interface_networks(self._interfaces))
         self._me, self._sink = me, sink
-        aiozc = AsyncZeroconf(interfaces=list(self._interfaces), ip_version=IPVersion.V4Only)
+        aiozc = AsyncZeroconf(interfaces=list(self._interfaces),
+                              ip_version=_ip_version(self._interfaces))
         self._aiozc = aiozc
         try:
             await aiozc.zeroconf.async_wait_for_start()
@@ -189,7 +196,7 @@ class MdnsDiscovery:
             port=port,
             properties=props,
             server=server_name(me.id),
-            parsed_addresses=list(self._interfaces),
+            parsed_addresses=[address.partition("%")[0] for address in self._interfaces],
         )
 
     def _keep(self, awaitable: Awaitable[object]) -> None:
@@ -288,7 +295,7 @@ class MdnsDiscovery:
         if self._me is not None and peer.id == self._me.id:
             self._drop("self", name, "our own announcement")
             return None
-        routable = tuple(ep for ep in peer.endpoints if split_tcp_url(ep)[0] in self._allowed)
+        routable = tuple(ep for ep in map(self._dialable, peer.endpoints) if ep is not None)
         if not routable:
             self._drop("unroutable", name, f"no endpoint in {self._allowed.networks}")
             return None
@@ -305,8 +312,27 @@ class MdnsDiscovery:
             )
         return peer
 
+    def _dialable(self, endpoint: str) -> str | None:
+        """`endpoint` as we would dial it (a link-local one on our zone), or None if it
+        is outside our interfaces' networks."""
+        host, port = split_tcp_url(endpoint)
+        address, zoned, _ = host.partition("%")
+        zones = self._allowed.zones
+        if zoned and len(zones) == 1:
+            host = f"{address}%{zones[0]}"
+            endpoint = f"tcp://[{host}]:{port}"
+        return endpoint if host in self._allowed else None
+
     def __repr__(self) -> str:
         return f"MdnsDiscovery({list(self._interfaces)!r}, mesh={self._mesh!r})"
+
+
+def _ip_version(interfaces: Sequence[str]) -> IPVersion:
+    """What zeroconf must speak on these interfaces: IPv4, IPv6 or both."""
+    v6 = sum(":" in address for address in interfaces)
+    if v6 == 0:
+        return IPVersion.V4Only
+    return IPVersion.V6Only if v6 == len(interfaces) else IPVersion.All
 
 
 class _Listener(ServiceListener):

@@ -6,10 +6,12 @@ empty id, and never a `PeerGone` (liveness is the heartbeats' business).
 
 URLs are validated when the backend is built, not when it starts, so a typo on
 the command line is a clear `InvalidRecord` and exit status 2 before anything
-binds a socket. An IPv4 literal is preferred; a host name must resolve (to IPv4)
-through the system resolver at construction. For a CURVE mesh the peer's public
-key follows the URL after ``#`` (``tcp://10.0.0.5:7700#<40 Z85 chars>``): a
-secure node connects only to an endpoint whose key it knows.
+binds a socket. An IP literal is preferred (IPv6 in brackets,
+``tcp://[fd00::5]:7700``, link-local with its zone ``tcp://[fe80::5%eth0]:7700``);
+a host name must resolve (to IPv4) through the system resolver at construction.
+For a CURVE mesh the peer's public key follows the URL after ``#``
+(``tcp://10.0.0.5:7700#<40 Z85 chars>``): a secure node connects only to an
+endpoint whose key it knows.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Final
 
 from ._base import EventSink
 from ._events import PeerFound, PeerInfo
-from ._txt import check_ipv4, check_key, check_mesh, split_tcp_url
+from ._txt import check_ip, check_key, check_mesh, split_tcp_url
 from .errors import InvalidRecord
 
 _HOSTNAME_RE: Final = re.compile(
@@ -55,14 +57,20 @@ def split_key(url: str) -> tuple[str, str]:
 
 def check_peer_url(url: str) -> str:
     """Return `url` if it is ``tcp://host:port[#KEY]`` with a usable host, else raise
-    `InvalidRecord`."""
-    base, _ = split_key(url)
+    `InvalidRecord`. An IPv6 address comes back compressed (``[fd00:0::5]`` ->
+    ``[fd00::5]``), as the peer's own hellos spell it: one peer, one link."""
+    base, key = split_key(url)
     host, port = split_tcp_url(base)
-    if _IPV4_LIKE_RE.fullmatch(host):
-        check_ipv4(host)
+    if ":" in host or _IPV4_LIKE_RE.fullmatch(host):
+        try:
+            ip = check_ip(host)
+        except InvalidRecord as exc:
+            raise InvalidRecord(f"peer {url!r}: {exc}") from None
+        if ip.version == 6:
+            return f"tcp://[{ip}]:{port}" + (f"#{key}" if key else "")
         return url
     if not _HOSTNAME_RE.fullmatch(host):
-        raise InvalidRecord(f"peer {url!r}: host must be an IPv4 address or a host name")
+        raise InvalidRecord(f"peer {url!r}: host must be an IP address or a host name")
     try:
         socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:

@@ -14,7 +14,8 @@ id    node id, 32 lowercase hex chars
 name  human name, 1..63 bytes UTF-8, printable
 mesh  mesh name, 1..63 chars of ``[A-Za-z0-9._-]``
 v     protocol version, decimal 0..65535
-ep    comma-separated control endpoints ``tcp://IPv4:port`` (1..8)
+ep    comma-separated control endpoints ``tcp://IPv4:port`` or
+      ``tcp://[IPv6]:port`` (1..8; link-local with its scope, ``[fe80::1%eth0]``)
 key   optional CURVE public key, 40 chars Z85
 ====  =================================================================
 
@@ -40,6 +41,8 @@ _ID_RE: Final = re.compile(r"[0-9a-f]{32}")
 _MESH_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,63}")
 _VERSION_RE: Final = re.compile(r"0|[1-9][0-9]{0,4}")
 _PORT_RE: Final = re.compile(r"[1-9][0-9]{0,4}")
+_SCOPE_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+"""An IPv6 zone: a Linux interface name (at most 15 chars) or index."""
 _Z85_ALPHABET: Final[frozenset[str]] = frozenset(
     "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
 )
@@ -47,6 +50,7 @@ _Z85_KEY_LEN: Final[int] = 40
 _THIS_NETWORK: Final = ipaddress.IPv4Network("0.0.0.0/8")
 _BROADCAST: Final = ipaddress.IPv4Address("255.255.255.255")
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 TxtProperties = dict[bytes, bytes | None]
 """What zeroconf's `ServiceInfo.properties` holds."""
 
@@ -105,22 +109,60 @@ def check_ipv4(host: str) -> ipaddress.IPv4Address:
     return ip
 
 
+def check_ip(host: str) -> IPAddress:
+    """Parse a unicast IPv4 or IPv6 literal (no brackets) a peer could connect to, else raise.
+
+    IPv6 link-local needs its zone (``fe80::1%eth0``): without it no kernel knows
+    which link is meant. IPv4-mapped IPv6 is refused: give the IPv4 address.
+    """
+    if ":" not in host:
+        return check_ipv4(host)
+    address, sep, scope = host.partition("%")
+    if sep and not _SCOPE_RE.fullmatch(scope):
+        raise InvalidRecord(f"bad IPv6 zone (an interface name) in {host[:60]!r}")
+    try:
+        ip = ipaddress.IPv6Address(host)
+    except ValueError:
+        raise InvalidRecord(f"not an IPv6 address: {host[:60]!r}") from None
+    if ip.is_unspecified or ip.is_multicast or ip.ipv4_mapped is not None:
+        raise InvalidRecord(f"address {address} is not a unicast host address")
+    if ip.is_link_local != bool(sep):
+        raise InvalidRecord(f"link-local {address} needs its zone, e.g. {address}%eth0"
+                            if ip.is_link_local else f"only link-local takes a zone: {host!r}")
+    return ip
+
+
 def split_tcp_url(url: str) -> tuple[str, int]:
-    """Split ``tcp://host:port`` into host and port; the host is not checked."""
+    """Split ``tcp://host:port`` or ``tcp://[IPv6]:port`` into host (no brackets) and port;
+    the host is not checked."""
     if not url.startswith("tcp://"):
         raise InvalidRecord(f"endpoint must start with tcp://, got {url[:60]!r}")
-    host, sep, port_text = url[len("tcp://") :].rpartition(":")
-    if not sep or not host:
-        raise InvalidRecord(f"endpoint needs host:port, got {url[:60]!r}")
+    rest = url[len("tcp://") :]
+    if rest.startswith("["):
+        host, sep, tail = rest[1:].partition("]")
+        if not sep or ":" not in host:
+            raise InvalidRecord(f"brackets hold an IPv6 address: tcp://[addr]:port, "
+                                f"got {url[:60]!r}")
+        if not tail.startswith(":"):
+            raise InvalidRecord(f"endpoint needs [addr]:port, got {url[:60]!r}")
+        port_text = tail[1:]
+    else:
+        host, sep, port_text = rest.rpartition(":")
+        if not sep or not host:
+            raise InvalidRecord(f"endpoint needs host:port, got {url[:60]!r}")
+        if ":" in host:
+            raise InvalidRecord(f"an IPv6 address goes in brackets: tcp://[addr]:port, "
+                                f"got {url[:60]!r}")
     if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
         raise InvalidRecord(f"endpoint port must be 1..65535, got {port_text[:10]!r}")
     return host, int(port_text)
 
 
 def check_endpoint(url: str) -> str:
-    """Return `url` if it is ``tcp://<unicast IPv4>:<port>``, else raise."""
+    """Return `url` if it is ``tcp://<unicast IPv4>:<port>`` or ``tcp://[<unicast IPv6>]:<port>``,
+    else raise."""
     host, _port = split_tcp_url(url)
-    check_ipv4(host)
+    check_ip(host)
     return url
 
 

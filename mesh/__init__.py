@@ -9,6 +9,7 @@ method names. This module only re-exports; the layout, lowest layer first
     _spool/           the disk log behind at-least-once: record format, store, data-dir lock
     _loop.py          the event loop our entry points run on (uvloop when installed)
     _wire.py          frame layout, msgspec envelopes, size limits and frame budgets
+    _codec.py         typed payloads: values to labelled msgspec bytes and back, cached codecs
     _message.py       Message and Headers, what applications receive
     _names.py         topic, pattern, queue, service and durable names: one check each
     _config.py        NodeConfig: arguments, then environment, then defaults

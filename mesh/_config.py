@@ -39,7 +39,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     mesh: str = DEFAULT_MESH
     """Nodes of different meshes never see each other."""
     interfaces: list[str] = msgspec.field(default_factory=lambda: [DEFAULT_INTERFACE])
-    """IPv4 addresses to bind and announce on. Loopback unless you choose a LAN interface."""
+    """IPv4 or IPv6 addresses to bind and announce on (IPv6 link-local with its zone,
+    ``fe80::1%eth0``). Loopback unless you choose a LAN interface."""
     peers: list[str] = msgspec.field(default_factory=list)
     """Static peers' control endpoints, ``tcp://host:port``."""
     data_dir: str | None = None
@@ -105,14 +106,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if not _MESH_RE.match(self.mesh):
             raise ConfigError("mesh", "use 1-63 of A-Z a-z 0-9 . _ -")
         if not self.interfaces:
-            raise ConfigError("interfaces", "at least one IPv4 address is needed")
-        for iface in self.interfaces:
-            try:
-                addr = ipaddress.IPv4Address(iface)
-            except ValueError:
-                raise ConfigError("interfaces", f"{iface!r} is not an IPv4 address") from None
-            if addr.is_unspecified or addr.is_multicast:
-                raise ConfigError("interfaces", f"{iface} cannot be bound: choose an interface")
+            raise ConfigError("interfaces", "at least one IPv4 or IPv6 address is needed")
+        interfaces = [_interface(iface) for iface in self.interfaces]
         try:
             StaticDiscovery(self.peers, mesh=self.mesh)
         except InvalidRecord as exc:
@@ -150,7 +145,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for key in ("pub_hwm", "sub_hwm", "service_hwm"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, "must be >= 0 (0 = unbounded)")
-        return msgspec.structs.replace(self, name=name)
+        return msgspec.structs.replace(self, name=name, interfaces=interfaces)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "NodeConfig":
@@ -158,6 +153,27 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         values = env_values(cls, os.environ if env is None else env)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return convert(values, cls)
+
+
+def _interface(iface: str) -> str:
+    """An interface address in canonical form (IPv6 compressed, zone kept), or ConfigError.
+    Whether it is this host's is known when it is bound."""
+    _, zoned, zone = iface.partition("%")
+    try:
+        addr = ipaddress.ip_address(iface)
+    except ValueError:
+        raise ConfigError("interfaces", f"{iface!r} is not an IPv4 or IPv6 address") from None
+    if addr.is_unspecified or addr.is_multicast:
+        raise ConfigError("interfaces", f"{iface} cannot be bound: choose an interface")
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            raise ConfigError("interfaces", f"{iface}: give the IPv4 address {addr.ipv4_mapped}")
+        if addr.is_link_local and not zoned:
+            raise ConfigError("interfaces", f"link-local {iface} needs its interface: "
+                              f"{iface}%eth0")
+        if zoned and not addr.is_link_local:
+            raise ConfigError("interfaces", f"{iface}: only a link-local address takes %{zone}")
+    return str(addr)
 
 
 def env_var(field: str) -> str:

@@ -3,14 +3,39 @@
 One `Message` is built per received message on the hot path, so it is a
 msgspec Struct without GC tracking: about a third of the cost of a plain
 class, and it never holds references that could form cycles.
+
+`Message[T]` is the message of a typed subscription or pull (``type=T``):
+its `value` is the payload decoded as T. A bare `Message` is `Message[Any]`
+(the type variable's default), so code written before typed payloads, and
+the node's own internals, keep writing plain `Message`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Generic
 
 import msgspec
+
+from . import _codec
+
+if TYPE_CHECKING:  # a default (PEP 696) for type checkers; Python 3.11's TypeVar has none
+    from typing_extensions import TypeVar
+
+    T = TypeVar("T", default=Any)
+else:
+    from typing import TypeVar
+
+    T = TypeVar("T")
+U = TypeVar("U")
+
+_log = logging.getLogger("mesh.node")
+_CONTENT_TYPES: Final[int] = 16
+"""Decoders a `Decoding` keeps at hand, by content type."""
+_NONE: Final = object()
+"""No content type seen yet (None is one: no header)."""
 
 Headers = Mapping[str, str]
 """Free per-message headers; zeromesh passes them through untouched (e.g. ``traceparent``)."""
@@ -21,14 +46,15 @@ Receipt = Callable[["Message", bool], None]
 
 
 class _Settleable:
-    """Holds where `Message.ack` goes in a slot rather than a field, so that it takes no
-    part in equality, encoding or type hints: a pulled message equals its copy."""
+    """Holds where `Message.ack` goes, and a typed message's decoded value, in slots
+    rather than fields, so that they take no part in equality, encoding or type hints:
+    a pulled message equals its copy, a typed message its undecoded original."""
 
-    __slots__ = ("_receipt",)
+    __slots__ = ("_receipt", "_value")
 
 
-class Message(msgspec.Struct, _Settleable, frozen=True, gc=False):
-    """A received message."""
+class Message(msgspec.Struct, _Settleable, Generic[T], frozen=True, gc=False):
+    """A received message; `Message[T]` when it came through ``type=T`` (see `value`)."""
 
     topic: str
     """The concrete topic it was published on."""
@@ -70,6 +96,27 @@ class Message(msgspec.Struct, _Settleable, frozen=True, gc=False):
         return f"{self.source_id}-{self.seq}"
 
     @property
+    def value(self) -> T:
+        """The payload decoded as the ``type=`` of the subscription or pull it came
+        through; without one, the payload bytes (`data`)."""
+        try:
+            value: T = self._value  # type: ignore[attr-defined]
+        except AttributeError:
+            return self.data  # type: ignore[return-value]  # (T is Any here: no type given)
+        return value
+
+    def decode(self, type: type[U]) -> U:
+        """The payload decoded as `type` by its ``content-type`` header: JSON for
+        ``application/json``, MessagePack otherwise (the default of typed sends).
+
+        Raises:
+            msgspec.ValidationError: the payload is not a `type`.
+            msgspec.DecodeError: it is not valid JSON / MessagePack, or its content
+                type is neither.
+        """
+        return _codec.decode(self.data, type, self.headers)
+
+    @property
     def text(self) -> str:
         """The payload decoded as UTF-8 (invalid bytes replaced)."""
         return self.data.decode("utf-8", "replace")
@@ -107,6 +154,75 @@ class Reply(msgspec.Struct, frozen=True):
 def attach_receipt(msg: Message, receipt: Receipt) -> None:
     """Make ``msg.ack()``/``msg.nack()`` call `receipt` (set in place: no copy per message)."""
     msgspec.structs.force_setattr(msg, "_receipt", receipt)
+
+
+class Decoding(Generic[U]):
+    """Makes the `Message[U]`s of one typed subscription or pull, and counts the misses.
+
+    Each carries its decoded value: a copy when the received message is shared
+    (by every subscription it matches, each may want another type), the message
+    itself when no one else holds it. A message
+    that is not a U is left out, counted (`errors`, the node's
+    ``decode_errors``) and reported once in the log.
+    """
+
+    def __init__(self, of: type[U], where: str, stats: Counter[str] | None) -> None:
+        self.of = of
+        self.errors = 0
+        self._where = where
+        self._stats = stats
+        self._decoders: dict[str | None, Callable[[bytes], U]] = {}
+        """By content type: the decoders in use (`_codec.decoder`'s, at hand)."""
+        self._reported = False
+
+    def many(self, messages: Iterable[Message], shared: bool = True) -> list[Message[U]]:
+        """The `Message[U]`s of `messages`; with ``shared=False`` (no one else holds
+        them) each gets its value in place rather than in a copy."""
+        out: list[Message[U]] = []
+        keep, set_value = out.append, msgspec.structs.force_setattr
+        label: object = _NONE
+        decode = self._decoder(None)
+        for msg in messages:  # (`one`, inlined: a received batch is hundreds)
+            headers = msg.headers
+            content_type = headers.get(_codec.CONTENT_TYPE) if headers else None
+            if content_type != label:  # (a batch mostly has one label: no lookup then)
+                label = content_type
+                decode = self._decoders.get(content_type) or self._decoder(content_type)
+            try:
+                value = decode(msg.data)
+            except msgspec.DecodeError as exc:  # (ValidationError is one)
+                self._miss(msg, exc)
+                continue
+            if shared:
+                msg = Message(msg.topic, msg.data, msg.source, msg.source_id, msg.seq,
+                              msg.timestamp, headers, msg.reliable)
+            set_value(msg, "_value", value)
+            keep(msg)
+        return out
+
+    def one(self, msg: Message) -> Message[U] | None:
+        """`msg` as a `Message[U]`, or None (counted) when it is not a U."""
+        typed = self.many((msg,))
+        return typed[0] if typed else None
+
+    def _decoder(self, content_type: str | None) -> Callable[[bytes], U]:
+        found = self._decoders.get(content_type)
+        if found is not None:
+            return found
+        if len(self._decoders) >= _CONTENT_TYPES:  # (senders inventing labels)
+            self._decoders.clear()
+        found = self._decoders[content_type] = _codec.decoder(self.of, content_type)
+        return found
+
+    def _miss(self, msg: Message, exc: msgspec.DecodeError) -> None:
+        self.errors += 1
+        if self._stats is not None:
+            self._stats["decode_errors"] += 1
+        if not self._reported:
+            self._reported = True
+            _log.warning("%s: skipped message %s from %s on %s, not a %s (%s); such "
+                         "messages are counted in decode_errors", self._where, msg.id,
+                         msg.source, msg.topic, getattr(self.of, "__name__", self.of), exc)
 
 
 def receipt_of(msg: Message) -> Receipt | None:

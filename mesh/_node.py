@@ -7,13 +7,15 @@ node's lifecycle and peer view are in `_core`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Iterable, Mapping, Sequence
+import itertools
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from . import _names, _trace, _ttl, _wire
+from . import _codec, _names, _trace, _ttl, _wire
+from ._codec import Payload
 from ._memory._history import start_of
-from ._message import Message
+from ._message import Message, T
 from ._node_p2p import WorkAndServices
 from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
 from ._reliable import _dead
@@ -22,6 +24,18 @@ from ._work._pull import NO_SETTLE, Pull
 from ._work._queues import DEFAULT_PREFETCH
 from ._work._target import Sent
 from .errors import ClosedError, ConfigError
+
+
+def _labelled(payloads: Iterable[Payload], headers: Mapping[str, str] | None
+              ) -> Iterator[tuple[bytes | str, Mapping[str, str] | None]]:
+    """Each payload ready to send with its headers: typed ones encoded and labelled."""
+    for data in payloads:
+        yield _codec.prepared(data, headers)
+
+
+def _headers_of(labelled: tuple[bytes | str, Mapping[str, str] | None]
+                ) -> Mapping[str, str] | None:
+    return labelled[1]
 
 
 class AsyncNode(WorkAndServices):
@@ -39,10 +53,16 @@ class AsyncNode(WorkAndServices):
 
     # -- pub/sub -----------------------------------------------------------------
 
-    async def publish(self, topic: str, data: bytes | str, *,
+    async def publish(self, topic: str, data: Payload, *,
                       headers: Mapping[str, str] | None = None, reliable: bool = False,
                       retain: bool = False, ttl: float | None = None) -> None:
         """Publish to every matching subscriber in the mesh (and on this node).
+
+        `data` is sent byte for byte when it is bytes or str; any other value
+        (a msgspec Struct, a dataclass, a dict, a list...) is encoded with
+        msgspec and labelled with a ``content-type`` header: MessagePack, or
+        JSON when `headers` already say ``content-type: application/json``
+        (subscribe with ``type=`` to receive it decoded).
 
         Best effort: returns as soon as the message is queued; it leaves at the
         end of this loop iteration. ``reliable=True`` (needs a data dir): also
@@ -61,8 +81,11 @@ class AsyncNode(WorkAndServices):
             ConfigError: `topic` is invalid, or `ttl` is not a number > 0.
             MessageTooLarge: `data` exceeds ``max_message_size``.
             SpoolFullError: (reliable) the spool quota or the disk is full.
+            TypeError: msgspec cannot encode `data`.
             ClosedError: the node is not running.
         """
+        if type(data) is not bytes and type(data) is not str:  # (bytes: one check)
+            data, headers = _codec.prepared(data, headers)
         if retain:
             if reliable:
                 await self.publish_many(topic, (data,), headers=headers, reliable=True,
@@ -96,7 +119,7 @@ class AsyncNode(WorkAndServices):
             return
         await self.publish_many(topic, (data,), headers=headers, reliable=True, ttl=ttl)
 
-    async def publish_many(self, topic: str, payloads: Iterable[bytes | str], *,
+    async def publish_many(self, topic: str, payloads: Iterable[Payload], *,
                            headers: Mapping[str, str] | None = None,
                            reliable: bool = False, retain: bool = False,
                            ttl: float | None = None) -> None:
@@ -115,14 +138,15 @@ class AsyncNode(WorkAndServices):
             return
         await self._publish_many(topic, payloads, headers, reliable, retain, ttl)
 
-    async def _publish_many(self, topic: str, payloads: Iterable[bytes | str],
+    async def _publish_many(self, topic: str, payloads: Iterable[Payload],
                             headers: Mapping[str, str] | None, reliable: bool, retain: bool,
                             ttl: float | None) -> None:
         if retain and not reliable:
             run = self._live()
             item = None
-            for data in payloads:
-                item = run.pubsub.publish_retained(topic, data, headers, self._config.name, ttl)
+            for payload, hdrs in _labelled(payloads, headers):
+                item = run.pubsub.publish_retained(topic, payload, hdrs, self._config.name,
+                                                   ttl)
             if item is not None:
                 run.retained.store.put(topic, item)
             return
@@ -134,7 +158,10 @@ class AsyncNode(WorkAndServices):
             raise ConfigError("reliable", "needs a data dir (the spool lives there)")
         run = self._live()
         assert run.outbox is not None  # (a data dir has an outbox)
-        items = run.pubsub.publish_reliable(topic, payloads, headers, self._config.name, ttl)
+        items = []
+        for hdrs, run_of in itertools.groupby(_labelled(payloads, headers), _headers_of):
+            items += run.pubsub.publish_reliable(topic, (d for d, _ in run_of), hdrs,
+                                                 self._config.name, ttl)
         if retain and items:
             run.retained.store.put(topic, items[-1])
         dests = self._durables.matching(topic)
@@ -159,11 +186,13 @@ class AsyncNode(WorkAndServices):
                 elif run.outbox is not None:
                     run.outbox.abandon(dest, [t for _, t in sents if t is not None])
 
-    def publish_nowait(self, topic: str, data: bytes | str, *,
+    def publish_nowait(self, topic: str, data: Payload, *,
                        headers: Mapping[str, str] | None = None,
                        ttl: float | None = None) -> bool:
         """Best-effort `publish` without the await, for use on the loop; True when it
         flushed a batch (a good moment to yield)."""
+        if type(data) is not bytes and type(data) is not str:
+            data, headers = _codec.prepared(data, headers)
         if ttl is not None:
             ttl = _ttl.check(ttl)
         if _trace.ON:
@@ -173,11 +202,18 @@ class AsyncNode(WorkAndServices):
         return self._live().pubsub.publish(topic, data, headers, self._config.name,
                                            ttl) is not None
 
-    async def subscribe(self, pattern: str, *, callback: Callback | None = None,
+    async def subscribe(self, pattern: str, *, type: type[T] | None = None,
+                        callback: Callback[T] | None = None,
                         max_pending: int = DEFAULT_MAX_PENDING,
                         retained: bool = True, since: float | datetime | None = None,
-                        last: int | None = None) -> Subscription:
+                        last: int | None = None) -> Subscription[T]:
         """Receive messages on topics matching `pattern` (``*`` one segment, ``>`` the rest).
+
+        With ``type=T`` (a msgspec Struct, a dataclass, ``dict[str, float]``...)
+        each message is decoded by its content type (MessagePack when it has
+        none) and arrives as a `Message[T]` whose ``value`` is the T; one that
+        is not a T is skipped and counted in the subscription's
+        ``decode_errors`` (and the node's ``decode_errors`` total).
 
         First comes the retained value of every matching topic in the mesh (for
         each topic the newest across its publishers), then live messages, with
@@ -200,7 +236,7 @@ class AsyncNode(WorkAndServices):
         run = self._live()
         if callback is not None and _trace.ON:
             callback = _trace.traced(callback, "deliver", subscription=pattern)
-        sub = run.pubsub.subscribe(pattern, callback, max_pending)
+        sub = run.pubsub.subscribe(pattern, callback, max_pending, type=type)
         if start is not None or last is not None:
             run.history.fill(sub, run.membership.interest_version, since=start or 0.0,
                              last=last or 0)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
-from . import _names, _trace
+from . import _codec, _names, _trace
+from ._codec import Payload
 from ._core import NodeCore
-from ._message import Message
+from ._message import Message, T
 from ._services._gather import Replies
 from ._services._server import DEFAULT_CONCURRENCY, Service, ServiceHandler
 from ._work._pull import Handler, Pull
@@ -24,7 +25,7 @@ class WorkAndServices(NodeCore):
 
     # -- work queues -------------------------------------------------------------
 
-    def push(self, queue: str, data: bytes | str, *,
+    def push(self, queue: str, data: Payload, *,
              headers: Mapping[str, str] | None = None, timeout: float = 10.0,
              reliable: bool = False, ttl: float | None = None) -> Coroutine[Any, Any, None]:
         """Hand a message to exactly one live worker of `queue`, anywhere in the mesh.
@@ -35,7 +36,8 @@ class WorkAndServices(NodeCore):
         (needs a data dir); it is delivered at least once, whenever a worker
         is there, also after restarts. ``ttl=S``: unless a worker gets it
         within S seconds of its timestamp, it is never delivered (and leaves
-        the spool), counted in ``stats["expired"]``.
+        the spool), counted in ``stats["expired"]``. A `data` that is not
+        bytes/str is encoded and labelled as in `publish`.
 
         Raises:
             ConfigError: `queue` is invalid, or `ttl` is not a number > 0.
@@ -50,6 +52,8 @@ class WorkAndServices(NodeCore):
         run = self._run
         if run is None or self._closing:
             return self._not_running()
+        if type(data) is not bytes and type(data) is not str:
+            data, headers = _codec.prepared(data, headers)
         if _trace.ON:
             return self._push_traced(queue, data, headers, timeout, reliable, ttl)
         return run.work.push(queue, data, headers, timeout, self._closed, reliable, ttl)
@@ -67,9 +71,15 @@ class WorkAndServices(NodeCore):
     async def _not_running(self) -> None:
         self._check_running()
 
-    async def pull(self, queue: str, *, prefetch: int = DEFAULT_PREFETCH,
-                   handler: Handler | None = None) -> Pull:
+    async def pull(self, queue: str, *, type: type[T] | None = None,
+                   prefetch: int = DEFAULT_PREFETCH,
+                   handler: Handler[T] | None = None) -> Pull[T]:
         """Become a worker of `queue`: iterate the result, or pass `handler`.
+
+        With ``type=T`` each message is a `Message[T]` whose ``value`` is the
+        payload decoded as T (as in `subscribe`); one that is not a T is
+        nacked — a reliable one ends in the dead-letter spool after
+        ``max_attempts`` — counted in ``decode_errors``, and skipped.
 
         `prefetch` is the most of each pusher's messages this node holds
         unprocessed. The window in use adapts below it to about 20 ms of this
@@ -82,7 +92,7 @@ class WorkAndServices(NodeCore):
         """
         if handler is not None and _trace.ON:
             handler = _trace.traced(handler, "pull", destination=queue)
-        return self._live().work.pull(queue, prefetch, handler)
+        return self._live().work.pull(queue, prefetch, handler, type)
 
     async def wait_for_workers(self, queue: str, count: int = 1, *,
                                timeout: float = 10.0) -> None:
@@ -132,7 +142,7 @@ class WorkAndServices(NodeCore):
             handler = _trace.traced(handler, "serve", destination=service)
         return self._live().serving.serve(service, handler, concurrency)
 
-    async def request(self, service: str, data: bytes | str, *, timeout: float = 5.0,
+    async def request(self, service: str, data: Payload, *, timeout: float = 5.0,
                       retries: int = 2, headers: Mapping[str, str] | None = None) -> Message:
         """Send a request to one live server of `service` and return its reply.
 
@@ -142,6 +152,8 @@ class WorkAndServices(NodeCore):
         with a short jittered backoff; a server that dies or leaves fails its
         requests over at once. `timeout` covers finding a server and every
         attempt. A request can run twice if its server dies after handling it.
+        A `data` that is not bytes/str is encoded and labelled as in `publish`
+        (the server reads it with ``msg.decode(T)``).
 
         Returns:
             The reply: ``data`` is the body, ``headers`` the handler's `Reply` headers
@@ -154,8 +166,11 @@ class WorkAndServices(NodeCore):
                 right after start), or every server went away.
             RequestTimeout: no reply within `timeout`.
             RemoteError: the server's handler raised.
+            TypeError: msgspec cannot encode `data`.
             ClosedError: the node is not running or closed meanwhile.
         """
+        if type(data) is not bytes and type(data) is not str:
+            data, headers = _codec.prepared(data, headers)
         if _trace.ON:
             with _trace.producing("request", service, headers) as headers:
                 return await self._live().requests.request(service, data, timeout=timeout,
@@ -163,7 +178,7 @@ class WorkAndServices(NodeCore):
         return await self._live().requests.request(service, data, timeout=timeout,
                                                    retries=retries, headers=headers)
 
-    def request_all_stream(self, service: str, data: bytes | str, *, timeout: float = 5.0,
+    def request_all_stream(self, service: str, data: Payload, *, timeout: float = 5.0,
                            max_replies: int | None = None,
                            headers: Mapping[str, str] | None = None) -> Replies:
         """Scatter-gather: send the request to every live server of `service` (this
@@ -185,6 +200,8 @@ class WorkAndServices(NodeCore):
             MessageTooLarge: `data` exceeds ``max_message_size`` (nothing sent).
             ClosedError: the node is not running.
         """
+        if type(data) is not bytes and type(data) is not str:  # (typed: as `request`)
+            data, headers = _codec.prepared(data, headers)
         if _trace.ON:
             with _trace.producing("request", service, headers) as headers:
                 return self._live().requests.scatter(service, data, timeout=timeout,
@@ -192,7 +209,7 @@ class WorkAndServices(NodeCore):
         return self._live().requests.scatter(service, data, timeout=timeout,
                                              max_replies=max_replies, headers=headers)
 
-    async def request_all(self, service: str, data: bytes | str, *, timeout: float = 5.0,
+    async def request_all(self, service: str, data: Payload, *, timeout: float = 5.0,
                           max_replies: int | None = None,
                           headers: Mapping[str, str] | None = None) -> list[Message]:
         """Scatter-gather: the replies of every live server of `service`, in the order

@@ -23,11 +23,13 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
-from . import _loop, _names, _ttl
+from . import _codec, _loop, _names, _ttl
+from ._codec import Payload
 from ._config import NodeConfig
 from ._figures._report import Report
 from ._membership._peers import Peer
 from ._message import Message, attach_receipt, receipt_of
+from ._message import T as V
 from ._node import AsyncNode
 from ._pubsub._subscription import DEFAULT_MAX_PENDING
 from ._reliable._durables import DurableInfo
@@ -199,7 +201,7 @@ class Node:
             return value()
         return self._call(_value(value))
 
-    def _threadsafe(self, msg: Message) -> Message:
+    def _threadsafe(self, msg: Message[V]) -> Message[V]:
         """`msg` with ``ack``/``nack`` that hop onto the loop: safe from any thread."""
         receipt, loop = receipt_of(msg), self._loop
         if receipt is None or loop is None:
@@ -218,7 +220,7 @@ class Node:
 
     # -- pub/sub -----------------------------------------------------------------------
 
-    def publish(self, topic: str, data: bytes | str, *,
+    def publish(self, topic: str, data: Payload, *,
                 headers: Mapping[str, str] | None = None, reliable: bool = False,
                 retain: bool = False, ttl: float | None = None) -> None:
         """See `AsyncNode.publish`. Best effort does not wait for the loop; reliable
@@ -237,7 +239,7 @@ class Node:
             return
         self.publish_nowait(topic, data, headers=headers, ttl=ttl)
 
-    def publish_many(self, topic: str, payloads: Iterable[bytes | str], *,
+    def publish_many(self, topic: str, payloads: Iterable[Payload], *,
                      headers: Mapping[str, str] | None = None,
                      reliable: bool = False, retain: bool = False,
                      ttl: float | None = None) -> None:
@@ -256,7 +258,7 @@ class Node:
                                                               reliable=reliable,
                                                               retain=retain, ttl=ttl)))
 
-    def publish_nowait(self, topic: str, data: bytes | str, *,
+    def publish_nowait(self, topic: str, data: Payload, *,
                        headers: Mapping[str, str] | None = None,
                        ttl: float | None = None) -> bool:
         """Best-effort `publish`: hands the message to the loop without waiting for it to
@@ -272,6 +274,8 @@ class Node:
         _names.topic(topic)
         if ttl is not None:
             ttl = _ttl.check(ttl)
+        if type(data) is not bytes and type(data) is not str:  # encoded here, off the loop
+            data, headers = _codec.prepared(data, headers)
         size = len(data.encode()) if isinstance(data, str) else len(data)
         if size > self._node.config.max_message_size:
             raise MessageTooLarge(size, self._node.config.max_message_size)
@@ -294,10 +298,11 @@ class Node:
         for topic, data, headers, ttl in batch:
             publish(topic, data, headers=headers, ttl=ttl)
 
-    def subscribe(self, pattern: str, *, callback: Callable[[Message], None] | None = None,
+    def subscribe(self, pattern: str, *, type: type[V] | None = None,
+                  callback: Callable[[Message[V]], None] | None = None,
                   max_pending: int = DEFAULT_MAX_PENDING,
                   retained: bool = True, since: float | datetime | None = None,
-                  last: int | None = None) -> SyncSubscription:
+                  last: int | None = None) -> SyncSubscription[V]:
         """See `AsyncNode.subscribe`; iterate the result. A `callback` runs in a thread of
         the subscription's own, one message at a time in order, so it may block; past
         `max_pending` messages behind, the oldest are dropped (and counted) as when iterating.
@@ -306,8 +311,9 @@ class Node:
             ConfigError: `pattern` is invalid.
             ClosedError: the node is not running.
         """
-        sync_sub = SyncSubscription(self, max_pending, callback)
-        sync_sub._start(self._call(self._node.subscribe(pattern, callback=sync_sub._put,
+        sync_sub: SyncSubscription[V] = SyncSubscription(self, max_pending, callback)
+        sync_sub._start(self._call(self._node.subscribe(pattern, type=type,
+                                                        callback=sync_sub._put,
                                                         max_pending=max_pending,
                                                         retained=retained, since=since,
                                                         last=last)))
@@ -350,7 +356,7 @@ class Node:
         """
         self._call(self._node.wait_for_spool(timeout=timeout))
 
-    def push(self, queue: str, data: bytes | str, *,
+    def push(self, queue: str, data: Payload, *,
              headers: Mapping[str, str] | None = None, timeout: float = 10.0,
              reliable: bool = False, ttl: float | None = None) -> None:
         """See `AsyncNode.push`; blocks until a worker with credit takes the message
@@ -420,17 +426,18 @@ class Node:
         self._drain()
         return await coro
 
-    def pull(self, queue: str, *, prefetch: int = DEFAULT_PREFETCH,
-             handler: Callable[[Message], object] | None = None) -> SyncPull:
+    def pull(self, queue: str, *, type: type[V] | None = None,
+             prefetch: int = DEFAULT_PREFETCH,
+             handler: Callable[[Message[V]], object] | None = None) -> SyncPull[V]:
         """See `AsyncNode.pull`. A `handler` runs in a worker thread, so it may block."""
         async_handler = None
         if handler is not None:
             blocking = handler
 
-            async def async_handler(msg: Message) -> None:
+            async def async_handler(msg: Message[V]) -> None:
                 await asyncio.to_thread(blocking, self._threadsafe(msg))
 
-        return SyncPull(self, self._call(self._node.pull(queue, prefetch=prefetch,
+        return SyncPull(self, self._call(self._node.pull(queue, type=type, prefetch=prefetch,
                                                          handler=async_handler)))
 
     def wait_for_workers(self, queue: str, count: int = 1, *, timeout: float = 10.0) -> None:
@@ -470,13 +477,13 @@ class Node:
         service_handle = self._call(self._node.serve(service, run, concurrency=concurrency))
         return SyncService(service_handle, self._call)
 
-    def request(self, service: str, data: bytes | str, *, timeout: float = 5.0,
+    def request(self, service: str, data: Payload, *, timeout: float = 5.0,
                 retries: int = 2, headers: Mapping[str, str] | None = None) -> Message:
         """See `AsyncNode.request`; blocks until the reply (or the error) arrives."""
         return self._call(self._node.request(service, data, timeout=timeout, retries=retries,
                                              headers=headers))
 
-    def request_all_stream(self, service: str, data: bytes | str, *, timeout: float = 5.0,
+    def request_all_stream(self, service: str, data: Payload, *, timeout: float = 5.0,
                            max_replies: int | None = None,
                            headers: Mapping[str, str] | None = None) -> SyncReplies:
         """See `AsyncNode.request_all_stream`: ``for reply in node.request_all_stream(...)``."""
@@ -484,7 +491,7 @@ class Node:
             service, data, timeout=timeout, max_replies=max_replies, headers=headers))
         return SyncReplies(self, replies)
 
-    def request_all(self, service: str, data: bytes | str, *, timeout: float = 5.0,
+    def request_all(self, service: str, data: Payload, *, timeout: float = 5.0,
                     max_replies: int | None = None,
                     headers: Mapping[str, str] | None = None) -> list[Message]:
         """See `AsyncNode.request_all`; blocks until the gathering ends."""

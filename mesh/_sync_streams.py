@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 from ._membership._events import PeerEvents
 from ._membership._peers import PeerEvent
 from ._message import Message
+from ._message import T as V
 from ._node import AsyncNode
 from ._pubsub._subscription import Subscription
 from ._services._gather import Replies
@@ -51,7 +52,7 @@ class Node(Protocol):
 
     def _read(self, value: Callable[[], T]) -> T: ...
 
-    def _threadsafe(self, msg: Message) -> Message: ...
+    def _threadsafe(self, msg: Message[V]) -> Message[V]: ...
 
     def _forget(self, stream: SyncSubscription | SyncPeerEvents) -> None: ...
 
@@ -113,7 +114,7 @@ class _Handoff(Generic[T]):
                     self._readers -= 1
 
 
-class SyncSubscription(_Handoff[Message]):
+class SyncSubscription(_Handoff[Message[V]]):
     """The blocking twin of `Subscription`: iterate, or call `next(timeout)`.
 
     A reader more than `max_pending` messages behind loses the oldest ones,
@@ -122,10 +123,10 @@ class SyncSubscription(_Handoff[Message]):
     """
 
     def __init__(self, node: Node, max_pending: int,
-                 callback: Callable[[Message], None] | None = None) -> None:
+                 callback: Callable[[Message[V]], None] | None = None) -> None:
         super().__init__()
         self._node = node
-        self._sub: Subscription | None = None
+        self._sub: Subscription[V] | None = None
         """The async subscription feeding this one (set by `Node.subscribe`)."""
         self.max_pending = max_pending
         self.dropped = 0
@@ -138,12 +139,12 @@ class SyncSubscription(_Handoff[Message]):
             self._dispatcher = threading.Thread(target=self._dispatch, args=(callback,),
                                                 name="zeromesh-callback", daemon=True)
 
-    def _start(self, sub: Subscription) -> None:
+    def _start(self, sub: Subscription[V]) -> None:
         self._sub = sub
         if self._dispatcher is not None:
             self._dispatcher.start()
 
-    def _put(self, item: Message) -> None:
+    def _put(self, item: Message[V]) -> None:
         """On the loop thread: queue it, dropping the oldest past `max_pending`."""
         queue, lock = self._queue, self._lock
         lock.acquire()  # (not `with`: about half the cost on 3.11, once per message)
@@ -172,7 +173,7 @@ class SyncSubscription(_Handoff[Message]):
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             thread.join(timeout)
 
-    def _dispatch(self, callback: Callable[[Message], None]) -> None:
+    def _dispatch(self, callback: Callable[[Message[V]], None]) -> None:
         for msg in self:
             try:
                 callback(msg)
@@ -194,10 +195,15 @@ class SyncSubscription(_Handoff[Message]):
         return len(self._queue)
 
     @property
+    def decode_errors(self) -> int:
+        """Messages skipped because they did not decode as the subscription's type."""
+        return self._sub.decode_errors if self._sub is not None else 0
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
-    def next(self, timeout: float | None = None) -> Message:
+    def next(self, timeout: float | None = None) -> Message[V]:
         """The next message.
 
         Raises:
@@ -209,7 +215,7 @@ class SyncSubscription(_Handoff[Message]):
         except IndexError:
             return self._take(timeout, "subscription")
 
-    def drain(self, limit: int) -> list[Message]:
+    def drain(self, limit: int) -> list[Message[V]]:
         """Up to `limit` queued messages, without waiting (for writers that batch)."""
         with self._lock:
             queue = self._queue
@@ -218,7 +224,7 @@ class SyncSubscription(_Handoff[Message]):
     def __iter__(self) -> Self:
         return self
 
-    def __next__(self) -> Message:
+    def __next__(self) -> Message[V]:
         try:
             return self._queue.popleft()
         except IndexError:
@@ -243,20 +249,25 @@ class SyncSubscription(_Handoff[Message]):
         self.close()
 
 
-class SyncPull:
+class SyncPull(Generic[V]):
     """The blocking twin of `Pull`: work messages of one queue, by `next()` or iteration.
 
     Each message is processed when you call ``msg.ack()`` (or ``msg.nack()``),
     or implicitly when you ask for the next one.
     """
 
-    def __init__(self, node: Node, pull: Pull) -> None:
+    def __init__(self, node: Node, pull: Pull[V]) -> None:
         self._node = node
         self._pull = pull
 
     @property
     def queue(self) -> str:
         return self._pull.queue
+
+    @property
+    def decode_errors(self) -> int:
+        """Messages nacked and skipped because they did not decode as the pull's type."""
+        return self._pull.decode_errors
 
     @property
     def pending(self) -> int:
@@ -267,7 +278,7 @@ class SyncPull:
     def received(self) -> int:
         return self._pull.received
 
-    def next(self, timeout: float | None = None) -> Message:
+    def next(self, timeout: float | None = None) -> Message[V]:
         """The next work message (the previous one counts as processed).
 
         Raises:
@@ -276,7 +287,7 @@ class SyncPull:
         """
         return self._node._threadsafe(self._node._call(self._pull.next(timeout)))
 
-    def take(self, timeout: float | None = None) -> tuple[Message, Callable[[bool], None]]:
+    def take(self, timeout: float | None = None) -> tuple[Message[V], Callable[[bool], None]]:
         """The next message and its settle function (``settle(True)`` = processed); asking
         for the next one does not settle this one. Either may be called from any thread.
 
@@ -297,7 +308,7 @@ class SyncPull:
     def __iter__(self) -> Self:
         return self
 
-    def __next__(self) -> Message:
+    def __next__(self) -> Message[V]:
         try:
             return self.next()
         except ClosedError:

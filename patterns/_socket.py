@@ -108,6 +108,7 @@ class Socket:
         self._on_readable: Callable[[], None] | None = None
         self._dispatching = False
         self._drained = False
+        self._ipv6 = False
 
     @property
     def closed(self) -> bool:
@@ -269,7 +270,11 @@ class Socket:
         self._sync.setsockopt(option, value)
 
     def bind(self, host: str, port: int = 0) -> str:
-        """Bind `tcp://host:port` (0 = OS-assigned) and return the real endpoint."""
+        """Bind `tcp://host:port` (0 = OS-assigned) and return the real endpoint
+        (an IPv6 `host` goes in brackets: ``tcp://[fd00::1]:5000``)."""
+        self._family(ipv6=":" in host)
+        if ":" in host:
+            host = f"[{host}]"
         curve = self._curve
         if curve is not None:  # a CURVE server: only allowlisted clients get through ZAP
             sync = self._sync
@@ -295,7 +300,17 @@ class Socket:
             sync.setsockopt(zmq.CURVE_SERVERKEY, server_key)
             sync.setsockopt(zmq.CURVE_PUBLICKEY, curve.public)
             sync.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
+        self._family(ipv6=endpoint.startswith("tcp://["))
         self._sync.connect(endpoint)
+
+    def _family(self, *, ipv6: bool) -> None:
+        """libzmq refuses IPv6 endpoints (ENODEV) unless the socket allows them, and an
+        IPv6-enabled socket binds an IPv4 address as ``tcp://[::ffff:a.b.c.d]:port``; each
+        bind or connect takes the option as it is then, so set it per endpoint (only when
+        it changes: an IPv4-only node never touches it)."""
+        if ipv6 != self._ipv6:
+            self._ipv6 = ipv6
+            self._sync.setsockopt(zmq.IPV6, int(ipv6))
 
     def disconnect(self, endpoint: str) -> None:
         with contextlib.suppress(zmq.ZMQError):  # not connected: nothing to undo

@@ -5,6 +5,9 @@ that value, or raises AssertionError at the deadline (with the last value or
 exception in the message). `aeventually` is the asyncio twin; its predicate may
 be a plain function or return an awaitable.
 
+`quick_benchmark` runs a benchmark script as users run it (``--quick --json``,
+loopback only) and returns its report.
+
 `files` and `cut_tail` list and damage files (spool segments) from async tests,
 in a worker thread, so the loop under test never blocks on the disk.
 """
@@ -13,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar, overload
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -126,3 +132,16 @@ async def cut_tail(path: Path, nbytes: int) -> None:
     def cut() -> None:
         os.truncate(path, path.stat().st_size - nbytes)
     await asyncio.to_thread(cut)
+
+
+def quick_benchmark(script: Path, timeout: float = 140.0) -> dict[str, Any]:
+    """``script --quick --json`` in a subprocess on 127.0.0.1; its JSON report (asserts
+    a zero exit, showing the output otherwise)."""
+    env = {**os.environ, "ZEROMESH_INTERFACES": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+    env.pop("ZEROMESH_PEERS", None)
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", "--timeout", "40"],
+                          cwd=script.parent.parent, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report

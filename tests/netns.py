@@ -19,6 +19,14 @@ most mDNS code do) fails with ENODEV and sending to 224.0.0.251 fails with
 ENETUNREACH. The bridge has multicast snooping off, so every multicast frame
 is flooded to every port (mDNS must cross it whatever IGMP state exists).
 
+``make_lan(n, ipv6=True)`` also gives each ``eth0`` a ULA ``fd77::<b>:<i>/64``
+(`Host.ip6`) and a link-local ``fe80::77:<i>/64`` (`Host.ll6`, use it as
+``fe80::77:<i>%eth0``) instead of the kernel's EUI-64 one, both added ``nodad``
+so they are usable at once (duplicate address detection would hold them
+tentative for a second or more, and a tentative address cannot be bound).
+IPv6 multicast (ff02::fb) needs no route: the kernel adds ff00::/8 on every
+IPv6 interface.
+
 Processes started with `Host.popen` / `Host.run` are tracked. `Lan.close()`
 SIGKILLs the process group of each one (each runs in its own session, so the
 group is exactly what we started plus its children), then anything still
@@ -121,6 +129,10 @@ class Host:
     ip: str
     """IPv4 address of ``eth0`` (no prefix length)."""
     interface: str = _HOST_IF
+    ip6: str | None = None
+    """ULA IPv6 address of ``eth0`` (a LAN built with ``ipv6=True``), else None."""
+    ll6: str | None = None
+    """Link-local IPv6 address of ``eth0`` with its zone, ``fe80::77:<i>%eth0``."""
 
     def _argv(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.netns, *argv]
@@ -262,10 +274,11 @@ def _kill_group(proc: subprocess.Popen[Any]) -> None:
 class Lan:
     """Hosts on one bridge; build it with `make_lan`, tear it down with `close`."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, *, ipv6: bool = False) -> None:
         if not 1 <= n <= 250:
             raise ValueError(f"a LAN has 1..250 hosts, not {n}")
         self.n: Final[int] = n
+        self.ipv6: Final[bool] = ipv6
         self.tag: Final[str] = f"{NETNS_PREFIX}{secrets.token_hex(3)}"
         """Per-LAN prefix of every namespace name, e.g. ``zm3fa91c``."""
         self.subnet_byte: Final[int] = secrets.randbelow(254) + 1
@@ -280,6 +293,11 @@ class Lan:
     def subnet(self) -> str:
         """The LAN's IPv4 subnet, ``10.77.<b>.0/24``."""
         return f"10.77.{self.subnet_byte}.0/24"
+
+    @property
+    def subnet6(self) -> str | None:
+        """The LAN's IPv6 subnet, ``fd77::/64`` (None without ``ipv6``)."""
+        return "fd77::/64" if self.ipv6 else None
 
     @property
     def namespaces(self) -> list[str]:
@@ -339,6 +357,8 @@ class Lan:
                 name=name,
                 netns=f"{self.tag}-{name}",
                 ip=f"10.77.{self.subnet_byte}.{index}",
+                ip6=f"fd77::{self.subnet_byte:x}:{index:x}" if self.ipv6 else None,
+                ll6=f"fe80::77:{index:x}%{_HOST_IF}" if self.ipv6 else None,
             )
             self._add_netns(host.netns)
             hn = host.netns
@@ -351,6 +371,11 @@ class Lan:
             _ip("-n", br, "link", "set", name, "multicast", "on", "up")
             _ip("-n", hn, "link", "set", "lo", "up")
             _ip("-n", hn, "addr", "add", f"{host.ip}/24", "dev", _HOST_IF)
+            if host.ip6 is not None and host.ll6 is not None:
+                _ip("-n", hn, "link", "set", _HOST_IF, "addrgenmode", "none")
+                _ip("-n", hn, "addr", "add", f"{host.ip6}/64", "dev", _HOST_IF, "nodad")
+                ll6 = host.ll6.partition("%")[0]
+                _ip("-n", hn, "addr", "add", f"{ll6}/64", "dev", _HOST_IF, "nodad")
             _ip("-n", hn, "link", "set", _HOST_IF, "multicast", "on", "up")
             _ip("-n", hn, "route", "add", _MCAST_NET, "dev", _HOST_IF)
             self.hosts.append(host)
@@ -448,14 +473,15 @@ def _alive_in(pid: int, ns: str) -> bool:
 
 
 @contextlib.contextmanager
-def make_lan(n: int = 3) -> Iterator[Lan]:
-    """Builds an ``n``-host LAN, yields it, and always tears it down.
+def make_lan(n: int = 3, *, ipv6: bool = False) -> Iterator[Lan]:
+    """Builds an ``n``-host LAN (with IPv6 addresses too if `ipv6`), yields it, and always
+    tears it down.
 
     Raises:
         NetnsError: If building or tearing down fails (a failed build is torn
             down before the error propagates).
     """
-    lan = Lan(n)
+    lan = Lan(n, ipv6=ipv6)
     try:
         lan.build()
         yield lan

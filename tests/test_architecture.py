@@ -68,7 +68,7 @@ def test_every_module_imports_on_its_own(module: str) -> None:
 
 LAYERS: list[tuple[str, ...]] = [
     ("mesh.errors", "mesh._support", "mesh._spool", "mesh._loop"),
-    ("mesh._wire", "mesh._message", "mesh._names", "mesh._config", "mesh._ttl",
+    ("mesh._wire", "mesh._codec", "mesh._message", "mesh._names", "mesh._config", "mesh._ttl",
      "mesh._trace"),
     ("mesh._membership", "mesh._parts"),
     ("mesh._reliable", "mesh._pubsub", "mesh._services", "mesh._work"),

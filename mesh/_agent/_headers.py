@@ -12,6 +12,11 @@ an app could have sent that name in (content type, trace context, ``X-``), so
 they round-trip; any other name, which could clash with HTTP's own
 (Content-Length, Date, Server, Set-Cookie...), comes back as
 ``X-Zeromesh-Header-<name>``.
+
+An app that asks with ``Accept: application/json`` (SSE streams, request
+replies) gets MessagePack payloads — what typed sends from Python make — as
+JSON, labelled ``content-type: application/json``: HTTP apps in any language
+read JSON, few read MessagePack.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
+import msgspec
+
+from .. import _codec
 from .._message import Message
 
 CONTENT_TYPE: Final[str] = "content-type"
@@ -151,3 +159,18 @@ def for_delivery(msg: Message, kind: str) -> dict[str, str]:
     out[OURS + kind] = msg.topic
     out[OURS + "source"] = msg.source
     return out
+
+
+def wants_json(accept: str | None) -> bool:
+    """Does an ``Accept`` header ask for JSON?"""
+    return accept is not None and _codec.JSON in accept.lower()
+
+
+def as_json(msg: Message) -> Message:
+    """`msg` with a MessagePack payload turned into JSON (and labelled so); any other
+    message, or one that does not convert, as it is."""
+    converted = _codec.as_json(msg.data, msg.headers)
+    if converted is None:
+        return msg
+    return msgspec.structs.replace(msg, data=converted,
+                                   headers={**(msg.headers or {}), CONTENT_TYPE: _codec.JSON})

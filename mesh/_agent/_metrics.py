@@ -55,6 +55,8 @@ _NODE_TOTALS: Final = (
     ("expired", "zeromesh_messages_expired",
      "Messages dropped undelivered because their ttl passed: on arrival here, or waiting "
      "in this node's queues or spool."),
+    ("decode_errors", "zeromesh_messages_undecodable",
+     "Messages a typed subscription or pull (type=T) skipped: not a T."),
     ("oversized", "zeromesh_messages_oversized",
      "Sends refused before sending: larger than max_message_size."),
     ("abandoned", "zeromesh_messages_abandoned",

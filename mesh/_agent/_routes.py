@@ -1,7 +1,8 @@
 """The agent's request/response routes: publish, push, request, peers, health, metrics.
 
-Bodies are the payload byte for byte; headers travel as described in
-`_headers`. Path parameters arrive URL-decoded (``acc.%3E`` is ``acc.>``).
+Bodies are the payload byte for byte (a MessagePack reply as JSON for a
+requester that accepts JSON); headers travel as described in `_headers`.
+Path parameters arrive URL-decoded (``acc.%3E`` is ``acc.>``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .._node import AsyncNode
 from .._uplink._links import Uplinks
 from ..errors import NoRespondersError, RemoteError, RequestTimeout
 from . import _bulk, _http
-from ._headers import OURS, from_http, reply_to_http
+from ._headers import OURS, as_json, from_http, reply_to_http, wants_json
 from ._metrics import CONTENT_TYPE, AgentMetrics
 
 DEFAULT_REQUEST_TIMEOUT: Final[float] = 5.0
@@ -152,6 +153,8 @@ class Routes:
             self._metrics.requests.labels(service, outcome).inc()
             if outcome == "ok":
                 self._metrics.latency.labels(service).observe(time.perf_counter() - started)
+        if wants_json(request.headers.get("Accept")):
+            reply = as_json(reply)
         out = reply_to_http(reply.headers)
         out[OURS + "source"] = reply.source
         return web.Response(body=reply.data, headers=out)

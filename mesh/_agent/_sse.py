@@ -8,6 +8,10 @@ connection; the agent remembers the last `RECENT` events of each durable, so
 a client that reconnects with ``Last-Event-ID`` also gets those it may have
 lost in flight. Events queued for a client but not yet written go back to
 the publishers when it disconnects.
+
+A client that sends ``Accept: application/json`` gets MessagePack payloads
+(typed sends from Python) as JSON text in ``data``, as if they had been
+published as JSON (see `_headers.as_json`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from .._pubsub._subscription import Subscription
 from .._work._pull import Pull
 from ..errors import ClosedError
 from . import _http
+from ._headers import as_json, wants_json
 from ._metrics import AgentMetrics
 
 KEEPALIVE: Final[float] = 15.0
@@ -42,8 +47,11 @@ _encode = msgspec.json.Encoder().encode
 Settle = Callable[[bool], None]
 
 
-def event(msg: Message) -> bytes:
-    """One SSE event: ``id:`` is the message id, ``data:`` its JSON (base64 if binary)."""
+def event(msg: Message, json: bool = False) -> bytes:
+    """One SSE event: ``id:`` is the message id, ``data:`` its JSON (base64 if binary);
+    with `json`, a MessagePack payload is converted to JSON first."""
+    if json:
+        msg = as_json(msg)
     return b"id: %s\ndata: %s\n\n" % (msg.id.encode(), _encode(_http.message_json(msg)))
 
 
@@ -75,18 +83,20 @@ class Streams:
         last = _http.count(params, "last", 0, 1_000_000) or None
         if "last" in params and last is None:
             return _http.error(400, "last must be >= 1")
+        json = wants_json(request.headers.get("Accept"))
         if durable is None:
-            return await self._plain(request, pattern, retained, since, last)
+            return await self._plain(request, pattern, retained, since, last, json)
         if durable in self._attached:
             return _http.error(409, f"durable {durable!r} already has a stream on this agent")
         self._attached.add(durable)
         try:
-            return await self._durable(request, pattern, durable, since, last)
+            return await self._durable(request, pattern, durable, since, last, json)
         finally:
             self._attached.discard(durable)
 
     async def _plain(self, request: web.Request, pattern: str, retained: bool,
-                     since: float | None, last: int | None) -> web.StreamResponse:
+                     since: float | None, last: int | None, json: bool
+                     ) -> web.StreamResponse:
         sub = await self._node.subscribe(pattern, max_pending=MAX_PENDING, retained=retained,
                                          since=since, last=last)
         self._open.add(sub)
@@ -103,7 +113,7 @@ class Streams:
                 except ClosedError:
                     return response
                 msgs = [first, *sub.drain(BATCH - 1)]
-                await response.write(b"".join(event(m) for m in msgs))
+                await response.write(b"".join(event(m, json) for m in msgs))
                 if _trace.ON:
                     _trace.received(msgs, "sse", subscription=pattern, operation="process")
                 counter.inc(len(msgs))
@@ -115,7 +125,8 @@ class Streams:
             await sub.aclose()
 
     async def _durable(self, request: web.Request, pattern: str, name: str,
-                       since: float | None, last: int | None) -> web.StreamResponse:
+                       since: float | None, last: int | None, json: bool
+                       ) -> web.StreamResponse:
         pull = await self._node.subscribe_durable(pattern, name, since=since, last=last)
         self._open.add(pull)
         recent = self._recent.setdefault(name, deque(maxlen=RECENT))
@@ -124,7 +135,8 @@ class Streams:
             missed = _after(recent, request.headers.get("Last-Event-ID"))
             if missed:
                 await response.write(b"".join(missed))
-            await self._pump(response, pull, recent, self._metrics.sse.labels(pattern).inc)
+            await self._pump(response, pull, recent, self._metrics.sse.labels(pattern).inc,
+                             json)
             return response
         finally:
             self._open.discard(pull)
@@ -132,7 +144,8 @@ class Streams:
 
     @staticmethod
     async def _pump(response: web.StreamResponse, pull: Pull,
-                    recent: deque[tuple[str, bytes]], count: Callable[[int], None]) -> None:
+                    recent: deque[tuple[str, bytes]], count: Callable[[int], None],
+                    json: bool) -> None:
         while True:
             try:
                 taken = [await pull.take(timeout=KEEPALIVE)]
@@ -143,7 +156,7 @@ class Streams:
                 return
             while pull.pending and len(taken) < BATCH:
                 taken.append(await pull.take())
-            events = [(msg.id, event(msg)) for msg, _ in taken]
+            events = [(msg.id, event(msg, json)) for msg, _ in taken]
             try:
                 await response.write(b"".join(e for _, e in events))
             except BaseException:

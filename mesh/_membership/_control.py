@@ -59,7 +59,9 @@ from ._peers import PeerEvent, PeerEventKind, PeerRecord, PeerState, PeerTable
 _log = logging.getLogger("mesh.node")
 _PENDING_LINK_TTL: Final[float] = 30.0
 _MAX_SUBS: Final[int] = 10_000
-_ENDPOINT_RE: Final = re.compile(r"tcp://([0-9.]{7,15}):([0-9]{1,5})")
+_ENDPOINT_RE: Final = re.compile(
+    r"tcp://(?:([0-9.]{7,15})|\[([0-9A-Fa-f:.]{2,45})(?:%([A-Za-z0-9_.-]{1,15}))?\]):([0-9]{1,5})")
+_BOTH: Final = frozenset({4, 6})
 _MAX_WINDOW: Final[int] = 1_000_000
 _MAX_MEMBERS: Final[int] = 10_000
 """Members one node keeps; news of more is dropped (a hostile or broken sender)."""
@@ -72,6 +74,10 @@ _NEWS_BUDGET: Final[int] = 48 * 1024
 _NEIGHBOUR_LINGER: Final[float] = 5.0
 """A member that stops being a neighbour is watched this much longer (a join storm
 reshuffles neighbours many times a second: links are not opened and closed at that pace)."""
+_CONFIRM: Final[float] = 0.5
+"""Seconds news of a loss leaves the member suspect before it is taken (time to refute)."""
+_RING_GRACE: Final[float] = 10.0
+"""Seconds a lost member keeps its place on the ring (its neighbours watch it on)."""
 _PARTNER_LINGER: Final[float] = 10.0
 """A partner is watched this long after the last sign of data exchanged with it."""
 _SYNC_AFTER: Final[int] = 2
@@ -95,6 +101,8 @@ class Membership:
         self._incarnation = announcement.identity.incarnation
         self._mesh = config.mesh
         self._interval = config.heartbeat_interval
+        self._reach = frozenset(6 if ":" in iface else 4 for iface in config.interfaces)
+        """The IP versions of our interfaces: a member is dialled on one of those."""
         self._quiet = quiet
         self._listeners: tuple[PeerListener, ...] = ()
         self._events: tuple[EventSink, ...] = ()
@@ -111,8 +119,10 @@ class Membership:
         self._static: set[str] = set()
         self._watching: dict[str, float] = {}
         """Ids we beat by choice (neighbours, partners) -> until when (monotonic)."""
-        self._watchers: set[str] = set()
-        """Ids that beat us: we beat them back."""
+        self._watchers: dict[str, float] = {}
+        """Ids that beat us -> when they last did: we beat them back (so they can watch us),
+        but only those we watch ourselves can be declared lost by us (a watcher that stops
+        beating us may just have let us go, and its notice may not have come)."""
         self._neighbours: frozenset[str] = frozenset()
         self._view_changed = True
         self._departed: BoundedDict[str, int] = BoundedDict(_MAX_SUBS)
@@ -125,6 +135,8 @@ class Membership:
         self._flush: asyncio.Handle | None = None
         self._mismatch: dict[str, int] = {}
         self._synced_at: dict[str, float] = {}
+        self._confirming: dict[str, asyncio.TimerHandle] = {}
+        """Members news said were lost, still suspect: when the news is taken as true."""
         self._announced: dict[str, object] = {}
         """Our interest as last announced (changes are sent as deltas against it)."""
         self.sent = 0
@@ -177,6 +189,8 @@ class Membership:
         finally:
             self.router.stop()
             self.table.stop()
+            for handle in self._confirming.values():
+                handle.cancel()
             if self._flush is not None:
                 self._flush.cancel()
 
@@ -323,18 +337,18 @@ class Membership:
         held it, so it measures its round trip to us (`PeerRecord.rtt`) for free."""
         now = time.monotonic()
         stopped = self._refresh_watching(now)
-        me = self._announcement
-        base = _wire.Heartbeat(self._id, self._incarnation, me.version, me.ctl,
-                               seq=me.seq, digest=self._digest())
+        gone = now - self.table.lost_after
+        for peer_id in [w for w, at in self._watchers.items() if at < gone]:
+            del self._watchers[peer_id]
+        base = self._heartbeat()
         needed: set[str] = set()
         for peer_id in self._targets():
             rec = self.table.get(peer_id)
             if rec is None:
                 continue
             needed.add(rec.ctl)
-            held = now - rec.their_beat_at if rec.their_beat else 0.0
-            self._send(rec.ctl, msgspec.structs.replace(base, sent=now, echo=rec.their_beat,
-                                                        held=held))
+            self._beat_to(rec, base, now)
+        me = self._announcement
         for rec in stopped:
             self._send(rec.ctl, msgspec.structs.replace(base, watching=False))
         joined = self._joined()
@@ -355,6 +369,19 @@ class Membership:
         for endpoint in [e for e in self._links if e not in needed]:
             self._drop_link(endpoint, linger=0.5)
 
+    def _heartbeat(self) -> _wire.Heartbeat:
+        me = self._announcement
+        return _wire.Heartbeat(self._id, self._incarnation, me.version, me.ctl, seq=me.seq,
+                               digest=self._digest())
+
+    def _beat_to(self, rec: PeerRecord, base: _wire.Heartbeat, now: float) -> None:
+        """`watching` says whether we chose to watch it (then it beats us back); a beat
+        back to a watcher says False, or two members would keep each other forever."""
+        held = now - rec.their_beat_at if rec.their_beat else 0.0
+        self._send(rec.ctl, msgspec.structs.replace(base, sent=now, echo=rec.their_beat,
+                                                    held=held,
+                                                    watching=rec.id in self._watching))
+
     def _joined(self) -> bool:
         return any(rec.state is not PeerState.LOST for rec in self.table.records())
 
@@ -364,10 +391,14 @@ class Membership:
 
     def _refresh_watching(self, now: float) -> list[PeerRecord]:
         """Renew neighbours and partners; return the members we stop beating."""
-        if self._view_changed:
+        if self._view_changed or any(r.state is PeerState.LOST for r in self.table.records()):
+            # a member lost only a short while stays on the ring: a stalled member that
+            # refutes its loss (CPU starvation does that to many at once) costs no new links
             self._view_changed = False
+            settled = now - self.table.lost_after - _RING_GRACE
             self._neighbours = _neighbours.choose(
-                self._id, [r.id for r in self.table.records() if r.state is not PeerState.LOST])
+                self._id, [r.id for r in self.table.records()
+                           if r.state is not PeerState.LOST or r.last_heard > settled])
         for peer_id in self._neighbours:
             self._watching[peer_id] = max(self._watching.get(peer_id, 0.0),
                                           now + _NEIGHBOUR_LINGER)
@@ -382,8 +413,8 @@ class Membership:
                 del self._watching[peer_id]
             elif until < now and rec.state is not PeerState.LOST:
                 del self._watching[peer_id]  # a lost one is beaten until forgotten
+                self.table.unwatch(rec)
                 if peer_id not in self._watchers:
-                    self.table.unwatch(rec)
                     stopped.append(rec)
             else:
                 self.table.watch(rec)
@@ -480,15 +511,23 @@ class Membership:
         if rec is None:
             return
         self._heard_directly(rec)
-        if hello.reply:
-            self._greet(rec.ctl, reply=False)
-        if hello.digest != self._digest():
+        if not hello.reply:
+            return
+        self._greet(rec.ctl, reply=False)
+        now = time.monotonic()
+        # a greeter may be new to the mesh: it gets our whole view (once in a while: a
+        # member greeting us again, e.g. to learn a changed record, must not set off an
+        # exchange of whole views each time — digests differ all along while news spreads)
+        if (hello.digest != self._digest()
+                and now - self._synced_at.get(rec.id, -_SYNC_EVERY) >= _SYNC_EVERY):
+            self._synced_at[rec.id] = now
             self._send_view(rec.ctl, self._view(), sync=True)
 
     def _heard_directly(self, rec: PeerRecord) -> None:
         """A message from the member itself. If we had it lost, others may still: tell it,
         so it refutes the news for everyone."""
         was_lost = rec.state is PeerState.LOST
+        self._unsuspect(rec)
         self.table.heard(rec)
         rec.heard_directly = rec.last_heard
         if was_lost:
@@ -516,7 +555,7 @@ class Membership:
         news = rec is None or _is_newer(hello, rec)
         if not news and not direct:
             return False
-        ctl, pub = _first_endpoint(hello.ctl), _first_endpoint(hello.pub)
+        ctl, pub = _first_endpoint(hello.ctl, self._reach), _first_endpoint(hello.pub, self._reach)
         if ctl is None or pub is None:
             self._quiet.drop("bad_member", f"member {hello.id[:8]} without usable endpoints")
             return False
@@ -530,8 +569,8 @@ class Membership:
         if (rec is None or rec.incarnation != hello.incarnation
                 or rec.ctl != ctl or rec.pub != pub):
             new = PeerRecord(hello.id, hello.name[:64], hello.incarnation, ctl, pub,
-                             pull=_first_endpoint(hello.pull) or "",
-                             rtr=_first_endpoint(hello.rtr) or "")
+                             pull=_first_endpoint(hello.pull, self._reach) or "",
+                             rtr=_first_endpoint(hello.rtr, self._reach) or "")
             new.seq, new.key, new.hello = hello.seq, hello.key, record
             self._set_subs(new, hello)
             if rec is not None and rec.ctl != ctl:
@@ -549,9 +588,10 @@ class Membership:
                 for listener in self._listeners:
                     listener.peer_updated(rec)
             self._stamp(rec)
-            if was_lost and refuted and not direct:
+            if refuted and rec.state is not PeerState.ALIVE and not direct:
+                self._unsuspect(rec)
                 self.table.heard(rec)  # it refuted the news: it is back
-                self._view_changed = True
+                self._view_changed = was_lost or self._view_changed
         self._pending.pop(ctl, None)
         if news:
             self._spread(record, came_from)
@@ -590,21 +630,19 @@ class Membership:
         if rec is None or rec.incarnation != beat.incarnation:
             if self._departed.get(beat.id) == beat.incarnation:
                 return
-            ctl = _first_endpoint(beat.ctl)
+            ctl = _first_endpoint(beat.ctl, self._reach)
             if ctl is not None:
                 self._greet_new(ctl)
             return
-        if not beat.watching:
-            self._watchers.discard(rec.id)
-            if rec.id not in self._watching:
-                self.table.unwatch(rec)
-            return
-        if rec.id not in self._watchers:
-            self._watchers.add(rec.id)
-            self.table.watch(rec)
         was = rec.state
         self._heard_directly(rec)
         now = rec.last_heard
+        if not beat.watching:
+            self._watchers.pop(rec.id, None)
+        else:
+            if rec.id not in self._watchers:  # a new watcher: let it hear us at once
+                self._beat_to(rec, self._heartbeat(), now)
+            self._watchers[rec.id] = now
         rec.their_beat, rec.their_beat_at = beat.sent, now
         if beat.echo and 0.0 <= beat.held < 3600.0:
             rtt = now - beat.echo - beat.held
@@ -668,12 +706,33 @@ class Membership:
             # we hear it ourselves: it is not lost; let it refute the news for everyone
             self._send(rec.ctl, _wire.Gossip(self._id, [down]))
             return
+        if rec.id in self._confirming:
+            return
+        # Suspect until the news is confirmed: a member that was only stalled refutes
+        # within this window, and one false suspicion does not become a loss everywhere.
         rec.seq = down.seq
+        if rec.state is PeerState.ALIVE:
+            rec.state = PeerState.SUSPECT
+        self._confirming[rec.id] = asyncio.get_running_loop().call_later(
+            _CONFIRM, self._confirm_lost, rec, down)
+        self._spread(down, came_from)
+        self._peers_changed()
+
+    def _confirm_lost(self, rec: PeerRecord, down: _wire.Down) -> None:
+        self._confirming.pop(rec.id, None)
+        if (self.table.get(rec.id) is not rec or rec.state is not PeerState.SUSPECT
+                or rec.seq > down.seq
+                or time.monotonic() - rec.heard_directly < self.table.suspect_after):
+            return  # refuted, heard, or gone meanwhile
         self.table.declare_lost(rec)
         self._stamp(rec)
         self._view_changed = True
-        self._spread(down, came_from)
         self._peers_changed()
+
+    def _unsuspect(self, rec: PeerRecord) -> None:
+        handle = self._confirming.pop(rec.id, None)
+        if handle is not None:
+            handle.cancel()
 
     def _on_change(self, change: _wire.Change, came_from: str) -> None:
         rec = self.table.get(change.id)
@@ -724,7 +783,7 @@ class Membership:
 
     def _unlink(self, rec: PeerRecord) -> None:
         self._watching.pop(rec.id, None)
-        self._watchers.discard(rec.id)
+        self._watchers.pop(rec.id, None)
         self._mismatch.pop(rec.id, None)
         self._synced_at.pop(rec.id, None)
         self._view_changed = True
@@ -827,16 +886,25 @@ def _pubs(pubs: list[str] | None, quiet: QuietLog) -> tuple[TopicPattern, ...]:
     return tuple(valid)
 
 
-def _first_endpoint(endpoints: list[str]) -> str | None:
-    """The first ``tcp://<IPv4>:<port>`` (what nodes bind): anything else would make libzmq's
-    connect raise (``tcp://x``), ending the reader, or resolve a host name by DNS."""
+def _first_endpoint(endpoints: list[str], reach: frozenset[int] = _BOTH) -> str | None:
+    """The first ``tcp://<IPv4>:<port>`` or ``tcp://[<IPv6>]:<port>`` (what nodes bind) of an
+    IP version in `reach` (those of our interfaces: an IPv4-only node cannot dial IPv6).
+    Anything else would make libzmq's connect raise (``tcp://x``), ending the reader, or
+    resolve a host name by DNS; a link-local IPv6 address must name its zone."""
     for endpoint in endpoints:
         found = _ENDPOINT_RE.fullmatch(endpoint)
-        if found is None or not 0 < int(found[2]) < 65536:
+        if found is None or not 0 < int(found[4]) < 65536:
             continue
         try:
-            ipaddress.IPv4Address(found[1])
+            if found[1] is not None:
+                ipaddress.IPv4Address(found[1])
+                usable = 4 in reach
+            else:
+                ip = ipaddress.IPv6Address(found[2])
+                usable = (6 in reach and not (ip.is_unspecified or ip.is_multicast)
+                          and ip.ipv4_mapped is None and ip.is_link_local == bool(found[3]))
         except ValueError:
             continue
-        return endpoint
+        if usable:
+            return endpoint
     return None

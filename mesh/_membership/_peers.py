@@ -211,12 +211,15 @@ class PeerTable:
             self._arm(rec)
 
     def watch(self, rec: PeerRecord) -> None:
-        """Time its silence ourselves from now on: from when it was last heard itself, or
-        from now if only news of it came so far."""
+        """Time its silence ourselves from now on: from when it was last heard itself if
+        that was recent (it may have died since), else from now (it had no reason to beat
+        us before)."""
         if not rec.watched:
             rec.watched = True
             if rec.state is not PeerState.LOST:
-                rec.last_heard = rec.heard_directly or time.monotonic()
+                now = time.monotonic()
+                fresh = now - rec.heard_directly < self.suspect_after
+                rec.last_heard = rec.heard_directly if fresh else now
             self._arm(rec)
 
     def unwatch(self, rec: PeerRecord) -> None:

@@ -39,10 +39,10 @@ from patterns import (
     topic_from_key,
 )
 
-from .. import _names, _ttl, _wire
+from .. import _codec, _names, _ttl, _wire
 from .._config import NodeConfig
 from .._membership._peers import PeerRecord, PeerState, PeerTable
-from .._message import Message
+from .._message import Message, T
 from .._parts import Announcer, Waiter
 from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
@@ -221,7 +221,7 @@ class PubSub:
         if pending and self._outgoing_bytes + size > _wire.FRAME_BYTES:
             self.flush(name)  # keep every frame under the receivers' size limit
             pending = self._outgoing[topic] = []
-        hdrs = dict(headers) if headers else None
+        hdrs = (headers if headers is _codec.LABEL else dict(headers)) if headers else None
         seq = self._next_seq()
         if ttl is None:
             item = _wire.Item(seq, time.time(), hdrs, data)
@@ -404,11 +404,12 @@ class PubSub:
 
     # -- subscribing ------------------------------------------------------------
 
-    def subscribe(self, pattern: str, callback: Callback | None, max_pending: int, *,
-                  best_effort_only: bool = False) -> Subscription:
+    def subscribe(self, pattern: str, callback: Callback[T] | None, max_pending: int, *,
+                  best_effort_only: bool = False, type: type[T] | None = None
+                  ) -> Subscription[T]:
         parsed = _names.pattern(pattern)
         sub = Subscription(parsed, max_pending=max_pending, callback=callback,
-                           on_close=self._unsubscribe)
+                           on_close=self._unsubscribe, type=type, stats=self._stats)
         sub.best_effort_only = best_effort_only  # (before the hello announces it)
         new = parsed not in self._links.mine
         self._subs.append(sub)
@@ -420,7 +421,7 @@ class PubSub:
             self._links.added(parsed)
         return sub
 
-    def _unsubscribe(self, sub: Subscription) -> None:
+    def _unsubscribe(self, sub: Subscription[Any]) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
             self._match_cache.clear()
@@ -493,6 +494,9 @@ class PubSub:
             delivered -= len(items) - len(msgs)
         self.delivered_by_topic.add(topic, delivered)
         if not msgs:
+            return
+        if len(subs) == 1:  # its own messages: a typed one may decode into them in place
+            subs[0]._deliver(msgs, shared=False)
             return
         for sub in subs:
             sub._deliver(msgs)

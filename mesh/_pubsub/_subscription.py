@@ -12,16 +12,23 @@ already cover is dropped — for a retained value, the same publisher's older
 messages on its topic; for history, the publisher's messages on its history
 topics up to the sequence its answer covered — so there is neither a gap nor
 a duplicate between the two.
+
+A typed subscription (``type=T``) decodes each message as it arrives, by its
+content type, into a `Message[T]` whose `value` is the decoded payload. A
+message that is not a T is skipped and counted (`decode_errors`, and the
+node's ``decode_errors`` total), reported once in the log: one bad publisher
+must not stop the good messages behind it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .. import _trace
-from .._message import Message
+from .._message import Decoding, Message, T
 from .._support._mailbox import Mailbox
 from ..errors import ClosedError
 
@@ -31,23 +38,26 @@ if TYPE_CHECKING:
 _log = logging.getLogger("mesh.node")
 DEFAULT_MAX_PENDING: Final[int] = 100_000
 
-Callback = Callable[[Message], None]
+Callback = Callable[[Message[T]], None]
 
 
-class Subscription(Mailbox[Message]):
-    """Messages matching one pattern, in arrival order.
+class Subscription(Mailbox[Message[T]]):
+    """Messages matching one pattern, in arrival order; `Message[T]` with ``type=T``.
 
     `max_pending` bounds the queue (0 = unbounded, like a ZeroMQ HWM of 0).
     """
 
     def __init__(self, pattern: TopicPattern, *, max_pending: int = DEFAULT_MAX_PENDING,
-                 callback: Callback | None = None,
-                 on_close: Callable[[Subscription], None] | None = None) -> None:
+                 callback: Callback[T] | None = None,
+                 on_close: Callable[[Subscription[Any]], None] | None = None,
+                 type: type[T] | None = None, stats: Counter[str] | None = None) -> None:
         super().__init__()
         self.pattern = pattern
         self.max_pending = max_pending
         self.dropped = 0
         self.received = 0
+        self._decoding = (None if type is None else
+                          Decoding(type, f"subscription {pattern.pattern}", stats))
         self._callback = callback
         self._on_close = on_close
         self._reported_slow = False
@@ -71,6 +81,11 @@ class Subscription(Mailbox[Message]):
         return len(self._queue)
 
     @property
+    def decode_errors(self) -> int:
+        """Messages skipped because they did not decode as the subscription's type."""
+        return self._decoding.errors if self._decoding is not None else 0
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -87,7 +102,9 @@ class Subscription(Mailbox[Message]):
         self._replayed = replayed or {}
         self._deliver([*retained, *held], retained=len(retained))
 
-    def _deliver(self, messages: Iterable[Message], retained: int = 0) -> None:
+    def _deliver(self, messages: Iterable[Message], retained: int = 0, *,
+                 shared: bool = True) -> None:
+        """Take a batch; ``shared=False``: no one else holds these messages."""
         if self._closed:
             return
         if self._held is not None:
@@ -95,6 +112,8 @@ class Subscription(Mailbox[Message]):
             return
         if self._covered or self._replayed:
             messages = self._uncovered(messages, retained)
+        if self._decoding is not None:
+            messages = self._decoding.many(messages, shared)
         if self._callback is not None:
             for msg in messages:
                 self.received += 1
@@ -141,10 +160,10 @@ class Subscription(Mailbox[Message]):
             out.append(msg)
         return out
 
-    def __aiter__(self) -> Subscription:
+    def __aiter__(self) -> Subscription[T]:
         return self
 
-    async def __anext__(self) -> Message:
+    async def __anext__(self) -> Message[T]:
         if self._queue:  # the common case under load: no waiter, no inner coroutine
             return self._queue.popleft()
         try:
@@ -152,7 +171,7 @@ class Subscription(Mailbox[Message]):
         except ClosedError:
             raise StopAsyncIteration from None
 
-    async def next(self, timeout: float | None = None) -> Message:
+    async def next(self, timeout: float | None = None) -> Message[T]:
         """The next message.
 
         Raises:
@@ -161,7 +180,7 @@ class Subscription(Mailbox[Message]):
         """
         return await self._take(timeout, "subscription")
 
-    def drain(self, limit: int) -> list[Message]:
+    def drain(self, limit: int) -> list[Message[T]]:
         """Up to `limit` queued messages, without waiting (for writers that batch)."""
         queue = self._queue
         return [queue.popleft() for _ in range(min(limit, len(queue)))]
@@ -173,7 +192,7 @@ class Subscription(Mailbox[Message]):
             if self._on_close is not None:
                 self._on_close(self)
 
-    async def __aenter__(self) -> Subscription:
+    async def __aenter__(self) -> Subscription[T]:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -23,13 +23,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Any, Final
 
 from patterns import Context, Puller
 
 from .. import _ttl, _wire
 from .._membership._listener import ControlSender
-from .._message import Message
+from .._message import Decoding, Message, T
 from .._reliable._dedup import Dedup
 from .._support._quiet import QuietLog
 from .._support._tally import Stats
@@ -115,7 +115,7 @@ class Workers:
         self.endpoints: list[str] = []
         self.node_id = ""
         self.local: dict[str, LocalQueue] = {}
-        self.handles: set[Pull] = set()
+        self.handles: set[Pull[Any]] = set()
         self._streams: dict[tuple[str, str, int], _InStream] = {}
         self._credit_handle: asyncio.Handle | None = None
         self._credit_dirty: set[_InStream] = set()
@@ -148,22 +148,23 @@ class Workers:
         """What we announce: queue name -> initial credit window per pusher."""
         return {name: q.window for name, q in self.local.items() if q.handles}
 
-    def open(self, queue: str, prefetch: int, handler: Handler | None,
-             on_close: Callable[[Pull], None]) -> tuple[Pull, bool]:
+    def open(self, queue: str, prefetch: int, handler: Handler[T] | None,
+             on_close: Callable[[Pull[Any]], None], decoding: Decoding[T] | None = None
+             ) -> tuple[Pull[T], bool]:
         """A new handle on `queue`; True if this node just started pulling it."""
         local = self.local.get(queue)
         if local is None or local.closed:
             local = self.local[queue] = LocalQueue(queue, prefetch)
         local.prefetch = max(local.prefetch, prefetch)
         local.handles += 1
-        pull = Pull(local, on_close)
+        pull = Pull(local, on_close, decoding)
         local.pulls.append(pull)
         self.handles.add(pull)
         if handler is not None:
             pull._task = asyncio.get_running_loop().create_task(pull._run(handler))
         return pull, local.handles == 1
 
-    def detach(self, pull: Pull) -> LocalQueue | None:
+    def detach(self, pull: Pull[Any]) -> LocalQueue | None:
         """Forget a handle; returns its queue if nobody on this node pulls it any more."""
         self.handles.discard(pull)
         local = pull._local

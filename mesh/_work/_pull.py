@@ -6,6 +6,11 @@ consumed when `ack()`/`nack()` is called on it, when its handle asks for the
 next one, or when its handler returns (a handler that raises nacks it); its
 `Settle` then takes the acknowledgement (for messages from a pusher, the
 credit stream in `_credit`).
+
+A typed handle (``type=T``) hands out `Message[T]`s; a message that is not
+a T is nacked (a reliable one is redelivered, and after ``max_attempts``
+dead-lettered, where it can be seen; a best-effort one is gone), counted in
+`decode_errors`, and the next one is handed out instead.
 """
 
 from __future__ import annotations
@@ -17,17 +22,17 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final, Protocol
+from typing import Any, Final, Generic, Protocol
 
 from .. import _trace
-from .._message import Message, attach_receipt
+from .._message import Decoding, Message, T, attach_receipt
 from ..errors import ClosedError
 from . import _window
 
 _log = logging.getLogger("mesh.workqueue")
 _CREDIT_RESEND_FOR: Final[float] = 3.0
 
-Handler = Callable[[Message], Awaitable[object] | object]
+Handler = Callable[[Message[T]], Awaitable[object] | object]
 
 
 class Settle(Protocol):
@@ -55,7 +60,7 @@ class LocalQueue:
         """Where each of `items` is acknowledged (in step with it; no tuple per message)."""
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.handles = 0
-        self.pulls: list[Pull] = []
+        self.pulls: list[Pull[Any]] = []
         self.closed = False
 
     @property
@@ -88,18 +93,20 @@ class LocalQueue:
 
 
 
-class Pull:
-    """Work messages of one queue; async iterator.
+class Pull(Generic[T]):
+    """Work messages of one queue (`Message[T]` with ``type=T``); async iterator.
 
     Each message is processed when you call ``msg.ack()`` (or ``msg.nack()``
     to have a reliable one redelivered later), or implicitly when you ask for
     the next one.
     """
 
-    def __init__(self, local: LocalQueue, on_close: Callable[[Pull], None]) -> None:
+    def __init__(self, local: LocalQueue, on_close: Callable[[Pull[Any]], None],
+                 decoding: Decoding[T] | None = None) -> None:
         self._local = local
         self._on_close = on_close
-        self._current: Message | None = None
+        self._decoding = decoding
+        self._current: Message[T] | None = None
         """The message in hand; `_current_settle` takes its acknowledgement."""
         self._current_settle: Settle = NO_SETTLE
         self._closed = False
@@ -115,6 +122,11 @@ class Pull:
     def queue(self) -> str:
         return self._local.name
 
+    @property
+    def decode_errors(self) -> int:
+        """Messages nacked and skipped because they did not decode as the pull's type."""
+        return self._decoding.errors if self._decoding is not None else 0
+
     def _receipt(self, msg: Message, ok: bool) -> None:
         """``msg.ack()``/``msg.nack()``: settles `msg` if it is still the one in hand."""
         if self._current is msg:
@@ -126,11 +138,17 @@ class Pull:
             self._current = None
             self._current_settle.settle(current, ok)
 
-    def _take(self) -> Message:
-        """Hand out the head of the (non-empty) queue."""
+    def _take(self) -> Message[T] | None:
+        """Hand out the head of the (non-empty) queue (None: it was not a T, and is nacked)."""
         local = self._local
         msg = local.items.popleft()
         settle = local.settles.popleft()
+        if self._decoding is not None:
+            typed = self._decoding.one(msg)
+            if typed is None:
+                settle.settle(msg, False)
+                return None
+            msg = typed
         attach_receipt(msg, self._receipt)
         self._current = msg
         self._current_settle = settle
@@ -141,7 +159,7 @@ class Pull:
             _trace.received((msg,), "pull", destination=local.name)
         return msg
 
-    async def next(self, timeout: float | None = None) -> Message:
+    async def next(self, timeout: float | None = None) -> Message[T]:
         """The next work message (the previous one counts as processed).
 
         Raises:
@@ -150,30 +168,35 @@ class Pull:
         """
         self._settle_current()
         local = self._local
-        while not local.items:
-            if self._closed or local.closed:
-                raise ClosedError(f"pull on {local.name!r} is closed")
-            local.dry += 1
-            waiter = asyncio.get_running_loop().create_future()
-            local.waiters.append(waiter)
-            try:
-                async with asyncio.timeout(timeout):
-                    await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
-        return self._take()
+        while True:
+            while not local.items:
+                if self._closed or local.closed:
+                    raise ClosedError(f"pull on {local.name!r} is closed")
+                local.dry += 1
+                waiter = asyncio.get_running_loop().create_future()
+                local.waiters.append(waiter)
+                try:
+                    async with asyncio.timeout(timeout):
+                        await waiter
+                finally:
+                    if not waiter.done():
+                        waiter.cancel()
+            msg = self._take()
+            if msg is not None:
+                return msg
 
-    def __aiter__(self) -> Pull:
+    def __aiter__(self) -> Pull[T]:
         return self
 
-    async def __anext__(self) -> Message:
+    async def __anext__(self) -> Message[T]:
         if self._local.items:  # the common case under load: no inner coroutine, no waiter
             current = self._current
             if current is not None:  # _settle_current(), inlined
                 self._current = None
                 self._current_settle.settle(current, True)  # (it never empties the queue)
-            return self._take()
+            msg = self._take()
+            if msg is not None:
+                return msg
         try:
             return await self.next()
         except ClosedError:
@@ -193,7 +216,8 @@ class Pull:
                 await self._task
         self._on_close(self)
 
-    async def take(self, timeout: float | None = None) -> tuple[Message, Callable[[bool], None]]:
+    async def take(self, timeout: float | None = None
+                   ) -> tuple[Message[T], Callable[[bool], None]]:
         """The next message and its settle function (``settle(True)`` = processed).
 
         For consumers that work on several messages at once: asking for the
@@ -213,13 +237,13 @@ class Pull:
         """Messages waiting in this node's queue (shared with other handles on it)."""
         return len(self._local.items)
 
-    async def __aenter__(self) -> Pull:
+    async def __aenter__(self) -> Pull[T]:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _run(self, handler: Handler) -> None:
+    async def _run(self, handler: Handler[T]) -> None:
         """The handler form: one message at a time; return = ack, raise = nack."""
         async for msg in self:
             try:

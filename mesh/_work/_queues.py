@@ -43,7 +43,7 @@ from .. import _names, _ttl, _wire
 from .._config import NodeConfig
 from .._membership._listener import ControlRoutes, ControlSender
 from .._membership._peers import PeerRecord, PeerState, PeerTable
-from .._message import Message
+from .._message import Decoding, Message, T
 from .._parts import Announcer
 from .._reliable._dedup import Dedup
 from .._reliable._durables import PREFIX as _DURABLE_PREFIX
@@ -599,17 +599,19 @@ class WorkQueues:
 
     # -- worker side -------------------------------------------------------------
 
-    def pull(self, queue: str, prefetch: int, handler: Handler | None) -> Pull:
+    def pull(self, queue: str, prefetch: int, handler: Handler[T] | None,
+             type: type[T] | None = None) -> Pull[T]:
         _names.queue(queue)
         if prefetch < 1:
             raise ConfigError("prefetch", "must be >= 1")
-        pull, first = self.workers.open(queue, prefetch, handler, self._detach)
+        decoding = None if type is None else Decoding(type, f"pull {queue}", self._stats)
+        pull, first = self.workers.open(queue, prefetch, handler, self._detach, decoding)
         self._forget_targets(queue)
         if first:
             self._announcer.interest_changed()
         return pull
 
-    def _detach(self, pull: Pull) -> None:
+    def _detach(self, pull: Pull[Any]) -> None:
         local = self.workers.detach(pull)
         if local is None:
             return

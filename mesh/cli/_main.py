@@ -41,10 +41,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mesh", help="mesh name (env ZEROMESH_MESH; default 'default')")
     g.add_argument("--name", help="node name (env ZEROMESH_NAME; default: host name)")
     g.add_argument("--interface", action="append", dest="interfaces", metavar="IP",
-                   help="IPv4 address to bind and announce on; repeatable "
+                   help="IPv4 or IPv6 address to bind and announce on (link-local with "
+                        "its interface: fe80::1%%eth0); repeatable "
                         "(env ZEROMESH_INTERFACES, comma-separated; default 127.0.0.1)")
     g.add_argument("--peer", action="append", dest="peers", metavar="URL",
-                   help="static peer control endpoint tcp://host:port; repeatable "
+                   help="static peer control endpoint tcp://host:port or "
+                        "tcp://[IPv6]:port; repeatable "
                         "(env ZEROMESH_PEERS)")
     g.add_argument("--data-dir", help="keeps the node id (env ZEROMESH_DATA_DIR)")
     g.add_argument("--port", type=int, help="control port (default: any free port)")

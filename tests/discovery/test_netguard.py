@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -42,6 +43,34 @@ def test_network_set() -> None:
     assert None not in nets
 
 
+def test_network_set_ipv6() -> None:
+    """IPv6 networks; IPv4-mapped sources (a dual-stack socket) are judged as IPv4; a
+    link-local network takes only sources of its own zone."""
+    nets = NetworkSet([ipaddress.IPv6Network("fd77::/64"), ipaddress.IPv4Network("10.1.2.0/24"),
+                       ipaddress.IPv6Network("fe80::%eth0/64")])
+    assert nets.zones == ("eth0",)
+    assert "fd77::9" in nets
+    assert "fd78::9" not in nets
+    assert "::ffff:10.1.2.3" in nets
+    assert "::ffff:10.1.3.3" not in nets
+    assert "fe80::5%eth0" in nets
+    assert "fe80::5%eth1" not in nets
+    assert "fe80::5" not in nets
+    assert "::1" not in nets
+
+
+def test_ipv6_loopback_network_is_itself() -> None:
+    assert interface_networks(["::1"]) == (ipaddress.IPv6Network("::1/128"),)
+
+
+def test_unknown_ipv6_interface_falls_back_to_slash_64() -> None:
+    assert interface_networks(["2001:db8:77::5"]) == (ipaddress.IPv6Network("2001:db8:77::/64"),)
+    (zoned,) = interface_networks(["fe80::77:5%lo"])
+    assert isinstance(zoned, ipaddress.IPv6Network)
+    assert str(zoned) == "fe80::%lo/64"
+    assert zoned.network_address.scope_id == "lo"
+
+
 def test_loopback_network_is_slash_8() -> None:
     assert interface_networks(["127.0.0.1"]) == (ipaddress.IPv4Network("127.0.0.0/8"),)
 
@@ -58,7 +87,22 @@ def test_source_filter() -> None:
     guard.datagram_received(b"b", ("192.0.2.7", 40000))
     guard.datagram_received(b"c", ("fe80::1", 5353, 0, 2))
     assert inner.got == [(b"a", ("127.0.0.1", 5353))]
-    assert dropped == ["192.0.2.7", "fe80::1"]
+    assert dropped[0] == "192.0.2.7"
+    assert dropped[1].startswith("fe80::1%")  # the zone named, as a name or an index
+
+
+def test_source_filter_zones_link_local_sources() -> None:
+    """A link-local source's zone comes as the address tuple's index: it must be lo's."""
+    inner = FakeProtocol()
+    dropped: list[str] = []
+    lo = socket.if_nametoindex("lo")
+    nets = NetworkSet(interface_networks(["fe80::77:1%lo"]))
+    guard = SourceFilter(inner, nets, dropped.append)
+    guard.datagram_received(b"a", ("fe80::77:2", 5353, 0, lo))
+    guard.datagram_received(b"b", ("fe80::77:2", 5353, 0, lo + 1000))
+    guard.datagram_received(b"c", ("fe80::77:2", 5353, 0, 0))
+    assert inner.got == [(b"a", ("fe80::77:2", 5353, 0, lo))]
+    assert dropped == [f"fe80::77:2%{lo + 1000}", "fe80::77:2"]
 
 
 async def test_legacy_unicast_query_is_answered_on_loopback() -> None:

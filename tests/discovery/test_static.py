@@ -29,12 +29,34 @@ def test_parse_peer_urls() -> None:
         ("tcp://1.2.3.999:5000", "IPv4"),
         ("tcp://bad_host!:5000", "host name"),
         ("tcp://-x:5000", "host name"),
-        ("tcp://[::1]:5000", "host name"),
+        ("tcp://[::1]", "port"),
+        ("tcp://[::1]:", "port"),
+        ("tcp://::1:5000", "brackets"),
+        ("tcp://[::1:5000", "brackets"),
+        ("tcp://[1.2.3.4]:5000", "IPv6"),
+        ("tcp://[localhost]:5000", "IPv6"),
+        ("tcp://[::]:5000", "unicast"),
+        ("tcp://[ff02::fb]:5000", "unicast"),
+        ("tcp://[::ffff:127.0.0.1]:5000", "unicast"),
+        ("tcp://[fe80::1]:5000", "zone"),
+        ("tcp://[fd00::1%eth0]:5000", "link-local"),
+        ("tcp://[fe80::1%a/b]:5000", "zone"),
+        ("tcp://[::g]:5000", "IPv6"),
     ],
 )
 def test_bad_urls_fail_at_construction(url: str, reason: str) -> None:
     with pytest.raises(InvalidRecord, match=reason):
         StaticDiscovery([url], mesh="m")
+
+
+def test_ipv6_urls() -> None:
+    """IPv6 literals in brackets, link-local with its zone, a CURVE key after '#'."""
+    key = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
+    urls = ["tcp://[::1]:5000", "tcp://[fd77::2]:7700", "tcp://[fe80::2%eth0]:7700",
+            f"tcp://[fd77::3]:7700#{key}"]
+    assert StaticDiscovery(urls, mesh="m").urls == tuple(urls)
+    assert StaticDiscovery(["tcp://[FD77:0:0::3]:7700", f"tcp://[fd77::3]:7700#{key}"],
+                           mesh="m").urls == ("tcp://[fd77::3]:7700", urls[3])
 
 
 def test_bad_mesh() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import string
 
 import pytest
@@ -32,11 +33,23 @@ unicast = st.tuples(
     st.integers(0, 255),
     st.integers(1, 254),
 )
-endpoints = st.builds(
+v4_endpoints = st.builds(
     lambda ip, port: f"tcp://{ip[0]}.{ip[1]}.{ip[2]}.{ip[3]}:{port}",
     unicast,
     st.integers(1, 65535),
 )
+
+v6_unicast = st.builds(  # global, documentation and ULA prefixes: never filtered (fast)
+    lambda prefix, rest: ipaddress.IPv6Address(prefix << 112 | rest),
+    st.sampled_from([0x2001, 0x2a00, 0xfd77, 0xfc00]),
+    st.integers(0, 2**112 - 1),
+) | st.just(ipaddress.IPv6Address("::1"))
+v6_endpoints = st.builds(
+    lambda ip, port: f"tcp://[{ip}]:{port}",
+    v6_unicast,
+    st.integers(1, 65535),
+)
+endpoints = st.one_of(v4_endpoints, v6_endpoints)
 keys = st.one_of(st.just(""), st.text(Z85, min_size=40, max_size=40))
 peers = st.builds(
     PeerInfo,
@@ -115,7 +128,18 @@ def test_endpoint_garbage(url: str) -> None:
         "tcp://localhost:80",
         "tcp://01.2.3.4:80",
         "tcp://1.2.3:80",
-        "tcp://[::1]:80",
+        "tcp://::1:80",
+        "tcp://[::1]",
+        "tcp://[::1]80",
+        "tcp://[127.0.0.1]:80",
+        "tcp://[::]:80",
+        "tcp://[ff02::fb]:5353",
+        "tcp://[::ffff:10.0.0.1]:80",
+        "tcp://[fe80::1]:80",
+        "tcp://[fd00::1%eth0]:80",
+        "tcp://[fe80::1%]:80",
+        "tcp://[fe80::1%eth0/x]:80",
+        "tcp://[localhost]:80",
         "udp://127.0.0.1:80",
         "tcp://127.0.0.1:80 ",
         "tcp://127.0.0.1:٨٠",
@@ -124,6 +148,15 @@ def test_endpoint_garbage(url: str) -> None:
 def test_bad_endpoints(url: str) -> None:
     with pytest.raises(InvalidRecord):
         check_endpoint(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["tcp://[::1]:80", "tcp://[fd77::1]:7700", "tcp://[2001:db8::5]:1",
+     "tcp://[fe80::1%eth0]:80", "tcp://[FE80::A%7]:80"],
+)
+def test_ipv6_endpoints(url: str) -> None:
+    assert check_endpoint(url) == url
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from mesh import AsyncNode, Message, Node, NoRespondersError, RequestTimeout
+from mesh._work._queues import DEFAULT_PREFETCH
 from mesh._work._window import MIN_WINDOW
 from tests.helpers import aeventually
 
@@ -50,7 +51,8 @@ async def test_equal_workers_share_the_work_fairly(make_node: MakeNode) -> None:
 
 
 async def _fast_and_slow(make_node: MakeNode, got: collections.Counter[str], count: int,
-                         **options: int) -> tuple[AsyncNode, AsyncNode, AsyncNode, float]:
+                         prefetch: int = DEFAULT_PREFETCH
+                         ) -> tuple[AsyncNode, AsyncNode, AsyncNode, float]:
     """A pusher, a worker taking 1 ms per message and one taking 10 ms; `count` pushed.
 
     Returns the three nodes and the seconds from the first push until all were processed.
@@ -64,8 +66,8 @@ async def _fast_and_slow(make_node: MakeNode, got: collections.Counter[str], cou
         return handle
 
     fast, slow = await make_node("fast"), await make_node("slow")
-    await fast.pull("jobs", handler=worker("fast", 0.001), **options)
-    await slow.pull("jobs", handler=worker("slow", 0.010), **options)
+    await fast.pull("jobs", handler=worker("fast", 0.001), prefetch=prefetch)
+    await slow.pull("jobs", handler=worker("slow", 0.010), prefetch=prefetch)
     await pusher.wait_for_workers("jobs", 2, timeout=5)
     started = time.monotonic()
     for i in range(count):

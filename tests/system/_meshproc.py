@@ -19,12 +19,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from tests import netns
 
+T = TypeVar("T")
 _STRIP_ENV: Final = ("ZEROMESH_MESH", "ZEROMESH_NAME", "ZEROMESH_PEERS", "ZEROMESH_DATA_DIR")
 
 
@@ -123,6 +124,18 @@ class MeshProc:
                 if self._eof or left <= 0:
                     why = "output ended" if self._eof else f"not within {timeout} s"
                     raise AssertionError(f"{pattern!r}: {why}\n{self.describe()}")
+                self._cond.wait(left)
+
+    def wait_for(self, check: Callable[[list[Line]], T | None], timeout: float) -> T | None:
+        """The first result of ``check(lines)`` that is not None, tried on the lines so far
+        and again as each arrives; None if ``timeout`` s passed or the output ended first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = check(self.lines)
+                left = deadline - time.monotonic()
+                if found is not None or self._eof or left <= 0:
+                    return found
                 self._cond.wait(left)
 
     def wait_stderr(self, pattern: str, timeout: float) -> str:

@@ -1,0 +1,275 @@
+"""Typed payloads: Structs, dataclasses, dicts and lists in; `Message[T]` with `.value` out.
+
+Real nodes on 127.0.0.1. A send of a non-bytes value is encoded with msgspec
+and labelled with a ``content-type`` header (MessagePack unless the caller's
+headers say JSON); ``type=T`` subscriptions decode by that header, skip and
+count what is not a T, and keep delivering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from mesh import AsyncNode, Message, Node
+from mesh._agent._headers import as_json, wants_json
+from tests.helpers import aeventually, eventually
+
+from ._agent import SseStream, start_agent
+from ._proc import Cli
+from .conftest import FAST, MakeNode
+
+MSGPACK = {"content-type": "application/msgpack"}
+JSON = {"content-type": "application/json"}
+
+
+class Reading(msgspec.Struct):
+    sensor: str
+    celsius: float
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+async def _pair(make_node: MakeNode) -> tuple[AsyncNode, AsyncNode]:
+    return await make_node("pub"), await make_node("sub")
+
+
+async def test_a_struct_arrives_decoded_and_labelled(make_node: MakeNode) -> None:
+    """Published on one node, decoded as the subscription's type on another."""
+    pub, sub_node = await _pair(make_node)
+    sub = await sub_node.subscribe("sensors.>", type=Reading)
+    raw = await sub_node.subscribe("sensors.>")
+    await pub.wait_for_subscribers("sensors.k1", 1, timeout=5)
+    await pub.publish("sensors.k1", Reading("k1", 21.5), headers={"x-site": "lab"})
+    msg = await sub.next(timeout=5)
+    assert msg.value == Reading("k1", 21.5)
+    assert msg.headers == {"x-site": "lab", **MSGPACK}
+    assert msgspec.msgpack.decode(msg.data, type=Reading) == Reading("k1", 21.5)
+    untyped = await raw.next(timeout=5)
+    assert untyped.value == untyped.data  # no type: the payload bytes, as before
+    assert untyped.decode(Reading) == Reading("k1", 21.5)
+    assert isinstance(msg, Message)
+    assert (sub.decode_errors, raw.decode_errors) == (0, 0)
+
+
+async def test_subscriptions_of_different_types_share_a_topic(make_node: MakeNode) -> None:
+    """Each typed subscription gets its own value; an untyped one still gets the bytes."""
+    pub, sub_node = await _pair(make_node)
+    as_struct = await sub_node.subscribe("s", type=Reading)
+    as_dict = await sub_node.subscribe("s", type=dict[str, Any])
+    raw = await sub_node.subscribe("s")
+    await pub.wait_for_subscribers("s", 1, timeout=5)
+    await pub.publish("s", Reading("k", 1.0))
+    assert (await as_struct.next(timeout=5)).value == Reading("k", 1.0)
+    assert (await as_dict.next(timeout=5)).value == {"sensor": "k", "celsius": 1.0}
+    assert isinstance((await raw.next(timeout=5)).value, bytes)
+
+
+async def test_a_dataclass_a_dict_and_a_list_too(make_node: MakeNode) -> None:
+    """Anything msgspec encodes; the type may be a generic alias."""
+    node = await make_node("solo")
+    points = await node.subscribe("p", type=Point, retained=False)
+    dicts = await node.subscribe("d", type=dict[str, float], retained=False)
+    lists = await node.subscribe("l", type=list[int], retained=False)
+    await node.publish("p", Point(1, 2))
+    await node.publish("d", {"a": 1.5})
+    await node.publish("l", [1, 2, 3])
+    assert (await points.next(timeout=5)).value == Point(1, 2)
+    assert (await dicts.next(timeout=5)).value == {"a": 1.5}
+    assert (await lists.next(timeout=5)).value == [1, 2, 3]
+
+
+async def test_json_when_the_headers_ask_for_it(make_node: MakeNode) -> None:
+    """A content-type of application/json picks the JSON codec; decoding follows the label."""
+    pub, sub_node = await _pair(make_node)
+    sub = await sub_node.subscribe("j", type=Reading)
+    await pub.wait_for_subscribers("j", 1, timeout=5)
+    await pub.publish("j", Reading("k2", 3.0), headers=JSON)
+    msg = await sub.next(timeout=5)
+    assert msg.data == b'{"sensor":"k2","celsius":3.0}'
+    assert (msg.value, msg.headers) == (Reading("k2", 3.0), JSON)
+    assert msg.decode(Reading) == Reading("k2", 3.0)
+
+
+async def test_bytes_and_str_are_unchanged(make_node: MakeNode) -> None:
+    """No header is added to bytes or str; a JSON text published as str decodes by its label."""
+    node = await make_node("solo")
+    sub = await node.subscribe("b", retained=False)
+    await node.publish("b", b"raw")
+    await node.publish("b", '{"sensor":"s","celsius":1}', headers=JSON)
+    first, second = await sub.next(timeout=5), await sub.next(timeout=5)
+    assert (first.data, first.headers) == (b"raw", None)
+    assert second.decode(Reading) == Reading("s", 1.0)
+
+
+async def test_a_wrong_type_is_counted_and_the_next_good_one_arrives(
+        make_node: MakeNode) -> None:
+    """Bad payloads (another shape, not msgpack, an unknown label) are skipped and counted."""
+    pub, sub_node = await _pair(make_node)
+    sub = await sub_node.subscribe("s", type=Reading)
+    await pub.wait_for_subscribers("s", 1, timeout=5)
+    await pub.publish("s", {"sensor": "k", "celsius": "warm"})
+    await pub.publish("s", b"\xc1")  # never valid MessagePack
+    await pub.publish("s", Reading("k", 1.0), headers={"content-type": "application/msgpack"})
+    await pub.publish("s", b"text", headers={"content-type": "text/plain"})
+    await pub.publish("s", Reading("k", 2.0))
+    assert [(await sub.next(timeout=5)).value for _ in range(2)] == [
+        Reading("k", 1.0), Reading("k", 2.0)]
+    assert sub.decode_errors == 3
+    assert sub_node.traffic().totals["decode_errors"] == 3
+
+
+async def test_a_typed_callback_gets_decoded_messages(make_node: MakeNode) -> None:
+    got: list[Message[Reading]] = []
+    node = await make_node("solo")
+    await node.subscribe("c", type=Reading, callback=got.append, retained=False)
+    await node.publish("c", [1, 2])  # not a Reading: skipped
+    await node.publish("c", Reading("c", 5.0))
+    assert [m.value for m in got] == [Reading("c", 5.0)]
+    assert got[0].headers == MSGPACK
+    with pytest.raises(TypeError):  # (one label shared by every typed message: read-only)
+        got[0].headers["x"] = "y"  # type: ignore[index]
+
+
+async def test_a_reliable_work_message_that_is_not_a_t_ends_in_the_dead_letters(
+        make_node: MakeNode, tmp_path: Any) -> None:
+    """Nacked at each attempt: after max_attempts it is a dead letter, to be looked at."""
+    node = await make_node("solo", data_dir=str(tmp_path), max_attempts=2, retry_backoff=0.0)
+    typed = await node.pull("r", type=Reading)
+    await node.push("r", {"sensor": 1}, reliable=True)
+    await node.push("r", Reading("ok", 1.0), reliable=True)
+    assert (await typed.next(timeout=5)).value == Reading("ok", 1.0)
+    asking = asyncio.ensure_future(typed.next())  # (redeliveries are decoded when asked for)
+    try:
+        await aeventually(lambda: len(node.dead_letters()) == 1, timeout=10)
+    finally:
+        asking.cancel()
+    assert typed.decode_errors == 2
+
+
+async def test_retained_and_reliable_typed_values(make_node: MakeNode, tmp_path: Any) -> None:
+    """A typed retained value is labelled too; a reliable batch may mix bytes and values."""
+    node = await make_node("solo", data_dir=str(tmp_path))
+    await node.publish("r", Reading("r", 9.0), retain=True)
+    sub = await node.subscribe("r", type=Reading)
+    assert (await sub.next(timeout=5)).value == Reading("r", 9.0)
+    mixed = await node.subscribe("m", retained=False)
+    await node.publish_many("m", [b"a", Reading("m", 1.0), Reading("m", 2.0), "b"],
+                            reliable=True)
+    msgs = [await mixed.next(timeout=5) for _ in range(4)]
+    assert [m.headers for m in msgs] == [None, MSGPACK, MSGPACK, None]
+    assert msgs[2].decode(Reading) == Reading("m", 2.0)
+
+
+async def test_an_unencodable_value_is_a_type_error(make_node: MakeNode) -> None:
+    node = await make_node("solo")
+    with pytest.raises(TypeError):
+        await node.publish("t", object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="text/plain"):
+        await node.publish("t", Reading("x", 1.0), headers={"content-type": "text/plain"})
+
+
+async def test_push_and_request_with_a_struct(make_node: MakeNode) -> None:
+    """Work messages and requests are encoded and labelled the same way."""
+    client, worker = await _pair(make_node)
+    pull = await worker.pull("jobs")
+    await client.wait_for_workers("jobs", 1, timeout=5)
+    await client.push("jobs", Reading("job", 4.0))
+    job = await pull.next(timeout=5)
+    assert (job.decode(Reading), job.headers) == (Reading("job", 4.0), MSGPACK)
+    await pull.aclose()
+
+    typed = await worker.pull("typed", type=Reading)
+    await client.wait_for_workers("typed", 1, timeout=5)
+    await client.push("typed", b"not msgpack \xc1")
+    await client.push("typed", Reading("job", 5.0))
+    good = await typed.next(timeout=5)
+    assert good.value == Reading("job", 5.0)
+    assert typed.decode_errors == 1
+
+    def double(msg: Message) -> bytes:
+        reading = msg.decode(Reading)
+        return msgspec.msgpack.encode(Reading(reading.sensor, reading.celsius * 2))
+
+    await worker.serve("double", double)
+    await client.wait_for_service("double", timeout=5)
+    reply = await client.request("double", Reading("q", 1.5), timeout=5)
+    assert reply.decode(Reading) == Reading("q", 3.0)
+    replies = await client.request_all("double", Reading("all", 2.0), timeout=5)
+    assert [r.decode(Reading) for r in replies] == [Reading("all", 4.0)]
+
+
+def test_blocking_node_typed_subscribe(mesh_name: str) -> None:
+    """`Node.subscribe(type=T)` and a typed publish from the caller's thread."""
+    common: dict[str, Any] = {"mesh": mesh_name, "interfaces": ["127.0.0.1"], **FAST}
+    with Node(name="a", **common) as a, Node(name="b", **common) as b:
+        sub = b.subscribe("t.*", type=Reading)
+        a.wait_for_subscribers("t.x", 1, timeout=5)
+        a.publish("t.x", {"sensor": 1})  # not a Reading
+        a.publish("t.x", Reading("b", 7.5))
+        a.publish_many("t.x", [Reading("b", 8.5)])
+        assert [sub.next(timeout=5).value for _ in range(2)] == [
+            Reading("b", 7.5), Reading("b", 8.5)]
+        assert sub.decode_errors == 1
+        got: list[Reading] = []
+        b.subscribe("cb", type=Reading, callback=lambda m: got.append(m.value))
+        a.wait_for_subscribers("cb", 1, timeout=5)
+        a.publish("cb", Reading("cb", 1.0), headers=JSON)
+        eventually(lambda: got == [Reading("cb", 1.0)], timeout=5)
+        work = b.pull("w", type=Point)
+        a.wait_for_workers("w", 1, timeout=5)
+        a.push("w", Point(3, 4), timeout=5)
+        assert work.next(timeout=5).value == Point(3, 4)
+        assert work.decode_errors == 0
+        b.serve("echo", lambda msg: msg.data)
+        a.wait_for_service("echo", timeout=5)
+        assert a.request("echo", Reading("e", 1.0), timeout=5).decode(Reading) == Reading("e", 1.0)
+
+
+async def test_agent_sse_gives_json_to_apps_that_accept_it(
+        procs: list[Cli], mesh_name: str, make_node: MakeNode) -> None:
+    """With ``Accept: application/json`` a MessagePack payload arrives as JSON text (labelled
+    so); without, the stream is as before (the payload's bytes, base64 when not UTF-8)."""
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    node = await make_node("py")
+    url = f"{agent.url}/v1/subscribe/sensors.%3E"
+    async with aiohttp.ClientSession() as http, \
+            http.get(url, headers={"Accept": "text/event-stream, application/json"}) as j, \
+            http.get(url) as plain:
+        json_stream, plain_stream = SseStream(j), SseStream(plain)
+        await json_stream.subscribed()
+        await plain_stream.subscribed()
+        await node.wait_for_subscribers("sensors.k1", 1, timeout=10)
+        await node.publish("sensors.k1", Reading("k1", 21.5))
+        await node.publish("sensors.k1", b"raw")
+        as_json, as_is = await json_stream.events(2), await plain_stream.events(2)
+    assert json.loads(as_json[0]["data"]) == {"sensor": "k1", "celsius": 21.5}
+    assert as_json[0]["headers"] == {"content-type": "application/json"}
+    assert as_json[1]["data"] == "raw"
+    assert as_is[0]["headers"] == MSGPACK
+    assert base64.b64decode(as_is[0]["data"]) == msgspec.msgpack.encode(Reading("k1", 21.5))
+
+
+def test_as_json_leaves_other_payloads_alone() -> None:
+    """Only MessagePack-labelled payloads that convert are changed."""
+    def msg(data: bytes, headers: dict[str, str] | None) -> Message:
+        return Message("t", data, "s", "id", 1, 0.0, headers)
+
+    packed = msg(msgspec.msgpack.encode({"a": [1, b"x"]}), MSGPACK)
+    assert as_json(packed).data == b'{"a":[1,"eA=="]}'
+    assert as_json(packed).headers == JSON
+    for same in (msg(b"\x91\xc1", MSGPACK), msg(b"raw", None), msg(b"{}", JSON)):
+        assert as_json(same) is same
+    assert wants_json("application/json; q=0.9")
+    assert not wants_json("text/event-stream")

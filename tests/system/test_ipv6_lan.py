@@ -1,0 +1,182 @@
+"""IPv6 across hosts of a namespace LAN: mDNS over IPv6 only, a mixed IPv4/IPv6/dual mesh,
+and link-local addresses with their zone.
+
+Each host's ``eth0`` has 10.77.<b>.<i>/24, fd77::<b>:<i>/64 and fe80::77:<i>/64
+(tests/netns.py, ``make_lan(n, ipv6=True)``); every node is a real process
+(tests/system/_ipv6_role.py) given only the addresses the test names, so a node
+given only its fd77:: address can find the others by nothing but mDNS over IPv6
+(ff02::fb, AAAA records) and reach them by nothing but IPv6. Every wait has a
+deadline; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any, Final
+
+import pytest
+
+from tests import netns
+from tests.system._meshproc import MeshProc, unique
+
+pytestmark = pytest.mark.netns
+
+_WAIT: Final[float] = 40.0
+_JOBS: Final[int] = 5
+"""Jobs each edge pushes (tests/system/_ipv6_role.py)."""
+
+
+_RESOLVE: Final[str] = r'''
+import asyncio, json, sys
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+from discovery import SERVICE_TYPE
+
+IFACE, MESH = sys.argv[1], sys.argv[2]
+
+async def main():
+    names = asyncio.Queue()
+    aiozc = AsyncZeroconf(interfaces=[IFACE], ip_version=IPVersion.V6Only)
+    browser = AsyncServiceBrowser(aiozc.zeroconf, SERVICE_TYPE,
+                                  handlers=[lambda **kw: names.put_nowait(kw["name"])])
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                info = AsyncServiceInfo(SERVICE_TYPE, await names.get())
+                if (await info.async_request(aiozc.zeroconf, 3000)
+                        and info.properties.get(b"mesh") == MESH.encode()):
+                    print(json.dumps({"v6": info.parsed_addresses(IPVersion.V6Only),
+                                      "v4": info.parsed_addresses(IPVersion.V4Only),
+                                      "ep": info.properties[b"ep"].decode()}), flush=True)
+                    return
+    finally:
+        await browser.async_cancel()
+        await aiozc.async_close()
+
+asyncio.run(main())
+'''
+"""A plain zeroconf browser on an IPv6 interface: the first record of mesh MESH, resolved."""
+
+
+@pytest.fixture
+def lan6() -> Iterator[netns.Lan]:
+    """A fresh 3-host LAN with IPv6 addresses, torn down after the test."""
+    reason = netns.netns_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with netns.make_lan(3, ipv6=True) as lan:
+        yield lan
+
+
+def role(host: netns.Host, kind: str, mesh: str, name: str, interfaces: list[str | None],
+         peers: int) -> MeshProc:
+    """A hub or an edge node (tests/system/_ipv6_role.py) on ``host``, bound to `interfaces`."""
+    ifaces = ",".join(iface for iface in interfaces if iface is not None)
+    return MeshProc(host, [sys.executable, "-m", "tests.system._ipv6_role", kind, mesh, name,
+                           ifaces, str(peers)], stdin=True)
+
+
+def event(proc: MeshProc, kind: str, timeout: float = _WAIT) -> dict[str, Any]:
+    """The first JSON line of ``proc`` whose event is `kind`."""
+    line = proc.wait_line(rf'"event": "{kind}"', timeout)
+    obj: dict[str, Any] = json.loads(line.text)
+    return obj
+
+
+def events(proc: MeshProc, kind: str) -> list[dict[str, Any]]:
+    return [json.loads(line.text) for line in proc.matching(rf'"event": "{kind}"')]
+
+
+def run_mesh(hub: MeshProc, edges: list[MeshProc]) -> None:
+    """Every edge's message, jobs and request reach the hub; every process ends with 0."""
+    for edge in edges:
+        name = edge.argv[5]
+        assert event(edge, "reply")["data"] == name.upper(), edge.describe()
+        hub.wait_line(rf'"topic": "six.{name}"', _WAIT)
+        hub.wait_line(rf'"data": "{name}-{_JOBS - 1}"', _WAIT)
+    jobs = sorted(e["data"] for e in events(hub, "job"))
+    assert jobs == sorted(f"{e.argv[5]}-{i}" for e in edges for i in range(_JOBS)), hub.describe()
+    for edge in edges:
+        edge.close_stdin()
+        assert edge.wait_exit(20) == 0, edge.describe()
+    hub.close_stdin()
+    assert hub.wait_exit(20) == 0, hub.describe()
+
+
+@pytest.mark.timeout(180)
+def test_ipv6_only_nodes_find_each_other_by_mdns_and_use_every_pattern(lan6: netns.Lan) -> None:
+    """Three nodes given only their fd77:: address: mDNS over IPv6 finds them, and
+    pub/sub, push/pull and request/reply all cross the LAN over IPv6."""
+    h1, h2, h3 = lan6.hosts
+    mesh = unique("six")
+    hub = role(h1, "hub", mesh, "hub", [h1.ip6], 2)
+    edges = [role(h, "edge", mesh, h.name, [h.ip6], 2) for h in (h2, h3)]
+    for proc, host in ((hub, h1), (edges[0], h2), (edges[1], h3)):
+        ready = event(proc, "ready")["endpoints"]
+        assert all(ep.startswith(f"tcp://[{host.ip6}]:") for eps in ready.values() for ep in eps)
+    for proc in (hub, *edges):
+        seen = event(proc, "peers")["peers"]
+        assert len(seen) == 2, proc.describe()
+        assert all(p["endpoints"][0].startswith("tcp://[fd77::") for p in seen), seen
+    run_mesh(hub, edges)
+
+
+@pytest.mark.timeout(180)
+def test_mixed_mesh_each_node_dials_the_family_it_has(lan6: netns.Lan) -> None:
+    """A dual node (IPv4 + IPv6) on h1, an IPv4-only node on h2, an IPv6-only node on h3.
+
+    Each edge finds the dual node by mDNS and dials it in its own family; the dual
+    node has both. The IPv4-only and IPv6-only nodes hear of each other by gossip but
+    share no family: neither lists the other, and nothing breaks.
+    """
+    h1, h2, h3 = lan6.hosts
+    mesh = unique("mix")
+    hub = role(h1, "hub", mesh, "dual", [h1.ip, h1.ip6], 2)
+    v4 = role(h2, "edge", mesh, "v4", [h2.ip], 1)
+    v6 = role(h3, "edge", mesh, "v6", [h3.ip6], 1)
+    ready = event(hub, "ready")["endpoints"]["ctl"]
+    assert ready == [f"tcp://{h1.ip}:{ready[0].rsplit(':', 1)[1]}",
+                     f"tcp://[{h1.ip6}]:{ready[1].rsplit(':', 1)[1]}"]
+    (dual_by_v4,) = event(v4, "peers")["peers"]
+    (dual_by_v6,) = event(v6, "peers")["peers"]
+    assert dual_by_v4["name"] == dual_by_v6["name"] == "dual"
+    assert dual_by_v4["endpoints"][0] == ready[0]
+    assert dual_by_v6["endpoints"][0] == ready[1]
+    by_hub = {p["name"]: p["endpoints"][0] for p in event(hub, "peers")["peers"]}
+    assert by_hub["v4"].startswith(f"tcp://{h2.ip}:")
+    assert by_hub["v6"].startswith(f"tcp://[{h3.ip6}]:")
+    run_mesh(hub, [v4, v6])
+    assert [p["name"] for p in event(v4, "end")["peers"]] == ["dual"]
+    assert [p["name"] for p in event(v6, "end")["peers"]] == ["dual"]
+
+
+@pytest.mark.timeout(180)
+def test_link_local_nodes_mesh_by_mdns(lan6: netns.Lan) -> None:
+    """Two nodes given only ``fe80::77:<i>%eth0``: endpoints carry the zone, mDNS finds
+    them over the link, and the patterns cross it."""
+    h1, h2, _ = lan6.hosts
+    mesh = unique("ll")
+    hub = role(h1, "hub", mesh, "hub", [h1.ll6], 1)
+    edge = role(h2, "edge", mesh, "h2", [h2.ll6], 1)
+    assert event(hub, "ready")["endpoints"]["ctl"][0].startswith(f"tcp://[{h1.ll6}]:")
+    (seen,) = event(edge, "peers")["peers"]
+    assert seen["endpoints"][0].startswith(f"tcp://[{h1.ll6}]:")
+    run_mesh(hub, [edge])
+
+
+@pytest.mark.timeout(120)
+def test_mdns_over_ipv6_announces_aaaa_records(lan6: netns.Lan) -> None:
+    """Any DNS-SD browser on IPv6 resolves an IPv6-only node to its AAAA address, and its
+    TXT ``ep`` to IPv6 endpoints."""
+    h1, h2, _ = lan6.hosts
+    mesh = unique("aaaa")
+    hub = role(h1, "hub", mesh, "hub", [h1.ip6], 0)
+    (ctl,) = event(hub, "ready")["endpoints"]["ctl"]
+    done = h2.run([sys.executable, "-c", _RESOLVE, str(h2.ip6), mesh], 60)
+    assert done.returncode == 0, done.stderr
+    resolved = json.loads(done.stdout)
+    assert resolved == {"v6": [h1.ip6], "v4": [], "ep": ctl}, resolved
+    hub.close_stdin()
+    assert hub.wait_exit(20) == 0, hub.describe()
