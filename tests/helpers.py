@@ -145,3 +145,13 @@ def quick_benchmark(script: Path, timeout: float = 140.0) -> dict[str, Any]:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     report: dict[str, Any] = json.loads(proc.stdout)
     return report
+
+
+async def until_changed(changed: asyncio.Event, condition: Callable[[], bool],
+                        timeout: float = 15.0) -> None:
+    """Until `condition()` holds, checked each time `changed` is set (by a test app that
+    records what it receives); at most `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            changed.clear()
+            await changed.wait()

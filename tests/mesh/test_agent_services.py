@@ -19,7 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import aeventually
+from tests.helpers import aeventually, until_changed
 
 from ._agent import AgentProc, start_agent, wait_status
 from ._proc import Cli, child_env
@@ -67,10 +67,7 @@ class App:
             self.changed.set()
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
-        async with asyncio.timeout(15):
-            while not condition():
-                self.changed.clear()
-                await self.changed.wait()
+        await until_changed(self.changed, condition)
 
     async def start(self) -> None:
         web_app = web.Application()

@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import aeventually
+from tests.helpers import aeventually, until_changed
 
 from ._agent import start_agent
 from ._proc import Cli
@@ -59,11 +59,7 @@ class App:
             self.changed.set()
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
-        """Until `condition()` holds, checked after each change (15 s at most)."""
-        async with asyncio.timeout(15):
-            while not condition():
-                self.changed.clear()
-                await self.changed.wait()
+        await until_changed(self.changed, condition)
 
 
 @pytest.fixture
