@@ -423,10 +423,17 @@ class Membership:
     # -- gossip out --------------------------------------------------------------
 
     def _digest(self) -> int:
+        """Our view's digest, from each member's state as it is now (a share is hashed
+        again only when what it covers changed)."""
         me = self._announcement
         digest = _gossip.digest_part(self._id, self._incarnation, me.seq, _gossip.ALIVE,
                                      me.version)
         for rec in self.table.records():
+            status = _gossip.LOST if rec.state is PeerState.LOST else _gossip.ALIVE
+            key = (rec.incarnation, rec.seq, status, rec.subs_version)
+            if key != rec.digest_key:
+                rec.digest_key = key
+                rec.digest_part = _gossip.digest_part(rec.id, *key)
             digest ^= rec.digest_part
         return digest
 
@@ -440,13 +447,22 @@ class Membership:
     def _send_news(self) -> None:
         self._flush = None
         outgoing, self._outgoing = self._outgoing, []
+        sources = {came_from for _, came_from in outgoing}
+        encoded: dict[str, list[bytearray]] = {}
+        """The frames for the targets that get all but what came from one source ("":
+        all of it): most targets share one, so news is encoded once, not per target."""
         for peer_id in self._targets():
             rec = self.table.get(peer_id)
             if rec is None or rec.state is PeerState.LOST:
                 continue
-            news = [item for item, came_from in outgoing if came_from != peer_id]
-            for chunk in _gossip.chunks(news, _NEWS_BUDGET):
-                self._send(rec.ctl, _wire.Gossip(self._id, chunk))
+            key = peer_id if peer_id in sources else ""
+            frames = encoded.get(key)
+            if frames is None:
+                news = [item for item, came_from in outgoing if not key or came_from != key]
+                frames = encoded[key] = self._gossip_frames(news, sync=False)
+            for message in frames:
+                self.sent += 1
+                self._link(rec.ctl).send(message)
 
     def _view(self) -> list[_wire.News]:
         """Everything we know, as news: ours and every member's record, and the lost ones'
@@ -461,8 +477,20 @@ class Membership:
         return news
 
     def _send_view(self, endpoint: str, news: list[_wire.News], *, sync: bool) -> None:
-        for chunk in _gossip.chunks(news, _NEWS_BUDGET):
-            self._send(endpoint, _wire.Gossip(self._id, chunk, sync))
+        for message in self._gossip_frames(news, sync=sync):
+            self.sent += 1
+            self._link(endpoint).send(message)
+
+    def _gossip_frames(self, news: list[_wire.News], *, sync: bool) -> list[bytearray]:
+        """`news` as gossip messages: one when it fits (the usual case, encoded once),
+        else in chunks under the control size limit."""
+        if not news:
+            return []
+        whole = _wire.encode_control(_wire.Gossip(self._id, news, sync))
+        if len(whole) <= _NEWS_BUDGET:
+            return [whole]
+        return [_wire.encode_control(_wire.Gossip(self._id, chunk, sync))
+                for chunk in _gossip.chunks(news, _NEWS_BUDGET)]
 
     def _refute(self, seq: int) -> None:
         """News says we were lost at `seq`: we are not, and say so with a higher one."""
@@ -575,7 +603,6 @@ class Membership:
             self._set_subs(new, hello)
             if rec is not None and rec.ctl != ctl:
                 self._drop_link(rec.ctl)
-            self._stamp(new)
             for listener in self._listeners:
                 listener.peer_connected(new, rec)
             self.table.add(new)
@@ -587,7 +614,6 @@ class Membership:
             if self._set_subs(rec, hello):
                 for listener in self._listeners:
                     listener.peer_updated(rec)
-            self._stamp(rec)
             if refuted and rec.state is not PeerState.ALIVE and not direct:
                 self._unsuspect(rec)
                 self.table.heard(rec)  # it refuted the news: it is back
@@ -597,11 +623,6 @@ class Membership:
             self._spread(record, came_from)
             self._peers_changed()
         return True
-
-    def _stamp(self, rec: PeerRecord) -> None:
-        status = _gossip.LOST if rec.state is PeerState.LOST else _gossip.ALIVE
-        rec.digest_part = _gossip.digest_part(rec.id, rec.incarnation, rec.seq, status,
-                                              rec.subs_version)
 
     def _set_subs(self, rec: PeerRecord, hello: _wire.Hello) -> bool:
         """Take the peer's announced interest; True if it changed."""
@@ -725,7 +746,6 @@ class Membership:
                 or time.monotonic() - rec.heard_directly < self.table.suspect_after):
             return  # refuted, heard, or gone meanwhile
         self.table.declare_lost(rec)
-        self._stamp(rec)
         self._view_changed = True
         self._peers_changed()
 
@@ -749,7 +769,6 @@ class Membership:
         if self._set_subs(rec, hello):
             for listener in self._listeners:
                 listener.peer_updated(rec)
-        self._stamp(rec)
         self._spread(change, came_from)
         self._peers_changed()
 
@@ -802,7 +821,6 @@ class Membership:
 
     def peer_state_changed(self, rec: PeerRecord) -> None:
         if rec.state is PeerState.LOST:  # we watched it go silent: tell everyone
-            self._stamp(rec)
             self._view_changed = True
             self._spread(_wire.Down(rec.id, rec.incarnation, rec.seq), "")
         self._peers_changed()

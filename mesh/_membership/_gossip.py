@@ -37,11 +37,6 @@ _IDENTITY_FIELDS: Final[frozenset[str]] = frozenset(
 """Hello fields a change may never touch."""
 
 
-def newer(inc: int, seq: int, status: int, than: tuple[int, int, int]) -> bool:
-    """Whether news at (inc, seq, status) beats what we hold, `than`."""
-    return (inc, seq, status) > than
-
-
 def digest_part(member_id: str, incarnation: int, seq: int, status: int, version: int) -> int:
     """One member's share of a view's digest (stable across processes, unlike `hash`)."""
     text = f"{member_id}\x00{incarnation}\x00{seq}\x00{status}\x00{version}".encode()

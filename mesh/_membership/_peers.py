@@ -136,6 +136,8 @@ class PeerRecord:
     """Our monotonic clock when a message from the member itself last came."""
     watched: bool = False
     """We watch its silence ourselves (a neighbour or a partner); else news decides."""
+    digest_key: tuple[int, int, int, int] = (-1, -1, -1, -1)
+    """What `digest_part` was hashed from: (incarnation, seq, status, interest version)."""
     digest_part: int = 0
     """Its share of our membership digest (see `_gossip.digest_part`)."""
 
