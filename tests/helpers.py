@@ -18,6 +18,7 @@ import asyncio
 import inspect
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -120,6 +121,13 @@ async def aeventually(
                 f"not true within {timeout} s: {_describe(predicate, message)} (last {last})"
             ) from error
         await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a process told which port to bind)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 async def files(directory: Path, pattern: str) -> list[Path]:
