@@ -63,6 +63,8 @@ _EXPECTED: Final = frozenset({"self", "other_mesh"})
 
 _RESOLVE_TIMEOUT: Final[float] = 1.0
 _RESOLVE_ATTEMPTS: Final[int] = 3
+"""Quick attempts at resolving a name; after those, attempts back off up to:"""
+_RESOLVE_BACKOFF_MAX: Final[float] = 30.0
 _CLOSE_TIMEOUT: Final[float] = 2.0
 _MAX_WARNED: Final[int] = 4096
 _INSTANCE_NAME_BYTES: Final[int] = 63 - 9  # room for "-<id[:8]>"
@@ -261,16 +263,23 @@ class MdnsDiscovery:
         if aiozc is None:
             return
         info: AsyncServiceInfo | None = None
-        for _attempt in range(_RESOLVE_ATTEMPTS):
+        attempt = 0
+        while info is None:
             candidate = AsyncServiceInfo(SERVICE_TYPE, name)
             if await candidate.async_request(
                 aiozc.zeroconf, _RESOLVE_TIMEOUT * 1000, question_type=DNSQuestionType.QM
             ):
                 info = candidate
                 break
-        if info is None:
-            log.debug("could not resolve %s after %d attempts", name, _RESOLVE_ATTEMPTS)
-            return
+            attempt += 1
+            if attempt >= _RESOLVE_ATTEMPTS:
+                # still browsed, so still announced: a busy responder or lost datagrams;
+                # asked again later, ever more rarely (the task ends when the name goes)
+                delay = min(_RESOLVE_TIMEOUT * 2 ** (attempt - _RESOLVE_ATTEMPTS + 1),
+                            _RESOLVE_BACKOFF_MAX)
+                log.debug("could not resolve %s (%d attempts); again in %g s", name, attempt,
+                          delay)
+                await asyncio.sleep(delay)
         peer = self._check(name, info)
         if peer is None:
             return

@@ -66,6 +66,36 @@ async def test_start_rejects_other_mesh_or_bad_info(make: Factory, mesh: str) ->
         await make(mesh).start(PeerInfo("x", "n", mesh, 1, ("tcp://127.0.0.1:1",)), Recorder())
 
 
+async def test_a_peer_that_cannot_be_resolved_at_first_is_found_later(
+        make: Factory, mesh: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resolution is not given up after a few failures while the name is still browsed
+    (a busy responder, lost datagrams): it is tried again, backing off, until it works.
+    The first five answers are thrown away here (what a lossy LAN does to them)."""
+    from discovery import _mdns
+
+    failures = 5
+    real = AsyncServiceInfo.async_request
+
+    async def lossy(self: AsyncServiceInfo, *args: object, **kw: object) -> bool:
+        nonlocal failures
+        if self.name.startswith("beta") and failures > 0:
+            failures -= 1
+            await asyncio.sleep(0.05)
+            return False
+        return await real(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AsyncServiceInfo, "async_request", lossy)
+    monkeypatch.setattr(_mdns, "_RESOLVE_TIMEOUT", 0.2)
+    async with asyncio.timeout(20):
+        a, b = make(mesh), make(mesh)
+        sink_a = Recorder()
+        me_b = new_peer(mesh, "beta", 5012)
+        await a.start(new_peer(mesh, "alpha", 5011), sink_a)
+        await b.start(me_b, Recorder())
+        await aeventually(lambda: sink_a.found(me_b.id), timeout=15)
+        assert failures == 0
+
+
 async def test_two_nodes_see_each_other_not_other_mesh(make: Factory, mesh: str) -> None:
     async with asyncio.timeout(15):
         a, b, c = make(mesh), make(mesh), make(uuid.uuid4().hex)
