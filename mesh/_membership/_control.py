@@ -169,7 +169,8 @@ class Membership:
         """How big this node's share of membership is (for benchmarks and metrics)."""
         return {"members": sum(1 for r in self.table.records() if r.state is not PeerState.LOST),
                 "links": len(self._links), "watched": len(self._targets()),
-                "control_sent": self.sent, "control_received": self.received}
+                "control_sent": self.sent, "control_received": self.received,
+                "health": self.table.health}
 
     @property
     def interest_version(self) -> int:
@@ -336,6 +337,7 @@ class Membership:
         Each peer's heartbeat echoes the stamp of its last one to us, and how long we
         held it, so it measures its round trip to us (`PeerRecord.rtt`) for free."""
         now = time.monotonic()
+        self.table.recover()
         stopped = self._refresh_watching(now)
         gone = now - self.table.lost_after
         for peer_id in [w for w, at in self._watchers.items() if at < gone]:
@@ -498,6 +500,7 @@ class Membership:
         if seq < me.seq:
             return
         me.seq = seq + 1
+        self.table.strained("news said this node was lost")
         _log.info("refuting news that this node was lost (alive counter now %d)", me.seq)
         self._spread(me.hello(False), "")
 
@@ -555,10 +558,14 @@ class Membership:
         """A message from the member itself. If we had it lost, others may still: tell it,
         so it refutes the news for everyone."""
         was_lost = rec.state is PeerState.LOST
+        silent = time.monotonic() - rec.last_heard
         self._unsuspect(rec)
         self.table.heard(rec)
         rec.heard_directly = rec.last_heard
         if was_lost:
+            if rec.watched and silent < 2 * self.table.lost_after:
+                # lost by a hair, and back: more likely our host is overloaded than it
+                self.table.strained(f"{rec.name[:64]!r}, taken for lost, was heard again")
             self._send(rec.ctl, _wire.Gossip(self._id, [_wire.Down(rec.id, rec.incarnation,
                                                                    rec.seq)]))
             self._view_changed = True
@@ -735,7 +742,7 @@ class Membership:
         if rec.state is PeerState.ALIVE:
             rec.state = PeerState.SUSPECT
         self._confirming[rec.id] = asyncio.get_running_loop().call_later(
-            _CONFIRM, self._confirm_lost, rec, down)
+            _CONFIRM * self.table.stretch, self._confirm_lost, rec, down)
         self._spread(down, came_from)
         self._peers_changed()
 

@@ -21,20 +21,34 @@ much later than it was set for means our own loop was stalled (CPU
 starvation, SIGSTOP): the silence it measured is ours as much as the peer's,
 so the peer gets a grace period to be heard before anything is decided (the
 local health awareness of Lifeguard).
+
+Lifeguard's other half is the table's `health`: each sign that this node's host
+is overloaded (a stalled loop, news that we were lost while we were not, a
+member we took for lost heard again) stretches every silence timeout by one
+more `lost_after`, up to `_MAX_HEALTH` times; a quiet spell shrinks it again.
+Where every node is starved, false losses would otherwise feed themselves: each
+is flooded and refuted by every member, and that work starves them further.
+A healthy node keeps its timeouts exact.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from patterns import TopicPattern
 
+_log = logging.getLogger("mesh.node")
 _STALL: Final[float] = 0.25
 """A timer this many seconds late means our loop, not the peer, was stalled."""
+_MAX_HEALTH: Final[int] = 4
+"""At worst, silence timeouts are stretched to this many times plus one."""
+_RECOVER_AFTER: Final[float] = 2.0
+"""Multiples of `lost_after` without a sign of overload before `health` goes down one."""
 _REARM_SLACK: Final[float] = 0.1
 """Fraction of `suspect_after` a peer's timer may run early rather than be moved at
 each of a burst of messages (it then finds the peer heard and moves on)."""
@@ -173,6 +187,33 @@ class PeerTable:
         self._observer = observer
         self._slack = suspect_after * _REARM_SLACK
         self._peers: dict[str, PeerRecord] = {}
+        self.health = 0
+        """Signs of overload lately (0: timeouts as configured; see the module doc)."""
+        self._strained_at = 0.0
+
+    def strained(self, why: str) -> None:
+        """A sign that this node's host is overloaded: stretch timeouts one step (signs
+        that come together, such as many timers late after one stall, are one sign)."""
+        now = time.monotonic()
+        together = now - self._strained_at < self.suspect_after
+        self._strained_at = now
+        if self.health < _MAX_HEALTH and not together:
+            self.health += 1
+            if self.health == 1:
+                _log.info("silence timeouts stretched: %s", why)
+
+    def recover(self) -> None:
+        """Called now and then: a quiet spell takes one step of stretch away."""
+        now = time.monotonic()
+        if self.health and now - self._strained_at >= _RECOVER_AFTER * self.lost_after:
+            self._strained_at = now
+            self.health -= 1
+            if self.health == 0:
+                _log.info("silence timeouts back to normal")
+
+    @property
+    def stretch(self) -> float:
+        return 1.0 + self.health
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -264,8 +305,8 @@ class PeerTable:
     def _arm(self, rec: PeerRecord) -> None:
         """Set the peer's timer for when its silence runs out next."""
         _disarm(rec)
-        after = (self.suspect_after if rec.state is PeerState.ALIVE else
-                 self.lost_after if rec.state is PeerState.SUSPECT else
+        after = (self.suspect_after * self.stretch if rec.state is PeerState.ALIVE else
+                 self.lost_after * self.stretch if rec.state is PeerState.SUSPECT else
                  self.lost_after + self.forget_after)
         delay = max(0.0, rec.last_heard + after - time.monotonic())
         rec.armed_at = rec.last_heard
@@ -281,6 +322,7 @@ class PeerTable:
         late = asyncio.get_running_loop().time() - due
         if late > _STALL and rec.state is not PeerState.LOST:
             # our loop was stalled: the silence it measured is ours as much as the peer's
+            self.strained(f"this node's loop was stalled for {late:.2f} s")
             rec.last_heard = min(now, rec.last_heard + late)
             self._arm(rec)
             return
@@ -288,10 +330,10 @@ class PeerTable:
         changed = False
         if not rec.watched and rec.state is not PeerState.LOST:
             return  # news decides its state
-        if rec.state is PeerState.ALIVE and silent >= self.suspect_after:
+        if rec.state is PeerState.ALIVE and silent >= self.suspect_after * self.stretch:
             rec.state = PeerState.SUSPECT
             changed = True
-        if rec.state is PeerState.SUSPECT and silent >= self.lost_after:
+        if rec.state is PeerState.SUSPECT and silent >= self.lost_after * self.stretch:
             rec.state = PeerState.LOST
             changed = True
             self._emit(PeerEventKind.LOST, rec)

@@ -77,6 +77,37 @@ async def test_a_peer_that_goes_silent_is_suspect_then_lost_on_time(make_node: M
     assert 0.4 - 0.05 - 0.05 <= took <= 0.4 + 0.2, took
 
 
+async def test_a_stalled_node_stretches_its_timeouts_until_a_quiet_spell(make_node: MakeNode) -> None:
+    """Lifeguard's local health: after its own loop stalled, a node waits longer before it
+    takes a silent peer for lost (its host, not the peer, may be starved); a quiet spell
+    (2 x lost_after) brings the configured timeouts back."""
+    timing = {"heartbeat_interval": 0.05, "suspect_after": 0.2, "lost_after": 0.4, "mdns": False}
+    a = await make_node("a", **timing)
+    b = await make_node("b", peers=a.endpoints["ctl"], **timing)
+    c = await make_node("c", peers=a.endpoints["ctl"], **timing)
+    await a.wait_for_peers(2, timeout=5)
+    table = a._live().membership.table
+    await aeventually(lambda: all(r.watched for r in table.records()), timeout=5)
+    assert a.traffic().membership["health"] == 0
+    time.sleep(0.6)  # noqa: ASYNC251  (on purpose: a stalls, its timers fire 0.4 s late)
+    await aeventually(lambda: a.traffic().membership["health"] == 1, timeout=2)
+    events = a.events()
+    await b._live().tasks.cancel()  # b goes silent, as in a crash
+    silent_from = time.monotonic()
+    lost = await events.next(timeout=5)
+    took = time.monotonic() - silent_from
+    assert (lost.kind, lost.peer.name) == (PeerEventKind.LOST, "b")
+    assert 2 * 0.4 - 0.1 <= took <= 2 * 0.4 + 0.3, took  # lost_after stretched to twice
+    await aeventually(lambda: a.traffic().membership["health"] == 0, timeout=3)
+    assert {p.name: p.state for p in a.peers()}["c"] is PeerState.ALIVE
+    await c._live().tasks.cancel()
+    silent_from = time.monotonic()
+    lost = await events.next(timeout=5)
+    took = time.monotonic() - silent_from
+    assert (lost.kind, lost.peer.name) == (PeerEventKind.LOST, "c")
+    assert took <= 0.4 + 0.2, took  # healthy again: lost_after as configured
+
+
 async def test_an_interest_change_reaches_a_peer_as_a_change(make_node: MakeNode,
                                                                monkeypatch: pytest.MonkeyPatch
                                                                ) -> None:
