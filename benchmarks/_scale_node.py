@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from mesh import AsyncNode, PeerState, run
@@ -43,7 +44,8 @@ def figures(node: AsyncNode) -> dict[str, Any]:
 
 async def report(node: AsyncNode) -> None:
     async for event in node.events():
-        print(f"{node.name} {event.kind.value} {event.peer.name}", flush=True)
+        print(f"{node.name} {event.kind.value} {event.peer.name} {time.monotonic():.6f}",
+              flush=True)
 
 
 async def commands(nodes: list[AsyncNode]) -> None:
@@ -88,7 +90,7 @@ async def main(args: argparse.Namespace) -> None:
             await node.start()
             reporters.append(asyncio.create_task(report(node)))
         for node in nodes:
-            print(f"{node.name} ready", flush=True)
+            print(f"{node.name} ready {time.monotonic():.6f}", flush=True)
         await commands(nodes)
     finally:
         for task in reporters:

@@ -104,10 +104,12 @@ class Row:
     load: float = 0.0
     """The machine's 1-minute load average when this N started (it is shared)."""
     errors: list[str] = field(default_factory=list)
+    timeline: dict[str, list[int]] = field(default_factory=dict)
+    """With --timeline: joined and false lost events per 5 s around the last ready."""
 
 
 def measure(n: int, per_host: int, idle: float, view_timeout: float, all_seeds: bool,
-            lost_timeout: float = LOST_TIMEOUT) -> Row:
+            lost_timeout: float = LOST_TIMEOUT, timeline: bool = False) -> Row:
     hosts = max(1, n // per_host)
     row = Row(nodes=hosts * per_host, processes=hosts)
     names = node_names(row.nodes)
@@ -157,9 +159,24 @@ def measure(n: int, per_host: int, idle: float, view_timeout: float, all_seeds: 
             row.lost_all_s = max(at) - killed
         row.false_lost = sum(1 for g in groups for _, other, _ in g.events("lost")
                              if other not in victims)
+        if timeline:
+            row.timeline = _timeline(groups, victims, last_ready)
         for g in groups[:-1]:
             g.close_stdin()
     return row
+
+
+def _timeline(groups: list[Group], victims: set[str], last_ready: float) -> dict[str, list[int]]:
+    """Joined and (false) lost events per 5 s from 30 s before the last ready: when the
+    mesh came together, and whether losses kept coming once everyone was up."""
+    bins = range(-30, 90, 5)
+
+    def count(kind: str) -> list[int]:
+        times = [at - last_ready for g in groups for _, other, at in g.events(kind)
+                 if other not in victims]
+        return [sum(1 for t in times if lo <= t < lo + 5) for lo in bins]
+
+    return {"from_s": list(bins), "joined": count("joined"), "lost": count("lost")}
 
 
 def measure_idle(row: Row, lan: netns.Lan, groups: list[Group], idle: float) -> None:
@@ -241,6 +258,9 @@ def report(rows: list[Row]) -> None:
     for r in rows:
         for error in r.errors:
             print(f"  N={r.nodes}: {error}")
+        if r.timeline:
+            print(f"  N={r.nodes} events per 5 s from {r.timeline['from_s'][0]} s after the "
+                  f"last ready: joined {r.timeline['joined']}, false lost {r.timeline['lost']}")
     if len(rows) < 2:
         return
     print(f"\ngrowth against N={rows[0].nodes} (the baseline row of this run):")
@@ -272,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the first N only, 2 s idle window, 5 s for a full view and for "
                              "the loss to be seen")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also print joined and false lost events per 5 s around the "
+                             "last node ready (when the mesh came together)")
     args = parser.parse_args(argv)
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -291,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.json:
             print(f"N={n} ...", file=sys.stderr, flush=True)
         rows.append(measure(n, args.per_host, args.idle, args.view_timeout,
-                            args.seeds == "all", lost_timeout))
+                            args.seeds == "all", lost_timeout, args.timeline))
     if args.json:
         print(json.dumps({"per_host": args.per_host, "seeds": args.seeds,
                           "rows": [asdict(r) for r in rows]}))

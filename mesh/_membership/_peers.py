@@ -49,6 +49,8 @@ _MAX_HEALTH: Final[int] = 4
 """At worst, silence timeouts are stretched to this many times plus one."""
 _RECOVER_AFTER: Final[float] = 2.0
 """Multiples of `lost_after` without a sign of overload before `health` goes down one."""
+_FIRST_CONTACT: Final[float] = 2.0
+"""Timeouts for a watched member never heard itself yet, as a multiple."""
 _REARM_SLACK: Final[float] = 0.1
 """Fraction of `suspect_after` a peer's timer may run early rather than be moved at
 each of a burst of messages (it then finds the peer heard and moves on)."""
@@ -150,6 +152,8 @@ class PeerRecord:
     """Our monotonic clock when a message from the member itself last came."""
     watched: bool = False
     """We watch its silence ourselves (a neighbour or a partner); else news decides."""
+    lost_at: float = 0.0
+    """When it was taken for lost (it is forgotten `forget_after` later)."""
     digest_key: tuple[int, int, int, int] = (-1, -1, -1, -1)
     """What `digest_part` was hashed from: (incarnation, seq, status, interest version)."""
     digest_part: int = 0
@@ -215,6 +219,14 @@ class PeerTable:
     def stretch(self) -> float:
         return 1.0 + self.health
 
+    def _stretch_for(self, rec: PeerRecord) -> float:
+        """A member we know only from gossip gets longer until it is first heard itself: it
+        beats us only once our first beat reached it over a new connection (a burst of
+        joins opens many at once)."""
+        if not rec.heard_directly:
+            return self.stretch * _FIRST_CONTACT
+        return self.stretch
+
     def __len__(self) -> int:
         return len(self._peers)
 
@@ -259,8 +271,8 @@ class PeerTable:
         us before)."""
         if not rec.watched:
             rec.watched = True
+            now = time.monotonic()
             if rec.state is not PeerState.LOST:
-                now = time.monotonic()
                 fresh = now - rec.heard_directly < self.suspect_after
                 rec.last_heard = rec.heard_directly if fresh else now
             self._arm(rec)
@@ -278,7 +290,8 @@ class PeerTable:
         if rec.state is PeerState.LOST:
             return False
         rec.state = PeerState.LOST
-        rec.last_heard = min(rec.last_heard, time.monotonic() - self.lost_after)
+        rec.lost_at = time.monotonic()
+        rec.last_heard = min(rec.last_heard, rec.lost_at - self.lost_after)
         self._arm(rec)
         self._emit(PeerEventKind.LOST, rec)
         return True
@@ -305,10 +318,13 @@ class PeerTable:
     def _arm(self, rec: PeerRecord) -> None:
         """Set the peer's timer for when its silence runs out next."""
         _disarm(rec)
-        after = (self.suspect_after * self.stretch if rec.state is PeerState.ALIVE else
-                 self.lost_after * self.stretch if rec.state is PeerState.SUSPECT else
-                 self.lost_after + self.forget_after)
-        delay = max(0.0, rec.last_heard + after - time.monotonic())
+        stretch = self._stretch_for(rec)
+        if rec.state is PeerState.LOST:
+            delay = max(0.0, rec.lost_at + self.forget_after - time.monotonic())
+        else:
+            after = (self.suspect_after if rec.state is PeerState.ALIVE
+                     else self.lost_after) * stretch
+            delay = max(0.0, rec.last_heard + after - time.monotonic())
         rec.armed_at = rec.last_heard
         loop = asyncio.get_running_loop()
         rec.timer = loop.call_later(delay, self._expire, rec, loop.time() + delay)
@@ -330,14 +346,16 @@ class PeerTable:
         changed = False
         if not rec.watched and rec.state is not PeerState.LOST:
             return  # news decides its state
-        if rec.state is PeerState.ALIVE and silent >= self.suspect_after * self.stretch:
+        stretch = self._stretch_for(rec)
+        if rec.state is PeerState.ALIVE and silent >= self.suspect_after * stretch:
             rec.state = PeerState.SUSPECT
             changed = True
-        if rec.state is PeerState.SUSPECT and silent >= self.lost_after * self.stretch:
+        if rec.state is PeerState.SUSPECT and silent >= self.lost_after * stretch:
             rec.state = PeerState.LOST
+            rec.lost_at = now
             changed = True
             self._emit(PeerEventKind.LOST, rec)
-        if rec.state is PeerState.LOST and silent >= self.lost_after + self.forget_after:
+        if rec.state is PeerState.LOST and now - rec.lost_at >= self.forget_after:
             del self._peers[rec.id]
             self._observer.peer_forgotten(rec)
             return

@@ -4,9 +4,11 @@ benchmarks/scale.py.
 A `Group` is one ``benchmarks/_scale_node.py`` process on one host running one or more
 nodes (mDNS off, seeds as static peers: usually the LAN's first node); the first node of
 each binds `SEED_PORT`, so any of them can be named as a seed. Its stdout lines
-(``NAME ready``, ``NAME joined|left|lost OTHER``) are time-stamped on arrival by
-`MeshProc`, so every figure here is read off the lines: when each node's view became
-full, when each observer saw a victim lost. Every wait is bounded.
+(``NAME ready STAMP``, ``NAME joined|left|lost OTHER STAMP``) carry the node's own
+`time.monotonic()` (CLOCK_MONOTONIC: one clock for every process and namespace of the
+machine), so every figure here is read off the lines and none depends on how soon this
+process, busy with 100 pipes on a loaded machine, got to read them: when each node's
+view became full, when each observer saw a victim lost. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -51,10 +53,11 @@ class Group(MeshProc):
 
     def wait_ready(self, timeout: float) -> float | None:
         """When the last of its nodes printed ``ready``; None if not within ``timeout``."""
-        want = {f"{name} ready" for name in self.names}
+        want = set(self.names)
 
         def check(lines: list[Line]) -> float | None:
-            ready = [ln.at for ln in lines if ln.text in want]
+            ready = [_stamp(parts) for parts in map(_words, lines)
+                     if len(parts) == 3 and parts[1] == "ready" and parts[0] in want]
             return max(ready) if len(ready) == len(want) else None
 
         return self.wait_for(check, timeout)
@@ -84,9 +87,9 @@ class Group(MeshProc):
     def events(self, kind: str) -> list[tuple[str, str, float]]:
         """Every ``(node, other, arrival time)`` of ``NAME <kind> OTHER`` lines so far."""
         out = []
-        for line in self.matching(rf"^\S+ {kind} \S+$"):
-            node, _, other = line.text.split()
-            out.append((node, other, line.at))
+        for line in self.matching(rf"^\S+ {kind} \S+ \S+$"):
+            node, _, other, _ = parts = line.text.split()
+            out.append((node, other, _stamp(parts)))
         return out
 
     def figures(self, timeout: float = 10.0) -> dict[str, Any] | None:
@@ -109,17 +112,16 @@ def _full_at(lines: Iterable[Line], mine: Sequence[str], everyone: set[str],
              partial: bool) -> dict[str, float | int] | None:
     views: dict[str, set[str]] = {n: set() for n in mine}
     full: dict[str, float | int] = {}
-    for line in lines:
-        parts = line.text.split()
-        if len(parts) != 3 or parts[0] not in views:
+    for parts in map(_words, lines):
+        if len(parts) != 4 or parts[0] not in views:
             continue
-        node, kind, other = parts
+        node, kind, other, _ = parts
         if kind == "joined":
             views[node].add(other)
         else:
             views[node].discard(other)
         if node not in full and views[node] >= everyone - {node}:
-            full[node] = line.at
+            full[node] = _stamp(parts)
     if len(full) == len(views):
         return full
     if not partial:
@@ -131,13 +133,21 @@ def _lost_at(lines: Iterable[Line], observers: Sequence[str], victims: set[str]
              ) -> dict[str, float | None]:
     pending = {n: set(victims) for n in observers}
     seen: dict[str, float | None] = dict.fromkeys(observers)
-    for line in lines:
-        parts = line.text.split()
-        if len(parts) == 3 and parts[1] == "lost" and parts[0] in pending:
+    for parts in map(_words, lines):
+        if len(parts) == 4 and parts[1] == "lost" and parts[0] in pending:
             pending[parts[0]].discard(parts[2])
             if not pending[parts[0]] and seen[parts[0]] is None:
-                seen[parts[0]] = line.at
+                seen[parts[0]] = _stamp(parts)
     return seen
+
+
+def _words(line: Line) -> list[str]:
+    return line.text.split()
+
+
+def _stamp(parts: list[str]) -> float:
+    """The node's own time of the event (its line's last word)."""
+    return float(parts[-1])
 
 
 def established(host: netns.Host) -> int:
