@@ -35,6 +35,11 @@ _HEARTBEAT_TIMEOUT_MS: Final[int] = 3000
 """No traffic this long after a PING: the connection is dropped (and reconnects)."""
 _RECONNECT_IVL_MS: Final[int] = 100
 _RECONNECT_IVL_MAX_MS: Final[int] = 1000
+_CONNECT_TIMEOUT_MS: Final[int] = 1500
+"""A TCP connect still pending this long is abandoned and tried afresh. A lost SYN is
+otherwise retransmitted by the kernel after 1, 3, 7, 15, 31 s: on a LAN that drops a
+burst of packets (a busy Wi-Fi, a saturated host's backlog) a peer that would answer at
+once was then reached only half a minute later."""
 _DISPATCH_ROUNDS: Final[int] = 8
 _DRAIN_LIMIT: Final[int] = 256
 """Messages taken per readiness callback before other work on the loop gets a turn."""
@@ -69,6 +74,7 @@ class Context:
         raw.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
         raw.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
         raw.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
+        raw.setsockopt(zmq.CONNECT_TIMEOUT, _CONNECT_TIMEOUT_MS)
         if sndhwm is not None:
             raw.setsockopt(zmq.SNDHWM, sndhwm)
         if rcvhwm is not None:
