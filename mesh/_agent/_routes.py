@@ -114,7 +114,8 @@ class Routes:
     async def request(self, request: web.Request) -> web.Response:
         """One server's reply (its headers as HTTP headers, see `_headers`); with
         ``?all=true`` every live server's, as a JSON list."""
-        params = _http.query(request, ("timeout", "retries", "all", "max_replies"))
+        params = (_http.query(request, ("timeout", "retries", "all", "max_replies"))
+                  if request.query_string else {})  # (most requests have none: no parsing)
         service = request.match_info["service"]
         self._node.check_service(service)
         timeout = _http.seconds(params, "timeout", DEFAULT_REQUEST_TIMEOUT)
@@ -150,9 +151,7 @@ class Routes:
             outcome = "remote_error"
             raise
         finally:
-            self._metrics.requests.labels(service, outcome).inc()
-            if outcome == "ok":
-                self._metrics.latency.labels(service).observe(time.perf_counter() - started)
+            self._metrics.requested(service, outcome, time.perf_counter() - started)
         if wants_json(request.headers.get("Accept")):
             reply = as_json(reply)
         out = reply_to_http(reply.headers)
@@ -167,10 +166,8 @@ class Routes:
         replies = await self._node.request_all(service, body, timeout=timeout,
                                                max_replies=max_replies,
                                                headers=headers or None)
-        outcome = "ok" if replies else "no_responders"
-        self._metrics.requests.labels(service, outcome).inc()
-        if replies:
-            self._metrics.latency.labels(service).observe(time.perf_counter() - started)
+        self._metrics.requested(service, "ok" if replies else "no_responders",
+                                time.perf_counter() - started)
         return web.json_response([_http.message_json(reply, "service") for reply in replies])
 
     async def replay(self, request: web.Request) -> web.Response:
