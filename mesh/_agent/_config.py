@@ -46,6 +46,10 @@ class Webhook(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """POSTs per message before it goes to the dead-letter spool."""
     backoff: float = 0.2
     """First retry delay in seconds; grows exponentially with jitter."""
+    accept: str | None = None
+    """What the app reads, as an HTTP ``Accept`` header would say it: with
+    ``application/json``, MessagePack payloads (typed sends) are POSTed as JSON, labelled
+    so; other payloads go as they are."""
 
     @property
     def source(self) -> str:

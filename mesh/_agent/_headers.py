@@ -14,9 +14,11 @@ they round-trip; any other name, which could clash with HTTP's own
 ``X-Zeromesh-Header-<name>``.
 
 An app that asks with ``Accept: application/json`` (SSE streams, request
-replies) gets MessagePack payloads — what typed sends from Python make — as
-JSON, labelled ``content-type: application/json``: HTTP apps in any language
-read JSON, few read MessagePack.
+replies, gathered replies, ``/v1/last``), or a webhook configured with
+``accept = "application/json"``, gets MessagePack payloads — what typed sends
+from Python make — as JSON, labelled ``content-type: application/json``: HTTP
+apps in any language read JSON, few read MessagePack. Untyped bytes stay as
+they are.
 """
 
 from __future__ import annotations

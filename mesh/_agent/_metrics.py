@@ -29,6 +29,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.metrics import Counter as CounterChild
+from prometheus_client.metrics import Histogram as HistogramChild
 from prometheus_client.registry import Collector
 
 from .._membership._peers import PeerState
@@ -40,6 +42,9 @@ from .._uplink._links import Uplinks
 disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double the output and nobody graphs them
 
 CONTENT_TYPE: Final[str] = "text/plain; version=0.0.4; charset=utf-8"
+_MAX_LABELLED: Final[int] = 4096
+"""Series remembered by `AgentMetrics.requested` (services a requester names are not
+bounded: past this many the memo starts again)."""
 _LATENCY_BUCKETS: Final = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
                            0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _NODE_TOTALS: Final = (
@@ -131,9 +136,24 @@ class AgentMetrics:
         self.sse_dropped = Counter("zeromesh_sse_dropped",
                                    "Messages an SSE client was too slow for (oldest dropped), "
                                    "per pattern.", ["pattern"], registry=r)
+        self._labelled: dict[tuple[str, str], tuple[CounterChild, HistogramChild | None]] = {}
         r.register(_HttpCollector(self.http))
         r.register(_NodeCollector(node))
         r.register(_UplinkCollector(uplinks))
+
+    def requested(self, service: str, outcome: str, seconds: float) -> None:
+        """Count one request through this agent (its latency when it was answered); each
+        service's series are looked up once, not per request."""
+        series = self._labelled.get((service, outcome))
+        if series is None:
+            if len(self._labelled) >= _MAX_LABELLED:
+                self._labelled.clear()
+            series = self._labelled[service, outcome] = (
+                self.requests.labels(service, outcome),
+                self.latency.labels(service) if outcome == "ok" else None)
+        series[0].inc()
+        if series[1] is not None:
+            series[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,7 +1,7 @@
 """The agent's request/response routes: publish, push, request, peers, health, metrics.
 
-Bodies are the payload byte for byte (a MessagePack reply as JSON for a
-requester that accepts JSON); headers travel as described in `_headers`.
+Bodies are the payload byte for byte (MessagePack replies and retained values as
+JSON for a client that accepts JSON); headers travel as described in `_headers`.
 Path parameters arrive URL-decoded (``acc.%3E`` is ``acc.>``).
 """
 
@@ -95,6 +95,8 @@ class Routes:
         params = _http.query(request, ("timeout",))
         timeout = _http.seconds(params, "timeout", DEFAULT_REQUEST_TIMEOUT)
         values = await self._node.last(request.match_info["pattern"], timeout=timeout)
+        if wants_json(request.headers.get("Accept")):
+            values = [as_json(m) for m in values]
         return web.json_response([m.to_dict() for m in values])
 
     async def push(self, request: web.Request) -> web.Response:
@@ -114,7 +116,8 @@ class Routes:
     async def request(self, request: web.Request) -> web.Response:
         """One server's reply (its headers as HTTP headers, see `_headers`); with
         ``?all=true`` every live server's, as a JSON list."""
-        params = _http.query(request, ("timeout", "retries", "all", "max_replies"))
+        params = (_http.query(request, ("timeout", "retries", "all", "max_replies"))
+                  if request.query_string else {})  # (most requests have none: no parsing)
         service = request.match_info["service"]
         self._node.check_service(service)
         timeout = _http.seconds(params, "timeout", DEFAULT_REQUEST_TIMEOUT)
@@ -129,7 +132,8 @@ class Routes:
                 if max_replies < 1:
                     return _http.error(400, "max_replies must be >= 1")
             return await self._request_all(service, await request.read(), timeout, headers,
-                                           max_replies)
+                                           max_replies,
+                                           wants_json(request.headers.get("Accept")))
         if "max_replies" in params:
             return _http.error(400, "max_replies needs all=true")
         retries = _http.count(params, "retries", 2, MAX_RETRIES)
@@ -150,9 +154,7 @@ class Routes:
             outcome = "remote_error"
             raise
         finally:
-            self._metrics.requests.labels(service, outcome).inc()
-            if outcome == "ok":
-                self._metrics.latency.labels(service).observe(time.perf_counter() - started)
+            self._metrics.requested(service, outcome, time.perf_counter() - started)
         if wants_json(request.headers.get("Accept")):
             reply = as_json(reply)
         out = reply_to_http(reply.headers)
@@ -160,17 +162,19 @@ class Routes:
         return web.Response(body=reply.data, headers=out)
 
     async def _request_all(self, service: str, body: bytes, timeout: float,
-                           headers: dict[str, str], max_replies: int | None) -> web.Response:
+                           headers: dict[str, str], max_replies: int | None,
+                           json: bool) -> web.Response:
         """Scatter-gather: 200 with the JSON list of replies (empty when no server is there:
-        a list is the answer, not an error); a failed server's entry has ``error``."""
+        a list is the answer, not an error); a failed server's entry has ``error``. With
+        `json` (the client accepts JSON), MessagePack replies are shown as JSON."""
         started = time.perf_counter()
         replies = await self._node.request_all(service, body, timeout=timeout,
                                                max_replies=max_replies,
                                                headers=headers or None)
-        outcome = "ok" if replies else "no_responders"
-        self._metrics.requests.labels(service, outcome).inc()
-        if replies:
-            self._metrics.latency.labels(service).observe(time.perf_counter() - started)
+        self._metrics.requested(service, "ok" if replies else "no_responders",
+                                time.perf_counter() - started)
+        if json:
+            replies = [as_json(reply) for reply in replies]
         return web.json_response([_http.message_json(reply, "service") for reply in replies])
 
     async def replay(self, request: web.Request) -> web.Response:

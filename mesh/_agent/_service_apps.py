@@ -1,7 +1,8 @@
 """``[[service]]``: a mesh service answered by an app over HTTP.
 
 Each request is POSTed to the app's URL (body as body, headers by the scheme of
-`_headers.for_app`); a 2xx response is the reply, its headers travel back. The
+`_headers.for_app`) on a keep-alive connection (`_app_client`); a 2xx response
+is the reply, its headers travel back. The
 node's serving machinery bounds the POSTs in flight (`concurrency`, the rest
 wait in its backlog, beyond that the requester is told *busy*), so the app
 sees at most that many at once.
@@ -19,17 +20,20 @@ Failures are answered at once, never left to the requester's timeout:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import re
 from typing import Final
 
-import aiohttp
+from prometheus_client.metrics import Counter as CounterChild
 
 from .. import _trace
 from .._message import Message, Reply
 from .._node import AsyncNode
-from .._services._server import Declined, Service
+from .._services._server import Declined, FutureHandler, ReplyBody, Service
+from ._app_client import AppClient, BadResponse, Response
 from ._config import ServiceApp
 from ._headers import BadHeader, for_app, from_app
 from ._metrics import AgentMetrics
@@ -46,31 +50,37 @@ class AppError(Exception):
     """The app answered, but not with a reply (the error text the requester gets)."""
 
 
-class AppService:
-    """One ``[[service]]``: serves its name on the node while it runs."""
+class AppService(FutureHandler):
+    """One ``[[service]]``: serves its name on the node while it runs.
 
-    def __init__(self, node: AsyncNode, settings: ServiceApp,
-                 session: aiohttp.ClientSession, metrics: AgentMetrics) -> None:
+    Each request is a POST on the app's keep-alive connections (`_app_client`); the node
+    bounds them by `concurrency` and answers when the returned future ends."""
+
+    def __init__(self, node: AsyncNode, settings: ServiceApp, metrics: AgentMetrics) -> None:
         self._node = node
-        self._session = session
         self._metrics = metrics
         self._limit = node.config.max_message_size
         self.settings = settings
-        self._timeout = aiohttp.ClientTimeout(total=settings.timeout)
+        self._client = AppClient(settings.url)
         self._served: Service | None = None
         self._warned = False
+        self._outcomes: dict[str, CounterChild] = {}
+        """The outcome counters, each labelled once (a `labels()` lookup per request costs
+        more than the increment)."""
 
     async def start(self) -> None:
-        self._served = await self._node.serve(self.settings.name, self.handle,
+        self._served = await self._node.serve(self.settings.name, self,
                                               concurrency=self.settings.concurrency)
 
-    def update(self, settings: ServiceApp) -> bool:
+    async def update(self, settings: ServiceApp) -> bool:
         """Take new settings in place (url, timeout); False when they need a new serve
         (its concurrency changed)."""
         if settings.concurrency != self.settings.concurrency:
             return False
+        if settings.url != self.settings.url:
+            old, self._client = self._client, AppClient(settings.url)
+            await old.aclose()
         self.settings = settings
-        self._timeout = aiohttp.ClientTimeout(total=settings.timeout)
         return True
 
     async def aclose(self) -> None:
@@ -78,39 +88,54 @@ class AppService:
         if self._served is not None:
             await self._served.aclose()
             self._served = None
+        await self._client.aclose()
 
-    async def handle(self, msg: Message) -> Reply:
-        """The app's answer to one request."""
-        settings = self.settings
+    def __call__(self, msg: Message) -> asyncio.Future[ReplyBody]:
+        """Start the app's answer to one request: the future is its reply."""
         headers = for_app(msg)
         if _trace.ON:
             _trace.inject(headers)  # the serving span: the app's spans nest under it
+        answer = self._client.post(headers, msg.data, self.settings.timeout, self._limit)
+        reply: asyncio.Future[ReplyBody] = asyncio.get_running_loop().create_future()
+        answer.add_done_callback(functools.partial(self._answered, reply))
+        return reply
+
+    def _answered(self, reply: asyncio.Future[ReplyBody],
+                  answer: asyncio.Future[Response]) -> None:
+        if reply.done():  # (cancelled: the node is closing)
+            return
         outcome = "error"
         try:
-            async with self._session.post(settings.url, data=msg.data, headers=headers,
-                                          timeout=self._timeout) as response:
-                body = await _read(response, self._limit)
-                if not 200 <= response.status < 300:
-                    outcome = "status"
-                    text = body[:_MAX_ERROR_BODY].decode("utf-8", "replace")
-                    raise AppError(f"app answered {response.status}: {text}")
-                try:
-                    reply = Reply(body, from_app(response.headers.items()) or None)
-                except BadHeader as exc:
-                    raise AppError(f"app reply: {exc}") from None
-                outcome = "ok"
-                return reply
+            response = answer.result()
+            status = response.status
+            if not 200 <= status < 300:
+                outcome = "status"
+                text = response.body[:_MAX_ERROR_BODY].decode("utf-8", "replace")
+                raise AppError(f"app answered {status}: {text}")
+            try:
+                result = Reply(response.body, from_app(response.headers) or None)
+            except BadHeader as exc:
+                raise AppError(f"app reply: {exc}") from None
+            outcome = "ok"
+            reply.set_result(result)
         except TimeoutError:
             outcome = "timeout"
-            raise AppError(f"app did not answer within {settings.timeout:g} s") from None
-        except (aiohttp.ClientConnectionError, ConnectionError) as exc:
+            reply.set_exception(AppError(
+                f"app did not answer within {self.settings.timeout:g} s"))
+        except OSError as exc:
             outcome = "unreachable"
-            self._warn_once(f"{settings.url}: {type(exc).__name__} {exc}".rstrip())
-            raise Declined(str(exc)) from None
-        except aiohttp.ClientError as exc:
-            raise AppError(f"app: {type(exc).__name__} {exc}".rstrip()) from None
+            self._warn_once(f"{self.settings.url}: {type(exc).__name__} {exc}".rstrip())
+            reply.set_exception(Declined(str(exc)))
+        except BadResponse as exc:
+            reply.set_exception(AppError(f"app: {exc}"))
+        except AppError as exc:
+            reply.set_exception(exc)
         finally:
-            self._metrics.service_apps.labels(settings.name, outcome).inc()
+            counter = self._outcomes.get(outcome)
+            if counter is None:
+                counter = self._outcomes[outcome] = self._metrics.service_apps.labels(
+                    self.settings.name, outcome)
+            counter.inc()
 
     def _warn_once(self, reason: str) -> None:
         if not self._warned:
@@ -119,39 +144,18 @@ class AppService:
                          "take them): %s", self.settings.name, reason)
 
 
-async def _read(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The response body, refused past `limit` bytes (a reply cannot be larger)."""
-    size = response.content_length
-    if size is not None:
-        if size > limit:
-            raise AppError(f"app reply of {size} bytes exceeds max_message_size {limit}")
-        return await response.read()
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in response.content.iter_any():
-        total += len(chunk)
-        if total > limit:
-            raise AppError(f"app reply exceeds max_message_size {limit}")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 class AppServices:
     """The running ``[[service]]`` entries, by name; `apply` makes them match a config."""
 
     def __init__(self, node: AsyncNode, metrics: AgentMetrics) -> None:
         self._node = node
         self._metrics = metrics
-        self._session: aiohttp.ClientSession | None = None
         self._running: dict[str, AppService] = {}
 
     async def apply(self, wanted: list[ServiceApp]) -> None:
         """Serve exactly these: new ones start, removed ones stop, changed ones change in
         place (a new concurrency means serving anew; requests queued meanwhile go to
         other servers or are retried)."""
-        if self._session is None and wanted:
-            # No connection limit of the session's own: each service's concurrency bounds it.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         names = {svc.name: svc for svc in wanted}
         for name in [n for n in self._running if n not in names]:
             await self._running.pop(name).aclose()
@@ -159,12 +163,11 @@ class AppServices:
             running = self._running.get(name)
             if running is not None and running.settings == settings:
                 continue
-            if running is not None and running.update(settings):
+            if running is not None and await running.update(settings):
                 continue
             if running is not None:
                 await self._running.pop(name).aclose()
-            assert self._session is not None
-            app = AppService(self._node, settings, self._session, self._metrics)
+            app = AppService(self._node, settings, self._metrics)
             await app.start()
             self._running[name] = app
 
@@ -176,6 +179,3 @@ class AppServices:
         for app in running:
             with contextlib.suppress(Exception):
                 await app.aclose()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None

@@ -6,7 +6,8 @@ then the message goes to the node's dead-letter spool (queue and durable
 webhooks, with a data dir: ``zeromesh spool replay`` sends it to the queue
 again), or, for a best-effort pattern webhook, is dropped and counted.
 `concurrency` bounds POSTs in flight; with 1, each message waits for the one
-before it, so each publisher's order is kept.
+before it, so each publisher's order is kept. A webhook with ``accept =
+"application/json"`` gets MessagePack payloads (typed sends) as JSON.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .._node import AsyncNode
 from .._reliable._durables import durable_queue
 from ..errors import ClosedError, MeshError
 from ._config import Webhook
-from ._headers import for_delivery
+from ._headers import as_json, for_delivery, wants_json
 from ._metrics import AgentMetrics
 
 _log = logging.getLogger("mesh.agent.webhook")
@@ -66,6 +67,7 @@ class WebhookRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._dead_queue = hook.queue
         self._kind = "queue" if hook.queue else "topic"
+        self._json = wants_json(hook.accept)
 
     async def run(self) -> None:
         """Deliver until cancelled (the agent stopping) or the node closes."""
@@ -145,6 +147,8 @@ class WebhookRunner:
 
     async def _post(self, msg: Message) -> None:
         hook = self._hook
+        if self._json:
+            msg = as_json(msg)
         headers = for_delivery(msg, self._kind)
         if _trace.ON:
             _trace.inject(headers)  # the webhook span (current): the app's spans nest under it

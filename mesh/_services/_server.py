@@ -3,20 +3,24 @@
 A sync handler runs inline on the loop (it must not block); an async one runs
 in its own task, at most `concurrency` at a time, the rest waiting in a
 bounded backlog (beyond it the server answers *busy* and the requester tries
-another server). A handler that raises produces an error reply (`RemoteError`
-at the requester); the server keeps serving. Receiving requests and sending
+another server). A `FutureHandler` (the agent's HTTP apps) is bounded the same
+way but needs no task: it returns a future, and its outcome is the reply. A
+handler that raises produces an error reply (`RemoteError` at the requester);
+the server keeps serving. Receiving requests and sending
 replies is `_serving`.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
+import functools
 import inspect
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Final, Protocol, Self
+from typing import Any, Final, Protocol, Self, cast
 
 from .. import _wire
 from .._message import Message, Reply
@@ -35,6 +39,16 @@ SYNC_SERVE_CONCURRENCY: Final[int] = 8
 BACKLOG_LIMIT: Final[int] = 10_000
 _CLOSE_GRACE: Final[float] = 2.0
 _MAX_ERROR_TEXT: Final[int] = 4096
+
+
+class FutureHandler(abc.ABC):
+    """A handler that starts its work and returns an `asyncio.Future` of the reply body:
+    `Service` bounds it by `concurrency` like an async handler, with a done callback
+    instead of a task per request (a task costs more than a small request's handling)."""
+
+    @abc.abstractmethod
+    def __call__(self, msg: Message) -> asyncio.Future[ReplyBody]:
+        """Start answering `msg` (raise `Declined` to decline at once)."""
 
 
 class Declined(Exception):
@@ -60,11 +74,13 @@ class Service:
                  owner: ServiceHost) -> None:
         self._name = name
         self._handler = handler
-        self._is_async = is_async_handler(handler)
+        self._is_async = is_async_handler(handler) or isinstance(handler, FutureHandler)
+        self._start = self._call if isinstance(handler, FutureHandler) else self._spawn_one
         self._concurrency = concurrency
         self._owner = owner
         self._backlog: deque[tuple[Message, Callable[[_wire.Reply], None]]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._futures: set[asyncio.Future[ReplyBody]] = set()
         self._closed = False
         self.outstanding = 0
         self.last_used = 0
@@ -96,8 +112,9 @@ class Service:
         while self._backlog:
             msg, reply = self._backlog.popleft()
             reply(_wire.Reply(msg.seq, _wire.REPLY_NOT_SERVED, time.time(), b""))
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=_CLOSE_GRACE)
+        if self._tasks or self._futures:
+            running: set[asyncio.Future[Any]] = {*self._tasks, *self._futures}
+            await asyncio.wait(running, timeout=_CLOSE_GRACE)
         await self.cancel()
 
     async def cancel(self) -> None:
@@ -106,6 +123,8 @@ class Service:
         tasks = set(self._tasks)
         for task in tasks:
             task.cancel()
+        for fut in list(self._futures):
+            fut.cancel()  # (its done callback answers *not served*)
         if tasks:
             await asyncio.wait(tasks)
 
@@ -122,25 +141,64 @@ class Service:
         if self._closed:
             reply(_wire.Reply(msg.seq, _wire.REPLY_NOT_SERVED, time.time(), b""))
         elif not self._is_async:
-            try:
-                result = self._handler(msg)
-            except Declined:
-                self.declined += 1
-                reply(_wire.Reply(msg.seq, _wire.REPLY_BUSY, time.time(), b""))
-                return
-            except Exception as exc:
-                self._fail(msg, reply, exc)
+            called, result = self._call_now(msg, reply)
+            if not called:
                 return
             if type(result) is bytes or not inspect.isawaitable(result):  # (an ABC check)
                 self._ok(msg, reply, result)
             else:
                 self._spawn(msg, reply, result)
-        elif len(self._tasks) < self._concurrency:
-            self._spawn(msg, reply, None)
+        elif len(self._tasks) + len(self._futures) < self._concurrency:
+            self._start(msg, reply)
         elif len(self._backlog) < BACKLOG_LIMIT:
             self._backlog.append((msg, reply))
         else:
             reply(_wire.Reply(msg.seq, _wire.REPLY_BUSY, time.time(), b""))
+
+    def _spawn_one(self, msg: Message, reply: Callable[[_wire.Reply], None]) -> None:
+        self._spawn(msg, reply, None)
+
+    def _call_now(self, msg: Message, reply: Callable[[_wire.Reply], None]
+                  ) -> tuple[bool, object]:
+        """Call the handler: (True, what it returned), or (False, None) when it raised (and
+        the reply says so)."""
+        try:
+            return True, self._handler(msg)
+        except Declined:
+            self._decline(msg, reply)
+        except Exception as exc:
+            self._fail(msg, reply, exc)
+        return False, None
+
+    def _decline(self, msg: Message, reply: Callable[[_wire.Reply], None]) -> None:
+        self.declined += 1
+        reply(_wire.Reply(msg.seq, _wire.REPLY_BUSY, time.time(), b""))
+
+    def _call(self, msg: Message, reply: Callable[[_wire.Reply], None]) -> None:
+        """Start a `FutureHandler` on `msg`; `_called` answers when its future ends."""
+        called, result = self._call_now(msg, reply)
+        if not called:
+            return
+        fut = cast("asyncio.Future[ReplyBody]", result)
+        self._futures.add(fut)
+        fut.add_done_callback(functools.partial(self._called, msg, reply))
+
+    def _called(self, msg: Message, reply: Callable[[_wire.Reply], None],
+                fut: asyncio.Future[ReplyBody]) -> None:
+        self._futures.discard(fut)
+        if fut.cancelled():
+            reply(_wire.Reply(msg.seq, _wire.REPLY_NOT_SERVED, time.time(), b""))
+            return
+        exc = fut.exception()
+        if exc is None:
+            self._ok(msg, reply, fut.result())
+        elif isinstance(exc, Declined):
+            self._decline(msg, reply)
+        else:
+            self._fail(msg, reply, exc if isinstance(exc, Exception) else RuntimeError(exc))
+        # this slot takes the next waiting (each call may end at once: then the one after)
+        while self._backlog and not self._closed and len(self._futures) < self._concurrency:
+            self._call(*self._backlog.popleft())
 
     def _spawn(self, msg: Message, reply: Callable[[_wire.Reply], None],
                pending: Awaitable[ReplyBody] | None) -> None:
@@ -158,8 +216,7 @@ class Service:
                 reply(_wire.Reply(msg.seq, _wire.REPLY_NOT_SERVED, time.time(), b""))
                 raise
             except Declined:
-                self.declined += 1
-                reply(_wire.Reply(msg.seq, _wire.REPLY_BUSY, time.time(), b""))
+                self._decline(msg, reply)
             except Exception as exc:
                 self._fail(msg, reply, exc)
             else:

@@ -61,7 +61,7 @@ def test_print_config_shows_webhooks(tmp_path: Path) -> None:
     hooks = effective("--config", str(path))["webhooks"]
     assert hooks == [{"url": "http://127.0.0.1:9/h", "pattern": "a.>", "queue": None,
                       "durable": "app", "concurrency": 4, "timeout": 5.0, "attempts": 5,
-                      "backoff": 0.2}]
+                      "backoff": 0.2, "accept": None}]
 
 
 @pytest.mark.parametrize(("text", "reason"), [

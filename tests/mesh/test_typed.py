@@ -12,13 +12,15 @@ import asyncio
 import base64
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
+from aiohttp import web
 
-from mesh import AsyncNode, Message, Node
+from mesh import AsyncNode, Message, Node, Reply
 from mesh._agent._headers import as_json, wants_json
 from tests.helpers import aeventually, eventually
 
@@ -273,3 +275,74 @@ def test_as_json_leaves_other_payloads_alone() -> None:
         assert as_json(same) is same
     assert wants_json("application/json; q=0.9")
     assert not wants_json("text/event-stream")
+
+
+async def test_agent_gives_json_to_webhooks_last_and_gathered_replies_that_ask(
+        procs: list[Cli], mesh_name: str, make_node: MakeNode, tmp_path: Path) -> None:
+    """A webhook with ``accept = "application/json"``, and ``/v1/last`` and ``?all=true``
+    asked with ``Accept: application/json``, get MessagePack payloads as JSON (labelled
+    so); untyped bytes, and a webhook that did not ask, get the bytes as they are."""
+    posts: asyncio.Queue[tuple[str, bytes, str]] = asyncio.Queue()
+
+    async def hook(request: web.Request) -> web.Response:
+        await posts.put((request.path, await request.read(), request.headers["Content-Type"]))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/{which}", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        base = "http://{}:{}".format(*runner.addresses[0][:2])
+        config = (f'[[webhooks]]\npattern = "sensors.>"\nurl = "{base}/json"\n'
+                  f'accept = "application/json"\n'
+                  f'[[webhooks]]\npattern = "sensors.>"\nurl = "{base}/plain"\n')
+        agent = start_agent(procs, mesh=mesh_name, name="side", config=config, tmp=tmp_path)
+        node = await make_node("py")
+        await node.wait_for_subscribers("sensors.k1", 1, timeout=10)  # (the agent: one peer)
+        await node.publish("sensors.k1", Reading("k1", 21.5), retain=True)
+        await node.publish("sensors.k1", b"raw")
+        got: dict[str, list[tuple[bytes, str]]] = {"/json": [], "/plain": []}
+        async with asyncio.timeout(10):
+            for _ in range(4):
+                path, body, content_type = await posts.get()
+                got[path].append((body, content_type))
+        assert [(json.loads(got["/json"][0][0]), got["/json"][0][1])] == [
+            ({"sensor": "k1", "celsius": 21.5}, "application/json")]
+        assert got["/json"][1] == (b"raw", "application/octet-stream")
+        assert got["/plain"][0] == (msgspec.msgpack.encode(Reading("k1", 21.5)),
+                                    "application/msgpack")
+
+        def doubled(msg: Message) -> Reply:
+            reading = msg.decode(Reading)
+            return Reply(msgspec.msgpack.encode(Reading(reading.sensor, reading.celsius * 2)),
+                         MSGPACK)
+
+        await node.serve("double", doubled)
+        ask_json = {"Accept": "application/json"}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{agent.url}/v1/last/sensors.%3E", headers=ask_json) as r:
+                last = await r.json()
+            async with http.get(f"{agent.url}/v1/last/sensors.%3E") as r:
+                last_as_is = await r.json()
+
+            async def gathered(headers: dict[str, str]) -> list[dict[str, Any]]:
+                async with http.post(f"{agent.url}/v1/request/double?all=true&timeout=5",
+                                     data=msgspec.msgpack.encode(Reading("q", 1.5)),
+                                     headers={**MSGPACK, **headers}) as r:
+                    replies: list[dict[str, Any]] = await r.json()
+                    return replies
+
+            # (the agent learns of the new server by gossip: until then the list is empty)
+            replies = await aeventually(lambda: gathered(ask_json), timeout=10, interval=0.05)
+            replies_as_is = await gathered({})
+        assert [json.loads(m["data"]) for m in last] == [{"sensor": "k1", "celsius": 21.5}]
+        assert last[0]["headers"] == JSON
+        assert last_as_is[0]["headers"] == MSGPACK
+        assert json.loads(replies[0]["data"]) == {"sensor": "q", "celsius": 3.0}
+        assert replies[0]["headers"] == JSON
+        assert replies_as_is[0]["headers"] == MSGPACK
+    finally:
+        await runner.cleanup()
+
