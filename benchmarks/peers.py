@@ -27,7 +27,9 @@ The systems, each through its own ordinary API:
 * **nats**: nats-py on core NATS (no JetStream) against a nats-server this script starts
   on 127.0.0.1 and a free port (Debian's ``/usr/sbin/nats-server``; ``max_pending`` raised
   so a subscriber that falls behind is buffered, not cut off as a slow consumer).
-  Pub/sub: ``await nc.publish`` per message, the subscriber iterating ``sub.messages``.
+  Pub/sub: ``await nc.publish`` per message, a subscription with a callback (nats-py's
+  own delivery loop; iterating ``sub.messages`` costs a task per message). The nats-py
+  sides run on the same event loop as zeromesh's (``--loop``).
   Request/reply: ``await nc.request``, answered by a subscription's ``msg.respond``.
 
 Each measurement is at least ``--min-seconds`` (default 2) of traffic, so a short window
