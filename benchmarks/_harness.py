@@ -19,13 +19,16 @@ process and every child: benchmarks never touch another interface.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import queue
 import selectors
+import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -68,6 +71,46 @@ def stop(proc: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=5)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now (for programs that must be told one)."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def foreign_sockets(pid: int | str = "self") -> list[str]:
+    """The internet sockets of process `pid` that are bound or connected to anything but
+    127.0.0.1, as ``"proto local -> remote"`` lines (empty: loopback only).
+
+    Read from ``/proc/<pid>/fd`` (the process's socket inodes) and ``/proc/<pid>/net``:
+    an IPv4 socket passes when its local address is 127.0.0.1 and its remote one is
+    127.0.0.1 or none (a listener); every IPv6 socket is reported. Linux only.
+    """
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # (closed since the listing)
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    found = []
+    for proto in ("tcp", "udp", "tcp6", "udp6"):
+        with open(f"/proc/{pid}/net/{proto}") as table:
+            rows = [line.split() for line in table.readlines()[1:]]
+        for row in rows:
+            local, remote, inode = row[1], row[2], row[9]
+            if inode not in inodes:
+                continue
+            if (proto.endswith("6") or local.split(":")[0] != _LOOPBACK_HEX
+                    or remote.split(":")[0] not in (_LOOPBACK_HEX, "00000000")):
+                found.append(f"{proto} {local} -> {remote}")
+    return found
+
+
+_LOOPBACK_HEX: Final[str] = f"{int.from_bytes(socket.inet_aton(LOOPBACK), sys.byteorder):08X}"
+"""127.0.0.1 as /proc/net/tcp writes it (hex of the address read in host byte order)."""
 
 
 def make_payload(size: int) -> bytes:
@@ -131,6 +174,24 @@ class Link:
         the loop (and the node's background sends) keeps running meanwhile.
         """
         return bool(await asyncio.to_thread(self.done.wait, self.left()))
+
+
+@contextlib.contextmanager
+def receiving(who: str, link: Link) -> Iterator[Result]:
+    """The receiving side's `Result` for the block, reported on `link` and `link.done` set
+    however the block ends; an exception in it becomes the result's error (``who: exc``),
+    as does an error the block wrote itself."""
+    res = Result()
+    try:
+        yield res
+    except Exception as exc:
+        res.error = f"{who}: {exc!r}"
+    else:
+        if res.error and not res.error.startswith(who):
+            res.error = f"{who}: {res.error}"
+    finally:
+        link.report("result", res)
+        link.done.set()
 
 
 def collect(out: mp.Queue[Any], procs: Sequence[mp.process.BaseProcess],

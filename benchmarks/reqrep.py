@@ -41,7 +41,9 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Final
 
 import _harness as h
@@ -79,12 +81,46 @@ class Result:
     samples: list[float] = field(default_factory=list, repr=False)
 
 
-def _summarize(res: Result, rtts: list[float]) -> None:
+def summarize(res: Result, rtts: list[float]) -> None:
+    """Fill in `res`'s latency figures from the round trips `rtts` (seconds; sorted here)."""
     rtts.sort()
     res.latency_count = len(rtts)
     res.p50_us = rtts[len(rtts) // 2] * 1e6
     res.p99_us = rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))] * 1e6
     res.mean_us = statistics.fmean(rtts) * 1e6
+
+
+def time_requests(round_trip: Callable[[bytes], bytes], n_lat: int, res: Result) -> None:
+    """`WARMUP` requests, then `n_lat` timed one at a time; `res` gets the latency figures
+    and a count of wrong replies. `round_trip(body)` sends one request and returns its
+    reply's body."""
+    clock = time.perf_counter
+    for i in range(WARMUP):
+        res.wrong += round_trip(payload(i)) != payload(i)
+    rtts = []
+    for i in range(n_lat):
+        body = payload(i)
+        t0 = clock()
+        reply = round_trip(body)
+        rtts.append(clock() - t0)
+        res.wrong += reply != body
+    summarize(res, rtts)
+
+
+async def time_requests_async(round_trip: Callable[[bytes], Awaitable[bytes]], n_lat: int,
+                              res: Result) -> None:
+    """`time_requests` for a client whose `round_trip` is a coroutine function."""
+    clock = time.perf_counter
+    for i in range(WARMUP):
+        res.wrong += await round_trip(payload(i)) != payload(i)
+    rtts = []
+    for i in range(n_lat):
+        body = payload(i)
+        t0 = clock()
+        reply = await round_trip(body)
+        rtts.append(clock() - t0)
+        res.wrong += reply != body
+    summarize(res, rtts)
 
 
 # -- raw pyzmq -----------------------------------------------------------------
@@ -122,37 +158,33 @@ def raw_client(port: int, n_lat: int, n_tput: int, out: mp.Queue[Any], done: Any
     res = Result()
     try:
         send, recv, clock = dealer.send, dealer.recv, time.perf_counter
-        for i in range(WARMUP):
-            send(payload(i))
-            res.wrong += recv() != payload(i)
-        rtts = []
-        for i in range(n_lat):
-            body = payload(i)
-            t0 = clock()
+
+        def round_trip(body: bytes) -> bytes:
             send(body)
-            reply = recv()
-            rtts.append(clock() - t0)
-            res.wrong += reply != body
-        _summarize(res, rtts)
-        sent = received = 0
-        t0 = clock()
-        while sent < min(IN_FLIGHT, n_tput):
-            send(payload(sent))
-            sent += 1
-        expected = set(range(sent))
-        while received < n_tput:
-            reply = recv()
-            received += 1
-            idx = int(reply[:12])
-            if idx not in expected:
-                res.wrong += 1
-            expected.discard(idx)
-            if sent < n_tput:
+            reply: bytes = recv()
+            return reply
+
+        time_requests(round_trip, n_lat, res)
+        if n_tput:  # (0: the latency phase only)
+            sent = received = 0
+            t0 = clock()
+            while sent < min(IN_FLIGHT, n_tput):
                 send(payload(sent))
-                expected.add(sent)
                 sent += 1
-        res.requests_per_s = n_tput / (clock() - t0)
-        res.throughput_count = received
+            expected = set(range(sent))
+            while received < n_tput:
+                reply = recv()
+                received += 1
+                idx = int(reply[:12])
+                if idx not in expected:
+                    res.wrong += 1
+                expected.discard(idx)
+                if sent < n_tput:
+                    send(payload(sent))
+                    expected.add(sent)
+                    sent += 1
+            res.requests_per_s = n_tput / (clock() - t0)
+            res.throughput_count = received
     except Exception as exc:
         res.error = f"raw client: {exc!r}"
     finally:
@@ -208,16 +240,13 @@ async def _mesh_client(mesh_name: str, peer: str, n_lat: int, n_tput: int, res: 
         async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
             await node.wait_for_service(SERVICE, timeout=10)
             request, clock = node.request, time.perf_counter
-            for i in range(WARMUP):
-                res.wrong += (await request(SERVICE, payload(i))).data != payload(i)
-            rtts = []
-            for i in range(n_lat):
-                body = payload(i)
-                t0 = clock()
-                reply = await request(SERVICE, body)
-                rtts.append(clock() - t0)
-                res.wrong += reply.data != body
-            _summarize(res, rtts)
+
+            async def round_trip(body: bytes) -> bytes:
+                return (await request(SERVICE, body)).data
+
+            await time_requests_async(round_trip, n_lat, res)
+            if not n_tput:  # (0: the latency phase only)
+                return
 
             async def worker(w: int) -> int:
                 wrong = 0
@@ -244,33 +273,43 @@ def run_side(side: str, n_lat: int, n_tput: int, timeout: float,
 
     `server_opts`, `client_opts`: extra `AsyncNode` settings (zeromesh side only).
     """
+    if side == "raw":
+        return run_server_client(side, raw_server, (), raw_client,
+                                 lambda port: (port, n_lat, n_tput), timeout)
+    mesh_name = "bench-" + uuid.uuid4().hex[:12]
+    return run_server_client(side, partial(mesh_server, opts=server_opts), (mesh_name,),
+                             partial(mesh_client, opts=client_opts),
+                             lambda peer: (mesh_name, peer, n_lat, n_tput), timeout)
+
+
+def run_server_client(side: str, server: Callable[..., None], server_args: tuple[Any, ...],
+                      client: Callable[..., None],
+                      client_args: Callable[[Any], tuple[Any, ...]], timeout: float) -> Result:
+    """One measurement in two spawned processes, under a hard deadline.
+
+    ``server(*server_args, ports, done, deadline)`` puts the address clients need on
+    `ports` and serves until `done` is set; then ``client(*client_args(address), out, done,
+    deadline)`` puts its `Result` on `out` and sets `done`. Both are module-level functions
+    (or partials of them: spawned, so picklable by name); whatever outlives the deadline is
+    killed.
+    """
     ctx = mp.get_context("spawn")
     out: mp.Queue[Any] = ctx.Queue()
     ports: mp.Queue[Any] = ctx.Queue()
     done = ctx.Event()
     deadline = time.monotonic() + timeout
-    mesh_name = "bench-" + uuid.uuid4().hex[:12]
-    if side == "raw":
-        server = ctx.Process(target=raw_server, args=(ports, done, deadline), daemon=True)
-    else:
-        server = ctx.Process(target=mesh_server,
-                             args=(mesh_name, ports, done, deadline, server_opts), daemon=True)
-    server.start()
-    procs = [server]
+    proc = ctx.Process(target=server, args=(*server_args, ports, done, deadline), daemon=True)
+    proc.start()
+    procs = [proc]
     try:
         try:
             address = ports.get(timeout=timeout)
         except queue.Empty:
             return Result(error=f"{side} server did not start")
-        if side == "raw":
-            client = ctx.Process(target=raw_client,
-                                 args=(address, n_lat, n_tput, out, done, deadline), daemon=True)
-        else:
-            client = ctx.Process(target=mesh_client,
-                                 args=(mesh_name, address, n_lat, n_tput, out, done, deadline,
-                                       client_opts), daemon=True)
-        client.start()
-        procs.append(client)
+        proc = ctx.Process(target=client, args=(*client_args(address), out, done, deadline),
+                           daemon=True)
+        proc.start()
+        procs.append(proc)
         try:
             res: Result = out.get(timeout=max(0.1, deadline - time.monotonic()) + 1)
         except queue.Empty:

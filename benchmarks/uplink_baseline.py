@@ -103,13 +103,6 @@ def find_program(name: str) -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _listening(port: int) -> bool:
     try:
         with socket.create_connection((LOOPBACK, port), timeout=0.5):
@@ -124,12 +117,16 @@ def _broker(program: str, config: Callable[[Path, int], str]) -> Iterator[int]:
     until the block ends; yields the port once it accepts connections. `config` gets the
     directory and the port and returns the file's text."""
     workdir = Path(tempfile.mkdtemp(prefix=f"zm-{program}-"))
-    port = _free_port()
+    port = _harness.free_port()
     conf = workdir / f"{program}.conf"
     conf.write_text(config(workdir, port))
     log_path = workdir / f"{program}.log"
+    # setpriv (util-linux) gives the broker a parent-death signal: it is killed even if
+    # this process is (SIGKILL included), as long as the thread that started it lives.
+    setpriv = shutil.which("setpriv")
+    reaper = [setpriv, "--pdeathsig", "KILL"] if setpriv else []
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([find_program(program), "-c", str(conf)], cwd=workdir,
+        proc = subprocess.Popen([*reaper, find_program(program), "-c", str(conf)], cwd=workdir,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     STARTED.append((program, proc.pid))
     try:
@@ -152,11 +149,14 @@ def _broker(program: str, config: Callable[[Path, int], str]) -> Iterator[int]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def nats_server() -> contextlib.AbstractContextManager[int]:
-    """A nats-server with JetStream on a file store, on 127.0.0.1; yields its port."""
+def nats_server(*, jetstream: bool = True,
+                extra: str = "") -> contextlib.AbstractContextManager[int]:
+    """A nats-server on 127.0.0.1, with JetStream on a file store unless `jetstream` is
+    False; `extra` is appended to its config. Yields its port."""
     return _broker("nats-server", lambda workdir, port: (
         f'server_name: "zm-baseline"\nlisten: "{LOOPBACK}:{port}"\n'
-        f'jetstream {{\n  store_dir: "{workdir / "jetstream"}"\n}}\n'))
+        + (f'jetstream {{\n  store_dir: "{workdir / "jetstream"}"\n}}\n' if jetstream else "")
+        + extra))
 
 
 def mosquitto() -> contextlib.AbstractContextManager[int]:
