@@ -270,14 +270,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of CPU time per phase (>= 10: 10 ms ticks)")
     parser.add_argument("--settle", type=float, default=4.0,
                         help="seconds before each window (page load, first requests)")
-    parser.add_argument("--quick", action="store_true", help="3 s windows, 1 s settle")
+    parser.add_argument("--quick", action="store_true", help="2 s windows, 0.5 s settle")
     parser.add_argument("--no-tabs", action="store_true", help="skip the chromium phase")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if not os.path.exists("/proc/self/stat"):
         print("viewers: needs Linux /proc", file=sys.stderr)
         return 2
-    window, settle = (3.0, 1.0) if args.quick else (args.window, args.settle)
+    window, settle = (2.0, 0.5) if args.quick else (args.window, args.settle)
     result = asyncio.run(amain(window, settle, not args.no_tabs))
     if args.json:
         print(json.dumps({"benchmark": "viewers", **result}, indent=2))

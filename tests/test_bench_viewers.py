@@ -22,12 +22,12 @@ def test_viewers_benchmark_quick_run_measures_baseline_sse_clients_and_tabs() ->
     assert report["agent_peers"] == 2, report
     for phase in ("baseline", "sse", "baseline_after"):
         assert report[phase]["cpu_percent"] >= 0, report
-        assert report[phase]["window_s"] >= 3, report
+        assert report[phase]["window_s"] >= 2, report
     assert report["sse_connections"] >= 3, report
     assert report["sse"]["bytes_per_s_each"] > 0, report
     if shutil.which("chromium") or shutil.which("chromium-browser"):
         assert report["tabs_open"] == 3, report
         assert report["tabs_connections"] >= 3, report
-        assert report["tabs"]["window_s"] >= 3, report
+        assert report["tabs"]["window_s"] >= 2, report
     else:
         assert "chromium" in report["tabs_skipped"], report

@@ -36,7 +36,7 @@ LOST_AFTER: Final[float] = 1.5
 LOSS_MARGIN: Final[float] = 0.35
 """Allowed lateness of a `lost` event past LOST_AFTER (a tick, scheduling, our reader)."""
 JOIN_TIMEOUT: Final[float] = 10.0
-DISCOVERY_ROUNDS: Final[int] = 8
+DISCOVERY_ROUNDS: Final[int] = 5
 
 
 def run_cli(host: netns.Host, mesh: str, command: str, *args: str, timeout: float,
