@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import re
 import ssl
 import zlib
 from typing import Final, NamedTuple, cast
@@ -31,6 +32,8 @@ MAX_HEAD: Final[int] = 64 * 1024
 """Bytes of status line and headers an answer may have."""
 _END_OF_HEAD: Final = b"\r\n\r\n"
 _NO_BODY: Final = frozenset({204, 304})
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""An HTTP header name (RFC 9110 token)."""
 
 
 class BadResponse(Exception):
@@ -70,12 +73,13 @@ class AppClient:
              limit: int) -> asyncio.Future[Response]:
         """Send one POST; the future gets the answer (or the failure, see the module).
 
-        A header whose value has a line break is left out (it cannot be sent)."""
+        A header whose name is not an HTTP token, or whose value has a line break, is left
+        out (it cannot be sent, and sent as it is it would forge other headers)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Response] = loop.create_future()
         lines = [self._start]
         for name, value in headers.items():
-            if "\r" not in value and "\n" not in value:
+            if _TOKEN.fullmatch(name) and "\r" not in value and "\n" not in value:
                 lines.append(f"{name}: {value}\r\n")
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
         data = "".join(lines).encode() + body

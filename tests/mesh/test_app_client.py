@@ -91,7 +91,8 @@ async def test_keep_alive_reuses_one_connection_and_sends_headers_and_body(
     client = AppClient(server.url)
     try:
         for i in range(3):
-            answer = await client.post({"x-zeromesh-id": f"m{i}", "bad": "a\r\nb"}, b"hi",
+            answer = await client.post({"x-zeromesh-id": f"m{i}", "bad": "a\r\nb",
+                                        "evil: x\r\nforged": "1", "": "empty"}, b"hi",
                                        5.0, 1000)
             assert (answer.status, answer.body) == (200, b"HI")
             assert ("X-App", "yes") in answer.headers
@@ -102,6 +103,9 @@ async def test_keep_alive_reuses_one_connection_and_sends_headers_and_body(
     assert first.startswith(b"POST /app?x=1 HTTP/1.1\r\nHost: 127.0.0.1:")
     assert b"x-zeromesh-id: m0\r\n" in first
     assert b"bad:" not in first  # a value with a line break cannot be sent
+    assert b"forged" not in first  # nor a name that is no token
+    assert b"evil" not in first
+    assert b"empty" not in first
     assert first.endswith(b"Content-Length: 2\r\n\r\nhi")
 
 
