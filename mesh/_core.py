@@ -16,7 +16,9 @@ The public pattern methods live on `AsyncNode` (`_node`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -63,6 +65,15 @@ from ._work._queues import WorkQueues
 from .errors import ClosedError, ConfigError
 
 _log = logging.getLogger("mesh.node")
+
+
+def _take_seqs(seqs: itertools.count[int], n: int) -> int:
+    """`n` consecutive numbers of the node's one sequence, the first returned: a work
+    run numbers its messages contiguously from it (no call per message)."""
+    first = next(seqs)
+    if n > 1:
+        collections.deque(itertools.islice(seqs, n - 1), maxlen=0)  # skipped in C
+    return first
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +214,8 @@ class NodeCore:
         # One sequence for everything this node sends; starting at the clock in
         # microseconds keeps (node id, seq) unique across restarts, which the
         # receivers' deduplication relies on.
-        next_seq = self._next_seq = itertools.count(time.time_ns() // 1000).__next__
+        seqs = itertools.count(time.time_ns() // 1000)
+        next_seq = self._next_seq = seqs.__next__
         announcement = Announcement(identity)
         membership = Membership(ctx, cfg, self._quiet, announcement)
         stack.callback(membership.close)
@@ -212,7 +224,8 @@ class NodeCore:
                         announcer=membership, waiter=self._watchers, next_seq=next_seq)
         stack.callback(pubsub.close)
         work = WorkQueues(ctx, cfg, self._quiet, self.stats, peers=peers, control=membership,
-                          announcer=membership, next_seq=next_seq, outbox=outbox, dedup=dedup)
+                          announcer=membership, next_seq=next_seq, outbox=outbox, dedup=dedup,
+                          take_seqs=functools.partial(_take_seqs, seqs))
         stack.callback(work.close)
         serving = Serving(ctx, cfg, self._quiet, self.stats, membership)
         stack.push_async_callback(serving.aclose)
