@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, Generic, Protocol
 
+from msgspec.structs import force_setattr
+
 from .. import _trace
 from .._message import Decoding, Message, T, attach_receipt
 from ..errors import ClosedError
@@ -113,6 +115,8 @@ class Pull(Generic[T]):
         self._task: asyncio.Task[None] | None = None
         self._also_close: list[Callable[[], Awaitable[None]]] = []
         self.received = 0
+        self._receipt_of_mine = self._receipt
+        """`_receipt`, bound once (not a bound method made per message)."""
 
     def on_closed(self, aclose: Callable[[], Awaitable[None]]) -> None:
         """Close something else (a live subscription feeding this) together with it."""
@@ -149,7 +153,7 @@ class Pull(Generic[T]):
                 settle.settle(msg, False)
                 return None
             msg = typed
-        attach_receipt(msg, self._receipt)
+        attach_receipt(msg, self._receipt_of_mine)
         self._current = msg
         self._current_settle = settle
         self.received += 1
@@ -189,14 +193,25 @@ class Pull(Generic[T]):
         return self
 
     async def __anext__(self) -> Message[T]:
-        if self._local.items:  # the common case under load: no inner coroutine, no waiter
+        local = self._local
+        items = local.items
+        if items:  # the common case under load: no inner coroutine, no waiter
             current = self._current
             if current is not None:  # _settle_current(), inlined
                 self._current = None
                 self._current_settle.settle(current, True)  # (it never empties the queue)
-            msg = self._take()
-            if msg is not None:
+            if self._decoding is None and not _trace.ON:  # _take(), inlined (no call per message)
+                msg = items.popleft()
+                self._current_settle = local.settles.popleft()
+                force_setattr(msg, "_receipt", self._receipt_of_mine)
+                self._current = msg
+                self.received += 1
+                if local.waiters and items:
+                    local.wake()  # another handle may be waiting too
                 return msg
+            taken = self._take()
+            if taken is not None:
+                return taken
         try:
             return await self.next()
         except ClosedError:
