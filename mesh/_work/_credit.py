@@ -97,6 +97,12 @@ class _InStream:
         if not self.pending or self.consumed - self.reported >= self.credit_at:
             self.workers.credit(self)  # (else a report is already on its way this iteration)
 
+    def settle_many(self, n: int) -> None:
+        """A range of `n` best-effort messages was processed (a handle settles in ranges)."""
+        self.consumed += n
+        if not self.pending or self.consumed - self.reported >= self.credit_at:
+            self.workers.credit(self)
+
 
 
 class Workers:

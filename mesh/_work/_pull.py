@@ -33,6 +33,9 @@ from . import _window
 
 _log = logging.getLogger("mesh.workqueue")
 _CREDIT_RESEND_FOR: Final[float] = 3.0
+_OWE_AT: Final[int] = 256
+"""A handle settles the best-effort messages it consumes in ranges of up to this many
+(fewer when it would wait, changes stream, or something else is settled)."""
 
 Handler = Callable[[Message[T]], Awaitable[object] | object]
 
@@ -41,6 +44,9 @@ class Settle(Protocol):
     """Where a consumed message's acknowledgement goes."""
 
     def settle(self, msg: Message, ok: bool) -> None: ...
+
+    def settle_many(self, n: int) -> None:
+        """`n` more best-effort messages were processed (a range, in order)."""
 
 
 
@@ -115,6 +121,9 @@ class Pull(Generic[T]):
         self._task: asyncio.Task[None] | None = None
         self._also_close: list[Callable[[], Awaitable[None]]] = []
         self.received = 0
+        self._owed = 0
+        """Best-effort messages consumed and not yet settled with `_owed_to` (a range)."""
+        self._owed_to: Settle = NO_SETTLE
         self._receipt_of_mine = self._receipt
         """`_receipt`, bound once (not a bound method made per message)."""
 
@@ -136,7 +145,16 @@ class Pull(Generic[T]):
         if self._current is msg:
             self._settle_current(ok)
 
+    def _pay(self) -> None:
+        """Settle the range owed (before anything consumed after it)."""
+        owed = self._owed
+        if owed:
+            self._owed = 0
+            self._owed_to.settle_many(owed)
+
     def _settle_current(self, ok: bool = True) -> None:
+        """Settle what is owed, then the message in hand."""
+        self._pay()
         current = self._current
         if current is not None:
             self._current = None
@@ -197,9 +215,15 @@ class Pull(Generic[T]):
         items = local.items
         if items:  # the common case under load: no inner coroutine, no waiter
             current = self._current
-            if current is not None:  # _settle_current(), inlined
+            if current is not None:  # processed: owed as part of a range where it can be
                 self._current = None
-                self._current_settle.settle(current, True)  # (it never empties the queue)
+                settle = self._current_settle
+                if settle is self._owed_to and not current.reliable and self._owed < _OWE_AT:
+                    self._owed += 1
+                else:
+                    self._pay()
+                    self._owed_to = settle
+                    settle.settle(current, True)  # (it never empties the queue)
             if self._decoding is None and not _trace.ON:  # _take(), inlined (no call per message)
                 msg = items.popleft()
                 self._current_settle = local.settles.popleft()
@@ -277,6 +301,9 @@ class _NoSettle:
     """Settles nothing: a message no one waits to hear about (best effort)."""
 
     def settle(self, msg: Message, ok: bool) -> None:
+        pass
+
+    def settle_many(self, n: int) -> None:
         pass
 
 

@@ -128,6 +128,10 @@ class Target:
             self.nacked.add(msg.seq)
         self.owner_ack(self, 1)
 
+    def settle_many(self, n: int) -> None:
+        """A local worker consumed `n` more of our own best-effort pushes."""
+        self.owner_ack(self, n)
+
     def consume(self, n: int, outbox: Outbox | None, requeue: Requeue) -> None:
         """The worker consumed `n` more: settle the oldest in flight, in order, a frame at a
         time (a run of plain messages has nothing to settle one by one)."""
