@@ -252,6 +252,8 @@ class WorkQueues:
                    ttl: float | None) -> None:
         """A message that needs its own `Item` (headers, a ttl, a worker on this node or one
         that predates runs)."""
+        if target.payloads:
+            self._send(target)  # the run pending takes its numbers first (they keep rising)
         item = _wire.Item(self._next_seq(), _wall_clock(), dict(headers) if headers else None,
                           data)
         if ttl is not None:
@@ -266,6 +268,9 @@ class WorkQueues:
                              headers: Mapping[str, str] | None, ttl: float | None) -> None:
         if self._outbox is None:
             raise ConfigError("reliable", "needs a data dir (the spool lives there)")
+        for target in self._targets_for(queue):
+            if target.payloads:
+                self._send(target)  # plain pushes before it take their (lower) numbers first
         ts = _wall_clock()
         item = _wire.Item(self._next_seq(), ts, dict(headers) if headers else None, data, True,
                           expires=None if ttl is None else ts + ttl)
