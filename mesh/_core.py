@@ -115,6 +115,9 @@ class NodeCore:
         self._events = EventStreams()
         self._run: _Running | None = None
         self._closing = False
+        self._stopped: Callable[[], bool] = lambda: not self.running
+        """For a push waiting for credit: is the node no longer running (made once, not a
+        bound method per push)."""
         self.stats = Stats(self._config.metrics_names)
         """Message counts: published, received, dropped (gaps seen from publishers),
         expired (copies dropped here because their ttl passed before delivery)...; the

@@ -199,32 +199,20 @@ class WorkQueues:
     async def push(self, queue: str, data: bytes | str, headers: Mapping[str, str] | None,
                    timeout: float, closed: Callable[[], bool], reliable: bool = False,
                    ttl: float | None = None) -> None:
-        if ttl is not None:
-            ttl = _ttl.check(ttl)
-        if type(data) is not bytes:
-            data = data.encode() if isinstance(data, str) else bytes(data)
+        # The common case first: plain bytes, and the current turn's worker still has
+        # messages to take. (A turn never outlasts its credit, and a backlog only waits
+        # while no worker has credit, so a live turn also means no backlog goes first.)
+        target = self._current.get(queue)
+        if (target is None or target.run <= 0 or reliable or headers or ttl is not None
+                or not target.runs or type(data) is not bytes):
+            taken = await self._push_other(queue, data, headers, timeout, closed, reliable, ttl)
+            if taken is None:
+                return
+            target, data = taken
         size = len(data)
         if size > self._max_size:
             self._stats["oversized"] += 1
             raise MessageTooLarge(size, self._max_size)
-        # The common case first: the current turn's worker still has messages to take.
-        # (A turn never outlasts its credit, and a backlog only waits while no worker has
-        # credit, so a live turn also means there is no backlog to go first.)
-        target = self._current.get(queue)
-        if reliable or target is None or target.run <= 0:
-            if queue not in self._queue_keys:
-                self._check_queue(queue)
-            if reliable:
-                await self._push_reliable(queue, data, headers, ttl)
-                return
-            if self._backlog.get(queue):
-                self._pump(queue)
-            target = self._pick(queue)
-            if target is None:
-                target = await self._wait_for_target(queue, timeout, closed)
-        if headers or ttl is not None or not target.runs:
-            self._push_item(target, data, headers, ttl)
-            return
         # A plain message: its payload joins the target's run (no struct per message; its
         # sequence number and timestamp are the run's, see `_wire.Batch`).
         target.run -= 1
@@ -237,6 +225,38 @@ class WorkQueues:
         target.outgoing_bytes += size
         if len(payloads) >= target.batch_at:
             self._send(target)  # pipeline: the worker starts while we fill the rest
+
+    async def _push_other(self, queue: str, data: bytes | str,
+                          headers: Mapping[str, str] | None, timeout: float,
+                          closed: Callable[[], bool], reliable: bool, ttl: float | None
+                          ) -> tuple[Target, bytes] | None:
+        """Every push but a plain one within a turn: checks, a turn (waiting for credit),
+        reliable and item pushes. Returns the target and payload of a plain push for the
+        caller to add to its run; None: done here."""
+        if ttl is not None:
+            ttl = _ttl.check(ttl)
+        if type(data) is not bytes:
+            data = data.encode() if isinstance(data, str) else bytes(data)
+        size = len(data)
+        if size > self._max_size:
+            self._stats["oversized"] += 1
+            raise MessageTooLarge(size, self._max_size)
+        target = self._current.get(queue)
+        if reliable or target is None or target.run <= 0:
+            if queue not in self._queue_keys:
+                self._check_queue(queue)
+            if reliable:
+                await self._push_reliable(queue, data, headers, ttl)
+                return None
+            if self._backlog.get(queue):
+                self._pump(queue)
+            target = self._pick(queue)
+            if target is None:
+                target = await self._wait_for_target(queue, timeout, closed)
+        if headers or ttl is not None or not target.runs:
+            self._push_item(target, data, headers, ttl)
+            return None
+        return target, data
 
     def _start_run(self, target: Target) -> None:
         """Before a run's first payload: what is pending leaves first (order kept, and every
