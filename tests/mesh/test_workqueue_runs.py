@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from mesh import _wire
 from mesh._work._target import Flight, Target
 from tests.helpers import aeventually
@@ -83,3 +85,25 @@ async def test_a_reliable_push_after_plain_ones_is_numbered_after_them(
     await aeventually(lambda: len(got) == 30, timeout=10, message="30 processed")
     assert [d for d, _ in got] == [str(i).encode() for i in range(30)]
     assert [s for _, s in got] == sorted(s for _, s in got)
+
+
+async def test_a_worker_that_predates_runs_gets_items(make_node: MakeNode,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose hello does not say `runs` is sent every message as an item."""
+    worker = await make_node("old-worker")
+    work = worker._run.work if worker._run is not None else None
+    assert work is not None
+    fields = work.hello_fields
+    monkeypatch.setattr(work, "hello_fields", lambda version: {
+        k: v for k, v in fields(version).items() if k != "runs"})
+    got: list[bytes] = []
+    await worker.pull("jobs", handler=lambda m: got.append(m.data))
+    pusher = await make_node("pusher")
+    await pusher.wait_for_workers("jobs", 1, timeout=5)
+    sent = pusher._run.work if pusher._run is not None else None
+    assert sent is not None
+    for i in range(100):
+        await pusher.push("jobs", str(i))
+    await aeventually(lambda: len(got) == 100, timeout=10, message="100 processed")
+    assert got == [str(i).encode() for i in range(100)]
+    assert all(not t.runs for t in sent._targets.values())
