@@ -16,7 +16,9 @@ The public pattern methods live on `AsyncNode` (`_node`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -65,6 +67,15 @@ from .errors import ClosedError, ConfigError
 _log = logging.getLogger("mesh.node")
 
 
+def _take_seqs(seqs: itertools.count[int], n: int) -> int:
+    """`n` consecutive numbers of the node's one sequence, the first returned: a work
+    run numbers its messages contiguously from it (no call per message)."""
+    first = next(seqs)
+    if n > 1:
+        collections.deque(itertools.islice(seqs, n - 1), maxlen=0)  # skipped in C
+    return first
+
+
 @dataclass(frozen=True, slots=True)
 class _Running:
     """The parts of a running node; exists from a successful `start` to `aclose`."""
@@ -104,6 +115,9 @@ class NodeCore:
         self._events = EventStreams()
         self._run: _Running | None = None
         self._closing = False
+        self._stopped: Callable[[], bool] = lambda: not self.running
+        """For a push waiting for credit: is the node no longer running (made once, not a
+        bound method per push)."""
         self.stats = Stats(self._config.metrics_names)
         """Message counts: published, received, dropped (gaps seen from publishers),
         expired (copies dropped here because their ttl passed before delivery)...; the
@@ -203,7 +217,8 @@ class NodeCore:
         # One sequence for everything this node sends; starting at the clock in
         # microseconds keeps (node id, seq) unique across restarts, which the
         # receivers' deduplication relies on.
-        next_seq = self._next_seq = itertools.count(time.time_ns() // 1000).__next__
+        seqs = itertools.count(time.time_ns() // 1000)
+        next_seq = self._next_seq = seqs.__next__
         announcement = Announcement(identity)
         membership = Membership(ctx, cfg, self._quiet, announcement)
         stack.callback(membership.close)
@@ -212,7 +227,8 @@ class NodeCore:
                         announcer=membership, waiter=self._watchers, next_seq=next_seq)
         stack.callback(pubsub.close)
         work = WorkQueues(ctx, cfg, self._quiet, self.stats, peers=peers, control=membership,
-                          announcer=membership, next_seq=next_seq, outbox=outbox, dedup=dedup)
+                          announcer=membership, next_seq=next_seq, outbox=outbox, dedup=dedup,
+                          take_seqs=functools.partial(_take_seqs, seqs))
         stack.callback(work.close)
         serving = Serving(ctx, cfg, self._quiet, self.stats, membership)
         stack.push_async_callback(serving.aclose)

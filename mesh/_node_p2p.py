@@ -56,17 +56,14 @@ class WorkAndServices(NodeCore):
             data, headers = _codec.prepared(data, headers)
         if _trace.ON:
             return self._push_traced(queue, data, headers, timeout, reliable, ttl)
-        return run.work.push(queue, data, headers, timeout, self._closed, reliable, ttl)
+        return run.work.push(queue, data, headers, timeout, self._stopped, reliable, ttl)
 
     async def _push_traced(self, queue: str, data: bytes | str,
                            headers: Mapping[str, str] | None, timeout: float, reliable: bool,
                            ttl: float | None) -> None:
         with _trace.producing("push", queue, headers) as headers:
-            await self._live().work.push(queue, data, headers, timeout, self._closed,
+            await self._live().work.push(queue, data, headers, timeout, self._stopped,
                                          reliable, ttl)
-
-    def _closed(self) -> bool:
-        return not self.running
 
     async def _not_running(self) -> None:
         self._check_running()

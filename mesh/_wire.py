@@ -27,7 +27,12 @@ Data (PUB -> SUB): ``topic key | header | Batch``.
   filter selects exact topics exactly and wildcard patterns by their literal
   prefix;
 - ``Batch`` (msgpack array) = ``[source id, source name, topic seq, items,
-  epoch, credit out]`` (the last two for work queues)
+  epoch, credit out, payloads, ts, seq]`` (the last five for work queues; a
+  work batch whose messages are all plain — best effort, no headers, no ttl —
+  is a *run*: no items, just the payloads, one timestamp ``ts`` and the first
+  sequence number ``seq``, the rest numbered contiguously; ``topic seq`` is
+  then the stream position of its first message, so one frame is one
+  contiguous range of the stream, which credits acknowledge by running total)
   where each item is ``[seq, timestamp, headers | nil, payload, reliable,
   topic, expires | nil]`` (``reliable`` and ``topic`` for spooled messages;
   ``expires``, the sender's wall-clock time after which the item must not be
@@ -48,7 +53,8 @@ tag  message    fields
                only feed durables' live views: no reliable messages by pub/sub),
                retains (it holds retained values), history (its history patterns),
                pubs (the topics it publishes on; nil from an older node: all),
-               seq (its alive counter), digest (a summary of its membership view)
+               seq (its alive counter), digest (a summary of its membership view),
+               runs (its PULL takes work runs)
 2    Heartbeat  id, incarnation, subs_version, ctl, sent, echo, held (the round trip:
                a peer echoes our last `sent` and how long it held it), seq, digest,
                watching (false: the sender stops beating us)
@@ -182,6 +188,14 @@ class Batch(msgspec.Struct, array_like=True, gc=False):
     credit_out: bool = False
     """Work queues: this batch used up the worker's credit and the pusher has more (the
     worker grows a window it drains fast; see `_window`)."""
+    payloads: list[bytes] = []
+    """Work queues, a *run* (then `items` is empty): plain messages (best effort, no headers,
+    no ttl) given as payloads alone; they share `ts` and are numbered `seq`, `seq` + 1, ...
+    so neither side builds a struct per message."""
+    ts: float = 0.0
+    """A run's timestamp: the pusher's wall clock when its first message was pushed."""
+    seq: int = 0
+    """The sequence number of a run's first message (the rest follow contiguously)."""
 
 
 class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
@@ -226,6 +240,8 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
     digest: int = 0
     """A summary of the sender's membership view (see `_membership._gossip`): equal
     digests mean nothing to exchange."""
+    runs: bool = False
+    """Its PULL takes work runs (`Batch.payloads`); a node that predates them gets items."""
 
 
 class Heartbeat(msgspec.Struct, frozen=True, array_like=True, tag=2):

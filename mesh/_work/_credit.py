@@ -23,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import Any, Final
 
 from patterns import Context, Puller
@@ -95,6 +96,12 @@ class _InStream:
         self.consumed += 1
         if not self.pending or self.consumed - self.reported >= self.credit_at:
             self.workers.credit(self)  # (else a report is already on its way this iteration)
+
+    def settle_many(self, n: int) -> None:
+        """A range of `n` best-effort messages was processed (a handle settles in ranges)."""
+        self.consumed += n
+        if not self.pending or self.consumed - self.reported >= self.credit_at:
+            self.workers.credit(self)
 
 
 
@@ -261,6 +268,9 @@ class Workers:
                 self, local, batch.source, batch.epoch, batch.topic_seq)
         if batch.credit_out:
             stream.credit_out = True
+        if batch.payloads:
+            self._on_run(batch, queue, local, stream)
+            return
         name, source, items, now = batch.name, batch.source, batch.items, time.time()
         self._stats["pulled"] += len(items)
         self._received.add(queue, len(items))
@@ -281,6 +291,22 @@ class Workers:
                 msgs = self._fresh(msgs, stream)
                 break
         local.put_many(msgs, stream)
+
+    def _on_run(self, batch: _wire.Batch, queue: str, local: LocalQueue,
+                stream: _InStream) -> None:
+        """A run of plain messages: one `Message` each, made in C from the payloads (no
+        item struct, no expiry or dedup to check)."""
+        payloads, source, n = batch.payloads, batch.source, len(batch.payloads)
+        self._stats["pulled"] += n
+        self._received.add(queue, n)
+        self._from_peer.add(source, n)
+        latency = self._latency
+        latency.left -= 1
+        if latency.left <= 0:  # sampled: the run's first message, never flattering
+            latency.sample(time.time() - batch.ts)
+        local.put_many(list(map(Message, repeat(queue, n), payloads, repeat(batch.name, n),
+                                repeat(source, n), range(batch.seq, batch.seq + n),
+                                repeat(batch.ts, n))), stream)
 
     def _expired(self, stream: _InStream, n: int) -> None:
         """`n` messages of `stream` arrived after their ttl: consumed at once (credited,

@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, Generic, Protocol
 
+from msgspec.structs import force_setattr
+
 from .. import _trace
 from .._message import Decoding, Message, T, attach_receipt
 from ..errors import ClosedError
@@ -31,6 +33,9 @@ from . import _window
 
 _log = logging.getLogger("mesh.workqueue")
 _CREDIT_RESEND_FOR: Final[float] = 3.0
+_OWE_AT: Final[int] = 256
+"""A handle settles the best-effort messages it consumes in ranges of up to this many
+(fewer when it would wait, changes stream, or something else is settled)."""
 
 Handler = Callable[[Message[T]], Awaitable[object] | object]
 
@@ -39,6 +44,9 @@ class Settle(Protocol):
     """Where a consumed message's acknowledgement goes."""
 
     def settle(self, msg: Message, ok: bool) -> None: ...
+
+    def settle_many(self, n: int) -> None:
+        """`n` more best-effort messages were processed (a range, in order)."""
 
 
 
@@ -113,6 +121,11 @@ class Pull(Generic[T]):
         self._task: asyncio.Task[None] | None = None
         self._also_close: list[Callable[[], Awaitable[None]]] = []
         self.received = 0
+        self._owed = 0
+        """Best-effort messages consumed and not yet settled with `_owed_to` (a range)."""
+        self._owed_to: Settle = NO_SETTLE
+        self._receipt_of_mine = self._receipt
+        """`_receipt`, bound once (not a bound method made per message)."""
 
     def on_closed(self, aclose: Callable[[], Awaitable[None]]) -> None:
         """Close something else (a live subscription feeding this) together with it."""
@@ -132,7 +145,16 @@ class Pull(Generic[T]):
         if self._current is msg:
             self._settle_current(ok)
 
+    def _pay(self) -> None:
+        """Settle the range owed (before anything consumed after it)."""
+        owed = self._owed
+        if owed:
+            self._owed = 0
+            self._owed_to.settle_many(owed)
+
     def _settle_current(self, ok: bool = True) -> None:
+        """Settle what is owed, then the message in hand."""
+        self._pay()
         current = self._current
         if current is not None:
             self._current = None
@@ -149,7 +171,7 @@ class Pull(Generic[T]):
                 settle.settle(msg, False)
                 return None
             msg = typed
-        attach_receipt(msg, self._receipt)
+        attach_receipt(msg, self._receipt_of_mine)
         self._current = msg
         self._current_settle = settle
         self.received += 1
@@ -189,14 +211,31 @@ class Pull(Generic[T]):
         return self
 
     async def __anext__(self) -> Message[T]:
-        if self._local.items:  # the common case under load: no inner coroutine, no waiter
+        local = self._local
+        items = local.items
+        if items:  # the common case under load: no inner coroutine, no waiter
             current = self._current
-            if current is not None:  # _settle_current(), inlined
+            if current is not None:  # processed: owed as part of a range where it can be
                 self._current = None
-                self._current_settle.settle(current, True)  # (it never empties the queue)
-            msg = self._take()
-            if msg is not None:
+                settle = self._current_settle
+                if settle is self._owed_to and not current.reliable and self._owed < _OWE_AT:
+                    self._owed += 1
+                else:
+                    self._pay()
+                    self._owed_to = settle
+                    settle.settle(current, True)  # (it never empties the queue)
+            if self._decoding is None and not _trace.ON:  # _take(), inlined (no call per message)
+                msg = items.popleft()
+                self._current_settle = local.settles.popleft()
+                force_setattr(msg, "_receipt", self._receipt_of_mine)
+                self._current = msg
+                self.received += 1
+                if local.waiters and items:
+                    local.wake()  # another handle may be waiting too
                 return msg
+            taken = self._take()
+            if taken is not None:
+                return taken
         try:
             return await self.next()
         except ClosedError:
@@ -262,6 +301,9 @@ class _NoSettle:
     """Settles nothing: a message no one waits to hear about (best effort)."""
 
     def settle(self, msg: Message, ok: bool) -> None:
+        pass
+
+    def settle_many(self, n: int) -> None:
         pass
 
 

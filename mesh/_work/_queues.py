@@ -35,6 +35,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 from patterns import Context, Pusher, SocketClosed
@@ -55,7 +56,7 @@ from ..errors import ClosedError, ConfigError, MessageTooLarge, NoRespondersErro
 from ._backlog import Backlogs
 from ._credit import Workers
 from ._pull import Handler, Pull
-from ._target import Sent, Target
+from ._target import Flight, Sent, Target
 
 _DURABLE_QUEUES: Final[str] = _DURABLE_PREFIX + "."
 
@@ -71,10 +72,21 @@ _PUSH_LINGER: Final[float] = 2.0
 _TURN: Final[int] = 64
 """A worker's turn in the round robin: at most this many messages (and its batch, its credit)."""
 
+_RUN_ITEM_OVERHEAD: Final[int] = 5
+"""Bytes a run adds per payload (msgpack's bin header), for sizing its frame's buffer."""
+
 _wall_clock: Final = time.time
 
 
 _MAX_FIGURES: Final[int] = 1000
+
+
+def _one_by_one(next_seq: Callable[[], int], n: int) -> int:
+    """`n` consecutive sequence numbers from a counter that only counts up by one."""
+    first = next_seq()
+    for _ in range(n - 1):
+        next_seq()
+    return first
 
 
 @dataclass(slots=True)
@@ -94,8 +106,11 @@ class WorkQueues:
     def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog, stats: Stats,
                  *, peers: PeerTable, control: ControlSender, announcer: Announcer,
                  next_seq: Callable[[], int], outbox: Outbox | None = None,
-                 dedup: Dedup | None = None) -> None:
+                 dedup: Dedup | None = None,
+                 take_seqs: Callable[[int], int] | None = None) -> None:
         self._next_seq = next_seq
+        self._take_seqs = take_seqs or partial(_one_by_one, next_seq)
+        """`n` consecutive sequence numbers, the first returned (one run's range)."""
         self._ctx = ctx
         self._config = config
         self._stats = stats
@@ -138,7 +153,7 @@ class WorkQueues:
         return self.workers.bind(interfaces)
 
     def hello_fields(self, version: int) -> Mapping[str, Any]:
-        return {"pull": self.endpoints, "queues": self.queues}
+        return {"pull": self.endpoints, "queues": self.queues, "runs": True}
 
     @property
     def control_routes(self) -> ControlRoutes:
@@ -184,6 +199,40 @@ class WorkQueues:
     async def push(self, queue: str, data: bytes | str, headers: Mapping[str, str] | None,
                    timeout: float, closed: Callable[[], bool], reliable: bool = False,
                    ttl: float | None = None) -> None:
+        # The common case first: plain bytes, and the current turn's worker still has
+        # messages to take. (A turn never outlasts its credit, and a backlog only waits
+        # while no worker has credit, so a live turn also means no backlog goes first.)
+        target = self._current.get(queue)
+        if (target is None or target.run <= 0 or reliable or headers or ttl is not None
+                or not target.runs or type(data) is not bytes):
+            taken = await self._push_other(queue, data, headers, timeout, closed, reliable, ttl)
+            if taken is None:
+                return
+            target, data = taken
+        size = len(data)
+        if size > self._max_size:
+            self._stats["oversized"] += 1
+            raise MessageTooLarge(size, self._max_size)
+        # A plain message: its payload joins the target's run (no struct per message; its
+        # sequence number and timestamp are the run's, see `_wire.Batch`).
+        target.run -= 1
+        target.sent += 1
+        payloads = target.payloads
+        if not payloads or target.outgoing_bytes + size > _wire.FRAME_BYTES:
+            self._start_run(target)
+            payloads = target.payloads
+        payloads.append(data)
+        target.outgoing_bytes += size
+        if len(payloads) >= target.batch_at:
+            self._send(target)  # pipeline: the worker starts while we fill the rest
+
+    async def _push_other(self, queue: str, data: bytes | str,
+                          headers: Mapping[str, str] | None, timeout: float,
+                          closed: Callable[[], bool], reliable: bool, ttl: float | None
+                          ) -> tuple[Target, bytes] | None:
+        """Every push but a plain one within a turn: checks, a turn (waiting for credit),
+        reliable and item pushes. Returns the target and payload of a plain push for the
+        caller to add to its run; None: done here."""
         if ttl is not None:
             ttl = _ttl.check(ttl)
         if type(data) is not bytes:
@@ -192,56 +241,56 @@ class WorkQueues:
         if size > self._max_size:
             self._stats["oversized"] += 1
             raise MessageTooLarge(size, self._max_size)
-        # The common case first: the current turn's worker still has messages to take.
-        # (A turn never outlasts its credit, and a backlog only waits while no worker has
-        # credit, so a live turn also means there is no backlog to go first.)
         target = self._current.get(queue)
         if reliable or target is None or target.run <= 0:
             if queue not in self._queue_keys:
                 self._check_queue(queue)
             if reliable:
                 await self._push_reliable(queue, data, headers, ttl)
-                return
+                return None
             if self._backlog.get(queue):
                 self._pump(queue)
             target = self._pick(queue)
             if target is None:
                 target = await self._wait_for_target(queue, timeout, closed)
+        if headers or ttl is not None or not target.runs:
+            self._push_item(target, data, headers, ttl)
+            return None
+        return target, data
+
+    def _start_run(self, target: Target) -> None:
+        """Before a run's first payload: what is pending leaves first (order kept, and every
+        frame stays under the receiver's size limit); the run takes the time now."""
+        if target.outgoing or target.payloads:
+            self._send(target)
+        target.run_ts = _wall_clock()
+        self._dirty.add(target)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _push_item(self, target: Target, data: bytes, headers: Mapping[str, str] | None,
+                   ttl: float | None) -> None:
+        """A message that needs its own `Item` (headers, a ttl, a worker on this node or one
+        that predates runs)."""
+        if target.payloads:
+            self._send(target)  # the run pending takes its numbers first (they keep rising)
         item = _wire.Item(self._next_seq(), _wall_clock(), dict(headers) if headers else None,
                           data)
         if ttl is not None:
             item.expires = item.ts + ttl
         if target.local:
             self._stats["pushed"] += 1
-            self._assign(target, (item, None))
-            return
-        self._uncounted += 1  # into stats when its batch leaves (not a Counter += per push)
-        # _assign, inlined for the common case
-        target.run -= 1
-        target.sent += 1
-        inflight = target.inflight
-        if not inflight:
-            target.progress_at = time.monotonic()
-        inflight.append(item)
-        outgoing = target.outgoing
-        nbytes = target.outgoing_bytes + size
-        if nbytes > _wire.FRAME_BYTES and outgoing:
-            self._send(target)
-            outgoing, nbytes = target.outgoing, size
-        outgoing.append(item)
-        target.outgoing_bytes = nbytes
-        n = len(outgoing)
-        if n >= target.batch_at:
-            self._send(target)
-        elif n == 1:
-            self._dirty.add(target)
-            if self._flush_handle is None:
-                self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            self._uncounted += 1  # into stats when its batch leaves (not a Counter += per push)
+        self._assign(target, (item, None))
 
     async def _push_reliable(self, queue: str, data: bytes,
                              headers: Mapping[str, str] | None, ttl: float | None) -> None:
         if self._outbox is None:
             raise ConfigError("reliable", "needs a data dir (the spool lives there)")
+        for target in self._targets_for(queue):
+            if target.payloads:
+                self._send(target)  # plain pushes before it take their (lower) numbers first
         ts = _wall_clock()
         item = _wire.Item(self._next_seq(), ts, dict(headers) if headers else None, data, True,
                           expires=None if ttl is None else ts + ttl)
@@ -268,7 +317,7 @@ class WorkQueues:
         for (peer_id, queue), target in self._targets.items():
             counts = queues.get(queue)
             if counts is not None:
-                counts.in_flight += len(target.inflight)
+                counts.in_flight += target.in_flight
                 counts.sent += target.sent
             if not target.local:
                 by_peer[peer_id] = by_peer.get(peer_id, 0) + target.sent
@@ -290,14 +339,16 @@ class WorkQueues:
                     continue
                 window = rec.queues.get(queue)
                 if window and rec.pull:
-                    targets.append(self._target(rec.id, queue, window, rec.pull))
+                    runs = rec.hello is not None and rec.hello.runs
+                    targets.append(self._target(rec.id, queue, window, rec.pull, runs))
             local = self.workers.local.get(queue)
             if local is not None and local.handles:
-                targets.append(self._target(self.node_id, queue, local.window, None))
+                targets.append(self._target(self.node_id, queue, local.window, None, False))
             self._target_cache[queue] = targets
         return targets
 
-    def _target(self, peer_id: str, queue: str, window: int, endpoint: str | None) -> Target:
+    def _target(self, peer_id: str, queue: str, window: int, endpoint: str | None,
+                runs: bool) -> Target:
         target = self._targets.get((peer_id, queue))
         if target is not None and target.pusher is not None and target.pusher.endpoint != endpoint:
             self._drop_target(target, "worker restarted")  # its old pipe leads nowhere
@@ -313,6 +364,7 @@ class WorkQueues:
                     pusher = self._pushers[peer_id] = Pusher(self._ctx, endpoint)
             self._epoch += 1
             target = Target(peer_id, queue, window, self._epoch, pusher, endpoint is None)
+            target.runs = runs
             target.owner_ack = self._ack
             self._targets[(peer_id, queue)] = target
         if window != target.announced:  # else keep what its credits said since
@@ -373,15 +425,15 @@ class WorkQueues:
         n = len(sents)
         target.run -= n
         target.sent += n
-        if not target.inflight:
-            target.progress_at = time.monotonic()
         items = [item for item, _ in sents]
-        target.inflight.extend(items)
         tracked = target.tracked
         for item, one in sents:
             if one is not None:
                 tracked[item.seq] = one
         if target.local:
+            if not target.flights:
+                target.progress_at = time.monotonic()
+            target.flights.append(Flight(items))
             local = self.workers.local.get(target.queue)
             if local is not None:
                 queues = self._stats.queues
@@ -392,6 +444,8 @@ class WorkQueues:
                                         item.seq, item.ts, item.headers, item.reliable)
                                 for item in items], target)
             return
+        if target.payloads:
+            self._send(target)  # the run pending goes first (order kept)
         outgoing, size = target.outgoing, target.outgoing_bytes
         for item in items:
             if outgoing and size + len(item.payload) > _wire.FRAME_BYTES:
@@ -415,19 +469,38 @@ class WorkQueues:
             self._send(target)
 
     def _send(self, target: Target) -> None:
+        """What is assigned to `target` leaves as one frame: a run of payloads or items."""
         if self._uncounted:
             self._stats["pushed"] += self._uncounted
             self._uncounted = 0
-        items, nbytes = target.outgoing, target.outgoing_bytes
-        target.outgoing, target.outgoing_bytes = [], 0
-        if not items or target.pusher is None:
+        payloads, items, nbytes = target.payloads, target.outgoing, target.outgoing_bytes
+        if payloads:
+            n = len(payloads)
+            target.payloads, target.outgoing_bytes = [], 0
+            self._stats["pushed"] += n
+            seq = self._take_seqs(n)
+            flight = Flight(None, payloads, seq, target.run_ts)
+            batch = _wire.Batch(self.node_id, self.name, target.flushed, [], target.epoch,
+                                target.credit <= 0, payloads, target.run_ts, seq)
+            hint = nbytes + _RUN_ITEM_OVERHEAD * n + 256
+        elif items:
+            n = len(items)
+            target.outgoing, target.outgoing_bytes = [], 0
+            flight = Flight(items)
+            batch = _wire.Batch(self.node_id, self.name, target.flushed, items, target.epoch,
+                                target.credit <= 0)
+            hint = nbytes + _wire.ITEM_OVERHEAD * n + 256
+        else:
             return
-        frame = _wire.encode_data(target.key, _wire.Batch(
-            self.node_id, self.name, target.flushed, items, target.epoch, target.credit <= 0),
-            nbytes + _wire.ITEM_OVERHEAD * len(items) + 256)
-        target.flushed += len(items)
-        self._sent.add(target.queue, len(items))
-        self._sent_to.add(target.peer_id, len(items))
+        if not target.flights:
+            target.progress_at = time.monotonic()
+        target.flights.append(flight)
+        target.flushed += n
+        if target.pusher is None:
+            return
+        frame = _wire.encode_data(target.key, batch, hint)
+        self._sent.add(target.queue, n)
+        self._sent_to.add(target.peer_id, n)
         with contextlib.suppress(SocketClosed):
             target.pusher.send(frame)
 
@@ -476,8 +549,7 @@ class WorkQueues:
                 del self._targets[key]
                 self._dirty.discard(target)
                 taken.extend(target.tracked.values())
-                target.tracked.clear()  # late credits for this stream settle nothing
-                target.inflight.clear()
+                target.clear()  # late credits for this stream settle nothing
         self._forget_targets(queue)
         return taken
 
@@ -592,10 +664,11 @@ class WorkQueues:
         del self._targets[(target.peer_id, target.queue)]
         self._dirty.discard(target)
         self._forget_targets(target.queue)
-        if target.inflight:
-            self._backlog.extend(target.queue, target.unconsumed(), front=True)
-            self._stats["redelivered"] += len(target.inflight)
-            self._stats.queues["redelivered"].add(target.queue, len(target.inflight))
+        sents = target.unconsumed()
+        if sents:
+            self._backlog.extend(target.queue, sents, front=True)
+            self._stats["redelivered"] += len(sents)
+            self._stats.queues["redelivered"].add(target.queue, len(sents))
 
     # -- worker side -------------------------------------------------------------
 
