@@ -187,6 +187,9 @@ def test_page_lists_a_topic_nobody_subscribes_with_its_rate(lan: netns.Lan,
         browser.wait_for(f"document.querySelector(\"{busy} svg.spark polyline\")", 5)
         # the page may draw the figures before the first message reached an SSE client
         waited = time.monotonic()
+        failed = [t.exception() for t in tasks if t.done() and not t.cancelled()
+                  and t.exception() is not None]
+        assert not failed, f"a subscriber or publisher task failed: {failed}"
         eventually(lambda: got, timeout=10, message="the subscribers received the traffic")
         print(f"first message at the SSE subscribers {time.monotonic() - waited:.2f} s later")
         browser.screenshot("traffic.png")
