@@ -23,9 +23,10 @@ so the peer gets a grace period to be heard before anything is decided (the
 local health awareness of Lifeguard).
 
 Lifeguard's other half is the table's `health`: each sign that this node's host
-is overloaded (a stalled loop, news that we were lost while we were not, a
-member we took for lost heard again) stretches every silence timeout by one
-more `lost_after`, up to `_MAX_HEALTH` times; a quiet spell shrinks it again.
+is overloaded (a loop stalled longer than `suspect_after`, news that we were
+lost while we were not, a member we took for lost heard again) stretches every
+silence timeout by one more `lost_after`, up to `_MAX_HEALTH` times; a quiet
+spell shrinks it again.
 Where every node is starved, false losses would otherwise feed themselves: each
 is flooded and refuted by every member, and that work starves them further.
 A healthy node keeps its timeouts exact.
@@ -338,7 +339,8 @@ class PeerTable:
         late = asyncio.get_running_loop().time() - due
         if late > _STALL and rec.state is not PeerState.LOST:
             # our loop was stalled: the silence it measured is ours as much as the peer's
-            self.strained(f"this node's loop was stalled for {late:.2f} s")
+            if late > self.suspect_after:  # (a hiccup, e.g. at start-up, is no sign)
+                self.strained(f"this node's loop was stalled for {late:.2f} s")
             rec.last_heard = min(now, rec.last_heard + late)
             self._arm(rec)
             return
