@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Final
+from typing import IO, Any, Final
 
 LOOPBACK: Final[str] = "127.0.0.1"
 SAMPLE_EVERY: Final[int] = 997
@@ -42,11 +42,13 @@ os.environ["ZEROMESH_INTERFACES"] = LOOPBACK  # inherited by the spawned process
 
 
 def ready_fields(proc: subprocess.Popen[str], timeout: float,
-                 error: type[Exception] = RuntimeError) -> dict[str, str]:
+                 error: type[Exception] = RuntimeError,
+                 stderr: IO[str] | None = None) -> dict[str, str]:
     """The ``key=value`` fields of a CLI process's ``ready`` line, read under a deadline.
 
     Raises:
-        error: the process exited first, or was not ready within `timeout`.
+        error: the process exited first, or was not ready within `timeout` (with the
+            tail of `stderr`, the file its stderr goes to, if given).
     """
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
@@ -57,10 +59,17 @@ def ready_fields(proc: subprocess.Popen[str], timeout: float,
                 continue
             line = proc.stdout.readline()
             if not line:
-                raise error(f"exited {proc.wait(5)} before it was ready")
+                raise error(f"exited {proc.wait(5)} before it was ready{_tail(stderr)}")
             if line.startswith("ready "):
                 return dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
-    raise error(f"not ready within {timeout:.0f} s")
+    raise error(f"not ready within {timeout:.0f} s{_tail(stderr)}")
+
+
+def _tail(stderr: IO[str] | None) -> str:
+    if stderr is None:
+        return ""
+    stderr.seek(0)
+    return f": {stderr.read()[-1000:].strip()}"
 
 
 def stop(proc: subprocess.Popen[str]) -> None:

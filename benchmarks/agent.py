@@ -102,11 +102,7 @@ def running_agent(mesh: str, *peers: str) -> Iterator[AgentAddress]:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                 env=_agent_env())
         try:
-            try:
-                fields = h.ready_fields(proc, AGENT_START_SECONDS, AgentFailed)
-            except AgentFailed as exc:
-                stderr.seek(0)
-                raise AgentFailed(f"{exc}: {stderr.read()[-500:].strip()}") from None
+            fields = h.ready_fields(proc, AGENT_START_SECONDS, AgentFailed, stderr)
             yield AgentAddress(fields["http"], fields["ctl"].split(",")[0])
         finally:
             h.stop(proc)

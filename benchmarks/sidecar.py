@@ -93,12 +93,7 @@ def started(cmd: list[str]) -> Iterator[Proc]:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                 env=_env())
         try:
-            try:
-                fields = h.ready_fields(proc, START_SECONDS)
-            except RuntimeError as exc:
-                stderr.seek(0)
-                raise RuntimeError(f"{cmd[1:4]}: {exc}: {stderr.read()[-500:]}") from None
-            yield Proc(proc, fields)
+            yield Proc(proc, h.ready_fields(proc, START_SECONDS, stderr=stderr))
         finally:
             h.stop(proc)
 

@@ -185,11 +185,7 @@ def running_agent(workdir: Path, mesh: str, hub_url: str, fsync: str, window: in
                                 stdin=subprocess.DEVNULL, text=True, env=_agent_env())
         base.STARTED.append(("zeromesh agent", proc.pid))
         try:
-            try:
-                fields = _harness.ready_fields(proc, START_TIMEOUT)
-            except RuntimeError as exc:
-                stderr.seek(0)
-                raise RuntimeError(f"{exc}: {stderr.read()[-1000:].strip()}") from None
+            fields = _harness.ready_fields(proc, START_TIMEOUT, stderr=stderr)
             yield Agent(fields["http"], fields["ctl"].split(",")[0], proc.pid)
         finally:
             if proc.poll() is None:

@@ -15,6 +15,7 @@ in a worker thread, so the loop under test never blocks on the disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -22,7 +23,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
@@ -163,3 +165,30 @@ async def until_changed(changed: asyncio.Event, condition: Callable[[], bool],
         while not condition():
             changed.clear()
             await changed.wait()
+
+
+@dataclass(kw_only=True)
+class CountsInFlight:
+    """A test app's requests in flight (most at once too); `hold`, when set, keeps each
+    request waiting, so a test can see how many the agent lets through at once."""
+
+    hold: asyncio.Event | None = None
+    in_flight: int = 0
+    most_in_flight: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self.changed.set()
+        try:
+            if self.hold is not None:
+                await self.hold.wait()
+            yield
+        finally:
+            self.in_flight -= 1
+            self.changed.set()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        await until_changed(self.changed, condition)

@@ -19,7 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import aeventually, until_changed
+from tests.helpers import CountsInFlight, aeventually
 
 from ._agent import AgentProc, start_agent, wait_status
 from ._proc import Cli, child_env
@@ -32,7 +32,7 @@ APP_TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01"
 
 
 @dataclass
-class App:
+class App(CountsInFlight):
     """An app serving ``upper``: answers the body upper-cased, with headers; ``fail`` gets a
     500, ``slow`` never answers in time; `hold` (when set) keeps each request waiting."""
 
@@ -40,20 +40,11 @@ class App:
     url: str = ""
     runner: web.AppRunner | None = None
     seen: list[CIMultiDictProxy[str]] = field(default_factory=list)
-    hold: asyncio.Event | None = None
-    in_flight: int = 0
-    most_in_flight: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
     never: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, request: web.Request) -> web.Response:
         self.seen.append(request.headers)
-        self.in_flight += 1
-        self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        self.changed.set()
-        try:
-            if self.hold is not None:
-                await self.hold.wait()
+        async with self.serving():
             body = await request.read()
             if body == b"fail":
                 return web.Response(status=500, text="boom")
@@ -62,12 +53,6 @@ class App:
             return web.Response(body=body.upper(), content_type="text/plain", headers={
                 "X-Served-By": self.name, "traceparent": APP_TRACEPARENT,
                 "X-Zeromesh-Header-Warehouse": "north"})
-        finally:
-            self.in_flight -= 1
-            self.changed.set()
-
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        await until_changed(self.changed, condition)
 
     async def start(self) -> None:
         web_app = web.Application()

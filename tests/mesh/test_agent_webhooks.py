@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import aeventually, until_changed
+from tests.helpers import CountsInFlight, aeventually
 
 from ._agent import start_agent
 from ._proc import Cli
@@ -25,41 +25,25 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @dataclass
-class App:
+class App(CountsInFlight):
     """The application behind the sidecar: records each POST; fails as told."""
 
     url: str = ""
     fail_first: int = 0
     """Answer 503 to the first N POSTs of each message."""
     always_fail: bool = False
-    hold: asyncio.Event | None = None
-    """When set: each POST waits for it (to observe concurrency)."""
     attempts: Counter[str] = field(default_factory=Counter)
     accepted: list[tuple[str, bytes, CIMultiDict[str]]] = field(default_factory=list)
-    in_flight: int = 0
-    most_in_flight: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, request: web.Request) -> web.Response:
         msg_id = request.headers["X-Zeromesh-Id"]
         self.attempts[msg_id] += 1
-        self.in_flight += 1
-        self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        self.changed.set()
-        try:
-            if self.hold is not None:
-                await self.hold.wait()
+        async with self.serving():
             body = await request.read()
             if self.always_fail or self.attempts[msg_id] <= self.fail_first:
                 return web.Response(status=503, text="not now")
             self.accepted.append((msg_id, body, request.headers.copy()))
             return web.Response(status=204)
-        finally:
-            self.in_flight -= 1
-            self.changed.set()
-
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        await until_changed(self.changed, condition)
 
 
 @pytest.fixture
