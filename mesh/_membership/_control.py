@@ -321,11 +321,19 @@ class Membership:
         the only clock nodes share; the wait itself is on the loop's monotonic
         clock and always between half and one and a half intervals, so a jump of
         the wall clock moves one beat by at most half an interval. Liveness has
-        its own timers (see `PeerTable`).
+        its own timers (see `PeerTable`); a beat that comes late by more than
+        `suspect_after` tells the table its loop was stalled.
         """
         interval = self._interval
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(_until_next_beat(time.time(), interval))
+            wait = _until_next_beat(time.time(), interval)
+            due = loop.time() + wait
+            await asyncio.sleep(wait)
+            late = loop.time() - due
+            if late > self.table.suspect_after:
+                # a sign the peers' timers may miss: a message read first moves them on
+                self.table.strained(f"this node's loop was stalled for {late:.2f} s")
             self.beat()
             for ticker in self._tickers:
                 ticker.tick()
