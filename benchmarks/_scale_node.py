@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -77,6 +78,18 @@ async def commands(nodes: list[AsyncNode]) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
+    if os.environ.get("ZEROMESH_SCALE_DEBUG"):  # scale.py --dump: why was a member lost
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                            format="%(monotonic).6f %(name)s %(message)s")
+        logging.getLogger("mesh.node").setLevel(logging.DEBUG)
+        old_factory = logging.getLogRecordFactory()
+
+        def stamped(*a: Any, **kw: Any) -> logging.LogRecord:
+            record = old_factory(*a, **kw)
+            record.monotonic = time.monotonic()
+            return record
+
+        logging.setLogRecordFactory(stamped)
     interface = os.environ.get("ZEROMESH_INTERFACES", "127.0.0.1").split(",")[0]
     own = f"tcp://{interface}:{args.port}"
     nodes = [AsyncNode(name=name, mesh=args.mesh, mdns=False,

@@ -109,7 +109,8 @@ class Row:
 
 
 def measure(n: int, per_host: int, idle: float, view_timeout: float, all_seeds: bool,
-            lost_timeout: float = LOST_TIMEOUT, timeline: bool = False) -> Row:
+            lost_timeout: float = LOST_TIMEOUT, timeline: bool = False,
+            dump: Path | None = None) -> Row:
     hosts = max(1, n // per_host)
     row = Row(nodes=hosts * per_host, processes=hosts)
     names = node_names(row.nodes)
@@ -161,9 +162,31 @@ def measure(n: int, per_host: int, idle: float, view_timeout: float, all_seeds: 
                              if other not in victims)
         if timeline:
             row.timeline = _timeline(groups, victims, last_ready)
+        if dump is not None:
+            _dump(dump / f"n{n}.txt", groups, last_ready)
         for g in groups[:-1]:
             g.close_stdin()
     return row
+
+
+def _dump(path: Path, groups: list[Group], last_ready: float) -> None:
+    """Every process's lines (stdout events and its nodes' debug log), times relative to
+    the last ready, in time order: who lost whom, and why."""
+    rows: list[tuple[float, str]] = []
+    for g in groups:
+        for line in g.lines:
+            parts = line.text.split()
+            if len(parts) == 4 and parts[1] in ("joined", "left", "lost"):
+                rows.append((float(parts[3]), " ".join(parts[:3])))
+        for text in g.stderr_lines:
+            stamp, _, rest = text.partition(" ")
+            try:
+                rows.append((float(stamp), f"{g.names[0]}: {rest}"))
+            except ValueError:
+                rows.append((last_ready, f"{g.names[0]}: {text}"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = f"# times from the last ready, CLOCK_MONOTONIC {last_ready:.3f}\n"
+    path.write_text(head + "".join(f"{at - last_ready:9.3f} {text}\n" for at, text in sorted(rows)))
 
 
 def _timeline(groups: list[Group], victims: set[str], last_ready: float) -> dict[str, list[int]]:
@@ -295,7 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeline", action="store_true",
                         help="also print joined and false lost events per 5 s around the "
                              "last node ready (when the mesh came together)")
+    parser.add_argument("--dump", type=Path, metavar="DIR",
+                        help="write every node's events and membership debug log, in time "
+                             "order, to DIR/n<N>.txt (why a member was taken for lost)")
     args = parser.parse_args(argv)
+    if args.dump is not None:
+        os.environ["ZEROMESH_SCALE_DEBUG"] = "1"  # read by _scale_node.py
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -314,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.json:
             print(f"N={n} ...", file=sys.stderr, flush=True)
         rows.append(measure(n, args.per_host, args.idle, args.view_timeout,
-                            args.seeds == "all", lost_timeout, args.timeline))
+                            args.seeds == "all", lost_timeout, args.timeline, args.dump))
     if args.json:
         print(json.dumps({"per_host": args.per_host, "seeds": args.seeds,
                           "rows": [asdict(r) for r in rows]}))

@@ -56,6 +56,9 @@ _KILL_WAIT: Final[float] = 5.0
 _BRIDGE: Final[str] = "br0"
 _HOST_IF: Final[str] = "eth0"
 _MCAST_NET: Final[str] = "224.0.0.0/4"
+_STATIC_NEIGHBOURS_FROM: Final[int] = 12
+"""Hosts on a LAN from which they get static neighbour entries (see
+`Lan._add_static_neighbours`); smaller LANs resolve addresses with ARP as a real one does."""
 
 _created: set[str] = set()
 """Every namespace name created in this process (for the session leak check)."""
@@ -66,16 +69,23 @@ class NetnsError(RuntimeError):
     """A namespace command failed; the message has the command and its stderr."""
 
 
-def _ip(*args: str, timeout: float = _IP_TIMEOUT, check: bool = True) -> str:
-    """Runs ``ip <args>`` (bounded) and returns stdout."""
+def _ip(*args: str, timeout: float = _IP_TIMEOUT, check: bool = True,
+        stdin: str | None = None) -> str:
+    """Runs ``ip <args>`` (bounded), ``stdin`` as its input, and returns stdout."""
     argv = ["ip", *args]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              check=False, input=stdin)
     except subprocess.TimeoutExpired as exc:
         raise NetnsError(f"{' '.join(argv)}: timed out after {timeout} s") from exc
     if check and done.returncode != 0:
         raise NetnsError(f"{' '.join(argv)}: exit {done.returncode}: {done.stderr.strip()}")
     return done.stdout
+
+
+def _mac(subnet_byte: int, index: int) -> str:
+    """A host's eth0 address: locally administered, fixed by its place on the LAN."""
+    return f"02:77:{subnet_byte:02x}:00:{index >> 8:02x}:{index & 0xFF:02x}"
 
 
 def list_netns() -> set[str]:
@@ -376,9 +386,35 @@ class Lan:
                 _ip("-n", hn, "addr", "add", f"{host.ip6}/64", "dev", _HOST_IF, "nodad")
                 ll6 = host.ll6.partition("%")[0]
                 _ip("-n", hn, "addr", "add", f"{ll6}/64", "dev", _HOST_IF, "nodad")
+            _ip("-n", hn, "link", "set", _HOST_IF, "address", _mac(self.subnet_byte, index))
             _ip("-n", hn, "link", "set", _HOST_IF, "multicast", "on", "up")
             _ip("-n", hn, "route", "add", _MCAST_NET, "dev", _HOST_IF)
             self.hosts.append(host)
+        if self.n >= _STATIC_NEIGHBOURS_FROM:
+            self._add_static_neighbours()
+
+    def _add_static_neighbours(self) -> None:
+        """Every host knows every other host's MAC address without ARP.
+
+        Unlike a real LAN, where each host has a kernel and a neighbour table of its own,
+        every namespace here shares this kernel's one table, with room for
+        ``gc_thresh3`` (1,024) resolved entries in all. A LAN of 100 hosts that talk to
+        a dozen others each fills it: the kernel logs "neighbor table overflow", new
+        entries fail, and packets to those hosts are dropped (SYNs retried for 20 s and
+        more) until its garbage collection catches up. Permanent entries do not count
+        against that limit."""
+        for host in self.hosts:
+            lines = []
+            for other in self.hosts:
+                if other is host:
+                    continue
+                mac = _mac(self.subnet_byte, other.index)
+                lines.append(f"neigh replace {other.ip} lladdr {mac} dev {_HOST_IF} "
+                             "nud permanent")
+                if other.ip6 is not None:
+                    lines.append(f"neigh replace {other.ip6} lladdr {mac} dev {_HOST_IF} "
+                                 "nud permanent")
+            _ip("-n", host.netns, "-batch", "-", stdin="\n".join(lines) + "\n")
 
     def close(self) -> None:
         """Kills every process started here, then deletes every namespace.

@@ -760,6 +760,8 @@ class Membership:
                 or rec.seq > down.seq
                 or time.monotonic() - rec.heard_directly < self.table.suspect_after):
             return  # refuted, heard, or gone meanwhile
+        _log.debug("peer %s (%s) lost: news of it (alive counter %d) not refuted", rec.name,
+                   rec.id[:8], down.seq)
         self.table.declare_lost(rec)
         self._view_changed = True
         self._peers_changed()

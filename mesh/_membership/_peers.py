@@ -356,6 +356,8 @@ class PeerTable:
             rec.state = PeerState.LOST
             rec.lost_at = now
             changed = True
+            _log.debug("peer %s (%s) lost: silent for %.2f s (timeouts x%.0f)", rec.name,
+                       rec.id[:8], silent, stretch)
             self._emit(PeerEventKind.LOST, rec)
         if rec.state is PeerState.LOST and now - rec.lost_at >= self.forget_after:
             del self._peers[rec.id]

@@ -199,3 +199,20 @@ def test_closed_lan_refuses_new_processes(netns_ok: None) -> None:
         host = lan[0]
     with pytest.raises(netns.NetnsError, match="is closed"):
         host.popen(["true"])
+
+
+def test_a_large_lan_needs_no_arp(netns_ok: None) -> None:
+    """From `_STATIC_NEIGHBOURS_FROM` hosts on, each host has a permanent neighbour entry
+    for every other (the kernel's one shared ARP table would overflow at 100 hosts) with
+    the address its eth0 really has, so hosts still reach each other."""
+    n = netns._STATIC_NEIGHBOURS_FROM
+    with netns.make_lan(n) as lan:
+        first, last = lan[0], lan[n - 1]
+        mac = last.run(["cat", "/sys/class/net/eth0/address"], 5, check=True).stdout.strip()
+        neigh = first.run(["ip", "neigh", "show", "dev", "eth0"], 5, check=True).stdout
+        entries = {line.split()[0]: line.split() for line in neigh.splitlines()}
+        assert {h.ip for h in lan.hosts[1:]} <= entries.keys()
+        assert mac in entries[last.ip]
+        assert "PERMANENT" in entries[last.ip]
+        assert first.ping(last.ip)
+        assert last.ping(first.ip)
