@@ -3,7 +3,8 @@
 
 Runs one `AsyncNode` per NAME in this one process, all on the address in
 ``ZEROMESH_INTERFACES`` (each on ports of its own), mDNS off, each given the ``--seed``
-URLs as its static peers (issue 16: seeds, not a list of members). With ``--port``, the
+URLs as its static peers (issue 16: seeds, not a list of members); ``--mdns`` turns
+mDNS on. With ``--port``, the
 first NAME binds its control port there (so others can name it as a seed) and leaves its
 own URL out of its seeds. Lines on stdout, flushed at
 once, each starting with the node it is about::
@@ -92,7 +93,7 @@ async def main(args: argparse.Namespace) -> None:
         logging.setLogRecordFactory(stamped)
     interface = os.environ.get("ZEROMESH_INTERFACES", "127.0.0.1").split(",")[0]
     own = f"tcp://{interface}:{args.port}"
-    nodes = [AsyncNode(name=name, mesh=args.mesh, mdns=False,
+    nodes = [AsyncNode(name=name, mesh=args.mesh, mdns=args.mdns,
                        peers=[s for s in args.seed if not (i == 0 and args.port and s == own)],
                        port=args.port if i == 0 and args.port else 0,
                        lost_after=args.lost_after, suspect_after=args.lost_after * 2 / 3)
@@ -119,6 +120,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="a static peer, tcp://host:port; repeatable")
     parser.add_argument("--port", type=int, default=0, help="control port of the first node")
     parser.add_argument("--lost-after", type=float, default=1.5)
+    parser.add_argument("--mdns", action="store_true", help="find the others by mDNS too")
     parser.add_argument("names", nargs="+")
     return parser.parse_args(argv)
 

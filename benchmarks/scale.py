@@ -4,10 +4,13 @@ For each N (``--sizes``, default 10, 30 and 100) a fresh namespace LAN
 (`tests.netns.make_lan`, N hosts, root needed) runs one ``_scale_node.py`` process per host,
 one node each (``--per-host`` more), mDNS off, every node given only the first host's node
 as its seed (a static peer; ``--seeds all``: every host's node, the full list of static
-peers that today's all-to-all membership needs for a full view without multicast).
+peers that today's all-to-all membership needs for a full view without multicast;
+``--seeds mdns``: no seed, mDNS on, across the LAN's bridge).
 Measured, from each node's time-stamped ``joined`` / ``lost`` lines and from /proc and
 ``ss`` in the hosts' namespaces:
 
+* **pair p50 / max**: over every pair (A, B), from the later of the two ready until A saw
+  B joined (discovery once both are up);
 * **full view**: from the last node ready until every node has seen the N-1 others
   joined (bounded by ``--view-timeout``; if some never did, the median view size is
   shown instead);
@@ -98,6 +101,11 @@ class Row:
     cpu_pct_median: float = 0.0
     """Idle CPU per process, % of one core."""
     cpu_pct_max: float = 0.0
+    cpu_pct_total: float = 0.0
+    """Idle CPU of all the processes together, % of one core."""
+    pair_p50_s: float | None = None
+    """Median over pairs (A, B): from the later of A and B ready until A saw B joined."""
+    pair_max_s: float | None = None
     join_cpu_s: float = 0.0
     """CPU seconds per process (median) from its start until the end of the view phase
     (interpreter start-up included: about 0.4 s)."""
@@ -108,7 +116,7 @@ class Row:
     """With --timeline: joined and false lost events per 5 s around the last ready."""
 
 
-def measure(n: int, per_host: int, idle: float, view_timeout: float, all_seeds: bool,
+def measure(n: int, per_host: int, idle: float, view_timeout: float, seeding: str,
             lost_timeout: float = LOST_TIMEOUT, timeline: bool = False,
             dump: Path | None = None) -> Row:
     hosts = max(1, n // per_host)
@@ -118,10 +126,11 @@ def measure(n: int, per_host: int, idle: float, view_timeout: float, all_seeds: 
     mesh = unique("scale")
     row.load = os.getloadavg()[0]
     with netns.make_lan(hosts) as lan:
-        seeds = [seed_url(host) for host in (lan.hosts if all_seeds else lan.hosts[:1])]
+        seeds = {"all": [seed_url(host) for host in lan.hosts],
+                 "first": [seed_url(lan.hosts[0])], "mdns": []}[seeding]
         started = time.monotonic()
         groups = [Group(host, mesh, names[i * per_host:(i + 1) * per_host], seeds=seeds,
-                        lost_after=LOST_AFTER)
+                        lost_after=LOST_AFTER, mdns=seeding == "mdns")
                   for i, host in enumerate(lan.hosts)]
         ready = [g.wait_ready(max(0.1, started + READY_TIMEOUT - time.monotonic()))
                  for g in groups]
@@ -143,6 +152,7 @@ def measure(n: int, per_host: int, idle: float, view_timeout: float, all_seeds: 
         if len(full) == row.nodes:
             row.full_view_s = max(full) - last_ready
         row.join_cpu_s = statistics.median(cpu_seconds(g.proc.pid) for g in groups)
+        row.pair_p50_s, row.pair_max_s = _pair_discovery(groups)
 
         measure_idle(row, lan, groups, idle)
 
@@ -167,6 +177,23 @@ def measure(n: int, per_host: int, idle: float, view_timeout: float, all_seeds: 
         for g in groups[:-1]:
             g.close_stdin()
     return row
+
+
+def _pair_discovery(groups: list[Group]) -> tuple[float | None, float | None]:
+    """Median and max over every pair (A, B) of the time from the later of A and B ready
+    until A first saw B joined: how long discovery takes once both are up."""
+    ready: dict[str, float] = {}
+    for g in groups:
+        ready.update(g.ready_at())
+    first: dict[tuple[str, str], float] = {}
+    for g in groups:
+        for node, other, at in g.events("joined"):
+            if other in ready and node in ready:
+                first.setdefault((node, other), at - max(ready[node], ready[other]))
+    if not first:
+        return None, None
+    took = [max(0.0, t) for t in first.values()]
+    return statistics.median(took), max(took)
 
 
 def _dump(path: Path, groups: list[Group], last_ready: float) -> None:
@@ -220,6 +247,7 @@ def measure_idle(row: Row, lan: netns.Lan, groups: list[Group], idle: float) -> 
     row.tcp_median, row.tcp_max = statistics.median(tcp or [0]), max(tcp or [0])
     row.rss_mb_median, row.rss_mb_max = statistics.median(rss), max(rss)
     row.cpu_pct_median, row.cpu_pct_max = statistics.median(cpu), max(cpu)
+    row.cpu_pct_total = sum(cpu)
     rates, links, members = [], [], []
     unanswered = 0
     for b, a in zip(before, after, strict=True):
@@ -267,17 +295,20 @@ def growth(rows: list[Row], key: str) -> list[str]:
 
 def report(rows: list[Row]) -> None:
     columns = [("N", 4), ("procs", 5), ("start s", 7), ("full view s", 11),
-               ("full/N", 7), ("med view", 8), ("lost by all s", 13), ("seen by", 7),
+               ("full/N", 7), ("med view", 8), ("pair p50/max s", 14), ("lost by all s", 13),
+               ("seen by", 7),
                ("false lost", 10), ("TCP/host med", 12), ("max", 4), ("ctl msg/s/node", 14),
                ("links", 5), ("RSS MB med", 10), ("CPU % med", 9), ("CPU % max", 9),
-               ("join CPU s", 10), ("load", 5)]
+               ("CPU % all", 9), ("join CPU s", 10), ("load", 5)]
     _harness.print_table(columns, [[
         str(r.nodes), str(r.processes), f"{r.start_s:.1f}", fmt(r.full_view_s, ".2f"),
-        f"{r.full_nodes}/{r.nodes}", f"{r.median_view:.0f}", fmt(r.lost_all_s, ".2f"),
+        f"{r.full_nodes}/{r.nodes}", f"{r.median_view:.0f}",
+        f"{fmt(r.pair_p50_s, '.3f')}/{fmt(r.pair_max_s, '.2f')}", fmt(r.lost_all_s, ".2f"),
         f"{r.lost_seen_by}/{r.nodes - r.nodes // r.processes}", str(r.false_lost),
         f"{r.tcp_median:.0f}", str(r.tcp_max), fmt(r.ctl_per_s, ".1f"),
         fmt(r.links_median, ".0f"), f"{r.rss_mb_median:.1f}", f"{r.cpu_pct_median:.2f}",
-        f"{r.cpu_pct_max:.2f}", f"{r.join_cpu_s:.2f}", f"{r.load:.1f}"] for r in rows])
+        f"{r.cpu_pct_max:.2f}", f"{r.cpu_pct_total:.1f}", f"{r.join_cpu_s:.2f}",
+        f"{r.load:.1f}"] for r in rows])
     for r in rows:
         for error in r.errors:
             print(f"  N={r.nodes}: {error}")
@@ -304,10 +335,11 @@ def main(argv: list[str] | None = None) -> int:
                              "the baseline for the ratios")
     parser.add_argument("--per-host", type=int, default=1,
                         help="nodes per process (one process per host; default 1)")
-    parser.add_argument("--seeds", choices=("first", "all"), default="first",
+    parser.add_argument("--seeds", choices=("first", "all", "mdns"), default="first",
                         help="first: every node is given the first host's node as its one "
                              "seed (issue 16); all: every host's first node is a static peer "
-                             "of every node (how a full view is had without gossip)")
+                             "of every node (how a full view is had without gossip); mdns: "
+                             "no seed, mDNS on")
     parser.add_argument("--idle", type=float, default=5.0, help="idle window, s (default 5)")
     parser.add_argument("--view-timeout", type=float, default=30.0,
                         help="how long after the last ready a full view may take, s")
@@ -342,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.json:
             print(f"N={n} ...", file=sys.stderr, flush=True)
         rows.append(measure(n, args.per_host, args.idle, args.view_timeout,
-                            args.seeds == "all", lost_timeout, args.timeline, args.dump))
+                            args.seeds, lost_timeout, args.timeline, args.dump))
     if args.json:
         print(json.dumps({"per_host": args.per_host, "seeds": args.seeds,
                           "rows": [asdict(r) for r in rows]}))

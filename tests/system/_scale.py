@@ -41,12 +41,14 @@ def seed_url(host: netns.Host) -> str:
 
 class Group(MeshProc):
     """One process on ``host`` running the nodes ``names``, each with static peers
-    ``seeds`` (the first node leaves itself out)."""
+    ``seeds`` (the first node leaves itself out), and with mDNS on if ``mdns``."""
 
     def __init__(self, host: netns.Host, mesh: str, names: Sequence[str], *,
-                 seeds: Sequence[str], lost_after: float = 1.5) -> None:
+                 seeds: Sequence[str], lost_after: float = 1.5, mdns: bool = False) -> None:
         self.names = list(names)
         argv = [ROLE, "--mesh", mesh, "--port", str(SEED_PORT), "--lost-after", str(lost_after)]
+        if mdns:
+            argv.append("--mdns")
         for url in seeds:
             argv += ["--seed", url]
         super().__init__(host, [sys.executable, *argv, *self.names], stdin=True)
@@ -83,6 +85,11 @@ class Group(MeshProc):
 
         found = self.wait_for(check, timeout)
         return found if found is not None else _lost_at(self.lines[since:], observers, victims)
+
+    def ready_at(self) -> dict[str, float]:
+        """When each of its nodes printed ``ready``."""
+        return {parts[0]: _stamp(parts) for parts in map(_words, self.lines)
+                if len(parts) == 3 and parts[1] == "ready"}
 
     def events(self, kind: str) -> list[tuple[str, str, float]]:
         """Every ``(node, other, arrival time)`` of ``NAME <kind> OTHER`` lines so far."""
