@@ -52,6 +52,7 @@ from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
 from ..errors import ProtocolError
 from . import _gossip, _neighbours
+from ._foreign import ForeignMembers
 from ._hello import Announcement
 from ._listener import ControlRoutes, EventSink, PartnerSource, PeerListener, Ticker
 from ._peers import PeerEvent, PeerEventKind, PeerRecord, PeerState, PeerTable
@@ -128,6 +129,7 @@ class Membership:
         self._departed: BoundedDict[str, int] = BoundedDict(_MAX_SUBS)
         """id -> incarnation of members that said goodbye: news of them is stale."""
         self._forgotten: BoundedDict[str, tuple[int, int]] = BoundedDict(_MAX_SUBS)
+        self._foreign = ForeignMembers(_MAX_MEMBERS, config.forget_after)
         """id -> (incarnation, seq) of members forgotten after being lost: only news
         they refuted brings them back."""
         self._outgoing: list[tuple[_wire.News, str]] = []
@@ -170,7 +172,7 @@ class Membership:
         return {"members": sum(1 for r in self.table.records() if r.state is not PeerState.LOST),
                 "links": len(self._links), "watched": len(self._targets()),
                 "control_sent": self.sent, "control_received": self.received,
-                "health": self.table.health}
+                "health": self.table.health, "foreign": len(self._foreign)}
 
     @property
     def interest_version(self) -> int:
@@ -346,6 +348,7 @@ class Membership:
         held it, so it measures its round trip to us (`PeerRecord.rtt`) for free."""
         now = time.monotonic()
         self.table.recover()
+        self._foreign.expire()
         stopped = self._refresh_watching(now)
         gone = now - self.table.lost_after
         for peer_id in [w for w, at in self._watchers.items() if at < gone]:
@@ -445,7 +448,7 @@ class Membership:
                 rec.digest_key = key
                 rec.digest_part = _gossip.digest_part(rec.id, *key)
             digest ^= rec.digest_part
-        return digest
+        return digest ^ self._foreign.digest()
 
     def _spread(self, news: _wire.News, came_from: str) -> None:
         """Pass `news` on to every member we beat but the one it came from, at the end of
@@ -484,6 +487,7 @@ class Membership:
             news.append(rec.hello)
             if rec.state is PeerState.LOST:
                 news.append(_wire.Down(rec.id, rec.incarnation, rec.seq))
+        news.extend(self._foreign.view())
         return news
 
     def _send_view(self, endpoint: str, news: list[_wire.News], *, sync: bool) -> None:
@@ -600,8 +604,15 @@ class Membership:
             return False
         ctl, pub = _first_endpoint(hello.ctl, self._reach), _first_endpoint(hello.pub, self._reach)
         if ctl is None or pub is None:
+            if rec is None and _first_endpoint(hello.ctl) and _first_endpoint(hello.pub):
+                # reachable by others, not by us (IPv4 and IPv6): known, never dialled
+                if self._foreign.learn(msgspec.structs.replace(hello, reply=False, digest=0)):
+                    self._spread(hello, came_from)
+                    return True
+                return False
             self._quiet.drop("bad_member", f"member {hello.id[:8]} without usable endpoints")
             return False
+        self._foreign.forget(hello.id)
         if rec is None and len(self.table) >= _MAX_MEMBERS:
             self._quiet.drop("too_many_members", f"more than {_MAX_MEMBERS} members")
             return False
@@ -726,6 +737,12 @@ class Membership:
             if down.incarnation == self._incarnation and not down.left:
                 self._refute(down.seq)
             return
+        if down.id in self._foreign:
+            if self._foreign.down(down):
+                if down.left:
+                    self._departed.put(down.id, down.incarnation)
+                self._spread(down, came_from)
+            return
         rec = self.table.get(down.id)
         if down.left:
             if rec is not None and rec.incarnation == down.incarnation:
@@ -772,6 +789,10 @@ class Membership:
             handle.cancel()
 
     def _on_change(self, change: _wire.Change, came_from: str) -> None:
+        if change.id in self._foreign:
+            if self._foreign.change(change):
+                self._spread(change, came_from)
+            return
         rec = self.table.get(change.id)
         if (rec is None or rec.hello is None or rec.incarnation != change.incarnation
                 or change.version <= rec.subs_version):

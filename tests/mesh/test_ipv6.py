@@ -9,10 +9,12 @@ import shutil
 import socket
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mesh import AsyncNode, ConfigError, Message
+from mesh._membership import _control as control
 from mesh._membership._control import _first_endpoint
 from patterns import generate_keypair
 from tests.helpers import aeventually
@@ -145,6 +147,41 @@ async def test_a_dual_node_links_an_ipv4_node_and_an_ipv6_node(make_node: MakeNo
     assert (await sub6.next(timeout=5)).data == b"both"
     assert {p.name for p in dual.peers()} == {"v4", "v6"}
     assert [p.name for p in v4.peers()] == ["dual"]
+
+
+async def test_members_of_the_other_family_keep_a_mixed_mesh_quiet(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The v4 node keeps the v6 node's record without dialling it, so all three views
+    (and digests) agree: at idle nobody sends anyone a whole view again (before, v4 and
+    the dual node exchanged theirs every few seconds, for ever), nothing is logged as bad
+    input, and news of the v6 node's end reaches the v4 node."""
+    monkeypatch.setattr(control, "_SYNC_EVERY", 0.1)  # a resync would come at once
+    synced: list[str] = []
+    original = control.Membership._send_view
+
+    def spy(self: control.Membership, endpoint: str, news: list[Any], *, sync: bool) -> None:
+        if sync:
+            synced.append(self._id)
+        original(self, endpoint, news, sync=sync)
+
+    monkeypatch.setattr(control.Membership, "_send_view", spy)
+    fast = {"heartbeat_interval": 0.05, "mdns": False}
+    dual = await make_node("dual", interfaces=["127.0.0.1", "::1"], **fast)
+    ctl4, ctl6 = dual.endpoints["ctl"]
+    v4 = await make_node("v4", interfaces=["127.0.0.1"], peers=[ctl4], **fast)
+    v6 = await make_node("v6", interfaces=["::1"], peers=[ctl6], **fast)
+    await dual.wait_for_peers(2, timeout=5)
+    await aeventually(lambda: v4.traffic().membership["foreign"] == 1, timeout=5)
+    assert [p.name for p in v4.peers()] == ["dual"]
+    views = [n._live().membership for n in (dual, v4, v6)]
+    await aeventually(lambda: len({m._digest() for m in views}) == 1, timeout=5)
+    synced.clear()
+    await asyncio.sleep(0.5)  # 10 beats, 5 resync periods: the digests stay equal
+    assert synced == []
+    assert len({m._digest() for m in views}) == 1
+    assert v4.traffic().input_dropped.get("bad_member", 0) == 0
+    await v6.aclose()  # it leaves: the news reaches v4 through dual
+    await aeventually(lambda: v4.traffic().membership["foreign"] == 0, timeout=5)
 
 
 def test_first_endpoint_picks_a_family_it_can_dial() -> None:
