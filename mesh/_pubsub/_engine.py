@@ -197,8 +197,10 @@ class PubSub:
         return self._confirmed.get(peer_id, -1)
 
     def is_ready(self, rec: PeerRecord) -> bool:
-        """Its subscriptions as announced are in force at our publisher."""
-        return self._confirmed.get(rec.id, -1) >= rec.subs_version
+        """Its subscriptions as announced are in force at our publisher (its own marker
+        said so: a record's version alone, e.g. a negative one, never does)."""
+        confirmed = self._confirmed.get(rec.id)
+        return confirmed is not None and confirmed >= rec.subs_version
 
     # -- publishing -------------------------------------------------------------
 

@@ -226,7 +226,8 @@ async def test_cli_spool_show_and_replay_dead_letters(make_node: MakeNode, mesh_
             run, ["spool", "replay", "--data-dir", str(data), "--timeout", "45",
                   "--peer", f"tcp://127.0.0.1:{port}", "-v"], mesh=mesh_name, timeout=60)
         if replay.returncode:
-            puller.close()
+            puller.proc.kill()  # (its pipes stay open: its stderr is read below)
+            puller.wait(5)
             pytest.fail(f"replay failed:\n{replay.stderr[-8000:]}\npuller:\n"
                         f"{puller.stderr()[-8000:]}")
         assert "replaying 3 dead letter(s)" in replay.stdout
