@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Final
 
 LOOPBACK: Final[str] = "127.0.0.1"
@@ -144,6 +144,8 @@ class Result:
     swayed than wall time by other jobs on a shared machine."""
     send_cpu_seconds: float = 0.0
     """CPU time of the sending process over its send loop, when it reports it."""
+    figures: dict[str, float] = field(default_factory=dict)
+    """Whatever else the receiver measured (e.g. delay percentiles)."""
 
     @property
     def recv_rate(self) -> float:
