@@ -200,6 +200,7 @@ class Membership:
     def say_goodbye(self) -> None:
         """Tell every member we hold a link to (they pass it on) that we leave."""
         frames = _wire.encode_control(_wire.Bye(self._id))
+        _log.debug("saying goodbye to %d members", len(self._links))
         endpoints = set(self._links)  # pending ones too: they may know us already
         for peer_id in self._targets():
             rec = self.table.get(peer_id)
@@ -746,6 +747,8 @@ class Membership:
         rec = self.table.get(down.id)
         if down.left:
             if rec is not None and rec.incarnation == down.incarnation:
+                _log.debug("member %s (%s) left, says news from %s", rec.name, rec.id[:8],
+                           came_from[:8])
                 self._end(rec)
                 self._spread(down, came_from)
             elif rec is None and self._departed.get(down.id) != down.incarnation:
@@ -826,6 +829,7 @@ class Membership:
     def _on_bye(self, bye: _wire.Bye) -> None:
         rec = self.table.get(bye.id)
         if rec is not None:
+            _log.debug("member %s (%s) said goodbye", rec.name, rec.id[:8])
             self._end(rec)
             self._spread(_wire.Down(rec.id, rec.incarnation, rec.seq, left=True), rec.id)
 

@@ -168,6 +168,9 @@ async def _print_messages(messages: AsyncIterator[Message], show: Callable[[Mess
                            return_when=asyncio.FIRST_COMPLETED)
         for task in (consumer, stopper):
             task.cancel()
+        failed = consumer.exception() if consumer.done() and not consumer.cancelled() else None
+        if failed is not None:
+            raise failed  # (an error while receiving is not "nothing arrived")
     if count is not None:
         return 0 if received >= count else 1
     return 0 if received else 1

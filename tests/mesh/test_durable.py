@@ -219,16 +219,17 @@ async def test_cli_spool_show_and_replay_dead_letters(make_node: MakeNode, mesh_
     # the replayer is given the worker as a seed: what is tested here is the spool, not
     # how fast mDNS finds a peer on a machine busy with other meshes' announcements
     port = free_port()
-    puller = Cli(["pull", "jobs", "--count", "3", "--timeout", "60", "--port", str(port), "-v"],
+    puller = Cli(["pull", "jobs", "--count", "3", "--timeout", "60", "--port", str(port), "-vv"],
                  mesh=mesh_name)
     try:
         replay = await asyncio.to_thread(
             run, ["spool", "replay", "--data-dir", str(data), "--timeout", "45",
-                  "--peer", f"tcp://127.0.0.1:{port}", "-v"], mesh=mesh_name, timeout=60)
+                  "--peer", f"tcp://127.0.0.1:{port}", "-vv"], mesh=mesh_name, timeout=60)
         if replay.returncode:
             puller.proc.kill()  # (its pipes stay open: its stderr is read below)
             puller.wait(5)
-            pytest.fail(f"replay failed:\n{replay.stderr[-8000:]}\npuller:\n"
+            pytest.fail(f"replay failed:\n{replay.stdout}\n{replay.stderr[-8000:]}\n"
+                        f"puller (exit {puller.proc.returncode}): {puller.all_lines()}\n"
                         f"{puller.stderr()[-8000:]}")
         assert "replaying 3 dead letter(s)" in replay.stdout
         assert "3/3 delivered" in replay.stdout
