@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 from discovery import (
     DiscoveryBackend,
@@ -65,6 +65,8 @@ from ._work._queues import WorkQueues
 from .errors import ClosedError, ConfigError
 
 _log = logging.getLogger("mesh.node")
+_OWED_CREDITS_WAIT: Final[float] = 0.5
+"""At most this long, at close, for the greeting of a pusher that sent us work first."""
 
 
 def _take_seqs(seqs: itertools.count[int], n: int) -> int:
@@ -320,6 +322,7 @@ class NodeCore:
         run.pubsub.flush(self.name)
         await run.tasks.cancel()  # no heartbeat may follow the goodbye
         run.work.prepare_leave()  # final credits travel before the goodbye
+        await run.work.report_owed(_OWED_CREDITS_WAIT)
         run.membership.say_goodbye()
         try:
             await run.stack.aclose()

@@ -126,6 +126,9 @@ class Workers:
         self._streams: dict[tuple[str, str, int], _InStream] = {}
         self._credit_handle: asyncio.Handle | None = None
         self._credit_dirty: set[_InStream] = set()
+        self._owed: set[_InStream] = set()
+        """Streams whose last credit found no pusher to go to: a pusher that found us first
+        can send us work before its greeting is in our table; it is sent once it is."""
         self._in_hand: dict[str, set[int]] = {}
         """Per sender, reliable messages delivered and not yet marked in dedup: a copy
         arriving now is a duplicate."""
@@ -220,7 +223,8 @@ class Workers:
         if self._credit_handle is not None:
             self._credit_handle.cancel()
             self._credit_handle = None
-        dirty, self._credit_dirty = self._credit_dirty, set()
+        dirty, self._credit_dirty = self._credit_dirty | self._owed, set()
+        self._owed = set()
         self._mark_done(dirty)
         self._dedup.save()
         now = time.monotonic()
@@ -239,9 +243,25 @@ class Workers:
                     self.node_id, stream.queue, nacks, stream.epoch))
             if stream.consumed == stream.reported and not force:
                 continue
-            stream.reported = stream.consumed
-            self._control.send_to(stream.pusher_id, _wire.Credit(
-                self.node_id, stream.queue, stream.consumed, stream.epoch, stream.window))
+            if self._control.send_to(stream.pusher_id, _wire.Credit(
+                    self.node_id, stream.queue, stream.consumed, stream.epoch, stream.window)):
+                stream.reported = stream.consumed
+            else:
+                self._owed.add(stream)
+
+    @property
+    def owing(self) -> bool:
+        """Some consumption could not be reported yet (see `_owed`)."""
+        return bool(self._owed)
+
+    def forget_pusher(self, peer_id: str) -> None:
+        """It left or was lost: it redelivers what it did not hear of."""
+        self._owed = {s for s in self._owed if s.pusher_id != peer_id}
+
+    def pusher_known(self, peer_id: str) -> None:
+        """A member's record arrived: credits it is owed go now."""
+        if any(s.pusher_id == peer_id for s in self._owed) and self._credit_handle is None:
+            self._credit_handle = asyncio.get_running_loop().call_soon(self.send_credits)
 
     # -- receiving ---------------------------------------------------------------
 

@@ -174,6 +174,16 @@ class WorkQueues:
         self._flush()
         self.workers.send_credits()
 
+    async def report_owed(self, timeout: float) -> None:
+        """Before the goodbye, after `prepare_leave`: a pusher that found us first may have
+        sent work before its greeting was read; its credits go once it is (a short, bounded
+        wait: else it would take the goodbye for the end and deliver that work again)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.workers.owing and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+            self.workers.send_credits()
+
     def close(self) -> None:
         self._closed = True
         self.workers.close()
@@ -593,6 +603,7 @@ class WorkQueues:
 
 
     def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
+        self.workers.pusher_known(new.id)
         if old is not None and old.incarnation != new.incarnation:
             # Restarted: its old pipe is dead. Its new record is in the table only once
             # this returns, so the hand-out waits until then (not to its old endpoint).
@@ -626,6 +637,7 @@ class WorkQueues:
             self.peers_changed()
 
     def _forget_peer(self, peer_id: str, *, graceful: bool, wake: bool = True) -> None:
+        self.workers.forget_pusher(peer_id)
         for (pid, _queue), target in list(self._targets.items()):
             if pid != peer_id:
                 continue

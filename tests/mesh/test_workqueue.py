@@ -268,3 +268,40 @@ async def test_large_publishes_are_split_into_frames_subscribers_accept(make_nod
         pub.publish_nowait("big", b"x" * size)
     got = [len((await sub.next(timeout=5)).data) for _ in sizes]
     assert got == sizes
+
+
+async def test_a_worker_that_takes_work_before_it_knows_the_pusher_still_acknowledges_it(
+        make_node: MakeNode, tmp_path: Any) -> None:
+    """A pusher that found the worker first can send it work before the worker has read the
+    pusher's greeting. A worker that takes that work and closes at once must still report
+    it: its credits wait (briefly) for the greeting instead of being dropped. Before, the
+    pusher took the goodbye for the end and kept the messages as undelivered (the CLI
+    replay test failed so, 1 run in ~8: `pull --count 3` got all three and exited 0, and
+    `spool replay` waited 45 s)."""
+    timing = {"heartbeat_interval": 0.5, "suspect_after": 1.0, "lost_after": 1.5}
+    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), mdns=False, **timing)
+    worker = await make_node("worker", mdns=False, **timing)
+    membership = worker._live().membership
+    handle_now = membership._handle
+    held: list[Any] = []
+
+    def late(msg: Any) -> None:  # what the pusher says itself is read 0.3 s late
+        if getattr(msg, "id", None) == pusher.id:
+            held.append(msg)
+            asyncio.get_running_loop().call_later(0.3, handle_now, msg)
+            return
+        handle_now(msg)
+
+    membership._handle = late  # type: ignore[method-assign]
+    jobs = await worker.pull("jobs")
+    membership._greet_new(pusher.endpoints["ctl"][0])  # the worker finds the pusher first
+    await pusher.wait_for_workers("jobs", 1, timeout=5)
+    for i in range(3):
+        await pusher.push("jobs", f"job{i}", reliable=True)
+    got = [(await jobs.next(timeout=5)).text for _ in range(3)]
+    assert got == ["job0", "job1", "job2"]
+    assert held
+    assert all(p.id != pusher.id for p in worker.peers())  # work came first
+    await worker.aclose()  # at once, as `pull --count 3` does
+    await aeventually(lambda: pusher.spool_pending == 0, timeout=3)
+    assert pusher.stats["redelivered"] == 0
