@@ -129,9 +129,9 @@ class Membership:
         self._departed: BoundedDict[str, int] = BoundedDict(_MAX_SUBS)
         """id -> incarnation of members that said goodbye: news of them is stale."""
         self._forgotten: BoundedDict[str, tuple[int, int]] = BoundedDict(_MAX_SUBS)
-        self._foreign = ForeignMembers(_MAX_MEMBERS, config.forget_after)
         """id -> (incarnation, seq) of members forgotten after being lost: only news
         they refuted brings them back."""
+        self._foreign = ForeignMembers(_MAX_MEMBERS, config.forget_after)
         self._outgoing: list[tuple[_wire.News, str]] = []
         """News to pass on at the end of this loop turn, with whom it came from."""
         self._flush: asyncio.Handle | None = None
@@ -607,8 +607,9 @@ class Membership:
         if ctl is None or pub is None:
             if rec is None and _first_endpoint(hello.ctl) and _first_endpoint(hello.pub):
                 # reachable by others, not by us (IPv4 and IPv6): known, never dialled
-                if self._foreign.learn(msgspec.structs.replace(hello, reply=False, digest=0)):
-                    self._spread(hello, came_from)
+                record = msgspec.structs.replace(hello, reply=False, digest=0)
+                if self._foreign.learn(record):
+                    self._spread(record, came_from)
                     return True
                 return False
             self._quiet.drop("bad_member", f"member {hello.id[:8]} without usable endpoints")
