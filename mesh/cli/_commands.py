@@ -193,7 +193,24 @@ async def push(args: argparse.Namespace) -> int:
                             reliable=args.reliable, ttl=args.ttl)
         if args.reliable:
             await _settle_spool(node, args.timeout, "push")
+        else:
+            await _settle_work(node, args.queue, args.timeout)
     return 0
+
+
+async def _settle_work(node: AsyncNode, queue: str, timeout: float) -> None:
+    """Stay up while workers consume what we handed them: a worker that stops (e.g. `pull
+    --count`) gives back what it did not take, and only a pusher still up can pass it on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    left = 0
+    while loop.time() < deadline:
+        left = sum(q.in_flight + q.backlog for q in node.figures().queues if q.queue == queue)
+        if not left:
+            return
+        await asyncio.sleep(0.02)  # a progress check, bounded by the timeout
+    print(f"zeromesh push: {left} message(s) not consumed within {timeout:g} s "
+          "(best effort: they are lost if their worker stops)", file=sys.stderr)
 
 
 async def pull(args: argparse.Namespace) -> int:
