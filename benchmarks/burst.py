@@ -46,7 +46,9 @@ TOPIC: Final[str] = "bench.burst"
 QUEUE: Final[str] = "bench-burst"
 PROBE: Final[bytes] = b"\x00probe"
 QUIET_SECONDS: Final[float] = 1.0
-"""A receiver that got nothing for this long takes the rest for lost."""
+"""A raw PUB/SUB receiver that got nothing for this long takes the rest for lost (dropped)."""
+STALL_SECONDS: Final[float] = 5.0
+"""The same for a lossless pattern, where a pause means a stall (e.g. a loaded machine)."""
 
 
 def stamped(size: int) -> Callable[[], bytes]:
@@ -95,7 +97,8 @@ def raw_receiver(pattern: str, size: int, count: int, link: Link) -> None:
             while sock.recv() != PROBE:
                 pass
             ack.send(b"ready")
-            sock.setsockopt(zmq.RCVTIMEO, int(QUIET_SECONDS * 1000))
+            quiet = QUIET_SECONDS if pattern == "pubsub" else STALL_SECONDS
+            sock.setsockopt(zmq.RCVTIMEO, int(quiet * 1000))
             recv, clock, add = sock.recv, time.perf_counter_ns, taken.append
             msg = recv()
             while msg == PROBE:
@@ -181,7 +184,7 @@ async def _mesh_receiver(pattern: str, size: int, count: int, mesh_name: str,
             seen = -1
             while not task.done() and len(taken) != seen:  # until done or quiet
                 seen = len(taken)
-                await asyncio.wait({task}, timeout=QUIET_SECONDS)
+                await asyncio.wait({task}, timeout=STALL_SECONDS)
             task.cancel()
             res.recv_seconds = (last - began) / 1e9
             res.received = len(taken)
