@@ -48,7 +48,8 @@ def lan20():
 
 
 def test_hundred_nodes_with_one_seed_see_each_other_and_notice_a_crash(
-        lan20: netns.Lan) -> None:
+        lan20: netns.Lan, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZEROMESH_SCALE_DEBUG", "1")  # why a member was lost, if one ever is
     mesh = unique("scale")
     names = node_names(N)
     everyone = set(names)
@@ -114,8 +115,11 @@ def test_hundred_nodes_with_one_seed_see_each_other_and_notice_a_crash(
     # 4. nobody was ever taken for lost but the victims, and none of them said goodbye
     false = sorted((at - last_ready, node, other) for g in groups
                    for node, other, at in g.events("lost") if other not in victims)
+    why = [line for g in groups for line in g.stderr_lines
+           if any(w in line for w in (" lost:", "refuting", "stretched"))]
     assert not false, f"{len(false)} false losses by {len({n for _, n, _ in false})} nodes " \
         f"of {len({o for _, _, o in false})}, from {false[0][0]:.2f} s to {false[-1][0]:.2f} s " \
-        f"after the last ready: {[(round(t, 2), n, o) for t, n, o in false[:5]]}"
+        f"after the last ready: {[(round(t, 2), n, o) for t, n, o in false[:5]]}; " \
+        f"last ready at {last_ready:.3f}; the nodes' log: {why[:20]}"
     assert not [e for g in groups for e in g.events("left") if e[1] in victims]
     assert not over, over
