@@ -24,6 +24,13 @@ class _Entry:
     hello: _wire.Hello
     seq: int
     lost_at: float | None = None
+    part: int = 0
+    """Its share of the digest, hashed when it changes (the digest is taken per heartbeat)."""
+
+    def rehash(self) -> None:
+        status = _gossip.ALIVE if self.lost_at is None else _gossip.LOST
+        self.part = _gossip.digest_part(self.hello.id, self.hello.incarnation, self.seq,
+                                        status, self.hello.subs_version)
 
 
 class ForeignMembers:
@@ -54,7 +61,8 @@ class ForeignMembers:
                 return False
         elif hello.incarnation < old.hello.incarnation:
             return False
-        self._entries[hello.id] = _Entry(hello, hello.seq)
+        entry = self._entries[hello.id] = _Entry(hello, hello.seq)
+        entry.rehash()
         return True
 
     def forget(self, member_id: str) -> None:
@@ -72,6 +80,7 @@ class ForeignMembers:
         if entry.lost_at is not None or news.seq < entry.seq:
             return False
         entry.seq, entry.lost_at = news.seq, time.monotonic()
+        entry.rehash()
         return True
 
     def change(self, news: _wire.Change) -> bool:
@@ -81,6 +90,7 @@ class ForeignMembers:
                 or news.base != entry.hello.subs_version):
             return False
         entry.hello = _gossip.apply_change(entry.hello, news)
+        entry.rehash()
         return True
 
     def expire(self) -> None:
@@ -93,10 +103,8 @@ class ForeignMembers:
     def digest(self) -> int:
         """Their share of our view's digest (as if they were in the peer table)."""
         out = 0
-        for member_id, entry in self._entries.items():
-            status = _gossip.ALIVE if entry.lost_at is None else _gossip.LOST
-            out ^= _gossip.digest_part(member_id, entry.hello.incarnation, entry.seq, status,
-                                       entry.hello.subs_version)
+        for entry in self._entries.values():
+            out ^= entry.part
         return out
 
     def view(self) -> list[_wire.News]:

@@ -127,6 +127,8 @@ class Workers:
         self._credit_handle: asyncio.Handle | None = None
         self._credit_dirty: set[_InStream] = set()
         self._owed: set[_InStream] = set()
+        self.paid = asyncio.Event()
+        """Set whenever nothing is owed (see `WorkQueues.report_owed`)."""
         """Streams whose last credit found no pusher to go to: a pusher that found us first
         can send us work before its greeting is in our table; it is sent once it is."""
         self._in_hand: dict[str, set[int]] = {}
@@ -248,6 +250,10 @@ class Workers:
                 stream.reported = stream.consumed
             else:
                 self._owed.add(stream)
+        if self._owed:
+            self.paid.clear()
+        else:
+            self.paid.set()
 
     @property
     def owing(self) -> bool:
@@ -257,6 +263,8 @@ class Workers:
     def forget_pusher(self, peer_id: str) -> None:
         """It left or was lost: it redelivers what it did not hear of."""
         self._owed = {s for s in self._owed if s.pusher_id != peer_id}
+        if not self._owed:
+            self.paid.set()
 
     def pusher_known(self, peer_id: str) -> None:
         """A member's record arrived: credits it is owed go now."""

@@ -178,11 +178,9 @@ class WorkQueues:
         """Before the goodbye, after `prepare_leave`: a pusher that found us first may have
         sent work before its greeting was read; its credits go once it is (a short, bounded
         wait: else it would take the goodbye for the end and deliver that work again)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.workers.owing and loop.time() < deadline:
-            await asyncio.sleep(0.005)
-            self.workers.send_credits()
+        if self.workers.owing:  # sent by `pusher_known` when the greeting is read
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.workers.paid.wait(), timeout)
 
     def close(self) -> None:
         self._closed = True
