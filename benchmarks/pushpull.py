@@ -18,13 +18,16 @@ The same N messages of 64 B go from one process to another, once per variant:
 Receivers time the run from the first to the last of the N messages (that
 rate, ``msgs/s``, is what ``ratio`` compares with raw), check that every
 message arrived and that sampled payloads are intact; pushers time their own
-send loop (``send/s``). The zeromesh pusher also checks its node counted no
+send loop (``send/s``). Repetitions interleave (raw, then each zeromesh row,
+then raw again...) and ``ratio`` is the median of the ratios within each
+repetition, with their range: raw pyzmq's rate alone swings by 2x between
+minutes on this host. The zeromesh pusher also checks its node counted no
 ``lost_in_flight``. Each run has a hard timeout and its processes are killed
 if they overrun.
 
 Run::
 
-    python benchmarks/pushpull.py                  # 500,000 x 64 B, median of 3
+    python benchmarks/pushpull.py                  # 500,000 x 64 B, 3 interleaved repetitions
     python benchmarks/pushpull.py --prefetch 64,1024 --repeat 1
     python benchmarks/pushpull.py --quick --json   # a small run, machine-readable
 
@@ -225,18 +228,35 @@ def default_prefetch() -> int:
 
 
 def _row(side: str, prefetch: int | None, count: int, res: Result,
-         raw: Result | None) -> dict[str, Any]:
+         ratios: list[float]) -> dict[str, Any]:
     report = h.side(res, count)
     assert report is not None
     if side != "raw" and prefetch is None:
         prefetch = default_prefetch()
+    ordered = sorted(ratios)
     return {"side": side, "count": count, "prefetch": prefetch,
             "default_prefetch": side != "raw" and prefetch == default_prefetch(), **report,
-            "ratio": h.ratio(res, raw) if side == "zeromesh" else None}
+            "ratio": ordered[len(ordered) // 2] if ordered else None,
+            "ratio_range": [ordered[0], ordered[-1]] if ordered else None,
+            "ratios": ratios}
+
+
+def _interleaved(variants: list[tuple[str, int | None, Any]], repeat: int,
+                 count: int) -> list[list[Result]]:
+    """Every variant once per repetition, in turn, so a ratio compares runs made side by
+    side (raw pyzmq swings by 2x over minutes on a shared host); a failed run ends it."""
+    results: list[list[Result]] = [[] for _ in variants]
+    for _ in range(repeat):
+        for runs, (_, _, run) in zip(results, variants, strict=True):
+            res = run()
+            runs.append(res)
+            if h.failed(res, count):
+                return results
+    return results
 
 
 COLUMNS: Final = (("side", 9), ("prefetch", 9), ("count", 9), ("msgs/s", 12),
-                  ("ratio", 6), ("lost", 6), ("send/s", 12))
+                  ("ratio", 6), ("range", 11), ("lost", 6), ("send/s", 12))
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -244,10 +264,17 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         [r["side"], "-" if r["prefetch"] is None
          else f"{r['prefetch']}{'*' if r['default_prefetch'] else ''}",
          str(r["count"]), h.fmt(r, "msgs_per_s", ",.0f"), h.fmt_ratio(r["ratio"]),
+         "-" if r["ratio_range"] is None else "{:.2f}-{:.2f}".format(*r["ratio_range"]),
          h.fmt(r, "lost", "d"), h.fmt(r, "send_msgs_per_s", ",.0f")]
         for r in rows])
     if any(r["default_prefetch"] for r in rows):
         print("  * the library default")
+    print("  msgs/s: the median run; ratio: zeromesh / raw within each repetition, median "
+          "(range)")
+    for r in rows:
+        if r["ratios"]:
+            print(f"  prefetch {r['prefetch']}: ratios per repetition "
+                  + " ".join(f"{x:.2f}" for x in r["ratios"]))
     for r in rows:
         h.print_problems(f"{r['side']} prefetch={r['prefetch']}", r)
 
@@ -276,21 +303,31 @@ def main(argv: list[str] | None = None) -> int:
 
     count = args.count or (QUICK_COUNT if args.quick else DEFAULT_COUNT)
     repeat = args.repeat or (1 if args.quick else 3)
-    rows = []
-    raw = None
+    variants: list[tuple[str, int | None, Any]] = []
     if args.only != "zeromesh":
-        raw = h.median_of(partial(run_raw, args.size, count, args.timeout), repeat, count)
-        rows.append(_row("raw", None, count, raw, None))
+        variants.append(("raw", None, partial(run_raw, args.size, count, args.timeout)))
     if args.only != "raw":
-        for prefetch in [None, *args.prefetch]:
-            res = h.median_of(partial(run_mesh, args.size, count, prefetch, args.timeout),
-                              repeat, count)
-            rows.append(_row("zeromesh", prefetch, count, res, raw))
+        variants += [("zeromesh", prefetch,
+                      partial(run_mesh, args.size, count, prefetch, args.timeout))
+                     for prefetch in [None, *args.prefetch]]
+    results = _interleaved(variants, repeat, count)
+    raw_runs = results[0] if args.only != "zeromesh" else []
+    rows = []
+    for (side, prefetch, _), runs in zip(variants, results, strict=True):
+        if not runs:  # (an earlier failure ended the repetitions)
+            continue
+        failed = [r for r in runs if h.failed(r, count)]
+        chosen = failed[0] if failed else sorted(runs, key=lambda r: r.recv_rate)[len(runs) // 2]
+        ratios = [] if side == "raw" else [
+            x for x in (h.ratio(res, base) for res, base in zip(runs, raw_runs, strict=False))
+            if x is not None]
+        rows.append(_row(side, prefetch, count, chosen, ratios))
     if args.json:
         print(json.dumps({"benchmark": "pushpull", "transport": f"tcp://{LOOPBACK}", "loop": loop,
                           "size": args.size, "count": count,
                           "raw_framing": "single frame send(payload)",
                           "repeat": repeat, "statistic": "median",
+                          "ratio": "median of same-repetition ratios",
                           "python": sys.version.split()[0], "results": rows}, indent=2))
     else:
         _print_table(rows)

@@ -225,12 +225,14 @@ class NodeCore:
         membership = Membership(ctx, cfg, self._quiet, announcement)
         stack.callback(membership.close)
         peers = membership.table
+        take_seqs = functools.partial(_take_seqs, seqs)
         pubsub = PubSub(ctx, cfg, self._quiet, self.stats, peers=peers,
-                        announcer=membership, waiter=self._watchers, next_seq=next_seq)
+                        announcer=membership, waiter=self._watchers, next_seq=next_seq,
+                        take_seqs=take_seqs)
         stack.callback(pubsub.close)
         work = WorkQueues(ctx, cfg, self._quiet, self.stats, peers=peers, control=membership,
                           announcer=membership, next_seq=next_seq, outbox=outbox, dedup=dedup,
-                          take_seqs=functools.partial(_take_seqs, seqs))
+                          take_seqs=take_seqs)
         stack.callback(work.close)
         serving = Serving(ctx, cfg, self._quiet, self.stats, membership)
         stack.push_async_callback(serving.aclose)

@@ -112,9 +112,9 @@ class AsyncNode(WorkAndServices):
             if _trace.ON:
                 with _trace.producing("publish", topic, headers) as headers:
                     flushed = run.pubsub.publish(topic, data, headers, self._config.name, ttl)
-                if flushed is not None:
+                if flushed:
                     await asyncio.sleep(0)
-            elif run.pubsub.publish(topic, data, headers, self._config.name, ttl) is not None:
+            elif run.pubsub.publish(topic, data, headers, self._config.name, ttl):
                 await asyncio.sleep(0)  # a large batch just left: let readers and timers run
             return
         await self.publish_many(topic, (data,), headers=headers, reliable=True, ttl=ttl)
@@ -198,9 +198,8 @@ class AsyncNode(WorkAndServices):
         if _trace.ON:
             with _trace.producing("publish", topic, headers) as headers:
                 return self._live().pubsub.publish(topic, data, headers, self._config.name,
-                                                   ttl) is not None
-        return self._live().pubsub.publish(topic, data, headers, self._config.name,
-                                           ttl) is not None
+                                                   ttl)
+        return self._live().pubsub.publish(topic, data, headers, self._config.name, ttl)
 
     async def subscribe(self, pattern: str, *, type: type[T] | None = None,
                         callback: Callback[T] | None = None,

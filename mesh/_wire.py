@@ -27,12 +27,14 @@ Data (PUB -> SUB): ``topic key | header | Batch``.
   filter selects exact topics exactly and wildcard patterns by their literal
   prefix;
 - ``Batch`` (msgpack array) = ``[source id, source name, topic seq, items,
-  epoch, credit out, payloads, ts, seq]`` (the last five for work queues; a
-  work batch whose messages are all plain — best effort, no headers, no ttl —
-  is a *run*: no items, just the payloads, one timestamp ``ts`` and the first
-  sequence number ``seq``, the rest numbered contiguously; ``topic seq`` is
-  then the stream position of its first message, so one frame is one
-  contiguous range of the stream, which credits acknowledge by running total)
+  epoch, credit out, payloads, ts, seq]`` (epoch and credit out for work
+  queues; a batch whose messages are all plain — best effort, no headers, no
+  ttl — may be a *run*: no items, just the payloads, one timestamp ``ts`` and
+  the first sequence number ``seq``, the rest numbered contiguously; ``topic
+  seq`` is then the stream position of its first message, so one frame is one
+  contiguous range of the stream, which work credits acknowledge by running
+  total; a node says in its hello whether its PULL (``runs``) and its SUB
+  (``sub_runs``) take runs, and gets items where it does not)
   where each item is ``[seq, timestamp, headers | nil, payload, reliable,
   topic, expires | nil]`` (``reliable`` and ``topic`` for spooled messages;
   ``expires``, the sender's wall-clock time after which the item must not be
@@ -54,7 +56,7 @@ tag  message    fields
                retains (it holds retained values), history (its history patterns),
                pubs (the topics it publishes on; nil from an older node: all),
                seq (its alive counter), digest (a summary of its membership view),
-               runs (its PULL takes work runs)
+               runs (its PULL takes work runs), sub_runs (its SUB takes pub/sub runs)
 2    Heartbeat  id, incarnation, subs_version, ctl, sent, echo, held (the round trip:
                a peer echoes our last `sent` and how long it held it), seq, digest,
                watching (false: the sender stops beating us)
@@ -130,6 +132,8 @@ WIRE_OVERHEAD: Final[int] = 64 * 1024
 """What a frame may carry beyond ``max_message_size`` (header, topic key, envelope)."""
 ITEM_OVERHEAD: Final[int] = 32
 """About what a data item adds to its payload once encoded (for `encode_data`'s hint)."""
+RUN_ITEM_OVERHEAD: Final[int] = 5
+"""What a run's payload adds once encoded, at most (its msgpack bin header)."""
 SERVICE_ITEM_OVERHEAD: Final[int] = 64
 """What a request or reply adds to its payload and headers, at most, besides the
 service name (a request's source id and name, correlation id, timestamp)."""
@@ -189,11 +193,11 @@ class Batch(msgspec.Struct, array_like=True, gc=False):
     """Work queues: this batch used up the worker's credit and the pusher has more (the
     worker grows a window it drains fast; see `_window`)."""
     payloads: list[bytes] = []
-    """Work queues, a *run* (then `items` is empty): plain messages (best effort, no headers,
-    no ttl) given as payloads alone; they share `ts` and are numbered `seq`, `seq` + 1, ...
-    so neither side builds a struct per message."""
+    """A *run* (then `items` is empty): plain messages (best effort, no headers, no ttl)
+    given as payloads alone; they share `ts` and are numbered `seq`, `seq` + 1, ... so
+    neither side builds a struct per message."""
     ts: float = 0.0
-    """A run's timestamp: the pusher's wall clock when its first message was pushed."""
+    """A run's timestamp: the sender's wall clock when its first message was sent."""
     seq: int = 0
     """The sequence number of a run's first message (the rest follow contiguously)."""
 
@@ -242,6 +246,9 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
     digests mean nothing to exchange."""
     runs: bool = False
     """Its PULL takes work runs (`Batch.payloads`); a node that predates them gets items."""
+    sub_runs: bool = False
+    """Its SUB takes pub/sub runs (`Batch.payloads` on a topic); a publisher sends items
+    on the topics such a node subscribes to when it predates them."""
 
 
 class Heartbeat(msgspec.Struct, frozen=True, array_like=True, tag=2):

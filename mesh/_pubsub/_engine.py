@@ -3,7 +3,11 @@
 Publishing never awaits the network: messages are appended to a per-topic
 batch that is flushed at the end of the current loop iteration (or sooner,
 when it grows large), so a lone message goes out at once and a burst costs one
-encode and one ZeroMQ send per topic per flush, not one per message.
+encode and one ZeroMQ send per topic per flush, not one per message. Plain
+messages (no headers, no ttl) go as a *run* — payloads with one timestamp and
+a sequence range, no struct per message on either side — unless something
+needs each one as an item at once (history, a subscription on this node) or a
+peer subscribed to the topic predates runs.
 
 Connections follow interest (see `_interest`): the node announces the topics
 it publishes on, and its one SUB socket connects to a peer's publisher only
@@ -73,16 +77,17 @@ class PubSub:
 
     def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
                  stats: Stats, *, peers: PeerTable, announcer: Announcer,
-                 waiter: Waiter, next_seq: Callable[[], int]) -> None:
+                 waiter: Waiter, next_seq: Callable[[], int],
+                 take_seqs: Callable[[int], int]) -> None:
         self._next_seq = next_seq
+        self._take_seqs = take_seqs
         self._config = config
         self._quiet = quiet
         self._stats = stats
         self._peers = peers
         self._announcer = announcer
         self._waiter = waiter
-        self.history: Recorder | None = None
-        """Where what we publish on history topics is kept (None: no history)."""
+        self._history: Recorder | None = None
         self._reliable_copies: BoundedDict[str, bool] = BoundedDict()
         """Per topic: does any peer want reliable messages by pub/sub (see
         `_reliable_wanted`)? Cleared whenever peers or their interest change."""
@@ -97,6 +102,13 @@ class PubSub:
         # publishing
         self._topic_seq: dict[str, int] = {}
         self._outgoing: dict[str, list[_wire.Item]] = {}
+        self._runs: dict[str, list[bytes]] = {}
+        """Per topic, plain messages pending as a run (a topic has a run or items, never
+        both: whichever came first goes first)."""
+        self._run_ts: dict[str, float] = {}
+        self._run_topics: BoundedDict[str, bool] = BoundedDict()
+        """Per topic: may plain messages go as runs (see `_runs_welcome`)?"""
+        self._max_size = config.max_message_size
         self._outgoing_count = 0
         self._outgoing_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
@@ -123,6 +135,16 @@ class PubSub:
         self._offers = Offers()
         self._holds = Holds(self._unready, self._send_held)
         self._announce_handle: asyncio.Handle | None = None
+
+    @property
+    def history(self) -> Recorder | None:
+        """Where what we publish on history topics is kept (None: no history)."""
+        return self._history
+
+    @history.setter
+    def history(self, recorder: Recorder | None) -> None:
+        self._history = recorder
+        self._run_topics.clear()  # a topic it keeps takes no runs
 
     def bind(self, interfaces: Iterable[str]) -> list[str]:
         self.endpoints = [self._publisher.bind(host) for host in interfaces]
@@ -154,7 +176,7 @@ class PubSub:
             self.version = version
             self._subscriber.set_marker(self._marker())
         return {"pub": self.endpoints, "subs": self.patterns, "feeds": self.feeds,
-                "pubs": self._offers.announced}
+                "pubs": self._offers.announced, "sub_runs": True}
 
     @property
     def feeds(self) -> list[str]:
@@ -169,12 +191,14 @@ class PubSub:
 
     def peer_updated(self, rec: PeerRecord) -> None:
         self._links.update(rec)  # (its subscriptions are read from its record)
+        self._run_topics.clear()
 
     def peer_lost(self, rec: PeerRecord) -> None:
         pass  # stay connected: it joins again by itself when it comes back
 
     def peers_changed(self) -> None:
         self._reliable_copies.clear()
+        self._run_topics.clear()
         if self._holds.topics:
             self._holds.check()
 
@@ -205,23 +229,54 @@ class PubSub:
     # -- publishing -------------------------------------------------------------
 
     def publish(self, topic: str, data: bytes | str, headers: Mapping[str, str] | None,
-                name: str, ttl: float | None = None) -> _wire.Item | None:
-        """Queue one best-effort message (`ttl` checked by the caller); returns it when a
-        full batch was flushed (the caller may yield), else None."""
-        pending = self._outgoing.get(topic)
-        if pending is None:
-            _names.topic(topic)
-            if topic not in self._offers.known:
-                self.offer(topic)
-            pending = self._outgoing[topic] = []
-        if type(data) is not bytes:
-            data = data.encode() if isinstance(data, str) else bytes(data)
+                name: str, ttl: float | None = None) -> bool:
+        """Queue one best-effort message (`ttl` checked by the caller); True when a full
+        batch was flushed (the caller may yield)."""
+        run = self._runs.get(topic)
+        if run is None or headers or ttl is not None or type(data) is not bytes:
+            return self._publish_other(topic, data, headers, name, ttl)
+        # The common case: a plain message joins its topic's run (no struct, clock read or
+        # sequence number per message: the run's are taken once, see `_wire.Batch`).
         size = len(data)
-        if size > self._config.max_message_size:
+        if size > self._max_size:
             self._stats["oversized"] += 1
-            raise MessageTooLarge(size, self._config.max_message_size)
+            raise MessageTooLarge(size, self._max_size)
+        if self._outgoing_bytes + size > _wire.FRAME_BYTES:
+            self.flush(name)  # keep every frame under the receivers' size limit
+            run = self._start_run(topic)
+        run.append(data)
+        self._outgoing_count += 1
+        self._outgoing_bytes += size
+        if self._outgoing_count >= _FLUSH_COUNT or self._outgoing_bytes >= _wire.FRAME_BYTES:
+            self.flush(name)
+            return True
+        return False
+
+    def _publish_other(self, topic: str, data: bytes | str,
+                       headers: Mapping[str, str] | None, name: str, ttl: float | None
+                       ) -> bool:
+        """Every best-effort publish but one joining a run: checks, a new run, or an item
+        of its own. True when it flushed a full batch."""
+        data = self._checked(topic, data)
+        size = len(data)
+        if (not headers and ttl is None and topic not in self._outgoing
+                and self._runs_welcome(topic)):
+            if topic not in self._runs:
+                self._start_run(topic)
+            return self.publish(topic, data, None, name)  # (it joins the run now)
+        return self._publish_item(topic, data, headers, name, ttl, size)[1]
+
+    def _publish_item(self, topic: str, data: bytes, headers: Mapping[str, str] | None,
+                      name: str, ttl: float | None, size: int) -> tuple[_wire.Item, bool]:
+        """A message with an item of its own (headers, a ttl, history, a subscriber here,
+        or a peer that predates runs); and whether it flushed a full batch."""
+        if topic in self._runs:
+            self._itemize(topic)  # the run pending goes first, in order
+        pending = self._outgoing.get(topic)
         if pending and self._outgoing_bytes + size > _wire.FRAME_BYTES:
             self.flush(name)  # keep every frame under the receivers' size limit
+            pending = None
+        if pending is None:
             pending = self._outgoing[topic] = []
         hdrs = (headers if headers is _codec.LABEL else dict(headers)) if headers else None
         seq = self._next_seq()
@@ -242,13 +297,13 @@ class PubSub:
                 msg = Message(topic, data, name, self.node_id, seq, item.ts, hdrs)
                 for sub in local:
                     sub._deliver((msg,))
-                self.delivered_by_topic.add(topic)
+                self.delivered_by_topic.add(topic, 1)
         if self._outgoing_count >= _FLUSH_COUNT or self._outgoing_bytes >= _wire.FRAME_BYTES:
             self.flush(name)
-            return item
+            return item, True
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush, name)
-        return None
+        return item, False
 
     def publish_retained(self, topic: str, data: bytes | str,
                          headers: Mapping[str, str] | None, name: str,
@@ -260,8 +315,58 @@ class PubSub:
             ConfigError: `topic` is invalid.
             MessageTooLarge: `data` is too large.
         """
-        flushed = self.publish(topic, data, headers, name, ttl)
-        return flushed if flushed is not None else self._outgoing[topic][-1]
+        data = self._checked(topic, data)
+        return self._publish_item(topic, data, headers, name, ttl, len(data))[0]
+
+    def _checked(self, topic: str, data: bytes | str) -> bytes:
+        """`data` as bytes, within the size limit; a topic new here is checked and offered."""
+        if topic not in self._offers.known:
+            _names.topic(topic)
+            self.offer(topic)
+        if type(data) is not bytes:
+            data = data.encode() if isinstance(data, str) else bytes(data)
+        if len(data) > self._max_size:
+            self._stats["oversized"] += 1
+            raise MessageTooLarge(len(data), self._max_size)
+        return data
+
+    # -- runs: plain messages without a struct each -----------------------------------
+
+    def _runs_welcome(self, topic: str) -> bool:
+        """May plain messages on `topic` go as runs? Not when each needs its own item here
+        (history keeps them, a subscription on this node gets them at once) or when a
+        peer that subscribes to it predates runs. Cached; cleared when any of that may
+        have changed."""
+        welcome = self._run_topics.get(topic)
+        if welcome is None:
+            history = self.history
+            welcome = self._run_topics.put(topic, not (
+                (history is not None and history.keeps(topic))
+                or (self._subs and self._matching(topic))
+                or any(not (rec.hello is not None and rec.hello.sub_runs)
+                       and any(p.matches(topic) for p in rec.subs)
+                       for rec in self._peers.records())))
+        return welcome
+
+    def _start_run(self, topic: str) -> list[bytes]:
+        run: list[bytes] = []
+        self._runs[topic] = run
+        self._run_ts[topic] = time.time()
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush,
+                                                                      self._config.name)
+        return run
+
+    def _itemize(self, topic: str) -> None:
+        """Turn `topic`'s pending run into items (numbered now), ahead of what follows it:
+        for a hold, or a message that needs an item on a topic with a run pending."""
+        payloads = self._runs.pop(topic)
+        ts = self._run_ts.pop(topic)
+        first = self._take_seqs(len(payloads))
+        make = _wire.Item
+        items = [make(first + i, ts, None, data) for i, data in enumerate(payloads)]
+        pending = self._outgoing.get(topic)
+        self._outgoing[topic] = items if pending is None else [*items, *pending]
 
     def publish_reliable(self, topic: str, payloads: Iterable[bytes | str],
                          headers: Mapping[str, str] | None, name: str,
@@ -309,6 +414,8 @@ class PubSub:
 
     def _enqueue(self, topic: str, items: list[_wire.Item], name: str) -> None:
         """Queue items for the next flush, flushing whenever a batch is full."""
+        if topic in self._runs:
+            self._itemize(topic)  # the run pending goes first, in order
         for item in items:
             size = len(item.payload)
             if self._outgoing_count and self._outgoing_bytes + size > _wire.FRAME_BYTES:
@@ -325,36 +432,46 @@ class PubSub:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if not self._outgoing:
-            return
         if self._holds.topics:
-            count, size = self._holds.take(self._outgoing)
-            self._outgoing_count -= count
-            self._outgoing_bytes -= size
-            if not self._outgoing:
-                return
+            for topic in [t for t in self._runs if t in self._holds.topics]:
+                self._itemize(topic)  # a hold keeps items
+            if self._outgoing:
+                count, size = self._holds.take(self._outgoing)
+                self._outgoing_count -= count
+                self._outgoing_bytes -= size
+        if not self._outgoing and not self._runs:
+            return
         self._stats["published"] += self._outgoing_count
         outgoing, self._outgoing = self._outgoing, {}
+        runs, self._runs = self._runs, {}
+        run_ts, self._run_ts = self._run_ts, {}
         # one topic (the common case): its size is known, so its buffer is allocated once
-        single = len(outgoing) == 1
-        hint = (self._outgoing_bytes + _wire.ITEM_OVERHEAD * self._outgoing_count + 256
-                if single else 0)
+        single = len(outgoing) + len(runs) == 1
         payload_bytes = self._outgoing_bytes
+        count = self._outgoing_count
         self._outgoing_count = self._outgoing_bytes = 0
+        for topic, payloads in runs.items():
+            n = len(payloads)
+            size = payload_bytes if single else sum(map(len, payloads))
+            first = self._take_seqs(n)
+            batch = _wire.Batch(self.node_id, name, self._topic_seq.get(topic, 0), [],
+                                payloads=payloads, ts=run_ts[topic], seq=first)
+            if not self._send(topic, batch, n, size + _wire.RUN_ITEM_OVERHEAD * n + 256, size):
+                return
         for topic, items in outgoing.items():
-            if not self._send(topic, items, name, hint, payload_bytes if single else
-                              sum(len(i.payload) for i in items)):
+            size = payload_bytes if single else sum(len(i.payload) for i in items)
+            hint = size + _wire.ITEM_OVERHEAD * count + 256 if single else 0
+            batch = _wire.Batch(self.node_id, name, self._topic_seq.get(topic, 0), items)
+            if not self._send(topic, batch, len(items), hint, size):
                 return
 
-    def _send(self, topic: str, items: list[_wire.Item], name: str, hint: int,
-              size: int) -> bool:
-        """One batch on one topic (`size` payload bytes); False if the socket is closed."""
-        first = self._topic_seq.get(topic, 0)
-        self._topic_seq[topic] = first + len(items)
-        self.published_by_topic.add(topic, len(items))
+    def _send(self, topic: str, batch: _wire.Batch, n: int, hint: int, size: int) -> bool:
+        """One batch of `n` messages on one topic (`size` payload bytes); False if the
+        socket is closed."""
+        self._topic_seq[topic] = batch.topic_seq + n
+        self.published_by_topic.add(topic, n)
         self.published_bytes_by_topic.add(topic, size)
-        frame = _wire.encode_data(_names.topic(topic),
-                                  _wire.Batch(self.node_id, name, first, items), hint)
+        frame = _wire.encode_data(_names.topic(topic), batch, hint)
         try:
             self._publisher.send(frame)
         except SocketClosed:
@@ -396,13 +513,18 @@ class PubSub:
         for item in items:
             if chunk and (size + len(item.payload) > _wire.FRAME_BYTES
                           or len(chunk) >= _FLUSH_COUNT):
-                if not self._send(topic, chunk, self._config.name, 0, size):
+                if not self._send_items(topic, chunk, size):
                     return
                 chunk, size = [], 0
             chunk.append(item)
             size += len(item.payload)
         if chunk:
-            self._send(topic, chunk, self._config.name, 0, size)
+            self._send_items(topic, chunk, size)
+
+    def _send_items(self, topic: str, items: list[_wire.Item], size: int) -> bool:
+        batch = _wire.Batch(self.node_id, self._config.name, self._topic_seq.get(topic, 0),
+                            items)
+        return self._send(topic, batch, len(items), 0, size)
 
     # -- subscribing ------------------------------------------------------------
 
@@ -416,6 +538,7 @@ class PubSub:
         new = parsed not in self._links.mine
         self._subs.append(sub)
         self._match_cache.clear()
+        self._run_topics.clear()
         self._subscriber.add_prefix(parsed.prefix)
         self._announcer.interest_changed()  # (our readiness marker moves on: set it first)
         if new:
@@ -427,6 +550,7 @@ class PubSub:
         if sub in self._subs:
             self._subs.remove(sub)
             self._match_cache.clear()
+            self._run_topics.clear()
             if not self._subscriber.closed:
                 self._subscriber.remove_prefix(sub.pattern.prefix)
                 self._announcer.interest_changed()
@@ -469,6 +593,9 @@ class PubSub:
             self._quiet.drop("data", exc.reason)
             return
         items = batch.items
+        if not items and batch.payloads:
+            self._on_run(batch, topic)
+            return
         stream = (batch.source, topic)
         expected = self._expected_seq.get(stream)
         if expected is not None and batch.topic_seq > expected:
@@ -497,6 +624,36 @@ class PubSub:
         self.delivered_by_topic.add(topic, delivered)
         if not msgs:
             return
+        if len(subs) == 1:  # its own messages: a typed one may decode into them in place
+            subs[0]._deliver(msgs, shared=False)
+            return
+        for sub in subs:
+            sub._deliver(msgs)
+
+    def _on_run(self, batch: _wire.Batch, topic: str) -> None:
+        """`_on_data` for a run: plain messages, numbered from `batch.seq`, one timestamp."""
+        payloads = batch.payloads
+        n = len(payloads)
+        stream = (batch.source, topic)
+        expected = self._expected_seq.get(stream)
+        if expected is not None and batch.topic_seq > expected:
+            self._count_gap(batch, topic, batch.topic_seq - expected)
+        self._expected_seq[stream] = batch.topic_seq + n
+        self._stats["received"] += n
+        self.received_by_peer.add(batch.source, n)
+        self._from_peer.add(batch.source, n)
+        ts = batch.ts
+        latency = self._latency
+        latency.left -= 1
+        if latency.left <= 0:
+            latency.sample(time.time() - ts)
+        subs = self._matching(topic)
+        if not subs:
+            return
+        self.delivered_by_topic.add(topic, n)
+        name, source = batch.name, batch.source
+        msgs = [Message(topic, data, name, source, seq, ts)
+                for seq, data in enumerate(payloads, batch.seq)]
         if len(subs) == 1:  # its own messages: a typed one may decode into them in place
             subs[0]._deliver(msgs, shared=False)
             return

@@ -72,8 +72,6 @@ _PUSH_LINGER: Final[float] = 2.0
 _TURN: Final[int] = 64
 """A worker's turn in the round robin: at most this many messages (and its batch, its credit)."""
 
-_RUN_ITEM_OVERHEAD: Final[int] = 5
-"""Bytes a run adds per payload (msgpack's bin header), for sizing its frame's buffer."""
 
 _wall_clock: Final = time.time
 
@@ -490,7 +488,7 @@ class WorkQueues:
             flight = Flight(None, payloads, seq, target.run_ts)
             batch = _wire.Batch(self.node_id, self.name, target.flushed, [], target.epoch,
                                 target.credit <= 0, payloads, target.run_ts, seq)
-            hint = nbytes + _RUN_ITEM_OVERHEAD * n + 256
+            hint = nbytes + _wire.RUN_ITEM_OVERHEAD * n + 256
         elif items:
             n = len(items)
             target.outgoing, target.outgoing_bytes = [], 0

@@ -1,0 +1,110 @@
+"""Pub/sub runs: plain publishes travel as payloads with one timestamp and a sequence range.
+
+A topic's pending messages are a run or items, never both; these check that
+plain and other publishes keep their order and numbers end to end, that large
+runs split under the frame limit, and that a subscriber that predates runs is
+sent items.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from mesh import Message
+from tests.helpers import aeventually
+
+from .conftest import MakeNode
+
+
+async def _pair(make_node: MakeNode, pattern: str = "runs.>") -> tuple[Any, list[Message]]:
+    publisher = await make_node("publisher")
+    subscriber = await make_node("subscriber")
+    got: list[Message] = []
+    await subscriber.subscribe(pattern, callback=got.append)
+    await publisher.wait_for_subscribers("runs.a", 1, timeout=5)
+    return publisher, got
+
+
+async def test_plain_and_other_publishes_keep_their_order(make_node: MakeNode) -> None:
+    """Runs and item frames on one topic interleave without reordering; ids stay unique."""
+    publisher, got = await _pair(make_node)
+    before = time.time()
+    for i in range(3000):
+        if i % 11 == 0:
+            await publisher.publish("runs.a", str(i), headers={"n": str(i)})
+        elif i % 13 == 0:
+            await publisher.publish("runs.a", str(i), ttl=60)
+        else:
+            await publisher.publish("runs.a", str(i))
+    after = time.time()
+    await aeventually(lambda: len(got) == 3000, timeout=10, message="3000 received")
+    assert [m.data for m in got] == [str(i).encode() for i in range(3000)]
+    assert all((dict(m.headers or {}) == {"n": m.data.decode()}) == (int(m.data) % 11 == 0)
+               for m in got)
+    seqs = [m.seq for m in got]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
+    assert all(before <= m.timestamp <= after for m in got)
+    assert publisher.stats["published"] == 3000
+
+
+async def test_runs_on_several_topics_and_over_the_frame_limit(make_node: MakeNode) -> None:
+    """Each topic keeps its order; a run larger than a frame leaves as several."""
+    publisher, got = await _pair(make_node)
+    big = b"x" * 20_000  # 40 of them: ~3 frames of 256 KiB
+    for i in range(40):
+        await publisher.publish("runs.a", big + str(i).encode())
+        await publisher.publish("runs.b", str(i))
+    await aeventually(lambda: len(got) == 80, timeout=10, message="80 received")
+    by_topic: dict[str, list[bytes]] = {"runs.a": [], "runs.b": []}
+    for m in got:
+        by_topic[m.topic].append(m.data)
+    assert by_topic["runs.a"] == [big + str(i).encode() for i in range(40)]
+    assert by_topic["runs.b"] == [str(i).encode() for i in range(40)]
+    assert publisher.stats["dropped"] == 0
+
+
+async def test_a_subscriber_that_predates_runs_gets_items(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subscriber whose hello does not say `sub_runs` is sent every message as an item."""
+    subscriber = await make_node("old-subscriber")
+    engine = subscriber._run.pubsub if subscriber._run is not None else None
+    assert engine is not None
+    fields = engine.hello_fields
+    monkeypatch.setattr(engine, "hello_fields", lambda version: {
+        k: v for k, v in fields(version).items() if k != "sub_runs"})
+    runs: list[object] = []
+    monkeypatch.setattr(engine, "_on_run", lambda batch, topic: runs.append(batch))
+    got: list[Message] = []
+    await subscriber.subscribe("runs.>", callback=got.append)
+    publisher = await make_node("publisher")
+    await publisher.wait_for_subscribers("runs.a", 1, timeout=5)
+    for i in range(500):
+        await publisher.publish("runs.a", str(i))
+    await aeventually(lambda: len(got) == 500, timeout=10, message="500 received")
+    assert [m.data for m in got] == [str(i).encode() for i in range(500)]
+    assert runs == []
+
+
+async def test_a_subscriber_here_and_history_get_every_plain_message(
+        make_node: MakeNode, tmp_path: Any) -> None:
+    """Where each message needs an item at once (a local subscription, history), the
+    remote subscriber still gets the same messages with the same ids."""
+    publisher = await make_node("publisher", history=["runs.>"],
+                                data_dir=str(tmp_path / "p"))
+    subscriber = await make_node("subscriber")
+    here: list[Message] = []
+    there: list[Message] = []
+    await publisher.subscribe("runs.>", callback=here.append)
+    await subscriber.subscribe("runs.>", callback=there.append)
+    await publisher.wait_for_subscribers("runs.a", 1, timeout=5)
+    for i in range(200):
+        await publisher.publish("runs.a", str(i))
+    await aeventually(lambda: len(there) == 200, timeout=10, message="200 received")
+    assert [m.id for m in here] == [m.id for m in there]
+    replayed = await subscriber.subscribe("runs.>", last=200)
+    first = [await replayed.next(timeout=5) for _ in range(200)]
+    assert [m.id for m in first] == [m.id for m in there]
