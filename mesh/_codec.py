@@ -60,8 +60,23 @@ class _Label(dict[str, str]):
 LABEL: Final[dict[str, str]] = _Label({CONTENT_TYPE: MSGPACK})
 """The headers of a typed value sent without any: one read-only dict for all of them, so
 the pub/sub engine keeps it as it is rather than copying it per message."""
+_labels: BoundedDict[str, dict[str, str]] = BoundedDict(_DECODERS)
 _raw_types: BoundedDict[type, bool] = BoundedDict(_DECODERS)
+VALUE_TYPES: Final[BoundedDict[type, bool]] = BoundedDict(_DECODERS)
+"""Types already sent as MessagePack: a hot path that sees one of these without headers
+may encode it with `msgpack_encode` and label it `LABEL` itself (no `prepared` call)."""
+msgpack_encode: Final = _msgpack_encode
 _decoders: BoundedDict[tuple[object, str | None], Callable[[bytes], Any]] = BoundedDict(_DECODERS)
+
+
+def label(content_type: str) -> dict[str, str]:
+    """The read-only headers ``{content-type: ...}``, one dict per content type: the
+    messages of a received run share it (`LABEL` for MessagePack)."""
+    found = _labels.get(content_type)
+    if found is None:
+        found = _labels.put(content_type, LABEL if content_type == MSGPACK
+                            else _Label({CONTENT_TYPE: content_type}))
+    return found
 
 
 def is_json(content_type: str | None) -> bool:
@@ -92,7 +107,10 @@ def prepared(data: object, headers: Mapping[str, str] | None
         raw = _raw_types.put(cls, issubclass(cls, _BYTES_LIKE))
     if not raw:
         if headers is None:  # (`encode`'s common case, inlined: this is per message)
-            return _msgpack_encode(data), LABEL
+            encoded = _msgpack_encode(data)
+            if cls not in VALUE_TYPES:
+                VALUE_TYPES.put(cls, True)
+            return encoded, LABEL
         return encode(data, headers)
     if isinstance(data, bytes | str):
         return data, headers

@@ -181,13 +181,16 @@ class Decoding(Generic[U]):
         out: list[Message[U]] = []
         keep, set_value = out.append, msgspec.structs.force_setattr
         label: object = _NONE
+        last: object = _NONE
         decode = self._decoder(None)
         for msg in messages:  # (`one`, inlined: a received batch is hundreds)
             headers = msg.headers
-            content_type = headers.get(_codec.CONTENT_TYPE) if headers else None
-            if content_type != label:  # (a batch mostly has one label: no lookup then)
-                label = content_type
-                decode = self._decoders.get(content_type) or self._decoder(content_type)
+            if headers is not last:  # (a run's messages share one dict: no lookup then)
+                last = headers
+                content_type = headers.get(_codec.CONTENT_TYPE) if headers else None
+                if content_type != label:
+                    label = content_type
+                    decode = self._decoders.get(content_type) or self._decoder(content_type)
             try:
                 value = decode(msg.data)
             except msgspec.DecodeError as exc:  # (ValidationError is one)

@@ -85,7 +85,10 @@ class AsyncNode(WorkAndServices):
             ClosedError: the node is not running.
         """
         if type(data) is not bytes and type(data) is not str:  # (bytes: one check)
-            data, headers = _codec.prepared(data, headers)
+            if headers is None and type(data) in _codec.VALUE_TYPES:  # (typed: no call)
+                data, headers = _codec.msgpack_encode(data), _codec.LABEL
+            else:
+                data, headers = _codec.prepared(data, headers)
         if retain:
             if reliable:
                 await self.publish_many(topic, (data,), headers=headers, reliable=True,

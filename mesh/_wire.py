@@ -27,14 +27,15 @@ Data (PUB -> SUB): ``topic key | header | Batch``.
   filter selects exact topics exactly and wildcard patterns by their literal
   prefix;
 - ``Batch`` (msgpack array) = ``[source id, source name, topic seq, items,
-  epoch, credit out, payloads, ts, seq]`` (epoch and credit out for work
+  epoch, credit out, payloads, ts, seq, label]`` (epoch and credit out for work
   queues; a batch whose messages are all plain — best effort, no headers, no
   ttl — may be a *run*: no items, just the payloads, one timestamp ``ts`` and
   the first sequence number ``seq``, the rest numbered contiguously; ``topic
   seq`` is then the stream position of its first message, so one frame is one
   contiguous range of the stream, which work credits acknowledge by running
-  total; a node says in its hello whether its PULL (``runs``) and its SUB
-  (``sub_runs``) take runs, and gets items where it does not)
+  total; ``label``, a pub/sub run's one content type, for typed values; a node
+  says in its hello whether its PULL (``runs``) and its SUB (``sub_runs``) take
+  runs, and gets items where it does not)
   where each item is ``[seq, timestamp, headers | nil, payload, reliable,
   topic, expires | nil]`` (``reliable`` and ``topic`` for spooled messages;
   ``expires``, the sender's wall-clock time after which the item must not be
@@ -200,6 +201,9 @@ class Batch(msgspec.Struct, array_like=True, gc=False):
     """A run's timestamp: the sender's wall clock when its first message was sent."""
     seq: int = 0
     """The sequence number of a run's first message (the rest follow contiguously)."""
+    label: str = ""
+    """A run's content type, shared by all its messages (typed values; empty: none).
+    A run carries no other headers."""
 
 
 class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):

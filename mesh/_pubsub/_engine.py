@@ -72,6 +72,18 @@ class Recorder(Protocol):
     def add(self, topic: str, items: Sequence[_wire.Item]) -> None: ...
 
 
+class _Run(list[bytes]):
+    """A topic's pending run: its payloads, the one label they share (the typed values'
+    content type, or None) and its timestamp."""
+
+    __slots__ = ("label", "ts")
+
+    def __init__(self, label: dict[str, str] | None, ts: float) -> None:
+        super().__init__()
+        self.label = label
+        self.ts = ts
+
+
 class PubSub:
     """The pub/sub side of a node; owns its PUB and SUB sockets."""
 
@@ -102,10 +114,9 @@ class PubSub:
         # publishing
         self._topic_seq: dict[str, int] = {}
         self._outgoing: dict[str, list[_wire.Item]] = {}
-        self._runs: dict[str, list[bytes]] = {}
+        self._runs: dict[str, _Run] = {}
         """Per topic, plain messages pending as a run (a topic has a run or items, never
         both: whichever came first goes first)."""
-        self._run_ts: dict[str, float] = {}
         self._run_topics: BoundedDict[str, bool] = BoundedDict()
         """Per topic: may plain messages go as runs (see `_runs_welcome`)?"""
         self._max_size = config.max_message_size
@@ -233,7 +244,7 @@ class PubSub:
         """Queue one best-effort message (`ttl` checked by the caller); True when a full
         batch was flushed (the caller may yield)."""
         run = self._runs.get(topic)
-        if run is None or headers or ttl is not None or type(data) is not bytes:
+        if run is None or headers is not run.label or ttl is not None or type(data) is not bytes:
             return self._publish_other(topic, data, headers, name, ttl)
         # The common case: a plain message joins its topic's run (no struct, clock read or
         # sequence number per message: the run's are taken once, see `_wire.Batch`).
@@ -243,7 +254,7 @@ class PubSub:
             raise MessageTooLarge(size, self._max_size)
         if self._outgoing_bytes + size > _wire.FRAME_BYTES:
             self.flush(name)  # keep every frame under the receivers' size limit
-            run = self._start_run(topic)
+            run = self._start_run(topic, run.label)
         run.append(data)
         self._outgoing_count += 1
         self._outgoing_bytes += size
@@ -259,11 +270,15 @@ class PubSub:
         of its own. True when it flushed a full batch."""
         data = self._checked(topic, data)
         size = len(data)
-        if (not headers and ttl is None and topic not in self._outgoing
-                and self._runs_welcome(topic)):
+        label = headers or None
+        run = self._runs.get(topic)
+        if run is not None and run.label is not label:
+            self._itemize(topic)  # (the other kind of run goes first, as items)
+        if ((label is None or label is _codec.LABEL) and ttl is None
+                and topic not in self._outgoing and self._runs_welcome(topic)):
             if topic not in self._runs:
-                self._start_run(topic)
-            return self.publish(topic, data, None, name)  # (it joins the run now)
+                self._start_run(topic, None if label is None else _codec.LABEL)
+            return self.publish(topic, data, label, name)  # (it joins the run now)
         return self._publish_item(topic, data, headers, name, ttl, size)[1]
 
     def _publish_item(self, topic: str, data: bytes, headers: Mapping[str, str] | None,
@@ -348,10 +363,8 @@ class PubSub:
                        for rec in self._peers.records())))
         return welcome
 
-    def _start_run(self, topic: str) -> list[bytes]:
-        run: list[bytes] = []
-        self._runs[topic] = run
-        self._run_ts[topic] = time.time()
+    def _start_run(self, topic: str, label: dict[str, str] | None = None) -> _Run:
+        run = self._runs[topic] = _Run(label, time.time())
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush,
                                                                       self._config.name)
@@ -360,11 +373,10 @@ class PubSub:
     def _itemize(self, topic: str) -> None:
         """Turn `topic`'s pending run into items (numbered now), ahead of what follows it:
         for a hold, or a message that needs an item on a topic with a run pending."""
-        payloads = self._runs.pop(topic)
-        ts = self._run_ts.pop(topic)
-        first = self._take_seqs(len(payloads))
-        make = _wire.Item
-        items = [make(first + i, ts, None, data) for i, data in enumerate(payloads)]
+        run = self._runs.pop(topic)
+        first = self._take_seqs(len(run))
+        make, ts, label = _wire.Item, run.ts, run.label
+        items = [make(first + i, ts, label, data) for i, data in enumerate(run)]
         pending = self._outgoing.get(topic)
         self._outgoing[topic] = items if pending is None else [*items, *pending]
 
@@ -444,18 +456,18 @@ class PubSub:
         self._stats["published"] += self._outgoing_count
         outgoing, self._outgoing = self._outgoing, {}
         runs, self._runs = self._runs, {}
-        run_ts, self._run_ts = self._run_ts, {}
         # one topic (the common case): its size is known, so its buffer is allocated once
         single = len(outgoing) + len(runs) == 1
         payload_bytes = self._outgoing_bytes
         count = self._outgoing_count
         self._outgoing_count = self._outgoing_bytes = 0
-        for topic, payloads in runs.items():
-            n = len(payloads)
-            size = payload_bytes if single else sum(map(len, payloads))
+        for topic, run in runs.items():
+            n = len(run)
+            size = payload_bytes if single else sum(map(len, run))
             first = self._take_seqs(n)
+            label = "" if run.label is None else run.label.get(_codec.CONTENT_TYPE, "")
             batch = _wire.Batch(self.node_id, name, self._topic_seq.get(topic, 0), [],
-                                payloads=payloads, ts=run_ts[topic], seq=first)
+                                payloads=run, ts=run.ts, seq=first, label=label)
             if not self._send(topic, batch, n, size + _wire.RUN_ITEM_OVERHEAD * n + 256, size):
                 return
         for topic, items in outgoing.items():
@@ -652,8 +664,13 @@ class PubSub:
             return
         self.delivered_by_topic.add(topic, n)
         name, source = batch.name, batch.source
-        msgs = [Message(topic, data, name, source, seq, ts)
-                for seq, data in enumerate(payloads, batch.seq)]
+        if batch.label:
+            headers = _codec.label(batch.label)
+            msgs = [Message(topic, data, name, source, seq, ts, headers)
+                    for seq, data in enumerate(payloads, batch.seq)]
+        else:
+            msgs = [Message(topic, data, name, source, seq, ts)
+                    for seq, data in enumerate(payloads, batch.seq)]
         if len(subs) == 1:  # its own messages: a typed one may decode into them in place
             subs[0]._deliver(msgs, shared=False)
             return

@@ -108,3 +108,35 @@ async def test_a_subscriber_here_and_history_get_every_plain_message(
     replayed = await subscriber.subscribe("runs.>", last=200)
     first = [await replayed.next(timeout=5) for _ in range(200)]
     assert [m.id for m in first] == [m.id for m in there]
+
+
+async def test_typed_and_plain_publishes_share_a_topic_in_order(make_node: MakeNode) -> None:
+    """Typed values travel as runs with one content type; mixed with plain bytes on the
+    same topic, each message keeps its place and its label (or none)."""
+    publisher, got = await _pair(make_node)
+    for i in range(600):
+        if i % 3 == 0:
+            await publisher.publish("runs.a", str(i))
+        else:
+            await publisher.publish("runs.a", {"n": i})
+    await aeventually(lambda: len(got) == 600, timeout=10, message="600 received")
+    for i, m in enumerate(got):
+        if i % 3 == 0:
+            assert (m.data, m.headers) == (str(i).encode(), None)
+        else:
+            assert m.headers == {"content-type": "application/msgpack"}
+            assert m.decode(dict[str, int]) == {"n": i}
+    seqs = [m.seq for m in got]
+    assert seqs == sorted(seqs)
+
+
+async def test_a_typed_run_shares_one_read_only_label(make_node: MakeNode) -> None:
+    """The messages of a typed run share their headers: no one consumer can change them."""
+    publisher, got = await _pair(make_node)
+    for i in range(100):
+        await publisher.publish("runs.a", {"n": i})
+    await aeventually(lambda: len(got) == 100, timeout=10, message="100 received")
+    assert [m.decode(dict[str, int]) for m in got] == [{"n": i} for i in range(100)]
+    assert all(m.headers is got[0].headers for m in got)
+    with pytest.raises(TypeError):
+        got[1].headers["content-type"] = "x"  # type: ignore[index]
