@@ -67,7 +67,8 @@ class Message(msgspec.Struct, _Settleable, Generic[T], frozen=True, gc=False):
     seq: int
     """Sequence number at the source; (source_id, seq) is unique."""
     timestamp: float
-    """Publisher wall clock, seconds since the epoch."""
+    """Publisher wall clock, seconds since the epoch: when it was published, or, for a
+    plain message that left in a run (see `_wire.Batch`), when its run's first was."""
     headers: Headers | None = None
     """Application headers, or None when the publisher sent none."""
     reliable: bool = False

@@ -81,6 +81,8 @@ class _Receiver:
         """Messages that complete the run: `count` until the end marker tells."""
         self.done = asyncio.Event()
         self.marked = False
+        self.marker = asyncio.Event()
+        """The end marker came (it says how many were sent)."""
         self._append = meter.latencies.append
 
     def __call__(self, msg: Message) -> None:
@@ -97,6 +99,7 @@ class _Receiver:
             meter.sent = self.target = int(msg.headers.get("sent", "0"))
             meter.send_ns = int(msg.headers.get("send-ns", "0")) or None
             self.marked = True
+            self.marker.set()
             msg.ack()  # a durable's last message: its sender waits for this ack
         if meter.received >= self.target and (self.marked or not self.reliable):
             self.done.set()  # (reliable: the marker too, or its sender waits for its ack)
@@ -121,6 +124,11 @@ class _Receiver:
             seen = self.meter.received if self.marked else -1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.done.wait(), _SETTLE)
+        # All came: the marker, sent after them, may still be on its way (a work queue's
+        # marker can travel in a later frame than the last message); it says how many
+        # were sent, so give it a moment.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.marker.wait(), _SETTLE)
 
 
 async def _send(plan: Plan, meter: Meter, send: Callable[[bytes], Awaitable[None]]) -> None:

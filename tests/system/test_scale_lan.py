@@ -97,6 +97,7 @@ def test_hundred_nodes_with_one_seed_see_each_other_and_notice_a_crash(
     victim = groups[-1]
     victims = set(victim.names)
     marks = [len(g.lines) for g in groups]
+    alive_before = victim.proc.poll() is None
     killed = victim.send_signal(signal.SIGKILL)
     seen: dict[str, float | None] = {}
     for g, mark in zip(groups[:-1], marks[:-1], strict=True):
@@ -104,7 +105,9 @@ def test_hundred_nodes_with_one_seed_see_each_other_and_notice_a_crash(
                                                    - time.monotonic())))
     missing = sorted(n for n, at in seen.items() if at is None)
     assert not missing, f"{len(missing)} nodes did not see all of {sorted(victims)} lost: " \
-        f"{missing[:10]}"
+        f"{missing[:10]}; the victim process was {'alive' if alive_before else 'gone'} " \
+        f"before the kill, rc {victim.proc.poll()} after; what the first of them saw of " \
+        f"the victims, s from the kill: {_victim_events(groups, missing[0], victims, killed)}"
     detect = [at - killed for at in seen.values() if at is not None]
     print(f"SIGKILL of {len(victims)} nodes: seen lost by all {len(detect)} others after "
           f"{min(detect):.2f}-{max(detect):.2f} s (median {statistics.median(detect):.2f} s)")
@@ -123,3 +126,14 @@ def test_hundred_nodes_with_one_seed_see_each_other_and_notice_a_crash(
         f"last ready at {last_ready:.3f}; the nodes' log: {why[:20]}"
     assert not [e for g in groups for e in g.events("left") if e[1] in victims]
     assert not over, over
+
+
+def _victim_events(groups: list[Group], observer: str, victims: set[str],
+                   killed: float) -> list[str]:
+    """`observer`'s membership lines about the victims, whenever they came (a diagnosis of
+    a loss not seen: was one seen before the kill, or never?)."""
+    group = next(g for g in groups if observer in g.names)
+    return [f"{line.at - killed:+.2f} {line.text.split(maxsplit=1)[1]}"
+            for line in group.lines
+            if line.text.startswith(f"{observer} ")
+            and any(f" {v} " in f"{line.text} " for v in victims)]
