@@ -35,16 +35,16 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Final
 
 import _harness as h
 import spool
 import typed
 import uplink_baseline
-from _harness import LOOPBACK, Link, Result
+from _harness import LOOPBACK, Result
 
 DEFAULT_COUNT: Final[int] = 200_000
 QUICK_COUNT: Final[int] = 5_000
@@ -60,35 +60,13 @@ VARIANTS: Final[dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
 }
 
 
-def publisher(variant: str, count: int, mesh_name: str, peer: str, link: Link) -> None:
-    h.mesh_run(_publisher(variant, count, mesh_name, peer, link))
-
-
-async def _publisher(variant: str, count: int, mesh_name: str, peer: str, link: Link) -> None:
-    from mesh import AsyncNode
-
-    kwargs, settings = VARIANTS[variant]
-    try:
-        async with AsyncNode(name="bench-pub", mesh=mesh_name, interfaces=[LOOPBACK],
-                             mdns=False, pub_hwm=0, sub_hwm=0, peers=[peer],
-                             **settings) as node:
-            await node.wait_for_subscribers(typed.TOPIC, 1, timeout=link.left(0.1))
-            publish, data = node.publish, typed.PAYLOAD
-            t0, cpu0 = time.perf_counter(), time.process_time()
-            for _ in range(count):
-                await publish(typed.TOPIC, data, **kwargs)
-            await asyncio.sleep(0)  # the last partial batch leaves here
-            link.report("send_seconds", time.perf_counter() - t0)
-            link.report("send_cpu_seconds", time.process_time() - cpu0)
-            await link.wait_done()  # sockets close with linger 0: stay up until then
-    except Exception as exc:
-        link.report("error", f"publisher ({variant}): {exc!r}")
-
-
 def run_variant(variant: str, count: int, timeout: float) -> Result:
+    """`typed.py`'s untyped sides, the publisher with the variant's arguments and settings."""
     mesh_name = uuid.uuid4().hex[:12]
-    return h.run_pair(typed.subscriber, (False, count, mesh_name), publisher,
-                      (variant, count, mesh_name), timeout=timeout,
+    kwargs, settings = VARIANTS[variant]
+    return h.run_pair(typed.subscriber, (False, count, mesh_name),
+                      partial(typed.publisher, kwargs=kwargs, settings=settings),
+                      (False, count, mesh_name), timeout=timeout,
                       names=(f"{variant}-sub", f"{variant}-pub"))
 
 

@@ -105,21 +105,27 @@ async def _subscriber(typed: bool, count: int, mesh_name: str, link: Link) -> No
         link.done.set()
 
 
-def publisher(typed: bool, count: int, mesh_name: str, peer: str, link: Link) -> None:
-    h.mesh_run(_publisher(typed, count, mesh_name, peer, link))
+def publisher(typed: bool, count: int, mesh_name: str, peer: str, link: Link, *,
+              kwargs: dict[str, Any] | None = None,
+              settings: dict[str, Any] | None = None) -> None:
+    """`kwargs`: more `publish` arguments (headers, ttl, retain...); `settings`: more
+    `AsyncNode` settings (`features.py`'s variants)."""
+    h.mesh_run(_publisher(typed, count, mesh_name, peer, link, kwargs or {}, settings or {}))
 
 
-async def _publisher(typed: bool, count: int, mesh_name: str, peer: str, link: Link) -> None:
+async def _publisher(typed: bool, count: int, mesh_name: str, peer: str, link: Link,
+                     kwargs: dict[str, Any], settings: dict[str, Any]) -> None:
     from mesh import AsyncNode
 
     data: Reading | bytes = READING if typed else PAYLOAD
     try:
-        async with AsyncNode(**_node_settings("bench-pub", mesh_name, peers=[peer])) as node:
+        async with AsyncNode(**_node_settings("bench-pub", mesh_name, peers=[peer],
+                                              **settings)) as node:
             await node.wait_for_subscribers(TOPIC, 1, timeout=link.left(0.1))
             publish = node.publish
             t0, cpu0 = time.perf_counter(), time.process_time()
             for _ in range(count):
-                await publish(TOPIC, data)
+                await publish(TOPIC, data, **kwargs)
             await asyncio.sleep(0)  # the last partial batch leaves here
             link.report("send_seconds", time.perf_counter() - t0)
             link.report("send_cpu_seconds", time.process_time() - cpu0)

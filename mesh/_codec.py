@@ -61,10 +61,10 @@ LABEL: Final[dict[str, str]] = _Label({CONTENT_TYPE: MSGPACK})
 """The headers of a typed value sent without any: one read-only dict for all of them, so
 the pub/sub engine keeps it as it is rather than copying it per message."""
 _labels: BoundedDict[str, dict[str, str]] = BoundedDict(_DECODERS)
-_raw_types: BoundedDict[type, bool] = BoundedDict(_DECODERS)
-VALUE_TYPES: Final[BoundedDict[type, bool]] = BoundedDict(_DECODERS)
-"""Types already sent as MessagePack: a hot path that sees one of these without headers
-may encode it with `msgpack_encode` and label it `LABEL` itself (no `prepared` call)."""
+ENCODED_TYPES: Final[BoundedDict[type, bool]] = BoundedDict(_DECODERS)
+"""Per type seen: is a value of it encoded by msgspec (True) or sent as it is (bytes-like)?
+A hot path that finds a type True here, with no headers, may encode it with
+`msgpack_encode` and label it `LABEL` itself, as `prepared` would."""
 msgpack_encode: Final = _msgpack_encode
 _decoders: BoundedDict[tuple[object, str | None], Callable[[bytes], Any]] = BoundedDict(_DECODERS)
 
@@ -102,15 +102,12 @@ def prepared(data: object, headers: Mapping[str, str] | None
         TypeError: as `encode`.
     """
     cls = type(data)  # (by type, memoized: isinstance is slow on Structs, ~50 ns a class)
-    raw = _raw_types.get(cls)
-    if raw is None:
-        raw = _raw_types.put(cls, issubclass(cls, _BYTES_LIKE))
-    if not raw:
+    encoded = ENCODED_TYPES.get(cls)
+    if encoded is None:
+        encoded = ENCODED_TYPES.put(cls, not issubclass(cls, _BYTES_LIKE))
+    if encoded:
         if headers is None:  # (`encode`'s common case, inlined: this is per message)
-            encoded = _msgpack_encode(data)
-            if cls not in VALUE_TYPES:
-                VALUE_TYPES.put(cls, True)
-            return encoded, LABEL
+            return _msgpack_encode(data), LABEL
         return encode(data, headers)
     if isinstance(data, bytes | str):
         return data, headers

@@ -85,7 +85,7 @@ class AsyncNode(WorkAndServices):
             ClosedError: the node is not running.
         """
         if type(data) is not bytes and type(data) is not str:  # (bytes: one check)
-            if headers is None and type(data) in _codec.VALUE_TYPES:  # (typed: no call)
+            if headers is None and _codec.ENCODED_TYPES.get(type(data)):  # (typed: no call)
                 data, headers = _codec.msgpack_encode(data), _codec.LABEL
             else:
                 data, headers = _codec.prepared(data, headers)

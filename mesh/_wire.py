@@ -127,8 +127,9 @@ MAX_PUBS: Final[int] = 64
 topics (``seg.>``, at last ``>``); a receiver takes a longer list as ``>``."""
 
 FRAME_BYTES: Final[int] = 256 * 1024
-"""Payload bytes a batch (pub/sub, work, service) collects before it leaves; a larger
-message travels alone."""
+"""Payload bytes a batch (pub/sub, work, service) collects before it leaves, at most (a
+node with a smaller ``max_message_size`` uses that: `frame_budget`); a larger message
+travels alone."""
 WIRE_OVERHEAD: Final[int] = 64 * 1024
 """What a frame may carry beyond ``max_message_size`` (header, topic key, envelope)."""
 ITEM_OVERHEAD: Final[int] = 32
@@ -138,6 +139,13 @@ RUN_ITEM_OVERHEAD: Final[int] = 5
 SERVICE_ITEM_OVERHEAD: Final[int] = 64
 """What a request or reply adds to its payload and headers, at most, besides the
 service name (a request's source id and name, correlation id, timestamp)."""
+
+
+def frame_budget(max_message_size: int) -> int:
+    """Payload bytes a node's batches collect before they leave: `FRAME_BYTES`, or its
+    ``max_message_size`` when smaller, so a batch stays within the frame a receiver of the
+    same setting accepts (`max_frame`)."""
+    return min(FRAME_BYTES, max_message_size)
 
 
 def max_frame(max_message_size: int) -> int:

@@ -80,8 +80,7 @@ class _Receiver:
         self.target = plan.count
         """Messages that complete the run: `count` until the end marker tells."""
         self.done = asyncio.Event()
-        self.marked = False
-        self.marker = asyncio.Event()
+        self.marked = asyncio.Event()
         """The end marker came (it says how many were sent)."""
         self._append = meter.latencies.append
 
@@ -98,10 +97,9 @@ class _Receiver:
         else:
             meter.sent = self.target = int(msg.headers.get("sent", "0"))
             meter.send_ns = int(msg.headers.get("send-ns", "0")) or None
-            self.marked = True
-            self.marker.set()
+            self.marked.set()
             msg.ack()  # a durable's last message: its sender waits for this ack
-        if meter.received >= self.target and (self.marked or not self.reliable):
+        if meter.received >= self.target and (self.marked.is_set() or not self.reliable):
             self.done.set()  # (reliable: the marker too, or its sender waits for its ack)
 
     async def run(self, source: _Closable) -> None:
@@ -119,16 +117,16 @@ class _Receiver:
             return
         seen = -1
         while not self.done.is_set():
-            if self.marked and self.meter.received == seen:
+            if self.marked.is_set() and self.meter.received == seen:
                 return
-            seen = self.meter.received if self.marked else -1
+            seen = self.meter.received if self.marked.is_set() else -1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.done.wait(), _SETTLE)
         # All came: the marker, sent after them, may still be on its way (a work queue's
         # marker can travel in a later frame than the last message); it says how many
         # were sent, so give it a moment.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.marker.wait(), _SETTLE)
+            await asyncio.wait_for(self.marked.wait(), _SETTLE)
 
 
 async def _send(plan: Plan, meter: Meter, send: Callable[[bytes], Awaitable[None]]) -> None:

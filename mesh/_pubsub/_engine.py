@@ -120,6 +120,7 @@ class PubSub:
         self._run_topics: BoundedDict[str, bool] = BoundedDict()
         """Per topic: may plain messages go as runs (see `_runs_welcome`)?"""
         self._max_size = config.max_message_size
+        self._frame_budget = _wire.frame_budget(config.max_message_size)
         self._outgoing_count = 0
         self._outgoing_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
@@ -202,7 +203,6 @@ class PubSub:
 
     def peer_updated(self, rec: PeerRecord) -> None:
         self._links.update(rec)  # (its subscriptions are read from its record)
-        self._run_topics.clear()
 
     def peer_lost(self, rec: PeerRecord) -> None:
         pass  # stay connected: it joins again by itself when it comes back
@@ -252,13 +252,13 @@ class PubSub:
         if size > self._max_size:
             self._stats["oversized"] += 1
             raise MessageTooLarge(size, self._max_size)
-        if self._outgoing_bytes + size > _wire.FRAME_BYTES:
+        if self._outgoing_bytes + size > self._frame_budget:
             self.flush(name)  # keep every frame under the receivers' size limit
             run = self._start_run(topic, run.label)
         run.append(data)
         self._outgoing_count += 1
         self._outgoing_bytes += size
-        if self._outgoing_count >= _FLUSH_COUNT or self._outgoing_bytes >= _wire.FRAME_BYTES:
+        if self._outgoing_count >= _FLUSH_COUNT or self._outgoing_bytes >= self._frame_budget:
             self.flush(name)
             return True
         return False
@@ -288,7 +288,7 @@ class PubSub:
         if topic in self._runs:
             self._itemize(topic)  # the run pending goes first, in order
         pending = self._outgoing.get(topic)
-        if pending and self._outgoing_bytes + size > _wire.FRAME_BYTES:
+        if pending and self._outgoing_bytes + size > self._frame_budget:
             self.flush(name)  # keep every frame under the receivers' size limit
             pending = None
         if pending is None:
@@ -313,7 +313,7 @@ class PubSub:
                 for sub in local:
                     sub._deliver((msg,))
                 self.delivered_by_topic.add(topic, 1)
-        if self._outgoing_count >= _FLUSH_COUNT or self._outgoing_bytes >= _wire.FRAME_BYTES:
+        if self._outgoing_count >= _FLUSH_COUNT or self._outgoing_bytes >= self._frame_budget:
             self.flush(name)
             return item, True
         if self._flush_handle is None:
@@ -430,7 +430,7 @@ class PubSub:
             self._itemize(topic)  # the run pending goes first, in order
         for item in items:
             size = len(item.payload)
-            if self._outgoing_count and self._outgoing_bytes + size > _wire.FRAME_BYTES:
+            if self._outgoing_count and self._outgoing_bytes + size > self._frame_budget:
                 self.flush(name)  # keep every frame under the receivers' size limit
             self._outgoing.setdefault(topic, []).append(item)
             self._outgoing_count += 1
@@ -523,7 +523,7 @@ class PubSub:
         chunk: list[_wire.Item] = []
         size = 0
         for item in items:
-            if chunk and (size + len(item.payload) > _wire.FRAME_BYTES
+            if chunk and (size + len(item.payload) > self._frame_budget
                           or len(chunk) >= _FLUSH_COUNT):
                 if not self._send_items(topic, chunk, size):
                     return
@@ -605,24 +605,37 @@ class PubSub:
             self._quiet.drop("data", exc.reason)
             return
         items = batch.items
-        if not items and batch.payloads:
-            self._on_run(batch, topic)
-            return
+        run = None if items else batch.payloads  # (a run: payloads alone, see `_wire.Batch`)
+        n = len(items) if run is None else len(run)
         stream = (batch.source, topic)
         expected = self._expected_seq.get(stream)
         if expected is not None and batch.topic_seq > expected:
             self._count_gap(batch, topic, batch.topic_seq - expected)
-        self._expected_seq[stream] = batch.topic_seq + len(items)
-        self._stats["received"] += len(items)
-        self.received_by_peer.add(batch.source, len(items))
-        self._from_peer.add(batch.source, len(items))
+        self._expected_seq[stream] = batch.topic_seq + n
+        self._stats["received"] += n
+        self.received_by_peer.add(batch.source, n)
+        self._from_peer.add(batch.source, n)
         latency = self._latency
         latency.left -= 1
-        if latency.left <= 0 and items:  # sampled: the oldest of the batch, never flattering
-            latency.sample(time.time() - items[0].ts)
+        if latency.left <= 0 and n:  # sampled: the oldest of the batch, never flattering
+            latency.sample(time.time() - (items[0].ts if run is None else batch.ts))
         subs = self._matching(topic)
         if not subs:
             return
+        msgs = (self._item_messages(batch, topic, subs) if run is None
+                else self._run_messages(batch, topic, run))
+        if not msgs:
+            return
+        if len(subs) == 1:  # its own messages: a typed one may decode into them in place
+            subs[0]._deliver(msgs, shared=False)
+            return
+        for sub in subs:
+            sub._deliver(msgs)
+
+    def _item_messages(self, batch: _wire.Batch, topic: str,
+                       subs: tuple[Subscription, ...]) -> list[Message]:
+        """The messages of a batch of items that are still to be delivered, counted."""
+        items = batch.items
         delivered = len(items)
         if all(sub.best_effort_only for sub in subs):  # no Message for what none of them wants
             items = [it for it in items if not it.reliable]
@@ -634,48 +647,15 @@ class PubSub:
             self._expired_by_topic.add(topic, len(items) - len(msgs))
             delivered -= len(items) - len(msgs)
         self.delivered_by_topic.add(topic, delivered)
-        if not msgs:
-            return
-        if len(subs) == 1:  # its own messages: a typed one may decode into them in place
-            subs[0]._deliver(msgs, shared=False)
-            return
-        for sub in subs:
-            sub._deliver(msgs)
+        return msgs
 
-    def _on_run(self, batch: _wire.Batch, topic: str) -> None:
-        """`_on_data` for a run: plain messages, numbered from `batch.seq`, one timestamp."""
-        payloads = batch.payloads
-        n = len(payloads)
-        stream = (batch.source, topic)
-        expected = self._expected_seq.get(stream)
-        if expected is not None and batch.topic_seq > expected:
-            self._count_gap(batch, topic, batch.topic_seq - expected)
-        self._expected_seq[stream] = batch.topic_seq + n
-        self._stats["received"] += n
-        self.received_by_peer.add(batch.source, n)
-        self._from_peer.add(batch.source, n)
-        ts = batch.ts
-        latency = self._latency
-        latency.left -= 1
-        if latency.left <= 0:
-            latency.sample(time.time() - ts)
-        subs = self._matching(topic)
-        if not subs:
-            return
-        self.delivered_by_topic.add(topic, n)
-        name, source = batch.name, batch.source
-        if batch.label:
-            headers = _codec.label(batch.label)
-            msgs = [Message(topic, data, name, source, seq, ts, headers)
-                    for seq, data in enumerate(payloads, batch.seq)]
-        else:
-            msgs = [Message(topic, data, name, source, seq, ts)
-                    for seq, data in enumerate(payloads, batch.seq)]
-        if len(subs) == 1:  # its own messages: a typed one may decode into them in place
-            subs[0]._deliver(msgs, shared=False)
-            return
-        for sub in subs:
-            sub._deliver(msgs)
+    def _run_messages(self, batch: _wire.Batch, topic: str, run: list[bytes]) -> list[Message]:
+        """The messages of a run: numbered from `batch.seq`, one timestamp, one label."""
+        self.delivered_by_topic.add(topic, len(run))
+        name, source, ts = batch.name, batch.source, batch.ts
+        headers = _codec.label(batch.label) if batch.label else None
+        return [Message(topic, data, name, source, seq, ts, headers)
+                for seq, data in enumerate(run, batch.seq)]
 
     def _count_gap(self, batch: _wire.Batch, topic: str, lost: int) -> None:
         self._stats["dropped"] += lost

@@ -126,7 +126,7 @@ class Requests:
         self._name = config.name
         self._max_message_size = config.max_message_size
         self._max_wire = _wire.max_frame(config.max_message_size)
-        self._frame_budget = min(_wire.FRAME_BYTES, config.max_message_size)
+        self._frame_budget = _wire.frame_budget(config.max_message_size)
         self._hwm = config.service_hwm
         self._node_id = ""
         self._links: dict[str, _Link] = {}

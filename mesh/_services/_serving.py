@@ -42,7 +42,7 @@ class Serving:
         self._announcer = announcer
         self.max_message_size = config.max_message_size
         self._max_wire = _wire.max_frame(config.max_message_size)
-        self._frame_budget = min(_wire.FRAME_BYTES, config.max_message_size)
+        self._frame_budget = _wire.frame_budget(config.max_message_size)
         self._router = ServiceRouter(ctx, self._on_requests, hwm=config.service_hwm,
                                      max_message_size=self._max_wire)
         self._served: dict[str, Service] = {}

@@ -127,10 +127,10 @@ class Workers:
         self._credit_handle: asyncio.Handle | None = None
         self._credit_dirty: set[_InStream] = set()
         self._owed: set[_InStream] = set()
-        self.paid = asyncio.Event()
-        """Set whenever nothing is owed (see `WorkQueues.report_owed`)."""
         """Streams whose last credit found no pusher to go to: a pusher that found us first
         can send us work before its greeting is in our table; it is sent once it is."""
+        self.paid = asyncio.Event()
+        """Set whenever nothing is owed (see `WorkQueues.report_owed`)."""
         self._in_hand: dict[str, set[int]] = {}
         """Per sender, reliable messages delivered and not yet marked in dedup: a copy
         arriving now is a duplicate."""

@@ -131,6 +131,7 @@ class WorkQueues:
         """Per queue, the target of the current round-robin turn (see `_pick`)."""
         self._queue_keys: BoundedDict[str, bytes] = BoundedDict()
         self._max_size = config.max_message_size
+        self._frame_budget = _wire.frame_budget(config.max_message_size)
         self._backlog = Backlogs(outbox, stats)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._flush_handle: asyncio.Handle | None = None
@@ -224,7 +225,7 @@ class WorkQueues:
         target.run -= 1
         target.sent += 1
         payloads = target.payloads
-        if not payloads or target.outgoing_bytes + size > _wire.FRAME_BYTES:
+        if not payloads or target.outgoing_bytes + size > self._frame_budget:
             self._start_run(target)
             payloads = target.payloads
         payloads.append(data)
@@ -454,7 +455,7 @@ class WorkQueues:
             self._send(target)  # the run pending goes first (order kept)
         outgoing, size = target.outgoing, target.outgoing_bytes
         for item in items:
-            if outgoing and size + len(item.payload) > _wire.FRAME_BYTES:
+            if outgoing and size + len(item.payload) > self._frame_budget:
                 target.outgoing_bytes = size
                 self._send(target)  # keep every frame under the receiver's size limit
                 outgoing, size = target.outgoing, 0

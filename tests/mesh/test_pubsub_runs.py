@@ -19,9 +19,10 @@ from tests.helpers import aeventually
 from .conftest import MakeNode
 
 
-async def _pair(make_node: MakeNode, pattern: str = "runs.>") -> tuple[Any, list[Message]]:
-    publisher = await make_node("publisher")
-    subscriber = await make_node("subscriber")
+async def _pair(make_node: MakeNode, pattern: str = "runs.>",
+                **settings: Any) -> tuple[Any, list[Message]]:
+    publisher = await make_node("publisher", **settings)
+    subscriber = await make_node("subscriber", **settings)
     got: list[Message] = []
     await subscriber.subscribe(pattern, callback=got.append)
     await publisher.wait_for_subscribers("runs.a", 1, timeout=5)
@@ -51,13 +52,17 @@ async def test_plain_and_other_publishes_keep_their_order(make_node: MakeNode) -
     assert publisher.stats["published"] == 3000
 
 
-async def test_runs_on_several_topics_and_over_the_frame_limit(make_node: MakeNode) -> None:
-    """Each topic keeps its order; a run larger than a frame leaves as several."""
-    publisher, got = await _pair(make_node)
-    big = b"x" * 20_000  # 40 of them: ~3 frames of 256 KiB
+@pytest.mark.parametrize("headers", [None, {"k": "v"}], ids=["runs", "items"])
+async def test_batches_stay_within_the_frame_a_receiver_accepts(
+        make_node: MakeNode, headers: dict[str, str] | None) -> None:
+    """Each topic keeps its order, and what one loop turn publishes leaves in frames no
+    larger than the receivers' `max_message_size` allows (64 KiB here: 800 KB published
+    at once must leave as a dozen frames, not three of 256 KiB, which they would drop)."""
+    publisher, got = await _pair(make_node, max_message_size=64 * 1024)
+    big = b"x" * 20_000
     for i in range(40):
-        await publisher.publish("runs.a", big + str(i).encode())
-        await publisher.publish("runs.b", str(i))
+        await publisher.publish("runs.a", big + str(i).encode(), headers=headers)
+        await publisher.publish("runs.b", str(i), headers=headers)
     await aeventually(lambda: len(got) == 80, timeout=10, message="80 received")
     by_topic: dict[str, list[bytes]] = {"runs.a": [], "runs.b": []}
     for m in got:
@@ -77,7 +82,13 @@ async def test_a_subscriber_that_predates_runs_gets_items(
     monkeypatch.setattr(engine, "hello_fields", lambda version: {
         k: v for k, v in fields(version).items() if k != "sub_runs"})
     runs: list[object] = []
-    monkeypatch.setattr(engine, "_on_run", lambda batch, topic: runs.append(batch))
+    real = engine._run_messages
+
+    def recorded(batch: Any, topic: str, run: list[bytes]) -> list[Message]:
+        runs.append(batch)
+        return real(batch, topic, run)
+
+    monkeypatch.setattr(engine, "_run_messages", recorded)
     got: list[Message] = []
     await subscriber.subscribe("runs.>", callback=got.append)
     publisher = await make_node("publisher")

@@ -107,3 +107,20 @@ async def test_a_worker_that_predates_runs_gets_items(make_node: MakeNode,
     await aeventually(lambda: len(got) == 100, timeout=10, message="100 processed")
     assert got == [str(i).encode() for i in range(100)]
     assert all(not t.runs for t in sent._targets.values())
+
+
+@pytest.mark.parametrize("headers", [None, {"k": "v"}], ids=["runs", "items"])
+async def test_work_frames_stay_within_what_the_worker_accepts(
+        make_node: MakeNode, headers: dict[str, str] | None) -> None:
+    """With `max_message_size` 64 KiB on both sides, 800 KB pushed in one go leaves in
+    frames the worker accepts (not 256 KiB ones it would drop), runs and items alike."""
+    pusher = await make_node("pusher", max_message_size=64 * 1024)
+    worker = await make_node("worker", max_message_size=64 * 1024)
+    got: list[bytes] = []
+    await worker.pull("jobs", handler=lambda m: got.append(m.data))
+    await pusher.wait_for_workers("jobs", 1, timeout=5)
+    big = b"x" * 20_000
+    for i in range(40):
+        await pusher.push("jobs", big + str(i).encode(), headers=headers)
+    await aeventually(lambda: len(got) == 40, timeout=10, message="40 processed")
+    assert got == [big + str(i).encode() for i in range(40)]
