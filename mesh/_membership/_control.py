@@ -67,6 +67,9 @@ _MAX_WINDOW: Final[int] = 1_000_000
 _MAX_MEMBERS: Final[int] = 10_000
 """Members one node keeps; news of more is dropped (a hostile or broken sender)."""
 _MAX_PENDING: Final[int] = 256
+_REDIAL_AFTER: Final[float] = 0.25
+"""A link greeting a member this long without an answer may be in ZeroMQ's reconnect
+back-off (it was opened before the member was up): redialled when the member greets us."""
 """Endpoints greeted at once that have not answered yet."""
 _MAX_NEWS: Final[int] = 4096
 """News in one gossip message (a whole view is sent in chunks well under this)."""
@@ -549,6 +552,8 @@ class Membership:
         """A member greeted us itself: whatever news said, it is alive."""
         if hello.id == self._id:
             return  # a static peer entry pointing at ourselves
+        if hello.reply:
+            self._redial_if_stalled(_first_endpoint(hello.ctl, self._reach))
         if not self._learn(hello, "", direct=True):
             return
         rec = self.table.get(hello.id)
@@ -566,6 +571,20 @@ class Membership:
                 and now - self._synced_at.get(rec.id, -_SYNC_EVERY) >= _SYNC_EVERY):
             self._synced_at[rec.id] = now
             self._send_view(rec.ctl, self._view(), sync=True)
+
+    def _redial_if_stalled(self, endpoint: str | None) -> None:
+        """A member greets us as a stranger while our own hellos to it have gone
+        unanswered for a while: our link is likely waiting out ZeroMQ's reconnect back-off
+        (up to a second; it was opened before the member was up), and our answer and
+        anything else we send it would wait too. A fresh link connects at once."""
+        if endpoint is None:
+            return
+        born = self._pending.get(endpoint)
+        if born is None or time.monotonic() - born < _REDIAL_AFTER:
+            return
+        link = self._links.pop(endpoint, None)
+        if link is not None:
+            link.close()  # (what it holds is hellos: the answer below supersedes them)
 
     def _heard_directly(self, rec: PeerRecord) -> None:
         """A message from the member itself. If we had it lost, others may still: tell it,

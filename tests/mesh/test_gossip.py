@@ -3,6 +3,7 @@ hostile news, and the bounded set of links each node keeps."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import signal
@@ -102,6 +103,20 @@ async def test_a_node_whose_seed_is_down_joins_when_it_comes_up(make_node: MakeN
     await make_node("seed", mdns=False, port=port)
     await aeventually(lambda: _names(b) == {"seed", "c"} and _names(c) == {"seed", "b"},
                       timeout=5)
+
+
+async def test_a_seed_that_comes_up_late_and_greets_first_is_answered_at_once(
+        make_node: MakeNode) -> None:
+    """The link to a seed that was down backs off its reconnects (up to a second); the
+    seed's own greeting proves it up, and the answer must not wait for the next retry."""
+    port = _free_port()
+    b = await make_node("b", mdns=False, peers=[f"tcp://127.0.0.1:{port}"])
+    await asyncio.sleep(2.6)  # b's link is now between retries ~1 s apart (refusals)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    seed = await make_node("seed", mdns=False, port=port, peers=b.endpoints["ctl"])
+    await aeventually(lambda: _names(seed) == {"b"} and _names(b) == {"seed"}, timeout=5)
+    assert loop.time() - started < 0.4
 
 
 async def test_news_that_a_member_left_beats_stale_news_that_it_lives(make_node: MakeNode
