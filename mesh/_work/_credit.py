@@ -30,6 +30,7 @@ from patterns import Context, Puller
 
 from .. import _ttl, _wire
 from .._membership._listener import ControlSender
+from .._membership._peers import PeerTable
 from .._message import Decoding, Message, T
 from .._reliable._dedup import Dedup
 from .._support._quiet import QuietLog
@@ -81,7 +82,9 @@ class _InStream:
         rate = (self.consumed - self.consumed_mark) / (now - self.adapted_at)
         starved = self.credit_out and local.dry != self.dry_mark
         may_grow = self.consumed - self.born >= _window.GROW_AFTER
-        self.window = _window.next_window(self.window, rate, starved, local.prefetch, may_grow)
+        pusher = self.workers.peers.get(self.pusher_id)
+        self.window = _window.next_window(self.window, rate, starved, local.prefetch, may_grow,
+                                          None if pusher is None else pusher.rtt)
         self.credit_at = max(1, self.window // 2)
         self.adapted_at, self.consumed_mark, self.dry_mark = now, self.consumed, local.dry
         self.credit_out = False
@@ -109,8 +112,10 @@ class Workers:
     """The PULL socket and every queue this node works on."""
 
     def __init__(self, ctx: Context, quiet: QuietLog, stats: Stats, *, max_wire: int,
-                 control: ControlSender, dedup: Dedup) -> None:
+                 control: ControlSender, dedup: Dedup, peers: PeerTable) -> None:
         self._quiet = quiet
+        self.peers = peers
+        """Where each pusher's round trip is read (it bounds its window from below)."""
         self._stats = stats
         self._received = stats.queues["received"]
         self._from_peer = stats.peers["received"]

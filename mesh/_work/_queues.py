@@ -119,7 +119,7 @@ class WorkQueues:
         self._announcer = announcer
         self._outbox = outbox
         self.workers = Workers(ctx, quiet, stats, max_wire=_wire.max_frame(config.max_message_size),
-                               control=control, dedup=dedup or Dedup())
+                               control=control, dedup=dedup or Dedup(), peers=peers)
         self.node_id = ""
         self.name = ""
         self._epoch = time.time_ns()

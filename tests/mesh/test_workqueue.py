@@ -12,7 +12,7 @@ import pytest
 
 from mesh import AsyncNode, Message, Node, NoRespondersError, RequestTimeout
 from mesh._work._queues import DEFAULT_PREFETCH
-from mesh._work._window import MIN_WINDOW
+from mesh._work._window import MIN_WINDOW, horizon
 from tests.helpers import aeventually
 
 from ._proc import Cli
@@ -96,6 +96,43 @@ async def test_at_the_default_prefetch_a_slow_workers_window_shrinks(make_node: 
     print(f"speed split: {dict(got)}, windows {windows}")
     assert windows["slow"] == MIN_WINDOW, windows
     assert got["fast"] > 3 * got["slow"] > 0, got
+
+
+async def test_under_a_burst_the_window_holds_a_few_milliseconds_of_work(make_node: MakeNode
+                                                                         ) -> None:
+    """A pusher with far more to send than its worker takes: the window it is granted
+    covers a few milliseconds of the worker's rate (or a few round trips), not tens of
+    milliseconds of queueing behind it at the worker."""
+    pusher, worker = await make_node("pusher"), await make_node("worker")
+    work = await worker.pull("jobs")
+    await pusher.wait_for_workers("jobs", 1, timeout=5)
+    total = 40_000
+
+    async def consume() -> None:
+        taken = 0
+        async for _ in work:
+            taken += 1
+            if taken % 100 == 0:
+                await asyncio.sleep(0.001)  # ~50-90 k messages/s, whatever the host
+            if taken == total:
+                return
+
+    consumer = asyncio.create_task(consume())
+    started = time.monotonic()
+    seen: list[tuple[int, float | None]] = []  # (window, round trip) in the burst's second half
+    for i in range(total):
+        await pusher.push("jobs", b"x", timeout=10)
+        if i >= total // 2 and i % 500 == 0:
+            target = pusher._live().work._targets[(worker.id, "jobs")]
+            rec = worker._live().membership.table.get(pusher.id)
+            seen.append((target.window, None if rec is None else rec.rtt))
+    await asyncio.wait_for(consumer, timeout=30)
+    rate = total / (time.monotonic() - started)
+    rtts = [rtt for _, rtt in seen if rtt is not None]
+    widest = max(window for window, _ in seen)
+    allowed = 2 * rate * horizon(max(rtts) if rtts else None)
+    print(f"{rate:,.0f} msgs/s, windows {[w for w, _ in seen]}, round trips {rtts}")
+    assert widest <= max(allowed, 2 * MIN_WINDOW), (widest, allowed)
 
 
 async def test_graceful_leave_mid_stream_loses_nothing(make_node: MakeNode) -> None:
