@@ -228,7 +228,7 @@ class NodeCore:
         take_seqs = functools.partial(_take_seqs, seqs)
         pubsub = PubSub(ctx, cfg, self._quiet, self.stats, peers=peers,
                         announcer=membership, waiter=self._watchers, next_seq=next_seq,
-                        take_seqs=take_seqs)
+                        take_seqs=take_seqs, control=membership)
         stack.callback(pubsub.close)
         work = WorkQueues(ctx, cfg, self._quiet, self.stats, peers=peers, control=membership,
                           announcer=membership, next_seq=next_seq, outbox=outbox, dedup=dedup,
@@ -258,7 +258,8 @@ class NodeCore:
         announcement.parts = (pubsub, work, serving, self._durables, store, kept)
         membership.attach(listeners=(self._durables, pubsub, work, requests,
                                      _WakeOnPeers(self._watchers)),
-                          events=(self._events,), routes=work.control_routes,
+                          events=(self._events,),
+                          routes={**work.control_routes, _wire.Pace: pubsub.pacing.on_pace},
                           tickers=(work, _Every(self._expire_durables)),
                           partners=(work, requests))
         stack.callback(self._events.close)

@@ -116,9 +116,9 @@ class AsyncNode(WorkAndServices):
                 with _trace.producing("publish", topic, headers) as headers:
                     flushed = run.pubsub.publish(topic, data, headers, self._config.name, ttl)
                 if flushed:
-                    await asyncio.sleep(0)
+                    await run.pubsub.pacing.paced()
             elif run.pubsub.publish(topic, data, headers, self._config.name, ttl):
-                await asyncio.sleep(0)  # a large batch just left: let readers and timers run
+                await run.pubsub.pacing.paced()  # a batch left: readers, timers, a pause
             return
         await self.publish_many(topic, (data,), headers=headers, reliable=True, ttl=ttl)
 

@@ -72,6 +72,8 @@ tag  message    fields
                set, added, removed — an interest delta); sync: the sender's whole
                view, answered with what of ours is newer
 7    Want       id, ids: send me these members' whole records
+8    Pace       id, pause: a subscription of mine is behind on your messages while
+               its consumer still takes them: pause your publishing this many seconds
 ===  =========  ==========================================================
 
 Service (DEALER -> ROUTER requests, ROUTER -> DEALER replies): ``header |
@@ -356,7 +358,14 @@ class Want(msgspec.Struct, frozen=True, array_like=True, tag=7):
     ids: list[str]
 
 
-Control = Hello | Heartbeat | Bye | Credit | Nack | Gossip | Want
+class Pace(msgspec.Struct, frozen=True, array_like=True, tag=8):
+    """Subscriber -> publisher: hold your publishing `pause` seconds (see `_pubsub._pace`)."""
+
+    id: str
+    pause: float
+
+
+Control = Hello | Heartbeat | Bye | Credit | Nack | Gossip | Want | Pace
 
 _encoder: Final = msgspec.msgpack.Encoder()
 ENCODER: Final = _encoder

@@ -115,6 +115,8 @@ class Socket:
         self._dispatching = False
         self._drained = False
         self._ipv6 = False
+        self._rounds = _DISPATCH_ROUNDS
+        """Drains per readiness check before other work on the loop gets a turn."""
 
     @property
     def closed(self) -> bool:
@@ -147,12 +149,13 @@ class Socket:
         self._deliver(self.recv_nowait, on_messages, limit)
 
     def deliver_views(self, on_messages: Callable[[list[list[memoryview]]], None],
-                      limit: int = _DRAIN_LIMIT) -> None:
-        """`deliver` with views of ZeroMQ's buffers (`recv_views_nowait`)."""
-        self._deliver(self.recv_views_nowait, on_messages, limit)
+                      limit: int = _DRAIN_LIMIT, rounds: int = _DISPATCH_ROUNDS) -> None:
+        """`deliver` with views of ZeroMQ's buffers (`recv_views_nowait`); at most `rounds`
+        drains of `limit` messages before other work on the loop gets a turn."""
+        self._deliver(self.recv_views_nowait, on_messages, limit, rounds)
 
     def _deliver(self, take: Callable[[int], list[_M]], on_messages: Callable[[list[_M]], None],
-                 limit: int) -> None:
+                 limit: int, rounds: int = _DISPATCH_ROUNDS) -> None:
         def drain() -> None:
             try:
                 batch = take(limit)
@@ -160,6 +163,7 @@ class Socket:
                 return
             on_messages(batch)
 
+        self._rounds = rounds
         self.watch(drain)
 
     def unwatch(self) -> None:
@@ -172,7 +176,7 @@ class Socket:
         if self._closed or self._dispatching:
             return
         get = self._sync.getsockopt
-        for _ in range(_DISPATCH_ROUNDS):
+        for _ in range(self._rounds):
             events = get(_EVENTS)
             assert isinstance(events, int)
             if events & _POLLOUT and self._want_write:

@@ -45,6 +45,7 @@ from patterns import (
 
 from .. import _codec, _names, _ttl, _wire
 from .._config import NodeConfig
+from .._membership._listener import ControlSender
 from .._membership._peers import PeerRecord, PeerState, PeerTable
 from .._message import Message, T
 from .._parts import Announcer, Waiter
@@ -53,6 +54,7 @@ from .._support._quiet import QuietLog
 from .._support._tally import Stats, Tally
 from ..errors import MessageTooLarge, ProtocolError
 from ._interest import Holds, Links, Offers
+from ._pace import Pacing
 from ._subscription import Callback, Subscription
 
 _log = logging.getLogger("mesh.pubsub")
@@ -90,7 +92,7 @@ class PubSub:
     def __init__(self, ctx: Context, config: NodeConfig, quiet: QuietLog,
                  stats: Stats, *, peers: PeerTable, announcer: Announcer,
                  waiter: Waiter, next_seq: Callable[[], int],
-                 take_seqs: Callable[[int], int]) -> None:
+                 take_seqs: Callable[[int], int], control: ControlSender) -> None:
         self._next_seq = next_seq
         self._take_seqs = take_seqs
         self._config = config
@@ -100,6 +102,7 @@ class PubSub:
         self._announcer = announcer
         self._waiter = waiter
         self._history: Recorder | None = None
+        self.pacing = Pacing(control, stats)
         self._reliable_copies: BoundedDict[str, bool] = BoundedDict()
         """Per topic: does any peer want reliable messages by pub/sub (see
         `_reliable_wanted`)? Cleared whenever peers or their interest change."""
@@ -164,7 +167,7 @@ class PubSub:
 
     def start(self, node_id: str) -> None:
         """Start receiving; the caller runs `read_markers` as a task."""
-        self.node_id = node_id
+        self.node_id = self.pacing.node_id = node_id
         self._subscriber.set_marker(self._marker())
         self._subscriber.start(self._on_batches)
 
@@ -622,15 +625,20 @@ class PubSub:
         subs = self._matching(topic)
         if not subs:
             return
+        # (a run is fresh; a reliable item may be a resend, stamped when first published)
+        behind = (self.pacing.behind(batch.source, batch.ts) if run is not None else
+                  self.pacing.behind(batch.source, items[0].ts)
+                  if n and not items[0].reliable else 0.0)
         msgs = (self._item_messages(batch, topic, subs) if run is None
                 else self._run_messages(batch, topic, run))
         if not msgs:
             return
         if len(subs) == 1:  # its own messages: a typed one may decode into them in place
-            subs[0]._deliver(msgs, shared=False)
-            return
-        for sub in subs:
-            sub._deliver(msgs)
+            pause = subs[0]._deliver(msgs, shared=False)
+        else:
+            pause = max([sub._deliver(msgs) for sub in subs])
+        if pause or behind:
+            self.pacing.ask(batch.source, max(pause, behind))
 
     def _item_messages(self, batch: _wire.Batch, topic: str,
                        subs: tuple[Subscription, ...]) -> list[Message]:

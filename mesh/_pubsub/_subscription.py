@@ -31,6 +31,7 @@ from .. import _trace
 from .._message import Decoding, Message, T
 from .._support._mailbox import Mailbox
 from ..errors import ClosedError
+from . import _pace
 
 if TYPE_CHECKING:
     from patterns import TopicPattern
@@ -61,6 +62,7 @@ class Subscription(Mailbox[Message[T]]):
         self._callback = callback
         self._on_close = on_close
         self._reported_slow = False
+        self._consumption = _pace.Consumption()
         self.best_effort_only = False
         """Reliable messages reach it another way (a durable's live feed): skip them."""
         self._held: list[Message] | None = None
@@ -103,13 +105,14 @@ class Subscription(Mailbox[Message[T]]):
         self._deliver([*retained, *held], retained=len(retained))
 
     def _deliver(self, messages: Iterable[Message], retained: int = 0, *,
-                 shared: bool = True) -> None:
-        """Take a batch; ``shared=False``: no one else holds these messages."""
+                 shared: bool = True) -> float:
+        """Take a batch; ``shared=False``: no one else holds these messages. Returns the
+        pause its publisher should take (see `_pace`), 0.0 for none."""
         if self._closed:
-            return
+            return 0.0
         if self._held is not None:
             self._held.extend(messages)
-            return
+            return 0.0
         if self._covered or self._replayed:
             messages = self._uncovered(messages, retained)
         if self._decoding is not None:
@@ -121,7 +124,7 @@ class Subscription(Mailbox[Message[T]]):
                     self._callback(msg)
                 except Exception:
                     _log.exception("subscription callback for %s failed", self.subject)
-            return
+            return 0.0
         if _trace.ON:
             messages = list(messages)
             _trace.received(messages, "deliver", subscription=self.subject)
@@ -138,6 +141,10 @@ class Subscription(Mailbox[Message[T]]):
                 _log.warning("slow consumer on %s: dropping oldest messages (max_pending=%d)",
                              self.subject, self.max_pending)
         self._wake()
+        queued = len(self._queue)
+        if queued < _pace.MIN_QUEUED:
+            return 0.0
+        return self._consumption.pause_wanted(queued, self.received - queued - self.dropped)
 
     def _uncovered(self, messages: Iterable[Message], retained: int) -> list[Message]:
         """Drop live messages a retained value already covered (the first `retained` are
