@@ -67,10 +67,11 @@ _MAX_WINDOW: Final[int] = 1_000_000
 _MAX_MEMBERS: Final[int] = 10_000
 """Members one node keeps; news of more is dropped (a hostile or broken sender)."""
 _MAX_PENDING: Final[int] = 256
-_REDIAL_AFTER: Final[float] = 0.25
-"""A link greeting a member this long without an answer may be in ZeroMQ's reconnect
-back-off (it was opened before the member was up): redialled when the member greets us."""
 """Endpoints greeted at once that have not answered yet."""
+_REDIAL_AFTER: Final[float] = 0.1
+"""A link greeting a member this long without an answer may be waiting out ZeroMQ's
+reconnect back-off (it was opened before the member was up): redialled when the member
+greets us."""
 _MAX_NEWS: Final[int] = 4096
 """News in one gossip message (a whole view is sent in chunks well under this)."""
 _NEWS_BUDGET: Final[int] = 48 * 1024
