@@ -65,26 +65,30 @@ class Transit:
 class Consumption:
     """How fast one subscription's consumer takes messages, measured at deliveries."""
 
-    __slots__ = ("at", "busy", "mark", "rate")
+    __slots__ = ("at", "busy", "dry", "mark", "rate")
 
     def __init__(self) -> None:
         self.at = 0.0
         self.mark = 0
+        self.dry = 0
         self.busy = False
         """Many were queued at the last look: the consumer had work ever since."""
         self.rate = 0.0
         """Messages/s taken since the last look (0: unknown, or stopped)."""
 
-    def pause_wanted(self, queued: int, consumed: int) -> float:
-        """Seconds the publishers should pause (0: none), `queued` waiting and `consumed`
-        taken so far. Looked at when a batch arrives: during a pause, none does."""
+    def pause_wanted(self, queued: int, consumed: int, dry: int) -> float:
+        """Seconds the publishers should pause (0: none), `queued` waiting, `consumed`
+        taken so far, and the consumer found the queue empty `dry` times so far. Looked
+        at when a batch arrives: during a pause, none does."""
         now = time.monotonic()
         elapsed = now - self.at
         if elapsed >= RATE_EVERY:
-            # a consumer that had work all along took what it could: its rate (if it ran
-            # dry meanwhile, a lower bound); after an idle spell nothing is known yet
-            self.rate = (consumed - self.mark) / elapsed if self.busy else 0.0
-            self.at, self.mark, self.busy = now, consumed, queued >= MIN_QUEUED
+            # a consumer that had work all along took what it could: its rate; one that
+            # ran dry meanwhile, or after an idle spell, is not known to be slow
+            self.rate = ((consumed - self.mark) / elapsed if self.busy and dry == self.dry
+                         else 0.0)
+            self.at, self.mark, self.dry = now, consumed, dry
+            self.busy = queued >= MIN_QUEUED
         if self.rate <= 0.0:
             return 0.0
         behind = queued / self.rate

@@ -16,19 +16,27 @@ BURST = 60_000
 
 def test_a_moving_consumer_behind_asks_to_come_back_to_half_the_lag() -> None:
     consumption = Consumption()
-    consumption.pause_wanted(5000, 0)  # (the first look only marks)
+    consumption.pause_wanted(5000, 0, 0)  # (the first look only marks)
     time.sleep(0.01)
-    pause = consumption.pause_wanted(5000, 500)  # ~50,000 messages/s, 5,000 queued: ~0.1 s
+    pause = consumption.pause_wanted(5000, 500, 0)  # ~50,000 messages/s, 5,000 queued: ~0.1 s
     assert consumption.rate > 0.0
     assert pause == MAX_PAUSE
-    assert consumption.pause_wanted(int(consumption.rate * LAG / 2), 500) == 0.0
+    assert consumption.pause_wanted(int(consumption.rate * LAG / 2), 500, 0) == 0.0
 
 
 def test_a_stopped_consumer_asks_for_nothing() -> None:
     consumption = Consumption()
-    consumption.pause_wanted(5000, 100)
+    consumption.pause_wanted(5000, 100, 0)
     time.sleep(0.01)
-    assert consumption.pause_wanted(90_000, 100) == 0.0  # nothing taken since: no rate
+    assert consumption.pause_wanted(90_000, 100, 0) == 0.0  # nothing taken since: no rate
+
+
+def test_a_consumer_that_ran_dry_meanwhile_is_not_taken_for_slow() -> None:
+    consumption = Consumption()
+    consumption.pause_wanted(5000, 0, 0)
+    time.sleep(0.01)
+    # it took 500 and then waited for more (dry 0 -> 1): 500 in 10 ms is not its speed
+    assert consumption.pause_wanted(5000, 500, 1) == 0.0
 
 
 def test_transit_is_measured_above_the_least_delay_seen_whatever_the_clock_offset() -> None:
