@@ -10,7 +10,8 @@ and reports p50, p99 and the maximum, with the throughput and how many were lost
 
 * **pub/sub**: raw PUB/SUB with pyzmq's defaults (SNDHWM = RCVHWM = 1,000: a
   burst beyond them is dropped, as ZeroMQ does), against two `AsyncNode`s with
-  their defaults (``publish`` / ``subscribe``);
+  their defaults (``publish`` / ``subscribe``, with ``retained=False``: the
+  gathering of retained values at start is not queueing);
 * **push/pull**: raw PUSH/PULL with the default HWMs (the sender blocks when
   they are full), against ``push`` / ``pull`` with their defaults.
 
