@@ -145,7 +145,7 @@ class Subscription(Mailbox[Message[T]]):
         if queued < _pace.MIN_QUEUED:
             return 0.0
         return self._consumption.pause_wanted(queued, self.received - queued - self.dropped,
-                                              self.waited)
+                                              self._waited)
 
     def _uncovered(self, messages: Iterable[Message], retained: int) -> list[Message]:
         """Drop live messages a retained value already covered (the first `retained` are

@@ -23,7 +23,7 @@ class Mailbox(Generic[T]):
         self._queue: deque[T] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
-        self.waited = 0
+        self._waited = 0
         """How often the reader found the queue empty and waited."""
 
     def _wake(self) -> None:
@@ -45,7 +45,7 @@ class Mailbox(Generic[T]):
         while not self._queue:
             if self._closed:
                 raise ClosedError(f"{what} is closed")
-            self.waited += 1
+            self._waited += 1
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout(timeout):
