@@ -166,6 +166,13 @@ class Socket:
         self._rounds = rounds
         self.watch(drain)
 
+    def recheck(self) -> None:
+        """Look for input now, as the readiness callback would: a safety net, so that a
+        wake-up the loop missed delays what is queued until the next recheck, not for
+        ever (a watched socket only; a no-op otherwise)."""
+        if self._on_readable is not None and not self._closed:
+            self._check_events()
+
     def unwatch(self) -> None:
         """Stop calling the `watch` callback (on the loop); the socket stays open."""
         if self._loop is not None and self._on_readable is not None and not self._closed:

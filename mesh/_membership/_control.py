@@ -341,6 +341,8 @@ class Membership:
             if late > self.table.suspect_after:
                 # a sign the peers' timers may miss: a message read first moves them on
                 self.table.strained(f"this node's loop was stalled for {late:.2f} s")
+            # a missed readiness wake-up must not leave the node deaf: once a beat, look
+            self.router.recheck()
             self.beat()
             for ticker in self._tickers:
                 ticker.tick()
