@@ -259,7 +259,7 @@ class NodeCore:
         membership.attach(listeners=(self._durables, pubsub, work, requests,
                                      _WakeOnPeers(self._watchers)),
                           events=(self._events,),
-                          routes={**work.control_routes, _wire.Pace: pubsub.pacing.on_pace},
+                          routes={**work.control_routes, **pubsub.control_routes},
                           tickers=(work, _Every(self._expire_durables)),
                           partners=(work, requests))
         stack.callback(self._events.close)

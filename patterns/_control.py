@@ -44,10 +44,6 @@ class ControlRouter:
         """
         self._sock.deliver(lambda batch: on_messages([frames[1:] for frames in batch]))
 
-    def recheck(self) -> None:
-        """Hand over whatever is queued even if no readiness wake-up came (`Socket.recheck`)."""
-        self._sock.recheck()
-
     def stop(self) -> None:
         """Stop handing over messages (on the loop); the socket stays open."""
         self._sock.unwatch()

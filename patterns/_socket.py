@@ -83,6 +83,11 @@ class Context:
         self._sockets.add(sock)
         return sock
 
+    def recheck(self) -> None:
+        """Look for input on every watched socket, wake-up or not (`Socket.recheck`)."""
+        for sock in list(self._sockets):
+            sock.recheck()
+
     def close(self) -> None:
         """Close what is still open and end the context.
 

@@ -45,7 +45,7 @@ from patterns import (
 
 from .. import _codec, _names, _ttl, _wire
 from .._config import NodeConfig
-from .._membership._listener import ControlSender
+from .._membership._listener import ControlRoutes, ControlSender
 from .._membership._peers import PeerRecord, PeerState, PeerTable
 from .._message import Message, T
 from .._parts import Announcer, Waiter
@@ -164,6 +164,11 @@ class PubSub:
     def bind(self, interfaces: Iterable[str]) -> list[str]:
         self.endpoints = [self._publisher.bind(host) for host in interfaces]
         return self.endpoints
+
+    @property
+    def control_routes(self) -> ControlRoutes:
+        """The control messages this part handles."""
+        return {_wire.Pace: self.pacing.on_pace}
 
     def start(self, node_id: str) -> None:
         """Start receiving; the caller runs `read_markers` as a task."""

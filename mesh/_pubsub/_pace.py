@@ -42,6 +42,12 @@ _FLOOR_PERIOD: Final[float] = 5.0
 """How long the least one-way delay seen from a publisher counts (for two such periods)."""
 
 
+def pause_for(behind: float) -> float:
+    """The pause that brings a subscriber `behind` seconds back to half of `LAG` (0.0: it
+    is not behind by more than `LAG`), at most `MAX_PAUSE`."""
+    return min(MAX_PAUSE, behind - LAG / 2) if behind > LAG else 0.0
+
+
 class Transit:
     """How long each publisher's batches spent on the way, above the least seen lately."""
 
@@ -91,8 +97,7 @@ class Consumption:
             self.busy = queued >= MIN_QUEUED
         if self.rate <= 0.0:
             return 0.0
-        behind = queued / self.rate
-        return min(MAX_PAUSE, behind - LAG / 2) if behind > LAG else 0.0
+        return pause_for(queued / self.rate)
 
 
 class Pacing:
@@ -112,8 +117,7 @@ class Pacing:
         """The pause to ask of `publisher` for its batch stamped `stamp` (its wall clock)
         that arrives now (0.0: none)."""
         now = time.time()
-        queued = self._transit.queueing(publisher, now - stamp, now)
-        return min(MAX_PAUSE, queued - LAG / 2) if queued > LAG else 0.0
+        return pause_for(self._transit.queueing(publisher, now - stamp, now))
 
     def ask(self, publisher: str, pause: float) -> None:
         """A subscription is behind on `publisher`'s messages: ask for a pause, unless the

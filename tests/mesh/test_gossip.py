@@ -111,7 +111,7 @@ async def test_a_seed_that_comes_up_late_and_greets_first_is_answered_at_once(
     seed's own greeting proves it up, and the answer must not wait for the next retry."""
     port = _free_port()
     b = await make_node("b", mdns=False, peers=[f"tcp://127.0.0.1:{port}"])
-    await asyncio.sleep(2.6)  # b's link is now between retries ~1 s apart (refusals)
+    await asyncio.sleep(1.6)  # b's link has been refused at 0, 0.1, 0.3, 0.7, 1.5 s: next 2.5
     loop = asyncio.get_running_loop()
     started = loop.time()
     seed = await make_node("seed", mdns=False, port=port, peers=b.endpoints["ctl"])
