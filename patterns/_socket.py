@@ -83,11 +83,6 @@ class Context:
         self._sockets.add(sock)
         return sock
 
-    def recheck(self) -> None:
-        """Look for input on every watched socket, wake-up or not (`Socket.recheck`)."""
-        for sock in list(self._sockets):
-            sock.recheck()
-
     def close(self) -> None:
         """Close what is still open and end the context.
 
@@ -170,13 +165,6 @@ class Socket:
 
         self._rounds = rounds
         self.watch(drain)
-
-    def recheck(self) -> None:
-        """Look for input now, as the readiness callback would: a safety net, so that a
-        wake-up the loop missed delays what is queued until the next recheck, not for
-        ever (a watched socket only; a no-op otherwise)."""
-        if self._on_readable is not None and not self._closed:
-            self._check_events()
 
     def unwatch(self) -> None:
         """Stop calling the `watch` callback (on the loop); the socket stays open."""

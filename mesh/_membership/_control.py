@@ -341,8 +341,6 @@ class Membership:
             if late > self.table.suspect_after:
                 # a sign the peers' timers may miss: a message read first moves them on
                 self.table.strained(f"this node's loop was stalled for {late:.2f} s")
-            # a missed readiness wake-up must not leave a socket deaf: once a beat, look
-            self._ctx.recheck()
             self.beat()
             for ticker in self._tickers:
                 ticker.tick()

@@ -119,18 +119,6 @@ async def test_a_seed_that_comes_up_late_and_greets_first_is_answered_at_once(
     assert loop.time() - started < 0.4
 
 
-async def test_a_missed_wakeup_on_the_control_socket_costs_at_most_a_beat(
-        make_node: MakeNode) -> None:
-    """If the loop never calls the control socket's reader (a readiness wake-up lost, as
-    seen once in a CLI worker), the heartbeat looks anyway: nothing waits for ever."""
-    a = await make_node("a", mdns=False)
-    sock = a._live().membership.router._sock
-    await aeventually(lambda: sock._fd != -1, timeout=2)  # (watched once its task runs)
-    asyncio.get_running_loop().remove_reader(sock._fd)  # its reader is never called again
-    b = await make_node("b", mdns=False, peers=a.endpoints["ctl"])
-    await aeventually(lambda: _names(a) == {"b"} and _names(b) == {"a"}, timeout=3)
-
-
 async def test_news_that_a_member_left_beats_stale_news_that_it_lives(make_node: MakeNode
                                                                       ) -> None:
     a = await make_node("a", mdns=False)
