@@ -33,8 +33,15 @@ def _recorder(name: str, got: collections.Counter[str], seen: list[bytes]
     return handle
 
 
-async def test_equal_workers_share_the_work_fairly(make_node: MakeNode) -> None:
-    """3 workers, 3,000 messages: each gets 1,000 ± 20 %, each message exactly once."""
+async def test_equal_workers_with_credit_share_the_work_round_robin(make_node: MakeNode) -> None:
+    """3 workers that keep up, 3,000 messages: each gets 1,000 ± 20 %, each exactly once.
+
+    The pusher is the pace here (a burst of 30, then a millisecond's pause), so every
+    worker has credit and the round robin alone decides. Saturated, the share follows
+    how fast each worker returns its credit (`test_a_slow_worker_gets_proportionally_fewer`):
+    three workers in one event loop, as here, are then equal only in name (the one whose
+    socket the loop reads first returns its credit first), so they are not tested that way.
+    """
     pusher = await make_node("pusher")
     got: collections.Counter[str] = collections.Counter()
     seen: list[bytes] = []
@@ -44,6 +51,8 @@ async def test_equal_workers_share_the_work_fairly(make_node: MakeNode) -> None:
     await pusher.wait_for_workers("jobs", 3, timeout=5)
     for i in range(3000):
         await pusher.push("jobs", str(i))
+        if i % 30 == 29:
+            await asyncio.sleep(0.001)
     await aeventually(_processed(got, 3000), timeout=10, message="3000 messages processed")
     print("fairness split:", dict(got))
     assert sorted(seen) == sorted(str(i).encode() for i in range(3000))
