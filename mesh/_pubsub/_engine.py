@@ -639,7 +639,7 @@ class PubSub:
         if not msgs:
             return
         if len(subs) == 1:  # its own messages: a typed one may decode into them in place
-            pause = subs[0]._deliver(msgs, shared=False)
+            pause = subs[0]._deliver(msgs, shared=False, one_label=run is not None)
         else:
             pause = max([sub._deliver(msgs) for sub in subs])
         if pause or behind:

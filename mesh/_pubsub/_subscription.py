@@ -105,9 +105,10 @@ class Subscription(Mailbox[Message[T]]):
         self._deliver([*retained, *held], retained=len(retained))
 
     def _deliver(self, messages: Iterable[Message], retained: int = 0, *,
-                 shared: bool = True) -> float:
-        """Take a batch; ``shared=False``: no one else holds these messages. Returns the
-        pause its publisher should take (see `_pace`), 0.0 for none."""
+                 shared: bool = True, one_label: bool = False) -> float:
+        """Take a batch; ``shared=False``: no one else holds these messages; ``one_label``:
+        they share one headers dict (a run). Returns the pause its publisher should take
+        (see `_pace`), 0.0 for none."""
         if self._closed:
             return 0.0
         if self._held is not None:
@@ -116,7 +117,7 @@ class Subscription(Mailbox[Message[T]]):
         if self._covered or self._replayed:
             messages = self._uncovered(messages, retained)
         if self._decoding is not None:
-            messages = self._decoding.many(messages, shared)
+            messages = self._decoding.many(messages, shared, one_label)
         if self._callback is not None:
             for msg in messages:
                 self.received += 1

@@ -132,6 +132,21 @@ async def test_a_wrong_type_is_counted_and_the_next_good_one_arrives(
     assert sub_node.traffic().totals["decode_errors"] == 3
 
 
+async def test_a_wrong_value_inside_a_run_costs_only_itself(make_node: MakeNode) -> None:
+    """A run (typed values of one label, sent together) is decoded in one pass; a value in
+    it that is not a T is skipped and counted, and the rest arrive in order."""
+    pub, sub_node = await _pair(make_node)
+    sub = await sub_node.subscribe("r", type=Reading, retained=False)  # (live at once)
+    await pub.wait_for_subscribers("r", 1, timeout=5)
+    for i in range(200):  # no await yields in between: they leave as one run
+        await pub.publish("r", {"sensor": "k", "celsius": "warm"} if i == 100
+                          else Reading("k", float(i)))
+    got = [(await sub.next(timeout=5)).value.celsius for _ in range(199)]
+    assert got == [float(i) for i in range(200) if i != 100]
+    assert sub.decode_errors == 1
+    assert pub.traffic().totals["published"] == 200
+
+
 async def test_a_typed_callback_gets_decoded_messages(make_node: MakeNode) -> None:
     got: list[Message[Reading]] = []
     node = await make_node("solo")
