@@ -110,6 +110,7 @@ class Dedup:
         self._window = window
         self._seen: dict[str, _Runs] = {}
         self._unsaved: dict[str, list[int]] = {}
+        """Per sender: the runs (flattened) marked since the last `save`."""
 
     def load(self) -> None:
         """Replay persisted marks, then compact them (call after the store started,
@@ -147,11 +148,11 @@ class Dedup:
     def mark_many(self, sender: str, seqs: Iterable[int]) -> None:
         """These sequences of `sender` were processed (persisted with the next `save`)."""
         runs = self._runs(sender)
-        seqs = list(seqs)
-        runs.add_flat(runs_of(seqs))
+        flat = runs_of(seqs)
+        runs.add_flat(flat)
         runs.trim(self._window)
-        if self._store is not None:
-            self._unsaved.setdefault(sender, []).extend(seqs)
+        if self._store is not None:  # (as runs: `save` writes them as they are)
+            self._unsaved.setdefault(sender, []).extend(flat)
 
     def save(self) -> None:
         """Queue the new marks for the next commit, or for within 50 ms (no wait: losing
@@ -159,9 +160,8 @@ class Dedup:
         if self._store is None or not self._unsaved:
             return
         unsaved, self._unsaved = self._unsaved, {}
-        for sender, seqs in unsaved.items():
-            self._store.note(RecordKind.META, _encode(_Marks(sender, [], runs_of(seqs))),
-                             lazy=True)
+        for sender, flat in unsaved.items():
+            self._store.note(RecordKind.META, _encode(_Marks(sender, [], flat)), lazy=True)
 
     def _runs(self, sender: str) -> _Runs:
         runs = self._seen.get(sender)

@@ -69,6 +69,21 @@ async def test_marks_survive_a_restart_also_in_the_older_single_sequence_form(tm
         await again.aclose()
 
 
+async def test_marks_made_in_any_order_between_two_saves_survive_a_restart(
+        tmp_path: Path) -> None:
+    """Several marks before one save (out of order, overlapping, repeated) are saved as
+    the runs each made, and load back exactly."""
+    store = SpoolStore(tmp_path)
+    await store.start()
+    dedup = Dedup(store)
+    for seqs in ([5, 6, 7], [1, 2], [7, 8], [2], [20, 12, 13]):
+        dedup.mark_many("s", seqs)
+    dedup.save()
+    await store.aclose()
+    async with _loaded(tmp_path) as (_, loaded):
+        assert [n for n in range(25) if loaded.seen("s", n)] == [1, 2, 5, 6, 7, 8, 12, 13, 20]
+
+
 @contextlib.asynccontextmanager
 async def _loaded(path: Path, **kw: Any) -> AsyncIterator[tuple[SpoolStore, Dedup]]:
     """A started store and the dedup loaded from it; the store is closed on the way out."""
