@@ -411,10 +411,10 @@ class PubSub:
         if largest > limit:
             self._stats["oversized"] += 1
             raise MessageTooLarge(largest, limit)
-        next_seq, ts, make = self._next_seq, time.time(), _wire.Item
+        ts, make = time.time(), _wire.Item
         expires = None if ttl is None else ts + ttl
-        items = [make(next_seq(), ts, dict(headers) if headers else None, data, True, topic,
-                      expires) for data in datas]
+        items = [make(seq, ts, dict(headers) if headers else None, data, True, topic, expires)
+                 for seq, data in enumerate(datas, self._take_seqs(len(datas)))]
         if self.history is not None and self.history.keeps(topic):
             self.history.add(topic, items)
         if self._reliable_wanted(topic):

@@ -38,6 +38,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable
+from itertools import repeat
 from pathlib import Path
 from typing import Final
 
@@ -82,13 +83,6 @@ class Tracked(msgspec.Struct, gc=False):
     spool_id: int
     spooled: _wire.Spooled
     pending: tuple[str, ...]
-
-
-def tracker(dests: tuple[str, ...]) -> Callable[[int, _wire.Spooled], Tracked]:
-    """Makes `Tracked` messages pending for `dests` (one shared tuple)."""
-    def track(spool_id: int, spooled: _wire.Spooled) -> Tracked:
-        return Tracked(spool_id, spooled, dests)
-    return track
 
 
 def track(spool_id: int, spooled: _wire.Spooled) -> Tracked:
@@ -145,14 +139,14 @@ class Outbox:
             asyncio.get_running_loop().call_soon(self._commit, batch)
         first = len(batch.records)
         encode = _wire.encode_spooled
-        batch.records.extend(encode(s) for s in spooleds)
+        batch.records.extend(map(encode, spooleds))
         if len(spooleds) >= _COMMIT_NOW:
             self._commit(batch)
         ids = await asyncio.shield(batch.done)
         self._stats["spooled"] += len(spooleds)
         if spooleds:  # (one topic or one queue per call)
             self._by_name(spooleds[0])["spooled"].add(spooleds[0].name, len(spooleds))
-        return list(map(tracker(dests), ids[first:first + len(spooleds)], spooleds))
+        return list(map(Tracked, ids[first:first + len(spooleds)], spooleds, repeat(dests)))
 
     def _commit(self, batch: _Batch) -> None:
         if self._batch is not batch:
