@@ -325,7 +325,14 @@ class NodeCore:
         run.pubsub.flush(self.name)
         await run.tasks.cancel()  # no heartbeat may follow the goodbye
         run.work.prepare_leave()  # final credits travel before the goodbye
-        await run.work.report_owed(_OWED_CREDITS_WAIT)
+        if run.work.owing:  # to a pusher whose greeting is unread yet: it must get in
+            membership = run.membership
+            membership.listen(lambda peer_id, endpoint: run.work.pay(
+                peer_id, functools.partial(membership.send_to_endpoint, endpoint)))
+            try:
+                await run.work.report_owed(_OWED_CREDITS_WAIT)
+            finally:
+                run.membership.stop_listening()
         run.membership.say_goodbye()
         try:
             await run.stack.aclose()

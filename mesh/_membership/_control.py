@@ -31,7 +31,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 import msgspec
@@ -68,6 +68,8 @@ _MAX_MEMBERS: Final[int] = 10_000
 """Members one node keeps; news of more is dropped (a hostile or broken sender)."""
 _MAX_PENDING: Final[int] = 256
 """Endpoints greeted at once that have not answered yet."""
+_LEAVING_SENDS: Final = frozenset({_wire.Credit, _wire.Nack})
+"""What a closing node still sends while it waits to report work (see `Membership.listen`)."""
 _REDIAL_AFTER: Final[float] = 0.1
 """A link greeting a member this long without an answer may be waiting out ZeroMQ's
 reconnect back-off (it was opened before the member was up): redialled when the member
@@ -139,6 +141,9 @@ class Membership:
         self._outgoing: list[tuple[_wire.News, str]] = []
         """News to pass on at the end of this loop turn, with whom it came from."""
         self._flush: asyncio.Handle | None = None
+        self._leaving = False
+        """Closing: only credits and nacks go out until the goodbye (see `listen`)."""
+        self._on_stranger: Callable[[str, str], None] = lambda peer_id, endpoint: None
         self._mismatch: dict[str, int] = {}
         self._synced_at: dict[str, float] = {}
         self._confirming: dict[str, asyncio.TimerHandle] = {}
@@ -194,12 +199,33 @@ class Membership:
         try:
             await self._tick_forever()
         finally:
-            self.router.stop()
-            self.table.stop()
-            for handle in self._confirming.values():
-                handle.cancel()
-            if self._flush is not None:
-                self._flush.cancel()
+            self.stop_listening()
+
+    def listen(self, on_stranger: Callable[[str, str], None]) -> None:
+        """Read control messages again, after `run` ended (a closing node waiting for the
+        greeting of a pusher it owes credits: the greeting must get in). No heartbeats,
+        and nothing sent but credits and nacks until the goodbye: a hello or news would
+        no longer name the queues we pulled from, and a pusher reading that before our
+        credits would take back work we already did. So a member we have no record of
+        is not greeted to learn one: ``on_stranger(id, endpoint)`` is told where its
+        heartbeat or hello came from instead."""
+        self._leaving = True
+        self._on_stranger = on_stranger
+        self.router.start(self._on_messages)
+
+    def send_to_endpoint(self, endpoint: str, msg: _wire.Control) -> bool:
+        """Send on the link to `endpoint`, known peer or not (see `listen`)."""
+        return self._send(endpoint, msg)
+
+    def stop_listening(self) -> None:
+        """No more control messages read, silence timers or news (the node is closing)."""
+        self.router.stop()
+        self.table.stop()
+        for handle in self._confirming.values():
+            handle.cancel()
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
 
     def say_goodbye(self) -> None:
         """Tell every member we hold a link to (they pass it on) that we leave."""
@@ -272,6 +298,8 @@ class Membership:
         return link
 
     def _send(self, endpoint: str, msg: _wire.Control) -> bool:
+        if self._leaving and type(msg) not in _LEAVING_SENDS:
+            return False  # (a hello now would no longer name our queues: see `listen`)
         self.sent += 1
         return self._link(endpoint).send(_wire.encode_control(msg))
 
@@ -533,6 +561,11 @@ class Membership:
                 self._quiet.drop("control", exc.reason)
 
     def _handle(self, msg: _wire.Control) -> None:
+        if (self._leaving and isinstance(msg, _wire.Heartbeat | _wire.Hello)
+                and self.table.get(msg.id) is None):
+            endpoint = _first_endpoint(msg.ctl, self._reach)
+            if endpoint is not None:
+                self._on_stranger(msg.id, endpoint)
         if isinstance(msg, _wire.Heartbeat):
             self._on_heartbeat(msg)
         elif isinstance(msg, _wire.Gossip):

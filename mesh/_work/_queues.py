@@ -173,6 +173,15 @@ class WorkQueues:
         self._flush()
         self.workers.send_credits()
 
+    @property
+    def owing(self) -> bool:
+        """Credits wait for a pusher whose record we do not have yet (see `report_owed`)."""
+        return self.workers.owing
+
+    def pay(self, peer_id: str, send: Callable[[_wire.Control], bool]) -> None:
+        """Credits owed to `peer_id`, through `send` (see `Workers.pay`)."""
+        self.workers.pay(peer_id, send)
+
     async def report_owed(self, timeout: float) -> None:
         """Before the goodbye, after `prepare_leave`: a pusher that found us first may have
         sent work before its greeting was read; its credits go once it is (a short, bounded

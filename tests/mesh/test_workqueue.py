@@ -351,3 +351,37 @@ async def test_a_worker_that_takes_work_before_it_knows_the_pusher_still_acknowl
     await worker.aclose()  # at once, as `pull --count 3` does
     await aeventually(lambda: pusher.spool_pending == 0, timeout=3)
     assert pusher.stats["redelivered"] == 0
+
+
+async def test_a_closing_worker_still_reads_the_greeting_of_a_pusher_it_owes_credits(
+        make_node: MakeNode, tmp_path: Any) -> None:
+    """The pusher's greeting is still unread when the worker, having taken its work, closes
+    (`pull --count 3` right after the work came). The worker waits (briefly) to report that
+    work; it must go on reading control messages meanwhile, or the greeting it waits for
+    can never get in: the pusher kept the work as undelivered and the CLI replay test
+    failed so (0/3 acknowledged after 45 s) whenever the greeting came a little late."""
+    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), mdns=False)
+    worker = await make_node("worker", mdns=False)
+    membership = worker._live().membership
+    handle_now = membership._handle
+    deaf = True
+
+    def unheard(msg: Any) -> None:  # until the worker closes, the pusher's messages are lost
+        if deaf and getattr(msg, "id", None) == pusher.id:
+            return
+        handle_now(msg)
+
+    membership._handle = unheard  # type: ignore[method-assign]
+    jobs = await worker.pull("jobs")
+    membership._greet_new(pusher.endpoints["ctl"][0])  # the worker finds the pusher first
+    await pusher.wait_for_workers("jobs", 1, timeout=5)
+    for i in range(3):
+        await pusher.push("jobs", f"job{i}", reliable=True)
+    got = [(await jobs.next(timeout=5)).text for _ in range(3)]
+    assert got == ["job0", "job1", "job2"]
+    assert all(p.id != pusher.id for p in worker.peers())  # work came first
+    deaf = False  # what the pusher says from now on (its heartbeats) is read
+    await worker.aclose()  # at once, as `pull --count 3` does
+    await aeventually(lambda: pusher.spool_pending == 0, timeout=3,
+                      message="the pusher heard its 3 messages were taken")
+    assert pusher.stats["redelivered"] == 0
