@@ -316,6 +316,32 @@ async def test_large_publishes_are_split_into_frames_subscribers_accept(make_nod
     assert got == sizes
 
 
+async def _work_before_the_greeting(
+        pusher: AsyncNode, worker: AsyncNode,
+        filter_pusher: Callable[[Any, Callable[[Any], None]], None]) -> None:
+    """The worker finds the pusher first and takes 3 reliable messages from it while
+    `filter_pusher(msg, handle)` decides what becomes of the pusher's own control messages
+    (hold them, drop them...): the worker has no record of the pusher when the work comes."""
+    membership = worker._live().membership
+    handle_now = membership._handle
+
+    def filtered(msg: Any) -> None:
+        if getattr(msg, "id", None) == pusher.id:
+            filter_pusher(msg, handle_now)
+        else:
+            handle_now(msg)
+
+    membership._handle = filtered  # type: ignore[method-assign]
+    jobs = await worker.pull("jobs")
+    membership._greet_new(pusher.endpoints["ctl"][0])  # the worker finds the pusher first
+    await pusher.wait_for_workers("jobs", 1, timeout=5)
+    for i in range(3):
+        await pusher.push("jobs", f"job{i}", reliable=True)
+    got = [(await jobs.next(timeout=5)).text for _ in range(3)]
+    assert got == ["job0", "job1", "job2"]
+    assert all(p.id != pusher.id for p in worker.peers())  # work came first
+
+
 async def test_a_worker_that_takes_work_before_it_knows_the_pusher_still_acknowledges_it(
         make_node: MakeNode, tmp_path: Any) -> None:
     """A pusher that found the worker first can send it work before the worker has read the
@@ -327,27 +353,14 @@ async def test_a_worker_that_takes_work_before_it_knows_the_pusher_still_acknowl
     timing = {"heartbeat_interval": 0.5, "suspect_after": 1.0, "lost_after": 1.5}
     pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), mdns=False, **timing)
     worker = await make_node("worker", mdns=False, **timing)
-    membership = worker._live().membership
-    handle_now = membership._handle
     held: list[Any] = []
 
-    def late(msg: Any) -> None:  # what the pusher says itself is read 0.3 s late
-        if getattr(msg, "id", None) == pusher.id:
-            held.append(msg)
-            asyncio.get_running_loop().call_later(0.3, handle_now, msg)
-            return
-        handle_now(msg)
+    def late(msg: Any, handle: Callable[[Any], None]) -> None:  # read 0.3 s late
+        held.append(msg)
+        asyncio.get_running_loop().call_later(0.3, handle, msg)
 
-    membership._handle = late  # type: ignore[method-assign]
-    jobs = await worker.pull("jobs")
-    membership._greet_new(pusher.endpoints["ctl"][0])  # the worker finds the pusher first
-    await pusher.wait_for_workers("jobs", 1, timeout=5)
-    for i in range(3):
-        await pusher.push("jobs", f"job{i}", reliable=True)
-    got = [(await jobs.next(timeout=5)).text for _ in range(3)]
-    assert got == ["job0", "job1", "job2"]
+    await _work_before_the_greeting(pusher, worker, late)
     assert held
-    assert all(p.id != pusher.id for p in worker.peers())  # work came first
     await worker.aclose()  # at once, as `pull --count 3` does
     await aeventually(lambda: pusher.spool_pending == 0, timeout=3)
     assert pusher.stats["redelivered"] == 0
@@ -362,24 +375,13 @@ async def test_a_closing_worker_still_reads_the_greeting_of_a_pusher_it_owes_cre
     failed so (0/3 acknowledged after 45 s) whenever the greeting came a little late."""
     pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), mdns=False)
     worker = await make_node("worker", mdns=False)
-    membership = worker._live().membership
-    handle_now = membership._handle
     deaf = True
 
-    def unheard(msg: Any) -> None:  # until the worker closes, the pusher's messages are lost
-        if deaf and getattr(msg, "id", None) == pusher.id:
-            return
-        handle_now(msg)
+    def unheard(msg: Any, handle: Callable[[Any], None]) -> None:  # lost until the close
+        if not deaf:
+            handle(msg)
 
-    membership._handle = unheard  # type: ignore[method-assign]
-    jobs = await worker.pull("jobs")
-    membership._greet_new(pusher.endpoints["ctl"][0])  # the worker finds the pusher first
-    await pusher.wait_for_workers("jobs", 1, timeout=5)
-    for i in range(3):
-        await pusher.push("jobs", f"job{i}", reliable=True)
-    got = [(await jobs.next(timeout=5)).text for _ in range(3)]
-    assert got == ["job0", "job1", "job2"]
-    assert all(p.id != pusher.id for p in worker.peers())  # work came first
+    await _work_before_the_greeting(pusher, worker, unheard)
     deaf = False  # what the pusher says from now on (its heartbeats) is read
     await worker.aclose()  # at once, as `pull --count 3` does
     await aeventually(lambda: pusher.spool_pending == 0, timeout=3,
