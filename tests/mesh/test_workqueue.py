@@ -342,6 +342,22 @@ async def _work_before_the_greeting(
     assert all(p.id != pusher.id for p in worker.peers())  # work came first
 
 
+async def _worker_deaf_to_the_pusher(make_node: MakeNode, tmp_path: Any
+                                     ) -> tuple[AsyncNode, AsyncNode, Callable[[], None]]:
+    """A pusher and a worker after `_work_before_the_greeting`, the pusher's control
+    messages lost to the worker until ``hear()``."""
+    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), mdns=False)
+    worker = await make_node("worker", mdns=False)
+    deaf = [True]
+
+    def unheard(msg: Any, handle: Callable[[Any], None]) -> None:
+        if not deaf[0]:
+            handle(msg)
+
+    await _work_before_the_greeting(pusher, worker, unheard)
+    return pusher, worker, lambda: deaf.__setitem__(0, False)
+
+
 async def test_a_worker_that_takes_work_before_it_knows_the_pusher_still_acknowledges_it(
         make_node: MakeNode, tmp_path: Any) -> None:
     """A pusher that found the worker first can send it work before the worker has read the
@@ -373,17 +389,40 @@ async def test_a_closing_worker_still_reads_the_greeting_of_a_pusher_it_owes_cre
     work; it must go on reading control messages meanwhile, or the greeting it waits for
     can never get in: the pusher kept the work as undelivered and the CLI replay test
     failed so (0/3 acknowledged after 45 s) whenever the greeting came a little late."""
-    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), mdns=False)
-    worker = await make_node("worker", mdns=False)
-    deaf = True
-
-    def unheard(msg: Any, handle: Callable[[Any], None]) -> None:  # lost until the close
-        if not deaf:
-            handle(msg)
-
-    await _work_before_the_greeting(pusher, worker, unheard)
-    deaf = False  # what the pusher says from now on (its heartbeats) is read
+    pusher, worker, hear = await _worker_deaf_to_the_pusher(make_node, tmp_path)
+    hear()  # what the pusher says from now on (its heartbeats) is read
     await worker.aclose()  # at once, as `pull --count 3` does
     await aeventually(lambda: pusher.spool_pending == 0, timeout=3,
                       message="the pusher heard its 3 messages were taken")
+    assert pusher.stats["redelivered"] == 0
+
+
+async def test_a_closing_worker_greeted_while_it_waits_answers_with_credits_only(
+        make_node: MakeNode, tmp_path: Any) -> None:
+    """Greeted during that wait, the closing worker pays its credits and does not greet
+    back: its hello would no longer name the queue (it stopped pulling), and a pusher
+    reading that before the credits takes the work back as never done."""
+    pusher, worker, hear = await _worker_deaf_to_the_pusher(make_node, tmp_path)
+    hear()
+    worker_membership = worker._live().membership
+    pusher_membership = pusher._live().membership
+    handle_at_pusher = pusher_membership._handle
+    heard: list[str] = []
+
+    def spy(msg: Any) -> None:
+        if getattr(msg, "id", None) == worker.id:
+            heard.append(type(msg).__name__)
+        handle_at_pusher(msg)
+
+    pusher_membership._handle = spy  # type: ignore[method-assign]
+    closing = asyncio.create_task(worker.aclose())
+    await aeventually(lambda: worker_membership._leaving, timeout=2,
+                      message="the worker waits to pay its credits")
+    pusher_membership._greet(worker.endpoints["ctl"][0])  # the greeting comes now
+    await closing
+    await aeventually(lambda: pusher.spool_pending == 0, timeout=3,
+                      message="the pusher heard its 3 messages were taken")
+    assert "Hello" not in heard, heard
+    assert heard[:1] == ["Credit"], heard
+    assert heard[-1] == "Bye", heard
     assert pusher.stats["redelivered"] == 0
