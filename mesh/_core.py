@@ -326,9 +326,7 @@ class NodeCore:
         await run.tasks.cancel()  # no heartbeat may follow the goodbye
         run.work.prepare_leave()  # final credits travel before the goodbye
         if run.work.owing:  # to a pusher whose greeting is unread yet: it must get in
-            membership = run.membership
-            membership.listen(lambda peer_id, endpoint: run.work.pay(
-                peer_id, functools.partial(membership.send_to_endpoint, endpoint)))
+            run.membership.listen(run.work.reachable)
             try:
                 await run.work.report_owed(_OWED_CREDITS_WAIT)
             finally:

@@ -219,7 +219,7 @@ class Decoding(Generic[U]):
         msgspec's decode); None when one of them is not a U (`many` then skips it)."""
         headers = messages[0].headers
         content_type = headers.get(_codec.CONTENT_TYPE) if headers else None
-        decode = self._decoders.get(content_type) or self._decoder(content_type)
+        decode = self._decoder(content_type)
         try:
             values = list(map(decode, map(_data, messages)))
         except msgspec.DecodeError:

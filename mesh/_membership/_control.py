@@ -143,7 +143,9 @@ class Membership:
         self._flush: asyncio.Handle | None = None
         self._leaving = False
         """Closing: only credits and nacks go out until the goodbye (see `listen`)."""
-        self._on_stranger: Callable[[str, str], None] = lambda peer_id, endpoint: None
+        self._strangers: dict[str, str] = {}
+        """Closing: members we have no record of -> where they said they are (`listen`)."""
+        self._on_stranger: Callable[[str], None] = lambda peer_id: None
         self._mismatch: dict[str, int] = {}
         self._synced_at: dict[str, float] = {}
         self._confirming: dict[str, asyncio.TimerHandle] = {}
@@ -201,21 +203,17 @@ class Membership:
         finally:
             self.stop_listening()
 
-    def listen(self, on_stranger: Callable[[str, str], None]) -> None:
+    def listen(self, on_stranger: Callable[[str], None]) -> None:
         """Read control messages again, after `run` ended (a closing node waiting for the
         greeting of a pusher it owes credits: the greeting must get in). No heartbeats,
         and nothing sent but credits and nacks until the goodbye: a hello or news would
         no longer name the queues we pulled from, and a pusher reading that before our
         credits would take back work we already did. So a member we have no record of
-        is not greeted to learn one: ``on_stranger(id, endpoint)`` is told where its
-        heartbeat or hello came from instead."""
+        is not greeted to learn one: `send_to` reaches it where its heartbeat or hello
+        came from, and ``on_stranger(id)`` is told it can be reached now."""
         self._leaving = True
         self._on_stranger = on_stranger
         self.router.start(self._on_messages)
-
-    def send_to_endpoint(self, endpoint: str, msg: _wire.Control) -> bool:
-        """Send on the link to `endpoint`, known peer or not (see `listen`)."""
-        return self._send(endpoint, msg)
 
     def stop_listening(self) -> None:
         """No more control messages read, silence timers or news (the node is closing)."""
@@ -329,7 +327,8 @@ class Membership:
         The peer is a partner from now on (its silence is watched)."""
         rec = self.table.get(peer_id)
         if rec is None:
-            return False
+            stranger = self._strangers.get(peer_id)  # (closing: see `listen`)
+            return stranger is not None and self._send(stranger, msg)
         if peer_id not in self._watching:
             self.table.watch(rec)
         self._watching[peer_id] = max(self._watching.get(peer_id, 0.0),
@@ -565,7 +564,8 @@ class Membership:
                 and self.table.get(msg.id) is None):
             endpoint = _first_endpoint(msg.ctl, self._reach)
             if endpoint is not None:
-                self._on_stranger(msg.id, endpoint)
+                self._strangers[msg.id] = endpoint
+                self._on_stranger(msg.id)
         if isinstance(msg, _wire.Heartbeat):
             self._on_heartbeat(msg)
         elif isinstance(msg, _wire.Gossip):

@@ -271,19 +271,9 @@ class Workers:
         if not self._owed:
             self.paid.set()
 
-    def pay(self, peer_id: str, send: Callable[[_wire.Control], bool]) -> None:
-        """Report what we owe `peer_id` through `send` (a link to an endpoint it gave): a
-        closing node heard from a pusher it has no record of (see `Membership.listen`)."""
-        for stream in [s for s in self._owed if s.pusher_id == peer_id]:
-            if send(_wire.Credit(self.node_id, stream.queue, stream.consumed, stream.epoch,
-                                 stream.window)):
-                stream.reported = stream.consumed
-                self._owed.discard(stream)
-        if not self._owed:
-            self.paid.set()
-
     def pusher_known(self, peer_id: str) -> None:
-        """A member's record arrived: credits it is owed go now."""
+        """A member's record arrived (or, closing, where it is: `Membership.listen`):
+        credits it is owed go now."""
         if any(s.pusher_id == peer_id for s in self._owed) and self._credit_handle is None:
             self._credit_handle = asyncio.get_running_loop().call_soon(self.send_credits)
 

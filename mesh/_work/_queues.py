@@ -178,9 +178,9 @@ class WorkQueues:
         """Credits wait for a pusher whose record we do not have yet (see `report_owed`)."""
         return self.workers.owing
 
-    def pay(self, peer_id: str, send: Callable[[_wire.Control], bool]) -> None:
-        """Credits owed to `peer_id`, through `send` (see `Workers.pay`)."""
-        self.workers.pay(peer_id, send)
+    def reachable(self, peer_id: str) -> None:
+        """A pusher we may owe credits to can be reached (see `Membership.listen`)."""
+        self.workers.pusher_known(peer_id)
 
     async def report_owed(self, timeout: float) -> None:
         """Before the goodbye, after `prepare_leave`: a pusher that found us first may have
