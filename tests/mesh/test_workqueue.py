@@ -343,19 +343,19 @@ async def _work_before_the_greeting(
 
 
 async def _worker_deaf_to_the_pusher(make_node: MakeNode, tmp_path: Any
-                                     ) -> tuple[AsyncNode, AsyncNode, Callable[[], None]]:
+                                     ) -> tuple[AsyncNode, AsyncNode]:
     """A pusher and a worker after `_work_before_the_greeting`, the pusher's control
-    messages lost to the worker until ``hear()``."""
+    messages lost to the worker until it is closing (so that it closes owing credits)."""
     pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), mdns=False)
     worker = await make_node("worker", mdns=False)
-    deaf = [True]
+    membership = worker._live().membership
 
     def unheard(msg: Any, handle: Callable[[Any], None]) -> None:
-        if not deaf[0]:
+        if membership._leaving:
             handle(msg)
 
     await _work_before_the_greeting(pusher, worker, unheard)
-    return pusher, worker, lambda: deaf.__setitem__(0, False)
+    return pusher, worker
 
 
 async def test_a_worker_that_takes_work_before_it_knows_the_pusher_still_acknowledges_it(
@@ -389,8 +389,7 @@ async def test_a_closing_worker_still_reads_the_greeting_of_a_pusher_it_owes_cre
     work; it must go on reading control messages meanwhile, or the greeting it waits for
     can never get in: the pusher kept the work as undelivered and the CLI replay test
     failed so (0/3 acknowledged after 45 s) whenever the greeting came a little late."""
-    pusher, worker, hear = await _worker_deaf_to_the_pusher(make_node, tmp_path)
-    hear()  # what the pusher says from now on (its heartbeats) is read
+    pusher, worker = await _worker_deaf_to_the_pusher(make_node, tmp_path)
     await worker.aclose()  # at once, as `pull --count 3` does
     await aeventually(lambda: pusher.spool_pending == 0, timeout=3,
                       message="the pusher heard its 3 messages were taken")
@@ -402,8 +401,7 @@ async def test_a_closing_worker_greeted_while_it_waits_answers_with_credits_only
     """Greeted during that wait, the closing worker pays its credits and does not greet
     back: its hello would no longer name the queue (it stopped pulling), and a pusher
     reading that before the credits takes the work back as never done."""
-    pusher, worker, hear = await _worker_deaf_to_the_pusher(make_node, tmp_path)
-    hear()
+    pusher, worker = await _worker_deaf_to_the_pusher(make_node, tmp_path)
     worker_membership = worker._live().membership
     pusher_membership = pusher._live().membership
     handle_at_pusher = pusher_membership._handle
