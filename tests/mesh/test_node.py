@@ -142,10 +142,12 @@ def test_drops_at_the_high_water_mark_are_counted() -> None:
         assert stall is not None
         release = threading.Event()
         stall.call_soon_threadsafe(release.wait, 20)  # the receiving node stops reading...
-        n = 5_000
+        # 100 MB: more than the loopback socket buffers hold (tcp_rmem's 32 MB and
+        # tcp_wmem's 4 MB at most), however the publisher batches its messages into frames
+        n, padding = 5_000, b"." * 20_000
         try:
             for i in range(n):
-                pub.publish("flood", str(i))
+                pub.publish("flood", b"%d%s" % (i, padding))
         finally:
             release.set()  # ...until everything was published, however slow the machine
         first = sub.next(timeout=10)  # the stalled loop is reading again
