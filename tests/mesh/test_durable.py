@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from mesh import AsyncNode, ConfigError, Message, MessageTooLarge, Pull
+from mesh._membership import _control as control
 from tests.helpers import aeventually, cut_tail, files, free_port
 
 from ._proc import Cli, run
@@ -272,3 +273,19 @@ def test_sync_node_reliable_publish_and_durable(mesh_name: str, tmp_path: Path) 
         work = s.pull("jobs")
         p.push("jobs", "queued safely", reliable=True)
         assert work.next(timeout=5).text == "queued safely"
+
+
+async def test_a_durable_made_after_the_nodes_met_travels_in_the_interest_change(
+        make_node: MakeNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The change a node announces when it subscribes durably names the durable itself, not
+    only its queue and subscription: peers that met it earlier learn it from that change
+    (whole views are never exchanged here, so nothing else could tell them)."""
+    monkeypatch.setattr(control, "_SYNC_AFTER", 10**9)
+    pub = await make_node("pub", data_dir=str(tmp_path / "p"))
+    sub_node = await make_node("sub", data_dir=str(tmp_path / "s"),
+                               peers=pub.endpoints["ctl"])
+    await pub.wait_for_peers(1, timeout=5)
+    await sub_node.wait_for_peers(1, timeout=5)
+    await sub_node.subscribe_durable("orders.>", "audit")
+    await pub.wait_for_durables("orders.x", 1, timeout=5)
+    assert [d.name for d in pub.durables()] == ["audit"]
