@@ -32,7 +32,7 @@ from tests import netns
 
 # Processes the suite starts (the CLI, agents, benchmarks, examples) cache their bytecode,
 # as Python does by default: where the environment turns that off (PYTHONDONTWRITEBYTECODE),
-# every one of them would compile our modules again (~0.3 s of CPU each).
+# every one of them would compile our modules again.
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
 
