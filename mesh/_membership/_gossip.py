@@ -16,6 +16,7 @@ digests mean nothing to exchange, and it is updated member by member.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -44,8 +45,10 @@ def digest_part(member_id: str, incarnation: int, seq: int, status: int, version
 
 
 def interest(hello: _wire.Hello) -> dict[str, Any]:
-    """The fields of a hello that say what the member offers (what a change may touch)."""
-    return {f: getattr(hello, f) for f in hello.__struct_fields__
+    """The fields of a hello that say what the member offers (what a change may touch),
+    each a copy: the last interest announced is kept to compute the next change, and a
+    part may announce a container it goes on changing."""
+    return {f: copy.copy(getattr(hello, f)) for f in hello.__struct_fields__
             if f not in _IDENTITY_FIELDS}
 
 

@@ -125,7 +125,7 @@ class KnownDurables:
     # -- what peers announce (HelloPart, PeerListener) --------------------------------
 
     def hello_fields(self, version: int) -> Mapping[str, Any]:
-        return {"durables": dict(self.mine)}  # a copy: the last one announced is compared with it
+        return {"durables": self.mine}
 
     def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
         if new.durables:
