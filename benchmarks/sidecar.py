@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -280,17 +280,35 @@ def service_rows(count: int) -> list[dict[str, Any]]:
         with started(agent_cmd(mesh, "serving", config)) as serving, \
                 started(agent_cmd(mesh, "asking", None, serving.fields["ctl"].split(",")[0])
                         ) as asking:
-            through = h.mesh_run(_round_trips(f"{asking.fields['http']}/v1/request/upper",
-                                              count, wait=True))
-            direct = h.mesh_run(_round_trips(f"{app.fields['http']}/upper", count))
-    rows = []
-    for label, times in (("service: app called directly", direct),
-                         ("service: agent -> agent -> app", through)):
+            procs = {"asking agent": asking.pid, "serving agent": serving.pid, "app": app.pid}
+            through, through_cpu = _timed(
+                procs, _round_trips(f"{asking.fields['http']}/v1/request/upper", count, wait=True))
+            direct, direct_cpu = _timed({"app": app.pid},
+                                        _round_trips(f"{app.fields['http']}/upper", count))
+    rows: list[dict[str, Any]] = []
+    for label, times, cpu in (("service: app called directly", direct, direct_cpu),
+                              ("service: agent -> agent -> app", through, through_cpu)):
         times.sort()
         rows.append({"what": label, "in_flight": 1, "count": count,
                      "p50_us": times[len(times) // 2] * 1e6,
-                     "p90_us": times[len(times) * 9 // 10] * 1e6})
+                     "p90_us": times[len(times) * 9 // 10] * 1e6,
+                     "cpu_us": sum(cpu.values()) / len(times) * 1e6,
+                     "cpu_us_by_process": {k: v / len(times) * 1e6 for k, v in cpu.items()}})
+    rows[1]["p50_ratio"] = rows[1]["p50_us"] / rows[0]["p50_us"]
+    rows[1]["cpu_ratio"] = rows[1]["cpu_us"] / rows[0]["cpu_us"]
     return rows
+
+
+def _timed(pids: dict[str, int], run: Coroutine[Any, Any, list[float]]
+           ) -> tuple[list[float], dict[str, float]]:
+    """The round trips `run` measures, and the CPU seconds each process in `pids` and this
+    one (the client) spent meanwhile."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    client0 = time.process_time()
+    times = h.mesh_run(run)
+    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    cpu["client"] = time.process_time() - client0
+    return times, cpu
 
 
 async def _round_trips(url: str, count: int, wait: bool = False) -> list[float]:
@@ -317,8 +335,8 @@ async def _round_trips(url: str, count: int, wait: bool = False) -> list[float]:
 
 
 def _print(rows: list[dict[str, Any]]) -> None:
-    columns = (("what", 42), ("in flight", 9), ("count", 8), ("rate/s", 10),
-               ("ratio", 6), ("CPU µs", 7), ("ratio", 6), ("p50 µs", 8), ("p90 µs", 8))
+    columns = (("what", 42), ("in flight", 9), ("count", 8), ("rate/s", 10), ("ratio", 6),
+               ("CPU µs", 7), ("ratio", 6), ("p50 µs", 8), ("ratio", 6), ("p90 µs", 8))
 
     def num(row: dict[str, Any], key: str, spec: str) -> str:
         value = row.get(key)
@@ -327,13 +345,17 @@ def _print(rows: list[dict[str, Any]]) -> None:
     h.print_table(columns, [
         [r["what"], str(r["in_flight"]), str(r["count"]), num(r, "rate", ",.0f"),
          num(r, "rate_ratio", ".2f"), num(r, "cpu_us", ".1f"), num(r, "cpu_ratio", ".2f"),
-         num(r, "p50_us", ",.0f"), num(r, "p90_us", ",.0f")] for r in rows])
+         num(r, "p50_us", ",.0f"), num(r, "p50_ratio", ".2f"), num(r, "p90_us", ",.0f")]
+        for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run (smoke test)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--only", choices=("publish", "bulk", "service"),
+                        help="run one of the three parts")
+    parser.add_argument("--requests", type=int, help="round trips of the service part")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--subscriber", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -345,13 +367,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     count, rounds, bulk, requests = ((1_000, 1, 20_000, 200) if args.quick
                                      else (20_000, 3, 200_000, 2_000))
-    rows = publish_rows(count, rounds, [1, 16])
-    rows.append(bulk_row(bulk))
-    rows += service_rows(requests)
+    rows = []
+    if args.only in (None, "publish"):
+        rows += publish_rows(count, rounds, [1, 16])
+    if args.only in (None, "bulk"):
+        rows.append(bulk_row(bulk))
+    if args.only in (None, "service"):
+        rows += service_rows(args.requests or requests)
     if args.json:
         print(json.dumps({"benchmark": "sidecar", "size": SIZE, "rows": rows}, indent=2))
     else:
         _print(rows)
+        for row in rows:
+            if "cpu_us_by_process" in row:
+                print(f"{row['what']}: CPU µs per round trip "
+                      + ", ".join(f"{k} {v:.0f}" for k, v in row["cpu_us_by_process"].items()))
     return 0 if all(not r.get("lost") for r in rows) else 1
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import base64
 import logging
 import math
-from collections.abc import Awaitable, Callable, Collection
-from typing import Final, cast
+from collections.abc import Callable, Collection, Coroutine, Mapping
+from typing import Any, Final, Protocol, cast
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from .._message import Message
 from ..errors import (
@@ -32,7 +33,26 @@ from ._service_apps import APP_STATUS
 _log = logging.getLogger("mesh.agent")
 MAX_TIMEOUT: Final[float] = 3600.0
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+class RequestView(Protocol):
+    """What a route reads of a request: aiohttp's `web.Request`, or the lean front's
+    (`_front.LeanRequest`) for the routes it serves."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def match_info(self) -> Mapping[str, str]: ...
+    @property
+    def query_string(self) -> str: ...
+    @property
+    def query(self) -> MultiMapping[str]: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    async def read(self) -> bytes: ...
+
+
+ViewHandler = Callable[[RequestView], Coroutine[Any, Any, web.StreamResponse]]
 
 
 def message_json(msg: Message, topic_key: str = "topic") -> dict[str, object]:
@@ -54,7 +74,7 @@ def error(status: int, reason: str) -> web.Response:
     return web.json_response({"error": reason}, status=status)
 
 
-def query(request: web.Request, allowed: Collection[str]) -> dict[str, str]:
+def query(request: RequestView, allowed: Collection[str]) -> dict[str, str]:
     """The query parameters, each at most once and all known.
 
     Raises:
@@ -126,6 +146,9 @@ def _bad(reason: str) -> web.HTTPBadRequest:
 CountRequest = Callable[[str, int], None]
 COUNT: Final[web.AppKey[CountRequest]] = web.AppKey("zeromesh_count_request")
 """Where `add_routes` finds the function counting requests by route and status."""
+GUARDED: Final[web.AppKey[dict[tuple[str, str], ViewHandler]]] = web.AppKey(
+    "zeromesh_guarded_handlers")
+"""The handlers `add_routes` added (by method and path template), for the lean front."""
 UNMATCHED: Final[str] = "unmatched"
 
 
@@ -140,8 +163,10 @@ def add_routes(app: web.Application, routes: list[web.RouteDef]) -> None:
     Each handler is wrapped where it is added, rather than by an aiohttp middleware,
     which costs every request a few microseconds more (see benchmarks/README.md)."""
     count = app.get(COUNT, _not_counted)
-    app.add_routes([web.route(r.method, r.path, _guarded(cast(Handler, r.handler), r.path,
-                                                         count), **r.kwargs)
+    guarded = app.setdefault(GUARDED, {})
+    for r in routes:
+        guarded[r.method, r.path] = _guarded(cast(ViewHandler, r.handler), r.path, count)
+    app.add_routes([web.route(r.method, r.path, guarded[r.method, r.path], **r.kwargs)
                     for r in routes])
 
 
@@ -166,8 +191,9 @@ def add_fallback(app: web.Application) -> None:
     fallback.add_route("*", unmatched)
 
 
-def _guarded(handler: Handler, route: str, count: Callable[[str, int], None]) -> Handler:
-    async def guarded(request: web.Request) -> web.StreamResponse:
+def _guarded(handler: ViewHandler, route: str, count: Callable[[str, int], None]
+             ) -> ViewHandler:
+    async def guarded(request: RequestView) -> web.StreamResponse:
         try:
             response = await handler(request)
         except (ConfigError, BadHeader) as exc:

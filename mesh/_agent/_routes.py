@@ -24,6 +24,8 @@ DEFAULT_REQUEST_TIMEOUT: Final[float] = 5.0
 DEFAULT_PUSH_TIMEOUT: Final[float] = 10.0
 MAX_RETRIES: Final[int] = 10
 MAX_REPLIES: Final[int] = 10_000
+LEAN: Final = ("/v1/publish/{topic}", "/v1/push/{queue}", "/v1/request/{service}")
+"""The routes the agent's lean HTTP front serves itself (see `_front`): the hot ones."""
 
 
 class _Accepted(msgspec.Struct):
@@ -61,7 +63,7 @@ class Routes:
             web.get("/metrics", self.metrics),
         ])
 
-    async def publish(self, request: web.Request) -> web.Response:
+    async def publish(self, request: _http.RequestView) -> web.Response:
         topic = request.match_info["topic"]
         self._node.check_topic(topic)
         reliable = retain = False
@@ -99,7 +101,7 @@ class Routes:
             values = [as_json(m) for m in values]
         return web.json_response([m.to_dict() for m in values])
 
-    async def push(self, request: web.Request) -> web.Response:
+    async def push(self, request: _http.RequestView) -> web.Response:
         params = _http.query(request, ("reliable", "timeout", "ttl"))
         queue = request.match_info["queue"]
         self._node.check_queue(queue)
@@ -113,7 +115,7 @@ class Routes:
         self._metrics.pushed.labels(queue).inc()
         return web.json_response({"queue": queue, "reliable": reliable}, status=202)
 
-    async def request(self, request: web.Request) -> web.Response:
+    async def request(self, request: _http.RequestView) -> web.Response:
         """One server's reply (its headers as HTTP headers, see `_headers`); with
         ``?all=true`` every live server's, as a JSON list."""
         params = (_http.query(request, ("timeout", "retries", "all", "max_replies"))

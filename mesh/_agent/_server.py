@@ -2,7 +2,9 @@
 
 The HTTP server (aiohttp) runs in the node's own loop, so a request costs no
 thread hop; aiohttp also gives the webhook client and cancels a handler when
-its client disconnects (an SSE stream ends with its connection).
+its client disconnects (an SSE stream ends with its connection). Connections
+start on the lean front (`_front`), which answers plain publishes, pushes and
+requests itself and hands everything else to aiohttp.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from .._uplink._links import Uplinks
 from ..errors import ConfigError
 from . import _http
 from ._config import AgentConfig, Webhook, http_address
+from ._front import Front, FrontSite
 from ._metrics import AgentMetrics
 from ._page import Page
-from ._routes import Routes
+from ._routes import LEAN, Routes
 from ._seeing import Seeing
 from ._service_apps import AppServices
 from ._sse import Streams
@@ -68,11 +71,13 @@ class Agent:
         host, port = http_address(self.config.http)
         await self.node.start()
         try:
-            self._runner = web.AppRunner(self.app(), access_log=None,
+            app = self.app()
+            self._runner = web.AppRunner(app, access_log=None,
                                          handler_cancellation=True,
                                          shutdown_timeout=_SHUTDOWN_GRACE)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, host, port, reuse_address=True)
+            site = FrontSite(self._runner, lambda fallback: Front.of(
+                fallback, app, LEAN, self.config.body_limit), host, port)
             try:
                 await site.start()
             except OSError as exc:
