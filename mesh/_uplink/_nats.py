@@ -42,6 +42,8 @@ from ._settings import UplinkSettings
 from ._subjects import Subjects
 
 _log = logging.getLogger("mesh.uplink.nats")
+CLOSE_WAIT: Final[float] = 2.0
+"""Seconds `close` gives nats-py to flush and close the connection before dropping it."""
 CONNECT_TIMEOUT: Final[float] = 5.0
 API_TIMEOUT: Final[float] = 5.0
 ACK_WAIT: Final[float] = 30.0
@@ -346,9 +348,27 @@ class NatsHub:
             self._writer = None
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:  # (a refused connect leaves a socket too)
-            with contextlib.suppress(Exception):
-                await nc.close()
+            try:
+                async with asyncio.timeout(CLOSE_WAIT):
+                    await nc.close()
+            except TimeoutError:
+                # nats-py's close waits, unbounded, for its last writes to drain and for
+                # the socket to close: a server that stopped reading would hold the agent's
+                # exit. What was not acknowledged is delivered again after a restart.
+                _log.warning("nats uplink: the connection did not close within %s s; "
+                             "dropped", CLOSE_WAIT)
+                _drop(nc)
+            except Exception as exc:  # (closing is best effort: the link is over anyway)
+                _log.debug("nats uplink: close failed: %r", exc)
         self._subs = []
+
+
+def _drop(nc: Client) -> None:
+    """Abort the connection's socket (best effort: nats-py keeps it in private fields)."""
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    transport = getattr(writer, "transport", None)
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
 
 
 def _can_frame(nc: Client) -> bool:

@@ -6,6 +6,9 @@ the connection lives on, and a killed server fails what is in flight with HubUnr
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -108,3 +111,33 @@ async def test_a_killed_server_fails_what_is_in_flight(nats_server: StartNats,
     assert all(isinstance(r, HubUnreachable) for r in results), results
     with pytest.raises(HubUnreachable):
         await hub.send("a", b"late", {}, "id11")
+
+
+async def test_close_is_bounded_when_the_server_stopped_reading(nats_server: StartNats) -> None:
+    """nats-py's own close waits for its unsent bytes to drain: with a server that stopped
+    reading (SIGSTOP) and more queued than the sockets hold, that is forever. The hub's
+    close drops the connection after CLOSE_WAIT instead (the agent's exit waits on it)."""
+    server = nats_server()
+    hub = NatsHub(UplinkSettings(url=server.url, prefix="site1", export=[">"]), "node-1")
+    await hub.connect()
+    async with asyncio.timeout(WAIT):
+        assert await hub.send("a", b"acked", {}, "id0") is False
+    nc = hub._nc
+    pid = server.pid
+    assert nc is not None
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        chunk = b"x" * (256 * 1024)
+        for _ in range(800):  # at most 200 MiB: the sockets hold a few MiB
+            await nc.publish("filler", chunk)
+            await asyncio.sleep(0)  # the flusher's turn: it blocks once the sockets are full
+            if nc._pending_data_size > 0:
+                break  # (below nats-py's pending limit, past which publish closes itself)
+        assert nc._pending_data_size > 0, "nothing waits to be sent: the close would not block"
+        started = time.monotonic()
+        async with asyncio.timeout(_nats.CLOSE_WAIT + 5):
+            await hub.close()
+        assert time.monotonic() - started < _nats.CLOSE_WAIT + 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
