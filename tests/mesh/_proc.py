@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import IO
 
 
 def child_env(mesh: str) -> dict[str, str]:
@@ -87,6 +88,35 @@ class Cli:
         for stream in (self.proc.stdout, self.proc.stderr, self.proc.stdin):
             if stream is not None:
                 stream.close()
+
+
+class StderrLog:
+    """The agent's stderr, read as it comes (so the pipe never fills), waitable."""
+
+    def __init__(self, cli: Cli) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        stream = cli.proc.stderr
+        assert stream is not None
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if needle in line:
+                        return line
+                left = deadline - time.monotonic()
+                assert left > 0, f"{needle!r} not on the agent's stderr:\n" + "\n".join(
+                    self.lines[-40:])
+                self._cond.wait(left)
 
 
 def run(args: Sequence[str], *, mesh: str, input: str | None = None,

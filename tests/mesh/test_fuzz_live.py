@@ -12,13 +12,12 @@ import os
 import random
 import re
 import signal
-import threading
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 import pytest
@@ -35,7 +34,7 @@ from tests.helpers import aeventually
 
 from . import _zmtp
 from ._agent import start_agent
-from ._proc import Cli
+from ._proc import Cli, StderrLog
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -315,35 +314,6 @@ def listening_ports(pid: int) -> list[int]:
             if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return sorted(ports)
-
-
-class StderrLog:
-    """The agent's stderr, read as it comes (so the pipe never fills), waitable."""
-
-    def __init__(self, cli: Cli) -> None:
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        stream = cli.proc.stderr
-        assert stream is not None
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    def wait_for(self, needle: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if needle in line:
-                        return line
-                left = deadline - time.monotonic()
-                assert left > 0, f"{needle!r} not on the agent's stderr:\n" + "\n".join(
-                    self.lines[-40:])
-                self._cond.wait(left)
 
 
 class Sink:
