@@ -15,6 +15,7 @@ from typing import Any, Final, Protocol, cast
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiMapping
 
 from .._message import Message
@@ -53,6 +54,28 @@ class RequestView(Protocol):
 
 
 ViewHandler = Callable[[RequestView], Coroutine[Any, Any, web.StreamResponse]]
+
+
+class ClientErrorsInOneLine(logging.Filter):
+    """aiohttp logs each request it cannot parse (a bad request line, header or framing)
+    at ERROR with a traceback: a client's mistake, not the agent's, which answers it
+    with a 400. Such a record becomes one WARNING line naming what was wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            what = " ".join(str(exc.message).split())[:200]
+            record.msg, record.args = "%s: %s %s", (record.getMessage(), exc.code, what)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_client_errors() -> None:
+    """Put `ClientErrorsInOneLine` on aiohttp's server logger (once per process)."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientErrorsInOneLine) for f in logger.filters):
+        logger.addFilter(ClientErrorsInOneLine())
 
 
 def message_json(msg: Message, topic_key: str = "topic") -> dict[str, object]:

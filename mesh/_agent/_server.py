@@ -69,6 +69,7 @@ class Agent:
 
     async def __aenter__(self) -> Self:
         host, port = http_address(self.config.http)
+        _http.quiet_client_errors()
         await self.node.start()
         try:
             app = self.app()

@@ -18,7 +18,7 @@ import pytest
 from mesh import AsyncNode
 
 from ._agent import AgentProc, start_agent
-from ._proc import Cli
+from ._proc import Cli, StderrLog
 from .conftest import MakeNode
 
 pytestmark = pytest.mark.timeout(60)
@@ -217,6 +217,25 @@ async def test_what_is_not_plain_goes_to_aiohttp(procs: list[Cli], mesh_name: st
     answer = await _ask(conn, post("/v1/publish/after"))
     assert (answer.status, answer.by_aiohttp) == (202, False)
     await conn.close()
+
+
+async def test_a_request_aiohttp_cannot_parse_is_one_warning_line(
+        procs: list[Cli], mesh_name: str) -> None:
+    """The client's mistake gets its 400; the agent's log gets one line, not a traceback."""
+    agent = start_agent(procs, mesh=mesh_name, name="front")
+    log = StderrLog(agent.cli)
+    conn = await Conn.to(agent)
+    answer = await _ask(conn, b"POST /v1/publish/a HTTP/1.1\r\nHost: a\r\n"
+                              b"Transfer-Encoding: gzip\r\n\r\n")
+    assert answer.status == 400
+    await conn.close()
+    line = await asyncio.to_thread(log.wait_for, "Error handling request", WAIT)
+    assert " WARNING aiohttp.server: " in line
+    assert "400" in line
+    conn = await Conn.to(agent)
+    assert (await _ask(conn, post("/v1/publish/after"))).status == 202
+    await conn.close()
+    assert not any("Traceback" in seen for seen in log.lines), log.lines
 
 
 async def test_connection_close_and_a_half_closed_client_end_the_connection(
