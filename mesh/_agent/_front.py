@@ -1,11 +1,11 @@
 """The agent's HTTP front: the hot routes answered on a lean protocol, the rest by aiohttp.
 
-Why: aiohttp's server spends most of an agent's CPU on a one-message publish and
-half of a service request's (request and response objects, its parser's
-message queue, a writer, the handler's task and its timers); a publish from an
+Why: aiohttp's server spent most of an agent's CPU on a one-message publish and
+the largest part of the requesting agent's on a service request (request and
+response objects, its parser's message queue, a writer, timers); a publish from an
 app in another language is the sidecar's most common call. Here a connection
-starts on `FrontProtocol`, which reads plain requests to the routes named in
-`Front.lean` (``POST /v1/publish/{topic}`` ...) itself and runs the *same*
+starts on `FrontProtocol`, which reads plain requests to the routes it is given
+(``POST /v1/publish/{topic}`` ..., `_routes.LEAN`) itself and runs the *same*
 guarded handler aiohttp would (same checks, errors, counts), with a
 `LeanRequest` standing in for aiohttp's request.
 
@@ -111,8 +111,9 @@ class Front:
         slash = path.rfind("/") + 1
         found = self._lean.get(path[:slash])
         param = path[slash:]
-        if found is None or not param or "%" in param or param in (".", ".."):
-            return None
+        if (found is None or not param or param in (".", "..")
+                or "%" in param or "{" in param or "}" in param):
+            return None  # (aiohttp decodes the first, its router refuses braces)
         return found[0], found[1], param
 
     def hand_off(self) -> asyncio.Protocol:
@@ -148,6 +149,7 @@ class FrontProtocol(asyncio.Protocol):
         self._buf = bytearray()
         self.task: asyncio.Task[web.StreamResponse] | None = None
         self._keep = True
+        self._eof = False
         self._closing = False
         self._read_paused = False
         self._write_paused = False
@@ -170,8 +172,9 @@ class FrontProtocol(asyncio.Protocol):
         self._next()
 
     def eof_received(self) -> bool:
-        """A client that closed its side gets the answer in progress, then the end."""
-        self._keep = False
+        """A client that closed its side gets the answers to the requests it sent whole,
+        then the end."""
+        self._eof = True
         return self.task is not None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -297,6 +300,8 @@ class FrontProtocol(asyncio.Protocol):
             transport.resume_reading()
         if not self._write_paused:
             self._next()
+        if self._eof and self.task is None:
+            self.close()  # (a no-op once handed off: aiohttp's then)
 
     def _hand_off(self) -> None:
         """aiohttp's protocol takes this connection from here, with what is unread."""
@@ -311,6 +316,8 @@ class FrontProtocol(asyncio.Protocol):
         protocol.connection_made(transport)
         data, self._buf = bytes(self._buf), bytearray()
         protocol.data_received(data)
+        if self._eof and not protocol.eof_received():  # (as the loop would have done)
+            transport.close()
 
 
 def _encode(response: web.StreamResponse, keep: bool) -> bytes:
