@@ -36,8 +36,12 @@ def _recorder(name: str, got: collections.Counter[str], seen: list[bytes]
 async def test_equal_workers_with_credit_share_the_work_round_robin(make_node: MakeNode) -> None:
     """3 workers that keep up, 3,000 messages: each gets 1,000 ± 20 %, each exactly once.
 
-    The pusher is the pace here (a burst of 30, then a millisecond's pause), so every
-    worker has credit and the round robin alone decides. Saturated, the share follows
+    The pusher is the pace here (a burst, then a millisecond's pause), so every worker
+    has credit and the round robin alone decides: a burst gives each worker a quarter of
+    the smallest window, so even a worker at that window that returned no credit for
+    three bursts still has some. (Bursts of 30 did not: a worker whose window had
+    shrunk, with its credit late, was skipped mid-burst; 1 run in 10 beside two CPU
+    burners, and once in a full run, gave one worker over 1,200.) Saturated, the share follows
     how fast each worker returns its credit (`test_a_slow_worker_gets_proportionally_fewer`):
     three workers in one event loop, as here, are then equal only in name (the one whose
     socket the loop reads first returns its credit first), so they are not tested that way.
@@ -49,9 +53,10 @@ async def test_equal_workers_with_credit_share_the_work_round_robin(make_node: M
         worker = await make_node(f"w{i}")
         await worker.pull("jobs", handler=_recorder(f"w{i}", got, seen))
     await pusher.wait_for_workers("jobs", 3, timeout=5)
+    burst = 3 * (MIN_WINDOW // 4)
     for i in range(3000):
         await pusher.push("jobs", str(i))
-        if i % 30 == 29:
+        if i % burst == burst - 1:
             await asyncio.sleep(0.001)
     await aeventually(_processed(got, 3000), timeout=10, message="3000 messages processed")
     print("fairness split:", dict(got))
