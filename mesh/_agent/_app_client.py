@@ -22,18 +22,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import re
 import ssl
 import zlib
 from typing import Final, NamedTuple, cast
 from urllib.parse import unquote, urlsplit
 
+from ._headers import sendable
+
 MAX_HEAD: Final[int] = 64 * 1024
 """Bytes of status line and headers an answer may have."""
 _END_OF_HEAD: Final = b"\r\n\r\n"
 _NO_BODY: Final = frozenset({204, 304})
-_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-"""An HTTP header name (RFC 9110 token)."""
 
 
 class BadResponse(Exception):
@@ -79,7 +78,7 @@ class AppClient:
         fut: asyncio.Future[Response] = loop.create_future()
         lines = [self._start]
         for name, value in headers.items():
-            if _TOKEN.fullmatch(name) and "\r" not in value and "\n" not in value:
+            if sendable(name, value):
                 lines.append(f"{name}: {value}\r\n")
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
         data = "".join(lines).encode() + body

@@ -21,22 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable, Collection, Mapping
 from email.utils import formatdate
-from typing import Any, Final
+from typing import Final
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
+from ._headers import is_token
 from ._http import GUARDED, ViewHandler
 
 _log = logging.getLogger("mesh.agent")
-
-_Parsed = tuple[ViewHandler, int, str, dict[str, str], str, CIMultiDictProxy[str]]
-"""Handler, body length, path, path parameter, query string, headers."""
 
 MAX_HEAD: Final[int] = 8190
 """Bytes of request line and headers read here; a longer head goes to aiohttp (its limit
@@ -45,7 +42,6 @@ IDLE_SECONDS: Final[float] = 75.0
 """A connection with no request in progress for this long is closed (aiohttp's
 keep-alive timeout)."""
 _END_OF_HEAD: Final = b"\r\n\r\n"
-_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HANDED_OFF_HEADERS: Final = frozenset({"transfer-encoding", "expect", "upgrade"})
 _RESUME_BELOW: Final[int] = 64 * 1024
 _CLOSE_GRACE: Final[float] = 2.0
@@ -55,16 +51,17 @@ _CLOSE_GRACE: Final[float] = 2.0
 class LeanRequest:
     """What the lean routes read of a request, as aiohttp's `web.Request` spells it."""
 
-    __slots__ = ("_body", "_query", "headers", "match_info", "method", "path", "query_string")
+    __slots__ = ("_query", "body", "headers", "match_info", "path", "query_string")
+    method: Final = "POST"
 
     def __init__(self, path: str, match_info: dict[str, str], query_string: str,
-                 headers: CIMultiDictProxy[str], body: bytes) -> None:
-        self.method = "POST"
+                 headers: CIMultiDictProxy[str]) -> None:
         self.path = path
         self.match_info = match_info
         self.query_string = query_string
         self.headers = headers
-        self._body = body
+        self.body = b""
+        """Set once it is all here."""
         self._query: MultiDictProxy[str] | None = None
 
     @property
@@ -75,7 +72,7 @@ class LeanRequest:
         return self._query
 
     async def read(self) -> bytes:
-        return self._body
+        return self.body
 
 
 class Front:
@@ -84,17 +81,21 @@ class Front:
     def __init__(self, fallback: Callable[[], asyncio.Protocol],
                  lean: Mapping[str, tuple[str, ViewHandler]], body_limit: int) -> None:
         """`lean`: path prefix (``/v1/publish/``) -> (parameter name, guarded handler)."""
-        self._fallback = fallback
+        self.fallback = fallback
+        """aiohttp's protocol factory, which takes the connections handed off."""
         self._lean = dict(lean)
         self.body_limit = body_limit
         self.connections: set[FrontProtocol] = set()
         self._sweeper: asyncio.TimerHandle | None = None
 
     @classmethod
-    def of(cls, fallback: Callable[[], asyncio.Protocol], app: web.Application,
-           templates: Collection[str], body_limit: int) -> Front:
+    def of(cls, runner: web.AppRunner, app: web.Application, templates: Collection[str],
+           body_limit: int) -> Front:
         """A front serving the POST routes `templates` (``/v1/publish/{topic}``: one
-        parameter, last) with the handlers `_http.add_routes` added to `app`."""
+        parameter, last) with the handlers `_http.add_routes` added to `app`, and handing
+        the rest to `runner`'s aiohttp server (set up already)."""
+        fallback = runner.server
+        assert fallback is not None
         lean = {}
         for template in templates:
             prefix, _, name = template.rpartition("/")
@@ -115,9 +116,6 @@ class Front:
                 or "%" in param or "{" in param or "}" in param):
             return None  # (aiohttp decodes the first, its router refuses braces)
         return found[0], found[1], param
-
-    def hand_off(self) -> asyncio.Protocol:
-        return self._fallback()
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -146,7 +144,11 @@ class FrontProtocol(asyncio.Protocol):
     def __init__(self, front: Front) -> None:
         self._front = front
         self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
         self._buf = bytearray()
+        self._head: tuple[ViewHandler, int, LeanRequest, int] | None = None
+        """The request whose body is still coming: handler, body length, request, and
+        where in `_buf` its body starts."""
         self.task: asyncio.Task[web.StreamResponse] | None = None
         self._keep = True
         self._eof = False
@@ -209,40 +211,39 @@ class FrontProtocol(asyncio.Protocol):
     # -- requests ----------------------------------------------------------------------
 
     def _next(self) -> None:
-        """Start the next request if its head and body are all here."""
+        """Start the next request if its head and body are all here (a head is read once,
+        however many reads its body takes)."""
         buf = self._buf
-        transport = self._transport
-        if transport is None or self._closing or not buf:
+        if self._transport is None or self._closing or not buf:
             return
-        end = buf.find(_END_OF_HEAD, 0, MAX_HEAD + 4)
-        if end < 0:
-            if len(buf) > MAX_HEAD or not buf.startswith(b"POST /"[:len(buf)]):
+        if self._head is None:
+            end = buf.find(_END_OF_HEAD, 0, MAX_HEAD + 4)
+            if end < 0:
+                if len(buf) > MAX_HEAD or not buf.startswith(b"POST /"[:len(buf)]):
+                    self._hand_off()
+                return
+            try:
+                parsed = self._parse(buf[:end].decode("ascii"))
+            except UnicodeDecodeError:
+                parsed = None
+            if parsed is None:
                 self._hand_off()
-            return
-        parsed = self._parse(bytes(buf[:end]))
-        if parsed is None:
-            self._hand_off()
-            return
-        length = parsed[1]
-        start = end + 4
+                return
+            self._head = (*parsed, end + 4)
+        handler, length, request, start = self._head
         if len(buf) < start + length:
             return  # the body is not all here yet
-        body = bytes(buf[start:start + length])
+        self._head = None
+        request.body = bytes(buf[start:start + length])
         del buf[:start + length]
-        handler, _, path, match_info, query_string, headers = parsed
-        request = LeanRequest(path, match_info, query_string, headers, body)
         self._last = time.monotonic()
-        self.task = task = asyncio.get_running_loop().create_task(handler(request))
+        self.task = task = self._loop.create_task(handler(request))
         task.add_done_callback(self._answer)
 
-    def _parse(self, head: bytes) -> _Parsed | None:
-        """What a plain request to a lean route says in its head (None: not plain, or not
-        a lean route)."""
-        try:
-            text = head.decode("ascii")
-        except UnicodeDecodeError:
-            return None
-        lines = text.split("\r\n")
+    def _parse(self, head: str) -> tuple[ViewHandler, int, LeanRequest] | None:
+        """The handler, body length and request (body to come) of a plain request to a
+        lean route (None: not plain, or not a lean route)."""
+        lines = head.split("\r\n")
         method, _, rest = lines[0].partition(" ")
         target, _, version = rest.partition(" ")
         if method != "POST" or version != "HTTP/1.1" or not target.startswith("/"):
@@ -257,7 +258,7 @@ class FrontProtocol(asyncio.Protocol):
         host = False
         for line in lines[1:]:
             name, colon, value = line.partition(":")
-            if not colon or not _TOKEN.fullmatch(name) or "\x00" in value:
+            if not colon or not is_token(name) or "\x00" in value:
                 return None
             value = value.strip(" \t")
             key = name.lower()
@@ -276,8 +277,8 @@ class FrontProtocol(asyncio.Protocol):
             return None  # (aiohttp answers HTTP/1.1 without a Host with a 400)
         self._keep = keep
         name, handler, param = found
-        return (handler, length, path, {name: param}, query_string,
-                CIMultiDictProxy(CIMultiDict(pairs)))
+        return handler, length, LeanRequest(path, {name: param}, query_string,
+                                            CIMultiDictProxy(CIMultiDict(pairs)))
 
     def _answer(self, task: asyncio.Task[web.StreamResponse]) -> None:
         self.task = None
@@ -311,7 +312,7 @@ class FrontProtocol(asyncio.Protocol):
         self._transport = None
         if self._read_paused:
             transport.resume_reading()
-        protocol = self._front.hand_off()
+        protocol = self._front.fallback()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         data, self._buf = bytes(self._buf), bytearray()
@@ -321,11 +322,10 @@ class FrontProtocol(asyncio.Protocol):
 
 
 def _encode(response: web.StreamResponse, keep: bool) -> bytes:
-    found = getattr(response, "body", None)
-    body = bytes(found) if isinstance(found, bytes | bytearray) else b""
-    if found is not None and not body and not isinstance(found, bytes | bytearray):
-        _log.error("lean HTTP handler answered a %s, not bytes", type(found).__name__)
-        response = web.Response(status=500)
+    body = getattr(response, "body", None) or b""
+    if not isinstance(body, bytes | bytearray):  # (a payload object: not what these answer)
+        _log.error("lean HTTP handler answered a %s, not bytes", type(body).__name__)
+        response, body = web.Response(status=500), b""
     lines = [f"HTTP/1.1 {response.status} {response.reason}\r\n"
              f"Content-Length: {len(body)}\r\nDate: {_date()}\r\n"]
     for name, value in response.headers.items():
@@ -355,12 +355,10 @@ class FrontSite(web.BaseSite):
     """An aiohttp site on TCP whose connections start on `Front`; `runner.cleanup()` stops
     it as any site (listener first, then its lean connections, then aiohttp's)."""
 
-    def __init__(self, runner: web.AppRunner, front_of: Callable[[Callable[[], Any]], Front],
-                 host: str, port: int) -> None:
+    def __init__(self, runner: web.AppRunner, front: Front, host: str, port: int) -> None:
         super().__init__(runner)
         self._host, self._port = host, port
-        self._front_of = front_of
-        self.front: Front | None = None
+        self.front = front
 
     @property
     def name(self) -> str:
@@ -368,13 +366,9 @@ class FrontSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        server = self._runner.server
-        assert server is not None
-        self.front = self._front_of(server)
         self._server = await asyncio.get_running_loop().create_server(
             self.front, self._host, self._port, reuse_address=True)
 
     async def stop(self) -> None:
         await super().stop()
-        if self.front is not None:
-            await self.front.close(_CLOSE_GRACE)
+        await self.front.close(_CLOSE_GRACE)

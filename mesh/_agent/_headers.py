@@ -39,7 +39,8 @@ REPLY_HEADER: Final[str] = OURS + "header-"
 """The prefix of a reply header that cannot travel under its own name."""
 _PASSED: Final = frozenset({CONTENT_TYPE, "traceparent", "tracestate", "baggage"})
 _NOT_PASSED_PREFIXES: Final = ("x-forwarded-", "x-real-ip", OURS)
-_TOKEN_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}")
+"""An HTTP header name we send or read (an RFC 9110 token, 128 characters at most)."""
 MAX_HEADERS: Final[int] = 64
 MAX_VALUE: Final[int] = 4096
 
@@ -108,6 +109,27 @@ def _passed(key: str) -> bool:
     return key in _PASSED or (key.startswith("x-") and not key.startswith(_NOT_PASSED_PREFIXES))
 
 
+def is_token(name: str) -> bool:
+    """Is `name` a header name we send or read? Names repeat: each is checked once."""
+    if name in _tokens:
+        return True
+    if _TOKEN.fullmatch(name) is None:
+        return False
+    if len(_tokens) >= _KNOWN_NAMES:
+        _tokens.clear()
+    _tokens.add(name)
+    return True
+
+
+_tokens: set[str] = set()
+
+
+def sendable(name: str, value: str) -> bool:
+    """Can this header go out as it is? (Else it cannot be sent, and sent as it is it
+    would forge other headers.)"""
+    return is_token(name) and "\r" not in value and "\n" not in value
+
+
 def reply_to_http(headers: Mapping[str, str] | None) -> dict[str, str]:
     """HTTP headers for a service reply's headers: those `from_http` takes in under their
     own (lower-cased) name, the rest as ``x-zeromesh-header-<name>``; names that are not
@@ -117,7 +139,7 @@ def reply_to_http(headers: Mapping[str, str] | None) -> dict[str, str]:
         name = key.lower()
         if not _passed(name):
             name = REPLY_HEADER + name
-        if _TOKEN_RE.match(name) and "\r" not in value and "\n" not in value:
+        if sendable(name, value):
             out[name] = value
     return out
 
@@ -149,7 +171,7 @@ def to_http(headers: Mapping[str, str] | None) -> dict[str, str]:
     with line breaks, cannot be sent and are left out); a content type is always set."""
     out = {CONTENT_TYPE: DEFAULT_CONTENT_TYPE}
     for key, value in (headers or {}).items():
-        if _TOKEN_RE.match(key) and "\r" not in value and "\n" not in value:
+        if sendable(key, value):
             out[key] = value
     return out
 

@@ -77,8 +77,8 @@ class Agent:
                                          handler_cancellation=True,
                                          shutdown_timeout=_SHUTDOWN_GRACE)
             await self._runner.setup()
-            site = FrontSite(self._runner, lambda fallback: Front.of(
-                fallback, app, LEAN, self.config.body_limit), host, port)
+            front = Front.of(self._runner, app, LEAN, self.config.body_limit)
+            site = FrontSite(self._runner, front, host, port)
             try:
                 await site.start()
             except OSError as exc:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mesh import AsyncNode
+from mesh import AsyncNode, Reply
 
 from ._agent import AgentProc, start_agent
 from ._proc import Cli, StderrLog
@@ -167,6 +167,27 @@ async def _ask(conn: Conn, request: bytes) -> Answer:
     while (answer := await conn.answer()).status < 200:
         pass
     return answer
+
+
+async def test_a_reply_header_that_would_break_the_answer_is_left_out(
+        procs: list[Cli], mesh_name: str, make_node: MakeNode) -> None:
+    """The front writes a service's reply headers itself: a name that is no HTTP token
+    (one ending in a line break would start a header of its own) is not written."""
+    node = await make_node("forger")
+
+    async def forge(msg: Any) -> Reply:
+        return Reply(b"ok", {"x-evil\n": "Injected: 1", "x-fine": "1"})
+
+    await node.serve("forge", forge)
+    agent = start_agent(procs, mesh=mesh_name, name="front")
+    conn = await Conn.to(agent)
+    await _known(conn, "forge")
+    answer = await _ask(conn, post("/v1/request/forge"))
+    assert (answer.status, answer.body, answer.by_aiohttp) == (200, b"ok", False)
+    assert answer.headers["x-fine"] == "1"
+    assert "injected" not in answer.headers
+    assert not any("evil" in name for name in answer.headers), answer.headers
+    await conn.close()
 
 
 async def test_pipelined_split_and_mixed_requests_are_answered_in_order(
