@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from mesh import AsyncNode, Reply
+from mesh._agent import _front
 
 from ._agent import AgentProc, start_agent
 from ._proc import Cli, StderrLog
@@ -285,9 +287,11 @@ async def test_a_client_gone_mid_request_cancels_the_request(
     """As aiohttp cancels a handler whose client left: the mesh request ends at once (the
     metrics count it as an error), not at its 30 s timeout."""
     node = await make_node("slow-server")
-    release = asyncio.Event()
+    release, arrived = asyncio.Event(), asyncio.Event()
 
     async def slow(msg: Any) -> bytes:
+        if msg.data == b"the one":
+            arrived.set()
         await release.wait()
         return b"late"
 
@@ -296,8 +300,9 @@ async def test_a_client_gone_mid_request_cancels_the_request(
     conn = await Conn.to(agent)
     await _known(conn, "slow")
     before = await _request_errors(agent)
-    await conn.send(post("/v1/request/slow?timeout=30&retries=0"))
-    await asyncio.sleep(0)
+    await conn.send(post("/v1/request/slow?timeout=30&retries=0", b"the one"))
+    async with asyncio.timeout(WAIT):
+        await arrived.wait()  # the request is in progress at the server
     sock = conn.writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     conn.writer.close()  # (a reset: the agent sees the client gone at once)
@@ -326,8 +331,11 @@ async def test_the_agent_stops_promptly_with_idle_and_busy_lean_connections(
     """SIGTERM: an idle keep-alive connection is closed, one with a request in progress
     is closed within the grace, and the agent exits."""
     node = await make_node("stuck-server")
+    arrived = asyncio.Event()
 
     async def stuck(msg: Any) -> bytes:
+        if msg.data == b"the one":
+            arrived.set()
         await asyncio.Event().wait()
         return b""
 
@@ -337,10 +345,14 @@ async def test_the_agent_stops_promptly_with_idle_and_busy_lean_connections(
     assert (await _ask(idle, post("/v1/publish/s.a"))).status == 202
     busy = await Conn.to(agent)
     await _known(busy, "stuck")
-    await busy.send(post("/v1/request/stuck?timeout=60&retries=0"))
+    await busy.send(post("/v1/request/stuck?timeout=60&retries=0", b"the one"))
+    async with asyncio.timeout(WAIT):
+        await arrived.wait()  # the busy connection's request is in progress
+    stopped = time.monotonic()
     agent.cli.term()
     assert await idle.closed()
     assert await busy.closed()
     assert await asyncio.to_thread(agent.cli.wait, 15) == 0
+    assert time.monotonic() - stopped < 2 * _front._CLOSE_GRACE + 3  # its grace, aiohttp's
     await idle.close()
     await busy.close()
