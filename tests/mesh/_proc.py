@@ -21,6 +21,42 @@ def child_env(mesh: str) -> dict[str, str]:
     return env
 
 
+class StderrLog:
+    """A child's stderr, read as it comes (so the pipe never fills and the child never
+    blocks on a log line), kept and waitable."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._reader.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        """The first line containing `needle` (waits for it at most `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if needle in line:
+                        return line
+                left = deadline - time.monotonic()
+                assert left > 0, f"{needle!r} not on the child's stderr:\n" + "\n".join(
+                    self.lines[-40:])
+                self._cond.wait(left)
+
+    def whole(self, timeout: float = 10.0) -> str:
+        """Everything, once the stream has ended (the child exited)."""
+        self._reader.join(timeout)
+        with self._cond:
+            return "".join(line + "\n" for line in self.lines)
+
+
 class Cli:
     """A CLI child; every process started here is killed in `close()` (SIGKILL, our PID only)."""
 
@@ -34,6 +70,9 @@ class Cli:
         self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self.stdout: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
+        assert self.proc.stderr is not None
+        self.log = StderrLog(self.proc.stderr)
+        """Its stderr, drained as it comes."""
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
@@ -75,8 +114,8 @@ class Cli:
         return self.proc.wait(timeout)
 
     def stderr(self) -> str:
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read()
+        """All it wrote to stderr (call once it has exited)."""
+        return self.log.whole()
 
     def term(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -85,38 +124,10 @@ class Cli:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(5)
+        self.log.whole(5)  # (its reader is done with the pipe before the pipe is closed)
         for stream in (self.proc.stdout, self.proc.stderr, self.proc.stdin):
             if stream is not None:
                 stream.close()
-
-
-class StderrLog:
-    """The agent's stderr, read as it comes (so the pipe never fills), waitable."""
-
-    def __init__(self, cli: Cli) -> None:
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        stream = cli.proc.stderr
-        assert stream is not None
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    def wait_for(self, needle: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if needle in line:
-                        return line
-                left = deadline - time.monotonic()
-                assert left > 0, f"{needle!r} not on the agent's stderr:\n" + "\n".join(
-                    self.lines[-40:])
-                self._cond.wait(left)
 
 
 def run(args: Sequence[str], *, mesh: str, input: str | None = None,

@@ -20,7 +20,7 @@ from mesh import AsyncNode, Reply
 from mesh._agent import _front
 
 from ._agent import AgentProc, start_agent
-from ._proc import Cli, StderrLog
+from ._proc import Cli
 from .conftest import MakeNode
 
 pytestmark = pytest.mark.timeout(60)
@@ -247,7 +247,7 @@ async def test_a_request_aiohttp_cannot_parse_is_one_warning_line(
         procs: list[Cli], mesh_name: str) -> None:
     """The client's mistake gets its 400; the agent's log gets one line, not a traceback."""
     agent = start_agent(procs, mesh=mesh_name, name="front")
-    log = StderrLog(agent.cli)
+    log = agent.cli.log
     conn = await Conn.to(agent)
     answer = await _ask(conn, b"POST /v1/publish/a HTTP/1.1\r\nHost: a\r\n"
                               b"Transfer-Encoding: gzip\r\n\r\n")

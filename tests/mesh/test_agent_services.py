@@ -263,18 +263,8 @@ async def test_sighup_adds_changes_and_removes_a_service(
 
 
 async def _logged(agent: AgentProc, text: str) -> str:
-    """The agent's next stderr line containing `text` (read in a thread, bounded)."""
-    stream = agent.cli.proc.stderr
-    assert stream is not None
-
-    def read() -> str:
-        while line := stream.readline():
-            if text in line:
-                return line
-        return ""
-
-    async with asyncio.timeout(15):
-        return await asyncio.to_thread(read)
+    """The agent's first stderr line containing `text` (waited for in a thread, bounded)."""
+    return await asyncio.to_thread(agent.cli.log.wait_for, text, 15)
 
 
 @pytest.mark.parametrize(("config", "reason"), [

@@ -34,7 +34,7 @@ from tests.helpers import aeventually
 
 from . import _zmtp
 from ._agent import start_agent
-from ._proc import Cli, StderrLog
+from ._proc import Cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -399,7 +399,7 @@ async def test_live_agent_survives_raw_fuzzing(mesh_name: str, tmp_path: Path,
         env = {f"ZEROMESH_{k.upper()}": str(v) for k, v in TIMING.items()}
         agent = start_agent(procs, "--no-mdns", mesh=mesh_name, name="fuzzed", config=config,
                             tmp=tmp_path, env=env)
-        stderr = StderrLog(agent.cli)
+        stderr = agent.cli.log
         ready = agent.cli.stdout[-1]
         ctl = ready.split(" ctl=")[1].split()[0]
         pub = ready.split(" pub=")[1].split()[0]
