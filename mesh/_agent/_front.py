@@ -292,7 +292,7 @@ class FrontProtocol(asyncio.Protocol):
             transport.close()
             return
         keep = self._keep and not self._closing and not transport.is_closing()
-        transport.write(_encode(task.result(), keep))
+        transport.writelines(_encode(task.result(), keep))
         if not keep:
             transport.close()
             return
@@ -321,7 +321,9 @@ class FrontProtocol(asyncio.Protocol):
             transport.close()
 
 
-def _encode(response: web.StreamResponse, keep: bool) -> bytes:
+def _encode(response: web.StreamResponse, keep: bool) -> tuple[bytes, bytes]:
+    """The answer's head and body (written together, the body not copied into the head);
+    header values in UTF-8, as aiohttp writes them."""
     body = getattr(response, "body", None) or b""
     if not isinstance(body, bytes | bytearray):  # (a payload object: not what these answer)
         _log.error("lean HTTP handler answered a %s, not bytes", type(body).__name__)
@@ -334,7 +336,7 @@ def _encode(response: web.StreamResponse, keep: bool) -> bytes:
     if not keep:
         lines.append("Connection: close\r\n")
     lines.append("\r\n")
-    return "".join(lines).encode("latin-1") + body
+    return "".join(lines).encode(), bytes(body)
 
 
 class _Date:
