@@ -17,7 +17,11 @@ Three questions, each against its baseline in the same run, processes on 127.0.0
 * **service**: ``POST /v1/request/upper`` to agent B, served by agent A's
   ``[[service]]`` whose app is an aiohttp server in a third process: the round
   trip's median (p50) and p90, one request at a time, against the same POST
-  made directly to the app.
+  made directly to the app. A third row takes the same path through two
+  relays that only relay (`_relays.py`: raw pyzmq and asyncio, no checks,
+  headers or metrics): the floor of a Python HTTP -> ZeroMQ -> HTTP path on
+  this machine, so the agents' ratio can be read against what the path
+  itself costs.
 
 Run::
 
@@ -53,6 +57,7 @@ SIZE: Final[int] = 64
 BULK_LINES: Final[int] = 10_000
 START_SECONDS: Final[float] = 20.0
 HERE: Final = Path(__file__).resolve()
+RELAYS: Final = HERE.parent / "_relays.py"
 TICK: Final[float] = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
@@ -283,19 +288,28 @@ def service_rows(count: int) -> list[dict[str, Any]]:
             procs = {"asking agent": asking.pid, "serving agent": serving.pid, "app": app.pid}
             through, through_cpu = _timed(
                 procs, _round_trips(f"{asking.fields['http']}/v1/request/upper", count, wait=True))
-            direct, direct_cpu = _timed({"app": app.pid},
-                                        _round_trips(f"{app.fields['http']}/upper", count))
+        with started([sys.executable, str(RELAYS), "serving", f"{app.fields['http']}/upper"]
+                     ) as serving, \
+                started([sys.executable, str(RELAYS), "asking", serving.fields["zmq"]]
+                        ) as asking:
+            procs = {"asking relay": asking.pid, "serving relay": serving.pid, "app": app.pid}
+            floor, floor_cpu = _timed(procs, _round_trips(f"{asking.fields['http']}/upper",
+                                                          count, wait=True))
+        direct, direct_cpu = _timed({"app": app.pid},
+                                    _round_trips(f"{app.fields['http']}/upper", count))
     rows: list[dict[str, Any]] = []
     for label, times, cpu in (("service: app called directly", direct, direct_cpu),
-                              ("service: agent -> agent -> app", through, through_cpu)):
+                              ("service: agent -> agent -> app", through, through_cpu),
+                              ("service: relay -> relay -> app (floor)", floor, floor_cpu)):
         times.sort()
         rows.append({"what": label, "in_flight": 1, "count": count,
                      "p50_us": times[len(times) // 2] * 1e6,
                      "p90_us": times[len(times) * 9 // 10] * 1e6,
                      "cpu_us": sum(cpu.values()) / len(times) * 1e6,
                      "cpu_us_by_process": {k: v / len(times) * 1e6 for k, v in cpu.items()}})
-    rows[1]["p50_ratio"] = rows[1]["p50_us"] / rows[0]["p50_us"]
-    rows[1]["cpu_ratio"] = rows[1]["cpu_us"] / rows[0]["cpu_us"]
+    for row in rows[1:]:
+        row["p50_ratio"] = row["p50_us"] / rows[0]["p50_us"]
+        row["cpu_ratio"] = row["cpu_us"] / rows[0]["cpu_us"]
     return rows
 
 
