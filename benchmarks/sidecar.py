@@ -302,7 +302,7 @@ def service_rows(count: int) -> list[dict[str, Any]]:
                               ("service: agent -> agent -> app", through, through_cpu),
                               ("service: relay -> relay -> app (floor)", floor, floor_cpu)):
         times.sort()
-        rows.append({"what": label, "in_flight": 1, "count": count,
+        rows.append({"what": label, "in_flight": 1, "count": len(times),
                      "p50_us": times[len(times) // 2] * 1e6,
                      "p90_us": times[len(times) * 9 // 10] * 1e6,
                      "cpu_us": sum(cpu.values()) / len(times) * 1e6,
