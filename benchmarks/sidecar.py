@@ -27,6 +27,7 @@ Run::
 
     python benchmarks/sidecar.py            # 20,000 publishes per row, 200,000 bulk, 2,000 requests
     python benchmarks/sidecar.py --quick    # a small run (smoke test)
+    python benchmarks/sidecar.py --only service --hosts   # one CPU per side (two hosts)
 
 Everything binds 127.0.0.1 only; every process started here is stopped at the end.
 """
@@ -92,11 +93,16 @@ def _env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def started(cmd: list[str]) -> Iterator[Proc]:
-    """A child that prints a ``ready k=v ...`` line, for the ``with`` block; always stopped."""
+def started(cmd: list[str], cpu: int | None = None) -> Iterator[Proc]:
+    """A child that prints a ``ready k=v ...`` line, for the ``with`` block; always stopped.
+    With `cpu`, it and every thread it starts run on that CPU only."""
+    def pin() -> None:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+
     with tempfile.TemporaryFile("w+") as stderr:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                env=_env())
+                                env=_env(), preexec_fn=pin)
         try:
             yield Proc(proc, h.ready_fields(proc, START_SECONDS, stderr=stderr))
         finally:
@@ -275,34 +281,41 @@ async def _bulk_run(agent: Proc, sub: Proc, body: bytes, bodies: int) -> tuple[f
         return first, cpu_seconds(agent.pid) - cpu0
 
 
-def service_rows(count: int) -> list[dict[str, Any]]:
-    """Round trips through two agents and the app, against the app called directly."""
+def service_rows(count: int, hosts: bool = False) -> list[dict[str, Any]]:
+    """Round trips through two agents and the app, against the app called directly.
+
+    With `hosts`, each side is one CPU, as if on a host of its own: the client and
+    the asking agent (or relay) on CPU 0, the serving one and the app on CPU 1.
+    Otherwise the kernel places every thread of the four processes on any CPU.
+    """
+    asking_cpu, serving_cpu = (0, 1) if hosts else (None, None)
     mesh = "b" + uuid.uuid4().hex[:12]
-    with tempfile.TemporaryDirectory() as tmp, \
-            started([sys.executable, str(HERE), "--bare-server"]) as app:
+    with tempfile.TemporaryDirectory() as tmp, _on_cpu(asking_cpu), \
+            started([sys.executable, str(HERE), "--bare-server"], serving_cpu) as app:
         config = Path(tmp) / "a.toml"
         config.write_text(f'[[service]]\nname = "upper"\nurl = "{app.fields["http"]}/upper"\n')
-        with started(agent_cmd(mesh, "serving", config)) as serving, \
-                started(agent_cmd(mesh, "asking", None, serving.fields["ctl"].split(",")[0])
-                        ) as asking:
+        with started(agent_cmd(mesh, "serving", config), serving_cpu) as serving, \
+                started(agent_cmd(mesh, "asking", None, serving.fields["ctl"].split(",")[0]),
+                        asking_cpu) as asking:
             procs = {"asking agent": asking.pid, "serving agent": serving.pid, "app": app.pid}
             through, through_cpu = _timed(
                 procs, _round_trips(f"{asking.fields['http']}/v1/request/upper", count, wait=True))
-        with started([sys.executable, str(RELAYS), "serving", f"{app.fields['http']}/upper"]
-                     ) as serving, \
-                started([sys.executable, str(RELAYS), "asking", serving.fields["zmq"]]
-                        ) as asking:
+        with started([sys.executable, str(RELAYS), "serving", f"{app.fields['http']}/upper"],
+                     serving_cpu) as serving, \
+                started([sys.executable, str(RELAYS), "asking", serving.fields["zmq"]],
+                        asking_cpu) as asking:
             procs = {"asking relay": asking.pid, "serving relay": serving.pid, "app": app.pid}
             floor, floor_cpu = _timed(procs, _round_trips(f"{asking.fields['http']}/upper",
                                                           count, wait=True))
         direct, direct_cpu = _timed({"app": app.pid},
                                     _round_trips(f"{app.fields['http']}/upper", count))
     rows: list[dict[str, Any]] = []
+    where = ", one CPU a side" if hosts else ""
     for label, times, cpu in (("service: app called directly", direct, direct_cpu),
                               ("service: agent -> agent -> app", through, through_cpu),
                               ("service: relay -> relay -> app (floor)", floor, floor_cpu)):
         times.sort()
-        rows.append({"what": label, "in_flight": 1, "count": len(times),
+        rows.append({"what": label + where, "in_flight": 1, "count": len(times),
                      "p50_us": times[len(times) // 2] * 1e6,
                      "p90_us": times[len(times) * 9 // 10] * 1e6,
                      "cpu_us": sum(cpu.values()) / len(times) * 1e6,
@@ -311,6 +324,20 @@ def service_rows(count: int) -> list[dict[str, Any]]:
         row["p50_ratio"] = row["p50_us"] / rows[0]["p50_us"]
         row["cpu_ratio"] = row["cpu_us"] / rows[0]["cpu_us"]
     return rows
+
+
+@contextlib.contextmanager
+def _on_cpu(cpu: int | None) -> Iterator[None]:
+    """This process (the client) on `cpu` only, for the ``with`` block."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _timed(pids: dict[str, int], run: Coroutine[Any, Any, list[float]]
@@ -349,7 +376,7 @@ async def _round_trips(url: str, count: int, wait: bool = False) -> list[float]:
 
 
 def _print(rows: list[dict[str, Any]]) -> None:
-    columns = (("what", 42), ("in flight", 9), ("count", 8), ("rate/s", 10), ("ratio", 6),
+    columns = (("what", 54), ("in flight", 9), ("count", 8), ("rate/s", 10), ("ratio", 6),
                ("CPU µs", 7), ("ratio", 6), ("p50 µs", 8), ("ratio", 6), ("p90 µs", 8))
 
     def num(row: dict[str, Any], key: str, spec: str) -> str:
@@ -370,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("publish", "bulk", "service"),
                         help="run one of the three parts")
     parser.add_argument("--requests", type=int, help="round trips of the service part")
+    parser.add_argument("--hosts", action="store_true",
+                        help="service part: one CPU per side, as two hosts would be "
+                             "(needs CPUs 0 and 1)")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--subscriber", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -387,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "bulk"):
         rows.append(bulk_row(bulk))
     if args.only in (None, "service"):
-        rows += service_rows(args.requests or requests)
+        if args.hosts and not {0, 1} <= os.sched_getaffinity(0):
+            parser.error("--hosts needs CPUs 0 and 1")
+        rows += service_rows(args.requests or requests, args.hosts)
     if args.json:
         print(json.dumps({"benchmark": "sidecar", "size": SIZE, "rows": rows}, indent=2))
     else:
