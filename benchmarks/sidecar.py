@@ -21,7 +21,7 @@ Three questions, each against its baseline in the same run, processes on 127.0.0
   relays that only relay (`_relays.py`: raw pyzmq and asyncio, no checks,
   headers or metrics): the floor of a Python HTTP -> ZeroMQ -> HTTP path on
   this machine, so the agents' ratio can be read against what the path
-  itself costs.
+  itself costs. The three paths take turns, 100 round trips each at a time.
 
 Run::
 
@@ -46,8 +46,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -59,6 +59,8 @@ BULK_LINES: Final[int] = 10_000
 START_SECONDS: Final[float] = 20.0
 HERE: Final = Path(__file__).resolve()
 RELAYS: Final = HERE.parent / "_relays.py"
+TURN: Final[int] = 100
+"""Round trips on one service path before the next path takes its turn."""
 TICK: Final[float] = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
@@ -282,48 +284,69 @@ async def _bulk_run(agent: Proc, sub: Proc, body: bytes, bodies: int) -> tuple[f
 
 
 def service_rows(count: int, hosts: bool = False) -> list[dict[str, Any]]:
-    """Round trips through two agents and the app, against the app called directly.
+    """Round trips through two agents and the app, and through the two floor relays,
+    against the app called directly: all three up at once and taken in turns, a block
+    of each at a time, so that the host's changing speed falls on all three alike.
 
     With `hosts`, each side is one CPU, as if on a host of its own: the client and
     the asking agent (or relay) on CPU 0, the serving one and the app on CPU 1.
-    Otherwise the kernel places every thread of the four processes on any CPU.
+    Otherwise the kernel places every thread of the processes on any CPU.
     """
     asking_cpu, serving_cpu = (0, 1) if hosts else (None, None)
     mesh = "b" + uuid.uuid4().hex[:12]
-    with tempfile.TemporaryDirectory() as tmp, _on_cpu(asking_cpu), \
-            started([sys.executable, str(HERE), "--bare-server"], serving_cpu) as app:
-        config = Path(tmp) / "a.toml"
-        config.write_text(f'[[service]]\nname = "upper"\nurl = "{app.fields["http"]}/upper"\n')
-        with started(agent_cmd(mesh, "serving", config), serving_cpu) as serving, \
-                started(agent_cmd(mesh, "asking", None, serving.fields["ctl"].split(",")[0]),
-                        asking_cpu) as asking:
-            procs = {"asking agent": asking.pid, "serving agent": serving.pid, "app": app.pid}
-            through, through_cpu = _timed(
-                procs, _round_trips(f"{asking.fields['http']}/v1/request/upper", count, wait=True))
-        with started([sys.executable, str(RELAYS), "serving", f"{app.fields['http']}/upper"],
-                     serving_cpu) as serving, \
-                started([sys.executable, str(RELAYS), "asking", serving.fields["zmq"]],
-                        asking_cpu) as asking:
-            procs = {"asking relay": asking.pid, "serving relay": serving.pid, "app": app.pid}
-            floor, floor_cpu = _timed(procs, _round_trips(f"{asking.fields['http']}/upper",
-                                                          count, wait=True))
-        direct, direct_cpu = _timed({"app": app.pid},
-                                    _round_trips(f"{app.fields['http']}/upper", count))
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        stack.enter_context(_on_cpu(asking_cpu))
+
+        def start(cmd: list[str], cpu: int | None) -> Proc:
+            return stack.enter_context(started(cmd, cpu))
+
+        app = start([sys.executable, str(HERE), "--bare-server"], serving_cpu)
+        app_url = f"{app.fields['http']}/upper"
+        config = tmp / "a.toml"
+        config.write_text(f'[[service]]\nname = "upper"\nurl = "{app_url}"\n')
+        serving = start(agent_cmd(mesh, "serving", config), serving_cpu)
+        asking = start(agent_cmd(mesh, "asking", None, serving.fields["ctl"].split(",")[0]),
+                       asking_cpu)
+        serving_relay = start([sys.executable, str(RELAYS), "serving", app_url], serving_cpu)
+        asking_relay = start([sys.executable, str(RELAYS), "asking",
+                              serving_relay.fields["zmq"]], asking_cpu)
+        paths = [
+            _Path("service: app called directly", app_url, {"app": app.pid}),
+            _Path("service: agent -> agent -> app",
+                  f"{asking.fields['http']}/v1/request/upper",
+                  {"asking agent": asking.pid, "serving agent": serving.pid, "app": app.pid}),
+            _Path("service: relay -> relay -> app (floor)", f"{asking_relay.fields['http']}/upper",
+                  {"asking relay": asking_relay.pid, "serving relay": serving_relay.pid,
+                   "app": app.pid}),
+        ]
+        h.mesh_run(_take_turns(paths, count))
     rows: list[dict[str, Any]] = []
     where = ", one CPU a side" if hosts else ""
-    for label, times, cpu in (("service: app called directly", direct, direct_cpu),
-                              ("service: agent -> agent -> app", through, through_cpu),
-                              ("service: relay -> relay -> app (floor)", floor, floor_cpu)):
-        times.sort()
-        rows.append({"what": label + where, "in_flight": 1, "count": len(times),
+    for path in paths:
+        times = sorted(path.times)
+        rows.append({"what": path.label + where, "in_flight": 1, "count": len(times),
                      "p50_us": times[len(times) // 2] * 1e6,
                      "p90_us": times[len(times) * 9 // 10] * 1e6,
-                     "cpu_us": sum(cpu.values()) / len(times) * 1e6,
-                     "cpu_us_by_process": {k: v / len(times) * 1e6 for k, v in cpu.items()}})
+                     "cpu_us": sum(path.cpu.values()) / len(times) * 1e6,
+                     "cpu_us_by_process": {k: v / len(times) * 1e6
+                                           for k, v in path.cpu.items()}})
     for row in rows[1:]:
         row["p50_ratio"] = row["p50_us"] / rows[0]["p50_us"]
         row["cpu_ratio"] = row["cpu_us"] / rows[0]["cpu_us"]
     return rows
+
+
+@dataclass
+class _Path:
+    """One way to the app: its URL, the processes on it, and what its round trips took."""
+
+    label: str
+    url: str
+    pids: dict[str, int]
+    times: list[float] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds by process (and ``client``, this one) over its round trips."""
 
 
 @contextlib.contextmanager
@@ -340,39 +363,45 @@ def _on_cpu(cpu: int | None) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def _timed(pids: dict[str, int], run: Coroutine[Any, Any, list[float]]
-           ) -> tuple[list[float], dict[str, float]]:
-    """The round trips `run` measures, and the CPU seconds each process in `pids` and this
-    one (the client) spent meanwhile."""
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    client0 = time.process_time()
-    times = h.mesh_run(run)
-    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-    cpu["client"] = time.process_time() - client0
-    return times, cpu
-
-
-async def _round_trips(url: str, count: int, wait: bool = False) -> list[float]:
+async def _take_turns(paths: list[_Path], count: int) -> None:
+    """`count` timed round trips on each path, one request at a time, in blocks of
+    `TURN` taking turns (after 100 untimed ones each: connections made, caches warm)."""
     import aiohttp
 
     payload = make_payload(SIZE)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(500 if wait else 1):  # until the asking agent knows the server
+    want = payload.upper()
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = [await stack.enter_async_context(aiohttp.ClientSession()) for _ in paths]
+
+        async def trip(session: aiohttp.ClientSession, url: str) -> int:
             async with session.post(url, data=payload) as r:
-                await r.read()
-                if r.status == 200:
+                if await r.read() != want and r.status == 200:
+                    raise RuntimeError(f"{url} answered a wrong body")
+                return r.status
+
+        for session, path in zip(sessions, paths, strict=True):
+            for _ in range(500):  # until the asking agent knows the server
+                if await trip(session, path.url) == 200:
                     break
-            await asyncio.sleep(0.02)
-        else:
-            raise RuntimeError(f"{url} never answered 200")
-        times = []
-        for _ in range(count + 100):
-            t0 = time.perf_counter()
-            async with session.post(url, data=payload) as r:
-                if await r.read() != payload.upper() or r.status != 200:
-                    raise RuntimeError(f"{url} answered {r.status}")
-            times.append(time.perf_counter() - t0)
-        return times[100:]  # the first ones warm up
+                await asyncio.sleep(0.02)
+            else:
+                raise RuntimeError(f"{path.url} never answered 200")
+            for _ in range(100):
+                await trip(session, path.url)
+        for block in range(0, count, TURN):
+            for session, path in zip(sessions, paths, strict=True):
+                before = {name: cpu_seconds(pid) for name, pid in path.pids.items()}
+                client0 = time.process_time()
+                for _ in range(min(TURN, count - block)):
+                    t0 = time.perf_counter()
+                    status = await trip(session, path.url)
+                    path.times.append(time.perf_counter() - t0)
+                    if status != 200:
+                        raise RuntimeError(f"{path.url} answered {status}")
+                for name, pid in path.pids.items():
+                    path.cpu[name] = path.cpu.get(name, 0.0) + cpu_seconds(pid) - before[name]
+                path.cpu["client"] = (path.cpu.get("client", 0.0)
+                                      + time.process_time() - client0)
 
 
 def _print(rows: list[dict[str, Any]]) -> None:
