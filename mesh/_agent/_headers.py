@@ -31,6 +31,7 @@ import msgspec
 
 from .. import _codec
 from .._message import Message
+from .._support._cache import BoundedDict
 
 CONTENT_TYPE: Final[str] = "content-type"
 DEFAULT_CONTENT_TYPE: Final[str] = "application/octet-stream"
@@ -64,7 +65,7 @@ class _Names:
 
     def __init__(self, name_of: Callable[[str], str]) -> None:
         self._name_of = name_of
-        self._known: dict[str, str] = {}
+        self._known: BoundedDict[str, str] = BoundedDict(_KNOWN_NAMES)
 
     def collect(self, items: Iterable[tuple[str, str]]) -> dict[str, str]:
         """Raises:
@@ -75,10 +76,7 @@ class _Names:
         for name, value in items:
             key = known.get(name)
             if key is None:
-                key = self._name_of(name.lower())
-                if len(known) >= _KNOWN_NAMES:
-                    known.clear()
-                known[name] = key
+                key = known.put(name, self._name_of(name.lower()))
             if not key:
                 continue
             if len(value) > MAX_VALUE:
@@ -111,17 +109,13 @@ def _passed(key: str) -> bool:
 
 def is_token(name: str) -> bool:
     """Is `name` a header name we send or read? Names repeat: each is checked once."""
-    if name in _tokens:
-        return True
-    if _TOKEN.fullmatch(name) is None:
-        return False
-    if len(_tokens) >= _KNOWN_NAMES:
-        _tokens.clear()
-    _tokens.add(name)
-    return True
+    found = _tokens.get(name)
+    if found is None:
+        found = _tokens.put(name, _TOKEN.fullmatch(name) is not None)
+    return found
 
 
-_tokens: set[str] = set()
+_tokens: BoundedDict[str, bool] = BoundedDict(_KNOWN_NAMES)
 
 
 def sendable(name: str, value: str) -> bool:
