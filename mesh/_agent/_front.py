@@ -20,6 +20,7 @@ is not plain.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -236,7 +237,6 @@ class FrontProtocol(asyncio.Protocol):
         self._head = None
         request.body = bytes(buf[start:start + length])
         del buf[:start + length]
-        self._last = time.monotonic()
         self.task = task = self._loop.create_task(handler(request))
         task.add_done_callback(self._answer)
 
@@ -339,18 +339,14 @@ def _encode(response: web.StreamResponse, keep: bool) -> tuple[bytes, bytes]:
     return "".join(lines).encode(), bytes(body)
 
 
-class _Date:
-    """The Date header, formatted once a second."""
-
-    second = 0
-    text = ""
+@functools.lru_cache(maxsize=1)
+def _date_of(second: int) -> str:
+    return formatdate(second, usegmt=True)
 
 
 def _date() -> str:
-    now = int(time.time())
-    if now != _Date.second:
-        _Date.second, _Date.text = now, formatdate(now, usegmt=True)
-    return _Date.text
+    """The Date header's value, formatted once a second."""
+    return _date_of(int(time.time()))
 
 
 class FrontSite(web.BaseSite):
