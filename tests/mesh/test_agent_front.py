@@ -11,14 +11,17 @@ import asyncio
 import json
 import socket
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from mesh import AsyncNode, Reply
 from mesh._agent import _front
 
+from ..helpers import aeventually
 from ._agent import AgentProc, start_agent
 from ._proc import Cli
 from .conftest import MakeNode
@@ -155,12 +158,11 @@ async def test_plain_requests_get_the_front_and_the_same_answer_as_from_aiohttp(
 
 async def _known(conn: Conn, service: str) -> None:
     """Wait until the agent knows a server of `service` (it answers 503 before)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            answer = await _ask(conn, post(f"/v1/request/{service}?timeout=0.2&retries=0"))
-            if answer.status != 503:
-                return
-            await asyncio.sleep(0.05)
+    async def answered() -> bool:
+        answer = await _ask(conn, post(f"/v1/request/{service}?timeout=0.2&retries=0"))
+        return answer.status != 503
+
+    await aeventually(answered, WAIT, 0.05, message=f"the agent knows a server of {service}")
 
 
 async def _ask(conn: Conn, request: bytes) -> Answer:
@@ -308,12 +310,13 @@ async def test_a_client_gone_mid_request_cancels_the_request(
     sock = conn.writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     conn.writer.close()  # (a reset: the agent sees the client gone at once)
-    async with asyncio.timeout(WAIT):
-        while True:
-            if await _request_errors(agent) > before:
-                break
-            await asyncio.sleep(0.05)
+    await aeventually(lambda: _more(_request_errors(agent), before), WAIT, 0.05,
+                      message="the cancelled request counted as an error")
     release.set()
+
+
+async def _more(count: Awaitable[float], than: float) -> bool:
+    return await count > than
 
 
 async def _request_errors(agent: AgentProc) -> float:
@@ -358,3 +361,43 @@ async def test_the_agent_stops_promptly_with_idle_and_busy_lean_connections(
     assert time.monotonic() - stopped < 2 * _front._CLOSE_GRACE + 3  # its grace, aiohttp's
     await idle.close()
     await busy.close()
+
+
+async def test_an_idle_connection_is_closed_after_idle_seconds_and_a_busy_one_is_not() -> None:
+    """The front's keep-alive timeout (aiohttp's is 75 s too), checked in process against a
+    clock moved forward rather than waited out: the sweeper calls `close_if_idle` with the
+    time every IDLE_SECONDS / 5."""
+    release = asyncio.Event()
+
+    async def held(request: Any) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(status=202)
+
+    front = _front.Front(asyncio.Protocol, {"/v1/publish/": ("topic", held)}, 1024)
+    server = await asyncio.get_running_loop().create_server(front, "127.0.0.1", 0)
+    address = server.sockets[0].getsockname()[:2]
+    try:
+        idle = Conn(*await asyncio.open_connection(*address))
+        busy = Conn(*await asyncio.open_connection(*address))
+        await busy.send(post("/v1/publish/t"))
+        await aeventually(lambda: len(front.connections) == 2
+                          and any(c.task is not None for c in front.connections), WAIT)
+        assert front._sweeper is not None  # (the first connection started it)
+        for conn in list(front.connections):
+            conn.close_if_idle(time.monotonic())  # not idle for long yet: both stay
+        later = time.monotonic() + _front.IDLE_SECONDS + 1
+        for conn in list(front.connections):
+            conn.close_if_idle(later)
+        assert await idle.closed()
+        assert len(front.connections) == 1  # the busy one stays...
+        release.set()
+        assert (await busy.answer()).status == 202  # ...and answers
+        for conn in list(front.connections):
+            conn.close_if_idle(time.monotonic() + _front.IDLE_SECONDS + 1)
+        assert await busy.closed()
+        await idle.close()
+        await busy.close()
+    finally:
+        await front.close(1.0)
+        server.close()
+        await server.wait_closed()
