@@ -135,9 +135,11 @@ async def test_close_is_bounded_when_the_server_stopped_reading(nats_server: Sta
             if nc._pending_data_size > 0:
                 break  # (below nats-py's pending limit, past which publish closes itself)
         assert nc._pending_data_size > 0, "nothing waits to be sent: the close would not block"
+        transport = nc._transport._io_writer.transport  # type: ignore[union-attr]
         started = time.monotonic()
         async with asyncio.timeout(_nats.CLOSE_WAIT + 5):
             await hub.close()
         assert time.monotonic() - started < _nats.CLOSE_WAIT + 1
+        assert transport.is_closing()  # dropped, not left open behind the abandoned close
     finally:
         os.kill(pid, signal.SIGCONT)
