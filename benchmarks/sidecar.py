@@ -99,12 +99,12 @@ def started(cmd: list[str], cpu: int | None = None) -> Iterator[Proc]:
     """A child that prints a ``ready k=v ...`` line, for the ``with`` block; always stopped.
     With `cpu`, it and every thread it starts run on that CPU only."""
     def pin() -> None:
-        if cpu is not None:
-            os.sched_setaffinity(0, {cpu})
+        assert cpu is not None
+        os.sched_setaffinity(0, {cpu})
 
     with tempfile.TemporaryFile("w+") as stderr:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                env=_env(), preexec_fn=pin)
+                                env=_env(), preexec_fn=None if cpu is None else pin)
         try:
             yield Proc(proc, h.ready_fields(proc, START_SECONDS, stderr=stderr))
         finally:
