@@ -385,6 +385,8 @@ async def test_an_idle_connection_is_closed_after_idle_seconds_and_a_busy_one_is
         assert front._sweeper is not None  # (the first connection started it)
         for conn in list(front.connections):
             conn.close_if_idle(time.monotonic())  # not idle for long yet: both stay
+        assert not any(c._transport is None or c._transport.is_closing()
+                       for c in front.connections)
         later = time.monotonic() + _front.IDLE_SECONDS + 1
         for conn in list(front.connections):
             conn.close_if_idle(later)
