@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-from mesh import AsyncNode, PeerState, run
+from mesh import AsyncNode, PeerEventKind, PeerState, run
 
 
 def figures(node: AsyncNode) -> dict[str, Any]:
@@ -82,8 +82,8 @@ def _not_a_join(record: logging.LogRecord) -> bool:
     """Joins are on stdout already; logged too, 100 nodes write ~10,000 lines to the test's
     pipes in the join's busiest second, and that work starves the heartbeats it is there
     to explain."""
-    return not (record.args and isinstance(record.args, tuple)
-                and record.args[-1] == "joined")
+    return not (isinstance(record.args, tuple) and record.args
+                and record.args[-1] == PeerEventKind.JOINED.value)
 
 
 async def main(args: argparse.Namespace) -> None:
