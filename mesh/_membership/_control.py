@@ -829,11 +829,13 @@ class Membership:
         self._peers_changed()
 
     def _confirm_lost(self, rec: PeerRecord, down: _wire.Down) -> None:
+        """Only a refutation or the member itself heard clears the news (our watch of it
+        may have lapsed meanwhile: that sets it alive in the table, and proves nothing)."""
         self._confirming.pop(rec.id, None)
-        if (self.table.get(rec.id) is not rec or rec.state is not PeerState.SUSPECT
+        if (self.table.get(rec.id) is not rec or rec.state is PeerState.LOST
                 or rec.seq > down.seq
                 or time.monotonic() - rec.heard_directly < self.table.suspect_after):
-            return  # refuted, heard, or gone meanwhile
+            return  # refuted, heard, lost or gone meanwhile
         _log.debug("peer %s (%s) lost: news of it (alive counter %d) not refuted", rec.name,
                    rec.id[:8], down.seq)
         self.table.declare_lost(rec)

@@ -78,6 +78,31 @@ async def test_a_peer_that_goes_silent_is_suspect_then_lost_on_time(make_node: M
     assert 0.4 - 0.05 - 0.05 <= took <= 0.4 + 0.2, took
 
 
+async def test_news_of_a_loss_is_taken_even_if_our_watch_lapses_while_we_wait(
+        make_node: MakeNode) -> None:
+    """News that a member was lost leaves it suspect for a while (time to refute). If our
+    own watch of it ends meanwhile (it stopped being a neighbour), the news still stands:
+    only a refutation, or hearing the member itself, clears it."""
+    timing = {"heartbeat_interval": 0.05, "suspect_after": 5.0, "lost_after": 10.0,
+              "mdns": False}
+    a = await make_node("a", **timing)
+    b = await make_node("b", peers=a.endpoints["ctl"], **timing)
+    await a.wait_for_peers(1, timeout=5)
+    control = a._live().membership
+    await aeventually(lambda: (r := control.table.get(b.id)) is not None and r.watched)
+    events = a.events()
+    await b._live().tasks.cancel()  # b goes silent, as in a crash
+    rec = control.table.get(b.id)
+    assert rec is not None
+    rec.heard_directly = time.monotonic() - 60.0  # (not heard itself lately)
+    control._on_down(wire.Down(b.id, rec.incarnation, rec.seq), "")
+    assert rec.state is PeerState.SUSPECT
+    control.table.unwatch(rec)  # the watch lapses while the news waits to be confirmed
+    lost = await events.next(timeout=5)
+    assert (lost.kind, lost.peer.name) == (PeerEventKind.LOST, "b")
+    assert [p.state for p in a.peers()] == [PeerState.LOST]
+
+
 async def test_a_stalled_node_stretches_its_timeouts_until_a_quiet_spell(
         make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
     """Lifeguard's local health: after its own loop stalled, a node waits longer before it
