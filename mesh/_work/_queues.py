@@ -70,7 +70,7 @@ benchmarks/README.md)."""
 _PUSH_LINGER: Final[float] = 2.0
 """How long a closing node's pushers may still take to send what is queued."""
 _TURN: Final[int] = 64
-"""A worker's turn in the round robin: at most this many messages (and its batch, its credit)."""
+"""A worker's turn in the round robin: at most this many messages (see `_pick`)."""
 
 
 _wall_clock: Final = time.time
@@ -392,22 +392,29 @@ class WorkQueues:
         """The next worker with credit, round robin; it gets a turn of up to a batch.
 
         A turn never exceeds the target's credit, and every assignment counts
-        against both, so `push` may skip choosing while the turn lasts. Short
-        turns (`_TURN`, or a quarter window) keep the split even over many
-        messages whatever the window.
+        against both, so `push` may skip choosing while the turn lasts. Every
+        worker with credit gets the same turn: the smallest batch among them
+        (at most `_TURN`). Turns sized by each one's own window would split by
+        window, and while windows adapt they differ between equal workers (one
+        measured later), so one would take several times its share; a slower
+        worker gets fewer by running out of credit, not by shorter turns.
         """
         targets = self._targets_for(queue)
         n = len(targets)
         start = self._rr.get(queue, 0)
+        chosen: Target | None = None
+        turn = _TURN
         for i in range(n):
             target = targets[(start + i) % n]
-            credit = target.credit
-            if credit > 0:
-                self._rr[queue] = (start + i + 1) % n
-                target.run = min(credit, target.batch_at, _TURN)
-                self._current[queue] = target
-                return target
-        return None
+            if target.credit > 0:
+                if chosen is None:
+                    chosen = target
+                    self._rr[queue] = (start + i + 1) % n
+                turn = min(turn, target.batch_at)
+        if chosen is not None:
+            chosen.run = min(chosen.credit, turn)
+            self._current[queue] = chosen
+        return chosen
 
     async def _wait_for_target(self, queue: str, timeout: float,
                                closed: Callable[[], bool]) -> Target:

@@ -64,6 +64,33 @@ async def test_equal_workers_with_credit_share_the_work_round_robin(make_node: M
     assert all(800 <= n <= 1200 for n in got.values()), got
 
 
+async def test_workers_with_credit_share_equally_whatever_their_windows(
+        make_node: MakeNode) -> None:
+    """Two workers that keep up, with fixed windows of 4 and 16 (a ``prefetch`` up to
+    `MIN_WINDOW` is exact): 2,000 messages split about evenly.
+
+    Windows differ between equal workers too, while they adapt (one measures later than
+    the other). A turn sized by each worker's own window split these two 1:4, and made
+    the round-robin test above fail 2 runs in 20 beside two CPU burners.
+    """
+    pusher = await make_node("pusher")
+    got: collections.Counter[str] = collections.Counter()
+    seen: list[bytes] = []
+    for name, prefetch in (("small", 4), ("big", MIN_WINDOW)):
+        worker = await make_node(name)
+        await worker.pull("jobs", handler=_recorder(name, got, seen), prefetch=prefetch)
+    await pusher.wait_for_workers("jobs", 2, timeout=5)
+    total = 2000
+    for i in range(0, total, 2):  # two at a time, each pair processed before the next
+        await pusher.push("jobs", str(i))
+        await pusher.push("jobs", str(i + 1))
+        await aeventually(_processed(got, i + 2), timeout=5, interval=0.0005,
+                          message=f"{i + 2} messages processed")
+    print("split by window:", dict(got))
+    assert sorted(seen) == sorted(str(i).encode() for i in range(total))
+    assert all(0.4 * total <= got[name] <= 0.6 * total for name in ("small", "big")), got
+
+
 async def _fast_and_slow(make_node: MakeNode, got: collections.Counter[str], count: int,
                          prefetch: int = DEFAULT_PREFETCH
                          ) -> tuple[AsyncNode, AsyncNode, AsyncNode, float]:
