@@ -94,6 +94,10 @@ async def test_news_of_a_loss_is_taken_even_if_our_watch_lapses_while_we_wait(
     await b._live().tasks.cancel()  # b goes silent, as in a crash
     rec = control.table.get(b.id)
     assert rec is not None
+    # A beat b sent just before would refute the news when it arrives (failed 3 runs in
+    # 25 beside two CPU burners): wait until b has been silent for 10 of its beats.
+    await aeventually(lambda: time.monotonic() - rec.last_heard > 0.5, timeout=5,
+                      message="b silent for 0.5 s")
     rec.heard_directly = time.monotonic() - 60.0  # (not heard itself lately)
     control._on_down(wire.Down(b.id, rec.incarnation, rec.seq), "")
     assert rec.state is PeerState.SUSPECT
