@@ -67,11 +67,9 @@ async def test_equal_workers_with_credit_share_the_work_round_robin(make_node: M
 async def test_workers_with_credit_share_equally_whatever_their_windows(
         make_node: MakeNode) -> None:
     """Two workers that keep up, with fixed windows of 4 and 16 (a ``prefetch`` up to
-    `MIN_WINDOW` is exact): 2,000 messages split about evenly.
+    `MIN_WINDOW` is exact): 2,000 messages split about evenly, not 1:4 by window.
 
-    Windows differ between equal workers too, while they adapt (one measures later than
-    the other). A turn sized by each worker's own window split these two 1:4, and made
-    the round-robin test above fail 2 runs in 20 beside two CPU burners.
+    Equal workers' windows differ too, for a while, as each adapts on its own clock.
     """
     pusher = await make_node("pusher")
     got: collections.Counter[str] = collections.Counter()

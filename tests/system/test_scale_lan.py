@@ -118,16 +118,21 @@ def test_hundred_nodes_with_one_seed_see_each_other_and_notice_a_crash(
     # 4. nobody was ever taken for lost but the victims, and none of them said goodbye
     false = sorted((at - last_ready, node, other) for g in groups
                    for node, other, at in g.events("lost") if other not in victims)
-    wrongly = {other for _, _, other in false}
-    why = sorted(f"{line} [{g.host.name}]" for g in groups for line in g.stderr_lines
-                 if any(w in line for w in ("refuting", "stretched"))
-                 or any(f"peer {o} (" in line and " lost" in line for o in wrongly))
     assert not false, f"{len(false)} false losses by {len({n for _, n, _ in false})} nodes " \
         f"of {len({o for _, _, o in false})}, from {false[0][0]:.2f} s to {false[-1][0]:.2f} s " \
         f"after the last ready: {[(round(t, 2), n, o) for t, n, o in false[:5]]}; " \
-        f"last ready at {last_ready:.3f}; the nodes' log: {why[:20]}"
+        f"last ready at {last_ready:.3f}; the nodes' log: " \
+        f"{_why_lost(groups, {o for _, _, o in false})[:20]}"
     assert not [e for g in groups for e in g.events("left") if e[1] in victims]
     assert not over, over
+
+
+def _why_lost(groups: list[Group], wrongly: set[str]) -> list[str]:
+    """Every host's log lines about the wrongly-lost members and about strain, in time
+    order, each tagged with its host (a diagnosis of false losses: read only on failure)."""
+    return sorted(f"{line} [{g.host.name}]" for g in groups for line in g.stderr_lines
+                  if any(w in line for w in ("refuting", "stretched"))
+                  or any(f"peer {o} (" in line and " lost" in line for o in wrongly))
 
 
 def _victim_events(groups: list[Group], observer: str, victims: set[str],
