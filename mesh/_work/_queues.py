@@ -402,18 +402,20 @@ class WorkQueues:
         targets = self._targets_for(queue)
         n = len(targets)
         start = self._rr.get(queue, 0)
-        chosen: Target | None = None
-        turn = _TURN
         for i in range(n):
-            target = targets[(start + i) % n]
-            if target.credit > 0:
-                if chosen is None:
-                    chosen = target
-                    self._rr[queue] = (start + i + 1) % n
-                turn = min(turn, target.batch_at)
-        if chosen is not None:
-            chosen.run = min(chosen.credit, turn)
-            self._current[queue] = chosen
+            chosen = targets[(start + i) % n]
+            credit = chosen.credit
+            if credit > 0:
+                break
+        else:
+            return None
+        self._rr[queue] = (start + i + 1) % n
+        turn = min(credit, chosen.batch_at, _TURN)
+        for target in targets:  # (credit, a computed property, only for a smaller batch)
+            if target.batch_at < turn and target.credit > 0:
+                turn = target.batch_at
+        chosen.run = turn
+        self._current[queue] = chosen
         return chosen
 
     async def _wait_for_target(self, queue: str, timeout: float,
