@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic
 import msgspec
 
 from . import _codec
+from .errors import ConfigError
 
 if TYPE_CHECKING:  # a default (PEP 696) for type checkers; Python 3.11's TypeVar has none
     from typing_extensions import TypeVar
@@ -43,6 +44,34 @@ _set_slot: Final = msgspec.structs.force_setattr
 
 Headers = Mapping[str, str]
 """Free per-message headers; zeromesh passes them through untouched (e.g. ``traceparent``)."""
+
+
+def sent_headers(headers: object, what: str = "headers") -> dict[str, str] | None:
+    """A copy of the headers of a message to send (None when there are none), checked as it
+    is sent: found only when its batch is encoded, a bad header would take the whole batch,
+    other messages too, with it.
+
+    Raises:
+        TypeError: `headers` is not a mapping of str to str.
+        ConfigError: a name or value is not valid Unicode (a lone surrogate, as from
+            bytes decoded with ``surrogateescape``).
+    """
+    if not headers:
+        return None
+    if not isinstance(headers, Mapping):
+        raise TypeError(f"{what} must be a mapping, not {type(headers).__name__}")
+    out: dict[str, str] = {}
+    for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"{what}: {key!r} must map a str to a str")
+        if not (key.isascii() and value.isascii()):
+            try:
+                key.encode()
+                value.encode()
+            except UnicodeEncodeError:
+                raise ConfigError(what, f"{key!r} is not valid Unicode text") from None
+        out[key] = value
+    return out
 
 
 Receipt = Callable[["Message", bool], None]

@@ -22,7 +22,7 @@ import msgspec
 from .. import _names, _ttl
 from .._node import AsyncNode
 from ..errors import ConfigError
-from ._headers import MAX_HEADERS, MAX_VALUE
+from ._headers import MAX_HEADERS, MAX_VALUE, is_token
 
 
 class Line(msgspec.Struct, forbid_unknown_fields=True):
@@ -131,18 +131,31 @@ class _Checker:
         if len(payload) > self._max_size:
             raise ConfigError("data", f"{len(payload)} bytes exceed max_message_size "
                                       f"{self._max_size}")
-        headers = line.headers or None
-        if headers is not None:
-            if len(headers) > MAX_HEADERS:
-                raise ConfigError("headers", f"more than {MAX_HEADERS}")
-            for name, value in headers.items():
-                if not name or len(value) > MAX_VALUE:
-                    raise ConfigError("headers", f"{name!r}: empty name or value longer "
-                                                 f"than {MAX_VALUE}")
+        headers = _message_headers(line.headers) if line.headers else None
         ttl = _ttl.check(line.ttl) if line.ttl is not None else None
         if line.reliable and not self._can_spool:
             raise ConfigError("reliable", "needs a data dir (the spool lives there)")
         return Item(line.topic, payload, headers, line.retain, ttl, line.reliable)
+
+
+def _message_headers(given: dict[str, str]) -> dict[str, str]:
+    """A line's headers as the single-message routes take them from HTTP: names lower-cased
+    HTTP tokens, values one line each (so each can go out again to a webhook or an SSE app).
+
+    Raises:
+        ConfigError: more than MAX_HEADERS of them, or one that HTTP cannot carry.
+    """
+    if len(given) > MAX_HEADERS:
+        raise ConfigError("headers", f"more than {MAX_HEADERS}")
+    out = {}
+    for name, value in given.items():
+        if not is_token(name):
+            raise ConfigError("headers", f"{name!r} is not an HTTP header name")
+        if len(value) > MAX_VALUE or "\r" in value or "\n" in value:
+            raise ConfigError("headers", f"{name}: value longer than {MAX_VALUE} or with a "
+                                         "line break")
+        out[name.lower()] = value
+    return out
 
 
 async def publish(node: AsyncNode, items: list[Item]) -> None:

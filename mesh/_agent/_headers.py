@@ -69,7 +69,8 @@ class _Names:
 
     def collect(self, items: Iterable[tuple[str, str]]) -> dict[str, str]:
         """Raises:
-            BadHeader: more than MAX_HEADERS of them, or a value over MAX_VALUE bytes.
+            BadHeader: more than MAX_HEADERS of them, or a value over MAX_VALUE bytes or
+                not UTF-8.
         """
         known = self._known
         out: dict[str, str] = {}
@@ -81,10 +82,22 @@ class _Names:
                 continue
             if len(value) > MAX_VALUE:
                 raise BadHeader(f"header {name} is longer than {MAX_VALUE} bytes")
+            if not value.isascii() and not _is_utf8(value):
+                raise BadHeader(f"header {name} is not UTF-8 text")
             out[key] = value
             if len(out) > MAX_HEADERS:
                 raise BadHeader(f"more than {MAX_HEADERS} message headers")
         return out
+
+
+def _is_utf8(value: str) -> bool:
+    """Was this header value UTF-8 on the wire? (aiohttp keeps other bytes as lone
+    surrogates, which no message can carry.)"""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _own_name(key: str) -> str:
@@ -139,14 +152,8 @@ def reply_to_http(headers: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def for_app(msg: Message) -> dict[str, str]:
-    """What a ``[[service]]`` POST carries: the request's headers by the scheme of
-    `reply_to_http` (so an app reads the same names a requester's agent would show),
-    plus ``X-Zeromesh-Id``, ``-Service`` and ``-Source``."""
-    out = reply_to_http(msg.headers)
-    out[OURS + "id"] = msg.id
-    out[OURS + "service"] = msg.topic
-    out[OURS + "source"] = msg.source
-    return out
+    """What a ``[[service]]`` POST carries (see `for_delivery`)."""
+    return for_delivery(msg, "service")
 
 
 def from_app(items: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -160,19 +167,12 @@ def from_app(items: Iterable[tuple[str, str]]) -> dict[str, str]:
     return _APP_NAMES.collect(items)
 
 
-def to_http(headers: Mapping[str, str] | None) -> dict[str, str]:
-    """HTTP headers for a message's headers (names that are not HTTP tokens, or values
-    with line breaks, cannot be sent and are left out); a content type is always set."""
-    out = {CONTENT_TYPE: DEFAULT_CONTENT_TYPE}
-    for key, value in (headers or {}).items():
-        if sendable(key, value):
-            out[key] = value
-    return out
-
-
 def for_delivery(msg: Message, kind: str) -> dict[str, str]:
-    """What a webhook POST carries: the message's headers and its identity."""
-    out = to_http(msg.headers)
+    """What a webhook or ``[[service]]`` POST carries: the message's headers by the scheme
+    of `reply_to_http` (so an app reads the names a requester's agent would show, and no
+    message header poses as HTTP's own, such as Content-Length or Host), plus
+    ``X-Zeromesh-Id``, ``-Topic``/``-Queue``/``-Service`` (`kind`) and ``-Source``."""
+    out = reply_to_http(msg.headers)
     out[OURS + "id"] = msg.id
     out[OURS + kind] = msg.topic
     out[OURS + "source"] = msg.source

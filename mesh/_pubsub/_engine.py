@@ -47,7 +47,7 @@ from .. import _codec, _names, _ttl, _wire
 from .._config import NodeConfig
 from .._membership._listener import ControlRoutes, ControlSender
 from .._membership._peers import PeerRecord, PeerState, PeerTable
-from .._message import Message, T
+from .._message import Message, T, sent_headers
 from .._parts import Announcer, Waiter
 from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
@@ -301,7 +301,7 @@ class PubSub:
             pending = None
         if pending is None:
             pending = self._outgoing[topic] = []
-        hdrs = (headers if headers is _codec.LABEL else dict(headers)) if headers else None
+        hdrs = headers if headers is _codec.LABEL else sent_headers(headers)
         seq = self._next_seq()
         if ttl is None:
             item = _wire.Item(seq, time.time(), hdrs, data)
@@ -413,7 +413,8 @@ class PubSub:
             raise MessageTooLarge(largest, limit)
         ts, make = time.time(), _wire.Item
         expires = None if ttl is None else ts + ttl
-        items = [make(seq, ts, dict(headers) if headers else None, data, True, topic, expires)
+        hdrs = sent_headers(headers)
+        items = [make(seq, ts, hdrs, data, True, topic, expires)
                  for seq, data in enumerate(datas, self._take_seqs(len(datas)))]
         if self.history is not None and self.history.keeps(topic):
             self.history.add(topic, items)

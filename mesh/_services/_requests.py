@@ -47,7 +47,7 @@ from patterns import (
 from .. import _names, _wire
 from .._config import NodeConfig
 from .._membership._peers import PeerRecord, PeerState, PeerTable
-from .._message import Message
+from .._message import Message, sent_headers
 from .._parts import Waiter
 from .._support._quiet import QuietLog
 from .._support._tally import Stats, Tally
@@ -294,7 +294,7 @@ class Requests:
         if retries < 0:
             raise ConfigError("retries", "must be >= 0")
         payload = self._checked(service, data, timeout)
-        hdrs = dict(headers) if headers else None
+        hdrs = sent_headers(headers)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         attempts = retries + 1
@@ -396,7 +396,7 @@ class Requests:
         payload = self._checked(service, data, timeout)
         if max_replies is not None and max_replies < 1:
             raise ConfigError("max_replies", "must be >= 1 (or None: every server)")
-        hdrs = dict(headers) if headers else None
+        hdrs = sent_headers(headers)
         if hdrs:
             self._check_wire_size(service, payload, hdrs)
         deadline = asyncio.get_running_loop().time() + timeout

@@ -19,12 +19,12 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, Protocol, Self, cast
 
 from .. import _wire
-from .._message import Message, Reply
-from ..errors import MessageTooLarge
+from .._message import Message, Reply, sent_headers
+from ..errors import ConfigError, MessageTooLarge
 
 _log = logging.getLogger("mesh.services")
 
@@ -230,8 +230,8 @@ class Service:
         headers: dict[str, str] | None = None
         if isinstance(result, Reply):
             try:
-                headers = _reply_headers(result.headers)
-            except TypeError as exc:
+                headers = sent_headers(result.headers, "Reply headers")
+            except (TypeError, ConfigError) as exc:
                 self._fail(msg, reply, exc)
                 return
             result = result.data
@@ -294,23 +294,6 @@ class SyncService:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _reply_headers(headers: object) -> dict[str, str] | None:
-    """A `Reply`'s headers as they travel (None when empty).
-
-    Raises:
-        TypeError: not a mapping of str to str (caught here, not by the requester's decoder).
-    """
-    if not headers:
-        return None
-    if not isinstance(headers, Mapping):
-        raise TypeError(f"Reply headers must be a mapping, not {type(headers).__name__}")
-    out = dict(headers)
-    for key, value in out.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"Reply header {key!r} must map a str to a str")
-    return out
 
 
 def is_async_handler(handler: object) -> bool:

@@ -44,7 +44,7 @@ from .. import _names, _ttl, _wire
 from .._config import NodeConfig
 from .._membership._listener import ControlRoutes, ControlSender
 from .._membership._peers import PeerRecord, PeerState, PeerTable
-from .._message import Decoding, Message, T
+from .._message import Decoding, Message, T, sent_headers
 from .._parts import Announcer
 from .._reliable._dedup import Dedup
 from .._reliable._durables import PREFIX as _DURABLE_PREFIX
@@ -249,6 +249,7 @@ class WorkQueues:
         """Every push but a plain one within a turn: checks, a turn (waiting for credit),
         reliable and item pushes. Returns the target and payload of a plain push for the
         caller to add to its run; None: done here."""
+        checked = sent_headers(headers)
         if ttl is not None:
             ttl = _ttl.check(ttl)
         if type(data) is not bytes:
@@ -262,15 +263,15 @@ class WorkQueues:
             if queue not in self._queue_keys:
                 self._check_queue(queue)
             if reliable:
-                await self._push_reliable(queue, data, headers, ttl)
+                await self._push_reliable(queue, data, checked, ttl)
                 return None
             if self._backlog.get(queue):
                 self._pump(queue)
             target = self._pick(queue)
             if target is None:
                 target = await self._wait_for_target(queue, timeout, closed)
-        if headers or ttl is not None or not target.runs:
-            self._push_item(target, data, headers, ttl)
+        if checked or ttl is not None or not target.runs:
+            self._push_item(target, data, checked, ttl)
             return None
         return target, data
 
@@ -284,14 +285,13 @@ class WorkQueues:
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
-    def _push_item(self, target: Target, data: bytes, headers: Mapping[str, str] | None,
+    def _push_item(self, target: Target, data: bytes, headers: dict[str, str] | None,
                    ttl: float | None) -> None:
         """A message that needs its own `Item` (headers, a ttl, a worker on this node or one
         that predates runs)."""
         if target.payloads:
             self._send(target)  # the run pending takes its numbers first (they keep rising)
-        item = _wire.Item(self._next_seq(), _wall_clock(), dict(headers) if headers else None,
-                          data)
+        item = _wire.Item(self._next_seq(), _wall_clock(), headers, data)
         if ttl is not None:
             item.expires = item.ts + ttl
         if target.local:
@@ -301,14 +301,14 @@ class WorkQueues:
         self._assign(target, (item, None))
 
     async def _push_reliable(self, queue: str, data: bytes,
-                             headers: Mapping[str, str] | None, ttl: float | None) -> None:
+                             headers: dict[str, str] | None, ttl: float | None) -> None:
         if self._outbox is None:
             raise ConfigError("reliable", "needs a data dir (the spool lives there)")
         for target in self._targets_for(queue):
             if target.payloads:
                 self._send(target)  # plain pushes before it take their (lower) numbers first
         ts = _wall_clock()
-        item = _wire.Item(self._next_seq(), ts, dict(headers) if headers else None, data, True,
+        item = _wire.Item(self._next_seq(), ts, headers, data, True,
                           expires=None if ttl is None else ts + ttl)
         tracked = await self._outbox.spool_push(queue, item)
         self.requeue(queue, (item, tracked))

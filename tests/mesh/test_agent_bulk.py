@@ -59,7 +59,7 @@ async def test_ten_thousand_lines_arrive_in_order(procs: list[Cli], mesh_name: s
     _, sub = await _subscriber(make_node)
     agent = start_agent(procs, mesh=mesh_name, name="side")
     lines: list[dict[str, object]] = [{"topic": "bulk.n", "data": str(i)} for i in range(COUNT)]
-    lines[1] = {"topic": "bulk.b", "data_b64": "AAEC", "headers": {"x-k": "v"}, "ttl": 60}
+    lines[1] = {"topic": "bulk.b", "data_b64": "AAEC", "headers": {"X-K": "v"}, "ttl": 60}
     async with aiohttp.ClientSession() as http:
         await _connected(http, agent, sub)
         async with http.post(f"{agent.url}/v1/publish", data=ndjson(lines),
@@ -69,7 +69,7 @@ async def test_ten_thousand_lines_arrive_in_order(procs: list[Cli], mesh_name: s
     [other] = [m for m in got if m.topic == "bulk.b"]  # (order is kept per topic)
     assert [m.data for m in got if m.topic == "bulk.n"] == [
         str(i).encode() for i in range(COUNT) if i != 1]
-    assert (other.data, other.headers) == (b"\0\1\2", {"x-k": "v"})
+    assert (other.data, other.headers) == (b"\0\1\2", {"x-k": "v"})  # (lower-cased, as HTTP's)
 
 
 BAD_LINES: list[tuple[object, str]] = [
@@ -81,6 +81,8 @@ BAD_LINES: list[tuple[object, str]] = [
     ({"topic": "bulk.x", "data": "x", "ttl": -1}, "ttl"),
     ({"topic": "bulk.x", "data_b64": "!!"}, "not base64"),
     ("{not json", "malformed"),
+    ({"topic": "bulk.x", "data": "x", "headers": {"bad name": "v"}}, "not an HTTP header name"),
+    ({"topic": "bulk.x", "data": "x", "headers": {"x-k": "a\r\nhost: evil"}}, "line break"),
 ]
 
 

@@ -196,6 +196,45 @@ async def test_a_reply_header_that_would_break_the_answer_is_left_out(
     await conn.close()
 
 
+async def test_a_header_that_is_not_utf8_is_a_400_and_the_agent_goes_on(
+        procs: list[Cli], mesh_name: str, make_node: MakeNode) -> None:
+    """A header value with a byte that is not UTF-8 could travel in no message (it used to
+    be answered 202 and then take the agent's whole next batch, other clients' messages too,
+    with it): every route answers 400, by the front and by aiohttp alike, and the agent
+    publishes, retains and serves as before."""
+    await _echo(make_node)
+    sub_node = await make_node("sub")
+    sub = await sub_node.subscribe("utf.>")
+    agent = start_agent(procs, mesh=mesh_name, name="front")
+    conn = await Conn.to(agent)
+    await _known(conn, "echo")
+
+    async def heard() -> bool:
+        await _ask(conn, post("/v1/publish/utf.ping", b"ping"))
+        try:
+            return (await sub.next(timeout=0.1)).topic == "utf.ping"
+        except TimeoutError:
+            return False
+
+    await aeventually(heard, WAIT, 0, message="the subscriber hears the agent")
+    for path in ("/v1/publish/utf.bad", "/v1/publish/utf.bad?retain=true",
+                 "/v1/push/utf.q", "/v1/request/echo"):
+        for chunked in (False, True):
+            request = post(path, b"x", "X-Note: cafXX\r\n", chunked).replace(b"XX", b"\xe9")
+            answer = await _ask(conn, request)
+            assert answer.status == 400, (path, chunked, answer)
+            assert "not UTF-8" in answer.json()["error"]
+    assert (await _ask(conn, post("/v1/publish/utf.good?retain=true", b"kept"))).status == 202
+    while (msg := await sub.next(timeout=WAIT)).topic == "utf.ping":
+        pass
+    assert (msg.topic, msg.data) == ("utf.good", b"kept")  # (nothing of the bad ones came)
+    last = await _ask(conn, get("/v1/last/utf.%3E"))
+    assert [m["topic"] for m in last.json()] == ["utf.good"]
+    echoed = await _ask(conn, post("/v1/request/echo", b"still"))
+    assert (echoed.status, echoed.body) == (200, b"still")
+    await conn.close()
+
+
 async def test_pipelined_split_and_mixed_requests_are_answered_in_order(
         procs: list[Cli], mesh_name: str) -> None:
     """Requests written together are answered in order; one written a byte at a time is

@@ -4,6 +4,7 @@ bounded concurrency."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -112,6 +113,26 @@ async def test_failed_posts_are_retried_then_acked_in_publish_order(
                             webhook=label, outcome="ok") == 10
         assert await metric(http, agent.url, "zeromesh_webhook_deliveries_total",
                             webhook=label, outcome="retry") == 20
+
+
+async def test_message_headers_named_as_http_own_come_renamed_and_the_body_whole(
+        procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
+    """A message header such as content-length or host cannot pose as the POST's own: it
+    comes as X-Zeromesh-Header-<name> (as reply headers do), so the body arrives whole."""
+    config = hook_config(app.url, pattern="orders.>")
+    agent = start_agent(procs, mesh=mesh_name, name="side", config=config, tmp=tmp_path)
+    line = {"topic": "orders.eu", "data": "hello",
+            "headers": {"content-length": "1", "host": "evil", "x-k": "v"}}
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"{agent.url}/v1/publish", data=json.dumps(line)) as r:
+        assert r.status == 202, await r.text()
+    await app.wait_until(lambda: len(app.accepted) == 1)
+    [(_, body, headers)] = app.accepted
+    assert body == b"hello"
+    assert headers["X-Zeromesh-Header-Content-Length"] == "1"
+    assert headers["X-Zeromesh-Header-Host"] == "evil"
+    assert headers["Host"] != "evil"
+    assert headers["X-K"] == "v"
 
 
 async def test_a_webhook_that_always_fails_dead_letters_then_replay_delivers(

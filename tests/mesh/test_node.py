@@ -307,6 +307,39 @@ async def test_bad_names_and_sizes_are_clear_errors(make_node: MakeNode) -> None
     assert node.traffic().totals["oversized"] == 2  # refused before sending, and counted
 
 
+async def test_bad_headers_are_clear_errors_and_take_nothing_else_with_them(
+        make_node: MakeNode) -> None:
+    """Headers that no message can carry (not str to str, or a lone surrogate, as from
+    bytes decoded with ``surrogateescape``) are refused by the call that sends them; they
+    used to be found only as their batch was encoded, and the batch, other topics' messages
+    too, was lost."""
+    pub = await make_node("pub")
+    sub_node = await make_node("sub")
+    sub = await sub_node.subscribe("h.>")
+    await pub.wait_for_subscribers("h.ok", 1, timeout=5)
+    await pub.publish("h.ok", b"before", headers={"x-k": "v"})
+    bad_headers: list[tuple[Any, type[Exception], str]] = [
+        ({"x-k": "caf\udce9"}, ConfigError, "not valid Unicode"),
+        ({"x-\udce9": "v"}, ConfigError, "not valid Unicode"),
+        ({"x-k": 1}, TypeError, "str to a str"),
+        ({1: "v"}, TypeError, "str to a str"),
+        ([("x-k", "v")], TypeError, "must be a mapping"),
+    ]
+    for headers, error, reason in bad_headers:
+        with pytest.raises(error, match=reason):
+            await pub.publish("h.bad", b"x", headers=headers)
+        with pytest.raises(error, match=reason):
+            await pub.publish("h.bad", b"x", headers=headers, retain=True)
+        with pytest.raises(error, match=reason):
+            await pub.push("h.q", b"x", headers=headers, timeout=0.1)
+        with pytest.raises(error, match=reason):
+            await pub.request("h.svc", b"x", headers=headers, timeout=0.1)
+    await pub.publish("h.ok", b"after", headers={"x-k": "v"})
+    got = [await sub.next(timeout=5) for _ in range(2)]
+    assert [(m.topic, m.data) for m in got] == [("h.ok", b"before"), ("h.ok", b"after")]
+    assert await pub.last("h.>", timeout=0.5) == []  # no retained value of a refused publish
+
+
 async def test_bad_settings_fail_at_construction() -> None:
     """Interfaces, mesh names and timings are validated before anything binds."""
     cases: list[tuple[dict[str, Any], str]] = [({"interfaces": ["0.0.0.0"]}, "interfaces"),
