@@ -436,7 +436,14 @@ class NodeCore:
         return dropped
 
     def events(self) -> PeerEvents:
-        """A stream of peer events (joined, left, lost) from now on."""
+        """A stream of peer events (joined, left, lost) from now on (open it before `start`
+        to see the first joins); it ends when the node closes.
+
+        Raises:
+            ClosedError: the node has closed (a stream opened now would never end).
+        """
+        if self._closing:
+            raise ClosedError("node is closed")
         return self._events.open()
 
     async def wait_for_peers(self, count: int, *, timeout: float = 10.0) -> list[Peer]:

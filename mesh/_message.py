@@ -201,6 +201,10 @@ class Decoding(Generic[U]):
     """
 
     def __init__(self, of: type[U], where: str, stats: Counter[str] | None) -> None:
+        """Raises:
+            ConfigError: msgspec cannot decode into `of` (found here, not at the first
+                message, where it would stop the delivery of every subscription).
+        """
         self.of = of
         self.errors = 0
         self._where = where
@@ -208,6 +212,11 @@ class Decoding(Generic[U]):
         self._decoders: dict[str | None, Callable[[bytes], U]] = {}
         """By content type: the decoders in use (`_codec.decoder`'s, at hand)."""
         self._reported = False
+        try:
+            self._decoder(None)
+            self._decoder(_codec.JSON)
+        except TypeError as exc:
+            raise ConfigError("type", f"cannot decode messages as {of!r}: {exc}") from None
 
     def many(self, messages: Iterable[Message], shared: bool = True,
              one_label: bool = False) -> list[Message[U]]:

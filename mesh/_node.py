@@ -14,10 +14,10 @@ from typing import Any
 
 from . import _codec, _names, _trace, _ttl, _wire
 from ._codec import Payload
-from ._memory._history import start_of
+from ._memory._history import check_last, start_of
 from ._message import Message, T
 from ._node_p2p import WorkAndServices
-from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription
+from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription, check_callback
 from ._reliable import _dead
 from ._reliable._durables import DurableInfo, durable_queue
 from ._work._pull import NO_SETTLE, Pull
@@ -229,12 +229,14 @@ class AsyncNode(WorkAndServices):
         iteration. `max_pending` bounds the queue (0 = no bound).
 
         Raises:
-            ConfigError: `pattern` is invalid.
+            ConfigError: `pattern`, `since` or `last` is invalid, or msgspec cannot decode
+                into `type`.
+            TypeError: `callback` is an async function (iterate the subscription instead).
             ClosedError: the node is not running.
         """
         start = start_of(since)
-        if last is not None and last < 1:
-            raise ConfigError("last", "must be >= 1")
+        check_last(last)
+        check_callback(callback)
         run = self._live()
         if callback is not None and _trace.ON:
             callback = _trace.traced(callback, "deliver", subscription=pattern)
@@ -394,14 +396,16 @@ class AsyncNode(WorkAndServices):
             ClosedError: the node is not running.
         """
         start = start_of(since)
-        if last is not None and last < 1:
-            raise ConfigError("last", "must be >= 1")
+        check_last(last)
         run = self._live()
         if run.outbox is None:
             raise ConfigError("durable", "needs a data dir (its state lives there)")
         queue = durable_queue(self._id, _names.durable(name))
         _names.queue(queue)
         _names.pattern(pattern)
+        open_on = self._durables.mine.get(queue)
+        if open_on not in (None, pattern) and queue in run.work.workers.local:
+            raise ConfigError("durable", f"{name!r} is open already, on {open_on!r}")
         self._durables.mine[queue] = pattern
         self._durables.learn({queue: pattern})
         pull = run.work.pull(queue, prefetch, None)

@@ -148,7 +148,9 @@ class WorkAndServices(NodeCore):
         is retried on another server when there is one, up to `retries` times
         with a short jittered backoff; a server that dies or leaves fails its
         requests over at once. `timeout` covers finding a server and every
-        attempt. A request can run twice if its server dies after handling it.
+        attempt; an attempt gets an equal share of the time left with the
+        servers not yet tried (a lone server: all of it, and it is asked once).
+        A request can run twice if its server dies after handling it.
         A `data` that is not bytes/str is encoded and labelled as in `publish`
         (the server reads it with ``msg.decode(T)``).
 

@@ -28,19 +28,19 @@ from ._codec import Payload
 from ._config import NodeConfig
 from ._figures._report import Report
 from ._membership._peers import Peer
-from ._message import Message, attach_receipt, receipt_of
+from ._message import Message, attach_receipt, receipt_of, sent_headers
 from ._message import T as V
 from ._node import AsyncNode
-from ._pubsub._subscription import DEFAULT_MAX_PENDING
+from ._pubsub._subscription import DEFAULT_MAX_PENDING, check_callback
 from ._reliable._durables import DurableInfo
 from ._services._server import (
     SYNC_SERVE_CONCURRENCY,
     ReplyBody,
     ServiceHandler,
     SyncService,
-    is_async_handler,
 )
 from ._support._tally import Traffic
+from ._support._tasks import is_async_handler
 from ._sync_streams import SyncPeerEvents, SyncPull, SyncReplies, SyncSubscription
 from ._work._queues import DEFAULT_PREFETCH
 from .errors import ClosedError, MessageTooLarge
@@ -192,12 +192,18 @@ class Node:
         if self._loop is None:
             coro.close()
             raise ClosedError("node is not running (use `with Node(...)` or `start()`)")
+        if threading.current_thread() is self._thread:  # it would wait for itself forever
+            coro.close()
+            raise RuntimeError("a blocking Node call on the node's own loop (from an async "
+                               "handler): use the blocking call from a plain function, or an "
+                               "AsyncNode")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def _read(self, value: Callable[[], T]) -> T:
         """A value the loop keeps changing, read on the loop (never mid-change); read
-        directly when the node is not running, so it means what it means on `AsyncNode`."""
-        if self._loop is None:
+        directly when the node is not running, so it means what it means on `AsyncNode`,
+        and on the loop itself."""
+        if self._loop is None or threading.current_thread() is self._thread:
             return value()
         return self._call(_value(value))
 
@@ -233,9 +239,8 @@ class Node:
             ClosedError: the node is not running.
         """
         if reliable or retain:
-            self._call(self._drained_then(self._node.publish(topic, data, headers=headers,
-                                                             reliable=reliable,
-                                                             retain=retain, ttl=ttl)))
+            self._call(self._drained_then(lambda: self._node.publish(
+                topic, data, headers=headers, reliable=reliable, retain=retain, ttl=ttl)))
             return
         self.publish_nowait(topic, data, headers=headers, ttl=ttl)
 
@@ -254,9 +259,8 @@ class Node:
                 self.publish_nowait(topic, data, headers=headers, ttl=ttl)
             return
         batch = list(payloads)  # consumed here, not on the loop thread
-        self._call(self._drained_then(self._node.publish_many(topic, batch, headers=headers,
-                                                              reliable=reliable,
-                                                              retain=retain, ttl=ttl)))
+        self._call(self._drained_then(lambda: self._node.publish_many(
+            topic, batch, headers=headers, reliable=reliable, retain=retain, ttl=ttl)))
 
     def publish_nowait(self, topic: str, data: Payload, *,
                        headers: Mapping[str, str] | None = None,
@@ -276,6 +280,8 @@ class Node:
             ttl = _ttl.check(ttl)
         if type(data) is not bytes and type(data) is not str:  # encoded here, off the loop
             data, headers = _codec.prepared(data, headers)
+        if headers and headers is not _codec.LABEL:  # (on the loop it would fail a handoff)
+            headers = sent_headers(headers)
         size = len(data.encode()) if isinstance(data, str) else len(data)
         if size > self._node.config.max_message_size:
             raise MessageTooLarge(size, self._node.config.max_message_size)
@@ -308,9 +314,11 @@ class Node:
         `max_pending` messages behind, the oldest are dropped (and counted) as when iterating.
 
         Raises:
-            ConfigError: `pattern` is invalid.
+            ConfigError: as `AsyncNode.subscribe`.
+            TypeError: `callback` is an async function.
             ClosedError: the node is not running.
         """
+        check_callback(callback)
         sync_sub: SyncSubscription[V] = SyncSubscription(self, max_pending, callback)
         sync_sub._start(self._call(self._node.subscribe(pattern, type=type,
                                                         callback=sync_sub._put,
@@ -421,10 +429,11 @@ class Node:
         """See `AsyncNode.check_topic`."""
         self._node.check_topic(topic)
 
-    async def _drained_then(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Best-effort publishes handed over earlier go first: keep the caller's order."""
+    async def _drained_then(self, call: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Best-effort publishes handed over earlier go first: keep the caller's order. (A
+        call, not its coroutine: a closed node's `_call` never makes it.)"""
         self._drain()
-        return await coro
+        return await call()
 
     def pull(self, queue: str, *, type: type[V] | None = None,
              prefetch: int = DEFAULT_PREFETCH,

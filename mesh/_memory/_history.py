@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from bisect import bisect_right
 from collections import deque
@@ -181,6 +182,17 @@ def start_of(since: float | datetime | None) -> float | None:
         if start > now:
             raise ConfigError("since", f"{since.isoformat()} is in the future")
         return start
-    if since <= 0:
-        raise ConfigError("since", "must be a positive number of seconds ago")
-    return now - since
+    seconds: object = since  # (as callers may pass it: a str, a bool, a nan)
+    if (isinstance(seconds, bool) or not isinstance(seconds, int | float)
+            or not 0 < seconds < math.inf):
+        raise ConfigError("since", "must be a positive number of seconds ago, or a datetime")
+    return now - seconds
+
+
+def check_last(last: int | None) -> None:
+    """Raises:
+        ConfigError: `last` is not None and not a whole number >= 1.
+    """
+    value: object = last  # (as callers may pass it: a float, a bool)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError("last", "must be a whole number >= 1")

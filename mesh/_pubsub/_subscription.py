@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .. import _trace
 from .._message import Decoding, Message, T
 from .._support._mailbox import Mailbox
+from .._support._tasks import is_async_handler
 from ..errors import ClosedError
 from . import _pace
 
@@ -40,6 +41,16 @@ _log = logging.getLogger("mesh.node")
 DEFAULT_MAX_PENDING: Final[int] = 100_000
 
 Callback = Callable[[Message[T]], None]
+
+
+def check_callback(callback: object) -> None:
+    """Raises:
+        TypeError: `callback` is an async function: a callback is called, never awaited,
+            so it would run nothing.
+    """
+    if callback is not None and is_async_handler(callback):
+        raise TypeError("an async function cannot be a subscription callback (it would "
+                        "never be awaited): iterate the subscription instead")
 
 
 class Subscription(Mailbox[Message[T]]):

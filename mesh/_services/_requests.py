@@ -352,7 +352,9 @@ class Requests:
             target = self._choose(service, tried)
             if target is None:
                 raise NoRespondersError(service)
-        share = (deadline - loop.time()) / attempts_left
+        share = deadline - loop.time()
+        if attempts_left > 1:  # the time left is shared only with attempts that could fail over
+            share /= min(attempts_left, self._untried(service, tried))
         use = next(self._uses)
         self._stats["requests"] += 1
         services = self._stats.services
@@ -399,9 +401,9 @@ class Requests:
         hdrs = sent_headers(headers)
         if hdrs:
             self._check_wire_size(service, payload, hdrs)
-        deadline = asyncio.get_running_loop().time() + timeout
 
-        async def start() -> list[Asked]:
+        async def start() -> list[Asked]:  # (the timeout runs from here: see `Replies`)
+            deadline = asyncio.get_running_loop().time() + timeout
             return await self._ask_all(service, payload, hdrs, deadline)
 
         return Replies(service, start, functools.partial(self._gathered, service),
@@ -523,6 +525,16 @@ class Requests:
             if best_key is None or key < best_key:
                 best, best_key = rec, key
         return best
+
+    def _untried(self, service: str, tried: list[str]) -> int:
+        """How many servers of `service` an attempt could go to that none went to yet (1 at
+        least: the attempt about to go). A slow server is not asked again just because the
+        request has attempts to spare: with none other to fail over to, one attempt waits
+        for the whole time left."""
+        servers = self.servers(service)
+        untried = sum(1 for s in servers if (s.id if isinstance(s, PeerRecord) else "")
+                      not in tried)
+        return max(1, untried)
 
     def _open_link(self, rec: PeerRecord) -> _Link:
         def make_dealer(link: _Link) -> ServiceDealer:

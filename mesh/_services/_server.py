@@ -24,6 +24,7 @@ from typing import Any, Final, Protocol, Self, cast
 
 from .. import _wire
 from .._message import Message, Reply, sent_headers
+from .._support._tasks import is_async_handler
 from ..errors import ConfigError, MessageTooLarge
 
 _log = logging.getLogger("mesh.services")
@@ -294,13 +295,6 @@ class SyncService:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def is_async_handler(handler: object) -> bool:
-    if inspect.iscoroutinefunction(handler):
-        return True
-    call = getattr(handler, "__call__", None)  # noqa: B004 - a callable object's method
-    return call is not None and inspect.iscoroutinefunction(call)
 
 
 async def awaited(handler: ServiceHandler, msg: Message) -> ReplyBody:

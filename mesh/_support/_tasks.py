@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import Coroutine
 from typing import Any
 
@@ -31,3 +32,11 @@ class TaskSet:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def is_async_handler(handler: object) -> bool:
+    """Is `handler` an async function (or an object whose ``__call__`` is one)?"""
+    if inspect.iscoroutinefunction(handler):
+        return True
+    call = getattr(handler, "__call__", None)  # noqa: B004 - a callable object's method
+    return call is not None and inspect.iscoroutinefunction(call)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -163,6 +164,24 @@ async def test_durables_need_a_data_dir_and_one_process_per_dir(make_node: MakeN
     await make_node("one", data_dir=str(tmp_path / "d"))
     with pytest.raises(ConfigError, match="in use"):
         await make_node("two", data_dir=str(tmp_path / "d"))
+
+
+async def test_a_durable_open_on_one_pattern_is_not_taken_over_by_another(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """Opening a durable's name again on another pattern used to re-point it silently (the
+    first pattern's reliable messages were no longer spooled for it): it is an error while
+    it is open; with the same pattern, or once closed, it opens."""
+    node = await make_node("d", data_dir=str(tmp_path / "d"))
+    first = await node.subscribe_durable("o.>", "audit")
+    with pytest.raises(ConfigError, match=re.escape("'audit' is open already, on 'o.>'")):
+        await node.subscribe_durable("x.>", "audit")
+    assert [(d.name, d.pattern) for d in node.durables()] == [("audit", "o.>")]
+    again = await node.subscribe_durable("o.>", "audit")
+    await again.aclose()
+    await first.aclose()
+    moved = await node.subscribe_durable("x.>", "audit")
+    assert [(d.name, d.pattern) for d in node.durables()] == [("audit", "x.>")]
+    await moved.aclose()
 
 
 def test_cli_durable_sub_and_reliable_pub(mesh_name: str, tmp_path: Path) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -360,6 +362,66 @@ async def test_calls_on_a_closed_node_raise_closed_error(make_node: MakeNode) ->
         await node.publish("t", b"x")
     with pytest.raises(ClosedError):
         await node.subscribe("t")
+    with pytest.raises(ClosedError):  # (a stream opened now would never end)
+        node.events()
+
+
+async def test_misuses_of_subscribe_are_clear_errors(make_node: MakeNode) -> None:
+    """An async callback would never be awaited (nothing would run); `since` and `last`
+    take only what they mean."""
+    node = await make_node("n")
+
+    async def handler(msg: Any) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="async function"):
+        await node.subscribe("t", callback=handler)  # type: ignore[arg-type]
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"since": "10m"}, "since"), ({"since": float("nan")}, "since"),
+        ({"since": float("inf")}, "since"), ({"since": True}, "since"),
+        ({"last": 1.5}, "last"), ({"last": True}, "last"), ({"last": 0}, "last")]
+    for kwargs, key in bad:
+        with pytest.raises(ConfigError, match=key):
+            await node.subscribe("t", **kwargs)
+
+
+def test_blocking_calls_on_the_nodes_own_loop_are_errors_not_hangs(mesh_name: str) -> None:
+    """An async handler runs on the node's loop: a blocking call from it would wait for
+    that loop forever. It is a RuntimeError; reading a figure there works."""
+    outcome: list[str] = []
+    with Node(name="a", mesh=mesh_name, interfaces=["127.0.0.1"], mdns=False) as node:
+
+        async def handler(msg: Any) -> bytes:
+            try:
+                node.publish("x.y", b"1", retain=True)
+            except RuntimeError as exc:
+                outcome.append(str(exc))
+            outcome.append(f"peers {len(node.peers())}")
+            return b"ok"
+
+        node.serve("svc", handler)
+        assert node.request("svc", b"x", timeout=5, retries=0).data == b"ok"
+        with pytest.raises(TypeError, match="async function"):
+            node.subscribe("t", callback=handler)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="not valid Unicode"):
+            node.publish("t", b"x", headers={"x-k": "caf\udce9"})
+    assert len(outcome) == 2, outcome
+    assert "own loop" in outcome[0]
+    assert outcome[1] == "peers 0"
+
+
+def test_a_closed_blocking_node_raises_without_a_never_awaited_warning(
+        mesh_name: str) -> None:
+    node = Node(name="a", mesh=mesh_name, interfaces=["127.0.0.1"], mdns=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cases: list[dict[str, Any]] = [{"reliable": True}, {"retain": True}]
+        for kwargs in cases:
+            with pytest.raises(ClosedError):
+                node.publish("t", b"x", **kwargs)
+            with pytest.raises(ClosedError):
+                node.publish_many("t", [b"x"], **kwargs)
+        gc.collect()  # (an unawaited coroutine warns when it is collected)
 
 
 def test_sync_node_round_trip_and_events() -> None:

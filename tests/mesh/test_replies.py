@@ -189,6 +189,17 @@ async def test_the_stream_yields_replies_as_they_arrive(make_node: MakeNode,
         assert [r async for r in replies] == []  # closed: nothing more
 
 
+async def test_the_stream_timeout_runs_from_the_first_iteration(make_node: MakeNode) -> None:
+    """The request goes out when iteration starts, and so does its timeout: a stream made
+    earlier than its timeout before iterating still gathers the replies."""
+    client = await make_node("client")
+    await _servers(make_node, client, "all.later", [_named("one")])
+    replies = client.request_all_stream("all.later", b"q", timeout=0.5)
+    await asyncio.sleep(0.7)  # (longer than the timeout: the point of the test, not a wait)
+    async with asyncio.timeout(10):
+        assert [(r.source, r.data) async for r in replies] == [("s0", b"one:q")]
+
+
 async def test_closing_the_node_ends_a_gathering_with_closed_error(
         make_node: MakeNode, release: asyncio.Event) -> None:
     """A node closing while it gathers: ClosedError, as `request` raises, not a short list."""

@@ -268,6 +268,25 @@ async def test_a_timed_out_attempt_is_retried_on_another_server(make_node: MakeN
     assert [r.data for r in replies] == [b"ok"] * 4
 
 
+async def test_a_lone_slow_server_gets_the_whole_timeout_and_is_asked_once(
+        make_node: MakeNode) -> None:
+    """Attempts share the time only with servers a retry could fail over to: a lone server
+    that answers within the timeout, but after a third of it, is not timed out by the first
+    attempt and asked again (its work done twice, its reply thrown away)."""
+    client = await make_node("client")
+    calls = 0
+
+    async def slow(msg):
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.5)
+        return b"done"
+
+    await _servers(make_node, client, "svc.lone", [slow])
+    reply = await client.request("svc.lone", b"", timeout=1.2, retries=2)
+    assert (reply.data, calls) == (b"done", 1)
+
+
 async def test_retries_zero_means_one_attempt(make_node: MakeNode) -> None:
     """With retries=0 a hung server is a timeout, not a failover."""
     client = await make_node("client")

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from mesh import AsyncNode, Message, Node, Reply
+from mesh import AsyncNode, ConfigError, Message, Node, Reply
 from mesh._agent._headers import as_json, wants_json
 from tests.helpers import aeventually, eventually
 
@@ -130,6 +131,28 @@ async def test_a_wrong_type_is_counted_and_the_next_good_one_arrives(
         Reading("k", 1.0), Reading("k", 2.0)]
     assert sub.decode_errors == 3
     assert sub_node.traffic().totals["decode_errors"] == 3
+
+
+@dataclasses.dataclass
+class LockHolder:
+    name: str
+    lock: threading.Lock
+
+
+async def test_a_type_msgspec_cannot_decode_is_refused_at_subscribe(make_node: MakeNode) -> None:
+    """Found at the first message, such a type used to stop the delivery of every
+    subscription of the node; `subscribe` and `pull` refuse it, and the node goes on."""
+    node = await make_node("n")
+    cases: list[Any] = [LockHolder, "Reading"]
+    for bad in cases:
+        with pytest.raises(ConfigError, match="type"):
+            await node.subscribe("t.>", type=bad)
+        with pytest.raises(ConfigError, match="type"):
+            await node.pull("q", type=bad)
+    sub = await node.subscribe("t.>", type=Reading)
+    await node.publish("t.a", Reading("k", 1.0))
+    assert (await sub.next(timeout=5)).value == Reading("k", 1.0)
+    assert node.worker_count("q") == 0  # (no refused pull was left behind)
 
 
 async def test_a_wrong_value_inside_a_run_costs_only_itself(make_node: MakeNode) -> None:
