@@ -67,6 +67,9 @@ from .errors import ClosedError, ConfigError
 _log = logging.getLogger("mesh.node")
 _OWED_CREDITS_WAIT: Final[float] = 0.5
 """At most this long, at close, for the greeting of a pusher that sent us work first."""
+_HANDLER_GRACE: Final[float] = 2.0
+"""At most this long, at close, for a work handler to finish its message (as a service
+handler gets): its ack or nack then goes with the final credits."""
 
 
 def _take_seqs(seqs: itertools.count[int], n: int) -> int:
@@ -323,6 +326,7 @@ class NodeCore:
             return
         self._closing = True
         run.pubsub.flush(self.name)
+        await run.work.stop_handles(_HANDLER_GRACE)  # (heartbeats go on while a handler ends)
         await run.tasks.cancel()  # no heartbeat may follow the goodbye
         run.work.prepare_leave()  # final credits travel before the goodbye
         if run.work.owing:  # to a pusher whose greeting is unread yet: it must get in

@@ -139,6 +139,8 @@ class Workers:
         self._in_hand: dict[str, set[int]] = {}
         """Per sender, reliable messages delivered and not yet marked in dedup: a copy
         arriving now is a duplicate."""
+        self._closed = False
+        """Closed with the node: a settle now reaches no pusher (`send_credits` sends nothing)."""
 
     def bind(self, interfaces: Iterable[str]) -> list[str]:
         self.endpoints = [self._puller.bind(host) for host in interfaces]
@@ -148,16 +150,44 @@ class Workers:
         self.node_id = node_id
         self._puller.start(self._on_batches)
 
-    def stop(self) -> None:
-        """Take no more work (before leaving: pushers take back what we did not consume)."""
-        self._puller.stop()
+    async def stop_handles(self, grace: float) -> None:
+        """Closing: no handle hands out another message (all of them go back to their
+        pushers); a handler at work gets `grace` to finish, so its ack or nack travels with
+        the final credits, and is then cancelled (what it holds counts as processed)."""
+        me = asyncio.current_task()
+        running = []
+        for handle in self.handles:
+            handle._closed = True
+            task = handle._task
+            if task is not None and task is not me and not task.done():
+                running.append(task)
+        for local in self.local.values():
+            local.wake_all()  # idle handles and handlers end now
+        if running:
+            _, late = await asyncio.wait(running, timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
 
-    def close(self) -> None:
+    def leave(self) -> None:
+        """Before the goodbye: take no more work; what the application holds counts as
+        processed, and what waits in the queues is handed back (uncredited, the pushers
+        deliver it to other workers), so no handle may take it any more."""
+        self._puller.stop()
+        for handle in list(self.handles):
+            handle._settle_current()
         for local in self.local.values():
             local.closed = True
-            for waiter in local.waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            local.clear()
+            local.wake_all()
+
+    def close(self) -> None:
+        """After the goodbye: nothing is credited any more (the sockets are gone)."""
+        self._closed = True
+        for local in self.local.values():
+            local.closed = True
+            local.wake_all()
         self._puller.close()
 
     @property
@@ -196,11 +226,6 @@ class Workers:
             self._in_hand.get(msg.source_id, set()).discard(msg.seq)
         return local
 
-    def settle_in_hand(self) -> None:
-        """Before leaving: the messages in the application's hands count as processed."""
-        for handle in list(self.handles):
-            handle._settle_current()
-
     # -- crediting ---------------------------------------------------------------
 
     def nacked(self, stream: _InStream, msg: Message) -> None:
@@ -230,6 +255,8 @@ class Workers:
         if self._credit_handle is not None:
             self._credit_handle.cancel()
             self._credit_handle = None
+        if self._closed:
+            return  # a late settle (a message from `Pull.take`): its pusher redelivers it
         dirty, self._credit_dirty = self._credit_dirty | self._owed, set()
         self._owed = set()
         self._mark_done(dirty)

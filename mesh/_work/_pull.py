@@ -99,6 +99,12 @@ class LocalQueue:
                 waiter.set_result(None)
                 break
 
+    def wake_all(self) -> None:
+        """Every waiting handle looks again (it finds its handle or the queue closed)."""
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
 
 
 class Pull(Generic[T]):
@@ -191,7 +197,7 @@ class Pull(Generic[T]):
         self._settle_current()
         local = self._local
         while True:
-            while not local.items:
+            while self._closed or not local.items:  # a closed handle hands out nothing
                 if self._closed or local.closed:
                     raise ClosedError(f"pull on {local.name!r} is closed")
                 local.dry += 1
@@ -213,7 +219,7 @@ class Pull(Generic[T]):
     async def __anext__(self) -> Message[T]:
         local = self._local
         items = local.items
-        if items:  # the common case under load: no inner coroutine, no waiter
+        if items and not self._closed:  # the common case under load: no inner coroutine
             current = self._current
             if current is not None:  # processed: owed as part of a range where it can be
                 self._current = None

@@ -166,10 +166,13 @@ class WorkQueues:
                 self._backlog.add(queue, sent)
         self.workers.start(node_id)
 
+    async def stop_handles(self, grace: float) -> None:
+        """Closing, while the heartbeats still go: see `Workers.stop_handles`."""
+        await self.workers.stop_handles(grace)
+
     def prepare_leave(self) -> None:
         """Before the goodbye: flush pushes and report final credits, in that order."""
-        self.workers.stop()
-        self.workers.settle_in_hand()
+        self.workers.leave()
         self._flush()
         self.workers.send_credits()
 
