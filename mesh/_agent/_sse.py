@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from datetime import datetime
 from typing import Final
 
 import msgspec
 from aiohttp import web
 
 from .. import _trace
+from .._memory._history import parse_since
 from .._message import Message
 from .._node import AsyncNode
 from .._pubsub._subscription import Subscription
@@ -79,7 +81,7 @@ class Streams:
         pattern = request.match_info["pattern"]
         durable = params.get("durable")
         retained = _http.flag(params, "retained", default=True)
-        since = _http.seconds(params, "since", 0.0) or None
+        since = parse_since(params["since"]) if "since" in params else None
         last = _http.count(params, "last", 0, 1_000_000) or None
         if "last" in params and last is None:
             return _http.error(400, "last must be >= 1")
@@ -95,7 +97,7 @@ class Streams:
             self._attached.discard(durable)
 
     async def _plain(self, request: web.Request, pattern: str, retained: bool,
-                     since: float | None, last: int | None, json: bool
+                     since: float | datetime | None, last: int | None, json: bool
                      ) -> web.StreamResponse:
         sub = await self._node.subscribe(pattern, max_pending=MAX_PENDING, retained=retained,
                                          since=since, last=last)
@@ -125,7 +127,7 @@ class Streams:
             await sub.aclose()
 
     async def _durable(self, request: web.Request, pattern: str, name: str,
-                       since: float | None, last: int | None, json: bool
+                       since: float | datetime | None, last: int | None, json: bool
                        ) -> web.StreamResponse:
         pull = await self._node.subscribe_durable(pattern, name, since=since, last=last)
         self._open.add(pull)

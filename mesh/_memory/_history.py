@@ -189,6 +189,32 @@ def start_of(since: float | datetime | None) -> float | None:
     return now - seconds
 
 
+_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_since(text: str) -> float | datetime:
+    """A `since` as people write it (the CLI's ``--since``, the agent's ``?since=``):
+    seconds ago (``90``, ``30s``, ``10m``, ``2h``, ``1d``) or an ISO 8601 time.
+
+    Raises:
+        ConfigError: it is neither, not positive, or in the future.
+    """
+    unit = _UNITS.get(text[-1:].lower())
+    try:
+        value = float(text[:-1] if unit else text) * (unit or 1.0)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError("since", f"not a duration (90, 30s, 10m, 2h, 1d) or an ISO "
+                                       f"8601 time: {text!r}") from None
+        start_of(when)
+        return when
+    if not 0 < value < math.inf:
+        raise ConfigError("since", f"must be a positive duration: {text!r}")
+    return value
+
+
 def check_last(last: int | None) -> None:
     """Raises:
         ConfigError: `last` is not None and not a whole number >= 1.

@@ -11,14 +11,14 @@ import argparse
 import logging
 import math
 import sys
-import time
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Final, NoReturn
+from typing import NoReturn
 
 from patterns import KeyFileError, generate_keypair
 
 from .. import _loop
+from .._memory._history import parse_since
 from .._spool import FsyncPolicy
 from ..errors import ConfigError, MeshError
 from . import _commands, _demo
@@ -70,26 +70,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
 
 
-_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
 def _since(text: str) -> float | datetime:
     """Seconds ago (``90``, ``30s``, ``10m``, ``2h``, ``1d``) or an ISO 8601 time."""
-    unit = _UNITS.get(text[-1:].lower())
     try:
-        value = float(text[:-1] if unit else text) * (unit or 1.0)
-    except ValueError:
-        try:
-            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"not a duration (90, 30s, 10m, 2h, 1d) or an ISO 8601 time: {text!r}") from None
-        if when.timestamp() > time.time():
-            raise argparse.ArgumentTypeError(f"in the future: {text!r}") from None
-        return when
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive duration: {text!r}")
-    return value
+        return parse_since(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.reason) from None
 
 
 def _positive(text: str) -> float:

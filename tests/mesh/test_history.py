@@ -13,6 +13,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -163,8 +164,9 @@ async def test_a_durable_starts_from_history_and_gets_reliable_ones_once(
 
 async def test_agent_sse_since_replays_history_and_rejects_last_zero(
         mesh_name: str, tmp_path: Path) -> None:
-    """`GET /v1/subscribe/{pattern}?since=S` (plain and durable) starts with history;
-    `?last=0` is a 400."""
+    """`GET /v1/subscribe/{pattern}?since=S` (plain and durable) starts with history; S is
+    written as for the CLI (seconds, 10m, 2d: not bounded by a request timeout, or an
+    ISO 8601 time); `?last=0`, a bad or future `since` are a 400."""
     import aiohttp
 
     from mesh._agent import Agent, load
@@ -176,12 +178,16 @@ async def test_agent_sse_since_replays_history_and_rejects_last_zero(
                                         **FAST})
     async with Agent(config) as agent, aiohttp.ClientSession() as http:
         await agent.node.publish("ev.one", b"first")
-        for query in ("since=600", "durable=d1&since=600", "last=1"):
+        earlier = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
+        for query in ("since=600", "durable=d1&since=600", "last=1", "since=2d",
+                      "since=86400", f"since={earlier}"):
             async with http.get(f"{agent.http_url}/v1/subscribe/ev.%3E?{query}") as stream:
                 async with asyncio.timeout(10):
                     async for raw in stream.content:
                         if raw.startswith(b"data: "):
                             assert json.loads(raw[len(b"data: "):])["data"] == "first"
                             break
-        async with http.get(f"{agent.http_url}/v1/subscribe/ev.%3E?last=0") as r:
-            assert r.status == 400
+        for bad in ("last=0", "since=nan", "since=soon", "since=0", "since=2999-01-01"):
+            async with http.get(f"{agent.http_url}/v1/subscribe/ev.%3E?{bad}") as r:
+                assert r.status == 400, bad
+                assert (await r.json())["error"], bad
