@@ -218,7 +218,8 @@ def _guarded(handler: ViewHandler, route: str, count: Callable[[str, int], None]
              ) -> ViewHandler:
     async def guarded(request: RequestView) -> web.StreamResponse:
         try:
-            response = await handler(request)
+            refused = cross_origin(request) if request.method == "POST" else None
+            response = await handler(request) if refused is None else refused
         except (ConfigError, BadHeader) as exc:
             response = error(400, str(exc))
         except MessageTooLarge as exc:
@@ -269,9 +270,11 @@ def _from_http_exception(exc: web.HTTPException) -> web.StreamResponse:
     return response
 
 
-def cross_origin(request: web.Request) -> web.Response | None:
+def cross_origin(request: RequestView) -> web.Response | None:
     """A 403 for a request a browser made on behalf of a page of another origin (a
-    state-changing POST must not be a cross-site form or fetch), else None.
+    state-changing POST must not be a cross-site form or fetch: any web page open in a
+    browser on this machine could otherwise publish, push or call services through the
+    agent), else None.
 
     Browsers say where a request comes from: ``Sec-Fetch-Site`` (same-origin, same-site,
     cross-site, none) and ``Origin``; clients that are not browsers send neither."""

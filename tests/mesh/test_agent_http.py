@@ -107,6 +107,34 @@ async def test_publish_through_one_agent_reaches_sse_on_another(procs: list[Cli]
     assert {e["source"] for e in real} == {"pubside"}
 
 
+async def test_a_web_page_of_another_origin_cannot_post_through_the_agent(
+        procs: list[Cli], mesh_name: str) -> None:
+    """A page open in a browser on this machine can make it POST to 127.0.0.1 (a form, a
+    fetch): every POST a browser marks as cross-site is a 403 that sends nothing, on the
+    lean routes and aiohttp's alike; clients that are not browsers, and the agent's own
+    page, are not affected."""
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    evil = [{"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+            {"Origin": "null"}]
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{agent.url}/v1/subscribe/co.%3E") as response:
+        stream = SseStream(response)
+        await stream.subscribed()
+        for headers in evil:
+            for path, body in (("/v1/publish/co.bad", b"x"), ("/v1/push/co.q", b"x"),
+                               ("/v1/request/co.svc", b"x"),
+                               ("/v1/publish", b'{"topic": "co.bad", "data": "x"}')):
+                async with http.post(agent.url + path, data=body, headers=headers) as r:
+                    assert r.status == 403, (path, headers)
+                    assert "cross-origin" in (await r.json())["error"]
+        own_page = {"Origin": agent.url, "Sec-Fetch-Site": "same-origin"}
+        async with http.post(f"{agent.url}/v1/publish/co.good", data=b"ok",
+                             headers=own_page) as r:
+            assert r.status == 202
+        [event] = await stream.events(1)
+    assert (event["topic"], event["data"]) == ("co.good", "ok")  # nothing of the refused
+
+
 async def test_request_statuses_reply_timeout_remote_error_and_no_responders(
         procs: list[Cli], mesh_name: str, make_node: MakeNode) -> None:
     """200 with the reply body, 502 with the handler's message, 504 on timeout, 503 fast
