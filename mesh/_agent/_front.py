@@ -28,11 +28,12 @@ from email.utils import formatdate
 from typing import Final
 from urllib.parse import parse_qsl
 
-from aiohttp import web
+from aiohttp import web, web_protocol
+from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from ._headers import is_token
-from ._http import GUARDED, ViewHandler
+from ._http import GUARDED, ViewHandler, error
 
 _log = logging.getLogger("mesh.agent")
 
@@ -95,8 +96,14 @@ class Front:
         """A front serving the POST routes `templates` (``/v1/publish/{topic}``: one
         parameter, last) with the handlers `_http.add_routes` added to `app`, and handing
         the rest to `runner`'s aiohttp server (set up already)."""
-        fallback = runner.server
-        assert fallback is not None
+        server = runner.server
+        assert server is not None
+
+        def fallback() -> asyncio.Protocol:
+            protocol = server()
+            protocol.__class__ = _JsonErrors  # (same layout: aiohttp's Server makes its own)
+            return protocol
+
         lean = {}
         for template in templates:
             prefix, _, name = template.rpartition("/")
@@ -319,6 +326,23 @@ class FrontProtocol(asyncio.Protocol):
         protocol.data_received(data)
         if self._eof and not protocol.eof_received():  # (as the loop would have done)
             transport.close()
+
+
+class _JsonErrors(web_protocol.RequestHandler):
+    """aiohttp's protocol, answering a request it cannot parse (a head over its limits, no
+    Host, a bad chunk...) as the agent answers all bad input: ``{"error": ...}`` in JSON,
+    not aiohttp's plain text."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        plain = super().handle_error(request, status, exc, message)  # (it logs, and checks)
+        reason = message if message and status < 500 else plain.reason or "error"
+        answer = error(plain.status, reason)
+        answer.force_close()
+        return answer
 
 
 def _encode(response: web.StreamResponse, keep: bool) -> tuple[bytes, bytes]:

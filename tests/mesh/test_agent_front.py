@@ -295,6 +295,7 @@ async def test_a_request_aiohttp_cannot_parse_is_one_warning_line(
     answer = await _ask(conn, b"POST /v1/publish/a HTTP/1.1\r\nHost: a\r\n"
                               b"Transfer-Encoding: gzip\r\n\r\n")
     assert answer.status == 400
+    assert "error" in answer.json()  # (JSON, as every bad input is answered)
     await conn.close()
     line = await asyncio.to_thread(log.wait_for, "Error handling request", WAIT)
     assert " WARNING aiohttp.server: " in line
@@ -303,6 +304,25 @@ async def test_a_request_aiohttp_cannot_parse_is_one_warning_line(
     assert (await _ask(conn, post("/v1/publish/after"))).status == 202
     await conn.close()
     assert not any("Traceback" in seen for seen in log.lines), log.lines
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/publish/a HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",  # no Host
+    b"POST /v1/publish/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",  # head too long
+    b"POST /v1/publish/a HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+    b"POST /v1/publish/a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"POST /v1/publish/a HTTP/9.9\r\nHost: a\r\nContent-Length: 1\r\n\r\nx",
+], ids=["no-host", "long-head", "negative-length", "bad-chunk", "http-9.9"])
+async def test_what_aiohttp_cannot_parse_is_a_json_400_too(
+        procs: list[Cli], mesh_name: str, request_bytes: bytes) -> None:
+    """aiohttp's parser answers these; its answer is JSON as every other bad input's."""
+    agent = start_agent(procs, mesh=mesh_name, name="front")
+    conn = await Conn.to(agent)
+    answer = await _ask(conn, request_bytes)
+    assert answer.status == 400, answer
+    assert answer.headers["content-type"].startswith("application/json")
+    assert answer.json()["error"]
+    await conn.close()
 
 
 async def test_connection_close_and_a_half_closed_client_end_the_connection(
