@@ -271,11 +271,12 @@ def _exec_handler(command: str, timeout: float) -> Callable[[Message], Coroutine
             stderr=asyncio.subprocess.PIPE)
         try:
             async with asyncio.timeout(timeout):
-                out, err = await proc.communicate(msg.data)
-        except BaseException:  # timed out or cancelled: the child must not outlive the request
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+                out, err = await _communicate(proc, msg.data)
+        except TimeoutError as exc:
+            await _reap(proc)
+            raise RuntimeError(f"{argv[0]} timed out after {timeout:g} s") from exc
+        except BaseException:  # cancelled: the child must not outlive the request
+            await _reap(proc)
             raise
         if proc.returncode != 0:
             reason = err.decode("utf-8", "replace").strip()
@@ -283,6 +284,35 @@ def _exec_handler(command: str, timeout: float) -> Callable[[Message], Coroutine
         return out
 
     return run
+
+
+async def _communicate(proc: asyncio.subprocess.Process, data: bytes) -> tuple[bytes, bytes]:
+    """`proc.communicate(data)`, except that a command which exits without reading all of
+    `data` is not an error: under uvloop, writing to its closed pipe raises a RuntimeError
+    that asyncio's own feeder lets through, so the reply would depend on a race."""
+    assert proc.stdin is not None  # (all three are pipes: see the caller)
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+
+    async def feed(stdin: asyncio.StreamWriter) -> None:
+        # BrokenPipe/ConnectionReset: asyncio's loop; RuntimeError: uvloop's closed handle
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
+            if data:
+                stdin.write(data)
+                await stdin.drain()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
+            stdin.close()
+
+    _, out, err, _ = await asyncio.gather(feed(proc.stdin), proc.stdout.read(),
+                                          proc.stderr.read(), proc.wait())
+    return out, err
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Kill `proc` and wait for it (a timed-out or cancelled request leaves no child)."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await proc.wait()
 
 
 async def req(args: argparse.Namespace) -> int:
