@@ -114,9 +114,11 @@ async def last(args: argparse.Namespace) -> int:
 
 
 async def _payloads(data: str | None) -> AsyncIterator[bytes | str]:
-    """DATA if given, else one payload per stdin line."""
+    """DATA if given, else one payload per stdin line (none when there is no stdin)."""
     if data is not None:
         yield data
+        return
+    if sys.stdin is None:
         return
     while line := await asyncio.to_thread(sys.stdin.buffer.readline):
         yield line.rstrip(b"\r\n")

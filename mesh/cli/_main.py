@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -334,7 +335,28 @@ def _add_spool(sub: argparse._SubParsersAction[_Parser]) -> None:
                            help="how long to wait for delivery (default 30)")
 
 
+def _reopen_closed_std_fds() -> None:
+    """Put /dev/null on any of fds 0-2 that are closed (`cmd <&-`, `>&-`), as daemons do.
+
+    Otherwise the next file opened (a socket, a pipe) gets one of those numbers, and
+    uvloop's libuv aborts the process when it closes it (`uv__close: Assertion fd >
+    STDERR_FILENO`); Python has set the matching sys.std* to None, which the commands
+    would trip over."""
+    for fd, flags, name in ((0, os.O_RDONLY, "stdin"), (1, os.O_WRONLY, "stdout"),
+                            (2, os.O_WRONLY, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, flags)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:  # (open for the process's life, like sys.std* are)
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _reopen_closed_std_fds()
     args = build_parser().parse_args(argv)
     _configure_logging(getattr(args, "verbose", 0))
     try:
