@@ -79,20 +79,17 @@ def _since(text: str) -> float | datetime:
         raise argparse.ArgumentTypeError(exc.reason) from None
 
 
-def _positive(text: str) -> float:
+def _seconds(text: str) -> float:
+    """A duration for a timeout, a wait or a ttl: > 0 and finite (NaN passed `<= 0` and
+    crashed later; every one of these is meant to end)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
-    return value
-
-
-def _ttl(text: str) -> float:
-    value = _positive(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds: {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
     return value
 
 
@@ -134,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("peers", help="list the peers of the mesh")
     _common(p)
-    p.add_argument("--wait", type=_positive, default=1.0, metavar="S",
+    p.add_argument("--wait", type=_seconds, default=1.0, metavar="S",
                    help="seconds to listen before listing (default 1)")
     p.add_argument("--json", action="store_true", help="print a JSON list")
 
@@ -147,11 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs --data-dir)")
     p.add_argument("--retain", action="store_true",
                    help="make it the topic's retained value here (empty DATA clears it)")
-    p.add_argument("--ttl", type=_ttl, metavar="S",
+    p.add_argument("--ttl", type=_seconds, metavar="S",
                    help="drop each message not delivered within S seconds (from any spool too)")
     p.add_argument("--wait-subscribers", type=_count, metavar="N",
                    help="publish only once N matching subscribers are connected")
-    p.add_argument("--timeout", type=_positive, default=10.0, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
                    help="how long to wait for subscribers (default 10)")
     p.add_argument("--header", action="append", default=[], metavar="K=V",
                    help="message header; repeatable")
@@ -160,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("pattern")
     p.add_argument("--count", type=_count, metavar="N", help="exit 0 after N messages")
-    p.add_argument("--timeout", type=_positive, metavar="S", help="bound the whole run")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="bound the whole run")
     p.add_argument("--json", action="store_true", help="one JSON object per message")
     p.add_argument("--durable", metavar="NAME",
                    help="a durable subscription kept in --data-dir; restart to resume it")
@@ -176,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("pattern")
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--timeout", type=_positive, default=5.0, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=5.0, metavar="S",
                    help="how long to wait for each publisher's answer (default 5)")
 
     p = sub.add_parser("push", help="hand a message to one worker of QUEUE (no DATA: stdin lines)")
@@ -186,11 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reliable", action="store_true",
                    help="spool to disk first; at-least-once, even if no worker is up "
                         "(needs --data-dir)")
-    p.add_argument("--ttl", type=_ttl, metavar="S",
+    p.add_argument("--ttl", type=_seconds, metavar="S",
                    help="drop each message no worker got within S seconds (from the spool too)")
     p.add_argument("--wait-workers", type=_count, metavar="N",
                    help="push only once N workers of the queue are connected")
-    p.add_argument("--timeout", type=_positive, default=10.0, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
                    help="how long to wait for workers (default 10)")
     p.add_argument("--header", action="append", default=[], metavar="K=V",
                    help="message header; repeatable")
@@ -199,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("queue")
     p.add_argument("--count", type=_count, metavar="N", help="exit 0 after N messages")
-    p.add_argument("--timeout", type=_positive, metavar="S", help="bound the whole run")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="bound the whole run")
     p.add_argument("--json", action="store_true", help="one JSON object per message")
     p.add_argument("--prefetch", type=_count, default=16, metavar="N",
                    help="messages held per pusher before they are printed (default 16)")
@@ -212,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--exec", metavar="CMD",
                      help="run CMD per request (no shell): body on stdin, reply = stdout; "
                           "a non-zero exit is an error reply with its stderr")
-    p.add_argument("--exec-timeout", type=_positive, default=30.0, metavar="S",
+    p.add_argument("--exec-timeout", type=_seconds, default=30.0, metavar="S",
                    help="kill CMD after S seconds and reply with an error (default 30)")
     p.add_argument("--concurrency", type=_count, default=16, metavar="N",
                    help="requests handled at once (default 16)")
@@ -221,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("service")
     p.add_argument("data")
-    p.add_argument("--timeout", type=_positive, default=5.0, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=5.0, metavar="S",
                    help="covers finding a server and all retries (default 5)")
     p.add_argument("--retries", type=_retries, metavar="N",
                    help="retries on another server after a timeout (default 2; not with --all)")
@@ -258,7 +255,7 @@ def _add_bench(sub: argparse._SubParsersAction[_Parser]) -> None:
                    help="payload bytes, at least 8 (default 64)")
     p.add_argument("--in-flight", type=_count, metavar="N",
                    help="reqrep: requests outstanding at once (default 1)")
-    p.add_argument("--timeout", type=_positive, default=60.0, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=60.0, metavar="S",
                    help="bound the whole run; exit 1 if it comes first (default 60)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
 
@@ -331,7 +328,7 @@ def _add_spool(sub: argparse._SubParsersAction[_Parser]) -> None:
         if name == "replay":
             a.add_argument("ids", nargs="*", type=int, metavar="ID",
                            help="spool ids to replay (default: all)")
-            a.add_argument("--timeout", type=_positive, default=30.0, metavar="S",
+            a.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
                            help="how long to wait for delivery (default 30)")
 
 
