@@ -364,10 +364,11 @@ async def _req_all(node: AsyncNode, args: argparse.Namespace, headers: dict[str,
         except RequestTimeout:
             break
         known += 1
-    ok = 0
+    ok = answered = 0
     async with node.request_all_stream(args.service, args.data, headers=headers,
                                        timeout=max(deadline - loop.time(), 0.001)) as replies:
         async for reply in replies:
+            answered += 1
             ok += reply.error is None
             if args.json:
                 out(json.dumps(_named_dict(reply, "service")))
@@ -375,7 +376,10 @@ async def _req_all(node: AsyncNode, args: argparse.Namespace, headers: dict[str,
                 out(f"{reply.source} error: {reply.error}")
             else:
                 out(f"{reply.source} {reply.text.rstrip()}")
-    if not ok:
+    if answered and not ok:
+        print(f"zeromesh req: {'the server' if answered == 1 else f'all {answered} servers'} "
+              f"of {args.service!r} answered with an error", file=sys.stderr)
+    elif not ok:
         print(f"zeromesh req: no reply from a server of {args.service!r} within "
               f"{args.timeout:g} s", file=sys.stderr)
     return 0 if ok else 1
