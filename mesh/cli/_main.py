@@ -71,6 +71,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
 
 
+def _unused_node_flags(p: argparse.ArgumentParser, why: str, *, interface: bool = True) -> None:
+    """The node flags DESIGN promises every command, for one that runs no node of its own
+    (top, keygen, demo): accepted, so one set of flags works with any command, and with no
+    effect, as the ZEROMESH_* variables have none there."""
+    g = p.add_argument_group("node", f"Accepted like every command's, with no effect: {why}.")
+    g.add_argument("--mesh", metavar="M")
+    if interface:
+        g.add_argument("--interface", action="append", dest="interfaces", metavar="IP")
+    g.add_argument("--peer", action="append", dest="peers", metavar="URL")
+    g.add_argument("--data-dir", metavar="D")
+
+
 def _since(text: str) -> float | datetime:
     """Seconds ago (``90``, ``30s``, ``10m``, ``2h``, ``1d``) or an ISO 8601 time."""
     try:
@@ -110,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run a small mesh on this machine, showing every pattern")
     p.add_argument("--interface", default="127.0.0.1", metavar="IP",
                    help="address for the demo nodes (default 127.0.0.1)")
+    _unused_node_flags(p, "the demo makes its own mesh in a temp dir", interface=False)
 
     p = sub.add_parser("agent", help="run a sidecar node with an HTTP API until SIGINT/SIGTERM")
     _common(p)
@@ -123,11 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("top", help="live peers, topics, queues and services from an agent")
     p.add_argument("--agent", default="http://127.0.0.1:7474", metavar="URL",
                    help="the agent's HTTP address (default http://127.0.0.1:7474)")
+    _unused_node_flags(p, "top shows the agent's mesh")
 
     p = sub.add_parser("keygen", help="write a CURVE keypair (NAME.key, NAME.key_secret)")
     p.add_argument("--out", default=".", metavar="DIR",
                    help="directory for the key files (default: here)")
     p.add_argument("--name", default="node", help="file name stem (default: node)")
+    _unused_node_flags(p, "keygen only writes files")
 
     p = sub.add_parser("peers", help="list the peers of the mesh")
     _common(p)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from mesh.cli._main import build_parser
+
 from ._proc import Cli, run
 
 
@@ -197,3 +199,26 @@ def test_spool_commands_on_a_dir_with_no_spool_exit_2_and_make_nothing(
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"zeromesh spool: --data-dir: {missing} has no spool\n"
     assert not missing.exists()
+
+
+_NODE_FLAGS = ["--mesh", "elsewhere", "--interface", "127.0.0.1", "--peer",
+               "tcp://127.0.0.1:9", "--data-dir", "/nonexistent/zeromesh"]
+
+
+def test_top_and_keygen_accept_the_node_flags(mesh_name: str, tmp_path: Path) -> None:
+    """DESIGN: every command takes --mesh/--interface/--peer/--data-dir; top and keygen
+    accept them (no usage error) and run as without them."""
+    top = run(["top", "--agent", "http://127.0.0.1:9", *_NODE_FLAGS], mesh=mesh_name,
+              timeout=30)
+    assert top.returncode == 1, top.stderr
+    assert top.stderr.startswith("zeromesh top: cannot reach the agent at http://127.0.0.1:9")
+    keys = run(["keygen", "--out", str(tmp_path), *_NODE_FLAGS], mesh=mesh_name)
+    assert keys.returncode == 0, keys.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node.key", "node.key_secret"]
+
+
+def test_demo_accepts_the_node_flags_and_keeps_its_interface() -> None:
+    """`demo` takes them too; --interface is still the demo nodes' address."""
+    args = build_parser().parse_args(["demo", *_NODE_FLAGS[:2], "--interface", "::1",
+                                      *_NODE_FLAGS[4:]])
+    assert args.interface == "::1"
