@@ -114,9 +114,11 @@ async def last(args: argparse.Namespace) -> int:
 
 
 async def _payloads(data: str | None) -> AsyncIterator[bytes | str]:
-    """DATA if given, else one payload per stdin line."""
+    """DATA if given, else one payload per stdin line (none when there is no stdin)."""
     if data is not None:
         yield data
+        return
+    if sys.stdin is None:
         return
     while line := await asyncio.to_thread(sys.stdin.buffer.readline):
         yield line.rstrip(b"\r\n")
@@ -271,11 +273,12 @@ def _exec_handler(command: str, timeout: float) -> Callable[[Message], Coroutine
             stderr=asyncio.subprocess.PIPE)
         try:
             async with asyncio.timeout(timeout):
-                out, err = await proc.communicate(msg.data)
-        except BaseException:  # timed out or cancelled: the child must not outlive the request
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+                out, err = await _communicate(proc, msg.data)
+        except TimeoutError as exc:
+            await _reap(proc)
+            raise RuntimeError(f"{argv[0]} timed out after {timeout:g} s") from exc
+        except BaseException:  # cancelled: the child must not outlive the request
+            await _reap(proc)
             raise
         if proc.returncode != 0:
             reason = err.decode("utf-8", "replace").strip()
@@ -283,6 +286,35 @@ def _exec_handler(command: str, timeout: float) -> Callable[[Message], Coroutine
         return out
 
     return run
+
+
+async def _communicate(proc: asyncio.subprocess.Process, data: bytes) -> tuple[bytes, bytes]:
+    """`proc.communicate(data)`, except that a command which exits without reading all of
+    `data` is not an error: under uvloop, writing to its closed pipe raises a RuntimeError
+    that asyncio's own feeder lets through, so the reply would depend on a race."""
+    assert proc.stdin is not None  # (all three are pipes: see the caller)
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+
+    async def feed(stdin: asyncio.StreamWriter) -> None:
+        # BrokenPipe/ConnectionReset: asyncio's loop; RuntimeError: uvloop's closed handle
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
+            if data:
+                stdin.write(data)
+                await stdin.drain()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
+            stdin.close()
+
+    _, out, err, _ = await asyncio.gather(feed(proc.stdin), proc.stdout.read(),
+                                          proc.stderr.read(), proc.wait())
+    return out, err
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Kill `proc` and wait for it (a timed-out or cancelled request leaves no child)."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await proc.wait()
 
 
 async def req(args: argparse.Namespace) -> int:
@@ -332,10 +364,11 @@ async def _req_all(node: AsyncNode, args: argparse.Namespace, headers: dict[str,
         except RequestTimeout:
             break
         known += 1
-    ok = 0
+    ok = answered = 0
     async with node.request_all_stream(args.service, args.data, headers=headers,
                                        timeout=max(deadline - loop.time(), 0.001)) as replies:
         async for reply in replies:
+            answered += 1
             ok += reply.error is None
             if args.json:
                 out(json.dumps(_named_dict(reply, "service")))
@@ -343,7 +376,10 @@ async def _req_all(node: AsyncNode, args: argparse.Namespace, headers: dict[str,
                 out(f"{reply.source} error: {reply.error}")
             else:
                 out(f"{reply.source} {reply.text.rstrip()}")
-    if not ok:
+    if answered and not ok:
+        print(f"zeromesh req: {'the server' if answered == 1 else f'all {answered} servers'} "
+              f"of {args.service!r} answered with an error", file=sys.stderr)
+    elif not ok:
         print(f"zeromesh req: no reply from a server of {args.service!r} within "
               f"{args.timeout:g} s", file=sys.stderr)
     return 0 if ok else 1

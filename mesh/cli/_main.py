@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -70,6 +71,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
 
 
+def _unused_node_flags(p: argparse.ArgumentParser, why: str, *, interface: bool = True) -> None:
+    """The node flags DESIGN promises every command, for one that runs no node of its own
+    (top, keygen, demo): accepted, so one set of flags works with any command, and with no
+    effect, as the ZEROMESH_* variables have none there."""
+    g = p.add_argument_group("node", f"Accepted like every command's, with no effect: {why}.")
+    g.add_argument("--mesh", metavar="M")
+    if interface:
+        g.add_argument("--interface", action="append", dest="interfaces", metavar="IP")
+    g.add_argument("--peer", action="append", dest="peers", metavar="URL")
+    g.add_argument("--data-dir", metavar="D")
+
+
 def _since(text: str) -> float | datetime:
     """Seconds ago (``90``, ``30s``, ``10m``, ``2h``, ``1d``) or an ISO 8601 time."""
     try:
@@ -78,20 +91,17 @@ def _since(text: str) -> float | datetime:
         raise argparse.ArgumentTypeError(exc.reason) from None
 
 
-def _positive(text: str) -> float:
+def _seconds(text: str) -> float:
+    """A duration for a timeout, a wait or a ttl: > 0 and finite (NaN passed `<= 0` and
+    crashed later; every one of these is meant to end)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
-    return value
-
-
-def _ttl(text: str) -> float:
-    value = _positive(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds: {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
     return value
 
 
@@ -112,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run a small mesh on this machine, showing every pattern")
     p.add_argument("--interface", default="127.0.0.1", metavar="IP",
                    help="address for the demo nodes (default 127.0.0.1)")
+    _unused_node_flags(p, "the demo makes its own mesh in a temp dir", interface=False)
 
     p = sub.add_parser("agent", help="run a sidecar node with an HTTP API until SIGINT/SIGTERM")
     _common(p)
@@ -125,15 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("top", help="live peers, topics, queues and services from an agent")
     p.add_argument("--agent", default="http://127.0.0.1:7474", metavar="URL",
                    help="the agent's HTTP address (default http://127.0.0.1:7474)")
+    _unused_node_flags(p, "top shows the agent's mesh")
 
     p = sub.add_parser("keygen", help="write a CURVE keypair (NAME.key, NAME.key_secret)")
     p.add_argument("--out", default=".", metavar="DIR",
                    help="directory for the key files (default: here)")
     p.add_argument("--name", default="node", help="file name stem (default: node)")
+    _unused_node_flags(p, "keygen only writes files")
 
     p = sub.add_parser("peers", help="list the peers of the mesh")
     _common(p)
-    p.add_argument("--wait", type=_positive, default=1.0, metavar="S",
+    p.add_argument("--wait", type=_seconds, default=1.0, metavar="S",
                    help="seconds to listen before listing (default 1)")
     p.add_argument("--json", action="store_true", help="print a JSON list")
 
@@ -146,11 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs --data-dir)")
     p.add_argument("--retain", action="store_true",
                    help="make it the topic's retained value here (empty DATA clears it)")
-    p.add_argument("--ttl", type=_ttl, metavar="S",
+    p.add_argument("--ttl", type=_seconds, metavar="S",
                    help="drop each message not delivered within S seconds (from any spool too)")
     p.add_argument("--wait-subscribers", type=_count, metavar="N",
                    help="publish only once N matching subscribers are connected")
-    p.add_argument("--timeout", type=_positive, default=10.0, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
                    help="how long to wait for subscribers (default 10)")
     p.add_argument("--header", action="append", default=[], metavar="K=V",
                    help="message header; repeatable")
@@ -159,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("pattern")
     p.add_argument("--count", type=_count, metavar="N", help="exit 0 after N messages")
-    p.add_argument("--timeout", type=_positive, metavar="S", help="bound the whole run")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="bound the whole run")
     p.add_argument("--json", action="store_true", help="one JSON object per message")
     p.add_argument("--durable", metavar="NAME",
                    help="a durable subscription kept in --data-dir; restart to resume it")
@@ -175,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("pattern")
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--timeout", type=_positive, default=5.0, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=5.0, metavar="S",
                    help="how long to wait for each publisher's answer (default 5)")
 
     p = sub.add_parser("push", help="hand a message to one worker of QUEUE (no DATA: stdin lines)")
@@ -185,11 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reliable", action="store_true",
                    help="spool to disk first; at-least-once, even if no worker is up "
                         "(needs --data-dir)")
-    p.add_argument("--ttl", type=_ttl, metavar="S",
+    p.add_argument("--ttl", type=_seconds, metavar="S",
                    help="drop each message no worker got within S seconds (from the spool too)")
     p.add_argument("--wait-workers", type=_count, metavar="N",
                    help="push only once N workers of the queue are connected")
-    p.add_argument("--timeout", type=_positive, default=10.0, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
                    help="how long to wait for workers (default 10)")
     p.add_argument("--header", action="append", default=[], metavar="K=V",
                    help="message header; repeatable")
@@ -198,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("queue")
     p.add_argument("--count", type=_count, metavar="N", help="exit 0 after N messages")
-    p.add_argument("--timeout", type=_positive, metavar="S", help="bound the whole run")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help="bound the whole run")
     p.add_argument("--json", action="store_true", help="one JSON object per message")
     p.add_argument("--prefetch", type=_count, default=16, metavar="N",
                    help="messages held per pusher before they are printed (default 16)")
@@ -211,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--exec", metavar="CMD",
                      help="run CMD per request (no shell): body on stdin, reply = stdout; "
                           "a non-zero exit is an error reply with its stderr")
-    p.add_argument("--exec-timeout", type=_positive, default=30.0, metavar="S",
+    p.add_argument("--exec-timeout", type=_seconds, default=30.0, metavar="S",
                    help="kill CMD after S seconds and reply with an error (default 30)")
     p.add_argument("--concurrency", type=_count, default=16, metavar="N",
                    help="requests handled at once (default 16)")
@@ -220,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("service")
     p.add_argument("data")
-    p.add_argument("--timeout", type=_positive, default=5.0, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=5.0, metavar="S",
                    help="covers finding a server and all retries (default 5)")
     p.add_argument("--retries", type=_retries, metavar="N",
                    help="retries on another server after a timeout (default 2; not with --all)")
@@ -257,7 +270,7 @@ def _add_bench(sub: argparse._SubParsersAction[_Parser]) -> None:
                    help="payload bytes, at least 8 (default 64)")
     p.add_argument("--in-flight", type=_count, metavar="N",
                    help="reqrep: requests outstanding at once (default 1)")
-    p.add_argument("--timeout", type=_positive, default=60.0, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=60.0, metavar="S",
                    help="bound the whole run; exit 1 if it comes first (default 60)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
 
@@ -330,11 +343,32 @@ def _add_spool(sub: argparse._SubParsersAction[_Parser]) -> None:
         if name == "replay":
             a.add_argument("ids", nargs="*", type=int, metavar="ID",
                            help="spool ids to replay (default: all)")
-            a.add_argument("--timeout", type=_positive, default=30.0, metavar="S",
+            a.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
                            help="how long to wait for delivery (default 30)")
 
 
+def _reopen_closed_std_fds() -> None:
+    """Put /dev/null on any of fds 0-2 that are closed (`cmd <&-`, `>&-`), as daemons do.
+
+    Otherwise the next file opened (a socket, a pipe) gets one of those numbers, and
+    uvloop's libuv aborts the process when it closes it (`uv__close: Assertion fd >
+    STDERR_FILENO`); Python has set the matching sys.std* to None, which the commands
+    would trip over."""
+    for fd, flags, name in ((0, os.O_RDONLY, "stdin"), (1, os.O_WRONLY, "stdout"),
+                            (2, os.O_WRONLY, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, flags)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:  # (open for the process's life, like sys.std* are)
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _reopen_closed_std_fds()
     args = build_parser().parse_args(argv)
     _configure_logging(getattr(args, "verbose", 0))
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _wire
+from .._config import env_var
 from .._node import AsyncNode
 from .._reliable._durables import KnownDurables
 from .._spool import SpoolStore
@@ -30,9 +32,13 @@ _SPOOLS = ("out", "dead")
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
-    if not args.data_dir:
-        raise ConfigError("--data-dir", "name the node's data dir (or set ZEROMESH_DATA_DIR)")
-    path = Path(args.data_dir)
+    """The node's data dir (--data-dir, else ZEROMESH_DATA_DIR, as for every command); it
+    must have a spool: these commands look into one, they never make one."""
+    var = env_var("data_dir")
+    given = args.data_dir or os.environ.get(var, "").strip()
+    if not given:
+        raise ConfigError("--data-dir", f"name the node's data dir (or set {var})")
+    path = Path(given)
     if not (path / "spool").is_dir():
         raise ConfigError("--data-dir", f"{path} has no spool")
     return path
@@ -94,6 +100,7 @@ def show(args: argparse.Namespace) -> int:
 
 
 async def replay(args: argparse.Namespace, node: AsyncNode) -> int:
+    _data_dir(args)  # (before the node starts: it would make a data dir and a spool)
     ids = set(args.ids) if args.ids else None
     async with node:
         moved = await node.replay_dead_letters(ids)

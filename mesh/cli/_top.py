@@ -1,7 +1,8 @@
 """`zeromesh top`: the mesh live in the terminal, from an agent's ``GET /v1/events``.
 
 Each ``stats`` event redraws the screen in place (plain ANSI: home, clear);
-peer events are shown in a short log under it. ``q`` (or Ctrl-C) quits.
+peer events are shown in a short log under it. ``q``, Ctrl-C or SIGTERM quits
+(status 0, the terminal's mode restored), as in `top` and `nats top`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any, Final
 
 import aiohttp
 
+from ._commands import stop_on_signals
+
 DEFAULT_AGENT: Final[str] = "http://127.0.0.1:7474"
 _CLEAR: Final[str] = "\x1b[H\x1b[2J"
 _ROWS: Final[int] = 15
@@ -37,14 +40,18 @@ async def run(args: argparse.Namespace) -> int:
             if response.status != 200:
                 print(f"zeromesh top: {url} answered {response.status}", file=sys.stderr)
                 return 1
-            with _keys(quit_pressed):
+            with _keys(quit_pressed), stop_on_signals(quit_pressed):
                 reader = asyncio.ensure_future(_show(_events(response), log))
                 quitting = asyncio.ensure_future(quit_pressed.wait())
-                await asyncio.wait({reader, quitting}, return_when=asyncio.FIRST_COMPLETED)
-                for task in (reader, quitting):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                try:
+                    await asyncio.wait({reader, quitting}, return_when=asyncio.FIRST_COMPLETED)
+                finally:  # (also when cancelled: no task is left to fail unseen)
+                    for task in (reader, quitting):
+                        task.cancel()
+                    await asyncio.wait({reader, quitting})
+                    failed = None if reader.cancelled() else reader.exception()
+                if failed is not None:
+                    raise failed
                 if not quit_pressed.is_set():
                     print(f"zeromesh top: the agent at {args.agent} ended the stream",
                           file=sys.stderr)

@@ -130,7 +130,9 @@ class Cli:
                 stream.close()
 
 
-def run(args: Sequence[str], *, mesh: str, input: str | None = None,
-        timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mesh", *args], env=child_env(mesh), text=True,
-                          input=input, capture_output=True, timeout=timeout, check=False)
+def run(args: Sequence[str], *, mesh: str, input: str | None = None, timeout: float = 20.0,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI to its end (`env` is added to `child_env`)."""
+    return subprocess.run([sys.executable, "-m", "mesh", *args],
+                          env={**child_env(mesh), **(env or {})}, text=True, input=input,
+                          capture_output=True, timeout=timeout, check=False)

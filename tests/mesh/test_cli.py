@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from mesh.cli._main import build_parser
+
 from ._proc import Cli, run
 
 
@@ -31,6 +33,17 @@ def start(procs: list[Cli], *args: str, mesh: str, stdin: bool = False) -> Cli:
     (["pub", "t", "x", "--ttl", "x"], "not a number"),
     (["push", "q", "x", "--ttl", "-1"], "must be > 0"),
     (["push", "q", "x", "--ttl", "inf"], "finite"),
+    (["sub", ">", "--timeout", "nan"], "finite"),
+    (["sub", ">", "--timeout", "inf"], "finite"),
+    (["pub", "t", "x", "--timeout", "nan"], "finite"),
+    (["push", "q", "x", "--timeout", "NaN"], "finite"),
+    (["pull", "q", "--timeout", "nan"], "finite"),
+    (["req", "s", "x", "--timeout", "nan"], "finite"),
+    (["peers", "--wait", "nan"], "finite"),
+    (["last", ">", "--timeout", "1e999"], "finite"),
+    (["serve", "s", "--exec", "cat", "--exec-timeout", "nan"], "finite"),
+    (["sub", ">", "--since", "nan"], "positive duration"),
+    (["sub", ">", "--since", "infm"], "positive duration"),
     (["agent", "--mesh", "has space"], "mesh"),
     (["frobnicate"], "invalid choice"),
 ])
@@ -149,3 +162,63 @@ def test_restarted_agent_rejoins_with_the_same_id(procs: list[Cli], mesh_name: s
                    mesh=mesh_name)
     assert f"id={node_id}" in second.line("ready")
     assert f"id={node_id}" in watcher.line("joined name=phoenix", timeout=5)
+
+
+@pytest.mark.timeout(120)
+def test_spool_commands_find_the_data_dir_in_zeromesh_data_dir(mesh_name: str,
+                                                               tmp_path: Path) -> None:
+    """ZEROMESH_DATA_DIR stands for --data-dir in every spool command, as in every other."""
+    data = tmp_path / "node"
+    made = run(["pub", "t", "x", "--reliable", "--data-dir", str(data), "--timeout", "2"],
+               mesh=mesh_name)
+    assert made.returncode == 0, made.stderr
+    env = {"ZEROMESH_DATA_DIR": str(data)}
+    listed = run(["spool", "ls", "--json"], mesh=mesh_name, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["dead"]["messages"] == 0
+    shown = run(["spool", "show"], mesh=mesh_name, env=env)
+    assert (shown.returncode, shown.stderr) == (1, "")  # no dead letters: nothing shown
+    durables = run(["spool", "durables", "--json"], mesh=mesh_name, env=env)
+    assert (durables.returncode, durables.stdout) == (0, "[]\n"), durables.stderr
+    purged = run(["spool", "purge"], mesh=mesh_name, env=env)
+    assert purged.returncode == 0, purged.stderr
+    assert "purged 0 message(s)" in purged.stdout
+    forgot = run(["spool", "forget", "nobody"], mesh=mesh_name, env=env)
+    assert forgot.returncode == 2  # (it got as far as looking for the durable)
+    assert forgot.stderr.startswith("zeromesh spool: durable: no known durable 'nobody'")
+    replayed = run(["spool", "replay", "--timeout", "5"], mesh=mesh_name, env=env)
+    assert replayed.returncode == 0, replayed.stderr
+
+
+@pytest.mark.parametrize("action", ["ls", "show", "replay", "purge", "durables"])
+def test_spool_commands_on_a_dir_with_no_spool_exit_2_and_make_nothing(
+        action: str, mesh_name: str, tmp_path: Path) -> None:
+    """No spool there: exit 2 with one line, and no data dir is made (`replay` made one)."""
+    missing = tmp_path / "missing"
+    result = run(["spool", action, "--data-dir", str(missing)], mesh=mesh_name)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"zeromesh spool: --data-dir: {missing} has no spool\n"
+    assert not missing.exists()
+
+
+_NODE_FLAGS = ["--mesh", "elsewhere", "--interface", "127.0.0.1", "--peer",
+               "tcp://127.0.0.1:9", "--data-dir", "/nonexistent/zeromesh"]
+
+
+def test_top_and_keygen_accept_the_node_flags(mesh_name: str, tmp_path: Path) -> None:
+    """DESIGN: every command takes --mesh/--interface/--peer/--data-dir; top and keygen
+    accept them (no usage error) and run as without them."""
+    top = run(["top", "--agent", "http://127.0.0.1:9", *_NODE_FLAGS], mesh=mesh_name,
+              timeout=30)
+    assert top.returncode == 1, top.stderr
+    assert top.stderr.startswith("zeromesh top: cannot reach the agent at http://127.0.0.1:9")
+    keys = run(["keygen", "--out", str(tmp_path), *_NODE_FLAGS], mesh=mesh_name)
+    assert keys.returncode == 0, keys.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node.key", "node.key_secret"]
+
+
+def test_demo_accepts_the_node_flags_and_keeps_its_interface() -> None:
+    """`demo` takes them too; --interface is still the demo nodes' address."""
+    args = build_parser().parse_args(["demo", *_NODE_FLAGS[:2], "--interface", "::1",
+                                      *_NODE_FLAGS[4:]])
+    assert args.interface == "::1"

@@ -82,6 +82,23 @@ async def test_req_all_prints_one_line_per_reply(procs: list[Cli], mesh_name: st
         ("s0", "re:j", {"x-n": "1"}), ("s2", "re:j", {"x-n": "1"})]
 
 
+async def test_req_all_when_every_server_fails_says_so(procs: list[Cli], mesh_name: str,
+                                                       make_node: MakeNode) -> None:
+    """Every server answered with an error: exit 1, each error shown, and the reason says
+    they answered (not "no reply within S s")."""
+
+    def boom(msg: Message) -> bytes:
+        raise RuntimeError("on fire")
+
+    client = await make_node("watcher")
+    await _servers(make_node, client, "all.boom", [boom, boom])
+    code, lines, err = await _finish(procs, mesh_name, "req", "all.boom", "q", "--all",
+                                     "--timeout", "4")
+    assert code == 1
+    assert sorted(lines) == ["s0 error: on fire", "s1 error: on fire"]
+    assert err == "zeromesh req: all 2 servers of 'all.boom' answered with an error\n"
+
+
 async def test_req_all_without_servers_or_with_retries(procs: list[Cli], mesh_name: str) -> None:
     """No server: exit 1 with a reason; --retries with --all: bad usage, exit 2."""
     code, lines, err = await _finish(procs, mesh_name, "req", "all.nobody", "q", "--all",

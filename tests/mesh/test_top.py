@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -95,3 +96,16 @@ def test_top_without_an_agent_is_one_line_and_status_1(mesh_name: str) -> None:
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("zeromesh top: cannot reach the agent at http://127.0.0.1:9")
+
+
+def test_top_quits_on_sigint_with_status_0_and_no_traceback(procs: list[Cli],
+                                                            mesh_name: str) -> None:
+    """Ctrl-C quits like `q` (status 0, nothing on stderr); it left a 'Task exception was
+    never retrieved' traceback behind."""
+    agent = start_agent(procs, mesh=mesh_name, name="watched")
+    top = Cli(["top", "--agent", agent.url], mesh=mesh_name)
+    procs.append(top)
+    top.line("\x1b[H\x1b[2Jzeromesh top", timeout=15)  # the first screen: it is streaming
+    top.proc.send_signal(signal.SIGINT)
+    assert top.wait(15) == 0, top.stderr()
+    assert top.stderr() == ""
