@@ -71,7 +71,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     fsync: FsyncPolicy = FsyncPolicy.BATCH
     """Spool fsync policy: ``always`` | ``batch`` (group commit) | ``off``."""
     spool_quota: int = 256 * 1024 * 1024
-    """Bytes the outbox spool may hold; past it a reliable send raises SpoolFullError."""
+    """Bytes of undelivered messages the outbox spool may hold; past it a reliable send
+    raises SpoolFullError. Delivered ones do not count, and their space is reclaimed so
+    the files stay near this size."""
     max_attempts: int = 5
     """Failed deliveries of a reliable message before it is dead-lettered."""
     ack_timeout: float = 30.0

@@ -402,6 +402,7 @@ class NodeCore:
             dropped_by_peer=dict(pubsub.dropped_by_peer) if pubsub else {},
             spool_messages=len(outbox.store) if outbox else 0,
             spool_bytes=outbox.store.used_bytes if outbox else 0,
+            spool_disk_bytes=outbox.store.disk_bytes if outbox else 0,
             dead_letters=len(outbox.dead) if outbox else 0,
             input_dropped=self._dropped_input(),
             curve_refused=sum(curve.denied.values()) if curve else 0,

@@ -8,7 +8,7 @@ be a plain function or return an awaitable.
 `quick_benchmark` runs a benchmark script as users run it (``--quick --json``,
 loopback only) and returns its report.
 
-`files` and `cut_tail` list and damage files (spool segments) from async tests,
+`files`, `file_bytes` and `cut_tail` list, measure and damage files (spool segments) from async tests,
 in a worker thread, so the loop under test never blocks on the disk.
 """
 
@@ -135,6 +135,18 @@ def free_port() -> int:
 async def files(directory: Path, pattern: str) -> list[Path]:
     """The files in `directory` matching the glob `pattern`, sorted."""
     return await asyncio.to_thread(lambda: sorted(directory.glob(pattern)))
+
+
+async def file_bytes(directory: Path, pattern: str) -> int:
+    """Bytes of the files in `directory` matching `pattern`; one deleted while they are
+    measured (a spool reclaiming a segment) counts as gone."""
+    def measure() -> int:
+        total = 0
+        for path in directory.glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
+    return await asyncio.to_thread(measure)
 
 
 async def cut_tail(path: Path, nbytes: int) -> None:

@@ -235,8 +235,12 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily("zeromesh_spool_messages",
                                 "Reliable messages in the outbox spool, not yet delivered.",
                                 value=traffic.spool_messages)
-        yield GaugeMetricFamily("zeromesh_spool_bytes", "Bytes the outbox spool holds on disk.",
-                                value=traffic.spool_bytes)
+        yield GaugeMetricFamily("zeromesh_spool_bytes",
+                                "Bytes of undelivered messages in the outbox spool, as its "
+                                "quota counts them.", value=traffic.spool_bytes)
+        yield GaugeMetricFamily("zeromesh_spool_disk_bytes",
+                                "Bytes of the outbox spool's files, delivered messages "
+                                "included until reclaimed.", value=traffic.spool_disk_bytes)
         yield GaugeMetricFamily("zeromesh_dead_letters", "Messages in the dead-letter spool.",
                                 value=traffic.dead_letters)
 

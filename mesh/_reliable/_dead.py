@@ -50,9 +50,11 @@ def purge(outbox: Outbox, ids: Collection[int] | None) -> int:
 
 
 def spool_figures(outbox: Outbox | None, quota: int, fsync: str) -> dict[str, Any]:
-    """``{messages, bytes, quota_bytes, quota_pct, oldest_age_s, fsync, dead_letters}``."""
+    """``{messages, bytes, disk_bytes, quota_bytes, quota_pct, oldest_age_s, fsync,
+    dead_letters}``: ``bytes`` is what the quota counts (the messages still to deliver),
+    ``disk_bytes`` what the files hold (delivered ones until reclaimed)."""
     if outbox is None:
-        return {"messages": 0, "bytes": 0, "quota_bytes": 0, "quota_pct": 0.0,
+        return {"messages": 0, "bytes": 0, "disk_bytes": 0, "quota_bytes": 0, "quota_pct": 0.0,
                 "oldest_age_s": None, "fsync": fsync, "dead_letters": 0}
     used = outbox.store.used_bytes
     oldest = None
@@ -60,6 +62,7 @@ def spool_figures(outbox: Outbox | None, quota: int, fsync: str) -> dict[str, An
     if payload is not None:
         with contextlib.suppress(ProtocolError):
             oldest = round(max(0.0, time.time() - _wire.decode_spooled(payload).item.ts), 3)
-    return {"messages": len(outbox.store), "bytes": used, "quota_bytes": quota,
+    return {"messages": len(outbox.store), "bytes": used,
+            "disk_bytes": outbox.store.disk_bytes, "quota_bytes": quota,
             "quota_pct": round(100.0 * used / quota, 2) if quota else 0.0,
             "oldest_age_s": oldest, "fsync": fsync, "dead_letters": len(outbox.dead)}

@@ -36,6 +36,9 @@ class Segment:
     size: int = 0
     live: int = 0
     """Messages in it not yet acknowledged."""
+    count: int = 0
+    """Messages its file holds, settled or not: past `live`, settled ones that a
+    rewrite (`SpoolStore._compact`) can drop."""
     lo: int = 0
     hi: int = -1
     """Ids of its first and last message (none while ``hi < lo``). Ids are given out
@@ -52,6 +55,7 @@ class Segment:
             self.lo = lo
         self.hi = hi
         self.live += hi - lo + 1
+        self.count += hi - lo + 1
 
 
 @dataclass(slots=True)
@@ -76,6 +80,28 @@ def write_all(fd: int, data: bytes) -> None:
         view = memoryview(data)
         while done < len(data):
             done += os.write(fd, view[done:])
+
+
+def write_file(path: Path, body: bytes, *, sync: bool) -> None:
+    """Create (or empty) the file at `path` with `body`, on stable storage if `sync`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, body)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_dir(path: Path, policy: FsyncPolicy) -> None:
+    """Make a new or renamed file's name in `path` durable (unless the policy is off)."""
+    if policy is FsyncPolicy.OFF:
+        return
+    dir_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def write_error(exc: OSError, quota: int, used: int) -> MeshError:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -112,6 +112,43 @@ def messages(record: Record) -> list[tuple[int, bytes]]:
     except msgspec.DecodeError as exc:
         raise ValueError(f"unreadable run record {record.id}: {exc}") from None
     return list(zip(range(record.id, record.id + len(payloads)), payloads, strict=True))
+
+
+def charge(payloads: Iterable[bytes]) -> int:
+    """What messages count against a spool's quota: each as one DATA record (a RUN of
+    them takes less on disk)."""
+    sizes = list(map(len, payloads))
+    return sum(sizes) + HEADER_SIZE * len(sizes)
+
+
+def survivors(data: bytes, name: str, keep: Callable[[int], bool], *,
+              meta: bool) -> tuple[bytes, int]:
+    """A segment's bytes rewritten with only the messages `keep` names (one record per
+    run of consecutive ids) and, with `meta`, its META records; and how many messages
+    that is. Its acks go: the caller knows nothing needs them."""
+    report = RecoveryReport()  # (damage was reported when the spool opened)
+    out: list[bytes] = []
+    kept = 0
+    for rec in scan(data, report, name):
+        if rec.kind is RecordKind.META:
+            if meta:
+                out.append(encode(RecordKind.META, rec.id, rec.payload))
+            continue
+        if rec.kind is RecordKind.ACK:
+            continue
+        try:
+            found = [(i, p) for i, p in messages(rec) if keep(i)]
+        except ValueError:
+            continue  # (unreadable at recovery too: never pending)
+        kept += len(found)
+        start = 0
+        for end in range(1, len(found) + 1):
+            if end == len(found) or found[end][0] != found[end - 1][0] + 1:
+                group = [p for _, p in found[start:end]]
+                first = found[start][0]
+                out += encode_data(first, group) if len(group) == 1 else [encode_run(first, group)]
+                start = end
+    return b"".join(out), kept
 
 
 def encode_acks(ids: list[int]) -> list[bytes]:

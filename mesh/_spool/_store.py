@@ -23,51 +23,70 @@ redelivery, which receivers deduplicate).
 An `append_many` of several messages is one RUN record (policies ``batch``
 and ``off``): one header and one CRC for the group instead of one per message.
 
-Reclaiming space: segments roll at `segment_bytes`; the oldest segment is
-deleted as soon as every message in it is acknowledged. Deleting only from the
-front keeps it safe: an ack always lives in the same or a later segment than
-the message it settles. `reclaim` lets the segment being written go as well
-when nothing in it is pending. Ids are never reused, even once every segment
-that held them is gone (recovery starts above every id a file names), since a
-surviving ack would settle a new message of the same id. META records (the
-inbox's dedup marks) also keep their segment, until the owner writes its state
-again, compacted, with `rewrite_meta` (into a new segment, synced before the
-older ones go).
+The quota counts what the spool must keep: the pending messages (each as one
+record's bytes) and those on their way to disk, not acknowledged data, so a
+small quota does not fill up with messages long delivered. The files are kept
+near the quota by reclaiming instead:
+- segments roll at `segment_bytes`, at most a fraction of the quota, so the
+  settled ones can go while the spool is in use;
+- a segment goes once every message in it is acknowledged and no earlier
+  segment still holds an acknowledged message (an ack lives in the same or a
+  later segment than the message it settles, and must outlive its record);
+- when the files outgrow the quota by more than a segment (a message long
+  pending pins the settled ones around it), closed segments are rewritten,
+  oldest first, with only their pending messages and live META records, until
+  they fit: into a new file, synced, renamed over the old, so a crash leaves
+  one or the other whole. Oldest first makes dropping their acks safe: no
+  earlier segment holds a settled message by then.
+The files thus hold about the quota plus two segments at most. `reclaim` lets
+the segment being written go as well when nothing in it is pending. Ids are
+never reused, even once every segment that held them is gone (recovery starts
+above every id a file names), since a surviving ack would settle a new message
+of the same id. META records (the inbox's dedup marks) also keep their
+segment, until the owner writes its state again, compacted, with
+`rewrite_meta` (into a new segment, synced before the older ones go).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
 import threading
 from bisect import bisect_left, bisect_right
-from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
 from ..errors import ClosedError, SpoolFullError
-from ._files import FsyncPolicy, Segment, Write, write_all, write_error
+from ._files import FsyncPolicy, Segment, Write, sync_dir, write_all, write_error, write_file
 from ._segment import (
     HEADER_SIZE,
     Record,
     RecordKind,
     RecoveryReport,
     acked_ids,
+    charge,
     encode,
     encode_acks,
     encode_data,
     encode_run,
     messages,
     scan,
+    survivors,
 )
 
 _log = logging.getLogger("mesh.spool")
 _SUFFIX: Final[str] = ".seg"
 DEFAULT_QUOTA: Final[int] = 256 * 1024 * 1024
 DEFAULT_SEGMENT: Final[int] = 16 * 1024 * 1024
+_SEGMENTS_PER_QUOTA: Final[int] = 8
+"""A segment holds at most the quota over this, so settled ones go long before it fills."""
+_MIN_SEGMENT: Final[int] = 4096
+_TMP: Final[str] = ".tmp"
+"""Suffix of a segment's rewrite until it is renamed over the segment."""
 _LAZY_ACKS: Final[float] = 0.05
 """Longest an ack record waits for an append to share its commit."""
 
@@ -85,11 +104,16 @@ class SpoolStore:
         self.path = Path(path)
         self.fsync = fsync
         self.quota_bytes = quota_bytes
-        self.segment_bytes = segment_bytes
+        self.segment_bytes = min(segment_bytes,
+                                 max(_MIN_SEGMENT, quota_bytes // _SEGMENTS_PER_QUOTA))
         self._segments: list[Segment] = []
-        self._firsts: list[int] = []
         self._pending: dict[int, bytes] = {}
         self._next_id = 1
+        self._charged = 0
+        """What the quota counts: `charge` of the pending messages and of those queued."""
+        self._resolved = 0
+        """Highest id whose write the loop has seen finish, set after `_pending` has it:
+        a rewrite keeps every id above it, whether `_pending` has it yet or not."""
         self._queued_bytes = 0
         self._lazy: list[bytes] = []
         """Ack (and lazy META) records not yet handed to the writer: they ride along with
@@ -130,6 +154,8 @@ class SpoolStore:
     def open(self) -> RecoveryReport:
         """Recover from the files (blocking: call it off the loop). Never raises on damage."""
         self.path.mkdir(parents=True, exist_ok=True)
+        for tmp in self.path.glob(f"*{_SUFFIX}{_TMP}"):
+            tmp.unlink()  # a rewrite cut short: the segment it would replace is intact
         report = self.report = RecoveryReport()
         acked: set[int] = set()
         files = sorted(self.path.glob(f"*{_SUFFIX}"))
@@ -170,8 +196,9 @@ class SpoolStore:
                 seg.size = good_end
             self._segments.append(seg)
         self._settle_many(acked)
-        self._firsts = [s.first_id for s in self._segments]
-        self._drop_settled_prefix()
+        self._charged = charge(self._pending.values())
+        self._resolved = self._next_id - 1
+        self._drop_settled()
         if not report.clean:
             _log.warning("spool %s recovered with damage: %s", self.path,
                          "; ".join(report.problems[:5]))
@@ -184,7 +211,6 @@ class SpoolStore:
         if not self._segments:
             self._segments.append(Segment(self.path / f"{self._next_id:020d}{_SUFFIX}",
                                            self._next_id))
-            self._firsts.append(self._next_id)
         self._thread = threading.Thread(target=self._write_forever, name="zeromesh-spool",
                                         daemon=True)
         self._thread.start()
@@ -194,7 +220,15 @@ class SpoolStore:
 
     @property
     def used_bytes(self) -> int:
-        return sum(s.size for s in self._segments) + self._queued_bytes
+        """Bytes counted against the quota: the messages still to deliver (and those
+        being written), not the settled data the files may still hold."""
+        return self._charged
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes in the files, and queued for them: kept near the quota by reclaiming."""
+        with self._lock:
+            return sum(s.size for s in self._segments) + self._queued_bytes
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -243,10 +277,11 @@ class SpoolStore:
             records = encode_data(first, payload_list)
         ids = list(range(first, first + len(payload_list)))
         size = sum(map(len, records))
-        used = self.used_bytes
-        if used + size > self.quota_bytes:
-            raise SpoolFullError(self.quota_bytes, used)
+        cost = charge(payload_list)
+        if self._charged + cost > self.quota_bytes:
+            raise SpoolFullError(self.quota_bytes, self._charged)
         self._next_id += len(ids)
+        self._charged += cost
         self._queued_bytes += size
         fut: asyncio.Future[None] = self._loop.create_future()
         self._hand_over_lazy()  # same group commit, no write of its own
@@ -305,7 +340,7 @@ class SpoolStore:
             self._queued_bytes += sum(map(len, records))
             self._lazy += records
             self._start_lazy_timer()
-            self._drop_settled_prefix()
+            self._drop_settled()
 
     def reclaim(self) -> None:
         """Let the segment being written go too, if it holds nothing pending.
@@ -352,7 +387,7 @@ class SpoolStore:
         settled = sorted(self._pending.keys() & set(record_ids))  # (loops in C)
         if not settled:
             return settled
-        deque(map(self._pending.pop, settled), maxlen=0)
+        self._charged -= charge(list(map(self._pending.pop, settled)))
         first, last = settled[0], settled[-1]
         with self._lock:
             for seg in self._segments:
@@ -363,17 +398,27 @@ class SpoolStore:
                 seg.live -= bisect_right(settled, seg.hi) - bisect_left(settled, seg.lo)
         return settled
 
-    def _drop_settled_prefix(self) -> None:
-        """Delete fully acknowledged segments from the front (never the one being written)."""
+    def _drop_settled(self) -> None:
+        """Delete the segments nothing needs any more (never the one being written).
+
+        One with nothing pending and no META record goes unless an earlier one still
+        holds a settled message: its acks may be what keeps that message settled
+        across a restart.
+        """
         with self._lock:
-            while (len(self._segments) > 1 and self._segments[0].live <= 0
-                   and not self._segments[0].meta):
-                seg = self._segments.pop(0)
-                self._firsts.pop(0)
-                try:
-                    seg.path.unlink(missing_ok=True)
-                except OSError as exc:
-                    _log.warning("cannot delete spool segment %s: %s", seg.path, exc)
+            kept: list[Segment] = []
+            clean = True
+            for seg in self._segments[:-1]:
+                if clean and seg.live <= 0 and not seg.meta:
+                    try:
+                        seg.path.unlink(missing_ok=True)
+                    except OSError as exc:
+                        _log.warning("cannot delete spool segment %s: %s", seg.path, exc)
+                    continue
+                kept.append(seg)
+                clean = clean and seg.count <= seg.live
+            if len(kept) < len(self._segments) - 1:
+                self._segments[:-1] = kept
 
     # -- the writer thread -----------------------------------------------------------
 
@@ -383,12 +428,8 @@ class SpoolStore:
         if self.fsync is not FsyncPolicy.OFF:
             flags |= os.O_DSYNC
         fd = os.open(seg.path, flags, 0o600)
-        if seg.size == 0 and self.fsync is not FsyncPolicy.OFF:
-            dir_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(dir_fd)  # the new file's name survives a power cut too
-            finally:
-                os.close(dir_fd)
+        if seg.size == 0:
+            sync_dir(self.path, self.fsync)  # the new file's name survives a power cut too
         return fd
 
     def _write_forever(self) -> None:
@@ -439,8 +480,6 @@ class SpoolStore:
                     os.fsync(fd)  # the new state is durable before the old is released
                     self._release_meta(seg)
             self._flush(fd, chunks)
-            if any(write.roll for write in writes):
-                self._drop_settled_prefix()
         except OSError as exc:
             error = write_error(exc, self.quota_bytes, self.used_bytes)
             _log.error("spool write failed: %s", exc)
@@ -448,7 +487,50 @@ class SpoolStore:
         loop = self._loop
         assert loop is not None
         loop.call_soon_threadsafe(self._resolve, placed, error)
+        self._tidy()
         return fd, seg
+
+    def _tidy(self) -> None:
+        """Give back the space of settled messages; past the quota by more than a
+        segment, rewrite closed segments (oldest first, each only while earlier ones
+        hold no settled message) until the files fit it again."""
+        self._drop_settled()
+        if self.disk_bytes <= self.quota_bytes + self.segment_bytes:
+            return
+        for seg in self._segments[:-1]:  # (a copy: an ack on the loop may drop some)
+            if self.disk_bytes <= self.quota_bytes:
+                break
+            if seg.count > seg.live and not self._compact(seg):
+                break  # a later one's acks may still be needed
+        self._drop_settled()
+
+    def _compact(self, seg: Segment) -> bool:
+        """Rewrite a closed segment with its pending messages (and live META records)
+        only; False if it could not be (later ones must wait, as their acks may be
+        needed). Its own acks go too: no earlier segment holds what they settle."""
+        tmp = seg.path.with_name(seg.path.name + _TMP)
+        resolved = self._resolved
+        pending = self._pending  # (a settled id is gone from it; one not yet resolved not in)
+        try:
+            body, kept = survivors(seg.path.read_bytes(), seg.path.name,
+                                   lambda i: i in pending or i > resolved, meta=seg.meta > 0)
+            write_file(tmp, body, sync=self.fsync is not FsyncPolicy.OFF)
+            with self._lock:  # (an ack on the loop may have deleted it meanwhile)
+                if seg not in self._segments:
+                    tmp.unlink()
+                    return True
+                os.replace(tmp, seg.path)
+                seg.size = len(body)
+                seg.count = kept
+            sync_dir(self.path, self.fsync)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if seg not in self._segments:
+                return True  # deleted by an ack while it was read
+            _log.warning("cannot rewrite spool segment %s: %s", seg.path, exc)
+            return False
+        return True
 
     def _undo(self, fd: int, seg: Segment, size: int,
               placed: list[tuple[Write, Segment]]) -> None:
@@ -456,6 +538,8 @@ class SpoolStore:
         with self._lock:
             for write, where in placed:
                 where.live -= len(write.ids)
+                if where is seg:  # (cut off; earlier segments keep theirs, as settled)
+                    where.count -= len(write.ids)
             seg.size = size
         try:
             os.ftruncate(fd, size)
@@ -467,6 +551,10 @@ class SpoolStore:
             self._queued_bytes -= write.size
             if error is None and write.ids:
                 self._pending.update(zip(write.ids, write.payloads, strict=True))
+            elif write.ids:
+                self._charged -= charge(write.payloads)
+            if write.ids:
+                self._resolved = max(self._resolved, write.ids[-1])
             fut = write.future
             if fut is not None and not fut.done():
                 if error is None:
@@ -490,7 +578,7 @@ class SpoolStore:
                 if seg is keep:
                     break
                 seg.meta = 0
-        self._drop_settled_prefix()
+        self._drop_settled()
 
     def _roll(self, first_id: int) -> Segment:
         # Named after its first message; a segment that starts with other records
@@ -499,7 +587,6 @@ class SpoolStore:
         seg = Segment(self.path / f"{first_id:020d}{_SUFFIX}", first_id)
         with self._lock:
             self._segments.append(seg)
-            self._firsts.append(first_id)
         return seg
 
 

@@ -164,6 +164,9 @@ class Traffic:
     """Messages a publisher dropped for us at its high-water mark."""
     spool_messages: int
     spool_bytes: int
+    """Of the messages still to deliver: what the spool quota counts."""
+    spool_disk_bytes: int
+    """Of the outbox's files, delivered messages included until reclaimed."""
     dead_letters: int
     input_dropped: dict[str, int]
     """Undecodable or refused input, by reason (bad frames, wrong mesh, unknown key...)."""

@@ -34,7 +34,8 @@ class UplinkSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     window: int = 256
     """Exported messages in flight (sent, not yet acknowledged by the hub)."""
     quota: int = 0
-    """Bytes the export backlog may hold on disk; 0 = the node's spool_quota."""
+    """Bytes of unsent messages the export backlog may hold (its files stay near it);
+    0 = the node's spool_quota."""
     session_expiry: int = 7 * 24 * 3600
     """MQTT: seconds the broker keeps our session (and queues imports) while we are away."""
     client_id: str = ""

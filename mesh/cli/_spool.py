@@ -24,7 +24,7 @@ from .. import _wire
 from .._config import env_var
 from .._node import AsyncNode
 from .._reliable._durables import KnownDurables
-from .._spool import SpoolStore
+from .._spool import SpoolStore, charge
 from .._spool._lock import DataDirLock
 from ..errors import ConfigError, ProtocolError
 
@@ -66,13 +66,15 @@ def ls(args: argparse.Namespace) -> int:
                 names[_wire.decode_spooled(payload).name] += 1
             except ProtocolError:
                 names["<unreadable>"] += 1
-        report[which] = {"messages": len(records), "bytes": size, "by_name": dict(names)}
+        report[which] = {"messages": len(records), "bytes": charge(p for _, p in records),
+                         "disk_bytes": size, "by_name": dict(names)}
     if args.json:
         print(json.dumps(report))
     else:
         for which, info in report.items():
             label = "outbox" if which == "out" else "dead letters"
-            print(f"{label:<13} {info['messages']:>8} messages  {info['bytes']:>12} bytes")
+            print(f"{label:<13} {info['messages']:>8} messages  {info['bytes']:>12} bytes  "
+                  f"({info['disk_bytes']} on disk)")
             for name, count in sorted(info["by_name"].items()):
                 print(f"  {name:<40} {count:>8}")
     return 0

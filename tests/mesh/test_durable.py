@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import pytest
 
 from mesh import AsyncNode, ConfigError, Message, MessageTooLarge, Pull
 from mesh._membership import _control as control
-from tests.helpers import aeventually, cut_tail, files, free_port
+from tests.helpers import aeventually, cut_tail, file_bytes, files, free_port
 
 from ._proc import Cli, run
 from .conftest import MakeNode
@@ -83,6 +84,47 @@ async def test_offline_durable_gets_everything_after_both_sides_restart(make_nod
     durable = await back.subscribe_durable("orders.>", "audit")
     got = [(await durable.next(timeout=10)).text for _ in range(30)]
     assert sorted(got) == sorted(f"o{i}" for i in range(30))
+
+
+def _pending_is(node: AsyncNode, count: int) -> bool:
+    return node.spool_pending == count
+
+
+@pytest.mark.timeout(60)
+async def test_an_offline_durables_messages_do_not_pin_a_small_spools_files(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """A durable's subscriber is down while work flows through a small spool: its
+    messages stay (and arrive when it returns, after a publisher restart), the delivered
+    work around them does not count against the quota, and the files stay near it."""
+    quota = 256 * 1024
+    data = tmp_path / "p"
+    pub = await make_node("pub", data_dir=str(data), spool_quota=quota)
+    sub_node = await make_node("sub", data_dir=str(tmp_path / "s"))
+    await sub_node.subscribe_durable("orders.>", "audit")
+    await pub.wait_for_durables("orders.x", 1, timeout=5)
+    await sub_node.aclose()
+    worker = await make_node("worker")
+    done: list[bytes] = []
+    await worker.pull("jobs", handler=lambda m: done.append(m.data))
+    await pub.wait_for_workers("jobs", timeout=5)
+    out = data / "spool" / "out"
+    biggest = 0
+    for i in range(1300):  # 1300 x 2 KB of work: ten quotas, with 26 orders among it
+        if i % 50 == 0:
+            await pub.publish("orders.new", f"o{i // 50}", reliable=True)
+        await pub.push("jobs", b"%06d" % i * 333, reliable=True)
+        if i % 50 == 49:
+            await aeventually(functools.partial(_pending_is, pub, i // 50 + 1), timeout=10)
+            biggest = max(biggest, await file_bytes(out, "*.seg"))
+    assert len(done) == 1300
+    assert biggest <= quota + quota // 4 + 16 * 1024
+    assert pub.spool_figures()["bytes"] < 26 * 1024
+    await pub.aclose()
+    await make_node("pub", data_dir=str(data), spool_quota=quota)
+    back = await make_node("sub", data_dir=str(tmp_path / "s"))
+    durable = await back.subscribe_durable("orders.>", "audit")
+    got = [(await durable.next(timeout=10)).text for _ in range(26)]
+    assert sorted(got) == sorted(f"o{i}" for i in range(26))
 
 
 _SUBSCRIBER = textwrap.dedent("""

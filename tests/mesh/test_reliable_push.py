@@ -13,7 +13,7 @@ import zmq.asyncio
 from mesh import AsyncNode, Message, SpoolFullError
 from mesh import _wire as wire
 from mesh._spool import SpoolStore
-from tests.helpers import aeventually
+from tests.helpers import aeventually, file_bytes
 
 from ._proc import Cli
 from .conftest import FAST_ENV, MakeNode
@@ -142,6 +142,50 @@ async def test_duplicates_are_dropped_by_sender_and_sequence_across_restarts(
             await worker.aclose()
     finally:
         ctx.destroy(linger=0)
+
+
+_QUOTA = 256 * 1024
+_BOUND = _QUOTA + _QUOTA // 4 + 16 * 1024
+"""The outbox files of a node with spool_quota `_QUOTA`: the quota, two segments (an
+eighth of it each) and what one commit writes."""
+
+
+async def _outbox_bytes(data_dir: Path) -> int:
+    return await file_bytes(data_dir / "spool" / "out", "*.seg")
+
+
+@pytest.mark.timeout(60)
+async def test_a_small_spool_quota_carries_many_times_its_size_when_workers_keep_up(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """The quota counts undelivered messages: reliable pushes totalling ten times it,
+    delivered as they go, never meet SpoolFullError; the outbox files stay near the
+    quota, and the figures say so, also after a restart."""
+    data = tmp_path / "p"
+    pusher = await make_node("pusher", data_dir=str(data), spool_quota=_QUOTA)
+    worker = await make_node("worker")
+    got: list[bytes] = []
+    await worker.pull("jobs", handler=lambda m: got.append(m.data))
+    await pusher.wait_for_workers("jobs", timeout=5)
+    biggest = 0
+    for i in range(1300):  # 1300 x 2 KB: ten quotas
+        await pusher.push("jobs", b"%06d" % i * 333, reliable=True)
+        if i % 50 == 49:
+            await pusher.wait_for_spool(timeout=10)
+            biggest = max(biggest, await _outbox_bytes(data))
+    await aeventually(lambda: len(got) == 1300, timeout=10)
+    assert got == [b"%06d" % i * 333 for i in range(1300)]
+    assert biggest <= _BOUND
+    figures = pusher.spool_figures()
+    assert (figures["messages"], figures["bytes"], figures["quota_pct"]) == (0, 0, 0.0)
+    assert figures["quota_bytes"] == _QUOTA
+    assert 0 < figures["disk_bytes"] <= _BOUND
+    await pusher.aclose()
+    again = await make_node("pusher", data_dir=str(data), spool_quota=_QUOTA)
+    figures = again.spool_figures()
+    assert (figures["messages"], figures["bytes"], figures["quota_pct"]) == (0, 0, 0.0)
+    assert figures["disk_bytes"] == await _outbox_bytes(data) <= _BOUND
+    await again.push("jobs", b"after", reliable=True)
+    await aeventually(lambda: got[-1] == b"after", timeout=10)
 
 
 async def test_spool_quota_is_a_clear_error_to_the_sender(make_node: MakeNode, tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from mesh import SpoolFullError
-from mesh._spool import FsyncPolicy, SpoolStore
-from tests.helpers import aeventually, cut_tail, files
+from mesh._spool import FsyncPolicy, SpoolStore, charge
+from tests.helpers import aeventually, cut_tail, file_bytes, files
 
 
 async def _open(path: Path, **kw: Any) -> SpoolStore:
@@ -132,7 +132,7 @@ async def test_a_segment_goes_exactly_when_its_last_message_is_acked(tmp_path: P
 
 
 async def _disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in await files(path, "*.seg"))
+    return await file_bytes(path, "*.seg")
 
 
 async def test_reclaim_deletes_the_settled_segment_being_written(tmp_path: Path) -> None:
@@ -151,7 +151,8 @@ async def test_reclaim_deletes_the_settled_segment_being_written(tmp_path: Path)
         assert store.pending() == [(keep, b"still pending")]
         store.ack([keep])
         store.reclaim()
-        await aeventually(lambda: store.used_bytes == 0)
+        assert store.used_bytes == 0
+        await aeventually(lambda: store.disk_bytes == 0)
     finally:
         await store.aclose()
     assert await _disk_bytes(tmp_path) == 0
@@ -274,6 +275,106 @@ async def test_quota_is_a_clear_error_and_earlier_data_survives(tmp_path: Path) 
         await again.aclose()
 
 
+_QUOTA = 256 * 1024
+_BOUND = _QUOTA + _QUOTA // 4 + 8 * 1024
+"""The files of a `_QUOTA` spool: the quota, two segments (an eighth of it each) and
+a record being written."""
+
+
+@pytest.mark.timeout(60)
+async def test_a_small_quota_carries_many_times_its_size_when_messages_are_acked(
+        tmp_path: Path) -> None:
+    """The quota counts pending messages, not delivered ones the files still hold: a
+    spool whose messages are acked as it goes takes twenty times its quota without
+    SpoolFullError, its files stay near the quota, and a restart finds it empty."""
+    store = await _open(tmp_path, quota_bytes=_QUOTA)
+    biggest = 0
+    try:
+        for _ in range(100):  # 100 x 50 x 1 KiB: twenty quotas
+            ids = await store.append_many([b"d" * 1000 for _ in range(50)])
+            store.ack(ids)
+            biggest = max(biggest, await _disk_bytes(tmp_path))
+        assert store.used_bytes == 0
+        assert len(store) == 0
+    finally:
+        await store.aclose()
+    assert biggest <= _BOUND
+    again = await _open(tmp_path, quota_bytes=_QUOTA)
+    try:
+        assert (len(again), again.used_bytes) == (0, 0)
+        assert again.disk_bytes <= _BOUND
+    finally:
+        await again.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_a_message_pending_for_long_does_not_pin_the_settled_files(tmp_path: Path) -> None:
+    """A few messages never acked (an offline durable's) sit among many acked ones: the
+    segments they share are rewritten around them, so the files stay near the quota,
+    and those messages, and only those, are pending again after a restart."""
+    store = await _open(tmp_path, quota_bytes=_QUOTA)
+    kept: list[tuple[int, bytes]] = []
+    biggest = 0
+    try:
+        for n in range(500):  # 500 x 10 x 1 KiB: twenty quotas, in groups that share segments
+            if n % 10 == 0:
+                payload = f"keep-{n}".encode() * 10
+                kept.append((await store.append(payload), payload))
+            ids = await store.append_many([b"d" * 1000 for _ in range(10)])
+            store.ack(ids)
+            biggest = max(biggest, await _disk_bytes(tmp_path))
+        assert store.pending() == kept
+        assert store.used_bytes == charge(p for _, p in kept)
+    finally:
+        await store.aclose()
+    assert biggest <= _BOUND
+    again = await _open(tmp_path, quota_bytes=_QUOTA)
+    try:
+        assert again.pending() == kept
+        assert again.used_bytes == charge(p for _, p in kept)
+        assert again.report.clean
+        assert not await files(tmp_path, "*.tmp")
+    finally:
+        await again.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_a_full_quota_refuses_until_acks_make_room_and_loses_nothing(tmp_path: Path) -> None:
+    """Full of undelivered messages, the spool refuses; acking some makes room for as
+    many bytes again, never more; what was accepted and not acked survives a restart."""
+    store = await _open(tmp_path, quota_bytes=_QUOTA)
+    accepted: list[int] = []
+    acked: set[int] = set()
+    freed: list[int] = []
+
+    async def append_until_refused() -> None:
+        for _ in range(10_000):
+            accepted.append(await store.append(b"u" * 1000))
+
+    try:
+        for round_ in range(3):
+            before = len(accepted)
+            with pytest.raises(SpoolFullError, match="spool full"):
+                await append_until_refused()
+            assert _QUOTA - charge([b"u" * 1000]) < store.used_bytes <= _QUOTA
+            if round_:
+                assert len(accepted) - before == len(freed)
+            freed = [i for i in accepted if i not in acked][: len(store) // 2]
+            store.ack(freed)
+            acked.update(freed)
+        assert await _disk_bytes(tmp_path) <= _BOUND
+    finally:
+        await store.aclose()
+    again = await _open(tmp_path, quota_bytes=_QUOTA)
+    try:
+        assert [i for i, _ in again.pending()] == [i for i in accepted if i not in acked]
+        assert again.used_bytes == charge(p for _, p in again.pending())
+        with pytest.raises(SpoolFullError):
+            await again.append(b"u" * (_QUOTA - again.used_bytes))
+    finally:
+        await again.aclose()
+
+
 _WRITER = textwrap.dedent("""
     import asyncio, sys
     from mesh._spool import FsyncPolicy, SpoolStore
@@ -290,17 +391,17 @@ _WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("policy", ["batch", "always"])
-def test_every_append_that_returned_survives_sigkill(tmp_path: Path, policy: str) -> None:
-    """Guarantee 1: an append that returned is on disk, even if the process is SIGKILLed."""
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), policy],
+def _confirmed_then_killed(script: str, path: Path, policy: str, count: int) -> list[int]:
+    """Run a writer `script` until it has printed `count` ids (those whose append
+    returned), then SIGKILL it; the ids."""
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path), policy],
                             stdout=subprocess.PIPE, text=True)
     confirmed: list[int] = []
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             confirmed.extend(int(x) for x in line.split())
-            if len(confirmed) >= 2000:
+            if len(confirmed) >= count:
                 break
         proc.kill()
     finally:
@@ -308,13 +409,55 @@ def test_every_append_that_returned_survives_sigkill(tmp_path: Path, policy: str
         proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
-    assert len(confirmed) >= 2000
+    assert len(confirmed) >= count
+    return confirmed
+
+
+@pytest.mark.parametrize("policy", ["batch", "always"])
+def test_every_append_that_returned_survives_sigkill(tmp_path: Path, policy: str) -> None:
+    """Guarantee 1: an append that returned is on disk, even if the process is SIGKILLed."""
+    confirmed = _confirmed_then_killed(_WRITER, tmp_path, policy, 2000)
 
     async def check() -> None:
         store = await _open(tmp_path)
         try:
             survived = {i for i, _ in store.pending()}
             assert set(confirmed) <= survived
+        finally:
+            await store.aclose()
+
+    asyncio.run(check())
+
+
+_RECLAIMER = textwrap.dedent("""
+    import asyncio, sys
+    from mesh._spool import FsyncPolicy, SpoolStore
+    async def main():
+        store = SpoolStore(sys.argv[1], fsync=FsyncPolicy(sys.argv[2]), quota_bytes=64 * 1024)
+        await store.start()
+        for n in range(1_000_000):
+            keep = await store.append(b"k%d" % n * 20)
+            sys.stdout.write(f"{keep}\\n")
+            sys.stdout.flush()
+            for _ in range(3):
+                store.ack(await store.append_many([b"d" * 500] * 4))
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy", ["batch", "always"])
+def test_rewriting_segments_around_pending_messages_survives_sigkill(tmp_path: Path,
+                                                                      policy: str) -> None:
+    """A small quota, one message kept in every few acked ones, SIGKILLed while its
+    segments are being rewritten: every kept message whose append returned is there."""
+    confirmed = _confirmed_then_killed(_RECLAIMER, tmp_path, policy, 150)  # 150 x 6 KiB
+
+    async def check() -> None:
+        store = await _open(tmp_path, quota_bytes=64 * 1024)
+        try:
+            assert set(confirmed) <= {i for i, _ in store.pending()}
+            assert store.disk_bytes <= 64 * 1024 * 3 // 2
         finally:
             await store.aclose()
 
