@@ -12,6 +12,7 @@ the node's own internals, keep writing plain `Message`.
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
@@ -156,16 +157,24 @@ class Message(msgspec.Struct, _Settleable, Generic[T], frozen=True, gc=False):
         return self.data.decode("utf-8", "replace")
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON shape used by the CLI and the agent."""
+        """The JSON shape used by the CLI and the agent: ``data`` as text, or in base64
+        with ``"encoding": "base64"`` when it is not UTF-8 (no byte lost)."""
+        try:
+            data = self.data.decode("utf-8")
+            encoding = None
+        except UnicodeDecodeError:
+            data, encoding = base64.b64encode(self.data).decode("ascii"), "base64"
         out: dict[str, Any] = {
             "topic": self.topic,
-            "data": self.text,
+            "data": data,
             "source": self.source,
             "source_id": self.source_id,
             "id": self.id,
             "timestamp": self.timestamp,
             "headers": dict(self.headers or {}),
         }
+        if encoding is not None:
+            out["encoding"] = encoding
         if self.error is not None:
             out["error"] = self.error
         return out

@@ -165,7 +165,7 @@ class Node:
     async def _drain_then_close(self) -> None:
         self._drain()
         await self._node.aclose()
-        for pump in self._pumps:  # (they end with the node's event streams)
+        for pump in list(self._pumps):  # (they end with the node's event streams)
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
@@ -536,7 +536,13 @@ class Node:
         if loop is None:
             raise ClosedError("node is not running (use `with Node(...)` or `start()`)")
         events = SyncPeerEvents(self)
-        self._pumps.add(self._call(_value(lambda: events._open(loop))))  # subscribed now
+
+        def opened() -> None:  # (on the loop: subscribed now; a pump that ends is let go)
+            pump = events._open(loop)
+            self._pumps.add(pump)
+            pump.add_done_callback(self._pumps.discard)
+
+        self._call(_value(opened))
         self._streams.append(events)
         return events
 

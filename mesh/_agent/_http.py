@@ -7,7 +7,6 @@ timeout, 502 remote error). Nothing a client sends ends the agent.
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 from collections.abc import Callable, Collection, Coroutine, Mapping
@@ -79,17 +78,11 @@ def quiet_client_errors() -> None:
 
 
 def message_json(msg: Message, topic_key: str = "topic") -> dict[str, object]:
-    """A message as the agent's JSON shows it: ``data`` as text, or base64 with
-    ``"encoding": "base64"`` when it is not UTF-8 (SSE events, gathered replies, whose
-    topic is their ``service``)."""
+    """A message as the agent's JSON shows it (`Message.to_dict`; gathered replies have
+    their topic as ``service``)."""
     body = msg.to_dict()
     if topic_key != "topic":
         body[topic_key] = body.pop("topic")
-    try:
-        body["data"] = msg.data.decode("utf-8")
-    except UnicodeDecodeError:
-        body["data"] = base64.b64encode(msg.data).decode("ascii")
-        body["encoding"] = "base64"
     return body
 
 

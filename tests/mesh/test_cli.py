@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from mesh import Node
 from mesh.cli._main import build_parser
 
 from ._proc import Cli, run
+from .conftest import FAST
 
 
 def start(procs: list[Cli], *args: str, mesh: str, stdin: bool = False) -> Cli:
@@ -83,6 +85,23 @@ def test_sub_json_receives_stdin_lines_published_with_wait_subscribers(procs: li
     assert {o["topic"] for o in objs} == {"logs.app"}
     assert {o["source"] for o in objs} == {"writer"}
     assert len({o["id"] for o in objs}) == 3
+
+
+def test_sub_json_gives_bytes_that_are_not_text_in_base64(procs: list[Cli],
+                                                          mesh_name: str) -> None:
+    """No byte is lost to a replacement character: as in the agent's JSON, data that is
+    not UTF-8 comes in base64 with ``"encoding": "base64"``."""
+    sub = start(procs, "sub", "bin.>", "--count", "2", "--json", "--timeout", "20",
+                mesh=mesh_name)
+    with Node(name="writer", mesh=mesh_name, interfaces=["127.0.0.1"], **FAST) as node:
+        node.wait_for_subscribers("bin.x", 1, timeout=15)
+        node.publish("bin.x", b"\xff\x00\x01")
+        node.publish("bin.x", "café")
+    assert sub.wait() == 0
+    raw, text = (json.loads(sub.line("{")) for _ in range(2))
+    assert (raw["data"], raw["encoding"]) == ("/wAB", "base64")
+    assert text["data"] == "café"
+    assert "encoding" not in text
 
 
 def test_pub_without_wait_reaches_a_running_subscriber(procs: list[Cli], mesh_name: str) -> None:

@@ -27,7 +27,7 @@ from mesh import (
     Subscription,
 )
 from mesh import _wire as wire
-from tests.helpers import aeventually
+from tests.helpers import aeventually, eventually
 
 from .conftest import FAST, MakeNode
 
@@ -422,6 +422,19 @@ def test_a_closed_blocking_node_raises_without_a_never_awaited_warning(
             with pytest.raises(ClosedError):
                 node.publish_many("t", [b"x"], **kwargs)
         gc.collect()  # (an unawaited coroutine warns when it is collected)
+
+
+def test_closed_event_streams_of_a_blocking_node_leave_nothing_behind(
+        mesh_name: str) -> None:
+    """Each stream has a task on the loop forwarding its events; a closed stream's task
+    ends and is let go (they used to pile up until the node closed)."""
+    with Node(name="a", mesh=mesh_name, interfaces=["127.0.0.1"], mdns=False) as node:
+        for _ in range(20):
+            node.events().close()
+        kept = node.events()
+        eventually(lambda: len(node._pumps) == 1, timeout=5)
+        kept.close()
+        eventually(lambda: not node._pumps, timeout=5)
 
 
 def test_sync_node_round_trip_and_events() -> None:
