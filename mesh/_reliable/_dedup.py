@@ -13,8 +13,10 @@ spool's writer thread by themselves), so a restarted receiver still recognises
 what it already processed; the last marks before a crash may be lost, which
 costs a duplicate, never a loss (at-least-once). On start, once replayed, the
 marks are written again as one record per sender (`SpoolStore.rewrite_meta`)
-and the older records are released: the inbox stays about the size of what is
-remembered, however often the node restarts.
+and the older records are released, and so again while the node runs, whenever
+the records written since outweigh a few times the compacted marks: the inbox
+stays about the size of what is remembered, however long the node runs and
+however often it restarts.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ from typing import Final
 
 import msgspec
 
-from .._spool import RecordKind, SpoolStore
+from .._spool import RecordKind, SpoolStore, charge
 
 WINDOW: Final[int] = 200_000
 """Runs of sequences remembered per sender."""
+_REWRITE_FACTOR: Final[int] = 4
+_REWRITE_SLACK: Final[int] = 64 * 1024
+"""Mark records written beyond `_REWRITE_FACTOR` times the compacted marks plus this many
+bytes are compacted again while the node runs."""
 
 
 class _Marks(msgspec.Struct, array_like=True, gc=False):
@@ -111,6 +117,11 @@ class Dedup:
         self._seen: dict[str, _Runs] = {}
         self._unsaved: dict[str, list[int]] = {}
         """Per sender: the runs (flattened) marked since the last `save`."""
+        self._compacted = 0
+        """Bytes of the marks as last written compacted (`_rewrite`)."""
+        self._written = 0
+        """Bytes of mark records written since: past a few times the compacted size, the
+        marks are compacted again."""
 
     def load(self) -> None:
         """Replay persisted marks, then compact them (call after the store started,
@@ -129,10 +140,17 @@ class Dedup:
             runs.add_flat(marks.runs)
             runs.trim(self._window)
         if payloads:
-            self._store.rewrite_meta([
-                _encode(_Marks(sender, [], [n for run in zip(runs.starts, runs.ends, strict=True)
-                                            for n in run]))
-                for sender, runs in self._seen.items()])
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        """Write the marks again as one record per sender, releasing the older records."""
+        assert self._store is not None
+        records = [_encode(_Marks(sender, [], [n for run in zip(runs.starts, runs.ends,
+                                                                 strict=True) for n in run]))
+                   for sender, runs in self._seen.items()]
+        self._store.rewrite_meta(records)
+        self._compacted = charge(records)  # (their bytes on disk)
+        self._written = 0
 
     def seen(self, sender: str, seq: int) -> bool:
         runs = self._seen.get(sender)
@@ -161,7 +179,11 @@ class Dedup:
             return
         unsaved, self._unsaved = self._unsaved, {}
         for sender, flat in unsaved.items():
-            self._store.note(RecordKind.META, _encode(_Marks(sender, [], flat)), lazy=True)
+            record = _encode(_Marks(sender, [], flat))
+            self._store.note(RecordKind.META, record, lazy=True)
+            self._written += charge((record,))
+        if self._written > _REWRITE_FACTOR * self._compacted + _REWRITE_SLACK:
+            self._rewrite()  # (a running node's marks, compacted: the inbox stays small)
 
     def _runs(self, sender: str) -> _Runs:
         runs = self._seen.get(sender)

@@ -47,6 +47,9 @@ class Segment:
     counts ids per segment by bisection, with no map from each id to its segment."""
     meta: int = 0
     """META records in it: they keep it until the owner rewrote its state (`rewrite_meta`)."""
+    acks: int = 0
+    """ACK records in it: dead weight once what they settle is gone, which a rewrite
+    drops (a slow consumer's acks, one record each, can outweigh its pending messages)."""
 
 
     def add_ids(self, lo: int, hi: int) -> None:

@@ -175,6 +175,7 @@ class SpoolStore:
                 good_end = rec.offset + HEADER_SIZE + len(rec.payload)
                 self._next_id = max(self._next_id, rec.id + 1)
                 if rec.kind is RecordKind.ACK:
+                    seg.acks += 1
                     settles = acked_ids(rec)
                     acked.update(settles)
                     if settles:
@@ -463,9 +464,7 @@ class SpoolStore:
                                      or seg.size + write.size > self.segment_bytes
                                      or (write.roll and seg.live <= 0 and not seg.meta)):
                     self._flush(fd, chunks)
-                    os.close(fd)
-                    seg = self._roll(write.ids[0] if write.ids else self._next_id)
-                    fd = self._open_segment(seg)
+                    fd, seg = self._roll(write.ids[0] if write.ids else self._next_id, fd)
                     chunks, start_size = [], 0
                 chunks.extend(write.records)
                 with self._lock:
@@ -473,6 +472,8 @@ class SpoolStore:
                     seg.meta += write.meta
                     if write.ids:
                         seg.add_ids(write.ids[0], write.ids[-1])
+                    else:  # (acks and META records: see `_hand_over_lazy`)
+                        seg.acks += len(write.records) - write.meta
                 placed.append((write, seg))
                 if write.compact:
                     self._flush(fd, chunks)
@@ -486,7 +487,7 @@ class SpoolStore:
             self._undo(fd, seg, start_size, placed)
         loop = self._loop
         assert loop is not None
-        loop.call_soon_threadsafe(self._resolve, placed, error)
+        loop.call_soon_threadsafe(self._resolve, writes, error)  # (all fail with one)
         self._tidy()
         return fd, seg
 
@@ -500,7 +501,7 @@ class SpoolStore:
         for seg in self._segments[:-1]:  # (a copy: an ack on the loop may drop some)
             if self.disk_bytes <= self.quota_bytes:
                 break
-            if seg.count > seg.live and not self._compact(seg):
+            if (seg.count > seg.live or seg.acks) and not self._compact(seg):
                 break  # a later one's acks may still be needed
         self._drop_settled()
 
@@ -520,13 +521,17 @@ class SpoolStore:
                     tmp.unlink()
                     return True
                 os.replace(tmp, seg.path)
+                # (durable before a later segment holding the acks it dropped may go)
+                sync_dir(self.path, self.fsync)
                 seg.size = len(body)
                 seg.count = kept
-            sync_dir(self.path, self.fsync)
+                seg.acks = 0
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            if seg not in self._segments:
+            with self._lock:
+                gone = seg not in self._segments
+            if gone:
                 return True  # deleted by an ack while it was read
             _log.warning("cannot rewrite spool segment %s: %s", seg.path, exc)
             return False
@@ -546,8 +551,8 @@ class SpoolStore:
         except OSError as exc:
             _log.error("cannot cut back spool segment %s: %s", seg.path, exc)
 
-    def _resolve(self, placed: list[tuple[Write, Segment]], error: BaseException | None) -> None:
-        for write, _ in placed:
+    def _resolve(self, writes: list[Write], error: BaseException | None) -> None:
+        for write in writes:
             self._queued_bytes -= write.size
             if error is None and write.ids:
                 self._pending.update(zip(write.ids, write.payloads, strict=True))
@@ -580,14 +585,18 @@ class SpoolStore:
                 seg.meta = 0
         self._drop_settled()
 
-    def _roll(self, first_id: int) -> Segment:
+    def _roll(self, first_id: int, fd: int) -> tuple[int, Segment]:
+        """The new segment being written, and its fd; `fd` (the old one's) is closed once
+        the new one is open: a file that cannot be made (a full disk) changes nothing."""
         # Named after its first message; a segment that starts with other records
         # (META) still needs a name of its own that sorts after the last one.
         first_id = max(first_id, self._segments[-1].first_id + 1)
         seg = Segment(self.path / f"{first_id:020d}{_SUFFIX}", first_id)
+        new_fd = self._open_segment(seg)
         with self._lock:
             self._segments.append(seg)
-        return seg
+        os.close(fd)
+        return new_fd, seg
 
 
 def _messages(record: Record, report: RecoveryReport, name: str) -> list[tuple[int, bytes]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mesh import SpoolFullError
+from mesh import MeshError, SpoolFullError
 from mesh._spool import FsyncPolicy, SpoolStore, charge
 from tests.helpers import aeventually, cut_tail, file_bytes, files
 
@@ -334,6 +334,65 @@ async def test_a_message_pending_for_long_does_not_pin_the_settled_files(tmp_pat
         assert again.used_bytes == charge(p for _, p in kept)
         assert again.report.clean
         assert not await files(tmp_path, "*.tmp")
+    finally:
+        await again.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_a_slow_consumers_acks_do_not_pin_the_files(tmp_path: Path) -> None:
+    """A consumer that acks one message at a time writes an ack record per message; with
+    a message left pending in each segment, the acks are most of its bytes, and such
+    segments are rewritten too (they used to grow the files without bound)."""
+    quota = 64 * 1024
+    store = await _open(tmp_path, quota_bytes=quota, fsync=FsyncPolicy.OFF)
+    kept: list[tuple[int, bytes]] = []
+    biggest = 0
+    try:
+        for n in range(60):
+            ids = await store.append_many([b"x" * 40] * 400)
+            payload = f"pending-{n}".encode()
+            kept.append((await store.append(payload), payload))
+            for i in ids:
+                store.ack([i])  # (one record each)
+                await asyncio.sleep(0)
+            # The acks are written by themselves (no append to ride along with), into the
+            # segment of the message left pending.
+            await aeventually(lambda: store._queued_bytes == 0, 5)
+            biggest = max(biggest, await _disk_bytes(tmp_path))
+        assert store.pending() == kept
+    finally:
+        await store.aclose()
+    assert biggest <= quota + quota // 4 + 8 * 1024
+    again = await _open(tmp_path, quota_bytes=quota)
+    try:
+        assert again.pending() == kept
+    finally:
+        await again.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_a_segment_that_cannot_be_made_fails_its_sends_and_the_spool_goes_on(
+        tmp_path: Path) -> None:
+    """A full disk (here: a directory in the way of the next segment's file) at a roll
+    fails the send that needed it, with an error, and gives its quota back; the sends
+    used to wait for ever, their bytes counted against the quota."""
+    store = await _open(tmp_path, quota_bytes=64 * 1024)  # (segments of 8 KiB)
+    try:
+        first = await store.append(b"a" * 5000)
+        blocker = tmp_path / f"{first + 1:020d}.seg"
+        blocker.mkdir()
+        with pytest.raises(MeshError, match="spool write failed"):
+            await asyncio.wait_for(store.append(b"b" * 5000), 5)
+        assert store.used_bytes == charge([b"a" * 5000])
+        blocker.rmdir()
+        later = await asyncio.wait_for(store.append(b"c" * 5000), 5)
+        assert [i for i, _ in store.pending()] == [first, later]
+        assert store.used_bytes == charge([b"a" * 5000, b"c" * 5000])
+    finally:
+        await store.aclose()
+    again = await _open(tmp_path, quota_bytes=64 * 1024)
+    try:
+        assert [p for _, p in again.pending()] == [b"a" * 5000, b"c" * 5000]
     finally:
         await again.aclose()
 
