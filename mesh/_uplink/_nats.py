@@ -60,6 +60,9 @@ origin header alone, mostly); emptied when it holds 256."""
 _Outgoing = tuple[str, bytes, Mapping[str, str], str, "asyncio.Future[bool]"]
 """Hub subject, payload, headers, message id, and the future `send` returned."""
 _REFUSALS: Final = ("authorization", "authentication", "permissions", "user credentials")
+_DENIED_PUBLISH: Final = re.compile(r'permissions violation for publish to "(.*)"', re.IGNORECASE)
+"""The server's answer to one publish the user may not make: the connection stays up
+(unlike one refused at connect, or a subscription it will not allow)."""
 
 
 class NatsHub:
@@ -78,9 +81,11 @@ class NatsHub:
         self._outgoing: deque[_Outgoing] = deque()
         self._reply_prefix = ""
         """``_INBOX.<nuid>.``: a publish's reply subject is this and its token."""
-        self._waiting: dict[str, asyncio.Future[bool]] = {}
-        """Published and not acknowledged yet, by reply token."""
+        self._waiting: dict[str, tuple[asyncio.Future[bool], str]] = {}
+        """Published and not acknowledged yet, by reply token, with the hub subject (a
+        refused publish is named by its subject only); in the order published."""
         self._tokens = itertools.count()
+        self._denied_logged = False
         self._wake = asyncio.Event()
         self._acks: list[Msg] = []
         self._writer: asyncio.Task[None] | None = None
@@ -166,14 +171,32 @@ class NatsHub:
         self._lose(HubUnreachable(f"nats: connection to {self._settings.shown_url} lost"))
 
     async def _error(self, error: Exception) -> None:
-        if isinstance(error, nats.errors.AuthorizationError) or _is_refusal(error):
+        denied = _DENIED_PUBLISH.search(str(error))
+        if denied is not None:
+            self._deny(denied.group(1), str(error))
+        elif isinstance(error, nats.errors.AuthorizationError) or _is_refusal(error):
             self._lose(HubRefused(f"nats: {str(error) or type(error).__name__}"))
+
+    def _deny(self, subject: str, why: str) -> None:
+        """One publish to `subject` was refused (the server drops it, no PubAck comes, the
+        connection lives on): the oldest one waiting on that subject, since the server
+        answers a connection's publishes in order, one error each. One that is none of
+        ours (an import's ack the user may not send) is only logged."""
+        for token, (fut, sent_to) in self._waiting.items():
+            if sent_to == subject:
+                del self._waiting[token]
+                if not fut.done():
+                    fut.set_exception(HubRefused(why))
+                return
+        level = logging.DEBUG if self._denied_logged else logging.WARNING
+        self._denied_logged = True
+        _log.log(level, "nats uplink %s: %s", self._settings.shown_url, why)
 
     def _lose(self, reason: BaseException) -> None:
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(reason)
         waiting = [entry[4] for entry in self._outgoing]
-        waiting.extend(self._waiting.values())
+        waiting.extend(fut for fut, _ in self._waiting.values())
         self._outgoing.clear()
         self._waiting.clear()
         for fut in waiting:
@@ -216,7 +239,7 @@ class NatsHub:
                     if fut.done():
                         continue
                     token = str(next(tokens))
-                    waiting[token] = fut
+                    waiting[token] = (fut, subject)
                     try:
                         await publish(subject, data, reply=prefix + token,
                                       headers={**headers, "Nats-Msg-Id": msg_id})
@@ -264,7 +287,7 @@ class NatsHub:
                 fut.set_exception(HubRefused(f"nats: {type(exc).__name__} {exc}"))
                 continue
             token = str(next(tokens))
-            waiting[token] = fut
+            waiting[token] = (fut, subject)
             frame = b"HPUB %b %b%b %d %d\r\n%b%b\r\n" % (
                 subject.encode(), prefix, token.encode(), len(head), len(head) + len(data),
                 head, data)
@@ -281,9 +304,10 @@ class NatsHub:
         ``"duplicate": true`` when it had that message id already), one with an
         ``"error"`` (the stream will not take it: refused), or a 503 status (no stream
         for the subject: it went away, and the next connection creates it again)."""
-        fut = self._waiting.pop(msg.subject[len(self._reply_prefix):], None)
-        if fut is None or fut.done():
+        waited = self._waiting.pop(msg.subject[len(self._reply_prefix):], None)
+        if waited is None or waited[0].done():
             return
+        fut = waited[0]
         data = msg.data
         if msg.headers and msg.headers.get(api.Header.STATUS) == _NO_RESPONDERS:
             fut.set_exception(HubUnreachable("nats: no stream took the message (503)"))

@@ -103,15 +103,20 @@ class NatsServer:
         workdir: Where the config, the log and the store live. None: a fresh temporary
             directory, removed by `close`.
         ready_timeout: How long `start` waits for the port to answer.
+        publish_allow: The only subjects the user may publish to (with user and password):
+            the server refuses the rest, message by message.
     """
 
     def __init__(self, *, host: str = LOOPBACK, port: int | None = None,
                  user: str | None = None, password: str | None = None,
                  argv_prefix: Sequence[str] = (), workdir: Path | None = None,
                  ready_timeout: float = READY_TIMEOUT,
-                 tls: tuple[Path, Path] | None = None) -> None:
+                 tls: tuple[Path, Path] | None = None,
+                 publish_allow: Sequence[str] | None = None) -> None:
         if (user is None) != (password is None):
             raise ValueError("give both user and password, or neither")
+        if publish_allow is not None and user is None:
+            raise ValueError("publish permissions belong to a user: give user and password")
         self.binary: Final[str] = require_binary("nats-server", "nats-server")
         self.host: Final[str] = host
         self.user: Final[str | None] = user
@@ -119,6 +124,9 @@ class NatsServer:
         self.argv_prefix: Final[tuple[str, ...]] = tuple(argv_prefix)
         self.tls: Final[tuple[Path, Path] | None] = tls
         """(certificate, key): clients must speak TLS (``nats+tls://``)."""
+        self.publish_allow: Final[tuple[str, ...] | None] = (
+            None if publish_allow is None else tuple(publish_allow))
+        """The only subjects the user may publish to (a server that refuses some)."""
         self.ready_timeout = ready_timeout
         self.name: Final[str] = f"zm-nats-{secrets.token_hex(4)}"
         self._own_workdir = workdir is None
@@ -272,7 +280,12 @@ class NatsServer:
         if self.tls is not None:
             lines += ["tls {", f"  cert_file: {_quote(str(self.tls[0]))}",
                       f"  key_file: {_quote(str(self.tls[1]))}", "}"]
-        if self.user is not None and self.password is not None:
+        if self.user is not None and self.password is not None and self.publish_allow:
+            permissions = json.dumps({"publish": {"allow": list(self.publish_allow)}})
+            lines += ["authorization {", "  users: [", f"    {{user: {_quote(self.user)}, "
+                      f"password: {_quote(self.password)}, permissions: {permissions}}}",
+                      "  ]", "}"]
+        elif self.user is not None and self.password is not None:
             lines += ["authorization {", f"  user: {_quote(self.user)}",
                       f"  password: {_quote(self.password)}", "}"]
         return "\n".join(lines) + "\n"

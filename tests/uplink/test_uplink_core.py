@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import nats
 import pytest
 
-from mesh import Message
+from mesh import AsyncNode, Message
 from mesh._spool import FsyncPolicy
-from mesh._uplink import _nats
+from mesh._uplink import _link, _nats
 from mesh._uplink._backlog import Backlog
 from mesh._uplink._hub import Incoming
 from mesh._uplink._link import Uplink
+from mesh._uplink._links import new_hub
 from mesh._uplink._nats import NatsHub
 from mesh._uplink._settings import UplinkSettings
 from tests.mesh.conftest import MakeNode
 
+from ._nats_server import stream_messages
 from .conftest import StartNats
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,6 +46,54 @@ async def _wait(condition: Callable[[], bool], what: str) -> None:
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"{what}: not within {WAIT} s") from None
+
+
+@contextlib.asynccontextmanager
+async def _running(link: Uplink) -> AsyncIterator[Uplink]:
+    """`link` runs inside the block; cancelled and its backlog closed after it."""
+    running = asyncio.create_task(link.run())
+    try:
+        yield link
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await link.backlog.aclose()
+
+
+async def _link_to(url: str, node: AsyncNode, tmp_path: Path, **settings: Any) -> Uplink:
+    """An uplink (prefix site1 unless given) with its backlog open, not running yet."""
+    settings.setdefault("prefix", "site1")
+    config = UplinkSettings(url=url, **settings)
+    backlog = Backlog(tmp_path / "uplink", fsync=FsyncPolicy.BATCH, quota=1 << 22)
+    await backlog.open()
+    return Uplink(node, config, lambda: new_hub(config, node.name), backlog)
+
+
+async def test_a_publish_the_hub_does_not_permit_fails_alone_and_the_link_stays_up(
+        nats_server: StartNats, make_node: MakeNode, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user may publish to perm.ok.> only: perm.no.x is refused message by message
+    (counted failed), the messages around it arrive once, and the connection stays."""
+    monkeypatch.setattr(_link, "MAX_ATTEMPTS", 2)
+    hub = nats_server(user="u", password="p",
+                      publish_allow=["perm.ok.>", "$JS.API.>", "_INBOX.>"])
+    node = await make_node("edge", data_dir=str(tmp_path / "node"))
+    link = await _link_to(hub.auth_url, node, tmp_path, prefix="perm", export=["ok.>", "no.>"])
+    async with _running(link):
+        await _wait(lambda: link.state.value == "connected", "connected")
+        for i in range(20):
+            if i == 10:
+                await node.publish("no.x", b"refused", reliable=True)
+            await node.publish(f"ok.m{i}", b"%d" % i, reliable=True)
+        await _wait(lambda: link.counts.exported == 20 and link.counts.failed == 1,
+                    "20 exported and 1 failed")
+        assert link.state.value == "connected"
+        assert link.counts.connects == 1
+        assert len(link.backlog) == 0
+        assert "permissions violation for publish" in link.last_error.lower()
+    stored = await stream_messages(hub.auth_url, "ZEROMESH")
+    assert sorted(m.subject for m in stored) == sorted(f"perm.ok.m{i}" for i in range(20))
 
 
 async def test_a_redelivered_import_is_recognised_and_not_published_again(
