@@ -90,6 +90,11 @@ class Backlog:
                 return record_id, message
         return None
 
+    def again(self, record_id: int) -> None:
+        """Send this one next (the hub refused it; the others in flight stay as they are)."""
+        if record_id in self._pending:
+            self._unsent.appendleft(record_id)
+
     def has_unsent(self) -> bool:
         return bool(self._unsent)
 

@@ -24,6 +24,11 @@ class HubRefused(Exception):
     retrying soon cannot help, so the uplink goes `down` and retries slowly."""
 
 
+class Unsendable(HubRefused):
+    """This message can never go to this hub (its topic has no spelling there, it is
+    larger than the hub takes): failed at once, never tried again."""
+
+
 class HubUnreachable(Exception):
     """No connection (refused, timeout, TLS, lost): retried with backoff."""
 
@@ -68,8 +73,8 @@ class Hub(Protocol):
 
         The future resolves once the hub has it (PubAck, PUBACK) — True when the
         hub says it had it already (a resend it dropped by id) — and fails with
-        HubUnreachable (this connection will not acknowledge it) or HubRefused
-        (the hub will not take this message).
+        HubUnreachable (this connection will not acknowledge it), HubRefused
+        (the hub will not take this message now) or Unsendable (nor ever).
         """
         ...
 

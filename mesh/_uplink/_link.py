@@ -34,7 +34,7 @@ from .._node import AsyncNode
 from .._work._pull import Pull
 from ..errors import ClosedError, MessageTooLarge, SpoolFullError
 from ._backlog import Backlog, Exported
-from ._hub import ORIGIN_HEADER, Hub, HubRefused, HubUnreachable, Incoming
+from ._hub import ORIGIN_HEADER, Hub, HubRefused, HubUnreachable, Incoming, Unsendable
 from ._settings import UplinkSettings
 
 _log = logging.getLogger("mesh.uplink")
@@ -55,6 +55,8 @@ ROOM_AGAIN: Final[float] = 0.5
 drained below this share of its quota."""
 MAX_ATTEMPTS: Final[int] = 5
 """Times the hub may refuse one message before it is counted failed and dropped."""
+REFUSED_PAUSE: Final[float] = 1.0
+"""Seconds before a refused message is sent again (alone: the others go on meanwhile)."""
 _DROPPED_HEADERS: Final = frozenset({"Nats-Msg-Id", "Nats-Expected-Stream"})
 
 
@@ -71,7 +73,8 @@ class Counts:
     exported: int = 0
     imported: int = 0
     failed: int = 0
-    """Messages given up on: refused by the hub MAX_ATTEMPTS times, or unmappable."""
+    """Messages given up on: refused by the hub MAX_ATTEMPTS times, or unsendable there
+    (a topic with no spelling on the hub, too large)."""
     dropped: int = 0
     """Best-effort messages not exported because the backlog's quota was full."""
     duplicates: int = 0
@@ -101,6 +104,9 @@ class Uplink:
         self._more = asyncio.Event()
         """Set when the backlog grows or an acknowledgement frees the window."""
         self._full_logged = False
+        self._failure_logged = ""
+        """Why the last dropped export was logged (the same reason again goes to debug,
+        and every unsendable topic counts as one reason: no log flood)."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -257,9 +263,11 @@ class Uplink:
     async def _send(self, hub: Hub) -> BaseException:
         """Keep `window` messages in flight until the connection fails.
 
-        A message the hub refuses (its future fails with HubRefused: too large,
-        a stream limit) is tried again from the oldest unacknowledged one after a
-        pause, up to MAX_ATTEMPTS, then counted failed and dropped with a log line.
+        A message the hub refuses (its future fails with HubRefused: a permission, a
+        stream limit) is sent again alone after REFUSED_PAUSE, up to MAX_ATTEMPTS
+        times, then counted failed and dropped with a log line; the others in flight
+        are not touched (resending them would put copies on the hub). One it can never
+        take (Unsendable: a topic with no spelling there) fails at once.
 
         The hub's acknowledgements are collected as they come and leave the backlog
         together, once per turn of this loop (one ack record for a run of them, not
@@ -292,16 +300,22 @@ class Uplink:
                 if attempts:
                     attempts.pop(record_id, None)
             elif isinstance(error, HubRefused):
+                self.last_error = str(error)
                 tries = attempts[record_id] = attempts.get(record_id, 0) + 1
-                if tries >= MAX_ATTEMPTS:
+                if tries >= MAX_ATTEMPTS or isinstance(error, Unsendable):
                     del attempts[record_id]
                     backlog.done((record_id,))
                     counts.failed += 1
-                    _log.error("uplink %s: the hub refused message %s %d times, dropped: %s",
-                               self.settings.shown_url, record_id, tries, error)
-                failure.append(error)
+                    self._log_failed(record_id, tries, error)
+                else:
+                    retries[record_id] = loop.call_later(REFUSED_PAUSE, again, record_id)
             else:
                 failure.append(error)
+
+        def again(record_id: int) -> None:
+            del retries[record_id]
+            backlog.again(record_id)
+            more.set()
 
         def release() -> None:
             if acked:
@@ -311,6 +325,8 @@ class Uplink:
 
         loop = asyncio.get_running_loop()
         ticker: list[asyncio.TimerHandle] = []
+        retries: dict[int, asyncio.TimerHandle] = {}
+        """Refused messages waiting to be sent again, by record id."""
 
         def tick() -> None:  # a look at the ack timeout at least once a second
             more.set()
@@ -328,19 +344,10 @@ class Uplink:
                     fut = hub.send(msg.topic, msg.data, msg.headers, msg.id)
                     in_flight[record_id] = (fut, time.monotonic())
                     fut.add_done_callback(functools.partial(settled, record_id))
-                if failure:
+                if failure:  # the connection is gone: the next one resends what is left
                     for fut, _ in list(in_flight.values()):
                         fut.cancel()
-                    error = failure[0]
-                    if not isinstance(error, HubRefused):
-                        return error
-                    self.last_error = str(error)
-                    release()
-                    await asyncio.sleep(1.0)
-                    failure.clear()
-                    release()
-                    backlog.rewind()  # in order again, from the oldest not acknowledged
-                    continue
+                    return failure[0]
                 if in_flight:
                     oldest = next(iter(in_flight.values()))[1]
                     if time.monotonic() - oldest > ACK_TIMEOUT:
@@ -351,8 +358,18 @@ class Uplink:
                 await more.wait()  # (an ack, more to send, or the ticker)
         finally:
             ticker[0].cancel()
+            for handle in retries.values():
+                handle.cancel()
             finished = True
             release()
+
+    def _log_failed(self, record_id: int, tries: int, error: HubRefused) -> None:
+        key = "unsendable" if isinstance(error, Unsendable) else str(error)
+        level = logging.DEBUG if key == self._failure_logged else logging.ERROR
+        self._failure_logged = key
+        times = "" if tries == 1 else f" {tries} times"
+        _log.log(level, "uplink %s: the hub refused message %s%s, dropped: %s",
+                 self.settings.shown_url, record_id, times, error)
 
     # -- import -------------------------------------------------------------------------
 

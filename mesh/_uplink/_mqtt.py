@@ -39,7 +39,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ._backlog import MARKS
-from ._hub import ID_HEADER, HubRefused, HubUnreachable, Incoming
+from ._hub import ID_HEADER, HubRefused, HubUnreachable, Incoming, Unsendable
 from ._settings import UplinkSettings
 from ._subjects import Subjects
 
@@ -347,18 +347,21 @@ class MqttHub:
                 if subject is None:  # (str.translate costs per character: once per topic)
                     if len(self._subjects_out) >= 4096:
                         self._subjects_out.clear()
-                    subject = self._subjects_out[topic] = self.subjects.outbound(topic).encode()
+                    subject = self._subjects_out[topic] = self.subjects.subject(topic).encode()
                 mid = client.publish_qos1(subject, data, props)
                 if not mid:
                     future.set_exception(HubUnreachable("mqtt: publish: not connected"))
                 else:
                     self._sent[mid] = (future, topic)
                 return future
-            info = client.publish(self.subjects.outbound(topic), data, qos=1,
+            info = client.publish(self.subjects.subject(topic), data, qos=1,
                                   properties=_UserProperties(props))
+        except Unsendable as exc:
+            future.set_exception(exc)
+            return future
         except ValueError as exc:  # a payload over 256 MB, a topic paho will not take, a
-            # header over 64 KiB
-            future.set_exception(HubRefused(f"mqtt: {topic}: {exc}"))
+            # header over 64 KiB: never sendable
+            future.set_exception(Unsendable(f"mqtt: {topic}: {exc}"))
             return future
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             future.set_exception(HubUnreachable(f"mqtt: publish: {paho.error_string(info.rc)}"))

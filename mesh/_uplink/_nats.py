@@ -37,7 +37,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from ._hub import HubRefused, HubUnreachable, Incoming
+from ._hub import HubRefused, HubUnreachable, Incoming, Unsendable
 from ._settings import UplinkSettings
 from ._subjects import Subjects
 
@@ -212,7 +212,12 @@ class NatsHub:
         if self._lost is None or self._lost.done():
             fut.set_exception(HubUnreachable("nats: not connected"))
             return fut
-        self._outgoing.append((self._subjects.outbound(topic), data, headers, msg_id, fut))
+        try:
+            subject = self._subjects.subject(topic)
+        except Unsendable as exc:
+            fut.set_exception(exc)
+            return fut
+        self._outgoing.append((subject, data, headers, msg_id, fut))
         self._wake.set()
         return fut
 
@@ -246,7 +251,7 @@ class NatsHub:
                     except (nats.errors.MaxPayloadError, nats.errors.BadSubjectError,
                             nats.errors.BadHeaderError) as exc:
                         del waiting[token]
-                        fut.set_exception(HubRefused(f"nats: {type(exc).__name__} {exc}"))
+                        fut.set_exception(Unsendable(f"nats: {type(exc).__name__} {exc}"))
             except (OSError, nats.errors.Error) as exc:
                 self._lose(HubUnreachable(f"nats: {type(exc).__name__} {exc}"))
                 return
@@ -284,7 +289,7 @@ class NatsHub:
                     raise nats.errors.MaxPayloadError
             except (nats.errors.MaxPayloadError, nats.errors.BadSubjectError,
                     nats.errors.BadHeaderError) as exc:
-                fut.set_exception(HubRefused(f"nats: {type(exc).__name__} {exc}"))
+                fut.set_exception(Unsendable(f"nats: {type(exc).__name__} {exc}"))
                 continue
             token = str(next(tokens))
             waiting[token] = (fut, subject)

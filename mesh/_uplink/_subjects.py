@@ -7,10 +7,18 @@ spells the wildcards ``+`` and ``#``.
 
 from __future__ import annotations
 
+import re
+from typing import Final
+
 from .. import _names
 from ..errors import ConfigError
+from ._hub import Unsendable
 
-_TO_MQTT = str.maketrans({".": "/", "*": "+", ">": "#"})
+_TO_MQTT: Final = str.maketrans({".": "/", "*": "+", ">": "#"})
+_NO_MQTT: Final = re.compile(r"[+#/*>\x00]")
+"""What an MQTT topic name cannot hold (wildcards), or holds with another meaning ('/'
+separates levels: mesh 'a/b' would come back as 'a.b')."""
+_NO_NATS: Final = re.compile(r"[\s*>]")
 
 
 class Subjects:
@@ -25,6 +33,19 @@ class Subjects:
     def outbound(self, topic: str) -> str:
         """The hub subject of mesh topic (or pattern) `topic`."""
         return self._head + (topic.translate(_TO_MQTT) if self.mqtt else topic)
+
+    def subject(self, topic: str) -> str:
+        """The hub subject an exported message on mesh topic `topic` is published to.
+
+        Raises:
+            Unsendable: the topic has no spelling on this hub (MQTT: a '+', '#' or '/' in
+                it; both: a wildcard or whitespace).
+        """
+        bad = (_NO_MQTT if self.mqtt else _NO_NATS).search(topic)
+        if bad is not None:
+            raise Unsendable(f"{'mqtt' if self.mqtt else 'nats'}: mesh topic {topic!r} has "
+                             f"no spelling on the hub ({bad.group()!r})")
+        return self.outbound(topic)
 
     def inbound(self, subject: str) -> str | None:
         """The mesh topic of hub subject `subject`; None when it is not one of ours

@@ -22,6 +22,7 @@ from mesh._uplink._nats import NatsHub
 from mesh._uplink._settings import UplinkSettings
 from tests.mesh.conftest import MakeNode
 
+from ._brokers import Mosquitto, Sub
 from ._nats_server import stream_messages
 from .conftest import StartNats
 
@@ -74,7 +75,8 @@ async def test_a_publish_the_hub_does_not_permit_fails_alone_and_the_link_stays_
         nats_server: StartNats, make_node: MakeNode, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The user may publish to perm.ok.> only: perm.no.x is refused message by message
-    (counted failed), the messages around it arrive once, and the connection stays."""
+    (sent again alone, then counted failed), the messages around it arrive once and are
+    never resent, and the connection stays."""
     monkeypatch.setattr(_link, "MAX_ATTEMPTS", 2)
     hub = nats_server(user="u", password="p",
                       publish_allow=["perm.ok.>", "$JS.API.>", "_INBOX.>"])
@@ -90,10 +92,44 @@ async def test_a_publish_the_hub_does_not_permit_fails_alone_and_the_link_stays_
                     "20 exported and 1 failed")
         assert link.state.value == "connected"
         assert link.counts.connects == 1
+        assert link.counts.hub_duplicates == 0  # nothing but the refused one was resent
         assert len(link.backlog) == 0
         assert "permissions violation for publish" in link.last_error.lower()
     stored = await stream_messages(hub.auth_url, "ZEROMESH")
     assert sorted(m.subject for m in stored) == sorted(f"perm.ok.m{i}" for i in range(20))
+
+
+async def test_topics_with_no_mqtt_spelling_fail_at_once_and_nothing_else_is_resent(
+        make_node: MakeNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sensors.x#y, sensors.a+b and sensors.a/b are mesh topics MQTT cannot carry: failed
+    without a retry (the pause before one outlasts the test), and the good messages
+    around them reach the broker once each."""
+    monkeypatch.setattr(_link, "REFUSED_PAUSE", 3 * WAIT, raising=False)
+    node = await make_node("edge", data_dir=str(tmp_path / "node"))
+    with Mosquitto(tmp_path / "broker") as broker:
+        sub = Sub(broker.port, "site1/#", tmp_path / "sub.txt")
+        try:
+            await sub.ready()
+            link = await _link_to(broker.url(), node, tmp_path, export=["sensors.>"])
+            async with _running(link):
+                await _wait(lambda: link.state.value == "connected", "connected")
+                for i in range(20):
+                    if i in (5, 10, 15):
+                        bad = {5: "sensors.x#y", 10: "sensors.a+b", 15: "sensors.a/b"}[i]
+                        await node.publish(bad, b"bad", reliable=True)
+                    await node.publish(f"sensors.m{i}", b"%d" % i, reliable=True)
+                await _wait(lambda: link.counts.exported == 20 and link.counts.failed == 3,
+                            "20 exported and 3 failed")
+                assert link.state.value == "connected"
+                assert len(link.backlog) == 0
+                assert "no spelling" in link.last_error
+            lines = await sub.lines(20)
+            await asyncio.sleep(0.2)  # (a copy, if any, would come right behind)
+            assert len(sub.read()) == 20
+            assert sorted(line.split("|")[0] for line in lines) == sorted(
+                f"site1/sensors/m{i}" for i in range(20))
+        finally:
+            sub.close()
 
 
 async def test_a_redelivered_import_is_recognised_and_not_published_again(
