@@ -403,32 +403,61 @@ class Uplink:
                 return error
 
     async def _bring_in(self, hub: Hub, fresh: list[Incoming]) -> BaseException | None:
-        """Publish into the mesh reliably, then mark and acknowledge what went in."""
-        done: list[Incoming] = []
+        """Publish into the mesh reliably, then mark and acknowledge what went in.
+
+        The batch is published at once: every publish reaches the spool's wait in the
+        order started, within one loop iteration, so they share one commit, and their
+        marks are noted together the moment it is done. A crash can then lose the marks
+        of what is in the mesh only between that commit and the mark's write just
+        after it (the backlog's writer thread, a fraction of a millisecond, once per
+        batch): the hub's redelivery of that batch would be published again. Before,
+        the marks waited for the whole batch, published one by one.
+        """
         prefix = self.settings.prefix
+        publishing: list[asyncio.Future[None]] = []
+        for incoming in fresh:
+            headers = {k: v for k, v in incoming.headers.items() if k not in _DROPPED_HEADERS}
+            headers[ORIGIN_HEADER] = prefix
+            publishing.append(asyncio.ensure_future(self._node.publish(
+                incoming.topic, incoming.data, headers=headers, reliable=True)))
         try:
-            for incoming in fresh:
-                headers = {k: v for k, v in incoming.headers.items()
-                           if k not in _DROPPED_HEADERS}
-                headers[ORIGIN_HEADER] = prefix
-                try:
-                    await self._node.publish(incoming.topic, incoming.data, headers=headers,
-                                             reliable=True)
-                except MessageTooLarge as exc:
-                    self.counts.failed += 1
-                    _log.error("uplink %s: cannot import %s: %s",
-                               self.settings.shown_url, incoming.key, exc)
-                except (SpoolFullError, ClosedError) as exc:
-                    # Not acknowledged: the hub delivers it again after its ack wait.
-                    return HubUnreachable(f"import paused: {exc}")
-                else:
-                    self.counts.imported += 1
-                done.append(incoming)
+            await asyncio.wait(publishing)
         finally:
+            for fut in publishing:
+                fut.cancel()  # (only what a cancellation of ours interrupted)
+            paused, done = self._published(fresh, publishing)
             self.backlog.mark([incoming.key for incoming in done])
             for incoming in done:
                 hub.settle(incoming)
-        return None
+        if paused is not None and not isinstance(paused, HubUnreachable):
+            raise paused  # (a bug: after the marks of what did go in)
+        return paused
+
+    def _published(self, fresh: list[Incoming], publishing: list[asyncio.Future[None]]
+                   ) -> tuple[BaseException | None, list[Incoming]]:
+        """What is in the mesh (or never can be), and why importing pauses (an error
+        other than HubUnreachable: one it should not have met) if it does."""
+        done: list[Incoming] = []
+        paused: BaseException | None = None
+        for incoming, fut in zip(fresh, publishing, strict=True):
+            if not fut.done() or fut.cancelled():
+                continue
+            exc = fut.exception()
+            if exc is None:
+                self.counts.imported += 1
+            elif isinstance(exc, MessageTooLarge):
+                self.counts.failed += 1
+                _log.error("uplink %s: cannot import %s: %s",
+                           self.settings.shown_url, incoming.key, exc)
+            elif isinstance(exc, SpoolFullError | ClosedError):
+                # Not acknowledged: the hub delivers it again after its ack wait.
+                paused = paused or HubUnreachable(f"import paused: {exc}")
+                continue
+            else:
+                paused = exc
+                continue
+            done.append(incoming)
+        return paused, done
 
     # -- what /v1/uplinks shows ---------------------------------------------------------
 
