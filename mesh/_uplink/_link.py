@@ -121,6 +121,8 @@ class Uplink:
     def _set_state(self, state: LinkState, error: str = "") -> None:
         if error:
             self.last_error = error
+        elif state is LinkState.CONNECTED:
+            self.last_error = ""  # (what failed before this connection is over)
         if state is self.state:
             return
         self.state = state

@@ -107,6 +107,9 @@ def check(key: str, link: UplinkSettings) -> None:
     for pattern in (link.prefix,):
         if any(c in pattern for c in "*>/+#"):
             raise ConfigError(f"{key}.prefix", f"{pattern!r}: no wildcards or '/'")
+    if link.prefix.startswith("$"):  # ($SYS, $JS, $share...: the brokers' own subjects)
+        raise ConfigError(f"{key}.prefix", f"{link.prefix!r}: must not start with '$' "
+                                           "(the broker's own subjects)")
     try:
         _names.topic(link.prefix)
     except ConfigError as exc:

@@ -364,6 +364,7 @@ async def test_unreachable_broker_at_start(procs: list[Cli], mesh_name: str,
     assert "Connection refused" in early["last_error"], early
     assert [(t, p) for t, _, p in map(properties, lines)] == [("site1/sensors/x", "before")]
     assert status["backlog"] == 0
+    assert status["last_error"] == ""  # connected: the old error is over
     print(f"\nunreachable at start: {early['last_error']!r}; connected after "
           f"{status['attempts']} attempts, exported {status['exported']}")
 

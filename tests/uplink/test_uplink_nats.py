@@ -156,6 +156,7 @@ async def test_an_unreachable_hub_at_start_delays_and_loses_nothing(
         status = await until(http, agent, lambda s: connected(s) and s["backlog"] == 0,
                              "drained")
     assert status["exported"] == 20
+    assert status["last_error"] == ""  # connected: the old error is over
     stored = await stream_messages(hub.url, "ZEROMESH", "site1.>")
     assert [m.data for m in stored] == [str(i).encode() for i in range(20)]
 
