@@ -50,6 +50,9 @@ class Incoming:
     once, MQTT's DUP flag), or a key that is the message's own id. Only then is it
     looked up: a first delivery of a key made from broker fields (an MQTT packet id
     wraps) is never taken for an old one."""
+    unusable: str = ""
+    """Why it cannot come into the mesh (its subject has no mesh spelling; `topic` is
+    then empty): the core counts it failed and acknowledges it."""
 
 
 class Hub(Protocol):

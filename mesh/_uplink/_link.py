@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from patterns import TopicPattern
+
 from .._message import Message
 from .._node import AsyncNode
 from .._work._pull import Pull
@@ -104,6 +106,12 @@ class Uplink:
         self._more = asyncio.Event()
         """Set when the backlog grows or an acknowledgement frees the window."""
         self._full_logged = False
+        self._imports = [TopicPattern(pattern) for pattern in settings.imports]
+        self._marking: list[tuple[Hub, Incoming]] = []
+        """Imports in the mesh since the last `_mark_now`: marked together."""
+        self._mark_handle: asyncio.Handle | None = None
+        self._skips_logged: set[str] = set()
+        """Kinds of dropped imports logged already (then at debug: no log flood)."""
         self._failure_logged = ""
         """Why the last dropped export was logged (the same reason again goes to debug,
         and every unsendable topic counts as one reason: no log flood)."""
@@ -381,7 +389,10 @@ class Uplink:
             batch = await hub.receive(IMPORT_BATCH, 1.0)
             fresh: list[Incoming] = []
             for incoming in batch:
-                if incoming.maybe_seen and backlog.seen(incoming.key):
+                if incoming.unusable or not self._wanted(incoming.topic):
+                    self._skip(incoming)
+                    hub.settle(incoming)
+                elif incoming.maybe_seen and backlog.seen(incoming.key):
                     self.counts.duplicates += 1
                     hub.settle(incoming)
                 elif incoming.headers.get(ORIGIN_HEADER) == prefix:
@@ -404,62 +415,98 @@ class Uplink:
             if error is not None:
                 return error
 
-    async def _bring_in(self, hub: Hub, fresh: list[Incoming]) -> BaseException | None:
-        """Publish into the mesh reliably, then mark and acknowledge what went in.
+    def _wanted(self, topic: str) -> bool:
+        """Does an import pattern of this config take `topic`? (An MQTT session the broker
+        kept may still hold the subscription of a pattern an earlier config had.)"""
+        return any(pattern.matches(topic) for pattern in self._imports)
 
-        The batch is published at once: every publish reaches the spool's wait in the
-        order started, within one loop iteration, so they share one commit, and their
-        marks are noted together the moment it is done. A crash can then lose the marks
-        of what is in the mesh only between that commit and the mark's write just
-        after it (the backlog's writer thread, a fraction of a millisecond, once per
-        batch): the hub's redelivery of that batch would be published again. Before,
-        the marks waited for the whole batch, published one by one.
+    def _skip(self, incoming: Incoming) -> None:
+        """An import that does not come in: one with no mesh spelling is counted failed;
+        either kind is logged once, then at debug."""
+        if incoming.unusable:
+            self.counts.failed += 1
+            why = f"cannot import {incoming.unusable}"
+        else:
+            why = (f"no import pattern takes {incoming.topic!r} (a subscription an "
+                   "earlier config made?)")
+        kind = "unusable" if incoming.unusable else "unwanted"
+        level = logging.DEBUG if kind in self._skips_logged else logging.WARNING
+        self._skips_logged.add(kind)
+        _log.log(level, "uplink %s: %s: acknowledged and dropped", self.settings.shown_url,
+                 why)
+
+    async def _bring_in(self, hub: Hub, fresh: list[Incoming]) -> BaseException | None:
+        """Publish into the mesh reliably; mark and acknowledge each message as soon as it
+        is in the spool.
+
+        The batch is published at once (the publishes share the spool's commits, in
+        order), and what each commit settles is marked in the loop iteration it settles
+        in, in one record. A SIGKILL can then lose the marks of what is in the mesh only
+        between a commit and its marks' write just after it (the backlog's writer
+        thread): the hub's redelivery of those messages is published again, a duplicate
+        under a crash, as at-least-once allows. Marks that waited for the whole batch
+        left that window open for the batch's whole length.
         """
         prefix = self.settings.prefix
         publishing: list[asyncio.Future[None]] = []
         for incoming in fresh:
             headers = {k: v for k, v in incoming.headers.items() if k not in _DROPPED_HEADERS}
             headers[ORIGIN_HEADER] = prefix
-            publishing.append(asyncio.ensure_future(self._node.publish(
-                incoming.topic, incoming.data, headers=headers, reliable=True)))
+            task = asyncio.ensure_future(self._node.publish(
+                incoming.topic, incoming.data, headers=headers, reliable=True))
+            task.add_done_callback(functools.partial(self._published, hub, incoming))
+            publishing.append(task)
         try:
             await asyncio.wait(publishing)
         finally:
             for fut in publishing:
                 fut.cancel()  # (only what a cancellation of ours interrupted)
-            paused, done = self._published(fresh, publishing)
-            self.backlog.mark([incoming.key for incoming in done])
-            for incoming in done:
-                hub.settle(incoming)
+            self._mark_now()
+        paused = self._paused(publishing)
         if paused is not None and not isinstance(paused, HubUnreachable):
             raise paused  # (a bug: after the marks of what did go in)
         return paused
 
-    def _published(self, fresh: list[Incoming], publishing: list[asyncio.Future[None]]
-                   ) -> tuple[BaseException | None, list[Incoming]]:
-        """What is in the mesh (or never can be), and why importing pauses (an error
-        other than HubUnreachable: one it should not have met) if it does."""
-        done: list[Incoming] = []
-        paused: BaseException | None = None
-        for incoming, fut in zip(fresh, publishing, strict=True):
-            if not fut.done() or fut.cancelled():
-                continue
-            exc = fut.exception()
-            if exc is None:
-                self.counts.imported += 1
-            elif isinstance(exc, MessageTooLarge):
-                self.counts.failed += 1
-                _log.error("uplink %s: cannot import %s: %s",
-                           self.settings.shown_url, incoming.key, exc)
-            elif isinstance(exc, SpoolFullError | ClosedError):
-                # Not acknowledged: the hub delivers it again after its ack wait.
-                paused = paused or HubUnreachable(f"import paused: {exc}")
-                continue
-            else:
-                paused = exc
-                continue
-            done.append(incoming)
-        return paused, done
+    def _published(self, hub: Hub, incoming: Incoming, fut: asyncio.Future[None]) -> None:
+        """One publish ended: what is in the mesh (or never can be) is marked and
+        acknowledged, with the others of its loop iteration."""
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            self.counts.imported += 1
+        elif isinstance(exc, MessageTooLarge):
+            self.counts.failed += 1
+            _log.error("uplink %s: cannot import %s: %s", self.settings.shown_url,
+                       incoming.key, exc)
+        else:
+            return  # (not acknowledged: the hub delivers it again after its ack wait)
+        self._marking.append((hub, incoming))
+        if self._mark_handle is None:
+            self._mark_handle = asyncio.get_running_loop().call_soon(self._mark_now)
+
+    def _mark_now(self) -> None:
+        if self._mark_handle is not None:
+            self._mark_handle.cancel()
+            self._mark_handle = None
+        marking, self._marking = self._marking, []
+        if marking:
+            self.backlog.mark([incoming.key for _, incoming in marking])
+            for hub, incoming in marking:
+                hub.settle(incoming)
+
+    @staticmethod
+    def _paused(publishing: list[asyncio.Future[None]]) -> BaseException | None:
+        """Why importing pauses, if it does: the spool full or the node closing
+        (HubUnreachable: retried), or an error it should not have met."""
+        for fut in publishing:
+            if fut.done() and not fut.cancelled():
+                exc = fut.exception()
+                if isinstance(exc, SpoolFullError | ClosedError):
+                    return HubUnreachable(f"import paused: {exc}")
+                if exc is not None and not isinstance(exc, MessageTooLarge):
+                    return exc
+        return None
 
     # -- what /v1/uplinks shows ---------------------------------------------------------
 

@@ -218,8 +218,6 @@ class MqttHub:
         self.settings = settings
         self.subjects = Subjects("mqtt", settings.prefix)
         self.client_id = settings.client_id or client_id(settings.prefix, node_name)
-        self.unmapped = 0
-        """Imported messages whose topic has no mesh spelling: acknowledged and dropped."""
         self._client: _Client | None = None
         self._sock: paho.SocketLike | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -546,19 +544,14 @@ class MqttHub:
         except UnicodeDecodeError:
             subject = None
         topic = None if subject is None else self.subjects.inbound(subject)
-        if subject is None or topic is None:
-            client.ack(message.mid, message.qos)
-            self.unmapped += 1
-            if self.unmapped == 1:
-                _log.warning("mqtt uplink %s: dropping messages on topics with no mesh "
-                             "spelling (first: %r)", self.client_id, subject)
-            return
         headers = dict(getattr(message.properties, "UserProperty", None) or ())
         own_id = headers.get(ID_HEADER)
-        key = own_id or self._key(message, subject)
-        self._inbox.append(Incoming(key, topic, bytes(message.payload), headers,
+        key = own_id or self._key(message, subject or "")
+        self._inbox.append(Incoming(key, topic or "", bytes(message.payload), headers,
                                     _Token(client, message.mid, message.qos),
-                                    maybe_seen=bool(own_id) or bool(message.dup)))
+                                    maybe_seen=bool(own_id) or bool(message.dup),
+                                    unusable="" if topic is not None else
+                                    f"{(subject or '<not UTF-8>')[:200]!r}: no mesh spelling"))
         self._arrived.set()
 
     def _key(self, message: paho.MQTTMessage, subject: str) -> str:

@@ -350,15 +350,11 @@ class NatsHub:
         out: list[Incoming] = []
         for msg in msgs:
             topic = self._subjects.inbound(msg.subject)
-            if topic is None:
-                _log.warning("nats: %r has no mesh topic; acknowledged and skipped", msg.subject)
-                self._acks.append(msg)
-                continue
-            out.append(Incoming(key=_key(msg), topic=topic, data=msg.data,
+            out.append(Incoming(key=_key(msg), topic=topic or "", data=msg.data,
                                 headers=dict(msg.headers or {}), token=msg,
-                                maybe_seen=msg.metadata.num_delivered > 1))
-        if self._acks:
-            self._wake.set()
+                                maybe_seen=msg.metadata.num_delivered > 1,
+                                unusable="" if topic is not None else
+                                f"{msg.subject[:200]!r}: no mesh spelling"))
         return out
 
     def settle(self, incoming: Incoming) -> None:

@@ -22,7 +22,7 @@ from mesh._uplink._nats import NatsHub
 from mesh._uplink._settings import UplinkSettings
 from tests.mesh.conftest import MakeNode
 
-from ._brokers import Mosquitto, Sub
+from ._brokers import Mosquitto, Sub, pub
 from ._nats_server import stream_messages
 from .conftest import StartNats
 
@@ -130,6 +130,32 @@ async def test_topics_with_no_mqtt_spelling_fail_at_once_and_nothing_else_is_res
                 f"site1/sensors/m{i}" for i in range(20))
         finally:
             sub.close()
+
+
+async def test_imports_no_pattern_takes_or_with_no_mesh_spelling_are_dropped(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """The broker keeps an MQTT session's subscriptions: after the import patterns changed
+    (cmd.> to ctl.>), cmd.old still arrives, and is acknowledged and dropped, not brought
+    into the mesh. An import with no mesh spelling (a level with a dot) is counted failed;
+    it was dropped uncounted."""
+    node = await make_node("edge", data_dir=str(tmp_path / "node"))
+    sub = await node.subscribe(">", retained=False)
+    with Mosquitto(tmp_path / "broker") as broker:
+        before = await _link_to(broker.url(), node, tmp_path / "before", imports=["cmd.>"])
+        async with _running(before):  # (its session: a subscription to site1/cmd/#)
+            await _wait(lambda: before.state.value == "connected", "connected")
+        link = await _link_to(broker.url(), node, tmp_path / "after", imports=["ctl.>"])
+        async with _running(link):
+            await _wait(lambda: link.state.value == "connected", "connected")
+            await pub(broker.port, "site1/cmd/old", ["old"])
+            await pub(broker.port, "site1/ctl/v1.2", ["no spelling"])
+            await pub(broker.port, "site1/ctl/new", ["new"])
+            await _wait(lambda: link.counts.imported == 1 and link.counts.failed == 1,
+                        "1 imported and 1 failed")
+            got = await sub.next(timeout=WAIT)
+            assert (got.topic, got.data) == ("ctl.new", b"new")
+            with pytest.raises(TimeoutError):
+                await sub.next(timeout=0.3)
 
 
 async def test_a_redelivered_import_is_recognised_and_not_published_again(

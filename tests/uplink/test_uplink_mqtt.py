@@ -16,6 +16,8 @@ from typing import Any, Final, TypeVar
 import aiohttp
 import pytest
 
+from mesh._uplink._link import IMPORT_BATCH
+
 from ..mesh._agent import AgentProc, SseStream, start_agent
 from ..mesh._proc import Cli
 from ..mesh.conftest import FAST_ENV
@@ -204,10 +206,10 @@ async def test_import_exactly_once_across_an_agent_restart(
 
     A stopping agent finishes the import batch it is in (up to IMPORT_BATCH = 256), so with
     the stop after 100 and 1,000 in all, some are always left for the restarted agent.
-    A killed one finishes nothing: what it had published is marked already, so the
-    broker's redeliveries of it are recognised (a SIGKILL in the fraction of a
-    millisecond between a batch's commit and its marks' write would still duplicate it:
-    see `Uplink._bring_in`)."""
+    A killed one finishes nothing: what it had published and marked is recognised when
+    the broker delivers it again; what a commit had just put in its spool, the kill
+    before its marks were written, is published again (at-least-once, see
+    `Uplink._bring_in`): at most the batch in flight."""
     total = 1000
     config = agent_config(tmp_path, broker.url(), imports=["cmd.>"])
     agent = start_agent(procs, mesh=mesh_name, name="importer", tmp=tmp_path, config=config)
@@ -249,8 +251,11 @@ async def test_import_exactly_once_across_an_agent_restart(
     payloads = Counter(m["data"] for m in got)
     duplicates = len(got) - len(payloads)
     assert sorted(payloads) == sorted(f"light {i}" for i in range(total))
-    assert duplicates == 0, [p for p, n in payloads.items() if n > 1]
-    assert len({m["id"] for m in got}) == total
+    if stop == "sigterm":
+        assert duplicates == 0, [p for p, n in payloads.items() if n > 1]
+        assert len({m["id"] for m in got}) == total
+    else:
+        assert duplicates <= IMPORT_BATCH, [p for p, n in payloads.items() if n > 1]
     assert at_restart < total  # the restart came in the middle
     for message in got:
         assert message["headers"]["traceparent"] == TRACEPARENT
