@@ -53,6 +53,31 @@ def check_callback(callback: object) -> None:
                         "never be awaited): iterate the subscription instead")
 
 
+def _live_first(retained: list[Message], held: list[Message],
+                covered: dict[tuple[str, str], int]) -> list[Message]:
+    """The retained values to deliver before the held live messages; `covered` adjusted.
+
+    A retained value its publisher sent after this subscription was in force there also
+    comes live: held already, or on its way (a publisher's messages arrive in order, so a
+    value at or after its first held message of the topic is one of those). Such a value
+    is left out, and only what came before that first held message counts as covered:
+    otherwise its held live messages before the value, published while the values were
+    gathered, would be dropped as covered by it.
+    """
+    first: dict[tuple[str, str], int] = {}
+    for msg in held:
+        first.setdefault((msg.source_id, msg.topic), msg.seq)
+    kept = []
+    for value in retained:
+        key = (value.source_id, value.topic)
+        seq = first.get(key)
+        if seq is not None and value.seq >= seq:
+            covered[key] = seq - 1
+            continue
+        kept.append(value)
+    return kept
+
+
 class Subscription(Mailbox[Message[T]]):
     """Messages matching one pattern, in arrival order; `Message[T]` with ``type=T``.
 
@@ -111,6 +136,8 @@ class Subscription(Mailbox[Message[T]]):
                  ) -> None:
         """Deliver the retained values (or history), then what was held, then go live."""
         held, self._held = self._held or [], None
+        if held and covered:
+            retained = _live_first(retained, held, covered)
         self._covered = covered
         self._replayed = replayed or {}
         self._deliver([*retained, *held], retained=len(retained))
