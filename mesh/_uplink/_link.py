@@ -222,11 +222,13 @@ class Uplink:
                 await hub.connect()
             except HubRefused as exc:
                 await hub.close()
+                _cancelled_meanwhile()
                 self._set_state(LinkState.DOWN, str(exc))
                 await asyncio.sleep(DOWN_RETRY * random.uniform(0.8, 1.2))
                 continue
             except HubUnreachable as exc:
                 await hub.close()
+                _cancelled_meanwhile()
                 self._set_state(LinkState.CONNECTING, str(exc))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, RETRY_MAX)
@@ -520,6 +522,14 @@ class Uplink:
                 "hub_duplicates": c.hub_duplicates, "looped": c.looped,
                 "connects": c.connects, "attempts": c.attempts, "last_error": self.last_error,
                 "export": list(s.export), "import": list(s.imports)}
+
+
+def _cancelled_meanwhile() -> None:
+    """Raise the cancellation of this task if a broker library swallowed it (it was
+    cancelled inside a connect or close): else a stopping uplink retries for ever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def durable_name(settings: UplinkSettings, index: int) -> str:

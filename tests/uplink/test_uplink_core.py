@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
@@ -156,6 +159,43 @@ async def test_imports_no_pattern_takes_or_with_no_mesh_spelling_are_dropped(
             assert (got.topic, got.data) == ("ctl.new", b"new")
             with pytest.raises(TimeoutError):
                 await sub.next(timeout=0.3)
+
+
+_STOP_WHILE_CONNECTING: Final = """
+import asyncio, sys, tempfile, pathlib
+from mesh import AsyncNode
+from mesh._spool import FsyncPolicy
+from mesh._uplink._links import Uplinks
+from mesh._uplink._settings import UplinkSettings
+
+async def main() -> None:
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    node = AsyncNode(name="edge", mesh=sys.argv[1], interfaces=["127.0.0.1"],
+                     data_dir=str(tmp / "node"), heartbeat_interval=0.05,
+                     suspect_after=0.15, lost_after=0.3)
+    await node.start()
+    uplinks = Uplinks(node, str(tmp / "data"), fsync=FsyncPolicy.BATCH, quota=1 << 20)
+    down = "nats://127.0.0.1:1"  # (refused: nothing listens on port 1)
+    await uplinks.apply([UplinkSettings(url=down, prefix="a", export=["a.>"])])
+    await uplinks.apply([UplinkSettings(url=down, prefix="a", export=["b.>"]),
+                         UplinkSettings(url=down, prefix="n", export=["n.>"])])
+    await uplinks.aclose()
+    await node.aclose()
+    print("stopped")
+
+asyncio.run(main())
+"""
+
+
+def test_uplinks_still_connecting_stop_after_a_reload_changed_one(mesh_name: str) -> None:
+    """Stopping uplinks whose hub refuses connections, after a reload changed one: the
+    cancellation reaching a connect loop inside the broker library's connect or close was
+    swallowed there, the loop went on retrying, and the stop never returned. (A process of
+    its own: the hang needs its timing, which the test process's own load hides.)"""
+    env = {**os.environ, "ZEROMESH_INTERFACES": "127.0.0.1"}
+    done = subprocess.run([sys.executable, "-c", _STOP_WHILE_CONNECTING, mesh_name],
+                          env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert done.stdout.strip() == "stopped", done.stderr[-2000:]
 
 
 async def test_a_redelivered_import_is_recognised_and_not_published_again(
