@@ -57,6 +57,7 @@ import queue
 import threading
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
+from itertools import islice
 from pathlib import Path
 from typing import Final
 
@@ -407,19 +408,21 @@ class SpoolStore:
         across a restart.
         """
         with self._lock:
-            kept: list[Segment] = []
-            clean = True
-            for seg in self._segments[:-1]:
-                if clean and seg.live <= 0 and not seg.meta:
-                    try:
-                        seg.path.unlink(missing_ok=True)
-                    except OSError as exc:
-                        _log.warning("cannot delete spool segment %s: %s", seg.path, exc)
-                    continue
-                kept.append(seg)
-                clean = clean and seg.count <= seg.live
-            if len(kept) < len(self._segments) - 1:
-                self._segments[:-1] = kept
+            doomed: list[Segment] = []
+            for seg in islice(self._segments, max(0, len(self._segments) - 1)):  # (no copy)
+                if seg.live <= 0 and not seg.meta:
+                    doomed.append(seg)
+                elif seg.count > seg.live:
+                    break  # (it holds a settled message: no later one may go)
+            if not doomed:
+                return  # (the usual case, found at the first segment)
+            gone = set(doomed)
+            self._segments[:] = [seg for seg in self._segments if seg not in gone]
+            for seg in doomed:
+                try:
+                    seg.path.unlink(missing_ok=True)
+                except OSError as exc:
+                    _log.warning("cannot delete spool segment %s: %s", seg.path, exc)
 
     # -- the writer thread -----------------------------------------------------------
 
