@@ -339,7 +339,7 @@ class Requests:
     async def _attempt(self, service: str, payload: bytes, headers: dict[str, str] | None,
                        deadline: float, attempts_left: int, tried: list[str]) -> Message:
         loop = asyncio.get_running_loop()
-        target = self._choose(service, tried)
+        target, untried = self._best(service, tried)
         if target is None:
             grace_left = min(self._grace_end, deadline) - loop.time()
             if grace_left <= 0:
@@ -349,12 +349,10 @@ class Requests:
                                         grace_left, f"waiting for a server of {service!r}")
             except RequestTimeout:
                 raise NoRespondersError(service) from None
-            target = self._choose(service, tried)
+            target, untried = self._best(service, tried)
             if target is None:
                 raise NoRespondersError(service)
-        share = deadline - loop.time()
-        if attempts_left > 1:  # the time left is shared only with attempts that could fail over
-            share /= min(attempts_left, self._untried(service, tried))
+        share = (deadline - loop.time()) / max(1, min(attempts_left, untried))
         use = next(self._uses)
         self._stats["requests"] += 1
         services = self._stats.services
@@ -508,33 +506,34 @@ class Requests:
 
     def _choose(self, service: str, tried: Iterable[str]) -> Service | PeerRecord | None:
         """The best server: untried, alive, connected, least outstanding, least recently used."""
+        return self._best(service, tried)[0]
+
+    def _best(self, service: str, tried: Iterable[str]
+              ) -> tuple[Service | PeerRecord | None, int]:
+        """`_choose`'s server, and how many servers of `service` none of `tried` went to:
+        an attempt shares the time left only with those (a slow server is not asked again
+        just because the request has attempts to spare)."""
         best: Service | PeerRecord | None = None
         best_key: tuple[bool, bool, bool, int, int] | None = None
+        untried = 0
         local = self._local.get(service)
         if local is not None:
-            best, best_key = local, ("" in tried, False, False, local.outstanding,
-                                     local.last_used)
+            again = "" in tried
+            untried += not again
+            best, best_key = local, (again, False, False, local.outstanding, local.last_used)
         for rec in self._peers.records():
             if rec.state is PeerState.LOST or not rec.rtr or service not in rec.services:
                 continue
             link = self._links.get(rec.id)
-            key = (rec.id in tried, rec.state is not PeerState.ALIVE,
+            again = rec.id in tried
+            untried += not again
+            key = (again, rec.state is not PeerState.ALIVE,
                    link is not None and not link.up,
                    len(link.outstanding) if link is not None else 0,
                    link.last_used if link is not None else 0)
             if best_key is None or key < best_key:
                 best, best_key = rec, key
-        return best
-
-    def _untried(self, service: str, tried: list[str]) -> int:
-        """How many servers of `service` an attempt could go to that none went to yet (1 at
-        least: the attempt about to go). A slow server is not asked again just because the
-        request has attempts to spare: with none other to fail over to, one attempt waits
-        for the whole time left."""
-        servers = self.servers(service)
-        untried = sum(1 for s in servers if (s.id if isinstance(s, PeerRecord) else "")
-                      not in tried)
-        return max(1, untried)
+        return best, untried
 
     def _open_link(self, rec: PeerRecord) -> _Link:
         def make_dealer(link: _Link) -> ServiceDealer:
