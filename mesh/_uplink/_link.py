@@ -107,9 +107,6 @@ class Uplink:
         """Set when the backlog grows or an acknowledgement frees the window."""
         self._full_logged = False
         self._imports = [TopicPattern(pattern) for pattern in settings.imports]
-        self._marking: list[tuple[Hub, Incoming]] = []
-        """Imports in the mesh since the last `_mark_now`: marked together."""
-        self._mark_handle: asyncio.Handle | None = None
         self._skips_logged: set[str] = set()
         """Kinds of dropped imports logged already (then at debug: no log flood)."""
         self._failure_logged = ""
@@ -221,14 +218,12 @@ class Uplink:
             try:
                 await hub.connect()
             except HubRefused as exc:
-                await hub.close()
-                _cancelled_meanwhile()
+                await _close(hub)
                 self._set_state(LinkState.DOWN, str(exc))
                 await asyncio.sleep(DOWN_RETRY * random.uniform(0.8, 1.2))
                 continue
             except HubUnreachable as exc:
-                await hub.close()
-                _cancelled_meanwhile()
+                await _close(hub)
                 self._set_state(LinkState.CONNECTING, str(exc))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, RETRY_MAX)
@@ -239,7 +234,7 @@ class Uplink:
             try:
                 reason = await self._while_connected(hub)
             finally:
-                await hub.close()
+                await _close(hub)
                 self.backlog.rewind()
             if isinstance(reason, HubRefused):
                 self._set_state(LinkState.DOWN, str(reason))
@@ -438,77 +433,61 @@ class Uplink:
                  why)
 
     async def _bring_in(self, hub: Hub, fresh: list[Incoming]) -> BaseException | None:
-        """Publish into the mesh reliably; mark and acknowledge each message as soon as it
-        is in the spool.
+        """Publish into the mesh reliably, then mark and acknowledge what went in.
 
-        The batch is published at once (the publishes share the spool's commits, in
-        order), and what each commit settles is marked in the loop iteration it settles
-        in, in one record. A SIGKILL can then lose the marks of what is in the mesh only
-        between a commit and its marks' write just after it (the backlog's writer
-        thread): the hub's redelivery of those messages is published again, a duplicate
-        under a crash, as at-least-once allows. Marks that waited for the whole batch
-        left that window open for the batch's whole length.
+        The batch is published at once: the publishes reach the spool in the order
+        started, within one loop iteration, so they share its commits, and their marks
+        are written together as soon as they are in. A SIGKILL between that commit and
+        the marks' write loses the marks of what is in the mesh: the hub's redelivery of
+        the batch is published again, a duplicate under a crash, as at-least-once
+        allows.
         """
         prefix = self.settings.prefix
         publishing: list[asyncio.Future[None]] = []
         for incoming in fresh:
             headers = {k: v for k, v in incoming.headers.items() if k not in _DROPPED_HEADERS}
             headers[ORIGIN_HEADER] = prefix
-            task = asyncio.ensure_future(self._node.publish(
-                incoming.topic, incoming.data, headers=headers, reliable=True))
-            task.add_done_callback(functools.partial(self._published, hub, incoming))
-            publishing.append(task)
+            publishing.append(asyncio.ensure_future(self._node.publish(
+                incoming.topic, incoming.data, headers=headers, reliable=True)))
         try:
             await asyncio.wait(publishing)
         finally:
             for fut in publishing:
                 fut.cancel()  # (only what a cancellation of ours interrupted)
-            self._mark_now()
-        paused = self._paused(publishing)
+            paused, done = self._published(fresh, publishing)
+            self.backlog.mark([incoming.key for incoming in done])
+            for incoming in done:
+                hub.settle(incoming)
         if paused is not None and not isinstance(paused, HubUnreachable):
             raise paused  # (a bug: after the marks of what did go in)
         return paused
 
-    def _published(self, hub: Hub, incoming: Incoming, fut: asyncio.Future[None]) -> None:
-        """One publish ended: what is in the mesh (or never can be) is marked and
-        acknowledged, with the others of its loop iteration."""
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is None:
-            self.counts.imported += 1
-        elif isinstance(exc, MessageTooLarge):
-            self.counts.failed += 1
-            _log.error("uplink %s: cannot import %s: %s", self.settings.shown_url,
-                       incoming.key, exc)
-        else:
-            return  # (not acknowledged: the hub delivers it again after its ack wait)
-        self._marking.append((hub, incoming))
-        if self._mark_handle is None:
-            self._mark_handle = asyncio.get_running_loop().call_soon(self._mark_now)
-
-    def _mark_now(self) -> None:
-        if self._mark_handle is not None:
-            self._mark_handle.cancel()
-            self._mark_handle = None
-        marking, self._marking = self._marking, []
-        if marking:
-            self.backlog.mark([incoming.key for _, incoming in marking])
-            for hub, incoming in marking:
-                hub.settle(incoming)
-
-    @staticmethod
-    def _paused(publishing: list[asyncio.Future[None]]) -> BaseException | None:
-        """Why importing pauses, if it does: the spool full or the node closing
-        (HubUnreachable: retried), or an error it should not have met."""
-        for fut in publishing:
-            if fut.done() and not fut.cancelled():
-                exc = fut.exception()
-                if isinstance(exc, SpoolFullError | ClosedError):
-                    return HubUnreachable(f"import paused: {exc}")
-                if exc is not None and not isinstance(exc, MessageTooLarge):
-                    return exc
-        return None
+    def _published(self, fresh: list[Incoming], publishing: list[asyncio.Future[None]]
+                   ) -> tuple[BaseException | None, list[Incoming]]:
+        """Why importing pauses, if it does (the spool full or the node closing:
+        HubUnreachable, retried; any other error: one it should not have met), and what is
+        in the mesh, or never can be (too large: counted failed)."""
+        done: list[Incoming] = []
+        paused: BaseException | None = None
+        for incoming, fut in zip(fresh, publishing, strict=True):
+            if not fut.done() or fut.cancelled():
+                continue
+            exc = fut.exception()
+            if exc is None:
+                self.counts.imported += 1
+            elif isinstance(exc, MessageTooLarge):
+                self.counts.failed += 1
+                _log.error("uplink %s: cannot import %s: %s",
+                           self.settings.shown_url, incoming.key, exc)
+            elif isinstance(exc, SpoolFullError | ClosedError):
+                # Not acknowledged: the hub delivers it again after its ack wait.
+                paused = paused or HubUnreachable(f"import paused: {exc}")
+                continue
+            else:
+                paused = paused or exc
+                continue
+            done.append(incoming)
+        return paused, done
 
     # -- what /v1/uplinks shows ---------------------------------------------------------
 
@@ -524,9 +503,10 @@ class Uplink:
                 "export": list(s.export), "import": list(s.imports)}
 
 
-def _cancelled_meanwhile() -> None:
-    """Raise the cancellation of this task if a broker library swallowed it (it was
-    cancelled inside a connect or close): else a stopping uplink retries for ever."""
+async def _close(hub: Hub) -> None:
+    """Close `hub`; a cancellation of this task that the broker library swallowed meanwhile
+    (in its connect or close) is raised again: else a stopping uplink retries for ever."""
+    await hub.close()
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
