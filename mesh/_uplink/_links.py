@@ -58,7 +58,8 @@ class Uplinks:
         """Run exactly these uplinks (see the module docstring).
 
         Raises:
-            ConfigError: an uplink without a data dir, or two with the same url and prefix.
+            ConfigError: an uplink without a data dir, two with the same url and prefix,
+                or a new one whose backlog cannot be used (nothing running changes then).
         """
         if wanted and self._data_dir is None:
             raise ConfigError("uplink", "an uplink needs data_dir (its backlog lives there)")
@@ -68,25 +69,45 @@ class Uplinks:
                 raise ConfigError("uplink", f"two uplinks to {settings.shown_url} with prefix "
                                             f"{settings.prefix!r}")
             by_slug[settings.slug] = settings
+        # New uplinks' backlogs open before anything running changes: one that cannot be
+        # used refuses the whole config, and what runs is kept as it was.
+        opened: dict[str, Backlog] = {}
+        try:
+            for slug, settings in by_slug.items():
+                if slug not in self._running:
+                    opened[slug] = await self._backlog(settings)
+        except BaseException:
+            for backlog in opened.values():
+                await backlog.aclose()
+            raise
         for slug, (link, _) in list(self._running.items()):
             if by_slug.get(slug) != link.settings:
                 await self._stop(slug)
                 await self._forget_unused(link.settings, by_slug.get(slug))
         for slug, settings in by_slug.items():
             if slug not in self._running:
-                await self._start(settings)
+                backlog = opened.pop(slug, None)  # (not `or`: an empty backlog is falsy)
+                self._start(settings, backlog if backlog is not None
+                            else await self._backlog(settings))
 
-    async def _start(self, settings: UplinkSettings) -> None:
+    async def _backlog(self, settings: UplinkSettings) -> Backlog:
+        """The uplink's backlog, open.
+
+        Raises:
+            ConfigError: it cannot be opened (its directory unusable).
+        """
         assert self._data_dir is not None
-        quota = settings.quota or self._quota
         backlog = Backlog(Path(self._data_dir) / "uplinks" / settings.slug, fsync=self._fsync,
-                          quota=quota)
+                          quota=settings.quota or self._quota)
         try:
             await backlog.open()
         except OSError as exc:
             await backlog.aclose()
             raise ConfigError("uplink", f"{settings.shown_url}: backlog unusable: "
                                         f"{exc.strerror or exc}") from None
+        return backlog
+
+    def _start(self, settings: UplinkSettings, backlog: Backlog) -> None:
         name = self._node.name
         link = Uplink(self._node, settings, lambda: new_hub(settings, name), backlog)
         task = asyncio.get_running_loop().create_task(self._run(link),

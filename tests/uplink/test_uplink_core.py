@@ -20,9 +20,10 @@ from mesh._uplink import _link, _nats
 from mesh._uplink._backlog import Backlog
 from mesh._uplink._hub import Incoming
 from mesh._uplink._link import Uplink
-from mesh._uplink._links import new_hub
+from mesh._uplink._links import Uplinks, new_hub
 from mesh._uplink._nats import NatsHub
 from mesh._uplink._settings import UplinkSettings
+from mesh.errors import ConfigError
 from tests.mesh.conftest import MakeNode
 
 from ._brokers import Mosquitto, Sub, pub
@@ -197,6 +198,27 @@ def test_uplinks_still_connecting_stop_after_a_reload_changed_one(mesh_name: str
     done = subprocess.run([sys.executable, "-c", _STOP_WHILE_CONNECTING, mesh_name],
                           env=env, capture_output=True, text=True, timeout=30, check=False)
     assert done.stdout.strip() == "stopped", done.stderr[-2000:]
+
+
+async def test_a_reload_whose_new_backlog_is_unusable_changes_nothing_running(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """A reload is refused whole when a new uplink's backlog cannot be opened: the running
+    uplinks were stopped and restarted before it was found out."""
+    node = await make_node("edge", data_dir=str(tmp_path / "node"))
+    uplinks = Uplinks(node, str(tmp_path / "data"), fsync=FsyncPolicy.BATCH, quota=1 << 20)
+    down = "nats://127.0.0.1:1"  # (refused: nothing listens on port 1)
+    running = UplinkSettings(url=down, prefix="a", export=["a.>"])
+    try:
+        await uplinks.apply([running])
+        [link] = uplinks.links
+        added = UplinkSettings(url=down, prefix="n", export=["n.>"])
+        (tmp_path / "data" / "uplinks" / added.slug).write_text("a file, not a directory")
+        with pytest.raises(ConfigError, match="backlog unusable"):
+            await uplinks.apply([UplinkSettings(url=down, prefix="a", export=["b.>"]), added])
+        assert uplinks.links == [link]
+        assert link.settings == running
+    finally:
+        await uplinks.aclose()
 
 
 async def test_a_redelivered_import_is_recognised_and_not_published_again(
