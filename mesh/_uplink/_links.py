@@ -77,8 +77,8 @@ class Uplinks:
                 if slug not in self._running:
                     opened[slug] = await self._backlog(settings)
         except BaseException:
-            for backlog in opened.values():
-                await backlog.aclose()
+            for unused in opened.values():
+                await unused.aclose()
             raise
         for slug, (link, _) in list(self._running.items()):
             if by_slug.get(slug) != link.settings:
@@ -86,9 +86,10 @@ class Uplinks:
                 await self._forget_unused(link.settings, by_slug.get(slug))
         for slug, settings in by_slug.items():
             if slug not in self._running:
-                backlog = opened.pop(slug, None)  # (not `or`: an empty backlog is falsy)
-                self._start(settings, backlog if backlog is not None
-                            else await self._backlog(settings))
+                backlog = opened.get(slug)  # (not `or`: an empty backlog is falsy)
+                if backlog is None:
+                    backlog = await self._backlog(settings)
+                self._start(settings, backlog)
 
     async def _backlog(self, settings: UplinkSettings) -> Backlog:
         """The uplink's backlog, open.
