@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import shlex
 import shutil
 import signal
@@ -195,24 +196,28 @@ async def push(args: argparse.Namespace) -> int:
                             reliable=args.reliable, ttl=args.ttl)
         if args.reliable:
             await _settle_spool(node, args.timeout, "push")
-        else:
-            await _settle_work(node, args.queue, args.timeout)
-    return 0
+            return 0
+        return 0 if await _settle_work(node, args.queue, args.timeout) else 1
 
 
-async def _settle_work(node: AsyncNode, queue: str, timeout: float) -> None:
+async def _settle_work(node: AsyncNode, queue: str, timeout: float) -> bool:
     """Stay up while workers consume what we handed them: a worker that stops (e.g. `pull
-    --count`) gives back what it did not take, and only a pusher still up can pass it on."""
+    --count`) gives back what it did not take, and only a pusher still up can pass it on.
+    False (a timeout, said on stderr) when some were still not consumed at the end: being
+    best effort, they are lost when this pusher exits."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     left = 0
     while loop.time() < deadline:
         left = sum(q.in_flight + q.backlog for q in node.figures().queues if q.queue == queue)
         if not left:
-            return
+            return True
         await asyncio.sleep(0.02)  # a progress check, bounded by the timeout
     print(f"zeromesh push: {left} message(s) not consumed within {timeout:g} s "
-          "(best effort: they are lost if their worker stops)", file=sys.stderr)
+          "(best effort: they are lost when this pusher exits)", file=sys.stderr)
+    # Said: the work queue's own warning as the node closes would say it again.
+    logging.getLogger("mesh.workqueue").setLevel(logging.ERROR)
+    return False
 
 
 async def pull(args: argparse.Namespace) -> int:

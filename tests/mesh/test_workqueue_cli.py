@@ -37,6 +37,22 @@ def test_push_without_workers_exits_1_with_no_responders(mesh_name: str) -> None
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_push_exits_1_when_its_messages_are_not_consumed_in_time(mesh_name: str) -> None:
+    """The only worker is handed all three, takes one and stops: the two it gives back
+    are a timeout (exit 1, one line saying so), not a success."""
+    worker = Cli(["pull", "jobs", "--count", "1", "--prefetch", "5", "--timeout", "20"],
+                 mesh=mesh_name)
+    try:
+        result = run(["push", "jobs", "--wait-workers", "1", "--timeout", "3"],
+                     mesh=mesh_name, input="a\nb\nc\n")
+        assert worker.wait() == 0
+    finally:
+        worker.close()
+    assert result.returncode == 1, result.stderr
+    assert "2 message(s) not consumed within 3 s" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_pull_exits_1_when_nothing_arrives(mesh_name: str) -> None:
     """--count not reached within --timeout: exit 1."""
     result = run(["pull", "jobs", "--count", "1", "--timeout", "0.5"], mesh=mesh_name)
