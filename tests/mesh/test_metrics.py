@@ -150,6 +150,36 @@ async def test_ten_thousand_topics_leave_the_configured_number_of_label_sets(
         assert counts[OTHER] == 10_000 - named == 9_900
 
 
+async def test_names_clients_choose_in_the_agents_own_families_are_bounded_too(
+        procs: list[Cli], mesh_name: str, make_node: MakeNode) -> None:
+    """Queues pushed to, services asked and SSE patterns opened through the agent count
+    under at most metrics_names label values, the rest as ``other`` (a client naming a
+    new service per request must not grow the agent's memory and scrape for ever)."""
+    agent = start_agent(procs, mesh=mesh_name, name="side",
+                        env={"ZEROMESH_METRICS_NAMES": "3"})
+    worker = await make_node("worker")
+    for i in range(6):
+        await worker.pull(f"q.{i}", handler=lambda m: None)
+    async with aiohttp.ClientSession() as http:
+        for i in range(6):
+            await wait_status(http, "POST", f"{agent.url}/v1/push/q.{i}", 202, data=b"j")
+            async with http.post(f"{agent.url}/v1/request/s.{i}?timeout=0.05",
+                                 data=b"x") as r:
+                assert r.status == 503, await r.text()
+            async with http.get(f"{agent.url}/v1/subscribe/p.{i}.%3E") as response:
+                await SseStream(response).subscribed()
+        families = await scrape(http, agent.url)
+    for family, label in (("zeromesh_messages_pushed", "queue"),
+                          ("zeromesh_requests", "service"),
+                          ("zeromesh_sse_events", "pattern")):
+        names = {s.labels[label] for s in families[family]}
+        assert len(names) == 4, (family, names)
+        assert OTHER in names, (family, names)
+    assert value(families, "zeromesh_messages_pushed") == 6
+    assert value(families, "zeromesh_messages_pushed", queue=OTHER) == 3
+    assert value(families, "zeromesh_requests", service=OTHER) == 3
+
+
 async def test_work_latency_is_sampled_at_the_worker(make_node: MakeNode) -> None:
     """Pushes taken by a worker on another node put samples in the ``work`` histogram."""
     pusher = await make_node("pusher")
