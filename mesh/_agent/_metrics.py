@@ -225,13 +225,6 @@ class _NodeCollector(Collector):
             received.add_metric([topic], n)
         yield received
 
-        by_peer = CounterMetricFamily(
-            "zeromesh_peer_messages_received", "Pub/sub messages received from each peer.",
-            labels=["peer", "peer_id"])
-        for peer_id, n in traffic.received_by_peer.items():
-            by_peer.add_metric([names.get(peer_id, ""), peer_id], n)
-        yield by_peer
-
         dropped = CounterMetricFamily(
             "zeromesh_messages_dropped",
             "Messages a publisher dropped for this node at its high-water mark, per peer "
