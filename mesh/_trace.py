@@ -58,6 +58,7 @@ ON: bool = False
 """A real tracer provider is configured: the hooks make spans."""
 
 SYSTEM: Final[str] = "zeromesh"
+_TRACE_CONTEXT: Final = frozenset(("traceparent", "tracestate"))
 _tracer: Tracer | None = None
 _propagator: TextMapPropagator | None = None
 
@@ -98,7 +99,23 @@ def _context_of(headers: Mapping[str, str] | None, base: Context | None) -> Cont
     if base is None:
         from opentelemetry import context
         base = context.get_current()
-    return _propagator.extract(headers, context=base)
+    return _propagator.extract(_carrier(headers), context=base)
+
+
+def _carrier(headers: Mapping[str, str]) -> dict[str, str]:
+    """`headers` with the propagator's names (``traceparent``...) in lower case, as it reads
+    and writes them: an app's ``Traceparent`` is a parent too, and is replaced rather than
+    sent beside the producer's own (the lower-case spelling wins when both are there)."""
+    assert _propagator is not None
+    fields = _propagator.fields
+    out: dict[str, str] = {}
+    for key, value in headers.items():
+        low = key.lower()
+        if low == key or low not in fields:
+            out[key] = value
+        elif low not in headers:
+            out[low] = value
+    return out
 
 
 @contextlib.contextmanager
@@ -117,7 +134,12 @@ def producing(name: str, destination: str, headers: Mapping[str, str] | None,
         attrs["messaging.batch.message_count"] = count
     span = _tracer.start_span(f"{name} {destination}", _context_of(headers, None),
                               kind=trace.SpanKind.PRODUCER, attributes=attrs)
-    out = dict(headers) if headers else {}
+    out = _carrier(headers) if headers else {}
+    if _propagator.fields >= _TRACE_CONTEXT:
+        # the span carries a valid parent's tracestate; one beside an unreadable
+        # traceparent is no trace's of ours (W3C: discarded with it)
+        for key in _TRACE_CONTEXT:
+            out.pop(key, None)
     _propagator.inject(out, context=trace.set_span_in_context(span))
     try:
         yield out

@@ -8,7 +8,9 @@ interval. Per-name families (``zeromesh_topic_messages_*``, ``..._queue_...``,
 the delivery latency histogram is labelled by kind only (``pubsub``, ``work``):
 per name it would be a score of series per topic, and the per-name counters
 already say where the traffic is. What only the agent sees (HTTP routes, requests, webhooks, pushes)
-uses the client's own counters in a registry private to this agent.
+uses the client's own counters in a registry private to this agent; the names in their
+labels (queues, services, SSE patterns: any a client sends) are bounded the same way,
+the first `metrics_names` kept (`BoundedNames`).
 """
 
 from __future__ import annotations
@@ -42,9 +44,6 @@ from .._uplink._links import Uplinks
 disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double the output and nobody graphs them
 
 CONTENT_TYPE: Final[str] = "text/plain; version=0.0.4; charset=utf-8"
-_MAX_LABELLED: Final[int] = 4096
-"""Series remembered by `AgentMetrics.requested` (services a requester names are not
-bounded: past this many the memo starts again)."""
 _LATENCY_BUCKETS: Final = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
                            0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _NODE_TOTALS: Final = (
@@ -141,6 +140,10 @@ class AgentMetrics:
                                    "Messages an SSE client was too slow for (oldest dropped), "
                                    "per pattern.", ["pattern"], registry=r)
         self._labelled: dict[tuple[str, str], tuple[CounterChild, HistogramChild | None]] = {}
+        limit = node.config.metrics_names
+        self.queue_label = BoundedNames(limit)
+        self.service_label = BoundedNames(limit)
+        self.pattern_label = BoundedNames(limit)
         r.register(_HttpCollector(self.http))
         r.register(_NodeCollector(node))
         r.register(_UplinkCollector(uplinks))
@@ -148,10 +151,9 @@ class AgentMetrics:
     def requested(self, service: str, outcome: str, seconds: float) -> None:
         """Count one request through this agent (its latency when it was answered); each
         service's series are looked up once, not per request."""
+        service = self.service_label(service)
         series = self._labelled.get((service, outcome))
         if series is None:
-            if len(self._labelled) >= _MAX_LABELLED:
-                self._labelled.clear()
             series = self._labelled[service, outcome] = (
                 self.requests.labels(service, outcome),
                 self.latency.labels(service) if outcome == "ok" else None)
@@ -161,6 +163,25 @@ class AgentMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class BoundedNames:
+    """The label value for a name a client chose: itself for the first `limit` names,
+    `OTHER` past them, so a client naming ever new queues, services or patterns cannot
+    grow the agent's memory or its scrape without bound."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._kept: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        kept = self._kept
+        if name in kept:
+            return name
+        if len(kept) < self._limit:
+            kept.add(name)
+            return name
+        return OTHER
 
 
 class _HttpCollector(Collector):
@@ -203,13 +224,6 @@ class _NodeCollector(Collector):
         for topic, n in traffic.delivered_by_topic.items():
             received.add_metric([topic], n)
         yield received
-
-        by_peer = CounterMetricFamily(
-            "zeromesh_peer_messages_received", "Pub/sub messages received from each peer.",
-            labels=["peer", "peer_id"])
-        for peer_id, n in traffic.received_by_peer.items():
-            by_peer.add_metric([names.get(peer_id, ""), peer_id], n)
-        yield by_peer
 
         dropped = CounterMetricFamily(
             "zeromesh_messages_dropped",

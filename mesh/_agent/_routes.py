@@ -112,7 +112,7 @@ class Routes:
         body = await request.read()
         await self._node.push(queue, body, headers=headers or None, timeout=timeout,
                               reliable=reliable, ttl=ttl)
-        self._metrics.pushed.labels(queue).inc()
+        self._metrics.pushed.labels(self._metrics.queue_label(queue)).inc()
         return web.json_response({"queue": queue, "reliable": reliable}, status=202)
 
     async def request(self, request: _http.RequestView) -> web.Response:

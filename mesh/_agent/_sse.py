@@ -102,8 +102,9 @@ class Streams:
         sub = await self._node.subscribe(pattern, max_pending=MAX_PENDING, retained=retained,
                                          since=since, last=last)
         self._open.add(sub)
-        counter = self._metrics.sse.labels(pattern)
-        dropped, reported = self._metrics.sse_dropped.labels(pattern), 0
+        label = self._metrics.pattern_label(pattern)
+        counter = self._metrics.sse.labels(label)
+        dropped, reported = self._metrics.sse_dropped.labels(label), 0
         try:
             response = await _open(request)
             while True:
@@ -137,8 +138,8 @@ class Streams:
             missed = _after(recent, request.headers.get("Last-Event-ID"))
             if missed:
                 await response.write(b"".join(missed))
-            await self._pump(response, pull, recent, self._metrics.sse.labels(pattern).inc,
-                             json)
+            counter = self._metrics.sse.labels(self._metrics.pattern_label(pattern))
+            await self._pump(response, pull, recent, counter.inc, json)
             return response
         finally:
             self._open.discard(pull)

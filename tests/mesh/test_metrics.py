@@ -38,7 +38,18 @@ async def scrape(http: aiohttp.ClientSession, url: str) -> dict[str, list[Sample
     async with http.get(f"{url}/metrics") as r:
         assert r.status == 200
         text = await r.text()
+    assert_one_family_per_name(text)
     return {f.name: list(f.samples) for f in text_string_to_metric_families(text)}
+
+
+def assert_one_family_per_name(text: str) -> None:
+    """What Prometheus itself refuses a whole scrape for (a second TYPE line for a name, a
+    series twice) and the python parser lets through."""
+    typed = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(typed) == len(set(typed)), sorted({n for n in typed if typed.count(n) > 1})
+    series = [line.rsplit(" ", 1)[0] for line in text.splitlines()
+              if line and not line.startswith("#")]
+    assert len(series) == len(set(series)), sorted({s for s in series if series.count(s) > 1})
 
 
 def value(families: dict[str, list[Sample]], family: str, **labels: str) -> float:
@@ -148,6 +159,54 @@ async def test_ten_thousand_topics_leave_the_configured_number_of_label_sets(
         assert len(counts) == 101, family
         named = sum(n for topic, n in counts.items() if topic != OTHER)
         assert counts[OTHER] == 10_000 - named == 9_900
+
+
+async def test_a_peer_publishing_to_the_agent_leaves_one_family_per_name(
+        procs: list[Cli], mesh_name: str, make_node: MakeNode) -> None:
+    """Messages from a peer are counted once, in ``zeromesh_peer_messages_received`` (pub/sub,
+    work and requests): no second family of that name that Prometheus would refuse."""
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    node = await make_node("peer")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{agent.url}/v1/subscribe/feed.%3E") as response:
+            stream = SseStream(response)
+            await stream.subscribed()
+            await node.wait_for_subscribers("feed.x", 1, timeout=10)
+            await node.publish("feed.x", "x")
+            await stream.events(1)
+        families = await scrape(http, agent.url)
+    assert value(families, "zeromesh_peer_messages_received", peer="peer",
+                 peer_id=node.id) == 1
+
+
+async def test_names_clients_choose_in_the_agents_own_families_are_bounded_too(
+        procs: list[Cli], mesh_name: str, make_node: MakeNode) -> None:
+    """Queues pushed to, services asked and SSE patterns opened through the agent count
+    under at most metrics_names label values, the rest as ``other`` (a client naming a
+    new service per request must not grow the agent's memory and scrape for ever)."""
+    agent = start_agent(procs, mesh=mesh_name, name="side",
+                        env={"ZEROMESH_METRICS_NAMES": "3"})
+    worker = await make_node("worker")
+    for i in range(6):
+        await worker.pull(f"q.{i}", handler=lambda m: None)
+    async with aiohttp.ClientSession() as http:
+        for i in range(6):
+            await wait_status(http, "POST", f"{agent.url}/v1/push/q.{i}", 202, data=b"j")
+            async with http.post(f"{agent.url}/v1/request/s.{i}?timeout=0.05",
+                                 data=b"x") as r:
+                assert r.status == 503, await r.text()
+            async with http.get(f"{agent.url}/v1/subscribe/p.{i}.%3E") as response:
+                await SseStream(response).subscribed()
+        families = await scrape(http, agent.url)
+    for family, label in (("zeromesh_messages_pushed", "queue"),
+                          ("zeromesh_requests", "service"),
+                          ("zeromesh_sse_events", "pattern")):
+        names = {s.labels[label] for s in families[family]}
+        assert len(names) == 4, (family, names)
+        assert OTHER in names, (family, names)
+    assert value(families, "zeromesh_messages_pushed") == 6
+    assert value(families, "zeromesh_messages_pushed", queue=OTHER) == 3
+    assert value(families, "zeromesh_requests", service=OTHER) == 3
 
 
 async def test_work_latency_is_sampled_at_the_worker(make_node: MakeNode) -> None:

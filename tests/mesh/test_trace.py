@@ -132,6 +132,25 @@ async def test_an_explicit_traceparent_is_the_producers_parent(spans: InMemorySp
     assert msg.headers["tracestate"] == "k=v"
 
 
+async def test_a_traceparent_spelled_in_capitals_or_unreadable_is_not_sent_beside_ours(
+        spans: InMemorySpanExporter, make_node: MakeNode) -> None:
+    """``Traceparent`` (as HTTP spells it) is the app's parent too, and the message carries
+    one traceparent, the producer's; a tracestate beside an unreadable traceparent belongs
+    to no trace of ours and is dropped with it."""
+    a = await make_node("a")
+    sub = await a.subscribe("t.>")
+    given = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    await a.publish("t.caps", "x", headers={"Traceparent": given, "x-kept": "yes"})
+    await a.publish("t.bad", "x", headers={"traceparent": "garbage", "tracestate": "k=v"})
+    caps, bad = await sub.next(timeout=5), await sub.next(timeout=5)
+    producer = _one(spans, "publish t.caps", SpanKind.PRODUCER)
+    assert producer.parent is not None
+    assert producer.parent.span_id == 0xb7ad6b7169203331
+    assert caps.headers == {"traceparent": _traceparent(producer), "x-kept": "yes"}
+    assert bad.headers == {"traceparent": _traceparent(_one(spans, "publish t.bad",
+                                                            SpanKind.PRODUCER))}
+
+
 async def test_a_callback_runs_inside_its_consumer_span(spans: InMemorySpanExporter,
                                                         make_node: MakeNode) -> None:
     a = await make_node("a")
