@@ -178,7 +178,10 @@ def start_of(since: float | datetime | None) -> float | None:
         return None
     now = time.time()
     if isinstance(since, datetime):
-        start = since.timestamp()  # (a naive one is local time, as Python takes it)
+        try:
+            start = since.timestamp()  # (a naive one is local time, as Python takes it)
+        except (ValueError, OverflowError, OSError):  # (year 1 in a zone east of UTC...)
+            raise ConfigError("since", f"{since.isoformat()} is out of range") from None
         if start > now:
             raise ConfigError("since", f"{since.isoformat()} is in the future")
         return start
@@ -215,10 +218,17 @@ def parse_since(text: str) -> float | datetime:
     return value
 
 
+MAX_LAST: Final[int] = 1_000_000_000
+"""The largest `last`: far above what any history holds of a topic, and well inside what
+a query carries (msgpack ints stop at 2**64; a larger one failed in the background and
+the subscription silently got no history)."""
+
+
 def check_last(last: int | None) -> None:
     """Raises:
-        ConfigError: `last` is not None and not a whole number >= 1.
+        ConfigError: `last` is not None and not a whole number from 1 to `MAX_LAST`.
     """
     value: object = last  # (as callers may pass it: a float, a bool)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError("last", "must be a whole number >= 1")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 1 <= value <= MAX_LAST):
+        raise ConfigError("last", f"must be a whole number from 1 to {MAX_LAST:,}")

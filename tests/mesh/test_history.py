@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from mesh import ConfigError, Message, Subscription
+from mesh._memory._history import parse_since
 
 from ._flood import join_during_flood
 from ._proc import child_env, run
@@ -93,6 +94,26 @@ async def test_bad_since_and_last_are_rejected(make_node: MakeNode) -> None:
                    {"since": datetime.now().astimezone() + timedelta(hours=1)}, {"last": 0}):
         with pytest.raises(ConfigError):
             await node.subscribe("a.b", **kwargs)
+
+
+async def test_a_last_or_since_out_of_range_is_a_config_error(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`last` past what a query carries failed in the background (the subscription got no
+    history, a traceback in the log); a naive `since` in year 1 (local time at or east of
+    UTC) was a ValueError (a 500 at the agent): both are a ConfigError when subscribing,
+    and `since` when parsed."""
+    node = await make_node("n", mdns=False)
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        for kwargs in ({"last": 10**20}, {"since": datetime(1, 1, 1)}):
+            with pytest.raises(ConfigError):
+                await node.subscribe("a.b", **kwargs)
+        with pytest.raises(ConfigError, match="out of range"):
+            parse_since("0001-01-01")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 @pytest.mark.parametrize("args", [["--since", "tomorrow"], ["--since", "2999-01-01T00:00:00"],
