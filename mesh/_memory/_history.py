@@ -99,14 +99,14 @@ class History:
 
     def _append(self, item: _wire.Item) -> None:
         self._items.append(item)
-        self._bytes += len(item.payload) + len(item.topic) + _wire.ITEM_OVERHEAD
+        self._bytes += _wire.kept_size(item, item.topic)
 
     def _trim(self) -> None:
         horizon = time.time() - self._max_age
         items = self._items
         while items and (self._bytes > self._max_bytes or items[0].ts < horizon):
             old = items.popleft()
-            self._bytes -= len(old.payload) + len(old.topic) + _wire.ITEM_OVERHEAD
+            self._bytes -= _wire.kept_size(old, old.topic)
 
     def flush(self) -> None:
         if self._flush is not None:
@@ -142,7 +142,7 @@ class History:
                 continue
             if allowed is not None and item.seq not in allowed:
                 continue
-            more = len(item.payload) + len(item.topic) + _wire.ITEM_OVERHEAD
+            more = _wire.kept_size(item, item.topic)
             if out and size + more > budget:
                 return out, out[-1].seq
             out.append(item)

@@ -88,6 +88,21 @@ async def test_no_gap_and_no_duplicate_between_history_and_live(make_node: MakeN
     assert got[-1] > joined  # history, then live
 
 
+async def test_history_with_large_headers_is_paged_within_the_message_limit(
+        make_node: MakeNode) -> None:
+    """As for retained values: headers were not counted in a page, so 50 messages with
+    2 KiB of headers made an answer over the 64 KiB limit and none was replayed."""
+    limit = {"max_message_size": 64 * 1024, "mdns": False}
+    pub = await make_node("pub", history=["log.>"], **limit)
+    meta = {"meta": "m" * 2048}
+    for i in range(50):
+        await pub.publish("log.web", b"%d" % i, headers=meta)
+    sub_node = await make_node("sub", peers=pub.endpoints["ctl"], **limit)
+    await sub_node.wait_for_peers(1, timeout=5)
+    sub = await sub_node.subscribe("log.>", since=600)
+    assert [m.data for m in await _take(sub, 50)] == [b"%d" % i for i in range(50)]
+
+
 async def test_bad_since_and_last_are_rejected(make_node: MakeNode) -> None:
     node = await make_node("n", mdns=False)
     for kwargs in ({"since": 0}, {"since": -5},

@@ -103,6 +103,22 @@ async def test_newest_wins_across_publishers_and_an_empty_value_clears(
     assert await c.last("door") == []
 
 
+async def test_values_with_large_headers_are_paged_within_the_message_limit(
+        make_node: MakeNode) -> None:
+    """A page counted payloads and topics but not headers: 50 values with 2 KiB of headers
+    each made one 100 KiB answer against a 64 KiB limit, refused whole, so a late joiner
+    got none of the publisher's values. All 50 arrive, headers intact."""
+    limit = {"max_message_size": 64 * 1024, "mdns": False}
+    pub = await make_node("pub", **limit)
+    meta = {"meta": "m" * 2048}
+    for i in range(50):
+        await pub.publish(f"big.{i:02d}", b"%d" % i, headers=meta, retain=True)
+    sub_node = await make_node("sub", peers=pub.endpoints["ctl"], **limit)
+    await sub_node.wait_for_peers(1, timeout=5)
+    values = await sub_node.last("big.*")
+    assert [(m.topic, m.headers) for m in values] == [(f"big.{i:02d}", meta) for i in range(50)]
+
+
 async def test_a_publisher_sees_its_own_values(make_node: MakeNode) -> None:
     """An agent's own retained publishes reach its own later subscribers too."""
     node = await make_node("solo", mdns=False)
