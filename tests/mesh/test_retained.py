@@ -119,6 +119,23 @@ async def test_values_with_large_headers_are_paged_within_the_message_limit(
     assert [(m.topic, m.headers) for m in values] == [(f"big.{i:02d}", meta) for i in range(50)]
 
 
+async def test_a_value_at_the_message_limit_reaches_a_late_joiner(make_node: MakeNode) -> None:
+    """A payload of exactly ``max_message_size`` is a valid publish, but its answer (the
+    item, topic and page around it) passed that limit and was refused: `last`, a new
+    subscription and a history replay got nothing of it, nor of the topics after it."""
+    limit = {"max_message_size": 64 * 1024, "mdns": False}
+    pub = await make_node("pub", history=["big.>"], **limit)
+    await pub.publish("big.a", b"a" * (64 * 1024), retain=True)
+    await pub.publish("big.b", b"b", retain=True)
+    sub_node = await make_node("sub", peers=pub.endpoints["ctl"], **limit)
+    await sub_node.wait_for_peers(1, timeout=5)
+    assert [len(m.data) for m in await sub_node.last("big.*")] == [64 * 1024, 1]
+    for since in (None, 600):
+        sub = await sub_node.subscribe("big.*", since=since)
+        assert [len(m.data) for m in await _values(sub, 2)] == [64 * 1024, 1]
+        await sub.aclose()
+
+
 async def test_a_publisher_sees_its_own_values(make_node: MakeNode) -> None:
     """An agent's own retained publishes reach its own later subscribers too."""
     node = await make_node("solo", mdns=False)
