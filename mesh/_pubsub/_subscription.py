@@ -62,20 +62,18 @@ def _live_first(retained: list[Message], held: list[Message],
     value at or after its first held message of the topic is one of those). Such a value
     is left out, and only what came before that first held message counts as covered:
     otherwise its held live messages before the value, published while the values were
-    gathered, would be dropped as covered by it.
+    gathered, would be dropped as covered by it. That goes for every publisher's value,
+    the ones another publisher's newer value outranked too (they are not delivered, but
+    they cover).
     """
     first: dict[tuple[str, str], int] = {}
     for msg in held:
         first.setdefault((msg.source_id, msg.topic), msg.seq)
-    kept = []
-    for value in retained:
-        key = (value.source_id, value.topic)
-        seq = first.get(key)
-        if seq is not None and value.seq >= seq:
+    for key, seq in first.items():
+        if covered.get(key, 0) >= seq:
             covered[key] = seq - 1
-            continue
-        kept.append(value)
-    return kept
+    return [value for value in retained
+            if value.seq < first.get((value.source_id, value.topic), value.seq + 1)]
 
 
 class Subscription(Mailbox[Message[T]]):

@@ -71,6 +71,34 @@ async def test_values_published_while_they_are_gathered_all_arrive_live(
         await sub.next(timeout=0.3)
 
 
+async def test_a_publisher_outranked_by_a_newer_value_loses_nothing_live(
+        make_node: MakeNode) -> None:
+    """Two publishers of a topic publish while a new subscription gathers: b's value is
+    the newest, so a's was not delivered, but still counted as covering a's messages up
+    to it, and the 20 a published live after the subscription was in force were dropped
+    (the subscriber got only b1). Each of them arrives once, in order."""
+    a = await make_node("a", mdns=False)
+    b = await make_node("b", mdns=False, peers=a.endpoints["ctl"])
+    await a.publish("t.x", b"a0", retain=True)
+    await b.publish("t.x", b"b0", retain=True)
+    s = await make_node("s", mdns=False, peers=a.endpoints["ctl"] + b.endpoints["ctl"])
+    sub = await s.subscribe("t.>")
+    await a.wait_for_subscribers("t.x", 1, timeout=5)
+    await b.wait_for_subscribers("t.x", 1, timeout=5)
+    for i in range(1, 21):
+        await a.publish("t.x", b"a%d" % i, retain=True)
+    await asyncio.sleep(0.01)  # b's value is the newest
+    await b.publish("t.x", b"b1", retain=True)
+    got: list[bytes] = []
+    while b"b1" not in got or b"a20" not in got:
+        got.append((await sub.next(timeout=5)).data)
+    with pytest.raises(TimeoutError):
+        got.append((await sub.next(timeout=0.3)).data)
+    assert [g for g in got if g.startswith(b"a") and g != b"a0"] == [
+        b"a%d" % i for i in range(1, 21)]
+    assert got.count(b"b1") == 1
+
+
 async def test_retained_false_skips_the_values(make_node: MakeNode) -> None:
     pub = await make_node("pub", mdns=False)
     await pub.publish("cfg.mode", b"eco", retain=True)
