@@ -185,8 +185,8 @@ class Subscription(Mailbox[Message[T]]):
                                               self._waited)
 
     def _uncovered(self, messages: Iterable[Message], retained: int) -> list[Message]:
-        """Drop live messages a retained value already covered (the first `retained` are
-        those values themselves)."""
+        """Drop live messages a retained value or history already covered (the first
+        `retained` are those values themselves)."""
         covered, replayed = self._covered, self._replayed
         out = []
         for i, msg in enumerate(messages):
@@ -196,12 +196,13 @@ class Subscription(Mailbox[Message[T]]):
                     if msg.seq <= seq:
                         continue
                     del covered[(msg.source_id, msg.topic)]  # past it: nothing more to drop
+                # (kept for good: a publisher's messages are in order per topic only, as
+                # it sends a batch per topic, so one past its history says nothing of its
+                # other topics, whose messages history covered may still be on the way)
                 cover = replayed.get(msg.source_id)
-                if cover is not None:
-                    if msg.seq > cover[1]:
-                        del replayed[msg.source_id]  # its history is behind us now
-                    elif any(p.matches(msg.topic) for p in cover[0]):
-                        continue
+                if (cover is not None and msg.seq <= cover[1]
+                        and any(p.matches(msg.topic) for p in cover[0])):
+                    continue
             out.append(msg)
         return out
 
