@@ -122,6 +122,16 @@ def test_a_topic_past_the_history_does_not_uncover_another_still_on_its_way() ->
     assert [(m.topic, m.seq) for m in sub.drain(10)] == [("h.a", 10), ("x.b", 11), ("h.a", 12)]
 
 
+@pytest.mark.parametrize("age", [0, -1, float("nan")])
+def test_a_history_max_age_that_is_not_above_zero_is_rejected(age: float) -> None:
+    """NaN passed the `<= 0` check, and history then never aged out (every comparison
+    with a NaN horizon is false)."""
+    from mesh import AsyncNode
+
+    with pytest.raises(ConfigError, match="history_max_age"):
+        AsyncNode(name="n", history=["a.>"], history_max_age=age)
+
+
 async def test_bad_since_and_last_are_rejected(make_node: MakeNode) -> None:
     node = await make_node("n", mdns=False)
     for kwargs in ({"since": 0}, {"since": -5},
