@@ -123,8 +123,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                               "need heartbeat_interval < suspect_after <= lost_after")
         if self.forget_after <= 0:
             raise ConfigError("forget_after", "must be > 0")
-        if self.history_max_age <= 0 or self.history_max_bytes <= 0:
-            raise ConfigError("history_max_age" if self.history_max_age <= 0
+        if not self.history_max_age > 0 or self.history_max_bytes <= 0:  # (NaN: not > 0)
+            raise ConfigError("history_max_age" if not self.history_max_age > 0
                               else "history_max_bytes", "must be > 0")
         for pattern in self.history:
             try:

@@ -596,6 +596,12 @@ def service_payload_size(payload: bytes, headers: dict[str, str] | None) -> int:
     return len(payload) + sum(len(k) + len(v) for k, v in headers.items())
 
 
+def kept_size(item: Item, topic: str) -> int:
+    """About the bytes `item` takes encoded alone with `topic` (a retained value, a history
+    entry): its headers included, so pages of such items stay within a reply's limit."""
+    return service_payload_size(item.payload, item.headers) + len(topic) + ITEM_OVERHEAD
+
+
 def service_frames(msgs: Sequence[ServiceFrame], budget: int) -> Iterator[bytearray]:
     """`msgs` as frames of at most `budget` payload bytes each (a larger one alone), so a
     frame stays within the receiver's limit (`max_frame`)."""

@@ -99,14 +99,14 @@ class History:
 
     def _append(self, item: _wire.Item) -> None:
         self._items.append(item)
-        self._bytes += len(item.payload) + len(item.topic) + _wire.ITEM_OVERHEAD
+        self._bytes += _wire.kept_size(item, item.topic)
 
     def _trim(self) -> None:
         horizon = time.time() - self._max_age
         items = self._items
         while items and (self._bytes > self._max_bytes or items[0].ts < horizon):
             old = items.popleft()
-            self._bytes -= len(old.payload) + len(old.topic) + _wire.ITEM_OVERHEAD
+            self._bytes -= _wire.kept_size(old, old.topic)
 
     def flush(self) -> None:
         if self._flush is not None:
@@ -142,7 +142,7 @@ class History:
                 continue
             if allowed is not None and item.seq not in allowed:
                 continue
-            more = len(item.payload) + len(item.topic) + _wire.ITEM_OVERHEAD
+            more = _wire.kept_size(item, item.topic)
             if out and size + more > budget:
                 return out, out[-1].seq
             out.append(item)
@@ -178,7 +178,10 @@ def start_of(since: float | datetime | None) -> float | None:
         return None
     now = time.time()
     if isinstance(since, datetime):
-        start = since.timestamp()  # (a naive one is local time, as Python takes it)
+        try:
+            start = since.timestamp()  # (a naive one is local time, as Python takes it)
+        except (ValueError, OverflowError, OSError):  # (year 1 in a zone east of UTC...)
+            raise ConfigError("since", f"{since.isoformat()} is out of range") from None
         if start > now:
             raise ConfigError("since", f"{since.isoformat()} is in the future")
         return start
@@ -215,10 +218,17 @@ def parse_since(text: str) -> float | datetime:
     return value
 
 
+MAX_LAST: Final[int] = 1_000_000_000
+"""The largest `last`: far above what any history holds of a topic, and well inside what
+a query carries (msgpack ints stop at 2**64; a larger one failed in the background and
+the subscription silently got no history)."""
+
+
 def check_last(last: int | None) -> None:
     """Raises:
-        ConfigError: `last` is not None and not a whole number >= 1.
+        ConfigError: `last` is not None and not a whole number from 1 to `MAX_LAST`.
     """
     value: object = last  # (as callers may pass it: a float, a bool)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError("last", "must be a whole number >= 1")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 1 <= value <= MAX_LAST):
+        raise ConfigError("last", f"must be a whole number from 1 to {MAX_LAST:,}")

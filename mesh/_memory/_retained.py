@@ -131,7 +131,7 @@ class RetainedStore:
             if _ttl.has_expired(item, now):
                 expired.append(topic)
                 continue
-            more = len(item.payload) + len(topic) + _wire.ITEM_OVERHEAD
+            more = _wire.kept_size(item, topic)
             if items and size + more > budget:
                 rest = items[-1].topic
                 break

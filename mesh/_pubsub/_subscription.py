@@ -62,20 +62,18 @@ def _live_first(retained: list[Message], held: list[Message],
     value at or after its first held message of the topic is one of those). Such a value
     is left out, and only what came before that first held message counts as covered:
     otherwise its held live messages before the value, published while the values were
-    gathered, would be dropped as covered by it.
+    gathered, would be dropped as covered by it. That goes for every publisher's value,
+    the ones another publisher's newer value outranked too (they are not delivered, but
+    they cover).
     """
     first: dict[tuple[str, str], int] = {}
     for msg in held:
         first.setdefault((msg.source_id, msg.topic), msg.seq)
-    kept = []
-    for value in retained:
-        key = (value.source_id, value.topic)
-        seq = first.get(key)
-        if seq is not None and value.seq >= seq:
+    for key, seq in first.items():
+        if covered.get(key, 0) >= seq:
             covered[key] = seq - 1
-            continue
-        kept.append(value)
-    return kept
+    return [value for value in retained
+            if value.seq < first.get((value.source_id, value.topic), value.seq + 1)]
 
 
 class Subscription(Mailbox[Message[T]]):
@@ -187,8 +185,8 @@ class Subscription(Mailbox[Message[T]]):
                                               self._waited)
 
     def _uncovered(self, messages: Iterable[Message], retained: int) -> list[Message]:
-        """Drop live messages a retained value already covered (the first `retained` are
-        those values themselves)."""
+        """Drop live messages a retained value or history already covered (the first
+        `retained` are those values themselves)."""
         covered, replayed = self._covered, self._replayed
         out = []
         for i, msg in enumerate(messages):
@@ -198,12 +196,13 @@ class Subscription(Mailbox[Message[T]]):
                     if msg.seq <= seq:
                         continue
                     del covered[(msg.source_id, msg.topic)]  # past it: nothing more to drop
+                # (kept for good: a publisher's messages are in order per topic only, as
+                # it sends a batch per topic, so one past its history says nothing of its
+                # other topics, whose messages history covered may still be on the way)
                 cover = replayed.get(msg.source_id)
-                if cover is not None:
-                    if msg.seq > cover[1]:
-                        del replayed[msg.source_id]  # its history is behind us now
-                    elif any(p.matches(msg.topic) for p in cover[0]):
-                        continue
+                if (cover is not None and msg.seq <= cover[1]
+                        and any(p.matches(msg.topic) for p in cover[0])):
+                    continue
             out.append(msg)
         return out
 

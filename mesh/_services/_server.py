@@ -72,8 +72,10 @@ class Service:
     """A service this node serves; stop serving with `aclose()`."""
 
     def __init__(self, name: str, handler: ServiceHandler, concurrency: int,
-                 owner: ServiceHost) -> None:
+                 owner: ServiceHost, max_reply: int | None = None) -> None:
         self._name = name
+        self._max_reply = max_reply
+        """The largest reply body (None: the owner's ``max_message_size``)."""
         self._handler = handler
         self._is_async = is_async_handler(handler) or isinstance(handler, FutureHandler)
         self._start = self._call if isinstance(handler, FutureHandler) else self._spawn_one
@@ -248,7 +250,7 @@ class Service:
             self._fail(msg, reply, TypeError(
                 f"handler returned {type(result).__name__}, expected bytes, str or Reply"))
             return
-        limit = self._owner.max_message_size
+        limit = self._max_reply or self._owner.max_message_size
         size = len(body) if headers is None else _wire.service_payload_size(body, headers)
         if size > limit:
             self._fail(msg, reply, MessageTooLarge(size, limit))

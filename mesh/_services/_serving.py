@@ -95,8 +95,12 @@ class Serving:
         return svc
 
     def serve_internal(self, service: str, handler: ServiceHandler, concurrency: int) -> None:
-        """Answer `service` on this node without announcing it (every node does)."""
-        self._internal[service] = Service(service, handler, concurrency, self)
+        """Answer `service` on this node without announcing it (every node does). Its
+        answers may pass ``max_message_size`` by half the frame envelope: one carries a
+        whole message (a retained value, history) with its topic and headers, which must
+        reach a peer of the same setting even when its payload is at that limit."""
+        self._internal[service] = Service(service, handler, concurrency, self,
+                                          self.max_message_size + _wire.WIRE_OVERHEAD // 2)
 
     def unserve(self, svc: Service) -> None:
         """`svc` closed: forget it and tell peers (unless the node is closing anyway)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from mesh import ConfigError, Message, Subscription
+from mesh._memory._history import parse_since
 
 from ._flood import join_during_flood
 from ._proc import child_env, run
@@ -87,12 +88,76 @@ async def test_no_gap_and_no_duplicate_between_history_and_live(make_node: MakeN
     assert got[-1] > joined  # history, then live
 
 
+async def test_history_with_large_headers_is_paged_within_the_message_limit(
+        make_node: MakeNode) -> None:
+    """As for retained values: headers were not counted in a page, so 50 messages with
+    2 KiB of headers made an answer over the 64 KiB limit and none was replayed."""
+    limit = {"max_message_size": 64 * 1024, "mdns": False}
+    pub = await make_node("pub", history=["log.>"], **limit)
+    meta = {"meta": "m" * 2048}
+    for i in range(50):
+        await pub.publish("log.web", b"%d" % i, headers=meta)
+    sub_node = await make_node("sub", peers=pub.endpoints["ctl"], **limit)
+    await sub_node.wait_for_peers(1, timeout=5)
+    sub = await sub_node.subscribe("log.>", since=600)
+    assert [m.data for m in await _take(sub, 50)] == [b"%d" % i for i in range(50)]
+
+
+def test_a_topic_past_the_history_does_not_uncover_another_still_on_its_way() -> None:
+    """A publisher sends a batch per topic, so its messages arrive in order per topic only:
+    one on `x.b` past what its history covered used to end the cover for all its topics,
+    and a covered `h.a` message arriving after it was delivered twice (10 per publisher in
+    a flood mixing history and other topics). It stays covered; later ones pass."""
+    from mesh._names import pattern
+    from mesh._pubsub._subscription import Subscription
+
+    def msg(topic: str, seq: int) -> Message:
+        return Message(topic, b"%d" % seq, "pub", "P", seq, time.time())
+
+    sub: Subscription[bytes] = Subscription(pattern(">"))
+    sub._hold()
+    sub._release([msg("h.a", 10)], {}, {"P": ((pattern("h.>"),), 10)})
+    sub._deliver([msg("x.b", 11)])
+    sub._deliver([msg("h.a", 10), msg("h.a", 12)])
+    assert [(m.topic, m.seq) for m in sub.drain(10)] == [("h.a", 10), ("x.b", 11), ("h.a", 12)]
+
+
+@pytest.mark.parametrize("age", [0, -1, float("nan")])
+def test_a_history_max_age_that_is_not_above_zero_is_rejected(age: float) -> None:
+    """NaN passed the `<= 0` check, and history then never aged out (every comparison
+    with a NaN horizon is false)."""
+    from mesh import AsyncNode
+
+    with pytest.raises(ConfigError, match="history_max_age"):
+        AsyncNode(name="n", history=["a.>"], history_max_age=age)
+
+
 async def test_bad_since_and_last_are_rejected(make_node: MakeNode) -> None:
     node = await make_node("n", mdns=False)
     for kwargs in ({"since": 0}, {"since": -5},
                    {"since": datetime.now().astimezone() + timedelta(hours=1)}, {"last": 0}):
         with pytest.raises(ConfigError):
             await node.subscribe("a.b", **kwargs)
+
+
+async def test_a_last_or_since_out_of_range_is_a_config_error(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`last` past what a query carries failed in the background (the subscription got no
+    history, a traceback in the log); a naive `since` in year 1 (local time at or east of
+    UTC) was a ValueError (a 500 at the agent): both are a ConfigError when subscribing,
+    and `since` when parsed."""
+    node = await make_node("n", mdns=False)
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        for kwargs in ({"last": 10**20}, {"since": datetime(1, 1, 1)}):
+            with pytest.raises(ConfigError):
+                await node.subscribe("a.b", **kwargs)
+        with pytest.raises(ConfigError, match="out of range"):
+            parse_since("0001-01-01")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 @pytest.mark.parametrize("args", [["--since", "tomorrow"], ["--since", "2999-01-01T00:00:00"],

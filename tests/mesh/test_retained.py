@@ -71,6 +71,34 @@ async def test_values_published_while_they_are_gathered_all_arrive_live(
         await sub.next(timeout=0.3)
 
 
+async def test_a_publisher_outranked_by_a_newer_value_loses_nothing_live(
+        make_node: MakeNode) -> None:
+    """Two publishers of a topic publish while a new subscription gathers: b's value is
+    the newest, so a's was not delivered, but still counted as covering a's messages up
+    to it, and the 20 a published live after the subscription was in force were dropped
+    (the subscriber got only b1). Each of them arrives once, in order."""
+    a = await make_node("a", mdns=False)
+    b = await make_node("b", mdns=False, peers=a.endpoints["ctl"])
+    await a.publish("t.x", b"a0", retain=True)
+    await b.publish("t.x", b"b0", retain=True)
+    s = await make_node("s", mdns=False, peers=a.endpoints["ctl"] + b.endpoints["ctl"])
+    sub = await s.subscribe("t.>")
+    await a.wait_for_subscribers("t.x", 1, timeout=5)
+    await b.wait_for_subscribers("t.x", 1, timeout=5)
+    for i in range(1, 21):
+        await a.publish("t.x", b"a%d" % i, retain=True)
+    await asyncio.sleep(0.01)  # b's value is the newest
+    await b.publish("t.x", b"b1", retain=True)
+    got: list[bytes] = []
+    while b"b1" not in got or b"a20" not in got:
+        got.append((await sub.next(timeout=5)).data)
+    with pytest.raises(TimeoutError):
+        got.append((await sub.next(timeout=0.3)).data)
+    assert [g for g in got if g.startswith(b"a") and g != b"a0"] == [
+        b"a%d" % i for i in range(1, 21)]
+    assert got.count(b"b1") == 1
+
+
 async def test_retained_false_skips_the_values(make_node: MakeNode) -> None:
     pub = await make_node("pub", mdns=False)
     await pub.publish("cfg.mode", b"eco", retain=True)
@@ -101,6 +129,39 @@ async def test_newest_wins_across_publishers_and_an_empty_value_clears(
     assert [(m.data, m.source) for m in await c.last("door")] == [(b"open", "a")]
     await a.publish("door", b"", retain=True)
     assert await c.last("door") == []
+
+
+async def test_values_with_large_headers_are_paged_within_the_message_limit(
+        make_node: MakeNode) -> None:
+    """A page counted payloads and topics but not headers: 50 values with 2 KiB of headers
+    each made one 100 KiB answer against a 64 KiB limit, refused whole, so a late joiner
+    got none of the publisher's values. All 50 arrive, headers intact."""
+    limit = {"max_message_size": 64 * 1024, "mdns": False}
+    pub = await make_node("pub", **limit)
+    meta = {"meta": "m" * 2048}
+    for i in range(50):
+        await pub.publish(f"big.{i:02d}", b"%d" % i, headers=meta, retain=True)
+    sub_node = await make_node("sub", peers=pub.endpoints["ctl"], **limit)
+    await sub_node.wait_for_peers(1, timeout=5)
+    values = await sub_node.last("big.*")
+    assert [(m.topic, m.headers) for m in values] == [(f"big.{i:02d}", meta) for i in range(50)]
+
+
+async def test_a_value_at_the_message_limit_reaches_a_late_joiner(make_node: MakeNode) -> None:
+    """A payload of exactly ``max_message_size`` is a valid publish, but its answer (the
+    item, topic and page around it) passed that limit and was refused: `last`, a new
+    subscription and a history replay got nothing of it, nor of the topics after it."""
+    limit = {"max_message_size": 64 * 1024, "mdns": False}
+    pub = await make_node("pub", history=["big.>"], **limit)
+    await pub.publish("big.a", b"a" * (64 * 1024), retain=True)
+    await pub.publish("big.b", b"b", retain=True)
+    sub_node = await make_node("sub", peers=pub.endpoints["ctl"], **limit)
+    await sub_node.wait_for_peers(1, timeout=5)
+    assert [len(m.data) for m in await sub_node.last("big.*")] == [64 * 1024, 1]
+    for since in (None, 600):
+        sub = await sub_node.subscribe("big.*", since=since)
+        assert [len(m.data) for m in await _values(sub, 2)] == [64 * 1024, 1]
+        await sub.aclose()
 
 
 async def test_a_publisher_sees_its_own_values(make_node: MakeNode) -> None:
