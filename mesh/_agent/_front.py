@@ -120,9 +120,8 @@ class Front:
         slash = path.rfind("/") + 1
         found = self._lean.get(path[:slash])
         param = path[slash:]
-        if (found is None or not param or param in (".", "..")
-                or "%" in param or "{" in param or "}" in param):
-            return None  # (aiohttp decodes the first, its router refuses braces)
+        if found is None or not param or param in (".", "..") or "%" in param:
+            return None  # (aiohttp decodes it)
         return found[0], found[1], param
 
     def _sweep(self) -> None:

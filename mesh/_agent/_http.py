@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Collection, Coroutine, Mapping
 from typing import Any, Final, Protocol, cast
 from urllib.parse import urlsplit
@@ -182,8 +183,13 @@ def add_routes(app: web.Application, routes: list[web.RouteDef]) -> None:
     guarded = app.setdefault(GUARDED, {})
     for r in routes:
         guarded[r.method, r.path] = _guarded(cast(ViewHandler, r.handler), r.path, count)
-    app.add_routes([web.route(r.method, r.path, guarded[r.method, r.path], **r.kwargs)
-                    for r in routes])
+    app.add_routes([web.route(r.method, _ANY_SEGMENT.sub(r"{\1:[^/]+}", r.path),
+                              guarded[r.method, r.path], **r.kwargs) for r in routes])
+
+
+_ANY_SEGMENT: Final = re.compile(r"\{(\w+)\}")
+"""A ``{name}`` in a route template: aiohttp's default for it refuses ``{`` and ``}``,
+which topics, queues and services may hold; our templates take any one segment."""
 
 
 def add_fallback(app: web.Application) -> None:

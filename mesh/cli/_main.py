@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 from patterns import KeyFileError, generate_keypair
 
@@ -105,6 +106,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _http_url(text: str) -> str:
+    """An agent's address: ``http(s)://host[:port]`` (anything else was an attempt to reach
+    it, failing as "cannot reach" with status 1)."""
+    try:
+        url = urlsplit(text)
+        url.port  # noqa: B018  # (raises on a bad port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a URL: {text!r}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise argparse.ArgumentTypeError(f"not an http(s)://host[:port] URL: {text!r}")
+    return text
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -134,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the effective config as JSON and exit")
 
     p = sub.add_parser("top", help="live peers, topics, queues and services from an agent")
-    p.add_argument("--agent", default="http://127.0.0.1:7474", metavar="URL",
+    p.add_argument("--agent", type=_http_url, default="http://127.0.0.1:7474", metavar="URL",
                    help="the agent's HTTP address (default http://127.0.0.1:7474)")
     _unused_node_flags(p, "top shows the agent's mesh")
 

@@ -21,6 +21,33 @@ from .conftest import MakeNode
 pytestmark = pytest.mark.timeout(60)
 
 
+async def test_names_with_braces_are_routed_like_any_other(procs: list[Cli],
+                                                           mesh_name: str) -> None:
+    """Topics may hold ``{`` and ``}``: aiohttp's default route parameter refuses them,
+    and every such publish, subscribe or last was a 404 "no such route"."""
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{agent.url}/v1/subscribe/q%7Bz%7D.%3E") as stream_response:
+        assert stream_response.status == 200, await stream_response.text()
+        stream = SseStream(stream_response)
+        await stream.subscribed()
+        async with http.post(f"{agent.url}/v1/publish/q%7Bz%7D.a?retain=true",
+                             data=b"encoded") as r:
+            assert r.status == 202, await r.text()
+        curl = await asyncio.create_subprocess_exec(  # (-g: the braces as they are)
+            "curl", "-sg", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary", "raw",
+            f"{agent.url}/v1/publish/q{{z}}.b", stdout=subprocess.PIPE)
+        raw, _ = await asyncio.wait_for(curl.communicate(), 20)
+        assert raw == b"202"
+        events = await stream.events(2)
+        async with http.get(f"{agent.url}/v1/last/q%7Bz%7D.%3E") as r:
+            assert r.status == 200, await r.text()
+            last = await r.json()
+    assert [(e["topic"], e["data"]) for e in events] == [("q{z}.a", "encoded"),
+                                                          ("q{z}.b", "raw")]
+    assert [(m["topic"], m["data"]) for m in last] == [("q{z}.a", "encoded")]
+
+
 async def test_publish_reaches_own_sse_subscriber_with_headers_and_content_type(
         procs: list[Cli], mesh_name: str) -> None:
     """Two apps may share one sidecar: its own publishes reach its own SSE streams, and

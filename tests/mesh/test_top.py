@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from mesh.cli._main import build_parser
+
 from ._agent import start_agent
 from ._proc import Cli, child_env, run
 from .conftest import FAST_ENV
@@ -109,3 +111,17 @@ def test_top_quits_on_sigint_with_status_0_and_no_traceback(procs: list[Cli],
     top.proc.send_signal(signal.SIGINT)
     assert top.wait(15) == 0, top.stderr()
     assert top.stderr() == ""
+
+
+@pytest.mark.parametrize("agent", ["notaurl", "ftp://127.0.0.1:7474", "http://127.0.0.1:99999",
+                                   "http://:7474"])
+def test_top_with_an_agent_that_is_no_http_url_is_a_usage_error(
+        agent: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was an attempt to reach it: "cannot reach the agent at notaurl: notaurl/v1/events",
+    status 1."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["top", "--agent", agent])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert agent in err
