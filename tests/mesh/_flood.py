@@ -15,6 +15,10 @@ from .conftest import MakeNode
 LOSSLESS: dict[str, Any] = {"mdns": False, "pub_hwm": 0, "sub_hwm": 0}
 LIVE: int = 2000
 """Messages the subscriber must get from after its join while the flood goes on."""
+ROUND: int = 50
+"""Messages the flood publishes between two yields to the loop: when the subscriber joins,
+up to one round may still be in the publisher's batch, to leave once it knows of the
+subscription (so the subscriber may get them live)."""
 
 
 async def join_during_flood(make_node: MakeNode, *, retain: bool, publisher: dict[str, Any],
@@ -30,7 +34,7 @@ async def join_during_flood(make_node: MakeNode, *, retain: bool, publisher: dic
     async def flood() -> None:
         nonlocal sent
         while not stop.is_set():
-            for _ in range(50):
+            for _ in range(ROUND):
                 sent += 1
                 await pub.publish("flood.x", str(sent), retain=retain)
             await asyncio.sleep(0)  # let the node's own readers and timers run
