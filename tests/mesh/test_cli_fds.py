@@ -44,7 +44,7 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str,
     ("stdin", ["pub", "t.a"], 0, "uvloop"),  # no DATA: no stdin is no lines
     ("stdin", ["pub", "t.a"], 0, "asyncio"),
     ("stdin", ["push", "q.a"], 0, "asyncio"),
-    ("both", ["push", "q.a", "x"], 1, "uvloop"),  # (no worker: "no responders")
+    ("both", ["push", "q.a", "x", "--timeout", "0.5"], 1, "uvloop"),  # (no worker: "no responders")
 ])
 def test_a_command_with_closed_std_fds_exits_as_usual(
         closed: str, args: list[str], status: int, loop: str, mesh_name: str) -> None:
