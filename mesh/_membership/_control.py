@@ -91,6 +91,9 @@ _SYNC_AFTER: Final[int] = 2
 """Heartbeats in a row with a different digest before views are exchanged whole."""
 _SYNC_EVERY: Final[float] = 2.0
 """Seconds between two whole exchanges with one member."""
+_SEED_BEATS: Final[int] = 10
+"""Heartbeat intervals between two greetings of a seed that is no live member, once
+joined (a seed given by host name is never one by that name: it is greeted this often)."""
 
 
 class Membership:
@@ -124,6 +127,8 @@ class Membership:
         self._pending: dict[str, float] = {}
         """Endpoints we greet until they answer: when we started."""
         self._static: set[str] = set()
+        self._seeds_due = 0.0
+        """When seeds that are no live member are greeted next (see `_greet_absent_seeds`)."""
         self._watching: dict[str, float] = {}
         """Ids we beat by choice (neighbours, partners) -> until when (monotonic)."""
         self._watchers: dict[str, float] = {}
@@ -400,6 +405,9 @@ class Membership:
         if not joined:
             for endpoint in self._static:
                 self._pending.setdefault(endpoint, now)
+        elif now >= self._seeds_due:
+            needed.update(self._greet_absent_seeds())
+            self._seeds_due = now + _SEED_BEATS * self._interval
         hello: _wire.Hello | None = None
         for endpoint, born in list(self._pending.items()):
             answered = endpoint in needed
@@ -413,6 +421,16 @@ class Membership:
                 self._send(endpoint, hello)
         for endpoint in [e for e in self._links if e not in needed]:
             self._drop_link(endpoint, linger=0.5)
+
+    def _greet_absent_seeds(self) -> set[str]:
+        """Greet once each seed that is no live member; return those greeted. A seed that
+        left or was forgotten may be back knowing none of us (its restart does not tell us):
+        unless someone greets it, members joining through it form a mesh of their own."""
+        members = {rec.ctl for rec in self.table.records() if rec.state is not PeerState.LOST}
+        absent = self._static - members
+        for endpoint in absent:
+            self._greet(endpoint)
+        return absent
 
     def _heartbeat(self) -> _wire.Heartbeat:
         me = self._announcement

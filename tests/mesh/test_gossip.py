@@ -105,6 +105,25 @@ async def test_a_node_whose_seed_is_down_joins_when_it_comes_up(make_node: MakeN
                       timeout=5)
 
 
+async def test_a_seed_that_left_and_came_back_rejoins_the_members_that_stayed(
+        make_node: MakeNode) -> None:
+    """b and c are joined to each other when their seed leaves; a new seed on its address
+    knows none of them. They greet it again, so a newcomer seeded there joins them all
+    (before, seed and newcomer formed a second mesh of their own)."""
+    port = _free_port()
+    seed = await make_node("seed", mdns=False, port=port)
+    b = await make_node("b", mdns=False, peers=[f"tcp://127.0.0.1:{port}"])
+    c = await make_node("c", mdns=False, peers=[f"tcp://127.0.0.1:{port}"])
+    await aeventually(lambda: _names(b) == {"seed", "c"} and _names(c) == {"seed", "b"},
+                      timeout=5)
+    await seed.aclose()
+    await aeventually(lambda: _names(b) == {"c"} and _names(c) == {"b"}, timeout=5)
+    await make_node("seed2", mdns=False, port=port)
+    d = await make_node("d", mdns=False, peers=[f"tcp://127.0.0.1:{port}"])
+    await aeventually(lambda: _names(d) == {"seed2", "b", "c"}
+                      and _names(b) == {"seed2", "c", "d"}, timeout=5)
+
+
 async def test_a_seed_that_comes_up_late_and_greets_first_is_answered_at_once(
         make_node: MakeNode) -> None:
     """The link to a seed that was down backs off its reconnects (up to a second); the
