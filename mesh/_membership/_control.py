@@ -297,8 +297,25 @@ class Membership:
     def _link(self, endpoint: str) -> ControlDealer:
         link = self._links.get(endpoint)
         if link is None:
-            link = self._links[endpoint] = ControlDealer(self._ctx, endpoint)
+            told = self._seed_failed(endpoint) if endpoint in self._static else None
+            link = self._links[endpoint] = ControlDealer(self._ctx, endpoint, told)
         return link
+
+    def _seed_failed(self, endpoint: str) -> Callable[[bool], None]:
+        """What to log when the handshake with a seed fails: a wrong key after '#', or
+        CURVE on one side only, leaves its link silent, and the user with no clue why."""
+        def told(refused: bool) -> None:
+            if refused and self._ctx.curve is not None:
+                detail = (f"seed {endpoint} refused this node's CURVE key: add it "
+                          f"({self._ctx.curve.public.decode()}) to the seed's allowlist")
+            elif self._ctx.curve is None:
+                detail = (f"seed {endpoint} failed the handshake: it requires CURVE "
+                          "(--secret-key, --allow), or it is no zeromesh node")
+            else:
+                detail = (f"seed {endpoint} failed the CURVE handshake: the key after '#' "
+                          "is not its public key, or it runs without CURVE")
+            self._quiet.refuse("seed_handshake", endpoint, detail)
+        return told
 
     def _send(self, endpoint: str, msg: _wire.Control) -> bool:
         if self._leaving and type(msg) not in _LEAVING_SENDS:

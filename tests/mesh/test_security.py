@@ -95,6 +95,28 @@ async def test_static_peers_carry_the_key_after_a_hash(make_node: MakeNode, keyr
     assert keyless.peers() == []
 
 
+async def test_a_seed_that_fails_the_handshake_is_named_with_the_reason(
+        make_node: MakeNode, keyring: Keyring, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A wrong key after '#', a plain node, or a key the seed does not allow: the link
+    stays silent, and each node says which seed failed and why (before: nothing)."""
+    a = await make_node("a", mdns=False, **keyring("a"))
+    ctl = a.endpoints["ctl"][0]
+    key = {name: (tmp_path / f"{name}.key").read_text().split('public-key = "')[1]
+           .split('"')[0] for name in ("a", "b", "c")}
+    wrong = await make_node("b", mdns=False, peers=[f"{ctl}#{key['b']}"], **keyring("b"))
+    plain = await make_node("plain", mdns=False, peers=[ctl])
+    stranger = await make_node("c", mdns=False, peers=[f"{ctl}#{key['a']}"], **keyring("c"))
+    await aeventually(lambda: all(node.traffic().input_dropped.get("seed_handshake", 0)
+                                  for node in (wrong, plain, stranger)), timeout=5)
+    assert wrong.peers() == plain.peers() == stranger.peers() == []
+    text = caplog.text
+    assert f"seed {ctl} failed the CURVE handshake: the key after '#' is not its" in text
+    assert f"seed {ctl} failed the handshake: it requires CURVE" in text
+    assert f"seed {ctl} refused this node's CURVE key: add it ({key['c']})" in text
+    assert a.peers() == []
+
+
 async def test_retained_values_and_history_travel_between_allowed_peers_only(
         make_node: MakeNode, keyring: Keyring) -> None:
     """With CURVE on, a late subscriber gets retained values and history from an allowed
