@@ -41,8 +41,13 @@ def generate_keypair(directory: str | os.PathLike[str], name: str = "node") -> t
     """Write ``NAME.key`` (public) and ``NAME.key_secret`` (secret, 0600) into `directory`.
 
     Raises:
-        KeyFileError: the files exist already (keys are never overwritten) or cannot be written.
+        KeyFileError: `name` is not a plain file name, the files exist already (keys are
+            never overwritten) or they cannot be written.
     """
+    if not name or not name.isprintable() or any(sep in name for sep in (os.sep, os.altsep)
+                                                 if sep):
+        # ('../x' wrote outside `directory`; '' made the files '.key' and '.key_secret')
+        raise KeyFileError(f"name {name!r}: give a file name stem, without '/'")
     where = Path(directory)
     public, secret = where / f"{name}.key", where / f"{name}.key_secret"
     for path in (public, secret):
