@@ -443,8 +443,9 @@ class Membership:
         """Greet once each seed that is no live member; return those greeted. A seed that
         left or was forgotten may be back knowing none of us (its restart does not tell us):
         unless someone greets it, members joining through it form a mesh of their own."""
-        members = {rec.ctl for rec in self.table.records() if rec.state is not PeerState.LOST}
-        absent = self._static - members
+        members = {endpoint for rec in self.table.records() if rec.state is not PeerState.LOST
+                   for endpoint in (rec.hello.ctl if rec.hello is not None else [rec.ctl])}
+        absent = self._static - members  # (a seed with several interfaces: any of them)
         for endpoint in absent:
             self._greet(endpoint)
         return absent
