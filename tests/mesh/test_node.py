@@ -21,6 +21,7 @@ from mesh import (
     ConfigError,
     MessageTooLarge,
     Node,
+    NodeConfig,
     PeerEventKind,
     PeerState,
     RequestTimeout,
@@ -370,6 +371,18 @@ async def test_bad_settings_fail_at_construction() -> None:
     for settings, key in cases:
         with pytest.raises(ConfigError, match=key):
             AsyncNode(**settings)
+
+
+@pytest.mark.parametrize("key", ["forget_after", "history_max_age", "ack_timeout",
+                                 "retry_backoff", "heartbeat_interval"])
+def test_a_nan_duration_is_a_config_error(key: str) -> None:
+    """NaN passed every `<= 0` check: with ``forget_after=nan`` a node whose peer was lost
+    spun its loop at 100 % of a core (the forget timer re-armed at once, forever)."""
+    settings: dict[str, Any] = {key: float("nan")}
+    with pytest.raises(ConfigError, match=f"^{key}: must be a number, not NaN"):
+        AsyncNode(**settings)
+    with pytest.raises(ConfigError, match="not NaN"):
+        NodeConfig.from_env({f"ZEROMESH_{key.upper()}": "nan"}).validated()
 
 
 async def test_calls_on_a_closed_node_raise_closed_error(make_node: MakeNode) -> None:
