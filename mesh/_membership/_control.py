@@ -718,7 +718,9 @@ class Membership:
                              rtr=_first_endpoint(hello.rtr, self._reach) or "")
             new.seq, new.key, new.hello = hello.seq, hello.key, record
             self._set_subs(new, hello)
-            if rec is not None and rec.ctl != ctl:
+            if rec is not None and (rec.ctl != ctl or rec.key != hello.key):
+                # (a link keeps the server key it was opened with: a member back on the
+                # same port with a new key would never hear us on the old one)
                 self._drop_link(rec.ctl)
             for listener in self._listeners:
                 listener.peer_connected(new, rec)

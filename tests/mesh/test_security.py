@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from patterns import generate_keypair
-from tests.helpers import aeventually
+from tests.helpers import aeventually, free_port
 
 from .conftest import MakeNode
 
@@ -115,6 +115,30 @@ async def test_a_seed_that_fails_the_handshake_is_named_with_the_reason(
     assert f"seed {ctl} failed the handshake: it requires CURVE" in text
     assert f"seed {ctl} refused this node's CURVE key: add it ({key['c']})" in text
     assert a.peers() == []
+
+
+async def test_a_member_back_on_its_port_with_a_new_key_hears_us_again(
+        make_node: MakeNode, keyring: Keyring, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """b crashes and comes back on the same control port with a rotated (allowed) key: a
+    learns the key from b's greeting and must reach b with it (before: a's control link
+    kept the old key, so a saw b alive while b never heard a, for good)."""
+    generate_keypair(tmp_path, "b2")
+    shutil.copy(tmp_path / "b2.key", tmp_path / "allow")
+    a = await make_node("a", mdns=False, **keyring("a"))
+    key_a = (tmp_path / "a.key").read_text().split('public-key = "')[1].split('"')[0]
+    b_settings = {"mdns": False, "port": free_port(), "data_dir": str(tmp_path / "b"),
+                  "peers": [f"{a.endpoints['ctl'][0]}#{key_a}"]}
+    b = await make_node("b", **b_settings, **keyring("b"))
+    await aeventually(lambda: [p.name for p in a.peers()] == ["b"], timeout=5)
+    monkeypatch.setattr(b._live().membership, "say_goodbye", lambda: None)  # a crash
+    await b.aclose()
+    rotated = {**keyring("b"), "secret_key": str(tmp_path / "b2.key_secret")}
+    b = await make_node("b", **b_settings, **rotated)
+    await aeventually(lambda: [p.name for p in b.peers()] == ["a"], timeout=5)
+    await b.serve("echo", lambda m: m.data)
+    await a.wait_for_service("echo", timeout=5)
+    assert (await a.request("echo", b"rotated")).data == b"rotated"
 
 
 async def test_retained_values_and_history_travel_between_allowed_peers_only(
