@@ -151,6 +151,18 @@ class Curve:
         with self._lock:
             self._server_keys[endpoint] = raw
 
+    def retain(self, endpoints: set[str]) -> None:
+        """Forget the keys of endpoints not in `endpoints` (their members are gone): a node
+        that outlives many members would otherwise keep every endpoint it ever trusted."""
+        with self._lock:
+            self._server_keys = {endpoint: key for endpoint, key in self._server_keys.items()
+                                 if endpoint in endpoints}
+
+    @property
+    def trusted(self) -> int:
+        """How many endpoints have a trusted key."""
+        return len(self._server_keys)
+
     def server_key(self, endpoint: str) -> bytes | None:
         with self._lock:
             return self._server_keys.get(endpoint)

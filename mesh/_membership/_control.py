@@ -91,9 +91,14 @@ _SYNC_AFTER: Final[int] = 2
 """Heartbeats in a row with a different digest before views are exchanged whole."""
 _SYNC_EVERY: Final[float] = 2.0
 """Seconds between two whole exchanges with one member."""
+_KEYS_KEPT: Final[int] = 1024
+"""Endpoints with a pinned CURVE key kept before those no member uses are unpinned (a
+node outliving many members kept them all; while few, a forgotten member that beats us
+again is still greeted back on its old pin)."""
 _SEED_BEATS: Final[int] = 10
 """Heartbeat intervals between two greetings of a seed that is no live member, once
-joined (a seed given by host name is never one by that name: it is greeted this often)."""
+joined (a seed given by host name is never one by that name: it is greeted this often),
+and between two looks at the pinned keys (`_KEYS_KEPT`)."""
 
 
 class Membership:
@@ -422,9 +427,11 @@ class Membership:
         if not joined:
             for endpoint in self._static:
                 self._pending.setdefault(endpoint, now)
-        elif now >= self._seeds_due:
-            needed.update(self._greet_absent_seeds())
+        if now >= self._seeds_due:
             self._seeds_due = now + _SEED_BEATS * self._interval
+            if joined:
+                needed.update(self._greet_absent_seeds())
+            self._forget_keys()
         hello: _wire.Hello | None = None
         for endpoint, born in list(self._pending.items()):
             answered = endpoint in needed
@@ -449,6 +456,18 @@ class Membership:
         for endpoint in absent:
             self._greet(endpoint)
         return absent
+
+    def _forget_keys(self) -> None:
+        """Past `_KEYS_KEPT` pinned endpoints, unpin those no member, seed or link uses."""
+        curve = self._ctx.curve
+        if curve is None or curve.trusted <= _KEYS_KEPT:
+            return
+        used = {*self._static, *self._pending, *self._links}
+        for rec in self.table.records():
+            hello: _wire.Hello | None = rec.hello
+            if hello is not None:
+                used.update(hello.ctl, hello.pub, hello.pull, hello.rtr)
+        curve.retain(used)
 
     def _heartbeat(self) -> _wire.Heartbeat:
         me = self._announcement

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from mesh._membership import _control as control
 from patterns import generate_keypair
 from tests.helpers import aeventually, free_port
 
@@ -139,6 +140,28 @@ async def test_a_member_back_on_its_port_with_a_new_key_hears_us_again(
     await b.serve("echo", lambda m: m.data)
     await a.wait_for_service("echo", timeout=5)
     assert (await a.request("echo", b"rotated")).data == b"rotated"
+
+
+async def test_the_keys_of_members_gone_are_unpinned(
+        make_node: MakeNode, keyring: Keyring, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each member admitted pins its endpoints' keys; once it is gone (and past the number
+    kept, 0 here) they go too (before: 4 per member that ever came, 233 after 60 had come
+    and gone, for the node's whole life)."""
+    monkeypatch.setattr(control, "_KEYS_KEPT", 0, raising=False)
+    a = await make_node("a", mdns=False, **keyring("a"))
+    key_a = (tmp_path / "a.key").read_text().split('public-key = "')[1].split('"')[0]
+    curve = a._live().membership._ctx.curve
+    assert curve is not None
+    gone: list[str] = []
+    for _ in range(3):
+        b = await make_node("b", mdns=False, peers=[f"{a.endpoints['ctl'][0]}#{key_a}"],
+                            **keyring("b"))
+        await aeventually(lambda: [p.name for p in a.peers()] == ["b"], timeout=5)
+        gone += [endpoint for endpoints in b.endpoints.values() for endpoint in endpoints]
+        assert curve.server_key(b.endpoints["ctl"][0]) is not None
+        await b.aclose()
+    await aeventually(lambda: all(curve.server_key(e) is None for e in gone), timeout=5)
 
 
 async def test_retained_values_and_history_travel_between_allowed_peers_only(
