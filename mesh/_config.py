@@ -9,6 +9,7 @@ a type claims to be from, where `FsyncPolicy` is not a name.
 """
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -102,6 +103,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def validated(self) -> "NodeConfig":
         """Return a copy with defaults resolved; raise ConfigError on the first bad key."""
+        for field in msgspec.structs.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and math.isnan(value):
+                # (NaN passes every `<= 0` check; a NaN forget_after spun the loop at 100 %)
+                raise ConfigError(field.name, "must be a number, not NaN")
         name = self.name or socket.gethostname().split(".")[0] or "node"
         if len(name.encode()) > _NAME_MAX or not name.isprintable():
             raise ConfigError("name", f"must be printable and at most {_NAME_MAX} bytes")

@@ -204,14 +204,17 @@ class NodeCore:
         """Every step of `start`, each registering its undo on `stack` as it succeeds."""
         cfg = self._config
         curve = _load_curve(cfg)
+        if cfg.data_dir is not None:
+            # locked before the id is read: two processes starting on a new data dir
+            # would each create an id, and the one left running might not hold the kept one
+            lock = DataDirLock(cfg.data_dir)
+            lock.acquire()
+            stack.callback(lock.release)
         self._id = load_or_create_id(cfg.data_dir)
         identity = Identity(self._id, cfg.name, cfg.mesh, time.time_ns(),
                             curve.public.decode() if curve else "")
         outbox, dedup = None, None
         if cfg.data_dir is not None:
-            lock = DataDirLock(cfg.data_dir)
-            lock.acquire()
-            stack.callback(lock.release)
             self._durables.load()
             stack.callback(self._durables.save)  # last_seen as of the close
             outbox, dedup = await open_spools(cfg.data_dir, cfg, self.stats, self._watchers,

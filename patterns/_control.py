@@ -9,6 +9,7 @@ same thing anyway.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Final
 
@@ -19,6 +20,9 @@ from .errors import WouldBlock
 
 _OUTBOX_HWM: Final[int] = 64
 _INBOX_HWM: Final[int] = 10_000
+_REFUSED: Final[int] = zmq.EVENT_HANDSHAKE_FAILED_AUTH
+_FAILED: Final[int] = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                       | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
 
 
 class ControlRouter:
@@ -54,11 +58,22 @@ class ControlRouter:
 
 
 class ControlDealer:
-    """A DEALER connected to one peer's `ControlRouter` (our control link to it)."""
+    """A DEALER connected to one peer's `ControlRouter` (our control link to it).
 
-    def __init__(self, ctx: Context, endpoint: str) -> None:
+    With `on_handshake_failed` (create it on the loop then), each failed handshake calls
+    it: True if the peer refused our CURVE key, False if the handshake itself failed
+    (a wrong server key, one side without CURVE, or no ZeroMQ peer there). Nothing else
+    tells: the link just stays silent.
+    """
+
+    def __init__(self, ctx: Context, endpoint: str,
+                 on_handshake_failed: Callable[[bool], None] | None = None) -> None:
         self.endpoint = endpoint
         self._sock = ctx.socket(zmq.DEALER, sndhwm=_OUTBOX_HWM)
+        self._monitor: Socket | None = None
+        if on_handshake_failed is not None:
+            self._monitor = self._sock.monitor(_REFUSED | _FAILED)
+            self._monitor.deliver(lambda batch: _tell_failures(batch, on_handshake_failed))
         self._sock.connect(endpoint)
 
     def send(self, frame: bytes | bytearray) -> bool:
@@ -71,4 +86,16 @@ class ControlDealer:
 
     def close(self, linger: float = 0.0) -> None:
         """Close; with `linger` > 0, queued messages (a goodbye) get that long to leave."""
+        if self._monitor is not None:
+            self._sock.stop_monitor()
+            self._monitor.close()
         self._sock.close(linger)
+
+
+def _tell_failures(batch: list[list[bytes]], tell: Callable[[bool], None]) -> None:
+    """Monitor messages (the event id is the first 2 bytes of a 6-byte frame) -> `tell`."""
+    for frames in batch:
+        if len(frames[0]) == 6:
+            event = int.from_bytes(frames[0][:2], sys.byteorder)
+            if event & (_REFUSED | _FAILED):
+                tell(event == _REFUSED)

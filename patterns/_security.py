@@ -41,8 +41,13 @@ def generate_keypair(directory: str | os.PathLike[str], name: str = "node") -> t
     """Write ``NAME.key`` (public) and ``NAME.key_secret`` (secret, 0600) into `directory`.
 
     Raises:
-        KeyFileError: the files exist already (keys are never overwritten) or cannot be written.
+        KeyFileError: `name` is not a plain file name, the files exist already (keys are
+            never overwritten) or they cannot be written.
     """
+    if not name or not name.isprintable() or any(sep in name for sep in (os.sep, os.altsep)
+                                                 if sep):
+        # ('../x' wrote outside `directory`; '' made the files '.key' and '.key_secret')
+        raise KeyFileError(f"name {name!r}: give a file name stem, without '/'")
     where = Path(directory)
     public, secret = where / f"{name}.key", where / f"{name}.key_secret"
     for path in (public, secret):
@@ -145,6 +150,18 @@ class Curve:
         raw = key.encode("ascii", "replace") if isinstance(key, str) else key
         with self._lock:
             self._server_keys[endpoint] = raw
+
+    def retain(self, endpoints: set[str]) -> None:
+        """Forget the keys of endpoints not in `endpoints` (their members are gone): a node
+        that outlives many members would otherwise keep every endpoint it ever trusted."""
+        with self._lock:
+            self._server_keys = {endpoint: key for endpoint, key in self._server_keys.items()
+                                 if endpoint in endpoints}
+
+    @property
+    def trusted(self) -> int:
+        """How many endpoints have a trusted key."""
+        return len(self._server_keys)
 
     def server_key(self, endpoint: str) -> bytes | None:
         with self._lock:

@@ -91,6 +91,14 @@ _SYNC_AFTER: Final[int] = 2
 """Heartbeats in a row with a different digest before views are exchanged whole."""
 _SYNC_EVERY: Final[float] = 2.0
 """Seconds between two whole exchanges with one member."""
+_KEYS_KEPT: Final[int] = 1024
+"""Endpoints with a pinned CURVE key kept before those no member uses are unpinned (a
+node outliving many members kept them all; while few, a forgotten member that beats us
+again is still greeted back on its old pin)."""
+_SEED_BEATS: Final[int] = 10
+"""Heartbeat intervals between two greetings of a seed that is no live member, once
+joined (a seed given by host name is never one by that name: it is greeted this often),
+and between two looks at the pinned keys (`_KEYS_KEPT`)."""
 
 
 class Membership:
@@ -124,6 +132,8 @@ class Membership:
         self._pending: dict[str, float] = {}
         """Endpoints we greet until they answer: when we started."""
         self._static: set[str] = set()
+        self._seeds_due = 0.0
+        """When seeds that are no live member are greeted next (see `_greet_absent_seeds`)."""
         self._watching: dict[str, float] = {}
         """Ids we beat by choice (neighbours, partners) -> until when (monotonic)."""
         self._watchers: dict[str, float] = {}
@@ -292,8 +302,25 @@ class Membership:
     def _link(self, endpoint: str) -> ControlDealer:
         link = self._links.get(endpoint)
         if link is None:
-            link = self._links[endpoint] = ControlDealer(self._ctx, endpoint)
+            told = self._seed_failed(endpoint) if endpoint in self._static else None
+            link = self._links[endpoint] = ControlDealer(self._ctx, endpoint, told)
         return link
+
+    def _seed_failed(self, endpoint: str) -> Callable[[bool], None]:
+        """What to log when the handshake with a seed fails: a wrong key after '#', or
+        CURVE on one side only, leaves its link silent, and the user with no clue why."""
+        def told(refused: bool) -> None:
+            if refused and self._ctx.curve is not None:
+                detail = (f"seed {endpoint} refused this node's CURVE key: add it "
+                          f"({self._ctx.curve.public.decode()}) to the seed's allowlist")
+            elif self._ctx.curve is None:
+                detail = (f"seed {endpoint} failed the handshake: it requires CURVE "
+                          "(--secret-key, --allow), or it is no zeromesh node")
+            else:
+                detail = (f"seed {endpoint} failed the CURVE handshake: the key after '#' "
+                          "is not its public key, or it runs without CURVE")
+            self._quiet.refuse("seed_handshake", endpoint, detail)
+        return told
 
     def _send(self, endpoint: str, msg: _wire.Control) -> bool:
         if self._leaving and type(msg) not in _LEAVING_SENDS:
@@ -400,6 +427,11 @@ class Membership:
         if not joined:
             for endpoint in self._static:
                 self._pending.setdefault(endpoint, now)
+        if now >= self._seeds_due:
+            self._seeds_due = now + _SEED_BEATS * self._interval
+            if joined:
+                needed.update(self._greet_absent_seeds())
+            self._forget_keys()
         hello: _wire.Hello | None = None
         for endpoint, born in list(self._pending.items()):
             answered = endpoint in needed
@@ -413,6 +445,29 @@ class Membership:
                 self._send(endpoint, hello)
         for endpoint in [e for e in self._links if e not in needed]:
             self._drop_link(endpoint, linger=0.5)
+
+    def _greet_absent_seeds(self) -> set[str]:
+        """Greet once each seed that is no live member; return those greeted. A seed that
+        left or was forgotten may be back knowing none of us (its restart does not tell us):
+        unless someone greets it, members joining through it form a mesh of their own."""
+        members = {endpoint for rec in self.table.records() if rec.state is not PeerState.LOST
+                   for endpoint in (rec.hello.ctl if rec.hello is not None else [rec.ctl])}
+        absent = self._static - members  # (a seed with several interfaces: any of them)
+        for endpoint in absent:
+            self._greet(endpoint)
+        return absent
+
+    def _forget_keys(self) -> None:
+        """Past `_KEYS_KEPT` pinned endpoints, unpin those no member, seed or link uses."""
+        curve = self._ctx.curve
+        if curve is None or curve.trusted <= _KEYS_KEPT:
+            return
+        used = {*self._static, *self._pending, *self._links}
+        for rec in self.table.records():
+            hello: _wire.Hello | None = rec.hello
+            if hello is not None:
+                used.update(hello.ctl, hello.pub, hello.pull, hello.rtr)
+        curve.retain(used)
 
     def _heartbeat(self) -> _wire.Heartbeat:
         me = self._announcement
@@ -682,7 +737,9 @@ class Membership:
                              rtr=_first_endpoint(hello.rtr, self._reach) or "")
             new.seq, new.key, new.hello = hello.seq, hello.key, record
             self._set_subs(new, hello)
-            if rec is not None and rec.ctl != ctl:
+            if rec is not None and (rec.ctl != ctl or rec.key != hello.key):
+                # (a link keeps the server key it was opened with: a member back on the
+                # same port with a new key would never hear us on the old one)
                 self._drop_link(rec.ctl)
             for listener in self._listeners:
                 listener.peer_connected(new, rec)

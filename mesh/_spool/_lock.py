@@ -19,8 +19,12 @@ class DataDirLock:
 
     def acquire(self) -> None:
         """Raises ConfigError if another process holds it."""
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self._path, "a+")  # noqa: SIM115 - held until release()
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self._path, "a+")  # noqa: SIM115 - held until release()
+        except OSError as exc:
+            raise ConfigError("data_dir", f"{self._path.parent}: {exc.strerror or exc}"
+                              ) from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -324,7 +324,8 @@ def _keygen(args: argparse.Namespace) -> int:
     try:
         public, secret = generate_keypair(args.out, args.name)
     except KeyFileError as exc:
-        raise ConfigError("--out", str(exc)) from None
+        raise ConfigError("--name" if str(exc).startswith("name ") else "--out",
+                          str(exc)) from None
     key = public.read_text().split('public-key = "')[1].split('"')[0]
     print(f"public key {key}\nwrote {public} (share it: peers put it in their allowlist)\n"
           f"wrote {secret} (mode 0600: keep it secret)")

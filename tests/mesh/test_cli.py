@@ -236,6 +236,18 @@ def test_top_and_keygen_accept_the_node_flags(mesh_name: str, tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["node.key", "node.key_secret"]
 
 
+def test_keygen_takes_a_file_name_stem_only(mesh_name: str, tmp_path: Path) -> None:
+    """`--name ../x` wrote the keys outside `--out` (and `--name ''` wrote '.key'): a
+    usage error now, exit 2 with one line, and nothing written."""
+    out = tmp_path / "keys"
+    for name in ("../escaped", ""):
+        keys = run(["keygen", "--out", str(out), "--name", name], mesh=mesh_name)
+        assert keys.returncode == 2, keys.stderr
+        assert keys.stderr.startswith("zeromesh keygen: --name: name "), keys.stderr
+        assert len(keys.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []
+
+
 def test_demo_accepts_the_node_flags_and_keeps_its_interface() -> None:
     """`demo` takes them too; --interface is still the demo nodes' address."""
     args = build_parser().parse_args(["demo", *_NODE_FLAGS[:2], "--interface", "::1",

@@ -22,7 +22,7 @@ from patterns import generate_keypair
 from tests.helpers import aeventually
 
 from ._proc import Cli
-from .conftest import FAST_ENV, MakeNode
+from .conftest import FAST, FAST_ENV, MakeNode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -103,6 +103,46 @@ async def test_a_node_whose_seed_is_down_joins_when_it_comes_up(make_node: MakeN
     await make_node("seed", mdns=False, port=port)
     await aeventually(lambda: _names(b) == {"seed", "c"} and _names(c) == {"seed", "b"},
                       timeout=5)
+
+
+async def test_a_seed_that_left_and_came_back_rejoins_the_members_that_stayed(
+        make_node: MakeNode) -> None:
+    """b and c are joined to each other when their seed leaves; a new seed on its address
+    knows none of them. They greet it again, so a newcomer seeded there joins them all
+    (before, seed and newcomer formed a second mesh of their own)."""
+    port = _free_port()
+    seed = await make_node("seed", mdns=False, port=port)
+    b = await make_node("b", mdns=False, peers=[f"tcp://127.0.0.1:{port}"])
+    c = await make_node("c", mdns=False, peers=[f"tcp://127.0.0.1:{port}"])
+    await aeventually(lambda: _names(b) == {"seed", "c"} and _names(c) == {"seed", "b"},
+                      timeout=5)
+    await seed.aclose()
+    await aeventually(lambda: _names(b) == {"c"} and _names(c) == {"b"}, timeout=5)
+    await make_node("seed2", mdns=False, port=port)
+    d = await make_node("d", mdns=False, peers=[f"tcp://127.0.0.1:{port}"])
+    await aeventually(lambda: _names(d) == {"seed2", "b", "c"}
+                      and _names(b) == {"seed2", "c", "d"}, timeout=5)
+
+
+async def test_a_seed_that_is_a_member_on_another_interface_is_not_greeted_again(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """b dials the seed on ::1 (its first interface) though it names it by 127.0.0.1: the
+    seed is a live member all the same, so b does not greet it every 10 beats."""
+    port = _free_port()
+    seed_url = f"tcp://127.0.0.1:{port}"
+    greeted: list[str] = []
+    greet = control.Membership._greet
+
+    def spy(self: control.Membership, endpoint: str, *, reply: bool = True) -> None:
+        greeted.append(endpoint)
+        greet(self, endpoint, reply=reply)
+
+    await make_node("seed", mdns=False, port=port, interfaces=["::1", "127.0.0.1"])
+    b = await make_node("b", mdns=False, peers=[seed_url], interfaces=["127.0.0.1", "::1"])
+    await aeventually(lambda: _names(b) == {"seed"}, timeout=5)
+    monkeypatch.setattr(control.Membership, "_greet", spy)
+    await asyncio.sleep(25 * FAST["heartbeat_interval"])  # two rounds of seed greetings
+    assert seed_url not in greeted
 
 
 async def test_a_seed_that_comes_up_late_and_greets_first_is_answered_at_once(

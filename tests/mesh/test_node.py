@@ -21,12 +21,14 @@ from mesh import (
     ConfigError,
     MessageTooLarge,
     Node,
+    NodeConfig,
     PeerEventKind,
     PeerState,
     RequestTimeout,
     Subscription,
 )
 from mesh import _wire as wire
+from mesh._spool._lock import DataDirLock
 from tests.helpers import aeventually, eventually
 
 from .conftest import FAST, MakeNode
@@ -241,6 +243,23 @@ async def test_node_id_is_stable_across_restarts_with_a_data_dir(make_node: Make
     assert other.id != node_id
 
 
+async def test_a_start_refused_by_the_data_dir_lock_leaves_the_id_alone(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """Two processes starting at once on a new data dir: the one that loses the lock
+    must not write an id (before: each wrote its own, and in 12 of 20 such races the
+    node left running had an id that its next start would not read back)."""
+    other_start = DataDirLock(str(tmp_path))  # the other process, between lock and id
+    other_start.acquire()
+    try:
+        with pytest.raises(ConfigError, match="in use"):
+            await make_node("n", data_dir=str(tmp_path))
+        assert not (tmp_path / "node_id").exists()
+    finally:
+        other_start.release()
+    node = await make_node("n", data_dir=str(tmp_path))
+    assert (tmp_path / "node_id").read_text().strip() == node.id
+
+
 async def test_garbage_on_the_control_port_is_dropped_and_counted(make_node: MakeNode) -> None:
     """Random bytes, wrong versions and unknown tags never crash the node."""
     a = await make_node("a")
@@ -352,6 +371,18 @@ async def test_bad_settings_fail_at_construction() -> None:
     for settings, key in cases:
         with pytest.raises(ConfigError, match=key):
             AsyncNode(**settings)
+
+
+@pytest.mark.parametrize("key", ["forget_after", "history_max_age", "ack_timeout",
+                                 "retry_backoff", "heartbeat_interval"])
+def test_a_nan_duration_is_a_config_error(key: str) -> None:
+    """NaN passed every `<= 0` check: with ``forget_after=nan`` a node whose peer was lost
+    spun its loop at 100 % of a core (the forget timer re-armed at once, forever)."""
+    settings: dict[str, Any] = {key: float("nan")}
+    with pytest.raises(ConfigError, match=f"^{key}: must be a number, not NaN"):
+        AsyncNode(**settings)
+    with pytest.raises(ConfigError, match="not NaN"):
+        NodeConfig.from_env({f"ZEROMESH_{key.upper()}": "nan"}).validated()
 
 
 async def test_calls_on_a_closed_node_raise_closed_error(make_node: MakeNode) -> None:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import zmq
 
+from mesh._membership import _control as control
 from patterns import generate_keypair
-from tests.helpers import aeventually
+from tests.helpers import aeventually, free_port
 
 from .conftest import MakeNode
 
@@ -93,6 +94,74 @@ async def test_static_peers_carry_the_key_after_a_hash(make_node: MakeNode, keyr
     keyless = await make_node("b2", mdns=False, peers=[ctl], **keyring("b"))
     await aeventually(lambda: keyless.traffic().input_dropped.get("plain_peer", 0) >= 1, timeout=10)
     assert keyless.peers() == []
+
+
+async def test_a_seed_that_fails_the_handshake_is_named_with_the_reason(
+        make_node: MakeNode, keyring: Keyring, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A wrong key after '#', a plain node, or a key the seed does not allow: the link
+    stays silent, and each node says which seed failed and why (before: nothing)."""
+    a = await make_node("a", mdns=False, **keyring("a"))
+    ctl = a.endpoints["ctl"][0]
+    key = {name: (tmp_path / f"{name}.key").read_text().split('public-key = "')[1]
+           .split('"')[0] for name in ("a", "b", "c")}
+    wrong = await make_node("b", mdns=False, peers=[f"{ctl}#{key['b']}"], **keyring("b"))
+    plain = await make_node("plain", mdns=False, peers=[ctl])
+    stranger = await make_node("c", mdns=False, peers=[f"{ctl}#{key['a']}"], **keyring("c"))
+    await aeventually(lambda: all(node.traffic().input_dropped.get("seed_handshake", 0)
+                                  for node in (wrong, plain, stranger)), timeout=5)
+    assert wrong.peers() == plain.peers() == stranger.peers() == []
+    text = caplog.text
+    assert f"seed {ctl} failed the CURVE handshake: the key after '#' is not its" in text
+    assert f"seed {ctl} failed the handshake: it requires CURVE" in text
+    assert f"seed {ctl} refused this node's CURVE key: add it ({key['c']})" in text
+    assert a.peers() == []
+
+
+async def test_a_member_back_on_its_port_with_a_new_key_hears_us_again(
+        make_node: MakeNode, keyring: Keyring, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """b crashes and comes back on the same control port with a rotated (allowed) key: a
+    learns the key from b's greeting and must reach b with it (before: a's control link
+    kept the old key, so a saw b alive while b never heard a, for good)."""
+    generate_keypair(tmp_path, "b2")
+    shutil.copy(tmp_path / "b2.key", tmp_path / "allow")
+    a = await make_node("a", mdns=False, **keyring("a"))
+    key_a = (tmp_path / "a.key").read_text().split('public-key = "')[1].split('"')[0]
+    b_settings = {"mdns": False, "port": free_port(), "data_dir": str(tmp_path / "b"),
+                  "peers": [f"{a.endpoints['ctl'][0]}#{key_a}"]}
+    b = await make_node("b", **b_settings, **keyring("b"))
+    await aeventually(lambda: [p.name for p in a.peers()] == ["b"], timeout=5)
+    monkeypatch.setattr(b._live().membership, "say_goodbye", lambda: None)  # a crash
+    await b.aclose()
+    rotated = {**keyring("b"), "secret_key": str(tmp_path / "b2.key_secret")}
+    b = await make_node("b", **b_settings, **rotated)
+    await aeventually(lambda: [p.name for p in b.peers()] == ["a"], timeout=5)
+    await b.serve("echo", lambda m: m.data)
+    await a.wait_for_service("echo", timeout=5)
+    assert (await a.request("echo", b"rotated")).data == b"rotated"
+
+
+async def test_the_keys_of_members_gone_are_unpinned(
+        make_node: MakeNode, keyring: Keyring, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each member admitted pins its endpoints' keys; once it is gone (and past the number
+    kept, 0 here) they go too (before: 4 per member that ever came, 233 after 60 had come
+    and gone, for the node's whole life)."""
+    monkeypatch.setattr(control, "_KEYS_KEPT", 0, raising=False)
+    a = await make_node("a", mdns=False, **keyring("a"))
+    key_a = (tmp_path / "a.key").read_text().split('public-key = "')[1].split('"')[0]
+    curve = a._live().membership._ctx.curve
+    assert curve is not None
+    gone: list[str] = []
+    for _ in range(3):
+        b = await make_node("b", mdns=False, peers=[f"{a.endpoints['ctl'][0]}#{key_a}"],
+                            **keyring("b"))
+        await aeventually(lambda: [p.name for p in a.peers()] == ["b"], timeout=5)
+        gone += [endpoint for endpoints in b.endpoints.values() for endpoint in endpoints]
+        assert curve.server_key(b.endpoints["ctl"][0]) is not None
+        await b.aclose()
+    await aeventually(lambda: all(curve.server_key(e) is None for e in gone), timeout=5)
 
 
 async def test_retained_values_and_history_travel_between_allowed_peers_only(
