@@ -37,7 +37,7 @@ from prometheus_client.registry import Collector
 
 from .._membership._peers import PeerState
 from .._node import AsyncNode
-from .._support._tally import OTHER, SAMPLE_EVERY, LatencySnapshot
+from .._support._tally import OTHER, SAMPLE_EVERY, LatencySnapshot, Traffic
 from .._uplink._link import LinkState
 from .._uplink._links import Uplinks
 
@@ -204,11 +204,14 @@ class _NodeCollector(Collector):
 
     def __init__(self, node: AsyncNode) -> None:
         self._node = node
+        self._names: dict[str, str] = {}
+        """Peer id -> name, for ids that are peers or still in a per-peer counter: a peer
+        gone (forgotten) keeps its ``peer`` label, so its series stays the same series."""
 
     def collect(self) -> Iterator[Metric]:
         node = self._node
         traffic = node.traffic()
-        names = {p.id: p.name for p in node.peers()}
+        names = self._peer_names(traffic)
 
         published = CounterMetricFamily(
             "zeromesh_messages_published", "Messages published by this node, per topic.",
@@ -280,6 +283,15 @@ class _NodeCollector(Collector):
         refused.add_metric([], traffic.curve_refused)
         yield refused
         yield from _membership(traffic.membership)
+
+
+    def _peer_names(self, traffic: Traffic) -> dict[str, str]:
+        counted = {*traffic.dropped_by_peer, *(
+            peer_id for counts in traffic.by_name.get("peer", {}).values() for peer_id in counts)}
+        names = {peer_id: name for peer_id, name in self._names.items() if peer_id in counted}
+        names.update((p.id, p.name) for p in self._node.peers())
+        self._names = names
+        return names
 
 
 def _membership(figures: dict[str, int]) -> Iterator[Metric]:

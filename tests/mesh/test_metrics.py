@@ -161,7 +161,7 @@ async def test_ten_thousand_topics_leave_the_configured_number_of_label_sets(
         assert counts[OTHER] == 10_000 - named == 9_900
 
 
-async def test_a_peer_publishing_to_the_agent_leaves_one_family_per_name(
+async def test_a_peer_publishing_to_the_agent_leaves_one_family_per_name_and_its_label(
         procs: list[Cli], mesh_name: str, make_node: MakeNode) -> None:
     """Messages from a peer are counted once, in ``zeromesh_peer_messages_received`` (pub/sub,
     work and requests): no second family of that name that Prometheus would refuse."""
@@ -175,8 +175,18 @@ async def test_a_peer_publishing_to_the_agent_leaves_one_family_per_name(
             await node.publish("feed.x", "x")
             await stream.events(1)
         families = await scrape(http, agent.url)
-    assert value(families, "zeromesh_peer_messages_received", peer="peer",
-                 peer_id=node.id) == 1
+        assert value(families, "zeromesh_peer_messages_received", peer="peer",
+                     peer_id=node.id) == 1
+        # Gone, its counter stays the same series: the peer label used to turn "".
+        await node.aclose()
+        async def gone() -> bool:
+            async with http.get(f"{agent.url}/v1/peers") as response:
+                return all(p["id"] != node.id for p in await response.json())
+        await aeventually(gone, timeout=10)
+        families = await scrape(http, agent.url)
+    [sample] = [s for s in families["zeromesh_peer_messages_received"]
+                if s.labels.get("peer_id") == node.id]
+    assert (sample.labels["peer"], sample.value) == ("peer", 1)
 
 
 async def test_names_clients_choose_in_the_agents_own_families_are_bounded_too(
