@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import ipaddress
 import itertools
 import logging
 import time
@@ -307,7 +308,14 @@ class NodeCore:
         if cfg.peers:
             backends.append(StaticDiscovery(cfg.peers, mesh=cfg.mesh))
         if cfg.mdns:
-            backends.append(MdnsDiscovery(cfg.interfaces, mesh=cfg.mesh))
+            # (IPv6 loopback has no multicast: zeroconf there only logs "Network is
+            # unreachable" at every send; such nodes find each other through seeds)
+            multicast = [ip for ip in cfg.interfaces if not _is_ipv6_loopback(ip)]
+            if multicast:
+                backends.append(MdnsDiscovery(multicast, mesh=cfg.mesh))
+            elif not cfg.peers:
+                _log.warning("no mDNS on ::1 (loopback has no IPv6 multicast): this node "
+                             "finds peers only through seeds (--peer)")
         me = PeerInfo(id=identity.id, name=identity.name, mesh=identity.mesh,
                       version=_wire.PROTOCOL_VERSION, endpoints=tuple(membership.endpoints),
                       key=identity.key)
@@ -560,6 +568,11 @@ class _WakeOnPeers:
 
     def peers_changed(self) -> None:
         self._watchers.wake()
+
+
+def _is_ipv6_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.partition("%")[0])
+    return address.version == 6 and address.is_loopback
 
 
 async def _close_backend(backend: DiscoveryBackend) -> None:

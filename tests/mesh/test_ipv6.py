@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import socket
 import urllib.request
@@ -45,6 +46,21 @@ async def _pair(make_node: MakeNode, **settings: object) -> tuple[AsyncNode, Asy
         await a.wait_for_peers(1)
         await b.wait_for_peers(1)
     return a, b
+
+
+async def test_mdns_left_on_for_ipv6_loopback_is_one_clear_warning(
+        make_node: MakeNode, caplog: pytest.LogCaptureFixture) -> None:
+    """zeroconf on ::1 logged "Network is unreachable" with an OSError line at each send;
+    a node there now says once that it finds peers through seeds, and one with a seed
+    (and mDNS on) joins its seed as usual."""
+    with caplog.at_level(logging.WARNING):
+        a = await make_node("a", interfaces=["::1"])
+        b = await make_node("b", interfaces=["::1"], peers=a.endpoints["ctl"])
+        async with asyncio.timeout(5):
+            await b.wait_for_peers(1)
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("mesh.node", "no mDNS on ::1 (loopback has no IPv6 multicast): this node finds "
+                      "peers only through seeds (--peer)")]
 
 
 async def test_nodes_bind_and_announce_ipv6_endpoints(make_node: MakeNode) -> None:
