@@ -206,3 +206,25 @@ async def test_spool_quota_is_a_clear_error_to_the_sender(make_node: MakeNode, t
     await worker.pull("jobs", handler=lambda m: got.append(m.data))
     await aeventually(lambda: len(got) == accepted, timeout=10)
     assert got == [f"{i:06d}".encode() * 20 for i in range(accepted)]
+
+
+async def test_copies_sent_after_an_ack_timeout_wait_for_the_originals_in_hand(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """Guarantee 3 after an ack timeout: the copies that come back to the same worker (its
+    only one) must not settle the messages it holds unprocessed. When it leaves, those go
+    to another worker."""
+    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), ack_timeout=0.3,
+                             retry_backoff=0.01)
+    stuck = await make_node("stuck")
+    work = await stuck.pull("jobs", prefetch=4)
+    for i in range(3):
+        await pusher.push("jobs", f"m{i}", reliable=True)
+    assert (await work.next(timeout=5)).text == "m0"  # in hand; m1, m2 wait behind it
+    await aeventually(functools.partial(_has_duplicates, stuck, 3), timeout=5)
+    assert pusher.spool_pending == 3  # nothing was processed yet
+    survivor = await make_node("survivor")
+    got: list[str] = []
+    await survivor.pull("jobs", handler=lambda m: got.append(m.text))
+    await stuck.aclose()  # m0 counts as processed; m1 and m2 go back
+    await aeventually(lambda: {"m1", "m2"} <= set(got) and pusher.spool_pending == 0,
+                      timeout=5)
