@@ -228,3 +228,22 @@ async def test_copies_sent_after_an_ack_timeout_wait_for_the_originals_in_hand(
     await stuck.aclose()  # m0 counts as processed; m1 and m2 go back
     await aeventually(lambda: {"m1", "m2"} <= set(got) and pusher.spool_pending == 0,
                       timeout=5)
+
+
+async def test_the_dead_letter_log_line_names_the_id_replay_takes(
+        make_node: MakeNode, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The warning names the dead letter's id (what replay and purge take), not the
+    outbox's: here the outbox's 2nd message is the 1st dead letter."""
+    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), max_attempts=1)
+    worker = await make_node("worker")
+    work = await worker.pull("jobs")
+    await pusher.push("jobs", "fine", reliable=True)
+    (await work.next(timeout=5)).ack()
+    await pusher.push("jobs", "poison", reliable=True)
+    with caplog.at_level("WARNING", logger="mesh.spool"):
+        (await work.next(timeout=5)).nack()
+        await aeventually(lambda: pusher.stats["dead_lettered"] == 1, timeout=5)
+    (dead,) = pusher.dead_letters()
+    (line,) = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert line.endswith(f"(dead letter {dead['id']})"), line
+    assert dead["id"] != 2
