@@ -16,9 +16,9 @@ application sees them (`_dedup`); a duplicate is never delivered. A credit is a
 running count, which the pusher settles oldest first, so a duplicate (or an
 expired message) is skipped, not credited, until every earlier message of its
 stream is consumed; a duplicate of a message still in hand (sent again after an
-ack timeout) waits for that one: acked, it counts as consumed; nacked, it is
-delivered. Else the pusher would drop from its spool a message not yet
-processed, lost if the worker then dies.
+ack timeout) holds its stream's credit until that one is settled: acked, it
+counts as consumed; nacked, it is nacked too. Else the pusher would drop from
+its spool a message not yet processed, lost if the worker then dies.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ class _InStream:
     """
 
     __slots__ = ("adapted_at", "born", "changed_at", "consumed", "consumed_mark", "credit_at",
-                 "credit_out", "done", "dry_mark", "epoch", "local", "nacks", "pending",
-                 "pusher_id", "queue", "reported", "skips", "window", "workers")
+                 "credit_out", "done", "dry_mark", "epoch", "hold", "local", "nacks",
+                 "pending", "pusher_id", "queue", "reported", "skips", "window", "workers")
 
     def __init__(self, workers: Workers, local: LocalQueue, pusher_id: str, epoch: int,
                  position: int) -> None:
@@ -84,6 +84,15 @@ class _InStream:
         self.skips: deque[tuple[int, Message | None]] = deque()
         """Messages to consume without delivering, by stream position, in order: duplicates
         (the message) and expired ones (None); see `Workers.advance`."""
+        self.hold: int | None = None
+        """The position of a duplicate waiting for its original in hand: credits stop
+        there (the pusher settles oldest first) until it is settled."""
+
+    @property
+    def credited(self) -> int:
+        """What a credit may report: the consumed, but never past a duplicate on hold."""
+        hold = self.hold
+        return self.consumed if hold is None or hold > self.consumed else hold
 
     def adapt(self, now: float) -> None:
         """Resize the window from the rate consumed since the last time (see `_window`)."""
@@ -262,8 +271,8 @@ class Workers:
                     self._wake_followers(stream.pusher_id, done)
 
     def _wake_followers(self, sender: str, seqs: Iterable[int]) -> None:
-        """These messages in hand were settled: their copies waiting on other streams go on
-        (counted as consumed, or delivered if it was nacked)."""
+        """These messages in hand were settled: their copies on hold on other streams go on
+        (counted as consumed, or nacked if it was)."""
         for seq in seqs:
             for stream in self._followers.pop((sender, seq), ()):
                 self.advance(stream)
@@ -283,26 +292,23 @@ class Workers:
     def advance(self, stream: _InStream) -> None:
         """Consume the skipped messages whose turn has come: every earlier message of the
         stream is consumed (a credit settles the pusher's oldest). A duplicate of one still
-        in hand waits for it; one whose original was nacked meanwhile is delivered."""
+        in hand is put on hold until that one is settled; one whose original was nacked
+        (or handed back) meanwhile is nacked too, so its pusher sends it again."""
         skips = stream.skips
         while skips and skips[0][0] <= stream.consumed:
-            msg = skips[0][1]
+            position, msg = skips[0]
             if msg is not None:
-                seq = msg.seq
-                if seq in self._in_hand.get(msg.source_id, ()):
-                    followers = self._followers.setdefault((msg.source_id, seq), [])
+                sender, seq = msg.source_id, msg.seq
+                if seq in self._in_hand.get(sender, ()):
+                    stream.hold = position
+                    followers = self._followers.setdefault((sender, seq), [])
                     if stream not in followers:
                         followers.append(stream)
                     return
-                if not self._dedup.seen(msg.source_id, seq):  # nacked: its turn, deliver it
-                    skips.popleft()
-                    self._in_hand.setdefault(msg.source_id, set()).add(seq)
-                    local = stream.local
-                    local.items.appendleft(msg)
-                    local.settles.appendleft(stream)
-                    local.wake()
-                    return
+                if not self._dedup.seen(sender, seq):
+                    stream.nacks.append(seq)  # (a Nack travels before the credit)
             skips.popleft()
+            stream.hold = None
             stream.consumed += 1
 
     def credit(self, stream: _InStream) -> None:
@@ -340,11 +346,12 @@ class Workers:
                 nacks, stream.nacks = stream.nacks, []
                 self._control.send_to(stream.pusher_id, _wire.Nack(
                     self.node_id, stream.queue, nacks, stream.epoch))
-            if stream.consumed == stream.reported and not force:
+            credited = stream.credited
+            if credited == stream.reported and not force:
                 continue
             if self._control.send_to(stream.pusher_id, _wire.Credit(
-                    self.node_id, stream.queue, stream.consumed, stream.epoch, stream.window)):
-                stream.reported = stream.consumed
+                    self.node_id, stream.queue, credited, stream.epoch, stream.window)):
+                stream.reported = credited
             else:
                 self._owed.add(stream)
         if self._owed:
