@@ -137,10 +137,14 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 TopicPattern(pattern)
             except InvalidName as exc:
                 raise ConfigError("history", f"{exc.reason} in {pattern!r}") from None
-        if self.spool_quota <= 0 or self.max_attempts < 1:
-            raise ConfigError("spool_quota", "spool_quota and max_attempts must be positive")
-        if self.ack_timeout <= 0 or self.retry_backoff < 0:
-            raise ConfigError("ack_timeout", "must be > 0 (retry_backoff >= 0)")
+        if self.spool_quota <= 0:
+            raise ConfigError("spool_quota", "must be > 0")
+        if self.max_attempts < 1:
+            raise ConfigError("max_attempts", "must be >= 1")
+        if not self.ack_timeout > 0:  # (NaN: not > 0; it would never time out)
+            raise ConfigError("ack_timeout", "must be > 0 seconds")
+        if not self.retry_backoff >= 0:  # (NaN would silently wait the 30 s cap each time)
+            raise ConfigError("retry_backoff", "must be >= 0 seconds")
         if not self.durable_expiry > 0:  # (also rejects NaN)
             raise ConfigError("durable_expiry", "must be > 0 seconds")
         if (self.secret_key is None) != (self.allow is None):

@@ -330,7 +330,7 @@ class Outbox:
     async def _bury(self, tracked: Tracked) -> None:
         spooled = tracked.spooled
         try:
-            await self.dead.append(_wire.encode_spooled(spooled))
+            dead_id = await self.dead.append(_wire.encode_spooled(spooled))
         except Exception:
             _log.exception("cannot move message %d to the dead-letter spool; it stays queued",
                            tracked.spool_id)
@@ -339,8 +339,9 @@ class Outbox:
         self._stats["dead_lettered"] += 1
         self._by_name(spooled)["dead_lettered"].add(spooled.name)
         self._waiter.wake()
-        _log.warning("message %d on %s dead-lettered after %d attempts: %s", tracked.spool_id,
-                     spooled.name, spooled.attempts, spooled.reason)
+        # (the dead letter's id, the one replay and purge take, not the outbox's)
+        _log.warning("message on %s dead-lettered after %d attempts: %s (dead letter %d)",
+                     spooled.name, spooled.attempts, spooled.reason, dead_id)
 
     async def replay(self, ids: set[int] | None, requeue: Requeue) -> int:
         """Move dead letters (all, or those `ids`) back into the outbox; how many moved."""

@@ -12,8 +12,13 @@ sized from its measured rate (`_window`), so a fast worker is not held back
 by the credit round trip and a slow one holds little.
 
 Reliable messages are deduplicated by (sender id, sequence) before the
-application sees them (`_dedup`); a duplicate is credited at once and never
-delivered.
+application sees them (`_dedup`); a duplicate is never delivered. A credit is a
+running count, which the pusher settles oldest first, so a duplicate (or an
+expired message) is skipped, not credited, until every earlier message of its
+stream is consumed; a duplicate of a message still in hand (sent again after an
+ack timeout) holds its stream's credit until that one is settled: acked, it
+counts as consumed; nacked, it is nacked too. Else the pusher would drop from
+its spool a message not yet processed, lost if the worker then dies.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import repeat
 from typing import Any, Final
@@ -50,8 +56,8 @@ class _InStream:
     """
 
     __slots__ = ("adapted_at", "born", "changed_at", "consumed", "consumed_mark", "credit_at",
-                 "credit_out", "done", "dry_mark", "epoch", "local", "nacks", "pending",
-                 "pusher_id", "queue", "reported", "window", "workers")
+                 "credit_out", "done", "dry_mark", "epoch", "hold", "local", "nacks",
+                 "pending", "pusher_id", "queue", "reported", "skips", "window", "workers")
 
     def __init__(self, workers: Workers, local: LocalQueue, pusher_id: str, epoch: int,
                  position: int) -> None:
@@ -75,6 +81,18 @@ class _InStream:
         """The pusher said a batch used up its credit (it had more to send)."""
         self.pending = False
         """A credit report including this stream is scheduled (see `Workers.credit`)."""
+        self.skips: deque[tuple[int, Message | None]] = deque()
+        """Messages to consume without delivering, by stream position, in order: duplicates
+        (the message) and expired ones (None); see `Workers.advance`."""
+        self.hold: int | None = None
+        """The position of a duplicate waiting for its original in hand: credits stop
+        there (the pusher settles oldest first) until it is settled."""
+
+    @property
+    def credited(self) -> int:
+        """What a credit may report: the consumed, but never past a duplicate on hold."""
+        hold = self.hold
+        return self.consumed if hold is None or hold > self.consumed else hold
 
     def adapt(self, now: float) -> None:
         """Resize the window from the rate consumed since the last time (see `_window`)."""
@@ -97,12 +115,16 @@ class _InStream:
             else:
                 self.workers.nacked(self, msg)
         self.consumed += 1
+        if self.skips:
+            self.workers.advance(self)
         if not self.pending or self.consumed - self.reported >= self.credit_at:
             self.workers.credit(self)  # (else a report is already on its way this iteration)
 
     def settle_many(self, n: int) -> None:
         """A range of `n` best-effort messages was processed (a handle settles in ranges)."""
         self.consumed += n
+        if self.skips:
+            self.workers.advance(self)
         if not self.pending or self.consumed - self.reported >= self.credit_at:
             self.workers.credit(self)
 
@@ -139,6 +161,9 @@ class Workers:
         self._in_hand: dict[str, set[int]] = {}
         """Per sender, reliable messages delivered and not yet marked in dedup: a copy
         arriving now is a duplicate."""
+        self._followers: dict[tuple[str, int], list[_InStream]] = {}
+        """(sender, sequence) in hand -> the streams whose copy of it waits for it to be
+        settled (see `advance`)."""
         self._closed = False
         """Closed with the node: a settle now reaches no pusher (`send_credits` sends nothing)."""
 
@@ -224,6 +249,7 @@ class Workers:
         self.local.pop(local.name, None)
         for msg in local.items:  # handed back unprocessed: a redelivery is not a duplicate
             self._in_hand.get(msg.source_id, set()).discard(msg.seq)
+            self._followers.pop((msg.source_id, msg.seq), None)  # (their streams end too)
         return local
 
     # -- crediting ---------------------------------------------------------------
@@ -231,14 +257,59 @@ class Workers:
     def nacked(self, stream: _InStream, msg: Message) -> None:
         self._in_hand.get(msg.source_id, set()).discard(msg.seq)
         stream.nacks.append(msg.seq)
+        if self._followers:
+            self._wake_followers(msg.source_id, (msg.seq,))
 
     def _mark_done(self, streams: Iterable[_InStream]) -> None:
         """Processed reliable messages go from in hand to dedup, a stream's worth at a time."""
-        for stream in streams:
+        for stream in list(streams):
             if stream.done:
                 done, stream.done = stream.done, []
                 self._dedup.mark_many(stream.pusher_id, done)
                 self._in_hand.get(stream.pusher_id, set()).difference_update(done)
+                if self._followers:
+                    self._wake_followers(stream.pusher_id, done)
+
+    def _wake_followers(self, sender: str, seqs: Iterable[int]) -> None:
+        """These messages in hand were settled: their copies on hold on other streams go on
+        (counted as consumed, or nacked if it was)."""
+        for seq in seqs:
+            for stream in self._followers.pop((sender, seq), ()):
+                self.advance(stream)
+                stream.pending = True
+                self._credit_dirty.add(stream)
+                if self._credit_handle is None:
+                    self._credit_handle = asyncio.get_running_loop().call_soon(
+                        self.send_credits)
+
+    def skip(self, stream: _InStream, position: int, msg: Message | None) -> None:
+        """The message at `position` of `stream` is a duplicate (`msg`) or expired (None):
+        consumed without delivery once its turn comes (see `advance`)."""
+        stream.skips.append((position, msg))
+        self.advance(stream)
+        self.credit(stream)
+
+    def advance(self, stream: _InStream) -> None:
+        """Consume the skipped messages whose turn has come: every earlier message of the
+        stream is consumed (a credit settles the pusher's oldest). A duplicate of one still
+        in hand is put on hold until that one is settled; one whose original was nacked
+        (or handed back) meanwhile is nacked too, so its pusher sends it again."""
+        skips = stream.skips
+        while skips and skips[0][0] <= stream.consumed:
+            position, msg = skips[0]
+            if msg is not None:
+                sender, seq = msg.source_id, msg.seq
+                if seq in self._in_hand.get(sender, ()):
+                    stream.hold = position
+                    followers = self._followers.setdefault((sender, seq), [])
+                    if stream not in followers:
+                        followers.append(stream)
+                    return
+                if not self._dedup.seen(sender, seq):
+                    stream.nacks.append(seq)  # (a Nack travels before the credit)
+            skips.popleft()
+            stream.hold = None
+            stream.consumed += 1
 
     def credit(self, stream: _InStream) -> None:
         """`stream` consumed more: report it at the end of this loop iteration, or now if
@@ -257,9 +328,9 @@ class Workers:
             self._credit_handle = None
         if self._closed:
             return  # a late settle (a message from `Pull.take`): its pusher redelivers it
+        self._mark_done(self._credit_dirty)  # (first: it may let copies waiting on it go)
         dirty, self._credit_dirty = self._credit_dirty | self._owed, set()
         self._owed = set()
-        self._mark_done(dirty)
         self._dedup.save()
         now = time.monotonic()
         for stream in dirty:
@@ -275,11 +346,12 @@ class Workers:
                 nacks, stream.nacks = stream.nacks, []
                 self._control.send_to(stream.pusher_id, _wire.Nack(
                     self.node_id, stream.queue, nacks, stream.epoch))
-            if stream.consumed == stream.reported and not force:
+            credited = stream.credited
+            if credited == stream.reported and not force:
                 continue
             if self._control.send_to(stream.pusher_id, _wire.Credit(
-                    self.node_id, stream.queue, stream.consumed, stream.epoch, stream.window)):
-                stream.reported = stream.consumed
+                    self.node_id, stream.queue, credited, stream.epoch, stream.window)):
+                stream.reported = credited
             else:
                 self._owed.add(stream)
         if self._owed:
@@ -341,15 +413,10 @@ class Workers:
         if latency.left <= 0 and items:  # sampled: the oldest of the batch, never flattering
             latency.sample(now - items[0].ts)
         msgs = [Message(it.topic or queue, it.payload, name, source, it.seq, it.ts, it.headers,
-                        it.reliable) for it in items if it.expires is None or it.expires > now]
-        if len(msgs) != len(items):
-            self._stats.queues[_ttl.EXPIRED].add(queue, len(items) - len(msgs))
-            self._expired(stream, len(items) - len(msgs))
-            if not msgs:
-                return
+                        it.reliable) for it in items]
         for it in items:
-            if it.reliable:
-                msgs = self._fresh(msgs, stream)
+            if it.reliable or it.expires is not None:
+                msgs = self._fresh(msgs, items, stream, batch.topic_seq, now)
                 break
         local.put_many(msgs, stream)
 
@@ -369,31 +436,34 @@ class Workers:
                                 repeat(source, n), range(batch.seq, batch.seq + n),
                                 repeat(batch.ts, n))), stream)
 
-    def _expired(self, stream: _InStream, n: int) -> None:
-        """`n` messages of `stream` arrived after their ttl: consumed at once (credited,
-        so the pusher settles them; a reliable one leaves its spool), never delivered.
+    def _fresh(self, msgs: list[Message], items: list[_wire.Item], stream: _InStream,
+               first: int, now: float) -> list[Message]:
+        """Those of `msgs` to deliver: the others, expired or duplicate reliable ones, are
+        consumed at their turn, never delivered (`skip`). `first` is the position of the
+        batch's first message in its stream.
 
-        Like a duplicate, it is credited ahead of any earlier message of the stream
-        still waiting here (a credit is a running count)."""
-        self._stats[_ttl.EXPIRED] += n
-        stream.consumed += n
-        self.credit(stream)
-
-    def _fresh(self, msgs: list[Message], stream: _InStream) -> list[Message]:
-        """Drop the reliable duplicates (credited at once, never delivered)."""
+        An expired one still counts as consumed, so its pusher settles it (a reliable one
+        leaves its spool); a duplicate was processed or is being processed here."""
         fresh = []
         in_hand = self._in_hand.setdefault(stream.pusher_id, set())  # (one sender per batch)
         seen = self._dedup.checker(stream.pusher_id)
-        for msg in msgs:
+        expired = 0
+        for position, (msg, item) in enumerate(zip(msgs, items, strict=True), first):
+            if item.expires is not None and item.expires <= now:
+                expired += 1
+                self.skip(stream, position, None)
+                continue
             if msg.reliable:
                 seq = msg.seq
                 if seq in in_hand or seen(seq):
                     self._stats["duplicates"] += 1
-                    stream.consumed += 1
-                    self.credit(stream)  # processed or being processed: credit, do not deliver
+                    self.skip(stream, position, msg)
                     continue
                 in_hand.add(seq)
             fresh.append(msg)
+        if expired:
+            self._stats[_ttl.EXPIRED] += expired
+            self._stats.queues[_ttl.EXPIRED].add(stream.queue, expired)
         return fresh
 
     def _forget_idle_streams(self) -> None:

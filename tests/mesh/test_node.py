@@ -367,7 +367,11 @@ async def test_bad_settings_fail_at_construction() -> None:
                                                ({"interfaces": ["not-an-ip"]}, "interfaces"),
                                                ({"mesh": "bad mesh"}, "mesh"),
                                                ({"lost_after": 0.1}, "lost_after"),
-                                               ({"peers": ["http://x"]}, "peers")]
+                                               ({"peers": ["http://x"]}, "peers"),
+                                               ({"max_attempts": 0}, "max_attempts"),
+                                               ({"ack_timeout": float("nan")}, "ack_timeout"),
+                                               ({"retry_backoff": float("nan")},
+                                                "retry_backoff")]
     for settings, key in cases:
         with pytest.raises(ConfigError, match=key):
             AsyncNode(**settings)

@@ -10,7 +10,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from mesh import AsyncNode, Message, SpoolFullError
+from mesh import AsyncNode, Message, Pull, SpoolFullError
 from mesh import _wire as wire
 from mesh._spool import SpoolStore
 from tests.helpers import aeventually, file_bytes
@@ -206,3 +206,72 @@ async def test_spool_quota_is_a_clear_error_to_the_sender(make_node: MakeNode, t
     await worker.pull("jobs", handler=lambda m: got.append(m.data))
     await aeventually(lambda: len(got) == accepted, timeout=10)
     assert got == [f"{i:06d}".encode() * 20 for i in range(accepted)]
+
+
+async def _copies_behind(make_node: MakeNode, tmp_path: Path
+                         ) -> tuple[AsyncNode, AsyncNode, Pull[bytes]]:
+    """A pusher (ack timeout 0.3 s) and its only worker, which took m0 of m0-m2 and holds
+    it past the ack timeout: the copies sent again came back to it as duplicates."""
+    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), ack_timeout=0.3,
+                             retry_backoff=0.01)
+    stuck = await make_node("stuck")
+    work = await stuck.pull("jobs", prefetch=4)
+    for i in range(3):
+        await pusher.push("jobs", f"m{i}", reliable=True)
+    return pusher, stuck, work
+
+
+async def test_copies_sent_after_an_ack_timeout_wait_for_the_originals_in_hand(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """Guarantee 3 after an ack timeout: the copies that come back to the same worker (its
+    only one) must not settle the messages it holds unprocessed. When it leaves, those go
+    to another worker."""
+    pusher, stuck, work = await _copies_behind(make_node, tmp_path)
+    assert (await work.next(timeout=5)).text == "m0"  # in hand; m1, m2 wait behind it
+    await aeventually(functools.partial(_has_duplicates, stuck, 3), timeout=5)
+    assert pusher.spool_pending == 3  # nothing was processed yet
+    survivor = await make_node("survivor")
+    got: list[str] = []
+    await survivor.pull("jobs", handler=lambda m: got.append(m.text))
+    await stuck.aclose()  # m0 counts as processed; m1 and m2 go back
+    await aeventually(lambda: {"m1", "m2"} <= set(got) and pusher.spool_pending == 0,
+                      timeout=5)
+
+
+async def test_the_dead_letter_log_line_names_the_id_replay_takes(
+        make_node: MakeNode, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The warning names the dead letter's id (what replay and purge take), not the
+    outbox's: here the outbox's 2nd message is the 1st dead letter."""
+    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), max_attempts=1)
+    worker = await make_node("worker")
+    work = await worker.pull("jobs")
+    await pusher.push("jobs", "fine", reliable=True)
+    (await work.next(timeout=5)).ack()
+    await pusher.push("jobs", "poison", reliable=True)
+    with caplog.at_level("WARNING", logger="mesh.spool"):
+        (await work.next(timeout=5)).nack()
+        await aeventually(lambda: pusher.stats["dead_lettered"] == 1, timeout=5)
+    (dead,) = pusher.dead_letters()
+    (line,) = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert line.endswith(f"(dead letter {dead['id']})"), line
+    assert dead["id"] != 2
+
+
+async def test_a_copy_on_hold_stops_the_credit_before_later_messages(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """After an ack timeout, the copy of a message still in hand holds its stream's credit:
+    a later message consumed meanwhile must not settle it (credits settle oldest first)."""
+    pusher, stuck, work = await _copies_behind(make_node, tmp_path)
+    first, _ = await work.take(timeout=5)  # m0 stays in hand, unsettled
+    assert first.text == "m0"
+    await aeventually(functools.partial(_has_duplicates, stuck, 3), timeout=5)
+    await pusher.push("jobs", "m3", reliable=True)  # behind the copies, on the same stream
+    texts = [(await work.next(timeout=5)).text for _ in range(3)]
+    assert texts == ["m1", "m2", "m3"]
+    with pytest.raises(TimeoutError):  # (settles m3)
+        await work.next(timeout=0.2)
+    survivor = await make_node("survivor")
+    got: list[str] = []
+    await survivor.pull("jobs", handler=lambda m: got.append(m.text))
+    await stuck.aclose()  # m0 was never processed: it must come back
+    await aeventually(lambda: "m0" in got and pusher.spool_pending == 0, timeout=5)
