@@ -78,6 +78,19 @@ def check_peer_url(url: str) -> str:
     return url
 
 
+def _resolved(endpoint: str) -> tuple[str, ...]:
+    """The IPv4 endpoints a ``tcp://host:port`` names (none for an IP address, or when it
+    no longer resolves: `check_peer_url` resolved it a moment ago)."""
+    host, port = split_tcp_url(endpoint)
+    if ":" in host or _IPV4_LIKE_RE.fullmatch(host):
+        return ()
+    try:
+        found = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return ()
+    return tuple(dict.fromkeys(f"tcp://{info[4][0]}:{port}" for info in found))
+
+
 class StaticDiscovery:
     """A `DiscoveryBackend` that reports a fixed list of peer URLs."""
 
@@ -87,6 +100,9 @@ class StaticDiscovery:
         for url in urls:
             seen[check_peer_url(url)] = None
         self._urls: tuple[str, ...] = tuple(seen)
+        self._aliases = {url: _resolved(split_key(url)[0]) for url in self._urls}
+        """Per URL naming a host, its addresses as endpoints (as the seed's own hellos
+        spell them: membership tells a seed that is a member from one that is not)."""
         self._started = False
 
     @property
@@ -104,8 +120,8 @@ class StaticDiscovery:
             base, key = split_key(url)
             if base in own:
                 continue
-            info = PeerInfo(id="", name="", mesh=self._mesh, version=0, endpoints=(base,),
-                            key=key, source="static")
+            info = PeerInfo(id="", name="", mesh=self._mesh, version=0,
+                            endpoints=(base, *self._aliases[url]), key=key, source="static")
             sink(PeerFound(info))
 
     async def aclose(self) -> None:

@@ -97,8 +97,7 @@ node outliving many members kept them all; while few, a forgotten member that be
 again is still greeted back on its old pin)."""
 _SEED_BEATS: Final[int] = 10
 """Heartbeat intervals between two greetings of a seed that is no live member, once
-joined (a seed given by host name is never one by that name: it is greeted this often),
-and between two looks at the pinned keys (`_KEYS_KEPT`)."""
+joined, and between two looks at the pinned keys (`_KEYS_KEPT`)."""
 
 
 class Membership:
@@ -132,6 +131,9 @@ class Membership:
         self._pending: dict[str, float] = {}
         """Endpoints we greet until they answer: when we started."""
         self._static: set[str] = set()
+        self._seed_aliases: dict[str, frozenset[str]] = {}
+        """A seed named by host -> its endpoints by address, as its members' hellos spell
+        them (see `_greet_absent_seeds`)."""
         self._seeds_due = 0.0
         """When seeds that are no live member are greeted next (see `_greet_absent_seeds`)."""
         self._watching: dict[str, float] = {}
@@ -269,6 +271,8 @@ class Membership:
             return
         if info.source == "static":
             self._static.add(info.endpoints[0])
+            if len(info.endpoints) > 1:  # (a seed named by host: its addresses)
+                self._seed_aliases[info.endpoints[0]] = frozenset(info.endpoints)
         self._greet_new(info.endpoints[0])
 
     def _admit(self, peer_id: str, name: str, key: str, endpoints: Sequence[str]) -> bool:
@@ -452,7 +456,9 @@ class Membership:
         unless someone greets it, members joining through it form a mesh of their own."""
         members = {endpoint for rec in self.table.records() if rec.state is not PeerState.LOST
                    for endpoint in (rec.hello.ctl if rec.hello is not None else [rec.ctl])}
-        absent = self._static - members  # (a seed with several interfaces: any of them)
+        aliases = self._seed_aliases
+        absent = {seed for seed in self._static  # (several interfaces or addresses: any)
+                  if seed not in members and members.isdisjoint(aliases.get(seed, ()))}
         for endpoint in absent:
             self._greet(endpoint)
         return absent

@@ -145,6 +145,27 @@ async def test_a_seed_that_is_a_member_on_another_interface_is_not_greeted_again
     assert seed_url not in greeted
 
 
+async def test_a_seed_named_by_host_is_not_greeted_again_once_a_member(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--peer tcp://localhost:PORT``: the seed's hellos spell it by address, so by its
+    name it never looked like a member, and every node greeted it anew every 10 beats."""
+    port = _free_port()
+    seed_url = f"tcp://localhost:{port}"
+    greeted: list[str] = []
+    greet = control.Membership._greet
+
+    def spy(self: control.Membership, endpoint: str, *, reply: bool = True) -> None:
+        greeted.append(endpoint)
+        greet(self, endpoint, reply=reply)
+
+    await make_node("seed", mdns=False, port=port)
+    b = await make_node("b", mdns=False, peers=[seed_url])
+    await aeventually(lambda: _names(b) == {"seed"}, timeout=5)
+    monkeypatch.setattr(control.Membership, "_greet", spy)
+    await asyncio.sleep(25 * FAST["heartbeat_interval"])  # two rounds of seed greetings
+    assert seed_url not in greeted
+
+
 async def test_a_seed_that_comes_up_late_and_greets_first_is_answered_at_once(
         make_node: MakeNode) -> None:
     """The link to a seed that was down backs off its reconnects (up to a second); the
