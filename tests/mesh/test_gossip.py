@@ -10,6 +10,7 @@ import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -124,12 +125,11 @@ async def test_a_seed_that_left_and_came_back_rejoins_the_members_that_stayed(
                       and _names(b) == {"seed2", "c", "d"}, timeout=5)
 
 
-async def test_a_seed_that_is_a_member_on_another_interface_is_not_greeted_again(
-        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
-    """b dials the seed on ::1 (its first interface) though it names it by 127.0.0.1: the
-    seed is a live member all the same, so b does not greet it every 10 beats."""
-    port = _free_port()
-    seed_url = f"tcp://127.0.0.1:{port}"
+async def _greeted_after_joining(make_node: MakeNode, monkeypatch: pytest.MonkeyPatch,
+                                 seed_url: str, port: int, seed: dict[str, Any],
+                                 b: dict[str, Any]) -> list[str]:
+    """Endpoints b greets over two rounds of seed greetings, once joined to the seed
+    (`seed_url` names it, on `port`; `seed` and `b`: more node settings)."""
     greeted: list[str] = []
     greet = control.Membership._greet
 
@@ -137,11 +137,23 @@ async def test_a_seed_that_is_a_member_on_another_interface_is_not_greeted_again
         greeted.append(endpoint)
         greet(self, endpoint, reply=reply)
 
-    await make_node("seed", mdns=False, port=port, interfaces=["::1", "127.0.0.1"])
-    b = await make_node("b", mdns=False, peers=[seed_url], interfaces=["127.0.0.1", "::1"])
-    await aeventually(lambda: _names(b) == {"seed"}, timeout=5)
+    await make_node("seed", mdns=False, port=port, **seed)
+    joining = await make_node("b", mdns=False, peers=[seed_url], **b)
+    await aeventually(lambda: _names(joining) == {"seed"}, timeout=5)
     monkeypatch.setattr(control.Membership, "_greet", spy)
-    await asyncio.sleep(25 * FAST["heartbeat_interval"])  # two rounds of seed greetings
+    await asyncio.sleep(25 * FAST["heartbeat_interval"])  # (a bounded wait: a negative)
+    return greeted
+
+
+async def test_a_seed_that_is_a_member_on_another_interface_is_not_greeted_again(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """b dials the seed on ::1 (its first interface) though it names it by 127.0.0.1: the
+    seed is a live member all the same, so b does not greet it every 10 beats."""
+    port = _free_port()
+    seed_url = f"tcp://127.0.0.1:{port}"
+    greeted = await _greeted_after_joining(make_node, monkeypatch, seed_url, port,
+                                           seed={"interfaces": ["::1", "127.0.0.1"]},
+                                           b={"interfaces": ["127.0.0.1", "::1"]})
     assert seed_url not in greeted
 
 
@@ -151,18 +163,7 @@ async def test_a_seed_named_by_host_is_not_greeted_again_once_a_member(
     name it never looked like a member, and every node greeted it anew every 10 beats."""
     port = _free_port()
     seed_url = f"tcp://localhost:{port}"
-    greeted: list[str] = []
-    greet = control.Membership._greet
-
-    def spy(self: control.Membership, endpoint: str, *, reply: bool = True) -> None:
-        greeted.append(endpoint)
-        greet(self, endpoint, reply=reply)
-
-    await make_node("seed", mdns=False, port=port)
-    b = await make_node("b", mdns=False, peers=[seed_url])
-    await aeventually(lambda: _names(b) == {"seed"}, timeout=5)
-    monkeypatch.setattr(control.Membership, "_greet", spy)
-    await asyncio.sleep(25 * FAST["heartbeat_interval"])  # two rounds of seed greetings
+    greeted = await _greeted_after_joining(make_node, monkeypatch, seed_url, port, {}, {})
     assert seed_url not in greeted
 
 
