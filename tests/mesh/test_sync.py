@@ -1,0 +1,81 @@
+"""The blocking Node used from plain threads: closing while other threads still call it."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from mesh import ClosedError, Node
+
+
+def _common(mesh_name: str) -> dict[str, Any]:
+    return {"mesh": mesh_name, "interfaces": ["127.0.0.1"], "mdns": False}
+
+
+def _hammer(call: Callable[[], object], started: threading.Event, stop: threading.Event,
+            outcomes: Counter[str]) -> threading.Thread:
+    """A thread calling `call` until it raises ClosedError or `stop` is set (bounded)."""
+
+    def run() -> None:
+        started.set()
+        for _ in range(1_000_000):
+            if stop.is_set():
+                outcomes["stopped"] += 1
+                return
+            try:
+                call()
+            except ClosedError:
+                outcomes["closed"] += 1
+                return
+        outcomes["never stopped"] += 1
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_calls_racing_close_from_other_threads_all_end(mesh_name: str) -> None:
+    """A call handed to the loop just as it stopped used to wait for it forever (2 runs in
+    3 left a thread calling `peers()` stuck); now each ends (with ClosedError if it never
+    ran)."""
+    for round_ in range(4):
+        node = Node(name=f"a{round_}", **_common(mesh_name))
+        node.start()
+        started, stop = threading.Event(), threading.Event()
+        outcomes: Counter[str] = Counter()
+        threads = [_hammer(node.peers, started, stop, outcomes) for _ in range(3)]
+        assert started.wait(5)
+        node.close()
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+        assert not any(t.is_alive() for t in threads), f"round {round_}: a call never ended"
+        assert sum(outcomes.values()) == 3, outcomes
+
+
+def test_publishes_racing_close_are_delivered_or_raise(mesh_name: str) -> None:
+    """A best-effort publish that returned is delivered (here: to the node's own
+    subscriber); one made once close began raises ClosedError. They used to be handed over
+    after close's last drain: returned, never delivered, with a loop traceback per batch."""
+    node = Node(name="a", **_common(mesh_name))
+    node.start()
+    sub = node.subscribe("x.>", max_pending=0)
+    sent: Counter[int] = Counter()
+    started, stop = threading.Event(), threading.Event()
+    outcomes: Counter[str] = Counter()
+
+    def publisher(i: int) -> Callable[[], None]:
+        def publish() -> None:
+            node.publish(f"x.{i}", b"d")
+            sent[i] += 1
+        return publish
+
+    threads = [_hammer(publisher(i), started, stop, outcomes) for i in range(3)]
+    assert started.wait(5)
+    node.close()
+    for thread in threads:
+        thread.join(5)
+    assert outcomes == {"closed": 3}
+    assert sub.received == sum(sent.values()) > 0
