@@ -153,8 +153,8 @@ class WebhookRunner:
         if _trace.ON:
             _trace.inject(headers)  # the webhook span (current): the app's spans nest under it
         try:
-            async with self._session.post(
-                    hook.url, data=msg.data, headers=headers,
+            async with self._session.post(  # a 3xx is no ack: followed, a 302 becomes a GET
+                    hook.url, data=msg.data, headers=headers, allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=hook.timeout)) as response:
                 await response.read()
                 if not 200 <= response.status < 300:
