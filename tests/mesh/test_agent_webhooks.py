@@ -210,6 +210,26 @@ async def test_a_redirect_is_no_ack_and_is_not_followed(
         await runner.cleanup()
 
 
+async def test_a_best_effort_push_that_cannot_be_dead_lettered_is_counted_dropped(
+        procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
+    """Without a data dir a queue webhook cannot dead-letter: a best-effort message it gives
+    up on is dropped and counted. It used to be nacked ("handed back") to nobody: gone,
+    with no outcome counted."""
+    app.always_fail = True
+    config = hook_config(app.url, queue="jobs", attempts=2, backoff=0.01)
+    agent = start_agent(procs, mesh=mesh_name, name="side", config=config, tmp=tmp_path)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{agent.url}/v1/push/jobs", data=b"job") as r:
+            assert r.status == 202, await r.text()
+
+        async def dropped() -> bool:
+            return await metric(http, agent.url, "zeromesh_webhook_deliveries_total",
+                                webhook="0:jobs", outcome="dropped") == 1
+
+        await aeventually(dropped, timeout=5, interval=0.05)
+    assert sum(app.attempts.values()) == 2
+
+
 async def test_concurrency_bounds_posts_in_flight(procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
     app.hold = asyncio.Event()
     config = hook_config(app.url, pattern="load.*", concurrency=3, attempts=1)
