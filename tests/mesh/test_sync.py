@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from mesh import ClosedError, Node
 
 
@@ -79,3 +81,18 @@ def test_publishes_racing_close_are_delivered_or_raise(mesh_name: str) -> None:
         thread.join(5)
     assert outcomes == {"closed": 3}
     assert sub.received == sum(sent.values()) > 0
+
+
+def test_a_subscription_timeout_is_one_error_not_a_chain(mesh_name: str) -> None:
+    """``next(timeout)`` timing out (or interrupted by Ctrl-C) used to show "During handling
+    of the above exception (IndexError: pop from an empty deque), another exception
+    occurred" above the TimeoutError."""
+    with Node(name="a", **_common(mesh_name)) as node:
+        sub = node.subscribe("x")
+        with pytest.raises(TimeoutError) as caught:
+            sub.next(timeout=0.01)
+        assert caught.value.__context__ is None
+        sub.close()
+        with pytest.raises(ClosedError) as closed:
+            sub.next(timeout=0.01)
+        assert closed.value.__context__ is None
