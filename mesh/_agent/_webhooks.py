@@ -92,7 +92,12 @@ class WebhookRunner:
         hook, node = self._hook, self._node
         if hook.pattern is not None and hook.durable is None:
             async with await node.subscribe(hook.pattern, max_pending=_MAX_PENDING) as sub:
+                counted = 0
                 async for msg in sub:
+                    if sub.dropped != counted:  # the app too slow: the oldest went unposted
+                        self._metrics.webhooks.labels(self.label, "dropped").inc(
+                            sub.dropped - counted)
+                        counted = sub.dropped
                     yield msg, _settle_nothing
             return
         if hook.queue is not None:

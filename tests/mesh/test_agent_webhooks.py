@@ -230,6 +230,36 @@ async def test_a_best_effort_push_that_cannot_be_dead_lettered_is_counted_droppe
     assert sum(app.attempts.values()) == 2
 
 
+async def test_a_pattern_webhook_too_slow_for_its_backlog_counts_what_it_drops(
+        procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
+    """Past 100 000 messages queued for a stalled app, a best-effort pattern webhook drops
+    the oldest: counted as dropped (they used to be logged once and counted nowhere)."""
+    app.hold = asyncio.Event()
+    config = hook_config(app.url, pattern="ev.>", attempts=1)
+    agent = start_agent(procs, mesh=mesh_name, name="side", config=config, tmp=tmp_path)
+    body = "\n".join(json.dumps({"topic": "ev.x", "data": str(i)}) for i in range(20_000))
+    async with aiohttp.ClientSession() as http:
+        for _ in range(6):  # 120 000: one in the held POST, 100 000 queued, ~20 000 dropped
+            async with http.post(f"{agent.url}/v1/publish", data=body) as r:
+                assert r.status == 202, await r.text()
+        await app.wait_until(lambda: app.in_flight == 1)
+
+        async def all_received() -> bool:
+            return await metric(http, agent.url, "zeromesh_messages_received_total",
+                                topic="ev.x") == 120_000
+
+        await aeventually(all_received, timeout=10, interval=0.05)
+        app.hold.set()
+
+        async def all_dropped_counted() -> bool:
+            """(One more when the first was taken only once the queue was full.)"""
+            dropped = await metric(http, agent.url, "zeromesh_webhook_deliveries_total",
+                                   webhook="0:ev.>", outcome="dropped")
+            return 120_000 - 100_000 - 1 <= dropped <= 120_000 - 100_000
+
+        await aeventually(all_dropped_counted, timeout=10, interval=0.05)
+
+
 async def test_concurrency_bounds_posts_in_flight(procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
     app.hold = asyncio.Event()
     config = hook_config(app.url, pattern="load.*", concurrency=3, attempts=1)
