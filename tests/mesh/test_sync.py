@@ -1,15 +1,20 @@
-"""The blocking Node used from plain threads: closing while other threads still call it."""
+"""The blocking Node used from plain threads: closing while other threads still call it,
+and what its handles do around a close."""
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
 from mesh import ClosedError, Node
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
 
 
 def _common(mesh_name: str) -> dict[str, Any]:
@@ -96,3 +101,15 @@ def test_a_subscription_timeout_is_one_error_not_a_chain(mesh_name: str) -> None
         with pytest.raises(ClosedError) as closed:
             sub.next(timeout=0.01)
         assert closed.value.__context__ is None
+
+
+def test_every_handle_closes_quietly_after_its_node_closed(mesh_name: str) -> None:
+    """As their async twins do. A service's ``close()`` (say, a ``with node.serve(...)``
+    block ending after the node closed) used to raise ClosedError."""
+    node = Node(name="a", **_common(mesh_name))
+    node.start()
+    handles: list[Closable] = [node.serve("s", lambda msg: b"x"), node.subscribe("x"), node.pull("q"),
+               node.events(), node.request_all_stream("s", b"", timeout=0.5)]
+    node.close()
+    for handle in handles:
+        handle.close()
