@@ -226,6 +226,9 @@ class Node:
             if self._loop is None:  # cancelled as the loop ended
                 raise ClosedError("node closed while the call was in flight") from None
             raise
+        except BaseException:  # Ctrl-C while waiting: nobody will see what the call gets
+            future.cancel()  # (say a message a pull takes, then counted as processed)
+            raise
         finally:
             self._in_flight.discard(future)
 

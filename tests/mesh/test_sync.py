@@ -3,6 +3,8 @@ and what its handles do around a close."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -113,3 +115,32 @@ def test_every_handle_closes_quietly_after_its_node_closed(mesh_name: str) -> No
     node.close()
     for handle in handles:
         handle.close()
+
+
+class _Interrupted(Exception):
+    """What our SIGINT handler raises in place of KeyboardInterrupt (pytest's own)."""
+
+
+def test_a_pull_interrupted_by_ctrl_c_takes_nothing_behind_the_callers_back(
+        mesh_name: str) -> None:
+    """Ctrl-C in ``next()``, caught, and the program goes on: the next message pushed is
+    the next one it gets. The interrupted call used to go on on the loop, take that message
+    and have it counted as processed by the following ``next()``: lost."""
+    with Node(name="a", **_common(mesh_name)) as node:
+        pull = node.pull("q")
+
+        def on_sigint(signum: int, frame: object) -> None:
+            raise _Interrupted
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
+        try:
+            timer.start()
+            with pytest.raises(_Interrupted):
+                pull.next(timeout=5)
+        finally:
+            timer.join()
+            signal.signal(signal.SIGINT, previous)
+        node.push("q", b"m0", timeout=2)
+        node.peers()  # (a round trip through the loop: an interrupted call has run by now)
+        assert pull.next(timeout=2).data == b"m0"
