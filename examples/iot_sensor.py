@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -87,6 +88,9 @@ class Dashboard:
 
 
 async def main(outage: float) -> int:
+    task = asyncio.current_task()  # SIGTERM stops it as Ctrl-C does: the data dirs go too
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     mesh = f"example-{uuid.uuid4().hex[:12]}"
     with tempfile.TemporaryDirectory(prefix="zeromesh-iot-") as tmp:
         sensor_dir, dashboard_dir = Path(tmp, "sensor"), Path(tmp, "dashboard")
@@ -141,4 +145,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.outage < 0:
         parser.error("--outage must not be negative")
-    sys.exit(asyncio.run(main(args.outage)))
+    try:
+        sys.exit(asyncio.run(main(args.outage)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("iot_sensor: stopped", file=sys.stderr)
+        sys.exit(130)

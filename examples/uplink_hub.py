@@ -181,10 +181,23 @@ async def import_commands(http: aiohttp.ClientSession, url: str, nats_port: int,
                 seen += 1
 
 
+async def stoppable(tmp: Path) -> int:
+    """`main` under its deadline; SIGTERM cancels it as Ctrl-C does, so the hubs, the agent
+    and the temp dir go too."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    async with asyncio.timeout(DEADLINE):
+        return await main(tmp)
+
+
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix="zeromesh-uplink-") as tmp_dir:
         try:
-            sys.exit(asyncio.run(asyncio.wait_for(main(Path(tmp_dir)), DEADLINE)))
+            sys.exit(asyncio.run(stoppable(Path(tmp_dir))))
         except TimeoutError:
             print(f"uplink_hub: not done within {DEADLINE:g} s", file=sys.stderr)
             sys.exit(1)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            print("uplink_hub: stopped", file=sys.stderr)
+            sys.exit(130)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 import uuid
@@ -157,5 +158,17 @@ async def main() -> int:
     return 0 if ok else 1
 
 
+async def stoppable() -> int:
+    """`main`, which SIGTERM cancels as Ctrl-C does: the agent and the temp dir go too."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await main()
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    try:
+        sys.exit(asyncio.run(stoppable()))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("webhook_consumer: stopped", file=sys.stderr)
+        sys.exit(130)

@@ -14,6 +14,7 @@ and the caller is held back only when the loop falls far behind.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import inspect
@@ -66,6 +67,12 @@ class Node:
         self._handoff: list[tuple[str, bytes | str, Mapping[str, str] | None,
                                   float | None]] = []
         self._wake_pending = False
+        self._accepting = False
+        """Best-effort publishes are taken (under `_lock`): from start until close begins,
+        so close's drain is the last and nothing handed over after it is silently lost."""
+        self._calls = threading.Lock()
+        """Held to hand a call to the loop or to end the loop: no call lands on a stopped one."""
+        self._in_flight: set[concurrent.futures.Future[Any]] = set()
         self._streams: list[SyncSubscription | SyncPeerEvents] = []
         """Open streams, ended when the node closes."""
         self._pumps: set[asyncio.Task[None]] = set()
@@ -141,6 +148,8 @@ class Node:
         self._thread = threading.Thread(target=loop.run_forever, name="zeromesh-loop",
                                         daemon=True)
         self._thread.start()
+        with self._lock:
+            self._accepting = True
         try:
             self._call(self._node.start())
         except BaseException:
@@ -151,6 +160,9 @@ class Node:
         """Leave the mesh gracefully and stop the loop thread."""
         if self._loop is None:
             return
+        with self._lock:
+            self._accepting = False
+            self._lock.notify_all()
         try:
             self._call(self._drain_then_close())
         finally:
@@ -172,13 +184,20 @@ class Node:
         self._pumps.clear()
 
     def _stop_loop(self) -> None:
-        loop, thread = self._loop, self._thread
-        self._loop = self._thread = None
+        """Stop the loop; calls other threads made meanwhile end with ClosedError."""
+        with self._calls:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
         if loop is None or thread is None:
             return
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
+        if not thread.is_alive():  # calls queued behind the stop start here, and end
+            loop.run_until_complete(_end_the_rest())
         loop.close()
+        for future in list(self._in_flight):
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                future.set_exception(ClosedError("node closed while the call was in flight"))
 
     def __enter__(self) -> Self:
         self.start()
@@ -189,15 +208,29 @@ class Node:
         self.close()
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        if self._loop is None:
-            coro.close()
-            raise ClosedError("node is not running (use `with Node(...)` or `start()`)")
-        if threading.current_thread() is self._thread:  # it would wait for itself forever
-            coro.close()
-            raise RuntimeError("a blocking Node call on the node's own loop (from an async "
-                               "handler): use the blocking call from a plain function, or an "
-                               "AsyncNode")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        with self._calls:
+            loop = self._loop
+            if loop is None:
+                coro.close()
+                raise ClosedError("node is not running (use `with Node(...)` or `start()`)")
+            if threading.current_thread() is self._thread:  # it would wait for itself forever
+                coro.close()
+                raise RuntimeError("a blocking Node call on the node's own loop (from an "
+                                   "async handler): use the blocking call from a plain "
+                                   "function, or an AsyncNode")
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+            self._in_flight.add(future)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.CancelledError:
+            if self._loop is None:  # cancelled as the loop ended
+                raise ClosedError("node closed while the call was in flight") from None
+            raise
+        except BaseException:  # Ctrl-C while waiting: nobody will see what the call gets
+            future.cancel()  # (say a message a pull takes, then counted as processed)
+            raise
+        finally:
+            self._in_flight.discard(future)
 
     def _read(self, value: Callable[[], T]) -> T:
         """A value the loop keeps changing, read on the loop (never mid-change); read
@@ -286,13 +319,16 @@ class Node:
         if size > self._node.config.max_message_size:
             raise MessageTooLarge(size, self._node.config.max_message_size)
         with self._lock:
-            while len(self._handoff) >= _HANDOFF_LIMIT and self._loop is not None:
+            while len(self._handoff) >= _HANDOFF_LIMIT and self._accepting:
                 self._lock.wait(1.0)
+            if not self._accepting:
+                raise ClosedError("node is closing")
             self._handoff.append((topic, data, headers, ttl))
             wake = not self._wake_pending
             self._wake_pending = True
         if wake:
-            loop.call_soon_threadsafe(self._drain)
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: its drain took this
+                loop.call_soon_threadsafe(self._drain)
         return wake
 
     def _drain(self) -> None:
@@ -549,3 +585,14 @@ class Node:
 
 async def _value(fn: Callable[[], T]) -> T:
     return fn()
+
+
+async def _end_the_rest() -> None:
+    """On a stopped loop, once more: let what was queued start, then cancel every task
+    still there (bounded), so no caller waits for a loop that will never run again."""
+    await asyncio.sleep(0)
+    rest = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in rest:
+        task.cancel()
+    if rest:
+        await asyncio.wait(rest, timeout=1.0)

@@ -213,7 +213,8 @@ class SyncSubscription(_Handoff[Message[V]]):
         try:
             return self._queue.popleft()  # (`_take`'s first step, inlined: the hot path)
         except IndexError:
-            return self._take(timeout, "subscription")
+            pass  # (waiting outside the handler: its errors do not chain an IndexError)
+        return self._take(timeout, "subscription")
 
     def drain(self, limit: int) -> list[Message[V]]:
         """Up to `limit` queued messages, without waiting (for writers that batch)."""

@@ -6,10 +6,12 @@ timeout, must exit 0 and print what its docstring promises.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -216,3 +218,31 @@ def test_webhook_consumer_example_retries_the_refused_post_and_keeps_order() -> 
                                r'webhook="0:orders\.>"\} (\S+)$', out, re.MULTILINE))
     assert counters == {"retry": "1.0", "ok": "3.0"}, out
     assert lines[-1] == "app received 3 of 3 orders in 4 POSTs, in order", out
+
+
+@pytest.mark.timeout(60)
+def test_webhook_consumer_example_stopped_by_sigterm_leaves_no_agent_or_temp_dir(
+        tmp_path: Path) -> None:
+    """SIGTERM stops it as Ctrl-C does: exit 130, its agent stopped, its temp dir removed.
+    It used to die at once, leaving the agent running (retrying POSTs to the app that had
+    gone) and the temp dir with the config."""
+    env = {**os.environ, "ZEROMESH_INTERFACES": "127.0.0.1", "PYTHONUNBUFFERED": "1",
+           "TMPDIR": str(tmp_path)}
+    env.pop("ZEROMESH_PEERS", None)
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / "webhook_consumer.py")], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # (ends at EOF: the example exits within its own deadline)
+            if line.startswith("agent up:"):
+                break
+        [folder] = tmp_path.iterdir()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 130
+        assert _running_with(str(folder / "agent.toml")) == [], "the agent outlived it"
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # (its group: the agent too, if it was left)
+        proc.communicate()

@@ -1,10 +1,11 @@
 """Webhook subscriptions: each message POSTed to the app; a 2xx is the ack.
 
-A failed POST (other status, connection error, timeout) is retried with
-exponential backoff and jitter (tenacity) up to the webhook's `attempts`;
-then the message goes to the node's dead-letter spool (queue and durable
-webhooks, with a data dir: ``zeromesh spool replay`` sends it to the queue
-again), or, for a best-effort pattern webhook, is dropped and counted.
+A failed POST (other status, a 3xx included, connection error, timeout) is
+retried with exponential backoff and jitter (tenacity) up to the webhook's
+`attempts`; then the message goes to the node's dead-letter spool (queue and
+durable webhooks, with a data dir: ``zeromesh spool replay`` sends it to the
+queue again), or, for a best-effort pattern webhook or a best-effort message
+with no spool to take it, is dropped and counted.
 `concurrency` bounds POSTs in flight; with 1, each message waits for the one
 before it, so each publisher's order is kept. A webhook with ``accept =
 "application/json"`` gets MessagePack payloads (typed sends) as JSON.
@@ -91,7 +92,12 @@ class WebhookRunner:
         hook, node = self._hook, self._node
         if hook.pattern is not None and hook.durable is None:
             async with await node.subscribe(hook.pattern, max_pending=_MAX_PENDING) as sub:
+                counted = 0
                 async for msg in sub:
+                    if sub.dropped != counted:  # the app too slow: the oldest went unposted
+                        self._metrics.webhooks.labels(self.label, "dropped").inc(
+                            sub.dropped - counted)
+                        counted = sub.dropped
                     yield msg, _settle_nothing
             return
         if hook.queue is not None:
@@ -153,8 +159,8 @@ class WebhookRunner:
         if _trace.ON:
             _trace.inject(headers)  # the webhook span (current): the app's spans nest under it
         try:
-            async with self._session.post(
-                    hook.url, data=msg.data, headers=headers,
+            async with self._session.post(  # a 3xx is no ack: followed, a 302 becomes a GET
+                    hook.url, data=msg.data, headers=headers, allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=hook.timeout)) as response:
                 await response.read()
                 if not 200 <= response.status < 300:
@@ -165,20 +171,26 @@ class WebhookRunner:
     async def _give_up(self, msg: Message, settle: Settle, reason: str) -> None:
         attempts = self._hook.attempts
         if self._dead_queue is None or (not msg.reliable and self._hook.queue is None):
-            _log.warning("webhook %s: dropped message %s after %d attempts: %s",
-                         self.label, msg.id, attempts, reason)
-            self._metrics.webhooks.labels(self.label, "dropped").inc()
-            settle(True)
+            self._drop(msg, settle, reason)
             return
         try:
             await self._node.dead_letter(self._dead_queue, msg, reason=reason,
                                          attempts=attempts)
-        except MeshError as exc:  # no data dir, or the spool is full: the sender retries
+        except MeshError as exc:  # no data dir, or the spool is full
+            if not msg.reliable:  # handed back, it would be gone unseen: nobody sends it again
+                self._drop(msg, settle, f"{reason}; cannot dead-letter it here ({exc})")
+                return
             _log.warning("webhook %s: cannot dead-letter %s here (%s); handing it back",
                          self.label, msg.id, exc)
-            settle(False)
+            settle(False)  # the sender's spool sends it again
             return
         _log.warning("webhook %s: message %s dead-lettered after %d attempts: %s",
                      self.label, msg.id, attempts, reason)
         self._metrics.webhooks.labels(self.label, "dead_letter").inc()
+        settle(True)
+
+    def _drop(self, msg: Message, settle: Settle, reason: str) -> None:
+        _log.warning("webhook %s: dropped message %s after %d attempts: %s",
+                     self.label, msg.id, self._hook.attempts, reason)
+        self._metrics.webhooks.labels(self.label, "dropped").inc()
         settle(True)

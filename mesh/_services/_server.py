@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -25,7 +26,7 @@ from typing import Any, Final, Protocol, Self, cast
 from .. import _wire
 from .._message import Message, Reply, sent_headers
 from .._support._tasks import is_async_handler
-from ..errors import ConfigError, MessageTooLarge
+from ..errors import ClosedError, ConfigError, MessageTooLarge
 
 _log = logging.getLogger("mesh.services")
 
@@ -290,7 +291,9 @@ class SyncService:
         return self._service.failed
 
     def close(self) -> None:
-        self._call(self._service.aclose())
+        """Stop serving; nothing to do once the node closed (as `Service.aclose`)."""
+        with contextlib.suppress(ClosedError):
+            self._call(self._service.aclose())
 
     def __enter__(self) -> Self:
         return self

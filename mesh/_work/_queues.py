@@ -712,6 +712,7 @@ class WorkQueues:
         self._forget_targets(queue)
         if first:
             self._announcer.interest_changed()
+        self._wake(queue)  # a backlog or a push waiting for a worker: this is one
         return pull
 
     def _detach(self, pull: Pull[Any]) -> None:

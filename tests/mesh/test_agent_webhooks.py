@@ -171,6 +171,95 @@ async def test_a_webhook_that_always_fails_dead_letters_then_replay_delivers(
         assert await metric(http, agent.url, "zeromesh_dead_letters") == 0
 
 
+async def test_a_redirect_is_no_ack_and_is_not_followed(
+        procs: list[Cli], mesh_name: str, tmp_path: Path) -> None:
+    """A 3xx is "anything else": retried, then dead-lettered. It used to be followed: a 302
+    turned the POST into a body-less GET whose 200 acked a message the app never got."""
+    seen: list[tuple[str, str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path))
+        if request.path == "/hook":
+            raise web.HTTPFound("/landing")
+        return web.Response(text="a page")
+
+    web_app = web.Application()
+    web_app.router.add_route("*", "/{path}", record)
+    runner = web.AppRunner(web_app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        config = hook_config(f"http://{host}:{port}/hook", queue="jobs", attempts=2,
+                             backoff=0.01)
+        agent = start_agent(procs, "--data-dir", str(tmp_path / "agent"), mesh=mesh_name,
+                            name="side", config=config, tmp=tmp_path)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{agent.url}/v1/push/jobs?reliable=true", data=b"j") as r:
+                assert r.status == 202, await r.text()
+
+            async def dead_lettered() -> bool:
+                return await metric(http, agent.url, "zeromesh_dead_letters") == 1
+
+            await aeventually(dead_lettered, timeout=10, interval=0.05)
+            assert await metric(http, agent.url, "zeromesh_webhook_deliveries_total",
+                                outcome="ok") == 0
+        assert seen == [("POST", "/hook")] * 2
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_best_effort_push_that_cannot_be_dead_lettered_is_counted_dropped(
+        procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
+    """Without a data dir a queue webhook cannot dead-letter: a best-effort message it gives
+    up on is dropped and counted. It used to be nacked ("handed back") to nobody: gone,
+    with no outcome counted."""
+    app.always_fail = True
+    config = hook_config(app.url, queue="jobs", attempts=2, backoff=0.01)
+    agent = start_agent(procs, mesh=mesh_name, name="side", config=config, tmp=tmp_path)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{agent.url}/v1/push/jobs", data=b"job") as r:
+            assert r.status == 202, await r.text()
+
+        async def dropped() -> bool:
+            return await metric(http, agent.url, "zeromesh_webhook_deliveries_total",
+                                webhook="0:jobs", outcome="dropped") == 1
+
+        await aeventually(dropped, timeout=5, interval=0.05)
+    assert sum(app.attempts.values()) == 2
+
+
+async def test_a_pattern_webhook_too_slow_for_its_backlog_counts_what_it_drops(
+        procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
+    """Past 100 000 messages queued for a stalled app, a best-effort pattern webhook drops
+    the oldest: counted as dropped (they used to be logged once and counted nowhere)."""
+    app.hold = asyncio.Event()
+    config = hook_config(app.url, pattern="ev.>", attempts=1)
+    agent = start_agent(procs, mesh=mesh_name, name="side", config=config, tmp=tmp_path)
+    body = "\n".join(json.dumps({"topic": "ev.x", "data": str(i)}) for i in range(20_000))
+    async with aiohttp.ClientSession() as http:
+        for _ in range(6):  # 120 000: one in the held POST, 100 000 queued, ~20 000 dropped
+            async with http.post(f"{agent.url}/v1/publish", data=body) as r:
+                assert r.status == 202, await r.text()
+        await app.wait_until(lambda: app.in_flight == 1)
+
+        async def all_received() -> bool:
+            return await metric(http, agent.url, "zeromesh_messages_received_total",
+                                topic="ev.x") == 120_000
+
+        await aeventually(all_received, timeout=10, interval=0.05)
+        app.hold.set()
+
+        async def all_dropped_counted() -> bool:
+            """(One more when the first was taken only once the queue was full.)"""
+            dropped = await metric(http, agent.url, "zeromesh_webhook_deliveries_total",
+                                   webhook="0:ev.>", outcome="dropped")
+            return 120_000 - 100_000 - 1 <= dropped <= 120_000 - 100_000
+
+        await aeventually(all_dropped_counted, timeout=10, interval=0.05)
+
+
 async def test_concurrency_bounds_posts_in_flight(procs: list[Cli], mesh_name: str, tmp_path: Path, app: App) -> None:
     app.hold = asyncio.Event()
     config = hook_config(app.url, pattern="load.*", concurrency=3, attempts=1)

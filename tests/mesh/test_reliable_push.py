@@ -34,6 +34,23 @@ async def test_reliable_push_waits_for_no_worker_and_is_delivered_later(make_nod
     await aeventually(lambda: pusher.stats["acked"] == 20, timeout=5)
 
 
+async def test_a_node_that_starts_pulling_gets_its_own_spooled_and_waiting_pushes(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """Its own pull is a worker like any other: a backlog spooled before it opened (an
+    agent's queue webhook after a restart) and a push waiting for a worker both go to it
+    at once (they used to wait for some other worker, forever)."""
+    node = await make_node("solo", data_dir=str(tmp_path / "p"))
+    for i in range(3):
+        await node.push("jobs", f"m{i}", reliable=True)
+    waiting = asyncio.ensure_future(node.push("jobs", "late", timeout=5))
+    await asyncio.sleep(0.05)  # the push is waiting for a worker
+    work = await node.pull("jobs")
+    async with asyncio.timeout(3):
+        got = [(await work.next()).text for _ in range(4)]
+        await waiting
+    assert sorted(got) == ["late", "m0", "m1", "m2"]
+
+
 async def test_spooled_pushes_survive_a_pusher_restart(make_node: MakeNode, tmp_path: Path) -> None:
     """Guarantee 2, sender side: pushed, pusher restarted, then the worker appears."""
     first = await make_node("pusher", data_dir=str(tmp_path / "p"))
