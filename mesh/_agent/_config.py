@@ -14,12 +14,12 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
 
 import msgspec
 
 from .. import _names
 from .._config import NodeConfig, convert, env_values
+from .._support._urls import http_url_problem
 from .._uplink._settings import UplinkSettings
 from .._uplink._settings import check as check_uplink
 from ..errors import ConfigError
@@ -128,9 +128,9 @@ def http_address(text: str) -> tuple[str, int]:
 def _check_webhook(key: str, hook: Webhook, data_dir: str | None) -> None:
     if (hook.pattern is None) == (hook.queue is None):
         raise ConfigError(key, "give exactly one of pattern or queue")
-    url = urlsplit(hook.url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(f"{key}.url", f"{hook.url!r} is not an http(s) URL")
+    problem = http_url_problem(hook.url)
+    if problem is not None:
+        raise ConfigError(f"{key}.url", problem)
     try:
         if hook.pattern is not None:
             _names.pattern(hook.pattern)
@@ -147,7 +147,7 @@ def _check_webhook(key: str, hook: Webhook, data_dir: str | None) -> None:
             raise ConfigError(f"{key}.durable", "use a single name segment")
     if hook.concurrency < 1 or hook.attempts < 1:
         raise ConfigError(key, "concurrency and attempts must be >= 1")
-    if hook.timeout <= 0 or hook.backoff < 0:
+    if not hook.timeout > 0 or not hook.backoff >= 0:  # (NaN: neither)
         raise ConfigError(key, "timeout must be > 0 and backoff >= 0")
 
 
@@ -159,9 +159,9 @@ def _check_service(key: str, svc: ServiceApp, seen: set[str]) -> None:
     if svc.name in seen:
         raise ConfigError(f"{key}.name", f"service {svc.name!r} is configured twice")
     seen.add(svc.name)
-    url = urlsplit(svc.url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(f"{key}.url", f"{svc.url!r} is not an http(s) URL")
+    problem = http_url_problem(svc.url)
+    if problem is not None:
+        raise ConfigError(f"{key}.url", problem)
     if svc.concurrency < 1:
         raise ConfigError(f"{key}.concurrency", "must be >= 1")
     if not 0 < svc.timeout <= 3600 or math.isnan(svc.timeout):

@@ -15,13 +15,13 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 from typing import NoReturn
-from urllib.parse import urlsplit
 
 from patterns import KeyFileError, generate_keypair
 
 from .. import _loop
 from .._memory._history import parse_since
 from .._spool import FsyncPolicy
+from .._support._urls import http_url_problem
 from ..errors import ConfigError, MeshError
 from . import _commands, _demo
 from . import _spool as spool_commands
@@ -109,13 +109,9 @@ def _seconds(text: str) -> float:
 def _http_url(text: str) -> str:
     """An agent's address: ``http(s)://host[:port]`` (anything else was an attempt to reach
     it, failing as "cannot reach" with status 1)."""
-    try:
-        url = urlsplit(text)
-        url.port  # noqa: B018  # (raises on a bad port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a URL: {text!r}") from None
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise argparse.ArgumentTypeError(f"not an http(s)://host[:port] URL: {text!r}")
+    problem = http_url_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

@@ -81,6 +81,12 @@ def test_print_config_shows_webhooks(tmp_path: Path) -> None:
      "webhooks[0]: concurrency and attempts must be >= 1"),
     ('[[webhooks]]\nurl = "http://127.0.0.1:1/"\nqueue = "q"\nretries = 3\n',
      "unknown field `retries`"),
+    ('[[webhooks]]\nurl = "http://127.0.0.1:99999/"\nqueue = "q"\n',
+     "webhooks[0].url: 'http://127.0.0.1:99999/' is not a URL"),  # (every POST failed)
+    ('[[webhooks]]\nurl = "http://127.0.0.1:1/"\nqueue = "q"\ntimeout = nan\n',
+     "webhooks[0]: timeout must be > 0"),
+    ('[[service]]\nname = "s"\nurl = "http://127.0.0.1:port/"\n',
+     "service[0].url: 'http://127.0.0.1:port/' is not a URL"),
 ])
 def test_a_bad_file_is_rejected_with_key_and_reason(tmp_path: Path, text: str, reason: str) -> None:
     path = tmp_path / "agent.toml"
