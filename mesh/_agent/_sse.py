@@ -39,9 +39,14 @@ KEEPALIVE: Final[float] = 15.0
 """Seconds between comment lines on an idle stream (proxies and clients time out)."""
 BATCH: Final[int] = 512
 """Events written at once; many small messages cost one write."""
+BATCH_BYTES: Final[int] = 1024 * 1024
+"""Payload bytes taken for one write (a stalled client holds at most one write's worth)."""
 RECENT: Final[int] = 1024
 MAX_PENDING: Final[int] = 100_000
 """Queued messages for one slow plain stream before the oldest are dropped."""
+MAX_PENDING_BYTES: Final[int] = 64 * 1024 * 1024
+"""Queued payload bytes for one slow plain stream before the oldest are dropped (else a
+stalled client of large messages holds `MAX_PENDING` of them: up to 100 GiB)."""
 _HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                    "X-Accel-Buffering": "no"}
 _encode = msgspec.json.Encoder().encode
@@ -101,6 +106,7 @@ class Streams:
                      ) -> web.StreamResponse:
         sub = await self._node.subscribe(pattern, max_pending=MAX_PENDING, retained=retained,
                                          since=since, last=last)
+        sub.bound_bytes(MAX_PENDING_BYTES)
         self._open.add(sub)
         label = self._metrics.pattern_label(pattern)
         counter = self._metrics.sse.labels(label)
@@ -115,7 +121,7 @@ class Streams:
                     continue
                 except ClosedError:
                     return response
-                msgs = [first, *sub.drain(BATCH - 1)]
+                msgs = [first, *sub.drain(BATCH - 1, BATCH_BYTES - len(first.data))]
                 await response.write(b"".join(event(m, json) for m in msgs))
                 if _trace.ON:
                     _trace.received(msgs, "sse", subscription=pattern, operation="process")

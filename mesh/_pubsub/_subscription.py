@@ -3,7 +3,9 @@
 The node's reader task hands over whole batches (`_deliver`), so a burst costs
 one wake-up, not one per message. A consumer that falls more than
 `max_pending` messages behind loses the oldest ones; they are counted in
-`dropped` and reported once in the log.
+`dropped` and reported once in the log; `bound_bytes` also bounds the
+payload bytes queued (a stalled reader of large messages would otherwise hold
+`max_pending` of them: gigabytes).
 
 A subscription that starts with retained values or history (the ZeroMQ
 guide's Clone pattern) holds live messages back while those are gathered,
@@ -89,6 +91,9 @@ class Subscription(Mailbox[Message[T]]):
         super().__init__()
         self.pattern = pattern
         self.max_pending = max_pending
+        self.max_pending_bytes = 0
+        """Payload bytes queued before the oldest are dropped (0 = no bound; `bound_bytes`)."""
+        self._queued_bytes = 0
         self.dropped = 0
         self.received = 0
         self._decoding = (None if type is None else
@@ -115,6 +120,12 @@ class Subscription(Mailbox[Message[T]]):
     @property
     def pending(self) -> int:
         return len(self._queue)
+
+    def bound_bytes(self, limit: int) -> None:
+        """Drop the oldest also when the queued payloads exceed `limit` bytes (the newest
+        message is always kept, whatever its size)."""
+        self.max_pending_bytes = limit
+        self._queued_bytes = sum(len(m.data) for m in self._queue)
 
     @property
     def decode_errors(self) -> int:
@@ -166,23 +177,46 @@ class Subscription(Mailbox[Message[T]]):
             messages = list(messages)
             _trace.received(messages, "deliver", subscription=self.subject)
         before = len(self._queue)
+        if self.max_pending_bytes:
+            messages = list(messages)
+            self._queued_bytes += sum(len(m.data) for m in messages)
         self._queue.extend(messages)
         self.received += len(self._queue) - before
+        dropped = 0
         overflow = len(self._queue) - self.max_pending
         if overflow > 0 and self.max_pending:
             for _ in range(overflow):
-                self._queue.popleft()
-            self.dropped += overflow
+                self._taken(self._queue.popleft())
+            dropped = overflow
+        if self._queued_bytes > self.max_pending_bytes > 0:
+            dropped += self._drop_bytes()
+        if dropped:
+            self.dropped += dropped
             if not self._reported_slow:
                 self._reported_slow = True
-                _log.warning("slow consumer on %s: dropping oldest messages (max_pending=%d)",
-                             self.subject, self.max_pending)
+                _log.warning("slow consumer on %s: dropping oldest messages (max_pending=%d, "
+                             "max_pending_bytes=%d)", self.subject, self.max_pending,
+                             self.max_pending_bytes)
         self._wake()
         queued = len(self._queue)
         if queued < _pace.MIN_QUEUED:
             return 0.0
         return self._consumption.pause_wanted(queued, self.received - queued - self.dropped,
                                               self._waited)
+
+    def _taken(self, msg: Message) -> Message:
+        """`msg` left the queue (read or dropped)."""
+        if self.max_pending_bytes:
+            self._queued_bytes -= len(msg.data)
+        return msg
+
+    def _drop_bytes(self) -> int:
+        """Drop the oldest until the queued bytes are within bound; how many were dropped."""
+        queue, dropped = self._queue, 0
+        while self._queued_bytes > self.max_pending_bytes and len(queue) > 1:
+            self._queued_bytes -= len(queue.popleft().data)
+            dropped += 1
+        return dropped
 
     def _uncovered(self, messages: Iterable[Message], retained: int) -> list[Message]:
         """Drop live messages a retained value or history already covered (the first
@@ -211,7 +245,7 @@ class Subscription(Mailbox[Message[T]]):
 
     async def __anext__(self) -> Message[T]:
         if self._queue:  # the common case under load: no waiter, no inner coroutine
-            return self._queue.popleft()
+            return self._taken(self._queue.popleft())
         try:
             return await self.next()
         except ClosedError:
@@ -224,12 +258,23 @@ class Subscription(Mailbox[Message[T]]):
             TimeoutError: none arrived within `timeout` seconds.
             ClosedError: the subscription (or its node) was closed.
         """
-        return await self._take(timeout, "subscription")
+        return self._taken(await self._take(timeout, "subscription"))
 
-    def drain(self, limit: int) -> list[Message[T]]:
-        """Up to `limit` queued messages, without waiting (for writers that batch)."""
+    def drain(self, limit: int, max_bytes: int | None = None) -> list[Message[T]]:
+        """Up to `limit` queued messages, without waiting (for writers that batch); with
+        `max_bytes`, no more once their payloads reach that many bytes."""
         queue = self._queue
-        return [queue.popleft() for _ in range(min(limit, len(queue)))]
+        if max_bytes is not None:
+            taken: list[Message[T]] = []
+            size = 0
+            while queue and len(taken) < limit and size < max_bytes:
+                taken.append(queue.popleft())
+                size += len(taken[-1].data)
+        else:
+            taken = [queue.popleft() for _ in range(min(limit, len(queue)))]
+        if self.max_pending_bytes:
+            self._queued_bytes -= sum(len(m.data) for m in taken)
+        return taken
 
     async def aclose(self) -> None:
         """Stop receiving; queued messages remain readable until drained."""

@@ -14,6 +14,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import aeventually
+
 from ._agent import SseStream, start_agent, wait_status
 from ._proc import Cli
 from .conftest import MakeNode
@@ -299,3 +301,55 @@ async def test_metrics_count_what_happened(procs: list[Cli], mesh_name: str, mak
     assert samples[("zeromesh_peers", (("state", "alive"),))] == 1
     assert samples[("zeromesh_spool_messages", ())] == 0
     assert ("zeromesh_messages_dropped_total", ()) not in samples
+
+
+async def test_stalled_sse_client_holds_bounded_bytes_and_loses_the_oldest(
+        mesh_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain SSE client that stops reading keeps at most MAX_PENDING_BYTES of payloads
+    queued (and one write's worth in flight), losing the oldest: the bound was 100,000
+    messages whatever their size, so one stalled client of 256 KiB messages held 1 GiB
+    after 4,000 of them (and up to 100 GiB of 1 MiB ones)."""
+    import json
+    import socket
+
+    from mesh._agent import Agent, _sse, load
+
+    from .conftest import FAST
+    monkeypatch.setattr(_sse, "MAX_PENDING_BYTES", 1024 * 1024, raising=False)
+    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        **FAST})
+    count, size = 400, 64 * 1024
+    async with Agent(config) as agent, aiohttp.ClientSession() as http:
+        host, port = agent.http_url.removeprefix("http://").rsplit(":", 1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+        writer.write(b"GET /v1/subscribe/big.%3E?retained=false HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b": subscribed\n\n"), 10)
+        for i in range(count):  # (the client reads none of it meanwhile)
+            await agent.node.publish("big.x", i.to_bytes(4, "big") * (size // 4))
+        await agent.node.publish("big.end", b"end")
+        got = []
+        async with asyncio.timeout(20):
+            while True:
+                line = await reader.readuntil(b"\n")
+                if line.startswith(b"data: "):
+                    msg = json.loads(line[6:])
+                    if msg["topic"] == "big.end":
+                        break
+                    got.append(msg["data_b64"] if "data_b64" in msg else msg["data"])
+        writer.close()
+        assert len(got) < count // 2, len(got)  # about 1 MiB queued, 1 MiB written, buffers
+
+        async def dropped() -> float:
+            async with http.get(f"{agent.http_url}/metrics") as r:
+                for family in text_string_to_metric_families(await r.text()):
+                    if family.name == "zeromesh_sse_dropped":
+                        return sum(s.value for s in family.samples
+                                   if s.name.endswith("_total"))
+            return 0.0
+
+        lost = await aeventually(dropped)
+    assert lost == count - len(got)
