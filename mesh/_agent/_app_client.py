@@ -282,7 +282,7 @@ class _Connection(asyncio.Protocol):
             headers.append((name, value))
             key = name.lower()
             if key == "content-length":
-                if not value.isdigit():
+                if not value.isdigit() or (length is not None and int(value) != length):
                     raise BadResponse(f"bad Content-Length {value[:32]!r}")
                 length = int(value)
             elif key == "transfer-encoding":
@@ -333,6 +333,8 @@ class _Connection(asyncio.Protocol):
                 del buf[:end + 4]
             self._complete()
             return True
+        if self._size + size > self._limit:  # (before it is all here: it may never end)
+            raise BadResponse(f"app reply exceeds max_message_size {self._limit}")
         if len(buf) < line_end + 2 + size + 2:
             return False
         self._body(bytes(buf[line_end + 2:line_end + 2 + size]))
