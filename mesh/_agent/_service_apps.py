@@ -128,8 +128,8 @@ class AppService(FutureHandler):
             reply.set_exception(Declined(str(exc)))
         except BadResponse as exc:
             reply.set_exception(AppError(f"app: {exc}"))
-        except AppError as exc:
-            reply.set_exception(exc)
+        except AppError as exc:  # (the app's failure, not ours: logged without a traceback)
+            reply.set_exception(exc.with_traceback(None))
         finally:
             counter = self._outcomes.get(outcome)
             if counter is None:

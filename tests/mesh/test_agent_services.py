@@ -284,3 +284,37 @@ def test_bad_service_config_exits_2_with_one_line(tmp_path: Path, config: str,
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert reason in done.stderr, done.stderr
+
+
+async def test_an_apps_error_answer_is_logged_in_one_line(
+        mesh_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An app's first non-2xx answer (or timeout) is logged as the app's failure, not with a
+    traceback of the agent's own code ("raise AppError(...)"), which told nothing more."""
+    import logging
+
+    from mesh._agent import Agent, load
+    from mesh._agent._config import ServiceApp
+    from mesh.errors import RemoteError
+
+    from .conftest import FAST
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 500 Err\r\nContent-Length: 4\r\nConnection: close\r\n\r\nboom")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        **FAST})
+    config.services = [ServiceApp(name="s", url=f"http://127.0.0.1:{port}/x")]
+    try:
+        with caplog.at_level(logging.WARNING):
+            async with Agent(config) as agent:
+                with pytest.raises(RemoteError, match="app answered 500: boom"):
+                    await agent.node.request("s", b"x", timeout=5, retries=0)
+    finally:
+        server.close()
+    assert "Traceback" not in caplog.text, caplog.text
