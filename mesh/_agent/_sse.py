@@ -4,7 +4,8 @@ Plain streams are best effort: they exist while the client is connected.
 With ``?durable=NAME`` the stream is the node's durable subscription NAME:
 while no client is connected, publishers keep reliable messages for it in
 their spools. A durable event counts as delivered once written to the
-connection; the agent remembers the last `RECENT` events of each durable, so
+connection; the agent remembers the last `RECENT` events of each durable (at most
+`RECENT_BYTES` of them), so
 a client that reconnects with ``Last-Event-ID`` also gets those it may have
 lost in flight. Events queued for a client but not yet written go back to
 the publishers when it disconnects.
@@ -42,6 +43,9 @@ BATCH: Final[int] = 512
 BATCH_BYTES: Final[int] = 1024 * 1024
 """Payload bytes taken for one write (a stalled client holds at most one write's worth)."""
 RECENT: Final[int] = 1024
+RECENT_BYTES: Final[int] = 8 * 1024 * 1024
+"""Bytes of events remembered per durable (1024 events of 1 MiB messages were 1.4 GB,
+kept for as long as the agent runs)."""
 MAX_PENDING: Final[int] = 100_000
 """Queued messages for one slow plain stream before the oldest are dropped."""
 MAX_PENDING_BYTES: Final[int] = 64 * 1024 * 1024
@@ -69,7 +73,7 @@ class Streams:
         self._node = node
         self._metrics = metrics
         self._attached: set[str] = set()
-        self._recent: dict[str, deque[tuple[str, bytes]]] = {}
+        self._recent: dict[str, _Recent] = {}
         self._open: set[Subscription | Pull] = set()
 
     def add_to(self, app: web.Application) -> None:
@@ -138,10 +142,10 @@ class Streams:
                        ) -> web.StreamResponse:
         pull = await self._node.subscribe_durable(pattern, name, since=since, last=last)
         self._open.add(pull)
-        recent = self._recent.setdefault(name, deque(maxlen=RECENT))
+        recent = self._recent.get(name) or self._recent.setdefault(name, _Recent())
         try:
             response = await _open(request)
-            missed = _after(recent, request.headers.get("Last-Event-ID"))
+            missed = recent.after(request.headers.get("Last-Event-ID"))
             if missed:
                 await response.write(b"".join(missed))
             counter = self._metrics.sse.labels(self._metrics.pattern_label(pattern))
@@ -153,7 +157,7 @@ class Streams:
 
     @staticmethod
     async def _pump(response: web.StreamResponse, pull: Pull,
-                    recent: deque[tuple[str, bytes]], count: Callable[[int], None],
+                    recent: _Recent, count: Callable[[int], None],
                     json: bool) -> None:
         while True:
             try:
@@ -163,8 +167,10 @@ class Streams:
                 continue
             except ClosedError:
                 return
-            while pull.pending and len(taken) < BATCH:
+            size = len(taken[0][0].data)
+            while pull.pending and len(taken) < BATCH and size < BATCH_BYTES:
                 taken.append(await pull.take())
+                size += len(taken[-1][0].data)
             events = [(msg.id, event(msg, json)) for msg, _ in taken]
             try:
                 await response.write(b"".join(e for _, e in events))
@@ -187,13 +193,31 @@ async def _open(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _after(recent: deque[tuple[str, bytes]], last_id: str | None) -> list[bytes]:
-    """The remembered events after `last_id` (none if it is unknown)."""
-    if not last_id:
-        return []
-    ids = [event_id for event_id, _ in recent]
-    try:
-        start = ids.index(last_id.strip()) + 1
-    except ValueError:
-        return []
-    return [data for _, data in list(recent)[start:]]
+class _Recent:
+    """The last events written for one durable: at most `RECENT`, at most `RECENT_BYTES`
+    (always the newest one)."""
+
+    def __init__(self) -> None:
+        self._events: deque[tuple[str, bytes]] = deque(maxlen=RECENT)
+        self._bytes = 0
+
+    def extend(self, events: list[tuple[str, bytes]]) -> None:
+        events_ = self._events
+        for item in events:
+            if len(events_) == RECENT:
+                self._bytes -= len(events_[0][1])
+            events_.append(item)
+            self._bytes += len(item[1])
+        while self._bytes > RECENT_BYTES and len(events_) > 1:
+            self._bytes -= len(events_.popleft()[1])
+
+    def after(self, last_id: str | None) -> list[bytes]:
+        """The remembered events after `last_id` (none if it is unknown)."""
+        if not last_id:
+            return []
+        ids = [event_id for event_id, _ in self._events]
+        try:
+            start = ids.index(last_id.strip()) + 1
+        except ValueError:
+            return []
+        return [data for _, data in list(self._events)[start:]]

@@ -59,3 +59,39 @@ async def test_a_durable_stream_needs_a_data_dir(procs: list[Cli], mesh_name: st
             http.get(f"{agent.url}/v1/subscribe/a?durable=app") as response:
         assert response.status == 400
         assert "data dir" in (await response.json())["error"]
+
+
+async def test_remembered_events_are_bounded_in_bytes(
+        mesh_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A durable remembers its last events for a reconnect, at most RECENT_BYTES of them:
+    the bound was 1024 events whatever their size, kept while the agent runs (600 events
+    of 512 KiB held 450 MB after the client had gone). A Last-Event-ID older than what is
+    kept replays nothing; the stream goes on with what comes next."""
+    from mesh._agent import Agent, _sse, load
+
+    from .conftest import FAST
+    monkeypatch.setattr(_sse, "RECENT_BYTES", 100_000, raising=False)
+    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        "data_dir": str(tmp_path / "a"), **FAST})
+    url_path = "/v1/subscribe/big.%3E?durable=app"
+    async with Agent(config) as agent, aiohttp.ClientSession() as http:
+        async with http.get(agent.http_url + url_path) as response:
+            stream = SseStream(response)
+            await stream.subscribed()
+            await agent.node.publish_many("big.x", [b"%d" % i + b"a" * 30_000
+                                                    for i in range(10)], reliable=True)
+            first = await stream.events(10)
+        async with http.get(agent.http_url + url_path,
+                            headers={"Last-Event-ID": first[0]["event_id"]}) as response:
+            stream = SseStream(response)
+            await stream.subscribed()
+            await agent.node.publish("big.end", b"end", reliable=True)
+            replayed = [e["topic"] for e in await stream.events(1)]
+        async with http.get(agent.http_url + url_path,
+                            headers={"Last-Event-ID": first[8]["event_id"]}) as response:
+            stream = SseStream(response)
+            await stream.subscribed()
+            recent = [e["data"][:1] for e in await stream.events(2)]
+    assert replayed == ["big.end"]  # (the first event is forgotten: nothing replayed)
+    assert recent == ["9", "e"]  # (what is kept after the last seen id, then "end")
