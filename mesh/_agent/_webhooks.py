@@ -42,6 +42,9 @@ _MAX_BACKOFF: Final[float] = 30.0
 _MAX_PENDING: Final[int] = 100_000
 """Best-effort messages queued for a slow app before the oldest are dropped (logged once):
 a plain pattern webhook is best effort, and must not grow the agent without bound."""
+_MAX_PENDING_BYTES: Final[int] = 64 * 1024 * 1024
+"""Payload bytes queued for it before the oldest are dropped too (by count alone, a
+stalled app of large messages held gigabytes)."""
 
 Settle = Callable[[bool], None]
 
@@ -92,6 +95,7 @@ class WebhookRunner:
         hook, node = self._hook, self._node
         if hook.pattern is not None and hook.durable is None:
             async with await node.subscribe(hook.pattern, max_pending=_MAX_PENDING) as sub:
+                sub.bound_bytes(_MAX_PENDING_BYTES)
                 counted = 0
                 async for msg in sub:
                     if sub.dropped != counted:  # the app too slow: the oldest went unposted

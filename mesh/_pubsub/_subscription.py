@@ -245,7 +245,10 @@ class Subscription(Mailbox[Message[T]]):
 
     async def __anext__(self) -> Message[T]:
         if self._queue:  # the common case under load: no waiter, no inner coroutine
-            return self._taken(self._queue.popleft())
+            msg = self._queue.popleft()
+            if self.max_pending_bytes:  # (`_taken`, inlined: this is per message)
+                self._queued_bytes -= len(msg.data)
+            return msg
         try:
             return await self.next()
         except ClosedError:
