@@ -6,7 +6,8 @@ while no client is connected, publishers keep reliable messages for it in
 their spools. A durable event counts as delivered once written to the
 connection; the agent remembers the last `RECENT` events of each durable, so
 a client that reconnects with ``Last-Event-ID`` also gets those it may have
-lost in flight. Events queued for a client but not yet written go back to
+lost in flight (for the `RECENT_NAMES` durables streamed last: the names are
+the clients' choice). Events queued for a client but not yet written go back to
 the publishers when it disconnects.
 
 A client that sends ``Accept: application/json`` gets MessagePack payloads
@@ -40,6 +41,10 @@ KEEPALIVE: Final[float] = 15.0
 BATCH: Final[int] = 512
 """Events written at once; many small messages cost one write."""
 RECENT: Final[int] = 1024
+RECENT_NAMES: Final[int] = 256
+"""Durables whose recent events are kept once their stream has ended: beyond them the
+least recently streamed are forgotten, or each name ever streamed would keep its
+events (up to `RECENT` messages) for the agent's life, its durable forgotten or not."""
 MAX_PENDING: Final[int] = 100_000
 """Queued messages for one slow plain stream before the oldest are dropped."""
 _HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -132,7 +137,7 @@ class Streams:
                        ) -> web.StreamResponse:
         pull = await self._node.subscribe_durable(pattern, name, since=since, last=last)
         self._open.add(pull)
-        recent = self._recent.setdefault(name, deque(maxlen=RECENT))
+        recent = self._recent_of(name)
         try:
             response = await _open(request)
             missed = _after(recent, request.headers.get("Last-Event-ID"))
@@ -144,6 +149,20 @@ class Streams:
         finally:
             self._open.discard(pull)
             await pull.aclose()
+
+    def _recent_of(self, name: str) -> deque[tuple[str, bytes]]:
+        """The recent events of durable `name`, now the last streamed; the least recently
+        streamed past `RECENT_NAMES` are dropped (never one with a stream open)."""
+        recent = self._recent.pop(name, None)
+        if recent is None:
+            recent = deque(maxlen=RECENT)
+        self._recent[name] = recent  # (a dict keeps insertion order: oldest first)
+        excess = len(self._recent) - RECENT_NAMES
+        if excess > 0:
+            idle = [n for n in self._recent if n not in self._attached]
+            for old in idle[:excess]:
+                del self._recent[old]
+        return recent
 
     @staticmethod
     async def _pump(response: web.StreamResponse, pull: Pull,

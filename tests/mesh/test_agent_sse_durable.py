@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import aiohttp
 import pytest
+
+from mesh._agent import Agent, load
+from mesh._agent import _sse as sse
 
 from ._agent import SseStream, start_agent
 from ._proc import Cli
@@ -59,3 +63,31 @@ async def test_a_durable_stream_needs_a_data_dir(procs: list[Cli], mesh_name: st
             http.get(f"{agent.url}/v1/subscribe/a?durable=app") as response:
         assert response.status == 400
         assert "data dir" in (await response.json())["error"]
+
+
+async def test_recent_events_are_kept_for_a_bounded_number_of_durables(
+        mesh_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients naming ever new durables: the agent keeps the recent events (for a
+    Last-Event-ID resume) of the last `RECENT_NAMES` streamed, not of every name ever
+    streamed; the last one still resumes."""
+    monkeypatch.setattr(sse, "RECENT_NAMES", 3, raising=False)
+    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        "data_dir": str(tmp_path / "agent")})
+    async with Agent(config) as agent, aiohttp.ClientSession() as http:
+        streams = next(o for o in gc.get_objects()
+                       if isinstance(o, sse.Streams) and o._node is agent.node)
+        url, first = "", {}
+        for i in range(8):
+            url = f"{agent.http_url}/v1/subscribe/o.%3E?durable=d{i}"
+            async with http.get(url) as response:
+                stream = SseStream(response)
+                await stream.subscribed()
+                await agent.node.wait_for_durables("o.x", i + 1, timeout=5)
+                await agent.node.publish_many("o.x", [f"m{i}a", f"m{i}b"], reliable=True)
+                first, _ = await stream.events(2)
+        assert len(streams._recent) == 3
+        async with http.get(url, headers={"Last-Event-ID": first["id"]}) as response:
+            stream = SseStream(response)
+            await stream.subscribed()
+            assert [e["data"] for e in await stream.events(1)] == ["m7b"]
