@@ -110,8 +110,9 @@ class Streams:
         label = self._metrics.pattern_label(pattern)
         counter = self._metrics.sse.labels(label)
         dropped, reported = self._metrics.sse_dropped.labels(label), 0
+        response = web.StreamResponse(headers=_HEADERS)
         try:
-            response = await _open(request)
+            await _open(request, response)
             while True:
                 try:
                     first = await sub.next(timeout=KEEPALIVE)
@@ -128,6 +129,8 @@ class Streams:
                 if sub.dropped != reported:  # a client slower than the stream loses the oldest
                     dropped.inc(sub.dropped - reported)
                     reported = sub.dropped
+        except ConnectionResetError:  # the client left: a stream's usual end, not an error
+            return response
         finally:
             self._open.discard(sub)
             await sub.aclose()
@@ -138,13 +141,16 @@ class Streams:
         pull = await self._node.subscribe_durable(pattern, name, since=since, last=last)
         self._open.add(pull)
         recent = self._recent_of(name)
+        response = web.StreamResponse(headers=_HEADERS)
         try:
-            response = await _open(request)
+            await _open(request, response)
             missed = _after(recent, request.headers.get("Last-Event-ID"))
             if missed:
                 await response.write(b"".join(missed))
             counter = self._metrics.sse.labels(self._metrics.pattern_label(pattern))
             await self._pump(response, pull, recent, counter.inc, json)
+            return response
+        except ConnectionResetError:  # the client left (what it did not get goes back)
             return response
         finally:
             self._open.discard(pull)
@@ -193,11 +199,9 @@ class Streams:
             count(len(events))
 
 
-async def _open(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers=_HEADERS)
+async def _open(request: web.Request, response: web.StreamResponse) -> None:
     await response.prepare(request)
     await response.write(b": subscribed\n\n")  # the subscription is in place from here on
-    return response
 
 
 def _after(recent: deque[tuple[str, bytes]], last_id: str | None) -> list[bytes]:
