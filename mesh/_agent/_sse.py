@@ -7,7 +7,8 @@ their spools. A durable event counts as delivered once written to the
 connection; the agent remembers the last `RECENT` events of each durable (at most
 `RECENT_BYTES` of them), so
 a client that reconnects with ``Last-Event-ID`` also gets those it may have
-lost in flight. Events queued for a client but not yet written go back to
+lost in flight (for the `RECENT_NAMES` durables streamed last: the names are
+the clients' choice). Events queued for a client but not yet written go back to
 the publishers when it disconnects.
 
 A client that sends ``Accept: application/json`` gets MessagePack payloads
@@ -46,6 +47,10 @@ RECENT: Final[int] = 1024
 RECENT_BYTES: Final[int] = 8 * 1024 * 1024
 """Bytes of events remembered per durable (1024 events of 1 MiB messages were 1.4 GB,
 kept for as long as the agent runs)."""
+RECENT_NAMES: Final[int] = 256
+"""Durables whose recent events are kept once their stream has ended: beyond them the
+least recently streamed are forgotten, or each name ever streamed would keep its
+events for the agent's life, its durable forgotten or not."""
 MAX_PENDING: Final[int] = 100_000
 """Queued messages for one slow plain stream before the oldest are dropped."""
 MAX_PENDING_BYTES: Final[int] = 64 * 1024 * 1024
@@ -115,8 +120,9 @@ class Streams:
         label = self._metrics.pattern_label(pattern)
         counter = self._metrics.sse.labels(label)
         dropped, reported = self._metrics.sse_dropped.labels(label), 0
+        response = web.StreamResponse(headers=_HEADERS)
         try:
-            response = await _open(request)
+            await _open(request, response)
             while True:
                 try:
                     first = await sub.next(timeout=KEEPALIVE)
@@ -133,6 +139,8 @@ class Streams:
                 if sub.dropped != reported:  # a client slower than the stream loses the oldest
                     dropped.inc(sub.dropped - reported)
                     reported = sub.dropped
+        except ConnectionResetError:  # the client left: a stream's usual end, not an error
+            return response
         finally:
             self._open.discard(sub)
             await sub.aclose()
@@ -142,18 +150,35 @@ class Streams:
                        ) -> web.StreamResponse:
         pull = await self._node.subscribe_durable(pattern, name, since=since, last=last)
         self._open.add(pull)
-        recent = self._recent.get(name) or self._recent.setdefault(name, _Recent())
+        recent = self._recent_of(name)
+        response = web.StreamResponse(headers=_HEADERS)
         try:
-            response = await _open(request)
+            await _open(request, response)
             missed = recent.after(request.headers.get("Last-Event-ID"))
             if missed:
                 await response.write(b"".join(missed))
             counter = self._metrics.sse.labels(self._metrics.pattern_label(pattern))
             await self._pump(response, pull, recent, counter.inc, json)
             return response
+        except ConnectionResetError:  # the client left (what it did not get goes back)
+            return response
         finally:
             self._open.discard(pull)
             await pull.aclose()
+
+    def _recent_of(self, name: str) -> _Recent:
+        """The recent events of durable `name`, now the last streamed; the least recently
+        streamed past `RECENT_NAMES` are dropped (never one with a stream open)."""
+        recent = self._recent.pop(name, None)
+        if recent is None:
+            recent = _Recent()
+        self._recent[name] = recent  # (a dict keeps insertion order: oldest first)
+        excess = len(self._recent) - RECENT_NAMES
+        if excess > 0:
+            idle = [n for n in self._recent if n not in self._attached]
+            for old in idle[:excess]:
+                del self._recent[old]
+        return recent
 
     @staticmethod
     async def _pump(response: web.StreamResponse, pull: Pull,
@@ -186,11 +211,9 @@ class Streams:
             count(len(events))
 
 
-async def _open(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers=_HEADERS)
+async def _open(request: web.Request, response: web.StreamResponse) -> None:
     await response.prepare(request)
     await response.write(b": subscribed\n\n")  # the subscription is in place from here on
-    return response
 
 
 class _Recent:

@@ -115,7 +115,10 @@ class PubSub:
         self.node_id = ""
         self.version = 0
         # publishing
-        self._topic_seq: dict[str, int] = {}
+        self._topic_seq: BoundedDict[str, int] = BoundedDict()
+        """Per topic, the sequence of its next batch (for receivers' gap counts). Bounded:
+        topics can be ever new names; one forgotten restarts at 0, which a receiver takes
+        for a restart, not a gap."""
         self._outgoing: dict[str, list[_wire.Item]] = {}
         self._runs: dict[str, _Run] = {}
         """Per topic, plain messages pending as a run (a topic has a run or items, never
@@ -131,7 +134,9 @@ class PubSub:
         self._subs: list[Subscription] = []
         self._match_cache: BoundedDict[str, tuple[Subscription, ...]] = BoundedDict()
         self._key_topics: BoundedDict[bytes, str] = BoundedDict()
-        self._expected_seq: dict[tuple[str, str], int] = {}
+        self._expected_seq: BoundedDict[tuple[str, str], int] = BoundedDict()
+        """Per (publisher, topic), the next batch sequence (a higher one: a gap). Bounded:
+        a forgotten stream counts no gap on its next batch, then is followed again."""
         self.dropped_by_peer: Counter[str] = Counter()
         self.received_by_peer = Tally()
         """Messages received from each publisher (by node id)."""
@@ -489,7 +494,7 @@ class PubSub:
     def _send(self, topic: str, batch: _wire.Batch, n: int, hint: int, size: int) -> bool:
         """One batch of `n` messages on one topic (`size` payload bytes); False if the
         socket is closed."""
-        self._topic_seq[topic] = batch.topic_seq + n
+        self._topic_seq.put(topic, batch.topic_seq + n)
         self.published_by_topic.add(topic, n)
         self.published_bytes_by_topic.add(topic, size)
         frame = _wire.encode_data(_names.topic(topic), batch, hint)
@@ -620,7 +625,7 @@ class PubSub:
         expected = self._expected_seq.get(stream)
         if expected is not None and batch.topic_seq > expected:
             self._count_gap(batch, topic, batch.topic_seq - expected)
-        self._expected_seq[stream] = batch.topic_seq + n
+        self._expected_seq.put(stream, batch.topic_seq + n)
         self._stats["received"] += n
         self.received_by_peer.add(batch.source, n)
         self._from_peer.add(batch.source, n)

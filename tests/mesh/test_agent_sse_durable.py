@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import logging
 from pathlib import Path
 
 import aiohttp
 import pytest
+
+from mesh._agent import Agent, load
+from mesh._agent import _sse as sse
+from mesh._loop import run
 
 from ._agent import SseStream, start_agent
 from ._proc import Cli
@@ -95,3 +102,71 @@ async def test_remembered_events_are_bounded_in_bytes(
             recent = [e["data"][:1] for e in await stream.events(2)]
     assert replayed == ["big.end"]  # (the first event is forgotten: nothing replayed)
     assert recent == ["9", "e"]  # (what is kept after the last seen id, then "end")
+
+
+async def test_recent_events_are_kept_for_a_bounded_number_of_durables(
+        mesh_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients naming ever new durables: the agent keeps the recent events (for a
+    Last-Event-ID resume) of the last `RECENT_NAMES` streamed, not of every name ever
+    streamed; the last one still resumes."""
+    monkeypatch.setattr(sse, "RECENT_NAMES", 3, raising=False)
+    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        "data_dir": str(tmp_path / "agent")})
+    async with Agent(config) as agent, aiohttp.ClientSession() as http:
+        streams = next(o for o in gc.get_objects()
+                       if isinstance(o, sse.Streams) and o._node is agent.node)
+        url, first = "", {}
+        for i in range(8):
+            url = f"{agent.http_url}/v1/subscribe/o.%3E?durable=d{i}"
+            async with http.get(url) as response:
+                stream = SseStream(response)
+                await stream.subscribed()
+                await agent.node.wait_for_durables("o.x", i + 1, timeout=5)
+                await agent.node.publish_many("o.x", [f"m{i}a", f"m{i}b"], reliable=True)
+                first, _ = await stream.events(2)
+        assert len(streams._recent) == 3
+        async with http.get(url, headers={"Last-Event-ID": first["id"]}) as response:
+            stream = SseStream(response)
+            await stream.subscribed()
+            assert [e["data"] for e in await stream.events(1)] == ["m7b"]
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_a_client_leaving_mid_stream_logs_no_error(
+        mesh_name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, durable: bool) -> None:
+    """SSE clients come and go all day: one that closes its connection while events are
+    being written ends its stream quietly. On the agent's loop (uvloop, where installed)
+    each such client was an ERROR with a traceback in the log."""
+    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        "data_dir": str(tmp_path / "agent")})
+    query = "?durable=app" if durable else ""
+
+    async def clients_leave() -> None:
+        async with Agent(config) as agent, aiohttp.ClientSession() as http:
+            async def publish() -> None:
+                while True:  # (until cancelled)
+                    await agent.node.publish_many("o.x", [b"x" * 100] * 20)
+                    await asyncio.sleep(0)
+
+            # (a durable stream is written in bursts, a plain one as messages come: each
+            # is made to write while its client leaves)
+            publisher = None if durable else asyncio.create_task(publish())
+            for _ in range(4):
+                async with http.get(f"{agent.http_url}/v1/subscribe/o.%3E{query}") as response:
+                    stream = SseStream(response)
+                    await stream.subscribed()
+                    if durable:
+                        await agent.node.publish_many("o.x", [b"x" * 100] * 500, reliable=True)
+                    await stream.events(1)
+                for _ in range(10 if durable else 1):  # writing on to the closed connection
+                    if durable:
+                        await agent.node.publish_many("o.x", [b"x" * 100] * 50, reliable=True)
+                    await asyncio.sleep(0.005)
+            if publisher is not None:
+                publisher.cancel()
+
+    run(clients_leave())
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], errors[0].getMessage()

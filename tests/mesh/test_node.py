@@ -29,6 +29,7 @@ from mesh import (
 )
 from mesh import _wire as wire
 from mesh._spool._lock import DataDirLock
+from mesh._support._cache import CACHE_LIMIT
 from tests.helpers import aeventually, eventually
 
 from .conftest import FAST, MakeNode
@@ -116,6 +117,26 @@ async def test_wait_for_subscribers_times_out_without_subscribers(make_node: Mak
     with pytest.raises(RequestTimeout) as info:
         await pub.wait_for_subscribers("this.topic", 1, timeout=0.3)
     assert isinstance(info.value, TimeoutError)
+
+
+async def test_ever_new_topic_names_keep_bounded_sequence_tables(make_node: MakeNode) -> None:
+    """A publisher on ever new topics (ids in names) keeps a bounded per-topic sequence
+    table, and so does its subscriber per (publisher, topic); forgetting one counts no
+    gap. Unbounded, both held one entry per name ever published, for the node's life."""
+    pub = await make_node("pub", mdns=False)
+    sub_node = await make_node("sub", mdns=False, peers=pub.endpoints["ctl"])
+    sub = await sub_node.subscribe("ids.>")
+    await pub.wait_for_subscribers("ids.x", 1, timeout=5)
+    n, got = CACHE_LIMIT + 2_000, 0
+    for start in range(0, n, 2_000):
+        for i in range(start, min(n, start + 2_000)):
+            pub.publish_nowait(f"ids.{i}", b"")
+        while got < min(n, start + 2_000):
+            await sub.next(timeout=5)
+            got += 1 + len(sub.drain(10_000))
+    assert len(pub._live().pubsub._topic_seq) <= CACHE_LIMIT
+    assert len(sub_node._live().pubsub._expected_seq) <= CACHE_LIMIT
+    assert sub_node.stats["dropped"] == 0
 
 
 async def test_connected_subscriber_that_keeps_up_loses_nothing(make_node: MakeNode) -> None:
