@@ -26,8 +26,9 @@ RENAMED = {"aclose": "close", "__aenter__": "__enter__", "__aexit__": "__exit__"
 """The only names that differ: the async protocol's and their blocking counterparts."""
 PROTOCOL = {"__init__", *RENAMED, *RENAMED.values()}
 
-WIRING = {"best_effort_only", "on_closed"}
-"""Public-named hooks the node wires up internally (durables' live feeds); no app uses them."""
+WIRING = {"best_effort_only", "on_closed", "bound_bytes", "max_pending_bytes"}
+"""Public-named hooks the node and the agent wire up internally (durables' live feeds, the
+byte bound of the agent's SSE streams and webhooks); no app uses them."""
 
 DEFAULTS_DIFFER = {("serve", "concurrency")}
 """A blocking handler holds a worker thread per request in flight: fewer by default."""
