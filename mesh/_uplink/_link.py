@@ -76,7 +76,7 @@ class Counts:
     imported: int = 0
     failed: int = 0
     """Messages given up on: refused by the hub MAX_ATTEMPTS times, or unsendable there
-    (a topic with no spelling on the hub, too large)."""
+    (a topic with no spelling on the hub, too large), or larger than the backlog's quota."""
     dropped: int = 0
     """Best-effort messages not exported because the backlog's quota was full."""
     duplicates: int = 0
@@ -165,13 +165,17 @@ class Uplink:
                             {**m.headers, ORIGIN_HEADER: prefix} if m.headers else origin,
                             m.timestamp) for m, _ in keep]
         try:
-            stored = await self._store(exports)
+            stored, huge = await self._store(exports)
         except ClosedError:
             for _, settle in keep:
                 settle(False)
             raise
         for _, settle in keep[:stored]:
             settle(True)
+        if huge:
+            self.counts.failed += huge
+            self._log_dropped("larger than the export backlog's quota "
+                              f"({self.backlog.store.quota_bytes} bytes)", f"{huge} message(s)")
         if stored:
             self._more.set()
         if stored == len(keep):
@@ -192,21 +196,25 @@ class Uplink:
         for msg, settle in refused:
             settle(not msg.reliable)  # reliable: its sender redelivers it later
 
-    async def _store(self, exports: list[Exported]) -> int:
+    async def _store(self, exports: list[Exported]) -> tuple[int, int]:
         """Into the backlog: all at once, or, when the quota is near, as many as fit
-        (in order); returns how many were stored."""
+        (in order). Returns how many were dealt with (stored, or too large for the quota
+        even when empty: never storable, so given up on rather than refused for ever),
+        and how many of them were too large."""
         try:
             await self.backlog.add(exports)
-            return len(exports)
+            return len(exports), 0
         except SpoolFullError:
-            if len(exports) == 1:
-                return 0
-        for stored, one in enumerate(exports):
+            pass
+        huge = 0
+        for done, one in enumerate(exports):
             try:
                 await self.backlog.add([one])
             except SpoolFullError:
-                return stored
-        return len(exports)
+                if not self.backlog.never_fits(one):
+                    return done, huge
+                huge += 1
+        return len(exports), huge
 
     # -- the connection -----------------------------------------------------------------
 
@@ -372,11 +380,18 @@ class Uplink:
 
     def _log_failed(self, record_id: int, tries: int, error: HubRefused) -> None:
         key = "unsendable" if isinstance(error, Unsendable) else str(error)
+        times = "" if tries == 1 else f" {tries} times"
+        self._log_dropped(str(error), f"message {record_id}", key=key,
+                          how=f"the hub refused {{}}{times}")
+
+    def _log_dropped(self, why: str, what: str, *, key: str = "",
+                     how: str = "{} not exported") -> None:
+        """One line per reason (`key`, else `why`); the same reason again goes to debug."""
+        key = key or why
         level = logging.DEBUG if key == self._failure_logged else logging.ERROR
         self._failure_logged = key
-        times = "" if tries == 1 else f" {tries} times"
-        _log.log(level, "uplink %s: the hub refused message %s%s, dropped: %s",
-                 self.settings.shown_url, record_id, times, error)
+        _log.log(level, "uplink %s: %s, dropped: %s", self.settings.shown_url,
+                 how.format(what), why)
 
     # -- import -------------------------------------------------------------------------
 

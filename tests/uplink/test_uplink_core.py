@@ -250,3 +250,30 @@ async def test_a_redelivered_import_is_recognised_and_not_published_again(
         with contextlib.suppress(asyncio.CancelledError):
             await running
         await backlog.aclose()
+
+
+async def test_a_message_larger_than_the_backlog_quota_fails_once_and_is_not_retried(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """A reliable export bigger than the backlog's whole quota can never be stored: it was
+    refused for ever (redelivered by its sender, never counted, "backlog full (0 of N
+    bytes)" logged again and again); now it is counted failed once, and the smaller ones
+    around it are stored."""
+    node = await make_node("edge", data_dir=str(tmp_path / "node"))
+    config = UplinkSettings(url="nats://127.0.0.1:1", prefix="site1", export=["s.>"])
+    backlog = Backlog(tmp_path / "uplink", fsync=FsyncPolicy.BATCH, quota=1000)
+    await backlog.open()
+    link = Uplink(node, config, lambda: new_hub(config, node.name), backlog)
+    async with _running(link):
+        async with asyncio.timeout(WAIT):  # until the intake's durable subscription is on
+            while not len(link.backlog):
+                await node.publish("s.probe", b"p")
+                await asyncio.sleep(0.02)
+        stored = len(link.backlog)
+        await node.publish("s.small", b"y", reliable=True)
+        await node.publish("s.big", b"x" * 2000, reliable=True)
+        await node.publish("s.small2", b"y", reliable=True)
+        await _wait(lambda: len(link.backlog) == stored + 2 and link.counts.failed == 1,
+                    "2 stored and 1 failed")
+        await asyncio.sleep(0.3)  # (the sender's redelivery, if it were not settled)
+        assert link.counts.failed == 1
+        assert link.counts.dropped == 0
