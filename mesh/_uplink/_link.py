@@ -34,7 +34,7 @@ from patterns import TopicPattern
 from .._message import Message
 from .._node import AsyncNode
 from .._work._pull import Pull
-from ..errors import ClosedError, MessageTooLarge, SpoolFullError
+from ..errors import ClosedError, MeshError, MessageTooLarge, SpoolFullError
 from ._backlog import Backlog, Exported
 from ._hub import ORIGIN_HEADER, Hub, HubRefused, HubUnreachable, Incoming, Unsendable
 from ._settings import UplinkSettings
@@ -165,7 +165,7 @@ class Uplink:
                             {**m.headers, ORIGIN_HEADER: prefix} if m.headers else origin,
                             m.timestamp) for m, _ in keep]
         try:
-            stored, huge = await self._store(exports)
+            stored, huge, unwritable = await self._store(exports)
         except ClosedError:
             for _, settle in keep:
                 settle(False)
@@ -188,33 +188,45 @@ class Uplink:
         refused = keep[stored:]
         if not self._full_logged:
             self._full_logged = True
-            _log.error("uplink %s: export backlog full (%d of %d bytes); reliable messages "
-                       "wait in their senders' spools, best-effort ones are dropped",
-                       self.settings.shown_url, self.backlog.used_bytes,
-                       self.backlog.store.quota_bytes)
+            if unwritable:
+                self.last_error = f"export backlog unwritable: {unwritable}"
+                _log.error("uplink %s: %s; reliable messages wait in their senders' spools, "
+                           "best-effort ones are dropped", self.settings.shown_url,
+                           self.last_error)
+            else:
+                _log.error("uplink %s: export backlog full (%d of %d bytes); reliable "
+                           "messages wait in their senders' spools, best-effort ones are "
+                           "dropped", self.settings.shown_url, self.backlog.used_bytes,
+                           self.backlog.store.quota_bytes)
         self.counts.dropped += sum(1 for m, _ in refused if not m.reliable)
         for msg, settle in refused:
             settle(not msg.reliable)  # reliable: its sender redelivers it later
 
-    async def _store(self, exports: list[Exported]) -> tuple[int, int]:
+    async def _store(self, exports: list[Exported]) -> tuple[int, int, str]:
         """Into the backlog: all at once, or, when the quota is near, as many as fit
         (in order). Returns how many were dealt with (stored, or too large for the quota
         even when empty: never storable, so given up on rather than refused for ever),
-        and how many of them were too large."""
+        how many of them were too large, and why the rest were not stored when that is
+        a failed write (the disk, the directory gone) rather than the quota: like a full
+        quota, it refuses them for now, and the uplink goes on."""
         try:
             await self.backlog.add(exports)
-            return len(exports), 0
+            return len(exports), 0, ""
         except SpoolFullError:
             pass
+        except MeshError as exc:
+            return 0, 0, str(exc)
         huge = 0
         for done, one in enumerate(exports):
             try:
                 await self.backlog.add([one])
             except SpoolFullError:
                 if not self.backlog.never_fits(one):
-                    return done, huge
+                    return done, huge, ""
                 huge += 1
-        return len(exports), huge
+            except MeshError as exc:
+                return done, huge, str(exc)
+        return len(exports), huge, ""
 
     # -- the connection -----------------------------------------------------------------
 

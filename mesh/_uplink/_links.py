@@ -130,9 +130,13 @@ class Uplinks:
     async def _stop(self, slug: str) -> None:
         link, task = self._running.pop(slug)
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await link.backlog.aclose()
+        try:
+            # (an uplink ended by a bug was logged by `_run`: the stop goes on, and the
+            # backlog is closed all the same)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        finally:
+            await link.backlog.aclose()
 
     async def _forget_unused(self, old: UplinkSettings, new: UplinkSettings | None) -> None:
         kept = set(new.export if new is not None else ())

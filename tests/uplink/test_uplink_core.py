@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -277,3 +278,38 @@ async def test_a_message_larger_than_the_backlog_quota_fails_once_and_is_not_ret
         await asyncio.sleep(0.3)  # (the sender's redelivery, if it were not settled)
         assert link.counts.failed == 1
         assert link.counts.dropped == 0
+
+
+async def test_a_backlog_whose_directory_is_removed_refuses_exports_and_the_uplink_lives(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """The backlog's directory removed while the agent runs: the first write that needed a
+    new file failed, its error ended the uplink's task (still shown `connected`, nothing
+    exported again until a restart) and the agent's stop raised it. Now exports are
+    refused as with a full quota, last_error says why, and once the directory is back
+    they are stored again."""
+    node = await make_node("edge", data_dir=str(tmp_path / "node"))
+    uplinks = Uplinks(node, str(tmp_path / "data"), fsync=FsyncPolicy.BATCH, quota=1 << 16)
+    try:
+        await uplinks.apply([UplinkSettings(url="nats://127.0.0.1:1", prefix="site1",
+                                            export=["s.>"])])
+        [link] = uplinks.links
+        async with asyncio.timeout(WAIT):  # until the intake's durable subscription is on
+            while not len(link.backlog):
+                await node.publish("s.x", b"x")
+                await asyncio.sleep(0.02)
+        directory = tmp_path / "data" / "uplinks" / link.settings.slug
+        shutil.rmtree(directory)
+        async with asyncio.timeout(WAIT):  # (each segment holds 8 KiB: it rolls soon)
+            while not link.counts.dropped:
+                await node.publish("s.x", b"x" * 1000)
+                await asyncio.sleep(0.005)
+        assert "unwritable" in link.last_error
+        directory.mkdir()
+        before = len(link.backlog)
+        async with asyncio.timeout(WAIT):
+            while len(link.backlog) == before:
+                await node.publish("s.x", b"x" * 1000)
+                await asyncio.sleep(0.005)
+        assert uplinks.links == [link]
+    finally:
+        await uplinks.aclose()
