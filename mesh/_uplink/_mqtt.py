@@ -38,9 +38,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from ..errors import ConfigError
 from ._backlog import MARKS
 from ._hub import ID_HEADER, HubRefused, HubUnreachable, Incoming, Unsendable
-from ._settings import UplinkSettings
+from ._settings import UplinkSettings, tls_context
 from ._subjects import Subjects
 
 _log = logging.getLogger("mesh.uplink")
@@ -254,7 +255,10 @@ class MqttHub:
         await self.close()
         if self.lost.done():
             self._lost = None
-        client = self._client = self._new_client()
+        try:
+            client = self._client = self._new_client()
+        except ConfigError as exc:  # (a TLS file that went bad since the start)
+            raise HubRefused(f"mqtt: {exc}") from None
         self._connack = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -285,7 +289,7 @@ class MqttHub:
         if s.username() is not None:
             client.username_pw_set(s.username(), s.secret())
         if s.tls:
-            client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key)
+            client.tls_set_context(tls_context(s))
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish

@@ -313,3 +313,20 @@ async def test_a_backlog_whose_directory_is_removed_refuses_exports_and_the_upli
         assert uplinks.links == [link]
     finally:
         await uplinks.aclose()
+
+
+@pytest.mark.parametrize("url", ["mqtts://127.0.0.1:1", "nats+tls://127.0.0.1:1"])
+async def test_a_tls_file_gone_bad_after_the_start_is_down_not_a_crash(
+        make_node: MakeNode, tmp_path: Path, url: str) -> None:
+    """The CA file replaced by something that is no PEM while the agent runs: MQTT's
+    uplink ended with a traceback (still shown `connecting`), NATS retried it for ever as
+    an unreachable hub. Now both are `down` naming the file: retried slowly."""
+    node = await make_node("edge", data_dir=str(tmp_path / "node"))
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    link = await _link_to(url, node, tmp_path, export=["s.>"], tls_ca=str(bad))
+    async with _running(link):
+        await _wait(lambda: link.state.value == "down", "down")
+        assert "tls_ca" in link.last_error
+        assert "unusable" in link.last_error
+        assert link.counts.attempts == 1
