@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import hashlib
 import logging
 import random
 import time
@@ -118,8 +119,8 @@ class Uplink:
     async def run(self) -> None:
         """Intake and connection loops until cancelled; the backlog stays on disk."""
         async with asyncio.TaskGroup() as tasks:
-            for i, pattern in enumerate(self.settings.export):
-                tasks.create_task(self._intake(pattern, durable_name(self.settings, i)),
+            for pattern in dict.fromkeys(self.settings.export):  # (each once: one durable)
+                tasks.create_task(self._intake(pattern, durable_name(self.settings, pattern)),
                                   name=f"zeromesh-uplink-intake-{pattern}")
             tasks.create_task(self._connect_forever(), name="zeromesh-uplink-link")
 
@@ -539,9 +540,13 @@ async def _close(hub: Hub) -> None:
         raise asyncio.CancelledError
 
 
-def durable_name(settings: UplinkSettings, index: int) -> str:
-    """The durable subscription an export pattern is read through."""
-    return f"uplink-{settings.slug}-{index}"
+def durable_name(settings: UplinkSettings, pattern: str) -> str:
+    """The durable subscription an export pattern is read through: named by the pattern,
+    not its place in the list, so that a reload that adds, removes or reorders patterns
+    keeps each remaining one's durable (forgetting one drops what waits for it, and one
+    name read with another pattern lost messages)."""
+    digest = hashlib.blake2s(pattern.encode(), digest_size=4).hexdigest()
+    return f"uplink-{settings.slug}-{digest}"
 
 
 async def _take_batch(pull: Pull) -> list[tuple[Message, Callable[[bool], None]]]:

@@ -330,3 +330,45 @@ async def test_a_tls_file_gone_bad_after_the_start_is_down_not_a_crash(
         assert "tls_ca" in link.last_error
         assert "unusable" in link.last_error
         assert link.counts.attempts == 1
+
+
+async def test_a_reload_that_reorders_export_patterns_loses_and_repeats_nothing(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """Reliable messages on s.> flow while reloads move s.> around the export list. Its
+    durable subscription was named by its place in the list: a move forgot it (with
+    what waited in it) and read another's name with s.>: a quarter of them stored twice
+    here (35 of 135), and against a hub one or two lost per run. Now each pattern keeps
+    its own durable."""
+    node = await make_node("edge", data_dir=str(tmp_path / "node"))
+    uplinks = Uplinks(node, str(tmp_path / "data"), fsync=FsyncPolicy.BATCH, quota=1 << 22)
+    down = "nats://127.0.0.1:1"  # (refused: the backlog keeps every export)
+    sent = 0
+    try:
+        await uplinks.apply([UplinkSettings(url=down, prefix="site1", export=["a.>", "s.>"])])
+        async with asyncio.timeout(WAIT):  # until the intake's durable subscription is on
+            while not len(uplinks.links[0].backlog):
+                await node.publish("a.probe", b"")
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        probes = len(uplinks.links[0].backlog)
+
+        async def publish() -> None:
+            nonlocal sent
+            while True:
+                await node.publish("s.x", b"%d" % sent, reliable=True)
+                sent += 1
+                await asyncio.sleep(0.002)
+
+        publishing = asyncio.create_task(publish())
+        for export in (["s.>"], ["t.>", "s.>"], ["s.>", "t.>"], ["a.>", "s.>"]):
+            await asyncio.sleep(0.1)
+            await uplinks.apply([UplinkSettings(url=down, prefix="site1", export=export)])
+        publishing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publishing
+        [link] = uplinks.links
+        await _wait(lambda: len(link.backlog) >= probes + sent, f"all {sent} in the backlog")
+        await asyncio.sleep(0.2)  # (a second copy of any would come meanwhile)
+        assert len(link.backlog) == probes + sent
+    finally:
+        await uplinks.aclose()
