@@ -23,7 +23,7 @@ from typing import Final
 
 import msgspec
 
-from .._spool import FsyncPolicy, RecordKind, SpoolStore
+from .._spool import FsyncPolicy, RecordKind, SpoolStore, charge
 
 MARKS: Final[int] = 100_000
 """Import keys remembered; a hub redelivers within its ack wait, long before this many."""
@@ -80,6 +80,10 @@ class Backlog:
         for record_id, message in zip(ids, messages, strict=True):
             self._pending[record_id] = message
         self._unsent.extend(ids)
+
+    def never_fits(self, message: Exported) -> bool:
+        """Whether `message` alone is over the quota: an empty backlog would refuse it too."""
+        return charge([_encode(message)]) > self.store.quota_bytes
 
     def take_unsent(self) -> tuple[int, Exported] | None:
         """The oldest message not sent on this connection yet."""

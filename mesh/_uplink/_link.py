@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import hashlib
 import logging
 import random
 import time
@@ -34,7 +35,7 @@ from patterns import TopicPattern
 from .._message import Message
 from .._node import AsyncNode
 from .._work._pull import Pull
-from ..errors import ClosedError, MessageTooLarge, SpoolFullError
+from ..errors import ClosedError, MeshError, MessageTooLarge, SpoolFullError
 from ._backlog import Backlog, Exported
 from ._hub import ORIGIN_HEADER, Hub, HubRefused, HubUnreachable, Incoming, Unsendable
 from ._settings import UplinkSettings
@@ -76,7 +77,7 @@ class Counts:
     imported: int = 0
     failed: int = 0
     """Messages given up on: refused by the hub MAX_ATTEMPTS times, or unsendable there
-    (a topic with no spelling on the hub, too large)."""
+    (a topic with no spelling on the hub, too large), or larger than the backlog's quota."""
     dropped: int = 0
     """Best-effort messages not exported because the backlog's quota was full."""
     duplicates: int = 0
@@ -118,8 +119,8 @@ class Uplink:
     async def run(self) -> None:
         """Intake and connection loops until cancelled; the backlog stays on disk."""
         async with asyncio.TaskGroup() as tasks:
-            for i, pattern in enumerate(self.settings.export):
-                tasks.create_task(self._intake(pattern, durable_name(self.settings, i)),
+            for pattern in dict.fromkeys(self.settings.export):  # (each once: one durable)
+                tasks.create_task(self._intake(pattern, durable_name(self.settings, pattern)),
                                   name=f"zeromesh-uplink-intake-{pattern}")
             tasks.create_task(self._connect_forever(), name="zeromesh-uplink-link")
 
@@ -165,13 +166,17 @@ class Uplink:
                             {**m.headers, ORIGIN_HEADER: prefix} if m.headers else origin,
                             m.timestamp) for m, _ in keep]
         try:
-            stored = await self._store(exports)
+            stored, huge, unwritable = await self._store(exports)
         except ClosedError:
             for _, settle in keep:
                 settle(False)
             raise
         for _, settle in keep[:stored]:
             settle(True)
+        if huge:
+            self.counts.failed += huge
+            self._log_dropped("larger than the export backlog's quota "
+                              f"({self.backlog.store.quota_bytes} bytes)", f"{huge} message(s)")
         if stored:
             self._more.set()
         if stored == len(keep):
@@ -184,29 +189,45 @@ class Uplink:
         refused = keep[stored:]
         if not self._full_logged:
             self._full_logged = True
-            _log.error("uplink %s: export backlog full (%d of %d bytes); reliable messages "
-                       "wait in their senders' spools, best-effort ones are dropped",
-                       self.settings.shown_url, self.backlog.used_bytes,
-                       self.backlog.store.quota_bytes)
+            if unwritable:
+                self.last_error = f"export backlog unwritable: {unwritable}"
+                _log.error("uplink %s: %s; reliable messages wait in their senders' spools, "
+                           "best-effort ones are dropped", self.settings.shown_url,
+                           self.last_error)
+            else:
+                _log.error("uplink %s: export backlog full (%d of %d bytes); reliable "
+                           "messages wait in their senders' spools, best-effort ones are "
+                           "dropped", self.settings.shown_url, self.backlog.used_bytes,
+                           self.backlog.store.quota_bytes)
         self.counts.dropped += sum(1 for m, _ in refused if not m.reliable)
         for msg, settle in refused:
             settle(not msg.reliable)  # reliable: its sender redelivers it later
 
-    async def _store(self, exports: list[Exported]) -> int:
+    async def _store(self, exports: list[Exported]) -> tuple[int, int, str]:
         """Into the backlog: all at once, or, when the quota is near, as many as fit
-        (in order); returns how many were stored."""
+        (in order). Returns how many were dealt with (stored, or too large for the quota
+        even when empty: never storable, so given up on rather than refused for ever),
+        how many of them were too large, and why the rest were not stored when that is
+        a failed write (the disk, the directory gone) rather than the quota: like a full
+        quota, it refuses them for now, and the uplink goes on."""
         try:
             await self.backlog.add(exports)
-            return len(exports)
+            return len(exports), 0, ""
         except SpoolFullError:
-            if len(exports) == 1:
-                return 0
-        for stored, one in enumerate(exports):
+            pass
+        except MeshError as exc:
+            return 0, 0, str(exc)
+        huge = 0
+        for done, one in enumerate(exports):
             try:
                 await self.backlog.add([one])
             except SpoolFullError:
-                return stored
-        return len(exports)
+                if not self.backlog.never_fits(one):
+                    return done, huge, ""
+                huge += 1
+            except MeshError as exc:
+                return done, huge, str(exc)
+        return len(exports), huge, ""
 
     # -- the connection -----------------------------------------------------------------
 
@@ -372,11 +393,18 @@ class Uplink:
 
     def _log_failed(self, record_id: int, tries: int, error: HubRefused) -> None:
         key = "unsendable" if isinstance(error, Unsendable) else str(error)
+        times = "" if tries == 1 else f" {tries} times"
+        self._log_dropped(str(error), f"message {record_id}", key=key,
+                          how=f"the hub refused {{}}{times}")
+
+    def _log_dropped(self, why: str, what: str, *, key: str = "",
+                     how: str = "{} not exported") -> None:
+        """One line per reason (`key`, else `why`); the same reason again goes to debug."""
+        key = key or why
         level = logging.DEBUG if key == self._failure_logged else logging.ERROR
         self._failure_logged = key
-        times = "" if tries == 1 else f" {tries} times"
-        _log.log(level, "uplink %s: the hub refused message %s%s, dropped: %s",
-                 self.settings.shown_url, record_id, times, error)
+        _log.log(level, "uplink %s: %s, dropped: %s", self.settings.shown_url,
+                 how.format(what), why)
 
     # -- import -------------------------------------------------------------------------
 
@@ -512,9 +540,13 @@ async def _close(hub: Hub) -> None:
         raise asyncio.CancelledError
 
 
-def durable_name(settings: UplinkSettings, index: int) -> str:
-    """The durable subscription an export pattern is read through."""
-    return f"uplink-{settings.slug}-{index}"
+def durable_name(settings: UplinkSettings, pattern: str) -> str:
+    """The durable subscription an export pattern is read through: named by the pattern,
+    not its place in the list, so that a reload that adds, removes or reorders patterns
+    keeps each remaining one's durable (forgetting one drops what waits for it, and one
+    name read with another pattern lost messages)."""
+    digest = hashlib.blake2s(pattern.encode(), digest_size=4).hexdigest()
+    return f"uplink-{settings.slug}-{digest}"
 
 
 async def _take_batch(pull: Pull) -> list[tuple[Message, Callable[[bool], None]]]:

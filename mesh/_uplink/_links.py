@@ -130,18 +130,22 @@ class Uplinks:
     async def _stop(self, slug: str) -> None:
         link, task = self._running.pop(slug)
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await link.backlog.aclose()
+        try:
+            # (an uplink ended by a bug was logged by `_run`: the stop goes on, and the
+            # backlog is closed all the same)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        finally:
+            await link.backlog.aclose()
 
     async def _forget_unused(self, old: UplinkSettings, new: UplinkSettings | None) -> None:
         kept = set(new.export if new is not None else ())
-        for i, pattern in enumerate(old.export):
-            if pattern in kept and new is not None and new.export.index(pattern) == i:
+        for pattern in dict.fromkeys(old.export):
+            if pattern in kept:
                 continue
             with contextlib.suppress(MeshError):
                 await self._node.forget_durable(
-                    f"_durable.{self._node.id}.{durable_name(old, i)}")
+                    f"_durable.{self._node.id}.{durable_name(old, pattern)}")
 
     async def aclose(self) -> None:
         for slug in list(self._running):

@@ -26,7 +26,6 @@ import itertools
 import json
 import logging
 import re
-import ssl
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, Final
@@ -37,8 +36,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+from ..errors import ConfigError
 from ._hub import HubRefused, HubUnreachable, Incoming, Unsendable
-from ._settings import UplinkSettings
+from ._settings import UplinkSettings, tls_context
 from ._subjects import Subjects
 
 _log = logging.getLogger("mesh.uplink.nats")
@@ -103,7 +103,11 @@ class NatsHub:
         s = self._settings
         nc = self._nc = Client()
         try:
-            await nc.connect(**self._options())
+            options = self._options()
+        except ConfigError as exc:  # (a TLS file that went bad since the start)
+            raise HubRefused(f"nats: {exc}") from None
+        try:
+            await nc.connect(**options)
         except nats.errors.NoServersError as exc:  # (the one server refused or timed out)
             raise HubUnreachable(f"nats: cannot connect to {s.shown_url}") from exc
         except (OSError, TimeoutError, nats.errors.Error) as exc:
@@ -143,10 +147,7 @@ class NatsHub:
         if s.nkey:
             options["nkeys_seed"] = s.nkey
         if s.tls:
-            context = ssl.create_default_context(cafile=s.tls_ca)
-            if s.tls_cert and s.tls_key:
-                context.load_cert_chain(s.tls_cert, s.tls_key)
-            options["tls"] = context
+            options["tls"] = tls_context(s)
         return {k: v for k, v in options.items() if v is not None}
 
     async def _ensure_stream(self) -> None:

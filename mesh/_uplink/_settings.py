@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ssl
 from pathlib import Path
 from typing import Final
 from urllib.parse import SplitResult, urlsplit
@@ -133,9 +134,39 @@ def check(key: str, link: UplinkSettings) -> None:
             raise ConfigError(f"{key}.{field}", f"{path}: no such file")
     if (link.tls_cert is None) != (link.tls_key is None):
         raise ConfigError(f"{key}.tls_cert", "give both tls_cert and tls_key, or neither")
+    if link.tls:
+        try:
+            tls_context(link)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}.{exc.key}", exc.reason) from None
     if link.kind == "mqtt" and (link.creds or link.nkey or link.token):
         raise ConfigError(key, "MQTT takes user/password and tls_* credentials only")
     _check_client_library(key, link.kind)
+
+
+def tls_context(link: UplinkSettings) -> ssl.SSLContext:
+    """The client side of `link`'s TLS: the system's CAs or `tls_ca`, and `tls_cert` with
+    `tls_key` when given. Built at start (`check`) too, so that a file that is no PEM of
+    its kind stops the agent with its name, rather than failing every connection.
+
+    Raises:
+        ConfigError: a file cannot be used (key ``tls_ca`` or ``tls_cert``, with why).
+    """
+    field = "tls_ca"
+    try:
+        context = ssl.create_default_context(cafile=link.tls_ca)
+        if link.tls_cert and link.tls_key:
+            field = "tls_cert"
+            # (a callback for an encrypted key's passphrase: else OpenSSL asks the terminal)
+            context.load_cert_chain(link.tls_cert, link.tls_key, password=_no_passphrase)
+    except (ssl.SSLError, OSError) as exc:
+        path = link.tls_ca if field == "tls_ca" else f"{link.tls_cert}, {link.tls_key}"
+        raise ConfigError(field, f"{path}: unusable: {exc.strerror or exc}") from None
+    return context
+
+
+def _no_passphrase() -> bytes:
+    return b""
 
 
 def _check_client_library(key: str, kind: str) -> None:

@@ -160,6 +160,27 @@ async def test_imports_published_while_away_arrive_after_reconnect(broker: Mosqu
     assert [m.data for m in got] == [f"away{i}".encode() for i in range(5)]
 
 
+async def test_a_flood_of_imports_waits_in_the_broker_not_in_memory(
+        broker: Mosquitto, hubs: Hubs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2,000 imports published at once, 10 taken and settled: mosquitto does not keep to
+    our Receive Maximum (256) once acks come (it sent 256 more per ack), and all 2,000
+    were read into memory; now reading stops at INBOX_MAX and goes on as the core takes
+    them, in order, each once."""
+    monkeypatch.setattr(_mqtt, "INBOX_MAX", 300, raising=False)
+    hub = hubs(broker.url(), export=[], imports=["cmd.>"])
+    await hub.connect()
+    await pub(broker.port, "site1/cmd/x", [str(i) for i in range(2000)])
+    taken = await receive(hub, 10, settle=True)
+    await asyncio.sleep(0.3)  # (what the broker would push meanwhile)
+    waiting = await hub.receive(5000, 1.0)
+    assert len(waiting) <= 301
+    for message in waiting:
+        hub.settle(message)
+    rest = await receive(hub, 1990 - len(waiting), settle=True)
+    assert [int(m.data) for m in taken + waiting + rest] == list(range(2000))
+    assert await hub.receive(10, 0.2) == []
+
+
 async def test_session_outlives_a_broker_restart(broker: Mosquitto, hubs: Hubs) -> None:
     """mosquitto saves the session (and what it queued) on SIGTERM; the port is kept."""
     hub = hubs(broker.url(), export=[], imports=["cmd.*"])

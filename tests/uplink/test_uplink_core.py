@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -250,3 +251,124 @@ async def test_a_redelivered_import_is_recognised_and_not_published_again(
         with contextlib.suppress(asyncio.CancelledError):
             await running
         await backlog.aclose()
+
+
+async def test_a_message_larger_than_the_backlog_quota_fails_once_and_is_not_retried(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """A reliable export bigger than the backlog's whole quota can never be stored: it was
+    refused for ever (redelivered by its sender, never counted, "backlog full (0 of N
+    bytes)" logged again and again); now it is counted failed once, and the smaller ones
+    around it are stored."""
+    node = await make_node("edge", data_dir=str(tmp_path / "node"))
+    config = UplinkSettings(url="nats://127.0.0.1:1", prefix="site1", export=["s.>"])
+    backlog = Backlog(tmp_path / "uplink", fsync=FsyncPolicy.BATCH, quota=1000)
+    await backlog.open()
+    link = Uplink(node, config, lambda: new_hub(config, node.name), backlog)
+    async with _running(link):
+        async with asyncio.timeout(WAIT):  # until the intake's durable subscription is on
+            while not len(link.backlog):
+                await node.publish("s.probe", b"p")
+                await asyncio.sleep(0.02)
+        stored = len(link.backlog)
+        await node.publish("s.small", b"y", reliable=True)
+        await node.publish("s.big", b"x" * 2000, reliable=True)
+        await node.publish("s.small2", b"y", reliable=True)
+        await _wait(lambda: len(link.backlog) == stored + 2 and link.counts.failed == 1,
+                    "2 stored and 1 failed")
+        await asyncio.sleep(0.3)  # (the sender's redelivery, if it were not settled)
+        assert link.counts.failed == 1
+        assert link.counts.dropped == 0
+
+
+async def test_a_backlog_whose_directory_is_removed_refuses_exports_and_the_uplink_lives(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """The backlog's directory removed while the agent runs: the first write that needed a
+    new file failed, its error ended the uplink's task (still shown `connected`, nothing
+    exported again until a restart) and the agent's stop raised it. Now exports are
+    refused as with a full quota, last_error says why, and once the directory is back
+    they are stored again."""
+    node = await make_node("edge", data_dir=str(tmp_path / "node"))
+    uplinks = Uplinks(node, str(tmp_path / "data"), fsync=FsyncPolicy.BATCH, quota=1 << 16)
+    try:
+        await uplinks.apply([UplinkSettings(url="nats://127.0.0.1:1", prefix="site1",
+                                            export=["s.>"])])
+        [link] = uplinks.links
+        async with asyncio.timeout(WAIT):  # until the intake's durable subscription is on
+            while not len(link.backlog):
+                await node.publish("s.x", b"x")
+                await asyncio.sleep(0.02)
+        directory = tmp_path / "data" / "uplinks" / link.settings.slug
+        shutil.rmtree(directory)
+        async with asyncio.timeout(WAIT):  # (each segment holds 8 KiB: it rolls soon)
+            while not link.counts.dropped:
+                await node.publish("s.x", b"x" * 1000)
+                await asyncio.sleep(0.005)
+        assert "unwritable" in link.last_error
+        directory.mkdir()
+        before = len(link.backlog)
+        async with asyncio.timeout(WAIT):
+            while len(link.backlog) == before:
+                await node.publish("s.x", b"x" * 1000)
+                await asyncio.sleep(0.005)
+        assert uplinks.links == [link]
+    finally:
+        await uplinks.aclose()
+
+
+@pytest.mark.parametrize("url", ["mqtts://127.0.0.1:1", "nats+tls://127.0.0.1:1"])
+async def test_a_tls_file_gone_bad_after_the_start_is_down_not_a_crash(
+        make_node: MakeNode, tmp_path: Path, url: str) -> None:
+    """The CA file replaced by something that is no PEM while the agent runs: MQTT's
+    uplink ended with a traceback (still shown `connecting`), NATS retried it for ever as
+    an unreachable hub. Now both are `down` naming the file: retried slowly."""
+    node = await make_node("edge", data_dir=str(tmp_path / "node"))
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    link = await _link_to(url, node, tmp_path, export=["s.>"], tls_ca=str(bad))
+    async with _running(link):
+        await _wait(lambda: link.state.value == "down", "down")
+        assert "tls_ca" in link.last_error
+        assert "unusable" in link.last_error
+        assert link.counts.attempts == 1
+
+
+async def test_a_reload_that_reorders_export_patterns_loses_and_repeats_nothing(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """Reliable messages on s.> flow while reloads move s.> around the export list. Its
+    durable subscription was named by its place in the list: a move forgot it (with
+    what waited in it) and read another's name with s.>: a quarter of them stored twice
+    here (35 of 135), and against a hub one or two lost per run. Now each pattern keeps
+    its own durable."""
+    node = await make_node("edge", data_dir=str(tmp_path / "node"))
+    uplinks = Uplinks(node, str(tmp_path / "data"), fsync=FsyncPolicy.BATCH, quota=1 << 22)
+    down = "nats://127.0.0.1:1"  # (refused: the backlog keeps every export)
+    sent = 0
+    try:
+        await uplinks.apply([UplinkSettings(url=down, prefix="site1", export=["a.>", "s.>"])])
+        async with asyncio.timeout(WAIT):  # until the intake's durable subscription is on
+            while not len(uplinks.links[0].backlog):
+                await node.publish("a.probe", b"")
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        probes = len(uplinks.links[0].backlog)
+
+        async def publish() -> None:
+            nonlocal sent
+            while True:
+                await node.publish("s.x", b"%d" % sent, reliable=True)
+                sent += 1
+                await asyncio.sleep(0.002)
+
+        publishing = asyncio.create_task(publish())
+        for export in (["s.>"], ["t.>", "s.>"], ["s.>", "t.>"], ["a.>", "s.>"]):
+            await asyncio.sleep(0.1)
+            await uplinks.apply([UplinkSettings(url=down, prefix="site1", export=export)])
+        publishing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publishing
+        [link] = uplinks.links
+        await _wait(lambda: len(link.backlog) >= probes + sent, f"all {sent} in the backlog")
+        await asyncio.sleep(0.2)  # (a second copy of any would come meanwhile)
+        assert len(link.backlog) == probes + sent
+    finally:
+        await uplinks.aclose()

@@ -63,6 +63,23 @@ def test_a_bad_uplink_stops_the_agent_at_start(tmp_path: Path, uplink: str, key:
     assert "ready" not in done.stdout
 
 
+@pytest.mark.parametrize("field", ["tls_ca", "tls_cert"])
+def test_a_tls_file_that_is_no_pem_stops_the_agent_at_start(tmp_path: Path, field: str
+                                                           ) -> None:
+    """It was only checked to exist: the agent started, and NATS retried it as an
+    unreachable hub for ever, MQTT ended the uplink with a traceback."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    files = f'{field} = "{bad}"\n' + (f'tls_key = "{bad}"\n' if field == "tls_cert" else "")
+    done = start_with(tmp_path, f'url = "mqtts://127.0.0.1:1"\nprefix = "s"\nexport = ["a"]\n'
+                                f"{files}")
+    assert done.returncode == 2, done.stdout + done.stderr
+    line = done.stderr.strip()
+    assert "\n" not in line, line
+    assert f"uplink[0].{field}" in line, line
+    assert "unusable" in line, line
+
+
 def test_an_uplink_needs_a_data_dir(tmp_path: Path) -> None:
     done = start_with(tmp_path, 'url = "nats://127.0.0.1:4222"\nprefix = "s"\nexport = ["a"]\n',
                       data_dir=False)
