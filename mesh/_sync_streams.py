@@ -216,11 +216,19 @@ class SyncSubscription(_Handoff[Message[V]]):
             pass  # (waiting outside the handler: its errors do not chain an IndexError)
         return self._take(timeout, "subscription")
 
-    def drain(self, limit: int) -> list[Message[V]]:
-        """Up to `limit` queued messages, without waiting (for writers that batch)."""
+    def drain(self, limit: int, max_bytes: int | None = None) -> list[Message[V]]:
+        """Up to `limit` queued messages, without waiting (for writers that batch); with
+        `max_bytes`, no more once their payloads reach that many bytes."""
         with self._lock:
             queue = self._queue
-            return [queue.popleft() for _ in range(min(limit, len(queue)))]
+            if max_bytes is None:
+                return [queue.popleft() for _ in range(min(limit, len(queue)))]
+            taken: list[Message[V]] = []
+            size = 0
+            while queue and len(taken) < limit and size < max_bytes:
+                taken.append(queue.popleft())
+                size += len(taken[-1].data)
+            return taken
 
     def __iter__(self) -> Self:
         return self
