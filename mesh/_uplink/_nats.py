@@ -448,8 +448,11 @@ def _is_refusal(error: BaseException) -> bool:
 
 
 def _classify(error: BaseException) -> Exception:
+    text = str(error).removeprefix("nats: ")  # (nats-py's own errors say it already)
     if isinstance(error, nats.errors.AuthorizationError) or _is_refusal(error):
-        return HubRefused(f"nats: {str(error) or type(error).__name__}")
+        return HubRefused(f"nats: {text or type(error).__name__}")
     if isinstance(error, nats.js.errors.APIError):
-        return HubRefused(f"nats: JetStream: {error}")
-    return HubUnreachable(f"nats: {type(error).__name__} {error}".rstrip())
+        return HubRefused(f"nats: JetStream: {text}")
+    if isinstance(error, nats.errors.Error) and text:
+        return HubUnreachable(f"nats: {text}")
+    return HubUnreachable(f"nats: {type(error).__name__} {text}".rstrip())

@@ -171,6 +171,7 @@ async def test_wrong_credentials_are_down_and_not_hammered(
     async with aiohttp.ClientSession() as http:
         status = await until(http, agent, lambda s: s["state"] == "down", "down")
         assert "authorization" in status["last_error"].lower(), status
+        assert status["last_error"].count("nats:") == 1, status  # (was "nats: nats: ...")
         await asyncio.sleep(2.0)  # long enough for a retry storm to show
         status = await uplink(http, agent)
         assert status["state"] == "down"
