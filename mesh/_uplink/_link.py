@@ -125,11 +125,12 @@ class Uplink:
             tasks.create_task(self._connect_forever(), name="zeromesh-uplink-link")
 
     def _set_state(self, state: LinkState, error: str = "") -> None:
+        first_error = bool(error) and not self.last_error
         if error:
             self.last_error = error
         elif state is LinkState.CONNECTED:
             self.last_error = ""  # (what failed before this connection is over)
-        if state is self.state:
+        if state is self.state and not first_error:
             return
         self.state = state
         name = f"{self.settings.shown_url} ({self.settings.prefix})"

@@ -159,6 +159,9 @@ async def test_an_unreachable_hub_at_start_delays_and_loses_nothing(
     assert status["last_error"] == ""  # connected: the old error is over
     stored = await stream_messages(hub.url, "ZEROMESH", "site1.>")
     assert [m.data for m in stored] == [str(i).encode() for i in range(20)]
+    # Said once in the log, though the state stayed `connecting` (it said nothing before)
+    log = agent.cli.stderr()
+    assert log.count(f"uplink nats://127.0.0.1:{port} (site1): connecting: ") == 1, log
 
 
 async def test_wrong_credentials_are_down_and_not_hammered(
