@@ -59,6 +59,13 @@ def check_peer_url(url: str) -> str:
     """Return `url` if it is ``tcp://host:port[#KEY]`` with a usable host, else raise
     `InvalidRecord`. An IPv6 address comes back compressed (``[fd00:0::5]`` ->
     ``[fd00::5]``), as the peer's own hellos spell it: one peer, one link."""
+    return resolve_peer_url(url)[0]
+
+
+def resolve_peer_url(url: str) -> tuple[str, tuple[str, ...]]:
+    """`check_peer_url`, and for a host name the IPv4 endpoints it resolved to (as the
+    seed's own hellos spell it: membership tells a seed that is a member from one that is
+    not); one lookup for both."""
     base, key = split_key(url)
     host, port = split_tcp_url(base)
     if ":" in host or _IPV4_LIKE_RE.fullmatch(host):
@@ -67,28 +74,15 @@ def check_peer_url(url: str) -> str:
         except InvalidRecord as exc:
             raise InvalidRecord(f"peer {url!r}: {exc}") from None
         if ip.version == 6:
-            return f"tcp://[{ip}]:{port}" + (f"#{key}" if key else "")
-        return url
+            return f"tcp://[{ip}]:{port}" + (f"#{key}" if key else ""), ()
+        return url, ()
     if not _HOSTNAME_RE.fullmatch(host):
         raise InvalidRecord(f"peer {url!r}: host must be an IP address or a host name")
     try:
-        socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+        found = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         raise InvalidRecord(f"peer {url!r}: cannot resolve {host!r} to IPv4 ({exc})") from None
-    return url
-
-
-def _resolved(endpoint: str) -> tuple[str, ...]:
-    """The IPv4 endpoints a ``tcp://host:port`` names (none for an IP address, or when it
-    no longer resolves: `check_peer_url` resolved it a moment ago)."""
-    host, port = split_tcp_url(endpoint)
-    if ":" in host or _IPV4_LIKE_RE.fullmatch(host):
-        return ()
-    try:
-        found = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return ()
-    return tuple(dict.fromkeys(f"tcp://{info[4][0]}:{port}" for info in found))
+    return url, tuple(dict.fromkeys(f"tcp://{info[4][0]}:{port}" for info in found))
 
 
 class StaticDiscovery:
@@ -96,13 +90,12 @@ class StaticDiscovery:
 
     def __init__(self, urls: Sequence[str], *, mesh: str) -> None:
         self._mesh = check_mesh(mesh)
-        seen: dict[str, None] = {}
+        self._aliases: dict[str, tuple[str, ...]] = {}
+        """Per URL (duplicates removed, in order), a host name's addresses as endpoints."""
         for url in urls:
-            seen[check_peer_url(url)] = None
-        self._urls: tuple[str, ...] = tuple(seen)
-        self._aliases = {url: _resolved(split_key(url)[0]) for url in self._urls}
-        """Per URL naming a host, its addresses as endpoints (as the seed's own hellos
-        spell them: membership tells a seed that is a member from one that is not)."""
+            checked, aliases = resolve_peer_url(url)
+            self._aliases.setdefault(checked, aliases)
+        self._urls: tuple[str, ...] = tuple(self._aliases)
         self._started = False
 
     @property
