@@ -106,7 +106,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for field in msgspec.structs.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, float) and math.isnan(value):
-                # (NaN passes every `<= 0` check; a NaN forget_after spun the loop at 100 %)
+                # (here for every duration: NaN passes every `<= 0` check below, and a NaN
+                # forget_after spun the loop at 100 %)
                 raise ConfigError(field.name, "must be a number, not NaN")
         name = self.name or socket.gethostname().split(".")[0] or "node"
         if len(name.encode()) > _NAME_MAX or not name.isprintable():
@@ -129,8 +130,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                               "need heartbeat_interval < suspect_after <= lost_after")
         if self.forget_after <= 0:
             raise ConfigError("forget_after", "must be > 0")
-        if not self.history_max_age > 0 or self.history_max_bytes <= 0:  # (NaN: not > 0)
-            raise ConfigError("history_max_age" if not self.history_max_age > 0
+        if self.history_max_age <= 0 or self.history_max_bytes <= 0:
+            raise ConfigError("history_max_age" if self.history_max_age <= 0
                               else "history_max_bytes", "must be > 0")
         for pattern in self.history:
             try:
@@ -141,11 +142,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError("spool_quota", "must be > 0")
         if self.max_attempts < 1:
             raise ConfigError("max_attempts", "must be >= 1")
-        if not self.ack_timeout > 0:  # (NaN: not > 0; it would never time out)
+        if self.ack_timeout <= 0:
             raise ConfigError("ack_timeout", "must be > 0 seconds")
-        if not self.retry_backoff >= 0:  # (NaN would silently wait the 30 s cap each time)
+        if self.retry_backoff < 0:
             raise ConfigError("retry_backoff", "must be >= 0 seconds")
-        if not self.durable_expiry > 0:  # (also rejects NaN)
+        if self.durable_expiry <= 0:
             raise ConfigError("durable_expiry", "must be > 0 seconds")
         if (self.secret_key is None) != (self.allow is None):
             raise ConfigError("secret_key" if self.secret_key is None else "allow",
