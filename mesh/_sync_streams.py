@@ -28,6 +28,7 @@ from ._message import T as V
 from ._node import AsyncNode
 from ._pubsub._subscription import Subscription
 from ._services._gather import Replies
+from ._support._mailbox import take_bounded
 from ._work._pull import Pull
 from .errors import ClosedError
 
@@ -220,15 +221,7 @@ class SyncSubscription(_Handoff[Message[V]]):
         """Up to `limit` queued messages, without waiting (for writers that batch); with
         `max_bytes`, no more once their payloads reach that many bytes."""
         with self._lock:
-            queue = self._queue
-            if max_bytes is None:
-                return [queue.popleft() for _ in range(min(limit, len(queue)))]
-            taken: list[Message[V]] = []
-            size = 0
-            while queue and len(taken) < limit and size < max_bytes:
-                taken.append(queue.popleft())
-                size += len(taken[-1].data)
-            return taken
+            return take_bounded(self._queue, limit, max_bytes)
 
     def __iter__(self) -> Self:
         return self

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import _trace
 from .._message import Decoding, Message, T
-from .._support._mailbox import Mailbox
+from .._support._mailbox import Mailbox, take_bounded
 from .._support._tasks import is_async_handler
 from ..errors import ClosedError
 from . import _pace
@@ -266,15 +266,7 @@ class Subscription(Mailbox[Message[T]]):
     def drain(self, limit: int, max_bytes: int | None = None) -> list[Message[T]]:
         """Up to `limit` queued messages, without waiting (for writers that batch); with
         `max_bytes`, no more once their payloads reach that many bytes."""
-        queue = self._queue
-        if max_bytes is not None:
-            taken: list[Message[T]] = []
-            size = 0
-            while queue and len(taken) < limit and size < max_bytes:
-                taken.append(queue.popleft())
-                size += len(taken[-1].data)
-        else:
-            taken = [queue.popleft() for _ in range(min(limit, len(queue)))]
+        taken = take_bounded(self._queue, limit, max_bytes)
         if self.max_pending_bytes:
             self._queued_bytes -= sum(len(m.data) for m in taken)
         return taken

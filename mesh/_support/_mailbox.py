@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from ..errors import ClosedError
 
@@ -53,3 +53,24 @@ class Mailbox(Generic[T]):
             finally:
                 self._waiter = None
         return self._queue.popleft()
+
+
+class _Sized(Protocol):
+    @property
+    def data(self) -> bytes: ...
+
+
+S = TypeVar("S", bound=_Sized)
+
+
+def take_bounded(queue: deque[S], limit: int, max_bytes: int | None) -> list[S]:
+    """Up to `limit` of `queue`'s oldest; with `max_bytes`, no more once their payloads
+    reach that many bytes (a writer batching large messages holds one write's worth)."""
+    if max_bytes is None:
+        return [queue.popleft() for _ in range(min(limit, len(queue)))]
+    taken: list[S] = []
+    size = 0
+    while queue and len(taken) < limit and size < max_bytes:
+        taken.append(queue.popleft())
+        size += len(taken[-1].data)
+    return taken
