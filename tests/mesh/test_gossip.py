@@ -23,7 +23,7 @@ from patterns import generate_keypair
 from tests.helpers import aeventually
 
 from ._proc import Cli
-from .conftest import FAST, FAST_ENV, MakeNode
+from .conftest import FAST_ENV, MakeNode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -131,17 +131,24 @@ async def _greeted_after_joining(make_node: MakeNode, monkeypatch: pytest.Monkey
     """Endpoints b greets over two rounds of seed greetings, once joined to the seed
     (`seed_url` names it, on `port`; `seed` and `b`: more node settings)."""
     greeted: list[str] = []
-    greet = control.Membership._greet
+    rounds = 0
+    greet, look = control.Membership._greet, control.Membership._greet_absent_seeds
 
     def spy(self: control.Membership, endpoint: str, *, reply: bool = True) -> None:
         greeted.append(endpoint)
         greet(self, endpoint, reply=reply)
 
+    def count(self: control.Membership) -> set[str]:
+        nonlocal rounds
+        rounds += 1
+        return look(self)
+
     await make_node("seed", mdns=False, port=port, **seed)
     joining = await make_node("b", mdns=False, peers=[seed_url], **b)
     await aeventually(lambda: _names(joining) == {"seed"}, timeout=5)
     monkeypatch.setattr(control.Membership, "_greet", spy)
-    await asyncio.sleep(25 * FAST["heartbeat_interval"])  # (a bounded wait: a negative)
+    monkeypatch.setattr(control.Membership, "_greet_absent_seeds", count)
+    await aeventually(lambda: rounds >= 2, timeout=5)  # two rounds of seed greetings
     return greeted
 
 
