@@ -42,6 +42,7 @@ from ._services._server import (
 )
 from ._support._tally import Traffic
 from ._support._tasks import is_async_handler
+from ._support._threads import HandlerThreads
 from ._sync_streams import SyncPeerEvents, SyncPull, SyncReplies, SyncSubscription
 from ._work._queues import DEFAULT_PREFETCH
 from .errors import ClosedError, MessageTooLarge
@@ -76,6 +77,9 @@ class Node:
         self._streams: list[SyncSubscription | SyncPeerEvents] = []
         """Open streams, ended when the node closes."""
         self._pumps: set[asyncio.Task[None]] = set()
+        self._handlers = HandlerThreads("zeromesh-handler")
+        """Where blocking handlers run: daemon threads, so one that never returns is
+        abandoned at close instead of holding up the interpreter's exit."""
 
     # -- identity and figures ------------------------------------------------------
 
@@ -144,6 +148,7 @@ class Node:
         """
         if self._thread is not None:
             return
+        self._handlers = HandlerThreads("zeromesh-handler")  # (a closed node's pool is shut)
         loop = self._loop = _loop.new_event_loop()
         self._thread = threading.Thread(target=loop.run_forever, name="zeromesh-loop",
                                         daemon=True)
@@ -157,16 +162,24 @@ class Node:
             raise
 
     def close(self) -> None:
-        """Leave the mesh gracefully and stop the loop thread."""
-        if self._loop is None:
+        """Leave the mesh gracefully and stop the loop thread. Blocking handlers still
+        running are abandoned (their threads do not hold up the interpreter's exit); a
+        pull handler's message is then not processed (a reliable one comes again)."""
+        loop = self._loop
+        if loop is None:
             return
         with self._lock:
             self._accepting = False
             self._lock.notify_all()
+        job = self._handlers.current()
+        if job is not None:  # a handler closing its node: the close must not wait for it
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(job.release)
         try:
             self._call(self._drain_then_close())
         finally:
             self._stop_loop()
+            self._handlers.shutdown()
             streams, self._streams = self._streams, []
             for stream in streams:
                 stream._close()
@@ -478,9 +491,17 @@ class Node:
         async_handler = None
         if handler is not None:
             blocking = handler
+            what = f"pull handler {_name_of(handler)} of queue {queue!r}"
 
             async def async_handler(msg: Message[V]) -> None:
-                await asyncio.to_thread(blocking, self._threadsafe(msg))
+                receipt = receipt_of(msg)
+
+                def abandoned() -> None:  # not processed: a reliable one comes again
+                    if receipt is not None:
+                        receipt(msg, False)
+
+                await self._handlers.run(what, blocking, self._threadsafe(msg),
+                                         abandoned=abandoned)
 
         return SyncPull(self, self._call(self._node.pull(queue, type=type, prefetch=prefetch,
                                                          handler=async_handler)))
@@ -515,8 +536,10 @@ class Node:
         """
         run = handler
         if not is_async_handler(handler):
+            what = f"serve handler {_name_of(handler)} of service {service!r}"
+
             async def run(msg: Message) -> ReplyBody:
-                result = await asyncio.to_thread(handler, msg)
+                result = await self._handlers.run(what, handler, msg)
                 return await result if inspect.isawaitable(result) else result
 
         service_handle = self._call(self._node.serve(service, run, concurrency=concurrency))
@@ -581,6 +604,11 @@ class Node:
         self._call(_value(opened))
         self._streams.append(events)
         return events
+
+
+def _name_of(handler: object) -> str:
+    """How a warning names a handler: its qualified name, else its repr."""
+    return getattr(handler, "__qualname__", None) or repr(handler)
 
 
 async def _value(fn: Callable[[], T]) -> T:

@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
+import mesh._core
 from mesh import ClosedError, Node
+from tests.helpers import eventually
 
 
 class Closable(Protocol):
@@ -144,3 +151,86 @@ def test_a_pull_interrupted_by_ctrl_c_takes_nothing_behind_the_callers_back(
         node.push("q", b"m0", timeout=2)
         node.peers()  # (a round trip through the loop: an interrupted call has run by now)
         assert pull.next(timeout=2).data == b"m0"
+
+
+_STUCK_HANDLERS = textwrap.dedent("""
+    import sys, threading, time
+    import mesh._core
+    from mesh import Node
+    mesh._core._HANDLER_GRACE = 0.1  # (a pull handler's grace at close: the test's time)
+    started = threading.Semaphore(0)
+    def stuck(msg):
+        started.release()
+        time.sleep(3600)
+    node = Node(name="a", mesh=sys.argv[1], interfaces=["127.0.0.1"], mdns=False)
+    node.start()
+    node.pull("jobs", handler=stuck)
+    node.serve("svc", stuck)
+    node.push("jobs", b"x", timeout=5)
+    threading.Thread(target=node.request, args=("svc", b"x"), kwargs={"timeout": 30},
+                     daemon=True).start()
+    assert started.acquire(timeout=5) and started.acquire(timeout=5)
+    node.close()
+    print("closed", flush=True)
+""")
+
+
+def test_blocking_handlers_still_running_do_not_hold_up_the_exit(mesh_name: str) -> None:
+    """A program whose pull and serve handlers never return exits once it closed its node,
+    saying which handlers it abandoned. They ran in the loop's default pool, whose threads
+    Python joins at exit: the program never ended."""
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_HANDLERS, mesh_name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"still running 15 s on (printed {out!r})")
+    assert (proc.returncode, out) == (0, "closed\n"), err
+    assert "pull handler stuck of queue 'jobs' still running: abandoned" in err
+    assert "serve handler stuck of service 'svc' still running: abandoned" in err
+
+
+def test_a_pull_handler_abandoned_at_close_leaves_its_message_unprocessed(
+        mesh_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reliable message a handler still held when its node closed is delivered again
+    (to the next worker), as after a crash: the handler never finished it."""
+    monkeypatch.setattr(mesh._core, "_HANDLER_GRACE", 0.1)
+    with Node(name="p", data_dir=str(tmp_path / "p"), **_common(mesh_name)) as pusher:
+        worker = Node(name="w", peers=pusher.endpoints["ctl"], **_common(mesh_name))
+        worker.start()
+        started, release = threading.Event(), threading.Event()
+
+        def stuck(msg: object) -> None:
+            started.set()
+            release.wait(10)
+
+        try:
+            worker.pull("jobs", handler=stuck)
+            pusher.wait_for_workers("jobs", timeout=5)
+            pusher.push("jobs", b"m", reliable=True)
+            assert started.wait(5)
+            worker.close()
+        finally:
+            release.set()
+            worker.close()
+        again = pusher.pull("jobs").next(timeout=5)
+        assert again.data == b"m"
+
+
+def test_close_from_a_pull_handler_is_prompt(mesh_name: str) -> None:
+    """A handler closing its own node: the close waited for the handler's grace (2 s),
+    the handler being the one that waited for the close. The message counts as processed."""
+    with Node(name="a", **_common(mesh_name)) as node:
+        took: list[float] = []
+
+        def handler(msg: object) -> None:
+            began = time.monotonic()
+            node.close()
+            took.append(time.monotonic() - began)
+
+        node.pull("jobs", handler=handler)
+        node.push("jobs", b"x", timeout=5)
+        eventually(lambda: took, timeout=5)
+        assert took[0] < 1.0, took
