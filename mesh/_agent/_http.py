@@ -225,8 +225,8 @@ def _guarded(handler: ViewHandler, route: str, count: Callable[[str, int], None]
             response = error(413, str(exc))
         except SpoolFullError as exc:
             response = error(507, str(exc))
-        except NoRespondersError as exc:
-            response = error(503, str(exc))
+        except NoRespondersError as exc:  # (not str(exc): a Python repr, escaped again by JSON)
+            response = error(503, f"no responders for '{exc.name}'")
         except (RequestTimeout, TimeoutError) as exc:
             response = error(504, str(exc) or "timed out")
         except RemoteError as exc:

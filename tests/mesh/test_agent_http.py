@@ -199,6 +199,18 @@ async def test_request_statuses_reply_timeout_remote_error_and_no_responders(
         assert time.monotonic() - started < 2.0
 
 
+async def test_no_responders_names_the_name_as_given(procs: list[Cli], mesh_name: str) -> None:
+    """The 503's reason quotes the name plainly: it was Python's repr of it, which JSON
+    escaped again (``'w"q\\\\z'`` for ``w"q\\z``)."""
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    async with aiohttp.ClientSession() as http:
+        for route in ("request", "push"):
+            async with http.post(f"{agent.url}/v1/{route}/w%22q%5Cz?timeout=0.3",
+                                 data=b"x") as r:
+                assert r.status == 503
+                assert (await r.json())["error"] == "no responders for 'w\"q\\z'", route
+
+
 async def test_push_reaches_a_worker_with_headers(procs: list[Cli], mesh_name: str, make_node: MakeNode) -> None:
     worker = await make_node("worker")
     pull = await worker.pull("jobs")
