@@ -263,7 +263,9 @@ class _Connection(asyncio.Protocol):
             if len(self._buf) > MAX_HEAD:
                 raise BadResponse(f"app answer's headers exceed {MAX_HEAD} bytes")
             return False
-        lines = self._buf[:end].decode("latin-1").split("\r\n")
+        # UTF-8, as the headers of requests are read (their value is the text of a message
+        # header); other bytes become lone surrogates, which `from_app` refuses by name
+        lines = self._buf[:end].decode("utf-8", "surrogateescape").split("\r\n")
         del self._buf[:end + 4]
         version, _, rest = lines[0].partition(" ")
         code = rest[:3]

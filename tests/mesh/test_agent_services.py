@@ -19,6 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
+from mesh._agent._config import AgentConfig
 from tests.helpers import CountsInFlight, aeventually
 
 from ._agent import AgentProc, start_agent, wait_status
@@ -286,17 +287,29 @@ def test_bad_service_config_exits_2_with_one_line(tmp_path: Path, config: str,
     assert reason in done.stderr, done.stderr
 
 
+def _serving_s(mesh_name: str, server: asyncio.Server) -> AgentConfig:
+    """An in-process agent's config: service ``s`` is the app `server` listens for."""
+    from mesh._agent import load
+    from mesh._agent._config import ServiceApp
+
+    from .conftest import FAST
+
+    port = server.sockets[0].getsockname()[1]
+    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        **FAST})
+    config.services = [ServiceApp(name="s", url=f"http://127.0.0.1:{port}/x")]
+    return config
+
+
 async def test_an_apps_error_answer_is_logged_in_one_line(
         mesh_name: str, caplog: pytest.LogCaptureFixture) -> None:
     """An app's first non-2xx answer (or timeout) is logged as the app's failure, not with a
     traceback of the agent's own code ("raise AppError(...)"), which told nothing more."""
     import logging
 
-    from mesh._agent import Agent, load
-    from mesh._agent._config import ServiceApp
+    from mesh._agent import Agent
     from mesh.errors import RemoteError
-
-    from .conftest import FAST
 
     async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -305,11 +318,7 @@ async def test_an_apps_error_answer_is_logged_in_one_line(
         writer.close()
 
     server = await asyncio.start_server(app, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name, "mdns": False,
-                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
-                                        **FAST})
-    config.services = [ServiceApp(name="s", url=f"http://127.0.0.1:{port}/x")]
+    config = _serving_s(mesh_name, server)
     try:
         with caplog.at_level(logging.WARNING):
             async with Agent(config) as agent:
@@ -318,3 +327,33 @@ async def test_an_apps_error_answer_is_logged_in_one_line(
     finally:
         server.close()
     assert "Traceback" not in caplog.text, caplog.text
+
+
+async def test_reply_headers_are_utf8_and_one_that_is_not_fails_the_reply(
+        mesh_name: str) -> None:
+    """An app's reply header is read as UTF-8 (``café`` came as ``cafÃ©``: read as latin-1);
+    one whose bytes are not UTF-8 fails the request, naming the header (it used to pass as
+    latin-1 text, which the app never meant)."""
+    from mesh._agent import Agent
+    from mesh.errors import RemoteError
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        latin = b"X-Latin: caf\xe9\r\n" if b"x-zeromesh-header-bad" in request else b""
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Utf8: caf\xc3\xa9\r\n"
+                     + latin + b"Connection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    config = _serving_s(mesh_name, server)
+    try:
+        async with Agent(config) as agent:
+            reply = await agent.node.request("s", b"ok", timeout=5, retries=0)
+            assert reply.headers == {"x-utf8": "café"}
+            with pytest.raises(RemoteError, match="header X-Latin is not UTF-8 text"):
+                await agent.node.request("s", b"ok", timeout=5, retries=0,
+                                         headers={"bad": "1"})
+    finally:
+        server.close()
