@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import codecs
 from base64 import b64decode
 from typing import Final
 
@@ -64,12 +65,13 @@ _ONE: Final = msgspec.json.Decoder(Line)
 
 
 def parse(body: bytes, max_size: int, can_spool: bool) -> list[Item]:
-    """Every message of an NDJSON body (blank lines skipped), checked.
+    """Every message of an NDJSON body (blank lines and a leading UTF-8 BOM skipped),
+    checked. (Windows tools, PowerShell's among them, start UTF-8 files with a BOM.)
 
     Raises:
         BadLine: the first line that is not a valid message, with its number.
     """
-    text = body.rstrip()
+    text = body.removeprefix(codecs.BOM_UTF8).rstrip()
     if not text:
         return []
     lines: list[Line] | None = None

@@ -109,6 +109,7 @@ async def test_a_bad_line_is_named_and_nothing_is_published(
 
 async def test_a_body_over_the_limit_is_413_and_blank_lines_are_skipped(
         procs: list[Cli], mesh_name: str, make_node: MakeNode) -> None:
+    """And a leading UTF-8 BOM, as Windows tools write."""
     _, sub = await _subscriber(make_node)
     agent = start_agent(procs, mesh=mesh_name, name="side", env={"ZEROMESH_MAX_BODY": "65536"})
     line = json.dumps({"topic": "bulk.big", "data": "x" * 100}).encode() + b"\n"
@@ -122,7 +123,10 @@ async def test_a_body_over_the_limit_is_413_and_blank_lines_are_skipped(
             assert (r.status, await r.json()) == (202, {"published": 2})
         async with http.post(f"{agent.url}/v1/publish", data=b"") as r:
             assert (r.status, await r.json()) == (202, {"published": 0})
-    assert [(await _next(sub)).topic for _ in range(2)] == ["bulk.big", "bulk.two"]
+        bom = b"\xef\xbb\xbf" + line.replace(b"big", b"bom")  # (was a 400: line 1 malformed)
+        async with http.post(f"{agent.url}/v1/publish", data=bom) as r:
+            assert (r.status, await r.json()) == (202, {"published": 1})
+    assert [(await _next(sub)).topic for _ in range(3)] == ["bulk.big", "bulk.two", "bulk.bom"]
 
 
 async def test_reliable_and_retained_lines_go_through_the_spool_in_order(
