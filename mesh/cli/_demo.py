@@ -158,8 +158,9 @@ class _Demo:
 
     async def spawn_agent(self, name: str) -> _Child:
         # HTTP on a free port of the demo's interface: never the default 7474, which
-        # may be taken (by a real sidecar on this machine, say)
-        return await self._spawn(name, "-m", "mesh", "agent", "--name", name,
+        # may be taken (by a real sidecar on this machine, say). Started through the
+        # roles module, it ends when the demo does, even SIGKILLed (as the roles do).
+        return await self._spawn(name, "-m", _ROLES_MODULE, "agent", "--name", name,
                                  "--mesh", self.mesh, "--interface", self.interface,
                                  "--peer", self.seed, "--no-mdns",
                                  "--data-dir", self.data_dir(name),

@@ -10,15 +10,18 @@ never outlives a demo that died. Only the public ``mesh`` API is used; no
 discovery but the demo's seed (no mDNS, nothing bound beyond the interface).
 
 Roles: ``sub PATTERN``, ``worker QUEUE``, ``server SERVICE``,
-``durable PATTERN NAME``.
+``durable PATTERN NAME``; and ``agent ARGS...``, the sidecar: ``zeromesh agent
+ARGS`` itself, which also stops (as on SIGTERM) when its stdin closes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
@@ -107,7 +110,26 @@ async def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sidecar(argv: list[str]) -> int:
+    """``zeromesh agent ARGV`` that a demo SIGKILLed does not leave running: the demo's
+    end closes our stdin, and that stops the agent as SIGTERM does (portable, unlike
+    Linux's parent-death signal; the agent itself never reads stdin)."""
+    from ._main import main as zeromesh
+
+    def on_stdin_closed() -> None:
+        with open(sys.stdin.fileno(), "rb", buffering=0, closefd=False) as stdin:
+            while stdin.read(4096):
+                pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=on_stdin_closed, name="demo-gone", daemon=True).start()
+    return zeromesh(["agent", *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["agent"]:
+        return _sidecar(argv[1:])
     p = argparse.ArgumentParser(prog="zeromesh-demo-role")
     p.add_argument("role", choices=sorted(ROLES))
     p.add_argument("what", help="pattern, queue or service")

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -149,21 +150,27 @@ def test_demo_shows_every_scene_and_exits_0_within_30_s() -> None:
     assert _index(said, "demo", "done: all 5 scenes")
 
 
+def _output_until(proc: subprocess.Popen[str], text: str) -> str:
+    """The demo's output up to a chunk holding `text` (bounded by the demo's promise)."""
+    assert proc.stdout is not None
+    seen = ""
+    deadline = time.monotonic() + _PROMISE
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while text not in seen:
+            assert time.monotonic() < deadline, seen
+            assert proc.poll() is None, seen
+            if sel.select(timeout=0.5):  # the raw fd: no text buffer hiding a line from select
+                seen += os.read(proc.stdout.fileno(), 65536).decode(errors="replace")
+    return seen
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_ctrl_c_stops_every_child_and_removes_the_temp_dir() -> None:
     """SIGINT mid-demo: exit 130, no traceback, no child left running, no temp dir left."""
     with _demo() as proc:
-        assert proc.stdout is not None
         assert proc.stderr is not None
-        seen = ""
-        deadline = time.monotonic() + _PROMISE
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while "== 2." not in seen:
-                assert time.monotonic() < deadline, seen
-                assert proc.poll() is None, seen
-                if sel.select(timeout=0.5):  # the raw fd: no text buffer hiding a line from select
-                    seen += os.read(proc.stdout.fileno(), 65536).decode(errors="replace")
+        seen = _output_until(proc, "== 2.")
         children = _children(proc.pid)
         tmp = re.search(r"files in (\S+)", seen)
         assert children, seen
@@ -176,3 +183,38 @@ def test_ctrl_c_stops_every_child_and_removes_the_temp_dir() -> None:
         time.sleep(0.05)
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
     assert not Path(tmp[1]).exists()
+
+
+def _running(pid: int) -> bool:
+    """Alive, and not a zombie nobody reaped (its parent died: a container's init may not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_sigkilled_demo_leaves_no_child_running() -> None:
+    """SIGKILL (no cleanup can run): every child ends by itself within seconds. The roles
+    did (their stdin closes); the sidecar agent ran on for good."""
+    children: set[int] = set()
+    tmp = None
+    try:
+        with _demo() as proc:
+            seen = _output_until(proc, "all 8 nodes joined")
+            children = _children(proc.pid)
+            tmp = re.search(r"files in (\S+)", seen)
+            assert len(children) == 8, seen
+            proc.kill()
+            proc.wait(5)
+        deadline = time.monotonic() + 5
+        while any(map(_running, children)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in children if _running(pid)]
+    finally:
+        for pid in filter(_running, children):  # (ours, still running: no reused pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if tmp is not None:
+            shutil.rmtree(tmp[1], ignore_errors=True)
