@@ -337,8 +337,10 @@ class Membership:
 
     def _greet_new(self, endpoint: str) -> None:
         """Greet an endpoint not known as a member's yet, until it answers (a bounded
-        number at once: a flood of strangers opens no flood of connections)."""
-        if endpoint not in self._pending and len(self._pending) >= _MAX_PENDING:
+        number at once: a flood of strangers opens no flood of connections; the seeds the
+        user named are no strangers, and as many as named are greeted)."""
+        if endpoint not in self._pending and endpoint not in self._static and \
+                len(self._pending) >= _MAX_PENDING:
             self._quiet.drop("too_many_strangers", f"{_MAX_PENDING} endpoints greeted and "
                              "not answering yet")
             return

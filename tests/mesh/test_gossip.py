@@ -339,3 +339,15 @@ async def test_heartbeats_from_many_strangers_open_a_bounded_number_of_links(
             lambda: a.traffic().input_dropped.get("too_many_strangers", 0) >= 16, timeout=5)
     assert len(membership.links()) == 4
     assert a.peers() == []
+
+
+async def test_every_seed_named_is_greeted_however_many(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound on strangers greeted at once is not for the seeds the user named: 300
+    ``--peer`` entries logged "dropped too_many_strangers input" for the 44 past 256."""
+    monkeypatch.setattr(control, "_MAX_PENDING", 4)
+    seeds = [f"tcp://127.0.0.1:{_free_port()}" for _ in range(6)]
+    a = await make_node("a", mdns=False, peers=seeds)
+    membership = a._live().membership
+    await aeventually(lambda: len(membership.links()) == 6, timeout=5)
+    assert "too_many_strangers" not in a.traffic().input_dropped
