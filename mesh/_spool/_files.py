@@ -107,7 +107,9 @@ def sync_dir(path: Path, policy: FsyncPolicy) -> None:
         os.close(dir_fd)
 
 
-def write_error(exc: OSError, quota: int, used: int) -> MeshError:
+def write_error(exc: OSError, path: Path, quota: int, used: int) -> MeshError:
+    """What a sender whose message could not be written is told: a full disk is a full
+    spool; anything else (its directory removed, an I/O error) names the spool."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return SpoolFullError(quota, used)
-    return MeshError(f"spool write failed: {exc.strerror or exc}")
+    return MeshError(f"spool write failed: {path}: {exc.strerror or exc}")

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -129,6 +130,10 @@ class SpoolStore:
         self._closed = False
         self.report = RecoveryReport()
         self._meta: list[bytes] = []
+        self._failed_writes = 0
+        """Writes failed since the last that worked (the writer logs the first only)."""
+        self._refused = 0
+        """Messages those failed writes refused."""
 
     # -- opening -----------------------------------------------------------------
 
@@ -251,6 +256,8 @@ class SpoolStore:
 
         Raises:
             SpoolFullError: the quota (or the disk) is full; nothing is stored.
+            MeshError: the spool cannot be written (its directory was removed, an I/O
+                error); nothing is stored, and later appends try again.
             ClosedError: the store is closed.
         """
         return (await self.append_many((payload,)))[0]
@@ -438,7 +445,9 @@ class SpoolStore:
 
     def _write_forever(self) -> None:
         seg = self._segments[-1]
-        fd = self._open_segment(seg)  # owned by this thread until it ends
+        fd: int | None = None
+        """Owned by this thread until it ends; opened by the first write, and again by
+        the write after one that found its file gone (`_write_batch`)."""
         try:
             while True:
                 batch = [self._queue.get()]
@@ -453,15 +462,21 @@ class SpoolStore:
                 if any(b is _STOP for b in batch):
                     return
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
-    def _write_batch(self, writes: list[Write], fd: int,
-                     seg: Segment) -> tuple[int, Segment]:
+    def _write_batch(self, writes: list[Write], fd: int | None,
+                     seg: Segment) -> tuple[int | None, Segment]:
+        """Write a batch and resolve its futures; a failure fails all of them, and a file
+        found gone (its directory removed) is let go: the next batch opens a new one."""
         placed: list[tuple[Write, Segment]] = []
         error: BaseException | None = None
         start_size = seg.size
         chunks: list[bytes] = []
         try:
+            if fd is None:
+                fd, seg = self._reopen(seg, writes)
+                start_size = seg.size
             for write in writes:
                 if seg.size > 0 and (write.compact
                                      or seg.size + write.size > self.segment_bytes
@@ -484,15 +499,39 @@ class SpoolStore:
                     os.fsync(fd)  # the new state is durable before the old is released
                     self._release_meta(seg)
             self._flush(fd, chunks)
+            if os.fstat(fd).st_nlink == 0:  # (written, but to a file no name leads to)
+                raise FileNotFoundError(errno.ENOENT, "the spool's file or directory was "
+                                        "removed", str(seg.path))
         except OSError as exc:
-            error = write_error(exc, self.quota_bytes, self.used_bytes)
-            _log.error("spool write failed: %s", exc)
-            self._undo(fd, seg, start_size, placed)
+            error = write_error(exc, self.path, self.quota_bytes, self.used_bytes)
+            self._note_failure(exc, writes)
+            if fd is not None:
+                self._undo(fd, seg, start_size, placed)
+                if _gone(fd):
+                    os.close(fd)
+                    fd = None
+        else:
+            self._note_success()
         loop = self._loop
         assert loop is not None
         loop.call_soon_threadsafe(self._resolve, writes, error)  # (all fail with one)
         self._tidy()
         return fd, seg
+
+    def _note_failure(self, exc: OSError, writes: list[Write]) -> None:
+        """Log the first failed write of an episode (a full disk fails every write until
+        it has room again: one line, not one per send); count the rest."""
+        self._failed_writes += 1
+        self._refused += sum(len(write.ids) for write in writes)
+        if self._failed_writes == 1:
+            _log.error("spool %s: write failed: %s (logged once until writes work again)",
+                       self.path, exc)
+
+    def _note_success(self) -> None:
+        if self._failed_writes:
+            _log.warning("spool %s: writes work again, after %d failed (%d message(s) "
+                         "refused)", self.path, self._failed_writes, self._refused)
+            self._failed_writes = self._refused = 0
 
     def _tidy(self) -> None:
         """Give back the space of settled messages; past the quota by more than a
@@ -588,7 +627,18 @@ class SpoolStore:
                 seg.meta = 0
         self._drop_settled()
 
-    def _roll(self, first_id: int, fd: int) -> tuple[int, Segment]:
+    def _reopen(self, seg: Segment, writes: list[Write]) -> tuple[int, Segment]:
+        """A file to write `writes` to when none is open: `seg`'s if it is still empty,
+        else a new segment's (`seg`'s file was found gone; what it holds is cut back to
+        what its name had, so appending to a new file of that name would misplace it).
+        The spool's directory is not made again: removed, it may be a volume not
+        mounted, and the files would go to the disk beneath."""
+        if seg.size == 0:
+            return self._open_segment(seg), seg
+        first = next((write.ids[0] for write in writes if write.ids), self._next_id)
+        return self._roll(first, None)
+
+    def _roll(self, first_id: int, fd: int | None) -> tuple[int, Segment]:
         """The new segment being written, and its fd; `fd` (the old one's) is closed once
         the new one is open: a file that cannot be made (a full disk) changes nothing."""
         # Named after its first message; a segment that starts with other records
@@ -598,8 +648,17 @@ class SpoolStore:
         new_fd = self._open_segment(seg)
         with self._lock:
             self._segments.append(seg)
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         return new_fd, seg
+
+
+def _gone(fd: int) -> bool:
+    """Whether `fd`'s file has no name left (removed, or its directory was)."""
+    try:
+        return os.fstat(fd).st_nlink == 0
+    except OSError:
+        return True
 
 
 def _messages(record: Record, report: RecoveryReport, name: str) -> list[tuple[int, bytes]]:

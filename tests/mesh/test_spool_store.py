@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -393,6 +395,71 @@ async def test_a_segment_that_cannot_be_made_fails_its_sends_and_the_spool_goes_
     again = await _open(tmp_path, quota_bytes=64 * 1024)
     try:
         assert [p for _, p in again.pending()] == [b"a" * 5000, b"c" * 5000]
+    finally:
+        await again.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_a_spool_whose_directory_went_before_the_first_write_fails_sends_until_it_is_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The directory removed between recovery and the writer's first file: the writer
+    thread died of it and every later send waited for ever. Now each send fails with an
+    error naming the spool (logged once for the episode), and they work again once the
+    directory is back."""
+    path = tmp_path / "out"
+    store = SpoolStore(path)
+    recover = store.open
+
+    def recover_then_remove() -> Any:
+        report = recover()
+        shutil.rmtree(path)
+        return report
+
+    store.open = recover_then_remove  # type: ignore[method-assign]
+    await store.start()
+    try:
+        for _ in range(3):
+            with pytest.raises(MeshError, match=re.escape(f"spool write failed: {path}: No such file")):
+                await asyncio.wait_for(store.append(b"lost"), 5)
+        assert store.used_bytes == 0
+        path.mkdir()
+        kept = await asyncio.wait_for(store.append(b"kept"), 5)
+    finally:
+        await store.aclose()
+    failing = [r.getMessage() for r in caplog.records if "write failed" in r.getMessage()]
+    assert len(failing) == 1, failing
+    assert any("writes work again, after 3 failed (3 message(s) refused)" in r.getMessage()
+               for r in caplog.records)
+    again = await _open(path)
+    try:
+        assert again.pending() == [(kept, b"kept")]
+    finally:
+        await again.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_a_send_into_a_removed_spool_directory_is_an_error_not_a_lost_message(
+        tmp_path: Path) -> None:
+    """With its directory removed while it runs, the spool wrote on into its open file,
+    which no name led to any more: each send returned as stored, and a restart had none
+    of them. Now such a send fails; once the directory is back, a new segment holds
+    what is sent."""
+    path = tmp_path / "out"
+    store = await _open(path)
+    try:
+        await store.append(b"before")
+        shutil.rmtree(path)
+        with pytest.raises(MeshError, match=r"spool write failed: .*removed"):
+            await asyncio.wait_for(store.append(b"lost"), 5)
+        with pytest.raises(MeshError, match="No such file"):
+            await asyncio.wait_for(store.append(b"lost too"), 5)
+        path.mkdir()
+        kept = await asyncio.wait_for(store.append(b"kept"), 5)
+    finally:
+        await store.aclose()
+    again = await _open(path)
+    try:
+        assert again.pending() == [(kept, b"kept")]
     finally:
         await again.aclose()
 
