@@ -20,6 +20,7 @@ from ._node_p2p import WorkAndServices
 from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription, check_callback
 from ._reliable import _dead
 from ._reliable._durables import DurableInfo, durable_queue
+from ._reliable._outbox import Replayed
 from ._work._pull import NO_SETTLE, Pull
 from ._work._queues import DEFAULT_PREFETCH
 from ._work._target import Sent
@@ -268,15 +269,21 @@ class AsyncNode(WorkAndServices):
         """Give dead letters (all, or those spool `ids`) a new round of delivery attempts.
 
         Returns:
-            How many went back into the outbox.
+            How many went back into the outbox (not those whose ttl had passed: they
+            leave the dead letters, counted as expired).
 
         Raises:
             ConfigError: the node has no data dir.
         """
+        return len((await self._replay(ids)).moved)
+
+    async def _replay(self, ids: set[int] | None, *, follow: bool = False) -> Replayed:
+        """`replay_dead_letters`, saying which went back and (`follow`) how each ends:
+        ``zeromesh spool replay`` waits for those alone."""
         run = self._live()
         if run.outbox is None:
             raise ConfigError("data_dir", "dead letters live in a data dir; none is set")
-        return await run.outbox.replay(ids, run.work.requeue)
+        return await run.outbox.replay(ids, run.work.requeue, follow=follow)
 
     def dead_letters(self) -> list[dict[str, Any]]:
         """The dead letters in this node's spool, oldest first (see `_reliable._dead`;

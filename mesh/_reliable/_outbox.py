@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from itertools import repeat
 from pathlib import Path
@@ -93,6 +94,53 @@ def track(spool_id: int, spooled: _wire.Spooled) -> Tracked:
 
 Requeue = Callable[..., None]
 
+DEAD: Final[str] = "dead-lettered"
+"""How a followed replayed message ended when it failed every attempt again."""
+
+
+class Replayed:
+    """The dead letters one `Outbox.replay` took, and how each ended.
+
+    Only the messages it replayed count: the outbox may hold others (a
+    durable that is offline), which a count of the whole outbox would wait
+    for. Followed (``follow=True``), a message that leaves the outbox is
+    delivered unless the outbox noted otherwise (`ended`): its ttl passed
+    first, or it failed every attempt again.
+    """
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+        self.moved: list[int] = []
+        """Their outbox spool ids."""
+        self.expired = 0
+        """Those whose ttl had passed already: not put back, they left the dead letters."""
+        self.ended: dict[int, str] = {}
+        """Outbox spool id -> how a moved one ended if not delivered (`_ttl.EXPIRED` for
+        any destination, or `DEAD`)."""
+
+    def __len__(self) -> int:
+        return len(self.moved) + self.expired
+
+    def outcomes(self) -> Counter[str]:
+        """How many are ``delivered``, ``waiting`` (still in the outbox), `_ttl.EXPIRED`
+        or `DEAD`."""
+        store = self._outbox.store
+        out: Counter[str] = Counter({"delivered": 0, "waiting": 0, _ttl.EXPIRED: self.expired,
+                                     DEAD: 0})
+        for spool_id in self.moved:
+            if store.get(spool_id) is not None:
+                out["waiting"] += 1
+            else:
+                out[self.ended.get(spool_id, "delivered")] += 1
+        return out
+
+    def close(self) -> None:
+        """Stop following them."""
+        followed = self._outbox.followed
+        for spool_id in self.moved:
+            if followed.get(spool_id) is self:
+                del followed[spool_id]
+
 
 class Outbox:
     """The outbox spool of one node and the bookkeeping of its reliable messages."""
@@ -118,6 +166,8 @@ class Outbox:
         """Woken when a message left the spool (delivered or dead-lettered)."""
         self.inbox: SpoolStore | None = None
         """The receiving side's dedup marks live here (closed with the rest)."""
+        self.followed: dict[int, Replayed] = {}
+        """Replayed messages whose end someone waits to hear (`Replayed`), by spool id."""
 
     async def spool_push(self, queue: str, item: _wire.Item) -> Tracked:
         """Put a reliable push on disk; returns once it is there."""
@@ -216,19 +266,23 @@ class Outbox:
                 one.pending = pending = tuple(d for d in pending if d != dest)
                 self._stats[_ttl.EXPIRED] += 1
                 self._by_name(one.spooled)[_ttl.EXPIRED].add(one.spooled.name)
+                if self.followed:
+                    self._ended(one.spool_id, _ttl.EXPIRED)
                 if not pending:
                     done.append(one.spool_id)
         if done:
             self.store.ack(done)
             self._waiter.wake()
 
-    def _drop_expired(self, tracked: list[Tracked]) -> None:
-        """Expired for every destination left (recovery)."""
+    def _drop_expired(self, tracked: list[Tracked], *, ack: bool = True) -> None:
+        """Expired for every destination left (recovery; a dead letter replayed too late,
+        not in the outbox: `ack` False)."""
         self._stats[_ttl.EXPIRED] += sum(len(one.pending) for one in tracked)
         for one in tracked:
             self._by_name(one.spooled)[_ttl.EXPIRED].add(one.spooled.name, len(one.pending))
             one.pending = ()
-        self.store.ack([one.spool_id for one in tracked])
+        if ack:
+            self.store.ack([one.spool_id for one in tracked])
         self._waiter.wake()
 
     def delivered(self, tracked: Iterable[Tracked], dest: str) -> None:
@@ -335,6 +389,8 @@ class Outbox:
             _log.exception("cannot move message %d to the dead-letter spool; it stays queued",
                            tracked.spool_id)
             return
+        if self.followed:
+            self._ended(tracked.spool_id, DEAD)
         self.store.ack((tracked.spool_id,))
         self._stats["dead_lettered"] += 1
         self._by_name(spooled)["dead_lettered"].add(spooled.name)
@@ -343,9 +399,20 @@ class Outbox:
         _log.warning("message on %s dead-lettered after %d attempts: %s (dead letter %d)",
                      spooled.name, spooled.attempts, spooled.reason, dead_id)
 
-    async def replay(self, ids: set[int] | None, requeue: Requeue) -> int:
-        """Move dead letters (all, or those `ids`) back into the outbox; how many moved."""
-        moved = 0
+    def _ended(self, spool_id: int, how: str) -> None:
+        replayed = self.followed.get(spool_id)
+        if replayed is not None:
+            replayed.ended[spool_id] = how
+
+    async def replay(self, ids: set[int] | None, requeue: Requeue, *,
+                     follow: bool = False) -> Replayed:
+        """Move dead letters (all, or those `ids`) back into the outbox, and say which.
+
+        One whose ttl has passed is not: it leaves the dead letters, counted as
+        expired, as it would leave any spool. `follow`: note how each moved one
+        ends (see `Replayed`; close it when done).
+        """
+        replayed = Replayed(self)
         for record_id, payload in self.dead.pending():
             if ids is not None and record_id not in ids:
                 continue
@@ -354,13 +421,20 @@ class Outbox:
             except ProtocolError:
                 continue
             spooled.attempts, spooled.reason = 0, ""
+            if _ttl.has_expired(spooled.item):
+                self.dead.ack((record_id,))
+                self._drop_expired([track(0, spooled)], ack=False)
+                replayed.expired += 1
+                continue
             spool_id = await self.store.append(_wire.encode_spooled(spooled))
             tracked = track(spool_id, spooled)
             self.dead.ack((record_id,))
+            if follow:
+                self.followed[spool_id] = replayed
+            replayed.moved.append(spool_id)
             for dest in tracked.pending:
                 requeue(dest, (spooled.item, tracked))
-            moved += 1
-        return moved
+        return replayed
 
     async def aclose(self) -> None:
         if self._acks:

@@ -328,6 +328,13 @@ def _keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_REPLAY_EXIT = ("It waits for the messages it replayed alone (not others in the outbox). "
+                "Exit 0 once each was delivered; 1 if one expired (its ttl passed: it "
+                "leaves the dead letters, counted as expired), failed again (back in the "
+                "dead letters), or was not delivered within --timeout (it stays in the "
+                "outbox).")
+
+
 def _add_spool(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("spool", help="inspect, replay or purge a node's spools; list or forget "
                                      "the durables it spools for")
@@ -339,7 +346,7 @@ def _add_spool(sub: argparse._SubParsersAction[_Parser]) -> None:
                        ("durables", "list the durable subscriptions spooled for, with backlogs"),
                        ("forget", "stop spooling for a durable and free its backlog; node "
                                   "must be stopped")]:
-        a = actions.add_parser(name, help=text)
+        a = actions.add_parser(name, help=text, epilog=_REPLAY_EXIT if name == "replay" else None)
         _common(a)
         if name in ("ls", "show", "durables"):
             a.add_argument("--json", action="store_true")

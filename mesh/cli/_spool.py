@@ -20,10 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .. import _wire
+from .. import _ttl, _wire
 from .._config import env_var
 from .._node import AsyncNode
 from .._reliable._durables import KnownDurables
+from .._reliable._outbox import DEAD, Replayed
 from .._spool import SpoolStore, charge
 from .._spool._lock import DataDirLock
 from ..errors import ConfigError, ProtocolError
@@ -102,25 +103,44 @@ def show(args: argparse.Namespace) -> int:
 
 
 async def replay(args: argparse.Namespace, node: AsyncNode) -> int:
+    """Put dead letters back and wait for those alone (the outbox may hold others, for a
+    durable that is offline): 0 once each was delivered, 1 if one expired, failed
+    again into the dead letters, or was still waiting at the timeout."""
     _data_dir(args)  # (before the node starts: it would make a data dir and a spool)
     ids = set(args.ids) if args.ids else None
     async with node:
-        moved = await node.replay_dead_letters(ids)
-        print(f"replaying {moved} dead letter(s)", flush=True)
-        deadline = time.monotonic() + args.timeout
-        last = -1
-        while time.monotonic() < deadline:
-            left = node.spool_pending
-            if left != last:
-                print(f"  {moved - min(left, moved)}/{moved} delivered", flush=True)
-                last = left
-            if left == 0:
-                return 0
-            await asyncio.sleep(0.1)  # a progress display: poll the count while waiting
-        left = node.spool_pending  # (read while the node is open: closed, it has no spool)
-    print(f"zeromesh spool replay: {left} not delivered within {args.timeout:g} s; "
-          "they stay in the outbox", file=sys.stderr)
-    return 1
+        replayed = await node._replay(ids, follow=True)  # noqa: SLF001  (not public API)
+        try:
+            print(f"replaying {len(replayed)} dead letter(s)", flush=True)
+            outcomes = await _follow(replayed, args.timeout)
+        finally:
+            replayed.close()
+    failed = [f"{outcomes[_ttl.EXPIRED]} expired (their ttl passed before delivery)",
+              f"{outcomes[DEAD]} failed again (back in the dead letters)",
+              f"{outcomes['waiting']} not delivered within {args.timeout:g} s (they stay "
+              "in the outbox)"]
+    told = [text for text, n in zip(failed, (outcomes[_ttl.EXPIRED], outcomes[DEAD],
+                                             outcomes["waiting"]), strict=True) if n]
+    if told:
+        print(f"zeromesh spool replay: {'; '.join(told)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _follow(replayed: Replayed, timeout: float) -> Counter[str]:
+    """Print progress as the replayed messages end, until all have or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    shown = None
+    while True:
+        outcomes = replayed.outcomes()
+        line = f"  {outcomes['delivered']}/{len(replayed)} delivered" + "".join(
+            f", {outcomes[k]} {k}" for k in (_ttl.EXPIRED, DEAD) if outcomes[k])
+        if line != shown:
+            print(line, flush=True)
+            shown = line
+        if not outcomes["waiting"] or time.monotonic() >= deadline:
+            return outcomes
+        await asyncio.sleep(0.1)  # a progress display: poll the counts while waiting
 
 
 async def purge(args: argparse.Namespace) -> int:
