@@ -48,9 +48,9 @@ import msgspec
 from .. import _ttl, _wire
 from .._config import NodeConfig
 from .._parts import Waiter
-from .._spool import FsyncPolicy, SpoolStore
+from .._spool import FsyncPolicy, SpoolStore, unusable
 from .._support._tally import Stats, Tallies
-from ..errors import ClosedError, ConfigError, ProtocolError
+from ..errors import ClosedError, ProtocolError
 from ._dedup import Dedup
 
 _log = logging.getLogger("mesh.spool")
@@ -470,7 +470,7 @@ async def open_spools(data_dir: str, config: NodeConfig, stats: Stats,
     except OSError as exc:
         for store in (out, dead, inbox):
             await store.aclose()
-        raise ConfigError("data_dir", f"spool unusable: {exc.strerror or exc}") from None
+        raise unusable(exc) from None
     dedup = Dedup(inbox)
     dedup.load()
     outbox = Outbox(out, dead, stats, waiter, max_attempts=config.max_attempts,

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MeshError, SpoolFullError
+from ..errors import ConfigError, MeshError, SpoolFullError
 
 
 class FsyncPolicy(enum.Enum):
@@ -113,3 +113,10 @@ def write_error(exc: OSError, path: Path, quota: int, used: int) -> MeshError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return SpoolFullError(quota, used)
     return MeshError(f"spool write failed: {path}: {exc.strerror or exc}")
+
+
+def unusable(exc: OSError) -> ConfigError:
+    """What a spool that cannot be opened is (its recovery failed): a setting to fix,
+    naming the file when there is one."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return ConfigError("data_dir", f"spool unusable: {where}{exc.strerror or exc}")

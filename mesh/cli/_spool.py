@@ -25,7 +25,7 @@ from .._config import env_var
 from .._node import AsyncNode
 from .._reliable._durables import KnownDurables
 from .._reliable._outbox import DEAD, Replayed
-from .._spool import SpoolStore, charge
+from .._spool import SpoolStore, charge, unusable
 from .._spool._lock import DataDirLock
 from ..errors import ConfigError, ProtocolError
 
@@ -106,8 +106,13 @@ async def replay(args: argparse.Namespace, node: AsyncNode) -> int:
     """Put dead letters back and wait for those alone (the outbox may hold others, for a
     durable that is offline): 0 once each was delivered, 1 if one expired, failed
     again into the dead letters, or was still waiting at the timeout."""
-    _data_dir(args)  # (before the node starts: it would make a data dir and a spool)
+    path = _data_dir(args)  # (before the node starts: it would make a data dir and a spool)
     ids = set(args.ids) if args.ids else None
+    if ids is not None:  # (the node is not running: the lock would stop this one)
+        missing = ids.difference(i for i, _ in SpoolStore.peek(path / "spool" / "dead")[0])
+        if missing:
+            raise ConfigError("ID", f"no dead letter {', '.join(map(str, sorted(missing)))} "
+                                    "(`zeromesh spool show` lists them); nothing replayed")
     async with node:
         replayed = await node._replay(ids, follow=True)  # noqa: SLF001  (not public API)
         try:
@@ -149,8 +154,7 @@ async def purge(args: argparse.Namespace) -> int:
     lock = DataDirLock(str(path))
     lock.acquire()
     try:
-        store = SpoolStore(path / "spool" / which)
-        await store.start()
+        store = await _start(path / "spool" / which)
         ids = [record_id for record_id, _ in store.pending()]
         store.ack(ids)
         store.reclaim()
@@ -159,6 +163,21 @@ async def purge(args: argparse.Namespace) -> int:
         lock.release()
     print(f"purged {len(ids)} message(s) from the {'outbox' if args.outbox else 'dead letters'}")
     return 0
+
+
+async def _start(path: Path) -> SpoolStore:
+    """The spool at `path`, recovered and ready to write.
+
+    Raises:
+        ConfigError: it cannot be read (a file in it that is not one), as at a node's start.
+    """
+    store = SpoolStore(path)
+    try:
+        await store.start()
+    except OSError as exc:
+        await store.aclose()
+        raise unusable(exc) from None
+    return store
 
 
 def _dests(spooled: _wire.Spooled) -> list[str]:
@@ -212,8 +231,7 @@ async def forget(args: argparse.Namespace) -> int:
         pattern = known.pattern_of(queue)
         gone = known.forgotten | {queue}
         before = await asyncio.to_thread(_disk_bytes, spool)
-        store = SpoolStore(spool)
-        await store.start()
+        store = await _start(spool)
         try:
             waited, freed = 0, []
             for record_id, payload in store.pending():

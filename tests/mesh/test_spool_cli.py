@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,10 @@ import pytest
 
 from mesh import AsyncNode, Message
 from mesh import _wire as wire
+from mesh._reliable._durables import KnownDurables
 from mesh._spool import SpoolStore
 from mesh.cli import _spool as spool_commands
-from mesh.cli._main import build_parser
+from mesh.cli._main import build_parser, main
 from tests.helpers import free_port
 
 from .conftest import FAST, MakeNode
@@ -35,9 +37,12 @@ def _job(seq: int, text: str, *, ttl: float | None = None) -> wire.Spooled:
     return wire.Spooled("q", "jobs", item, attempts=3, reason="nacked by the worker")
 
 
+_DURABLE = "_durable.0123456789abcdef.audit"
+
+
 def _waiting_for_an_offline_durable() -> wire.Spooled:
     item = wire.Item(100, time.time(), None, b"for later", True, "orders.new")
-    return wire.Spooled("t", "orders.new", item, ["_durable.0123456789abcdef.audit"])
+    return wire.Spooled("t", "orders.new", item, [_DURABLE])
 
 
 async def _replay(mesh_name: str, data: Path, port: int, *argv: str,
@@ -124,3 +129,37 @@ async def test_replay_reports_a_message_that_fails_again_as_dead_lettered_not_de
     assert err == "zeromesh spool replay: 1 failed again (back in the dead letters)\n"
     assert got == ["cursed", "cursed"]
     assert len(SpoolStore.peek(data / "spool" / "dead")[0]) == 1
+
+
+def test_replay_of_an_id_that_is_no_dead_letter_is_a_usage_error(
+        mesh_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`spool replay 999` (a typo, an id from another spool) said "replaying 0 dead
+    letter(s)" and exited 0. It is a usage error now, and nothing is replayed, not even
+    the ids that do exist."""
+    data = tmp_path / "node"
+    [dead] = asyncio.run(_spool(data, "dead", [_job(1, "job1")]))
+    code = main(["spool", "replay", str(dead), str(dead + 998), "--data-dir", str(data),
+                 "--mesh", mesh_name, "--timeout", "1"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert err == (f"zeromesh spool: ID: no dead letter {dead + 998} (`zeromesh spool show` "
+                   "lists them); nothing replayed\n")
+    assert [i for i, _ in SpoolStore.peek(data / "spool" / "dead")[0]] == [dead]
+
+
+@pytest.mark.parametrize("action", [["purge"], ["forget", "audit"]])
+def test_purge_and_forget_on_a_spool_they_cannot_read_exit_2_without_a_traceback(
+        action: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A segment that cannot be read (here a directory in its place) stopped `purge` and
+    `forget` with a traceback; the node itself says "spool unusable" at start. They say
+    so too now, naming the file, exit 2."""
+    data = tmp_path / "node"
+    which = "dead" if action == ["purge"] else "out"
+    asyncio.run(_spool(data, which, [_job(1, "job1")]))
+    KnownDurables(str(data)).learn({_DURABLE: "orders.>"})
+    blocker = data / "spool" / which / f"{99:020d}.seg"
+    blocker.mkdir()
+    code = main(["spool", *action, "--data-dir", str(data)])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert err == f"zeromesh spool: data_dir: spool unusable: {blocker}: Is a directory\n"
