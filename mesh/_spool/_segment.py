@@ -46,6 +46,8 @@ from typing import Final
 
 import msgspec
 
+from ..errors import MessageTooLarge
+
 MAGIC: Final[bytes] = b"ZS"
 _HEAD: Final = struct.Struct("<2sIIBQ")
 HEADER_SIZE: Final[int] = _HEAD.size
@@ -76,13 +78,19 @@ def encode(kind: RecordKind, record_id: int, payload: bytes) -> bytes:
 
 def encode_data(first_id: int, payloads: list[bytes]) -> list[bytes]:
     """DATA records for `payloads`, numbered from `first_id` (`encode`, without a call
-    per record: this is the reliable send's hot path)."""
+    per record: this is the reliable send's hot path).
+
+    Raises:
+        MessageTooLarge: a payload is larger than a record may be (`MAX_RECORD`).
+    """
     pack_head, pack_crc, crc32 = _HEAD.pack, _CRC_PART.pack, zlib.crc32
     kind = int(RecordKind.DATA)
     out = []
     record_id = first_id
     for payload in payloads:
         size = len(payload)
+        if size > MAX_RECORD:  # (a scan would take it for damage: lost at recovery)
+            raise MessageTooLarge(size, MAX_RECORD)
         crc = crc32(payload, crc32(pack_crc(kind, record_id, size)))
         out.append(pack_head(MAGIC, size, crc, kind, record_id) + payload)
         record_id += 1
@@ -96,6 +104,36 @@ _decode_list: Final = msgspec.msgpack.Decoder(list[bytes]).decode
 def encode_run(first_id: int, payloads: list[bytes]) -> bytes:
     """One RUN record for `payloads`, numbered from `first_id`."""
     return encode(RecordKind.RUN, first_id, _encode_list(payloads))
+
+
+_RUN_ITEM: Final[int] = 5
+"""What a RUN record's msgpack array adds to each payload, at most (a bin 32 header)."""
+_RUN_HEAD: Final[int] = 5
+"""What the array itself adds, at most (an array 32 header)."""
+
+
+def encode_runs(first_id: int, payloads: list[bytes]) -> list[bytes]:
+    """`payloads` numbered from `first_id` in as few records as fit `MAX_RECORD`: one
+    RUN record (a DATA record for a lone payload) unless they are larger than that
+    together. A record past it would be written, and taken for damage at recovery:
+    every message in it lost.
+
+    Raises:
+        MessageTooLarge: a payload alone is larger than a record may be.
+    """
+    if len(payloads) == 1:
+        return encode_data(first_id, payloads)
+    sizes = list(map(len, payloads))
+    if sum(sizes) + _RUN_ITEM * len(sizes) + _RUN_HEAD <= MAX_RECORD:  # (the usual case)
+        return [encode_run(first_id, payloads)]
+    out: list[bytes] = []
+    start, used = 0, _RUN_HEAD
+    for index, size in enumerate(sizes):
+        if index > start and used + size + _RUN_ITEM > MAX_RECORD:
+            out += encode_runs(first_id + start, payloads[start:index])
+            start, used = index, _RUN_HEAD
+        used += size + _RUN_ITEM
+    return out + encode_runs(first_id + start, payloads[start:])
 
 
 def messages(record: Record) -> list[tuple[int, bytes]]:

@@ -74,7 +74,7 @@ from ._segment import (
     encode,
     encode_acks,
     encode_data,
-    encode_run,
+    encode_runs,
     messages,
     scan,
     survivors,
@@ -274,6 +274,7 @@ class SpoolStore:
 
         Raises:
             SpoolFullError: the quota is full; nothing is stored.
+            MessageTooLarge: one is larger than a record may be (64 MiB); nothing is stored.
             ClosedError: the store is closed.
         """
         if self._closed or self._loop is None:
@@ -281,7 +282,7 @@ class SpoolStore:
         payload_list = list(payloads)
         first = self._next_id
         if len(payload_list) > 1 and self.fsync is not FsyncPolicy.ALWAYS:
-            records = [encode_run(first, payload_list)]  # one header, one CRC
+            records = encode_runs(first, payload_list)  # one header, one CRC (per 64 MiB)
         else:
             records = encode_data(first, payload_list)
         ids = list(range(first, first + len(payload_list)))

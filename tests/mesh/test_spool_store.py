@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from mesh import MeshError, SpoolFullError
+from mesh import MeshError, MessageTooLarge, SpoolFullError
 from mesh._spool import FsyncPolicy, SpoolStore, charge
+from mesh._spool._segment import MAX_RECORD
 from tests.helpers import aeventually, cut_tail, file_bytes, files
 
 
@@ -462,6 +463,41 @@ async def test_a_send_into_a_removed_spool_directory_is_an_error_not_a_lost_mess
         assert again.pending() == [(kept, b"kept")]
     finally:
         await again.aclose()
+
+
+_BIG = [b"a" * (33 << 20), b"b" * (33 << 20), b"tail"]
+"""Together past the 64 MiB a record may hold (`MAX_RECORD`)."""
+
+
+async def test_a_group_larger_than_a_record_may_be_survives_a_restart(tmp_path: Path) -> None:
+    """Messages spooled with one commit were one RUN record whatever their size: past
+    64 MiB (70 concurrent 1 MiB reliable pushes) it was written and acknowledged, then
+    taken for a torn write at the next start, and every message in it lost. Now they go
+    in as many records as fit."""
+    store = await _open(tmp_path, quota_bytes=1 << 30, fsync=FsyncPolicy.OFF)
+    try:
+        ids = await store.append_many(_BIG)
+    finally:
+        await store.aclose()
+    again = await _open(tmp_path, quota_bytes=1 << 30, fsync=FsyncPolicy.OFF)
+    try:
+        assert again.report.clean, again.report.problems
+        assert again.pending() == list(zip(ids, _BIG, strict=True))
+    finally:
+        await again.aclose()
+
+
+async def test_a_message_larger_than_a_record_may_be_is_refused(tmp_path: Path) -> None:
+    """One message past 64 MiB (a max_message_size set higher) would be unreadable at
+    recovery: it is refused at once, and the spool goes on."""
+    store = await _open(tmp_path, quota_bytes=1 << 30, fsync=FsyncPolicy.OFF)
+    try:
+        with pytest.raises(MessageTooLarge):
+            await store.append(b"x" * (MAX_RECORD + 1))
+        assert (len(store), store.used_bytes) == (0, 0)
+        assert await store.append(b"fine") == 1
+    finally:
+        await store.aclose()
 
 
 @pytest.mark.timeout(60)
