@@ -50,7 +50,7 @@ from .._config import NodeConfig
 from .._parts import Waiter
 from .._spool import FsyncPolicy, SpoolStore, unusable
 from .._support._tally import Stats, Tallies
-from ..errors import ClosedError, ProtocolError
+from ..errors import ClosedError, MeshError, ProtocolError
 from ._dedup import Dedup
 
 _log = logging.getLogger("mesh.spool")
@@ -166,6 +166,11 @@ class Outbox:
         """Woken when a message left the spool (delivered or dead-lettered)."""
         self.inbox: SpoolStore | None = None
         """The receiving side's dedup marks live here (closed with the rest)."""
+        self._burying: dict[int, asyncio.TimerHandle] = {}
+        """Messages (by spool id) to move to a dead-letter spool that was full: when."""
+        self._unburied = 0
+        """Failed attempts to move one there since the last that worked (logged once)."""
+        self._closing = False
         self.followed: dict[int, Replayed] = {}
         """Replayed messages whose end someone waits to hear (`Replayed`), by spool id."""
 
@@ -329,9 +334,7 @@ class Outbox:
         self._by_name(spooled)["redelivered"].add(spooled.name)
         if spooled.attempts >= self.max_attempts:
             spooled.reason = reason
-            task = asyncio.get_running_loop().create_task(self._bury(tracked))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start_bury(tracked)
             return False
         return True
 
@@ -381,14 +384,25 @@ class Outbox:
         self.store.reclaim()
         return waited
 
+    def _start_bury(self, tracked: Tracked) -> None:
+        task = asyncio.get_running_loop().create_task(self._bury(tracked))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _bury(self, tracked: Tracked) -> None:
         spooled = tracked.spooled
         try:
             dead_id = await self.dead.append(_wire.encode_spooled(spooled))
-        except Exception:
-            _log.exception("cannot move message %d to the dead-letter spool; it stays queued",
-                           tracked.spool_id)
+        except MeshError as exc:  # (full, or not writable: nothing is lost, it waits)
+            self._bury_later(tracked, exc)
             return
+        except Exception:  # (a bug: say so; it stays in the outbox)
+            _log.exception("cannot move message %d to the dead-letter spool", tracked.spool_id)
+            return
+        if self._unburied:
+            _log.warning("the dead-letter spool takes messages again (%d attempt(s) to move "
+                         "one there failed meanwhile)", self._unburied)
+            self._unburied = 0
         if self.followed:
             self._ended(tracked.spool_id, DEAD)
         self.store.ack((tracked.spool_id,))
@@ -398,6 +412,26 @@ class Outbox:
         # (the dead letter's id, the one replay and purge take, not the outbox's)
         _log.warning("message on %s dead-lettered after %d attempts: %s (dead letter %d)",
                      spooled.name, spooled.attempts, spooled.reason, dead_id)
+
+    def _bury_later(self, tracked: Tracked, exc: MeshError) -> None:
+        """The dead-letter spool is full (or cannot be written): the message stays in the
+        outbox, and goes there when it can, tried again after the retry backoff. Logged
+        once until one goes (every failed message would be a line)."""
+        if self._closing:
+            return  # (it stays in the outbox: delivered again after a restart)
+        self._unburied += 1
+        delay = min(_BACKOFF_CAP, self.retry_backoff * 2 ** (tracked.spooled.attempts - 1))
+        if self._unburied == 1:
+            _log.error("cannot move message %d to the dead-letter spool: %s; it stays in "
+                       "the outbox, tried again every %g s (logged once until one goes)",
+                       tracked.spool_id, exc, delay)
+        self._burying[tracked.spool_id] = asyncio.get_running_loop().call_later(
+            delay, self._bury_again, tracked)
+
+    def _bury_again(self, tracked: Tracked) -> None:
+        del self._burying[tracked.spool_id]
+        if self.store.get(tracked.spool_id) is not None:  # (not purged meanwhile)
+            self._start_bury(tracked)
 
     def _ended(self, spool_id: int, how: str) -> None:
         replayed = self.followed.get(spool_id)
@@ -437,9 +471,10 @@ class Outbox:
         return replayed
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._acks:
             self._flush_acks()
-        for handle in self._retrying:
+        for handle in [*self._retrying, *self._burying.values()]:
             handle.cancel()
         for task in list(self._tasks):
             await task

@@ -65,6 +65,34 @@ async def test_spooled_pushes_survive_a_pusher_restart(make_node: MakeNode, tmp_
     assert sorted(got) == sorted(f"m{i}" for i in range(50))
 
 
+async def test_a_full_dead_letter_spool_keeps_the_message_and_takes_it_once_there_is_room(
+        make_node: MakeNode, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With the dead-letter spool full, a message that failed its last attempt stayed in
+    the outbox for good (never tried again, not even once dead letters were purged, so
+    waiting for the spool never ended) and each such message logged a traceback. It
+    moves there once there is room now, and the episode is one log line."""
+    pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), max_attempts=1,
+                             retry_backoff=0.01, spool_quota=3000)  # (5 dead letters)
+    worker = await make_node("worker")
+
+    def fail(msg: Message) -> None:
+        raise RuntimeError("cannot process")
+
+    await worker.pull("jobs", handler=fail)
+    for done in range(1, 8):  # (one at a time: the outbox has the same quota)
+        await pusher.push("jobs", b"x" * 500, reliable=True)
+        await aeventually(functools.partial(lambda n: pusher.stats["redelivered"] == n, done),
+                          timeout=5)
+    await aeventually(lambda: pusher.stats["dead_lettered"] == 5, timeout=5)
+    assert pusher.spool_pending == 2
+    assert pusher.purge_dead_letters() == 5
+    await pusher.wait_for_spool(timeout=2)
+    assert len(pusher.dead_letters()) == 2
+    failing = [r for r in caplog.records if "cannot move message" in r.getMessage()]
+    assert len(failing) == 1, failing
+    assert failing[0].exc_info is None  # (no traceback: a full spool is no bug)
+
+
 async def test_nacked_messages_come_back_then_go_to_the_dead_letter_spool(make_node: MakeNode, tmp_path: Path) -> None:
     """Guarantee 5: a message that keeps failing is dead-lettered after max_attempts."""
     pusher = await make_node("pusher", data_dir=str(tmp_path / "p"), max_attempts=3,
