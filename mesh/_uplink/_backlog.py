@@ -111,6 +111,10 @@ class Backlog:
         ids = [i for i in record_ids if self._pending.pop(i, None) is not None]
         self.store.ack(ids)
 
+    def waiting(self) -> list[tuple[int, Exported]]:
+        """Every message the hub has not acknowledged, oldest first, with its record id."""
+        return list(self._pending.items())
+
     def __len__(self) -> int:
         return len(self._pending)
 

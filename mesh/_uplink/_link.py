@@ -162,6 +162,22 @@ class Uplink:
                 keep.append((msg, settle))
         if not keep:
             return
+        # Shielded: a stopping uplink (a reload) lets the batch it is writing in and settles
+        # it. A message taken and never settled holds its sender's credit until its ack
+        # timeout: the next uplink reading the durable got nothing from that sender meanwhile,
+        # and the message, on disk in this backlog but not known here, was not handed over.
+        keeping = asyncio.ensure_future(self._keep(keep))
+        try:
+            await asyncio.shield(keeping)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(keeping)  # (one group commit)
+            raise
+
+    async def _keep(self, keep: list[tuple[Message, Callable[[bool], None]]]) -> None:
+        """Store `keep` in the backlog and settle each message: acknowledged once stored,
+        refused when it cannot be (a full quota, an unwritable backlog)."""
+        prefix = self.settings.prefix
         origin = {ORIGIN_HEADER: prefix}  # shared by the messages without headers of their own
         exports = [Exported(m.id, m.topic, m.data,
                             {**m.headers, ORIGIN_HEADER: prefix} if m.headers else origin,
@@ -542,12 +558,15 @@ async def _close(hub: Hub) -> None:
 
 
 def durable_name(settings: UplinkSettings, pattern: str) -> str:
-    """The durable subscription an export pattern is read through: named by the pattern,
-    not its place in the list, so that a reload that adds, removes or reorders patterns
-    keeps each remaining one's durable (forgetting one drops what waits for it, and one
-    name read with another pattern lost messages)."""
+    """The durable subscription an export pattern is read through: named by the hub's url
+    and the pattern, not the prefix nor the pattern's place in the list, so that a reload
+    that changes the prefix, or adds, removes or reorders patterns, keeps each remaining
+    one's durable. A new name reaches the publishers only with the agent's next hello:
+    what they publish until then is spooled for the old name alone (one name read with
+    another pattern lost messages too)."""
+    hub = hashlib.blake2s(settings.shown_url.encode(), digest_size=4).hexdigest()
     digest = hashlib.blake2s(pattern.encode(), digest_size=4).hexdigest()
-    return f"uplink-{settings.slug}-{digest}"
+    return f"uplink-{hub}-{digest}"
 
 
 async def _take_batch(pull: Pull) -> list[tuple[Message, Callable[[bool], None]]]:

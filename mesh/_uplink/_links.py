@@ -3,9 +3,11 @@
 A reload compares each ``[[uplink]]`` with the running ones: an unchanged
 one keeps running (its connection and counters too), a changed or removed
 one stops (its backlog stays on disk under its name, and is sent when an
-uplink of the same url and prefix runs again), a new one starts. Export
-patterns no longer configured have their durable subscriptions forgotten,
-so no publisher keeps spooling for them.
+uplink of the same url and prefix runs again), a new one starts. A prefix
+change keeps the export durables (named by url and pattern), and what the old
+backlog holds unacknowledged moves to the new one. Export patterns no longer
+configured have their durable subscriptions forgotten, so no publisher keeps
+spooling for them.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import contextlib
 import logging
 from pathlib import Path
 
+import msgspec
+
+from patterns import TopicPattern
+
 from .._node import AsyncNode
 from .._spool import FsyncPolicy
 from ..errors import ConfigError, MeshError
 from ._backlog import Backlog
-from ._hub import Hub
+from ._hub import ORIGIN_HEADER, Hub
 from ._link import Uplink, durable_name
 from ._settings import UplinkSettings
 
@@ -64,11 +70,19 @@ class Uplinks:
         if wanted and self._data_dir is None:
             raise ConfigError("uplink", "an uplink needs data_dir (its backlog lives there)")
         by_slug: dict[str, UplinkSettings] = {}
+        durables: dict[str, UplinkSettings] = {}
         for settings in wanted:
             if settings.slug in by_slug:
                 raise ConfigError("uplink", f"two uplinks to {settings.shown_url} with prefix "
                                             f"{settings.prefix!r}")
             by_slug[settings.slug] = settings
+            for pattern in settings.export:
+                other = durables.setdefault(durable_name(settings, pattern), settings)
+                if other is not settings:
+                    raise ConfigError("uplink", f"two uplinks to {settings.shown_url} export "
+                                                f"{pattern!r} (prefixes {other.prefix!r} and "
+                                                f"{settings.prefix!r}): one durable "
+                                                "subscription reads a pattern for a hub")
         # New uplinks' backlogs open before anything running changes: one that cannot be
         # used refuses the whole config, and what runs is kept as it was.
         opened: dict[str, Backlog] = {}
@@ -80,15 +94,31 @@ class Uplinks:
             for unused in opened.values():
                 await unused.aclose()
             raise
-        for slug, (link, _) in list(self._running.items()):
-            if by_slug.get(slug) != link.settings:
-                await self._stop(slug)
-                await self._forget_unused(link.settings, by_slug.get(slug))
-        for slug, settings in by_slug.items():
-            if slug not in self._running:
-                backlog = opened.get(slug)  # (not `or`: an empty backlog is falsy)
-                if backlog is None:
-                    backlog = await self._backlog(settings)
+        gone: list[Uplink] = []
+        """Stopped, not configured any more: their backlogs are open for `_hand_over`."""
+        starting: list[tuple[UplinkSettings, Backlog]] = []
+        try:
+            for slug, (link, _) in list(self._running.items()):
+                if by_slug.get(slug) != link.settings:
+                    if slug in by_slug:
+                        await self._stop(slug)
+                    else:
+                        gone.append(await self._halt(slug))
+                    await self._forget_unused(link.settings, durables)
+            for slug, settings in by_slug.items():
+                if slug not in self._running:
+                    backlog = opened.pop(slug, None)  # (not `or`: an empty one is falsy)
+                    if backlog is None:
+                        backlog = await self._backlog(settings)
+                    starting.append((settings, backlog))
+            for link in gone:
+                await _hand_over(link, starting)
+        finally:  # (a changed uplink's backlog unusable now: the others start all the same)
+            for link in gone:
+                await link.backlog.aclose()
+            for unused in opened.values():
+                await unused.aclose()
+            for settings, backlog in starting:
                 self._start(settings, backlog)
 
     async def _backlog(self, settings: UplinkSettings) -> Backlog:
@@ -128,25 +158,60 @@ class Uplinks:
             raise
 
     async def _stop(self, slug: str) -> None:
-        link, task = self._running.pop(slug)
-        task.cancel()
+        link = self._running[slug][0]
         try:
-            # (an uplink ended by a bug was logged by `_run`: the stop goes on, and the
-            # backlog is closed all the same)
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await self._halt(slug)
         finally:
             await link.backlog.aclose()
 
-    async def _forget_unused(self, old: UplinkSettings, new: UplinkSettings | None) -> None:
-        kept = set(new.export if new is not None else ())
+    async def _halt(self, slug: str) -> Uplink:
+        """Stop the uplink's tasks; its backlog stays open (the caller closes it)."""
+        link, task = self._running.pop(slug)
+        task.cancel()
+        # (an uplink ended by a bug was logged by `_run`: the stop goes on)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return link
+
+    async def _forget_unused(self, old: UplinkSettings, kept: dict[str, UplinkSettings]
+                             ) -> None:
+        """Forget `old`'s export durables that no uplink of the new config reads (`kept`,
+        by durable name)."""
         for pattern in dict.fromkeys(old.export):
-            if pattern in kept:
+            name = durable_name(old, pattern)
+            if name in kept:
                 continue
             with contextlib.suppress(MeshError):
-                await self._node.forget_durable(
-                    f"_durable.{self._node.id}.{durable_name(old, pattern)}")
+                await self._node.forget_durable(f"_durable.{self._node.id}.{name}")
 
     async def aclose(self) -> None:
         for slug in list(self._running):
             await self._stop(slug)
+
+
+async def _hand_over(old: Uplink, starting: list[tuple[UplinkSettings, Backlog]]) -> None:
+    """Move what the backlog of `old` (no longer configured) holds unacknowledged to the
+    backlog of an uplink starting to the same hub whose export takes its topic (a prefix
+    change): its mesh side was acknowledged already, and left there it would wait for
+    that url and prefix to come back. It goes out under the new prefix, which its origin
+    header then names (else the new uplink would import its own export)."""
+    for settings, backlog in starting:
+        if settings.shown_url != old.settings.shown_url:
+            continue
+        patterns = [TopicPattern(pattern) for pattern in settings.export]
+        moving = [(record_id, msg) for record_id, msg in old.backlog.waiting()
+                  if any(pattern.matches(msg.topic) for pattern in patterns)]
+        if not moving:
+            continue
+        origin = {ORIGIN_HEADER: settings.prefix}
+        try:
+            await backlog.add([msgspec.structs.replace(msg, headers={**msg.headers, **origin})
+                               for _, msg in moving])
+        except MeshError as exc:
+            _log.warning("uplink %s (%s): %d waiting exports stay in its backlog, not moved "
+                         "to prefix %s: %s", old.settings.shown_url, old.settings.prefix,
+                         len(moving), settings.prefix, exc)
+            continue
+        old.backlog.done(record_id for record_id, _ in moving)
+        _log.info("uplink %s (%s): %d waiting exports moved to prefix %s",
+                  old.settings.shown_url, old.settings.prefix, len(moving), settings.prefix)
