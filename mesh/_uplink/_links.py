@@ -32,13 +32,15 @@ from ._settings import UplinkSettings
 _log = logging.getLogger("mesh.uplink")
 
 
-def new_hub(settings: UplinkSettings, node_name: str) -> Hub:
-    """The adapter for the url's scheme (imported here: the uplink extra is optional)."""
+def new_hub(settings: UplinkSettings, node_name: str, data_dir: str | None = None) -> Hub:
+    """The adapter for the url's scheme (imported here: the uplink extra is optional).
+    With `data_dir`, an MQTT session's filters are remembered there (`_session`)."""
     if settings.kind == "nats":
         from ._nats import NatsHub
         return NatsHub(settings, node_name)
     from ._mqtt import MqttHub
-    return MqttHub(settings, node_name)
+    sessions = Path(data_dir) / "uplinks" / "mqtt-sessions" if data_dir is not None else None
+    return MqttHub(settings, node_name, sessions)
 
 
 class Uplinks:
@@ -139,8 +141,8 @@ class Uplinks:
         return backlog
 
     def _start(self, settings: UplinkSettings, backlog: Backlog) -> None:
-        name = self._node.name
-        link = Uplink(self._node, settings, lambda: new_hub(settings, name), backlog)
+        name, data_dir = self._node.name, self._data_dir
+        link = Uplink(self._node, settings, lambda: new_hub(settings, name, data_dir), backlog)
         task = asyncio.get_running_loop().create_task(self._run(link),
                                                       name=f"zeromesh-uplink-{settings.slug}")
         self._running[settings.slug] = (link, task)

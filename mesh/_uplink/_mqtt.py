@@ -12,7 +12,8 @@ Each `connect` uses a fresh paho client: what the old one still held
 (unacknowledged publishes) is the core's to resend, not paho's. The session
 itself (subscriptions, imports queued while away, unacked imports redelivered
 with DUP) is the broker's, kept by ``clean_start=False`` and the session
-expiry.
+expiry; the filters it was subscribed to are remembered in the data dir
+(`_session`), so that those no import pattern wants any more are unsubscribed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Concatenate, Final, Literal, NamedTuple, ParamSpec
 
 import paho.mqtt.client as paho
@@ -41,6 +43,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from ..errors import ConfigError
 from ._backlog import MARKS
 from ._hub import ID_HEADER, HubRefused, HubUnreachable, Incoming, Unsendable
+from ._session import SessionFilters
 from ._settings import UplinkSettings, tls_context
 from ._subjects import Subjects
 
@@ -63,6 +66,8 @@ INBOX_MAX: Final[int] = 4096
 read until half of them are taken, so TCP holds the broker back: the Receive Maximum we
 send is not enough (mosquitto 2.0 sent 30,000 QoS 1 imports for 500 acknowledged, and
 QoS 0 ones have no flow control at all), and a flood would fill memory."""
+_NO_SUBSCRIPTION: Final[int] = 0x11
+"""UNSUBACK: the session had no such subscription (expired meanwhile): unsubscribed too."""
 _TRANSIENT: Final = frozenset({136, 137, 159})
 """CONNACK codes worth a quick retry: server unavailable, busy, connection rate exceeded."""
 
@@ -220,10 +225,15 @@ class MqttHub:
 
     kind = "mqtt"
 
-    def __init__(self, settings: UplinkSettings, node_name: str) -> None:
+    def __init__(self, settings: UplinkSettings, node_name: str,
+                 sessions: Path | None = None) -> None:
         self.settings = settings
         self.subjects = Subjects("mqtt", settings.prefix)
         self.client_id = settings.client_id or client_id(settings.prefix, node_name)
+        self._filters = (SessionFilters(sessions, settings.shown_url, self.client_id)
+                         if sessions is not None else None)
+        """Where the session's filters are remembered (`sessions`: a directory); None:
+        nowhere, and none is ever unsubscribed."""
         self._client: _Client | None = None
         self._sock: paho.SocketLike | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -264,8 +274,7 @@ class MqttHub:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await self._open(client)
                 await self._connack
-                if self.settings.imports:
-                    await self._subscribe(client)
+                await self._subscriptions(client)
         except BaseException as exc:
             await self.close()
             where = self.settings.shown_url
@@ -292,6 +301,7 @@ class MqttHub:
             client.tls_set_context(tls_context(s))
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_subscribe  # (its UNSUBACK's codes, by mid too)
         client.on_publish = self._on_publish
         client.on_puback = self._on_puback
         client.on_message = self._on_message
@@ -328,13 +338,49 @@ class MqttHub:
             loop.add_writer(sock, self._write)
         self._timer = loop.call_later(1.0, self._tick)
 
-    async def _subscribe(self, client: paho.Client) -> None:
-        """One SUBSCRIBE for every import pattern, QoS 1; no-local, so what we export
+    async def _subscriptions(self, client: paho.Client) -> None:
+        """Subscribe the import patterns, and unsubscribe the filters the session holds
+        from an earlier config (see `_session`). The new filters are written down before
+        the broker has them, the removed ones forgotten once it has let them go, so a
+        crash in between leaves none subscribed and unknown."""
+        wanted = list(dict.fromkeys(self.subjects.outbound(p) for p in self.settings.imports))
+        memory = self._filters
+        had = memory.load() if memory is not None else set()
+        kept = had | set(wanted)
+        if memory is not None and kept != had:
+            memory.save(kept)
+        if wanted:
+            await self._subscribe(client, wanted)
+        stale = sorted(had - set(wanted))
+        if stale:
+            kept -= await self._unsubscribe(client, stale)
+        if memory is not None and kept != had:
+            memory.save(kept)
+
+    async def _unsubscribe(self, client: paho.Client, filters: list[str]) -> set[str]:
+        """One UNSUBSCRIBE for `filters`; returns those the session no longer holds (one
+        the broker refuses to let go is logged, and tried again at the next connect)."""
+        rc, mid = client.unsubscribe(filters)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise HubUnreachable(f"mqtt: unsubscribe: {paho.error_string(rc)}")
+        waiter = self._subacks[mid] = asyncio.get_running_loop().create_future()
+        gone = set()
+        for topic, code in zip(filters, await waiter, strict=False):
+            if code.is_failure and code.value != _NO_SUBSCRIPTION:
+                _log.warning("mqtt uplink %s: unsubscribe %s: %s", self.client_id, topic, code)
+            else:
+                gone.add(topic)
+        if gone:
+            _log.info("mqtt uplink %s: unsubscribed %s (no import pattern takes them now)",
+                      self.client_id, ", ".join(sorted(gone)))
+        return gone
+
+    async def _subscribe(self, client: paho.Client, filters: list[str]) -> None:
+        """One SUBSCRIBE for every import filter, QoS 1; no-local, so what we export
         never comes back; retained messages only when the subscription is new, not again
         at every reconnect."""
         options = SubscribeOptions(qos=1, noLocal=True,
                                    retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
-        filters = [self.subjects.outbound(p) for p in self.settings.imports]
         rc, mid = client.subscribe([(f, options) for f in filters])
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise HubUnreachable(f"mqtt: subscribe: {paho.error_string(rc)}")

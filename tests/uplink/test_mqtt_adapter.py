@@ -40,10 +40,10 @@ class Hubs:
     def __init__(self) -> None:
         self.made: list[MqttHub] = []
 
-    def __call__(self, url: str, **settings: Any) -> MqttHub:
+    def __call__(self, url: str, sessions: Path | None = None, **settings: Any) -> MqttHub:
         settings.setdefault("prefix", "site1")
         settings.setdefault("export", [">"])
-        hub = MqttHub(UplinkSettings(url=url, **settings), "node-1")
+        hub = MqttHub(UplinkSettings(url=url, **settings), "node-1", sessions)
         self.made.append(hub)
         return hub
 
@@ -158,6 +158,32 @@ async def test_imports_published_while_away_arrive_after_reconnect(broker: Mosqu
     await hub.connect()
     got = await receive(hub, 5)
     assert [m.data for m in got] == [f"away{i}".encode() for i in range(5)]
+
+
+async def test_an_import_pattern_removed_is_unsubscribed_from_the_session(
+        broker: Mosquitto, hubs: Hubs, tmp_path: Path) -> None:
+    """A config (a reload, or a restart) drops cfg.> from the imports: the persistent
+    session kept that subscription (no UNSUBSCRIBE), and the broker went on sending and
+    queueing cfg messages that were then dropped (5 of 5 here). Now the connect
+    unsubscribes it, as the session's filters remembered in the data dir say."""
+    sessions = tmp_path / "sessions"
+    first = hubs(broker.url(), sessions, export=[], imports=["cmd.>", "cfg.>"])
+    await first.connect()
+    await first.close()
+    second = hubs(broker.url(), sessions, export=[], imports=["cmd.>"])  # same client id
+    await second.connect()
+    await pub(broker.port, "site1/cfg/x", [f"cfg{i}" for i in range(5)])
+    await pub(broker.port, "site1/cmd/x", ["marker"])
+    [marker] = await receive(second, 1, settle=True)
+    assert marker.data == b"marker"
+    await second.close()
+    await pub(broker.port, "site1/cfg/x", ["away"])  # not queued for the session either
+    await pub(broker.port, "site1/cmd/x", ["marker2"])
+    await second.connect()
+    [marker] = await receive(second, 1, settle=True)
+    assert marker.data == b"marker2"
+    assert await second.receive(10, 0.2) == []
+    assert broker.log().count("Received UNSUBSCRIBE from zeromesh-site1-node-1") == 1
 
 
 async def test_a_flood_of_imports_waits_in_the_broker_not_in_memory(

@@ -244,6 +244,35 @@ async def test_two_uplinks_to_one_hub_exporting_one_pattern_are_refused(
         await uplinks.aclose()
 
 
+async def test_a_reload_that_removes_an_mqtt_import_pattern_unsubscribes_it(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """SIGHUP drops cfg.> from an MQTT uplink's imports: its persistent session kept the
+    subscription, and the broker sent the agent every cfg message, dropped there (5 of
+    5). Now the new connection unsubscribes it; cmd.> still comes in."""
+    node = await make_node("edge", data_dir=str(tmp_path / "node"))
+    got: list[Message] = []
+    await node.subscribe("cmd.>", callback=got.append)
+    uplinks = Uplinks(node, str(tmp_path / "data"), fsync=FsyncPolicy.BATCH, quota=1 << 20)
+    with Mosquitto(tmp_path / "broker") as broker:
+        try:
+            await uplinks.apply([UplinkSettings(url=broker.url(), prefix="site1",
+                                                imports=["cmd.>", "cfg.>"])])
+            await _wait(lambda: uplinks.links[0].counts.connects == 1, "connected")
+            await uplinks.apply([UplinkSettings(url=broker.url(), prefix="site1",
+                                                imports=["cmd.>"])])
+            await _wait(lambda: uplinks.links[0].counts.connects == 1, "connected again")
+            await pub(broker.port, "site1/cfg/x", [f"cfg{i}" for i in range(5)])
+            await pub(broker.port, "site1/cmd/x", ["marker"])
+            await _wait(lambda: len(got) == 1, "the marker imported")
+        finally:
+            await uplinks.aclose()
+        sent = [line for line in broker.log().splitlines()
+                if "Sending PUBLISH to zeromesh-site1-edge" in line]
+        cfg = [line for line in sent if "site1/cfg/" in line]
+        assert sent  # (the marker)
+        assert not cfg, f"{len(cfg)} cfg messages sent to the agent"
+
+
 async def test_a_redelivered_import_is_recognised_and_not_published_again(
         nats_server: StartNats, make_node: MakeNode, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
