@@ -53,7 +53,13 @@ from ._memory._replay import HistoryReplay
 from ._memory._retained import RetainedStore
 from ._memory._snapshot import RetainedValues
 from ._pubsub._engine import PubSub
-from ._reliable._durables import KnownDurables, log_expired, log_forgotten
+from ._reliable._durables import (
+    KnownDurables,
+    durable_queue,
+    log_ended,
+    log_expired,
+    log_forgotten,
+)
 from ._reliable._outbox import Outbox, open_spools
 from ._services._requests import Requests
 from ._services._serving import Serving
@@ -241,6 +247,7 @@ class NodeCore:
                           announcer=membership, next_seq=next_seq, outbox=outbox, dedup=dedup,
                           take_seqs=take_seqs)
         stack.callback(work.close)
+        self._durables.on_ended = functools.partial(self._owner_ended, outbox, work)
         serving = Serving(ctx, cfg, self._quiet, self.stats, membership)
         stack.push_async_callback(serving.aclose)
         requests = Requests(ctx, cfg, self._quiet, self.stats, peers=peers, local=serving,
@@ -499,7 +506,9 @@ class NodeCore:
                 present.update(rec.durables)
         durables.heard(present)
         for queue, silent in durables.stale(self._config.durable_expiry):
-            log_expired(queue, silent, self._drop_durable(run, queue))
+            log_expired(queue, silent, self._drop_durable(run.outbox, run.work, queue))
+        if durables.drop_ended(self._config.durable_expiry):
+            run.membership.interest_changed()  # every publisher forgot them by now
 
     async def _forget_durable(self, name: str) -> int:
         """`AsyncNode.forget_durable`: forget it, then learn it again at once if its owner
@@ -514,7 +523,7 @@ class NodeCore:
         if not self._durables.knows(queue):
             return 0  # forgotten meanwhile
         pattern = self._durables.pattern_of(queue)
-        freed = self._drop_durable(run, queue)
+        freed = self._drop_durable(run.outbox, run.work, queue)
         announced = {q: p for rec in self._alive() for q, p in rec.durables.items()}
         again = queue in self._durables.mine or queue in announced
         log_forgotten(queue, freed, again=again)
@@ -523,13 +532,34 @@ class NodeCore:
                                   or announced.get(queue, pattern)})
         return freed
 
-    def _drop_durable(self, run: _Running, queue: str) -> int:
+    async def _end_durable(self, name: str) -> int:
+        """`AsyncNode.end_durable`: forget it here as `forget_durable` does, stop announcing
+        it, and announce it ended (its publishers forget it when they hear that)."""
+        run = self._live()
+        if run.outbox is None:
+            raise ConfigError("durable", "needs a data dir (its state lives there)")
+        queue = durable_queue(self._id, _names.durable(name))
+        await asyncio.sleep(0)  # messages spooled just now reach its queue first (_hand_out)
+        run = self._live()
+        if queue in run.work.workers.local:
+            raise ConfigError("durable", f"{name!r} is open: close its subscription first")
+        freed = self._drop_durable(run.outbox, run.work, queue)
+        self._durables.end(queue)
+        run.membership.interest_changed()
+        log_ended(queue, freed, by_owner=False)
+        return freed
+
+    def _owner_ended(self, outbox: Outbox | None, work: WorkQueues, queue: str) -> None:
+        """A peer announces that it ended its durable `queue`: forget it, free its backlog."""
+        log_ended(queue, self._drop_durable(outbox, work, queue), by_owner=True)
+
+    def _drop_durable(self, outbox: Outbox | None, work: WorkQueues, queue: str) -> int:
         """Forget durable `queue` and free its backlog; how many messages waited for it."""
         if self._durables.forget(queue):
             self.stats["durables_forgotten"] += 1
-        if run.outbox is None:
+        if outbox is None:
             return 0
-        return run.outbox.abandon(queue, run.work.take(queue))
+        return outbox.abandon(queue, work.take(queue))
 
     def _durable_backlog(self, queue: str) -> int:
         run = self._run

@@ -383,6 +383,28 @@ class AsyncNode(WorkAndServices):
         """
         return await self._forget_durable(name)
 
+    async def end_durable(self, name: str) -> int:
+        """End this node's own durable subscription `name` for good: publishers stop
+        spooling for it and free what they spooled for it.
+
+        Closing its `Pull` does not end it (its subscriber may come back); this
+        does. The node stops announcing it and announces it ended instead
+        (for ``durable_expiry``, across restarts: the data dir keeps that); each
+        publisher forgets it on hearing so, as with `forget_durable`, a
+        publisher offline meanwhile when it next hears this node. Subscribing
+        to `name` again later makes a new durable: what was published
+        meanwhile is lost to it.
+
+        Returns:
+            How many messages this node's own spool held for it (now freed).
+
+        Raises:
+            ConfigError: `name` is invalid, a subscription to it is open here (close it
+                first), or the node has no data dir.
+            ClosedError: the node is not running.
+        """
+        return await self._end_durable(name)
+
     async def subscribe_durable(self, pattern: str, name: str, *,
                                 prefetch: int = DEFAULT_PREFETCH,
                                 since: float | datetime | None = None,
@@ -413,8 +435,7 @@ class AsyncNode(WorkAndServices):
         open_on = self._durables.mine.get(queue)
         if open_on not in (None, pattern) and queue in run.work.workers.local:
             raise ConfigError("durable", f"{name!r} is open already, on {open_on!r}")
-        self._durables.mine[queue] = pattern
-        self._durables.learn({queue: pattern})
+        self._durables.own(queue, pattern)
         pull = run.work.pull(queue, prefetch, None)
         local = run.work.workers.local[queue]
 

@@ -466,6 +466,16 @@ class Node:
         """
         return self._call(self._node.forget_durable(name))
 
+    def end_durable(self, name: str) -> int:
+        """See `AsyncNode.end_durable`; returns how many messages this node's own spool
+        held for it.
+
+        Raises:
+            ConfigError: `name` is invalid, a subscription to it is open, or no data dir.
+            ClosedError: the node is not running.
+        """
+        return self._call(self._node.end_durable(name))
+
     def wait_for_known_subscribers(self, topic: str, *, timeout: float = 10.0) -> int:
         """See `AsyncNode.wait_for_known_subscribers`."""
         return self._call(self._node.wait_for_known_subscribers(topic, timeout=timeout))

@@ -263,6 +263,10 @@ class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1):
     sub_runs: bool = False
     """Its SUB takes pub/sub runs (`Batch.payloads` on a topic); a publisher sends items
     on the topics such a node subscribes to when it predates them."""
+    ended: list[str] = []
+    """Queues of durable subscriptions of this node that it ended (`end_durable`), for
+    `durable_expiry` after: a publisher forgets them and frees what it spooled for them.
+    A node that predates it ignores it (a trailing field)."""
 
 
 class Heartbeat(msgspec.Struct, frozen=True, array_like=True, tag=2):

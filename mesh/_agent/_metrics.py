@@ -70,7 +70,8 @@ _NODE_TOTALS: Final = (
     ("abandoned", "zeromesh_messages_abandoned",
      "Spooled messages freed because every durable they waited for was forgotten."),
     ("durables_forgotten", "zeromesh_durables_forgotten",
-     "Durable subscriptions this node forgot while running (forget_durable, durable_expiry)."),
+     "Durable subscriptions this node forgot while running (forget_durable, durable_expiry, "
+     "end_durable: by their owner or here)."),
 )
 _SPOOL_EVENTS: Final = (
     ("spooled", "written to the outbox spool (reliable)"),

@@ -787,6 +787,7 @@ class Membership:
                       if q in set(_names(list(hello.queues), "queue", self._quiet))}
         rec.services = frozenset(_names(hello.services, "service", self._quiet))
         rec.durables = dict(list(hello.durables.items())[:_MAX_SUBS])
+        rec.ended = tuple(hello.ended[:_MAX_SUBS])
         rec.retains = hello.retains
         rec.history = tuple(hello.history[:_MAX_SUBS])
         rec.subs_version = hello.subs_version

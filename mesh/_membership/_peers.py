@@ -126,6 +126,8 @@ class PeerRecord:
     """Queue name -> credit window this peer grants each pusher."""
     rtr: str = ""
     durables: dict[str, str] = field(default_factory=dict)
+    ended: tuple[str, ...] = ()
+    """Queues of durables it ended: its publishers forget them."""
     retains: bool = False
     """It holds retained values (see `_memory`)."""
     history: tuple[str, ...] = ()

@@ -18,6 +18,13 @@ it. A forgotten durable leaves a tombstone here until no spooled message
 names it any more, so that messages spooled for it and for others are not
 sent to it again after a restart.
 
+An owner ends its own durable (`AsyncNode.end_durable`): it stops announcing
+it and announces its queue in its hello's ``ended`` instead, for
+``durable_expiry`` seconds (kept here across its restarts), by which time every
+publisher that still knew it has forgotten it anyway. A publisher that hears
+it forgets the durable as `forget_durable` does. Subscribing to the name again
+makes a new durable (the tombstone goes).
+
 Silence is timed on the monotonic clock while the node runs; across a restart
 it carries on from `last_seen` (wall clock), but a durable never expires in
 the first `_HEAR_FIRST` seconds after a start, since the node could not hear
@@ -26,7 +33,7 @@ its owner while it was down.
 ``durables.json``::
 
     {"v": 2, "durables": {"<queue>": {"pattern": "orders.>", "last_seen": 1765000000.0}},
-     "forgotten": ["<queue>", ...]}
+     "forgotten": ["<queue>", ...], "ended": {"<own queue>": 1765000000.0}}
 
 The first format, a plain ``{"<queue>": "<pattern>"}`` map, is still read
 (its durables' `last_seen` is unknown: their silence counts from that start).
@@ -121,19 +128,30 @@ class KnownDurables:
         self._saved_at = self._started
         self.mine: dict[str, str] = {}
         """This node's own durable subscriptions: queue -> pattern."""
+        self._ended: dict[str, float] = {}
+        """This node's own durables it ended: queue -> wall-clock time it ended them."""
+        self.on_ended: Callable[[str], object] = self.forget
+        """Called with a known durable its owner announces as ended (the node frees its
+        backlog too)."""
 
     # -- what peers announce (HelloPart, PeerListener) --------------------------------
 
     def hello_fields(self, version: int) -> Mapping[str, Any]:
-        return {"durables": self.mine}
+        return {"durables": self.mine, "ended": sorted(self._ended)}
 
     def peer_connected(self, new: PeerRecord, old: PeerRecord | None) -> None:
-        if new.durables:
-            self.learn(new.durables)
+        self._announced(new)
 
     def peer_updated(self, rec: PeerRecord) -> None:
+        self._announced(rec)
+
+    def _announced(self, rec: PeerRecord) -> None:
+        """Its durables are learned; those it ended (its own only) are forgotten."""
+        ended = [q for q in rec.ended if q in self._known and split_queue(q)[0] == rec.id]
+        for queue in ended:
+            self.on_ended(queue)
         if rec.durables:
-            self.learn(rec.durables)
+            self.learn({q: p for q, p in rec.durables.items() if q not in rec.ended})
 
     def peer_lost(self, rec: PeerRecord) -> None:
         pass  # a publisher spools for a durable whether its node is there or not
@@ -181,6 +199,34 @@ class KnownDurables:
         self._cache.clear()
         self.save()
         return True
+
+    def own(self, queue: str, pattern: str) -> None:
+        """This node subscribes to its durable `queue` (new, if it had ended it)."""
+        self.mine[queue] = pattern
+        revived = self._ended.pop(queue, None) is not None
+        if not self.learn({queue: pattern}) and revived:
+            self.save()
+
+    def end(self, queue: str) -> None:
+        """This node ends its own durable `queue`: no longer announced, announced ended."""
+        self.mine.pop(queue, None)
+        self._ended[queue] = time.time()
+        self.save()
+
+    @property
+    def ended(self) -> frozenset[str]:
+        """This node's own durables it ended and still announces as ended."""
+        return frozenset(self._ended)
+
+    def drop_ended(self, expiry: float) -> bool:
+        """Stop announcing the durables ended `expiry` seconds ago or more; True if any."""
+        wall = time.time()
+        old = [q for q, at in self._ended.items() if wall - at >= expiry]
+        for queue in old:
+            del self._ended[queue]
+        if old:
+            self.save()
+        return bool(old)
 
     def knows(self, queue: str) -> bool:
         return queue in self._known
@@ -278,6 +324,8 @@ class KnownDurables:
             if stored.get("v") == _VERSION:
                 self._forgotten.update(q for q in stored.get("forgotten", ())
                                        if isinstance(q, str))
+                self._ended.update((q, float(at)) for q, at in stored.get("ended", {}).items()
+                                   if isinstance(q, str) and isinstance(at, (int, float)))
                 entries = stored.get("durables", {}).items()
             else:  # the first format: queue -> pattern
                 entries = ((q, {"pattern": p, "last_seen": None}) for q, p in stored.items())
@@ -304,12 +352,13 @@ class KnownDurables:
 
     def save(self) -> None:
         self._saved_at = self._clock()
-        if self._path is None or not (self._known or self._forgotten or self._path.exists()):
+        if self._path is None or not (self._known or self._forgotten or self._ended
+                                      or self._path.exists()):
             return
         state = {"v": _VERSION,
                  "durables": {q: {"pattern": k.pattern.pattern, "last_seen": k.last_seen}
                               for q, k in self._known.items()},
-                 "forgotten": sorted(self._forgotten)}
+                 "forgotten": sorted(self._forgotten), "ended": self._ended}
         tmp = self._path.with_suffix(".tmp")
         try:
             tmp.write_text(json.dumps(state))
@@ -329,6 +378,17 @@ def log_forgotten(queue: str, freed: int, *, again: bool) -> None:
     """The line an application's `forget_durable` is logged with."""
     _log.info("durable %s forgotten: %d spooled messages freed%s", queue, freed,
               "; its owner still announces it, so it is learned again as new" if again else "")
+
+
+def log_ended(queue: str, freed: int, *, by_owner: bool) -> None:
+    """The line a durable's end is logged with: on its owner (this node ended it), or on a
+    publisher that heard its owner ended it."""
+    if by_owner:
+        _log.info("durable %s ended by its owner: forgotten, %d spooled messages freed",
+                  queue, freed)
+    else:
+        _log.info("durable %s ended: no longer announced, its publishers forget it "
+                  "(%d spooled here freed)", queue, freed)
 
 
 def _duration(seconds: float) -> str:

@@ -6,8 +6,8 @@ one stops (its backlog stays on disk under its name, and is sent when an
 uplink of the same url and prefix runs again), a new one starts. A prefix
 change keeps the export durables (named by url and pattern), and what the old
 backlog holds unacknowledged moves to the new one. Export patterns no longer
-configured have their durable subscriptions forgotten, so no publisher keeps
-spooling for them.
+configured have their durable subscriptions ended (`AsyncNode.end_durable`),
+so no publisher keeps spooling for them.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class Uplinks:
                         await self._stop(slug)
                     else:
                         gone.append(await self._halt(slug))
-                    await self._forget_unused(link.settings, durables)
+                    await self._end_unused(link.settings, durables)
             for slug, settings in by_slug.items():
                 if slug not in self._running:
                     backlog = opened.pop(slug, None)  # (not `or`: an empty one is falsy)
@@ -175,16 +175,20 @@ class Uplinks:
             await task
         return link
 
-    async def _forget_unused(self, old: UplinkSettings, kept: dict[str, UplinkSettings]
-                             ) -> None:
-        """Forget `old`'s export durables that no uplink of the new config reads (`kept`,
-        by durable name)."""
+    async def _end_unused(self, old: UplinkSettings, kept: dict[str, UplinkSettings]
+                          ) -> None:
+        """End `old`'s export durables that no uplink of the new config reads (`kept`, by
+        durable name): its publishers stop spooling for them (stopped, `old` holds none
+        open)."""
         for pattern in dict.fromkeys(old.export):
             name = durable_name(old, pattern)
             if name in kept:
                 continue
-            with contextlib.suppress(MeshError):
-                await self._node.forget_durable(f"_durable.{self._node.id}.{name}")
+            try:
+                await self._node.end_durable(name)
+            except MeshError as exc:
+                _log.warning("uplink %s (%s): export durable of %r not ended: %s",
+                             old.shown_url, old.prefix, pattern, exc)
 
     async def aclose(self) -> None:
         for slug in list(self._running):

@@ -19,6 +19,7 @@ import pytest
 
 from mesh import AsyncNode, ConfigError, DurableInfo, Node
 from mesh._agent._config import load as load_agent_config
+from mesh._membership._peers import PeerRecord
 from mesh._reliable._durables import KnownDurables
 from tests.helpers import aeventually, eventually
 
@@ -378,3 +379,107 @@ def _stored(data: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return stored
+
+
+# -- the owner ends its durable ------------------------------------------------------
+
+
+def _ended_lines(caplog: pytest.LogCaptureFixture, queue: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if queue in r.getMessage() and "ended by its owner" in r.getMessage()]
+
+
+async def test_an_owner_ends_its_durable_and_its_publisher_frees_the_backlog(
+        make_node: MakeNode, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Closing a durable's Pull keeps it (100 wait in the publisher's spool); `end_durable`
+    (refused while open) makes the publisher forget it at once: backlog freed, one log
+    line, later reliable publishes not spooled. Subscribing to the name again is a new
+    durable that gets only what is published after."""
+    caplog.set_level(logging.INFO, logger="mesh.spool")
+    pub = await make_node("pub", data_dir=str(tmp_path / "p"))
+    sub = await make_node("sub", data_dir=str(tmp_path / "s"))
+    durable = await sub.subscribe_durable("orders.>", "audit")
+    await pub.wait_for_durables("orders.x", 1, timeout=5)
+    queue = f"_durable.{sub.id}.audit"
+    with pytest.raises(ConfigError, match="is open"):
+        await sub.end_durable("audit")
+    with pytest.raises(ConfigError, match="single name segment"):
+        await sub.end_durable(queue)
+    await durable.aclose()
+    await pub.publish_many("orders.new", [f"old{i}" for i in range(100)], reliable=True)
+    await aeventually(lambda: [d.backlog for d in pub.durables()] == [100])
+
+    assert await sub.end_durable("audit") == 0
+    await aeventually(lambda: pub.durables() == [] and pub.spool_pending == 0)
+    assert len(_ended_lines(caplog, queue)) == 1
+    assert "100 spooled messages freed" in _ended_lines(caplog, queue)[0]
+    await pub.publish_many("orders.new", ["gone"] * 10, reliable=True)
+    assert pub.spool_pending == 0
+
+    again = await sub.subscribe_durable("orders.>", "audit")
+    await pub.wait_for_durables("orders.x", 1, timeout=5)
+    await pub.publish("orders.new", "new", reliable=True)
+    msg = await again.next(timeout=5)
+    assert (msg.text, msg.reliable) == ("new", True)
+    msg.ack()
+    with pytest.raises(TimeoutError):
+        await again.next(timeout=0.3)  # nothing from before the end
+    assert _stored(tmp_path / "s")["ended"] == {}
+    assert len(_ended_lines(caplog, queue)) == 1
+
+
+async def test_a_publisher_down_when_the_durable_ended_forgets_it_when_back(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """Two publishers are down while the owner ends its durable: one back while the owner
+    runs, the other after the owner restarted (the tombstone is kept in its data dir):
+    both free the backlog they held for it."""
+    pubs = [await make_node(f"pub{i}", data_dir=str(tmp_path / f"p{i}")) for i in (1, 2)]
+    sub = await make_node("sub", data_dir=str(tmp_path / "s"))
+    await (await sub.subscribe_durable("orders.>", "audit")).aclose()
+    for pub in pubs:
+        await pub.wait_for_durables("orders.x", 1, timeout=5)
+        await pub.publish_many("orders.new", ["m"] * 20, reliable=True)
+        await pub.aclose()
+    await sub.end_durable("audit")
+    queue = f"_durable.{sub.id}.audit"
+
+    first = await make_node("pub1", data_dir=str(tmp_path / "p1"))
+    assert first.spool_pending == 20
+    await aeventually(lambda: first.spool_pending == 0 and first.durables() == [])
+    await sub.aclose()
+    assert list(_stored(tmp_path / "s")["ended"]) == [queue]
+    sub = await make_node("sub", data_dir=str(tmp_path / "s"))
+    second = await make_node("pub2", data_dir=str(tmp_path / "p2"))
+    await aeventually(lambda: second.spool_pending == 0 and second.durables() == [])
+
+
+async def test_an_ended_durable_is_announced_for_durable_expiry(make_node: MakeNode,
+                                                                tmp_path: Path) -> None:
+    """The tombstone goes after `durable_expiry` (every publisher forgot it by then)."""
+    sub = await make_node("sub", data_dir=str(tmp_path / "s"), durable_expiry=0.5)
+    await sub.end_durable("audit")
+    assert list(_stored(tmp_path / "s")["ended"]) == [f"_durable.{sub.id}.audit"]
+    await aeventually(lambda: _stored(tmp_path / "s")["ended"] == {}, timeout=5)
+
+
+def test_only_its_owner_ends_a_durable(tmp_path: Path) -> None:
+    """A peer announcing another node's durable as ended is ignored; its owner is not."""
+    owner, other = "a" * 32, "b" * 32
+    queue = f"_durable.{owner}.audit"
+    known = KnownDurables(str(tmp_path))
+    known.learn({queue: "orders.>"})
+    known.peer_updated(PeerRecord(other, "other", 1, "", "", ended=(queue,)))
+    assert known.knows(queue)
+    known.peer_updated(PeerRecord(owner, "owner", 1, "", "", ended=(queue,),
+                                  durables={queue: "orders.>"}))
+    assert not known.knows(queue)
+
+
+def test_blocking_node_ends_its_durable(mesh_name: str, tmp_path: Path) -> None:
+    """`Node.end_durable`, the blocking twin; no data dir is a ConfigError."""
+    common: dict[str, Any] = {"mesh": mesh_name, "interfaces": ["127.0.0.1"], **FAST}
+    with Node(name="s", data_dir=str(tmp_path / "s"), **common) as sub:
+        sub.subscribe_durable("orders.>", "audit").close()
+        assert sub.end_durable("audit") == 0
+    with Node(name="n", **common) as bare, pytest.raises(ConfigError, match="data dir"):
+        bare.end_durable("audit")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import pytest
@@ -234,3 +235,23 @@ def test_expires_is_appended_so_older_and_newer_items_read_each_other() -> None:
     record = msgspec.msgpack.encode(["q", "jobs", old, [], 0, ""])
     assert wire.decode_spooled(record).item.expires is None
     assert wire.decode_spooled(wire.encode_spooled(wire.Spooled("q", "jobs", new))).item == new
+
+
+def test_an_older_peer_reads_a_hello_with_ended_durables() -> None:
+    """Evolution: ``ended`` is a trailing field, which an older peer's hello ignores."""
+    fields = [(f.name, f.type) if f.required else (f.name, f.type, _default_of(f))
+              for f in msgspec.structs.fields(wire.Hello) if f.name != "ended"]
+    older = msgspec.defstruct("Hello", fields, frozen=True, array_like=True, tag=1)
+    new = wire.Hello("n", "name", "mesh", 1, ["tcp://127.0.0.1:1"], [], ["a.>"], 3,
+                     durables={"_durable.n.x": "a.>"}, ended=["_durable.n.y"])
+    old = msgspec.msgpack.decode(wire.ENCODER.encode(new), type=older)
+    seen = msgspec.structs.asdict(old)
+    assert (seen["id"], seen["subs"], seen["durables"]) == ("n", ["a.>"], {"_durable.n.x": "a.>"})
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(old), type=wire.Hello)
+    assert back.ended == []
+
+
+def _default_of(field: msgspec.structs.FieldInfo) -> Any:
+    if field.default_factory is not msgspec.NODEFAULT:
+        return msgspec.field(default_factory=field.default_factory)
+    return field.default

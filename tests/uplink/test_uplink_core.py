@@ -425,6 +425,30 @@ async def test_a_reload_that_reorders_export_patterns_loses_and_repeats_nothing(
         await uplinks.aclose()
 
 
+async def test_a_reload_that_removes_an_export_pattern_ends_its_durable(
+        make_node: MakeNode, tmp_path: Path) -> None:
+    """A reload drops s.> from the export: its durable was forgotten on the agent's own
+    node only, which went on announcing it, so a library publisher kept spooling for it
+    (100 of 100 reliable messages on s.x pending for good). Now the durable is ended:
+    nothing stays in the publisher's spool, and a.> is still exported."""
+    edge = await make_node("edge", data_dir=str(tmp_path / "edge"))
+    publisher = await make_node("pub", data_dir=str(tmp_path / "pub"))
+    uplinks = Uplinks(edge, str(tmp_path / "data"), fsync=FsyncPolicy.BATCH, quota=1 << 22)
+    down = "nats://127.0.0.1:1"  # (refused: the backlog keeps every export)
+    try:
+        await uplinks.apply([UplinkSettings(url=down, prefix="site1", export=["a.>", "s.>"])])
+        await publisher.wait_for_durables("s.x", timeout=WAIT)
+        await publisher.wait_for_durables("a.x", timeout=WAIT)
+        await uplinks.apply([UplinkSettings(url=down, prefix="site1", export=["a.>"])])
+        await publisher.publish_many("s.x", [b"%d" % i for i in range(100)], reliable=True)
+        await _wait(lambda: publisher.spool_pending == 0, "the publisher's spool empty")
+        assert [d.pattern for d in publisher.durables()] == ["a.>"]
+        await publisher.publish("a.x", b"kept", reliable=True)
+        await _wait(lambda: len(uplinks.links[0].backlog) == 1, "a.x exported")
+    finally:
+        await uplinks.aclose()
+
+
 async def test_a_reload_that_changes_the_prefix_loses_no_reliable_export(
         nats_server: StartNats, make_node: MakeNode, tmp_path: Path) -> None:
     """A library publisher sends reliable messages on s.x while a reload changes the
