@@ -253,6 +253,7 @@ class Pull(Generic[T]):
             return
         self._closed = True
         self._settle_current()
+        self._local.wake_all()  # a task waiting in `next` on this handle ends now (ClosedError)
         for aclose in self._also_close:
             await aclose()
         if self._task is not None and self._task is not asyncio.current_task():

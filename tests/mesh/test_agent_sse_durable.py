@@ -16,7 +16,7 @@ from mesh._loop import run
 
 from ._agent import SseStream, start_agent
 from ._proc import Cli
-from .conftest import MakeNode
+from .conftest import FAST, MakeNode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -170,3 +170,19 @@ def test_a_client_leaving_mid_stream_logs_no_error(
     run(clients_leave())
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], errors[0].getMessage()
+
+
+async def test_an_agent_with_a_durable_stream_open_stops_at_once(
+        mesh_name: str, tmp_path: Path) -> None:
+    """Stopping an agent (SIGINT/SIGTERM) while a ``?durable=`` client is connected ended
+    its stream only at aiohttp's shutdown grace: `zeromesh agent` took 4.1 s to exit
+    (0.06 s with a plain stream open), as closing the durable's pull did not wake the
+    stream waiting on it."""
+    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        "data_dir": str(tmp_path / "a"), **FAST})
+    async with Agent(config) as agent, aiohttp.ClientSession() as http, \
+            http.get(agent.http_url + "/v1/subscribe/a.%3E?durable=app") as response:
+        await SseStream(response).subscribed()
+        async with asyncio.timeout(1.0):  # (it took aiohttp's 2 s grace, twice)
+            await agent.aclose()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh import AsyncNode, Message
+from mesh import AsyncNode, ClosedError, Message
 from tests.helpers import aeventually
 
 from .conftest import MakeNode
@@ -114,3 +114,17 @@ async def test_a_closing_worker_node_handler_starts_nothing_more(make_node: Make
     assert started_after_close == []
     assert set(done) == {b"%d" % i for i in range(_TOTAL)}
     assert [data for data, n in done.items() if n > 1] == []
+
+
+async def test_closing_a_pull_ends_a_next_waiting_on_it(make_node: MakeNode) -> None:
+    """`next` raises ClosedError once its handle is closed, also when another task closes
+    it while `next` waits: the waiter was not woken and waited out its whole timeout
+    (forever without one), so an SSE durable stream held its agent's stop 4 s."""
+    worker = await make_node("worker", mdns=False)
+    pull = await worker.pull("jobs")
+    waiting = asyncio.create_task(pull.next(timeout=30))
+    await asyncio.sleep(0)  # (it waits for a message now)
+    await pull.aclose()
+    async with asyncio.timeout(1.0):
+        with pytest.raises(ClosedError):
+            await waiting
