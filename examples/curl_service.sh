@@ -50,6 +50,9 @@ field() { printf '%s\n' "$2" | sed -n "s/.* $1=\([^ ]*\).*/\1/p"; }
 # json_field NAME JSON: a string field of a flat JSON object (enough for these events)
 json_field() { printf '%s\n' "$2" | sed -n "s/.*\"$1\": *\"\([^\"]*\)\".*/\1/p"; }
 
+command -v zeromesh >/dev/null || die "no zeromesh on PATH (activate the venv it is installed in)"
+command -v curl >/dev/null || die "no curl on PATH"
+
 # -- the sidecar and a service to call ------------------------------------------------
 export ZEROMESH_INTERFACES=127.0.0.1
 zeromesh agent --mesh "$MESH" --name shell-app --interface 127.0.0.1 --no-mdns \

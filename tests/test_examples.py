@@ -199,6 +199,22 @@ def test_curl_service_example_publishes_subscribes_and_requests_with_curl_only()
     assert _running_with(up.group(1)) == [], "the SSE curl outlived the script"
 
 
+def test_curl_service_example_without_zeromesh_on_path_says_so_at_once() -> None:
+    """Run without the venv's bin on PATH, it waited 10 s and blamed the agent ("no agent
+    ready line within 10 s"), the agent's "not found" deleted with its temp dir."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    path = os.pathsep.join(dict.fromkeys([str(Path(curl).parent), "/bin", "/usr/bin"]))
+    if shutil.which("zeromesh", path=path) is not None:
+        pytest.skip("zeromesh is installed system-wide")
+    env = {**os.environ, "ZEROMESH_INTERFACES": "127.0.0.1", "PATH": path}
+    proc = subprocess.run(["sh", str(EXAMPLES / "curl_service.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=5, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == "curl_service: no zeromesh on PATH (activate the venv it is installed in)\n"
+
+
 @pytest.mark.timeout(60)
 def test_webhook_consumer_example_retries_the_refused_post_and_keeps_order() -> None:
     """The first POST gets 503, is retried, and the app ends with all three orders in order,
