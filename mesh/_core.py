@@ -413,7 +413,7 @@ class NodeCore:
         outbox = run.outbox if run is not None else None
         curve = run.curve if run is not None else None
         return Traffic(
-            totals=dict(self.stats),
+            totals=collections.Counter(self.stats),  # (README: totals["decode_errors"])
             published_by_topic=dict(pubsub.published_by_topic) if pubsub else {},
             delivered_by_topic=dict(pubsub.delivered_by_topic) if pubsub else {},
             received_by_peer=dict(pubsub.received_by_peer) if pubsub else {},

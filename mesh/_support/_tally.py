@@ -153,9 +153,9 @@ class Stats(Counter[str]):
 class Traffic:
     """A snapshot of a node's counters, for metrics and monitoring."""
 
-    totals: dict[str, int]
+    totals: Counter[str]
     """Node-wide counts: published, received, dropped, pushed, pulled, spooled,
-    redelivered, dead_lettered, requests, ..."""
+    redelivered, dead_lettered, requests, ... (one that never happened reads 0)."""
     published_by_topic: dict[str, int]
     delivered_by_topic: dict[str, int]
     """Messages handed to this node's subscriptions, once per message."""

@@ -139,6 +139,14 @@ class LockHolder:
     lock: threading.Lock
 
 
+async def test_a_node_without_decode_errors_reads_zero(make_node: MakeNode) -> None:
+    """The README's ``traffic().totals["decode_errors"]`` on a node that never had one was
+    a KeyError (totals were a plain dict of the counts that happened)."""
+    node = await make_node("solo")
+    totals = node.traffic().totals
+    assert (totals["decode_errors"], totals["oversized"], totals["published"]) == (0, 0, 0)
+
+
 async def test_a_type_msgspec_cannot_decode_is_refused_at_subscribe(make_node: MakeNode) -> None:
     """Found at the first message, such a type used to stop the delivery of every
     subscription of the node; `subscribe` and `pull` refuse it, and the node goes on."""
