@@ -209,6 +209,22 @@ def test_spool_commands_find_the_data_dir_in_zeromesh_data_dir(mesh_name: str,
     assert replayed.returncode == 0, replayed.stderr
 
 
+def test_spool_replay_with_no_dead_letters_exits_0_at_once(mesh_name: str,
+                                                          tmp_path: Path) -> None:
+    """No dead letters, but a push waiting in the outbox for a worker: replay printed
+    "0/0 delivered", waited its whole --timeout for that push and exited 1 ("1 not
+    delivered"), as if a replay had failed."""
+    data = str(tmp_path / "node")
+    pushed = run(["push", "jobs", "x", "--reliable", "--data-dir", data, "--timeout", "0.5"],
+                 mesh=mesh_name)
+    assert pushed.returncode == 0, pushed.stderr
+    started = time.monotonic()
+    replayed = run(["spool", "replay", "--data-dir", data, "--timeout", "10"], mesh=mesh_name)
+    assert (replayed.returncode, replayed.stdout, replayed.stderr) == (
+        0, "replaying 0 dead letter(s)\n", "")
+    assert time.monotonic() - started < 8
+
+
 @pytest.mark.parametrize("action", ["ls", "show", "replay", "purge", "durables"])
 def test_spool_commands_on_a_dir_with_no_spool_exit_2_and_make_nothing(
         action: str, mesh_name: str, tmp_path: Path) -> None:
