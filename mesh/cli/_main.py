@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-subscribers", type=_count, metavar="N",
                    help="publish only once N matching subscribers are connected")
     p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
-                   help="how long to wait for subscribers (default 10)")
+                   help="how long to wait for subscribers, then (--reliable) for receivers to "
+                        "take what was spooled; the rest stays there (default 10)")
     p.add_argument("--header", action="append", default=[], metavar="K=V",
                    help="message header; repeatable")
 
@@ -213,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-workers", type=_count, metavar="N",
                    help="push only once N workers of the queue are connected")
     p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
-                   help="how long to wait for workers (default 10)")
+                   help="how long to wait for workers, and for them to take what was pushed "
+                        "(default 10)")
     p.add_argument("--header", action="append", default=[], metavar="K=V",
                    help="message header; repeatable")
 
