@@ -7,10 +7,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import queue
 import shlex
 import shutil
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, Final
 
@@ -21,6 +24,7 @@ from ..errors import ConfigError, NoRespondersError, RequestTimeout
 
 _DISCOVERY_WINDOW: Final[float] = 0.25
 """How long `pub` without --wait-subscribers listens before publishing."""
+_STDIN_CHUNK: Final[int] = 65536
 
 
 def node_for(args: argparse.Namespace) -> AsyncNode:
@@ -121,8 +125,53 @@ async def _payloads(data: str | None) -> AsyncIterator[bytes | str]:
         return
     if sys.stdin is None:
         return
-    while line := await asyncio.to_thread(sys.stdin.buffer.readline):
-        yield line.rstrip(b"\r\n")
+    buf = bytearray()
+    async for chunk in _stdin_chunks():
+        buf += chunk
+        if b"\n" in chunk:
+            *lines, tail = bytes(buf).split(b"\n")
+            buf = bytearray(tail)
+            for line in lines:
+                yield line.rstrip(b"\r")
+    if buf:
+        yield bytes(buf).rstrip(b"\r")
+
+
+async def _stdin_chunks() -> AsyncIterator[bytes]:
+    """stdin's bytes until its end, read by a daemon thread one chunk at a time as asked.
+
+    Not `asyncio.to_thread`: the loop's executor is joined at exit, so a read blocked on
+    a terminal or an open pipe held Ctrl-C until the next line came (or forever)."""
+    loop = asyncio.get_running_loop()
+    asks: queue.SimpleQueue[asyncio.Future[bytes]] = queue.SimpleQueue()
+
+    def hand(fut: asyncio.Future[bytes], chunk: bytes, error: OSError | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(chunk)
+
+    def read() -> None:
+        chunk, error = b".", None
+        while chunk and error is None:
+            fut = asks.get()
+            try:
+                chunk = os.read(0, _STDIN_CHUNK)
+            except OSError as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # (the loop closed: we are exiting)
+                loop.call_soon_threadsafe(hand, fut, chunk, error)
+
+    threading.Thread(target=read, name="zeromesh-stdin", daemon=True).start()
+    while True:
+        fut = loop.create_future()
+        asks.put(fut)
+        chunk = await fut
+        if not chunk:
+            return
+        yield chunk
 
 
 async def _settle_spool(node: AsyncNode, timeout: float, command: str) -> None:

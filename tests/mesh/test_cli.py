@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -85,6 +86,22 @@ def test_sub_json_receives_stdin_lines_published_with_wait_subscribers(procs: li
     assert {o["topic"] for o in objs} == {"logs.app"}
     assert {o["source"] for o in objs} == {"writer"}
     assert len({o["id"] for o in objs}) == 3
+
+
+def test_pub_reading_stdin_stops_at_ctrl_c(procs: list[Cli], mesh_name: str) -> None:
+    """Ctrl-C while pub waits for its next stdin line (a terminal, an open pipe): it
+    waited for that line, or the end of stdin, before exiting (asyncio's executor thread
+    blocked in the read was joined at exit)."""
+    with Node(name="reader", mesh=mesh_name, interfaces=["127.0.0.1"], **FAST) as node:
+        sub = node.subscribe("logs.>")
+        pub = start(procs, "pub", "logs.app", "--wait-subscribers", "1", mesh=mesh_name,
+                    stdin=True)
+        assert pub.proc.stdin is not None
+        pub.proc.stdin.write("one\n")
+        pub.proc.stdin.flush()
+        assert sub.next(timeout=15).data == b"one"  # it reads stdin now; the pipe stays open
+        pub.proc.send_signal(signal.SIGINT)
+        assert pub.wait(timeout=5) == 130
 
 
 def test_sub_json_gives_bytes_that_are_not_text_in_base64(procs: list[Cli],
