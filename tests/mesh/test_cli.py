@@ -14,7 +14,7 @@ from mesh import Node
 from mesh.cli._main import build_parser
 
 from ._proc import Cli, run
-from .conftest import FAST
+from .conftest import FAST, FAST_ENV
 
 
 def start(procs: list[Cli], *args: str, mesh: str, stdin: bool = False) -> Cli:
@@ -102,6 +102,23 @@ def test_pub_reading_stdin_stops_at_ctrl_c(procs: list[Cli], mesh_name: str) -> 
         assert sub.next(timeout=15).data == b"one"  # it reads stdin now; the pipe stays open
         pub.proc.send_signal(signal.SIGINT)
         assert pub.wait(timeout=5) == 130
+
+
+def test_a_command_stopped_by_sigterm_leaves_the_mesh(procs: list[Cli], mesh_name: str) -> None:
+    """SIGTERM (what `timeout` and service managers send) killed peers, pub, push and req
+    on the spot: their peers reported them lost, not left (sub, pull, serve and the agent
+    left), and the exit status was the signal's."""
+    with Node(name="watcher", mesh=mesh_name, interfaces=["127.0.0.1"], **FAST) as node:
+        events = node.events()
+        child = Cli(["peers", "--wait", "30", "--name", "short"], mesh=mesh_name,
+                    env=FAST_ENV)
+        procs.append(child)
+        joined = events.next(timeout=15)
+        assert (joined.kind.value, joined.peer.name) == ("joined", "short")
+        child.term()
+        assert child.wait(timeout=5) == 143
+        gone = events.next(timeout=5)
+        assert (gone.kind.value, gone.peer.name) == ("left", "short")
 
 
 def test_sub_json_gives_bytes_that_are_not_text_in_base64(procs: list[Cli],
