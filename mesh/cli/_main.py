@@ -352,7 +352,9 @@ def _add_spool(sub: argparse._SubParsersAction[_Parser]) -> None:
         a = actions.add_parser(name, help=text, epilog=_REPLAY_EXIT if name == "replay" else None)
         _common(a)
         if name in ("ls", "show", "durables"):
-            a.add_argument("--json", action="store_true")
+            a.add_argument("--json", action="store_true",
+                           help="one JSON object per record" if name == "show"
+                           else "a JSON list" if name == "durables" else "one JSON object")
         if name == "forget":
             a.add_argument("durable", metavar="NAME",
                            help="the durable's queue (_durable.<node id>.<name>), or its "
@@ -360,7 +362,8 @@ def _add_spool(sub: argparse._SubParsersAction[_Parser]) -> None:
         if name in ("show", "purge"):
             a.add_argument("--outbox", action="store_true", help="the outbox, not dead letters")
         if name == "show":
-            a.add_argument("--limit", type=_count, default=1000, metavar="N")
+            a.add_argument("--limit", type=_count, default=1000, metavar="N",
+                           help="print at most N (default 1000)")
         if name == "replay":
             a.add_argument("ids", nargs="*", type=int, metavar="ID",
                            help="spool ids to replay (default: all)")
