@@ -34,7 +34,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Final
 
-from .. import AsyncNode, MeshError, NodeConfig, PeerEvent, PeerEventKind
+from .. import AsyncNode, ConfigError, MeshError, NodeConfig, PeerEvent, PeerEventKind
 from .. import run as run_loop
 
 _DEADLINE: Final[float] = 28.0
@@ -410,9 +410,13 @@ async def _finish(demo: _Demo) -> None:
 async def _play(demo: _Demo) -> None:
     config = NodeConfig(name="demo", mesh=demo.mesh, interfaces=[demo.interface],
                         data_dir=demo.data_dir("demo"), mdns=False)
-    with _failing_as():
-        node = AsyncNode(config)
+    node = AsyncNode(config)
+    try:
         await node.start()
+    except ConfigError:
+        raise  # (a bad --interface is bad usage, exit 2, as for every command)
+    except MeshError as exc:
+        raise SceneFailed(str(exc)) from None
     try:
         demo.seed = node.endpoints["ctl"][0]
         demo.say("demo", f"mesh {demo.mesh} on {demo.interface}, seed {demo.seed}, "

@@ -218,3 +218,16 @@ def test_a_sigkilled_demo_leaves_no_child_running() -> None:
                 os.kill(pid, signal.SIGKILL)
         if tmp is not None:
             shutil.rmtree(tmp[1], ignore_errors=True)
+
+
+@pytest.mark.parametrize("interface", ["banana", "192.0.2.1"])
+def test_a_bad_interface_is_bad_usage_exit_2(interface: str, tmp_path: Path) -> None:
+    """`--interface` not an address, or not one of this host's: exit 1 as a failed scene
+    ("start: interfaces: ..."), where every other command (the agent's same error
+    included) exits 2 on bad usage. Nothing is started and the temp dir is removed."""
+    env = {**_env(), "TMPDIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "mesh", "demo", "--interface", interface],
+                            env=env, capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 2, result.stderr
+    assert re.fullmatch(r"zeromesh demo: interfaces: [^\n]+\n", result.stderr), result.stderr
+    assert list(tmp_path.iterdir()) == []
