@@ -260,6 +260,7 @@ class NodeCore:
         store.load()
         stack.callback(store.close)
         retained = RetainedValues(store, recall)
+        stack.callback(retained.close)
         kept = History([_names.pattern(p) for p in cfg.history], max_age=cfg.history_max_age,
                        max_bytes=cfg.history_max_bytes, data_dir=cfg.data_dir)
         kept.load()
@@ -270,7 +271,7 @@ class NodeCore:
         figures = MeshFigures(own, peers, requests)
         pubsub.history = kept if kept.patterns else None
         announcement.parts = (pubsub, work, serving, self._durables, store, kept)
-        membership.attach(listeners=(self._durables, pubsub, work, requests,
+        membership.attach(listeners=(self._durables, pubsub, work, requests, retained,
                                      _WakeOnPeers(self._watchers)),
                           events=(self._events,),
                           routes={**work.control_routes, **pubsub.control_routes},

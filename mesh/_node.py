@@ -253,7 +253,9 @@ class AsyncNode(WorkAndServices):
         """The retained value of every topic matching `pattern` in the mesh (for each topic
         the newest across its publishers, this node included), in topic order.
 
-        A publisher that does not answer within `timeout` is left out.
+        A publisher that does not answer within `timeout` is left out, and so is one
+        whose first retained value is so fresh that the news it retains has not reached
+        us yet (milliseconds on a LAN; a subscription asks it once it has).
 
         Raises:
             ConfigError: `pattern` is invalid or `timeout` is not positive.

@@ -107,26 +107,40 @@ class Recall:
 
     # -- asking ----------------------------------------------------------------------
 
-    def fill(self, sub: Subscription, gather: Coroutine[Any, Any, Gathered]) -> None:
+    def fill(self, sub: Subscription, gather: Coroutine[Any, Any, Gathered],
+             then: Callable[[], None] | None = None) -> None:
         """Hold `sub`'s live messages back until `gather` is done; then it takes what was
-        gathered, then what it held, minus what the answers cover."""
+        gathered, then what it held, minus what the answers cover; then `then` runs."""
         sub._hold()
-        task = asyncio.get_running_loop().create_task(self._fill(sub, gather),
+        task = asyncio.get_running_loop().create_task(self._fill(sub, gather, then),
                                                       name="zeromesh-recall")
         self._filling.add(task)
         task.add_done_callback(self._filling.discard)
 
     @staticmethod
-    async def _fill(sub: Subscription, gather: Coroutine[Any, Any, Gathered]) -> None:
+    def watch(sub: Subscription, on: bool) -> None:
+        """Have `sub` note what it delivers (on) or stop (off): values a peer gives it
+        late are checked against that (see `Subscription._watch`)."""
+        sub._watch(on)
+
+    @staticmethod
+    async def _fill(sub: Subscription, gather: Coroutine[Any, Any, Gathered],
+                    then: Callable[[], None] | None) -> None:
         gathered: Gathered = ([], {}, {})
         try:
             gathered = await gather
         finally:  # (cancelled at close: what was held is still delivered)
             sub._release(*gathered)
+            if then is not None:
+                then()
 
     async def peers_to_ask(self, keeps: Callable[[PeerRecord], bool]) -> list[PeerRecord]:
         """The live peers `keeps` says hold something (after the start-up grace)."""
         await self._settled()
+        return self.live_peers(keeps)
+
+    def live_peers(self, keeps: Callable[[PeerRecord], bool]) -> list[PeerRecord]:
+        """The live peers `keeps` says hold something, now."""
         return [rec for rec in self._peers.records()
                 if keeps(rec) and rec.rtr and rec.state is not PeerState.LOST]
 

@@ -111,6 +111,11 @@ class Subscription(Mailbox[Message[T]]):
         messages up to that one are already covered."""
         self._replayed: dict[str, tuple[tuple[TopicPattern, ...], int]] = {}
         """Publisher id -> (its history patterns, the sequence its history went up to)."""
+        self._seen: dict[str, float] | None = None
+        """While late retained values may still come (`_watch`): per topic, the newest
+        timestamp delivered (None: not watching, nothing noted)."""
+        self._seen_from: set[tuple[str, str]] = set()
+        """...and the (publisher id, topic) pairs something was delivered from."""
 
     @property
     def subject(self) -> str:
@@ -145,11 +150,40 @@ class Subscription(Mailbox[Message[T]]):
                  ) -> None:
         """Deliver the retained values (or history), then what was held, then go live."""
         held, self._held = self._held or [], None
+        if self._seen is not None:  # late values: after what was delivered already
+            retained, covered = self._unseen(retained, covered)
         if held and covered:
             retained = _live_first(retained, held, covered)
-        self._covered = covered
-        self._replayed = replayed or {}
+        self._covered.update(covered)
+        if replayed:
+            self._replayed = replayed
         self._deliver([*retained, *held], retained=len(retained))
+
+    def _watch(self, on: bool) -> None:
+        """Note what is delivered (on), so that retained values a peer gives late are
+        checked against it; or stop noting (off)."""
+        self._seen = {} if on else None
+        self._seen_from = set()
+
+    def _unseen(self, retained: list[Message], covered: dict[tuple[str, str], int]
+                ) -> tuple[list[Message], dict[tuple[str, str], int]]:
+        """The late values still worth delivering, and what they may cover: none from a
+        publisher already heard on its topic (its newer messages come live, in order),
+        none older than what the topic already delivered."""
+        seen, heard = self._seen or {}, self._seen_from
+        fresh = [value for value in retained if (value.source_id, value.topic) not in heard
+                 and value.timestamp >= seen.get(value.topic, 0.0)]
+        return fresh, {key: seq for key, seq in covered.items() if key not in heard}
+
+    def _note(self, messages: Iterable[Message]) -> list[Message]:
+        """Remember the topics and publishers of `messages` (see `_watch`)."""
+        messages = list(messages)
+        seen, heard = self._seen or {}, self._seen_from
+        for msg in messages:
+            heard.add((msg.source_id, msg.topic))
+            if msg.timestamp > seen.get(msg.topic, 0.0):
+                seen[msg.topic] = msg.timestamp
+        return messages
 
     def _deliver(self, messages: Iterable[Message], retained: int = 0, *,
                  shared: bool = True, one_label: bool = False) -> float:
@@ -163,6 +197,8 @@ class Subscription(Mailbox[Message[T]]):
             return 0.0
         if self._covered or self._replayed:
             messages = self._uncovered(messages, retained)
+        if self._seen is not None:
+            messages = self._note(messages)
         if self._decoding is not None:
             messages = self._decoding.many(messages, shared, one_label)
         if self._callback is not None:

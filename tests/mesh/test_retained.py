@@ -367,3 +367,47 @@ async def test_an_answer_waits_until_the_askers_subscription_is_in_force(
         reply = await asking
     page = _queries.decode(reply.data, _queries.RetainedPage)
     assert [(i.topic, i.payload) for i in page.items] == [("w.x", b"v")]
+
+
+async def test_a_value_retained_a_moment_before_a_subscription_still_arrives_once(
+        make_node: MakeNode) -> None:
+    """A peer's first retained publish, and at once a subscription elsewhere: its
+    `retains` flag had not reached the subscriber, which did not ask it, and the value,
+    published before the subscription reached it, did not come live either: it was
+    missed for good. The subscription asks a peer found retaining late: one value."""
+    a = await make_node("a", mdns=False)
+    b = await make_node("b", mdns=False, peers=a.endpoints["ctl"])
+    await b.wait_for_peers(1, timeout=5)
+    await a.wait_for_peers(1, timeout=5)
+    recall = b._live().retained._recall
+    loop = asyncio.get_running_loop()
+    await aeventually(lambda: recall._grace_end <= loop.time(), timeout=2,
+                      message="b's start-up grace (when it waits for discovery) is over")
+    await a.publish("cfg.x", b"v1", retain=True)
+    sub = await b.subscribe("cfg.>")
+    got = await sub.next(timeout=3)
+    assert (got.topic, got.data, got.source) == ("cfg.x", b"v1", "a")
+    with pytest.raises(TimeoutError):
+        await sub.next(timeout=0.3)
+
+
+async def test_a_first_retained_value_that_came_live_is_not_repeated_late(
+        make_node: MakeNode) -> None:
+    """The subscription is in force at the peer before its first retained publish: the
+    value comes live, and asking the peer once its flag arrives gives it no second time."""
+    a = await make_node("a", mdns=False)
+    b = await make_node("b", mdns=False, peers=a.endpoints["ctl"])
+    await b.wait_for_peers(1, timeout=5)
+    sub = await b.subscribe("cfg.>")
+    await a.wait_for_subscribers("cfg.x", 1, timeout=5)
+    await a.publish("cfg.x", b"v1", retain=True)
+    assert (await sub.next(timeout=3)).data == b"v1"
+    table = b._live().membership.table
+
+    def knows_a_retains() -> bool:
+        rec = table.get(a.id)
+        return rec is not None and rec.retains
+
+    await aeventually(knows_a_retains, timeout=3)
+    with pytest.raises(TimeoutError):
+        await sub.next(timeout=0.3)
