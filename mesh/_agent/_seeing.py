@@ -3,9 +3,9 @@ Events), ``GET /v1/topology``, and the dead letters (``GET /v1/dead-letters``,
 ``POST /v1/dead-letters/purge``).
 
 ``/v1/events`` sends ``event: joined|left|lost`` with ``data: {"id", "name",
-"state"}`` as they happen, and ``event: stats`` once a second with one
-snapshot (`_stats`). The mesh's figures are gathered at most once per second
-however many streams are open (`mesh._figures._mesh`).
+"state"}`` (``alive``, ``left``, ``lost``) as they happen, and ``event: stats``
+once a second with one snapshot (`_stats`). The mesh's figures are gathered at
+most once per second however many streams are open (`mesh._figures._mesh`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 
-from .._membership._peers import PeerEvent
+from .._membership._peers import PeerEvent, PeerEventKind
 from .._node import AsyncNode
 from .._uplink._links import Uplinks
 from . import _http
@@ -34,8 +34,10 @@ def sse(kind: str, data: object) -> bytes:
 
 
 def peer_event(event: PeerEvent) -> bytes:
+    """A peer that left is snapshotted as it was (alive): its state here is ``left``."""
     peer = event.peer
-    return sse(event.kind.value, {"id": peer.id, "name": peer.name, "state": peer.state.value})
+    state = "left" if event.kind is PeerEventKind.LEFT else peer.state.value
+    return sse(event.kind.value, {"id": peer.id, "name": peer.name, "state": state})
 
 
 class Seeing:

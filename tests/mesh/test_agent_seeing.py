@@ -17,7 +17,7 @@ from mesh import AsyncNode, Message
 from ._agent import start_agent
 from ._curl_sse import CurlEvents
 from ._proc import Cli
-from .conftest import FAST_ENV
+from .conftest import FAST_ENV, MakeNode
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -70,6 +70,23 @@ def test_events_tell_joined_left_lost_in_order_and_stats_every_second(
     killed.cli.proc.send_signal(signal.SIGKILL)
     kind, data, _ = events.next(["joined", "left", "lost"], 15)
     assert (kind, data) == ("lost", {"id": killed.id, "name": "killed", "state": "lost"})
+
+
+async def test_a_left_event_says_the_peer_left(make_node: MakeNode) -> None:
+    """The event of a peer that said goodbye carried ``"state": "alive"`` (the peer as it
+    was last): consumers other than the page read that field."""
+    from mesh._agent._seeing import peer_event
+
+    watcher = await make_node("watcher", mdns=False)
+    events = watcher.events()
+    leaving = await make_node("leaving", mdns=False, peers=watcher.endpoints["ctl"])
+    await watcher.wait_for_peers(1, timeout=5)
+    await leaving.aclose()
+    encoded = [peer_event(await events.next(timeout=5)) for _ in range(2)]
+    assert encoded == [
+        b'event: %s\ndata: {"id":"%s","name":"leaving","state":"%s"}\n\n'
+        % (kind, leaving.id.encode(), state) for kind, state in
+        [(b"joined", b"alive"), (b"left", b"left")]]
 
 
 def test_a_topic_nobody_subscribes_to_has_a_rate(procs: list[Cli], curls: list[CurlEvents],
