@@ -157,7 +157,7 @@ class Subscription(Mailbox[Message[T]]):
         self._covered.update(covered)
         if replayed:
             self._replayed = replayed
-        self._deliver([*retained, *held], retained=len(retained))
+        self._deliver([*retained, *held], retained=len(retained), mixed=True)
 
     def _watch(self, on: bool) -> None:
         """Note what is delivered (on), so that retained values a peer gives late are
@@ -175,20 +175,23 @@ class Subscription(Mailbox[Message[T]]):
                  and value.timestamp >= seen.get(value.topic, 0.0)]
         return fresh, {key: seq for key, seq in covered.items() if key not in heard}
 
-    def _note(self, messages: Iterable[Message]) -> list[Message]:
-        """Remember the topics and publishers of `messages` (see `_watch`)."""
+    def _note(self, messages: Iterable[Message], mixed: bool) -> list[Message]:
+        """Remember the topics and publishers of `messages` (see `_watch`). Unless
+        `mixed`, they are one publisher's on one topic, in its order (the engine's
+        batches): the last one says it all, with no Python step per message."""
         messages = list(messages)
         seen, heard = self._seen or {}, self._seen_from
-        for msg in messages:
+        for msg in (messages if mixed else messages[-1:]):
             heard.add((msg.source_id, msg.topic))
             if msg.timestamp > seen.get(msg.topic, 0.0):
                 seen[msg.topic] = msg.timestamp
         return messages
 
     def _deliver(self, messages: Iterable[Message], retained: int = 0, *,
-                 shared: bool = True, one_label: bool = False) -> float:
+                 shared: bool = True, one_label: bool = False, mixed: bool = False) -> float:
         """Take a batch; ``shared=False``: no one else holds these messages; ``one_label``:
-        they share one headers dict (a run). Returns the pause its publisher should take
+        they share one headers dict (a run); ``mixed``: they come from several publishers
+        or topics (else from one, on one topic). Returns the pause its publisher should take
         (see `_pace`), 0.0 for none."""
         if self._closed:
             return 0.0
@@ -198,7 +201,7 @@ class Subscription(Mailbox[Message[T]]):
         if self._covered or self._replayed:
             messages = self._uncovered(messages, retained)
         if self._seen is not None:
-            messages = self._note(messages)
+            messages = self._note(messages, mixed)
         if self._decoding is not None:
             messages = self._decoding.many(messages, shared, one_label)
         if self._callback is not None:
