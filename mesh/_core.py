@@ -408,7 +408,8 @@ class NodeCore:
     def traffic(self) -> Traffic:
         """Counters for monitoring: node-wide totals plus per-topic and per-peer tallies
         (peers by id; at most `NodeConfig.metrics_names` names each, the rest under
-        ``other``), and the sampled delivery latency."""
+        ``other``), and the sampled delivery latency, by kind and by topic and queue (at
+        most `LATENCY_NAMES` names each)."""
         run = self._run
         pubsub = run.pubsub if run is not None else None
         outbox = run.outbox if run is not None else None
@@ -429,6 +430,8 @@ class NodeCore:
                 ("topic", self.stats.topics), ("queue", self.stats.queues),
                 ("service", self.stats.services), ("peer", self.stats.peers))},
             latency={kind: each.snapshot() for kind, each in self.stats.latency.items()},
+            latency_by_name={kind: each.snapshot()
+                             for kind, each in self.stats.latency_by.items()},
             membership=run.membership.figures() if run is not None else {},
         )
 

@@ -4,10 +4,12 @@ Node counters are read when scraped (a collector over `AsyncNode.traffic()`),
 so the message path pays one dict increment per batch and nothing per scrape
 interval. Per-name families (``zeromesh_topic_messages_*``, ``..._queue_...``,
 ``zeromesh_service_requests_*``, ``zeromesh_peer_messages_*``) have at most
-`NodeConfig.metrics_names` label values each, the rest summed under ``other``;
-the delivery latency histogram is labelled by kind only (``pubsub``, ``work``):
-per name it would be a score of series per topic, and the per-name counters
-already say where the traffic is. What only the agent sees (HTTP routes, requests, webhooks, pushes)
+`NodeConfig.metrics_names` label values each, the rest summed under ``other``.
+The sampled delivery latency is a histogram by kind (``pubsub``, ``work``) and
+the same samples by name (``zeromesh_topic_delivery_latency_seconds{topic}``,
+``zeromesh_queue_...{queue}``): a histogram is a score of series per label
+value, so those keep far fewer names, the busiest `LATENCY_NAMES` (20), the
+rest under ``other``. What only the agent sees (HTTP routes, requests, webhooks, pushes)
 uses the client's own counters in a registry private to this agent; the names in their
 labels (queues, services, SSE patterns: any a client sends) are bounded the same way,
 the first `metrics_names` kept (`BoundedNames`).
@@ -37,7 +39,7 @@ from prometheus_client.registry import Collector
 
 from .._membership._peers import PeerState
 from .._node import AsyncNode
-from .._support._tally import OTHER, SAMPLE_EVERY, LatencySnapshot, Traffic
+from .._support._tally import LATENCY_NAMES, OTHER, SAMPLE_EVERY, LatencySnapshot, Traffic
 from .._uplink._link import LinkState
 from .._uplink._links import Uplinks
 
@@ -271,6 +273,14 @@ class _NodeCollector(Collector):
         for kind, snapshot in sorted(traffic.latency.items()):
             latency.add_metric([kind], _buckets(snapshot), snapshot.total)
         yield latency
+        for kind, what in (("topic", "pubsub"), ("queue", "work")):
+            by_name = HistogramMetricFamily(
+                f"zeromesh_{kind}_delivery_latency_seconds",
+                f"The {what} delivery latency samples, per {kind} (the busiest "
+                f"{LATENCY_NAMES}, the rest as {OTHER}).", labels=[kind])
+            for name, snapshot in traffic.latency_by_name.get(kind, {}).items():
+                by_name.add_metric([name], _buckets(snapshot), snapshot.total)
+            yield by_name
 
         dropped_input = CounterMetricFamily(
             "zeromesh_input_dropped",

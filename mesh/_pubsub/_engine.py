@@ -149,6 +149,7 @@ class PubSub:
         """Messages of every kind received from each peer (pub/sub's share counted here)."""
         self._expired_by_topic = stats.topics[_ttl.EXPIRED]
         self._latency = stats.latency["pubsub"]
+        self._latency_by_topic = stats.latency_by["topic"]
         self._confirmed: BoundedDict[str, int] = BoundedDict()
         self._links = Links(self._subscriber, peers, _PUB_LINGER + 1.0)
         # what we publish on (announced), and new topics held for their subscribers
@@ -632,7 +633,9 @@ class PubSub:
         latency = self._latency
         latency.left -= 1
         if latency.left <= 0 and n:  # sampled: the oldest of the batch, never flattering
-            latency.sample(time.time() - (items[0].ts if run is None else batch.ts))
+            age = time.time() - (items[0].ts if run is None else batch.ts)
+            latency.sample(age)
+            self._latency_by_topic.sample(topic, age)
         subs = self._matching(topic)
         if not subs:
             return

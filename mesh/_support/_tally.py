@@ -9,12 +9,15 @@ count folds into ``OTHER``, so the sum over all names stays the total).
 
 Counting happens once per batch on the hot path, so a tally is a plain dict
 and a name already kept costs one dict increment; only the misses pay more.
+Latency histograms per name (`Latencies`) are kept the same way, with a much
+smaller limit: each is a score of series.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -28,6 +31,10 @@ LATENCY_BUCKETS: Final[tuple[float, ...]] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Upper bounds in seconds: from loopback batches up to minutes in a spool."""
+LATENCY_NAMES: Final[int] = 20
+"""Names with a latency histogram of their own, per kind (topic, queue); the rest under
+``OTHER``. Far fewer than `DEFAULT_LIMIT`: a histogram is 21 series (19 buckets, count
+and sum), so 21 names make 441 series a kind."""
 SAMPLE_EVERY: Final[int] = 16
 """One received batch in this many has its oldest message's age measured: a batch
 holds up to hundreds of messages, so the cost per message is a decrement."""
@@ -69,12 +76,9 @@ class Tally(dict[str, int]):
         ones, when at least twice as busy since the last review (no churn between equals).
         A promoted name counts from 0: what it had stays in OTHER (counters only grow)."""
         marks = self._marks
-        kept = sorted((n - marks.get(k, 0), k) for k, n in self.items() if k != OTHER)
-        rising = sorted(((n, k) for k, n in self._rising.items()), reverse=True)
         other = self.get(OTHER, 0)
-        for (busy, newcomer), (quiet, name) in zip(rising, kept, strict=False):
-            if busy <= 2 * quiet + 1:
-                break
+        for newcomer, name in _swaps(
+                ((n - marks.get(k, 0), k) for k, n in self.items() if k != OTHER), self._rising):
             other += self.pop(name)
             self[newcomer] = 0
         if other:
@@ -82,6 +86,19 @@ class Tally(dict[str, int]):
         self._rising.clear()
         self._marks = dict(self)
         self._misses = 0
+
+
+def _swaps(kept: Iterable[tuple[int, str]], rising: dict[str, int]) -> list[tuple[str, str]]:
+    """(newcomer, kept name) pairs: the busiest of `rising` each replace the least busy
+    of `kept` ((busy since the last review, name)), when at least twice as busy."""
+    swaps = []
+    for (busy, newcomer), (quiet, name) in zip(
+            sorted(((n, k) for k, n in rising.items()), reverse=True), sorted(kept),
+            strict=False):
+        if busy <= 2 * quiet + 1:
+            break
+        swaps.append((newcomer, name))
+    return swaps
 
 
 class Tallies(dict[str, Tally]):
@@ -122,6 +139,68 @@ class Latency:
     def snapshot(self) -> LatencySnapshot:
         return LatencySnapshot(LATENCY_BUCKETS, tuple(self.counts), self.total)
 
+    def fold(self, other: Latency) -> None:
+        """Add `other`'s samples to these."""
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.total += other.total
+
+
+class Latencies(dict[str, Latency]):
+    """Sampled delivery latency by name (topic, queue), at most `limit` names (+ ``OTHER``).
+
+    Fed where the kind's `Latency` samples, so it costs one lookup a sample, none a
+    message. The names kept are the busiest as `Tally` keeps them, by their samples (one
+    batch in `SAMPLE_EVERY`, so batches); a name let go folds its buckets into ``OTHER``,
+    so every bucket summed over the names stays the kind's, and none goes down."""
+
+    def __init__(self, limit: int = LATENCY_NAMES) -> None:
+        super().__init__()
+        self.limit = limit
+        self._rising: dict[str, int] = {}
+        """Names sampled under OTHER since the last review, and how often (bounded)."""
+        self._marks: dict[str, int] = {}
+        """The kept names' sample counts at the last review."""
+        self._misses = 0
+
+    def sample(self, name: str, seconds: float) -> None:
+        latency = self.get(name)
+        if latency is None:
+            latency = self._place(name)
+        latency.sample(seconds)
+
+    def _place(self, name: str) -> Latency:
+        if len(self) < self.limit:
+            latency = self[name] = Latency()
+            return latency
+        other = self.get(OTHER)
+        if other is None:
+            other = self[OTHER] = Latency()
+        rising = self._rising
+        if name in rising:
+            rising[name] += 1
+        elif len(rising) < self.limit:
+            rising[name] = 1
+        self._misses += 1
+        if self._misses >= max(self.limit, _MIN_REVIEW):
+            self.review()
+        return other
+
+    def review(self) -> None:
+        """As `Tally.review`: a name sampled at least twice as often as a kept one since
+        the last review takes its place (counting from 0; its past stays in OTHER)."""
+        marks = self._marks
+        for newcomer, name in _swaps(((sum(latency.counts) - marks.get(k, 0), k)
+                                      for k, latency in self.items() if k != OTHER),
+                                     self._rising):
+            self[OTHER].fold(self.pop(name))
+            self[newcomer] = Latency()
+        self._rising.clear()
+        self._marks = {k: sum(latency.counts) for k, latency in self.items()}
+        self._misses = 0
+
+    def snapshot(self) -> dict[str, LatencySnapshot]:
+        return {name: latency.snapshot() for name, latency in self.items()}
+
 
 @dataclass(frozen=True, slots=True)
 class LatencySnapshot:
@@ -135,7 +214,8 @@ class LatencySnapshot:
 class Stats(Counter[str]):
     """A node's message counts: node-wide totals (the Counter itself, as before), the same
     events per name (`topics`, `queues`, `services`, `peers`: event -> Tally) and the
-    sampled delivery latency per kind (``pubsub``, ``work``).
+    sampled delivery latency per kind (``pubsub``, ``work``) and per name (`latency_by`:
+    ``topic``, ``queue``).
 
     One object handed to every part, so each counts where the event happens."""
 
@@ -147,6 +227,8 @@ class Stats(Counter[str]):
         self.peers = Tallies(limit)
         """By peer id."""
         self.latency = {"pubsub": Latency(), "work": Latency()}
+        self.latency_by = {"topic": Latencies(), "queue": Latencies()}
+        """The same samples by topic and by queue, `LATENCY_NAMES` names each."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +259,9 @@ class Traffic:
     name set bounded (`Tally`), the rest under ``OTHER``."""
     latency: dict[str, LatencySnapshot]
     """Sampled delivery latency by kind (``pubsub``, ``work``)."""
+    latency_by_name: dict[str, dict[str, LatencySnapshot]]
+    """The same samples by name: kind (``topic``, ``queue``) -> name -> histogram, at
+    most `LATENCY_NAMES` names each, the rest under ``OTHER``."""
     membership: dict[str, int] = field(default_factory=dict)
     """This node's share of membership: ``members`` it knows alive, ``links`` (control
     links held), ``watched`` (members it beats), ``control_sent``/``control_received``."""

@@ -142,6 +142,7 @@ class Workers:
         self._received = stats.queues["received"]
         self._from_peer = stats.peers["received"]
         self._latency = stats.latency["work"]
+        self._latency_by_queue = stats.latency_by["queue"]
         self._max_wire = max_wire
         self._control = control
         self._dedup = dedup
@@ -412,6 +413,7 @@ class Workers:
         latency.left -= 1
         if latency.left <= 0 and items:  # sampled: the oldest of the batch, never flattering
             latency.sample(now - items[0].ts)
+            self._latency_by_queue.sample(queue, now - items[0].ts)
         msgs = [Message(it.topic or queue, it.payload, name, source, it.seq, it.ts, it.headers,
                         it.reliable) for it in items]
         for it in items:
@@ -431,7 +433,9 @@ class Workers:
         latency = self._latency
         latency.left -= 1
         if latency.left <= 0:  # sampled: the run's first message, never flattering
-            latency.sample(time.time() - batch.ts)
+            age = time.time() - batch.ts
+            latency.sample(age)
+            self._latency_by_queue.sample(queue, age)
         local.put_many(list(map(Message, repeat(queue, n), payloads, repeat(batch.name, n),
                                 repeat(source, n), range(batch.seq, batch.seq + n),
                                 repeat(batch.ts, n))), stream)

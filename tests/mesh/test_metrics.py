@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -12,8 +13,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from mesh import Message
-from mesh._support._tally import OTHER, Tally
+from mesh import AsyncNode, Message
+from mesh._agent._metrics import AgentMetrics
+from mesh._spool import FsyncPolicy
+from mesh._support._tally import LATENCY_NAMES, OTHER, Latencies, Tally
+from mesh._uplink._links import Uplinks
 from tests.helpers import aeventually
 
 from ._agent import SseStream, start_agent, wait_status
@@ -247,6 +251,129 @@ async def test_work_latency_is_sampled_at_the_worker(make_node: MakeNode) -> Non
 
 def _more_than(got: list[str], n: int) -> bool:
     return len(got) > n
+
+
+def render(node: AsyncNode) -> dict[str, list[Sample]]:
+    """An agent's metrics of `node`, in-process (no agent to start), checked as `scrape`."""
+    text = AgentMetrics(node, Uplinks(node, None, fsync=FsyncPolicy.OFF, quota=1)).render()
+    assert_one_family_per_name(text.decode())
+    return {f.name: list(f.samples) for f in text_string_to_metric_families(text.decode())}
+
+
+def latency_counts(families: dict[str, list[Sample]], kind: str) -> dict[str, float]:
+    """Name -> samples in ``zeromesh_<kind>_delivery_latency_seconds``."""
+    family = f"zeromesh_{kind}_delivery_latency_seconds"
+    return {s.labels[kind]: s.value for s in families[family] if s.name == family + "_count"}
+
+
+class Arrivals:
+    """A subscription callback or handler that says when a message arrived."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def __call__(self, msg: Message) -> None:
+        self.event.set()
+
+    async def after(self, send: Callable[[str, str], Awaitable[object]], name: str,
+                    i: int) -> None:
+        """Send one message (`send` is publish or push) and wait until it arrived: one
+        batch each."""
+        self.event.clear()
+        await send(name, str(i))
+        async with asyncio.timeout(5):
+            await self.event.wait()
+
+
+async def sample_each(names: list[str], sampled: Callable[[], int],
+                      send: Callable[[str, int], Awaitable[None]]) -> None:
+    """Send on each name in turn, one delivered batch at a time, until the kind's
+    histogram has one more sample: so each name has at least one (one batch in 16 is)."""
+    async with asyncio.timeout(20):
+        for k, name in enumerate(names):
+            for i in range(1000):  # bounded: a sample is due every 16 batches
+                if sampled() > k:
+                    break
+                await send(name, i)
+
+
+async def test_delivery_latency_per_topic_and_per_queue_each_name_its_own_histogram(
+        make_node: MakeNode) -> None:
+    """Two topics and a queue each get their own histogram, beside the by-kind one
+    (unchanged), and the per-name samples add up to the kind's."""
+    sender = await make_node("sender")
+    receiver = await make_node("receiver")
+    arrived = Arrivals()
+    await receiver.subscribe("feed.>", callback=arrived)
+    await receiver.pull("jobs", handler=arrived)
+    await sender.wait_for_subscribers("feed.a", 1, timeout=10)
+    await sender.wait_for_subscribers("feed.b", 1, timeout=10)
+    await sender.wait_for_workers("jobs", 1, timeout=10)
+
+    def sampled(kind: str) -> int:
+        return sum(receiver.traffic().latency[kind].counts)
+
+    await sample_each(["feed.a", "feed.b"], functools.partial(sampled, "pubsub"),
+                      functools.partial(arrived.after, sender.publish))
+    await sample_each(["jobs"], functools.partial(sampled, "work"),
+                      functools.partial(arrived.after, sender.push))
+    families = render(receiver)
+    topics = latency_counts(families, "topic")
+    queues = latency_counts(families, "queue")
+    assert set(topics) == {"feed.a", "feed.b"}, topics
+    assert min(topics.values()) >= 1, topics
+    assert set(queues) == {"jobs"}, queues
+    assert queues["jobs"] >= 1
+    assert len(families["zeromesh_topic_delivery_latency_seconds"]) == 2 * 21
+    kinds = {s.labels["kind"]: s.value for s in families["zeromesh_delivery_latency_seconds"]
+             if s.name == "zeromesh_delivery_latency_seconds_count"}
+    assert sum(topics.values()) == kinds["pubsub"]
+    assert queues["jobs"] == kinds["work"]
+    buckets = [s for s in families["zeromesh_topic_delivery_latency_seconds"]
+               if s.name.endswith("_bucket") and s.labels["topic"] == "feed.a"]
+    assert buckets[-1].labels["le"] == "+Inf"
+    assert buckets[-1].value == topics["feed.a"]
+
+
+async def test_delivery_latency_names_past_the_bound_are_summed_under_other(
+        make_node: MakeNode) -> None:
+    """More topics sampled than `LATENCY_NAMES`: that many have their own histogram, the
+    rest are under ``other``, so the series stay few whatever the topics."""
+    sender = await make_node("sender")
+    receiver = await make_node("receiver")
+    arrived = Arrivals()
+    await receiver.subscribe("t.>", callback=arrived)
+    await sender.wait_for_subscribers("t.x", 1, timeout=10)
+    names = [f"t.{k}" for k in range(LATENCY_NAMES + 5)]
+    await sample_each(names, lambda: sum(receiver.traffic().latency["pubsub"].counts),
+                      functools.partial(arrived.after, sender.publish))
+    families = render(receiver)
+    topics = latency_counts(families, "topic")
+    assert len(topics) == LATENCY_NAMES + 1, sorted(topics)
+    assert OTHER in topics
+    assert topics[OTHER] >= 5
+    assert sum(topics.values()) == sum(receiver.traffic().latency["pubsub"].counts)
+    series = families["zeromesh_topic_delivery_latency_seconds"]
+    assert len(series) == (LATENCY_NAMES + 1) * 21  # 19 buckets, count, sum per name
+
+
+def test_latencies_keep_the_busiest_names_and_every_sample() -> None:
+    """A busy newcomer takes the place of a quiet name, whose samples fold into other:
+    the total over the names is every sample, and the names stay `limit` + other."""
+    latencies = Latencies(limit=4)
+    for name in "abcd":
+        latencies.sample(name, 0.001)
+    for _ in range(200):
+        latencies.sample("e", 0.002)
+        latencies.sample("a", 0.001)
+    assert set(latencies) == {"a", "e", OTHER, *(set("bcd") & set(latencies))}
+    assert len(latencies) == 5
+    snapshots = latencies.snapshot()
+    assert sum(sum(s.counts) for s in snapshots.values()) == 4 + 400
+    for i in range(1000):
+        latencies.sample(f"x{i}", 0.5)
+    assert len(latencies) == 5
+    assert sum(sum(s.counts) for s in latencies.snapshot().values()) == 1404
 
 
 def test_a_tally_keeps_at_most_its_limit_and_the_sum() -> None:
