@@ -1,11 +1,13 @@
 """Retained values: the newest retained publish of each topic, kept by its publisher.
 
 A retained publish overwrites its topic's value (an empty one clears it): a
-dict entry, not a log append per message. With a data dir the values survive
-a restart, a SIGKILL included: the topics changed during one loop iteration
-are appended to ``retained.log`` together (one write for a burst), and the log
-is rewritten compactly at start and whenever it has grown to several times
-its size after the last rewrite (see `_log` for what a crash can cost).
+dict entry in memory. With a data dir the values survive a restart, a SIGKILL
+included: each change is appended to ``retained.log`` before its publish
+returns (a write to the page cache, no fsync; `publish_many` writes only its
+last value), so the value a crash leaves is the last one whose publish
+returned, and the log is rewritten compactly at start and whenever it has
+grown to several times its size after the last rewrite (see `_log` for what a
+crash can cost).
 
 A value published with a ttl stops being the topic's value once its ttl has
 passed: it is never handed out again and is cleared (in the log too) when a
@@ -14,7 +16,6 @@ query or the next start comes across it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from bisect import bisect_right
@@ -59,8 +60,6 @@ class RetainedStore:
         """The log's size right after it was last rewritten: what the values took then."""
         self._topics: list[str] | None = None
         """The topics, sorted (for paging); None when a change made it stale."""
-        self._dirty: dict[str, _wire.Item | None] = {}
-        self._flush: asyncio.Handle | None = None
 
     def __len__(self) -> int:
         return len(self._values)
@@ -80,7 +79,6 @@ class RetainedStore:
         self._rewrite()
 
     def close(self) -> None:
-        self.flush()
         if self._file is not None:
             self._file.close()
 
@@ -88,7 +86,9 @@ class RetainedStore:
 
     def put(self, topic: str, item: _wire.Item) -> None:
         """`item` is `topic`'s value now; an empty payload clears it. (On every retained
-        publish: a dict entry and, with a data dir, a note for the next flush.)"""
+        publish: a dict entry and, with a data dir, one record written at once: were it
+        left for the end of the loop iteration, a crash after the publish returned (an
+        agent's 202 already sent) would bring back the value before.)"""
         values = self._values
         had = bool(values)
         if item.payload:
@@ -98,9 +98,7 @@ class RetainedStore:
         elif values.pop(topic, None) is not None:
             self._topics = None
         if self._file is not None:
-            self._dirty[topic] = item if item.payload else None
-            if self._flush is None:
-                self._flush = asyncio.get_running_loop().call_soon(self.flush)
+            self._write(topic, item if item.payload else None)
         if had != bool(values):
             self._announcer.interest_changed()  # our hello's `retains` flag flips
 
@@ -154,17 +152,11 @@ class RetainedStore:
 
     # -- disk ------------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Append the topics changed since the last flush to the log, in one write."""
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush = None
-        if not self._dirty or self._file is None:
-            return
-        dirty, self._dirty = self._dirty, {}
-        self._file.append(_encoder.encode(_Record(topic, None if item is None else
-                                                 _with_topic(topic, item)))
-                         for topic, item in dirty.items())
+    def _write(self, topic: str, item: _wire.Item | None) -> None:
+        """Append the topic's new value (None: cleared) to the log."""
+        assert self._file is not None
+        self._file.append((_encoder.encode(_Record(topic, None if item is None else
+                                                  _with_topic(topic, item))),))
         if self._file.size > _REWRITE_FACTOR * self._compacted + _REWRITE_SLACK:
             self._rewrite()
 

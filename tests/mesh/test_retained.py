@@ -228,6 +228,28 @@ def test_values_survive_a_sigkill_and_a_cleared_topic_stays_cleared(tmp_path: Pa
                 proc.stdout.close()
 
 
+async def test_a_value_whose_publish_returned_survives_a_sigkill_at_once(
+        make_node: MakeNode, tmp_path: Path, mesh_name: str) -> None:
+    """Killed right after `publish(retain=True)` returned, before its loop turned again: the
+    restarted node holds that value, not the one before (the last whose publish returned)."""
+    data = tmp_path / "pub"
+    code = ("import asyncio, os, signal\n"
+            "from mesh import AsyncNode\n"
+            "async def main():\n"
+            f"    n = AsyncNode(name='pub', data_dir={str(data)!r}, port=0, mdns=False)\n"
+            "    await n.start()\n"
+            "    await n.publish('keep.a', 'old', retain=True)\n"
+            "    await asyncio.sleep(0.05)\n"
+            "    await n.publish('keep.a', 'new', retain=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "asyncio.run(main())\n")
+    child = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code],
+                                    env=child_env(mesh_name), timeout=20, check=False)
+    assert child.returncode == -signal.SIGKILL
+    node = await make_node("pub", mdns=False, data_dir=str(data))
+    assert [(m.topic, m.text) for m in await node.last("keep.>")] == [("keep.a", "new")]
+
+
 async def test_cli_pub_retain_then_sub_and_last(make_node: MakeNode, procs: list[Cli],
                                                 mesh_name: str) -> None:
     """A long-lived `pub --retain` holds the value (it lives with its publisher); `last`
