@@ -704,7 +704,9 @@ class Membership:
         """Take a member's record (from itself, or passed on); True if it told us
         something new (then it is passed on)."""
         if hello.id == self._id:
-            if hello.incarnation != self._incarnation:
+            # (older: news of an earlier run of ours, still passed on after a quick restart;
+            # newer: another node with our id, a copied data dir say)
+            if hello.incarnation > self._incarnation:
                 self._quiet.drop("self_claim", "news of a member with this node's id")
             return False
         if hello.mesh != self._mesh:

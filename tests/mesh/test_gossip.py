@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -260,11 +261,13 @@ async def test_hostile_news_is_dropped_counted_and_opens_nothing(make_node: Make
     bad_endpoints: list[wire.News] = [msgspec.structs.replace(template, id=f"bad{i}", ctl=[e])
                      for i, e in enumerate(["tcp://example.com:1", "ipc:///x", "tcp://1.2.3:4",
                                             "tcp://127.0.0.1:0", "garbage"])]
-    impostor = msgspec.structs.replace(template, id=a.id, incarnation=12345)
+    # (a later run than ours: an earlier one is what a quick restart leaves in the news)
+    impostor = msgspec.structs.replace(template, id=a.id, incarnation=time.time_ns() + 10**9)
+    stale = msgspec.structs.replace(template, id=a.id, incarnation=12345)  # (no impostor)
     too_many: list[wire.News] = [wire.Down("m", 0, 0)] * 5000
     with _dealer(ctl) as dealer:
         dealer.send(wire.encode_control(wire.Gossip("evil", bad_endpoints)))
-        dealer.send(wire.encode_control(wire.Gossip("evil", [impostor])))
+        dealer.send(wire.encode_control(wire.Gossip("evil", [stale, impostor])))
         dealer.send(wire.encode_control(wire.Gossip("evil", too_many)))
 
         def counted() -> bool:
@@ -273,6 +276,7 @@ async def test_hostile_news_is_dropped_counted_and_opens_nothing(make_node: Make
                     and dropped.get("control", 0) >= 1)
 
         await aeventually(counted, timeout=5)
+    assert a.traffic().input_dropped["self_claim"] == 1  # the impostor's, not the stale news
     assert _names(a) == {"b"}
     assert membership.links() == links_before
 
