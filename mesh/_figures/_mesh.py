@@ -2,8 +2,10 @@
 
 A peer that is alive is asked (all at once, each bounded by a short timeout);
 a suspect or lost one is not, and its last report is kept, so the picture
-still shows its links, marked by its state. A peer that left or was forgotten
-is dropped. Gathering more often than `FRESH` seconds returns the last result.
+still shows its links, marked by its state. A lost one's report is stilled:
+nothing it reported flows any more, and the nodes it saw that this node no
+longer knows (one that left meanwhile) are not shown on its word. A peer that
+left or was forgotten is dropped. Gathering more often than `FRESH` seconds returns the last result.
 """
 
 from __future__ import annotations
@@ -77,7 +79,10 @@ class MeshFigures:
 
     def _current(self) -> list[_report.Report]:
         states = {rec.id: rec.state for rec in self._peers.records()}
-        return [self._own.report(), *(r for i, r in self._reports.items() if i in states)]
+        own = self._own.report()
+        known = {own.id, *states}
+        return [own, *(r if states[i] is not PeerState.LOST else _report.stilled(r, known)
+                       for i, r in self._reports.items() if i in states)]
 
     def own_report(self) -> _report.Report:
         return self._own.report()

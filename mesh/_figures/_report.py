@@ -6,6 +6,7 @@ the payload of the request is empty. Rates are counts of the last whole second.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Final
 
 import msgspec
@@ -85,6 +86,21 @@ class Report(msgspec.Struct, array_like=True, frozen=True):
     topics: list[TopicFigure]
     queues: list[QueueFigure]
     services: list[ServiceFigure]
+
+
+def stilled(report: Report, known: Container[str]) -> Report:
+    """`report` as kept for a lost peer: every rate 0 (nothing it reported flows now,
+    or the page would show a dead node's last traffic for a minute), and only the
+    nodes in `known` (one that left since must not stay on a dead node's word)."""
+    replace = msgspec.structs.replace
+    return replace(
+        report, peers=[p for p in report.peers if p.id in known],
+        links=[replace(link, msgs_per_s=0) for link in report.links
+               if link.source in known and link.target in known],
+        topics=[replace(t, published_per_s=0, delivered_per_s=0, bytes_per_s=0)
+                for t in report.topics],
+        queues=[replace(q, msgs_per_s=0) for q in report.queues],
+        services=[replace(s, per_s=0) for s in report.services])
 
 
 _encoder: Final = msgspec.msgpack.Encoder()

@@ -13,6 +13,9 @@ import aiohttp
 import pytest
 
 from mesh import AsyncNode, Message
+from mesh._figures import _merge
+from mesh._figures._mesh import FRESH
+from tests.helpers import aeventually
 
 from ._agent import start_agent
 from ._curl_sse import CurlEvents
@@ -201,3 +204,37 @@ async def test_topology_of_two_agents_and_a_publisher(procs: list[Cli], mesh_nam
         assert nodes[a.id] == {"id": a.id, "name": "a", "state": "alive", "self": True}
         assert nodes[b.id] == {"id": b.id, "name": "b", "state": "alive", "self": False}
         assert {(a.id, b.id, "control"), (b.id, a.id, "control")} <= kinds
+
+
+async def test_a_lost_peer_s_last_report_shows_no_traffic_and_no_node_that_left(
+        make_node: MakeNode, procs: list[Cli], mesh_name: str) -> None:
+    """A SIGKILLed subscriber's last report is kept for the picture, but what it said
+    flowed is not shown as flowing still, and a node that left since is not shown (alive,
+    on the dead node's word) while this node no longer knows it."""
+    watcher = await make_node("watcher")
+    publisher = await make_node("publisher")
+    killed = Cli(["sub", "busy.>", "--name", "killed"], mesh=mesh_name, env=FAST_ENV)
+    procs.append(killed)
+    await publisher.wait_for_subscribers("busy.x", 1, timeout=10)
+    pub_id = publisher.id
+
+    async def flowing() -> bool:  # the subscriber's report counts the publisher's traffic
+        for _ in range(20):
+            await publisher.publish("busy.x", b"payload")
+        reports = await watcher.gather_figures()
+        return any(link.source == pub_id and link.kind == "pubsub" and link.msgs_per_s
+                   for r in reports[1:] for link in r.links)
+
+    await aeventually(flowing, timeout=10, interval=0.1)
+    killed_id = next(p.id for p in watcher.peers() if p.name == "killed")
+    killed.proc.send_signal(signal.SIGKILL)
+    await publisher.aclose()
+    await aeventually(lambda: [p.state.value for p in watcher.peers()] == ["lost"], timeout=10)
+    await asyncio.sleep(FRESH)  # (figures gathered within FRESH s are reused)
+
+    reports = await watcher.gather_figures()
+    assert killed_id in {r.id for r in reports}  # its last report is kept...
+    topology = _merge.topology(reports, {p.id: p.state.value for p in watcher.peers()})
+    assert {n["id"] for n in topology["nodes"]} == {watcher.id, killed_id}  # ...not its peers
+    assert [ln for ln in topology["links"] if ln["msgs_per_s"]] == []
+    assert all(t["msgs_per_s"] == 0 for t in _merge.topics(reports))
