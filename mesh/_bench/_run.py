@@ -40,6 +40,8 @@ DEFAULT_COUNTS: Final[dict[str, int]] = {"pubsub": 200_000, "pushpull": 100_000,
                                          "reqrep": 10_000, "spool": 100_000}
 """A few seconds each on a small machine: long enough to be steady, short enough to rerun."""
 _FORWARD: Final[tuple[str, ...]] = ("fsync", "secret_key", "allow")
+MAX_IN_FLIGHT: Final[int] = 10_000
+"""Requesters at most: each is a task, and a mistyped count must not exhaust memory."""
 
 
 class BenchFailed(Exception):
@@ -65,6 +67,8 @@ def _plan(args: argparse.Namespace) -> Plan:
         raise ConfigError("--size", f"at least {HEADER} bytes (the send timestamp)")
     if args.in_flight is not None and args.pattern != "reqrep":
         raise ConfigError("--in-flight", "only for reqrep")
+    if args.in_flight is not None and args.in_flight > MAX_IN_FLIGHT:
+        raise ConfigError("--in-flight", f"at most {MAX_IN_FLIGHT:,}")
     return Plan(args.pattern, args.count or DEFAULT_COUNTS[args.pattern], args.size,
                 args.in_flight or 1)
 
@@ -81,6 +85,9 @@ async def _main(args: argparse.Namespace, plan: Plan) -> int:
     stop = asyncio.Event()
     with stop_on_signals(stop), _data_dirs(args, plan) as dirs:
         node = node_for(_settings(args, dirs[0]))
+        if plan.size > node.config.max_message_size:  # a usage error, not a failed run
+            raise ConfigError("--size", f"at most {node.config.max_message_size} bytes "
+                                        "(the node's max_message_size)")
         async with node:
             child = None if args.role else await _spawn(args, plan, node, dirs[1], left())
             try:

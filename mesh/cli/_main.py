@@ -281,7 +281,7 @@ def _add_bench(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--size", type=_count, default=64, metavar="B",
                    help="payload bytes, at least 8 (default 64)")
     p.add_argument("--in-flight", type=_count, metavar="N",
-                   help="reqrep: requests outstanding at once (default 1)")
+                   help="reqrep: requests outstanding at once (default 1, at most 10,000)")
     p.add_argument("--timeout", type=_seconds, default=60.0, metavar="S",
                    help="bound the whole run; exit 1 if it comes first (default 60)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
