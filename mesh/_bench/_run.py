@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -235,6 +236,9 @@ def _finish(args: argparse.Namespace, plan: Plan, role: str, mesh: str, meter: M
     receiver = role in RECEIVERS
     summary = summarize(meter, plan.size, receiver=receiver,
                         expected=None if plan.pattern == "reqrep" else plan.count)
+    if outcome != "done" and receiver and meter.sent is None and plan.pattern != "reqrep":
+        # Cut short before the sender said how many it sent: what it never sent is no drop.
+        summary = dataclasses.replace(summary, drops=None)
     if meter.received if receiver else meter.sent:
         if args.json:
             info = {"pattern": plan.pattern, "role": role, "mesh": mesh, "count": plan.count,
