@@ -1,7 +1,8 @@
 """`zeromesh top`: the mesh live in the terminal, from an agent's ``GET /v1/events``.
 
-Each ``stats`` event redraws the screen in place (plain ANSI: home, clear);
-peer events are shown in a short log under it. ``q``, Ctrl-C or SIGTERM quits
+Each ``stats`` event redraws the screen in place (plain ANSI: home, clear),
+cut to the terminal's size; to a pipe or a file it is written as plain lines.
+Peer events are shown in a short log under it. ``q``, Ctrl-C or SIGTERM quits
 (status 0, the terminal's mode restored), as in `top` and `nats top`.
 """
 
@@ -79,10 +80,30 @@ async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, 
 async def _show(events: AsyncIterator[tuple[str, Any]], log: deque[str]) -> None:
     async for kind, data in events:
         if kind == "stats":
-            sys.stdout.write(_CLEAR + "\r\n".join(render(data, log)) + "\r\n")
+            sys.stdout.write(frame(render(data, log), _terminal_size()))
             sys.stdout.flush()
         elif kind in ("joined", "left", "lost"):
             log.append(f"{kind:<7} {data.get('name', '?')} ({str(data.get('id', ''))[:8]})")
+
+
+def _terminal_size() -> os.terminal_size | None:
+    """The size of the terminal stdout is, or None when it is a pipe or a file."""
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()) if sys.stdout.isatty() else None
+    except (OSError, ValueError):
+        return None
+
+
+def frame(lines: list[str], size: os.terminal_size | None) -> str:
+    """What one snapshot writes. On a terminal: the screen cleared, then no line wider or
+    more lines than it has (a wrapped or scrolled frame would push the top of the screen
+    out of view every second). To a pipe or a file: plain lines, a blank one after each
+    snapshot, no control sequence."""
+    if size is None:
+        return "\n".join(lines) + "\n\n"
+    width = size.columns or None  # (a terminal that says 0 by 0 gets every line)
+    cut = [line[:width] for line in lines[:size.lines - 1 if size.lines > 1 else None]]
+    return _CLEAR + "\r\n".join(cut) + "\r\n"
 
 
 def render(stats: dict[str, Any], log: deque[str] | None = None) -> list[str]:

@@ -107,7 +107,8 @@ def test_top_quits_on_sigint_with_status_0_and_no_traceback(procs: list[Cli],
     agent = start_agent(procs, mesh=mesh_name, name="watched")
     top = Cli(["top", "--agent", agent.url], mesh=mesh_name)
     procs.append(top)
-    top.line("\x1b[H\x1b[2Jzeromesh top", timeout=15)  # the first screen: it is streaming
+    first = top.line("zeromesh top", timeout=15)  # the first screen: it is streaming
+    assert "\x1b" not in first  # stdout is a pipe: plain lines, no screen control
     top.proc.send_signal(signal.SIGINT)
     assert top.wait(15) == 0, top.stderr()
     assert top.stderr() == ""
@@ -125,3 +126,26 @@ def test_top_with_an_agent_that_is_no_http_url_is_a_usage_error(
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert agent in err
+
+
+def test_top_fits_a_small_terminal_with_its_header_in_view(
+        procs: list[Cli], mesh_name: str, tmux: Tmux, tmp_path: Path) -> None:
+    """More rows than the terminal has (here 25 lines for 12): each frame is cut to the
+    terminal, so it never scrolls and the header stays on its first line (it scrolled out
+    of view every second)."""
+    agent = start_agent(procs, mesh=mesh_name, name="watched")
+    lines = "".join(f'{{"topic": "small.topic{i}.with.a.long.name", "data": "x"}}\n'
+                    for i in range(20))
+    posted = subprocess.run(["curl", "-sf", "-X", "POST", f"{agent.url}/v1/publish",
+                             "--data-binary", lines], capture_output=True, timeout=10,
+                            check=False)
+    assert posted.returncode == 0, posted.stderr
+    command = _command(["top", "--agent", agent.url], child_env(mesh_name), tmp_path / "rc")
+    started = tmux("new-session", "-d", "-s", "top", "-x", "50", "-y", "12", command)
+    assert started.returncode == 0, started.stderr
+    tmux.wait_for(r"^small\.topic", 15)
+    screen = tmux.wait_for(r"^TOPIC", 5)  # a whole frame, drawn again a second later
+    rows = screen.splitlines()
+    assert rows[0].startswith("zeromesh top"), screen
+    assert len(rows[0]) <= 50
+
