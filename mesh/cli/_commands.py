@@ -83,8 +83,14 @@ async def until_terminated(command: Coroutine[Any, Any, int]) -> int:
         loop.remove_signal_handler(signal.SIGTERM)
 
 
+def shown(text: str) -> str:
+    """`text` with each character that is not printable as ``?``: a peer's name comes from
+    the network, and one holding an escape sequence must not drive the terminal."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
 def event_line(event: PeerEvent) -> str:
-    return f"{event.kind.value} name={event.peer.name} id={event.peer.id}"
+    return f"{event.kind.value} name={shown(event.peer.name)} id={event.peer.id}"
 
 
 async def peers(args: argparse.Namespace) -> int:
@@ -95,8 +101,8 @@ async def peers(args: argparse.Namespace) -> int:
         out(json.dumps([p.to_dict() for p in found]))
     else:
         for p in found:
-            out(f"{p.name:<20} {p.id[:8]}  {p.state.value:<7} {p.endpoints[0]}  "
-                 f"subs={','.join(p.subscriptions) or '-'}")
+            out(shown(f"{p.name:<20} {p.id[:8]}  {p.state.value:<7} {p.endpoints[0]}  "
+                      f"subs={','.join(p.subscriptions) or '-'}"))
     return 0 if found else 1
 
 

@@ -9,11 +9,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from mesh._membership._peers import Peer, PeerEvent, PeerEventKind, PeerState
+from mesh.cli import _top
+from mesh.cli._commands import event_line
 from mesh.cli._main import build_parser
 
 from ._agent import start_agent
@@ -149,3 +154,23 @@ def test_top_fits_a_small_terminal_with_its_header_in_view(
     assert rows[0].startswith("zeromesh top"), screen
     assert len(rows[0]) <= 50
 
+
+async def test_names_from_the_network_cannot_drive_the_terminal(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A peer named with escape sequences (the wire does not check names: a hostile node
+    can) is shown with ``?`` for them; it set the terminal's title and cleared it."""
+    evil = "\x1b]0;pwned\x07\x1b[2J\x1b[31mRED\u202e"
+    peer = {"id": "e" * 32, "name": evil, "state": "alive", "rtt_ms": 1.0}
+
+    async def events() -> AsyncIterator[tuple[str, Any]]:
+        yield "joined", {"id": "e" * 32, "name": evil, "state": "alive"}
+        yield "stats", {"node": {"name": "me", "id": "m" * 32}, "peers": [peer],
+                        "topics": [{"topic": evil, "msgs_per_s": 1}]}
+
+    await _top._show(events(), deque(maxlen=5))
+    out = capsys.readouterr().out
+    assert not {"\x1b", "\x07", "\u202e"} & set(out), repr(out)
+    assert "?]0;pwned??[2J?[31mRED?" in out
+    peer_event = PeerEvent(PeerEventKind.JOINED, Peer(
+        "e" * 32, evil, PeerState.ALIVE, ("tcp://127.0.0.1:1",), 0.0))
+    assert "\x1b" not in event_line(peer_event)  # what an agent prints of its peers
