@@ -133,3 +133,17 @@ def test_peer_events_are_logged_and_restyle_the_picture(page: Browser, fake: Fak
     assert name in text(page, "#log li")
     page.wait_for(f"document.querySelector(\"#topology g[data-id='{peer_id}']\")"
                   ".dataset.state === 'lost'", 2, "the lost event restyles the node at once")
+
+
+def test_dead_letters_beyond_the_listed_say_how_many_there_are(page: Browser,
+                                                                fake: FakeMesh) -> None:
+    """The agent lists the oldest 10,000 dead letters; with 50,000 in the spool the card
+    said "Dead letters 10000" (the count of the list), under Purge all and Replay all,
+    which act on all 50,000."""
+    async def bury() -> None:
+        fake.stats["spool"]["dead_letters"] = 50_000
+
+    page.run(bury)
+    page.wait_for("document.querySelector('#spool-dead').textContent === '50 k'", 5)
+    page.wait_for("document.querySelector('#dead-summary').textContent === 'oldest 1 of 50 k'",
+                  5, "the card says the list is part of the dead letters")

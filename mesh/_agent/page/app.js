@@ -477,7 +477,11 @@ async function refreshDead() {
     return;
   }
   const shown = JSON.stringify(letters.map((d) => [d.id, d.attempts, d.reason]));
-  setText("dead-summary", letters.length ? String(letters.length) : "");
+  // The agent lists the oldest ones only (at most 10,000): say so when there are more.
+  const total = live.deadCount ?? 0;
+  setText("dead-summary", !letters.length ? ""
+    : total > letters.length ? `oldest ${short(letters.length)} of ${short(total)}`
+      : String(letters.length));
   if (shown === dead.shown) return;  // unchanged: leave the buttons under the pointer alone
   dead.shown = shown;
   fill("dead-letters", letters, (d) => el("tr", { "data-id": d.id },
