@@ -91,6 +91,10 @@ def summarize(meter: Meter, size: int, *, expected: int | None, receiver: bool) 
     n = meter.received
     seconds = (meter.last_ns - meter.first_ns) / 1e9
     intervals = n - 1 if meter.from_first else n
+    if meter.send_ns and meter.from_first and meter.send_ns / 1e9 > seconds:
+        # They came in a burst after a backlog built up (the first one late): messages
+        # cannot get through faster than they were sent, so the sending took the time.
+        seconds, intervals = meter.send_ns / 1e9, n
     rate = intervals / seconds if seconds > 0 and intervals > 0 else 0.0
     target = meter.sent if meter.sent is not None else expected
     drops = meter.failures + (max(target - n, 0) if target is not None else 0)
