@@ -2,7 +2,8 @@
 
 Each ``stats`` event redraws the screen in place (plain ANSI: home, clear),
 cut to the terminal's size; to a pipe or a file it is written as plain lines.
-Peer events are shown in a short log under it. ``q``, Ctrl-C or SIGTERM quits
+Peer events are shown in a short log under it. An agent that goes away (a
+restart) is reached again every second. ``q``, Ctrl-C or SIGTERM quits
 (status 0, the terminal's mode restored), as in `top` and `nats top`.
 """
 
@@ -31,36 +32,74 @@ _ROWS: Final[int] = 15
 
 
 async def run(args: argparse.Namespace) -> int:
+    """Status 1 when the agent cannot be reached at first; one that goes away later (a
+    restart) is reached again, as the mesh page does, until `q` or a signal."""
     url = args.agent.rstrip("/") + "/v1/events"
     log: deque[str] = deque(maxlen=5)
     quit_pressed = asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
-    try:
-        async with aiohttp.ClientSession(timeout=timeout) as session, \
-                session.get(url) as response:
-            if response.status != 200:
-                print(f"zeromesh top: {url} answered {response.status}", file=sys.stderr)
-                return 1
-            with _keys(quit_pressed), stop_on_signals(quit_pressed):
-                reader = asyncio.ensure_future(_show(_events(response), log))
-                quitting = asyncio.ensure_future(quit_pressed.wait())
-                try:
-                    await asyncio.wait({reader, quitting}, return_when=asyncio.FIRST_COMPLETED)
-                finally:  # (also when cancelled: no task is left to fail unseen)
-                    for task in (reader, quitting):
-                        task.cancel()
-                    await asyncio.wait({reader, quitting})
-                    failed = None if reader.cancelled() else reader.exception()
-                if failed is not None:
-                    raise failed
-                if not quit_pressed.is_set():
-                    print(f"zeromesh top: the agent at {args.agent} ended the stream",
-                          file=sys.stderr)
-                    return 1
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        print(f"zeromesh top: cannot reach the agent at {args.agent}: {exc}", file=sys.stderr)
-        return 1
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        try:
+            response: aiohttp.ClientResponse | None = await _open(session, url)
+        except _UNREACHABLE as exc:
+            print(f"zeromesh top: cannot reach the agent at {args.agent}: {exc}",
+                  file=sys.stderr)
+            return 1
+        with _keys(quit_pressed), stop_on_signals(quit_pressed):
+            while response is not None:
+                with contextlib.closing(response):
+                    await _follow(response, log, quit_pressed)
+                if quit_pressed.is_set():
+                    break
+                print(f"zeromesh top: lost the agent at {args.agent}; reconnecting (q quits)",
+                      file=sys.stderr)
+                response = await _reconnect(session, url, quit_pressed)
     return 0
+
+
+class _Refused(aiohttp.ClientError):
+    """The agent answered the stream's request with another status than 200."""
+
+
+_UNREACHABLE: Final = (aiohttp.ClientError, OSError, TimeoutError)
+_RETRY: Final[float] = 1.0
+"""Seconds between attempts to reach an agent that went away."""
+
+
+async def _open(session: aiohttp.ClientSession, url: str) -> aiohttp.ClientResponse:
+    response = await session.get(url)
+    if response.status != 200:
+        response.close()
+        raise _Refused(f"{url} answered {response.status}")
+    return response
+
+
+async def _follow(response: aiohttp.ClientResponse, log: deque[str],
+                  quit_pressed: asyncio.Event) -> None:
+    """Show the stream until it ends (or breaks) or `quit_pressed`."""
+    reader = asyncio.ensure_future(_show(_events(response), log))
+    quitting = asyncio.ensure_future(quit_pressed.wait())
+    try:
+        await asyncio.wait({reader, quitting}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # (also when cancelled: no task is left to fail unseen)
+        for task in (reader, quitting):
+            task.cancel()
+        await asyncio.wait({reader, quitting})
+    failed = None if reader.cancelled() else reader.exception()
+    if failed is not None and not isinstance(failed, _UNREACHABLE):
+        raise failed
+
+
+async def _reconnect(session: aiohttp.ClientSession, url: str,
+                     quit_pressed: asyncio.Event) -> aiohttp.ClientResponse | None:
+    """The stream again, once the agent answers; None when `quit_pressed` comes first."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(quit_pressed.wait(), _RETRY)
+        if quit_pressed.is_set():
+            return None
+        with contextlib.suppress(*_UNREACHABLE):
+            return await _open(session, url)
 
 
 async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Any]]:

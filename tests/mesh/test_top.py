@@ -20,6 +20,7 @@ from mesh._membership._peers import Peer, PeerEvent, PeerEventKind, PeerState
 from mesh.cli import _top
 from mesh.cli._commands import event_line
 from mesh.cli._main import build_parser
+from tests.helpers import free_port
 
 from ._agent import start_agent
 from ._proc import Cli, child_env, run
@@ -174,3 +175,21 @@ async def test_names_from_the_network_cannot_drive_the_terminal(
     peer_event = PeerEvent(PeerEventKind.JOINED, Peer(
         "e" * 32, evil, PeerState.ALIVE, ("tcp://127.0.0.1:1",), 0.0))
     assert "\x1b" not in event_line(peer_event)  # what an agent prints of its peers
+
+
+def test_top_follows_an_agent_that_restarts(procs: list[Cli], mesh_name: str) -> None:
+    """SIGKILL the agent, start it again on its port: top shows the new one (it exited
+    with "cannot reach the agent ... Response payload is not completed", status 1, while
+    the page reconnects by itself)."""
+    port = free_port()
+    first = start_agent(procs, "--http", f"127.0.0.1:{port}", mesh=mesh_name, name="first")
+    top = Cli(["top", "--agent", first.url], mesh=mesh_name)
+    procs.append(top)
+    top.line("zeromesh top — first", timeout=15)
+    first.cli.proc.send_signal(signal.SIGKILL)
+    top.log.wait_for("zeromesh top: lost the agent at", 10)
+    start_agent(procs, "--http", f"127.0.0.1:{port}", mesh=mesh_name, name="second")
+    top.line("zeromesh top — second", timeout=15)
+    top.proc.send_signal(signal.SIGINT)
+    assert top.wait(15) == 0
+    assert "Traceback" not in top.stderr()
