@@ -86,7 +86,8 @@ async def _follow(response: aiohttp.ClientResponse, log: deque[str],
             task.cancel()
         await asyncio.wait({reader, quitting})
     failed = None if reader.cancelled() else reader.exception()
-    if failed is not None and not isinstance(failed, _UNREACHABLE):
+    if failed is not None and (isinstance(failed, BrokenPipeError)  # our stdout, not the agent
+                               or not isinstance(failed, _UNREACHABLE)):
         raise failed
 
 

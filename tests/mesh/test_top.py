@@ -193,3 +193,24 @@ def test_top_follows_an_agent_that_restarts(procs: list[Cli], mesh_name: str) ->
     top.proc.send_signal(signal.SIGINT)
     assert top.wait(15) == 0
     assert "Traceback" not in top.stderr()
+
+
+def test_top_into_a_pipe_that_closes_ends_with_status_0(procs: list[Cli],
+                                                       mesh_name: str) -> None:
+    """`zeromesh top | head -1`: the closed pipe is not a lost agent (top kept trying to
+    reach it again, writing 'lost the agent' lines until killed)."""
+    agent = start_agent(procs, mesh=mesh_name, name="watched")
+    top = subprocess.Popen([sys.executable, "-m", "mesh", "top", "--agent", agent.url],
+                           env=child_env(mesh_name), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert top.stdout is not None
+        assert top.stdout.readline().startswith("zeromesh top")
+        top.stdout.close()
+        assert top.wait(10) == 0
+        assert "lost the agent" not in top.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if top.poll() is None:
+            top.kill()
+            top.wait(5)
+        top.stderr.close()  # type: ignore[union-attr]
