@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import inspect
 import threading
@@ -24,7 +25,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
-from . import _codec, _loop, _names, _ttl
+from . import _codec, _loop, _names, _trace, _ttl
 from ._codec import Payload
 from ._config import NodeConfig
 from ._figures._report import Report
@@ -66,7 +67,9 @@ class Node:
         self._thread: threading.Thread | None = None
         self._lock = threading.Condition()
         self._handoff: list[tuple[str, bytes | str, Mapping[str, str] | None,
-                                  float | None]] = []
+                                  float | None, contextvars.Context | None]] = []
+        """Best-effort publishes for the loop; traced, each with its caller's context (the
+        loop's drain would otherwise run them all in the context of the call that woke it)."""
         self._wake_pending = False
         self._accepting = False
         """Best-effort publishes are taken (under `_lock`): from start until close begins,
@@ -336,7 +339,8 @@ class Node:
                 self._lock.wait(1.0)
             if not self._accepting:
                 raise ClosedError("node is closing")
-            self._handoff.append((topic, data, headers, ttl))
+            self._handoff.append((topic, data, headers, ttl,
+                                  contextvars.copy_context() if _trace.ON else None))
             wake = not self._wake_pending
             self._wake_pending = True
         if wake:
@@ -350,8 +354,11 @@ class Node:
             self._wake_pending = False
             self._lock.notify_all()
         publish = self._node.publish_nowait
-        for topic, data, headers, ttl in batch:
-            publish(topic, data, headers=headers, ttl=ttl)
+        for topic, data, headers, ttl, context in batch:
+            if context is None:
+                publish(topic, data, headers=headers, ttl=ttl)
+            else:  # traced: the PRODUCER span's parent is the caller's current span
+                context.run(functools.partial(publish, topic, data, headers=headers, ttl=ttl))
 
     def subscribe(self, pattern: str, *, type: type[V] | None = None,
                   callback: Callable[[Message[V]], None] | None = None,

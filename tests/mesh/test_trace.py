@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from opentelemetry.util._once import Once
 
-from mesh import _trace
+from mesh import Node, _trace
 from tests.helpers import aeventually
 
 from ._agent import start_agent
@@ -315,3 +315,28 @@ async def test_an_agent_traces_its_webhook_posts_and_sse(
     assert sse["trace_id"] == trace_id
     assert sse["parent_id"] == f"{producer.context.span_id:016x}"
 
+
+
+def test_blocking_best_effort_publishes_keep_each_callers_parent(
+        spans: InMemorySpanExporter, mesh_name: str) -> None:
+    """The blocking Node hands best-effort publishes to its loop in batches: each PRODUCER
+    span is still the child of the span current where *that* publish was called, not of
+    the one whose call woke the loop (another request's trace)."""
+    tracer = trace.get_tracer("app")
+    with Node(name="a", mesh=mesh_name, interfaces=["127.0.0.1"], mdns=False) as node:
+        sub = node.subscribe("t")
+        parents = {}
+        for i in range(50):  # faster than the loop drains: several share a batch
+            with tracer.start_as_current_span(f"request {i}") as app_span:
+                node.publish("t", str(i))
+            parents[str(i)] = app_span.get_span_context().span_id
+        got = [sub.next(timeout=5) for _ in range(50)]
+    producers = {s.context.span_id: s for s in spans.get_finished_spans()
+                 if s.kind == SpanKind.PRODUCER and s.context is not None}
+    wrong = []
+    for msg in got:
+        assert msg.headers is not None
+        producer = producers[int(msg.headers["traceparent"].split("-")[2], 16)]
+        if producer.parent is None or producer.parent.span_id != parents[msg.text]:
+            wrong.append(msg.text)
+    assert wrong == []
