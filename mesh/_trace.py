@@ -47,7 +47,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from ._message import Message
+from ._message import Message, sent_headers
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -129,6 +129,9 @@ def producing(name: str, destination: str, headers: Mapping[str, str] | None,
     from opentelemetry import trace
     assert _tracer is not None
     assert _propagator is not None
+    # checked first, so bad headers fail as an untraced send's do (TypeError, ConfigError),
+    # not inside the propagator (AttributeError...)
+    headers = sent_headers(headers)
     attrs = _attrs("publish", name, destination)
     if count != 1:
         attrs["messaging.batch.message_count"] = count

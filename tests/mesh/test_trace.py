@@ -27,6 +27,7 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.util._once import Once
 
 from mesh import Node, _trace
+from mesh.errors import ConfigError
 from tests.helpers import aeventually
 
 from ._agent import start_agent
@@ -340,3 +341,20 @@ def test_blocking_best_effort_publishes_keep_each_callers_parent(
         if producer.parent is None or producer.parent.span_id != parents[msg.text]:
             wrong.append(msg.text)
     assert wrong == []
+
+
+async def test_bad_headers_fail_as_they_do_untraced(spans: InMemorySpanExporter,
+                                                    make_node: MakeNode) -> None:
+    """Headers that are not a str -> str mapping raise the untraced send's TypeError or
+    ConfigError, not an AttributeError from inside the propagator."""
+    a = await make_node("a", mdns=False)
+    bad: list[Any] = [[("a", "b")], "abc", {1: "x"}, {"traceparent": 5}]
+    for headers in bad:
+        for send in (lambda h: a.publish("t", "x", headers=h),
+                     lambda h: a.push("q", "x", headers=h, timeout=0.1),
+                     lambda h: a.request("s", "x", headers=h, timeout=0.1),
+                     lambda h: a.request_all("s", "x", headers=h, timeout=0.1)):
+            with pytest.raises(TypeError, match="headers"):
+                await send(headers)
+    with pytest.raises(ConfigError, match="not valid Unicode"):
+        await a.publish("t", "x", headers={"traceparent": "\udcff"})
