@@ -192,6 +192,19 @@ def processing(msg: Message, name: str, *, destination: str | None = None,
         yield span
 
 
+@contextlib.contextmanager
+def continuing(headers: Mapping[str, str]) -> Iterator[None]:
+    """The trace context in `headers` (an HTTP request's) current meanwhile: the parent of
+    the sends it causes that carry no ``traceparent`` of their own."""
+    from opentelemetry import context
+    assert _propagator is not None
+    token = context.attach(_propagator.extract(headers))
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
 def inject(headers: dict[str, str]) -> None:
     """Put the current context (a CONSUMER span forwarding a message) into `headers`."""
     assert _propagator is not None

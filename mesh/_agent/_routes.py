@@ -13,6 +13,7 @@ from typing import Final
 import msgspec
 from aiohttp import web
 
+from .. import _trace
 from .._node import AsyncNode
 from .._uplink._links import Uplinks
 from ..errors import NoRespondersError, RemoteError, RequestTimeout
@@ -89,7 +90,11 @@ class Routes:
                                 node.config.data_dir is not None)
         except _bulk.BadLine as exc:
             return web.json_response({"error": str(exc), "line": exc.number}, status=400)
-        await _bulk.publish(node, items)
+        if _trace.ON:  # the request's traceparent: the parent of lines without their own
+            with _trace.continuing(request.headers):
+                await _bulk.publish(node, items)
+        else:
+            await _bulk.publish(node, items)
         return _accepted({"published": len(items)})
 
     async def last(self, request: web.Request) -> web.Response:

@@ -358,3 +358,31 @@ async def test_bad_headers_fail_as_they_do_untraced(spans: InMemorySpanExporter,
                 await send(headers)
     with pytest.raises(ConfigError, match="not valid Unicode"):
         await a.publish("t", "x", headers={"traceparent": "\udcff"})
+
+
+async def test_a_bulk_publish_joins_the_requests_trace(spans: InMemorySpanExporter,
+                                                       mesh_name: str, tmp_path: Path) -> None:
+    """``POST /v1/publish`` with a ``traceparent`` header: its lines' PRODUCER spans are
+    children of it (best effort and reliable alike), not each a new trace; a line's own
+    traceparent still wins."""
+    from mesh._agent import Agent, load
+
+    from .conftest import FAST
+    given = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    own = "00-11111111111111111111111111111111-2222222222222222-01"
+    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        "data_dir": str(tmp_path / "a"), **FAST})
+    body = b"".join(line + b"\n" for line in (
+        b'{"topic": "bulk.a", "data": "1"}',
+        b'{"topic": "bulk.b", "data": "2", "reliable": true}',
+        b'{"topic": "bulk.c", "data": "3", "headers": {"traceparent": "%s"}}' % own.encode()))
+    async with Agent(config) as agent, aiohttp.ClientSession() as http, http.post(
+            f"{agent.http_url}/v1/publish", data=body, headers={"traceparent": given}
+    ) as response:
+        assert response.status == 202, await response.text()
+    parents = {s.name: (s.parent.trace_id, s.parent.span_id) if s.parent else None
+               for s in spans.get_finished_spans() if s.kind == SpanKind.PRODUCER}
+    assert parents == {"publish bulk.a": (0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331),
+                       "publish bulk.b": (0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331),
+                       "publish bulk.c": (0x11111111111111111111111111111111, 0x2222222222222222)}
