@@ -7,6 +7,7 @@ validated entry into the `_work` or `_services` part of the running node.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
@@ -201,10 +202,13 @@ class WorkAndServices(NodeCore):
         """
         if type(data) is not bytes and type(data) is not str:  # (typed: as `request`)
             data, headers = _codec.prepared(data, headers)
-        if _trace.ON:
-            with _trace.producing("request", service, headers) as headers:
-                return self._live().requests.scatter(service, data, timeout=timeout,
-                                                     max_replies=max_replies, headers=headers)
+        if _trace.ON:  # the span lasts until the gathering ends, as a request's until its reply
+            with contextlib.ExitStack() as span:
+                headers = span.enter_context(_trace.producing("request", service, headers))
+                replies = self._live().requests.scatter(service, data, timeout=timeout,
+                                                        max_replies=max_replies, headers=headers)
+                replies.on_close(span.pop_all().close)
+                return replies
         return self._live().requests.scatter(service, data, timeout=timeout,
                                              max_replies=max_replies, headers=headers)
 

@@ -54,6 +54,7 @@ class Replies:
         self._asked: dict[asyncio.Future[_wire.Reply], Asked] = {}
         self._ready: list[asyncio.Future[_wire.Reply]] = []
         self._closed = False
+        self._on_close: Callable[[], object] | None = None
         self.received = 0
         """Replies yielded so far (error replies included)."""
 
@@ -97,10 +98,17 @@ class Replies:
         await self.aclose()
         raise StopAsyncIteration
 
+    def on_close(self, callback: Callable[[], object]) -> None:
+        """Call `callback` once when the gathering ends (a traced request's span ends then)."""
+        self._on_close = callback
+
     async def aclose(self) -> None:
         """Stop gathering: replies still due are dropped when they come."""
         self._closed = True
         self._settle_all()
+        callback, self._on_close = self._on_close, None
+        if callback is not None:
+            callback()
 
     def _settle_all(self) -> None:
         for fut, asked in self._asked.items():

@@ -386,3 +386,23 @@ async def test_a_bulk_publish_joins_the_requests_trace(spans: InMemorySpanExport
     assert parents == {"publish bulk.a": (0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331),
                        "publish bulk.b": (0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331),
                        "publish bulk.c": (0x11111111111111111111111111111111, 0x2222222222222222)}
+
+
+async def test_a_gathering_requests_span_lasts_until_the_gathering_ends(
+        spans: InMemorySpanExporter, make_node: MakeNode) -> None:
+    """`request_all`'s PRODUCER span, like `request`'s, ends after the servers answered
+    (it ended as the request was built, before it was even sent)."""
+    a = await make_node("a", mdns=False)
+
+    async def answer(msg: Any) -> str:
+        await asyncio.sleep(0.02)
+        return "x"
+
+    await a.serve("svc", answer)
+    assert [r.text for r in await a.request_all("svc", "q", timeout=5)] == ["x"]
+    request = _one(spans, "request svc", SpanKind.PRODUCER)
+    served = _one(spans, "process svc", SpanKind.CONSUMER)
+    _child_of(served, request)
+    assert request.end_time is not None
+    assert served.end_time is not None
+    assert request.end_time >= served.end_time
