@@ -28,6 +28,7 @@ from mesh import (
     Subscription,
 )
 from mesh import _wire as wire
+from mesh._membership import _events
 from mesh._spool._lock import DataDirLock
 from mesh._support._cache import CACHE_LIMIT
 from tests.helpers import aeventually, eventually
@@ -239,6 +240,23 @@ async def test_graceful_leave_is_an_event_and_removes_the_peer(make_node: MakeNo
     assert (left.kind, left.peer.id) == (PeerEventKind.LEFT, b.id)
     assert took < FAST["lost_after"]
     assert a.peers() == []
+
+
+async def test_an_events_stream_nobody_reads_keeps_only_the_newest(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A stream opened and not read (an SSE client that stopped reading) held every event
+    for the node's life; now the newest `MAX_PENDING`, the rest counted and warned of."""
+    monkeypatch.setattr(_events, "MAX_PENDING", 2)
+    a = await make_node("a", mdns=False)
+    idle = a.events()
+    for joined, name in enumerate(("b", "c", "d", "e"), 1):
+        await make_node(name, mdns=False, peers=a.endpoints["ctl"])
+        await a.wait_for_peers(joined, timeout=5)  # (one at a time: the events in order)
+    assert idle.dropped == 2
+    kept = [await idle.next(timeout=1), await idle.next(timeout=1)]
+    assert [e.peer.name for e in kept] == ["d", "e"]
+    assert sum("events behind its reader" in r.getMessage() for r in caplog.records) == 1
 
 
 async def test_static_peers_without_mdns(make_node: MakeNode) -> None:
