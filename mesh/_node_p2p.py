@@ -207,7 +207,7 @@ class WorkAndServices(NodeCore):
                 headers = span.enter_context(_trace.producing("request", service, headers))
                 replies = self._live().requests.scatter(service, data, timeout=timeout,
                                                         max_replies=max_replies, headers=headers)
-                replies.on_close(span.pop_all().close)
+                replies.on_closed(span.pop_all().close)
                 return replies
         return self._live().requests.scatter(service, data, timeout=timeout,
                                              max_replies=max_replies, headers=headers)

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
+from ._membership import _events
 from ._membership._events import PeerEvents
 from ._membership._peers import PeerEvent
 from ._message import Message
@@ -372,12 +373,23 @@ class SyncPeerEvents(_Handoff[PeerEvent]):
         super().__init__()
         self._node = node
         self._stream: PeerEvents | None = None
+        self._dropped = 0
+
+    @property
+    def dropped(self) -> int:
+        """Events let go, the oldest first, because the reader was `MAX_PENDING` behind."""
+        return self._dropped
 
     async def _pump(self, stream: PeerEvents) -> None:
-        """On the loop: forward the async stream until it ends."""
+        """On the loop: forward the async stream until it ends (holding the newest
+        `MAX_PENDING` for a reader that does not take them, as the async stream does)."""
         try:
             async for event in stream:
                 self._put(event)
+                if len(self._queue) > _events.MAX_PENDING:
+                    with contextlib.suppress(IndexError):  # (the reader took it meanwhile)
+                        self._queue.popleft()
+                        self._dropped += 1
         finally:
             self._close()
 

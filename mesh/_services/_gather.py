@@ -98,7 +98,7 @@ class Replies:
         await self.aclose()
         raise StopAsyncIteration
 
-    def on_close(self, callback: Callable[[], object]) -> None:
+    def on_closed(self, callback: Callable[[], object]) -> None:
         """Call `callback` once when the gathering ends (a traced request's span ends then)."""
         self._on_close = callback
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import pytest
 
 import mesh._core
+from mesh._membership import _events
 from mesh import ClosedError, Node
 from tests.helpers import eventually
 
@@ -110,6 +111,24 @@ def test_a_subscription_timeout_is_one_error_not_a_chain(mesh_name: str) -> None
         with pytest.raises(ClosedError) as closed:
             sub.next(timeout=0.01)
         assert closed.value.__context__ is None
+
+
+def test_a_blocking_events_stream_nobody_reads_keeps_only_the_newest(
+        mesh_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the async stream: the newest `MAX_PENDING`, the rest counted in `dropped`."""
+    monkeypatch.setattr(_events, "MAX_PENDING", 2)
+    with Node(name="a", **_common(mesh_name)) as a:
+        idle = a.events()
+        for name in ("b", "c", "d"):  # joined and left, one after the other: 6 events
+            other = Node(name=name, peers=a.endpoints["ctl"], **_common(mesh_name))
+            other.start()
+            try:
+                a.wait_for_peers(1, timeout=5)
+            finally:
+                other.close()
+            eventually(lambda: a.peers() == [], timeout=5)
+        eventually(lambda: idle.dropped == 4, timeout=5)
+        assert [idle.next(timeout=1).peer.name for _ in range(2)] == ["d", "d"]
 
 
 def test_every_handle_closes_quietly_after_its_node_closed(mesh_name: str) -> None:
