@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import pytest
 
 import mesh._core
-from mesh._membership import _events
 from mesh import ClosedError, Node
+from mesh._membership import _events
 from tests.helpers import eventually
 
 
