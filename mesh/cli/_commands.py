@@ -57,10 +57,12 @@ def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-async def until_terminated(command: Coroutine[Any, Any, int]) -> int:
-    """`command`, which SIGTERM cancels as Ctrl-C does, so that its node leaves gracefully
-    (killed by SIGTERM, as `timeout` does, it was reported lost by its peers 1.5 s later
-    instead of left); the exit status is then 143 (128 + SIGTERM)."""
+async def until_terminated(command: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """`command()`, which SIGTERM cancels as Ctrl-C does, so that its node leaves
+    gracefully (killed by SIGTERM, as `timeout` does, it was reported lost by its peers
+    1.5 s later instead of left); the exit status is then 143 (128 + SIGTERM). (A
+    factory, not a coroutine: one made before a loop that then cannot start would
+    warn "never awaited".)"""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -73,7 +75,7 @@ async def until_terminated(command: Coroutine[Any, Any, int]) -> int:
 
     loop.add_signal_handler(signal.SIGTERM, terminate)  # (sub, pull, serve set their own)
     try:
-        return await command
+        return await command()
     except asyncio.CancelledError:
         if not terminated:
             raise

@@ -315,7 +315,7 @@ def _spool(args: argparse.Namespace) -> int:
     if args.action == "forget":
         return _loop.run(spool_commands.forget(args))
     code: int = _loop.run(_commands.until_terminated(
-        spool_commands.replay(args, _commands.node_for(args))))
+        lambda: spool_commands.replay(args, _commands.node_for(args))))
     return code
 
 
@@ -412,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import _agent as agent_cli
             return _loop.run(agent_cli.run(args))
         handler = _commands.HANDLERS[args.command]
-        code: int = _loop.run(_commands.until_terminated(handler(args)))
+        code: int = _loop.run(_commands.until_terminated(lambda: handler(args)))
         return code
     except ConfigError as exc:
         print(f"zeromesh {args.command}: {exc}", file=sys.stderr)
