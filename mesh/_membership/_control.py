@@ -75,6 +75,10 @@ _REDIAL_AFTER: Final[float] = 0.1
 reconnect back-off (it was opened before the member was up): redialled when the member
 greets us."""
 _MAX_NEWS: Final[int] = 4096
+_MAX_ALIVE: Final[int] = 2**63 - 1
+"""An alive counter news may claim we were lost at: past it ours could not be raised and
+still encoded (msgpack ints end at 2**64 - 1), so every hello and heartbeat would fail. A
+real counter rises by one per refutation."""
 """News in one gossip message (a whole view is sent in chunks well under this)."""
 _NEWS_BUDGET: Final[int] = 48 * 1024
 """Encoded bytes of news per gossip message (a control message is at most 64 KiB)."""
@@ -605,6 +609,9 @@ class Membership:
         """News says we were lost at `seq`: we are not, and say so with a higher one."""
         me = self._announcement
         if seq < me.seq:
+            return
+        if seq >= _MAX_ALIVE:
+            self._quiet.drop("control", f"news that this node was lost at alive counter {seq}")
             return
         me.seq = seq + 1
         self.table.strained("news said this node was lost")

@@ -227,6 +227,30 @@ async def test_a_member_wrongly_said_lost_refutes_it(make_node: MakeNode) -> Non
         await events.next(timeout=0.3)  # no lost, no joined: b never left a's view
 
 
+async def test_news_of_a_loss_at_the_largest_alive_counter_is_dropped(make_node: MakeNode
+                                                                      ) -> None:
+    """Regression (fuzzer): one Gossip saying a was lost at alive counter 2**64 - 1 made a
+    refute it with 2**64, which msgpack cannot encode: a's control task died at its next
+    heartbeat (its peers took it for lost, its durables got nothing) and its close raised
+    OverflowError. It is dropped and counted; a beats on with its counter unchanged."""
+    a = await make_node("a", mdns=False)
+    b = await make_node("b", mdns=False, peers=a.endpoints["ctl"])
+    await b.wait_for_peers(1, timeout=5)
+    me = a._live().membership._announcement
+    seq = me.seq
+    down = wire.Down(a.id, me.identity.incarnation, 2**64 - 1)
+    with _dealer(a.endpoints["ctl"][0]) as dealer:
+        dealer.send(wire.encode_control(wire.Gossip("someone", [down])))
+        await aeventually(lambda: a.traffic().input_dropped.get("control", 0) == 1, timeout=5)
+    assert me.seq == seq
+    rec = b._live().membership.table.get(a.id)
+    assert rec is not None
+    heard = rec.last_heard
+    await aeventually(lambda: rec.last_heard > heard + a.config.lost_after, timeout=5)
+    assert rec.state is PeerState.ALIVE
+    await a.aclose()  # raised the heartbeat task's OverflowError
+
+
 async def test_a_lost_and_forgotten_member_comes_back_as_new(make_node: MakeNode,
                                                              procs: list[Cli],
                                                              mesh_name: str) -> None:
