@@ -107,7 +107,7 @@ tags, which older peers drop and count as malformed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Final, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 
@@ -155,10 +155,17 @@ def max_frame(max_message_size: int) -> int:
     return max_message_size + WIRE_OVERHEAD
 
 
+MAX_SEQ: Final[int] = 2**63 - 1
+"""A message's sequence is at most this (a node starts at the clock in microseconds, far
+below): a receiver keeps `seq` + 1 (dedup marks), which past 2**64 - 1 msgpack cannot
+encode; an item beyond it is malformed."""
+Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+
+
 class Item(msgspec.Struct, array_like=True, gc=False):
     """One published message inside a batch."""
 
-    seq: int
+    seq: Seq
     """Per-source sequence; with the source id it is the message id."""
     ts: float
     """Publisher wall clock, seconds since the epoch."""

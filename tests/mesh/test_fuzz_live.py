@@ -177,6 +177,39 @@ async def test_a_member_whose_record_claims_a_negative_version_is_no_subscriber(
         await node.wait_for_subscribers("any.topic", 1, timeout=0.3)
 
 
+async def test_a_reliable_work_item_at_the_largest_sequence_is_dropped(
+        make_node: Callable[..., Any], tmp_path: Path) -> None:
+    """Regression (fuzzer): a stranger's work batch with one reliable item numbered
+    2**64 - 1, pushed to a worker with a data dir, was delivered, and its dedup mark (the
+    run up to 2**64) could not be encoded: saving the marks raised in the credit callback,
+    and once the marks were compacted every credit round raised before any credit left,
+    so honest pushers stalled (907 of 5,000 taken). Such an item is malformed: dropped and
+    counted, and the worker's honest work flows on."""
+    target: AsyncNode = await make_node("target", mdns=False, data_dir=str(tmp_path / "t"))
+    jobs: list[bytes] = []
+    await target.pull("jobs", handler=lambda m: jobs.append(m.data))
+    item = wire.Item(2**64 - 1, time.time(), None, b"evil", True)
+    frame = bytes(wire.encode_data(b"jobs\x00", wire.Batch("ab" * 16, "x", 0, [item])))
+
+    def send() -> None:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        with ctx.socket(zmq.PUSH) as push:
+            push.setsockopt(zmq.LINGER, 2000)
+            push.connect(target._live().work.endpoints[0])
+            push.send(frame)
+        ctx.term()
+
+    await asyncio.to_thread(send)
+    await aeventually(lambda: target.dropped_input.get("work", 0) == 1, 5,
+                      message="the item was not dropped")
+    honest: AsyncNode = await make_node("honest", mdns=False, data_dir=str(tmp_path / "h"),
+                                        peers=target.endpoints["ctl"])
+    await honest.wait_for_workers("jobs", 1, timeout=10)
+    await honest.push("jobs", b"fine", reliable=True, timeout=5)
+    await aeventually(lambda: honest.spool_pending == 0, 5, message="no credit came back")
+    assert jobs == [b"fine"]
+
+
 _headers = st.none() | st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3)
 _items = st.builds(wire.Item, _ints, st.floats(), _headers, st.binary(max_size=40),
                    st.booleans(), st.one_of(st.just(""), _names))
