@@ -254,7 +254,8 @@ class NodeCore:
                             waiter=self._watchers)
         stack.push_async_callback(requests.aclose)
         recall = Recall(peers=peers, pubsub=pubsub, serving=serving, requests=requests,
-                        waiter=self._watchers, max_message_size=cfg.max_message_size)
+                        waiter=self._watchers, max_message_size=cfg.max_message_size,
+                        quiet=self._quiet)
         stack.push_async_callback(recall.aclose)
         store = RetainedStore(cfg.data_dir, membership)
         store.load()

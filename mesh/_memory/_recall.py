@@ -32,6 +32,7 @@ from .._pubsub._subscription import Subscription
 from .._services._requests import Requests
 from .._services._server import ServiceHandler
 from .._services._serving import Serving
+from .._support._quiet import QuietLog
 from ..errors import DeliveryError, RequestTimeout
 
 _log = logging.getLogger("mesh.node")
@@ -58,8 +59,10 @@ class Recall:
     """One node's means of asking the mesh what it remembers, and of answering."""
 
     def __init__(self, *, peers: PeerTable, pubsub: PubSub, serving: Serving,
-                 requests: Requests, waiter: Waiter, max_message_size: int) -> None:
+                 requests: Requests, waiter: Waiter, max_message_size: int,
+                 quiet: QuietLog) -> None:
         self._peers = peers
+        self._quiet = quiet
         self._pubsub = pubsub
         self._serving = serving
         self._requests = requests
@@ -173,6 +176,11 @@ class Recall:
 
     def _alive(self) -> int:
         return sum(1 for rec in self._peers.records() if rec.state is PeerState.ALIVE)
+
+    def bad_answer(self, what: str, rec: PeerRecord, exc: Exception) -> None:
+        """A peer's page of `what` (retained values, history) was malformed: dropped,
+        counted as dropped input under `what`, and warned of once per peer."""
+        self._quiet.refuse(what, rec.id, f"bad {what} from {rec.name[:64]!r}: {exc}")
 
     def warn_once(self, what: str, who: str, text: str, *args: object) -> None:
         if (what, who) not in self._warned and len(self._warned) < 10_000:

@@ -102,8 +102,7 @@ class HistoryReplay:
                 page = _queries.decode(data, _queries.HistoryPage)
                 patterns = patterns or tuple(_names.pattern(p) for p in page.patterns[:1000])
             except (ProtocolError, ConfigError) as exc:
-                self._recall.warn_once("history", rec.id, "bad history from %r: %s",
-                                       rec.name, exc)
+                self._recall.bad_answer("history", rec, exc)
                 return msgs, None
             upto = page.upto
             now = time.time()  # (what expired on its way is not replayed)

@@ -195,8 +195,7 @@ class RetainedValues:
             try:
                 page = None if data is None else _queries.decode(data, _queries.RetainedPage)
             except ProtocolError as exc:
-                self._recall.warn_once("retained", rec.id, "bad retained values from %r: %s",
-                                       rec.name, exc)
+                self._recall.bad_answer("retained", rec, exc)
                 page = None
             if page is None:
                 return out

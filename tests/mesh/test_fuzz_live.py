@@ -12,6 +12,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -208,6 +209,48 @@ async def test_a_reliable_work_item_at_the_largest_sequence_is_dropped(
     await honest.push("jobs", b"fine", reliable=True, timeout=5)
     await aeventually(lambda: honest.spool_pending == 0, 5, message="no credit came back")
     assert jobs == [b"fine"]
+
+
+async def test_malformed_retained_and_history_pages_are_counted(
+        make_node: Callable[..., Any]) -> None:
+    """Regression (fuzzer): a peer answering a subscription's retained-values and history
+    queries with bytes that are no page was logged, but counted nowhere (input_dropped
+    had no reason for it). Each is now dropped input under ``retained`` / ``history``."""
+    target: AsyncNode = await make_node("target", mdns=False)
+    stranger = "ab" * 16
+    stop = threading.Event()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    rtr = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def answer() -> None:  # every request gets a reply whose payload is no page
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline:
+            if router.poll(50):
+                frames = router.recv_multipart()
+                replies = [wire.Reply(r.id, wire.REPLY_OK, 0.0, b"\xc1 no page")
+                           for r in wire.decode_service(frames[-1], 1 << 20)]
+                router.send_multipart([frames[0], bytes(wire.encode_service(replies))])
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        with _zsock(ctx, zmq.DEALER, target.endpoints["ctl"][0]) as dealer:
+            dealer.send(bytes(wire.encode_control(wire.Hello(
+                stranger, "liar", target.mesh, 1, ["tcp://127.0.0.1:1"], ["tcp://127.0.0.1:1"],
+                [], 1, rtr=[rtr], retains=True, history=["h.>"], pubs=["ret.>", "h.>"]))))
+            await aeventually(lambda: any(p.id == stranger for p in target.peers()), 5)
+            await target.subscribe("ret.>")
+            await target.subscribe("h.>", last=5)
+        await aeventually(lambda: target.dropped_input.get("retained") == 1
+                          and target.dropped_input.get("history") == 1, 5,
+                          message=f"bad pages not counted: {target.dropped_input}")
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join)
+        router.close()
+        ctx.term()
 
 
 _headers = st.none() | st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3)
