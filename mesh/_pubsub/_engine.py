@@ -29,7 +29,6 @@ import asyncio
 import logging
 import re
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
@@ -64,6 +63,9 @@ MAX_SUBSCRIPTION: Final[int] = 4096
 _MARKER_RE: Final = re.compile(rb"[0-9A-Za-z]{1,64}:[0-9]{1,19}")
 """A readiness marker: ``<node id>:<interest version>``."""
 _PUB_LINGER: Final[float] = 2.0
+_GAP_WARNINGS: Final[int] = 100
+"""Publishers whose drops for us are warned of (each once); the rest at debug. A batch's
+source id is the sender's word, so a stranger could name a new one per batch."""
 
 
 class Recorder(Protocol):
@@ -137,7 +139,10 @@ class PubSub:
         self._expected_seq: BoundedDict[tuple[str, str], int] = BoundedDict()
         """Per (publisher, topic), the next batch sequence (a higher one: a gap). Bounded:
         a forgotten stream counts no gap on its next batch, then is followed again."""
-        self.dropped_by_peer: Counter[str] = Counter()
+        self.dropped_by_peer = Tally()
+        """Messages publishers dropped for us, by publisher (bounded: source ids come from
+        senders)."""
+        self._gap_warnings = 0
         self.received_by_peer = Tally()
         """Messages received from each publisher (by node id)."""
         self.published_by_topic = stats.topics["sent"]
@@ -684,8 +689,9 @@ class PubSub:
         self._stats.topics["dropped"].add(topic, lost)
         self._stats.peers["dropped"].add(batch.source, lost)
         first = batch.source not in self.dropped_by_peer
-        self.dropped_by_peer[batch.source] += lost
-        if first:
+        self.dropped_by_peer.add(batch.source, lost)
+        if first and self._gap_warnings < _GAP_WARNINGS:
+            self._gap_warnings += 1
             _log.warning("publisher %s (%s) dropped messages for us at its high-water mark; "
                          "this subscriber is too slow (counted in stats, reported once)",
                          batch.name, batch.source[:8])

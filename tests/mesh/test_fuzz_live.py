@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import re
@@ -30,7 +31,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from mesh import AsyncNode
 from mesh import _wire as wire
-from mesh._pubsub._engine import MAX_SUBSCRIPTION
+from mesh._pubsub._engine import _GAP_WARNINGS, MAX_SUBSCRIPTION
+from mesh._support._tally import DEFAULT_LIMIT
 from tests.helpers import aeventually
 
 from . import _zmtp
@@ -251,6 +253,38 @@ async def test_malformed_retained_and_history_pages_are_counted(
         await asyncio.to_thread(thread.join)
         router.close()
         ctx.term()
+
+
+async def test_gaps_from_many_forged_publishers_neither_flood_the_log_nor_grow(
+        make_node: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (fuzzer): a stranger posing as a publisher sent, from each of 3,000 made-up
+    source ids, two batches with a gap between them: 3,000 warnings (one per "publisher"),
+    and 3,000 entries in `dropped_by_peer`, growing with every new id. Now at most
+    `_GAP_WARNINGS` are warned of and the per-publisher count is bounded like every tally."""
+    target: AsyncNode = await make_node("target", mdns=False)
+    got: list[bytes] = []
+    await target.subscribe("fz.>", callback=lambda m: got.append(m.data))
+    sources = DEFAULT_LIMIT + 200
+
+    def fuzz() -> None:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        with _posing_as_peer(ctx, target.endpoints["ctl"][0], target.mesh, "ab" * 16,
+                             b"fz.") as (xpub, dealer, _prefix):
+            for i in range(sources):
+                for topic_seq in (0, 10):  # 9 messages missing between the two
+                    item = wire.Item(topic_seq, time.time(), None, b"x")
+                    xpub.send(bytes(wire.encode_data(b"fz.a\x00", wire.Batch(
+                        f"{i:032x}", f"p{i}", topic_seq, [item]))))
+            dealer.send(bytes(wire.encode_control(wire.Bye("ab" * 16))))
+        ctx.term()
+
+    with caplog.at_level(logging.WARNING, logger="mesh.pubsub"):
+        await asyncio.to_thread(fuzz)
+        await aeventually(lambda: len(got) == 2 * sources, 10)
+    warned = [r for r in caplog.records if "dropped messages for us" in r.getMessage()]
+    assert len(warned) == _GAP_WARNINGS
+    assert len(target.dropped_by_peer) <= DEFAULT_LIMIT + 1  # (+ "other")
+    assert sum(target.dropped_by_peer.values()) == 9 * sources
 
 
 _headers = st.none() | st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3)
