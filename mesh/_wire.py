@@ -106,6 +106,7 @@ tags, which older peers drop and count as malformed.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Annotated, Any, Final, TypeVar
 
@@ -160,6 +161,10 @@ MAX_SEQ: Final[int] = 2**63 - 1
 below): a receiver keeps `seq` + 1 (dedup marks), which past 2**64 - 1 msgpack cannot
 encode; an item beyond it is malformed."""
 Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+Time = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+"""A wall-clock time in seconds: finite. A NaN or infinite timestamp is malformed: it
+would reach the application as the message's time and make the latency histograms'
+sums NaN or infinite for good."""
 
 
 class Item(msgspec.Struct, array_like=True, gc=False):
@@ -167,7 +172,7 @@ class Item(msgspec.Struct, array_like=True, gc=False):
 
     seq: Seq
     """Per-source sequence; with the source id it is the message id."""
-    ts: float
+    ts: Time
     """Publisher wall clock, seconds since the epoch."""
     headers: dict[str, str] | None
     """Free application headers (e.g. ``traceparent``), passed through untouched."""
@@ -177,7 +182,7 @@ class Item(msgspec.Struct, array_like=True, gc=False):
     """Spooled by its sender: the receiver deduplicates it and its ack settles the spool."""
     topic: str = ""
     """The topic of a reliable publish (its batch may travel on a durable's queue)."""
-    expires: float | None = None
+    expires: Time | None = None
     """Publisher wall clock after which it must not be delivered (`ts` plus its ttl);
     None: never. Spooled records carry it too, so it survives restarts."""
 
@@ -214,7 +219,7 @@ class Batch(msgspec.Struct, array_like=True, gc=False):
     """A *run* (then `items` is empty): plain messages (best effort, no headers, no ttl)
     given as payloads alone; they share `ts` and are numbered `seq`, `seq` + 1, ... so
     neither side builds a struct per message."""
-    ts: float = 0.0
+    ts: Time = 0.0
     """A run's timestamp: the sender's wall clock when its first message was sent."""
     seq: int = 0
     """The sequence number of a run's first message (the rest follow contiguously)."""
@@ -529,7 +534,7 @@ class Request(msgspec.Struct, frozen=True, array_like=True, gc=False, tag=1):
     """Requester node id."""
     name: str
     """Requester node name."""
-    ts: float
+    ts: Time
     headers: dict[str, str] | None
     payload: bytes
 
@@ -539,7 +544,7 @@ class Reply(msgspec.Struct, frozen=True, array_like=True, gc=False, tag=2):
 
     id: int
     status: int
-    ts: float
+    ts: Time
     payload: bytes
     error: str = ""
     headers: dict[str, str] | None = None

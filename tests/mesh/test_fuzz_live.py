@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import re
@@ -285,6 +286,36 @@ async def test_gaps_from_many_forged_publishers_neither_flood_the_log_nor_grow(
     assert len(warned) == _GAP_WARNINGS
     assert len(target.dropped_by_peer) <= DEFAULT_LIMIT + 1  # (+ "other")
     assert sum(target.dropped_by_peer.values()) == 9 * sources
+
+
+async def test_non_finite_timestamps_are_malformed(make_node: Callable[..., Any]) -> None:
+    """Regression (fuzzer): batches stamped NaN or +-inf (an item's ts or expiry, a run's ts)
+    were delivered with that timestamp, and one sampled for latency made the node's pub/sub
+    latency sum NaN (or inf) for good, whatever honest traffic came after. They are
+    malformed now: dropped and counted as data input."""
+    target: AsyncNode = await make_node("target", mdns=False)
+    got: list[float] = []
+    await target.subscribe("fz.>", callback=lambda m: got.append(m.timestamp), retained=False)
+    now, source = time.time(), "ab" * 16
+    batches = [wire.Batch(source, "x", 0, [wire.Item(1, ts, None, b"x")])
+               for ts in (math.nan, math.inf, -math.inf)]
+    batches.append(wire.Batch(source, "x", 0, [wire.Item(1, now, None, b"x", expires=math.nan)]))
+    batches.append(wire.Batch(source, "x", 0, [], payloads=[b"run"], ts=math.nan, seq=1))
+    frames = [bytes(wire.encode_data(b"fz.a\x00", batch)) for batch in batches] * 16
+
+    def fuzz() -> None:  # 16 of each: one in 16 batches is sampled for latency
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        with _posing_as_peer(ctx, target.endpoints["ctl"][0], target.mesh, source,
+                             b"fz.") as (xpub, _dealer, _prefix):
+            for frame in frames:  # (no goodbye: the node would disconnect before reading)
+                xpub.send(frame)
+        ctx.term()
+
+    await asyncio.to_thread(fuzz)
+    await aeventually(lambda: target.dropped_input.get("data", 0) == len(frames), 5,
+                      message=f"not all dropped: {target.dropped_input}, got {got[:5]}")
+    assert got == []
+    assert math.isfinite(target.stats.latency["pubsub"].total)
 
 
 _headers = st.none() | st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3)

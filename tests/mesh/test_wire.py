@@ -114,9 +114,9 @@ def test_invalid_utf8_in_a_string_field_is_a_protocol_error() -> None:
 # -- service frames, spool records, and structured garbage for every decoder ------------------
 
 requests = st.builds(wire.Request, st.integers(0, 2**63), texts, ids, texts,
-                     st.floats(allow_nan=False), headers, st.binary(max_size=200))
+                     st.floats(allow_nan=False, allow_infinity=False), headers, st.binary(max_size=200))
 replies = st.builds(wire.Reply, st.integers(0, 2**63), st.integers(0, 3),
-                    st.floats(allow_nan=False), st.binary(max_size=200), texts)
+                    st.floats(allow_nan=False, allow_infinity=False), st.binary(max_size=200), texts)
 
 
 @given(st.lists(requests | replies, min_size=1, max_size=5))
