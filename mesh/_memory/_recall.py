@@ -180,7 +180,7 @@ class Recall:
     def bad_answer(self, what: str, rec: PeerRecord, exc: Exception) -> None:
         """A peer's page of `what` (retained values, history) was malformed: dropped,
         counted as dropped input under `what`, and warned of once per peer."""
-        self._quiet.refuse(what, rec.id, f"bad {what} from {rec.name[:64]!r}: {exc}")
+        self._quiet.refuse(what, rec.id, f"bad {what} page from {rec.name[:64]!r}: {exc}")
 
     def warn_once(self, what: str, who: str, text: str, *args: object) -> None:
         if (what, who) not in self._warned and len(self._warned) < 10_000:
