@@ -52,6 +52,8 @@ class Agent:
         self._hooks: dict[bytes, asyncio.Task[None]] = {}
         """Running webhooks, by their settings (encoded): a reload keeps the unchanged."""
         self.http_url = ""
+        self._reloading = asyncio.Lock()
+        """One reload at a time: two overlapping ones ran both files' webhooks at once."""
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.body_limit)
@@ -107,13 +109,14 @@ class Agent:
         Raises:
             ConfigError: the new allowlist or uplinks cannot be used (what runs is kept).
         """
-        if config.allow is not None and config.allow == self.config.allow:
-            self.node.reload_allowlist()
-        await self.uplinks.apply(config.uplinks)
-        await self._apply_webhooks(config.webhooks)
-        await self.services.apply(config.services)
-        self.config.webhooks, self.config.uplinks = config.webhooks, config.uplinks
-        self.config.services = config.services
+        async with self._reloading:  # (FIFO: the file read last is applied last)
+            if config.allow is not None and config.allow == self.config.allow:
+                self.node.reload_allowlist()
+            await self.uplinks.apply(config.uplinks)
+            await self._apply_webhooks(config.webhooks)
+            await self.services.apply(config.services)
+            self.config.webhooks, self.config.uplinks = config.webhooks, config.uplinks
+            self.config.services = config.services
         later = [key for key in AgentConfig.__struct_fields__
                  if key not in _RELOADED and getattr(config, key) != getattr(self.config, key)]
         if later:

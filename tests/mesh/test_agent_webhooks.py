@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
@@ -333,3 +334,24 @@ async def test_sighup_adds_a_webhook_and_a_broken_file_keeps_the_running_config(
     assert "changed keys that need a restart: max_body" in log, log
     assert "config not reloaded" in log, log
     assert [body for _, body, _ in app.accepted] == [b"one", b"two"]
+
+
+async def test_overlapping_reloads_apply_one_after_the_other(mesh_name: str, app: App) -> None:
+    """Two SIGHUPs whose reloads overlap (the first still stopping an old webhook) end with
+    exactly the second file's webhooks: both files' webhooks ran at once before, each message
+    POSTed twice, and a service re-served by both failed with "already served"."""
+    from mesh._agent import Agent, load
+    from mesh._agent._config import Webhook
+
+    from .conftest import FAST
+
+    config = load(None, env={}, flags={"name": "side", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        **FAST})
+    config.webhooks = [Webhook(url=f"{app.url}?v=0", pattern="t.>")]
+    async with Agent(config) as agent:
+        first, second = (msgspec.structs.replace(config, webhooks=[
+            Webhook(url=f"{app.url}?v={v}", pattern="t.>")]) for v in (1, 2))
+        await asyncio.gather(agent.reload(first), agent.reload(second))
+        assert agent.config.webhooks == second.webhooks
+        assert len(agent._hooks) == 1  # (both ran: each message was POSTed twice)
