@@ -72,16 +72,14 @@ class AppService(FutureHandler):
         self._served = await self._node.serve(self.settings.name, self,
                                               concurrency=self.settings.concurrency)
 
-    async def update(self, settings: ServiceApp) -> bool:
-        """Take new settings in place (url, timeout); False when they need a new serve
-        (its concurrency changed)."""
-        if settings.concurrency != self.settings.concurrency:
-            return False
+    async def update(self, settings: ServiceApp) -> None:
+        """Take new settings in place: the name stays served throughout."""
+        if settings.concurrency != self.settings.concurrency and self._served is not None:
+            self._served.resize(settings.concurrency)
         if settings.url != self.settings.url:
             old, self._client = self._client, AppClient(settings.url)
             await old.aclose()
         self.settings = settings
-        return True
 
     async def aclose(self) -> None:
         """Stop serving: queued requests are declined (they go to other servers)."""
@@ -154,19 +152,16 @@ class AppServices:
 
     async def apply(self, wanted: list[ServiceApp]) -> None:
         """Serve exactly these: new ones start, removed ones stop, changed ones change in
-        place (a new concurrency means serving anew; requests queued meanwhile go to
-        other servers or are retried)."""
+        place."""
         names = {svc.name: svc for svc in wanted}
         for name in [n for n in self._running if n not in names]:
             await self._running.pop(name).aclose()
         for name, settings in names.items():
             running = self._running.get(name)
-            if running is not None and running.settings == settings:
-                continue
-            if running is not None and await running.update(settings):
-                continue
             if running is not None:
-                await self._running.pop(name).aclose()
+                if running.settings != settings:
+                    await running.update(settings)
+                continue
             app = AppService(self._node, settings, self._metrics)
             await app.start()
             self._running[name] = app

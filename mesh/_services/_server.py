@@ -138,6 +138,21 @@ class Service:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    def resize(self, concurrency: int) -> None:
+        """Run at most `concurrency` requests at once from now on, in place (serving anew
+        would leave the name unserved meanwhile): waiting requests start if it grew; running
+        ones beyond a smaller bound finish.
+
+        Raises:
+            ConfigError: `concurrency` is below 1.
+        """
+        if concurrency < 1:
+            raise ConfigError("concurrency", "must be >= 1")
+        self._concurrency = concurrency
+        while (self._is_async and self._backlog and not self._closed
+               and len(self._tasks) + len(self._futures) < concurrency):
+            self._start(*self._backlog.popleft())
+
     # -- dispatch ---------------------------------------------------------------
 
     def submit(self, msg: Message, reply: Callable[[_wire.Reply], None]) -> None:
@@ -225,8 +240,8 @@ class Service:
                 self._fail(msg, reply, exc)
             else:
                 self._ok(msg, reply, result)
-            if not self._backlog or self._closed:
-                return
+            if not self._backlog or self._closed or len(self._tasks) > self._concurrency:
+                return  # (more tasks than slots: `resize` made it smaller)
             msg, reply = self._backlog.popleft()
             pending = None
 

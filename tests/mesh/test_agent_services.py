@@ -357,3 +357,33 @@ async def test_reply_headers_are_utf8_and_one_that_is_not_fails_the_reply(
                                          headers={"bad": "1"})
     finally:
         server.close()
+
+
+async def test_a_reload_that_changes_concurrency_keeps_serving(
+        mesh_name: str, apps: Callable[[str], App]) -> None:
+    """A new `concurrency` takes effect in place: with a request in flight, the service was
+    unserved until it ended (up to 2 s) and every request meanwhile got "no responders"."""
+    import msgspec
+
+    from mesh._agent import Agent, load
+    from mesh._agent._config import ServiceApp
+
+    from .conftest import FAST
+
+    app = await _app(apps, "one")
+    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        **FAST})
+    config.services = [ServiceApp(name="upper", url=app.url, concurrency=1)]
+    async with Agent(config) as agent:
+        node = agent.node
+        slow = asyncio.create_task(node.request("upper", b"slow", timeout=10, retries=0))
+        await app.wait_until(lambda: app.in_flight == 1)
+        wider = msgspec.structs.replace(config, services=[
+            ServiceApp(name="upper", url=app.url, concurrency=2)])
+        async with asyncio.timeout(1):
+            await agent.reload(wider)
+        reply = await node.request("upper", b"x", timeout=1, retries=0)
+        assert (reply.data, app.in_flight) == (b"X", 1)  # beside the slow one: 2 at once
+        app.never.set()
+        assert (await slow).data == b"SLOW"
