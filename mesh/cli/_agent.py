@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
+from typing import Self
 
 import msgspec
 
@@ -48,7 +48,8 @@ async def run(args: argparse.Namespace) -> int:
         agent = Agent(config)
         events = agent.node.events()  # opened before start: peers may greet us while it runs
         flags = {k: getattr(args, k, None) for k in FLAGS}
-        async with agent, reload_on_hangup(agent, path, flags):  # SIGHUP too, before `ready`
+        async with Hangups(agent, path, flags) as hangups, agent:
+            hangups.start()  # (one during the start reloads now, before `ready`)
             node = agent.node
             ep = node.endpoints
             out(f"ready name={node.name} id={node.id} mesh={node.mesh} "
@@ -60,38 +61,59 @@ async def run(args: argparse.Namespace) -> int:
 
             reporter = asyncio.create_task(report())
             await stop.wait()
+            await hangups.stop()
             reporter.cancel()
     out("stopped")
     return 0
 
 
-@contextlib.asynccontextmanager
-async def reload_on_hangup(agent: Agent, path: str | None, flags: Mapping[str, object]
-                     ) -> AsyncIterator[None]:
-    """SIGHUP re-reads the config file and applies its uplinks; a bad file is logged
-    (one line with the key and reason) and the running config is kept."""
-    loop = asyncio.get_running_loop()
-    pending: set[asyncio.Task[None]] = set()
+class Hangups:
+    """SIGHUP for the agent's whole life. While it runs (`start` to `stop`), each re-reads
+    the config file and applies it; a bad file is logged (one line with the key and
+    reason) and the running config is kept. One during the start reloads at `start`; from
+    `stop` until the process exits SIGHUP is ignored (its default action killed the agent
+    mid-stop: the requests in flight lost, its peers told nothing)."""
 
-    async def reload() -> None:
+    def __init__(self, agent: Agent, path: str | None, flags: Mapping[str, object]) -> None:
+        self._agent, self._path, self._flags = agent, path, flags
+        self._pending: set[asyncio.Task[None]] = set()
+        self._state = "starting"
+        self._missed = False
+
+    async def __aenter__(self) -> Self:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._hangup)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the process is ending
+
+    def start(self) -> None:
+        self._state = "running"
+        if self._missed:
+            self._hangup()
+
+    async def stop(self) -> None:
+        """No more reloads; one under way is cancelled (the agent is about to close)."""
+        self._state = "stopping"
+        for task in self._pending:
+            task.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
+
+    def _hangup(self) -> None:
+        if self._state != "running":
+            self._missed = self._state == "starting"
+            return
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _reload(self) -> None:
         try:
-            config = load(path, os.environ, flags)
-            await agent.reload(config)
+            config = load(self._path, os.environ, self._flags)
+            await self._agent.reload(config)
         except ConfigError as exc:
             _log.error("config not reloaded: %s", exc)
         else:
             out("reloaded")
-
-    def hangup() -> None:
-        task = loop.create_task(reload())
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, hangup)
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGHUP)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)

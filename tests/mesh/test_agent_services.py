@@ -263,6 +263,31 @@ async def test_sighup_adds_changes_and_removes_a_service(
         await wait_status(http, "POST", url, 503, data=b"x")
 
 
+
+async def test_a_sighup_while_the_agent_stops_does_not_kill_it(
+        procs: list[Cli], mesh_name: str, tmp_path: Path, apps: Callable[[str], App]) -> None:
+    """SIGHUP (logrotate, a config tool) while the agent is stopping: its handler was gone, so
+    the default action killed it mid-stop (exit -1, the request in flight lost, its peers
+    told nothing); now it is ignored and the agent stops as it should."""
+    app = await _app(apps, "one")
+    side = _serving(procs, mesh_name, tmp_path, "side", service_config(app.url))
+    url = f"{side.url}/v1/request/upper?"
+    async with aiohttp.ClientSession() as http:
+        await wait_status(http, "POST", url, 200, data=b"warm")
+        app.hold = asyncio.Event()
+        held = asyncio.create_task(http.post(url, data=b"held"))
+        await app.wait_until(lambda: app.in_flight == 1)
+        side.cli.term()  # it stops serving at once, then waits for the held request
+        # (held too while it still serves: 504 then; 503 once it stopped serving)
+        await wait_status(http, "POST", f"{url}timeout=0.1", 503, data=b"x")
+        side.cli.proc.send_signal(signal.SIGHUP)  # (the default action kills at once)
+        app.hold.set()
+        response = await held
+        assert (response.status, await response.read()) == (200, b"HELD")
+    assert await asyncio.to_thread(side.cli.wait) == 0
+    assert side.cli.line("stopped") == "stopped"
+
+
 async def _logged(agent: AgentProc, text: str) -> str:
     """The agent's first stderr line containing `text` (waited for in a thread, bounded)."""
     return await asyncio.to_thread(agent.cli.log.wait_for, text, 15)
