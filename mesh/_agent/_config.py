@@ -87,8 +87,14 @@ class AgentConfig(NodeConfig, kw_only=True, forbid_unknown_fields=True):
         http_address(config.http)
         if config.max_body < 0:
             raise ConfigError("max_body", "must be >= 0")
+        durables: dict[str, int] = {}
         for i, hook in enumerate(config.webhooks):
             _check_webhook(f"webhooks[{i}]", hook, config.data_dir)
+            if hook.durable is not None:  # (a second one could never open it: it never ran)
+                first = durables.setdefault(hook.durable, i)
+                if first != i:
+                    raise ConfigError(f"webhooks[{i}].durable",
+                                      f"{hook.durable!r} is the durable of webhooks[{first}]")
         seen: set[str] = set()
         for i, svc in enumerate(config.services):
             _check_service(f"service[{i}]", svc, seen)

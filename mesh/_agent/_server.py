@@ -10,7 +10,7 @@ requests itself and hands everything else to aiohttp.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 from typing import Final, Self
 
@@ -132,8 +132,9 @@ class Agent:
         for key, (i, hook) in wanted.items():
             if key not in self._hooks:
                 runner = WebhookRunner(self.node, hook, i, self._session, self.metrics)
-                self._hooks[key] = asyncio.get_running_loop().create_task(
+                task = self._hooks[key] = asyncio.get_running_loop().create_task(
                     runner.run(), name=f"zeromesh-webhook-{i}")
+                task.add_done_callback(functools.partial(_failed, runner.label))
 
     async def aclose(self) -> None:
         await self.services.aclose()
@@ -155,9 +156,15 @@ _RELOADED: Final = frozenset({"webhooks", "uplinks", "services"})
 path are read again."""
 
 
-async def _stopped(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+def _failed(label: str, task: asyncio.Task[None]) -> None:
+    """A webhook that ended by itself (e.g. its durable open elsewhere) is logged then, not
+    found at the agent's stop."""
     if not task.cancelled() and task.exception() is not None:
-        _log.error("webhook task failed: %s", task.exception())
+        _log.error("webhook %s stopped: %s", label, task.exception())
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    """Stop a webhook; one that failed already was logged (`_failed`): its error must not
+    break the agent's close, which would leave the node and the HTTP server open."""
+    task.cancel()
+    await asyncio.wait([task])

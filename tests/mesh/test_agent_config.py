@@ -77,6 +77,9 @@ def test_print_config_shows_webhooks(tmp_path: Path) -> None:
      "webhooks[0].pattern: empty segment"),
     ('[[webhooks]]\nurl = "http://127.0.0.1:1/"\npattern = "a"\ndurable = "d"\n',
      "webhooks[0].durable: a durable webhook needs data_dir"),
+    ('data_dir = "d"\n[[webhooks]]\nurl = "http://127.0.0.1:1/a"\npattern = "a"\ndurable = "d"\n'
+     '[[webhooks]]\nurl = "http://127.0.0.1:1/b"\npattern = "b"\ndurable = "d"\n',
+     "webhooks[1].durable: 'd' is the durable of webhooks[0]"),  # (the second never ran)
     ('[[webhooks]]\nurl = "http://127.0.0.1:1/"\nqueue = "q"\nconcurrency = 0\n',
      "webhooks[0]: concurrency and attempts must be >= 1"),
     ('[[webhooks]]\nurl = "http://127.0.0.1:1/"\nqueue = "q"\nretries = 3\n',

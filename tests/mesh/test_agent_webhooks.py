@@ -355,3 +355,28 @@ async def test_overlapping_reloads_apply_one_after_the_other(mesh_name: str, app
         await asyncio.gather(agent.reload(first), agent.reload(second))
         assert agent.config.webhooks == second.webhooks
         assert len(agent._hooks) == 1  # (both ran: each message was POSTed twice)
+
+
+async def test_a_webhook_that_cannot_start_is_logged_and_the_agent_still_stops(
+        mesh_name: str, tmp_path: Path, app: App, caplog: pytest.LogCaptureFixture) -> None:
+    """A webhook whose durable is open already (here by the app's own subscription) fails:
+    that is logged when it happens, and stopping the agent closes everything (the failure
+    was raised out of the agent's close instead: its node and HTTP server left open, the
+    CLI's exit status 2)."""
+    import logging
+
+    from mesh._agent import Agent, load
+    from mesh._agent._config import Webhook
+
+    from .conftest import FAST
+
+    config = load(None, env={}, flags={"name": "side", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        "data_dir": str(tmp_path), **FAST})
+    agent = Agent(config)
+    with caplog.at_level(logging.ERROR, logger="mesh.agent"):
+        async with agent, await agent.node.subscribe_durable("x.>", "d"):
+            await agent.reload(msgspec.structs.replace(config, webhooks=[
+                Webhook(url=app.url, pattern="y.>", durable="d")]))
+            await aeventually(lambda: "is open already" in caplog.text, timeout=5)
+    assert not agent.node.running
