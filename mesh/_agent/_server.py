@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .._node import AsyncNode
 from .._uplink._links import Uplinks
-from ..errors import ConfigError
+from ..errors import ConfigError, MeshError
 from . import _http
 from ._config import AgentConfig, Webhook, http_address
 from ._front import Front, FrontSite
@@ -124,10 +124,19 @@ class Agent:
                          ", ".join(later))
 
     async def _apply_webhooks(self, hooks: list[Webhook]) -> None:
-        """Run exactly these webhooks: unchanged ones keep running (and their queues)."""
+        """Run exactly these webhooks: unchanged ones keep running (and their queues). The
+        durable of a removed one that no webhook takes on is ended, as an uplink's removed
+        export is: announced still, it had publishers spool for it for good."""
         wanted = {msgspec.json.encode(hook): (i, hook) for i, hook in enumerate(hooks)}
+        kept = {hook.durable for hook in hooks}
         for key in [k for k in self._hooks if k not in wanted]:
             await _stopped(self._hooks.pop(key))
+            durable = msgspec.json.decode(key, type=Webhook).durable
+            if durable is not None and durable not in kept:
+                try:
+                    await self.node.end_durable(durable)
+                except MeshError as exc:  # (e.g. an SSE stream holds it open)
+                    _log.warning("webhook durable %r not ended: %s", durable, exc)
         assert self._session is not None
         for key, (i, hook) in wanted.items():
             if key not in self._hooks:

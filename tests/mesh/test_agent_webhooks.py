@@ -380,3 +380,27 @@ async def test_a_webhook_that_cannot_start_is_logged_and_the_agent_still_stops(
                 Webhook(url=app.url, pattern="y.>", durable="d")]))
             await aeventually(lambda: "is open already" in caplog.text, timeout=5)
     assert not agent.node.running
+
+
+async def test_a_reload_that_removes_a_durable_webhook_ends_its_durable(
+        mesh_name: str, tmp_path: Path, app: App) -> None:
+    """A durable webhook removed on SIGHUP ends its durable, as a removed uplink export does:
+    the agent kept announcing it, so publishers spooled every reliable message on its
+    pattern for good (20 of 20 in a library publisher's spool)."""
+    from mesh._agent import Agent, load
+    from mesh._agent._config import Webhook
+
+    from .conftest import FAST
+
+    config = load(None, env={}, flags={"name": "side", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        "data_dir": str(tmp_path), **FAST})
+    config.webhooks = [Webhook(url=app.url, pattern="a.>", durable="gone"),
+                       Webhook(url=app.url, pattern="b.>", durable="kept")]
+    async with Agent(config) as agent:
+        node = agent.node
+        await aeventually(lambda: len(node.durables()) == 2, timeout=5)
+        await agent.reload(msgspec.structs.replace(config, webhooks=[
+            Webhook(url=f"{app.url}?v=2", pattern="b.>", durable="kept")]))
+        await node.publish("a.x", b"nobody's", reliable=True)
+        assert [(d.name, d.backlog) for d in node.durables()] == [("kept", 0)]
