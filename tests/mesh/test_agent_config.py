@@ -127,3 +127,35 @@ def test_the_http_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         done = agent("--http", f"127.0.0.1:{port}")
     assert done.returncode == 2
     assert f"http: cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+async def test_a_sighup_during_the_start_reloads_once_the_agent_runs(
+        mesh_name: str, tmp_path: Path) -> None:
+    """A SIGHUP while the agent starts is applied when it runs (its default action killed the
+    process before); from its stop on, SIGHUP is ignored until the process exits."""
+    import os
+    import signal
+
+    from mesh._agent import Agent
+    from mesh.cli._agent import Hangups
+    from tests.helpers import aeventually
+
+    from .conftest import FAST
+
+    path = tmp_path / "agent.toml"
+    path.write_text('name = "side"\n')
+    flags = {"mesh": mesh_name, "mdns": False, "interfaces": ["127.0.0.1"],
+             "http": "127.0.0.1:0", **FAST}
+    agent = Agent(load(str(path), env={}, flags=flags))
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        async with Hangups(agent, str(path), flags) as hangups:
+            path.write_text('name = "side"\n[[service]]\nname = "s"\nurl = "http://127.0.0.1:9/"\n')
+            os.kill(os.getpid(), signal.SIGHUP)
+            await aeventually(lambda: hangups._missed, timeout=5)  # (handled while starting)
+            async with agent:
+                hangups.start()
+                await aeventually(lambda: agent.services.names() == ["s"], timeout=5)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
