@@ -107,9 +107,11 @@ class Agent:
         restart) and keeps its running value.
 
         Raises:
-            ConfigError: the new allowlist or uplinks cannot be used (what runs is kept).
+            ConfigError: the new allowlist, uplinks or durable webhooks cannot be used (what
+                runs is kept).
         """
         async with self._reloading:  # (FIFO: the file read last is applied last)
+            _check_durables(config.webhooks, self.config.data_dir)
             if config.allow is not None and config.allow == self.config.allow:
                 self.node.reload_allowlist()
             await self.uplinks.apply(config.uplinks)
@@ -163,6 +165,20 @@ class Agent:
 _RELOADED: Final = frozenset({"webhooks", "uplinks", "services"})
 """What SIGHUP changes in a running agent; besides, the files of an unchanged ``allow``
 path are read again."""
+
+
+def _check_durables(hooks: list[Webhook], data_dir: str | None) -> None:
+    """A durable webhook needs the running data_dir: a new one in the file waits for a
+    restart, and until then its webhook could not run.
+
+    Raises:
+        ConfigError: the running agent has no data_dir.
+    """
+    for i, hook in enumerate(hooks):
+        if hook.durable is not None and data_dir is None:
+            raise ConfigError(f"webhooks[{i}].durable", "a durable webhook needs data_dir, "
+                                                        "and this agent runs without one "
+                                                        "(data_dir needs a restart)")
 
 
 def _failed(label: str, task: asyncio.Task[None]) -> None:

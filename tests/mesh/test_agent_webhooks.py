@@ -404,3 +404,25 @@ async def test_a_reload_that_removes_a_durable_webhook_ends_its_durable(
             Webhook(url=f"{app.url}?v=2", pattern="b.>", durable="kept")]))
         await node.publish("a.x", b"nobody's", reliable=True)
         assert [(d.name, d.backlog) for d in node.durables()] == [("kept", 0)]
+
+
+async def test_a_reload_adding_a_durable_webhook_to_an_agent_without_data_dir_is_refused(
+        mesh_name: str, tmp_path: Path, app: App) -> None:
+    """The new file's data_dir needs a restart, so the running agent has none: its durable
+    webhook could never run. The reload is refused, naming the key (it said "reloaded",
+    and the webhook was dead; before that failure was logged, not a word)."""
+    from mesh._agent import Agent, load
+    from mesh._agent._config import Webhook
+    from mesh.errors import ConfigError
+
+    from .conftest import FAST
+
+    config = load(None, env={}, flags={"name": "side", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        **FAST})
+    async with Agent(config) as agent:
+        new = msgspec.structs.replace(config, data_dir=str(tmp_path), webhooks=[
+            Webhook(url=app.url, pattern="a.>", durable="d")])
+        with pytest.raises(ConfigError, match=r"webhooks\[0\].durable: .*needs data_dir"):
+            await agent.reload(new)
+        assert (agent.config.webhooks, agent._hooks) == ([], {})
