@@ -143,7 +143,7 @@ class WebhookRunner:
         hook = self._hook
         retrying = AsyncRetrying(
             stop=stop_after_attempt(hook.attempts),
-            wait=wait_exponential_jitter(initial=hook.backoff, max=_MAX_BACKOFF,
+            wait=wait_exponential_jitter(multiplier=hook.backoff, max=_MAX_BACKOFF,
                                          jitter=hook.backoff),
             retry=retry_if_exception_type(_Refused),
             before_sleep=self._count_retry,

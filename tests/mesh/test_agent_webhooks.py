@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import msgspec
@@ -22,6 +23,9 @@ from tests.helpers import CountsInFlight, aeventually
 
 from ._agent import start_agent
 from ._proc import Cli
+
+if TYPE_CHECKING:
+    from mesh._agent import Agent
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -426,3 +430,29 @@ async def test_a_reload_adding_a_durable_webhook_to_an_agent_without_data_dir_is
         with pytest.raises(ConfigError, match=r"webhooks\[0\].durable: .*needs data_dir"):
             await agent.reload(new)
         assert (agent.config.webhooks, agent._hooks) == ([], {})
+
+
+async def _delivering(agent: Agent, app: App) -> None:
+    """Wait until the in-process agent's webhook on ``t.>`` POSTs its own publishes."""
+    async def posted() -> bool:
+        await agent.node.publish("t.x", b"probe")
+        return bool(app.accepted)
+    await aeventually(posted, timeout=5, interval=0.02)
+    await app.wait_until(lambda: app.in_flight == 0)
+
+
+async def test_an_in_process_agents_webhook_delivers(mesh_name: str, app: App) -> None:
+    """With warnings as errors (pytest here, ``-W error`` for an app), the first retry
+    policy built raised tenacity's DeprecationWarning for ``initial``: the webhook ended
+    at its first message (nothing logged); ``multiplier`` is the name now."""
+    from mesh._agent import Agent, load
+    from mesh._agent._config import Webhook
+
+    from .conftest import FAST
+
+    config = load(None, env={}, flags={"name": "side", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        **FAST})
+    config.webhooks = [Webhook(url=app.url, pattern="t.>", backoff=0.5)]
+    async with Agent(config) as agent:
+        await _delivering(agent, app)
