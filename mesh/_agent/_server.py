@@ -49,7 +49,7 @@ class Agent:
         self._session: aiohttp.ClientSession | None = None
         self.services = AppServices(self.node, self.metrics)
         """``[[service]]`` entries: mesh services answered by apps over HTTP."""
-        self._hooks: dict[bytes, asyncio.Task[None]] = {}
+        self._hooks: dict[bytes, tuple[WebhookRunner, asyncio.Task[None]]] = {}
         """Running webhooks, by their settings (encoded): a reload keeps the unchanged."""
         self.http_url = ""
         self._reloading = asyncio.Lock()
@@ -126,14 +126,24 @@ class Agent:
                          ", ".join(later))
 
     async def _apply_webhooks(self, hooks: list[Webhook]) -> None:
-        """Run exactly these webhooks: unchanged ones keep running (and their queues). The
-        durable of a removed one that no webhook takes on is ended, as an uplink's removed
-        export is: announced still, it had publishers spool for it for good."""
+        """Run exactly these webhooks: unchanged ones keep running (and their queues); one
+        whose source and concurrency stay takes its new settings in place (restarted, its
+        POSTs in flight were cut and what its subscription held was dropped). The durable
+        of a removed one that no webhook takes on is ended, as an uplink's removed export
+        is: announced still, it had publishers spool for it for good."""
         wanted = {msgspec.json.encode(hook): (i, hook) for i, hook in enumerate(hooks)}
+        for key in [k for k in wanted if k not in self._hooks]:
+            source = _source(wanted[key][1])
+            old = next((k for k, (runner, task) in self._hooks.items()  # (a failed one: anew)
+                        if k not in wanted and not task.done()
+                        and _source(runner.hook) == source), None)
+            if old is not None:
+                self._hooks[key] = self._hooks.pop(old)
         kept = {hook.durable for hook in hooks}
         for key in [k for k in self._hooks if k not in wanted]:
-            await _stopped(self._hooks.pop(key))
-            durable = msgspec.json.decode(key, type=Webhook).durable
+            runner, task = self._hooks.pop(key)
+            await _stopped(task)
+            durable = runner.hook.durable
             if durable is not None and durable not in kept:
                 try:
                     await self.node.end_durable(durable)
@@ -141,17 +151,20 @@ class Agent:
                     _log.warning("webhook durable %r not ended: %s", durable, exc)
         assert self._session is not None
         for key, (i, hook) in wanted.items():
-            if key not in self._hooks:
-                runner = WebhookRunner(self.node, hook, i, self._session, self.metrics)
-                task = self._hooks[key] = asyncio.get_running_loop().create_task(
-                    runner.run(), name=f"zeromesh-webhook-{i}")
-                task.add_done_callback(functools.partial(_failed, runner.label))
+            if key in self._hooks:
+                self._hooks[key][0].update(hook, i)
+                continue
+            runner = WebhookRunner(self.node, hook, i, self._session, self.metrics)
+            task = asyncio.get_running_loop().create_task(runner.run(),
+                                                          name=f"zeromesh-webhook-{i}")
+            task.add_done_callback(functools.partial(_failed, runner))
+            self._hooks[key] = runner, task
 
     async def aclose(self) -> None:
         await self.services.aclose()
         await self.uplinks.aclose()
         hooks, self._hooks = list(self._hooks.values()), {}
-        for task in hooks:
+        for _, task in hooks:
             await _stopped(task)
         if self._session is not None:
             await self._session.close()
@@ -181,11 +194,16 @@ def _check_durables(hooks: list[Webhook], data_dir: str | None) -> None:
                                                         "(data_dir needs a restart)")
 
 
-def _failed(label: str, task: asyncio.Task[None]) -> None:
+def _source(hook: Webhook) -> tuple[str | None, str | None, str | None, int]:
+    """What a running webhook cannot change in place: its subscription and its slots."""
+    return hook.pattern, hook.queue, hook.durable, hook.concurrency
+
+
+def _failed(runner: WebhookRunner, task: asyncio.Task[None]) -> None:
     """A webhook that ended by itself (e.g. its durable open elsewhere) is logged then, not
     found at the agent's stop."""
     if not task.cancelled() and task.exception() is not None:
-        _log.error("webhook %s stopped: %s", label, task.exception())
+        _log.error("webhook %s stopped: %s", runner.label, task.exception())
 
 
 async def _stopped(task: asyncio.Task[None]) -> None:

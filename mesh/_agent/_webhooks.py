@@ -73,6 +73,17 @@ class WebhookRunner:
         self._kind = "queue" if hook.queue else "topic"
         self._json = wants_json(hook.accept)
 
+    @property
+    def hook(self) -> Webhook:
+        return self._hook
+
+    def update(self, hook: Webhook, index: int) -> None:
+        """Take a reload's settings in place (same source and concurrency: see the agent's
+        `_source`): the next POST uses them, those in flight finish."""
+        self._hook = hook
+        self.label = f"{index}:{hook.queue or hook.pattern}"
+        self._json = wants_json(hook.accept)
+
     async def run(self) -> None:
         """Deliver until cancelled (the agent stopping) or the node closes."""
         try:
