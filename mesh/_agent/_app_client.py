@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import ssl
 import zlib
 from typing import Final, NamedTuple, cast
@@ -37,6 +38,10 @@ _NO_BODY: Final = frozenset({204, 304})
 
 class BadResponse(Exception):
     """The app's answer is not HTTP this client reads, or is over the caller's size limit."""
+
+
+class ClientClosed(ConnectionResetError):
+    """The client closed before the request could be sent (a reload changed the url)."""
 
 
 class Response(NamedTuple):
@@ -96,6 +101,7 @@ class AppClient:
                                 name="zeromesh-app-connect")
         self._opening.add(task)
         task.add_done_callback(self._opening.discard)
+        task.add_done_callback(functools.partial(_unanswered, fut))
         return fut
 
     async def _open_and_send(self, fut: asyncio.Future[Response], deadline: float,
@@ -135,6 +141,13 @@ class AppClient:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.abort()
+
+
+def _unanswered(fut: asyncio.Future[Response], task: asyncio.Task[None]) -> None:
+    """A connect cancelled by `AppClient.aclose` (a reload changed the url) ends its request
+    too: left pending, it held the service's slot for good."""
+    if task.cancelled() and not fut.done():
+        fut.set_exception(ClientClosed("the app client closed while connecting"))
 
 
 class _Connection(asyncio.Protocol):

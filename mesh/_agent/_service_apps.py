@@ -33,7 +33,7 @@ from .. import _trace
 from .._message import Message, Reply
 from .._node import AsyncNode
 from .._services._server import Declined, FutureHandler, ReplyBody, Service
-from ._app_client import AppClient, BadResponse, Response
+from ._app_client import AppClient, BadResponse, ClientClosed, Response
 from ._config import ServiceApp
 from ._headers import BadHeader, for_app, from_app
 from ._metrics import AgentMetrics
@@ -78,6 +78,7 @@ class AppService(FutureHandler):
             self._served.resize(settings.concurrency)
         if settings.url != self.settings.url:
             old, self._client = self._client, AppClient(settings.url)
+            self._warned = False  # (the new app's failure is news)
             await old.aclose()
         self.settings = settings
 
@@ -120,6 +121,8 @@ class AppService(FutureHandler):
             outcome = "timeout"
             reply.set_exception(AppError(
                 f"app did not answer within {self.settings.timeout:g} s"))
+        except ClientClosed as exc:  # (the app's url changed: not the app's failure)
+            reply.set_exception(Declined(str(exc)))
         except OSError as exc:
             outcome = "unreachable"
             self._warn_once(f"{self.settings.url}: {type(exc).__name__} {exc}".rstrip())

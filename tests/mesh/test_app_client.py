@@ -217,6 +217,25 @@ async def test_refused_and_closed_before_answering_are_os_errors(
         await client.aclose()
 
 
+
+@pytest.mark.parametrize("connecting", [False, True])
+async def test_a_request_still_connecting_fails_at_once_when_the_client_closes(
+        raw: Callable[[Answer], RawServer], connecting: bool) -> None:
+    """A reload that changes a ``[[service]]`` url closes the old client: a request whose
+    connection was still opening had its connect cancelled and its future left pending, so
+    the requester waited its whole timeout and the service's slot stayed taken for good
+    (with concurrency 1, every later request timed out too)."""
+    server = await _started(raw, lambda req: _ok(b"late"))
+    client = AppClient(server.url)
+    answer = client.post({}, b"x", 5.0, 1000)
+    if connecting:
+        await asyncio.sleep(0)  # (the connect under way)
+    await client.aclose()
+    async with asyncio.timeout(1):
+        with pytest.raises(ConnectionResetError, match="closed while connecting"):
+            await answer
+
+
 def test_a_url_that_is_not_http_is_refused() -> None:
     with pytest.raises(ValueError, match="not an http"):
         AppClient("ftp://127.0.0.1/x")
