@@ -284,11 +284,16 @@ def _kill_group(proc: subprocess.Popen[Any]) -> None:
 class Lan:
     """Hosts on one bridge; build it with `make_lan`, tear it down with `close`."""
 
-    def __init__(self, n: int, *, ipv6: bool = False) -> None:
+    def __init__(self, n: int, *, ipv6: bool = False, interfaces: Sequence[str] = ()) -> None:
         if not 1 <= n <= 250:
             raise ValueError(f"a LAN has 1..250 hosts, not {n}")
+        if len(interfaces) > n or not all(0 < len(name) <= 15 for name in interfaces):
+            raise ValueError(f"interface names {interfaces!r}: at most {n}, 1-15 characters")
         self.n: Final[int] = n
         self.ipv6: Final[bool] = ipv6
+        self.interfaces: Final[tuple[str, ...]] = tuple(interfaces)
+        """Host i's interface name (``eth0`` past the end): hosts whose links are named
+        differently (``eth0`` here, ``enp3s0`` there) as on a real LAN."""
         self.tag: Final[str] = f"{NETNS_PREFIX}{secrets.token_hex(3)}"
         """Per-LAN prefix of every namespace name, e.g. ``zm3fa91c``."""
         self.subnet_byte: Final[int] = secrets.randbelow(254) + 1
@@ -361,6 +366,7 @@ class Lan:
         _ip("-n", br, "link", "set", _BRIDGE, "multicast", "on", "up")
         for index in range(1, self.n + 1):
             name = f"h{index}"
+            dev = self.interfaces[index - 1] if index <= len(self.interfaces) else _HOST_IF
             host = Host(
                 lan=self,
                 index=index,
@@ -368,27 +374,28 @@ class Lan:
                 netns=f"{self.tag}-{name}",
                 ip=f"10.77.{self.subnet_byte}.{index}",
                 ip6=f"fd77::{self.subnet_byte:x}:{index:x}" if self.ipv6 else None,
-                ll6=f"fe80::77:{index:x}%{_HOST_IF}" if self.ipv6 else None,
+                interface=dev,
+                ll6=f"fe80::77:{index:x}%{dev}" if self.ipv6 else None,
             )
             self._add_netns(host.netns)
             hn = host.netns
             # Created inside the bridge namespace with its peer straight in the
             # host namespace: no interface ever appears in the root namespace.
             _ip(
-                "-n", br, "link", "add", name, "type", "veth", "peer", "name", _HOST_IF, "netns", hn
+                "-n", br, "link", "add", name, "type", "veth", "peer", "name", dev, "netns", hn
             )
             _ip("-n", br, "link", "set", name, "master", _BRIDGE)
             _ip("-n", br, "link", "set", name, "multicast", "on", "up")
             _ip("-n", hn, "link", "set", "lo", "up")
-            _ip("-n", hn, "addr", "add", f"{host.ip}/24", "dev", _HOST_IF)
+            _ip("-n", hn, "addr", "add", f"{host.ip}/24", "dev", dev)
             if host.ip6 is not None and host.ll6 is not None:
-                _ip("-n", hn, "link", "set", _HOST_IF, "addrgenmode", "none")
-                _ip("-n", hn, "addr", "add", f"{host.ip6}/64", "dev", _HOST_IF, "nodad")
+                _ip("-n", hn, "link", "set", dev, "addrgenmode", "none")
+                _ip("-n", hn, "addr", "add", f"{host.ip6}/64", "dev", dev, "nodad")
                 ll6 = host.ll6.partition("%")[0]
-                _ip("-n", hn, "addr", "add", f"{ll6}/64", "dev", _HOST_IF, "nodad")
-            _ip("-n", hn, "link", "set", _HOST_IF, "address", _mac(self.subnet_byte, index))
-            _ip("-n", hn, "link", "set", _HOST_IF, "multicast", "on", "up")
-            _ip("-n", hn, "route", "add", _MCAST_NET, "dev", _HOST_IF)
+                _ip("-n", hn, "addr", "add", f"{ll6}/64", "dev", dev, "nodad")
+            _ip("-n", hn, "link", "set", dev, "address", _mac(self.subnet_byte, index))
+            _ip("-n", hn, "link", "set", dev, "multicast", "on", "up")
+            _ip("-n", hn, "route", "add", _MCAST_NET, "dev", dev)
             self.hosts.append(host)
         if self.n >= _STATIC_NEIGHBOURS_FROM:
             self._add_static_neighbours()
@@ -409,10 +416,10 @@ class Lan:
                 if other is host:
                     continue
                 mac = _mac(self.subnet_byte, other.index)
-                lines.append(f"neigh replace {other.ip} lladdr {mac} dev {_HOST_IF} "
+                lines.append(f"neigh replace {other.ip} lladdr {mac} dev {host.interface} "
                              "nud permanent")
                 if other.ip6 is not None:
-                    lines.append(f"neigh replace {other.ip6} lladdr {mac} dev {_HOST_IF} "
+                    lines.append(f"neigh replace {other.ip6} lladdr {mac} dev {host.interface} "
                                  "nud permanent")
             _ip("-n", host.netns, "-batch", "-", stdin="\n".join(lines) + "\n")
 
@@ -509,15 +516,15 @@ def _alive_in(pid: int, ns: str) -> bool:
 
 
 @contextlib.contextmanager
-def make_lan(n: int = 3, *, ipv6: bool = False) -> Iterator[Lan]:
-    """Builds an ``n``-host LAN (with IPv6 addresses too if `ipv6`), yields it, and always
-    tears it down.
+def make_lan(n: int = 3, *, ipv6: bool = False, interfaces: Sequence[str] = ()) -> Iterator[Lan]:
+    """Builds an ``n``-host LAN (with IPv6 addresses too if `ipv6`; host i's interface
+    named ``interfaces[i - 1]``, else ``eth0``), yields it, and always tears it down.
 
     Raises:
         NetnsError: If building or tearing down fails (a failed build is torn
             down before the error propagates).
     """
-    lan = Lan(n, ipv6=ipv6)
+    lan = Lan(n, ipv6=ipv6, interfaces=interfaces)
     try:
         lan.build()
         yield lan

@@ -26,10 +26,12 @@ are not membership's own go to their owner by type (`ControlRoutes`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import math
 import re
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
@@ -121,6 +123,9 @@ class Membership:
         self._interval = config.heartbeat_interval
         self._reach = frozenset(6 if ":" in iface else 4 for iface in config.interfaces)
         """The IP versions of our interfaces: a member is dialled on one of those."""
+        self._zones = _link_zones(config.interfaces)
+        """Our link-local interfaces' zones (names): a member's link-local endpoint
+        is dialled on one of those, not on the zone it announced (its own interface)."""
         self._quiet = quiet
         self._listeners: tuple[PeerListener, ...] = ()
         self._events: tuple[EventSink, ...] = ()
@@ -618,6 +623,10 @@ class Membership:
         _log.info("refuting news that this node was lost (alive counter now %d)", me.seq)
         self._spread(me.hello(False), "")
 
+    def _dialable(self, endpoints: list[str]) -> str | None:
+        """The endpoint of a member's we dial (`_first_endpoint` for our families, zones)."""
+        return _first_endpoint(endpoints, self._reach, self._zones)
+
     # -- receiving ---------------------------------------------------------------
 
     def _on_messages(self, batch: list[list[bytes]]) -> None:
@@ -632,7 +641,7 @@ class Membership:
     def _handle(self, msg: _wire.Control) -> None:
         if (self._leaving and isinstance(msg, _wire.Heartbeat | _wire.Hello)
                 and self.table.get(msg.id) is None):
-            endpoint = _first_endpoint(msg.ctl, self._reach)
+            endpoint = self._dialable(msg.ctl)
             if endpoint is not None:
                 self._strangers[msg.id] = endpoint
                 self._on_stranger(msg.id)
@@ -657,7 +666,7 @@ class Membership:
         if hello.id == self._id:
             return  # a static peer entry pointing at ourselves
         if hello.reply:
-            self._redial_if_stalled(_first_endpoint(hello.ctl, self._reach))
+            self._redial_if_stalled(self._dialable(hello.ctl))
         if not self._learn(hello, "", direct=True):
             return
         rec = self.table.get(hello.id)
@@ -728,7 +737,7 @@ class Membership:
         news = rec is None or _is_newer(hello, rec)
         if not news and not direct:
             return False
-        ctl, pub = _first_endpoint(hello.ctl, self._reach), _first_endpoint(hello.pub, self._reach)
+        ctl, pub = self._dialable(hello.ctl), self._dialable(hello.pub)
         if ctl is None or pub is None:
             if rec is None and _first_endpoint(hello.ctl) and _first_endpoint(hello.pub):
                 # reachable by others, not by us (IPv4 and IPv6): known, never dialled
@@ -743,15 +752,16 @@ class Membership:
         if rec is None and len(self.table) >= _MAX_MEMBERS:
             self._quiet.drop("too_many_members", f"more than {_MAX_MEMBERS} members")
             return False
-        if not self._admit(hello.id, hello.name, hello.key,
-                           [*hello.ctl, *hello.pub, *hello.pull, *hello.rtr]):
+        pull, rtr = self._dialable(hello.pull) or "", self._dialable(hello.rtr) or ""
+        if not self._admit(hello.id, hello.name, hello.key,  # (and as we dial them)
+                           [*hello.ctl, *hello.pub, *hello.pull, *hello.rtr,
+                            *{ctl, pub, pull, rtr}.difference(("",))]):
             return False
         record = msgspec.structs.replace(hello, reply=False, digest=0)
         if (rec is None or rec.incarnation != hello.incarnation
                 or rec.ctl != ctl or rec.pub != pub):
             new = PeerRecord(hello.id, hello.name[:64], hello.incarnation, ctl, pub,
-                             pull=_first_endpoint(hello.pull, self._reach) or "",
-                             rtr=_first_endpoint(hello.rtr, self._reach) or "")
+                             pull=pull, rtr=rtr)
             new.seq, new.key, new.hello = hello.seq, hello.key, record
             self._set_subs(new, hello)
             if rec is not None and (rec.ctl != ctl or rec.key != hello.key):
@@ -807,7 +817,7 @@ class Membership:
         if rec is None or rec.incarnation != beat.incarnation:
             if self._departed.get(beat.id) == beat.incarnation:
                 return
-            ctl = _first_endpoint(beat.ctl, self._reach)
+            ctl = self._dialable(beat.ctl)
             if ctl is not None:
                 self._greet_new(ctl)
             return
@@ -1077,11 +1087,28 @@ def _pubs(pubs: list[str] | None, quiet: QuietLog) -> tuple[TopicPattern, ...]:
     return tuple(valid)
 
 
-def _first_endpoint(endpoints: list[str], reach: frozenset[int] = _BOTH) -> str | None:
+def _link_zones(interfaces: Iterable[str]) -> tuple[str, ...]:
+    """The zones of our link-local interfaces, by name (``%2`` -> ``eth0``)."""
+    zones: dict[str, None] = {}
+    for iface in interfaces:
+        _, zoned, zone = iface.partition("%")
+        if zoned:
+            with contextlib.suppress(OSError, ValueError, OverflowError):
+                zone = socket.if_indextoname(int(zone)) if zone.isdigit() else zone
+            zones[zone] = None
+    return tuple(zones)
+
+
+def _first_endpoint(endpoints: list[str], reach: frozenset[int] = _BOTH,
+                    zones: tuple[str, ...] = ()) -> str | None:
     """The first ``tcp://<IPv4>:<port>`` or ``tcp://[<IPv6>]:<port>`` (what nodes bind) of an
     IP version in `reach` (those of our interfaces: an IPv4-only node cannot dial IPv6).
     Anything else would make libzmq's connect raise (``tcp://x``), ending the reader, or
-    resolve a host name by DNS; a link-local IPv6 address must name its zone."""
+    resolve a host name by DNS; a link-local IPv6 address must name its zone. That zone
+    is the announcer's interface, which means nothing here (libzmq silently never
+    connects to ``%eth0`` on a host whose link is ``enp3s0``): with `zones` (ours), a
+    link-local endpoint is given our zone if we have one, kept if it names one of ours,
+    else skipped, as mDNS does."""
     for endpoint in endpoints:
         found = _ENDPOINT_RE.fullmatch(endpoint)
         if found is None or not 0 < int(found[4]) < 65536:
@@ -1094,6 +1121,9 @@ def _first_endpoint(endpoints: list[str], reach: frozenset[int] = _BOTH) -> str 
                 ip = ipaddress.IPv6Address(found[2])
                 usable = (6 in reach and not (ip.is_unspecified or ip.is_multicast)
                           and ip.ipv4_mapped is None and ip.is_link_local == bool(found[3]))
+                if usable and zones and found[3] and found[3] not in zones:
+                    usable = len(zones) == 1
+                    endpoint = f"tcp://[{found[2]}%{zones[0]}]:{found[4]}"
         except ValueError:
             continue
         if usable:

@@ -209,6 +209,19 @@ def test_first_endpoint_picks_a_family_it_can_dial() -> None:
     assert _first_endpoint(["tcp://[fe80::1%eth0]:6"]) == "tcp://[fe80::1%eth0]:6"
 
 
+def test_first_endpoint_dials_link_local_on_our_zone() -> None:
+    """The zone a member announces is its own interface's name: dialled as is on a host
+    whose link is named otherwise, libzmq silently never connects."""
+    theirs = ["tcp://[fe80::1%eth0]:6"]
+    assert _first_endpoint(theirs, frozenset({6}), ("lan0",)) == "tcp://[fe80::1%lan0]:6"
+    assert _first_endpoint(["tcp://[fe80::1%2]:6"], frozenset({6}), ("lan0",)) == (
+        "tcp://[fe80::1%lan0]:6")
+    assert _first_endpoint(theirs, frozenset({6}), ("lan0", "eth0")) == theirs[0]
+    assert _first_endpoint(theirs, frozenset({6}), ("lan0", "wlan0")) is None  # which link?
+    assert _first_endpoint(["tcp://[fd77::1]:6"], frozenset({6}), ("lan0",)) == (
+        "tcp://[fd77::1]:6")
+
+
 @pytest.mark.parametrize("endpoint", [
     "tcp://[fe80::1]:6",            # link-local without its zone
     "tcp://[fd77::1%eth0]:6",       # a zone on a global address

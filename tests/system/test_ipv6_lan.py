@@ -180,3 +180,33 @@ def test_mdns_over_ipv6_announces_aaaa_records(lan6: netns.Lan) -> None:
     assert resolved == {"v6": [h1.ip6], "v4": [], "ep": ctl}, resolved
     hub.close_stdin()
     assert hub.wait_exit(20) == 0, hub.describe()
+
+
+@pytest.fixture
+def lan6_named() -> Iterator[netns.Lan]:
+    """Two IPv6 hosts whose links are named differently: ``eth0`` on h1, ``lan0`` on h2."""
+    reason = netns.netns_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with netns.make_lan(2, ipv6=True, interfaces=("eth0", "lan0")) as lan:
+        yield lan
+
+
+@pytest.mark.timeout(120)
+def test_link_local_peers_are_dialled_on_our_zone_not_theirs(lan6_named: netns.Lan) -> None:
+    """h1's node announces ``fe80::77:1%2`` (its link by number), h2's ``fe80::77:2%lan0``:
+    each dials the other on its own link. The zone in a member's hello is the announcer's
+    interface; dialled as is (``%lan0`` on h1, which has none), the pub/sub, push and
+    request sockets never connected, though membership said alive."""
+    h1, h2 = lan6_named.hosts
+    assert h1.ll6 is not None
+    assert h2.ll6 is not None
+    links = json.loads(h1.run(["ip", "-j", "link", "show", "dev", h1.interface], 10).stdout)
+    by_number = f"{h1.ll6.partition('%')[0]}%{links[0]['ifindex']}"
+    mesh = unique("zone")
+    hub = role(h1, "hub", mesh, "hub", [by_number], 1)
+    edge = role(h2, "edge", mesh, "h2", [h2.ll6], 1)
+    (seen,) = event(edge, "peers")["peers"]
+    assert all(ep.startswith(f"tcp://[{h1.ll6.partition('%')[0]}%lan0]:")
+               for ep in seen["endpoints"]), seen
+    run_mesh(hub, [edge])
