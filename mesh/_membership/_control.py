@@ -121,8 +121,10 @@ class Membership:
         self._incarnation = announcement.identity.incarnation
         self._mesh = config.mesh
         self._interval = config.heartbeat_interval
-        self._reach = frozenset(6 if ":" in iface else 4 for iface in config.interfaces)
-        """The IP versions of our interfaces: a member is dialled on one of those."""
+        self._reach = frozenset(6 if ":" in iface else 4 for iface in config.interfaces
+                                if "%" not in iface)
+        """The IP versions of our interfaces but link-local ones: a member is dialled on
+        one of those, or on a link-local address if we have one (`_zones`)."""
         self._zones = _link_zones(config.interfaces)
         """Our link-local interfaces' zones (names): a member's link-local endpoint
         is dialled on one of those, not on the zone it announced (its own interface)."""
@@ -1100,7 +1102,7 @@ def _link_zones(interfaces: Iterable[str]) -> tuple[str, ...]:
 
 
 def _first_endpoint(endpoints: list[str], reach: frozenset[int] = _BOTH,
-                    zones: tuple[str, ...] = ()) -> str | None:
+                    zones: tuple[str, ...] | None = None) -> str | None:
     """The first ``tcp://<IPv4>:<port>`` or ``tcp://[<IPv6>]:<port>`` (what nodes bind) of an
     IP version in `reach` (those of our interfaces: an IPv4-only node cannot dial IPv6).
     Anything else would make libzmq's connect raise (``tcp://x``), ending the reader, or
@@ -1108,7 +1110,9 @@ def _first_endpoint(endpoints: list[str], reach: frozenset[int] = _BOTH,
     is the announcer's interface, which means nothing here (libzmq silently never
     connects to ``%eth0`` on a host whose link is ``enp3s0``): with `zones` (ours), a
     link-local endpoint is given our zone if we have one, kept if it names one of ours,
-    else skipped, as mDNS does."""
+    else skipped, as mDNS does; and with no zone of ours (no link-local interface) it
+    is no address of ours to dial, as a global one is not for a node on link-local
+    only (there is no route to it): such members are known, not dialled."""
     for endpoint in endpoints:
         found = _ENDPOINT_RE.fullmatch(endpoint)
         if found is None or not 0 < int(found[4]) < 65536:
@@ -1119,11 +1123,14 @@ def _first_endpoint(endpoints: list[str], reach: frozenset[int] = _BOTH,
                 usable = 4 in reach
             else:
                 ip = ipaddress.IPv6Address(found[2])
-                usable = (6 in reach and not (ip.is_unspecified or ip.is_multicast)
-                          and ip.ipv4_mapped is None and ip.is_link_local == bool(found[3]))
-                if usable and zones and found[3] and found[3] not in zones:
+                usable = (not (ip.is_unspecified or ip.is_multicast) and ip.ipv4_mapped is None
+                          and ip.is_link_local == bool(found[3]))
+                if not usable or zones is None or not ip.is_link_local:
+                    usable = usable and 6 in reach
+                elif found[3] not in zones:
                     usable = len(zones) == 1
-                    endpoint = f"tcp://[{found[2]}%{zones[0]}]:{found[4]}"
+                    if usable:
+                        endpoint = f"tcp://[{found[2]}%{zones[0]}]:{found[4]}"
         except ValueError:
             continue
         if usable:

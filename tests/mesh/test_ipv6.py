@@ -222,6 +222,15 @@ def test_first_endpoint_dials_link_local_on_our_zone() -> None:
         "tcp://[fd77::1]:6")
 
 
+def test_first_endpoint_keeps_link_local_and_global_apart() -> None:
+    """A node on link-local only has no route to a global address, and one on global
+    addresses only no zone of its own for a link-local one."""
+    both = ["tcp://[fd77::1]:6", "tcp://[fe80::1%eth0]:7"]
+    assert _first_endpoint(both, frozenset(), ("lan0",)) == "tcp://[fe80::1%lan0]:7"
+    assert _first_endpoint(both[1:], frozenset({6}), ()) is None
+    assert _first_endpoint(both[:1], frozenset(), ("lan0",)) is None
+
+
 @pytest.mark.parametrize("endpoint", [
     "tcp://[fe80::1]:6",            # link-local without its zone
     "tcp://[fd77::1%eth0]:6",       # a zone on a global address

@@ -184,11 +184,12 @@ def test_mdns_over_ipv6_announces_aaaa_records(lan6: netns.Lan) -> None:
 
 @pytest.fixture
 def lan6_named() -> Iterator[netns.Lan]:
-    """Two IPv6 hosts whose links are named differently: ``eth0`` on h1, ``lan0`` on h2."""
+    """Three IPv6 hosts whose links are named differently: ``lan0`` on h2, ``eth0``
+    on the others."""
     reason = netns.netns_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    with netns.make_lan(2, ipv6=True, interfaces=("eth0", "lan0")) as lan:
+    with netns.make_lan(3, ipv6=True, interfaces=("eth0", "lan0")) as lan:
         yield lan
 
 
@@ -198,7 +199,7 @@ def test_link_local_peers_are_dialled_on_our_zone_not_theirs(lan6_named: netns.L
     each dials the other on its own link. The zone in a member's hello is the announcer's
     interface; dialled as is (``%lan0`` on h1, which has none), the pub/sub, push and
     request sockets never connected, though membership said alive."""
-    h1, h2 = lan6_named.hosts
+    h1, h2, _ = lan6_named.hosts
     assert h1.ll6 is not None
     assert h2.ll6 is not None
     links = json.loads(h1.run(["ip", "-j", "link", "show", "dev", h1.interface], 10).stdout)
@@ -210,3 +211,30 @@ def test_link_local_peers_are_dialled_on_our_zone_not_theirs(lan6_named: netns.L
     assert all(ep.startswith(f"tcp://[{h1.ll6.partition('%')[0]}%lan0]:")
                for ep in seen["endpoints"]), seen
     run_mesh(hub, [edge])
+
+
+@pytest.mark.timeout(120)
+def test_link_local_only_and_global_only_nodes_meet_through_a_node_with_both(
+        lan6_named: netns.Lan) -> None:
+    """h1's node has fd77:: and link-local, h2 is a link-local-only host (no route to
+    fd77::), h3's node has fd77:: only. Each edge dials h1's node on the address it can
+    reach (h2 the link-local one, though fd77:: comes first); the edges know of each other
+    but dial nothing (no lost/joined flapping). h2 dialled fd77::1 and never reached the
+    hub, which never learned of it."""
+    h1, h2, h3 = lan6_named.hosts
+    assert h1.ip6 is not None
+    assert h1.ll6 is not None
+    assert h2.ll6 is not None
+    assert h3.ip6 is not None
+    h2.run(["ip", "addr", "del", f"{h2.ip6}/64", "dev", h2.interface], 10, check=True)
+    mesh = unique("scope")
+    hub = role(h1, "hub", mesh, "dual", [h1.ip6, h1.ll6], 2)
+    ll = role(h2, "edge", mesh, "ll", [h2.ll6], 1)
+    v6 = role(h3, "edge", mesh, "v6", [h3.ip6], 1)
+    (by_ll,) = event(ll, "peers")["peers"]
+    assert by_ll["endpoints"][0].startswith(f"tcp://[{h1.ll6.partition('%')[0]}%lan0]:")
+    (by_v6,) = event(v6, "peers")["peers"]
+    assert by_v6["endpoints"][0].startswith(f"tcp://[{h1.ip6}]:")
+    run_mesh(hub, [ll, v6])
+    for edge in (ll, v6):
+        assert [p["name"] for p in event(edge, "end")["peers"]] == ["dual"], edge.describe()
