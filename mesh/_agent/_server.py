@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Final, Self
+import socket
+from typing import Any, Final, Self
 
 import aiohttp
 import msgspec
@@ -86,9 +87,7 @@ class Agent:
             except OSError as exc:
                 raise ConfigError("http", f"cannot listen on {host}:{port}: "
                                           f"{exc.strerror or exc}") from None
-            bound = self._runner.addresses[0]
-            shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-            self.http_url = f"http://{shown}:{bound[1]}"
+            self.http_url = _url(self._runner.addresses[0])
             await self.uplinks.apply(self.config.uplinks)
             self._session = aiohttp.ClientSession()
             await self._apply_webhooks(self.config.webhooks)
@@ -211,3 +210,19 @@ async def _stopped(task: asyncio.Task[None]) -> None:
     break the agent's close, which would leave the node and the HTTP server open."""
     task.cancel()
     await asyncio.wait([task])
+
+
+def _url(bound: tuple[Any, ...]) -> str:
+    """The agent's URL from the address it is bound to; a link-local one keeps its zone
+    (``http://[fe80::1%eth0]:7474``, as curl and `zeromesh top` take it; not RFC 6874's
+    ``%25``, which aiohttp cannot resolve), without which no client can reach it."""
+    host, port = bound[0], bound[1]
+    if ":" not in host:
+        return f"http://{host}:{port}"
+    zone = ""
+    if len(bound) > 3 and bound[3]:
+        try:
+            zone = f"%{socket.if_indextoname(bound[3])}"
+        except OSError:
+            zone = f"%{bound[3]}"
+    return f"http://[{host}{zone}]:{port}"

@@ -19,7 +19,7 @@ from typing import Any, Final
 import pytest
 
 from tests import netns
-from tests.system._meshproc import MeshProc, unique
+from tests.system._meshproc import Agent, MeshProc, unique
 
 pytestmark = pytest.mark.netns
 
@@ -238,3 +238,34 @@ def test_link_local_only_and_global_only_nodes_meet_through_a_node_with_both(
     run_mesh(hub, [ll, v6])
     for edge in (ll, v6):
         assert [p["name"] for p in event(edge, "end")["peers"]] == ["dual"], edge.describe()
+
+
+_FETCH: Final[str] = r'''
+import asyncio, sys, aiohttp
+
+async def main():
+    async with aiohttp.ClientSession() as session:
+        async with session.get(sys.argv[1] + "/healthz") as response:
+            print(response.status, (await response.json())["status"])
+
+asyncio.run(main())
+'''
+
+
+@pytest.mark.timeout(60)
+def test_agent_on_a_link_local_address_prints_a_url_that_reaches_it(lan6: netns.Lan) -> None:
+    """``--http '[fe80::77:1%2]:0'``: the ``http=`` URL of the ready line keeps the zone
+    (by name), and a client (aiohttp, as `zeromesh top`) reaches the agent with it. It
+    printed ``http://[fe80::77:1]:port``, which no client can connect to."""
+    h1 = lan6.hosts[0]
+    assert h1.ll6 is not None
+    links = json.loads(h1.run(["ip", "-j", "link", "show", "dev", h1.interface], 10).stdout)
+    address = h1.ll6.partition("%")[0]
+    agent = Agent(h1, unique("http6"), extra=["--http", f"[{address}%{links[0]['ifindex']}]:0"])
+    agent.wait_ready()
+    assert agent.ready is not None
+    url = agent.ready.text.rpartition(" http=")[2]
+    assert url.startswith(f"http://[{h1.ll6}]:"), url
+    done = h1.run([sys.executable, "-c", _FETCH, url], 20)
+    assert (done.returncode, done.stdout) == (0, "200 ok\n"), done.stderr
+    agent.stop()
