@@ -8,6 +8,7 @@ No ``from __future__ import annotations`` here: `NodeConfig` is shown as
 a type claims to be from, where `FsyncPolicy` is not a name.
 """
 
+import contextlib
 import ipaddress
 import math
 import os
@@ -116,7 +117,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError("mesh", "use 1-63 of A-Z a-z 0-9 . _ -")
         if not self.interfaces:
             raise ConfigError("interfaces", "at least one IPv4 or IPv6 address is needed")
-        interfaces = [_interface(iface) for iface in self.interfaces]
+        # (one address named twice, or by its zone's name and number, was bound twice:
+        # with a fixed port, "Address already in use")
+        interfaces = list(dict.fromkeys(_interface(iface) for iface in self.interfaces))
         try:
             StaticDiscovery(self.peers, mesh=self.mesh)
         except InvalidRecord as exc:
@@ -169,8 +172,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 def _interface(iface: str) -> str:
-    """An interface address in canonical form (IPv6 compressed, zone kept), or ConfigError.
-    Whether it is this host's is known when it is bound."""
+    """An interface address in canonical form (IPv6 compressed, zone kept, by name if
+    given by number), or ConfigError. Whether it is this host's is known when it is bound."""
     _, zoned, zone = iface.partition("%")
     try:
         addr = ipaddress.ip_address(iface)
@@ -186,6 +189,10 @@ def _interface(iface: str) -> str:
                               f"{iface}%eth0")
         if zoned and not addr.is_link_local:
             raise ConfigError("interfaces", f"{iface}: only a link-local address takes %{zone}")
+        if zone.isdigit():
+            with contextlib.suppress(OSError, OverflowError):  # (none: binding will say so)
+                bare = str(addr).partition("%")[0]
+                return f"{bare}%{socket.if_indextoname(int(zone))}"
     return str(addr)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from mesh import AsyncNode, ConfigError, Message
+from mesh import AsyncNode, ConfigError, Message, NodeConfig
 from mesh._membership import _control as control
 from mesh._membership._control import _first_endpoint
 from patterns import generate_keypair
@@ -258,6 +258,18 @@ async def test_bad_ipv6_interfaces_are_config_errors(iface: str, reason: str) ->
 async def test_ipv6_interfaces_are_canonical(make_node: MakeNode) -> None:
     node = await make_node("a", interfaces=["0:0::1"], mdns=False)
     assert node.endpoints["ctl"][0].startswith("tcp://[::1]:")
+
+
+async def test_an_interface_named_twice_is_bound_once(make_node: MakeNode) -> None:
+    """The same address twice (or a link-local one by its zone's name and number) was
+    bound twice: two endpoints of each socket, and with a fixed port "Address already in
+    use" at start."""
+    node = await make_node("a", interfaces=["::1", "0:0::1", "127.0.0.1", "127.0.0.1"],
+                           mdns=False)
+    ctl = node.endpoints["ctl"]
+    assert [ep.rsplit(":", 1)[0] for ep in ctl] == ["tcp://[::1]", "tcp://127.0.0.1"], ctl
+    config = NodeConfig(interfaces=["fe80::1%1", "fe80::1%lo"]).validated()
+    assert config.interfaces == ["fe80::1%lo"]  # (index 1: loopback in any namespace)
 
 
 @pytest.mark.parametrize(("args", "reason"), [
