@@ -8,7 +8,6 @@ No ``from __future__ import annotations`` here: `NodeConfig` is shown as
 a type claims to be from, where `FsyncPolicy` is not a name.
 """
 
-import contextlib
 import ipaddress
 import math
 import os
@@ -189,10 +188,14 @@ def _interface(iface: str) -> str:
                               f"{iface}%eth0")
         if zoned and not addr.is_link_local:
             raise ConfigError("interfaces", f"{iface}: only a link-local address takes %{zone}")
-        if zone.isdigit():
-            with contextlib.suppress(OSError, OverflowError):  # (none: binding will say so)
-                bare = str(addr).partition("%")[0]
-                return f"{bare}%{socket.if_indextoname(int(zone))}"
+        if zoned:  # (libzmq's bind said only "Invalid argument" of a name it lacks)
+            try:
+                name = socket.if_indextoname(int(zone)) if zone.isdigit() else zone
+                socket.if_nametoindex(name)
+            except (OSError, OverflowError):
+                raise ConfigError("interfaces", f"{iface}: this host has no interface "
+                                                f"{zone!r}") from None
+            return f"{str(addr).partition('%')[0]}%{name}"
     return str(addr)
 
 

@@ -249,6 +249,8 @@ def test_first_endpoint_rejects_names_and_garbage(endpoint: str) -> None:
     ("ff02::fb", "cannot be bound"),
     ("::ffff:127.0.0.1", "IPv4 address"),
     ("::1::2", "not an IPv4 or IPv6"),
+    ("fe80::1%nosuchif0", "no interface 'nosuchif0'"),  # (bind said "Invalid argument")
+    ("fe80::1%99999", "no interface '99999'"),
 ])
 async def test_bad_ipv6_interfaces_are_config_errors(iface: str, reason: str) -> None:
     with pytest.raises(ConfigError, match=reason):
