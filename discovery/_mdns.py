@@ -52,6 +52,7 @@ from ._netguard import (
     check_interfaces,
     install_source_filter,
     interface_networks,
+    zone_name,
 )
 from ._txt import check_mesh, mesh_of, peer_from_txt, split_tcp_url, txt_from_peer
 from .errors import DiscoveryError, InvalidRecord
@@ -311,7 +312,9 @@ class MdnsDiscovery:
         if self._me is not None and peer.id == self._me.id:
             self._drop("self", name, "our own announcement")
             return None
-        routable = tuple(ep for ep in map(self._dialable, peer.endpoints) if ep is not None)
+        heard_on = _heard_on(info)
+        routable = tuple(ep for ep in (self._dialable(ep, heard_on) for ep in peer.endpoints)
+                         if ep is not None)
         if not routable:
             self._drop("unroutable", name, f"no endpoint in {self._allowed.networks}")
             return None
@@ -328,19 +331,33 @@ class MdnsDiscovery:
             )
         return peer
 
-    def _dialable(self, endpoint: str) -> str | None:
-        """`endpoint` as we would dial it (a link-local one on our zone), or None if it
-        is outside our interfaces' networks."""
+    def _dialable(self, endpoint: str, heard_on: dict[str, str]) -> str | None:
+        """`endpoint` as we would dial it (a link-local one on our zone: the one its
+        AAAA record came in on, `heard_on`, if we have several), or None if it is
+        outside our interfaces' networks."""
         host, port = split_tcp_url(endpoint)
         address, zoned, _ = host.partition("%")
         zones = self._allowed.zones
-        if zoned and len(zones) == 1:
-            host = f"{address}%{zones[0]}"
+        zone = zones[0] if len(zones) == 1 else heard_on.get(address)
+        if zoned and zone is not None:
+            host = f"{address}%{zone}"
             endpoint = f"tcp://[{host}]:{port}"
         return endpoint if host in self._allowed else None
 
     def __repr__(self) -> str:
         return f"MdnsDiscovery({list(self._interfaces)!r}, mesh={self._mesh!r})"
+
+
+def _heard_on(info: AsyncServiceInfo) -> dict[str, str]:
+    """Each link-local address of the record -> the zone (interface name) its AAAA
+    record came in on: a host on several links has no other way to tell which is the
+    peer's (its announced zone is its own interface's name)."""
+    heard: dict[str, str] = {}
+    for scoped in info.parsed_scoped_addresses(IPVersion.V6Only):
+        address, _, index = scoped.partition("%")
+        if index.isdigit():
+            heard[address] = zone_name(int(index))
+    return heard
 
 
 def _ip_version(interfaces: Sequence[str]) -> IPVersion:

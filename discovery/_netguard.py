@@ -139,7 +139,7 @@ class SourceFilter(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         source = addr[0] if addr else None
         if len(addr) > 3 and addr[3] and "%" not in str(source):
-            source = f"{source}%{_zone(int(addr[3]))}"  # IPv6 link-local: zone as an index
+            source = f"{source}%{zone_name(int(addr[3]))}"  # IPv6 link-local: zone as an index
         if source not in self._allowed:
             self._on_drop(str(source))
             return
@@ -156,7 +156,7 @@ class SourceFilter(asyncio.DatagramProtocol):
 
 
 @functools.lru_cache(maxsize=64)
-def _zone(index: int) -> str:
+def zone_name(index: int) -> str:
     """An interface index as a zone name (``eth0``), as the networks name zones."""
     try:
         return socket.if_indextoname(index)

@@ -33,7 +33,8 @@ import math
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Final
 
 import msgspec
@@ -65,6 +66,7 @@ _MAX_SUBS: Final[int] = 10_000
 _ENDPOINT_RE: Final = re.compile(
     r"tcp://(?:([0-9.]{7,15})|\[([0-9A-Fa-f:.]{2,45})(?:%([A-Za-z0-9_.-]{1,15}))?\]):([0-9]{1,5})")
 _BOTH: Final = frozenset({4, 6})
+_NOWHERE: Final[Mapping[str, str]] = MappingProxyType({})
 _MAX_WINDOW: Final[int] = 1_000_000
 _MAX_MEMBERS: Final[int] = 10_000
 """Members one node keeps; news of more is dropped (a hostile or broken sender)."""
@@ -128,6 +130,9 @@ class Membership:
         self._zones = _link_zones(config.interfaces)
         """Our link-local interfaces' zones (names): a member's link-local endpoint
         is dialled on one of those, not on the zone it announced (its own interface)."""
+        self._heard_on: BoundedDict[str, str] = BoundedDict()
+        """Link-local address -> our zone it was found on (by mDNS, or as a seed named
+        it): with several zones of ours, the only way to tell a member's."""
         self._quiet = quiet
         self._listeners: tuple[PeerListener, ...] = ()
         self._events: tuple[EventSink, ...] = ()
@@ -278,6 +283,10 @@ class Membership:
             return
         if not info.endpoints:
             return
+        for endpoint in info.endpoints:
+            found = _ENDPOINT_RE.fullmatch(endpoint)
+            if found is not None and found[3] in self._zones:
+                self._heard_on.put(found[2], found[3])
         if not self._admit(info.id, info.name, info.key, info.endpoints[:1]):
             return
         if info.source == "static":
@@ -627,7 +636,7 @@ class Membership:
 
     def _dialable(self, endpoints: list[str]) -> str | None:
         """The endpoint of a member's we dial (`_first_endpoint` for our families, zones)."""
-        return _first_endpoint(endpoints, self._reach, self._zones)
+        return _first_endpoint(endpoints, self._reach, self._zones, self._heard_on)
 
     # -- receiving ---------------------------------------------------------------
 
@@ -1102,7 +1111,8 @@ def _link_zones(interfaces: Iterable[str]) -> tuple[str, ...]:
 
 
 def _first_endpoint(endpoints: list[str], reach: frozenset[int] = _BOTH,
-                    zones: tuple[str, ...] | None = None) -> str | None:
+                    zones: tuple[str, ...] | None = None,
+                    heard_on: Mapping[str, str] = _NOWHERE) -> str | None:
     """The first ``tcp://<IPv4>:<port>`` or ``tcp://[<IPv6>]:<port>`` (what nodes bind) of an
     IP version in `reach` (those of our interfaces: an IPv4-only node cannot dial IPv6).
     Anything else would make libzmq's connect raise (``tcp://x``), ending the reader, or
@@ -1110,9 +1120,10 @@ def _first_endpoint(endpoints: list[str], reach: frozenset[int] = _BOTH,
     is the announcer's interface, which means nothing here (libzmq silently never
     connects to ``%eth0`` on a host whose link is ``enp3s0``): with `zones` (ours), a
     link-local endpoint is given our zone if we have one, kept if it names one of ours,
-    else skipped, as mDNS does; and with no zone of ours (no link-local interface) it
-    is no address of ours to dial, as a global one is not for a node on link-local
-    only (there is no route to it): such members are known, not dialled."""
+    else given the one discovery found it on (`heard_on`), else skipped; and with no
+    zone of ours (no link-local interface) it is no address of ours to dial, as a global
+    one is not for a node on link-local only (there is no route to it): such members
+    are known, not dialled."""
     for endpoint in endpoints:
         found = _ENDPOINT_RE.fullmatch(endpoint)
         if found is None or not 0 < int(found[4]) < 65536:
@@ -1128,9 +1139,9 @@ def _first_endpoint(endpoints: list[str], reach: frozenset[int] = _BOTH,
                 if not usable or zones is None or not ip.is_link_local:
                     usable = usable and 6 in reach
                 elif found[3] not in zones:
-                    usable = len(zones) == 1
-                    if usable:
-                        endpoint = f"tcp://[{found[2]}%{zones[0]}]:{found[4]}"
+                    zone = zones[0] if len(zones) == 1 else heard_on.get(found[2])
+                    usable = zone is not None
+                    endpoint = f"tcp://[{found[2]}%{zone}]:{found[4]}"
         except ValueError:
             continue
         if usable:

@@ -218,6 +218,8 @@ def test_first_endpoint_dials_link_local_on_our_zone() -> None:
         "tcp://[fe80::1%lan0]:6")
     assert _first_endpoint(theirs, frozenset({6}), ("lan0", "eth0")) == theirs[0]
     assert _first_endpoint(theirs, frozenset({6}), ("lan0", "wlan0")) is None  # which link?
+    assert _first_endpoint(theirs, frozenset({6}), ("lan0", "wlan0"), {"fe80::1": "wlan0"}) == (
+        "tcp://[fe80::1%wlan0]:6")  # the link mDNS found it on (or a seed named)
     assert _first_endpoint(["tcp://[fd77::1]:6"], frozenset({6}), ("lan0",)) == (
         "tcp://[fd77::1]:6")
 

@@ -269,3 +269,26 @@ def test_agent_on_a_link_local_address_prints_a_url_that_reaches_it(lan6: netns.
     done = h1.run([sys.executable, "-c", _FETCH, url], 20)
     assert (done.returncode, done.stdout) == (0, "200 ok\n"), done.stderr
     agent.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_node_on_two_links_dials_each_member_on_the_link_it_was_found_on(
+        lan6_named: netns.Lan) -> None:
+    """h1's node is on link-local addresses of two links (``eth0``, the LAN, and ``eth1``),
+    h2's on ``lan0``: h2's zone names neither of h1's links, so h1 dials h2 on the one
+    its mDNS record came in on. It dropped the record as unroutable and kept h2 as a
+    member it cannot dial; h2 saw h1 lost and joined again every few seconds."""
+    h1, h2, _ = lan6_named.hosts
+    assert h1.ll6 is not None
+    assert h2.ll6 is not None
+    for argv in (["link", "add", "eth1", "type", "veth", "peer", "name", "eth1p"],
+                 ["link", "set", "eth1", "addrgenmode", "none"],
+                 ["addr", "add", "fe80::88:1/64", "dev", "eth1", "nodad"],
+                 ["link", "set", "eth1p", "up"], ["link", "set", "eth1", "up"]):
+        h1.run(["ip", *argv], 10, check=True)
+    mesh = unique("links")
+    hub = role(h1, "hub", mesh, "hub", [h1.ll6, "fe80::88:1%eth1"], 1)
+    edge = role(h2, "edge", mesh, "h2", [h2.ll6], 1)
+    (seen,) = event(hub, "peers")["peers"]
+    assert seen["endpoints"][0].startswith(f"tcp://[{h2.ll6.partition('%')[0]}%eth0]:"), seen
+    run_mesh(hub, [edge])
