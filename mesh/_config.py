@@ -123,6 +123,10 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             StaticDiscovery(self.peers, mesh=self.mesh)
         except InvalidRecord as exc:
             raise ConfigError("peers", str(exc)) from None
+        for url in self.peers:  # (a valid URL: a zone is in brackets, before a "#key")
+            zone = url.partition("#")[0].partition("[")[2].partition("]")[0].partition("%")[2]
+            if zone:
+                _zone("peers", url, zone)
         if not 0 <= self.port <= 65535:
             raise ConfigError("port", "must be 0-65535")
         if self.heartbeat_interval <= 0:
@@ -189,14 +193,19 @@ def _interface(iface: str) -> str:
         if zoned and not addr.is_link_local:
             raise ConfigError("interfaces", f"{iface}: only a link-local address takes %{zone}")
         if zoned:  # (libzmq's bind said only "Invalid argument" of a name it lacks)
-            try:
-                name = socket.if_indextoname(int(zone)) if zone.isdigit() else zone
-                socket.if_nametoindex(name)
-            except (OSError, OverflowError):
-                raise ConfigError("interfaces", f"{iface}: this host has no interface "
-                                                f"{zone!r}") from None
-            return f"{str(addr).partition('%')[0]}%{name}"
+            return f"{str(addr).partition('%')[0]}%{_zone('interfaces', iface, zone)}"
     return str(addr)
+
+
+def _zone(key: str, where: str, zone: str) -> str:
+    """The name of this host's interface `zone` (a name or an index), or ConfigError:
+    libzmq binds to a missing one with "Invalid argument", and dials it silently never."""
+    try:
+        name = socket.if_indextoname(int(zone)) if zone.isdigit() else zone
+        socket.if_nametoindex(name)
+    except (OSError, OverflowError):
+        raise ConfigError(key, f"{where}: this host has no interface {zone!r}") from None
+    return name
 
 
 def env_var(field: str) -> str:

@@ -259,6 +259,16 @@ async def test_bad_ipv6_interfaces_are_config_errors(iface: str, reason: str) ->
         await AsyncNode(name="x", interfaces=[iface], mdns=False).start()
 
 
+def test_a_seed_on_a_zone_this_host_lacks_is_a_config_error() -> None:
+    """libzmq dials ``[fe80::1%eth9]`` on a host without eth9 silently never: the node
+    ran alone with no word of why."""
+    with pytest.raises(ConfigError, match="no interface 'nosuchif0'"):
+        NodeConfig(peers=["tcp://[fe80::1%nosuchif0]:7700"]).validated()
+    key = "%" * 40  # (a Z85 key may hold "%": it is no zone)
+    NodeConfig(peers=["tcp://[fe80::1%1]:7700", "tcp://[fe80::1%lo]:7700",
+                      f"tcp://127.0.0.1:7700#{key}"]).validated()
+
+
 async def test_ipv6_interfaces_are_canonical(make_node: MakeNode) -> None:
     node = await make_node("a", interfaces=["0:0::1"], mdns=False)
     assert node.endpoints["ctl"][0].startswith("tcp://[::1]:")
