@@ -1123,14 +1123,18 @@ def _first_endpoint(endpoints: list[str], reach: frozenset[int] = _BOTH,
     else given the one discovery found it on (`heard_on`), else skipped; and with no
     zone of ours (no link-local interface) it is no address of ours to dial, as a global
     one is not for a node on link-local only (there is no route to it): such members
-    are known, not dialled."""
+    are known, not dialled. A loopback endpoint comes last: a member bound to
+    127.0.0.1 or ::1 and a LAN address is reached on the LAN one from any host (its
+    loopback one, from another host, is that host's own)."""
+    loopback: str | None = None
     for endpoint in endpoints:
         found = _ENDPOINT_RE.fullmatch(endpoint)
         if found is None or not 0 < int(found[4]) < 65536:
             continue
         try:
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address
             if found[1] is not None:
-                ipaddress.IPv4Address(found[1])
+                ip = ipaddress.IPv4Address(found[1])
                 usable = 4 in reach
             else:
                 ip = ipaddress.IPv6Address(found[2])
@@ -1144,6 +1148,8 @@ def _first_endpoint(endpoints: list[str], reach: frozenset[int] = _BOTH,
                     endpoint = f"tcp://[{found[2]}%{zone}]:{found[4]}"
         except ValueError:
             continue
-        if usable:
+        if usable and ip.is_loopback:
+            loopback = loopback or endpoint
+        elif usable:
             return endpoint
-    return None
+    return loopback

@@ -224,6 +224,14 @@ def test_first_endpoint_dials_link_local_on_our_zone() -> None:
         "tcp://[fd77::1]:6")
 
 
+def test_first_endpoint_puts_loopback_last() -> None:
+    """A member on loopback and a LAN address: from another host its loopback endpoint
+    is that host's own."""
+    assert _first_endpoint(["tcp://127.0.0.1:5", "tcp://10.0.0.1:6"]) == "tcp://10.0.0.1:6"
+    assert _first_endpoint(["tcp://[::1]:5", "tcp://[fd77::1]:6"]) == "tcp://[fd77::1]:6"
+    assert _first_endpoint(["tcp://[::1]:5", "tcp://127.0.0.1:6"]) == "tcp://[::1]:5"
+
+
 def test_first_endpoint_keeps_link_local_and_global_apart() -> None:
     """A node on link-local only has no route to a global address, and one on global
     addresses only no zone of its own for a link-local one."""

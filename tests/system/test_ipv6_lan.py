@@ -292,3 +292,19 @@ def test_a_node_on_two_links_dials_each_member_on_the_link_it_was_found_on(
     (seen,) = event(hub, "peers")["peers"]
     assert seen["endpoints"][0].startswith(f"tcp://[{h2.ll6.partition('%')[0]}%eth0]:"), seen
     run_mesh(hub, [edge])
+
+
+@pytest.mark.timeout(120)
+def test_a_node_also_on_loopback_is_dialled_on_its_lan_address(lan6: netns.Lan) -> None:
+    """h1's node is on ``::1`` (for local apps) and its fd77:: address, in that order: h2
+    dials the fd77:: one. It dialled ``[::1]``, its own host, and had nothing from h1
+    but what h1 sent on its own (membership said alive; no message arrived)."""
+    h1, h2, _ = lan6.hosts
+    assert h1.ip6 is not None
+    assert h2.ip6 is not None
+    mesh = unique("lo6")
+    hub = role(h1, "hub", mesh, "hub", ["::1", h1.ip6], 1)
+    edge = role(h2, "edge", mesh, "h2", [h2.ip6], 1)
+    (seen,) = event(edge, "peers")["peers"]
+    assert seen["endpoints"][0].startswith(f"tcp://[{h1.ip6}]:"), seen
+    run_mesh(hub, [edge])
