@@ -126,9 +126,10 @@ class WorkAndServices(NodeCore):
         returns the reply body (bytes or str; None = empty), or a `Reply` to send
         headers back too (they become the reply message's ``headers``). A plain function
         runs inline on the event loop, so it must not block (the blocking
-        `Node` runs it in a worker thread instead); a coroutine function runs
-        up to `concurrency` requests at once. If it raises, the requester gets
-        `RemoteError` with the exception's text and this node keeps serving.
+        `Node` runs it in a worker thread instead); a coroutine function (or
+        a plain one returning an awaitable) runs up to `concurrency` requests
+        at once. If it raises, the requester gets `RemoteError` with the
+        exception's text and this node keeps serving.
         Stop with ``await service.aclose()`` (or ``async with``).
 
         Raises:

@@ -165,7 +165,8 @@ class Service:
                 return
             if type(result) is bytes or not inspect.isawaitable(result):  # (an ABC check)
                 self._ok(msg, reply, result)
-            else:
+            else:  # a plain function around a coroutine (a lambda): `concurrency` binds it too
+                self._is_async, self._start = True, self._spawn_one
                 self._spawn(msg, reply, result)
         elif len(self._tasks) + len(self._futures) < self._concurrency:
             self._start(msg, reply)

@@ -242,6 +242,28 @@ async def test_an_oversized_reply_is_a_remote_error(make_node: MakeNode) -> None
         await client.request("svc.huge", b"")
 
 
+async def test_concurrency_bounds_a_plain_function_that_returns_a_coroutine(
+        make_node: MakeNode) -> None:
+    """``serve(name, lambda m: handle(m, db), concurrency=2)``: the coroutines the lambda
+    returns run 2 at a time like an async handler's, not all at once."""
+    node = await make_node("solo")
+    running = peak = 0
+
+    async def handle(msg: Message, factor: int) -> bytes:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.002)
+        running -= 1
+        return msg.data * factor
+
+    await node.serve("svc.lambda", lambda m: handle(m, 2), concurrency=2)
+    replies = await asyncio.gather(*(node.request("svc.lambda", str(i), timeout=5)
+                                     for i in range(30)))
+    assert [r.data for r in replies] == [str(i).encode() * 2 for i in range(30)]
+    assert peak == 2
+
+
 async def test_a_node_serves_its_own_requests_without_the_network(make_node: MakeNode) -> None:
     """A local service answers requests from the same node."""
     node = await make_node("solo")
