@@ -82,7 +82,8 @@ class _ServerGone(DeliveryError):
 class _Link:
     """Our DEALER to one server peer."""
 
-    __slots__ = ("blocked", "dealer", "last_used", "outstanding", "peer", "tasks", "up")
+    __slots__ = ("_make_dealer", "blocked", "dealer", "last_used", "outstanding", "peer", "tasks",
+                 "up")
 
     def __init__(self, peer: PeerRecord, make_dealer: Callable[[_Link], ServiceDealer]) -> None:
         self.peer = peer
@@ -92,7 +93,19 @@ class _Link:
         self.tasks: list[asyncio.Task[None]] = []
         self.blocked: deque[bytearray] = deque()
         """Request frames waiting for room in the server's queue (sent in order)."""
+        self._make_dealer = make_dealer
         self.dealer = make_dealer(self)
+
+    def renew(self) -> None:
+        """Replace the DEALER (its requests have failed over): libzmq does not reconnect a
+        connection it dropped for a protocol error, such as a reply over our
+        ``max_message_size`` from a server of a larger one, so it would stay down for good."""
+        for task in self.tasks:
+            if task is not asyncio.current_task():
+                task.cancel()  # a sender of blocked frames: their requests failed over
+        self.blocked.clear()
+        old, self.dealer = self.dealer, self._make_dealer(self)
+        old.close()
 
     def send(self, frame: bytearray) -> None:
         if self.blocked or not self.dealer.try_send(frame):
@@ -560,6 +573,7 @@ class Requests:
         self._quiet.drop("service", reason)
 
     async def _watch(self, link: _Link) -> None:
+        connected = False  # the current DEALER completed a handshake
         while True:
             try:
                 events = await link.dealer.connection_events()
@@ -567,6 +581,10 @@ class Requests:
                 return
             for up in events:
                 link.up = up
+                connected = connected or up
                 if not up:
                     _log.debug("service connection to %s dropped", link.peer.name)
                     self._fail_over(link, "connection to the server dropped")
+            if not link.up and connected:  # (one that never connected is not renewed: no churn)
+                connected = False
+                link.renew()

@@ -264,6 +264,22 @@ async def test_concurrency_bounds_a_plain_function_that_returns_a_coroutine(
     assert peak == 2
 
 
+async def test_a_reply_over_the_requesters_limit_does_not_cut_it_off_from_the_server(
+        make_node: MakeNode) -> None:
+    """A server of a larger max_message_size answers past the requester's: ZeroMQ drops that
+    connection and never reconnects it by itself. The requester fails that request, and
+    reconnects: its next requests to that server are answered, not all timed out."""
+    client = await make_node("client", max_message_size=1000)
+    server = await make_node("server", max_message_size=200_000)
+    await server.serve("svc.size", lambda m: b"x" * int(m.data))
+    await client.wait_for_service("svc.size", timeout=5)
+    assert len((await client.request("svc.size", "10", timeout=2)).data) == 10
+    with pytest.raises(NoRespondersError):
+        await client.request("svc.size", "150000", timeout=2, retries=0)
+    for _ in range(3):
+        assert len((await client.request("svc.size", "10", timeout=2)).data) == 10
+
+
 async def test_a_node_serves_its_own_requests_without_the_network(make_node: MakeNode) -> None:
     """A local service answers requests from the same node."""
     node = await make_node("solo")
