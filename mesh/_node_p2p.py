@@ -16,6 +16,7 @@ from ._codec import Payload
 from ._core import NodeCore
 from ._message import Message, T
 from ._services._gather import Replies
+from ._services._requests import check_timeout
 from ._services._server import DEFAULT_CONCURRENCY, Service, ServiceHandler
 from ._work._pull import Handler, Pull
 from ._work._queues import DEFAULT_PREFETCH
@@ -233,11 +234,12 @@ class WorkAndServices(NodeCore):
         """Wait until `count` live servers of `service` (this node included) are known.
 
         Raises:
-            ConfigError: `service` is invalid.
+            ConfigError: `service` or `timeout` is invalid.
             RequestTimeout: fewer were there when the timeout came.
         """
         requests = self._live().requests
         _names.service(service)
+        check_timeout(timeout)
         await self._wait(lambda: len(requests.servers(service)) >= count, timeout,
                          f"waiting for {count} server(s) of {service!r}")
 

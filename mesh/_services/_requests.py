@@ -75,6 +75,13 @@ _RETRY_MAX: Final[float] = 0.25
 _RETRY_JITTER: Final[float] = 0.02
 
 
+def check_timeout(timeout: float) -> None:
+    """A timeout must be a number > 0. NaN is not, though it passes ``<= 0``: no deadline of
+    NaN is ever due, and once in the shared timer (`Deadlines`) none after it would be."""
+    if not timeout > 0:
+        raise ConfigError("timeout", f"must be > 0, not {timeout!r}")
+
+
 class _ServerGone(DeliveryError):
     """Internal: the chosen server went away or declined; another one may answer."""
 
@@ -294,8 +301,7 @@ class Requests:
     def _checked(self, service: str, data: bytes | str, timeout: float) -> bytes:
         """The payload of a request, once the request is known to be valid."""
         _names.service(service)
-        if timeout <= 0:
-            raise ConfigError("timeout", "must be > 0")
+        check_timeout(timeout)
         payload = data.encode() if isinstance(data, str) else bytes(data)
         if len(payload) > self._max_message_size:
             self._stats["oversized"] += 1

@@ -86,8 +86,8 @@ class Serving:
 
     def serve(self, service: str, handler: ServiceHandler, concurrency: int) -> Service:
         _names.service(service)
-        if concurrency < 1:
-            raise ConfigError("concurrency", "must be >= 1")
+        if not concurrency >= 1:  # (NaN too: no request would ever run)
+            raise ConfigError("concurrency", f"must be >= 1, not {concurrency!r}")
         if service in self._served:
             raise ConfigError("service", f"{service!r} is already served by this node")
         svc = self._served[service] = Service(service, handler, concurrency, self)

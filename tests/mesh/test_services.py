@@ -280,6 +280,21 @@ async def test_a_reply_over_the_requesters_limit_does_not_cut_it_off_from_the_se
         assert len((await client.request("svc.size", "10", timeout=2)).data) == 10
 
 
+async def test_a_nan_timeout_or_concurrency_is_a_config_error(make_node: MakeNode) -> None:
+    """NaN passes ``<= 0`` checks: a NaN timeout never timed out, and broke the node's shared
+    deadline timer so that later requests never timed out either; a NaN concurrency served
+    nothing. Each is refused."""
+    node = await make_node("solo")
+    await node.serve("svc.ok", lambda m: b"ok")
+    nan = float("nan")
+    for call in (lambda: node.request("svc.ok", b"", timeout=nan),
+                 lambda: node.request_all("svc.ok", b"", timeout=nan),
+                 lambda: node.wait_for_service("svc.ok", timeout=nan),
+                 lambda: node.serve("svc.nan", lambda m: b"", concurrency=nan)):
+        with pytest.raises(ConfigError):
+            await asyncio.wait_for(call(), 1)
+
+
 async def test_a_node_serves_its_own_requests_without_the_network(make_node: MakeNode) -> None:
     """A local service answers requests from the same node."""
     node = await make_node("solo")
