@@ -286,7 +286,7 @@ async def test_a_nan_timeout_or_concurrency_is_a_config_error(make_node: MakeNod
     nothing. Each is refused."""
     node = await make_node("solo")
     await node.serve("svc.ok", lambda m: b"ok")
-    nan = float("nan")
+    nan: Any = float("nan")  # (not what the signatures say: the point)
     for call in (lambda: node.request("svc.ok", b"", timeout=nan),
                  lambda: node.request_all("svc.ok", b"", timeout=nan),
                  lambda: node.wait_for_service("svc.ok", timeout=nan),
