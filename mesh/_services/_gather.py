@@ -13,6 +13,7 @@ away yields nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Self
@@ -31,6 +32,16 @@ class Asked:
     id: str
     settle: Callable[[], None]
     """Forget the request (the reply arrived, or is no longer awaited)."""
+
+
+def _ended(asked: Asked, fut: asyncio.Future[_wire.Reply]) -> None:
+    """A server's reply came, or its deadline: forget the request now, iterated or not. A
+    consumer that breaks out of ``async for`` never calls ``aclose()``: its requests stayed
+    pending for good, counted as their servers' outstanding load (so `request` shunned
+    them)."""
+    asked.settle()
+    if not fut.cancelled():
+        fut.exception()  # (retrieved: an abandoned gather's timeout is no "never retrieved")
 
 
 Start = Callable[[], Awaitable[list[Asked]]]
@@ -73,6 +84,8 @@ class Replies:
             start, self._start = self._start, None
             if not self._closed:
                 self._asked = {asked.fut: asked for asked in await start()}
+                for each, one in self._asked.items():
+                    each.add_done_callback(functools.partial(_ended, one))
         while self._asked and not self._closed and (self._max is None
                                                     or self.received < self._max):
             if not self._ready:

@@ -24,6 +24,7 @@ from mesh import (
     Replies,
     Reply,
 )
+from tests.helpers import aeventually
 
 from .conftest import FAST, MakeNode
 from .test_services import _servers
@@ -187,6 +188,26 @@ async def test_the_stream_yields_replies_as_they_arrive(make_node: MakeNode,
             assert (first.source, first.data) == ("s0", b"fast:q")
         assert replies.received == 1
         assert [r async for r in replies] == []  # closed: nothing more
+
+
+async def test_breaking_out_of_the_stream_leaves_nothing_pending(make_node: MakeNode) -> None:
+    """``async for r in request_all_stream(...): break`` never calls ``aclose()``: the slow
+    server's request stayed pending for good, counted as its outstanding load, so `request`
+    stopped choosing it. Each request ends with its reply (or deadline) instead."""
+    client = await make_node("client")
+
+    async def slower(msg: Message) -> bytes:
+        await asyncio.sleep(0.02)
+        return b"slow"
+
+    await _servers(make_node, client, "all.break", [_named("fast"), slower])
+    for _ in range(3):
+        async for _reply in client.request_all_stream("all.break", b"q", timeout=5):
+            break  # the first answer is enough
+    await aeventually(lambda: not client._live().requests._pending,
+                      message="the slow server's replies settle their requests")
+    sources = [(await client.request("all.break", b"q")).source for _ in range(4)]
+    assert sorted(sources) == ["s0", "s0", "s1", "s1"]
 
 
 async def test_the_stream_timeout_runs_from_the_first_iteration(make_node: MakeNode) -> None:
