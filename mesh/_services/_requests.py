@@ -157,6 +157,7 @@ class Requests:
         self._deadlines = Deadlines()
         self._requests: Coalescer[_Link, _wire.Request] = Coalescer(self._send_requests)
         self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
         self.timeouts_by_service = self._stats.services["timed_out"]
         """Requests that timed out (after every retry), by service (the metrics' tally)."""
         self.sent_by_peer = Tally()
@@ -168,6 +169,7 @@ class Requests:
 
     async def aclose(self) -> None:
         """Fail pending requests with ClosedError, close every DEALER."""
+        self._closed = True  # a request between attempts (backing off) ends, not reconnects
         for fut, _ in self._pending.values():
             if not fut.done():
                 fut.set_exception(ClosedError("node closed while the request was in flight"))
@@ -357,6 +359,7 @@ class Requests:
 
     async def _attempt(self, service: str, payload: bytes, headers: dict[str, str] | None,
                        deadline: float, attempts_left: int, tried: list[str]) -> Message:
+        self._check_open()
         loop = asyncio.get_running_loop()
         target, untried = self._best(service, tried)
         if target is None:
@@ -554,7 +557,12 @@ class Requests:
                 best, best_key = rec, key
         return best, untried
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("node closed while the request was in flight")
+
     def _open_link(self, rec: PeerRecord) -> _Link:
+        self._check_open()  # (no socket of a closed node's context, nor one left open)
         def make_dealer(link: _Link) -> ServiceDealer:
             return ServiceDealer(self._ctx, rec.rtr,
                                  functools.partial(self._on_replies, link),

@@ -15,6 +15,7 @@ import zmq.asyncio
 
 from mesh import (
     AsyncNode,
+    ClosedError,
     ConfigError,
     Message,
     MessageTooLarge,
@@ -26,6 +27,7 @@ from mesh import (
     RequestTimeout,
 )
 from mesh import _wire as wire
+from mesh._services._server import Declined
 from tests.helpers import aeventually
 
 from ._proc import Cli
@@ -293,6 +295,25 @@ async def test_a_nan_timeout_or_concurrency_is_a_config_error(make_node: MakeNod
                  lambda: node.serve("svc.nan", lambda m: b"", concurrency=nan)):
         with pytest.raises(ConfigError):
             await asyncio.wait_for(call(), 1)
+
+
+async def test_a_request_between_attempts_ends_with_closed_error_when_its_node_closes(
+        make_node: MakeNode) -> None:
+    """A request backing off between attempts (its server declines) when the node closes:
+    ClosedError, not a ZMQError from opening a DEALER on the closed node's context."""
+    client = await make_node("client")
+
+    def declines(msg: Message) -> bytes:
+        raise Declined("busy")
+
+    await _servers(make_node, client, "svc.declines", [declines])
+    requests = [asyncio.create_task(client.request("svc.declines", b"", timeout=5, retries=100))
+                for _ in range(3)]
+    await aeventually(lambda: client.stats["requests"] >= 6, message="retrying")
+    await client.aclose()
+    for request in requests:
+        with pytest.raises(ClosedError):
+            await asyncio.wait_for(request, 2)
 
 
 async def test_a_node_serves_its_own_requests_without_the_network(make_node: MakeNode) -> None:
