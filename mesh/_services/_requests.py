@@ -431,6 +431,7 @@ class Requests:
 
     async def _ask_all(self, service: str, payload: bytes, headers: dict[str, str] | None,
                        deadline: float) -> list[Asked]:
+        self._check_open()  # (not an empty list, as if nobody served it)
         loop = asyncio.get_running_loop()
         servers = self.servers(service)
         grace_left = min(self._grace_end, deadline) - loop.time()

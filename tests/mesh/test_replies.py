@@ -24,6 +24,7 @@ from mesh import (
     Replies,
     Reply,
 )
+from mesh._services._requests import DISCOVERY_GRACE
 from tests.helpers import aeventually
 
 from .conftest import FAST, MakeNode
@@ -233,6 +234,19 @@ async def test_closing_the_node_ends_a_gathering_with_closed_error(
         await client.aclose()
         with pytest.raises(ClosedError):
             await waiting
+
+
+async def test_a_stream_first_iterated_after_its_node_closed_raises_closed_error(
+        make_node: MakeNode) -> None:
+    """Made while the node ran, iterated after it closed: ClosedError, not an empty
+    gathering that reads as "nobody serves it" (its own server was cancelled)."""
+    node = await make_node("n")
+    await node.serve("all.own", _named("me"))
+    await asyncio.sleep(DISCOVERY_GRACE)  # (then no server known is an answer at once)
+    replies = node.request_all_stream("all.own", b"q", timeout=1)
+    await node.aclose()
+    with pytest.raises(ClosedError):
+        await anext(replies)
 
 
 async def test_request_all_rejects_bad_arguments(make_node: MakeNode) -> None:
