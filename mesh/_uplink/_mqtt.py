@@ -351,11 +351,11 @@ class MqttHub:
             memory.save(kept)
         if wanted:
             await self._subscribe(client, wanted)
-        stale = sorted(had - set(wanted))
+        stale = sorted(had - set(wanted))  # (none without a memory: `had` is empty)
         if stale:
-            kept -= await self._unsubscribe(client, stale)
-        if memory is not None and kept != had:
-            memory.save(kept)
+            gone = await self._unsubscribe(client, stale)
+            if gone and memory is not None:  # (else what was saved above stands)
+                memory.save(kept - gone)
 
     async def _unsubscribe(self, client: paho.Client, filters: list[str]) -> set[str]:
         """One UNSUBSCRIBE for `filters`; returns those the session no longer holds (one
