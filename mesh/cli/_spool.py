@@ -122,12 +122,11 @@ async def replay(args: argparse.Namespace, node: AsyncNode) -> int:
             outcomes = await _follow(replayed, args.timeout)
         finally:
             replayed.close()
-    failed = [f"{outcomes[_ttl.EXPIRED]} expired (their ttl passed before delivery)",
-              f"{outcomes[DEAD]} failed again (back in the dead letters)",
-              f"{outcomes['waiting']} not delivered within {args.timeout:g} s (they stay "
-              "in the outbox)"]
-    told = [text for text, n in zip(failed, (outcomes[_ttl.EXPIRED], outcomes[DEAD],
-                                             outcomes["waiting"]), strict=True) if n]
+    failed = [(outcomes[_ttl.EXPIRED], "expired (their ttl passed before delivery)"),
+              (outcomes[DEAD], "failed again (back in the dead letters)"),
+              (outcomes["waiting"], f"not delivered within {args.timeout:g} s (they stay "
+                                    "in the outbox)")]
+    told = [f"{n} {text}" for n, text in failed if n]
     if told:
         print(f"zeromesh spool replay: {'; '.join(told)}", file=sys.stderr)
         return 1
