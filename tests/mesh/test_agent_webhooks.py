@@ -357,8 +357,10 @@ async def test_overlapping_reloads_apply_one_after_the_other(mesh_name: str, app
                                         **FAST})
     config.webhooks = [Webhook(url=f"{app.url}?v=0", pattern="t.>")]
     async with Agent(config) as agent:
+        # (each a new pattern: the running webhook is stopped, not updated in place, and
+        # the second reload comes while the first awaits that)
         first, second = (msgspec.structs.replace(config, webhooks=[
-            Webhook(url=f"{app.url}?v={v}", pattern="t.>")]) for v in (1, 2))
+            Webhook(url=f"{app.url}?v={v}", pattern=f"t{v}.>")]) for v in (1, 2))
         await asyncio.gather(agent.reload(first), agent.reload(second))
         assert agent.config.webhooks == second.webhooks
         assert len(agent._hooks) == 1  # (both ran: each message was POSTed twice)
