@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 OTHER: Final[str] = "other"
 """The name everything past the limit is counted under (``_`` keeps it apart from the
@@ -39,11 +38,15 @@ SAMPLE_EVERY: Final[int] = 16
 """One received batch in this many has its oldest message's age measured: a batch
 holds up to hundreds of messages, so the cost per message is a decrement."""
 
+_V = TypeVar("_V")
 
-class Tally(dict[str, int]):
-    """Counts by name (topic, queue, service, peer), at most `limit` names (+ ``OTHER``)."""
 
-    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+class _Bounded(dict[str, _V], Generic[_V]):
+    """At most `limit` names (+ ``OTHER``), what `Tally` and `Latencies` share: the names
+    met past the limit are followed, and every `limit` such misses one clearly busier than
+    a kept name takes its place (the kept name's `_swap` into ``OTHER`` says how)."""
+
+    def __init__(self, limit: int) -> None:
         super().__init__()
         self.limit = limit
         self._rising: dict[str, int] = {}
@@ -52,16 +55,8 @@ class Tally(dict[str, int]):
         """The kept names' counts at the last review (what they did since is the difference)."""
         self._misses = 0
 
-    def add(self, name: str, n: int = 1) -> None:
-        if name in self:
-            self[name] += n
-        elif len(self) < self.limit:
-            self[name] = n
-        else:
-            self._miss(name, n)
-
-    def _miss(self, name: str, n: int) -> None:
-        self[OTHER] = self.get(OTHER, 0) + n
+    def _missed(self, name: str, n: int) -> None:
+        """`name`, not kept, was just counted `n` under OTHER."""
         rising = self._rising
         if name in rising:
             rising[name] += n
@@ -75,30 +70,49 @@ class Tally(dict[str, int]):
         """Let the busiest names lately counted under OTHER replace the least busy kept
         ones, when at least twice as busy since the last review (no churn between equals).
         A promoted name counts from 0: what it had stays in OTHER (counters only grow)."""
-        marks = self._marks
-        other = self.get(OTHER, 0)
-        for newcomer, name in _swaps(
-                ((n - marks.get(k, 0), k) for k, n in self.items() if k != OTHER), self._rising):
-            other += self.pop(name)
-            self[newcomer] = 0
-        if other:
-            self[OTHER] = other
+        marks, busy = self._marks, self._busy
+        kept = sorted((busy(v) - marks.get(k, 0), k) for k, v in self.items() if k != OTHER)
+        rising = sorted(((n, k) for k, n in self._rising.items()), reverse=True)
+        for (busier, newcomer), (quiet, name) in zip(rising, kept, strict=False):
+            if busier <= 2 * quiet + 1:
+                break
+            self._swap(newcomer, name)
         self._rising.clear()
-        self._marks = dict(self)
+        self._marks = {k: busy(v) for k, v in self.items()}
         self._misses = 0
 
+    @staticmethod
+    def _busy(value: _V) -> int:
+        """How much a name counted, to compare names by."""
+        raise NotImplementedError
 
-def _swaps(kept: Iterable[tuple[int, str]], rising: dict[str, int]) -> list[tuple[str, str]]:
-    """(newcomer, kept name) pairs: the busiest of `rising` each replace the least busy
-    of `kept` ((busy since the last review, name)), when at least twice as busy."""
-    swaps = []
-    for (busy, newcomer), (quiet, name) in zip(
-            sorted(((n, k) for k, n in rising.items()), reverse=True), sorted(kept),
-            strict=False):
-        if busy <= 2 * quiet + 1:
-            break
-        swaps.append((newcomer, name))
-    return swaps
+    def _swap(self, newcomer: str, name: str) -> None:
+        """Fold kept `name` into OTHER and keep `newcomer` instead, from 0."""
+        raise NotImplementedError
+
+
+class Tally(_Bounded[int]):
+    """Counts by name (topic, queue, service, peer), at most `limit` names (+ ``OTHER``)."""
+
+    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+        super().__init__(limit)
+
+    def add(self, name: str, n: int = 1) -> None:
+        if name in self:
+            self[name] += n
+        elif len(self) < self.limit:
+            self[name] = n
+        else:
+            self[OTHER] = self.get(OTHER, 0) + n
+            self._missed(name, n)
+
+    @staticmethod
+    def _busy(value: int) -> int:
+        return value
+
+    def _swap(self, newcomer: str, name: str) -> None:
+        self[OTHER] = self.get(OTHER, 0) + self.pop(name)
+        self[newcomer] = 0
 
 
 class Tallies(dict[str, Tally]):
@@ -145,7 +159,7 @@ class Latency:
         self.total += other.total
 
 
-class Latencies(dict[str, Latency]):
+class Latencies(_Bounded[Latency]):
     """Sampled delivery latency by name (topic, queue), at most `limit` names (+ ``OTHER``).
 
     Fed where the kind's `Latency` samples, so it costs one lookup a sample, none a
@@ -154,13 +168,7 @@ class Latencies(dict[str, Latency]):
     so every bucket summed over the names stays the kind's, and none goes down."""
 
     def __init__(self, limit: int = LATENCY_NAMES) -> None:
-        super().__init__()
-        self.limit = limit
-        self._rising: dict[str, int] = {}
-        """Names sampled under OTHER since the last review, and how often (bounded)."""
-        self._marks: dict[str, int] = {}
-        """The kept names' sample counts at the last review."""
-        self._misses = 0
+        super().__init__(limit)
 
     def sample(self, name: str, seconds: float) -> None:
         latency = self.get(name)
@@ -175,28 +183,16 @@ class Latencies(dict[str, Latency]):
         other = self.get(OTHER)
         if other is None:
             other = self[OTHER] = Latency()
-        rising = self._rising
-        if name in rising:
-            rising[name] += 1
-        elif len(rising) < self.limit:
-            rising[name] = 1
-        self._misses += 1
-        if self._misses >= max(self.limit, _MIN_REVIEW):
-            self.review()
+        self._missed(name, 1)
         return other
 
-    def review(self) -> None:
-        """As `Tally.review`: a name sampled at least twice as often as a kept one since
-        the last review takes its place (counting from 0; its past stays in OTHER)."""
-        marks = self._marks
-        for newcomer, name in _swaps(((sum(latency.counts) - marks.get(k, 0), k)
-                                      for k, latency in self.items() if k != OTHER),
-                                     self._rising):
-            self[OTHER].fold(self.pop(name))
-            self[newcomer] = Latency()
-        self._rising.clear()
-        self._marks = {k: sum(latency.counts) for k, latency in self.items()}
-        self._misses = 0
+    @staticmethod
+    def _busy(value: Latency) -> int:
+        return sum(value.counts)
+
+    def _swap(self, newcomer: str, name: str) -> None:
+        self[OTHER].fold(self.pop(name))
+        self[newcomer] = Latency()
 
     def snapshot(self) -> dict[str, LatencySnapshot]:
         return {name: latency.snapshot() for name, latency in self.items()}
