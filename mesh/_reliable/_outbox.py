@@ -317,10 +317,15 @@ class Outbox:
         dead-letter it."""
         if not self.attempt_failed(tracked, reason, dest):
             return
-        delay = min(_BACKOFF_CAP, self.retry_backoff * 2 ** (tracked.spooled.attempts - 1))
+        delay = self._backoff(tracked.spooled.attempts)
         handle = asyncio.get_running_loop().call_later(
             delay, self._retry, requeue, dest, (tracked.spooled.item, tracked))
         self._retrying[handle] = (dest, tracked)
+
+    def _backoff(self, attempts: int) -> float:
+        """Seconds to wait before trying again after `attempts` failed ones (doubling)."""
+        factor: int = 2 ** (attempts - 1)
+        return min(_BACKOFF_CAP, self.retry_backoff * factor)
 
     def attempt_failed(self, tracked: Tracked, reason: str, dest: str) -> bool:
         """Count one failed attempt to `dest`; False when the message is done with (its
@@ -420,7 +425,7 @@ class Outbox:
         if self._closing:
             return  # (it stays in the outbox: delivered again after a restart)
         self._unburied += 1
-        delay = min(_BACKOFF_CAP, self.retry_backoff * 2 ** (tracked.spooled.attempts - 1))
+        delay = self._backoff(tracked.spooled.attempts)
         if self._unburied == 1:
             _log.error("cannot move message %d to the dead-letter spool: %s; it stays in "
                        "the outbox, tried again every %g s (logged once until one goes)",
