@@ -43,7 +43,8 @@ async def test_a_node_that_starts_pulling_gets_its_own_spooled_and_waiting_pushe
     for i in range(3):
         await node.push("jobs", f"m{i}", reliable=True)
     waiting = asyncio.ensure_future(node.push("jobs", "late", timeout=5))
-    await asyncio.sleep(0.05)  # the push is waiting for a worker
+    await aeventually(lambda: node._live().work._waiters.get("jobs"),
+                      message="the push is waiting for a worker")
     work = await node.pull("jobs")
     async with asyncio.timeout(3):
         got = [(await work.next()).text for _ in range(4)]
