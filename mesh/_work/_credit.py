@@ -412,8 +412,9 @@ class Workers:
         latency = self._latency
         latency.left -= 1
         if latency.left <= 0 and items:  # sampled: the oldest of the batch, never flattering
-            latency.sample(now - items[0].ts)
-            self._latency_by_queue.sample(queue, now - items[0].ts)
+            age = now - items[0].ts
+            latency.sample(age)
+            self._latency_by_queue.sample(queue, age)
         msgs = [Message(it.topic or queue, it.payload, name, source, it.seq, it.ts, it.headers,
                         it.reliable) for it in items]
         for it in items:
