@@ -179,7 +179,8 @@ class Subscription(Mailbox[Message[T]]):
         """Remember the topics and publishers of `messages` (see `_watch`). Unless
         `mixed`, they are one publisher's on one topic, in its order (the engine's
         batches): the last one says it all, with no Python step per message."""
-        messages = list(messages)
+        if not isinstance(messages, list):  # (the engine's batches are: no copy of them)
+            messages = list(messages)
         seen, heard = self._seen or {}, self._seen_from
         for msg in (messages if mixed else messages[-1:]):
             heard.add((msg.source_id, msg.topic))
