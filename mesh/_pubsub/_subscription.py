@@ -218,7 +218,8 @@ class Subscription(Mailbox[Message[T]]):
             _trace.received(messages, "deliver", subscription=self.subject)
         before = len(self._queue)
         if self.max_pending_bytes:
-            messages = list(messages)
+            if not isinstance(messages, list):  # (counted, then queued: iterated twice)
+                messages = list(messages)
             self._queued_bytes += sum(len(m.data) for m in messages)
         self._queue.extend(messages)
         self.received += len(self._queue) - before
