@@ -226,8 +226,12 @@ class Subscription(Mailbox[Message[T]]):
         dropped = 0
         overflow = len(self._queue) - self.max_pending
         if overflow > 0 and self.max_pending:
-            for _ in range(overflow):
-                self._taken(self._queue.popleft())
+            queue = self._queue
+            if self.max_pending_bytes:
+                self._queued_bytes -= sum(len(queue.popleft().data) for _ in range(overflow))
+            else:  # (a slow consumer's path, per message: no call for a bound not set)
+                for _ in range(overflow):
+                    queue.popleft()
             dropped = overflow
         if self._queued_bytes > self.max_pending_bytes > 0:
             dropped += self._drop_bytes()
