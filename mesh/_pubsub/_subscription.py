@@ -175,13 +175,14 @@ class Subscription(Mailbox[Message[T]]):
                  and value.timestamp >= seen.get(value.topic, 0.0)]
         return fresh, {key: seq for key, seq in covered.items() if key not in heard}
 
-    def _note(self, messages: Iterable[Message], mixed: bool) -> list[Message]:
-        """Remember the topics and publishers of `messages` (see `_watch`). Unless
-        `mixed`, they are one publisher's on one topic, in its order (the engine's
-        batches): the last one says it all, with no Python step per message."""
+    def _note(self, messages: Iterable[Message], mixed: bool, seen: dict[str, float]
+              ) -> list[Message]:
+        """Remember the topics and publishers of `messages` (in `seen`, `_seen_from`: see
+        `_watch`). Unless `mixed`, they are one publisher's on one topic, in its order (the
+        engine's batches): the last one says it all, with no Python step per message."""
         if not isinstance(messages, list):  # (the engine's batches are: no copy of them)
             messages = list(messages)
-        seen, heard = self._seen or {}, self._seen_from
+        heard = self._seen_from
         for msg in (messages if mixed else messages[-1:]):
             heard.add((msg.source_id, msg.topic))
             if msg.timestamp > seen.get(msg.topic, 0.0):
@@ -202,7 +203,7 @@ class Subscription(Mailbox[Message[T]]):
         if self._covered or self._replayed:
             messages = self._uncovered(messages, retained)
         if self._seen is not None:
-            messages = self._note(messages, mixed)
+            messages = self._note(messages, mixed, self._seen)
         if self._decoding is not None:
             messages = self._decoding.many(messages, shared, one_label)
         if self._callback is not None:

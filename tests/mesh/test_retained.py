@@ -433,3 +433,26 @@ async def test_a_first_retained_value_that_came_live_is_not_repeated_late(
     await aeventually(knows_a_retains, timeout=3)
     with pytest.raises(TimeoutError):
         await sub.next(timeout=0.3)
+
+
+def test_late_values_give_way_to_what_the_topic_delivered_already() -> None:
+    """Values a peer gives late (found retaining after the subscription's values came) are
+    dropped when the topic delivered something newer, or their publisher was heard on it
+    already (its newer messages come live). Deterministic: the live-test above sees this
+    only when the flag reaches the subscriber after the live message."""
+    from mesh._names import pattern
+
+    def msg(source_id: str, topic: str, seq: int, ts: float) -> Message:
+        return Message(topic, b"%s%d" % (source_id.encode(), seq), "pub", source_id, seq, ts)
+
+    sub: Subscription[bytes] = Subscription(pattern(">"))
+    sub._watch(True)
+    sub._deliver([msg("P", "t.a", 5, 100.0)])  # live, from P on t.a
+    sub._deliver([msg("P", "t.b", 1, 50.0), msg("P", "t.b", 2, 60.0)])  # a batch: its last
+    sub._hold()
+    sub._release([msg("P", "t.a", 5, 100.0),  # P heard on t.a: not again
+                  msg("Q", "t.a", 3, 90.0),  # older than what t.a delivered
+                  msg("Q", "t.b", 7, 70.0),  # newer than t.b's: still worth it
+                  msg("Q", "t.c", 1, 10.0)],  # a topic not heard: delivered
+                 {("P", "t.a"): 5, ("Q", "t.a"): 3, ("Q", "t.b"): 7, ("Q", "t.c"): 1})
+    assert [m.data for m in sub.drain(10)] == [b"P5", b"P1", b"P2", b"Q7", b"Q1"]
