@@ -9,8 +9,11 @@ The sampled delivery latency is a histogram by kind (``pubsub``, ``work``) and
 the same samples by name (``zeromesh_topic_delivery_latency_seconds{topic}``,
 ``zeromesh_queue_...{queue}``): a histogram is a score of series per label
 value, so those keep far fewer names, the busiest `LATENCY_NAMES` (20), the
-rest under ``other``. What only the agent sees (HTTP routes, requests, webhooks, pushes)
-uses the client's own counters in a registry private to this agent; the names in their
+rest under ``other``; so do the round trips of requests through the agent
+(``zeromesh_request_duration_seconds{service}``). What only the agent sees uses plain
+dicts where every request counts (HTTP routes, requests: a prometheus Counter's lock
+and label lookup cost more than the increment) and the client's own counters for the
+rest (webhooks, pushes, SSE), in a registry private to this agent; the names in their
 labels (queues, services, SSE patterns: any a client sends) are bounded the same way,
 the first `metrics_names` kept (`BoundedNames`).
 """
@@ -23,7 +26,6 @@ from typing import Final
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
@@ -33,21 +35,24 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.metrics import Counter as CounterChild
-from prometheus_client.metrics import Histogram as HistogramChild
 from prometheus_client.registry import Collector
 
 from .._membership._peers import PeerState
 from .._node import AsyncNode
-from .._support._tally import LATENCY_NAMES, OTHER, SAMPLE_EVERY, LatencySnapshot, Traffic
+from .._support._tally import (
+    LATENCY_NAMES,
+    OTHER,
+    SAMPLE_EVERY,
+    Latencies,
+    LatencySnapshot,
+    Traffic,
+)
 from .._uplink._link import LinkState
 from .._uplink._links import Uplinks
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double the output and nobody graphs them
 
 CONTENT_TYPE: Final[str] = "text/plain; version=0.0.4; charset=utf-8"
-_LATENCY_BUCKETS: Final = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
-                           0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _NODE_TOTALS: Final = (
     ("spooled", "zeromesh_messages_spooled", "Reliable messages written to the outbox spool."),
     ("redelivered", "zeromesh_messages_redelivered",
@@ -123,12 +128,10 @@ class AgentMetrics:
         self.pushed = Counter("zeromesh_messages_pushed",
                               "Work messages pushed through this agent, per queue.",
                               ["queue"], registry=r)
-        self.requests = Counter("zeromesh_requests",
-                                "Requests sent through this agent, per service and outcome.",
-                                ["service", "outcome"], registry=r)
-        self.latency = Histogram("zeromesh_request_duration_seconds",
-                                 "Request round trip through this agent, per service.",
-                                 ["service"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests: dict[tuple[str, str], int] = {}
+        """Requests through this agent by (service, outcome): a plain dict, as `http`."""
+        self.request_latency = Latencies()
+        """Round trips answered, by service: histograms of the busiest `LATENCY_NAMES`."""
         self.webhooks = Counter("zeromesh_webhook_deliveries",
                                 "Webhook POSTs per webhook and outcome "
                                 "(ok, retry, dead_letter, dropped).",
@@ -142,27 +145,22 @@ class AgentMetrics:
         self.sse_dropped = Counter("zeromesh_sse_dropped",
                                    "Messages an SSE client was too slow for (oldest dropped), "
                                    "per pattern.", ["pattern"], registry=r)
-        self._labelled: dict[tuple[str, str], tuple[CounterChild, HistogramChild | None]] = {}
         limit = node.config.metrics_names
         self.queue_label = BoundedNames(limit)
         self.service_label = BoundedNames(limit)
         self.pattern_label = BoundedNames(limit)
         r.register(_HttpCollector(self.http))
+        r.register(_RequestCollector(self.requests, self.request_latency))
         r.register(_NodeCollector(node))
         r.register(_UplinkCollector(uplinks))
 
     def requested(self, service: str, outcome: str, seconds: float) -> None:
-        """Count one request through this agent (its latency when it was answered); each
-        service's series are looked up once, not per request."""
-        service = self.service_label(service)
-        series = self._labelled.get((service, outcome))
-        if series is None:
-            series = self._labelled[service, outcome] = (
-                self.requests.labels(service, outcome),
-                self.latency.labels(service) if outcome == "ok" else None)
-        series[0].inc()
-        if series[1] is not None:
-            series[1].observe(seconds)
+        """Count one request through this agent (its round trip when it was answered)."""
+        key = (self.service_label(service), outcome)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        if outcome == "ok":
+            self.request_latency.sample(service, seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -200,6 +198,30 @@ class _HttpCollector(Collector):
         for (route, status), value in sorted(self._counts.items()):
             family.add_metric([route, str(status)], value)
         yield family
+
+
+class _RequestCollector(Collector):
+    """``zeromesh_requests_total{service, outcome}`` and
+    ``zeromesh_request_duration_seconds{service}`` from the agent's own counts."""
+
+    def __init__(self, counts: dict[tuple[str, str], int], latency: Latencies) -> None:
+        self._counts = counts
+        self._latency = latency
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("zeromesh_requests",
+                                     "Requests sent through this agent, per service and outcome.",
+                                     labels=["service", "outcome"])
+        for (service, outcome), value in self._counts.items():
+            family.add_metric([service, outcome], value)
+        yield family
+        duration = HistogramMetricFamily(
+            "zeromesh_request_duration_seconds",
+            f"Round trip of the requests answered through this agent, per service (the "
+            f"busiest {LATENCY_NAMES}, the rest as {OTHER}).", labels=["service"])
+        for service, snapshot in sorted(self._latency.snapshot().items()):
+            duration.add_metric([service], _buckets(snapshot), snapshot.total)
+        yield duration
 
 
 class _NodeCollector(Collector):

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mesh._support._tally import LATENCY_NAMES, OTHER
 from tests.helpers import aeventually
 
 from ._agent import SseStream, start_agent, wait_status
@@ -313,6 +314,33 @@ async def test_metrics_count_what_happened(procs: list[Cli], mesh_name: str, mak
     assert samples[("zeromesh_peers", (("state", "alive"),))] == 1
     assert samples[("zeromesh_spool_messages", ())] == 0
     assert ("zeromesh_messages_dropped_total", ()) not in samples
+
+
+async def test_request_durations_keep_the_busiest_services_and_the_rest_as_other(
+        procs: list[Cli], mesh_name: str, make_node: MakeNode) -> None:
+    """A histogram is a score of series per service: past LATENCY_NAMES services the round
+    trips are summed under ``other`` (counts stay bounded by metrics_names, as before)."""
+    names = [f"svc{i:02d}" for i in range(LATENCY_NAMES + 5)]
+    server = await make_node("server")
+    for name in names:
+        await server.serve(name, lambda msg: msg.data)
+    agent = start_agent(procs, mesh=mesh_name, name="side")
+    async with aiohttp.ClientSession() as http:
+        await wait_status(http, "POST", f"{agent.url}/v1/request/{names[-1]}", 200, data=b"x")
+        for name in names[:-1]:
+            async with http.post(f"{agent.url}/v1/request/{name}", data=b"x") as r:
+                assert r.status == 200
+        async with http.get(f"{agent.url}/metrics") as r:
+            text = await r.text()
+    counts = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "zeromesh_request_duration_seconds_count":
+                counts[s.labels["service"]] = s.value
+    assert len(counts) == LATENCY_NAMES + 1
+    assert counts[OTHER] == 5
+    assert sum(counts.values()) == len(names)
+    assert f"zeromesh_requests_total{{outcome=\"ok\",service=\"{names[0]}\"}} 1.0" in text
 
 
 async def test_stalled_sse_client_holds_bounded_bytes_and_loses_the_oldest(
