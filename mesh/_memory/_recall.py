@@ -43,6 +43,10 @@ peer is then logged, once)."""
 READY_TIMEOUT: Final[float] = 2.0
 """How long a node waits for an asking subscription to be in force before it answers
 anyway (logged: a message may then fall between the answer and live messages)."""
+STRANGER_WAITS: Final[int] = 2
+"""Askers not in the peer table that are waited for at a time (a new peer's hello is
+usually moments behind its first query); more are answered at once, so that askers
+with forged ids cannot hold every slot of the service for `READY_TIMEOUT` each."""
 DISCOVERY_GRACE: Final[float] = 0.5
 """A node that just started waits up to this long after its start for discovery."""
 SETTLE: Final[float] = 0.05
@@ -74,6 +78,7 @@ class Recall:
         self._grace_end = 0.0
         self._filling: set[asyncio.Task[None]] = set()
         self._warned: set[tuple[str, str]] = set()
+        self._strangers_waited = 0
 
     def start(self, node_id: str, name: str) -> None:
         self.node_id, self.name = node_id, name
@@ -98,15 +103,27 @@ class Recall:
         publish on later is held for it until it has)."""
         if version <= 0 or not self._pubsub.announces(pattern):
             return
+        stranger = self._peers.get(request.source_id) is None
+        if stranger and self._strangers_waited >= STRANGER_WAITS:
+            self.warn_once("strangers", "", "more than %d askers not in the peer table at "
+                           "once: the rest answered without waiting for their subscriptions",
+                           STRANGER_WAITS)
+            return
+        self._strangers_waited += stranger
         try:
             await self._waiter.wait(
                 lambda: self._pubsub.confirmed_version(request.source_id) >= version,
                 READY_TIMEOUT, "waiting for the subscription to be in force")
         except RequestTimeout:
-            self.warn_once("unready", request.source_id,
-                           "answered %r before its subscription was in force here: a message "
-                           "may fall between what it asked for and its live messages",
-                           request.source[:64])
+            self._unready(request)
+        finally:
+            self._strangers_waited -= stranger
+
+    def _unready(self, request: Message) -> None:
+        self.warn_once("unready", request.source_id,
+                       "answered %r before its subscription was in force here: a message "
+                       "may fall between what it asked for and its live messages",
+                       request.source[:64])
 
     # -- asking ----------------------------------------------------------------------
 

@@ -391,6 +391,47 @@ async def test_an_answer_waits_until_the_askers_subscription_is_in_force(
     assert [(i.topic, i.payload) for i in page.items] == [("w.x", b"v")]
 
 
+async def test_askers_not_in_the_peer_table_cannot_hold_every_slot(make_node: MakeNode) -> None:
+    """Queries naming a subscription version from ids no peer has (forged ones, or a new
+    peer whose hello is late) wait for it at most `STRANGER_WAITS` at a time; the rest
+    are answered at once, and a member's query is not stuck behind them. Before, 40 such
+    queries held all 16 slots of the service for 2 s each."""
+    import time
+    import uuid
+
+    import zmq
+    import zmq.asyncio
+
+    from mesh import _wire
+    from mesh._memory import _queries
+    from mesh._memory._recall import STRANGER_WAITS
+
+    pub = await make_node("pub", mdns=False)
+    await pub.publish("w.x", b"v", retain=True)
+    asked = 40
+    query = _queries.encode(_queries.RetainedQuery("w.>", 7))
+    ctx = zmq.asyncio.Context()
+    stranger = ctx.socket(zmq.DEALER)
+    stranger.setsockopt(zmq.LINGER, 0)
+    try:
+        stranger.connect(pub.endpoints["rtr"][0])
+        for i in range(asked):
+            request = _wire.Request(i, _queries.RETAINED_SERVICE, uuid.uuid4().hex, "stranger",
+                                    time.time(), None, query)
+            await stranger.send(bytes(_wire.encode_service([request])))
+        answered = 0
+        async with asyncio.timeout(1.0):
+            while answered < asked - STRANGER_WAITS:
+                answered += len(_wire.decode_service(await stranger.recv(), 1 << 20))
+        member = await make_node("member", mdns=False, peers=pub.endpoints["ctl"])
+        await member.wait_for_peers(1, timeout=5)
+        [value] = await member.last("w.>", timeout=1.0)
+        assert value.data == b"v"
+    finally:
+        stranger.close()
+        ctx.term()
+
+
 async def test_a_value_retained_a_moment_before_a_subscription_still_arrives_once(
         make_node: MakeNode) -> None:
     """A peer's first retained publish, and at once a subscription elsewhere: its
