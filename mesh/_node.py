@@ -24,7 +24,7 @@ from ._reliable._outbox import Replayed
 from ._work._pull import NO_SETTLE, Pull
 from ._work._queues import DEFAULT_PREFETCH
 from ._work._target import Sent
-from .errors import ClosedError, ConfigError
+from .errors import ClosedError, ConfigError, RequestTimeout
 
 
 def _labelled(payloads: Iterable[Payload], headers: Mapping[str, str] | None
@@ -466,8 +466,16 @@ class AsyncNode(WorkAndServices):
         """
         _names.topic(topic)
         self._offer(topic)
-        await self._wait(lambda: self.subscriber_count(topic) >= count, timeout,
-                         f"waiting for {count} subscribers of {topic!r}")
+        what = f"waiting for {count} subscribers of {topic!r}"
+        try:
+            await self._wait(lambda: self.subscriber_count(topic) >= count, timeout, what)
+        except RequestTimeout:
+            run = self._run
+            unreachable = 0 if run is None else run.membership.unreachable_subscribers(topic)
+            if not unreachable:
+                raise
+            raise RequestTimeout(f"{what} ({unreachable} more on an address family this node "
+                                 "has no interface of: IPv4 or IPv6)", timeout) from None
 
     async def wait_for_known_subscribers(self, topic: str, *, timeout: float = 10.0) -> int:
         """Wait until every alive peer known to subscribe to `topic` is ready; return how many.

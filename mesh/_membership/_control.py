@@ -213,6 +213,10 @@ class Membership:
                 "control_sent": self.sent, "control_received": self.received,
                 "health": self.table.health, "foreign": len(self._foreign)}
 
+    def unreachable_subscribers(self, topic: str) -> int:
+        """Members subscribed to `topic` with no address family in common with this node."""
+        return self._foreign.subscribers(topic)
+
     @property
     def interest_version(self) -> int:
         """The version of what this node offers, as its hellos and heartbeats carry it."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from patterns import TopicPattern
+
 from .. import _wire
 from . import _gossip
 
@@ -115,3 +117,9 @@ class ForeignMembers:
             if entry.lost_at is not None:
                 news.append(_wire.Down(entry.hello.id, entry.hello.incarnation, entry.seq))
         return news
+
+    def subscribers(self, topic: str) -> int:
+        """How many of them, alive, subscribe to `topic` (to say why a wait for subscribers
+        falls short: they cannot be reached from here)."""
+        return sum(1 for e in self._entries.values() if e.lost_at is None
+                   and any(TopicPattern(p).matches(topic) for p in e.hello.subs))

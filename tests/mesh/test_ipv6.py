@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from mesh import AsyncNode, ConfigError, Message, NodeConfig
+from mesh import AsyncNode, ConfigError, Message, NodeConfig, RequestTimeout
 from mesh._membership import _control as control
 from mesh._membership._control import _first_endpoint
 from patterns import generate_keypair
@@ -198,6 +198,26 @@ async def test_members_of_the_other_family_keep_a_mixed_mesh_quiet(
     assert v4.traffic().input_dropped.get("bad_member", 0) == 0
     await v6.aclose()  # it leaves: the news reaches v4 through dual
     await aeventually(lambda: v4.traffic().membership["foreign"] == 0, timeout=5)
+
+
+async def test_a_wait_for_subscribers_says_which_are_of_the_other_family(
+        make_node: MakeNode) -> None:
+    """An IPv4-only publisher waiting for an IPv6-only subscriber cannot ever reach it:
+    the timeout says so, with how many, rather than only "timed out"."""
+    fast = {"heartbeat_interval": 0.05, "mdns": False}
+    dual = await make_node("dual", interfaces=["127.0.0.1", "::1"], **fast)
+    ctl4, ctl6 = dual.endpoints["ctl"]
+    v4 = await make_node("v4", interfaces=["127.0.0.1"], peers=[ctl4], **fast)
+    v6 = await make_node("v6", interfaces=["::1"], peers=[ctl6], **fast)
+    await v6.subscribe("mix.>")
+    await aeventually(lambda: v4._live().membership.unreachable_subscribers("mix.x") == 1,
+                      timeout=5, message="v4 knows the v6 subscriber by gossip")
+    with pytest.raises(RequestTimeout, match=r"\(1 more on an address family this node has "
+                                             r"no interface of: IPv4 or IPv6\)"):
+        await v4.wait_for_subscribers("mix.x", 1, timeout=0.3)
+    with pytest.raises(RequestTimeout) as plain:
+        await v4.wait_for_subscribers("other.x", 1, timeout=0.1)
+    assert "address family" not in str(plain.value)
 
 
 def test_first_endpoint_picks_a_family_it_can_dial() -> None:
