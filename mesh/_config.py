@@ -23,6 +23,7 @@ from discovery import InvalidRecord, StaticDiscovery, parse_peer_urls
 from patterns import InvalidName, TopicPattern
 
 from ._spool._files import FsyncPolicy
+from ._support._text import quoted
 from .errors import ConfigError
 
 DEFAULT_MESH: Final[str] = "default"
@@ -143,7 +144,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             try:
                 TopicPattern(pattern)
             except InvalidName as exc:
-                raise ConfigError("history", f"{exc.reason} in {pattern!r}") from None
+                raise ConfigError("history", f"{exc.reason} in {quoted(pattern)}") from None
         if self.spool_quota <= 0:
             raise ConfigError("spool_quota", "must be > 0")
         if self.max_attempts < 1:
@@ -181,7 +182,7 @@ def _interface(iface: str) -> str:
     try:
         addr = ipaddress.ip_address(iface)
     except ValueError:
-        raise ConfigError("interfaces", f"{iface!r} is not an IPv4 or IPv6 address") from None
+        raise ConfigError("interfaces", f"{quoted(iface)} is not an IPv4 or IPv6 address") from None
     if addr.is_unspecified or addr.is_multicast:
         raise ConfigError("interfaces", f"{iface} cannot be bound: choose an interface")
     if isinstance(addr, ipaddress.IPv6Address):
@@ -204,7 +205,7 @@ def _zone(key: str, where: str, zone: str) -> str:
         name = socket.if_indextoname(int(zone)) if zone.isdigit() else zone
         socket.if_nametoindex(name)
     except (OSError, OverflowError):
-        raise ConfigError(key, f"{where}: this host has no interface {zone!r}") from None
+        raise ConfigError(key, f"{where}: this host has no interface {quoted(zone)}") from None
     return name
 
 

@@ -13,6 +13,7 @@ import functools
 from patterns import InvalidName, TopicPattern, topic_key, validate_topic
 
 from ._support._cache import CACHE_LIMIT
+from ._support._text import quoted
 from .errors import ConfigError
 
 
@@ -20,7 +21,7 @@ def _checked(name: str, kind: str) -> None:
     try:
         validate_topic(name, kind)
     except InvalidName as exc:
-        raise ConfigError(kind, f"{exc.reason} in {name!r}") from None
+        raise ConfigError(kind, f"{exc.reason} in {quoted(name)}") from None
 
 
 @functools.lru_cache(maxsize=CACHE_LIMIT)
@@ -44,7 +45,7 @@ def pattern(text: str) -> TopicPattern:
     try:
         return TopicPattern(text)
     except InvalidName as exc:
-        raise ConfigError("pattern", f"{exc.reason} in {text!r}") from None
+        raise ConfigError("pattern", f"{exc.reason} in {quoted(text)}") from None
 
 
 @functools.lru_cache(maxsize=CACHE_LIMIT)
@@ -76,6 +77,6 @@ def durable(name: str) -> str:
         ConfigError: the name is empty, has more than one segment or is otherwise invalid.
     """
     if not name or "." in name:
-        raise ConfigError("durable", f"{name!r}: use a single name segment")
+        raise ConfigError("durable", f"{quoted(name)}: use a single name segment")
     _checked(name, "durable")
     return name

@@ -17,6 +17,8 @@ pyzmq, zeroconf and msgspec never escape the public API::
 
 from __future__ import annotations
 
+from ._support._text import quoted
+
 
 class MeshError(Exception):
     """Root of every error the `mesh` package raises."""
@@ -72,7 +74,7 @@ class NoRespondersError(DeliveryError):
 
     def __init__(self, name: str) -> None:
         self.name = name
-        super().__init__(f"no responders for {name!r}")
+        super().__init__(f"no responders for {quoted(name)}")
 
 
 class RemoteError(DeliveryError):
@@ -81,7 +83,7 @@ class RemoteError(DeliveryError):
     def __init__(self, service: str, message: str) -> None:
         self.service = service
         self.message = message
-        super().__init__(f"service {service!r} failed: {message}")
+        super().__init__(f"service {quoted(service)} failed: {message}")
 
 
 class SpoolFullError(MeshError):

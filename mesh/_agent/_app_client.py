@@ -28,6 +28,7 @@ import zlib
 from typing import Final, NamedTuple, cast
 from urllib.parse import unquote, urlsplit
 
+from .._support._text import quoted
 from ._headers import sendable
 
 MAX_HEAD: Final[int] = 64 * 1024
@@ -364,7 +365,7 @@ class _Connection(asyncio.Protocol):
 
     def _inflate(self, body: bytes) -> bytes:
         if self._encoding not in ("gzip", "x-gzip", "deflate"):
-            raise BadResponse(f"app reply in an unknown Content-Encoding {self._encoding!r}")
+            raise BadResponse(f"app reply in an unknown Content-Encoding {quoted(self._encoding)}")
         try:
             inflater = zlib.decompressobj(47)  # a gzip or a zlib header
             out = inflater.decompress(body, self._limit + 1)

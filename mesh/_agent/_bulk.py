@@ -22,6 +22,7 @@ import msgspec
 
 from .. import _names, _ttl
 from .._node import AsyncNode
+from .._support._text import quoted
 from ..errors import ConfigError
 from ._headers import MAX_HEADERS, MAX_VALUE, is_token
 
@@ -152,7 +153,7 @@ def _message_headers(given: dict[str, str]) -> dict[str, str]:
     out = {}
     for name, value in given.items():
         if not is_token(name):
-            raise ConfigError("headers", f"{name!r} is not an HTTP header name")
+            raise ConfigError("headers", f"{quoted(name)} is not an HTTP header name")
         if len(value) > MAX_VALUE or "\r" in value or "\n" in value:
             raise ConfigError("headers", f"{name}: value longer than {MAX_VALUE} or with a "
                                          "line break")

@@ -19,6 +19,7 @@ import msgspec
 
 from .. import _names
 from .._config import NodeConfig, convert, env_values
+from .._support._text import quoted
 from .._support._urls import http_url_problem
 from .._uplink._settings import UplinkSettings
 from .._uplink._settings import check as check_uplink
@@ -94,7 +95,7 @@ class AgentConfig(NodeConfig, kw_only=True, forbid_unknown_fields=True):
                 first = durables.setdefault(hook.durable, i)
                 if first != i:
                     raise ConfigError(f"webhooks[{i}].durable",
-                                      f"{hook.durable!r} is the durable of webhooks[{first}]")
+                                      f"{quoted(hook.durable)} is the durable of webhooks[{first}]")
         seen: set[str] = set()
         for i, svc in enumerate(config.services):
             _check_service(f"service[{i}]", svc, seen)
@@ -125,9 +126,9 @@ def http_address(text: str) -> tuple[str, int]:
         ipaddress.ip_address(host)
         number = int(port)
     except ValueError:
-        raise ConfigError("http", f"{text!r}: use IP:PORT, e.g. {DEFAULT_HTTP}") from None
+        raise ConfigError("http", f"{quoted(text)}: use IP:PORT, e.g. {DEFAULT_HTTP}") from None
     if not sep or not 0 <= number <= 65535:
-        raise ConfigError("http", f"{text!r}: use IP:PORT, e.g. {DEFAULT_HTTP}")
+        raise ConfigError("http", f"{quoted(text)}: use IP:PORT, e.g. {DEFAULT_HTTP}")
     return host, number
 
 
@@ -163,7 +164,7 @@ def _check_service(key: str, svc: ServiceApp, seen: set[str]) -> None:
     except ConfigError as exc:
         raise ConfigError(f"{key}.name", exc.reason) from None
     if svc.name in seen:
-        raise ConfigError(f"{key}.name", f"service {svc.name!r} is configured twice")
+        raise ConfigError(f"{key}.name", f"service {quoted(svc.name)} is configured twice")
     seen.add(svc.name)
     problem = http_url_problem(svc.url)
     if problem is not None:

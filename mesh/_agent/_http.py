@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiMapping
 
 from .._message import Message
+from .._support._text import quoted
 from ..errors import (
     ClosedError,
     ConfigError,
@@ -101,9 +102,9 @@ def query(request: RequestView, allowed: Collection[str]) -> dict[str, str]:
     for key, value in request.query.items():
         if key not in allowed:
             known = ", ".join(sorted(allowed)) or "none"
-            raise _bad(f"unknown query parameter {key!r} (known: {known})")
+            raise _bad(f"unknown query parameter {quoted(key)} (known: {known})")
         if key in out:
-            raise _bad(f"query parameter {key!r} given twice")
+            raise _bad(f"query parameter {quoted(key)} given twice")
         out[key] = value
     return out
 
@@ -116,7 +117,7 @@ def flag(params: dict[str, str], key: str, default: bool = False) -> bool:
         return True
     if value in ("false", "0", "no"):
         return False
-    raise _bad(f"{key} must be true or false, not {params[key]!r}")
+    raise _bad(f"{key} must be true or false, not {quoted(params[key])}")
 
 
 def seconds(params: dict[str, str], key: str, default: float) -> float:
@@ -125,7 +126,7 @@ def seconds(params: dict[str, str], key: str, default: float) -> float:
     try:
         value = float(params[key])
     except ValueError:
-        raise _bad(f"{key} must be a number of seconds, not {params[key]!r}") from None
+        raise _bad(f"{key} must be a number of seconds, not {quoted(params[key])}") from None
     if not 0 < value <= MAX_TIMEOUT or math.isnan(value):
         raise _bad(f"{key} must be > 0 and <= {MAX_TIMEOUT:g}")
     return value
@@ -138,9 +139,9 @@ def ttl(params: dict[str, str]) -> float | None:
     try:
         value = float(params["ttl"])
     except ValueError:
-        raise _bad(f"ttl must be a number of seconds, not {params['ttl']!r}") from None
+        raise _bad(f"ttl must be a number of seconds, not {quoted(params['ttl'])}") from None
     if not value > 0 or not math.isfinite(value):
-        raise _bad(f"ttl must be a finite number of seconds > 0, not {params['ttl']!r}")
+        raise _bad(f"ttl must be a finite number of seconds > 0, not {quoted(params['ttl'])}")
     return value
 
 
@@ -150,7 +151,7 @@ def count(params: dict[str, str], key: str, default: int, top: int) -> int:
     try:
         value = int(params[key])
     except ValueError:
-        raise _bad(f"{key} must be an integer, not {params[key]!r}") from None
+        raise _bad(f"{key} must be an integer, not {quoted(params[key])}") from None
     if not 0 <= value <= top:
         raise _bad(f"{key} must be between 0 and {top}")
     return value
@@ -225,8 +226,8 @@ def _guarded(handler: ViewHandler, route: str, count: Callable[[str, int], None]
             response = error(413, str(exc))
         except SpoolFullError as exc:
             response = error(507, str(exc))
-        except NoRespondersError as exc:  # (not str(exc): a Python repr, escaped again by JSON)
-            response = error(503, f"no responders for '{exc.name}'")
+        except NoRespondersError as exc:
+            response = error(503, str(exc))
         except (RequestTimeout, TimeoutError) as exc:
             response = error(504, str(exc) or "timed out")
         except RemoteError as exc:

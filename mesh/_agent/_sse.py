@@ -31,6 +31,7 @@ from .._memory._history import parse_since
 from .._message import Message
 from .._node import AsyncNode
 from .._pubsub._subscription import Subscription
+from .._support._text import quoted
 from .._work._pull import Pull
 from ..errors import ClosedError
 from . import _http
@@ -103,7 +104,7 @@ class Streams:
         if durable is None:
             return await self._plain(request, pattern, retained, since, last, json)
         if durable in self._attached:
-            return _http.error(409, f"durable {durable!r} already has a stream on this agent")
+            return _http.error(409, f"durable {quoted(durable)} already has a stream on this agent")
         self._attached.add(durable)
         try:
             return await self._durable(request, pattern, durable, since, last, json)

@@ -20,6 +20,7 @@ from typing import Any, Final
 from .._membership._peers import PeerEvent
 from .._message import Message
 from .._node import AsyncNode
+from .._support._text import printable, quoted
 from ..errors import ConfigError, NoRespondersError, RequestTimeout
 
 _DISCOVERY_WINDOW: Final[float] = 0.25
@@ -88,7 +89,7 @@ async def until_terminated(command: Callable[[], Coroutine[Any, Any, int]]) -> i
 def shown(text: str) -> str:
     """`text` with each character that is not printable as ``?``: a peer's name comes from
     the network, and one holding an escape sequence must not drive the terminal."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+    return printable(text)
 
 
 def event_line(event: PeerEvent) -> str:
@@ -113,7 +114,7 @@ def _headers(pairs: list[str]) -> dict[str, str] | None:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError("--header", f"expected K=V, got {pair!r}")
+            raise ConfigError("--header", f"expected K=V, got {quoted(pair)}")
         headers[key] = value
     return headers or None
 
@@ -349,7 +350,7 @@ def _exec_handler(command: str, timeout: float) -> Callable[[Message], Coroutine
     try:
         argv = shlex.split(command)
     except ValueError as exc:
-        raise ConfigError("--exec", f"{exc} in {command!r}") from None
+        raise ConfigError("--exec", f"{exc} in {quoted(command)}") from None
     if not argv:
         raise ConfigError("--exec", "empty command")
     if shutil.which(argv[0]) is None:
@@ -417,7 +418,7 @@ async def req(args: argparse.Namespace) -> int:
             await node.wait_for_service(args.service, timeout=args.timeout)
         except RequestTimeout:
             if args.all:
-                print(f"zeromesh req: no server of {args.service!r}", file=sys.stderr)
+                print(f"zeromesh req: no server of {quoted(args.service)}", file=sys.stderr)
                 return 1
             raise NoRespondersError(args.service) from None
         if args.all:
@@ -427,7 +428,7 @@ async def req(args: argparse.Namespace) -> int:
                                        timeout=max(deadline - loop.time(), 0.001),
                                        retries=2 if args.retries is None else args.retries)
         except RequestTimeout as exc:  # report the user's --timeout, not what was left of it
-            raise RequestTimeout(f"request to {args.service!r}", args.timeout) from exc
+            raise RequestTimeout(f"request to {quoted(args.service)}", args.timeout) from exc
     if args.json:
         out(json.dumps(_named_dict(reply, "service")))
         return 0
@@ -466,9 +467,9 @@ async def _req_all(node: AsyncNode, args: argparse.Namespace, headers: dict[str,
                 out(f"{reply.source} {reply.text.rstrip()}")
     if answered and not ok:
         print(f"zeromesh req: {'the server' if answered == 1 else f'all {answered} servers'} "
-              f"of {args.service!r} answered with an error", file=sys.stderr)
+              f"of {quoted(args.service)} answered with an error", file=sys.stderr)
     elif not ok:
-        print(f"zeromesh req: no reply from a server of {args.service!r} within "
+        print(f"zeromesh req: no reply from a server of {quoted(args.service)} within "
               f"{args.timeout:g} s", file=sys.stderr)
     return 0 if ok else 1
 

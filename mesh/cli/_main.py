@@ -21,6 +21,7 @@ from patterns import KeyFileError, generate_keypair
 from .. import _loop
 from .._memory._history import parse_since
 from .._spool import FsyncPolicy
+from .._support._text import printable, quoted
 from .._support._urls import http_url_problem
 from ..errors import ConfigError, MeshError
 from . import _commands, _demo
@@ -98,11 +99,11 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number: {quoted(text)}") from None
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds: {quoted(text)}")
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be > 0: {quoted(text)}")
     return value
 
 
@@ -119,9 +120,9 @@ def _count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not an integer: {quoted(text)}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be >= 1: {quoted(text)}")
     return value
 
 
@@ -291,9 +292,9 @@ def _retries(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not an integer: {quoted(text)}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be >= 0: {quoted(text)}")
     return value
 
 
@@ -414,11 +415,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = _commands.HANDLERS[args.command]
         code: int = _loop.run(_commands.until_terminated(lambda: handler(args)))
         return code
-    except ConfigError as exc:
-        print(f"zeromesh {args.command}: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # (printable: a remote error's text comes from the network)
+        print(f"zeromesh {args.command}: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except MeshError as exc:
-        print(f"zeromesh {args.command}: {exc}", file=sys.stderr)
+        print(f"zeromesh {args.command}: {printable(str(exc))}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130

@@ -200,9 +200,9 @@ async def test_request_statuses_reply_timeout_remote_error_and_no_responders(
         assert time.monotonic() - started < 2.0
 
 
-async def test_no_responders_names_the_name_as_given(procs: list[Cli], mesh_name: str) -> None:
-    """The 503's reason quotes the name plainly: it was Python's repr of it, which JSON
-    escaped again (``'w"q\\\\z'`` for ``w"q\\z``)."""
+async def test_error_reasons_name_the_name_as_given(procs: list[Cli], mesh_name: str) -> None:
+    """Error reasons quote names plainly, each unprintable character as ``?``: they were
+    Python's repr, which JSON escaped again (``'w"q\\\\z\\x01'`` for ``w"q\\z`` and U+0001)."""
     agent = start_agent(procs, mesh=mesh_name, name="side")
     async with aiohttp.ClientSession() as http:
         for route in ("request", "push"):
@@ -210,6 +210,18 @@ async def test_no_responders_names_the_name_as_given(procs: list[Cli], mesh_name
                                  data=b"x") as r:
                 assert r.status == 503
                 assert (await r.json())["error"] == "no responders for 'w\"q\\z'", route
+        for method, path, reason in [
+            ("POST", "/v1/publish/w%22q%5Cz%01",
+             "topic: control or surrogate character U+0001 at index 5 in 'w\"q\\z?'"),
+            ("POST", "/v1/publish/t?ttl=%1B%5B2J", "ttl must be a number of seconds, not '?[2J'"),
+            ("POST", "/v1/publish/t?a%5Cb=1", "unknown query parameter 'a\\b' (known: "
+                                             "reliable, retain, ttl)"),
+            ("GET", "/v1/subscribe/a..b%5C", "pattern: empty segment in 'a..b\\'"),
+        ]:
+            async with http.request(method, f"{agent.url}{path}",
+                                    data=b"x" if method == "POST" else None) as r:
+                assert r.status == 400, path
+                assert (await r.json())["error"] == reason, path
 
 
 async def test_push_reaches_a_worker_with_headers(procs: list[Cli], mesh_name: str, make_node: MakeNode) -> None:

@@ -130,6 +130,17 @@ def test_req_without_a_server_exits_1_within_its_timeout(mesh_name: str) -> None
     assert 1 <= took < 15, took
 
 
+def test_req_errors_name_the_service_as_given(mesh_name: str) -> None:
+    """One-line errors quote a name plainly, each unprintable character as ``?`` (they
+    were Python's repr: ``'a\\\\b"'``, ``'a\\x1b[2J'``)."""
+    result = run(["req", 'a\\b"', "x", "--timeout", "0.2"], mesh=mesh_name, timeout=60)
+    assert (result.returncode, result.stderr.strip()) == (
+        1, "zeromesh req: no responders for 'a\\b\"'")
+    result = run(["req", "a\x1b[2J", "x"], mesh=mesh_name, timeout=60)
+    assert (result.returncode, result.stderr.strip()) == (
+        2, "zeromesh req: service: control or surrogate character U+001B at index 1 in 'a?[2J'")
+
+
 def test_req_times_out_with_exit_1(procs: list[Cli], mesh_name: str) -> None:
     """A server slower than --timeout: exit 1 with a timeout message."""
     serve(procs, mesh_name, "svc.slow", "--exec", "sleep 5")
