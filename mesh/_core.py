@@ -383,7 +383,7 @@ class NodeCore:
     # -- peers -------------------------------------------------------------------
 
     def peers(self) -> list[Peer]:
-        """Known peers (never this node), with their liveness state."""
+        """Known peers (never this node, nor one that left), with their liveness state."""
         run = self._run
         return run.membership.table.snapshot() if run is not None else []
 

@@ -595,7 +595,7 @@ class Node:
     # -- peers ---------------------------------------------------------------------
 
     def peers(self) -> list[Peer]:
-        """Known peers (never this node), with their liveness state."""
+        """Known peers (never this node, nor one that left), with their liveness state."""
         return self._read(self._node.peers)
 
     def wait_for_peers(self, count: int, *, timeout: float = 10.0) -> list[Peer]:

@@ -53,6 +53,8 @@ from .._uplink._links import Uplinks
 disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double the output and nobody graphs them
 
 CONTENT_TYPE: Final[str] = "text/plain; version=0.0.4; charset=utf-8"
+_LISTED_STATES: Final = tuple(s for s in PeerState if s is not PeerState.LEFT)
+"""The states `node.peers()` shows (a peer that left is not listed)."""
 _NODE_TOTALS: Final = (
     ("spooled", "zeromesh_messages_spooled", "Reliable messages written to the outbox spool."),
     ("redelivered", "zeromesh_messages_redelivered",
@@ -270,7 +272,7 @@ class _NodeCollector(Collector):
         peers = GaugeMetricFamily("zeromesh_peers", "Known peers by liveness state.",
                                   labels=["state"])
         states = [p.state for p in node.peers()]
-        for state in PeerState:
+        for state in _LISTED_STATES:
             peers.add_metric([state.value], states.count(state))
         yield peers
 

@@ -17,7 +17,7 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 
-from .._membership._peers import PeerEvent, PeerEventKind
+from .._membership._peers import PeerEvent
 from .._node import AsyncNode
 from .._uplink._links import Uplinks
 from . import _http
@@ -34,10 +34,8 @@ def sse(kind: str, data: object) -> bytes:
 
 
 def peer_event(event: PeerEvent) -> bytes:
-    """A peer that left is snapshotted as it was (alive): its state here is ``left``."""
     peer = event.peer
-    state = "left" if event.kind is PeerEventKind.LEFT else peer.state.value
-    return sse(event.kind.value, {"id": peer.id, "name": peer.name, "state": state})
+    return sse(event.kind.value, {"id": peer.id, "name": peer.name, "state": peer.state.value})
 
 
 class Seeing:

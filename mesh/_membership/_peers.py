@@ -58,11 +58,13 @@ each of a burst of messages (it then finds the peer heard and moves on)."""
 
 
 class PeerState(enum.Enum):
-    """How recently a peer was heard from."""
+    """How recently a peer was heard from; `LEFT` only in a `PeerEventKind.LEFT` event's
+    snapshot (a peer that said goodbye is removed: `peers()` never lists it)."""
 
     ALIVE = "alive"
     SUSPECT = "suspect"
     LOST = "lost"
+    LEFT = "left"
 
 
 class PeerEventKind(enum.Enum):
@@ -162,9 +164,10 @@ class PeerRecord:
     digest_part: int = 0
     """Its share of our membership digest (see `_gossip.digest_part`)."""
 
-    def snapshot(self) -> Peer:
+    def snapshot(self, state: PeerState | None = None) -> Peer:
+        """The peer as users see it, in its own state or `state`."""
         last_seen = time.time() - (time.monotonic() - self.last_heard)
-        return Peer(self.id, self.name, self.state, (self.ctl, self.pub), last_seen,
+        return Peer(self.id, self.name, state or self.state, (self.ctl, self.pub), last_seen,
                     tuple(p.pattern for p in self.subs), self.rtt)
 
 
@@ -369,7 +372,10 @@ class PeerTable:
             self._observer.peer_state_changed(rec)
 
     def _emit(self, kind: PeerEventKind, rec: PeerRecord) -> None:
-        self._observer.peer_event(PeerEvent(kind, rec.snapshot()))
+        """(A peer that left is snapshotted as LEFT, not as it was: its record, which a
+        part may still hold, keeps its state, since parts treat any state but LOST as live.)"""
+        state = PeerState.LEFT if kind is PeerEventKind.LEFT else None
+        self._observer.peer_event(PeerEvent(kind, rec.snapshot(state)))
 
 
 def _disarm(rec: PeerRecord) -> None:

@@ -324,6 +324,7 @@ async def test_metrics_count_what_happened(procs: list[Cli], mesh_name: str, mak
     assert samples[("zeromesh_requests_total", (("outcome", "ok"), ("service", "echo")))] == 1
     assert samples[("zeromesh_request_duration_seconds_count", (("service", "echo"),))] == 1
     assert samples[("zeromesh_peers", (("state", "alive"),))] == 1
+    assert ("zeromesh_peers", (("state", "left"),)) not in samples  # (never listed)
     assert samples[("zeromesh_spool_messages", ())] == 0
     assert ("zeromesh_messages_dropped_total", ()) not in samples
 

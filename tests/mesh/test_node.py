@@ -226,7 +226,8 @@ async def test_nodes_of_other_meshes_are_invisible(make_node: MakeNode, mesh_nam
 
 
 async def test_graceful_leave_is_an_event_and_removes_the_peer(make_node: MakeNode) -> None:
-    """aclose() says goodbye: peers see 'left' at once, not 'lost' later."""
+    """aclose() says goodbye: peers see 'left' at once, not 'lost' later; the event's peer
+    is in state LEFT (it was snapshotted as it had been, alive), and is listed no more."""
     a = await make_node("a")
     events = a.events()
     b = await make_node("b")
@@ -237,7 +238,9 @@ async def test_graceful_leave_is_an_event_and_removes_the_peer(make_node: MakeNo
     left = await events.next(timeout=5)
     took = time.monotonic() - started
     await closing
-    assert (left.kind, left.peer.id) == (PeerEventKind.LEFT, b.id)
+    assert (left.kind, left.peer.id, left.peer.state) == (PeerEventKind.LEFT, b.id,
+                                                          PeerState.LEFT)
+    assert left.peer.to_dict()["state"] == "left"
     assert took < FAST["lost_after"]
     assert a.peers() == []
 
