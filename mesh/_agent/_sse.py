@@ -11,6 +11,11 @@ lost in flight (for the `RECENT_NAMES` durables streamed last: the names are
 the clients' choice). Events queued for a client but not yet written go back to
 the publishers when it disconnects.
 
+A client reconnecting with a ``Last-Event-ID`` the agent does not remember (older
+than what it keeps, from before it started, or on a plain stream, which keeps
+nothing) first gets ``event: gap`` (`gap`): what came between that id and what
+follows may be lost, and how many is not known.
+
 A client that sends ``Accept: application/json`` gets MessagePack payloads
 (typed sends from Python) as JSON text in ``data``, as if they had been
 published as JSON (see `_headers.as_json`).
@@ -62,6 +67,12 @@ _HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cac
 _encode = msgspec.json.Encoder().encode
 
 Settle = Callable[[bool], None]
+
+
+def gap(last_id: str, resent: int) -> bytes:
+    """``event: gap``: nothing after `last_id` can be sent again but the `resent` events
+    that follow (no ``id:``, so a client's last event id stays the one it had)."""
+    return b"event: gap\ndata: %s\n\n" % _encode({"last_event_id": last_id, "resent": resent})
 
 
 def event(msg: Message, json: bool = False) -> bytes:
@@ -124,6 +135,9 @@ class Streams:
         response = web.StreamResponse(headers=_HEADERS)
         try:
             await _open(request, response)
+            last_id = _last_event_id(request)
+            if last_id:  # (a plain stream keeps nothing to resume with)
+                await response.write(gap(last_id, 0))
             while True:
                 try:
                     first = await sub.next(timeout=KEEPALIVE)
@@ -155,9 +169,9 @@ class Streams:
         response = web.StreamResponse(headers=_HEADERS)
         try:
             await _open(request, response)
-            missed = recent.after(request.headers.get("Last-Event-ID"))
+            missed = recent.after(_last_event_id(request))
             if missed:
-                await response.write(b"".join(missed))
+                await response.write(missed)
             counter = self._metrics.sse.labels(self._metrics.pattern_label(pattern))
             await self._pump(response, pull, recent, counter.inc, json)
             return response
@@ -212,6 +226,10 @@ class Streams:
             count(len(events))
 
 
+def _last_event_id(request: web.Request) -> str:
+    return request.headers.get("Last-Event-ID", "").strip()
+
+
 async def _open(request: web.Request, response: web.StreamResponse) -> None:
     await response.prepare(request)
     await response.write(b": subscribed\n\n")  # the subscription is in place from here on
@@ -235,13 +253,14 @@ class _Recent:
         while self._bytes > RECENT_BYTES and len(events_) > 1:
             self._bytes -= len(events_.popleft()[1])
 
-    def after(self, last_id: str | None) -> list[bytes]:
-        """The remembered events after `last_id` (none if it is unknown)."""
+    def after(self, last_id: str) -> bytes:
+        """The remembered events after `last_id`; for an id not remembered (older than
+        the oldest kept: every one kept came after it), a `gap`, then all of them."""
         if not last_id:
-            return []
+            return b""
         ids = [event_id for event_id, _ in self._events]
         try:
-            start = ids.index(last_id.strip()) + 1
+            start = ids.index(last_id) + 1
         except ValueError:
-            return []
-        return [data for _, data in list(self._events)[start:]]
+            return gap(last_id, len(ids)) + b"".join(data for _, data in self._events)
+        return b"".join(data for _, data in list(self._events)[start:])

@@ -73,9 +73,10 @@ class SseStream:
                     return
 
     async def events(self, count: int) -> list[dict[str, Any]]:
-        """The next `count` events: each ``{"id": ..., **data}``."""
+        """The next `count` events: each ``{"event_id": ..., **data}``, and ``"event":
+        name`` for one with an ``event:`` line (``gap``)."""
         out: list[dict[str, Any]] = []
-        event_id, data = "", ""
+        event_id, data, kind = "", "", {}
         async with asyncio.timeout(WAIT):
             while len(out) < count:
                 raw = await self.response.content.readline()
@@ -83,11 +84,13 @@ class SseStream:
                 line = raw.decode().rstrip("\n")
                 if line.startswith("id: "):
                     event_id = line[4:]
+                elif line.startswith("event: "):
+                    kind = {"event": line[7:]}
                 elif line.startswith("data: "):
                     data = line[6:]
                 elif not line and data:
-                    out.append({"event_id": event_id, **json.loads(data)})
-                    event_id, data = "", ""
+                    out.append({"event_id": event_id, **kind, **json.loads(data)})
+                    event_id, data, kind = "", "", {}
         return out
 
 

@@ -73,7 +73,8 @@ async def test_remembered_events_are_bounded_in_bytes(
     """A durable remembers its last events for a reconnect, at most RECENT_BYTES of them:
     the bound was 1024 events whatever their size, kept while the agent runs (600 events
     of 512 KiB held 450 MB after the client had gone). A Last-Event-ID older than what is
-    kept replays nothing; the stream goes on with what comes next."""
+    kept gets ``event: gap`` first (it got no sign of one), then every event kept (each
+    came after it), then what comes next."""
     from mesh._agent import Agent, _sse, load
 
     from .conftest import FAST
@@ -93,14 +94,17 @@ async def test_remembered_events_are_bounded_in_bytes(
                             headers={"Last-Event-ID": first[0]["event_id"]}) as response:
             stream = SseStream(response)
             await stream.subscribed()
+            gap, = await stream.events(1)
+            assert gap == {"event_id": "", "event": "gap",
+                           "last_event_id": first[0]["event_id"], "resent": 3}
             await agent.node.publish("big.end", b"end", reliable=True)
-            replayed = [e["topic"] for e in await stream.events(1)]
+            replayed = [e["data"][:1] for e in await stream.events(4)]
         async with http.get(agent.http_url + url_path,
                             headers={"Last-Event-ID": first[8]["event_id"]}) as response:
             stream = SseStream(response)
             await stream.subscribed()
             recent = [e["data"][:1] for e in await stream.events(2)]
-    assert replayed == ["big.end"]  # (the first event is forgotten: nothing replayed)
+    assert replayed == ["7", "8", "9", "e"]  # (the 3 of 30 KB kept, then "end")
     assert recent == ["9", "e"]  # (what is kept after the last seen id, then "end")
 
 
@@ -130,6 +134,26 @@ async def test_recent_events_are_kept_for_a_bounded_number_of_durables(
             stream = SseStream(response)
             await stream.subscribed()
             assert [e["data"] for e in await stream.events(1)] == ["m7b"]
+
+
+async def test_a_plain_stream_resumed_with_last_event_id_gets_a_gap_first(
+        mesh_name: str) -> None:
+    """A plain stream keeps nothing to resume with: a client reconnecting with
+    Last-Event-ID (as EventSource does) gets ``event: gap`` first, where it got no sign
+    that what was published while it was away is gone; without the header, no gap."""
+    config = load(None, env={}, flags={"name": "agent", "mesh": mesh_name, "mdns": False,
+                                        "interfaces": ["127.0.0.1"], "http": "127.0.0.1:0",
+                                        **FAST})
+    url = "/v1/subscribe/p.%3E?retained=false"
+    async with Agent(config) as agent, aiohttp.ClientSession() as http:
+        for headers in ({"Last-Event-ID": "ab12-7"}, {}):
+            async with http.get(agent.http_url + url, headers=headers) as response:
+                stream = SseStream(response)
+                await stream.subscribed()
+                await agent.node.publish("p.x", b"live")
+                got = await stream.events(2 if headers else 1)
+            assert [(e.get("event"), e.get("last_event_id"), e.get("data")) for e in got] == [
+                ("gap", "ab12-7", None), (None, None, "live")][2 - len(got):]
 
 
 @pytest.mark.parametrize("durable", [False, True])
