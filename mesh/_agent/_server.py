@@ -26,6 +26,7 @@ from . import _http
 from ._config import AgentConfig, Webhook, http_address
 from ._front import Front, FrontSite
 from ._metrics import AgentMetrics
+from ._owned import OwnedDurables, owned
 from ._page import Page
 from ._routes import LEAN, Routes
 from ._seeing import Seeing
@@ -48,6 +49,7 @@ class Agent:
         self.metrics = AgentMetrics(self.node, self.uplinks)
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._owned = OwnedDurables(self.node, config.data_dir)
         self.services = AppServices(self.node, self.metrics)
         """``[[service]]`` entries: mesh services answered by apps over HTTP."""
         self._hooks: dict[bytes, tuple[WebhookRunner, asyncio.Task[None]]] = {}
@@ -75,6 +77,7 @@ class Agent:
         _http.quiet_client_errors()
         await self.node.start()
         try:
+            await self._owned.start(owned(self.config))  # (before any client can open one)
             app = self.app()
             self._runner = web.AppRunner(app, access_log=None,
                                          handler_cancellation=True,
@@ -118,6 +121,7 @@ class Agent:
             await self.services.apply(config.services)
             self.config.webhooks, self.config.uplinks = config.webhooks, config.uplinks
             self.config.services = config.services
+            await self._owned.save(owned(self.config))
         later = [key for key in AgentConfig.__struct_fields__
                  if key not in _RELOADED and getattr(config, key) != getattr(self.config, key)]
         if later:

@@ -19,10 +19,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import CountsInFlight, aeventually
+from tests.helpers import CountsInFlight, aeventually, free_port
 
 from ._agent import start_agent
 from ._proc import Cli
+from .conftest import MakeNode
 
 if TYPE_CHECKING:
     from mesh._agent import Agent
@@ -413,6 +414,28 @@ async def test_a_reload_that_removes_a_durable_webhook_ends_its_durable(
             Webhook(url=f"{app.url}?v=2", pattern="b.>", durable="kept")]))
         await node.publish("a.x", b"nobody's", reliable=True)
         assert [(d.name, d.backlog) for d in node.durables()] == [("kept", 0)]
+
+
+async def test_durables_removed_from_the_config_while_the_agent_is_down_end_at_its_start(
+        procs: list[Cli], mesh_name: str, tmp_path: Path, make_node: MakeNode) -> None:
+    """A durable webhook and an uplink export removed from the file while the agent was
+    down end at its next start, as at a reload: they were never ended, and publishers
+    spooled for them until durable_expiry (7 days). The one still configured stays."""
+    pub = await make_node("pub", data_dir=str(tmp_path / "pub"))
+    kept = hook_config("http://127.0.0.1:9/hook", pattern="k.>", durable="kept")
+    removed = (hook_config("http://127.0.0.1:9/hook", pattern="g.>", durable="gone")
+               + f'[[uplink]]\nurl = "nats://127.0.0.1:{free_port()}"\nprefix = "site"\n'
+               + 'export = ["up.>"]\n')
+    args = ("--data-dir", str(tmp_path / "agent"))
+    agent = start_agent(procs, *args, mesh=mesh_name, name="side", tmp=tmp_path,
+                        config=kept + removed)
+    await aeventually(lambda: len(pub.durables()) == 3, timeout=5)
+    gone, kept_name, export = sorted(d.name for d in pub.durables())
+    assert (gone, kept_name, export[:7]) == ("gone", "kept", "uplink-")
+    agent.cli.term()
+    assert agent.cli.wait() == 0
+    start_agent(procs, *args, mesh=mesh_name, name="side", tmp=tmp_path, config=kept)
+    await aeventually(lambda: [d.name for d in pub.durables()] == ["kept"], timeout=5)
 
 
 async def test_a_reload_adding_a_durable_webhook_to_an_agent_without_data_dir_is_refused(
