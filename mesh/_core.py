@@ -67,6 +67,7 @@ from ._spool._lock import DataDirLock
 from ._support._quiet import QuietLog
 from ._support._tally import Stats, Traffic
 from ._support._tasks import TaskSet
+from ._support._text import quoted
 from ._support._watch import Watchers
 from ._work._queues import WorkQueues
 from .errors import ClosedError, ConfigError
@@ -547,7 +548,7 @@ class NodeCore:
         await asyncio.sleep(0)  # messages spooled just now reach its queue first (_hand_out)
         run = self._live()
         if queue in run.work.workers.local:
-            raise ConfigError("durable", f"{name!r} is open: close its subscription first")
+            raise ConfigError("durable", f"{quoted(name)} is open: close its subscription first")
         freed = self._drop_durable(run.outbox, run.work, queue)
         self._durables.end(queue)
         run.membership.interest_changed()

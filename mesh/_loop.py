@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
+from ._support._text import quoted
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -33,7 +34,7 @@ def loop_factory(env: Mapping[str, str] = os.environ) -> LoopFactory:
     choice = env.get("ZEROMESH_LOOP", "").strip().lower() or "auto"
     if choice not in _CHOICES:
         raise ConfigError("ZEROMESH_LOOP", f"expected one of {', '.join(_CHOICES)}, "
-                                           f"got {choice!r}")
+                                           f"got {quoted(choice)}")
     if choice != "asyncio":
         try:
             import uvloop

@@ -21,6 +21,7 @@ from ._pubsub._subscription import DEFAULT_MAX_PENDING, Callback, Subscription, 
 from ._reliable import _dead
 from ._reliable._durables import DurableInfo, durable_queue
 from ._reliable._outbox import Replayed
+from ._support._text import quoted
 from ._work._pull import NO_SETTLE, Pull
 from ._work._queues import DEFAULT_PREFETCH
 from ._work._target import Sent
@@ -350,7 +351,7 @@ class AsyncNode(WorkAndServices):
         """
         _names.topic(topic)
         await self._wait(lambda: len(self._durables.matching(topic)) >= count, timeout,
-                         f"waiting for {count} durable subscriptions of {topic!r}")
+                         f"waiting for {count} durable subscriptions of {quoted(topic)}")
 
     def durables(self) -> list[DurableInfo]:
         """The durable subscriptions this node spools reliable messages for (learned from
@@ -436,7 +437,7 @@ class AsyncNode(WorkAndServices):
         _names.pattern(pattern)
         open_on = self._durables.mine.get(queue)
         if open_on not in (None, pattern) and queue in run.work.workers.local:
-            raise ConfigError("durable", f"{name!r} is open already, on {open_on!r}")
+            raise ConfigError("durable", f"{quoted(name)} is open already, on {quoted(open_on)}")
         self._durables.own(queue, pattern)
         pull = run.work.pull(queue, prefetch, None)
         local = run.work.workers.local[queue]
@@ -466,7 +467,7 @@ class AsyncNode(WorkAndServices):
         """
         _names.topic(topic)
         self._offer(topic)
-        what = f"waiting for {count} subscribers of {topic!r}"
+        what = f"waiting for {count} subscribers of {quoted(topic)}"
         try:
             await self._wait(lambda: self.subscriber_count(topic) >= count, timeout, what)
         except RequestTimeout:
@@ -486,7 +487,7 @@ class AsyncNode(WorkAndServices):
         _names.topic(topic)
         self._offer(topic)
         await self._wait(lambda: self.subscriber_count(topic) >= self._known_count(topic),
-                         timeout, f"waiting for the subscribers of {topic!r}")
+                         timeout, f"waiting for the subscribers of {quoted(topic)}")
         return self.subscriber_count(topic)
 
     def _offer(self, topic: str) -> None:

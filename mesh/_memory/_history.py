@@ -31,6 +31,7 @@ from patterns import TopicPattern
 
 from .. import _ttl, _wire
 from .._support._cache import BoundedDict
+from .._support._text import quoted
 from ..errors import ConfigError
 from ._log import RecordLog
 
@@ -210,11 +211,11 @@ def parse_since(text: str) -> float | datetime:
             when = datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
             raise ConfigError("since", f"not a duration (90, 30s, 10m, 2h, 1d) or an ISO "
-                                       f"8601 time: {text!r}") from None
+                                       f"8601 time: {quoted(text)}") from None
         start_of(when)
         return when
     if not 0 < value < math.inf:
-        raise ConfigError("since", f"must be a positive duration: {text!r}")
+        raise ConfigError("since", f"must be a positive duration: {quoted(text)}")
     return value
 
 

@@ -54,6 +54,7 @@ from patterns import InvalidName, TopicPattern
 
 from .._membership._peers import PeerRecord
 from .._support._cache import BoundedDict
+from .._support._text import quoted
 from ..errors import ConfigError
 
 _log = logging.getLogger("mesh.spool")
@@ -252,9 +253,10 @@ class KnownDurables:
         if len(found) == 1:
             return found[0]
         if not found:
-            raise ConfigError("durable", f"no known durable {name!r} "
+            raise ConfigError("durable", f"no known durable {quoted(name)} "
                               f"({len(self._known)} known; see `zeromesh spool durables`)")
-        raise ConfigError("durable", f"{name!r} is ambiguous, name one of: {', '.join(found)}")
+        raise ConfigError("durable", f"{quoted(name)} is ambiguous, name one of: "
+                                     f"{', '.join(found)}")
 
     def infos(self, backlog: Callable[[str], int]) -> list[DurableInfo]:
         """Every known durable, by queue name, with its backlog as `backlog` counts it."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from ._text import quoted
+
 
 def http_url_problem(text: str) -> str | None:
     """Why `text` is no ``http(s)://host[:port]`` URL, or None when it is one (a bad port
@@ -12,7 +14,7 @@ def http_url_problem(text: str) -> str | None:
         url = urlsplit(text)
         url.port  # noqa: B018  # (raises on a port out of range or not a number)
     except ValueError as exc:
-        return f"{text!r} is not a URL ({exc})"
+        return f"{quoted(text)} is not a URL ({exc})"
     if url.scheme not in ("http", "https") or not url.hostname:
-        return f"{text!r} is not an http(s) URL"
+        return f"{quoted(text)} is not an http(s) URL"
     return None

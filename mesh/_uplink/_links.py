@@ -23,6 +23,7 @@ from patterns import TopicPattern
 
 from .._node import AsyncNode
 from .._spool import FsyncPolicy
+from .._support._text import quoted
 from ..errors import ConfigError, MeshError
 from ._backlog import Backlog
 from ._hub import ORIGIN_HEADER, Hub
@@ -76,14 +77,15 @@ class Uplinks:
         for settings in wanted:
             if settings.slug in by_slug:
                 raise ConfigError("uplink", f"two uplinks to {settings.shown_url} with prefix "
-                                            f"{settings.prefix!r}")
+                                            f"{quoted(settings.prefix)}")
             by_slug[settings.slug] = settings
             for pattern in settings.export:
                 other = durables.setdefault(durable_name(settings, pattern), settings)
                 if other is not settings:
                     raise ConfigError("uplink", f"two uplinks to {settings.shown_url} export "
-                                                f"{pattern!r} (prefixes {other.prefix!r} and "
-                                                f"{settings.prefix!r}): one durable "
+                                                f"{quoted(pattern)} (prefixes "
+                                                f"{quoted(other.prefix)} and "
+                                                f"{quoted(settings.prefix)}): one durable "
                                                 "subscription reads a pattern for a hub")
         # New uplinks' backlogs open before anything running changes: one that cannot be
         # used refuses the whole config, and what runs is kept as it was.

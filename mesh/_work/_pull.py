@@ -28,6 +28,7 @@ from msgspec.structs import force_setattr
 
 from .. import _trace
 from .._message import Decoding, Message, T, attach_receipt
+from .._support._text import quoted
 from ..errors import ClosedError
 from . import _window
 
@@ -199,7 +200,7 @@ class Pull(Generic[T]):
         while True:
             while self._closed or not local.items:  # a closed handle hands out nothing
                 if self._closed or local.closed:
-                    raise ClosedError(f"pull on {local.name!r} is closed")
+                    raise ClosedError(f"pull on {quoted(local.name)} is closed")
                 local.dry += 1
                 waiter = asyncio.get_running_loop().create_future()
                 local.waiters.append(waiter)

@@ -52,6 +52,7 @@ from .._reliable._outbox import Outbox, Tracked
 from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
 from .._support._tally import Stats
+from .._support._text import quoted
 from ..errors import ClosedError, ConfigError, MessageTooLarge, NoRespondersError, RequestTimeout
 from ._backlog import Backlogs
 from ._credit import Workers
@@ -443,7 +444,8 @@ class WorkQueues:
         except TimeoutError:
             if not self._targets_for(queue):
                 raise NoRespondersError(queue) from None
-            raise RequestTimeout(f"push to {queue!r}: every worker is busy", timeout) from None
+            raise RequestTimeout(f"push to {quoted(queue)}: every worker is busy",
+                                 timeout) from None
 
     def _assign(self, target: Target, sent: Sent) -> None:
         self._assign_many(target, (sent,))

@@ -217,6 +217,8 @@ async def test_error_reasons_name_the_name_as_given(procs: list[Cli], mesh_name:
             ("POST", "/v1/publish/t?a%5Cb=1", "unknown query parameter 'a\\b' (known: "
                                              "reliable, retain, ttl)"),
             ("GET", "/v1/subscribe/a..b%5C", "pattern: empty segment in 'a..b\\'"),
+            ("GET", "/v1/subscribe/t?since=%1B%5C", "since: not a duration (90, 30s, 10m, 2h, "
+                                                   "1d) or an ISO 8601 time: '?\\'"),
         ]:
             async with http.request(method, f"{agent.url}{path}",
                                     data=b"x" if method == "POST" else None) as r:
