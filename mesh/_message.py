@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic
 import msgspec
 
 from . import _codec
+from ._support._text import quoted
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # a default (PEP 696) for type checkers; Python 3.11's TypeVar has none
@@ -70,7 +71,7 @@ def sent_headers(headers: object, what: str = "headers") -> dict[str, str] | Non
                 key.encode()
                 value.encode()
             except UnicodeEncodeError:
-                raise ConfigError(what, f"{key!r} is not valid Unicode text") from None
+                raise ConfigError(what, f"{quoted(key)} is not valid Unicode text") from None
         out[key] = value
     return out
 

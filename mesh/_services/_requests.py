@@ -51,6 +51,7 @@ from .._message import Message, sent_headers
 from .._parts import Waiter
 from .._support._quiet import QuietLog
 from .._support._tally import Stats, Tally
+from .._support._text import printable, quoted
 from ..errors import (
     ClosedError,
     ConfigError,
@@ -196,7 +197,7 @@ class Requests:
         try:
             return self._result(service, await fut, rec.name, rec.id)
         except TimeoutError:
-            raise RequestTimeout(f"{service!r} at {rec.name}", timeout) from None
+            raise RequestTimeout(f"{quoted(service)} at {printable(rec.name)}", timeout) from None
         except _ServerGone as exc:
             raise NoRespondersError(service) from exc
         finally:
@@ -355,7 +356,7 @@ class Requests:
             raise NoRespondersError(service) from exc
         self._stats["request_timeouts"] += 1
         self.timeouts_by_service.add(service)
-        raise RequestTimeout(f"request to {service!r}", timeout) from exc
+        raise RequestTimeout(f"request to {quoted(service)}", timeout) from exc
 
     async def _attempt(self, service: str, payload: bytes, headers: dict[str, str] | None,
                        deadline: float, attempts_left: int, tried: list[str]) -> Message:
@@ -368,7 +369,7 @@ class Requests:
                 raise NoRespondersError(service)
             try:  # just started: give discovery a moment
                 await self._waiter.wait(lambda: self._choose(service, tried) is not None,
-                                        grace_left, f"waiting for a server of {service!r}")
+                                        grace_left, f"waiting for a server of {quoted(service)}")
             except RequestTimeout:
                 raise NoRespondersError(service) from None
             target, untried = self._best(service, tried)
@@ -397,7 +398,8 @@ class Requests:
         try:
             reply = await fut
         except TimeoutError:
-            raise RequestTimeout(f"request to {service!r} at {link.peer.name}", share) from None
+            raise RequestTimeout(f"request to {quoted(service)} at {printable(link.peer.name)}",
+                                 share) from None
         finally:
             self._settled(cid, link)
         return self._result(service, reply, link.peer.name, link.peer.id)
@@ -438,7 +440,7 @@ class Requests:
         if not servers and grace_left > 0:  # just started: give discovery a moment
             with contextlib.suppress(RequestTimeout):
                 await self._waiter.wait(lambda: bool(self.servers(service)), grace_left,
-                                        f"waiting for a server of {service!r}")
+                                        f"waiting for a server of {quoted(service)}")
             servers = self.servers(service)
         asked = []
         for target in servers:
@@ -509,7 +511,7 @@ class Requests:
             async with asyncio.timeout(share):
                 rep = await fut
         except TimeoutError:
-            raise RequestTimeout(f"request to {service!r} on this node", share) from None
+            raise RequestTimeout(f"request to {quoted(service)} on this node", share) from None
         finally:
             self._pending.pop(cid, None)
             svc.outstanding -= 1

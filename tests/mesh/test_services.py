@@ -180,6 +180,20 @@ async def test_a_handler_past_the_timeout_raises_and_its_late_reply_is_discarded
     await aeventually(lambda: client.stats["late_replies"] == 1, message="late reply counted")
 
 
+async def test_a_timeout_names_the_service_as_given(make_node: MakeNode) -> None:
+    """As the agent's 504 body shows it: quoted plainly, not Python's repr (``'s"l\\\\w'``)."""
+    client = await make_node("client")
+
+    async def slow(msg: Message) -> bytes:
+        await asyncio.sleep(0.5)
+        return msg.data
+
+    await _servers(make_node, client, 's"l\\w', [slow])
+    with pytest.raises(RequestTimeout) as timed_out:
+        await client.request('s"l\\w', b"x", timeout=0.2, retries=0)
+    assert str(timed_out.value) == "request to 's\"l\\w': timed out after 0.2 s"
+
+
 async def test_a_handler_error_is_a_remote_error_and_the_server_keeps_serving(make_node: MakeNode) -> None:
     """The requester gets RemoteError with the handler's message; the next request works."""
     client = await make_node("client")
