@@ -95,6 +95,7 @@ class _Running:
 
     identity: Identity
     curve: Curve | None
+    ctx: Context
     membership: Membership
     pubsub: PubSub
     work: WorkQueues
@@ -307,7 +308,7 @@ class NodeCore:
             self._durables.keep_forgotten(outbox.forgotten)
         self._durables.start_clock()
         discovery = await self._start_discovery(stack, membership, identity)
-        return _Running(identity, curve, membership, pubsub, work, serving, requests, retained,
+        return _Running(identity, curve, ctx, membership, pubsub, work, serving, requests, retained,
                         history, outbox, figures, discovery, tasks, stack)
 
     async def _start_discovery(self, stack: contextlib.AsyncExitStack,
@@ -390,9 +391,11 @@ class NodeCore:
 
     def reload_allowlist(self) -> int:
         """Read the CURVE allowlist (``allow``) again: keys added there are admitted
-        from their next connection, keys removed are refused from theirs (a peer refused
-        before is admitted when it connects again: ZeroMQ does not retry a connection
-        the allowlist refused). Returns how many keys it holds.
+        from their next connection (a peer refused before is admitted when it connects
+        again: ZeroMQ does not retry a connection the allowlist refused). Keys removed are
+        cut off now: their members are dropped (LEFT), our connections to them closed,
+        theirs to us cut, and nothing more they send is taken. Returns how many keys it
+        holds.
 
         Raises:
             ConfigError: the node is not secure, or the allowlist cannot be read.
@@ -404,7 +407,10 @@ class NodeCore:
             allowed = load_allowlist(self._config.allow)
         except KeyFileError as exc:
             raise ConfigError("allow", str(exc)) from None
-        run.curve.replace_allowlist(allowed)
+        if run.curve.replace_allowlist(allowed):
+            run.ctx.revoke()
+            for rec in run.membership.revoke():
+                run.pubsub.peer_revoked(rec)
         return len(allowed)
 
     def traffic(self) -> Traffic:

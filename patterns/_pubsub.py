@@ -39,6 +39,11 @@ class Publisher:
                  max_message_size: int | None = None) -> None:
         kw = {} if max_message_size is None else {"max_message_size": max_message_size}
         self._sock = ctx.socket(zmq.XPUB, sndhwm=hwm, **kw)
+        if ctx.curve is not None:
+            # every subscription reaches us, each with its sender's key and connection: a
+            # subscriber whose key is revoked is cut off though it never sends again
+            self._sock.set_option(zmq.XPUB_VERBOSE, 1)
+            self._sock.track_peers()
         self.endpoints: list[str] = []
 
     def bind(self, host: str, port: int = 0) -> str:

@@ -129,6 +129,8 @@ class Curve:
         self._lock = threading.Lock()
         self.denied: Counter[bytes] = Counter()
         """Connection attempts refused by ZAP, by client key (bounded by `_MAX_DENIED`)."""
+        self.cut: dict[bytes, int] = {}
+        """Live connections cut since their key was revoked, by key (revoked keys only)."""
 
     @classmethod
     def from_files(cls, secret_key: str | os.PathLike[str],
@@ -136,10 +138,15 @@ class Curve:
         public, secret = load_secret(secret_key)
         return cls(public, secret, load_allowlist(allow))
 
-    def replace_allowlist(self, allowed: frozenset[bytes]) -> None:
+    def replace_allowlist(self, allowed: frozenset[bytes]) -> frozenset[bytes]:
         """A new allowlist (a config reload): new connections and hellos are checked
-        against it (one reference swap, safe for the ZAP thread reading it)."""
-        self.allowed = allowed | {self.public}
+        against it (one reference swap, safe for the ZAP thread reading it). Returns the
+        keys it no longer holds: their live connections are cut by `Context.revoke`."""
+        old, self.allowed = self.allowed, allowed | {self.public}
+        removed = old - self.allowed
+        with self._lock:
+            self.cut = {key: n for key, n in self.cut.items() if key not in self.allowed}
+        return removed
 
     def allows(self, key: str | bytes) -> bool:
         raw = key.encode("ascii", "replace") if isinstance(key, str) else key
@@ -158,6 +165,17 @@ class Curve:
             self._server_keys = {endpoint: key for endpoint, key in self._server_keys.items()
                                  if endpoint in endpoints}
 
+    def note_cut(self, key: bytes) -> None:
+        """A live connection of revoked `key` was cut: say so once per key."""
+        with self._lock:
+            if key in self.allowed:
+                return
+            first = key not in self.cut
+            self.cut[key] = self.cut.get(key, 0) + 1
+        if first:
+            _log.warning("cut the connections of CURVE key %s: it was removed from the "
+                         "allowlist (its reconnects are refused)", key.decode("ascii", "replace"))
+
     @property
     def trusted(self) -> int:
         """How many endpoints have a trusted key."""
@@ -173,7 +191,7 @@ class Curve:
             return True
         with self._lock:
             if len(self.denied) < _MAX_DENIED or key in self.denied:
-                first = key not in self.denied
+                first = key not in self.denied and key not in self.cut  # (cut: logged)
                 self.denied[key] += 1
                 if first:
                     _log.warning("refused a connection from unknown CURVE key %s "

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final, TypeVar
 
 import zmq
@@ -51,6 +53,8 @@ _NOBLOCK: Final[int] = int(zmq.NOBLOCK)
 _NOBLOCK_SNDMORE: Final[int] = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 _M = TypeVar("_M", list[bytes], list[memoryview])
 """One received message: its frames, copied or viewed."""
+_MAX_TRACKED: Final[int] = 4096
+"""Tracked connections (`Socket.track_peers`) past which closed ones are pruned."""
 
 
 class Context:
@@ -96,6 +100,18 @@ class Context:
             self._zap.stop()
         self._ctx.term()
 
+    def revoke(self) -> None:
+        """Keys left the allowlist (`Curve.replace_allowlist`): cut their live connections.
+
+        ZAP checks a connection only at its handshake. From now on every message a bound
+        socket receives is checked against the allowlist; one from a revoked key is
+        dropped and its TCP connection cut (the reconnect is refused by ZAP). Connections
+        that only receive (a subscriber on our XPUB) are tracked and cut at once. Call it
+        on the loop.
+        """
+        for sock in list(self._sockets):
+            sock.revoke()
+
 
 class Socket:
     """A zmq socket seen as frames of bytes, with non-blocking sends."""
@@ -118,6 +134,12 @@ class Socket:
         self._ipv6 = False
         self._rounds = _DISPATCH_ROUNDS
         """Drains per readiness check before other work on the loop gets a turn."""
+        self._server = False
+        """A CURVE server: each message it receives carries its sender's key (ZAP User-Id)."""
+        self._screen = False
+        """Check each received message's key (after a revocation; costs ~1 µs a message)."""
+        self._peers: dict[int, tuple[bytes, tuple[object, object]]] | None = None
+        """`track_peers`: fd -> (key, (peer, local address)) of the connections seen."""
 
     @property
     def closed(self) -> bool:
@@ -227,6 +249,8 @@ class Socket:
         Raises:
             SocketClosed: the socket was closed.
         """
+        if self._screen:
+            return self._take(self._screened(_copies), limit)
         return self._take(self._sync.recv_multipart, limit)
 
     def recv_views_nowait(self, limit: int = 256) -> list[list[memoryview]]:
@@ -238,7 +262,78 @@ class Socket:
         def recv(flags: int) -> list[memoryview]:
             return [frame.buffer for frame in self._sync.recv_multipart(flags, copy=False)]
 
-        return self._take(recv, limit)
+        return self._take(self._screened(_views) if self._screen else recv, limit)
+
+    def _screened(self, convert: Callable[[list[zmq.Frame]], _M]) -> Callable[[int], _M]:
+        """A receive that drops (and cuts off) messages from keys no longer allowed."""
+        def recv(flags: int) -> _M:
+            while True:  # ends with a message, or zmq.Again when only dropped ones were left
+                frames = self._sync.recv_multipart(flags, copy=False)
+                if self._admits(frames[0]):
+                    return convert(frames)
+
+        return recv
+
+    def _admits(self, frame: zmq.Frame) -> bool:
+        """Is the sender of `frame` still allowed? If not, cut its connection."""
+        curve = self._curve
+        key = _key(frame)
+        if curve is None or key is None or key in curve.allowed:
+            return True  # (no key: made by libzmq itself, an XPUB's unsubscription)
+        try:
+            fd, peer = frame.get(zmq.SRCFD), frame.get("Peer-Address")
+        except zmq.ZMQError:
+            fd, peer = -1, ""
+        with _dup(fd) as conn:  # (the message may have outlived its connection: check)
+            where = _where(conn) if conn is not None else None
+            if conn is not None and where is not None and _ip(where[0]) == _ip(peer):
+                _cut(conn)
+        curve.note_cut(key)
+        return False
+
+    def track_peers(self) -> None:
+        """Remember which key each connection that sends us something belongs to, so that
+        `revoke` can cut one that never sends again (a subscriber on our XPUB)."""
+        if self._curve is not None:
+            self._peers = {}
+
+    def _track(self, frame: zmq.Frame) -> None:
+        peers = self._peers
+        assert peers is not None
+        key = _key(frame)
+        if key is None:
+            return
+        fd = frame.get(zmq.SRCFD)
+        with _dup(fd) as conn:
+            where = _where(conn) if conn is not None else None
+        if where is not None:  # (each time: the fd may now be another connection of `key`)
+            if len(peers) >= _MAX_TRACKED:
+                self._prune()
+            peers[fd] = (key, where)
+
+    def _prune(self) -> None:
+        """Forget tracked connections that are closed (their fd gone or reused)."""
+        peers = self._peers or {}
+        for fd, (_, where) in list(peers.items()):
+            with _dup(fd) as conn:
+                if conn is None or _where(conn) != where:
+                    del peers[fd]
+
+    def revoke(self) -> None:
+        """See `Context.revoke`."""
+        curve = self._curve
+        if not self._server or curve is None:
+            return
+        self._screen = True
+        peers = self._peers or {}
+        for fd, (key, where) in list(peers.items()):
+            if key in curve.allowed:
+                continue
+            del peers[fd]
+            with _dup(fd) as conn:
+                if conn is not None and _where(conn) == where:
+                    _cut(conn)
+                    curve.note_cut(key)
 
     def _take(self, recv: Callable[[int], _M], limit: int) -> list[_M]:
         if self._closed:  # its libzmq handle is gone and may be reused by another socket
@@ -288,6 +383,7 @@ class Socket:
             host = f"[{host}]"
         curve = self._curve
         if curve is not None:  # a CURVE server: only allowlisted clients get through ZAP
+            self._server = True
             sync = self._sync
             sync.setsockopt(zmq.CURVE_SERVER, 1)
             sync.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
@@ -305,6 +401,9 @@ class Socket:
             server_key = curve.server_key(endpoint)
             if server_key is None:
                 _log.warning("not connecting to %s: no trusted CURVE key for it", endpoint)
+                return
+            if server_key not in curve.allowed:  # revoked since it was trusted
+                _log.debug("not connecting to %s: its CURVE key was revoked", endpoint)
                 return
             sync = self._sync
             sync.setsockopt(zmq.CURVE_SERVER, 0)
@@ -420,7 +519,9 @@ class Socket:
         else:
             await self._poll(zmq.POLLIN)
         out: list[list[bytes]] = []
-        recv = self._sync.recv_multipart
+        recv: Callable[[int], list[bytes]] = self._sync.recv_multipart
+        if self._screen or self._peers is not None:
+            recv = self._screened_tracked
         try:
             while len(out) < limit:
                 out.append(recv(zmq.NOBLOCK))
@@ -430,6 +531,16 @@ class Socket:
             if not out:
                 raise SocketClosed(str(exc)) from exc
         return out
+
+    def _screened_tracked(self, flags: int) -> list[bytes]:
+        """One message for `recv_many`, screened (`revoke`) and tracked (`track_peers`)."""
+        while True:
+            frames = self._sync.recv_multipart(flags, copy=False)
+            if self._screen and not self._admits(frames[0]):
+                continue
+            if self._peers is not None:
+                self._track(frames[0])
+            return _copies(frames)
 
     def close(self, linger: float = 0.0) -> None:
         if not self._closed:
@@ -450,3 +561,59 @@ def _wake_all(waiting: list[asyncio.Future[None]]) -> None:
         if not fut.done():
             fut.set_result(None)
     waiting.clear()
+
+
+def _key(frame: zmq.Frame) -> bytes | None:
+    """The sender's CURVE key: the User-Id our ZAP handler gave its connection."""
+    try:
+        user = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return user.encode("ascii", "replace") if isinstance(user, str) else bytes(user)
+
+
+def _copies(frames: list[zmq.Frame]) -> list[bytes]:
+    return [frame.bytes for frame in frames]
+
+
+def _views(frames: list[zmq.Frame]) -> list[memoryview]:
+    return [frame.buffer for frame in frames]
+
+
+@contextlib.contextmanager
+def _dup(fd: int) -> Iterator[socket.socket | None]:
+    """A private handle on the TCP socket behind libzmq's `fd` (None if it is none):
+    libzmq keeps its own, and closes it itself."""
+    try:
+        copy = os.dup(fd)
+    except OSError:
+        yield None
+        return
+    try:
+        conn = socket.socket(fileno=copy)
+    except OSError:
+        os.close(copy)
+        yield None
+        return
+    with conn:
+        yield conn
+
+
+def _where(conn: socket.socket) -> tuple[object, object] | None:
+    """Both ends of a connection (None if it is not connected)."""
+    try:
+        return conn.getpeername(), conn.getsockname()
+    except OSError:
+        return None
+
+
+def _ip(address: object) -> str:
+    """The IP of a socket address or of libzmq's Peer-Address, without a zone."""
+    host = address[0] if isinstance(address, tuple) else str(address)
+    return str(host).partition("%")[0]
+
+
+def _cut(conn: socket.socket) -> None:
+    """End the connection under libzmq's feet: it sees the peer gone, and drops the pipe."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)

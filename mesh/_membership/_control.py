@@ -989,14 +989,30 @@ class Membership:
             self._end(rec)
             self._spread(_wire.Down(rec.id, rec.incarnation, rec.seq, left=True), rec.id)
 
-    def _end(self, rec: PeerRecord) -> None:
-        """The member left: drop it now, and keep its news from bringing it back."""
+    def _end(self, rec: PeerRecord, *, departed: bool = True) -> None:
+        """The member left: drop it now and, if it `departed` (not merely revoked), keep
+        its news from bringing it back."""
         self.table.remove(rec.id)
-        self._departed.put(rec.id, rec.incarnation)
+        if departed:
+            self._departed.put(rec.id, rec.incarnation)
         for listener in self._listeners:
             listener.peer_gone(rec)
         self._unlink(rec)
         self._peers_changed()
+
+    def revoke(self) -> list[PeerRecord]:
+        """Drop the members whose CURVE key left the allowlist (a reload): they are gone
+        for this node (a LEFT event), and news of them is refused (`_admit`). Not passed
+        on: other nodes may still allow them. Returns them."""
+        curve = self._ctx.curve
+        if curve is None:
+            return []
+        gone = [rec for rec in self.table.records() if not curve.allows(rec.key)]
+        for rec in gone:
+            _log.info("member %s (%s) dropped: its CURVE key was revoked", rec.name,
+                      rec.id[:8])
+            self._end(rec, departed=False)  # (allowed again, it may come back as it is)
+        return gone
 
     def _unlink(self, rec: PeerRecord) -> None:
         self._watching.pop(rec.id, None)

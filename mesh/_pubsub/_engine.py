@@ -240,6 +240,10 @@ class PubSub:
         self._confirmed.pop(rec.id, None)
         self._links.gone(rec)
 
+    def peer_revoked(self, rec: PeerRecord) -> None:
+        """Its key was revoked (after `peer_gone`): read nothing more from it."""
+        self._links.cut(rec)
+
     @property
     def connected_publishers(self) -> frozenset[str]:
         """The peers' publisher endpoints our SUB is connected to."""

@@ -165,6 +165,11 @@ class Links:
         if rec.pub in self._subscriber.connected:
             self._later(rec.pub)
 
+    def cut(self, rec: PeerRecord) -> None:
+        """The peer's key was revoked: disconnect now (what it still sent is discarded)."""
+        self._cancel(rec.pub)
+        self._subscriber.disconnect(rec.pub)
+
     def _later(self, endpoint: str) -> None:
         if endpoint not in self._disconnects:
             self._disconnects[endpoint] = asyncio.get_running_loop().call_later(

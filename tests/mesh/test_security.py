@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from mesh import AsyncNode, Message, NoRespondersError, RequestTimeout
 from mesh._membership import _control as control
 from patterns import generate_keypair
 from tests.helpers import aeventually, free_port
@@ -193,3 +194,80 @@ async def test_a_key_added_to_the_allowlist_is_admitted_after_a_reload(
     await a.wait_for_peers(1, timeout=10)
     assert [p.name for p in a.peers()] == ["c"]
     await again.wait_for_peers(1, timeout=10)
+
+
+async def _revocable(make_node: MakeNode, keyring: Keyring, tmp_path: Path
+                     ) -> tuple[AsyncNode, AsyncNode, AsyncNode]:
+    """a, b and c, all allowed everywhere, then connected (c's key is in a's allowlist
+    directory until the test takes it out)."""
+    shutil.copy(tmp_path / "c.key", tmp_path / "allow")
+    a = await make_node("a", **keyring("a"))
+    b = await make_node("b", **keyring("b"))
+    c = await make_node("c", **keyring("c"))
+    await a.wait_for_peers(2, timeout=10)
+    await c.wait_for_peers(2, timeout=10)
+    return a, b, c
+
+
+def _revoke_c(a: AsyncNode, tmp_path: Path) -> None:
+    (tmp_path / "allow" / "c.key").unlink()
+    assert a.reload_allowlist() == 2
+    assert sorted(p.name for p in a.peers()) == ["b"]  # c left, for a
+
+
+async def test_a_peer_revoked_by_a_reload_gets_and_gives_nothing_by_pubsub(
+        make_node: MakeNode, keyring: Keyring, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """ZAP checks a connection only at its handshake: a connected peer whose key left the
+    allowlist went on receiving and publishing (30 of 30 after the reload)."""
+    a, b, c = await _revocable(make_node, keyring, tmp_path)
+    at_b, at_c, from_c = await b.subscribe("s.>"), await c.subscribe("s.>"), await a.subscribe("t.>")
+    await a.wait_for_subscribers("s.x", 2)
+    await c.wait_for_subscribers("t.x", 1)
+    await a.publish("s.x", b"before")
+    await c.publish("t.x", b"before")
+    for sub in (at_b, at_c, from_c):
+        assert (await sub.next(timeout=5)).data == b"before"
+    _revoke_c(a, tmp_path)
+    sent = [b"%d" % i for i in range(30)]
+    for data in sent:
+        await a.publish("s.x", data)
+        await c.publish("t.x", data)
+    assert [(await at_b.next(timeout=5)).data for _ in sent] == sent  # b lost nothing
+    for sub in (at_c, from_c):
+        with pytest.raises(TimeoutError):
+            await sub.next(timeout=0.3)
+    await aeventually(lambda: a.traffic().curve_refused >= 1, timeout=5)  # c came back
+    assert caplog.text.count("cut the connections of CURVE key") == 1
+    assert "refused a connection from unknown CURVE key" not in caplog.text
+
+
+async def test_a_peer_revoked_by_a_reload_gets_and_gives_nothing_by_request_or_work(
+        make_node: MakeNode, keyring: Keyring, tmp_path: Path) -> None:
+    a, b, c = await _revocable(make_node, keyring, tmp_path)
+    served: list[bytes] = []
+
+    def echo(msg: Message) -> bytes:
+        served.append(msg.data)
+        return msg.data
+
+    await a.serve("at_a", echo)
+    await c.serve("at_c", lambda m: m.data)
+    pulled = await a.pull("q")
+    for node, service in ((b, "at_a"), (c, "at_a"), (a, "at_c")):
+        await node.wait_for_service(service, timeout=5)
+    await c.wait_for_workers("q", timeout=5)
+    assert (await c.request("at_a", b"before")).data == b"before"
+    assert (await a.request("at_c", b"before")).data == b"before"
+    await c.push("q", b"before")
+    assert (await pulled.next(timeout=5)).data == b"before"
+    _revoke_c(a, tmp_path)
+    with pytest.raises(NoRespondersError):
+        await a.request("at_c", b"after", timeout=0.5)  # c is no server of a's any more
+    with pytest.raises((RequestTimeout, NoRespondersError)):
+        await c.request("at_a", b"after", timeout=0.5)
+    await c.push("q", b"after")
+    assert (await b.request("at_a", b"b after")).data == b"b after"
+    with pytest.raises(TimeoutError):
+        await pulled.next(timeout=0.3)
+    assert served == [b"before", b"b after"]
