@@ -411,6 +411,7 @@ class NodeCore:
             run.ctx.revoke()
             for rec in run.membership.revoke():
                 run.pubsub.peer_revoked(rec)
+                run.serving.revoke(rec.id)
         return len(allowed)
 
     def traffic(self) -> Traffic:

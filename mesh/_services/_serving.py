@@ -22,6 +22,7 @@ from .. import _names, _wire
 from .._config import NodeConfig
 from .._message import Message
 from .._parts import Announcer
+from .._support._cache import BoundedDict
 from .._support._quiet import QuietLog
 from .._support._tally import Stats
 from ..errors import ConfigError
@@ -51,6 +52,8 @@ class Serving:
         by none, listed nowhere."""
         self._replies: Coalescer[bytes, _wire.Reply] = Coalescer(self._send_replies)
         self._closed = False
+        self._revoked: BoundedDict[str, bool] = BoundedDict()
+        """Members whose CURVE key was revoked: their requests still running get no reply."""
         self.timings: dict[str, deque[float]] = {}
         """Seconds the latest requests of each served service took to answer (its figures)."""
         self.endpoints: list[str] = []
@@ -136,21 +139,30 @@ class Serving:
         msg = Message(req.service, req.payload, req.name, req.source, req.id, req.ts,
                       req.headers)
         if svc is self._served.get(req.service):
-            svc.submit(msg, functools.partial(self._timed_reply, identity, req.service,
-                                              time.perf_counter()))
+            svc.submit(msg, functools.partial(self._timed_reply, identity, req.source,
+                                              req.service, time.perf_counter()))
         else:
-            svc.submit(msg, functools.partial(self._send_reply, identity))
+            svc.submit(msg, functools.partial(self._answer, identity, req.source))
 
-    def _timed_reply(self, identity: bytes, service: str, started: float,
+    def revoke(self, peer_id: str) -> None:
+        """`peer_id`'s key left the allowlist: answer none of its requests still running."""
+        self._revoked.put(peer_id, True)
+
+    def _timed_reply(self, identity: bytes, source: str, service: str, started: float,
                      reply: _wire.Reply) -> None:
         timings = self.timings.get(service)
         if timings is None:
             if service not in self._served:
-                self._send_reply(identity, reply)
+                self._answer(identity, source, reply)
                 return
             timings = self.timings[service] = deque(maxlen=_TIMINGS)
         timings.append(time.perf_counter() - started)
-        self._send_reply(identity, reply)
+        self._answer(identity, source, reply)
+
+    def _answer(self, identity: bytes, source: str, reply: _wire.Reply) -> None:
+        if self._revoked and source in self._revoked:
+            return
+        self._replies.add(identity, reply)
 
     def _send_reply(self, identity: bytes, reply: _wire.Reply) -> None:
         self._replies.add(identity, reply)

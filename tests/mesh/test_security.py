@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import time
@@ -244,11 +245,15 @@ async def test_a_peer_revoked_by_a_reload_gets_and_gives_nothing_by_pubsub(
 
 async def test_a_peer_revoked_by_a_reload_gets_and_gives_nothing_by_request_or_work(
         make_node: MakeNode, keyring: Keyring, tmp_path: Path) -> None:
+    """Also a request that c made before the reload and a answers after it."""
     a, b, c = await _revocable(make_node, keyring, tmp_path)
     served: list[bytes] = []
+    release = asyncio.Event()
 
-    def echo(msg: Message) -> bytes:
+    async def echo(msg: Message) -> bytes:
         served.append(msg.data)
+        if msg.data == b"slow":
+            await release.wait()
         return msg.data
 
     await a.serve("at_a", echo)
@@ -261,7 +266,12 @@ async def test_a_peer_revoked_by_a_reload_gets_and_gives_nothing_by_request_or_w
     assert (await a.request("at_c", b"before")).data == b"before"
     await c.push("q", b"before")
     assert (await pulled.next(timeout=5)).data == b"before"
+    in_flight = asyncio.create_task(c.request("at_a", b"slow", timeout=0.5))
+    await aeventually(lambda: b"slow" in served, timeout=5)
     _revoke_c(a, tmp_path)
+    release.set()
+    with pytest.raises(RequestTimeout):
+        await in_flight
     with pytest.raises(NoRespondersError):
         await a.request("at_c", b"after", timeout=0.5)  # c is no server of a's any more
     with pytest.raises((RequestTimeout, NoRespondersError)):
@@ -270,4 +280,4 @@ async def test_a_peer_revoked_by_a_reload_gets_and_gives_nothing_by_request_or_w
     assert (await b.request("at_a", b"b after")).data == b"b after"
     with pytest.raises(TimeoutError):
         await pulled.next(timeout=0.3)
-    assert served == [b"before", b"b after"]
+    assert served == [b"before", b"slow", b"b after"]
