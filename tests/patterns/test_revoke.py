@@ -104,6 +104,9 @@ async def test_what_a_revoked_pusher_sends_is_dropped_and_its_link_cut(
     pushers[1].send(b"revoked")
     pushers[0].send(b"allowed")
     await aeventually(lambda: b"allowed" in got, timeout=3)
-    await aeventually(lambda: ctx.curve is not None and ctx.curve.cut.get(keys[1][0]) == 1,
-                      timeout=3)
+    curve = ctx.curve
+    assert curve is not None
+    await aeventually(lambda: curve.cut.get(keys[1][0]) == 1, timeout=3)
+    # its link was really cut: the pusher reconnected, and ZAP refused it
+    await aeventually(lambda: curve.denied[keys[1][0]] >= 1, timeout=3)
     assert b"revoked" not in got
