@@ -140,6 +140,11 @@ class Socket:
         """Check each received message's key (after a revocation; costs ~1 µs a message)."""
         self._peers: dict[int, tuple[bytes, tuple[object, object]]] | None = None
         """`track_peers`: fd -> (key, (peer, local address)) of the connections seen."""
+        self._seen_revoked: set[int] = set()
+        """Fds that messages of revoked keys came from since the last `revoke`: checked
+        (and cut) at the first; later ones are only dropped. A revoked key gets no new
+        connection, so theirs are the same connection, by then closed and its fd maybe
+        another peer's."""
 
     @property
     def closed(self) -> bool:
@@ -284,11 +289,14 @@ class Socket:
             fd, peer = frame.get(zmq.SRCFD), frame.get("Peer-Address")
         except zmq.ZMQError:
             fd, peer = -1, ""
+        if fd in self._seen_revoked:  # (its connection is cut or gone: the fd may be reused)
+            return False
+        self._seen_revoked.add(fd)
         with _dup(fd) as conn:  # (the message may have outlived its connection: check)
             where = _where(conn) if conn is not None else None
             if conn is not None and where is not None and _ip(where[0]) == _ip(peer):
                 _cut(conn)
-        curve.note_cut(key)
+                curve.note_cut(key)
         return False
 
     def track_peers(self) -> None:
@@ -325,6 +333,7 @@ class Socket:
         if not self._server or curve is None:
             return
         self._screen = True
+        self._seen_revoked.clear()
         peers = self._peers or {}
         for fd, (key, where) in list(peers.items()):
             if key in curve.allowed:

@@ -4,12 +4,13 @@ cut on every bound socket kind, the other keys' connections carry on."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
 import zmq
 
-from patterns import Context, Curve, Publisher, Puller
+from patterns import Context, Curve, Publisher, Puller, _socket
 from patterns._socket import Socket
 from tests.helpers import aeventually
 
@@ -110,3 +111,47 @@ async def test_what_a_revoked_pusher_sends_is_dropped_and_its_link_cut(
     # its link was really cut: the pusher reconnected, and ZAP refused it
     await aeventually(lambda: curve.denied[keys[1][0]] >= 1, timeout=3)
     assert b"revoked" not in got
+
+
+async def test_what_a_cut_connection_left_queued_cuts_nothing_more(
+        server: tuple[Context, list[Keys]], clients: list[Context],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its messages still queued name its fd, closed by then and soon another connection's
+    (one from the same IP passes the check): cut once, the rest are only dropped."""
+    ctx, keys = server
+    curve = ctx.curve
+    assert curve is not None
+    cuts: list[object] = []
+    cut = _socket._cut
+
+    def record(conn: socket.socket) -> None:
+        cuts.append(conn.getpeername())
+        cut(conn)
+
+    monkeypatch.setattr(_socket, "_cut", record)
+    pull = ctx.socket(zmq.PULL)
+    endpoint = pull.bind("127.0.0.1")
+    x, y = (_dial(client, ctx, zmq.PUSH, endpoint) for client in clients)
+    for n in range(5):
+        x.send(b"x%d" % n)
+        y.send(b"y%d" % n)
+    await asyncio.sleep(0.2)  # (all in the PULL's queues: nothing shows it but reading)
+    _revoke(ctx, keys[0][0])
+    got: list[bytes] = []
+
+    def read_one() -> int:
+        got.extend(frames[0] for frames in pull.recv_nowait(1))
+        return len(got)
+
+    await aeventually(lambda: read_one() >= 0 and cuts, timeout=3)
+    await aeventually(lambda: curve.denied[keys[0][0]] >= 1, timeout=3)  # x's fd closed
+    port = int(endpoint.rsplit(":", 1)[1])
+    others = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]  # reuse it
+    try:
+        await aeventually(lambda: read_one() == 5, timeout=3)
+    finally:
+        for other in others:
+            other.close()
+    assert got == [b"y%d" % n for n in range(5)]
+    assert len(cuts) == 1
+    assert curve.cut == {keys[0][0]: 1}
