@@ -281,3 +281,28 @@ async def test_a_peer_revoked_by_a_reload_gets_and_gives_nothing_by_request_or_w
     with pytest.raises(TimeoutError):
         await pulled.next(timeout=0.3)
     assert served == [b"before", b"slow", b"b after"]
+
+
+@pytest.mark.xfail(strict=True, reason="the revoked peer's own links to us were refused by "
+                   "ZAP, a protocol error after which libzmq never reconnects: its SUB and "
+                   "request DEALER stay dead until it restarts")
+async def test_a_revoked_peer_allowed_again_gets_everything_back(
+        make_node: MakeNode, keyring: Keyring, tmp_path: Path) -> None:
+    a, _, c = await _revocable(make_node, keyring, tmp_path)
+    at_c, from_c = await c.subscribe("s.>"), await a.subscribe("t.>")
+    await a.serve("at_a", lambda m: m.data)
+    await a.wait_for_subscribers("s.x", 1)
+    await c.wait_for_subscribers("t.x", 1)
+    await c.wait_for_service("at_a", timeout=5)
+    _revoke_c(a, tmp_path)
+    await aeventually(lambda: a.traffic().curve_refused >= 1, timeout=5)  # c was refused
+    shutil.copy(tmp_path / "c.key", tmp_path / "allow")
+    assert a.reload_allowlist() == 3
+    await a.wait_for_peers(2, timeout=10)
+    await c.wait_for_subscribers("t.x", 1, timeout=5)
+    await c.publish("t.x", b"back")
+    assert (await from_c.next(timeout=5)).data == b"back"  # (passes: a's links to c)
+    assert (await c.request("at_a", b"back", timeout=3)).data == b"back"
+    await a.wait_for_subscribers("s.x", 1, timeout=3)
+    await a.publish("s.x", b"back")
+    assert (await at_c.next(timeout=5)).data == b"back"
