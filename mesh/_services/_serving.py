@@ -53,7 +53,8 @@ class Serving:
         self._replies: Coalescer[bytes, _wire.Reply] = Coalescer(self._send_replies)
         self._closed = False
         self._revoked: BoundedDict[str, bool] = BoundedDict()
-        """Members whose CURVE key was revoked: their requests still running get no reply."""
+        """Members whose CURVE key was revoked: their requests still running get no reply
+        (until one sends a request again: its key was allowed again, its id kept)."""
         self.timings: dict[str, deque[float]] = {}
         """Seconds the latest requests of each served service took to answer (its figures)."""
         self.endpoints: list[str] = []
@@ -126,6 +127,8 @@ class Serving:
         self._quiet.drop("service", reason)
 
     def _on_request(self, identity: bytes, req: _wire.Request) -> None:
+        if self._revoked:  # (past the screen of revoked keys: its key is allowed again)
+            self._revoked.pop(req.source, None)
         self._stats["requests_served"] += 1
         stats = self._stats
         stats.services["received"].add(req.service)

@@ -306,3 +306,23 @@ async def test_a_revoked_peer_allowed_again_gets_everything_back(
     await a.wait_for_subscribers("s.x", 1, timeout=3)
     await a.publish("s.x", b"back")
     assert (await at_c.next(timeout=5)).data == b"back"
+
+
+async def test_a_revoked_peer_allowed_again_and_restarted_is_answered(
+        make_node: MakeNode, keyring: Keyring, tmp_path: Path) -> None:
+    """Its node id is kept in its data dir: what keeps a from answering the requests it
+    had running at the revocation must not outlive the revocation (it did: no reply ever)."""
+    shutil.copy(tmp_path / "c.key", tmp_path / "allow")
+    a = await make_node("a", **keyring("a"))
+    c = await make_node("c", data_dir=str(tmp_path / "c_data"), **keyring("c"))
+    await a.serve("at_a", lambda m: m.data)
+    await c.wait_for_service("at_a", timeout=5)
+    await a.wait_for_peers(1, timeout=5)
+    (tmp_path / "allow" / "c.key").unlink()
+    assert a.reload_allowlist() == 2
+    await c.aclose()
+    shutil.copy(tmp_path / "c.key", tmp_path / "allow")
+    assert a.reload_allowlist() == 3
+    again = await make_node("c", data_dir=str(tmp_path / "c_data"), **keyring("c"))
+    await again.wait_for_service("at_a", timeout=10)
+    assert (await again.request("at_a", b"back", timeout=3)).data == b"back"
