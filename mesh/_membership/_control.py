@@ -387,7 +387,7 @@ class Membership:
             stranger = self._strangers.get(peer_id)  # (closing: see `listen`)
             return stranger is not None and self._send(stranger, msg)
         if peer_id not in self._watching:
-            self.table.watch(rec)
+            self.table.watch(rec, beats_us=self._beats_us(peer_id))
         self._watching[peer_id] = max(self._watching.get(peer_id, 0.0),
                                       time.monotonic() + _PARTNER_LINGER)
         return self._send(rec.ctl, msg)
@@ -548,9 +548,18 @@ class Membership:
                 self.table.unwatch(rec)
                 if peer_id not in self._watchers:
                     stopped.append(rec)
-            else:
-                self.table.watch(rec)
+            elif not rec.watched:
+                self.table.watch(rec, beats_us=self._beats_us(peer_id))
         return stopped
+
+    def _beats_us(self, peer_id: str) -> bool:
+        """Whether a member we begin to watch beats us without reading our beat first: it
+        watches us already (its last heartbeat said so), or it will as its neighbour (we
+        are one of its own by our view; a seed is the neighbour of few of its joiners)."""
+        if peer_id in self._watchers:
+            return True
+        members = [r.id for r in self.table.records() if r.state is not PeerState.LOST]
+        return self._id in _neighbours.choose(peer_id, [*members, self._id])
 
     # -- gossip out --------------------------------------------------------------
 
@@ -837,6 +846,7 @@ class Membership:
                 self._greet_new(ctl)
             return
         was = rec.state
+        rec.answered = True  # (it beats us: first-contact grace over, see `PeerTable.watch`)
         self._heard_directly(rec)
         now = rec.last_heard
         if not beat.watching:

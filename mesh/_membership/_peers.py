@@ -51,7 +51,8 @@ _MAX_HEALTH: Final[int] = 4
 _RECOVER_AFTER: Final[float] = 2.0
 """Multiples of `lost_after` without a sign of overload before `health` goes down one."""
 _FIRST_CONTACT: Final[float] = 2.0
-"""Timeouts for a watched member never heard itself yet, as a multiple."""
+"""Timeouts for a watched member that has not beaten us since we began to watch it, as a
+multiple."""
 _REARM_SLACK: Final[float] = 0.1
 """Fraction of `suspect_after` a peer's timer may run early rather than be moved at
 each of a burst of messages (it then finds the peer heard and moves on)."""
@@ -157,6 +158,9 @@ class PeerRecord:
     """Our monotonic clock when a message from the member itself last came."""
     watched: bool = False
     """We watch its silence ourselves (a neighbour or a partner); else news decides."""
+    answered: bool = False
+    """A heartbeat of it came since we began to watch it, or it watches us: it beats us
+    without waiting to read ours (until then, see `PeerTable._stretch_for`)."""
     lost_at: float = 0.0
     """When it was taken for lost (it is forgotten `forget_after` later)."""
     digest_key: tuple[int, int, int, int] = (-1, -1, -1, -1)
@@ -226,10 +230,12 @@ class PeerTable:
         return 1.0 + self.health
 
     def _stretch_for(self, rec: PeerRecord) -> float:
-        """A member we know only from gossip gets longer until it is first heard itself: it
-        beats us only once our first beat reached it over a new connection (a burst of
-        joins opens many at once)."""
-        if not rec.heard_directly:
+        """A member we began to watch gets longer until it first beats us: unless it
+        watches us too, it beats us only once our first beat reached it and it read that
+        (a member we know only from gossip, over a new connection: a burst of joins opens
+        many at once; a seed greeting 100 joiners reads them a second or more late).
+        Timed from a hello of its, it would be lost for the time our first beat waits."""
+        if not rec.answered:
             return self.stretch * _FIRST_CONTACT
         return self.stretch
 
@@ -271,12 +277,12 @@ class PeerTable:
         elif rec.watched and (rec.timer is None or now - rec.armed_at >= self._slack):
             self._arm(rec)
 
-    def watch(self, rec: PeerRecord) -> None:
+    def watch(self, rec: PeerRecord, *, beats_us: bool = False) -> None:
         """Time its silence ourselves from now on: from when it was last heard itself if
         that was recent (it may have died since), else from now (it had no reason to beat
-        us before)."""
+        us before). `beats_us`: it watches us, so it beats us without reading ours first."""
         if not rec.watched:
-            rec.watched = True
+            rec.watched, rec.answered = True, beats_us
             now = time.monotonic()
             if rec.state is not PeerState.LOST:
                 fresh = now - rec.heard_directly < self.suspect_after

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
+import zmq
 
 from mesh import PeerEventKind, PeerState
 from mesh import _wire as wire
 from mesh._membership import _control as membership
+from mesh._membership import _neighbours as neighbours
 from mesh._membership import _peers as peers
 from mesh._membership._peers import PeerRecord, PeerTable
 from tests.helpers import aeventually
@@ -76,6 +79,53 @@ async def test_a_peer_that_goes_silent_is_suspect_then_lost_on_time(make_node: M
     assert a.peers()[0].state is PeerState.LOST
     # heard at most one interval (plus scheduling) before the cut; lost 0.4 s after that
     assert 0.4 - 0.05 - 0.05 <= took <= 0.4 + 0.2, took
+
+
+async def test_a_member_we_begin_to_watch_has_time_to_read_our_first_beat(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member that does not watch us (we are none of its neighbours) beats us only once
+    it has read our first beat (a seed greeting 100 joiners read them 1.2 s late). Timed
+    from its hello with the usual timeouts, it was taken for lost meanwhile (the 100-node
+    test's false loss of its seed); it gets `_FIRST_CONTACT` times longer, and once it
+    beats us, the usual again."""
+    monkeypatch.setattr(peers, "_MAX_HEALTH", 0)  # (timeouts as configured on a busy host)
+    timing = {"heartbeat_interval": 0.05, "suspect_after": 0.2, "lost_after": 0.4, "mdns": False}
+    a = await make_node("a", **timing)
+    # more members, so that a watches b and b (by a's view) does not watch a
+    others = next(ids for k in range(1000) for ids in [[f"b-id{k:03d}{j}" for j in range(5)]]
+                  if "b-id" in neighbours.choose(a.id, ["b-id", *ids])
+                  and a.id not in neighbours.choose("b-id", [a.id, *ids]))
+    events = a.events()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)  # b, by hand
+    try:
+        b_ctl = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+        dealer.connect(a.endpoints["ctl"][0])
+        hello = wire.Hello(id="b-id", name="b", mesh=a.config.mesh, incarnation=1,
+                           ctl=[b_ctl], pub=["tcp://127.0.0.1:9"], subs=[], subs_version=0)
+        dealer.send(wire.encode_control(wire.Gossip("b-id", [
+            msgspec.structs.replace(hello, id=m, name=m, ctl=["tcp://127.0.0.1:9"])
+            for m in others])))
+        dealer.send(wire.encode_control(hello))
+        greeted = time.monotonic()
+        await aeventually(lambda: router.poll(0), timeout=5, message="a's first beat to b")
+        # b reads it late, as a seed busy with a join does, and only then beats back
+        await asyncio.sleep(greeted + 1.5 * 0.4 - time.monotonic())
+        dealer.send(wire.encode_control(wire.Heartbeat("b-id", 1, 0, [b_ctl], watching=False)))
+        answered = time.monotonic()
+        lost = await events.next(timeout=5)
+        for _ in range(20):  # (the other members join and are lost too)
+            if (lost.kind, lost.peer.name) == (PeerEventKind.LOST, "b"):
+                break
+            lost = await events.next(timeout=5)
+        took = time.monotonic() - answered  # b says no more: lost 0.4 s after its beat
+    finally:
+        router.close(linger=0)
+        dealer.close(linger=0)
+    assert (lost.kind, lost.peer.name) == (PeerEventKind.LOST, "b")
+    assert took >= 0.4 - 0.1, f"b was lost before it could answer (the event came {took:.3f} s " \
+        "after its beat)"
+    assert took <= 0.4 + 0.3, took
 
 
 async def test_news_of_a_loss_is_taken_even_if_our_watch_lapses_while_we_wait(
