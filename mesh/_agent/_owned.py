@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Final
 
 from .._node import AsyncNode
+from .._support._files import replace_json
 from .._uplink._link import durable_name
 from ..errors import MeshError
 from ._config import AgentConfig
@@ -78,9 +78,7 @@ class OwnedDurables:
 
     def _write(self, names: list[str]) -> None:
         assert self._path is not None
-        tmp = self._path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"durables": names}))
-            os.replace(tmp, self._path)
+            replace_json(self._path, {"durables": names})
         except OSError as exc:
             _log.warning("cannot save %s: %s", self._path, exc)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from patterns import InvalidName, TopicPattern
 
 from .._membership._peers import PeerRecord
 from .._support._cache import BoundedDict
+from .._support._files import replace_json
 from .._support._text import quoted
 from ..errors import ConfigError
 
@@ -361,10 +361,8 @@ class KnownDurables:
                  "durables": {q: {"pattern": k.pattern.pattern, "last_seen": k.last_seen}
                               for q, k in self._known.items()},
                  "forgotten": sorted(self._forgotten), "ended": self._ended}
-        tmp = self._path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, self._path)
+            replace_json(self._path, state)
         except OSError as exc:
             _log.warning("cannot save %s: %s", self._path, exc)
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
+
+from .._support._files import replace_json
 
 _log = logging.getLogger("mesh.uplink")
 
@@ -47,13 +48,10 @@ class SessionFilters:
     def save(self, filters: set[str]) -> None:
         """Write `filters` (a new file renamed over the old); a failure is logged once: the
         filters removed later are then not unsubscribed, and what they bring is dropped."""
-        text = json.dumps({"url": self._url, "client_id": self._client_id,
-                           "filters": sorted(filters)})
-        temporary = self.path.with_suffix(".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(text)
-            os.replace(temporary, self.path)
+            replace_json(self.path, {"url": self._url, "client_id": self._client_id,
+                                     "filters": sorted(filters)})
         except OSError as exc:
             if not self._failed:
                 _log.warning("mqtt uplink %s: cannot write %s: %s", self._client_id,
