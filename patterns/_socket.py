@@ -254,7 +254,7 @@ class Socket:
         Raises:
             SocketClosed: the socket was closed.
         """
-        if self._screen:
+        if self._screen or self._peers is not None:
             return self._take(self._screened(_copies), limit)
         return self._take(self._sync.recv_multipart, limit)
 
@@ -267,15 +267,20 @@ class Socket:
         def recv(flags: int) -> list[memoryview]:
             return [frame.buffer for frame in self._sync.recv_multipart(flags, copy=False)]
 
-        return self._take(self._screened(_views) if self._screen else recv, limit)
+        screened = self._screen or self._peers is not None
+        return self._take(self._screened(_views) if screened else recv, limit)
 
     def _screened(self, convert: Callable[[list[zmq.Frame]], _M]) -> Callable[[int], _M]:
-        """A receive that drops (and cuts off) messages from keys no longer allowed."""
+        """A receive that drops (and cuts off) messages from keys no longer allowed
+        (`revoke`) and notes the key of each connection (`track_peers`)."""
         def recv(flags: int) -> _M:
             while True:  # ends with a message, or zmq.Again when only dropped ones were left
                 frames = self._sync.recv_multipart(flags, copy=False)
-                if self._admits(frames[0]):
-                    return convert(frames)
+                if self._screen and not self._admits(frames[0]):
+                    continue
+                if self._peers is not None:
+                    self._track(frames[0])
+                return convert(frames)
 
         return recv
 
@@ -530,7 +535,7 @@ class Socket:
         out: list[list[bytes]] = []
         recv: Callable[[int], list[bytes]] = self._sync.recv_multipart
         if self._screen or self._peers is not None:
-            recv = self._screened_tracked
+            recv = self._screened(_copies)
         try:
             while len(out) < limit:
                 out.append(recv(zmq.NOBLOCK))
@@ -540,16 +545,6 @@ class Socket:
             if not out:
                 raise SocketClosed(str(exc)) from exc
         return out
-
-    def _screened_tracked(self, flags: int) -> list[bytes]:
-        """One message for `recv_many`, screened (`revoke`) and tracked (`track_peers`)."""
-        while True:
-            frames = self._sync.recv_multipart(flags, copy=False)
-            if self._screen and not self._admits(frames[0]):
-                continue
-            if self._peers is not None:
-                self._track(frames[0])
-            return _copies(frames)
 
     def close(self, linger: float = 0.0) -> None:
         if not self._closed:
