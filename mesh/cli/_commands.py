@@ -86,14 +86,8 @@ async def until_terminated(command: Callable[[], Coroutine[Any, Any, int]]) -> i
         loop.remove_signal_handler(signal.SIGTERM)
 
 
-def shown(text: str) -> str:
-    """`text` with each character that is not printable as ``?``: a peer's name comes from
-    the network, and one holding an escape sequence must not drive the terminal."""
-    return printable(text)
-
-
 def event_line(event: PeerEvent) -> str:
-    return f"{event.kind.value} name={shown(event.peer.name)} id={event.peer.id}"
+    return f"{event.kind.value} name={printable(event.peer.name)} id={event.peer.id}"
 
 
 async def peers(args: argparse.Namespace) -> int:
@@ -104,8 +98,8 @@ async def peers(args: argparse.Namespace) -> int:
         out(json.dumps([p.to_dict() for p in found]))
     else:
         for p in found:
-            out(shown(f"{p.name:<20} {p.id[:8]}  {p.state.value:<7} {p.endpoints[0]}  "
-                      f"subs={','.join(p.subscriptions) or '-'}"))
+            out(printable(f"{p.name:<20} {p.id[:8]}  {p.state.value:<7} {p.endpoints[0]}  "
+                          f"subs={','.join(p.subscriptions) or '-'}"))
     return 0 if found else 1
 
 

@@ -23,7 +23,8 @@ from typing import Any, Final
 
 import aiohttp
 
-from ._commands import shown, stop_on_signals
+from .._support._text import printable
+from ._commands import stop_on_signals
 
 DEFAULT_AGENT: Final[str] = "http://127.0.0.1:7474"
 _CLEAR: Final[str] = "\x1b[H\x1b[2J"
@@ -140,7 +141,7 @@ def frame(lines: list[str], size: os.terminal_size | None) -> str:
     out of view every second). To a pipe or a file: plain lines, a blank one after each
     snapshot, no control sequence. Any character that is not printable (a peer's name
     from the network could hold one) is shown as ``?``, so nothing drives the terminal."""
-    lines = [shown(line) for line in lines]
+    lines = [printable(line) for line in lines]
     if size is None:
         return "\n".join(lines) + "\n\n"
     width = size.columns or None  # (a terminal that says 0 by 0 gets every line)
