@@ -20,8 +20,8 @@ the first `metrics_names` kept (`BoundedNames`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Final
+from collections.abc import Iterator, Mapping
+from typing import Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -194,12 +194,8 @@ class _HttpCollector(Collector):
         self._counts = counts
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily("zeromesh_http_requests",
-                                     "HTTP requests by route and status.",
-                                     labels=["route", "status"])
-        for (route, status), value in sorted(self._counts.items()):
-            family.add_metric([route, str(status)], value)
-        yield family
+        yield _counter("zeromesh_http_requests", "HTTP requests by route and status.",
+                       ["route", "status"], self._counts)
 
 
 class _RequestCollector(Collector):
@@ -211,19 +207,13 @@ class _RequestCollector(Collector):
         self._latency = latency
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily("zeromesh_requests",
-                                     "Requests sent through this agent, per service and outcome.",
-                                     labels=["service", "outcome"])
-        for (service, outcome), value in self._counts.items():
-            family.add_metric([service, outcome], value)
-        yield family
-        duration = HistogramMetricFamily(
-            "zeromesh_request_duration_seconds",
-            f"Round trip of the requests answered through this agent, per service (the "
-            f"busiest {LATENCY_NAMES}, the rest as {OTHER}).", labels=["service"])
-        for service, snapshot in sorted(self._latency.snapshot().items()):
-            duration.add_metric([service], _buckets(snapshot), snapshot.total)
-        yield duration
+        yield _counter("zeromesh_requests",
+                       "Requests sent through this agent, per service and outcome.",
+                       ["service", "outcome"], self._counts)
+        yield _histogram("zeromesh_request_duration_seconds",
+                         f"Round trip of the requests answered through this agent, per "
+                         f"service (the busiest {LATENCY_NAMES}, the rest as {OTHER}).",
+                         "service", self._latency.snapshot())
 
 
 class _NodeCollector(Collector):
@@ -289,22 +279,15 @@ class _NodeCollector(Collector):
                                 value=traffic.dead_letters)
 
         yield from _by_name(traffic.by_name, names)
-        latency = HistogramMetricFamily(
-            "zeromesh_delivery_latency_seconds",
-            f"Publish to delivery, sampled (the oldest message of one received batch in "
-            f"{SAMPLE_EVERY}), by kind (pubsub, work); from the sender's clock.",
-            labels=["kind"])
-        for kind, snapshot in sorted(traffic.latency.items()):
-            latency.add_metric([kind], _buckets(snapshot), snapshot.total)
-        yield latency
+        yield _histogram("zeromesh_delivery_latency_seconds",
+                         f"Publish to delivery, sampled (the oldest message of one received "
+                         f"batch in {SAMPLE_EVERY}), by kind (pubsub, work); from the "
+                         f"sender's clock.", "kind", traffic.latency)
         for kind, what in (("topic", "pubsub"), ("queue", "work")):
-            by_name = HistogramMetricFamily(
-                f"zeromesh_{kind}_delivery_latency_seconds",
-                f"The {what} delivery latency samples, per {kind} (the busiest "
-                f"{LATENCY_NAMES}, the rest as {OTHER}).", labels=[kind])
-            for name, snapshot in traffic.latency_by_name.get(kind, {}).items():
-                by_name.add_metric([name], _buckets(snapshot), snapshot.total)
-            yield by_name
+            yield _histogram(f"zeromesh_{kind}_delivery_latency_seconds",
+                             f"The {what} delivery latency samples, per {kind} (the busiest "
+                             f"{LATENCY_NAMES}, the rest as {OTHER}).", kind,
+                             traffic.latency_by_name.get(kind, {}))
 
         dropped_input = CounterMetricFamily(
             "zeromesh_input_dropped",
@@ -368,6 +351,24 @@ def _by_name(by_name: dict[str, dict[str, dict[str, int]]],
                 else:
                     family.add_metric([name], n)
             yield family
+
+
+def _counter(name: str, text: str, labels: list[str],
+             counts: Mapping[tuple[Any, ...], int]) -> CounterMetricFamily:
+    """A counter family from a dict of counts by label values."""
+    family = CounterMetricFamily(name, text, labels=labels)
+    for key, value in sorted(counts.items()):
+        family.add_metric([str(part) for part in key], value)
+    return family
+
+
+def _histogram(name: str, text: str, label: str,
+               snapshots: Mapping[str, LatencySnapshot]) -> HistogramMetricFamily:
+    """A latency histogram family, one series per name in `snapshots`."""
+    family = HistogramMetricFamily(name, text, labels=[label])
+    for value, snapshot in sorted(snapshots.items()):
+        family.add_metric([value], _buckets(snapshot), snapshot.total)
+    return family
 
 
 def _buckets(snapshot: LatencySnapshot) -> list[tuple[str, float]]:
