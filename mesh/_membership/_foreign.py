@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from patterns import TopicPattern
+from patterns import InvalidName, TopicPattern
 
 from .. import _wire
 from . import _gossip
@@ -122,4 +122,14 @@ class ForeignMembers:
         """How many of them, alive, subscribe to `topic` (to say why a wait for subscribers
         falls short: they cannot be reached from here)."""
         return sum(1 for e in self._entries.values() if e.lost_at is None
-                   and any(TopicPattern(p).matches(topic) for p in e.hello.subs))
+                   and any(_matches(p, topic) for p in e.hello.subs))
+
+
+def _matches(pattern: str, topic: str) -> bool:
+    """Does a member's announced `pattern` match `topic` (an invalid one, as passed on
+    unchecked by gossip, matches nothing)? Parsed per call: this runs only when a wait
+    for subscribers falls short."""
+    try:
+        return TopicPattern(pattern).matches(topic)
+    except InvalidName:
+        return False

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from mesh import AsyncNode, ConfigError, Message, NodeConfig, RequestTimeout
+from mesh import AsyncNode, ConfigError, Message, NodeConfig, RequestTimeout, _wire
 from mesh._membership import _control as control
 from mesh._membership._control import _first_endpoint
+from mesh._membership._foreign import ForeignMembers
 from patterns import generate_keypair
 from tests.helpers import aeventually
 
@@ -345,3 +346,14 @@ def test_agent_on_ipv6_loopback(procs: list[Cli], mesh_name: str) -> None:
         assert json.loads(reply.read()) == []
     agent.term()
     assert agent.wait() == 0
+
+
+def test_a_member_of_the_other_family_with_a_bad_pattern_matches_nothing() -> None:
+    # Gossip passes a foreign record on unchecked: its invalid pattern must not turn
+    # a wait for subscribers falling short into an InvalidName.
+    hello = _wire.Hello(id="x" * 16, name="x", mesh="m", incarnation=1, ctl=[], pub=[],
+                        subs=["a..b", "mix.>"], subs_version=1)
+    foreign = ForeignMembers(limit=10, forget_after=60.0)
+    assert foreign.learn(hello)
+    assert foreign.subscribers("mix.x") == 1
+    assert foreign.subscribers("other.x") == 0
